@@ -1,0 +1,38 @@
+"""The exception tree of the package. No I/O.
+
+    AnomalyError                  base of everything raised on purpose by this package
+    ├── ConfigError               a bad configuration value; ``field`` names it (e.g. ``model.window_size``)
+    ├── DataError                 input data that cannot be used (unreadable file, no usable sensor, ...)
+    ├── ModelError                a model that cannot be built, trained, saved or loaded
+    └── RegistryError             the MLflow tracking store / model registry refused or is unreachable
+"""
+
+from __future__ import annotations
+
+
+class AnomalyError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(AnomalyError):
+    """A configuration value is missing, of the wrong type, or out of range.
+
+    ``field`` is the dotted path of the offending field, so the message can name it.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+class DataError(AnomalyError):
+    """Input data that cannot be used as asked."""
+
+
+class ModelError(AnomalyError):
+    """A model that cannot be built, trained, saved or loaded."""
+
+
+class RegistryError(AnomalyError):
+    """The MLflow tracking store or model registry failed or is unreachable."""

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates the virtual environment and installs everything. torch==2.13.0 goes first: any other torch
+# requirement would pull several GB of CUDA packages (DEVELOPERS.md).
+set -euo pipefail
+VENV=${1:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -e ".[test,broker]"
+echo "setup: $("$VENV/bin/python" -c 'import torch, mlflow; print("torch", torch.__version__, "mlflow", mlflow.__version__)')"
