@@ -1,0 +1,335 @@
+"""Typed, documented configuration, read once at the edge. No I/O except ``load_config``.
+
+Sources, later wins: the defaults below, a TOML file, then ``ANOMALY_<SECTION>__<FIELD>`` environment
+variables (e.g. ``ANOMALY_MODEL__WINDOW_SIZE=32``, ``ANOMALY_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``).
+Every field carries a one-line doc (``doc(...)``) that the README's configuration reference and
+``anomaly config --reference`` are generated from. A bad value raises ``ConfigError`` naming the field
+(``model.window_size: must be >= 2, got 1``). Inside the package, code takes plain typed arguments,
+not this object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from anomaly.errors import ConfigError
+
+ENV_PREFIX = "ANOMALY_"
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a documentation line."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How raw readings become model input."""
+
+    period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data", None)
+    fill: str = doc("gap filling on the grid: ffill, linear, zero or none", "ffill")
+    max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit", None)
+    max_missing_fraction: float = doc("sensors missing more than this fraction of training slots are dropped", 0.5)
+    scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
+    sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)
+    timestamp_column: str | None = doc("timestamp column of input tables; empty = auto-detect", None)
+    entity_column: str | None = doc("entity id column of input tables; empty = one entity", None)
+
+    def check(self) -> None:
+        if self.period_s is not None and self.period_s <= 0:
+            raise ConfigError("data.period_s", f"must be > 0, got {self.period_s}")
+        if self.fill not in ("ffill", "linear", "zero", "none"):
+            raise ConfigError("data.fill", f"must be one of ffill, linear, zero, none; got {self.fill!r}")
+        if self.max_fill_steps is not None and self.max_fill_steps < 0:
+            raise ConfigError("data.max_fill_steps", f"must be >= 0, got {self.max_fill_steps}")
+        if not 0 < self.max_missing_fraction <= 1:
+            raise ConfigError("data.max_missing_fraction", f"must be in (0, 1], got {self.max_missing_fraction}")
+        if self.scaler not in ("standard", "robust", "minmax"):
+            raise ConfigError("data.scaler", f"must be standard, robust or minmax; got {self.scaler!r}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The LSTM autoencoder's shape."""
+
+    window_size: int = doc("W: readings per window", 32)
+    hidden_size: int = doc("LSTM hidden units in encoder and decoder", 64)
+    latent_size: int = doc("size of the bottleneck vector", 16)
+    num_layers: int = doc("stacked LSTM layers", 1)
+    dropout: float = doc("dropout between stacked layers and on the latent vector", 0.0)
+
+    def check(self) -> None:
+        if self.window_size < 2:
+            raise ConfigError("model.window_size", f"must be >= 2, got {self.window_size}")
+        for name in ("hidden_size", "latent_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def model_params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How the autoencoder is trained."""
+
+    epochs: int = doc("maximum epochs; early stopping usually ends sooner", 60)
+    batch_size: int = doc("windows per optimisation step", 128)
+    learning_rate: float = doc("Adam learning rate", 1e-3)
+    weight_decay: float = doc("Adam weight decay", 0.0)
+    validation_fraction: float = doc("last fraction of training windows held out for early stopping and the threshold", 0.2)
+    patience: int = doc("epochs without validation improvement before stopping", 8)
+    stride: int = doc("rows between consecutive training windows", 1)
+    seed: int = doc("random seed (python, numpy, torch)", 0)
+    device: str = doc("auto (CUDA when present), cpu, cuda or cuda:N", "auto")
+    mixed_precision: bool = doc("bf16 autocast when training on CUDA", True)
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "stride"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError("training.learning_rate", f"must be > 0, got {self.learning_rate}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError("training.validation_fraction", f"must be in (0, 1), got {self.validation_fraction}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError("training.device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """How the alarm threshold is fitted on validation reconstruction errors."""
+
+    method: str = doc("pot (extreme value, peaks over threshold), quantile or mean_std", "pot")
+    risk: float = doc("pot: target false-alarm probability per scored window", 1e-3)
+    init_quantile: float = doc("pot: quantile of validation errors where the tail starts", 0.95)
+    q: float = doc("quantile: the quantile of validation errors", 0.99)
+    k: float = doc("mean_std: threshold = mean + k * std of validation errors", 3.0)
+    scale: float = doc("multiplier applied to the fitted threshold (1 = as fitted)", 1.0)
+
+    def check(self) -> None:
+        if self.method not in ("pot", "quantile", "mean_std"):
+            raise ConfigError("threshold.method", f"must be pot, quantile or mean_std; got {self.method!r}")
+        if not 0 < self.risk < 1:
+            raise ConfigError("threshold.risk", f"must be in (0, 1), got {self.risk}")
+        if not 0 < self.init_quantile < 1:
+            raise ConfigError("threshold.init_quantile", f"must be in (0, 1), got {self.init_quantile}")
+        if not 0 < self.q < 1:
+            raise ConfigError("threshold.q", f"must be in (0, 1), got {self.q}")
+        if self.scale <= 0:
+            raise ConfigError("threshold.scale", f"must be > 0, got {self.scale}")
+
+    def policy_params(self) -> dict[str, Any]:
+        """Parameters of the chosen method, as ``anomaly.thresholds.make_policy`` takes them."""
+        return {"pot": {"risk": self.risk, "init_quantile": self.init_quantile},
+                "quantile": {"q": self.q}, "mean_std": {"k": self.k}}[self.method]
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """Where runs are tracked and models registered."""
+
+    tracking_uri: str = doc("MLflow tracking URI; the default is a SQLite store under mlruns/", "sqlite:///mlruns/mlflow.db")
+    registry_uri: str | None = doc("model registry URI; empty = the tracking URI", None)
+    artifact_location: str = doc("artifact root for new experiments (local path or URI)", "mlruns/artifacts")
+    experiment: str = doc("experiment that training runs are logged to", "anomaly")
+    model_name: str = doc("registered model name (one per asset type)", "anomaly-detector")
+    champion_alias: str = doc("alias of the served model version", "champion")
+    challenger_alias: str = doc("alias of the candidate model version", "challenger")
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Kafka connection and topics (any Kafka cluster; the local broker by default)."""
+
+    bootstrap_servers: str = doc("comma-separated host:port list", "127.0.0.1:9092")
+    input_topic: str = doc("topic of sensor readings", "sensors")
+    events_topic: str = doc("topic anomaly events are written to", "anomalies")
+    dlq_topic: str = doc("dead-letter topic for malformed readings", "sensors.dlq")
+    scores_topic: str | None = doc("optional per-window scores topic; empty = off", None)
+    group_id: str = doc("consumer group of the scoring workers", "anomaly-worker")
+    client_options: dict[str, Any] = doc("extra kafka-python options passed through to every client (TLS, SASL, ...)", factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+
+    def check(self) -> None:
+        """Per-section rules, then the rules that span sections."""
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if hasattr(value, "check"):
+                value.check()
+        if self.training.stride > self.model.window_size:
+            raise ConfigError("training.stride", f"must be <= model.window_size ({self.model.window_size}), "
+                              f"got {self.training.stride}: rows would be skipped")
+        if self.mlflow.champion_alias == self.mlflow.challenger_alias:
+            raise ConfigError("mlflow.challenger_alias", "must differ from mlflow.champion_alias")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Defaults ← TOML file ← ``ANOMALY_*`` environment ← ``overrides`` (from the command line)."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as fh:
+                loaded = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        for section, values in loaded.items():
+            if not isinstance(values, dict):
+                raise ConfigError(section, "must be a [section] table")
+            raw.setdefault(section, {}).update(values)
+    for key, value in (os.environ if env is None else env).items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
+        raw.setdefault(section, {})[name] = _EnvString(value)
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return build_settings(raw)
+
+
+def build_settings(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
+    sections = {f.name: f for f in dataclasses.fields(Settings)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(name, f"unknown section; known: {', '.join(sections)}")
+        built[name] = _build_section(name, sections[name].default_factory, values)  # type: ignore[misc]
+    settings = Settings(**built)
+    settings.check()
+    return settings
+
+
+class _EnvString(str):
+    """A value that came from the environment: parsed by the field's type, not taken as a string."""
+
+
+def _build_section(section: str, cls: type, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{section}.{key}", f"unknown field; known: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        return _coerce(name, non_none[0], value)
+    from_env = isinstance(value, _EnvString)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigError(name, f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(name, f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(name, f"must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(name, f"must be a string, got {value!r}")
+    if origin is list:
+        if from_env:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, f"must be a list of strings, got {value!r}")
+        return list(value)
+    if origin is dict:
+        if from_env:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(name, "must be a JSON object when set from the environment") from None
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a table/object, got {value!r}")
+        return dict(value)
+    raise ConfigError(name, f"unsupported type {hint}")  # pragma: no cover - a programming error
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables, generated from the dataclasses above."""
+    lines: list[str] = []
+    for section in dataclasses.fields(Settings):
+        cls = section.default_factory  # type: ignore[attr-defined]
+        hints = typing.get_type_hints(cls)
+        lines += [f"### `[{section.name}]`", "", (cls.__doc__ or "").strip(), "",
+                  "| field | type | default | env | meaning |", "| --- | --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "" if default is None else json.dumps(default)
+            type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            env = f"`{ENV_PREFIX}{section.name.upper()}__{f.name.upper()}`"
+            lines.append(f"| `{f.name}` | `{type_name}` | `{shown}` | {env} | {f.metadata.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def example_toml() -> str:
+    """An example configuration file with every field at its default, each with its doc line."""
+    out = ["# anomaly configuration: every field at its default. Environment variables",
+           "# ANOMALY_<SECTION>__<FIELD> override this file.", ""]
+    for section in dataclasses.fields(Settings):
+        cls = section.default_factory  # type: ignore[attr-defined]
+        out.append(f"[{section.name}]")
+        for f in dataclasses.fields(cls):
+            out.append(f"# {f.metadata.get('doc', '')}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if default is None:
+                out.append(f"# {f.name} =")
+            elif isinstance(default, dict):
+                out.append(f"{f.name} = {{}}" if not default else f"{f.name} = {json.dumps(default)}")
+            else:
+                out.append(f"{f.name} = {json.dumps(default)}")
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,81 @@
+"""Per-sensor scaling fitted on training data only, saved with the model as JSON. No I/O.
+
+Scalers are plain data (a method name and per-sensor centre and scale), so they serialise to JSON
+and load without unpickling anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from anomaly.errors import ConfigError
+
+SCALE_FLOOR = 1e-8  # a constant sensor gets scale 1, not a division by ~zero
+METHODS = ("standard", "robust", "minmax")
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """``(x - centre) / scale`` per sensor. ``method`` records how centre and scale were fitted."""
+
+    method: str
+    sensors: tuple[str, ...]
+    centre: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """Scale a (..., F) array; returns float32, a new array."""
+        return ((np.asarray(values, dtype=np.float64) - self._centre) / self._scale).astype(np.float32)
+
+    def inverse(self, scaled: np.ndarray) -> np.ndarray:
+        """Undo ``transform`` on a (..., F) array; returns float64."""
+        return np.asarray(scaled, dtype=np.float64) * self._scale + self._centre
+
+    @property
+    def _centre(self) -> np.ndarray:
+        return np.asarray(self.centre, dtype=np.float64)
+
+    @property
+    def _scale(self) -> np.ndarray:
+        return np.asarray(self.scale, dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "sensors": list(self.sensors),
+                "centre": list(self.centre), "scale": list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Scaler":
+        return cls(method=str(data["method"]), sensors=tuple(data["sensors"]),
+                   centre=tuple(float(v) for v in data["centre"]),
+                   scale=tuple(float(v) for v in data["scale"]))
+
+
+def fit_scaler(values: np.ndarray, sensors: list[str] | tuple[str, ...], method: str = "standard") -> Scaler:
+    """Fit a scaler on training values (T, F), ignoring NaNs.
+
+    - ``standard``: mean and standard deviation.
+    - ``robust``: median and inter-quartile range (outliers in training data move it less).
+    - ``minmax``: minimum and range, to [0, 1].
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(sensors):
+        raise ValueError(f"values shape {values.shape} does not match {len(sensors)} sensors")
+    if values.shape[0] == 0:
+        raise ValueError("cannot fit a scaler on zero rows")
+    if method == "standard":
+        centre, scale = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+    elif method == "robust":
+        q25, centre, q75 = np.nanpercentile(values, [25, 50, 75], axis=0)
+        scale = q75 - q25
+    elif method == "minmax":
+        lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+        centre, scale = lo, hi - lo
+    else:
+        raise ConfigError("data.scaler", f"unknown scaler {method!r}; choose one of {', '.join(METHODS)}")
+    scale = np.where(np.isfinite(scale) & (scale > SCALE_FLOOR), scale, 1.0)
+    centre = np.where(np.isfinite(centre), centre, 0.0)
+    return Scaler(method=method, sensors=tuple(sensors),
+                  centre=tuple(float(v) for v in centre), scale=tuple(float(v) for v in scale))

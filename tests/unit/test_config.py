@@ -1,0 +1,91 @@
+import tomllib
+
+import pytest
+
+from anomaly.config import Settings, example_toml, load_config, reference_markdown
+from anomaly.errors import ConfigError
+
+
+def test_defaults_are_valid():
+    s = load_config(env={})
+    assert s == Settings()
+    s.check()
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    path = tmp_path / "a.toml"
+    path.write_text('[model]\nwindow_size = 20\nhidden_size = 16\n[kafka]\nbootstrap_servers = "k:9092"\n')
+    s = load_config(path, env={"ANOMALY_MODEL__HIDDEN_SIZE": "48", "OTHER": "x"},
+                    overrides={"training": {"epochs": 3}})
+    assert (s.model.window_size, s.model.hidden_size, s.training.epochs) == (20, 48, 3)
+    assert s.kafka.bootstrap_servers == "k:9092"
+
+
+def test_env_types_are_parsed():
+    s = load_config(env={"ANOMALY_TRAINING__MIXED_PRECISION": "false", "ANOMALY_DATA__SENSORS": "a, b",
+                         "ANOMALY_KAFKA__CLIENT_OPTIONS": '{"security_protocol": "SASL_SSL"}',
+                         "ANOMALY_DATA__PERIOD_S": "0.5", "ANOMALY_DATA__MAX_FILL_STEPS": ""})
+    assert s.training.mixed_precision is False
+    assert s.data.sensors == ["a", "b"]
+    assert s.kafka.client_options == {"security_protocol": "SASL_SSL"}
+    assert s.data.period_s == 0.5 and s.data.max_fill_steps is None
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"ANOMALY_MODEL__WINDOW_SIZE": "abc"}, "model.window_size"),
+    ({"ANOMALY_MODEL__WINDOW_SIZE": "1"}, "model.window_size"),
+    ({"ANOMALY_THRESHOLD__METHOD": "magic"}, "threshold.method"),
+    ({"ANOMALY_MODEL__COLOUR": "red"}, "model.colour"),
+    ({"ANOMALY_TRAINING__STRIDE": "64"}, "training.stride"),  # cross-field: stride > window_size
+    ({"ANOMALY_TRAINING__MIXED_PRECISION": "maybe"}, "training.mixed_precision"),
+    ({"ANOMALY_NOPE__X": "1"}, "nope"),
+])
+def test_bad_values_name_the_field(env, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(env=env)
+    assert err.value.field == field
+    assert field in str(err.value)
+
+
+def test_toml_type_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[training]\nepochs = "many"\n')
+    with pytest.raises(ConfigError, match="training.epochs"):
+        load_config(path, env={})
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})
+
+
+def test_example_parses_back_to_defaults(tmp_path):
+    path = tmp_path / "example.toml"
+    path.write_text(example_toml())
+    tomllib.loads(path.read_text())
+    assert load_config(path, env={}) == Settings()
+
+
+def test_reference_documents_every_field():
+    ref = reference_markdown()
+    import dataclasses
+
+    for section in dataclasses.fields(Settings):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"`{f.name}`" in ref
+            assert f.metadata.get("doc"), f"{section.name}.{f.name} has no doc line"
+
+
+def test_shipped_configs_parse_and_example_is_current():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shipped = sorted(root.glob("deploy/**/*.toml"))
+    assert shipped, "no shipped config found"
+    for path in shipped:
+        load_config(path, env={})
+    assert (root / "deploy" / "anomaly.example.toml").read_text() == example_toml() + "\n"

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+
+from anomaly.errors import ConfigError, ModelError
+from anomaly.model import ModelConfig, build_model
+from anomaly.training import TrainConfig, split_windows, train_autoencoder
+from anomaly.windowing import make_windows
+
+
+def test_shapes_and_gradients():
+    cfg = ModelConfig(n_features=3, window_size=7, hidden_size=8, latent_size=4, num_layers=2, dropout=0.1)
+    model = build_model(cfg)
+    x = torch.randn(5, 7, 3)
+    y = model(x)
+    assert y.shape == (5, 7, 3)
+    y.pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_config_round_trip_and_validation():
+    cfg = ModelConfig(n_features=2, window_size=4)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(n_features=2, window_size=0)
+    assert err.value.field == "model.window_size"
+    with pytest.raises(ConfigError):
+        ModelConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+def test_split_windows_leaves_no_shared_rows():
+    windows = make_windows(np.arange(100, dtype=float)[:, None], 10)  # window i covers rows i..i+9
+    train, val = split_windows(windows, 0.2)
+    assert train[-1, -1, 0] < val[0, 0, 0]  # last training row is before the first validation row
+
+
+def test_training_learns_a_sine_and_is_reproducible():
+    t = np.arange(1500)
+    x = np.stack([np.sin(t / 10), np.cos(t / 10)], axis=1).astype(np.float32)
+    windows = make_windows(x, 16)
+    cfg = ModelConfig(n_features=2, window_size=16, hidden_size=24, latent_size=8)
+    tc = TrainConfig(epochs=6, batch_size=64, patience=10, seed=1, device="cpu", progress=False)
+    a = train_autoencoder(windows, cfg, tc)
+    b = train_autoencoder(windows, cfg, tc)
+    assert a.history[-1].train_loss < a.history[0].train_loss * 0.5
+    assert a.best_val_loss == pytest.approx(b.best_val_loss)  # same seed, same result
+    assert a.best_epoch >= 1 and len(a.val_windows) > 0
+
+
+def test_nan_windows_rejected():
+    windows = np.zeros((20, 4, 1), np.float32)
+    windows[3, 1, 0] = np.nan
+    with pytest.raises(ModelError):
+        train_autoencoder(windows, ModelConfig(n_features=1, window_size=4), TrainConfig(progress=False, device="cpu"))
+
+
+def test_cuda_asked_without_cuda_is_a_config_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ConfigError):
+        train_autoencoder(np.zeros((20, 4, 1), np.float32), ModelConfig(n_features=1, window_size=4),
+                          TrainConfig(progress=False, device="cuda"))

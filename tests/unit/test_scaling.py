@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+from anomaly.errors import ConfigError
+from anomaly.scaling import Scaler, fit_scaler
+
+
+@pytest.mark.parametrize("method", ["standard", "robust", "minmax"])
+def test_round_trip_and_inverse(method):
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 2, size=(200, 3))
+    s = fit_scaler(x, ["a", "b", "c"], method)
+    again = Scaler.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again == s
+    np.testing.assert_allclose(s.inverse(s.transform(x)), x, rtol=1e-5, atol=1e-5)
+
+
+def test_standard_scaler_values():
+    x = np.array([[1.0, 10.0], [3.0, 10.0]])
+    s = fit_scaler(x, ["a", "const"])
+    assert s.centre == (2.0, 10.0)
+    assert s.scale == (1.0, 1.0)  # std of [1,3] is 1; a constant sensor gets scale 1, not 0
+    np.testing.assert_allclose(s.transform(x), [[-1, 0], [1, 0]])
+
+
+def test_minmax_and_nan_ignored():
+    x = np.array([[0.0], [np.nan], [4.0]])
+    s = fit_scaler(x, ["a"], "minmax")
+    assert s.centre == (0.0,) and s.scale == (4.0,)
+
+
+def test_transform_does_not_mutate_input():
+    x = np.ones((3, 1)) * 7
+    fit_scaler(x, ["a"]).transform(x)
+    assert (x == 7).all()
+
+
+def test_unknown_method_names_field():
+    with pytest.raises(ConfigError) as err:
+        fit_scaler(np.zeros((2, 1)), ["a"], "zscore")
+    assert err.value.field == "data.scaler"
