@@ -1,0 +1,340 @@
+"""The ``anomaly`` command: argument parsing, logging and wiring. Configuration is read here, once,
+and plain values are passed inward. Every subcommand has ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from anomaly.errors import AnomalyError
+
+log = logging.getLogger("anomaly")
+
+DATASETS = ("skab", "nab", "smd")
+
+
+def default_data_dir(dataset: str) -> Path:
+    """``$ANOMALY_DATASETS/<name>``, else ``../shared/datasets/<name>`` (the layout of this repo's neighbours)."""
+    root = os.environ.get("ANOMALY_DATASETS")
+    return Path(root) / dataset if root else Path("..") / "shared" / "datasets" / dataset
+
+
+def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None = None):
+    from anomaly.config import build_settings, load_config
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if getattr(args, "epochs", None) is not None:
+        overrides.setdefault("training", {})["epochs"] = args.epochs
+    if getattr(args, "device", None):
+        overrides.setdefault("training", {})["device"] = args.device
+    if getattr(args, "tracking_uri", None):
+        overrides.setdefault("mlflow", {})["tracking_uri"] = args.tracking_uri
+    if getattr(args, "model_name", None):
+        overrides.setdefault("mlflow", {})["model_name"] = args.model_name
+    if base and not getattr(args, "config", None):
+        # A dataset profile is the base; the environment and the command line still override it.
+        merged = {k: dict(v) for k, v in base.items()}
+        env_settings = load_config(None, overrides=overrides)
+        for section, values in _changed_sections(env_settings).items():
+            merged.setdefault(section, {}).update(values)
+        return build_settings(merged)
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+def _changed_sections(settings) -> dict[str, dict[str, Any]]:
+    """Fields of ``settings`` that differ from the defaults."""
+    import dataclasses
+
+    from anomaly.config import Settings
+
+    defaults = Settings()
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(Settings):
+        now, then = getattr(settings, section.name), getattr(defaults, section.name)
+        for f in dataclasses.fields(now):
+            if getattr(now, f.name) != getattr(then, f.name):
+                out.setdefault(section.name, {})[f.name] = getattr(now, f.name)
+    return out
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anomaly import datasets, tables
+    from anomaly.preparation import prepare_training
+    from anomaly.train_job import run_training
+
+    settings = _settings(args)
+    if args.data:
+        frame = tables.read_table(args.data, timestamp_col=settings.data.timestamp_column)
+        frame, _ = tables.split_labels(frame)
+        source, dataset = str(args.data), "custom"
+    else:
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
+        frame, source = _dataset_training_frame(args.dataset, data_dir, args.series)
+        dataset = args.dataset
+    sensors = settings.data.sensors
+    prepared = prepare_training(frame, sensors=sensors, period_s=settings.data.period_s, fill=settings.data.fill,
+                                max_fill_steps=settings.data.max_fill_steps,
+                                max_missing_fraction=settings.data.max_missing_fraction)
+    log.info("training on %d rows x %d sensors from %s (period %.3g s)", len(prepared.values), len(prepared.sensors),
+             source, prepared.period_s)
+    outcome = run_training(prepared, settings, source=source, dataset=dataset, register=not args.no_register,
+                           promote=args.promote, alias=args.alias, progress=not args.quiet)
+    print(json.dumps({"run_id": outcome.run_id, "model": settings.mlflow.model_name, "version": outcome.version,
+                      "promoted": outcome.promoted, "threshold": outcome.detector.threshold.value,
+                      "best_val_loss": outcome.result.best_val_loss, "epochs": len(outcome.result.history),
+                      "device": outcome.result.device}, indent=2))
+    return 0
+
+
+def _dataset_training_frame(dataset: str, data_dir: Path, series_name: str | None):
+    """The normal (training) part of a dataset: SKAB's anomaly-free file unless a series is named;
+    otherwise the named (or first) series' training rows."""
+    from anomaly import datasets
+
+    if dataset == "skab" and not series_name:
+        return datasets.load_skab_anomaly_free(data_dir), f"{data_dir}/anomaly-free/anomaly-free.csv"
+    series = datasets.load_dataset(dataset, data_dir)
+    chosen = series[0] if not series_name else next((s for s in series if s.name == series_name), None)
+    if chosen is None:
+        raise AnomalyError(f"no series {series_name!r} in {dataset}; e.g. {', '.join(s.name for s in series[:5])}")
+    return chosen.train, f"{data_dir}:{chosen.name}[:{chosen.train_rows}]"
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from anomaly import datasets, protocols
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
+    series = datasets.load_dataset(args.dataset, data_dir)
+    if args.series:
+        wanted = set(args.series.split(","))
+        series = [s for s in series if s.name in wanted]
+        if not series:
+            raise AnomalyError(f"none of {sorted(wanted)} is a series of {args.dataset}")
+    if args.limit:
+        series = series[: args.limit]
+    settings = _settings(args, base=protocols.PROFILES[args.dataset])
+    bar = _bar(len(series), f"evaluate {args.dataset}", not args.quiet)
+    result = protocols.run_protocol(args.dataset, series, settings, progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
+    bar.close()
+    report = protocols.markdown_report(result, settings)
+    report_path = Path(args.report or f"results/evaluate-{args.dataset}.md")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(report, encoding="utf-8")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.summary(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if not args.no_track:
+        from anomaly.evaluation_job import track_evaluation
+
+        track_evaluation(result, settings, report_path, source=str(data_dir))
+    print(json.dumps(result.summary(), indent=2))
+    log.info("report written to %s", report_path)
+    return 0
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="series", disable=not enabled)
+
+
+# --- score ---------------------------------------------------------------------------------------
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score a file with a registered model; write row-level scores and print the flagged spans."""
+    import numpy as np
+    import pandas as pd
+
+    from anomaly import registry, tables, tracking
+    from anomaly.evaluation import label_events
+    from anomaly.preparation import prepare_scoring
+    from anomaly.windowing import rows_from_windows
+
+    settings = _settings(args)
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    name = settings.mlflow.model_name
+    detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
+    frame, _ = tables.split_labels(tables.read_table(args.data, timestamp_col=settings.data.timestamp_column))
+    prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
+                               max_fill_steps=settings.data.max_fill_steps)
+    scored = detector.score_values(prepared.values)
+    n, w = len(prepared.values), detector.window_size
+    scores = rows_from_windows(scored.scores, n, w)
+    flags = np.nan_to_num(scores, nan=-np.inf) > detector.threshold.value
+    top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
+    out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "is_anomaly": flags,
+                        "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        out.to_csv(args.out, index=False)
+    spans = []
+    for start, end in label_events(flags):
+        in_span = (scored.end_rows >= start) & (scored.end_rows < end)
+        peak = int(np.flatnonzero(in_span)[np.argmax(scored.scores[in_span])])
+        spans.append({"start": str(prepared.timestamps[start]), "end": str(prepared.timestamps[end - 1]),
+                      "peak_score": float(scored.scores[peak]), "sensors": scored.top_sensors(peak, detector.sensors)})
+    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value, "rows": n,
+                      "flagged_rows": int(flags.sum()), "spans": spans}, indent=2))
+    return 0
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from anomaly import registry, tracking
+
+    settings = _settings(args)
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    name = args.name or settings.mlflow.model_name
+    if args.action == "list":
+        versions = registry.list_versions(args.name)
+        if args.json:
+            print(json.dumps([v.to_dict() for v in versions], indent=2))
+        elif not versions:
+            print("no registered models")
+        else:
+            print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'created (UTC)':<20} {'threshold':>10} {'val_loss':>10}  dataset")
+            for v in versions:
+                print(f"{v.name:<24} {v.version:>4} {','.join('@' + a for a in v.aliases):<22} {v.created:<20} "
+                      f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "
+                      f"{v.tags.get('dataset', '')}")
+    elif args.action == "promote":
+        if not args.version:
+            raise AnomalyError("models promote needs a VERSION")
+        alias = args.alias or settings.mlflow.champion_alias
+        previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
+        print(f"{name}@{alias} -> v{args.version} (was {'v' + previous if previous else 'unset'})")
+    elif args.action == "rollback":
+        alias = args.alias or settings.mlflow.champion_alias
+        version = registry.rollback(name, alias)
+        print(f"{name}@{alias} rolled back to v{version}")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+# --- config --------------------------------------------------------------------------------------
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from anomaly.config import example_toml, reference_markdown
+
+    if args.action == "example":
+        print(example_toml())
+    elif args.action == "reference":
+        print(reference_markdown())
+    else:
+        import dataclasses
+
+        settings = _settings(args)
+        print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomaly", description="Kafka-native anomaly detection for sensor streams: "
+                                     "an LSTM autoencoder with MLflow tracking and model registry.")
+    parser.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"),
+                        help="DEBUG, INFO, WARNING or ERROR (default INFO; env ANOMALY_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML configuration file (ANOMALY_* environment variables override it)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri)")
+        p.add_argument("--model-name", help="registered model name (overrides mlflow.model_name)")
+
+    p = sub.add_parser("train", help="train a detector, log it to MLflow and register it",
+                       description="Train the LSTM autoencoder on normal data from a CSV/Parquet file or a "
+                                   "dataset, log the run to MLflow and register a model version.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor")
+    src.add_argument("--dataset", choices=DATASETS, help="train on a benchmark dataset's normal part")
+    p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
+    p.add_argument("--series", help="dataset series to train on (e.g. valve1/0, machine-1-2); SKAB default: anomaly-free")
+    p.add_argument("--promote", action="store_true", help="make the new version @champion")
+    p.add_argument("--alias", help="set this alias on the new version (e.g. challenger)")
+    p.add_argument("--no-register", action="store_true", help="log the run but do not register a version")
+    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--device", help="override training.device (auto, cpu, cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="run a dataset's evaluation protocol and report its metrics",
+                       description="Train on each series' normal part, score the rest, and compute the dataset's "
+                                   "published metrics (SKAB F1/FAR/MAR, NAB score) plus event-wise P/R/F1 and delay.")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--data-dir", help="directory with the dataset's layout (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
+    p.add_argument("--json", help="write the figures as one JSON object to this file")
+    p.add_argument("--report", help="Markdown report path (default results/evaluate-<dataset>.md)")
+    p.add_argument("--series", help="comma-separated series names to evaluate (default all)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N series (quick checks)")
+    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--device", help="override training.device")
+    p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score a CSV/Parquet file with a registered model",
+                       description="Score every window of a file with models:/<name>@<alias>, write row-level "
+                                   "scores (--out) and print the flagged spans with the sensors that drove them.")
+    p.add_argument("--data", required=True, help="CSV or Parquet wide table to score")
+    p.add_argument("--model-alias", help="alias or version to load (default mlflow.champion_alias)")
+    p.add_argument("--out", help="write row-level scores to this CSV")
+    common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("models", help="list registered models, promote a version, roll back",
+                       description="Registered models and versions with their aliases and metrics; move @champion.")
+    p.add_argument("action", choices=("list", "promote", "rollback"), help="what to do")
+    p.add_argument("version", nargs="?", help="version to promote")
+    p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models)")
+    p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")
+    p.add_argument("--reason", help="why (stored as a version tag)")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    common(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("config", help="show the effective configuration, an example file, or the reference",
+                       description="show: the effective settings after file and environment; example: a TOML "
+                                   "file with every default; reference: the Markdown configuration reference.")
+    p.add_argument("action", choices=("show", "example", "reference"), nargs="?", default="show")
+    common(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except AnomalyError as exc:
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""A trained detector: network, scaler, threshold and sensor list, and how to save and load it.
+
+On disk a detector is a directory of plain files, so loading never unpickles code:
+
+    model.json      format version, ModelConfig, sensors, sampling period, stride, score settings
+    weights.pt      the network's state_dict (read with ``torch.load(weights_only=True)``)
+    scaler.json     per-sensor centre and scale
+    threshold.json  the fitted threshold (method, value, parameters)
+    meta.json       free-form facts: training data range and source, metrics
+
+Pure logic plus local-file save/load; no Kafka, no MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from anomaly.errors import ModelError
+from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
+from anomaly.scaling import Scaler, fit_scaler
+from anomaly.scoring import SCORE_BATCH, sensor_contributions, window_scores
+from anomaly.thresholds import Threshold, fit_threshold
+from anomaly.training import TrainCallback, TrainConfig, TrainResult, train_autoencoder
+from anomaly.windowing import make_windows, window_end_rows
+
+FORMAT_VERSION = 1
+FILES = ("model.json", "weights.pt", "scaler.json", "threshold.json", "meta.json")
+
+
+@dataclass(frozen=True)
+class ScoredSeries:
+    """Scores of every window of a series; window ``i`` ends at row ``end_rows[i]``."""
+
+    end_rows: np.ndarray  # (N,) last row of each window
+    scores: np.ndarray  # (N,) anomaly score
+    sensor_errors: np.ndarray  # (N, F) per-sensor error (scaled units)
+    actual: np.ndarray  # (N, F) reading at each window's last row (original units)
+    expected: np.ndarray  # (N, F) reconstruction of that reading (original units)
+    flags: np.ndarray  # (N,) bool: score above the threshold
+
+    def top_sensors(self, i: int, sensors: Sequence[str], k: int = 3) -> list[dict[str, Any]]:
+        """The ``k`` sensors with the largest share of window ``i``'s error, with actual vs expected."""
+        shares = sensor_contributions(self.sensor_errors[i:i + 1])[0]
+        order = np.argsort(-shares, kind="stable")[:k]
+        return [{"sensor": sensors[j], "share": float(shares[j]), "actual": float(self.actual[i, j]),
+                 "expected": float(self.expected[i, j])} for j in order]
+
+
+@dataclass
+class Detector:
+    model: LSTMAutoencoder
+    scaler: Scaler
+    threshold: Threshold
+    period_s: float | None = None  # sampling period of the grid the model was trained on
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        return self.scaler.sensors
+
+    @property
+    def window_size(self) -> int:
+        return self.config.window_size
+
+    def score_values(self, values: np.ndarray, stride: int = 1, device: str | torch.device = "cpu",
+                     batch_size: int = SCORE_BATCH) -> ScoredSeries:
+        """Score every window of a (T, F) array of readings in original units, columns in
+        ``self.sensors`` order, without gaps (fill them first)."""
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != len(self.sensors):
+            raise ModelError(f"expected (rows, {len(self.sensors)}) readings, got shape {values.shape}")
+        scaled = self.scaler.transform(values)
+        windows = make_windows(scaled, self.window_size, stride)
+        ends = window_end_rows(len(values), self.window_size, stride)
+        return self.score_windows(windows, values[ends], ends, device, batch_size)
+
+    def score_windows(self, windows: np.ndarray, actual: np.ndarray, end_rows: np.ndarray,
+                      device: str | torch.device = "cpu", batch_size: int = SCORE_BATCH) -> ScoredSeries:
+        """Score scaled windows (N, W, F); ``actual`` is each window's last reading in original units."""
+        model = self.model.to(device)
+        ws = window_scores(model, windows, device, batch_size)
+        expected = self.scaler.inverse(ws.last_reconstruction)
+        return ScoredSeries(end_rows=np.asarray(end_rows), scores=ws.scores, sensor_errors=ws.sensor_errors,
+                            actual=np.asarray(actual, dtype=np.float64), expected=expected,
+                            flags=self.threshold.flags(ws.scores))
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model_doc = {"format_version": FORMAT_VERSION, "kind": "lstm_autoencoder",
+                     "model_config": self.config.to_dict(), "sensors": list(self.sensors),
+                     "period_s": self.period_s}
+        _write_json(directory / "model.json", model_doc)
+        torch.save(self.model.state_dict(), directory / "weights.pt")
+        _write_json(directory / "scaler.json", self.scaler.to_dict())
+        _write_json(directory / "threshold.json", self.threshold.to_dict())
+        _write_json(directory / "meta.json", self.meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "Detector":
+        directory = Path(directory)
+        missing = [name for name in FILES if not (directory / name).is_file()]
+        if missing:
+            raise ModelError(f"{directory} is not a saved detector: missing {', '.join(missing)}")
+        model_doc = _read_json(directory / "model.json")
+        if model_doc.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{directory}: unsupported format_version {model_doc.get('format_version')!r}")
+        config = ModelConfig.from_dict(model_doc["model_config"])
+        model = build_model(config)
+        state = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        scaler = Scaler.from_dict(_read_json(directory / "scaler.json"))
+        if list(scaler.sensors) != list(model_doc["sensors"]):
+            raise ModelError(f"{directory}: scaler sensors do not match model sensors")
+        return cls(model=model, scaler=scaler, threshold=Threshold.from_dict(_read_json(directory / "threshold.json")),
+                   period_s=model_doc.get("period_s"), meta=_read_json(directory / "meta.json"))
+
+
+def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params: dict[str, Any],
+                 train_config: TrainConfig, threshold_method: str = "pot",
+                 threshold_params: dict[str, Any] | None = None, scaler_method: str = "standard",
+                 stride: int = 1, callbacks: Sequence[TrainCallback] = (), period_s: float | None = None,
+                 progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+    """Fit scaler, network and threshold on gap-free training readings (T, F) in original units.
+
+    ``model_params`` are the ModelConfig fields other than ``n_features`` (``window_size`` required).
+    Returns the detector, the training result and the validation window scores the threshold was
+    fitted on.
+    """
+    train_values = np.asarray(train_values, dtype=np.float64)
+    scaler = fit_scaler(train_values, list(sensors), scaler_method)
+    config = ModelConfig(n_features=len(sensors), **model_params)
+    windows = make_windows(scaler.transform(train_values), config.window_size, stride)
+    result = train_autoencoder(windows, config, train_config, callbacks, progress_desc)
+    val_scores = window_scores(result.model, result.val_windows).scores
+    threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))
+    detector = Detector(model=result.model, scaler=scaler, threshold=threshold, period_s=period_s)
+    return detector, result, val_scores
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc

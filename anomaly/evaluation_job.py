@@ -1,0 +1,38 @@
+"""Logs an evaluation (``anomaly evaluate`` or the benchmark) to MLflow: its metrics, the Markdown
+report, and an overlay figure of the series with the most labelled anomalies."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from anomaly import plots, tracking
+from anomaly.config import Settings
+from anomaly.protocols import ProtocolResult
+
+
+def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Path | None = None,
+                     source: str = "") -> str:
+    ml = settings.mlflow
+    tracking.configure(ml.tracking_uri, ml.registry_uri)
+    tags = {"kind": "evaluation", "dataset": result.dataset, "data.source": source,
+            "code_version": tracking.code_version()}
+    with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"evaluate-{result.dataset}", tags=tags) as run:
+        run.log_params({**tracking.flat_params("model", asdict(settings.model)),
+                        **tracking.flat_params("training", asdict(settings.training)),
+                        **tracking.flat_params("threshold", asdict(settings.threshold))})
+        run.log_metrics(result.metrics)
+        if report_path is not None:
+            run.log_artifact(report_path)
+        shown = [r for r in result.series if r.labels.any()] or result.series
+        if shown:
+            r = max(shown, key=lambda s: int(s.labels.sum()))
+            run.log_figure(plots.anomaly_overlay(r.timestamps, r.values, r.sensors, r.scores, r.threshold,
+                                                 flags=r.flags, labels=r.labels, expected=r.expected),
+                           f"overlay-{r.name.replace('/', '_')}.png")
+            all_scores = np.concatenate([s.scores[np.isfinite(s.scores)] for s in result.series])
+            run.log_figure(plots.error_distribution(all_scores[:200000], float(np.median([s.threshold for s in result.series]))),
+                           "score_distribution.png")
+        return run.run_id or ""

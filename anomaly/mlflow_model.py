@@ -1,0 +1,44 @@
+"""The MLflow pyfunc for a registered detector, logged as "models from code".
+
+MLflow loads this file by path and calls ``set_model``; the model's only artifact is the detector
+directory (``state_dict`` + JSON, see ``anomaly.detector``), so loading by
+``models:/<name>@<alias>`` works with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
+
+predict(DataFrame of readings, one column per sensor, rows in time order on the model's grid)
+-> DataFrame row-aligned with the input: ``score`` (of the window ending at that row; NaN before the
+first full window), ``threshold``, ``is_anomaly``, ``top_sensor``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class DetectorModel(PythonModel):
+    def load_context(self, context) -> None:
+        from anomaly.detector import Detector
+
+        self.detector = Detector.load(context.artifacts["detector"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        det = self.detector
+        missing = [s for s in det.sensors if s not in model_input.columns]
+        if missing:
+            raise ValueError(f"input lacks sensors {missing}; the model needs {list(det.sensors)}")
+        values = model_input[list(det.sensors)].to_numpy(dtype=np.float64)
+        n = len(values)
+        score = np.full(n, np.nan)
+        top = np.full(n, None, dtype=object)
+        if n >= det.window_size:
+            scored = det.score_values(values)
+            score[scored.end_rows] = scored.scores
+            top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
+        return pd.DataFrame({"score": score, "threshold": det.threshold.value,
+                             "is_anomaly": np.nan_to_num(score, nan=-np.inf) > det.threshold.value,
+                             "top_sensor": top}, index=model_input.index)
+
+
+mlflow.models.set_model(DetectorModel())

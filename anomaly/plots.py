@@ -1,0 +1,112 @@
+"""Figures people would rather look at than read: loss curves, the error distribution with its
+threshold, and a reading/score overlay with flagged and labelled spans. Returns matplotlib figures;
+writes nothing (the tracking adapter logs them to MLflow).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def loss_curves(train_loss: Sequence[float], val_loss: Sequence[float], best_epoch: int | None = None) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = np.arange(1, len(train_loss) + 1)
+    ax.plot(epochs, train_loss, label="train")
+    ax.plot(epochs, val_loss, label="validation")
+    if best_epoch:
+        ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("reconstruction MSE (scaled units)")
+    ax.set_title("Loss curves")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np.ndarray | None = None,
+                       method: str = "") -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    all_scores = np.concatenate([val_scores] + ([test_scores] if test_scores is not None else []))
+    positive = all_scores[all_scores > 0]
+    lo = max(positive.min() if len(positive) else 1e-6, 1e-8)
+    hi = max(all_scores.max(), threshold) * 1.05
+    bins = np.logspace(np.log10(lo), np.log10(hi), 60)
+    ax.hist(np.clip(val_scores, lo, None), bins=bins, alpha=0.7, label="validation (normal)", density=True)
+    if test_scores is not None and len(test_scores):
+        ax.hist(np.clip(test_scores, lo, None), bins=bins, alpha=0.5, label="scored data", density=True)
+    ax.axvline(threshold, color="red", label=f"threshold {threshold:.4g} {method}".strip())
+    ax.set_xscale("log")
+    ax.set_xlabel("window anomaly score")
+    ax.set_ylabel("density")
+    ax.set_title("Reconstruction error distribution")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequence[str], scores: np.ndarray,
+                    threshold: float, flags: np.ndarray | None = None, labels: np.ndarray | None = None,
+                    expected: np.ndarray | None = None, max_sensors: int = 4) -> Figure:
+    """Readings (rows, F) with their reconstructions, and the score with threshold; flagged spans in
+    red, labelled anomalies in orange. ``scores``/``flags``/``labels`` are row-aligned (NaN allowed)."""
+    k = min(max_sensors, values.shape[1])
+    fig, axes = plt.subplots(k + 1, 1, figsize=(10, 1.8 * (k + 1)), sharex=True)
+    axes = np.atleast_1d(axes)
+    x = np.asarray(timestamps)
+    for i in range(k):
+        ax = axes[i]
+        ax.plot(x, values[:, i], lw=0.8, label="actual")
+        if expected is not None:
+            ax.plot(x, expected[:, i], lw=0.8, alpha=0.8, label="expected")
+        ax.set_ylabel(str(sensors[i])[:18], fontsize=8)
+        _shade(ax, x, labels, "orange")
+        _shade(ax, x, flags, "red")
+    axes[0].legend(loc="upper right", fontsize=7)
+    ax = axes[-1]
+    ax.plot(x, scores, lw=0.8, color="black")
+    ax.axhline(threshold, color="red", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("score", fontsize=8)
+    _shade(ax, x, labels, "orange")
+    _shade(ax, x, flags, "red")
+    fig.suptitle("Readings, reconstruction and anomaly score (red: flagged, orange: labelled)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_bars(metrics: dict[str, dict[str, float]], title: str) -> Figure:
+    """Grouped bars: ``metrics[model][metric]`` (used to compare champion and challenger)."""
+    models = list(metrics)
+    names = sorted({m for v in metrics.values() for m in v})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        ax.bar(np.arange(len(names)) + i * width, [metrics[model].get(n, np.nan) for n in names], width, label=model)
+    ax.set_xticks(np.arange(len(names)) + width * (len(models) - 1) / 2, names, rotation=20, fontsize=8)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _shade(ax, x: np.ndarray, mask: np.ndarray | None, color: str) -> None:
+    if mask is None:
+        return
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+        ax.axvspan(x[start], x[end - 1], color=color, alpha=0.25, lw=0)
+
+
+def close(fig: Figure) -> None:
+    plt.close(fig)

@@ -1,0 +1,89 @@
+"""From a raw wide table to model input: regular grid, gap filling, sensor screening. No I/O.
+
+Sensors that are constant, flat or mostly missing in the training data are reported and left out
+instead of being trained on silently; the report travels with the run (MLflow) and the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from anomaly.errors import DataError
+from anomaly.grid import SensorIssue, sensor_quality, to_grid, usable_sensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    timestamps: pd.DatetimeIndex
+    values: np.ndarray  # (T, F) gap-free readings in original units, columns in ``sensors`` order
+    sensors: list[str]
+    missing: np.ndarray  # (T, F) bool: the value was not observed (it was filled)
+    period_s: float
+    issues: list[SensorIssue] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def report(self) -> dict[str, object]:
+        return {"sensors": self.sensors, "dropped": self.dropped, "rows": len(self.values),
+                "period_s": self.period_s, "missing_fraction": float(self.missing.mean()) if self.missing.size else 0.0,
+                "issues": [{"sensor": i.sensor, "kind": i.kind, "detail": i.detail} for i in self.issues]}
+
+
+def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, period_s: float | None = None,
+                     fill: str = "ffill", max_fill_steps: int | None = None,
+                     max_missing_fraction: float = 0.5) -> Prepared:
+    """Grid, fill and screen training data; the sensors kept are those fit to train on."""
+    frame = _select(frame, sensors)
+    period = pd.Timedelta(seconds=period_s) if period_s else None
+    grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
+    issues = sensor_quality(grid.frame, grid.missing, max_missing_fraction=max_missing_fraction)
+    keep = usable_sensors(grid.frame, issues)
+    dropped = [s for s in grid.frame.columns if s not in keep]
+    for issue in issues:
+        log.warning("sensor %s: %s (%s)%s", issue.sensor, issue.kind, issue.detail,
+                    " - left out" if issue.sensor in dropped else "")
+    if not keep:
+        raise DataError(f"no usable sensor: every column is constant, flat or mostly missing ({issues})")
+    return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped)
+
+
+def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float | None = None,
+                    fill: str = "ffill", max_fill_steps: int | None = None) -> Prepared:
+    """Grid and fill data to be scored, keeping exactly the model's sensors."""
+    frame = _select(frame, sensors)
+    period = pd.Timedelta(seconds=period_s) if period_s else None
+    grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
+    return _finish(grid.frame[list(sensors)], grid.missing[list(sensors)], grid.period, [], [])
+
+
+def fill_rows(values: np.ndarray) -> np.ndarray:
+    """Forward- then back-fill NaNs along rows of a (T, F) array (row order = time order); a column
+    with no value at all becomes 0. Used where rows are not re-gridded (benchmark protocols)."""
+    frame = pd.DataFrame(np.asarray(values, dtype=np.float64))
+    return frame.ffill().bfill().fillna(0.0).to_numpy()
+
+
+def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
+    if sensors:
+        missing = [s for s in sensors if s not in frame.columns]
+        if missing:
+            raise DataError(f"sensors not in the data: {missing}; columns are {list(frame.columns)}")
+        return frame[list(sensors)]
+    numeric = frame.select_dtypes("number")
+    if numeric.shape[1] == 0:
+        raise DataError(f"no numeric sensor column in {list(frame.columns)}")
+    return numeric
+
+
+def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, issues: list[SensorIssue],
+            dropped: list[str]) -> Prepared:
+    values = fill_rows(frame.to_numpy(dtype=np.float64))
+    return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=values, sensors=list(frame.columns),
+                    missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
+                    issues=issues, dropped=dropped)

@@ -1,0 +1,215 @@
+"""The datasets' own evaluation protocols: train on each series' normal part, score the rest, and
+compute the metrics the published tables use. No Kafka, no MLflow (callers track the results).
+
+- SKAB: one model per file, trained on its first 400 rows; rows 401..end are scored; point-wise
+  F1/FAR/MAR micro-aggregated over the 34 files exactly as SKAB's ``chp_score(metric="binary")``.
+- NAB: one model per file, trained on its probationary period; every row gets a score in [0, 1];
+  the NAB score (three profiles) at NAB's oracle threshold, and at our own fitted threshold.
+- SMD: one model per machine, trained on ``train``, ``test`` scored; point-wise F1 without point
+  adjustment at our fitted threshold, plus the best-F1 over thresholds (oracle, for comparison with
+  published tables only).
+Every dataset also gets event-wise precision/recall/F1 and mean detection delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from anomaly import evaluation
+from anomaly.config import Settings, build_settings
+from anomaly.datasets import LabelledSeries
+from anomaly.detector import Detector, fit_detector
+from anomaly.preparation import fill_rows
+from anomaly.training import TrainConfig
+from anomaly.windowing import rows_from_windows
+
+log = logging.getLogger(__name__)
+
+# Per-dataset settings (see README "Benchmarks" for how they were chosen). A --config file replaces them.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "skab": {"model": {"window_size": 10, "hidden_size": 32, "latent_size": 8},
+             "training": {"epochs": 80, "batch_size": 32, "patience": 10, "validation_fraction": 0.25},
+             "threshold": {"method": "quantile", "q": 0.99, "scale": 1.5}},
+    "nab": {"model": {"window_size": 16, "hidden_size": 32, "latent_size": 8},
+            "training": {"epochs": 40, "batch_size": 64, "patience": 6, "validation_fraction": 0.2},
+            "threshold": {"method": "quantile", "q": 0.99, "scale": 1.0}},
+    "smd": {"model": {"window_size": 32, "hidden_size": 64, "latent_size": 16},
+            "training": {"epochs": 20, "batch_size": 256, "patience": 4, "validation_fraction": 0.2, "stride": 2},
+            "threshold": {"method": "pot", "risk": 0.005, "init_quantile": 0.95}},
+}
+
+
+def profile_settings(dataset: str) -> Settings:
+    return build_settings(PROFILES[dataset])
+
+
+@dataclass
+class SeriesResult:
+    """Row-aligned results of one series' test part."""
+
+    name: str
+    timestamps: np.ndarray
+    values: np.ndarray  # (T, F) test rows, original units
+    labels: np.ndarray  # (T,) bool
+    scores: np.ndarray  # (T,) score of the window ending at each row (NaN where none)
+    flags: np.ndarray  # (T,) bool
+    expected: np.ndarray  # (T, F) reconstruction of each row (NaN where none)
+    threshold: float
+    sensors: tuple[str, ...]
+    train_seconds: float
+
+
+@dataclass
+class ProtocolResult:
+    dataset: str
+    metrics: dict[str, Any]
+    series: list[SeriesResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, **self.metrics, "seconds": round(self.seconds, 1)}
+
+
+def _train_config(settings: Settings) -> TrainConfig:
+    t = settings.training
+    return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                       weight_decay=t.weight_decay, validation_fraction=t.validation_fraction, patience=t.patience,
+                       seed=t.seed, device=t.device, mixed_precision=t.mixed_precision, progress=False)
+
+
+def fit_on(values: np.ndarray, sensors: Sequence[str], settings: Settings) -> Detector:
+    th = settings.threshold
+    detector, _, _ = fit_detector(values, sensors, settings.model.model_params(), _train_config(settings),
+                                  threshold_method=th.method, threshold_params=th.policy_params(),
+                                  scaler_method=settings.data.scaler, stride=settings.training.stride)
+    if th.scale != 1.0:
+        detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
+                                                      {**detector.threshold.params, "scale": th.scale})
+    return detector
+
+
+def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
+    """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
+    (default: the first test row). Windows may reach back into training rows: a stream has that past."""
+    values = fill_rows(series.frame.to_numpy(dtype=np.float64))
+    sensors = tuple(str(c) for c in series.frame.columns)
+    started = time.perf_counter()
+    detector = fit_on(values[: series.train_rows], sensors, settings)
+    train_seconds = time.perf_counter() - started
+    scored = detector.score_values(values)
+    n, w = len(values), detector.window_size
+    scores = rows_from_windows(scored.scores, n, w)
+    expected = rows_from_windows(scored.expected, n, w)
+    first = series.train_rows if score_from is None else score_from
+    labels = np.zeros(n, bool) if series.labels is None else np.asarray(series.labels, bool)
+    thr = detector.threshold.value
+    return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
+                        labels=labels[first:], scores=scores[first:],
+                        flags=np.nan_to_num(scores[first:], nan=-np.inf) > thr, expected=expected[first:],
+                        threshold=thr, sensors=sensors, train_seconds=train_seconds)
+
+
+def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:
+    counts = [evaluation.event_metrics(r.labels, r.flags, timestamps=r.timestamps) for r in results]
+    return evaluation.aggregate_events(counts).to_dict()
+
+
+def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
+    started = time.perf_counter()
+    results = []
+    for s in series:
+        progress(s.name)
+        results.append(score_series(s, settings))
+    binary = evaluation.skab_binary_metrics([r.labels for r in results], [r.flags for r in results])
+    metrics = {"f1": binary.f1, "far": binary.far, "mar": binary.mar, **_events(results),
+               "files": len(results), "test_rows": int(sum(len(r.labels) for r in results))}
+    return ProtocolResult("skab", metrics, results, time.perf_counter() - started)
+
+
+def squash(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Map scores >= 0 to [0, 1] monotonically with our threshold at 0.5 (NAB wants [0, 1])."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
+    return s / (s + threshold) if threshold > 0 else (s > 0).astype(float)
+
+
+def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
+    started = time.perf_counter()
+    results, files = [], []
+    for s in series:
+        progress(s.name)
+        r = score_series(s, settings, score_from=0)
+        results.append(r)
+        files.append(evaluation.NabFile(name=s.name, scores=squash(r.scores, r.threshold), windows=list(s.meta["windows"])))
+    oracle = evaluation.nab_scores(files)
+    own = evaluation.nab_scores(files, threshold=0.5)
+    # Event metrics on the scored part only (after probation), as NAB scores it.
+    scored = []
+    for s, r in zip(series, results):
+        p = s.train_rows
+        scored.append(SeriesResult(r.name, r.timestamps[p:], r.values[p:], r.labels[p:], r.scores[p:], r.flags[p:],
+                                   r.expected[p:], r.threshold, r.sensors, r.train_seconds))
+    metrics = {"nab_standard": oracle["nab_standard"], "nab_low_fp": oracle["nab_low_fp"],
+               "nab_low_fn": oracle["nab_low_fn"], "nab_standard_own_threshold": own["nab_standard"],
+               "nab_low_fp_own_threshold": own["nab_low_fp"], "nab_low_fn_own_threshold": own["nab_low_fn"],
+               **_events(scored), "files": len(results)}
+    return ProtocolResult("nab", metrics, scored, time.perf_counter() - started)
+
+
+def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Point-wise F1 at the best threshold over all scores (oracle; for published-table comparison)."""
+    s = np.nan_to_num(scores, nan=-np.inf)
+    order = np.argsort(-s, kind="stable")
+    y = labels[order].astype(np.int64)
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    fn = y.sum() - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    # Only cut between distinct scores.
+    distinct = np.r_[s[order][1:] != s[order][:-1], True]
+    f1 = np.where(distinct, f1, -1)
+    i = int(np.argmax(f1))
+    return float(f1[i]), float(s[order][i])
+
+
+def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
+    started = time.perf_counter()
+    results = []
+    for s in series:
+        progress(s.name)
+        results.append(score_series(s, settings))
+    binary = evaluation.skab_binary_metrics([r.labels for r in results], [r.flags for r in results])
+    per_machine_best = [best_f1(r.labels, r.scores)[0] for r in results]
+    precision = binary.tp / max(binary.tp + binary.fp, 1)
+    recall = binary.tp / max(binary.tp + binary.fn, 1)
+    metrics = {"f1": 2 * precision * recall / max(precision + recall, 1e-12), "precision": precision, "recall": recall,
+               "f1_best_mean": float(np.mean(per_machine_best)), **_events(results), "machines": len(results)}
+    return ProtocolResult("smd", metrics, results, time.perf_counter() - started)
+
+
+RUNNERS = {"skab": run_skab, "nab": run_nab, "smd": run_smd}
+
+
+def run_protocol(dataset: str, series: Sequence[LabelledSeries], settings: Settings | None = None,
+                 progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
+    return RUNNERS[dataset](series, settings or profile_settings(dataset), progress)
+
+
+def markdown_report(result: ProtocolResult, settings: Settings) -> str:
+    m = result.metrics
+    lines = [f"# Evaluation: {result.dataset.upper()}", "",
+             f"{len(result.series)} series, {result.seconds:.0f} s.", "", "| metric | value |", "| --- | --- |"]
+    for key, value in m.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
+        lines.append(f"| `{key}` | {shown} |")
+    lines += ["", "## Per series", "", "| series | rows | labelled | flagged | threshold | train s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in result.series:
+        lines.append(f"| {r.name} | {len(r.labels)} | {int(r.labels.sum())} | {int(r.flags.sum())} | "
+                     f"{r.threshold:.4g} | {r.train_seconds:.1f} |")
+    lines += ["", "## Settings", "", "```", repr(settings.model), repr(settings.training), repr(settings.threshold), "```", ""]
+    return "\n".join(lines)

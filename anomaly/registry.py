@@ -1,0 +1,201 @@
+"""MLflow model registry adapter: register a detector, list versions, promote, roll back, load.
+
+A registered version is a models-from-code pyfunc (``anomaly/mlflow_model.py``) whose one artifact is
+the detector directory (state_dict + JSON). Promotion moves an alias (``champion`` by default) and
+records the previous holder in the registered model's ``champion_history`` tag, so a rollback knows
+where to go back to. With ``tracking.py`` the only importers of mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from anomaly.detector import Detector
+from anomaly.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+HISTORY_TAG = "{alias}_history"  # registered-model tag: JSON list of versions that held the alias
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str | None
+    created: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "aliases": list(self.aliases), "run_id": self.run_id,
+                "created": self.created, "tags": self.tags, "metrics": self.metrics}
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def log_detector(detector: Detector, input_example: pd.DataFrame, artifact_name: str = "model") -> str:
+    """Log the detector as a pyfunc model in the active run; returns the logged model's URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from anomaly.mlflow_model import DetectorModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        det_dir = detector.save(Path(tmp) / "detector")
+        wrapper = DetectorModel()
+        wrapper.detector = detector
+        output = wrapper.predict(None, input_example)
+        signature = infer_signature(input_example, output)
+        info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_CODE),
+                                       artifacts={"detector": str(det_dir)}, signature=signature,
+                                       input_example=input_example, pip_requirements=_requirements())
+    return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """Pinned from the running environment; saves MLflow's requirement inference, which loads the
+    model in a subprocess (seconds per logged model)."""
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in ("torch", "mlflow", "numpy", "pandas")]
+
+
+def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
+             description: str | None = None) -> str:
+    """Register a logged model as a new version of ``name``; returns the version number."""
+    import mlflow
+
+    try:
+        mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
+        if description:
+            client().update_model_version(name, mv.version, description=description)
+        return str(mv.version)
+    except Exception as exc:
+        raise RegistryError(f"cannot register {model_uri} as {name!r}: {exc}") from exc
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version that holds ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(name: str, version: str, alias: str = "champion", reason: str = "") -> str | None:
+    """Move ``alias`` to ``version``; returns the version that held it before (None if none)."""
+    c = client()
+    try:
+        c.get_model_version(name, str(version))
+    except Exception as exc:
+        raise RegistryError(f"{name} has no version {version}: {exc}") from exc
+    previous = alias_version(name, alias)
+    if previous == str(version):
+        return previous
+    c.set_registered_model_alias(name, alias, str(version))
+    history = _history(name, alias)
+    if previous is not None:
+        history.append(previous)
+    c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[-50:]))
+    c.set_model_version_tag(name, str(version), f"{alias}_since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if reason:
+        c.set_model_version_tag(name, str(version), f"{alias}_reason", reason[:5000])
+    log.info("%s: alias @%s moved %s -> v%s %s", name, alias, f"v{previous}" if previous else "(none)", version, reason)
+    return previous
+
+
+def rollback(name: str, alias: str = "champion") -> str:
+    """Give ``alias`` back to the version that held it before the last promotion; returns it."""
+    c = client()
+    history = _history(name, alias)
+    current = alias_version(name, alias)
+    while history and history[-1] == current:
+        history.pop()
+    if not history:
+        raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
+    target = history.pop()
+    c.set_registered_model_alias(name, alias, target)
+    c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    c.set_model_version_tag(name, target, f"{alias}_reason", f"rollback from v{current}")
+    log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
+    return target
+
+
+def _history(name: str, alias: str) -> list[str]:
+    tags = client().get_registered_model(name).tags
+    try:
+        return [str(v) for v in json.loads(tags.get(HISTORY_TAG.format(alias=alias), "[]"))]
+    except json.JSONDecodeError:
+        return []
+
+
+def list_versions(name: str | None = None) -> list[VersionInfo]:
+    """Every version of ``name`` (or of every registered model), newest first, with the metrics of
+    the run that produced it."""
+    c = client()
+    try:
+        names = [name] if name else [m.name for m in c.search_registered_models()]
+        out: list[VersionInfo] = []
+        for model_name in names:
+            model = c.get_registered_model(model_name)
+            aliases_by_version: dict[str, list[str]] = {}
+            for alias, version in (model.aliases or {}).items():
+                aliases_by_version.setdefault(str(version), []).append(alias)
+            for mv in c.search_model_versions(f"name='{model_name}'"):
+                metrics: dict[str, float] = {}
+                if mv.run_id:
+                    try:
+                        metrics = dict(c.get_run(mv.run_id).data.metrics)
+                    except Exception:  # a deleted run leaves the version listable
+                        metrics = {}
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000))
+                out.append(VersionInfo(model_name, str(mv.version), tuple(sorted(aliases_by_version.get(str(mv.version), []))),
+                                       mv.run_id, created, dict(mv.tags or {}), metrics))
+        out.sort(key=lambda v: (v.name, -int(v.version)))
+        return out
+    except Exception as exc:
+        raise RegistryError(f"cannot list registered models: {exc}") from exc
+
+
+def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detector, str]:
+    """Download ``models:/name@alias`` (or ``/version``) and load its detector; returns it and the version."""
+    import mlflow
+
+    version = alias_or_version if str(alias_or_version).isdigit() else alias_version(name, alias_or_version)
+    if version is None:
+        raise RegistryError(f"{name} has no version with alias @{alias_or_version}")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+            candidates = list(Path(path).rglob("model.json"))
+            if not candidates:
+                raise RegistryError(f"models:/{name}/{version} holds no detector artifact")
+            return Detector.load(candidates[0].parent), str(version)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"cannot load models:/{name}/{version}: {exc}") from exc
+
+
+def input_example(detector: Detector, values: np.ndarray, rows: int | None = None) -> pd.DataFrame:
+    """A small frame of real readings (enough for two windows) to log beside the model."""
+    rows = rows or detector.window_size + 2
+    return pd.DataFrame(np.asarray(values[:rows], dtype=np.float64), columns=list(detector.sensors))

@@ -1,0 +1,232 @@
+"""Wide tables on disk (CSV or Parquet) to and from the package's in-memory form. File I/O only.
+
+This module owns reading a table of readings (one row per timestamp, one column per sensor) and
+turning it into the form every other module expects:
+
+- the index is a ``DatetimeIndex`` named ``"ts"``, always **UTC, tz-aware**. Naive timestamps (no
+  offset in the text, as in SKAB and NAB) are taken to be UTC; strings with an offset are converted;
+- every other column is ``float64`` (sensors and label columns alike), except ``"entity"`` when an
+  entity column was named, which holds the entity ids as strings;
+- rows keep the file's order: duplicated, late or out-of-order readings are the sampling grid's
+  business (``anomaly.grid``), not this module's.
+
+It must not resample, fill, scale or judge sensors; it converts or refuses (``DataError`` naming the
+file and the column).
+
+Timestamps may be:
+- strings: RFC 3339 / ISO 8601 (``2026-11-21T10:00:00.250Z``, ``...+01:00``) or
+  ``YYYY-MM-DD hh:mm:ss[.ffffff]``;
+- numbers: epoch **seconds** or **milliseconds**, decided once per column by magnitude: if the
+  largest absolute value is at least ``1e11`` the column is milliseconds (``1e11`` s would be the year
+  5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept.
+- already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC.
+
+Infinite readings are treated as missing (NaN) with a logged warning; the stream contract calls
+them bad records, and a table should not be refused whole for one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from pandas.api import types as ptypes
+
+from anomaly.errors import DataError
+
+log = logging.getLogger(__name__)
+
+TIMESTAMP_CANDIDATES: tuple[str, ...] = ("timestamp", "ts", "datetime", "time", "date")
+"""Column names tried, in this order and case-insensitively, when no timestamp column is named."""
+
+LABEL_COLUMNS: tuple[str, ...] = ("anomaly", "changepoint", "label")
+"""Columns that carry ground truth, not readings (see ``split_labels``)."""
+
+EPOCH_MS_THRESHOLD = 1e11  # |epoch| >= this is milliseconds: 1e11 s is year 5138, 1e11 ms is 1973
+
+INDEX_NAME = "ts"
+ENTITY_COLUMN = "entity"
+
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_CSV_SUFFIXES = (".csv", ".txt", ".tsv")
+
+
+def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col: str | None = None,
+               sensors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a wide CSV (``,`` or ``;``, sniffed from the header) or Parquet table (by suffix).
+
+    Returns a frame indexed by UTC ``DatetimeIndex`` ``"ts"`` whose columns are float64 readings (and
+    label columns, if any; see ``split_labels``), plus ``"entity"`` (str) when ``entity_col`` is given.
+    ``sensors`` restricts the readings to those columns, in that order (label columns present in the
+    file are still kept); without it every column other than the timestamp and entity is converted.
+
+    Raises ``DataError`` for an unreadable file, a missing or unparseable timestamp column, a missing
+    entity or sensor column, or a sensor column that is not numeric (naming the column).
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    if raw.shape[1] == 0:
+        raise DataError(f"{path}: no columns")
+    ts_name = _timestamp_column(raw, path, timestamp_col)
+    index = _parse_timestamps(raw[ts_name] if ts_name is not None else raw.index.to_series(), path,
+                              ts_name or "<index>")
+
+    if entity_col is not None and entity_col not in raw.columns:
+        raise DataError(f"{path}: no entity column {entity_col!r}; columns are {list(raw.columns)}")
+    taken = {c for c in (ts_name, entity_col) if c is not None}
+    if sensors is not None:
+        absent = [s for s in sensors if s not in raw.columns]
+        if absent:
+            raise DataError(f"{path}: sensor column(s) {absent} not found; columns are {list(raw.columns)}")
+        labels = [c for c in raw.columns if _is_label(c) and c not in taken and c not in sensors]
+        value_cols = [*sensors, *labels]
+    else:
+        value_cols = [c for c in raw.columns if c not in taken]
+
+    out: dict[str, object] = {}
+    if entity_col is not None:
+        entity = raw[entity_col]
+        if entity.isna().any():
+            row = int(np.flatnonzero(entity.isna().to_numpy())[0])
+            raise DataError(f"{path}: column {entity_col!r}: empty entity id at data row {row}")
+        out[ENTITY_COLUMN] = entity.astype(str).to_numpy()
+    for col in value_cols:
+        if str(col) == ENTITY_COLUMN and entity_col is not None:
+            raise DataError(f"{path}: column {col!r} clashes with the entity column's name {ENTITY_COLUMN!r}")
+        out[str(col)] = _numeric(raw[col], path, str(col))
+    frame = pd.DataFrame(out, index=index)
+    if entity_col is not None:
+        frame[ENTITY_COLUMN] = frame[ENTITY_COLUMN].astype(str)
+    return frame
+
+
+def split_labels(frame: pd.DataFrame, label_cols: Sequence[str] = LABEL_COLUMNS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off ground-truth columns: ``(everything else, label columns)``, same index.
+
+    Names match case-insensitively; the label frame keeps the file's spelling and may have no columns.
+    The ``"entity"`` column, if any, stays with the first frame.
+    """
+    wanted = {c.lower() for c in label_cols}
+    labels = [c for c in frame.columns if str(c).lower() in wanted]
+    return frame.drop(columns=labels), frame[labels]
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write ``frame`` (indexed by a ``DatetimeIndex``) as CSV (``,``) or Parquet, by suffix, in a form
+    ``read_table`` reads back unchanged: the index becomes a ``"ts"`` column, in UTC (a naive index is
+    taken as UTC); CSV timestamps are RFC 3339 with microseconds and ``Z``."""
+    path = Path(path)
+    if not isinstance(frame.index, pd.DatetimeIndex):
+        raise DataError(f"{path}: write_table needs a DatetimeIndex, got {type(frame.index).__name__}")
+    index = frame.index.tz_localize("UTC") if frame.index.tz is None else frame.index.tz_convert("UTC")
+    if INDEX_NAME in frame.columns:
+        raise DataError(f"{path}: column {INDEX_NAME!r} clashes with the timestamp column written from the index")
+    out = frame.copy()
+    out.index = index
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        out.index.name = INDEX_NAME
+        out.reset_index().to_parquet(path, index=False)
+    elif suffix in _CSV_SUFFIXES:
+        out.index = pd.Index(index.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), name=INDEX_NAME)
+        out.to_csv(path, index=True)
+    else:
+        raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv or .parquet")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _read_raw(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _PARQUET_SUFFIXES:
+            return pd.read_parquet(path)
+        if suffix in _CSV_SUFFIXES:
+            return pd.read_csv(path, sep=_sniff_separator(path), engine="c")
+    except DataError:
+        raise
+    except Exception as exc:  # parser errors of several kinds: one message for the operator
+        raise DataError(f"{path}: cannot read table: {exc}") from exc
+    raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv or .parquet")
+
+
+def _sniff_separator(path: Path) -> str:
+    """``;`` if the header line has more ``;`` than ``,``, else ``,``."""
+    with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
+        header = fh.readline()
+    if not header.strip():
+        raise DataError(f"{path}: empty file (no header line)")
+    return ";" if header.count(";") > header.count(",") else ","
+
+
+def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str | None:
+    """The timestamp column's name; ``None`` means "use the frame's DatetimeIndex" (Parquet)."""
+    if named is not None:
+        if named not in raw.columns:
+            raise DataError(f"{path}: no timestamp column {named!r}; columns are {list(raw.columns)}")
+        return named
+    for cand in TIMESTAMP_CANDIDATES:
+        if cand in raw.columns:
+            return cand
+        spelled = [c for c in raw.columns if str(c).lower() == cand]
+        if spelled:
+            return spelled[0]
+    if isinstance(raw.index, pd.DatetimeIndex):
+        return None
+    raise DataError(f"{path}: no timestamp column found (tried {', '.join(TIMESTAMP_CANDIDATES)}); "
+                    f"columns are {list(raw.columns)} - name it with timestamp_col")
+
+
+def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex:
+    where = f"{path}: timestamp column {name!r}"
+    if ptypes.is_datetime64_any_dtype(col.dtype):
+        parsed = pd.DatetimeIndex(col)
+        parsed = parsed.tz_localize("UTC") if parsed.tz is None else parsed.tz_convert("UTC")
+    elif ptypes.is_bool_dtype(col.dtype):
+        raise DataError(f"{where}: booleans are not timestamps")
+    elif ptypes.is_numeric_dtype(col.dtype):
+        values = col.to_numpy(dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        unit = "ms" if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD else "s"
+        try:
+            parsed = pd.DatetimeIndex(pd.to_datetime(values, unit=unit, utc=True))
+        except (ValueError, OverflowError) as exc:
+            raise DataError(f"{where}: epoch {unit} out of range: {exc}") from exc
+    else:
+        try:
+            parsed = pd.DatetimeIndex(pd.to_datetime(col, utc=True, format="ISO8601"))
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"{where}: not RFC 3339 / 'YYYY-MM-DD hh:mm:ss' timestamps: {exc}") from exc
+    if parsed.isna().any():
+        row = int(np.flatnonzero(parsed.isna())[0])
+        raise DataError(f"{where}: missing timestamp at data row {row}")
+    return parsed.rename(INDEX_NAME)
+
+
+def _is_label(col: object) -> bool:
+    return str(col).lower() in LABEL_COLUMNS
+
+
+def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
+    """``col`` as float64, or ``DataError`` naming the column and its first non-number."""
+    if ptypes.is_bool_dtype(col.dtype) or ptypes.is_numeric_dtype(col.dtype):
+        values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        if ptypes.is_datetime64_any_dtype(col.dtype) or ptypes.is_timedelta64_dtype(col.dtype):
+            raise DataError(f"{path}: column {name!r} holds {col.dtype} values, not numbers")
+        coerced = pd.to_numeric(col, errors="coerce")
+        bad = coerced.isna() & col.notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})")
+        values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
+    inf = np.isinf(values)
+    if inf.any():
+        log.warning("%s: column %r: %d infinite value(s) treated as missing", path, name, int(inf.sum()))
+        values = np.where(inf, np.nan, values)
+    return values

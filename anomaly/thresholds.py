@@ -1,0 +1,329 @@
+"""Alarm thresholds fitted on validation reconstruction errors, and how they classify scores. No I/O.
+
+A *policy* (``QuantileThreshold``, ``MeanStdThreshold``, ``PotThreshold``) is a frozen dataclass of
+parameters with ``fit(errors) -> Threshold``. A ``Threshold`` is plain data — a method name, a value
+and a flat ``params`` dict of floats (the policy's parameters plus fitted diagnostics) — so it
+serialises to JSON and loads without unpickling anything. A score is anomalous when ``score > value``.
+
+``pot`` is peaks-over-threshold after Siffer et al., KDD 2017 ("SPOT"): take the ``init_quantile``
+quantile ``t`` of the errors, fit a Generalized Pareto distribution (shape γ, scale σ) to the excesses
+over ``t`` by maximum likelihood, and solve for the score exceeded with probability ``risk``:
+
+    z = t + σ/γ · ((risk·n/N_t)^(−γ) − 1)        (γ ≠ 0)
+    z = t − σ · ln(risk·n/N_t)                    (γ = 0, exponential tail)
+
+with ``n`` errors of which ``N_t`` exceed ``t``. ``params["fallback"]`` says when the empirical
+``1 − risk`` quantile was used instead (see ``FALLBACK_REASONS``); ``params["gpd_fit"]`` says how the
+tail was fitted (see ``GPD_FIT_METHODS``).
+
+Only numpy and scipy; no torch, no mlflow, no files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from anomaly.errors import ConfigError
+
+# Codes stored in ``Threshold.params["fallback"]`` by the pot policy (params hold floats only).
+FALLBACK_NONE = 0.0
+FALLBACK_NOT_IN_TAIL = 1.0
+FALLBACK_FEW_PEAKS = 2.0
+FALLBACK_REASONS = {
+    FALLBACK_NONE: "none: threshold from the fitted GPD tail",
+    FALLBACK_NOT_IN_TAIL: "risk·n/N_t >= 1: the target lies below the tail; empirical 1-risk quantile used",
+    FALLBACK_FEW_PEAKS: "fewer than min_peaks errors above t: empirical 1-risk quantile used",
+}
+
+# Codes stored in ``Threshold.params["gpd_fit"]``.
+GPD_MLE = 0.0
+GPD_MOMENTS = 1.0
+GPD_EXPONENTIAL = 2.0
+GPD_FIT_METHODS = {GPD_MLE: "maximum likelihood", GPD_MOMENTS: "method of moments",
+                   GPD_EXPONENTIAL: "exponential (shape 0, scale = mean excess)"}
+
+GAMMA_ZERO = 1e-12  # |γ| below this uses the exponential-tail formula; expm1 keeps small γ accurate above it
+GAMMA_MIN = -1.0  # below −1 the GPD likelihood is unbounded at the sample maximum: no MLE exists there
+
+
+# --------------------------------------------------------------------------------------------------
+# The fitted threshold
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A fitted alarm threshold: ``flags(scores)`` is ``scores > value``.
+
+    ``params`` holds the policy's parameters and fitted diagnostics, all floats (counts included), so
+    the whole object is JSON-safe. It is left out of the hash, so thresholds can be hashed.
+    """
+
+    method: str
+    value: float
+    params: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        value = float(self.value)
+        if not math.isfinite(value):
+            raise ValueError(f"threshold value must be finite, got {self.value!r}")
+        params = {str(k): float(v) for k, v in dict(self.params).items()}
+        bad = [k for k, v in params.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"threshold params must be finite; not: {', '.join(bad)}")
+        object.__setattr__(self, "method", str(self.method))
+        object.__setattr__(self, "value", value)
+        object.__setattr__(self, "params", params)  # a copy: the caller's dict is not shared
+
+    def flags(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean array, same shape as ``scores``: True where the score is above the threshold.
+        NaN scores are never flagged."""
+        return np.asarray(scores, dtype=np.float64) > self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""
+        return {"method": self.method, "value": self.value, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Threshold":
+        missing = {"method", "value"} - set(data)
+        if missing:
+            raise ValueError(f"threshold dict lacks {', '.join(sorted(missing))}")
+        return cls(method=str(data["method"]), value=float(data["value"]),
+                   params={str(k): float(v) for k, v in dict(data.get("params", {})).items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Input and parameter checks
+
+
+def _as_errors(errors: np.ndarray) -> np.ndarray:
+    """A non-empty 1-D finite float64 array (maybe the caller's own array: never written to)."""
+    try:
+        arr = np.asarray(errors, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"errors must be numeric: {exc}") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"errors must be a 1-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError("cannot fit a threshold on zero errors")
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"errors must be finite; {int((~finite).sum())} of {arr.size} are NaN or infinite")
+    return arr
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"threshold.{name}", f"must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"threshold.{name}", f"must be finite, got {value}")
+    return value
+
+
+def _open_unit(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"threshold.{name}", f"must be in (0, 1), got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Policies
+
+
+@dataclass(frozen=True)
+class QuantileThreshold:
+    """Threshold = the ``q`` quantile of the errors (linear interpolation, numpy's default)."""
+
+    name: ClassVar[str] = "quantile"
+    q: float = 0.99  # quantile of validation errors, in (0, 1)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "q", _open_unit("q", self.q))
+
+    def fit(self, errors: np.ndarray) -> Threshold:
+        e = _as_errors(errors)
+        return Threshold(self.name, float(np.quantile(e, self.q)), {"q": self.q, "n": float(e.size)})
+
+
+@dataclass(frozen=True)
+class MeanStdThreshold:
+    """Threshold = mean + ``k`` · standard deviation of the errors (population std, ddof=0)."""
+
+    name: ClassVar[str] = "mean_std"
+    k: float = 3.0  # number of standard deviations above the mean, >= 0
+
+    def __post_init__(self) -> None:
+        k = _number("k", self.k)
+        if k < 0:
+            raise ConfigError("threshold.k", f"must be >= 0, got {k}")
+        object.__setattr__(self, "k", k)
+
+    def fit(self, errors: np.ndarray) -> Threshold:
+        e = _as_errors(errors)
+        mean, std = float(e.mean()), float(e.std())
+        return Threshold(self.name, mean + self.k * std,
+                         {"k": self.k, "mean": mean, "std": std, "n": float(e.size)})
+
+
+@dataclass(frozen=True)
+class PotThreshold:
+    """Peaks over threshold with a Generalized Pareto tail (SPOT, Siffer et al. 2017).
+
+    Fallbacks, both to the empirical ``1 − risk`` quantile, recorded in ``params["fallback"]``:
+    fewer than ``min_peaks`` errors strictly above ``t`` (too little tail to fit), or
+    ``risk·n/N_t >= 1`` (the target is not in the tail, e.g. ``risk >= 1 − init_quantile``).
+    When ``risk < 1 − init_quantile`` the value is never below ``t``.
+    """
+
+    name: ClassVar[str] = "pot"
+    risk: float = 1e-3  # target false-alarm probability per scored window, in (0, 1)
+    init_quantile: float = 0.98  # quantile of the errors where the tail starts (t), in (0, 1)
+    min_peaks: int = 10  # fewest errors above t to fit the tail; >= 3 for a two-parameter fit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "risk", _open_unit("risk", self.risk))
+        object.__setattr__(self, "init_quantile", _open_unit("init_quantile", self.init_quantile))
+        min_peaks = _number("min_peaks", self.min_peaks)
+        if min_peaks != int(min_peaks) or min_peaks < 3:
+            raise ConfigError("threshold.min_peaks", f"must be an integer >= 3, got {self.min_peaks!r}")
+        object.__setattr__(self, "min_peaks", int(min_peaks))
+
+    def fit(self, errors: np.ndarray) -> Threshold:
+        e = _as_errors(errors)
+        n = e.size
+        t = float(np.quantile(e, self.init_quantile))
+        peaks = e[e > t] - t
+        n_peaks = peaks.size
+        params = {"risk": self.risk, "init_quantile": self.init_quantile, "min_peaks": float(self.min_peaks),
+                  "t": t, "n": float(n), "n_peaks": float(n_peaks)}
+        ratio = self.risk * n / n_peaks if n_peaks else math.inf
+        if n_peaks < self.min_peaks or ratio >= 1.0:
+            params["fallback"] = FALLBACK_FEW_PEAKS if n_peaks < self.min_peaks else FALLBACK_NOT_IN_TAIL
+            value = float(np.quantile(e, 1.0 - self.risk))
+        else:
+            gamma, sigma, how = gpd_fit(peaks)
+            params.update(fallback=FALLBACK_NONE, gamma=gamma, sigma=sigma, gpd_fit=how)
+            value = t + gpd_excess_quantile(gamma, sigma, ratio)
+        if self.risk < 1.0 - self.init_quantile:
+            value = max(value, t)  # guard only: the formula already gives > t when ratio < 1 and σ > 0
+        return Threshold(self.name, value, params)
+
+
+POLICIES: dict[str, type] = {p.name: p for p in (QuantileThreshold, MeanStdThreshold, PotThreshold)}
+
+
+def make_policy(method: str, **params: Any):
+    """The policy called ``method`` with ``params``; ConfigError for an unknown method or parameter,
+    or a value out of range (the field is ``threshold.<param>``)."""
+    if method not in POLICIES:
+        raise ConfigError("threshold.method", f"unknown method {method!r}; choose one of {', '.join(POLICIES)}")
+    cls = POLICIES[method]
+    known = [f.name for f in fields(cls)]
+    for key in params:
+        if key not in known:
+            raise ConfigError(f"threshold.{key}", f"unknown parameter for method {method!r}; "
+                                                  f"it takes {', '.join(known)}")
+    return cls(**params)
+
+
+def fit_threshold(errors: np.ndarray, method: str = "pot", **params: Any) -> Threshold:
+    """Fit the ``method`` policy with ``params`` on a 1-D array of validation errors."""
+    return make_policy(method, **params).fit(errors)
+
+
+def fit_thresholds_per_entity(errors_by_entity: Mapping[str, np.ndarray], method: str = "pot",
+                              **params: Any) -> dict[str, Threshold]:
+    """One threshold per entity, same policy for all, in the mapping's order. Parameters are checked
+    even when the mapping is empty; a bad error array raises ValueError naming its entity."""
+    policy = make_policy(method, **params)
+    out: dict[str, Threshold] = {}
+    for entity, errors in errors_by_entity.items():
+        try:
+            out[entity] = policy.fit(errors)
+        except ValueError as exc:
+            raise ValueError(f"entity {entity!r}: {exc}") from exc
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Generalized Pareto tail
+
+
+def gpd_excess_quantile(gamma: float, sigma: float, ratio: float) -> float:
+    """The excess over t with tail probability ``ratio`` (= risk·n/N_t) under GPD(γ, σ)."""
+    log_ratio = math.log(ratio)
+    if abs(gamma) < GAMMA_ZERO:
+        return -sigma * log_ratio
+    return sigma / gamma * math.expm1(-gamma * log_ratio)
+
+
+# Grid over u = θ·max(y) for the profile likelihood (θ = γ/σ, Grimshaw's reduction). Negative u is
+# bounded by −1 (1 + θy > 0); fine near both 0 and −1, where optima sit for light/bounded tails.
+_U_GRID = np.unique(np.concatenate([
+    -np.logspace(-6, 0, 121)[:-1],            # −1e-6 .. −0.89
+    -1.0 + np.logspace(-12, -1, 45),          # −(1 − 1e-12) .. −0.9
+    [0.0],                                    # exponential
+    np.logspace(-6, 8, 281),                  # 1e-6 .. 1e8 (very heavy tails)
+]))
+
+
+def _profile_loglik(u: float, y: np.ndarray, y_max: float) -> tuple[float, float, float]:
+    """(log-likelihood, γ, σ) of GPD excesses ``y`` maximised over σ for θ = u / y_max.
+
+    For fixed θ the MLE of γ is mean(log(1 + θy)) and σ = γ/θ, leaving
+    ℓ(θ) = −N·ln σ − N·(1 + γ). u = 0 is the exponential limit (γ = 0, σ = mean y).
+    """
+    n = y.size
+    if u == 0.0:
+        sigma = float(y.mean())
+        return -n * math.log(sigma) - n, 0.0, sigma
+    theta = u / y_max
+    gamma = float(np.log1p(theta * y).mean())
+    sigma = gamma / theta
+    if not (math.isfinite(gamma) and gamma >= GAMMA_MIN and sigma > 0 and math.isfinite(sigma)):
+        return -math.inf, gamma, sigma
+    return -n * math.log(sigma) - n * (1.0 + gamma), gamma, sigma
+
+
+def gpd_fit(peaks: np.ndarray) -> tuple[float, float, float]:
+    """Fit GPD(γ, σ), location 0, to positive excesses. Returns (γ, σ, how) with ``how`` one of
+    ``GPD_FIT_METHODS``.
+
+    Maximum likelihood by Grimshaw's reduction to one variable θ = γ/σ (as SPOT does): the profile
+    likelihood is scanned on a fixed grid, then refined between the best point's neighbours, so the
+    fit is deterministic and finds the global optimum rather than a local root. Restricted to
+    γ >= −1. If that fails, method of moments; if that fails too (e.g. all excesses equal),
+    exponential.
+    """
+    y = np.asarray(peaks, dtype=np.float64)
+    y_max = float(y.max())
+    if y.size >= 2 and y_max > 0:
+        scores = [_profile_loglik(float(u), y, y_max)[0] for u in _U_GRID]
+        best = int(np.argmax(scores))
+        if math.isfinite(scores[best]):
+            best_u, best_ll = float(_U_GRID[best]), scores[best]
+            lo, hi = _U_GRID[max(best - 1, 0)], _U_GRID[min(best + 1, _U_GRID.size - 1)]
+            if hi > lo:
+                res = minimize_scalar(lambda u: -_profile_loglik(u, y, y_max)[0], bounds=(lo, hi),
+                                      method="bounded", options={"xatol": (hi - lo) * 1e-6})
+                if res.success and -res.fun > best_ll:
+                    best_u = float(res.x)
+            ll, gamma, sigma = _profile_loglik(best_u, y, y_max)
+            if math.isfinite(ll):
+                return gamma, sigma, GPD_MLE
+    mean = float(y.mean())
+    var = float(y.var(ddof=1)) if y.size >= 2 else 0.0
+    if var > 0 and mean > 0:
+        ratio = mean * mean / var
+        gamma, sigma = 0.5 * (1.0 - ratio), 0.5 * mean * (ratio + 1.0)
+        if math.isfinite(gamma) and math.isfinite(sigma) and sigma > 0:
+            return gamma, sigma, GPD_MOMENTS
+    return 0.0, max(mean, np.finfo(float).tiny), GPD_EXPONENTIAL

@@ -1,0 +1,165 @@
+"""MLflow tracking adapter: where runs go, and how a training run is logged (parameters, per-epoch
+losses, data range, threshold, metrics, figures). With ``registry.py`` the only importers of mlflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from anomaly.errors import RegistryError
+from anomaly.training import EpochStats
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # SQLAlchemy 2.1 warns about mlflow's use of noload() on every store open (DESIGN.md §5).
+    warnings.filterwarnings("ignore", message=".*noload.*")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def configure(tracking_uri: str, registry_uri: str | None = None) -> None:
+    """Point mlflow at the store; a local SQLite file gets its folder created first."""
+    _quiet_mlflow()
+    import mlflow
+
+    for uri in (tracking_uri, registry_uri):
+        if uri and uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(registry_uri or tracking_uri)
+
+
+def artifact_uri(location: str) -> str:
+    """A local path becomes an absolute file URI; a URI (s3://, file://, ...) is kept as is."""
+    if "://" in location:
+        return location
+    path = Path(location).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path.as_uri()
+
+
+def ensure_experiment(name: str, artifact_location: str) -> str:
+    """The experiment's id, creating it (with its artifact root) when it does not exist."""
+    import mlflow
+
+    try:
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_uri(artifact_location))
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        return exp_id
+    except Exception as exc:  # mlflow raises many types; the caller needs one
+        raise RegistryError(f"cannot open experiment {name!r} at {mlflow.get_tracking_uri()}: {exc}") from exc
+
+
+class MlflowEpochLogger:
+    """Training callback: logs losses and speed per epoch to the active run."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        import mlflow
+
+        mlflow.log_metrics({f"{self.prefix}train_loss": stats.train_loss, f"{self.prefix}val_loss": stats.val_loss,
+                            f"{self.prefix}windows_per_s": stats.windows_per_s}, step=stats.epoch)
+
+
+def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
+    """Parameters as MLflow wants them: flat, string-valued, prefixed by section."""
+    return {f"{prefix}.{k}": ("" if v is None else str(v))[:6000] for k, v in values.items()}
+
+
+def log_figure(fig: Any, name: str) -> None:
+    import mlflow
+
+    from anomaly.plots import close
+
+    mlflow.log_figure(fig, f"plots/{name}")
+    close(fig)
+
+
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of ``metrics`` (MLflow rejects None and NaN)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value == value and abs(value) != float("inf"):
+            out[key] = float(value)
+    return out
+
+
+class Run:
+    """An MLflow run as a context manager; ``log_*`` write to it. Failure marks the run FAILED."""
+
+    def __init__(self, experiment: str, artifact_location: str, run_name: str | None = None,
+                 tags: Mapping[str, Any] | None = None) -> None:
+        self.experiment, self.artifact_location = experiment, artifact_location
+        self.run_name, self.tags = run_name, {k: str(v) for k, v in (tags or {}).items()}
+        self.run_id: str | None = None
+
+    def __enter__(self) -> "Run":
+        import mlflow
+
+        ensure_experiment(self.experiment, self.artifact_location)
+        active = mlflow.start_run(run_name=self.run_name, tags=self.tags)
+        self.run_id = active.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import mlflow
+
+        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_params(dict(params))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import mlflow
+
+        clean = finite_metrics(metrics)
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
+    def log_dict(self, data: Any, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+    def log_figure(self, fig: Any, name: str) -> None:
+        log_figure(fig, name)
+
+    def log_artifact(self, path: str | Path) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path))
+
+
+def code_version() -> str:
+    """The package version plus the git commit when running from a checkout."""
+    import subprocess
+
+    from anomaly import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__

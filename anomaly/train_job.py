@@ -1,0 +1,126 @@
+"""The training job shared by ``anomaly train``, ``pipelines/train.py`` and retraining: prepared
+data -> fitted detector -> an MLflow run with parameters, per-epoch losses, data range, threshold,
+figures -> a registered model version (optionally promoted to ``@champion``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from anomaly import plots, registry, tracking
+from anomaly.config import Settings
+from anomaly.detector import Detector, fit_detector
+from anomaly.preparation import Prepared
+from anomaly.training import TrainConfig, TrainResult
+from anomaly.windowing import rows_from_windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    detector: Detector
+    result: TrainResult
+    run_id: str
+    model_uri: str
+    version: str | None
+    promoted: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
+    t = settings.training
+    return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                       weight_decay=t.weight_decay, validation_fraction=t.validation_fraction,
+                       patience=t.patience, seed=t.seed, device=t.device, mixed_precision=t.mixed_precision,
+                       progress=progress)
+
+
+def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = True,
+        progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+    """Fit a detector on prepared data with the settings' model, training and threshold sections."""
+    th = settings.threshold
+    detector, result, val_scores = fit_detector(
+        prepared.values, prepared.sensors, settings.model.model_params(), train_config(settings, progress),
+        threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,
+        stride=settings.training.stride, callbacks=callbacks, period_s=prepared.period_s, progress_desc=progress_desc)
+    if th.scale != 1.0:
+        detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
+                                                      {**detector.threshold.params, "scale": th.scale})
+    return detector, result, val_scores
+
+
+def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",
+                 register: bool = True, promote: bool = False, alias: str | None = None,
+                 extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
+                 progress: bool = True) -> TrainOutcome:
+    """Train, log everything to MLflow, register a version; ``promote`` moves ``@champion`` to it,
+    ``alias`` sets another alias (e.g. ``challenger``) instead."""
+    ml = settings.mlflow
+    tracking.configure(ml.tracking_uri, ml.registry_uri)
+    start, end = prepared.timestamps[0], prepared.timestamps[-1]
+    data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
+                 "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version()}
+    data_tags.update(extra_tags or {})
+    with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
+        run.log_params({**tracking.flat_params("model", asdict(settings.model)),
+                        **tracking.flat_params("training", asdict(settings.training)),
+                        **tracking.flat_params("threshold", asdict(settings.threshold)),
+                        **tracking.flat_params("data", {k: v for k, v in asdict(settings.data).items()}),
+                        "data.n_sensors": str(len(prepared.sensors))})
+        run.log_dict(prepared.report(), "data_report.json")
+        detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
+                                           progress=progress)
+        detector.meta = {"dataset": dataset, "source": source, "data_start": start.isoformat(),
+                         "data_end": end.isoformat(), "rows": len(prepared.values), "run_id": run.run_id,
+                         "dropped_sensors": prepared.dropped, **result.summary()}
+        metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+                   "threshold": detector.threshold.value, "train_seconds": result.seconds,
+                   "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
+                   "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
+        run.log_metrics(metrics)
+        run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
+        run.log_dict(detector.threshold.to_dict(), "threshold.json")
+        _log_figures(run, detector, result, val_scores, prepared)
+        model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
+        version = None
+        promoted = False
+        if register:
+            version = registry.register(model_uri, ml.model_name, tags=data_tags,
+                                        description=f"LSTM autoencoder on {dataset} ({source}), "
+                                                    f"{start.isoformat()} .. {end.isoformat()}")
+            if alias:
+                registry.promote(ml.model_name, version, alias, reason="set at training")
+            if promote:
+                registry.promote(ml.model_name, version, ml.champion_alias, reason="promoted at training (--promote)")
+                promoted = True
+        log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
+                 detector.threshold.value, detector.threshold.method,
+                 f"{ml.model_name} v{version}" if version else "no")
+        return TrainOutcome(detector, result, run.run_id or "", model_uri, version, promoted, metrics)
+
+
+def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val_scores: np.ndarray,
+                 prepared: Prepared) -> None:
+    run.log_figure(plots.loss_curves([h.train_loss for h in result.history], [h.val_loss for h in result.history],
+                                     result.best_epoch), "loss_curves.png")
+    run.log_figure(plots.error_distribution(val_scores, detector.threshold.value, method=detector.threshold.method),
+                   "error_distribution.png")
+    # Overlay on the validation tail of the training series: what "normal" reconstruction looks like.
+    tail = min(len(prepared.values), max(detector.window_size * 20, 2000))
+    values = prepared.values[-tail:]
+    scored = detector.score_values(values)
+    n = len(values)
+    scores = rows_from_windows(scored.scores, n, detector.window_size)
+    expected = rows_from_windows(scored.expected, n, detector.window_size)
+    flags = np.nan_to_num(scores, nan=-np.inf) > detector.threshold.value
+    run.log_figure(plots.anomaly_overlay(np.asarray(prepared.timestamps[-tail:]), values, detector.sensors, scores,
+                                         detector.threshold.value, flags=flags, expected=expected),
+                   "validation_overlay.png")
+
+

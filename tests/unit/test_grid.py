@@ -1,0 +1,173 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.errors import ConfigError, DataError
+from anomaly.grid import SensorIssue, infer_period, sensor_quality, to_grid, usable_sensors
+
+T0 = pd.Timestamp("2024-01-01 00:00:00", tz="UTC")
+NAN = np.nan
+
+
+def _frame(seconds, **columns):
+    index = pd.DatetimeIndex([T0 + pd.Timedelta(seconds=s) for s in seconds], name="ts")
+    return pd.DataFrame({k: np.asarray(v, dtype=float) for k, v in columns.items()}, index=index)
+
+
+def _grid_index(n, step_s=1.0):
+    return pd.DatetimeIndex([T0 + pd.Timedelta(seconds=step_s * i) for i in range(n)], name="ts")
+
+
+# --- infer_period --------------------------------------------------------------------------------
+
+def test_infer_period_is_median_positive_gap():
+    index = _frame([0, 1, 1, 2, 3, 10], x=range(6)).index  # gaps 1, 0, 1, 1, 7 -> positive median 1
+    assert infer_period(index) == pd.Timedelta(seconds=1)
+    assert infer_period(index[::-1]) == pd.Timedelta(seconds=1)  # order does not matter
+
+
+def test_infer_period_needs_two_rows_and_two_times():
+    with pytest.raises(DataError):
+        infer_period(_frame([0], x=[1]).index)
+    with pytest.raises(DataError):
+        infer_period(_frame([5, 5], x=[1, 2]).index)
+
+
+# --- to_grid: snapping, duplicates, order --------------------------------------------------------
+
+def test_regular_input_is_unchanged():
+    frame = _frame([0, 1, 2], a=[1, 2, 3], b=[4, 5, 6])
+    g = to_grid(frame)
+    assert g.period == pd.Timedelta(seconds=1)
+    pd.testing.assert_frame_equal(g.frame, frame, check_freq=False)
+    assert not g.missing.to_numpy().any()
+    assert g.frame.index.name == "ts" and str(g.frame.index.tz) == "UTC"
+
+
+def test_jitter_snaps_to_nearest_slot_and_half_way_goes_later():
+    frame = _frame([0, 1.2, 1.5, 2.9], x=[10, 11, 12, 13])
+    g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="none")
+    # slots 0:0.0  1:1.2  2:1.5 (half-way -> later)  3:2.9
+    assert g.frame.index.equals(_grid_index(4))
+    np.testing.assert_array_equal(g.frame["x"], [10, 11, 12, 13])
+
+
+def test_duplicates_and_out_of_order_last_reading_wins():
+    # rows: t=2 (a=1), t=0 (a=5), t=2 (a=2, later row, same time), t=0.9 (a=7, lands in slot 1)
+    frame = _frame([2, 0, 2, 0.9], a=[1, 5, 2, 7])
+    g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="none")
+    np.testing.assert_array_equal(g.frame["a"], [5, 7, 2])
+    # in one slot the latest timestamp wins, whatever the row order
+    frame = _frame([1.1, 0.9], a=[1, 2])
+    g = to_grid(frame, period=pd.Timedelta(seconds=1))
+    np.testing.assert_array_equal(g.frame["a"], [1])  # one slot; t=1.1 is later than t=0.9
+
+
+def test_nan_does_not_overwrite_an_observed_value_in_a_slot():
+    frame = _frame([0, 0, 1], a=[1, NAN, 3], b=[NAN, 2, 4])
+    g = to_grid(frame, fill="none")
+    np.testing.assert_array_equal(g.frame["a"], [1, 3])
+    np.testing.assert_array_equal(g.frame["b"], [2, 4])
+    assert not g.missing.to_numpy().any()
+
+
+def test_input_is_not_modified():
+    frame = _frame([0, 2], a=[1, 3])
+    before = frame.copy()
+    to_grid(frame, period=pd.Timedelta(seconds=1), fill="linear")
+    pd.testing.assert_frame_equal(frame, before)
+
+
+# --- to_grid: fill policies ----------------------------------------------------------------------
+
+GAPPY = dict(seconds=[0, 1, 4, 5], a=[NAN, 2, 8, NAN], b=[1, NAN, 4, 5])
+# on the 1 s grid (6 slots):  a = [nan, 2, -, -, 8, nan]   b = [1, nan, -, -, 4, 5]
+MISSING_A = [True, False, True, True, False, True]
+MISSING_B = [False, True, True, True, False, False]
+
+
+@pytest.mark.parametrize("fill, a, b", [
+    ("ffill", [2, 2, 2, 2, 8, 8], [1, 1, 1, 1, 4, 5]),  # leading gap of a back-filled
+    ("linear", [2, 2, 4, 6, 8, 8], [1, 1.75, 2.5, 3.25, 4, 5]),  # edges held, interior linear in time
+    ("zero", [0, 2, 0, 0, 8, 0], [1, 0, 0, 0, 4, 5]),
+    ("none", [NAN, 2, NAN, NAN, 8, NAN], [1, NAN, NAN, NAN, 4, 5]),
+])
+def test_fill_policies(fill, a, b):
+    seconds = GAPPY["seconds"]
+    g = to_grid(_frame(seconds, a=GAPPY["a"], b=GAPPY["b"]), fill=fill)
+    assert g.frame.index.equals(_grid_index(6))
+    np.testing.assert_array_equal(g.frame["a"], a)
+    np.testing.assert_array_equal(g.frame["b"], b)
+    np.testing.assert_array_equal(g.missing["a"], MISSING_A)  # the mask does not depend on the policy
+    np.testing.assert_array_equal(g.missing["b"], MISSING_B)
+    assert g.missing.dtypes.eq(bool).all()
+
+
+def test_max_fill_steps_leaves_long_gaps_entirely_unfilled():
+    frame = _frame([0, 2, 6], x=[1, 3, 7])  # gaps: one slot (1), three slots (3, 4, 5)
+    g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="ffill", max_fill_steps=2)
+    np.testing.assert_array_equal(g.frame["x"], [1, 1, 3, NAN, NAN, NAN, 7])
+    g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="linear", max_fill_steps=3)
+    np.testing.assert_array_equal(g.frame["x"], [1, 2, 3, 4, 5, 6, 7])
+    g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="zero", max_fill_steps=0)
+    np.testing.assert_array_equal(g.frame["x"], [1, NAN, 3, NAN, NAN, NAN, 7])
+    np.testing.assert_array_equal(g.missing["x"], [False, True, False, True, True, True, False])
+
+
+def test_unknown_fill_is_a_config_error():
+    with pytest.raises(ConfigError) as info:
+        to_grid(_frame([0, 1], x=[1, 2]), fill="cubic")
+    assert info.value.field == "data.fill"
+
+
+def test_bad_inputs_are_data_errors():
+    with pytest.raises(DataError):
+        to_grid(pd.DataFrame({"x": [1.0, 2.0]}))  # no DatetimeIndex
+    with pytest.raises(DataError):
+        to_grid(_frame([], x=[]))
+    frame = _frame([0, 1], x=[1, 2])
+    frame["entity"] = ["a", "b"]
+    with pytest.raises(DataError, match="'entity'"):
+        to_grid(frame)
+    with pytest.raises(ConfigError):
+        to_grid(_frame([0, 1], x=[1, 2]), period=pd.Timedelta(0))
+
+
+def test_stray_timestamp_does_not_allocate_a_huge_grid():
+    frame = _frame([0, 1, 10 ** 9], x=[1, 2, 3])  # ~32 years at 1 s
+    with pytest.raises(DataError, match="slots"):
+        to_grid(frame, period=pd.Timedelta(seconds=1))
+
+
+# --- sensor_quality ------------------------------------------------------------------------------
+
+def test_sensor_quality_kinds_and_usable_sensors():
+    n = 10
+    frame = _frame(range(n),
+                   good=np.arange(n),
+                   const=[3.0] * n,
+                   flat=1000.0 + np.r_[0, 1e-7].repeat(5),
+                   holey=[1, 2, 3, 4] + [NAN] * 6,
+                   zero_mean=np.r_[-1e-12, 1e-12].repeat(5))  # tiny but not flat: relative to its own scale
+    issues = sensor_quality(frame)
+    assert [(i.sensor, i.kind) for i in issues] == [("const", "constant"), ("flat", "flat"),
+                                                     ("holey", "mostly_missing")]
+    assert all(isinstance(i, SensorIssue) and i.detail for i in issues)
+    assert usable_sensors(frame, issues) == ["good", "zero_mean"]
+
+
+def test_sensor_quality_judges_observed_values_only():
+    grid = to_grid(_frame([0, 5, 9], x=[1, 1, 2], y=[4, 4, 4]), period=pd.Timedelta(seconds=1))
+    issues = sensor_quality(grid.frame, grid.missing)  # 7 of 10 slots filled
+    kinds = {(i.sensor, i.kind) for i in issues}
+    assert kinds == {("x", "mostly_missing"), ("y", "mostly_missing"), ("y", "constant")}
+    # without the mask, the filled frame looks complete
+    assert {(i.sensor, i.kind) for i in sensor_quality(grid.frame)} == {("y", "constant")}
+    assert sensor_quality(grid.frame, grid.missing, max_missing_fraction=0.8) == [
+        SensorIssue("y", "constant", issues[-1].detail)]
+
+
+def test_sensor_with_no_observation_is_mostly_missing():
+    frame = _frame([0, 1], x=[NAN, NAN], y=[1, 2])
+    issues = sensor_quality(frame, max_missing_fraction=1.0)
+    assert [(i.sensor, i.kind) for i in issues] == [("x", "mostly_missing")]

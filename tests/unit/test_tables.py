@@ -1,0 +1,140 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.errors import DataError
+from anomaly.tables import read_table, split_labels, write_table
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_semicolon_csv_naive_timestamps_become_utc_floats(tmp_path):
+    path = _write(tmp_path, "skab_like.csv",
+                  "datetime;Volume Flow RateRMS;Current;anomaly\n"
+                  "2020-03-09 10:14:33;32;1.5;0.0\n"
+                  "2020-03-09 10:14:34;33.5;1.25;1.0\n")
+    frame = read_table(path)
+    assert frame.index.name == "ts"
+    assert str(frame.index.tz) == "UTC"
+    assert list(frame.index) == [pd.Timestamp("2020-03-09 10:14:33", tz="UTC"), pd.Timestamp("2020-03-09 10:14:34", tz="UTC")]
+    assert list(frame.columns) == ["Volume Flow RateRMS", "Current", "anomaly"]
+    assert (frame.dtypes == np.float64).all()
+    np.testing.assert_array_equal(frame["Volume Flow RateRMS"], [32.0, 33.5])
+
+
+def test_rfc3339_offsets_are_converted_to_utc(tmp_path):
+    path = _write(tmp_path, "a.csv", "ts,temp\n2026-11-21T10:00:00.250Z,1\n2026-11-21T11:00:01+01:00,2\n")
+    frame = read_table(path)
+    assert list(frame.index) == [pd.Timestamp("2026-11-21 10:00:00.250", tz="UTC"),
+                                 pd.Timestamp("2026-11-21 10:00:01", tz="UTC")]
+
+
+@pytest.mark.parametrize("values, expected", [
+    (["1700000000", "1700000001.5"], ["2023-11-14 22:13:20", "2023-11-14 22:13:21.5"]),  # seconds
+    (["1700000000000", "1700000001500"], ["2023-11-14 22:13:20", "2023-11-14 22:13:21.5"]),  # milliseconds
+])
+def test_epoch_seconds_vs_milliseconds_by_magnitude(tmp_path, values, expected):
+    path = _write(tmp_path, "e.csv", "timestamp,x\n" + "".join(f"{v},{i}\n" for i, v in enumerate(values)))
+    frame = read_table(path)
+    assert list(frame.index) == [pd.Timestamp(e, tz="UTC") for e in expected]
+
+
+def test_timestamp_autodetect_order_and_explicit_name(tmp_path):
+    path = _write(tmp_path, "t.csv", "date,Timestamp,x\n2020-01-01,2021-01-01 00:00:00,1\n")
+    frame = read_table(path, sensors=["x"])  # "timestamp" (any case) comes before "date"
+    assert frame.index[0] == pd.Timestamp("2021-01-01", tz="UTC")
+    assert list(frame.columns) == ["x"]
+    frame = read_table(path, timestamp_col="date", sensors=["x"])
+    assert frame.index[0] == pd.Timestamp("2020-01-01", tz="UTC")
+
+
+def test_non_numeric_sensor_names_file_and_column(tmp_path):
+    path = _write(tmp_path, "bad.csv", "timestamp,temp,pressure\n2020-01-01 00:00:00,1.0,high\n2020-01-01 00:00:01,2.0,1.1\n")
+    with pytest.raises(DataError, match=r"bad\.csv.*'pressure'.*'high'"):
+        read_table(path)
+
+
+def test_missing_timestamp_column_is_a_data_error(tmp_path):
+    path = _write(tmp_path, "n.csv", "when,x\n1,2\n")
+    with pytest.raises(DataError, match="no timestamp column"):
+        read_table(path)
+    with pytest.raises(DataError, match="'stamp'"):
+        read_table(path, timestamp_col="stamp")
+
+
+def test_unparseable_timestamp_is_a_data_error(tmp_path):
+    path = _write(tmp_path, "u.csv", "timestamp,x\nyesterday,2\n")
+    with pytest.raises(DataError, match="'timestamp'"):
+        read_table(path)
+
+
+def test_entity_and_sensor_selection(tmp_path):
+    path = _write(tmp_path, "e.csv", "ts,site,b,a,label\n"
+                                     "2020-01-01 00:00:00,pump-7,1,2,0\n"
+                                     "2020-01-01 00:00:00,pump-8,3,4,1\n")
+    frame = read_table(path, entity_col="site", sensors=["a"])
+    assert list(frame.columns) == ["entity", "a", "label"]
+    assert list(frame["entity"]) == ["pump-7", "pump-8"]
+    np.testing.assert_array_equal(frame["a"], [2.0, 4.0])
+    with pytest.raises(DataError, match=r"\['nope'\]"):
+        read_table(path, entity_col="site", sensors=["nope"])
+    with pytest.raises(DataError, match="'nope'"):
+        read_table(path, entity_col="nope")
+
+
+def test_empty_values_are_nan_and_inf_is_missing(tmp_path):
+    path = _write(tmp_path, "m.csv", "ts,x,y\n2020-01-01 00:00:00,,inf\n2020-01-01 00:00:01,2,3\n")
+    frame = read_table(path)
+    assert np.isnan(frame["x"].iloc[0]) and np.isnan(frame["y"].iloc[0])
+    assert frame["y"].iloc[1] == 3.0
+
+
+def test_rows_keep_file_order(tmp_path):
+    path = _write(tmp_path, "o.csv", "ts,x\n2020-01-01 00:00:02,2\n2020-01-01 00:00:01,1\n2020-01-01 00:00:02,3\n")
+    frame = read_table(path)
+    np.testing.assert_array_equal(frame["x"], [2.0, 1.0, 3.0])
+    assert frame.index[0] == frame.index[2]
+
+
+def test_split_labels():
+    index = pd.DatetimeIndex(pd.to_datetime(["2020-01-01"], utc=True), name="ts")
+    frame = pd.DataFrame({"a": [1.0], "Anomaly": [0.0], "changepoint": [1.0]}, index=index)
+    sensors, labels = split_labels(frame)
+    assert list(sensors.columns) == ["a"]
+    assert list(labels.columns) == ["Anomaly", "changepoint"]
+    sensors, labels = split_labels(frame[["a"]])
+    assert labels.shape == (1, 0)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_write_read_round_trip(tmp_path, suffix):
+    index = pd.DatetimeIndex(["2020-01-01 00:00:00", "2020-01-01 00:00:00.250", "2020-01-01 00:00:01"],
+                             name="ts").tz_localize("UTC")
+    frame = pd.DataFrame({"temp": [1.5, np.nan, -3.25], "Volume Flow RateRMS": [0.1, 0.2, 0.3]}, index=index)
+    path = tmp_path / f"t{suffix}"
+    write_table(frame, path)
+    back = read_table(path)
+    pd.testing.assert_frame_equal(back, frame, check_index_type=False, check_freq=False)
+    assert back.index.equals(frame.index)
+
+
+def test_parquet_with_naive_datetimes_and_entity(tmp_path):
+    raw = pd.DataFrame({"time": pd.to_datetime(["2020-01-01 00:00:00", "2020-01-01 00:00:01"]),
+                        "unit": ["a", "b"], "x": [1, 2]})
+    path = tmp_path / "raw.parquet"
+    raw.to_parquet(path, index=False)
+    frame = read_table(path, entity_col="unit")
+    assert frame.index[1] == pd.Timestamp("2020-01-01 00:00:01", tz="UTC")
+    assert list(frame.columns) == ["entity", "x"]
+    assert frame["x"].dtype == np.float64
+
+
+def test_unknown_suffix_and_missing_file(tmp_path):
+    with pytest.raises(DataError, match="unknown table format"):
+        read_table(_write(tmp_path, "x.xlsx", "a"))
+    with pytest.raises(DataError, match="no such file"):
+        read_table(tmp_path / "absent.csv")
