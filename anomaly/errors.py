@@ -4,7 +4,9 @@
     ├── ConfigError               a bad configuration value; ``field`` names it (e.g. ``model.window_size``)
     ├── DataError                 input data that cannot be used (unreadable file, no usable sensor, ...)
     ├── ModelError                a model that cannot be built, trained, saved or loaded
-    └── RegistryError             the MLflow tracking store / model registry refused or is unreachable
+    ├── RegistryError             the MLflow tracking store / model registry refused or is unreachable
+    ├── BrokerError               the local Kafka-protocol broker could not be started or stopped
+    └── TopicError                a Kafka topic could not be created or described
 """
 
 from __future__ import annotations
@@ -36,3 +38,11 @@ class ModelError(AnomalyError):
 
 class RegistryError(AnomalyError):
     """The MLflow tracking store or model registry failed or is unreachable."""
+
+
+class BrokerError(AnomalyError):
+    """The local Kafka-protocol broker could not be found, started or stopped."""
+
+
+class TopicError(AnomalyError):
+    """A Kafka topic could not be created or described."""

@@ -1,0 +1,355 @@
+"""The message contracts of DESIGN §2 as bytes ⇄ Python values. No I/O, no Kafka.
+
+Owns:
+- input readings (``decode_reading`` / ``encode_reading``): JSON objects
+  ``{"entity": str, "ts": RFC 3339 | epoch s | epoch ms, "values": {sensor: number | null}}``;
+- dead letters (``encode_dead_letter`` / ``decode_dead_letter``): the original bytes, where they came
+  from and why they were refused;
+- anomaly events (``encode_event`` / ``decode_event``) and their deterministic ``event_id``.
+
+Must not: read or write anything, import ``kafka``, or raise on bad input data. ``decode_reading``
+turns every malformed record into a ``BadRecord`` with a human-readable reason (it becomes a dead
+letter); only our own outputs (events, dead letters, readings we encode) raise ``DataError`` when they
+cannot be represented, because that is a bug upstream, not bad data.
+
+Timestamps. ``ts`` is read as:
+- a string: RFC 3339 with a mandatory offset (``2026-11-21T10:00:00.250Z``, ``...+02:00``), any number
+  of fractional digits; a leap second (``:60``) is read as the next second;
+- a number: epoch **seconds** when ``ts < 1e11`` (1e11 s is the year 5138) and epoch **milliseconds**
+  when ``1e11 <= ts < 1e14`` (1e11 ms is 1973-03-03, 1e14 ms is the year 5138 again). Larger numbers
+  (micro/nanoseconds) and negative ones (before 1970) are refused rather than guessed.
+The decoded ``Reading.ts`` is always float epoch seconds, UTC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from anomaly.errors import DataError
+
+MS_THRESHOLD = 1e11  # epoch numbers at or above this are milliseconds: 1e11 s is the year 5138
+MAX_EPOCH_MS = 1e14  # above this a number is probably micro/nanoseconds; refuse instead of guessing
+_REPR_LIMIT = 60  # longest quoted bad value in a reason, so dead letters stay readable
+EVENT_ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern at any event volume
+_EVENT_ID_NAMESPACE = "anomaly-event/v1"  # bump only together with a documented id change
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One decoded sensor reading.
+
+    ``ts`` is epoch seconds (UTC); ``values`` maps sensor name to a finite float, or ``None`` when the
+    sensor reported nothing (missing).
+    """
+
+    entity: str
+    ts: float
+    values: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that is not a valid reading; ``reason`` says why, for people (it goes to the DLQ)."""
+
+    reason: str
+
+
+# --- readings ------------------------------------------------------------------------------------
+
+class _NonFinite:
+    """Stands in for the JSON tokens NaN/Infinity/-Infinity, which Python's json accepts.
+
+    Returning a marker (instead of failing the whole parse) lets the reason name the field.
+    """
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __repr__(self) -> str:
+        return self.token
+
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` of a bad value for a reason string (JSON spelling for null/true/false)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def _describe(value: Any) -> str:
+    """Type and value of a bad value, e.g. ``number 7``, ``string ''``, ``null``."""
+    if value is None or isinstance(value, bool):
+        return _short(value)
+    return f"{_type_name(value)} {_short(value)}"
+
+
+def _type_name(value: Any) -> str:
+    """The JSON name of a decoded value's type, for reasons."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float, _NonFinite)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a finite float if it is a JSON number (bool is not), else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _rfc3339_seconds(text: str) -> float | str:
+    """Epoch seconds of an RFC 3339 timestamp, or the reason it is not one."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        return f"ts is not an RFC 3339 timestamp with an offset: {_short(text)}"
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    fraction, zulu, sign, off_h, off_m = match.group(7, 8, 9, 10, 11)
+    leap = second == 60  # RFC 3339 allows a leap second; datetime does not
+    try:
+        if zulu:
+            tz = timezone.utc
+        else:
+            if int(off_h) > 23 or int(off_m) > 59:
+                raise ValueError("offset out of range")
+            offset = timedelta(hours=int(off_h), minutes=int(off_m))
+            tz = timezone(-offset if sign == "-" else offset)
+        moment = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=tz)
+    except ValueError as exc:
+        return f"ts is not a valid date/time: {_short(text)} ({exc})"
+    seconds = moment.timestamp() + (1.0 if leap else 0.0)
+    if fraction:
+        seconds += float(fraction)
+    return seconds
+
+
+def _epoch_seconds(ts: Any) -> float | str:
+    """``ts`` (RFC 3339 string or epoch s/ms number) as epoch seconds, or the reason it is bad."""
+    if isinstance(ts, str):
+        seconds = _rfc3339_seconds(ts)
+        if isinstance(seconds, float) and seconds < 0:
+            return f"ts is before 1970: {_short(ts)}"
+        return seconds
+    if isinstance(ts, _NonFinite):
+        return f"ts is not finite: {ts.token}"
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return f"ts is neither an RFC 3339 string nor epoch seconds/milliseconds: {_describe(ts)}"
+    number = _finite_float(ts)
+    if number is None:
+        return f"ts is not finite: {_short(ts)}"
+    if number < 0:
+        return f"ts is negative (before 1970): {_short(ts)}"
+    if number < MS_THRESHOLD:
+        return number
+    if number < MAX_EPOCH_MS:
+        return number / 1000.0
+    return f"ts is too large for epoch seconds or milliseconds (micro/nanoseconds are not accepted): {_short(ts)}"
+
+
+def _reject_constant(token: str) -> _NonFinite:
+    return _NonFinite(token)
+
+
+def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) -> Reading | BadRecord:
+    """One input record's bytes as a ``Reading``, or a ``BadRecord`` saying why not. Never raises.
+
+    ``expected_sensors``: when given, the reading's sensor names must be exactly this set (the
+    entity's model was trained on it); the reason names the missing and the unknown ones.
+    Unknown extra top-level fields are ignored; JSON duplicate keys keep the last value, as json does.
+    """
+    if raw is None:
+        return BadRecord("empty record: the value is null (a tombstone), not a reading")
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        return BadRecord(f"record value is {type(raw).__name__}, not bytes")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return BadRecord(f"not UTF-8: invalid byte {raw[exc.start]:#04x} at position {exc.start}")
+    if not text.strip():
+        return BadRecord("empty record: no JSON in the value")
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        return BadRecord(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except (ValueError, RecursionError) as exc:  # e.g. an integer with > 4300 digits, or absurd nesting
+        return BadRecord(f"not usable JSON: {_short(str(exc))}")
+    if not isinstance(doc, dict):
+        return BadRecord(f"not a JSON object: got {_type_name(doc)}")
+
+    missing = [name for name in ("entity", "ts", "values") if name not in doc]
+    if missing:
+        return BadRecord(f"missing field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+
+    entity = doc["entity"]
+    if not isinstance(entity, str) or not entity.strip():
+        return BadRecord(f"entity is not a non-empty string: {_describe(entity)}")
+
+    ts = _epoch_seconds(doc["ts"])
+    if isinstance(ts, str):
+        return BadRecord(ts)
+
+    raw_values = doc["values"]
+    if not isinstance(raw_values, dict):
+        return BadRecord(f"values is not an object: got {_type_name(raw_values)}")
+    if not raw_values:
+        return BadRecord("values is empty: no sensor readings")
+    values: dict[str, float | None] = {}
+    for name, value in raw_values.items():
+        if not name:
+            return BadRecord("values has a sensor with an empty name")
+        if value is None:
+            values[name] = None
+            continue
+        if isinstance(value, _NonFinite):
+            return BadRecord(f"values.{name} is not finite: {value.token}")
+        number = _finite_float(value)
+        if number is None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return BadRecord(f"values.{name} is not finite: {_short(value)}")
+            return BadRecord(f"values.{name} is not a number: {_short(value)}")
+        values[name] = number
+
+    if expected_sensors is not None:
+        expected = set(expected_sensors)
+        got = set(values)
+        if got != expected:
+            parts = []
+            if expected - got:
+                parts.append(f"missing {sorted(expected - got)}")
+            if got - expected:
+                parts.append(f"unknown {sorted(got - expected)}")
+            return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}")
+
+    return Reading(entity=entity, ts=ts, values=values)
+
+
+def encode_reading(reading: Reading) -> bytes:
+    """A reading as contract JSON (for replay): ``ts`` as epoch seconds, so it round-trips exactly.
+
+    A NaN value is written as ``null`` (missing), the way pandas marks gaps; ±inf raises ``DataError``.
+    ``reading.ts`` must be epoch seconds below ``MS_THRESHOLD`` or it would be read back as ms.
+    """
+    if not math.isfinite(reading.ts) or not 0 <= reading.ts < MS_THRESHOLD:
+        raise DataError(f"reading ts must be epoch seconds in [0, {MS_THRESHOLD:.0e}), got {reading.ts!r}")
+    values: dict[str, float | None] = {}
+    for name, value in reading.values.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            values[name] = None
+        elif isinstance(value, bool) or not math.isfinite(value):
+            raise DataError(f"reading {reading.entity!r} values.{name} is not a finite number: {value!r}")
+        else:
+            values[name] = float(value)
+    doc = {"entity": reading.entity, "ts": float(reading.ts), "values": values}
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode("utf-8")
+
+
+# --- dead letters --------------------------------------------------------------------------------
+
+def encode_dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, reason: str,
+                       ts_s: float) -> bytes:
+    """A dead letter: the exact original bytes (base64), where they came from, why, and when (``ts_s``).
+
+    ``original_utf8`` is added when the bytes are valid UTF-8, so people can read them; consumers must
+    use ``original_b64`` (it is exact, even for bytes that are not text). A null value gives nulls.
+    """
+    original = None if raw is None else bytes(raw)
+    doc: dict[str, Any] = {
+        "reason": reason,
+        "source_topic": topic,
+        "source_partition": int(partition),
+        "source_offset": int(offset),
+        "ts": float(ts_s),
+        "original_b64": None if original is None else base64.b64encode(original).decode("ascii"),
+    }
+    if original is not None:
+        try:
+            doc["original_utf8"] = original.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    return _dumps_sorted(doc, what="dead letter")
+
+
+def decode_dead_letter(raw: bytes) -> dict[str, Any]:
+    """A dead letter's fields, plus ``original``: the exact original bytes (``None`` for a null value)."""
+    doc = _loads_object(raw, what="dead letter")
+    b64 = doc.get("original_b64")
+    try:
+        doc["original"] = None if b64 is None else base64.b64decode(b64, validate=True)
+    except (binascii.Error, TypeError, ValueError) as exc:
+        raise DataError(f"dead letter original_b64 is not base64: {exc}") from exc
+    return doc
+
+
+# --- events --------------------------------------------------------------------------------------
+
+def encode_event(event: Mapping[str, Any]) -> bytes:
+    """An anomaly event as UTF-8 JSON with sorted keys, so the same event is always the same bytes."""
+    return _dumps_sorted(dict(event), what="event")
+
+
+def decode_event(raw: bytes) -> dict[str, Any]:
+    """An anomaly event's fields."""
+    return _loads_object(raw, what="event")
+
+
+def event_id(entity: str, model_name: str, start_ts: float) -> str:
+    """The deterministic id of the event of ``entity`` scored by ``model_name`` that starts at ``start_ts``.
+
+    Same input ⇒ same id, so a re-delivered event after a crash is a duplicate downstream, not a new
+    event. ``start_ts`` is normalised to a float (``1700000000`` and ``1700000000.0`` give one id).
+    """
+    start = float(start_ts) + 0.0  # + 0.0 folds -0.0 into 0.0
+    if not math.isfinite(start):
+        raise DataError(f"event start_ts must be finite, got {start_ts!r}")
+    canonical = json.dumps([_EVENT_ID_NAMESPACE, entity, model_name, repr(start)], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:EVENT_ID_HEX_CHARS]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _dumps_sorted(doc: Mapping[str, Any], what: str) -> bytes:
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{what} is not JSON-serialisable: {exc}") from exc
+    return text.encode("utf-8")
+
+
+def _loads_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise DataError(f"{what} is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"{what} is not a JSON object: got {_type_name(doc)}")
+    return doc

@@ -1,0 +1,275 @@
+"""The message contracts of DESIGN §2: bad records become BadRecord (never an exception), good ones
+parse, dead letters keep the exact original bytes, event ids are deterministic."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+
+import pytest
+
+from anomaly.codec import (BadRecord, Reading, decode_dead_letter, decode_event, decode_reading,
+                           encode_dead_letter, encode_event, encode_reading, event_id)
+from anomaly.errors import DataError
+
+T0 = datetime(2026, 11, 21, 10, 0, 0, 250000, tzinfo=timezone.utc).timestamp()
+
+
+def reading_json(**fields: object) -> bytes:
+    doc: dict[str, object] = {"entity": "pump-7", "ts": "2026-11-21T10:00:00.250Z",
+                              "values": {"temp": 71.2, "pressure": 1.04, "flow": None}}
+    for name, value in fields.items():
+        if value is DROP:
+            doc.pop(name)
+        else:
+            doc[name] = value
+    return json.dumps(doc).encode()
+
+
+DROP = object()
+
+
+# --- good records --------------------------------------------------------------------------------
+
+def test_contract_example_parses() -> None:
+    got = decode_reading(reading_json())
+    assert got == Reading(entity="pump-7", ts=T0, values={"temp": 71.2, "pressure": 1.04, "flow": None})
+
+
+@pytest.mark.parametrize("ts", [
+    "2026-11-21T10:00:00.250Z",
+    "2026-11-21t10:00:00.250z",
+    "2026-11-21 10:00:00.250Z",
+    "2026-11-21T12:00:00.250+02:00",
+    "2026-11-21T05:30:00.250-04:30",
+    "2026-11-21T10:00:00.250000000Z",  # nanosecond digits
+    T0,  # epoch seconds
+    T0 * 1000,  # epoch milliseconds
+    int(T0 * 1000),
+])
+def test_timestamps_in_every_accepted_form(ts: object) -> None:
+    got = decode_reading(reading_json(ts=ts))
+    assert isinstance(got, Reading), got
+    assert got.ts == pytest.approx(T0, abs=1e-6)
+
+
+def test_epoch_seconds_vs_milliseconds_by_magnitude() -> None:
+    assert decode_reading(reading_json(ts=1_700_000_000)).ts == 1_700_000_000.0
+    assert decode_reading(reading_json(ts=1_700_000_000_000)).ts == 1_700_000_000.0
+    assert decode_reading(reading_json(ts=99_999_999_999)).ts == 99_999_999_999.0  # year 5138, seconds
+    assert decode_reading(reading_json(ts=100_000_000_000)).ts == 100_000_000.0  # 1973 in ms
+    assert decode_reading(reading_json(ts=0)).ts == 0.0
+
+
+def test_rfc3339_without_fraction_and_leap_second() -> None:
+    assert decode_reading(reading_json(ts="1970-01-01T00:00:10Z")).ts == 10.0
+    assert decode_reading(reading_json(ts="2016-12-31T23:59:60Z")).ts == datetime(
+        2017, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def test_nulls_are_missing_values_and_ints_become_floats() -> None:
+    got = decode_reading(reading_json(values={"a": None, "b": 3, "c": -0.5}))
+    assert isinstance(got, Reading)
+    assert got.values == {"a": None, "b": 3.0, "c": -0.5}
+    assert isinstance(got.values["b"], float)
+
+
+def test_unknown_top_level_fields_are_ignored() -> None:
+    got = decode_reading(reading_json(site="north", extra={"x": [1, 2]}, note=float("nan")))
+    assert isinstance(got, Reading) and got.entity == "pump-7"
+
+
+def test_expected_sensors_match_in_any_order() -> None:
+    got = decode_reading(reading_json(), expected_sensors=["flow", "temp", "pressure"])
+    assert isinstance(got, Reading)
+
+
+def test_bytearray_and_memoryview_are_accepted() -> None:
+    raw = reading_json()
+    assert isinstance(decode_reading(bytearray(raw)), Reading)
+    assert isinstance(decode_reading(memoryview(raw)), Reading)
+
+
+# --- bad records ---------------------------------------------------------------------------------
+
+BAD = [
+    # (raw bytes, words the reason must contain)
+    (b"\xff\xfe{}", ["not UTF-8", "0xff", "position 0"]),
+    (b"", ["empty"]),
+    (b"   \n", ["empty"]),
+    (b"{\"entity\": ", ["not JSON"]),
+    (b"hello", ["not JSON"]),
+    (b"[1, 2]", ["not a JSON object", "array"]),
+    (b"42", ["not a JSON object", "number"]),
+    (b"null", ["not a JSON object", "null"]),
+    (b"\"text\"", ["not a JSON object", "string"]),
+    (reading_json(entity=DROP), ["missing field", "entity"]),
+    (reading_json(ts=DROP), ["missing field", "ts"]),
+    (reading_json(values=DROP), ["missing field", "values"]),
+    (reading_json(entity=DROP, ts=DROP), ["missing fields", "entity, ts"]),
+    (reading_json(entity=""), ["entity is not a non-empty string"]),
+    (reading_json(entity="  "), ["entity is not a non-empty string"]),
+    (reading_json(entity=7), ["entity is not a non-empty string", "number 7"]),
+    (reading_json(entity=None), ["entity is not a non-empty string", "null"]),
+    (reading_json(ts="yesterday"), ["ts is not an RFC 3339 timestamp", "'yesterday'"]),
+    (reading_json(ts="2026-11-21T10:00:00"), ["ts is not an RFC 3339 timestamp with an offset"]),  # naive
+    (reading_json(ts="2026-11-21"), ["ts is not an RFC 3339"]),
+    (reading_json(ts="1700000000"), ["ts is not an RFC 3339"]),  # a number as a string
+    (reading_json(ts="2026-13-01T00:00:00Z"), ["ts is not a valid date/time", "month"]),
+    (reading_json(ts="2026-02-30T00:00:00Z"), ["ts is not a valid date/time"]),
+    (reading_json(ts="2026-11-21T10:00:00+25:00"), ["ts is not a valid date/time"]),
+    (reading_json(ts="1969-12-31T23:59:59Z"), ["before 1970"]),
+    (reading_json(ts=True), ["ts is neither", "true"]),
+    (reading_json(ts=None), ["ts is neither", "null"]),
+    (reading_json(ts=[1]), ["ts is neither", "array"]),
+    (reading_json(ts=-5), ["ts is negative"]),
+    (reading_json(ts=1.7e15), ["ts is too large", "micro/nanoseconds"]),
+    (reading_json(values=[1, 2]), ["values is not an object", "array"]),
+    (reading_json(values="x"), ["values is not an object", "string"]),
+    (reading_json(values={}), ["values is empty"]),
+    (reading_json(values={"": 1.0}), ["empty name"]),
+    (reading_json(values={"temp": "abc"}), ["values.temp is not a number: 'abc'"]),
+    (reading_json(values={"temp": "71.2"}), ["values.temp is not a number: '71.2'"]),
+    (reading_json(values={"temp": True}), ["values.temp is not a number: true"]),
+    (reading_json(values={"temp": [1.0]}), ["values.temp is not a number"]),
+    (reading_json(values={"temp": {"v": 1}}), ["values.temp is not a number"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": NaN}}', ["values.temp is not finite: NaN"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": Infinity}}', ["values.temp is not finite: Infinity"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": -Infinity}}', ["values.temp is not finite: -Infinity"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": 1e999}}', ["values.temp is not finite: inf"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": 1' + b"0" * 400 + b"}}", ["values.temp is not finite"]),
+    (b'{"entity": "p", "ts": NaN, "values": {"temp": 1}}', ["ts is not finite: NaN"]),
+    (b'{"entity": "p", "ts": 1e999, "values": {"temp": 1}}', ["ts is not finite"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": 1' + b"0" * 5000 + b"}}", ["not usable JSON"]),
+    (b"[" * 100_000 + b"]" * 100_000, ["JSON"]),  # absurd nesting
+    (b"\xef\xbb\xbf" + reading_json(), ["not JSON"]),  # a UTF-8 byte-order mark
+]
+
+
+@pytest.mark.parametrize("raw, words", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_records_give_a_clear_reason(raw: bytes, words: list[str]) -> None:
+    got = decode_reading(raw)
+    assert isinstance(got, BadRecord), got
+    for word in words:
+        assert word in got.reason, (word, got.reason)
+    assert len(got.reason) < 300  # readable in a dead-letter viewer
+
+
+def test_sensor_set_mismatch_names_missing_and_unknown() -> None:
+    got = decode_reading(reading_json(values={"temp": 1.0, "vibration": 2.0}),
+                         expected_sensors={"temp", "pressure", "flow"})
+    assert isinstance(got, BadRecord)
+    assert "missing ['flow', 'pressure']" in got.reason
+    assert "unknown ['vibration']" in got.reason
+    only_missing = decode_reading(reading_json(values={"temp": 1.0}), expected_sensors=["temp", "flow"])
+    assert isinstance(only_missing, BadRecord) and "unknown" not in only_missing.reason
+
+
+def test_null_value_and_wrong_type_never_raise() -> None:
+    assert isinstance(decode_reading(None), BadRecord)  # type: ignore[arg-type]  # a Kafka tombstone
+    assert isinstance(decode_reading("{}"), BadRecord)  # type: ignore[arg-type]
+
+
+def test_long_bad_values_are_truncated_in_the_reason() -> None:
+    got = decode_reading(reading_json(values={"temp": "x" * 10_000}))
+    assert isinstance(got, BadRecord) and got.reason.endswith("...") and len(got.reason) < 120
+
+
+def test_random_bytes_and_mutations_never_raise() -> None:
+    rng = random.Random(7)
+    good = reading_json()
+    for _ in range(3000):
+        raw = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        got = decode_reading(bytes(raw), expected_sensors=["temp", "pressure", "flow"])
+        assert isinstance(got, (Reading, BadRecord))
+    for _ in range(500):
+        got = decode_reading(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+        assert isinstance(got, BadRecord)
+
+
+# --- encoding readings ---------------------------------------------------------------------------
+
+def test_encode_reading_round_trips_exactly() -> None:
+    reading = Reading(entity="pump-7", ts=1_763_719_200.123456, values={"temp": 71.2, "flow": None, "p": 0.1 + 0.2})
+    assert decode_reading(encode_reading(reading)) == reading
+
+
+def test_encode_reading_writes_nan_as_null_and_refuses_inf() -> None:
+    reading = Reading(entity="e", ts=1.0, values={"a": float("nan"), "b": 2.0})
+    assert json.loads(encode_reading(reading))["values"] == {"a": None, "b": 2.0}
+    with pytest.raises(DataError, match="values.a"):
+        encode_reading(Reading(entity="e", ts=1.0, values={"a": float("inf")}))
+    with pytest.raises(DataError, match="epoch seconds"):
+        encode_reading(Reading(entity="e", ts=1.7e12, values={"a": 1.0}))  # ms would be misread
+
+
+# --- dead letters --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe not utf-8 \x00", b'{"entity": 1}', b"", "caf\u00e9".encode()])
+def test_dead_letter_round_trip_keeps_exact_bytes(raw: bytes) -> None:
+    reason = decode_reading(raw)
+    assert isinstance(reason, BadRecord)
+    letter = encode_dead_letter(raw, "sensors", 3, 12345, reason.reason, ts_s=1_763_719_200.5)
+    doc = decode_dead_letter(letter)
+    assert doc["original"] == raw
+    assert doc["source_topic"] == "sensors" and doc["source_partition"] == 3 and doc["source_offset"] == 12345
+    assert doc["reason"] == reason.reason and doc["ts"] == 1_763_719_200.5
+    json.loads(letter.decode("utf-8"))  # the letter itself is valid UTF-8 JSON
+
+
+def test_dead_letter_has_readable_text_only_when_utf8() -> None:
+    assert decode_dead_letter(encode_dead_letter(b'{"a":1}', "t", 0, 0, "r", 0.0))["original_utf8"] == '{"a":1}'
+    assert "original_utf8" not in decode_dead_letter(encode_dead_letter(b"\xff", "t", 0, 0, "r", 0.0))
+
+
+def test_dead_letter_of_a_null_value() -> None:
+    doc = decode_dead_letter(encode_dead_letter(None, "t", 0, 7, "tombstone", 0.0))
+    assert doc["original"] is None and doc["original_b64"] is None
+
+
+def test_decode_dead_letter_refuses_garbage() -> None:
+    with pytest.raises(DataError):
+        decode_dead_letter(b"not json")
+    with pytest.raises(DataError):
+        decode_dead_letter(b'{"original_b64": "!!"}')
+
+
+# --- events --------------------------------------------------------------------------------------
+
+def test_event_bytes_are_deterministic_and_round_trip() -> None:
+    event = {"status": "open", "entity": "pump-7", "score": 3.5, "sensors": [{"name": "temp", "share": 0.9}]}
+    reordered = dict(reversed(list(event.items())))
+    assert encode_event(event) == encode_event(reordered)
+    assert decode_event(encode_event(event)) == event
+
+
+def test_encode_event_refuses_nan_and_unserialisable() -> None:
+    with pytest.raises(DataError):
+        encode_event({"score": float("nan")})
+    with pytest.raises(DataError):
+        encode_event({"when": datetime.now()})
+
+
+def test_decode_event_refuses_non_objects() -> None:
+    with pytest.raises(DataError):
+        decode_event(b"[1]")
+
+
+def test_event_ids_are_deterministic_and_distinct() -> None:
+    first = event_id("pump-7", "pumps", 1_763_719_200.25)
+    assert first == event_id("pump-7", "pumps", 1_763_719_200.25)
+    assert len(first) == 32 and int(first, 16) >= 0
+    assert event_id("pump-7", "pumps", 1_763_719_200) == event_id("pump-7", "pumps", 1_763_719_200.0)
+    others = {
+        event_id("pump-8", "pumps", 1_763_719_200.25),
+        event_id("pump-7", "fans", 1_763_719_200.25),
+        event_id("pump-7", "pumps", 1_763_719_200.5),
+        event_id("pump-7", "pumps", 1_763_719_200.250001),
+        event_id("pump-7pumps", "", 1_763_719_200.25),  # no ambiguity from concatenation
+    }
+    assert first not in others and len(others) == 5
+    with pytest.raises(DataError):
+        event_id("pump-7", "pumps", float("nan"))
