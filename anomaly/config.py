@@ -164,6 +164,42 @@ class KafkaSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """The streaming scoring worker: windows, alert shaping, model following, metrics."""
+
+    stride: int = doc("score every stride-th window per entity (1 = every reading)", 1)
+    grace_slots: int = doc("how many sampling slots late a reading may arrive and still be placed in order", 0)
+    max_fill_steps: int = doc("missing slots forward-filled inside a window; a longer gap restarts the entity's window", 5)
+    min_duration_windows: int = doc("consecutive windows above threshold before an event opens", 3)
+    recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
+    cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
+    top_sensors: int = doc("sensors listed in an event, ranked by share of reconstruction error", 3)
+    poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
+    max_poll_records: int = doc("most records per micro-batch", 2000)
+    input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
+    model_alias: str = doc("registry alias the worker serves and follows", "champion")
+    model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
+    device: str = doc("scoring device: auto (CUDA when present), cpu, cuda", "auto")
+    metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")
+    metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
+
+    def check(self) -> None:
+        for name in ("stride", "max_poll_records", "input_partitions", "min_duration_windows",
+                     "recovery_windows", "top_sensors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"worker.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("grace_slots", "max_fill_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"worker.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.poll_timeout_s <= 0 or self.poll_timeout_s > 30:
+            raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
+        if self.cooldown_s < 0:
+            raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("worker.metrics_port", f"must be -1..65535, got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration."""
 
@@ -173,6 +209,7 @@ class Settings:
     threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def check(self) -> None:
         """Per-section rules, then the rules that span sections."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -27,6 +27,7 @@ import kafka.errors as kafka_errors
 from kafka import (ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer,
                    TopicPartition)
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import OffsetAndMetadata
 
 from anomaly.errors import ConfigError, TopicError
 
@@ -305,3 +306,22 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         consumer.close(autocommit=False)
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
+
+
+def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """``{(topic, partition): next offset}`` as kafka-python's commit argument."""
+    return {TopicPartition(topic, int(partition)): OffsetAndMetadata(int(offset), "", -1)
+            for (topic, partition), offset in commits.items()}
+
+
+def rebalance_listener(on_revoked: Callable[[Any], None], on_assigned: Callable[[Any], None]) -> ConsumerRebalanceListener:
+    """A ConsumerRebalanceListener calling plain functions (so callers need not import kafka)."""
+
+    class _Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked) -> None:
+            on_revoked(revoked)
+
+        def on_partitions_assigned(self, assigned) -> None:
+            on_assigned(assigned)
+
+    return _Listener()

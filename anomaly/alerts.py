@@ -1,0 +1,215 @@
+"""Alert shaping: per-window scores in, anomaly events out, so one anomaly is one event. No I/O.
+
+Owns the per-entity state machine between window scores and the events of DESIGN §2. It reads no
+clock: time is each window's ``end_ts`` (stream time), so the same scores always give the same
+events with the same ids.
+
+Per entity, windows arrive in time order with a score and the threshold in force; a window is
+*above* when ``score > threshold`` (as ``Threshold.flags``).
+
+- **Open.** ``min_duration_windows`` consecutive windows above open an event: an ``"open"`` event is
+  emitted with ``event_id = codec.event_id(entity, model_name, start_ts)``, where ``start_ts`` is the
+  ``end_ts`` of the first window of that run. A shorter run opens nothing (its windows are forgotten
+  at the first window at or below the threshold).
+- **Close.** While open, ``recovery_windows`` consecutive windows at or below the threshold close it:
+  a ``"closed"`` event is emitted with the same id. ``end``/``end_ts`` is the end of the last window
+  above the threshold (the anomaly's extent, not the moment recovery was confirmed); ``windows`` counts
+  the scored windows from the first above to that last above, inclusive.
+- **Cooldown.** After a close, a new run above whose first window ends within ``cooldown_s`` of the
+  close (the ``end_ts`` of the window that completed recovery) re-opens the SAME event, once that run
+  too has lasted ``min_duration_windows``: an ``"open"`` event with the same id, ``start`` and peak so
+  far, and later one more ``"closed"``. Why: a flapping sensor is one incident for the people paged,
+  and downstream consumers upsert by ``event_id``, so the event's record simply reopens. A run that
+  starts after the cooldown gets a new id.
+- **Peak.** ``peak_score`` is the highest score of the event (a re-opened event keeps its earlier
+  peak if higher); ``sensors`` (the ``top_k`` sensors by share of the reconstruction error, with
+  actual and expected values), ``threshold``, ``peak_ts`` and ``model`` all describe that peak window.
+  ``sensors_detail`` is called only when a window becomes the peak of a run, so windows below the
+  threshold cost one comparison.
+
+State is one small record per entity that is in a run, open, or in cooldown; entities at rest hold
+nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from anomaly.codec import event_id
+from anomaly.errors import ConfigError
+
+OPEN = "open"
+CLOSED = "closed"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class AlertPolicy:
+    """How window scores become events (see the module docstring)."""
+
+    min_duration_windows: int = 3  # consecutive windows above the threshold before an event opens
+    recovery_windows: int = 3  # consecutive windows at/below the threshold before it closes
+    cooldown_s: float = 60.0  # a run starting within this long after a close re-opens the same event
+    top_k: int = 3  # sensors listed in an event
+
+    def __post_init__(self) -> None:
+        for name in ("min_duration_windows", "recovery_windows", "top_k"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"alerts.{name}", f"must be >= 1, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.cooldown_s) and self.cooldown_s >= 0):
+            raise ConfigError("alerts.cooldown_s", f"must be a finite number >= 0, got {self.cooldown_s!r}")
+
+
+def rfc3339(ts: float) -> str:
+    """Epoch seconds as an RFC 3339 UTC string with milliseconds, e.g. ``2026-11-21T10:00:00.250Z``."""
+    ms = round(ts * 1000)
+    moment = _EPOCH + timedelta(milliseconds=ms)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{ms % 1000:03d}Z"
+
+
+@dataclass
+class _Peak:
+    score: float
+    end_ts: float
+    threshold: float
+    model_name: str
+    model_version: str
+    sensors: list[dict[str, Any]]
+
+
+@dataclass
+class _Run:
+    """A run of consecutive windows above the threshold that has not opened an event (yet)."""
+
+    start_ts: float
+    count: int
+    peak: _Peak
+
+
+@dataclass
+class _Event:
+    """An open event, or a closed one still inside its cooldown."""
+
+    event_id: str
+    start_ts: float
+    is_open: bool
+    seen: int  # windows scored since start_ts, inclusive
+    windows: int  # ``seen`` at the last window above the threshold
+    last_above_ts: float
+    below: int  # consecutive windows at/below the threshold while open
+    closed_ts: float  # end_ts of the window that closed it (meaningful when not open)
+    peak: _Peak
+
+
+class AlertTracker:
+    """Per-entity alert state; ``update`` once per scored window, in time order per entity."""
+
+    def __init__(self, policy: AlertPolicy) -> None:
+        self.policy = policy
+        self._runs: dict[str, _Run] = {}
+        self._events: dict[str, _Event] = {}
+
+    def update(self, entity: str, end_ts: float, score: float, threshold: float,
+               sensors_detail: Callable[[], list[dict[str, Any]]], model_name: str,
+               model_version: str) -> list[dict[str, Any]]:
+        """Feed one scored window; returns the events to emit now (``[]``, one ``open`` or one ``closed``).
+
+        ``sensors_detail()`` returns the window's sensors ranked by share of the error, as dicts
+        ``{"sensor", "share", "actual", "expected"}``; it is only called when this window becomes a peak.
+        """
+        policy = self.policy
+        above = score > threshold
+        event = self._events.get(entity)
+
+        if event is not None and event.is_open:
+            event.seen += 1
+            if above:
+                event.below = 0
+                event.windows = event.seen
+                event.last_above_ts = end_ts
+                if score > event.peak.score:
+                    event.peak = _Peak(score, end_ts, threshold, model_name, model_version, sensors_detail())
+                return []
+            event.below += 1
+            if event.below < policy.recovery_windows:
+                return []
+            event.is_open = False
+            event.closed_ts = end_ts
+            return [self._render(entity, event)]
+
+        # No open event: maybe one in cooldown, maybe a run building up.
+        if event is not None:
+            event.seen += 1
+        run = self._runs.get(entity)
+        if not above:
+            if run is not None:
+                del self._runs[entity]
+            if event is not None and end_ts - event.closed_ts > policy.cooldown_s:
+                del self._events[entity]
+            return []
+        if run is None:
+            if event is not None and end_ts - event.closed_ts > policy.cooldown_s:
+                del self._events[entity]
+                event = None
+            run = self._runs[entity] = _Run(end_ts, 0, _Peak(-math.inf, end_ts, threshold, model_name,
+                                                             model_version, []))
+        run.count += 1
+        if score > run.peak.score:
+            run.peak = _Peak(score, end_ts, threshold, model_name, model_version, sensors_detail())
+        if run.count < policy.min_duration_windows:
+            return []
+        del self._runs[entity]
+        if event is not None:  # the run started within the cooldown: re-open the same event
+            event.is_open = True
+            event.below = 0
+            event.windows = event.seen
+            event.last_above_ts = end_ts
+            if run.peak.score > event.peak.score:
+                event.peak = run.peak
+        else:
+            event = self._events[entity] = _Event(
+                event_id=event_id(entity, model_name, run.start_ts), start_ts=run.start_ts, is_open=True,
+                seen=run.count, windows=run.count, last_above_ts=end_ts, below=0, closed_ts=math.nan,
+                peak=run.peak)
+        return [self._render(entity, event)]
+
+    def open_events(self) -> list[dict[str, Any]]:
+        """The events open now, as they would be emitted (status ``open``), ordered by entity."""
+        return [self._render(entity, event) for entity, event in sorted(self._events.items()) if event.is_open]
+
+    def forget(self, entity: str | None = None) -> None:
+        """Drop one entity's alert state, or everyone's (an open event then never gets its close)."""
+        if entity is None:
+            self._runs.clear()
+            self._events.clear()
+        else:
+            self._runs.pop(entity, None)
+            self._events.pop(entity, None)
+
+    @property
+    def entities(self) -> int:
+        """How many entities hold alert state (in a run, open, or in cooldown)."""
+        return len(self._runs.keys() | self._events.keys())
+
+    def _render(self, entity: str, event: _Event) -> dict[str, Any]:
+        peak = event.peak
+        closed = not event.is_open
+        return {
+            "event_id": event.event_id,
+            "entity": entity,
+            "status": CLOSED if closed else OPEN,
+            "start": rfc3339(event.start_ts),
+            "end": rfc3339(event.last_above_ts) if closed else None,
+            "start_ts": float(event.start_ts),
+            "end_ts": float(event.last_above_ts) if closed else None,
+            "peak_score": float(peak.score),
+            "peak_ts": float(peak.end_ts),
+            "threshold": float(peak.threshold),
+            "model": {"name": peak.model_name, "version": peak.model_version},
+            "sensors": [dict(item) for item in peak.sensors[: self.policy.top_k]],
+            "windows": int(event.windows),
+        }

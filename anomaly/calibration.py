@@ -1,0 +1,41 @@
+"""Raw anomaly scores turned into calibrated, drift-tolerant scores against their own recent past.
+No I/O.
+
+``anomaly_likelihood`` follows the "anomaly likelihood" of Ahmad et al. (Neurocomputing 2017, the
+method behind Numenta's NAB results): the mean of the last ``short`` scores is compared with the
+mean and spread of the ``long`` scores before them. A slow drift moves both and stays quiet; a
+sudden change stands out. Only past scores are used, so it runs the same way on a stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+Z_SCALE = 1.0  # z of 1 maps to 0.75; keeps the map strictly monotonic (no float saturation at 1.0)
+
+
+def score_z(scores: np.ndarray, short: int = 5, long: int = 500, min_history: int = 50) -> np.ndarray:
+    """z-score of the recent mean against the trailing history, per position (NaN before
+    ``min_history`` past scores exist). NaN inputs are ignored in the statistics."""
+    if short < 1 or long < 2 or min_history < 2:
+        raise ValueError("short >= 1, long >= 2 and min_history >= 2 are required")
+    s = pd.Series(np.asarray(scores, dtype=np.float64))
+    recent = s.rolling(short, min_periods=1).mean()
+    past = s.shift(short)  # history ends before the recent stretch begins
+    mean = past.rolling(long, min_periods=min_history).mean()
+    std = past.rolling(long, min_periods=min_history).std()
+    floor = np.maximum(1e-3 * mean.abs(), 1e-9)  # a flat history still has a finite spread
+    return ((recent - mean) / np.maximum(std, floor)).to_numpy()
+
+
+def z_to_unit(z: np.ndarray) -> np.ndarray:
+    """Monotonic map of z to (0, 1): 0.5 at z = 0; NaN (no history yet) maps to 0."""
+    z = np.asarray(z, dtype=np.float64) / Z_SCALE
+    out = 0.5 + 0.5 * z / (1.0 + np.abs(z))
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def anomaly_likelihood(scores: np.ndarray, short: int = 5, long: int = 500, min_history: int = 50) -> np.ndarray:
+    """Calibrated scores in [0, 1] (see module doc)."""
+    return z_to_unit(score_z(scores, short, long, min_history))

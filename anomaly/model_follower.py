@@ -1,0 +1,172 @@
+"""Follow a registry alias (``@champion`` by default) and hand the worker each newly promoted version.
+
+Owns: loading the model the alias points to at start, checking the alias at most every
+``check_interval_s``, loading a version the alias moved to (forwards or back: a rollback is followed
+too), and surviving a registry that cannot be reached or a version that will not load: the failure is
+logged and counted, ``poll`` returns ``None`` and the current model stays in use. A version that
+failed to load is retried only after an exponential back-off (2, 4, 8 ... × ``check_interval_s``,
+capped at ``MAX_BACKOFF_S``), not on every check.
+
+Must not: swap anything itself or touch Kafka. The worker calls ``poll()`` between batches and swaps
+when it returns a model (DESIGN §3: swaps only between batches, window state kept). It talks to MLflow
+only through ``anomaly.registry`` (``alias_version``, ``load_detector``), injected for tests.
+
+    follower = ModelFollower("pump", "champion", check_interval_s=30)
+    detector, version = follower.current()
+    ...                                     # between batches:
+    if (new := follower.poll()) is not None:
+        detector, version = new
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from anomaly import registry
+from anomaly.detector import Detector
+from anomaly.errors import RegistryError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECK_INTERVAL_S = 30.0  # a promotion is live within half a minute; one cheap registry call per check
+# A version that failed to load n times is retried after 2**n check intervals, at most this long:
+# artifacts are immutable, so a broken version stays broken, but an artifact-store blip heals.
+MAX_BACKOFF_S = 900.0
+MIN_BACKOFF_S = 1.0  # the back-off's unit when check_interval_s is 0 (tests, or checking every batch)
+
+Loader = Callable[[str, str], tuple[Detector, str]]
+Resolver = Callable[[str, str], str | None]
+
+
+@dataclass
+class _Failure:
+    """Back-off state of a version that failed to load."""
+
+    count: int
+    retry_at: float
+    error: str
+
+
+class ModelFollower:
+    """The model that ``model_name@alias`` points to, re-checked at most every ``check_interval_s``.
+
+    The constructor loads the current version; it raises ``RegistryError`` when the alias points
+    nowhere or its version cannot be loaded (a worker with no model must not start).
+
+    ``loader(name, version)`` returns ``(detector, version)`` (``registry.load_detector``);
+    ``resolver(name, alias)`` returns the version holding the alias or ``None`` (``registry.alias_version``,
+    which also answers ``None`` when the registry cannot be reached); ``clock`` is monotonic seconds.
+    ``on_failure(reason)``, when given, is called for each failed check or load (e.g. to count it in
+    the worker's metrics); ``failures`` counts them too.
+    """
+
+    def __init__(self, model_name: str, alias: str = "champion", check_interval_s: float = DEFAULT_CHECK_INTERVAL_S,
+                 loader: Loader = registry.load_detector, *, resolver: Resolver = registry.alias_version,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_failure: Callable[[str], None] | None = None) -> None:
+        if check_interval_s < 0:
+            raise ValueError(f"check_interval_s must be >= 0, got {check_interval_s}")
+        self.model_name, self.alias = model_name, alias
+        self.check_interval_s = float(check_interval_s)
+        self._loader, self._resolver, self._clock, self._on_failure = loader, resolver, clock, on_failure
+        self.failures = 0
+        self.swaps = 0
+        self._bad: dict[str, _Failure] = {}
+        self._unresolved = False  # the last check could not resolve the alias (logged once per outage)
+
+        try:
+            version = self._resolver(model_name, alias)
+        except Exception as exc:  # the registry adapter raises what mlflow raises
+            raise RegistryError(f"cannot resolve {self.ref}: {exc}") from exc
+        if version is None:
+            raise RegistryError(f"{self.ref} points to no version (or the registry cannot be reached): "
+                                f"promote one with `anomaly models promote VERSION`")
+        try:
+            detector, loaded = self._loader(model_name, version)
+        except Exception as exc:
+            raise RegistryError(f"cannot load {model_name} v{version} ({self.ref}): {exc}") from exc
+        self._current: tuple[Detector, str] = (detector, str(loaded))
+        self._next_check = self._clock() + self.check_interval_s
+        log.info("serving %s v%s", self.ref, loaded)
+
+    @property
+    def ref(self) -> str:
+        """``name@alias``, for messages."""
+        return f"{self.model_name}@{self.alias}"
+
+    def current(self) -> tuple[Detector, str]:
+        """The model in use and its version."""
+        return self._current
+
+    @property
+    def version(self) -> str:
+        return self._current[1]
+
+    def poll(self) -> tuple[Detector, str] | None:
+        """A newly promoted model and its version when the alias moved since the last load; else ``None``.
+
+        Cheap between checks (no registry call before ``check_interval_s`` has passed). Never raises
+        for registry or load problems: they are logged and counted, and the current model stays.
+        A load runs here, on the caller's thread (a download plus ``torch.load``: well under a second
+        for our models from a local store, seconds from a remote one; far below Kafka's 300 s
+        ``max_poll_interval_ms``). Whether the new model fits the window state (same sensors, window
+        size) is the caller's decision.
+        """
+        now = self._clock()
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.check_interval_s
+
+        try:
+            version = self._resolver(self.model_name, self.alias)
+        except Exception as exc:
+            self._fail(f"cannot check {self.ref}: {exc}; keeping v{self.version}", once=True)
+            return None
+        if version is None:
+            self._fail(f"{self.ref} resolves to no version (alias removed, or registry unreachable); "
+                       f"keeping v{self.version}", once=True)
+            return None
+        if self._unresolved:
+            log.info("%s resolves again (v%s)", self.ref, version)
+            self._unresolved = False
+        version = str(version)
+        if version == self.version:
+            return None
+
+        bad = self._bad.get(version)
+        if bad is not None and now < bad.retry_at:
+            log.debug("%s -> v%s failed to load %d time(s); next try in %.0f s", self.ref, version, bad.count,
+                      bad.retry_at - now)
+            return None
+        try:
+            detector, loaded = self._loader(self.model_name, version)
+        except Exception as exc:
+            count = 1 if bad is None else bad.count + 1
+            backoff = min(MAX_BACKOFF_S, max(self.check_interval_s, MIN_BACKOFF_S) * 2 ** count)
+            self._bad[version] = _Failure(count, self._clock() + backoff, str(exc))
+            self._fail(f"{self.ref} moved to v{version}, which failed to load (attempt {count}, next in "
+                       f"{backoff:.0f} s): {exc}; keeping v{self.version}")
+            return None
+        self._bad.pop(version, None)
+        previous = self.version
+        self._current = (detector, str(loaded))
+        self.swaps += 1
+        log.info("%s moved v%s -> v%s; new model loaded", self.ref, previous, loaded)
+        return self._current
+
+    def _fail(self, reason: str, once: bool = False) -> None:
+        """Count a failure and log it (an unresolvable alias is logged as a warning once per outage)."""
+        self.failures += 1
+        if once and self._unresolved:
+            log.debug("%s", reason)
+        else:
+            log.warning("%s", reason)
+        self._unresolved = once
+        if self._on_failure is not None:
+            try:
+                self._on_failure(reason)
+            except Exception:  # a metrics hook must never take the worker down
+                log.exception("on_failure hook raised")

@@ -1,0 +1,296 @@
+"""The pure batch step of the streaming worker (DESIGN §3). No I/O: no Kafka, no MLflow, no clock.
+
+``ScoringStep.process(records, now_s)`` takes one polled micro-batch and returns everything the
+worker must do with it:
+
+    decode (bad ⇒ dead letter) → per-entity window buffers (``window_state``) → every ready window of
+    every entity stacked into ONE batched forward pass → scores and per-sensor errors → alert shaping
+    (``alerts``) → events, dead letters, optional score records, and the offsets that may be
+    committed once those outputs are delivered.
+
+It never raises for bad records: each becomes a dead letter carrying the original bytes (undecodable,
+not a reading, a sensor set that does not match the model's). The record key is not trusted for the
+entity; the reading's ``entity`` field is. A failure of the model itself does raise; the step's state
+is then undefined, so the caller commits nothing and restarts from the committed offsets (or calls
+``reset()`` and seeks back). ``now_s`` is only used for latencies and dead-letter timestamps, so the
+same records always give byte-identical events.
+
+Entities silent for ``idle_timeout_s`` of stream time (their partition's newest reading, not a clock)
+lose their window buffers, so they stop holding the partition's commit back; their alert state stays,
+so an open event of an entity that went silent stays open until it scores below threshold again.
+
+``ScoringModel`` is the seam to the network: ``DetectorModel`` wraps a trained ``Detector``; tests use a
+numpy fake. The worker swaps models between batches with ``swap_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
+from anomaly.codec import BadRecord, decode_reading, encode_dead_letter, encode_event
+from anomaly.detector import Detector
+from anomaly.errors import ModelError
+from anomaly.scoring import SCORE_BATCH, sensor_contributions
+from anomaly.window_state import DUPLICATE, LATE, RESET, ReadyWindow, WindowPolicy, WindowStore
+
+COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
+              "events_closed", "accepted", "evicted", "nonfinite_scores")
+IDLE_TIMEOUT_S = 3600.0  # stream time after which a silent entity is dropped: it would pin its partition's commit
+# Scaled value that stands for "typical" when a missing sensor has no earlier reading: the centre of
+# a standard/robust scaler, the middle of a minmax one (whose centre is the training minimum).
+_TYPICAL_SCALED = {"standard": 0.0, "robust": 0.0, "minmax": 0.5}
+
+
+@runtime_checkable
+class ScoringModel(Protocol):
+    """What the step needs from a model. ``score`` takes windows (N, W, F) in original units, sensors
+    in ``sensors`` order, and returns scores (N,), per-sensor errors (N, F) and the expected
+    (reconstructed) last-step values (N, F) in original units."""
+
+    name: str
+    version: str
+    sensors: tuple[str, ...]
+    window_size: int
+    period_s: float
+    threshold: float
+    fill_values: tuple[float, ...]
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+class DetectorModel:
+    """A trained ``Detector`` as a ``ScoringModel``: one ``score`` call is one batched pass (split
+    into chunks of ``batch_size`` windows only to bound device memory)."""
+
+    def __init__(self, detector: Detector, name: str, version: str, device: str | torch.device = "cpu",
+                 batch_size: int = SCORE_BATCH) -> None:
+        self.detector = detector
+        self.name = name
+        self.version = str(version)
+        self.device = device
+        self.batch_size = batch_size
+        self.sensors: tuple[str, ...] = tuple(detector.sensors)
+        self.window_size: int = int(detector.window_size)
+        # A model saved without a period was trained on rows: one row per second is the convention.
+        self.period_s: float = float(detector.period_s) if detector.period_s else 1.0
+        self.threshold: float = float(detector.threshold.value)
+        scaler = detector.scaler
+        typical = _TYPICAL_SCALED.get(scaler.method, 0.0)
+        self.fill_values: tuple[float, ...] = tuple(
+            float(v) for v in scaler.inverse(np.full(len(self.sensors), typical)))
+        detector.model.to(device)
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        windows = np.asarray(windows, dtype=np.float64)  # (N, W, F) original units
+        n, f = len(windows), len(self.sensors)
+        if n == 0:
+            return np.empty(0), np.empty((0, f)), np.empty((0, f))
+        scaled = self.detector.scaler.transform(windows)  # (N, W, F) float32
+        scored = self.detector.score_windows(scaled, windows[:, -1, :], np.arange(n), self.device, self.batch_size)
+        return (np.asarray(scored.scores, dtype=np.float64), np.asarray(scored.sensor_errors, dtype=np.float64),
+                np.asarray(scored.expected, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One consumed record, as the Kafka adapter hands it over."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass
+class BatchOutput:
+    """What one batch produced; the worker produces, flushes, then commits ``commits``."""
+
+    events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, encode_event(...))
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (original key, dead letter)
+    scores: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, score record), when enabled
+    commits: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
+    latencies_s: list[float] = field(default_factory=list)  # now_s - end_ts per scored window
+
+
+def _compatible(a: ScoringModel, b: ScoringModel) -> bool:
+    """Whether window buffers built for ``a`` are valid input for ``b``."""
+    return (tuple(a.sensors) == tuple(b.sensors) and int(a.window_size) == int(b.window_size)
+            and float(a.period_s) == float(b.period_s))
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class ScoringStep:
+    """The worker's batch step. ``window_policy``'s ``window_size`` and ``period_s`` are replaced by
+    the model's (the grid is the model's); its stride, grace and fill settings are kept."""
+
+    def __init__(self, model: ScoringModel, window_policy: WindowPolicy, alert_policy: AlertPolicy,
+                 emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S) -> None:
+        self._model = model
+        self._base_policy = window_policy
+        self.alert_policy = alert_policy
+        self.emit_scores = emit_scores
+        self.idle_timeout_s = idle_timeout_s
+        self._alerts = AlertTracker(alert_policy)
+        self._streams: dict[tuple[str, int], int] = {}  # (topic, partition) -> WindowStore partition id
+        self._stream_keys: list[tuple[str, int]] = []
+        self._store = self._new_store(model)
+
+    # --- model --------------------------------------------------------------------------------
+    @property
+    def model(self) -> ScoringModel:
+        return self._model
+
+    @property
+    def window_policy(self) -> WindowPolicy:
+        return self._store.policy
+
+    @property
+    def windows(self) -> WindowStore:
+        """The window buffers (for inspection and rebalance handling)."""
+        return self._store
+
+    @property
+    def alerts(self) -> AlertTracker:
+        return self._alerts
+
+    def _new_store(self, model: ScoringModel) -> WindowStore:
+        policy = replace(self._base_policy, window_size=int(model.window_size), period_s=float(model.period_s))
+        if len(model.fill_values) != len(model.sensors):
+            raise ModelError(f"model {model.name} v{model.version}: {len(model.fill_values)} fill values "
+                             f"for {len(model.sensors)} sensors")
+        self._expected_sensors = frozenset(model.sensors)
+        return WindowStore(policy, model.sensors, model.fill_values)
+
+    def swap_model(self, model: ScoringModel) -> bool:
+        """Use ``model`` from the next batch on. Window buffers are kept when its sensors, window size and
+        period match the current model's, else they restart empty; open events are kept either way
+        (their ids do not depend on the version). Returns whether the window buffers were kept."""
+        kept = _compatible(self._model, model)
+        if kept:
+            self._store.set_fill_values(model.fill_values)  # buffers kept; only future fills change
+            self._expected_sensors = frozenset(model.sensors)
+        else:
+            self._store = self._new_store(model)
+        self._model = model
+        return kept
+
+    def reset(self) -> None:
+        """Forget every window buffer and alert state (after a failed batch, before seeking back)."""
+        self._store.reset()
+        self._alerts.forget()
+
+    def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
+        """Drop the window state of entities last seen on these (revoked) partitions; returns how many."""
+        ids = [self._streams[tp] for tp in partitions if tp in self._streams]
+        return self._store.forget_partitions(ids)
+
+    # --- the batch ----------------------------------------------------------------------------
+    def process(self, records: Sequence[InputRecord], now_s: float) -> BatchOutput:
+        """One micro-batch in, every output and commit position out (see the module docstring)."""
+        store = self._store
+        out = BatchOutput()
+        counts = out.counts
+        last: dict[int, int] = {}
+        for record in records:
+            counts["consumed"] += 1
+            stream = self._stream_id(record.topic, record.partition)
+            if record.offset > last.get(stream, -1):
+                last[stream] = record.offset
+            raw = record.value
+            if raw is not None and not isinstance(raw, (bytes, bytearray, memoryview)):
+                raw = str(raw).encode("utf-8")  # adapters hand over bytes; never crash on a stray str
+            reading = decode_reading(raw, self._expected_sensors)  # type: ignore[arg-type]  # None is a reason too
+            if isinstance(reading, BadRecord):
+                out.dead_letters.append((record.key, encode_dead_letter(
+                    raw, record.topic, record.partition, record.offset, reading.reason, now_s)))
+                continue
+            outcome = store.add(reading.entity, reading, stream, record.offset)
+            if outcome == DUPLICATE:
+                counts["duplicates"] += 1
+            elif outcome == LATE:
+                counts["late"] += 1
+            else:
+                counts["accepted"] += 1
+                if outcome == RESET:
+                    counts["resets"] += 1
+        counts["dead_letters"] = len(out.dead_letters)
+        if self.idle_timeout_s is not None:
+            counts["evicted"] = store.evict_idle(math.ceil(self.idle_timeout_s / store.policy.period_s))
+
+        ready = store.ready()
+        if ready:
+            self._score(ready, now_s, out)
+        for stream, offset in store.commit_offsets(last).items():
+            out.commits[self._stream_keys[stream]] = offset
+        return out
+
+    def _stream_id(self, topic: str, partition: int) -> int:
+        key = (topic, int(partition))
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = len(self._stream_keys)
+            self._stream_keys.append(key)
+        return stream
+
+    def _score(self, ready: list[ReadyWindow], now_s: float, out: BatchOutput) -> None:
+        model = self._model
+        stack = np.stack([window.values for window in ready])  # (N, W, F) original units
+        scores, errors, expected = model.score(stack)  # the one forward pass of this batch
+        scores = np.asarray(scores, dtype=np.float64)
+        errors = np.asarray(errors, dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        n, f = len(ready), stack.shape[2]
+        if scores.shape != (n,) or errors.shape != (n, f) or expected.shape != (n, f):
+            raise ModelError(f"model {model.name} v{model.version} returned shapes {scores.shape}, {errors.shape}, "
+                             f"{expected.shape} for {n} windows of {f} sensors")
+        counts, sensors, threshold = out.counts, model.sensors, float(model.threshold)
+        name, version = model.name, model.version
+        for i, window in enumerate(ready):
+            score = float(scores[i])
+            counts["windows_scored"] += 1
+            out.latencies_s.append(now_s - window.end_ts)
+            finite = math.isfinite(score)
+            if self.emit_scores:
+                out.scores.append((window.entity.encode("utf-8"), _score_record(
+                    window.entity, window.end_ts, window.start_ts, score if finite else None, threshold, name,
+                    version, window.filled)))
+            if not finite:  # a reading beyond float32 range, or a broken model: never an event with NaN
+                counts["nonfinite_scores"] += 1
+                continue
+
+            def detail(i: int = i, window: ReadyWindow = window) -> list[dict[str, Any]]:
+                shares = sensor_contributions(errors[i:i + 1])[0]
+                order = np.argsort(-shares, kind="stable")[: self.alert_policy.top_k]
+                actual = window.values[-1]
+                return [{"sensor": sensors[j], "share": _finite_or_none(shares[j]),
+                         "actual": _finite_or_none(actual[j]), "expected": _finite_or_none(expected[i, j])}
+                        for j in order]
+
+            for event in self._alerts.update(window.entity, window.end_ts, score, threshold, detail, name, version):
+                out.events.append((window.entity.encode("utf-8"), encode_event(event)))
+                counts["events_opened" if event["status"] == OPEN else "events_closed"] += 1
+
+
+def _score_record(entity: str, end_ts: float, start_ts: float, score: float | None, threshold: float,
+                  name: str, version: str, filled: int) -> bytes:
+    """One per-window score record for the optional scores topic (sorted-key JSON, like events)."""
+    doc = {"entity": entity, "ts": end_ts, "start_ts": start_ts, "score": score, "threshold": threshold,
+           "anomalous": score is not None and score > threshold, "filled": filled,
+           "model": {"name": name, "version": version}}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False,
+                      ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,412 @@
+"""Per-entity window buffers on the model's sampling grid, for the streaming worker. No I/O.
+
+Owns the state between readings and scored windows: where each reading goes on the grid, what is
+filled, what is dropped, which windows are ready to score, and which offsets may be committed. It
+never reads a clock (stream time is the readings' own ``ts``), a socket or a file.
+
+Semantics (README quotes this section)
+--------------------------------------
+- **Grid.** A reading's slot is ``floor(ts / period_s + 0.5)``: the nearest multiple of the model's
+  sampling period (halves round up). Window times are slot times (``slot * period_s``), not the raw
+  reading times, so the same readings always give the same windows.
+- **Sealed.** A slot is sealed once the entity has a reading at least ``grace_slots`` slots later
+  (with ``grace_slots = 0`` a reading seals its own slot at once). Sealing is final: what a sealed
+  slot holds never changes.
+- **In order / out of order within grace.** A reading for an unsealed slot is placed in its slot
+  (``"accepted"``), whatever order it arrived in.
+- **Duplicate.** A reading for a slot that already holds a reading is dropped, the first one is kept
+  (``"duplicate"``). This is checked before lateness, so a re-delivered copy of a recent reading
+  counts as a duplicate, not as late.
+- **Late.** A reading for a sealed slot that holds no reading (it was filled, or is an unfilled
+  gap) is dropped (``"late"``): the windows over that slot may already be scored.
+- **Missing sensor.** A ``None`` value is forward-filled from the entity's previous slot, or from
+  ``fill_values`` (the model's training centre per sensor) when the entity has no previous slot
+  (its first reading, or the first after a restart).
+- **Gaps.** When a slot is sealed with no reading, a run of up to ``max_fill_steps`` missing slots
+  is forward-filled with the previous slot's values once the next reading is sealed. A longer run
+  restarts the entity's window: its buffer is cleared and the reading that revealed the gap is
+  answered ``"reset"`` (it is kept, and starts the new buffer). A new window becomes ready again
+  ``window_size`` slots later.
+- **Windows.** A window is the ``window_size`` consecutive slots ending at a sealed slot that holds
+  a reading (a filled slot never ends a window, so every window ends on real data and has an
+  ``end_offset``), with at least ``window_size`` slots since the last restart. With ``stride > 1``
+  only slots with ``slot % stride == 0`` end a window: the alignment is absolute, so a worker that
+  restarts from committed offsets scores the very same windows. ``ready()`` hands each window out
+  once.
+- **Commit offsets.** Per partition, the next offset that may be committed is the smallest offset of
+  any reading an entity still needs: readings in unsealed slots, readings in windows not yet handed
+  out by ``ready()``, and, for the next window still to come, the readings in its slots that are
+  already sealed — including the reading a filled slot was copied from. With no such reading it is
+  ``last_offset + 1``. Replaying from there rebuilds every window that is not yet scored (DESIGN §3).
+  Known approximation: a sensor that is ``None`` across the restart point is filled from
+  ``fill_values`` in the rebuilt buffer instead of from a reading older than the committed offset.
+- **Memory.** Per entity: at most ``window_size - 1 + max(8, window_size // 4)`` grid rows and the
+  readings of the ``grace_slots`` unsealed slots. ``evict_idle`` drops entities that stopped sending (they would
+  otherwise hold their partition's commit back for ever), ``reset`` drops state on demand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from anomaly.codec import Reading
+from anomaly.errors import ConfigError
+
+AddOutcome = Literal["accepted", "duplicate", "late", "reset"]
+ACCEPTED: AddOutcome = "accepted"
+DUPLICATE: AddOutcome = "duplicate"
+LATE: AddOutcome = "late"
+RESET: AddOutcome = "reset"
+
+_MIN_SPARE_ROWS = 8  # rows appended between compactions (at least): each compaction copies W-1 rows
+
+
+@dataclass(frozen=True)
+class WindowPolicy:
+    """How readings become windows on the model's sampling grid (see the module docstring)."""
+
+    window_size: int  # W: slots per window (the model's window length)
+    period_s: float  # the model's sampling period: one slot per period
+    stride: int = 1  # score windows ending at slots with slot % stride == 0
+    grace_slots: int = 0  # a reading may arrive this many slots late and still be placed
+    max_fill_steps: int = 5  # longest run of missing slots that is forward-filled; longer restarts
+
+    def __post_init__(self) -> None:
+        if isinstance(self.window_size, bool) or int(self.window_size) < 1:
+            raise ConfigError("window.window_size", f"must be >= 1, got {self.window_size!r}")
+        if not (isinstance(self.period_s, (int, float)) and math.isfinite(self.period_s) and self.period_s > 0):
+            raise ConfigError("window.period_s", f"must be a finite number > 0, got {self.period_s!r}")
+        if int(self.stride) < 1:
+            raise ConfigError("window.stride", f"must be >= 1, got {self.stride!r}")
+        if int(self.grace_slots) < 0:
+            raise ConfigError("window.grace_slots", f"must be >= 0, got {self.grace_slots!r}")
+        if int(self.max_fill_steps) < 0:
+            raise ConfigError("window.max_fill_steps", f"must be >= 0, got {self.max_fill_steps!r}")
+
+    def slot(self, ts: float) -> int:
+        """The grid slot of epoch seconds ``ts``: the nearest multiple of ``period_s``, halves up."""
+        return math.floor(ts / self.period_s + 0.5)
+
+
+@dataclass(frozen=True)
+class ReadyWindow:
+    """One window ready to score: ``values`` (W, F) float64 in original units, read-only."""
+
+    entity: str
+    values: np.ndarray  # (W, F) the W slots ending at end_ts, sensors in the store's order
+    end_ts: float  # epoch s of the last slot (slot * period_s)
+    start_ts: float  # epoch s of the first slot
+    partition: int  # partition of the reading in the last slot
+    end_offset: int  # offset of the reading in the last slot
+    filled: int  # cells (slot × sensor) that were filled rather than read
+
+
+class _Entity:
+    """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
+
+    __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
+                 "last_partition", "mixed", "needs", "queued_needs")
+
+    def __init__(self, capacity: int, n_sensors: int) -> None:
+        # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset).
+        self.pending: dict[int, tuple[list[float | None], int, int]] = {}
+        self.max_slot: int | None = None  # newest slot that holds a reading (sealing is relative to it)
+        self.values = np.empty((capacity, n_sensors), dtype=np.float64)  # run rows; row n-1 is slot run_end
+        self.filled = np.zeros(capacity, dtype=np.int64)  # filled cells per row
+        self.from_reading = np.zeros(capacity, dtype=bool)  # row holds a reading (not a filled gap slot)
+        self.part = np.zeros(capacity, dtype=np.int64)  # partition of the reading each row came from
+        self.off = np.zeros(capacity, dtype=np.int64)  # offset of the reading each row came from
+        self.n = 0  # rows in the run
+        self.run_end = 0  # slot of row n-1 (meaningful when n > 0)
+        self.last_partition = -1  # partition of the newest reading (-1: none yet)
+        self.mixed = False  # readings came from more than one partition (a producer keyed it oddly)
+        self.needs: dict[int, int] | None = None  # cached commit needs; None when state changed
+        # Oldest offsets of the windows queued and not yet handed out by ready(); None when none are.
+        self.queued_needs: dict[int, int] | None = None
+
+    def holds_reading(self, slot: int) -> bool:
+        if slot in self.pending:
+            return True
+        index = self.n - 1 - (self.run_end - slot)
+        return self.n > 0 and 0 <= index < self.n and bool(self.from_reading[index])
+
+
+class WindowStore:
+    """Window buffers of every entity, on the grid of ``policy``; sensors in the order given.
+
+    ``fill_values`` (one per sensor, original units) fill a missing sensor that has no earlier value.
+    """
+
+    def __init__(self, policy: WindowPolicy, sensors: Sequence[str], fill_values: Sequence[float]) -> None:
+        self.policy = policy
+        self.sensors: tuple[str, ...] = tuple(sensors)
+        if not self.sensors:
+            raise ConfigError("window.sensors", "needs at least one sensor")
+        if len(fill_values) != len(self.sensors):
+            raise ConfigError("window.fill_values", f"{len(fill_values)} fill values for {len(self.sensors)} sensors")
+        fill = np.asarray(fill_values, dtype=np.float64)
+        if not np.all(np.isfinite(fill)):
+            raise ConfigError("window.fill_values", f"must be finite, got {list(fill_values)}")
+        self._fill = fill
+        self._w = int(policy.window_size)
+        self._keep = max(self._w - 1, 1)  # rows a future window (or a forward fill) can still need
+        # Slack of W/4 rows (at least 8) keeps the copying of compaction under ~4 rows per slot.
+        self._capacity = self._keep + max(_MIN_SPARE_ROWS, self._w // 4)
+        self._entities: dict[str, _Entity] = {}
+        self._queue: list[ReadyWindow] = []  # windows not yet handed out by ready()
+        self._queued_by: list[_Entity] = []  # entities whose queued_needs are set
+        self._orphan_needs: dict[int, int] = {}  # queued needs of entities evicted before ready()
+        self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
+
+    # --- inspection ---------------------------------------------------------------------------
+    @property
+    def entities(self) -> int:
+        """How many entities have state."""
+        return len(self._entities)
+
+    def __contains__(self, entity: object) -> bool:
+        return entity in self._entities
+
+    def set_fill_values(self, fill_values: Sequence[float]) -> None:
+        """Use new ``fill_values`` (a new model version) for fills from now on; buffers are kept."""
+        fill = np.asarray(fill_values, dtype=np.float64)
+        if fill.shape != (len(self.sensors),) or not np.all(np.isfinite(fill)):
+            raise ConfigError("window.fill_values", f"need {len(self.sensors)} finite values, got {list(fill_values)}")
+        self._fill = fill
+
+    # --- readings in --------------------------------------------------------------------------
+    def add(self, entity: str, reading: Reading, partition: int, offset: int) -> str:
+        """Place one reading; returns ``"accepted"``, ``"duplicate"``, ``"late"`` or ``"reset"``.
+
+        Sensors are read in the store's order; a sensor absent from ``reading.values`` is missing
+        (``None``), and sensors the store does not know are ignored (callers validate sensor sets).
+        """
+        policy = self.policy
+        slot = policy.slot(reading.ts)
+        state = self._entities.get(entity)
+        if state is None:
+            state = self._entities[entity] = _Entity(self._capacity, len(self.sensors))
+        if slot > self._watermark.get(partition, slot - 1):
+            self._watermark[partition] = slot
+        if state.holds_reading(slot):
+            return DUPLICATE
+        if state.max_slot is not None and slot <= state.max_slot - policy.grace_slots:
+            return LATE
+        state.pending[slot] = ([reading.values.get(name) for name in self.sensors], partition, int(offset))
+        state.needs = None
+        if state.last_partition not in (-1, partition):
+            state.mixed = True
+        state.last_partition = partition
+        if state.max_slot is None or slot > state.max_slot:
+            state.max_slot = slot
+        if self._seal(entity, state, state.max_slot - policy.grace_slots):
+            return RESET
+        return ACCEPTED
+
+    def _seal(self, entity: str, state: _Entity, upto: int) -> bool:
+        """Move every pending reading at or before slot ``upto`` into the run, filling gaps and
+        queueing the windows they end; returns whether a gap restarted the run."""
+        if not state.pending:
+            due: list[int] = []
+        else:
+            due = sorted(s for s in state.pending if s <= upto)
+        restarted = False
+        max_fill = self.policy.max_fill_steps
+        for slot in due:
+            row, partition, offset = state.pending.pop(slot)
+            if state.n > 0:
+                gap = slot - state.run_end - 1
+                if gap > max_fill:
+                    state.n = 0
+                    restarted = True
+                else:
+                    for _ in range(gap):
+                        self._append_fill(state)
+            self._append_reading(state, slot, row, partition, offset)
+            self._maybe_queue(entity, state, slot, partition, offset)
+        # Missing slots after the run are sealed for good: too many of them is a gap we already know.
+        if state.n > 0 and upto - state.run_end > max_fill:
+            state.n = 0
+            restarted = True
+        if due or restarted:
+            state.needs = None
+        return restarted
+
+    def _make_room(self, state: _Entity) -> None:
+        if state.n < self._capacity:
+            return
+        keep, n = self._keep, state.n
+        for array in (state.values, state.filled, state.from_reading, state.part, state.off):
+            array[:keep] = array[n - keep:n]
+        state.n = keep
+
+    def _append_fill(self, state: _Entity) -> None:
+        """Append a gap slot: a copy of the previous row, every cell counted as filled."""
+        self._make_room(state)
+        i = state.n
+        state.values[i] = state.values[i - 1]
+        state.filled[i] = len(self.sensors)
+        state.from_reading[i] = False
+        state.part[i] = state.part[i - 1]  # the reading this copy came from
+        state.off[i] = state.off[i - 1]
+        state.n += 1
+        state.run_end += 1
+
+    def _append_reading(self, state: _Entity, slot: int, row: list[float | None], partition: int,
+                        offset: int) -> None:
+        self._make_room(state)
+        i = state.n
+        filled = row.count(None)
+        if filled:
+            previous = (state.values[i - 1] if i > 0 else self._fill).tolist()
+            row = [previous[j] if value is None else value for j, value in enumerate(row)]
+        state.values[i] = row  # one assignment per row: element-wise numpy writes cost more than the list
+        state.filled[i] = filled
+        state.from_reading[i] = True
+        state.part[i] = partition
+        state.off[i] = offset
+        state.n += 1
+        state.run_end = slot
+        if state.queued_needs is not None and offset < state.queued_needs.get(partition, offset + 1):
+            state.queued_needs[partition] = offset
+
+    def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int) -> None:
+        w, period = self._w, self.policy.period_s
+        if state.n < w or slot % self.policy.stride != 0:
+            return
+        lo = state.n - w
+        values = state.values[lo:state.n].copy()
+        values.flags.writeable = False
+        window = ReadyWindow(entity=entity, values=values, end_ts=slot * period, start_ts=(slot - w + 1) * period,
+                             partition=partition, end_offset=offset, filled=int(state.filled[lo:state.n].sum()))
+        self._queue.append(window)
+        if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
+            state.queued_needs = _rows_needs(state, lo)
+            self._queued_by.append(state)
+
+    # --- windows out --------------------------------------------------------------------------
+    def ready(self) -> list[ReadyWindow]:
+        """Every window whose last slot is sealed and that was not handed out before, in the order
+        they became ready (per entity: in time order). Each window is handed out once."""
+        windows = self._queue
+        self._queue = []
+        for state in self._queued_by:
+            state.queued_needs = None
+        self._queued_by.clear()
+        self._orphan_needs.clear()
+        return windows
+
+    # --- commits ------------------------------------------------------------------------------
+    def commit_offsets(self, last_offsets: Mapping[int, int]) -> dict[int, int]:
+        """Per partition in ``last_offsets`` (partition -> last offset consumed), the next offset that
+        may be committed: the oldest offset still needed by an entity (see the module docstring),
+        or ``last_offset + 1`` when nothing older is needed."""
+        needed: dict[int, int] = {}
+        for state in self._entities.values():
+            if state.needs is None:
+                state.needs = self._needs(state)
+            _merge_min(needed, state.needs)
+            if state.queued_needs is not None:
+                _merge_min(needed, state.queued_needs)
+        _merge_min(needed, self._orphan_needs)
+        commits: dict[int, int] = {}
+        for partition, last in last_offsets.items():
+            next_offset = int(last) + 1
+            commits[partition] = min(needed.get(partition, next_offset), next_offset)
+        return commits
+
+    def _needs(self, state: _Entity) -> dict[int, int]:
+        """partition -> oldest offset this entity's unsealed slots and next window still need."""
+        needs: dict[int, int] = {}
+        for _, partition, offset in state.pending.values():
+            if offset < needs.get(partition, offset + 1):
+                needs[partition] = offset
+        if state.n > 0 and state.max_slot is not None:
+            stride = self.policy.stride
+            sealed_upto = state.max_slot - self.policy.grace_slots
+            next_end = (sealed_upto // stride + 1) * stride  # first slot that can still end a window
+            first_needed = next_end - self._w + 1
+            run_start = state.run_end - state.n + 1
+            if first_needed <= state.run_end:
+                index = max(first_needed - run_start, 0)  # a filled row carries its source reading's offset
+            elif first_needed < next_end and first_needed - state.run_end <= self.policy.max_fill_steps:
+                index = state.n - 1  # the first needed slot would be a gap filled from the last row
+            else:
+                index = state.n  # the next window holds no sealed row (or the run restarts first)
+            _merge_min(needs, _rows_needs(state, index))
+        return needs
+
+    # --- housekeeping -------------------------------------------------------------------------
+    def reset(self, entity: str | None = None) -> None:
+        """Forget one entity's state, or every entity's (and every window not yet handed out)."""
+        if entity is None:
+            self._entities.clear()
+            self._queue.clear()
+            self._queued_by.clear()
+            self._orphan_needs.clear()
+            self._watermark.clear()
+            return
+        state = self._entities.pop(entity, None)
+        if state is not None and state.queued_needs is not None:
+            self._queue = [window for window in self._queue if window.entity != entity]
+            self._queued_by.remove(state)
+
+    def forget_partitions(self, partitions: Iterable[int]) -> int:
+        """Drop every entity whose newest reading came from one of ``partitions`` (they were revoked
+        in a rebalance; the new owner replays them from the committed offset). Returns how many."""
+        gone = set(partitions)
+        names = [name for name, state in self._entities.items() if state.last_partition in gone]
+        for name in names:
+            self.reset(name)
+        for partition in gone:
+            self._watermark.pop(partition, None)
+        return len(names)
+
+    def evict_idle(self, max_idle_slots: int) -> int:
+        """Drop entities whose newest reading is more than ``max_idle_slots`` slots behind the newest
+        slot seen in its partition; their unsealed readings are sealed first, so the windows they end
+        are still queued for ``ready()``. Returns how many entities were dropped.
+
+        Why: an entity that stopped sending would otherwise pin its partition's commit offset and
+        keep its buffer for ever. Stream time (the partition's newest slot), not a clock, decides, so
+        a backlog being replayed does not evict everyone.
+        """
+        idle = []
+        for name, state in self._entities.items():
+            newest = self._watermark.get(state.last_partition)
+            if state.max_slot is not None and newest is not None and newest - state.max_slot > max_idle_slots:
+                idle.append(name)
+        for name in idle:
+            state = self._entities[name]
+            if state.pending:
+                self._seal(name, state, max(state.pending))
+            if state.queued_needs is not None:  # its windows are still queued: keep what they need
+                _merge_min(self._orphan_needs, state.queued_needs)
+            del self._entities[name]
+        return len(idle)
+
+
+def _rows_needs(state: _Entity, lo: int) -> dict[int, int]:
+    """partition -> smallest source offset among the entity's rows ``lo`` .. end."""
+    if lo >= state.n:
+        return {}
+    offsets = state.off[lo:state.n].tolist()
+    if not state.mixed:  # the usual case: one entity, one partition
+        return {state.last_partition: min(offsets)}
+    out: dict[int, int] = {}
+    for partition, offset in zip(state.part[lo:state.n].tolist(), offsets):
+        if offset < out.get(partition, offset + 1):
+            out[partition] = offset
+    return out
+
+
+def _merge_min(into: dict[int, int], other: Mapping[int, int]) -> None:
+    for partition, offset in other.items():
+        current = into.get(partition)
+        if current is None or offset < current:
+            into[partition] = offset

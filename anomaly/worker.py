@@ -1,0 +1,210 @@
+"""The long-running scoring worker: the Kafka loop around the pure batch step.
+
+    poll a micro-batch -> ScoringStep.process (decode, windows, one batched forward pass, alerts)
+    -> produce events, dead letters, scores -> flush the producer -> commit offsets
+
+Guarantees (DESIGN.md §3):
+- At least once, nothing lost: offsets are committed only after the producer has delivered every
+  output of the batch (``flush`` then each send's result is checked), and never beyond the oldest
+  reading an entity's open window still needs (``ScoringStep`` computes the positions), so a restart
+  or rebalance refills the windows and no window goes unscored. Repeated outputs after a restart
+  carry the same deterministic event ids.
+- A failure in processing or delivery commits nothing and raises: the process exits non-zero and its
+  supervisor restarts it. Bad records are data (dead letters), not crashes.
+- SIGTERM/SIGINT: stop polling, finish the batch in hand, flush, commit, exit 0.
+- The model is swapped only between batches, following the registry alias; window state is kept
+  when the new model is compatible. A registry that cannot be reached leaves the current model.
+- On a rebalance, the window state of revoked partitions is dropped; assigned partitions resume from
+  their committed offsets (which never pass an open window's oldest reading), so windows are rebuilt
+  from data rather than guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from anomaly import kafka_io
+from anomaly.alerts import AlertPolicy
+from anomaly.metrics import WorkerMetrics
+from anomaly.model_follower import ModelFollower
+from anomaly.scoring_step import DetectorModel, InputRecord, ScoringStep
+from anomaly.training import resolve_device
+from anomaly.window_state import WindowPolicy
+
+log = logging.getLogger(__name__)
+
+DELIVERY_TIMEOUT_S = 30.0  # a broker that cannot take our outputs in this long fails the batch (nothing committed)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Plain, typed options of one worker (built from ``Settings`` at the edge)."""
+
+    bootstrap_servers: str
+    input_topic: str
+    events_topic: str
+    dlq_topic: str
+    scores_topic: str | None
+    group_id: str
+    client_options: Mapping[str, Any]
+    window_policy: WindowPolicy
+    alert_policy: AlertPolicy
+    poll_timeout_s: float = 1.0
+    max_poll_records: int = 2000
+    input_partitions: int = 4
+    device: str = "auto"
+
+
+@dataclass
+class RunStats:
+    batches: int = 0
+    consumed: int = 0
+    windows_scored: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    model_swaps: int = 0
+
+
+class Worker:
+    def __init__(self, options: WorkerOptions, follower: ModelFollower, metrics: WorkerMetrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.options = options
+        self.follower = follower
+        self.metrics = metrics or WorkerMetrics()
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.stats = RunStats()
+        self.device = resolve_device(options.device)
+        detector, version = follower.current()
+        self.step = ScoringStep(DetectorModel(detector, follower.model_name, version, self.device),
+                                options.window_policy, options.alert_policy,
+                                emit_scores=options.scores_topic is not None)
+        self.metrics.set_model(follower.model_name, version)
+        self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
+        self._consumer = None
+        self._producer = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask the loop to stop after the batch in hand (main thread only)."""
+        def handler(signum, frame) -> None:
+            log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self, max_batches: int | None = None, idle_stop_s: float | None = None) -> RunStats:
+        """Consume until stopped (or ``max_batches`` non-empty batches / ``idle_stop_s`` without
+        records, for tests and benchmarks). Raises on a failed batch, having committed nothing of it."""
+        o = self.options
+        topics = {o.input_topic: o.input_partitions, o.events_topic: o.input_partitions,
+                  o.dlq_topic: 1, **({o.scores_topic: o.input_partitions} if o.scores_topic else {})}
+        kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
+        self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
+        self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
+                                                listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned))
+        last_records = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                polled = self._consumer.poll(timeout_ms=int(o.poll_timeout_s * 1000), max_records=o.max_poll_records)
+                records = [InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                           for batch in polled.values() for r in batch]
+                if records:
+                    self._process(records)
+                    last_records = time.monotonic()
+                    if max_batches is not None and self.stats.batches >= max_batches:
+                        break
+                elif not self._consumer.assignment():
+                    last_records = time.monotonic()  # idle time counts only once partitions are ours
+                elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
+                    break
+                self.metrics.set_health("ok", assigned_partitions=len(self._consumer.assignment()),
+                                        last_batch_ts=self.clock())
+                self._follow_model()
+        finally:
+            self._close()
+        return self.stats
+
+    # --- one batch ---------------------------------------------------------------------------
+    def _process(self, records: list[InputRecord]) -> None:
+        o = self.options
+        started = time.perf_counter()
+        out = self.step.process(records, now_s=self.clock())
+        sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in out.events]
+        sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
+        if o.scores_topic:
+            sends += [self._producer.send(o.scores_topic, key=k, value=v) for k, v in out.scores]
+        self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
+        for future in sends:
+            future.get(timeout=DELIVERY_TIMEOUT_S)  # raises if any output was not delivered: nothing is committed
+        if out.commits:
+            self._consumer.commit(kafka_io.offsets_to_commit(out.commits))
+            self.metrics.set_last_commit()
+        counts = out.counts
+        self.metrics.record_batch(counts, time.perf_counter() - started, out.latencies_s)
+        self.metrics.set_entities(self.step.windows.entities)
+        s = self.stats
+        s.batches += 1
+        s.consumed += counts.get("consumed", 0)
+        s.windows_scored += counts.get("windows_scored", 0)
+        s.events += len(out.events)
+        s.dead_letters += len(out.dead_letters)
+        if out.events or out.dead_letters:
+            log.info("batch: %d records, %d windows, %d events, %d dead letters", counts.get("consumed", 0),
+                     counts.get("windows_scored", 0), len(out.events), len(out.dead_letters))
+
+    def _follow_model(self) -> None:
+        new = self.follower.poll()
+        if new is None:
+            return
+        detector, version = new
+        kept = self.step.swap_model(DetectorModel(detector, self.follower.model_name, version, self.device))
+        self.stats.model_swaps += 1
+        self.metrics.model_swapped(self.follower.model_name, version)
+        self.metrics.set_health(model_version=version)
+        log.info("now serving %s v%s (window state %s)", self.follower.model_name, version,
+                 "kept" if kept else "restarted: the new model's sensors, window or period differ")
+
+    def _close(self) -> None:
+        """Final flush and close. Commits were made per batch, after delivery; nothing pending here."""
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
+            finally:
+                self._producer.close(timeout=5)
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
+        self.metrics.set_health("stopping", detail="stopped")
+
+    # --- rebalance ---------------------------------------------------------------------------
+    def on_revoked(self, partitions) -> None:
+        dropped = self.step.forget_partitions([(tp.topic, tp.partition) for tp in partitions])
+        log.info("partitions revoked: %s (%d entities' windows dropped)", sorted(p.partition for p in partitions), dropped)
+
+    def on_assigned(self, partitions) -> None:
+        """Newly assigned partitions start from their committed offsets (the consumer fetches them; this
+        callback runs on the client's IO thread and must not block), so windows refill from data."""
+        log.info("partitions assigned: %s", sorted(p.partition for p in partitions))
+
+
+def options_from_settings(settings) -> WorkerOptions:
+    """The edge: typed settings -> the worker's plain options."""
+    k, w = settings.kafka, settings.worker
+    return WorkerOptions(
+        bootstrap_servers=k.bootstrap_servers, input_topic=k.input_topic, events_topic=k.events_topic,
+        dlq_topic=k.dlq_topic, scores_topic=k.scores_topic, group_id=k.group_id, client_options=dict(k.client_options),
+        window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=w.stride, grace_slots=w.grace_slots,
+                                   max_fill_steps=w.max_fill_steps),
+        alert_policy=AlertPolicy(min_duration_windows=w.min_duration_windows, recovery_windows=w.recovery_windows,
+                                 cooldown_s=w.cooldown_s, top_k=w.top_sensors),
+        poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
+        device=w.device)

@@ -1,0 +1,232 @@
+"""The scoring worker against the real broker and a real MLflow registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly import codec, kafka_io, registry, tracking
+from anomaly.alerts import AlertPolicy
+from anomaly.model_follower import ModelFollower
+from anomaly.replay import replay
+from anomaly.replay import replay_plan as _fleet_plan
+from anomaly.window_state import WindowPolicy
+from anomaly.worker import Worker, WorkerOptions
+from tests.fixtures import normal_frame, with_fault
+
+pytestmark = pytest.mark.integration
+
+START_TS = 1_790_000_000.0  # fixed epoch seconds, so event ids are reproducible
+
+
+def replay_plan(frame, entity, start_ts):
+    """One entity named exactly ``entity`` (replay's fleet names copies ``entity-i``)."""
+    return [(entity, dataclasses.replace(r, entity=entity)) for _, r in _fleet_plan(frame, entity, start_ts=start_ts)]
+
+
+def _options(bootstrap, prefix, scores=True, **kw):
+    return WorkerOptions(bootstrap_servers=bootstrap, input_topic=f"{prefix}.in", events_topic=f"{prefix}.events",
+                         dlq_topic=f"{prefix}.dlq", scores_topic=f"{prefix}.scores" if scores else None,
+                         group_id=f"{prefix}.group", client_options={},
+                         window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=1),
+                         alert_policy=AlertPolicy(min_duration_windows=3, recovery_windows=5, cooldown_s=30),
+                         poll_timeout_s=0.5, input_partitions=4, device="cpu", **kw)
+
+
+def _follower(settings, interval=0.5):
+    tracking.configure(settings.mlflow.tracking_uri)
+    return ModelFollower(settings.mlflow.model_name, "champion", check_interval_s=interval)
+
+
+def _run_in_thread(worker, **kw):
+    result = {}
+
+    def target():
+        try:
+            result["stats"] = worker.run(**kw)
+        except BaseException as exc:  # surfaced by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _fleet(rows=700, fault_entity=True):
+    frames = {"pump-a": normal_frame(rows, seed=11), "pump-b": normal_frame(rows, seed=12)}
+    labels = None
+    if fault_entity:
+        frames["pump-a"], labels = with_fault(frames["pump-a"], sensor="pressure", start=400, length=120, size=0.4)
+    plan = []
+    for entity, frame in frames.items():
+        plan.extend(replay_plan(frame, entity, start_ts=START_TS))
+    plan.sort(key=lambda item: item[1].ts)
+    return frames, plan, labels
+
+
+def _scores_by_entity(bootstrap, topic):
+    seen: dict[str, list[float]] = {}
+    for rec in kafka_io.read_all(bootstrap, topic, timeout_s=30, idle_s=2):
+        doc = json.loads(rec.value)
+        seen.setdefault(doc["entity"], []).append(doc["ts"])
+    return seen
+
+
+def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic_name):
+    settings, outcome = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    frames, plan, _ = _fleet()
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    worker = Worker(opts, _follower(settings))
+    stats = worker.run(idle_stop_s=4)
+    assert stats.consumed == len(plan)
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    opened = [e for e in events if e["status"] == "open"]
+    assert [e["entity"] for e in opened] == ["pump-a"], events  # one event, on the faulty pump only
+    event = opened[0]
+    assert event["sensors"][0]["sensor"] == "pressure"
+    assert event["model"] == {"name": "pump", "version": outcome.version}
+    assert START_TS + 400 <= event["start_ts"] <= START_TS + 400 + 30  # opens within seconds of the fault
+    closed = [e for e in events if e["status"] == "closed"]
+    assert [e["event_id"] for e in closed] == [event["event_id"]]
+    # Every window of every entity was scored exactly once.
+    scores = _scores_by_entity(kafka_broker, opts.scores_topic)
+    w = outcome.detector.window_size
+    for entity, frame in frames.items():
+        assert sorted(scores[entity]) == [START_TS + i for i in range(w - 1, len(frame))]
+
+
+def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_name):
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    good = list(replay_plan(normal_frame(60, seed=5), "pump-c", start_ts=START_TS))
+    bad = [b"not json", b"\xff\xfe", b'{"entity": "pump-c", "ts": 1790000000}',
+           b'{"entity": "pump-c", "ts": "yesterday", "values": {"temp": 1, "pressure": 1, "flow": 1}}',
+           b'{"entity": "pump-c", "ts": 1790000001, "values": {"temp": "hot", "pressure": 1, "flow": 1}}',
+           b'{"entity": "pump-c", "ts": 1790000002, "values": {"temp": NaN, "pressure": 1, "flow": 1}}',
+           b'{"entity": "pump-c", "ts": 1790000003, "values": {"temp": 1, "pressure": 1, "vibration": 1}}',
+           b'[1, 2, 3]']
+    producer = kafka_io.make_producer(kafka_broker)
+    for i, (entity, reading) in enumerate(good):
+        producer.send(opts.input_topic, key=entity.encode(), value=codec.encode_reading(reading))
+        if i % 8 == 0 and bad:
+            producer.send(opts.input_topic, key=b"pump-c", value=bad.pop(0))
+    producer.flush()
+    producer.close()
+    worker = Worker(opts, _follower(settings))
+    stats = worker.run(idle_stop_s=4)
+    dead = [codec.decode_dead_letter(r.value) for r in kafka_io.read_all(kafka_broker, opts.dlq_topic, timeout_s=30, idle_s=2)]
+    assert len(dead) == 8 == stats.dead_letters
+    originals = {d["original"] for d in dead}
+    assert b"not json" in originals and b"\xff\xfe" in originals
+    assert all(d["reason"] and d["source_topic"] == opts.input_topic and d["source_offset"] >= 0 for d in dead)
+    scores = _scores_by_entity(kafka_broker, opts.scores_topic)
+    assert len(scores["pump-c"]) == 60 - 16 + 1  # every good reading scored, the worker kept going
+
+
+def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_name):
+    settings, outcome = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    follower = _follower(settings, interval=0.2)
+    worker = Worker(opts, follower)
+    thread, result = _run_in_thread(worker, idle_stop_s=8)
+    first = list(replay_plan(normal_frame(300, seed=21), "pump-d", start_ts=START_TS))
+    replay(kafka_broker, opts.input_topic, first, progress=False)
+    # Register the same detector again as a new version and promote it while the worker runs.
+    tracking.configure(settings.mlflow.tracking_uri)
+    new_version = registry.register(outcome.model_uri, settings.mlflow.model_name)
+    registry.promote(settings.mlflow.model_name, new_version, "champion", reason="test")
+    deadline = time.time() + 30
+    while worker.stats.model_swaps == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert worker.stats.model_swaps == 1
+    second = list(replay_plan(normal_frame(300, seed=22), "pump-d", start_ts=START_TS + 300))
+    replay(kafka_broker, opts.input_topic, second, progress=False)
+    thread.join(60)
+    assert "error" not in result, result.get("error")
+    docs = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    ends = sorted(d["ts"] for d in docs)
+    assert ends == [START_TS + i for i in range(15, 600)], "no window skipped across the swap"
+    late = [d for d in docs if d["ts"] >= START_TS + 300]
+    assert late and all(d["model"]["version"] == new_version for d in late)
+
+
+def test_two_workers_split_partitions_and_score_every_window_once(kafka_broker, champion, topic_name):
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    workers = [Worker(opts, _follower(settings)) for _ in range(2)]
+    runs = [_run_in_thread(w, idle_stop_s=10) for w in workers]
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(w._consumer and len(w._consumer.assignment()) == 2 for w in workers):
+        time.sleep(0.2)
+    assert all(len(w._consumer.assignment()) == 2 for w in workers), "each worker owns two of the four partitions"
+    plan = []
+    entities = [f"pump-{i}" for i in range(8)]
+    for i, entity in enumerate(entities):
+        plan.extend(replay_plan(normal_frame(100, seed=30 + i), entity, start_ts=START_TS))
+    plan.sort(key=lambda item: item[1].ts)
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    for thread, result in runs:
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+    assert all(w.stats.windows_scored > 0 for w in workers), [w.stats for w in workers]
+    docs = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    counted = Counter((d["entity"], d["ts"]) for d in docs)
+    expected = {(e, START_TS + i) for e in entities for i in range(15, 100)}
+    assert set(counted) == expected and set(counted.values()) == {1}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stream_then_restart_scores_every_window(kafka_broker, champion, topic_name, tmp_path):
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    frames = {f"pump-{i}": normal_frame(1500, seed=40 + i) for i in range(3)}
+    frames["pump-0"], _ = with_fault(frames["pump-0"], start=700, length=200, size=0.4)
+    plan = sorted((item for e, f in frames.items() for item in replay_plan(f, e, start_ts=START_TS)),
+                  key=lambda item: item[1].ts)
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    env = {**os.environ, "ANOMALY_MLFLOW__TRACKING_URI": settings.mlflow.tracking_uri,
+           "ANOMALY_MLFLOW__MODEL_NAME": "pump", "ANOMALY_KAFKA__BOOTSTRAP_SERVERS": kafka_broker,
+           "ANOMALY_KAFKA__INPUT_TOPIC": opts.input_topic, "ANOMALY_KAFKA__EVENTS_TOPIC": opts.events_topic,
+           "ANOMALY_KAFKA__DLQ_TOPIC": opts.dlq_topic, "ANOMALY_KAFKA__SCORES_TOPIC": opts.scores_topic,
+           "ANOMALY_KAFKA__GROUP_ID": opts.group_id, "ANOMALY_WORKER__MAX_POLL_RECORDS": "200",
+           "ANOMALY_WORKER__METRICS_PORT": "-1", "ANOMALY_WORKER__DEVICE": "cpu",
+           "ANOMALY_WORKER__RECOVERY_WINDOWS": "5", "ANOMALY_WORKER__COOLDOWN_S": "30"}
+    cmd = [sys.executable, "-m", "anomaly.cli", "worker"]
+    first = subprocess.Popen(cmd + ["--max-batches", "1000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # kill it once it has committed part of the stream
+        offsets = kafka_io.committed_offsets(kafka_broker, opts.group_id, opts.input_topic)
+        if sum(o or 0 for o in offsets.values()) > len(plan) // 3:
+            break
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    second = subprocess.run(cmd + ["--idle-stop-s", "5"], env=env, capture_output=True, timeout=180)
+    assert second.returncode == 0, second.stdout.decode()[-3000:] + second.stderr.decode()[-3000:]
+    scores = _scores_by_entity(kafka_broker, opts.scores_topic)
+    for entity, frame in frames.items():
+        assert set(scores[entity]) == {START_TS + i for i in range(15, len(frame))}, f"{entity}: a window was never scored"
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    opened = {}
+    for e in events:
+        if e["status"] == "open":
+            opened.setdefault(e["event_id"], []).append(e["start_ts"])
+    assert len(opened) == 1, events  # the fault is one event, even if it was re-sent after the crash
+    assert all(len(set(starts)) == 1 for starts in opened.values())

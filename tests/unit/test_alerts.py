@@ -1,0 +1,134 @@
+"""Alert shaping: one anomaly is one event, with deterministic ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from anomaly.alerts import AlertPolicy, AlertTracker, rfc3339
+from anomaly.codec import event_id
+from anomaly.errors import ConfigError
+
+THRESHOLD = 1.0
+T0 = 1_700_000_000.0
+
+
+def detail(name: str = "temp") -> list[dict[str, Any]]:
+    return [{"sensor": name, "share": 0.7, "actual": 9.0, "expected": 1.0},
+            {"sensor": "flow", "share": 0.2, "actual": 2.0, "expected": 2.1},
+            {"sensor": "pressure", "share": 0.1, "actual": 1.0, "expected": 1.0},
+            {"sensor": "rpm", "share": 0.0, "actual": 5.0, "expected": 5.0}]
+
+
+def run(tracker: AlertTracker, scores: Sequence[float], entity: str = "pump-1", t0: float = T0,
+        model: str = "pumps") -> list[dict[str, Any]]:
+    """Feed one window per second; returns every event emitted, in order."""
+    events: list[dict[str, Any]] = []
+    for i, score in enumerate(scores):
+        events += tracker.update(entity, t0 + i, score, THRESHOLD, detail, model, "3")
+    return events
+
+
+def test_short_spike_opens_nothing() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=3))
+    assert run(tracker, [0.1, 5.0, 5.0, 0.1, 5.0, 0.2, 0.1]) == []
+    assert tracker.open_events() == [] and tracker.entities == 0
+
+
+def test_long_spike_is_one_event_opened_and_closed_once() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=3, recovery_windows=3, top_k=2))
+    scores = [0.1, 2.0, 3.0, 9.0, 4.0, 0.5, 2.5, 0.2, 0.3, 0.4, 0.1, 0.1]
+    events = run(tracker, scores)
+    assert [e["status"] for e in events] == ["open", "closed"]
+    opened, closed = events
+    start = T0 + 1
+    assert opened["event_id"] == closed["event_id"] == event_id("pump-1", "pumps", start)
+    assert opened["start_ts"] == start and opened["start"] == rfc3339(start)
+    assert opened["end"] is None and opened["end_ts"] is None
+    assert opened["peak_score"] == 9.0 and opened["windows"] == 3  # opened at the third window above
+    assert closed["end_ts"] == T0 + 6  # the last window above, not the window that confirmed recovery
+    assert closed["end"] == rfc3339(T0 + 6)
+    assert closed["windows"] == 6  # windows 1..6 (one dip below in between)
+    assert closed["peak_score"] == 9.0 and closed["peak_ts"] == T0 + 3
+    assert closed["threshold"] == THRESHOLD and closed["model"] == {"name": "pumps", "version": "3"}
+    assert [s["sensor"] for s in closed["sensors"]] == ["temp", "flow"]  # top_k = 2
+    assert tracker.open_events() == []
+
+
+def test_open_events_lists_what_is_open() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=2))
+    run(tracker, [5.0, 5.0, 5.0], entity="b")
+    run(tracker, [5.0], entity="a")  # a run, not an event
+    [event] = tracker.open_events()
+    assert event["entity"] == "b" and event["status"] == "open" and event["windows"] == 3
+
+
+def test_cooldown_reopens_the_same_event_and_later_runs_get_a_new_id() -> None:
+    policy = AlertPolicy(min_duration_windows=2, recovery_windows=2, cooldown_s=10.0)
+    tracker = AlertTracker(policy)
+    # windows at T0+0..: open at 1, closed at 4 (recovery at 3, 4); a new run starts at 6 (2 s after close)
+    first = run(tracker, [5, 5, 0, 0, 0, 0, 7, 7, 0, 0])
+    assert [e["status"] for e in first] == ["open", "closed", "open", "closed"]
+    assert len({e["event_id"] for e in first}) == 1
+    reopened, last_close = first[2], first[3]
+    assert reopened["start_ts"] == T0 and reopened["peak_score"] == 7.0
+    assert last_close["end_ts"] == T0 + 7 and last_close["windows"] == 8
+    # far beyond the cooldown: a new event with a new id
+    later = run(tracker, [6, 6], t0=T0 + 100)
+    assert [e["status"] for e in later] == ["open"]
+    assert later[0]["event_id"] == event_id("pump-1", "pumps", T0 + 100) != first[0]["event_id"]
+
+
+def test_short_spike_in_cooldown_does_not_reopen() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=3, recovery_windows=1, cooldown_s=60.0))
+    events = run(tracker, [5, 5, 5, 0, 5, 0, 5, 5, 0])
+    assert [e["status"] for e in events] == ["open", "closed"]
+
+
+def test_ids_are_deterministic_across_fresh_trackers() -> None:
+    scores = [0, 3, 3, 3, 0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0]
+    a = run(AlertTracker(AlertPolicy(cooldown_s=0.0)), scores)
+    b = run(AlertTracker(AlertPolicy(cooldown_s=0.0)), scores)
+    assert a == b and len(a) == 4
+    assert a[0]["event_id"] != a[2]["event_id"]
+
+
+def test_entities_are_independent() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=2))
+    events = []
+    for i in range(4):
+        events += tracker.update("a", T0 + i, 5.0, THRESHOLD, detail, "m", "1")
+        events += tracker.update("b", T0 + i, 0.0, THRESHOLD, detail, "m", "1")
+    assert [(e["entity"], e["status"]) for e in events] == [("a", "open")]
+
+
+def test_sensor_detail_is_only_called_for_new_peaks() -> None:
+    calls = []
+
+    def counted() -> list[dict[str, Any]]:
+        calls.append(1)
+        return detail()
+
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=2))
+    for i, score in enumerate([0.1] * 100 + [2.0, 3.0, 2.5, 4.0, 1.5] + [0.1] * 10):
+        tracker.update("e", T0 + i, score, THRESHOLD, counted, "m", "1")
+    assert len(calls) == 3  # 2.0, 3.0, 4.0
+
+
+def test_score_equal_to_threshold_is_not_above() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=1))
+    assert run(tracker, [THRESHOLD] * 5) == []
+
+
+def test_rfc3339_is_utc_with_milliseconds() -> None:
+    assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1_795_255_200.25) == "2026-11-21T10:00:00.250Z"
+
+
+def test_bad_policy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        AlertPolicy(min_duration_windows=0)
+    with pytest.raises(ConfigError):
+        AlertPolicy(cooldown_s=-1.0)

@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+from anomaly.calibration import anomaly_likelihood, score_z, z_to_unit
+
+
+def test_sudden_change_stands_out_slow_drift_does_not():
+    rng = np.random.default_rng(0)
+    n = 2000
+    drift = np.linspace(1.0, 3.0, n) + rng.normal(0, 0.05, n)  # slow rise
+    jump = drift.copy()
+    jump[1500:1510] += 2.0  # sudden burst
+    ld, lj = anomaly_likelihood(drift, long=300), anomaly_likelihood(jump, long=300)
+    assert lj[1500:1510].max() > 0.9
+    assert ld[400:].max() < 0.9  # the drift alone never looks like the burst
+
+
+def test_uses_only_the_past():
+    rng = np.random.default_rng(1)
+    s = rng.normal(1, 0.1, 600)
+    base = score_z(s)
+    changed = s.copy()
+    changed[400:] += 5  # the future changes
+    np.testing.assert_array_equal(score_z(changed)[:400], base[:400])
+
+
+def test_hand_computed_z():
+    # history (before the last `short`=1 score) is [1, 2, 3]: mean 2, std 1; recent mean 5 -> z 3
+    z = score_z(np.array([1.0, 2.0, 3.0, 5.0]), short=1, long=10, min_history=3)
+    assert np.isnan(z[:3]).all()
+    assert z[3] == pytest.approx(3.0)
+
+
+def test_unit_map_is_monotonic_and_bounded():
+    z = np.array([np.nan, -100, -1, 0, 1, 100, 1e6])
+    u = z_to_unit(z)
+    assert u[0] == 0.0
+    assert np.all(np.diff(u[1:]) > 0)
+    assert u.min() >= 0 and u.max() < 1
+    assert u[3] == 0.5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        score_z(np.ones(5), short=0)

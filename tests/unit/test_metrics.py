@@ -1,0 +1,147 @@
+"""Worker metrics: counters move, each instance has its own registry, /metrics and /healthz are served."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+
+import pytest
+
+from anomaly.errors import AnomalyError
+from anomaly.metrics import COUNT_KEYS, WorkerMetrics
+
+COUNTS = {"consumed": 10, "dead_letters": 1, "windows_scored": 7, "late": 2, "duplicates": 3, "resets": 1,
+          "events_opened": 2, "events_closed": 1}
+
+
+def value(m: WorkerMetrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels or None)
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+@pytest.fixture
+def metrics():
+    m = WorkerMetrics(clock=lambda: 1_000.0)
+    yield m
+    m.stop_http()
+
+
+def test_record_batch_moves_every_counter(metrics):
+    metrics.record_batch(COUNTS, 0.2, [0.05, 3.0])
+    metrics.record_batch({"consumed": 5}, 0.01, [])
+    assert value(metrics, "anomaly_records_consumed_total") == 15
+    assert value(metrics, "anomaly_dead_letters_total") == 1
+    assert value(metrics, "anomaly_windows_scored_total") == 7
+    assert value(metrics, "anomaly_late_readings_total") == 2
+    assert value(metrics, "anomaly_duplicate_readings_total") == 3
+    assert value(metrics, "anomaly_window_resets_total") == 1
+    assert value(metrics, "anomaly_events_total", status="open") == 2
+    assert value(metrics, "anomaly_events_total", status="closed") == 1
+    assert value(metrics, "anomaly_batch_seconds_count") == 2
+    assert value(metrics, "anomaly_batch_seconds_sum") == pytest.approx(0.21)
+    assert value(metrics, "anomaly_end_to_end_seconds_count") == 2
+    assert value(metrics, "anomaly_end_to_end_seconds_bucket", le="0.05") == 1
+    assert value(metrics, "anomaly_last_batch_timestamp_seconds") == 1_000.0
+
+
+def test_step_extras_are_counted_too(metrics):
+    assert set(metrics._counters) == COUNT_KEYS  # every documented key has its counter
+    metrics.record_batch({"accepted": 8, "evicted": 2, "nonfinite_scores": 1}, 0.1, [])
+    assert value(metrics, "anomaly_readings_accepted_total") == 8
+    assert value(metrics, "anomaly_entities_evicted_total") == 2
+    assert value(metrics, "anomaly_nonfinite_scores_total") == 1
+
+
+def test_negative_latency_is_counted_as_zero_and_unknown_keys_warn_once(metrics, caplog):
+    metrics.record_batch({}, 0.0, [-2.0, float("nan")])
+    assert value(metrics, "anomaly_end_to_end_seconds_bucket", le="0.005") == 2
+    with caplog.at_level(logging.WARNING, logger="anomaly.metrics"):
+        metrics.record_batch({"consumd": 1, "consumed": 2}, 0.1, [])
+        metrics.record_batch({"consumd": 1}, 0.1, [])
+    assert [r.getMessage().count("consumd") for r in caplog.records] == [1]  # warned once, not raised
+    assert value(metrics, "anomaly_records_consumed_total") == 2
+
+
+def test_model_gauges_and_counters(metrics):
+    metrics.set_model("pump", "3")
+    metrics.model_swapped("pump", "4")
+    metrics.model_load_failed()
+    metrics.set_entities(12)
+    metrics.set_last_commit(1234.5)
+    assert value(metrics, "anomaly_model_version", model="pump") == 4
+    assert value(metrics, "anomaly_model_swaps_total") == 1
+    assert value(metrics, "anomaly_model_load_failures_total") == 1
+    assert value(metrics, "anomaly_entities") == 12
+    assert value(metrics, "anomaly_last_commit_timestamp_seconds") == 1234.5
+    metrics.set_model("fan", "1")  # another model: the old series goes away
+    assert value(metrics, "anomaly_model_version", model="pump") is None
+    assert value(metrics, "anomaly_model_version", model="fan") == 1
+
+
+def test_instances_do_not_share_a_registry():
+    a, b = WorkerMetrics(), WorkerMetrics()
+    a.record_batch({"consumed": 3}, 0.1, [])
+    assert value(a, "anomaly_records_consumed_total") == 3
+    assert value(b, "anomaly_records_consumed_total") == 0
+
+
+def test_health_document(metrics):
+    assert metrics.health()["status"] == "starting"
+    metrics.set_health("ok", model_name="pump", model_version=2, assigned_partitions=4)
+    metrics.record_batch({"consumed": 1}, 0.1, [])
+    doc = metrics.health()
+    assert doc == {"status": "ok", "detail": None, "model": {"name": "pump", "version": "2"},
+                   "last_batch_ts": 1_000.0, "last_batch_age_s": 0.0, "last_commit_ts": None,
+                   "assigned_partitions": 4}
+    metrics.set_health("degraded", detail="registry unreachable")
+    assert metrics.health()["detail"] == "registry unreachable"
+    metrics.set_health("ok")
+    assert metrics.health()["detail"] is None
+    with pytest.raises(ValueError):
+        metrics.set_health("fine")
+
+
+def test_http_serves_metrics_and_health_on_an_ephemeral_port(metrics):
+    port = metrics.start_http("127.0.0.1", 0)
+    assert port > 0 and metrics.http_port == port
+    metrics.record_batch(COUNTS, 0.2, [0.5])
+    base = f"http://127.0.0.1:{port}"
+
+    code, content_type, body = get(f"{base}/metrics")
+    assert code == 200 and content_type.startswith("text/plain")
+    assert "anomaly_records_consumed_total 10.0" in body
+    assert 'anomaly_events_total{status="open"} 2.0' in body
+    assert "# TYPE anomaly_end_to_end_seconds histogram" in body
+
+    code, content_type, body = get(f"{base}/healthz")
+    assert code == 503 and content_type == "application/json"  # still starting: not ready
+    assert json.loads(body)["status"] == "starting"
+    metrics.set_health("degraded", model_name="pump", model_version="7", assigned_partitions=2)
+    code, _, body = get(f"{base}/healthz")
+    doc = json.loads(body)
+    assert code == 200 and doc["model"] == {"name": "pump", "version": "7"} and doc["assigned_partitions"] == 2
+
+    assert get(f"{base}/nope")[0] == 404
+    with pytest.raises(AnomalyError, match="already running"):
+        metrics.start_http("127.0.0.1", 0)
+
+
+def test_port_in_use_is_a_clear_error_and_stop_releases_it(metrics):
+    port = metrics.start_http("127.0.0.1", 0)
+    other = WorkerMetrics()
+    with pytest.raises(AnomalyError, match=f"127.0.0.1:{port}"):
+        other.start_http("127.0.0.1", port)
+    metrics.stop_http()
+    metrics.stop_http()  # idempotent
+    assert metrics.http_port is None
+    assert other.start_http("127.0.0.1", port) == port
+    other.stop_http()

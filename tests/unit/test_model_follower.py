@@ -1,0 +1,128 @@
+"""ModelFollower's rules with a fake registry and clock: check interval, swaps, back-off, outages."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from anomaly.errors import RegistryError
+from anomaly.model_follower import MAX_BACKOFF_S, ModelFollower
+
+
+class FakeRegistry:
+    def __init__(self, alias: str | None = "1", broken: set[str] = frozenset()) -> None:
+        self.alias = alias
+        self.broken = set(broken)
+        self.down = False
+        self.resolves = 0
+        self.loads: list[str] = []
+
+    def resolve(self, name: str, alias: str) -> str | None:
+        self.resolves += 1
+        if self.down:
+            raise ConnectionError("registry down")
+        return self.alias
+
+    def load(self, name: str, version: str):
+        self.loads.append(version)
+        if version in self.broken:
+            raise RegistryError(f"models:/{name}/{version} holds no detector artifact")
+        return f"detector-v{version}", version
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def follower(reg: FakeRegistry, clock: Clock, interval: float = 30.0, **kwargs) -> ModelFollower:
+    return ModelFollower("pump", "champion", interval, reg.load, resolver=reg.resolve, clock=clock, **kwargs)
+
+
+def test_loads_at_start_and_checks_at_most_every_interval():
+    reg, clock = FakeRegistry(), Clock()
+    f = follower(reg, clock)
+    assert f.current() == ("detector-v1", "1") and reg.loads == ["1"]
+    reg.alias = "2"
+    clock.now += 29
+    assert f.poll() is None and reg.resolves == 1  # only the start's resolve
+    clock.now += 1
+    assert f.poll() == ("detector-v2", "2")
+    assert f.current() == ("detector-v2", "2") and f.swaps == 1
+    clock.now += 30
+    assert f.poll() is None  # alias unchanged: nothing loaded
+    assert reg.loads == ["1", "2"]
+
+
+def test_a_rollback_is_followed_too():
+    reg, clock = FakeRegistry(alias="5"), Clock()
+    f = follower(reg, clock, interval=0)
+    reg.alias = "4"
+    assert f.poll() == ("detector-v4", "4")
+
+
+def test_nothing_to_load_at_start_is_a_registry_error():
+    with pytest.raises(RegistryError, match="points to no version"):
+        follower(FakeRegistry(alias=None), Clock())
+    with pytest.raises(RegistryError, match="cannot load pump v1"):
+        follower(FakeRegistry(broken={"1"}), Clock())
+    reg = FakeRegistry()
+    reg.down = True
+    with pytest.raises(RegistryError, match="registry down"):
+        follower(reg, Clock())
+
+
+def test_broken_version_keeps_current_and_is_retried_with_backoff():
+    reg, clock = FakeRegistry(broken={"2"}), Clock()
+    reasons: list[str] = []
+    f = follower(reg, clock, on_failure=reasons.append)
+    reg.alias = "2"
+    attempts = []
+    for _ in range(200):  # 200 checks, 30 s apart: 100 minutes
+        clock.now += 30
+        assert f.poll() is None
+        if reg.loads[-1] == "2" and len(reg.loads) - 1 > len(attempts):
+            attempts.append(clock.now)
+    assert f.current() == ("detector-v1", "1")
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[:4] == [60, 120, 240, 480]  # doubling ...
+    assert max(gaps) == MAX_BACKOFF_S  # ... up to the cap, never every check
+    assert f.failures == len(attempts) == len(reasons)
+    assert "v2, which failed to load" in reasons[0]
+    # A newer good version is not held back by the broken one.
+    reg.alias = "3"
+    clock.now += 30
+    assert f.poll() == ("detector-v3", "3")
+
+
+def test_registry_outage_keeps_current_and_warns_once(caplog):
+    reg, clock = FakeRegistry(), Clock()
+    f = follower(reg, clock, interval=10)
+    reg.down = True
+    with caplog.at_level(logging.WARNING, logger="anomaly.model_follower"):
+        for _ in range(5):
+            clock.now += 10
+            assert f.poll() is None
+    assert f.failures == 5 and f.current()[1] == "1"
+    assert len([r for r in caplog.records if "registry down" in r.getMessage()]) == 1
+    reg.down, reg.alias = False, None  # back, but the alias was removed: still keep the model
+    clock.now += 10
+    assert f.poll() is None and f.failures == 6
+    reg.alias = "2"
+    clock.now += 10
+    assert f.poll() == ("detector-v2", "2")
+
+
+def test_a_failing_hook_does_not_break_polling():
+    reg, clock = FakeRegistry(), Clock()
+
+    def hook(reason: str) -> None:
+        raise RuntimeError("metrics broke")
+
+    f = follower(reg, clock, interval=0, on_failure=hook)
+    reg.down = True
+    assert f.poll() is None and f.failures == 1

@@ -1,0 +1,302 @@
+"""The worker's pure batch step, with a numpy fake model and with a small real Detector. No Kafka."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from anomaly.alerts import AlertPolicy
+from anomaly.codec import Reading, decode_dead_letter, decode_event, encode_reading, event_id
+from anomaly.detector import fit_detector
+from anomaly.errors import ModelError
+from anomaly.scoring_step import BatchOutput, DetectorModel, InputRecord, ScoringModel, ScoringStep
+from anomaly.thresholds import Threshold
+from anomaly.training import TrainConfig
+from anomaly.window_state import WindowPolicy
+from tests.fixtures import SENSORS, normal_frame
+
+T0 = 1_795_255_200.0  # 2026-11-21T10:00:00Z
+CENTRE = (70.0, 1.0, 5.0)
+TOPIC = "sensors"
+
+
+class FakeModel:
+    """score = mean |x - centre| over the window and sensors; expected = the centre. Counts calls."""
+
+    def __init__(self, window_size: int = 4, threshold: float = 1.0, version: str = "1",
+                 sensors: tuple[str, ...] = SENSORS, period_s: float = 1.0) -> None:
+        self.name, self.version, self.sensors = "pumps", version, sensors
+        self.window_size, self.period_s, self.threshold = window_size, period_s, threshold
+        self.fill_values = CENTRE[: len(sensors)]
+        self.calls: list[tuple[int, ...]] = []
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.calls.append(windows.shape)
+        centre = np.asarray(self.fill_values)
+        errors = np.abs(windows - centre).mean(axis=1)  # (N, F)
+        return errors.mean(axis=1), errors, np.broadcast_to(centre, errors.shape).copy()
+
+
+def reading_record(entity: str, slot: int, offset: int, partition: int = 0, values: dict | None = None,
+                   key: bytes | None = None, topic: str = TOPIC) -> InputRecord:
+    values = values if values is not None else dict(zip(SENSORS, CENTRE))
+    raw = encode_reading(Reading(entity, T0 + slot, values))
+    return InputRecord(topic, partition, offset, entity.encode() if key is None else key, raw, None)
+
+
+def stream(entities: dict[str, int], slots: range, fault: tuple[str, range, str, float] | None = None,
+           ) -> list[InputRecord]:
+    """Readings of each entity (entity -> partition) at every slot, interleaved, offsets per partition."""
+    offsets: dict[int, int] = {}
+    records = []
+    for slot in slots:
+        for entity, partition in entities.items():
+            values = dict(zip(SENSORS, CENTRE))
+            values["temp"] += 0.05 * math.sin(slot)  # a little life, deterministic
+            if fault and entity == fault[0] and slot in fault[1]:
+                values[fault[2]] += fault[3]
+            offset = offsets.get(partition, 0)
+            offsets[partition] = offset + 1
+            records.append(reading_record(entity, slot, offset, partition, values))
+    return records
+
+
+def step_for(model: ScoringModel, **alert: Any) -> ScoringStep:
+    return ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(**alert))
+
+
+def run_batches(step: ScoringStep, records: list[InputRecord], size: int = 7) -> list[BatchOutput]:
+    return [step.process(records[i:i + size], now_s=T0 + 1000) for i in range(0, len(records), size)]
+
+
+def test_one_batched_forward_pass_per_batch_for_all_entities() -> None:
+    model = FakeModel(window_size=4)
+    assert isinstance(model, ScoringModel)
+    step = step_for(model)
+    out = step.process(stream({"a": 0, "b": 0, "c": 1}, range(10)), now_s=T0 + 12.0)
+    assert model.calls == [(21, 4, 3)]  # 3 entities × 7 windows, one call
+    assert out.counts["windows_scored"] == 21 and out.counts["consumed"] == 30
+    assert sorted(out.latencies_s)[:3] == [3.0, 3.0, 3.0]  # windows ending at slot 9, scored at slot 12
+    step.process(stream({"a": 0}, range(10, 12)), now_s=T0 + 13.0)
+    assert model.calls[-1] == (2, 4, 3)
+    step.process([InputRecord(TOPIC, 0, 99, None, b"junk", None)], now_s=T0)
+    assert len(model.calls) == 2  # nothing ready: no forward pass at all
+
+
+def test_a_fault_in_one_sensor_is_one_event_naming_that_sensor() -> None:
+    model = FakeModel(window_size=4, threshold=1.0)
+    step = step_for(model, min_duration_windows=3, recovery_windows=3, cooldown_s=0.0)
+    records = stream({"pump-1": 0, "pump-2": 1, "pump-3": 0}, range(60),
+                     fault=("pump-2", range(20, 35), "pressure", 5.0))
+    outputs = run_batches(step, records)
+    events = [(key, decode_event(value)) for out in outputs for key, value in out.events]
+    assert [(k, e["status"]) for k, e in events] == [(b"pump-2", "open"), (b"pump-2", "closed")]
+    opened, closed = events[0][1], events[1][1]
+    # windows of 4 slots: the first above threshold (3 faulty slots: 3/4·5/3 = 1.25 > 1) ends at slot 22
+    assert opened["start_ts"] == T0 + 22
+    assert opened["event_id"] == closed["event_id"] == event_id("pump-2", "pumps", T0 + 22)
+    assert opened["sensors"][0]["sensor"] == "pressure"
+    assert opened["sensors"][0]["actual"] == pytest.approx(6.0) and opened["sensors"][0]["expected"] == 1.0
+    assert closed["end_ts"] == T0 + 35 and closed["model"] == {"name": "pumps", "version": "1"}
+    assert sum(out.counts["events_opened"] for out in outputs) == 1
+    assert sum(out.counts["events_closed"] for out in outputs) == 1
+    assert step.alerts.open_events() == []
+
+
+BAD_RECORDS: list[tuple[bytes | None, str]] = [
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b"", "empty record"),
+    (None, "tombstone"),
+    (b'{"ts": 1795255200, "values": {"temp": 1, "pressure": 1, "flow": 1}}', "missing field"),
+    (b'{"entity": "p", "ts": "yesterday", "values": {"temp": 1, "pressure": 1, "flow": 1}}', "RFC 3339"),
+    (b'{"entity": "p", "ts": 1795255200, "values": {"temp": "hot", "pressure": 1, "flow": 1}}', "not a number"),
+    (b'{"entity": "p", "ts": 1795255200, "values": {"temp": NaN, "pressure": 1, "flow": 1}}', "not finite"),
+    (b'{"entity": "p", "ts": 1795255200, "values": {"temp": 1, "pressure": 1}}', "missing ['flow']"),
+    (b'{"entity": "p", "ts": 1795255200, "values": {"temp": 1, "pressure": 1, "flow": 1, "rpm": 3}}',
+     "unknown ['rpm']"),
+]
+
+
+def test_every_bad_record_kind_is_a_dead_letter_with_the_original_bytes() -> None:
+    model = FakeModel()
+    step = step_for(model)
+    records = [InputRecord("in", 3, 100 + i, b"k%d" % i, raw, None) for i, (raw, _) in enumerate(BAD_RECORDS)]
+    out = step.process(records, now_s=T0)
+    assert out.counts["dead_letters"] == len(BAD_RECORDS) == out.counts["consumed"]
+    for i, ((key, letter), (raw, reason)) in enumerate(zip(out.dead_letters, BAD_RECORDS)):
+        doc = decode_dead_letter(letter)
+        assert key == b"k%d" % i
+        assert doc["original"] == raw
+        assert (doc["source_topic"], doc["source_partition"], doc["source_offset"]) == ("in", 3, 100 + i)
+        assert reason in doc["reason"], doc["reason"]
+    assert out.commits == {("in", 3): 100 + len(BAD_RECORDS)}  # nothing kept: commit past them all
+    assert model.calls == [] and out.events == []
+
+
+def test_entity_field_wins_over_the_record_key() -> None:
+    step = ScoringStep(FakeModel(window_size=2), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(),
+                       emit_scores=True)
+    out = step.process([reading_record("pump-9", s, s, key=b"someone-else") for s in range(3)], now_s=T0 + 3)
+    assert [key for key, _ in out.scores] == [b"pump-9", b"pump-9"]
+    assert step.windows.entities == 1 and "pump-9" in step.windows
+
+
+def test_score_records_when_enabled() -> None:
+    step = ScoringStep(FakeModel(window_size=2, version="7"), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(), emit_scores=True)
+    hot = {"temp": 72.0, "pressure": 1.0, "flow": 5.0}
+    out = step.process([reading_record("p", 0, 0), reading_record("p", 1, 1, values=hot)], now_s=T0 + 2)
+    [(key, value)] = out.scores
+    doc = json.loads(value)
+    assert key == b"p"
+    assert doc["entity"] == "p" and doc["ts"] == T0 + 1 and doc["start_ts"] == T0
+    assert doc["threshold"] == 1.0 and doc["anomalous"] is False and doc["model"] == {"name": "pumps", "version": "7"}
+    assert doc["score"] == pytest.approx(2.0 / 2 / 3) and doc["filled"] == 0  # temp off by 2 in one of 2 slots
+    assert step_for(FakeModel(window_size=2)).process([reading_record("p", s, s) for s in range(2)], T0).scores == []
+
+
+def test_commits_per_topic_partition_hold_back_what_windows_need() -> None:
+    step = step_for(FakeModel(window_size=4))
+    records = stream({"a": 0, "b": 1}, range(10))  # offsets = slots on both partitions
+    records += [InputRecord("other", 0, 41, None, b"bad", None)]
+    out = step.process(records, now_s=T0 + 10)
+    # the next window ends at slot 10 and needs slots 7, 8, 9 (offsets 7, 8, 9)
+    assert out.commits == {(TOPIC, 0): 7, (TOPIC, 1): 7, ("other", 0): 42}
+
+
+def test_same_records_from_fresh_state_give_byte_identical_events() -> None:
+    records = stream({"pump-1": 0, "pump-2": 1}, range(80), fault=("pump-1", range(30, 50), "flow", 9.0))
+    records += [InputRecord(TOPIC, 0, 999, b"x", b"{oops", None)]
+
+    def outputs() -> tuple[list, list, list]:
+        step = ScoringStep(FakeModel(window_size=5), WindowPolicy(window_size=1, period_s=1.0, grace_slots=1),
+                           AlertPolicy(min_duration_windows=2), emit_scores=True)
+        outs = run_batches(step, records, size=11)
+        return ([e for o in outs for e in o.events], [s for o in outs for s in o.scores],
+                [d for o in outs for d in o.dead_letters])
+
+    first, second = outputs(), outputs()
+    assert first[0] and first == second
+
+
+def test_late_duplicate_and_reset_are_counted() -> None:
+    step = ScoringStep(FakeModel(window_size=2), WindowPolicy(window_size=1, period_s=1.0, max_fill_steps=1),
+                       AlertPolicy())
+    recs = [reading_record("p", s, i) for i, s in enumerate([0, 1, 1, 3, 2, 9])]
+    out = step.process(recs, now_s=T0 + 10)
+    assert {k: out.counts[k] for k in ("accepted", "duplicates", "late", "resets")} == {
+        "accepted": 4, "duplicates": 1, "late": 1, "resets": 1}
+
+
+def test_swap_model_keeps_state_when_compatible_and_resets_otherwise() -> None:
+    step = step_for(FakeModel(window_size=3, version="1"))
+    step.process([reading_record("p", s, s) for s in range(3)], now_s=T0 + 3)
+    newer = FakeModel(window_size=3, version="2")
+    assert step.swap_model(newer) is True and step.model is newer
+    out = step.process([reading_record("p", 3, 3)], now_s=T0 + 4)
+    assert out.counts["windows_scored"] == 1 and newer.calls == [(1, 3, 3)]  # the buffer carried over
+    longer = FakeModel(window_size=5, version="3")
+    assert step.swap_model(longer) is False
+    assert step.windows.entities == 0 and step.window_policy.window_size == 5
+    out = step.process([reading_record("p", s, s) for s in range(4, 8)], now_s=T0 + 8)
+    assert out.counts["windows_scored"] == 0  # 4 slots into a fresh buffer of 5
+
+
+def test_model_failures_raise_and_nonfinite_scores_never_become_events() -> None:
+    class Broken(FakeModel):
+        def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            return np.zeros(1), np.zeros((1, 3)), np.zeros((1, 3))
+
+    with pytest.raises(ModelError):
+        step_for(Broken(window_size=1)).process([reading_record("p", s, s) for s in range(3)], now_s=T0)
+
+    class NaNs(FakeModel):
+        def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            n = len(windows)
+            return np.full(n, np.nan), np.full((n, 3), np.nan), np.zeros((n, 3))
+
+    step = ScoringStep(NaNs(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=1), emit_scores=True)
+    out = step.process([reading_record("p", s, s) for s in range(3)], now_s=T0)
+    assert out.counts["nonfinite_scores"] == 3 and out.events == []
+    assert [json.loads(v)["score"] for _, v in out.scores] == [None, None, None]
+
+
+def test_idle_entities_are_evicted_so_the_commit_moves_on() -> None:
+    step = ScoringStep(FakeModel(window_size=3), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(),
+                       idle_timeout_s=20.0)
+    step.process([reading_record("gone", s, s) for s in range(3)], now_s=T0)
+    out = step.process([reading_record("busy", s, 3 + i) for i, s in enumerate(range(3, 40))], now_s=T0 + 40)
+    assert out.counts["evicted"] == 1 and "gone" not in step.windows
+    assert out.commits == {(TOPIC, 0): 3 + 37 - 2}  # only busy's last two slots are needed
+
+
+# --- with a real (small) Detector ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detector_model() -> DetectorModel:
+    train = normal_frame(rows=500, seed=1).to_numpy()
+    detector, _, _ = fit_detector(
+        train, SENSORS, {"window_size": 8, "hidden_size": 16, "latent_size": 4},
+        TrainConfig(epochs=2, batch_size=128, patience=5, seed=0, device="cpu", progress=False),
+        threshold_method="quantile", threshold_params={"q": 0.99}, period_s=1.0)
+    # Twice the fitted value, as a deployment's threshold scale would: healthy windows of this barely
+    # trained model come close to the bare q99, the fault below scores ~100x above it.
+    fitted = detector.threshold
+    detector.threshold = Threshold(fitted.method, fitted.value * 2, {**fitted.params, "scale": 2.0})
+    return DetectorModel(detector, name="pumps", version="1", device="cpu")
+
+
+def frame_records(frame_values: np.ndarray, entity: str, partition: int) -> list[InputRecord]:
+    return [InputRecord(TOPIC, partition, i, entity.encode(),
+                        encode_reading(Reading(entity, T0 + i, dict(zip(SENSORS, map(float, row))))), None)
+            for i, row in enumerate(frame_values)]
+
+
+def test_detector_model_scores_streamed_windows_like_offline_scoring(detector_model: DetectorModel) -> None:
+    assert isinstance(detector_model, ScoringModel)
+    assert detector_model.sensors == SENSORS and detector_model.window_size == 8 and detector_model.period_s == 1.0
+    assert detector_model.fill_values == pytest.approx(detector_model.detector.scaler.centre)
+    calls = []
+    original = detector_model.detector.score_windows
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(args[0]))
+        return original(*args, **kwargs)
+
+    detector_model.detector.score_windows = counted  # type: ignore[method-assign]
+    try:
+        a = normal_frame(rows=60, seed=5).to_numpy()
+        b = normal_frame(rows=60, seed=6).to_numpy()
+        step = ScoringStep(detector_model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(), emit_scores=True)
+        out = step.process(frame_records(a, "pump-a", 0) + frame_records(b, "pump-b", 1), now_s=T0 + 60)
+    finally:
+        del detector_model.detector.score_windows
+    assert calls == [2 * (60 - 8 + 1)]  # one pass for both entities
+    streamed: dict[bytes, list[float]] = {}
+    for key, value in out.scores:
+        doc = json.loads(value)
+        streamed.setdefault(key, []).append(doc["score"])
+    offline = detector_model.detector.score_values(a).scores
+    np.testing.assert_allclose(streamed[b"pump-a"], offline, rtol=1e-5, atol=1e-7)
+
+
+def test_detector_model_fault_names_the_faulty_sensor(detector_model: DetectorModel) -> None:
+    values = normal_frame(rows=120, seed=9).to_numpy().copy()
+    values[60:90, SENSORS.index("pressure")] += 2.0  # ≈ 28 standard deviations of healthy pressure
+    healthy = normal_frame(rows=120, seed=10).to_numpy()
+    step = ScoringStep(detector_model, WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=3, recovery_windows=3))
+    records = frame_records(values, "pump-x", 0) + frame_records(healthy, "pump-ok", 1)
+    records.sort(key=lambda r: (r.offset, r.partition))  # interleave the two entities
+    events = [decode_event(v) for out in run_batches(step, records, size=25) for _, v in out.events]
+    opened = [e for e in events if e["status"] == "open"]
+    assert len(opened) == 1 and opened[0]["entity"] == "pump-x"
+    assert opened[0]["sensors"][0]["sensor"] == "pressure"
+    assert T0 + 60 <= opened[0]["start_ts"] <= T0 + 70

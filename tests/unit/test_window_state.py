@@ -1,0 +1,288 @@
+"""Window buffers on the sampling grid: every semantic on tiny hand-built cases, and commit offsets."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from anomaly.codec import Reading
+from anomaly.errors import ConfigError
+from anomaly.window_state import ReadyWindow, WindowPolicy, WindowStore
+
+FILL = 100.0  # fill value of sensor "x": easy to spot in expected arrays
+
+
+def store(w: int = 3, **kw: int) -> WindowStore:
+    return WindowStore(WindowPolicy(window_size=w, period_s=1.0, **kw), ["x"], [FILL])
+
+
+def r(ts: float, x: float | None, entity: str = "e") -> Reading:
+    return Reading(entity=entity, ts=ts, values={"x": x})
+
+
+def feed(s: WindowStore, slots: list[int], entity: str = "e", partition: int = 0,
+         first_offset: int = 0) -> list[str]:
+    """Readings whose value is their slot number, offsets counting up from ``first_offset``."""
+    return [s.add(entity, r(slot, float(slot), entity), partition, first_offset + i) for i, slot in enumerate(slots)]
+
+
+def ends(windows: list[ReadyWindow]) -> list[float]:
+    return [w.end_ts for w in windows]
+
+
+def col(window: ReadyWindow) -> list[float]:
+    return window.values[:, 0].tolist()
+
+
+# --- placing readings -------------------------------------------------------------------------------
+
+def test_in_order_readings_give_every_window_once() -> None:
+    s = store(w=3)
+    assert feed(s, [0, 1, 2, 3, 4], partition=2, first_offset=10) == ["accepted"] * 5
+    windows = s.ready()
+    assert ends(windows) == [2.0, 3.0, 4.0]
+    assert [col(w) for w in windows] == [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
+    first = windows[0]
+    assert (first.entity, first.start_ts, first.partition, first.end_offset, first.filled) == ("e", 0.0, 2, 12, 0)
+    assert first.values.shape == (3, 1) and first.values.dtype == np.float64
+    assert not first.values.flags.writeable
+    assert s.ready() == []  # handed out once
+
+
+def test_slot_is_the_nearest_grid_point() -> None:
+    s = WindowStore(WindowPolicy(window_size=2, period_s=0.5), ["x"], [0.0])
+    s.add("e", r(10.26, 1.0), 0, 0)  # slot 21 (10.5 s)
+    s.add("e", r(10.74, 2.0), 0, 1)  # slot 21 too: duplicate
+    assert s.add("e", r(10.74, 2.0), 0, 1) == "duplicate"
+    s.add("e", r(10.9, 3.0), 0, 2)  # slot 22 (11.0 s)
+    [window] = s.ready()
+    assert (window.start_ts, window.end_ts) == (10.5, 11.0)
+    assert col(window) == [1.0, 3.0]
+    assert WindowPolicy(window_size=1, period_s=1.0).slot(2.5) == 3  # halves round up
+
+
+def test_duplicate_keeps_the_first_reading() -> None:
+    s = store(w=2)
+    assert s.add("e", r(0, 1.0), 0, 0) == "accepted"
+    assert s.add("e", r(0, 9.0), 0, 1) == "duplicate"
+    assert s.add("e", r(1, 2.0), 0, 2) == "accepted"
+    assert s.add("e", r(0.2, 7.0), 0, 3) == "duplicate"  # same slot, still in the buffer: duplicate, not late
+    [window] = s.ready()
+    assert col(window) == [1.0, 2.0]
+
+
+def test_out_of_order_within_grace_is_placed_in_its_slot() -> None:
+    s = store(w=3, grace_slots=2)
+    assert feed(s, [0, 2, 1, 3]) == ["accepted"] * 4
+    assert s.ready() == []  # max slot 3 seals slots <= 1 only
+    feed(s, [4], first_offset=4)  # seals slot 2
+    [window] = s.ready()
+    assert (window.end_ts, col(window)) == (2.0, [0, 1, 2])
+    assert window.end_offset == 1  # the reading of slot 2 was the second one consumed
+
+
+def test_late_beyond_grace_is_dropped() -> None:
+    s = store(w=3, grace_slots=1)
+    feed(s, [0, 1, 3])  # seals 0..2; slot 2 is sealed with no reading
+    assert s.add("e", r(2, 2.0), 0, 3) == "late"
+    feed(s, [4], first_offset=4)  # seals 3: slot 2 is forward-filled from slot 1
+    windows = s.ready()
+    assert ends(windows) == [3.0]
+    assert col(windows[0]) == [1.0, 1.0, 3.0] and windows[0].filled == 1
+
+
+def test_short_gap_is_forward_filled_and_filled_slots_end_no_window() -> None:
+    s = store(w=3, max_fill_steps=2)
+    assert feed(s, [0, 1, 4]) == ["accepted"] * 3
+    [window] = s.ready()
+    assert (window.end_ts, col(window), window.filled) == (4.0, [1.0, 1.0, 4.0], 2)
+
+
+def test_long_gap_restarts_the_window() -> None:
+    s = store(w=3, max_fill_steps=2)
+    assert feed(s, [0, 1, 2]) == ["accepted"] * 3
+    assert s.add("e", r(6, 6.0), 0, 3) == "reset"  # 3 missing slots > 2
+    assert feed(s, [7, 8], first_offset=4) == ["accepted"] * 2
+    windows = s.ready()
+    assert ends(windows) == [2.0, 8.0]
+    assert col(windows[1]) == [6.0, 7.0, 8.0]
+
+
+def test_long_gap_seen_through_sealed_empty_slots_restarts_with_grace() -> None:
+    s = store(w=2, grace_slots=3, max_fill_steps=1)
+    assert feed(s, [0, 1]) == ["accepted"] * 2
+    # slot 6 seals slots <= 3: slots 2 and 3 are sealed and empty, a gap of 2 > 1
+    assert s.add("e", r(6, 6.0), 0, 2) == "reset"
+    assert ends(s.ready()) == [1.0]  # slot 1 was sealed by the same reading: its window comes first
+    feed(s, [7, 8, 9, 10], first_offset=3)  # seals up to 7
+    assert ends(s.ready()) == [7.0]
+
+
+def test_missing_sensor_is_filled_from_previous_slot_or_fill_values() -> None:
+    s = WindowStore(WindowPolicy(window_size=3, period_s=1.0), ["a", "b"], [10.0, 20.0])
+    s.add("e", Reading("e", 0, {"a": 1.0, "b": None}), 0, 0)  # b: no previous slot -> fill value 20
+    s.add("e", Reading("e", 1, {"a": None, "b": 5.0}), 0, 1)  # a: previous slot's 1.0
+    s.add("e", Reading("e", 2, {"a": None, "b": None}), 0, 2)
+    [window] = s.ready()
+    np.testing.assert_array_equal(window.values, [[1.0, 20.0], [1.0, 5.0], [1.0, 5.0]])
+    assert window.filled == 4
+
+
+def test_stride_scores_slots_aligned_to_the_stride() -> None:
+    s = store(w=3, stride=2)
+    feed(s, list(range(8)))
+    assert ends(s.ready()) == [2.0, 4.0, 6.0]
+    s2 = store(w=3, stride=2)
+    feed(s2, list(range(1, 8)))  # alignment is absolute, not relative to the first reading
+    assert ends(s2.ready()) == [4.0, 6.0]
+
+
+def test_entities_are_independent_and_resettable() -> None:
+    s = store(w=2)
+    feed(s, [0, 1], entity="a")
+    feed(s, [5, 6], entity="b")
+    assert s.entities == 2
+    assert sorted((w.entity, w.end_ts) for w in s.ready()) == [("a", 1.0), ("b", 6.0)]
+    s.reset("a")
+    assert s.entities == 1 and "a" not in s
+    s.reset()
+    assert s.entities == 0
+
+
+def test_memory_stays_bounded() -> None:
+    s = store(w=4, grace_slots=2)
+    for i in range(1000):
+        s.add("e", r(i, float(i)), 0, i)
+    state = s._entities["e"]
+    assert state.n <= 4 - 1 + 8 and len(state.pending) <= 2
+    assert len(s.ready()) == 1000 - 4 + 1 - 2  # the last 2 slots are not sealed yet
+
+
+def test_evict_idle_drops_silent_entities_and_releases_their_commit() -> None:
+    s = store(w=2, grace_slots=1)
+    feed(s, [0, 1], entity="quiet", first_offset=0)
+    feed(s, list(range(2, 30)), entity="busy", first_offset=2)
+    s.ready()
+    assert s.commit_offsets({0: 29})[0] == 0  # "quiet" pins the partition
+    assert s.evict_idle(max_idle_slots=10) == 1
+    assert "quiet" not in s
+    assert ends(s.ready()) == [1.0]  # its unsealed slot was sealed and scored before it was dropped
+    assert s.commit_offsets({0: 29})[0] == 28  # busy: slot 28 (needed) and unsealed slot 29
+
+
+def test_bad_policy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        WindowPolicy(window_size=0, period_s=1.0)
+    with pytest.raises(ConfigError):
+        WindowPolicy(window_size=3, period_s=0.0)
+    with pytest.raises(ConfigError):
+        WindowPolicy(window_size=3, period_s=1.0, grace_slots=-1)
+    with pytest.raises(ConfigError):
+        WindowStore(WindowPolicy(window_size=3, period_s=1.0), ["a", "b"], [0.0])
+
+
+# --- commit offsets -----------------------------------------------------------------------------------
+
+def test_commit_offsets_over_two_partitions_and_several_entities() -> None:
+    s = store(w=3)
+    # partition 0: A and B interleaved; partition 1: C.
+    s.add("A", r(0, 0.0, "A"), 0, 0)
+    s.add("B", r(0, 0.0, "B"), 0, 1)
+    s.add("A", r(1, 1.0, "A"), 0, 2)
+    s.add("B", r(1, 1.0, "B"), 0, 3)
+    s.add("A", r(2, 2.0, "A"), 0, 4)
+    s.add("A", r(3, 3.0, "A"), 0, 5)
+    for i, slot in enumerate([0, 1, 2]):
+        s.add("C", r(slot, float(slot), "C"), 1, 10 + i)
+    # Before ready(): A's window ending at slot 2 (offsets 0, 2, 4) is not handed out yet.
+    assert s.commit_offsets({0: 5, 1: 12}) == {0: 0, 1: 10}
+    s.ready()
+    # A: next window ends at 4, needs slots 2, 3 -> offsets 4, 5.  B: its first window (slots 0..2)
+    # needs slots 0, 1 -> offsets 1, 3.  Partition 0: min(4, 1) = 1.
+    # C: next window ends at 3, needs slots 1, 2 -> offsets 11, 12.
+    # Partition 2 had only records nobody keeps (dead letters): last + 1.
+    assert s.commit_offsets({0: 5, 1: 12, 2: 7}) == {0: 1, 1: 11, 2: 8}
+    s.reset("B")
+    assert s.commit_offsets({0: 5}) == {0: 4}
+
+
+def test_commit_offsets_keep_unsealed_slots_and_fill_sources() -> None:
+    s = store(w=3, grace_slots=1, max_fill_steps=2)
+    feed(s, [0, 1, 4, 5])  # offsets 0, 1, 2, 3: slots 2, 3 filled from slot 1 (offset 1)
+    s.ready()  # window ending at 4: slots 2, 3, 4
+    # next window ends at 5 and needs slots 3 (filled from offset 1), 4 (offset 2), 5 (unsealed, offset 3)
+    assert s.commit_offsets({0: 3}) == {0: 1}
+    feed(s, [6, 7], first_offset=4)
+    s.ready()
+    assert s.commit_offsets({0: 5}) == {0: 3}  # next window ends at 7: slots 5 (3), 6 (4), 7 (unsealed, 5)
+
+
+def test_commit_offsets_with_stride_and_window_of_one() -> None:
+    s = store(w=3, stride=4)
+    feed(s, list(range(6)))  # offsets = slots; window at 4 handed out; next window ends at 8
+    s.ready()
+    assert s.commit_offsets({0: 5}) == {0: 5}  # needs slots 6, 7, 8: only slot 5... is not needed
+    s1 = store(w=1)
+    feed(s1, [0, 1, 2])
+    s1.ready()
+    assert s1.commit_offsets({0: 2}) == {0: 3}  # a window of one slot needs nothing already read
+
+
+def test_commit_never_goes_beyond_what_a_future_window_needs() -> None:
+    """Restart from the committed offsets at random points: the replay rebuilds every window the
+    uninterrupted run had not handed out yet, with the same values."""
+    rng = random.Random(7)
+    for trial in range(200):
+        policy = WindowPolicy(window_size=rng.randint(1, 5), period_s=1.0, stride=rng.randint(1, 3),
+                              grace_slots=rng.randint(0, 3), max_fill_steps=rng.randint(0, 3))
+        records = _random_stream(rng, policy)
+        cut = rng.randint(1, len(records) - 1)
+        original = WindowStore(policy, ["x"], [0.0])
+        for partition, offset, entity, reading in records[:cut]:
+            original.add(entity, reading, partition, offset)
+        if rng.random() < 0.7:
+            original.ready()  # else the windows still queued must be rebuilt as well
+        last = {p: max(o for pp, o, _, _ in records[:cut] if pp == p) for p in {p for p, *_ in records[:cut]}}
+        commits = original.commit_offsets(last)
+        for partition, offset, entity, reading in records[cut:]:
+            original.add(entity, reading, partition, offset)
+        still_to_score = {(w.entity, w.end_ts): col(w) for w in original.ready()}
+
+        replay = WindowStore(policy, ["x"], [0.0])
+        for partition, offset, entity, reading in records:
+            if offset >= commits.get(partition, 0):
+                replay.add(entity, reading, partition, offset)
+        rebuilt = {(w.entity, w.end_ts): col(w) for w in replay.ready()}
+        for key, values in still_to_score.items():
+            assert rebuilt.get(key) == values, (trial, policy, key)
+
+
+def _random_stream(rng: random.Random, policy: WindowPolicy) -> list[tuple[int, int, str, Reading]]:
+    """Interleaved readings of 4 entities on 2 partitions, with gaps, duplicates and some disorder
+    within the grace period; (partition, offset, entity, reading) in consumption order."""
+    per_entity: dict[str, list[Reading]] = {}
+    for e in "abcd":
+        slot, readings = rng.randint(0, 5), []
+        for _ in range(rng.randint(5, 40)):
+            slot += 1 if rng.random() < 0.8 else rng.randint(2, 6)  # short and long gaps
+            readings.append(Reading(e, float(slot), {"x": float(rng.randint(0, 9))}))
+            if rng.random() < 0.1:
+                readings.append(readings[-1])  # a re-delivered duplicate
+        # disorder: swap neighbours, never by more than the grace period
+        for i in range(len(readings) - 1):
+            close = abs(readings[i + 1].ts - readings[i].ts) <= policy.grace_slots
+            if policy.grace_slots and close and rng.random() < 0.2:
+                readings[i], readings[i + 1] = readings[i + 1], readings[i]
+        per_entity[e] = readings
+    partition_of = {"a": 0, "b": 0, "c": 1, "d": 1}
+    out, offsets = [], {0: 0, 1: 0}
+    cursors = {e: 0 for e in per_entity}
+    while any(cursors[e] < len(per_entity[e]) for e in per_entity):
+        e = rng.choice([e for e in per_entity if cursors[e] < len(per_entity[e])])
+        p = partition_of[e]
+        out.append((p, offsets[p], e, per_entity[e][cursors[e]]))
+        offsets[p] += 1
+        cursors[e] += 1
+    return out
