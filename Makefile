@@ -1,19 +1,16 @@
-# Two entry points: `make run` (set up, then `anomaly up`) and `make test` (set up, then the tests).
+# `make test` sets up (if needed) and runs every test; `make setup` only installs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast benchmark clean
+.PHONY: setup test test-fast benchmark clean
 
 $(STAMP): pyproject.toml deploy/setup.sh
 	bash deploy/setup.sh $(VENV)
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install everything (torch==2.13.0 first)
-
-run: $(STAMP)  ## start everything locally on embedded defaults
-	$(BIN)/anomaly up
 
 test: $(STAMP)  ## the whole test suite: unit, integration (real MLflow/Kafka), end to end
 	bash deploy/test.sh
