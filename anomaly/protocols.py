@@ -24,9 +24,8 @@ from anomaly import evaluation
 from anomaly.calibration import anomaly_likelihood, z_to_unit
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
-from anomaly.detector import Detector, fit_detector
+from anomaly.train_job import fit_values
 from anomaly.preparation import fill_rows
-from anomaly.training import TrainConfig
 from anomaly.windowing import rows_from_windows
 
 log = logging.getLogger(__name__)
@@ -77,31 +76,13 @@ class ProtocolResult:
         return {"dataset": self.dataset, **self.metrics, "seconds": round(self.seconds, 1)}
 
 
-def _train_config(settings: Settings) -> TrainConfig:
-    t = settings.training
-    return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
-                       weight_decay=t.weight_decay, validation_fraction=t.validation_fraction, patience=t.patience,
-                       seed=t.seed, device=t.device, mixed_precision=t.mixed_precision, progress=False)
-
-
-def fit_on(values: np.ndarray, sensors: Sequence[str], settings: Settings) -> Detector:
-    th = settings.threshold
-    detector, _, _ = fit_detector(values, sensors, settings.model.model_params(), _train_config(settings),
-                                  threshold_method=th.method, threshold_params=th.policy_params(),
-                                  scaler_method=settings.data.scaler, stride=settings.training.stride)
-    if th.scale != 1.0:
-        detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
-                                                      {**detector.threshold.params, "scale": th.scale})
-    return detector
-
-
 def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
     """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
     (default: the first test row). Windows may reach back into training rows: a stream has that past."""
     values = fill_rows(series.frame.to_numpy(dtype=np.float64))
     sensors = tuple(str(c) for c in series.frame.columns)
     started = time.perf_counter()
-    detector = fit_on(values[: series.train_rows], sensors, settings)
+    detector, _, _ = fit_values(values[: series.train_rows], sensors, settings)
     train_seconds = time.perf_counter() - started
     scored = detector.score_values(values)
     n, w = len(values), detector.window_size
@@ -131,12 +112,6 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
     metrics = {"f1": binary.f1, "far": binary.far, "mar": binary.mar, **_events(results),
                "files": len(results), "test_rows": int(sum(len(r.labels) for r in results))}
     return ProtocolResult("skab", metrics, results, time.perf_counter() - started)
-
-
-def squash(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Map scores >= 0 to [0, 1] monotonically with our threshold at 0.5 (NAB wants [0, 1])."""
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
-    return s / (s + threshold) if threshold > 0 else (s > 0).astype(float)
 
 
 NAB_LIKELIHOOD = {"short": 5, "long": 500, "min_history": 50}  # rows; see anomaly.calibration

@@ -41,18 +41,26 @@ def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
                        progress=progress)
 
 
-def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = True,
-        progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
-    """Fit a detector on prepared data with the settings' model, training and threshold sections."""
+def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
+               progress: bool = False, progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+    """Fit a detector on gap-free readings (T, F) with the settings' data, model, training and
+    threshold sections (``threshold.scale`` applied)."""
     th = settings.threshold
     detector, result, val_scores = fit_detector(
-        prepared.values, prepared.sensors, settings.model.model_params(), train_config(settings, progress),
+        values, sensors, settings.model.model_params(), train_config(settings, progress),
         threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,
-        stride=settings.training.stride, callbacks=callbacks, period_s=prepared.period_s, progress_desc=progress_desc)
+        stride=settings.training.stride, callbacks=callbacks, period_s=period_s, progress_desc=progress_desc)
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
     return detector, result, val_scores
+
+
+def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = True,
+        progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+    """Fit a detector on prepared data (see ``fit_values``)."""
+    return fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s, callbacks=callbacks,
+                      progress=progress, progress_desc=progress_desc)
 
 
 def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",

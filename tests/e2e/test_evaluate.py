@@ -1,0 +1,49 @@
+"""``anomaly evaluate`` on small copies of the datasets in their own layout: the protocol runs end to
+end and writes the JSON figures and the Markdown report."""
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from anomaly.cli import main
+
+pytestmark = pytest.mark.e2e
+
+DATASETS = Path(os.environ.get("ANOMALY_DATASETS", Path(__file__).resolve().parents[3] / "shared" / "datasets"))
+
+
+@pytest.fixture()
+def small_skab(tmp_path):
+    src = DATASETS / "skab" / "data"
+    if not src.is_dir():
+        pytest.skip(f"SKAB not found at {src}")
+    for name in ("valve1/1.csv", "valve2/1.csv", "other/9.csv"):
+        frame = pd.read_csv(src / name, sep=";")
+        out = tmp_path / "skab" / "data" / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.iloc[:900].to_csv(out, sep=";", index=False)
+    return tmp_path / "skab"
+
+
+def test_evaluate_skab_copy_writes_figures_and_report(small_skab, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("ANOMALY_MLFLOW__ARTIFACT_LOCATION", str(tmp_path / "artifacts"))
+    code = main(["evaluate", "--dataset", "skab", "--data-dir", str(small_skab), "--json", "out.json",
+                 "--report", "report.md", "--epochs", "3", "--quiet"])
+    assert code == 0
+    figures = json.loads((tmp_path / "out.json").read_text())
+    for key in ("f1", "far", "mar", "event_precision", "event_recall", "event_f1", "mean_delay_s"):
+        assert key in figures
+    assert figures["files"] == 3 and figures["test_rows"] == 3 * 500
+    assert 0 <= figures["f1"] <= 1 and 0 <= figures["far"] <= 100 and 0 <= figures["mar"] <= 100
+    report = (tmp_path / "report.md").read_text()
+    assert "valve1/1" in report and "valve2/1" in report and "other/9" in report
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["anomaly"])
+    assert len(runs) == 1 and runs.iloc[0]["metrics.f1"] == pytest.approx(figures["f1"])
