@@ -395,6 +395,120 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
 # --- streaming: broker and replay (end) ---------------------------------------------------------
 
 
+# --- retraining: scheduler and retrain (begin) ---------------------------------------------------
+
+def _retrain_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The command line's overrides of ``retrain``/``scheduler`` as plain values (the scheduler keeps
+    them in its job store and re-reads the configuration with them at every run)."""
+    overrides: dict[str, dict[str, Any]] = {}
+
+    def put(section: str, key: str, value: Any) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+
+    put("training", "epochs", getattr(args, "epochs", None))
+    put("training", "device", getattr(args, "device", None) or None)
+    put("mlflow", "tracking_uri", getattr(args, "tracking_uri", None) or None)
+    put("mlflow", "model_name", getattr(args, "model_name", None) or None)
+    put("kafka", "bootstrap_servers", getattr(args, "bootstrap_servers", None) or None)
+    put("scheduler", "job_store", getattr(args, "job_store", None) or None)
+    put("scheduler", "metrics_port", getattr(args, "metrics_port", None))
+    if getattr(args, "interval_s", None) is not None:
+        put("scheduler", "trigger", "interval")
+        put("scheduler", "interval_s", float(args.interval_s))
+    if getattr(args, "cron", None):
+        put("scheduler", "trigger", "cron")
+        put("scheduler", "cron", args.cron)
+    return overrides
+
+
+def _retrain_settings(args: argparse.Namespace):
+    from anomaly.config import load_config
+
+    return load_config(getattr(args, "config", None), overrides=_retrain_overrides(args))
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """One retraining cycle now, on the same code path as the scheduled job. Exit 1 if it failed."""
+    from anomaly.scheduler import run_retrain
+
+    settings = _retrain_settings(args)
+    result = run_retrain(settings, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=2, default=str))
+    return 1 if result.status == "failed" else 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    """The retraining scheduler in the foreground until SIGTERM/SIGINT (or --run-for-s)."""
+    import signal
+    import threading
+    import time
+
+    from anomaly.scheduler import JOB_FUNC, RetrainScheduler
+
+    settings = _retrain_settings(args)
+    s = settings.scheduler
+    config = str(Path(args.config).resolve()) if args.config else None
+    kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
+    sched = RetrainScheduler(s, kwargs, func=args.job)
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    port = None
+    try:
+        sched.start()  # another scheduler on this store: SchedulerLocked, exit 2
+        if s.metrics_port >= 0:
+            port = sched.metrics.start_http(s.metrics_host, s.metrics_port)
+        log.info("scheduler: %s, store %s, next run %s%s", f"cron {s.cron}" if s.trigger == "cron"
+                 else f"every {s.interval_s:g} s", s.job_store, sched.next_run_time(),
+                 f", metrics on http://{s.metrics_host}:{port}/metrics" if port else "")
+        print(json.dumps({"job_store": s.job_store, "pid": os.getpid(), "metrics_port": port}), flush=True)
+        deadline = None if args.run_for_s is None else time.monotonic() + args.run_for_s
+        while not stop.wait(0.5):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    finally:
+        sched.stop(wait=True)
+        sched.metrics.stop_http()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    log.info("scheduler stopped")
+    return 0
+
+
+def _add_retrain_parsers(sub: Any, common: Any) -> None:
+    """Parser entries of ``scheduler`` and ``retrain``."""
+    from anomaly.scheduler import JOB_FUNC
+
+    p = sub.add_parser("retrain", help="run one retraining cycle now (challenger vs champion, gated promotion)",
+                       description="Collect recent readings from the input topic, drop what the champion flags, "
+                                   "train a challenger, compare both on the same hold-out and promote the "
+                                   "challenger only if it is better by the configured margin. Prints the result; "
+                                   "exit 1 if the cycle failed (the champion keeps serving).")
+    p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    p.add_argument("--job-store", help="override scheduler.job_store (its retrain lock is shared with the scheduler)")
+    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--device", help="override training.device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("scheduler", help="run the retraining scheduler (exactly one per deployment)",
+                       description="Run retraining on an interval or cron schedule kept in a SQLite job store, "
+                                   "until SIGTERM/SIGINT. A second scheduler on the same store exits with code 2.")
+    trig = p.add_mutually_exclusive_group()
+    trig.add_argument("--interval-s", type=float, help="override: run every this many seconds")
+    trig.add_argument("--cron", help="override: run on this crontab expression")
+    p.add_argument("--job-store", help="override scheduler.job_store")
+    p.add_argument("--metrics-port", type=int, help="override scheduler.metrics_port (-1 = off)")
+    p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
+    p.add_argument("--run-for-s", type=float, help="stop after this many seconds (tests, demos)")
+    p.add_argument("--job", default=JOB_FUNC, help=f"job function as module:function (default {JOB_FUNC}; testing)")
+    common(p)
+    p.set_defaults(func=cmd_scheduler)
+
+# --- retraining: scheduler and retrain (end) -----------------------------------------------------
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     _add_streaming_parsers(sub, common)
+    _add_retrain_parsers(sub, common)
     return parser
 
 

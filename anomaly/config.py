@@ -200,6 +200,65 @@ class WorkerSettings:
 
 
 @dataclass(frozen=True)
+class RetrainSettings:
+    """Scheduled retraining: which history, how anomalies are kept out, and the promotion gate."""
+
+    entities: list[str] | None = doc("entities whose history trains the challenger; empty = every entity whose readings carry the model's sensors", None)
+    max_readings: int = doc("most recent readings kept per entity while reading the input topic (bounds memory)", 50000)
+    lookback_s: float = doc("history window in seconds, measured on the readings' own ts back from the newest one", 7 * 86400.0)
+    min_rows: int = doc("fewest clean rows (after anomaly exclusion) needed to retrain; fewer = a logged skip", 500)
+    read_idle_s: float = doc("stop reading the input topic after this many seconds without a new record", 2.0)
+    read_timeout_s: float = doc("longest time spent reading the input topic", 300.0)
+    exclude_margin_rows: int = doc("rows dropped on each side of a window the champion flags, besides the window itself", 32)
+    holdout_fraction: float = doc("most recent fraction of the clean history held out to compare challenger and champion", 0.2)
+    min_improvement: float = doc("promote only if the challenger's mean hold-out error is lower by at least this fraction", 0.05)
+    max_false_alarm_increase: float = doc("promote only if the challenger's hold-out false-alarm rate exceeds the champion's by at most this", 0.005)
+
+    def check(self) -> None:
+        for name in ("max_readings", "min_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"retrain.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lookback_s", "read_idle_s", "read_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"retrain.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.exclude_margin_rows < 0:
+            raise ConfigError("retrain.exclude_margin_rows", f"must be >= 0, got {self.exclude_margin_rows}")
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError("retrain.holdout_fraction", f"must be in (0, 1), got {self.holdout_fraction}")
+        if not -1 < self.min_improvement < 1:
+            raise ConfigError("retrain.min_improvement", f"must be in (-1, 1), got {self.min_improvement}")
+        if not 0 <= self.max_false_alarm_increase <= 1:
+            raise ConfigError("retrain.max_false_alarm_increase",
+                              f"must be in [0, 1], got {self.max_false_alarm_increase}")
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """The retraining scheduler: when it runs, where its schedule persists, its metrics endpoint."""
+
+    trigger: str = doc("interval (every interval_s seconds) or cron (the cron expression)", "interval")
+    interval_s: float = doc("seconds between retraining runs (trigger = interval)", 86400.0)
+    cron: str = doc("crontab expression, minute hour day month weekday (trigger = cron)", "0 3 * * *")
+    timezone: str = doc("time zone of the cron expression", "UTC")
+    job_store: str = doc("SQLite file of the persistent job store; its lock file sits beside it", "mlruns/scheduler.db")
+    misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once", 3600)
+    metrics_host: str = doc("address of the scheduler's Prometheus /metrics endpoint", "127.0.0.1")
+    metrics_port: int = doc("port of the scheduler's metrics endpoint; 0 = any free port; -1 = off", 9109)
+
+    def check(self) -> None:
+        if self.trigger not in ("interval", "cron"):
+            raise ConfigError("scheduler.trigger", f"must be interval or cron, got {self.trigger!r}")
+        if self.interval_s <= 0:
+            raise ConfigError("scheduler.interval_s", f"must be > 0, got {self.interval_s}")
+        if len(self.cron.split()) != 5:
+            raise ConfigError("scheduler.cron", f"must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        if self.misfire_grace_s < 1:
+            raise ConfigError("scheduler.misfire_grace_s", f"must be >= 1, got {self.misfire_grace_s}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError("scheduler.metrics_port", f"must be -1..65535, got {self.metrics_port}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration."""
 
@@ -210,6 +269,8 @@ class Settings:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def check(self) -> None:
         """Per-section rules, then the rules that span sections."""

@@ -1,0 +1,101 @@
+"""The retraining scheduler's Prometheus metrics and their /metrics endpoint.
+
+Owns: one ``SchedulerMetrics`` object per scheduler with its own ``CollectorRegistry`` (tests and a
+worker in the same process never collide on the global registry). Besides ``anomaly/metrics.py``
+(the worker's), this is the only module that imports ``prometheus_client``. It only counts; the
+scheduler tells it what happened.
+
+Metric names (all prefixed ``anomaly_scheduler_``):
+
+    counters  jobs_started_total,
+              jobs_finished_total{outcome="promoted"|"kept"|"skipped"|"failed"|"error"|"ok"},
+              jobs_missed_total
+    gauges    job_running, last_run_timestamp_seconds, last_success_timestamp_seconds,
+              last_run_duration_seconds, next_run_timestamp_seconds
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+
+log = logging.getLogger(__name__)
+
+PREFIX = "anomaly_scheduler"
+# A retrain's status; "error": the job raised; "ok": a job that returns no retrain result finished.
+OUTCOMES = ("promoted", "kept", "skipped", "failed", "error", "ok")
+
+
+class SchedulerMetrics:
+    """Counters and gauges of one scheduler; ``start_http`` serves them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._server: Any = None
+        r = self.registry
+        self.started = Counter(f"{PREFIX}_jobs_started_total", "Retraining jobs started.", registry=r)
+        self.finished = Counter(f"{PREFIX}_jobs_finished_total", "Retraining jobs finished, by outcome.",
+                                labelnames=("outcome",), registry=r)
+        self.missed = Counter(f"{PREFIX}_jobs_missed_total",
+                              "Runs skipped because they were missed by more than the misfire grace time.", registry=r)
+        self.running = Gauge(f"{PREFIX}_job_running", "1 while a retraining job runs.", registry=r)
+        self.last_run_ts = Gauge(f"{PREFIX}_last_run_timestamp_seconds", "Epoch seconds the last job finished.",
+                                 registry=r)
+        self.last_success_ts = Gauge(f"{PREFIX}_last_success_timestamp_seconds",
+                                     "Epoch seconds the last job finished without failing.", registry=r)
+        self.last_duration = Gauge(f"{PREFIX}_last_run_duration_seconds", "Wall time of the last job.", registry=r)
+        self.next_run_ts = Gauge(f"{PREFIX}_next_run_timestamp_seconds", "Epoch seconds of the next scheduled run.",
+                                 registry=r)
+        for outcome in OUTCOMES:  # so a scrape shows 0 before the first job
+            self.finished.labels(outcome=outcome)
+        # Submitted minus finished. A fast job's "finished" event can arrive before its "submitted"
+        # event (they come from two threads), so this may dip below 0 for a moment.
+        self._pending = 0
+
+    def job_started(self) -> None:
+        self.started.inc()
+        self._pending += 1
+        self.running.set(1 if self._pending > 0 else 0)
+
+    def job_finished(self, outcome: str, duration_s: float | None = None) -> None:
+        """``duration_s``: the job's own measure of its wall time, when it reports one."""
+        now = self._clock()
+        self.finished.labels(outcome=outcome if outcome in OUTCOMES else "error").inc()
+        self._pending -= 1
+        self.running.set(1 if self._pending > 0 else 0)
+        self.last_run_ts.set(now)
+        if outcome not in ("failed", "error"):
+            self.last_success_ts.set(now)
+        if duration_s is not None:
+            self.last_duration.set(max(float(duration_s), 0.0))
+
+    def job_missed(self) -> None:
+        self.missed.inc()
+
+    def set_next_run(self, ts_s: float | None) -> None:
+        if ts_s is not None:
+            self.next_run_ts.set(ts_s)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """A sample's current value (tests, logs)."""
+        return self.registry.get_sample_value(name, labels or {})
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def start_http(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve ``/metrics`` in a daemon thread; the port it listens on."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

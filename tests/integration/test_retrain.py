@@ -1,0 +1,183 @@
+"""A retraining cycle against a real broker (Tansu) and a real SQLite MLflow store: a better challenger
+is promoted, a worse one is registered but kept out, a failure leaves the champion serving, too little
+data is a skip, and ``anomaly retrain`` runs the same cycle from the command line.
+
+The store holds two tiny champions trained up front: ``weak`` (1 epoch) and ``strong`` (many epochs);
+each test first gives @champion to the one it needs, so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from anomaly import registry, replay, tracking
+from anomaly.config import build_settings
+from anomaly.preparation import prepare_training
+from anomaly.retrain import run_cycle
+from anomaly.train_job import run_training
+from tests.fixtures import normal_frame, with_fault
+
+pytestmark = pytest.mark.integration
+
+NAME = "pump"
+ROWS = 1500
+
+
+def settings_for(root, bootstrap="127.0.0.1:1", topic="sensors", epochs=12, **retrain):
+    return build_settings({
+        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts"),
+                   "model_name": NAME},
+        "model": {"window_size": 8, "hidden_size": 16, "latent_size": 4},
+        "training": {"epochs": epochs, "batch_size": 64, "device": "cpu", "patience": 4},
+        "threshold": {"method": "quantile", "q": 0.99},
+        "kafka": {"bootstrap_servers": bootstrap, "input_topic": topic},
+        "retrain": {"min_rows": 300, "read_idle_s": 1.0, "read_timeout_s": 30.0, "exclude_margin_rows": 8,
+                    "holdout_fraction": 0.25, "min_improvement": 0.05, "max_false_alarm_increase": 0.02,
+                    **retrain},
+        "scheduler": {"job_store": str(root / "scheduler.db")},
+    })
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(root, weak version, strong version)."""
+    root = tmp_path_factory.mktemp("retrain")
+    prepared = prepare_training(normal_frame(800, seed=1))
+    weak = run_training(prepared, settings_for(root, epochs=1), source="synthetic", dataset="synthetic",
+                        promote=True, progress=False)
+    strong = run_training(prepare_training(normal_frame(ROWS, seed=2)), settings_for(root, epochs=6),
+                          source="synthetic", dataset="synthetic", progress=False)
+    yield root, weak.version, strong.version
+    tracking.configure(settings_for(root).mlflow.tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def normal_topic(kafka_broker, tmp_path_factory):
+    """A topic holding ROWS normal readings of pump-0 with a fault in the middle."""
+    topic = f"retrain-normal-{np.random.default_rng().integers(1 << 30)}"
+    frame, _ = with_fault(normal_frame(ROWS, seed=3), start=600, length=60, size=0.5)
+    plan = replay.replay_plan(frame, "pump", start_ts=1_790_000_000.0)
+    replay.replay(kafka_broker, topic, plan, progress=False)
+    return topic
+
+
+def champion_version(settings) -> str | None:
+    tracking.configure(settings.mlflow.tracking_uri)
+    return registry.alias_version(NAME, "champion")
+
+
+def give_champion(settings, version) -> None:
+    tracking.configure(settings.mlflow.tracking_uri)
+    registry.promote(NAME, version, "champion", reason="test setup")
+
+
+def comparison_run(settings, run_id):
+    from mlflow import MlflowClient
+
+    tracking.configure(settings.mlflow.tracking_uri)
+    return MlflowClient().get_run(run_id)
+
+
+def write_config(path, settings, epochs: int = 4):
+    """The test settings as the TOML file an operator would write."""
+    ml, k = settings.mlflow, settings.kafka
+    path.write_text("\n".join([
+        "[mlflow]", f'tracking_uri = "{ml.tracking_uri}"', f'artifact_location = "{ml.artifact_location}"',
+        f'model_name = "{NAME}"',
+        "[model]", "window_size = 8", "hidden_size = 16", "latent_size = 4",
+        "[training]", 'device = "cpu"', "batch_size = 64", "patience = 4", f"epochs = {epochs}",
+        "[threshold]", 'method = "quantile"', "q = 0.99",
+        "[kafka]", f'bootstrap_servers = "{k.bootstrap_servers}"', f'input_topic = "{k.input_topic}"',
+        "[retrain]", "min_rows = 300", "read_idle_s = 1.0", "holdout_fraction = 0.25", "exclude_margin_rows = 8",
+        "max_false_alarm_increase = 0.02",
+        "[scheduler]", f'job_store = "{settings.scheduler.job_store}"', ""]))
+    return path
+
+
+def test_anomaly_retrain_promotes_a_better_challenger(store, kafka_broker, normal_topic, tmp_path, capsys):
+    """``anomaly retrain`` (the scheduler's job runs the same ``run_retrain``) on replayed normal data
+    with a fault in it: the weak champion flags the fault, it is kept out, the challenger wins."""
+    from anomaly.cli import main
+
+    root, weak, _ = store
+    settings = settings_for(root, kafka_broker, normal_topic)
+    give_champion(settings, weak)
+    rc = main(["retrain", "--config", str(write_config(tmp_path / "anomaly.toml", settings)), "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0, result
+    assert result["status"] == "promoted", result["reason"]
+    assert result["champion_version"] == weak
+    assert champion_version(settings) == result["challenger_version"]
+    assert registry.alias_version(NAME, "challenger") == result["challenger_version"]
+    # the fault in the middle was flagged by the champion and kept out of training
+    assert result["data"]["flagged_windows"] > 0 and result["data"]["rows_excluded"] > 0
+    assert result["data"]["entities"] == "pump-0"
+    assert result["metrics"]["challenger.mean_error"] < result["metrics"]["champion.mean_error"]
+    run = comparison_run(settings, result["comparison_run_id"])
+    assert run.data.tags["decision"] == "promoted"
+    assert "champion.mean_error" in run.data.metrics and "challenger.false_alarm_rate" in run.data.metrics
+    version = registry.client().get_model_version(NAME, result["challenger_version"])
+    assert version.tags["retrain.decision"] == "promoted"
+    assert version.tags["retrain.champion_version"] == weak  # what it was trained against, and on what data
+    assert int(version.tags["retrain.train_rows"]) >= 300 and version.tags["retrain.origin"] == f"kafka:{normal_topic}"
+
+
+def shuffle_rows(values: np.ndarray) -> np.ndarray:
+    """Corrupt training data: same marginal distribution (same scaler), no temporal structure."""
+    return np.random.default_rng(0).permutation(values, axis=0)
+
+
+def test_worse_challenger_is_registered_but_not_promoted(store, kafka_broker, normal_topic):
+    root, _, strong = store
+    settings = settings_for(root, kafka_broker, normal_topic, epochs=2)
+    give_champion(settings, strong)
+    result = run_cycle(settings, data_transform=shuffle_rows)
+    assert result.status == "kept", result.reason
+    assert result.challenger_version is not None
+    assert champion_version(settings) == strong
+    assert registry.alias_version(NAME, "challenger") == result.challenger_version
+    run = comparison_run(settings, result.comparison_run_id)
+    assert run.data.tags["decision"] == "kept"
+    assert run.data.tags["challenger.version"] == result.challenger_version
+    assert registry.client().get_model_version(NAME, result.challenger_version).tags["retrain.decision"] == "kept"
+
+
+def test_bad_data_fails_and_leaves_the_champion(store, kafka_broker, normal_topic):
+    root, weak, _ = store
+    settings = settings_for(root, kafka_broker, normal_topic, epochs=1)
+    give_champion(settings, weak)
+
+    def broken(values):
+        raise ValueError("corrupt training data")
+
+    result = run_cycle(settings, data_transform=broken)
+    assert result.status == "failed" and "corrupt training data" in result.reason
+    assert result.challenger_version is None
+    assert champion_version(settings) == weak
+
+
+def test_unreachable_store_fails_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    settings = settings_for(tmp_path)
+    settings = dataclasses.replace(settings, mlflow=dataclasses.replace(settings.mlflow,
+                                                                        tracking_uri="http://127.0.0.1:9"))
+    result = run_cycle(settings)
+    assert result.status == "failed"
+    assert "registry" in result.reason
+
+
+def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
+    root, weak, _ = store
+    frame = normal_frame(100, seed=4)
+    replay.replay(kafka_broker, topic_name, replay.replay_plan(frame, "pump", start_ts=1_790_000_000.0),
+                  progress=False)
+    settings = settings_for(root, kafka_broker, topic_name)
+    give_champion(settings, weak)
+    result = run_cycle(settings)
+    assert result.status == "skipped" and "too little clean data" in result.reason
+    assert result.challenger_version is None and champion_version(settings) == weak

@@ -1,0 +1,99 @@
+"""Scheduler pieces without a store or a broker: the lock, the metrics, triggers, settings round trip,
+and the [retrain]/[scheduler] configuration rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from anomaly.config import Settings, build_settings
+from anomaly.errors import ConfigError
+from anomaly.scheduler import FileLock, SchedulerLocked, lock_path, retrain_lock_path, settings_dict, trigger_for
+from anomaly.scheduler_metrics import SchedulerMetrics
+
+
+def test_file_lock_is_exclusive_and_names_the_holder(tmp_path):
+    path = tmp_path / "store.db.lock"
+    first = FileLock(path).acquire()
+    try:
+        assert path.read_text().strip() == str(os.getpid())
+        with pytest.raises(SchedulerLocked) as info:
+            FileLock(path).acquire()
+        assert str(info.value) == f"another scheduler holds {path} (pid {os.getpid()}); exiting"
+        assert info.value.pid == os.getpid()
+    finally:
+        first.release()
+    with FileLock(path) as again:  # released: free to take
+        assert again.held
+    assert not again.held
+
+
+def test_lock_paths_sit_beside_the_store():
+    assert str(lock_path("mlruns/scheduler.db")) == "mlruns/scheduler.db.lock"
+    assert str(retrain_lock_path("mlruns/scheduler.db")) == "mlruns/scheduler.db.retrain.lock"
+
+
+def test_metrics_count_outcomes():
+    now = [100.0]
+    m = SchedulerMetrics(clock=lambda: now[0])
+    m.job_started()
+    assert m.value("anomaly_scheduler_job_running") == 1
+    now[0] = 103.0
+    m.job_finished("promoted", duration_s=3.0)
+    assert m.value("anomaly_scheduler_last_run_duration_seconds") == 3.0
+    assert m.value("anomaly_scheduler_job_running") == 0
+    m.job_finished("skipped")  # a fast job: finished reported before submitted
+    m.job_started()
+    assert m.value("anomaly_scheduler_job_running") == 0
+    m.job_started()
+    m.job_finished("failed")
+    m.job_missed()
+    assert m.value("anomaly_scheduler_jobs_started_total") == 3
+    assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "promoted"}) == 1
+    assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "failed"}) == 1
+    assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "kept"}) == 0
+    assert m.value("anomaly_scheduler_jobs_missed_total") == 1
+    assert m.value("anomaly_scheduler_last_success_timestamp_seconds") == 103.0
+    assert b"anomaly_scheduler_jobs_finished_total" in m.exposition()
+
+
+def test_metrics_http_endpoint():
+    import urllib.request
+
+    m = SchedulerMetrics()
+    port = m.start_http("127.0.0.1", 0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        assert b"anomaly_scheduler_jobs_started_total" in body
+    finally:
+        m.stop_http()
+
+
+def test_triggers_and_fingerprints():
+    interval, fp = trigger_for(build_settings({"scheduler": {"interval_s": 2}}).scheduler)
+    assert fp == "every 2 s" and interval.interval.total_seconds() == 2
+    cron, fp = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "*/5 * * * *"}}).scheduler)
+    assert fp == "cron */5 * * * * UTC" and "minute='*/5'" in str(cron)
+
+
+def test_settings_round_trip_through_the_job_store_dict():
+    settings = build_settings({"retrain": {"entities": ["pump-0"], "min_rows": 10},
+                               "kafka": {"client_options": {"request_timeout_ms": 5000}}})
+    assert build_settings(settings_dict(settings)) == settings
+    assert build_settings(settings_dict(Settings())) == Settings()
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"retrain": {"max_readings": 0}}, "retrain.max_readings"),
+    ({"retrain": {"holdout_fraction": 1.0}}, "retrain.holdout_fraction"),
+    ({"retrain": {"lookback_s": 0}}, "retrain.lookback_s"),
+    ({"retrain": {"exclude_margin_rows": -1}}, "retrain.exclude_margin_rows"),
+    ({"scheduler": {"trigger": "weekly"}}, "scheduler.trigger"),
+    ({"scheduler": {"cron": "0 3 * *"}}, "scheduler.cron"),
+    ({"scheduler": {"interval_s": 0}}, "scheduler.interval_s"),
+])
+def test_bad_retrain_and_scheduler_settings_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as info:
+        build_settings(raw)
+    assert info.value.field == field
