@@ -205,6 +205,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                                                            bootstrap_servers=args.bootstrap_servers))
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     w = settings.worker
+    if w.torch_threads:
+        import torch
+
+        torch.set_num_threads(w.torch_threads)  # measured: 1 thread scores 6-27x faster than 2 on a shared 2-core box
     metrics = WorkerMetrics()
     follower = ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
                              on_failure=lambda reason: metrics.model_load_failed())

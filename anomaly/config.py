@@ -180,6 +180,7 @@ class WorkerSettings:
     model_alias: str = doc("registry alias the worker serves and follows", "champion")
     model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
     device: str = doc("scoring device: auto (CUDA when present), cpu, cuda", "auto")
+    torch_threads: int = doc("CPU threads for scoring; 0 = torch's default (one per core). 1 is fastest when the broker and Kafka clients share the cores", 1)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")
     metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
 
@@ -188,7 +189,7 @@ class WorkerSettings:
                      "recovery_windows", "top_sensors"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"worker.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("grace_slots", "max_fill_steps"):
+        for name in ("grace_slots", "max_fill_steps", "torch_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"worker.{name}", f"must be >= 0, got {getattr(self, name)}")
         if self.poll_timeout_s <= 0 or self.poll_timeout_s > 30:

@@ -49,6 +49,10 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "session_timeout_ms": 6000,
     # Kafka's rule of thumb: at most a third of the session timeout, so one lost heartbeat is survivable.
     "heartbeat_interval_ms": 2000,
+    # Tansu answers a fetch only after fetch_max_wait_ms even when data is there (Kafka answers as soon
+    # as fetch_min_bytes arrive): the 500 ms default became the worker's latency floor; 50 ms keeps
+    # idle polling cheap and latency low (measured: p50 136 -> 33 ms at 1,000 readings/s).
+    "fetch_max_wait_ms": 50,
 })
 
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({

@@ -1,0 +1,747 @@
+"""Streaming benchmark of the scoring worker: throughput against a bare consumer, end-to-end latency at
+a fixed offered rate, and peak memory by entity count. A script that prints numbers, not a test.
+
+    python -m pipelines.bench_stream [--json OUT] [--quick] [--messages N] [--rate R] [--fleet E]
+                                     [--duration S] [--entities 1,100,10000]
+                                     [--torch-threads T] [--client-options JSON]   # experiments
+
+Defaults: 200k readings of 100 entities; 5,000 readings/s for 20 s; 1, 100 and 10,000 entities
+(≈ 3 min on 2 idle cores with one torch thread, ≈ 9 min as shipped on a busy box). ``--quick``:
+20k readings, 1,000/s for 5 s, 1, 10 and 100 entities (≈ 1 minute).
+
+Everything runs in one process tree against ONE local broker (``LocalBroker``, Tansu, memory storage)
+that the script starts and stops itself. No MLflow: a small detector is fitted in-process
+(``fit_detector`` on synthetic 3-sensor data; window and network shape are ``ModelSettings``' defaults,
+W=32, hidden 64, latent 16; two epochs) and served through a ``ModelFollower`` whose resolver and
+loader are fakes, so what is measured is the worker, not the registry. The model's sampling period is
+``fleet / rate`` seconds, so that at the offered rate every entity sends one reading per grid slot.
+
+Method
+------
+1. Throughput. N readings of E entities (on the grid, in time order, keyed by entity) are loaded into a
+   4-partition input topic FIRST (the load rate is reported: kafka-python's producer is the limit),
+   then consumed twice from the beginning, each in its own consumer group:
+   - ``raw_msgs_per_s``: a bare kafka-python consumer that only ``json.loads`` each value;
+   - ``worker_msgs_per_s``: the real ``Worker`` (config defaults: stride, max_poll_records, scores
+     topic off) with decode, windows, batched forward pass, alerts, event production, flush, commits.
+   Both clocks run from the first non-empty poll to the moment all N are processed, so the ≈ 3 s group
+   join (DESIGN §5) is excluded from both. ``ratio`` = worker / raw (target ≥ 0.8).
+2. Latency. A worker runs live in a child process; once it has its partitions, this process plays the
+   sensors: every period (``fleet / rate`` s, on the grid) each of the E entities sends one reading
+   whose ``ts`` is the wall-clock time of the send (``time.time()``), for ``duration`` seconds (a
+   reading the producer cannot send within 0.45 period of its tick is skipped and counted, see
+   ``phase_latency``). A window's latency is the time its batch finished (outputs produced and
+   flushed, offsets committed) minus its end timestamp, the grid slot time ≈ the reading's send time
+   (``ScoringStep``'s ``latencies_s`` plus the rest of the batch after the step's ``now_s``).
+   Target: p99 < 100 ms + one stride (stride × period). A worker slower than the offered rate builds
+   a backlog and its latency grows with the run: the JSON's ``latency_detail`` has its live rate.
+   The worker's own ``end_to_end_seconds`` metric takes ``now`` at the START of the batch, before
+   decoding and scoring; ``p99_ms_at_batch_start`` is that figure, for comparison.
+3. Memory. For each entity count a fresh worker child consumes a topic in which every entity sends
+   W + 8 readings (enough for 9 windows each and a compaction of its ring buffer), then exits;
+   ``peak_rss_mb`` is the child's own peak RSS (``VmHWM`` of /proc/self/status, read as it finishes;
+   not the broker's, not this process's; ``ru_maxrss`` of a fork+exec'd child is not usable, see
+   ``Child``). ``rss_baseline_mb`` is the child's RSS with everything imported
+   (torch, kafka-python, the worker's modules), the worker built and the model warmed up, before it
+   consumes anything: the difference is what the entities, batches and client buffers cost.
+
+Caveats
+-------
+- On a small machine the broker, the producer and the consumer share the cores (2 where this was
+  written): the raw rate is kafka-python's CPU limit on a loaded box, and the worker's forward pass
+  competes with Tansu for the same cores; torch uses ``torch.get_num_threads()`` threads (its default
+  is one per core; ``--torch-threads`` overrides it in the workers, to see what that costs: on a busy
+  2-core machine torch's OpenMP threads wait on each other and a forward pass can take ~1 s whatever
+  its batch size). ``loadavg_start``/``loadavg_end`` in the JSON say how busy the machine was; other
+  processes' load changes every figure here, so compare runs taken under similar load.
+- Tansu keeps every message in memory (≈ 240 B of RSS per message, DESIGN §5) and never frees it in
+  this run; its memory is not part of any figure here. Its fetch and group behaviour is not Apache
+  Kafka's: absolute numbers are for comparing versions on one machine, not capacity planning.
+- The sensors' producer runs in this process with ``linger_ms`` = ``--producer-linger-ms`` (default 0):
+  a producer's linger is latency the worker never sees, so it is kept out of the measurement.
+- Latencies are measured after a model warm-up in the child (a long-running worker is warm); the
+  first windows of the run are included.
+- On Tansu the consumer's ``fetch_max_wait_ms`` (kafka-python default 500) shows up in the latency
+  of a caught-up worker (measured: p50 136 -> 33 ms at 1,000/s with 10 ms), which Apache Kafka does not
+  do (it answers a fetch as soon as ``fetch_min_bytes`` are there); ``--client-options`` tries it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench_stream")
+
+SENSORS = ("temp", "pressure", "flow")
+START_TS = 1_790_000_000.0  # stream time of the pre-loaded topics (fixed, so runs are comparable)
+MODEL_NAME = "bench"
+RESULT_PREFIX = "RESULT "
+ASSIGNED_LINE = "ASSIGNED"
+PARTITIONS = 4
+RATIO_TARGET = 0.8
+LATENCY_BUDGET_MS = 100.0  # plus one stride (stride × period)
+
+DEFAULTS = {"messages": 200_000, "rate": 5_000.0, "duration": 20.0, "entities": "1,100,10000", "fleet": 100,
+            "epochs": 2}
+QUICK = {"messages": 20_000, "rate": 1_000.0, "duration": 5.0, "entities": "1,10,100", "fleet": 100,
+         "epochs": 1}
+
+
+# --- data and model --------------------------------------------------------------------------------
+
+def synthetic_values(rows: int, seed: int = 0) -> np.ndarray:
+    """(rows, 3) healthy pump readings: three correlated periodic sensors with noise (tests' normal_frame)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(rows)
+    phase = 2 * np.pi * t / 50
+    temp = 70 + 2 * np.sin(phase) + rng.normal(0, 0.1, rows)
+    pressure = 1.0 + 0.1 * np.cos(phase) + rng.normal(0, 0.005, rows)
+    flow = 5 + 0.5 * np.sin(phase + 0.5) + rng.normal(0, 0.03, rows)
+    return np.stack([temp, pressure, flow], axis=1)
+
+
+def fit_bench_detector(period_s: float, epochs: int):
+    """A detector of the production shape (ModelSettings defaults), fitted briefly on synthetic data."""
+    import torch
+
+    from anomaly.config import ModelSettings, ThresholdSettings
+    from anomaly.detector import fit_detector
+    from anomaly.training import TrainConfig
+
+    threshold = ThresholdSettings()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # fitting is not measured; one thread is quickest on a small, busy machine
+    try:
+        detector, _, _ = fit_detector(synthetic_values(3000, seed=1), SENSORS, ModelSettings().model_params(),
+                                      TrainConfig(epochs=epochs, device="cpu", progress=False, patience=epochs),
+                                      threshold_method=threshold.method, threshold_params=threshold.policy_params(),
+                                      period_s=period_s)
+    finally:
+        torch.set_num_threads(threads)
+    return detector
+
+
+def fake_follower(detector, check_interval_s: float):
+    """A ModelFollower serving ``detector`` as bench@champion v1, without a registry."""
+    from anomaly.model_follower import ModelFollower
+
+    return ModelFollower(MODEL_NAME, "champion", check_interval_s=check_interval_s,
+                         loader=lambda name, version: (detector, version), resolver=lambda name, alias: "1")
+
+
+def encode(entity: str, ts: float, row) -> bytes:
+    """A reading in the input contract (codec.encode_reading's JSON, without building a Reading)."""
+    return json.dumps({"entity": entity, "ts": ts, "values": dict(zip(SENSORS, row))},
+                      separators=(",", ":")).encode()
+
+
+def fleet_messages(entities: int, count: int, period_s: float, values: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """``count`` readings of ``entities`` entities on the grid in time order (slot by slot, each
+    entity once per slot), keyed by entity; entity ``e`` replays ``values`` from row ``7 e``."""
+    names = [f"pump-{e:05d}" for e in range(entities)]
+    keys = [n.encode() for n in names]
+    rows = values.tolist()
+    out: list[tuple[bytes, bytes]] = []
+    k = 0
+    while len(out) < count:
+        ts = START_TS + k * period_s
+        for e in range(entities):
+            out.append((keys[e], encode(names[e], ts, rows[(k + 7 * e) % len(rows)])))
+            if len(out) == count:
+                break
+        k += 1
+    return out
+
+
+# --- Kafka helpers ---------------------------------------------------------------------------------
+
+def load_topic(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
+    """Produce pre-encoded messages as fast as the producer goes; returns messages per second."""
+    from anomaly import kafka_io
+
+    kafka_io.ensure_topics(bootstrap, {topic: PARTITIONS})
+    producer = kafka_io.make_producer(bootstrap)
+    try:
+        started = time.perf_counter()
+        futures = [producer.send(topic, key=k, value=v) for k, v in messages]
+        producer.flush(timeout=120)
+        seconds = time.perf_counter() - started
+    finally:
+        producer.close(timeout=10)
+    failed = sum(1 for f in futures if f.failed())
+    if failed:
+        raise RuntimeError(f"loading {topic}: {failed} of {len(messages)} sends failed")
+    return len(messages) / seconds
+
+
+def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeout_s: float) -> dict[str, Any]:
+    """A bare consumer in its own group: poll and json-decode every value until ``n`` are read."""
+    from anomaly import kafka_io
+
+    consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw", [topic])
+    count, first, deadline = 0, None, time.monotonic() + timeout_s
+    try:
+        while count < n and time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=1000, max_records=max_poll_records)
+            if polled and first is None:
+                first = time.perf_counter()
+            for batch in polled.values():
+                for record in batch:
+                    json.loads(record.value)
+                    count += 1
+        done = time.perf_counter()
+    finally:
+        consumer.close(autocommit=False)
+    if count < n or first is None:
+        raise RuntimeError(f"raw consumer read {count} of {n} records within {timeout_s:.0f} s")
+    return {"msgs_per_s": count / (done - first), "seconds": done - first, "consumed": count}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Departures from the shipped defaults, for experiments (none by default): torch threads in the
+    workers and extra kafka-python options (``kafka.client_options``) for the workers' clients."""
+
+    torch_threads: int | None = None
+    client_options: dict[str, Any] = field(default_factory=dict)
+
+    def child_args(self) -> list[str]:
+        args = ["--torch-threads", str(self.torch_threads)] if self.torch_threads else []
+        return args + (["--client-options", json.dumps(self.client_options)] if self.client_options else [])
+
+    def apply(self) -> None:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+
+def worker_settings(bootstrap: str, topic: str, group: str, tuning: Tuning = Tuning()):
+    from anomaly.config import build_settings
+
+    return build_settings({"kafka": {"bootstrap_servers": bootstrap, "input_topic": topic,
+                                     "events_topic": f"{topic}.events", "dlq_topic": f"{topic}.dlq",
+                                     "scores_topic": None, "group_id": group,
+                                     "client_options": dict(tuning.client_options)}})
+
+
+def make_bench_worker(detector, bootstrap: str, topic: str, group: str, tuning: Tuning = Tuning(), **kw):
+    """The real Worker (options from config defaults), observed by a subclass: see ``_bench_worker_class``."""
+    from anomaly.worker import options_from_settings
+
+    settings = worker_settings(bootstrap, topic, group, tuning)
+    follower = fake_follower(detector, settings.worker.model_check_interval_s)
+    return _bench_worker_class()(options_from_settings(settings), follower, **kw)
+
+
+def _bench_worker_class():
+    from anomaly.worker import Worker
+
+    class BenchWorker(Worker):
+        """``Worker`` that times its batches, stops once ``target`` records are processed (``None``: not
+        known yet, see ``set_target``), optionally collects per-window latencies, and reports its
+        partition assignment. What the worker does is unchanged."""
+
+        def __init__(self, options, follower, target: int | None, collect_latency: bool = False,
+                     on_assigned_hook=None) -> None:
+            super().__init__(options, follower)
+            self.target = target
+            self.first_batch_at: float | None = None
+            self.last_batch_at: float | None = None
+            self.done_at: float | None = None
+            self._done_lock = threading.Lock()
+            self.entities_at_end = 0
+            self.counts: Counter = Counter()
+            self.latency_full = array("d")  # batch finished - window end_ts
+            self.latency_step = array("d")  # the step's now_s - window end_ts (the worker metric's view)
+            self._collect = collect_latency
+            self._hook = on_assigned_hook
+            self._last: tuple[float, list[float]] | None = None
+            step_process = self.step.process
+
+            def process(records, now_s):
+                out = step_process(records, now_s)
+                self._last = (now_s, out.latencies_s)
+                self.counts.update(out.counts)
+                return out
+
+            self.step.process = process  # instance attribute: the worker calls self.step.process
+
+        def _process(self, records) -> None:
+            if self.first_batch_at is None:
+                self.first_batch_at = time.perf_counter()
+            super()._process(records)
+            if self._collect and self._last is not None:
+                now_s, lat = self._last
+                extra = self.clock() - now_s
+                self.latency_step.extend(lat)
+                self.latency_full.extend(x + extra for x in lat)
+            self._last = None
+            self.last_batch_at = time.perf_counter()
+            self._check_done()
+
+        def set_target(self, target: int) -> None:
+            """Set the target late (from another thread); stops at once if it is already reached."""
+            self.target = target
+            self._check_done()
+
+        def _check_done(self) -> None:
+            with self._done_lock:
+                if self.done_at is None and self.target is not None and self.stats.consumed >= self.target:
+                    self.done_at = self.last_batch_at
+                    self.entities_at_end = self.step.windows.entities  # closing revokes partitions, dropping them
+                    self.stop()
+
+        def on_assigned(self, partitions) -> None:
+            super().on_assigned(partitions)
+            if self._hook is not None and partitions:
+                self._hook()
+
+    return BenchWorker
+
+
+def run_worker(worker, timeout_s: float) -> None:
+    """Run ``worker`` until it reaches its target; a watchdog stops it at ``timeout_s``."""
+    timer = threading.Timer(timeout_s, worker.stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        worker.run()
+    finally:
+        timer.cancel()
+    if worker.done_at is None:
+        raise RuntimeError(f"worker processed {worker.stats.consumed} of {worker.target} records "
+                           f"within {timeout_s:.0f} s")
+
+
+def warm_up(detector) -> None:
+    """One forward pass per typical batch size, so the first real batch does not pay torch's set-up."""
+    from anomaly.scoring_step import DetectorModel
+    from anomaly.training import resolve_device
+
+    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"))
+    base = synthetic_values(model.window_size + 8)
+    for n in (1, 100):
+        model.score(np.stack([base[i % 8: i % 8 + model.window_size] for i in range(n)]))
+
+
+def percentiles_ms(values) -> dict[str, float | None]:
+    if not len(values):
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    a = np.frombuffer(values, dtype=np.float64) * 1000 if isinstance(values, array) else np.asarray(values) * 1000
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(a.max())}
+
+
+def _rss_kb(field: str = "VmRSS") -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# --- the child: one worker in its own process ------------------------------------------------------
+
+def serve_worker(args: argparse.Namespace) -> int:
+    """Internal mode (``--serve-worker``): one BenchWorker on ``--topic``; prints ``ASSIGNED`` when it
+    has partitions and ``RESULT {json}`` at the end."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s child %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # "task blocked the event loop" on a busy machine
+    from anomaly.detector import Detector
+
+    tuning = tuning_from_args(args)
+    tuning.apply()
+    detector = Detector.load(args.detector_dir)
+
+    def assigned() -> None:
+        print(ASSIGNED_LINE, flush=True)
+
+    target = args.expect if args.expect >= 0 else None  # -1: the parent writes it to stdin when known
+    worker = make_bench_worker(detector, args.bootstrap, args.topic, args.group, tuning, target=target,
+                               collect_latency=args.latency, on_assigned_hook=assigned)
+    if target is None:
+        def read_target() -> None:
+            line = sys.stdin.readline()
+            if line.strip():
+                worker.set_target(int(line))
+
+        threading.Thread(target=read_target, daemon=True).start()
+    warm_up(detector)
+    baseline_kb, hwm_before_kb = _rss_kb(), _rss_kb("VmHWM")  # everything imported, built and warm
+    run_worker(worker, args.timeout)
+    s = worker.stats
+    result = {"consumed": s.consumed, "windows_scored": s.windows_scored, "events": s.events,
+              "dead_letters": s.dead_letters, "entities": worker.entities_at_end,
+              "late": worker.counts["late"], "duplicates": worker.counts["duplicates"],
+              "resets": worker.counts["resets"],
+              "msgs_per_s": s.consumed / (worker.done_at - worker.first_batch_at),
+              "baseline_rss_kb": baseline_kb, "hwm_before_run_kb": hwm_before_kb, "vmhwm_kb": _rss_kb("VmHWM"),
+              "seconds": worker.done_at - worker.first_batch_at,
+              "latency_ms": percentiles_ms(worker.latency_full),
+              "latency_at_batch_start_ms": percentiles_ms(worker.latency_step),
+              "latency_windows": len(worker.latency_full)}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+class Child:
+    """A ``--serve-worker`` child process. Its peak RSS is the VmHWM it reads itself just before it exits:
+    ``ru_maxrss`` from ``os.wait4`` / ``RUSAGE_CHILDREN`` would not do, because Linux carries the
+    high-water mark of the pre-exec address space (a copy of this ~0.5 GB process) into the child's
+    rusage, so every child would report at least this process's RSS."""
+
+    def __init__(self, bootstrap: str, topic: str, detector_dir: str, expect: int, timeout_s: float,
+                 latency: bool = False, tuning: Tuning = Tuning()) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "pipelines.bench_stream", "--serve-worker", "--bootstrap", bootstrap,
+               "--topic", topic, "--group", f"{topic}.worker", "--detector-dir", detector_dir,
+               "--expect", str(expect), "--timeout", str(timeout_s)] + (["--latency"] if latency else [])
+        cmd += tuning.child_args()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=Path(__file__).resolve().parent.parent)
+        self.result: dict[str, Any] | None = None
+        self.maxrss_kb: int | None = None
+
+    def wait_assigned(self, timeout_s: float) -> None:
+        """Block until the child's worker has partitions (its stdout says so)."""
+        found = threading.Event()
+
+        def reader() -> None:
+            for line in self.proc.stdout:  # type: ignore[union-attr]
+                if line.strip() == ASSIGNED_LINE:
+                    found.set()
+                elif line.startswith(RESULT_PREFIX):
+                    self.result = json.loads(line[len(RESULT_PREFIX):])
+
+        self._reader = threading.Thread(target=reader, daemon=True)
+        self._reader.start()
+        if not found.wait(timeout_s):
+            self.kill()
+            raise RuntimeError(f"worker child got no partitions within {timeout_s:.0f} s{self._tail()}")
+
+    def set_target(self, expect: int) -> None:
+        """Tell a child started with ``expect=-1`` how many records to process."""
+        self.proc.stdin.write(f"{expect}\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+
+    def finish(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the child to exit (reaping it ourselves for its rusage); its result."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"worker child did not finish within {timeout_s:.0f} s{self._tail()}")
+            time.sleep(0.05)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.maxrss_kb = usage.ru_maxrss  # kilobytes on Linux; includes the pre-exec parent copy (see above)
+        self._reader.join(10)
+        if self.proc.returncode != 0 or self.result is None:
+            raise RuntimeError(f"worker child exited {self.proc.returncode} without a result{self._tail()}")
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+        return self.result
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def _tail(self) -> str:
+        try:
+            return "\n--- child log ---\n" + Path(self.log.name).read_text()[-3000:]
+        except OSError:
+            return ""
+
+
+# --- the phases ------------------------------------------------------------------------------------
+
+def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: float, values: np.ndarray,
+                     tuning: Tuning, out: dict[str, Any]) -> None:
+    topic = "bench.throughput"
+    messages = fleet_messages(fleet, n, period_s, values)
+    out["load_msgs_per_s"] = load_topic(bootstrap, topic, messages)
+    out["message_bytes"] = round(sum(len(v) for _, v in messages) / len(messages), 1)
+    del messages
+    log.info("loaded %d readings at %.0f msg/s", n, out["load_msgs_per_s"])
+    settings = worker_settings(bootstrap, topic, "unused")
+    timeout = 60 + n / 200
+    raw = raw_consume(bootstrap, topic, n, settings.worker.max_poll_records, timeout)
+    out["raw_msgs_per_s"] = raw["msgs_per_s"]
+    log.info("raw consumer: %.0f msg/s", raw["msgs_per_s"])
+    warm_up(detector)
+    worker = make_bench_worker(detector, bootstrap, topic, f"{topic}.worker", tuning, target=n)
+    run_worker(worker, timeout)
+    seconds = worker.done_at - worker.first_batch_at
+    out["worker_msgs_per_s"] = worker.stats.consumed / seconds
+    out["ratio"] = out["worker_msgs_per_s"] / out["raw_msgs_per_s"]
+    out["throughput_detail"] = {"worker_seconds": seconds, "raw_seconds": raw["seconds"],
+                                "windows_scored": worker.stats.windows_scored, "events": worker.stats.events,
+                                "batches": worker.stats.batches, "dead_letters": worker.stats.dead_letters}
+    log.info("worker: %.0f msg/s (%d windows, %d events, %d batches)", out["worker_msgs_per_s"],
+             worker.stats.windows_scored, worker.stats.events, worker.stats.batches)
+
+
+def phase_latency(bootstrap: str, detector_dir: str, fleet: int, rate: float, duration: float,
+                  values: np.ndarray, linger_ms: int, tuning: Tuning, out: dict[str, Any]) -> None:
+    """The sensors: at every grid tick each entity sends one reading stamped with its send time. A
+    reading that could not be sent within 0.45 period of its tick is skipped (its stamp would round
+    into the next slot and collide with the next reading): an overloaded producer lowers the achieved
+    rate and leaves one-slot gaps (which the worker fills) instead of making duplicates."""
+    from anomaly import kafka_io
+
+    topic = "bench.latency"
+    period = fleet / rate
+    ticks = max(1, round(duration / period))
+    offered = ticks * fleet
+    kafka_io.ensure_topics(bootstrap, {topic: PARTITIONS})
+    # A worker slower than the offered rate drains its backlog after the producer stops: allow for 200 msg/s.
+    drain_s = 60 + offered / 200
+    child = Child(bootstrap, topic, detector_dir, -1, timeout_s=duration + drain_s, latency=True, tuning=tuning)
+    try:
+        child.wait_assigned(60)
+        time.sleep(0.5)  # let it fetch its (empty) committed offsets and start fetching
+        names = [f"pump-{e:05d}" for e in range(fleet)]
+        keys = [n.encode() for n in names]
+        rows = values.tolist()
+        producer = kafka_io.make_producer(bootstrap, {"linger_ms": linger_ms})
+        behind, sent = 0.0, 0
+        try:
+            t0 = (math.floor(time.time() / period) + 2) * period  # ticks on the grid: stamps land near slot centres
+            started = time.perf_counter()
+            for k in range(ticks):
+                tick = t0 + k * period
+                delay = tick - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    behind = max(behind, -delay)
+                cutoff = tick + 0.45 * period
+                for i in range(fleet):
+                    e = (i + k) % fleet  # rotate who goes first, so skips (if any) are spread over entities
+                    ts = time.time()
+                    if ts >= cutoff:
+                        break
+                    producer.send(topic, key=keys[e], value=encode(names[e], ts, rows[(k + 7 * e) % len(rows)]))
+                    sent += 1
+            producer.flush(timeout=60)
+            sent_s = time.perf_counter() - started
+        finally:
+            producer.close(timeout=10)
+        child.set_target(sent)
+        result = child.finish(timeout_s=drain_s + 30)
+    finally:
+        child.kill()
+    out["p50_ms"] = result["latency_ms"]["p50"]
+    out["p99_ms"] = result["latency_ms"]["p99"]
+    out["latency_detail"] = {"p90_ms": result["latency_ms"]["p90"], "max_ms": result["latency_ms"]["max"],
+                             "p50_ms_at_batch_start": result["latency_at_batch_start_ms"]["p50"],
+                             "p99_ms_at_batch_start": result["latency_at_batch_start_ms"]["p99"],
+                             "windows": result["latency_windows"], "readings_offered": offered, "readings_sent": sent,
+                             "achieved_rate": sent / sent_s, "producer_max_behind_ms": behind * 1000,
+                             "duplicates": result["duplicates"], "late": result["late"], "resets": result["resets"],
+                             "events": result["events"], "producer_linger_ms": linger_ms,
+                             "worker_msgs_per_s": result["msgs_per_s"], "worker_seconds": result["seconds"]}
+    if sent < offered:
+        log.warning("latency: the producer sent %d of %d readings (%.0f/s of %.0f/s offered): the machine is "
+                    "too busy for this rate", sent, offered, sent / sent_s, rate)
+    log.info("latency: p50 %.1f ms, p99 %.1f ms over %d windows", out["p50_ms"] or -1, out["p99_ms"] or -1,
+             result["latency_windows"])
+
+
+def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: int, period_s: float,
+                 values: np.ndarray, tuning: Tuning, out: dict[str, Any]) -> None:
+    per_entity = window + 8
+    peaks, baselines, detail = {}, {}, {}
+    for count in counts:
+        topic = f"bench.memory.{count}"
+        n = count * per_entity
+        rate = load_topic(bootstrap, topic, fleet_messages(count, n, period_s, values))
+        child = Child(bootstrap, topic, detector_dir, n, timeout_s=120 + n / 200, tuning=tuning)
+        try:
+            child.wait_assigned(60)
+            result = child.finish(timeout_s=150 + n / 200)
+        finally:
+            child.kill()
+        peaks[str(count)] = round(result["vmhwm_kb"] / 1024, 1)
+        baselines[str(count)] = round((result["baseline_rss_kb"] or 0) / 1024, 1)
+        detail[str(count)] = {"readings": n, "load_msgs_per_s": round(rate), "entities_held": result["entities"],
+                              "hwm_before_run_mb": round((result["hwm_before_run_kb"] or 0) / 1024, 1),
+                              "windows_scored": result["windows_scored"], "worker_msgs_per_s": round(result["msgs_per_s"])}
+        log.info("memory: %d entities -> peak %.1f MB (baseline %.1f MB)", count, peaks[str(count)],
+                 baselines[str(count)])
+    out["peak_rss_mb"] = peaks
+    out["rss_baseline_mb"] = baselines
+    out["memory_detail"] = {"readings_per_entity": per_entity, **detail}
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def report(r: dict[str, Any]) -> str:
+    def f(v, fmt="{:,.0f}"):
+        return "n/a" if v is None else fmt.format(v)
+
+    budget = r["latency_target_ms"]
+    ratio_ok = r["ratio"] is not None and r["ratio"] >= RATIO_TARGET
+    lat_ok = r["p99_ms"] is not None and r["p99_ms"] < budget
+    lines = [
+        f"bench_stream: {r['messages']:,} readings, {r['entities']} entities, stride {r['stride']}, period "
+        f"{r['period_s'] * 1000:.1f} ms, {r['cpu_count']} CPUs, torch {r['torch']} on {r['device']} "
+        f"({r['torch_threads']} torch threads)"
+        + (f"; tuning {json.dumps(r['tuning'])}" if r["tuning"]["torch_threads"] or r["tuning"]["client_options"] else ""),
+        "",
+        f"  {'load (producer)':<28}{f(r['load_msgs_per_s']):>12} msg/s",
+        f"  {'raw consumer (json.loads)':<28}{f(r['raw_msgs_per_s']):>12} msg/s",
+        f"  {'worker':<28}{f(r['worker_msgs_per_s']):>12} msg/s",
+        f"  {'ratio worker/raw':<28}{f(r['ratio'], '{:.2f}'):>12}        target >= {RATIO_TARGET}   "
+        f"{'PASS' if ratio_ok else 'FAIL'}",
+        f"  {'latency p50 @ ' + f(r['offered_rate']) + '/s':<28}{f(r['p50_ms'], '{:.1f}'):>12} ms",
+        f"  {'latency p99':<28}{f(r['p99_ms'], '{:.1f}'):>12} ms     target < {budget:.0f} ms  "
+        f"{'PASS' if lat_ok else 'FAIL'}",
+    ]
+    for count, peak in r.get("peak_rss_mb", {}).items():
+        lines.append(f"  {'peak RSS, ' + f(int(count)) + ' entities':<28}{peak:>12.1f} MB"
+                     f"     (baseline {r['rss_baseline_mb'][count]:.1f} MB)")
+    lines.append(f"  total {r['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from anomaly.broker import LocalBroker
+    from anomaly.config import ModelSettings, WorkerSettings
+    from anomaly.training import resolve_device
+
+    started = time.perf_counter()
+    tuning = tuning_from_args(args)
+    tuning.apply()
+    profile = QUICK if args.quick else DEFAULTS
+    n = args.messages or profile["messages"]
+    rate = args.rate or profile["rate"]
+    duration = args.duration or profile["duration"]
+    fleet = args.fleet or profile["fleet"]
+    counts = [int(c) for c in (args.entities or profile["entities"]).split(",") if c.strip()]
+    period = fleet / rate
+    stride = WorkerSettings().stride
+    out: dict[str, Any] = {
+        "raw_msgs_per_s": None, "worker_msgs_per_s": None, "ratio": None, "p50_ms": None, "p99_ms": None,
+        "peak_rss_mb": {}, "messages": n, "entities": fleet, "stride": stride, "period_s": period,
+        "offered_rate": rate, "duration_s": duration, "load_msgs_per_s": None,
+        "latency_target_ms": LATENCY_BUDGET_MS + stride * period * 1000,
+        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(resolve_device("auto")),
+        "python": platform.python_version(), "window_size": ModelSettings().window_size,
+        "hidden_size": ModelSettings().hidden_size, "latent_size": ModelSettings().latent_size,
+        "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),
+        "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options},
+    }
+    detector = fit_bench_detector(period, args.epochs or profile["epochs"])
+    log.info("detector fitted in %.1f s (threshold %.4g)", time.perf_counter() - started, detector.threshold.value)
+    values = synthetic_values(5000, seed=2)
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+        detector_dir = str(detector.save(Path(tmp) / "detector"))
+        with LocalBroker() as broker:
+            phase_throughput(broker.bootstrap, detector, n, fleet, period, values, tuning, out)
+            phase_latency(broker.bootstrap, detector_dir, fleet, rate, duration, values, args.producer_linger_ms,
+                          tuning, out)
+            phase_memory(broker.bootstrap, detector_dir, counts, detector.window_size, period, values,
+                         tuning, out)
+    out["loadavg_end"] = list(os.getloadavg())
+    out["seconds"] = time.perf_counter() - started
+    out["targets"] = {"ratio": out["ratio"] is not None and out["ratio"] >= RATIO_TARGET,
+                      "p99": out["p99_ms"] is not None and out["p99_ms"] < out["latency_target_ms"]}
+    return out
+
+
+def tuning_from_args(args: argparse.Namespace) -> Tuning:
+    """Unset options take the shipped defaults (``worker.torch_threads``), so the default run measures
+    the worker as ``anomaly worker`` runs it."""
+    from anomaly.config import WorkerSettings
+
+    threads = args.torch_threads if args.torch_threads is not None else (WorkerSettings().torch_threads or None)
+    return Tuning(threads, json.loads(args.client_options) if args.client_options else {})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench_stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", metavar="OUT", help="write the results as one JSON object here")
+    p.add_argument("--quick", action="store_true", help="a small run (≈ 1 minute): 20k readings, 1,000/s for 5 s, "
+                                                        "1, 10 and 100 entities")
+    p.add_argument("--messages", type=int, help="readings in the throughput topic (default 200,000)")
+    p.add_argument("--rate", type=float, help="offered readings per second in the latency run (default 5,000)")
+    p.add_argument("--duration", type=float, help="seconds of the latency run (default 20)")
+    p.add_argument("--fleet", type=int, help="entities in the throughput and latency runs (default 100)")
+    p.add_argument("--entities", help="entity counts of the memory runs, comma-separated (default 1,100,10000)")
+    p.add_argument("--epochs", type=int, help="training epochs of the benchmark's detector (default 2)")
+    p.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the sensors' producer (default 0)")
+    p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
+                                                     "(default: torch's own, one per core)")
+    p.add_argument("--client-options", metavar="JSON", help="experiment: extra kafka-python options for the "
+                                                            "workers' clients, e.g. '{\"fetch_max_wait_ms\": 10}'")
+    p.add_argument("-v", "--verbose", action="store_true")
+    # internal: one worker in a child process
+    p.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    p.add_argument("--topic", help=argparse.SUPPRESS)
+    p.add_argument("--group", help=argparse.SUPPRESS)
+    p.add_argument("--detector-dir", help=argparse.SUPPRESS)
+    p.add_argument("--expect", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=300.0, help=argparse.SUPPRESS)
+    p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name in ("messages", "rate", "duration", "fleet", "epochs", "torch_threads"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.client_options:
+        try:
+            options = json.loads(args.client_options)
+        except json.JSONDecodeError as exc:
+            p.error(f"--client-options is not JSON: {exc}")
+        if not isinstance(options, dict):
+            p.error("--client-options must be a JSON object")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_worker:
+        return serve_worker(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # "task blocked the event loop" on a busy machine
+    result = run(args)
+    print(report(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The streaming benchmark script runs end to end in its --quick configuration and reports sane numbers.
+
+Not a timed test: it checks the shape and plausibility of the JSON, never the targets (the benchmark
+prints PASS/FAIL beside them; on a busy CI machine they may well fail).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anomaly.broker import BrokerError, tansu_binary
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    try:
+        tansu_binary()
+    except BrokerError as exc:
+        pytest.skip(f"the benchmark needs the local broker: {exc}")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "pipelines.bench_stream", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_quick_run_reports_every_figure(quick_result):
+    r, stdout = quick_result
+    for key in ("raw_msgs_per_s", "worker_msgs_per_s", "ratio", "p50_ms", "p99_ms", "load_msgs_per_s"):
+        assert _positive(r[key]), (key, r[key])
+    assert r["ratio"] == pytest.approx(r["worker_msgs_per_s"] / r["raw_msgs_per_s"])
+    assert r["p50_ms"] <= r["p99_ms"]
+    # Context the numbers cannot be read without.
+    assert r["messages"] == 20_000 and r["entities"] == 100 and r["offered_rate"] == 1000
+    assert r["stride"] >= 1 and r["cpu_count"] >= 1 and r["torch"] and r["device"] in ("cpu", "cuda")
+    assert r["latency_target_ms"] == pytest.approx(100 + r["stride"] * r["period_s"] * 1000)
+    # The worker really scored: every reading consumed, a window for each after the first W-1 per entity.
+    detail = r["throughput_detail"]
+    assert detail["windows_scored"] == 20_000 - 100 * (r["window_size"] - 1)
+    assert r["latency_detail"]["windows"] > 0
+    # Human table with the targets judged, never asserted.
+    assert "ratio worker/raw" in stdout and ("PASS" in stdout or "FAIL" in stdout)
+
+
+def test_quick_run_reports_peak_memory_per_entity_count(quick_result):
+    r, _ = quick_result
+    peaks, baselines = r["peak_rss_mb"], r["rss_baseline_mb"]
+    assert set(peaks) == {"1", "10", "100"}
+    for count, peak in peaks.items():
+        # A worker process holds Python, torch and kafka-python: tens to hundreds of MB, never GBs,
+        # and its peak is at least what it held before consuming.
+        assert 50 < peak < 4000, (count, peak)
+        assert peak >= baselines[count] - 1
+        assert r["memory_detail"][count]["entities_held"] == int(count)
