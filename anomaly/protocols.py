@@ -102,12 +102,17 @@ def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:
     return evaluation.aggregate_events(counts).to_dict()
 
 
-def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
-    started = time.perf_counter()
+def _score_all(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None]) -> list[SeriesResult]:
     results = []
     for s in series:
         progress(s.name)
         results.append(score_series(s, settings))
+    return results
+
+
+def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
+    started = time.perf_counter()
+    results = _score_all(series, settings, progress)
     binary = evaluation.skab_binary_metrics([r.labels for r in results], [r.flags for r in results])
     metrics = {"f1": binary.f1, "far": binary.far, "mar": binary.mar, **_events(results),
                "files": len(results), "test_rows": int(sum(len(r.labels) for r in results))}
@@ -166,10 +171,7 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
 
 def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
     started = time.perf_counter()
-    results = []
-    for s in series:
-        progress(s.name)
-        results.append(score_series(s, settings))
+    results = _score_all(series, settings, progress)
     binary = evaluation.skab_binary_metrics([r.labels for r in results], [r.flags for r in results])
     per_machine_best = [best_f1(r.labels, r.scores)[0] for r in results]
     precision = binary.tp / max(binary.tp + binary.fp, 1)

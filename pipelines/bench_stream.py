@@ -87,6 +87,8 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.synthetic import pump_values
+
 log = logging.getLogger("bench_stream")
 
 SENSORS = ("temp", "pressure", "flow")
@@ -107,14 +109,8 @@ QUICK = {"messages": 20_000, "rate": 1_000.0, "duration": 5.0, "entities": "1,10
 # --- data and model --------------------------------------------------------------------------------
 
 def synthetic_values(rows: int, seed: int = 0) -> np.ndarray:
-    """(rows, 3) healthy pump readings: three correlated periodic sensors with noise (tests' normal_frame)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(rows)
-    phase = 2 * np.pi * t / 50
-    temp = 70 + 2 * np.sin(phase) + rng.normal(0, 0.1, rows)
-    pressure = 1.0 + 0.1 * np.cos(phase) + rng.normal(0, 0.005, rows)
-    flow = 5 + 0.5 * np.sin(phase + 0.5) + rng.normal(0, 0.03, rows)
-    return np.stack([temp, pressure, flow], axis=1)
+    """(rows, 3) healthy pump readings (``anomaly.synthetic``, the tests' ``normal_frame`` too)."""
+    return pump_values(rows, seed)
 
 
 def fit_bench_detector(period_s: float, epochs: int):

@@ -5,19 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-SENSORS = ("temp", "pressure", "flow")
+from anomaly.synthetic import SENSORS, pump_values
 
 
 def normal_frame(rows: int = 3000, seed: int = 0, start: str = "2026-01-01T00:00:00Z") -> pd.DataFrame:
     """Three correlated periodic sensors at 1 s, with noise: what a healthy pump looks like."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(rows)
-    phase = 2 * np.pi * t / 50
-    temp = 70 + 2 * np.sin(phase) + rng.normal(0, 0.1, rows)
-    pressure = 1.0 + 0.1 * np.cos(phase) + rng.normal(0, 0.005, rows)
-    flow = 5 + 0.5 * np.sin(phase + 0.5) + rng.normal(0, 0.03, rows)
     index = pd.date_range(start, periods=rows, freq="1s", name="ts")
-    return pd.DataFrame({"temp": temp, "pressure": pressure, "flow": flow}, index=index)
+    return pd.DataFrame(pump_values(rows, seed), columns=list(SENSORS), index=index)
 
 
 def with_fault(frame: pd.DataFrame, sensor: str = "pressure", start: int = 1200, length: int = 150,
