@@ -4,17 +4,25 @@
              ``retrain.max_readings`` and by ``retrain.lookback_s`` on the readings' own ``ts``);
     clean    grid them like the worker does, score them with the champion and drop every flagged
              window plus ``retrain.exclude_margin_rows`` rows on each side (anomalies must not
-             become "normal");
+             become "normal"); an entity whose readings carry ground truth (``retrain.label_field``,
+             in the topic's JSON or a ``--data`` file's column) drops its labelled rows plus the
+             margin instead: the truth replaces the champion's opinion;
     split    the most recent ``retrain.holdout_fraction`` of each entity's clean rows is the hold-out,
              the rest trains;
     train    a challenger with the same job as ``anomaly train`` (``train_job.run_training``), tagged
              with the data it saw, registered with alias ``@challenger``;
-    compare  champion and challenger on the same hold-out: mean reconstruction error and the
-             false-alarm rate at each one's own threshold (the hold-out is clean, normal data);
-    decide   promote only if the challenger's mean error is lower by ``retrain.min_improvement``
-             (relative) and its false-alarm rate is not higher by more than
-             ``retrain.max_false_alarm_increase``; log both sides, the decision and a plot in an
-             MLflow run (tag ``decision=promoted|kept``) and tag the challenger version.
+    compare  champion and challenger on the same hold-out: mean reconstruction error in ONE unit
+             (each model's per-sensor errors converted to the champion's scaler units, so a
+             challenger fitted with another scaler is not favoured or penalised by its own
+             scaling), the false-alarm rate at each one's own threshold (the hold-out is clean,
+             normal data) and, where labels exist, event-wise precision/recall/F1 of each one's
+             window flags over the whole labelled hold-out tail (anomalies included);
+    decide   ``decide``: keep unless the challenger is better (mean error lower by
+             ``retrain.min_improvement``, relative, or, with labelled events in the hold-out,
+             event F1 higher by ``retrain.min_event_f1_improvement``), its false-alarm rate is not
+             higher by more than ``retrain.max_false_alarm_increase`` and its event F1 is not lower
+             by more than ``retrain.max_event_f1_decrease``; log both sides, the decision and a plot
+             in an MLflow run (tags ``decision=promoted|kept``, ``trigger``) and tag the challenger.
 
 Any failure returns a ``RetrainResult`` with status ``failed`` (the champion alias is moved last, so
 it keeps serving); too little data is status ``skipped`` with the reason. Nothing raises out of
@@ -39,11 +47,15 @@ import pandas as pd
 
 from anomaly.codec import BadRecord, Reading
 from anomaly.config import Settings
+from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 
 log = logging.getLogger(__name__)
 
 DataTransform = Callable[[np.ndarray], np.ndarray]
-HistorySource = Callable[[], Iterable[Reading]]
+Labelled = tuple[Reading, "bool | None"]  # a reading and its ground truth (None: not labelled)
+HistorySource = Callable[[], Iterable["Reading | Labelled"]]
+
+LABEL_COLUMN = "__label__"  # the ground-truth column ``History.frames`` adds for labelled entities
 
 _POLL_STEP_MS = 200  # short polls, so the idle and total deadlines are kept
 
@@ -89,13 +101,13 @@ class History:
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
         self.entities = frozenset(entities) if entities else None
         self.sensors = tuple(sensors) if sensors else None
-        self._by_entity: dict[str, deque[Reading]] = {}
+        self._by_entity: dict[str, deque[tuple[Reading, bool | None]]] = {}
         self.newest_ts = -math.inf
         self.seen = 0  # readings offered
         self.ignored = 0  # readings of other entities / sensor sets
 
-    def add(self, reading: Reading) -> bool:
-        """Offer one reading; True if it was kept (for now)."""
+    def add(self, reading: Reading, label: bool | None = None) -> bool:
+        """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
         self.seen += 1
         if (self.entities is not None and reading.entity not in self.entities) or (
                 self.sensors is not None and not all(s in reading.values for s in self.sensors)):
@@ -105,9 +117,9 @@ class History:
         buf = self._by_entity.get(reading.entity)
         if buf is None:
             buf = self._by_entity[reading.entity] = deque(maxlen=self.max_readings)
-        buf.append(reading)
+        buf.append((reading, label))
         cutoff = self.newest_ts - self.lookback_s
-        while buf and buf[0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
+        while buf and buf[0][0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
             buf.popleft()
         return reading.ts >= cutoff
 
@@ -116,17 +128,22 @@ class History:
 
     def frames(self, sensors: Sequence[str]) -> dict[str, pd.DataFrame]:
         """Per entity: a frame indexed by UTC time (sorted, duplicate ``ts`` keep the last reading),
-        one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest."""
+        one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
+        An entity with at least one labelled reading also gets ``LABEL_COLUMN`` (1.0 anomalous, 0.0
+        normal; a reading without a label counts as normal)."""
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
         for entity in sorted(self._by_entity):
-            kept = [r for r in self._by_entity[entity] if r.ts >= cutoff]
+            pairs = [(r, lab) for r, lab in self._by_entity[entity] if r.ts >= cutoff]
+            kept = [r for r, _ in pairs]
             if not kept:
                 continue
             index = pd.to_datetime(np.array([r.ts for r in kept], dtype=np.float64), unit="s", utc=True)
             data = np.array([[np.nan if r.values.get(s) is None else r.values[s] for s in sensors] for r in kept],
                             dtype=np.float64).reshape(len(kept), len(sensors))
             frame = pd.DataFrame(data, index=pd.DatetimeIndex(index, name="ts"), columns=list(sensors))
+            if any(lab is not None for _, lab in pairs):
+                frame[LABEL_COLUMN] = np.array([1.0 if lab else 0.0 for _, lab in pairs])
             frame = frame[~frame.index.duplicated(keep="last")].sort_index()
             out[entity] = frame
         return out
@@ -154,19 +171,40 @@ def runs(keep: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
 
 
+def holdout_cut(keep: np.ndarray, holdout_fraction: float) -> int | None:
+    """The row at which the most recent ``holdout_fraction`` of kept rows begins (``len(keep)`` when
+    that is no row); None when no row is kept."""
+    keep = np.asarray(keep, dtype=bool)
+    total = int(keep.sum())
+    if total == 0:
+        return None
+    n_hold = int(math.ceil(total * holdout_fraction))
+    kept_rows = np.flatnonzero(keep)
+    return int(kept_rows[total - n_hold]) if n_hold else len(keep)
+
+
+def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,
+               n_rows: int) -> np.ndarray:
+    """Ground truth on the grid: a slot is anomalous when a labelled reading falls on it (nearest
+    slot, as the worker places readings). ``reading_ts`` and ``grid_start`` in epoch seconds."""
+    out = np.zeros(n_rows, dtype=bool)
+    if n_rows == 0:
+        return out
+    ts = np.asarray(reading_ts, dtype=np.float64)[np.asarray(labels, dtype=bool)]
+    slots = np.rint((ts - grid_start) / period_s).astype(np.int64)
+    out[slots[(slots >= 0) & (slots < n_rows)]] = True
+    return out
+
+
 def split_segments(keep: np.ndarray, holdout_fraction: float,
                    min_len: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Training and hold-out segments of the kept rows: the hold-out is the most recent
     ``holdout_fraction`` of kept rows (a segment crossing the cut is split there); segments shorter
     than ``min_len`` (one window) are left out of both."""
     keep = np.asarray(keep, dtype=bool)
-    total = int(keep.sum())
-    n_hold = int(math.ceil(total * holdout_fraction))
-    if total == 0:
+    cut = holdout_cut(keep, holdout_fraction)
+    if cut is None:
         return [], []
-    # The cut is the row at which the last n_hold kept rows begin.
-    kept_rows = np.flatnonzero(keep)
-    cut = int(kept_rows[total - n_hold]) if n_hold else len(keep)
     train, hold = [], []
     for s, e in runs(keep):
         for a, b, out in ((s, min(e, cut), train), (max(s, cut), e, hold)):
@@ -181,7 +219,7 @@ def split_segments(keep: np.ndarray, holdout_fraction: float,
 class HoldoutMetrics:
     """How one model does on the hold-out (clean, normal data)."""
 
-    mean_error: float  # mean window score (reconstruction error)
+    mean_error: float  # mean window score (reconstruction error), in the comparison's common unit
     false_alarm_rate: float  # fraction of hold-out windows above the model's own threshold
     p99_error: float
     windows: int
@@ -198,21 +236,49 @@ class Decision:
     relative_improvement: float
 
 
-def holdout_metrics(scores: np.ndarray, threshold: float) -> HoldoutMetrics:
+def holdout_metrics(scores: np.ndarray, threshold: float, comparable: np.ndarray | None = None) -> HoldoutMetrics:
+    """``scores`` in the model's own units decide its false alarms (against its own ``threshold``);
+    ``comparable`` (the same windows' errors in the comparison's common unit, default ``scores``)
+    give the mean and p99 error."""
     scores = np.asarray(scores, dtype=np.float64)
-    finite = scores[np.isfinite(scores)]
-    if len(finite) == 0:
+    comparable = scores if comparable is None else np.asarray(comparable, dtype=np.float64)
+    if comparable.shape != scores.shape:
+        raise ValueError(f"comparable errors {comparable.shape} do not match scores {scores.shape}")
+    finite = np.isfinite(scores) & np.isfinite(comparable)
+    if not finite.any():
         return HoldoutMetrics(math.inf, 1.0, math.inf, len(scores))
     # A non-finite score counts as an alarm: a model that produces them is not better.
-    alarms = np.count_nonzero(finite > threshold) + (len(scores) - len(finite))
-    return HoldoutMetrics(float(finite.mean()), alarms / len(scores), float(np.quantile(finite, 0.99)), len(scores))
+    alarms = np.count_nonzero(scores[finite] > threshold) + int(np.count_nonzero(~finite))
+    kept = comparable[finite]
+    return HoldoutMetrics(float(kept.mean()), alarms / len(scores), float(np.quantile(kept, 0.99)), len(scores))
+
+
+def common_unit_errors(sensor_errors: np.ndarray, scale: Sequence[float], reference_scale: Sequence[float]
+                       ) -> np.ndarray:
+    """Window scores (N,) from per-sensor errors (N, F) measured in a model's scaled units (``scale``),
+    re-expressed in another scaler's units (``reference_scale``): the error of sensor f is a mean
+    squared difference of values divided by ``scale[f]**2``, so it converts by ``(scale /
+    reference_scale)**2``. With equal scales this is the model's own score."""
+    factor = (np.asarray(scale, dtype=np.float64) / np.asarray(reference_scale, dtype=np.float64)) ** 2
+    return (np.asarray(sensor_errors, dtype=np.float64) * factor).mean(axis=1)
 
 
 def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement: float,
-           max_false_alarm_increase: float) -> Decision:
-    """Promote iff the challenger's mean error is lower by at least ``min_improvement`` (relative to
-    the champion's) and its false-alarm rate exceeds the champion's by at most
-    ``max_false_alarm_increase`` (absolute)."""
+           max_false_alarm_increase: float, *, champion_events: EventMetrics | None = None,
+           challenger_events: EventMetrics | None = None, min_event_f1_improvement: float = 0.05,
+           max_event_f1_decrease: float = 0.0) -> Decision:
+    """The promotion rule.
+
+    Without labels: promote iff the challenger's mean error is lower by at least ``min_improvement``
+    (relative to the champion's) and its false-alarm rate exceeds the champion's by at most
+    ``max_false_alarm_increase`` (absolute).
+
+    With event metrics of both (the hold-out held at least one labelled event): "better" is a mean
+    error lower by ``min_improvement`` OR an event F1 higher by at least ``min_event_f1_improvement``
+    (absolute); and besides the false-alarm bound, the challenger's event F1 may be lower than the
+    champion's by at most ``max_event_f1_decrease``: a model that reconstructs better but finds fewer
+    of the labelled anomalies is not promoted.
+    """
     if not math.isfinite(challenger.mean_error):
         return Decision(False, "challenger scores are not finite", -math.inf)
     if not math.isfinite(champion.mean_error) or champion.mean_error <= 0:
@@ -223,19 +289,56 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
     facts = (f"mean error {challenger.mean_error:.4g} vs {champion.mean_error:.4g} "
              f"({improvement:+.1%}, need >= {min_improvement:+.1%}); false alarms {challenger.false_alarm_rate:.4f} "
              f"vs {champion.false_alarm_rate:.4f} (+{max_false_alarm_increase:.4f} allowed)")
-    if improvement < min_improvement:
+    labelled = champion_events is not None and challenger_events is not None
+    f1_delta = challenger_events.f1 - champion_events.f1 if labelled else 0.0  # type: ignore[union-attr]
+    if labelled:
+        facts += (f"; event F1 {challenger_events.f1:.3f} vs {champion_events.f1:.3f} "  # type: ignore[union-attr]
+                  f"(better at >= +{min_event_f1_improvement:.3f}, -{max_event_f1_decrease:.3f} allowed)")
+    better_error = improvement >= min_improvement
+    better_f1 = labelled and f1_delta >= min_event_f1_improvement - 1e-12
+    if not (better_error or better_f1):
         return Decision(False, f"not better enough: {facts}", improvement)
     if far_delta > max_false_alarm_increase:
         return Decision(False, f"more false alarms: {facts}", improvement)
-    return Decision(True, f"better: {facts}", improvement)
+    if labelled and f1_delta < -max_event_f1_decrease - 1e-12:
+        return Decision(False, f"worse event F1: {facts}", improvement)
+    return Decision(True, f"better ({'error' if better_error else 'event F1'}): {facts}", improvement)
 
 
 # --- reading the input topic ---------------------------------------------------------------------
 
+def parse_label(value: Any) -> bool | None:
+    """Ground truth from a JSON value or a table cell: true/false, a number (non-zero = anomalous), or
+    "1"/"0"/"true"/"false"/"yes"/"no"; None for anything else (missing, NaN, unknown text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value) != 0.0
+    if isinstance(value, str):
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(
+            value.strip().lower())
+    return None
+
+
+def record_label(value: bytes | None, label_field: str | None) -> bool | None:
+    """The ``label_field`` of a JSON reading's top level (the codec ignores extra fields), or None.
+    The bytes are searched first, so unlabelled streams pay no second parse."""
+    if not value or not label_field or f'"{label_field}"'.encode() not in value:
+        return None
+    import json
+
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        return None
+    return parse_label(doc.get(label_field)) if isinstance(doc, dict) else None
+
+
 def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s: float,
-                   client_options: Mapping[str, Any] | None = None, stats: dict[str, int] | None = None
-                   ) -> Iterator[Reading]:
-    """Every decodable reading of ``topic`` from the beginning, streamed (nothing is held here).
+                   client_options: Mapping[str, Any] | None = None, stats: dict[str, int] | None = None,
+                   label_field: str | None = None) -> Iterator[Reading | Labelled]:
+    """Every decodable reading of ``topic`` from the beginning, streamed (nothing is held here); a
+    reading whose JSON carries ``label_field`` comes as ``(reading, label)``.
 
     No consumer group (assign + seek_to_beginning), nothing committed, the topic is never created.
     Stops after ``idle_s`` without a record or ``timeout_s`` in all: it does not ask the broker where
@@ -281,9 +384,54 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
                     if isinstance(reading, BadRecord):
                         stats["bad"] += 1
                         continue
-                    yield reading
+                    label = record_label(record.value, label_field)
+                    if label is None:
+                        yield reading
+                    else:
+                        stats["labelled"] = stats.get("labelled", 0) + 1
+                        yield reading, label
     finally:
         consumer.close(autocommit=False)
+
+
+@dataclass(frozen=True)
+class _FileSource:
+    """A ``HistorySource`` reading a file (``file_readings``), named ``file:<path>`` in tags."""
+
+    path: str
+    settings: Settings
+
+    @property
+    def origin(self) -> str:
+        return f"file:{self.path}"
+
+    def __call__(self) -> Iterator[Reading | Labelled]:
+        return file_readings(self.path, self.settings)
+
+
+def file_readings(path: str, settings: Settings) -> Iterator[Reading | Labelled]:
+    """The rows of a CSV/Parquet wide table as readings, with ``retrain.label_field`` (when the file
+    has that column) as ground truth. Entities come from ``data.entity_column``; without it every row
+    belongs to one entity named after the file."""
+    from pathlib import Path
+
+    from anomaly import tables
+
+    d, label_field = settings.data, settings.retrain.label_field
+    frame = tables.read_table(path, timestamp_col=d.timestamp_column, entity_col=d.entity_column)
+    label_col = next((c for c in frame.columns if str(c).lower() == label_field.lower()), None)
+    readings, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, label_field))
+    sensors = [c for c in readings.columns if c != tables.ENTITY_COLUMN]
+    entities = (readings[tables.ENTITY_COLUMN].to_numpy() if tables.ENTITY_COLUMN in readings.columns
+                else np.full(len(readings), Path(path).stem))
+    ts = _epoch_s(readings.index)
+    values = readings[sensors].to_numpy(dtype=np.float64)
+    labels = frame[label_col].to_numpy() if label_col is not None else None
+    for i in range(len(readings)):
+        reading = Reading(str(entities[i]), float(ts[i]),
+                          {s: (None if not math.isfinite(v) else float(v)) for s, v in zip(sensors, values[i])})
+        label = parse_label(labels[i]) if labels is not None else None
+        yield (reading, label) if labels is not None else reading
 
 
 # --- the cycle -----------------------------------------------------------------------------------
@@ -296,25 +444,32 @@ class _Data:
     train_timestamps: pd.DatetimeIndex
     holdout: list[np.ndarray]
     facts: dict[str, Any]
+    labelled_tails: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (values, labels) per entity
 
 
 def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_transform: DataTransform | None = None,
-              progress: bool = False) -> RetrainResult:
-    """One retraining cycle (module docstring). ``source`` yields readings (default: the input topic);
-    ``data_transform`` is applied to the training values only (tests use it to make a worse challenger)."""
+              progress: bool = False, trigger: str = "manual", data_path: str | None = None) -> RetrainResult:
+    """One retraining cycle (module docstring). ``source`` yields readings or ``(reading, label)``
+    pairs (default: the input topic; ``data_path``: a CSV/Parquet file instead, see ``file_readings``);
+    ``data_transform`` is applied to the training values only (tests
+    use it to make a worse challenger); ``trigger`` (manual, schedule, drift: ...) is recorded in the
+    result, the comparison run and the challenger's tags."""
     started = time.monotonic()
     try:
-        result = _cycle(settings, source, data_transform, progress)
+        if data_path is not None and source is None:
+            source = _FileSource(data_path, settings)
+        result = _cycle(settings, source, data_transform, progress, trigger)
     except Exception as exc:  # the scheduler must survive anything; the champion was not touched
         log.exception("retrain failed; the champion keeps serving")
         result = RetrainResult("failed", f"{type(exc).__name__}: {exc}")
     result.seconds = round(time.monotonic() - started, 3)
-    log.info("retrain %s: %s", result.status, result.reason)
+    result.data.setdefault("trigger", trigger)
+    log.info("retrain (%s) %s: %s", trigger, result.status, result.reason)
     return result
 
 
 def _cycle(settings: Settings, source: HistorySource | None, data_transform: DataTransform | None,
-           progress: bool) -> RetrainResult:
+           progress: bool, trigger: str) -> RetrainResult:
     from anomaly import registry, tracking
 
     ml, rt = settings.mlflow, settings.retrain
@@ -328,16 +483,21 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     stats: dict[str, int] = {}
     if source is None:
         k = settings.kafka
-        readings: Iterable[Reading] = topic_readings(k.bootstrap_servers, k.input_topic, rt.read_idle_s,
-                                                     rt.read_timeout_s, k.client_options, stats)
+        readings: Iterable[Reading | Labelled] = topic_readings(
+            k.bootstrap_servers, k.input_topic, rt.read_idle_s, rt.read_timeout_s, k.client_options, stats,
+            label_field=rt.label_field)
         origin = f"kafka:{k.input_topic}"
     else:
-        readings, origin = source(), "source"
+        readings, origin = source(), str(getattr(source, "origin", "source"))
     history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors)
-    for reading in readings:
-        history.add(reading)
+    for item in readings:
+        if isinstance(item, tuple):
+            history.add(*item)
+        else:
+            history.add(item)
     data = _prepare(history, champion, settings)
-    data.facts.update({"readings_seen": history.seen, "bad_records": stats.get("bad", 0), "origin": origin})
+    data.facts.update({"readings_seen": history.seen, "bad_records": stats.get("bad", 0), "origin": origin,
+                       "trigger": trigger})
     rows, hold_windows = len(data.train_values), sum(len(h) - champion.window_size + 1 for h in data.holdout)
     if rows < rt.min_rows or hold_windows < 1:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
@@ -357,21 +517,28 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     outcome = run_training(prepared, settings, source=origin, dataset="retrain", alias=ml.challenger_alias,
                            extra_tags=tags, run_name="retrain-challenger", progress=progress)
     challenger, challenger_version = outcome.detector, outcome.version
-    champ = holdout_metrics(_scores(champion, data.holdout), champion.threshold.value)
-    chall = holdout_metrics(_scores(challenger, data.holdout), challenger.threshold.value)
-    decision = decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase)
+    unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
+    champ = _holdout(champion, data.holdout, unit)
+    chall = _holdout(challenger, data.holdout, unit)
+    champ_events = _events(champion, data.labelled_tails)
+    chall_events = _events(challenger, data.labelled_tails)
+    labelled = champ_events is not None and champ_events.n_true > 0
+    if not labelled:
+        champ_events = chall_events = None
+    decision = decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase,
+                      champion_events=champ_events, challenger_events=chall_events,
+                      min_event_f1_improvement=rt.min_event_f1_improvement,
+                      max_event_f1_decrease=rt.max_event_f1_decrease)
     current = registry.alias_version(ml.model_name, ml.champion_alias)
     if decision.promote and current != champion_version:
         decision = Decision(False, f"@{ml.champion_alias} moved to v{current} during the retrain; not overriding it",
                             decision.relative_improvement)
-    metrics = {**{f"champion.{k}": v for k, v in champ.to_dict().items()},
-               **{f"challenger.{k}": v for k, v in chall.to_dict().items()},
-               "relative_improvement": decision.relative_improvement}
+    metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision)
     status = "promoted" if decision.promote else "kept"
-    run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, champ, chall,
+    run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, metrics,
                              decision, status, data.facts)
     if challenger_version:
-        _tag_version(ml.model_name, challenger_version, {"retrain.decision": status,
+        _tag_version(ml.model_name, challenger_version, {"retrain.decision": status, "retrain.trigger": trigger,
                                                          "retrain.reason": decision.reason,
                                                          "retrain.comparison_run_id": run_id,
                                                          "retrain.compared_with": champion_version})
@@ -384,36 +551,51 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
 
 
 def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
-    """Grid each entity's history on the champion's period, drop what the champion flags (plus the
-    margin), and split the clean rows into training values and hold-out segments."""
+    """Grid each entity's history on the champion's period, drop what the champion flags (or, for a
+    labelled entity, what is labelled) plus the margin, and split the clean rows into training values
+    and hold-out segments; a labelled entity's whole tail from the hold-out cut on (anomalies
+    included) is kept with its labels for the event-wise comparison."""
     from anomaly.preparation import prepare_scoring
 
     rt, w = settings.retrain, champion.window_size
     train_parts: list[np.ndarray] = []
     train_times: list[pd.DatetimeIndex] = []
     holdout: list[np.ndarray] = []
+    tails: list[tuple[np.ndarray, np.ndarray]] = []
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
-                             "train_rows": 0, "holdout_rows": 0, "period_s": champion.period_s}
+                             "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
+                             "period_s": champion.period_s}
     starts, ends = [], []
     for entity, frame in history.frames(champion.sensors).items():
         if len(frame) < w:
             log.info("retrain: %s has only %d readings; left out", entity, len(frame))
             continue
+        raw_labels = frame.pop(LABEL_COLUMN) if LABEL_COLUMN in frame.columns else None
         prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill=settings.data.fill,
                                    max_fill_steps=settings.data.max_fill_steps)
         values = prepared.values
-        scored = champion.score_values(values)
-        flagged = scored.end_rows[np.asarray(scored.flags, dtype=bool)]
-        drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
+        if raw_labels is not None:
+            labels = label_rows(_epoch_s(frame.index), raw_labels.to_numpy() > 0,
+                                prepared.timestamps[0].timestamp(), float(prepared.period_s), len(values))
+            drop = exclusion_mask(len(values), np.flatnonzero(labels), 1, rt.exclude_margin_rows)
+            facts["labelled_entities"] += 1
+            facts["labelled_rows"] += int(labels.sum())
+        else:
+            scored = champion.score_values(values)
+            flagged = scored.end_rows[np.asarray(scored.flags, dtype=bool)]
+            drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
+            facts["flagged_windows"] += len(flagged)
         train_segs, hold_segs = split_segments(~drop, rt.holdout_fraction, w)
         for a, b in train_segs:
             train_parts.append(values[a:b])
             train_times.append(prepared.timestamps[a:b])
         holdout.extend(values[a:b] for a, b in hold_segs)
+        cut = holdout_cut(~drop, rt.holdout_fraction)
+        if raw_labels is not None and cut is not None and len(values) - cut >= w:
+            tails.append((values[cut:], labels[cut:]))
         facts["entities"].append(entity)
         facts["rows"] += len(values)
         facts["rows_excluded"] += int(drop.sum())
-        facts["flagged_windows"] += len(flagged)
         facts["train_rows"] += sum(b - a for a, b in train_segs)
         facts["holdout_rows"] += sum(b - a for a, b in hold_segs)
         facts["period_s"] = facts["period_s"] or prepared.period_s
@@ -426,38 +608,81 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     values = np.concatenate(train_parts) if train_parts else np.empty((0, n_features))
     # Segments are concatenated (entities, gaps): the W-1 windows across each seam are a small, known blur.
     times = train_times[0].append(train_times[1:]) if train_times else pd.DatetimeIndex([], tz="UTC")
-    return _Data(values, pd.DatetimeIndex(times), holdout, facts)
+    return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails)
 
 
-def _scores(detector: Any, segments: Sequence[np.ndarray]) -> np.ndarray:
-    parts = [detector.score_values(seg).scores for seg in segments if len(seg) >= detector.window_size]
-    return np.concatenate(parts) if parts else np.empty(0)
+def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
+    """Epoch seconds of a UTC DatetimeIndex, whatever its resolution (pandas 3 keeps s/ms/us/ns)."""
+    return index.as_unit("ns").asi8 / 1e9
+
+
+def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float]) -> HoldoutMetrics:
+    """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold, errors
+    in the common ``unit`` (a scaler's per-sensor scale)."""
+    own, common = [], []
+    for seg in segments:
+        if len(seg) >= detector.window_size:
+            scored = detector.score_values(seg)
+            own.append(np.asarray(scored.scores, dtype=np.float64))
+            common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit))
+    if not own:
+        return holdout_metrics(np.empty(0), detector.threshold.value)
+    return holdout_metrics(np.concatenate(own), detector.threshold.value, np.concatenate(common))
+
+
+def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]]) -> EventMetrics | None:
+    """Event-wise metrics of ``detector``'s window flags (a flagged window marks its last row, as in
+    the worker, before alert shaping) against the labels of each labelled hold-out tail."""
+    if not tails:
+        return None
+    counts = []
+    for values, labels in tails:
+        scored = detector.score_values(values)
+        predicted = np.zeros(len(values), dtype=bool)
+        predicted[np.asarray(scored.end_rows)[np.asarray(scored.flags, dtype=bool)]] = True
+        counts.append(event_metrics(labels, predicted))
+    return aggregate_events(counts)
+
+
+def _comparison_metrics(champ: HoldoutMetrics, chall: HoldoutMetrics, champ_events: EventMetrics | None,
+                        chall_events: EventMetrics | None, decision: Decision) -> dict[str, float]:
+    out: dict[str, float] = {**{f"champion.{k}": v for k, v in champ.to_dict().items()},
+                             **{f"challenger.{k}": v for k, v in chall.to_dict().items()},
+                             "relative_improvement": decision.relative_improvement,
+                             "promoted": float(decision.promote)}
+    for side, ev in (("champion", champ_events), ("challenger", chall_events)):
+        if ev is not None:
+            out.update({f"{side}.event_precision": ev.precision, f"{side}.event_recall": ev.recall,
+                        f"{side}.event_f1": ev.f1, f"{side}.labelled_events": float(ev.n_true)})
+    return out
 
 
 def _log_comparison(settings: Settings, champion_version: str, challenger_version: str | None,
-                    challenger_run_id: str, champ: HoldoutMetrics, chall: HoldoutMetrics, decision: Decision,
+                    challenger_run_id: str, metrics: Mapping[str, float], decision: Decision,
                     status: str, facts: Mapping[str, Any]) -> str:
     """An MLflow run holding both sides, the decision (tag ``decision``) and a comparison plot."""
     from anomaly import plots, tracking
 
-    ml = settings.mlflow
+    ml, rt = settings.mlflow, settings.retrain
     tags = {"retrain": "true", "kind": "retrain-comparison", "decision": status, "decision.reason": decision.reason,
             "champion.version": champion_version, "challenger.version": challenger_version or "",
-            "challenger.run_id": challenger_run_id, "model_name": ml.model_name}
+            "challenger.run_id": challenger_run_id, "model_name": ml.model_name,
+            "trigger": str(facts.get("trigger", "manual"))[:5000],
+            "comparison.unit": f"champion v{champion_version} scaler"}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"retrain-compare-{status}", tags=tags) as run:
-        run.log_params({"retrain.min_improvement": settings.retrain.min_improvement,
-                        "retrain.max_false_alarm_increase": settings.retrain.max_false_alarm_increase,
-                        "retrain.holdout_fraction": settings.retrain.holdout_fraction,
-                        "retrain.exclude_margin_rows": settings.retrain.exclude_margin_rows})
-        run.log_metrics({**{f"champion.{k}": v for k, v in champ.to_dict().items()},
-                         **{f"challenger.{k}": v for k, v in chall.to_dict().items()},
-                         "relative_improvement": decision.relative_improvement, "promoted": float(decision.promote)})
-        shown = ("mean_error", "false_alarm_rate", "p99_error")
-        bars = {f"champion v{champion_version}": {k: champ.to_dict()[k] for k in shown},
-                f"challenger v{challenger_version}": {k: chall.to_dict()[k] for k in shown}}
+        run.log_params({"retrain.min_improvement": rt.min_improvement,
+                        "retrain.max_false_alarm_increase": rt.max_false_alarm_increase,
+                        "retrain.holdout_fraction": rt.holdout_fraction,
+                        "retrain.exclude_margin_rows": rt.exclude_margin_rows,
+                        "retrain.min_event_f1_improvement": rt.min_event_f1_improvement,
+                        "retrain.max_event_f1_decrease": rt.max_event_f1_decrease})
+        run.log_metrics(tracking.finite_metrics(metrics))
+        shown = ("mean_error", "false_alarm_rate", "p99_error", "event_f1")
+        bars = {f"{side} v{version}": {k: metrics[f"{side}.{k}"] for k in shown if f"{side}.{k}" in metrics}
+                for side, version in (("champion", champion_version), ("challenger", challenger_version))}
         run.log_figure(plots.comparison_bars(bars, f"hold-out comparison: {status}"), "comparison.png")
-        run.log_dict({"decision": status, "reason": decision.reason, "champion": champ.to_dict(),
-                      "challenger": chall.to_dict(), "data": dict(facts)}, "comparison.json")
+        run.log_dict({"decision": status, "reason": decision.reason, "metrics": dict(metrics),
+                      "data": dict(facts)}, "comparison.json")
         return run.run_id or ""
 
 

@@ -16,8 +16,18 @@
   take) holds ``<job_store>.retrain.lock`` while it runs; a busy lock is a logged skip.
 - Job start, success, failure and misfire are logged by event listeners and counted in
   ``SchedulerMetrics`` (Prometheus).
+- Drift (``[drift]``, off by default): a second, in-memory interval job (id ``DRIFT_JOB_ID``, its own
+  executor thread, every ``drift.check_interval_s``) reads the new records of the worker's scores
+  topic (``ScoreReader``: consumer group ``drift.group_id``, partitions assigned by hand, resuming from
+  its committed offsets, at most ``drift.max_records_per_check`` records, stopping when idle; nothing
+  asks the broker where the end is, DESIGN §5), keeps the latest ``drift.window`` scores of the
+  current champion version and compares them with the champion's validation scores
+  (``anomaly.drift``). On drift, outside the cooldown and while no retrain runs, it moves the stored
+  retrain job's next run to now with ``trigger="drift: ..."``: the early retrain is the very same job
+  (same lock, listener and metrics; one executor thread, so never two at once), and the interval
+  schedule continues from it.
 
-Must not: decide anything about retraining (``anomaly.retrain`` does).
+Must not: decide anything about retraining (``anomaly.retrain`` does) or about drift (``anomaly.drift``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from anomaly.config import SchedulerSettings, Settings
+from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError
 from anomaly.scheduler_metrics import SchedulerMetrics
 
@@ -41,6 +52,8 @@ log = logging.getLogger(__name__)
 JOB_ID = "anomaly-retrain"  # explicit, so a restart finds (and replaces) the same job
 JOB_FUNC = "anomaly.scheduler:retrain_job"  # by reference: the store keeps the name, not the code
 SHUTDOWN_POLL_S = 0.5  # how often the foreground loop looks at its stop event
+DRIFT_JOB_ID = "anomaly-drift-check"  # in the memory store: its state (the score window) lives in this process
+DRIFT_READ_TIMEOUT_S = 60.0  # longest a drift check spends reading, whatever the record bound
 
 
 class SchedulerLocked(AnomalyError):
@@ -135,20 +148,175 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
         lock.release()
 
 
-def retrain_job(config: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def retrain_job(config: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                trigger: str = "schedule") -> dict[str, Any]:
     """The scheduled job (module level, referenced by ``JOB_FUNC``). The configuration is read when
     the job runs: the TOML file ``config``, the ``ANOMALY_*`` environment of the scheduler process,
     then ``overrides`` (the command line's). The store keeps only these plain values: no code objects,
-    and no secrets from the file or the environment."""
+    and no secrets from the file or the environment. ``trigger``: schedule, or ``drift: <why>`` when
+    the drift check moved the run forward."""
     from anomaly.config import load_config
 
-    return run_retrain(load_config(config, overrides=overrides)).to_dict()
+    return run_retrain(load_config(config, overrides=overrides), trigger=trigger).to_dict()
 
 
 def settings_dict(settings: Settings) -> dict[str, dict[str, Any]]:
     """Settings as the plain nested dict the job store keeps (``build_settings`` reads it back)."""
     return {section.name: dataclasses.asdict(getattr(settings, section.name))
             for section in dataclasses.fields(settings)}
+
+
+# --- drift: the I/O around anomaly.drift ---------------------------------------------------------
+
+class ScoreReader:
+    """New records of the scores topic for one consumer group, read in bounded steps.
+
+    Partitions are assigned by hand (no group join, no rebalance); the group's committed offsets say
+    where the previous check stopped (a new group starts at the oldest record). After each read the
+    positions are committed, so a restarted scheduler does not read the same scores again. Used from
+    one thread only (kafka-python's consumer is not thread safe).
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, group_id: str,
+                 client_options: Mapping[str, Any] | None = None) -> None:
+        self.bootstrap_servers, self.topic, self.group_id = bootstrap_servers, topic, group_id
+        self.client_options = dict(client_options or {})
+        self._consumer: Any = None
+
+    def read(self, max_records: int, idle_s: float, timeout_s: float = DRIFT_READ_TIMEOUT_S) -> list[bytes]:
+        """Values of up to ``max_records`` new records; stops after ``idle_s`` without one. ``[]`` while
+        the topic does not exist (it is never created here)."""
+        from anomaly import kafka_io
+
+        if self._consumer is None:
+            options = kafka_io.consumer_options(self.bootstrap_servers, self.group_id,
+                                                client_options=self.client_options)
+            options.update(enable_auto_commit=False, allow_auto_create_topics=False)
+            self._consumer = kafka_io.KafkaConsumer(**options)
+        consumer = self._consumer
+        if not consumer.assignment():
+            partitions = consumer.partitions_for_topic(self.topic)
+            if not partitions:
+                consumer.topics()  # refresh metadata: the topic may appear by the next check
+                return []
+            consumer.assign([kafka_io.TopicPartition(self.topic, p) for p in sorted(partitions)])
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while len(values) < max_records:
+            now = time.monotonic()
+            if now >= deadline or now - last >= idle_s:
+                break
+            batch = consumer.poll(timeout_ms=int(min(200, idle_s * 1000)) or 1,
+                                  max_records=min(5000, max_records - len(values)))
+            for records in batch.values():
+                if records:
+                    last = time.monotonic()
+                values.extend(r.value for r in records)
+        if values:
+            consumer.commit()
+        return values
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            finally:
+                self._consumer = None
+
+
+def reference_for_version(model_name: str, version: str) -> Reference | None:
+    """The drift reference of a registered version, from its training run's metrics and parameters."""
+    from anomaly import registry
+    from anomaly.drift import reference_from_run
+
+    c = registry.client()
+    mv = c.get_model_version(model_name, str(version))
+    if not mv.run_id:
+        return None
+    run = c.get_run(mv.run_id)
+    return reference_from_run(str(version), dict(run.data.metrics), dict(run.data.params))
+
+
+class DriftMonitor:
+    """One drift check at a time: champion version → new live scores → verdict → metrics and logs.
+
+    ``check()`` returns the ``Assessment`` (or None when there is no champion or no reference); the
+    scheduler asks ``gate`` whether a drift verdict may start a retrain. ``reader``, ``resolver``
+    (name, alias → version) and ``reference_for`` (name, version → Reference) are injectable.
+    """
+
+    def __init__(self, settings: Settings, metrics: SchedulerMetrics | None = None, *, reader: Any = None,
+                 resolver: Any = None, reference_for: Any = None) -> None:
+        d, k, ml = settings.drift, settings.kafka, settings.mlflow
+        if not k.scores_topic:
+            raise AnomalyError("the drift check needs kafka.scores_topic (the workers' per-window scores)")
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else SchedulerMetrics()
+        self.bounds = DriftBounds(psi_threshold=d.psi_threshold, max_alarm_rate=d.max_alarm_rate,
+                                  min_samples=d.min_samples)
+        self.window = ScoreWindow(d.window)
+        self.gate = DriftGate(d.cooldown_s)
+        self.reader = reader if reader is not None else ScoreReader(k.bootstrap_servers, k.scores_topic, d.group_id,
+                                                                   k.client_options)
+        self._resolver = resolver
+        self._reference_for = reference_for if reference_for is not None else reference_for_version
+        self._references: dict[str, Reference | None] = {}
+        self._records_seen = 0
+        self._warned_empty = False
+
+    def _champion_version(self) -> str | None:
+        ml = self.settings.mlflow
+        if self._resolver is not None:
+            return self._resolver(ml.model_name, ml.champion_alias)
+        from anomaly import registry, tracking
+
+        tracking.configure(ml.tracking_uri, ml.registry_uri)
+        return registry.alias_version(ml.model_name, ml.champion_alias)
+
+    def _reference(self, version: str) -> Reference | None:
+        if version not in self._references:  # a version's training run never changes: once per version
+            self._references[version] = self._reference_for(self.settings.mlflow.model_name, version)
+        return self._references[version]
+
+    def check(self) -> Assessment | None:
+        d, ml = self.settings.drift, self.settings.mlflow
+        version = self._champion_version()
+        if version is None:
+            log.warning("drift: %s has no @%s; nothing to check", ml.model_name, ml.champion_alias)
+            self.metrics.drift_checked("no_reference", 0)
+            return None
+        self.window.watch(version)
+        values = self.reader.read(d.max_records_per_check, d.read_idle_s)
+        for value in values:
+            record = parse_score_record(value)
+            if record is not None:
+                self.window.add(record)
+        self._records_seen += len(values)
+        if len(values) >= d.max_records_per_check:
+            log.warning("drift: read the bound of %d score records in one check; the check is behind the "
+                        "workers (raise drift.max_records_per_check or check more often)", d.max_records_per_check)
+        if self._records_seen == 0 and not self._warned_empty:
+            log.warning("drift: no records in the scores topic %s yet; is kafka.scores_topic set for the workers?",
+                        self.settings.kafka.scores_topic)
+            self._warned_empty = True
+        reference = self._reference(version)
+        if reference is None:
+            log.warning("drift: %s v%s has no validation scores in its training run; no drift check for it",
+                        ml.model_name, version)
+            self.metrics.drift_checked("no_reference", len(self.window), records=len(values))
+            return None
+        from anomaly.drift import assess
+
+        result = assess(self.window.scores(), reference, self.bounds)
+        self.metrics.drift_checked(result.verdict, result.samples, result.psi, result.alarm_rate,
+                                   result.expected_alarm_rate, records=len(values))
+        level = logging.WARNING if result.drifted else logging.INFO
+        log.log(level, "drift check: %s (%s; %d new score records)", result.verdict, result.reason, len(values))
+        return result
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 # --- the scheduler -------------------------------------------------------------------------------
@@ -168,12 +336,21 @@ class RetrainScheduler:
     """Holds the lock, the APScheduler instance and the metrics. ``start`` / ``stop``, or ``run``."""
 
     def __init__(self, settings: SchedulerSettings, job_kwargs: Mapping[str, Any], *, func: str = JOB_FUNC,
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 metrics: SchedulerMetrics | None = None, drift: DriftMonitor | None = None,
+                 drift_interval_s: float | None = None, pass_trigger: bool | None = None) -> None:
+        """``drift`` (with ``drift_interval_s``, default its settings' ``check_interval_s``) adds the drift
+        check; ``pass_trigger`` (default: ``func`` is the real job) hands the job a ``trigger`` argument."""
         self.settings, self.job_kwargs, self.func = settings, dict(job_kwargs), func
         self.metrics = metrics if metrics is not None else SchedulerMetrics()
         self.lock = FileLock(lock_path(settings.job_store))
         self.scheduler: Any = None
         self._lock_guard = threading.Lock()
+        self.drift = drift
+        if drift is not None:
+            drift.metrics = self.metrics
+        self.drift_interval_s = drift_interval_s or (drift.settings.drift.check_interval_s if drift else None)
+        self.pass_trigger = (func == JOB_FUNC) if pass_trigger is None else pass_trigger
+        self.last_assessment: Assessment | None = None
 
     def start(self) -> None:
         """Take the lock (``SchedulerLocked`` if another scheduler has it), open the store, make sure the
@@ -181,6 +358,7 @@ class RetrainScheduler:
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
                                         EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED)
         from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.jobstores.memory import MemoryJobStore
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -189,8 +367,9 @@ class RetrainScheduler:
             store = Path(self.settings.job_store)
             store.parent.mkdir(parents=True, exist_ok=True)
             self.scheduler = BackgroundScheduler(
-                jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{store}")},
-                executors={"default": ThreadPoolExecutor(1)},  # one worker thread: one retrain at a time
+                jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{store}"), "memory": MemoryJobStore()},
+                executors={"default": ThreadPoolExecutor(1),  # one worker thread: one retrain at a time
+                           "drift": ThreadPoolExecutor(1)},  # checks go on while a retrain runs
                 job_defaults={"coalesce": True, "max_instances": 1,
                               "misfire_grace_time": self.settings.misfire_grace_s},
                 timezone=self.settings.timezone)
@@ -198,6 +377,7 @@ class RetrainScheduler:
                                         | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
             self.scheduler.start(paused=True)
             self._ensure_job()
+            self._add_drift_job()
             self.scheduler.resume()
         except BaseException:
             self._shutdown(wait=False)
@@ -220,6 +400,50 @@ class RetrainScheduler:
                      job.next_run_time)
         self._update_next_run()
 
+    def _add_drift_job(self) -> None:
+        if self.drift is None:
+            log.info("scheduler: drift trigger off (drift.enabled = false)")
+            return
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        s = self.drift.settings
+        self.scheduler.add_job(self._drift_check, IntervalTrigger(seconds=self.drift_interval_s), id=DRIFT_JOB_ID,
+                               name="drift check", jobstore="memory", executor="drift", replace_existing=True,
+                               coalesce=True, max_instances=1, misfire_grace_time=max(int(self.drift_interval_s), 1))
+        log.info("scheduler: drift trigger on: scores topic %s, every %g s, window %d (min %d), PSI >= %g or alarm "
+                 "rate > %g, cooldown %g s", s.kafka.scores_topic, self.drift_interval_s, s.drift.window,
+                 s.drift.min_samples, s.drift.psi_threshold, s.drift.max_alarm_rate, s.drift.cooldown_s)
+
+    def _drift_check(self) -> None:
+        """The drift job: one check; on drift (gate permitting) the retrain job runs now."""
+        assert self.drift is not None
+        try:
+            result = self.drift.check()
+        except Exception as exc:  # a broker or registry hiccup must not stop the checks
+            log.warning("drift check failed: %s: %s", type(exc).__name__, exc)
+            self.metrics.drift_checked("error", len(self.drift.window))
+            return
+        self.last_assessment = result
+        if result is None or not result.drifted:
+            return
+        blocked = self.drift.gate.blocked(time.monotonic())
+        if blocked:
+            log.info("drift detected, no retrain now: %s", blocked)
+            return
+        self.drift.gate.triggered(time.monotonic())
+        self.metrics.drift_triggered()
+        self.trigger_now(f"drift: {result.reason}")
+
+    def trigger_now(self, reason: str) -> None:
+        """Run the stored retrain job now (recorded as ``trigger=reason``); its schedule continues from it."""
+        from datetime import datetime, timezone
+
+        changes: dict[str, Any] = {"next_run_time": datetime.now(timezone.utc)}
+        if self.pass_trigger:
+            changes["kwargs"] = {**self.job_kwargs, "trigger": reason}
+        log.warning("scheduler: retraining now (%s)", reason)
+        self.scheduler.modify_job(JOB_ID, **changes)
+
     def _update_next_run(self) -> None:
         job = self.scheduler.get_job(JOB_ID) if self.scheduler is not None else None
         if job is not None and job.next_run_time is not None:
@@ -230,7 +454,16 @@ class RetrainScheduler:
                                         EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED)
 
         code = event.code
+        if event.job_id == DRIFT_JOB_ID:
+            if code == EVENT_JOB_ERROR:
+                log.error("scheduler: drift check raised %r", event.exception)
+            elif code == EVENT_JOB_MISSED:
+                log.info("scheduler: a drift check was skipped (the previous one was still running)")
+            return
         if code == EVENT_JOB_SUBMITTED:
+            if self.drift is not None:
+                self.drift.gate.retrain_started()
+            self._restore_job_kwargs()
             log.info("scheduler: job %s started (scheduled for %s)", event.job_id, _first(event.scheduled_run_times))
             self.metrics.job_started()
         elif code == EVENT_JOB_EXECUTED:
@@ -243,9 +476,11 @@ class RetrainScheduler:
                 log.info("scheduler: job %s finished: %s %s", event.job_id, status, reason)
             seconds = retval.get("seconds")
             self.metrics.job_finished(outcome, seconds if isinstance(seconds, (int, float)) else None)
+            self._retrain_finished()
         elif code == EVENT_JOB_ERROR:
             log.error("scheduler: job %s raised %r", event.job_id, event.exception)
             self.metrics.job_finished("error")
+            self._retrain_finished()
         elif code == EVENT_JOB_MISSED:
             log.warning("scheduler: job %s missed its run at %s (over misfire_grace_s=%s); skipped",
                         event.job_id, event.scheduled_run_time, self.settings.misfire_grace_s)
@@ -256,6 +491,22 @@ class RetrainScheduler:
             self._update_next_run()
         except Exception:  # never let metrics bookkeeping disturb the scheduler
             log.debug("could not read the next run time", exc_info=True)
+
+    def _restore_job_kwargs(self) -> None:
+        """After a drift-triggered run was handed to the executor (which keeps its own copy), the
+        stored job goes back to its plain arguments, so the next scheduled run says ``schedule``."""
+        try:
+            job = self.scheduler.get_job(JOB_ID) if self.scheduler is not None else None
+            if job is not None and dict(job.kwargs) != self.job_kwargs:
+                self.scheduler.modify_job(JOB_ID, kwargs=self.job_kwargs)
+        except Exception:
+            log.warning("could not reset the retrain job's arguments", exc_info=True)
+
+    def _retrain_finished(self) -> None:
+        """A retrain ended: the cooldown starts, and the drift window starts over (fresh evidence only)."""
+        if self.drift is not None:
+            self.drift.gate.retrain_finished(time.monotonic())
+            self.drift.window.clear()
 
     def next_run_time(self) -> Any:
         job = self.scheduler.get_job(JOB_ID)
@@ -272,6 +523,11 @@ class RetrainScheduler:
                     self.scheduler.shutdown(wait=wait)
             finally:
                 self.scheduler = None
+                if self.drift is not None:
+                    try:
+                        self.drift.close()
+                    except Exception:
+                        log.debug("closing the drift reader failed", exc_info=True)
                 self.lock.release()
 
     def run(self, stop: threading.Event, run_for_s: float | None = None) -> None:

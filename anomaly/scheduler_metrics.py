@@ -12,6 +12,12 @@ Metric names (all prefixed ``anomaly_scheduler_``):
               jobs_missed_total
     gauges    job_running, last_run_timestamp_seconds, last_success_timestamp_seconds,
               last_run_duration_seconds, next_run_timestamp_seconds
+
+    drift     drift_checks_total{result="drift"|"ok"|"insufficient"|"no_reference"|"error"},
+              drift_triggers_total (retrains started early by drift),
+              drift_psi, drift_alarm_rate, drift_expected_alarm_rate, drift_samples (of the last
+              check with a verdict; samples of every check), drift_last_check_timestamp_seconds,
+              drift_records_read_total
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 PREFIX = "anomaly_scheduler"
 # A retrain's status; "error": the job raised; "ok": a job that returns no retrain result finished.
 OUTCOMES = ("promoted", "kept", "skipped", "failed", "error", "ok")
+DRIFT_RESULTS = ("drift", "ok", "insufficient", "no_reference", "error")
 
 
 class SchedulerMetrics:
@@ -53,6 +60,23 @@ class SchedulerMetrics:
                                  registry=r)
         for outcome in OUTCOMES:  # so a scrape shows 0 before the first job
             self.finished.labels(outcome=outcome)
+        self.drift_checks = Counter(f"{PREFIX}_drift_checks_total", "Drift checks, by result.",
+                                    labelnames=("result",), registry=r)
+        for result in DRIFT_RESULTS:
+            self.drift_checks.labels(result=result)
+        self.drift_triggers = Counter(f"{PREFIX}_drift_triggers_total", "Retrains started early because of drift.",
+                                      registry=r)
+        self.drift_records = Counter(f"{PREFIX}_drift_records_read_total", "Score records read by drift checks.",
+                                     registry=r)
+        self.drift_psi = Gauge(f"{PREFIX}_drift_psi", "PSI of live vs validation scores (last verdict).", registry=r)
+        self.drift_alarm_rate = Gauge(f"{PREFIX}_drift_alarm_rate",
+                                      "Fraction of live scores above the threshold (last verdict).", registry=r)
+        self.drift_expected_alarm_rate = Gauge(f"{PREFIX}_drift_expected_alarm_rate",
+                                               "The champion's validation false-alarm rate.", registry=r)
+        self.drift_samples = Gauge(f"{PREFIX}_drift_samples", "Live scores of the champion in the drift window.",
+                                   registry=r)
+        self.drift_last_check_ts = Gauge(f"{PREFIX}_drift_last_check_timestamp_seconds",
+                                         "Epoch seconds of the last drift check.", registry=r)
         # Submitted minus finished. A fast job's "finished" event can arrive before its "submitted"
         # event (they come from two threads), so this may dip below 0 for a moment.
         self._pending = 0
@@ -76,6 +100,23 @@ class SchedulerMetrics:
 
     def job_missed(self) -> None:
         self.missed.inc()
+
+    def drift_checked(self, result: str, samples: int, psi: float | None = None, alarm_rate: float | None = None,
+                      expected_alarm_rate: float | None = None, records: int = 0) -> None:
+        """One drift check: its result, the window's size and, with a verdict, its statistics."""
+        self.drift_checks.labels(result=result if result in DRIFT_RESULTS else "error").inc()
+        self.drift_samples.set(samples)
+        self.drift_records.inc(max(records, 0))
+        self.drift_last_check_ts.set(self._clock())
+        if psi is not None:
+            self.drift_psi.set(psi)
+        if alarm_rate is not None:
+            self.drift_alarm_rate.set(alarm_rate)
+        if expected_alarm_rate is not None:
+            self.drift_expected_alarm_rate.set(expected_alarm_rate)
+
+    def drift_triggered(self) -> None:
+        self.drift_triggers.inc()
 
     def set_next_run(self, ts_s: float | None) -> None:
         if ts_s is not None:

@@ -181,3 +181,28 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
     result = run_cycle(settings)
     assert result.status == "skipped" and "too little clean data" in result.reason
     assert result.challenger_version is None and champion_version(settings) == weak
+
+
+def test_labelled_file_puts_event_f1_into_the_gate(store, tmp_path):
+    """``anomaly retrain --data`` with an ``anomaly`` column: labelled rows are kept out of training
+    (instead of the champion's flags), and both models' event F1 on the labelled hold-out tail is logged
+    and part of the decision."""
+    root, weak, _ = store
+    settings = settings_for(root, epochs=6)
+    give_champion(settings, weak)
+    frame, labels = with_fault(normal_frame(ROWS, seed=5), start=1300, length=60, size=0.8)
+    frame = frame.copy()
+    frame["anomaly"] = labels.astype(int)
+    path = tmp_path / "labelled.csv"
+    frame.to_csv(path, index_label="ts")
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status in ("promoted", "kept"), result.reason
+    assert result.data["labelled_entities"] == 1 and result.data["labelled_rows"] == 60
+    assert result.data["flagged_windows"] == 0  # labels replaced the champion's flags
+    assert result.data["origin"] == f"file:{path}" and result.data["trigger"] == "manual"
+    m = result.metrics
+    assert m["champion.labelled_events"] == 1 == m["challenger.labelled_events"]
+    assert 0 <= m["champion.event_f1"] <= 1 and 0 <= m["challenger.event_f1"] <= 1
+    assert "event F1" in result.reason
+    run = comparison_run(settings, result.comparison_run_id)
+    assert "challenger.event_f1" in run.data.metrics and run.data.tags["trigger"] == "manual"

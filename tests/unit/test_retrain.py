@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from anomaly.codec import Reading
-from anomaly.retrain import (Decision, History, HoldoutMetrics, decide, exclusion_mask, holdout_metrics,
+from anomaly.retrain import (Decision, History, HoldoutMetrics, common_unit_errors, decide, exclusion_mask, holdout_metrics,
                              split_segments)
 
 
@@ -145,3 +145,114 @@ def test_holdout_metrics_at_the_models_own_threshold():
     nan = holdout_metrics(np.array([0.1, np.nan]), threshold=1.0)  # a NaN score counts as an alarm
     assert nan.false_alarm_rate == pytest.approx(0.5) and nan.mean_error == pytest.approx(0.1)
     assert holdout_metrics(np.array([np.nan]), 1.0).mean_error == math.inf
+
+
+# --- with labels: event F1 in the gate -----------------------------------------------------------
+
+def events(f1: float):
+    from anomaly.evaluation import EventMetrics
+
+    return EventMetrics(precision=f1, recall=f1, f1=f1, mean_delay_s=None, n_true=4, n_detected=0, n_pred=0,
+                        n_pred_correct=0)
+
+
+@pytest.mark.parametrize("chall_err, champ_f1, chall_f1, promote, why", [
+    (0.90, 0.50, 0.50, True, "better (error)"),  # error better, F1 held
+    (0.90, 0.50, 0.40, False, "worse event F1"),  # error better, but finds fewer anomalies
+    (1.00, 0.50, 0.60, True, "better (event F1)"),  # same error, clearly better detection
+    (1.00, 0.50, 0.54, False, "not better enough"),  # F1 gain under the margin, no error gain
+    (1.10, 0.50, 0.80, True, "better (event F1)"),  # worse reconstruction, much better detection
+])
+def test_decide_with_labelled_events(chall_err, champ_f1, chall_f1, promote, why):
+    d = decide(metrics(1.0, 0.01), metrics(chall_err, 0.01), min_improvement=0.05, max_false_alarm_increase=0.001,
+               champion_events=events(champ_f1), challenger_events=events(chall_f1), min_event_f1_improvement=0.05,
+               max_event_f1_decrease=0.0)
+    assert d.promote is promote, d.reason
+    assert why in d.reason and "event F1" in d.reason
+
+
+def test_decide_with_labels_still_bounds_false_alarms_and_tolerates_a_set_f1_decrease():
+    more_alarms = decide(metrics(1.0, 0.0), metrics(1.0, 0.05), 0.05, 0.001, champion_events=events(0.2),
+                         challenger_events=events(0.9))
+    assert not more_alarms.promote and "more false alarms" in more_alarms.reason
+    tolerated = decide(metrics(1.0, 0.0), metrics(0.8, 0.0), 0.05, 0.001, champion_events=events(0.60),
+                       challenger_events=events(0.55), max_event_f1_decrease=0.1)
+    assert tolerated.promote
+    # one side without events: the rule is the unlabelled one
+    assert decide(metrics(1.0, 0.0), metrics(0.8, 0.0), 0.05, 0.0, champion_events=events(0.9)).promote
+
+
+# --- the common unit of the error comparison -----------------------------------------------------
+
+def test_common_unit_errors_convert_by_the_squared_scale_ratio():
+    errors = np.array([[1.0, 4.0], [0.0, 2.0]])  # (N=2, F=2) in the model's scaled units
+    same = common_unit_errors(errors, scale=[2.0, 1.0], reference_scale=[2.0, 1.0])
+    assert same.tolist() == [2.5, 1.0]  # equal scalers: the model's own score (mean over sensors)
+    # The model's sensor 0 was scaled by 2, the reference's by 1: its errors are 4x in reference units.
+    assert common_unit_errors(errors, scale=[2.0, 1.0], reference_scale=[1.0, 1.0]).tolist() == [4.0, 1.0]
+
+
+def test_common_units_undo_a_scaler_difference():
+    """The same reconstruction residuals, measured by two models with different scalers: in their own
+    units the wider-scaled model looks 4x better; in a common unit they are equal."""
+    rng = np.random.default_rng(0)
+    residual = rng.normal(0, 0.1, (50, 3))  # original units
+    narrow, wide = np.array([1.0, 1.0, 1.0]), np.array([2.0, 2.0, 2.0])
+    own_narrow, own_wide = (residual / narrow) ** 2, (residual / wide) ** 2
+    assert own_wide.mean() == pytest.approx(own_narrow.mean() / 4)
+    m_narrow = holdout_metrics(own_narrow.mean(axis=1), 1.0, common_unit_errors(own_narrow, narrow, narrow))
+    m_wide = holdout_metrics(own_wide.mean(axis=1), 1.0, common_unit_errors(own_wide, wide, narrow))
+    assert m_wide.mean_error == pytest.approx(m_narrow.mean_error)
+    assert decide(m_narrow, m_wide, 0.05, 0.0).promote is False  # no free win from the scaler
+
+
+def test_holdout_metrics_false_alarms_stay_in_own_units():
+    m = holdout_metrics(np.array([0.5, 2.0]), threshold=1.0, comparable=np.array([5.0, 20.0]))
+    assert m.false_alarm_rate == 0.5 and m.mean_error == pytest.approx(12.5)
+    with pytest.raises(ValueError):
+        holdout_metrics(np.array([1.0]), 1.0, np.array([1.0, 2.0]))
+
+
+# --- labels: parsing, grid, history, files -------------------------------------------------------
+
+def test_parse_and_record_labels():
+    from anomaly.retrain import parse_label, record_label
+
+    assert [parse_label(v) for v in (True, 0, 1.0, "1", "false", "yes", None, "maybe", float("nan"))] == [
+        True, False, True, True, False, True, None, None, None]
+    assert record_label(b'{"entity": "e", "ts": 1, "values": {}, "anomaly": 1}', "anomaly") is True
+    assert record_label(b'{"entity": "e", "ts": 1, "values": {}}', "anomaly") is None
+    assert record_label(b'{"entity": "e", "ts": 1, "values": {}, "label": 0}', "label") is False
+
+
+def test_label_rows_place_labels_on_the_nearest_slot():
+    from anomaly.retrain import label_rows
+
+    ts = np.array([100.0, 101.1, 101.9, 104.0, 120.0])
+    out = label_rows(ts, np.array([False, True, True, False, True]), grid_start=100.0, period_s=1.0, n_rows=6)
+    assert np.flatnonzero(out).tolist() == [1, 2]  # 120 s lies beyond the grid
+
+
+def test_history_adds_a_label_column_for_labelled_entities():
+    from anomaly.retrain import LABEL_COLUMN
+
+    h = History(max_readings=10, lookback_s=100)
+    h.add(reading("e", 1.0), label=False)
+    h.add(reading("e", 2.0), label=True)
+    h.add(reading("e", 3.0))  # unlabelled reading of a labelled entity: normal
+    h.add(reading("f", 1.0))
+    frames = h.frames(["a", "b"])
+    assert frames["e"][LABEL_COLUMN].tolist() == [0.0, 1.0, 0.0]
+    assert LABEL_COLUMN not in frames["f"]
+
+
+def test_file_readings_carry_the_label_column(tmp_path):
+    from anomaly.config import build_settings
+    from anomaly.retrain import file_readings
+
+    path = tmp_path / "pump.csv"
+    path.write_text("ts,temp,pressure,anomaly\n2026-01-01T00:00:00Z,1.0,2.0,0\n2026-01-01T00:00:01Z,1.5,,1\n")
+    items = list(file_readings(str(path), build_settings({})))
+    assert [(r.entity, r.ts, r.values, label) for r, label in items] == [
+        ("pump", 1767225600.0, {"temp": 1.0, "pressure": 2.0}, False),
+        ("pump", 1767225601.0, {"temp": 1.5, "pressure": None}, True)]

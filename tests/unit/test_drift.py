@@ -1,0 +1,205 @@
+"""The drift core: reference from a training run, PSI, the verdict, the score window and the cooldown
+gate; and the scheduler's drift check with an injected reader and registry. No broker, no MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from anomaly.config import build_settings
+from anomaly.drift import (Assessment, DriftBounds, DriftGate, LiveScore, Reference, ScoreWindow, assess,
+                           bin_proportions, nominal_alarm_rate, parse_score_record, psi, reference_from_run)
+from anomaly.errors import ConfigError
+from anomaly.scheduler_metrics import SchedulerMetrics
+
+# A validation distribution: exponential scores, median ln 2, p99 ln 100; threshold at p99.9.
+METRICS = {"threshold": math.log(1000), "val_false_alarm_rate": 0.001, "val_score_p50": math.log(2),
+           "val_score_p99": math.log(100)}
+
+
+def reference() -> Reference:
+    ref = reference_from_run("3", METRICS, {"threshold.method": "pot", "threshold.risk": "0.001"})
+    assert ref is not None
+    return ref
+
+
+def test_reference_from_run_has_the_validation_cut_points():
+    ref = reference()
+    assert ref.values == pytest.approx((math.log(2), math.log(100), math.log(1000)))
+    assert ref.cdf == pytest.approx((0.5, 0.99, 0.999))
+    assert ref.expected == pytest.approx([0.5, 0.49, 0.009, 0.001])
+    assert ref.threshold == pytest.approx(math.log(1000)) and ref.expected_alarm_rate == 0.001
+
+
+def test_reference_falls_back_to_the_policys_nominal_rate_and_drops_disagreeing_points():
+    # No validation window above the threshold: the pot risk is the expected alarm rate.
+    ref = reference_from_run("1", {**METRICS, "val_false_alarm_rate": 0.0}, {"threshold.method": "pot",
+                                                                             "threshold.risk": "0.002"})
+    assert ref.expected_alarm_rate == 0.002 and ref.cdf[-1] == pytest.approx(0.998)
+    # A threshold below p99 with 5 % above it: consistent, all three points kept in order.
+    low = reference_from_run("1", {**METRICS, "threshold": 2.0, "val_false_alarm_rate": 0.05})
+    assert low.values == pytest.approx((math.log(2), 2.0, math.log(100))) and low.cdf == pytest.approx((0.5, 0.95, 0.99))
+    # A threshold below p99 that claims fewer alarms than 1 %: p99 disagrees with it and is left out.
+    odd = reference_from_run("1", {**METRICS, "threshold": 2.0})
+    assert odd.values == pytest.approx((math.log(2), 2.0)) and odd.cdf == pytest.approx((0.5, 0.999))
+    assert reference_from_run("1", {"val_score_p50": 1.0}) is None  # no threshold: no reference
+    assert nominal_alarm_rate({"threshold.method": "quantile", "threshold.q": "0.99"}) == pytest.approx(0.01)
+    assert nominal_alarm_rate({"threshold.method": "mean_std"}) is None
+
+
+def test_reference_refuses_inconsistent_points():
+    with pytest.raises(ValueError):
+        Reference("1", (2.0, 1.0), (0.5, 0.9), 2.0, 0.1)
+    with pytest.raises(ValueError):
+        Reference("1", (1.0, 2.0), (0.9, 0.5), 2.0, 0.1)
+
+
+def test_psi_is_zero_for_the_same_distribution_and_grows_with_the_shift():
+    e = np.array([0.5, 0.49, 0.009, 0.001])
+    assert psi(e, e) == pytest.approx(0.0)
+    small = psi(np.array([0.45, 0.53, 0.019, 0.001]), e)
+    large = psi(np.array([0.2, 0.7, 0.09, 0.01]), e)
+    assert 0 < small < 0.1 < 0.25 < large
+    # empty bins are floored, not infinite
+    assert math.isfinite(psi(np.array([1.0, 0, 0, 0]), e))
+
+
+def test_bin_proportions_are_right_closed():
+    ref = Reference("1", (1.0, 2.0), (0.5, 0.9), 2.0, 0.1)
+    assert bin_proportions(np.array([0.5, 1.0, 1.5, 2.0, 3.0]), ref).tolist() == [0.4, 0.4, 0.2]
+
+
+def test_assess_in_distribution_scores_are_ok_and_shifted_ones_drift():
+    rng = np.random.default_rng(0)
+    bounds = DriftBounds(psi_threshold=0.25, max_alarm_rate=0.05, min_samples=500)
+    same = rng.exponential(1.0, 5000)  # the reference's own distribution
+    ok = assess(same, reference(), bounds)
+    assert ok.verdict == "ok" and ok.psi < 0.05 and ok.alarm_rate < 0.01 and ok.samples == 5000
+    shifted = assess(rng.exponential(2.0, 5000), reference(), bounds)  # scores doubled: a moved distribution
+    assert shifted.drifted and shifted.psi >= 0.25 and "score distribution moved" in shifted.reason
+    assert "alarm rate too high" not in shifted.reason  # doubled exp(1) rarely passes ln 1000
+    # Only the alarm rate: 10 % of windows far above the threshold, the body unchanged.
+    alarms = np.concatenate([rng.exponential(1.0, 4500), np.full(500, 50.0)])
+    verdict = assess(alarms, reference(), DriftBounds(psi_threshold=5.0, max_alarm_rate=0.05, min_samples=500))
+    assert verdict.drifted and "alarm rate too high" in verdict.reason and verdict.alarm_rate == pytest.approx(0.1, abs=0.005)
+
+
+def test_assess_needs_min_samples_and_ignores_non_finite_scores():
+    scores = np.concatenate([np.full(10, 100.0), [np.nan, np.inf]])
+    result = assess(scores, reference(), DriftBounds(min_samples=11))
+    assert result.verdict == "insufficient" and result.samples == 10 and result.psi is None
+    assert assess(scores, reference(), DriftBounds(min_samples=10)).drifted
+
+
+def test_parse_score_record():
+    doc = {"entity": "p", "ts": 1.0, "start_ts": 0.0, "score": 0.5, "threshold": 1.0, "anomalous": False,
+           "filled": 0, "model": {"name": "pump", "version": "7"}}
+    assert parse_score_record(json.dumps(doc).encode()) == LiveScore("7", 0.5)
+    assert parse_score_record(json.dumps({**doc, "score": None}).encode()) == LiveScore("7", None)
+    for bad in (b"", None, b"not json", b"[1]", json.dumps({"score": 1}).encode()):
+        assert parse_score_record(bad) is None
+
+
+def test_score_window_keeps_the_watched_versions_latest_scores():
+    w = ScoreWindow(3)
+    w.watch("1")
+    for i in range(5):
+        w.add(LiveScore("1", float(i)))
+    w.add(LiveScore("0", 99.0))  # an older champion's score: not counted
+    w.add(LiveScore("1", None))  # non-finite: not counted
+    assert w.scores().tolist() == [2.0, 3.0, 4.0] and w.other_versions == 1
+    w.watch("1")
+    assert len(w) == 3  # same version: kept
+    w.watch("2")
+    assert len(w) == 0  # a promotion starts over
+
+
+def test_gate_cooldown_and_running_retrain():
+    gate = DriftGate(cooldown_s=100)
+    assert gate.blocked(0.0) is None
+    gate.triggered(0.0)
+    assert "cooldown" in gate.blocked(50.0)
+    gate.retrain_started()
+    assert gate.blocked(500.0) == "a retrain is running"
+    gate.retrain_finished(500.0)
+    assert "last retrain" in gate.blocked(550.0)
+    assert gate.blocked(600.0) is None
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, field", [
+    ({"drift": {"enabled": True}}, "drift.enabled"),  # no scores topic
+    ({"drift": {"window": 0}}, "drift.window"),
+    ({"drift": {"window": 10, "min_samples": 11}}, "drift.min_samples"),
+    ({"drift": {"psi_threshold": 0}}, "drift.psi_threshold"),
+    ({"drift": {"max_alarm_rate": 0}}, "drift.max_alarm_rate"),
+    ({"drift": {"cooldown_s": -1}}, "drift.cooldown_s"),
+    ({"drift": {"check_interval_s": 0}}, "drift.check_interval_s"),
+    ({"drift": {"group_id": ""}}, "drift.group_id"),
+])
+def test_bad_drift_settings_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as info:
+        build_settings(raw)
+    assert info.value.field == field
+
+
+# --- the scheduler's drift check, I/O injected ---------------------------------------------------
+
+class ListReader:
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.closed = False
+
+    def read(self, max_records, idle_s, timeout_s=60.0):
+        return self.batches.pop(0) if self.batches else []
+
+    def close(self):
+        self.closed = True
+
+
+def score_records(scores, version="3"):
+    return [json.dumps({"score": float(s), "model": {"name": "pump", "version": version}}).encode() for s in scores]
+
+
+def test_drift_monitor_checks_the_champions_scores_and_exports_the_statistic():
+    from anomaly.scheduler import DriftMonitor
+
+    settings = build_settings({"kafka": {"scores_topic": "scores"},
+                               "drift": {"enabled": True, "window": 2000, "min_samples": 1000}})
+    rng = np.random.default_rng(1)
+    reader = ListReader([score_records(rng.exponential(1.0, 600)),
+                         score_records(rng.exponential(1.0, 600)) + score_records([1e6] * 50, version="2"),
+                         score_records(rng.exponential(3.0, 2000))])
+    metrics = SchedulerMetrics()
+    monitor = DriftMonitor(settings, metrics, reader=reader, resolver=lambda name, alias: "3",
+                           reference_for=lambda name, version: reference())
+    first = monitor.check()
+    assert first.verdict == "insufficient" and first.samples == 600
+    second = monitor.check()
+    assert second.verdict == "ok" and second.samples == 1200  # version 2's records were not counted
+    third = monitor.check()
+    assert isinstance(third, Assessment) and third.drifted and third.samples == 2000
+    assert metrics.value("anomaly_scheduler_drift_checks_total", {"result": "drift"}) == 1
+    assert metrics.value("anomaly_scheduler_drift_checks_total", {"result": "insufficient"}) == 1
+    assert metrics.value("anomaly_scheduler_drift_psi") == pytest.approx(third.psi)
+    assert metrics.value("anomaly_scheduler_drift_records_read_total") == 600 + 650 + 2000
+    monitor.close()
+    assert reader.closed
+
+
+def test_drift_monitor_without_a_reference_gives_no_verdict():
+    from anomaly.scheduler import DriftMonitor
+
+    settings = build_settings({"kafka": {"scores_topic": "scores"}, "drift": {"enabled": True}})
+    metrics = SchedulerMetrics()
+    monitor = DriftMonitor(settings, metrics, reader=ListReader([score_records([1.0])]),
+                           resolver=lambda name, alias: "3", reference_for=lambda name, version: None)
+    assert monitor.check() is None
+    assert metrics.value("anomaly_scheduler_drift_checks_total", {"result": "no_reference"}) == 1
+    none = DriftMonitor(settings, metrics, reader=ListReader([]), resolver=lambda name, alias: None,
+                        reference_for=lambda name, version: reference())
+    assert none.check() is None
