@@ -1,10 +1,11 @@
-# `make test` sets up (if needed) and runs every test; `make setup` only installs.
+# `make run` sets up (if needed) and runs `anomaly up`; `make test` sets up (if needed) and runs every test;
+# `make setup` only installs.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast benchmark clean
+.PHONY: setup run test test-fast benchmark clean
 
 $(STAMP): pyproject.toml deploy/setup.sh
 	bash deploy/setup.sh $(VENV)
@@ -12,7 +13,11 @@ $(STAMP): pyproject.toml deploy/setup.sh
 
 setup: $(STAMP)  ## create .venv and install everything (torch==2.13.0 first)
 
-test: $(STAMP)  ## the whole test suite: unit, integration (real MLflow/Kafka), end to end
+run: $(STAMP)  ## the main job: `anomaly up` (broker, MLflow UI, worker, scheduler, a replayed SKAB fleet)
+	$(BIN)/anomaly up
+
+test: $(STAMP)  ## the whole test suite: unit, integration (real MLflow/Kafka), end to end (+ a real browser)
+	-bash deploy/install-chromium.sh
 	bash deploy/test.sh
 
 test-fast: $(STAMP)  ## unit tests only

@@ -26,7 +26,7 @@ def default_data_dir(dataset: str) -> Path:
 
 
 def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None = None):
-    from anomaly.config import build_settings, load_config
+    from anomaly.config import load_config
 
     overrides: dict[str, dict[str, Any]] = {}
     if getattr(args, "epochs", None) is not None:
@@ -37,30 +37,10 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
         overrides.setdefault("mlflow", {})["tracking_uri"] = args.tracking_uri
     if getattr(args, "model_name", None):
         overrides.setdefault("mlflow", {})["model_name"] = args.model_name
-    if base and not getattr(args, "config", None):
-        # A dataset profile is the base; the environment and the command line still override it.
-        merged = {k: dict(v) for k, v in base.items()}
-        env_settings = load_config(None, overrides=overrides)
-        for section, values in _changed_sections(env_settings).items():
-            merged.setdefault(section, {}).update(values)
-        return build_settings(merged)
-    return load_config(getattr(args, "config", None), overrides=overrides)
-
-
-def _changed_sections(settings) -> dict[str, dict[str, Any]]:
-    """Fields of ``settings`` that differ from the defaults."""
-    import dataclasses
-
-    from anomaly.config import Settings
-
-    defaults = Settings()
-    out: dict[str, dict[str, Any]] = {}
-    for section in dataclasses.fields(Settings):
-        now, then = getattr(settings, section.name), getattr(defaults, section.name)
-        for f in dataclasses.fields(now):
-            if getattr(now, f.name) != getattr(then, f.name):
-                out.setdefault(section.name, {})[f.name] = getattr(now, f.name)
-    return out
+    # A dataset profile is the base unless a config file is given; the environment and the command
+    # line override either (an environment value equal to the default still overrides the profile).
+    return load_config(getattr(args, "config", None), overrides=overrides,
+                       base=None if getattr(args, "config", None) else base)
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -437,7 +417,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from anomaly.scheduler import run_retrain
 
     settings = _retrain_settings(args)
-    result = run_retrain(settings, progress=not args.quiet)
+    result = run_retrain(settings, progress=not args.quiet, trigger="manual", data_path=args.data)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     return 1 if result.status == "failed" else 0
 
@@ -448,13 +428,14 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     import threading
     import time
 
-    from anomaly.scheduler import JOB_FUNC, RetrainScheduler
+    from anomaly.scheduler import JOB_FUNC, DriftMonitor, RetrainScheduler
 
     settings = _retrain_settings(args)
     s = settings.scheduler
     config = str(Path(args.config).resolve()) if args.config else None
     kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
-    sched = RetrainScheduler(s, kwargs, func=args.job)
+    drift = DriftMonitor(settings) if settings.drift.enabled else None
+    sched = RetrainScheduler(s, kwargs, func=args.job, drift=drift)
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     port = None
@@ -492,13 +473,17 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--job-store", help="override scheduler.job_store (its retrain lock is shared with the scheduler)")
     p.add_argument("--epochs", type=int, help="override training.epochs")
     p.add_argument("--device", help="override training.device")
+    p.add_argument("--data", help="retrain from this CSV/Parquet file instead of the input topic; a "
+                                  "retrain.label_field column (default 'anomaly') is ground truth for the gate")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("scheduler", help="run the retraining scheduler (exactly one per deployment)",
                        description="Run retraining on an interval or cron schedule kept in a SQLite job store, "
-                                   "until SIGTERM/SIGINT. A second scheduler on the same store exits with code 2.")
+                                   "until SIGTERM/SIGINT. A second scheduler on the same store exits with code 2. "
+                                   "With drift.enabled (and kafka.scores_topic), a retrain also runs early when the "
+                                   "champion's live scores drift from its validation scores.")
     trig = p.add_mutually_exclusive_group()
     trig.add_argument("--interval-s", type=float, help="override: run every this many seconds")
     trig.add_argument("--cron", help="override: run on this crontab expression")
@@ -511,6 +496,53 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
     p.set_defaults(func=cmd_scheduler)
 
 # --- retraining: scheduler and retrain (end) -----------------------------------------------------
+
+
+# --- up ------------------------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """The whole local stack: broker, MLflow UI, first champion, worker, scheduler, fleet replay."""
+    from anomaly import up
+    from anomaly.protocols import PROFILES
+
+    # SKAB's tuned profile is the base (the fleet is SKAB pumps); --config and ANOMALY_* still win.
+    settings = _settings(args, base=PROFILES["skab"])
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("skab")
+    fleet = tuple(s.strip() for s in args.fleet.split(",") if s.strip()) if args.fleet else up.DEFAULT_FLEET
+    options = up.UpOptions(data_dir=data_dir, fleet=fleet, speed=args.speed, loop=not args.once,
+                           ui_port=args.ui_port, retrain_every_s=args.retrain_every_s,
+                           state_dir=Path(args.state_dir), run_for_s=args.run_for_s, console=not args.quiet,
+                           log_level=str(args.log_level).upper())
+    return up.run(settings, options)
+
+
+def _add_up_parser(sub: Any, common: Any) -> None:
+    from anomaly import up
+
+    p = sub.add_parser("up", help="run everything locally: broker, MLflow UI, worker, scheduler, a replayed fleet",
+                       description="Start the whole stack on 127.0.0.1 with embedded defaults: the local Kafka-"
+                                   "protocol broker, the MLflow tracking server and UI, a first champion trained on "
+                                   "SKAB's anomaly-free recording if the registry has none, the scoring worker, the "
+                                   "retraining scheduler, and a replay of real SKAB water-pump experiments (with "
+                                   "their faults) as a fleet; prints events as they open and close. Ctrl-C stops "
+                                   "every part cleanly; a second `anomaly up` reuses the registry.")
+    p.add_argument("--data-dir", help="SKAB directory (default $ANOMALY_DATASETS/skab or ../shared/datasets/skab)")
+    p.add_argument("--fleet", help=f"comma-separated SKAB series, one entity each (default {','.join(up.DEFAULT_FLEET)})")
+    p.add_argument("--speed", type=float, default=up.DEFAULT_SPEED,
+                   help=f"replay speed-up over the recorded 1 s spacing (default {up.DEFAULT_SPEED:g})")
+    p.add_argument("--once", action="store_true", help="replay the fleet once instead of looping")
+    p.add_argument("--ui-port", type=int, default=up.DEFAULT_UI_PORT,
+                   help=f"MLflow UI port on 127.0.0.1 (default {up.DEFAULT_UI_PORT})")
+    p.add_argument("--retrain-every-s", type=float, default=up.DEFAULT_RETRAIN_EVERY_S,
+                   help=f"scheduler interval in seconds (default {up.DEFAULT_RETRAIN_EVERY_S:g})")
+    p.add_argument("--epochs", type=int, help="override training.epochs (first champion and retrains)")
+    p.add_argument("--device", help="override training.device")
+    p.add_argument("--state-dir", default="mlruns/up", help="logs of the parts and the effective config "
+                                                             "(default mlruns/up)")
+    p.add_argument("--run-for-s", type=float, help="stop by itself after this many seconds (demos, tests)")
+    p.add_argument("--quiet", action="store_true", help="no live event lines")
+    common(p)
+    p.set_defaults(func=cmd_up)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -599,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_streaming_parsers(sub, common)
     _add_retrain_parsers(sub, common)
+    _add_up_parser(sub, common)
     return parser
 
 

@@ -67,6 +67,9 @@ class ModelSettings:
     latent_size: int = doc("size of the bottleneck vector", 16)
     num_layers: int = doc("stacked LSTM layers", 1)
     dropout: float = doc("dropout between stacked layers and on the latent vector", 0.0)
+    cell: str = doc("recurrent cell: lstm, gru or peephole (LSTM whose gates see the cell state; slower, no fused kernel)", "lstm")
+    bidirectional: bool = doc("the encoder reads each window both ways; the decoder stays forward in time", False)
+    attention: bool = doc("each decoder step attends over all encoder outputs (for long windows)", False)
 
     def check(self) -> None:
         if self.window_size < 2:
@@ -76,6 +79,8 @@ class ModelSettings:
                 raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.dropout < 1:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.cell not in ("lstm", "gru", "peephole"):
+            raise ConfigError("model.cell", f"must be lstm, gru or peephole; got {self.cell!r}")
 
     def model_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,7 +172,7 @@ class KafkaSettings:
 class WorkerSettings:
     """The streaming scoring worker: windows, alert shaping, model following, metrics."""
 
-    stride: int = doc("score every stride-th window per entity (1 = every reading)", 1)
+    stride: int = doc("score a window every stride-th slot per entity (1 = every reading); 4 = a quarter of the forward passes for a few slots more detection delay (README, Streaming worker)", 4)
     grace_slots: int = doc("how many sampling slots late a reading may arrive and still be placed in order", 0)
     max_fill_steps: int = doc("missing slots forward-filled inside a window; a longer gap restarts the entity's window", 5)
     min_duration_windows: int = doc("consecutive windows above threshold before an event opens", 3)
@@ -175,7 +180,7 @@ class WorkerSettings:
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
     top_sensors: int = doc("sensors listed in an event, ranked by share of reconstruction error", 3)
     poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
-    max_poll_records: int = doc("most records per micro-batch", 2000)
+    max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
     model_alias: str = doc("registry alias the worker serves and follows", "champion")
     model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
@@ -214,6 +219,9 @@ class RetrainSettings:
     holdout_fraction: float = doc("most recent fraction of the clean history held out to compare challenger and champion", 0.2)
     min_improvement: float = doc("promote only if the challenger's mean hold-out error is lower by at least this fraction", 0.05)
     max_false_alarm_increase: float = doc("promote only if the challenger's hold-out false-alarm rate exceeds the champion's by at most this", 0.005)
+    label_field: str = doc("field of an input reading (or column of a --data file) holding ground truth, 1/true = anomalous; when present, labelled rows are kept out of training and event F1 enters the gate", "anomaly")
+    min_event_f1_improvement: float = doc("with labels: a challenger whose hold-out event F1 is higher by at least this also counts as better", 0.05)
+    max_event_f1_decrease: float = doc("with labels: promote only if the challenger's hold-out event F1 is lower than the champion's by at most this", 0.0)
 
     def check(self) -> None:
         for name in ("max_readings", "min_rows"):
@@ -231,6 +239,12 @@ class RetrainSettings:
         if not 0 <= self.max_false_alarm_increase <= 1:
             raise ConfigError("retrain.max_false_alarm_increase",
                               f"must be in [0, 1], got {self.max_false_alarm_increase}")
+        if not self.label_field:
+            raise ConfigError("retrain.label_field", "must not be empty")
+        if not 0 < self.min_event_f1_improvement <= 1:
+            raise ConfigError("retrain.min_event_f1_improvement", f"must be in (0, 1], got {self.min_event_f1_improvement}")
+        if not 0 <= self.max_event_f1_decrease <= 1:
+            raise ConfigError("retrain.max_event_f1_decrease", f"must be in [0, 1], got {self.max_event_f1_decrease}")
 
 
 @dataclass(frozen=True)
@@ -260,6 +274,38 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """Early retraining on score drift: the scheduler compares the champion's recent live scores (the worker's scores topic, kafka.scores_topic) with its validation scores and retrains early when they move beyond the bounds."""
+
+    enabled: bool = doc("run the drift check in the scheduler; needs kafka.scores_topic set here and in the workers (off by default: the scheduler then reads every per-window score)", False)
+    check_interval_s: float = doc("seconds between drift checks", 300.0)
+    window: int = doc("most recent live scores of the champion compared with its validation scores", 5000)
+    min_samples: int = doc("fewest live scores of the champion needed for a verdict; fewer = no verdict", 1000)
+    psi_threshold: float = doc("drift when the population stability index of live vs validation scores reaches this (0.1 small, 0.25 large shift)", 0.25)
+    max_alarm_rate: float = doc("drift when the fraction of live scores above the threshold exceeds this (1 = never)", 0.05)
+    cooldown_s: float = doc("no drift-triggered retrain within this many seconds of the last retrain or trigger", 21600.0)
+    group_id: str = doc("consumer group whose committed offsets on the scores topic mark what the check has read", "anomaly-drift")
+    max_records_per_check: int = doc("most score records read per check (bounds the time and memory of a check)", 200000)
+    read_idle_s: float = doc("a check stops reading after this many seconds without a new score record", 1.0)
+
+    def check(self) -> None:
+        for name in ("window", "min_samples", "max_records_per_check"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"drift.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("check_interval_s", "psi_threshold", "read_idle_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"drift.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.min_samples > self.window:
+            raise ConfigError("drift.min_samples", f"must be <= drift.window ({self.window}), got {self.min_samples}")
+        if not 0 < self.max_alarm_rate <= 1:
+            raise ConfigError("drift.max_alarm_rate", f"must be in (0, 1], got {self.max_alarm_rate}")
+        if self.cooldown_s < 0:
+            raise ConfigError("drift.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if not self.group_id:
+            raise ConfigError("drift.group_id", "must not be empty")
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration."""
 
@@ -272,6 +318,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
     def check(self) -> None:
         """Per-section rules, then the rules that span sections."""
@@ -284,14 +331,19 @@ class Settings:
                               f"got {self.training.stride}: rows would be skipped")
         if self.mlflow.champion_alias == self.mlflow.challenger_alias:
             raise ConfigError("mlflow.challenger_alias", "must differ from mlflow.champion_alias")
+        if self.drift.enabled and not self.kafka.scores_topic:
+            raise ConfigError("drift.enabled", "needs kafka.scores_topic: the drift check reads the worker's "
+                              "per-window scores (set it for the workers too)")
 
 
 # --- loading -------------------------------------------------------------------------------------
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
-                overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
-    """Defaults ← TOML file ← ``ANOMALY_*`` environment ← ``overrides`` (from the command line)."""
-    raw: dict[str, dict[str, Any]] = {}
+                overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                base: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
+    """Defaults ← ``base`` (e.g. a dataset profile) ← TOML file ← ``ANOMALY_*`` environment ←
+    ``overrides`` (from the command line)."""
+    raw: dict[str, dict[str, Any]] = {section: dict(values) for section, values in (base or {}).items()}
     if path is not None:
         path = Path(path)
         try:
@@ -385,6 +437,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             raise ConfigError(name, f"must be a list of strings, got {value!r}")
         return list(value)
     if origin is dict:
+        if from_env and not value.strip():
+            return {}
         if from_env:
             try:
                 value = json.loads(value)
@@ -432,3 +486,33 @@ def example_toml() -> str:
                 out.append(f"{f.name} = {json.dumps(default)}")
         out.append("")
     return "\n".join(out)
+
+
+def to_toml(settings: Settings) -> str:
+    """``settings`` as a TOML file that ``load_config`` reads back to equal settings (``None`` fields
+    are left out: they are their defaults). ``anomaly up`` hands its effective settings to its child
+    processes this way."""
+    out = ["# effective anomaly configuration (generated)", ""]
+    for section in dataclasses.fields(Settings):
+        values = getattr(settings, section.name)
+        out.append(f"[{section.name}]")
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if value is not None:
+                out.append(f"{f.name} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)  # floats keep their repr (1e-05, 0.25); inf/nan are refused by checks
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")

@@ -36,8 +36,11 @@ def configure(tracking_uri: str, registry_uri: str | None = None) -> None:
 
 
 def artifact_uri(location: str) -> str:
-    """A local path becomes an absolute file URI; a URI (s3://, file://, ...) is kept as is."""
-    if "://" in location:
+    """A local path becomes an absolute file URI; a URI (s3://, file://, mlflow-artifacts:/...) is kept
+    as is. A one-letter scheme is a Windows drive, i.e. a path."""
+    from urllib.parse import urlparse
+
+    if len(urlparse(location).scheme) > 1:
         return location
     path = Path(location).resolve()
     path.mkdir(parents=True, exist_ok=True)

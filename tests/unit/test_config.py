@@ -89,3 +89,13 @@ def test_shipped_configs_parse_and_example_is_current():
     for path in shipped:
         load_config(path, env={})
     assert (root / "deploy" / "anomaly.example.toml").read_text() == example_toml() + "\n"
+
+
+def test_empty_client_options_from_the_environment_mean_none():
+    assert load_config(None, env={"ANOMALY_KAFKA__CLIENT_OPTIONS": "  "}).kafka.client_options == {}
+
+
+def test_a_profile_base_is_overridden_by_the_environment_even_with_a_default_value():
+    base = {"data": {"scaler": "robust"}, "model": {"window_size": 10}}
+    settings = load_config(None, env={"ANOMALY_DATA__SCALER": "standard"}, base=base)
+    assert settings.data.scaler == "standard" and settings.model.window_size == 10

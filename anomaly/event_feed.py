@@ -1,0 +1,157 @@
+"""A live console view of the anomaly events topic: one line when an event opens, one when it closes.
+
+Owns: following a topic from its beginning without a consumer group (it must not take partitions
+from the workers, and commits nothing), decoding event records, and rendering them as short lines
+with the top sensors. ``format_event`` is pure; ``EventFeed`` is the Kafka adapter (a thread).
+
+    feed = EventFeed("127.0.0.1:9092", "anomalies", on_line=print)
+    feed.start(); ...; feed.stop()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 500  # short polls: stop() is noticed within half a second
+TOP_SENSORS = 3  # sensors named per line
+
+
+def _clock(ts: Any) -> str:
+    try:
+        return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "--:--:--"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return "?"
+
+
+def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
+    """One console line for an anomaly event (the events topic's JSON, README "message formats").
+
+    ``OPEN  ``/``CLOSED`` with the entity, the stream time, the peak score against the threshold,
+    the model version and the top sensors with their share and actual vs expected values.
+    """
+    status = str(event.get("status", "?")).upper()
+    entity = event.get("entity", "?")
+    model = event.get("model") or {}
+    version = model.get("version", "?") if isinstance(model, Mapping) else "?"
+    sensors = event.get("sensors") or []
+    named = []
+    for item in list(sensors)[:top]:
+        if not isinstance(item, Mapping):
+            continue
+        share = item.get("share")
+        share_txt = f" {100 * float(share):.0f}%" if isinstance(share, (int, float)) else ""
+        named.append(f"{item.get('sensor', '?')}{share_txt} ({_num(item.get('actual'))} vs {_num(item.get('expected'))})")
+    if status == "CLOSED":
+        when = _clock(event.get("end_ts"))
+        span = f"lasted {_duration(float(event.get('end_ts', 0) or 0) - float(event.get('start_ts', 0) or 0))}, "
+    else:
+        when = _clock(event.get("start_ts"))
+        span = ""
+    head = f"{when}  {status:<6} {entity:<10}"
+    body = (f"{span}peak {_num(event.get('peak_score'))} > {_num(event.get('threshold'))}, "
+            f"{event.get('windows', '?')} windows, model v{version}")
+    tail = f"  top: {', '.join(named)}" if named else ""
+    return f"{head} {body}{tail}"
+
+
+class EventFeed:
+    """Follows ``topic`` from the beginning in a daemon thread and calls ``on_line`` per event (with
+    ``annotate(event)`` appended in brackets when given).
+
+    Counts events by status (``counts``) and by entity (``entities``). Records that are not event
+    JSON are skipped and logged (the events topic is ours; this is a viewer, not a validator).
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, on_line: Callable[[str], None] = print,
+                 client_options: Mapping[str, Any] | None = None,
+                 annotate: Callable[[Mapping[str, Any]], str] | None = None) -> None:
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.on_line = on_line
+        self.annotate = annotate  # an extra note per event (``anomaly up``: does SKAB label a fault there?)
+        self.client_options = dict(client_options or {})
+        self.counts: Counter[str] = Counter()
+        self.entities: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> "EventFeed":
+        self._thread = threading.Thread(target=self._run, name="event-feed", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def handle(self, value: bytes) -> None:
+        """Decode one record value and show it (the thread calls this; tests may too)."""
+        try:
+            event = json.loads(value)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("event feed: a record on %s is not JSON; skipped", self.topic)
+            return
+        if not isinstance(event, dict):
+            return
+        self.counts[str(event.get("status", "?"))] += 1
+        if event.get("status") == "open":
+            self.entities[str(event.get("entity", "?"))] += 1
+        note = self.annotate(event) if self.annotate is not None else ""
+        self.on_line(format_event(event) + (f"  [{note}]" if note else ""))
+
+    def _run(self) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+
+        from anomaly.kafka_io import consumer_options
+
+        options = consumer_options(self.bootstrap_servers, None, client_options=self.client_options)
+        options.update(group_id=None, enable_auto_commit=False)
+        consumer = None
+        try:
+            consumer = KafkaConsumer(**options)
+            partitions = None
+            while not self._stop.is_set() and not partitions:
+                partitions = consumer.partitions_for_topic(self.topic)
+                if not partitions:
+                    time.sleep(0.5)
+            if not partitions:
+                return
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            while not self._stop.is_set():
+                for records in consumer.poll(timeout_ms=POLL_MS).values():
+                    for record in records:
+                        self.handle(record.value)
+        except Exception as exc:  # a viewer must not take the stack down; say why it stopped
+            self.error = exc
+            log.error("event feed on %s stopped: %s", self.topic, exc)
+        finally:
+            if consumer is not None:
+                consumer.close(autocommit=False)

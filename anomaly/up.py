@@ -1,0 +1,668 @@
+"""``anomaly up``: the whole local stack in one command, for a first look, demos and an end-to-end test.
+
+Starts, in order, on 127.0.0.1: the local Kafka-protocol broker (Tansu) and the topics; the MLflow
+tracking server and UI over the same SQLite store the other commands use (lean: one worker, no job
+execution, DESIGN.md §5); a first champion trained on SKAB's anomaly-free recording when the
+registry has none (a second ``anomaly up`` reuses the registry); the scoring worker and the
+retraining scheduler as child processes; a replay of real SKAB water-pump experiments (with their
+real valve and rotor faults) as a small fleet of entities, looped; and a console view of the
+anomaly events as they open and close.
+
+Ctrl-C (or SIGTERM) stops everything in order: the replay, then the worker (it drains, flushes and
+commits), the scheduler, the MLflow server (its whole process group) and the broker. Every child
+runs in its own session with a parent-death signal, so none outlives ``anomaly up`` even when it is
+killed. Ports in use, a missing dataset or a broken configuration stop it before anything starts,
+with a message that says what to do.
+
+Pure parts (``fleet_entities``, ``taken_ports``, ``mlflow_server_command``, ``banner``...) are unit
+tested; ``run`` is the I/O, tested end to end in a subprocess (tests/e2e/test_up.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from anomaly.config import Settings, to_toml
+from anomaly.errors import AnomalyError, DataError
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+# SKAB water-pump experiments recorded under one operating condition (flow ≈ 32 l/min), so one model
+# fits the fleet; each ≈ 1,100 one-second readings with a valve fault from about row 560 on.
+DEFAULT_FLEET = ("valve1/0", "valve1/1", "valve2/0", "valve2/1")
+ENTITY_STEM = "pump"
+DEFAULT_UI_PORT = 5000
+DEFAULT_SPEED = 10.0  # recorded spacing sped up 10x: a SKAB experiment replays in ≈ 2 minutes
+DEFAULT_RETRAIN_EVERY_S = 900.0  # the scheduler's interval under `up` (the config's default is a day)
+TOPIC_PARTITIONS = 4
+MLFLOW_READY_S = 120.0  # lean server: healthy in 5-7 s on a quiet machine; slack for loaded ones
+WORKER_READY_S = 90.0
+STOP_GRACE_S = {"worker": 30.0, "scheduler": 30.0, "mlflow": 10.0}
+SUPERVISE_STEP_S = 0.5
+LOG_TAIL_CHARS = 1500
+
+
+class UpError(AnomalyError):
+    """``anomaly up`` cannot start or a part of the stack died; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """What ``anomaly up`` runs; the command line fills it."""
+
+    data_dir: Path  # SKAB's directory (the one with data/ and README)
+    fleet: tuple[str, ...] = DEFAULT_FLEET  # SKAB series replayed, one entity each
+    speed: float = DEFAULT_SPEED  # replay speed-up over the recorded spacing
+    loop: bool = True  # replay the fleet again when it ends
+    ui_port: int = DEFAULT_UI_PORT  # MLflow UI port (when the tracking store is local)
+    retrain_every_s: float = DEFAULT_RETRAIN_EVERY_S
+    state_dir: Path = Path("mlruns/up")  # logs of the children and the effective config
+    run_for_s: float | None = None  # stop by itself after this long (demos, tests)
+    console: bool = True  # print events as they open and close
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.fleet:
+            raise UpError("the fleet is empty: name at least one SKAB series (e.g. --fleet valve1/0)")
+        if not self.speed > 0:
+            raise UpError(f"--speed must be > 0, got {self.speed}")
+        if not self.retrain_every_s > 0:
+            raise UpError(f"--retrain-every-s must be > 0, got {self.retrain_every_s}")
+        if not 0 < self.ui_port < 65536:
+            raise UpError(f"--ui-port must be 1..65535, got {self.ui_port}")
+
+
+# --- pure helpers --------------------------------------------------------------------------------
+
+def fleet_entities(fleet: Sequence[str], stem: str = ENTITY_STEM) -> list[tuple[str, str]]:
+    """``[(entity, series)]``: ``pump-1`` replays the first series, ``pump-2`` the second, ..."""
+    return [(f"{stem}-{i}", series) for i, series in enumerate(fleet, start=1)]
+
+
+def local_port(bootstrap_servers: str) -> int | None:
+    """The port of a single bootstrap server on this machine (a broker ``up`` should start), else None."""
+    servers = [s.strip() for s in bootstrap_servers.split(",") if s.strip()]
+    if len(servers) != 1:
+        return None
+    host, _, port = servers[0].rpartition(":")
+    if host in (HOST, "localhost") and port.isdigit():
+        return int(port)
+    return None
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URI (relative to the working directory), else None."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def mlflow_server_command(python: str, tracking_uri: str, artifact_root: str, port: int) -> list[str] | None:
+    """The lean MLflow server over a local SQLite store, or None when the tracking URI is a server
+    already (``http(s)://``: the UI is there) or a store ``up`` cannot serve."""
+    db = sqlite_file(tracking_uri)
+    if db is None:
+        return None
+    from anomaly.tracking import artifact_uri
+
+    return [python, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db.resolve()}",
+            "--default-artifact-root", artifact_uri(artifact_root), "--host", HOST, "--port", str(port),
+            "--workers", "1"]
+
+
+def ui_base(tracking_uri: str, port: int) -> str | None:
+    if sqlite_file(tracking_uri) is not None:
+        return f"http://{HOST}:{port}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return None
+
+
+def models_url(base: str, model_name: str) -> str:
+    """The registry page of one model (the UI opens in GenAI mode at ``/``; the registry is ``#/models``)."""
+    return f"{base}/#/models/{quote(model_name, safe='')}"
+
+
+def taken_ports(ports: Mapping[str, int], host: str = HOST) -> list[str]:
+    """``"what (port N)"`` for each port something already listens on."""
+    taken = []
+    for what, port in ports.items():
+        if port <= 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append(f"{what} (port {port})")
+    return taken
+
+
+def port_hint(taken: Sequence[str]) -> str:
+    return ("ports in use: " + ", ".join(taken) + ". Is another `anomaly up` (or `anomaly broker`, `mlflow ui`, "
+            "a worker) running? Stop it, or move ours: --ui-port, ANOMALY_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT, "
+            "ANOMALY_WORKER__METRICS_PORT, ANOMALY_SCHEDULER__METRICS_PORT (0 = any free port).")
+
+
+def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequence[tuple[str, str]], speed: float,
+           state_dir: Path, champion: str, retrain_every_s: float) -> str:
+    """What to look at, printed once everything runs."""
+    k, w, s = settings.kafka, settings.worker, settings.scheduler
+    name = settings.mlflow.model_name
+    lines = ["", "anomaly up: everything runs on this machine; Ctrl-C stops it all", ""]
+    if ui:
+        lines += [f"  model registry    {models_url(ui, name)}   (all models: {ui}/#/models)",
+                  f"  experiments       {ui}/#/experiments"]
+    else:
+        lines.append(f"  tracking store    {settings.mlflow.tracking_uri} (start `mlflow ui` on it to browse)")
+    lines.append(f"  serving           {name} v{champion} (@{w.model_alias}); retrain every {retrain_every_s:g} s")
+    if w.metrics_port > 0:
+        lines.append(f"  worker metrics    http://{w.metrics_host}:{w.metrics_port}/metrics   "
+                     f"health: http://{w.metrics_host}:{w.metrics_port}/healthz")
+    if s.metrics_port > 0:
+        lines.append(f"  scheduler metrics http://{s.metrics_host}:{s.metrics_port}/metrics")
+    lines.append(f"  Kafka             {bootstrap}   topics: {k.input_topic} (readings), {k.events_topic} (events), "
+                 f"{k.dlq_topic} (dead letters)" + (f", {k.scores_topic} (scores)" if k.scores_topic else ""))
+    lines.append(f"  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)
+                 + f", at {speed:g}x recorded speed")
+    lines.append(f"  logs              {state_dir}/ (broker, mlflow, worker, scheduler)")
+    lines += ["", "events (stream time, UTC):"]
+    return "\n".join(lines)
+
+
+# --- children ------------------------------------------------------------------------------------
+
+class Child:
+    """A child process in its own session (its own process group), output to a log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> None:
+        self.name, self.argv, self.log_path, self.env = name, list(argv), log_path, dict(env)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Child":
+        from anomaly.broker import _PRCTL, _die_with_parent
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True,
+                                         preexec_fn=_die_with_parent if _PRCTL is not None else None)
+        log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace_s: float) -> int | None:
+        """SIGTERM the whole process group, wait ``grace_s``, then SIGKILL it; the exit code."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        code = self.proc.poll()
+        if code is None:
+            _killpg(pgid, signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) did not stop within %.0f s; killing it", self.name, pgid, grace_s)
+                _killpg(pgid, signal.SIGKILL)
+                code = self.proc.wait()
+        _killpg(pgid, signal.SIGKILL)  # anything the child left in its group (e.g. server workers)
+        return code
+
+    def tail(self) -> str:
+        try:
+            text = self.log_path.read_bytes()[-LOG_TAIL_CHARS:].decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+        return f"\n--- {self.log_path} (tail) ---\n{text}" if text else ""
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - our own loopback URL
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_http(url: str, child: Child | None, timeout_s: float, what: str) -> None:
+    """Block until ``url`` answers 2xx; ``UpError`` with the child's log tail if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise UpError(f"{what} exited during start (code {child.proc.returncode if child.proc else '?'})"
+                          f"{child.tail()}")
+        if _http_ok(url):
+            return
+        time.sleep(0.5)
+    raise UpError(f"{what} did not answer {url} within {timeout_s:.0f} s{child.tail() if child else ''}")
+
+
+# --- the fleet replay ----------------------------------------------------------------------------
+
+class _Stopped(Exception):
+    """Raised inside the replay's sleep when the stack stops."""
+
+
+class _StoppableClock:
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    @staticmethod
+    def monotonic() -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped()
+
+
+def fleet_stream(frames: Sequence[tuple[str, Any]], start_ts: float) -> Iterator[tuple[str, Any]]:
+    """Every entity's readings in time order, timestamps re-based to ``start_ts`` (pure)."""
+    from anomaly.replay import replay_plan
+
+    def renamed(entity: str, frame: Any) -> Iterator[tuple[str, Any]]:
+        for _, reading in replay_plan(frame, entity, start_ts=start_ts):
+            yield entity, dataclasses.replace(reading, entity=entity)
+
+    yield from heapq.merge(*(renamed(e, f) for e, f in frames), key=lambda item: item[1].ts)
+
+
+def fleet_span_s(frames: Sequence[tuple[str, Any]]) -> float:
+    """Stream seconds one round of the fleet covers, plus one sampling period (pure)."""
+    span = 0.0
+    for _, frame in frames:
+        index = frame.index
+        if len(index) > 1:
+            gaps = (index[1:] - index[:-1]).total_seconds()
+            period = float(min(g for g in gaps if g > 0)) if (gaps > 0).any() else 1.0
+            span = max(span, (index[-1] - index[0]).total_seconds() + period)
+    return span or 1.0
+
+
+class GroundTruth:
+    """Where SKAB labels a fault, in stream time, for each replay round (pure but for its lock).
+
+    ``anomaly up`` knows what it replays and when each round started, so it can say of every event
+    whether it overlaps a labelled fault: the console marks each event, and ``fleet.json`` records the
+    rounds so anyone can check the events topic against the labels.
+    """
+
+    def __init__(self, fleet: Sequence[tuple[str, Any]], slack_s: float = 0.0) -> None:
+        self._intervals: dict[str, list[tuple[float, float]]] = {}
+        self._series = {entity: series.name for entity, series in fleet}
+        for entity, series in fleet:
+            self._intervals[entity] = labelled_intervals(series.frame.index, series.labels)
+        self.slack_s = slack_s
+        self.rounds: list[float] = []
+        self._lock = threading.Lock()
+
+    def add_round(self, start_ts: float) -> None:
+        with self._lock:
+            self.rounds.append(float(start_ts))
+
+    def faults(self, entity: str) -> list[tuple[float, float]]:
+        """Labelled fault intervals of ``entity`` in stream time (epoch seconds), over all rounds so far."""
+        with self._lock:
+            rounds = list(self.rounds)
+        return [(r + a, r + b) for r in rounds for a, b in self._intervals.get(entity, [])]
+
+    def on_fault(self, entity: str, start_ts: float, end_ts: float | None = None) -> bool:
+        end = start_ts if end_ts is None else end_ts
+        return any(a - self.slack_s <= end and start_ts <= b + self.slack_s for a, b in self.faults(entity))
+
+    def note(self, event: Mapping[str, Any]) -> str:
+        try:
+            start = float(event["start_ts"])
+            end = float(event["end_ts"]) if event.get("end_ts") is not None else None
+        except (KeyError, TypeError, ValueError):
+            return ""
+        entity = str(event.get("entity", ""))
+        if entity not in self._intervals:
+            return ""
+        series = self._series[entity]
+        return f"SKAB {series}: labelled fault" if self.on_fault(entity, start, end) else f"SKAB {series}: no fault label"
+
+    def manifest(self) -> dict[str, Any]:
+        with self._lock:
+            rounds = list(self.rounds)
+        return {"rounds": rounds, "entities": {e: {"series": self._series[e], "fault_offsets_s": self._intervals[e]}
+                                                for e in self._intervals}}
+
+
+def labelled_intervals(index: Any, labels: Any) -> list[tuple[float, float]]:
+    """Runs of labelled rows as ``(first, last)`` seconds after the series' first reading (pure)."""
+    import numpy as np
+
+    if labels is None or not len(index):
+        return []
+    labels = np.asarray(labels, dtype=bool)
+    offsets = (index - index[0]).total_seconds()
+    out, start = [], None
+    for i, flag in enumerate(labels):
+        if flag and start is None:
+            start = i
+        if start is not None and (not flag or i == len(labels) - 1):
+            last = i if flag else i - 1
+            out.append((float(offsets[start]), float(offsets[last])))
+            start = None
+    return out
+
+
+class FleetReplay:
+    """Replays the fleet into the input topic in a thread, again and again while ``loop``."""
+
+    def __init__(self, bootstrap: str, topic: str, frames: Sequence[tuple[str, Any]], speed: float, loop: bool,
+                 client_options: Mapping[str, Any], on_round: Any = None) -> None:
+        self.on_round = on_round  # called with each round's stream start (epoch seconds)
+        self.bootstrap, self.topic, self.frames = bootstrap, topic, list(frames)
+        self.speed, self.loop, self.client_options = speed, loop, dict(client_options)
+        self.rounds, self.sent = 0, 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-replay", daemon=True)
+
+    def start(self) -> "FleetReplay":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 70.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        from anomaly.replay import replay
+
+        try:
+            next_start = 0.0
+            while not self._stop.is_set():
+                # Each round continues the stream's clock: a round starting "now" would be behind the
+                # last one at any speed-up, and its readings would all be late.
+                start = max(time.time(), next_start)
+                next_start = start + fleet_span_s(self.frames)
+                if self.on_round is not None:
+                    self.on_round(start)
+                stream = fleet_stream(self.frames, start_ts=start)
+                stats = replay(self.bootstrap, self.topic, stream, speed=self.speed,
+                               client_options=self.client_options, progress=False, clock=_StoppableClock(self._stop))
+                self.rounds += 1
+                self.sent += stats.sent
+                log.info("fleet replay round %d done: %d readings", self.rounds, stats.sent)
+                if not self.loop:
+                    break
+        except _Stopped:
+            pass
+        except Exception as exc:
+            self.error = exc
+            log.error("fleet replay failed: %s", exc)
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+def load_fleet(data_dir: Path, fleet: Sequence[str]) -> list[tuple[str, Any]]:
+    """``[(entity, LabelledSeries)]`` for the fleet; a missing dataset or series is a ``DataError`` that says where."""
+    from anomaly import datasets
+
+    if not (data_dir / "data").is_dir():
+        raise DataError(f"SKAB not found at {data_dir} (expected {data_dir}/data/valve1/0.csv ...): pass --data-dir "
+                        "or set ANOMALY_DATASETS to the folder holding skab/")
+    by_name = {s.name: s for s in datasets.load_skab(data_dir)}
+    missing = [name for name in fleet if name not in by_name]
+    if missing:
+        raise DataError(f"no SKAB series {', '.join(missing)} in {data_dir}; e.g. {', '.join(sorted(by_name)[:6])}")
+    return [(entity, by_name[name]) for entity, name in fleet_entities(fleet)]
+
+
+def fleet_training_frame(series: Sequence[Any]) -> Any:
+    """The fleet's normal readings for a first model: each series' protocol training part (SKAB: the
+    first 400 rows, before any fault), laid end to end on one continuous time axis (pure).
+
+    Only the ``W - 1`` windows that straddle a seam mix two pumps: a few in over a thousand.
+    """
+    import pandas as pd
+
+    parts, cursor = [], None
+    for item in series:
+        part = item.train
+        if part.empty:
+            continue
+        index = part.index
+        step = pd.Series(index).diff().median() if len(index) > 1 else pd.Timedelta(seconds=1)
+        step = step if isinstance(step, pd.Timedelta) and step > pd.Timedelta(0) else pd.Timedelta(seconds=1)
+        cursor = index[0] if cursor is None else cursor
+        moved = part.set_axis(cursor + (index - index[0]), axis=0)
+        parts.append(moved)
+        cursor = moved.index[-1] + step
+    if not parts:
+        raise DataError("the fleet has no training rows")
+    return pd.concat(parts)
+
+
+def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], data_dir: Path) -> str:
+    """Train on the fleet's normal readings, register and promote; the new version."""
+    from anomaly.preparation import prepare_training
+    from anomaly.train_job import run_training
+
+    frame = fleet_training_frame([series for _, series in fleet])
+    d = settings.data
+    prepared = prepare_training(frame, sensors=d.sensors, period_s=d.period_s, fill=d.fill,
+                                max_fill_steps=d.max_fill_steps, max_missing_fraction=d.max_missing_fraction)
+    names = ", ".join(series.name for _, series in fleet)
+    print(f"no champion in the registry yet: training one on the fleet's normal readings (SKAB {names}: "
+          f"{len(prepared.values)} readings x {len(prepared.sensors)} sensors) ...", flush=True)
+    outcome = run_training(prepared, settings, source=f"{data_dir}: first {len(frame) // max(len(fleet), 1)} rows "
+                           f"of {names}", dataset="skab", register=True, promote=True, alias="champion",
+                           progress=True)
+    print(f"trained and promoted {settings.mlflow.model_name} v{outcome.version} "
+          f"(best validation loss {outcome.result.best_val_loss:.4g})", flush=True)
+    return str(outcome.version)
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
+def run(settings: Settings, options: UpOptions) -> int:
+    """Start the stack, supervise it until Ctrl-C/SIGTERM (or ``run_for_s``), stop it; the exit code."""
+    from anomaly import kafka_io, registry, tracking
+    from anomaly.broker import LocalBroker
+    from anomaly.event_feed import EventFeed
+
+    k, w, s, m = settings.kafka, settings.worker, settings.scheduler, settings.mlflow
+    fleet = load_fleet(options.data_dir, options.fleet)  # a missing dataset stops us before anything starts
+    broker_port = local_port(k.bootstrap_servers)
+    server_cmd = mlflow_server_command(sys.executable, m.tracking_uri, m.artifact_location, options.ui_port)
+    ports = {"Kafka broker": broker_port or 0, "MLflow UI": options.ui_port if server_cmd else 0,
+             "worker metrics": w.metrics_port, "scheduler metrics": s.metrics_port}
+    taken = taken_ports(ports)
+    if taken:
+        raise UpError(port_hint(taken))
+
+    state = options.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    config_path = state / "anomaly.toml"
+    config_path.write_text(to_toml(settings), encoding="utf-8")
+    env = child_env()
+    python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
+
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    broker: LocalBroker | None = None
+    children: dict[str, Child] = {}
+    feed: EventFeed | None = None
+    fleet_replay: FleetReplay | None = None
+    tally: _Tally | None = None
+    code = 0
+    try:
+        bootstrap = k.bootstrap_servers
+        if broker_port is not None:
+            kafka_log = logging.getLogger("kafka")
+            level = kafka_log.level
+            kafka_log.setLevel(logging.CRITICAL)  # the readiness probe's refused connections are expected
+            try:
+                broker = LocalBroker(broker_port, log_path=state / "broker.log").start()
+            finally:
+                kafka_log.setLevel(level)
+            bootstrap = broker.bootstrap
+            print(f"broker: Tansu on {bootstrap} (memory storage)", flush=True)
+        kafka_io.ensure_topics(bootstrap, {t: TOPIC_PARTITIONS for t in (k.input_topic, k.events_topic, k.dlq_topic,
+                                                                          k.scores_topic) if t}, k.client_options)
+        ui = ui_base(m.tracking_uri, options.ui_port)
+        # Open (and on first use create) the store here, before the server: two processes creating
+        # one fresh SQLite schema at once collide in its migrations.
+        tracking.configure(m.tracking_uri, m.registry_uri)
+        champion = registry.alias_version(m.model_name, w.model_alias)
+        if server_cmd is not None:
+            children["mlflow"] = Child("mlflow", server_cmd, state / "mlflow.log",
+                                       child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})).start()
+        if champion is None:
+            champion = train_first_champion(settings, fleet, options.data_dir)
+        else:
+            print(f"registry: {m.model_name} v{champion} is @{w.model_alias}; reusing it", flush=True)
+        if "mlflow" in children and ui:
+            wait_http(f"{ui}/health", children["mlflow"], MLFLOW_READY_S, "the MLflow server")
+
+        children["worker"] = Child("worker", [*python_cli, "worker", "--config", str(config_path)],
+                                   state / "worker.log", env).start()
+        children["scheduler"] = Child("scheduler", [*python_cli, "scheduler", "--config", str(config_path),
+                                                    "--interval-s", f"{options.retrain_every_s:g}"],
+                                      state / "scheduler.log", env).start()
+        if w.metrics_port > 0:
+            wait_http(f"http://{w.metrics_host}:{w.metrics_port}/healthz", children["worker"], WORKER_READY_S,
+                      "the worker")
+        truth = GroundTruth(fleet, slack_s=settings.model.window_size * (settings.data.period_s or 1.0))
+        tally = _Tally(truth)
+
+        def on_round(start_ts: float) -> None:
+            truth.add_round(start_ts)
+            _write_json(state / "fleet.json", {"bootstrap": bootstrap, "events_topic": k.events_topic, **truth.manifest()})
+
+        feed = EventFeed(bootstrap, k.events_topic, client_options=k.client_options, annotate=tally.note,
+                         on_line=(lambda line: print(line, flush=True)) if options.console else (lambda line: None)
+                         ).start()
+        fleet_replay = FleetReplay(bootstrap, k.input_topic, [(e, series.frame) for e, series in fleet], options.speed,
+                                   options.loop, k.client_options, on_round=on_round).start()
+        print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
+                     speed=options.speed, state_dir=state, champion=str(champion),
+                     retrain_every_s=options.retrain_every_s), flush=True)
+        code = _supervise(children, fleet_replay, broker, options.run_for_s)
+    except _Interrupted as exc:
+        print(f"\n{exc}: stopping ...", flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping ...", flush=True)
+    finally:
+        for sig in previous:  # a second Ctrl-C must not cut the orderly stop short
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            _stop_all(children, fleet_replay, feed, broker)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if feed is not None and tally is not None:
+        summary = {"events": dict(feed.counts), "opened_on_labelled_faults": tally.on_fault,
+                   "opened_without_fault_label": tally.off_fault, "entities_with_events": sorted(feed.entities),
+                   "replay_rounds": fleet_replay.rounds if fleet_replay else 0,
+                   "readings_replayed": fleet_replay.sent if fleet_replay else 0}
+        _write_json(state / "summary.json", summary)
+        print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
+              f"readings replayed: {summary['readings_replayed']} (summary in {state / 'summary.json'})", flush=True)
+    return code
+
+
+class _Tally:
+    """Counts opened events by whether they overlap a labelled fault (for the console and summary.json)."""
+
+    def __init__(self, truth: GroundTruth) -> None:
+        self.truth, self.on_fault, self.off_fault = truth, 0, 0
+        self._seen: set[str] = set()
+
+    def note(self, event: Mapping[str, Any]) -> str:
+        text = self.truth.note(event)
+        key = str(event.get("event_id"))
+        if event.get("status") == "open" and text and key not in self._seen:
+            self._seen.add(key)
+            if text.endswith("labelled fault"):
+                self.on_fault += 1
+            else:
+                self.off_fault += 1
+        return text
+
+
+def _write_json(path: Path, data: Any) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker: Any, run_for_s: float | None) -> int:
+    """Watch the stack; return 0 at the deadline, raise ``UpError`` when a part dies."""
+    deadline = None if run_for_s is None else time.monotonic() + run_for_s
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(SUPERVISE_STEP_S)
+        for child in children.values():
+            if not child.alive():
+                raise UpError(f"{child.name} exited unexpectedly (code {child.proc.returncode if child.proc else '?'})"
+                              f"{child.tail()}")
+        if broker is not None and not broker.is_running():
+            raise UpError(f"the broker exited unexpectedly; see {broker.log_path}")
+        if fleet_replay.error is not None:
+            raise UpError(f"the fleet replay failed: {fleet_replay.error}")
+    return 0
+
+
+def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any) -> None:
+    """Stop in dependency order: readings first, then the worker (drains and commits), the rest after."""
+    if fleet_replay is not None:
+        fleet_replay.stop()
+    for name in ("worker", "scheduler", "mlflow"):
+        child = children.get(name)
+        if child is not None:
+            code = child.stop(STOP_GRACE_S[name])
+            log.info("%s stopped (exit code %s)", name, code)
+    if feed is not None:
+        feed.stop()
+    if broker is not None:
+        broker.stop()

@@ -1,0 +1,180 @@
+"""The pure parts of ``anomaly up`` and its console view, and its refusals before anything starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly import up
+from anomaly.cli import main
+from anomaly.config import Settings, load_config, to_toml
+from anomaly.datasets import LabelledSeries
+from anomaly.errors import DataError
+from anomaly.event_feed import EventFeed, format_event
+
+EVENT = {"event_id": "e1", "entity": "pump-2", "status": "open", "start_ts": 1795255392.0, "end_ts": None,
+         "peak_score": 4.21, "threshold": 0.93, "windows": 3, "model": {"name": "m", "version": "3"},
+         "sensors": [{"sensor": "pressure", "share": 0.81, "actual": 1.41, "expected": 1.02},
+                     {"sensor": "temp", "share": 0.12, "actual": 70.0, "expected": 71.5},
+                     {"sensor": "flow", "share": 0.05, "actual": 3.0, "expected": 3.1},
+                     {"sensor": "rpm", "share": 0.02, "actual": 1.0, "expected": 1.0}]}
+
+
+def _series(name: str, rows: int = 20, fault: tuple[int, int] = (12, 15), train_rows: int = 8) -> LabelledSeries:
+    index = pd.date_range("2026-01-01", periods=rows, freq="1s", tz="UTC", name="ts")
+    labels = np.zeros(rows, bool)
+    labels[fault[0]:fault[1]] = True
+    frame = pd.DataFrame({"a": np.arange(rows, dtype=float), "b": np.ones(rows)}, index=index)
+    return LabelledSeries(name=name, frame=frame, labels=labels, train_rows=train_rows)
+
+
+def test_fleet_entities_name_one_pump_per_series():
+    assert up.fleet_entities(["valve1/0", "other/3"]) == [("pump-1", "valve1/0"), ("pump-2", "other/3")]
+
+
+@pytest.mark.parametrize("servers, port", [("127.0.0.1:9092", 9092), ("localhost:19092", 19092),
+                                           ("kafka:9092", None), ("127.0.0.1:1,127.0.0.1:2", None)])
+def test_only_a_single_local_bootstrap_server_gets_a_local_broker(servers, port):
+    assert up.local_port(servers) == port
+
+
+def test_mlflow_server_only_for_a_local_sqlite_store(tmp_path):
+    cmd = up.mlflow_server_command("py", "sqlite:///mlruns/mlflow.db", str(tmp_path / "art"), 5123)
+    assert cmd[:4] == ["py", "-m", "mlflow", "server"]
+    assert cmd[cmd.index("--backend-store-uri") + 1].endswith("/mlruns/mlflow.db")
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("sqlite:////")  # made absolute
+    assert cmd[cmd.index("--port") + 1] == "5123" and cmd[cmd.index("--workers") + 1] == "1"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert up.mlflow_server_command("py", "http://mlflow:5000", "s3://b", 5000) is None
+    assert up.ui_base("http://mlflow:5000/", 1) == "http://mlflow:5000"
+    assert up.models_url("http://h:1", "my model") == "http://h:1/#/models/my%20model"
+
+
+def test_taken_ports_names_what_is_in_the_way():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        taken = up.taken_ports({"MLflow UI": busy, "worker metrics": 0})
+    assert taken == [f"MLflow UI (port {busy})"]
+    assert "--ui-port" in up.port_hint(taken)
+
+
+def test_labelled_intervals_are_runs_of_labelled_rows():
+    index = pd.date_range("2026-01-01", periods=8, freq="2s")
+    labels = np.array([0, 1, 1, 0, 0, 1, 1, 1], bool)
+    assert up.labelled_intervals(index, labels) == [(2.0, 4.0), (10.0, 14.0)]
+    assert up.labelled_intervals(index, None) == []
+
+
+def test_ground_truth_marks_events_against_each_round():
+    truth = up.GroundTruth([("pump-1", _series("valve1/0"))], slack_s=1.0)
+    truth.add_round(1000.0)
+    truth.add_round(2000.0)
+    assert truth.faults("pump-1") == [(1012.0, 1014.0), (2012.0, 2014.0)]
+    assert truth.on_fault("pump-1", 2013.0) and truth.on_fault("pump-1", 1015.0)  # inside; within slack
+    assert not truth.on_fault("pump-1", 1500.0)
+    assert truth.note({"entity": "pump-1", "start_ts": 1011.5}) == "SKAB valve1/0: labelled fault"
+    assert truth.note({"entity": "pump-1", "start_ts": 1001.0}) == "SKAB valve1/0: no fault label"
+    assert truth.note({"entity": "pump-9", "start_ts": 1012.0}) == ""
+    manifest = truth.manifest()
+    assert manifest["rounds"] == [1000.0, 2000.0] and manifest["entities"]["pump-1"]["series"] == "valve1/0"
+
+
+def test_fleet_training_frame_lays_normal_parts_end_to_end():
+    frame = up.fleet_training_frame([_series("a"), _series("b")])
+    assert len(frame) == 16  # 8 training rows each, faults (rows 12-14) excluded
+    assert frame.index.is_monotonic_increasing and frame.index.is_unique
+    assert (np.diff(frame.index.as_unit("ns").asi8) == 1_000_000_000).all()  # one continuous 1 s grid
+    assert up.fleet_span_s([("p", _series("a").frame)]) == 20.0
+
+
+def test_fleet_stream_merges_entities_in_time_order():
+    frames = [("pump-1", _series("a", rows=3).frame), ("pump-2", _series("b", rows=3).frame)]
+    stream = list(up.fleet_stream(frames, start_ts=100.0))
+    assert [(e, r.entity, r.ts) for e, r in stream] == [
+        ("pump-1", "pump-1", 100.0), ("pump-2", "pump-2", 100.0), ("pump-1", "pump-1", 101.0),
+        ("pump-2", "pump-2", 101.0), ("pump-1", "pump-1", 102.0), ("pump-2", "pump-2", 102.0)]
+
+
+def test_banner_says_where_to_look():
+    text = up.banner(bootstrap="127.0.0.1:9092", settings=Settings(), ui="http://127.0.0.1:5000",
+                     fleet=[("pump-1", "valve1/0")], speed=10, state_dir=Path("mlruns/up"), champion="4",
+                     retrain_every_s=900)
+    assert "http://127.0.0.1:5000/#/models/anomaly-detector" in text
+    assert "http://127.0.0.1:9108/metrics" in text and "/healthz" in text
+    assert "sensors (readings)" in text and "anomalies (events)" in text and "v4" in text
+
+
+def test_format_event_names_top_sensors_with_actual_and_expected():
+    line = format_event(EVENT)
+    assert "OPEN" in line and "pump-2" in line and "model v3" in line
+    assert "pressure 81% (1.41 vs 1.02)" in line and "flow" in line and "rpm" not in line  # top 3 only
+    closed = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 150})
+    assert "CLOSED" in closed and "lasted 2.5 min" in closed
+
+
+def test_event_feed_counts_and_annotates_and_skips_garbage():
+    lines = []
+    feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append, annotate=lambda e: "note")
+    feed.handle(json.dumps(EVENT).encode())
+    feed.handle(b"not json")
+    feed.handle(json.dumps({**EVENT, "status": "closed"}).encode())
+    assert feed.counts == {"open": 1, "closed": 1} and feed.entities == {"pump-2": 1}
+    assert len(lines) == 2 and lines[0].endswith("[note]")
+
+
+def test_settings_survive_the_toml_handed_to_children(tmp_path):
+    settings = load_config(None, env={"ANOMALY_KAFKA__CLIENT_OPTIONS": '{"security_protocol": "SSL", "retries": 3}',
+                                      "ANOMALY_DATA__SCALER": "robust", "ANOMALY_MODEL__WINDOW_SIZE": "10"})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(settings))
+    assert load_config(path, env={}) == settings
+
+
+def test_up_options_are_checked():
+    with pytest.raises(up.UpError, match="fleet"):
+        up.UpOptions(data_dir=Path("."), fleet=())
+    with pytest.raises(up.UpError, match="speed"):
+        up.UpOptions(data_dir=Path("."), speed=0)
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="SKAB not found"):
+        up.load_fleet(tmp_path, ["valve1/0"])
+
+
+def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, monkeypatch, capsys):
+    skab = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "skab"
+    if not (skab / "data").is_dir():
+        pytest.skip("SKAB not available")
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        monkeypatch.setenv("ANOMALY_KAFKA__BOOTSTRAP_SERVERS", f"127.0.0.1:{busy}")
+        code = main(["up", "--data-dir", str(skab), "--state-dir", str(tmp_path / "s"),
+                     "--fleet", "valve1/0"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"Kafka broker (port {busy})" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists(), "nothing started, nothing written"
+
+
+def test_up_names_a_broken_config_field(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_WORKER__STRIDE", "zero")
+    assert main(["up", "--data-dir", str(tmp_path)]) == 2
+    assert "worker.stride" in capsys.readouterr().err
+
+
+def test_artifact_locations_with_a_scheme_are_kept():
+    from anomaly.tracking import artifact_uri
+
+    assert artifact_uri("mlflow-artifacts:/anomaly") == "mlflow-artifacts:/anomaly"
+    assert artifact_uri("s3://bucket/x") == "s3://bucket/x"
