@@ -1,0 +1,73 @@
+"""``pipelines.bench_train`` runs end to end on tiny sizes and writes every figure. Not a timed test:
+it checks the JSON's shape and plausibility, never the speed targets (the README table judges those)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from anomaly.cli import default_data_dir
+
+pytestmark = [pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    data = (ROOT / default_data_dir("skab")).resolve().parent
+    if not (data / "skab").is_dir() or not (data / "smd").is_dir():
+        pytest.skip(f"needs the SKAB and SMD datasets under {data}")
+    out = tmp_path_factory.mktemp("bench") / "bench_train.json"
+    readme = tmp_path_factory.mktemp("readme") / "README.md"
+    readme.write_text("# x\n\n<!-- bench-train:start -->\nold\n<!-- bench-train:end -->\n\nafter\n")
+    done = subprocess.run([sys.executable, "-m", "pipelines.bench_train", "--quick", "--devices", "cpu",
+                           "--repeats", "1", "--data-dir", str(data), "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    from pipelines.bench_train import markdown, update_readme
+    data_out = json.loads(out.read_text())
+    update_readme(markdown(data_out), readme)
+    return data_out, done.stdout, readme.read_text()
+
+
+def test_quick_run_writes_every_figure(quick):
+    data, stdout, _ = quick
+    m = data["machine"]
+    assert m["torch"] and m["cpu_count"] >= 1 and m["torch_threads"] >= 1 and "cuda_available" in m
+    assert set(data["results"]) == {"skab/cpu", "smd/cpu"}
+    for key, r in data["results"].items():
+        assert (r["n_features"], r["window_size"]) == ((8, 10) if key.startswith("skab") else (38, 100))
+        for side in ("reference", "ours"):
+            s = r[side]
+            for figure in ("train_windows_per_s", "score_windows_per_s", "val_loss"):
+                assert _positive(s[figure]), (key, side, figure, s[figure])
+            assert s["train_memory"]["rss_peak_mb"] > 50  # a process holding torch
+        assert _positive(r["reference"]["time_to_target_s"]) and _positive(r["target_val_loss"])
+        assert r["target_val_loss"] == pytest.approx(min(h["val_loss"] for h in r["reference"]["history"]))
+        if r["ours"]["reached_target"]:
+            assert r["ours"]["history"][-1]["val_loss"] <= r["target_val_loss"]
+        ratios = r["ratios"]
+        assert ratios["train_windows_per_s"] == pytest.approx(r["ours"]["train_windows_per_s"]
+                                                              / r["reference"]["train_windows_per_s"])
+        assert ratios["score_windows_per_s"] == pytest.approx(r["ours"]["score_windows_per_s"]
+                                                              / r["reference"]["score_windows_per_s"])
+        # Both scorers compute the same scores on the same model.
+        assert r["ours"]["score_max_rel_diff_vs_reference_scorer"] < 1e-4
+    assert "training, windows/s" in stdout and ("met" in stdout)
+
+
+def test_quick_run_renders_into_the_readme_markers(quick):
+    _, _, readme = quick
+    assert "old" not in readme and readme.endswith("after\n")
+    assert "| SKAB 8×10, CPU | training, windows/s |" in readme
+    assert readme.count("<!-- bench-train:start -->") == 1 and "ours / ref" in readme

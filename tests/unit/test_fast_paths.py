@@ -1,0 +1,197 @@
+"""The fast training and scoring paths give the results of the plain ones (CPU; tests/unit/test_gpu.py
+checks the same on CUDA)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly.errors import ConfigError
+from anomaly.model import ModelConfig, build_model
+from anomaly.scoring import (CPU_BATCH_RANGE, reconstruct, reconstruction_errors, score_batch_size,
+                             window_scores)
+from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, fast_train_config,
+                              torch_threads, train_autoencoder)
+from anomaly.windowing import make_windows
+
+
+def _series(n: int = 1200, f: int = 3, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    return (np.sin(t / (6 + 3 * np.arange(f))) + 0.05 * rng.standard_normal((n, f))).astype(np.float32)
+
+
+def _model(f: int = 3, w: int = 12, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(n_features=f, window_size=w, hidden_size=16, latent_size=4))
+
+
+def _naive_scores(model: torch.nn.Module, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One window at a time, float64 arithmetic on the errors: the definition, slowly."""
+    model.eval()
+    errors, last = [], []
+    with torch.no_grad():
+        for window in np.array(windows, dtype=np.float32):  # a writable copy
+            recon = model(torch.from_numpy(window)[None])[0].double().numpy()
+            errors.append(np.mean((window.astype(np.float64) - recon) ** 2, axis=0))
+            last.append(recon[-1])
+    errors = np.array(errors)
+    return errors.mean(axis=1), errors, np.array(last)
+
+
+@pytest.mark.parametrize("batch_size", [0, 1, 7, 64, 10_000])
+def test_fast_scorer_matches_a_naive_per_window_loop(batch_size):
+    windows = make_windows(_series(300), 12)  # a strided view: the scorer must not need a copy
+    model = _model()
+    fast = window_scores(model, windows, "cpu", batch_size=batch_size)
+    scores, errors, last = _naive_scores(model, windows)
+    np.testing.assert_allclose(fast.scores, scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fast.sensor_errors, errors, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fast.last_reconstruction, last, rtol=1e-5, atol=1e-6)
+    assert fast.scores.shape == (len(windows),) and fast.sensor_errors.shape == (len(windows), 3)
+
+
+def test_scorer_agrees_with_full_reconstruction_and_does_not_touch_input():
+    windows = np.ascontiguousarray(make_windows(_series(200), 12))
+    before = windows.copy()
+    model = _model()
+    ws = window_scores(model, windows)
+    recon = reconstruct(model, windows, batch_size=33)
+    np.testing.assert_allclose(ws.sensor_errors, reconstruction_errors(windows, recon), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(ws.last_reconstruction, recon[:, -1, :])
+    np.testing.assert_array_equal(windows, before)
+
+
+def test_scorer_handles_empty_input_and_float64():
+    model = _model()
+    empty = window_scores(model, np.empty((0, 12, 3)))
+    assert empty.scores.shape == (0,) and empty.sensor_errors.shape == (0, 3)
+    windows = make_windows(_series(100).astype(np.float64), 12)
+    np.testing.assert_allclose(window_scores(model, windows).scores,
+                               window_scores(model, windows.astype(np.float32)).scores, rtol=1e-6)
+    with pytest.raises(ValueError):
+        window_scores(model, np.zeros((4, 12)))
+
+
+def test_bf16_scoring_stays_close_and_ranks_alike():
+    if not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU (bf16 is opt-in and meant for CPUs that have it)")
+    windows = make_windows(_series(600), 12)
+    model = _model()
+    fp32 = window_scores(model, windows).scores
+    bf16 = window_scores(model, windows, precision="bf16").scores
+    np.testing.assert_allclose(bf16, fp32, rtol=0.05)
+    assert np.corrcoef(fp32, bf16)[0, 1] > 0.99
+    with pytest.raises(ValueError):
+        window_scores(model, windows, precision="fp8")
+
+
+def test_score_batch_is_sized_to_the_device():
+    small = _model(f=8, w=10)
+    big = build_model(ModelConfig(n_features=38, window_size=100, hidden_size=64, latent_size=16))
+    small_batch = score_batch_size(small, 10, 8, "cpu")
+    big_batch = score_batch_size(big, 100, 38, "cpu")
+    assert CPU_BATCH_RANGE[0] <= big_batch < small_batch <= CPU_BATCH_RANGE[1]
+    assert big_batch & (big_batch - 1) == 0  # a power of two
+    assert score_batch_size(big, 100, 38, "cuda") > big_batch
+
+
+def _sine_windows(n: int = 1200) -> np.ndarray:
+    return make_windows(_series(n, f=2), 16)
+
+
+CFG = ModelConfig(n_features=2, window_size=16, hidden_size=24, latent_size=8)
+
+
+def test_fast_options_reach_a_similar_loss_on_a_tiny_problem():
+    windows = _sine_windows()
+    plain = TrainConfig(epochs=6, batch_size=32, patience=20, device="cpu", progress=False, cpu_threads=1)
+    fast = fast_train_config(plain, "cpu", n_windows=len(windows))
+    assert fast.batch_size > plain.batch_size and fast.lr_base_batch == 32 and fast.warmup_steps > 0
+    assert fast.peak_learning_rate == pytest.approx(plain.learning_rate * (fast.batch_size / 32) ** 0.5)
+    fast = replace(fast, epochs=18)  # about as many optimisation steps as the plain run: larger ones, fewer per epoch
+    a = train_autoencoder(windows, CFG, plain)
+    b = train_autoencoder(windows, CFG, fast)
+    assert a.best_val_loss < a.history[0].val_loss * 0.5  # the problem is learnable
+    assert b.best_val_loss < 1.25 * a.best_val_loss  # and the fast run learns it as well
+
+
+def test_fast_config_keeps_enough_steps_per_epoch_and_validates():
+    cfg = fast_train_config(TrainConfig(batch_size=128, device="cpu"), "cpu", n_windows=1000)
+    assert cfg.batch_size == 128  # 800 training windows: a larger batch would leave < FAST_MIN_STEPS steps
+    cfg = fast_train_config(TrainConfig(batch_size=32, device="cpu"), "cpu", n_windows=100_000)
+    assert cfg.batch_size * FAST_MIN_STEPS <= 80_000 and cfg.batch_size > 32
+    assert cfg.cpu_bf16 == cpu_has_native_bf16()
+    for field in ("lr_base_batch", "warmup_steps", "cpu_threads"):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig(**{field: -1})
+        assert err.value.field == f"training.{field}"
+
+
+def test_warmup_ramps_the_learning_rate_and_threads_are_restored():
+    windows = _sine_windows(500)
+    seen_lr = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):
+            seen_lr.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    before = torch.get_num_threads()
+    original = torch.optim.Adam
+    torch.optim.Adam = Spy
+    try:
+        cfg = TrainConfig(epochs=2, batch_size=64, lr_base_batch=16, warmup_steps=5, device="cpu", progress=False,
+                          cpu_threads=1)
+        train_autoencoder(windows, CFG, cfg)
+    finally:
+        torch.optim.Adam = original
+    peak = cfg.peak_learning_rate
+    assert peak == pytest.approx(1e-3 * 2)
+    assert seen_lr[:5] == pytest.approx([peak * k / 5 for k in range(1, 6)])
+    assert seen_lr[5:] == pytest.approx([peak] * (len(seen_lr) - 5))
+    assert torch.get_num_threads() == before
+
+
+def test_torch_threads_sets_and_restores():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):
+        assert torch.get_num_threads() == before
+
+
+def test_bf16_training_on_cpu_learns_like_float32():
+    if not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    windows = _sine_windows()
+    base = TrainConfig(epochs=6, batch_size=32, patience=20, device="cpu", progress=False, cpu_threads=1)
+    fp32 = train_autoencoder(windows, CFG, base)
+    bf16 = train_autoencoder(windows, CFG, replace(base, cpu_bf16=True))
+    assert bf16.best_val_loss < 1.25 * fp32.best_val_loss
+    assert bf16.best_val_loss < bf16.history[0].val_loss * 0.5
+
+
+def test_a_callback_can_stop_training_and_the_best_weights_come_back():
+    windows = _sine_windows(500)
+
+    class StopAfter:
+        def __init__(self, n: int) -> None:
+            self.n, self.calls = n, 0
+
+        def on_epoch_end(self, stats) -> None:
+            self.calls += 1
+            assert stats.train_seconds > 0 and stats.train_seconds <= stats.seconds
+            if stats.epoch >= self.n:
+                raise StopTraining
+
+    stop = StopAfter(2)
+    result = train_autoencoder(windows, CFG, TrainConfig(epochs=10, patience=10, device="cpu", progress=False,
+                                                         cpu_threads=1),
+                               callbacks=[stop])
+    assert stop.calls == 2 and len(result.history) == 2
+    assert result.best_val_loss == min(h.val_loss for h in result.history)
