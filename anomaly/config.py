@@ -100,8 +100,13 @@ class TrainingSettings:
     seed: int = doc("random seed (python, numpy, torch)", 0)
     device: str = doc("auto (CUDA when present), cpu, cuda or cuda:N", "auto")
     mixed_precision: bool = doc("bf16 autocast when training on CUDA", True)
+    fast: bool = doc("fast path: batch sized to the device (256 CPU, 1024 GPU) with a sqrt learning-rate rule and "
+                     "warm-up, bf16 where native; much faster, results differ slightly (see Benchmarks)", False)
+    cpu_threads: int = doc("torch threads while training on CPU (0 = torch's default); 1 is fastest on a busy 2-core box", 0)
 
     def check(self) -> None:
+        if self.cpu_threads < 0:
+            raise ConfigError("training.cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         for name in ("epochs", "batch_size", "patience", "stride"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name}", f"must be >= 1, got {getattr(self, name)}")

@@ -38,7 +38,7 @@ def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
     return TrainConfig(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
                        weight_decay=t.weight_decay, validation_fraction=t.validation_fraction,
                        patience=t.patience, seed=t.seed, device=t.device, mixed_precision=t.mixed_precision,
-                       progress=progress)
+                       cpu_threads=t.cpu_threads, progress=progress)
 
 
 def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
@@ -46,8 +46,14 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     """Fit a detector on gap-free readings (T, F) with the settings' data, model, training and
     threshold sections (``threshold.scale`` applied)."""
     th = settings.threshold
+    config = train_config(settings, progress)
+    if settings.training.fast:
+        from anomaly.training import fast_train_config
+
+        n_windows = max(0, (len(values) - settings.model.window_size) // settings.training.stride + 1)
+        config = fast_train_config(config, None, n_windows)
     detector, result, val_scores = fit_detector(
-        values, sensors, settings.model.model_params(), train_config(settings, progress),
+        values, sensors, settings.model.model_params(), config,
         threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,
         stride=settings.training.stride, callbacks=callbacks, period_s=period_s, progress_desc=progress_desc)
     if th.scale != 1.0:

@@ -195,3 +195,28 @@ def test_a_callback_can_stop_training_and_the_best_weights_come_back():
                                callbacks=[stop])
     assert stop.calls == 2 and len(result.history) == 2
     assert result.best_val_loss == min(h.val_loss for h in result.history)
+
+
+def test_training_fast_setting_reaches_the_trainer(monkeypatch):
+    """``training.fast`` in the config switches the trainer to the fast path (bigger batch, sqrt LR rule)."""
+    from anomaly import train_job
+    from anomaly.config import load_config
+
+    seen = {}
+
+    def fake_fit(values, sensors, model_params, config, **kw):
+        seen["config"] = config
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_job, "fit_detector", fake_fit)
+    values = np.random.default_rng(0).normal(size=(5000, 3))
+    for fast, env in ((False, {}), (True, {"ANOMALY_TRAINING__FAST": "true", "ANOMALY_TRAINING__DEVICE": "cpu"})):
+        settings = load_config(None, env=env)
+        with pytest.raises(RuntimeError):
+            train_job.fit_values(values, ["a", "b", "c"], settings)
+        config = seen["config"]
+        if fast:
+            assert config.batch_size > settings.training.batch_size and config.lr_base_batch == settings.training.batch_size
+            assert config.warmup_steps > 0
+        else:
+            assert config.batch_size == settings.training.batch_size and config.lr_base_batch == 0
