@@ -190,6 +190,11 @@ class AlertTracker:
             self._runs.pop(entity, None)
             self._events.pop(entity, None)
 
+    def active_entities(self) -> set[str]:
+        """Entities holding alert state (in a run, open, or in cooldown). For any other entity a window
+        at or below the threshold changes nothing, so callers may skip ``update`` for it."""
+        return self._runs.keys() | self._events.keys()
+
     @property
     def entities(self) -> int:
         """How many entities hold alert state (in a run, open, or in cooldown)."""

@@ -19,6 +19,12 @@ Timestamps. ``ts`` is read as:
   when ``1e11 <= ts < 1e14`` (1e11 ms is 1973-03-03, 1e14 ms is the year 5138 again). Larger numbers
   (micro/nanoseconds) and negative ones (before 1970) are refused rather than guessed.
 The decoded ``Reading.ts`` is always float epoch seconds, UTC.
+
+Batches. ``decode_batch`` decodes a whole poll column-wise for the worker (readings as arrays, no
+``Reading`` per record). Its fast path parses with ``orjson`` and checks the common case (an object
+with a non-blank ``entity``, a numeric ``ts`` and exactly the model's sensors as numbers or nulls) in
+bulk; every record it does not accept goes through ``decode_reading``, which decides, so both give
+the same readings and the same reasons (``tests/unit/test_codec.py`` checks this on mutated records).
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from typing import Any
+
+import numpy as np
+import orjson
 
 from anomaly.errors import DataError
 
@@ -251,6 +261,126 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
             return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}")
 
     return Reading(entity=entity, ts=ts, values=values)
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """The readings of a batch of records, column-wise (``decode_batch``), in input order."""
+
+    index: np.ndarray  # (n,) int64: position in the input of each good reading
+    entities: list[str]  # (n,) entity of each good reading
+    ts: np.ndarray  # (n,) float64 epoch seconds
+    values: np.ndarray  # (n, F) float64 in the sensor order asked; NaN = missing (null)
+    bad: list[tuple[int, str]]  # (position, reason) of every bad record, in input order
+
+
+_NUMBER_TYPES = frozenset({float, int})  # exact types: bool is not a number here
+_VALUE_TYPES = frozenset({float, int, type(None)})
+
+
+def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> DecodedBatch:
+    """Decode many records at once; the same outcome per record as ``decode_reading(raw, sensors)``.
+
+    Good readings come back as arrays (values in ``sensors`` order, NaN where the reading had null);
+    bad ones as ``(position, reason)``. Never raises for bad input.
+    """
+    sensors = tuple(sensors)
+    f = len(sensors)
+    index: list[int] = []
+    entities: list[str] = []
+    stamps: list[Any] = []
+    cells: list[Any] = []
+    slow: list[int] = []
+    if f and all(sensors) and len(set(sensors)) == f:
+        loads = orjson.loads
+        fields = itemgetter("entity", "ts", "values")
+        row_of = itemgetter(*sensors) if f > 1 else (lambda values: (values[sensors[0]],))
+        add_entity, add_stamp, add_cells = entities.append, stamps.append, cells.extend
+        for i, raw in enumerate(raws):
+            try:
+                if type(raw) is not bytes:
+                    raise TypeError
+                entity, ts, values = fields(loads(raw))  # not JSON, not an object, a field missing: raises
+                if type(entity) is not str or type(values) is not dict or len(values) != f or not entity \
+                        or entity.isspace():
+                    raise TypeError
+                row = row_of(values)  # KeyError: not the model's sensor set
+            except Exception:  # decode_reading says why (or accepts it: bytearray, memoryview)
+                slow.append(i)
+                continue
+            add_entity(entity)
+            add_stamp(ts)
+            add_cells(row)
+        if slow:
+            index = np.delete(np.arange(len(raws)), slow).tolist()
+        else:
+            index = list(range(len(raws)))
+    else:
+        slow = list(range(len(raws)))
+
+    # Types in bulk: in the usual batch every ts is a number and every value a number or null.
+    texts: list[bool] | None = None  # which ts were RFC 3339 strings (already epoch seconds)
+    if not (_NUMBER_TYPES.issuperset(map(type, stamps)) and _VALUE_TYPES.issuperset(map(type, cells))):
+        keep, texts = [], []
+        for j, ts in enumerate(stamps):
+            row = cells[j * f:(j + 1) * f]
+            text = type(ts) is str
+            if text:
+                seconds = _epoch_seconds(ts)
+                if isinstance(seconds, str):
+                    keep.append(False)
+                    continue
+                stamps[j] = seconds
+            ok = type(stamps[j]) in _NUMBER_TYPES and _VALUE_TYPES.issuperset(map(type, row))
+            keep.append(ok)
+            if ok:
+                texts.append(text)
+        if not all(keep):
+            slow.extend(index[j] for j, ok in enumerate(keep) if not ok)
+            index = [i for i, ok in zip(index, keep) if ok]
+            entities = [e for e, ok in zip(entities, keep) if ok]
+            stamps = [t for t, ok in zip(stamps, keep) if ok]
+            cells = [c for j, ok in enumerate(keep) if ok for c in cells[j * f:(j + 1) * f]]
+    n = len(index)
+    ts_arr = np.array(stamps, dtype=np.float64).reshape(n)
+    val_arr = np.array(cells, dtype=np.float64).reshape(n, f)  # null -> NaN
+    # Numbers are epoch seconds or milliseconds by magnitude; anything else (negative, too large, not
+    # finite) and a value that is not finite (orjson refuses NaN/Infinity and overflows, so none
+    # should be) are left to decode_reading for the reason. RFC 3339 strings were converted above.
+    numeric = np.ones(n, dtype=bool) if texts is None else ~np.array(texts, dtype=bool).reshape(n)
+    millis = numeric & (ts_arr >= MS_THRESHOLD)
+    refused = (numeric & (~np.isfinite(ts_arr) | (ts_arr < 0) | (ts_arr >= MAX_EPOCH_MS))) \
+        | np.isinf(val_arr).any(axis=1)
+    if millis.any():
+        ts_arr = np.where(millis, ts_arr / 1000.0, ts_arr)
+    if refused.any():
+        slow.extend(index[j] for j in np.flatnonzero(refused))
+        kept = np.flatnonzero(~refused)
+        index = [index[j] for j in kept]
+        entities = [entities[j] for j in kept]
+        ts_arr, val_arr = ts_arr[kept], val_arr[kept]
+
+    bad: list[tuple[int, str]] = []
+    if slow:
+        expected = frozenset(sensors)
+        extra_index, extra_entities, extra_ts, extra_values = [], [], [], []
+        for i in sorted(slow):
+            reading = decode_reading(raws[i], expected)  # type: ignore[arg-type]
+            if isinstance(reading, BadRecord):
+                bad.append((i, reading.reason))
+            else:
+                extra_index.append(i)
+                extra_entities.append(reading.entity)
+                extra_ts.append(reading.ts)
+                extra_values.append([reading.values.get(name) for name in sensors])
+        if extra_index:
+            order = np.argsort(np.array(index + extra_index, dtype=np.int64), kind="stable")
+            merged_entities = entities + extra_entities
+            index = [(index + extra_index)[j] for j in order]
+            entities = [merged_entities[j] for j in order]
+            ts_arr = np.concatenate([ts_arr, np.array(extra_ts, dtype=np.float64)])[order]
+            val_arr = np.concatenate([val_arr, np.array(extra_values, dtype=np.float64).reshape(-1, f)])[order]
+    return DecodedBatch(np.array(index, dtype=np.int64), entities, ts_arr, val_arr, bad)
 
 
 def encode_reading(reading: Reading) -> bytes:

@@ -48,6 +48,7 @@ Semantics (README quotes this section)
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -64,6 +65,7 @@ LATE: AddOutcome = "late"
 RESET: AddOutcome = "reset"
 
 _MIN_SPARE_ROWS = 8  # rows appended between compactions (at least): each compaction copies W-1 rows
+_BULK_MIN = 4  # an entity's run of consecutive readings shorter than this is placed one by one (cheaper)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,37 @@ class ReadyWindow:
     partition: int  # partition of the reading in the last slot
     end_offset: int  # offset of the reading in the last slot
     filled: int  # cells (slot × sensor) that were filled rather than read
+
+
+@dataclass(frozen=True)
+class ReadyBatch:
+    """Windows ready to score, stacked: ``values`` (N, W, F) float64, window ``i`` of ``entities[i]``."""
+
+    entities: list[str]
+    values: np.ndarray  # (N, W, F)
+    end_ts: np.ndarray  # (N,) epoch s of each window's last slot
+    start_ts: np.ndarray  # (N,) epoch s of each window's first slot
+    partition: np.ndarray  # (N,) partition of the reading in the last slot
+    end_offset: np.ndarray  # (N,) offset of that reading
+    filled: np.ndarray  # (N,) cells that were filled rather than read
+
+    def __len__(self) -> int:
+        return len(self.entities)
+
+
+class _Chunk:
+    """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
+
+    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled")
+
+    def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
+                 end_offset: np.ndarray, filled: np.ndarray) -> None:
+        self.entity = entity
+        self.values = values  # (k, W, F)
+        self.end_slot = end_slot  # (k,)
+        self.partition = partition  # (k,)
+        self.end_offset = end_offset  # (k,)
+        self.filled = filled  # (k,)
 
 
 class _Entity:
@@ -157,8 +190,9 @@ class WindowStore:
         self._keep = max(self._w - 1, 1)  # rows a future window (or a forward fill) can still need
         # Slack of W/4 rows (at least 8) keeps the copying of compaction under ~4 rows per slot.
         self._capacity = self._keep + max(_MIN_SPARE_ROWS, self._w // 4)
+        self._steps = np.arange(self._w)  # row offsets inside a window (bulk gathers)
         self._entities: dict[str, _Entity] = {}
-        self._queue: list[ReadyWindow] = []  # windows not yet handed out by ready()
+        self._queue: list[_Chunk] = []  # windows not yet handed out by ready()
         self._queued_by: list[_Entity] = []  # entities whose queued_needs are set
         self._orphan_needs: dict[int, int] = {}  # queued needs of entities evicted before ready()
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
@@ -186,18 +220,94 @@ class WindowStore:
         Sensors are read in the store's order; a sensor absent from ``reading.values`` is missing
         (``None``), and sensors the store does not know are ignored (callers validate sensor sets).
         """
-        policy = self.policy
-        slot = policy.slot(reading.ts)
+        slot = self.policy.slot(reading.ts)
+        if slot > self._watermark.get(partition, slot - 1):
+            self._watermark[partition] = slot
         state = self._entities.get(entity)
         if state is None:
             state = self._entities[entity] = _Entity(self._capacity, len(self.sensors))
-        if slot > self._watermark.get(partition, slot - 1):
-            self._watermark[partition] = slot
+        return self._place(entity, state, slot, [reading.values.get(name) for name in self.sensors], partition,
+                           int(offset))
+
+    def add_many(self, entities: Sequence[str], ts: np.ndarray, values: np.ndarray, partitions: np.ndarray,
+                 offsets: np.ndarray) -> dict[str, int]:
+        """Place many readings, in the order given; the same state and windows as calling ``add`` for
+        each in turn. ``values`` (n, F) in the store's sensor order with NaN for a missing sensor;
+        ``ts`` epoch seconds. Returns how many readings had each outcome of ``add``.
+
+        Readings are grouped by entity (entities are independent, so only each entity's own order
+        matters); a run of an entity's readings on consecutive slots, each continuing its window
+        with every sensor present, is appended in bulk (numpy slices, no per-reading Python), which
+        is the common case of a healthy stream. The rest go through ``add``'s logic one by one.
+        """
+        counts = dict.fromkeys((ACCEPTED, DUPLICATE, LATE, RESET), 0)
+        n = len(entities)
+        if n == 0:
+            return counts
+        slots = np.floor(np.asarray(ts, dtype=np.float64) / self.policy.period_s + 0.5).astype(np.int64)  # as slot()
+        values = np.asarray(values, dtype=np.float64)
+        partitions = np.asarray(partitions, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        for partition in np.unique(partitions).tolist():
+            newest = int(slots[partitions == partition].max())
+            if newest > self._watermark.get(partition, newest - 1):
+                self._watermark[partition] = newest
+        # Group by entity, keeping each entity's order: one stable sort, then every group is a slice.
+        names = list(dict.fromkeys(entities))
+        code = {name: i for i, name in enumerate(names)}
+        codes = np.array(list(map(code.__getitem__, entities)), dtype=np.int64)
+        order = np.argsort(codes, kind="stable")
+        codes, slots, values = codes[order], slots[order], values[order]
+        partitions, offsets = partitions[order], offsets[order]
+        complete = ~np.isnan(values).any(axis=1)
+        bounds = np.flatnonzero(np.diff(codes)) + 1
+        group_starts = [0, *bounds.tolist()]
+        group_ends = [*bounds.tolist(), n]
+        # Where a bulk run must stop: a new entity, a slot that is not the next one, a missing sensor,
+        # another partition.
+        if self.policy.grace_slots == 0:  # with grace, readings wait in pending slots: one by one
+            cont = (np.diff(slots) == 1) & (np.diff(codes) == 0) & (np.diff(partitions) == 0) & complete[1:]
+            breaks = (np.flatnonzero(~cont) + 1).tolist()
+            breaks.append(n)
+        else:
+            breaks = None
+        slot_list, part_list, off_list = slots.tolist(), partitions.tolist(), offsets.tolist()
+        complete_list = complete.tolist()
+        entities_state = self._entities
+        place = self._place
+        for g, (a, b) in enumerate(zip(group_starts, group_ends)):
+            entity = names[int(codes[a])] if g else names[int(codes[0])]
+            state = entities_state.get(entity)
+            if state is None:
+                state = entities_state[entity] = _Entity(self._capacity, len(self.sensors))
+            q = a
+            while q < b:
+                if (breaks is not None and b - q >= _BULK_MIN and state.n > 0 and complete_list[q]
+                        and slot_list[q] == state.run_end + 1 and not state.pending
+                        and state.max_slot == state.run_end):
+                    end = breaks[bisect_right(breaks, q)]  # the run continues up to the next break
+                    if end - q >= _BULK_MIN:
+                        self._append_run(entity, state, slot_list[q], values[q:end], partitions[q:end],
+                                         offsets[q:end])
+                        counts[ACCEPTED] += end - q
+                        q = end
+                        continue
+                row = values[q].tolist()
+                if not complete_list[q]:
+                    row = [None if v != v else v for v in row]
+                counts[place(entity, state, slot_list[q], row, part_list[q], off_list[q])] += 1
+                q += 1
+        return counts
+
+    def _place(self, entity: str, state: _Entity, slot: int, row: list[float | None], partition: int,
+               offset: int) -> str:
+        """``add`` after the slot and the watermark: duplicate, late, or pending then sealed."""
+        policy = self.policy
         if state.holds_reading(slot):
             return DUPLICATE
         if state.max_slot is not None and slot <= state.max_slot - policy.grace_slots:
             return LATE
-        state.pending[slot] = ([reading.values.get(name) for name in self.sensors], partition, int(offset))
+        state.pending[slot] = (row, partition, offset)
         state.needs = None
         if state.last_partition not in (-1, partition):
             state.mixed = True
@@ -276,30 +386,119 @@ class WindowStore:
             state.queued_needs[partition] = offset
 
     def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int) -> None:
-        w, period = self._w, self.policy.period_s
+        w = self._w
         if state.n < w or slot % self.policy.stride != 0:
             return
         lo = state.n - w
-        values = state.values[lo:state.n].copy()
-        values.flags.writeable = False
-        window = ReadyWindow(entity=entity, values=values, end_ts=slot * period, start_ts=(slot - w + 1) * period,
-                             partition=partition, end_offset=offset, filled=int(state.filled[lo:state.n].sum()))
-        self._queue.append(window)
+        self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
+                                  np.array([partition]), np.array([offset]),
+                                  np.array([state.filled[lo:state.n].sum()])))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
+
+    def _append_run(self, entity: str, state: _Entity, first_slot: int, rows: np.ndarray, parts: np.ndarray,
+                    offs: np.ndarray) -> None:
+        """Append readings on consecutive slots from ``first_slot`` (the slot after the run's end), every
+        sensor present, grace 0 (each seals its own slot), queueing the windows they end: ``_place``
+        for each in turn, in bulk."""
+        m, n, w, keep, cap = len(rows), state.n, self._w, self._keep, self._capacity
+        partition = int(parts[0])  # one partition per run (add_many breaks runs where it changes)
+        if state.last_partition not in (-1, partition):
+            state.mixed = True
+        # Windows end on new rows j with n + j + 1 >= w (enough rows since the restart) on stride slots.
+        stride = self.policy.stride
+        j0 = max(-(-first_slot // stride) * stride - first_slot, w - 1 - n)
+        if j0 % stride != (-first_slot) % stride:  # keep the stride alignment after raising j0
+            j0 += ((-first_slot - j0) % stride)
+        new_from = 0  # first new row that queued windows need (rows before a first window are not)
+        if j0 < m:
+            j = np.arange(j0, m, stride)
+            h = min(n, w - 1)  # held rows a window can reach back to
+            joined = np.concatenate([state.values[n - h:n], rows])
+            starts = j + h - (w - 1)  # in ``joined``
+            held_filled = state.filled[n - h:n]
+            if held_filled.any():
+                csum = np.concatenate([[0], np.cumsum(held_filled), np.full(m, held_filled.sum())])
+                filled = csum[np.minimum(j + h + 1, h)] - csum[np.minimum(starts, h)]
+            else:
+                filled = np.zeros(len(j), dtype=np.int64)
+            self._queue.append(_Chunk(entity, joined[starts[:, None] + self._steps], first_slot + j,
+                                      np.full(len(j), partition), offs[j], filled))
+            if state.queued_needs is None:  # the first window queued: its rows and every later one
+                state.queued_needs = {}
+                self._queued_by.append(state)
+                first_row = n + int(j[0]) - (w - 1)  # in the run (0 .. n + m)
+                if first_row < n:
+                    _merge_min(state.queued_needs, _rows_needs(state, first_row))
+                new_from = max(first_row - n, 0)
+        if state.queued_needs is not None:  # windows queued: the new rows are needed until ready()
+            needs = state.queued_needs
+            low = int(offs[new_from:].min())
+            if low < needs.get(partition, low + 1):
+                needs[partition] = low
+        # Keep what the one-by-one path would hold after its compactions (the same rows, so duplicate
+        # detection and commit needs are unchanged): the last ``held`` rows of the run.
+        total = n + m
+        held = total if total <= cap else keep + (total - cap - 1) % (cap - keep) + 1
+        old = held - m  # rows kept from those held before (<= 0: only new rows)
+        if old > 0:
+            for array in (state.values, state.filled, state.from_reading, state.part, state.off):
+                array[:old] = array[n - old:n]
+            lo = 0
+        else:
+            lo = -old
+        tail = slice(max(old, 0), held)
+        state.values[tail] = rows[lo:]
+        state.filled[tail] = 0
+        state.from_reading[tail] = True
+        state.part[tail] = parts[lo:]
+        state.off[tail] = offs[lo:]
+        state.n = held
+        state.run_end = state.max_slot = first_slot + m - 1
+        state.last_partition = partition
+        state.needs = None
 
     # --- windows out --------------------------------------------------------------------------
     def ready(self) -> list[ReadyWindow]:
         """Every window whose last slot is sealed and that was not handed out before, in the order
         they became ready (per entity: in time order). Each window is handed out once."""
-        windows = self._queue
+        batch = self.ready_batch()
+        values = batch.values
+        values.flags.writeable = False
+        return [ReadyWindow(entity=entity, values=values[i], end_ts=end, start_ts=start, partition=p,
+                            end_offset=o, filled=f)
+                for i, (entity, end, start, p, o, f) in enumerate(zip(
+                    batch.entities, batch.end_ts.tolist(), batch.start_ts.tolist(), batch.partition.tolist(),
+                    batch.end_offset.tolist(), batch.filled.tolist()))]
+
+    def ready_batch(self) -> ReadyBatch:
+        """``ready()`` as arrays: the same windows in the same order, stacked (what one forward pass
+        takes), without a Python object per window."""
+        chunks = self._queue
         self._queue = []
         for state in self._queued_by:
             state.queued_needs = None
         self._queued_by.clear()
         self._orphan_needs.clear()
-        return windows
+        w, f, period = self._w, len(self.sensors), self.policy.period_s
+        if not chunks:
+            empty = np.empty(0, dtype=np.int64)
+            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty)
+        entities: list[str] = []
+        for chunk in chunks:
+            entities.extend([chunk.entity] * len(chunk.end_slot))
+        if len(chunks) == 1:
+            c = chunks[0]
+            values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
+        else:
+            values = np.concatenate([c.values for c in chunks])
+            end_slot = np.concatenate([c.end_slot for c in chunks])
+            partition = np.concatenate([c.partition for c in chunks])
+            end_offset = np.concatenate([c.end_offset for c in chunks])
+            filled = np.concatenate([c.filled for c in chunks])
+        return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
+                          partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64))
 
     # --- commits ------------------------------------------------------------------------------
     def commit_offsets(self, last_offsets: Mapping[int, int]) -> dict[int, int]:
@@ -353,7 +552,7 @@ class WindowStore:
             return
         state = self._entities.pop(entity, None)
         if state is not None and state.queued_needs is not None:
-            self._queue = [window for window in self._queue if window.entity != entity]
+            self._queue = [chunk for chunk in self._queue if chunk.entity != entity]
             self._queued_by.remove(state)
 
     def forget_partitions(self, partitions: Iterable[int]) -> int:

@@ -17,6 +17,16 @@ Guarantees (DESIGN.md §3):
 - On a rebalance, the window state of revoked partitions is dropped; assigned partitions resume from
   their committed offsets (which never pass an open window's oldest reading), so windows are rebuilt
   from data rather than guessed.
+
+Overlap. The forward pass (torch, which releases the GIL) of batch i runs in a scoring thread while
+the loop polls and stages batch i+1 (kafka-python's fetch and our decoding are Python and hold the
+GIL), so on two cores the model costs little wall time. Batches still complete strictly in order:
+batch i's alerts, outputs, flush and commit happen before batch i+1 is scored. A poll made while a
+batch is in flight does not wait (``timeout_ms=0``): when no records are buffered, the batch in hand
+completes at once, so a caught-up worker adds no latency. Batch i's commit positions are computed
+when it is staged (staging i+1 changes nothing about them); a commit is sent only for partitions
+still assigned, so a rebalance inside the poll of batch i+1 leaves the revoked partitions'
+offsets where they were (their new owner re-reads from there: more re-delivery, never a gap).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -32,7 +43,7 @@ from anomaly import kafka_io
 from anomaly.alerts import AlertPolicy
 from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
-from anomaly.scoring_step import DetectorModel, InputRecord, ScoringStep
+from anomaly.scoring_step import DetectorModel, ModelScores, PartitionBatch, ScoringStep, StagedBatch
 from anomaly.training import resolve_device
 from anomaly.window_state import WindowPolicy
 
@@ -113,15 +124,25 @@ class Worker:
         self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
                                                 listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned))
         last_records = time.monotonic()
+        scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-score")
+        in_flight: tuple[StagedBatch, Future[ModelScores | None], float] | None = None
         try:
             while not self.stop_event.is_set():
-                polled = self._consumer.poll(timeout_ms=int(o.poll_timeout_s * 1000), max_records=o.max_poll_records)
-                records = [InputRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                           for batch in polled.values() for r in batch]
-                if records:
-                    self._process(records)
+                timeout_ms = 0 if in_flight is not None else int(o.poll_timeout_s * 1000)
+                polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
+                batches = [PartitionBatch(tp.topic, tp.partition, [r.offset for r in rs], [r.key for r in rs],
+                                          [r.value for r in rs]) for tp, rs in polled.items() if rs]
+                staged = None
+                if batches:
+                    started = time.perf_counter()
+                    staged = self.step.stage(batches, now_s=self.clock())
+                if in_flight is not None:
+                    self._complete(*in_flight)
+                    in_flight = None
+                if staged is not None:
+                    in_flight = (staged, scorer.submit(self.step.score, staged), started)
                     last_records = time.monotonic()
-                    if max_batches is not None and self.stats.batches >= max_batches:
+                    if max_batches is not None and self.stats.batches + 1 >= max_batches:
                         break
                 elif not self._consumer.assignment():
                     last_records = time.monotonic()  # idle time counts only once partitions are ours
@@ -130,15 +151,20 @@ class Worker:
                 self.metrics.set_health("ok", assigned_partitions=len(self._consumer.assignment()),
                                         last_batch_ts=self.clock())
                 self._follow_model()
+            if in_flight is not None:  # stopping: finish the batch in hand (a failure above skips this)
+                self._complete(*in_flight)
+                in_flight = None
         finally:
+            scorer.shutdown(wait=True, cancel_futures=True)
             self._close()
         return self.stats
 
     # --- one batch ---------------------------------------------------------------------------
-    def _process(self, records: list[InputRecord]) -> None:
+    def _complete(self, staged: StagedBatch, scoring: Future[ModelScores | None], started: float) -> None:
+        """Finish a staged batch: wait for its forward pass, alerts, produce, flush, check every send,
+        then commit. Raises (committing nothing of the batch) if scoring or any delivery failed."""
         o = self.options
-        started = time.perf_counter()
-        out = self.step.process(records, now_s=self.clock())
+        out = self.step.complete(staged, scoring.result())
         sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in out.events]
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
@@ -146,12 +172,18 @@ class Worker:
         self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
         for future in sends:
             future.get(timeout=DELIVERY_TIMEOUT_S)  # raises if any output was not delivered: nothing is committed
-        if out.commits:
-            self._consumer.commit(kafka_io.offsets_to_commit(out.commits))
+        commits = out.commits
+        if commits:
+            # Only partitions still ours: after a rebalance inside the last poll, the new owner
+            # re-reads a revoked partition from its committed offset (see the module docstring).
+            owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+            commits = {tp: offset for tp, offset in commits.items() if tp in owned}
+        if commits:
+            self._consumer.commit(kafka_io.offsets_to_commit(commits))
             self.metrics.set_last_commit()
         counts = out.counts
         # End to end = reading timestamp -> outputs delivered and committed: the step measured up to the
-        # start of the batch; add the batch's own time.
+        # moment the batch was staged; add the batch's own time since.
         batch_s = time.perf_counter() - started
         self.metrics.record_batch(counts, batch_s, [lat + batch_s for lat in out.latencies_s])
         self.metrics.set_entities(self.step.windows.entities)

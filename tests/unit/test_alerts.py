@@ -132,3 +132,17 @@ def test_bad_policy_is_a_config_error() -> None:
         AlertPolicy(min_duration_windows=0)
     with pytest.raises(ConfigError):
         AlertPolicy(cooldown_s=-1.0)
+
+
+def test_active_entities_are_those_a_quiet_window_can_change() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=2, recovery_windows=1, cooldown_s=10.0))
+    detail = lambda: []  # noqa: E731
+    tracker.update("calm", 0.0, 0.1, 1.0, detail, "m", "1")
+    assert tracker.active_entities() == set()  # at rest: nothing held
+    tracker.update("hot", 0.0, 2.0, 1.0, detail, "m", "1")  # a run building up
+    assert tracker.active_entities() == {"hot"}
+    tracker.update("hot", 1.0, 2.0, 1.0, detail, "m", "1")  # open
+    tracker.update("hot", 2.0, 0.1, 1.0, detail, "m", "1")  # closed, in cooldown: still held
+    assert tracker.active_entities() == {"hot"}
+    tracker.update("hot", 20.0, 0.1, 1.0, detail, "m", "1")  # cooldown over
+    assert tracker.active_entities() == set()

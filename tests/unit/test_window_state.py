@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -286,3 +287,81 @@ def _random_stream(rng: random.Random, policy: WindowPolicy) -> list[tuple[int, 
         offsets[p] += 1
         cursors[e] += 1
     return out
+
+
+# --- add_many: the worker's bulk path ---------------------------------------------------------------
+
+def _state_of(s: WindowStore) -> dict:
+    """Everything observable about a store's entities (held rows, seals, pending readings)."""
+    out = {}
+    for name, e in s._entities.items():
+        out[name] = (e.n, e.run_end if e.n else None, e.max_slot, e.last_partition, e.mixed,
+                     e.values[:e.n].tolist(), e.filled[:e.n].tolist(), e.from_reading[:e.n].tolist(),
+                     e.part[:e.n].tolist(), e.off[:e.n].tolist(), sorted(e.pending.items()))
+    return out
+
+
+def _window_tuples(windows: list[ReadyWindow]) -> list[tuple]:
+    return sorted((w.entity, w.end_ts, w.start_ts, w.partition, w.end_offset, w.filled, w.values.tolist())
+                  for w in windows)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_add_many_is_add_one_by_one(seed: int) -> None:
+    """Bulk placement gives the same outcomes, windows, commit offsets and buffers as ``add`` per
+    reading, on streams with runs, gaps, duplicates, disorder, missing sensors and mixed partitions."""
+    rng = random.Random(seed)
+    policy = WindowPolicy(window_size=rng.choice([1, 2, 4, 7]), period_s=rng.choice([1.0, 0.5]),
+                          stride=rng.choice([1, 2, 3, 5]), grace_slots=rng.choice([0, 0, 0, 1, 2]),
+                          max_fill_steps=rng.randint(0, 3))
+    sensors = ["x", "y"]
+    records = []  # (partition, offset, entity, ts, values)
+    offsets = {0: 0, 1: 0, 2: 0}
+    slots = {e: rng.randint(0, 3) for e in "abcdef"}
+    for _ in range(rng.randint(50, 400)):
+        e = rng.choice("abcdef") if rng.random() < 0.3 else rng.choice("ab")  # long runs for a and b
+        r = rng.random()
+        slots[e] += 1 if r < 0.85 else (0 if r < 0.9 else (-rng.randint(1, 3) if r < 0.95 else rng.randint(2, 6)))
+        partition = {"a": 0, "b": 1}.get(e, 2) if rng.random() < 0.97 else rng.randint(0, 2)
+        values = [float(rng.randint(0, 9)), None if rng.random() < 0.05 else float(rng.randint(0, 9))]
+        records.append((partition, offsets[partition], e, slots[e] * policy.period_s + rng.uniform(-0.2, 0.2)
+                        * policy.period_s, values))
+        offsets[partition] += 1
+
+    one, many = WindowStore(policy, sensors, [5.0, 6.0]), WindowStore(policy, sensors, [5.0, 6.0])
+    one_windows, many_windows, one_counts = [], [], Counter()
+    many_counts: Counter = Counter()
+    i = 0
+    while i < len(records):
+        batch = records[i:i + rng.randint(1, 120)]
+        i += len(batch)
+        for p, o, e, ts, v in batch:
+            one_counts[one.add(e, Reading(e, ts, dict(zip(sensors, v))), p, o)] += 1
+        many_counts.update(many.add_many(
+            [e for _, _, e, _, _ in batch], np.array([ts for *_, ts, _ in batch]),
+            np.array([[np.nan if x is None else x for x in v] for *_, v in batch]),
+            np.array([p for p, *_ in batch]), np.array([o for _, o, *_ in batch])))
+        last = {}
+        for p, o, *_ in batch:
+            last[p] = max(last.get(p, -1), o)
+        if rng.random() < 0.7:
+            one_windows += one.ready()
+            many_windows += many.ready()
+        assert one.commit_offsets(last) == many.commit_offsets(last)
+        assert _state_of(one) == _state_of(many)
+    one_windows += one.ready()
+    many_windows += many.ready()
+    assert _window_tuples(one_windows) == _window_tuples(many_windows)
+    assert +one_counts == +many_counts
+    assert one_windows, "the stream should produce windows"
+
+
+def test_ready_batch_stacks_the_windows_ready_would_hand_out() -> None:
+    s = store(w=3, stride=2)
+    s.add_many(["e"] * 8 + ["f"] * 3, np.array([*range(8), *range(3)], dtype=float), np.arange(11.0)[:, None],
+               np.zeros(11, dtype=np.int64), np.arange(11))
+    batch = s.ready_batch()
+    assert batch.entities == ["e", "e", "e", "f"] and batch.values.shape == (4, 3, 1)
+    assert batch.end_ts.tolist() == [2.0, 4.0, 6.0, 2.0] and batch.start_ts.tolist() == [0.0, 2.0, 4.0, 0.0]
+    assert batch.values[1, :, 0].tolist() == [2.0, 3.0, 4.0] and batch.end_offset.tolist() == [2, 4, 6, 10]
+    assert len(s.ready_batch()) == 0
