@@ -174,7 +174,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """The long-running scoring daemon (DESIGN.md §3)."""
     from anomaly import tracking
     from anomaly.metrics import WorkerMetrics
-    from anomaly.model_follower import ModelFollower
+    from anomaly.model_follower import ModelFollower, wait_for_follower
     from anomaly.worker import Worker, options_from_settings
 
     settings = _settings(args)
@@ -190,11 +190,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(w.torch_threads)  # measured: 1 thread scores 6-27x faster than 2 on a shared 2-core box
     metrics = WorkerMetrics()
-    follower = ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
-                             on_failure=lambda reason: metrics.model_load_failed())
     port = None
     if w.metrics_port >= 0:
-        port = metrics.start_http(w.metrics_host, w.metrics_port)
+        port = metrics.start_http(w.metrics_host, w.metrics_port)  # up first: /healthz says "starting" while waiting
+    try:
+        follower = wait_for_follower(
+            lambda: ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
+                                  on_failure=lambda reason: metrics.model_load_failed()),
+            w.wait_for_model_s, on_wait=lambda reason: metrics.set_health("starting", detail=reason))
+    except BaseException:
+        metrics.stop_http()
+        raise
     worker = Worker(options_from_settings(settings), follower, metrics)
     worker.install_signal_handlers()
     log.info("worker: %s@%s v%s, %s -> %s (group %s)%s", settings.mlflow.model_name, w.model_alias, follower.version,

@@ -189,6 +189,9 @@ class WorkerSettings:
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
     model_alias: str = doc("registry alias the worker serves and follows", "champion")
     model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
+    wait_for_model_s: float = doc("at start, when the alias points to no loadable version yet, keep retrying this long "
+                                  "(health: starting) instead of exiting; -1 = forever (e.g. on Kubernetes before "
+                                  "the first training job)", 0.0)
     device: str = doc("scoring device: auto (CUDA when present), cpu, cuda", "auto")
     torch_threads: int = doc("CPU threads for scoring; 0 = torch's default (one per core). 1 is fastest when the broker and Kafka clients share the cores", 1)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")
@@ -208,6 +211,8 @@ class WorkerSettings:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("worker.metrics_port", f"must be -1..65535, got {self.metrics_port}")
+        if self.wait_for_model_s < 0 and self.wait_for_model_s != -1:
+            raise ConfigError("worker.wait_for_model_s", f"must be >= 0 or -1 (forever), got {self.wait_for_model_s}")
 
 
 @dataclass(frozen=True)

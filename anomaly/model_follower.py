@@ -170,3 +170,22 @@ class ModelFollower:
                 self._on_failure(reason)
             except Exception:  # a metrics hook must never take the worker down
                 log.exception("on_failure hook raised")
+
+
+def wait_for_follower(make: Callable[[], "ModelFollower"], timeout_s: float, *, retry_s: float = 5.0,
+                      clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                      on_wait: Callable[[str], None] | None = None) -> "ModelFollower":
+    """``make()``, retried every ``retry_s`` while it raises ``RegistryError`` (no version behind the
+    alias yet, or the registry unreachable), for up to ``timeout_s`` seconds (-1: forever; 0: once).
+    ``on_wait(reason)`` is told of each failed try (health "starting"). The last error is raised."""
+    deadline = None if timeout_s < 0 else clock() + timeout_s
+    while True:
+        try:
+            return make()
+        except RegistryError as exc:
+            if deadline is not None and clock() + retry_s > deadline:
+                raise
+            log.info("waiting for a model: %s (retry in %.0f s)", exc, retry_s)
+            if on_wait is not None:
+                on_wait(str(exc))
+            sleep(retry_s)

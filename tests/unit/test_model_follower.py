@@ -126,3 +126,41 @@ def test_a_failing_hook_does_not_break_polling():
     f = follower(reg, clock, interval=0, on_failure=hook)
     reg.down = True
     assert f.poll() is None and f.failures == 1
+
+
+def test_wait_for_follower_retries_until_a_version_appears():
+    from anomaly.errors import RegistryError
+    from anomaly.model_follower import wait_for_follower
+
+    now = [0.0]
+    tries, waits = [], []
+
+    def make():
+        tries.append(now[0])
+        if len(tries) < 3:
+            raise RegistryError("points to no version")
+        return "follower"
+
+    got = wait_for_follower(make, 60, retry_s=5, clock=lambda: now[0],
+                            sleep=lambda s: now.__setitem__(0, now[0] + s), on_wait=waits.append)
+    assert got == "follower" and tries == [0.0, 5.0, 10.0] and len(waits) == 2
+
+
+def test_wait_for_follower_gives_up_at_its_deadline_and_zero_means_once():
+    from anomaly.errors import RegistryError
+    from anomaly.model_follower import wait_for_follower
+
+    now = [0.0]
+    calls = []
+
+    def make():
+        calls.append(now[0])
+        raise RegistryError("no version")
+
+    with pytest.raises(RegistryError):
+        wait_for_follower(make, 12, retry_s=5, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert calls == [0.0, 5.0, 10.0]
+    calls.clear()
+    with pytest.raises(RegistryError):
+        wait_for_follower(make, 0, retry_s=5, clock=lambda: now[0], sleep=lambda s: None)
+    assert len(calls) == 1
