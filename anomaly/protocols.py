@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -63,6 +63,8 @@ class SeriesResult:
     threshold: float
     sensors: tuple[str, ...]
     train_seconds: float
+    score_seconds: float = 0.0  # wall time of ``Detector.score_values`` over the whole series
+    windows_scored: int = 0  # windows in that call
 
 
 @dataclass
@@ -84,7 +86,9 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     started = time.perf_counter()
     detector, _, _ = fit_values(values[: series.train_rows], sensors, settings)
     train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     scored = detector.score_values(values)
+    score_seconds = time.perf_counter() - started
     n, w = len(values), detector.window_size
     scores = rows_from_windows(scored.scores, n, w)
     expected = rows_from_windows(scored.expected, n, w)
@@ -94,7 +98,8 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
                         labels=labels[first:], scores=scores[first:],
                         flags=np.nan_to_num(scores[first:], nan=-np.inf) > thr, expected=expected[first:],
-                        threshold=thr, sensors=sensors, train_seconds=train_seconds)
+                        threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
+                        windows_scored=len(scored.scores))
 
 
 def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:
@@ -134,8 +139,7 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
         progress(s.name)
         r = score_series(s, settings, score_from=0)
         calibrated = anomaly_likelihood(np.nan_to_num(r.scores, nan=0.0), **NAB_LIKELIHOOD)
-        r = SeriesResult(r.name, r.timestamps, r.values, r.labels, calibrated, calibrated >= own_level, r.expected,
-                         own_level, r.sensors, r.train_seconds)
+        r = replace(r, scores=calibrated, flags=calibrated >= own_level, threshold=own_level)
         results.append(r)
         files.append(evaluation.NabFile(name=s.name, scores=calibrated, windows=list(s.meta["windows"])))
     oracle = evaluation.nab_scores(files)
@@ -144,8 +148,8 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
     scored = []
     for s, r in zip(series, results):
         p = s.train_rows
-        scored.append(SeriesResult(r.name, r.timestamps[p:], r.values[p:], r.labels[p:], r.scores[p:], r.flags[p:],
-                                   r.expected[p:], r.threshold, r.sensors, r.train_seconds))
+        scored.append(replace(r, timestamps=r.timestamps[p:], values=r.values[p:], labels=r.labels[p:],
+                              scores=r.scores[p:], flags=r.flags[p:], expected=r.expected[p:]))
     metrics = {"nab_standard": oracle["nab_standard"], "nab_low_fp": oracle["nab_low_fp"],
                "nab_low_fn": oracle["nab_low_fn"], "nab_standard_own_threshold": own["nab_standard"],
                "nab_low_fp_own_threshold": own["nab_low_fp"], "nab_low_fn_own_threshold": own["nab_low_fn"],

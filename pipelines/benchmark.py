@@ -2,13 +2,24 @@
 published numbers, written to results/benchmark.json and (with --update-readme) into README.md.
 
     python -m pipelines.benchmark [--datasets skab,nab,smd] [--json OUT] [--update-readme]
+
+With ``--variants`` it compares the model variants (``VARIANTS``: cell, depth, direction, attention)
+under one protocol instead: every variant gets each dataset's profile plus its own ``[model]``
+overrides, and the same caps (``--max-epochs``, ``--smd-machines``); the table (accuracy, training
+seconds, scoring windows/s) goes between the README's ``variants`` markers.
+
+    python -m pipelines.benchmark --variants all [--max-epochs N] [--smd-machines N] [--threads N]
+        [--json results/variants.json] [--resume] [--update-readme]
+    python -m pipelines.benchmark --costs --threads 1 --json results/variant_costs.json   # cost per step, no data
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -18,6 +29,7 @@ import torch
 
 from anomaly import datasets, protocols
 from anomaly.cli import default_data_dir
+from anomaly.config import Settings, TrainingSettings, build_settings
 
 log = logging.getLogger("benchmark")
 
@@ -45,6 +57,191 @@ def run(names: list[str], limit: int | None) -> dict:
                                 "settings": protocols.PROFILES[name]}
         log.info("%s: %s", name, json.dumps(result.summary()))
     return out
+
+
+# The model variants compared (README "Model variants"): [model] overrides on top of each dataset's profile.
+VARIANTS: dict[str, dict[str, object]] = {
+    "lstm": {},  # the default
+    "lstm-2-layers": {"num_layers": 2, "dropout": 0.1},
+    "bilstm": {"bidirectional": True},
+    "gru": {"cell": "gru"},
+    "peephole": {"cell": "peephole"},
+    "lstm-attention": {"attention": True},
+}
+
+
+def variant_settings(dataset: str, overrides: dict[str, object], max_epochs: int | None,
+                     seed: int | None = None) -> Settings:
+    """The dataset's profile with the variant's [model] overrides and the protocol's epoch cap and seed."""
+    raw = copy.deepcopy(protocols.PROFILES[dataset])
+    raw["model"] = {**raw.get("model", {}), **overrides}
+    if seed is not None:
+        raw.setdefault("training", {})["seed"] = seed
+    if max_epochs is not None:
+        training = raw.setdefault("training", {})
+        training["epochs"] = min(int(training.get("epochs", TrainingSettings().epochs)), max_epochs)
+    return build_settings(raw)
+
+
+def variant_row(result: protocols.ProtocolResult) -> dict:
+    """Accuracy plus cost of one variant on one dataset: training seconds (summed over the dataset's
+    models) and scoring throughput (windows over seconds inside ``Detector.score_values``)."""
+    train_s = sum(r.train_seconds for r in result.series)
+    score_s = sum(r.score_seconds for r in result.series)
+    windows = sum(r.windows_scored for r in result.series)
+    return {**result.summary(), "train_seconds": round(train_s, 1), "windows_scored": windows,
+            "score_seconds": round(score_s, 3), "windows_per_s": round(windows / score_s, 1) if score_s > 0 else None}
+
+
+def run_variants(names: list[str], datasets_: list[str], *, max_epochs: int | None, smd_machines: int | None,
+                 limit: int | None, out_path: Path, resume: bool, seed: int | None = None) -> dict:
+    """Every (dataset, variant) pair under the same protocol; the JSON is rewritten after each pair,
+    so a long run can be watched, and ``resume`` skips pairs already in it."""
+    data = json.loads(out_path.read_text()) if resume and out_path.exists() else {}
+    protocol = {"datasets": datasets_, "max_epochs": max_epochs, "smd_machines": smd_machines, "limit": limit,
+                "torch_threads": torch.get_num_threads(), **({"seed": seed} if seed is not None else {})}
+    if data and data.get("protocol") != protocol:
+        raise SystemExit(f"{out_path} was made under another protocol ({data.get('protocol')}); not resuming")
+    data = data or {"machine": _machine(), "protocol": protocol, "variants": {}, "results": {}}
+    data["variants"].update({n: VARIANTS[n] for n in names})
+    for name in datasets_:  # dataset-major: a cut-short run still compares every variant on the first datasets
+        series = datasets.load_dataset(name, default_data_dir(name))
+        if name == "smd" and smd_machines:
+            series = series[:smd_machines]
+        if limit:
+            series = series[:limit]
+        for variant in names:
+            if name in data["results"].get(variant, {}):
+                continue
+            log.info("%s / %s: %d series", variant, name, len(series))
+            settings = variant_settings(name, VARIANTS[variant], max_epochs, seed)
+            started = time.perf_counter()
+            result = protocols.run_protocol(name, series, settings, progress=lambda s: log.info("  %s", s))
+            row = {**variant_row(result), "seconds": round(time.perf_counter() - started, 1),
+                   "series": [s.name for s in series]}
+            data["results"].setdefault(variant, {})[name] = row
+            log.info("%s / %s: %s", variant, name, json.dumps({k: v for k, v in row.items() if k != "series"}))
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return data
+
+
+def _cost(row: dict | None) -> tuple[str, str]:
+    if row is None:
+        return "n/a", "n/a"
+    wps = row.get("windows_per_s")
+    return f"{row['train_seconds']:.0f}", "n/a" if wps is None else f"{wps:,.0f}"
+
+
+def variants_markdown(data: dict) -> str:
+    """One table: a row per variant, accuracy on each dataset with its training seconds and scoring speed."""
+    p, r = data["protocol"], data["results"]
+    caps = []
+    for name in p["datasets"]:  # what each dataset's protocol covered, from the rows themselves
+        covered = next((rows[name]["series"] for rows in r.values() if name in rows), None)
+        if covered is None:
+            continue
+        if name == "smd":
+            caps.append(f"SMD: {len(covered)} machine(s) ({', '.join(covered)})"
+                        + (f", the first {p['smd_machines']} of the 6 in the subset" if p.get("smd_machines") else ""))
+        else:
+            caps.append(f"{name.upper()}: {len(covered)} files")
+    caps.append(f"epochs capped at {p['max_epochs']}" if p.get("max_epochs") else "the profiles' epochs and early stopping")
+    if p.get("limit"):
+        caps.append(f"only the first {p['limit']} series of each dataset")
+    names = "all" if list(data["variants"]) == list(VARIANTS) else ",".join(data["variants"])
+    command = [f"python -m pipelines.benchmark --variants {names}"]
+    if p["datasets"] != ["skab", "nab", "smd"]:
+        command.append("--datasets " + ",".join(p["datasets"]))
+    if p.get("max_epochs"):
+        command.append(f"--max-epochs {p['max_epochs']}")
+    if p.get("smd_machines"):
+        command.append(f"--smd-machines {p['smd_machines']}")
+    if p.get("limit"):
+        command.append(f"--limit {p['limit']}")
+    if p.get("seed") is not None:
+        command.append(f"--seed {p['seed']}")
+    command.append(f"--threads {p['torch_threads']} --json results/variants.json --update-readme")
+    lines = [f"Every variant under one protocol: each dataset's profile (`PROFILES` in `anomaly/protocols.py`) "
+             f"with the variant's `[model]` overrides; {'; '.join(caps)}; one training seed ({p.get('seed', 0)}); "
+             f"{p['torch_threads']} torch thread(s) on {data['machine']['device'].upper()} "
+             f"(torch {data['machine']['torch']}), a 2-core machine shared with other jobs, so seconds are rough. "
+             f"Reproduce with `{' '.join(command)}`.", "",
+             "Training s: all of a dataset's models together (one per SKAB or NAB file, one per SMD machine). "
+             "Scoring: windows/s through `Detector.score_values` (batched forward pass and per-sensor errors). "
+             "NAB: standard profile at NAB's *oracle* threshold; SMD F1 at our own threshold, best F1 *oracle*.", "",
+             "| variant | `[model]` overrides | SKAB F1 | SKAB FAR, % | SKAB MAR, % | SKAB event F1 | NAB score | SMD F1 | SMD best F1 | "
+             "train s (SKAB / NAB / SMD) | scoring windows/s (SKAB / NAB / SMD) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for variant, overrides in data["variants"].items():
+        rows = r.get(variant, {})
+        skab, nab, smd = rows.get("skab"), rows.get("nab"), rows.get("smd")
+        shown = ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items()) or "(default)"
+        costs = [_cost(rows.get(d)) for d in ("skab", "nab", "smd")]
+        lines.append(
+            f"| {variant} | {shown} | {_f(skab and skab['f1'], 3)} | {_f(skab and skab['far'])} | {_f(skab and skab['mar'])} | "
+            f"{_f(skab and skab['event_f1'])} | {_f(nab and nab['nab_standard'], 1)} | {_f(smd and smd['f1'], 3)} | {_f(smd and smd['f1_best_mean'], 3)} | "
+            f"{' / '.join(c[0] for c in costs)} | {' / '.join(c[1] for c in costs)} |")
+    missing = [f"{v}/{d}" for v in data["variants"] for d in p["datasets"] if d not in r.get(v, {})]
+    if missing:
+        lines += ["", f"Not measured (run cut short): {', '.join(missing)}."]
+    return "\n".join(lines)
+
+
+COST_SHAPES = {"skab": (8, 10, 32, 8), "smd": (38, 32, 64, 16)}  # F, W, H, L of the profiles' models
+
+
+def variant_costs(repeats: int = 5, batch: int = 256, score_windows: int = 4096) -> dict:
+    """Per-variant cost on the profiles' model shapes, without data or early stopping: milliseconds per
+    training step (forward, backward, Adam) on one batch and scoring windows/s in inference mode. The
+    variants are measured interleaved and the best of ``repeats`` kept, so other load on the machine
+    biases them alike."""
+    from anomaly.model import ModelConfig, build_model
+
+    out: dict = {}
+    for shape, (F, W, H, L) in COST_SHAPES.items():
+        models, best = {}, {}
+        for name, overrides in VARIANTS.items():
+            torch.manual_seed(0)
+            models[name] = build_model(ModelConfig(n_features=F, window_size=W, hidden_size=H, latent_size=L,
+                                                   **overrides))  # type: ignore[arg-type]
+            best[name] = [math.inf, math.inf]
+        x_train, x_score = torch.randn(batch, W, F), torch.randn(score_windows, W, F)
+        for _ in range(repeats):
+            for name, model in models.items():
+                opt = torch.optim.Adam(model.parameters())
+                model.train()
+                started = time.perf_counter()
+                for _ in range(3):
+                    opt.zero_grad()
+                    (model(x_train) - x_train).pow(2).mean().backward()
+                    opt.step()
+                best[name][0] = min(best[name][0], (time.perf_counter() - started) / 3)
+                model.eval()
+                with torch.inference_mode():
+                    started = time.perf_counter()
+                    model(x_score)
+                    best[name][1] = min(best[name][1], time.perf_counter() - started)
+        out[shape] = {name: {"train_step_ms": round(1e3 * t, 2), "score_windows_per_s": round(score_windows / s)}
+                      for name, (t, s) in best.items()}
+    return out
+
+
+def costs_markdown(costs: dict) -> str:
+    shapes = list(costs)
+    head = " | ".join(f"{s.upper()} shape ({'×'.join(map(str, COST_SHAPES[s][:2]))}, hidden {COST_SHAPES[s][2]}): "
+                      f"train step, ms | scoring, windows/s" for s in shapes)
+    lines = [f"| variant | {head} |", "| --- |" + " --- | --- |" * len(shapes)]
+    for name in VARIANTS:
+        cells = " | ".join(f"{costs[s][name]['train_step_ms']:.1f} | {costs[s][name]['score_windows_per_s']:,}"
+                           for s in shapes)
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": platform.processor() or platform.machine()}
 
 
 def _f(v, digits=2) -> str:
@@ -99,9 +296,12 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str, readme: Path = Path("README.md")) -> None:
-    start, end = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+def update_readme(text: str, readme: Path = Path("README.md"), marker: str = "benchmark") -> None:
+    """Replace what lies between ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     content = readme.read_text(encoding="utf-8")
+    if start not in content or end not in content:
+        raise SystemExit(f"{readme} lacks the markers {start} ... {end}")
     head, _, rest = content.partition(start)
     _, _, tail = rest.partition(end)
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
@@ -115,8 +315,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N series of each dataset (a quick look)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's benchmark section")
     parser.add_argument("--from-json", help="do not run; render the README section from this results file")
+    parser.add_argument("--variants", help=f"compare model variants instead: 'all' or comma-separated of {', '.join(VARIANTS)}")
+    parser.add_argument("--max-epochs", type=int, help="variants: cap every profile's epochs at N")
+    parser.add_argument("--smd-machines", type=int, help="variants: only the first N SMD machines")
+    parser.add_argument("--costs", action="store_true",
+                        help="only time each variant's training step and scoring on the profiles' shapes (no data)")
+    parser.add_argument("--seed", type=int, help="variants: training seed for every model (default: the profiles')")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--resume", action="store_true", help="variants: keep the pairs already in --json, run the rest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.costs:
+        costs = {"machine": _machine(), "torch_threads": torch.get_num_threads(), "shapes": variant_costs()}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(costs, indent=2) + "\n")
+        print(costs_markdown(costs["shapes"]))
+        return 0
+    if args.variants:
+        names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        out_path = Path(args.json if args.json != parser.get_default("json") else "results/variants.json")
+        if args.from_json:
+            data = json.loads(Path(args.from_json).read_text())
+        else:
+            data = run_variants(names, args.datasets.split(","), max_epochs=args.max_epochs,
+                                smd_machines=args.smd_machines, limit=args.limit, out_path=out_path, resume=args.resume,
+                                seed=args.seed)
+        text = variants_markdown(data)
+        print(text)
+        if args.update_readme:
+            update_readme(text, marker="variants")
+        return 0
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
