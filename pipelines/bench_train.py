@@ -394,7 +394,8 @@ class _TargetWatch:
 def machine(devices: list[str]) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "cuda_available": torch.cuda.is_available(), "devices": devices}
+                            "cuda_available": torch.cuda.is_available(), "devices": devices,
+                            "load_avg": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -449,8 +450,8 @@ def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = ["`python -m pipelines.bench_train --json results/bench_train.json --update-readme` "
-             f"(about {data['seconds'] / 60:.0f} minutes here). Measured on {m['cpu']} ({m['cpu_count']} cores, shared "
-             f"with other jobs){gpu}, torch {m['torch']}. The reference is a plain loop written in the benchmark "
+             f"(about {max(1, round(data['seconds'] / 60))} minute(s) here). Measured on {m['cpu']} ({m['cpu_count']} "
+             f"cores){gpu}, torch {m['torch']}, load average {m.get('load_avg', 'n/a')} at the start. The reference is a plain loop written in the benchmark "
              f"(DataLoader over CPU tensors, batch {REF_BATCH}, Adam {REF_LR:g}, float32, torch's default "
              f"{m['torch_threads']} threads); ours is `train_autoencoder` with `fast_train_config` and `window_scores` "
              f"(float32), with {data['cpu_threads_ours']} torch thread(s) on CPU. Ratios are ours / reference.", "",
