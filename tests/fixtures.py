@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
@@ -23,3 +26,13 @@ def with_fault(frame: pd.DataFrame, sensor: str = "pressure", start: int = 1200,
     labels = np.zeros(len(frame), bool)
     labels[start:start + length] = True
     return faulty, labels
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.1) -> bool:
+    """Poll ``predicate`` every ``step_s`` until it holds or ``timeout_s`` passes; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()

@@ -18,7 +18,7 @@ from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.scheduler import DriftMonitor, RetrainScheduler, ScoreReader, reference_for_version
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame
+from tests.fixtures import normal_frame, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,6 @@ def stub_job(path: str = "", trigger: str = "schedule") -> dict:
 def runs(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

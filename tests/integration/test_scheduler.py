@@ -16,6 +16,7 @@ import pytest
 
 from anomaly.config import build_settings
 from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, SchedulerLocked, settings_dict
+from tests.fixtures import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,14 +41,6 @@ def sched_settings(tmp_path, **values):
     return build_settings({"scheduler": {"job_store": str(tmp_path / "scheduler.db"), "metrics_port": -1,
                                          **values}}).scheduler
 
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_job_runs_on_its_interval(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 
 import pytest
 
@@ -21,7 +20,7 @@ from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, settings_dict
 from anomaly.train_job import run_training
 from anomaly.window_state import WindowPolicy
 from anomaly.worker import Worker, WorkerOptions
-from tests.fixtures import normal_frame
+from tests.fixtures import normal_frame, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +33,6 @@ def plan_for(frame, entity, start_ts):
     return [(entity, dataclasses.replace(r, entity=entity))
             for _, r in replay.replay_plan(frame, entity, start_ts=start_ts)]
 
-
-def wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_name, tmp_path):
