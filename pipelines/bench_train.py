@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +55,7 @@ log = logging.getLogger("bench_train")
 
 REF_BATCH = 128  # the reference's batch size, for training and scoring
 REF_LR = 1e-3
-START, END = "<!-- bench-train:start -->", "<!-- bench-train:end -->"
+MARKER = "bench-train"  # README section: <!-- bench-train:start --> ... <!-- bench-train:end -->
 
 
 # --- the plain reference ----------------------------------------------------------------------------
@@ -509,12 +509,10 @@ def _judge(ratio: float | None, target: float) -> str:
 
 
 def update_readme(text: str, readme: Path = Path("README.md")) -> None:
-    content = readme.read_text(encoding="utf-8")
-    if START not in content or END not in content:
-        raise SystemExit(f"{readme}: markers {START} / {END} not found")
-    head, _, rest = content.partition(START)
-    _, _, tail = rest.partition(END)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
+    """Replace the README's ``bench-train`` section (the accuracy benchmark's marker writer)."""
+    from pipelines.benchmark import update_readme as replace_section
+
+    replace_section(text, readme, marker=MARKER)
 
 
 def main(argv: list[str] | None = None) -> int:
