@@ -85,10 +85,12 @@ class Detector:
         return self.score_windows(windows, values[ends], ends, device, batch_size)
 
     def score_windows(self, windows: np.ndarray, actual: np.ndarray, end_rows: np.ndarray,
-                      device: str | torch.device = "cpu", batch_size: int = SCORE_BATCH) -> ScoredSeries:
-        """Score scaled windows (N, W, F); ``actual`` is each window's last reading in original units."""
+                      device: str | torch.device = "cpu", batch_size: int = SCORE_BATCH,
+                      precision: str = "fp32") -> ScoredSeries:
+        """Score scaled windows (N, W, F); ``actual`` is each window's last reading in original units.
+        ``precision``: see ``anomaly.scoring.window_scores``."""
         model = self.model.to(device)
-        ws = window_scores(model, windows, device, batch_size)
+        ws = window_scores(model, windows, device, batch_size, precision)
         expected = self.scaler.inverse(ws.last_reconstruction)
         return ScoredSeries(end_rows=np.asarray(end_rows), scores=ws.scores, sensor_errors=ws.sensor_errors,
                             actual=np.asarray(actual, dtype=np.float64), expected=expected,

@@ -38,7 +38,7 @@ from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
-from anomaly.scoring import sensor_contributions
+from anomaly.scoring import resolve_precision, sensor_contributions
 from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
@@ -74,12 +74,13 @@ class DetectorModel:
     into chunks of ``batch_size`` windows only to bound device memory)."""
 
     def __init__(self, detector: Detector, name: str, version: str, device: str | torch.device = "cpu",
-                 batch_size: int = STREAM_SCORE_BATCH) -> None:
+                 batch_size: int = STREAM_SCORE_BATCH, precision: str = "fp32") -> None:
         self.detector = detector
         self.name = name
         self.version = str(version)
         self.device = device
         self.batch_size = batch_size
+        self.precision = resolve_precision(precision, device)  # fp32 or bf16, fixed for this model's life
         self.sensors: tuple[str, ...] = tuple(detector.sensors)
         self.window_size: int = int(detector.window_size)
         # A model saved without a period was trained on rows: one row per second is the convention.
@@ -97,7 +98,8 @@ class DetectorModel:
         if n == 0:
             return np.empty(0), np.empty((0, f)), np.empty((0, f))
         scaled = self.detector.scaler.transform(windows)  # (N, W, F) float32
-        scored = self.detector.score_windows(scaled, windows[:, -1, :], np.arange(n), self.device, self.batch_size)
+        scored = self.detector.score_windows(scaled, windows[:, -1, :], np.arange(n), self.device, self.batch_size,
+                                              self.precision)
         return (np.asarray(scored.scores, dtype=np.float64), np.asarray(scored.sensor_errors, dtype=np.float64),
                 np.asarray(scored.expected, dtype=np.float64))
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
+from anomaly.scoring import cpu_has_native_bf16
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,6 @@ def _autocast(device: torch.device, enabled: bool):
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     """Whether training on ``device`` runs under bf16 autocast."""
     return config.mixed_precision if device.type == "cuda" else config.cpu_bf16
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX): bf16 is then faster than
-    float32; without them it is emulated and slower."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @contextlib.contextmanager

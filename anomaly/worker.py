@@ -69,6 +69,7 @@ class WorkerOptions:
     max_poll_records: int = 2000
     input_partitions: int = 4
     device: str = "auto"
+    precision: str = "fp32"  # forward pass: fp32, bf16 or auto (anomaly.scoring.resolve_precision)
 
 
 @dataclass
@@ -92,7 +93,8 @@ class Worker:
         self.stats = RunStats()
         self.device = resolve_device(options.device)
         detector, version = follower.current()
-        self.step = ScoringStep(DetectorModel(detector, follower.model_name, version, self.device),
+        self.step = ScoringStep(DetectorModel(detector, follower.model_name, version, self.device,
+                                              precision=options.precision),
                                 options.window_policy, options.alert_policy,
                                 emit_scores=options.scores_topic is not None)
         self.metrics.set_model(follower.model_name, version)
@@ -202,7 +204,8 @@ class Worker:
         if new is None:
             return
         detector, version = new
-        kept = self.step.swap_model(DetectorModel(detector, self.follower.model_name, version, self.device))
+        kept = self.step.swap_model(DetectorModel(detector, self.follower.model_name, version, self.device,
+                                                         precision=self.options.precision))
         self.stats.model_swaps += 1
         self.metrics.model_swapped(self.follower.model_name, version)
         self.metrics.set_health(model_version=version)
@@ -242,4 +245,4 @@ def options_from_settings(settings) -> WorkerOptions:
         alert_policy=AlertPolicy(min_duration_windows=w.min_duration_windows, recovery_windows=w.recovery_windows,
                                  cooldown_s=w.cooldown_s, top_k=w.top_sensors),
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
-        device=w.device)
+        device=w.device, precision=w.precision)

@@ -341,10 +341,11 @@ def run_worker(worker, timeout_s: float) -> None:
 
 def warm_up(detector) -> None:
     """One forward pass per typical batch size, so the first real batch does not pay torch's set-up."""
+    from anomaly.config import WorkerSettings
     from anomaly.scoring_step import DetectorModel
     from anomaly.training import resolve_device
 
-    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"))
+    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision)
     base = synthetic_values(model.window_size + 8)
     for n in (1, 100):
         model.score(np.stack([base[i % 8: i % 8 + model.window_size] for i in range(n)]))
@@ -629,7 +630,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"bench_stream: {r['messages']:,} readings, {r['entities']} entities, stride {r['stride']}, period "
         f"{r['period_s'] * 1000:.1f} ms, {r['cpu_count']} CPUs, torch {r['torch']} on {r['device']} "
-        f"({r['torch_threads']} torch threads)"
+        f"({r['torch_threads']} torch threads, {r.get('precision', 'fp32')}; kafka-python CRC-32C in "
+        f"{'C' if r.get('crc32c_c_extension') else 'pure Python'})"
         + (f"; tuning {json.dumps(r['tuning'])}" if r["tuning"]["torch_threads"] or r["tuning"]["client_options"] else ""),
         "",
         f"  {'load (producer)':<28}{f(r['load_msgs_per_s']):>12} msg/s",
@@ -651,8 +653,11 @@ def report(r: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    import kafka.record.util as kafka_record_util
+
     from anomaly.broker import LocalBroker
     from anomaly.config import ModelSettings, WorkerSettings
+    from anomaly.scoring import resolve_precision
     from anomaly.training import resolve_device
 
     started = time.perf_counter()
@@ -673,6 +678,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_target_ms": LATENCY_BUDGET_MS + stride * period * 1000,
         "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(resolve_device("auto")),
+        "precision": resolve_precision(WorkerSettings().precision, resolve_device("auto")),
+        "crc32c_c_extension": kafka_record_util.crc32c_c is not None,  # kafka-python's CRC check in C, not Python
         "python": platform.python_version(), "window_size": ModelSettings().window_size,
         "hidden_size": ModelSettings().hidden_size, "latent_size": ModelSettings().latent_size,
         "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),

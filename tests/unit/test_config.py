@@ -39,6 +39,8 @@ def test_env_types_are_parsed():
     ({"ANOMALY_TRAINING__STRIDE": "64"}, "training.stride"),  # cross-field: stride > window_size
     ({"ANOMALY_TRAINING__MIXED_PRECISION": "maybe"}, "training.mixed_precision"),
     ({"ANOMALY_NOPE__X": "1"}, "nope"),
+    ({"ANOMALY_WORKER__PRECISION": "fp16"}, "worker.precision"),
+    ({"ANOMALY_WORKER__DEVICE": "tpu"}, "worker.device"),
 ])
 def test_bad_values_name_the_field(env, field):
     with pytest.raises(ConfigError) as err:

@@ -11,8 +11,8 @@ import torch
 
 from anomaly.errors import ConfigError
 from anomaly.model import ModelConfig, build_model
-from anomaly.scoring import (CPU_BATCH_RANGE, reconstruct, reconstruction_errors, score_batch_size,
-                             window_scores)
+from anomaly.scoring import (CPU_BATCH_RANGE, reconstruct, reconstruction_errors, resolve_precision,
+                             score_batch_size, window_scores)
 from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, fast_train_config,
                               torch_threads, train_autoencoder)
 from anomaly.windowing import make_windows
@@ -220,3 +220,22 @@ def test_training_fast_setting_reaches_the_trainer(monkeypatch):
             assert config.warmup_steps > 0
         else:
             assert config.batch_size == settings.training.batch_size and config.lr_base_batch == 0
+
+
+def test_scoring_precision_auto_is_bf16_only_where_it_is_native():
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", "cuda") == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_and_auto_scoring_stay_within_a_tight_tolerance_of_float32():
+    windows = make_windows(_series(), 12, 1)
+    model = _model()
+    fp32 = window_scores(model, windows, "cpu", batch_size=0, precision="fp32")
+    for precision in ("bf16", "auto"):
+        other = window_scores(model, windows, "cpu", batch_size=0, precision=precision)
+        rel = np.abs(other.scores - fp32.scores) / fp32.scores
+        assert np.median(rel) < 1e-3 and rel.max() < 2e-2, precision
+        np.testing.assert_allclose(other.last_reconstruction, fp32.last_reconstruction, atol=2e-2)

@@ -287,6 +287,20 @@ def test_detector_model_scores_streamed_windows_like_offline_scoring(detector_mo
     np.testing.assert_allclose(streamed[b"pump-a"], offline, rtol=1e-5, atol=1e-7)
 
 
+def test_detector_model_in_bf16_flags_and_ranks_like_float32(detector_model: DetectorModel) -> None:
+    bf16 = DetectorModel(detector_model.detector, name="pumps", version="1", device="cpu", precision="bf16")
+    assert bf16.precision == "bf16" and detector_model.precision == "fp32"
+    values = normal_frame(rows=120, seed=9).to_numpy().copy()
+    values[60:90, SENSORS.index("pressure")] += 2.0
+    windows = np.lib.stride_tricks.sliding_window_view(values, 8, axis=0).transpose(0, 2, 1)  # (N, W, F)
+    s32, e32, x32 = detector_model.score(windows)
+    s16, e16, x16 = bf16.score(windows)
+    np.testing.assert_allclose(s16, s32, rtol=2e-2)
+    assert ((s16 > bf16.threshold) == (s32 > detector_model.threshold)).all()
+    assert (e16.argmax(axis=1) == e32.argmax(axis=1)).all()
+    np.testing.assert_allclose(x16, x32, rtol=2e-2, atol=2e-2)
+
+
 def test_detector_model_fault_names_the_faulty_sensor(detector_model: DetectorModel) -> None:
     values = normal_frame(rows=120, seed=9).to_numpy().copy()
     values[60:90, SENSORS.index("pressure")] += 2.0  # ≈ 28 standard deviations of healthy pressure
