@@ -15,6 +15,7 @@ import pandas as pd
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings
 from anomaly.detector import Detector, fit_detector
+from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
 from anomaly.windowing import rows_from_windows
@@ -51,7 +52,8 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
         from anomaly.training import fast_train_config
 
         n_windows = max(0, (len(values) - settings.model.window_size) // settings.training.stride + 1)
-        config = fast_train_config(config, None, n_windows)
+        config = fast_train_config(config, None, n_windows, ModelConfig(n_features=len(sensors),
+                                                                         **settings.model.model_params()))
     detector, result, val_scores = fit_detector(
         values, sensors, settings.model.model_params(), config,
         threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,

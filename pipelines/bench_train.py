@@ -10,8 +10,10 @@ In one process, on the same windows, split and model size, for each size and dev
   time under ``torch.no_grad``. It trains ``ref_epochs`` epochs; its best validation loss is the target.
 - **ours**: ``anomaly.training.train_autoencoder`` with ``fast_train_config`` (larger batch, sqrt-scaled
   learning rate with warm-up, bf16 autocast on CUDA and on CPUs with native bf16, ``--cpu-threads``
-  threads on CPU), trained until its validation loss reaches the target (or a cap of epochs and time),
-  and ``anomaly.scoring.window_scores`` (device-sized batches, ``inference_mode``, float32).
+  threads on CPU, by default torch's own count like the reference), trained until its validation loss
+  reaches the target (or a cap of epochs and time), and ``anomaly.scoring.window_scores`` (device-sized
+  batches, ``inference_mode``, at the worker's default precision: bf16 on CUDA and on CPUs with native
+  bf16, float32 elsewhere; the float32 rate and the scores' deviation from float32 are reported too).
 
 Figures: training windows/s (optimisation passes only), time to the target validation loss (wall clock
 from the call, set-up included), the float32 validation MSE of each final model measured the same way,
@@ -46,7 +48,8 @@ from anomaly.model import ModelConfig
 from anomaly.preparation import fill_rows
 from anomaly.protocols import PROFILES
 from anomaly.scaling import fit_scaler
-from anomaly.scoring import score_batch_size, window_scores
+from anomaly.config import WorkerSettings
+from anomaly.scoring import resolve_precision, score_batch_size, window_scores
 from anomaly.training import (EpochStats, StopTraining, TrainConfig, fast_train_config, split_windows,
                               torch_threads, train_autoencoder)
 from anomaly.windowing import make_windows
@@ -204,7 +207,7 @@ def sizes(quick: bool, device: str) -> dict[str, Size]:
     smd = Size("smd", ModelConfig(n_features=38, window_size=100, hidden_size=smd_m["hidden_size"],
                                   latent_size=smd_m["latent_size"]),
                PROFILES["smd"]["training"]["validation_fraction"], ref_epochs=2 if quick else (10 if gpu else 4),
-               rows=400 if quick else (None if gpu else 12_000), stride=1 if quick else (1 if gpu else 4),
+               rows=400 if quick else (None if gpu else 12_000), stride=1,
                source="smd/train/machine-1-2.txt")
     return {"skab": skab, "smd": smd}
 
@@ -251,7 +254,7 @@ def run_size(size: Size, windows: np.ndarray, device: torch.device, cpu_threads:
     base = TrainConfig(batch_size=REF_BATCH, learning_rate=REF_LR, validation_fraction=size.validation_fraction,
                        epochs=3 * size.ref_epochs, patience=3 * size.ref_epochs, device=str(device), progress=False,
                        cpu_threads=cpu_threads if device.type == "cpu" else 0)
-    config = fast_train_config(base, device, n_windows=len(windows))
+    config = fast_train_config(base, device, n_windows=len(windows), model=dims)
     time_cap = 2 * ref_epochs[-1]["elapsed_s"] + 5  # twice the reference's whole run
     watch = _TargetWatch(target, time_cap)
     with PeakMemory(device) as ours_mem:
@@ -265,27 +268,25 @@ def run_size(size: Size, windows: np.ndarray, device: torch.device, cpu_threads:
     ref_val = plain_val_loss(ref_model, val_t, device)
     ours_val = plain_val_loss(ours_model, val_t, device)
 
-    # Scoring, interleaved: reference, ours (float32), ours (bf16), repeated; best of each.
+    # Scoring, interleaved: reference, ours (the worker's default precision), ours in float32; best of each.
     ours_batch = score_batch_size(ours_model, dims.window_size, dims.n_features, device)
-    bf16_ok = device.type == "cuda" or config.cpu_bf16
-    timings: dict[str, list[float]] = {"ref": [], "ours": [], "ours_bf16": []}
+    precision = resolve_precision(WorkerSettings().precision, device)
+    timings: dict[str, list[float]] = {"ref": [], "ours": [], "ours_fp32": []}
     mems: dict[str, PeakMemory] = {}
     for _ in range(repeats):
         with PeakMemory(device) as mems["ref"]:
             timings["ref"].append(_timed(lambda: plain_scores(ref_model, all_t, device), device))
         with torch_threads(cpu_threads if device.type == "cpu" else 0):
             with PeakMemory(device) as mems["ours"]:
-                timings["ours"].append(_timed(lambda: window_scores(ours_model, windows, device), device))
-            if bf16_ok:
-                timings["ours_bf16"].append(_timed(lambda: window_scores(ours_model, windows, device,
-                                                                         precision="bf16"), device))
-    ours_scores = window_scores(ours_model, windows, device).scores
+                timings["ours"].append(_timed(lambda: window_scores(ours_model, windows, device,
+                                                                    precision=precision), device))
+            if precision != "fp32":
+                timings["ours_fp32"].append(_timed(lambda: window_scores(ours_model, windows, device), device))
+    fp32_scores = window_scores(ours_model, windows, device).scores
     same_model_ref = plain_scores(ours_model, all_t, device)  # the reference scorer on our model: must agree
-    agreement = float(np.max(np.abs(ours_scores - same_model_ref) / np.maximum(np.abs(same_model_ref), 1e-12)))
-    bf16_dev = None
-    if bf16_ok:
-        bf16_scores = window_scores(ours_model, windows, device, precision="bf16").scores
-        bf16_dev = float(np.median(np.abs(bf16_scores - ours_scores) / np.maximum(ours_scores, 1e-12)))
+    agreement = float(np.max(np.abs(fp32_scores - same_model_ref) / np.maximum(np.abs(same_model_ref), 1e-12)))
+    shipped = window_scores(ours_model, windows, device, precision=precision).scores
+    deviation = np.abs(shipped - fp32_scores) / np.maximum(fp32_scores, 1e-12)
     n = len(windows)
     ref_score_tp = n / min(timings["ref"])
     ours_score_tp = n / min(timings["ours"])
@@ -298,8 +299,10 @@ def run_size(size: Size, windows: np.ndarray, device: torch.device, cpu_threads:
                       "history": ref_epochs},
         "ours": {"train_windows_per_s": ours_tp, "time_to_target_s": watch.reached_s, "reached_target": watch.reached_s is not None,
                  "epochs": len(result.history), "val_loss": ours_val, "score_windows_per_s": ours_score_tp,
-                 "score_bf16_windows_per_s": n / min(timings["ours_bf16"]) if timings["ours_bf16"] else None,
-                 "score_bf16_median_rel_dev": bf16_dev, "score_batch_size": ours_batch,
+                 "score_precision": precision,
+                 "score_fp32_windows_per_s": n / min(timings["ours_fp32"]) if timings["ours_fp32"] else ours_score_tp,
+                 "score_median_rel_dev_vs_fp32": float(np.median(deviation)),
+                 "score_max_rel_dev_vs_fp32": float(np.max(deviation)), "score_batch_size": ours_batch,
                  "score_max_rel_diff_vs_reference_scorer": agreement,
                  "train_memory": ours_mem.figures(), "score_memory": mems["ours"].figures(),
                  "config": {k: getattr(config, k) for k in ("batch_size", "learning_rate", "lr_base_batch",
@@ -448,13 +451,15 @@ TARGETS = {"cpu": {"train": 1.5, "score": 1.5}, "cuda": {"train": 5.0, "score": 
 
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
+    threads = data["cpu_threads_ours"] or m["torch_threads"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     lines = ["`python -m pipelines.bench_train --json results/bench_train.json --update-readme` "
              f"(about {max(1, round(data['seconds'] / 60))} minute(s) here). Measured on {m['cpu']} ({m['cpu_count']} "
              f"cores){gpu}, torch {m['torch']}, load average {m.get('load_avg', 'n/a')} at the start. The reference is a plain loop written in the benchmark "
              f"(DataLoader over CPU tensors, batch {REF_BATCH}, Adam {REF_LR:g}, float32, torch's default "
              f"{m['torch_threads']} threads); ours is `train_autoencoder` with `fast_train_config` and `window_scores` "
-             f"(float32), with {data['cpu_threads_ours']} torch thread(s) on CPU. Ratios are ours / reference.", "",
+             f"at the worker's default precision (`worker.precision = \"auto\"`: bf16 where the device runs it "
+             f"natively), with {threads} torch thread(s) on CPU. Ratios are ours / reference.", "",
              "| size, device | figure | reference | ours | ours / ref | target |",
              "| --- | --- | --- | --- | --- | --- |"]
     for key, r in data["results"].items():
@@ -493,13 +498,21 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{r['reference']['epochs']} epochs; ours batch {c['batch_size']}, lr "
                      f"{r['ours']['peak_learning_rate']:.2g} after {c['warmup_steps']} warm-up steps, "
                      f"{'bf16' if (c['cpu_bf16'] if key.endswith('cpu') else c['mixed_precision']) else 'float32'} "
-                     f"training, {r['ours']['epochs']} epochs, scoring batch {r['ours']['score_batch_size']}"
-                     + (f"; bf16 scoring {_f(r['ours']['score_bf16_windows_per_s'])} windows/s "
-                        f"(median score deviation {100 * r['ours']['score_bf16_median_rel_dev']:.2f} %)"
-                        if r['ours']['score_bf16_windows_per_s'] else "") + ".")
+                     f"training, {r['ours']['epochs']} epochs; scoring batch {r['ours']['score_batch_size']}, "
+                     + _precision_note(r["ours"]) + ".")
     for item in data["not_measured"]:
         lines.append(f"- Not measured: {item}.")
     return "\n".join(lines)
+
+
+def _precision_note(ours: dict[str, Any]) -> str:
+    if "score_precision" not in ours:  # results written before the scoring precision was recorded
+        return "float32"
+    if ours["score_precision"] == "fp32":
+        return "float32"
+    return (f"{ours['score_precision']} (float32: {_f(ours['score_fp32_windows_per_s'])} windows/s; scores move by "
+            f"{100 * ours['score_median_rel_dev_vs_fp32']:.3f} % median, {100 * ours['score_max_rel_dev_vs_fp32']:.2f} % "
+            f"at most)")
 
 
 def _judge(ratio: float | None, target: float) -> str:
@@ -521,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="results/bench_train.json", help="where to write the figures")
     parser.add_argument("--sizes", default="skab,smd", help="comma-separated: skab, smd")
     parser.add_argument("--devices", default="cpu,cuda", help="comma-separated: cpu, cuda (skipped without CUDA)")
-    parser.add_argument("--cpu-threads", type=int, default=1, help="torch threads for ours on CPU (0 = torch's default)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved scoring passes; the best counts")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="torch threads for ours on CPU (default 0 = torch's default, the reference's count)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved scoring passes; the best counts")
     parser.add_argument("--quick", action="store_true", help="tiny data and few epochs: checks the plumbing only")
     parser.add_argument("--data-dir", help="the datasets folder (default $ANOMALY_DATASETS or ../shared/datasets)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's bench-train section")

@@ -125,6 +125,13 @@ def test_fast_config_keeps_enough_steps_per_epoch_and_validates():
     cfg = fast_train_config(TrainConfig(batch_size=32, device="cpu"), "cpu", n_windows=100_000)
     assert cfg.batch_size * FAST_MIN_STEPS <= 80_000 and cfg.batch_size > 32
     assert cfg.cpu_bf16 == cpu_has_native_bf16()
+    # On CPU the batch grows only until a step's recurrent work (B x W x H) reaches FAST_CPU_STEP_WORK.
+    small = ModelConfig(n_features=8, window_size=10, hidden_size=32, latent_size=8)
+    large = ModelConfig(n_features=38, window_size=100, hidden_size=64, latent_size=16)
+    base = TrainConfig(batch_size=128, device="cpu")
+    assert fast_train_config(base, "cpu", 100_000, small).batch_size == 512  # 2**18 // 320 -> 512
+    assert fast_train_config(base, "cpu", 100_000, large).batch_size == 128  # never below the configured batch
+    assert fast_train_config(base, "cpu", 100_000, large).lr_base_batch == 128
     for field in ("lr_base_batch", "warmup_steps", "cpu_threads"):
         with pytest.raises(ConfigError) as err:
             TrainConfig(**{field: -1})
@@ -210,7 +217,8 @@ def test_training_fast_setting_reaches_the_trainer(monkeypatch):
 
     monkeypatch.setattr(train_job, "fit_detector", fake_fit)
     values = np.random.default_rng(0).normal(size=(5000, 3))
-    for fast, env in ((False, {}), (True, {"ANOMALY_TRAINING__FAST": "true", "ANOMALY_TRAINING__DEVICE": "cpu"})):
+    small = {"ANOMALY_MODEL__WINDOW_SIZE": "10", "ANOMALY_MODEL__HIDDEN_SIZE": "32", "ANOMALY_TRAINING__DEVICE": "cpu"}
+    for fast, env in ((False, small), (True, {**small, "ANOMALY_TRAINING__FAST": "true"})):
         settings = load_config(None, env=env)
         with pytest.raises(RuntimeError):
             train_job.fit_values(values, ["a", "b", "c"], settings)
