@@ -1,0 +1,393 @@
+"""SKAB: how far post-processing alone moves F1 / FAR / MAR, without retraining.
+
+    python -m pipelines.skab_tradeoff [--runs default,standard,w5,w20] [--data-dir DIR] [--cache DIR]
+        [--json OUT] [--threads 1]
+
+For each named run (``RUNS``: overrides of ``PROFILES["skab"]``) the SKAB protocol runs once, as
+``anomaly.protocols.run_skab`` does: a detector fitted on the first ``train_rows`` of each file scores all
+its rows; the test part's row scores, labels, the validation scores and the threshold are kept, pickled in
+``--cache`` (a rerun reuses them instead of retraining). Then a post-hoc sweep over global, causal choices:
+
+- trailing smoothing of the row scores (past rows only; the same smoothing is applied to the validation
+  scores the threshold is fitted on): ``SMOOTH``;
+- the threshold: a base from the validation scores (``BASES``: quantile, max, mean + p·std) × a global
+  scale (``SCALES``);
+- an alarm after ``k`` consecutive crossings (``KS``), held for ``hold`` rows after an alarm row (``HOLDS``).
+
+Sweep counts are vectorised; every reported figure is recomputed with
+``anomaly.evaluation.skab_binary_metrics``. For each run it prints the protocol as is and three picks (best
+F1 with FAR <= 13.55, lowest FAR with MAR <= 28.02, best F1 overall), and how many settings reach the
+target (Conv-AE's published row, F1 >= 0.79, FAR <= 13.55, MAR <= 28.02). The Pareto front (FAR, MAR)
+goes to ``<cache>/pareto_<run>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import os
+import pickle
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from anomaly import evaluation
+from anomaly.cli import default_data_dir
+from anomaly.protocols import PROFILES
+
+log = logging.getLogger("skab_tradeoff")
+
+RUNS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "standard": {"data": {"scaler": "standard"}},
+    "w5": {"model": {"window_size": 5}},
+    "w20": {"model": {"window_size": 20}},
+}
+TARGET = {"f1": 0.79, "far": 13.55, "mar": 28.02}  # Conv-AE on SKAB's leaderboard (F1 0.78 -> beat it)
+
+SMOOTH: list[tuple[str, int]] = [("none", 1), ("mean", 3), ("mean", 5), ("mean", 10), ("mean", 20), ("median", 5),
+                                 ("median", 10), ("median", 20)]
+BASES: list[tuple[str, float | None]] = [("q", 0.9), ("q", 0.95), ("q", 0.99), ("max", None), ("mstd", 3.0)]
+SCALES: np.ndarray = np.round(np.exp(np.linspace(np.log(0.7), np.log(6.0), 70)), 4)
+KS: list[int] = [1, 2, 3, 5, 10]
+HOLDS: list[int] = [0, 5, 10, 20, 50]
+
+COLUMNS = ["smooth", "base", "scale", "k", "hold", "f1", "far", "mar"]
+
+
+# --- post-processing (pure) -------------------------------------------------------------------------
+
+def smooth(x: np.ndarray, how: str, m: int) -> np.ndarray:
+    """Trailing rolling ``mean`` or ``median`` over the last ``m`` rows (fewer at the start); ``m == 1``: ``x``."""
+    if m == 1:
+        return x
+    r = pd.Series(x).rolling(m, min_periods=1)
+    return (r.mean() if how == "mean" else r.median()).to_numpy()
+
+
+def base_thr(val: np.ndarray, kind: str, p: float | None) -> float:
+    """Threshold base from validation scores: ``q`` (quantile ``p``), ``max``, or ``mstd`` (mean + p·std)."""
+    if kind == "q":
+        return float(np.quantile(val, p))
+    if kind == "max":
+        return float(val.max())
+    return float(val.mean() + p * val.std())
+
+
+def _trailing_count(x: np.ndarray, n: int) -> np.ndarray:
+    """Number of True in the last ``n`` entries (the current one included) along the last axis."""
+    t = x.shape[-1]
+    c = np.cumsum(x, axis=-1, dtype=np.int32)
+    c = np.concatenate([np.zeros(x.shape[:-1] + (1,), np.int32), c], axis=-1)  # c[..., j] = sum of x[..., :j]
+    lo = np.maximum(np.arange(t) + 1 - n, 0)
+    return c[..., 1:] - c[..., lo]
+
+
+def post(x: np.ndarray, k: int, h: int) -> np.ndarray:
+    """Crossings (..., T) bool -> alarms: a row alarms after ``k`` consecutive crossings ending at it, and
+    stays alarmed ``h`` rows after an alarm row. Causal; vectorised along the last axis."""
+    x = np.asarray(x, bool)
+    if k > 1:
+        x = _trailing_count(x, k) >= k
+    if h > 0:
+        x = _trailing_count(x, h + 1) > 0
+    return x
+
+
+def post_loop(x: np.ndarray, k: int, h: int) -> np.ndarray:
+    """``post`` for one series, written as the plain loop (the reference ``post`` is checked against)."""
+    out = np.zeros(len(x), bool)
+    run, last = 0, -10**9
+    for t, v in enumerate(x):
+        run = run + 1 if v else 0
+        if run >= k:
+            last = t
+        out[t] = (t - last) <= h
+    return out
+
+
+def smooth_label(how: str, m: int) -> str:
+    return f"{how}{m}" if m > 1 else "none"
+
+
+def base_label(kind: str, p: float | None) -> str:
+    return f"{kind}{p}" if p is not None else kind
+
+
+def parse_smooth(label: str) -> tuple[str, int]:
+    """Inverse of ``smooth_label``: ``"none"`` -> ``("none", 1)``, ``"median10"`` -> ``("median", 10)``."""
+    if label == "none":
+        return "none", 1
+    how, m = re.fullmatch(r"([a-z]+?)(\d+)", label).groups()
+    return how, int(m)
+
+
+def parse_base(label: str) -> tuple[str, float | None]:
+    """Inverse of ``base_label``: ``"max"``, ``"q0.95"`` -> ``("q", 0.95)``, ``"mstd3.0"`` -> ``("mstd", 3.0)``."""
+    if label == "max":
+        return "max", None
+    kind = "mstd" if label.startswith("mstd") else "q"
+    return kind, float(label[len(kind):])
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, factor: float = 1) -> np.ndarray:
+    """``factor * num / den`` element-wise, 0.0 where ``den`` is 0 (as ``skab_binary_metrics``)."""
+    return np.divide(factor * num, den, out=np.zeros(np.shape(den)), where=den != 0)
+
+
+def sweep(files: Sequence[Mapping[str, Any]], smooths: Sequence[tuple[str, int]] = SMOOTH,
+          bases: Sequence[tuple[str, float | None]] = BASES, scales: np.ndarray = SCALES,
+          ks: Sequence[int] = KS, holds: Sequence[int] = HOLDS) -> pd.DataFrame:
+    """F1 / FAR / MAR (counts summed over files) of every setting; one row per setting, ``COLUMNS``.
+
+    ``files``: mappings with ``scores`` (test rows, NaN = no score yet, taken as 0), ``labels`` (bool) and
+    ``val`` (validation scores). Rows come in the order smoothing x base, then k x hold, then scale.
+    """
+    scales = np.asarray(scales, dtype=np.float64)
+    rows: list[dict[str, Any]] = []
+    for (how, m), (kind, p) in itertools.product(smooths, bases):
+        prepared = []
+        for f in files:
+            sc = smooth(np.nan_to_num(f["scores"], nan=0.0), how, m)
+            thr = base_thr(smooth(f["val"], how, m), kind, p)
+            prepared.append((sc[None, :] > (thr * scales)[:, None], np.asarray(f["labels"], bool)))
+        for k, h in itertools.product(ks, holds):
+            tp = fp = fn = tn = 0
+            for cross, y in prepared:
+                a = post(cross, k, h)
+                tp = tp + (a & y).sum(1)
+                fp = fp + (a & ~y).sum(1)
+                fn = fn + (~a & y).sum(1)
+                tn = tn + (~a & ~y).sum(1)
+            f1 = _ratio(tp, tp + (fn + fp) / 2)
+            far = _ratio(fp, fp + tn, 100)
+            mar = _ratio(fn, fn + tp, 100)
+            for i, s in enumerate(scales):
+                rows.append({"smooth": smooth_label(how, m), "base": base_label(kind, p), "scale": float(s), "k": k,
+                             "hold": h, "f1": f1[i], "far": far[i], "mar": mar[i]})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def flags_for(files: Sequence[Mapping[str, Any]], setting: Mapping[str, Any]) -> list[np.ndarray]:
+    """Each file's alarms under one setting (a sweep row), through the loop version of ``post``."""
+    how, m = parse_smooth(setting["smooth"])
+    kind, p = parse_base(setting["base"])
+    out = []
+    for f in files:
+        sc = smooth(np.nan_to_num(f["scores"], nan=0.0), how, m)
+        thr = base_thr(smooth(f["val"], how, m), kind, p) * setting["scale"]
+        out.append(post_loop(sc > thr, int(setting["k"]), int(setting["hold"])))
+    return out
+
+
+def exact(files: Sequence[Mapping[str, Any]], setting: Mapping[str, Any]) -> evaluation.BinaryMetrics:
+    """Figures of one setting through the project's metric function."""
+    return evaluation.skab_binary_metrics([f["labels"] for f in files], flags_for(files, setting))
+
+
+def pareto(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows no other row beats on both FAR and MAR (lower is better), by FAR; ties kept once."""
+    d = df.sort_values(["far", "mar"]).reset_index(drop=True)
+    keep, best = [], np.inf
+    for i, mar in enumerate(d["mar"].to_numpy()):
+        if mar < best - 1e-9:
+            keep.append(i)
+            best = mar
+    return d.loc[keep]
+
+
+def reaching_target(df: pd.DataFrame, target: Mapping[str, float] = TARGET) -> int:
+    """How many settings reach ``F1 >= target, FAR <= target, MAR <= target``."""
+    return int(((df.f1 >= target["f1"]) & (df.far <= target["far"]) & (df.mar <= target["mar"])).sum())
+
+
+def pick_rows(df: pd.DataFrame, target: Mapping[str, float] = TARGET) -> dict[str, pd.Series | None]:
+    """The settings reported: best F1 with FAR <= target, lowest FAR with MAR <= target, best F1 overall
+    (None where no setting qualifies)."""
+    def first(d: pd.DataFrame) -> pd.Series | None:
+        return d.iloc[0] if len(d) else None
+
+    return {f"best F1, FAR<={target['far']}": first(df[df.far <= target["far"]].sort_values("f1", ascending=False)),
+            f"best FAR, MAR<={target['mar']}": first(df[df.mar <= target["mar"]].sort_values("far")),
+            "best F1 overall": first(df.sort_values("f1", ascending=False))}
+
+
+def picks(files: Sequence[Mapping[str, Any]], df: pd.DataFrame,
+          target: Mapping[str, float] = TARGET) -> list[dict[str, Any]]:
+    """``pick_rows`` with exact figures: label, setting, counts, f1, far, mar (setting None where none)."""
+    out = []
+    for label, r in pick_rows(df, target).items():
+        if r is None:
+            out.append({"label": label, "setting": None})
+            continue
+        e = exact(files, r)
+        if abs(e.f1 - r.f1) > 1e-9 or abs(e.far - r.far) > 1e-9 or abs(e.mar - r.mar) > 1e-9:
+            log.warning("%s: sweep figures %s differ from the exact ones %s", label, r.to_dict(), e)
+        out.append({"label": label, "setting": {"smooth": r.smooth, "base": r.base, "scale": float(r.scale),
+                                                 "k": int(r.k), "hold": int(r.hold)}, **e.to_dict()})
+    return out
+
+
+# --- the protocol runs (training, cache) ------------------------------------------------------------
+
+def run_config(overrides: Mapping[str, Mapping[str, Any]], threads: int) -> dict[str, dict[str, Any]]:
+    """``PROFILES["skab"]`` with each section updated by ``overrides``; ``training.cpu_threads = threads``."""
+    raw = copy.deepcopy(PROFILES["skab"])
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    raw.setdefault("training", {})["cpu_threads"] = threads
+    return raw
+
+
+def protocol_run(name: str, raw: dict[str, dict[str, Any]], series: Sequence[Any]) -> dict[str, Any]:
+    """One SKAB protocol run with the settings ``raw``, keeping per file the test part's row scores and labels,
+    the validation scores, the threshold and the best epoch; ``metrics``: the protocol's own flags."""
+    from anomaly.config import build_settings
+    from anomaly.preparation import fill_rows
+    from anomaly.train_job import fit_values
+    from anomaly.windowing import rows_from_windows
+
+    settings = build_settings(raw)
+    started = time.perf_counter()
+    files = []
+    for i, s in enumerate(series, 1):
+        log.info("%s: %d/%d %s", name, i, len(series), s.name)
+        values = fill_rows(s.frame.to_numpy(dtype=np.float64))
+        sensors = tuple(str(c) for c in s.frame.columns)
+        det, res, val_scores = fit_values(values[: s.train_rows], sensors, settings)
+        scored = det.score_values(values)
+        scores = rows_from_windows(scored.scores, len(values), det.window_size)
+        first = s.train_rows
+        labels = np.asarray(s.labels, bool)
+        files.append({"name": s.name, "scores": scores[first:], "labels": labels[first:],
+                      "val": np.asarray(val_scores), "threshold": det.threshold.value, "best_epoch": res.best_epoch})
+    seconds = time.perf_counter() - started
+    flags = [np.nan_to_num(f["scores"], nan=-np.inf) > f["threshold"] for f in files]
+    m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
+    return {"name": name, "raw": raw, "files": files, "seconds": seconds, "metrics": m.to_dict()}
+
+
+def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Equal settings, the training thread count aside (it does not change what is learnt)."""
+    def strip(raw: Mapping[str, Any]) -> dict[str, Any]:
+        raw = copy.deepcopy(dict(raw))
+        raw.get("training", {}).pop("cpu_threads", None)
+        return raw
+
+    return strip(a) == strip(b)
+
+
+def load_or_run(name: str, raw: dict[str, dict[str, Any]], cache: Path,
+                load_series: Callable[[], Sequence[Any]]) -> dict[str, Any]:
+    """The cached run ``<cache>/<name>.pkl`` when it was made with the same settings, else a fresh one (cached)."""
+    path = cache / f"{name}.pkl"
+    if path.exists():
+        with path.open("rb") as fh:
+            data = pickle.load(fh)
+        if _same_config(data.get("raw", {}), raw):
+            log.info("%s: cached run %s (%.0f s of training)", name, path, data["seconds"])
+            return data
+        log.info("%s: %s was made with other settings; retraining", name, path)
+    data = protocol_run(name, raw, load_series())
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pkl.tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump(data, fh)
+    os.replace(tmp, path)
+    log.info("%s: protocol run %.0f s, F1 %.4f FAR %.2f MAR %.2f -> %s", name, data["seconds"], data["metrics"]["f1"],
+             data["metrics"]["far"], data["metrics"]["mar"], path)
+    return data
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def as_is_label(raw: Mapping[str, Mapping[str, Any]]) -> str:
+    th = raw.get("threshold", {})
+    if th.get("method") == "quantile":
+        return f"as is (q{th.get('q')} x{th.get('scale', 1.0)})"
+    return "as is"
+
+
+def report(name: str, result: Mapping[str, Any]) -> str:
+    """The run's lines: the protocol as is, the picks with exact figures, the settings reaching the target."""
+    lines = [f"== {name}  (full protocol run {result['seconds']:.0f} s)"]
+    m = result["as_is"]
+    lines.append(f"  {result['as_is_label']:22s} {'':55s} F1 {m['f1']:.3f} FAR {m['far']:5.1f} MAR {m['mar']:5.1f}")
+    for p in result["picks"]:
+        s = p["setting"]
+        if s is None:
+            lines.append(f"  {p['label']:22s} no setting qualifies")
+            continue
+        shown = f"{s['smooth']} thr={s['base']}x{s['scale']} k={s['k']} hold={s['hold']}"
+        lines.append(f"  {p['label']:22s} {shown:55s} F1 {p['f1']:.3f} FAR {p['far']:5.1f} MAR {p['mar']:5.1f}")
+    lines.append(f"  {result['settings']} settings, {result['reaching_target']} reach the target "
+                 f"(F1 >= {TARGET['f1']}, FAR <= {TARGET['far']}, MAR <= {TARGET['mar']})")
+    return "\n".join(lines)
+
+
+def run(names: Sequence[str], data_dir: Path, cache: Path, threads: int) -> dict[str, dict[str, Any]]:
+    """Every named run: protocol (or cache), sweep, picks. ``{run: {seconds, as_is, as_is_label, picks,
+    reaching_target, settings}}``; writes ``<cache>/pareto_<run>.csv``."""
+    loaded: list[Any] = []
+
+    def load_series() -> Sequence[Any]:
+        if not loaded:
+            from anomaly.datasets import load_skab
+
+            loaded.extend(load_skab(data_dir))
+        return loaded
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        data = load_or_run(name, run_config(RUNS[name], threads), cache, load_series)
+        t0 = time.perf_counter()
+        df = sweep(data["files"])
+        log.info("%s: swept %d settings in %.0f s", name, len(df), time.perf_counter() - t0)
+        cache.mkdir(parents=True, exist_ok=True)
+        pareto(df).to_csv(cache / f"pareto_{name}.csv", index=False)
+        out[name] = {"seconds": data["seconds"], "as_is": data["metrics"], "as_is_label": as_is_label(data["raw"]),
+                     "picks": picks(data["files"], df), "reaching_target": reaching_target(df), "settings": len(df)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.skab_tradeoff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated of {', '.join(RUNS)}")
+    parser.add_argument("--data-dir", help="the SKAB folder (default $ANOMALY_DATASETS/skab or ../shared/datasets/skab)")
+    parser.add_argument("--cache", default="results/skab_tradeoff",
+                        help="where protocol runs are pickled (and reused) and the Pareto CSVs go")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (training.cpu_threads); 0 = torch's own")
+    args = parser.parse_args(argv)
+    names = [n for n in args.runs.split(",") if n]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown or not names:
+        parser.error(f"unknown runs {unknown}; known: {', '.join(RUNS)}")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("skab")
+    results = run(names, data_dir, Path(args.cache), args.threads)
+    for name, result in results.items():
+        print(report(name, result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

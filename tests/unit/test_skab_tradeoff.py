@@ -1,0 +1,124 @@
+"""``pipelines.skab_tradeoff``'s pure parts on small hand-made arrays: no data set, no training."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.evaluation import skab_binary_metrics
+from pipelines.skab_tradeoff import (HOLDS, KS, base_label, exact, flags_for, main, parse_base, parse_smooth, pareto,
+                                     pick_rows, post, post_loop, reaching_target, smooth, smooth_label, sweep)
+
+
+@pytest.mark.parametrize("shape", [(3, 200), (4, 3)])  # also series shorter than k
+def test_post_equals_the_loop(shape):
+    rng = np.random.default_rng(0)
+    x = rng.random(shape) > 0.6
+    for k, h in itertools.product([*KS, 4], [*HOLDS, 1]):
+        got = post(x, k, h)
+        assert got.shape == x.shape and got.dtype == bool
+        for i in range(shape[0]):
+            assert np.array_equal(got[i], post_loop(x[i], k, h)), (k, h, i)
+
+
+def test_post_by_hand():
+    x = np.array([0, 1, 1, 0, 1, 1, 1, 0, 0, 0], bool)
+    assert post(x[None], 3, 0)[0].astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+    assert post(x[None], 3, 2)[0].astype(int).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 0]
+    assert post(x[None], 1, 1)[0].astype(int).tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("how,m", [("mean", 3), ("mean", 20), ("median", 5), ("median", 10)])
+def test_smooth_is_causal(how, m):
+    rng = np.random.default_rng(1)
+    x = rng.random(100)
+    y = x.copy()
+    y[60] += 100.0
+    a, b = smooth(x, how, m), smooth(y, how, m)
+    assert np.array_equal(a[:60], b[:60])
+    assert a[60] != b[60]
+    # trailing: the first rows use what exists so far
+    assert a[0] == x[0] and a[1] == pytest.approx(np.mean(x[:2]) if how == "mean" else np.median(x[:2]))
+    assert smooth(x, "none", 1) is x
+
+
+def test_labels_round_trip():
+    for how, m in [("none", 1), ("mean", 3), ("median", 20)]:
+        assert parse_smooth(smooth_label(how, m)) == (how, m)
+    for kind, p in [("q", 0.95), ("max", None), ("mstd", 3.0)]:
+        assert parse_base(base_label(kind, p)) == (kind, p)
+
+
+def _files() -> list[dict]:
+    """Two files: normal rows score 0.1-0.3, anomalous rows 5-9; validation scores 0.1-1.0."""
+    rng = np.random.default_rng(2)
+    out = []
+    for n, (a, b) in [(40, (15, 25)), (30, (5, 12))]:
+        labels = np.zeros(n, bool)
+        labels[a:b] = True
+        scores = np.where(labels, rng.uniform(5, 9, n), rng.uniform(0.1, 0.3, n))
+        scores[0] = np.nan  # no window yet
+        out.append({"scores": scores, "labels": labels, "val": np.linspace(0.1, 1.0, 20)})
+    return out
+
+
+GRID = dict(smooths=[("none", 1), ("mean", 3)], bases=[("max", None), ("q", 0.5), ("mstd", 1.0)],
+            scales=np.array([0.2, 1.0, 2.0]), ks=[1, 3], holds=[0, 4])
+
+
+def test_sweep_finds_the_perfect_setting_and_matches_the_metric():
+    files = _files()
+    df = sweep(files, **GRID)
+    assert list(df.columns) == ["smooth", "base", "scale", "k", "hold", "f1", "far", "mar"]
+    assert len(df) == 2 * 3 * 3 * 2 * 2
+    best = df.sort_values("f1", ascending=False).iloc[0]
+    assert best.f1 == 1.0 and best.far == 0.0 and best.mar == 0.0
+    # the obvious one: raw scores above the validation max, no delay, no hold
+    hit = df[(df.smooth == "none") & (df.base == "max") & (df.scale == 1.0) & (df.k == 1) & (df.hold == 0)]
+    assert hit.f1.tolist() == [1.0]
+    for _, r in df.iterrows():
+        e = exact(files, r)
+        assert (e.f1, e.far, e.mar) == pytest.approx((r.f1, r.far, r.mar), abs=1e-12), r.to_dict()
+    flags = flags_for(files, hit.iloc[0])
+    assert all(np.array_equal(fl, f["labels"]) for fl, f in zip(flags, files))
+    assert skab_binary_metrics([f["labels"] for f in files], flags).f1 == 1.0
+    assert reaching_target(df) == int(((df.f1 >= 0.79) & (df.far <= 13.55) & (df.mar <= 28.02)).sum()) > 0
+
+
+def test_picks_follow_the_constraints():
+    df = pd.DataFrame({"smooth": "none", "base": "max", "scale": [1.0, 2.0, 3.0, 4.0], "k": 1, "hold": 0,
+                       "f1": [0.9, 0.8, 0.7, 0.6], "far": [30.0, 12.0, 5.0, 1.0], "mar": [5.0, 20.0, 25.0, 40.0]})
+    p = pick_rows(df)
+    assert p["best F1, FAR<=13.55"].scale == 2.0
+    assert p["best FAR, MAR<=28.02"].scale == 3.0
+    assert p["best F1 overall"].scale == 1.0
+    assert pick_rows(df.assign(far=50.0))["best F1, FAR<=13.55"] is None
+
+
+def test_pareto_keeps_only_non_dominated_rows():
+    df = pd.DataFrame({"far": [1.0, 2.0, 3.0, 2.0, 4.0, 1.0, 2.0], "mar": [5.0, 3.0, 4.0, 6.0, 1.0, 7.0, 3.0],
+                       "tag": list("abcdefg")})
+    kept = pareto(df)
+    assert kept.tag.tolist() == ["a", "b", "e"]  # (2, 3) twice: kept once
+
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"far": rng.integers(0, 30, 300).astype(float), "mar": rng.integers(0, 30, 300).astype(float)})
+    front = pareto(df)
+    pts = df[["far", "mar"]].to_numpy()
+    for far, mar in front[["far", "mar"]].to_numpy():
+        dominated = (pts[:, 0] <= far) & (pts[:, 1] <= mar) & ((pts[:, 0] < far) | (pts[:, 1] < mar))
+        assert not dominated.any()
+    kept_pts = front[["far", "mar"]].to_numpy()
+    for far, mar in pts:  # every row is on the front or matched or beaten by a row of it
+        assert ((kept_pts[:, 0] <= far) & (kept_pts[:, 1] <= mar)).any()
+    assert len({tuple(p) for p in kept_pts}) == len(kept_pts)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    assert "--runs" in capsys.readouterr().out
