@@ -187,6 +187,9 @@ class WorkerSettings:
     poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
     max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
+    create_topics: bool = doc("create missing input/events/dead-letter/scores topics at start (needs Create permission); "
+                              "false = only check that they exist and exit with an error naming the missing ones "
+                              "(clusters where an operator owns the topics)", True)
     model_alias: str = doc("registry alias the worker serves and follows", "champion")
     model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
     wait_for_model_s: float = doc("at start, when the alias points to no loadable version yet, keep retrying this long "

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
-    "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin",
+    "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
     "make_consumer", "make_producer", "producer_options", "read_all", "wait_for_assignment",
 ]
 
@@ -214,6 +214,19 @@ def ensure_topics(bootstrap_servers: str | Sequence[str], topics: Mapping[str, i
     for name, asked in topics.items():
         if counts.get(name) != int(asked):
             log.warning("topic %s has %s partitions, %d were asked for; left as it is", name, counts.get(name), asked)
+    return counts
+
+
+def require_topics(bootstrap_servers: str | Sequence[str], topics: Sequence[str],
+                   client_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """The partition count of each of ``topics``, which must all exist already (nothing is created: for
+    clusters where this client may not create topics). Raises ``TopicError`` naming the missing ones."""
+    with make_admin(bootstrap_servers, client_options) as admin:
+        counts = _partition_counts(admin, list(topics))
+    missing = [name for name in topics if name not in counts]
+    if missing:
+        raise TopicError(f"topics do not exist: {', '.join(missing)}; create them first, or set "
+                         f"worker.create_topics = true where this client may create topics")
     return counts
 
 

@@ -70,6 +70,7 @@ class WorkerOptions:
     input_partitions: int = 4
     device: str = "auto"
     precision: str = "fp32"  # forward pass: fp32, bf16 or auto (anomaly.scoring.resolve_precision)
+    create_topics: bool = True  # create missing topics at start; False: require them to exist
 
 
 @dataclass
@@ -121,7 +122,10 @@ class Worker:
         o = self.options
         topics = {o.input_topic: o.input_partitions, o.events_topic: o.input_partitions,
                   o.dlq_topic: 1, **({o.scores_topic: o.input_partitions} if o.scores_topic else {})}
-        kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
+        if o.create_topics:
+            kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
+        else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
+            kafka_io.require_topics(o.bootstrap_servers, list(topics), o.client_options)
         self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
         self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
                                                 listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned))
@@ -245,4 +249,4 @@ def options_from_settings(settings) -> WorkerOptions:
         alert_policy=AlertPolicy(min_duration_windows=w.min_duration_windows, recovery_windows=w.recovery_windows,
                                  cooldown_s=w.cooldown_s, top_k=w.top_sensors),
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
-        device=w.device, precision=w.precision)
+        device=w.device, precision=w.precision, create_topics=w.create_topics)

@@ -15,9 +15,9 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from anomaly import kafka_io
 from anomaly.broker import HOST, BrokerError, LocalBroker, free_port
 from anomaly.codec import Reading, decode_reading, encode_reading
-from anomaly.errors import ConfigError
+from anomaly.errors import ConfigError, TopicError
 from anomaly.kafka_io import (committed_offsets, consumer_options, ensure_topics, make_admin, make_consumer,
-                              make_producer, producer_options, read_all, wait_for_assignment)
+                              make_producer, producer_options, read_all, require_topics, wait_for_assignment)
 
 pytestmark = pytest.mark.integration
 
@@ -137,6 +137,17 @@ def test_wait_for_assignment_times_out_clearly_and_can_be_retried(kafka_broker: 
 
 
 # --- topics --------------------------------------------------------------------------------------
+
+def test_require_topics_checks_without_creating(kafka_broker: str, topic_name: str) -> None:
+    present, absent = f"{topic_name}-here", f"{topic_name}-absent"
+    ensure_topics(kafka_broker, {present: 2})
+    assert require_topics(kafka_broker, [present]) == {present: 2}
+    with pytest.raises(TopicError, match=absent) as err:
+        require_topics(kafka_broker, [present, absent])
+    assert present not in str(err.value).split("exist:")[1].split(";")[0]  # only the missing one is named
+    with make_admin(kafka_broker) as admin:
+        assert absent not in set(admin.list_topics())  # nothing was created
+
 
 def test_ensure_topics_is_idempotent_and_creates_the_partitions_asked(kafka_broker: str, topic_name: str) -> None:
     topics = {f"{topic_name}-a": 3, f"{topic_name}-b": 1}

@@ -101,3 +101,13 @@ def test_a_profile_base_is_overridden_by_the_environment_even_with_a_default_val
     base = {"data": {"scaler": "robust"}, "model": {"window_size": 10}}
     settings = load_config(None, env={"ANOMALY_DATA__SCALER": "standard"}, base=base)
     assert settings.data.scaler == "standard" and settings.model.window_size == 10
+
+
+def test_worker_options_carry_precision_and_create_topics():
+    from anomaly.worker import options_from_settings
+
+    default = options_from_settings(load_config(env={}))
+    assert default.create_topics is True and default.precision == "auto"
+    opts = options_from_settings(load_config(env={"ANOMALY_WORKER__CREATE_TOPICS": "false",
+                                                  "ANOMALY_WORKER__PRECISION": "fp32"}))
+    assert opts.create_topics is False and opts.precision == "fp32"
