@@ -32,6 +32,25 @@ def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasse
     return field(default=default, metadata={"doc": text})
 
 
+def _at_least(section: str, settings: Any, names: tuple[str, ...], low: int) -> None:
+    """``ConfigError`` naming ``section.name`` for the first of ``names`` below ``low``."""
+    for name in names:
+        if getattr(settings, name) < low:
+            raise ConfigError(f"{section}.{name}", f"must be >= {low}, got {getattr(settings, name)}")
+
+
+def _positive(section: str, settings: Any, names: tuple[str, ...]) -> None:
+    """``ConfigError`` naming ``section.name`` for the first of ``names`` that is not > 0."""
+    for name in names:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{section}.{name}", f"must be > 0, got {getattr(settings, name)}")
+
+
+def _check_device(name: str, device: str) -> None:
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(name, f"must be auto, cpu, cuda or cuda:N; got {device!r}")
+
+
 @dataclass(frozen=True)
 class DataSettings:
     """How raw readings become model input."""
@@ -74,9 +93,7 @@ class ModelSettings:
     def check(self) -> None:
         if self.window_size < 2:
             raise ConfigError("model.window_size", f"must be >= 2, got {self.window_size}")
-        for name in ("hidden_size", "latent_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _at_least("model", self, ("hidden_size", "latent_size", "num_layers"), 1)
         if not 0 <= self.dropout < 1:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}")
         if self.cell not in ("lstm", "gru", "peephole"):
@@ -107,15 +124,12 @@ class TrainingSettings:
     def check(self) -> None:
         if self.cpu_threads < 0:
             raise ConfigError("training.cpu_threads", f"must be >= 0, got {self.cpu_threads}")
-        for name in ("epochs", "batch_size", "patience", "stride"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"training.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _at_least("training", self, ("epochs", "batch_size", "patience", "stride"), 1)
         if self.learning_rate <= 0:
             raise ConfigError("training.learning_rate", f"must be > 0, got {self.learning_rate}")
         if not 0 < self.validation_fraction < 1:
             raise ConfigError("training.validation_fraction", f"must be in (0, 1), got {self.validation_fraction}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError("training.device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        _check_device("training.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -203,13 +217,9 @@ class WorkerSettings:
     metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
 
     def check(self) -> None:
-        for name in ("stride", "max_poll_records", "input_partitions", "min_duration_windows",
-                     "recovery_windows", "top_sensors"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"worker.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("grace_slots", "max_fill_steps", "torch_threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"worker.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _at_least("worker", self, ("stride", "max_poll_records", "input_partitions", "min_duration_windows",
+                                   "recovery_windows", "top_sensors"), 1)
+        _at_least("worker", self, ("grace_slots", "max_fill_steps", "torch_threads"), 0)
         if self.poll_timeout_s <= 0 or self.poll_timeout_s > 30:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
         if self.cooldown_s < 0:
@@ -218,8 +228,7 @@ class WorkerSettings:
             raise ConfigError("worker.metrics_port", f"must be -1..65535, got {self.metrics_port}")
         if self.wait_for_model_s < 0 and self.wait_for_model_s != -1:
             raise ConfigError("worker.wait_for_model_s", f"must be >= 0 or -1 (forever), got {self.wait_for_model_s}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError("worker.device", f"must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        _check_device("worker.device", self.device)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("worker.precision", f"must be auto, fp32 or bf16; got {self.precision!r}")
 
@@ -243,12 +252,8 @@ class RetrainSettings:
     max_event_f1_decrease: float = doc("with labels: promote only if the challenger's hold-out event F1 is lower than the champion's by at most this", 0.0)
 
     def check(self) -> None:
-        for name in ("max_readings", "min_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"retrain.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("lookback_s", "read_idle_s", "read_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"retrain.{name}", f"must be > 0, got {getattr(self, name)}")
+        _at_least("retrain", self, ("max_readings", "min_rows"), 1)
+        _positive("retrain", self, ("lookback_s", "read_idle_s", "read_timeout_s"))
         if self.exclude_margin_rows < 0:
             raise ConfigError("retrain.exclude_margin_rows", f"must be >= 0, got {self.exclude_margin_rows}")
         if not 0 < self.holdout_fraction < 1:
@@ -308,12 +313,8 @@ class DriftSettings:
     read_idle_s: float = doc("a check stops reading after this many seconds without a new score record", 1.0)
 
     def check(self) -> None:
-        for name in ("window", "min_samples", "max_records_per_check"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"drift.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("check_interval_s", "psi_threshold", "read_idle_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"drift.{name}", f"must be > 0, got {getattr(self, name)}")
+        _at_least("drift", self, ("window", "min_samples", "max_records_per_check"), 1)
+        _positive("drift", self, ("check_interval_s", "psi_threshold", "read_idle_s"))
         if self.min_samples > self.window:
             raise ConfigError("drift.min_samples", f"must be <= drift.window ({self.window}), got {self.min_samples}")
         if not 0 < self.max_alarm_rate <= 1:
