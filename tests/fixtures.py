@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,3 +37,10 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.
             return True
         time.sleep(step_s)
     return predicate()
+
+
+def mlflow_store(root: Path | str, model_name: str) -> dict[str, str]:
+    """The ``[mlflow]`` section of a test's own SQLite tracking store and artifact folder under ``root``."""
+    root = Path(root)
+    return {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts"),
+            "model_name": model_name}

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from anomaly.config import build_settings
+from tests.fixtures import mlflow_store
 
 
 @pytest.fixture(scope="session")
 def registry_settings(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     return build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts"),
-                   "model_name": "pump"},
+        "mlflow": mlflow_store(root, "pump"),
         "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
         "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
         "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95},

@@ -18,7 +18,7 @@ from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.scheduler import DriftMonitor, RetrainScheduler, ScoreReader, reference_for_version
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame, wait_for
+from tests.fixtures import mlflow_store, normal_frame, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,7 @@ def store(tmp_path_factory):
     """(settings, champion version) of a small detector registered as pump@champion."""
     root = tmp_path_factory.mktemp("drift")
     settings = build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "art"),
-                   "model_name": NAME},
+        "mlflow": mlflow_store(root, NAME),
         "model": {"window_size": 8, "hidden_size": 16, "latent_size": 4},
         "training": {"epochs": 3, "batch_size": 64, "device": "cpu"},
         "threshold": {"method": "quantile", "q": 0.99},

@@ -12,7 +12,7 @@ from anomaly.errors import RegistryError
 from anomaly.model_follower import ModelFollower
 from anomaly.preparation import prepare_training
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame
+from tests.fixtures import mlflow_store, normal_frame
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,7 @@ def store(tmp_path_factory):
     """Versions 1 and 2 trained (1 epoch, window 8) and v3 registered with no detector in it."""
     tmp = tmp_path_factory.mktemp("follower")
     settings = build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "artifact_location": str(tmp / "artifacts"),
-                   "model_name": NAME},
+        "mlflow": mlflow_store(tmp, NAME),
         "model": {"window_size": 8, "hidden_size": 8, "latent_size": 2},
         "training": {"epochs": 1, "batch_size": 64, "device": "cpu"},
         "threshold": {"method": "quantile", "q": 0.95},

@@ -9,7 +9,7 @@ from anomaly import registry, tracking
 from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame, with_fault
+from tests.fixtures import mlflow_store, normal_frame, with_fault
 
 pytestmark = pytest.mark.integration
 
@@ -17,8 +17,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture()
 def settings(tmp_path):
     return build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts"),
-                   "model_name": "pump"},
+        "mlflow": mlflow_store(tmp_path, "pump"),
         "model": {"window_size": 16, "hidden_size": 16, "latent_size": 4},
         "training": {"epochs": 4, "batch_size": 64, "device": "cpu"},
         "threshold": {"method": "pot", "risk": 0.01, "init_quantile": 0.9},

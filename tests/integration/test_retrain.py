@@ -19,7 +19,7 @@ from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.retrain import run_cycle
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame, with_fault
+from tests.fixtures import mlflow_store, normal_frame, with_fault
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +29,7 @@ ROWS = 1500
 
 def settings_for(root, bootstrap="127.0.0.1:1", topic="sensors", epochs=12, **retrain):
     return build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts"),
-                   "model_name": NAME},
+        "mlflow": mlflow_store(root, NAME),
         "model": {"window_size": 8, "hidden_size": 16, "latent_size": 4},
         "training": {"epochs": epochs, "batch_size": 64, "device": "cpu", "patience": 4},
         "threshold": {"method": "quantile", "q": 0.99},

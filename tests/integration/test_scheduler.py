@@ -16,7 +16,7 @@ import pytest
 
 from anomaly.config import build_settings
 from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, SchedulerLocked, settings_dict
-from tests.fixtures import wait_for
+from tests.fixtures import mlflow_store, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -154,8 +154,7 @@ def test_the_real_retrain_job_runs_from_the_store(tmp_path):
     """JOB_FUNC with its configuration (here all as overrides) kept in the store; an empty registry makes
     it a quick skip."""
     settings = build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art"),
-                   "model_name": "nothing-here"},
+        "mlflow": mlflow_store(tmp_path, "nothing-here"),
         "scheduler": {"job_store": str(tmp_path / "scheduler.db"), "interval_s": 1, "metrics_port": -1},
     })
     sched = RetrainScheduler(settings.scheduler, {"config": None, "overrides": settings_dict(settings)},

@@ -20,7 +20,7 @@ from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, settings_dict
 from anomaly.train_job import run_training
 from anomaly.window_state import WindowPolicy
 from anomaly.worker import Worker, WorkerOptions
-from tests.fixtures import normal_frame, wait_for
+from tests.fixtures import mlflow_store, normal_frame, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +38,7 @@ def plan_for(frame, entity, start_ts):
 def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_name, tmp_path):
     prefix = topic_name
     settings = build_settings({
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "art"),
-                   "model_name": NAME},
+        "mlflow": mlflow_store(tmp_path, NAME),
         "model": {"window_size": W, "hidden_size": 16, "latent_size": 4},
         "training": {"epochs": 1, "batch_size": 64, "device": "cpu", "patience": 4},
         "threshold": {"method": "quantile", "q": 0.99},

@@ -8,7 +8,7 @@ from anomaly import registry
 from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.train_job import run_training
-from tests.fixtures import normal_frame, with_fault
+from tests.fixtures import mlflow_store, normal_frame, with_fault
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +23,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("variants")
-    return {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts")}
+    return tmp_path_factory.mktemp("variants")  # one store for every variant
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def test_variant_round_trip_through_the_registry(variant, store, prepared, monke
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     name = f"pump-{variant}"
     settings = build_settings({
-        "mlflow": {**store, "model_name": name},
+        "mlflow": mlflow_store(store, name),
         "model": {"window_size": 8, "hidden_size": 8, "latent_size": 4, **VARIANTS[variant]},
         "training": {"epochs": 2, "batch_size": 64, "device": "cpu"},
         "threshold": {"method": "quantile", "q": 0.99},
