@@ -13,7 +13,9 @@ view stays a view) and the (N, W, F) reconstruction is never materialised.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +66,29 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         return precision
     kind = torch.device(device).type
     return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else "fp32"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch intra-op threads (0 = leave the setting), restoring it afterwards."""
+    before = torch.get_num_threads()
+    if n > 0 and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def cpu_streams(device: torch.device | str, n_windows: int, batch_size: int) -> int:
+    """Independent forward passes run side by side on CPU: one per torch thread, at most one per batch.
+    Each runs on one thread, so the cores work on separate batches instead of splitting every small
+    per-step matrix product between them (measured on 2 cores, 38 sensors x 100 steps, hidden 64:
+    ≈ 1.4x the windows/s of one pass on two threads)."""
+    if torch.device(device).type != "cpu" or batch_size <= 0:
+        return 1
+    return max(1, min(torch.get_num_threads(), n_windows // batch_size))
 
 
 def _autocast(device: torch.device, precision: str):
@@ -126,16 +151,23 @@ def window_scores(model: nn.Module, windows: np.ndarray, device: torch.device | 
 
     ``batch_size`` 0 sizes batches to the device; ``precision`` "bf16" runs the forward pass under bf16
     autocast (faster on GPUs and on CPUs with native bf16; scores then differ from float32 by about
-    0.01 % of their value), "auto" picks it where it is native (``resolve_precision``)."""
+    0.01 % of their value), "auto" picks it where it is native (``resolve_precision``). On CPU with
+    several torch threads the batches are scored in ``cpu_streams`` parallel one-thread passes (torch's
+    thread count is set to 1 meanwhile, process-wide, and restored)."""
     windows, device, batch_size = _prepare(windows, model, device, batch_size)
     precision = resolve_precision(precision, device)
     n, _, f = windows.shape
-    errors, last = [], []
-    with torch.inference_mode(), _autocast(device, precision):
-        for _, batch in _device_batches(windows, batch_size, device):
-            recon = model(batch).float()  # (B, W, F)
-            errors.append(torch.mean((recon - batch) ** 2, dim=1))  # (B, F), on the device
-            last.append(recon[:, -1, :])  # (B, F)
+    streams = cpu_streams(device, n, batch_size)
+    if streams > 1:  # contiguous parts, cut at batch boundaries: the same batches as one pass
+        batches = -(-n // batch_size)
+        cuts = [min(n, batch_size * (batches * i // streams)) for i in range(streams + 1)]
+        with torch_threads(1), ThreadPoolExecutor(streams, thread_name_prefix="anomaly-score-cpu") as pool:
+            parts = list(pool.map(lambda i: _score_part(model, windows[cuts[i]:cuts[i + 1]], device, batch_size,
+                                                        precision), range(streams)))
+        errors = [e for part, _ in parts for e in part]
+        last = [x for _, part in parts for x in part]
+    else:
+        errors, last = _score_part(model, windows, device, batch_size, precision)
     if n == 0:
         sensor_errors = np.empty((0, f), np.float32)
         last_reconstruction = np.empty((0, f), np.float32)
@@ -144,6 +176,19 @@ def window_scores(model: nn.Module, windows: np.ndarray, device: torch.device | 
         last_reconstruction = torch.cat(last).cpu().numpy()
     return WindowScores(scores=sensor_errors.mean(axis=1), sensor_errors=sensor_errors,
                         last_reconstruction=last_reconstruction)
+
+
+def _score_part(model: nn.Module, windows: np.ndarray, device: torch.device, batch_size: int,
+                precision: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-batch (B, F) errors and last reconstructed steps of ``windows``. Inference mode and autocast
+    are per thread, so they are entered here, in the thread that runs the passes."""
+    errors, last = [], []
+    with torch.inference_mode(), _autocast(device, precision):
+        for _, batch in _device_batches(windows, batch_size, device):
+            recon = model(batch).float()  # (B, W, F)
+            errors.append(torch.mean((recon - batch) ** 2, dim=1))  # (B, F), on the device
+            last.append(recon[:, -1, :])  # (B, F)
+    return errors, last
 
 
 def sensor_contributions(sensor_errors: np.ndarray) -> np.ndarray:

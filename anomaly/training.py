@@ -29,7 +29,7 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
-from anomaly.scoring import cpu_has_native_bf16
+from anomaly.scoring import cpu_has_native_bf16, torch_threads
 
 
 @dataclass(frozen=True)
@@ -152,19 +152,6 @@ def _autocast(device: torch.device, enabled: bool):
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     """Whether training on ``device`` runs under bf16 autocast."""
     return config.mixed_precision if device.type == "cuda" else config.cpu_bf16
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run with ``n`` torch intra-op threads (0 = leave the setting), restoring it afterwards."""
-    before = torch.get_num_threads()
-    if n > 0 and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device,

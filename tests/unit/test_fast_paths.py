@@ -11,7 +11,7 @@ import torch
 
 from anomaly.errors import ConfigError
 from anomaly.model import ModelConfig, build_model
-from anomaly.scoring import (CPU_BATCH_RANGE, reconstruct, reconstruction_errors, resolve_precision,
+from anomaly.scoring import (CPU_BATCH_RANGE, cpu_streams, reconstruct, reconstruction_errors, resolve_precision,
                              score_batch_size, window_scores)
 from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, fast_train_config,
                               torch_threads, train_autoencoder)
@@ -247,3 +247,39 @@ def test_bf16_and_auto_scoring_stay_within_a_tight_tolerance_of_float32():
         rel = np.abs(other.scores - fp32.scores) / fp32.scores
         assert np.median(rel) < 1e-3 and rel.max() < 2e-2, precision
         np.testing.assert_allclose(other.last_reconstruction, fp32.last_reconstruction, atol=2e-2)
+
+
+def test_parallel_cpu_streams_score_like_one_pass_and_restore_the_thread_count(monkeypatch):
+    import threading
+
+    from anomaly import scoring
+
+    parts = []
+    real = scoring._score_part
+
+    def recorded(model, windows, *args):  # type: ignore[no-untyped-def]
+        parts.append((len(windows), threading.current_thread().name, torch.get_num_threads()))
+        return real(model, windows, *args)
+
+    monkeypatch.setattr(scoring, "_score_part", recorded)
+    windows = make_windows(_series(3000), 12, 1)  # 2,989 windows: 24 batches of 128
+    model = _model()
+    with torch_threads(1):
+        assert cpu_streams("cpu", len(windows), 128) == 1
+        one = window_scores(model, windows, "cpu", batch_size=128)
+    with torch_threads(2):
+        assert cpu_streams("cpu", len(windows), 128) == 2
+        assert cpu_streams("cpu", 100, 128) == 1 and cpu_streams("cuda", len(windows), 128) == 1
+        parts.clear()
+        window_scores(model, windows, "cpu", batch_size=128)
+        assert sorted(n for n, _, _ in parts) == [1453, 1536]  # batches 0-11 and 12-23: cut at a batch edge
+        assert all(name.startswith("anomaly-score-cpu") and threads == 1 for _, name, threads in parts)
+        for precision in ("fp32", "bf16"):
+            ref = one if precision == "fp32" else window_scores(model, windows, "cpu", batch_size=len(windows),
+                                                                precision="bf16")
+            two = window_scores(model, windows, "cpu", batch_size=128, precision=precision)
+            assert torch.get_num_threads() == 2  # restored after the one-thread streams
+            tol = 1e-5 if precision == "fp32" else 2e-2
+            np.testing.assert_allclose(two.scores, ref.scores, rtol=tol)
+            np.testing.assert_allclose(two.sensor_errors, ref.sensor_errors, rtol=tol, atol=1e-7)
+            np.testing.assert_allclose(two.last_reconstruction, ref.last_reconstruction, atol=tol)
