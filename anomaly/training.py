@@ -11,6 +11,13 @@ by sqrt(batch / base batch) and a linear warm-up (``lr_base_batch``, ``warmup_st
 autocast (``cpu_bf16``, fast where the CPU has native bf16) and a thread count (``cpu_threads``).
 Those that change results are opt-in; ``fast_train_config`` switches them on together. Validation
 always runs in float32, the precision scores are computed in.
+
+On CPU with several torch threads each batch is split into parts whose forward and backward passes
+run side by side, one thread each (``anomaly.scoring.cpu_streams``, at least ``MIN_STREAM_WINDOWS``
+windows a part); the parts' gradients, weighted by their share of the batch, add up to the batch's
+(autograd accumulates them; with two parts the sum does not depend on their order). Only rounding
+differs from one pass over the batch. Dropout draws from the shared generator in whichever order the
+threads reach it, so a model with dropout is not bit-reproducible from its seed on this path.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import copy
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol, Sequence
 
@@ -29,7 +37,7 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
-from anomaly.scoring import cpu_has_native_bf16, torch_threads
+from anomaly.scoring import cpu_has_native_bf16, cpu_streams, torch_threads
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,19 @@ def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     return config.mixed_precision if device.type == "cuda" else config.cpu_bf16
 
 
+MIN_STREAM_WINDOWS = 32  # fewest windows in one thread's part of a CPU training batch
+
+
+def _loss_backward(model: nn.Module, batch: torch.Tensor, batch_total: int, device: torch.device,
+                   bf16: bool) -> torch.Tensor:
+    """Backward pass of ``batch``'s share of the mean squared error over ``batch_total`` windows (a
+    whole batch, or one thread's part of it); that share, detached. Autocast is per thread: entered here."""
+    with _autocast(device, bf16):
+        loss = torch.mean((model(batch).float() - batch) ** 2) * (len(batch) / batch_total)
+    loss.backward()
+    return loss.detach()
+
+
 def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device,
                   mixed_precision: bool = False) -> float:
     """Mean squared reconstruction error over ``data`` (already on ``device``); float32 unless
@@ -210,6 +231,8 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
 
     history: list[EpochStats] = []
     best_loss, best_epoch, best_state, waited, step = math.inf, 0, copy.deepcopy(model.state_dict()), 0, 0
+    streams = cpu_streams(device, config.batch_size, MIN_STREAM_WINDOWS)
+    pool = ThreadPoolExecutor(streams, thread_name_prefix="anomaly-train-cpu") if streams > 1 else None
     bar = _progress(config.epochs, progress_desc, config.progress)
     try:
         for epoch in range(1, config.epochs + 1):
@@ -217,21 +240,24 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
             model.train()
             order = torch.randperm(len(train), device=device, generator=generator)
             running, seen = torch.zeros((), device=device), 0
-            for start in range(0, len(train), config.batch_size):
-                if step < config.warmup_steps:
-                    for group in optimiser.param_groups:
-                        group["lr"] = peak_lr * (step + 1) / config.warmup_steps
-                batch = train[order[start:start + config.batch_size]]  # (B, W, F) gathered on the device
-                with _autocast(device, bf16):
-                    loss = torch.mean((model(batch).float() - batch) ** 2)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimiser.step()
-                running += loss.detach() * len(batch)  # stays on the device: no sync per batch
-                seen += len(batch)
-                step += 1
+            with torch_threads(1 if pool else 0):
+                for start in range(0, len(train), config.batch_size):
+                    if step < config.warmup_steps:
+                        for group in optimiser.param_groups:
+                            group["lr"] = peak_lr * (step + 1) / config.warmup_steps
+                    batch = train[order[start:start + config.batch_size]]  # (B, W, F) gathered on the device
+                    optimiser.zero_grad(set_to_none=True)
+                    if pool:
+                        parts = torch.tensor_split(batch, streams)
+                        loss = sum(pool.map(lambda part: _loss_backward(model, part, len(batch), device, bf16), parts))
+                    else:
+                        loss = _loss_backward(model, batch, len(batch), device, bf16)
+                    if config.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimiser.step()
+                    running += loss * len(batch)  # stays on the device: no sync per batch
+                    seen += len(batch)
+                    step += 1
             train_loss = float(running) / max(seen, 1)  # the epoch's one sync
             train_seconds = time.perf_counter() - t0
             val_loss = evaluate_loss(model, val, config.batch_size * 4, device)
@@ -259,6 +285,8 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
                 break
     finally:
         bar.close()
+        if pool:
+            pool.shutdown()
     model.load_state_dict(best_state)
     return model, history, best_epoch, best_loss, started
 

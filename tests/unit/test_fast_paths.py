@@ -283,3 +283,33 @@ def test_parallel_cpu_streams_score_like_one_pass_and_restore_the_thread_count(m
             np.testing.assert_allclose(two.scores, ref.scores, rtol=tol)
             np.testing.assert_allclose(two.sensor_errors, ref.sensor_errors, rtol=tol, atol=1e-7)
             np.testing.assert_allclose(two.last_reconstruction, ref.last_reconstruction, atol=tol)
+
+
+def test_cpu_training_streams_split_each_batch_and_learn_like_one_pass(monkeypatch):
+    import threading
+
+    from anomaly import training
+
+    calls = []
+    real = training._loss_backward
+
+    def recorded(model, batch, total, *args):  # type: ignore[no-untyped-def]
+        calls.append((len(batch), total, threading.current_thread().name, torch.get_num_threads()))
+        return real(model, batch, total, *args)
+
+    monkeypatch.setattr(training, "_loss_backward", recorded)
+    windows = _sine_windows()
+    config = TrainConfig(epochs=4, batch_size=64, patience=20, device="cpu", progress=False, seed=3)
+    one = train_autoencoder(windows, CFG, replace(config, cpu_threads=1))
+    assert {(n, total) for n, total, _, _ in calls} >= {(64, 64)} and all(t == 1 for *_, t in calls)
+    calls.clear()
+    with torch_threads(2):
+        two = train_autoencoder(windows, CFG, replace(config, cpu_threads=2))
+        assert torch.get_num_threads() == 2
+    parts = [c for c in calls if c[1] == 64]
+    assert parts and all(n == 32 and name.startswith("anomaly-train-cpu") and threads == 1
+                         for n, _, name, threads in parts)
+    assert len(calls) == 2 * len(one.history) * -(-one.n_train_windows // 64)  # every batch, in two parts
+    for a, b in zip(one.history, two.history):  # the same gradients up to rounding: the same curve
+        assert b.val_loss == pytest.approx(a.val_loss, rel=1e-3)
+    assert two.best_val_loss < two.history[0].val_loss * 0.7
