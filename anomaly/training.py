@@ -13,9 +13,10 @@ Those that change results are opt-in; ``fast_train_config`` switches them on tog
 always runs in float32, the precision scores are computed in.
 
 On CPU with several torch threads each batch is split into parts whose forward and backward passes
-run side by side, one thread each (``anomaly.scoring.cpu_streams``, at least ``MIN_STREAM_WINDOWS``
-windows a part); the parts' gradients, weighted by their share of the batch, add up to the batch's
-(autograd accumulates them; with two parts the sum does not depend on their order). Only rounding
+run side by side, one thread each (``anomaly.scoring.cpu_streams``: as many parts as threads, as long
+as the configured batch gives each at least ``MIN_STREAM_WINDOWS`` windows); the parts' gradients,
+weighted by their share of the batch, add up to the batch's (autograd accumulates them; with two
+parts the sum does not depend on their order). Only rounding
 differs from one pass over the batch. Dropout draws from the shared generator in whichever order the
 threads reach it, so a model with dropout is not bit-reproducible from its seed on this path.
 """

@@ -94,14 +94,16 @@ class Worker:
         self.stats = RunStats()
         self.device = resolve_device(options.device)
         detector, version = follower.current()
-        self.step = ScoringStep(DetectorModel(detector, follower.model_name, version, self.device,
-                                              precision=options.precision),
-                                options.window_policy, options.alert_policy,
+        self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
                                 emit_scores=options.scores_topic is not None)
         self.metrics.set_model(follower.model_name, version)
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
         self._consumer = None
         self._producer = None
+
+    def _serving(self, detector, version: str) -> DetectorModel:
+        """``detector`` as the scoring step's model, on this worker's device and precision."""
+        return DetectorModel(detector, self.follower.model_name, version, self.device, precision=self.options.precision)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -208,8 +210,7 @@ class Worker:
         if new is None:
             return
         detector, version = new
-        kept = self.step.swap_model(DetectorModel(detector, self.follower.model_name, version, self.device,
-                                                         precision=self.options.precision))
+        kept = self.step.swap_model(self._serving(detector, version))
         self.stats.model_swaps += 1
         self.metrics.model_swapped(self.follower.model_name, version)
         self.metrics.set_health(model_version=version)
