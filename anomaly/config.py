@@ -281,7 +281,7 @@ class SchedulerSettings:
     timezone: str = doc("time zone of the cron expression", "UTC")
     job_store: str = doc("SQLite file of the persistent job store; its lock file sits beside it", "mlruns/scheduler.db")
     misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once", 3600)
-    metrics_host: str = doc("address of the scheduler's Prometheus /metrics endpoint", "127.0.0.1")
+    metrics_host: str = doc("address of the scheduler's Prometheus /metrics and /healthz endpoint", "127.0.0.1")
     metrics_port: int = doc("port of the scheduler's metrics endpoint; 0 = any free port; -1 = off", 9109)
 
     def check(self) -> None:

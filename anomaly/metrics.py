@@ -77,8 +77,7 @@ class WorkerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._clock = clock
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http = HttpEndpoint(self)
         r = self.registry
 
         def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
@@ -223,13 +222,38 @@ class WorkerMetrics:
         """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread; the port actually
         bound (``port=0`` picks a free one). ``0.0.0.0`` by default so Prometheus on another host can
         scrape it. A port in use raises ``AnomalyError``; calling it again while serving is an error."""
+        return self._http.start(host, port)
+
+    def stop_http(self) -> None:
+        """Stop the HTTP server and release its port; idempotent."""
+        self._http.stop()
+
+    @property
+    def http_port(self) -> int | None:
+        """The port being served, or ``None``."""
+        return self._http.port
+
+
+class HttpEndpoint:
+    """``GET /metrics`` and ``GET /healthz`` of ``target`` from a stdlib HTTP server in a daemon thread.
+
+    ``target`` has ``exposition(accept) -> (body, content type)`` and ``health() -> dict`` whose
+    ``status`` is one of ``HEALTH_STATUSES``: 200 for ok/degraded, 503 for starting/stopping. Serves the
+    worker's ``WorkerMetrics`` and the scheduler's ``SchedulerMetrics``."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, host: str, port: int) -> int:
         if self._server is not None:
             raise AnomalyError(f"metrics server already running on port {self._server.server_address[1]}")
         try:
-            server = ThreadingHTTPServer((host, int(port)), _handler_for(self))
+            server = ThreadingHTTPServer((host, int(port)), _handler_for(self.target))
         except OSError as exc:
             raise AnomalyError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
-        server.daemon_threads = True  # a slow scraper must not hold the worker's exit
+        server.daemon_threads = True  # a slow scraper must not hold the process's exit
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": HTTP_POLL_INTERVAL_S},
                                   name=f"metrics-http-{server.server_address[1]}", daemon=True)
         thread.start()
@@ -238,8 +262,7 @@ class WorkerMetrics:
         log.info("serving /metrics and /healthz on http://%s:%d", host, bound)
         return bound
 
-    def stop_http(self) -> None:
-        """Stop the HTTP server and release its port; idempotent."""
+    def stop(self) -> None:
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is None:
@@ -250,8 +273,7 @@ class WorkerMetrics:
             thread.join(HTTP_JOIN_TIMEOUT_S)
 
     @property
-    def http_port(self) -> int | None:
-        """The port being served, or ``None``."""
+    def port(self) -> int | None:
         return None if self._server is None else int(self._server.server_address[1])
 
 
@@ -263,7 +285,7 @@ def _version_number(version: str | int) -> float:
         return math.nan
 
 
-def _handler_for(metrics: WorkerMetrics) -> type[BaseHTTPRequestHandler]:
+def _handler_for(metrics: Any) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "anomaly-metrics"
 

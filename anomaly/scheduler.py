@@ -379,6 +379,7 @@ class RetrainScheduler:
             self._ensure_job()
             self._add_drift_job()
             self.scheduler.resume()
+            self.metrics.set_status("ok")
         except BaseException:
             self._shutdown(wait=False)
             raise
@@ -518,6 +519,7 @@ class RetrainScheduler:
 
     def _shutdown(self, wait: bool) -> None:
         with self._lock_guard:
+            self.metrics.set_status("stopping")
             try:
                 if self.scheduler is not None and self.scheduler.running:
                     self.scheduler.shutdown(wait=wait)

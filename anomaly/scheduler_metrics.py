@@ -1,4 +1,4 @@
-"""The retraining scheduler's Prometheus metrics and their /metrics endpoint.
+"""The retraining scheduler's Prometheus metrics and its /metrics and /healthz endpoint.
 
 Owns: one ``SchedulerMetrics`` object per scheduler with its own ``CollectorRegistry`` (tests and a
 worker in the same process never collide on the global registry). Besides ``anomaly/metrics.py``
@@ -18,6 +18,11 @@ Metric names (all prefixed ``anomaly_scheduler_``):
               drift_psi, drift_alarm_rate, drift_expected_alarm_rate, drift_samples (of the last
               check with a verdict; samples of every check), drift_last_check_timestamp_seconds,
               drift_records_read_total
+
+``GET /healthz`` (served by ``anomaly.metrics.HttpEndpoint``, as the worker's): JSON ``{"status":
+"starting" | "ok" | "degraded" | "stopping", "job_running": ..., "last_outcome": ..., "last_run_ts": ...,
+"last_success_ts": ..., "next_run_ts": ...}``, HTTP 200 for ok and degraded (the last job failed: the
+scheduler still runs, a restart would not help), 503 before it runs and while it stops.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import choose_encoder
+
+from anomaly.metrics import HEALTH_STATUSES, HttpEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,9 @@ class SchedulerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self._clock = clock
-        self._server: Any = None
+        self._http = HttpEndpoint(self)
+        self._status = "starting"  # "ok" once the scheduler runs, "stopping" once it stops (set_status)
+        self._last_outcome: str | None = None
         r = self.registry
         self.started = Counter(f"{PREFIX}_jobs_started_total", "Retraining jobs started.", registry=r)
         self.finished = Counter(f"{PREFIX}_jobs_finished_total", "Retraining jobs finished, by outcome.",
@@ -91,6 +101,7 @@ class SchedulerMetrics:
         now = self._clock()
         self.finished.labels(outcome=outcome if outcome in OUTCOMES else "error").inc()
         self._pending -= 1
+        self._last_outcome = outcome if outcome in OUTCOMES else "error"
         self.running.set(1 if self._pending > 0 else 0)
         self.last_run_ts.set(now)
         if outcome not in ("failed", "error"):
@@ -126,17 +137,34 @@ class SchedulerMetrics:
         """A sample's current value (tests, logs)."""
         return self.registry.get_sample_value(name, labels or {})
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+    def set_status(self, status: str) -> None:
+        """What ``/healthz`` says of the scheduler: starting, ok or stopping (``degraded`` is derived)."""
+        if status not in HEALTH_STATUSES:
+            raise ValueError(f"health status must be one of {sorted(HEALTH_STATUSES)}, got {status!r}")
+        self._status = status
+
+    def health(self) -> dict[str, Any]:
+        """The ``/healthz`` document: ``degraded`` (still HTTP 200: the scheduler runs, restarting it
+        fixes nothing) while the last finished job failed or raised."""
+        status = self._status
+        if status == "ok" and self._last_outcome in ("failed", "error"):
+            status = "degraded"
+
+        def ts(name: str) -> float | None:
+            return self.value(f"{PREFIX}_{name}_timestamp_seconds") or None  # a gauge never set reads 0
+
+        return {"status": status, "job_running": bool(self.value(f"{PREFIX}_job_running")),
+                "last_outcome": self._last_outcome, "last_run_ts": ts("last_run"),
+                "last_success_ts": ts("last_success"), "next_run_ts": ts("next_run")}
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics in the format the ``Accept`` header asks for: ``(body, content type)``."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
     def start_http(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Serve ``/metrics`` in a daemon thread; the port it listens on."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        return int(server.server_port)
+        """Serve ``/metrics`` and ``/healthz`` in a daemon thread; the port it listens on."""
+        return self._http.start(host, port)
 
     def stop_http(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        self._http.stop()

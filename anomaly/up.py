@@ -175,7 +175,8 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
         lines.append(f"  worker metrics    http://{w.metrics_host}:{w.metrics_port}/metrics   "
                      f"health: http://{w.metrics_host}:{w.metrics_port}/healthz")
     if s.metrics_port > 0:
-        lines.append(f"  scheduler metrics http://{s.metrics_host}:{s.metrics_port}/metrics")
+        lines.append(f"  scheduler metrics http://{s.metrics_host}:{s.metrics_port}/metrics   "
+                     f"health: http://{s.metrics_host}:{s.metrics_port}/healthz")
     lines.append(f"  Kafka             {bootstrap}   topics: {k.input_topic} (readings), {k.events_topic} (events), "
                  f"{k.dlq_topic} (dead letters)" + (f", {k.scores_topic} (scores)" if k.scores_topic else ""))
     lines.append(f"  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)

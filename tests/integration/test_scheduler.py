@@ -46,12 +46,15 @@ def sched_settings(tmp_path, **values):
 def test_job_runs_on_its_interval(tmp_path):
     out = tmp_path / "runs.txt"
     sched = RetrainScheduler(sched_settings(tmp_path, interval_s=1), {"path": str(out)}, func=STUB)
+    assert sched.metrics.health()["status"] == "starting"
     sched.start()
     try:
+        assert sched.metrics.health()["status"] == "ok"
         assert wait_for(lambda: runs(out) >= 2, 10), "two runs expected within 10 s at a 1 s interval"
     finally:
         sched.stop()
     m = sched.metrics
+    assert m.health()["status"] == "stopping" and m.health()["next_run_ts"] > 0
     assert m.value("anomaly_scheduler_jobs_started_total") >= 2
     assert wait_for(lambda: m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "skipped"}) >= 2, 2)
     assert m.value("anomaly_scheduler_next_run_timestamp_seconds") > 0

@@ -55,17 +55,45 @@ def test_metrics_count_outcomes():
     assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "kept"}) == 0
     assert m.value("anomaly_scheduler_jobs_missed_total") == 1
     assert m.value("anomaly_scheduler_last_success_timestamp_seconds") == 103.0
-    assert b"anomaly_scheduler_jobs_finished_total" in m.exposition()
+    assert b"anomaly_scheduler_jobs_finished_total" in m.exposition()[0]
 
 
 def test_metrics_http_endpoint():
+    import json
+    import urllib.error
     import urllib.request
 
-    m = SchedulerMetrics()
+    m = SchedulerMetrics(clock=lambda: 200.0)
     port = m.start_http("127.0.0.1", 0)
+
+    def health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
     try:
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         assert b"anomaly_scheduler_jobs_started_total" in body
+        assert health() == (503, {"status": "starting", "job_running": False, "last_outcome": None,
+                                  "last_run_ts": None, "last_success_ts": None, "next_run_ts": None})
+        m.set_status("ok")
+        m.set_next_run(300.0)
+        m.job_started()
+        code, doc = health()
+        assert code == 200 and doc["status"] == "ok" and doc["job_running"] and doc["next_run_ts"] == 300.0
+        m.job_finished("failed")
+        code, doc = health()  # a failed retrain: degraded, still 200 (restarting the scheduler fixes nothing)
+        assert (code, doc["status"], doc["last_outcome"], doc["job_running"]) == (200, "degraded", "failed", False)
+        assert doc["last_run_ts"] == 200.0 and doc["last_success_ts"] is None
+        m.job_started()
+        m.job_finished("kept")
+        assert health()[1]["status"] == "ok" and health()[1]["last_success_ts"] == 200.0
+        m.set_status("stopping")
+        assert health()[0] == 503
+        with pytest.raises(ValueError):
+            m.set_status("fine")
     finally:
         m.stop_http()
 
