@@ -46,7 +46,7 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
 # --- train ---------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from anomaly import datasets, tables
+    from anomaly import tables
     from anomaly.preparation import prepare_training
     from anomaly.train_job import run_training
 

@@ -248,7 +248,7 @@ class DriftMonitor:
 
     def __init__(self, settings: Settings, metrics: SchedulerMetrics | None = None, *, reader: Any = None,
                  resolver: Any = None, reference_for: Any = None) -> None:
-        d, k, ml = settings.drift, settings.kafka, settings.mlflow
+        d, k = settings.drift, settings.kafka
         if not k.scores_topic:
             raise AnomalyError("the drift check needs kafka.scores_topic (the workers' per-window scores)")
         self.settings = settings

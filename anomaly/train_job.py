@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-import pandas as pd
 
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings

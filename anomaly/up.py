@@ -179,7 +179,7 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
                      f"health: http://{s.metrics_host}:{s.metrics_port}/healthz")
     lines.append(f"  Kafka             {bootstrap}   topics: {k.input_topic} (readings), {k.events_topic} (events), "
                  f"{k.dlq_topic} (dead letters)" + (f", {k.scores_topic} (scores)" if k.scores_topic else ""))
-    lines.append(f"  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)
+    lines.append("  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)
                  + f", at {speed:g}x recorded speed")
     lines.append(f"  logs              {state_dir}/ (broker, mlflow, worker, scheduler)")
     lines += ["", "events (stream time, UTC):"]

@@ -3,7 +3,6 @@ injected fault; the fault is flagged, the right sensor is blamed, normal stretch
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 

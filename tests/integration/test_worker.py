@@ -11,9 +11,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
-
-import numpy as np
 import pytest
 
 from anomaly import codec, kafka_io, registry, tracking
