@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
+
 import pytest
 
 from anomaly import codec, kafka_io, registry, tracking
