@@ -213,6 +213,10 @@ class WorkerSettings:
     precision: str = doc("forward-pass precision: auto (bf16 on CUDA and on CPUs with native bf16, e.g. AVX512-BF16; "
                          "float32 elsewhere), fp32, bf16. bf16 moves scores by about 0.01 % of their value", "auto")
     torch_threads: int = doc("CPU threads for scoring; 0 = torch's default (one per core). 1 is fastest when the broker and Kafka clients share the cores", 1)
+    switch_interval_ms: float = doc("the interpreter's thread switch interval while the worker runs (sys.setswitchinterval): "
+                                    "after each torch call the scoring thread waits at most this long for Python's lock "
+                                    "while the main thread decodes. 0 = Python's default (5 ms); 0.5 measured "
+                                    "+6 to +17 % throughput on 2 cores", 0.5)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")
     metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
 
@@ -224,6 +228,8 @@ class WorkerSettings:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
         if self.cooldown_s < 0:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if not 0 <= self.switch_interval_ms <= 100:
+            raise ConfigError("worker.switch_interval_ms", f"must be in [0, 100], got {self.switch_interval_ms}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("worker.metrics_port", f"must be -1..65535, got {self.metrics_port}")
         if self.wait_for_model_s < 0 and self.wait_for_model_s != -1:

@@ -35,6 +35,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
@@ -64,6 +65,30 @@ _HEALTHY = frozenset({"ok", "degraded"})  # answered with HTTP 200; the others w
 
 HTTP_POLL_INTERVAL_S = 0.2  # stop_http returns within this; five idle wake-ups a second cost nothing
 HTTP_JOIN_TIMEOUT_S = 5.0  # stop_http waits this long for the server thread; it is a daemon anyway
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every ``v`` in ``values``, counted per bucket in one numpy pass (a
+    batch scores hundreds of windows; one ``observe`` each took ~3 % of the worker's main thread).
+    Falls back to one ``observe`` per value if prometheus_client's histogram is laid out differently."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not values.size:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets) \
+            or not hasattr(histogram, "_raise_if_not_observable"):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    histogram._raise_if_not_observable()  # a labelled parent has no buckets of its own
+    # observe() counts v in the first bucket whose bound is >= v; the last bound is +Inf.
+    counts = np.bincount(np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left"),
+                         minlength=len(bounds))
+    total.inc(float(values.sum()))
+    for i in np.flatnonzero(counts[:len(bounds)]).tolist():
+        buckets[i].inc(int(counts[i]))
 
 
 class WorkerMetrics:
@@ -139,9 +164,9 @@ class WorkerMetrics:
                 self._warned_keys.add(key)
                 log.warning("record_batch: count %r has no metric; ignored (known: %s)", key, sorted(COUNT_KEYS))
         self.batch_seconds.observe(max(0.0, float(batch_seconds)))
-        for latency in latencies_s:
-            value = float(latency)
-            self.end_to_end_seconds.observe(value if math.isfinite(value) and value > 0 else 0.0)
+        latencies = np.asarray(latencies_s if isinstance(latencies_s, np.ndarray)
+                               else np.fromiter(latencies_s, dtype=np.float64), dtype=np.float64)
+        observe_many(self.end_to_end_seconds, np.where(np.isfinite(latencies) & (latencies > 0), latencies, 0.0))
         now = self._clock()
         self.last_batch_ts.set(now)
         with self._lock:

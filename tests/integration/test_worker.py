@@ -84,13 +84,23 @@ def _scores_by_entity(bootstrap, topic):
 
 def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic_name):
     settings, outcome = champion
-    opts = _options(kafka_broker, topic_name)
+    opts = _options(kafka_broker, topic_name, switch_interval_ms=0.5)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     frames, plan, _ = _fleet()
     replay(kafka_broker, opts.input_topic, plan, progress=False)
-    worker = Worker(opts, _follower(settings))
+
+    class Observed(Worker):
+        intervals: list[float] = []
+
+        def _follow_model(self) -> None:  # called once per loop turn, in the loop's thread
+            self.intervals.append(sys.getswitchinterval())
+            super()._follow_model()
+
+    before = sys.getswitchinterval()
+    worker = Observed(opts, _follower(settings))
     stats = worker.run(idle_stop_s=4)
     assert stats.consumed == len(plan)
+    assert set(Observed.intervals) == {0.0005} and sys.getswitchinterval() == before  # set while running, restored
     events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
     opened = [e for e in events if e["status"] == "open"]
     assert [e["entity"] for e in opened] == ["pump-a"], events  # one event, on the faulty pump only

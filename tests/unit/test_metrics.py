@@ -7,10 +7,13 @@ import logging
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.exposition import generate_latest
 
 from anomaly.errors import AnomalyError
-from anomaly.metrics import COUNT_KEYS, WorkerMetrics
+from anomaly.metrics import COUNT_KEYS, WorkerMetrics, observe_many
 
 COUNTS = {"consumed": 10, "dead_letters": 1, "windows_scored": 7, "late": 2, "duplicates": 3, "resets": 1,
           "events_opened": 2, "events_closed": 1}
@@ -69,6 +72,33 @@ def test_negative_latency_is_counted_as_zero_and_unknown_keys_warn_once(metrics,
         metrics.record_batch({"consumd": 1}, 0.1, [])
     assert [r.getMessage().count("consumd") for r in caplog.records] == [1]  # warned once, not raised
     assert value(metrics, "anomaly_records_consumed_total") == 2
+
+
+def test_observe_many_matches_one_observe_per_value():
+    """Bucket edges (a value equal to a bound counts in that bucket), +Inf, zero, negatives, NaN."""
+    bounds = (0.01, 0.1, 1.0)
+    values = np.array([0.0, 0.01, 0.010001, 0.05, 0.1, 1.0, 5.0, 1e9, -2.0, 0.3, 0.3, np.nan])
+    expositions = []
+    for bulk in (False, True):
+        registry = CollectorRegistry()
+        h = Histogram("lat_seconds", "x", buckets=bounds, registry=registry)
+        for chunk in (values[:5], values[5:], values[:0]):
+            if bulk:
+                observe_many(h, chunk)
+            else:
+                for v in chunk.tolist():
+                    h.observe(v)
+        expositions.append("\n".join(line for line in generate_latest(registry).decode().splitlines()
+                                     if "_created" not in line))
+    assert expositions[0] == expositions[1]
+    assert 'lat_seconds_bucket{le="0.01"} 3.0' in expositions[1]  # 0.0, 0.01 and -2.0
+    assert 'lat_seconds_count 11.0' in expositions[1]  # NaN is in no bucket, as with observe()
+
+
+def test_record_batch_takes_an_array_of_latencies(metrics):
+    metrics.record_batch({"consumed": 3}, 0.2, np.array([0.05, np.inf, -1.0]))
+    assert value(metrics, "anomaly_end_to_end_seconds_count") == 3
+    assert value(metrics, "anomaly_end_to_end_seconds_sum") == pytest.approx(0.05)
 
 
 def test_model_gauges_and_counters(metrics):
