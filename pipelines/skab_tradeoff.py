@@ -1,6 +1,6 @@
 """SKAB: how far post-processing alone moves F1 / FAR / MAR, without retraining.
 
-    python -m pipelines.skab_tradeoff [--runs default,standard,w5,w20] [--data-dir DIR] [--cache DIR]
+    python -m pipelines.skab_tradeoff [--runs default,standard,w5,w20,w60,...] [--data-dir DIR] [--cache DIR]
         [--json OUT] [--threads 1]
 
 For each named run (``RUNS``: overrides of ``PROFILES["skab"]``) the SKAB protocol runs once, as
@@ -19,6 +19,10 @@ Sweep counts are vectorised; every reported figure is recomputed with
 F1 with FAR <= 13.55, lowest FAR with MAR <= 28.02, best F1 overall), and how many settings reach the
 target (Conv-AE's published row, F1 >= 0.79, FAR <= 13.55, MAR <= 28.02). The Pareto front (FAR, MAR)
 goes to ``<cache>/pareto_<run>.csv``.
+
+Beside the causal sweep, an offline one (``extent_grid``): the crossings' runs read as anomaly intervals
+whose ends are trimmed (``extent``), as SKAB's own Conv-AE and LSTM-AE notebooks do. It needs each run's
+end, so it is not what a stream sees at the moment; it is how the leaderboard's autoencoders were scored.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ RUNS: dict[str, dict[str, dict[str, Any]]] = {
     "standard": {"data": {"scaler": "standard"}},
     "w5": {"model": {"window_size": 5}},
     "w20": {"model": {"window_size": 20}},
+    "w60": {"model": {"window_size": 60}},
+    "w60-seed1": {"model": {"window_size": 60}, "training": {"seed": 1}},
+    "w60-seed2": {"model": {"window_size": 60}, "training": {"seed": 2}},
 }
 TARGET = {"f1": 0.79, "far": 13.55, "mar": 28.02}  # Conv-AE on SKAB's leaderboard (F1 0.78 -> beat it)
 
@@ -61,6 +68,12 @@ KS: list[int] = [1, 2, 3, 5, 10]
 HOLDS: list[int] = [0, 5, 10, 20, 50]
 
 COLUMNS = ["smooth", "base", "scale", "k", "hold", "f1", "far", "mar"]
+
+# The offline extent grid (``extent_grid``): threshold base x scale x end trim (in windows: 0, 1 and 2
+# window lengths; 1 is the window geometry, see ``extent``).
+EXTENT_BASES: list[tuple[str, float | None]] = [("q", 0.95), ("q", 0.99), ("mstd", 3.0)]
+EXTENT_SCALES: list[float] = [1.0, 1.25, 1.5, 1.75, 2.0]
+EXTENT_TRIMS: list[str] = ["0", "W-1", "2W"]
 
 
 # --- post-processing (pure) -------------------------------------------------------------------------
@@ -100,6 +113,48 @@ def post(x: np.ndarray, k: int, h: int) -> np.ndarray:
     if h > 0:
         x = _trailing_count(x, h + 1) > 0
     return x
+
+
+def extent(x: np.ndarray, trim: int, k: int = 1) -> np.ndarray:
+    """Crossings (T,) bool -> the rows inside the anomaly intervals an offline reader of the events would
+    mark: each run of at least ``k`` consecutive crossings becomes an interval from its first row to its
+    last row minus ``trim`` rows; a run of ``trim`` rows or fewer marks nothing.
+
+    NOT causal: a row's mark depends on where its run ends, up to a run's length later. It is what
+    SKAB's own autoencoder notebooks do (Conv-AE, LSTM-AE: row i is anomalous when the W-1 windows
+    starting before it all cross, i.e. a run of window crossings trimmed by W-2 rows at its end). Why a
+    trim: the window ending at row t covers rows t-W+1..t, so after an anomaly ends its windows keep
+    crossing for up to W-1 rows; ``trim = W-1`` undoes that geometry, a larger trim also the model's
+    slower return to normal errors."""
+    x = np.asarray(x, bool)
+    if trim < 0 or k < 1:
+        raise ValueError("trim >= 0 and k >= 1 are required")
+    out = np.zeros(len(x), bool)
+    edges = np.diff(np.concatenate([[0], x.astype(np.int8), [0]]))
+    for start, stop in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+        if stop - start >= k:  # stop: one past the run's last row
+            out[start:max(start, stop - trim)] = True
+    return out
+
+
+def trim_rows(label: str, window: int) -> int:
+    """An ``EXTENT_TRIMS`` label in rows for windows of ``window`` rows."""
+    return {"0": 0, "W-1": window - 1, "2W": 2 * window}[label]
+
+
+def extent_grid(files: Sequence[Mapping[str, Any]], window: int) -> pd.DataFrame:
+    """SKAB figures of ``extent`` over ``EXTENT_BASES`` x ``EXTENT_SCALES`` x ``EXTENT_TRIMS`` (k = 1), through
+    ``evaluation.skab_binary_metrics``; one row per setting: base, scale, trim (label), trim_rows, f1, far, mar."""
+    labels = [f["labels"] for f in files]
+    rows = []
+    for (kind, p), scale in itertools.product(EXTENT_BASES, EXTENT_SCALES):
+        crossings = [np.nan_to_num(f["scores"], nan=-np.inf) > base_thr(f["val"], kind, p) * scale for f in files]
+        for trim in EXTENT_TRIMS:
+            n = trim_rows(trim, window)
+            m = evaluation.skab_binary_metrics(labels, [extent(c, n) for c in crossings])
+            rows.append({"base": base_label(kind, p), "scale": scale, "trim": trim, "trim_rows": n,
+                         "f1": m.f1, "far": m.far, "mar": m.mar})
+    return pd.DataFrame(rows)
 
 
 def post_loop(x: np.ndarray, k: int, h: int) -> np.ndarray:
@@ -330,6 +385,16 @@ def report(name: str, result: Mapping[str, Any]) -> str:
         lines.append(f"  {p['label']:22s} {shown:55s} F1 {p['f1']:.3f} FAR {p['far']:5.1f} MAR {p['mar']:5.1f}")
     lines.append(f"  {result['settings']} settings, {result['reaching_target']} reach the target "
                  f"(F1 >= {TARGET['f1']}, FAR <= {TARGET['far']}, MAR <= {TARGET['mar']})")
+    ext = result.get("extent")
+    if ext:
+        lines.append(f"  offline extent (NOT causal; window {ext['window']}):")
+        for p in ext["picks"]:
+            if "f1" not in p:
+                lines.append(f"  {p['label']:22s} no setting qualifies")
+                continue
+            shown = f"thr={p['base']}x{p['scale']} end trim={p['trim']} ({p['trim_rows']} rows)"
+            lines.append(f"  {p['label']:22s} {shown:55s} F1 {p['f1']:.3f} FAR {p['far']:5.1f} MAR {p['mar']:5.1f}")
+        lines.append(f"  {ext['settings']} extent settings, {ext['reaching_target']} reach the target")
     return "\n".join(lines)
 
 
@@ -353,8 +418,13 @@ def run(names: Sequence[str], data_dir: Path, cache: Path, threads: int) -> dict
         log.info("%s: swept %d settings in %.0f s", name, len(df), time.perf_counter() - t0)
         cache.mkdir(parents=True, exist_ok=True)
         pareto(df).to_csv(cache / f"pareto_{name}.csv", index=False)
+        window = int(data["raw"]["model"]["window_size"])
+        ext = extent_grid(data["files"], window)
         out[name] = {"seconds": data["seconds"], "as_is": data["metrics"], "as_is_label": as_is_label(data["raw"]),
-                     "picks": picks(data["files"], df), "reaching_target": reaching_target(df), "settings": len(df)}
+                     "picks": picks(data["files"], df), "reaching_target": reaching_target(df), "settings": len(df),
+                     "extent": {"window": window, "settings": len(ext), "reaching_target": reaching_target(ext),
+                                "picks": [{"label": label, **(r.to_dict() if r is not None else {"setting": None})}
+                                          for label, r in pick_rows(ext).items()]}}
     return out
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from anomaly.evaluation import skab_binary_metrics
-from pipelines.skab_tradeoff import (HOLDS, KS, base_label, exact, flags_for, main, parse_base, parse_smooth, pareto,
+from pipelines.skab_tradeoff import (EXTENT_TRIMS, HOLDS, KS, base_label, exact, extent, extent_grid, flags_for, main, parse_base, parse_smooth, pareto,
                                      pick_rows, post, post_loop, reaching_target, smooth, smooth_label, sweep)
 
 
@@ -115,6 +115,51 @@ def test_pareto_keeps_only_non_dominated_rows():
     for far, mar in pts:  # every row is on the front or matched or beaten by a row of it
         assert ((kept_pts[:, 0] <= far) & (kept_pts[:, 1] <= mar)).any()
     assert len({tuple(p) for p in kept_pts}) == len(kept_pts)
+
+
+def test_extent_by_hand():
+    x = np.array([0, 1, 1, 1, 1, 1, 0, 1, 1, 0, 1], bool)  # runs: rows 1-5, 7-8, 10 (touching the end)
+    assert extent(x, 0).tolist() == x.tolist()
+    assert extent(x, 2).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # 2-row runs vanish
+    assert extent(x, 1, k=2).astype(int).tolist() == [0, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0]  # the 1-row run too short
+    assert extent(x, 5).sum() == 0
+    assert extent(np.zeros(0, bool), 3).shape == (0,)
+    with pytest.raises(ValueError):
+        extent(x, -1)
+
+
+def test_extent_matches_skab_autoencoder_rule():
+    """SKAB's notebooks: with windows indexed by their first row, row i is anomalous when windows
+    i-W+1 .. i-1 all cross. Indexed by their LAST row (ours), that is windows ending at i .. i+W-2,
+    i.e. runs trimmed by W-2 rows at the end (for rows where the notebook's loop runs)."""
+    rng = np.random.default_rng(3)
+    w = 6
+    crossing_by_end = np.repeat(rng.random(40) > 0.4, 3)  # runs of various lengths
+    n = len(crossing_by_end)
+    by_start = crossing_by_end[w - 1:]  # the window starting at row s ends at row s+w-1
+    notebook = np.zeros(n, bool)
+    inner = range(w - 1, len(by_start) - w + 1)  # the notebook's loop over rows
+    for i in inner:
+        notebook[i] = np.all(by_start[i - w + 1:i])
+    ours = extent(crossing_by_end, w - 2)
+    inner = slice(inner.start, inner.stop)
+    assert notebook[inner].any() and not notebook[inner].all()
+    assert np.array_equal(ours[inner], notebook[inner])
+
+
+def test_extent_grid_rows_and_figures():
+    labels = np.array([0] * 10 + [1] * 10 + [0] * 10, bool)
+    scores = np.where(labels, 5.0, 0.1)
+    scores[20:24] = 5.0  # the error stays high 4 rows after the anomaly ends
+    files = [{"scores": scores, "labels": labels, "val": np.linspace(0.0, 1.0, 50)}]
+    grid = extent_grid(files, window=3)
+    assert set(grid.trim) == set(EXTENT_TRIMS) and len(grid) == 3 * 5 * 3
+    untrimmed = grid[(grid.trim == "0") & (grid.base == "q0.95") & (grid.scale == 1.0)].iloc[0]
+    trimmed = grid[(grid.trim == "2W") & (grid.base == "q0.95") & (grid.scale == 1.0)].iloc[0]
+    assert untrimmed.far > 0 and untrimmed.mar == 0
+    # 2W = 6 rows off the 14-row run: rows 10-17 marked, 2 anomalous rows missed, no false alarm
+    assert trimmed.far == 0 and trimmed.mar == pytest.approx(20.0)
+    assert trimmed.f1 == pytest.approx(skab_binary_metrics([labels], [extent(scores > 0.95, 6)]).f1)
 
 
 def test_help(capsys):
