@@ -39,3 +39,15 @@ def z_to_unit(z: np.ndarray) -> np.ndarray:
 def anomaly_likelihood(scores: np.ndarray, short: int = 5, long: int = 500, min_history: int = 50) -> np.ndarray:
     """Calibrated scores in [0, 1] (see module doc)."""
     return z_to_unit(score_z(scores, short, long, min_history))
+
+
+def suppress_repeats(scores: np.ndarray, rows: int) -> np.ndarray:
+    """Each alarm once: a score is kept only where it is higher than every score of the ``rows`` rows
+    before it, else it becomes 0. Past only, like the worker's alert shaping, which turns a sustained
+    crossing into one event: a benchmark that counts every alarm row (NAB) would otherwise charge a
+    long excursion as dozens of false alarms. A new, higher peak inside the span still gets through."""
+    if rows < 1:
+        raise ValueError("rows >= 1 is required")
+    s = np.asarray(scores, dtype=np.float64)
+    before = pd.Series(s).shift(1).rolling(rows, min_periods=1).max().to_numpy()
+    return np.where(np.isnan(before) | (s > before), s, 0.0)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, z_to_unit
+from anomaly.calibration import anomaly_likelihood, suppress_repeats, z_to_unit
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
@@ -124,21 +124,36 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
     return ProtocolResult("skab", metrics, results, time.perf_counter() - started)
 
 
-NAB_LIKELIHOOD = {"short": 5, "long": 500, "min_history": 50}  # rows; see anomaly.calibration
+NAB_LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # rows; see anomaly.calibration
+NAB_REPEAT_ROWS = 100  # an alarm is reported again only when higher than every score of the last 100 rows
 NAB_OWN_Z = 4.0  # our own alarm level on NAB: the recent error is 4 trailing standard deviations high
+
+
+def last_step_errors(result: SeriesResult) -> np.ndarray:
+    """Per row, the squared error of the newest step of the window ending there (mean over sensors;
+    0 before the first window): the part of a window's error that reacts at once."""
+    squared = (result.values - result.expected) ** 2  # rows before the first window: NaN (no reconstruction)
+    return np.nan_to_num(squared.mean(axis=1), nan=0.0)
+
+
+def nab_calibrated(result: SeriesResult) -> np.ndarray:
+    """NAB's per-row score in [0, 1]: last-step errors (``last_step_errors``) against their own trailing
+    history (``anomaly_likelihood``), each alarm once (``suppress_repeats``). Past only throughout."""
+    return suppress_repeats(anomaly_likelihood(last_step_errors(result), **NAB_LIKELIHOOD), NAB_REPEAT_ROWS)
 
 
 def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
     """NAB is a streaming benchmark over long, drifting series: a model fitted on the probationary
-    period alone would flag every later drift. Its raw errors are therefore calibrated against their
-    own trailing history (``anomaly.calibration``, past only) before NAB scores them."""
+    period alone would flag every later drift. Its errors are therefore calibrated against their own
+    trailing history (``nab_calibrated``: newest-step error, anomaly likelihood, each alarm once; past
+    only) before NAB scores them."""
     started = time.perf_counter()
     results, files = [], []
     own_level = float(z_to_unit(np.array([NAB_OWN_Z]))[0])
     for s in series:
         progress(s.name)
         r = score_series(s, settings, score_from=0)
-        calibrated = anomaly_likelihood(np.nan_to_num(r.scores, nan=0.0), **NAB_LIKELIHOOD)
+        calibrated = nab_calibrated(r)
         r = replace(r, scores=calibrated, flags=calibrated >= own_level, threshold=own_level)
         results.append(r)
         files.append(evaluation.NabFile(name=s.name, scores=calibrated, windows=list(s.meta["windows"])))

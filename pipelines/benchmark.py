@@ -289,8 +289,9 @@ def markdown(data: dict) -> str:
         lines += [f"Not measured in this run: {', '.join(missing)} (`python -m pipelines.benchmark --datasets "
                   f"{','.join(m.lower() for m in missing)}`).", ""]
     lines += ["The per-dataset settings (`PROFILES` in `anomaly/protocols.py`) were chosen on these benchmarks "
-              "themselves, as leaderboard entries usually are; the NAB row calibrates our reconstruction errors "
-              "against their own trailing history (`anomaly/calibration.py`), past only.", ""]
+              "themselves, as leaderboard entries usually are; the NAB row scores each row by the error of the newest "
+              "step of its window, calibrated against that error's own trailing history and reported once per "
+              "excursion (`protocols.nab_calibrated`, `anomaly/calibration.py`), past only.", ""]
     seconds = {k: v["seconds"] for k, v in r.items()}
     lines.append(f"Run time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}.")
     return "\n".join(lines)

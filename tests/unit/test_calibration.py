@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomaly.calibration import anomaly_likelihood, score_z, z_to_unit
+from anomaly.calibration import anomaly_likelihood, score_z, suppress_repeats, z_to_unit
 
 
 def test_sudden_change_stands_out_slow_drift_does_not():
@@ -43,3 +43,21 @@ def test_unit_map_is_monotonic_and_bounded():
 def test_bad_arguments():
     with pytest.raises(ValueError):
         score_z(np.ones(5), short=0)
+
+
+def test_suppress_repeats_by_hand():
+    s = np.array([0.1, 0.9, 0.95, 0.9, 0.2, 0.1, 0.1, 0.1, 0.8, 0.99])
+    # rows=3: kept where higher than each of the 3 rows before (the first row has no past: kept)
+    assert suppress_repeats(s, 3).tolist() == [0.1, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0, 0.8, 0.99]
+    assert suppress_repeats(s, 1).tolist() == [0.1, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0, 0.8, 0.99]
+    assert suppress_repeats(s, 20).tolist() == [0.1, 0.9, 0.95, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.99]
+
+
+def test_suppress_repeats_uses_only_the_past():
+    rng = np.random.default_rng(5)
+    s = rng.random(300)
+    full = suppress_repeats(s, 25)
+    for cut in (1, 40, 299):
+        assert np.array_equal(suppress_repeats(s[:cut], 25), full[:cut])
+    with pytest.raises(ValueError):
+        suppress_repeats(s, 0)
