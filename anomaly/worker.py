@@ -136,12 +136,12 @@ class Worker:
         self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
                                                 listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned))
         last_records = time.monotonic()
-        switch_interval = sys.getswitchinterval()
-        if o.switch_interval_ms:  # the scoring thread gets the GIL back sooner after each torch call
-            sys.setswitchinterval(o.switch_interval_ms / 1000.0)
         scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-score")
         in_flight: tuple[StagedBatch, Future[ModelScores | None], float] | None = None
+        switch_interval = sys.getswitchinterval()
         try:
+            if o.switch_interval_ms:  # the scoring thread gets the GIL back sooner after each torch call
+                sys.setswitchinterval(o.switch_interval_ms / 1000.0)
             while not self.stop_event.is_set():
                 timeout_ms = 0 if in_flight is not None else int(o.poll_timeout_s * 1000)
                 polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
