@@ -3,7 +3,7 @@ a fixed offered rate, and peak memory by entity count. A script that prints numb
 
     python -m pipelines.bench_stream [--json OUT] [--quick] [--messages N] [--rate R] [--fleet E]
                                      [--duration S] [--entities 1,100,10000] [--rounds K]
-                                     [--torch-threads T] [--client-options JSON]   # experiments
+                                     [--decompose] [--torch-threads T] [--client-options JSON]   # experiments
 
 Defaults: 200k readings of 100 entities; 5,000 readings/s for 20 s; 1, 100 and 10,000 entities
 (≈ 3 min on 2 idle cores with one torch thread, ≈ 9 min as shipped on a busy box). ``--quick``:
@@ -146,6 +146,64 @@ def fake_follower(detector, check_interval_s: float):
 
     return ModelFollower(MODEL_NAME, "champion", check_interval_s=check_interval_s,
                          loader=lambda name, version: (detector, version), resolver=lambda name, alias: "1")
+
+
+class StandInModel:
+    """The served model's shape (sensors, window, grid, threshold) with another forward pass, for
+    ``--decompose``: ``"none"`` returns zero scores at once (what the worker costs without a model);
+    ``"busy"`` spends ``us_per_window`` µs per window in ONE torch matmul, which holds Python's lock only
+    to start (what the forward pass costs in CPU alone, without its Python between torch calls)."""
+
+    def __init__(self, model, kind: str, us_per_window: float = 0.0) -> None:
+        import torch
+
+        if kind not in ("none", "busy"):
+            raise ValueError(f"unknown stand-in {kind!r}")
+        self.kind, self.us_per_window = kind, us_per_window
+        for name in ("sensors", "window_size", "period_s", "threshold", "fill_values"):
+            setattr(self, name, getattr(model, name))
+        self.name, self.version = model.name, f"{model.version}-{kind}"
+        self._b = torch.randn(512, 512)
+        self._us_per_row = _matmul_us_per_row(self._b) if kind == "busy" else 0.0
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
+
+        n, f = len(windows), len(self.sensors)
+        if self.kind == "busy" and n:
+            torch.mm(torch.ones(max(1, round(n * self.us_per_window / self._us_per_row)), 512), self._b)
+        return np.zeros(n), np.zeros((n, f)), np.zeros((n, f))
+
+
+def _matmul_us_per_row(b) -> float:
+    """µs per row of an (R, 512) @ (512, 512) float32 matmul on this machine (best of 5)."""
+    import torch
+
+    a = torch.ones(4096, 512)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return best / 4096 * 1e6
+
+
+def forward_us_per_window(detector, windows: int = 1250) -> float:
+    """The served model's forward pass (``DetectorModel.score``) per window at a worker-sized batch, best
+    of 3, in µs: what the ``busy`` stand-in spends."""
+    from anomaly.config import WorkerSettings
+    from anomaly.scoring_step import DetectorModel
+    from anomaly.training import resolve_device
+
+    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision)
+    base = synthetic_values(model.window_size + 8)
+    batch = np.stack([base[i % 8: i % 8 + model.window_size] for i in range(windows)])
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        model.score(batch)
+        best = min(best, time.perf_counter() - started)
+    return best / windows * 1e6
 
 
 def encode(entity: str, ts: float, row) -> bytes:
@@ -488,9 +546,10 @@ class Child:
 # --- the phases ------------------------------------------------------------------------------------
 
 def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: float, values: np.ndarray,
-                     tuning: Tuning, out: dict[str, Any], n_rounds: int = 3) -> None:
+                     tuning: Tuning, out: dict[str, Any], n_rounds: int = 3, decompose: bool = False) -> None:
     """Raw consumer and worker alternately, ``n_rounds`` times each over the same topic (a new group
-    each time); the best rate of each side and the ratio of the bests (see the module docstring)."""
+    each time); the best rate of each side and the ratio of the bests (see the module docstring).
+    ``decompose``: each round also runs the worker with the ``busy`` and ``none`` stand-ins."""
     topic = "bench.throughput"
     messages = fleet_messages(fleet, n, period_s, values)
     out["load_msgs_per_s"] = load_topic(bootstrap, topic, messages)
@@ -515,6 +574,14 @@ def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: flo
                        "loadavg": list(os.getloadavg())})
         log.info("round %d: worker %.0f msg/s (%d windows, %d events, %d batches)", r + 1, rate,
                  worker.stats.windows_scored, worker.stats.events, worker.stats.batches)
+        for kind in (("busy", "none") if decompose else ()):
+            worker = make_bench_worker(detector, bootstrap, topic, f"{topic}.{kind}.{r}", tuning, target=n)
+            worker.step.swap_model(StandInModel(worker.step.model, kind, out.get("forward_us_per_window", 0.0)))
+            run_worker(worker, timeout)
+            stand_in = worker.stats.consumed / (worker.done_at - worker.first_batch_at)
+            rounds[-1][f"worker_{kind}_msgs_per_s"] = stand_in
+            rounds[-1][f"ratio_{kind}"] = stand_in / raw["msgs_per_s"]
+            log.info("round %d: worker with the %s stand-in %.0f msg/s", r + 1, kind, stand_in)
     best_raw = max(rounds, key=lambda x: x["raw_msgs_per_s"])
     best_worker = max(rounds, key=lambda x: x["worker_msgs_per_s"])
     out["raw_msgs_per_s"] = best_raw["raw_msgs_per_s"]
@@ -523,6 +590,10 @@ def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: flo
     out["throughput_detail"] = {**{k: best_worker[k] for k in ("worker_seconds", "windows_scored", "events",
                                                                "batches", "dead_letters")},
                                 "raw_seconds": best_raw["raw_seconds"], "rounds": rounds}
+    for kind in (("busy", "none") if decompose else ()):
+        best = max(x[f"worker_{kind}_msgs_per_s"] for x in rounds)
+        out["decomposition"][f"worker_{kind}_msgs_per_s"] = best
+        out["decomposition"][f"ratio_{kind}"] = best / out["raw_msgs_per_s"]
 
 
 def phase_latency(bootstrap: str, detector_dir: str, fleet: int, rate: float, duration: float,
@@ -643,6 +714,13 @@ def report(r: dict[str, Any]) -> str:
         f"  {'latency p99':<28}{f(r['p99_ms'], '{:.1f}'):>12} ms     target < {budget:.0f} ms  "
         f"{'PASS' if lat_ok else 'FAIL'}",
     ]
+    d = r.get("decomposition")
+    if d:
+        lines.append(f"  {'worker, busy stand-in':<28}{f(d.get('worker_busy_msgs_per_s')):>12} msg/s"
+                     f"     ratio {f(d.get('ratio_busy'), '{:.2f}')} (forward's CPU, {d['forward_us_per_window']:.1f} "
+                     f"µs/window, without its Python)")
+        lines.append(f"  {'worker, no model':<28}{f(d.get('worker_none_msgs_per_s')):>12} msg/s"
+                     f"     ratio {f(d.get('ratio_none'), '{:.2f}')}")
     for count, peak in r.get("peak_rss_mb", {}).items():
         lines.append(f"  {'peak RSS, ' + f(int(count)) + ' entities':<28}{peak:>12.1f} MB"
                      f"     (baseline {r['rss_baseline_mb'][count]:.1f} MB)")
@@ -691,8 +769,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         detector_dir = str(detector.save(Path(tmp) / "detector"))
         with LocalBroker() as broker:
+            if args.decompose:
+                out["forward_us_per_window"] = forward_us_per_window(detector)
+                out["decomposition"] = {"forward_us_per_window": out["forward_us_per_window"]}
             phase_throughput(broker.bootstrap, detector, n, fleet, period, values, tuning, out,
-                             args.rounds or profile["rounds"])
+                             args.rounds or profile["rounds"], decompose=args.decompose)
             phase_latency(broker.bootstrap, detector_dir, fleet, rate, duration, values, args.producer_linger_ms,
                           tuning, out)
             phase_memory(broker.bootstrap, detector_dir, counts, detector.window_size, period, values,
@@ -726,6 +807,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="training epochs of the benchmark's detector (default 2)")
     p.add_argument("--rounds", type=int, help="throughput rounds, raw and worker alternately; best of each "
                                              "(default 3, --quick 1)")
+    p.add_argument("--decompose", action="store_true", help="each throughput round also runs the worker with a "
+                                                          "GIL-free stand-in of the forward pass's cost and with "
+                                                          "no model: where the worker's time goes")
     p.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the sensors' producer (default 0)")
     p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
                                                      "(default: torch's own, one per core)")

@@ -30,7 +30,7 @@ def quick_result(tmp_path_factory):
     except BrokerError as exc:
         pytest.skip(f"the benchmark needs the local broker: {exc}")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "pipelines.bench_stream", "--quick", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "pipelines.bench_stream", "--quick", "--decompose", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
@@ -59,6 +59,14 @@ def test_quick_run_reports_every_figure(quick_result):
     assert detail["windows_scored"] == 100 * per_entity > 0
     assert len(detail["rounds"]) >= 1 and r["raw_msgs_per_s"] == max(x["raw_msgs_per_s"] for x in detail["rounds"])
     assert r["latency_detail"]["windows"] > 0
+    # --decompose: the same worker with a GIL-free stand-in of the forward pass and with no model.
+    d = r["decomposition"]
+    assert _positive(d["forward_us_per_window"]) and d["forward_us_per_window"] == r["forward_us_per_window"]
+    for kind in ("busy", "none"):
+        assert _positive(d[f"worker_{kind}_msgs_per_s"])
+        assert d[f"ratio_{kind}"] == pytest.approx(d[f"worker_{kind}_msgs_per_s"] / r["raw_msgs_per_s"])
+        assert all(_positive(x[f"worker_{kind}_msgs_per_s"]) for x in detail["rounds"])
+    assert "no model" in stdout
     # Human table with the targets judged, never asserted.
     assert "ratio worker/raw" in stdout and ("PASS" in stdout or "FAIL" in stdout)
 
