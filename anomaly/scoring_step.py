@@ -38,7 +38,7 @@ from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
-from anomaly.scoring import resolve_precision, sensor_contributions
+from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring, window_scores
 from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
@@ -74,7 +74,7 @@ class DetectorModel:
     into chunks of ``batch_size`` windows only to bound device memory)."""
 
     def __init__(self, detector: Detector, name: str, version: str, device: str | torch.device = "cpu",
-                 batch_size: int = STREAM_SCORE_BATCH, precision: str = "fp32") -> None:
+                 batch_size: int = STREAM_SCORE_BATCH, precision: str = "fp32", trace: bool = False) -> None:
         self.detector = detector
         self.name = name
         self.version = str(version)
@@ -91,6 +91,12 @@ class DetectorModel:
         self.fill_values: tuple[float, ...] = tuple(
             float(v) for v in scaler.inverse(np.full(len(self.sensors), typical)))
         detector.model.to(device)
+        # The module the forward passes run: a checked TorchScript trace on CPU when asked (see
+        # scoring.traced_for_scoring), else the detector's own model.
+        self.forward_model = (traced_for_scoring(detector.model, self.window_size, len(self.sensors), device,
+                                                 self.precision)
+                              if trace and torch.device(device).type == "cpu" else detector.model)
+        self.traced = self.forward_model is not detector.model
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         windows = np.asarray(windows, dtype=np.float64)  # (N, W, F) original units
@@ -98,10 +104,10 @@ class DetectorModel:
         if n == 0:
             return np.empty(0), np.empty((0, f)), np.empty((0, f))
         scaled = self.detector.scaler.transform(windows)  # (N, W, F) float32
-        scored = self.detector.score_windows(scaled, windows[:, -1, :], np.arange(n), self.device, self.batch_size,
-                                              self.precision)
-        return (np.asarray(scored.scores, dtype=np.float64), np.asarray(scored.sensor_errors, dtype=np.float64),
-                np.asarray(scored.expected, dtype=np.float64))
+        ws = window_scores(self.forward_model, scaled, self.device, self.batch_size, self.precision)
+        expected = self.detector.scaler.inverse(ws.last_reconstruction)  # as Detector.score_windows
+        return (np.asarray(ws.scores, dtype=np.float64), np.asarray(ws.sensor_errors, dtype=np.float64),
+                np.asarray(expected, dtype=np.float64))
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class WorkerOptions:
     precision: str = "fp32"  # forward pass: fp32, bf16 or auto (anomaly.scoring.resolve_precision)
     create_topics: bool = True  # create missing topics at start; False: require them to exist
     switch_interval_ms: float = 0.0  # sys.setswitchinterval while running; 0 = leave the interpreter's
+    trace_model: bool = False  # CPU: score through a checked TorchScript trace (scoring.traced_for_scoring)
 
 
 @dataclass
@@ -107,7 +108,11 @@ class Worker:
 
     def _serving(self, detector, version: str) -> DetectorModel:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
-        return DetectorModel(detector, self.follower.model_name, version, self.device, precision=self.options.precision)
+        model = DetectorModel(detector, self.follower.model_name, version, self.device, precision=self.options.precision,
+                              trace=self.options.trace_model)
+        if self.options.trace_model and self.device.type == "cpu":
+            log.info("scoring v%s %s", version, "through a TorchScript trace" if model.traced else "without a trace")
+        return model
 
     # --- lifecycle ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -259,4 +264,4 @@ def options_from_settings(settings) -> WorkerOptions:
                                  cooldown_s=w.cooldown_s, top_k=w.top_sensors),
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
         device=w.device, precision=w.precision, create_topics=w.create_topics,
-        switch_interval_ms=w.switch_interval_ms)
+        switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model)

@@ -195,7 +195,8 @@ def forward_us_per_window(detector, windows: int = 1250) -> float:
     from anomaly.scoring_step import DetectorModel
     from anomaly.training import resolve_device
 
-    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision)
+    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision,
+                          trace=WorkerSettings().trace_model)
     base = synthetic_values(model.window_size + 8)
     batch = np.stack([base[i % 8: i % 8 + model.window_size] for i in range(windows)])
     best = float("inf")

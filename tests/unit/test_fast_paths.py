@@ -313,3 +313,61 @@ def test_cpu_training_streams_split_each_batch_and_learn_like_one_pass(monkeypat
     for a, b in zip(one.history, two.history):  # the same gradients up to rounding: the same curve
         assert b.val_loss == pytest.approx(a.val_loss, rel=1e-3)
     assert two.best_val_loss < two.history[0].val_loss * 0.7
+
+
+@pytest.mark.parametrize("variant", [{}, {"cell": "gru"}, {"cell": "peephole"}, {"attention": True},
+                                     {"bidirectional": True, "num_layers": 2, "dropout": 0.1}])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_traced_scoring_gives_the_models_scores(variant, precision):
+    """The TorchScript trace the worker scores through (CPU) gives exactly the eager model's scores, for
+    every model variant, at batch sizes other than the traced one."""
+    from anomaly.scoring import traced_for_scoring
+
+    if precision == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU")
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(n_features=3, window_size=12, hidden_size=16, latent_size=4, **variant))
+    traced = traced_for_scoring(model, 12, 3, "cpu", precision)
+    assert isinstance(traced, torch.jit.ScriptModule), "the trace was refused"
+    windows = make_windows(_series(300), 12)
+    for batch_size in (1, 5, 64):
+        eager = window_scores(model, windows, "cpu", batch_size=batch_size, precision=precision)
+        fast = window_scores(traced, windows, "cpu", batch_size=batch_size, precision=precision)
+        np.testing.assert_array_equal(fast.scores, eager.scores)
+        np.testing.assert_array_equal(fast.sensor_errors, eager.sensor_errors)
+        np.testing.assert_array_equal(fast.last_reconstruction, eager.last_reconstruction)
+
+
+def test_a_trace_that_fails_or_differs_keeps_the_model(monkeypatch, caplog):
+    from anomaly import scoring
+
+    model = _model()
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
+    with caplog.at_level("INFO", logger="anomaly.scoring"):
+        assert scoring.traced_for_scoring(model, 12, 3) is model
+    assert "untraceable" in caplog.text
+
+    class Wrong(torch.nn.Module):  # a "trace" that answers differently from the model
+        def forward(self, x):
+            return model(x) + 1.0
+
+    monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: Wrong())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="anomaly.scoring"):
+        assert scoring.traced_for_scoring(model, 12, 3) is model
+    assert "differs" in caplog.text
+
+
+def test_detector_model_scores_alike_with_and_without_the_trace():
+    from anomaly.detector import fit_detector
+    from anomaly.scoring_step import DetectorModel
+
+    values = _series(400).astype(np.float64)
+    detector, _, _ = fit_detector(values, ("a", "b", "c"), {"window_size": 12, "hidden_size": 16, "latent_size": 4},
+                                  TrainConfig(epochs=1, device="cpu", progress=False))
+    plain = DetectorModel(detector, "m", "1", "cpu", trace=False)
+    traced = DetectorModel(detector, "m", "1", "cpu", trace=True)
+    assert traced.traced and not plain.traced and plain.forward_model is detector.model
+    windows = np.stack([values[i:i + 12] for i in range(0, 300, 3)])
+    for a, b in zip(plain.score(windows), traced.score(windows)):
+        np.testing.assert_array_equal(a, b)
