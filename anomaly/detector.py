@@ -86,10 +86,11 @@ class Detector:
 
     def score_windows(self, windows: np.ndarray, actual: np.ndarray, end_rows: np.ndarray,
                       device: str | torch.device = "cpu", batch_size: int = SCORE_BATCH,
-                      precision: str = "fp32") -> ScoredSeries:
+                      precision: str = "fp32", forward_model: torch.nn.Module | None = None) -> ScoredSeries:
         """Score scaled windows (N, W, F); ``actual`` is each window's last reading in original units.
-        ``precision``: see ``anomaly.scoring.window_scores``."""
-        model = self.model.to(device)
+        ``precision``: see ``anomaly.scoring.window_scores``. ``forward_model``: the module that runs the
+        forward passes instead of ``self.model`` (the worker's checked TorchScript trace of it)."""
+        model = (self.model if forward_model is None else forward_model).to(device)
         ws = window_scores(model, windows, device, batch_size, precision)
         expected = self.scaler.inverse(ws.last_reconstruction)
         return ScoredSeries(end_rows=np.asarray(end_rows), scores=ws.scores, sensor_errors=ws.sensor_errors,

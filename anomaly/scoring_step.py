@@ -38,7 +38,7 @@ from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
-from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring, window_scores
+from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
 from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
@@ -104,10 +104,10 @@ class DetectorModel:
         if n == 0:
             return np.empty(0), np.empty((0, f)), np.empty((0, f))
         scaled = self.detector.scaler.transform(windows)  # (N, W, F) float32
-        ws = window_scores(self.forward_model, scaled, self.device, self.batch_size, self.precision)
-        expected = self.detector.scaler.inverse(ws.last_reconstruction)  # as Detector.score_windows
-        return (np.asarray(ws.scores, dtype=np.float64), np.asarray(ws.sensor_errors, dtype=np.float64),
-                np.asarray(expected, dtype=np.float64))
+        scored = self.detector.score_windows(scaled, windows[:, -1, :], np.arange(n), self.device, self.batch_size,
+                                              self.precision, forward_model=self.forward_model)
+        return (np.asarray(scored.scores, dtype=np.float64), np.asarray(scored.sensor_errors, dtype=np.float64),
+                np.asarray(scored.expected, dtype=np.float64))
 
 
 @dataclass(frozen=True)

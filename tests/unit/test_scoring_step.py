@@ -13,7 +13,6 @@ from anomaly.alerts import AlertPolicy
 from anomaly.codec import Reading, decode_dead_letter, decode_event, encode_reading, event_id
 from anomaly.detector import fit_detector
 from anomaly.errors import ModelError
-from anomaly import scoring_step
 from anomaly.scoring_step import BatchOutput, DetectorModel, InputRecord, ScoringModel, ScoringStep
 from anomaly.thresholds import Threshold
 from anomaly.training import TrainConfig
@@ -265,20 +264,20 @@ def test_detector_model_scores_streamed_windows_like_offline_scoring(detector_mo
     assert detector_model.sensors == SENSORS and detector_model.window_size == 8 and detector_model.period_s == 1.0
     assert detector_model.fill_values == pytest.approx(detector_model.detector.scaler.centre)
     calls = []
-    original = scoring_step.window_scores
+    original = detector_model.detector.score_windows
 
-    def counted(model, windows, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(windows))
-        return original(model, windows, *args, **kwargs)
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(args[0]))
+        return original(*args, **kwargs)
 
-    scoring_step.window_scores = counted
+    detector_model.detector.score_windows = counted  # type: ignore[method-assign]
     try:
         a = normal_frame(rows=60, seed=5).to_numpy()
         b = normal_frame(rows=60, seed=6).to_numpy()
         step = ScoringStep(detector_model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(), emit_scores=True)
         out = step.process(frame_records(a, "pump-a", 0) + frame_records(b, "pump-b", 1), now_s=T0 + 60)
     finally:
-        scoring_step.window_scores = original
+        del detector_model.detector.score_windows
     assert calls == [2 * (60 - 8 + 1)]  # one pass for both entities
     streamed: dict[bytes, list[float]] = {}
     for key, value in out.scores:
