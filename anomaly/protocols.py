@@ -136,10 +136,15 @@ def last_step_errors(result: SeriesResult) -> np.ndarray:
     return np.nan_to_num(squared.mean(axis=1), nan=0.0)
 
 
+def nab_calibrate(errors: np.ndarray) -> np.ndarray:
+    """Per-row errors -> NAB scores in [0, 1]: against their own trailing history
+    (``anomaly_likelihood``), each alarm once (``suppress_repeats``). Past only throughout."""
+    return suppress_repeats(anomaly_likelihood(errors, **NAB_LIKELIHOOD), NAB_REPEAT_ROWS)
+
+
 def nab_calibrated(result: SeriesResult) -> np.ndarray:
-    """NAB's per-row score in [0, 1]: last-step errors (``last_step_errors``) against their own trailing
-    history (``anomaly_likelihood``), each alarm once (``suppress_repeats``). Past only throughout."""
-    return suppress_repeats(anomaly_likelihood(last_step_errors(result), **NAB_LIKELIHOOD), NAB_REPEAT_ROWS)
+    """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``) through ``nab_calibrate``."""
+    return nab_calibrate(last_step_errors(result))
 
 
 def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:

@@ -31,23 +31,19 @@ import numpy as np
 from anomaly import evaluation
 from anomaly.calibration import anomaly_likelihood, suppress_repeats
 from anomaly.cli import default_data_dir
-from anomaly.protocols import NAB_LIKELIHOOD, NAB_REPEAT_ROWS, last_step_errors, profile_settings, score_series
+from anomaly.protocols import last_step_errors, nab_calibrate, profile_settings, score_series
 
 log = logging.getLogger("nab_ablation")
 
 Chain = Callable[[Mapping[str, Any]], np.ndarray]
 
 
-def _shipped(signal: np.ndarray) -> np.ndarray:
-    return suppress_repeats(anomaly_likelihood(signal, **NAB_LIKELIHOOD), NAB_REPEAT_ROWS)
-
-
 CHAINS: dict[str, Chain] = {
     "window-mean error, likelihood 5/500 (before)": lambda f: anomaly_likelihood(f["mean"], 5, 500, 50),
     "+ each alarm once (100 rows)": lambda f: suppress_repeats(anomaly_likelihood(f["mean"], 5, 500, 50), 100),
-    "likelihood 1/1000, each alarm once": lambda f: _shipped(f["mean"]),
-    "newest-step error, likelihood 1/1000, each alarm once (shipped)": lambda f: _shipped(f["last"]),
-    "no model: the absolute first difference, the shipped calibration": lambda f: _shipped(f["diff"]),
+    "likelihood 1/1000, each alarm once": lambda f: nab_calibrate(f["mean"]),
+    "newest-step error, likelihood 1/1000, each alarm once (shipped)": lambda f: nab_calibrate(f["last"]),
+    "no model: the absolute first difference, the shipped calibration": lambda f: nab_calibrate(f["diff"]),
 }
 
 
