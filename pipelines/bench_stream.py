@@ -188,17 +188,30 @@ def _matmul_us_per_row(b) -> float:
     return best / 4096 * 1e6
 
 
-def forward_us_per_window(detector, windows: int = 1250) -> float:
-    """The served model's forward pass (``DetectorModel.score``) per window at a worker-sized batch, best
-    of 3, in µs: what the ``busy`` stand-in spends."""
+def served_model(detector, trace: bool):
+    """``detector`` as a ``DetectorModel`` on the worker's default device and precision (``trace``: through
+    the checked TorchScript trace, as the worker's ``trace_model`` default serves it)."""
     from anomaly.config import WorkerSettings
     from anomaly.scoring_step import DetectorModel
     from anomaly.training import resolve_device
 
-    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision,
-                          trace=WorkerSettings().trace_model)
+    return DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision,
+                         trace=trace)
+
+
+def sample_windows(model, n: int) -> np.ndarray:
+    """``n`` windows (N, W, F) of healthy synthetic readings for ``model``."""
     base = synthetic_values(model.window_size + 8)
-    batch = np.stack([base[i % 8: i % 8 + model.window_size] for i in range(windows)])
+    return np.stack([base[i % 8: i % 8 + model.window_size] for i in range(n)])
+
+
+def forward_us_per_window(detector, windows: int = 1250) -> float:
+    """The served model's forward pass (``DetectorModel.score``) per window at a worker-sized batch, best
+    of 3, in µs: what the ``busy`` stand-in spends."""
+    from anomaly.config import WorkerSettings
+
+    model = served_model(detector, trace=WorkerSettings().trace_model)
+    batch = sample_windows(model, windows)
     best = float("inf")
     for _ in range(3):
         started = time.perf_counter()
@@ -400,14 +413,9 @@ def run_worker(worker, timeout_s: float) -> None:
 
 def warm_up(detector) -> None:
     """One forward pass per typical batch size, so the first real batch does not pay torch's set-up."""
-    from anomaly.config import WorkerSettings
-    from anomaly.scoring_step import DetectorModel
-    from anomaly.training import resolve_device
-
-    model = DetectorModel(detector, MODEL_NAME, "1", resolve_device("auto"), precision=WorkerSettings().precision)
-    base = synthetic_values(model.window_size + 8)
+    model = served_model(detector, trace=False)
     for n in (1, 100):
-        model.score(np.stack([base[i % 8: i % 8 + model.window_size] for i in range(n)]))
+        model.score(sample_windows(model, n))
 
 
 def percentiles_ms(values) -> dict[str, float | None]:
