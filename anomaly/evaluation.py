@@ -128,7 +128,7 @@ def skab_binary_metrics(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarra
 # --------------------------------------------------------------------------------------------------
 
 
-def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def true_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Starts and (exclusive) ends of the maximal runs of True in a 1-D bool array."""
     edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
     return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
@@ -136,7 +136,7 @@ def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def label_events(labels: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of positive rows as ``(start, end)``, ``end`` EXCLUSIVE (``labels[start:end]``)."""
-    starts, ends = _runs(_as_bool(labels, "labels"))
+    starts, ends = true_runs(_as_bool(labels, "labels"))
     return [(int(s), int(e)) for s, e in zip(starts, ends)]
 
 
@@ -167,8 +167,8 @@ def event_metrics(y_true: np.ndarray, y_pred: np.ndarray, timestamps: Any = None
     if len(t) != len(p):
         raise ValueError(f"{len(t)} labels but {len(p)} predictions")
     elapsed = None if timestamps is None else _elapsed_seconds(timestamps, len(t))
-    true_starts, true_ends = _runs(t)
-    pred_starts, pred_ends = _runs(p)
+    true_starts, true_ends = true_runs(t)
+    pred_starts, pred_ends = true_runs(p)
     # Cumulative counts answer "any positive in [s, e)?" for every run at once.
     true_csum = np.concatenate(([0], np.cumsum(t, dtype=np.int64)))
     pred_csum = np.concatenate(([0], np.cumsum(p, dtype=np.int64)))
@@ -240,7 +240,7 @@ def point_adjusted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     p = _as_bool(y_pred, "y_pred").copy()
     if len(t) != len(p):
         raise ValueError(f"{len(t)} labels but {len(p)} predictions")
-    for s, e in zip(*_runs(t)):
+    for s, e in zip(*true_runs(t)):
         if p[s:e].any():
             p[s:e] = True
     tp = int(np.count_nonzero(t & p))

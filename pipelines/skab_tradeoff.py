@@ -130,8 +130,7 @@ def extent(x: np.ndarray, trim: int, k: int = 1) -> np.ndarray:
     if trim < 0 or k < 1:
         raise ValueError("trim >= 0 and k >= 1 are required")
     out = np.zeros(len(x), bool)
-    edges = np.diff(np.concatenate([[0], x.astype(np.int8), [0]]))
-    for start, stop in zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()):
+    for start, stop in zip(*(ends.tolist() for ends in evaluation.true_runs(x))):
         if stop - start >= k:  # stop: one past the run's last row
             out[start:max(start, stop - trim)] = True
     return out
