@@ -220,6 +220,10 @@ class WorkerSettings:
                                     "after each torch call the scoring thread waits at most this long for Python's lock "
                                     "while the main thread decodes. 0 = leave it (Python's default is 5 ms); 0.5 measured "
                                     "+6 to +17 % throughput on 2 cores", 0.5)
+    gc_freeze: bool = doc("once started (and again after each model swap), move every object built so far (imports, "
+                          "model, clients) out of reach of Python's cyclic garbage collector (gc.freeze), so the "
+                          "collections that per-record allocations trigger do not walk them again and again; "
+                          "measured +12 to +50 % msg/s over 10 paired runs on 2 cores", True)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")
     metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
 

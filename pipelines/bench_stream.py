@@ -74,6 +74,7 @@ Caveats
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -273,6 +274,10 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeo
     consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw", [topic])
     count, first, deadline = 0, None, time.monotonic() + timeout_s
     loads = orjson.loads  # the worker's decoder (anomaly.codec.decode_batch): the same on both sides
+    # What this process built so far (torch, MLflow, the fitted model) is frozen out of the cyclic
+    # collector's walks, as the worker does at start (worker.gc_freeze): a bare consumer in a fresh
+    # process would not carry them, and carrying them costs it about a third of its rate.
+    gc.freeze()
     try:
         while count < n and time.monotonic() < deadline:
             polled = consumer.poll(timeout_ms=1000, max_records=max_poll_records)
@@ -284,6 +289,7 @@ def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeo
                     count += 1
         done = time.perf_counter()
     finally:
+        gc.unfreeze()
         consumer.close(autocommit=False)
     if count < n or first is None:
         raise RuntimeError(f"raw consumer read {count} of {n} records within {timeout_s:.0f} s")

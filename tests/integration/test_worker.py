@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -84,23 +85,27 @@ def _scores_by_entity(bootstrap, topic):
 
 def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic_name):
     settings, outcome = champion
-    opts = _options(kafka_broker, topic_name, switch_interval_ms=0.5)
+    opts = _options(kafka_broker, topic_name, switch_interval_ms=0.5, gc_freeze=True)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     frames, plan, _ = _fleet()
     replay(kafka_broker, opts.input_topic, plan, progress=False)
 
     class Observed(Worker):
         intervals: list[float] = []
+        frozen: list[int] = []
 
         def _follow_model(self) -> None:  # called once per loop turn, in the loop's thread
             self.intervals.append(sys.getswitchinterval())
+            self.frozen.append(gc.get_freeze_count())
             super()._follow_model()
 
-    before = sys.getswitchinterval()
+    before, frozen_before = sys.getswitchinterval(), gc.get_freeze_count()
     worker = Observed(opts, _follower(settings))
     stats = worker.run(idle_stop_s=4)
     assert stats.consumed == len(plan)
     assert set(Observed.intervals) == {0.0005} and sys.getswitchinterval() == before  # set while running, restored
+    # The objects built before the loop are frozen out of the collector while it runs, and thawed after.
+    assert min(Observed.frozen) > frozen_before + 10_000 and gc.get_freeze_count() == frozen_before
     events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
     opened = [e for e in events if e["status"] == "open"]
     assert [e["entity"] for e in opened] == ["pump-a"], events  # one event, on the faulty pump only
@@ -148,7 +153,7 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
 
 def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_name):
     settings, outcome = champion
-    opts = _options(kafka_broker, topic_name)
+    opts = _options(kafka_broker, topic_name, gc_freeze=True)  # the swap also re-freezes (worker._refreeze_gc)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     follower = _follower(settings, interval=0.2)
     worker = Worker(opts, follower)
