@@ -22,7 +22,8 @@ Method
    4-partition input topic FIRST (the load rate is reported: kafka-python's producer is the limit),
    then consumed twice from the beginning, each in its own consumer group:
    - ``raw_msgs_per_s``: a bare kafka-python consumer that only decodes each value with ``orjson.loads``
-     (the JSON decoder the worker uses: the same decoder on both sides; CRC checks on, as in the worker);
+     (the JSON decoder the worker uses: the same decoder on both sides; CRC checks on, as in the worker;
+     the process's objects frozen out of the garbage collector, as the worker's ``gc_freeze`` does);
    - ``worker_msgs_per_s``: the real ``Worker`` (config defaults: stride, max_poll_records, scores
      topic off) with decode, windows, batched forward pass, alerts, event production, flush, commits.
    Both clocks run from the first non-empty poll to the moment all N are processed, so the ≈ 3 s group
