@@ -51,3 +51,23 @@ def suppress_repeats(scores: np.ndarray, rows: int) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     before = pd.Series(s).shift(1).rolling(rows, min_periods=1).max().to_numpy()
     return np.where(np.isnan(before) | (s > before), s, 0.0)
+
+
+def beyond_seen_range(values: np.ndarray, tolerance: float) -> np.ndarray:
+    """Per row, whether any sensor's value lies outside the range of that sensor's earlier values
+    widened by ``tolerance`` × its width: a level never reached before, which a model of the recent
+    past may reconstruct well enough to miss (Numenta's "spatial anomaly" rule, which NAB's HTM
+    detector adds to its scores with a tolerance of 0.05). Past only; False until a sensor has two
+    distinct earlier values; NaN values are neither flagged nor counted in the range."""
+    if tolerance < 0:
+        raise ValueError("tolerance >= 0 is required")
+    x = np.asarray(values, dtype=np.float64)
+    x2 = x.reshape(len(x), -1)
+    lo = np.fmin.accumulate(x2, axis=0)  # NaN-skipping running min/max (all-NaN so far stays NaN)
+    hi = np.fmax.accumulate(x2, axis=0)
+    pad = np.full((1, x2.shape[1]), np.nan)
+    lo, hi = np.vstack([pad, lo[:-1]]), np.vstack([pad, hi[:-1]])  # the rows before each row
+    width = hi - lo
+    with np.errstate(invalid="ignore"):
+        out = (width > 0) & ((x2 > hi + tolerance * width) | (x2 < lo - tolerance * width))
+    return out.any(axis=1)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, suppress_repeats, z_to_unit
+from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats, z_to_unit
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
@@ -125,6 +125,7 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
 
 
 NAB_LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # rows; see anomaly.calibration
+NAB_RANGE_TOLERANCE = 0.05  # Numenta's spatial-anomaly tolerance, taken as published (not tuned here)
 NAB_REPEAT_ROWS = 100  # an alarm is reported again only when higher than every score of the last 100 rows
 NAB_OWN_Z = 4.0  # our own alarm level on NAB: the recent error is 4 trailing standard deviations high
 
@@ -136,15 +137,21 @@ def last_step_errors(result: SeriesResult) -> np.ndarray:
     return np.nan_to_num(squared.mean(axis=1), nan=0.0)
 
 
-def nab_calibrate(errors: np.ndarray) -> np.ndarray:
+def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
     """Per-row errors -> NAB scores in [0, 1]: against their own trailing history
-    (``anomaly_likelihood``), each alarm once (``suppress_repeats``). Past only throughout."""
-    return suppress_repeats(anomaly_likelihood(errors, **NAB_LIKELIHOOD), NAB_REPEAT_ROWS)
+    (``anomaly_likelihood``); with ``values`` (T, F), a row whose value is beyond the range seen so far
+    (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each alarm once (``suppress_repeats``).
+    Past only throughout."""
+    scores = anomaly_likelihood(errors, **NAB_LIKELIHOOD)
+    if values is not None:
+        scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
+    return suppress_repeats(scores, NAB_REPEAT_ROWS)
 
 
 def nab_calibrated(result: SeriesResult) -> np.ndarray:
-    """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``) through ``nab_calibrate``."""
-    return nab_calibrate(last_step_errors(result))
+    """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``) and the values through
+    ``nab_calibrate``."""
+    return nab_calibrate(last_step_errors(result), result.values)
 
 
 def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:

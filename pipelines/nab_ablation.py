@@ -11,8 +11,11 @@ scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at
   used before;
 - the same, each alarm once (``calibration.suppress_repeats``, 100 rows);
 - likelihood short 1, long 1000, each alarm once;
-- the newest step's error instead of the window mean (the shipped chain, ``protocols.nab_calibrated``);
-- a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the shipped chain's calibration.
+- the newest step's error instead of the window mean;
+- and a value beyond the range seen so far scoring 1 (``calibration.beyond_seen_range``, Numenta's
+  tolerance 0.05): the shipped chain, ``protocols.nab_calibrated``;
+- a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the shipped chain's
+  calibration, and without the range rule.
 """
 
 from __future__ import annotations
@@ -42,21 +45,25 @@ CHAINS: dict[str, Chain] = {
     "window-mean error, likelihood 5/500 (before)": lambda f: anomaly_likelihood(f["mean"], 5, 500, 50),
     "+ each alarm once (100 rows)": lambda f: suppress_repeats(anomaly_likelihood(f["mean"], 5, 500, 50), 100),
     "likelihood 1/1000, each alarm once": lambda f: nab_calibrate(f["mean"]),
-    "newest-step error, likelihood 1/1000, each alarm once (shipped)": lambda f: nab_calibrate(f["last"]),
-    "no model: the absolute first difference, the shipped calibration": lambda f: nab_calibrate(f["diff"]),
+    "newest-step error, likelihood 1/1000, each alarm once": lambda f: nab_calibrate(f["last"]),
+    "+ a value beyond the range seen so far scores 1 (shipped)": lambda f: nab_calibrate(f["last"], f["values"]),
+    "no model: the absolute first difference, the shipped calibration":
+        lambda f: nab_calibrate(f["diff"], f["values"]),
+    "the same without the range rule": lambda f: nab_calibrate(f["diff"]),
 }
 
 
 def collect(series: Sequence[Any], settings: Any) -> list[dict[str, Any]]:
     """Per file: ``mean`` (window-mean error per row), ``last`` (newest-step error), ``diff`` (|first
-    difference| of the first sensor), all 0 where no window ends yet, and NAB's ``windows``."""
+    difference| of the first sensor), all 0 where no window ends yet, ``values`` (T, F) and NAB's ``windows``."""
     files = []
     for i, s in enumerate(series, 1):
         log.info("%d/%d %s", i, len(series), s.name)
         r = score_series(s, settings, score_from=0)
         first = r.values[:, 0]
         files.append({"name": s.name, "mean": np.nan_to_num(r.scores, nan=0.0), "last": last_step_errors(r),
-                      "diff": np.abs(np.diff(first, prepend=first[0])), "windows": list(s.meta["windows"])})
+                      "diff": np.abs(np.diff(first, prepend=first[0])), "values": r.values,
+                      "windows": list(s.meta["windows"])})
     return files
 
 
@@ -91,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         with cache.open("rb") as fh:
             files = pickle.load(fh)
         log.info("reusing %s (%d files)", cache, len(files))
+        if any("values" not in f for f in files):  # a cache from before the range rule: add the readings
+            from anomaly.datasets import load_nab
+
+            frames = {s.name: s.frame for s in load_nab(Path(args.data_dir) if args.data_dir else default_data_dir("nab"))}
+            for f in files:
+                f.setdefault("values", frames[f["name"]].to_numpy(dtype=np.float64))
     else:
         from anomaly.datasets import load_nab
 

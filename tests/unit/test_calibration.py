@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomaly.calibration import anomaly_likelihood, score_z, suppress_repeats, z_to_unit
+from anomaly.calibration import anomaly_likelihood, beyond_seen_range, score_z, suppress_repeats, z_to_unit
 
 
 def test_sudden_change_stands_out_slow_drift_does_not():
@@ -61,3 +61,21 @@ def test_suppress_repeats_uses_only_the_past():
         assert np.array_equal(suppress_repeats(s[:cut], 25), full[:cut])
     with pytest.raises(ValueError):
         suppress_repeats(s, 0)
+
+
+def test_beyond_seen_range_by_hand():
+    x = np.array([1.0, 3.0, 2.0, 3.05, 3.2, -1.0, np.nan, 5.0])
+    # row 3: 3.05 is above the max 3 but within 5 % of the width 2; row 4: above 3.05 + 0.05 * 2.05
+    assert beyond_seen_range(x, 0.05).tolist() == [False, False, False, False, True, True, False, True]
+    assert beyond_seen_range(x, 0.0).tolist() == [False, False, False, True, True, True, False, True]
+    two = np.column_stack([[0.0, 1.0, 0.5, 0.5], [0.0, 1.0, 0.5, 9.0]])
+    assert beyond_seen_range(two, 0.05).tolist() == [False, False, False, True]  # any sensor
+
+
+def test_beyond_seen_range_uses_only_the_past():
+    x = np.random.default_rng(2).normal(0, 1, (300, 2))
+    full = beyond_seen_range(x, 0.05)
+    for cut in (1, 2, 50, 299):
+        assert np.array_equal(beyond_seen_range(x[:cut], 0.05), full[:cut])
+    with pytest.raises(ValueError):
+        beyond_seen_range(x, -0.1)

@@ -18,13 +18,13 @@ def _file(n=1200, jump_at=900):
     expected[:15] = np.nan
     last = np.nan_to_num((values - expected) ** 2, nan=0.0)
     return {"name": "f", "mean": last, "last": last, "diff": np.abs(np.diff(values, prepend=values[0])),
-            "windows": [(jump_at - 40, jump_at + 40)], "values": values, "expected": expected}
+            "windows": [(jump_at - 40, jump_at + 40)], "values": values[:, None], "expected": expected}
 
 
 def test_shipped_chain_is_the_protocols_chain():
     f = _file()
     n = len(f["values"])
-    r = SeriesResult(name="f", timestamps=np.arange(n), values=f["values"][:, None], labels=np.zeros(n, bool),
+    r = SeriesResult(name="f", timestamps=np.arange(n), values=f["values"], labels=np.zeros(n, bool),
                      scores=np.zeros(n), flags=np.zeros(n, bool), expected=f["expected"][:, None], threshold=0.0,
                      sensors=("value",), train_seconds=0.0)
     shipped = next(c for name, c in CHAINS.items() if "(shipped)" in name)
