@@ -65,6 +65,8 @@ class SeriesResult:
     train_seconds: float
     score_seconds: float = 0.0  # wall time of ``Detector.score_values`` over the whole series
     windows_scored: int = 0  # windows in that call
+    validation_scores: np.ndarray | None = None  # window scores of the training rows' validation split
+    best_epoch: int | None = None  # the epoch whose weights were kept (early stopping)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     values = fill_rows(series.frame.to_numpy(dtype=np.float64))
     sensors = tuple(str(c) for c in series.frame.columns)
     started = time.perf_counter()
-    detector, _, _ = fit_values(values[: series.train_rows], sensors, settings)
+    detector, fitted, validation_scores = fit_values(values[: series.train_rows], sensors, settings)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     scored = detector.score_values(values)
@@ -99,7 +101,8 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
                         labels=labels[first:], scores=scores[first:],
                         flags=np.nan_to_num(scores[first:], nan=-np.inf) > thr, expected=expected[first:],
                         threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
-                        windows_scored=len(scored.scores))
+                        windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
+                        best_epoch=fitted.best_epoch)
 
 
 def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:

@@ -302,27 +302,20 @@ def run_config(overrides: Mapping[str, Mapping[str, Any]], threads: int) -> dict
 
 
 def protocol_run(name: str, raw: dict[str, dict[str, Any]], series: Sequence[Any]) -> dict[str, Any]:
-    """One SKAB protocol run with the settings ``raw``, keeping per file the test part's row scores and labels,
-    the validation scores, the threshold and the best epoch; ``metrics``: the protocol's own flags."""
+    """One SKAB protocol run with the settings ``raw`` (``protocols.score_series`` per file), keeping per file
+    the test part's row scores and labels, the validation scores, the threshold and the best epoch;
+    ``metrics``: the protocol's own flags."""
     from anomaly.config import build_settings
-    from anomaly.preparation import fill_rows
-    from anomaly.train_job import fit_values
-    from anomaly.windowing import rows_from_windows
+    from anomaly.protocols import score_series
 
     settings = build_settings(raw)
     started = time.perf_counter()
     files = []
     for i, s in enumerate(series, 1):
         log.info("%s: %d/%d %s", name, i, len(series), s.name)
-        values = fill_rows(s.frame.to_numpy(dtype=np.float64))
-        sensors = tuple(str(c) for c in s.frame.columns)
-        det, res, val_scores = fit_values(values[: s.train_rows], sensors, settings)
-        scored = det.score_values(values)
-        scores = rows_from_windows(scored.scores, len(values), det.window_size)
-        first = s.train_rows
-        labels = np.asarray(s.labels, bool)
-        files.append({"name": s.name, "scores": scores[first:], "labels": labels[first:],
-                      "val": np.asarray(val_scores), "threshold": det.threshold.value, "best_epoch": res.best_epoch})
+        r = score_series(s, settings)
+        files.append({"name": s.name, "scores": r.scores, "labels": r.labels, "val": r.validation_scores,
+                      "threshold": r.threshold, "best_epoch": r.best_epoch})
     seconds = time.perf_counter() - started
     flags = [np.nan_to_num(f["scores"], nan=-np.inf) > f["threshold"] for f in files]
     m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
