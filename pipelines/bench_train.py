@@ -26,7 +26,6 @@ told apart. Timings on a shared machine are noisy: run it twice.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -521,13 +520,6 @@ def _judge(ratio: float | None, target: float) -> str:
     return f"≥ {target:g}× — {'met' if ratio >= target else '**not met**'}"
 
 
-def update_readme(text: str, readme: Path = Path("README.md")) -> None:
-    """Replace the README's ``bench-train`` section (the accuracy benchmark's marker writer)."""
-    from pipelines.benchmark import update_readme as replace_section
-
-    replace_section(text, readme, marker=MARKER)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -543,19 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", help="do not run; render the README section from this results file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-    else:
-        data_root = Path(args.data_dir) if args.data_dir else default_data_dir("skab").parent
-        data = run(args.sizes.split(","), args.devices.split(","), args.quick, args.cpu_threads, args.repeats,
-                   data_root)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
-    text = markdown(data)
-    print(text)
-    if args.update_readme:
-        update_readme(text)
-    return 0
+    from pipelines.benchmark import report
+
+    data_root = Path(args.data_dir) if args.data_dir else default_data_dir("skab").parent
+    return report(args, lambda: run(args.sizes.split(","), args.devices.split(","), args.quick, args.cpu_threads,
+                                    args.repeats, data_root), markdown, marker=MARKER)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -310,6 +311,23 @@ def update_readme(text: str, readme: Path = Path("README.md"), marker: str = "be
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
 
 
+def report(args: argparse.Namespace, measure: Callable[[], dict], render: Callable[[dict], str],
+           marker: str = "benchmark") -> int:
+    """The benchmarks' common ending: the figures from ``--from-json`` or from ``measure()`` (then written
+    to ``--json``), rendered, printed, and with ``--update-readme`` put between the README's ``marker``s."""
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+    else:
+        data = measure()
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    text = render(data)
+    print(text)
+    if args.update_readme:
+        update_readme(text, marker=marker)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,17 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.update_readme:
             update_readme(text, marker="variants")
         return 0
-    if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
-    else:
-        data = run(args.datasets.split(","), args.limit)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
-    text = markdown(data)
-    print(text)
-    if args.update_readme:
-        update_readme(text)
-    return 0
+    return report(args, lambda: run(args.datasets.split(","), args.limit), markdown)
 
 
 if __name__ == "__main__":

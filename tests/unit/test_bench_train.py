@@ -34,9 +34,10 @@ def quick(tmp_path_factory):
                            "--repeats", "1", "--data-dir", str(data), "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    from pipelines.bench_train import markdown, update_readme
+    from pipelines.bench_train import MARKER, markdown
+    from pipelines.benchmark import update_readme
     data_out = json.loads(out.read_text())
-    update_readme(markdown(data_out), readme)
+    update_readme(markdown(data_out), readme, marker=MARKER)
     return data_out, done.stdout, readme.read_text()
 
 
