@@ -15,7 +15,7 @@ scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at
 - and a value beyond the range seen so far scoring 1 (``calibration.beyond_seen_range``, Numenta's
   tolerance 0.05): the shipped chain, ``protocols.nab_calibrated``;
 - a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the shipped chain's
-  calibration, and without the range rule.
+  calibration, and without the range rule; and the range rule alone.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ CHAINS: dict[str, Chain] = {
     "no model: the absolute first difference, the shipped calibration":
         lambda f: nab_calibrate(f["diff"], f["values"]),
     "the same without the range rule": lambda f: nab_calibrate(f["diff"]),
+    "the range rule alone (no model, no likelihood)": lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"]),
 }
 
 
