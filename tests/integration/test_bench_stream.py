@@ -45,6 +45,9 @@ def test_quick_run_reports_every_figure(quick_result):
     for key in ("raw_msgs_per_s", "worker_msgs_per_s", "ratio", "p50_ms", "p99_ms", "load_msgs_per_s"):
         assert _positive(r[key]), (key, r[key])
     assert r["ratio"] == pytest.approx(r["worker_msgs_per_s"] / r["raw_msgs_per_s"])
+    rounds = r["throughput_detail"]["rounds"]
+    assert r["ratio_median_round"] == pytest.approx(np.median([x["worker_msgs_per_s"] / x["raw_msgs_per_s"]
+                                                               for x in rounds]))
     assert r["p50_ms"] <= r["p99_ms"]
     # Context the numbers cannot be read without.
     assert r["messages"] == 20_000 and r["entities"] == 100 and r["offered_rate"] == 1000
