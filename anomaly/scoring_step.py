@@ -93,9 +93,10 @@ class DetectorModel:
         detector.model.to(device)
         # The module the forward passes run: a checked TorchScript trace on CPU when asked (see
         # scoring.traced_for_scoring), else the detector's own model.
+        self.trace_tried = trace and torch.device(device).type == "cpu"
         self.forward_model = (traced_for_scoring(detector.model, self.window_size, len(self.sensors), device,
                                                  self.precision)
-                              if trace and torch.device(device).type == "cpu" else detector.model)
+                              if self.trace_tried else detector.model)
         self.traced = self.forward_model is not detector.model
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -114,7 +114,7 @@ class Worker:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
         model = DetectorModel(detector, self.follower.model_name, version, self.device, precision=self.options.precision,
                               trace=self.options.trace_model)
-        if self.options.trace_model and self.device.type == "cpu":
+        if model.trace_tried:
             log.info("scoring v%s %s", version, "through a TorchScript trace" if model.traced else "without a trace")
         return model
 

@@ -368,6 +368,7 @@ def test_detector_model_scores_alike_with_and_without_the_trace():
     plain = DetectorModel(detector, "m", "1", "cpu", trace=False)
     traced = DetectorModel(detector, "m", "1", "cpu", trace=True)
     assert traced.traced and not plain.traced and plain.forward_model is detector.model
+    assert traced.trace_tried and not plain.trace_tried  # what the worker's log line says
     windows = np.stack([values[i:i + 12] for i in range(0, 300, 3)])
     for a, b in zip(plain.score(windows), traced.score(windows)):
         np.testing.assert_array_equal(a, b)
