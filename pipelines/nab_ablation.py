@@ -34,6 +34,8 @@ import numpy as np
 from anomaly import evaluation
 from anomaly.calibration import anomaly_likelihood, suppress_repeats
 from anomaly.cli import default_data_dir
+from anomaly.datasets import load_nab
+from anomaly.preparation import fill_rows
 from anomaly.protocols import last_step_errors, nab_calibrate, profile_settings, score_series
 
 log = logging.getLogger("nab_ablation")
@@ -95,22 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cache = Path(args.cache)
+    nab_dir = Path(args.data_dir) if args.data_dir else default_data_dir("nab")
     if cache.is_file():
         with cache.open("rb") as fh:
             files = pickle.load(fh)
         log.info("reusing %s (%d files)", cache, len(files))
         if any("values" not in f for f in files):  # a cache from before the range rule: add the readings
-            from anomaly.datasets import load_nab
-
-            frames = {s.name: s.frame for s in load_nab(Path(args.data_dir) if args.data_dir else default_data_dir("nab"))}
-            for f in files:
-                f.setdefault("values", frames[f["name"]].to_numpy(dtype=np.float64))
+            frames = {s.name: s.frame for s in load_nab(nab_dir)}
+            for f in files:  # as collect keeps them: score_series' gap-filled readings
+                f.setdefault("values", fill_rows(frames[f["name"]].to_numpy(dtype=np.float64)))
+            with cache.open("wb") as fh:  # once: later runs read them from the cache
+                pickle.dump(files, fh)
     else:
-        from anomaly.datasets import load_nab
-
         started = time.perf_counter()
-        files = collect(load_nab(Path(args.data_dir) if args.data_dir else default_data_dir("nab")),
-                        profile_settings("nab"))
+        files = collect(load_nab(nab_dir), profile_settings("nab"))
         log.info("trained and scored %d files in %.0f s", len(files), time.perf_counter() - started)
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.open("wb") as fh:
