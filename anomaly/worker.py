@@ -18,12 +18,16 @@ Guarantees (DESIGN.md §3):
   their committed offsets (which never pass an open window's oldest reading), so windows are rebuilt
   from data rather than guessed.
 
-Overlap. The forward pass (torch, which releases the GIL) of batch i runs in a scoring thread while
-the loop polls and stages batch i+1 (kafka-python's fetch and our decoding are Python and hold the
-GIL), so on two cores the model costs little wall time. Batch i+1 is queued for scoring as soon as
-it is staged, so its forward pass also overlaps batch i's produce, flush and commit (scoring reads
-only the staged copy). Batches still complete strictly in order: batch i's alerts, outputs, flush
-and commit happen before batch i+1's alerts. A poll made while a
+Where the step runs (``anomaly.step_runner``). With ``scoring_process`` (the default on CPU) the whole
+step and the model follower run in a child process forked at start: this process polls, hands the
+record bytes over, and produces, flushes and commits each batch's outputs when they come back, so
+kafka-python's fetch and our decoding no longer share one interpreter lock. Without it (and on CUDA)
+the step's decoding runs on this thread and the forward pass (torch, which releases the GIL) in a
+scoring thread.
+
+Overlap. Batch i+1 is submitted as soon as it is polled, so its decoding and forward pass run while
+batch i's outputs are produced, flushed and committed. Batches still complete strictly in order:
+batch i's alerts, outputs, flush and commit happen before batch i+1's alerts. A poll made while a
 batch is in flight does not wait (``timeout_ms=0``): when no records are buffered, the batch in hand
 completes at once, so a caught-up worker adds no latency. Batch i's commit positions are computed
 when it is staged (staging i+1 changes nothing about them); a commit is sent only for partitions
@@ -39,7 +43,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -49,7 +52,8 @@ from anomaly import kafka_io
 from anomaly.alerts import AlertPolicy
 from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
-from anomaly.scoring_step import DetectorModel, ModelScores, PartitionBatch, ScoringStep, StagedBatch
+from anomaly.scoring_step import DetectorModel, PartitionBatch, ScoringStep
+from anomaly.step_runner import ProcessRunner, ThreadRunner
 from anomaly.training import resolve_device
 from anomaly.window_state import WindowPolicy
 
@@ -80,6 +84,7 @@ class WorkerOptions:
     switch_interval_ms: float = 0.0  # sys.setswitchinterval while running; 0 = leave the interpreter's
     trace_model: bool = False  # CPU: score through a checked TorchScript trace (scoring.traced_for_scoring)
     gc_freeze: bool = False  # freeze what was built before the loop (and after a swap) out of the cyclic GC's walks
+    scoring_process: bool = False  # run the step in a forked child process (anomaly.step_runner); CPU only
 
 
 @dataclass
@@ -109,6 +114,7 @@ class Worker:
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
         self._consumer = None
         self._producer = None
+        self._runner: ThreadRunner | ProcessRunner | None = None
 
     def _serving(self, detector, version: str) -> DetectorModel:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
@@ -141,35 +147,35 @@ class Worker:
             kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
         else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
             kafka_io.require_topics(o.bootstrap_servers, list(topics), o.client_options)
-        self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
-        self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
-                                                listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned))
         last_records = time.monotonic()
-        scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-score")
-        in_flight: tuple[StagedBatch, Future[ModelScores | None], float] | None = None
+        in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
         switch_interval = sys.getswitchinterval()
         try:
             if o.switch_interval_ms:  # the scoring thread gets the GIL back sooner after each torch call
                 sys.setswitchinterval(o.switch_interval_ms / 1000.0)
             if o.gc_freeze:
-                gc.freeze()  # see _refreeze_gc
+                gc.freeze()  # see step_runner.refreeze_gc; before a fork, so both processes share what it froze
+            # The runner first: a child is forked before the Kafka clients start their threads.
+            self._runner = self._make_runner()
+            self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
+            self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
+                                                    listener=kafka_io.rebalance_listener(self.on_revoked,
+                                                                                         self.on_assigned))
             while not self.stop_event.is_set():
                 timeout_ms = 0 if in_flight is not None else int(o.poll_timeout_s * 1000)
                 polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
                 batches = [PartitionBatch(tp.topic, tp.partition, [r.offset for r in rs], [r.key for r in rs],
                                           [r.value for r in rs]) for tp, rs in polled.items() if rs]
-                staged = None
+                submitted = None
                 if batches:
-                    started = time.perf_counter()
-                    staged = self.step.stage(batches, now_s=self.clock())
-                    # Queued at once: the scoring thread takes it up as soon as the batch in hand is
-                    # scored, so it also runs while that batch's outputs are produced and committed.
-                    scoring = scorer.submit(self.step.score, staged)
+                    started, now_s = time.perf_counter(), self.clock()
+                    # Submitted at once: its forward pass runs while the batch in hand is completed.
+                    submitted = (self._runner.submit(batches, now_s), now_s, started)
                 if in_flight is not None:
                     self._complete(*in_flight)
                     in_flight = None
-                if staged is not None:
-                    in_flight = (staged, scoring, started)
+                if submitted is not None:
+                    in_flight = submitted
                     last_records = time.monotonic()
                     if max_batches is not None and self.stats.batches + 1 >= max_batches:
                         break
@@ -184,19 +190,29 @@ class Worker:
                 self._complete(*in_flight)
                 in_flight = None
         finally:
-            scorer.shutdown(wait=True, cancel_futures=True)
             sys.setswitchinterval(switch_interval)
+            self._close()
             if o.gc_freeze:
                 gc.unfreeze()  # back to the collector's oldest generation, as before the run
-            self._close()
         return self.stats
 
+    def _make_runner(self) -> ThreadRunner | ProcessRunner:
+        runner = ThreadRunner(self.step, self.follower, self._serving, self.options.gc_freeze)
+        if not self.options.scoring_process:
+            return runner
+        if self.device.type == "cuda":
+            log.info("scoring in this process: a forked child cannot use CUDA")
+            return runner
+        return ProcessRunner(runner)
+
     # --- one batch ---------------------------------------------------------------------------
-    def _complete(self, staged: StagedBatch, scoring: Future[ModelScores | None], started: float) -> None:
-        """Finish a staged batch: wait for its forward pass, alerts, produce, flush, check every send,
-        then commit. Raises (committing nothing of the batch) if scoring or any delivery failed."""
+    def _complete(self, handle: Any, now_s: float, started: float) -> None:
+        """Finish a submitted batch: take its outputs from the runner (the forward pass and alerts), produce,
+        flush, check every send, then commit. Raises (committing nothing of the batch) if scoring or any
+        delivery failed."""
         o = self.options
-        out = self.step.complete(staged, scoring.result())
+        out = self._runner.result(handle)
+        self._batch_done(out, now_s)
         sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in out.events]
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
@@ -218,7 +234,7 @@ class Worker:
         # moment the batch was staged; add the batch's own time since.
         batch_s = time.perf_counter() - started
         self.metrics.record_batch(counts, batch_s, np.asarray(out.latencies_s, dtype=np.float64) + batch_s)
-        self.metrics.set_entities(self.step.windows.entities)
+        self.metrics.set_entities(self._runner.entities)
         s = self.stats
         s.batches += 1
         s.consumed += counts.get("consumed", 0)
@@ -229,57 +245,39 @@ class Worker:
             log.info("batch: %d records, %d windows, %d events, %d dead letters", counts.get("consumed", 0),
                      counts.get("windows_scored", 0), len(out.events), len(out.dead_letters))
 
+    def _batch_done(self, out, now_s: float) -> None:
+        """A batch's outputs, before they are produced (a hook for benchmarks; nothing here)."""
+
     def _follow_model(self) -> None:
-        new = self.follower.poll()
-        if new is None:
-            return
-        detector, version = new
-        kept = self.step.swap_model(self._serving(detector, version))
-        self.stats.model_swaps += 1
-        self.metrics.model_swapped(self.follower.model_name, version)
-        self.metrics.set_health(model_version=version)
-        log.info("now serving %s v%s (window state %s)", self.follower.model_name, version,
-                 "kept" if kept else "restarted: the new model's sensors, window or period differ")
-        if self.options.gc_freeze:
-            _refreeze_gc()
+        for swap in self._runner.follow_model():
+            self.stats.model_swaps += 1
+            self.metrics.model_swapped(self.follower.model_name, swap.version)
+            self.metrics.set_health(model_version=swap.version)
 
     def _close(self) -> None:
-        """Final flush and close. Commits were made per batch, after delivery; nothing pending here."""
-        if self._producer is not None:
-            try:
-                self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
-            finally:
-                self._producer.close(timeout=5)
-        if self._consumer is not None:
-            self._consumer.close(autocommit=False)
+        """Final flush and close, then the runner. Commits were made per batch, after delivery."""
+        try:
+            if self._producer is not None:
+                try:
+                    self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
+                finally:
+                    self._producer.close(timeout=5)
+            if self._consumer is not None:
+                self._consumer.close(autocommit=False)
+        finally:
+            if self._runner is not None:
+                self._runner.close()
         self.metrics.set_health("stopping", detail="stopped")
 
     # --- rebalance ---------------------------------------------------------------------------
     def on_revoked(self, partitions) -> None:
-        dropped = self.step.forget_partitions([(tp.topic, tp.partition) for tp in partitions])
-        log.info("partitions revoked: %s (%d entities' windows dropped)", sorted(p.partition for p in partitions), dropped)
+        if self._runner is not None:
+            self._runner.forget_partitions([(tp.topic, tp.partition) for tp in partitions])
 
     def on_assigned(self, partitions) -> None:
         """Newly assigned partitions start from their committed offsets (the consumer fetches them; this
         callback runs on the client's IO thread and must not block), so windows refill from data."""
         log.info("partitions assigned: %s", sorted(p.partition for p in partitions))
-
-
-def _refreeze_gc() -> None:
-    """Collect the cyclic garbage of the swapped-out model, then freeze again.
-
-    Why freeze at all: kafka-python allocates several objects per record, so the cyclic collector runs
-    many times a second, and its full collections walk every long-lived object of the process (torch,
-    MLflow and pandas leave ~400,000 after import). ``gc.freeze()`` moves what exists at start out of
-    its walks; measured, a bare consumer in such a process goes from ~80k to ~120k msg/s. Frozen
-    objects are still freed by reference counting; only frozen *cycles* would never be collected, so
-    a model swap unfreezes, collects the old model's cycles, and freezes the new state (a model still
-    held by the batch in flight is frozen once more and collected at the next swap). That one full
-    collection pauses the loop once per swap (≈ 140 ms on the 2-core box with torch and MLflow loaded:
-    what every full collection cost the loop before the freeze)."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def options_from_settings(settings) -> WorkerOptions:
@@ -294,4 +292,5 @@ def options_from_settings(settings) -> WorkerOptions:
                                  cooldown_s=w.cooldown_s, top_k=w.top_sensors),
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
         device=w.device, precision=w.precision, create_topics=w.create_topics,
-        switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze)
+        switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
+        scoring_process=w.scoring_process)

@@ -358,24 +358,29 @@ def _bench_worker_class():
             self._collect = collect_latency
             self._hook = on_assigned_hook
             self._last: tuple[float, list[float]] | None = None
-            step_stage, step_complete = self.step.stage, self.step.complete
+            self.scoring_pid: int | None = None  # the scoring child's, when the step runs in one
+            self.scoring_kb: dict[str, int | None] = {}  # its VmHWM and Pss, read when the target is reached
+            self.main_pss_kb: int | None = None
 
-            def stage(records, now_s):
+        def _make_runner(self):
+            runner = super()._make_runner()
+            self.scoring_pid = getattr(runner, "pid", None)
+            submit = runner.submit
+
+            def timed_submit(batches, now_s):
                 if self.first_batch_at is None:  # the first non-empty poll, as the raw consumer's clock
                     self.first_batch_at = time.perf_counter()
-                return step_stage(records, now_s)
+                return submit(batches, now_s)
 
-            def complete(staged, scored):
-                out = step_complete(staged, scored)
-                self._last = (staged.now_s, out.latencies_s)
-                self.counts.update(out.counts)
-                return out
+            runner.submit = timed_submit  # an instance attribute: the worker calls self._runner.submit
+            return runner
 
-            # Instance attributes: the worker calls self.step.stage / self.step.complete.
-            self.step.stage, self.step.complete = stage, complete
+        def _batch_done(self, out, now_s: float) -> None:
+            self._last = (now_s, out.latencies_s)
+            self.counts.update(out.counts)
 
-        def _complete(self, staged, scoring, started) -> None:
-            super()._complete(staged, scoring, started)
+        def _complete(self, handle, now_s, started) -> None:
+            super()._complete(handle, now_s, started)
             if self._collect and self._last is not None:
                 now_s, lat = self._last
                 extra = self.clock() - now_s
@@ -394,7 +399,11 @@ def _bench_worker_class():
             with self._done_lock:
                 if self.done_at is None and self.target is not None and self.stats.consumed >= self.target:
                     self.done_at = self.last_batch_at
-                    self.entities_at_end = self.step.windows.entities  # closing revokes partitions, dropping them
+                    self.entities_at_end = self._runner.entities  # closing revokes partitions, dropping them
+                    if self.scoring_pid is not None:  # still running: its figures before it stops
+                        self.scoring_kb = {"vmhwm": _rss_kb("VmHWM", self.scoring_pid),
+                                           "pss": _rss_kb("Pss", self.scoring_pid, "smaps_rollup")}
+                        self.main_pss_kb = _rss_kb("Pss", None, "smaps_rollup")
                     self.stop()
 
         def on_assigned(self, partitions) -> None:
@@ -434,9 +443,10 @@ def percentiles_ms(values) -> dict[str, float | None]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(a.max())}
 
 
-def _rss_kb(field: str = "VmRSS") -> int | None:
+def _rss_kb(field: str = "VmRSS", pid: int | None = None, file: str = "status") -> int | None:
+    """A kB figure of /proc/<pid>/<file> (this process by default): VmRSS, VmHWM (status), Pss (smaps_rollup)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/{file}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -480,6 +490,8 @@ def serve_worker(args: argparse.Namespace) -> int:
               "resets": worker.counts["resets"],
               "msgs_per_s": s.consumed / (worker.done_at - worker.first_batch_at),
               "baseline_rss_kb": baseline_kb, "hwm_before_run_kb": hwm_before_kb, "vmhwm_kb": _rss_kb("VmHWM"),
+              "scoring_vmhwm_kb": worker.scoring_kb.get("vmhwm"), "scoring_pss_kb": worker.scoring_kb.get("pss"),
+              "main_pss_kb": worker.main_pss_kb,
               "seconds": worker.done_at - worker.first_batch_at,
               "latency_ms": percentiles_ms(worker.latency_full),
               "latency_at_batch_start_ms": percentiles_ms(worker.latency_step),
@@ -697,16 +709,26 @@ def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: i
             result = child.finish(timeout_s=150 + n / 200)
         finally:
             child.kill()
-        peaks[str(count)] = round(result["vmhwm_kb"] / 1024, 1)
+        # Both processes' peaks when the step runs in a child: an over-count, as the pages they share
+        # (forked: libraries, the model) are in both; the detail has their proportional shares (Pss).
+        peaks[str(count)] = round((result["vmhwm_kb"] + (result["scoring_vmhwm_kb"] or 0)) / 1024, 1)
         baselines[str(count)] = round((result["baseline_rss_kb"] or 0) / 1024, 1)
         detail[str(count)] = {"readings": n, "load_msgs_per_s": round(rate), "entities_held": result["entities"],
                               "hwm_before_run_mb": round((result["hwm_before_run_kb"] or 0) / 1024, 1),
-                              "windows_scored": result["windows_scored"], "worker_msgs_per_s": round(result["msgs_per_s"])}
+                              "windows_scored": result["windows_scored"], "worker_msgs_per_s": round(result["msgs_per_s"]),
+                              "main_peak_mb": round(result["vmhwm_kb"] / 1024, 1),
+                              "scoring_peak_mb": _mb(result["scoring_vmhwm_kb"]),
+                              "pss_at_end_mb": _mb((result["main_pss_kb"] or 0) + (result["scoring_pss_kb"] or 0)
+                                                   if result["scoring_pss_kb"] else None)}
         log.info("memory: %d entities -> peak %.1f MB (baseline %.1f MB)", count, peaks[str(count)],
                  baselines[str(count)])
     out["peak_rss_mb"] = peaks
     out["rss_baseline_mb"] = baselines
     out["memory_detail"] = {"readings_per_entity": per_entity, **detail}
+
+
+def _mb(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 1)
 
 
 # --- report ----------------------------------------------------------------------------------------

@@ -83,9 +83,13 @@ def _scores_by_entity(bootstrap, topic):
     return seen
 
 
-def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic_name):
+SCORING = pytest.mark.parametrize("scoring_process", [False, True], ids=["in-process", "child-process"])
+
+
+@SCORING
+def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic_name, scoring_process):
     settings, outcome = champion
-    opts = _options(kafka_broker, topic_name, switch_interval_ms=0.5, gc_freeze=True)
+    opts = _options(kafka_broker, topic_name, switch_interval_ms=0.5, gc_freeze=True, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     frames, plan, _ = _fleet()
     replay(kafka_broker, opts.input_topic, plan, progress=False)
@@ -122,9 +126,10 @@ def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic
         assert sorted(scores[entity]) == [START_TS + i for i in range(w - 1, len(frame))]
 
 
-def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_name):
+@SCORING
+def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_name, scoring_process):
     settings, _ = champion
-    opts = _options(kafka_broker, topic_name)
+    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     good = list(replay_plan(normal_frame(60, seed=5), "pump-c", start_ts=START_TS))
     bad = [b"not json", b"\xff\xfe", b'{"entity": "pump-c", "ts": 1790000000}',
@@ -151,9 +156,11 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     assert len(scores["pump-c"]) == 60 - 16 + 1  # every good reading scored, the worker kept going
 
 
-def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_name):
+@SCORING
+def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_name, scoring_process):
     settings, outcome = champion
-    opts = _options(kafka_broker, topic_name, gc_freeze=True)  # the swap also re-freezes (worker._refreeze_gc)
+    # The swap also re-freezes (step_runner.refreeze_gc); in a child, the new detector crosses the pipe.
+    opts = _options(kafka_broker, topic_name, gc_freeze=True, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     follower = _follower(settings, interval=0.2)
     worker = Worker(opts, follower)
@@ -179,9 +186,10 @@ def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_na
     assert late and all(d["model"]["version"] == new_version for d in late)
 
 
-def test_two_workers_split_partitions_and_score_every_window_once(kafka_broker, champion, topic_name):
+@SCORING
+def test_two_workers_split_partitions_and_score_every_window_once(kafka_broker, champion, topic_name, scoring_process):
     settings, _ = champion
-    opts = _options(kafka_broker, topic_name)
+    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     workers = [Worker(opts, _follower(settings)) for _ in range(2)]
     runs = [_run_in_thread(w, idle_stop_s=10) for w in workers]

@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 
-from anomaly.worker import _refreeze_gc
+from anomaly.step_runner import refreeze_gc as _refreeze_gc
 
 
 class _Node:

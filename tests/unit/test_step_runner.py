@@ -1,0 +1,186 @@
+"""Where the scoring step runs: the child-process runner gives the in-process step's outputs, in order,
+reports failures and swaps, applies revocations in order, and exits when told or when its parent goes.
+A real forked child and pipe; a numpy fake model and a fake follower (no Kafka, no MLflow)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from anomaly.alerts import AlertPolicy
+from anomaly.detector import fit_detector
+from anomaly.scoring_step import DetectorModel, ScoringStep
+from anomaly.step_runner import ProcessRunner, ScoringFailed, Swap, ThreadRunner
+from anomaly.training import TrainConfig
+from anomaly.window_state import WindowPolicy
+from tests.fixtures import SENSORS, normal_frame
+from tests.unit.test_scoring_step import T0, TOPIC, FakeModel, run_batches, step_for, stream
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the child-process runner forks")
+
+
+class FakeFollower:
+    """``ModelFollower``'s surface for the runners: ``poll`` hands over ``pending`` once."""
+
+    model_name = "pumps"
+
+    def __init__(self) -> None:
+        self.pending: tuple[object, str] | None = None
+
+    def poll(self):
+        new, self.pending = self.pending, None
+        return new
+
+
+class ExplodingModel(FakeModel):
+    def score(self, windows):
+        raise RuntimeError("kaboom in the forward pass")
+
+
+def fake_serving(detector, version: str) -> FakeModel:
+    """The runners' ``serving``: here the 'detector' is a threshold for a fake model."""
+    return FakeModel(window_size=4, threshold=float(detector), version=version)
+
+
+def process_runner(step: ScoringStep, follower: FakeFollower | None = None) -> ProcessRunner:
+    return ProcessRunner(ThreadRunner(step, follower or FakeFollower(), fake_serving, gc_freeze=False))
+
+
+def batches_of(records, size: int = 7):
+    return [records[i:i + size] for i in range(0, len(records), size)]
+
+
+def fault_stream():
+    return stream({"a": 0, "b": 0, "c": 1}, range(40), fault=("b", range(20, 28), "flow", 5.0))
+
+
+def exit_code(runner: ProcessRunner) -> int:
+    assert runner._wait(10), "the child did not exit"
+    return os.waitstatus_to_exitcode(runner._exit_status)
+
+
+def test_the_child_gives_the_in_process_outputs_in_order() -> None:
+    records = fault_stream()
+    expected = run_batches(step_for(FakeModel(window_size=4)), records)
+    assert any(out.events for out in expected), "the fault must make events, or the comparison says little"
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    try:
+        got = []
+        for batch in batches_of(records):  # submit all first: the child works ahead, results stay in order
+            runner.submit(batch, now_s=T0 + 1000)
+        got = [runner.result() for _ in expected]
+    finally:
+        runner.close()
+    assert got == expected  # events, dead letters, commits, counts and latencies, batch by batch
+    assert runner.entities == 3
+    assert exit_code(runner) == 0
+
+
+def test_a_failing_forward_pass_fails_the_batch_and_the_child_exits_non_zero() -> None:
+    runner = process_runner(step_for(ExplodingModel(window_size=4)))
+    try:
+        runner.submit(fault_stream()[:30], now_s=T0)
+        with pytest.raises(ScoringFailed, match="kaboom in the forward pass"):
+            runner.result()
+    finally:
+        runner.close()
+    assert exit_code(runner) == 1
+
+
+def test_a_child_that_dies_fails_the_batch_in_hand() -> None:
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    try:
+        os.kill(runner.pid, 9)
+        with pytest.raises(ScoringFailed, match="SIGKILL|gone|died"):
+            runner.submit(fault_stream()[:30], now_s=T0)
+            runner.result()
+    finally:
+        runner.close()
+
+
+def test_a_new_version_is_swapped_in_the_child_after_the_batches_sent_before_it() -> None:
+    def scoring_step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0),
+                           AlertPolicy(), emit_scores=True)
+
+    records = fault_stream()
+    local = scoring_step()
+    expected = [local.process(records[:60], now_s=T0 + 1000)]
+    local.swap_model(fake_serving(1.0, "2"))
+    expected.append(local.process(records[60:], now_s=T0 + 1000))
+    follower = FakeFollower()
+    runner = process_runner(scoring_step(), follower)
+    try:
+        runner.submit(records[:60], now_s=T0 + 1000)
+        follower.pending = (1.0, "2")  # the alias moved: the parent polls, the child swaps
+        swaps = runner.follow_model()
+        runner.submit(records[60:], now_s=T0 + 1000)  # sent after the swap: scored by v2
+        got = [runner.result(), runner.result()]
+        swaps += runner.follow_model()
+    finally:
+        runner.close()
+    assert swaps == [Swap("2", kept=True)]  # same sensors, window and period: window state kept
+    assert got == expected
+    versions = [{json.loads(v)["model"]["version"] for _, v in out.scores} for out in got]
+    assert versions == [{"1"}, {"2"}]
+
+
+def test_revoked_partitions_are_forgotten_after_the_batches_polled_before() -> None:
+    records = stream({"a": 0, "c": 1}, range(12))
+    on_0 = [r for r in records if r.partition == 0]
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    try:
+        runner.submit(records, now_s=T0)
+        runner.forget_partitions([(TOPIC, 1)])
+        runner.submit(on_0[-1:], now_s=T0)  # a duplicate: stages nothing new
+        first, second = runner.result(), runner.result()
+        entities = runner.entities
+    finally:
+        runner.close()
+    assert first.counts["windows_scored"] > 0
+    assert second.counts["duplicates"] == 1
+    assert entities == 1  # c (partition 1) dropped; a kept
+
+
+def test_the_child_exits_when_the_parent_end_closes() -> None:
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    runner._conn.close()  # what the parent's death does to the pipe
+    assert exit_code(runner) == 0
+    runner._closed = True
+
+
+def test_a_real_detector_travels_to_the_child_and_scores_like_in_process() -> None:
+    train = normal_frame(rows=300, seed=2).to_numpy()
+    params = {"window_size": 8, "hidden_size": 8, "latent_size": 4}
+    config = TrainConfig(epochs=1, batch_size=128, patience=5, seed=0, device="cpu", progress=False)
+    v1, _, _ = fit_detector(train, SENSORS, params, config, threshold_method="quantile",
+                            threshold_params={"q": 0.5}, period_s=1.0)
+    v2, _, _ = fit_detector(train, SENSORS, params, TrainConfig(**{**config.__dict__, "seed": 1}),
+                            threshold_method="quantile", threshold_params={"q": 0.5}, period_s=1.0)
+
+    def serving(detector, version):
+        return DetectorModel(detector, "pumps", version, "cpu")
+
+    def step():
+        return step_for(serving(v1, "1"))
+
+    records = stream({"a": 0}, range(40))
+    local = step()
+    local.process(records[:20], now_s=T0)
+    local.swap_model(serving(v2, "2"))
+    expected = local.process(records[20:], now_s=T0)
+    follower = FakeFollower()
+    runner = ProcessRunner(ThreadRunner(step(), follower, serving, gc_freeze=False))
+    try:
+        runner.submit(records[:20], now_s=T0)
+        runner.result()
+        follower.pending = (v2, "2")  # pickled to the child with its weights
+        runner.follow_model()
+        runner.submit(records[20:], now_s=T0)
+        got = runner.result()
+    finally:
+        runner.close()
+    assert got.counts["windows_scored"] > 0
+    assert got == expected
