@@ -53,7 +53,7 @@ from anomaly.alerts import AlertPolicy
 from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import DetectorModel, PartitionBatch, ScoringStep
-from anomaly.step_runner import ProcessRunner, ThreadRunner
+from anomaly.step_runner import ProcessRunner, ThreadRunner, usable_cpus
 from anomaly.training import resolve_device
 from anomaly.window_state import WindowPolicy
 
@@ -202,6 +202,10 @@ class Worker:
             return runner
         if self.device.type == "cuda":
             log.info("scoring in this process: a forked child cannot use CUDA")
+            return runner
+        cpus = usable_cpus()
+        if cpus < 2:
+            log.info("scoring in this process: %.3g CPU to use, a child process would only share it", cpus)
             return runner
         return ProcessRunner(runner)
 

@@ -305,9 +305,11 @@ class Tuning:
 
     torch_threads: int | None = None
     client_options: dict[str, Any] = field(default_factory=dict)
+    in_process: bool = False  # worker.scoring_process = false: the step in the worker's own process
 
     def child_args(self) -> list[str]:
         args = ["--torch-threads", str(self.torch_threads)] if self.torch_threads else []
+        args += ["--in-process"] if self.in_process else []
         return args + (["--client-options", json.dumps(self.client_options)] if self.client_options else [])
 
     def apply(self) -> None:
@@ -323,7 +325,8 @@ def worker_settings(bootstrap: str, topic: str, group: str, tuning: Tuning = Tun
     return build_settings({"kafka": {"bootstrap_servers": bootstrap, "input_topic": topic,
                                      "events_topic": f"{topic}.events", "dlq_topic": f"{topic}.dlq",
                                      "scores_topic": None, "group_id": group,
-                                     "client_options": dict(tuning.client_options)}})
+                                     "client_options": dict(tuning.client_options)},
+                           **({"worker": {"scoring_process": False}} if tuning.in_process else {})})
 
 
 def make_bench_worker(detector, bootstrap: str, topic: str, group: str, tuning: Tuning = Tuning(), **kw):
@@ -745,7 +748,7 @@ def report(r: dict[str, Any]) -> str:
         f"{r['period_s'] * 1000:.1f} ms, {r['cpu_count']} CPUs, torch {r['torch']} on {r['device']} "
         f"({r['torch_threads']} torch threads, {r.get('precision', 'fp32')}; kafka-python CRC-32C in "
         f"{'C' if r.get('crc32c_c_extension') else 'pure Python'})"
-        + (f"; tuning {json.dumps(r['tuning'])}" if r["tuning"]["torch_threads"] or r["tuning"]["client_options"] else ""),
+        + (f"; tuning {json.dumps(r['tuning'])}" if any(r["tuning"].values()) else ""),
         "",
         f"  {'load (producer)':<28}{f(r['load_msgs_per_s']):>12} msg/s",
         f"  {'raw consumer (orjson.loads)':<28}{f(r['raw_msgs_per_s']):>12} msg/s",
@@ -804,7 +807,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(), "window_size": ModelSettings().window_size,
         "hidden_size": ModelSettings().hidden_size, "latent_size": ModelSettings().latent_size,
         "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),
-        "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options},
+        "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options,
+                   "in_process": tuning.in_process},
     }
     detector = fit_bench_detector(period, args.epochs or profile["epochs"])
     log.info("detector fitted in %.1f s (threshold %.4g)", time.perf_counter() - started, detector.threshold.value)
@@ -834,7 +838,7 @@ def tuning_from_args(args: argparse.Namespace) -> Tuning:
     from anomaly.config import WorkerSettings
 
     threads = args.torch_threads if args.torch_threads is not None else (WorkerSettings().torch_threads or None)
-    return Tuning(threads, json.loads(args.client_options) if args.client_options else {})
+    return Tuning(threads, json.loads(args.client_options) if args.client_options else {}, args.in_process)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -856,6 +860,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the sensors' producer (default 0)")
     p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
                                                      "(default: torch's own, one per core)")
+    p.add_argument("--in-process", action="store_true", help="experiment: worker.scoring_process = false (decode, "
+                                                             "windows, scoring and alerts in the worker's own process)")
     p.add_argument("--client-options", metavar="JSON", help="experiment: extra kafka-python options for the "
                                                             "workers' clients, e.g. '{\"fetch_max_wait_ms\": 10}'")
     p.add_argument("-v", "--verbose", action="store_true")

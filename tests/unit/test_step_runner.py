@@ -12,7 +12,7 @@ import pytest
 from anomaly.alerts import AlertPolicy
 from anomaly.detector import fit_detector
 from anomaly.scoring_step import DetectorModel, ScoringStep
-from anomaly.step_runner import ProcessRunner, ScoringFailed, Swap, ThreadRunner
+from anomaly.step_runner import ProcessRunner, ScoringFailed, Swap, ThreadRunner, cpu_budget
 from anomaly.training import TrainConfig
 from anomaly.window_state import WindowPolicy
 from tests.fixtures import SENSORS, normal_frame
@@ -184,3 +184,15 @@ def test_a_real_detector_travels_to_the_child_and_scores_like_in_process() -> No
         runner.close()
     assert got.counts["windows_scored"] > 0
     assert got == expected
+
+
+@pytest.mark.parametrize(("affinity", "cpu_max", "expected"), [
+    (2, None, 2.0),  # no cgroup file
+    (2, "max 100000\n", 2.0),  # no quota
+    (16, "100000 100000\n", 1.0),  # a Kubernetes CPU limit of 1 on a 16-core node
+    (16, "250000 100000", 2.5),
+    (2, "400000 100000", 2.0),  # a quota above the affinity: the affinity
+    (4, "garbage", 4.0),
+])
+def test_cpu_budget_is_the_affinity_capped_by_the_cgroup_quota(affinity, cpu_max, expected) -> None:
+    assert cpu_budget(affinity, cpu_max) == expected
