@@ -12,7 +12,7 @@ Defaults: 200k readings of 100 entities; 5,000 readings/s for 20 s; 1, 100 and 1
 Everything runs in one process tree against ONE local broker (``LocalBroker``, Tansu, memory storage)
 that the script starts and stops itself. No MLflow: a small detector is fitted in-process
 (``fit_detector`` on synthetic 3-sensor data; window and network shape are ``ModelSettings``' defaults,
-W=32, hidden 64, latent 16; two epochs) and served through a ``ModelFollower`` whose resolver and
+W=32, hidden 64, latent 16, or with ``--model-profile`` a dataset profile's; two epochs) and served through a ``ModelFollower`` whose resolver and
 loader are fakes, so what is measured is the worker, not the registry. The model's sampling period is
 ``fleet / rate`` seconds, so that at the offered rate every entity sends one reading per grid slot.
 
@@ -122,11 +122,23 @@ def synthetic_values(rows: int, seed: int = 0) -> np.ndarray:
     return pump_values(rows, seed)
 
 
-def fit_bench_detector(period_s: float, epochs: int):
-    """A detector of the production shape (ModelSettings defaults), fitted briefly on synthetic data."""
+def bench_model_params(profile: str = "default") -> dict[str, Any]:
+    """The network shape measured: ``ModelSettings`` defaults, or a dataset profile's (``protocols.PROFILES``)."""
+    from anomaly.config import ModelSettings
+
+    if profile == "default":
+        return ModelSettings().model_params()
+    from anomaly.protocols import PROFILES
+
+    return ModelSettings(**PROFILES[profile]["model"]).model_params()
+
+
+def fit_bench_detector(period_s: float, epochs: int, profile: str = "default"):
+    """A detector of the production shape (ModelSettings defaults, or ``profile``'s), fitted briefly on
+    synthetic data."""
     import torch
 
-    from anomaly.config import ModelSettings, ThresholdSettings
+    from anomaly.config import ThresholdSettings
     from anomaly.detector import fit_detector
     from anomaly.training import TrainConfig
 
@@ -134,7 +146,7 @@ def fit_bench_detector(period_s: float, epochs: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # fitting is not measured; one thread is quickest on a small, busy machine
     try:
-        detector, _, _ = fit_detector(synthetic_values(3000, seed=1), SENSORS, ModelSettings().model_params(),
+        detector, _, _ = fit_detector(synthetic_values(3000, seed=1), SENSORS, bench_model_params(profile),
                                       TrainConfig(epochs=epochs, device="cpu", progress=False, patience=epochs),
                                       threshold_method=threshold.method, threshold_params=threshold.policy_params(),
                                       period_s=period_s)
@@ -744,7 +756,8 @@ def report(r: dict[str, Any]) -> str:
     ratio_ok = r["ratio"] is not None and r["ratio"] >= RATIO_TARGET
     lat_ok = r["p99_ms"] is not None and r["p99_ms"] < budget
     lines = [
-        f"bench_stream: {r['messages']:,} readings, {r['entities']} entities, stride {r['stride']}, period "
+        f"bench_stream: {r['messages']:,} readings, {r['entities']} entities, model W {r['window_size']} / hidden "
+        f"{r['hidden_size']} / latent {r['latent_size']} ({r.get('model_profile', 'default')}), stride {r['stride']}, period "
         f"{r['period_s'] * 1000:.1f} ms, {r['cpu_count']} CPUs, torch {r['torch']} on {r['device']} "
         f"({r['torch_threads']} torch threads, {r.get('precision', 'fp32')}; kafka-python CRC-32C in "
         f"{'C' if r.get('crc32c_c_extension') else 'pure Python'})"
@@ -779,7 +792,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import kafka.record.util as kafka_record_util
 
     from anomaly.broker import LocalBroker
-    from anomaly.config import ModelSettings, WorkerSettings
+    from anomaly.config import WorkerSettings
     from anomaly.scoring import resolve_precision
     from anomaly.training import resolve_device
 
@@ -804,13 +817,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(resolve_device("auto")),
         "precision": resolve_precision(WorkerSettings().precision, resolve_device("auto")),
         "crc32c_c_extension": kafka_record_util.crc32c_c is not None,  # kafka-python's CRC check in C, not Python
-        "python": platform.python_version(), "window_size": ModelSettings().window_size,
-        "hidden_size": ModelSettings().hidden_size, "latent_size": ModelSettings().latent_size,
+        "python": platform.python_version(), "model_profile": args.model_profile,
+        **{k: bench_model_params(args.model_profile)[k] for k in ("window_size", "hidden_size", "latent_size")},
         "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),
         "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options,
                    "in_process": tuning.in_process},
     }
-    detector = fit_bench_detector(period, args.epochs or profile["epochs"])
+    detector = fit_bench_detector(period, args.epochs or profile["epochs"], args.model_profile)
     log.info("detector fitted in %.1f s (threshold %.4g)", time.perf_counter() - started, detector.threshold.value)
     values = synthetic_values(5000, seed=2)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
@@ -860,6 +873,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the sensors' producer (default 0)")
     p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
                                                      "(default: torch's own, one per core)")
+    p.add_argument("--model-profile", choices=("default", "skab", "nab", "smd"), default="default",
+                   help="network shape of the benchmark's detector: the [model] defaults (W 32, hidden 64, latent "
+                        "16), or a dataset profile's (skab: W 10, hidden 32, latent 8)")
     p.add_argument("--in-process", action="store_true", help="experiment: worker.scoring_process = false (decode, "
                                                              "windows, scoring and alerts in the worker's own process)")
     p.add_argument("--client-options", metavar="JSON", help="experiment: extra kafka-python options for the "

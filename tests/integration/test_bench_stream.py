@@ -84,3 +84,19 @@ def test_quick_run_reports_peak_memory_per_entity_count(quick_result):
         assert 50 < peak < 4000, (count, peak)
         assert peak >= baselines[count] - 1
         assert r["memory_detail"][count]["entities_held"] == int(count)
+
+
+def test_quick_run_counts_the_scoring_child_in_peak_memory(quick_result):
+    from anomaly.step_runner import usable_cpus
+
+    r, _ = quick_result
+    for count, detail in r["memory_detail"].items():
+        if count == "readings_per_entity":
+            continue
+        if usable_cpus() < 2:  # the worker scores in its own process: nothing to add
+            assert detail["scoring_peak_mb"] is None
+            continue
+        # Both processes' peaks, added: the child holds the model and the window buffers.
+        assert 50 < detail["scoring_peak_mb"] < 4000
+        assert r["peak_rss_mb"][count] == pytest.approx(detail["main_peak_mb"] + detail["scoring_peak_mb"], abs=0.2)
+        assert 0 < detail["pss_at_end_mb"] < r["peak_rss_mb"][count]
