@@ -177,13 +177,14 @@ class ThreadRunner:
 
 
 class ProcessRunner:
-    """The step and the model follower in a forked child process (see the module docstring)."""
+    """The step in a forked child process; the Kafka loop and the model follower stay in this one (see
+    the module docstring)."""
 
     def __init__(self, runner: ThreadRunner) -> None:
         self._conn, child_conn = multiprocessing.Pipe(duplex=True)
         # os.fork, not multiprocessing.Process: its bootstrap closes sys.stdin, which deadlocks when another
         # thread of ours is blocked reading it (the lock is copied taken); the child touches nothing but
-        # the pipe, the step and the follower, and leaves with os._exit.
+        # the pipe and the step, and leaves with os._exit (no atexit handlers or finalizers of the parent's).
         pid = os.fork()
         if pid == 0:  # the child
             code = 1
@@ -230,6 +231,9 @@ class ProcessRunner:
         new = self._runner.follower.poll()
         if new is not None:
             self._send(("model", *new))
+            del new
+            if self._runner.gc_freeze:
+                refreeze_gc()  # this process's copy of the previous model (the follower dropped it) may hold cycles
         while self._conn.poll():
             self._receive()
         swaps, self._swaps = self._swaps, []
