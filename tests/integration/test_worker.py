@@ -21,6 +21,7 @@ from anomaly.config import WorkerSettings
 from anomaly.model_follower import ModelFollower
 from anomaly.replay import replay
 from anomaly.replay import replay_plan as _fleet_plan
+from anomaly.step_runner import usable_cpus
 from anomaly.window_state import WindowPolicy
 from anomaly.worker import Worker, WorkerOptions
 from tests.fixtures import normal_frame, with_fault
@@ -61,6 +62,24 @@ def _run_in_thread(worker, **kw):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread, result
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, ... (None once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (_stat_fields(int(p)) or [None, None])[1] == str(pid)]
+
+
+def _running(pid: int) -> bool:
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")  # gone, or a zombie nobody reaped yet
 
 
 def _fleet(rows=700, fault_entity=True):
@@ -238,8 +257,14 @@ def test_sigkill_mid_stream_then_restart_scores_every_window(kafka_broker, champ
         if sum(o or 0 for o in offsets.values()) > len(plan) // 3:
             break
         time.sleep(0.1)
+    scoring_children = _children(first.pid)  # the forked scoring process (two CPUs or more to use)
+    assert len(scoring_children) == (1 if usable_cpus() >= 2 else 0), scoring_children
     first.send_signal(signal.SIGKILL)
     first.wait(10)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(map(_running, scoring_children)):
+        time.sleep(0.1)
+    assert not any(map(_running, scoring_children)), "the scoring child outlived its killed worker"
     second = subprocess.run(cmd + ["--idle-stop-s", "5"], env=env, capture_output=True, timeout=180)
     assert second.returncode == 0, second.stdout.decode()[-3000:] + second.stderr.decode()[-3000:]
     scores = _scores_by_entity(kafka_broker, opts.scores_topic)
