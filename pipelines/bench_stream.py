@@ -25,7 +25,9 @@ Method
      (the JSON decoder the worker uses: the same decoder on both sides; CRC checks on, as in the worker;
      the process's objects frozen out of the garbage collector, as the worker's ``gc_freeze`` does);
    - ``worker_msgs_per_s``: the real ``Worker`` (config defaults: stride, max_poll_records, scores
-     topic off) with decode, windows, batched forward pass, alerts, event production, flush, commits.
+     topic off, the scoring step in a forked child process where two CPUs or more can be used;
+     ``--in-process`` keeps it in the worker's process) with decode, windows, batched forward pass,
+     alerts, event production, flush, commits.
    Both clocks run from the first non-empty poll to the moment all N are processed, so the ≈ 3 s group
    join (DESIGN §5) is excluded from both. The two alternate ``--rounds`` times (default 3) over the same
    topic, each round in new groups; the figures are the best round of each side and ``ratio`` = best
@@ -47,6 +49,8 @@ Method
 3. Memory. For each entity count a fresh worker child consumes a topic in which every entity sends
    W + 8 readings (enough for 9 windows each and a compaction of its ring buffer), then exits;
    ``peak_rss_mb`` is the child's own peak RSS (``VmHWM`` of /proc/self/status, read as it finishes;
+   plus its scoring child's, read before that stops: an over-count of the pages the two share, so
+   ``memory_detail`` also has their proportional shares, ``pss_at_end_mb``;
    not the broker's, not this process's; ``ru_maxrss`` of a fork+exec'd child is not usable, see
    ``Child``). ``rss_baseline_mb`` is the child's RSS with everything imported
    (torch, kafka-python, the worker's modules), the worker built and the model warmed up, before it
