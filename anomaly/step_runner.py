@@ -60,7 +60,7 @@ from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, Scor
 
 log = logging.getLogger(__name__)
 
-CHILD_IDLE_CHECK_S = 0.5  # an idle child wakes this often (it has nothing to do but wait for the parent)
+CHILD_IDLE_CHECK_S = 0.5  # a child waiting for the parent wakes this often to notice a batch that failed
 CHILD_STOP_TIMEOUT_S = 30.0  # the parent waits this long for a stopping child before killing it
 
 
@@ -298,9 +298,9 @@ class ProcessRunner:
 
 
 def _child_main(conn, runner: ThreadRunner) -> int:
-    """The child's loop. Its main thread receives and stages each batch (decode, windows) and follows the
-    model between batches; one finishing thread scores, completes (alerts) and sends back each staged
-    batch in order, so batch i's forward pass and alerts run while batch i+1 is staged, and batch i's
+    """The child's loop. Its main thread receives and stages each batch (decode, windows) and swaps in a
+    model the parent sends between batches; one finishing thread scores, completes (alerts) and sends
+    back each staged batch in order, so batch i's forward pass and alerts run while batch i+1 is staged, and batch i's
     outputs go back as soon as they are ready. ``complete`` touches only the alert state, which staging
     does not (``ScoringStep``). Every message to the parent goes through that one thread, in order.
     Returns the exit code: 0 when told to stop or the parent is gone, 1 after a failure."""
@@ -310,6 +310,17 @@ def _child_main(conn, runner: ThreadRunner) -> int:
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-finish")
     failure: list[str] = []
 
+    def fail() -> None:
+        """Log the exception being handled and tell the parent why (the last line), once; the main loop
+        then exits non-zero and the parent commits nothing of the batch in hand."""
+        text = traceback.format_exc()
+        log.error("scoring process failed:\n%s", text)
+        failure.append(text.strip().splitlines()[-1])
+        try:
+            conn.send(("error", failure[0]))
+        except OSError:
+            pass
+
     def finish(staged, entities: int) -> None:
         if failure:
             return
@@ -317,14 +328,8 @@ def _child_main(conn, runner: ThreadRunner) -> int:
             conn.send(("out", step.complete(staged, step.score(staged)), entities))
         except (BrokenPipeError, ConnectionResetError):
             failure.append("the worker process is gone")
-        except BaseException:  # say why; the main loop exits non-zero; the parent commits nothing of it
-            text = traceback.format_exc()
-            log.error("scoring process failed:\n%s", text)
-            failure.append(text.strip().splitlines()[-1])
-            try:
-                conn.send(("error", failure[0]))
-            except OSError:
-                pass
+        except BaseException:
+            fail()
 
     def tell(message: tuple) -> None:
         if not failure:
@@ -349,10 +354,9 @@ def _child_main(conn, runner: ThreadRunner) -> int:
     except (EOFError, BrokenPipeError):
         pass  # the parent is gone: nothing to report to
     except BaseException:  # staging failed (a model error, not bad data): same as a failed batch
-        text = traceback.format_exc()
-        log.error("scoring process failed:\n%s", text)
-        failure.append(text.strip().splitlines()[-1])
-        finisher.submit(lambda: conn.send(("error", failure[0])))
+        finisher.shutdown(wait=True)  # the batches staged before it go back first, in order
+        if not failure:
+            fail()
     finally:
         try:
             finisher.shutdown(wait=True)  # the batches in hand are finished and sent (or the failure is)

@@ -18,12 +18,12 @@ Guarantees (DESIGN.md §3):
   their committed offsets (which never pass an open window's oldest reading), so windows are rebuilt
   from data rather than guessed.
 
-Where the step runs (``anomaly.step_runner``). With ``scoring_process`` (the default on CPU) the whole
-step and the model follower run in a child process forked at start: this process polls, hands the
-record bytes over, and produces, flushes and commits each batch's outputs when they come back, so
-kafka-python's fetch and our decoding no longer share one interpreter lock. Without it (and on CUDA)
-the step's decoding runs on this thread and the forward pass (torch, which releases the GIL) in a
-scoring thread.
+Where the step runs (``anomaly.step_runner``). With ``scoring_process`` (the default, on CPU with two
+or more CPUs to use) the whole step runs in a child process forked at start: this process polls, hands
+the record bytes over, follows the registry alias (sending a new model to the child), and produces,
+flushes and commits each batch's outputs when they come back, so kafka-python's fetch and our decoding
+no longer share one interpreter lock. Otherwise the step's decoding runs on this thread and the forward
+pass (torch, which releases the GIL) in a scoring thread.
 
 Overlap. Batch i+1 is submitted as soon as it is polled, so its decoding and forward pass run while
 batch i's outputs are produced, flushed and committed. Batches still complete strictly in order:
@@ -216,7 +216,6 @@ class Worker:
         delivery failed."""
         o = self.options
         out = self._runner.result(handle)
-        self._batch_done(out, now_s)
         sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in out.events]
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
@@ -248,9 +247,6 @@ class Worker:
         if out.events or out.dead_letters:
             log.info("batch: %d records, %d windows, %d events, %d dead letters", counts.get("consumed", 0),
                      counts.get("windows_scored", 0), len(out.events), len(out.dead_letters))
-
-    def _batch_done(self, out, now_s: float) -> None:
-        """A batch's outputs, before they are produced (a hook for benchmarks; nothing here)."""
 
     def _follow_model(self) -> None:
         for swap in self._runner.follow_model():

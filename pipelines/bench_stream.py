@@ -376,7 +376,7 @@ def _bench_worker_class():
             self.latency_step = array("d")  # the step's now_s - window end_ts (the worker metric's view)
             self._collect = collect_latency
             self._hook = on_assigned_hook
-            self._last: tuple[float, list[float]] | None = None
+            self._last: list[float] | None = None  # the latencies of the batch being completed
             self.scoring_pid: int | None = None  # the scoring child's, when the step runs in one
             self.scoring_kb: dict[str, int | None] = {}  # its VmHWM and Pss, read when the target is reached
             self.main_pss_kb: int | None = None
@@ -384,24 +384,27 @@ def _bench_worker_class():
         def _make_runner(self):
             runner = super()._make_runner()
             self.scoring_pid = getattr(runner, "pid", None)
-            submit = runner.submit
+            submit, result = runner.submit, runner.result
 
             def timed_submit(batches, now_s):
                 if self.first_batch_at is None:  # the first non-empty poll, as the raw consumer's clock
                     self.first_batch_at = time.perf_counter()
                 return submit(batches, now_s)
 
-            runner.submit = timed_submit  # an instance attribute: the worker calls self._runner.submit
-            return runner
+            def counted_result(handle=None):
+                out = result(handle)
+                self._last = out.latencies_s
+                self.counts.update(out.counts)
+                return out
 
-        def _batch_done(self, out, now_s: float) -> None:
-            self._last = (now_s, out.latencies_s)
-            self.counts.update(out.counts)
+            # Instance attributes: the worker calls self._runner.submit and self._runner.result.
+            runner.submit, runner.result = timed_submit, counted_result
+            return runner
 
         def _complete(self, handle, now_s, started) -> None:
             super()._complete(handle, now_s, started)
             if self._collect and self._last is not None:
-                now_s, lat = self._last
+                lat = self._last
                 extra = self.clock() - now_s
                 self.latency_step.extend(lat)
                 self.latency_full.extend(x + extra for x in lat)
@@ -735,7 +738,7 @@ def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: i
         detail[str(count)] = {"readings": n, "load_msgs_per_s": round(rate), "entities_held": result["entities"],
                               "hwm_before_run_mb": round((result["hwm_before_run_kb"] or 0) / 1024, 1),
                               "windows_scored": result["windows_scored"], "worker_msgs_per_s": round(result["msgs_per_s"]),
-                              "main_peak_mb": round(result["vmhwm_kb"] / 1024, 1),
+                              "main_peak_mb": _mb(result["vmhwm_kb"]),
                               "scoring_peak_mb": _mb(result["scoring_vmhwm_kb"]),
                               "pss_at_end_mb": _mb((result["main_pss_kb"] or 0) + (result["scoring_pss_kb"] or 0)
                                                    if result["scoring_pss_kb"] else None)}
@@ -811,6 +814,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = [int(c) for c in (args.entities or profile["entities"]).split(",") if c.strip()]
     period = fleet / rate
     stride = WorkerSettings().stride
+    shape = bench_model_params(args.model_profile)
     out: dict[str, Any] = {
         "raw_msgs_per_s": None, "worker_msgs_per_s": None, "ratio": None, "ratio_median_round": None,
         "p50_ms": None, "p99_ms": None,
@@ -822,7 +826,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": resolve_precision(WorkerSettings().precision, resolve_device("auto")),
         "crc32c_c_extension": kafka_record_util.crc32c_c is not None,  # kafka-python's CRC check in C, not Python
         "python": platform.python_version(), "model_profile": args.model_profile,
-        **{k: bench_model_params(args.model_profile)[k] for k in ("window_size", "hidden_size", "latent_size")},
+        **{k: shape[k] for k in ("window_size", "hidden_size", "latent_size")},
         "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),
         "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options,
                    "in_process": tuning.in_process},

@@ -89,6 +89,32 @@ def test_a_failing_forward_pass_fails_the_batch_and_the_child_exits_non_zero() -
     assert exit_code(runner) == 1
 
 
+def test_a_failure_while_staging_comes_after_the_outputs_of_the_batches_before_it() -> None:
+    step = step_for(FakeModel(window_size=4))
+    stage = step.stage
+    staged: list[int] = []
+
+    def stage_twice_then_fail(batches, now_s):
+        if len(staged) == 2:
+            raise RuntimeError("staging broke")
+        staged.append(1)
+        return stage(batches, now_s)
+
+    step.stage = stage_twice_then_fail  # an instance attribute the forked child inherits
+    runner = process_runner(step)
+    records = fault_stream()
+    try:
+        for batch in batches_of(records, 30)[:3]:
+            runner.submit(batch, now_s=T0)
+        first, second = runner.result(), runner.result()
+        with pytest.raises(ScoringFailed, match="staging broke"):
+            runner.result()
+    finally:
+        runner.close()
+    assert first.counts["consumed"] == second.counts["consumed"] == 30
+    assert exit_code(runner) == 1
+
+
 def test_a_child_that_dies_fails_the_batch_in_hand() -> None:
     runner = process_runner(step_for(FakeModel(window_size=4)))
     try:
