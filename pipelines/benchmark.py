@@ -61,7 +61,7 @@ def run(names: list[str], limit: int | None) -> dict:
 
 
 # The model variants compared (README "Model variants"): [model] overrides on top of each dataset's profile.
-VARIANTS: dict[str, dict[str, object]] = {
+FAMILIES: dict[str, dict[str, object]] = {
     "lstm": {},  # the default
     "lstm-2-layers": {"num_layers": 2, "dropout": 0.1},
     "bilstm": {"bidirectional": True},
@@ -69,6 +69,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "peephole": {"cell": "peephole"},
     "lstm-attention": {"attention": True},
 }
+# Network sizes, the same on every dataset (README "Choosing the default network"): the old [model]
+# default and the smaller one that replaced it.
+SIZES: dict[str, dict[str, object]] = {
+    "size-w32-h64": {"window_size": 32, "hidden_size": 64, "latent_size": 16},
+    "size-w16-h32": {"window_size": 16, "hidden_size": 32, "latent_size": 8},
+}
+VARIANTS: dict[str, dict[str, object]] = {**FAMILIES, **SIZES}
 
 
 def variant_settings(dataset: str, overrides: dict[str, object], max_epochs: int | None,
@@ -177,7 +184,7 @@ def variants_markdown(data: dict) -> str:
     for variant, overrides in data["variants"].items():
         rows = r.get(variant, {})
         skab, nab, smd = rows.get("skab"), rows.get("nab"), rows.get("smd")
-        shown = ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items()) or "(default)"
+        shown = ", ".join(f"{k} = {json.dumps(v)}" for k, v in overrides.items()) or "(none: the profile's own)"
         costs = [_cost(rows.get(d)) for d in ("skab", "nab", "smd")]
         lines.append(
             f"| {variant} | {shown} | {_f(skab and skab['f1'], 3)} | {_f(skab and skab['far'])} | {_f(skab and skab['mar'])} | "
@@ -202,7 +209,7 @@ def variant_costs(repeats: int = 5, batch: int = 256, score_windows: int = 4096)
     out: dict = {}
     for shape, (F, W, H, L) in COST_SHAPES.items():
         models, best = {}, {}
-        for name, overrides in VARIANTS.items():
+        for name, overrides in FAMILIES.items():  # each at the profile's size
             torch.manual_seed(0)
             models[name] = build_model(ModelConfig(n_features=F, window_size=W, hidden_size=H, latent_size=L,
                                                    **overrides))  # type: ignore[arg-type]
@@ -233,7 +240,7 @@ def costs_markdown(costs: dict) -> str:
     head = " | ".join(f"{s.upper()} shape ({'×'.join(map(str, COST_SHAPES[s][:2]))}, hidden {COST_SHAPES[s][2]}): "
                       f"train step, ms | scoring, windows/s" for s in shapes)
     lines = [f"| variant | {head} |", "| --- |" + " --- | --- |" * len(shapes)]
-    for name in VARIANTS:
+    for name in FAMILIES:
         cells = " | ".join(f"{costs[s][name]['train_step_ms']:.1f} | {costs[s][name]['score_windows_per_s']:,}"
                            for s in shapes)
         lines.append(f"| {name} | {cells} |")

@@ -225,7 +225,7 @@ def test_saved_variant_records_itself_and_loads_back(tmp_path, variant):
 
 def test_benchmark_variants_are_valid_settings_on_every_dataset():
     from anomaly import protocols
-    from pipelines.benchmark import VARIANTS as BENCH_VARIANTS, variant_settings
+    from pipelines.benchmark import FAMILIES, SIZES, VARIANTS as BENCH_VARIANTS, variant_settings
 
     assert BENCH_VARIANTS["lstm"] == {}  # the baseline row is the default model
     for dataset in protocols.PROFILES:
@@ -233,6 +233,22 @@ def test_benchmark_variants_are_valid_settings_on_every_dataset():
         for name, overrides in BENCH_VARIANTS.items():
             s = variant_settings(dataset, overrides, max_epochs=3, seed=7)
             assert s.training.epochs == 3 and s.training.seed == 7
-            assert s.model.window_size == base.model.window_size  # only the variant's fields change
             for key, value in overrides.items():
                 assert getattr(s.model, key) == value
+            for key, value in base.model.model_params().items():  # only the variant's fields change
+                if key not in overrides:
+                    assert getattr(s.model, key) == value, (dataset, name, key)
+    # the size rows put one shape on every dataset; the family rows keep each profile's
+    assert all(set(o) == {"window_size", "hidden_size", "latent_size"} for o in SIZES.values())
+    assert not any(set(o) & {"window_size", "hidden_size", "latent_size"} for o in FAMILIES.values())
+    assert BENCH_VARIANTS == {**FAMILIES, **SIZES}
+
+
+def test_size_rows_include_the_model_defaults():
+    """The README's "Choosing the default network" compares the [model] defaults with the old ones."""
+    from anomaly.config import ModelSettings
+    from pipelines.benchmark import SIZES
+
+    d = ModelSettings()
+    shapes = [(o["window_size"], o["hidden_size"], o["latent_size"]) for o in SIZES.values()]
+    assert (d.window_size, d.hidden_size, d.latent_size) in shapes
