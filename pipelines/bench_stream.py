@@ -12,7 +12,7 @@ Defaults: 200k readings of 100 entities; 5,000 readings/s for 20 s; 1, 100 and 1
 Everything runs in one process tree against ONE local broker (``LocalBroker``, Tansu, memory storage)
 that the script starts and stops itself. No MLflow: a small detector is fitted in-process
 (``fit_detector`` on synthetic 3-sensor data; window and network shape are ``ModelSettings``' defaults,
-W=16, hidden 32, latent 8, or with ``--model-profile`` a dataset profile's, e.g. ``smd`` for the old
+W=10, hidden 32, latent 8, or with ``--model-profile`` a dataset profile's, e.g. ``smd`` for the old
 defaults W=32, hidden 64, latent 16; two epochs) and served through a ``ModelFollower`` whose resolver and
 loader are fakes, so what is measured is the worker, not the registry. The model's sampling period is
 ``fleet / rate`` seconds, so that at the offered rate every entity sends one reading per grid slot.
@@ -883,7 +883,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
                                                      "(default: torch's own, one per core)")
     p.add_argument("--model-profile", choices=("default", "skab", "nab", "smd"), default="default",
-                   help="network shape of the benchmark's detector: the [model] defaults (W 16, hidden 32, latent "
+                   help="network shape of the benchmark's detector: the [model] defaults (W 10, hidden 32, latent "
                         "8), or a dataset profile's (skab: W 10, hidden 32, latent 8; smd: W 32, hidden 64, latent 16)")
     p.add_argument("--in-process", action="store_true", help="experiment: worker.scoring_process = false (decode, "
                                                              "windows, scoring and alerts in the worker's own process)")

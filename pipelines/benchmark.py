@@ -70,10 +70,12 @@ FAMILIES: dict[str, dict[str, object]] = {
     "lstm-attention": {"attention": True},
 }
 # Network sizes, the same on every dataset (README "Choosing the default network"): the old [model]
-# default and the smaller one that replaced it.
+# default, two smaller ones, and the one that replaced it (SKAB's profile shape).
 SIZES: dict[str, dict[str, object]] = {
     "size-w32-h64": {"window_size": 32, "hidden_size": 64, "latent_size": 16},
+    "size-w32-h32": {"window_size": 32, "hidden_size": 32, "latent_size": 8},
     "size-w16-h32": {"window_size": 16, "hidden_size": 32, "latent_size": 8},
+    "size-w10-h32": {"window_size": 10, "hidden_size": 32, "latent_size": 8},
 }
 VARIANTS: dict[str, dict[str, object]] = {**FAMILIES, **SIZES}
 
