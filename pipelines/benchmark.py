@@ -3,8 +3,8 @@ published numbers, written to results/benchmark.json and (with --update-readme) 
 
     python -m pipelines.benchmark [--datasets skab,nab,smd] [--json OUT] [--update-readme]
 
-With ``--variants`` it compares the model variants (``VARIANTS``: cell, depth, direction, attention)
-under one protocol instead: every variant gets each dataset's profile plus its own ``[model]``
+With ``--variants`` it compares the model variants (``VARIANTS``: ``FAMILIES`` of cell, depth, direction,
+attention, and ``SIZES``, one network shape on every dataset) under one protocol instead: every variant gets each dataset's profile plus its own ``[model]``
 overrides, and the same caps (``--max-epochs``, ``--smd-machines``); the table (accuracy, training
 seconds, scoring windows/s) goes between the README's ``variants`` markers.
 
