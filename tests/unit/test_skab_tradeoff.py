@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from anomaly.evaluation import skab_binary_metrics
-from pipelines.skab_tradeoff import (EXTENT_TRIMS, HOLDS, KS, base_label, exact, extent, extent_grid, flags_for, main, parse_base, parse_smooth, pareto,
+from pipelines.skab_tradeoff import (ADAPTIVE, EXTENT_TRIMS, adaptive_crossings, adaptive_rows, HOLDS, KS, base_label, exact, extent, extent_grid, flags_for, main, parse_base, parse_smooth, pareto,
                                      pick_rows, post, post_loop, reaching_target, smooth, smooth_label, sweep)
 
 
@@ -167,3 +167,42 @@ def test_help(capsys):
         main(["--help"])
     assert done.value.code == 0
     assert "--runs" in capsys.readouterr().out
+
+
+def test_adaptive_crossings_by_hand():
+    """Bar = max(base, factor x median of the `rows` scores ending lag+1 rows before)."""
+    scores = np.array([1, 1, 1, 1, 4, 4, 4, 4, 4, 4], dtype=float)
+    # lag 0: t6 sees 1, 4, 4 -> median 4 -> bar 6 > 4; before that the median is 1 -> bar = base 2
+    assert adaptive_crossings(scores, 2.0, rows=3, factor=1.5, quantile=0.5, lag=0).tolist() == [
+        False, False, False, False, True, True, False, False, False, False]
+    # lag 1: every bar comes one row later
+    assert adaptive_crossings(scores, 2.0, rows=3, factor=1.5, quantile=0.5, lag=1).tolist() == [
+        False, False, False, False, True, True, True, False, False, False]
+    # too few rows for a history: the base alone decides; NaN never crosses
+    with_nan = np.array([np.nan, 3.0, 3.0])
+    assert adaptive_crossings(with_nan, 2.0, rows=5, factor=1.0, quantile=0.5, lag=0).tolist() == [False, True, True]
+
+
+def test_adaptive_crossings_are_causal():
+    rng = np.random.default_rng(0)
+    scores = rng.gamma(2.0, size=300)
+    before = adaptive_crossings(scores, 3.0, rows=40, factor=2.0, quantile=0.5, lag=5)
+    changed = scores.copy()
+    changed[200:] = rng.gamma(2.0, size=100) * 10
+    after = adaptive_crossings(changed, 3.0, rows=40, factor=2.0, quantile=0.5, lag=5)
+    assert (before[:200] == after[:200]).all()
+    assert before.any() and not (before == after).all()
+
+
+def test_adaptive_rows_cut_the_alarms_after_a_lasting_change():
+    """A fault (labelled) followed by a changed but normal rig (not labelled): the adaptive bar keeps the
+    fault's alarms and drops most of the later ones, which the plain threshold raises throughout."""
+    scores = np.r_[np.full(600, 1.0), np.full(100, 10.0), np.full(600, 5.0)]
+    labels = np.r_[np.zeros(600, bool), np.ones(100, bool), np.zeros(600, bool)]
+    files = [{"scores": scores, "labels": labels, "threshold": 2.0}]
+    plain = skab_binary_metrics([labels], [scores > 2.0])
+    rows = adaptive_rows(files)
+    assert [(r["rows"], r["factor"], r["quantile"], r["lag"]) for r in rows] == ADAPTIVE
+    for r in rows:
+        assert r["mar"] == pytest.approx(0.0)  # the fault's 100 rows all alarm
+        assert r["far"] < plain.far / 2  # most of the changed rig's rows no longer do
