@@ -228,8 +228,9 @@ class WorkerSettings:
                           "measured +12 to +50 % msg/s over 10 paired runs on 2 cores", True)
     scoring_process: bool = doc("run the scoring step (decoding, windows, forward pass, alerts) in a child process forked "
                                 "at start, beside the process that polls, follows the registry, produces and commits, "
-                                "so the two do not share one interpreter lock; measured level to +12 % msg/s at stride 4 and "
-                                "+22 and +31 % at stride 8 and 16 on 2 cores, for ≈ 260 MB more resident memory. Scores "
+                                "so the two do not share one interpreter lock; measured on 2 cores at stride 4 with the default "
+                                "network 0.97 of a bare consumer against 0.61 in-process (with W 32 / hidden 64: level to "
+                                "+12 %), for ≈ 260 MB more resident memory. Scores "
                                 "in-process anyway on CUDA (a forked child cannot use it) and with less than 2 CPUs "
                                 "to use (affinity or cgroup quota, e.g. a Kubernetes CPU limit of 1)", True)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")

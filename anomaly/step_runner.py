@@ -15,10 +15,11 @@ forked when the worker starts, fed over a pipe. kafka-python's fetch and our per
 both Python: in one process they share one interpreter lock, so the worker's own Python took time from
 its consumer. In the child it runs beside the consumer on the other core; the parent polls, hands the
 record bytes over, follows the registry alias, and produces, flushes and commits what comes back.
-Measured on 2 cores (README, Streaming worker): with no model at all the worker keeps 0.74-1.00 of a
-bare consumer's rate in a child against 0.74-0.91 in-process; with the default model at stride 4 the
-two are level, both processes being busy (the forward pass alone costs about 7 µs a reading, near what
-the bare consumer spends on a reading); at stride 8 and 16 the child is ahead.
+Measured on 2 cores (README, Streaming worker): with the default network (W 10, hidden 32) at stride 4
+the worker keeps 0.96-0.97 of a bare consumer's rate in a child against 0.61 in-process; with no model
+at all 0.74-1.00 against 0.74-0.91. With a network 5 times as costly (W 32, hidden 64) the two are level
+at stride 4, both processes being busy (its forward pass alone costs about 7 µs a reading, near what the
+bare consumer spends on a reading), and the child is ahead at stride 8 and 16.
 
 What crosses the pipe: parent -> child ``("batch", batches, now_s)``, ``("forget", partitions)``,
 ``("model", detector, version)`` when the registry alias moved (the parent follows it, so the registry
