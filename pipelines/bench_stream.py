@@ -734,10 +734,10 @@ def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: i
             child.kill()
         # Both processes' peaks when the step runs in a child: an over-count, as the pages they share
         # (forked: libraries, the model) are in both; the detail has their proportional shares (Pss).
-        peaks[str(count)] = round((result["vmhwm_kb"] + (result["scoring_vmhwm_kb"] or 0)) / 1024, 1)
-        baselines[str(count)] = round((result["baseline_rss_kb"] or 0) / 1024, 1)
+        peaks[str(count)] = _mb(result["vmhwm_kb"] + (result["scoring_vmhwm_kb"] or 0))
+        baselines[str(count)] = _mb(result["baseline_rss_kb"] or 0)
         detail[str(count)] = {"readings": n, "load_msgs_per_s": round(rate), "entities_held": result["entities"],
-                              "hwm_before_run_mb": round((result["hwm_before_run_kb"] or 0) / 1024, 1),
+                              "hwm_before_run_mb": _mb(result["hwm_before_run_kb"] or 0),
                               "windows_scored": result["windows_scored"], "worker_msgs_per_s": round(result["msgs_per_s"]),
                               "main_peak_mb": _mb(result["vmhwm_kb"]),
                               "scoring_peak_mb": _mb(result["scoring_vmhwm_kb"]),
@@ -802,6 +802,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from anomaly.broker import LocalBroker
     from anomaly.config import WorkerSettings
     from anomaly.scoring import resolve_precision
+    from anomaly.step_runner import usable_cpus
     from anomaly.training import resolve_device
 
     started = time.perf_counter()
@@ -822,7 +823,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": {}, "messages": n, "entities": fleet, "stride": stride, "period_s": period,
         "offered_rate": rate, "duration_s": duration, "load_msgs_per_s": None,
         "latency_target_ms": LATENCY_BUDGET_MS + stride * period * 1000,
-        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_count": os.cpu_count(), "cpus_usable": usable_cpus(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(resolve_device("auto")),
         "precision": resolve_precision(WorkerSettings().precision, resolve_device("auto")),
         "crc32c_c_extension": kafka_record_util.crc32c_c is not None,  # kafka-python's CRC check in C, not Python
