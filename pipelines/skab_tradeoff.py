@@ -149,10 +149,10 @@ def adaptive_crossings(scores: np.ndarray, base: float, rows: int, factor: float
     that end ``lag + 1`` rows before it (no adaptive part until that many rows exist; NaN scores count
     as 0 there). Causal: a row's flag depends on its own score and earlier ones only. After a long
     stretch of raised scores (a rig that stays changed after a fault) the bar rises with them."""
-    x = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0)
-    trail = pd.Series(x).shift(1 + lag).rolling(rows, min_periods=rows).quantile(quantile).to_numpy()
-    bar = np.maximum(base, np.nan_to_num(factor * trail, nan=-np.inf))
-    return np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf) > bar
+    x = np.asarray(scores, dtype=np.float64)
+    trail = pd.Series(np.nan_to_num(x, nan=0.0)).shift(1 + lag).rolling(rows, min_periods=rows).quantile(quantile)
+    bar = np.maximum(base, np.nan_to_num(factor * trail.to_numpy(), nan=-np.inf))
+    return x > bar  # NaN compares False
 
 
 def adaptive_rows(files: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
