@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 import types
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from anomaly.adaptive import AdaptiveRule
 from anomaly.errors import ConfigError
 
 ENV_PREFIX = "ANOMALY_"
@@ -144,6 +146,10 @@ class ThresholdSettings:
     q: float = doc("quantile: the quantile of validation errors", 0.99)
     k: float = doc("mean_std: threshold = mean + k * std of validation errors", 3.0)
     scale: float = doc("multiplier applied to the fitted threshold (1 = as fitted)", 1.0)
+    adaptive_rows: int = doc("readings whose scores set an adaptive bar per entity (0 = off): a window alarms only above both the fitted threshold and adaptive_factor x the adaptive_quantile of the scores of the adaptive_rows readings ending adaptive_lag readings before it (README, A threshold that adapts); saved with the model", 0)
+    adaptive_factor: float = doc("adaptive: multiplier of the trailing quantile", 4.0)
+    adaptive_quantile: float = doc("adaptive: quantile of the trailing scores (0.5 = their median)", 0.5)
+    adaptive_lag: int = doc("adaptive: readings between the trailing span and the scored reading, so an anomaly's onset does not raise its own bar", 30)
 
     def check(self) -> None:
         if self.method not in ("pot", "quantile", "mean_std"):
@@ -156,6 +162,18 @@ class ThresholdSettings:
             raise ConfigError("threshold.q", f"must be in (0, 1), got {self.q}")
         if self.scale <= 0:
             raise ConfigError("threshold.scale", f"must be > 0, got {self.scale}")
+        if self.adaptive_rows < 0:
+            raise ConfigError("threshold.adaptive_rows", f"must be >= 0 (0 = off), got {self.adaptive_rows}")
+        if not (math.isfinite(self.adaptive_factor) and self.adaptive_factor > 0):
+            raise ConfigError("threshold.adaptive_factor", f"must be > 0, got {self.adaptive_factor}")
+        if not 0 < self.adaptive_quantile < 1:
+            raise ConfigError("threshold.adaptive_quantile", f"must be in (0, 1), got {self.adaptive_quantile}")
+        if self.adaptive_lag < 0:
+            raise ConfigError("threshold.adaptive_lag", f"must be >= 0, got {self.adaptive_lag}")
+
+    def adaptive_rule(self) -> AdaptiveRule:
+        """The adaptive part as ``anomaly.adaptive`` takes it (``rows`` 0: off)."""
+        return AdaptiveRule(self.adaptive_rows, self.adaptive_factor, self.adaptive_quantile, self.adaptive_lag)
 
     def policy_params(self) -> dict[str, Any]:
         """Parameters of the chosen method, as ``anomaly.thresholds.make_policy`` takes them."""

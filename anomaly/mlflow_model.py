@@ -6,7 +6,9 @@ directory (``state_dict`` + JSON, see ``anomaly.detector``), so loading by
 
 predict(DataFrame of readings, one column per sensor, rows in time order on the model's grid)
 -> DataFrame row-aligned with the input: ``score`` (of the window ending at that row; NaN before the
-first full window), ``threshold``, ``is_anomaly``, ``top_sensor``.
+first full window), ``threshold`` (the bar in force at that row: the fitted value, or with an adaptive
+rule the higher of it and the trailing level, the input's rows being one entity's history),
+``is_anomaly``, ``top_sensor``.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class DetectorModel(PythonModel):
             scored = det.score_values(values)
             score[scored.end_rows] = scored.scores
             top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
-        return pd.DataFrame({"score": score, "threshold": det.threshold.value,
-                             "is_anomaly": np.nan_to_num(score, nan=-np.inf) > det.threshold.value,
+        bars = det.threshold.series_bars(score)  # the fitted value, raised by an adaptive rule where it has one
+        return pd.DataFrame({"score": score, "threshold": bars, "is_anomaly": score > bars,
                              "top_sensor": top}, index=model_input.index)
 
 

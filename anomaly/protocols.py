@@ -82,7 +82,9 @@ class ProtocolResult:
 
 def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
     """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
-    (default: the first test row). Windows may reach back into training rows: a stream has that past."""
+    (default: the first test row). Windows may reach back into training rows: a stream has that past.
+    Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
+    starts there, as a worker's would when the model is deployed."""
     values = fill_rows(series.frame.to_numpy(dtype=np.float64))
     sensors = tuple(str(c) for c in series.frame.columns)
     started = time.perf_counter()
@@ -99,7 +101,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     thr = detector.threshold.value
     return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
                         labels=labels[first:], scores=scores[first:],
-                        flags=np.nan_to_num(scores[first:], nan=-np.inf) > thr, expected=expected[first:],
+                        flags=detector.threshold.series_flags(scores[first:]), expected=expected[first:],
                         threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
                         windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
                         best_epoch=fitted.best_epoch)

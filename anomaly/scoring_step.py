@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from anomaly.adaptive import AdaptiveRule, TrailingBars
 from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
@@ -42,7 +43,7 @@ from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_
 from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
-              "events_closed", "accepted", "evicted", "nonfinite_scores")
+              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held")
 # Windows per forward pass in the worker: measured on the 2-core CPU box (W=32, hidden 64), 128-512
 # windows per pass score ≈ 15 % faster per window than 1024 and ≈ 40 % faster than 2048 (cache).
 STREAM_SCORE_BATCH = 512
@@ -56,7 +57,8 @@ _TYPICAL_SCALED = {"standard": 0.0, "robust": 0.0, "minmax": 0.5}
 class ScoringModel(Protocol):
     """What the step needs from a model. ``score`` takes windows (N, W, F) in original units, sensors
     in ``sensors`` order, and returns scores (N,), per-sensor errors (N, F) and the expected
-    (reconstructed) last-step values (N, F) in original units."""
+    (reconstructed) last-step values (N, F) in original units. ``adaptive``: the threshold's adaptive
+    rule (``anomaly.adaptive``), or None for a fixed threshold."""
 
     name: str
     version: str
@@ -64,6 +66,7 @@ class ScoringModel(Protocol):
     window_size: int
     period_s: float
     threshold: float
+    adaptive: AdaptiveRule | None
     fill_values: tuple[float, ...]
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -86,6 +89,7 @@ class DetectorModel:
         # A model saved without a period was trained on rows: one row per second is the convention.
         self.period_s: float = float(detector.period_s) if detector.period_s else 1.0
         self.threshold: float = float(detector.threshold.value)
+        self.adaptive: AdaptiveRule | None = detector.threshold.adaptive
         scaler = detector.scaler
         typical = _TYPICAL_SCALED.get(scaler.method, 0.0)
         self.fill_values: tuple[float, ...] = tuple(
@@ -194,6 +198,7 @@ class ScoringStep:
         self._streams: dict[tuple[str, int], int] = {}  # (topic, partition) -> WindowStore partition id
         self._stream_keys: list[tuple[str, int]] = []
         self._store = self._new_store(model)
+        self._bars = self._new_bars(model)
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -221,10 +226,25 @@ class ScoringStep:
         self._model_sensors = tuple(model.sensors)
         return WindowStore(policy, model.sensors, model.fill_values)
 
+    def _new_bars(self, model: ScoringModel) -> tuple[ScoringModel, TrailingBars | None]:
+        """The adaptive threshold's per-entity history for ``model``'s scores (None: a fixed threshold).
+        Paired with its model: a batch staged for another model (completing after a swap) never reads
+        or feeds it."""
+        rule = getattr(model, "adaptive", None)
+        enabled = rule is not None and rule.enabled
+        return model, (TrailingBars(rule, self._base_policy.stride) if enabled else None)
+
+    def adaptive_history(self, entity: str) -> np.ndarray:
+        """The scores the adaptive bar of ``entity`` is computed from, oldest first (empty: none, or a
+        fixed threshold)."""
+        bars = self._bars[1]
+        return np.empty(0) if bars is None else bars.history(entity)
+
     def swap_model(self, model: ScoringModel) -> bool:
         """Use ``model`` from the next batch on. Window buffers are kept when its sensors, window size and
         period match the current model's, else they restart empty; open events are kept either way
-        (their ids do not depend on the version). Returns whether the window buffers were kept."""
+        (their ids do not depend on the version). The adaptive threshold's history restarts (the new
+        model's scores are on its own scale). Returns whether the window buffers were kept."""
         kept = _compatible(self._model, model)
         if kept:
             self._store.set_fill_values(model.fill_values)  # buffers kept; only future fills change
@@ -232,12 +252,15 @@ class ScoringStep:
         else:
             self._store = self._new_store(model)
         self._model = model
+        self._bars = self._new_bars(model)
         return kept
 
     def reset(self) -> None:
-        """Forget every window buffer and alert state (after a failed batch, before seeking back)."""
+        """Forget every window buffer, alert state and adaptive history (after a failed batch, before
+        seeking back)."""
         self._store.reset()
         self._alerts.forget()
+        self._bars = self._new_bars(self._model)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
         """Drop the window state of entities last seen on these (revoked) partitions; returns how many."""
@@ -335,15 +358,27 @@ class ScoringStep:
         out.latencies_s.extend((now_s - ready.end_ts).tolist())
         finite = np.isfinite(scores)
         counts["nonfinite_scores"] += int(n - finite.sum())
+        # The bar each window is held to: the fitted threshold, or per entity the adaptive one. Bars are
+        # looked up only where they decide something (above the fitted value; every window for the
+        # scores topic); every finite score feeds its entity's history.
+        bars_model, trailing = self._bars
+        bars: np.ndarray | None = None
+        if trailing is not None and bars_model is model:
+            bars = trailing.bars(entities, scores, threshold, None if self.emit_scores else scores > threshold)
         if self.emit_scores:
             for i, (entity, end_ts, start_ts, filled) in enumerate(zip(
                     entities, ready.end_ts.tolist(), ready.start_ts.tolist(), ready.filled.tolist())):
                 score = float(scores[i])
+                bar = threshold if bars is None else float(bars[i])
                 out.scores.append((entity.encode("utf-8"), _score_record(
-                    entity, end_ts, start_ts, score if finite[i] else None, threshold, name, version, filled)))
+                    entity, end_ts, start_ts, score if finite[i] else None, bar, name, version, filled)))
         # Alert state changes only for entities with a window above the threshold or state already
         # (AlertTracker.update of a window at or below it, for an entity at rest, does nothing).
-        above = scores > threshold  # NaN: False
+        if bars is None:
+            above = scores > threshold  # NaN: False
+        else:
+            above = scores > bars
+            counts["adaptive_held"] += int(np.count_nonzero(scores > threshold)) - int(np.count_nonzero(above))
         involved = self._alerts.active_entities()
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}
@@ -363,7 +398,8 @@ class ScoringStep:
                          "actual": _finite_or_none(actual[j]), "expected": _finite_or_none(expected[i, j])}
                         for j in order]
 
-            for event in self._alerts.update(entity, end_ts_list[i], float(scores[i]), threshold, detail, name,
+            bar = threshold if bars is None else float(bars[i])
+            for event in self._alerts.update(entity, end_ts_list[i], float(scores[i]), bar, detail, name,
                                              version):
                 out.events.append((entity.encode("utf-8"), encode_event(event)))
                 counts["events_opened" if event["status"] == OPEN else "events_closed"] += 1

@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from anomaly.adaptive import PARAM_KEYS as ADAPTIVE_KEYS
+from anomaly.adaptive import AdaptiveRule, adaptive_bars
 from anomaly.errors import ConfigError
 
 # Codes stored in ``Threshold.params["fallback"]`` by the pot policy (params hold floats only).
@@ -81,9 +83,31 @@ class Threshold:
         object.__setattr__(self, "params", params)  # a copy: the caller's dict is not shared
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
-        """Boolean array, same shape as ``scores``: True where the score is above the threshold.
-        NaN scores are never flagged."""
+        """Boolean array, same shape as ``scores``: True where the score is above the fitted value.
+        NaN scores are never flagged. The adaptive part (if any) needs time order: ``series_flags``."""
         return np.asarray(scores, dtype=np.float64) > self.value
+
+    @property
+    def adaptive(self) -> AdaptiveRule | None:
+        """The adaptive rule stored with this threshold (``anomaly.adaptive``), or None."""
+        return AdaptiveRule.from_params(self.params)
+
+    def with_adaptive(self, rule: AdaptiveRule | None) -> "Threshold":
+        """This threshold with ``rule`` stored in its params (an off or None rule removes one)."""
+        params = {k: v for k, v in self.params.items() if k not in ADAPTIVE_KEYS}
+        if rule is not None:
+            params.update(rule.to_params())
+        return Threshold(self.method, self.value, params)
+
+    def series_bars(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
+        """The bar in force at each window of ONE entity's scores in time order (``adaptive_bars``)."""
+        return adaptive_bars(scores, self.value, self.adaptive, stride)
+
+    def series_flags(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
+        """Flags of ONE entity's window scores in time order: above the fitted value and, with an
+        adaptive rule, above the entity's trailing level too (causal). NaN: never flagged."""
+        x = np.asarray(scores, dtype=np.float64)
+        return x > self.series_bars(x, stride)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""

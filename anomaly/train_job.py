@@ -60,6 +60,9 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
+    rule = th.adaptive_rule()
+    if rule.enabled:
+        detector.threshold = detector.threshold.with_adaptive(rule)
     return detector, result, val_scores
 
 
@@ -133,7 +136,7 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     n = len(values)
     scores = rows_from_windows(scored.scores, n, detector.window_size)
     expected = rows_from_windows(scored.expected, n, detector.window_size)
-    flags = np.nan_to_num(scores, nan=-np.inf) > detector.threshold.value
+    flags = detector.threshold.series_flags(scores)
     run.log_figure(plots.anomaly_overlay(np.asarray(prepared.timestamps[-tail:]), values, detector.sensors, scores,
                                          detector.threshold.value, flags=flags, expected=expected),
                    "validation_overlay.png")

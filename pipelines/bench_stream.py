@@ -180,7 +180,7 @@ class StandInModel:
         if kind not in ("none", "busy"):
             raise ValueError(f"unknown stand-in {kind!r}")
         self.kind, self.us_per_window = kind, us_per_window
-        for name in ("sensors", "window_size", "period_s", "threshold", "fill_values"):
+        for name in ("sensors", "window_size", "period_s", "threshold", "adaptive", "fill_values"):
             setattr(self, name, getattr(model, name))
         self.name, self.version = model.name, f"{model.version}-{kind}"
         self._b = torch.randn(512, 512)

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly import evaluation
+from anomaly.adaptive import AdaptiveRule, adaptive_flags
 from anomaly.cli import default_data_dir
 from anomaly.protocols import PROFILES
 
@@ -146,13 +147,11 @@ def extent(x: np.ndarray, trim: int, k: int = 1) -> np.ndarray:
 def adaptive_crossings(scores: np.ndarray, base: float, rows: int, factor: float, quantile: float,
                        lag: int) -> np.ndarray:
     """Rows whose score exceeds both ``base`` and ``factor`` x the ``quantile`` of the ``rows`` scores
-    that end ``lag + 1`` rows before it (no adaptive part until that many rows exist; NaN scores count
-    as 0 there). Causal: a row's flag depends on its own score and earlier ones only. After a long
-    stretch of raised scores (a rig that stays changed after a fault) the bar rises with them."""
-    x = np.asarray(scores, dtype=np.float64)
-    trail = pd.Series(np.nan_to_num(x, nan=0.0)).shift(1 + lag).rolling(rows, min_periods=rows).quantile(quantile)
-    bar = np.maximum(base, np.nan_to_num(factor * trail.to_numpy(), nan=-np.inf))
-    return x > bar  # NaN compares False
+    that end ``lag + 1`` rows before it (no adaptive part until that many rows exist): the shipped rule,
+    ``anomaly.adaptive.adaptive_flags`` at stride 1 (a row per window), as ``[threshold] adaptive_*``
+    configures it. Causal. After a long stretch of raised scores (a rig that stays changed after a
+    fault) the bar rises with them."""
+    return adaptive_flags(scores, base, AdaptiveRule(rows, factor, quantile, lag))
 
 
 def adaptive_rows(files: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

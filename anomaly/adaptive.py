@@ -1,0 +1,229 @@
+"""A threshold that adapts to each entity's own recent scores. Pure logic: no I/O, no clock.
+
+The fitted threshold (``anomaly.thresholds``) is calibrated on a few hundred validation windows and
+never moves. After a fault the asset often stays changed (a valve refitted, a pump re-seated), and a
+model of the old normal then scores every later window high: one long false alarm. The adaptive rule
+raises the bar with the entity's own recent level:
+
+    window i alarms  ⇔  score_i > max(base, factor × quantile(scores of the ``span`` windows that end
+                                                               ``lag`` windows before i))
+
+with no adaptive part until ``lag + span`` earlier scores exist. An anomaly's first minutes cross it
+(the trailing span still holds normal scores; ``lag`` keeps a fault's onset out of its own bar); a
+level the entity has kept for longer than the span no longer does.
+
+``AdaptiveRule`` is configured in readings (``rows``, ``lag``, as ``[threshold]`` sets them) and turned
+into windows for the scoring stride by ``in_windows``: at stride 1 a window per reading. Two
+implementations of one definition, tested against each other:
+
+- ``adaptive_bars(scores, base, rule, stride)``: one entity's scores in time order, offline (the
+  datasets' protocols, the MLflow pyfunc model, training plots);
+- ``TrailingBars``: the streaming worker's state, every entity's last ``lag + span`` scores in one ring
+  array, fed batch by batch.
+
+Non-finite scores are never flagged and never enter the trailing history.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Keys under which a rule is stored in ``Threshold.params`` (floats, so threshold.json stays flat).
+PARAM_KEYS = ("adaptive_rows", "adaptive_factor", "adaptive_quantile", "adaptive_lag")
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """``rows`` readings whose scores set the bar (0: off), ending ``lag`` readings before the scored
+    one; the bar is ``factor`` × their ``quantile``."""
+
+    rows: int = 0
+    factor: float = 4.0
+    quantile: float = 0.5
+    lag: int = 30
+
+    def __post_init__(self) -> None:
+        if int(self.rows) != self.rows or self.rows < 0:
+            raise ValueError(f"adaptive rows must be a whole number >= 0, got {self.rows!r}")
+        if int(self.lag) != self.lag or self.lag < 0:
+            raise ValueError(f"adaptive lag must be a whole number >= 0, got {self.lag!r}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"adaptive factor must be > 0, got {self.factor!r}")
+        if not 0 < self.quantile < 1:
+            raise ValueError(f"adaptive quantile must be in (0, 1), got {self.quantile!r}")
+        object.__setattr__(self, "rows", int(self.rows))
+        object.__setattr__(self, "lag", int(self.lag))
+        object.__setattr__(self, "factor", float(self.factor))
+        object.__setattr__(self, "quantile", float(self.quantile))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rows > 0
+
+    def in_windows(self, stride: int = 1) -> tuple[int, int]:
+        """(span, lag) in scored windows at ``stride`` readings between windows: the windows whose last
+        reading lies ``lag + 1`` … ``lag + rows`` readings before the scored window's (on an unbroken
+        grid). Stride 1 gives (rows, lag)."""
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        nearest = -(-(self.lag + 1) // stride)  # ceil: the first window at least lag + 1 readings back
+        farthest = (self.lag + self.rows) // stride
+        return max(1, farthest - nearest + 1), nearest - 1
+
+    def to_params(self) -> dict[str, float]:
+        """The rule as ``Threshold.params`` entries (empty when off: a plain threshold stays plain)."""
+        if not self.enabled:
+            return {}
+        return dict(zip(PARAM_KEYS, (float(self.rows), self.factor, self.quantile, float(self.lag))))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, float]) -> "AdaptiveRule | None":
+        """The rule stored in ``Threshold.params``, or None (no rule, or ``rows`` 0)."""
+        if not params.get("adaptive_rows"):
+            return None
+        return cls(rows=int(params["adaptive_rows"]), factor=float(params.get("adaptive_factor", 4.0)),
+                   quantile=float(params.get("adaptive_quantile", 0.5)), lag=int(params.get("adaptive_lag", 30)))
+
+
+def adaptive_bars(scores: np.ndarray, base: float, rule: AdaptiveRule | None, stride: int = 1) -> np.ndarray:
+    """The bar in force at each of one entity's windows (time order): ``base``, raised to ``factor`` ×
+    the trailing quantile once ``lag + span`` earlier finite scores exist. Causal."""
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    bars = np.full(x.shape, float(base))
+    if rule is None or not rule.enabled:
+        return bars
+    span, lag = rule.in_windows(stride)
+    finite = np.flatnonzero(np.isfinite(x))
+    history = x[finite]  # only finite scores enter the trailing history
+    # The i-th finite score (0-based) is preceded by i finite scores; its span is history[i-lag-span : i-lag].
+    ready = np.arange(len(history)) >= lag + span
+    if ready.any():
+        from numpy.lib.stride_tricks import sliding_window_view
+        spans = sliding_window_view(history, span)[: len(history) - lag - span]  # span k starts at k
+        level = np.quantile(spans, rule.quantile, axis=1)  # for finite score i = k + lag + span
+        idx = finite[ready]
+        bars[idx] = np.maximum(base, rule.factor * level)
+    return bars
+
+
+def adaptive_flags(scores: np.ndarray, base: float, rule: AdaptiveRule | None, stride: int = 1) -> np.ndarray:
+    """Boolean flags of one entity's windows: score above its bar (NaN: never)."""
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    return x > adaptive_bars(x, base, rule, stride)
+
+
+class TrailingBars:
+    """The streaming form of ``adaptive_bars`` for many entities: each entity's last ``lag + span``
+    finite scores in a row of one ring array, so recording a batch is a few vectorised numpy calls
+    however many entities it touches; bars are computed only for the windows that ask for one
+    (``need``; the worker asks for those above the base threshold, whose flag depends on it)."""
+
+    def __init__(self, rule: AdaptiveRule, stride: int = 1, capacity: int = 64) -> None:
+        if not rule.enabled:
+            raise ValueError("TrailingBars needs an enabled rule (rows > 0)")
+        self.rule = rule
+        self.span, self.lag = rule.in_windows(stride)
+        self.length = self.span + self.lag
+        self._rows: dict[str, int] = {}
+        self._ring = np.zeros((max(1, capacity), self.length))
+        self._count = np.zeros(max(1, capacity), dtype=np.int64)  # finite scores recorded, ever
+
+    @property
+    def entities(self) -> int:
+        return len(self._rows)
+
+    def forget(self) -> None:
+        """Drop every entity's history (a new model's scores are on another scale)."""
+        self._rows.clear()
+        self._count[:] = 0
+
+    def history(self, entity: str) -> np.ndarray:
+        """The entity's recorded scores still held, oldest first (a copy)."""
+        row = self._rows.get(entity)
+        if row is None:
+            return np.empty(0)
+        count = int(self._count[row])
+        if count <= self.length:
+            return self._ring[row, :count].copy()
+        cut = count % self.length
+        return np.concatenate([self._ring[row, cut:], self._ring[row, :cut]])
+
+    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
+             need: np.ndarray | None = None) -> np.ndarray:
+        """The bar of every window of a batch (``entities[i]``'s windows in time order), then record
+        the batch's finite scores. Windows outside ``need`` (default: all) get ``base`` without a look
+        at the history: the caller knows their flag does not depend on it."""
+        scores = np.asarray(scores, dtype=np.float64)
+        n = len(scores)
+        bars = np.full(n, float(base))
+        if n == 0:
+            return bars
+        rows = self._row_ids(entities)
+        finite = np.isfinite(scores)
+        # Rank of each finite window among its entity's finite windows of this batch.
+        key = np.where(finite, rows, -1)
+        order = np.argsort(key, kind="stable")
+        sorted_key = key[order]
+        rank_sorted = np.arange(n) - np.searchsorted(sorted_key, sorted_key, side="left")
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = rank_sorted
+        wanted = finite if need is None else (finite & np.asarray(need, bool))
+        if wanted.any():
+            for row in np.unique(rows[wanted]).tolist():
+                self._fill_bars(row, rows, finite, rank, wanted, scores, base, bars)
+        self._record(rows[finite], rank[finite], scores[finite])
+        return bars
+
+    # --- internals ----------------------------------------------------------------------------
+    def _row_ids(self, entities: Sequence[str]) -> np.ndarray:
+        table = self._rows
+        missing = [e for e in dict.fromkeys(entities) if e not in table]
+        if missing:
+            for entity in missing:
+                table[entity] = len(table)
+            if len(table) > len(self._count):
+                grow = max(len(table), 2 * len(self._count))
+                ring = np.zeros((grow, self.length))
+                ring[: len(self._ring)] = self._ring
+                count = np.zeros(grow, dtype=np.int64)
+                count[: len(self._count)] = self._count
+                self._ring, self._count = ring, count
+        return np.fromiter((table[e] for e in entities), dtype=np.int64, count=len(entities))
+
+    def _fill_bars(self, row: int, rows: np.ndarray, finite: np.ndarray, rank: np.ndarray, wanted: np.ndarray,
+                   scores: np.ndarray, base: float, bars: np.ndarray) -> None:
+        mine = np.flatnonzero((rows == row) & finite)  # this entity's finite windows, in batch order
+        held = self._held(row)
+        before = int(self._count[row])  # finite scores recorded before this batch
+        history = np.concatenate([held, scores[mine]])
+        offset = before - len(held)  # sequence number of history[0]
+        targets = mine[wanted[mine]]
+        seq = before + rank[targets]  # sequence number of each wanted window
+        ready = seq >= self.lag + self.span
+        if not ready.any():
+            return
+        starts = seq[ready] - self.lag - self.span - offset  # index in ``history`` of each span's first score
+        spans = history[starts[:, None] + np.arange(self.span)]
+        level = np.quantile(spans, self.rule.quantile, axis=1)
+        bars[targets[ready]] = np.maximum(base, self.rule.factor * level)
+
+    def _held(self, row: int) -> np.ndarray:
+        count = int(self._count[row])
+        if count <= self.length:
+            return self._ring[row, :count]
+        cut = count % self.length
+        return np.concatenate([self._ring[row, cut:], self._ring[row, :cut]])
+
+    def _record(self, rows: np.ndarray, rank: np.ndarray, scores: np.ndarray) -> None:
+        if not len(rows):
+            return
+        per_row = np.bincount(rows, minlength=len(self._count))
+        # Only each entity's last ``length`` scores of the batch can survive; write those.
+        keep = rank >= per_row[rows] - self.length
+        rows, rank, scores = rows[keep], rank[keep], scores[keep]
+        self._ring[rows, (self._count[rows] + rank) % self.length] = scores
+        self._count += per_row

@@ -1,0 +1,203 @@
+"""The adaptive threshold: the rule by hand, the streaming form against the offline one, how it is
+stored with a threshold and configured, and what the worker's batch step does with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anomaly.adaptive import AdaptiveRule, TrailingBars, adaptive_bars, adaptive_flags
+from anomaly.alerts import AlertPolicy
+from anomaly.config import build_settings
+from anomaly.errors import ConfigError
+from anomaly.scoring_step import ScoringStep
+from anomaly.thresholds import Threshold
+from anomaly.window_state import WindowPolicy
+from tests.unit.test_scoring_step import T0, FakeModel, stream
+
+
+def test_rule_in_windows_by_hand() -> None:
+    rule = AdaptiveRule(rows=480, lag=30)
+    assert rule.in_windows(1) == (480, 30)
+    # stride 4: windows whose last reading is 31..510 readings back: 8·4=32 .. 127·4=508 -> 120 windows, 7 skipped
+    assert rule.in_windows(4) == (120, 7)
+    assert AdaptiveRule(rows=3, lag=0).in_windows(4) == (1, 0)  # never an empty span
+    with pytest.raises(ValueError):
+        rule.in_windows(0)
+
+
+def test_bars_by_hand() -> None:
+    scores = np.array([1, 1, 1, 1, 4, 4, 4, 4, 4, 4], dtype=float)
+    rule = AdaptiveRule(rows=3, factor=1.5, quantile=0.5, lag=0)
+    # row 3 sees 1,1,1 -> 1.5 < base 2; row 6 sees 1,4,4 -> median 4 -> 6
+    assert adaptive_bars(scores, 2.0, rule).tolist() == [2, 2, 2, 2, 2, 2, 6, 6, 6, 6]
+    assert adaptive_flags(scores, 2.0, rule).tolist() == [False] * 4 + [True] * 2 + [False] * 4
+    lagged = AdaptiveRule(rows=3, factor=1.5, quantile=0.5, lag=1)
+    assert adaptive_bars(scores, 2.0, lagged).tolist() == [2, 2, 2, 2, 2, 2, 2, 6, 6, 6]
+    # no rule, or an off one: the base alone
+    assert adaptive_bars(scores, 2.0, None).tolist() == [2.0] * 10
+    assert adaptive_bars(scores, 2.0, AdaptiveRule(rows=0)).tolist() == [2.0] * 10
+    # NaN is never flagged and does not enter the history: the span skips it
+    with_nan = np.array([1, np.nan, 1, 1, 8, 8], dtype=float)
+    bars = adaptive_bars(with_nan, 0.5, AdaptiveRule(rows=2, factor=2.0, quantile=0.5, lag=0))
+    assert bars.tolist() == [0.5, 0.5, 0.5, 2.0, 2.0, 9.0]
+    assert adaptive_flags(with_nan, 0.5, AdaptiveRule(rows=2, factor=2.0, quantile=0.5, lag=0)).tolist() == [
+        True, False, True, False, True, False]
+
+
+def test_bars_are_causal() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.gamma(2.0, size=400)
+    rule = AdaptiveRule(rows=40, factor=2.0, quantile=0.5, lag=5)
+    changed = scores.copy()
+    changed[250:] *= 10
+    a, b = adaptive_bars(scores, 3.0, rule), adaptive_bars(changed, 3.0, rule)
+    assert np.array_equal(a[:256], b[:256])  # row 255's span ends at row 249
+    assert not np.array_equal(a[256:], b[256:])
+
+
+def _batches(rng: np.random.Generator, series: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
+    """The entities' scores interleaved at random (each entity's own order kept), cut into random batches."""
+    labels = np.concatenate([[e] * len(v) for e, v in series.items()])
+    order = np.array(labels)[rng.permutation(len(labels))]  # which entity comes next
+    pos = dict.fromkeys(series, 0)
+    entities, values = [], []
+    for e in order.tolist():
+        entities.append(e)
+        values.append(series[e][pos[e]])
+        pos[e] += 1
+    cuts = np.sort(rng.choice(np.arange(1, len(values)), size=25, replace=False))
+    bounds = [0, *cuts.tolist(), len(values)]
+    return [(entities[a:b], np.asarray(values[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_trailing_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None:
+    rng = np.random.default_rng(stride)
+    rule = AdaptiveRule(rows=120, factor=3.0, quantile=0.5, lag=10)
+    series = {}
+    for i, entity in enumerate(["a", "b", "c", "d"]):
+        x = rng.gamma(2.0, size=400 + 100 * i) * (1 + i)
+        x[200:260] += 20  # a fault, then a lasting change
+        x[300:] += 5 * (1 + i)
+        x[rng.integers(0, len(x), 5)] = np.nan
+        series[entity] = x
+    trailing = TrailingBars(rule, stride, capacity=1)  # also grows its arrays
+    got: dict[str, list[float]] = {e: [] for e in series}
+    asked: dict[str, list[float]] = {e: [] for e in series}
+    need_only = TrailingBars(rule, stride)
+    for entities, scores in _batches(rng, series):
+        for e, bar in zip(entities, trailing.bars(entities, scores, 2.0)):
+            got[e].append(bar)
+        need = scores > 6.0
+        for e, bar, n in zip(entities, need_only.bars(entities, scores, 2.0, need), need):
+            asked[e].append((bar, n))
+    for entity, x in series.items():
+        want = adaptive_bars(x, 2.0, rule, stride)
+        np.testing.assert_array_equal(np.asarray(got[entity]), want)
+        bars, needed = map(np.asarray, zip(*asked[entity]))
+        np.testing.assert_array_equal(bars[needed], want[needed])  # asked: the true bar
+        assert (bars[~needed] == 2.0).all()  # not asked: the base, never a look at the history
+        span, lag = rule.in_windows(stride)
+        held = trailing.history(entity)
+        finite = x[np.isfinite(x)]
+        np.testing.assert_array_equal(held, finite[-(span + lag):])
+    assert trailing.entities == 4
+    trailing.forget()
+    assert trailing.entities == 0 and trailing.history("a").size == 0
+
+
+def test_rule_is_stored_with_the_threshold_as_floats() -> None:
+    rule = AdaptiveRule(rows=480, factor=4.0, quantile=0.5, lag=30)
+    plain = Threshold("quantile", 1.5, {"q": 0.95})
+    stored = plain.with_adaptive(rule)
+    assert stored.adaptive == rule and plain.adaptive is None
+    again = Threshold.from_dict(json.loads(json.dumps(stored.to_dict())))
+    assert again == stored and again.adaptive == rule
+    assert stored.with_adaptive(None) == plain and stored.with_adaptive(AdaptiveRule(rows=0)) == plain
+    scores = np.r_[np.full(600, 1.0), np.full(50, 10.0), np.full(600, 5.0)]
+    flags = stored.series_flags(scores)
+    assert flags[600:650].all()  # the fault: the trailing median is still 1
+    # the changed level alarms until it is over half the trailing 480 rows (190 more rows, + the lag 30)
+    assert flags[650:].sum() == 220 and not flags[870:].any() and (scores[650:] > 1.5).all()
+    assert plain.series_flags(scores).sum() == 650
+
+
+@pytest.mark.parametrize("field,value", [("adaptive_rows", -1), ("adaptive_factor", 0.0),
+                                         ("adaptive_quantile", 1.0), ("adaptive_lag", -3)])
+def test_bad_adaptive_settings_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"threshold.{field}"):
+        build_settings({"threshold": {field: value}})
+
+
+def test_settings_give_the_rule() -> None:
+    assert not build_settings({}).threshold.adaptive_rule().enabled  # off unless asked for
+    rule = build_settings({"threshold": {"adaptive_rows": 240, "adaptive_factor": 3.0}}).threshold.adaptive_rule()
+    assert rule == AdaptiveRule(rows=240, factor=3.0, quantile=0.5, lag=30)
+
+
+def _lasting_change(entity: str = "pump-1") -> list:
+    """Normal for 200 slots, then one sensor 1.0 higher for good (a rig that stays changed)."""
+    return stream({entity: 0}, range(0, 1200), fault=(entity, range(200, 1200), "pressure", 1.0))
+
+
+def _process(step: ScoringStep, records: list, size: int = 50) -> tuple[list[dict], dict[str, int], list[dict]]:
+    events, scores, counts = [], [], dict.fromkeys(("adaptive_held", "windows_scored"), 0)
+    for i in range(0, len(records), size):
+        out = step.process(records[i:i + size], now_s=T0 + 2000)
+        events += [json.loads(v) for _, v in out.events]
+        scores += [json.loads(v) for _, v in out.scores]
+        for key in counts:
+            counts[key] += out.counts[key]
+    return events, counts, scores
+
+
+def test_the_worker_closes_an_event_once_a_changed_level_is_the_entitys_normal() -> None:
+    base = 0.1  # FakeModel's score: mean |x - centre|; the change scores ≈ 1/3
+    rule = AdaptiveRule(rows=200, factor=2.0, quantile=0.5, lag=20)
+    policy = WindowPolicy(window_size=1, period_s=1.0, stride=4)
+    fixed = ScoringStep(FakeModel(window_size=4, threshold=base), policy, AlertPolicy())
+    events, counts, _ = _process(fixed, _lasting_change())
+    assert [e["status"] for e in events] == ["open"] and counts["adaptive_held"] == 0  # open for good
+
+    adaptive = ScoringStep(FakeModel(window_size=4, threshold=base, adaptive=rule), policy, AlertPolicy(),
+                           emit_scores=True)
+    events, counts, scores = _process(adaptive, _lasting_change())
+    assert [e["status"] for e in events] == ["open", "closed"]
+    opened, closed = events
+    assert opened["start_ts"] == pytest.approx(T0 + 200, abs=8)  # the change is still reported at once
+    assert closed["end_ts"] < T0 + 200 + 20 + 200  # and closes once the level fills the trailing span
+    assert counts["adaptive_held"] > 100
+    bars = np.array([s["threshold"] for s in scores])
+    assert bars.min() == base and bars.max() > base  # the records carry the bar in force
+    assert all(s["anomalous"] == (s["score"] > s["threshold"]) for s in scores)
+    assert len(adaptive.adaptive_history("pump-1")) == sum(rule.in_windows(4))
+
+
+def test_a_model_swap_or_reset_restarts_the_history() -> None:
+    rule = AdaptiveRule(rows=40, factor=2.0, quantile=0.5, lag=4)
+    step = ScoringStep(FakeModel(window_size=4, adaptive=rule), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy())
+    step.process(stream({"a": 0}, range(100)), now_s=T0 + 200)
+    assert len(step.adaptive_history("a")) == 44
+    step.swap_model(FakeModel(window_size=4, adaptive=rule, version="2"))  # compatible: windows kept
+    assert len(step.adaptive_history("a")) == 0
+    step.process(stream({"a": 0}, range(100, 110)), now_s=T0 + 200)
+    assert len(step.adaptive_history("a")) == 10
+    step.reset()
+    assert len(step.adaptive_history("a")) == 0
+    step.swap_model(FakeModel(window_size=4, version="3"))  # a fixed threshold: no history at all
+    step.process(stream({"a": 0}, range(110, 130)), now_s=T0 + 200)
+    assert len(step.adaptive_history("a")) == 0
+
+
+def test_a_batch_staged_for_the_old_model_neither_reads_nor_feeds_the_new_history() -> None:
+    rule = AdaptiveRule(rows=8, factor=2.0, quantile=0.5, lag=0)
+    step = ScoringStep(FakeModel(window_size=4, adaptive=rule), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy())
+    staged = step.stage(stream({"a": 0}, range(20)), now_s=T0 + 100)
+    step.swap_model(FakeModel(window_size=4, adaptive=rule, version="2"))
+    step.complete(staged, step.score(staged))
+    assert len(step.adaptive_history("a")) == 0
