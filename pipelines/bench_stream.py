@@ -138,9 +138,10 @@ def bench_model_params(profile: str = "default") -> dict[str, Any]:
     return ModelSettings(**PROFILES[profile]["model"]).model_params()
 
 
-def fit_bench_detector(period_s: float, epochs: int, profile: str = "default"):
+def fit_bench_detector(period_s: float, epochs: int, profile: str = "default", adaptive_rows: int = 0):
     """A detector of the production shape (ModelSettings defaults, or ``profile``'s), fitted briefly on
-    synthetic data."""
+    synthetic data; with ``adaptive_rows`` its threshold carries that adaptive rule (the other
+    ``[threshold] adaptive_*`` defaults), so the worker keeps every entity's trailing scores."""
     import torch
 
     from anomaly.config import ThresholdSettings
@@ -157,6 +158,11 @@ def fit_bench_detector(period_s: float, epochs: int, profile: str = "default"):
                                       period_s=period_s)
     finally:
         torch.set_num_threads(threads)
+    if adaptive_rows:
+        from dataclasses import replace
+
+        detector.threshold = detector.threshold.with_adaptive(replace(threshold, adaptive_rows=adaptive_rows)
+                                                              .adaptive_rule())
     return detector
 
 
@@ -828,12 +834,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": resolve_precision(WorkerSettings().precision, resolve_device("auto")),
         "crc32c_c_extension": kafka_record_util.crc32c_c is not None,  # kafka-python's CRC check in C, not Python
         "python": platform.python_version(), "model_profile": args.model_profile,
+        "adaptive_rows": args.adaptive_rows,
         **{k: shape[k] for k in ("window_size", "hidden_size", "latent_size")},
         "quick": bool(args.quick), "loadavg_start": list(os.getloadavg()),
         "tuning": {"torch_threads": tuning.torch_threads, "client_options": tuning.client_options,
                    "in_process": tuning.in_process},
     }
-    detector = fit_bench_detector(period, args.epochs or profile["epochs"], args.model_profile)
+    detector = fit_bench_detector(period, args.epochs or profile["epochs"], args.model_profile, args.adaptive_rows)
     log.info("detector fitted in %.1f s (threshold %.4g)", time.perf_counter() - started, detector.threshold.value)
     values = synthetic_values(5000, seed=2)
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
@@ -886,6 +893,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-profile", choices=("default", "skab", "nab", "smd"), default="default",
                    help="network shape of the benchmark's detector: the [model] defaults (W 10, hidden 32, latent "
                         "8), or a dataset profile's (skab: W 10, hidden 32, latent 8; smd: W 32, hidden 64, latent 16)")
+    p.add_argument("--adaptive-rows", type=int, default=0, help="the detector's threshold adapts to each entity's "
+                                                                "last N readings' scores ([threshold] adaptive_rows; "
+                                                                "default 0: a fixed threshold, the shipped default)")
     p.add_argument("--in-process", action="store_true", help="experiment: worker.scoring_process = false (decode, "
                                                              "windows, scoring and alerts in the worker's own process)")
     p.add_argument("--client-options", metavar="JSON", help="experiment: extra kafka-python options for the "
