@@ -206,3 +206,34 @@ def test_adaptive_rows_cut_the_alarms_after_a_lasting_change():
     for r in rows:
         assert r["mar"] == pytest.approx(0.0)  # the fault's 100 rows all alarm
         assert r["far"] < plain.far / 2  # most of the changed rig's rows no longer do
+
+
+def test_group_holdout_chooses_without_the_held_out_group():
+    """Two groups that want different factors: each fold takes the other group's best, and scores it on
+    the held-out group's files only."""
+    from pipelines.skab_tradeoff import group_holdout, skab_group
+
+    assert skab_group("valve1/3") == skab_group("valve1/12.csv") == "valve1"
+
+    def file(name: str, anomaly: float, burst: float) -> dict:
+        # baseline 1; a labelled 20-row anomaly at ``anomaly``; an unlabelled 10-row burst at ``burst``
+        scores = np.ones(800)
+        labels = np.zeros(800, bool)
+        scores[600:620], labels[600:620] = anomaly, True
+        scores[700:710] = burst
+        return {"name": name, "scores": scores, "labels": labels, "threshold": 1.5}
+
+    # group a: faint anomalies (2.5), no bursts -> factor 2 catches them, factor 3 misses them
+    # group b: strong anomalies (5), bursts at 2.5 -> factor 3 keeps the bursts quiet, factor 2 does not
+    files = [file("a/0", 2.5, 1.0), file("a/1", 2.5, 1.0), file("b/0", 5.0, 2.5)]
+    out = group_holdout(files, grid=[(120, 2.0), (120, 3.0)], target={"far": 100.0, "mar": 100.0})
+    by_group = {f["held_out"]: f for f in out["folds"]}
+    assert (by_group["a"]["files"], by_group["b"]["files"]) == (2, 1)
+    assert by_group["a"]["factor"] == 3.0 and by_group["b"]["factor"] == 2.0  # the other group's best
+    assert by_group["a"]["held_out_figures"]["mar"] == pytest.approx(100.0)  # so a's faint anomalies are missed
+    assert by_group["b"]["held_out_figures"]["far"] > 0  # and b's bursts alarm
+    for fold in out["folds"]:
+        held = [f for f in files if skab_group(f["name"]) == fold["held_out"]]
+        flags = [adaptive_crossings(f["scores"], 1.5, fold["rows"], fold["factor"], 0.5, 30) for f in held]
+        m = skab_binary_metrics([f["labels"] for f in held], flags)
+        assert fold["held_out_figures"] == pytest.approx({"f1": m.f1, "far": m.far, "mar": m.mar})
