@@ -236,11 +236,14 @@ class Decision:
     relative_improvement: float
 
 
-def holdout_metrics(scores: np.ndarray, threshold: float, comparable: np.ndarray | None = None) -> HoldoutMetrics:
-    """``scores`` in the model's own units decide its false alarms (against its own ``threshold``);
-    ``comparable`` (the same windows' errors in the comparison's common unit, default ``scores``)
-    give the mean and p99 error."""
+def holdout_metrics(scores: np.ndarray, threshold: float | np.ndarray,
+                    comparable: np.ndarray | None = None) -> HoldoutMetrics:
+    """``scores`` in the model's own units decide its false alarms (against its own ``threshold``: one
+    value, or the bar in force at each window for a threshold with an adaptive rule); ``comparable``
+    (the same windows' errors in the comparison's common unit, default ``scores``) give the mean and p99
+    error."""
     scores = np.asarray(scores, dtype=np.float64)
+    threshold = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape)
     comparable = scores if comparable is None else np.asarray(comparable, dtype=np.float64)
     if comparable.shape != scores.shape:
         raise ValueError(f"comparable errors {comparable.shape} do not match scores {scores.shape}")
@@ -248,7 +251,7 @@ def holdout_metrics(scores: np.ndarray, threshold: float, comparable: np.ndarray
     if not finite.any():
         return HoldoutMetrics(math.inf, 1.0, math.inf, len(scores))
     # A non-finite score counts as an alarm: a model that produces them is not better.
-    alarms = np.count_nonzero(scores[finite] > threshold) + int(np.count_nonzero(~finite))
+    alarms = np.count_nonzero(scores[finite] > threshold[finite]) + int(np.count_nonzero(~finite))
     kept = comparable[finite]
     return HoldoutMetrics(float(kept.mean()), alarms / len(scores), float(np.quantile(kept, 0.99)), len(scores))
 
@@ -617,17 +620,19 @@ def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
 
 
 def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float]) -> HoldoutMetrics:
-    """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold, errors
-    in the common ``unit`` (a scaler's per-sensor scale)."""
-    own, common = [], []
+    """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold (with
+    its adaptive rule, if any, each segment one series), errors in the common ``unit`` (a scaler's
+    per-sensor scale)."""
+    own, bars, common = [], [], []
     for seg in segments:
         if len(seg) >= detector.window_size:
             scored = detector.score_values(seg)
             own.append(np.asarray(scored.scores, dtype=np.float64))
+            bars.append(detector.threshold.series_bars(own[-1]))
             common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit))
     if not own:
         return holdout_metrics(np.empty(0), detector.threshold.value)
-    return holdout_metrics(np.concatenate(own), detector.threshold.value, np.concatenate(common))
+    return holdout_metrics(np.concatenate(own), np.concatenate(bars), np.concatenate(common))
 
 
 def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]]) -> EventMetrics | None:
@@ -639,7 +644,7 @@ def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]]) -> Ev
     for values, labels in tails:
         scored = detector.score_values(values)
         predicted = np.zeros(len(values), dtype=bool)
-        predicted[np.asarray(scored.end_rows)[np.asarray(scored.flags, dtype=bool)]] = True
+        predicted[np.asarray(scored.end_rows)[detector.threshold.series_flags(scored.scores)]] = True
         counts.append(event_metrics(labels, predicted))
     return aggregate_events(counts)
 

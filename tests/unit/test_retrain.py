@@ -145,6 +145,9 @@ def test_holdout_metrics_at_the_models_own_threshold():
     nan = holdout_metrics(np.array([0.1, np.nan]), threshold=1.0)  # a NaN score counts as an alarm
     assert nan.false_alarm_rate == pytest.approx(0.5) and nan.mean_error == pytest.approx(0.1)
     assert holdout_metrics(np.array([np.nan]), 1.0).mean_error == math.inf
+    # per-window bars (a threshold with an adaptive rule): 5.0 is under its raised bar of 6
+    held = holdout_metrics(np.array([0.1, 0.2, 0.3, 5.0]), threshold=np.array([1.0, 1.0, 1.0, 6.0]))
+    assert held.false_alarm_rate == 0.0 and held.mean_error == pytest.approx(1.4)
 
 
 # --- with labels: event F1 in the gate -----------------------------------------------------------
