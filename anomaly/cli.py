@@ -5,6 +5,7 @@ and plain values are passed inward. Every subcommand has ``--help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -150,9 +151,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
     scores = rows_from_windows(scored.scores, n, w)
-    flags = np.nan_to_num(scores, nan=-np.inf) > detector.threshold.value
+    bars = detector.threshold.series_bars(scores)  # the fitted value, raised by the model's adaptive rule if any
+    flags = scores > bars
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
-    out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "is_anomaly": flags,
+    out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
                         "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         peak = int(np.flatnonzero(in_span)[np.argmax(scored.scores[in_span])])
         spans.append({"start": str(prepared.timestamps[start]), "end": str(prepared.timestamps[end - 1]),
                       "peak_score": float(scored.scores[peak]), "sensors": scored.top_sensors(peak, detector.sensors)})
-    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value, "rows": n,
+    rule = detector.threshold.adaptive
+    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value,
+                      "adaptive": None if rule is None else dataclasses.asdict(rule), "rows": n,
                       "flagged_rows": int(flags.sum()), "spans": spans}, indent=2))
     return 0
 

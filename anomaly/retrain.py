@@ -585,7 +585,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             facts["labelled_rows"] += int(labels.sum())
         else:
             scored = champion.score_values(values)
-            flagged = scored.end_rows[np.asarray(scored.flags, dtype=bool)]
+            # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
+            flagged = scored.end_rows[champion.threshold.series_flags(scored.scores)]
             drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
         train_segs, hold_segs = split_segments(~drop, rt.holdout_fraction, w)

@@ -86,3 +86,35 @@ def test_unreachable_store_is_a_registry_error(tmp_path):
             registry.list_versions()
     finally:
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+
+
+def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, monkeypatch):
+    """Trained with ``[threshold] adaptive_*``: the rule is in the registered model's threshold.json, the
+    run's parameters, and the pyfunc's per-row ``threshold`` (the bar in force), loaded without pickle."""
+    import dataclasses
+
+    import mlflow
+
+    from anomaly.adaptive import AdaptiveRule
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    adaptive = build_settings({**{s: dataclasses.asdict(getattr(settings, s)) for s in ("mlflow", "model", "training")},
+                               "threshold": {**dataclasses.asdict(settings.threshold), "adaptive_rows": 60,
+                                             "adaptive_factor": 2.0, "adaptive_lag": 5}})
+    outcome = run_training(prepare_training(normal_frame(1200)), adaptive, source="synthetic", dataset="synthetic",
+                           promote=True, progress=False)
+    rule = AdaptiveRule(rows=60, factor=2.0, quantile=0.5, lag=5)
+    assert outcome.detector.threshold.adaptive == rule
+    assert mlflow.get_run(outcome.run_id).data.params["threshold.adaptive_rows"] == "60"
+    loaded, _ = registry.load_detector("pump", "champion")
+    assert loaded.threshold.adaptive == rule
+    # a lasting change from row 150 on: the fixed threshold flags it to the end, the bar rises with it
+    changed, _ = with_fault(normal_frame(400, seed=4), start=150, length=250)
+    frame = changed[list(loaded.sensors)].reset_index(drop=True)
+    out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
+    scores = out["score"].to_numpy()
+    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
+    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    assert out["threshold"].max() > loaded.threshold.value  # the bar did rise
+    fixed = np.nan_to_num(scores, nan=-np.inf) > loaded.threshold.value
+    assert out["is_anomaly"].sum() < fixed.sum()
