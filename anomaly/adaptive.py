@@ -131,6 +131,7 @@ class TrailingBars:
         self._rows: dict[str, int] = {}
         self._ring = np.zeros((max(1, capacity), self.length))
         self._count = np.zeros(max(1, capacity), dtype=np.int64)  # finite scores recorded, ever
+        self._newest = np.full(max(1, capacity), -np.inf)  # newest window end (stream time) per entity
 
     @property
     def entities(self) -> int:
@@ -140,6 +141,25 @@ class TrailingBars:
         """Drop every entity's history (a new model's scores are on another scale)."""
         self._rows.clear()
         self._count[:] = 0
+        self._newest[:] = -np.inf
+
+    def prune(self, older_than: float) -> int:
+        """Drop the history of entities whose newest window (``bars``' ``end_ts``) ended before
+        ``older_than``, so a fleet whose entities come and go does not grow this without bound.
+        Returns how many were dropped."""
+        names = list(self._rows)
+        rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(names))
+        keep = self._newest[rows] >= older_than
+        dropped = int(np.count_nonzero(~keep))
+        if dropped:
+            kept = rows[keep]
+            self._rows = {name: i for i, name in enumerate(n for n, k in zip(names, keep.tolist()) if k)}
+            self._ring[: len(kept)] = self._ring[kept]
+            self._count[: len(kept)] = self._count[kept]
+            self._newest[: len(kept)] = self._newest[kept]
+            self._count[len(kept):] = 0
+            self._newest[len(kept):] = -np.inf
+        return dropped
 
     def history(self, entity: str) -> np.ndarray:
         """The entity's recorded scores still held, oldest first (a copy)."""
@@ -153,10 +173,11 @@ class TrailingBars:
         return np.concatenate([self._ring[row, cut:], self._ring[row, :cut]])
 
     def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
-             need: np.ndarray | None = None) -> np.ndarray:
+             need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
         """The bar of every window of a batch (``entities[i]``'s windows in time order), then record
         the batch's finite scores. Windows outside ``need`` (default: all) get ``base`` without a look
-        at the history: the caller knows their flag does not depend on it."""
+        at the history: the caller knows their flag does not depend on it. ``end_ts``: each window's
+        stream time, remembered per entity for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         n = len(scores)
         bars = np.full(n, float(base))
@@ -176,6 +197,8 @@ class TrailingBars:
             for row in np.unique(rows[wanted]).tolist():
                 self._fill_bars(row, rows, finite, rank, wanted, scores, base, bars)
         self._record(rows[finite], rank[finite], scores[finite])
+        if end_ts is not None:
+            np.maximum.at(self._newest, rows, np.asarray(end_ts, dtype=np.float64))
         return bars
 
     # --- internals ----------------------------------------------------------------------------
@@ -191,7 +214,9 @@ class TrailingBars:
                 ring[: len(self._ring)] = self._ring
                 count = np.zeros(grow, dtype=np.int64)
                 count[: len(self._count)] = self._count
-                self._ring, self._count = ring, count
+                newest = np.full(grow, -np.inf)
+                newest[: len(self._newest)] = self._newest
+                self._ring, self._count, self._newest = ring, count, newest
         return np.fromiter((table[e] for e in entities), dtype=np.int64, count=len(entities))
 
     def _fill_bars(self, row: int, rows: np.ndarray, finite: np.ndarray, rank: np.ndarray, wanted: np.ndarray,

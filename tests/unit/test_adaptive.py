@@ -201,3 +201,33 @@ def test_a_batch_staged_for_the_old_model_neither_reads_nor_feeds_the_new_histor
     step.swap_model(FakeModel(window_size=4, adaptive=rule, version="2"))
     step.complete(staged, step.score(staged))
     assert len(step.adaptive_history("a")) == 0
+
+
+def test_prune_drops_silent_entities_and_keeps_the_others_exact() -> None:
+    rule = AdaptiveRule(rows=20, factor=2.0, quantile=0.5, lag=2)
+    rng = np.random.default_rng(3)
+    a, b = rng.gamma(2.0, size=200), rng.gamma(2.0, size=50)
+    trailing = TrailingBars(rule)
+    got = list(trailing.bars(["b"] * 50, b, 1.0, end_ts=np.arange(50.0)))  # b: stream time 0..49
+    got_a = list(trailing.bars(["a"] * 100, a[:100], 1.0, end_ts=np.arange(100.0, 200.0)))
+    assert trailing.prune(older_than=60.0) == 1 and trailing.entities == 1
+    assert trailing.history("b").size == 0 and trailing.history("a").size == 22
+    got_a += list(trailing.bars(["a"] * 100, a[100:], 1.0, end_ts=np.arange(200.0, 300.0)))
+    np.testing.assert_array_equal(got_a, adaptive_bars(a, 1.0, rule))  # a's bars as if nothing happened
+    assert got == list(adaptive_bars(b, 1.0, rule))
+    assert trailing.prune(older_than=0.0) == 0
+
+
+def test_the_worker_prunes_histories_of_entities_that_went_silent(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anomaly.scoring_step as scoring_step
+
+    monkeypatch.setattr(scoring_step, "PRUNE_BARS_MIN", 8)
+    rule = AdaptiveRule(rows=8, factor=2.0, quantile=0.5, lag=0)
+    step = ScoringStep(FakeModel(window_size=4, adaptive=rule), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(), idle_timeout_s=100.0)
+    for generation in range(6):  # 6 waves of 10 entities, each silent after its 20 slots
+        names = {f"g{generation}-{i}": 0 for i in range(10)}
+        slots = range(generation * 200, generation * 200 + 20)
+        step.process(stream(names, slots), now_s=T0 + 2000)
+        assert step.adaptive_entities <= 20  # never more than the last two waves
+    assert len(step.adaptive_history("g5-0")) == 8 and len(step.adaptive_history("g0-0")) == 0
