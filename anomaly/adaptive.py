@@ -74,6 +74,12 @@ class AdaptiveRule:
         farthest = (self.lag + self.rows) // stride
         return max(1, farthest - nearest + 1), nearest - 1
 
+    def describe(self) -> str:
+        """One line for people (tags, listings): ``480 rows, x4 q0.5, lag 30``, or ``off``."""
+        if not self.enabled:
+            return "off"
+        return f"{self.rows} rows, x{self.factor:g} q{self.quantile:g}, lag {self.lag}"
+
     def to_params(self) -> dict[str, float]:
         """The rule as ``Threshold.params`` entries (empty when off: a plain threshold stays plain)."""
         if not self.enabled:

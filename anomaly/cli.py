@@ -233,11 +233,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif not versions:
             print("no registered models")
         else:
-            print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'created (UTC)':<20} {'threshold':>10} {'val_loss':>10}  dataset")
+            print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'created (UTC)':<20} {'threshold':>10} {'val_loss':>10}  "
+                  f"{'dataset':<12} adaptive threshold")
             for v in versions:
                 print(f"{v.name:<24} {v.version:>4} {','.join('@' + a for a in v.aliases):<22} {v.created:<20} "
                       f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "
-                      f"{v.tags.get('dataset', '')}")
+                      f"{v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
     elif args.action == "promote":
         if not args.version:
             raise AnomalyError("models promote needs a VERSION")

@@ -83,7 +83,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     tracking.configure(ml.tracking_uri, ml.registry_uri)
     start, end = prepared.timestamps[0], prepared.timestamps[-1]
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
-                 "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version()}
+                 "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),
+                 "threshold.adaptive": settings.threshold.adaptive_rule().describe()}
     data_tags.update(extra_tags or {})
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
         run.log_params({**tracking.flat_params("model", asdict(settings.model)),

@@ -106,6 +106,8 @@ def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, 
     rule = AdaptiveRule(rows=60, factor=2.0, quantile=0.5, lag=5)
     assert outcome.detector.threshold.adaptive == rule
     assert mlflow.get_run(outcome.run_id).data.params["threshold.adaptive_rows"] == "60"
+    listed = {v.version: v for v in registry.list_versions("pump")}
+    assert listed[outcome.version].tags["threshold.adaptive"] == "60 rows, x2 q0.5, lag 5"  # seen in the registry UI
     loaded, _ = registry.load_detector("pump", "champion")
     assert loaded.threshold.adaptive == rule
     # a lasting change from row 150 on: the fixed threshold flags it to the end, the bar rises with it
