@@ -31,6 +31,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# Spans whose quantiles ``adaptive_bars`` computes at once (4,096 × 480 float64 ≈ 16 MB).
+_BLOCK = 4096
 
 # Keys under which a rule is stored in ``Threshold.params`` (floats, so threshold.json stays flat).
 PARAM_KEYS = ("adaptive_rows", "adaptive_factor", "adaptive_quantile", "adaptive_lag")
@@ -108,11 +112,11 @@ def adaptive_bars(scores: np.ndarray, base: float, rule: AdaptiveRule | None, st
     # The i-th finite score (0-based) is preceded by i finite scores; its span is history[i-lag-span : i-lag].
     ready = np.arange(len(history)) >= lag + span
     if ready.any():
-        from numpy.lib.stride_tricks import sliding_window_view
         spans = sliding_window_view(history, span)[: len(history) - lag - span]  # span k starts at k
-        level = np.quantile(spans, rule.quantile, axis=1)  # for finite score i = k + lag + span
-        idx = finite[ready]
-        bars[idx] = np.maximum(base, rule.factor * level)
+        # for finite score i = k + lag + span; in blocks, so a long series never needs its spans copied at once
+        level = np.concatenate([np.quantile(spans[a:a + _BLOCK], rule.quantile, axis=1)
+                                for a in range(0, len(spans), _BLOCK)])
+        bars[finite[ready]] = np.maximum(base, rule.factor * level)
     return bars
 
 

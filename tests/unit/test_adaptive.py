@@ -231,3 +231,14 @@ def test_the_worker_prunes_histories_of_entities_that_went_silent(monkeypatch: p
         step.process(stream(names, slots), now_s=T0 + 2000)
         assert step.adaptive_entities <= 20  # never more than the last two waves
     assert len(step.adaptive_history("g5-0")) == 8 and len(step.adaptive_history("g0-0")) == 0
+
+
+def test_offline_bars_are_the_same_computed_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anomaly.adaptive as adaptive
+
+    x = np.random.default_rng(5).gamma(2.0, size=700)
+    rule = AdaptiveRule(rows=50, factor=2.0, quantile=0.7, lag=3)
+    whole = adaptive_bars(x, 1.0, rule)
+    monkeypatch.setattr(adaptive, "_BLOCK", 7)  # many blocks, the last one short
+    np.testing.assert_array_equal(adaptive_bars(x, 1.0, rule), whole)
+    assert (whole[53:] > 1.0).any() and (whole[:53] == 1.0).all()
