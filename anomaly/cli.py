@@ -280,10 +280,33 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 DEFAULT_BROKER_PORT = 9092  # Kafka's customary port
 
 
+class StopFlag:
+    """Set by SIGINT/SIGTERM (install it with ``signal.signal``), polled by a foreground loop.
+
+    A plain attribute, not a ``threading.Event``: Python runs a signal handler in the main thread
+    between two bytecodes, and ``Event.set()`` there deadlocks when it interrupts the main thread inside
+    ``Event.wait()`` at a moment it holds the Event's lock (not reentrant). Rare, likelier on a loaded
+    machine; seen as ``anomaly broker`` not exiting on SIGTERM. ``wait`` sleeps instead (a signal wakes
+    the handler at once; the loop notices within ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.is_set = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless already set; whether it is set."""
+        import time
+
+        if not self.is_set:
+            time.sleep(seconds)
+        return self.is_set
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     """Run the local Tansu broker in the foreground until Ctrl-C or SIGTERM."""
     import signal
-    import threading
 
     from anomaly.broker import LocalBroker
     from anomaly.errors import BrokerError
@@ -291,8 +314,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     port = args.port if args.port is not None else _local_port(settings.kafka.bootstrap_servers)
     broker = LocalBroker(port, log_path=args.log)
-    stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopFlag()
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         broker.start()  # a port in use is a BrokerError: exit 2 with the reason
         print(broker.bootstrap, flush=True)
@@ -436,7 +459,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """The retraining scheduler in the foreground until SIGTERM/SIGINT (or --run-for-s)."""
     import signal
-    import threading
     import time
 
     from anomaly.scheduler import JOB_FUNC, DriftMonitor, RetrainScheduler
@@ -447,8 +469,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
     drift = DriftMonitor(settings) if settings.drift.enabled else None
     sched = RetrainScheduler(s, kwargs, func=args.job, drift=drift)
-    stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopFlag()
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     port = None
     try:
         sched.start()  # another scheduler on this store: SchedulerLocked, exit 2

@@ -36,3 +36,26 @@ def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "nope.csv"), "--no-register", "--quiet"])
     assert code == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_stop_flag_is_set_by_its_signal() -> None:
+    """The foreground commands' SIGTERM/SIGINT handler (a plain flag, not a threading.Event: see
+    ``StopFlag``): unset, ``wait`` sleeps and says False; set, it returns True at once."""
+    import signal
+    import time
+
+    from anomaly.cli import StopFlag
+
+    stop = StopFlag()
+    started = time.monotonic()
+    assert stop.wait(0.05) is False and time.monotonic() - started >= 0.05
+    stop(signal.SIGTERM, None)
+    started = time.monotonic()
+    assert stop.wait(10.0) is True and time.monotonic() - started < 1.0
+    previous = signal.signal(signal.SIGUSR1, StopFlag())
+    try:
+        flag = signal.getsignal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        assert flag.is_set
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
