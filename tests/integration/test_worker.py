@@ -279,3 +279,51 @@ def test_sigkill_mid_stream_then_restart_scores_every_window(kafka_broker, champ
             opened.setdefault(e["event_id"], []).append(e["start_ts"])
     assert len(opened) == 1, events  # the fault is one event, even if it was re-sent after the crash
     assert all(len(set(starts)) == 1 for starts in opened.values())
+
+
+@pytest.fixture(scope="module")
+def adaptive_champion(tmp_path_factory):
+    """A champion trained with an adaptive threshold (``[threshold] adaptive_*``), in its own store."""
+    from anomaly.config import build_settings
+    from anomaly.preparation import prepare_training
+    from anomaly.train_job import run_training
+    from tests.fixtures import mlflow_store
+
+    settings = build_settings({
+        "mlflow": mlflow_store(tmp_path_factory.mktemp("mlflow-adaptive"), "pump-adaptive"),
+        "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
+        "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
+        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95,
+                      "adaptive_rows": 200, "adaptive_factor": 2.0, "adaptive_lag": 10},
+    })
+    outcome = run_training(prepare_training(normal_frame(2500)), settings, source="synthetic", dataset="synthetic",
+                           promote=True, progress=False)
+    return settings, outcome
+
+
+@SCORING
+def test_an_adaptive_champion_closes_an_event_once_a_lasting_change_is_normal(kafka_broker, adaptive_champion,
+                                                                           topic_name, scoring_process):
+    """pump-a's pressure steps up at row 300 and stays up: the worker opens an event at the step, then
+    closes it while the change persists (the bar rose with pump-a's own scores); pump-b stays quiet."""
+    settings, outcome = adaptive_champion
+    assert outcome.detector.threshold.adaptive is not None
+    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    frames = {"pump-a": with_fault(normal_frame(900, seed=21), sensor="pressure", start=300, length=600, size=0.4)[0],
+              "pump-b": normal_frame(900, seed=22)}
+    plan = sorted((item for entity, frame in frames.items() for item in replay_plan(frame, entity, START_TS)),
+                  key=lambda item: item[1].ts)
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
+    assert stats.consumed == len(plan)
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    assert [(e["entity"], e["status"]) for e in events] == [("pump-a", "open"), ("pump-a", "closed")], events
+    opened, closed = events
+    assert START_TS + 300 <= opened["start_ts"] <= START_TS + 330  # reported at the step
+    assert closed["end_ts"] < START_TS + 700  # and over long before the change is
+    records = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    fitted = outcome.detector.threshold.value
+    late = [r for r in records if r["entity"] == "pump-a" and r["ts"] >= START_TS + 800]
+    assert late and all(r["score"] > fitted for r in late)  # the fixed threshold would still alarm here
+    assert all(r["threshold"] > fitted and not r["anomalous"] for r in late)  # the entity's bar holds them
