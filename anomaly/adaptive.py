@@ -95,8 +95,9 @@ class AdaptiveRule:
         """The rule stored in ``Threshold.params``, or None (no rule, or ``rows`` 0)."""
         if not params.get("adaptive_rows"):
             return None
-        return cls(rows=int(params["adaptive_rows"]), factor=float(params.get("adaptive_factor", 4.0)),
-                   quantile=float(params.get("adaptive_quantile", 0.5)), lag=int(params.get("adaptive_lag", 30)))
+        return cls(rows=int(params["adaptive_rows"]), factor=float(params.get("adaptive_factor", cls.factor)),
+                   quantile=float(params.get("adaptive_quantile", cls.quantile)),
+                   lag=int(params.get("adaptive_lag", cls.lag)))
 
 
 def adaptive_bars(scores: np.ndarray, base: float, rule: AdaptiveRule | None, stride: int = 1) -> np.ndarray:
@@ -174,13 +175,7 @@ class TrailingBars:
     def history(self, entity: str) -> np.ndarray:
         """The entity's recorded scores still held, oldest first (a copy)."""
         row = self._rows.get(entity)
-        if row is None:
-            return np.empty(0)
-        count = int(self._count[row])
-        if count <= self.length:
-            return self._ring[row, :count].copy()
-        cut = count % self.length
-        return np.concatenate([self._ring[row, cut:], self._ring[row, :cut]])
+        return np.empty(0) if row is None else self._held(row).copy()
 
     def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
              need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
@@ -247,6 +242,7 @@ class TrailingBars:
         bars[targets[ready]] = np.maximum(base, self.rule.factor * level)
 
     def _held(self, row: int) -> np.ndarray:
+        """Row ``row``'s scores still held, oldest first (a view of the ring until it has wrapped)."""
         count = int(self._count[row])
         if count <= self.length:
             return self._ring[row, :count]

@@ -30,7 +30,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from anomaly.adaptive import PARAM_KEYS as ADAPTIVE_KEYS
-from anomaly.adaptive import AdaptiveRule, adaptive_bars
+from anomaly.adaptive import AdaptiveRule, adaptive_bars, adaptive_flags
 from anomaly.errors import ConfigError
 
 # Codes stored in ``Threshold.params["fallback"]`` by the pot policy (params hold floats only).
@@ -106,8 +106,7 @@ class Threshold:
     def series_flags(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
         """Flags of ONE entity's window scores in time order: above the fitted value and, with an
         adaptive rule, above the entity's trailing level too (causal). NaN: never flagged."""
-        x = np.asarray(scores, dtype=np.float64)
-        return x > self.series_bars(x, stride)
+        return adaptive_flags(scores, self.value, self.adaptive, stride)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""
