@@ -199,8 +199,12 @@ class TrailingBars:
         rank[order] = rank_sorted
         wanted = finite if need is None else (finite & np.asarray(need, bool))
         if wanted.any():
-            for row in np.unique(rows[wanted]).tolist():
-                self._fill_bars(row, rows, finite, rank, wanted, scores, base, bars)
+            # Each entity's finite windows are one run of ``order`` (sorted by row, batch order kept).
+            asked = np.unique(rows[wanted])
+            starts = np.searchsorted(sorted_key, asked, side="left")
+            stops = np.searchsorted(sorted_key, asked, side="right")
+            for row, start, stop in zip(asked.tolist(), starts.tolist(), stops.tolist()):
+                self._fill_bars(row, order[start:stop], rank, wanted, scores, base, bars)
         self._record(rows[finite], rank[finite], scores[finite])
         if end_ts is not None:
             np.maximum.at(self._newest, rows, np.asarray(end_ts, dtype=np.float64))
@@ -224,9 +228,9 @@ class TrailingBars:
                 self._ring, self._count, self._newest = ring, count, newest
         return np.fromiter((table[e] for e in entities), dtype=np.int64, count=len(entities))
 
-    def _fill_bars(self, row: int, rows: np.ndarray, finite: np.ndarray, rank: np.ndarray, wanted: np.ndarray,
+    def _fill_bars(self, row: int, mine: np.ndarray, rank: np.ndarray, wanted: np.ndarray,
                    scores: np.ndarray, base: float, bars: np.ndarray) -> None:
-        mine = np.flatnonzero((rows == row) & finite)  # this entity's finite windows, in batch order
+        """Bars of the ``wanted`` windows among ``mine``: entity ``row``'s finite windows, in batch order."""
         held = self._held(row)
         before = int(self._count[row])  # finite scores recorded before this batch
         history = np.concatenate([held, scores[mine]])

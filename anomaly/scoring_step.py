@@ -373,9 +373,9 @@ class ScoringStep:
         # scores topic); every finite score feeds its entity's history.
         bars_model, trailing = self._bars
         bars: np.ndarray | None = None
+        over = scores > threshold  # NaN: False
         if trailing is not None and bars_model is model:
-            bars = trailing.bars(entities, scores, threshold, None if self.emit_scores else scores > threshold,
-                                 ready.end_ts)
+            bars = trailing.bars(entities, scores, threshold, None if self.emit_scores else over, ready.end_ts)
             if self.idle_timeout_s is not None and trailing.entities > self._prune_bars_at:
                 trailing.prune(float(ready.end_ts.max()) - self.idle_timeout_s)
                 self._prune_bars_at = max(PRUNE_BARS_MIN, 2 * trailing.entities)
@@ -389,10 +389,10 @@ class ScoringStep:
         # Alert state changes only for entities with a window above the threshold or state already
         # (AlertTracker.update of a window at or below it, for an entity at rest, does nothing).
         if bars is None:
-            above = scores > threshold  # NaN: False
+            above = over
         else:
             above = scores > bars
-            counts["adaptive_held"] += int(np.count_nonzero(scores > threshold)) - int(np.count_nonzero(above))
+            counts["adaptive_held"] += int(np.count_nonzero(over)) - int(np.count_nonzero(above))
         involved = self._alerts.active_entities()
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}
