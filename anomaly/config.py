@@ -147,9 +147,9 @@ class ThresholdSettings:
     k: float = doc("mean_std: threshold = mean + k * std of validation errors", 3.0)
     scale: float = doc("multiplier applied to the fitted threshold (1 = as fitted)", 1.0)
     adaptive_rows: int = doc("readings whose scores set an adaptive bar per entity (0 = off): a window alarms only above both the fitted threshold and adaptive_factor x the adaptive_quantile of the scores of the adaptive_rows readings ending adaptive_lag readings before it (README, A threshold that adapts); saved with the model", 0)
-    adaptive_factor: float = doc("adaptive: multiplier of the trailing quantile", 4.0)
-    adaptive_quantile: float = doc("adaptive: quantile of the trailing scores (0.5 = their median)", 0.5)
-    adaptive_lag: int = doc("adaptive: readings between the trailing span and the scored reading, so an anomaly's onset does not raise its own bar", 30)
+    adaptive_factor: float = doc("adaptive: multiplier of the trailing quantile", AdaptiveRule.factor)
+    adaptive_quantile: float = doc("adaptive: quantile of the trailing scores (0.5 = their median)", AdaptiveRule.quantile)
+    adaptive_lag: int = doc("adaptive: readings between the trailing span and the scored reading, so an anomaly's onset does not raise its own bar", AdaptiveRule.lag)
 
     def check(self) -> None:
         if self.method not in ("pot", "quantile", "mean_std"):
