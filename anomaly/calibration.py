@@ -4,7 +4,9 @@ No I/O.
 ``anomaly_likelihood`` follows the "anomaly likelihood" of Ahmad et al. (Neurocomputing 2017, the
 method behind Numenta's NAB results): the mean of the last ``short`` scores is compared with the
 mean and spread of the ``long`` scores before them. A slow drift moves both and stays quiet; a
-sudden change stands out. Only past scores are used, so it runs the same way on a stream.
+sudden change stands out. ``record_ratio`` compares a score with the largest of its recent past
+instead, which assumes nothing of the scores' distribution (NAB's chain uses it, see
+``protocols.nab_calibrate``). Only past scores are used, so both run the same way on a stream.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ def z_to_unit(z: np.ndarray) -> np.ndarray:
 def anomaly_likelihood(scores: np.ndarray, short: int = 5, long: int = 500, min_history: int = 50) -> np.ndarray:
     """Calibrated scores in [0, 1] (see module doc)."""
     return z_to_unit(score_z(scores, short, long, min_history))
+
+
+def record_ratio(scores: np.ndarray, rows: int, min_history: int = 50) -> np.ndarray:
+    """Calibrated scores in [0, 1]: ``r / (1 + r)`` with ``r`` = the score over the largest of the
+    ``rows`` scores before it, so 0.5 is "level with the highest of the recent past" and anything
+    above it a new record. It assumes nothing of the scores' distribution (the likelihood's z-score
+    needs spikes dozens of standard deviations high when errors are heavy-tailed) nor of their
+    scale, so one threshold means the same on every series. Past only. NaN scores are "none yet":
+    they score 0 and are left out of the history; 0 until ``min_history`` earlier scores exist. A
+    positive score after a history of zeros scores 1."""
+    if rows < 1 or min_history < 1:
+        raise ValueError("rows >= 1 and min_history >= 1 are required")
+    s = np.asarray(scores, dtype=np.float64)
+    before = pd.Series(s).shift(1).rolling(rows, min_periods=min_history).max().to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = s / before
+        out = np.where(before > 0, r / (1.0 + r), np.where(s > 0, 1.0, 0.0))
+    return np.where(np.isnan(before) | np.isnan(s), 0.0, out)
 
 
 def suppress_repeats(scores: np.ndarray, rows: int) -> np.ndarray:

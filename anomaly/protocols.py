@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats, z_to_unit
+from anomaly.calibration import beyond_seen_range, record_ratio, suppress_repeats
+from anomaly.novelty import window_novelty
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
@@ -130,10 +131,13 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
     return ProtocolResult("skab", metrics, results, time.perf_counter() - started)
 
 
-NAB_LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # rows; see anomaly.calibration
+NAB_ERROR_HISTORY = 3000  # rows: the newest-step error against the largest of its last 3,000 (record_ratio)
+NAB_NOVELTY = {"points": 64, "step": 3}  # window_novelty: 64 readings 3 rows apart (a 190-row window)
+NAB_NOVELTY_HISTORY = 1000  # rows: the window novelty against the largest of its last 1,000
 NAB_RANGE_TOLERANCE = 0.05  # Numenta's spatial-anomaly tolerance, taken as published (not tuned here)
 NAB_REPEAT_ROWS = 100  # an alarm is reported again only when higher than every score of the last 100 rows
-NAB_OWN_Z = 4.0  # our own alarm level on NAB: the recent error is 4 trailing standard deviations high
+NAB_OWN_RATIO = 1.2  # our own alarm level on NAB: 20 % above the largest of the trailing history
+NAB_OWN_LEVEL = NAB_OWN_RATIO / (1.0 + NAB_OWN_RATIO)  # the same on record_ratio's [0, 1] scale
 
 
 def last_step_errors(result: SeriesResult) -> np.ndarray:
@@ -143,35 +147,52 @@ def last_step_errors(result: SeriesResult) -> np.ndarray:
     return np.nan_to_num(squared.mean(axis=1), nan=0.0)
 
 
-def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
-    """Per-row errors -> NAB scores in [0, 1]: against their own trailing history
-    (``anomaly_likelihood``); with ``values`` (T, F), a row whose value is beyond the range seen so far
-    (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each alarm once (``suppress_repeats``).
-    Past only throughout."""
-    scores = anomaly_likelihood(errors, **NAB_LIKELIHOOD)
+def nab_novelty(values: np.ndarray, scale_rows: int) -> np.ndarray:
+    """``window_novelty`` (``NAB_NOVELTY``) of ``values`` (T, F), each sensor first standardised by
+    the mean and spread of its first ``scale_rows`` rows (the training part: past only)."""
+    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    head = x[:max(1, scale_rows)]
+    spread = head.std(axis=0) if len(head) else np.ones(x.shape[1])
+    spread = np.where(spread > 0, spread, 1.0)
+    centre = head.mean(axis=0) if len(head) else np.zeros(x.shape[1])
+    return window_novelty((x - centre) / spread, **NAB_NOVELTY)
+
+
+def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
+                  novelty: np.ndarray | None = None) -> np.ndarray:
+    """Per-row signals -> NAB scores in [0, 1]: the errors against the largest of their own trailing
+    history (``record_ratio``, ``NAB_ERROR_HISTORY`` rows); with ``novelty``, the higher of that and
+    the novelty's own record ratio (``NAB_NOVELTY_HISTORY``); with ``values`` (T, F), a row whose value
+    is beyond the range seen so far (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each
+    alarm once (``suppress_repeats``). Past only throughout."""
+    scores = record_ratio(errors, NAB_ERROR_HISTORY)
+    if novelty is not None:
+        scores = np.maximum(scores, record_ratio(novelty, NAB_NOVELTY_HISTORY))
     if values is not None:
         scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
     return suppress_repeats(scores, NAB_REPEAT_ROWS)
 
 
-def nab_calibrated(result: SeriesResult) -> np.ndarray:
-    """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``) and the values through
-    ``nab_calibrate``."""
-    return nab_calibrate(last_step_errors(result), result.values)
+def nab_calibrated(result: SeriesResult, scale_rows: int) -> np.ndarray:
+    """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``), the window novelty
+    of the readings (``nab_novelty``, scaled on the first ``scale_rows`` rows) and the readings
+    themselves through ``nab_calibrate``."""
+    return nab_calibrate(last_step_errors(result), result.values, nab_novelty(result.values, scale_rows))
 
 
 def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
     """NAB is a streaming benchmark over long, drifting series: a model fitted on the probationary
     period alone would flag every later drift. Its errors are therefore calibrated against their own
-    trailing history (``nab_calibrated``: newest-step error, anomaly likelihood, each alarm once; past
-    only) before NAB scores them."""
+    trailing history (``nab_calibrated``: newest-step error and window novelty against the largest of
+    their recent past, a value beyond the range seen so far, each alarm once; past only) before NAB
+    scores them."""
     started = time.perf_counter()
     results, files = [], []
-    own_level = float(z_to_unit(np.array([NAB_OWN_Z]))[0])
+    own_level = NAB_OWN_LEVEL
     for s in series:
         progress(s.name)
         r = score_series(s, settings, score_from=0)
-        calibrated = nab_calibrated(r)
+        calibrated = nab_calibrated(r, s.train_rows)
         r = replace(r, scores=calibrated, flags=calibrated >= own_level, threshold=own_level)
         results.append(r)
         files.append(evaluation.NabFile(name=s.name, scores=calibrated, windows=list(s.meta["windows"])))

@@ -7,15 +7,20 @@ fitted on its probationary period; the per-file signals are pickled in ``--cache
 scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at its oracle threshold
 (``evaluation.nab_scores``), so the rows differ only in how errors become NAB scores:
 
-- the window-mean reconstruction error through the anomaly likelihood (short 5, long 500): the chain
-  used before;
+- the window-mean reconstruction error through the anomaly likelihood (short 5, long 500): the first
+  chain;
 - the same, each alarm once (``calibration.suppress_repeats``, 100 rows);
 - likelihood short 1, long 1000, each alarm once;
 - the newest step's error instead of the window mean;
 - and a value beyond the range seen so far scoring 1 (``calibration.beyond_seen_range``, Numenta's
-  tolerance 0.05): the shipped chain, ``protocols.nab_calibrated``;
-- a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the shipped chain's
-  calibration, and without the range rule; and the range rule alone.
+  tolerance 0.05): the chain shipped before window novelty;
+- the likelihood replaced by the record ratio (``calibration.record_ratio``: the error over the largest
+  of its last 3,000);
+- and the window novelty (``novelty.window_novelty``: distance to the nearest earlier window) through
+  its own record ratio, the higher of the two: the shipped chain, ``protocols.nab_calibrated``;
+- the window novelty without the model's errors;
+- a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the likelihood
+  chain, and without the range rule; and the range rule alone.
 """
 
 from __future__ import annotations
@@ -32,33 +37,52 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, suppress_repeats
+from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
-from anomaly.protocols import last_step_errors, nab_calibrate, profile_settings, score_series
+from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_novelty,
+                               profile_settings, score_series)
 
 log = logging.getLogger("nab_ablation")
 
 Chain = Callable[[Mapping[str, Any]], np.ndarray]
 
 
+LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # the likelihood chain's windows, rows
+
+
+def likelihood_chain(errors: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """The chain shipped before the record ratio: the errors through the anomaly likelihood
+    (``LIKELIHOOD``); with ``values``, the range rule; each alarm once. Past only."""
+    scores = anomaly_likelihood(errors, **LIKELIHOOD)
+    if values is not None:
+        scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
+    return suppress_repeats(scores, NAB_REPEAT_ROWS)
+
+
 CHAINS: dict[str, Chain] = {
-    "window-mean error, likelihood 5/500 (before)": lambda f: anomaly_likelihood(f["mean"], 5, 500, 50),
+    "window-mean error, likelihood 5/500 (the first chain)": lambda f: anomaly_likelihood(f["mean"], 5, 500, 50),
     "+ each alarm once (100 rows)": lambda f: suppress_repeats(anomaly_likelihood(f["mean"], 5, 500, 50), 100),
-    "likelihood 1/1000, each alarm once": lambda f: nab_calibrate(f["mean"]),
-    "newest-step error, likelihood 1/1000, each alarm once": lambda f: nab_calibrate(f["last"]),
-    "+ a value beyond the range seen so far scores 1 (shipped)": lambda f: nab_calibrate(f["last"], f["values"]),
-    "no model: the absolute first difference, the shipped calibration":
-        lambda f: nab_calibrate(f["diff"], f["values"]),
-    "the same without the range rule": lambda f: nab_calibrate(f["diff"]),
-    "the range rule alone (no model, no likelihood)": lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"]),
+    "likelihood 1/1000, each alarm once": lambda f: likelihood_chain(f["mean"]),
+    "newest-step error, likelihood 1/1000, each alarm once": lambda f: likelihood_chain(f["last"]),
+    "+ a value beyond the range seen so far scores 1": lambda f: likelihood_chain(f["last"], f["values"]),
+    "the likelihood replaced by the record ratio (error over the largest of its last 3,000)":
+        lambda f: nab_calibrate(f["last"], f["values"]),
+    "+ window novelty through its own record ratio, the higher of the two (shipped)":
+        lambda f: nab_calibrate(f["last"], f["values"], f["novelty"]),
+    "window novelty alone (no model errors), record ratio, range rule":
+        lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"]),
+    "no model: the absolute first difference, the likelihood chain": lambda f: likelihood_chain(f["diff"], f["values"]),
+    "the same without the range rule": lambda f: likelihood_chain(f["diff"]),
+    "the range rule alone (no model, no likelihood)": lambda f: likelihood_chain(np.zeros(len(f["last"])), f["values"]),
 }
 
 
 def collect(series: Sequence[Any], settings: Any) -> list[dict[str, Any]]:
     """Per file: ``mean`` (window-mean error per row), ``last`` (newest-step error), ``diff`` (|first
-    difference| of the first sensor), all 0 where no window ends yet, ``values`` (T, F) and NAB's ``windows``."""
+    difference| of the first sensor), all 0 where no window ends yet, ``values`` (T, F), ``novelty``
+    (``protocols.nab_novelty``, NaN where no earlier window exists yet), ``train_rows`` and NAB's ``windows``."""
     files = []
     for i, s in enumerate(series, 1):
         log.info("%d/%d %s", i, len(series), s.name)
@@ -66,6 +90,7 @@ def collect(series: Sequence[Any], settings: Any) -> list[dict[str, Any]]:
         first = r.values[:, 0]
         files.append({"name": s.name, "mean": np.nan_to_num(r.scores, nan=0.0), "last": last_step_errors(r),
                       "diff": np.abs(np.diff(first, prepend=first[0])), "values": r.values,
+                      "novelty": nab_novelty(r.values, s.train_rows), "train_rows": s.train_rows,
                       "windows": list(s.meta["windows"])})
     return files
 
@@ -102,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         with cache.open("rb") as fh:
             files = pickle.load(fh)
         log.info("reusing %s (%d files)", cache, len(files))
-        if any("values" not in f for f in files):  # a cache from before the range rule: add the readings
-            frames = {s.name: s.frame for s in load_nab(nab_dir)}
+        if any("values" not in f or "novelty" not in f for f in files):  # an older cache: add what is new
+            series = {s.name: s for s in load_nab(nab_dir)}
             for f in files:  # as collect keeps them: score_series' gap-filled readings
-                f.setdefault("values", fill_rows(frames[f["name"]].to_numpy(dtype=np.float64)))
+                s = series[f["name"]]
+                f.setdefault("values", fill_rows(s.frame.to_numpy(dtype=np.float64)))
+                f.setdefault("train_rows", s.train_rows)
+                if "novelty" not in f:
+                    f["novelty"] = nab_novelty(f["values"], f["train_rows"])
             with cache.open("wb") as fh:  # once: later runs read them from the cache
                 pickle.dump(files, fh)
     else:

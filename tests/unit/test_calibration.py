@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from anomaly.calibration import anomaly_likelihood, beyond_seen_range, score_z, suppress_repeats, z_to_unit
+from anomaly.calibration import (anomaly_likelihood, beyond_seen_range, record_ratio, score_z, suppress_repeats,
+                                 z_to_unit)
 
 
 def test_sudden_change_stands_out_slow_drift_does_not():
@@ -79,3 +80,23 @@ def test_beyond_seen_range_uses_only_the_past():
         assert np.array_equal(beyond_seen_range(x[:cut], 0.05), full[:cut])
     with pytest.raises(ValueError):
         beyond_seen_range(x, -0.1)
+
+
+def test_record_ratio_by_hand():
+    # rows 2, min_history 1: each score over the larger of the two before it, r / (1 + r)
+    got = record_ratio(np.array([np.nan, 1.0, 2.0, 1.0, 4.0, 0.0]), rows=2, min_history=1)
+    np.testing.assert_allclose(got, [0.0, 0.0, 2 / 3, 1 / 3, 2 / 3, 0.0])  # no history for the first two
+    # a positive score after nothing but zeros is a record; a zero after zeros is not
+    assert record_ratio(np.array([0.0, 0.0, 0.0, 3.0, 1.0]), rows=3, min_history=2).tolist() == [0, 0, 0, 1, 0.25]
+
+
+def test_record_ratio_needs_history_ignores_nan_and_is_scale_free():
+    s = np.random.default_rng(2).gamma(0.5, 1.0, 500)
+    s[100:140] = np.nan
+    got = record_ratio(s, rows=50, min_history=10)
+    assert (got[:10] == 0).all() and (got[100:140] == 0).all() and (got[10:100] > 0).all()
+    np.testing.assert_allclose(record_ratio(1e6 * s, rows=50, min_history=10), got)  # units do not matter
+    # past only
+    np.testing.assert_array_equal(record_ratio(s[:300], rows=50, min_history=10), got[:300])
+    with pytest.raises(ValueError):
+        record_ratio(s, rows=0)

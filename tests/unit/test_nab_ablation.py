@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly.protocols import SeriesResult, nab_calibrated
+from anomaly.protocols import SeriesResult, nab_calibrated, nab_novelty
 from pipelines.nab_ablation import CHAINS, evaluate, main, markdown
 
 
@@ -18,7 +18,8 @@ def _file(n=1200, jump_at=900):
     expected[:15] = np.nan
     last = np.nan_to_num((values - expected) ** 2, nan=0.0)
     return {"name": "f", "mean": last, "last": last, "diff": np.abs(np.diff(values, prepend=values[0])),
-            "windows": [(jump_at - 40, jump_at + 40)], "values": values[:, None], "expected": expected}
+            "windows": [(jump_at - 40, jump_at + 40)], "values": values[:, None], "expected": expected,
+            "novelty": nab_novelty(values[:, None], 180), "train_rows": 180}
 
 
 def test_shipped_chain_is_the_protocols_chain():
@@ -28,7 +29,7 @@ def test_shipped_chain_is_the_protocols_chain():
                      scores=np.zeros(n), flags=np.zeros(n, bool), expected=f["expected"][:, None], threshold=0.0,
                      sensors=("value",), train_seconds=0.0)
     shipped = next(c for name, c in CHAINS.items() if "(shipped)" in name)
-    assert np.array_equal(shipped(f), nab_calibrated(r))
+    assert np.array_equal(shipped(f), nab_calibrated(r, f["train_rows"]))
 
 
 def test_every_chain_scores_the_jump():

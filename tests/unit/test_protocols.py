@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomaly.protocols import NAB_REPEAT_ROWS, SeriesResult, last_step_errors, nab_calibrated
+from anomaly.protocols import (NAB_OWN_LEVEL, NAB_REPEAT_ROWS, SeriesResult, last_step_errors, nab_calibrated,
+                               nab_novelty)
 
 
 def result(values: np.ndarray, expected: np.ndarray) -> SeriesResult:
@@ -27,13 +28,13 @@ def test_nab_calibrated_flags_a_jump_once_and_uses_only_the_past():
     expected = values + rng.normal(0, 0.1, (n, 1))
     expected[:15] = np.nan
     expected[1000:1010] += 3.0  # ten rows the model gets badly wrong
-    scores = nab_calibrated(result(values, expected))
+    scores = nab_calibrated(result(values, expected), 150)
     assert scores.shape == (n,) and ((scores >= 0) & (scores <= 1)).all()
-    high = np.flatnonzero(scores[100:] > 0.99) + 100  # z > 99 (the first rows still set the range)
-    assert high.min() == 1000 and len(high) <= 3  # reported at once, and not again for the next rows
-    assert (scores[1010:1000 + NAB_REPEAT_ROWS] < 0.99).all()
+    high = np.flatnonzero(scores[100:] > NAB_OWN_LEVEL) + 100  # the first rows still set the range
+    assert high.tolist() == [1000]  # reported at once, and once: the noise never beats its own record by 20 %
+    assert scores[1000] > 0.98  # the error is dozens of times the largest of the 3,000 rows before it
     cut = 1005
-    assert np.array_equal(nab_calibrated(result(values[:cut], expected[:cut])), scores[:cut])
+    assert np.array_equal(nab_calibrated(result(values[:cut], expected[:cut]), 150), scores[:cut])
 
 
 def test_nab_calibrated_scores_a_new_level_one_even_when_the_model_follows_it():
@@ -43,7 +44,22 @@ def test_nab_calibrated_scores_a_new_level_one_even_when_the_model_follows_it():
     values[1200:] += 5.0  # a level never seen before, and the model reconstructs it perfectly
     expected = values.copy()
     expected[:15] = np.nan
-    scores = nab_calibrated(result(values, expected))
+    scores = nab_calibrated(result(values, expected), 150)
     assert scores[1200] == 1.0  # beyond the range seen so far
     assert (scores[1201:1200 + NAB_REPEAT_ROWS] < 1.0).all()  # once
     assert (scores[100:1200] < 1.0).all()
+
+
+def test_nab_calibrated_scores_a_shape_never_seen_before_even_when_the_model_follows_it():
+    n, period = 3000, 100
+    t = np.arange(n)
+    values = np.where(t % period < 50, 1.0, 0.0)[:, None] + np.random.default_rng(4).normal(0, 0.02, (n, 1))
+    values[2000:2050] = 0.0  # one cycle skips its high half: no new level, only a new shape
+    expected = values.copy()  # a model that reconstructs everything perfectly: errors are all 0
+    expected[:15] = np.nan
+    scores = nab_calibrated(result(values, expected), 450)
+    novelty = nab_novelty(values, 450)
+    assert np.isnan(novelty[:2 * 190 - 1]).all() and np.isfinite(novelty[2 * 190 - 1:]).all()
+    high = np.flatnonzero(scores[100:] > NAB_OWN_LEVEL) + 100  # the first rows still set the range
+    assert len(high) == 1 and 2000 <= high[0] < 2060  # found in the skipped cycle, once
+    assert scores[100:2000].max() < NAB_OWN_LEVEL
