@@ -150,12 +150,12 @@ def last_step_errors(result: SeriesResult) -> np.ndarray:
 def nab_novelty(values: np.ndarray, scale_rows: int) -> np.ndarray:
     """``window_novelty`` (``NAB_NOVELTY``) of ``values`` (T, F), each sensor first standardised by
     the mean and spread of its first ``scale_rows`` rows (the training part: past only)."""
-    x = np.asarray(values, dtype=np.float64).reshape(len(values), -1)
+    x = np.asarray(values, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1) if len(x) else x.reshape(0, 1)
     head = x[:max(1, scale_rows)]
-    spread = head.std(axis=0) if len(head) else np.ones(x.shape[1])
-    spread = np.where(spread > 0, spread, 1.0)
-    centre = head.mean(axis=0) if len(head) else np.zeros(x.shape[1])
-    return window_novelty((x - centre) / spread, **NAB_NOVELTY)
+    centre = head.mean(axis=0) if len(head) else 0.0
+    spread = head.std(axis=0) if len(head) else 1.0
+    return window_novelty((x - centre) / np.where(spread > 0, spread, 1.0), **NAB_NOVELTY)
 
 
 def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
