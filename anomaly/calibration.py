@@ -43,6 +43,12 @@ def anomaly_likelihood(scores: np.ndarray, short: int = 5, long: int = 500, min_
     return z_to_unit(score_z(scores, short, long, min_history))
 
 
+def _max_before(scores: np.ndarray, rows: int, min_history: int) -> np.ndarray:
+    """Per position, the largest of the ``rows`` scores before it (NaNs skipped); NaN where fewer than
+    ``min_history`` of them are scores."""
+    return pd.Series(scores).shift(1).rolling(rows, min_periods=min_history).max().to_numpy()
+
+
 def record_ratio(scores: np.ndarray, rows: int, min_history: int = 50) -> np.ndarray:
     """Calibrated scores in [0, 1]: ``r / (1 + r)`` with ``r`` = the score over the largest of the
     ``rows`` scores before it, so 0.5 is "level with the highest of the recent past" and anything
@@ -54,7 +60,7 @@ def record_ratio(scores: np.ndarray, rows: int, min_history: int = 50) -> np.nda
     if rows < 1 or min_history < 1:
         raise ValueError("rows >= 1 and min_history >= 1 are required")
     s = np.asarray(scores, dtype=np.float64)
-    before = pd.Series(s).shift(1).rolling(rows, min_periods=min_history).max().to_numpy()
+    before = _max_before(s, rows, min_history)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = s / before
         out = np.where(before > 0, r / (1.0 + r), np.where(s > 0, 1.0, 0.0))
@@ -69,7 +75,7 @@ def suppress_repeats(scores: np.ndarray, rows: int) -> np.ndarray:
     if rows < 1:
         raise ValueError("rows >= 1 is required")
     s = np.asarray(scores, dtype=np.float64)
-    before = pd.Series(s).shift(1).rolling(rows, min_periods=1).max().to_numpy()
+    before = _max_before(s, rows, 1)
     return np.where(np.isnan(before) | (s > before), s, 0.0)
 
 
