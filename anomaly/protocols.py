@@ -27,6 +27,7 @@ from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
 from anomaly.preparation import fill_rows
+from anomaly.scaling import fit_scaler
 from anomaly.windowing import rows_from_windows
 
 log = logging.getLogger(__name__)
@@ -149,13 +150,14 @@ def last_step_errors(result: SeriesResult) -> np.ndarray:
 
 def nab_novelty(values: np.ndarray, scale_rows: int) -> np.ndarray:
     """``window_novelty`` (``NAB_NOVELTY``) of ``values`` (T, F), each sensor first standardised by
-    the mean and spread of its first ``scale_rows`` rows (the training part: past only)."""
+    the mean and spread of its first ``scale_rows`` rows (the training part: past only; ``fit_scaler``'s
+    ``standard`` method, kept in float64)."""
     x = np.asarray(values, dtype=np.float64)
-    x = x.reshape(x.shape[0], -1) if len(x) else x.reshape(0, 1)
-    head = x[:max(1, scale_rows)]
-    centre = head.mean(axis=0) if len(head) else 0.0
-    spread = head.std(axis=0) if len(head) else 1.0
-    return window_novelty((x - centre) / np.where(spread > 0, spread, 1.0), **NAB_NOVELTY)
+    if not len(x):
+        return np.full(0, np.nan)
+    x = x.reshape(len(x), -1)
+    scaler = fit_scaler(x[:max(1, scale_rows)], [str(j) for j in range(x.shape[1])], "standard")
+    return window_novelty((x - np.asarray(scaler.centre)) / np.asarray(scaler.scale), **NAB_NOVELTY)
 
 
 def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
