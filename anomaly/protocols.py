@@ -170,6 +170,13 @@ def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
     scores = record_ratio(errors, NAB_ERROR_HISTORY)
     if novelty is not None:
         scores = np.maximum(scores, record_ratio(novelty, NAB_NOVELTY_HISTORY))
+    return nab_finish(scores, values)
+
+
+def nab_finish(scores: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+    """The last steps of NAB's chain, whatever calibrated ``scores`` in [0, 1]: with ``values`` (T, F), a
+    row beyond the range seen so far (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each
+    alarm once (``suppress_repeats``, ``NAB_REPEAT_ROWS``). Past only."""
     if values is not None:
         scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
     return suppress_repeats(scores, NAB_REPEAT_ROWS)

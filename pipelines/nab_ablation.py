@@ -37,12 +37,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats
+from anomaly.calibration import anomaly_likelihood, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
-from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_novelty,
-                               profile_settings, score_series)
+from anomaly.protocols import (last_step_errors, nab_calibrate, nab_finish, nab_novelty, profile_settings,
+                               score_series)
 
 log = logging.getLogger("nab_ablation")
 
@@ -55,10 +55,7 @@ LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # the likelihood cha
 def likelihood_chain(errors: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
     """The chain shipped before the record ratio: the errors through the anomaly likelihood
     (``LIKELIHOOD``); with ``values``, the range rule; each alarm once. Past only."""
-    scores = anomaly_likelihood(errors, **LIKELIHOOD)
-    if values is not None:
-        scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
-    return suppress_repeats(scores, NAB_REPEAT_ROWS)
+    return nab_finish(anomaly_likelihood(errors, **LIKELIHOOD), values)
 
 
 CHAINS: dict[str, Chain] = {
