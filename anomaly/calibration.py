@@ -85,6 +85,14 @@ def beyond_seen_range(values: np.ndarray, tolerance: float) -> np.ndarray:
     past may reconstruct well enough to miss (Numenta's "spatial anomaly" rule, which NAB's HTM
     detector adds to its scores with a tolerance of 0.05). Past only; False until a sensor has two
     distinct earlier values; NaN values are neither flagged nor counted in the range."""
+    above, below = beyond_seen_range_sides(values, tolerance)
+    return above | below
+
+
+def beyond_seen_range_sides(values: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
+    """``beyond_seen_range`` split by side: per row, whether any sensor is above its widened earlier
+    range (a new high), and whether any is below it (a new low). A new high and a new low are
+    different events, which an each-alarm-once rule should not merge."""
     if tolerance < 0:
         raise ValueError("tolerance >= 0 is required")
     x = np.asarray(values, dtype=np.float64)
@@ -95,5 +103,6 @@ def beyond_seen_range(values: np.ndarray, tolerance: float) -> np.ndarray:
     lo, hi = np.vstack([pad, lo[:-1]]), np.vstack([pad, hi[:-1]])  # the rows before each row
     width = hi - lo
     with np.errstate(invalid="ignore"):
-        out = (width > 0) & ((x2 > hi + tolerance * width) | (x2 < lo - tolerance * width))
-    return out.any(axis=1)
+        above = (width > 0) & (x2 > hi + tolerance * width)
+        below = (width > 0) & (x2 < lo - tolerance * width)
+    return above.any(axis=1), below.any(axis=1)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import beyond_seen_range, record_ratio, suppress_repeats
+from anomaly.calibration import beyond_seen_range_sides, record_ratio, suppress_repeats
 from anomaly.novelty import window_novelty
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
@@ -165,8 +165,8 @@ def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
     """Per-row signals -> NAB scores in [0, 1]: the errors against the largest of their own trailing
     history (``record_ratio``, ``NAB_ERROR_HISTORY`` rows); with ``novelty``, the higher of that and
     the novelty's own record ratio (``NAB_NOVELTY_HISTORY``); with ``values`` (T, F), a row whose value
-    is beyond the range seen so far (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each
-    alarm once (``suppress_repeats``). Past only throughout."""
+    is beyond the range seen so far scores 1; each alarm once (both ``nab_finish``). Past only
+    throughout."""
     scores = record_ratio(errors, NAB_ERROR_HISTORY)
     if novelty is not None:
         scores = np.maximum(scores, record_ratio(novelty, NAB_NOVELTY_HISTORY))
@@ -174,12 +174,16 @@ def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
 
 
 def nab_finish(scores: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
-    """The last steps of NAB's chain, whatever calibrated ``scores`` in [0, 1]: with ``values`` (T, F), a
-    row beyond the range seen so far (``beyond_seen_range``, ``NAB_RANGE_TOLERANCE``) scores 1; each
-    alarm once (``suppress_repeats``, ``NAB_REPEAT_ROWS``). Past only."""
+    """The last steps of NAB's chain, whatever calibrated ``scores`` in [0, 1]: each alarm once
+    (``suppress_repeats``, ``NAB_REPEAT_ROWS``); with ``values`` (T, F), a row beyond the range seen
+    so far (``beyond_seen_range_sides``, ``NAB_RANGE_TOLERANCE``) scores 1, each side once per the same
+    span on its own: a new low soon after a new high (or after a score's alarm) is a new event, not a
+    repeat of it. Past only."""
+    out = suppress_repeats(scores, NAB_REPEAT_ROWS)
     if values is not None:
-        scores = np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores)
-    return suppress_repeats(scores, NAB_REPEAT_ROWS)
+        for side in beyond_seen_range_sides(values, NAB_RANGE_TOLERANCE):
+            out = np.maximum(out, suppress_repeats(side.astype(np.float64), NAB_REPEAT_ROWS))
+    return out
 
 
 def nab_calibrated(result: SeriesResult, scale_rows: int) -> np.ndarray:

@@ -12,12 +12,14 @@ scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at
 - the same, each alarm once (``calibration.suppress_repeats``, 100 rows);
 - likelihood short 1, long 1000, each alarm once;
 - the newest step's error instead of the window mean;
-- and a value beyond the range seen so far scoring 1 (``calibration.beyond_seen_range``, Numenta's
-  tolerance 0.05): the chain shipped before window novelty;
+- and a value beyond the range seen so far scoring 1 (``calibration.beyond_seen_range_sides``, Numenta's
+  tolerance 0.05; a new high and a new low each alarmed once): the chain shipped before the record ratio;
 - the likelihood replaced by the record ratio (``calibration.record_ratio``: the error over the largest
   of its last 3,000);
 - and the window novelty (``novelty.window_novelty``: distance to the nearest earlier window) through
   its own record ratio, the higher of the two: the shipped chain, ``protocols.nab_calibrated``;
+- the same with new highs, new lows and the scores' alarms sharing one each-alarm-once span
+  (``merged_range_finish``: the chain shipped before ``nab_finish`` gave each side its own);
 - the window novelty without the model's errors;
 - a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the likelihood
   chain, and without the range rule; and the range rule alone.
@@ -37,11 +39,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, suppress_repeats
+from anomaly.calibration import anomaly_likelihood, beyond_seen_range, record_ratio, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
-from anomaly.protocols import (last_step_errors, nab_calibrate, nab_finish, nab_novelty, profile_settings,
+from anomaly.protocols import (NAB_ERROR_HISTORY, NAB_NOVELTY_HISTORY, NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS,
+                               last_step_errors, nab_calibrate, nab_finish, nab_novelty, profile_settings,
                                score_series)
 
 log = logging.getLogger("nab_ablation")
@@ -50,6 +53,13 @@ Chain = Callable[[Mapping[str, Any]], np.ndarray]
 
 
 LIKELIHOOD = {"short": 1, "long": 1000, "min_history": 50}  # the likelihood chain's windows, rows
+
+
+def merged_range_finish(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``nab_finish`` as it was before each side of the range had its own each-alarm-once span: a
+    row beyond the range seen so far scores 1, then one span over everything, so a new low within
+    ``NAB_REPEAT_ROWS`` of a new high (or of a higher score) was dropped as a repeat."""
+    return suppress_repeats(np.where(beyond_seen_range(values, NAB_RANGE_TOLERANCE), 1.0, scores), NAB_REPEAT_ROWS)
 
 
 def likelihood_chain(errors: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
@@ -68,6 +78,9 @@ CHAINS: dict[str, Chain] = {
         lambda f: nab_calibrate(f["last"], f["values"]),
     "+ window novelty through its own record ratio, the higher of the two (shipped)":
         lambda f: nab_calibrate(f["last"], f["values"], f["novelty"]),
+    "the shipped chain with new highs, new lows and the scores' alarms sharing one each-alarm-once span (before)":
+        lambda f: merged_range_finish(np.maximum(record_ratio(f["last"], NAB_ERROR_HISTORY),
+                                                 record_ratio(f["novelty"], NAB_NOVELTY_HISTORY)), f["values"]),
     "window novelty alone (no model errors), record ratio, range rule":
         lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"]),
     "no model: the absolute first difference, the likelihood chain": lambda f: likelihood_chain(f["diff"], f["values"]),

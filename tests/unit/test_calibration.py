@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomaly.calibration import (anomaly_likelihood, beyond_seen_range, record_ratio, score_z, suppress_repeats,
+from anomaly.calibration import (anomaly_likelihood, beyond_seen_range, beyond_seen_range_sides, record_ratio, score_z, suppress_repeats,
                                  z_to_unit)
 
 
@@ -71,6 +71,17 @@ def test_beyond_seen_range_by_hand():
     assert beyond_seen_range(x, 0.0).tolist() == [False, False, False, True, True, True, False, True]
     two = np.column_stack([[0.0, 1.0, 0.5, 0.5], [0.0, 1.0, 0.5, 9.0]])
     assert beyond_seen_range(two, 0.05).tolist() == [False, False, False, True]  # any sensor
+
+
+def test_beyond_seen_range_sides_by_hand():
+    x = np.array([1.0, 3.0, 2.0, 3.05, 3.2, -1.0, np.nan, 5.0])
+    above, below = beyond_seen_range_sides(x, 0.05)
+    assert above.tolist() == [False, False, False, False, True, False, False, True]
+    assert below.tolist() == [False, False, False, False, False, True, False, False]
+    two = np.column_stack([[0.0, 1.0, 0.5, 0.5], [0.0, 1.0, 0.5, -9.0]])
+    assert [a.tolist() for a in beyond_seen_range_sides(two, 0.05)] == [[False] * 4, [False, False, False, True]]
+    with pytest.raises(ValueError):
+        beyond_seen_range_sides(x, -0.1)
 
 
 def test_beyond_seen_range_uses_only_the_past():

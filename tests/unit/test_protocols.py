@@ -50,6 +50,21 @@ def test_nab_calibrated_scores_a_new_level_one_even_when_the_model_follows_it():
     assert (scores[100:1200] < 1.0).all()
 
 
+def test_nab_calibrated_reports_a_new_low_soon_after_a_new_high():
+    rng = np.random.default_rng(5)
+    n = 1500
+    values = rng.uniform(-1, 1, (n, 1))
+    values[1200] = 5.0  # a new high ...
+    values[1230] = -5.0  # ... and, within the each-alarm-once span, a new low: a different event
+    values[1240] = 6.0  # a higher high within the span of the first: the same event
+    expected = values.copy()
+    expected[:15] = np.nan
+    scores = nab_calibrated(result(values, expected), 150)
+    assert scores[1200] == 1.0 and scores[1230] == 1.0
+    assert scores[1240] < 1.0
+    assert np.flatnonzero(scores[100:] == 1.0).tolist() == [1100, 1130]
+
+
 def test_nab_calibrated_scores_a_shape_never_seen_before_even_when_the_model_follows_it():
     n, period = 3000, 100
     t = np.arange(n)
