@@ -167,10 +167,16 @@ def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
     the novelty's own record ratio (``NAB_NOVELTY_HISTORY``); with ``values`` (T, F), a row whose value
     is beyond the range seen so far scores 1; each alarm once (both ``nab_finish``). Past only
     throughout."""
+    return nab_finish(nab_record_scores(errors, novelty), values)
+
+
+def nab_record_scores(errors: np.ndarray, novelty: np.ndarray | None = None) -> np.ndarray:
+    """The first step of NAB's chain: the errors' record ratio (``NAB_ERROR_HISTORY`` rows); with
+    ``novelty``, the higher of that and the novelty's record ratio (``NAB_NOVELTY_HISTORY``). Past only."""
     scores = record_ratio(errors, NAB_ERROR_HISTORY)
     if novelty is not None:
         scores = np.maximum(scores, record_ratio(novelty, NAB_NOVELTY_HISTORY))
-    return nab_finish(scores, values)
+    return scores
 
 
 def nab_finish(scores: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:

@@ -39,13 +39,12 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from anomaly import evaluation
-from anomaly.calibration import anomaly_likelihood, beyond_seen_range, record_ratio, suppress_repeats
+from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
-from anomaly.protocols import (NAB_ERROR_HISTORY, NAB_NOVELTY_HISTORY, NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS,
-                               last_step_errors, nab_calibrate, nab_finish, nab_novelty, profile_settings,
-                               score_series)
+from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_finish,
+                               nab_novelty, nab_record_scores, profile_settings, score_series)
 
 log = logging.getLogger("nab_ablation")
 
@@ -79,8 +78,7 @@ CHAINS: dict[str, Chain] = {
     "+ window novelty through its own record ratio, the higher of the two (shipped)":
         lambda f: nab_calibrate(f["last"], f["values"], f["novelty"]),
     "the shipped chain with new highs, new lows and the scores' alarms sharing one each-alarm-once span (before)":
-        lambda f: merged_range_finish(np.maximum(record_ratio(f["last"], NAB_ERROR_HISTORY),
-                                                 record_ratio(f["novelty"], NAB_NOVELTY_HISTORY)), f["values"]),
+        lambda f: merged_range_finish(nab_record_scores(f["last"], f["novelty"]), f["values"]),
     "window novelty alone (no model errors), record ratio, range rule":
         lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"]),
     "no model: the absolute first difference, the likelihood chain": lambda f: likelihood_chain(f["diff"], f["values"]),
