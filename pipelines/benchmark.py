@@ -315,8 +315,8 @@ def markdown(data: dict) -> str:
               "the newest step of the model's window, and how far the last 190 rows lie from every earlier stretch "
               "of the file (`novelty.window_novelty`, nearest-neighbour distance); a value beyond the range seen so "
               "far scores 1 (Numenta's rule, tolerance 0.05); each excursion, and each new high or new low, is "
-              "reported once (`protocols.nab_calibrated`), past only. The window novelty carries most of it: without the model's "
-              "errors it scores 2 points less, the model's errors alone 9 points less "
+              "reported once (`protocols.nab_calibrated`), past only. The window novelty carries most of it: "
+              "without the model's errors it scores 2 points less, the model's errors alone 9 points less "
               "(`python -m pipelines.nab_ablation`).", ""]
     seconds = {k: v["seconds"] for k, v in r.items()}
     lines.append(f"Run time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}.")
