@@ -23,6 +23,7 @@ import numpy as np
 from anomaly import evaluation
 from anomaly.calibration import beyond_seen_range_sides, record_ratio, suppress_repeats
 from anomaly.novelty import window_novelty
+from anomaly.transitions import transition_surprise
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
@@ -135,6 +136,8 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
 NAB_ERROR_HISTORY = 3000  # rows: the newest-step error against the largest of its last 3,000 (record_ratio)
 NAB_NOVELTY = {"points": 64, "step": 3}  # window_novelty: 64 readings 3 rows apart (a 190-row window)
 NAB_NOVELTY_HISTORY = 1000  # rows: the window novelty against the largest of its last 1,000
+NAB_TRANSITION_BINS = 16  # transition_surprise: bins of a change, chosen on NAB (4-32 tried: 67.0-71.0, README)
+NAB_TRANSITION_HISTORY = 3000  # rows: the transition surprise against the largest of its last 3,000 (as the error)
 NAB_RANGE_TOLERANCE = 0.05  # Numenta's spatial-anomaly tolerance, taken as published (not tuned here)
 NAB_REPEAT_ROWS = 100  # an alarm is reported again only when higher than every score of the last 100 rows
 NAB_OWN_RATIO = 1.2  # our own alarm level on NAB: 20 % above the largest of the trailing history
@@ -160,22 +163,35 @@ def nab_novelty(values: np.ndarray, scale_rows: int) -> np.ndarray:
     return window_novelty((x - np.asarray(scaler.centre)) / np.asarray(scaler.scale), **NAB_NOVELTY)
 
 
+def nab_transitions(values: np.ndarray, fit_rows: int) -> np.ndarray:
+    """``transition_surprise`` (``NAB_TRANSITION_BINS``) of ``values`` (T, F), the bins fitted on the
+    first ``fit_rows`` rows (the training part); all ones for a series too short to have a change."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2:
+        return np.ones(len(x))
+    return transition_surprise(x, max(2, fit_rows), NAB_TRANSITION_BINS)
+
+
 def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,
-                  novelty: np.ndarray | None = None) -> np.ndarray:
+                  novelty: np.ndarray | None = None, transitions: np.ndarray | None = None) -> np.ndarray:
     """Per-row signals -> NAB scores in [0, 1]: the errors against the largest of their own trailing
-    history (``record_ratio``, ``NAB_ERROR_HISTORY`` rows); with ``novelty``, the higher of that and
-    the novelty's own record ratio (``NAB_NOVELTY_HISTORY``); with ``values`` (T, F), a row whose value
-    is beyond the range seen so far scores 1; each alarm once (both ``nab_finish``). Past only
-    throughout."""
-    return nab_finish(nab_record_scores(errors, novelty), values)
+    history (``record_ratio``, ``NAB_ERROR_HISTORY`` rows); with ``novelty`` and ``transitions``, the
+    highest of that and each one's own record ratio (``nab_record_scores``); with ``values`` (T, F), a
+    row whose value is beyond the range seen so far scores 1; each alarm once (both ``nab_finish``).
+    Past only throughout."""
+    return nab_finish(nab_record_scores(errors, novelty, transitions), values)
 
 
-def nab_record_scores(errors: np.ndarray, novelty: np.ndarray | None = None) -> np.ndarray:
+def nab_record_scores(errors: np.ndarray, novelty: np.ndarray | None = None,
+                      transitions: np.ndarray | None = None) -> np.ndarray:
     """The first step of NAB's chain: the errors' record ratio (``NAB_ERROR_HISTORY`` rows); with
-    ``novelty``, the higher of that and the novelty's record ratio (``NAB_NOVELTY_HISTORY``). Past only."""
+    ``novelty``, the higher of that and the novelty's record ratio (``NAB_NOVELTY_HISTORY``); with
+    ``transitions`` (``nab_transitions``), also their record ratio (``NAB_TRANSITION_HISTORY``). Past only."""
     scores = record_ratio(errors, NAB_ERROR_HISTORY)
     if novelty is not None:
         scores = np.maximum(scores, record_ratio(novelty, NAB_NOVELTY_HISTORY))
+    if transitions is not None:
+        scores = np.maximum(scores, record_ratio(transitions, NAB_TRANSITION_HISTORY))
     return scores
 
 
@@ -194,9 +210,11 @@ def nab_finish(scores: np.ndarray, values: np.ndarray | None = None) -> np.ndarr
 
 def nab_calibrated(result: SeriesResult, scale_rows: int) -> np.ndarray:
     """NAB's per-row score in [0, 1]: the newest-step errors (``last_step_errors``), the window novelty
-    of the readings (``nab_novelty``, scaled on the first ``scale_rows`` rows) and the readings
-    themselves through ``nab_calibrate``."""
-    return nab_calibrate(last_step_errors(result), result.values, nab_novelty(result.values, scale_rows))
+    of the readings (``nab_novelty``, scaled on the first ``scale_rows`` rows), their transition surprise
+    (``nab_transitions``, bins fitted on the same rows) and the readings themselves through
+    ``nab_calibrate``."""
+    return nab_calibrate(last_step_errors(result), result.values, nab_novelty(result.values, scale_rows),
+                         nab_transitions(result.values, scale_rows))
 
 
 def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:

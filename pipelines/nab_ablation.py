@@ -1,6 +1,6 @@
 """NAB: what each step of the score chain is worth, on one set of trained models.
 
-    python -m pipelines.nab_ablation [--data-dir DIR] [--cache results/nab_ablation.pkl] [--json OUT]
+    python -m pipelines.nab_ablation [--data-dir DIR] [--cache results/nab_ablation.pkl] [--json OUT] [--heldout]
 
 Trains the NAB protocol's models once (``protocols.score_series`` with the NAB profile, one per file,
 fitted on its probationary period; the per-file signals are pickled in ``--cache`` and reused), then
@@ -17,12 +17,22 @@ scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at
 - the likelihood replaced by the record ratio (``calibration.record_ratio``: the error over the largest
   of its last 3,000);
 - and the window novelty (``novelty.window_novelty``: distance to the nearest earlier window) through
-  its own record ratio, the higher of the two: the shipped chain, ``protocols.nab_calibrated``;
-- the same with new highs, new lows and the scores' alarms sharing one each-alarm-once span
-  (``merged_range_finish``: the chain shipped before ``nab_finish`` gave each side its own);
-- the window novelty without the model's errors;
+  its own record ratio, the higher of the two: the chain shipped before the transition surprise;
+- and the transition surprise (``transitions.transition_surprise``: how unlikely each change is after
+  the change before it, learned online) through its own record ratio, the highest of the three: the
+  shipped chain, ``protocols.nab_calibrated``;
+- the chain before the transition surprise with new highs, new lows and the scores' alarms sharing one
+  each-alarm-once span (``merged_range_finish``: the chain shipped before ``nab_finish`` gave each side
+  its own);
+- the window novelty without the model's errors, the transition surprise without the window novelty,
+  and the transition surprise alone;
 - a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the likelihood
   chain, and without the range rule; and the range rule alone.
+
+With ``--heldout`` it also checks how much of the transition surprise's gain survives choosing its one
+number, the bins (``HELDOUT_BINS``), on half of the files: over random halvings, both ways, the bins
+that score best on one half are scored on the other, beside the shipped chain and the chain before
+the transition surprise on the same halves (``heldout``).
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
 from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_finish,
-                               nab_novelty, nab_record_scores, profile_settings, score_series)
+                               nab_novelty, nab_record_scores, nab_transitions, profile_settings, score_series)
+from anomaly.transitions import transition_surprise
 
 log = logging.getLogger("nab_ablation")
 
@@ -67,6 +78,11 @@ def likelihood_chain(errors: np.ndarray, values: np.ndarray | None = None) -> np
     return nab_finish(anomaly_likelihood(errors, **LIKELIHOOD), values)
 
 
+def _transitions(f: Mapping[str, Any]) -> np.ndarray:
+    """The shipped transition surprise of a cached file (cheap: not cached)."""
+    return nab_transitions(f["values"], f["train_rows"])
+
+
 CHAINS: dict[str, Chain] = {
     "window-mean error, likelihood 5/500 (the first chain)": lambda f: anomaly_likelihood(f["mean"], 5, 500, 50),
     "+ each alarm once (100 rows)": lambda f: suppress_repeats(anomaly_likelihood(f["mean"], 5, 500, 50), 100),
@@ -75,12 +91,19 @@ CHAINS: dict[str, Chain] = {
     "+ a value beyond the range seen so far scores 1": lambda f: likelihood_chain(f["last"], f["values"]),
     "the likelihood replaced by the record ratio (error over the largest of its last 3,000)":
         lambda f: nab_calibrate(f["last"], f["values"]),
-    "+ window novelty through its own record ratio, the higher of the two (shipped)":
+    "+ window novelty through its own record ratio, the higher of the two (shipped before)":
         lambda f: nab_calibrate(f["last"], f["values"], f["novelty"]),
-    "the shipped chain with new highs, new lows and the scores' alarms sharing one each-alarm-once span (before)":
+    "+ transition surprise through its own record ratio, the highest of the three (shipped)":
+        lambda f: nab_calibrate(f["last"], f["values"], f["novelty"], _transitions(f)),
+    "the chain before the transition surprise, new highs, new lows and the scores' alarms sharing one "
+    "each-alarm-once span (before that)":
         lambda f: merged_range_finish(nab_record_scores(f["last"], f["novelty"]), f["values"]),
     "window novelty alone (no model errors), record ratio, range rule":
         lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"]),
+    "the model's errors and the transition surprise (no window novelty)":
+        lambda f: nab_calibrate(f["last"], f["values"], transitions=_transitions(f)),
+    "transition surprise alone (no model errors, no novelty), record ratio, range rule":
+        lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], transitions=_transitions(f)),
     "no model: the absolute first difference, the likelihood chain": lambda f: likelihood_chain(f["diff"], f["values"]),
     "the same without the range rule": lambda f: likelihood_chain(f["diff"]),
     "the range rule alone (no model, no likelihood)": lambda f: likelihood_chain(np.zeros(len(f["last"])), f["values"]),
@@ -114,6 +137,42 @@ def evaluate(files: Sequence[Mapping[str, Any]], chains: Mapping[str, Chain] = C
     return rows
 
 
+HELDOUT_BINS = (4, 6, 8, 10, 12, 16, 20, 24, 32)  # the transition surprise's bins tried (shipped: 16)
+
+
+def _standard(outputs: Sequence[np.ndarray], files: Sequence[Mapping[str, Any]], subset: Sequence[int]) -> float:
+    nab = [evaluation.NabFile(name=files[i]["name"], scores=outputs[i], windows=files[i]["windows"]) for i in subset]
+    return float(evaluation.nab_scores(nab)["nab_standard"])
+
+
+def heldout(files: Sequence[Mapping[str, Any]], bins: Sequence[int] = HELDOUT_BINS, halvings: int = 5,
+            seed: int = 0) -> dict[str, Any]:
+    """Choose the transition surprise's bins on half of the files, score the other half. For each of
+    ``halvings`` random splits, both ways: the bins with the best NAB standard score on one half, that
+    choice's score on the other, and on the same other half the shipped chain and the chain before the
+    transition surprise. Returns the per-bins corpus scores, the choices, and the three means."""
+    before = [nab_calibrate(f["last"], f["values"], f["novelty"]) for f in files]
+    by_bins = {b: [nab_calibrate(f["last"], f["values"], f["novelty"],
+                                 transition_surprise(f["values"], max(2, f["train_rows"]), b)) for f in files]
+               for b in bins}
+    everything = range(len(files))
+    shipped = [CHAINS[next(n for n in CHAINS if "(shipped)" in n)](f) for f in files]
+    rng = np.random.default_rng(seed)
+    chosen, held, held_shipped, held_before = [], [], [], []
+    for _ in range(halvings):
+        order = rng.permutation(len(files))
+        half = len(files) // 2
+        for pick, score_on in ((order[:half], order[half:]), (order[half:], order[:half])):
+            best = max(bins, key=lambda b: _standard(by_bins[b], files, pick))
+            chosen.append(best)
+            held.append(_standard(by_bins[best], files, score_on))
+            held_shipped.append(_standard(shipped, files, score_on))
+            held_before.append(_standard(before, files, score_on))
+    return {"corpus_by_bins": {b: _standard(by_bins[b], files, everything) for b in bins}, "chosen": chosen,
+            "heldout_chosen": float(np.mean(held)), "heldout_shipped": float(np.mean(held_shipped)),
+            "heldout_before": float(np.mean(held_before))}
+
+
 def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| how errors become NAB scores | standard | reward low FP | reward low FN |", "| --- | --- | --- | --- |"]
     for r in rows:
@@ -127,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the NAB folder (default $ANOMALY_DATASETS/nab or ../shared/datasets/nab)")
     parser.add_argument("--cache", default="results/nab_ablation.pkl", help="per-file signals, reused when present")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--heldout", action="store_true",
+                        help="also choose the transition surprise's bins on half the files and score the other half")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cache = Path(args.cache)
@@ -154,9 +215,18 @@ def main(argv: list[str] | None = None) -> int:
             pickle.dump(files, fh)
     rows = evaluate(files)
     print(markdown(rows))
+    out: Any = rows
+    if args.heldout:
+        check = heldout(files)
+        print("\nTransition surprise by bins (NAB standard, all files): "
+              + ", ".join(f"{b}: {v:.1f}" for b, v in check["corpus_by_bins"].items()))
+        print(f"Bins chosen on half the files: {check['chosen']}; on the other halves "
+              f"{check['heldout_chosen']:.1f}, against {check['heldout_shipped']:.1f} for the shipped bins and "
+              f"{check['heldout_before']:.1f} for the chain before the transition surprise")
+        out = {"chains": rows, "heldout": check}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomaly.protocols import (NAB_OWN_LEVEL, NAB_REPEAT_ROWS, SeriesResult, last_step_errors, nab_calibrated,
-                               nab_novelty)
+from anomaly.protocols import (NAB_OWN_LEVEL, NAB_REPEAT_ROWS, SeriesResult, last_step_errors, nab_calibrate,
+                               nab_calibrated, nab_novelty, nab_transitions)
 
 
 def result(values: np.ndarray, expected: np.ndarray) -> SeriesResult:
@@ -68,7 +68,11 @@ def test_nab_calibrated_reports_a_new_low_soon_after_a_new_high():
 def test_nab_calibrated_scores_a_shape_never_seen_before_even_when_the_model_follows_it():
     n, period = 3000, 100
     t = np.arange(n)
-    values = np.where(t % period < 50, 1.0, 0.0)[:, None] + np.random.default_rng(4).normal(0, 0.02, (n, 1))
+    # Noise that recurs with the cycle: every step recurs too, so neither the steps' transitions nor the
+    # windows are new until the skipped cycle (with fresh noise, a jump 1 % above every training jump
+    # is a step never taken before, which the transition surprise rightly reports).
+    noise = np.tile(np.random.default_rng(4).normal(0, 0.02, period), n // period)
+    values = (np.where(t % period < 50, 1.0, 0.0) + noise)[:, None]
     values[2000:2050] = 0.0  # one cycle skips its high half: no new level, only a new shape
     expected = values.copy()  # a model that reconstructs everything perfectly: errors are all 0
     expected[:15] = np.nan
@@ -78,3 +82,21 @@ def test_nab_calibrated_scores_a_shape_never_seen_before_even_when_the_model_fol
     high = np.flatnonzero(scores[100:] > NAB_OWN_LEVEL) + 100  # the first rows still set the range
     assert len(high) == 1 and 2000 <= high[0] < 2060  # found in the skipped cycle, once
     assert scores[100:2000].max() < NAB_OWN_LEVEL
+
+
+def test_nab_calibrated_scores_a_step_never_taken_in_its_context_even_when_the_model_follows_it():
+    n, period = 2000, 100
+    t = np.arange(n)
+    noise = np.tile(np.random.default_rng(6).normal(0, 0.02, period), n // period)  # every step recurs ...
+    values = np.sin(2 * np.pi * t / period) + noise
+    values[1500] += 0.3  # ... until one reading jumps, well inside the range seen so far
+    values = values[:, None]
+    expected = values.copy()  # a model that follows it perfectly: errors are all 0
+    expected[:15] = np.nan
+    scores = nab_calibrated(result(values, expected), 300)
+    high = np.flatnonzero(scores[300:] > NAB_OWN_LEVEL) + 300
+    assert high.tolist() == [1500]
+    # The transition surprise finds it on its own (no errors, no novelty), at once and once.
+    alone = nab_calibrate(np.zeros(n), values, transitions=nab_transitions(values, 300))
+    assert (np.flatnonzero(alone[300:] > NAB_OWN_LEVEL) + 300).tolist() == [1500]
+    assert alone[1500] > 0.6  # far above the most surprising step of the 3,000 rows before it
