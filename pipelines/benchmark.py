@@ -310,14 +310,16 @@ def markdown(data: dict) -> str:
         lines += [f"Not measured in this run: {', '.join(missing)} (`python -m pipelines.benchmark --datasets "
                   f"{','.join(m.lower() for m in missing)}`).", ""]
     lines += ["The per-dataset settings (`PROFILES` in `anomaly/protocols.py`) were chosen on these benchmarks "
-              "themselves, as leaderboard entries usually are. The NAB row scores each row by the higher of two "
+              "themselves, as leaderboard entries usually are. The NAB row scores each row by the highest of three "
               "signals, each against the largest of its own recent past (`calibration.record_ratio`): the error of "
-              "the newest step of the model's window, and how far the last 190 rows lie from every earlier stretch "
-              "of the file (`novelty.window_novelty`, nearest-neighbour distance); a value beyond the range seen so "
-              "far scores 1 (Numenta's rule, tolerance 0.05); each excursion, and each new high or new low, is "
-              "reported once (`protocols.nab_calibrated`), past only. The window novelty carries most of it: "
-              "without the model's errors it scores 2 points less, the model's errors alone 9 points less "
-              "(`python -m pipelines.nab_ablation`).", ""]
+              "the newest step of the model's window, how far the last 190 rows lie from every earlier stretch "
+              "of the file (`novelty.window_novelty`, nearest-neighbour distance), and how surprising the newest "
+              "change is after the change before it, under counts of the file's own earlier changes "
+              "(`transitions.transition_surprise`, learned online); a value beyond the range seen so far scores 1 "
+              "(Numenta's rule, tolerance 0.05); each excursion, and each new high or new low, is reported once "
+              "(`protocols.nab_calibrated`), past only. What each part is worth, and how much survives choosing "
+              "the transition surprise's bins on half of the files: `python -m pipelines.nab_ablation --heldout` "
+              "(README \"NAB: what each step of the score chain is worth\").", ""]
     seconds = {k: v["seconds"] for k, v in r.items()}
     lines.append(f"Run time: {', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())}.")
     return "\n".join(lines)

@@ -24,8 +24,8 @@ scores the same errors through each chain in ``CHAINS`` with NAB's own scorer at
 - the chain before the transition surprise with new highs, new lows and the scores' alarms sharing one
   each-alarm-once span (``merged_range_finish``: the chain shipped before ``nab_finish`` gave each side
   its own);
-- the window novelty without the model's errors, the transition surprise without the window novelty,
-  and the transition surprise alone;
+- the window novelty without the model's errors, with the transition surprise and without the model's
+  errors, the transition surprise without the window novelty, and the transition surprise alone;
 - a baseline without a model: the absolute first difference |x_t - x_{t-1}| through the likelihood
   chain, and without the range rule; and the range rule alone.
 
@@ -100,6 +100,8 @@ CHAINS: dict[str, Chain] = {
         lambda f: merged_range_finish(nab_record_scores(f["last"], f["novelty"]), f["values"]),
     "window novelty alone (no model errors), record ratio, range rule":
         lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"]),
+    "window novelty and transition surprise (no model errors)":
+        lambda f: nab_calibrate(np.zeros(len(f["last"])), f["values"], f["novelty"], _transitions(f)),
     "the model's errors and the transition surprise (no window novelty)":
         lambda f: nab_calibrate(f["last"], f["values"], transitions=_transitions(f)),
     "transition surprise alone (no model errors, no novelty), record ratio, range rule":
