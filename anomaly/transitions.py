@@ -18,7 +18,7 @@ of information): "this step says 10 % more than the most surprising step of the 
 ``calibration.record_ratio`` compares. Surprisal, not the odds ``1 / p``: an unseen transition out of a
 context seen ``n`` times has odds of about ``2n``, which keep setting records on plain noise as ``n``
 grows; its surprisal grows with ``log n`` only (on uniform noise with 16 bins, no record 20 % above the
-last 3,000 rows' in 20 streams of 5,000 rows; with the odds, five a stream).
+last 3,000 rows' in 20 streams of 5,000 rows; with the odds, about five a stream).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from anomaly.protocols import SeriesResult, nab_calibrated, nab_novelty
-from pipelines.nab_ablation import CHAINS, evaluate, main, markdown
+from pipelines.nab_ablation import CHAINS, evaluate, heldout, main, markdown
 
 
 def _file(n=1200, jump_at=900):
@@ -45,3 +45,16 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "NAB" in capsys.readouterr().out
+
+
+def test_heldout_chooses_bins_on_one_half_and_scores_the_other():
+    files = []
+    for k in range(4):
+        f = _file(jump_at=800 + 50 * k)
+        f["name"] = f"f{k}"
+        files.append(f)
+    check = heldout(files, bins=(4, 16), halvings=2, seed=1)
+    assert set(check["corpus_by_bins"]) == {4, 16}
+    assert len(check["chosen"]) == 4 and set(check["chosen"]) <= {4, 16}
+    for key in ("heldout_chosen", "heldout_shipped", "heldout_before"):
+        assert 0 < check[key] <= 100, key  # every file's jump is found inside its window
