@@ -163,13 +163,14 @@ def nab_novelty(values: np.ndarray, scale_rows: int) -> np.ndarray:
     return window_novelty((x - np.asarray(scaler.centre)) / np.asarray(scaler.scale), **NAB_NOVELTY)
 
 
-def nab_transitions(values: np.ndarray, fit_rows: int) -> np.ndarray:
-    """``transition_surprise`` (``NAB_TRANSITION_BINS``) of ``values`` (T, F), the bins fitted on the
-    first ``fit_rows`` rows (the training part); all ones for a series too short to have a change."""
+def nab_transitions(values: np.ndarray, fit_rows: int, bins: int = NAB_TRANSITION_BINS) -> np.ndarray:
+    """``transition_surprise`` (``bins`` bins, ``NAB_TRANSITION_BINS`` as shipped) of ``values`` (T, F),
+    the bins fitted on the first ``fit_rows`` rows (the training part); all zeros (no surprise, as on a
+    first row) for a series too short to have a change."""
     x = np.asarray(values, dtype=np.float64)
     if len(x) < 2:
-        return np.ones(len(x))
-    return transition_surprise(x, max(2, fit_rows), NAB_TRANSITION_BINS)
+        return np.zeros(len(x))
+    return transition_surprise(x, max(2, fit_rows), bins)
 
 
 def nab_calibrate(errors: np.ndarray, values: np.ndarray | None = None,

@@ -55,7 +55,6 @@ from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows
 from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_finish,
                                nab_novelty, nab_record_scores, nab_transitions, profile_settings, score_series)
-from anomaly.transitions import transition_surprise
 
 log = logging.getLogger("nab_ablation")
 
@@ -154,9 +153,8 @@ def heldout(files: Sequence[Mapping[str, Any]], bins: Sequence[int] = HELDOUT_BI
     choice's score on the other, and on the same other half the shipped chain and the chain before the
     transition surprise. Returns the per-bins corpus scores, the choices, and the three means."""
     before = [nab_calibrate(f["last"], f["values"], f["novelty"]) for f in files]
-    by_bins = {b: [nab_calibrate(f["last"], f["values"], f["novelty"],
-                                 transition_surprise(f["values"], max(2, f["train_rows"]), b)) for f in files]
-               for b in bins}
+    by_bins = {b: [nab_calibrate(f["last"], f["values"], f["novelty"], nab_transitions(f["values"], f["train_rows"], b))
+                   for f in files] for b in bins}
     everything = range(len(files))
     shipped = [CHAINS[next(n for n in CHAINS if "(shipped)" in n)](f) for f in files]
     rng = np.random.default_rng(seed)
