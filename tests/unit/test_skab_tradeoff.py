@@ -201,8 +201,8 @@ def test_adaptive_rows_cut_the_alarms_after_a_lasting_change():
     labels = np.r_[np.zeros(600, bool), np.ones(100, bool), np.zeros(600, bool)]
     files = [{"scores": scores, "labels": labels, "threshold": 2.0}]
     plain = skab_binary_metrics([labels], [scores > 2.0])
-    rows = adaptive_rows(files)
-    assert [(r["rows"], r["factor"], r["quantile"], r["lag"]) for r in rows] == ADAPTIVE
+    rows = adaptive_rows(files, fitted_scale=1.5)  # 2.0 is 1.5 x the validation quantile: 1.25 x it is 5/3
+    assert [(r["scale"], r["rows"], r["factor"], r["quantile"], r["lag"]) for r in rows] == ADAPTIVE
     for r in rows:
         assert r["mar"] == pytest.approx(0.0)  # the fault's 100 rows all alarm
         assert r["far"] < plain.far / 2  # most of the changed rig's rows no longer do
@@ -226,7 +226,7 @@ def test_group_holdout_chooses_without_the_held_out_group():
     # group a: faint anomalies (2.5), no bursts -> factor 2 catches them, factor 3 misses them
     # group b: strong anomalies (5), bursts at 2.5 -> factor 3 keeps the bursts quiet, factor 2 does not
     files = [file("a/0", 2.5, 1.0), file("a/1", 2.5, 1.0), file("b/0", 5.0, 2.5)]
-    out = group_holdout(files, grid=[(120, 2.0), (120, 3.0)], target={"far": 100.0, "mar": 100.0})
+    out = group_holdout(files, grid=[(1.0, 120, 2.0, 30), (1.0, 120, 3.0, 30)], target={"far": 100.0, "mar": 100.0})
     by_group = {f["held_out"]: f for f in out["folds"]}
     assert (by_group["a"]["files"], by_group["b"]["files"]) == (2, 1)
     assert by_group["a"]["factor"] == 3.0 and by_group["b"]["factor"] == 2.0  # the other group's best
@@ -234,6 +234,90 @@ def test_group_holdout_chooses_without_the_held_out_group():
     assert by_group["b"]["held_out_figures"]["far"] > 0  # and b's bursts alarm
     for fold in out["folds"]:
         held = [f for f in files if skab_group(f["name"]) == fold["held_out"]]
-        flags = [adaptive_crossings(f["scores"], 1.5, fold["rows"], fold["factor"], 0.5, 30) for f in held]
+        flags = [adaptive_crossings(f["scores"], 1.5, fold["rows"], fold["factor"], 0.5, fold["lag"]) for f in held]
         m = skab_binary_metrics([f["labels"] for f in held], flags)
         assert fold["held_out_figures"] == pytest.approx({"f1": m.f1, "far": m.far, "mar": m.mar})
+
+
+def test_group_holdout_rescales_the_fitted_threshold():
+    """A grid scale is a multiple of the validation quantile: at the fitted scale the file's own threshold,
+    at another the same threshold rescaled; here 2 x q (4.0) lets a 3.0 anomaly through, 1 x q (2.0) not."""
+    from pipelines.skab_tradeoff import group_holdout, rescaled
+
+    assert rescaled(3.0, 1.5, 1.5) == 3.0 and rescaled(3.0, 1.0, 1.5) == pytest.approx(2.0)
+    scores, labels = np.ones(400), np.zeros(400, bool)
+    scores[300:320], labels[300:320] = 3.0, True
+    files = [{"name": f"{g}/0", "scores": scores, "labels": labels, "threshold": 3.0} for g in ("a", "b")]
+    low = group_holdout(files, grid=[(1.0, 120, 2.0, 30)], target={"far": 100.0, "mar": 100.0}, fitted_scale=1.5)
+    high = group_holdout(files, grid=[(2.0, 120, 2.0, 30)], target={"far": 100.0, "mar": 100.0}, fitted_scale=1.5)
+    assert low["pooled"]["mar"] == pytest.approx(0.0) and high["pooled"]["mar"] == pytest.approx(100.0)
+
+
+def test_threshold_options_by_hand():
+    """Scores 5, 3, 3, 1, NaN with labels 1, 0, 1, 0, 1: thresholds flag none, {5}, {5, 3, 3}, all scored;
+    the NaN row is never flagged, so at least one miss remains; the tied 3s go together."""
+    from pipelines.skab_tradeoff import threshold_options
+
+    fp, fn = threshold_options(np.array([5.0, 3.0, 3.0, 1.0, np.nan]), np.array([1, 0, 1, 0, 1], bool))
+    assert fp.tolist() == [0, 0, 1, 2]
+    assert fn.tolist() == [3, 2, 1, 1]
+
+
+def test_fewest_equals_brute_force():
+    """The knapsack over files' threshold options equals trying every combination, at every budget."""
+    from pipelines.skab_tradeoff import fewest, threshold_options
+
+    rng = np.random.default_rng(3)
+    files = []
+    for n in (7, 5, 6):
+        labels = rng.random(n) > 0.5
+        files.append(threshold_options(rng.integers(0, 4, n).astype(float) + labels, labels))
+    for budget in range(0, 12):
+        best = None
+        for choice in itertools.product(*(range(len(fp)) for fp, _ in files)):
+            fn = sum(int(files[i][1][c]) for i, c in enumerate(choice))
+            fp = sum(int(files[i][0][c]) for i, c in enumerate(choice))
+            if fn <= budget and (best is None or fp < best):
+                best = fp
+        assert fewest(files, budget) == best, budget
+
+
+def test_oracle_bounds_on_two_files():
+    """File a separates perfectly (no cost); file b has one normal row above its anomaly rows: with MAR
+    <= 14.13 % (1 miss of 10 allowed) b must flag that row (FAR 1 of 10 = 10 %), and with FAR <= 2.56 %
+    (no false alarm allowed) b flags nothing (5 misses of 10: MAR 50 %)."""
+    from pipelines.skab_tradeoff import oracle_bounds
+
+    a = {"scores": np.r_[np.full(5, 9.0), np.full(5, 1.0)], "labels": np.r_[np.ones(5, bool), np.zeros(5, bool)]}
+    b = {"scores": np.r_[10.0, np.full(5, 9.0), np.full(4, 1.0)], "labels": np.r_[False, np.ones(5, bool), np.zeros(4, bool)]}
+    out = oracle_bounds([a, b], mars=(60.0,))
+    assert out["far_at_corner_mar"] == pytest.approx(10.0)
+    assert out["mar_at_corner_far"] == pytest.approx(50.0)
+    assert out["far_at"]["60.0"] == pytest.approx(0.0)
+
+
+def test_warm_rows_give_the_rule_earlier_history():
+    """History 0 is ``adaptive_rows`` itself. A short rule (40 rows, lag 10) acts long before a fault 100
+    rows in, so history changes nothing; a long one (400 rows) never acts within a 300-row fault at the
+    start of the test part, but with 200 rows of history before it (a worker already running) it does."""
+    from pipelines.skab_tradeoff import fault_ends, warm_rows
+
+    scores = np.r_[np.ones(100), np.full(300, 10.0), np.ones(100)]
+    labels = np.r_[np.zeros(100, bool), np.ones(300, bool), np.zeros(100, bool)]
+    files = [{"scores": scores, "labels": labels, "threshold": 2.0, "pre_scores": np.ones(200)}]
+    rule = [(1.0, 40, 2.0, 0.5, 10)]
+    cold, warm = warm_rows(files, 1.0, rule, warm=(0, 200))
+    assert (cold["history"], warm["history"]) == (0, 200)
+    same = adaptive_rows(files, 1.0, rule)[0]
+    assert (cold["f1"], cold["far"], cold["mar"]) == (same["f1"], same["far"], same["mar"])
+    # the bar rises to the fault's level ~30 rows in either way: the history before it is the same level (1)
+    assert warm["mar"] == pytest.approx(cold["mar"])
+    # a fault at the very start: without history nothing holds it; with history the bar acts at once
+    early = [{"scores": np.r_[np.full(300, 10.0), np.ones(100)], "labels": np.r_[np.ones(300, bool), np.zeros(100, bool)],
+              "threshold": 2.0, "pre_scores": np.ones(200)}]
+    cold, warm = warm_rows(early, 1.0, [(1.0, 400, 2.0, 0.5, 10)], warm=(0, 200))
+    assert cold["mar"] == pytest.approx(0.0)  # 410 rows of warm-up: the bar never acts on the 400 rows
+    # with 200 rows before, it acts from test row 211 on a span of 200 ones and 200 tens (median 5.5, bar 11):
+    # the fault's last 90 rows are held
+    assert warm["mar"] == pytest.approx(100 * 90 / 300)
+    assert fault_ends(files) == [400] and fault_ends(early) == [300]
