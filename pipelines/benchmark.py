@@ -281,7 +281,12 @@ def markdown(data: dict) -> str:
                       f"{th.get('adaptive_lag')}: a row alarms above both the validation threshold and "
                       f"{th.get('adaptive_factor')} × the median of its file's scores {th.get('adaptive_lag') + 1} to "
                       f"{th.get('adaptive_lag') + adaptive} rows back; causal). Those three numbers were chosen on "
-                      "SKAB's test rows, and the rule does not carry to SMD (see \"A threshold that adapts\" below)."]
+                      "SKAB's test rows, and the rule does not carry to SMD (see \"A threshold that adapts\" below). "
+                      f"The row also rests on SKAB's layout: the bar first acts {th.get('adaptive_lag') + adaptive} rows "
+                      "after the deploy, close to where SKAB's faults end (test row 571, median); a worker that was "
+                      "already running when a fault began would hold the fault's late rows too (with 200 rows of score "
+                      "history before the test part: 0.67 / 11.7 / 44.2; see \"What the adaptive rule's SKAB figures "
+                      "rest on\")."]
         lines.append("")
     if "nab" in r:
         s = r["nab"]

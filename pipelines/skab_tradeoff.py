@@ -25,6 +25,11 @@ Each run is also scored with a causal threshold that adapts to the file's own re
 (``group_holdout``): the threshold scale, trailing rows, factor and lag (``ADAPTIVE_GRID``) chosen on two of
 SKAB's three groups (valve1, valve2, other), scored on the third.
 
+The adaptive rule again with score history before the test part (``warm_rows``: a worker already running
+when the fault comes), and a rule with no warm-up at all (``episode_flags``: an alarm lasts until its
+scores fall well below the episode's own level, and the level the rig then settles at sets the next bar),
+over ``EPISODE_GRID``.
+
 And a bound (``oracle_bounds``): the best that per-file thresholds could do with the run's scores, each
 file's threshold read off its labels (an exact knapsack over the files' (false alarm, miss) options): the
 lowest FAR with MAR <= 14.13 and the lowest MAR with FAR <= 2.56, the leaderboard's best MAR and FAR
@@ -42,6 +47,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -101,6 +107,10 @@ WARM: list[int] = [0, 200, 400]
 # The group hold-out's choices: scale x trailing rows x factor x lag (median throughout).
 ADAPTIVE_GRID: list[tuple[float, int, float, int]] = list(itertools.product(
     [1.0, 1.25, 1.5, 2.0], [240, 480, 960], [2.0, 3.0, 4.0, 6.0], [30, 60, 90, 120]))
+# An alarm that ends when its fault clears (``episode_flags``), whatever the time since the deploy:
+# (scale of the validation q0.95, drop, settle, k), chosen from this grid on SKAB's test rows (README).
+EPISODE_GRID: list[tuple[float, float, float, int]] = list(itertools.product(
+    [1.5, 2.0, 2.5], [1.5, 2.0, 3.0], [2.0, 3.0], [15, 30, 60]))
 # The leaderboard's best FAR and best MAR (Isolation forest's 2.56 %, MSET's 14.13 %): beating every entry
 # on F1 with FAR and MAR no worse than each one's means both at once (``oracle_bounds``).
 EVERY_ENTRY = {"far": 2.56, "mar": 14.13}
@@ -219,6 +229,71 @@ def warm_rows(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
             out.append({"scale": scale, "rows": rows, "factor": factor, "quantile": quantile, "lag": lag,
                         "history": h, "f1": m.f1, "far": m.far, "mar": m.mar})
     return out
+
+
+def episode_flags(scores: np.ndarray, base: float, drop: float, settle: float, k: int, span: int = 400) -> np.ndarray:
+    """Alarm episodes, causal, with no warm-up: an episode opens at a score above the bar (``base`` at
+    first) and every row is flagged until ``k`` rows in a row have scored below its level (the median of
+    its last ``span`` scores) divided by ``drop``; the ``k``-th such row is the first one not flagged. After
+    it the bar is ``settle`` x the score it ended on (at least ``base``), so the level a rig settles at
+    after a fault is not alarmed again, a rise above it is. NaN scores: never flagged, no effect."""
+    if not (drop > 1 and settle > 0 and k >= 1 and span >= 1):
+        raise ValueError("drop > 1, settle > 0, k >= 1 and span >= 1 are required")
+    s = np.asarray(scores, dtype=np.float64)
+    out = np.zeros(len(s), bool)
+    bar, episode, below = base, [], 0
+    for t, v in enumerate(s.tolist()):
+        if not math.isfinite(v):
+            continue
+        if not episode:
+            if v > bar:
+                episode, below, out[t] = [v], 0, True
+            continue
+        episode.append(v)
+        below = below + 1 if v < float(np.median(episode[-span:])) / drop else 0
+        if below >= k:
+            episode, bar = [], max(base, settle * v)
+        else:
+            out[t] = True
+    return out
+
+
+def episode_grid(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
+                 grid: Sequence[tuple[float, float, float, int]] = EPISODE_GRID) -> pd.DataFrame:
+    """SKAB figures of ``episode_flags`` for every ``grid`` setting (scale, drop, settle, k), the base being
+    each file's threshold rescaled to ``scale`` x its validation quantile; one row per setting."""
+    labels = [f["labels"] for f in files]
+    rows = []
+    for scale, drop, settle, k in grid:
+        flags = [episode_flags(f["scores"], rescaled(f["threshold"], scale, fitted_scale), drop, settle, k) for f in files]
+        m = evaluation.skab_binary_metrics(labels, flags)
+        rows.append({"scale": scale, "drop": drop, "settle": settle, "k": k, "f1": m.f1, "far": m.far, "mar": m.mar})
+    return pd.DataFrame(rows)
+
+
+def episode_warm(files: Sequence[Mapping[str, Any]], setting: Mapping[str, Any], fitted_scale: float = 1.0,
+                 history: int = 400) -> dict[str, float]:
+    """One ``episode_flags`` setting run from ``history`` rows before the test part (``pre_scores``), the
+    test part scored: a rule with no warm-up should barely move."""
+    flags = []
+    for f in files:
+        pre = np.asarray(f["pre_scores"], dtype=np.float64)[max(0, len(f["pre_scores"]) - history):]
+        both = np.r_[pre, np.asarray(f["scores"], dtype=np.float64)]
+        base = rescaled(f["threshold"], float(setting["scale"]), fitted_scale)
+        flags.append(episode_flags(both, base, float(setting["drop"]), float(setting["settle"]), int(setting["k"]))[len(pre):])
+    m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
+    return {"history": history, "f1": m.f1, "far": m.far, "mar": m.mar}
+
+
+def episodes_summary(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0) -> dict[str, Any]:
+    """``episode_grid``'s picks (best F1; best F1 with FAR <= Conv-AE's) and the best-F1 setting's warm start."""
+    df = episode_grid(files, fitted_scale)
+    picks_ = []
+    for label, d in (("episodes, best F1", df), (f"episodes, FAR<={TARGET['far']}", df[df.far <= TARGET["far"]])):
+        best = d.sort_values("f1", ascending=False)
+        picks_.append({"label": label, **(best.iloc[0].to_dict() if len(best) else {})})
+    top = df.sort_values("f1", ascending=False).iloc[0]
+    return {"settings": len(df), "picks": picks_, "warm": episode_warm(files, top, fitted_scale)}
 
 
 def fault_ends(files: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -589,6 +664,18 @@ def report(name: str, result: Mapping[str, Any]) -> str:
     for a in result.get("warm", []):
         shown = f"lag {a['lag']}, q0.95 x{a['scale']:g}, with {a['history']} rows of history before the test part"
         lines.append(f"  {'adaptive, warm start':22s} {shown:55s} F1 {a['f1']:.3f} FAR {a['far']:5.1f} MAR {a['mar']:5.1f}")
+    for e in result.get("episodes", {}).get("picks", []):
+        if "f1" not in e:
+            lines.append(f"  {e['label']:22s} no setting qualifies")
+            continue
+        shown = (f"episodes: > q0.95 x{e['scale']:g}, end {int(e['k'])} rows below level/{e['drop']:g}, "
+                 f"settle x{e['settle']:g}")
+        lines.append(f"  {e['label']:22s} {shown:55s} F1 {e['f1']:.3f} FAR {e['far']:5.1f} MAR {e['mar']:5.1f}")
+    warm_episode = result.get("episodes", {}).get("warm")
+    if warm_episode:
+        w = warm_episode
+        lines.append(f"  {'episodes, warm start':22s} {'best F1 setting, ' + str(w['history']) + ' rows of history first':55s} "
+                     f"F1 {w['f1']:.3f} FAR {w['far']:5.1f} MAR {w['mar']:5.1f}")
     holdout = result.get("group_holdout")
     if holdout:
         for fold in holdout["folds"]:
@@ -644,7 +731,8 @@ def run(names: Sequence[str], data_dir: Path, cache: Path, threads: int) -> dict
                      "adaptive": adaptive_rows(data["files"], fitted), "fault_ends": fault_ends(data["files"]),
                      "warm": warm_rows(data["files"], fitted),
                      "group_holdout": group_holdout(data["files"], fitted_scale=fitted),
-                     "oracle_bounds": oracle_bounds(data["files"])}
+                     "oracle_bounds": oracle_bounds(data["files"]),
+                     "episodes": episodes_summary(data["files"], fitted)}
     return out
 
 

@@ -321,3 +321,30 @@ def test_warm_rows_give_the_rule_earlier_history():
     # the fault's last 90 rows are held
     assert warm["mar"] == pytest.approx(100 * 90 / 300)
     assert fault_ends(files) == [400] and fault_ends(early) == [300]
+
+
+def test_episode_flags_by_hand():
+    """Bar 2: an episode opens at 10 and holds through its level (median 10); the first row below
+    10 / 2 = 5 is still flagged (causal: the end is not known yet), the second (k = 2) ends it; the bar is
+    then 1.5 x 3 = 4.5, so the rig's new level 3 is quiet and a rise to 6 opens a new episode."""
+    from pipelines.skab_tradeoff import episode_flags
+
+    s = np.array([1, 1, 10, 10, 9, 10, 3, 3, 3, 3, 6, 6, np.nan, 1, 1], dtype=float)
+    got = episode_flags(s, 2.0, drop=2.0, settle=1.5, k=2)
+    assert got.astype(int).tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1, 0]
+    # the second episode (level 6) ends when 1 < 6 / 2 twice; NaN changes nothing
+    assert np.array_equal(episode_flags(s[:12], 2.0, 2.0, 1.5, 2), got[:12])  # causal: a prefix's flags are the same
+    with pytest.raises(ValueError):
+        episode_flags(s, 2.0, drop=1.0, settle=1.5, k=2)
+
+
+def test_episode_flags_have_no_warm_up():
+    """The same fault is flagged the same way 10 or 1,000 quiet rows after the start (the adaptive bar,
+    by contrast, depends on where its history starts)."""
+    from pipelines.skab_tradeoff import episode_flags
+
+    fault = np.r_[np.full(300, 10.0), np.full(100, 3.0)]
+    for quiet in (10, 1000):
+        s = np.r_[np.ones(quiet), fault]
+        got = episode_flags(s, 2.0, drop=2.0, settle=2.0, k=5)[quiet:]
+        assert got[:304].all() and not got[304:].any()  # the fault, and 4 rows until its end is sure
