@@ -284,9 +284,9 @@ def markdown(data: dict) -> str:
                       "SKAB's test rows, and the rule does not carry to SMD (see \"A threshold that adapts\" below). "
                       f"The row also rests on SKAB's layout: the bar first acts {th.get('adaptive_lag') + adaptive} rows "
                       "after the deploy, close to where SKAB's faults end (test row 571, median); a worker that was "
-                      "already running when a fault began would hold the fault's late rows too (with 200 rows of score "
-                      "history before the test part: 0.67 / 11.7 / 44.2; see \"What the adaptive rule's SKAB figures "
-                      "rest on\")."]
+                      "already running when a fault began would hold the fault's late rows too (`python -m "
+                      "pipelines.skab_tradeoff`, the lines `adaptive, warm start`; README \"What the adaptive rule's "
+                      "SKAB figures rest on\")."]
         lines.append("")
     if "nab" in r:
         s = r["nab"]
