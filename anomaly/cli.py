@@ -151,7 +151,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
     scores = rows_from_windows(scored.scores, n, w)
-    bars = detector.threshold.series_bars(scores)  # the fitted value, raised by the model's adaptive rule if any
+    bars = detector.threshold.series_bars(scores)  # the fitted value, moved by the model's adaptive or episode rule if any
     flags = scores > bars
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
@@ -165,9 +165,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         peak = int(np.flatnonzero(in_span)[np.argmax(scored.scores[in_span])])
         spans.append({"start": str(prepared.timestamps[start]), "end": str(prepared.timestamps[end - 1]),
                       "peak_score": float(scored.scores[peak]), "sensors": scored.top_sensors(peak, detector.sensors)})
-    rule = detector.threshold.adaptive
+    rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
     print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value,
-                      "adaptive": None if rule is None else dataclasses.asdict(rule), "rows": n,
+                      "adaptive": None if rule is None else dataclasses.asdict(rule),
+                      "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": n,
                       "flagged_rows": int(flags.sum()), "spans": spans}, indent=2))
     return 0
 
@@ -234,7 +235,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("no registered models")
         else:
             print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'created (UTC)':<20} {'threshold':>10} {'val_loss':>10}  "
-                  f"{'dataset':<12} adaptive threshold")
+                  f"{'dataset':<12} threshold rule")
             for v in versions:
                 print(f"{v.name:<24} {v.version:>4} {','.join('@' + a for a in v.aliases):<22} {v.created:<20} "
                       f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "

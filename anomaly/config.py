@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from anomaly.adaptive import AdaptiveRule
+from anomaly.episodes import EpisodeRule
 from anomaly.errors import ConfigError
 
 ENV_PREFIX = "ANOMALY_"
@@ -150,6 +151,9 @@ class ThresholdSettings:
     adaptive_factor: float = doc("adaptive: multiplier of the trailing quantile", AdaptiveRule.factor)
     adaptive_quantile: float = doc("adaptive: quantile of the trailing scores (0.5 = their median)", AdaptiveRule.quantile)
     adaptive_lag: int = doc("adaptive: readings between the trailing span and the scored reading, so an anomaly's onset does not raise its own bar", AdaptiveRule.lag)
+    episode_drop: float = doc("alarm episodes (0 = off; > 1 on, not with adaptive_rows): the first window above the fitted threshold opens an episode, which stays alarmed while its windows score above its level (geometric mean of its scores) / episode_drop, never under the fitted threshold, and ends after episode_k readings at or under that; the bar after it is episode_settle x the highest of those readings' scores (README, Alarm episodes); saved with the model", 0.0)
+    episode_settle: float = doc("episodes: the bar after an episode, as a multiple of the highest score of the readings that ended it (at least the fitted threshold)", EpisodeRule.settle)
+    episode_k: int = doc("episodes: readings in a row at or under the episode's bar that end it", EpisodeRule.k)
 
     def check(self) -> None:
         if self.method not in ("pot", "quantile", "mean_std"):
@@ -170,10 +174,29 @@ class ThresholdSettings:
             raise ConfigError("threshold.adaptive_quantile", f"must be in (0, 1), got {self.adaptive_quantile}")
         if self.adaptive_lag < 0:
             raise ConfigError("threshold.adaptive_lag", f"must be >= 0, got {self.adaptive_lag}")
+        if not (math.isfinite(self.episode_drop) and (self.episode_drop == 0 or self.episode_drop > 1)):
+            raise ConfigError("threshold.episode_drop", f"must be 0 (off) or > 1, got {self.episode_drop}")
+        if not (math.isfinite(self.episode_settle) and self.episode_settle > 0):
+            raise ConfigError("threshold.episode_settle", f"must be > 0, got {self.episode_settle}")
+        if self.episode_k < 1:
+            raise ConfigError("threshold.episode_k", f"must be >= 1, got {self.episode_k}")
+        if self.episode_drop > 0 and self.adaptive_rows > 0:
+            raise ConfigError("threshold.episode_drop", "alarm episodes and the adaptive bar (adaptive_rows) both move "
+                              "the bar; set one of them (episode_drop = 0 or adaptive_rows = 0)")
 
     def adaptive_rule(self) -> AdaptiveRule:
         """The adaptive part as ``anomaly.adaptive`` takes it (``rows`` 0: off)."""
         return AdaptiveRule(self.adaptive_rows, self.adaptive_factor, self.adaptive_quantile, self.adaptive_lag)
+
+    def episode_rule(self) -> EpisodeRule:
+        """The alarm-episode part as ``anomaly.episodes`` takes it (``drop`` 0: off)."""
+        return EpisodeRule(self.episode_drop, self.episode_settle, self.episode_k)
+
+    def rule_description(self) -> str:
+        """How the bar moves, one line (the ``threshold.adaptive`` tag): the episodes', the adaptive
+        rule's, or ``off``."""
+        episodes = self.episode_rule()
+        return episodes.describe() if episodes.enabled else self.adaptive_rule().describe()
 
     def policy_params(self) -> dict[str, Any]:
         """Parameters of the chosen method, as ``anomaly.thresholds.make_policy`` takes them."""

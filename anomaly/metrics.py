@@ -120,7 +120,8 @@ class WorkerMetrics:
         self.entities_evicted = counter("entities_evicted_total", "Entities dropped after being silent too long.")
         self.nonfinite_scores = counter("nonfinite_scores_total", "Windows whose score was NaN or infinite.")
         self.adaptive_held = counter("adaptive_held_windows_total",
-                                     "Windows above the fitted threshold held back by their entity's adaptive bar.")
+                                     "Windows above the fitted threshold held back by their entity's moving bar "
+                                     "(adaptive, or the bar an alarm episode settled at).")
         self.model_swaps = counter("model_swaps_total", "Times a newly promoted model version was swapped in.")
         self.model_load_failures = counter("model_load_failures_total",
                                            "Failed attempts to check the registry or load a model version.")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from anomaly.adaptive import AdaptiveRule, TrailingBars
+from anomaly.episodes import EpisodeBars, EpisodeRule
 from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
@@ -61,7 +62,8 @@ class ScoringModel(Protocol):
     """What the step needs from a model. ``score`` takes windows (N, W, F) in original units, sensors
     in ``sensors`` order, and returns scores (N,), per-sensor errors (N, F) and the expected
     (reconstructed) last-step values (N, F) in original units. ``adaptive``: the threshold's adaptive
-    rule (``anomaly.adaptive``), or None for a fixed threshold."""
+    rule (``anomaly.adaptive``), or None; a model may also carry ``episodes``, the threshold's
+    alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold."""
 
     name: str
     version: str
@@ -93,6 +95,7 @@ class DetectorModel:
         self.period_s: float = float(detector.period_s) if detector.period_s else 1.0
         self.threshold: float = float(detector.threshold.value)
         self.adaptive: AdaptiveRule | None = detector.threshold.adaptive
+        self.episodes: EpisodeRule | None = detector.threshold.episodes
         scaler = detector.scaler
         typical = _TYPICAL_SCALED.get(scaler.method, 0.0)
         self.fill_values: tuple[float, ...] = tuple(
@@ -230,25 +233,34 @@ class ScoringStep:
         self._model_sensors = tuple(model.sensors)
         return WindowStore(policy, model.sensors, model.fill_values)
 
-    def _new_bars(self, model: ScoringModel) -> tuple[ScoringModel, TrailingBars | None]:
-        """The adaptive threshold's per-entity history for ``model``'s scores (None: a fixed threshold).
-        Paired with its model: a batch staged for another model (completing after a swap) never reads
-        or feeds it."""
+    def _new_bars(self, model: ScoringModel) -> tuple[ScoringModel, TrailingBars | EpisodeBars | None]:
+        """The per-entity state of a moving bar for ``model``'s scores: alarm episodes' or the adaptive
+        threshold's history (None: a fixed threshold). Paired with its model: a batch staged for another
+        model (completing after a swap) never reads or feeds it."""
+        episodes = getattr(model, "episodes", None)
+        if episodes is not None and episodes.enabled:
+            return model, EpisodeBars(episodes, self._base_policy.stride)
         rule = getattr(model, "adaptive", None)
         enabled = rule is not None and rule.enabled
         return model, (TrailingBars(rule, self._base_policy.stride) if enabled else None)
 
     @property
     def adaptive_entities(self) -> int:
-        """Entities with an adaptive-threshold history held (0 with a fixed threshold)."""
+        """Entities with a moving bar's state held (adaptive history or episode state; 0 with a fixed
+        threshold)."""
         bars = self._bars[1]
         return 0 if bars is None else bars.entities
 
     def adaptive_history(self, entity: str) -> np.ndarray:
-        """The scores the adaptive bar of ``entity`` is computed from, oldest first (empty: none, or a
-        fixed threshold)."""
+        """The scores the adaptive bar of ``entity`` is computed from, oldest first (empty: none, a
+        fixed threshold, or alarm episodes, which keep no history)."""
         bars = self._bars[1]
-        return np.empty(0) if bars is None else bars.history(entity)
+        return bars.history(entity) if isinstance(bars, TrailingBars) else np.empty(0)
+
+    def open_episodes(self) -> list[str]:
+        """Entities with an alarm episode open now (empty without the episode rule)."""
+        bars = self._bars[1]
+        return bars.open_entities() if isinstance(bars, EpisodeBars) else []
 
     def swap_model(self, model: ScoringModel) -> bool:
         """Use ``model`` from the next batch on. Window buffers are kept when its sensors, window size and
@@ -368,9 +380,9 @@ class ScoringStep:
         out.latencies_s.extend((now_s - ready.end_ts).tolist())
         finite = np.isfinite(scores)
         counts["nonfinite_scores"] += int(n - finite.sum())
-        # The bar each window is held to: the fitted threshold, or per entity the adaptive one. Bars are
-        # looked up only where they decide something (above the fitted value; every window for the
-        # scores topic); every finite score feeds its entity's history.
+        # The bar each window is held to: the fitted threshold, or per entity the adaptive one or the
+        # alarm episode's. Adaptive bars are looked up only where they decide something (above the fitted
+        # value; every window for the scores topic); every finite score feeds its entity's state.
         bars_model, trailing = self._bars
         bars: np.ndarray | None = None
         over = scores > threshold  # NaN: False
@@ -392,7 +404,7 @@ class ScoringStep:
             above = over
         else:
             above = scores > bars
-            counts["adaptive_held"] += int(np.count_nonzero(over)) - int(np.count_nonzero(above))
+            counts["adaptive_held"] += int(np.count_nonzero(over & ~above))
         involved = self._alerts.active_entities()
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}

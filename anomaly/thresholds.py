@@ -30,7 +30,9 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 
 from anomaly.adaptive import PARAM_KEYS as ADAPTIVE_KEYS
-from anomaly.adaptive import AdaptiveRule, adaptive_bars, adaptive_flags
+from anomaly.adaptive import AdaptiveRule, adaptive_bars
+from anomaly.episodes import PARAM_KEYS as EPISODE_KEYS
+from anomaly.episodes import EpisodeRule, episode_bars
 from anomaly.errors import ConfigError
 
 # Codes stored in ``Threshold.params["fallback"]`` by the pot policy (params hold floats only).
@@ -99,14 +101,38 @@ class Threshold:
             params.update(rule.to_params())
         return Threshold(self.method, self.value, params)
 
+    @property
+    def episodes(self) -> EpisodeRule | None:
+        """The alarm-episode rule stored with this threshold (``anomaly.episodes``), or None."""
+        return EpisodeRule.from_params(self.params)
+
+    def with_episodes(self, rule: EpisodeRule | None) -> "Threshold":
+        """This threshold with ``rule`` stored in its params (an off or None rule removes one)."""
+        params = {k: v for k, v in self.params.items() if k not in EPISODE_KEYS}
+        if rule is not None:
+            params.update(rule.to_params())
+        return Threshold(self.method, self.value, params)
+
+    def describe_rule(self) -> str:
+        """How the bar moves, for people (tags, listings): the adaptive rule's or the episodes' line, or
+        ``off`` for a fixed threshold."""
+        rule = self.episodes or self.adaptive
+        return "off" if rule is None else rule.describe()
+
     def series_bars(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
-        """The bar in force at each window of ONE entity's scores in time order (``adaptive_bars``)."""
+        """The bar in force at each window of ONE entity's scores in time order: the fitted value, moved
+        by the alarm-episode rule (``episode_bars``) or the adaptive rule (``adaptive_bars``) if one is
+        stored (at most one is: ``ThresholdSettings`` refuses both)."""
+        episodes = self.episodes
+        if episodes is not None:
+            return episode_bars(scores, self.value, episodes, stride)
         return adaptive_bars(scores, self.value, self.adaptive, stride)
 
     def series_flags(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
-        """Flags of ONE entity's window scores in time order: above the fitted value and, with an
-        adaptive rule, above the entity's trailing level too (causal). NaN: never flagged."""
-        return adaptive_flags(scores, self.value, self.adaptive, stride)
+        """Flags of ONE entity's window scores in time order: above the bar in force (``series_bars``;
+        causal). NaN: never flagged."""
+        x = np.asarray(scores, dtype=np.float64)
+        return x > self.series_bars(x, stride)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""

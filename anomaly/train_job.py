@@ -63,6 +63,9 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     rule = th.adaptive_rule()
     if rule.enabled:
         detector.threshold = detector.threshold.with_adaptive(rule)
+    episodes = th.episode_rule()
+    if episodes.enabled:
+        detector.threshold = detector.threshold.with_episodes(episodes)
     return detector, result, val_scores
 
 
@@ -84,7 +87,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     start, end = prepared.timestamps[0], prepared.timestamps[-1]
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
                  "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),
-                 "threshold.adaptive": settings.threshold.adaptive_rule().describe()}
+                 "threshold.adaptive": settings.threshold.rule_description()}
     data_tags.update(extra_tags or {})
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
         run.log_params({**tracking.flat_params("model", asdict(settings.model)),

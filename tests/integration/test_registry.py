@@ -120,3 +120,38 @@ def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, 
     assert out["threshold"].max() > loaded.threshold.value  # the bar did rise
     fixed = np.nan_to_num(scores, nan=-np.inf) > loaded.threshold.value
     assert out["is_anomaly"].sum() < fixed.sum()
+
+
+def test_an_episode_rule_travels_with_the_registered_model(settings, tmp_path, monkeypatch):
+    """Trained with ``[threshold] episode_*``: the rule is in the registered model's threshold.json, the
+    run's parameters and the registry tag, and the pyfunc's per-row ``threshold`` is the episode's bar,
+    loaded without pickle."""
+    import dataclasses
+
+    import mlflow
+
+    from anomaly.episodes import EpisodeRule
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    episodes = build_settings({**{s: dataclasses.asdict(getattr(settings, s)) for s in ("mlflow", "model", "training")},
+                               "threshold": {**dataclasses.asdict(settings.threshold), "episode_drop": 3.0,
+                                             "episode_settle": 2.0, "episode_k": 10}})
+    outcome = run_training(prepare_training(normal_frame(1200)), episodes, source="synthetic", dataset="synthetic",
+                           promote=True, progress=False)
+    rule = EpisodeRule(drop=3.0, settle=2.0, k=10)
+    assert outcome.detector.threshold.episodes == rule and outcome.detector.threshold.adaptive is None
+    assert mlflow.get_run(outcome.run_id).data.params["threshold.episode_drop"] == "3.0"
+    listed = {v.version: v for v in registry.list_versions("pump")}
+    assert listed[outcome.version].tags["threshold.adaptive"] == rule.describe()  # seen in the registry UI
+    loaded, _ = registry.load_detector("pump", "champion")
+    assert loaded.threshold.episodes == rule
+    # a fault from row 150 to 250, then the rig settles a little above normal
+    changed, _ = with_fault(normal_frame(400, seed=4), start=150, length=250, size=0.3)
+    changed, _ = with_fault(changed, start=150, length=100, size=1.2)
+    frame = changed[list(loaded.sensors)].reset_index(drop=True)
+    out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
+    scores = out["score"].to_numpy()
+    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
+    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    assert (out["threshold"].to_numpy()[~np.isnan(scores)] >= loaded.threshold.value).all()
+    assert out["threshold"].iloc[-1] > loaded.threshold.value  # the settled bar after the fault

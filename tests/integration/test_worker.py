@@ -327,3 +327,56 @@ def test_an_adaptive_champion_closes_an_event_once_a_lasting_change_is_normal(ka
     late = [r for r in records if r["entity"] == "pump-a" and r["ts"] >= START_TS + 800]
     assert late and all(r["score"] > fitted for r in late)  # the fixed threshold would still alarm here
     assert all(r["threshold"] > fitted and not r["anomalous"] for r in late)  # the entity's bar holds them
+
+
+@pytest.fixture(scope="module")
+def episode_champion(tmp_path_factory):
+    """A champion trained with alarm episodes (``[threshold] episode_*``), in its own store."""
+    from anomaly.config import build_settings
+    from anomaly.preparation import prepare_training
+    from anomaly.train_job import run_training
+    from tests.fixtures import mlflow_store
+
+    settings = build_settings({
+        "mlflow": mlflow_store(tmp_path_factory.mktemp("mlflow-episodes"), "pump-episodes"),
+        "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
+        "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
+        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95,
+                      "episode_drop": 3.0, "episode_settle": 2.0, "episode_k": 15},
+    })
+    outcome = run_training(prepare_training(normal_frame(2500)), settings, source="synthetic", dataset="synthetic",
+                           promote=True, progress=False)
+    return settings, outcome
+
+
+@SCORING
+def test_an_episode_champion_holds_a_lasting_fault_and_not_the_level_after_it(kafka_broker, episode_champion,
+                                                                            topic_name, scoring_process):
+    """pump-a's pressure steps up by 1.6 at row 300 for 600 rows, then settles 0.4 above normal for good
+    (a rig still changed): the worker keeps one event open through the whole fault (an adaptive bar would
+    have accepted it) and closes it when the fault clears, though the settled level is above the fitted
+    threshold; the level after it is held by the settled bar; pump-b stays quiet."""
+    settings, outcome = episode_champion
+    assert outcome.detector.threshold.episodes is not None and outcome.detector.threshold.adaptive is None
+    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    fault = with_fault(normal_frame(1400, seed=21), sensor="pressure", start=300, length=1100, size=0.4)[0]
+    fault = with_fault(fault, sensor="pressure", start=300, length=600, size=1.2)[0]
+    frames = {"pump-a": fault, "pump-b": normal_frame(1400, seed=22)}
+    plan = sorted((item for entity, frame in frames.items() for item in replay_plan(frame, entity, START_TS)),
+                  key=lambda item: item[1].ts)
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
+    assert stats.consumed == len(plan)
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    assert [(e["entity"], e["status"]) for e in events] == [("pump-a", "open"), ("pump-a", "closed")], events
+    opened, closed = events
+    assert START_TS + 300 <= opened["start_ts"] <= START_TS + 330  # reported at the step
+    assert START_TS + 880 <= closed["end_ts"] <= START_TS + 930  # open through the fault, closed as it clears
+    records = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    fitted = outcome.detector.threshold.value
+    during = [r for r in records if r["entity"] == "pump-a" and START_TS + 340 <= r["ts"] < START_TS + 880]
+    assert during and all(r["anomalous"] for r in during)  # every window of the fault
+    late = [r for r in records if r["entity"] == "pump-a" and r["ts"] >= START_TS + 1000]
+    assert late and sum(r["score"] > fitted for r in late) > len(late) / 2  # a fixed threshold would alarm here
+    assert all(r["threshold"] > fitted and not r["anomalous"] for r in late)  # the settled bar holds them

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from anomaly.adaptive import AdaptiveRule
+from anomaly.episodes import EpisodeRule
 from anomaly.alerts import AlertPolicy
 from anomaly.codec import Reading, decode_dead_letter, decode_event, encode_reading, event_id
 from anomaly.detector import fit_detector
@@ -30,10 +31,10 @@ class FakeModel:
 
     def __init__(self, window_size: int = 4, threshold: float = 1.0, version: str = "1",
                  sensors: tuple[str, ...] = SENSORS, period_s: float = 1.0,
-                 adaptive: AdaptiveRule | None = None) -> None:
+                 adaptive: AdaptiveRule | None = None, episodes: EpisodeRule | None = None) -> None:
         self.name, self.version, self.sensors = "pumps", version, sensors
         self.window_size, self.period_s, self.threshold = window_size, period_s, threshold
-        self.adaptive = adaptive
+        self.adaptive, self.episodes = adaptive, episodes
         self.fill_values = CENTRE[: len(sensors)]
         self.calls: list[tuple[int, ...]] = []
 

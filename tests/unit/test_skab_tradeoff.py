@@ -323,28 +323,27 @@ def test_warm_rows_give_the_rule_earlier_history():
     assert fault_ends(files) == [400] and fault_ends(early) == [300]
 
 
-def test_episode_flags_by_hand():
-    """Bar 2: an episode opens at 10 and holds through its level (median 10); the first row below
-    10 / 2 = 5 is still flagged (causal: the end is not known yet), the second (k = 2) ends it; the bar is
-    then 1.5 x 3 = 4.5, so the rig's new level 3 is quiet and a rise to 6 opens a new episode."""
-    from pipelines.skab_tradeoff import episode_flags
+def test_episode_grid_scores_every_setting_through_the_shipped_rule():
+    """Each grid row is SKAB's metric over the files flagged by ``anomaly.episodes`` at that setting, the
+    base rescaled from the fitted scale; the warm start runs the same rule from the history first."""
+    from anomaly.episodes import EpisodeRule, episode_flags
+    from pipelines.skab_tradeoff import episode_grid, episode_warm
 
-    s = np.array([1, 1, 10, 10, 9, 10, 3, 3, 3, 3, 6, 6, np.nan, 1, 1], dtype=float)
-    got = episode_flags(s, 2.0, drop=2.0, settle=1.5, k=2)
-    assert got.astype(int).tolist() == [0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 1, 0]
-    # the second episode (level 6) ends when 1 < 6 / 2 twice; NaN changes nothing
-    assert np.array_equal(episode_flags(s[:12], 2.0, 2.0, 1.5, 2), got[:12])  # causal: a prefix's flags are the same
-    with pytest.raises(ValueError):
-        episode_flags(s, 2.0, drop=1.0, settle=1.5, k=2)
-
-
-def test_episode_flags_have_no_warm_up():
-    """The same fault is flagged the same way 10 or 1,000 quiet rows after the start (the adaptive bar,
-    by contrast, depends on where its history starts)."""
-    from pipelines.skab_tradeoff import episode_flags
-
-    fault = np.r_[np.full(300, 10.0), np.full(100, 3.0)]
-    for quiet in (10, 1000):
-        s = np.r_[np.ones(quiet), fault]
-        got = episode_flags(s, 2.0, drop=2.0, settle=2.0, k=5)[quiet:]
-        assert got[:304].all() and not got[304:].any()  # the fault, and 4 rows until its end is sure
+    rng = np.random.default_rng(4)
+    files = []
+    for i in range(3):
+        scores = rng.gamma(2.0, size=300)
+        labels = np.zeros(300, bool)
+        scores[100:160] += 15.0
+        scores[160:] += 3.0  # the rig settles higher after the fault
+        labels[100:160] = True
+        files.append({"scores": scores, "labels": labels, "threshold": 6.0, "pre_scores": rng.gamma(2.0, size=50)})
+    grid = [(1.0, 2.0, 2.0, 5), (2.0, 1.5, 3.0, 10)]
+    df = episode_grid(files, fitted_scale=2.0, grid=grid)
+    assert len(df) == 2
+    for (scale, drop, settle, k), row in zip(grid, df.itertuples()):
+        flags = [episode_flags(f["scores"], 6.0 * scale / 2.0, EpisodeRule(drop, settle, k)) for f in files]
+        m = skab_binary_metrics([f["labels"] for f in files], flags)
+        assert (row.f1, row.far, row.mar) == pytest.approx((m.f1, m.far, m.mar))
+    warm = episode_warm(files, df.iloc[1], fitted_scale=2.0, history=50)
+    assert warm["history"] == 50 and warm["mar"] == pytest.approx(0.0)

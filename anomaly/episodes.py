@@ -1,0 +1,201 @@
+"""Alarm episodes: an alarm that lasts while its fault lasts and ends when the fault clears, with no
+warm-up. Pure logic: no I/O, no clock.
+
+The adaptive rule (``anomaly.adaptive``) raises the bar with an entity's recent scores, so a level kept
+longer than its span is accepted, a long fault included, and its effect depends on how long the entity
+has been scored (README "What the adaptive rule's SKAB figures rest on"). An episode instead follows the
+alarm itself:
+
+- at rest, a window alarms above the bar: the fitted threshold, or the *settled* bar an earlier episode
+  left (below);
+- the first window above opens an episode; while it is open the bar is its *level* (the geometric mean
+  of the episode's scores so far) divided by ``drop``, and never under the fitted threshold: a fault
+  that stays up stays flagged however long it lasts;
+- ``k`` windows in a row at or under that bar end the episode, so it ends when the fault's scores fall
+  to 1/``drop`` of its level even if the asset has not come all the way back; the bar is then
+  ``settle`` × the highest of those ``k`` scores (at least the fitted threshold): the level an asset
+  settles at after a fault (a rig still warm, a refitted valve) is not alarmed again, a rise above it
+  is. The settled bar holds until the model changes (a new model's scores are on its own scale, so
+  every entity starts afresh).
+
+``EpisodeRule`` is configured in readings (``k``) and turned into windows for the scoring stride by
+``in_windows``. Two implementations of one definition, tested against each other: ``episode_bars`` for
+one entity's scores offline, ``EpisodeBars`` in the worker for many entities, fed batch by batch.
+Non-finite scores are never flagged and change nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Keys under which a rule is stored in ``Threshold.params`` (floats, so threshold.json stays flat).
+PARAM_KEYS = ("episode_drop", "episode_settle", "episode_k")
+_TINY = 1e-300  # a score of 0 inside an episode enters the geometric mean as this
+
+
+@dataclass(frozen=True)
+class EpisodeRule:
+    """An episode ends after ``k`` readings at or under its bar, max(fitted threshold, level / ``drop``)
+    (``drop`` 0: off); the bar after it is ``settle`` × the highest of those ``k`` scores."""
+
+    drop: float = 0.0
+    settle: float = 1.5  # settle and k: the best of SKAB's grid with drop 3 (README "Alarm episodes")
+    k: int = 60
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.drop) and (self.drop == 0 or self.drop > 1)):
+            raise ValueError(f"episode drop must be 0 (off) or > 1, got {self.drop!r}")
+        if not (math.isfinite(self.settle) and self.settle > 0):
+            raise ValueError(f"episode settle must be > 0, got {self.settle!r}")
+        if int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"episode k must be a whole number >= 1, got {self.k!r}")
+        object.__setattr__(self, "drop", float(self.drop))
+        object.__setattr__(self, "settle", float(self.settle))
+        object.__setattr__(self, "k", int(self.k))
+
+    @property
+    def enabled(self) -> bool:
+        return self.drop > 0
+
+    def in_windows(self, stride: int = 1) -> int:
+        """``k`` in scored windows at ``stride`` readings between windows (at least 1)."""
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        return max(1, -(-self.k // stride))
+
+    def describe(self) -> str:
+        """One line for people (tags, listings): ``episodes: end 15 readings under level/2, settle x3``."""
+        if not self.enabled:
+            return "off"
+        return f"episodes: end {self.k} readings under level/{self.drop:g}, settle x{self.settle:g}"
+
+    def to_params(self) -> dict[str, float]:
+        """The rule as ``Threshold.params`` entries (empty when off)."""
+        if not self.enabled:
+            return {}
+        return dict(zip(PARAM_KEYS, (self.drop, self.settle, float(self.k))))
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, float]) -> "EpisodeRule | None":
+        """The rule stored in ``Threshold.params``, or None (no rule, or ``drop`` 0)."""
+        if not params.get("episode_drop"):
+            return None
+        return cls(drop=float(params["episode_drop"]), settle=float(params.get("episode_settle", cls.settle)),
+                   k=int(params.get("episode_k", cls.k)))
+
+
+@dataclass
+class _State:
+    """One entity's episode state: the settled bar, and while an episode is open its log-sum, length
+    and the run of windows at or under its bar (how many, their highest score)."""
+
+    settled: float = 0.0
+    open: bool = False
+    log_sum: float = 0.0
+    n: int = 0
+    below: int = 0
+    below_max: float = 0.0
+    newest: float = -math.inf  # newest window end (stream time), for pruning
+
+    def bar(self, base: float, drop: float) -> float:
+        """The bar in force now, without a score (what a non-finite window is shown)."""
+        if self.open:
+            return max(base, math.exp(self.log_sum / self.n) / drop)
+        return max(base, self.settled)
+
+    def step(self, score: float, base: float, drop: float, settle: float, k: int) -> float:
+        """The bar in force for ``score`` (finite), then the state after it."""
+        bar = self.bar(base, drop)
+        if not self.open:
+            if score > bar:
+                self.open, self.log_sum, self.n, self.below = True, math.log(max(score, _TINY)), 1, 0
+            return bar
+        if score > bar:
+            self.below = 0
+        else:
+            self.below_max = score if self.below == 0 else max(self.below_max, score)
+            self.below += 1
+        self.log_sum += math.log(max(score, _TINY))
+        self.n += 1
+        if self.below >= k:
+            self.open, self.settled = False, settle * self.below_max
+        return bar
+
+
+def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1) -> np.ndarray:
+    """The bar in force at each of one entity's windows (time order): ``base`` (or the settled bar) at
+    rest, the open episode's level / ``drop`` (at least ``base``) inside one. A non-finite score is shown
+    the bar in force and changes nothing. Causal."""
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    bars = np.full(x.shape, float(base))
+    if rule is None or not rule.enabled:
+        return bars
+    state, k = _State(), rule.in_windows(stride)
+    for i, v in enumerate(x.tolist()):
+        finite = math.isfinite(v)
+        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k) if finite else state.bar(base, rule.drop)
+    return bars
+
+
+def episode_flags(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1) -> np.ndarray:
+    """Boolean flags of one entity's windows: score above its bar (NaN: never)."""
+    x = np.asarray(scores, dtype=np.float64).ravel()
+    return x > episode_bars(x, base, rule, stride)
+
+
+class EpisodeBars:
+    """The streaming form of ``episode_bars`` for many entities: a small state per entity that has been
+    scored (settled bar, open episode), fed batch by batch. Every finite window goes through its
+    entity's state in time order, so ``bars`` looks at each window once; an entity at rest costs a
+    dictionary lookup and a comparison a window."""
+
+    def __init__(self, rule: EpisodeRule, stride: int = 1) -> None:
+        if not rule.enabled:
+            raise ValueError("EpisodeBars needs an enabled rule (drop > 0)")
+        self.rule = rule
+        self.k = rule.in_windows(stride)
+        self._states: dict[str, _State] = {}
+
+    @property
+    def entities(self) -> int:
+        return len(self._states)
+
+    def open_entities(self) -> list[str]:
+        """Entities with an episode open now."""
+        return [e for e, s in self._states.items() if s.open]
+
+    def forget(self) -> None:
+        """Drop every entity's state (a new model's scores are on another scale)."""
+        self._states.clear()
+
+    def prune(self, older_than: float) -> int:
+        """Drop the state of entities whose newest window ended before ``older_than``. Returns how many."""
+        stale = [e for e, s in self._states.items() if s.newest < older_than]
+        for e in stale:
+            del self._states[e]
+        return len(stale)
+
+    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
+             need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
+        """The bar of every window of a batch (``entities[i]``'s windows in time order), each window then
+        taken into its entity's state. ``need`` is accepted for the same call as ``TrailingBars.bars``
+        and ignored: every window moves an open episode. ``end_ts``: each window's stream time, for
+        ``prune``."""
+        scores = np.asarray(scores, dtype=np.float64)
+        bars = np.full(len(scores), float(base))
+        rule, k, base = self.rule, self.k, float(base)
+        states = self._states
+        ends = None if end_ts is None else np.asarray(end_ts, dtype=np.float64).tolist()
+        for i, (entity, v) in enumerate(zip(entities, scores.tolist())):
+            state = states.get(entity)
+            if state is None:
+                state = states[entity] = _State()
+            if ends is not None and ends[i] > state.newest:
+                state.newest = ends[i]
+            finite = math.isfinite(v)
+            bars[i] = state.step(v, base, rule.drop, rule.settle, k) if finite else state.bar(base, rule.drop)
+        return bars

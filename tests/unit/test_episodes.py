@@ -1,0 +1,187 @@
+"""Alarm episodes (``anomaly.episodes``): hand-computed bars, the streaming form equal to the offline one
+batch by batch, no warm-up, the rule stored with the threshold and read from settings, and the worker
+step holding an entity to its episode."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from anomaly.adaptive import AdaptiveRule, adaptive_flags
+from anomaly.alerts import AlertPolicy
+from anomaly.config import build_settings
+from anomaly.episodes import EpisodeBars, EpisodeRule, episode_bars, episode_flags
+from anomaly.errors import ConfigError
+from anomaly.scoring_step import ScoringStep
+from anomaly.thresholds import Threshold
+from anomaly.window_state import WindowPolicy
+from tests.unit.test_adaptive import _batches, _lasting_change, _process
+from tests.unit.test_scoring_step import FakeModel, stream, T0
+
+
+def test_bars_by_hand() -> None:
+    """Base 2. 4 opens (bar 2); inside, the bar is the geometric mean of the episode's scores so far / 2,
+    at least 2: 4 -> 2, sqrt(4*16)=8 -> 4, (4*16*16)^(1/3)=10.08 -> 5.04, (4*16*16*2)^(1/4)=6.73 -> 3.36;
+    2 and 1 are at or under it (k = 2): the episode ends and the bar becomes 3 x 2 (the highest of the
+    two) = 6. 2.5 and 3.5 are under it; 7 opens the next episode (bar 6), whose bar is then 7 / 2, which 4
+    is above. A NaN is shown the bar in force."""
+    rule = EpisodeRule(drop=2.0, settle=3.0, k=2)
+    x = np.array([1, 4, 16, 16, 2, 1, 2.5, 3.5, np.nan, 7, 4], dtype=float)
+    bars = episode_bars(x, 2.0, rule)
+    level3 = (4 * 16 * 16) ** (1 / 3) / 2
+    level4 = (4 * 16 * 16 * 2) ** (1 / 4) / 2
+    np.testing.assert_allclose(bars, [2, 2, 2, 4, level3, level4, 6, 6, 6, 6, 3.5])
+    assert episode_flags(x, 2.0, rule).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]
+    # no rule, or an off one: the base alone
+    assert episode_bars(x, 2.0, None).tolist() == [2.0] * 11
+    assert episode_bars(x, 2.0, EpisodeRule()).tolist() == [2.0] * 11  # drop 0: off
+
+
+def test_an_episode_opened_by_noise_ends_with_it() -> None:
+    """Inside an episode the bar is never under the fitted threshold, so an episode that a noise window
+    opened (its level near the threshold) ends after k windows of ordinary noise under it."""
+    rng = np.random.default_rng(0)
+    x = rng.gamma(4.0, size=3000) / 4.0  # mean 1, an occasional score above 2.5
+    bars = episode_bars(x, 2.5, EpisodeRule(drop=3.0, settle=1.5, k=10))
+    flags = x > bars
+    assert (bars >= 2.5).all()
+    assert flags.mean() < 2 * (x > 2.5).mean()  # about the threshold's own rate, not an endless episode
+
+
+def test_a_long_fault_stays_flagged_and_the_level_after_it_is_quiet() -> None:
+    """A fault twice the base lasting 2,000 windows, then a rig that settles at 1.5x the base: the fault
+    is flagged to its end, the settled level not, a later rise above settle x that level again. The
+    adaptive rule, by contrast, accepts the fault once it fills its span."""
+    x = np.r_[np.ones(100), np.full(2000, 20.0), np.full(300, 1.5), np.full(50, 6.0)]
+    flags = episode_flags(x, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=5))
+    assert not flags[:100].any() and flags[100:2100].all()
+    assert not flags[2100:2400].any()  # at or under the episode's bar: not flagged (it ends 5 windows in)
+    assert flags[2400:].all()  # 6 > 3 x 1.5: a new rise
+    adaptive = adaptive_flags(x, 2.0, AdaptiveRule(rows=480, factor=4.0, quantile=0.5, lag=30))
+    assert adaptive[100:400].all() and not adaptive[1000:2100].any()
+
+
+def test_no_warm_up() -> None:
+    """The same fault is flagged the same way 10 or 5,000 quiet windows after the start."""
+    rng = np.random.default_rng(1)
+    fault = np.r_[rng.gamma(2.0, size=400) * 10, rng.gamma(2.0, size=200)]
+    rule = EpisodeRule(drop=2.0, settle=3.0, k=10)
+    quiet = rng.gamma(2.0, size=5000) * 0.1
+    short = episode_flags(np.r_[quiet[:10], fault], 2.0, rule)[10:]
+    long = episode_flags(np.r_[quiet, fault], 2.0, rule)[5000:]
+    np.testing.assert_array_equal(short, long)
+
+
+def test_bars_are_causal() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.gamma(2.0, size=600)
+    x[200:300] *= 8
+    rule = EpisodeRule(drop=1.5, settle=2.0, k=5)
+    changed = x.copy()
+    changed[350:] = rng.gamma(2.0, size=250) * 20
+    a, b = episode_bars(x, 3.0, rule), episode_bars(changed, 3.0, rule)
+    assert np.array_equal(a[:351], b[:351])  # row 350's bar depends on rows before it only
+    assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_episode_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None:
+    rng = np.random.default_rng(stride)
+    rule = EpisodeRule(drop=2.0, settle=2.5, k=12)
+    series = {}
+    for i, entity in enumerate(["a", "b", "c", "d"]):
+        x = rng.gamma(2.0, size=400 + 100 * i) * (1 + i)
+        x[200:260] += 20  # a fault, then a lasting change
+        x[300:] += 5 * (1 + i)
+        x[rng.integers(0, len(x), 5)] = np.nan
+        series[entity] = x
+    streaming = EpisodeBars(rule, stride)
+    got: dict[str, list[float]] = {e: [] for e in series}
+    for entities, scores in _batches(rng, series):
+        for e, bar in zip(entities, streaming.bars(entities, scores, 2.0, need=scores > 6.0)):
+            got[e].append(bar)
+    for entity, x in series.items():
+        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, 2.0, rule, stride))
+    assert streaming.entities == 4
+    streaming.forget()
+    assert streaming.entities == 0 and streaming.open_entities() == []
+
+
+def test_rule_in_windows_params_and_checks() -> None:
+    rule = EpisodeRule(drop=2.0, settle=3.0, k=15)
+    assert (rule.in_windows(1), rule.in_windows(4), EpisodeRule(drop=2.0, k=1).in_windows(4)) == (15, 4, 1)
+    assert EpisodeRule.from_params(rule.to_params()) == rule
+    assert EpisodeRule().to_params() == {} and EpisodeRule.from_params({}) is None
+    assert rule.describe() == "episodes: end 15 readings under level/2, settle x3" and EpisodeRule().describe() == "off"
+    for bad in ({"drop": 1.0}, {"drop": -2.0}, {"drop": math.inf}, {"drop": 2.0, "settle": 0.0},
+                {"drop": 2.0, "k": 0}, {"drop": 2.0, "k": 1.5}):
+        with pytest.raises(ValueError):
+            EpisodeRule(**bad)
+    with pytest.raises(ValueError):
+        EpisodeBars(EpisodeRule())
+    with pytest.raises(ValueError):
+        rule.in_windows(0)
+
+
+def test_rule_is_stored_with_the_threshold_as_floats() -> None:
+    rule = EpisodeRule(drop=2.0, settle=3.0, k=15)
+    t = Threshold("quantile", 2.0, {"q": 0.95}).with_episodes(rule)
+    assert t.params == {"q": 0.95, "episode_drop": 2.0, "episode_settle": 3.0, "episode_k": 15.0}
+    back = Threshold.from_dict(t.to_dict())
+    assert back.episodes == rule and back.adaptive is None
+    assert back.describe_rule() == rule.describe() and Threshold("quantile", 2.0).describe_rule() == "off"
+    x = np.array([1, 4, 16, 16, 2, 1, 2.5, 3.5], dtype=float)
+    np.testing.assert_array_equal(back.series_bars(x), episode_bars(x, 2.0, rule))
+    assert back.series_flags(x).tolist() == episode_flags(x, 2.0, rule).tolist()
+    assert back.with_episodes(None).params == {"q": 0.95}
+
+
+def test_settings_give_the_rule_and_refuse_two_moving_bars() -> None:
+    th = build_settings({}).threshold
+    assert not th.episode_rule().enabled and th.rule_description() == "off"
+    th = build_settings({"threshold": {"episode_drop": 2.0, "episode_k": 30}}).threshold
+    assert th.episode_rule() == EpisodeRule(drop=2.0, settle=1.5, k=30)
+    assert th.rule_description() == "episodes: end 30 readings under level/2, settle x1.5"
+    for raw, field in (({"episode_drop": 0.5}, "threshold.episode_drop"),
+                       ({"episode_drop": 2.0, "episode_settle": -1.0}, "threshold.episode_settle"),
+                       ({"episode_drop": 2.0, "episode_k": 0}, "threshold.episode_k"),
+                       ({"episode_drop": 2.0, "adaptive_rows": 480}, "threshold.episode_drop")):
+        with pytest.raises(ConfigError) as err:
+            build_settings({"threshold": raw})
+        assert err.value.field == field
+
+
+def test_the_worker_keeps_a_lasting_fault_open_and_closes_it_when_it_clears() -> None:
+    """A step change that lasts 1,000 readings: a fixed threshold keeps the event open and so do alarm
+    episodes (where the adaptive bar closes it once the level fills its span); when the change goes back
+    half-way (a rig still warm), the episode ends and the event closes, and the settled level raises
+    no new event."""
+    base = 0.1  # FakeModel's score: mean |x - centre|; the change scores ≈ 1/3, half of it ≈ 1/6
+    rule = EpisodeRule(drop=1.5, settle=2.0, k=12)
+    policy = WindowPolicy(window_size=1, period_s=1.0, stride=4)
+    step = ScoringStep(FakeModel(window_size=4, threshold=base, episodes=rule), policy, AlertPolicy(),
+                       emit_scores=True)
+    events, counts, scores = _process(step, _lasting_change())
+    assert [e["status"] for e in events] == ["open"]  # 1,000 readings of fault: still open
+    assert step.open_episodes() == ["pump-1"] and counts["adaptive_held"] == 0
+    assert all(s["anomalous"] == (s["score"] > s["threshold"]) for s in scores)
+    after = stream({"pump-1": 0}, range(1200, 2000), fault=("pump-1", range(1200, 2000), "pressure", 0.5))
+    events, counts, scores = _process(step, after)
+    assert [e["status"] for e in events] == ["closed"]
+    assert events[0]["end_ts"] < T0 + 1200 + 12 * 4 + 8  # ends within k windows of the drop
+    assert step.open_episodes() == []
+    bars = np.array([s["threshold"] for s in scores])
+    assert bars[-1] > base  # the settled bar: 2 x the level it ended on
+
+
+def test_a_model_swap_restarts_the_episode_state() -> None:
+    rule = EpisodeRule(drop=1.5, settle=2.0, k=4)
+    step = ScoringStep(FakeModel(window_size=4, threshold=0.1, episodes=rule),
+                       WindowPolicy(window_size=1, period_s=1.0), AlertPolicy())
+    step.process(stream({"a": 0}, range(100), fault=("a", range(50, 100), "pressure", 1.0)), now_s=T0 + 200)
+    assert step.open_episodes() == ["a"] and step.adaptive_entities == 1
+    step.swap_model(FakeModel(window_size=4, threshold=0.1, episodes=rule, version="2"))
+    assert step.open_episodes() == [] and step.adaptive_entities == 0
+    assert len(step.adaptive_history("a")) == 0  # episodes keep no score history
