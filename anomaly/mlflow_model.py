@@ -38,7 +38,7 @@ class DetectorModel(PythonModel):
             scored = det.score_values(values)
             score[scored.end_rows] = scored.scores
             top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
-        bars = det.threshold.series_bars(score)  # the fitted value, raised by an adaptive rule where it has one
+        bars = det.threshold.series_bars(score)  # the fitted value, moved by its adaptive or episode rule if it has one
         return pd.DataFrame({"score": score, "threshold": bars, "is_anomaly": score > bars,
                              "top_sensor": top}, index=model_input.index)
 

@@ -61,6 +61,7 @@ import pandas as pd
 from anomaly import evaluation
 from anomaly.adaptive import PARAM_KEYS as ADAPTIVE_KEYS
 from anomaly.adaptive import AdaptiveRule, adaptive_flags
+from anomaly.episodes import PARAM_KEYS as EPISODE_KEYS
 from anomaly.episodes import EpisodeRule, episode_flags
 from anomaly.cli import default_data_dir
 from anomaly.protocols import PROFILES
@@ -546,10 +547,10 @@ def picks(files: Sequence[Mapping[str, Any]], df: pd.DataFrame,
 
 def run_config(overrides: Mapping[str, Mapping[str, Any]], threads: int) -> dict[str, dict[str, Any]]:
     """``PROFILES["skab"]`` with each section updated by ``overrides``; ``training.cpu_threads = threads``.
-    The profile's adaptive rule is left out: this job studies what post-processing does to the fixed
-    threshold's crossings, and scores the adaptive rule on its own (``ADAPTIVE``, ``adaptive_rows``)."""
+    The profile's moving bar (adaptive or episodes) is left out: this job studies what post-processing does
+    to the fixed threshold's crossings, and scores those rules on its own (``ADAPTIVE``, ``EPISODE_GRID``)."""
     raw = copy.deepcopy(PROFILES["skab"])
-    for key in ADAPTIVE_KEYS:
+    for key in (*ADAPTIVE_KEYS, *EPISODE_KEYS):
         raw.get("threshold", {}).pop(key, None)
     for section, values in overrides.items():
         raw.setdefault(section, {}).update(values)
