@@ -281,24 +281,44 @@ def test_sigkill_mid_stream_then_restart_scores_every_window(kafka_broker, champ
     assert all(len(set(starts)) == 1 for starts in opened.values())
 
 
-@pytest.fixture(scope="module")
-def adaptive_champion(tmp_path_factory):
-    """A champion trained with an adaptive threshold (``[threshold] adaptive_*``), in its own store."""
+def _moving_bar_champion(tmp_path_factory, name: str, threshold: dict):
+    """A champion trained with the base threshold plus ``threshold`` (a moving bar), in its own store."""
     from anomaly.config import build_settings
     from anomaly.preparation import prepare_training
     from anomaly.train_job import run_training
     from tests.fixtures import mlflow_store
 
     settings = build_settings({
-        "mlflow": mlflow_store(tmp_path_factory.mktemp("mlflow-adaptive"), "pump-adaptive"),
+        "mlflow": mlflow_store(tmp_path_factory.mktemp(f"mlflow-{name}"), f"pump-{name}"),
         "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
         "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
-        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95,
-                      "adaptive_rows": 200, "adaptive_factor": 2.0, "adaptive_lag": 10},
+        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95, **threshold},
     })
     outcome = run_training(prepare_training(normal_frame(2500)), settings, source="synthetic", dataset="synthetic",
                            promote=True, progress=False)
     return settings, outcome
+
+
+def _replay_and_score(bootstrap, prefix, scoring_process, settings, frames):
+    """Replay ``frames`` (entity -> readings) interleaved in time order, run a worker on the champion of
+    ``settings`` until the input is drained; the events and score records it wrote."""
+    opts = _options(bootstrap, prefix, scoring_process=scoring_process)
+    kafka_io.ensure_topics(bootstrap, {opts.input_topic: 4})
+    plan = sorted((item for entity, frame in frames.items() for item in replay_plan(frame, entity, START_TS)),
+                  key=lambda item: item[1].ts)
+    replay(bootstrap, opts.input_topic, plan, progress=False)
+    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
+    assert stats.consumed == len(plan)
+    events = [json.loads(r.value) for r in kafka_io.read_all(bootstrap, opts.events_topic, timeout_s=30, idle_s=2)]
+    records = [json.loads(r.value) for r in kafka_io.read_all(bootstrap, opts.scores_topic, timeout_s=30, idle_s=2)]
+    return events, records
+
+
+@pytest.fixture(scope="module")
+def adaptive_champion(tmp_path_factory):
+    """A champion trained with an adaptive threshold (``[threshold] adaptive_*``), in its own store."""
+    return _moving_bar_champion(tmp_path_factory, "adaptive",
+                                {"adaptive_rows": 200, "adaptive_factor": 2.0, "adaptive_lag": 10})
 
 
 @SCORING
@@ -308,21 +328,13 @@ def test_an_adaptive_champion_closes_an_event_once_a_lasting_change_is_normal(ka
     closes it while the change persists (the bar rose with pump-a's own scores); pump-b stays quiet."""
     settings, outcome = adaptive_champion
     assert outcome.detector.threshold.adaptive is not None
-    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
-    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     frames = {"pump-a": with_fault(normal_frame(900, seed=21), sensor="pressure", start=300, length=600, size=0.4)[0],
               "pump-b": normal_frame(900, seed=22)}
-    plan = sorted((item for entity, frame in frames.items() for item in replay_plan(frame, entity, START_TS)),
-                  key=lambda item: item[1].ts)
-    replay(kafka_broker, opts.input_topic, plan, progress=False)
-    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
-    assert stats.consumed == len(plan)
-    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    events, records = _replay_and_score(kafka_broker, topic_name, scoring_process, settings, frames)
     assert [(e["entity"], e["status"]) for e in events] == [("pump-a", "open"), ("pump-a", "closed")], events
     opened, closed = events
     assert START_TS + 300 <= opened["start_ts"] <= START_TS + 330  # reported at the step
     assert closed["end_ts"] < START_TS + 700  # and over long before the change is
-    records = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
     fitted = outcome.detector.threshold.value
     late = [r for r in records if r["entity"] == "pump-a" and r["ts"] >= START_TS + 800]
     assert late and all(r["score"] > fitted for r in late)  # the fixed threshold would still alarm here
@@ -332,21 +344,8 @@ def test_an_adaptive_champion_closes_an_event_once_a_lasting_change_is_normal(ka
 @pytest.fixture(scope="module")
 def episode_champion(tmp_path_factory):
     """A champion trained with alarm episodes (``[threshold] episode_*``), in its own store."""
-    from anomaly.config import build_settings
-    from anomaly.preparation import prepare_training
-    from anomaly.train_job import run_training
-    from tests.fixtures import mlflow_store
-
-    settings = build_settings({
-        "mlflow": mlflow_store(tmp_path_factory.mktemp("mlflow-episodes"), "pump-episodes"),
-        "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
-        "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
-        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95,
-                      "episode_drop": 3.0, "episode_settle": 2.0, "episode_k": 15},
-    })
-    outcome = run_training(prepare_training(normal_frame(2500)), settings, source="synthetic", dataset="synthetic",
-                           promote=True, progress=False)
-    return settings, outcome
+    return _moving_bar_champion(tmp_path_factory, "episodes",
+                                {"episode_drop": 3.0, "episode_settle": 2.0, "episode_k": 15})
 
 
 @SCORING
@@ -358,22 +357,14 @@ def test_an_episode_champion_holds_a_lasting_fault_and_not_the_level_after_it(ka
     threshold; the level after it is held by the settled bar; pump-b stays quiet."""
     settings, outcome = episode_champion
     assert outcome.detector.threshold.episodes is not None and outcome.detector.threshold.adaptive is None
-    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
-    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
     fault = with_fault(normal_frame(1400, seed=21), sensor="pressure", start=300, length=1100, size=0.4)[0]
     fault = with_fault(fault, sensor="pressure", start=300, length=600, size=1.2)[0]
     frames = {"pump-a": fault, "pump-b": normal_frame(1400, seed=22)}
-    plan = sorted((item for entity, frame in frames.items() for item in replay_plan(frame, entity, START_TS)),
-                  key=lambda item: item[1].ts)
-    replay(kafka_broker, opts.input_topic, plan, progress=False)
-    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
-    assert stats.consumed == len(plan)
-    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    events, records = _replay_and_score(kafka_broker, topic_name, scoring_process, settings, frames)
     assert [(e["entity"], e["status"]) for e in events] == [("pump-a", "open"), ("pump-a", "closed")], events
     opened, closed = events
     assert START_TS + 300 <= opened["start_ts"] <= START_TS + 330  # reported at the step
     assert START_TS + 880 <= closed["end_ts"] <= START_TS + 930  # open through the fault, closed as it clears
-    records = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
     fitted = outcome.detector.threshold.value
     during = [r for r in records if r["entity"] == "pump-a" and START_TS + 340 <= r["ts"] < START_TS + 880]
     assert during and all(r["anomalous"] for r in during)  # every window of the fault

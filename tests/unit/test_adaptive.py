@@ -58,6 +58,19 @@ def test_bars_are_causal() -> None:
     assert not np.array_equal(a[256:], b[256:])
 
 
+def _faulty_series(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Four entities' gamma scores of different lengths and scales, each with a fault, then a lasting
+    change, and a few NaNs."""
+    series = {}
+    for i, entity in enumerate(["a", "b", "c", "d"]):
+        x = rng.gamma(2.0, size=400 + 100 * i) * (1 + i)
+        x[200:260] += 20  # a fault, then a lasting change
+        x[300:] += 5 * (1 + i)
+        x[rng.integers(0, len(x), 5)] = np.nan
+        series[entity] = x
+    return series
+
+
 def _batches(rng: np.random.Generator, series: dict[str, np.ndarray]) -> list[tuple[list[str], np.ndarray]]:
     """The entities' scores interleaved at random (each entity's own order kept), cut into random batches."""
     labels = np.concatenate([[e] * len(v) for e, v in series.items()])
@@ -77,13 +90,7 @@ def _batches(rng: np.random.Generator, series: dict[str, np.ndarray]) -> list[tu
 def test_trailing_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None:
     rng = np.random.default_rng(stride)
     rule = AdaptiveRule(rows=120, factor=3.0, quantile=0.5, lag=10)
-    series = {}
-    for i, entity in enumerate(["a", "b", "c", "d"]):
-        x = rng.gamma(2.0, size=400 + 100 * i) * (1 + i)
-        x[200:260] += 20  # a fault, then a lasting change
-        x[300:] += 5 * (1 + i)
-        x[rng.integers(0, len(x), 5)] = np.nan
-        series[entity] = x
+    series = _faulty_series(rng)
     trailing = TrailingBars(rule, stride, capacity=1)  # also grows its arrays
     got: dict[str, list[float]] = {e: [] for e in series}
     asked: dict[str, list[float]] = {e: [] for e in series}

@@ -17,7 +17,7 @@ from anomaly.errors import ConfigError
 from anomaly.scoring_step import ScoringStep
 from anomaly.thresholds import Threshold
 from anomaly.window_state import WindowPolicy
-from tests.unit.test_adaptive import _batches, _lasting_change, _process
+from tests.unit.test_adaptive import _batches, _faulty_series, _lasting_change, _process
 from tests.unit.test_scoring_step import FakeModel, stream, T0
 
 
@@ -90,13 +90,7 @@ def test_bars_are_causal() -> None:
 def test_episode_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None:
     rng = np.random.default_rng(stride)
     rule = EpisodeRule(drop=2.0, settle=2.5, k=12)
-    series = {}
-    for i, entity in enumerate(["a", "b", "c", "d"]):
-        x = rng.gamma(2.0, size=400 + 100 * i) * (1 + i)
-        x[200:260] += 20  # a fault, then a lasting change
-        x[300:] += 5 * (1 + i)
-        x[rng.integers(0, len(x), 5)] = np.nan
-        series[entity] = x
+    series = _faulty_series(rng)
     streaming = EpisodeBars(rule, stride)
     got: dict[str, list[float]] = {e: [] for e in series}
     for entities, scores in _batches(rng, series):
