@@ -108,8 +108,10 @@ class _State:
         return max(base, self.settled)
 
     def step(self, score: float, base: float, drop: float, settle: float, k: int) -> float:
-        """The bar in force for ``score`` (finite), then the state after it."""
+        """The bar in force for ``score``, then the state after it (a non-finite score changes nothing)."""
         bar = self.bar(base, drop)
+        if not math.isfinite(score):
+            return bar
         if not self.open:
             if score > bar:
                 self.open, self.log_sum, self.n, self.below = True, math.log(max(score, _TINY)), 1, 0
@@ -136,8 +138,7 @@ def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stri
         return bars
     state, k = _State(), rule.in_windows(stride)
     for i, v in enumerate(x.tolist()):
-        finite = math.isfinite(v)
-        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k) if finite else state.bar(base, rule.drop)
+        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k)
     return bars
 
 
@@ -196,6 +197,5 @@ class EpisodeBars:
                 state = states[entity] = _State()
             if ends is not None and ends[i] > state.newest:
                 state.newest = ends[i]
-            finite = math.isfinite(v)
-            bars[i] = state.step(v, base, rule.drop, rule.settle, k) if finite else state.bar(base, rule.drop)
+            bars[i] = state.step(v, base, rule.drop, rule.settle, k)
         return bars

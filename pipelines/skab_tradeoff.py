@@ -209,6 +209,14 @@ def adaptive_rows(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
     return out
 
 
+def with_history(f: Mapping[str, Any], history: int) -> tuple[np.ndarray, int]:
+    """A file's test-part scores with the scores of its last ``history`` training rows (``pre_scores``)
+    first, and how many were put first (fewer where the file has fewer)."""
+    pre = np.asarray(f["pre_scores"], dtype=np.float64)
+    pre = pre[len(pre) - min(history, len(pre)):]
+    return np.r_[pre, np.asarray(f["scores"], dtype=np.float64)], len(pre)
+
+
 def warm_rows(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
               settings: Sequence[tuple[float, int, float, float, int]] = ADAPTIVE,
               warm: Sequence[int] = WARM) -> list[dict[str, Any]]:
@@ -222,10 +230,9 @@ def warm_rows(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
         for h in warm:
             flags = []
             for f in files:
-                pre = np.asarray(f["pre_scores"], dtype=np.float64)[len(f["pre_scores"]) - min(h, len(f["pre_scores"])):]
-                both = np.r_[pre, np.asarray(f["scores"], dtype=np.float64)]
+                both, first = with_history(f, h)
                 flags.append(adaptive_crossings(both, rescaled(f["threshold"], scale, fitted_scale), rows, factor,
-                                                quantile, lag)[len(pre):])
+                                                quantile, lag)[first:])
             m = evaluation.skab_binary_metrics(labels, flags)
             out.append({"scale": scale, "rows": rows, "factor": factor, "quantile": quantile, "lag": lag,
                         "history": h, "f1": m.f1, "far": m.far, "mar": m.mar})
@@ -239,9 +246,10 @@ def episode_grid(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
     validation quantile; one row per setting."""
     labels = [f["labels"] for f in files]
     rows = []
-    for scale, drop, settle, k in grid:
-        rule = EpisodeRule(drop, settle, k)
-        flags = [episode_flags(f["scores"], rescaled(f["threshold"], scale, fitted_scale), rule) for f in files]
+    for setting in grid:
+        scale, drop, settle, k = setting
+        flags = [rule_flags("episodes", f["scores"], rescaled(f["threshold"], scale, fitted_scale), setting)
+                 for f in files]
         m = evaluation.skab_binary_metrics(labels, flags)
         rows.append({"scale": scale, "drop": drop, "settle": settle, "k": k, "f1": m.f1, "far": m.far, "mar": m.mar})
     return pd.DataFrame(rows)
@@ -251,26 +259,22 @@ def episode_warm(files: Sequence[Mapping[str, Any]], setting: Mapping[str, Any],
                  history: int = 400) -> dict[str, float]:
     """One episode setting run from ``history`` rows before the test part (``pre_scores``), the test part
     scored: a rule with no warm-up should barely move."""
+    chosen = (float(setting["scale"]), float(setting["drop"]), float(setting["settle"]), int(setting["k"]))
     flags = []
     for f in files:
-        pre = np.asarray(f["pre_scores"], dtype=np.float64)[max(0, len(f["pre_scores"]) - history):]
-        both = np.r_[pre, np.asarray(f["scores"], dtype=np.float64)]
-        base = rescaled(f["threshold"], float(setting["scale"]), fitted_scale)
-        rule = EpisodeRule(float(setting["drop"]), float(setting["settle"]), int(setting["k"]))
-        flags.append(episode_flags(both, base, rule)[len(pre):])
+        both, first = with_history(f, history)
+        flags.append(rule_flags("episodes", both, rescaled(f["threshold"], chosen[0], fitted_scale), chosen)[first:])
     m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
     return {"history": history, "f1": m.f1, "far": m.far, "mar": m.mar}
 
 
 def episodes_summary(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0) -> dict[str, Any]:
     """``episode_grid``'s picks (best F1; best F1 with FAR <= Conv-AE's) and the best-F1 setting's warm start."""
-    df = episode_grid(files, fitted_scale)
+    df = episode_grid(files, fitted_scale).sort_values("f1", ascending=False)
     picks_ = []
     for label, d in (("episodes, best F1", df), (f"episodes, FAR<={TARGET['far']}", df[df.far <= TARGET["far"]])):
-        best = d.sort_values("f1", ascending=False)
-        picks_.append({"label": label, **(best.iloc[0].to_dict() if len(best) else {})})
-    top = df.sort_values("f1", ascending=False).iloc[0]
-    return {"settings": len(df), "picks": picks_, "warm": episode_warm(files, top, fitted_scale)}
+        picks_.append({"label": label, **(d.iloc[0].to_dict() if len(d) else {})})
+    return {"settings": len(df), "picks": picks_, "warm": episode_warm(files, df.iloc[0], fitted_scale)}
 
 
 def fault_ends(files: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -288,7 +292,9 @@ HOLDOUT_KINDS: dict[str, tuple[str, ...]] = {"adaptive": ("scale", "rows", "fact
                                              "episodes": ("scale", "drop", "settle", "k")}
 
 
-def _holdout_flags(kind: str, scores: np.ndarray, base: float, setting: tuple) -> np.ndarray:
+def rule_flags(kind: str, scores: np.ndarray, base: float, setting: tuple) -> np.ndarray:
+    """One file's flags under a ``HOLDOUT_KINDS`` rule at ``setting`` (named as there; its scale is already
+    in ``base``)."""
     if kind == "adaptive":
         _, rows, factor, lag = setting
         return adaptive_crossings(scores, base, rows, factor, 0.5, lag)
@@ -312,7 +318,7 @@ def group_holdout(files: Sequence[Mapping[str, Any]], grid: Sequence[tuple] = AD
     def flags(i: int, setting: tuple) -> np.ndarray:
         if (i, setting) not in cache:
             base = rescaled(files[i]["threshold"], setting[0], fitted_scale)
-            cache[(i, setting)] = _holdout_flags(kind, files[i]["scores"], base, setting)
+            cache[(i, setting)] = rule_flags(kind, files[i]["scores"], base, setting)
         return cache[(i, setting)]
 
     def metrics(idx: Sequence[int], setting: tuple) -> evaluation.BinaryMetrics:
@@ -614,6 +620,12 @@ def load_or_run(name: str, raw: dict[str, dict[str, Any]], cache: Path,
 
 # --- report -----------------------------------------------------------------------------------------
 
+def episode_label(setting: Mapping[str, Any]) -> str:
+    """An episode setting for the report: ``x1.5, 60 rows <= level/3, settle x1.5``."""
+    return (f"x{setting['scale']:g}, {int(setting['k'])} rows <= level/{setting['drop']:g}, "
+            f"settle x{setting['settle']:g}")
+
+
 def as_is_label(raw: Mapping[str, Mapping[str, Any]]) -> str:
     th = raw.get("threshold", {})
     if th.get("method") == "quantile":
@@ -660,8 +672,7 @@ def report(name: str, result: Mapping[str, Any]) -> str:
         if "f1" not in e:
             lines.append(f"  {e['label']:22s} no setting qualifies")
             continue
-        shown = (f"episodes: > q0.95 x{e['scale']:g}, end {int(e['k'])} rows <= level/{e['drop']:g}, "
-                 f"settle x{e['settle']:g}")
+        shown = f"episodes: > q0.95 {episode_label(e)}"
         lines.append(f"  {e['label']:22s} {shown:55s} F1 {e['f1']:.3f} FAR {e['far']:5.1f} MAR {e['mar']:5.1f}")
     warm_episode = result.get("episodes", {}).get("warm")
     if warm_episode:
@@ -678,7 +689,7 @@ def report(name: str, result: Mapping[str, Any]) -> str:
             if holdout.get("kind", "adaptive") == "adaptive":
                 chosen = f"x{fold['scale']:g}, {fold['rows']} rows x{fold['factor']:g}, lag {fold['lag']}"
             else:
-                chosen = f"x{fold['scale']:g}, {int(fold['k'])} rows <= level/{fold['drop']:g}, settle x{fold['settle']:g}"
+                chosen = episode_label(fold)
             shown = f"{chosen}, without {fold['held_out']} ({fold['files']})"
             lines.append(f"  {label:22s} {shown:55s} F1 {h['f1']:.3f} FAR {h['far']:5.1f} MAR {h['mar']:5.1f}")
         p = holdout["pooled"]
