@@ -14,10 +14,9 @@ always runs in float32, the precision scores are computed in.
 
 On CPU with several torch threads each batch is split into parts whose forward and backward passes
 run side by side, one thread each (``anomaly.scoring.cpu_streams``: as many parts as threads, as long
-as the configured batch gives each at least ``MIN_STREAM_WINDOWS`` windows); the parts' gradients,
-weighted by their share of the batch, add up to the batch's (autograd accumulates them; with two
-parts the sum does not depend on their order). Only rounding
-differs from one pass over the batch. Dropout draws from the shared generator in whichever order the
+as the configured batch gives each at least ``MIN_STREAM_WINDOWS`` windows; never an empty part);
+the parts' gradients, weighted by their share of the batch, are added in part order, so the
+sum does not depend on which thread finishes first. Only rounding differs from one pass over the batch. Dropout draws from the shared generator in whichever order the
 threads reach it, so a model with dropout is not bit-reproducible from its seed on this path.
 """
 
@@ -176,6 +175,34 @@ def _loss_backward(model: nn.Module, batch: torch.Tensor, batch_total: int, devi
     return loss.detach()
 
 
+def _part_gradients(model: nn.Module, part: torch.Tensor, batch_total: int, device: torch.device,
+                    bf16: bool) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+    """``part``'s share of the batch loss (detached) and its gradients, returned rather than
+    accumulated into ``.grad``, so the caller adds the parts in a fixed order."""
+    with _autocast(device, bf16):
+        loss = torch.mean((model(part).float() - part) ** 2) * (len(part) / batch_total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def _split_backward(model: nn.Module, batch: torch.Tensor, streams: int, pool: ThreadPoolExecutor,
+                    device: torch.device, bf16: bool) -> torch.Tensor:
+    """Backward pass of ``batch`` split into ``streams`` parts run side by side on ``pool`` (fewer
+    when the batch, an epoch's short last one, has fewer windows than that: no part is empty); the
+    batch's loss, detached. The parts' gradients are summed in part order, so the result does not
+    depend on which thread finishes first."""
+    n_parts = min(streams, len(batch))
+    if n_parts <= 1:
+        return _loss_backward(model, batch, len(batch), device, bf16)
+    results = list(pool.map(lambda part: _part_gradients(model, part, len(batch), device, bf16),
+                            torch.tensor_split(batch, n_parts)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i, param in enumerate(params):
+        grads = [grads[i] for _, grads in results if grads[i] is not None]
+        param.grad = None if not grads else sum(grads[1:], grads[0])
+    return sum((loss for loss, _ in results[1:]), results[0][0])
+
+
 def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device,
                   mixed_precision: bool = False) -> float:
     """Mean squared reconstruction error over ``data`` (already on ``device``); float32 unless
@@ -249,8 +276,7 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
                     batch = train[order[start:start + config.batch_size]]  # (B, W, F) gathered on the device
                     optimiser.zero_grad(set_to_none=True)
                     if pool:
-                        parts = torch.tensor_split(batch, streams)
-                        loss = sum(pool.map(lambda part: _loss_backward(model, part, len(batch), device, bf16), parts))
+                        loss = _split_backward(model, batch, streams, pool, device, bf16)
                     else:
                         loss = _loss_backward(model, batch, len(batch), device, bf16)
                     if config.grad_clip > 0:
