@@ -48,6 +48,14 @@ from anomaly.errors import DataError
 
 MS_THRESHOLD = 1e11  # epoch numbers at or above this are milliseconds: 1e11 s is the year 5138
 MAX_EPOCH_MS = 1e14  # above this a number is probably micro/nanoseconds; refuse instead of guessing
+# Largest |value| scored: the model works in float32, where the square of a scaled value above ~1.8e19
+# is inf (a NaN score, never an alarm). 1e15 leaves room for any scale down to 1e-4.
+MAX_ABS_VALUE = 1e15
+# A dead letter keeps at most this many of the original's bytes (base64, ~4/3 of it): with the fields
+# around it the dead letter stays under Kafka's default 1 MiB message limit. Longer originals are cut
+# (``original_truncated``, ``original_size``); the whole record stays at its source offset.
+DEAD_LETTER_MAX_ORIGINAL = 512 * 1024
+DEAD_LETTER_MAX_UTF8 = 64 * 1024  # ``original_utf8`` (a readable copy) only for originals up to this size
 _REPR_LIMIT = 60  # longest quoted bad value in a reason, so dead letters stay readable
 EVENT_ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern at any event volume
 _EVENT_ID_NAMESPACE = "anomaly-event/v1"  # bump only together with a documented id change
@@ -169,6 +177,8 @@ def _epoch_seconds(ts: Any) -> float | str:
         seconds = _rfc3339_seconds(ts)
         if isinstance(seconds, float) and seconds < 0:
             return f"ts is before 1970: {_short(ts)}"
+        if isinstance(seconds, float) and seconds >= MS_THRESHOLD:
+            return f"ts is after the year 5138: {_short(ts)}"
         return seconds
     if isinstance(ts, _NonFinite):
         return f"ts is not finite: {ts.token}"
@@ -223,6 +233,8 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     entity = doc["entity"]
     if not isinstance(entity, str) or not entity.strip():
         return BadRecord(f"entity is not a non-empty string: {_describe(entity)}")
+    if not _is_unicode(entity):
+        return BadRecord(f"entity is not Unicode text (a lone surrogate escape): {_short(entity)}")
 
     ts = _epoch_seconds(doc["ts"])
     if isinstance(ts, str):
@@ -237,6 +249,9 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     for name, value in raw_values.items():
         if not name:
             return BadRecord("values has a sensor with an empty name")
+        if not _is_unicode(name):
+            return BadRecord(f"values has a sensor name that is not Unicode text (a lone surrogate escape): "
+                             f"{_short(name)}")
         if value is None:
             values[name] = None
             continue
@@ -247,6 +262,8 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return BadRecord(f"values.{name} is not finite: {_short(value)}")
             return BadRecord(f"values.{name} is not a number: {_short(value)}")
+        if abs(number) >= MAX_ABS_VALUE:
+            return BadRecord(f"values.{name} is too large to score (|value| >= {MAX_ABS_VALUE:.0e}): {_short(value)}")
         values[name] = number
 
     if expected_sensors is not None:
@@ -350,7 +367,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
     numeric = np.ones(n, dtype=bool) if texts is None else ~np.array(texts, dtype=bool).reshape(n)
     millis = numeric & (ts_arr >= MS_THRESHOLD)
     refused = (numeric & (~np.isfinite(ts_arr) | (ts_arr < 0) | (ts_arr >= MAX_EPOCH_MS))) \
-        | np.isinf(val_arr).any(axis=1)
+        | (np.abs(val_arr) >= MAX_ABS_VALUE).any(axis=1)  # inf too; NaN (null) compares False
     if millis.any():
         ts_arr = np.where(millis, ts_arr / 1000.0, ts_arr)
     if refused.any():
@@ -409,23 +426,32 @@ def encode_dead_letter(raw: bytes | None, topic: str, partition: int, offset: in
                        ts_s: float) -> bytes:
     """A dead letter: the exact original bytes (base64), where they came from, why, and when (``ts_s``).
 
-    ``original_utf8`` is added when the bytes are valid UTF-8, so people can read them; consumers must
-    use ``original_b64`` (it is exact, even for bytes that are not text). A null value gives nulls.
+    ``original_utf8`` is added when the bytes are valid UTF-8 and at most ``DEAD_LETTER_MAX_UTF8`` long,
+    so people can read them; consumers must use ``original_b64`` (it is exact, even for bytes that are not
+    text). A null value gives nulls. An original longer than ``DEAD_LETTER_MAX_ORIGINAL`` keeps its first
+    that many bytes, with ``original_truncated: true`` and ``original_size`` (so the dead letter fits
+    Kafka's default message size; the whole record is still at its source offset).
     """
     original = None if raw is None else bytes(raw)
     doc: dict[str, Any] = {
-        "reason": reason,
+        "reason": _printable(reason),
         "source_topic": topic,
         "source_partition": int(partition),
         "source_offset": int(offset),
         "ts": float(ts_s),
-        "original_b64": None if original is None else base64.b64encode(original).decode("ascii"),
+        "original_b64": None,
     }
     if original is not None:
-        try:
-            doc["original_utf8"] = original.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
+        if len(original) > DEAD_LETTER_MAX_ORIGINAL:
+            doc["original_truncated"] = True
+            doc["original_size"] = len(original)
+        kept = original[:DEAD_LETTER_MAX_ORIGINAL]
+        doc["original_b64"] = base64.b64encode(kept).decode("ascii")
+        if len(original) <= DEAD_LETTER_MAX_UTF8:
+            try:
+                doc["original_utf8"] = _printable(original.decode("utf-8"))
+            except UnicodeDecodeError:
+                pass
     return _dumps_sorted(doc, what="dead letter")
 
 
@@ -466,6 +492,21 @@ def event_id(entity: str, model_name: str, start_ts: float) -> str:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's ``\\ud800`` escapes decode to lone surrogates,
+    which cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot hold (lone surrogates) written as backslash escapes."""
+    return text if _is_unicode(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 def _dumps_sorted(doc: Mapping[str, Any], what: str) -> bytes:
     try:

@@ -237,6 +237,10 @@ class WorkerSettings:
     stride: int = doc("score a window every stride-th slot per entity (1 = every reading); 4 = a quarter of the forward passes for a few slots more detection delay (README, Streaming worker)", 4)
     grace_slots: int = doc("how many sampling slots late a reading may arrive and still be placed in order", 0)
     max_fill_steps: int = doc("missing slots forward-filled inside a window; a longer gap restarts the entity's window", 5)
+    max_future_s: float = doc("a reading stamped more than this many seconds ahead of the worker's clock is a dead letter "
+                              "(a clock far ahead would make its entity's later readings late and its neighbours look "
+                              "idle); at most 3600, the idle timeout. -1 = off, for streams whose time runs ahead of the "
+                              "clock on purpose (a replay sped up; anomaly up turns it off)", 600.0)
     min_duration_windows: int = doc("consecutive windows above threshold before an event opens", 3)
     recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
@@ -285,6 +289,8 @@ class WorkerSettings:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
         if self.cooldown_s < 0:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if self.max_future_s != -1 and not 0 < self.max_future_s <= 3600:
+            raise ConfigError("worker.max_future_s", f"must be in (0, 3600] or -1 (off), got {self.max_future_s}")
         if not 0 <= self.switch_interval_ms <= 100:
             raise ConfigError("worker.switch_interval_ms", f"must be in [0, 100], got {self.switch_interval_ms}")
         if not -1 <= self.metrics_port <= 65535:

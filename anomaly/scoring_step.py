@@ -37,7 +37,7 @@ import torch
 from anomaly.adaptive import AdaptiveRule, TrailingBars
 from anomaly.episodes import EpisodeBars, EpisodeRule
 from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
-from anomaly.codec import decode_batch, encode_dead_letter, encode_event
+from anomaly.codec import DecodedBatch, decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
@@ -194,8 +194,10 @@ class ScoringStep:
     the model's (the grid is the model's); its stride, grace and fill settings are kept."""
 
     def __init__(self, model: ScoringModel, window_policy: WindowPolicy, alert_policy: AlertPolicy,
-                 emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S) -> None:
+                 emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S,
+                 max_future_s: float | None = None) -> None:
         self._model = model
+        self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -323,6 +325,8 @@ class ScoringStep:
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
                     else str(raw).encode("utf-8") for raw in raws]  # adapters hand over bytes; never crash on a stray str
         decoded = decode_batch(raws, self._model_sensors)
+        if self.max_future_s is not None:
+            decoded = _refuse_future(decoded, now_s, self.max_future_s)
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])
@@ -438,6 +442,20 @@ class ScoringStep:
             stream = self._streams[key] = len(self._stream_keys)
             self._stream_keys.append(key)
         return stream
+
+
+def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:
+    """``decoded`` with readings stamped more than ``max_future_s`` ahead of ``now_s`` moved to its bad
+    records: one such reading would otherwise make its entity's real readings late and, as its
+    partition's newest, every other entity of the partition look idle."""
+    ahead = decoded.ts > now_s + max_future_s
+    if not ahead.any():
+        return decoded
+    keep = np.flatnonzero(~ahead)
+    bad = decoded.bad + [(int(decoded.index[j]), f"ts is {decoded.ts[j] - now_s:.0f} s ahead of the worker's clock "
+                          f"(more than worker.max_future_s = {max_future_s:g})") for j in np.flatnonzero(ahead)]
+    return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
+                        decoded.values[keep], sorted(bad))
 
 
 def _as_partition_batches(records: Sequence[InputRecord] | Sequence[PartitionBatch]) -> list[PartitionBatch]:

@@ -524,6 +524,8 @@ def run(settings: Settings, options: UpOptions) -> int:
     state = options.state_dir
     state.mkdir(parents=True, exist_ok=True)
     config_path = state / "anomaly.toml"
+    # The fleet replay runs the stream's clock `speed` times faster than the wall clock, on purpose.
+    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, max_future_s=-1.0))
     config_path.write_text(to_toml(settings), encoding="utf-8")
     env = child_env()
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]

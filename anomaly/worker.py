@@ -85,6 +85,7 @@ class WorkerOptions:
     trace_model: bool = False  # CPU: score through a checked TorchScript trace (scoring.traced_for_scoring)
     gc_freeze: bool = False  # freeze what was built before the loop (and after a swap) out of the cyclic GC's walks
     scoring_process: bool = False  # run the step in a forked child process (anomaly.step_runner); CPU only
+    max_future_s: float | None = None  # readings stamped further ahead of the clock are dead letters; None = off
 
 
 @dataclass
@@ -109,7 +110,7 @@ class Worker:
         self.device = resolve_device(options.device)
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
-                                emit_scores=options.scores_topic is not None)
+                                emit_scores=options.scores_topic is not None, max_future_s=options.max_future_s)
         self.metrics.set_model(follower.model_name, version)
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
         self._consumer = None
@@ -293,4 +294,4 @@ def options_from_settings(settings) -> WorkerOptions:
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
         device=w.device, precision=w.precision, create_topics=w.create_topics,
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
-        scoring_process=w.scoring_process)
+        scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s)

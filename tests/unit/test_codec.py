@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from anomaly.codec import (BadRecord, Reading, decode_batch, decode_dead_letter, decode_event, decode_reading,
+from anomaly.codec import (DEAD_LETTER_MAX_ORIGINAL, BadRecord, Reading, decode_batch, decode_dead_letter, decode_event, decode_reading,
                            encode_dead_letter, encode_event, encode_reading, event_id)
 from anomaly.errors import DataError
 
@@ -146,6 +146,11 @@ BAD = [
     (b'{"entity": "p", "ts": 1, "values": {"temp": 1' + b"0" * 5000 + b"}}", ["not usable JSON"]),
     (b"[" * 100_000 + b"]" * 100_000, ["JSON"]),  # absurd nesting
     (b"\xef\xbb\xbf" + reading_json(), ["not JSON"]),  # a UTF-8 byte-order mark
+    (reading_json(ts="9999-12-31T23:59:59-01:00"), ["ts is after the year 5138"]),  # > the largest epoch number
+    (reading_json(values={"temp": 1e15}), ["values.temp is too large to score", "1e+15"]),  # float32 squares overflow
+    (reading_json(values={"temp": -2e20}), ["values.temp is too large to score"]),
+    (b'{"entity": "\\ud800", "ts": 1, "values": {"temp": 1}}', ["entity is not Unicode text", "'\\ud800'"]),
+    (b'{"entity": "p", "ts": 1, "values": {"t\\udc00": 1}}', ["sensor name that is not Unicode text"]),
 ]
 
 
@@ -225,6 +230,9 @@ def test_decode_batch_agrees_with_decode_reading_record_by_record() -> None:
                   b'{"entity": "p", "ts": 1, "values": {"temp": 1, "pressure": 1, "flow": 1e999}}',
                   b'{"entity": "p", "entity": "q", "ts": 1, "values": {"temp": 1, "pressure": 2, "flow": 3}}',
                   b'{"entity": "\\ud800", "ts": 1, "values": {"temp": 1, "pressure": 2, "flow": 3}}',
+                  b'{"entity": "p", "ts": 1, "values": {"temp": 1, "pressure": 2, "\\udc00": 3}}',
+                  reading_json(values={"temp": 1, "pressure": 9.99e14, "flow": -1e15}),
+                  reading_json(ts="2026-11-21T10:00:00Z", values={"temp": 1, "pressure": 1, "flow": 1e16}),
                   b"\xef\xbb\xbf" + good] + [raw for raw, _ in BAD]
     for _ in range(3000):  # byte mutations of a good record
         raw = bytearray(good)
@@ -270,6 +278,23 @@ def test_dead_letter_round_trip_keeps_exact_bytes(raw: bytes) -> None:
 def test_dead_letter_has_readable_text_only_when_utf8() -> None:
     assert decode_dead_letter(encode_dead_letter(b'{"a":1}', "t", 0, 0, "r", 0.0))["original_utf8"] == '{"a":1}'
     assert "original_utf8" not in decode_dead_letter(encode_dead_letter(b"\xff", "t", 0, 0, "r", 0.0))
+
+
+def test_dead_letter_of_a_large_original_fits_kafkas_default_message_size() -> None:
+    small = b"x" * DEAD_LETTER_MAX_ORIGINAL
+    doc = decode_dead_letter(encode_dead_letter(small, "t", 0, 0, "r", 0.0))
+    assert doc["original"] == small and "original_truncated" not in doc and "original_utf8" not in doc
+    big = bytes(range(256)) * 4000  # 1,024,000 bytes: the most a default Kafka topic takes
+    letter = encode_dead_letter(big, "t", 0, 9, "not UTF-8", 0.0)
+    assert len(letter) < 1024 * 1024
+    doc = decode_dead_letter(letter)
+    assert doc["original_truncated"] is True and doc["original_size"] == len(big)
+    assert doc["original"] == big[:DEAD_LETTER_MAX_ORIGINAL]  # the head, exact; the whole stays at offset 9
+
+
+def test_dead_letter_of_a_reason_quoting_a_lone_surrogate_is_still_utf8() -> None:
+    letter = encode_dead_letter(b"{}", "t", 0, 0, "values.t\udc00 is not a number", 0.0)  # a real surrogate
+    assert decode_dead_letter(letter)["reason"] == "values.t\\udc00 is not a number"  # written as an escape
 
 
 def test_dead_letter_of_a_null_value() -> None:

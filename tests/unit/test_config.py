@@ -111,3 +111,14 @@ def test_worker_options_carry_precision_and_create_topics():
     opts = options_from_settings(load_config(env={"ANOMALY_WORKER__CREATE_TOPICS": "false",
                                                   "ANOMALY_WORKER__PRECISION": "fp32"}))
     assert opts.create_topics is False and opts.precision == "fp32"
+
+
+def test_max_future_s_reaches_the_worker_and_names_itself_when_bad():
+    from anomaly.worker import options_from_settings
+
+    assert options_from_settings(load_config(env={})).max_future_s == 600.0
+    assert options_from_settings(load_config(env={"ANOMALY_WORKER__MAX_FUTURE_S": "-1"})).max_future_s is None
+    for bad in ("0", "3601", "-2"):
+        with pytest.raises(ConfigError) as err:
+            load_config(env={"ANOMALY_WORKER__MAX_FUTURE_S": bad})
+        assert err.value.field == "worker.max_future_s"

@@ -291,13 +291,16 @@ def test_cpu_training_streams_split_each_batch_and_learn_like_one_pass(monkeypat
     from anomaly import training
 
     calls = []
-    real = training._loss_backward
 
-    def recorded(model, batch, total, *args):  # type: ignore[no-untyped-def]
-        calls.append((len(batch), total, threading.current_thread().name, torch.get_num_threads()))
-        return real(model, batch, total, *args)
+    def recording(real):  # type: ignore[no-untyped-def]
+        def recorded(model, batch, total, *args):  # type: ignore[no-untyped-def]
+            calls.append((len(batch), total, threading.current_thread().name, torch.get_num_threads()))
+            return real(model, batch, total, *args)
+        return recorded
 
-    monkeypatch.setattr(training, "_loss_backward", recorded)
+    # A whole batch goes through _loss_backward, a thread's part of one through _part_gradients.
+    monkeypatch.setattr(training, "_loss_backward", recording(training._loss_backward))
+    monkeypatch.setattr(training, "_part_gradients", recording(training._part_gradients))
     windows = _sine_windows()
     config = TrainConfig(epochs=4, batch_size=64, patience=20, device="cpu", progress=False, seed=3)
     one = train_autoencoder(windows, CFG, replace(config, cpu_threads=1))

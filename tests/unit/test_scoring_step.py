@@ -365,3 +365,24 @@ def test_staging_the_next_batch_before_completing_this_one_changes_nothing() -> 
         assert (a.events, a.dead_letters, a.scores, a.commits, a.counts) == \
             (b.events, b.dead_letters, b.scores, b.commits, b.counts)
     assert any(o.events for o in sequential) and any(o.dead_letters for o in sequential)
+
+
+def test_a_reading_far_ahead_of_the_clock_is_a_dead_letter_and_its_partition_keeps_scoring() -> None:
+    # One reading stamped 74 years ahead used to become its partition's newest: every other entity then
+    # looked idle and was evicted every batch, the sender's real readings were late, and the commit stuck.
+    step = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(),
+                       max_future_s=600.0)
+    step.process(stream({"a": 0, "b": 0}, range(10)), now_s=T0 + 10)
+    poison = reading_record("a", 74 * 365 * 86400, 20)
+    soon = reading_record("b", 10 + 300, 21)  # 300 s ahead of the clock: a skewed clock, still accepted
+    out = step.process([poison, soon], now_s=T0 + 10)
+    assert out.counts["dead_letters"] == 1 and out.counts["evicted"] == 0
+    letter = decode_dead_letter(out.dead_letters[0][1])
+    assert letter["source_offset"] == 20 and "ahead of the worker's clock" in letter["reason"]
+    assert "worker.max_future_s" in letter["reason"] and letter["original"] == poison.value
+    later = [reading_record("a", slot, 30 + slot) for slot in range(10, 20)]
+    out = step.process(later, now_s=T0 + 20)
+    assert out.counts["windows_scored"] == 10 and out.counts["evicted"] == 0 and out.counts["late"] == 0
+    # Off (None): the reading is accepted, as a replay running ahead of the clock needs.
+    off = step_for(FakeModel(window_size=4))
+    assert off.process([poison], now_s=T0).counts["dead_letters"] == 0
