@@ -17,11 +17,13 @@ import os
 import tomllib
 import types
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from anomaly.adaptive import AdaptiveRule
+from anomaly.crontab import cron_fields
 from anomaly.episodes import EpisodeRule
 from anomaly.errors import ConfigError
 
@@ -346,7 +348,7 @@ class SchedulerSettings:
 
     trigger: str = doc("interval (every interval_s seconds) or cron (the cron expression)", "interval")
     interval_s: float = doc("seconds between retraining runs (trigger = interval)", 86400.0)
-    cron: str = doc("crontab expression, minute hour day month weekday (trigger = cron)", "0 3 * * *")
+    cron: str = doc("crontab expression, minute hour day month weekday, weekdays as crontab counts them (0 or 7 = Sunday, 1-5 = Monday to Friday) (trigger = cron)", "0 3 * * *")
     timezone: str = doc("time zone of the cron expression", "UTC")
     job_store: str = doc("SQLite file of the persistent job store; its lock file sits beside it", "mlruns/scheduler.db")
     misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once", 3600)
@@ -356,10 +358,20 @@ class SchedulerSettings:
     def check(self) -> None:
         if self.trigger not in ("interval", "cron"):
             raise ConfigError("scheduler.trigger", f"must be interval or cron, got {self.trigger!r}")
-        if self.interval_s <= 0:
-            raise ConfigError("scheduler.interval_s", f"must be > 0, got {self.interval_s}")
-        if len(self.cron.split()) != 5:
-            raise ConfigError("scheduler.cron", f"must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
+            raise ConfigError("scheduler.interval_s", f"must be a finite number > 0, got {self.interval_s}")
+        try:
+            zone = zoneinfo.ZoneInfo(self.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError("scheduler.timezone", f"is not an IANA time zone name (e.g. UTC, Europe/Berlin): "
+                                                    f"{self.timezone!r}") from None
+        try:
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger(**cron_fields(self.cron), timezone=zone)
+        except ValueError as exc:
+            raise ConfigError("scheduler.cron", f"is not a crontab expression (minute hour day month weekday): "
+                                                f"{self.cron!r}: {exc}") from None
         if self.misfire_grace_s < 1:
             raise ConfigError("scheduler.misfire_grace_s", f"must be >= 1, got {self.misfire_grace_s}")
         if not -1 <= self.metrics_port <= 65535:

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from anomaly.config import SchedulerSettings, Settings
+from anomaly.crontab import cron_fields
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError
 from anomaly.scheduler_metrics import SchedulerMetrics
@@ -326,7 +327,10 @@ def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
     if s.trigger == "cron":
         from apscheduler.triggers.cron import CronTrigger
 
-        return CronTrigger.from_crontab(s.cron, timezone=s.timezone), f"cron {s.cron} {s.timezone}"
+        # "crontab weekdays" in the fingerprint: jobs stored before weekdays were read as crontab reads them
+        # (from_crontab's 0 = Monday) are replaced, not kept.
+        return (CronTrigger(**cron_fields(s.cron), timezone=s.timezone),
+                f"cron {s.cron} {s.timezone} (crontab weekdays)")
     from apscheduler.triggers.interval import IntervalTrigger
 
     return IntervalTrigger(seconds=s.interval_s, timezone=s.timezone), f"every {s.interval_s:g} s"
@@ -391,7 +395,8 @@ class RetrainScheduler:
         existed = job is not None
         if job is not None and job.name == name:
             # Same function and trigger: keep the stored next run time (a missed run still runs, once).
-            job = self.scheduler.modify_job(JOB_ID, kwargs=self.job_kwargs)
+            job = self.scheduler.modify_job(JOB_ID, kwargs=self.job_kwargs,
+                                            misfire_grace_time=self.settings.misfire_grace_s)
             log.info("scheduler: kept stored job %s (%s), next run %s", JOB_ID, fingerprint, job.next_run_time)
         else:
             job = self.scheduler.add_job(self.func, trigger, id=JOB_ID, name=name, kwargs=self.job_kwargs,

@@ -102,7 +102,26 @@ def test_triggers_and_fingerprints():
     interval, fp = trigger_for(build_settings({"scheduler": {"interval_s": 2}}).scheduler)
     assert fp == "every 2 s" and interval.interval.total_seconds() == 2
     cron, fp = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "*/5 * * * *"}}).scheduler)
-    assert fp == "cron */5 * * * * UTC" and "minute='*/5'" in str(cron)
+    assert fp == "cron */5 * * * * UTC (crontab weekdays)" and "minute='*/5'" in str(cron)
+
+
+@pytest.mark.parametrize("weekday, days", [
+    ("0", ["Sun"]), ("7", ["Sun"]), ("1-5", ["Mon", "Tue", "Wed", "Thu", "Fri"]), ("0,6", ["Sat", "Sun"]),
+    ("sat,sun", ["Sat", "Sun"]), ("*/2", ["Sun", "Tue", "Thu", "Sat"]), ("1-5/2", ["Mon", "Wed", "Fri"]),
+    ("5-7", ["Fri", "Sat", "Sun"]), ("MON-wed", ["Mon", "Tue", "Wed"]), ("*", ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]),
+])
+def test_cron_weekdays_mean_what_crontab_means(weekday, days):
+    # APScheduler's from_crontab reads 0 as Monday: "0 3 * * 0" fired on Mondays, "1-5" Tuesday to Saturday.
+    from datetime import datetime, timedelta, timezone
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": f"0 3 * * {weekday}"}}).scheduler)
+    fired, now = [], datetime(2026, 11, 30, tzinfo=timezone.utc)  # a Monday
+    for _ in range(7 * 3):
+        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
+        fired.append(now)
+    assert sorted({t.strftime("%a") for t in fired}, key=lambda d: ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].index(d)) \
+        == sorted(days, key=lambda d: ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"].index(d))
+    assert all(t.hour == 3 and t.minute == 0 for t in fired)
 
 
 def test_settings_round_trip_through_the_job_store_dict():
@@ -123,8 +142,31 @@ def test_settings_round_trip_through_the_job_store_dict():
     ({"scheduler": {"trigger": "weekly"}}, "scheduler.trigger"),
     ({"scheduler": {"cron": "0 3 * *"}}, "scheduler.cron"),
     ({"scheduler": {"interval_s": 0}}, "scheduler.interval_s"),
+    ({"scheduler": {"interval_s": float("inf")}}, "scheduler.interval_s"),
+    ({"scheduler": {"cron": "61 * * * *"}}, "scheduler.cron"),
+    ({"scheduler": {"cron": "0 3 * * 8"}}, "scheduler.cron"),
+    ({"scheduler": {"cron": "0 3 * * 5-1"}}, "scheduler.cron"),
+    ({"scheduler": {"timezone": "Mars/Olympus"}}, "scheduler.timezone"),
 ])
 def test_bad_retrain_and_scheduler_settings_name_the_field(raw, field):
     with pytest.raises(ConfigError) as info:
         build_settings(raw)
     assert info.value.field == field
+
+
+def test_a_restart_applies_a_changed_misfire_grace_to_the_kept_job(tmp_path):
+    from anomaly.config import SchedulerSettings
+    from anomaly.scheduler import JOB_ID, RetrainScheduler
+
+    seen = []
+    for grace in (3600, 10):
+        settings = SchedulerSettings(job_store=str(tmp_path / "s.db"), misfire_grace_s=grace, metrics_port=-1)
+        scheduler = RetrainScheduler(settings, {"config": None})
+        scheduler.start()
+        try:
+            job = scheduler.scheduler.get_job(JOB_ID)
+            seen.append((job.misfire_grace_time, job.next_run_time))
+        finally:
+            scheduler.stop()
+    assert [grace for grace, _ in seen] == [3600, 10]
+    assert seen[0][1] == seen[1][1]  # the same job, kept: its stored next run time too

@@ -1,0 +1,59 @@
+"""Crontab expressions as APScheduler cron-trigger fields, with crontab's meaning. Pure.
+
+APScheduler's ``CronTrigger.from_crontab`` reads the weekday field its own way: 0 is Monday there,
+where crontab's 0 (and 7) is Sunday, and its steps count from Monday. So ``0 3 * * 0`` (crontab:
+Sundays) fired on Mondays and ``0 3 * * 1-5`` on Tuesday to Saturday. ``cron_fields`` expands the
+weekday field with crontab's numbering into day names, which mean the same in both.
+
+One difference stays: when both day-of-month and weekday are restricted, crontab runs on days that
+match either, APScheduler on days that match both.
+"""
+
+from __future__ import annotations
+
+CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 (and 7) = Sunday
+
+
+def _day_number(token: str) -> int:
+    name = token.strip().lower()
+    if name in CRONTAB_DAYS:
+        return CRONTAB_DAYS.index(name)
+    if not name.isdigit() or not 0 <= int(name) <= 7:
+        raise ValueError(f"weekday {token!r} is not 0-7 or sun-sat")
+    return int(name)
+
+
+def weekday_names(field: str) -> str:
+    """A crontab weekday field (``*``, ``1-5``, ``0,6``, ``*/2``, ``mon-fri``, ``1-5/2``; 0 and 7 = Sunday)
+    as a comma list of day names in crontab's week order, e.g. ``1-5`` -> ``mon,tue,wed,thu,fri``."""
+    days: set[int] = set()
+    for item in field.split(","):
+        base, _, step_text = item.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise ValueError(f"weekday step {step_text!r} is not a positive number")
+            step = int(step_text)
+        if base == "*":
+            first, last = 0, 6
+        elif "-" in base:
+            low, _, high = base.partition("-")
+            first, last = _day_number(low), _day_number(high)
+            if first > last:
+                raise ValueError(f"weekday range {base!r} runs backwards")
+        else:
+            first = _day_number(base)
+            last = 6 if step_text else first  # crontab: "a/n" is a, a+n, ... to the end of the week
+        days.update(day % 7 for day in range(first, last + 1, step))
+    return ",".join(CRONTAB_DAYS[d] for d in sorted(days))
+
+
+def cron_fields(expression: str) -> dict[str, str]:
+    """``minute hour day month weekday`` as keyword arguments of APScheduler's ``CronTrigger``,
+    the weekday with crontab's meaning. Raises ``ValueError`` naming what is wrong."""
+    parts = expression.split()
+    if len(parts) != 5:
+        raise ValueError(f"needs 5 fields (minute hour day month weekday), got {expression!r}")
+    minute, hour, day, month, weekday = parts
+    return {"minute": minute, "hour": hour, "day": day, "month": month,
+            "day_of_week": "*" if weekday == "*" else weekday_names(weekday)}
