@@ -132,6 +132,10 @@ class TrainingSettings:
         if self.cpu_threads < 0:
             raise ConfigError("training.cpu_threads", f"must be >= 0, got {self.cpu_threads}")
         _at_least("training", self, ("epochs", "batch_size", "patience", "stride"), 1)
+        if self.weight_decay < 0:
+            raise ConfigError("training.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError("training.seed", f"must be in [0, 2**32), got {self.seed}")
         if self.learning_rate <= 0:
             raise ConfigError("training.learning_rate", f"must be > 0, got {self.learning_rate}")
         if not 0 < self.validation_fraction < 1:
@@ -168,6 +172,8 @@ class ThresholdSettings:
             raise ConfigError("threshold.q", f"must be in (0, 1), got {self.q}")
         if self.scale <= 0:
             raise ConfigError("threshold.scale", f"must be > 0, got {self.scale}")
+        if self.k < 0:
+            raise ConfigError("threshold.k", f"must be >= 0, got {self.k}")
         if self.adaptive_rows < 0:
             raise ConfigError("threshold.adaptive_rows", f"must be >= 0 (0 = off), got {self.adaptive_rows}")
         if not (math.isfinite(self.adaptive_factor) and self.adaptive_factor > 0):
@@ -291,6 +297,8 @@ class WorkerSettings:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
         if self.cooldown_s < 0:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if self.model_check_interval_s <= 0:
+            raise ConfigError("worker.model_check_interval_s", f"must be > 0, got {self.model_check_interval_s}")
         if self.max_future_s != -1 and not 0 < self.max_future_s <= 3600:
             raise ConfigError("worker.max_future_s", f"must be in (0, 3600] or -1 (off), got {self.max_future_s}")
         if not 0 <= self.switch_interval_ms <= 100:
@@ -406,6 +414,12 @@ class DriftSettings:
             raise ConfigError("drift.group_id", "must not be empty")
 
 
+# Names that must not be empty strings (a field that may be empty says so and is typed ``str | None``).
+_NON_EMPTY = {"kafka": ("bootstrap_servers", "input_topic", "events_topic", "dlq_topic", "group_id"),
+              "mlflow": ("tracking_uri", "artifact_location", "experiment", "model_name", "champion_alias",
+                         "challenger_alias")}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The whole configuration."""
@@ -422,11 +436,29 @@ class Settings:
     drift: DriftSettings = field(default_factory=DriftSettings)
 
     def check(self) -> None:
-        """Per-section rules, then the rules that span sections."""
+        """Rules every field obeys (numbers finite, names not empty), per-section rules, then the rules
+        that span sections."""
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            for f in dataclasses.fields(value):
+                item = getattr(value, f.name)
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {item}")
+                if f.name in _NON_EMPTY.get(section.name, ()) and not item.strip():
+                    raise ConfigError(f"{section.name}.{f.name}", "must not be empty")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if hasattr(value, "check"):
                 value.check()
+        k = self.kafka
+        topics = [("kafka.input_topic", k.input_topic), ("kafka.events_topic", k.events_topic),
+                  ("kafka.dlq_topic", k.dlq_topic), ("kafka.scores_topic", k.scores_topic)]
+        seen: dict[str, str] = {}
+        for name, topic in topics:
+            if topic and topic in seen:  # e.g. dead letters into the input topic would come back as bad readings for ever
+                raise ConfigError(name, f"must differ from {seen[topic]} (both {topic!r})")
+            if topic:
+                seen[topic] = name
         if self.training.stride > self.model.window_size:
             raise ConfigError("training.stride", f"must be <= model.window_size ({self.model.window_size}), "
                               f"got {self.training.stride}: rows would be skipped")

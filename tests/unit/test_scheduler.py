@@ -147,6 +147,20 @@ def test_settings_round_trip_through_the_job_store_dict():
     ({"scheduler": {"cron": "0 3 * * 8"}}, "scheduler.cron"),
     ({"scheduler": {"cron": "0 3 * * 5-1"}}, "scheduler.cron"),
     ({"scheduler": {"timezone": "Mars/Olympus"}}, "scheduler.timezone"),
+    ({"training": {"learning_rate": float("nan")}}, "training.learning_rate"),
+    ({"drift": {"psi_threshold": float("inf")}}, "drift.psi_threshold"),
+    ({"worker": {"poll_timeout_s": float("nan")}}, "worker.poll_timeout_s"),
+    ({"training": {"weight_decay": -1.0}}, "training.weight_decay"),
+    ({"training": {"seed": -5}}, "training.seed"),
+    ({"training": {"seed": 2**32}}, "training.seed"),
+    ({"threshold": {"k": -1.0}}, "threshold.k"),
+    ({"worker": {"model_check_interval_s": 0.0}}, "worker.model_check_interval_s"),
+    ({"kafka": {"input_topic": ""}}, "kafka.input_topic"),
+    ({"kafka": {"bootstrap_servers": " "}}, "kafka.bootstrap_servers"),
+    ({"mlflow": {"model_name": ""}}, "mlflow.model_name"),
+    ({"kafka": {"dlq_topic": "sensors"}}, "kafka.dlq_topic"),
+    ({"kafka": {"events_topic": "sensors"}}, "kafka.events_topic"),
+    ({"kafka": {"scores_topic": "anomalies"}}, "kafka.scores_topic"),
 ])
 def test_bad_retrain_and_scheduler_settings_name_the_field(raw, field):
     with pytest.raises(ConfigError) as info:
