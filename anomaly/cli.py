@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import logging
 import os
 import sys
@@ -52,6 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from anomaly.train_job import run_training
 
     settings = _settings(args)
+    if args.no_register and (args.promote or args.alias):
+        raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
+    if args.alias:
+        from anomaly.registry import check_alias
+
+        check_alias(args.alias)  # before the training run, not after it
     if args.data:
         frame = tables.read_table(args.data, timestamp_col=settings.data.timestamp_column)
         frame, _ = tables.split_labels(frame)
@@ -97,11 +104,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
     series = datasets.load_dataset(args.dataset, data_dir)
     if args.series:
-        wanted = set(args.series.split(","))
+        wanted = {name.strip() for name in args.series.split(",") if name.strip()}
+        unknown = sorted(wanted - {s.name for s in series})
+        if unknown or not wanted:
+            examples = ", ".join(s.name for s in series[:3])
+            raise AnomalyError(f"not series of {args.dataset}: {', '.join(unknown) or repr(args.series)} "
+                               f"(its series are named like {examples})")
         series = [s for s in series if s.name in wanted]
-        if not series:
-            raise AnomalyError(f"none of {sorted(wanted)} is a series of {args.dataset}")
-    if args.limit:
+    if args.limit is not None:
         series = series[: args.limit]
     settings = _settings(args, base=protocols.PROFILES[args.dataset])
     bar = _bar(len(series), f"evaluate {args.dataset}", not args.quiet)
@@ -398,13 +408,13 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
     p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
                                                     "(default pump)")
-    p.add_argument("--copies", type=int, default=1, help="number of entities replaying the series (default 1)")
-    p.add_argument("--offset-rows", type=int, default=0,
+    p.add_argument("--copies", type=positive_int, default=1, help="number of entities replaying the series (default 1)")
+    p.add_argument("--offset-rows", type=non_negative_int, default=0,
                    help="entity i starts i x this many sampling periods after entity 0 (default 0: in lock-step)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--rate", type=float, help="send this many readings per second in all (whole fleet)")
-    pace.add_argument("--speed", type=float, help="recorded spacing sped up by this factor (1 = real time)")
-    p.add_argument("--limit", type=int, help="stop after this many readings (default: all)")
+    pace.add_argument("--rate", type=positive_float, help="send this many readings per second in all (whole fleet)")
+    pace.add_argument("--speed", type=positive_float, help="recorded spacing sped up by this factor (1 = real time)")
+    p.add_argument("--limit", type=positive_int, help="stop after this many readings (default: all)")
     p.add_argument("--topic", help="topic to send to (default kafka.input_topic)")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default kafka.bootstrap_servers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -505,7 +515,7 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
                                    "exit 1 if the cycle failed (the champion keeps serving).")
     p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     p.add_argument("--job-store", help="override scheduler.job_store (its retrain lock is shared with the scheduler)")
-    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--epochs", type=positive_int, help="override training.epochs")
     p.add_argument("--device", help="override training.device")
     p.add_argument("--data", help="retrain from this CSV/Parquet file instead of the input topic; a "
                                   "retrain.label_field column (default 'anomaly') is ground truth for the gate")
@@ -519,12 +529,12 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
                                    "With drift.enabled (and kafka.scores_topic), a retrain also runs early when the "
                                    "champion's live scores drift from its validation scores.")
     trig = p.add_mutually_exclusive_group()
-    trig.add_argument("--interval-s", type=float, help="override: run every this many seconds")
+    trig.add_argument("--interval-s", type=positive_float, help="override: run every this many seconds")
     trig.add_argument("--cron", help="override: run on this crontab expression")
     p.add_argument("--job-store", help="override scheduler.job_store")
     p.add_argument("--metrics-port", type=int, help="override scheduler.metrics_port (-1 = off)")
     p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
-    p.add_argument("--run-for-s", type=float, help="stop after this many seconds (tests, demos)")
+    p.add_argument("--run-for-s", type=positive_float, help="stop after this many seconds (tests, demos)")
     p.add_argument("--job", default=JOB_FUNC, help=f"job function as module:function (default {JOB_FUNC}; testing)")
     common(p)
     p.set_defaults(func=cmd_scheduler)
@@ -562,24 +572,43 @@ def _add_up_parser(sub: Any, common: Any) -> None:
                                    "every part cleanly; a second `anomaly up` reuses the registry.")
     p.add_argument("--data-dir", help="SKAB directory (default $ANOMALY_DATASETS/skab or ../shared/datasets/skab)")
     p.add_argument("--fleet", help=f"comma-separated SKAB series, one entity each (default {','.join(up.DEFAULT_FLEET)})")
-    p.add_argument("--speed", type=float, default=up.DEFAULT_SPEED,
+    p.add_argument("--speed", type=positive_float, default=up.DEFAULT_SPEED,
                    help=f"replay speed-up over the recorded 1 s spacing (default {up.DEFAULT_SPEED:g})")
     p.add_argument("--once", action="store_true", help="replay the fleet once instead of looping")
     p.add_argument("--ui-port", type=int, default=up.DEFAULT_UI_PORT,
                    help=f"MLflow UI port on 127.0.0.1 (default {up.DEFAULT_UI_PORT})")
-    p.add_argument("--retrain-every-s", type=float, default=up.DEFAULT_RETRAIN_EVERY_S,
+    p.add_argument("--retrain-every-s", type=positive_float, default=up.DEFAULT_RETRAIN_EVERY_S,
                    help=f"scheduler interval in seconds (default {up.DEFAULT_RETRAIN_EVERY_S:g})")
-    p.add_argument("--epochs", type=int, help="override training.epochs (first champion and retrains)")
+    p.add_argument("--epochs", type=positive_int, help="override training.epochs (first champion and retrains)")
     p.add_argument("--device", help="override training.device")
     p.add_argument("--state-dir", default="mlruns/up", help="logs of the parts and the effective config "
                                                              "(default mlruns/up)")
-    p.add_argument("--run-for-s", type=float, help="stop by itself after this many seconds (demos, tests)")
+    p.add_argument("--run-for-s", type=positive_float, help="stop by itself after this many seconds (demos, tests)")
     p.add_argument("--quiet", action="store_true", help="no live event lines")
     common(p)
     p.set_defaults(func=cmd_up)
 
 
 # --- parser --------------------------------------------------------------------------------------
+
+def _number(kind: type, low: float, strict: bool):
+    """An argparse type: ``kind`` (int or float), finite, above ``low`` (``strict``) or at least it."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, 0, strict=True)
+non_negative_int = _number(int, 0, strict=False)
+positive_float = _number(float, 0.0, strict=True)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly", description="Kafka-native anomaly detection for sensor streams: "
@@ -604,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--promote", action="store_true", help="make the new version @champion")
     p.add_argument("--alias", help="set this alias on the new version (e.g. challenger)")
     p.add_argument("--no-register", action="store_true", help="log the run but do not register a version")
-    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--epochs", type=positive_int, help="override training.epochs")
     p.add_argument("--device", help="override training.device (auto, cpu, cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     common(p)
@@ -618,8 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the figures as one JSON object to this file")
     p.add_argument("--report", help="Markdown report path (default results/evaluate-<dataset>.md)")
     p.add_argument("--series", help="comma-separated series names to evaluate (default all)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N series (quick checks)")
-    p.add_argument("--epochs", type=int, help="override training.epochs")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N series (quick checks)")
+    p.add_argument("--epochs", type=positive_int, help="override training.epochs")
     p.add_argument("--device", help="override training.device")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -640,8 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "batched pass per poll, emit anomaly events and dead letters, commit after "
                                    "delivery. Follows the registry alias; SIGTERM/SIGINT drain and exit 0.")
     p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
-    p.add_argument("--max-batches", type=int, help="stop after this many non-empty batches (tests, benchmarks)")
-    p.add_argument("--idle-stop-s", type=float, help="stop after this many seconds without records (batch jobs, tests)")
+    p.add_argument("--max-batches", type=positive_int, help="stop after this many non-empty batches (tests, benchmarks)")
+    p.add_argument("--idle-stop-s", type=positive_float, help="stop after this many seconds without records (batch jobs, tests)")
     common(p)
     p.set_defaults(func=cmd_worker)
 
@@ -679,7 +708,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AnomalyError as exc:
-        log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -154,7 +154,8 @@ def make_consumer(bootstrap_servers: str | Sequence[str], group_id: str, topics:
     topic_list = list(topics)
     if not topic_list:
         raise ValueError("make_consumer needs at least one topic")
-    consumer = KafkaConsumer(**consumer_options(bootstrap_servers, group_id, client_options=client_options))
+    consumer = _connect("a consumer", bootstrap_servers, KafkaConsumer,
+                        consumer_options(bootstrap_servers, group_id, client_options=client_options))
     try:
         if listener is None:
             consumer.subscribe(topic_list)
@@ -169,13 +170,27 @@ def make_consumer(bootstrap_servers: str | Sequence[str], group_id: str, topics:
 def make_producer(bootstrap_servers: str | Sequence[str],
                   client_options: Mapping[str, Any] | None = None) -> KafkaProducer:
     """A producer taking ``bytes`` keys and values (encode with ``anomaly.codec`` first)."""
-    return KafkaProducer(**producer_options(bootstrap_servers, client_options=client_options))
+    return _connect("a producer", bootstrap_servers, KafkaProducer,
+                    producer_options(bootstrap_servers, client_options=client_options))
 
 
 def make_admin(bootstrap_servers: str | Sequence[str],
                client_options: Mapping[str, Any] | None = None) -> KafkaAdminClient:
-    """An admin client (connects eagerly; raises if no broker answers within ``bootstrap_timeout_ms``)."""
-    return KafkaAdminClient(**admin_options(bootstrap_servers, client_options=client_options))
+    """An admin client (connects eagerly; ``TopicError`` if no broker answers within ``bootstrap_timeout_ms``)."""
+    return _connect("an admin client", bootstrap_servers, KafkaAdminClient,
+                    admin_options(bootstrap_servers, client_options=client_options))
+
+
+def _connect(what: str, bootstrap_servers: str | Sequence[str], factory: Any, options: Mapping[str, Any]) -> Any:
+    """``factory(**options)``; a broker that cannot be reached is a ``TopicError`` saying so (kafka-python
+    raises a bootstrap timeout, with a traceback the operator has no use for)."""
+    try:
+        return factory(**options)
+    except (kafka_errors.KafkaTimeoutError, kafka_errors.KafkaConnectionError,
+            kafka_errors.MetadataEmptyBrokerList) as exc:
+        servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
+        raise TopicError(f"cannot connect {what} to {servers}: {exc} (is the broker running and reachable? "
+                         "`anomaly broker` starts a local one; kafka.bootstrap_servers sets where)") from exc
 
 
 # --- topics --------------------------------------------------------------------------------------

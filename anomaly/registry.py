@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,27 +91,57 @@ def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
         raise RegistryError(f"cannot register {model_uri} as {name!r}: {exc}") from exc
 
 
+_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+def check_alias(alias: str) -> str:
+    """``alias`` if the registry takes it as an alias, else ``RegistryError`` saying why (checked before
+    a training run, so a bad ``--alias`` does not fail after the work is done). MLflow's rules: letters,
+    digits, ``_`` and ``-``; ``latest`` and ``v<number>`` already mean versions."""
+    if not _ALIAS.fullmatch(alias or ""):
+        raise RegistryError(f"alias {alias!r} is not usable: letters, digits, '_' and '-' only")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise RegistryError(f"alias {alias!r} is reserved: 'latest' and 'v<number>' name versions")
+    return alias
+
+
 def alias_version(name: str, alias: str) -> str | None:
-    """The version that holds ``alias``, or None."""
+    """The version that holds ``alias``; None when the model or the alias does not exist. A registry
+    that cannot be reached (or a tracking URI it cannot use) is a ``RegistryError``, not "no version"."""
     from mlflow.exceptions import MlflowException
 
     try:
         return str(client().get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _not_found(exc):
+            return None
+        raise RegistryError(f"cannot read {name}@{alias} from the model registry: {exc}") from exc
+    except Exception as exc:
+        raise RegistryError(f"cannot read {name}@{alias} from the model registry: {exc}") from exc
+
+
+def _not_found(exc: Exception) -> bool:
+    """Whether an MLflow error says a model or alias does not exist (the stores report a missing alias as
+    INVALID_PARAMETER_VALUE "... not found", which is also the code of an unusable URI)."""
+    code = getattr(exc, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
 
 
 def promote(name: str, version: str, alias: str = "champion", reason: str = "") -> str | None:
     """Move ``alias`` to ``version``; returns the version that held it before (None if none)."""
-    c = client()
+    check_alias(alias)
     try:
+        c = client()
         c.get_model_version(name, str(version))
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
     previous = alias_version(name, alias)
     if previous == str(version):
         return previous
-    c.set_registered_model_alias(name, alias, str(version))
+    try:
+        c.set_registered_model_alias(name, alias, str(version))
+    except Exception as exc:  # e.g. an alias MLflow refuses ("latest", "v2", spaces)
+        raise RegistryError(f"cannot set {name}@{alias} -> v{version}: {exc}") from exc
     history = _history(name, alias)
     if previous is not None:
         history.append(previous)
@@ -124,8 +155,11 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "") 
 
 def rollback(name: str, alias: str = "champion") -> str:
     """Give ``alias`` back to the version that held it before the last promotion; returns it."""
-    c = client()
-    history = _history(name, alias)
+    try:
+        c = client()
+        history = _history(name, alias)
+    except Exception as exc:
+        raise RegistryError(f"cannot read the promotion history of {name}@{alias}: {exc}") from exc
     current = alias_version(name, alias)
     while history and history[-1] == current:
         history.pop()
@@ -150,8 +184,8 @@ def _history(name: str, alias: str) -> list[str]:
 def list_versions(name: str | None = None) -> list[VersionInfo]:
     """Every version of ``name`` (or of every registered model), newest first, with the metrics of
     the run that produced it."""
-    c = client()
     try:
+        c = client()
         names = [name] if name else [m.name for m in c.search_registered_models()]
         out: list[VersionInfo] = []
         for model_name in names:

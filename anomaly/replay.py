@@ -219,7 +219,9 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
 
     try:
         producer = producer_factory(bootstrap, client_options)
-    except Exception as exc:  # kafka-python's NoBrokersAvailable and friends: this is the one boundary
+    except TopicError:  # kafka_io.make_producer already says why
+        raise
+    except Exception as exc:  # another factory's NoBrokersAvailable and friends: this is the one boundary
         raise TopicError(f"cannot connect a producer to {bootstrap}: {exc} (is the broker running? "
                          "`anomaly broker` starts a local one)") from exc
 

@@ -84,8 +84,15 @@ def test_unreachable_store_is_a_registry_error(tmp_path):
     try:
         with pytest.raises(RegistryError):
             registry.list_versions()
+        # An outage is not "no champion": the worker and `anomaly score` used to say the model was missing.
+        with pytest.raises(RegistryError, match="cannot read pump@champion"):
+            registry.alias_version("pump", "champion")
+        with pytest.raises(RegistryError, match="promotion history"):
+            registry.rollback("pump")
     finally:
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    tracking.configure(f"sqlite:///{tmp_path / 'empty.db'}")
+    assert registry.alias_version("pump", "champion") is None  # no such model: None, not an error
 
 
 def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, monkeypatch):

@@ -59,3 +59,42 @@ def test_stop_flag_is_set_by_its_signal() -> None:
         assert flag.is_set
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["evaluate", "--dataset", "skab", "--limit", "0"], "--limit: must be > 0"),
+    (["replay", "--data", "x.csv", "--copies", "0"], "--copies: must be > 0"),
+    (["replay", "--data", "x.csv", "--offset-rows", "-5"], "--offset-rows: must be >= 0"),
+    (["replay", "--data", "x.csv", "--speed", "-1"], "--speed: must be > 0"),
+    (["replay", "--data", "x.csv", "--rate", "nan"], "--rate: must be > 0"),
+    (["train", "--data", "x.csv", "--epochs", "two"], "--epochs: not an integer"),
+])
+def test_bad_numeric_arguments_are_usage_errors(argv, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_evaluate_names_series_the_dataset_does_not_have(capsys):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "skab"
+    if not data.exists():
+        pytest.skip("needs ../shared/datasets/skab")
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(data), "--series", "valve1/0,valve1/nosuch",
+                 "--no-track", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "valve1/nosuch" in err and "valve1/0" in err.split("named like")[1]
+
+
+@pytest.mark.parametrize("alias, words", [("bad alias", "not usable"), ("latest", "reserved"), ("v2", "reserved")])
+def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path, capsys):
+    # The data file does not exist: the alias is refused first, so nothing was trained for nothing.
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--alias", alias, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "nope.csv" not in err and err.count("error:") == 1
+
+
+def test_train_refuses_promote_without_registering(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--no-register", "--promote", "--quiet"]) == 2
+    assert "--no-register" in capsys.readouterr().err
