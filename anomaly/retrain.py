@@ -213,6 +213,23 @@ def split_segments(keep: np.ndarray, holdout_fraction: float,
     return train, hold
 
 
+def split_rows(segments: Sequence[tuple[int, int]], tail_fraction: float,
+               min_len: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``segments`` (in time order) cut where the last ``tail_fraction`` of their rows begins: the
+    segments before that point and those after it (a segment crossing it is split there); pieces
+    shorter than ``min_len`` (one window) are left out."""
+    total = sum(b - a for a, b in segments)
+    cut_at = total - int(math.ceil(total * tail_fraction))  # rows before the cut, counted over the segments
+    head, tail, seen = [], [], 0
+    for a, b in segments:
+        cut = a + min(max(cut_at - seen, 0), b - a)
+        seen += b - a
+        for lo, hi, out in ((a, cut, head), (cut, b, tail)):
+            if hi - lo >= min_len:
+                out.append((lo, hi))
+    return head, tail
+
+
 # --- the promotion rule (pure) -------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -521,8 +538,9 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                            extra_tags=tags, run_name="retrain-challenger", progress=progress)
     challenger, challenger_version = outcome.detector, outcome.version
     unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
-    champ = _holdout(champion, data.holdout, unit)
-    chall = _holdout(challenger, data.holdout, unit)
+    window = max(champion.window_size, challenger.window_size)  # both on windows ending on the same rows
+    champ = _holdout(champion, data.holdout, unit, window)
+    chall = _holdout(challenger, data.holdout, unit, window)
     champ_events = _events(champion, data.labelled_tails)
     chall_events = _events(challenger, data.labelled_tails)
     labelled = champ_events is not None and champ_events.n_true > 0
@@ -561,8 +579,11 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     from anomaly.preparation import prepare_scoring
 
     rt, w = settings.retrain, champion.window_size
-    train_parts: list[np.ndarray] = []
-    train_times: list[pd.DatetimeIndex] = []
+    # Each entity's training rows in two parts: the first (1 - validation_fraction), then the rest. All
+    # entities' first parts come before all their last parts, so the time-ordered validation split of
+    # the concatenation (train_job) validates on the recent rows of every entity, not of the last one.
+    train_parts: list[tuple[np.ndarray, pd.DatetimeIndex]] = []
+    val_parts: list[tuple[np.ndarray, pd.DatetimeIndex]] = []
     holdout: list[np.ndarray] = []
     tails: list[tuple[np.ndarray, np.ndarray]] = []
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
@@ -590,9 +611,10 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
         train_segs, hold_segs = split_segments(~drop, rt.holdout_fraction, w)
-        for a, b in train_segs:
-            train_parts.append(values[a:b])
-            train_times.append(prepared.timestamps[a:b])
+        heads, tails_of_entity = split_rows(train_segs, settings.training.validation_fraction, w)
+        for parts, segs in ((train_parts, heads), (val_parts, tails_of_entity)):
+            for a, b in segs:
+                parts.append((values[a:b], prepared.timestamps[a:b]))
         holdout.extend(values[a:b] for a, b in hold_segs)
         cut = holdout_cut(~drop, rt.holdout_fraction)
         if raw_labels is not None and cut is not None and len(values) - cut >= w:
@@ -609,9 +631,10 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         facts["history_start"], facts["history_end"] = min(starts).isoformat(), max(ends).isoformat()
     facts["entities"] = ",".join(facts["entities"])
     n_features = len(champion.sensors)
-    values = np.concatenate(train_parts) if train_parts else np.empty((0, n_features))
+    parts = train_parts + val_parts
+    values = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, n_features))
     # Segments are concatenated (entities, gaps): the W-1 windows across each seam are a small, known blur.
-    times = train_times[0].append(train_times[1:]) if train_times else pd.DatetimeIndex([], tz="UTC")
+    times = parts[0][1].append([t for _, t in parts[1:]]) if parts else pd.DatetimeIndex([], tz="UTC")
     return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails)
 
 
@@ -620,17 +643,23 @@ def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
     return index.as_unit("ns").asi8 / 1e9
 
 
-def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float]) -> HoldoutMetrics:
+def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float],
+             window: int | None = None) -> HoldoutMetrics:
     """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold (with
     its adaptive rule, if any, each segment one series), errors in the common ``unit`` (a scaler's
-    per-sensor scale)."""
+    per-sensor scale). Only windows ending at row ``window - 1`` or later of a segment count (``window``:
+    the longer of the two models' windows), so two models of different window sizes are compared on
+    windows ending on the same rows."""
+    window = max(window or 0, detector.window_size)
     own, bars, common = [], [], []
     for seg in segments:
-        if len(seg) >= detector.window_size:
+        if len(seg) >= window:
             scored = detector.score_values(seg)
-            own.append(np.asarray(scored.scores, dtype=np.float64))
-            bars.append(detector.threshold.series_bars(own[-1]))
-            common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit))
+            scores = np.asarray(scored.scores, dtype=np.float64)
+            keep = np.asarray(scored.end_rows) >= window - 1
+            own.append(scores[keep])
+            bars.append(np.broadcast_to(detector.threshold.series_bars(scores), scores.shape)[keep])
+            common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit)[keep])
     if not own:
         return holdout_metrics(np.empty(0), detector.threshold.value)
     return holdout_metrics(np.concatenate(own), np.concatenate(bars), np.concatenate(common))

@@ -84,7 +84,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     ``alias`` sets another alias (e.g. ``challenger``) instead."""
     ml = settings.mlflow
     tracking.configure(ml.tracking_uri, ml.registry_uri)
-    start, end = prepared.timestamps[0], prepared.timestamps[-1]
+    start, end = prepared.timestamps.min(), prepared.timestamps.max()  # a retrain's rows are per entity, not in time order
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
                  "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),
                  "threshold.adaptive": settings.threshold.rule_description()}

@@ -10,7 +10,7 @@ import pytest
 
 from anomaly.codec import Reading
 from anomaly.retrain import (Decision, History, HoldoutMetrics, common_unit_errors, decide, exclusion_mask, holdout_metrics,
-                             split_segments)
+                             split_rows, split_segments)
 
 
 def reading(entity: str, ts: float, **values: float | None) -> Reading:
@@ -259,3 +259,69 @@ def test_file_readings_carry_the_label_column(tmp_path):
     assert [(r.entity, r.ts, r.values, label) for r, label in items] == [
         ("pump", 1767225600.0, {"temp": 1.0, "pressure": 2.0}, False),
         ("pump", 1767225601.0, {"temp": 1.5, "pressure": None}, True)]
+
+
+def test_split_rows_cuts_the_last_fraction_of_rows_across_segments():
+    # 100 rows in three segments; the last 10 % (10 rows) begins 10 rows into the third segment.
+    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.1, 1) == ([(0, 50), (60, 90), (100, 110)], [(110, 120)])
+    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.2, 1) == ([(0, 50), (60, 90)], [(100, 120)])
+    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.5, 1) == ([(0, 50)], [(60, 90), (100, 120)])
+    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.1, 11) == ([(0, 50), (60, 90)], [])  # short pieces out
+    assert split_rows([], 0.2, 1) == ([], [])
+
+
+def test_every_entity_contributes_validation_rows_to_a_retrain():
+    """train_job validates on the last fraction of the concatenated rows: each entity's recent rows must
+    be there, not only the alphabetically last entity's (whose rows used to be the whole validation set)."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    class Champion:  # what _prepare asks of the champion: no flags, so every row is clean
+        sensors, window_size, period_s = ("a", "b"), 5, 60.0
+
+        def score_values(self, values):
+            from types import SimpleNamespace
+
+            n = len(values) - self.window_size + 1
+            return SimpleNamespace(scores=np.zeros(n), end_rows=np.arange(self.window_size - 1, len(values)))
+
+        class threshold:
+            @staticmethod
+            def series_flags(scores):
+                return np.zeros(len(scores), dtype=bool)
+
+    h = History(max_readings=10_000, lookback_s=1e9)
+    for i in range(500):
+        h.add(reading("pump-a", 60.0 * i, a=1.0, b=float(i)))
+    for i in range(1500):
+        h.add(reading("pump-b", 60.0 * i, a=2.0, b=float(i)))
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 0},
+                               "training": {"validation_fraction": 0.25}})
+    data = _prepare(h, Champion(), settings)
+    values, n = data.train_values, len(data.train_values)
+    assert n == 400 + 1200
+    tail = values[n - n // 4:]  # what the time-ordered split validates on
+    assert (tail[:, 0] == 1.0).sum() == 100 and (tail[:, 0] == 2.0).sum() == 300  # each entity's last quarter
+    assert data.train_timestamps.min().timestamp() == 0.0
+
+
+def test_models_of_different_window_sizes_are_compared_on_windows_ending_on_the_same_rows():
+    from types import SimpleNamespace
+
+    from anomaly.retrain import _holdout
+
+    def detector(w: int):
+        def score_values(values):
+            n = len(values) - w + 1
+            return SimpleNamespace(scores=np.ones(n), sensor_errors=np.ones((n, 1)),
+                                   end_rows=np.arange(w - 1, len(values)))
+        return SimpleNamespace(window_size=w, score_values=score_values, scaler=SimpleNamespace(scale=(1.0,)),
+                               threshold=SimpleNamespace(value=2.0, series_bars=lambda s: np.full(len(s), 2.0)))
+
+    segments = [np.zeros((n, 1)) for n in (12, 25, 29, 40)]
+    champion, challenger = detector(10), detector(30)
+    window = max(champion.window_size, challenger.window_size)
+    a = _holdout(champion, segments, (1.0,), window)
+    b = _holdout(challenger, segments, (1.0,), window)
+    assert a.windows == b.windows == 11  # only the 40-row segment holds a 30-row window: rows 29..39 end both
+    assert _holdout(champion, segments, (1.0,)).windows == 3 + 16 + 20 + 31  # alone: every window of its own
