@@ -6,6 +6,7 @@ and load without unpickling anything.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,9 @@ import numpy as np
 
 from anomaly.errors import ConfigError
 
-SCALE_FLOOR = 1e-8  # a constant sensor gets scale 1, not a division by ~zero
+# A constant sensor gets scale 1, not a division by ~zero. The floor is relative to the sensor's level:
+# the standard deviation of a constant 123456.789 comes out of float64 rounding as ~1e-8, not 0.
+SCALE_FLOOR = 1e-8
 METHODS = ("standard", "robust", "minmax")
 
 
@@ -75,7 +78,11 @@ def fit_scaler(values: np.ndarray, sensors: list[str] | tuple[str, ...], method:
         centre, scale = lo, hi - lo
     else:
         raise ConfigError("data.scaler", f"unknown scaler {method!r}; choose one of {', '.join(METHODS)}")
-    scale = np.where(np.isfinite(scale) & (scale > SCALE_FLOOR), scale, 1.0)
     centre = np.where(np.isfinite(centre), centre, 0.0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its scale is 1 below
+        constant = ~(np.nanmax(values, axis=0) > np.nanmin(values, axis=0))
+    floor = SCALE_FLOOR * np.maximum(1.0, np.abs(centre))
+    scale = np.where(np.isfinite(scale) & (scale > floor) & ~constant, scale, 1.0)
     return Scaler(method=method, sensors=tuple(sensors),
                   centre=tuple(float(v) for v in centre), scale=tuple(float(v) for v in scale))

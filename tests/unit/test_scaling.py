@@ -41,3 +41,18 @@ def test_unknown_method_names_field():
     with pytest.raises(ConfigError) as err:
         fit_scaler(np.zeros((2, 1)), ["a"], "zscore")
     assert err.value.field == "data.scaler"
+
+
+def test_a_constant_sensor_at_a_large_level_gets_scale_one_whatever_the_rounding():
+    # np.nanstd of a constant 123456.789 beside another column is ~1e-8, not 0: it slipped past an absolute
+    # floor, and a 0.01 step then scored ~5e11.
+    rng = np.random.default_rng(0)
+    for level in (123456.789, 1e8 + 0.1, -98765.4321):
+        values = np.column_stack([rng.normal(size=10007), np.full(10007, level)])
+        for method in ("standard", "robust", "minmax"):
+            scaler = fit_scaler(values, ["noisy", "constant"], method)
+            assert scaler.scale[1] == 1.0, (level, method, scaler.scale)
+            assert scaler.scale[0] != 1.0
+    # A sensor that varies a little at a large level keeps its own scale.
+    varying = np.column_stack([rng.normal(size=400), 1e5 + rng.normal(scale=0.5, size=400)])
+    assert 0.3 < fit_scaler(varying, ["a", "b"], "standard").scale[1] < 0.7
