@@ -226,7 +226,8 @@ class MeanStdThreshold:
 class PotThreshold:
     """Peaks over threshold with a Generalized Pareto tail (SPOT, Siffer et al. 2017).
 
-    Fallbacks, both to the empirical ``1 − risk`` quantile, recorded in ``params["fallback"]``:
+    Fallbacks, both to the empirical ``1 − risk`` quantile (the largest error when there are fewer than
+    ``1 / risk`` of them), recorded in ``params["fallback"]``:
     fewer than ``min_peaks`` errors strictly above ``t`` (too little tail to fit), or
     ``risk·n/N_t >= 1`` (the target is not in the tail, e.g. ``risk >= 1 − init_quantile``).
     When ``risk < 1 − init_quantile`` the value is never below ``t``.
@@ -256,7 +257,9 @@ class PotThreshold:
         ratio = self.risk * n / n_peaks if n_peaks else math.inf
         if n_peaks < self.min_peaks or ratio >= 1.0:
             params["fallback"] = FALLBACK_FEW_PEAKS if n_peaks < self.min_peaks else FALLBACK_NOT_IN_TAIL
-            value = float(np.quantile(e, 1.0 - self.risk))
+            # Fewer than 1/risk errors cannot place the 1 - risk quantile: interpolating would put it below
+            # the largest validation error, which would then already be a false alarm. Their largest it is.
+            value = float(np.quantile(e, 1.0 - self.risk)) if n * self.risk >= 1.0 else float(e.max())
         else:
             gamma, sigma, how = gpd_fit(peaks)
             params.update(fallback=FALLBACK_NONE, gamma=gamma, sigma=sigma, gpd_fit=how)
