@@ -190,6 +190,22 @@ class AlertTracker:
             self._runs.pop(entity, None)
             self._events.pop(entity, None)
 
+    def is_active(self, entity: str) -> bool:
+        """Whether ``entity`` holds alert state (in a run, open, or in cooldown)."""
+        return entity in self._runs or entity in self._events
+
+    def expire(self, entity: str) -> list[dict[str, Any]]:
+        """Drop ``entity``'s alert state (it went silent); an open event is closed first, at its last
+        window above the threshold, and that ``"closed"`` event is returned, so it does not stay open
+        downstream for ever."""
+        self._runs.pop(entity, None)
+        event = self._events.pop(entity, None)
+        if event is None or not event.is_open:
+            return []
+        event.is_open = False
+        event.closed_ts = event.last_above_ts
+        return [self._render(entity, event)]
+
     def active_entities(self) -> set[str]:
         """Entities holding alert state (in a run, open, or in cooldown). For any other entity a window
         at or below the threshold changes nothing, so callers may skip ``update`` for it."""

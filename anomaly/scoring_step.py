@@ -16,8 +16,18 @@ is then undefined, so the caller commits nothing and restarts from the committed
 same records always give byte-identical events.
 
 Entities silent for ``idle_timeout_s`` of stream time (their partition's newest reading, not a clock)
-lose their window buffers, so they stop holding the partition's commit back; their alert state stays,
-so an open event of an entity that went silent stays open until it scores below threshold again.
+lose their window buffers, so they stop holding the partition's commit back. Their alert state goes
+too, once the batch's newest window is ``idle_timeout_s`` past their last one: an open event is then
+closed (a ``"closed"`` event at its last window above the threshold), so it does not stay open
+downstream for ever.
+
+Alert state and commits. An entity in a run, an open event or a cooldown holds its partition's commit
+at the oldest reading of the window that started the run (``ReadyBatch.start_offset``), so a restart or
+a rebalance replays from there, rebuilds that window, and re-derives the same ``event_id`` (re-emitting
+``"open"`` is harmless: downstream upserts by id); without the hold the replay would start inside the
+event and open it again under a new id, leaving the first one open for ever. A hold is released when
+the state ends, and after ``idle_timeout_s`` of stream time (a very long event then accepts a new id
+after a crash rather than pin its partition's commit and replay hours).
 
 ``ScoringModel`` is the seam to the network: ``DetectorModel`` wraps a trained ``Detector``; tests use a
 numpy fake. The worker swaps models between batches with ``swap_model``.
@@ -208,6 +218,7 @@ class ScoringStep:
         self._store = self._new_store(model)
         self._bars = self._new_bars(model)
         self._prune_bars_at = PRUNE_BARS_MIN
+        self._holds: dict[str, _Hold] = {}  # entity in alert state -> where its run's first window starts
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -284,12 +295,25 @@ class ScoringStep:
         seeking back)."""
         self._store.reset()
         self._alerts.forget()
+        self._holds.clear()
         self._bars = self._new_bars(self._model)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
-        """Drop the window state of entities last seen on these (revoked) partitions; returns how many."""
+        """Drop the window and alert state of entities last seen on these (revoked) partitions; returns
+        how many entities' windows went. Their new owner replays from the committed offset, which the
+        alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
+        revoked = set(ids)
+        for entity in [e for e, hold in self._holds.items() if hold.stream in revoked]:
+            del self._holds[entity]
+            self._alerts.forget(entity)
         return self._store.forget_partitions(ids)
+
+    @property
+    def alert_holds(self) -> dict[str, tuple[tuple[str, int], int]]:
+        """Entity -> ((topic, partition), offset) of the commits its alert state holds (released ones
+        left out)."""
+        return {e: (self._stream_keys[h.stream], h.offset) for e, h in self._holds.items() if h.offset is not None}
 
     # --- the batch ----------------------------------------------------------------------------
     def process(self, records: Sequence[InputRecord] | Sequence[PartitionBatch], now_s: float) -> BatchOutput:
@@ -373,6 +397,7 @@ class ScoringStep:
         out = staged.out
         ready = staged.windows
         if scored is None:
+            self._apply_holds(out, None)
             return out
         model, now_s = staged.model, staged.now_s
         scores, errors, expected = scored.scores, scored.errors, scored.expected
@@ -413,8 +438,10 @@ class ScoringStep:
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}
         if not involved:
+            self._apply_holds(out, float(ready.end_ts.max()))
             return out
         values, end_ts_list = ready.values, ready.end_ts.tolist()
+        holds = self._holds
         top_k = self.alert_policy.top_k
         for i, entity in enumerate(entities):
             if entity not in involved or not finite[i]:  # a non-finite score is never an event
@@ -433,7 +460,41 @@ class ScoringStep:
                                              version):
                 out.events.append((entity.encode("utf-8"), encode_event(event)))
                 counts["events_opened" if event["status"] == OPEN else "events_closed"] += 1
+            hold = holds.get(entity)
+            if hold is None:
+                if self._alerts.is_active(entity):  # this window started a run: hold at its oldest reading
+                    holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]), end_ts_list[i],
+                                          end_ts_list[i])
+            elif self._alerts.is_active(entity):
+                hold.last_ts = end_ts_list[i]
+            else:
+                del holds[entity]
+        self._apply_holds(out, float(ready.end_ts.max()))
         return out
+
+    def _apply_holds(self, out: BatchOutput, newest_ts: float | None) -> None:
+        """Expire the alert state of entities silent for ``idle_timeout_s`` before ``newest_ts`` (the
+        batch's newest window; None: no window, nothing expires), closing open events; release holds
+        older than that; keep this batch's commits at or before every remaining hold."""
+        holds = self._holds
+        if not holds:
+            return
+        idle = self.idle_timeout_s
+        for entity, hold in list(holds.items()):
+            if idle is not None and newest_ts is not None and newest_ts - hold.last_ts > idle:
+                del holds[entity]
+                for event in self._alerts.expire(entity):
+                    out.events.append((entity.encode("utf-8"), encode_event(event)))
+                    out.counts["events_closed"] += 1
+                continue
+            if hold.offset is None:
+                continue
+            if idle is not None and hold.last_ts - hold.start_ts > idle:
+                hold.offset = None  # a very long event: stop pinning the commit
+                continue
+            key = self._stream_keys[hold.stream]
+            if key in out.commits and hold.offset < out.commits[key]:
+                out.commits[key] = hold.offset
 
     def _stream_id(self, topic: str, partition: int) -> int:
         key = (topic, int(partition))
@@ -442,6 +503,16 @@ class ScoringStep:
             stream = self._streams[key] = len(self._stream_keys)
             self._stream_keys.append(key)
         return stream
+
+
+@dataclass
+class _Hold:
+    """Where an entity's alert state holds its partition's commit (``offset`` None: released)."""
+
+    stream: int  # the store's id of the (topic, partition) of the run's first window
+    offset: int | None  # oldest reading of that window
+    start_ts: float  # end_ts of that window
+    last_ts: float  # end_ts of the entity's newest scored window while in alert state
 
 
 def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:

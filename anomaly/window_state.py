@@ -106,6 +106,7 @@ class ReadyWindow:
     partition: int  # partition of the reading in the last slot
     end_offset: int  # offset of the reading in the last slot
     filled: int  # cells (slot × sensor) that were filled rather than read
+    start_offset: int  # oldest offset among the window's readings: a replay from it rebuilds the window
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class ReadyBatch:
     partition: np.ndarray  # (N,) partition of the reading in the last slot
     end_offset: np.ndarray  # (N,) offset of that reading
     filled: np.ndarray  # (N,) cells that were filled rather than read
+    start_offset: np.ndarray  # (N,) oldest offset among each window's readings (a replay from it rebuilds it)
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -127,16 +129,17 @@ class ReadyBatch:
 class _Chunk:
     """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
 
-    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled")
+    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset")
 
     def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
-                 end_offset: np.ndarray, filled: np.ndarray) -> None:
+                 end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray) -> None:
         self.entity = entity
         self.values = values  # (k, W, F)
         self.end_slot = end_slot  # (k,)
         self.partition = partition  # (k,)
         self.end_offset = end_offset  # (k,)
         self.filled = filled  # (k,)
+        self.start_offset = start_offset  # (k,)
 
 
 class _Entity:
@@ -392,7 +395,7 @@ class WindowStore:
         lo = state.n - w
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
-                                  np.array([state.filled[lo:state.n].sum()])))
+                                  np.array([state.filled[lo:state.n].sum()]), np.array([state.off[lo:state.n].min()])))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
@@ -423,8 +426,10 @@ class WindowStore:
                 filled = csum[np.minimum(j + h + 1, h)] - csum[np.minimum(starts, h)]
             else:
                 filled = np.zeros(len(j), dtype=np.int64)
+            joined_off = np.concatenate([state.off[n - h:n], offs])
             self._queue.append(_Chunk(entity, joined[starts[:, None] + self._steps], first_slot + j,
-                                      np.full(len(j), partition), offs[j], filled))
+                                      np.full(len(j), partition), offs[j], filled,
+                                      joined_off[starts[:, None] + self._steps].min(axis=1)))
             if state.queued_needs is None:  # the first window queued: its rows and every later one
                 state.queued_needs = {}
                 self._queued_by.append(state)
@@ -467,10 +472,10 @@ class WindowStore:
         values = batch.values
         values.flags.writeable = False
         return [ReadyWindow(entity=entity, values=values[i], end_ts=end, start_ts=start, partition=p,
-                            end_offset=o, filled=f)
-                for i, (entity, end, start, p, o, f) in enumerate(zip(
+                            end_offset=o, filled=f, start_offset=so)
+                for i, (entity, end, start, p, o, f, so) in enumerate(zip(
                     batch.entities, batch.end_ts.tolist(), batch.start_ts.tolist(), batch.partition.tolist(),
-                    batch.end_offset.tolist(), batch.filled.tolist()))]
+                    batch.end_offset.tolist(), batch.filled.tolist(), batch.start_offset.tolist()))]
 
     def ready_batch(self) -> ReadyBatch:
         """``ready()`` as arrays: the same windows in the same order, stacked (what one forward pass
@@ -484,21 +489,24 @@ class WindowStore:
         w, f, period = self._w, len(self.sensors), self.policy.period_s
         if not chunks:
             empty = np.empty(0, dtype=np.int64)
-            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty)
+            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty, empty)
         entities: list[str] = []
         for chunk in chunks:
             entities.extend([chunk.entity] * len(chunk.end_slot))
         if len(chunks) == 1:
             c = chunks[0]
             values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
+            start_offset = c.start_offset
         else:
             values = np.concatenate([c.values for c in chunks])
             end_slot = np.concatenate([c.end_slot for c in chunks])
             partition = np.concatenate([c.partition for c in chunks])
             end_offset = np.concatenate([c.end_offset for c in chunks])
             filled = np.concatenate([c.filled for c in chunks])
+            start_offset = np.concatenate([c.start_offset for c in chunks])
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
-                          partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64))
+                          partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
+                          start_offset.astype(np.int64))
 
     # --- commits ------------------------------------------------------------------------------
     def commit_offsets(self, last_offsets: Mapping[int, int]) -> dict[int, int]:

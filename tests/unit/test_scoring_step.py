@@ -386,3 +386,78 @@ def test_a_reading_far_ahead_of_the_clock_is_a_dead_letter_and_its_partition_kee
     # Off (None): the reading is accepted, as a replay running ahead of the clock needs.
     off = step_for(FakeModel(window_size=4))
     assert off.process([poison], now_s=T0).counts["dead_letters"] == 0
+
+
+# --- alert state and commits ---------------------------------------------------------------------
+
+def _fault_records() -> list[InputRecord]:
+    """pump: 60 readings on partition 0, offsets 0..59, pressure +5 on slots 20..39."""
+    return stream({"pump": 0}, range(60), fault=("pump", range(20, 40), "pressure", 5.0))
+
+
+def _events_of(outputs: list[BatchOutput]) -> list[tuple[str, str, float]]:
+    return [(e["status"], e["event_id"], e["start_ts"] - T0)
+            for out in outputs for _, value in out.events for e in [decode_event(value)]]
+
+
+def _policy() -> AlertPolicy:
+    return AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0.0)
+
+
+def test_a_restart_inside_an_event_replays_it_under_the_same_id() -> None:
+    # DESIGN §2/§3: same input => same event_id, so re-delivery after a crash is idempotent. The commit used
+    # to pass the start of the open event: the replay then opened it again under a new id, and the first
+    # one was never closed.
+    records = _fault_records()
+    continuous = _events_of(run_batches(ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0),
+                                                    _policy()), records, size=10))
+    assert [status for status, _, _ in continuous] == ["open", "closed"]
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    before = run_batches(step, records[:30], size=10)  # delivered and committed, then the worker dies
+    committed = before[-1].commits[(TOPIC, 0)]
+    assert _events_of(before) == continuous[:1]
+    # The run's first window ends at slot 22 (W 4: slots 19..22): the commit stays at its oldest reading.
+    assert committed == 19 and step.alert_holds == {"pump": ((TOPIC, 0), 19)}
+    restarted = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    replayed = _events_of(run_batches(restarted, records[committed:], size=10))
+    assert replayed == continuous  # "open" again (a duplicate, upserted by id), then the close
+    assert restarted.alert_holds == {}  # the event closed: nothing held any more
+
+
+def test_a_batch_without_windows_keeps_the_hold() -> None:
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    run_batches(step, _fault_records()[:30], size=10)
+    out = step.process([InputRecord(TOPIC, 0, 30, None, b"junk", None)], now_s=T0)  # a dead letter only
+    assert out.counts["dead_letters"] == 1 and out.commits[(TOPIC, 0)] == 19
+
+
+def test_a_revoked_partition_takes_its_alert_state_and_the_new_owner_keeps_the_id() -> None:
+    records = _fault_records()
+    first = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    opened = _events_of(run_batches(first, records[:30], size=10))
+    first.forget_partitions([(TOPIC, 0)])
+    assert first.alerts.entities == 0 and first.alert_holds == {}
+    second = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    carried = _events_of(run_batches(second, records[19:], size=10))
+    assert [e[1] for e in carried] == [opened[0][1]] * 2 and carried[-1][0] == "closed"
+
+
+def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -> None:
+    step = ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=2, recovery_windows=3), idle_timeout_s=60.0)
+    hot = dict(zip(SENSORS, CENTRE), pressure=6.0)
+    offset = 0
+    for k in range(50):  # 50 entities with one spike each, then silence: short runs, never an event
+        step.process([reading_record(f"tmp-{k}", k, offset, values=hot)], now_s=T0)
+        offset += 1
+    out = step.process([reading_record("pump", 50 + s, offset + s, values=hot) for s in range(3)], now_s=T0)
+    opened = [decode_event(v) for _, v in out.events]
+    assert [e["status"] for e in opened] == ["open"] and step.alerts.entities == 51
+    offset += 3
+    outs = [step.process([reading_record("steady", 100 + s, offset + i)], now_s=T0)
+            for i, s in enumerate(range(0, 600, 30))]  # stream time moves on 10 minutes
+    closed = [decode_event(v) for out in outs for _, v in out.events]
+    assert [(e["status"], e["event_id"]) for e in closed] == [("closed", opened[0]["event_id"])]
+    assert closed[0]["end_ts"] == T0 + 52  # its last window above the threshold
+    assert step.alerts.entities == 0 and step.alert_holds == {}
+    assert sum(out.counts["events_closed"] for out in outs) == 1

@@ -302,8 +302,8 @@ def _state_of(s: WindowStore) -> dict:
 
 
 def _window_tuples(windows: list[ReadyWindow]) -> list[tuple]:
-    return sorted((w.entity, w.end_ts, w.start_ts, w.partition, w.end_offset, w.filled, w.values.tolist())
-                  for w in windows)
+    return sorted((w.entity, w.end_ts, w.start_ts, w.partition, w.end_offset, w.filled, w.start_offset,
+                   w.values.tolist()) for w in windows)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -365,3 +365,17 @@ def test_ready_batch_stacks_the_windows_ready_would_hand_out() -> None:
     assert batch.end_ts.tolist() == [2.0, 4.0, 6.0, 2.0] and batch.start_ts.tolist() == [0.0, 2.0, 4.0, 0.0]
     assert batch.values[1, :, 0].tolist() == [2.0, 3.0, 4.0] and batch.end_offset.tolist() == [2, 4, 6, 10]
     assert len(s.ready_batch()) == 0
+
+
+def test_a_window_knows_the_oldest_offset_a_replay_must_start_from_to_rebuild_it() -> None:
+    # Readings at offsets 10.., one slot each: the window ending at slot 5 (W 4) holds slots 2..5, offsets 12..15.
+    s = store(w=4)
+    for slot in range(6):
+        s.add("e", r(slot, 1.0), 0, 10 + slot)
+    windows = s.ready()
+    assert [(w.end_offset, w.start_offset) for w in windows] == [(13, 10), (14, 11), (15, 12)]
+    # The same in bulk (add_many), and a gap slot filled from the reading before it keeps that reading's offset.
+    bulk = store(w=4, max_fill_steps=2)
+    bulk.add_many(["e"] * 5, np.array([0.0, 1.0, 3.0, 4.0, 5.0]), np.zeros((5, 1)), np.zeros(5, dtype=np.int64),
+                  np.arange(20, 25))
+    assert [(w.end_offset, w.start_offset) for w in bulk.ready()] == [(22, 20), (23, 21), (24, 21)]
