@@ -280,8 +280,27 @@ def cmd_config(args: argparse.Namespace) -> int:
         import dataclasses
 
         settings = _settings(args)
-        print(json.dumps(dataclasses.asdict(settings), indent=2, default=str))
+        print(json.dumps(redacted(dataclasses.asdict(settings)), indent=2, default=str))
     return 0
+
+
+_SECRET_KEY = ("password", "secret", "token", "credential", "private_key", "ssl_key")
+
+
+def redacted(doc: Any) -> Any:
+    """``doc`` (settings as plain data) with secrets masked, for printing: values of keys that name a
+    password, secret, token or key (e.g. ``kafka.client_options.sasl_plain_password``), and the password
+    in a URI's user info (``postgresql://user:***@host/db``)."""
+    import re
+
+    if isinstance(doc, dict):
+        return {k: "***" if isinstance(k, str) and any(word in k.lower() for word in _SECRET_KEY) and v
+                else redacted(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [redacted(v) for v in doc]
+    if isinstance(doc, str):
+        return re.sub(r"(?<=://)([^/:@\s]+):[^/@\s]+@", r"\1:***@", doc)
+    return doc
 
 
 # --- streaming: broker and replay (begin) -------------------------------------------------------
@@ -605,6 +624,13 @@ def _number(kind: type, low: float, strict: bool):
     return parse
 
 
+def _log_level(text: str) -> str:
+    level = str(text).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return level
+
+
 positive_int = _number(int, 0, strict=True)
 non_negative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
@@ -613,7 +639,7 @@ positive_float = _number(float, 0.0, strict=True)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly", description="Kafka-native anomaly detection for sensor streams: "
                                      "an LSTM autoencoder with MLflow tracking and model registry.")
-    parser.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"),
+    parser.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"), type=_log_level,
                         help="DEBUG, INFO, WARNING or ERROR (default INFO; env ANOMALY_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

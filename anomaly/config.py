@@ -3,7 +3,7 @@
 Sources, later wins: the defaults below, a TOML file, then ``ANOMALY_<SECTION>__<FIELD>`` environment
 variables (e.g. ``ANOMALY_MODEL__WINDOW_SIZE=32``, ``ANOMALY_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``).
 Every field carries a one-line doc (``doc(...)``) that the README's configuration reference and
-``anomaly config --reference`` are generated from. A bad value raises ``ConfigError`` naming the field
+``anomaly config reference`` are generated from. A bad value raises ``ConfigError`` naming the field
 (``model.window_size: must be >= 2, got 1``). Inside the package, code takes plain typed arguments,
 not this object.
 """

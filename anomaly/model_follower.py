@@ -76,6 +76,7 @@ class ModelFollower:
         self.swaps = 0
         self._bad: dict[str, _Failure] = {}
         self._unresolved = False  # the last check could not resolve the alias (logged once per outage)
+        self._trouble: str | None = None  # why the last check failed; None once the alias is followed again
 
         try:
             version = self._resolver(model_name, alias)
@@ -104,6 +105,12 @@ class ModelFollower:
     @property
     def version(self) -> str:
         return self._current[1]
+
+    @property
+    def trouble(self) -> str | None:
+        """Why the last check of the alias failed (registry unreachable, alias gone, the new version
+        does not load), while the current model keeps serving; None when it is followed normally."""
+        return self._trouble
 
     def poll(self) -> tuple[Detector, str] | None:
         """A newly promoted model and its version when the alias moved since the last load; else ``None``.
@@ -134,6 +141,7 @@ class ModelFollower:
             self._unresolved = False
         version = str(version)
         if version == self.version:
+            self._trouble = None
             return None
 
         bad = self._bad.get(version)
@@ -151,6 +159,7 @@ class ModelFollower:
                        f"{backoff:.0f} s): {exc}; keeping v{self.version}")
             return None
         self._bad.pop(version, None)
+        self._trouble = None
         previous = self.version
         self._current = (detector, str(loaded))
         self.swaps += 1
@@ -160,6 +169,7 @@ class ModelFollower:
     def _fail(self, reason: str, once: bool = False) -> None:
         """Count a failure and log it (an unresolvable alias is logged as a warning once per outage)."""
         self.failures += 1
+        self._trouble = reason
         if once and self._unresolved:
             log.debug("%s", reason)
         else:

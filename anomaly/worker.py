@@ -184,9 +184,11 @@ class Worker:
                     last_records = time.monotonic()  # idle time counts only once partitions are ours
                 elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
                     break
-                self.metrics.set_health("ok", assigned_partitions=len(self._consumer.assignment()),
-                                        last_batch_ts=self.clock())
                 self._follow_model()
+                trouble = self.follower.trouble  # the model serves on, but its alias cannot be followed
+                self.metrics.set_health("degraded" if trouble else "ok",
+                                        assigned_partitions=len(self._consumer.assignment()),
+                                        last_batch_ts=self.clock(), detail=trouble)
             if in_flight is not None:  # stopping: finish the batch in hand (a failure above skips this)
                 self._complete(*in_flight)
                 in_flight = None

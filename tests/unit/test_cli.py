@@ -98,3 +98,19 @@ def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path,
 def test_train_refuses_promote_without_registering(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope.csv"), "--no-register", "--promote", "--quiet"]) == 2
     assert "--no-register" in capsys.readouterr().err
+
+
+def test_config_show_masks_secrets(monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_KAFKA__CLIENT_OPTIONS", '{"sasl_plain_password": "s3cret", "sasl_plain_username": "u"}')
+    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", "postgresql://bob:hunter2@db:5432/mlflow")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out and "hunter2" not in out
+    assert '"sasl_plain_username": "u"' in out and "postgresql://bob:***@db:5432/mlflow" in out
+
+
+def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_LOG_LEVEL", "bogus")
+    with pytest.raises(SystemExit) as exit_:
+        main(["config", "show"])
+    assert exit_.value.code == 2 and "--log-level" in capsys.readouterr().err

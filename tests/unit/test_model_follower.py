@@ -93,10 +93,11 @@ def test_broken_version_keeps_current_and_is_retried_with_backoff():
     assert max(gaps) == MAX_BACKOFF_S  # ... up to the cap, never every check
     assert f.failures == len(attempts) == len(reasons)
     assert "v2, which failed to load" in reasons[0]
+    assert "v2, which failed to load" in f.trouble  # the worker's health says degraded, and why
     # A newer good version is not held back by the broken one.
     reg.alias = "3"
     clock.now += 30
-    assert f.poll() == ("detector-v3", "3")
+    assert f.poll() == ("detector-v3", "3") and f.trouble is None
 
 
 def test_registry_outage_keeps_current_and_warns_once(caplog):
@@ -107,14 +108,16 @@ def test_registry_outage_keeps_current_and_warns_once(caplog):
         for _ in range(5):
             clock.now += 10
             assert f.poll() is None
-    assert f.failures == 5 and f.current()[1] == "1"
+    assert f.failures == 5 and f.current()[1] == "1" and "registry down" in f.trouble
     assert len([r for r in caplog.records if "registry down" in r.getMessage()]) == 1
     reg.down, reg.alias = False, None  # back, but the alias was removed: still keep the model
     clock.now += 10
     assert f.poll() is None and f.failures == 6
     reg.alias = "2"
     clock.now += 10
-    assert f.poll() == ("detector-v2", "2")
+    assert f.poll() == ("detector-v2", "2") and f.trouble is None
+    clock.now += 10
+    assert f.poll() is None and f.trouble is None
 
 
 def test_a_failing_hook_does_not_break_polling():
