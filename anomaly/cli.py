@@ -238,7 +238,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = args.name or settings.mlflow.model_name
     if args.action == "list":
-        versions = registry.list_versions(args.name)
+        # --name (or --model-name / mlflow.model_name when set explicitly) narrows the list to one model.
+        explicit = args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
+        versions = registry.list_versions(explicit or None)
         if args.json:
             print(json.dumps([v.to_dict() for v in versions], indent=2))
         elif not versions:
@@ -383,8 +385,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         source = str(args.data)
     else:
         if not args.series:
-            raise AnomalyError(f"replay --dataset {args.dataset} needs --series (e.g. valve1/0, "
-                               "realKnownCause/machine_temperature_system_failure.csv, machine-1-1)")
+            example = {"skab": "valve1/0", "nab": "realKnownCause/machine_temperature_system_failure.csv",
+                       "smd": "machine-1-1"}.get(args.dataset, "")
+            raise AnomalyError(f"replay --dataset {args.dataset} needs --series (e.g. {example})")
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
         frame = replay.frame_from_dataset(args.dataset, data_dir, args.series)
         source = f"{args.dataset}:{args.series}"
@@ -668,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="run a dataset's evaluation protocol and report its metrics",
                        description="Train on each series' normal part, score the rest, and compute the dataset's "
                                    "published metrics (SKAB F1/FAR/MAR, NAB score) plus event-wise P/R/F1 and delay.")
-    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--dataset", choices=DATASETS, required=True, help="which protocol and layout: skab, nab or smd")
     p.add_argument("--data-dir", help="directory with the dataset's layout (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--json", help="write the figures as one JSON object to this file")
     p.add_argument("--report", help="Markdown report path (default results/evaluate-<dataset>.md)")

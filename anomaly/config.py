@@ -484,20 +484,34 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 loaded = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError("config", f"file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError("config", f"{path} is a directory, not a TOML file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError("config", f"{path} is not UTF-8 text: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         for section, values in loaded.items():
             if not isinstance(values, dict):
                 raise ConfigError(section, "must be a [section] table")
             raw.setdefault(section, {}).update(values)
+    from_env: dict[str, str] = {}  # field -> the variable that set it, so an error can name it
     for key, value in (os.environ if env is None else env).items():
         if not key.startswith(ENV_PREFIX) or "__" not in key:
             continue
         section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
         raw.setdefault(section, {})[name] = _EnvString(value)
+        from_env[f"{section}.{name}"] = key
+    overridden = set()
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    return build_settings(raw)
+        overridden |= {f"{section}.{k}" for k, v in values.items() if v is not None}
+    try:
+        return build_settings(raw)
+    except ConfigError as exc:
+        variable = from_env.get(exc.field)
+        if variable is None or exc.field in overridden:
+            raise
+        raise ConfigError(exc.field, f"{exc.message} (set by {variable})") from None
 
 
 def build_settings(raw: Mapping[str, Mapping[str, Any]]) -> Settings:

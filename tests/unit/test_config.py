@@ -122,3 +122,15 @@ def test_max_future_s_reaches_the_worker_and_names_itself_when_bad():
         with pytest.raises(ConfigError) as err:
             load_config(env={"ANOMALY_WORKER__MAX_FUTURE_S": bad})
         assert err.value.field == "worker.max_future_s"
+
+
+def test_an_error_in_a_value_from_the_environment_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"ANOMALY_MODEL__WINDOW_SIZE": "1"})
+    assert err.value.field == "model.window_size" and "ANOMALY_MODEL__WINDOW_SIZE" in str(err.value)
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, env={})
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b"[model]\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad, env={})
