@@ -484,6 +484,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from anomaly.scheduler import run_retrain
 
     settings = _retrain_settings(args)
+    if args.data and not Path(args.data).is_file():  # before the champion is fetched, not after
+        raise AnomalyError(f"--data {args.data}: no such file")
     result = run_retrain(settings, progress=not args.quiet, trigger="manual", data_path=args.data)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     return 1 if result.status == "failed" else 0

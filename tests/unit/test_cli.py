@@ -114,3 +114,8 @@ def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["config", "show"])
     assert exit_.value.code == 2 and "--log-level" in capsys.readouterr().err
+
+
+def test_retrain_checks_its_data_file_first(tmp_path, capsys):
+    assert main(["retrain", "--data", str(tmp_path / "nope.csv"), "--quiet"]) == 2
+    assert "nope.csv: no such file" in capsys.readouterr().err
