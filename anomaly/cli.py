@@ -736,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if getattr(args, "quiet", False):  # MLflow's own "Downloading artifacts" bars too
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.func(args) or 0)
     except AnomalyError as exc:
