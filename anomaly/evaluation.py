@@ -56,6 +56,8 @@ def _ratio(num: float, den: float) -> float:
 
 def _elapsed_seconds(timestamps: Any, n_rows: int) -> np.ndarray:
     """Seconds since the first row, as float64, from datetime64 / DatetimeIndex / numeric epoch seconds."""
+    if getattr(timestamps, "tz", None) is not None:  # a tz-aware DatetimeIndex: its UTC instants, no warning
+        timestamps = timestamps.tz_convert("UTC").tz_localize(None)
     arr = np.asarray(timestamps)
     if arr.ndim != 1 or len(arr) != n_rows:
         raise ValueError(f"timestamps must be 1-D with {n_rows} rows, got shape {arr.shape}")
@@ -279,7 +281,8 @@ NAB_NO_DETECTION_THRESHOLD = 1.1  # above every score in [0, 1]: NAB's sweep sta
 
 
 def nab_scaled_sigmoid(position: float | np.ndarray) -> float | np.ndarray:
-    """NAB's ``scaledSigmoid``: ``2·σ(−5·position) − 1``, and exactly −1 for ``position > 3``.
+    """NAB's ``scaledSigmoid``: ``2·σ(−5·position) − 1``, and exactly −1 for ``position >= 3``
+    (``nab/sweeper.py``; NAB's older ``scorer.py`` had ``> 3``: 6.7e-8 of A_FP apart at exactly 3).
 
     −1 is a window's left edge (0.98661), 0 its right edge (0.0), positive values lie past it.
     Vectorised; returns a float for a scalar input.
@@ -287,7 +290,7 @@ def nab_scaled_sigmoid(position: float | np.ndarray) -> float | np.ndarray:
     x = np.asarray(position, dtype=np.float64)
     with np.errstate(over="ignore"):  # exp(5x) overflows only where x > 3, which is replaced by -1
         val = 2.0 * (1.0 / (1.0 + np.exp(5.0 * x))) - 1.0
-    out = np.where(x > 3.0, -1.0, val)
+    out = np.where(x >= 3.0, -1.0, val)
     return float(out) if out.ndim == 0 else out
 
 
@@ -441,8 +444,8 @@ def nab_optimize(files: Iterable[NabFile], profile: NabProfile) -> tuple[float, 
     """The threshold that maximises the corpus raw score, and that score: ``(threshold, raw)``.
 
     ORACLE: the threshold is chosen on the labels, as NAB does (``optimizer.optimizeThreshold``).
-    NAB searches with a local hill climb ("twiddle") from 0.5; we sweep every distinct score exactly,
-    so our optimum is the true maximum (never below NAB's). O(N log N): rows of all files are sorted
+    Like NAB's ``Sweeper`` (NAB's first optimiser was a "twiddle" hill climb from 0.5), we sweep every
+    distinct score exactly, so the optimum is the true maximum. O(N log N): rows of all files are sorted
     by score, descending, and the score change of admitting each row is accumulated, as
     ``Sweeper.calcScoreByThreshold`` does. Ties go to the highest threshold (fewest detections);
     when detecting nothing is best, the threshold is ``NAB_NO_DETECTION_THRESHOLD`` (1.1).

@@ -183,8 +183,9 @@ def test_nab_constants_and_profiles():
     assert nab_scaled_sigmoid(0.0) == 0.0
     assert nab_scaled_sigmoid(-0.5) == pytest.approx(0.84828, abs=1e-5)
     assert nab_scaled_sigmoid(1.0) == pytest.approx(-0.98661, abs=1e-5)
-    assert nab_scaled_sigmoid(3.0) == pytest.approx(-math.tanh(7.5)) and nab_scaled_sigmoid(3.0) != -1.0
-    assert nab_scaled_sigmoid(3.0001) == -1.0  # "> 3" -> exactly -1 (current sweeper.py)
+    # ">= 3" -> exactly -1, as numenta/NAB nab/sweeper.py (03ef06a) has it (its older scorer.py had "> 3")
+    assert nab_scaled_sigmoid(3.0) == -1.0 and nab_scaled_sigmoid(2.9999) == pytest.approx(-math.tanh(7.49975))
+    assert nab_scaled_sigmoid(3.0001) == -1.0
     np.testing.assert_allclose(nab_scaled_sigmoid(np.array([-1.0, 50.0])), [T25, -1.0])
     assert [(p.a_tp, p.a_fp, p.a_fn) for p in (STANDARD, LOW_FP, LOW_FN)] == [
         (1.0, 0.11, 1.0), (1.0, 0.22, 1.0), (1.0, 0.11, 2.0)]
@@ -317,7 +318,7 @@ def test_nab_normalized_matches_published_numenta_scores():
 def _reference_raw(files, threshold, profile):
     """NAB raw score row by row, written from SCORING.md steps 2-4: slow but plainly right."""
     def ss(y):
-        return -1.0 if y > 3 else 2 / (1 + math.exp(5 * y)) - 1
+        return -1.0 if y >= 3 else 2 / (1 + math.exp(5 * y)) - 1
     max_tp = ss(-1.0)
     total = 0.0
     for f in files:
