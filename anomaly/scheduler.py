@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -128,6 +129,11 @@ def lock_path(job_store: str | Path) -> Path:
 
 def retrain_lock_path(job_store: str | Path) -> Path:
     return Path(f"{job_store}.retrain.lock")
+
+
+def last_run_path(job_store: str | Path) -> Path:
+    """The last job's outcome and times, beside the job store, so metrics and health survive a restart."""
+    return Path(f"{job_store}.last.json")
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -370,6 +376,7 @@ class RetrainScheduler:
         try:
             store = Path(self.settings.job_store)
             store.parent.mkdir(parents=True, exist_ok=True)
+            self._restore_last_run()
             self.scheduler = BackgroundScheduler(
                 jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{store}"), "memory": MemoryJobStore()},
                 executors={"default": ThreadPoolExecutor(1),  # one worker thread: one retrain at a time
@@ -455,6 +462,27 @@ class RetrainScheduler:
         if job is not None and job.next_run_time is not None:
             self.metrics.set_next_run(job.next_run_time.timestamp())
 
+    def _save_last_run(self) -> None:
+        path = last_run_path(self.settings.job_store)
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(self.metrics.last_run()), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:  # bookkeeping: never let it disturb the scheduler
+            log.warning("scheduler: could not save the last run to %s: %s", path, exc)
+
+    def _restore_last_run(self) -> None:
+        path = last_run_path(self.settings.job_store)
+        try:
+            last = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("scheduler: ignoring %s: %s", path, exc)
+            return
+        if isinstance(last, dict):
+            self.metrics.restore(last)
+
     def _on_event(self, event: Any) -> None:
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
                                         EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED)
@@ -483,10 +511,12 @@ class RetrainScheduler:
             seconds = retval.get("seconds")
             self.metrics.job_finished(outcome, seconds if isinstance(seconds, (int, float)) else None)
             self._retrain_finished()
+            self._save_last_run()
         elif code == EVENT_JOB_ERROR:
             log.error("scheduler: job %s raised %r", event.job_id, event.exception)
             self.metrics.job_finished("error")
             self._retrain_finished()
+            self._save_last_run()
         elif code == EVENT_JOB_MISSED:
             log.warning("scheduler: job %s missed its run at %s (over misfire_grace_s=%s); skipped",
                         event.job_id, event.scheduled_run_time, self.settings.misfire_grace_s)

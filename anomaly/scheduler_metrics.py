@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -108,6 +108,22 @@ class SchedulerMetrics:
             self.last_success_ts.set(now)
         if duration_s is not None:
             self.last_duration.set(max(float(duration_s), 0.0))
+
+    def restore(self, last: Mapping[str, Any]) -> None:
+        """Carry the last run's outcome and times over a restart (``last``: what ``last_run`` gave, as the
+        scheduler saved it), so "no successful run for 3 days" and ``/healthz`` do not start from zero."""
+        for name, gauge in (("last_run_ts", self.last_run_ts), ("last_success_ts", self.last_success_ts)):
+            value = last.get(name)
+            if isinstance(value, (int, float)) and value > 0:
+                gauge.set(float(value))
+        if last.get("last_outcome") in OUTCOMES:
+            self._last_outcome = last["last_outcome"]
+
+    def last_run(self) -> dict[str, Any]:
+        """The last run's outcome and times, for ``restore`` after a restart."""
+        return {"last_run_ts": self.value(f"{PREFIX}_last_run_timestamp_seconds"),
+                "last_success_ts": self.value(f"{PREFIX}_last_success_timestamp_seconds"),
+                "last_outcome": self._last_outcome}
 
     def job_missed(self) -> None:
         self.missed.inc()

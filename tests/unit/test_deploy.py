@@ -48,7 +48,7 @@ CLI_ENV = ("ANOMALY_LOG_LEVEL", "ANOMALY_DATASETS")
 # Metrics the dashboard and rules may use that the code does not export, and who exports them.
 EXTERNAL_METRICS = {"up": "Prometheus itself", "kafka_consumergroup_lag": "kafka-exporter (Strimzi's Kafka Exporter)"}
 # Kubernetes files that kustomization.yaml leaves out on purpose (its header says why).
-K8S_NOT_IN_KUSTOMIZATION = {"kustomization.yaml", "secret.example.yaml", "train-job.yaml",
+K8S_NOT_IN_KUSTOMIZATION = {"kustomization.yaml", "secret.example.yaml", "train-job.yaml", "data-loader.yaml",
                             "kafka/strimzi.yaml", "monitoring/podmonitor.yaml", "monitoring/prometheusrule.yaml"}
 CONFIG_MOUNT = "/etc/anomaly/anomaly.toml"
 

@@ -184,3 +184,37 @@ def test_a_restart_applies_a_changed_misfire_grace_to_the_kept_job(tmp_path):
             scheduler.stop()
     assert [grace for grace, _ in seen] == [3600, 10]
     assert seen[0][1] == seen[1][1]  # the same job, kept: its stored next run time too
+
+
+def test_the_last_run_survives_a_restart(tmp_path):
+    # A restarted scheduler used to report no success ever: "no successful retraining run for 3 days"
+    # fired after the first failed run following any restart.
+    from anomaly.config import SchedulerSettings
+    from anomaly.scheduler import RetrainScheduler, last_run_path
+
+    settings = SchedulerSettings(job_store=str(tmp_path / "s.db"), metrics_port=-1)
+    first = RetrainScheduler(settings, {"config": None}, metrics=SchedulerMetrics(clock=lambda: 1_000.0))
+    first.start()
+    try:
+        first.metrics.job_started()
+        first.metrics.job_finished("kept")
+        first._save_last_run()
+    finally:
+        first.stop()
+    assert last_run_path(settings.job_store).exists()
+    second = RetrainScheduler(settings, {"config": None}, metrics=SchedulerMetrics(clock=lambda: 5_000.0))
+    second.start()
+    try:
+        health = second.metrics.health()
+        assert health["last_success_ts"] == 1_000.0 and health["last_outcome"] == "kept"
+        second.metrics.job_started()
+        second.metrics.job_finished("failed")
+        health = second.metrics.health()
+        assert health["last_success_ts"] == 1_000.0 and health["last_run_ts"] == 5_000.0
+        assert health["status"] == "degraded"
+    finally:
+        second.stop()
+    last_run_path(settings.job_store).write_text("not json")
+    third = RetrainScheduler(settings, {"config": None})
+    third.start()  # a damaged file is ignored, not fatal
+    third.stop()
