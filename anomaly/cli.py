@@ -160,6 +160,9 @@ def cmd_score(args: argparse.Namespace) -> int:
                                max_fill_steps=settings.data.max_fill_steps)
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
+    gap_windows = prepared.gap_windows(w)
+    if gap_windows.any():  # a window over an outage the fill policy does not bridge gets no score
+        scored.scores[gap_windows] = np.nan
     scores = rows_from_windows(scored.scores, n, w)
     bars = detector.threshold.series_bars(scores)  # the fitted value, moved by the model's adaptive or episode rule if any
     flags = scores > bars

@@ -136,17 +136,24 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
                  train_config: TrainConfig, threshold_method: str = "pot",
                  threshold_params: dict[str, Any] | None = None, scaler_method: str = "standard",
                  stride: int = 1, callbacks: Sequence[TrainCallback] = (), period_s: float | None = None,
-                 progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+                 progress_desc: str = "training", gaps: np.ndarray | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit scaler, network and threshold on gap-free training readings (T, F) in original units.
 
     ``model_params`` are the ModelConfig fields other than ``n_features`` (``window_size`` required).
+    ``gaps`` (T,) bool marks rows that only stand in for a gap (``Prepared.gaps``): the scaler ignores
+    them and no window touching one trains or validates.
     Returns the detector, the training result and the validation window scores the threshold was
     fitted on.
     """
     train_values = np.asarray(train_values, dtype=np.float64)
-    scaler = fit_scaler(train_values, list(sensors), scaler_method)
+    gaps = None if gaps is None or not np.any(gaps) else np.asarray(gaps, dtype=bool)
+    scaler = fit_scaler(train_values if gaps is None else train_values[~gaps], list(sensors), scaler_method)
     config = ModelConfig(n_features=len(sensors), **model_params)
     windows = make_windows(scaler.transform(train_values), config.window_size, stride)
+    if gaps is not None:
+        counts = np.concatenate([[0], np.cumsum(gaps, dtype=np.int64)])
+        starts = np.arange(len(windows)) * stride
+        windows = windows[counts[starts + config.window_size] - counts[starts] == 0]
     result = train_autoencoder(windows, config, train_config, callbacks, progress_desc)
     val_scores = window_scores(result.model, result.val_windows).scores
     threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))

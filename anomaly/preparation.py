@@ -28,6 +28,18 @@ class Prepared:
     period_s: float
     issues: list[SensorIssue] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # (T,) bool: rows inside a gap the fill policy does not bridge (longer than ``max_fill_steps``, before a
+    # sensor's first reading, or any gap with ``fill = "none"``). ``values`` holds stand-ins there so arrays
+    # stay gap-free, but no window touching such a row trains, validates, or gets a score. None: no such row.
+    gaps: np.ndarray | None = None
+
+    def gap_windows(self, window_size: int) -> np.ndarray:
+        """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
+        n = max(len(self.values) - window_size + 1, 0)
+        if self.gaps is None or not self.gaps.any():
+            return np.zeros(n, dtype=bool)
+        counts = np.concatenate([[0], np.cumsum(self.gaps, dtype=np.int64)])
+        return (counts[window_size:window_size + n] - counts[:n]) > 0
 
     def report(self) -> dict[str, object]:
         return {"sensors": self.sensors, "dropped": self.dropped, "rows": len(self.values),
@@ -69,6 +81,20 @@ def fill_rows(values: np.ndarray) -> np.ndarray:
     return frame.ffill().bfill().fillna(0.0).to_numpy()
 
 
+def fill_rows_split(values: np.ndarray, train_rows: int) -> np.ndarray:
+    """``fill_rows`` that never fills a training row from a later one: the first ``train_rows`` rows are
+    filled on their own, the rest forward-filled on from them (a back-fill over the whole series would
+    carry a test value into the training rows, and so into the scaler and the threshold)."""
+    values = np.asarray(values, dtype=np.float64)
+    train = fill_rows(values[:train_rows])
+    if train_rows >= len(values):
+        return train
+    if not len(train):
+        return fill_rows(values)
+    rest = pd.DataFrame(np.vstack([train[-1:], values[train_rows:]])).ffill().to_numpy()[1:]
+    return np.vstack([train, rest])
+
+
 def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
     if sensors:
         missing = [s for s in sensors if s not in frame.columns]
@@ -83,7 +109,11 @@ def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
 
 def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, issues: list[SensorIssue],
             dropped: list[str]) -> Prepared:
-    values = fill_rows(frame.to_numpy(dtype=np.float64))
-    return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=values, sensors=list(frame.columns),
+    raw = frame.to_numpy(dtype=np.float64)
+    gaps = np.isnan(raw).any(axis=1)  # what the grid's fill policy left unfilled
+    if gaps.any():
+        log.warning("%d of %d grid rows lie in gaps the fill policy does not bridge; windows touching them are "
+                    "left out", int(gaps.sum()), len(gaps))
+    return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
                     missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
-                    issues=issues, dropped=dropped)
+                    issues=issues, dropped=dropped, gaps=gaps if gaps.any() else None)

@@ -27,7 +27,7 @@ from anomaly.transitions import transition_surprise
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import LabelledSeries
 from anomaly.train_job import fit_values
-from anomaly.preparation import fill_rows
+from anomaly.preparation import fill_rows_split
 from anomaly.scaling import fit_scaler
 from anomaly.windowing import rows_from_windows
 
@@ -89,7 +89,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     (default: the first test row). Windows may reach back into training rows: a stream has that past.
     Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
     starts there, as a worker's would when the model is deployed."""
-    values = fill_rows(series.frame.to_numpy(dtype=np.float64))
+    values = fill_rows_split(series.frame.to_numpy(dtype=np.float64), series.train_rows)  # no test value fills a training row
     sensors = tuple(str(c) for c in series.frame.columns)
     started = time.perf_counter()
     detector, fitted, validation_scores = fit_values(values[: series.train_rows], sensors, settings)

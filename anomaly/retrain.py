@@ -598,6 +598,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill=settings.data.fill,
                                    max_fill_steps=settings.data.max_fill_steps)
         values = prepared.values
+        gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)
         if raw_labels is not None:
             labels = label_rows(_epoch_s(frame.index), raw_labels.to_numpy() > 0,
                                 prepared.timestamps[0].timestamp(), float(prepared.period_s), len(values))
@@ -610,6 +611,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             flagged = scored.end_rows[champion.threshold.series_flags(scored.scores)]
             drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
+        drop = drop | gaps  # stand-ins for outages the fill policy does not bridge: neither train nor hold out
         train_segs, hold_segs = split_segments(~drop, rt.holdout_fraction, w)
         heads, tails_of_entity = split_rows(train_segs, settings.training.validation_fraction, w)
         for parts, segs in ((train_parts, heads), (val_parts, tails_of_entity)):

@@ -42,9 +42,11 @@ def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
 
 
 def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
-               progress: bool = False, progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
+               progress: bool = False, progress_desc: str = "training",
+               gaps: np.ndarray | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit a detector on gap-free readings (T, F) with the settings' data, model, training and
-    threshold sections (``threshold.scale`` applied)."""
+    threshold sections (``threshold.scale`` applied); ``gaps`` (T,) marks stand-in rows no window may
+    touch (``Prepared.gaps``)."""
     th = settings.threshold
     config = train_config(settings, progress)
     if settings.training.fast:
@@ -56,7 +58,8 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     detector, result, val_scores = fit_detector(
         values, sensors, settings.model.model_params(), config,
         threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,
-        stride=settings.training.stride, callbacks=callbacks, period_s=period_s, progress_desc=progress_desc)
+        stride=settings.training.stride, callbacks=callbacks, period_s=period_s, progress_desc=progress_desc,
+        gaps=gaps)
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
@@ -73,7 +76,7 @@ def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = T
         progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit a detector on prepared data (see ``fit_values``)."""
     return fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s, callbacks=callbacks,
-                      progress=progress, progress_desc=progress_desc)
+                      progress=progress, progress_desc=progress_desc, gaps=prepared.gaps)
 
 
 def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",

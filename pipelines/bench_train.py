@@ -219,7 +219,7 @@ def load_windows(size: Size, data_root: Path) -> np.ndarray:
     else:
         frame = datasets.load_smd(data_root / "smd", ["machine-1-2"])[0].train
         scaler_method = "standard"
-    values = fill_rows(frame.to_numpy(dtype=np.float64))[: size.rows]
+    values = fill_rows(frame.to_numpy(dtype=np.float64)[: size.rows])
     sensors = [str(c) for c in frame.columns]
     scaled = fit_scaler(values, sensors, scaler_method).transform(values)
     return make_windows(np.asarray(scaled, dtype=np.float32), size.dims.window_size, size.stride)

@@ -52,7 +52,7 @@ from anomaly import evaluation
 from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
-from anomaly.preparation import fill_rows
+from anomaly.preparation import fill_rows_split
 from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_finish,
                                nab_novelty, nab_record_scores, nab_transitions, profile_settings, score_series)
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             series = {s.name: s for s in load_nab(nab_dir)}
             for f in files:  # as collect keeps them: score_series' gap-filled readings
                 s = series[f["name"]]
-                f.setdefault("values", fill_rows(s.frame.to_numpy(dtype=np.float64)))
+                f.setdefault("values", fill_rows_split(s.frame.to_numpy(dtype=np.float64), s.train_rows))
                 f.setdefault("train_rows", s.train_rows)
                 if "novelty" not in f:
                     f["novelty"] = nab_novelty(f["values"], f["train_rows"])

@@ -171,3 +171,61 @@ def test_sensor_with_no_observation_is_mostly_missing():
     frame = _frame([0, 1], x=[NAN, NAN], y=[1, 2])
     issues = sensor_quality(frame, max_missing_fraction=1.0)
     assert [(i.sensor, i.kind) for i in issues] == [("x", "mostly_missing")]
+
+
+# --- prepared data: gaps the fill policy does not bridge -------------------------------------------
+
+def test_a_gap_longer_than_max_fill_steps_is_marked_and_no_window_touching_it_trains():
+    """prepare_training used to forward-fill every gap after the grid (a 10-slot outage became a flat
+    line the model trained on), so max_fill_steps and fill = "none" did nothing there."""
+    from anomaly.detector import fit_detector
+    from anomaly.preparation import prepare_scoring, prepare_training
+    from anomaly.training import TrainConfig
+
+    rng = np.random.default_rng(0)
+    seconds = [s for s in range(200) if not 100 <= s < 110]  # a 10-slot outage
+    frame = _frame(seconds, a=rng.normal(size=190), b=rng.normal(size=190))
+    prepared = prepare_training(frame, period_s=1.0, max_fill_steps=2)
+    assert np.isfinite(prepared.values).all()  # arrays stay gap-free (stand-ins) ...
+    np.testing.assert_array_equal(np.flatnonzero(prepared.gaps), np.arange(100, 110))  # ... the gap is marked
+    gap_windows = prepared.gap_windows(8)
+    assert gap_windows.sum() == 10 + 8 - 1 and gap_windows[93] and not gap_windows[92] and not gap_windows[110]
+    short = prepare_training(frame, period_s=1.0, max_fill_steps=20)  # bridged: no gap
+    assert short.gaps is None and not short.gap_windows(8).any()
+    assert prepare_scoring(frame, ["a", "b"], period_s=1.0, fill="none").gaps.sum() == 10
+
+    seen = []
+    import anomaly.detector as detector_module
+    real = detector_module.train_autoencoder
+
+    def spy(windows, *args, **kwargs):
+        seen.append(windows.copy())
+        return real(windows, *args, **kwargs)
+
+    detector_module.train_autoencoder = spy
+    try:
+        stand_in = prepared.values.copy()
+        stand_in[prepared.gaps] = 1e6  # whatever stands in for the gap must not matter
+        config = TrainConfig(epochs=1, batch_size=32, device="cpu", progress=False, cpu_threads=1)
+        det, _, _ = fit_detector(stand_in, prepared.sensors, {"window_size": 8, "hidden_size": 4, "latent_size": 2},
+                                 config, threshold_method="quantile", threshold_params={"q": 0.9}, gaps=prepared.gaps)
+    finally:
+        detector_module.train_autoencoder = real
+    assert len(seen[0]) == (200 - 8 + 1) - (10 + 8 - 1)  # every window but those touching the gap
+    assert np.abs(seen[0]).max() < 10  # no stand-in reached the network, and the scaler ignored them
+    assert max(abs(c) for c in det.scaler.centre) < 1
+
+
+def test_benchmark_protocols_never_fill_a_training_row_from_a_test_row():
+    from anomaly.preparation import fill_rows_split
+
+    values = np.array([[NAN, 1.0], [NAN, 2.0], [NAN, NAN], [555.0, 4.0], [NAN, 5.0]])
+    out = fill_rows_split(values, train_rows=3)
+    np.testing.assert_array_equal(out[:3], [[0.0, 1.0], [0.0, 2.0], [0.0, 2.0]])  # no 555 back-filled into training
+    np.testing.assert_array_equal(out[3:], [[555.0, 4.0], [555.0, 5.0]])
+    moved = values.copy()
+    moved[3, 0] = -1e6  # a test value changes nothing before it
+    np.testing.assert_array_equal(fill_rows_split(moved, 3)[:3], out[:3])
+    full = np.arange(10.0).reshape(5, 2)
+    np.testing.assert_array_equal(fill_rows_split(full, 3), full)
+    np.testing.assert_array_equal(fill_rows_split(values, 0)[3:], [[555.0, 4.0], [555.0, 5.0]])
