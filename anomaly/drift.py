@@ -95,7 +95,16 @@ def reference_from_run(version: str, metrics: Mapping[str, float], params: Mappi
     if threshold is None:
         return None
     val_far = _finite(metrics.get("val_false_alarm_rate"))
-    expected = val_far if val_far is not None and val_far > 0 else nominal_alarm_rate(params or {})
+    n_val = _finite(metrics.get("val_windows"))
+    if val_far is not None and val_far > 0:
+        expected = val_far
+    elif val_far is not None:
+        # No validation window was above the threshold (e.g. a scaled one): the mass above it is below
+        # 1 / (n + 1), not the policy's nominal rate, which the unchanged live scores would then miss
+        # by a PSI of ~0.3, a false "drift".
+        expected = 1.0 / (n_val + 1.0) if n_val is not None and n_val >= 1 else PSI_FLOOR
+    else:
+        expected = nominal_alarm_rate(params or {})  # a run that did not record its validation rate
     if expected is None or not 0 < expected < 1:
         expected = PSI_FLOOR
     # The threshold is authoritative (it decides alarms); a validation quantile that disagrees with it

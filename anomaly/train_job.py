@@ -107,6 +107,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
                    "threshold": detector.threshold.value, "train_seconds": result.seconds,
                    "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
+                   "val_windows": float(len(val_scores)),
                    "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
         run.log_metrics(metrics)
         run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anomaly.config import build_settings
-from anomaly.drift import (Assessment, DriftBounds, DriftGate, LiveScore, Reference, ScoreWindow, assess,
+from anomaly.drift import (PSI_FLOOR, Assessment, DriftBounds, DriftGate, LiveScore, Reference, ScoreWindow, assess,
                            bin_proportions, nominal_alarm_rate, parse_score_record, psi, reference_from_run)
 from anomaly.errors import ConfigError
 from anomaly.scheduler_metrics import SchedulerMetrics
@@ -35,10 +35,16 @@ def test_reference_from_run_has_the_validation_cut_points():
 
 
 def test_reference_falls_back_to_the_policys_nominal_rate_and_drops_disagreeing_points():
-    # No validation window above the threshold: the pot risk is the expected alarm rate.
-    ref = reference_from_run("1", {**METRICS, "val_false_alarm_rate": 0.0}, {"threshold.method": "pot",
-                                                                             "threshold.risk": "0.002"})
+    # No validation rate recorded: the pot risk is the expected alarm rate.
+    no_rate = {k: v for k, v in METRICS.items() if k != "val_false_alarm_rate"}
+    ref = reference_from_run("1", no_rate, {"threshold.method": "pot", "threshold.risk": "0.002"})
     assert ref.expected_alarm_rate == 0.002 and ref.cdf[-1] == pytest.approx(0.998)
+    # No validation window above the threshold: at most 1 / (n + 1) of the mass is above it (the nominal
+    # 1 - q claimed mass the unchanged live scores then missed: a false "drift" at PSI ~0.3).
+    ref = reference_from_run("1", {**METRICS, "val_false_alarm_rate": 0.0, "val_windows": 499.0},
+                             {"threshold.method": "quantile", "threshold.q": "0.95"})
+    assert ref.expected_alarm_rate == pytest.approx(0.002)
+    assert reference_from_run("1", {**METRICS, "val_false_alarm_rate": 0.0}).expected_alarm_rate == PSI_FLOOR
     # A threshold below p99 with 5 % above it: consistent, all three points kept in order.
     low = reference_from_run("1", {**METRICS, "threshold": 2.0, "val_false_alarm_rate": 0.05})
     assert low.values == pytest.approx((math.log(2), 2.0, math.log(100))) and low.cdf == pytest.approx((0.5, 0.95, 0.99))
@@ -203,3 +209,17 @@ def test_drift_monitor_without_a_reference_gives_no_verdict():
     none = DriftMonitor(settings, metrics, reader=ListReader([]), resolver=lambda name, alias: None,
                         reference_for=lambda name, version: reference())
     assert none.check() is None
+
+
+def test_unchanged_scores_are_not_drift_when_validation_had_no_alarm():
+    rng = np.random.default_rng(3)
+    val = rng.gamma(2.0, 0.1, size=98)  # SKAB-sized validation
+    threshold = float(val.max() * 1.05)  # scaled above every validation window
+    metrics = {"threshold": threshold, "val_false_alarm_rate": float(np.mean(val > threshold)),
+               "val_score_p50": float(np.median(val)), "val_score_p99": float(np.quantile(val, 0.99)),
+               "val_windows": float(len(val))}
+    assert metrics["val_false_alarm_rate"] == 0.0
+    ref = reference_from_run("1", metrics, {"threshold.method": "quantile", "threshold.q": "0.95"})
+    live = rng.choice(val, size=5000)
+    verdict = assess(live, ref, DriftBounds(psi_threshold=0.25, max_alarm_rate=0.05, min_samples=1000))
+    assert verdict.verdict == "ok", verdict
