@@ -60,8 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_alias(args.alias)  # before the training run, not after it
     if args.data:
-        frame = tables.read_table(args.data, timestamp_col=settings.data.timestamp_column)
-        frame, _ = tables.split_labels(frame)
+        frame = _one_entity_table(args.data, settings)
         source, dataset = str(args.data), "custom"
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
@@ -155,7 +154,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
-    frame, _ = tables.split_labels(tables.read_table(args.data, timestamp_col=settings.data.timestamp_column))
+    frame = _one_entity_table(args.data, settings)
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.data.max_fill_steps)
     scored = detector.score_values(prepared.values)
@@ -184,6 +183,27 @@ def cmd_score(args: argparse.Namespace) -> int:
                       "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": n,
                       "flagged_rows": int(flags.sum()), "spans": spans}, indent=2))
     return 0
+
+
+def _one_entity_table(path: str, settings: Any) -> Any:
+    """A ``--data`` table's readings: ground truth (``anomaly``/``changepoint``/``label`` and
+    ``retrain.label_field``) split off, and the ``data.entity_column`` checked to hold one entity (the
+    rows of several would land on one grid, each slot keeping one of them)."""
+    from anomaly import tables
+
+    frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
+                              entity_col=settings.data.entity_column)
+    frame, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
+    if tables.ENTITY_COLUMN in frame.columns:
+        entities = sorted(frame[tables.ENTITY_COLUMN].unique())
+        if len(entities) > 1:
+            raise AnomalyError(f"{path} holds {len(entities)} entities in {settings.data.entity_column!r} "
+                               f"({', '.join(map(str, entities[:5]))}{', ...' if len(entities) > 5 else ''}): "
+                               "this command takes one entity's table; filter the file to one entity "
+                               "(a model shared by a fleet is trained by `anomaly retrain --data FILE` from a "
+                               "first champion)")
+        frame = frame.drop(columns=[tables.ENTITY_COLUMN])
+    return frame
 
 
 # --- worker --------------------------------------------------------------------------------------

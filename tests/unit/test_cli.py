@@ -119,3 +119,18 @@ def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
 def test_retrain_checks_its_data_file_first(tmp_path, capsys):
     assert main(["retrain", "--data", str(tmp_path / "nope.csv"), "--quiet"]) == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
+
+
+def test_train_refuses_a_table_of_several_entities_and_keeps_labels_out_of_the_sensors(tmp_path, monkeypatch, capsys):
+    from anomaly.cli import _one_entity_table
+    from anomaly.config import load_config
+
+    path = tmp_path / "fleet.csv"
+    path.write_text("ts,machine,temp,fault\n2026-01-01T00:00:00Z,1,40,0\n2026-01-01T00:00:01Z,2,41,1\n")
+    monkeypatch.setenv("ANOMALY_DATA__ENTITY_COLUMN", "machine")
+    monkeypatch.setenv("ANOMALY_RETRAIN__LABEL_FIELD", "fault")
+    assert main(["train", "--data", str(path), "--no-register", "--quiet"]) == 2
+    assert "holds 2 entities in 'machine'" in capsys.readouterr().err
+    one = tmp_path / "one.csv"
+    one.write_text("ts,machine,temp,fault\n2026-01-01T00:00:00Z,1,40,0\n2026-01-01T00:00:01Z,1,41,1\n")
+    assert list(_one_entity_table(str(one), load_config())) == ["temp"]  # no entity id, no label as a sensor
