@@ -55,7 +55,7 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
     the model version and the top sensors with their share and actual vs expected values.
     """
     status = str(event.get("status", "?")).upper()
-    entity = event.get("entity", "?")
+    entity = str(event.get("entity", "?"))
     model = event.get("model") or {}
     version = model.get("version", "?") if isinstance(model, Mapping) else "?"
     sensors = event.get("sensors") or []
@@ -89,8 +89,11 @@ class EventFeed:
 
     def __init__(self, bootstrap_servers: str, topic: str, on_line: Callable[[str], None] = print,
                  client_options: Mapping[str, Any] | None = None,
-                 annotate: Callable[[Mapping[str, Any]], str] | None = None) -> None:
+                 annotate: Callable[[Mapping[str, Any]], str] | None = None, from_end: bool = False) -> None:
+        """``from_end``: show only events written after the feed starts (a shared broker's topic holds
+        earlier sessions' events); otherwise the topic from its beginning."""
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.from_end = from_end
         self.on_line = on_line
         self.annotate = annotate  # an extra note per event (``anomaly up``: does SKAB label a fault there?)
         self.client_options = dict(client_options or {})
@@ -114,16 +117,21 @@ class EventFeed:
         """Decode one record value and show it (the thread calls this; tests may too)."""
         try:
             event = json.loads(value)
-        except (ValueError, UnicodeDecodeError):
+        except (TypeError, ValueError, UnicodeDecodeError):  # TypeError: a tombstone (no value)
             log.warning("event feed: a record on %s is not JSON; skipped", self.topic)
             return
         if not isinstance(event, dict):
             return
+        try:
+            line = format_event(event)
+            note = self.annotate(event) if self.annotate is not None else ""
+        except Exception as exc:  # one odd record must not end the feed (a viewer, not a validator)
+            log.warning("event feed: a record on %s is not an event we can show (%s); skipped", self.topic, exc)
+            return
         self.counts[str(event.get("status", "?"))] += 1
         if event.get("status") == "open":
             self.entities[str(event.get("entity", "?"))] += 1
-        note = self.annotate(event) if self.annotate is not None else ""
-        self.on_line(format_event(event) + (f"  [{note}]" if note else ""))
+        self.on_line(line + (f"  [{note}]" if note else ""))
 
     def _run(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
@@ -144,7 +152,10 @@ class EventFeed:
                 return
             tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
             consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
+            if self.from_end:
+                consumer.seek_to_end(*tps)
+            else:
+                consumer.seek_to_beginning(*tps)
             while not self._stop.is_set():
                 for records in consumer.poll(timeout_ms=POLL_MS).values():
                     for record in records:

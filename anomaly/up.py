@@ -32,7 +32,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,12 @@ class FleetReplay:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def _counted(self, stream: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+        """``stream``, counting each reading into ``sent`` as the replay takes it to send."""
+        for item in stream:
+            self.sent += 1
+            yield item
+
     def _run(self) -> None:
         from anomaly.replay import replay
 
@@ -413,11 +419,10 @@ class FleetReplay:
                 next_start = start + fleet_span_s(self.frames)
                 if self.on_round is not None:
                     self.on_round(start)
-                stream = fleet_stream(self.frames, start_ts=start)
+                stream = self._counted(fleet_stream(self.frames, start_ts=start))
+                self.rounds += 1  # rounds begun: the one a stop cuts short counts too
                 stats = replay(self.bootstrap, self.topic, stream, speed=self.speed,
                                client_options=self.client_options, progress=False, clock=_StoppableClock(self._stop))
-                self.rounds += 1
-                self.sent += stats.sent
                 log.info("fleet replay round %d done: %d readings", self.rounds, stats.sent)
                 if not self.loop:
                     break
@@ -434,10 +439,10 @@ def load_fleet(data_dir: Path, fleet: Sequence[str]) -> list[tuple[str, Any]]:
     """``[(entity, LabelledSeries)]`` for the fleet; a missing dataset or series is a ``DataError`` that says where."""
     from anomaly import datasets
 
-    if not (data_dir / "data").is_dir():
-        raise DataError(f"SKAB not found at {data_dir} (expected {data_dir}/data/valve1/0.csv ...): pass --data-dir "
-                        "or set ANOMALY_DATASETS to the folder holding skab/")
-    by_name = {s.name: s for s in datasets.load_skab(data_dir)}
+    try:  # load_skab takes the dataset folder or its data/ folder
+        by_name = {s.name: s for s in datasets.load_skab(data_dir)}
+    except DataError as exc:
+        raise DataError(f"{exc}: pass --data-dir or set ANOMALY_DATASETS to the folder holding skab/") from None
     missing = [name for name in fleet if name not in by_name]
     if missing:
         raise DataError(f"no SKAB series {', '.join(missing)} in {data_dir}; e.g. {', '.join(sorted(by_name)[:6])}")
@@ -497,8 +502,9 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):
+    """Ctrl-C/SIGTERM during start-up. A BaseException, so start-up code that catches ``Exception`` (MLflow's,
+    the registry adapter's) cannot turn a stop into an error."""
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -524,8 +530,12 @@ def run(settings: Settings, options: UpOptions) -> int:
     state = options.state_dir
     state.mkdir(parents=True, exist_ok=True)
     config_path = state / "anomaly.toml"
-    # The fleet replay runs the stream's clock `speed` times faster than the wall clock, on purpose.
-    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, max_future_s=-1.0))
+    # The fleet replay runs the stream's clock `speed` times faster than the wall clock, on purpose; the
+    # scheduler's job store is this session's, beside its logs (not an operator's shared one under mlruns/).
+    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, max_future_s=-1.0),
+                                   scheduler=dataclasses.replace(settings.scheduler,
+                                                                 job_store=str(state / "scheduler.db")))
+    (state / "summary.json").unlink(missing_ok=True)  # a failed session must not leave the last one's
     config_path.write_text(to_toml(settings), encoding="utf-8")
     env = child_env()
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
@@ -557,8 +567,8 @@ def run(settings: Settings, options: UpOptions) -> int:
         tracking.configure(m.tracking_uri, m.registry_uri)
         champion = registry.alias_version(m.model_name, w.model_alias)
         if server_cmd is not None:
-            children["mlflow"] = Child("mlflow", server_cmd, state / "mlflow.log",
-                                       child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})).start()
+            _start(children, Child("mlflow", server_cmd, state / "mlflow.log",
+                                   child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})))
         if champion is None:
             champion = train_first_champion(settings, fleet, options.data_dir)
         else:
@@ -566,11 +576,11 @@ def run(settings: Settings, options: UpOptions) -> int:
         if "mlflow" in children and ui:
             wait_http(f"{ui}/health", children["mlflow"], MLFLOW_READY_S, "the MLflow server")
 
-        children["worker"] = Child("worker", [*python_cli, "worker", "--config", str(config_path)],
-                                   state / "worker.log", env).start()
-        children["scheduler"] = Child("scheduler", [*python_cli, "scheduler", "--config", str(config_path),
-                                                    "--interval-s", f"{options.retrain_every_s:g}"],
-                                      state / "scheduler.log", env).start()
+        _start(children, Child("worker", [*python_cli, "worker", "--config", str(config_path)],
+                               state / "worker.log", env))
+        _start(children, Child("scheduler", [*python_cli, "scheduler", "--config", str(config_path),
+                                             "--interval-s", f"{options.retrain_every_s:g}"],
+                               state / "scheduler.log", env))
         if w.metrics_port > 0:
             wait_http(f"http://{w.metrics_host}:{w.metrics_port}/healthz", children["worker"], WORKER_READY_S,
                       "the worker")
@@ -582,7 +592,8 @@ def run(settings: Settings, options: UpOptions) -> int:
             _write_json(state / "fleet.json", {"bootstrap": bootstrap, "events_topic": k.events_topic, **truth.manifest()})
 
         feed = EventFeed(bootstrap, k.events_topic, client_options=k.client_options, annotate=tally.note,
-                         on_line=(lambda line: print(line, flush=True)) if options.console else (lambda line: None)
+                         on_line=(lambda line: print(line, flush=True)) if options.console else (lambda line: None),
+                         from_end=broker is None,  # a broker we did not start holds earlier sessions' events
                          ).start()
         fleet_replay = FleetReplay(bootstrap, k.input_topic, [(e, series.frame) for e, series in fleet], options.speed,
                                    options.loop, k.client_options, on_round=on_round).start()
@@ -602,14 +613,15 @@ def run(settings: Settings, options: UpOptions) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    if feed is not None and tally is not None:
-        summary = {"events": dict(feed.counts), "opened_on_labelled_faults": tally.on_fault,
-                   "opened_without_fault_label": tally.off_fault, "entities_with_events": sorted(feed.entities),
-                   "replay_rounds": fleet_replay.rounds if fleet_replay else 0,
-                   "readings_replayed": fleet_replay.sent if fleet_replay else 0}
-        _write_json(state / "summary.json", summary)
-        print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
-              f"readings replayed: {summary['readings_replayed']} (summary in {state / 'summary.json'})", flush=True)
+            if feed is not None and tally is not None:  # a session that failed gets its summary too
+                summary = {"events": dict(feed.counts), "opened_on_labelled_faults": tally.on_fault,
+                           "opened_without_fault_label": tally.off_fault, "entities_with_events": sorted(feed.entities),
+                           "replay_rounds": fleet_replay.rounds if fleet_replay else 0,
+                           "readings_replayed": fleet_replay.sent if fleet_replay else 0}
+                _write_json(state / "summary.json", summary)
+                print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
+                      f"readings replayed: {summary['readings_replayed']} (summary in {state / 'summary.json'})",
+                      flush=True)
     return code
 
 
@@ -654,6 +666,12 @@ def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker:
         if fleet_replay.error is not None:
             raise UpError(f"the fleet replay failed: {fleet_replay.error}")
     return 0
+
+
+def _start(children: dict[str, Child], child: Child) -> None:
+    """Register ``child`` before starting it, so a Ctrl-C that lands in between still stops it in order."""
+    children[child.name] = child
+    child.start()
 
 
 def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any) -> None:

@@ -127,6 +127,39 @@ def test_event_feed_counts_and_annotates_and_skips_garbage():
     feed.handle(json.dumps({**EVENT, "status": "closed"}).encode())
     assert feed.counts == {"open": 1, "closed": 1} and feed.entities == {"pump-2": 1}
     assert len(lines) == 2 and lines[0].endswith("[note]")
+    # Records that are JSON but not events we can show are skipped too: they used to end the feed's thread.
+    for odd in (None, json.dumps({**EVENT, "entity": None}).encode(), json.dumps({**EVENT, "entity": [1]}).encode(),
+                json.dumps({**EVENT, "status": "closed", "end_ts": "later"}).encode()):
+        feed.handle(odd)
+    feed.handle(json.dumps(EVENT).encode())
+    assert feed.counts["open"] >= 2 and lines[-1].endswith("[note]")
+
+
+def test_interrupting_start_up_is_a_stop_not_an_error():
+    from anomaly.up import _Interrupted
+
+    try:  # start-up code (MLflow's, the registry adapter's) catches Exception: a stop must pass through it
+        try:
+            raise _Interrupted("SIGINT")
+        except Exception:  # pragma: no cover - the old behaviour
+            pytest.fail("a Ctrl-C during start-up was caught as an error")
+    except _Interrupted:
+        pass
+
+
+def test_a_child_is_registered_before_it_starts(tmp_path):
+    from anomaly.up import Child, _start
+
+    children = {}
+
+    class Boom(Child):
+        def start(self):
+            assert self.name in children  # an interrupt from here on still finds it in children
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _start(children, Boom("worker", ["true"], tmp_path / "w.log", {}))
+    assert list(children) == ["worker"]
 
 
 def test_settings_survive_the_toml_handed_to_children(tmp_path):
@@ -145,8 +178,15 @@ def test_up_options_are_checked():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="SKAB not found"):
+    with pytest.raises(DataError, match="not a SKAB folder.*pass --data-dir or set ANOMALY_DATASETS"):
         up.load_fleet(tmp_path, ["valve1/0"])
+
+
+def test_the_fleet_loads_from_the_skab_folder_or_its_data_folder():
+    skab = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "skab"
+    if not (skab / "data").is_dir():
+        pytest.skip("SKAB not available")
+    assert [e for e, _ in up.load_fleet(skab / "data", ["valve1/0"])] == [e for e, _ in up.load_fleet(skab, ["valve1/0"])]
 
 
 def test_up_refuses_ports_in_use_before_starting_anything(tmp_path, monkeypatch, capsys):
