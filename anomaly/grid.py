@@ -35,6 +35,7 @@ from anomaly.errors import ConfigError, DataError
 FILL_POLICIES: tuple[str, ...] = ("ffill", "linear", "zero", "none")
 
 MAX_GRID_SLOTS = 50_000_000  # a stray timestamp years away would otherwise allocate gigabytes
+MAX_GRID_CELLS = 100_000_000  # slots x sensors: 0.8 GB per float64 copy, and gridding makes several
 
 IssueKind = Literal["constant", "flat", "mostly_missing"]
 
@@ -104,9 +105,9 @@ def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str =
     origin = int(ns.min())
     slots = (ns - origin + p // 2) // p  # nearest slot; exactly half-way goes to the later one
     n_slots = int(slots.max()) + 1
-    if n_slots > MAX_GRID_SLOTS:
-        raise DataError(f"to_grid: {n_slots} slots of {period} between {frame.index.min()} and "
-                        f"{frame.index.max()}; check for stray timestamps or a wrong period")
+    if n_slots > MAX_GRID_SLOTS or n_slots * max(frame.shape[1], 1) > MAX_GRID_CELLS:
+        raise DataError(f"to_grid: {n_slots} slots of {period} x {frame.shape[1]} sensors between "
+                        f"{frame.index.min()} and {frame.index.max()}; check for stray timestamps or a wrong period")
 
     order = np.lexsort((np.arange(len(ns)), ns))  # by time, then by row: the last one wins
     values = pd.DataFrame(frame.to_numpy(dtype=np.float64)[order], columns=frame.columns)
@@ -174,8 +175,12 @@ def usable_sensors(frame: pd.DataFrame, issues: Sequence[SensorIssue]) -> list[s
 # --- helpers -------------------------------------------------------------------------------------
 
 def _ns(index: pd.DatetimeIndex) -> np.ndarray:
-    """Timestamps as int64 nanoseconds (pandas 3 may hold s/ms/us units)."""
-    return index.as_unit("ns").asi8
+    """Timestamps as int64 nanoseconds (pandas 3 may hold s/ms/us units); ``DataError`` for times that
+    nanoseconds cannot hold (before 1677 or after 2262)."""
+    try:
+        return index.as_unit("ns").asi8
+    except (pd.errors.OutOfBoundsDatetime, OverflowError) as exc:
+        raise DataError(f"timestamps out of range (1677-2262): {index.min()} .. {index.max()}") from exc
 
 
 def _check_numeric(frame: pd.DataFrame) -> None:

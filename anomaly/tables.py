@@ -193,6 +193,9 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
         values = col.to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
         unit = "ms" if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD else "s"
+        if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD * 1000:  # the year 5138 in ms
+            raise DataError(f"{where}: epoch numbers up to {np.abs(finite).max():.6g} are neither seconds nor "
+                            "milliseconds (micro- or nanoseconds?); write them as seconds, milliseconds or RFC 3339")
         try:
             parsed = pd.DatetimeIndex(pd.to_datetime(values, unit=unit, utc=True))
         except (ValueError, OverflowError) as exc:

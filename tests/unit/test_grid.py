@@ -229,3 +229,19 @@ def test_benchmark_protocols_never_fill_a_training_row_from_a_test_row():
     full = np.arange(10.0).reshape(5, 2)
     np.testing.assert_array_equal(fill_rows_split(full, 3), full)
     np.testing.assert_array_equal(fill_rows_split(values, 0)[3:], [[555.0, 4.0], [555.0, 5.0]])
+
+
+def test_a_grid_too_large_in_cells_or_out_of_range_is_a_data_error(tmp_path):
+    from anomaly import tables
+
+    wide = _frame([0, 5_000_000], **{f"s{i}": [1.0, 2.0] for i in range(50)})  # 5M slots x 50 sensors
+    with pytest.raises(DataError, match="5000001 slots of .* x 50 sensors"):
+        to_grid(wide, period=pd.Timedelta(seconds=1))
+    late = pd.DataFrame({"x": [1.0, 2.0]}, index=pd.DatetimeIndex(
+        [pd.Timestamp("2026-01-01", tz="UTC"), pd.Timestamp("9999-12-31", tz="UTC")], name="ts").as_unit("us"))
+    with pytest.raises(DataError, match="out of range"):
+        to_grid(late, period=pd.Timedelta(seconds=1))
+    path = tmp_path / "us.csv"
+    path.write_text("ts,x\n1767225600000000,1\n1767225601000000,2\n")  # epoch microseconds
+    with pytest.raises(DataError, match="neither seconds nor milliseconds"):
+        tables.read_table(path)
