@@ -156,12 +156,12 @@ def _read_raw(path: Path) -> pd.DataFrame:
 
 
 def _sniff_separator(path: Path) -> str:
-    """``;`` if the header line has more ``;`` than ``,``, else ``,``."""
+    """The header line's most frequent of ``,``, ``;`` and tab (``,`` on a tie)."""
     with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
         header = fh.readline()
     if not header.strip():
         raise DataError(f"{path}: empty file (no header line)")
-    return ";" if header.count(";") > header.count(",") else ","
+    return max((",", ";", "\t"), key=header.count)
 
 
 def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str | None:

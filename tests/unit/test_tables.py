@@ -138,3 +138,12 @@ def test_unknown_suffix_and_missing_file(tmp_path):
         read_table(_write(tmp_path, "x.xlsx", "a"))
     with pytest.raises(DataError, match="no such file"):
         read_table(tmp_path / "absent.csv")
+
+
+def test_a_tab_separated_table_reads_like_a_csv(tmp_path):
+    from anomaly.tables import read_table
+
+    path = tmp_path / "readings.tsv"
+    path.write_text("ts\tx\ty\n2026-01-01T00:00:00Z\t1\t2\n2026-01-01T00:00:01Z\t3\t4\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["x", "y"] and frame["y"].tolist() == [2.0, 4.0]
