@@ -43,7 +43,7 @@ def weekday_names(field: str) -> str:
                 raise ValueError(f"weekday range {base!r} runs backwards")
         else:
             first = _day_number(base)
-            last = 6 if step_text else first  # crontab: "a/n" is a, a+n, ... to the end of the week
+            last = 7 if step_text else first  # crontab: "a/n" is a, a+n, ... up to 7 (Sunday again)
         days.update(day % 7 for day in range(first, last + 1, step))
     return ",".join(CRONTAB_DAYS[d] for d in sorted(days))
 

@@ -216,14 +216,17 @@ def split_segments(keep: np.ndarray, holdout_fraction: float,
 def split_rows(segments: Sequence[tuple[int, int]], tail_fraction: float,
                min_len: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """``segments`` (in time order) cut where the last ``tail_fraction`` of their rows begins: the
-    segments before that point and those after it (a segment crossing it is split there); pieces
-    shorter than ``min_len`` (one window) are left out."""
+    segments before that point and those after it. A segment crossing it is split there, unless a piece
+    would be shorter than ``min_len`` (one window): then it goes whole to the side that keeps more of it,
+    so no row is lost to the cut. Segments shorter than ``min_len`` are left out."""
     total = sum(b - a for a, b in segments)
     cut_at = total - int(math.ceil(total * tail_fraction))  # rows before the cut, counted over the segments
     head, tail, seen = [], [], 0
     for a, b in segments:
         cut = a + min(max(cut_at - seen, 0), b - a)
         seen += b - a
+        if a < cut < b and (cut - a < min_len or b - cut < min_len):
+            cut = b if cut - a >= b - cut else a  # too short to split: whole, to the larger side
         for lo, hi, out in ((a, cut, head), (cut, b, tail)):
             if hi - lo >= min_len:
                 out.append((lo, hi))

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -183,6 +184,7 @@ class StagedBatch:
     windows: ReadyBatch  # the windows to score, stacked
     model: ScoringModel  # the model the windows were built for (a swap applies to the next batch)
     now_s: float
+    seq: int = 0  # staging order (``ScoringStep`` applies revocations to alert state after the batches before them)
 
 
 _BYTES_ONLY = frozenset({bytes, type(None)})
@@ -219,6 +221,13 @@ class ScoringStep:
         self._bars = self._new_bars(model)
         self._prune_bars_at = PRUNE_BARS_MIN
         self._holds: dict[str, _Hold] = {}  # entity in alert state -> where its run's first window starts
+        # Alert state is complete()'s, which may run on another thread than stage() and forget_partitions()
+        # (the scoring child's finisher): one lock; and a revocation reaches alert state only after every
+        # batch staged before it has completed (else a batch in flight would bring the state back).
+        self._alert_lock = threading.Lock()
+        self._staged_seq = 0
+        self._completed_seq = 0
+        self._revoked: list[tuple[int, set[int]]] = []  # (staged_seq at the revocation, stream ids)
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -294,8 +303,11 @@ class ScoringStep:
         """Forget every window buffer, alert state and adaptive history (after a failed batch, before
         seeking back)."""
         self._store.reset()
-        self._alerts.forget()
-        self._holds.clear()
+        with self._alert_lock:
+            self._alerts.forget()
+            self._holds.clear()
+            self._revoked.clear()
+            self._completed_seq = self._staged_seq
         self._bars = self._new_bars(self._model)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
@@ -303,11 +315,19 @@ class ScoringStep:
         how many entities' windows went. Their new owner replays from the committed offset, which the
         alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
-        revoked = set(ids)
-        for entity in [e for e, hold in self._holds.items() if hold.stream in revoked]:
-            del self._holds[entity]
-            self._alerts.forget(entity)
+        with self._alert_lock:
+            self._revoked.append((self._staged_seq, set(ids)))
+            self._apply_revoked()
         return self._store.forget_partitions(ids)
+
+    def _apply_revoked(self) -> None:
+        """Drop the alert state of revoked streams once every batch staged before the revocation has
+        completed (call with ``_alert_lock`` held)."""
+        while self._revoked and self._revoked[0][0] <= self._completed_seq:
+            _, revoked = self._revoked.pop(0)
+            for entity in [e for e, hold in self._holds.items() if hold.stream in revoked]:
+                del self._holds[entity]
+                self._alerts.forget(entity)
 
     @property
     def alert_holds(self) -> dict[str, tuple[tuple[str, int], int]]:
@@ -373,7 +393,8 @@ class ScoringStep:
         ready = store.ready_batch()
         for stream, offset in store.commit_offsets(last).items():
             out.commits[self._stream_keys[stream]] = offset
-        return StagedBatch(out, ready, self._model, now_s)
+        self._staged_seq += 1
+        return StagedBatch(out, ready, self._model, now_s, self._staged_seq)
 
     def score(self, staged: StagedBatch) -> ModelScores | None:
         """The one forward pass of a staged batch (no state of the step is touched: the worker may run
@@ -394,10 +415,17 @@ class ScoringStep:
 
     def complete(self, staged: StagedBatch, scored: ModelScores | None) -> BatchOutput:
         """Alert shaping and outputs of a staged and scored batch (batches complete in staging order)."""
+        with self._alert_lock:
+            out = self._complete(staged, scored)
+            self._completed_seq = max(self._completed_seq, staged.seq)
+            self._apply_revoked()
+        return out
+
+    def _complete(self, staged: StagedBatch, scored: ModelScores | None) -> BatchOutput:
         out = staged.out
         ready = staged.windows
         if scored is None:
-            self._apply_holds(out, None)
+            self._apply_holds(out)
             return out
         model, now_s = staged.model, staged.now_s
         scores, errors, expected = scored.scores, scored.errors, scored.expected
@@ -438,7 +466,7 @@ class ScoringStep:
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}
         if not involved:
-            self._apply_holds(out, float(ready.end_ts.max()))
+            self._apply_holds(out)
             return out
         values, end_ts_list = ready.values, ready.end_ts.tolist()
         holds = self._holds
@@ -469,19 +497,21 @@ class ScoringStep:
                 hold.last_ts = end_ts_list[i]
             else:
                 del holds[entity]
-        self._apply_holds(out, float(ready.end_ts.max()))
+        self._apply_holds(out)
         return out
 
-    def _apply_holds(self, out: BatchOutput, newest_ts: float | None) -> None:
-        """Expire the alert state of entities silent for ``idle_timeout_s`` before ``newest_ts`` (the
-        batch's newest window; None: no window, nothing expires), closing open events; release holds
-        older than that; keep this batch's commits at or before every remaining hold."""
+    def _apply_holds(self, out: BatchOutput) -> None:
+        """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
+        (closing open events; a lagging partition is measured by its own clock, not the batch's), release
+        holds older than that, and keep this batch's commits at or before every remaining hold."""
         holds = self._holds
         if not holds:
             return
         idle = self.idle_timeout_s
+        store = self._store
         for entity, hold in list(holds.items()):
-            if idle is not None and newest_ts is not None and newest_ts - hold.last_ts > idle:
+            newest = store.stream_time(hold.stream) if idle is not None else None
+            if newest is not None and newest - hold.last_ts > idle:
                 del holds[entity]
                 for event in self._alerts.expire(entity):
                     out.events.append((entity.encode("utf-8"), encode_event(event)))

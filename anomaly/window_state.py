@@ -106,7 +106,7 @@ class ReadyWindow:
     partition: int  # partition of the reading in the last slot
     end_offset: int  # offset of the reading in the last slot
     filled: int  # cells (slot × sensor) that were filled rather than read
-    start_offset: int  # oldest offset among the window's readings: a replay from it rebuilds the window
+    start_offset: int  # oldest offset among the window's readings in its last reading's partition
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ class ReadyBatch:
     partition: np.ndarray  # (N,) partition of the reading in the last slot
     end_offset: np.ndarray  # (N,) offset of that reading
     filled: np.ndarray  # (N,) cells that were filled rather than read
-    start_offset: np.ndarray  # (N,) oldest offset among each window's readings (a replay from it rebuilds it)
+    start_offset: np.ndarray  # (N,) oldest offset among each window's readings in ``partition`` (a replay of
+    # that partition from it rebuilds the window, when the entity's readings all come on one partition)
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -395,7 +396,8 @@ class WindowStore:
         lo = state.n - w
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
-                                  np.array([state.filled[lo:state.n].sum()]), np.array([state.off[lo:state.n].min()])))
+                                  np.array([state.filled[lo:state.n].sum()]),
+                                  np.array([state.off[lo:state.n][state.part[lo:state.n] == partition].min()])))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
@@ -426,10 +428,15 @@ class WindowStore:
                 filled = csum[np.minimum(j + h + 1, h)] - csum[np.minimum(starts, h)]
             else:
                 filled = np.zeros(len(j), dtype=np.int64)
+            gather = starts[:, None] + self._steps  # (k, W) rows of ``joined`` per window
             joined_off = np.concatenate([state.off[n - h:n], offs])
-            self._queue.append(_Chunk(entity, joined[starts[:, None] + self._steps], first_slot + j,
-                                      np.full(len(j), partition), offs[j], filled,
-                                      joined_off[starts[:, None] + self._steps].min(axis=1)))
+            if state.mixed:  # only this partition's rows: another partition's offsets mean nothing here
+                joined_part = np.concatenate([state.part[n - h:n], parts])
+                window_off = np.where(joined_part[gather] == partition, joined_off[gather], np.iinfo(np.int64).max)
+            else:
+                window_off = joined_off[gather]
+            self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
+                                      np.full(len(j), partition), offs[j], filled, window_off.min(axis=1)))
             if state.queued_needs is None:  # the first window queued: its rows and every later one
                 state.queued_needs = {}
                 self._queued_by.append(state)
@@ -507,6 +514,11 @@ class WindowStore:
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
                           start_offset.astype(np.int64))
+
+    def stream_time(self, partition: int) -> float | None:
+        """Epoch seconds of the newest slot seen on ``partition`` (its stream time); None if none yet."""
+        slot = self._watermark.get(partition)
+        return None if slot is None else slot * self.policy.period_s
 
     # --- commits ------------------------------------------------------------------------------
     def commit_offsets(self, last_offsets: Mapping[int, int]) -> dict[int, int]:

@@ -266,7 +266,10 @@ def test_split_rows_cuts_the_last_fraction_of_rows_across_segments():
     assert split_rows([(0, 50), (60, 90), (100, 120)], 0.1, 1) == ([(0, 50), (60, 90), (100, 110)], [(110, 120)])
     assert split_rows([(0, 50), (60, 90), (100, 120)], 0.2, 1) == ([(0, 50), (60, 90)], [(100, 120)])
     assert split_rows([(0, 50), (60, 90), (100, 120)], 0.5, 1) == ([(0, 50)], [(60, 90), (100, 120)])
-    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.1, 11) == ([(0, 50), (60, 90)], [])  # short pieces out
+    # A piece too short for a window is not cut off and lost: the segment goes whole to its larger side.
+    assert split_rows([(0, 50), (60, 90), (100, 120)], 0.1, 11) == ([(0, 50), (60, 90), (100, 120)], [])
+    assert split_rows([(0, 35)], 0.2, 32) == ([(0, 35)], [])
+    assert split_rows([(0, 40), (50, 90)], 0.2, 32) == ([(0, 40), (50, 90)], [])
     assert split_rows([], 0.2, 1) == ([], [])
 
 

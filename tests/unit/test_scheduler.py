@@ -108,7 +108,7 @@ def test_triggers_and_fingerprints():
 @pytest.mark.parametrize("weekday, days", [
     ("0", ["Sun"]), ("7", ["Sun"]), ("1-5", ["Mon", "Tue", "Wed", "Thu", "Fri"]), ("0,6", ["Sat", "Sun"]),
     ("sat,sun", ["Sat", "Sun"]), ("*/2", ["Sun", "Tue", "Thu", "Sat"]), ("1-5/2", ["Mon", "Wed", "Fri"]),
-    ("5-7", ["Fri", "Sat", "Sun"]), ("MON-wed", ["Mon", "Tue", "Wed"]), ("*", ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]),
+    ("5-7", ["Fri", "Sat", "Sun"]), ("1/2", ["Mon", "Wed", "Fri", "Sun"]), ("7/1", ["Sun"]), ("MON-wed", ["Mon", "Tue", "Wed"]), ("*", ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]),
 ])
 def test_cron_weekdays_mean_what_crontab_means(weekday, days):
     # APScheduler's from_crontab reads 0 as Monday: "0 3 * * 0" fired on Mondays, "1-5" Tuesday to Saturday.

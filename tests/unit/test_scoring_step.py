@@ -461,3 +461,47 @@ def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -
     assert closed[0]["end_ts"] == T0 + 52  # its last window above the threshold
     assert step.alerts.entities == 0 and step.alert_holds == {}
     assert sum(out.counts["events_closed"] for out in outs) == 1
+
+
+def test_a_lagging_partition_is_measured_by_its_own_stream_time() -> None:
+    # 'pump' on partition 1 is two hours behind 'fan' on partition 0 (a backlog being worked through); its
+    # long fault is ONE event, held, not expired as "silent" by the other partition's clock every batch.
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    hot, ok = dict(zip(SENSORS, CENTRE), pressure=6.0), dict(zip(SENSORS, CENTRE))
+    outputs = []
+    for b in range(6):
+        records = []
+        for s in range(10):
+            slot = b * 10 + s
+            records.append(reading_record("pump", slot, slot, partition=1, values=hot))
+            records.append(reading_record("fan", 7200 + slot, slot, partition=0, values=ok))
+        outputs.append(step.process(records, now_s=T0 + 10_000))
+    assert [status for status, _, _ in _events_of(outputs)] == ["open"]
+    assert step.alert_holds == {"pump": ((TOPIC, 1), 0)} and outputs[-1].commits[(TOPIC, 1)] == 0
+
+
+def test_a_batch_in_flight_at_a_revocation_does_not_bring_the_alert_state_back() -> None:
+    # The worker stages batch k, the group revokes the partition, then batch k completes: its alert state
+    # for the revoked partition must not survive (a stale hold would later drag a commit backwards).
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    records = _fault_records()
+    run_batches(step, records[:20], size=10)
+    staged = step.stage(records[20:30], now_s=T0 + 1000)
+    step.forget_partitions([(TOPIC, 0)])
+    out = step.complete(staged, step.score(staged))
+    assert [e for _, e, _ in _events_of([out])] and step.alert_holds == {} and step.alerts.entities == 0
+    # Back on this worker later: commits go on from the new records, no hold drags them to offset 19.
+    later = step.process(stream({"pump": 0}, range(100, 110)), now_s=T0 + 1000)
+    assert later.commits[(TOPIC, 0)] >= 7
+
+
+def test_an_entity_on_two_partitions_holds_each_commit_with_its_own_offsets() -> None:
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    hot = dict(zip(SENSORS, CENTRE), pressure=6.0)
+    records = [reading_record("pump", slot, (slot // 2) + (5000 if slot % 2 else 0), partition=slot % 2,
+                              values=hot if slot >= 21 else None) for slot in range(40)]  # first hot window ends on P1
+    outputs = run_batches(step, records, size=10)
+    held = step.alert_holds["pump"]
+    assert held[0] == (TOPIC, held[0][1]) and (held[1] >= 5000) == (held[0][1] == 1)  # its own partition's offset
+    for out in outputs:
+        assert out.commits.get((TOPIC, 1), 5000) >= 5000 and out.commits.get((TOPIC, 0), 0) < 5000
