@@ -127,8 +127,20 @@ def _not_found(exc: Exception) -> bool:
     return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
 
 
-def promote(name: str, version: str, alias: str = "champion", reason: str = "") -> str | None:
-    """Move ``alias`` to ``version``; returns the version that held it before (None if none)."""
+class AliasMoved(RegistryError):
+    """``promote(expected_previous=...)`` found the alias on another version: someone moved it meanwhile."""
+
+
+_ANY = object()
+
+
+def promote(name: str, version: str, alias: str = "champion", reason: str = "",
+            expected_previous: Any = _ANY) -> str | None:
+    """Move ``alias`` to ``version``; returns the version that held it before (None if none).
+
+    ``expected_previous``: the version the caller believes holds the alias (None: no version); if another
+    one holds it now, ``AliasMoved`` and nothing changes (the retrain gate: a promotion by hand while it
+    compared is not overridden)."""
     check_alias(alias)
     try:
         c = client()
@@ -136,6 +148,8 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "") 
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
     previous = alias_version(name, alias)
+    if expected_previous is not _ANY and previous != (None if expected_previous is None else str(expected_previous)):
+        raise AliasMoved(f"{name}@{alias} is on v{previous} now, not v{expected_previous}: not moving it to v{version}")
     if previous == str(version):
         return previous
     try:

@@ -567,8 +567,16 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                                          "retrain.comparison_run_id": run_id,
                                                          "retrain.compared_with": champion_version})
         if decision.promote:
-            registry.promote(ml.model_name, challenger_version, ml.champion_alias,
-                             reason=f"retrain gate: {decision.reason}")
+            try:  # checked again at the move itself: a promotion by hand while we logged is not overridden
+                registry.promote(ml.model_name, challenger_version, ml.champion_alias,
+                                 reason=f"retrain gate: {decision.reason}", expected_previous=champion_version)
+            except registry.AliasMoved as exc:
+                decision, status = Decision(False, str(exc), decision.relative_improvement), "kept"
+                _tag_version(ml.model_name, challenger_version, {"retrain.decision": status,
+                                                                 "retrain.reason": decision.reason})
+                registry.client().set_tag(run_id, "decision", status)
+                registry.client().set_tag(run_id, "decision.reason", decision.reason[:5000])
+                log.warning("retrain: %s", exc)
     return RetrainResult(status, decision.reason, champion_version=champion_version,
                          challenger_version=challenger_version, comparison_run_id=run_id,
                          metrics=tracking.finite_metrics(metrics), data=data.facts)

@@ -74,6 +74,11 @@ def test_register_load_promote_rollback(settings, monkeypatch):
         registry.rollback("pump")  # nothing earlier than v1
     with pytest.raises(RegistryError):
         registry.promote("pump", "99")
+    # The retrain gate's promotion names the champion it compared with: a move by hand meanwhile wins.
+    with pytest.raises(registry.AliasMoved, match="on v1 now, not v2"):
+        registry.promote("pump", "2", "champion", expected_previous="2")
+    assert registry.alias_version("pump", "champion") == "1"
+    assert registry.promote("pump", "2", "champion", expected_previous="1") == "1"
 
 
 def test_unreachable_store_is_a_registry_error(tmp_path):

@@ -145,6 +145,30 @@ def test_worse_challenger_is_registered_but_not_promoted(store, kafka_broker, no
     assert registry.client().get_model_version(NAME, result.challenger_version).tags["retrain.decision"] == "kept"
 
 
+def test_a_promotion_by_hand_while_the_gate_logs_is_not_overridden(store, kafka_broker, normal_topic, monkeypatch):
+    """The gate would promote (a better challenger than the weak champion), but an operator moves
+    @champion to another version after the gate's check: the gate's own promotion re-checks and keeps out."""
+    import anomaly.retrain as retrain_module
+
+    root, weak, strong = store
+    settings = settings_for(root, kafka_broker, normal_topic)
+    give_champion(settings, weak)
+    real = retrain_module._log_comparison
+
+    def operator_moves_it(*args, **kwargs):
+        run_id = real(*args, **kwargs)
+        registry.promote(NAME, strong, "champion", reason="by hand")
+        return run_id
+
+    monkeypatch.setattr(retrain_module, "_log_comparison", operator_moves_it)
+    result = run_cycle(settings)
+    assert result.status == "kept" and "not moving it" in result.reason, result.reason
+    assert champion_version(settings) == strong  # the operator's choice stands
+    run = comparison_run(settings, result.comparison_run_id)
+    assert run.data.tags["decision"] == "kept"
+    assert registry.client().get_model_version(NAME, result.challenger_version).tags["retrain.decision"] == "kept"
+
+
 def test_bad_data_fails_and_leaves_the_champion(store, kafka_broker, normal_topic):
     root, weak, _ = store
     settings = settings_for(root, kafka_broker, normal_topic, epochs=1)
