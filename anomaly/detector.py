@@ -33,6 +33,10 @@ FORMAT_VERSION = 1
 FILES = ("model.json", "weights.pt", "scaler.json", "threshold.json", "meta.json")
 
 
+# Scaled value that stands for "typical" when a missing sensor has no earlier reading: the centre of
+# a standard/robust scaler, the middle of a minmax one (whose centre is the training minimum).
+_TYPICAL_SCALED = {"standard": 0.0, "robust": 0.0, "minmax": 0.5}
+
 @dataclass(frozen=True)
 class ScoredSeries:
     """Scores of every window of a series; window ``i`` ends at row ``end_rows[i]``."""
@@ -67,6 +71,13 @@ class Detector:
     @property
     def sensors(self) -> tuple[str, ...]:
         return self.scaler.sensors
+
+    def fill_values(self) -> tuple[float, ...]:
+        """Per sensor, in original units, the value that stands in for a missing reading with no earlier
+        one: "typical" for the scaler (the centre of a standard/robust one, the middle of a minmax one,
+        whose centre is the training minimum)."""
+        typical = _TYPICAL_SCALED.get(self.scaler.method, 0.0)
+        return tuple(float(v) for v in self.scaler.inverse(np.full(len(self.sensors), typical)))
 
     @property
     def window_size(self) -> int:

@@ -316,6 +316,7 @@ def _version_number(version: str | int) -> float:
 
 def _handler_for(metrics: Any) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds an idle connection may hold its thread (scrapes and probes are quick)
         server_version = "anomaly-metrics"
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming

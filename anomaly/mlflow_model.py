@@ -5,10 +5,11 @@ directory (``state_dict`` + JSON, see ``anomaly.detector``), so loading by
 ``models:/<name>@<alias>`` works with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``.
 
 predict(DataFrame of readings, one column per sensor, rows in time order on the model's grid)
--> DataFrame row-aligned with the input: ``score`` (of the window ending at that row; NaN before the
-first full window), ``threshold`` (the bar in force at that row: the fitted value, or with an adaptive
-rule the higher of it and the trailing level, the input's rows being one entity's history),
-``is_anomaly``, ``top_sensor``.
+-> DataFrame row-aligned with the input: ``score`` (of the window ending at that row; missing, a null
+in JSON, before the first full window), ``threshold`` (the bar in force at that row: the fitted value,
+or with an adaptive rule the higher of it and the trailing level, the input's rows being one entity's
+history), ``is_anomaly``, ``top_sensor`` (null where there is no score). A missing cell (NaN, JSON null)
+is filled as the streaming worker fills it: the sensor's previous value, else its typical value.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class DetectorModel(PythonModel):
         if missing:
             raise ValueError(f"input lacks sensors {missing}; the model needs {list(det.sensors)}")
         values = model_input[list(det.sensors)].to_numpy(dtype=np.float64)
+        if np.isnan(values).any():  # as the worker does: forward-fill, then the sensor's typical value
+            filled = pd.DataFrame(values).ffill().to_numpy()
+            values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
         n = len(values)
         score = np.full(n, np.nan)
         top = np.full(n, None, dtype=object)
@@ -39,8 +43,12 @@ class DetectorModel(PythonModel):
             score[scored.end_rows] = scored.scores
             top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
         bars = det.threshold.series_bars(score)  # the fitted value, moved by its adaptive or episode rule if it has one
-        return pd.DataFrame({"score": score, "threshold": bars, "is_anomaly": score > bars,
-                             "top_sensor": top}, index=model_input.index)
+        # Nullable dtypes whose missing value is <NA>: null in MLflow's JSON responses, not the NaN that
+        # strict JSON parsers refuse (pandas' default string dtype would turn None into NaN).
+        return pd.DataFrame({"score": pd.array(score, dtype="Float64"), "threshold": bars,
+                             "is_anomaly": score > bars,
+                             "top_sensor": pd.array(top, dtype=pd.StringDtype("python", na_value=pd.NA))},
+                            index=model_input.index)
 
 
 mlflow.models.set_model(DetectorModel())

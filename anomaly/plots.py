@@ -34,10 +34,16 @@ def loss_curves(train_loss: Sequence[float], val_loss: Sequence[float], best_epo
 def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np.ndarray | None = None,
                        method: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
+    val_scores = np.asarray(val_scores, dtype=np.float64)
+    val_scores = val_scores[np.isfinite(val_scores)]
+    if test_scores is not None:
+        test_scores = np.asarray(test_scores, dtype=np.float64)
+        test_scores = test_scores[np.isfinite(test_scores)]
     all_scores = np.concatenate([val_scores] + ([test_scores] if test_scores is not None else []))
     positive = all_scores[all_scores > 0]
     lo = max(positive.min() if len(positive) else 1e-6, 1e-8)
-    hi = max(all_scores.max(), threshold) * 1.05
+    top = all_scores.max() if len(all_scores) else lo
+    hi = max(top, threshold if np.isfinite(threshold) else top, lo * 10) * 1.05  # never at or under lo
     bins = np.logspace(np.log10(lo), np.log10(hi), 60)
     ax.hist(np.clip(val_scores, lo, None), bins=bins, alpha=0.7, label="validation (normal)", density=True)
     if test_scores is not None and len(test_scores):

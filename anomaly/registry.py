@@ -65,7 +65,10 @@ def log_detector(detector: Detector, input_example: pd.DataFrame, artifact_name:
         signature = infer_signature(input_example, output)
         info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_CODE),
                                        artifacts={"detector": str(det_dir)}, signature=signature,
-                                       input_example=input_example, pip_requirements=_requirements())
+                                       input_example=input_example, pip_requirements=_requirements(),
+                                       # the package travels with the model: a server built from the model's
+                                       # own environment (mlflow models serve, build-docker) can import it
+                                       code_paths=[str(Path(__file__).resolve().parent)])
     return info.model_uri
 
 

@@ -63,9 +63,6 @@ IDLE_TIMEOUT_S = 3600.0  # stream time after which a silent entity is dropped: i
 # The adaptive threshold's histories are pruned of entities silent for ``idle_timeout_s`` once they number
 # more than this, or twice as many as after the last pruning (amortised: a fleet that churns stays bounded).
 PRUNE_BARS_MIN = 1024
-# Scaled value that stands for "typical" when a missing sensor has no earlier reading: the centre of
-# a standard/robust scaler, the middle of a minmax one (whose centre is the training minimum).
-_TYPICAL_SCALED = {"standard": 0.0, "robust": 0.0, "minmax": 0.5}
 
 
 @runtime_checkable
@@ -107,10 +104,7 @@ class DetectorModel:
         self.threshold: float = float(detector.threshold.value)
         self.adaptive: AdaptiveRule | None = detector.threshold.adaptive
         self.episodes: EpisodeRule | None = detector.threshold.episodes
-        scaler = detector.scaler
-        typical = _TYPICAL_SCALED.get(scaler.method, 0.0)
-        self.fill_values: tuple[float, ...] = tuple(
-            float(v) for v in scaler.inverse(np.full(len(self.sensors), typical)))
+        self.fill_values: tuple[float, ...] = detector.fill_values()
         detector.model.to(device)
         # The module the forward passes run: a checked TorchScript trace on CPU when asked (see
         # scoring.traced_for_scoring), else the detector's own model.

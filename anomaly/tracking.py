@@ -86,8 +86,10 @@ def log_figure(fig: Any, name: str) -> None:
 
     from anomaly.plots import close
 
-    mlflow.log_figure(fig, f"plots/{name}")
-    close(fig)
+    try:
+        mlflow.log_figure(fig, f"plots/{name}")
+    finally:
+        close(fig)  # also when logging fails: pyplot keeps every open figure
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """The detector through a real MLflow SQLite tracking store and model registry."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +50,29 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     pyfunc = mlflow.pyfunc.load_model("models:/pump@champion")
     out = pyfunc.predict(faulty[list(first.detector.sensors)].reset_index(drop=True))
     w = first.detector.window_size
-    np.testing.assert_allclose(out["score"].to_numpy()[w - 1:], expected, rtol=1e-6)
+    np.testing.assert_allclose(out["score"].to_numpy(dtype=float, na_value=np.nan)[w - 1:], expected, rtol=1e-6)
     assert out["score"].iloc[: w - 1].isna().all()
+    assert out["top_sensor"].iloc[: w - 1].isna().all() and out["top_sensor"].iloc[w - 1] in first.detector.sensors
+    # Served as JSON, a missing score is null, not the NaN strict parsers refuse.
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+    import io
+    import json as json_module
+
+    body = io.StringIO()
+    predictions_to_json(out.head(w), body)
+    rows = json_module.loads(body.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON response"))
+    assert rows["predictions"][0]["score"] is None and rows["predictions"][0]["top_sensor"] is None
+    # A missing cell is filled as the worker fills it (the previous value): every window still gets a score.
+    gappy = faulty[list(first.detector.sensors)].reset_index(drop=True).copy()
+    gappy.iloc[100, 1] = np.nan
+    ffilled = gappy.ffill()
+    out_gappy = pyfunc.predict(gappy)
+    assert out_gappy["score"].iloc[w - 1:].notna().all()
+    np.testing.assert_allclose(out_gappy["score"].to_numpy(dtype=float, na_value=np.nan),
+                               pyfunc.predict(ffilled)["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
+    # The package travels with the model (a server built from the model's environment can import it).
+    local = mlflow.artifacts.download_artifacts("models:/pump@champion")
+    assert (Path(local) / "code" / "anomaly" / "detector.py").exists()
     loaded, version = registry.load_detector("pump", "champion")
     assert version == "1"
     np.testing.assert_array_equal(loaded.score_values(values).scores, expected)
@@ -126,7 +148,7 @@ def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, 
     changed, _ = with_fault(normal_frame(400, seed=4), start=150, length=250)
     frame = changed[list(loaded.sensors)].reset_index(drop=True)
     out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
-    scores = out["score"].to_numpy()
+    scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
     np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
     assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
     assert out["threshold"].max() > loaded.threshold.value  # the bar did rise
@@ -162,7 +184,7 @@ def test_an_episode_rule_travels_with_the_registered_model(settings, tmp_path, m
     changed, _ = with_fault(changed, start=150, length=100, size=1.2)
     frame = changed[list(loaded.sensors)].reset_index(drop=True)
     out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
-    scores = out["score"].to_numpy()
+    scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
     np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
     assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
     assert (out["threshold"].to_numpy()[~np.isnan(scores)] >= loaded.threshold.value).all()

@@ -56,7 +56,7 @@ def test_variant_round_trip_through_the_registry(variant, store, prepared, monke
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     out = pyfunc.predict(frame.reset_index(drop=True))
-    np.testing.assert_allclose(out["score"].to_numpy()[w - 1:], expected, rtol=1e-6)
+    np.testing.assert_allclose(out["score"].to_numpy(dtype=float, na_value=np.nan)[w - 1:], expected, rtol=1e-6)
 
     loaded, version = registry.load_detector(name, "champion")  # what the worker serves
     assert version == "1"
