@@ -45,7 +45,8 @@ def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np
     top = all_scores.max() if len(all_scores) else lo
     hi = max(top, threshold if np.isfinite(threshold) else top, lo * 10) * 1.05  # never at or under lo
     bins = np.logspace(np.log10(lo), np.log10(hi), 60)
-    ax.hist(np.clip(val_scores, lo, None), bins=bins, alpha=0.7, label="validation (normal)", density=True)
+    if len(val_scores):
+        ax.hist(np.clip(val_scores, lo, None), bins=bins, alpha=0.7, label="validation (normal)", density=True)
     if test_scores is not None and len(test_scores):
         ax.hist(np.clip(test_scores, lo, None), bins=bins, alpha=0.5, label="scored data", density=True)
     ax.axvline(threshold, color="red", label=f"threshold {threshold:.4g} {method}".strip())
@@ -106,7 +107,7 @@ def comparison_bars(metrics: dict[str, dict[str, float]], title: str) -> Figure:
 def _shade(ax, x: np.ndarray, mask: np.ndarray | None, color: str) -> None:
     if mask is None:
         return
-    mask = np.asarray(mask, dtype=bool)
+    mask = np.nan_to_num(np.asarray(mask, dtype=np.float64), nan=0.0) != 0  # NaN: not flagged (bool() says True)
     if not mask.any():
         return
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))

@@ -5,10 +5,14 @@ losses, data range, threshold, metrics, figures). With ``registry.py`` the only 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 from anomaly.errors import RegistryError
 from anomaly.training import EpochStats
@@ -93,12 +97,13 @@ def log_figure(fig: Any, name: str) -> None:
 
 
 def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric, finite entries of ``metrics`` (MLflow rejects None and NaN)."""
+    """The numeric, finite entries of ``metrics`` as floats (numpy numbers too; booleans, None, NaN and
+    inf left out: MLflow would store a NaN and turn inf into 1.8e308)."""
     out = {}
     for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             continue
-        if value == value and abs(value) != float("inf"):
+        if math.isfinite(float(value)):
             out[key] = float(value)
     return out
 

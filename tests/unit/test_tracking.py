@@ -1,0 +1,33 @@
+"""The pure helpers of the MLflow adapter and the figures it logs (no tracking store)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from anomaly import plots  # noqa: E402
+from anomaly.tracking import finite_metrics  # noqa: E402
+
+
+def test_finite_metrics_keeps_numpy_numbers_and_drops_what_mlflow_would_mangle():
+    got = finite_metrics({"a": np.float32(0.5), "b": np.int64(3), "c": 2, "d": 1.5, "nan": math.nan,
+                          "inf": np.inf, "flag": True, "npflag": np.bool_(True), "none": None, "text": "x"})
+    assert got == {"a": 0.5, "b": 3.0, "c": 2.0, "d": 1.5} and all(type(v) is float for v in got.values())
+
+
+def test_figures_cope_with_empty_non_finite_and_nan_flags():
+    before = len(plt.get_fignums())
+    for scores in ([], [0.0, 0.0], [1e-12], [1.0, np.nan, np.inf]):
+        plots.close(plots.error_distribution(np.asarray(scores, dtype=float), 0.5))
+    # A NaN in a float flag array is "not flagged", not a red span.
+    fig = plots.anomaly_overlay(np.arange(10.0), np.arange(10.0)[:, None], ["x"], np.arange(10.0), 5.0,
+                                flags=np.array([np.nan] * 5 + [0.0] * 5))
+    spans = [p for ax in fig.axes for p in ax.patches]
+    plots.close(fig)
+    assert not spans
+    assert len(plt.get_fignums()) == before
