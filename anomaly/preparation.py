@@ -96,12 +96,17 @@ def fill_rows_split(values: np.ndarray, train_rows: int) -> np.ndarray:
 
 
 def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
+    if any(not isinstance(c, str) for c in frame.columns):  # sensors are named by strings everywhere downstream
+        frame = frame.rename(columns=str)
     if sensors:
         missing = [s for s in sensors if s not in frame.columns]
         if missing:
             raise DataError(f"sensors not in the data: {missing}; columns are {list(frame.columns)}")
         return frame[list(sensors)]
-    numeric = frame.select_dtypes("number")
+    numeric = frame.select_dtypes(["number", "bool"])  # a bool column is a 0/1 sensor (a valve open, a pump on)
+    skipped = [c for c in frame.columns if c not in numeric.columns]
+    if skipped:
+        log.warning("columns left out, not numbers: %s", skipped)
     if numeric.shape[1] == 0:
         raise DataError(f"no numeric sensor column in {list(frame.columns)}")
     return numeric

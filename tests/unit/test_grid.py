@@ -245,3 +245,16 @@ def test_a_grid_too_large_in_cells_or_out_of_range_is_a_data_error(tmp_path):
     path.write_text("ts,x\n1767225600000000,1\n1767225601000000,2\n")  # epoch microseconds
     with pytest.raises(DataError, match="neither seconds nor milliseconds"):
         tables.read_table(path)
+
+
+def test_bool_and_non_string_columns_are_sensors_and_text_columns_are_reported(caplog):
+    from anomaly.preparation import prepare_training
+
+    rng = np.random.default_rng(0)
+    index = _grid_index(300)
+    frame = pd.DataFrame({0: rng.normal(size=300), "valve": rng.random(300) > 0.5, "site": ["a"] * 300}, index=index)
+    with caplog.at_level("WARNING", logger="anomaly.preparation"):
+        prepared = prepare_training(frame, period_s=1.0)
+    assert prepared.sensors == ["0", "valve"]  # an int column name used to raise KeyError; bools were dropped silently
+    assert set(np.unique(prepared.values[:, 1])) <= {0.0, 1.0}
+    assert any("not numbers: ['site']" in r.getMessage() for r in caplog.records)
