@@ -128,7 +128,13 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         import mlflow
 
-        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            status = "KILLED"  # stopped by a person or a signal, not a failure of the run
+        else:
+            status = "FAILED"
+        mlflow.end_run(status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow

@@ -189,3 +189,21 @@ def test_an_episode_rule_travels_with_the_registered_model(settings, tmp_path, m
     assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
     assert (out["threshold"].to_numpy()[~np.isnan(scores)] >= loaded.threshold.value).all()
     assert out["threshold"].iloc[-1] > loaded.threshold.value  # the settled bar after the fault
+
+
+def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_failed(tmp_path):
+    import mlflow
+
+    store = mlflow_store(tmp_path, "runs")
+    tracking.configure(store["tracking_uri"])
+    ids = {}
+    for name, exc in (("killed", KeyboardInterrupt), ("failed", ValueError), ("finished", None)):
+        try:
+            with tracking.Run("status-check", store["artifact_location"], run_name=name) as run:
+                ids[name] = run.run_id
+                if exc is not None:
+                    raise exc
+        except (KeyboardInterrupt, ValueError):
+            pass
+    statuses = {name: mlflow.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert statuses == {"killed": "KILLED", "failed": "FAILED", "finished": "FINISHED"}
