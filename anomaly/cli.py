@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import logging
+import math
 import os
 import sys
 from pathlib import Path

@@ -27,7 +27,7 @@ from anomaly.scaling import Scaler, fit_scaler
 from anomaly.scoring import SCORE_BATCH, sensor_contributions, window_scores
 from anomaly.thresholds import Threshold, fit_threshold
 from anomaly.training import TrainCallback, TrainConfig, TrainResult, train_autoencoder
-from anomaly.windowing import make_windows, window_end_rows
+from anomaly.windowing import make_windows, window_end_rows, windows_touching
 
 FORMAT_VERSION = 1
 FILES = ("model.json", "weights.pt", "scaler.json", "threshold.json", "meta.json")
@@ -162,9 +162,7 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
     config = ModelConfig(n_features=len(sensors), **model_params)
     windows = make_windows(scaler.transform(train_values), config.window_size, stride)
     if gaps is not None:
-        counts = np.concatenate([[0], np.cumsum(gaps, dtype=np.int64)])
-        starts = np.arange(len(windows)) * stride
-        windows = windows[counts[starts + config.window_size] - counts[starts] == 0]
+        windows = windows[~windows_touching(gaps, config.window_size, stride)]
     result = train_autoencoder(windows, config, train_config, callbacks, progress_desc)
     val_scores = window_scores(result.model, result.val_windows).scores
     threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))

@@ -15,6 +15,7 @@ import pandas as pd
 
 from anomaly.errors import DataError
 from anomaly.grid import SensorIssue, sensor_quality, to_grid, usable_sensors
+from anomaly.windowing import n_windows, windows_touching
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,9 @@ class Prepared:
 
     def gap_windows(self, window_size: int) -> np.ndarray:
         """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
-        n = max(len(self.values) - window_size + 1, 0)
-        if self.gaps is None or not self.gaps.any():
-            return np.zeros(n, dtype=bool)
-        counts = np.concatenate([[0], np.cumsum(self.gaps, dtype=np.int64)])
-        return (counts[window_size:window_size + n] - counts[:n]) > 0
+        if self.gaps is None:
+            return np.zeros(n_windows(len(self.values), window_size), dtype=bool)
+        return windows_touching(self.gaps, window_size)
 
     def report(self) -> dict[str, object]:
         return {"sensors": self.sensors, "dropped": self.dropped, "rows": len(self.values),

@@ -17,8 +17,8 @@ same records always give byte-identical events.
 
 Entities silent for ``idle_timeout_s`` of stream time (their partition's newest reading, not a clock)
 lose their window buffers, so they stop holding the partition's commit back. Their alert state goes
-too, once the batch's newest window is ``idle_timeout_s`` past their last one: an open event is then
-closed (a ``"closed"`` event at its last window above the threshold), so it does not stay open
+too, once their partition's stream time is ``idle_timeout_s`` past their last window: an open event is
+then closed (a ``"closed"`` event at its last window above the threshold), so it does not stay open
 downstream for ever.
 
 Alert state and commits. An entity in a run, an open event or a cooldown holds its partition's commit

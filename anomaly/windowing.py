@@ -41,6 +41,15 @@ def window_end_rows(n_rows: int, window_size: int, stride: int = 1) -> np.ndarra
     return np.arange(count, dtype=np.int64) * stride + window_size - 1
 
 
+def windows_touching(rows: np.ndarray, window_size: int, stride: int = 1) -> np.ndarray:
+    """For every window ``make_windows`` returns over ``len(rows)`` rows, whether it covers a row marked
+    True in ``rows`` (T,) bool."""
+    rows = np.asarray(rows, dtype=bool)
+    starts = np.arange(n_windows(len(rows), window_size, stride), dtype=np.int64) * stride
+    marked = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])  # marked rows before each row
+    return marked[starts + window_size] - marked[starts] > 0
+
+
 def rows_from_windows(window_values: np.ndarray, n_rows: int, window_size: int, stride: int = 1,
                       fill: float = np.nan) -> np.ndarray:
     """Spread per-window values onto rows: each row takes the value of the latest window ending at

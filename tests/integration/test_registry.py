@@ -122,21 +122,37 @@ def test_unreachable_store_is_a_registry_error(tmp_path):
     assert registry.alias_version("pump", "champion") is None  # no such model: None, not an error
 
 
+def _promote_trained_with(settings, **threshold):
+    """Train on normal data with these ``[threshold]`` fields set, register and promote; the outcome."""
+    import dataclasses
+
+    moved = build_settings({**{s: dataclasses.asdict(getattr(settings, s)) for s in ("mlflow", "model", "training")},
+                            "threshold": {**dataclasses.asdict(settings.threshold), **threshold}})
+    return run_training(prepare_training(normal_frame(1200)), moved, source="synthetic", dataset="synthetic",
+                        promote=True, progress=False)
+
+
+def _pyfunc_bars(loaded, frame):
+    """The champion's pyfunc on ``frame``, checked to give the bar and flags ``series_bars`` gives; the
+    output and the scores."""
+    import mlflow
+
+    out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame[list(loaded.sensors)].reset_index(drop=True))
+    scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
+    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
+    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    return out, scores
+
+
 def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, monkeypatch):
     """Trained with ``[threshold] adaptive_*``: the rule is in the registered model's threshold.json, the
     run's parameters, and the pyfunc's per-row ``threshold`` (the bar in force), loaded without pickle."""
-    import dataclasses
-
     import mlflow
 
     from anomaly.adaptive import AdaptiveRule
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    adaptive = build_settings({**{s: dataclasses.asdict(getattr(settings, s)) for s in ("mlflow", "model", "training")},
-                               "threshold": {**dataclasses.asdict(settings.threshold), "adaptive_rows": 60,
-                                             "adaptive_factor": 2.0, "adaptive_lag": 5}})
-    outcome = run_training(prepare_training(normal_frame(1200)), adaptive, source="synthetic", dataset="synthetic",
-                           promote=True, progress=False)
+    outcome = _promote_trained_with(settings, adaptive_rows=60, adaptive_factor=2.0, adaptive_lag=5)
     rule = AdaptiveRule(rows=60, factor=2.0, quantile=0.5, lag=5)
     assert outcome.detector.threshold.adaptive == rule
     assert mlflow.get_run(outcome.run_id).data.params["threshold.adaptive_rows"] == "60"
@@ -146,11 +162,7 @@ def test_an_adaptive_rule_travels_with_the_registered_model(settings, tmp_path, 
     assert loaded.threshold.adaptive == rule
     # a lasting change from row 150 on: the fixed threshold flags it to the end, the bar rises with it
     changed, _ = with_fault(normal_frame(400, seed=4), start=150, length=250)
-    frame = changed[list(loaded.sensors)].reset_index(drop=True)
-    out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
-    scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
-    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
-    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    out, scores = _pyfunc_bars(loaded, changed)
     assert out["threshold"].max() > loaded.threshold.value  # the bar did rise
     fixed = np.nan_to_num(scores, nan=-np.inf) > loaded.threshold.value
     assert out["is_anomaly"].sum() < fixed.sum()
@@ -160,18 +172,12 @@ def test_an_episode_rule_travels_with_the_registered_model(settings, tmp_path, m
     """Trained with ``[threshold] episode_*``: the rule is in the registered model's threshold.json, the
     run's parameters and the registry tag, and the pyfunc's per-row ``threshold`` is the episode's bar,
     loaded without pickle."""
-    import dataclasses
-
     import mlflow
 
     from anomaly.episodes import EpisodeRule
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    episodes = build_settings({**{s: dataclasses.asdict(getattr(settings, s)) for s in ("mlflow", "model", "training")},
-                               "threshold": {**dataclasses.asdict(settings.threshold), "episode_drop": 3.0,
-                                             "episode_settle": 2.0, "episode_k": 10}})
-    outcome = run_training(prepare_training(normal_frame(1200)), episodes, source="synthetic", dataset="synthetic",
-                           promote=True, progress=False)
+    outcome = _promote_trained_with(settings, episode_drop=3.0, episode_settle=2.0, episode_k=10)
     rule = EpisodeRule(drop=3.0, settle=2.0, k=10)
     assert outcome.detector.threshold.episodes == rule and outcome.detector.threshold.adaptive is None
     assert mlflow.get_run(outcome.run_id).data.params["threshold.episode_drop"] == "3.0"
@@ -182,11 +188,7 @@ def test_an_episode_rule_travels_with_the_registered_model(settings, tmp_path, m
     # a fault from row 150 to 250, then the rig settles a little above normal
     changed, _ = with_fault(normal_frame(400, seed=4), start=150, length=250, size=0.3)
     changed, _ = with_fault(changed, start=150, length=100, size=1.2)
-    frame = changed[list(loaded.sensors)].reset_index(drop=True)
-    out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame)
-    scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
-    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
-    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    out, scores = _pyfunc_bars(loaded, changed)
     assert (out["threshold"].to_numpy()[~np.isnan(scores)] >= loaded.threshold.value).all()
     assert out["threshold"].iloc[-1] > loaded.threshold.value  # the settled bar after the fault
 

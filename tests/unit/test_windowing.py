@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from anomaly.windowing import make_windows, n_windows, rows_from_windows, window_end_rows
+from anomaly.windowing import make_windows, n_windows, rows_from_windows, window_end_rows, windows_touching
 
 
 def test_windows_cover_rows_in_order():
@@ -43,3 +43,12 @@ def test_bad_arguments_raise():
         make_windows(np.zeros(5), 2)
     with pytest.raises(ValueError):
         n_windows(5, 0)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_windows_touching_marks_exactly_the_windows_that_cover_a_marked_row(stride):
+    rng = np.random.default_rng(stride)
+    rows = rng.random(40) < 0.1
+    got = windows_touching(rows, 5, stride)
+    want = [rows[i * stride:i * stride + 5].any() for i in range(n_windows(40, 5, stride))]
+    assert got.tolist() == want and len(got) == len(make_windows(np.zeros((40, 1)), 5, stride))
