@@ -3,7 +3,8 @@
     python -m pipelines.skab_tradeoff [--runs default,seed1,seed2,standard,w5,w20,w60,...] [--data-dir DIR] [--cache DIR]
         [--json OUT] [--threads 1]
 
-For each named run (``RUNS``: overrides of ``PROFILES["skab"]``) the SKAB protocol runs once, as
+For each named run (``RUNS``: overrides of ``PROFILES["skab"]``, with all eight sensors unless the run names
+``data.sensors``) the SKAB protocol runs once, as
 ``anomaly.protocols.run_skab`` does: a detector fitted on the first ``train_rows`` of each file scores all
 its rows; the test part's row scores, labels, the validation scores and the threshold are kept, pickled in
 ``--cache`` (a rerun reuses them instead of retraining). Then a post-hoc sweep over global, causal choices:
@@ -64,7 +65,7 @@ from anomaly.adaptive import AdaptiveRule, adaptive_flags
 from anomaly.episodes import PARAM_KEYS as EPISODE_KEYS
 from anomaly.episodes import EpisodeRule, episode_flags
 from anomaly.cli import default_data_dir
-from anomaly.protocols import PROFILES
+from anomaly.protocols import PROFILES, SKAB_PROFILE_SENSORS
 
 log = logging.getLogger("skab_tradeoff")
 
@@ -78,6 +79,9 @@ RUNS: dict[str, dict[str, dict[str, Any]]] = {
     "w60": {"model": {"window_size": 60}},
     "w60-seed1": {"model": {"window_size": 60}, "training": {"seed": 1}},
     "w60-seed2": {"model": {"window_size": 60}, "training": {"seed": 2}},
+    "six": {"data": {"sensors": list(SKAB_PROFILE_SENSORS)}},
+    "six-seed1": {"data": {"sensors": list(SKAB_PROFILE_SENSORS)}, "training": {"seed": 1}},
+    "six-seed2": {"data": {"sensors": list(SKAB_PROFILE_SENSORS)}, "training": {"seed": 2}},
 }
 TARGET = {"f1": 0.79, "far": 13.55, "mar": 28.02}  # Conv-AE on SKAB's leaderboard (F1 0.78 -> beat it)
 
@@ -554,8 +558,11 @@ def picks(files: Sequence[Mapping[str, Any]], df: pd.DataFrame,
 def run_config(overrides: Mapping[str, Mapping[str, Any]], threads: int) -> dict[str, dict[str, Any]]:
     """``PROFILES["skab"]`` with each section updated by ``overrides``; ``training.cpu_threads = threads``.
     The profile's moving bar (adaptive or episodes) is left out: this job studies what post-processing does
-    to the fixed threshold's crossings, and scores those rules on its own (``ADAPTIVE``, ``EPISODE_GRID``)."""
+    to the fixed threshold's crossings, and scores those rules on its own (``ADAPTIVE``, ``EPISODE_GRID``).
+    Every run uses all eight sensors unless it names ``data.sensors`` (the ``six`` runs: the profile's own
+    choice), so the runs measured before the profile dropped the thermal sensors still reproduce."""
     raw = copy.deepcopy(PROFILES["skab"])
+    raw.get("data", {}).pop("sensors", None)
     for key in (*ADAPTIVE_KEYS, *EPISODE_KEYS):
         raw.get("threshold", {}).pop(key, None)
     for section, values in overrides.items():

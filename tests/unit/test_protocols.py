@@ -100,3 +100,53 @@ def test_nab_calibrated_scores_a_step_never_taken_in_its_context_even_when_the_m
     alone = nab_calibrate(np.zeros(n), values, transitions=nab_transitions(values, 300))
     assert (np.flatnonzero(alone[300:] > NAB_OWN_LEVEL) + 300).tolist() == [1500]
     assert alone[1500] > 0.6  # far above the most surprising step of the 3,000 rows before it
+
+
+def _series(rng: np.random.Generator, n: int = 300) -> "LabelledSeries":
+    import pandas as pd
+
+    from anomaly.datasets import LabelledSeries
+
+    frame = pd.DataFrame(rng.normal(0, 1, (n, 3)), columns=["a", "b", "drift"],
+                         index=pd.date_range("2024-01-01", periods=n, freq="1s", tz="UTC", name="ts"))
+    frame["drift"] = np.linspace(0, 50, n)  # a sensor that only ever climbs
+    return LabelledSeries("s", frame, np.zeros(n, bool), train_rows=200)
+
+
+def _tiny(**data):
+    from anomaly.config import build_settings
+
+    return build_settings({"data": data, "model": {"window_size": 5, "hidden_size": 4, "latent_size": 2},
+                           "training": {"epochs": 2, "batch_size": 16, "patience": 2, "cpu_threads": 1}})
+
+
+def test_score_series_trains_and_scores_only_the_named_sensors_in_their_order():
+    from anomaly.protocols import score_series
+
+    series = _series(np.random.default_rng(0))
+    every = score_series(series, _tiny())
+    named = score_series(series, _tiny(sensors=["b", "a"]))
+    assert every.sensors == ("a", "b", "drift") and every.values.shape[1] == 3
+    assert named.sensors == ("b", "a") and named.values.shape == (100, 2)
+    assert np.array_equal(named.values, series.frame[["b", "a"]].to_numpy()[200:])
+    assert named.expected.shape == (100, 2)
+
+
+def test_score_series_names_the_field_when_a_named_sensor_is_missing():
+    import pytest
+
+    from anomaly.errors import DataError
+    from anomaly.protocols import score_series
+
+    with pytest.raises(DataError, match=r"data.sensors: \['nosuch'\] not in s"):
+        score_series(_series(np.random.default_rng(1)), _tiny(sensors=["a", "nosuch"]))
+
+
+def test_the_skab_profile_leaves_out_the_thermal_sensors():
+    from anomaly.datasets import SKAB_SENSORS
+    from anomaly.protocols import PROFILES, SKAB_THERMAL, profile_settings
+
+    sensors = profile_settings("skab").data.sensors
+    assert sensors == PROFILES["skab"]["data"]["sensors"] == [s for s in SKAB_SENSORS if s not in SKAB_THERMAL]
+    assert set(SKAB_THERMAL) <= set(SKAB_SENSORS) and not set(SKAB_THERMAL) & set(sensors)
+    assert profile_settings("skab").threshold.adaptive_rows == 0  # a fixed threshold: no warm-up, no moving bar

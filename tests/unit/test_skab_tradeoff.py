@@ -347,3 +347,13 @@ def test_episode_grid_scores_every_setting_through_the_shipped_rule():
         assert (row.f1, row.far, row.mar) == pytest.approx((m.f1, m.far, m.mar))
     warm = episode_warm(files, df.iloc[1], fitted_scale=2.0, history=50)
     assert warm["history"] == 50 and warm["mar"] == pytest.approx(0.0)
+
+
+def test_runs_use_every_sensor_unless_they_name_the_profiles_six():
+    from pipelines.skab_tradeoff import RUNS, run_config
+    from anomaly.protocols import SKAB_PROFILE_SENSORS
+
+    assert "sensors" not in run_config(RUNS["default"], 1)["data"]  # all eight, as the README's older tables
+    assert run_config(RUNS["w60"], 1)["data"].get("sensors") is None
+    for name in ("six", "six-seed1", "six-seed2"):
+        assert run_config(RUNS[name], 1)["data"]["sensors"] == list(SKAB_PROFILE_SENSORS)
