@@ -474,6 +474,24 @@ def fleet_training_frame(series: Sequence[Any]) -> Any:
     return pd.concat(parts)
 
 
+def fleet_frames(fleet: Sequence[tuple[str, Any]], sensors: Sequence[str]) -> list[tuple[str, Any]]:
+    """``[(entity, frame)]`` with each series' columns limited to ``sensors``, the serving model's, in its
+    order (pure): a reading must carry exactly its model's sensors (DESIGN §2), so the replay sends those."""
+    missing = sorted({name for _, series in fleet for name in sensors if name not in series.frame.columns})
+    if missing:
+        raise DataError(f"the serving model reads sensors the fleet does not have: {missing}; the fleet's are "
+                        f"{list(fleet[0][1].frame.columns) if fleet else []}")
+    return [(entity, series.frame[list(sensors)]) for entity, series in fleet]
+
+
+def champion_sensors(model_name: str, version: str) -> tuple[str, ...]:
+    """The sensors the registered version reads, from its own model.json."""
+    from anomaly import registry
+
+    detector, _ = registry.load_detector(model_name, version)
+    return tuple(detector.sensors)
+
+
 def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], data_dir: Path) -> str:
     """Train on the fleet's normal readings, register and promote; the new version."""
     from anomaly.preparation import prepare_training
@@ -573,6 +591,9 @@ def run(settings: Settings, options: UpOptions) -> int:
             champion = train_first_champion(settings, fleet, options.data_dir)
         else:
             print(f"registry: {m.model_name} v{champion} is @{w.model_alias}; reusing it", flush=True)
+        sensors = champion_sensors(m.model_name, champion)
+        frames = fleet_frames(fleet, sensors)
+        print(f"fleet readings carry the sensors v{champion} reads ({len(sensors)}): {', '.join(sensors)}", flush=True)
         if "mlflow" in children and ui:
             wait_http(f"{ui}/health", children["mlflow"], MLFLOW_READY_S, "the MLflow server")
 
@@ -595,7 +616,7 @@ def run(settings: Settings, options: UpOptions) -> int:
                          on_line=(lambda line: print(line, flush=True)) if options.console else (lambda line: None),
                          from_end=broker is None,  # a broker we did not start holds earlier sessions' events
                          ).start()
-        fleet_replay = FleetReplay(bootstrap, k.input_topic, [(e, series.frame) for e, series in fleet], options.speed,
+        fleet_replay = FleetReplay(bootstrap, k.input_topic, frames, options.speed,
                                    options.loop, k.client_options, on_round=on_round).start()
         print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
                      speed=options.speed, state_dir=state, champion=str(champion),

@@ -252,3 +252,16 @@ def test_size_rows_include_the_model_defaults():
     d = ModelSettings()
     shapes = [(o["window_size"], o["hidden_size"], o["latent_size"]) for o in SIZES.values()]
     assert (d.window_size, d.hidden_size, d.latent_size) in shapes
+
+
+def test_benchmark_markdown_says_which_sensors_the_skab_row_reads():
+    from anomaly.protocols import PROFILES
+    from pipelines.benchmark import markdown
+
+    row = {"f1": 0.8, "far": 11.0, "mar": 24.0, "event_f1": 0.7, "mean_delay_s": 20.0, "seconds": 40.0,
+           "settings": PROFILES["skab"]}
+    text = markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": row}})
+    assert "reads 6 of SKAB's 8 sensors" in text and "`Volume Flow RateRMS`" in text
+    assert "(q0.95 × 1.25), fixed" in text and "adapts to each file" not in text
+    every = {**row, "settings": {**PROFILES["skab"], "data": {"scaler": "robust"}}}
+    assert "SKAB's 8 sensors" not in markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": every}})

@@ -94,6 +94,16 @@ def test_fleet_training_frame_lays_normal_parts_end_to_end():
     assert up.fleet_span_s([("p", _series("a").frame)]) == 20.0
 
 
+def test_fleet_frames_carry_exactly_the_serving_models_sensors():
+    fleet = [("pump-1", _series("a")), ("pump-2", _series("b"))]
+    frames = up.fleet_frames(fleet, ("b",))
+    assert [e for e, _ in frames] == ["pump-1", "pump-2"]
+    assert all(list(f.columns) == ["b"] and len(f) == 20 for _, f in frames)
+    assert [list(f.columns) for _, f in up.fleet_frames(fleet, ("b", "a"))] == [["b", "a"], ["b", "a"]]
+    with pytest.raises(DataError, match=r"reads sensors the fleet does not have: \['Temperature'\]"):
+        up.fleet_frames(fleet, ("a", "Temperature"))
+
+
 def test_fleet_stream_merges_entities_in_time_order():
     frames = [("pump-1", _series("a", rows=3).frame), ("pump-2", _series("b", rows=3).frame)]
     stream = list(up.fleet_stream(frames, start_ts=100.0))
