@@ -309,10 +309,11 @@ def markdown_report(result: ProtocolResult, settings: Settings) -> str:
     for key, value in m.items():
         shown = f"{value:.4f}" if isinstance(value, float) else ("n/a" if value is None else str(value))
         lines.append(f"| `{key}` | {shown} |")
-    lines += ["", "## Per series", "", "| series | rows | labelled | flagged | threshold | train s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Per series", "", "| series | rows | labelled | flagged | threshold | sensors | train s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result.series:
         lines.append(f"| {r.name} | {len(r.labels)} | {int(r.labels.sum())} | {int(r.flags.sum())} | "
-                     f"{r.threshold:.4g} | {r.train_seconds:.1f} |")
-    lines += ["", "## Settings", "", "```", repr(settings.model), repr(settings.training), repr(settings.threshold), "```", ""]
+                     f"{r.threshold:.4g} | {len(r.sensors)} | {r.train_seconds:.1f} |")
+    lines += ["", "## Settings", "", "```", repr(settings.data), repr(settings.model), repr(settings.training),
+              repr(settings.threshold), "```", ""]
     return "\n".join(lines)

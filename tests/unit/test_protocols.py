@@ -150,3 +150,14 @@ def test_the_skab_profile_leaves_out_the_thermal_sensors():
     assert sensors == PROFILES["skab"]["data"]["sensors"] == [s for s in SKAB_SENSORS if s not in SKAB_THERMAL]
     assert set(SKAB_THERMAL) <= set(SKAB_SENSORS) and not set(SKAB_THERMAL) & set(sensors)
     assert profile_settings("skab").threshold.adaptive_rows == 0  # a fixed threshold: no warm-up, no moving bar
+
+
+def test_markdown_report_names_the_sensors_read():
+    from anomaly.protocols import ProtocolResult, markdown_report, score_series
+
+    series = _series(np.random.default_rng(2))
+    settings = _tiny(sensors=["b", "a"])
+    result = ProtocolResult("skab", {"f1": 0.5}, [score_series(series, settings)], 1.0)
+    report = markdown_report(result, settings)
+    assert "| s | 100 | 0 |" in report and "| 2 |" in report  # two sensors read of the three
+    assert "sensors=['b', 'a']" in report
