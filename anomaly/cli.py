@@ -402,9 +402,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from anomaly import replay
 
     settings = _settings(args)
+    sensors = [s.strip() for s in args.sensors.split(",") if s.strip()] if args.sensors else settings.data.sensors
+    if args.sensors is not None and not sensors:
+        raise AnomalyError(f"--sensors: no sensor named in {args.sensors!r}")
     if args.data:
-        frame = replay.frame_from_file(args.data, timestamp_col=settings.data.timestamp_column,
-                                       sensors=settings.data.sensors)
+        frame = replay.frame_from_file(args.data, timestamp_col=settings.data.timestamp_column, sensors=sensors)
         source = str(args.data)
     else:
         if not args.series:
@@ -412,7 +414,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                        "smd": "machine-1-1"}.get(args.dataset, "")
             raise AnomalyError(f"replay --dataset {args.dataset} needs --series (e.g. {example})")
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
-        frame = replay.frame_from_dataset(args.dataset, data_dir, args.series)
+        frame = replay.frame_from_dataset(args.dataset, data_dir, args.series, sensors=sensors)
         source = f"{args.dataset}:{args.series}"
     kafka = settings.kafka
     bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
@@ -451,6 +453,9 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     src.add_argument("--dataset", choices=DATASETS, help="replay a benchmark series (needs --series)")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
+    p.add_argument("--sensors", help="comma-separated sensor columns to send, in this order (default: data.sensors, "
+                                     "else every sensor column); a reading must carry exactly the sensors of its "
+                                     "entity's model, so match the model's (anomaly models list shows them)")
     p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
                                                     "(default pump)")
     p.add_argument("--copies", type=positive_int, default=1, help="number of entities replaying the series (default 1)")

@@ -279,14 +279,27 @@ def frame_from_file(path: str | Path, timestamp_col: str | None = None,
     return readings
 
 
-def frame_from_dataset(name: str, data_dir: str | Path, series: str) -> pd.DataFrame:
-    """The whole frame (training and test rows) of one benchmark series, e.g. ``("skab", dir, "valve1/0")``."""
+def frame_from_dataset(name: str, data_dir: str | Path, series: str,
+                       sensors: Sequence[str] | None = None) -> pd.DataFrame:
+    """The whole frame (training and test rows) of one benchmark series, e.g. ``("skab", dir, "valve1/0")``,
+    limited to ``sensors`` (in that order) when given."""
     from anomaly import datasets
 
     if str(name).lower() == "smd":  # read one machine's files, not all of them (unknown ones raise)
-        return datasets.load_smd(data_dir, machines=[series])[0].frame
+        return select_sensors(datasets.load_smd(data_dir, machines=[series])[0].frame, sensors)
     loaded = datasets.load_dataset(name, data_dir)
     chosen = next((s for s in loaded if s.name == series), None)
     if chosen is None:
         raise DataError(f"no series {series!r} in {name}; e.g. {', '.join(s.name for s in loaded[:5])}")
-    return chosen.frame
+    return select_sensors(chosen.frame, sensors)
+
+
+def select_sensors(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
+    """``frame`` with only ``sensors``, in that order (all of it when None or empty): a reading must carry
+    exactly the sensors of its entity's model (DESIGN §2). A sensor the frame lacks is a ``DataError``."""
+    if not sensors:
+        return frame
+    missing = [s for s in sensors if s not in frame.columns]
+    if missing:
+        raise DataError(f"sensors not in the data: {missing}; its columns are {[str(c) for c in frame.columns]}")
+    return frame[list(sensors)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,19 @@ def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
                        weight_decay=t.weight_decay, validation_fraction=t.validation_fraction,
                        patience=t.patience, seed=t.seed, device=t.device, mixed_precision=t.mixed_precision,
                        cpu_threads=t.cpu_threads, progress=progress)
+
+
+SENSORS_TAG_CHARS = 4000  # below MLflow's tag value limits (5,000 for a model version's)
+
+
+def sensors_tag(sensors: Sequence[str]) -> str:
+    """The sensors a model reads, comma-separated, for the run's and the version's ``data.sensors`` tag;
+    cut short (saying how many there are) where the list would not fit a tag."""
+    text = ",".join(sensors)
+    if len(text) <= SENSORS_TAG_CHARS:
+        return text
+    suffix = f",... ({len(sensors)} sensors; model.json lists them all)"
+    return text[: SENSORS_TAG_CHARS - len(suffix)].rsplit(",", 1)[0] + suffix
 
 
 def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
@@ -90,7 +103,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     start, end = prepared.timestamps.min(), prepared.timestamps.max()  # a retrain's rows are per entity, not in time order
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
                  "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),
-                 "threshold.adaptive": settings.threshold.rule_description()}
+                 "threshold.adaptive": settings.threshold.rule_description(), "data.sensors": sensors_tag(prepared.sensors)}
     data_tags.update(extra_tags or {})
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
         run.log_params({**tracking.flat_params("model", asdict(settings.model)),

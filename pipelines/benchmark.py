@@ -275,12 +275,17 @@ def markdown(data: dict) -> str:
         lines += [f"| {n} | {f1} | {far} | {mar} | | |" for n, f1, far, mar in SKAB_PUBLISHED]
         sensors = s.get("settings", {}).get("data", {}).get("sensors")
         if sensors:
+            from anomaly.datasets import SKAB_SENSORS
+
             th = s["settings"].get("threshold", {})
-            lines += ["", f"Our SKAB model reads {len(sensors)} of SKAB's 8 sensors (the SKAB profile's `[data] sensors`: "
-                      f"{', '.join(f'`{x}`' for x in sensors)}; the thermal ones, `Temperature` and `Thermocouple`, "
-                      "left out, a choice made on SKAB itself) and flags a row above its validation threshold "
-                      f"(q{th.get('q')} × {th.get('scale')}), fixed: causal, no warm-up, whenever the fault comes "
-                      "(README \"SKAB: six sensors\")."]
+            left = [x for x in SKAB_SENSORS if x not in sensors]
+            fixed = not (th.get("adaptive_rows") or th.get("episode_drop"))
+            lines += ["", f"Our SKAB model reads {len(sensors)} of SKAB's {len(SKAB_SENSORS)} sensors (the SKAB profile's "
+                      f"`[data] sensors`: {', '.join(f'`{x}`' for x in sensors)}; left out: "
+                      f"{', '.join(f'`{x}`' for x in left) or 'none'}, a choice made on SKAB itself)"
+                      + (f" and flags a row above its validation threshold (q{th.get('q')} × {th.get('scale')}), "
+                         "fixed: causal, no warm-up, whenever the fault comes" if fixed else "")
+                      + " (README \"SKAB: six sensors\")."]
         adaptive = s.get("settings", {}).get("threshold", {}).get("adaptive_rows")
         if adaptive:
             th = s["settings"]["threshold"]

@@ -36,6 +36,9 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     run = mlflow.get_run(first.run_id)
     assert run.data.tags["dataset"] == "synthetic" and "code_version" in run.data.tags
     assert run.data.tags["data.start"].startswith("2026-01-01")
+    # The sensors the version reads, on the run and on the version (what a replay must send: DESIGN §2).
+    assert run.data.tags["data.sensors"] == ",".join(first.detector.sensors)
+    assert mlflow.MlflowClient().get_model_version("pump", "1").tags["data.sensors"] == ",".join(first.detector.sensors)
     history = mlflow.MlflowClient().get_metric_history(first.run_id, "val_loss")
     assert len(history) == len(first.result.history) >= 1  # one point per epoch
     assert run.data.metrics["threshold"] == pytest.approx(first.detector.threshold.value)

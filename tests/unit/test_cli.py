@@ -134,3 +134,15 @@ def test_train_refuses_a_table_of_several_entities_and_keeps_labels_out_of_the_s
     one = tmp_path / "one.csv"
     one.write_text("ts,machine,temp,fault\n2026-01-01T00:00:00Z,1,40,0\n2026-01-01T00:00:01Z,1,41,1\n")
     assert list(_one_entity_table(str(one), load_config())) == ["temp"]  # no entity id, no label as a sensor
+
+
+def test_replay_sends_only_the_sensors_asked_for(tmp_path, capsys):
+    """``--sensors`` picks the columns a replay sends; one the file lacks, or none at all, is refused
+    before any broker is contacted."""
+    table = tmp_path / "t.csv"
+    table.write_text("ts,a,b\n2026-01-01T00:00:00Z,1,2\n2026-01-01T00:00:01Z,1,2\n")
+    base = ["replay", "--data", str(table), "--bootstrap-servers", "127.0.0.1:1"]
+    assert main([*base, "--sensors", "b,nosuch"]) != 0
+    assert "['nosuch'] not found" in capsys.readouterr().err
+    assert main([*base, "--sensors", " , "]) != 0
+    assert "--sensors: no sensor named" in capsys.readouterr().err

@@ -263,5 +263,6 @@ def test_benchmark_markdown_says_which_sensors_the_skab_row_reads():
     text = markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": row}})
     assert "reads 6 of SKAB's 8 sensors" in text and "`Volume Flow RateRMS`" in text
     assert "(q0.95 × 1.25), fixed" in text and "adapts to each file" not in text
+    assert "left out: `Temperature`, `Thermocouple`" in text
     every = {**row, "settings": {**PROFILES["skab"], "data": {"scaler": "robust"}}}
     assert "SKAB's 8 sensors" not in markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": every}})

@@ -253,3 +253,24 @@ def test_interrupt_flushes_what_was_queued_and_propagates():
         replay("b:9092", "t", plan(), progress=False, clock=FakeClock(),
                producer_factory=lambda bootstrap, options: producer)
     assert len(producer.sent) == 3 and producer.flushed and producer.closed
+
+
+def test_select_sensors_sends_exactly_the_named_ones_in_order():
+    from anomaly.errors import DataError
+    from anomaly.replay import select_sensors
+
+    frame = pd.DataFrame({"a": [1.0], "b": [2.0], "c": [3.0]})
+    assert list(select_sensors(frame, ["c", "a"]).columns) == ["c", "a"]
+    assert select_sensors(frame, None) is frame and select_sensors(frame, []) is frame
+    with pytest.raises(DataError, match=r"sensors not in the data: \['Temperature'\]"):
+        select_sensors(frame, ["a", "Temperature"])
+
+
+def test_sensors_tag_names_every_sensor_or_says_how_many():
+    from anomaly.train_job import SENSORS_TAG_CHARS, sensors_tag
+
+    assert sensors_tag(["a", "b"]) == "a,b"
+    many = [f"sensor_{i:05d}" for i in range(1000)]
+    tag = sensors_tag(many)
+    assert len(tag) <= SENSORS_TAG_CHARS and tag.endswith("(1000 sensors; model.json lists them all)")
+    assert tag.startswith("sensor_00000,sensor_00001,") and ",,..." not in tag
