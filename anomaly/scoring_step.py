@@ -155,6 +155,7 @@ class BatchOutput:
 
     events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, encode_event(...))
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (original key, dead letter)
+    dead_letter_reasons: list[str] = field(default_factory=list)  # the reason of each dead letter, in order
     scores: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, score record), when enabled
     commits: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
@@ -373,6 +374,7 @@ class ScoringStep:
                 j = i - int(run_start[run_of[i]])
                 out.dead_letters.append((b.keys[j] if b.keys is not None else None, encode_dead_letter(
                     raws[i], b.topic, b.partition, b.offsets[j], reason, now_s)))
+                out.dead_letter_reasons.append(reason)
         counts["dead_letters"] = len(out.dead_letters)
         if len(decoded.index):
             stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])

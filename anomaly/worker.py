@@ -50,6 +50,7 @@ import numpy as np
 
 from anomaly import kafka_io
 from anomaly.alerts import AlertPolicy
+from anomaly.dead_letter_log import DeadLetterLog
 from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import DetectorModel, PartitionBatch, ScoringStep
@@ -116,6 +117,7 @@ class Worker:
         self._consumer = None
         self._producer = None
         self._runner: ThreadRunner | ProcessRunner | None = None
+        self.dead_letter_log = DeadLetterLog()
 
     def _serving(self, detector, version: str) -> DetectorModel:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
@@ -250,6 +252,10 @@ class Worker:
         if out.events or out.dead_letters:
             log.info("batch: %d records, %d windows, %d events, %d dead letters", counts.get("consumed", 0),
                      counts.get("windows_scored", 0), len(out.events), len(out.dead_letters))
+        if out.dead_letter_reasons:
+            line = self.dead_letter_log.add(out.dead_letter_reasons, self.clock())
+            if line:
+                log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
 
     def _follow_model(self) -> None:
         for swap in self._runner.follow_model():
@@ -259,6 +265,9 @@ class Worker:
 
     def _close(self) -> None:
         """Final flush and close, then the runner. Commits were made per batch, after delivery."""
+        line = self.dead_letter_log.flush(self.clock())
+        if line:
+            log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
         try:
             if self._producer is not None:
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -146,7 +147,7 @@ def test_fault_reported_once_with_the_right_sensor(kafka_broker, champion, topic
 
 
 @SCORING
-def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_name, scoring_process):
+def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_name, scoring_process, caplog):
     settings, _ = champion
     opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
@@ -165,9 +166,16 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     producer.flush()
     producer.close()
     worker = Worker(opts, _follower(settings))
-    stats = worker.run(idle_stop_s=4)
+    with caplog.at_level(logging.WARNING, logger="anomaly.worker"):
+        stats = worker.run(idle_stop_s=4)
     dead = [codec.decode_dead_letter(r.value) for r in kafka_io.read_all(kafka_broker, opts.dlq_topic, timeout_s=30, idle_s=2)]
     assert len(dead) == 8 == stats.dead_letters
+    # The log says why, not only how many: the first dead letter at once, the rest when the worker stops
+    # (within a minute of the first, so summed up then), each reason counted.
+    said = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage() and "batch:" not in r.getMessage()]
+    assert said and "x not JSON" in said[0], said
+    assert sum(int(line.split(" ", 1)[0]) for line in said) == 8
+    assert "x not UTF-8: invalid byte 0xff" in " ".join(said) and opts.dlq_topic in said[0], said
     originals = {d["original"] for d in dead}
     assert b"not json" in originals and b"\xff\xfe" in originals
     assert all(d["reason"] and d["source_topic"] == opts.input_topic and d["source_offset"] >= 0 for d in dead)
