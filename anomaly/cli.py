@@ -618,7 +618,8 @@ def _add_up_parser(sub: Any, common: Any) -> None:
     p = sub.add_parser("up", help="run everything locally: broker, MLflow UI, worker, scheduler, a replayed fleet",
                        description="Start the whole stack on 127.0.0.1 with embedded defaults: the local Kafka-"
                                    "protocol broker, the MLflow tracking server and UI, a first champion trained on "
-                                   "SKAB's anomaly-free recording if the registry has none, the scoring worker, the "
+                                   "the fleet's normal readings (the first 400 rows of each experiment, SKAB's "
+                                   "profile) if the registry has none, the scoring worker, the "
                                    "retraining scheduler, and a replay of real SKAB water-pump experiments (with "
                                    "their faults) as a fleet; prints events as they open and close. Ctrl-C stops "
                                    "every part cleanly; a second `anomaly up` reuses the registry.")

@@ -2,11 +2,12 @@
 
 Starts, in order, on 127.0.0.1: the local Kafka-protocol broker (Tansu) and the topics; the MLflow
 tracking server and UI over the same SQLite store the other commands use (lean: one worker, no job
-execution, DESIGN.md §5); a first champion trained on SKAB's anomaly-free recording when the
-registry has none (a second ``anomaly up`` reuses the registry); the scoring worker and the
-retraining scheduler as child processes; a replay of real SKAB water-pump experiments (with their
-real valve and rotor faults) as a small fleet of entities, looped; and a console view of the
-anomaly events as they open and close.
+execution, DESIGN.md §5); a first champion trained on the fleet's normal readings (each
+experiment's first 400 rows, with SKAB's profile) when the registry has none (a second ``anomaly up``
+reuses the registry); the scoring worker and the retraining scheduler as child processes; a replay of
+real SKAB water-pump experiments (with their real valve and rotor faults) as a small fleet of
+entities, looped, each reading carrying exactly the sensors the champion reads; and a console view of
+the anomaly events as they open and close.
 
 Ctrl-C (or SIGTERM) stops everything in order: the replay, then the worker (it drains, flushes and
 commits), the scheduler, the MLflow server (its whole process group) and the broker. Every child
