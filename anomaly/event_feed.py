@@ -120,7 +120,9 @@ class EventFeed:
         except (TypeError, ValueError, UnicodeDecodeError):  # TypeError: a tombstone (no value)
             log.warning("event feed: a record on %s is not JSON; skipped", self.topic)
             return
-        if not isinstance(event, dict):
+        if not isinstance(event, dict) or not isinstance(event.get("entity"), str) or not event["entity"] \
+                or event.get("status") not in ("open", "closed"):
+            log.warning("event feed: a record on %s is not an event (no entity or status); skipped", self.topic)
             return
         try:
             line = format_event(event)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from anomaly.broker import BrokerError, LocalBroker, tansu_binary
+from tests.fixtures import missing_requirement
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +24,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         tansu_binary()
     except BrokerError as exc:
-        pytest.skip(f"Kafka tests need the local broker: {exc}")
+        missing_requirement(f"Kafka tests need the local broker: {exc}")
     log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
     broker = LocalBroker(log_path=log_path)
     broker.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,3 +45,27 @@ def mlflow_store(root: Path | str, model_name: str) -> dict[str, str]:
     root = Path(root)
     return {"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": str(root / "artifacts"),
             "model_name": model_name}
+
+
+# --- what the tests need from the machine --------------------------------------------------------
+
+DATASETS = Path(os.environ.get("ANOMALY_DATASETS") or Path(__file__).resolve().parents[2] / "shared" / "datasets")
+
+
+def missing_requirement(what: str) -> None:
+    """Skip a test whose requirement (a dataset, the local broker) is missing, on a developer's machine;
+    under CI (``CI`` set) fail instead: there everything is installed and present, so a missing piece is
+    a broken set-up, not a reason to report green."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{what} (CI has everything installed: this is a broken set-up)")
+    pytest.skip(what)
+
+
+def need_dataset(name: str, inner: str = "") -> Path:
+    """``DATASETS/name`` (``ANOMALY_DATASETS`` or ../shared/datasets), when it holds ``inner`` too."""
+    path = DATASETS / name
+    if not (path / inner).is_dir():
+        missing_requirement(f"dataset {name} not found under {DATASETS} (set ANOMALY_DATASETS)")
+    return path

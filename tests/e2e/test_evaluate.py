@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from anomaly.cli import main
+from tests.fixtures import missing_requirement
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +20,7 @@ DATASETS = Path(os.environ.get("ANOMALY_DATASETS", Path(__file__).resolve().pare
 def small_skab(tmp_path):
     src = DATASETS / "skab" / "data"
     if not src.is_dir():
-        pytest.skip(f"SKAB not found at {src}")
+        missing_requirement(f"SKAB not found at {src}")
     for name in ("valve1/1.csv", "valve2/1.csv", "other/9.csv"):
         frame = pd.read_csv(src / name, sep=";")
         out = tmp_path / "skab" / "data" / name
@@ -40,8 +41,11 @@ def test_evaluate_skab_copy_writes_figures_and_report(small_skab, tmp_path, monk
         assert key in figures
     assert figures["files"] == 3 and figures["test_rows"] == 3 * 500
     assert 0 <= figures["f1"] <= 1 and 0 <= figures["far"] <= 100 and 0 <= figures["mar"] <= 100
+    # The faults are found at all (a chain that flags nothing, or everything, fails here).
+    assert figures["event_recall"] > 0 and figures["mar"] < 100 and figures["far"] < 100
     report = (tmp_path / "report.md").read_text()
     assert "valve1/1" in report and "valve2/1" in report and "other/9" in report
+    assert "| 6 |" in report and "'Volume Flow RateRMS'" in report and "Thermocouple" not in report  # the profile's six
 
     import mlflow
 
@@ -53,7 +57,7 @@ def test_evaluate_skab_copy_writes_figures_and_report(small_skab, tmp_path, monk
 def small_nab(tmp_path):
     src = DATASETS / "nab"
     if not (src / "labels" / "combined_windows.json").is_file():
-        pytest.skip(f"NAB not found at {src}")
+        missing_requirement(f"NAB not found at {src}")
     names = ["artificialWithAnomaly/art_daily_jumpsup.csv", "artificialNoAnomaly/art_daily_small_noise.csv"]
     windows = json.loads((src / "labels" / "combined_windows.json").read_text())
     for name in names:

@@ -25,6 +25,7 @@ import pytest
 
 from anomaly import kafka_io
 from anomaly.broker import free_port
+from tests.fixtures import missing_requirement
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,7 +79,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     if not (DATASETS / "skab" / "data").is_dir():
-        pytest.skip(f"SKAB not found under {DATASETS}")
+        missing_requirement(f"SKAB not found under {DATASETS}")
     tmp = tmp_path_factory.mktemp("up")
     ports = {name: free_port() for name in ("broker", "ui", "worker", "scheduler")}
     tracking_uri = f"sqlite:///{tmp}/mlruns/mlflow.db"

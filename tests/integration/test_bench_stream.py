@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from anomaly.broker import BrokerError, tansu_binary
+from tests.fixtures import missing_requirement
 from pipelines.bench_stream import START_TS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,7 +29,7 @@ def quick_result(tmp_path_factory):
     try:
         tansu_binary()
     except BrokerError as exc:
-        pytest.skip(f"the benchmark needs the local broker: {exc}")
+        missing_requirement(f"the benchmark needs the local broker: {exc}")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     done = subprocess.run([sys.executable, "-m", "pipelines.bench_stream", "--quick", "--decompose", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)

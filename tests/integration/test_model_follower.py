@@ -3,6 +3,8 @@ unreachable tracking server. The clock is faked, so no test waits for a check in
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,9 @@ def store(tmp_path_factory):
         prepared = prepare_training(normal_frame(300))
         first = run_training(prepared, settings, source="synthetic", dataset="synthetic", promote=True,
                              progress=False)
-        second = run_training(prepared, settings, source="synthetic", dataset="synthetic", alias="challenger",
+        # Another seed: v2's weights differ from v1's, so scoring "like v2" shows v2's weights were loaded.
+        reseeded = dataclasses.replace(settings, training=dataclasses.replace(settings.training, seed=1))
+        second = run_training(prepared, reseeded, source="synthetic", dataset="synthetic", alias="challenger",
                               progress=False)
         empty = tmp / "empty-model"
         empty.mkdir()
@@ -80,6 +84,7 @@ def test_poll_returns_a_newly_promoted_version(store):
     swapped = follower.poll()
     assert swapped is not None and swapped[1] == "2" and follower.current()[1] == "2"
     values = normal_frame(40, seed=5)[list(second.detector.sensors)].to_numpy()
+    assert not np.array_equal(first.detector.score_values(values).scores, second.detector.score_values(values).scores)
     np.testing.assert_array_equal(swapped[0].score_values(values).scores,
                                   second.detector.score_values(values).scores)
     clock.now += INTERVAL_S

@@ -9,7 +9,7 @@ import pytest
 from anomaly.codec import Reading, decode_reading
 from anomaly.kafka_io import ensure_topics, read_all
 from anomaly.replay import replay, replay_plan
-from tests.fixtures import normal_frame
+from tests.fixtures import missing_requirement, normal_frame
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +64,15 @@ def test_replay_command_sends_a_file_as_a_fleet(kafka_broker: str, topic_name: s
     assert len(readings) == 20
     assert all(set(r.values) == {"temp", "pressure", "flow"} for r in readings)  # the label column stays home
 
+    # --sensors: only those, in that order (a model that reads some of the table's sensors).
+    other = f"{topic_name}-some"
+    assert main(["replay", "--data", str(path), "--sensors", "flow,temp", "--bootstrap-servers", kafka_broker,
+                 "--topic", other, "--quiet"]) == 0
+    capsys.readouterr()
+    some = [decode_reading(r.value) for r in read_all(kafka_broker, other, timeout_s=15, idle_s=1.0)]
+    assert len(some) == 10 and all(list(r.values) == ["flow", "temp"] for r in some)
+    np.testing.assert_allclose([r.values["temp"] for r in some], frame["temp"].to_numpy())
+
 
 def test_broker_command_on_a_port_in_use_exits_2(kafka_broker: str, capsys) -> None:
     from anomaly.cli import main
@@ -83,7 +92,7 @@ def test_broker_command_runs_until_sigterm(tmp_path) -> None:
     try:
         tansu_binary()
     except BrokerError as exc:
-        pytest.skip(f"the broker command needs the local broker: {exc}")
+        missing_requirement(f"the broker command needs the local broker: {exc}")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "broker", "--port", str(port), "--log",
                              str(tmp_path / "tansu.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

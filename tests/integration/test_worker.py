@@ -14,15 +14,18 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from anomaly import codec, kafka_io, registry, tracking
 from anomaly.alerts import AlertPolicy
 from anomaly.config import WorkerSettings
 from anomaly.model_follower import ModelFollower
+from anomaly.preparation import prepare_training
 from anomaly.replay import replay
 from anomaly.replay import replay_plan as _fleet_plan
 from anomaly.step_runner import usable_cpus
+from anomaly.train_job import run_training
 from anomaly.window_state import WindowPolicy
 from anomaly.worker import Worker, WorkerOptions
 from tests.fixtures import normal_frame, with_fault
@@ -194,23 +197,36 @@ def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_na
     thread, result = _run_in_thread(worker, idle_stop_s=8)
     first = list(replay_plan(normal_frame(300, seed=21), "pump-d", start_ts=START_TS))
     replay(kafka_broker, opts.input_topic, first, progress=False)
-    # Register the same detector again as a new version and promote it while the worker runs.
+    # Train another detector (another seed: other weights), register it and promote it while the worker runs.
     tracking.configure(settings.mlflow.tracking_uri)
-    new_version = registry.register(outcome.model_uri, settings.mlflow.model_name)
-    registry.promote(settings.mlflow.model_name, new_version, "champion", reason="test")
-    deadline = time.time() + 30
-    while worker.stats.model_swaps == 0 and time.time() < deadline:
-        time.sleep(0.2)
-    assert worker.stats.model_swaps == 1
-    second = list(replay_plan(normal_frame(300, seed=22), "pump-d", start_ts=START_TS + 300))
-    replay(kafka_broker, opts.input_topic, second, progress=False)
-    thread.join(60)
-    assert "error" not in result, result.get("error")
+    reseeded = dataclasses.replace(settings, training=dataclasses.replace(settings.training, seed=1, epochs=3))
+    newer = run_training(prepare_training(normal_frame(2500)), reseeded, source="synthetic", dataset="synthetic",
+                         register=True, progress=False)
+    new_version = newer.version
+    try:
+        registry.promote(settings.mlflow.model_name, new_version, "champion", reason="test")
+        deadline = time.time() + 30
+        while worker.stats.model_swaps == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert worker.stats.model_swaps == 1
+        second = list(replay_plan(normal_frame(300, seed=22), "pump-d", start_ts=START_TS + 300))
+        replay(kafka_broker, opts.input_topic, second, progress=False)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+    finally:  # the session's other tests follow the original champion
+        registry.promote(settings.mlflow.model_name, outcome.version, "champion", reason="test done")
     docs = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
     ends = sorted(d["ts"] for d in docs)
     assert ends == [START_TS + i for i in range(15, 600)], "no window skipped across the swap"
-    late = [d for d in docs if d["ts"] >= START_TS + 300]
+    late = sorted((d for d in docs if d["ts"] >= START_TS + 300), key=lambda d: d["ts"])
     assert late and all(d["model"]["version"] == new_version for d in late)
+    # ... and scored with the new version's weights, not only under its name.
+    sensors = list(newer.detector.sensors)
+    values = np.vstack([normal_frame(300, seed=21)[sensors].to_numpy(), normal_frame(300, seed=22)[sensors].to_numpy()])
+    offline_new = newer.detector.score_values(values).scores[300 - 15:]
+    offline_old = outcome.detector.score_values(values).scores[300 - 15:]
+    assert not np.allclose(offline_new, offline_old, rtol=1e-3)
+    np.testing.assert_allclose([d["score"] for d in late], offline_new, rtol=1e-4)
 
 
 @SCORING

@@ -76,11 +76,9 @@ def test_bad_numeric_arguments_are_usage_errors(argv, words, capsys):
 
 
 def test_evaluate_names_series_the_dataset_does_not_have(capsys):
-    from pathlib import Path
+    from tests.fixtures import need_dataset
 
-    data = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "skab"
-    if not data.exists():
-        pytest.skip("needs ../shared/datasets/skab")
+    data = need_dataset("skab")
     assert main(["evaluate", "--dataset", "skab", "--data-dir", str(data), "--series", "valve1/0,valve1/nosuch",
                  "--no-track", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -136,9 +134,9 @@ def test_train_refuses_a_table_of_several_entities_and_keeps_labels_out_of_the_s
     assert list(_one_entity_table(str(one), load_config())) == ["temp"]  # no entity id, no label as a sensor
 
 
-def test_replay_sends_only_the_sensors_asked_for(tmp_path, capsys):
-    """``--sensors`` picks the columns a replay sends; one the file lacks, or none at all, is refused
-    before any broker is contacted."""
+def test_replay_refuses_sensors_the_table_lacks(tmp_path, capsys):
+    """``--sensors`` naming a column the file lacks, or none at all, is refused before any broker is
+    contacted (what it sends: tests/integration/test_replay.py)."""
     table = tmp_path / "t.csv"
     table.write_text("ts,a,b\n2026-01-01T00:00:00Z,1,2\n2026-01-01T00:00:01Z,1,2\n")
     base = ["replay", "--data", str(table), "--bootstrap-servers", "127.0.0.1:1"]

@@ -1,6 +1,5 @@
 """Loaders against the real files in shared/datasets (numbers "checked" in its README)."""
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +8,11 @@ import pytest
 
 from anomaly.datasets import LabelledSeries, load_dataset, load_nab, load_skab, load_skab_anomaly_free, load_smd
 from anomaly.errors import DataError
-
-DATASETS = Path(os.environ.get("ANOMALY_DATASETS") or Path(__file__).resolve().parents[3] / "shared" / "datasets")
+from tests.fixtures import need_dataset
 
 
 def _need(name: str) -> Path:
-    path = DATASETS / name
-    if not path.is_dir():
-        pytest.skip(f"dataset {name} not found under {DATASETS} (set ANOMALY_DATASETS)")
-    return path
+    return need_dataset(name)
 
 
 @pytest.fixture(scope="module")

@@ -216,5 +216,9 @@ def test_the_last_run_survives_a_restart(tmp_path):
         second.stop()
     last_run_path(settings.job_store).write_text("not json")
     third = RetrainScheduler(settings, {"config": None})
-    third.start()  # a damaged file is ignored, not fatal
-    third.stop()
+    third.start()  # a damaged file is ignored, not fatal: no last run is known
+    try:
+        health = third.metrics.health()
+        assert health["last_success_ts"] is None and health["last_outcome"] is None
+    finally:
+        third.stop()
