@@ -111,7 +111,9 @@ def run_variants(names: list[str], datasets_: list[str], *, max_epochs: int | No
     so a long run can be watched, and ``resume`` skips pairs already in it."""
     data = json.loads(out_path.read_text()) if resume and out_path.exists() else {}
     protocol = {"datasets": datasets_, "max_epochs": max_epochs, "smd_machines": smd_machines, "limit": limit,
-                "torch_threads": torch.get_num_threads(), **({"seed": seed} if seed is not None else {})}
+                "torch_threads": torch.get_num_threads(), **({"seed": seed} if seed is not None else {}),
+                # the profiles too: rows made under other settings (sensors, threshold rule) must not be mixed in
+                "profiles": json.loads(json.dumps({d: protocols.PROFILES[d] for d in datasets_}))}
     if data and data.get("protocol") != protocol:
         raise SystemExit(f"{out_path} was made under another protocol ({data.get('protocol')}); not resuming")
     data = data or {"machine": _machine(), "protocol": protocol, "variants": {}, "results": {}}
@@ -200,7 +202,7 @@ def variants_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-COST_SHAPES = {"skab": (8, 10, 32, 8), "smd": (38, 32, 64, 16)}  # F, W, H, L of the profiles' models
+COST_SHAPES = {"skab": (8, 10, 32, 8), "smd": (38, 32, 64, 16)}  # F, W, H, L: SKAB's 8 sensors (its profile reads 6), SMD's 38
 
 
 def variant_costs(repeats: int = 5, batch: int = 256, score_windows: int = 4096) -> dict:
@@ -264,7 +266,8 @@ def markdown(data: dict) -> str:
     r = data["results"]
     lines = ["Reproduce with `python -m pipelines.benchmark --update-readme` (or `make benchmark`); "
              f"measured on {data['machine']['device'].upper()}, torch {data['machine']['torch']}. "
-             "Our thresholds are fitted on each series' own training data unless marked *oracle*.", ""]
+             "Our thresholds are fitted on each series' own training data unless marked *oracle* (NAB's own row: one "
+             "fixed level for every file).", ""]
     if "skab" in r:
         s = r["skab"]
         lines += ["**SKAB** (34 files; train on the first 400 rows of each, score the rest; point-wise, "
@@ -308,7 +311,7 @@ def markdown(data: dict) -> str:
                   "| detector | standard | reward low FP | reward low FN |", "| --- | --- | --- | --- |",
                   f"| **anomaly (ours), oracle threshold** | **{_f(s['nab_standard'], 1)}** | **{_f(s['nab_low_fp'], 1)}** | "
                   f"**{_f(s['nab_low_fn'], 1)}** |",
-                  f"| anomaly (ours), own fitted threshold | {_f(s['nab_standard_own_threshold'], 1)} | "
+                  f"| anomaly (ours), own fixed level (1.2 × the record) | {_f(s['nab_standard_own_threshold'], 1)} | "
                   f"{_f(s['nab_low_fp_own_threshold'], 1)} | {_f(s['nab_low_fn_own_threshold'], 1)} |"]
         lines += [f"| {n} | {a} | {b} | {c} |" for n, a, b, c in NAB_PUBLISHED]
         lines += ["", f"Event-wise (after probation): precision {_f(s['event_precision'])}, recall "
@@ -371,6 +374,25 @@ def report(args: argparse.Namespace, measure: Callable[[], dict], render: Callab
     return 0
 
 
+VARIANT_ONLY = ("max_epochs", "smd_machines", "seed", "resume")  # flags that mean something with --variants only
+NOT_WITH_COSTS = ("limit", "update_readme", "from_json", "variants", *VARIANT_ONLY)
+
+
+def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags the chosen mode would ignore (silently running something else than asked)."""
+    given = [name for name in NOT_WITH_COSTS if getattr(args, name) not in (None, False)]
+    if args.costs and (given or args.datasets != parser.get_default("datasets")):
+        parser.error(f"--costs times the profiles' shapes without data; it does not take "
+                     f"{', '.join('--' + n.replace('_', '-') for n in given) or '--datasets'}")
+    stray = [name for name in VARIANT_ONLY if getattr(args, name) not in (None, False)]
+    if not args.costs and not args.variants and stray:
+        parser.error(f"{', '.join('--' + n.replace('_', '-') for n in stray)} only apply with --variants (the "
+                     "accuracy benchmark runs each dataset's profile as it is)")
+    if args.limit is not None and args.update_readme and not args.variants:
+        parser.error("--limit with --update-readme would put a partial run under the full corpus's caption; "
+                     "write it with --json and look at it instead")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,13 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--resume", action="store_true", help="variants: keep the pairs already in --json, run the rest")
     args = parser.parse_args(argv)
+    _check_modes(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.costs:
         costs = {"machine": _machine(), "torch_threads": torch.get_num_threads(), "shapes": variant_costs()}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(costs, indent=2) + "\n")
+        out = Path(args.json if args.json != parser.get_default("json") else "results/variant_costs.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(costs, indent=2) + "\n")
         print(costs_markdown(costs["shapes"]))
         return 0
     if args.variants:

@@ -266,3 +266,29 @@ def test_benchmark_markdown_says_which_sensors_the_skab_row_reads():
     assert "left out: `Temperature`, `Thermocouple`" in text
     every = {**row, "settings": {**PROFILES["skab"], "data": {"scaler": "robust"}}}
     assert "SKAB's 8 sensors" not in markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": every}})
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--costs", "--update-readme"], "--costs times the profiles' shapes without data; it does not take --update-readme"),
+    (["--costs", "--datasets", "skab"], "does not take --datasets"),
+    (["--seed", "1"], "--seed only apply with --variants"),
+    (["--datasets", "skab", "--resume"], "--resume only apply with --variants"),
+    (["--limit", "1", "--update-readme"], "partial run under the full corpus's caption"),
+])
+def test_benchmark_refuses_flags_its_mode_would_ignore(argv, words, capsys):
+    from pipelines.benchmark import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_benchmark_costs_do_not_overwrite_the_accuracy_results(tmp_path, monkeypatch):
+    from pipelines import benchmark
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "variant_costs", lambda: {"skab": {"lstm": {"train_ms": 1.0}}})
+    monkeypatch.setattr(benchmark, "costs_markdown", lambda shapes: "table")
+    assert benchmark.main(["--costs"]) == 0
+    assert (tmp_path / "results" / "variant_costs.json").exists()
+    assert not (tmp_path / "results" / "benchmark.json").exists()
