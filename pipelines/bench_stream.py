@@ -43,26 +43,31 @@ Method
    ``phase_latency``). A window's latency is the time its batch finished (outputs produced and
    flushed, offsets committed) minus its end timestamp, the grid slot time ≈ the reading's send time
    (``ScoringStep``'s ``latencies_s`` plus the rest of the batch after the step's ``now_s``).
-   Target: p99 < 100 ms + one stride (stride × period). A worker slower than the offered rate builds
-   a backlog and its latency grows with the run: the JSON's ``latency_detail`` has its live rate.
-   The worker's own ``end_to_end_seconds`` metric takes ``now`` at the START of the batch, before
-   decoding and scoring; ``p99_ms_at_batch_start`` is that figure, for comparison.
+   Target: p99 < 100 ms + one stride (stride × period). The stride never enters this figure: a window
+   is queued as soon as the reading of its (stride-aligned) end slot arrives, so the allowance is slack
+   here (it is detection delay, onset to first scored window); ``latency_p99_ms`` is also judged against
+   a flat 100 ms in the report. A worker slower than the offered rate builds a backlog and its latency
+   grows with the run: the JSON's ``latency_detail`` has its live rate. ``p99_ms_at_batch_start`` is
+   the step's own view (``now`` taken when the batch was staged, before decoding and scoring); the
+   worker's ``end_to_end_seconds`` metric adds the rest of the batch, like this figure.
 3. Memory. For each entity count a fresh worker child consumes a topic in which every entity sends
-   W + 8 readings (enough for 9 windows each and a compaction of its ring buffer), then exits;
+   W + 8 readings (enough for a compaction of its ring buffer; 9 windows each at stride 1, 2 at the
+   default stride 4), then exits;
    ``peak_rss_mb`` is the child's own peak RSS (``VmHWM`` of /proc/self/status, read as it finishes;
    plus its scoring child's, read before that stops: an over-count of the pages the two share, so
    ``memory_detail`` also has their proportional shares, ``pss_at_end_mb``;
    not the broker's, not this process's; ``ru_maxrss`` of a fork+exec'd child is not usable, see
    ``Child``). ``rss_baseline_mb`` is the child's RSS with everything imported
    (torch, kafka-python, the worker's modules), the worker built and the model warmed up, before it
-   consumes anything: the difference is what the entities, batches and client buffers cost.
+   consumes anything, read before the scoring child is forked, so it is the parent's alone: compare it
+   with ``memory_detail``'s parent peak, not with ``peak_rss_mb`` (both processes' peaks added).
 
 Caveats
 -------
 - On a small machine the broker, the producer and the consumer share the cores (2 where this was
   written): the raw rate is kafka-python's CPU limit on a loaded box, and the worker's forward pass
-  competes with Tansu for the same cores; torch uses ``torch.get_num_threads()`` threads (its default
-  is one per core; ``--torch-threads`` overrides it in the workers, to see what that costs: on a busy
+  competes with Tansu for the same cores; the workers use ``worker.torch_threads`` (1 by default;
+  ``--torch-threads`` overrides it, to see what more costs: on a busy
   2-core machine torch's OpenMP threads wait on each other and a forward pass can take ~1 s whatever
   its batch size). ``loadavg_start``/``loadavg_end`` in the JSON say how busy the machine was; other
   processes' load changes every figure here, so compare runs taken under similar load.
@@ -603,6 +608,16 @@ class Child:
 
 # --- the phases ------------------------------------------------------------------------------------
 
+def check_scored(stats: Any, n: int) -> None:
+    """A throughput round counts only if the worker did the work: no dead letter (a clock far behind the
+    readings' fixed timestamps would dead-letter them all, and a fast, meaningless rate would follow) and
+    windows scored."""
+    if stats.dead_letters or not stats.windows_scored:
+        raise RuntimeError(f"the worker dead-lettered {stats.dead_letters} of {n} readings and scored "
+                           f"{stats.windows_scored} windows: this rate would not measure scoring (is the clock "
+                           "behind the benchmark's fixed timestamps?)")
+
+
 def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: float, values: np.ndarray,
                      tuning: Tuning, out: dict[str, Any], n_rounds: int = 3, decompose: bool = False) -> None:
     """Raw consumer and worker alternately, ``n_rounds`` times each over the same topic (a new group
@@ -632,6 +647,7 @@ def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: flo
                        "loadavg": list(os.getloadavg())})
         log.info("round %d: worker %.0f msg/s (%d windows, %d events, %d batches)", r + 1, rate,
                  worker.stats.windows_scored, worker.stats.events, worker.stats.batches)
+        check_scored(worker.stats, n)
         for kind in (("busy", "none") if decompose else ()):
             worker = make_bench_worker(detector, bootstrap, topic, f"{topic}.{kind}.{r}", tuning, target=n)
             worker.step.swap_model(StandInModel(worker.step.model, kind, out.get("forward_us_per_window", 0.0)))
@@ -784,7 +800,8 @@ def report(r: dict[str, Any]) -> str:
         f"{'PASS' if ratio_ok else 'FAIL'}",
         f"  {'latency p50 @ ' + f(r['offered_rate']) + '/s':<28}{f(r['p50_ms'], '{:.1f}'):>12} ms",
         f"  {'latency p99':<28}{f(r['p99_ms'], '{:.1f}'):>12} ms     target < {budget:.0f} ms  "
-        f"{'PASS' if lat_ok else 'FAIL'}",
+        f"{'PASS' if lat_ok else 'FAIL'}   (flat {LATENCY_BUDGET_MS:.0f} ms, no stride allowance: "
+        f"{'PASS' if r['p99_ms'] is not None and r['p99_ms'] < LATENCY_BUDGET_MS else 'FAIL'})",
     ]
     d = r.get("decomposition")
     if d:
@@ -889,7 +906,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "no model: where the worker's time goes")
     p.add_argument("--producer-linger-ms", type=int, default=0, help="linger of the sensors' producer (default 0)")
     p.add_argument("--torch-threads", type=int, help="experiment: torch.set_num_threads in the workers "
-                                                     "(default: torch's own, one per core)")
+                                                     "(default: worker.torch_threads, 1)")
     p.add_argument("--model-profile", choices=("default", "skab", "nab", "smd"), default="default",
                    help="network shape of the benchmark's detector: the [model] defaults (W 10, hidden 32, latent "
                         "8), or a dataset profile's (skab: W 10, hidden 32, latent 8; smd: W 32, hidden 64, latent 16)")

@@ -53,7 +53,7 @@ from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
 from anomaly.preparation import fill_rows_split
-from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, last_step_errors, nab_calibrate, nab_finish,
+from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, PROFILES, last_step_errors, nab_calibrate, nab_finish,
                                nab_novelty, nab_record_scores, nab_transitions, profile_settings, score_series)
 
 log = logging.getLogger("nab_ablation")
@@ -180,6 +180,21 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cached_files(cache: Path, key: dict) -> list[dict] | None:
+    """The per-file results pickled in ``cache`` when they were made under ``key`` (the NAB profile and the
+    data folder), else None: a cache made under other settings, or before caches recorded theirs, would
+    reproduce old numbers without a word, so it is trained again (and said so)."""
+    if not cache.is_file():
+        return None
+    with cache.open("rb") as fh:
+        cached = pickle.load(fh)
+    if isinstance(cached, dict) and cached.get("key") == key:
+        return cached["files"]
+    log.warning("%s was made under other settings or data (%s); training again", cache,
+                cached.get("key") if isinstance(cached, dict) else "no record of them")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.nab_ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cache = Path(args.cache)
     nab_dir = Path(args.data_dir) if args.data_dir else default_data_dir("nab")
-    if cache.is_file():
-        with cache.open("rb") as fh:
-            files = pickle.load(fh)
+    key = {"profile": json.loads(json.dumps(PROFILES["nab"])), "data_dir": str(nab_dir.resolve())}
+    files = cached_files(cache, key)
+    if files is not None:
         log.info("reusing %s (%d files)", cache, len(files))
         if any("values" not in f or "novelty" not in f for f in files):  # an older cache: add what is new
             series = {s.name: s for s in load_nab(nab_dir)}
@@ -205,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
                 if "novelty" not in f:
                     f["novelty"] = nab_novelty(f["values"], f["train_rows"])
             with cache.open("wb") as fh:  # once: later runs read them from the cache
-                pickle.dump(files, fh)
+                pickle.dump({"key": key, "files": files}, fh)
     else:
         started = time.perf_counter()
         files = collect(load_nab(nab_dir), profile_settings("nab"))
         log.info("trained and scored %d files in %.0f s", len(files), time.perf_counter() - started)
         cache.parent.mkdir(parents=True, exist_ok=True)
         with cache.open("wb") as fh:
-            pickle.dump(files, fh)
+            pickle.dump({"key": key, "files": files}, fh)
     rows = evaluate(files)
     print(markdown(rows))
     out: Any = rows

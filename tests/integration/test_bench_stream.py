@@ -101,3 +101,15 @@ def test_quick_run_counts_the_scoring_child_in_peak_memory(quick_result):
         assert 50 < detail["scoring_peak_mb"] < 4000
         assert r["peak_rss_mb"][count] == pytest.approx(detail["main_peak_mb"] + detail["scoring_peak_mb"], abs=0.2)
         assert 0 < detail["pss_at_end_mb"] < r["peak_rss_mb"][count]
+
+
+def test_a_round_that_dead_lettered_or_scored_nothing_is_refused():
+    from types import SimpleNamespace
+
+    from pipelines.bench_stream import check_scored
+
+    check_scored(SimpleNamespace(dead_letters=0, windows_scored=120), 500)
+    with pytest.raises(RuntimeError, match="dead-lettered 500 of 500 readings"):
+        check_scored(SimpleNamespace(dead_letters=500, windows_scored=0), 500)
+    with pytest.raises(RuntimeError, match="scored 0 windows"):
+        check_scored(SimpleNamespace(dead_letters=0, windows_scored=0), 500)

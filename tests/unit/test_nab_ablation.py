@@ -58,3 +58,18 @@ def test_heldout_chooses_bins_on_one_half_and_scores_the_other():
     assert len(check["chosen"]) == 4 and set(check["chosen"]) <= {4, 16}
     for key in ("heldout_chosen", "heldout_shipped", "heldout_before"):
         assert 0 < check[key] <= 100, key  # every file's jump is found inside its window
+
+
+def test_a_cache_is_reused_only_under_the_settings_it_was_made_with(tmp_path):
+    import pickle
+
+    from pipelines.nab_ablation import cached_files
+
+    key = {"profile": {"model": {"window_size": 16}}, "data_dir": "/data/nab"}
+    path = tmp_path / "c.pkl"
+    assert cached_files(path, key) is None  # none yet
+    path.write_bytes(pickle.dumps({"key": key, "files": [{"name": "a"}]}))
+    assert cached_files(path, key) == [{"name": "a"}]
+    assert cached_files(path, {**key, "profile": {"model": {"window_size": 32}}}) is None  # another profile
+    path.write_bytes(pickle.dumps([{"name": "a"}]))  # an old cache, which did not say what it was made with
+    assert cached_files(path, key) is None
