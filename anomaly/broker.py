@@ -79,7 +79,7 @@ def _check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise BrokerError(f"port {port} on {host} is already in use: stop whatever listens there "
-                                  "or choose another port (port=None picks a free one)") from exc
+                                  "or choose another port (anomaly broker --port N)") from exc
             raise BrokerError(f"cannot use {host}:{port}: {exc}") from exc
 
 

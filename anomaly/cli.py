@@ -48,11 +48,13 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
 # --- train ---------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from anomaly import tables
+    from anomaly import protocols, tables
     from anomaly.preparation import prepare_training
     from anomaly.train_job import run_training
 
-    settings = _settings(args)
+    # A dataset trains with its profile (as `evaluate` scores it and `anomaly up` trains it); a file with
+    # the defaults. --config replaces either; ANOMALY_* and the flags override.
+    settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)
     if args.no_register and (args.promote or args.alias):
         raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
     if args.alias:
@@ -82,13 +84,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _dataset_training_frame(dataset: str, data_dir: Path, series_name: str | None):
-    """The normal (training) part of a dataset: SKAB's anomaly-free file unless a series is named;
-    otherwise the named (or first) series' training rows."""
+    """The normal (training) part of a dataset. SKAB: the first 400 rows (the protocol's normal part, before
+    any fault) of the four experiments `anomaly up` replays (``datasets.SKAB_FLEET``), end to end, unless a
+    series is named; ``anomaly-free`` names SKAB's separate anomaly-free recording, taken at another
+    operating point than the experiments (their flow rate is about 32, its about 125), so a model of it
+    flags every experiment's every row. Otherwise the named (or first) series' training rows."""
     from anomaly import datasets
 
-    if dataset == "skab" and not series_name:
-        return datasets.load_skab_anomaly_free(data_dir), f"{data_dir}/anomaly-free/anomaly-free.csv"
+    if dataset == "skab" and series_name == "anomaly-free":
+        frame = datasets.load_skab_anomaly_free(data_dir)
+        return frame, f"{data_dir}: SKAB's anomaly-free recording"
     series = datasets.load_dataset(dataset, data_dir)
+    if dataset == "skab" and not series_name:
+        by_name = {s.name: s for s in series}
+        missing = [name for name in datasets.SKAB_FLEET if name not in by_name]
+        if missing:
+            raise AnomalyError(f"no SKAB series {', '.join(missing)} in {data_dir}; name one with --series")
+        return (datasets.normal_parts_end_to_end([by_name[name] for name in datasets.SKAB_FLEET]),
+                f"{data_dir}: the first {series[0].train_rows} rows of {', '.join(datasets.SKAB_FLEET)}")
     chosen = series[0] if not series_name else next((s for s in series if s.name == series_name), None)
     if chosen is None:
         raise AnomalyError(f"no series {series_name!r} in {dataset}; e.g. {', '.join(s.name for s in series[:5])}")
@@ -401,7 +414,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Stream a table or a dataset series into the input topic, as a fleet of live sensors."""
     from anomaly import replay
 
-    settings = _settings(args)
+    from anomaly import protocols
+
+    # A dataset series is sent with the sensors its profile reads (what `train --dataset` trains on).
+    settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)
     sensors = [s.strip() for s in args.sensors.split(",") if s.strip()] if args.sensors else settings.data.sensors
     if args.sensors is not None and not sensors:
         raise AnomalyError(f"--sensors: no sensor named in {args.sensors!r}")
@@ -420,6 +436,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
     topic = args.topic or kafka.input_topic
     plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
+    ahead = replay.seconds_ahead(plan.span_s, len(plan), speed=args.speed, rate_per_s=args.rate)
+    limit_s = settings.worker.max_future_s
+    if limit_s is not None and limit_s >= 0 and ahead > limit_s:
+        log.warning("this replay stamps readings up to %.0f s ahead of the clock (recorded spacing, sent faster); "
+                    "a worker with worker.max_future_s = %g dead-letters those: run it with "
+                    "ANOMALY_WORKER__MAX_FUTURE_S=-1 for a sped-up replay, or replay at --speed 1", ahead, limit_s)
     log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s", source, len(frame), frame.shape[1],
              args.copies, "y" if args.copies == 1 else "ies", topic, bootstrap)
     stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
@@ -453,9 +475,10 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     src.add_argument("--dataset", choices=DATASETS, help="replay a benchmark series (needs --series)")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
-    p.add_argument("--sensors", help="comma-separated sensor columns to send, in this order (default: data.sensors, "
-                                     "else every sensor column); a reading must carry exactly the sensors of its "
-                                     "entity's model, so match the model's (anomaly models list shows them)")
+    p.add_argument("--sensors", help="comma-separated sensor columns to send, in this order (default: data.sensors "
+                                     "- for --dataset its profile's, as `train --dataset` trains - else every sensor "
+                                     "column); a reading must carry exactly the sensors of its entity's model, so "
+                                     "match the model's (`anomaly models list --json` shows its data.sensors tag)")
     p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
                                                     "(default pump)")
     p.add_argument("--copies", type=positive_int, default=1, help="number of entities replaying the series (default 1)")
@@ -689,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor")
     src.add_argument("--dataset", choices=DATASETS, help="train on a benchmark dataset's normal part")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
-    p.add_argument("--series", help="dataset series to train on (e.g. valve1/0, machine-1-2); SKAB default: anomaly-free")
+    p.add_argument("--series", help="dataset series to train on (e.g. valve1/0, machine-1-2); SKAB default: the "
+                                    "first 400 rows of valve1/0, valve1/1, valve2/0 and valve2/1 (anomaly up's "
+                                    "fleet); 'anomaly-free': SKAB's anomaly-free recording (another operating point)")
     p.add_argument("--promote", action="store_true", help="make the new version @champion")
     p.add_argument("--alias", help="set this alias on the new version (e.g. challenger)")
     p.add_argument("--no-register", action="store_true", help="log the run but do not register a version")

@@ -578,7 +578,12 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return str(value)
         raise ConfigError(name, f"must be a string, got {value!r}")
     if origin is list:
-        if from_env:
+        if from_env and value.strip().startswith("["):  # a JSON list: names may hold commas
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(name, f"starts with '[' but is not a JSON list of strings: {value!r}") from None
+        elif from_env:  # comma-separated
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(name, f"must be a list of strings, got {value!r}")

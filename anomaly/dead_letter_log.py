@@ -3,20 +3,29 @@
 Every dead letter already carries its reason and original bytes on the dead-letter topic; the log is
 where an operator looks first. A producer that sends a sensor the model does not read sends every
 reading to the dead-letter topic, and "batch: 4 records, 0 windows, 0 events, 4 dead letters" does not
-say why. So the first dead letters after a quiet spell are logged at once with their reasons, and later
-ones are summed up per reason at most once every ``interval_s`` (the last ones when the worker stops).
+say why. So dead letters of a kind not logged before are logged at once, with their reasons, and the
+rest are summed up per kind at most once every ``interval_s`` (the last ones when the worker stops). A
+kind is a reason with its numbers taken out ("ts is 604 s ahead ..." and "ts is 605 s ahead ..." are one
+kind, shown by its first example), so a stream of slightly different reasons does not hide another.
 
 Pure: the caller passes the clock and writes the lines.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Iterable
 
 MAX_REASONS = 100  # distinct reasons kept between two summaries; the rest are counted as "other reasons"
 SHOWN_REASONS = 3  # reasons named in one line, most frequent first
 REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can be long)
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def reason_kind(reason: str) -> str:
+    """``reason`` with its numbers replaced by ``#``: what dead letters of one kind have in common."""
+    return _NUMBER.sub("#", reason)
 
 
 class DeadLetterLog:
@@ -24,21 +33,29 @@ class DeadLetterLog:
 
     def __init__(self, interval_s: float = 60.0) -> None:
         self.interval_s = float(interval_s)
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # kind -> dead letters
+        self._example: dict[str, str] = {}  # kind -> its first reason since the last line
+        self._alike: set[str] = set()  # kinds with more than one reason since the last line
+        self._logged: set[str] = set()  # kinds named in a line already (bounded by MAX_REASONS)
         self._other = 0
         self._since: float | None = None  # when the pending counts began
         self._last: float | None = None  # when a line was last returned
 
     def add(self, reasons: Iterable[str], now_s: float) -> str | None:
+        new_kind = False
         for reason in reasons:
             reason = reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 1] + "…"
-            if reason in self._counts or len(self._counts) < MAX_REASONS:
-                self._counts[reason] += 1
+            kind = reason_kind(reason)
+            if kind in self._counts or len(self._counts) < MAX_REASONS:
+                self._counts[kind] += 1
+                if self._example.setdefault(kind, reason) != reason:
+                    self._alike.add(kind)
+                new_kind = new_kind or (kind not in self._logged and len(self._logged) < MAX_REASONS)
             else:
                 self._other += 1
             if self._since is None:
                 self._since = now_s
-        if self.pending and (self._last is None or now_s - self._last >= self.interval_s):
+        if self.pending and (new_kind or self._last is None or now_s - self._last >= self.interval_s):
             return self.flush(now_s)
         return None
 
@@ -55,10 +72,14 @@ class DeadLetterLog:
         span = "" if self._since is None or now_s - self._since < 1.0 else f" in the last {now_s - self._since:.0f} s"
         top = self._counts.most_common(SHOWN_REASONS)
         rest = total - sum(n for _, n in top)
-        parts = [f"{n} x {reason}" for reason, n in top]
+        parts = [f"{n} x {self._example[kind]}" + (" (and alike)" if kind in self._alike else "") for kind, n in top]
         if rest:
             parts.append(f"{rest} with other reasons")
+        if len(self._logged) < MAX_REASONS:
+            self._logged.update(kind for kind, _ in top)
         self._counts.clear()
+        self._example.clear()
+        self._alike.clear()
         self._other = 0
         self._since = None
         self._last = now_s

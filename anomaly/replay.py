@@ -91,6 +91,21 @@ class ReplayPlan:
             yield ts, entity, reading
 
 
+def seconds_ahead(span_s: float, readings: int, *, speed: float | None = None, rate_per_s: float | None = None) -> float:
+    """How far ahead of the wall clock the last reading's timestamp will be when it is sent (pure).
+
+    A replay stamps its readings from now on with the recorded spacing (``span_s`` from first to last)
+    but sends them ``speed`` times faster, at ``rate_per_s``, or as fast as it can (neither given): stream
+    time then runs ahead of the clock, up to ``span_s`` minus the time the sending takes."""
+    if speed is not None:
+        sending = span_s / speed
+    elif rate_per_s is not None:
+        sending = readings / rate_per_s
+    else:
+        sending = 0.0
+    return max(0.0, span_s - sending)
+
+
 def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: int = 0, *,
                 start_ts: float | None = None, clock: Callable[[], float] = time.time) -> ReplayPlan:
     """The readings of ``copies`` entities replaying ``frame``, in time order.

@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import quote
 
 from anomaly.config import Settings, to_toml
+from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 # SKAB water-pump experiments recorded under one operating condition (flow ≈ 32 l/min), so one model
 # fits the fleet; each ≈ 1,100 one-second readings with a valve fault from about row 560 on.
-DEFAULT_FLEET = ("valve1/0", "valve1/1", "valve2/0", "valve2/1")
+DEFAULT_FLEET = SKAB_FLEET  # valve1/0, valve1/1, valve2/0, valve2/1
 ENTITY_STEM = "pump"
 DEFAULT_UI_PORT = 5000
 DEFAULT_SPEED = 10.0  # recorded spacing sped up 10x: a SKAB experiment replays in ≈ 2 minutes
@@ -450,31 +451,6 @@ def load_fleet(data_dir: Path, fleet: Sequence[str]) -> list[tuple[str, Any]]:
     return [(entity, by_name[name]) for entity, name in fleet_entities(fleet)]
 
 
-def fleet_training_frame(series: Sequence[Any]) -> Any:
-    """The fleet's normal readings for a first model: each series' protocol training part (SKAB: the
-    first 400 rows, before any fault), laid end to end on one continuous time axis (pure).
-
-    Only the ``W - 1`` windows that straddle a seam mix two pumps: a few in over a thousand.
-    """
-    import pandas as pd
-
-    parts, cursor = [], None
-    for item in series:
-        part = item.train
-        if part.empty:
-            continue
-        index = part.index
-        step = pd.Series(index).diff().median() if len(index) > 1 else pd.Timedelta(seconds=1)
-        step = step if isinstance(step, pd.Timedelta) and step > pd.Timedelta(0) else pd.Timedelta(seconds=1)
-        cursor = index[0] if cursor is None else cursor
-        moved = part.set_axis(cursor + (index - index[0]), axis=0)
-        parts.append(moved)
-        cursor = moved.index[-1] + step
-    if not parts:
-        raise DataError("the fleet has no training rows")
-    return pd.concat(parts)
-
-
 def fleet_frames(fleet: Sequence[tuple[str, Any]], sensors: Sequence[str]) -> list[tuple[str, Any]]:
     """``[(entity, frame)]`` with each series' columns limited to ``sensors``, the serving model's, in its
     order (pure): a reading must carry exactly its model's sensors (DESIGN §2), so the replay sends those."""
@@ -495,10 +471,11 @@ def champion_sensors(model_name: str, version: str) -> tuple[str, ...]:
 
 def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], data_dir: Path) -> str:
     """Train on the fleet's normal readings, register and promote; the new version."""
+    from anomaly.datasets import normal_parts_end_to_end
     from anomaly.preparation import prepare_training
     from anomaly.train_job import run_training
 
-    frame = fleet_training_frame([series for _, series in fleet])
+    frame = normal_parts_end_to_end([series for _, series in fleet])
     d = settings.data
     prepared = prepare_training(frame, sensors=d.sensors, period_s=d.period_s, fill=d.fill,
                                 max_fill_steps=d.max_fill_steps, max_missing_fraction=d.max_missing_fraction)

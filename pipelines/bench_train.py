@@ -202,7 +202,7 @@ def sizes(quick: bool, device: str) -> dict[str, Size]:
     skab = Size("skab", ModelConfig(n_features=8, window_size=skab_m["window_size"], hidden_size=skab_m["hidden_size"],
                                     latent_size=skab_m["latent_size"]),
                 PROFILES["skab"]["training"]["validation_fraction"], ref_epochs=2 if quick else 15,
-                rows=1000 if quick else None, stride=1, source="skab/anomaly-free/anomaly-free.csv")
+                rows=1000 if quick else None, stride=1, source="skab/data/anomaly-free/anomaly-free.csv")
     smd = Size("smd", ModelConfig(n_features=38, window_size=100, hidden_size=smd_m["hidden_size"],
                                   latent_size=smd_m["latent_size"]),
                PROFILES["smd"]["training"]["validation_fraction"], ref_epochs=2 if quick else (10 if gpu else 4),

@@ -144,3 +144,22 @@ def test_replay_refuses_sensors_the_table_lacks(tmp_path, capsys):
     assert "['nosuch'] not found" in capsys.readouterr().err
     assert main([*base, "--sensors", " , "]) != 0
     assert "--sensors: no sensor named" in capsys.readouterr().err
+
+
+def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from anomaly import replay
+
+    table = tmp_path / "t.csv"
+    rows = "\n".join(f"2026-01-01T00:{m:02d}:{s:02d}Z,1,2" for m in range(20) for s in range(60))
+    table.write_text("ts,a,b\n" + rows + "\n")  # 1,200 s of readings
+    sent = []
+    monkeypatch.setattr(replay, "replay", lambda *a, **k: sent.append(a) or (_ for _ in ()).throw(SystemExit(0)))
+    with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
+        main(["replay", "--data", str(table), "--speed", "10", "--bootstrap-servers", "127.0.0.1:1"])
+    assert sent and "up to 1079 s ahead of the clock" in caplog.text and "ANOMALY_WORKER__MAX_FUTURE_S=-1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
+        main(["replay", "--data", str(table), "--speed", "1", "--bootstrap-servers", "127.0.0.1:1"])
+    assert "ahead of the clock" not in caplog.text

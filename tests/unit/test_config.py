@@ -134,3 +134,13 @@ def test_an_error_in_a_value_from_the_environment_names_the_variable(tmp_path):
     bad.write_bytes(b"[model]\n# caf\xe9\n")
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(bad, env={})
+
+
+def test_a_list_from_the_environment_may_be_json_when_names_hold_commas():
+    s = load_config(env={"ANOMALY_DATA__SENSORS": '["flow, inlet", "temp"]'})
+    assert s.data.sensors == ["flow, inlet", "temp"]
+    assert load_config(env={"ANOMALY_DATA__SENSORS": "flow,temp"}).data.sensors == ["flow", "temp"]
+    with pytest.raises(ConfigError, match=r"data.sensors.*not a JSON list"):
+        load_config(env={"ANOMALY_DATA__SENSORS": '["flow", '})
+    with pytest.raises(ConfigError, match="must be a list of strings"):
+        load_config(env={"ANOMALY_DATA__SENSORS": "[1, 2]"})

@@ -1,8 +1,9 @@
-"""The worker's dead-letter log lines (``anomaly.dead_letter_log``): reasons counted, at most once per interval."""
+"""The worker's dead-letter log lines (``anomaly.dead_letter_log``): reasons counted by kind, a new kind
+at once, the rest at most once per interval."""
 
 from __future__ import annotations
 
-from anomaly.dead_letter_log import MAX_REASONS, REASON_CHARS, DeadLetterLog
+from anomaly.dead_letter_log import MAX_REASONS, REASON_CHARS, DeadLetterLog, reason_kind
 
 
 def test_the_first_dead_letters_are_logged_at_once_with_their_reasons():
@@ -12,25 +13,36 @@ def test_the_first_dead_letters_are_logged_at_once_with_their_reasons():
     assert log.pending == 0
 
 
-def test_later_ones_are_summed_up_once_per_interval_and_flushed_at_the_end():
+def test_known_kinds_are_summed_up_once_per_interval_a_new_kind_at_once_and_the_rest_at_the_end():
     log = DeadLetterLog(interval_s=60)
     assert log.add(["a"], 0.0) == "1 dead letter: 1 x a"
-    assert log.add(["b"], 10.0) is None and log.add(["b", "c"], 30.0) is None
+    assert log.add(["a"], 10.0) is None and log.add(["a", "a"], 30.0) is None  # a known kind waits
     assert log.pending == 3
-    assert log.add(["b"], 61.0) == "4 dead letters in the last 51 s: 3 x b; 1 x c"
-    assert log.add(["d"], 70.0) is None
-    assert log.flush(75.0) == "1 dead letter in the last 5 s: 1 x d"
-    assert log.flush(76.0) is None and log.add([], 200.0) is None
+    assert log.add(["b"], 40.0) == "4 dead letters in the last 30 s: 3 x a; 1 x b"  # a new kind: at once
+    assert log.add(["b"], 50.0) is None
+    assert log.add(["a"], 101.0) == "2 dead letters in the last 51 s: 1 x b; 1 x a"  # the interval passed
+    assert log.add(["a"], 110.0) is None
+    assert log.flush(115.0) == "1 dead letter in the last 5 s: 1 x a"
+    assert log.flush(116.0) is None and log.add([], 200.0) is None
 
 
-def test_many_reasons_are_bounded_and_named_most_frequent_first():
+def test_reasons_that_differ_only_in_numbers_are_one_kind():
+    assert reason_kind("ts is 604 s ahead (more than 600)") == reason_kind("ts is 1.5e3 s ahead (more than 600)")
+    log = DeadLetterLog(interval_s=60)
+    ahead = [f"ts is {600 + i} s ahead of the worker's clock" for i in range(200)]
+    sensors = ["sensor set does not match the entity's model: unknown ['Temperature']"] * 30
+    line = log.add(ahead + sensors, 0.0)
+    assert line == ("230 dead letters: 200 x ts is 600 s ahead of the worker's clock (and alike); "
+                    "30 x sensor set does not match the entity's model: unknown ['Temperature']")
+
+
+def test_many_kinds_are_bounded_and_named_most_frequent_first():
     log = DeadLetterLog(interval_s=60)
     log.add(["first"], 0.0)
-    # "common" is kept (seen before the table filled); the reasons past MAX_REASONS distinct ones are "other".
-    reasons = ["common"] * 5 + [f"values.s{i} is not a number" for i in range(MAX_REASONS + 50)] + ["x" * 1000]
-    assert log.add(reasons, 1.0) is None
-    line = log.flush(2.0)
-    assert line.startswith(f"{len(reasons)} dead letters in the last 1 s: 5 x common; 1 x values.s0 is not a number")
-    assert line.endswith(f"{len(reasons) - 7} with other reasons")  # 5 common, s0, s1 named
+    # "common" is kept (seen before the table filled); the kinds past MAX_REASONS distinct ones are "other".
+    reasons = ["common"] * 5 + [f"values.s{chr(65 + i % 26)}{chr(65 + i // 26)} is bad" for i in range(MAX_REASONS + 50)]
+    line = log.add(reasons + ["x" * 1000], 1.0)  # new kinds: logged at once
+    assert line.startswith(f"{len(reasons) + 1} dead letters: 5 x common; 1 x values.sAA is bad")
+    assert line.endswith(f"{len(reasons) + 1 - 7} with other reasons")  # 5 common, sAA, sBA named
     log.add(["y" * 1000], 100.0)
     assert len(log.flush(101.0) or "") < REASON_CHARS + 40

@@ -274,3 +274,13 @@ def test_sensors_tag_names_every_sensor_or_says_how_many():
     tag = sensors_tag(many)
     assert len(tag) <= SENSORS_TAG_CHARS and tag.endswith("(1000 sensors; model.json lists them all)")
     assert tag.startswith("sensor_00000,sensor_00001,") and ",,..." not in tag
+
+
+def test_seconds_ahead_of_the_clock_for_each_pace():
+    from anomaly.replay import seconds_ahead
+
+    assert seconds_ahead(1200.0, 1200, speed=10) == pytest.approx(1080.0)  # 1,200 s of readings sent in 120 s
+    assert seconds_ahead(1200.0, 1200, speed=1) == 0.0  # real time: never ahead
+    assert seconds_ahead(1200.0, 1200, rate_per_s=100) == pytest.approx(1188.0)
+    assert seconds_ahead(1200.0, 1200, rate_per_s=0.5) == 0.0  # slower than recorded: behind, not ahead
+    assert seconds_ahead(1200.0, 1200) == 1200.0  # as fast as possible

@@ -88,7 +88,9 @@ def test_ground_truth_marks_events_against_each_round():
 
 
 def test_fleet_training_frame_lays_normal_parts_end_to_end():
-    frame = up.fleet_training_frame([_series("a"), _series("b")])
+    from anomaly.datasets import normal_parts_end_to_end
+
+    frame = normal_parts_end_to_end([_series("a"), _series("b")])
     assert len(frame) == 16  # 8 training rows each, faults (rows 12-14) excluded
     assert frame.index.is_monotonic_increasing and frame.index.is_unique
     assert (np.diff(frame.index.as_unit("ns").asi8) == 1_000_000_000).all()  # one continuous 1 s grid
