@@ -22,9 +22,15 @@ DATASETS = ("skab", "nab", "smd")
 
 
 def default_data_dir(dataset: str) -> Path:
-    """``$ANOMALY_DATASETS/<name>``, else ``../shared/datasets/<name>`` (the layout of this repo's neighbours)."""
+    """``$ANOMALY_DATASETS/<name>``, else ``../shared/datasets/<name>`` (the layout of this repo's neighbours)
+    from the working directory, else from the checkout this package runs from (so a command run from
+    another folder still finds them)."""
     root = os.environ.get("ANOMALY_DATASETS")
-    return Path(root) / dataset if root else Path("..") / "shared" / "datasets" / dataset
+    if root:
+        return Path(root) / dataset
+    here = Path("..") / "shared" / "datasets" / dataset
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "datasets" / dataset
+    return beside_checkout if not here.exists() and beside_checkout.exists() else here
 
 
 def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None = None):

@@ -101,6 +101,8 @@ def load_skab(data_dir: str | Path) -> list[LabelledSeries]:
     return series
 
 
+WHERE_DATASETS = "; point --data-dir at the dataset's folder, or set ANOMALY_DATASETS to the folder that holds it"
+
 # The SKAB experiments `anomaly up` replays as its fleet, and whose normal parts `anomaly train --dataset skab`
 # trains on by default: two valve-1 and two valve-2 runs, one operating point (all 34 together make a model
 # too loose to flag valve1/0's fault; SKAB's separate anomaly-free recording is at another operating point).
@@ -147,7 +149,7 @@ def _skab_root(data_dir: str | Path) -> Path:
         if all((root / g).is_dir() for g in SKAB_GROUPS):
             return root
     raise DataError(f"{base}: not a SKAB folder; expected {base}/data/{{{','.join(SKAB_GROUPS)}}}/*.csv "
-                    f"(or those folders directly in {base})")
+                    f"(or those folders directly in {base}){WHERE_DATASETS}")
 
 
 # --- NAB -----------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def load_nab(data_dir: str | Path) -> list[LabelledSeries]:
         data_root, windows_path = base, base.parent / "labels" / "combined_windows.json"
     if not data_root.is_dir() or not windows_path.is_file():
         raise DataError(f"{base}: not a NAB folder; expected {base}/data/<category>/<file>.csv and "
-                        f"{base}/labels/combined_windows.json")
+                        f"{base}/labels/combined_windows.json{WHERE_DATASETS}")
     try:
         all_windows: dict[str, list[list[str]]] = json.loads(windows_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -239,7 +241,7 @@ def load_smd(data_dir: str | Path, machines: Sequence[str] | None = None) -> lis
     base = Path(data_dir)
     if not all((base / d).is_dir() for d in ("train", "test", "test_label")):
         raise DataError(f"{base}: not an SMD folder; expected {base}/train/, test/ and test_label/ "
-                        f"holding machine-<g>-<n>.txt (and optionally interpretation_label/)")
+                        f"holding machine-<g>-<n>.txt (and optionally interpretation_label/){WHERE_DATASETS}")
     available = sorted((p.stem for p in (base / "train").glob("machine-*.txt")), key=_natural_key)
     if machines is None:
         machines = available

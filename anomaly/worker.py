@@ -249,9 +249,10 @@ class Worker:
         s.windows_scored += counts.get("windows_scored", 0)
         s.events += len(out.events)
         s.dead_letters += len(out.dead_letters)
-        if out.events or out.dead_letters:
-            log.info("batch: %d records, %d windows, %d events, %d dead letters", counts.get("consumed", 0),
-                     counts.get("windows_scored", 0), len(out.events), len(out.dead_letters))
+        if out.events or out.dead_letters:  # a batch of dead letters alone: the dead-letter log below speaks
+            log.log(logging.INFO if out.events else logging.DEBUG, "batch: %d records, %d windows, %d events, "
+                    "%d dead letters", counts.get("consumed", 0), counts.get("windows_scored", 0), len(out.events),
+                    len(out.dead_letters))
         if out.dead_letter_reasons:
             line = self.dead_letter_log.add(out.dead_letter_reasons, self.clock())
             if line:
