@@ -170,10 +170,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.windowing import rows_from_windows
 
     settings = _settings(args)
+    frame = _one_entity_table(args.data, settings)  # a bad file is said before the model is fetched
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
-    frame = _one_entity_table(args.data, settings)
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.data.max_fill_steps)
     scored = detector.score_values(prepared.values)
@@ -796,7 +796,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if getattr(args, "quiet", False):  # MLflow's own "Downloading artifacts" bars too
+    # MLflow's own "Downloading artifacts" bars: off with --quiet, and always in the daemons, whose output
+    # is a log (a worker loads a model at start and at every promotion).
+    if getattr(args, "quiet", False) or args.func in (cmd_worker, cmd_scheduler):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return int(args.func(args) or 0)

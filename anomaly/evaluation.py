@@ -67,8 +67,10 @@ def _elapsed_seconds(timestamps: Any, n_rows: int) -> np.ndarray:
         secs = arr.astype(np.float64)
         return secs - secs[0]
     if arr.dtype.kind not in "mM":
-        try:  # strings, datetime.datetime or pandas Timestamp objects
-            arr = arr.astype("datetime64[ns]")
+        try:  # strings, datetime.datetime or pandas Timestamp objects (tz-aware ones as their UTC instants)
+            import pandas as pd
+
+            arr = pd.to_datetime(arr, utc=True).tz_localize(None).to_numpy(dtype="datetime64[ns]")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"timestamps must be datetime64 or numeric seconds, got dtype {arr.dtype}") from exc
     return (arr - arr[0]) / np.timedelta64(1, "s")

@@ -185,6 +185,7 @@ def rollback(name: str, alias: str = "champion") -> str:
     target = history.pop()
     c.set_registered_model_alias(name, alias, target)
     c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    c.set_model_version_tag(name, target, f"{alias}_since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     c.set_model_version_tag(name, target, f"{alias}_reason", f"rollback from v{current}")
     log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
     return target

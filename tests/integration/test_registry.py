@@ -1,6 +1,7 @@
 """The detector through a real MLflow SQLite tracking store and model registry."""
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,12 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     listed = {v.version: v for v in registry.list_versions("pump")}
     assert set(listed) == {"1", "2"} and "champion" in listed["2"].aliases
     assert listed["1"].metrics["threshold"] > 0
+    since_before = listed["1"].tags["champion_since"]
+    time.sleep(1.1)  # the tag has one-second resolution
     assert registry.rollback("pump") == "1"
     assert registry.alias_version("pump", "champion") == "1"
+    tags = {v.version: v.tags for v in registry.list_versions("pump")}["1"]
+    assert tags["champion_since"] > since_before and tags["champion_reason"] == "rollback from v2"
     from anomaly.errors import RegistryError
 
     with pytest.raises(RegistryError):

@@ -185,3 +185,14 @@ def test_datasets_are_found_beside_the_checkout_from_any_folder(tmp_path, monkey
 def test_a_missing_dataset_says_where_to_point(tmp_path, capsys):
     assert main(["evaluate", "--dataset", "skab", "--data-dir", str(tmp_path), "--quiet", "--no-track"]) != 0
     assert "ANOMALY_DATASETS" in capsys.readouterr().err
+
+
+def test_the_daemons_log_without_mlflow_progress_bars(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "x")  # so that teardown restores what was there
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    main(["train", "--data", str(tmp_path / "none.csv")])  # fails: no file; a command with a terminal
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    main(["worker", "--config", str(tmp_path / "none.toml")])  # fails at its config, after the set-up
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"

@@ -423,3 +423,16 @@ def test_nab_windows_to_rows():
         nab_windows_to_rows(stamps, [["2014-02-14 14:41:00.000000", "2014-02-14 14:50:00.000000"]])
     with pytest.raises(ValueError, match="ends before"):
         nab_windows_to_rows(stamps, [[stamps[3], stamps[1]]])
+
+
+def test_tz_aware_timestamps_as_an_object_array_give_seconds_without_a_warning():
+    import warnings
+
+    import pandas as pd
+
+    from anomaly.evaluation import _elapsed_seconds
+
+    index = pd.date_range("2026-03-29T00:59:58", periods=4, freq="1s", tz="Europe/Berlin")  # across a DST change
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "no explicit representation of timezones" was one
+        assert _elapsed_seconds(np.asarray(index), 4).tolist() == [0.0, 1.0, 2.0, 3.0]
