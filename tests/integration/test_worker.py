@@ -192,17 +192,18 @@ def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_na
     # The swap also re-freezes (step_runner.refreeze_gc); in a child, the new detector crosses the pipe.
     opts = _options(kafka_broker, topic_name, gc_freeze=True, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
-    follower = _follower(settings, interval=0.2)
-    worker = Worker(opts, follower)
-    thread, result = _run_in_thread(worker, idle_stop_s=8)
-    first = list(replay_plan(normal_frame(300, seed=21), "pump-d", start_ts=START_TS))
-    replay(kafka_broker, opts.input_topic, first, progress=False)
-    # Train another detector (another seed: other weights), register it and promote it while the worker runs.
+    # Another detector (another seed: other weights), registered now (no alias) and promoted while the worker
+    # runs; trained before the worker starts, so a slow training cannot outlast the worker's idle stop.
     tracking.configure(settings.mlflow.tracking_uri)
     reseeded = dataclasses.replace(settings, training=dataclasses.replace(settings.training, seed=1, epochs=3))
     newer = run_training(prepare_training(normal_frame(2500)), reseeded, source="synthetic", dataset="synthetic",
                          register=True, progress=False)
     new_version = newer.version
+    follower = _follower(settings, interval=0.2)
+    worker = Worker(opts, follower)
+    thread, result = _run_in_thread(worker, idle_stop_s=8)
+    first = list(replay_plan(normal_frame(300, seed=21), "pump-d", start_ts=START_TS))
+    replay(kafka_broker, opts.input_topic, first, progress=False)
     try:
         registry.promote(settings.mlflow.model_name, new_version, "champion", reason="test")
         deadline = time.time() + 30
