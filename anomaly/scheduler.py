@@ -523,6 +523,15 @@ class RetrainScheduler:
             self.metrics.job_missed()
         elif code == EVENT_JOB_MAX_INSTANCES:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
+        if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR):
+            # These come on the executor's thread, as the job ends. APScheduler's shutdown holds its job-store
+            # lock while it waits for that thread, so reading the store here would deadlock a stop that comes
+            # while a job runs (a SIGTERM mid-retrain hung): read it on a helper thread instead.
+            threading.Thread(target=self._update_next_run_quietly, name="scheduler-next-run", daemon=True).start()
+        else:  # on the scheduler's own thread, which holds that (re-entrant) lock already
+            self._update_next_run_quietly()
+
+    def _update_next_run_quietly(self) -> None:
         try:
             self._update_next_run()
         except Exception:  # never let metrics bookkeeping disturb the scheduler

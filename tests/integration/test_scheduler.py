@@ -169,3 +169,33 @@ def test_the_real_retrain_job_runs_from_the_store(tmp_path):
     finally:
         sched.stop()
     assert sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) == 0
+
+
+def blocking_job(path: str = "") -> dict:
+    """Says it started (``path``.started), then runs until ``path``.release exists (at most 30 s)."""
+    Path(path + ".started").touch()
+    deadline = time.time() + 30
+    while not Path(path + ".release").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return {"status": "skipped", "reason": "blocking stub"}
+
+
+def test_a_stop_while_a_job_runs_waits_for_it_and_returns(tmp_path):
+    """A SIGTERM mid-retrain: APScheduler's shutdown holds its job-store lock while it waits for the
+    running job, and the job-end listener used to read that store on the job's thread: a deadlock, and
+    the scheduler never stopped."""
+    import threading
+
+    base = str(tmp_path / "job")
+    sched = RetrainScheduler(sched_settings(tmp_path, interval_s=1), {"path": base},
+                             func="tests.integration.test_scheduler:blocking_job")
+    sched.start()
+    assert wait_for(lambda: Path(base + ".started").exists(), 30), "the job never started"
+    stopper = threading.Thread(target=sched.stop, kwargs={"wait": True}, daemon=True)
+    stopper.start()
+    time.sleep(0.5)  # the shutdown now holds the store's lock and waits for the job
+    assert stopper.is_alive()  # it waits for the running job, as it should
+    Path(base + ".release").touch()
+    stopper.join(20)
+    assert not stopper.is_alive(), "stop() never returned: the job's end deadlocked the shutdown"
+    assert sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "skipped"}) == 1
