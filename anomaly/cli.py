@@ -418,9 +418,7 @@ def _local_port(bootstrap_servers: str) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Stream a table or a dataset series into the input topic, as a fleet of live sensors."""
-    from anomaly import replay
-
-    from anomaly import protocols
+    from anomaly import protocols, replay
 
     # A dataset series is sent with the sensors its profile reads (what `train --dataset` trains on).
     settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)

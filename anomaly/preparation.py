@@ -94,14 +94,23 @@ def fill_rows_split(values: np.ndarray, train_rows: int) -> np.ndarray:
     return np.vstack([train, rest])
 
 
+def select_sensors(frame: pd.DataFrame, sensors: Sequence[str] | None, source: str = "the data") -> pd.DataFrame:
+    """``frame`` with only ``sensors``, in that order (all of it when None or empty); a sensor the frame
+    lacks is a ``DataError`` naming ``source``. Training, the protocols and replays select alike: a
+    reading must carry exactly the sensors of its entity's model (DESIGN §2)."""
+    if not sensors:
+        return frame
+    missing = [s for s in sensors if s not in frame.columns]
+    if missing:
+        raise DataError(f"sensors not in {source}: {missing}; its columns are {[str(c) for c in frame.columns]}")
+    return frame[list(sensors)]
+
+
 def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
     if any(not isinstance(c, str) for c in frame.columns):  # sensors are named by strings everywhere downstream
         frame = frame.rename(columns=str)
     if sensors:
-        missing = [s for s in sensors if s not in frame.columns]
-        if missing:
-            raise DataError(f"sensors not in the data: {missing}; columns are {list(frame.columns)}")
-        return frame[list(sensors)]
+        return select_sensors(frame, sensors)
     numeric = frame.select_dtypes(["number", "bool"])  # a bool column is a 0/1 sensor (a valve open, a pump on)
     skipped = [c for c in frame.columns if c not in numeric.columns]
     if skipped:

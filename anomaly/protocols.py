@@ -26,9 +26,8 @@ from anomaly.novelty import window_novelty
 from anomaly.transitions import transition_surprise
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import SKAB_SENSORS, LabelledSeries
-from anomaly.errors import DataError
 from anomaly.train_job import fit_values
-from anomaly.preparation import fill_rows_split
+from anomaly.preparation import fill_rows_split, select_sensors
 from anomaly.scaling import fit_scaler
 from anomaly.windowing import rows_from_windows
 
@@ -95,7 +94,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     (default: the first test row). Windows may reach back into training rows: a stream has that past.
     Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
     starts there, as a worker's would when the model is deployed."""
-    frame = _sensor_columns(series, settings.data.sensors)
+    frame = select_sensors(series.frame, settings.data.sensors, source=f"{series.name} (data.sensors)")
     values = fill_rows_split(frame.to_numpy(dtype=np.float64), series.train_rows)  # no test value fills a training row
     sensors = tuple(str(c) for c in frame.columns)
     started = time.perf_counter()
@@ -116,16 +115,6 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
                         threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
                         windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
                         best_epoch=fitted.best_epoch)
-
-
-def _sensor_columns(series: LabelledSeries, sensors: Sequence[str] | None):
-    """``series.frame`` limited to ``data.sensors`` (in that order) when it names any, else whole."""
-    if not sensors:
-        return series.frame
-    missing = [s for s in sensors if s not in series.frame.columns]
-    if missing:
-        raise DataError(f"data.sensors: {missing} not in {series.name}; its columns are {list(series.frame.columns)}")
-    return series.frame[list(sensors)]
 
 
 def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:

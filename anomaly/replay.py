@@ -299,6 +299,7 @@ def frame_from_dataset(name: str, data_dir: str | Path, series: str,
     """The whole frame (training and test rows) of one benchmark series, e.g. ``("skab", dir, "valve1/0")``,
     limited to ``sensors`` (in that order) when given."""
     from anomaly import datasets
+    from anomaly.preparation import select_sensors
 
     if str(name).lower() == "smd":  # read one machine's files, not all of them (unknown ones raise)
         return select_sensors(datasets.load_smd(data_dir, machines=[series])[0].frame, sensors)
@@ -307,14 +308,3 @@ def frame_from_dataset(name: str, data_dir: str | Path, series: str,
     if chosen is None:
         raise DataError(f"no series {series!r} in {name}; e.g. {', '.join(s.name for s in loaded[:5])}")
     return select_sensors(chosen.frame, sensors)
-
-
-def select_sensors(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
-    """``frame`` with only ``sensors``, in that order (all of it when None or empty): a reading must carry
-    exactly the sensors of its entity's model (DESIGN §2). A sensor the frame lacks is a ``DataError``."""
-    if not sensors:
-        return frame
-    missing = [s for s in sensors if s not in frame.columns]
-    if missing:
-        raise DataError(f"sensors not in the data: {missing}; its columns are {[str(c) for c in frame.columns]}")
-    return frame[list(sensors)]

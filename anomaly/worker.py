@@ -254,9 +254,11 @@ class Worker:
                     "%d dead letters", counts.get("consumed", 0), counts.get("windows_scored", 0), len(out.events),
                     len(out.dead_letters))
         if out.dead_letter_reasons:
-            line = self.dead_letter_log.add(out.dead_letter_reasons, self.clock())
-            if line:
-                log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
+            self._say_dead_letters(self.dead_letter_log.add(out.dead_letter_reasons, self.clock()))
+
+    def _say_dead_letters(self, line: str | None) -> None:
+        if line:
+            log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
 
     def _follow_model(self) -> None:
         for swap in self._runner.follow_model():
@@ -266,9 +268,7 @@ class Worker:
 
     def _close(self) -> None:
         """Final flush and close, then the runner. Commits were made per batch, after delivery."""
-        line = self.dead_letter_log.flush(self.clock())
-        if line:
-            log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
+        self._say_dead_letters(self.dead_letter_log.flush(self.clock()))
         try:
             if self._producer is not None:
                 try:

@@ -138,7 +138,7 @@ def test_score_series_names_the_field_when_a_named_sensor_is_missing():
     from anomaly.errors import DataError
     from anomaly.protocols import score_series
 
-    with pytest.raises(DataError, match=r"data.sensors: \['nosuch'\] not in s"):
+    with pytest.raises(DataError, match=r"sensors not in s \(data.sensors\): \['nosuch'\]"):
         score_series(_series(np.random.default_rng(1)), _tiny(sensors=["a", "nosuch"]))
 
 

@@ -257,7 +257,7 @@ def test_interrupt_flushes_what_was_queued_and_propagates():
 
 def test_select_sensors_sends_exactly_the_named_ones_in_order():
     from anomaly.errors import DataError
-    from anomaly.replay import select_sensors
+    from anomaly.preparation import select_sensors
 
     frame = pd.DataFrame({"a": [1.0], "b": [2.0], "c": [3.0]})
     assert list(select_sensors(frame, ["c", "a"]).columns) == ["c", "a"]
