@@ -52,7 +52,6 @@ from anomaly import evaluation
 from anomaly.calibration import anomaly_likelihood, beyond_seen_range, suppress_repeats
 from anomaly.cli import default_data_dir
 from anomaly.datasets import load_nab
-from anomaly.preparation import fill_rows_split
 from anomaly.protocols import (NAB_RANGE_TOLERANCE, NAB_REPEAT_ROWS, PROFILES, last_step_errors, nab_calibrate, nab_finish,
                                nab_novelty, nab_record_scores, nab_transitions, profile_settings, score_series)
 
@@ -209,18 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     nab_dir = Path(args.data_dir) if args.data_dir else default_data_dir("nab")
     key = {"profile": json.loads(json.dumps(PROFILES["nab"])), "data_dir": str(nab_dir.resolve())}
     files = cached_files(cache, key)
-    if files is not None:
+    if files is not None:  # written by collect under this key: every field is there
         log.info("reusing %s (%d files)", cache, len(files))
-        if any("values" not in f or "novelty" not in f for f in files):  # an older cache: add what is new
-            series = {s.name: s for s in load_nab(nab_dir)}
-            for f in files:  # as collect keeps them: score_series' gap-filled readings
-                s = series[f["name"]]
-                f.setdefault("values", fill_rows_split(s.frame.to_numpy(dtype=np.float64), s.train_rows))
-                f.setdefault("train_rows", s.train_rows)
-                if "novelty" not in f:
-                    f["novelty"] = nab_novelty(f["values"], f["train_rows"])
-            with cache.open("wb") as fh:  # once: later runs read them from the cache
-                pickle.dump({"key": key, "files": files}, fh)
     else:
         started = time.perf_counter()
         files = collect(load_nab(nab_dir), profile_settings("nab"))
