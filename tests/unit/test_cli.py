@@ -1,5 +1,7 @@
 """The command line: every subcommand answers --help; bad input is a clear error, not a traceback."""
 
+from pathlib import Path
+
 import pytest
 
 from anomaly.cli import build_parser, main
@@ -166,18 +168,23 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
 
 
 def test_datasets_are_found_beside_the_checkout_from_any_folder(tmp_path, monkeypatch):
-    from pathlib import Path
-
     import anomaly.cli as cli
-    from tests.fixtures import need_dataset
 
-    beside = Path(cli.__file__).resolve().parents[2] / "shared" / "datasets" / "skab"
-    if not beside.is_dir():
-        need_dataset("skab")  # fails under CI, skips elsewhere: the layout this test is about is missing
-        pytest.skip("the datasets are not beside this checkout")
+    # A checkout at tmp/checkout with the datasets beside it, in tmp/shared/datasets.
+    beside = tmp_path / "shared" / "datasets" / "skab"
+    beside.mkdir(parents=True)
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "checkout" / "anomaly" / "cli.py"))
     monkeypatch.delenv("ANOMALY_DATASETS", raising=False)
-    monkeypatch.chdir(tmp_path)  # ../shared/datasets from here is not there
+    usual = Path("..") / "shared" / "datasets" / "skab"
+    monkeypatch.chdir(tmp_path / "a" / "b")  # ../shared/datasets from here is not there: beside the checkout
     assert cli.default_data_dir("skab") == beside
+    monkeypatch.chdir(tmp_path / "checkout")  # from here it is: the working folder's comes first
+    assert cli.default_data_dir("skab") == usual
+    beside.rmdir()
+    monkeypatch.chdir(tmp_path / "a" / "b")  # nowhere: the usual path, for the error to name
+    assert cli.default_data_dir("skab") == usual
     monkeypatch.setenv("ANOMALY_DATASETS", str(tmp_path))
     assert cli.default_data_dir("skab") == tmp_path / "skab"
 
