@@ -36,7 +36,7 @@ import json
 import math
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from operator import itemgetter
 from typing import Any
@@ -76,9 +76,14 @@ class Reading:
 
 @dataclass(frozen=True)
 class BadRecord:
-    """A record that is not a valid reading; ``reason`` says why, for people (it goes to the DLQ)."""
+    """A record that is not a valid reading; ``reason`` says why, for people (it goes to the DLQ).
+
+    ``ts``: set only for a well-formed reading of another sensor set than the model's. Its time is
+    real, so it still moves its partition's stream time on (an entity whose every reading is such a
+    record then ages out like a silent one instead of holding its partition's commit for ever)."""
 
     reason: str
+    ts: float | None = field(default=None, compare=False)
 
 
 # --- readings ------------------------------------------------------------------------------------
@@ -276,7 +281,7 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
                 parts.append(f"missing {sorted(expected - got)}")
             if got - expected:
                 parts.append(f"unknown {sorted(got - expected)}")
-            return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}")
+            return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}", ts=ts)
 
     return Reading(entity=entity, ts=ts, values=values)
 
@@ -290,6 +295,9 @@ class DecodedBatch:
     ts: np.ndarray  # (n,) float64 epoch seconds
     values: np.ndarray  # (n, F) float64 in the sensor order asked; NaN = missing (null)
     bad: list[tuple[int, str]]  # (position, reason) of every bad record, in input order
+    # (position, epoch seconds) of the bad records that are well-formed readings of another sensor set
+    # (``BadRecord.ts``), in input order: dead letters whose time still counts as stream time
+    foreign: list[tuple[int, float]] = field(default_factory=list)
 
 
 _NUMBER_TYPES = frozenset({float, int})  # exact types: bool is not a number here
@@ -379,6 +387,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
         ts_arr, val_arr = ts_arr[kept], val_arr[kept]
 
     bad: list[tuple[int, str]] = []
+    foreign: list[tuple[int, float]] = []
     if slow:
         expected = frozenset(sensors)
         extra_index, extra_entities, extra_ts, extra_values = [], [], [], []
@@ -386,6 +395,8 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
             reading = decode_reading(raws[i], expected)  # type: ignore[arg-type]
             if isinstance(reading, BadRecord):
                 bad.append((i, reading.reason))
+                if reading.ts is not None:
+                    foreign.append((i, reading.ts))
             else:
                 extra_index.append(i)
                 extra_entities.append(reading.entity)
@@ -398,7 +409,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
             entities = [merged_entities[j] for j in order]
             ts_arr = np.concatenate([ts_arr, np.array(extra_ts, dtype=np.float64)])[order]
             val_arr = np.concatenate([val_arr, np.array(extra_values, dtype=np.float64).reshape(-1, f)])[order]
-    return DecodedBatch(np.array(index, dtype=np.int64), entities, ts_arr, val_arr, bad)
+    return DecodedBatch(np.array(index, dtype=np.int64), entities, ts_arr, val_arr, bad, foreign)
 
 
 def encode_reading(reading: Reading) -> bytes:

@@ -19,7 +19,10 @@ Entities silent for ``idle_timeout_s`` of stream time (their partition's newest 
 lose their window buffers, so they stop holding the partition's commit back. Their alert state goes
 too, once their partition's stream time is ``idle_timeout_s`` past their last window: an open event is
 then closed (a ``"closed"`` event at its last window above the threshold), so it does not stay open
-downstream for ever.
+downstream for ever. A reading that is a dead letter only because it carries another sensor set than
+the model's still moves its partition's stream time on (``DecodedBatch.foreign``), though not its
+entity's: an entity whose every reading is such a record (a champion that reads other sensors than the
+fleet sends) ages out like a silent one instead of holding its partition's commit for ever.
 
 Alert state and commits. An entity in a run, an open event or a cooldown holds its partition's commit
 at the oldest reading of the window that started the run (``ReadyBatch.start_offset``), so a restart or
@@ -376,8 +379,11 @@ class ScoringStep:
                     raws[i], b.topic, b.partition, b.offsets[j], reason, now_s)))
                 out.dead_letter_reasons.append(reason)
         counts["dead_letters"] = len(out.dead_letters)
+        stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
+        if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition
+            where, stamps = zip(*decoded.foreign)
+            store.observe(np.asarray(stamps, dtype=np.float64), stream_of[list(where)])
         if len(decoded.index):
-            stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
             outcomes = store.add_many(decoded.entities, decoded.ts, decoded.values, stream_of[decoded.index],
                                       np.asarray(offsets, dtype=np.int64)[decoded.index])
             counts["duplicates"] = outcomes[DUPLICATE]
@@ -545,14 +551,16 @@ def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> 
     """``decoded`` with readings stamped more than ``max_future_s`` ahead of ``now_s`` moved to its bad
     records: one such reading would otherwise make its entity's real readings late and, as its
     partition's newest, every other entity of the partition look idle."""
-    ahead = decoded.ts > now_s + max_future_s
+    limit = now_s + max_future_s
+    foreign = [(i, ts) for i, ts in decoded.foreign if ts <= limit]  # dead letters either way; not stream time
+    ahead = decoded.ts > limit
     if not ahead.any():
-        return decoded
+        return replace(decoded, foreign=foreign) if len(foreign) < len(decoded.foreign) else decoded
     keep = np.flatnonzero(~ahead)
     bad = decoded.bad + [(int(decoded.index[j]), f"ts is {decoded.ts[j] - now_s:.0f} s ahead of the worker's clock "
                           f"(more than worker.max_future_s = {max_future_s:g})") for j in np.flatnonzero(ahead)]
     return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
-                        decoded.values[keep], sorted(bad))
+                        decoded.values[keep], sorted(bad), foreign)
 
 
 def _as_partition_batches(records: Sequence[InputRecord] | Sequence[PartitionBatch]) -> list[PartitionBatch]:

@@ -248,14 +248,10 @@ class WindowStore:
         n = len(entities)
         if n == 0:
             return counts
-        slots = np.floor(np.asarray(ts, dtype=np.float64) / self.policy.period_s + 0.5).astype(np.int64)  # as slot()
+        slots = self._advance(ts, partitions)
         values = np.asarray(values, dtype=np.float64)
         partitions = np.asarray(partitions, dtype=np.int64)
         offsets = np.asarray(offsets, dtype=np.int64)
-        for partition in np.unique(partitions).tolist():
-            newest = int(slots[partitions == partition].max())
-            if newest > self._watermark.get(partition, newest - 1):
-                self._watermark[partition] = newest
         # Group by entity, keeping each entity's order: one stable sort, then every group is a slice.
         names = list(dict.fromkeys(entities))
         code = {name: i for i, name in enumerate(names)}
@@ -514,6 +510,25 @@ class WindowStore:
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
                           start_offset.astype(np.int64))
+
+    def observe(self, ts: np.ndarray, partitions: np.ndarray) -> None:
+        """Move each partition's stream time on to the newest of ``ts`` seen on it, placing no reading:
+        for readings that are dead letters only because they carry another sensor set than the
+        model's. Their time is real; without this, a partition whose every reading is such a record
+        would keep its stream time, so its entities would never age out (``evict_idle``) and their
+        buffers and alert state would hold its commit for ever."""
+        if len(ts):
+            self._advance(ts, partitions)
+
+    def _advance(self, ts: np.ndarray, partitions: np.ndarray) -> np.ndarray:
+        """Each reading's slot (as ``slot()``), after moving every partition's watermark to its newest."""
+        slots = np.floor(np.asarray(ts, dtype=np.float64) / self.policy.period_s + 0.5).astype(np.int64)
+        partitions = np.asarray(partitions, dtype=np.int64)
+        for partition in np.unique(partitions).tolist():
+            newest = int(slots[partitions == partition].max())
+            if newest > self._watermark.get(partition, newest - 1):
+                self._watermark[partition] = newest
+        return slots
 
     def stream_time(self, partition: int) -> float | None:
         """Epoch seconds of the newest slot seen on ``partition`` (its stream time); None if none yet."""

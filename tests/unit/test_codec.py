@@ -197,12 +197,27 @@ def test_random_bytes_and_mutations_never_raise() -> None:
         assert isinstance(got, BadRecord)
 
 
+def test_only_a_well_formed_reading_of_another_sensor_set_keeps_its_time() -> None:
+    sensors = ["temp", "pressure", "flow"]
+    other = decode_reading(reading_json(values={"temp": 1, "rpm": 2}), sensors)
+    assert isinstance(other, BadRecord) and other.reason.startswith("sensor set does not match")
+    assert other.ts == T0
+    for raw in (reading_json(ts=-1), reading_json(values={"temp": "hot", "pressure": 1, "flow": 1}), b"junk"):
+        bad = decode_reading(raw, sensors)
+        assert isinstance(bad, BadRecord) and bad.ts is None
+    batch = decode_batch([reading_json(), reading_json(values={"temp": 1}), b"junk"], sensors)
+    assert [i for i, _ in batch.bad] == [1, 2] and batch.foreign == [(1, T0)]
+
+
 def _batch_as_readings(raws: list, sensors: tuple[str, ...]) -> list[Reading | BadRecord]:
     """``decode_batch``'s outcome, one ``Reading``/``BadRecord`` per input, for comparison."""
     got = decode_batch(raws, sensors)
     out: list[Reading | BadRecord | None] = [None] * len(raws)
+    stamps = dict(got.foreign)
+    assert len(stamps) == len(got.foreign) and sorted(stamps) == [i for i, _ in got.foreign]
     for i, reason in got.bad:
-        out[i] = BadRecord(reason)
+        out[i] = BadRecord(reason, ts=stamps.pop(i, None))
+    assert not stamps, "a foreign stamp on a record that is not bad"
     assert got.values.shape == (len(got.index), len(sensors)) and got.values.dtype == np.float64
     for j, i in enumerate(got.index.tolist()):
         assert out[i] is None, "a record was both good and bad"
@@ -239,7 +254,12 @@ def test_decode_batch_agrees_with_decode_reading_record_by_record() -> None:
         for _ in range(rng.randint(1, 3)):
             raw[rng.randrange(len(raw))] = rng.randrange(256)
         raws.append(bytes(raw))
-    assert _batch_as_readings(raws, sensors) == [decode_reading(r, sensors) for r in raws]
+    batch, single = _batch_as_readings(raws, sensors), [decode_reading(r, sensors) for r in raws]
+    assert batch == single
+    # BadRecord.ts is left out of ==: the foreign stamps must agree too (and exist: the list has some).
+    stamped = [(b.ts, s.ts) for b, s in zip(batch, single) if isinstance(s, BadRecord) and s.ts is not None]
+    assert len(stamped) >= 2 and all(b == s for b, s in stamped)
+    assert all(b.ts is None for b, s in zip(batch, single) if isinstance(s, BadRecord) and s.ts is None)
     # A batch of only good records, and an empty batch.
     assert _batch_as_readings([good] * 3, sensors) == [decode_reading(good, sensors)] * 3
     assert decode_batch([], sensors).values.shape == (0, 3)

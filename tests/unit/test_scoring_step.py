@@ -464,6 +464,34 @@ def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -
     assert sum(out.counts["events_closed"] for out in outs) == 1
 
 
+def test_readings_of_another_sensor_set_age_their_entity_out_and_release_its_commit() -> None:
+    # A champion that reads other sensors than the fleet sends: every reading is a dead letter. Their time
+    # still moves the partition's stream time, so the entity ages out like a silent one: its open event is
+    # closed and its commit hold released. Before, stream time stood still and the hold pinned the commit.
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), idle_timeout_s=60.0)
+    records = _fault_records()[:30]  # the fault starts at slot 20: an event is open
+    opened = _events_of(run_batches(step, records, size=10))
+    assert [status for status, _, _ in opened] == ["open"] and step.alert_holds == {"pump": ((TOPIC, 0), 19)}
+    other = {"temp": 70.0, "rpm": 1500.0}  # not the model's sensors
+    outs = [step.process([reading_record("pump", 30 + s, 30 + s, values=other)], now_s=T0 + 1000)
+            for s in range(0, 100, 10)]
+    assert all(out.counts["dead_letters"] == 1 for out in outs)
+    assert [out.commits[(TOPIC, 0)] for out in outs[:3]] == [19, 19, 19]  # within idle_timeout_s: held
+    closed = [(s, e) for s, e, _ in _events_of(outs)]
+    assert closed == [("closed", opened[0][1])] and step.alert_holds == {} and "pump" not in step.windows
+    assert outs[-1].commits[(TOPIC, 0)] == 30 + 90 + 1  # past the dead letters, which went out first
+    assert step.windows.stream_time(0) == T0 + 120
+
+
+def test_readings_of_another_sensor_set_stamped_ahead_do_not_move_stream_time() -> None:
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), idle_timeout_s=60.0,
+                       max_future_s=5.0)
+    step.process(_fault_records()[:30], now_s=T0 + 30)
+    out = step.process([reading_record("pump", 3600, 30, values={"rpm": 1.0})], now_s=T0 + 30)
+    assert out.counts["dead_letters"] == 1 and step.windows.stream_time(0) == T0 + 29
+    assert step.alert_holds == {"pump": ((TOPIC, 0), 19)}
+
+
 def test_a_lagging_partition_is_measured_by_its_own_stream_time() -> None:
     # 'pump' on partition 1 is two hours behind 'fan' on partition 0 (a backlog being worked through); its
     # long fault is ONE event, held, not expired as "silent" by the other partition's clock every batch.
