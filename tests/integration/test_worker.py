@@ -186,6 +186,31 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     assert len(scores["pump-c"]) == 60 - 16 + 1  # every good reading scored, the worker kept going
 
 
+def test_an_entity_sending_other_sensors_ages_out_closing_its_event_and_freeing_the_commit(kafka_broker, champion,
+                                                                                            topic_name):
+    # A fault opens an event; then the pump's readings carry another sensor set than the champion reads
+    # (dead letters), for more than the hour after which a silent entity ages out. Their time still counts:
+    # the event is closed and the group's commit reaches the end of the partition (before, both stayed).
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 1})
+    frame, _ = with_fault(normal_frame(600, seed=21), sensor="pressure", start=400, length=200, size=0.4)
+    producer = kafka_io.make_producer(kafka_broker)
+    for entity, reading in replay_plan(frame, "pump-d", start_ts=START_TS):
+        producer.send(opts.input_topic, key=entity.encode(), value=codec.encode_reading(reading))
+    for k in range(1, 11):  # every 10 minutes of stream time, 100 minutes in all
+        other = codec.Reading("pump-d", START_TS + 600 + 600 * k, {"temp": 1.0, "pressure": 1.0, "vibration": 1.0})
+        producer.send(opts.input_topic, key=b"pump-d", value=codec.encode_reading(other))
+    producer.flush()
+    producer.close()
+    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
+    assert stats.consumed == 610 and stats.dead_letters == 10
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    assert [e["status"] for e in events] == ["open", "closed"], events
+    assert events[0]["event_id"] == events[1]["event_id"] and events[1]["end_ts"] < START_TS + 600
+    assert kafka_io.committed_offsets(kafka_broker, opts.group_id, opts.input_topic) == {0: 610}
+
+
 @SCORING
 def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_name, scoring_process):
     settings, outcome = champion
