@@ -55,7 +55,7 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
 
 def cmd_train(args: argparse.Namespace) -> int:
     from anomaly import protocols, tables
-    from anomaly.preparation import prepare_training
+    from anomaly.preparation import prepare_fleet, prepare_training
     from anomaly.train_job import run_training
 
     # A dataset trains with its profile (as `evaluate` scores it and `anomaly up` trains it); a file with
@@ -67,19 +67,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         from anomaly.registry import check_alias
 
         check_alias(args.alias)  # before the training run, not after it
+    d = settings.data
+    grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
+            "max_missing_fraction": d.max_missing_fraction}
+    fleet: dict[str, Any] = {}
     if args.data:
-        frame = _one_entity_table(args.data, settings)
+        fleet = _entity_tables(args.data, settings)
         source, dataset = str(args.data), "custom"
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
         frame, source = _dataset_training_frame(args.dataset, data_dir, args.series)
         dataset = args.dataset
-    sensors = settings.data.sensors
-    prepared = prepare_training(frame, sensors=sensors, period_s=settings.data.period_s, fill=settings.data.fill,
-                                max_fill_steps=settings.data.max_fill_steps,
-                                max_missing_fraction=settings.data.max_missing_fraction)
-    log.info("training on %d rows x %d sensors from %s (period %.3g s)", len(prepared.values), len(prepared.sensors),
-             source, prepared.period_s)
+    if len(fleet) > 1:  # one model shared by the fleet's entities, each gridded on its own
+        prepared = prepare_fleet(fleet, settings.model.window_size, settings.training.validation_fraction, **grid)
+    else:
+        prepared = prepare_training(next(iter(fleet.values())) if fleet else frame, **grid)
+    log.info("training on %d rows x %d sensors from %s (period %.3g s)%s", len(prepared.values),
+             len(prepared.sensors), source, prepared.period_s,
+             f", {len(prepared.entities)} entities" if prepared.entities else "")
     outcome = run_training(prepared, settings, source=source, dataset=dataset, register=not args.no_register,
                            promote=args.promote, alias=args.alias, progress=not args.quiet)
     print(json.dumps({"run_id": outcome.run_id, "model": settings.mlflow.model_name, "version": outcome.version,
@@ -204,25 +209,31 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_entity_table(path: str, settings: Any) -> Any:
-    """A ``--data`` table's readings: ground truth (``anomaly``/``changepoint``/``label`` and
-    ``retrain.label_field``) split off, and the ``data.entity_column`` checked to hold one entity (the
-    rows of several would land on one grid, each slot keeping one of them)."""
+def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
+    """A ``--data`` table's readings per entity (entity -> frame, in order of first appearance; one entry
+    named by the file when there is no ``data.entity_column``), ground truth (``anomaly``/``changepoint``/
+    ``label`` and ``retrain.label_field``) split off. Entities are kept apart: the rows of several on one
+    grid would each slot keep one of them."""
     from anomaly import tables
 
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
                               entity_col=settings.data.entity_column)
     frame, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
-    if tables.ENTITY_COLUMN in frame.columns:
-        entities = sorted(frame[tables.ENTITY_COLUMN].unique())
-        if len(entities) > 1:
-            raise AnomalyError(f"{path} holds {len(entities)} entities in {settings.data.entity_column!r} "
-                               f"({', '.join(map(str, entities[:5]))}{', ...' if len(entities) > 5 else ''}): "
-                               "this command takes one entity's table; filter the file to one entity "
-                               "(a model shared by a fleet is trained by `anomaly retrain --data FILE` from a "
-                               "first champion)")
-        frame = frame.drop(columns=[tables.ENTITY_COLUMN])
-    return frame
+    if tables.ENTITY_COLUMN not in frame.columns:
+        return {str(path): frame}
+    column = frame.pop(tables.ENTITY_COLUMN)
+    return {str(entity): part for entity, part in frame.groupby(column.to_numpy(), sort=False)}
+
+
+def _one_entity_table(path: str, settings: Any) -> Any:
+    """A ``--data`` table's readings (``_entity_tables``), checked to hold one entity."""
+    fleet = _entity_tables(path, settings)
+    if len(fleet) > 1:
+        entities = sorted(fleet)
+        raise AnomalyError(f"{path} holds {len(entities)} entities in {settings.data.entity_column!r} "
+                           f"({', '.join(entities[:5])}{', ...' if len(entities) > 5 else ''}): "
+                           "this command takes one entity's table; filter the file to one entity")
+    return next(iter(fleet.values()))
 
 
 # --- worker --------------------------------------------------------------------------------------
@@ -713,7 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the LSTM autoencoder on normal data from a CSV/Parquet file or a "
                                    "dataset, log the run to MLflow and register a model version.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor")
+    src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor; "
+                                    "with data.entity_column set and several entities in it, one model shared by "
+                                    "the fleet (each entity gridded on its own, validated on every entity's "
+                                    "recent rows)")
     src.add_argument("--dataset", choices=DATASETS, help="train on a benchmark dataset's normal part")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to train on (e.g. valve1/0, machine-1-2); SKAB default: the "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,8 @@ class Prepared:
     # sensor's first reading, or any gap with ``fill = "none"``). ``values`` holds stand-ins there so arrays
     # stay gap-free, but no window touching such a row trains, validates, or gets a score. None: no such row.
     gaps: np.ndarray | None = None
+    # the entities whose rows these are, for a model shared by a fleet (``prepare_fleet``); empty: one series
+    entities: list[str] = field(default_factory=list)
 
     def gap_windows(self, window_size: int) -> np.ndarray:
         """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
@@ -42,6 +44,7 @@ class Prepared:
 
     def report(self) -> dict[str, object]:
         return {"sensors": self.sensors, "dropped": self.dropped, "rows": len(self.values),
+                **({"entities": self.entities} if self.entities else {}),
                 "period_s": self.period_s, "missing_fraction": float(self.missing.mean()) if self.missing.size else 0.0,
                 "issues": [{"sensor": i.sensor, "kind": i.kind, "detail": i.detail} for i in self.issues]}
 
@@ -130,3 +133,74 @@ def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, is
     return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
                     missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
                     issues=issues, dropped=dropped, gaps=gaps if gaps.any() else None)
+
+
+def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validation_fraction: float,
+                  sensors: Sequence[str] | None = None, period_s: float | None = None, fill: str = "ffill",
+                  max_fill_steps: int | None = None, max_missing_fraction: float = 0.5) -> Prepared:
+    """One model's training data from several entities' tables (entity -> readings): a model shared by
+    a fleet of one asset type.
+
+    Each entity is gridded on its own (one common period: ``period_s``, else the median of the
+    entities' own) and screened on its own; the sensors kept are those fit to train on in every
+    entity (a sensor flat in one pump is reported, with the pump, and left out for all). Entities with
+    fewer than ``2 * window_size`` rows are left out, with a warning. The rows are laid end to end as
+    every entity's first ``1 - validation_fraction``, then every entity's last part, so the
+    time-ordered validation split of training (``training.split_windows``) validates on the recent
+    rows of every entity (to within a few windows at the seam), not on the last entity alone. A stand-in row marked as a gap (``gaps``)
+    sits between every two parts, so no window spans two entities or an entity's two parts."""
+    if not frames:
+        raise DataError("no entity to train on")
+    usable: dict[str, Prepared] = {}
+    for entity, frame in frames.items():
+        prepared = None
+        if len(frame) >= 2 * window_size:
+            try:
+                prepared = prepare_training(frame, sensors=sensors, period_s=period_s, fill=fill,
+                                            max_fill_steps=max_fill_steps, max_missing_fraction=max_missing_fraction)
+            except DataError as exc:
+                raise DataError(f"entity {entity}: {exc}") from exc
+        rows = len(frame) if prepared is None else len(prepared.values)
+        if rows < 2 * window_size:
+            log.warning("entity %s: %d rows, fewer than 2 windows of %d; left out", entity, rows, window_size)
+        else:
+            usable[entity] = prepared
+    if not usable:
+        raise DataError(f"no entity has {2 * window_size} rows (two windows of {window_size}) to train on")
+    order = list(next(iter(usable.values())).sensors)
+    kept = [s for s in order if all(s in p.sensors for p in usable.values())]
+    if not kept:
+        raise DataError("no sensor is fit to train on in every entity: "
+                        + "; ".join(f"{e}: {p.sensors}" for e, p in usable.items()))
+    issues = [SensorIssue(i.sensor, i.kind, f"{e}: {i.detail}") for e, p in usable.items() for i in p.issues]
+    candidates = dict.fromkeys(s for p in usable.values() for s in p.sensors + p.dropped)
+    dropped = [s for s in candidates if s not in kept]
+    for sensor in dropped:
+        where = [e for e, p in usable.items() if sensor not in p.sensors]
+        log.warning("sensor %s: left out for the whole fleet (not fit to train on in %s)", sensor, ", ".join(where))
+    common = period_s or float(np.median([p.period_s for p in usable.values()]))
+    grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps)
+             for e in usable}
+    heads, tails = [], []
+    for grid in grids.values():
+        cut = len(grid.values) - max(window_size, int(round(len(grid.values) * validation_fraction)))
+        heads.append((grid, 0, cut))
+        tails.append((grid, cut, len(grid.values)))
+    values, missing, gaps, stamps = [], [], [], []
+    for k, (grid, a, b) in enumerate(heads + tails):
+        if k:  # a stand-in between two parts: no window may touch it
+            values.append(values[-1][-1:])
+            missing.append(np.ones((1, len(kept)), dtype=bool))
+            gaps.append(np.ones(1, dtype=bool))
+            stamps.append(stamps[-1][-1:])
+        values.append(grid.values[a:b])
+        missing.append(grid.missing[a:b])
+        part_gaps = grid.gaps[a:b] if grid.gaps is not None else np.zeros(b - a, dtype=bool)
+        gaps.append(part_gaps)
+        stamps.append(grid.timestamps[a:b])
+    all_gaps = np.concatenate(gaps)
+    timestamps = stamps[0].append(stamps[1:]) if len(stamps) > 1 else stamps[0]
+    log.info("fleet: %d entities (%s), %d sensors, period %.3g s", len(grids), ", ".join(grids), len(kept), common)
+    return Prepared(timestamps=pd.DatetimeIndex(timestamps), values=np.concatenate(values), sensors=kept,
+                    missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
+                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids))

@@ -44,14 +44,20 @@ def train_config(settings: Settings, progress: bool = True) -> TrainConfig:
 SENSORS_TAG_CHARS = 4000  # below MLflow's tag value limits (5,000 for a model version's)
 
 
+def _listing_tag(names: Sequence[str], what: str, where: str) -> str:
+    """``names`` comma-separated, cut to fit a tag (``SENSORS_TAG_CHARS``) with a note of how many and
+    where the whole list is."""
+    text = ",".join(names)
+    if len(text) <= SENSORS_TAG_CHARS:
+        return text
+    suffix = f",... ({len(names)} {what}; {where} lists them all)"
+    return text[: SENSORS_TAG_CHARS - len(suffix)].rsplit(",", 1)[0] + suffix
+
+
 def sensors_tag(sensors: Sequence[str]) -> str:
     """The sensors a model reads, comma-separated, for the run's and the version's ``data.sensors`` tag;
     cut short (saying how many there are) where the list would not fit a tag."""
-    text = ",".join(sensors)
-    if len(text) <= SENSORS_TAG_CHARS:
-        return text
-    suffix = f",... ({len(sensors)} sensors; model.json lists them all)"
-    return text[: SENSORS_TAG_CHARS - len(suffix)].rsplit(",", 1)[0] + suffix
+    return _listing_tag(sensors, "sensors", "model.json")
 
 
 def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
@@ -104,6 +110,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
                  "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),
                  "threshold.adaptive": settings.threshold.rule_description(), "data.sensors": sensors_tag(prepared.sensors)}
+    if prepared.entities:
+        data_tags["data.entities"] = _listing_tag(prepared.entities, "entities", "data_report.json")
     data_tags.update(extra_tags or {})
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
         run.log_params({**tracking.flat_params("model", asdict(settings.model)),
@@ -150,8 +158,13 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
                                      result.best_epoch), "loss_curves.png")
     run.log_figure(plots.error_distribution(val_scores, detector.threshold.value, method=detector.threshold.method),
                    "error_distribution.png")
-    # Overlay on the validation tail of the training series: what "normal" reconstruction looks like.
+    # Overlay on the validation tail of the training series: what "normal" reconstruction looks like. For a
+    # fleet, the last entity's validation rows alone (after the last stand-in row between two parts).
     tail = min(len(prepared.values), max(detector.window_size * 20, 2000))
+    if prepared.entities and prepared.gaps is not None:
+        after = len(prepared.values) - 1 - int(np.flatnonzero(prepared.gaps)[-1])
+        if after >= 2 * detector.window_size:
+            tail = min(tail, after)
     values = prepared.values[-tail:]
     scored = detector.score_values(values)
     n = len(values)
