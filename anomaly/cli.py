@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from anomaly.errors import AnomalyError
+from anomaly.errors import AnomalyError, DataError
 
 log = logging.getLogger("anomaly")
 
@@ -166,19 +166,53 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score a file with a registered model; write row-level scores and print the flagged spans."""
+    import pandas as pd
+
+    from anomaly import registry, tracking
+
+    settings = _settings(args)
+    fleet = _entity_tables(args.data, settings)  # a bad file is said before the model is fetched
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    name = settings.mlflow.model_name
+    detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
+    several = len(fleet) > 1
+    tables_out, spans, rows = [], [], 0
+    for entity, frame in fleet.items():  # each entity on its own grid, its windows its own
+        try:
+            out, entity_spans = _score_table(detector, frame, settings)
+        except DataError as exc:
+            if several:
+                raise DataError(f"entity {entity}: {exc}") from exc
+            raise
+        if several:
+            out.insert(0, "entity", entity)
+            entity_spans = [{"entity": entity, **span} for span in entity_spans]
+        tables_out.append(out)
+        spans.extend(entity_spans)
+        rows += len(out)
+    table = pd.concat(tables_out, ignore_index=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
+    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value,
+                      "adaptive": None if rule is None else dataclasses.asdict(rule),
+                      "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": rows,
+                      **({"entities": list(fleet)} if several else {}),
+                      "flagged_rows": int(table["is_anomaly"].sum()), "spans": spans}, indent=2))
+    return 0
+
+
+def _score_table(detector: Any, frame: Any, settings: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """One entity's readings scored: row-level scores (``ts``, ``score``, ``threshold``, ``is_anomaly``,
+    ``top_sensor``) and the flagged spans with the sensors that drove each."""
     import numpy as np
     import pandas as pd
 
-    from anomaly import registry, tables, tracking
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
     from anomaly.windowing import rows_from_windows
 
-    settings = _settings(args)
-    frame = _one_entity_table(args.data, settings)  # a bad file is said before the model is fetched
-    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
-    name = settings.mlflow.model_name
-    detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.data.max_fill_steps)
     scored = detector.score_values(prepared.values)
@@ -192,21 +226,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
                         "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        out.to_csv(args.out, index=False)
     spans = []
     for start, end in label_events(flags):
         in_span = (scored.end_rows >= start) & (scored.end_rows < end)
         peak = int(np.flatnonzero(in_span)[np.argmax(scored.scores[in_span])])
         spans.append({"start": str(prepared.timestamps[start]), "end": str(prepared.timestamps[end - 1]),
                       "peak_score": float(scored.scores[peak]), "sensors": scored.top_sensors(peak, detector.sensors)})
-    rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
-    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value,
-                      "adaptive": None if rule is None else dataclasses.asdict(rule),
-                      "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": n,
-                      "flagged_rows": int(flags.sum()), "spans": spans}, indent=2))
-    return 0
+    return out, spans
 
 
 def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
@@ -223,17 +249,6 @@ def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
         return {str(path): frame}
     column = frame.pop(tables.ENTITY_COLUMN)
     return {str(entity): part for entity, part in frame.groupby(column.to_numpy(), sort=False)}
-
-
-def _one_entity_table(path: str, settings: Any) -> Any:
-    """A ``--data`` table's readings (``_entity_tables``), checked to hold one entity."""
-    fleet = _entity_tables(path, settings)
-    if len(fleet) > 1:
-        entities = sorted(fleet)
-        raise AnomalyError(f"{path} holds {len(entities)} entities in {settings.data.entity_column!r} "
-                           f"({', '.join(entities[:5])}{', ...' if len(entities) > 5 else ''}): "
-                           "this command takes one entity's table; filter the file to one entity")
-    return next(iter(fleet.values()))
 
 
 # --- worker --------------------------------------------------------------------------------------

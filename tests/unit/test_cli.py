@@ -121,8 +121,8 @@ def test_retrain_checks_its_data_file_first(tmp_path, capsys):
     assert "nope.csv: no such file" in capsys.readouterr().err
 
 
-def test_tables_are_split_by_entity_and_score_refuses_several_keeping_labels_out(tmp_path, monkeypatch, capsys):
-    from anomaly.cli import _entity_tables, _one_entity_table
+def test_tables_are_split_by_entity_keeping_labels_out(tmp_path, monkeypatch, capsys):
+    from anomaly.cli import _entity_tables
     from anomaly.config import load_config
 
     path = tmp_path / "fleet.csv"
@@ -133,14 +133,12 @@ def test_tables_are_split_by_entity_and_score_refuses_several_keeping_labels_out
     fleet = _entity_tables(str(path), load_config())
     assert list(fleet) == ["2", "1"] and [list(f) for f in fleet.values()] == [["temp"], ["temp"]]
     assert fleet["2"]["temp"].tolist() == [40, 42] and str(fleet["1"].index[0]) == "2026-01-01 00:00:01+00:00"
-    assert main(["score", "--data", str(path)]) == 2  # said before any model is fetched
-    assert "holds 2 entities in 'machine'" in capsys.readouterr().err
-    # train takes a fleet (tests/e2e/test_train_and_detect.py); these two are too short for any window
+    # train and score take a fleet (tests/e2e/test_train_and_detect.py); these two are too short for any window
     assert main(["train", "--data", str(path), "--no-register", "--quiet"]) == 2
     assert "no entity has" in capsys.readouterr().err
-    one = tmp_path / "one.csv"
-    one.write_text("ts,machine,temp,fault\n2026-01-01T00:00:00Z,1,40,0\n2026-01-01T00:00:01Z,1,41,1\n")
-    assert list(_one_entity_table(str(one), load_config())) == ["temp"]  # no entity id, no label as a sensor
+    monkeypatch.delenv("ANOMALY_DATA__ENTITY_COLUMN")
+    plain = _entity_tables(str(path), load_config())
+    assert list(plain) == [str(path)] and list(plain[str(path)]) == ["machine", "temp"]  # no label as a sensor
 
 
 def test_replay_refuses_sensors_the_table_lacks(tmp_path, capsys):
