@@ -179,7 +179,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     tables_out, spans, rows = [], [], 0
     for entity, frame in fleet.items():  # each entity on its own grid, its windows its own
         try:
-            out, entity_spans = _score_table(detector, frame, settings)
+            out, entity_spans = _score_table(detector, frame, settings, entity)
         except DataError as exc:
             if several:
                 raise DataError(f"entity {entity}: {exc}") from exc
@@ -203,9 +203,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score_table(detector: Any, frame: Any, settings: Any) -> tuple[Any, list[dict[str, Any]]]:
+def _score_table(detector: Any, frame: Any, settings: Any, entity: str) -> tuple[Any, list[dict[str, Any]]]:
     """One entity's readings scored: row-level scores (``ts``, ``score``, ``threshold``, ``is_anomaly``,
-    ``top_sensor``) and the flagged spans with the sensors that drove each."""
+    ``top_sensor``) and the flagged spans with the sensors that drove each; held to the entity's own
+    threshold where the model has one."""
     import numpy as np
     import pandas as pd
 
@@ -221,7 +222,8 @@ def _score_table(detector: Any, frame: Any, settings: Any) -> tuple[Any, list[di
     if gap_windows.any():  # a window over an outage the fill policy does not bridge gets no score
         scored.scores[gap_windows] = np.nan
     scores = rows_from_windows(scored.scores, n, w)
-    bars = detector.threshold.series_bars(scores)  # the fitted value, moved by the model's adaptive or episode rule if any
+    # the fitted value (the entity's own, if fitted), moved by the model's adaptive or episode rule if any
+    bars = detector.threshold.for_entity(entity).series_bars(scores)
     flags = scores > bars
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,

@@ -35,6 +35,8 @@ class Prepared:
     gaps: np.ndarray | None = None
     # the entities whose rows these are, for a model shared by a fleet (``prepare_fleet``); empty: one series
     entities: list[str] = field(default_factory=list)
+    # entity -> (start, end) rows of ``values`` holding its validation part (``prepare_fleet``)
+    entity_tails: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def gap_windows(self, window_size: int) -> np.ndarray:
         """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
@@ -182,17 +184,23 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps)
              for e in usable}
     heads, tails = [], []
-    for grid in grids.values():
+    for entity, grid in grids.items():
         cut = len(grid.values) - max(window_size, int(round(len(grid.values) * validation_fraction)))
-        heads.append((grid, 0, cut))
-        tails.append((grid, cut, len(grid.values)))
+        heads.append((entity, grid, 0, cut, False))
+        tails.append((entity, grid, cut, len(grid.values), True))
     values, missing, gaps, stamps = [], [], [], []
-    for k, (grid, a, b) in enumerate(heads + tails):
+    entity_tails: dict[str, tuple[int, int]] = {}
+    row = 0
+    for k, (entity, grid, a, b, tail) in enumerate(heads + tails):
         if k:  # a stand-in between two parts: no window may touch it
             values.append(values[-1][-1:])
             missing.append(np.ones((1, len(kept)), dtype=bool))
             gaps.append(np.ones(1, dtype=bool))
             stamps.append(stamps[-1][-1:])
+            row += 1
+        if tail:
+            entity_tails[entity] = (row, row + b - a)
+        row += b - a
         values.append(grid.values[a:b])
         missing.append(grid.missing[a:b])
         part_gaps = grid.gaps[a:b] if grid.gaps is not None else np.zeros(b - a, dtype=bool)
@@ -203,4 +211,4 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     log.info("fleet: %d entities (%s), %d sensors, period %.3g s", len(grids), ", ".join(grids), len(kept), common)
     return Prepared(timestamps=pd.DatetimeIndex(timestamps), values=np.concatenate(values), sensors=kept,
                     missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
-                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids))
+                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails)

@@ -74,7 +74,8 @@ class ScoringModel(Protocol):
     in ``sensors`` order, and returns scores (N,), per-sensor errors (N, F) and the expected
     (reconstructed) last-step values (N, F) in original units. ``adaptive``: the threshold's adaptive
     rule (``anomaly.adaptive``), or None; a model may also carry ``episodes``, the threshold's
-    alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold."""
+    alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold; a model may then
+    carry ``entity_thresholds`` (entity -> its own fitted value; the others are held to ``threshold``)."""
 
     name: str
     version: str
@@ -105,6 +106,8 @@ class DetectorModel:
         # A model saved without a period was trained on rows: one row per second is the convention.
         self.period_s: float = float(detector.period_s) if detector.period_s else 1.0
         self.threshold: float = float(detector.threshold.value)
+        # entity -> its own fitted value (a model shared by a fleet); the others are held to ``threshold``
+        self.entity_thresholds: dict[str, float] = dict(detector.threshold.per_entity)
         self.adaptive: AdaptiveRule | None = detector.threshold.adaptive
         self.episodes: EpisodeRule | None = detector.threshold.episodes
         self.fill_values: tuple[float, ...] = detector.fill_values()
@@ -444,7 +447,10 @@ class ScoringStep:
         # value; every window for the scores topic); every finite score feeds its entity's state.
         bars_model, trailing = self._bars
         bars: np.ndarray | None = None
-        over = scores > threshold  # NaN: False
+        own = getattr(model, "entity_thresholds", None)  # per-entity fitted values (fixed thresholds only)
+        if own and trailing is None:
+            bars = np.fromiter((own.get(e, threshold) for e in entities), dtype=np.float64, count=n)
+        over = scores > (threshold if bars is None else bars)  # NaN: False
         if trailing is not None and bars_model is model:
             bars = trailing.bars(entities, scores, threshold, None if self.emit_scores else over, ready.end_ts)
             if self.idle_timeout_s is not None and trailing.entities > self._prune_bars_at:

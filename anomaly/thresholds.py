@@ -22,7 +22,7 @@ Only numpy and scipy; no torch, no mlflow, no files.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -66,11 +66,15 @@ class Threshold:
 
     ``params`` holds the policy's parameters and fitted diagnostics, all floats (counts included), so
     the whole object is JSON-safe. It is left out of the hash, so thresholds can be hashed.
+
+    ``per_entity``: entity -> its own value, fitted with the same policy on that entity's validation
+    errors (a model shared by a fleet; ``fit_entity_values``); an entity not in it is held to ``value``.
     """
 
     method: str
     value: float
     params: dict[str, float] = field(default_factory=dict, hash=False)
+    per_entity: dict[str, float] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         value = float(self.value)
@@ -80,9 +84,31 @@ class Threshold:
         bad = [k for k, v in params.items() if not math.isfinite(v)]
         if bad:
             raise ValueError(f"threshold params must be finite; not: {', '.join(bad)}")
+        per_entity = {str(k): float(v) for k, v in dict(self.per_entity).items()}
+        bad = [k for k, v in per_entity.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"per-entity threshold values must be finite; not: {', '.join(bad)}")
         object.__setattr__(self, "method", str(self.method))
         object.__setattr__(self, "value", value)
         object.__setattr__(self, "params", params)  # a copy: the caller's dict is not shared
+        object.__setattr__(self, "per_entity", per_entity)
+
+    def value_for(self, entity: str) -> float:
+        """The fitted value ``entity`` is held to: its own, else the model's."""
+        return self.per_entity.get(entity, self.value)
+
+    def values_for(self, entities: Sequence[str]) -> np.ndarray:
+        """``value_for`` of each of ``entities`` (one per scored window), as floats."""
+        per, value = self.per_entity, self.value
+        return np.fromiter((per.get(e, value) for e in entities), dtype=np.float64, count=len(entities))
+
+    def for_entity(self, entity: str) -> "Threshold":
+        """This threshold as ``entity`` is held to it: its own value (if any) as ``value``, its rule kept."""
+        return Threshold(self.method, self.value_for(entity), self.params)
+
+    def with_per_entity(self, values: Mapping[str, float]) -> "Threshold":
+        """This threshold with ``values`` as its per-entity values (empty: none)."""
+        return Threshold(self.method, self.value, self.params, dict(values))
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
         """Boolean array, same shape as ``scores``: True where the score is above the fitted value.
@@ -99,7 +125,7 @@ class Threshold:
         params = {k: v for k, v in self.params.items() if k not in ADAPTIVE_KEYS}
         if rule is not None:
             params.update(rule.to_params())
-        return Threshold(self.method, self.value, params)
+        return Threshold(self.method, self.value, params, self.per_entity)
 
     @property
     def episodes(self) -> EpisodeRule | None:
@@ -111,7 +137,7 @@ class Threshold:
         params = {k: v for k, v in self.params.items() if k not in EPISODE_KEYS}
         if rule is not None:
             params.update(rule.to_params())
-        return Threshold(self.method, self.value, params)
+        return Threshold(self.method, self.value, params, self.per_entity)
 
     def describe_rule(self) -> str:
         """How the bar moves, for people (tags, listings): the adaptive rule's or the episodes' line, or
@@ -136,7 +162,10 @@ class Threshold:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""
-        return {"method": self.method, "value": self.value, "params": dict(self.params)}
+        out: dict[str, Any] = {"method": self.method, "value": self.value, "params": dict(self.params)}
+        if self.per_entity:
+            out["per_entity"] = dict(self.per_entity)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Threshold":
@@ -144,7 +173,8 @@ class Threshold:
         if missing:
             raise ValueError(f"threshold dict lacks {', '.join(sorted(missing))}")
         return cls(method=str(data["method"]), value=float(data["value"]),
-                   params={str(k): float(v) for k, v in dict(data.get("params", {})).items()})
+                   params={str(k): float(v) for k, v in dict(data.get("params", {})).items()},
+                   per_entity={str(k): float(v) for k, v in dict(data.get("per_entity", {})).items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,6 +333,19 @@ def fit_thresholds_per_entity(errors_by_entity: Mapping[str, np.ndarray], method
         except ValueError as exc:
             raise ValueError(f"entity {entity!r}: {exc}") from exc
     return out
+
+
+def fit_entity_values(errors_by_entity: Mapping[str, np.ndarray], method: str, params: Mapping[str, Any],
+                      scale: float = 1.0, min_windows: int = 200) -> dict[str, float]:
+    """Per-entity threshold values for a model shared by a fleet: the ``method`` policy fitted on each
+    entity's own validation errors, times ``scale`` (as the shared value is), for every entity with at
+    least ``min_windows`` finite errors (fewer: it is held to the shared value, so it is left out)."""
+    if min_windows < 1:
+        raise ValueError(f"min_windows must be >= 1, got {min_windows}")
+    enough = {e: np.asarray(x, dtype=np.float64) for e, x in errors_by_entity.items()}
+    enough = {e: x[np.isfinite(x)] for e, x in enough.items()}
+    enough = {e: x for e, x in enough.items() if x.size >= min_windows}
+    return {e: t.value * scale for e, t in fit_thresholds_per_entity(enough, method, **params).items()}
 
 
 # --------------------------------------------------------------------------------------------------

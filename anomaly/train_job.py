@@ -17,7 +17,8 @@ from anomaly.detector import Detector, fit_detector
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
-from anomaly.windowing import rows_from_windows
+from anomaly.thresholds import Threshold, fit_entity_values
+from anomaly.windowing import rows_from_windows, windows_touching
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,43 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
 
 def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = True,
         progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
-    """Fit a detector on prepared data (see ``fit_values``)."""
-    return fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s, callbacks=callbacks,
-                      progress=progress, progress_desc=progress_desc, gaps=prepared.gaps)
+    """Fit a detector on prepared data (see ``fit_values``); for a fleet, with each entity's own
+    threshold where it has enough validation windows (``entity_thresholds``)."""
+    detector, result, val_scores = fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s,
+                                              callbacks=callbacks, progress=progress, progress_desc=progress_desc,
+                                              gaps=prepared.gaps)
+    detector.threshold = entity_thresholds(detector, prepared, settings)
+    return detector, result, val_scores
+
+
+def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings) -> Threshold:
+    """``detector``'s threshold with per-entity values: the threshold's policy fitted on each entity's
+    validation rows (``Prepared.entity_tails``; windows touching a gap left out), times
+    ``threshold.scale``, for entities with at least ``threshold.per_entity_min_windows`` windows there.
+    Unchanged for one series, with the setting at 0, or with a moving bar (adaptive or episodes), which
+    already holds each entity to its own recent scores."""
+    th, threshold = settings.threshold, detector.threshold
+    if not prepared.entity_tails or th.per_entity_min_windows == 0:
+        return threshold
+    if threshold.adaptive is not None or threshold.episodes is not None:
+        log.info("per-entity thresholds not fitted: the %s rule moves the bar per entity", threshold.describe_rule())
+        return threshold
+    w = detector.window_size
+    errors = {}
+    for entity, (a, b) in prepared.entity_tails.items():
+        if b - a < w:
+            continue
+        scores = np.asarray(detector.score_values(prepared.values[a:b]).scores, dtype=np.float64)
+        if prepared.gaps is not None:
+            scores = scores[~windows_touching(prepared.gaps[a:b], w)]
+        errors[entity] = scores
+    values = fit_entity_values(errors, th.method, th.policy_params(), th.scale, th.per_entity_min_windows)
+    if values:
+        spread = np.array(list(values.values())) / threshold.value
+        log.info("per-entity thresholds for %d of %d entities: %.3g to %.3g x the shared %.4g (the rest: "
+                 "fewer than %d validation windows)", len(values), len(prepared.entity_tails), spread.min(),
+                 spread.max(), threshold.value, th.per_entity_min_windows)
+    return threshold.with_per_entity(values)
 
 
 def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",
@@ -130,6 +165,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                    "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
                    "val_windows": float(len(val_scores)),
                    "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
+        if detector.threshold.per_entity:
+            metrics["per_entity_thresholds"] = float(len(detector.threshold.per_entity))
         run.log_metrics(metrics)
         run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
         run.log_dict(detector.threshold.to_dict(), "threshold.json")

@@ -52,7 +52,8 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
 def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path, monkeypatch, capsys):
     """``train --data`` on a table of several pumps (``data.entity_column``): one model for the fleet,
     each pump gridded on its own; a sensor flat in one pump is left out for all; the run and the version
-    say which entities trained it; ``score`` on a fleet table flags the fault of the one faulty pump."""
+    say which entities trained it and each has its own threshold; ``score`` on a fleet table holds each
+    pump to its own threshold (the shared one for a pump the model never saw) and flags the faulty one."""
     from anomaly import tracking
     from anomaly.registry import client
 
@@ -82,21 +83,32 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     assert version.tags["data.entities"] == "pump-0,pump-1,pump-2"
     assert version.tags["data.sensors"] == "temp,pressure,flow"  # rpm left out for the whole fleet
     assert version.tags["data.rows"] == str(3 * 1200 + 5)  # every row of every pump, and 5 stand-ins
+    # Each pump's own threshold (POT on its 221 validation windows, >= per_entity_min_windows = 200).
+    from anomaly.registry import load_detector
+
+    detector, _ = load_detector("anomaly-detector", "champion")
+    own = detector.threshold.per_entity
+    assert sorted(own) == ["pump-0", "pump-1", "pump-2"] and len(set(own.values())) == 3
+    run = client().get_run(version.run_id)
+    assert run.data.metrics["per_entity_thresholds"] == 3.0
 
     # The fleet scored in one file: pump-b has the fault; each pump's rows are scored on their own.
     faulty, labels = with_fault(normal_frame(1500, seed=7, start="2026-02-01T00:00:00Z"),
                                 sensor="pressure", start=800, length=200, size=0.3)
     healthy = normal_frame(1500, seed=8, start="2026-02-01T00:00:00Z")
-    pd.concat([healthy.assign(pump="pump-a").reset_index(), faulty.assign(pump="pump-b").reset_index()]) \
+    pd.concat([healthy.assign(pump="pump-0").reset_index(), faulty.assign(pump="pump-9").reset_index()]) \
         .sort_values("ts", kind="stable").to_csv(tmp_path / "faulty.csv", index=False)
     assert main(["score", "--data", "faulty.csv", "--config", str(config), "--out", "scores.csv"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["entities"] == ["pump-a", "pump-b"] and summary["rows"] == 3000
-    faulty_spans = [span for span in summary["spans"] if span["entity"] == "pump-b"]
-    assert faulty_spans and all(span["entity"] in ("pump-a", "pump-b") for span in summary["spans"])
+    assert summary["entities"] == ["pump-0", "pump-9"] and summary["rows"] == 3000
+    faulty_spans = [span for span in summary["spans"] if span["entity"] == "pump-9"]
+    assert faulty_spans and all(span["entity"] in ("pump-0", "pump-9") for span in summary["spans"])
     rows = pd.read_csv(tmp_path / "scores.csv")
     assert list(rows.columns) == ["entity", "ts", "score", "threshold", "is_anomaly", "top_sensor"]
-    pump_a, pump_b = (rows[rows["entity"] == e] for e in ("pump-a", "pump-b"))
+    pump_a, pump_b = (rows[rows["entity"] == e] for e in ("pump-0", "pump-9"))
+    # pump-0 is held to its own threshold; pump-9, which the model never saw, to the shared one
+    assert pump_a["threshold"].to_numpy() == pytest.approx(np.full(1500, own["pump-0"]))
+    assert pump_b["threshold"].to_numpy() == pytest.approx(np.full(1500, detector.threshold.value))
     flags = pump_b["is_anomaly"].to_numpy(bool)
     assert flags[labels].mean() > 0.8, "most of the fault is flagged"
     normal = ~labels

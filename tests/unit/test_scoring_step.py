@@ -212,6 +212,32 @@ def test_swap_model_keeps_state_when_compatible_and_resets_otherwise() -> None:
     assert out.counts["windows_scored"] == 0  # 4 slots into a fresh buffer of 5
 
 
+def test_each_entity_is_held_to_its_own_threshold_where_the_model_has_one() -> None:
+    # A fleet model: pump-a's own value is 0.5, pump-b's 4.0; pump-c has none and is held to the shared 1.0.
+    model = FakeModel(window_size=1, threshold=1.0)
+    model.entity_thresholds = {"pump-a": 0.5, "pump-b": 4.0}  # type: ignore[attr-defined]
+    step = ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(min_duration_windows=1),
+                       emit_scores=True)
+    mild = dict(zip(SENSORS, CENTRE), pressure=1.0 + 6.0)  # score 2.0: mean |x - centre| over 3 sensors
+    records = [reading_record(e, 0, i, values=mild) for i, e in enumerate(("pump-a", "pump-b", "pump-c"))]
+    out = step.process(records, now_s=T0 + 1)
+    opened = {decode_event(v)["entity"]: decode_event(v)["threshold"] for _, v in out.events}
+    assert opened == {"pump-a": 0.5, "pump-c": 1.0}  # 2.0 is under pump-b's own 4.0
+    bars = {json.loads(v)["entity"]: (json.loads(v)["threshold"], json.loads(v)["anomalous"]) for _, v in out.scores}
+    assert bars == {"pump-a": (0.5, True), "pump-b": (4.0, False), "pump-c": (1.0, True)}
+
+
+def test_detector_model_carries_the_per_entity_values_of_its_threshold(detector_model: DetectorModel) -> None:
+    detector = detector_model.detector
+    fitted = detector.threshold
+    try:
+        detector.threshold = fitted.with_per_entity({"pump-a": 0.25})
+        assert DetectorModel(detector, name="pumps", version="2").entity_thresholds == {"pump-a": 0.25}
+    finally:
+        detector.threshold = fitted
+    assert detector_model.entity_thresholds == {}
+
+
 def test_model_failures_raise_and_nonfinite_scores_never_become_events() -> None:
     class Broken(FakeModel):
         def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from anomaly import thresholds
+from anomaly.adaptive import AdaptiveRule
 from anomaly.config import ThresholdSettings
 from anomaly.errors import ConfigError
 from anomaly.thresholds import (
     FALLBACK_FEW_PEAKS, FALLBACK_NONE, FALLBACK_NOT_IN_TAIL, GPD_EXPONENTIAL, GPD_MLE, GPD_MOMENTS, POLICIES,
-    MeanStdThreshold, PotThreshold, QuantileThreshold, Threshold, fit_threshold, fit_thresholds_per_entity,
-    gpd_excess_quantile, gpd_fit, make_policy,
+    MeanStdThreshold, PotThreshold, QuantileThreshold, Threshold, fit_entity_values, fit_threshold,
+    fit_thresholds_per_entity, gpd_excess_quantile, gpd_fit, make_policy,
 )
 
 # Every policy, with its fallback paths as separate cases so they pass the same contract.
@@ -340,3 +341,26 @@ def test_per_entity_names_the_bad_entity_and_checks_params_first():
     with pytest.raises(ConfigError):
         fit_thresholds_per_entity({}, "quantile", q=2.0)
     assert fit_thresholds_per_entity({}, "mean_std") == {}
+
+
+def test_entity_values_are_fitted_where_an_entity_has_enough_windows_and_scaled():
+    by_entity = {"a": np.arange(1, 301, dtype=float), "b": np.r_[np.arange(1, 101, dtype=float), [np.nan] * 250],
+                 "c": np.arange(1, 11, dtype=float) * 100}
+    values = fit_entity_values(by_entity, "quantile", {"q": 0.5}, scale=2.0, min_windows=100)
+    assert values == {"a": pytest.approx(2 * 150.5), "b": pytest.approx(2 * 50.5)}  # c: 10 windows, NaNs not counted
+    with pytest.raises(ValueError, match="min_windows"):
+        fit_entity_values(by_entity, "quantile", {"q": 0.5}, min_windows=0)
+
+
+def test_a_threshold_holds_each_entity_to_its_own_value_and_round_trips():
+    t = Threshold("pot", 2.0, {"risk": 0.01}).with_per_entity({"pump-1": 3.5, "pump-2": 1.25})
+    assert t.value_for("pump-1") == 3.5 and t.value_for("unseen") == 2.0
+    assert t.values_for(["pump-2", "unseen", "pump-1"]).tolist() == [1.25, 2.0, 3.5]
+    assert t.for_entity("pump-2") == Threshold("pot", 1.25, {"risk": 0.01})
+    assert t.for_entity("unseen") == Threshold("pot", 2.0, {"risk": 0.01})
+    assert Threshold.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    assert "per_entity" not in Threshold("pot", 2.0).to_dict()  # a model without them saves as before
+    kept = t.with_adaptive(AdaptiveRule(rows=10))
+    assert kept.per_entity == t.per_entity and kept.adaptive == AdaptiveRule(rows=10)
+    with pytest.raises(ValueError, match="pump-9"):
+        Threshold("pot", 2.0, per_entity={"pump-9": float("inf")})
