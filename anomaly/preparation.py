@@ -35,8 +35,9 @@ class Prepared:
     gaps: np.ndarray | None = None
     # the entities whose rows these are, for a model shared by a fleet (``prepare_fleet``); empty: one series
     entities: list[str] = field(default_factory=list)
-    # entity -> (start, end) rows of ``values`` holding its validation part (``prepare_fleet``)
-    entity_tails: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # entity -> the (start, end) row ranges of ``values`` holding its validation rows (``prepare_fleet``, a
+    # retrain's challenger): where its own threshold is fitted (``train_job.entity_thresholds``)
+    entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def gap_windows(self, window_size: int) -> np.ndarray:
         """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
@@ -189,7 +190,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         heads.append((entity, grid, 0, cut, False))
         tails.append((entity, grid, cut, len(grid.values), True))
     values, missing, gaps, stamps = [], [], [], []
-    entity_tails: dict[str, tuple[int, int]] = {}
+    entity_tails: dict[str, list[tuple[int, int]]] = {}
     row = 0
     for k, (entity, grid, a, b, tail) in enumerate(heads + tails):
         if k:  # a stand-in between two parts: no window may touch it
@@ -199,7 +200,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
             stamps.append(stamps[-1][-1:])
             row += 1
         if tail:
-            entity_tails[entity] = (row, row + b - a)
+            entity_tails[entity] = [(row, row + b - a)]
         row += b - a
         values.append(grid.values[a:b])
         missing.append(grid.missing[a:b])

@@ -468,6 +468,10 @@ class _Data:
     holdout: list[np.ndarray]
     facts: dict[str, Any]
     labelled_tails: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # (values, labels) per entity
+    holdout_entities: list[str] = field(default_factory=list)  # the entity of each hold-out segment
+    tail_entities: list[str] = field(default_factory=list)  # the entity of each labelled tail
+    # entity -> row ranges of ``train_values`` holding its validation rows (its own threshold is fitted there)
+    entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_transform: DataTransform | None = None,
@@ -534,7 +538,9 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
 
     prepared = Prepared(timestamps=data.train_timestamps, values=train_values, sensors=list(champion.sensors),
                         missing=np.zeros(train_values.shape, dtype=bool),
-                        period_s=float(champion.period_s or data.facts["period_s"]))
+                        period_s=float(champion.period_s or data.facts["period_s"]),
+                        entities=list(data.entity_tails) if len(data.entity_tails) > 1 else [],
+                        entity_tails=data.entity_tails if len(data.entity_tails) > 1 else {})
     tags = {"retrain": "true", "retrain.champion_version": champion_version, "retrain.origin": origin,
             **{f"retrain.{k}": v for k, v in data.facts.items() if k != "origin"}}
     outcome = run_training(prepared, settings, source=origin, dataset="retrain", alias=ml.challenger_alias,
@@ -542,10 +548,10 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     challenger, challenger_version = outcome.detector, outcome.version
     unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
     window = max(champion.window_size, challenger.window_size)  # both on windows ending on the same rows
-    champ = _holdout(champion, data.holdout, unit, window)
-    chall = _holdout(challenger, data.holdout, unit, window)
-    champ_events = _events(champion, data.labelled_tails)
-    chall_events = _events(challenger, data.labelled_tails)
+    champ = _holdout(champion, data.holdout, unit, window, data.holdout_entities)
+    chall = _holdout(challenger, data.holdout, unit, window, data.holdout_entities)
+    champ_events = _events(champion, data.labelled_tails, data.tail_entities)
+    chall_events = _events(challenger, data.labelled_tails, data.tail_entities)
     labelled = champ_events is not None and champ_events.n_true > 0
     if not labelled:
         champ_events = chall_events = None
@@ -595,8 +601,11 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     # the concatenation (train_job) validates on the recent rows of every entity, not of the last one.
     train_parts: list[tuple[np.ndarray, pd.DatetimeIndex]] = []
     val_parts: list[tuple[np.ndarray, pd.DatetimeIndex]] = []
+    val_owners: list[str] = []
     holdout: list[np.ndarray] = []
+    holdout_entities: list[str] = []
     tails: list[tuple[np.ndarray, np.ndarray]] = []
+    tail_entities: list[str] = []
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
@@ -619,7 +628,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         else:
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
-            flagged = scored.end_rows[champion.threshold.series_flags(scored.scores)]
+            flagged = scored.end_rows[champion.threshold.for_entity(entity).series_flags(scored.scores)]
             drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
         drop = drop | gaps  # stand-ins for outages the fill policy does not bridge: neither train nor hold out
@@ -628,10 +637,13 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         for parts, segs in ((train_parts, heads), (val_parts, tails_of_entity)):
             for a, b in segs:
                 parts.append((values[a:b], prepared.timestamps[a:b]))
+        val_owners.extend([entity] * len(tails_of_entity))
         holdout.extend(values[a:b] for a, b in hold_segs)
+        holdout_entities.extend([entity] * len(hold_segs))
         cut = holdout_cut(~drop, rt.holdout_fraction)
         if raw_labels is not None and cut is not None and len(values) - cut >= w:
             tails.append((values[cut:], labels[cut:]))
+            tail_entities.append(entity)
         facts["entities"].append(entity)
         facts["rows"] += len(values)
         facts["rows_excluded"] += int(drop.sum())
@@ -648,7 +660,12 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     values = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, n_features))
     # Segments are concatenated (entities, gaps): the W-1 windows across each seam are a small, known blur.
     times = parts[0][1].append([t for _, t in parts[1:]]) if parts else pd.DatetimeIndex([], tz="UTC")
-    return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails)
+    entity_tails: dict[str, list[tuple[int, int]]] = {}
+    row = sum(len(v) for v, _ in train_parts)
+    for owner, (part, _) in zip(val_owners, val_parts):
+        entity_tails.setdefault(owner, []).append((row, row + len(part)))
+        row += len(part)
+    return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities, entity_tails)
 
 
 def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
@@ -657,37 +674,42 @@ def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
 
 
 def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float],
-             window: int | None = None) -> HoldoutMetrics:
+             window: int | None = None, entities: Sequence[str] = ()) -> HoldoutMetrics:
     """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold (with
     its adaptive rule, if any, each segment one series), errors in the common ``unit`` (a scaler's
     per-sensor scale). Only windows ending at row ``window - 1`` or later of a segment count (``window``:
     the longer of the two models' windows), so two models of different window sizes are compared on
-    windows ending on the same rows."""
+    windows ending on the same rows. ``entities``: each segment's entity, held to its own threshold
+    where the model has one."""
     window = max(window or 0, detector.window_size)
     own, bars, common = [], [], []
-    for seg in segments:
+    for k, seg in enumerate(segments):
         if len(seg) >= window:
             scored = detector.score_values(seg)
             scores = np.asarray(scored.scores, dtype=np.float64)
             keep = np.asarray(scored.end_rows) >= window - 1
             own.append(scores[keep])
-            bars.append(np.broadcast_to(detector.threshold.series_bars(scores), scores.shape)[keep])
+            threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
+            bars.append(np.broadcast_to(threshold.series_bars(scores), scores.shape)[keep])
             common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit)[keep])
     if not own:
         return holdout_metrics(np.empty(0), detector.threshold.value)
     return holdout_metrics(np.concatenate(own), np.concatenate(bars), np.concatenate(common))
 
 
-def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]]) -> EventMetrics | None:
+def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
+            entities: Sequence[str] = ()) -> EventMetrics | None:
     """Event-wise metrics of ``detector``'s window flags (a flagged window marks its last row, as in
-    the worker, before alert shaping) against the labels of each labelled hold-out tail."""
+    the worker, before alert shaping) against the labels of each labelled hold-out tail (``entities``:
+    each tail's entity, held to its own threshold where the model has one)."""
     if not tails:
         return None
     counts = []
-    for values, labels in tails:
+    for k, (values, labels) in enumerate(tails):
         scored = detector.score_values(values)
+        threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
         predicted = np.zeros(len(values), dtype=bool)
-        predicted[np.asarray(scored.end_rows)[detector.threshold.series_flags(scored.scores)]] = True
+        predicted[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores)]] = True
         counts.append(event_metrics(labels, predicted))
     return aggregate_events(counts)
 

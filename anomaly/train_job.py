@@ -117,13 +117,17 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
         return threshold
     w = detector.window_size
     errors = {}
-    for entity, (a, b) in prepared.entity_tails.items():
-        if b - a < w:
-            continue
-        scores = np.asarray(detector.score_values(prepared.values[a:b]).scores, dtype=np.float64)
-        if prepared.gaps is not None:
-            scores = scores[~windows_touching(prepared.gaps[a:b], w)]
-        errors[entity] = scores
+    for entity, ranges in prepared.entity_tails.items():
+        parts = []
+        for a, b in ranges:
+            if b - a < w:
+                continue
+            scores = np.asarray(detector.score_values(prepared.values[a:b]).scores, dtype=np.float64)
+            if prepared.gaps is not None:
+                scores = scores[~windows_touching(prepared.gaps[a:b], w)]
+            parts.append(scores)
+        if parts:
+            errors[entity] = np.concatenate(parts)
     values = fit_entity_values(errors, th.method, th.policy_params(), th.scale, th.per_entity_min_windows)
     if values:
         spread = np.array(list(values.values())) / threshold.value

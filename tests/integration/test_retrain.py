@@ -232,3 +232,27 @@ def test_labelled_file_puts_event_f1_into_the_gate(store, tmp_path):
     assert "event F1 0.400 vs 0.400" in result.reason
     run = comparison_run(settings, result.comparison_run_id)
     assert "challenger.event_f1" in run.data.metrics and run.data.tags["trigger"] == "manual"
+
+
+def test_a_fleet_retrain_gives_the_challenger_each_entity_s_own_threshold(store, tmp_path):
+    """A fleet file (``data.entity_column``): the challenger is fitted on every pump and carries each
+    pump's own threshold (fitted on that pump's validation rows). That the gate then holds each pump's
+    hold-out to its own value: tests/unit/test_retrain.py."""
+    import pandas as pd
+
+    root, weak, _ = store
+    base = settings_for(root, epochs=6)
+    settings = dataclasses.replace(base, data=dataclasses.replace(base.data, entity_column="pump"),
+                                   threshold=dataclasses.replace(base.threshold, per_entity_min_windows=50))
+    give_champion(settings, weak)
+    quiet = normal_frame(2000, seed=6)
+    loud = normal_frame(2000, seed=7)
+    loud[["temp", "pressure", "flow"]] += np.random.default_rng(7).normal(0, 0.03, (2000, 3))  # a noisier pump
+    path = tmp_path / "fleet.csv"
+    pd.concat([quiet.assign(pump="quiet").reset_index(), loud.assign(pump="loud").reset_index()]).to_csv(path, index=False)
+    result = run_cycle(settings, data_path=str(path))
+    assert result.challenger_version and result.data["entities"] == "loud,quiet", result.data
+    challenger, _ = registry.load_detector(NAME, result.challenger_version)
+    own = challenger.threshold.per_entity
+    assert sorted(own) == ["loud", "quiet"] and own["loud"] > own["quiet"], (own, result.data)  # measured 0.457, 0.396
+    assert challenger.threshold.value != own["loud"] and challenger.threshold.value != own["quiet"]

@@ -37,7 +37,7 @@ def test_entities_lie_heads_first_then_tails_with_a_stand_in_between_every_two_p
     usable = np.flatnonzero(~windows_touching(prepared.gaps, 5))
     for start in usable:
         assert not prepared.gaps[start:start + 5].any()
-    assert prepared.entity_tails == {"a": (130, 150), "b": (151, 163)}
+    assert prepared.entity_tails == {"a": [(130, 150)], "b": [(151, 163)]}
     np.testing.assert_array_equal(prepared.values[130:150], a[80:])
     np.testing.assert_array_equal(prepared.values[151:163], b[48:])
     assert prepared.timestamps[-1] == frames["b"].index[-1] and prepared.period_s == 1.0

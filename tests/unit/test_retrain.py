@@ -293,6 +293,10 @@ def test_every_entity_contributes_validation_rows_to_a_retrain():
             def series_flags(scores):
                 return np.zeros(len(scores), dtype=bool)
 
+            @classmethod
+            def for_entity(cls, entity):
+                return cls
+
     h = History(max_readings=10_000, lookback_s=1e9)
     for i in range(500):
         h.add(reading("pump-a", 60.0 * i, a=1.0, b=float(i)))
@@ -306,6 +310,10 @@ def test_every_entity_contributes_validation_rows_to_a_retrain():
     tail = values[n - n // 4:]  # what the time-ordered split validates on
     assert (tail[:, 0] == 1.0).sum() == 100 and (tail[:, 0] == 2.0).sum() == 300  # each entity's last quarter
     assert data.train_timestamps.min().timestamp() == 0.0
+    # Where each entity's validation rows lie (its own threshold is fitted there), and each hold-out's owner.
+    assert data.entity_tails == {"pump-a": [(1200, 1300)], "pump-b": [(1300, 1600)]}
+    assert (values[1200:1300, 0] == 1.0).all() and (values[1300:1600, 0] == 2.0).all()
+    assert data.holdout_entities == ["pump-a", "pump-b"] and [len(h) for h in data.holdout] == [100, 300]
 
 
 def test_models_of_different_window_sizes_are_compared_on_windows_ending_on_the_same_rows():
@@ -328,3 +336,26 @@ def test_models_of_different_window_sizes_are_compared_on_windows_ending_on_the_
     b = _holdout(challenger, segments, (1.0,), window)
     assert a.windows == b.windows == 11  # only the 40-row segment holds a 30-row window: rows 29..39 end both
     assert _holdout(champion, segments, (1.0,)).windows == 3 + 16 + 20 + 31  # alone: every window of its own
+
+
+def test_the_hold_out_holds_each_entity_to_its_own_threshold():
+    from types import SimpleNamespace
+
+    from anomaly.retrain import _events, _holdout
+    from anomaly.thresholds import Threshold
+
+    def score_values(values):  # score = the row's first value, windows of 1
+        return SimpleNamespace(scores=values[:, 0].astype(float), sensor_errors=values[:, :1].astype(float),
+                               end_rows=np.arange(len(values)))
+
+    threshold = Threshold("quantile", 2.0).with_per_entity({"quiet": 0.5})
+    model = SimpleNamespace(window_size=1, score_values=score_values, scaler=SimpleNamespace(scale=(1.0,)),
+                            threshold=threshold)
+    segments = [np.ones((10, 1)), np.ones((10, 1))]  # every score 1.0: over quiet's 0.5, under the shared 2.0
+    assert _holdout(model, segments, (1.0,), entities=["quiet", "loud"]).false_alarm_rate == 0.5
+    assert _holdout(model, segments, (1.0,)).false_alarm_rate == 0.0  # no owners: the shared value
+    labels = np.zeros(10, dtype=bool)
+    labels[4:6] = True
+    tail = (np.where(labels, 1.0, 0.1)[:, None], labels)
+    assert _events(model, [tail], ["quiet"]).recall == 1.0
+    assert _events(model, [tail], ["loud"]).recall == 0.0
