@@ -421,3 +421,48 @@ def test_an_episode_champion_holds_a_lasting_fault_and_not_the_level_after_it(ka
     late = [r for r in records if r["entity"] == "pump-a" and r["ts"] >= START_TS + 1000]
     assert late and sum(r["score"] > fitted for r in late) > len(late) / 2  # a fixed threshold would alarm here
     assert all(r["threshold"] > fitted and not r["anomalous"] for r in late)  # the settled bar holds them
+
+
+@pytest.fixture(scope="module")
+def fleet_champion(tmp_path_factory):
+    """A champion shared by two pumps, trained on both (``prepare_fleet``): ``quiet`` and ``loud`` (the same
+    pump with noise of 0.15 on every sensor), each with its own POT threshold."""
+    from anomaly.config import build_settings
+    from anomaly.preparation import prepare_fleet
+    from tests.fixtures import mlflow_store
+
+    settings = build_settings({
+        "mlflow": mlflow_store(tmp_path_factory.mktemp("mlflow-fleet"), "pump-fleet"),
+        "model": {"window_size": 16, "hidden_size": 24, "latent_size": 8},
+        "training": {"epochs": 20, "batch_size": 64, "device": "cpu"},
+        "threshold": {"method": "pot", "risk": 0.002, "init_quantile": 0.95},
+    })
+    loud = normal_frame(2500, seed=32)
+    loud[["temp", "pressure", "flow"]] += np.random.default_rng(3).normal(0, 0.15, (2500, 3))
+    prepared = prepare_fleet({"quiet": normal_frame(2500, seed=31), "loud": loud}, 16,
+                             settings.training.validation_fraction)
+    outcome = run_training(prepared, settings, source="synthetic", dataset="synthetic", promote=True, progress=False)
+    return settings, outcome
+
+
+@SCORING
+def test_a_fleet_champion_holds_each_pump_to_its_own_threshold(kafka_broker, fleet_champion, topic_name,
+                                                              scoring_process):
+    """The same noisy readings sent as ``quiet``, ``loud`` and ``new``: ``quiet`` is held to its own low
+    threshold and alarms, ``loud`` to its own high one, ``new`` (never trained on) to the shared one."""
+    settings, outcome = fleet_champion
+    own, shared = outcome.detector.threshold.per_entity, outcome.detector.threshold.value
+    assert sorted(own) == ["loud", "quiet"] and own["quiet"] < 0.1 * own["loud"]  # measured 0.010 vs 1.05
+    noisy = normal_frame(600, seed=40)
+    noisy[["temp", "pressure", "flow"]] += np.random.default_rng(4).normal(0, 0.15, (600, 3))
+    events, records = _replay_and_score(kafka_broker, topic_name, scoring_process, settings,
+                                        {"quiet": noisy, "loud": noisy, "new": noisy})
+    for entity, value in (("quiet", own["quiet"]), ("loud", own["loud"]), ("new", shared)):
+        got = [r["threshold"] for r in records if r["entity"] == entity]
+        assert len(got) == len(noisy) - 15 and got == pytest.approx([value] * len(got)), entity
+    flagged = Counter(r["entity"] for r in records if r["anomalous"])
+    assert flagged["quiet"] == len(noisy) - 15  # every window: the noise is far above quiet's own bar
+    assert flagged["loud"] < 0.05 * flagged["quiet"]
+    opened = [e for e in events if e["status"] == "open"]
+    assert "quiet" in {e["entity"] for e in opened}
+    assert all(e["threshold"] == pytest.approx(own[e["entity"]] if e["entity"] in own else shared) for e in opened)
