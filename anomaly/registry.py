@@ -3,7 +3,9 @@
 A registered version is a models-from-code pyfunc (``anomaly/mlflow_model.py``) whose one artifact is
 the detector directory (state_dict + JSON). Promotion moves an alias (``champion`` by default) and
 records the previous holder in the registered model's ``champion_history`` tag, so a rollback knows
-where to go back to. With ``tracking.py`` the only importers of mlflow.
+where to go back to; every move (rollbacks too) is also appended to its ``champion_log`` tag and stamped
+on the versions (``champion_since`` / ``champion_reason`` on the new holder, ``champion_until`` on the
+one before), so the registry's UI tells who held it when. With ``tracking.py`` the only importers of mlflow.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from anomaly.errors import RegistryError
 log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
-HISTORY_TAG = "{alias}_history"  # registered-model tag: JSON list of versions that held the alias
+HISTORY_TAG = "{alias}_history"  # registered-model tag: JSON list of versions that held the alias (rollback's stack)
+LOG_TAG = "{alias}_log"  # registered-model tag: JSON list of the alias's latest moves, each {at, from, to, reason}
+LOG_ENTRIES = 20  # moves kept in the log tag (and fewer where they would not fit a tag value)
+TAG_VALUE_CHARS = 5000  # what every MLflow store takes in a tag value
+MODEL_DESCRIPTION = (
+    "Anomaly detector for one asset type: an LSTM autoencoder over windows of sensor readings; a window "
+    "whose reconstruction error is above its threshold is anomalous. Versions are trained by `anomaly train` "
+    "and by the retrain job (tagged retrain.*). @champion is the version the workers serve and @challenger "
+    "the latest candidate; the champion_log tag lists every move of @champion (when, from, to, why), and "
+    "each version's champion_since / champion_until / champion_reason tags say when it held it.")
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,8 @@ def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
         mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in (tags or {}).items()})
         if description:
             client().update_model_version(name, mv.version, description=description)
+        if not client().get_registered_model(name).description:  # the model's page in the UI says what it is
+            client().update_registered_model(name, description=MODEL_DESCRIPTION)
         return str(mv.version)
     except Exception as exc:
         raise RegistryError(f"cannot register {model_uri} as {name!r}: {exc}") from exc
@@ -163,11 +176,34 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
     if previous is not None:
         history.append(previous)
     c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[-50:]))
-    c.set_model_version_tag(name, str(version), f"{alias}_since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if reason:
-        c.set_model_version_tag(name, str(version), f"{alias}_reason", reason[:5000])
+    _record_move(name, alias, previous, str(version), reason or "promoted")
     log.info("%s: alias @%s moved %s -> v%s %s", name, alias, f"v{previous}" if previous else "(none)", version, reason)
     return previous
+
+
+def _record_move(name: str, alias: str, previous: str | None, version: str, reason: str) -> None:
+    """What the registry's UI shows of a move of ``alias``: the new holder's ``<alias>_since`` and
+    ``<alias>_reason`` (its ``<alias>_until`` from an earlier spell removed), the previous holder's
+    ``<alias>_until``, and one more entry in the model's ``<alias>_log`` (the latest ``LOG_ENTRIES``)."""
+    c = client()
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if previous is not None and previous != version:
+        c.set_model_version_tag(name, previous, f"{alias}_until", now)
+    c.set_model_version_tag(name, version, f"{alias}_since", now)
+    c.set_model_version_tag(name, version, f"{alias}_reason", reason[:TAG_VALUE_CHARS])
+    if f"{alias}_until" in (c.get_model_version(name, version).tags or {}):
+        c.delete_model_version_tag(name, version, f"{alias}_until")
+    tags = c.get_registered_model(name).tags
+    try:
+        moves = list(json.loads(tags.get(LOG_TAG.format(alias=alias), "[]")))
+    except json.JSONDecodeError:
+        moves = []
+    moves = (moves + [{"at": now, "from": previous, "to": version, "reason": reason[:200]}])[-LOG_ENTRIES:]
+    text = json.dumps(moves)
+    while len(text) > TAG_VALUE_CHARS and len(moves) > 1:
+        moves = moves[1:]
+        text = json.dumps(moves)
+    c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), text)
 
 
 def rollback(name: str, alias: str = "champion") -> str:
@@ -185,8 +221,7 @@ def rollback(name: str, alias: str = "champion") -> str:
     target = history.pop()
     c.set_registered_model_alias(name, alias, target)
     c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
-    c.set_model_version_tag(name, target, f"{alias}_since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    c.set_model_version_tag(name, target, f"{alias}_reason", f"rollback from v{current}")
+    _record_move(name, alias, current, target, f"rollback from v{current}")
     log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
     return target
 
