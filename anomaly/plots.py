@@ -5,7 +5,7 @@ writes nothing (the tracking adapter logs them to MLflow).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -61,15 +61,19 @@ def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np
 
 def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequence[str], scores: np.ndarray,
                     threshold: float, flags: np.ndarray | None = None, labels: np.ndarray | None = None,
-                    expected: np.ndarray | None = None, max_sensors: int = 4) -> Figure:
+                    expected: np.ndarray | None = None, max_sensors: int = 4,
+                    order: Sequence[int] | None = None, marker: tuple[Any, str] | None = None) -> Figure:
     """Readings (rows, F) with their reconstructions, and the score with threshold; flagged spans in
-    red, labelled anomalies in orange. ``scores``/``flags``/``labels`` are row-aligned (NaN allowed)."""
-    k = min(max_sensors, values.shape[1])
+    red, labelled anomalies in orange. ``scores``/``flags``/``labels`` are row-aligned (NaN allowed).
+    ``order``: the sensors (column indices) to draw first, e.g. by their share of the error (default:
+    column order); ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line."""
+    shown = list(order if order is not None else range(values.shape[1]))[:max_sensors]
+    k = len(shown)
     fig, axes = plt.subplots(k + 1, 1, figsize=(10, 1.8 * (k + 1)), sharex=True)
     axes = np.atleast_1d(axes)
     x = np.asarray(timestamps)
-    for i in range(k):
-        ax = axes[i]
+    for n, i in enumerate(shown):
+        ax = axes[n]
         ax.plot(x, values[:, i], lw=0.8, label="actual")
         if expected is not None:
             ax.plot(x, expected[:, i], lw=0.8, alpha=0.8, label="expected")
@@ -84,7 +88,14 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
     ax.set_ylabel("score", fontsize=8)
     _shade(ax, x, labels, "orange")
     _shade(ax, x, flags, "red")
-    fig.suptitle("Readings, reconstruction and anomaly score (red: flagged, orange: labelled)", fontsize=9)
+    if marker is not None:
+        for ax in axes:
+            ax.axvline(marker[0], color="grey", ls=":", lw=1.0)
+        axes[0].annotate(marker[1], (marker[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                         ha="left", va="bottom", color="grey")
+    keys = ["red: flagged"] + (["orange: labelled"] if labels is not None else [])
+    more = f"; the {k} of {values.shape[1]} sensors with the largest error" if order is not None and k < values.shape[1] else ""
+    fig.suptitle(f"Readings, reconstruction and anomaly score ({', '.join(keys)}{more})", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -152,7 +152,14 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     if prepared.entities:
         data_tags["data.entities"] = _listing_tag(prepared.entities, "entities", "data_report.json")
     data_tags.update(extra_tags or {})
-    with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name, tags=data_tags) as run:
+    # What the run list shows: a name saying what trained, a kind to filter on (as evaluation and
+    # retrain-comparison runs have), and a description on the run's page.
+    what = f"{len(prepared.entities)} entities of {source}" if prepared.entities else source
+    run_tags = {"kind": "train", "mlflow.note.content":
+                f"LSTM autoencoder trained on {dataset} data ({what}): {len(prepared.values)} rows of "
+                f"{len(prepared.sensors)} sensors, {start.isoformat()} .. {end.isoformat()}.", **data_tags}
+    with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name or f"train-{dataset}",
+                      tags=run_tags) as run:
         run.log_params({**tracking.flat_params("model", asdict(settings.model)),
                         **tracking.flat_params("training", asdict(settings.training)),
                         **tracking.flat_params("threshold", asdict(settings.threshold)),
@@ -174,7 +181,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         run.log_metrics(metrics)
         run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
         run.log_dict(detector.threshold.to_dict(), "threshold.json")
-        _log_figures(run, detector, result, val_scores, prepared)
+        _log_figures(run, detector, result, val_scores, prepared, settings)
         model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
         version = None
         promoted = False
@@ -194,7 +201,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
 
 
 def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val_scores: np.ndarray,
-                 prepared: Prepared) -> None:
+                 prepared: Prepared, settings: Settings) -> None:
     run.log_figure(plots.loss_curves([h.train_loss for h in result.history], [h.val_loss for h in result.history],
                                      result.best_epoch), "loss_curves.png")
     run.log_figure(plots.error_distribution(val_scores, detector.threshold.value, method=detector.threshold.method),
@@ -212,8 +219,15 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     scores = rows_from_windows(scored.scores, n, detector.window_size)
     expected = rows_from_windows(scored.expected, n, detector.window_size)
     flags = detector.threshold.series_flags(scores)
-    run.log_figure(plots.anomaly_overlay(np.asarray(prepared.timestamps[-tail:]), values, detector.sensors, scores,
-                                         detector.threshold.value, flags=flags, expected=expected),
+    stamps = np.asarray(prepared.timestamps[-tail:])
+    # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and
+    # about where validation starts when the tail reaches back into training rows.
+    order = np.argsort(-np.asarray(scored.sensor_errors, dtype=np.float64).mean(axis=0), kind="stable")
+    first_val = len(prepared.values) - tail if prepared.entities else \
+        int(len(prepared.values) * (1 - settings.training.validation_fraction)) - (len(prepared.values) - tail)
+    marker = (stamps[first_val], " validation") if 0 < first_val < n else None
+    run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, detector.threshold.value,
+                                         flags=flags, expected=expected, order=order.tolist(), marker=marker),
                    "validation_overlay.png")
 
 

@@ -91,6 +91,8 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     assert sorted(own) == ["pump-0", "pump-1", "pump-2"] and len(set(own.values())) == 3
     run = client().get_run(version.run_id)
     assert run.data.metrics["per_entity_thresholds"] == 3.0
+    assert run.info.run_name == "train-custom" and run.data.tags["kind"] == "train"
+    assert run.data.tags["mlflow.note.content"].startswith("LSTM autoencoder trained on custom data (3 entities of fleet.csv): 3605 rows of 3 sensors")
 
     # The fleet scored in one file: pump-b has the fault; each pump's rows are scored on their own.
     faulty, labels = with_fault(normal_frame(1500, seed=7, start="2026-02-01T00:00:00Z"),

@@ -31,3 +31,20 @@ def test_figures_cope_with_empty_non_finite_and_nan_flags():
     plots.close(fig)
     assert not spans
     assert len(plt.get_fignums()) == before
+
+
+def test_the_overlay_draws_the_sensors_asked_first_and_says_so():
+    values = np.arange(60.0).reshape(10, 6)
+    fig = plots.anomaly_overlay(np.arange(10.0), values, list("abcdef"), np.arange(10.0), 5.0, order=[5, 2, 0, 1, 3, 4],
+                                marker=(4.0, " validation"))
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    title = fig._suptitle.get_text()
+    lines = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    plots.close(fig)
+    assert labels == ["f", "c", "a", "b", "score"]  # four sensors, in the order given, then the score
+    assert "orange" not in title and "the 4 of 6 sensors with the largest error" in title
+    assert len(lines) == 1 and list(lines[0].get_xdata()) == [4.0, 4.0]
+    fig = plots.anomaly_overlay(np.arange(10.0), values[:, :2], ["a", "b"], np.arange(10.0), 5.0,
+                                labels=np.zeros(10, bool))
+    assert [ax.get_ylabel() for ax in fig.axes] == ["a", "b", "score"] and "orange: labelled" in fig._suptitle.get_text()
+    plots.close(fig)
