@@ -10,7 +10,7 @@ import numbers
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -160,6 +160,28 @@ class Run:
 
     def log_figure(self, fig: Any, name: str) -> None:
         log_figure(fig, name)
+
+    def log_input(self, values: np.ndarray, columns: Sequence[str], name: str, source: str,
+                  context: str = "training") -> None:
+        """Log ``values`` (rows, columns) as the run's input dataset (the UI's Datasets column: name,
+        digest, schema, profile). ``source`` is a path or URI where MLflow can resolve one, else it is
+        kept only in the dataset's name. Best effort: a failure is logged, never raised."""
+        import mlflow
+        import pandas as pd
+
+        frame = pd.DataFrame(np.asarray(values), columns=list(columns))
+        # a file or a URI; not a Kafka topic or a dataset folder's description
+        where = source if "://" in source or Path(source).exists() else None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "can be interpreted in multiple ways": a local file
+                try:
+                    dataset = mlflow.data.from_pandas(frame, source=where, name=name)
+                except Exception:  # a source MLflow cannot resolve
+                    dataset = mlflow.data.from_pandas(frame, name=name)
+                mlflow.log_input(dataset, context=context)
+        except Exception as exc:
+            log.warning("the run's input dataset was not logged: %s", exc)
 
     def log_artifact(self, path: str | Path) -> None:
         import mlflow

@@ -166,6 +166,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                         **tracking.flat_params("data", {k: v for k, v in asdict(settings.data).items()}),
                         "data.n_sensors": str(len(prepared.sensors))})
         run.log_dict(prepared.report(), "data_report.json")
+        run.log_input(prepared.values, prepared.sensors, name=f"{dataset}: {len(prepared.values)} rows", source=source)
         detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
                                            progress=progress)
         detector.meta = {"dataset": dataset, "source": source, "data_start": start.isoformat(),

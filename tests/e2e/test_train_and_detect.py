@@ -92,6 +92,9 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     run = client().get_run(version.run_id)
     assert run.data.metrics["per_entity_thresholds"] == 3.0
     assert run.info.run_name == "train-custom" and run.data.tags["kind"] == "train"
+    inputs = run.inputs.dataset_inputs  # the UI's Datasets column
+    assert len(inputs) == 1 and inputs[0].dataset.name == "custom: 3605 rows" and inputs[0].dataset.digest
+    assert [t.value for t in inputs[0].tags if t.key == "mlflow.data.context"] == ["training"]
     assert run.data.tags["mlflow.note.content"].startswith("LSTM autoencoder trained on custom data (3 entities of fleet.csv): 3605 rows of 3 sensors")
 
     # The fleet scored in one file: pump-b has the fault; each pump's rows are scored on their own.
