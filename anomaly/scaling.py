@@ -86,3 +86,26 @@ def fit_scaler(values: np.ndarray, sensors: list[str] | tuple[str, ...], method:
     scale = np.where(np.isfinite(scale) & (scale > floor) & ~constant, scale, 1.0)
     return Scaler(method=method, sensors=tuple(sensors),
                   centre=tuple(float(v) for v in centre), scale=tuple(float(v) for v in scale))
+
+
+def scale_warnings(values: np.ndarray, scaler: Scaler, ratio: float = 0.01) -> list[tuple[str, str]]:
+    """Sensors whose fitted scale misstates how they vary in ``values`` (the training rows): a robust or
+    min-max scale under ``ratio`` of the standard deviation (a quantised sensor whose quartiles coincide
+    while it still jumps: its jumps become huge scaled errors and can swamp the rest), or one that fell
+    back to 1 while the sensor does vary (its variation is then weighted by its units, not its spread).
+    ``(sensor, detail)`` each; the scale is kept as fitted, this only says so."""
+    values = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column
+        std = np.nanstd(values, axis=0)
+    out = []
+    for sensor, scale, spread in zip(scaler.sensors, scaler.scale, std):
+        if not np.isfinite(spread) or spread <= SCALE_FLOOR:
+            continue  # constant: scale 1 is right
+        if scale < ratio * spread:
+            out.append((sensor, f"{scaler.method} scale {scale:.3g} is under {ratio:g} x its standard deviation "
+                                f"{spread:.3g}: its jumps become large scaled errors"))
+        elif scale == 1.0 and not 0.1 <= spread <= 10.0:
+            out.append((sensor, f"{scaler.method} scale fell back to 1 (no spread between its quartiles), its "
+                                f"standard deviation is {spread:.3g}"))
+    return out

@@ -17,6 +17,7 @@ from anomaly.detector import Detector, fit_detector
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
+from anomaly.scaling import scale_warnings
 from anomaly.thresholds import Threshold, fit_entity_values
 from anomaly.windowing import rows_from_windows, windows_touching
 
@@ -169,6 +170,14 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         run.log_input(prepared.values, prepared.sensors, name=f"{dataset}: {len(prepared.values)} rows", source=source)
         detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
                                            progress=progress)
+        fitted_on = prepared.values if prepared.gaps is None else prepared.values[~prepared.gaps]
+        scale_issues = scale_warnings(fitted_on, detector.scaler)
+        for sensor, detail in scale_issues:
+            log.warning("sensor %s: %s", sensor, detail)
+        if scale_issues:
+            run.set_tags({"data.scale_warnings": ", ".join(sensor for sensor, _ in scale_issues)})
+            run.log_dict([{"sensor": sensor, "detail": detail} for sensor, detail in scale_issues],
+                         "scale_warnings.json")
         detector.meta = {"dataset": dataset, "source": source, "data_start": start.isoformat(),
                          "data_end": end.isoformat(), "rows": len(prepared.values), "run_id": run.run_id,
                          "dropped_sensors": prepared.dropped, **result.summary()}

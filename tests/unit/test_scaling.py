@@ -56,3 +56,19 @@ def test_a_constant_sensor_at_a_large_level_gets_scale_one_whatever_the_rounding
     # A sensor that varies a little at a large level keeps its own scale.
     varying = np.column_stack([rng.normal(size=400), 1e5 + rng.normal(scale=0.5, size=400)])
     assert 0.3 < fit_scaler(varying, ["a", "b"], "standard").scale[1] < 0.7
+
+
+def test_scale_warnings_name_a_quantised_sensor_and_a_fallback_scale_but_not_healthy_ones():
+    from anomaly.scaling import scale_warnings
+
+    rng = np.random.default_rng(0)
+    healthy = rng.normal(10, 2, 1000)
+    quantised = np.where(rng.random(1000) < 0.1, 33.0, 32.0) + np.r_[0.0, np.zeros(999)]  # quartiles coincide
+    quantised[:500] += 0.0001 * np.arange(500) / 500  # a sliver of spread: the IQR is tiny, not zero
+    small = np.where(rng.random(1000) < 0.2, 0.02, 0.0)  # IQR 0: robust scale falls back to 1
+    values = np.c_[healthy, quantised, small, np.full(1000, 5.0)]
+    scaler = fit_scaler(values, ["ok", "flow", "valve", "constant"], "robust")
+    got = dict(scale_warnings(values, scaler))
+    assert sorted(got) == ["flow", "valve"], got
+    assert "under 0.01 x its standard deviation" in got["flow"] and "fell back to 1" in got["valve"]
+    assert scale_warnings(values, fit_scaler(values, ["ok", "flow", "valve", "constant"], "standard")) == []
