@@ -81,8 +81,16 @@ class MlflowEpochLogger:
 
 
 def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:
-    """Parameters as MLflow wants them: flat, string-valued, prefixed by section."""
-    return {f"{prefix}.{k}": ("" if v is None else str(v))[:6000] for k, v in values.items()}
+    """Parameters as MLflow wants them: flat, string-valued, prefixed by section; a list comma-separated
+    (as the ``data.sensors`` tag is), not as Python writes it."""
+    def text(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(x) for x in v)
+        return str(v)
+
+    return {f"{prefix}.{k}": text(v)[:6000] for k, v in values.items()}
 
 
 def log_figure(fig: Any, name: str) -> None:
