@@ -197,15 +197,29 @@ class Run:
         mlflow.log_artifact(str(path))
 
 
-def code_version() -> str:
-    """The package version plus the git commit when running from a checkout."""
+def code_version(checkout: Path | None = None) -> str:
+    """The package version plus the git commit when running from a checkout (``checkout``: this
+    package's directory unless given), marked ``.dirty`` when tracked files differ from that commit: a
+    model trained from uncommitted code says so."""
     import subprocess
 
     from anomaly import __version__
 
+    here = checkout or Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = bool(sha) and bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
+        sha, dirty = "", False
+    return code_version_string(__version__, sha, dirty)
+
+
+def code_version_string(version: str, sha: str, dirty: bool) -> str:
+    """``0.1.0``, ``0.1.0+abc1234`` or ``0.1.0+abc1234.dirty`` (a PEP 440 local version)."""
+    if not sha:
+        return version
+    return f"{version}+{sha}.dirty" if dirty else f"{version}+{sha}"

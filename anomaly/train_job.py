@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings
@@ -197,8 +198,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         promoted = False
         if register:
             version = registry.register(model_uri, ml.model_name, tags=data_tags,
-                                        description=f"LSTM autoencoder on {dataset} ({source}), "
-                                                    f"{start.isoformat()} .. {end.isoformat()}")
+                                        description=version_description(detector, result, dataset, source,
+                                                                        start, end, len(prepared.values)))
             if alias:
                 registry.promote(ml.model_name, version, alias, reason="set at training")
             if promote:
@@ -208,6 +209,18 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                  detector.threshold.value, detector.threshold.method,
                  f"{ml.model_name} v{version}" if version else "no")
         return TrainOutcome(detector, result, run.run_id or "", model_uri, version, promoted, metrics)
+
+
+def version_description(detector: Detector, result: TrainResult, dataset: str, source: str,
+                        start: pd.Timestamp, end: pd.Timestamp, rows: int) -> str:
+    """What a model version's page in the registry says about it: data, shape and the figures a person
+    compares versions by (the validation loss and the threshold the worker will hold windows to)."""
+    th = detector.threshold
+    entities = f"; its own threshold for {len(th.per_entity)} entities" if th.per_entity else ""
+    return (f"LSTM autoencoder on {dataset} ({source}), {start.isoformat()} .. {end.isoformat()}: {rows} rows of "
+            f"{len(detector.sensors)} sensors, window {detector.window_size}. Best validation loss "
+            f"{result.best_val_loss:.4g} (epoch {result.best_epoch}); threshold {th.value:.4g} "
+            f"({th.method}){entities}.")
 
 
 def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val_scores: np.ndarray,

@@ -40,7 +40,11 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert run.data.tags["data.start"].startswith("2026-01-01")
     # The sensors the version reads, on the run and on the version (what a replay must send: DESIGN §2).
     assert run.data.tags["data.sensors"] == ",".join(first.detector.sensors)
-    assert mlflow.MlflowClient().get_model_version("pump", "1").tags["data.sensors"] == ",".join(first.detector.sensors)
+    version = mlflow.MlflowClient().get_model_version("pump", "1")
+    assert version.tags["data.sensors"] == ",".join(first.detector.sensors)
+    # The version's page says what a person compares versions by: its threshold and validation loss.
+    assert f"threshold {first.detector.threshold.value:.4g} (pot)" in version.description
+    assert f"Best validation loss {first.result.best_val_loss:.4g}" in version.description
     history = mlflow.MlflowClient().get_metric_history(first.run_id, "val_loss")
     assert len(history) == len(first.result.history) >= 1  # one point per epoch
     assert run.data.metrics["threshold"] == pytest.approx(first.detector.threshold.value)

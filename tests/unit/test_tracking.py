@@ -48,3 +48,24 @@ def test_the_overlay_draws_the_sensors_asked_first_and_says_so():
                                 labels=np.zeros(10, bool))
     assert [ax.get_ylabel() for ax in fig.axes] == ["a", "b", "score"] and "orange: labelled" in fig._suptitle.get_text()
     plots.close(fig)
+
+
+def test_code_version_names_the_commit_and_says_when_tracked_files_differ_from_it(tmp_path):
+    import subprocess
+
+    from anomaly import __version__
+    from anomaly.tracking import code_version, code_version_string
+
+    assert code_version(tmp_path) == __version__  # not a checkout: the package version alone
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == f"{__version__}+{sha}"
+    (tmp_path / "notes.txt").write_text("untracked files do not count")
+    assert code_version(tmp_path) == f"{__version__}+{sha}"
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == f"{__version__}+{sha}.dirty"
+    assert code_version_string("0.1.0", "", True) == "0.1.0"
