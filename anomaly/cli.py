@@ -165,53 +165,83 @@ def _bar(total: int, desc: str, enabled: bool):
 # --- score ---------------------------------------------------------------------------------------
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score a file with a registered model; write row-level scores and print the flagged spans."""
+    """Score a file with a registered model; write row-level scores and print the flagged spans, and
+    where the file is labelled, the figures against its labels (``--record``: onto the model version)."""
+    import numpy as np
     import pandas as pd
 
     from anomaly import registry, tracking
+    from anomaly.evaluation import labelled_report
 
     settings = _settings(args)
-    fleet = _entity_tables(args.data, settings)  # a bad file is said before the model is fetched
+    fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
+    if args.record and truths is None:
+        raise AnomalyError(f"--record needs ground truth: {args.data} has no label column (retrain.label_field "
+                           f"{settings.retrain.label_field!r}, 'anomaly' or 'label')")
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
     several = len(fleet) > 1
-    tables_out, spans, rows = [], [], 0
+    scored_entities: dict[str, _ScoredTable] = {}
+    spans = []
     for entity, frame in fleet.items():  # each entity on its own grid, its windows its own
         try:
-            out, entity_spans = _score_table(detector, frame, settings, entity)
+            part = _score_table(detector, frame, settings, entity, None if truths is None else truths[entity])
         except DataError as exc:
             if several:
                 raise DataError(f"entity {entity}: {exc}") from exc
             raise
         if several:
-            out.insert(0, "entity", entity)
-            entity_spans = [{"entity": entity, **span} for span in entity_spans]
-        tables_out.append(out)
-        spans.extend(entity_spans)
-        rows += len(out)
-    table = pd.concat(tables_out, ignore_index=True)
+            part.table.insert(0, "entity", entity)
+            spans.extend({"entity": entity, **span} for span in part.spans)
+        else:
+            spans.extend(part.spans)
+        scored_entities[entity] = part
+    table = pd.concat([p.table for p in scored_entities.values()], ignore_index=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
     rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
-    print(json.dumps({"model": name, "version": version, "threshold": detector.threshold.value,
-                      "adaptive": None if rule is None else dataclasses.asdict(rule),
-                      "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": rows,
-                      **({"entities": list(fleet)} if several else {}),
-                      "flagged_rows": int(table["is_anomaly"].sum()), "spans": spans}, indent=2))
+    summary: dict[str, Any] = {
+        "model": name, "version": version, "threshold": detector.threshold.value,
+        "adaptive": None if rule is None else dataclasses.asdict(rule),
+        "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": len(table),
+        **({"entities": list(fleet)} if several else {}),
+        "flagged_rows": int(table["is_anomaly"].sum()), "spans": spans}
+    if truths is not None:
+        parts = list(scored_entities.values())
+        summary["evaluation"] = labelled_report([p.table["label"].to_numpy(dtype=bool) for p in parts],
+                                                [p.table["is_anomaly"].to_numpy(dtype=bool) for p in parts],
+                                                [p.table["ts"] for p in parts])
+        if args.record:
+            summary["evaluation_run_id"] = _record_evaluation(settings, name, version, args.data, detector,
+                                                              scored_entities, summary["evaluation"])
+    print(json.dumps(summary, indent=2))
     return 0
 
 
-def _score_table(detector: Any, frame: Any, settings: Any, entity: str) -> tuple[Any, list[dict[str, Any]]]:
+@dataclasses.dataclass
+class _ScoredTable:
+    """One entity's scored rows (``table``), its flagged spans, and what a figure of it needs."""
+
+    table: Any
+    spans: list[dict[str, Any]]
+    values: Any
+    expected: Any
+
+
+def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: Any = None) -> _ScoredTable:
     """One entity's readings scored: row-level scores (``ts``, ``score``, ``threshold``, ``is_anomaly``,
-    ``top_sensor``) and the flagged spans with the sensors that drove each; held to the entity's own
-    threshold where the model has one."""
+    ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
+    flagged spans with the sensors that drove each; held to the entity's own threshold where the model
+    has one. A grid slot is anomalous when a labelled reading falls on it (the nearest slot, as
+    ``retrain.label_rows`` places it); a slot no reading fell on counts as normal."""
     import numpy as np
     import pandas as pd
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
+    from anomaly.retrain import label_rows
     from anomaly.windowing import rows_from_windows
 
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
@@ -228,13 +258,52 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str) -> tuple
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
                         "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
+    if truth is not None:
+        epoch = pd.Timestamp(0, tz="UTC")
+        seconds = lambda index: np.asarray((index - epoch) / pd.Timedelta(seconds=1), dtype=np.float64)
+        out["label"] = label_rows(seconds(frame.index), np.asarray(truth, dtype=bool),
+                                  float(seconds(prepared.timestamps[:1])[0]) if n else 0.0, prepared.period_s, n)
     spans = []
     for start, end in label_events(flags):
         in_span = (scored.end_rows >= start) & (scored.end_rows < end)
         peak = int(np.flatnonzero(in_span)[np.argmax(scored.scores[in_span])])
         spans.append({"start": str(prepared.timestamps[start]), "end": str(prepared.timestamps[end - 1]),
                       "peak_score": float(scored.scores[peak]), "sensors": scored.top_sensors(peak, detector.sensors)})
-    return out, spans
+    return _ScoredTable(out, spans, prepared.values, rows_from_windows(scored.expected, n, w))
+
+
+def _record_evaluation(settings: Any, name: str, version: str, data: str, detector: Any,
+                       scored: dict[str, _ScoredTable], figures: dict[str, Any]) -> str:
+    """A labelled score of a registered version, kept: an MLflow run (``kind=evaluation``, tagged with
+    the model and version; the figures as metrics, an overlay of the entity with the most labelled rows)
+    and ``eval.*`` tags on the version, which ``anomaly models list`` and the registry UI show."""
+    import time
+
+    import numpy as np
+
+    from anomaly import plots, registry, tracking
+
+    ml = settings.mlflow
+    tags = {"kind": "evaluation", "data.source": str(data), "model.name": name, "model.version": version,
+            "code_version": tracking.code_version(),
+            "mlflow.note.content": f"{name} v{version} scored against the labels of {data}."}
+    with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"score-{Path(data).stem}", tags=tags) as run:
+        run.log_metrics(figures)
+        entity, part = max(scored.items(), key=lambda item: int(item[1].table["label"].sum()))
+        t = part.table
+        run.log_figure(plots.anomaly_overlay(t["ts"].to_numpy(), part.values, detector.sensors,
+                                             t["score"].to_numpy(dtype=np.float64), detector.threshold.value,
+                                             flags=t["is_anomaly"].to_numpy(dtype=bool),
+                                             labels=t["label"].to_numpy(dtype=bool), expected=part.expected),
+                       f"overlay-{Path(entity).stem}.png")
+        run_id = run.run_id or ""
+    shown = {k: figures[k] for k in ("f1", "far", "mar", "event_f1", "mean_delay_s")}
+    registry.tag_version(name, version, {
+        "eval.data": str(data)[-registry.TAG_VALUE_CHARS:], "eval.run_id": run_id,
+        "eval.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{f"eval.{k}": "" if v is None else f"{v:.4g}" for k, v in shown.items()}})
+    log.info("evaluation of %s v%s on %s recorded: run %s, eval.* tags on the version", name, version, data, run_id)
+    return run_id
 
 
 def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
@@ -242,15 +311,35 @@ def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
     named by the file when there is no ``data.entity_column``), ground truth (``anomaly``/``changepoint``/
     ``label`` and ``retrain.label_field``) split off. Entities are kept apart: the rows of several on one
     grid would each slot keep one of them."""
+    return _labelled_entity_tables(path, settings)[0]
+
+
+def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``_entity_tables`` plus each entity's ground truth, row for row (bool arrays), or None when the
+    file has no label column: ``retrain.label_field`` if present, else ``anomaly``, else ``label``
+    (``changepoint`` marks a moment, not the anomalous rows). Cells read as ``retrain.parse_label`` reads
+    them; a blank cell is normal."""
+    import numpy as np
+
     from anomaly import tables
+    from anomaly.retrain import parse_label
 
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
                               entity_col=settings.data.entity_column)
-    frame, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
+    frame, labels = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
+    by_name = {str(c).lower(): c for c in labels.columns}
+    column = next((by_name[n.lower()] for n in (settings.retrain.label_field, "anomaly", "label")
+                   if n.lower() in by_name), None)
+    truth = None if column is None else np.array([parse_label(v) is True for v in labels[column].to_numpy()])
     if tables.ENTITY_COLUMN not in frame.columns:
-        return {str(path): frame}
-    column = frame.pop(tables.ENTITY_COLUMN)
-    return {str(entity): part for entity, part in frame.groupby(column.to_numpy(), sort=False)}
+        return {str(path): frame}, None if truth is None else {str(path): truth}
+    entity_ids = frame.pop(tables.ENTITY_COLUMN).to_numpy()
+    frames, truths = {}, {}
+    for entity, rows in frame.groupby(entity_ids, sort=False).indices.items():
+        frames[str(entity)] = frame.iloc[rows]
+        if truth is not None:
+            truths[str(entity)] = truth[rows]
+    return frames, None if truth is None else truths
 
 
 # --- worker --------------------------------------------------------------------------------------
@@ -316,12 +405,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif not versions:
             print("no registered models")
         else:
+            # eval: the latest `anomaly score --record` of the version (point F1 / event F1 on a labelled file)
             print(f"{'model':<24} {'ver':>4} {'aliases':<22} {'created (UTC)':<20} {'threshold':>10} {'val_loss':>10}  "
-                  f"{'dataset':<12} threshold rule")
+                  f"{'eval F1/evF1':<13} {'dataset':<12} threshold rule")
             for v in versions:
+                evaluated = f"{v.tags['eval.f1']}/{v.tags.get('eval.event_f1', '')}" if "eval.f1" in v.tags else ""
                 print(f"{v.name:<24} {v.version:>4} {','.join('@' + a for a in v.aliases):<22} {v.created:<20} "
                       f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "
-                      f"{v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
+                      f"{evaluated:<13} {v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
     elif args.action == "promote":
         if not args.version:
             raise AnomalyError("models promote needs a VERSION")
@@ -781,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV or Parquet wide table to score")
     p.add_argument("--model-alias", help="alias or version to load (default mlflow.champion_alias)")
     p.add_argument("--out", help="write row-level scores to this CSV")
+    p.add_argument("--record", action="store_true",
+                   help="with a labelled file: log the figures against its labels as an MLflow evaluation run "
+                        "and as eval.* tags on the model version (shown by `anomaly models list`)")
     common(p)
     p.set_defaults(func=cmd_score)
 

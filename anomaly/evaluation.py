@@ -251,6 +251,22 @@ def point_adjusted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return _ratio(2 * tp, 2 * tp + int(np.count_nonzero(~t & p)) + int(np.count_nonzero(t & ~p)))
 
 
+def labelled_report(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray],
+                    timestamps: Sequence[Any] | None = None) -> dict[str, float | int | None]:
+    """A labelled file's figures for ``anomaly score``: point-wise precision, recall, F1, FAR and MAR
+    (SKAB's arithmetic, counts summed over series: one per entity) beside event-wise precision, recall,
+    F1 and mean detection delay (seconds when ``timestamps`` are given), and the counts behind them."""
+    point = skab_binary_metrics(y_true, y_pred)
+    if timestamps is None:
+        events = aggregate_events(event_metrics(t, p) for t, p in zip(y_true, y_pred))
+    else:
+        events = aggregate_events(event_metrics(t, p, ts) for t, p, ts in zip(y_true, y_pred, timestamps))
+    return {"precision": _ratio(point.tp, point.tp + point.fp), "recall": _ratio(point.tp, point.tp + point.fn),
+            "f1": point.f1, "far": point.far, "mar": point.mar, **events.to_dict(),
+            "labelled_rows": point.tp + point.fn, "flagged_rows": point.tp + point.fp,
+            "labelled_events": events.n_true, "detected_events": events.n_detected}
+
+
 # --------------------------------------------------------------------------------------------------
 # NAB score
 # --------------------------------------------------------------------------------------------------

@@ -206,6 +206,16 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
     c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), text)
 
 
+def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    """Set ``tags`` on ``name`` version ``version`` (values as text, cut to what every store takes)."""
+    try:
+        c = client()
+        for key, value in tags.items():
+            c.set_model_version_tag(name, version, key, str(value)[:TAG_VALUE_CHARS])
+    except Exception as exc:
+        raise RegistryError(f"cannot tag {name} v{version}: {exc}") from exc
+
+
 def rollback(name: str, alias: str = "champion") -> str:
     """Give ``alias`` back to the version that held it before the last promotion; returns it."""
     try:

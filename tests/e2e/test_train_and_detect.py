@@ -44,9 +44,43 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     assert biggest["sensors"][0]["sensor"] == "pressure", "the faulty sensor is ranked first"
     assert biggest["sensors"][0]["actual"] > biggest["sensors"][0]["expected"] + 0.15  # offset +0.3 seen
 
+    # The same file with its ground truth: the same flags, the figures against the labels, and with
+    # --record an evaluation run and eval.* tags on the version.
+    faulty.assign(anomaly=labels.astype(int)).reset_index().to_csv(tmp_path / "labelled.csv", index=False)
+    assert main(["score", "--data", "labelled.csv", "--config", str(config), "--out", "labelled_scores.csv",
+                 "--record"]) == 0
+    labelled = json.loads(capsys.readouterr().out)
+    scored = pd.read_csv(tmp_path / "labelled_scores.csv")
+    np.testing.assert_array_equal(scored["is_anomaly"].to_numpy(bool), flags)
+    np.testing.assert_array_equal(scored["label"].to_numpy(bool), labels)
+    figures = labelled["evaluation"]
+    tp, fp = int((flags & labels).sum()), int((flags & ~labels).sum())
+    assert figures["labelled_rows"] == 200 and figures["flagged_rows"] == tp + fp
+    assert figures["recall"] == pytest.approx(tp / 200) and figures["precision"] == pytest.approx(tp / (tp + fp))
+    assert figures["mar"] == pytest.approx(100 * (200 - tp) / 200)
+    assert figures["labelled_events"] == figures["detected_events"] == 1 and figures["event_recall"] == 1.0
+    assert figures["mean_delay_s"] >= 0
+
+    from anomaly import tracking
+    from anomaly.registry import client
+
+    tracking.configure(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    version = client().get_model_version("anomaly-detector", "1")
+    assert version.tags["eval.f1"] == f"{figures['f1']:.4g}" and version.tags["eval.run_id"] == labelled["evaluation_run_id"]
+    assert version.tags["eval.data"] == "labelled.csv"
+    run = client().get_run(labelled["evaluation_run_id"])
+    assert run.data.tags["kind"] == "evaluation" and run.data.tags["model.version"] == "1"
+    assert run.data.metrics["event_f1"] == pytest.approx(figures["event_f1"])
+    assert [a.path for a in client().list_artifacts(run.info.run_id, "plots")] == ["plots/overlay-labelled.png"]
+    # --record without labels is refused before anything is scored or logged
+    assert main(["score", "--data", "faulty.csv", "--config", str(config), "--record"]) == 2
+    assert "--record needs ground truth" in capsys.readouterr().err
+
     assert main(["models", "list", "--config", str(config), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert listed[0]["aliases"] == ["champion"]
+    assert listed[0]["aliases"] == ["champion"] and listed[0]["tags"]["eval.event_f1"] == f"{figures['event_f1']:.4g}"
+    assert main(["models", "list", "--config", str(config)]) == 0
+    assert f"{figures['f1']:.4g}/{figures['event_f1']:.4g}" in capsys.readouterr().out
 
 
 def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path, monkeypatch, capsys):
