@@ -436,3 +436,21 @@ def test_tz_aware_timestamps_as_an_object_array_give_seconds_without_a_warning()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "no explicit representation of timezones" was one
         assert _elapsed_seconds(np.asarray(index), 4).tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_labelled_report_sums_point_counts_over_entities_and_times_events():
+    from anomaly.evaluation import labelled_report
+
+    # entity a: event rows 2-4, flags 3-5 (tp 2, fp 1, fn 1); entity b: no event, one false flag at 0
+    truth = [np.array([0, 0, 1, 1, 1, 0, 0, 0], bool), np.array([0, 0, 0, 0], bool)]
+    flags = [np.array([0, 0, 0, 1, 1, 1, 0, 0], bool), np.array([1, 0, 0, 0], bool)]
+    stamps = [pd.date_range("2026-01-01", periods=8, freq="10s"), pd.date_range("2026-01-01", periods=4, freq="10s")]
+    out = labelled_report(truth, flags, stamps)
+    assert (out["labelled_rows"], out["flagged_rows"]) == (3, 4)
+    assert out["precision"] == pytest.approx(2 / 4) and out["recall"] == pytest.approx(2 / 3)
+    assert out["f1"] == pytest.approx(2 / (2 + (1 + 2) / 2))  # SKAB's F1: tp / (tp + (fn + fp) / 2)
+    assert out["far"] == pytest.approx(100 * 2 / 9) and out["mar"] == pytest.approx(100 / 3)
+    # events: one labelled, detected 10 s in; two predicted, one of them on it
+    assert (out["labelled_events"], out["detected_events"]) == (1, 1)
+    assert out["event_precision"] == 0.5 and out["event_recall"] == 1.0 and out["mean_delay_s"] == 10.0
+    assert labelled_report(truth, flags)["mean_delay_s"] == 1.0  # rows without timestamps
