@@ -45,10 +45,10 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
         overrides.setdefault("mlflow", {})["tracking_uri"] = args.tracking_uri
     if getattr(args, "model_name", None):
         overrides.setdefault("mlflow", {})["model_name"] = args.model_name
-    # A dataset profile is the base unless a config file is given; the environment and the command
-    # line override either (an environment value equal to the default still overrides the profile).
-    return load_config(getattr(args, "config", None), overrides=overrides,
-                       base=None if getattr(args, "config", None) else base)
+    # A dataset profile is the base; a config file overrides the fields it sets (so a file that only
+    # names the MLflow store keeps the profile's model, sensors and threshold), then the environment and
+    # the command line (an environment value equal to the default still overrides the profile).
+    return load_config(getattr(args, "config", None), overrides=overrides, base=base)
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from anomaly.train_job import run_training
 
     # A dataset trains with its profile (as `evaluate` scores it and `anomaly up` trains it); a file with
-    # the defaults. --config replaces either; ANOMALY_* and the flags override.
+    # the defaults. --config, ANOMALY_* and the flags override the fields they set.
     settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)
     if args.no_register and (args.promote or args.alias):
         raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
@@ -198,6 +198,16 @@ def cmd_score(args: argparse.Namespace) -> int:
             spans.extend(part.spans)
         scored_entities[entity] = part
     table = pd.concat([p.table for p in scored_entities.values()], ignore_index=True)
+    scored_rows = int(np.isfinite(table["score"].to_numpy(dtype=np.float64)).sum())
+    if not scored_rows:  # "nothing flagged" would read as "all normal"
+        raise DataError(f"{args.data}: no row could be scored: a score needs {detector.window_size} readings in a "
+                        f"row (the model's window) without an unfilled gap, on the model's grid"
+                        f"{f' ({detector.period_s:g} s)' if detector.period_s else ''}; the file has "
+                        f"{len(table)} grid rows")
+    unscored = [e for e, p in scored_entities.items() if not np.isfinite(p.table["score"].to_numpy(np.float64)).any()]
+    if unscored:
+        log.warning("no row scored for %d of %d entities (fewer than %d readings without a gap): %s",
+                    len(unscored), len(scored_entities), detector.window_size, ", ".join(unscored[:10]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
@@ -206,6 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         "model": name, "version": version, "threshold": detector.threshold.value,
         "adaptive": None if rule is None else dataclasses.asdict(rule),
         "episodes": None if episodes is None else dataclasses.asdict(episodes), "rows": len(table),
+        "scored_rows": scored_rows,
         **({"entities": list(fleet)} if several else {}),
         "flagged_rows": int(table["is_anomaly"].sum()), "spans": spans}
     if truths is not None:
@@ -747,7 +758,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from anomaly import up
     from anomaly.protocols import PROFILES
 
-    # SKAB's tuned profile is the base (the fleet is SKAB pumps); --config and ANOMALY_* still win.
+    # SKAB's tuned profile is the base (the fleet is SKAB pumps); --config and ANOMALY_* override its fields.
     settings = _settings(args, base=PROFILES["skab"])
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("skab")
     fleet = tuple(s.strip() for s in args.fleet.split(",") if s.strip()) if args.fleet else up.DEFAULT_FLEET

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 SKAB_THERMAL = ("Temperature", "Thermocouple")
 SKAB_PROFILE_SENSORS = tuple(s for s in SKAB_SENSORS if s not in SKAB_THERMAL)
 
-# Per-dataset settings (see README "Benchmarks" for how they were chosen). A --config file replaces them.
+# Per-dataset settings (see README "Benchmarks" for how they were chosen). A --config file, ANOMALY_* and flags override the fields they set.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "skab": {"data": {"scaler": "robust", "sensors": list(SKAB_PROFILE_SENSORS)},
              "model": {"window_size": 10, "hidden_size": 32, "latent_size": 8},

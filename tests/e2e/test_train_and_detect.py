@@ -75,6 +75,11 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     # --record without labels is refused before anything is scored or logged
     assert main(["score", "--data", "faulty.csv", "--config", str(config), "--record"]) == 2
     assert "--record needs ground truth" in capsys.readouterr().err
+    assert labelled["scored_rows"] == 1500 - 20 + 1  # every row from the first full window on
+    # A file too short for one window is an error, not "nothing flagged"
+    faulty.iloc[:5].reset_index().to_csv(tmp_path / "short.csv", index=False)
+    assert main(["score", "--data", "short.csv", "--config", str(config)]) == 2
+    assert "no row could be scored: a score needs 20 readings" in capsys.readouterr().err
 
     assert main(["models", "list", "--config", str(config), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

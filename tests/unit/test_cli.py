@@ -1,5 +1,6 @@
 """The command line: every subcommand answers --help; bad input is a clear error, not a traceback."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,27 @@ def test_the_daemons_log_without_mlflow_progress_bars(tmp_path, monkeypatch):
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
     main(["worker", "--config", str(tmp_path / "none.toml")])  # fails at its config, after the set-up
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
+def test_a_config_file_overrides_a_dataset_profile_field_by_field(tmp_path, monkeypatch):
+    """``train --dataset skab --config f.toml`` keeps the SKAB profile's sensors, shape and threshold for
+    every field the file does not set (a file naming only the MLflow store must not swap the profile
+    for the defaults); the file's fields, then the environment, then the flags win."""
+    import argparse
+
+    from anomaly.cli import _settings
+    from anomaly.protocols import PROFILES, SKAB_PROFILE_SENSORS
+
+    for key in [k for k in os.environ if k.startswith("ANOMALY_")]:
+        monkeypatch.delenv(key)
+    config = tmp_path / "f.toml"
+    config.write_text('[training]\nepochs = 1\n[threshold]\nscale = 1.5\n[mlflow]\nmodel_name = "pumps"\n')
+    args = argparse.Namespace(config=str(config), epochs=None, device=None, tracking_uri=None, model_name=None)
+    settings = _settings(args, base=PROFILES["skab"])
+    assert settings.data.sensors == list(SKAB_PROFILE_SENSORS) and settings.data.scaler == "robust"
+    assert (settings.model.window_size, settings.threshold.method, settings.threshold.q) == (10, "quantile", 0.95)
+    assert (settings.training.epochs, settings.threshold.scale, settings.mlflow.model_name) == (1, 1.5, "pumps")
+    monkeypatch.setenv("ANOMALY_TRAINING__EPOCHS", "3")
+    assert _settings(args, base=PROFILES["skab"]).training.epochs == 3
+    args.epochs = 5
+    assert _settings(args, base=PROFILES["skab"]).training.epochs == 5
