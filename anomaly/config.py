@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -52,8 +53,35 @@ def _positive(section: str, settings: Any, names: tuple[str, ...]) -> None:
 
 
 def _check_device(name: str, device: str) -> None:
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(name, f"must be auto, cpu, cuda or cuda:N; got {device!r}")
+
+
+_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+def alias_problem(alias: str) -> str | None:
+    """Why the MLflow registry would refuse ``alias`` as an alias, or None: letters, digits, ``_`` and
+    ``-`` only, and ``latest`` and ``v<number>`` already mean versions."""
+    if not _ALIAS.fullmatch(alias or ""):
+        return f"alias {alias!r} is not usable: letters, digits, '_' and '-' only"
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        return f"alias {alias!r} is reserved: 'latest' and 'v<number>' name versions"
+    return None
+
+
+def _check_alias(name: str, alias: str) -> None:
+    problem = alias_problem(alias)
+    if problem:
+        raise ConfigError(name, problem)
+
+
+def _check_bootstrap(name: str, servers: str) -> None:
+    for server in servers.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(name, f"each server must be host:port with a port 1..65535; got {server.strip()!r} "
+                                    f"in {servers!r}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,15 @@ class DataSettings:
             raise ConfigError("data.max_missing_fraction", f"must be in (0, 1], got {self.max_missing_fraction}")
         if self.scaler not in ("standard", "robust", "minmax"):
             raise ConfigError("data.scaler", f"must be standard, robust or minmax; got {self.scaler!r}")
+        if self.sensors:
+            repeated = sorted({s for s in self.sensors if self.sensors.count(s) > 1})
+            if repeated:
+                raise ConfigError("data.sensors", f"names {', '.join(map(repr, repeated))} more than once")
+        if self.entity_column and self.entity_column == self.timestamp_column:
+            raise ConfigError("data.entity_column", f"must differ from data.timestamp_column (both "
+                                                    f"{self.entity_column!r})")
+        if self.sensors and self.entity_column in self.sensors:
+            raise ConfigError("data.entity_column", f"{self.entity_column!r} is also in data.sensors")
 
 
 @dataclass(frozen=True)
@@ -228,6 +265,10 @@ class MlflowSettings:
     champion_alias: str = doc("alias of the served model version", "champion")
     challenger_alias: str = doc("alias of the candidate model version", "challenger")
 
+    def check(self) -> None:
+        _check_alias("mlflow.champion_alias", self.champion_alias)
+        _check_alias("mlflow.challenger_alias", self.challenger_alias)
+
 
 @dataclass(frozen=True)
 class KafkaSettings:
@@ -312,6 +353,7 @@ class WorkerSettings:
         if self.wait_for_model_s < 0 and self.wait_for_model_s != -1:
             raise ConfigError("worker.wait_for_model_s", f"must be >= 0 or -1 (forever), got {self.wait_for_model_s}")
         _check_device("worker.device", self.device)
+        _check_alias("worker.model_alias", self.model_alias)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError("worker.precision", f"must be auto, fp32 or bf16; got {self.precision!r}")
 
@@ -468,6 +510,7 @@ class Settings:
                               f"got {self.training.stride}: rows would be skipped")
         if self.mlflow.champion_alias == self.mlflow.challenger_alias:
             raise ConfigError("mlflow.challenger_alias", "must differ from mlflow.champion_alias")
+        _check_bootstrap("kafka.bootstrap_servers", k.bootstrap_servers)
         if self.drift.enabled and not self.kafka.scores_topic:
             raise ConfigError("drift.enabled", "needs kafka.scores_topic: the drift check reads the worker's "
                               "per-window scores (set it for the workers too)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.detector import Detector
+from anomaly.config import alias_problem
 from anomaly.errors import RegistryError
 
 log = logging.getLogger(__name__)
@@ -107,17 +107,15 @@ def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
         raise RegistryError(f"cannot register {model_uri} as {name!r}: {exc}") from exc
 
 
-_ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
 def check_alias(alias: str) -> str:
     """``alias`` if the registry takes it as an alias, else ``RegistryError`` saying why (checked before
-    a training run, so a bad ``--alias`` does not fail after the work is done). MLflow's rules: letters,
-    digits, ``_`` and ``-``; ``latest`` and ``v<number>`` already mean versions."""
-    if not _ALIAS.fullmatch(alias or ""):
-        raise RegistryError(f"alias {alias!r} is not usable: letters, digits, '_' and '-' only")
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        raise RegistryError(f"alias {alias!r} is reserved: 'latest' and 'v<number>' name versions")
+    a training run, so a bad ``--alias`` does not fail after the work is done); rules in
+    ``config.alias_problem``."""
+    problem = alias_problem(alias)
+    if problem:
+        raise RegistryError(problem)
     return alias
 
 

@@ -41,12 +41,29 @@ def test_env_types_are_parsed():
     ({"ANOMALY_NOPE__X": "1"}, "nope"),
     ({"ANOMALY_WORKER__PRECISION": "fp16"}, "worker.precision"),
     ({"ANOMALY_WORKER__DEVICE": "tpu"}, "worker.device"),
+    ({"ANOMALY_TRAINING__DEVICE": "cudaX"}, "training.device"),  # torch would refuse it after loading the data
+    ({"ANOMALY_TRAINING__DEVICE": "cuda:abc"}, "training.device"),
+    ({"ANOMALY_MLFLOW__CHAMPION_ALIAS": "v3"}, "mlflow.champion_alias"),  # the registry's rules, before training
+    ({"ANOMALY_MLFLOW__CHALLENGER_ALIAS": "my alias!"}, "mlflow.challenger_alias"),
+    ({"ANOMALY_WORKER__MODEL_ALIAS": "latest"}, "worker.model_alias"),
+    ({"ANOMALY_DATA__SENSORS": "a,b,a"}, "data.sensors"),
+    ({"ANOMALY_DATA__TIMESTAMP_COLUMN": "t", "ANOMALY_DATA__ENTITY_COLUMN": "t"}, "data.entity_column"),
+    ({"ANOMALY_DATA__SENSORS": "a,pump", "ANOMALY_DATA__ENTITY_COLUMN": "pump"}, "data.entity_column"),
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "host:notaport"}, "kafka.bootstrap_servers"),
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092,b"}, "kafka.bootstrap_servers"),
 ])
 def test_bad_values_name_the_field(env, field):
     with pytest.raises(ConfigError) as err:
         load_config(env=env)
     assert err.value.field == field
     assert field in str(err.value)
+
+
+def test_good_devices_aliases_and_servers_pass():
+    s = load_config(env={"ANOMALY_TRAINING__DEVICE": "cuda:1", "ANOMALY_WORKER__DEVICE": "cuda",
+                         "ANOMALY_MLFLOW__CHAMPION_ALIAS": "prod-v2_a", "ANOMALY_WORKER__MODEL_ALIAS": "prod-v2_a",
+                         "ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "kafka-0.kafka:9092, [::1]:9093"})
+    assert s.training.device == "cuda:1" and s.mlflow.champion_alias == "prod-v2_a"
 
 
 def test_toml_type_errors_name_the_field(tmp_path):
