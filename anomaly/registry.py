@@ -214,8 +214,9 @@ def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
         raise RegistryError(f"cannot tag {name} v{version}: {exc}") from exc
 
 
-def rollback(name: str, alias: str = "champion") -> str:
-    """Give ``alias`` back to the version that held it before the last promotion; returns it."""
+def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
+    """Give ``alias`` back to the version that held it before the last promotion; returns it.
+    ``reason`` (why, as the operator put it) goes into the alias's log beside the version rolled from."""
     try:
         c = client()
         history = _history(name, alias)
@@ -229,7 +230,7 @@ def rollback(name: str, alias: str = "champion") -> str:
     target = history.pop()
     c.set_registered_model_alias(name, alias, target)
     c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
-    _record_move(name, alias, current, target, f"rollback from v{current}")
+    _record_move(name, alias, current, target, f"rollback from v{current}" + (f": {reason}" if reason else ""))
     log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
     return target
 

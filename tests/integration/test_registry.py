@@ -99,10 +99,10 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert listed["1"].metrics["threshold"] > 0
     since_before = listed["1"].tags["champion_since"]
     time.sleep(1.1)  # the tag has one-second resolution
-    assert registry.rollback("pump") == "1"
+    assert registry.rollback("pump", reason="v2 floods pump-3") == "1"
     assert registry.alias_version("pump", "champion") == "1"
     tags = {v.version: v.tags for v in registry.list_versions("pump")}
-    assert tags["1"]["champion_since"] > since_before and tags["1"]["champion_reason"] == "rollback from v2"
+    assert tags["1"]["champion_since"] > since_before and tags["1"]["champion_reason"] == "rollback from v2: v2 floods pump-3"
     assert "champion_until" not in tags["1"]  # it holds @champion again
     assert tags["2"]["champion_until"] >= tags["2"]["champion_since"] and tags["2"]["champion_reason"] == "test"
     # The model's page says what it is, and the log keeps every move, the rollback included.
@@ -110,7 +110,7 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert model.description == registry.MODEL_DESCRIPTION
     moves = json.loads(model.tags["champion_log"])
     assert [(m["from"], m["to"], m["reason"]) for m in moves] == [
-        (None, "1", "promoted at training (--promote)"), ("1", "2", "test"), ("2", "1", "rollback from v2")]
+        (None, "1", "promoted at training (--promote)"), ("1", "2", "test"), ("2", "1", "rollback from v2: v2 floods pump-3")]
     assert all(m["at"].endswith("Z") for m in moves)
     from anomaly.errors import RegistryError
 

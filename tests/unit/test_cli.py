@@ -71,6 +71,8 @@ def test_stop_flag_is_set_by_its_signal() -> None:
     (["replay", "--data", "x.csv", "--speed", "-1"], "--speed: must be > 0"),
     (["replay", "--data", "x.csv", "--rate", "nan"], "--rate: must be > 0"),
     (["train", "--data", "x.csv", "--epochs", "two"], "--epochs: not an integer"),
+    (["broker", "--port", "99999"], "--port: must be a port, 1..65535"),
+    (["up", "--ui-port", "0"], "--ui-port: must be > 0"),
 ])
 def test_bad_numeric_arguments_are_usage_errors(argv, words, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -94,6 +96,17 @@ def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path,
     assert main(["train", "--data", str(tmp_path / "nope.csv"), "--alias", alias, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert words in err and "nope.csv" not in err and err.count("error:") == 1
+
+
+def test_commands_refuse_arguments_they_would_ignore(tmp_path, capsys):
+    """A flag that would be silently dropped is refused before anything runs (no file is read)."""
+    assert main(["train", "--data", str(tmp_path / "nope.csv"), "--series", "valve1/0", "--quiet"]) == 2
+    assert "--series picks a dataset's data" in capsys.readouterr().err
+    assert main(["score", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    for action in ("list", "rollback"):
+        assert main(["models", action, "3", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+        assert f"models {action} takes no VERSION" in capsys.readouterr().err
 
 
 def test_train_refuses_promote_without_registering(tmp_path, capsys):
