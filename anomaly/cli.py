@@ -922,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered models, promote a version, roll back",
                        description="Registered models and versions with their aliases and metrics; move @champion.")
-    p.add_argument("action", choices=("list", "promote", "rollback"), help="what to do")
+    p.add_argument("action", choices=("list", "promote", "rollback"),
+                   help="list: versions, aliases, metrics, the latest recorded evaluation; promote VERSION: move "
+                        "the alias to it; rollback: move the alias back to the version that held it before")
     p.add_argument("version", nargs="?", help="version to promote")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -29,6 +30,8 @@ from anomaly.episodes import EpisodeRule
 from anomaly.errors import ConfigError
 
 ENV_PREFIX = "ANOMALY_"
+# ANOMALY_* names read by the command line rather than the configuration (no __ in them)
+PLAIN_ENV = ("ANOMALY_DATASETS", "ANOMALY_LOG_LEVEL")
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -543,11 +546,18 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raw.setdefault(section, {}).update(values)
     from_env: dict[str, str] = {}  # field -> the variable that set it, so an error can name it
     for key, value in (os.environ if env is None else env).items():
-        if not key.startswith(ENV_PREFIX) or "__" not in key:
+        if not key.startswith(ENV_PREFIX):
+            continue
+        if "__" not in key:  # e.g. ANOMALY_MODEL_WINDOW_SIZE: one underscore where two were meant
+            if key not in PLAIN_ENV:
+                logging.getLogger(__name__).warning(
+                    "%s is not read: configuration variables are %s<SECTION>__<FIELD> (two underscores), "
+                    "e.g. ANOMALY_MODEL__WINDOW_SIZE", key, ENV_PREFIX)
             continue
         section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
         raw.setdefault(section, {})[name] = _EnvString(value)
         from_env[f"{section}.{name}"] = key
+        from_env.setdefault(section, key)  # an unknown section names a variable that brought it
     overridden = set()
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})

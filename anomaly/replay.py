@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from anomaly import codec, kafka_io
 from anomaly.codec import Reading
-from anomaly.errors import DataError, TopicError
+from anomaly.errors import ConfigError, DataError, TopicError
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
 
     try:
         producer = producer_factory(bootstrap, client_options)
-    except TopicError:  # kafka_io.make_producer already says why
+    except (TopicError, ConfigError):  # kafka_io.make_producer already says why (a bad option: not the broker)
         raise
     except Exception as exc:  # another factory's NoBrokersAvailable and friends: this is the one boundary
         raise TopicError(f"cannot connect a producer to {bootstrap}: {exc} (is the broker running? "

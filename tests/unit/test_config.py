@@ -161,3 +161,16 @@ def test_a_list_from_the_environment_may_be_json_when_names_hold_commas():
         load_config(env={"ANOMALY_DATA__SENSORS": '["flow", '})
     with pytest.raises(ConfigError, match="must be a list of strings"):
         load_config(env={"ANOMALY_DATA__SENSORS": "[1, 2]"})
+
+
+def test_a_mistyped_variable_is_said(caplog):
+    """One underscore where two were meant is a warning naming the variable, not silence; an unknown
+    section from the environment names the variable that brought it."""
+    with caplog.at_level("WARNING", logger="anomaly.config"):
+        s = load_config(env={"ANOMALY_MODEL_WINDOW_SIZE": "12", "ANOMALY_DATASETS": "/data", "ANOMALY_LOG_LEVEL": "INFO"})
+    assert s.model.window_size == 10
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("ANOMALY_MODEL_WINDOW_SIZE is not read")
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"ANOMALY_MODLE__WINDOW_SIZE": "12"})
+    assert "unknown section" in str(err.value) and "(set by ANOMALY_MODLE__WINDOW_SIZE)" in str(err.value)

@@ -233,6 +233,16 @@ def test_unreachable_broker_is_a_topic_error():
         replay("b:9092", "t", replay_plan(frame(2), "p", start_ts=START), progress=False, producer_factory=refuse)
 
 
+def test_a_bad_client_option_is_said_as_such_not_as_an_unreachable_broker():
+    from anomaly.errors import ConfigError
+    from anomaly.kafka_io import make_producer
+
+    with pytest.raises(ConfigError) as err:
+        replay("b:9092", "t", replay_plan(frame(2), "p", start_ts=START), progress=False,
+               client_options={"bad_option_xyz": 3}, producer_factory=make_producer)
+    assert err.value.field == "kafka.client_options" and "is the broker running" not in str(err.value)
+
+
 def test_bad_pacing_is_refused_before_connecting():
     def never(bootstrap, options):
         raise AssertionError("must not connect")
