@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from anomaly.errors import AnomalyError, DataError
+from anomaly.errors import AnomalyError, ConfigError, DataError
 
 log = logging.getLogger("anomaly")
 
@@ -695,6 +695,16 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     settings = _retrain_settings(args)
     s = settings.scheduler
+    if Path(s.job_store).is_dir():
+        raise ConfigError("scheduler.job_store", f"{s.job_store} is a folder: name the SQLite file the schedule is kept in")
+    if args.job != JOB_FUNC:  # checked now, not as a traceback from inside the job store
+        from apscheduler.util import ref_to_obj
+
+        try:
+            if not callable(ref_to_obj(args.job)):
+                raise TypeError("not callable")
+        except (LookupError, ValueError, TypeError, ImportError) as exc:
+            raise AnomalyError(f"--job {args.job!r}: not a callable as module:function ({exc})") from None
     config = str(Path(args.config).resolve()) if args.config else None
     kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
     drift = DriftMonitor(settings) if settings.drift.enabled else None

@@ -514,6 +514,9 @@ class Settings:
         if self.mlflow.champion_alias == self.mlflow.challenger_alias:
             raise ConfigError("mlflow.challenger_alias", "must differ from mlflow.champion_alias")
         _check_bootstrap("kafka.bootstrap_servers", k.bootstrap_servers)
+        if self.data.sensors and self.retrain.label_field in self.data.sensors:
+            raise ConfigError("retrain.label_field", f"{self.retrain.label_field!r} is also in data.sensors: a "
+                                                     "ground-truth column is never a sensor")
         if self.drift.enabled and not self.kafka.scores_topic:
             raise ConfigError("drift.enabled", "needs kafka.scores_topic: the drift check reads the worker's "
                               "per-window scores (set it for the workers too)")
@@ -542,7 +545,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         for section, values in loaded.items():
             if not isinstance(values, dict):
-                raise ConfigError(section, "must be a [section] table")
+                raise ConfigError(section, f"top-level key: every setting belongs under its [section] (e.g. "
+                                           f"[model] window_size = 10); known sections: "
+                                           f"{', '.join(f.name for f in dataclasses.fields(Settings))}")
             raw.setdefault(section, {}).update(values)
     from_env: dict[str, str] = {}  # field -> the variable that set it, so an error can name it
     for key, value in (os.environ if env is None else env).items():

@@ -90,7 +90,7 @@ def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str =
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise DataError(f"to_grid needs a DatetimeIndex, got {type(frame.index).__name__}")
     if len(frame) == 0:
-        raise DataError("to_grid: no rows")
+        raise DataError("no readings to put on the grid: the table has no data rows")
     if frame.index.hasnans:
         raise DataError("to_grid: missing timestamp (NaT) in the index")
     _check_numeric(frame)

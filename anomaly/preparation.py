@@ -66,7 +66,8 @@ def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, 
         log.warning("sensor %s: %s (%s)%s", issue.sensor, issue.kind, issue.detail,
                     " - left out" if issue.sensor in dropped else "")
     if not keep:
-        raise DataError(f"no usable sensor: every column is constant, flat or mostly missing ({issues})")
+        said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
+        raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped)
 
 

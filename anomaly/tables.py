@@ -140,6 +140,8 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
 # --- helpers -------------------------------------------------------------------------------------
 
 def _read_raw(path: Path) -> pd.DataFrame:
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a table file (.csv or .parquet)")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -179,7 +181,7 @@ def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str |
     if isinstance(raw.index, pd.DatetimeIndex):
         return None
     raise DataError(f"{path}: no timestamp column found (tried {', '.join(TIMESTAMP_CANDIDATES)}); "
-                    f"columns are {list(raw.columns)} - name it with timestamp_col")
+                    f"columns are {list(raw.columns)}; name it with data.timestamp_column")
 
 
 def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex:

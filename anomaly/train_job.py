@@ -139,6 +139,9 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
     return threshold.with_per_entity(values)
 
 
+FEW_VALIDATION_WINDOWS = 100  # fewer, and a fitted threshold is mostly chance: said at training
+
+
 def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",
                  register: bool = True, promote: bool = False, alias: str | None = None,
                  extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
@@ -171,6 +174,10 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         run.log_input(prepared.values, prepared.sensors, name=f"{dataset}: {len(prepared.values)} rows", source=source)
         detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
                                            progress=progress)
+        if len(val_scores) < FEW_VALIDATION_WINDOWS:
+            log.warning("the threshold (%s) rests on only %d validation windows (%d rows, window %d): train on "
+                        "more data before promoting this model", settings.threshold.method, len(val_scores),
+                        len(prepared.values), settings.model.window_size)
         fitted_on = prepared.values if prepared.gaps is None else prepared.values[~prepared.gaps]
         scale_issues = scale_warnings(fitted_on, detector.scaler)
         for sensor, detail in scale_issues:

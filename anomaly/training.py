@@ -143,7 +143,8 @@ def split_windows(windows: np.ndarray, validation_fraction: float) -> tuple[np.n
     before the split are dropped so no training window shares a row with a validation window."""
     n = len(windows)
     if n < 4:
-        raise ModelError(f"need at least 4 windows to train, got {n}")
+        raise ModelError(f"need at least 4 windows of {windows.shape[1]} readings to train, got {n}: train on more "
+                         f"rows, or set a smaller model.window_size")
     n_val = max(1, int(round(n * validation_fraction)))
     split = n - n_val
     gap = min(windows.shape[1] - 1, max(0, split - 2))

@@ -231,3 +231,13 @@ def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_failed(tmp_path):
             pass
     statuses = {name: mlflow.get_run(run_id).info.status for name, run_id in ids.items()}
     assert statuses == {"killed": "KILLED", "failed": "FAILED", "finished": "FINISHED"}
+
+
+def test_a_threshold_on_few_validation_windows_is_said(settings, caplog):
+    """A short file trains (the operator may want to look), but the log says the threshold is mostly
+    chance before anyone promotes it."""
+    prepared = prepare_training(normal_frame(300))
+    with caplog.at_level("WARNING", logger="anomaly.train_job"):
+        outcome = run_training(prepared, settings, source="synthetic", register=False, progress=False)
+    assert outcome.metrics["val_windows"] < 100
+    assert any("rests on only" in r.getMessage() and "validation windows" in r.getMessage() for r in caplog.records)

@@ -109,6 +109,15 @@ def test_commands_refuse_arguments_they_would_ignore(tmp_path, capsys):
         assert f"models {action} takes no VERSION" in capsys.readouterr().err
 
 
+def test_scheduler_start_up_mistakes_are_errors_not_tracebacks(tmp_path, capsys):
+    assert main(["scheduler", "--job-store", str(tmp_path), "--run-for-s", "1"]) == 2
+    assert "scheduler.job_store" in capsys.readouterr().err
+    store = str(tmp_path / "jobs.db")
+    assert main(["scheduler", "--job-store", store, "--job", "nomodule:nofunc", "--run-for-s", "1"]) == 2
+    assert "--job 'nomodule:nofunc': not a callable" in capsys.readouterr().err
+    assert not (tmp_path / "jobs.db").exists()  # refused before the store was opened
+
+
 def test_train_refuses_promote_without_registering(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "nope.csv"), "--no-register", "--promote", "--quiet"]) == 2
     assert "--no-register" in capsys.readouterr().err
@@ -246,3 +255,21 @@ def test_a_config_file_overrides_a_dataset_profile_field_by_field(tmp_path, monk
     assert _settings(args, base=PROFILES["skab"]).training.epochs == 3
     args.epochs = 5
     assert _settings(args, base=PROFILES["skab"]).training.epochs == 5
+
+
+
+def test_data_mistakes_are_said_in_the_operators_words(tmp_path, capsys):
+    """No internal names (to_grid, timestamp_col, SensorIssue(...)) in what a user reads."""
+    (tmp_path / "header.csv").write_text("ts,a,b\n")
+    (tmp_path / "flat.csv").write_text("ts,a\n" + "".join(f"2026-01-01T00:00:{i:02d}Z,1\n" for i in range(30)))
+    (tmp_path / "nots.csv").write_text("when,a\nx,1\n")
+    (tmp_path / "top.toml").write_text("window_size = 10\n")
+    cases = [(["train", "--data", str(tmp_path)], "a folder, not a table file"),
+             (["train", "--data", str(tmp_path / "header.csv")], "the table has no data rows"),
+             (["train", "--data", str(tmp_path / "flat.csv")], "a: constant"),
+             (["train", "--data", str(tmp_path / "nots.csv")], "name it with data.timestamp_column"),
+             (["config", "show", "--config", str(tmp_path / "top.toml")], "every setting belongs under its [section]")]
+    for argv, words in cases:
+        assert main([*argv, *(["--no-register", "--quiet"] if argv[0] == "train" else [])]) == 2, argv
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and "SensorIssue" not in err, (argv, err)

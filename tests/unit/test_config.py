@@ -51,6 +51,7 @@ def test_env_types_are_parsed():
     ({"ANOMALY_DATA__SENSORS": "a,pump", "ANOMALY_DATA__ENTITY_COLUMN": "pump"}, "data.entity_column"),
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "host:notaport"}, "kafka.bootstrap_servers"),
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092,b"}, "kafka.bootstrap_servers"),
+    ({"ANOMALY_DATA__SENSORS": "a,b", "ANOMALY_RETRAIN__LABEL_FIELD": "a"}, "retrain.label_field"),
 ])
 def test_bad_values_name_the_field(env, field):
     with pytest.raises(ConfigError) as err:
