@@ -838,7 +838,8 @@ def _number(kind: type, low: float, strict: bool):
 def _log_level(text: str) -> str:
     level = str(text).strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+        origin = " (from ANOMALY_LOG_LEVEL)" if text == os.environ.get("ANOMALY_LOG_LEVEL") else ""
+        raise argparse.ArgumentTypeError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}{origin}")
     return level
 
 
@@ -946,7 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the effective configuration, an example file, or the reference",
                        description="show: the effective settings after file and environment; example: a TOML "
                                    "file with every default; reference: the Markdown configuration reference.")
-    p.add_argument("action", choices=("show", "example", "reference"), nargs="?", default="show")
+    p.add_argument("action", choices=("show", "example", "reference"), nargs="?", default="show",
+                   help="show (default): the effective settings, secrets masked; example: a TOML file with every "
+                        "default; reference: the Markdown reference")
     common(p)
     p.set_defaults(func=cmd_config)
 

@@ -136,7 +136,8 @@ def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("ANOMALY_LOG_LEVEL", "bogus")
     with pytest.raises(SystemExit) as exit_:
         main(["config", "show"])
-    assert exit_.value.code == 2 and "--log-level" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--log-level" in err and "(from ANOMALY_LOG_LEVEL)" in err
 
 
 def test_retrain_checks_its_data_file_first(tmp_path, capsys):
