@@ -164,8 +164,10 @@ class TrainingSettings:
     seed: int = doc("random seed (python, numpy, torch)", 0)
     device: str = doc("auto (CUDA when present), cpu, cuda or cuda:N", "auto")
     mixed_precision: bool = doc("bf16 autocast when training on CUDA", True)
-    fast: bool = doc("fast path: batch sized to the device (256 CPU, 1024 GPU) with a sqrt learning-rate rule and "
-                     "warm-up, bf16 where native; much faster, results differ slightly (see Benchmarks)", False)
+    fast: bool = doc("fast path: a larger batch (up to 1024; on CPU also batch x window x hidden <= 2^18, so 512 for "
+                     "the default network and 128 for W 32 / hidden 64; never more than an eighth of the training "
+                     "windows) with a sqrt learning-rate rule and warm-up, bf16 where native; much faster, results "
+                     "differ slightly (see Benchmarks). The run's batch_size_used metric says the batch", False)
     cpu_threads: int = doc("torch threads while training on CPU (0 = torch's default); 1 is fastest on a busy 2-core box", 0)
 
     def check(self) -> None:
@@ -314,7 +316,8 @@ class WorkerSettings:
                                   "the first training job)", 0.0)
     device: str = doc("scoring device: auto (CUDA when present), cpu, cuda", "auto")
     precision: str = doc("forward-pass precision: auto (bf16 on CUDA and on CPUs with native bf16, e.g. AVX512-BF16; "
-                         "float32 elsewhere), fp32, bf16. bf16 moves scores by about 0.01 % of their value", "auto")
+                         "float32 elsewhere), fp32, bf16. bf16 moves scores by about 0.01-0.05 % of their value (median), up to about "
+                         "2 % for single windows", "auto")
     torch_threads: int = doc("CPU threads for scoring; 0 = torch's default (one per core). 1 is fastest when the broker and Kafka clients share the cores", 1)
     trace_model: bool = doc("on CPU, score through a TorchScript trace of the model (one call per forward pass "
                             "instead of one per torch operation), used only if it reproduces the model exactly on "
@@ -331,7 +334,7 @@ class WorkerSettings:
                                 "at start, beside the process that polls, follows the registry, produces and commits, "
                                 "so the two do not share one interpreter lock; measured on 2 cores at stride 4 with the default "
                                 "network 0.97 of a bare consumer against 0.61 in-process (with W 32 / hidden 64: level to "
-                                "+12 %), for ≈ 260 MB more resident memory. Scores "
+                                "+11 % in paired rounds), for ≈ 260 MB more resident memory. Scores "
                                 "in-process anyway on CUDA (a forked child cannot use it) and with less than 2 CPUs "
                                 "to use (affinity or cgroup quota, e.g. a Kubernetes CPU limit of 1)", True)
     metrics_host: str = doc("address of the Prometheus /metrics and /healthz endpoint", "127.0.0.1")

@@ -190,6 +190,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                          "data_end": end.isoformat(), "rows": len(prepared.values), "run_id": run.run_id,
                          "dropped_sensors": prepared.dropped, **result.summary()}
         metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+                   "batch_size_used": float(result.batch_size),
                    "threshold": detector.threshold.value, "train_seconds": result.seconds,
                    "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
                    "val_windows": float(len(val_scores)),

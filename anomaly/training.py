@@ -114,12 +114,14 @@ class TrainResult:
     n_train_windows: int
     n_val_windows: int
     val_windows: np.ndarray = field(repr=False)  # (Nv, W, F) scaled, for threshold fitting
+    batch_size: int = 0  # windows per step actually used (training.fast may raise the configured one)
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
                 "epochs_run": len(self.history), "device": self.device,
                 "train_seconds": round(self.seconds, 3),
-                "n_train_windows": self.n_train_windows, "n_val_windows": self.n_val_windows}
+                "n_train_windows": self.n_train_windows, "n_val_windows": self.n_val_windows,
+                "batch_size_used": self.batch_size}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,7 +242,8 @@ def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: Tr
     model = model.cpu().eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_val_loss=best_loss,
                        device=str(device), seconds=time.perf_counter() - started,
-                       n_train_windows=len(train_np), n_val_windows=len(val_np), val_windows=val_np)
+                       n_train_windows=len(train_np), n_val_windows=len(val_np), val_windows=val_np,
+                       batch_size=config.batch_size)
 
 
 def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, config: TrainConfig,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the virtual environment and installs everything. torch==2.13.0 goes first: any other torch
-# requirement would pull several GB of CUDA packages (DEVELOPERS.md).
+# requirement would pull several GB of CUDA packages (README "Quick start").
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}

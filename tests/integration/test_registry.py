@@ -48,6 +48,7 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     history = mlflow.MlflowClient().get_metric_history(first.run_id, "val_loss")
     assert len(history) == len(first.result.history) >= 1  # one point per epoch
     assert run.data.metrics["threshold"] == pytest.approx(first.detector.threshold.value)
+    assert run.data.metrics["batch_size_used"] == 64.0  # as configured (training.fast would raise it)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(first.run_id, "plots")}
     assert {"plots/loss_curves.png", "plots/error_distribution.png", "plots/validation_overlay.png"} <= artifacts
 
