@@ -10,6 +10,9 @@ in JSON, before the first full window), ``threshold`` (the bar in force at that 
 or with an adaptive rule the higher of it and the trailing level, the input's rows being one entity's
 history), ``is_anomaly``, ``top_sensor`` (null where there is no score). A missing cell (NaN, JSON null)
 is filled as the streaming worker fills it: the sensor's previous value, else its typical value.
+An optional ``entity`` column makes the input a fleet's rows: each entity's rows (in time order) are
+scored as a series of their own and held to that entity's threshold where the model fitted one
+(``Threshold.per_entity``), else the shared one.
 """
 
 from __future__ import annotations
@@ -31,24 +34,43 @@ class DetectorModel(PythonModel):
         missing = [s for s in det.sensors if s not in model_input.columns]
         if missing:
             raise ValueError(f"input lacks sensors {missing}; the model needs {list(det.sensors)}")
-        values = model_input[list(det.sensors)].to_numpy(dtype=np.float64)
-        if np.isnan(values).any():  # as the worker does: forward-fill, then the sensor's typical value
-            filled = pd.DataFrame(values).ffill().to_numpy()
-            values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
-        n = len(values)
+        n = len(model_input)
         score = np.full(n, np.nan)
+        bars = np.full(n, np.nan)
         top = np.full(n, None, dtype=object)
-        if n >= det.window_size:
-            scored = det.score_values(values)
-            score[scored.end_rows] = scored.scores
-            top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
-        bars = det.threshold.series_bars(score)  # the fitted value, moved by its adaptive or episode rule if it has one
+        if ENTITY_COLUMN in model_input.columns and ENTITY_COLUMN not in det.sensors:
+            # A fleet's rows: each entity's own windows, held to its own threshold where the model has one.
+            ids = model_input[ENTITY_COLUMN].to_numpy(dtype=object)
+            for entity, rows in pd.Series(range(n)).groupby(ids, sort=False, dropna=False).indices.items():
+                name = "" if pd.isna(entity) else str(entity)
+                score[rows], bars[rows], top[rows] = _score_rows(det, model_input.iloc[rows], det.threshold.for_entity(name))
+        else:
+            score, bars, top = _score_rows(det, model_input, det.threshold)
         # Nullable dtypes whose missing value is <NA>: null in MLflow's JSON responses, not the NaN that
         # strict JSON parsers refuse (pandas' default string dtype would turn None into NaN).
         return pd.DataFrame({"score": pd.array(score, dtype="Float64"), "threshold": bars,
                              "is_anomaly": score > bars,
                              "top_sensor": pd.array(top, dtype=pd.StringDtype("python", na_value=pd.NA))},
                             index=model_input.index)
+
+
+ENTITY_COLUMN = "entity"  # as anomaly.tables names it; optional in the logged signature
+
+
+def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One entity's rows (in time order): each row's window score, the bar in force, the top sensor."""
+    values = frame[list(det.sensors)].to_numpy(dtype=np.float64)
+    if np.isnan(values).any():  # as the worker does: forward-fill, then the sensor's typical value
+        filled = pd.DataFrame(values).ffill().to_numpy()
+        values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
+    n = len(values)
+    score = np.full(n, np.nan)
+    top = np.full(n, None, dtype=object)
+    if n >= det.window_size:
+        scored = det.score_values(values)
+        score[scored.end_rows] = scored.scores
+        top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
+    return score, threshold.series_bars(score), top  # the bar: fitted, moved by an adaptive or episode rule
 
 
 mlflow.models.set_model(DetectorModel())

@@ -66,7 +66,7 @@ def log_detector(detector: Detector, input_example: pd.DataFrame, artifact_name:
     import mlflow
     from mlflow.models import infer_signature
 
-    from anomaly.mlflow_model import DetectorModel
+    from anomaly.mlflow_model import ENTITY_COLUMN, DetectorModel
 
     with tempfile.TemporaryDirectory() as tmp:
         det_dir = detector.save(Path(tmp) / "detector")
@@ -74,6 +74,12 @@ def log_detector(detector: Detector, input_example: pd.DataFrame, artifact_name:
         wrapper.detector = detector
         output = wrapper.predict(None, input_example)
         signature = infer_signature(input_example, output)
+        if ENTITY_COLUMN not in detector.sensors:  # optional: a fleet's rows, each entity held to its own threshold
+            from mlflow.models import ModelSignature
+            from mlflow.types.schema import ColSpec, Schema
+
+            signature = ModelSignature(Schema([*signature.inputs.inputs, ColSpec("string", ENTITY_COLUMN, required=False)]),
+                                       signature.outputs)
         info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_CODE),
                                        artifacts={"detector": str(det_dir)}, signature=signature,
                                        input_example=input_example, pip_requirements=_requirements(),

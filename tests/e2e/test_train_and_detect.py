@@ -162,3 +162,21 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     # far under the fault (its lowest score over the fault is 25 x the healthy pump's highest).
     assert pump_a["is_anomaly"].mean() < 0.02
     assert pump_b["score"].to_numpy()[labels].min() > 10 * pump_a["score"].max()
+
+    # The registry's pyfunc takes the same fleet rows with an `entity` column (optional in its signature,
+    # kept through MLflow's schema check): each pump scored on its own windows, held to its own threshold.
+    import mlflow
+
+    fleet_rows = pd.read_csv(tmp_path / "faulty.csv").rename(columns={"pump": "entity"})
+    pyfunc = mlflow.pyfunc.load_model("models:/anomaly-detector@champion")
+    out = pyfunc.predict(fleet_rows[["entity", "temp", "pressure", "flow"]])
+    assert len(out) == 3000 and (out.index == fleet_rows.index).all()
+    by_pump = {e: out[fleet_rows["entity"].to_numpy() == e] for e in ("pump-0", "pump-9")}
+    assert by_pump["pump-0"]["threshold"].to_numpy() == pytest.approx(np.full(1500, own["pump-0"]))
+    assert by_pump["pump-9"]["threshold"].to_numpy() == pytest.approx(np.full(1500, detector.threshold.value))
+    np.testing.assert_allclose(by_pump["pump-9"]["score"].to_numpy(dtype=float, na_value=np.nan),
+                               pump_b["score"].to_numpy(), rtol=1e-5)  # as `anomaly score` scored it
+    assert by_pump["pump-9"]["is_anomaly"].to_numpy(bool)[labels].mean() > 0.8
+    # without the column, one series held to the shared threshold, as before
+    plain = pyfunc.predict(fleet_rows[["temp", "pressure", "flow"]])
+    assert (plain["threshold"] == detector.threshold.value).all()
