@@ -372,7 +372,7 @@ class RetrainSettings:
     max_readings: int = doc("most recent readings kept per entity while reading the input topic (bounds memory)", 50000)
     lookback_s: float = doc("history window in seconds, measured on the readings' own ts back from the newest one", 7 * 86400.0)
     min_rows: int = doc("fewest clean rows (after anomaly exclusion) needed to retrain; fewer = a logged skip", 500)
-    read_idle_s: float = doc("stop reading the input topic after this many seconds without a new record", 2.0)
+    read_idle_s: float = doc("stop reading the input topic after this many seconds without a new record (before the first: at least 10 s, for the first fetch)", 2.0)
     read_timeout_s: float = doc("longest time spent reading the input topic", 300.0)
     exclude_margin_rows: int = doc("rows dropped on each side of a window the champion flags, besides the window itself", 32)
     holdout_fraction: float = doc("most recent fraction of the clean history held out to compare challenger and champion", 0.2)

@@ -58,6 +58,7 @@ HistorySource = Callable[[], Iterable["Reading | Labelled"]]
 LABEL_COLUMN = "__label__"  # the ground-truth column ``History.frames`` adds for labelled entities
 
 _POLL_STEP_MS = 200  # short polls, so the idle and total deadlines are kept
+FIRST_RECORD_WAIT_S = 10.0  # the idle allowance before the first record (retrain.read_idle_s after it)
 
 
 # --- result --------------------------------------------------------------------------------------
@@ -364,7 +365,8 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     reading whose JSON carries ``label_field`` comes as ``(reading, label)``.
 
     No consumer group (assign + seek_to_beginning), nothing committed, the topic is never created.
-    Stops after ``idle_s`` without a record or ``timeout_s`` in all: it does not ask the broker where
+    Stops after ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer) or
+    ``timeout_s`` in all: it does not ask the broker where
     the end is (Tansu's end offsets are wrong, DESIGN §5), so it works the same on Apache Kafka.
     Bad records are counted in ``stats["bad"]`` and skipped (the worker dead-letters them).
     """
@@ -390,17 +392,22 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         last = time.monotonic()
+        # Before the first record, the first fetch (connections, offset lookups) may take longer than
+        # the idle allowance on a loaded box or a far cluster: a retrain that stopped then would skip
+        # for "too little data" with a full topic.
+        allowance = max(idle_s, FIRST_RECORD_WAIT_S)
         while True:
             now = time.monotonic()
             if now >= deadline:
                 log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s)", topic, timeout_s)
                 break
-            if now - last >= idle_s:
+            if now - last >= allowance:
                 break
             batch = consumer.poll(timeout_ms=int(min(_POLL_STEP_MS, idle_s * 1000)) or 1)
             for records in batch.values():
                 if records:
                     last = time.monotonic()
+                    allowance = idle_s
                 for record in records:
                     stats["records"] += 1
                     reading = codec.decode_reading(record.value)

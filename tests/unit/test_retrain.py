@@ -359,3 +359,37 @@ def test_the_hold_out_holds_each_entity_to_its_own_threshold():
     tail = (np.where(labels, 1.0, 0.1)[:, None], labels)
     assert _events(model, [tail], ["quiet"]).recall == 1.0
     assert _events(model, [tail], ["loud"]).recall == 0.0
+
+
+def test_reading_history_waits_longer_for_the_first_record_than_between_records(monkeypatch):
+    """A first fetch slower than retrain.read_idle_s (connections, offset lookups on a loaded box) is
+    not taken for an empty topic; after the first record the idle allowance is read_idle_s again."""
+    import time
+    from types import SimpleNamespace
+
+    from anomaly import codec, kafka_io, retrain
+
+    started = time.monotonic()
+    value = codec.encode_reading(codec.Reading("p", 1_790_000_000.0, {"a": 1.0}))
+
+    class SlowFirstFetch:
+        def __init__(self, **options):
+            self.served = False
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assign(self, tps): ...
+        def seek_to_beginning(self, *tps): ...
+        def close(self, autocommit=False): ...
+
+        def poll(self, timeout_ms):
+            time.sleep(timeout_ms / 1000)
+            if not self.served and time.monotonic() - started > 0.6:  # 3 x the idle allowance below
+                self.served = True
+                return {0: [SimpleNamespace(value=value)] * 3}
+            return {}
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", SlowFirstFetch)
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=0.2, timeout_s=5.0))
+    assert len(got) == 3 and time.monotonic() - started < 2.0  # then idle_s, not the first-record wait
