@@ -229,6 +229,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         summary["evaluation"] = labelled_report([p.table["label"].to_numpy(dtype=bool) for p in parts],
                                                 [p.table["is_anomaly"].to_numpy(dtype=bool) for p in parts],
                                                 [p.table["ts"] for p in parts])
+        if several:  # which entity the figures come from: the fleet's total hides a noisy one
+            summary["evaluation_by_entity"] = {
+                entity: labelled_report([p.table["label"].to_numpy(dtype=bool)],
+                                        [p.table["is_anomaly"].to_numpy(dtype=bool)], [p.table["ts"]])
+                for entity, p in scored_entities.items()}
         if args.record:
             summary["evaluation_run_id"] = _record_evaluation(settings, name, version, args.data, detector,
                                                               scored_entities, summary["evaluation"])

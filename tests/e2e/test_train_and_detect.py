@@ -180,3 +180,16 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     # without the column, one series held to the shared threshold, as before
     plain = pyfunc.predict(fleet_rows[["temp", "pressure", "flow"]])
     assert (plain["threshold"] == detector.threshold.value).all()
+
+    # The fleet file with its ground truth: the total, and each pump's own figures beside it.
+    truth = np.zeros(3000, dtype=int)
+    truth[1500:][labels] = 1  # pump-9's rows come second in the file written above
+    pd.concat([healthy.assign(pump="pump-0").reset_index(), faulty.assign(pump="pump-9").reset_index()]) \
+        .assign(anomaly=truth).sort_values("ts", kind="stable").to_csv(tmp_path / "labelled.csv", index=False)
+    assert main(["score", "--data", "labelled.csv", "--config", str(config)]) == 0
+    labelled = json.loads(capsys.readouterr().out)
+    each = labelled["evaluation_by_entity"]
+    assert sorted(each) == ["pump-0", "pump-9"] and each["pump-0"]["labelled_rows"] == 0
+    assert each["pump-0"]["flagged_rows"] == int(pump_a["is_anomaly"].sum())
+    assert each["pump-9"]["labelled_rows"] == 200 and each["pump-9"]["recall"] == pytest.approx(flags[labels].mean())
+    assert labelled["evaluation"]["flagged_rows"] == each["pump-0"]["flagged_rows"] + each["pump-9"]["flagged_rows"]
