@@ -80,11 +80,15 @@ def _check_alias(name: str, alias: str) -> None:
 
 
 def _check_bootstrap(name: str, servers: str) -> None:
-    for server in servers.split(","):
-        host, sep, port = server.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-            raise ConfigError(name, f"each server must be host:port with a port 1..65535; got {server.strip()!r} "
-                                    f"in {servers!r}")
+    """host or host:port items, comma-separated (empty items skipped, as the clients skip them; a host
+    without a port means Kafka's 9092)."""
+    items = [s.strip() for s in servers.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(name, f"names no server: {servers!r}")
+    for server in items:
+        host, sep, port = server.rpartition(":")
+        if sep and host and not host.endswith(":") and not (port.isdigit() and 0 < int(port) <= 65535):
+            raise ConfigError(name, f"{server!r} in {servers!r}: the port must be a number 1..65535")
 
 
 @dataclass(frozen=True)
@@ -531,8 +535,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 overrides: Mapping[str, Mapping[str, Any]] | None = None,
                 base: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
     """Defaults ← ``base`` (e.g. a dataset profile) ← TOML file ← ``ANOMALY_*`` environment ←
-    ``overrides`` (from the command line)."""
+    ``overrides`` (from the command line). A later layer that names another ``threshold.method`` than
+    ``base`` drops ``base``'s whole ``[threshold]``: its scale and parameters were chosen for its method."""
     raw: dict[str, dict[str, Any]] = {section: dict(values) for section, values in (base or {}).items()}
+    base_method = (base or {}).get("threshold", {}).get("method")
     if path is not None:
         path = Path(path)
         try:
@@ -570,6 +576,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     for section, values in (overrides or {}).items():
         raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
         overridden |= {f"{section}.{k}" for k, v in values.items() if v is not None}
+    method = raw.get("threshold", {}).get("method")
+    if base_method is not None and method is not None and str(method) != str(base_method):
+        later = _later_threshold_fields(path, env, overrides)
+        raw["threshold"] = {k: v for k, v in raw["threshold"].items() if k in later}
     try:
         return build_settings(raw)
     except ConfigError as exc:
@@ -577,6 +587,19 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         if variable is None or exc.field in overridden:
             raise
         raise ConfigError(exc.field, f"{exc.message} (set by {variable})") from None
+
+
+def _later_threshold_fields(path: str | Path | None, env: Mapping[str, str] | None,
+                            overrides: Mapping[str, Mapping[str, Any]] | None) -> set[str]:
+    """The ``[threshold]`` fields a file, the environment or the command line set (not a base)."""
+    names: set[str] = set()
+    if path is not None:
+        with Path(path).open("rb") as fh:  # read and checked above
+            names |= set(tomllib.load(fh).get("threshold", {}))
+    prefix = f"{ENV_PREFIX}THRESHOLD__"
+    names |= {k[len(prefix):].lower() for k in (os.environ if env is None else env) if k.startswith(prefix)}
+    names |= {k for k, v in (overrides or {}).get("threshold", {}).items() if v is not None}
+    return names
 
 
 def build_settings(raw: Mapping[str, Mapping[str, Any]]) -> Settings:

@@ -261,10 +261,18 @@ def labelled_report(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray],
         events = aggregate_events(event_metrics(t, p) for t, p in zip(y_true, y_pred))
     else:
         events = aggregate_events(event_metrics(t, p, ts) for t, p, ts in zip(y_true, y_pred, timestamps))
-    return {"precision": _ratio(point.tp, point.tp + point.fp), "recall": _ratio(point.tp, point.tp + point.fn),
-            "f1": point.f1, "far": point.far, "mar": point.mar, **events.to_dict(),
-            "labelled_rows": point.tp + point.fn, "flagged_rows": point.tp + point.fp,
-            "labelled_events": events.n_true, "detected_events": events.n_detected}
+    out: dict[str, float | int | None] = {
+        "precision": _ratio(point.tp, point.tp + point.fp), "recall": _ratio(point.tp, point.tp + point.fn),
+        "f1": point.f1, "far": point.far, "mar": point.mar, **events.to_dict(),
+        "labelled_rows": point.tp + point.fn, "flagged_rows": point.tp + point.fp,
+        "labelled_events": events.n_true, "detected_events": events.n_detected}
+    if not point.tp + point.fn:  # nothing labelled: no recall to have, not a recall of 0
+        out.update(recall=None, f1=None, mar=None, event_recall=None, event_f1=None)
+    if not point.tp + point.fp:  # nothing flagged: no precision either
+        out.update(precision=None)
+    if not events.n_pred:
+        out.update(event_precision=None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -76,9 +76,10 @@ def log_detector(detector: Detector, input_example: pd.DataFrame, artifact_name:
         signature = infer_signature(input_example, output)
         if ENTITY_COLUMN not in detector.sensors:  # optional: a fleet's rows, each entity held to its own threshold
             from mlflow.models import ModelSignature
-            from mlflow.types.schema import ColSpec, Schema
+            from mlflow.types.schema import AnyType, ColSpec, Schema
 
-            signature = ModelSignature(Schema([*signature.inputs.inputs, ColSpec("string", ENTITY_COLUMN, required=False)]),
+            # any type: ids may be text or numbers (predict reads each as str), as in the worker's keys
+            signature = ModelSignature(Schema([*signature.inputs.inputs, ColSpec(AnyType(), ENTITY_COLUMN, required=False)]),
                                        signature.outputs)
         info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_CODE),
                                        artifacts={"detector": str(det_dir)}, signature=signature,

@@ -192,7 +192,7 @@ def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, pe
     if n_rows == 0:
         return out
     ts = np.asarray(reading_ts, dtype=np.float64)[np.asarray(labels, dtype=bool)]
-    slots = np.rint((ts - grid_start) / period_s).astype(np.int64)
+    slots = np.floor((ts - grid_start) / period_s + 0.5).astype(np.int64)  # halves up, as the grids round
     out[slots[(slots >= 0) & (slots < n_rows)]] = True
     return out
 

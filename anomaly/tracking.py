@@ -210,11 +210,13 @@ def code_version(checkout: Path | None = None) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
 
+    sha, dirty = "", False
     try:
         sha = git("rev-parse", "--short", "HEAD")
-        dirty = bool(sha) and bool(git("status", "--porcelain", "--untracked-files=no"))
+        # --no-optional-locks: never takes .git/index.lock, so a person's own git command is not disturbed
+        dirty = bool(sha) and bool(git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        sha, dirty = "", False
+        pass  # the commit alone, when only the dirty check failed
     return code_version_string(__version__, sha, dirty)
 
 

@@ -177,6 +177,10 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     np.testing.assert_allclose(by_pump["pump-9"]["score"].to_numpy(dtype=float, na_value=np.nan),
                                pump_b["score"].to_numpy(), rtol=1e-5)  # as `anomaly score` scored it
     assert by_pump["pump-9"]["is_anomaly"].to_numpy(bool)[labels].mean() > 0.8
+    # numeric ids are ids too (an id the model never saw is held to the shared threshold)
+    numbered = pyfunc.predict(fleet_rows[["entity", "temp", "pressure", "flow"]].assign(
+        entity=fleet_rows["entity"].map({"pump-0": 0, "pump-9": 9})))
+    assert (numbered["threshold"] == detector.threshold.value).all() and len(numbered) == 3000
     # without the column, one series held to the shared threshold, as before
     plain = pyfunc.predict(fleet_rows[["temp", "pressure", "flow"]])
     assert (plain["threshold"] == detector.threshold.value).all()

@@ -50,7 +50,8 @@ def test_env_types_are_parsed():
     ({"ANOMALY_DATA__TIMESTAMP_COLUMN": "t", "ANOMALY_DATA__ENTITY_COLUMN": "t"}, "data.entity_column"),
     ({"ANOMALY_DATA__SENSORS": "a,pump", "ANOMALY_DATA__ENTITY_COLUMN": "pump"}, "data.entity_column"),
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "host:notaport"}, "kafka.bootstrap_servers"),
-    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092,b"}, "kafka.bootstrap_servers"),
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092,b:x"}, "kafka.bootstrap_servers"),
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": " , "}, "kafka.bootstrap_servers"),
     ({"ANOMALY_DATA__SENSORS": "a,b", "ANOMALY_RETRAIN__LABEL_FIELD": "a"}, "retrain.label_field"),
 ])
 def test_bad_values_name_the_field(env, field):
@@ -63,7 +64,7 @@ def test_bad_values_name_the_field(env, field):
 def test_good_devices_aliases_and_servers_pass():
     s = load_config(env={"ANOMALY_TRAINING__DEVICE": "cuda:1", "ANOMALY_WORKER__DEVICE": "cuda",
                          "ANOMALY_MLFLOW__CHAMPION_ALIAS": "prod-v2_a", "ANOMALY_WORKER__MODEL_ALIAS": "prod-v2_a",
-                         "ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "kafka-0.kafka:9092, [::1]:9093"})
+                         "ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "kafka-0.kafka:9092, [::1]:9093,kafka,"})
     assert s.training.device == "cuda:1" and s.mlflow.champion_alias == "prod-v2_a"
 
 
@@ -175,3 +176,22 @@ def test_a_mistyped_variable_is_said(caplog):
     with pytest.raises(ConfigError) as err:
         load_config(env={"ANOMALY_MODLE__WINDOW_SIZE": "12"})
     assert "unknown section" in str(err.value) and "(set by ANOMALY_MODLE__WINDOW_SIZE)" in str(err.value)
+
+
+def test_another_threshold_method_than_the_profile_s_drops_the_profile_s_threshold(tmp_path):
+    """SKAB's scale 1.25 was chosen for its q0.95: a file choosing POT must not inherit it; the file's
+    own threshold fields and the profile's other sections stay."""
+    from anomaly.protocols import PROFILES
+
+    config = tmp_path / "pot.toml"
+    config.write_text('[threshold]\nmethod = "pot"\nrisk = 0.001\n')
+    s = load_config(config, env={}, base=PROFILES["skab"])
+    assert (s.threshold.method, s.threshold.scale, s.threshold.risk) == ("pot", 1.0, 0.001)
+    assert s.model.window_size == PROFILES["skab"]["model"]["window_size"]
+    env = {"ANOMALY_THRESHOLD__METHOD": "mean_std", "ANOMALY_THRESHOLD__SCALE": "2"}
+    s = load_config(None, env=env, base=PROFILES["skab"])
+    assert (s.threshold.method, s.threshold.scale) == ("mean_std", 2.0)
+    same = tmp_path / "same.toml"
+    same.write_text('[threshold]\nmethod = "quantile"\nq = 0.9\n')
+    s = load_config(same, env={}, base=PROFILES["skab"])
+    assert (s.threshold.q, s.threshold.scale) == (0.9, PROFILES["skab"]["threshold"]["scale"])

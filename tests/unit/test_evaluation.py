@@ -454,3 +454,13 @@ def test_labelled_report_sums_point_counts_over_entities_and_times_events():
     assert (out["labelled_events"], out["detected_events"]) == (1, 1)
     assert out["event_precision"] == 0.5 and out["event_recall"] == 1.0 and out["mean_delay_s"] == 10.0
     assert labelled_report(truth, flags)["mean_delay_s"] == 1.0  # rows without timestamps
+
+
+def test_labelled_report_says_none_where_there_is_nothing_to_divide():
+    from anomaly.evaluation import labelled_report
+
+    quiet = labelled_report([np.zeros(5, bool)], [np.zeros(5, bool)])
+    assert quiet["f1"] is None and quiet["recall"] is None and quiet["event_f1"] is None and quiet["far"] == 0.0
+    assert quiet["precision"] is None and quiet["event_precision"] is None
+    noisy = labelled_report([np.zeros(5, bool)], [np.array([0, 1, 0, 0, 0], bool)])
+    assert noisy["precision"] == 0.0 and noisy["event_precision"] == 0.0 and noisy["far"] == 20.0

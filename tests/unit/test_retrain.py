@@ -393,3 +393,11 @@ def test_reading_history_waits_longer_for_the_first_record_than_between_records(
     monkeypatch.setattr(kafka_io, "KafkaConsumer", SlowFirstFetch)
     got = list(retrain.topic_readings("b:9092", "t", idle_s=0.2, timeout_s=5.0))
     assert len(got) == 3 and time.monotonic() - started < 2.0  # then idle_s, not the first-record wait
+
+
+def test_labels_land_on_the_slot_the_grid_puts_their_reading_in():
+    """Halves round up, as ``grid.to_grid`` and the worker's windows place readings (not to even)."""
+    from anomaly.retrain import label_rows
+
+    out = label_rows(np.array([5.0, 7.0, 8.0]), np.array([True, True, False]), 0.0, 2.0, 6)
+    assert np.flatnonzero(out).tolist() == [3, 4]
