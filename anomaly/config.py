@@ -79,13 +79,19 @@ def _check_alias(name: str, alias: str) -> None:
         raise ConfigError(name, problem)
 
 
+def bootstrap_list(servers: str | typing.Sequence[str]) -> list[str]:
+    """``"a:9092, b:9092"`` or ``["a:9092", "b:9092"]`` as a clean list (empty items skipped); none at
+    all is a ``ConfigError``. Every Kafka client is given this list (``kafka_io``)."""
+    items = servers.split(",") if isinstance(servers, str) else list(servers)
+    clean = [item.strip() for item in items if item and item.strip()]
+    if not clean:
+        raise ConfigError("kafka.bootstrap_servers", f"no host:port given: {servers!r}")
+    return clean
+
+
 def _check_bootstrap(name: str, servers: str) -> None:
-    """host or host:port items, comma-separated (empty items skipped, as the clients skip them; a host
-    without a port means Kafka's 9092)."""
-    items = [s.strip() for s in servers.split(",") if s.strip()]
-    if not items:
-        raise ConfigError(name, f"names no server: {servers!r}")
-    for server in items:
+    """host or host:port items (``bootstrap_list``; a host without a port means Kafka's 9092)."""
+    for server in bootstrap_list(servers):
         host, sep, port = server.rpartition(":")
         if sep and host and not host.endswith(":") and not (port.isdigit() and 0 < int(port) <= 65535):
             raise ConfigError(name, f"{server!r} in {servers!r}: the port must be a number 1..65535")
@@ -539,6 +545,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     ``base`` drops ``base``'s whole ``[threshold]``: its scale and parameters were chosen for its method."""
     raw: dict[str, dict[str, Any]] = {section: dict(values) for section, values in (base or {}).items()}
     base_method = (base or {}).get("threshold", {}).get("method")
+    later_threshold: set[str] = set()  # [threshold] fields set above the base
     if path is not None:
         path = Path(path)
         try:
@@ -558,6 +565,8 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                                            f"[model] window_size = 10); known sections: "
                                            f"{', '.join(f.name for f in dataclasses.fields(Settings))}")
             raw.setdefault(section, {}).update(values)
+            if section == "threshold":
+                later_threshold |= set(values)
     from_env: dict[str, str] = {}  # field -> the variable that set it, so an error can name it
     for key, value in (os.environ if env is None else env).items():
         if not key.startswith(ENV_PREFIX):
@@ -570,16 +579,20 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             continue
         section, _, name = key[len(ENV_PREFIX):].lower().partition("__")
         raw.setdefault(section, {})[name] = _EnvString(value)
+        if section == "threshold":
+            later_threshold.add(name)
         from_env[f"{section}.{name}"] = key
         from_env.setdefault(section, key)  # an unknown section names a variable that brought it
     overridden = set()
     for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-        overridden |= {f"{section}.{k}" for k, v in values.items() if v is not None}
+        given = {k: v for k, v in values.items() if v is not None}
+        raw.setdefault(section, {}).update(given)
+        overridden |= {f"{section}.{k}" for k in given}
+        if section == "threshold":
+            later_threshold |= set(given)
     method = raw.get("threshold", {}).get("method")
     if base_method is not None and method is not None and str(method) != str(base_method):
-        later = _later_threshold_fields(path, env, overrides)
-        raw["threshold"] = {k: v for k, v in raw["threshold"].items() if k in later}
+        raw["threshold"] = {k: v for k, v in raw["threshold"].items() if k in later_threshold}
     try:
         return build_settings(raw)
     except ConfigError as exc:
@@ -587,19 +600,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         if variable is None or exc.field in overridden:
             raise
         raise ConfigError(exc.field, f"{exc.message} (set by {variable})") from None
-
-
-def _later_threshold_fields(path: str | Path | None, env: Mapping[str, str] | None,
-                            overrides: Mapping[str, Mapping[str, Any]] | None) -> set[str]:
-    """The ``[threshold]`` fields a file, the environment or the command line set (not a base)."""
-    names: set[str] = set()
-    if path is not None:
-        with Path(path).open("rb") as fh:  # read and checked above
-            names |= set(tomllib.load(fh).get("threshold", {}))
-    prefix = f"{ENV_PREFIX}THRESHOLD__"
-    names |= {k[len(prefix):].lower() for k in (os.environ if env is None else env) if k.startswith(prefix)}
-    names |= {k for k, v in (overrides or {}).get("threshold", {}).items() if v is not None}
-    return names
 
 
 def build_settings(raw: Mapping[str, Mapping[str, Any]]) -> Settings:

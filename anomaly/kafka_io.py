@@ -29,6 +29,7 @@ from kafka import (ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, K
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
+from anomaly.config import bootstrap_list
 from anomaly.errors import ConfigError, TopicError
 
 log = logging.getLogger(__name__)
@@ -77,15 +78,6 @@ _CLIENT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType({
 })
 
 
-def _bootstrap_list(bootstrap_servers: str | Sequence[str]) -> list[str]:
-    """``"a:9092, b:9092"`` or ``["a:9092", "b:9092"]`` as a clean list."""
-    items = bootstrap_servers.split(",") if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
-    servers = [item.strip() for item in items if item and item.strip()]
-    if not servers:
-        raise ConfigError("kafka.bootstrap_servers", f"no host:port given: {bootstrap_servers!r}")
-    return servers
-
-
 def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``client_options`` that a ``kind`` client accepts.
 
@@ -113,7 +105,7 @@ def consumer_options(bootstrap_servers: str | Sequence[str], group_id: str | Non
 
     ``client_options`` wins over everything (TLS, SASL, timeouts, even ``enable_auto_commit``).
     """
-    options: dict[str, Any] = {"bootstrap_servers": _bootstrap_list(bootstrap_servers), "group_id": group_id,
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap_list(bootstrap_servers), "group_id": group_id,
                                **CONSUMER_DEFAULTS}
     if client_id is not None:
         options["client_id"] = client_id
@@ -126,7 +118,7 @@ def consumer_options(bootstrap_servers: str | Sequence[str], group_id: str | Non
 def producer_options(bootstrap_servers: str | Sequence[str], *, client_id: str | None = None,
                      client_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """kafka-python ``KafkaProducer`` kwargs: our defaults, the typed arguments, then ``client_options``."""
-    options: dict[str, Any] = {"bootstrap_servers": _bootstrap_list(bootstrap_servers), **PRODUCER_DEFAULTS}
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap_list(bootstrap_servers), **PRODUCER_DEFAULTS}
     if client_id is not None:
         options["client_id"] = client_id
     options.update(_pass_through("producer", client_options))
@@ -136,7 +128,7 @@ def producer_options(bootstrap_servers: str | Sequence[str], *, client_id: str |
 def admin_options(bootstrap_servers: str | Sequence[str], *,
                   client_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """kafka-python ``KafkaAdminClient`` kwargs: bootstrap servers, then ``client_options``."""
-    options: dict[str, Any] = {"bootstrap_servers": _bootstrap_list(bootstrap_servers)}
+    options: dict[str, Any] = {"bootstrap_servers": bootstrap_list(bootstrap_servers)}
     options.update(_pass_through("admin", client_options))
     return options
 
