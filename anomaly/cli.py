@@ -203,13 +203,15 @@ def cmd_score(args: argparse.Namespace) -> int:
             spans.extend(part.spans)
         scored_entities[entity] = part
     table = pd.concat([p.table for p in scored_entities.values()], ignore_index=True)
-    scored_rows = int(np.isfinite(table["score"].to_numpy(dtype=np.float64)).sum())
+    scored_by_entity = {e: int(np.isfinite(p.table["score"].to_numpy(dtype=np.float64)).sum())
+                        for e, p in scored_entities.items()}
+    scored_rows = sum(scored_by_entity.values())
     if not scored_rows:  # "nothing flagged" would read as "all normal"
         raise DataError(f"{args.data}: no row could be scored: a score needs {detector.window_size} readings in a "
                         f"row (the model's window) without an unfilled gap, on the model's grid"
                         f"{f' ({detector.period_s:g} s)' if detector.period_s else ''}; the file has "
                         f"{len(table)} grid rows")
-    unscored = [e for e, p in scored_entities.items() if not np.isfinite(p.table["score"].to_numpy(np.float64)).any()]
+    unscored = [e for e, count in scored_by_entity.items() if not count]
     if unscored:
         log.warning("no row scored for %d of %d entities (fewer than %d readings without a gap): %s",
                     len(unscored), len(scored_entities), detector.window_size, ", ".join(unscored[:10]))
@@ -256,13 +258,13 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
     flagged spans with the sensors that drove each; held to the entity's own threshold where the model
     has one. A grid slot is anomalous when a labelled reading falls on it (the nearest slot, as
-    ``retrain.label_rows`` places it); a slot no reading fell on counts as normal."""
+    ``retrain.labels_on_grid`` places it); a slot no reading fell on counts as normal."""
     import numpy as np
     import pandas as pd
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
-    from anomaly.retrain import label_rows
+    from anomaly.retrain import labels_on_grid
     from anomaly.windowing import rows_from_windows
 
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
@@ -280,10 +282,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
                         "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
     if truth is not None:
-        epoch = pd.Timestamp(0, tz="UTC")
-        seconds = lambda index: np.asarray((index - epoch) / pd.Timedelta(seconds=1), dtype=np.float64)
-        out["label"] = label_rows(seconds(frame.index), np.asarray(truth, dtype=bool),
-                                  float(seconds(prepared.timestamps[:1])[0]) if n else 0.0, prepared.period_s, n)
+        out["label"] = labels_on_grid(frame.index, truth, prepared)
     spans = []
     for start, end in label_events(flags):
         in_span = (scored.end_rows >= start) & (scored.end_rows < end)

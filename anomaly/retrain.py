@@ -197,6 +197,16 @@ def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, pe
     return out
 
 
+def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Any) -> np.ndarray:
+    """``label_rows`` for readings at ``index`` (their ground truth ``labels``, bool) on the grid that
+    ``prepare_scoring`` of those readings made (``prepared``)."""
+    n = len(prepared.values)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    return label_rows(_epoch_s(index), np.asarray(labels, dtype=bool), prepared.timestamps[0].timestamp(),
+                      float(prepared.period_s), n)
+
+
 def split_segments(keep: np.ndarray, holdout_fraction: float,
                    min_len: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Training and hold-out segments of the kept rows: the hold-out is the most recent
@@ -627,8 +637,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         values = prepared.values
         gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)
         if raw_labels is not None:
-            labels = label_rows(_epoch_s(frame.index), raw_labels.to_numpy() > 0,
-                                prepared.timestamps[0].timestamp(), float(prepared.period_s), len(values))
+            labels = labels_on_grid(frame.index, raw_labels.to_numpy() > 0, prepared)
             drop = exclusion_mask(len(values), np.flatnonzero(labels), 1, rt.exclude_margin_rows)
             facts["labelled_entities"] += 1
             facts["labelled_rows"] += int(labels.sum())
