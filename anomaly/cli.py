@@ -74,20 +74,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
             "max_missing_fraction": d.max_missing_fraction}
     fleet: dict[str, Any] = {}
-    if args.data:
-        fleet = _entity_tables(args.data, settings)
+    truths: dict[str, Any] | None = None
+    if args.data:  # a labelled file's anomalous rows (and retrain.exclude_margin_rows around them) do not train
+        fleet, truths = _labelled_entity_tables(args.data, settings)
         source, dataset = str(args.data), "custom"
+        grid["margin_rows"] = settings.retrain.exclude_margin_rows
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
         frame, source = _dataset_training_frame(args.dataset, data_dir, args.series)
         dataset = args.dataset
     if len(fleet) > 1:  # one model shared by the fleet's entities, each gridded on its own
-        prepared = prepare_fleet(fleet, settings.model.window_size, settings.training.validation_fraction, **grid)
+        prepared = prepare_fleet(fleet, settings.model.window_size, settings.training.validation_fraction,
+                                 labels=truths, **grid)
+    elif fleet:
+        (entity, table), = fleet.items()
+        prepared = prepare_training(table, labels=None if truths is None else truths[entity], **grid)
     else:
-        prepared = prepare_training(next(iter(fleet.values())) if fleet else frame, **grid)
-    log.info("training on %d rows x %d sensors from %s (period %.3g s)%s", len(prepared.values),
+        prepared = prepare_training(frame, **grid)
+    log.info("training on %d rows x %d sensors from %s (period %.3g s)%s%s", len(prepared.values),
              len(prepared.sensors), source, prepared.period_s,
-             f", {len(prepared.entities)} entities" if prepared.entities else "")
+             f", {len(prepared.entities)} entities" if prepared.entities else "",
+             f", {prepared.labelled_out} labelled rows (with their margin) left out" if prepared.labelled_out else "")
     outcome = run_training(prepared, settings, source=source, dataset=dataset, register=not args.no_register,
                            promote=args.promote, alias=args.alias, progress=not args.quiet)
     print(json.dumps({"run_id": outcome.run_id, "model": settings.mlflow.model_name, "version": outcome.version,
@@ -258,13 +265,13 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
     flagged spans with the sensors that drove each; held to the entity's own threshold where the model
     has one. A grid slot is anomalous when a labelled reading falls on it (the nearest slot, as
-    ``retrain.labels_on_grid`` places it); a slot no reading fell on counts as normal."""
+    ``preparation.labels_on_grid`` places it); a slot no reading fell on counts as normal."""
     import numpy as np
     import pandas as pd
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
-    from anomaly.retrain import labels_on_grid
+    from anomaly.preparation import labels_on_grid
     from anomaly.windowing import rows_from_windows
 
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
@@ -326,18 +333,12 @@ def _record_evaluation(settings: Any, name: str, version: str, data: str, detect
     return run_id
 
 
-def _entity_tables(path: str, settings: Any) -> dict[str, Any]:
+def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A ``--data`` table's readings per entity (entity -> frame, in order of first appearance; one entry
     named by the file when there is no ``data.entity_column``), ground truth (``anomaly``/``changepoint``/
-    ``label`` and ``retrain.label_field``) split off. Entities are kept apart: the rows of several on one
-    grid would each slot keep one of them."""
-    return _labelled_entity_tables(path, settings)[0]
-
-
-def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``_entity_tables`` plus each entity's ground truth, row for row (bool arrays), or None when the
-    file has no label column: ``retrain.label_field`` if present, else ``anomaly``, else ``label``
-    (``changepoint`` marks a moment, not the anomalous rows). Cells read as ``retrain.parse_label`` reads
+    ``label`` and ``retrain.label_field``) split off; entities are kept apart (the rows of several on one
+    grid would each slot keep one of them). Also each entity's ground truth, row for row (bool arrays), or
+    None when the file has no label column (``tables.truth_column``). Cells read as ``retrain.parse_label`` reads
     them; a blank cell is normal."""
     import numpy as np
 
@@ -347,9 +348,7 @@ def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], d
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
                               entity_col=settings.data.entity_column)
     frame, labels = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
-    by_name = {str(c).lower(): c for c in labels.columns}
-    column = next((by_name[n.lower()] for n in (settings.retrain.label_field, "anomaly", "label")
-                   if n.lower() in by_name), None)
+    column = tables.truth_column(labels.columns, settings.retrain.label_field)
     truth = None if column is None else np.array([parse_label(v) is True for v in labels[column].to_numpy()])
     if tables.ENTITY_COLUMN not in frame.columns:
         return {str(path): frame}, None if truth is None else {str(path): truth}
@@ -751,7 +750,7 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--epochs", type=positive_int, help="override training.epochs")
     p.add_argument("--device", help="override training.device")
     p.add_argument("--data", help="retrain from this CSV/Parquet file instead of the input topic; a "
-                                  "retrain.label_field column (default 'anomaly') is ground truth for the gate")
+                                  "label column (retrain.label_field, else 'anomaly' or 'label') is ground truth for the gate")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     common(p)
     p.set_defaults(func=cmd_retrain)
@@ -882,7 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor; "
                                     "with data.entity_column set and several entities in it, one model shared by "
                                     "the fleet (each entity gridded on its own, validated on every entity's "
-                                    "recent rows)")
+                                    "recent rows); a label column (retrain.label_field, 'anomaly' or 'label') keeps "
+                                    "the labelled rows and retrain.exclude_margin_rows around them out of training")
     src.add_argument("--dataset", choices=DATASETS, help="train on a benchmark dataset's normal part")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to train on (e.g. valve1/0, machine-1-2); SKAB default: the "

@@ -384,11 +384,11 @@ class RetrainSettings:
     min_rows: int = doc("fewest clean rows (after anomaly exclusion) needed to retrain; fewer = a logged skip", 500)
     read_idle_s: float = doc("stop reading the input topic after this many seconds without a new record (before the first: at least 10 s, for the first fetch)", 2.0)
     read_timeout_s: float = doc("longest time spent reading the input topic", 300.0)
-    exclude_margin_rows: int = doc("rows dropped on each side of a window the champion flags, besides the window itself", 32)
+    exclude_margin_rows: int = doc("rows dropped on each side of a window the champion flags, besides the window itself, and on each side of a labelled row (retrain, and train --data on a labelled file)", 32)
     holdout_fraction: float = doc("most recent fraction of the clean history held out to compare challenger and champion", 0.2)
     min_improvement: float = doc("promote only if the challenger's mean hold-out error is lower by at least this fraction", 0.05)
     max_false_alarm_increase: float = doc("promote only if the challenger's hold-out false-alarm rate exceeds the champion's by at most this", 0.005)
-    label_field: str = doc("field of an input reading (or column of a --data file) holding ground truth, 1/true = anomalous; when present, labelled rows are kept out of training and event F1 enters the gate", "anomaly")
+    label_field: str = doc("field of an input reading (or column of a --data file, else its anomaly or label column) holding ground truth, 1/true = anomalous; when present, labelled rows are kept out of training (retrain and train --data) and event F1 enters the gate", "anomaly")
     min_event_f1_improvement: float = doc("with labels: a challenger whose hold-out event F1 is higher by at least this also counts as better", 0.05)
     max_event_f1_decrease: float = doc("with labels: promote only if the challenger's hold-out event F1 is lower than the champion's by at most this", 0.0)
 

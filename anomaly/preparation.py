@@ -7,6 +7,7 @@ instead of being trained on silently; the report travels with the run (MLflow) a
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -15,7 +16,7 @@ import pandas as pd
 
 from anomaly.errors import DataError
 from anomaly.grid import SensorIssue, sensor_quality, to_grid, usable_sensors
-from anomaly.windowing import n_windows, windows_touching
+from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class Prepared:
     # entity -> the (start, end) row ranges of ``values`` holding its validation rows (``prepare_fleet``, a
     # retrain's challenger): where its own threshold is fitted (``train_job.entity_thresholds``)
     entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # grid rows kept out of training because ground truth marks them anomalous (or they lie within the
+    # margin around such a row): counted in ``gaps`` too, so no window touching them trains or validates
+    labelled_out: int = 0
 
     def gap_windows(self, window_size: int) -> np.ndarray:
         """(T - W + 1,) bool: the windows of ``window_size`` rows that touch a gap row."""
@@ -48,14 +52,24 @@ class Prepared:
     def report(self) -> dict[str, object]:
         return {"sensors": self.sensors, "dropped": self.dropped, "rows": len(self.values),
                 **({"entities": self.entities} if self.entities else {}),
+                **({"labelled_rows_left_out": self.labelled_out} if self.labelled_out else {}),
                 "period_s": self.period_s, "missing_fraction": float(self.missing.mean()) if self.missing.size else 0.0,
                 "issues": [{"sensor": i.sensor, "kind": i.kind, "detail": i.detail} for i in self.issues]}
 
 
 def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, period_s: float | None = None,
                      fill: str = "ffill", max_fill_steps: int | None = None,
-                     max_missing_fraction: float = 0.5) -> Prepared:
-    """Grid, fill and screen training data; the sensors kept are those fit to train on."""
+                     max_missing_fraction: float = 0.5, labels: np.ndarray | None = None,
+                     margin_rows: int = 0) -> Prepared:
+    """Grid, fill and screen training data; the sensors kept are those fit to train on. ``labels``
+    (ground truth, row for row with ``frame``): the grid rows of anomalous readings, and ``margin_rows``
+    on each side, are left out of training (``leave_out_labelled``)."""
+    prepared = _prepare_training(frame, sensors, period_s, fill, max_fill_steps, max_missing_fraction)
+    return prepared if labels is None else leave_out_labelled(prepared, frame.index, labels, margin_rows)
+
+
+def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period_s: float | None, fill: str,
+                      max_fill_steps: int | None, max_missing_fraction: float) -> Prepared:
     frame = _select(frame, sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
@@ -69,6 +83,23 @@ def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, 
         said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped)
+
+
+def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.ndarray, margin_rows: int) -> Prepared:
+    """``prepared`` with the grid rows of the anomalous readings (``labels``, bool, for readings at
+    ``index``) and ``margin_rows`` on each side marked as gaps: no window touching them trains or
+    validates, and the scaler does not see them. Anomalies must not be learnt as normal."""
+    on_grid = labels_on_grid(index, np.asarray(labels, dtype=bool), prepared)
+    if not on_grid.any():
+        return prepared
+    out = exclusion_mask(len(on_grid), np.flatnonzero(on_grid), 1, margin_rows)
+    gaps = out if prepared.gaps is None else prepared.gaps | out
+    log.info("%d grid rows labelled anomalous, with %d rows on each side: %d rows left out of training",
+             int(on_grid.sum()), margin_rows, int(out.sum()))
+    if gaps.all():
+        raise DataError(f"every one of the {len(gaps)} rows is labelled anomalous, within {margin_rows} rows of "
+                        f"such a row, or in a gap: no normal data to train on")
+    return dataclasses.replace(prepared, gaps=gaps, labelled_out=prepared.labelled_out + int(out.sum()))
 
 
 def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float | None = None,
@@ -141,9 +172,11 @@ def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, is
 
 def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validation_fraction: float,
                   sensors: Sequence[str] | None = None, period_s: float | None = None, fill: str = "ffill",
-                  max_fill_steps: int | None = None, max_missing_fraction: float = 0.5) -> Prepared:
+                  max_fill_steps: int | None = None, max_missing_fraction: float = 0.5,
+                  labels: Mapping[str, np.ndarray] | None = None, margin_rows: int = 0) -> Prepared:
     """One model's training data from several entities' tables (entity -> readings): a model shared by
-    a fleet of one asset type.
+    a fleet of one asset type. ``labels`` (entity -> ground truth, row for row with its table): each
+    entity's anomalous rows, and ``margin_rows`` on each side, are left out (``leave_out_labelled``).
 
     Each entity is gridded on its own (one common period: ``period_s``, else the median of the
     entities' own) and screened on its own; the sensors kept are those fit to train on in every
@@ -185,6 +218,9 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     common = period_s or float(np.median([p.period_s for p in usable.values()]))
     grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps)
              for e in usable}
+    if labels:
+        grids = {e: leave_out_labelled(g, frames[e].index, labels[e], margin_rows) if e in labels else g
+                 for e, g in grids.items()}
     heads, tails = [], []
     for entity, grid in grids.items():
         cut = len(grid.values) - max(window_size, int(round(len(grid.values) * validation_fraction)))
@@ -213,4 +249,33 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     log.info("fleet: %d entities (%s), %d sensors, period %.3g s", len(grids), ", ".join(grids), len(kept), common)
     return Prepared(timestamps=pd.DatetimeIndex(timestamps), values=np.concatenate(values), sensors=kept,
                     missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
-                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails)
+                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails,
+                    labelled_out=sum(g.labelled_out for g in grids.values()))
+
+
+def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,
+               n_rows: int) -> np.ndarray:
+    """Ground truth on the grid: a slot is anomalous when a labelled reading falls on it (nearest
+    slot, as the worker places readings). ``reading_ts`` and ``grid_start`` in epoch seconds."""
+    out = np.zeros(n_rows, dtype=bool)
+    if n_rows == 0:
+        return out
+    ts = np.asarray(reading_ts, dtype=np.float64)[np.asarray(labels, dtype=bool)]
+    slots = np.floor((ts - grid_start) / period_s + 0.5).astype(np.int64)  # halves up, as the grids round
+    out[slots[(slots >= 0) & (slots < n_rows)]] = True
+    return out
+
+
+def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """``label_rows`` for readings at ``index`` (their ground truth ``labels``, bool) on the grid that
+    ``prepare_scoring`` of those readings made (``prepared``)."""
+    n = len(prepared.values)
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    return label_rows(epoch_seconds(index), np.asarray(labels, dtype=bool), prepared.timestamps[0].timestamp(),
+                      float(prepared.period_s), n)
+
+
+def epoch_seconds(index: pd.DatetimeIndex) -> np.ndarray:
+    """Epoch seconds of a UTC DatetimeIndex, whatever its resolution (pandas 3 keeps s/ms/us/ns)."""
+    return index.as_unit("ns").asi8 / 1e9

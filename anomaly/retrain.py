@@ -28,7 +28,7 @@ Any failure returns a ``RetrainResult`` with status ``failed`` (the champion ali
 it keeps serving); too little data is status ``skipped`` with the reason. Nothing raises out of
 ``run_cycle`` except KeyboardInterrupt/SystemExit.
 
-The pure parts (``History``, ``exclusion_mask``, ``split_segments``, ``decide``) do no I/O.
+The pure parts (``History``, ``split_segments``, ``decide``; ``windowing.exclusion_mask``) do no I/O.
 Kafka is reached through ``anomaly.kafka_io``, MLflow through ``registry``/``tracking``.
 """
 
@@ -48,6 +48,8 @@ import pandas as pd
 from anomaly.codec import BadRecord, Reading
 from anomaly.config import Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
+from anomaly.preparation import epoch_seconds, labels_on_grid
+from anomaly.windowing import exclusion_mask
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +154,6 @@ class History:
 
 # --- anomaly exclusion and hold-out split (pure) -------------------------------------------------
 
-def exclusion_mask(n_rows: int, flagged_end_rows: Sequence[int] | np.ndarray, window_size: int,
-                   margin_rows: int) -> np.ndarray:
-    """Rows to drop (True) around flagged windows: window ``end - W + 1 .. end`` plus ``margin_rows``
-    on each side, clipped to ``0 .. n_rows - 1``."""
-    drop = np.zeros(n_rows + 1, dtype=np.int64)
-    ends = np.asarray(flagged_end_rows, dtype=np.int64)
-    if len(ends) and n_rows:
-        starts = np.clip(ends - window_size + 1 - margin_rows, 0, n_rows)
-        stops = np.clip(ends + 1 + margin_rows, 0, n_rows)
-        np.add.at(drop, starts, 1)
-        np.add.at(drop, stops, -1)
-    return np.cumsum(drop[:n_rows]) > 0
-
-
 def runs(keep: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of True as ``(start, end)``, end exclusive."""
     edges = np.diff(np.concatenate(([0], np.asarray(keep, dtype=np.int8), [0])))
@@ -182,29 +170,6 @@ def holdout_cut(keep: np.ndarray, holdout_fraction: float) -> int | None:
     n_hold = int(math.ceil(total * holdout_fraction))
     kept_rows = np.flatnonzero(keep)
     return int(kept_rows[total - n_hold]) if n_hold else len(keep)
-
-
-def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,
-               n_rows: int) -> np.ndarray:
-    """Ground truth on the grid: a slot is anomalous when a labelled reading falls on it (nearest
-    slot, as the worker places readings). ``reading_ts`` and ``grid_start`` in epoch seconds."""
-    out = np.zeros(n_rows, dtype=bool)
-    if n_rows == 0:
-        return out
-    ts = np.asarray(reading_ts, dtype=np.float64)[np.asarray(labels, dtype=bool)]
-    slots = np.floor((ts - grid_start) / period_s + 0.5).astype(np.int64)  # halves up, as the grids round
-    out[slots[(slots >= 0) & (slots < n_rows)]] = True
-    return out
-
-
-def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Any) -> np.ndarray:
-    """``label_rows`` for readings at ``index`` (their ground truth ``labels``, bool) on the grid that
-    ``prepare_scoring`` of those readings made (``prepared``)."""
-    n = len(prepared.values)
-    if n == 0:
-        return np.zeros(0, dtype=bool)
-    return label_rows(_epoch_s(index), np.asarray(labels, dtype=bool), prepared.timestamps[0].timestamp(),
-                      float(prepared.period_s), n)
 
 
 def split_segments(keep: np.ndarray, holdout_fraction: float,
@@ -450,8 +415,8 @@ class _FileSource:
 
 
 def file_readings(path: str, settings: Settings) -> Iterator[Reading | Labelled]:
-    """The rows of a CSV/Parquet wide table as readings, with ``retrain.label_field`` (when the file
-    has that column) as ground truth. Entities come from ``data.entity_column``; without it every row
+    """The rows of a CSV/Parquet wide table as readings, with the file's label column (``retrain.label_field``,
+    else ``anomaly``, else ``label``: ``tables.truth_column``) as ground truth. Entities come from ``data.entity_column``; without it every row
     belongs to one entity named after the file."""
     from pathlib import Path
 
@@ -459,12 +424,12 @@ def file_readings(path: str, settings: Settings) -> Iterator[Reading | Labelled]
 
     d, label_field = settings.data, settings.retrain.label_field
     frame = tables.read_table(path, timestamp_col=d.timestamp_column, entity_col=d.entity_column)
-    label_col = next((c for c in frame.columns if str(c).lower() == label_field.lower()), None)
+    label_col = tables.truth_column(frame.columns, label_field)
     readings, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, label_field))
     sensors = [c for c in readings.columns if c != tables.ENTITY_COLUMN]
     entities = (readings[tables.ENTITY_COLUMN].to_numpy() if tables.ENTITY_COLUMN in readings.columns
                 else np.full(len(readings), Path(path).stem))
-    ts = _epoch_s(readings.index)
+    ts = epoch_seconds(readings.index)
     values = readings[sensors].to_numpy(dtype=np.float64)
     labels = frame[label_col].to_numpy() if label_col is not None else None
     for i in range(len(readings)):
@@ -682,11 +647,6 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         entity_tails.setdefault(owner, []).append((row, row + len(part)))
         row += len(part)
     return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities, entity_tails)
-
-
-def _epoch_s(index: pd.DatetimeIndex) -> np.ndarray:
-    """Epoch seconds of a UTC DatetimeIndex, whatever its resolution (pandas 3 keeps s/ms/us/ns)."""
-    return index.as_unit("ns").asi8 / 1e9
 
 
 def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float],

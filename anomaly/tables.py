@@ -114,6 +114,14 @@ def split_labels(frame: pd.DataFrame, label_cols: Sequence[str] = LABEL_COLUMNS)
     return frame.drop(columns=labels), frame[labels]
 
 
+def truth_column(columns: Sequence[object], label_field: str) -> object | None:
+    """The column of a table's ground truth, or None: ``label_field`` (``retrain.label_field``) if the
+    table has it, else ``anomaly``, else ``label``, matched case-insensitively (``changepoint`` marks a
+    moment, not the anomalous rows)."""
+    by_name = {str(c).lower(): c for c in columns}
+    return next((by_name[n.lower()] for n in (label_field, "anomaly", "label") if n.lower() in by_name), None)
+
+
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     """Write ``frame`` (indexed by a ``DatetimeIndex``) as CSV (``,``) or Parquet, by suffix, in a form
     ``read_table`` reads back unchanged: the index becomes a ``"ts"`` column, in UTC (a naive index is

@@ -156,6 +156,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                  "threshold.adaptive": settings.threshold.rule_description(), "data.sensors": sensors_tag(prepared.sensors)}
     if prepared.entities:
         data_tags["data.entities"] = _listing_tag(prepared.entities, "entities", "data_report.json")
+    if prepared.labelled_out:  # ground truth kept these rows (anomalies and their margin) out of training
+        data_tags["data.labelled_rows_left_out"] = prepared.labelled_out
     data_tags.update(extra_tags or {})
     # What the run list shows: a name saying what trained, a kind to filter on (as evaluation and
     # retrain-comparison runs have), and a description on the run's page.

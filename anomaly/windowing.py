@@ -66,3 +66,17 @@ def rows_from_windows(window_values: np.ndarray, n_rows: int, window_size: int, 
     idx = np.searchsorted(ends, rows, side="right") - 1
     out[ends[0]:] = window_values[idx]
     return out
+
+
+def exclusion_mask(n_rows: int, flagged_end_rows: np.ndarray | list[int], window_size: int,
+                   margin_rows: int) -> np.ndarray:
+    """Rows to drop (True) around flagged windows: window ``end - W + 1 .. end`` plus ``margin_rows``
+    on each side, clipped to ``0 .. n_rows - 1``."""
+    drop = np.zeros(n_rows + 1, dtype=np.int64)
+    ends = np.asarray(flagged_end_rows, dtype=np.int64)
+    if len(ends) and n_rows:
+        starts = np.clip(ends - window_size + 1 - margin_rows, 0, n_rows)
+        stops = np.clip(ends + 1 + margin_rows, 0, n_rows)
+        np.add.at(drop, starts, 1)
+        np.add.at(drop, stops, -1)
+    return np.cumsum(drop[:n_rows]) > 0

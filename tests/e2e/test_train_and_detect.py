@@ -13,11 +13,16 @@ from tests.fixtures import normal_frame, with_fault
 pytestmark = pytest.mark.e2e
 
 
-def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
+def local_mlflow(tmp_path, monkeypatch) -> None:
+    """Work in ``tmp_path`` with its own MLflow SQLite store and artifacts, pickle loading refused."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     monkeypatch.setenv("ANOMALY_MLFLOW__ARTIFACT_LOCATION", str(tmp_path / "mlruns" / "artifacts"))
+
+
+def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
+    local_mlflow(tmp_path, monkeypatch)
     config = tmp_path / "small.toml"
     config.write_text("[model]\nwindow_size = 20\nhidden_size = 24\nlatent_size = 8\n"
                       "[training]\nepochs = 25\nbatch_size = 64\ndevice = \"cpu\"\n"
@@ -88,6 +93,35 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     assert f"{figures['f1']:.4g}/{figures['event_f1']:.4g}" in capsys.readouterr().out
 
 
+def test_a_labelled_training_file_does_not_learn_its_anomalies(tmp_path, monkeypatch, capsys):
+    """``train --data`` on a file whose ``anomaly`` column marks a fault: the fault's rows (and
+    ``retrain.exclude_margin_rows`` on each side) do not train, the scaler never sees them, and the
+    version says how many rows were left out; the model then flags that fault."""
+    from anomaly import tracking
+    from anomaly.registry import client, load_detector
+
+    local_mlflow(tmp_path, monkeypatch)
+    config = tmp_path / "small.toml"
+    config.write_text("[model]\nwindow_size = 10\nhidden_size = 16\nlatent_size = 4\n"
+                      "[training]\nepochs = 8\nbatch_size = 64\ndevice = \"cpu\"\n"
+                      "[retrain]\nexclude_margin_rows = 5\n")
+    faulty, labels = with_fault(normal_frame(2000), sensor="pressure", start=600, length=300, size=5.0)
+    faulty.assign(anomaly=labels.astype(int)).reset_index().to_csv(tmp_path / "labelled.csv", index=False)
+    assert main(["train", "--data", "labelled.csv", "--config", str(config), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "1"
+    tracking.configure(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    assert client().get_model_version("anomaly-detector", "1").tags["data.labelled_rows_left_out"] == "310"
+    detector, _ = load_detector("anomaly-detector", "1")
+    kept = np.ones(2000, bool)
+    kept[595:905] = False
+    pressure = faulty["pressure"].to_numpy()
+    at = detector.scaler.sensors.index("pressure")
+    assert detector.scaler.centre[at] == pytest.approx(pressure[kept].mean(), rel=1e-6)  # 0.75 off with the fault
+    assert detector.scaler.scale[at] == pytest.approx(pressure[kept].std(), rel=1e-3)
+    assert main(["score", "--data", "labelled.csv", "--config", str(config), "--model-alias", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["evaluation"]["recall"] > 0.8
+
+
 def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path, monkeypatch, capsys):
     """``train --data`` on a table of several pumps (``data.entity_column``): one model for the fleet,
     each pump gridded on its own; a sensor flat in one pump is left out for all; the run and the version
@@ -96,10 +130,7 @@ def test_a_fleet_table_trains_one_shared_model_that_flags_a_faulty_pump(tmp_path
     from anomaly import tracking
     from anomaly.registry import client
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    monkeypatch.setenv("ANOMALY_MLFLOW__ARTIFACT_LOCATION", str(tmp_path / "mlruns" / "artifacts"))
+    local_mlflow(tmp_path, monkeypatch)
     monkeypatch.setenv("ANOMALY_DATA__ENTITY_COLUMN", "pump")
     config = tmp_path / "small.toml"
     config.write_text("[model]\nwindow_size = 20\nhidden_size = 24\nlatent_size = 8\n"

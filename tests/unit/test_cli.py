@@ -146,7 +146,7 @@ def test_retrain_checks_its_data_file_first(tmp_path, capsys):
 
 
 def test_tables_are_split_by_entity_keeping_labels_out(tmp_path, monkeypatch, capsys):
-    from anomaly.cli import _entity_tables
+    from anomaly.cli import _labelled_entity_tables
     from anomaly.config import load_config
 
     path = tmp_path / "fleet.csv"
@@ -154,14 +154,14 @@ def test_tables_are_split_by_entity_keeping_labels_out(tmp_path, monkeypatch, ca
                     "2026-01-01T00:00:01Z,2,42,0\n")
     monkeypatch.setenv("ANOMALY_DATA__ENTITY_COLUMN", "machine")
     monkeypatch.setenv("ANOMALY_RETRAIN__LABEL_FIELD", "fault")
-    fleet = _entity_tables(str(path), load_config())
+    fleet = _labelled_entity_tables(str(path), load_config())[0]
     assert list(fleet) == ["2", "1"] and [list(f) for f in fleet.values()] == [["temp"], ["temp"]]
     assert fleet["2"]["temp"].tolist() == [40, 42] and str(fleet["1"].index[0]) == "2026-01-01 00:00:01+00:00"
     # train and score take a fleet (tests/e2e/test_train_and_detect.py); these two are too short for any window
     assert main(["train", "--data", str(path), "--no-register", "--quiet"]) == 2
     assert "no entity has" in capsys.readouterr().err
     monkeypatch.delenv("ANOMALY_DATA__ENTITY_COLUMN")
-    plain = _entity_tables(str(path), load_config())
+    plain = _labelled_entity_tables(str(path), load_config())[0]
     assert list(plain) == [str(path)] and list(plain[str(path)]) == ["machine", "temp"]  # no label as a sensor
 
 

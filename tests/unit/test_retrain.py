@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from anomaly.codec import Reading
-from anomaly.retrain import (Decision, History, HoldoutMetrics, common_unit_errors, decide, exclusion_mask, holdout_metrics,
+from anomaly.retrain import (Decision, History, HoldoutMetrics, common_unit_errors, decide, holdout_metrics,
                              split_rows, split_segments)
+from anomaly.windowing import exclusion_mask
 
 
 def reading(entity: str, ts: float, **values: float | None) -> Reading:
@@ -229,7 +230,7 @@ def test_parse_and_record_labels():
 
 
 def test_label_rows_place_labels_on_the_nearest_slot():
-    from anomaly.retrain import label_rows
+    from anomaly.preparation import label_rows
 
     ts = np.array([100.0, 101.1, 101.9, 104.0, 120.0])
     out = label_rows(ts, np.array([False, True, True, False, True]), grid_start=100.0, period_s=1.0, n_rows=6)
@@ -259,6 +260,9 @@ def test_file_readings_carry_the_label_column(tmp_path):
     assert [(r.entity, r.ts, r.values, label) for r, label in items] == [
         ("pump", 1767225600.0, {"temp": 1.0, "pressure": 2.0}, False),
         ("pump", 1767225601.0, {"temp": 1.5, "pressure": None}, True)]
+    # a `label` column is the truth too when the file has no `anomaly` column, as `score` and `train` read it
+    path.write_text("ts,temp,label\n2026-01-01T00:00:00Z,1.0,1\n")
+    assert [(r.values, label) for r, label in file_readings(str(path), build_settings({}))] == [({"temp": 1.0}, True)]
 
 
 def test_split_rows_cuts_the_last_fraction_of_rows_across_segments():
@@ -397,7 +401,7 @@ def test_reading_history_waits_longer_for_the_first_record_than_between_records(
 
 def test_labels_land_on_the_slot_the_grid_puts_their_reading_in():
     """Halves round up, as ``grid.to_grid`` and the worker's windows place readings (not to even)."""
-    from anomaly.retrain import label_rows
+    from anomaly.preparation import label_rows
 
     out = label_rows(np.array([5.0, 7.0, 8.0]), np.array([True, True, False]), 0.0, 2.0, 6)
     assert np.flatnonzero(out).tolist() == [3, 4]

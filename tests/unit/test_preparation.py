@@ -1,0 +1,80 @@
+"""Training data preparation: ground truth keeps anomalous rows out of training (pure, no I/O)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.errors import DataError
+from anomaly.preparation import leave_out_labelled, prepare_fleet, prepare_training
+from anomaly.tables import truth_column
+from tests.fixtures import normal_frame, with_fault
+
+
+def test_labelled_rows_and_their_margin_become_gaps_the_scaler_and_windows_skip():
+    faulty, labels = with_fault(normal_frame(400), sensor="pressure", start=100, length=50, size=100.0)
+    plain = prepare_training(faulty)
+    assert plain.gaps is None and plain.labelled_out == 0
+    prepared = prepare_training(faulty, labels=labels, margin_rows=5)
+    expected = np.zeros(400, bool)
+    expected[95:155] = True
+    np.testing.assert_array_equal(prepared.gaps, expected)
+    assert prepared.labelled_out == 60 and prepared.report()["labelled_rows_left_out"] == 60
+    # what training sees: no window touching the fault, and the fault's values out of the scaler's rows
+    window = 10
+    clean = ~prepared.gap_windows(window)
+    assert clean.sum() == 400 - window + 1 - (60 + window - 1)
+    assert prepared.values[~prepared.gaps][:, prepared.sensors.index("pressure")].max() < 50
+
+
+def test_an_existing_gap_is_kept_beside_the_labelled_rows():
+    frame = normal_frame(300)
+    frame = frame.drop(frame.index[200:230])  # a 30-row hole the fill policy must not bridge
+    labels = np.zeros(len(frame), bool)
+    labels[10:12] = True
+    prepared = prepare_training(frame, max_fill_steps=5, labels=labels, margin_rows=0)
+    assert prepared.gaps[10:12].all() and prepared.gaps[200:230].all() and not prepared.gaps[12:200].any()
+    assert prepared.labelled_out == 2
+
+
+def test_a_label_between_grid_slots_lands_on_the_nearest_one():
+    frame = normal_frame(100)
+    frame.index = frame.index + pd.Timedelta(milliseconds=300)  # readings 0.3 s after the slot
+    labels = np.zeros(100, bool)
+    labels[40] = True
+    prepared = prepare_training(frame, period_s=1.0, labels=labels)
+    assert np.flatnonzero(prepared.gaps).tolist() == [40]
+
+
+def test_no_labelled_row_changes_nothing_and_all_labelled_is_refused():
+    frame = normal_frame(100)
+    assert prepare_training(frame, labels=np.zeros(100, bool), margin_rows=8).gaps is None
+    with pytest.raises(DataError, match="no normal data to train on"):
+        prepare_training(frame, labels=np.ones(100, bool))
+    prepared = prepare_training(frame)
+    assert leave_out_labelled(prepared, frame.index, np.zeros(100, bool), 3) is prepared
+
+
+def test_a_fleets_labels_are_each_entitys_own():
+    a = normal_frame(300)
+    b = normal_frame(300, seed=3)
+    truth_b = np.zeros(300, bool)
+    truth_b[50:60] = True
+    prepared = prepare_fleet({"a": a, "b": b}, window_size=10, validation_fraction=0.2,
+                             labels={"b": truth_b}, margin_rows=2)
+    assert prepared.labelled_out == 14
+    # parts laid out as a's head, b's head, a's tail, b's tail with one stand-in row between parts:
+    # b's head starts at row 240 + 1 (a's head is its first 240 rows)
+    start_b = 241
+    assert prepared.gaps[start_b + 48:start_b + 62].all() and not prepared.gaps[start_b + 62:start_b + 240].any()
+    assert not prepared.gaps[:240].any()
+
+
+@pytest.mark.parametrize("columns, field, expected", [
+    (["Anomaly", "label"], "anomaly", "Anomaly"),
+    (["label", "fault"], "fault", "fault"),
+    (["label", "changepoint"], "anomaly", "label"),
+    (["changepoint"], "anomaly", None),
+    (["a", "b"], "fault", None),
+])
+def test_the_truth_column_is_the_label_field_else_anomaly_else_label(columns, field, expected):
+    assert truth_column(columns, field) == expected
