@@ -177,15 +177,16 @@ class TrailingBars:
         row = self._rows.get(entity)
         return np.empty(0) if row is None else self._held(row).copy()
 
-    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
+    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float | np.ndarray,
              need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
         """The bar of every window of a batch (``entities[i]``'s windows in time order), then record
-        the batch's finite scores. Windows outside ``need`` (default: all) get ``base`` without a look
-        at the history: the caller knows their flag does not depend on it. ``end_ts``: each window's
-        stream time, remembered per entity for ``prune``."""
+        the batch's finite scores. ``base``: the fitted value, one for all or each window's own (its
+        entity's, ``Threshold.values_for``). Windows outside ``need`` (default: all) get ``base``
+        without a look at the history: the caller knows their flag does not depend on it. ``end_ts``:
+        each window's stream time, remembered per entity for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         n = len(scores)
-        bars = np.full(n, float(base))
+        bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (n,)).copy()
         if n == 0:
             return bars
         rows = self._row_ids(entities)
@@ -199,7 +200,7 @@ class TrailingBars:
         rank[order] = rank_sorted
         wanted = finite if need is None else (finite & np.asarray(need, bool))
         if wanted.any():
-            self._fill_bars(rows, finite, rank, wanted, scores, base, bars)
+            self._fill_bars(rows, finite, rank, wanted, scores, bars)
         self._record(rows[finite], rank[finite], scores[finite])
         if end_ts is not None:
             np.maximum.at(self._newest, rows, np.asarray(end_ts, dtype=np.float64))
@@ -224,8 +225,8 @@ class TrailingBars:
         return np.fromiter((table[e] for e in entities), dtype=np.int64, count=len(entities))
 
     def _fill_bars(self, rows: np.ndarray, finite: np.ndarray, rank: np.ndarray, wanted: np.ndarray,
-                   scores: np.ndarray, base: float, bars: np.ndarray) -> None:
-        """Bars of every ``wanted`` window at once, without a loop over entities (a plant-wide incident
+                   scores: np.ndarray, bars: np.ndarray) -> None:
+        """Bars of every ``wanted`` window at once (``bars`` holds each window's base and is raised), without a loop over entities (a plant-wide incident
         asks for thousands): each asked entity's held scores, left-padded to ``length`` columns, then its
         finite windows of this batch, laid end to end in one array; every span is a slice of it."""
         length = self.length
@@ -249,7 +250,8 @@ class TrailingBars:
         span = np.arange(self.span)
         for a in range(0, len(targets), _BLOCK):
             level = np.quantile(history[first[a:a + _BLOCK, None] + span], self.rule.quantile, axis=1)
-            bars[targets[a:a + _BLOCK]] = np.maximum(base, self.rule.factor * level)
+            block = targets[a:a + _BLOCK]
+            bars[block] = np.maximum(bars[block], self.rule.factor * level)
 
     def _held(self, row: int) -> np.ndarray:
         """Row ``row``'s scores still held, oldest first (a view of the ring until it has wrapped)."""

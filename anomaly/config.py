@@ -212,7 +212,7 @@ class ThresholdSettings:
     episode_drop: float = doc("alarm episodes (0 = off; > 1 on, not with adaptive_rows): the first window above the fitted threshold opens an episode, which stays alarmed while its windows score above its level (geometric mean of its scores) / episode_drop, never under the fitted threshold, and ends after episode_k readings at or under that; the bar after it is episode_settle x the highest of those readings' scores (README, Alarm episodes); saved with the model", 0.0)
     episode_settle: float = doc("episodes: the bar after an episode, as a multiple of the highest score of the readings that ended it (at least the fitted threshold)", EpisodeRule.settle)
     episode_k: int = doc("episodes: readings in a row at or under the episode's bar that end it", EpisodeRule.k)
-    per_entity_min_windows: int = doc("a model trained on several entities (train --data with data.entity_column) also fits each entity's own threshold, same method and scale, on that entity's validation windows when it has at least this many; the others, and entities it never saw, are held to the shared one. 0 = off. Fixed thresholds only (an adaptive or episode rule already moves the bar per entity); saved with the model", 200)
+    per_entity_min_windows: int = doc("a model trained on several entities (train --data with data.entity_column) also fits each entity's own threshold, same method and scale, on that entity's validation windows when it has at least this many; the others, and entities it never saw, are held to the shared one. 0 = off. With an adaptive or episode rule, an entity's own value is the base its moving bar rises from; saved with the model", 200)
 
     def check(self) -> None:
         if self.method not in ("pot", "quantile", "mean_std"):

@@ -180,22 +180,22 @@ class EpisodeBars:
             del self._states[e]
         return len(stale)
 
-    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float,
+    def bars(self, entities: Sequence[str], scores: np.ndarray, base: float | np.ndarray,
              need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
         """The bar of every window of a batch (``entities[i]``'s windows in time order), each window then
-        taken into its entity's state. ``need`` is accepted for the same call as ``TrailingBars.bars``
-        and ignored: every window moves an open episode. ``end_ts``: each window's stream time, for
-        ``prune``."""
+        taken into its entity's state. ``base``: the fitted value, one for all or each window's own (its
+        entity's). ``need`` is accepted for the same call as ``TrailingBars.bars`` and ignored: every
+        window moves an open episode. ``end_ts``: each window's stream time, for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
-        bars = np.full(len(scores), float(base))
-        rule, k, base = self.rule, self.k, float(base)
+        bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (len(scores),)).copy()
+        rule, k = self.rule, self.k
         states = self._states
         ends = None if end_ts is None else np.asarray(end_ts, dtype=np.float64).tolist()
-        for i, (entity, v) in enumerate(zip(entities, scores.tolist())):
+        for i, (entity, v, b) in enumerate(zip(entities, scores.tolist(), bars.tolist())):
             state = states.get(entity)
             if state is None:
                 state = states[entity] = _State()
             if ends is not None and ends[i] > state.newest:
                 state.newest = ends[i]
-            bars[i] = state.step(v, base, rule.drop, rule.settle, k)
+            bars[i] = state.step(v, b, rule.drop, rule.settle, k)
         return bars

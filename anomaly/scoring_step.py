@@ -74,8 +74,9 @@ class ScoringModel(Protocol):
     in ``sensors`` order, and returns scores (N,), per-sensor errors (N, F) and the expected
     (reconstructed) last-step values (N, F) in original units. ``adaptive``: the threshold's adaptive
     rule (``anomaly.adaptive``), or None; a model may also carry ``episodes``, the threshold's
-    alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold; a model may then
-    carry ``entity_thresholds`` (entity -> its own fitted value; the others are held to ``threshold``)."""
+    alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold. A model may also
+    carry ``entity_thresholds`` (entity -> its own fitted value; the others are held to ``threshold``),
+    the base a moving bar rises from."""
 
     name: str
     version: str
@@ -442,17 +443,19 @@ class ScoringStep:
         out.latencies_s.extend((now_s - ready.end_ts).tolist())
         finite = np.isfinite(scores)
         counts["nonfinite_scores"] += int(n - finite.sum())
-        # The bar each window is held to: the fitted threshold, or per entity the adaptive one or the
-        # alarm episode's. Adaptive bars are looked up only where they decide something (above the fitted
-        # value; every window for the scores topic); every finite score feeds its entity's state.
+        # The bar each window is held to: the fitted threshold (the entity's own where the model fitted
+        # one), raised per entity by the adaptive rule or the alarm episode's. Adaptive bars are looked up
+        # only where they decide something (above the fitted value; every window for the scores topic);
+        # every finite score feeds its entity's state.
         bars_model, trailing = self._bars
         bars: np.ndarray | None = None
-        own = getattr(model, "entity_thresholds", None)  # per-entity fitted values (fixed thresholds only)
-        if own and trailing is None:
+        own = getattr(model, "entity_thresholds", None)  # entity -> its own fitted value
+        if own:
             bars = np.fromiter((own.get(e, threshold) for e in entities), dtype=np.float64, count=n)
         over = scores > (threshold if bars is None else bars)  # NaN: False
         if trailing is not None and bars_model is model:
-            bars = trailing.bars(entities, scores, threshold, None if self.emit_scores else over, ready.end_ts)
+            bars = trailing.bars(entities, scores, threshold if bars is None else bars,
+                                 None if self.emit_scores else over, ready.end_ts)
             if self.idle_timeout_s is not None and trailing.entities > self._prune_bars_at:
                 trailing.prune(float(ready.end_ts.max()) - self.idle_timeout_s)
                 self._prune_bars_at = max(PRUNE_BARS_MIN, 2 * trailing.entities)

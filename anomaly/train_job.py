@@ -109,13 +109,10 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
     """``detector``'s threshold with per-entity values: the threshold's policy fitted on each entity's
     validation rows (``Prepared.entity_tails``; windows touching a gap left out), times
     ``threshold.scale``, for entities with at least ``threshold.per_entity_min_windows`` windows there.
-    Unchanged for one series, with the setting at 0, or with a moving bar (adaptive or episodes), which
-    already holds each entity to its own recent scores."""
+    Unchanged for one series or with the setting at 0. With a moving bar (adaptive or episodes) an
+    entity's own value is the base its bar rises from, as the shared one is for the others."""
     th, threshold = settings.threshold, detector.threshold
     if not prepared.entity_tails or th.per_entity_min_windows == 0:
-        return threshold
-    if threshold.adaptive is not None or threshold.episodes is not None:
-        log.info("per-entity thresholds not fitted: the %s rule moves the bar per entity", threshold.describe_rule())
         return threshold
     w = detector.window_size
     errors = {}

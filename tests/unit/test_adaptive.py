@@ -116,6 +116,28 @@ def test_trailing_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> Non
     assert trailing.entities == 0 and trailing.history("a").size == 0
 
 
+def test_trailing_bars_take_each_entitys_own_base() -> None:
+    # A fleet model with per-entity fitted values: each entity's bar rises from its own base, exactly as
+    # the offline bars of its series with that base (Threshold.for_entity(e).series_bars).
+    rng = np.random.default_rng(7)
+    rule = AdaptiveRule(rows=120, factor=3.0, quantile=0.5, lag=10)
+    series = _faulty_series(rng)
+    base = dict(zip(series, (0.5, 2.0, 9.0, 40.0)))
+    trailing = TrailingBars(rule)
+    got: dict[str, list[float]] = {e: [] for e in series}
+    for entities, scores in _batches(rng, series):
+        own = np.array([base[e] for e in entities])
+        for e, bar in zip(entities, trailing.bars(entities, scores, own, need=scores > own)):
+            got[e].append(bar)
+    for entity, x in series.items():
+        want = adaptive_bars(x, base[entity], rule)
+        bars = np.asarray(got[entity])
+        asked = x > base[entity]
+        np.testing.assert_array_equal(bars[asked], want[asked])
+        assert (bars[~asked] == base[entity]).all()
+    assert len({float(np.min(v)) for v in got.values()}) == 4  # four different floors
+
+
 def test_rule_is_stored_with_the_threshold_as_floats() -> None:
     rule = AdaptiveRule(rows=480, factor=4.0, quantile=0.5, lag=30)
     plain = Threshold("quantile", 1.5, {"q": 0.95})

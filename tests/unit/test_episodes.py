@@ -103,6 +103,21 @@ def test_episode_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None
     assert streaming.entities == 0 and streaming.open_entities() == []
 
 
+def test_episode_bars_take_each_entitys_own_base() -> None:
+    rng = np.random.default_rng(11)
+    rule = EpisodeRule(drop=2.0, settle=2.5, k=12)
+    series = _faulty_series(rng)
+    base = dict(zip(series, (0.5, 2.0, 9.0, 40.0)))
+    streaming = EpisodeBars(rule)
+    got: dict[str, list[float]] = {e: [] for e in series}
+    for entities, scores in _batches(rng, series):
+        for e, bar in zip(entities, streaming.bars(entities, scores, np.array([base[e] for e in entities]))):
+            got[e].append(bar)
+    for entity, x in series.items():
+        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, base[entity], rule))
+    assert len({float(np.min(v)) for v in got.values()}) == 4
+
+
 def test_rule_in_windows_params_and_checks() -> None:
     rule = EpisodeRule(drop=2.0, settle=3.0, k=15)
     assert (rule.in_windows(1), rule.in_windows(4), EpisodeRule(drop=2.0, k=1).in_windows(4)) == (15, 4, 1)

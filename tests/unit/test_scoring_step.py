@@ -227,6 +227,57 @@ def test_each_entity_is_held_to_its_own_threshold_where_the_model_has_one() -> N
     assert bars == {"pump-a": (0.5, True), "pump-b": (4.0, False), "pump-c": (1.0, True)}
 
 
+@pytest.mark.parametrize("rule", ["adaptive", "episodes"])
+def test_a_moving_bar_rises_from_each_entitys_own_threshold(rule: str) -> None:
+    # As above, with a moving bar: each entity's bar starts at its own fitted value (not the shared one)
+    # and the adaptive rule raises it with the entity's own history (pump-a: 2 x median 0.5 = 1.0).
+    moving = ({"adaptive": AdaptiveRule(rows=3, factor=2.0, quantile=0.5, lag=0)} if rule == "adaptive"
+              else {"episodes": EpisodeRule(drop=2.0, k=2)})
+    model = FakeModel(window_size=1, threshold=1.0, **moving)
+    model.entity_thresholds = {"pump-a": 0.5, "pump-b": 4.0}  # type: ignore[attr-defined]
+    step = ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(min_duration_windows=1),
+                       emit_scores=True)
+
+    def scored(pressure: dict[str, float], slot: int) -> list[InputRecord]:
+        return [reading_record(e, slot, 10 * slot + i, values=dict(zip(SENSORS, CENTRE), pressure=1.0 + 3 * p))
+                for i, (e, p) in enumerate(pressure.items())]  # score p (mean over 3 sensors)
+
+    quiet = {"pump-a": 0.5, "pump-b": 0.1, "pump-c": 0.1}
+    for slot in range(3):
+        out = step.process(scored(quiet, slot), now_s=T0 + slot + 1)
+        assert not out.events  # pump-a's 0.5 is at its own bar, not above it
+    out = step.process(scored(dict.fromkeys(quiet, 2.0), 3), now_s=T0 + 4)
+    bars = {json.loads(v)["entity"]: (json.loads(v)["threshold"], json.loads(v)["anomalous"]) for _, v in out.scores}
+    floor_a = 1.0 if rule == "adaptive" else 0.5
+    assert bars == {"pump-a": (floor_a, True), "pump-b": (4.0, False), "pump-c": (1.0, True)}
+    assert {decode_event(v)["entity"] for _, v in out.events} == {"pump-a", "pump-c"}
+
+
+@pytest.mark.parametrize("rule", [{}, {"adaptive_rows": 60}, {"episode_drop": 2.0, "episode_k": 10}])
+def test_a_fleet_model_fits_each_entitys_own_threshold_under_any_rule(detector_model: DetectorModel,
+                                                                    rule: dict) -> None:
+    # Training (train_job.entity_thresholds): each entity with enough validation windows gets its own
+    # value, a moving bar's base as much as a fixed threshold.
+    from anomaly.config import build_settings
+    from anomaly.preparation import prepare_fleet
+    from anomaly.train_job import entity_thresholds
+
+    detector = detector_model.detector
+    settings = build_settings({"threshold": {"method": "quantile", "q": 0.99, "per_entity_min_windows": 50, **rule}})
+    prepared = prepare_fleet({"a": normal_frame(400, seed=3), "b": normal_frame(400, seed=4), "c": normal_frame(60, seed=5)},
+                             window_size=detector.window_size, validation_fraction=0.5)
+    fitted = detector.threshold
+    try:
+        th = settings.threshold
+        detector.threshold = fitted.with_adaptive(th.adaptive_rule()).with_episodes(th.episode_rule())
+        assert detector.threshold.describe_rule() == th.rule_description()
+        own = entity_thresholds(detector, prepared, settings)
+    finally:
+        detector.threshold = fitted
+    assert sorted(own.per_entity) == ["a", "b"]  # c: 30 validation rows, under 50 windows
+    assert own.value == fitted.value and all(v > 0 for v in own.per_entity.values())
+
+
 def test_detector_model_carries_the_per_entity_values_of_its_threshold(detector_model: DetectorModel) -> None:
     detector = detector_model.detector
     fitted = detector.threshold
