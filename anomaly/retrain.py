@@ -454,6 +454,13 @@ class _Data:
     tail_entities: list[str] = field(default_factory=list)  # the entity of each labelled tail
     # entity -> row ranges of ``train_values`` holding its validation rows (its own threshold is fitted there)
     entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    # (T,) bool: the stand-in rows between two parts of ``train_values`` (no window may touch one); None: none
+    gaps: np.ndarray | None = None
+
+    @property
+    def train_rows(self) -> int:
+        """Rows of real readings in ``train_values`` (the stand-ins between parts not counted)."""
+        return len(self.train_values) - (0 if self.gaps is None else int(self.gaps.sum()))
 
 
 def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_transform: DataTransform | None = None,
@@ -507,7 +514,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     data = _prepare(history, champion, settings)
     data.facts.update({"readings_seen": history.seen, "bad_records": stats.get("bad", 0), "origin": origin,
                        "trigger": trigger})
-    rows, hold_windows = len(data.train_values), sum(len(h) - champion.window_size + 1 for h in data.holdout)
+    rows, hold_windows = data.train_rows, sum(len(h) - champion.window_size + 1 for h in data.holdout)
     if rows < rt.min_rows or hold_windows < 1:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
                                         f"{max(hold_windows, 0)} hold-out windows (need 1)",
@@ -519,7 +526,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     from anomaly.train_job import run_training
 
     prepared = Prepared(timestamps=data.train_timestamps, values=train_values, sensors=list(champion.sensors),
-                        missing=np.zeros(train_values.shape, dtype=bool),
+                        missing=np.zeros(train_values.shape, dtype=bool), gaps=data.gaps,
                         period_s=float(champion.period_s or data.facts["period_s"]),
                         entities=list(data.entity_tails) if len(data.entity_tails) > 1 else [],
                         entity_tails=data.entity_tails if len(data.entity_tails) > 1 else {})
@@ -636,17 +643,37 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     if starts:
         facts["history_start"], facts["history_end"] = min(starts).isoformat(), max(ends).isoformat()
     facts["entities"] = ",".join(facts["entities"])
+    # The parts (entities, the clean stretches between flagged ones) laid end to end with a stand-in row
+    # marked as a gap between every two, as prepare_fleet does: no window joins two of them (a window
+    # across a seam scores far above any real one, and would set the challenger's threshold).
     n_features = len(champion.sensors)
-    parts = train_parts + val_parts
-    values = np.concatenate([v for v, _ in parts]) if parts else np.empty((0, n_features))
-    # Segments are concatenated (entities, gaps): the W-1 windows across each seam are a small, known blur.
-    times = parts[0][1].append([t for _, t in parts[1:]]) if parts else pd.DatetimeIndex([], tz="UTC")
+    chunks: list[np.ndarray] = []
+    stamps: list[pd.DatetimeIndex] = []
+    seams: list[int] = []
     entity_tails: dict[str, list[tuple[int, int]]] = {}
-    row = sum(len(v) for v, _ in train_parts)
-    for owner, (part, _) in zip(val_owners, val_parts):
-        entity_tails.setdefault(owner, []).append((row, row + len(part)))
+    row = 0
+    owners = [None] * len(train_parts) + val_owners
+    for owner, (part, stamp) in zip(owners, train_parts + val_parts):
+        if not len(part):
+            continue
+        if chunks:
+            chunks.append(chunks[-1][-1:])
+            stamps.append(stamps[-1][-1:])
+            seams.append(row)
+            row += 1
+        if owner is not None:
+            entity_tails.setdefault(owner, []).append((row, row + len(part)))
+        chunks.append(part)
+        stamps.append(stamp)
         row += len(part)
-    return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities, entity_tails)
+    values = np.concatenate(chunks) if chunks else np.empty((0, n_features))
+    times = stamps[0].append(stamps[1:]) if stamps else pd.DatetimeIndex([], tz="UTC")
+    gaps = None
+    if seams:
+        gaps = np.zeros(len(values), dtype=bool)
+        gaps[seams] = True
+    return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities,
+                 entity_tails, gaps)
 
 
 def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float],

@@ -310,14 +310,65 @@ def test_every_entity_contributes_validation_rows_to_a_retrain():
                                "training": {"validation_fraction": 0.25}})
     data = _prepare(h, Champion(), settings)
     values, n = data.train_values, len(data.train_values)
-    assert n == 400 + 1200
-    tail = values[n - n // 4:]  # what the time-ordered split validates on
-    assert (tail[:, 0] == 1.0).sum() == 100 and (tail[:, 0] == 2.0).sum() == 300  # each entity's last quarter
+    # Four parts (each entity's head, then each one's tail) with a stand-in row between every two, marked
+    # as a gap: no window joins two entities or an entity's two parts.
+    assert n == 400 + 1200 + 3 and data.train_rows == 1600
+    assert np.flatnonzero(data.gaps).tolist() == [300, 1201, 1302]
+    tail = values[1202:]  # the validation rows, all after the heads
+    assert (tail[:, 0] == 1.0).sum() == 100 + 1 and (tail[:, 0] == 2.0).sum() == 300  # each entity's last quarter
     assert data.train_timestamps.min().timestamp() == 0.0
     # Where each entity's validation rows lie (its own threshold is fitted there), and each hold-out's owner.
-    assert data.entity_tails == {"pump-a": [(1200, 1300)], "pump-b": [(1300, 1600)]}
-    assert (values[1200:1300, 0] == 1.0).all() and (values[1300:1600, 0] == 2.0).all()
+    assert data.entity_tails == {"pump-a": [(1202, 1302)], "pump-b": [(1303, 1603)]}
+    assert (values[1202:1302, 0] == 1.0).all() and (values[1303:1603, 0] == 2.0).all()
+    assert not data.gaps[1202:1302].any() and not data.gaps[1303:1603].any()
     assert data.holdout_entities == ["pump-a", "pump-b"] and [len(h) for h in data.holdout] == [100, 300]
+
+
+def test_no_training_window_of_a_retrain_joins_two_clean_stretches():
+    """The champion's flagged stretches are cut out; the clean stretches either side are laid end to
+    end with a gap row between them, so every window spanning a cut touches a gap (it neither trains
+    nor validates; a seam window scored 12x a real one and set the challenger's threshold)."""
+    from types import SimpleNamespace
+
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+    from anomaly.windowing import windows_touching
+
+    w = 5
+
+    class Champion:  # flags the windows ending on rows whose b is a multiple of 97 (b = the row)
+        sensors, window_size, period_s = ("a", "b"), w, 60.0
+
+        def score_values(self, values):
+            end_rows = np.arange(w - 1, len(values))
+            return SimpleNamespace(scores=(values[end_rows, 1] % 97 == 0).astype(float), end_rows=end_rows)
+
+        class threshold:
+            @staticmethod
+            def series_flags(scores):
+                return scores > 0.5
+
+            @classmethod
+            def for_entity(cls, entity):
+                return cls
+
+    h = History(max_readings=10_000, lookback_s=1e9)
+    for entity in ("pump-a", "pump-b"):
+        for i in range(1000):
+            h.add(reading(entity, 60.0 * i, a=1.0 if entity == "pump-a" else 2.0, b=float(i)))
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 3},
+                               "training": {"validation_fraction": 0.25}})
+    data = _prepare(h, Champion(), settings)
+    values = data.train_values
+    assert data.facts["flagged_windows"] > 0 and data.gaps is not None
+    # a window joins two stretches where b does not step by 1, or the entity (a) changes
+    starts = np.arange(len(values) - w + 1)
+    joins = np.array([(np.diff(values[i:i + w, 1]) != 1).any() or len(set(values[i:i + w, 0])) > 1 for i in starts])
+    assert joins.sum() > 10
+    touching = windows_touching(data.gaps, w)
+    assert touching[joins].all()  # every joining window touches a gap row ...
+    assert touching.sum() == joins.sum()  # ... and no other does
+    assert data.train_rows == data.facts["train_rows"]
 
 
 def test_models_of_different_window_sizes_are_compared_on_windows_ending_on_the_same_rows():
