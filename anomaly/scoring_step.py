@@ -39,6 +39,7 @@ numpy fake. The worker swaps models between batches with ``swap_model``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -56,6 +57,8 @@ from anomaly.detector import Detector
 from anomaly.errors import ModelError
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
 from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
+
+log = logging.getLogger(__name__)
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
               "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held")
@@ -249,8 +252,19 @@ class ScoringStep:
     def alerts(self) -> AlertTracker:
         return self._alerts
 
+    def _stride(self, model: ScoringModel) -> int:
+        """The scoring stride for ``model``: ``worker.stride``, at most the model's window size (a larger
+        stride would leave slots in no scored window: readings never looked at)."""
+        stride, w = self._base_policy.stride, int(model.window_size)
+        if stride > w:
+            log.warning("worker.stride %d is more than model %s v%s's window of %d slots: scoring every %d "
+                        "slots instead, so every reading is in a scored window", stride, model.name,
+                        model.version, w, w)
+        return min(stride, w)
+
     def _new_store(self, model: ScoringModel) -> WindowStore:
-        policy = replace(self._base_policy, window_size=int(model.window_size), period_s=float(model.period_s))
+        policy = replace(self._base_policy, window_size=int(model.window_size), period_s=float(model.period_s),
+                         stride=self._stride(model))
         if len(model.fill_values) != len(model.sensors):
             raise ModelError(f"model {model.name} v{model.version}: {len(model.fill_values)} fill values "
                              f"for {len(model.sensors)} sensors")
@@ -263,10 +277,10 @@ class ScoringStep:
         model (completing after a swap) never reads or feeds it."""
         episodes = getattr(model, "episodes", None)
         if episodes is not None and episodes.enabled:
-            return model, EpisodeBars(episodes, self._base_policy.stride)
+            return model, EpisodeBars(episodes, min(self._base_policy.stride, int(model.window_size)))
         rule = getattr(model, "adaptive", None)
         enabled = rule is not None and rule.enabled
-        return model, (TrailingBars(rule, self._base_policy.stride) if enabled else None)
+        return model, (TrailingBars(rule, min(self._base_policy.stride, int(model.window_size))) if enabled else None)
 
     @property
     def adaptive_entities(self) -> int:

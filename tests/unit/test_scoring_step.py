@@ -198,6 +198,15 @@ def test_late_duplicate_and_reset_are_counted() -> None:
         "accepted": 4, "duplicates": 1, "late": 1, "resets": 1}
 
 
+def test_a_stride_longer_than_the_models_window_is_cut_to_it(caplog) -> None:
+    # worker.stride 4 with a 2-slot window would score slots 3-4, 7-8, ...: half the readings in no window.
+    step = ScoringStep(FakeModel(window_size=2), WindowPolicy(window_size=1, period_s=1.0, stride=4), AlertPolicy())
+    assert step.window_policy.stride == 2 and "scoring every 2 slots" in caplog.text
+    out = step.process([reading_record("p", s, s) for s in range(12)], now_s=T0 + 12)
+    assert out.counts["windows_scored"] == 5  # slots 1-2, 3-4, ..., 9-10: every slot between in one
+    assert step.swap_model(FakeModel(window_size=8, version="2")) is False and step.window_policy.stride == 4
+
+
 def test_swap_model_keeps_state_when_compatible_and_resets_otherwise() -> None:
     step = step_for(FakeModel(window_size=3, version="1"))
     step.process([reading_record("p", s, s) for s in range(3)], now_s=T0 + 3)
