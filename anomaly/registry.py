@@ -173,17 +173,34 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
         raise AliasMoved(f"{name}@{alias} is on v{previous} now, not v{expected_previous}: not moving it to v{version}")
     if previous == str(version):
         return previous
+    # The rollback stack first: if the move then fails, its top is the version still holding the alias,
+    # which rollback skips; the other way round, a failed write would leave the alias moved and the
+    # stack without the version a rollback should return to.
+    try:
+        history = _history(name, alias)
+        if previous is not None:
+            history.append(previous)
+            c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[-50:]))
+    except Exception as exc:
+        raise RegistryError(f"cannot record v{previous} in {name}@{alias}'s promotion history; "
+                            f"@{alias} not moved: {exc}") from exc
     try:
         c.set_registered_model_alias(name, alias, str(version))
     except Exception as exc:  # e.g. an alias MLflow refuses ("latest", "v2", spaces)
         raise RegistryError(f"cannot set {name}@{alias} -> v{version}: {exc}") from exc
-    history = _history(name, alias)
-    if previous is not None:
-        history.append(previous)
-    c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[-50:]))
-    _record_move(name, alias, previous, str(version), reason or "promoted")
+    _record_move_or_warn(name, alias, previous, str(version), reason or "promoted")
     log.info("%s: alias @%s moved %s -> v%s %s", name, alias, f"v{previous}" if previous else "(none)", version, reason)
     return previous
+
+
+def _record_move_or_warn(name: str, alias: str, previous: str | None, version: str, reason: str) -> None:
+    """``_record_move`` after the alias has moved: a failure to write the log is a warning, not an error
+    (the move, which workers follow, happened; saying it failed would be wrong)."""
+    try:
+        _record_move(name, alias, previous, version, reason)
+    except Exception as exc:
+        log.warning("%s: @%s moved to v%s, but its log and version tags could not be written: %s",
+                    name, alias, version, exc)
 
 
 def _record_move(name: str, alias: str, previous: str | None, version: str, reason: str) -> None:
@@ -235,9 +252,16 @@ def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
     if not history:
         raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
     target = history.pop()
-    c.set_registered_model_alias(name, alias, target)
-    c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
-    _record_move(name, alias, current, target, f"rollback from v{current}" + (f": {reason}" if reason else ""))
+    try:
+        c.set_registered_model_alias(name, alias, target)
+    except Exception as exc:
+        raise RegistryError(f"cannot set {name}@{alias} -> v{target}: {exc}") from exc
+    try:  # popped only once the alias is back (a failure here leaves v{target} on top: skipped next time)
+        c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
+    except Exception as exc:
+        log.warning("%s: rolled @%s back to v%s, but its promotion history could not be written: %s",
+                    name, alias, target, exc)
+    _record_move_or_warn(name, alias, current, target, f"rollback from v{current}" + (f": {reason}" if reason else ""))
     log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
     return target
 

@@ -125,6 +125,30 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert registry.alias_version("pump", "champion") == "1"
     assert registry.promote("pump", "2", "champion", expected_previous="1") == "1"
 
+    # The rollback stack is written before the alias moves: a failed write moves nothing (it used to
+    # move the alias and leave the stack without v2, so a rollback went past it to v1) ...
+    from mlflow import MlflowClient
+
+    real = MlflowClient.set_registered_model_tag
+
+    def refuse(key):
+        def write(self, name, tag, value):
+            if tag == key:
+                raise RuntimeError("database is locked")
+            return real(self, name, tag, value)
+        return write
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", refuse("champion_history"))
+    with pytest.raises(RegistryError, match="not moved: database is locked"):
+        registry.promote("pump", "1", "champion")
+    assert registry.alias_version("pump", "champion") == "2"
+    # ... and once it has moved, a failed write of its log is a warning, not "the promotion failed".
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", refuse("champion_log"))
+    assert registry.promote("pump", "1", "champion", reason="log store down") == "2"
+    assert registry.alias_version("pump", "champion") == "1"
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", real)
+    assert registry.rollback("pump") == "2"  # back to the version before the last move
+
 
 def test_unreachable_store_is_a_registry_error(tmp_path):
     from anomaly.errors import RegistryError
