@@ -340,10 +340,14 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     reading whose JSON carries ``label_field`` comes as ``(reading, label)``.
 
     No consumer group (assign + seek_to_beginning), nothing committed, the topic is never created.
-    Stops after ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer) or
-    ``timeout_s`` in all: it does not ask the broker where
-    the end is (Tansu's end offsets are wrong, DESIGN §5), so it works the same on Apache Kafka.
-    Bad records are counted in ``stats["bad"]`` and skipped (the worker dead-letters them).
+    It does not ask the broker where the end is (Tansu's end offsets are wrong, DESIGN §5), so it works
+    the same on Apache Kafka. A partition is read up to now once one of its records was written after
+    the read began (record timestamp, producer's or broker's, at or after the start): it is paused then,
+    so live traffic does not keep the read going. Stops when every partition is read up to now, after
+    ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer), or at
+    ``timeout_s`` in all; then ``stats["truncated"]`` is 1: what was read is the topic's OLDEST part,
+    not its recent history (``run_cycle`` skips such a cycle). Bad records are counted in
+    ``stats["bad"]`` and skipped (the worker dead-letters them).
     """
     from anomaly import codec, kafka_io
 
@@ -366,6 +370,8 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         tps = [kafka_io.TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        start_ms = time.time() * 1000.0
+        current: set[int] = set()  # partitions read up to a record written after the start
         last = time.monotonic()
         # Before the first record, the first fetch (connections, offset lookups) may take longer than
         # the idle allowance on a loaded box or a far cluster: a retrain that stopped then would skip
@@ -374,15 +380,21 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         while True:
             now = time.monotonic()
             if now >= deadline:
-                log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s)", topic, timeout_s)
+                stats["truncated"] = 1
+                log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s) with %d of %d partitions "
+                            "read up to now: what was read is the topic's oldest part", topic, timeout_s,
+                            len(current), len(tps))
                 break
-            if now - last >= allowance:
+            if now - last >= allowance or len(current) == len(tps):
                 break
             batch = consumer.poll(timeout_ms=int(min(_POLL_STEP_MS, idle_s * 1000)) or 1)
-            for records in batch.values():
+            for tp, records in batch.items():
                 if records:
                     last = time.monotonic()
                     allowance = idle_s
+                    if records[-1].timestamp >= start_ms and tp.partition not in current:
+                        current.add(tp.partition)
+                        consumer.pause(tp)
                 for record in records:
                     stats["records"] += 1
                     reading = codec.decode_reading(record.value)
@@ -514,6 +526,12 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     data = _prepare(history, champion, settings)
     data.facts.update({"readings_seen": history.seen, "bad_records": stats.get("bad", 0), "origin": origin,
                        "trigger": trigger})
+    if stats.get("truncated"):
+        return RetrainResult("skipped", f"the input topic was not read to its end within retrain.read_timeout_s "
+                                        f"({rt.read_timeout_s:g} s, {history.seen} readings): what was read is "
+                                        "its oldest part, not the recent history; raise read_timeout_s or "
+                                        "shorten the topic's retention", champion_version=champion_version,
+                             data=data.facts)
     rows, hold_windows = data.train_rows, sum(len(h) - champion.window_size + 1 for h in data.holdout)
     if rows < rt.min_rows or hold_windows < 1:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "

@@ -206,6 +206,66 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
     assert result.challenger_version is None and champion_version(settings) == weak
 
 
+def test_history_read_ends_under_live_traffic(kafka_broker, topic_name):
+    """A producer keeps writing while the retrain reads (the input topic of a running plant): the read
+    ends once every partition is read up to the records written after it began, not at read_timeout_s."""
+    import threading
+    import time
+
+    from anomaly import codec, kafka_io
+    from anomaly.retrain import topic_readings
+
+    frame = normal_frame(300, seed=4)
+    replay.replay(kafka_broker, topic_name, replay.replay_plan(frame, "pump", start_ts=1_790_000_000.0),
+                  progress=False)
+    stop = threading.Event()
+
+    def live() -> None:
+        producer = kafka_io.make_producer(kafka_broker)
+        i = 0
+        while not stop.is_set():
+            reading = codec.Reading("pump", 1_800_000_000.0 + i, {"temp": 70.0, "pressure": 1.0, "flow": 5.0})
+            producer.send(topic_name, key=b"pump", value=codec.encode_reading(reading))
+            producer.flush()
+            i += 1
+            time.sleep(0.02)
+        producer.close()
+
+    writer = threading.Thread(target=live, daemon=True)
+    writer.start()
+    try:
+        time.sleep(1.0)  # live records on the topic before the read starts
+        stats: dict[str, int] = {}
+        started = time.monotonic()
+        got = list(topic_readings(kafka_broker, topic_name, idle_s=3.0, timeout_s=40.0, stats=stats))
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.join(timeout=5)
+    assert elapsed < 15.0, f"read for {elapsed:.1f} s: live traffic kept it going"
+    assert "truncated" not in stats and len(got) >= 300 + 10
+
+
+def test_a_history_read_cut_by_its_timeout_skips_the_cycle(store, kafka_broker, normal_topic, monkeypatch):
+    """What a read stopped by read_timeout_s holds is the topic's oldest part: the cycle skips, saying
+    why, instead of training and comparing on stale readings."""
+    from anomaly import retrain
+
+    root, weak, _ = store
+    settings = settings_for(root, kafka_broker, normal_topic)
+    give_champion(settings, weak)
+    real = retrain.topic_readings
+
+    def cut(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        args[5]["truncated"] = 1  # stats: as if read_timeout_s had stopped it
+
+    monkeypatch.setattr(retrain, "topic_readings", cut)
+    result = run_cycle(settings)
+    assert result.status == "skipped" and "not read to its end" in result.reason, result.reason
+    assert result.challenger_version is None and champion_version(settings) == weak
+
+
 def test_labelled_file_puts_event_f1_into_the_gate(store, tmp_path):
     """``anomaly retrain --data`` with an ``anomaly`` column: labelled rows are kept out of training
     (instead of the champion's flags), and both models' event F1 on the labelled hold-out tail is logged

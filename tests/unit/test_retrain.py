@@ -442,12 +442,81 @@ def test_reading_history_waits_longer_for_the_first_record_than_between_records(
             time.sleep(timeout_ms / 1000)
             if not self.served and time.monotonic() - started > 0.6:  # 3 x the idle allowance below
                 self.served = True
-                return {0: [SimpleNamespace(value=value)] * 3}
+                return {kafka_io.TopicPartition("t", 0): [SimpleNamespace(value=value, timestamp=0)] * 3}
             return {}
 
     monkeypatch.setattr(kafka_io, "KafkaConsumer", SlowFirstFetch)
     got = list(retrain.topic_readings("b:9092", "t", idle_s=0.2, timeout_s=5.0))
     assert len(got) == 3 and time.monotonic() - started < 2.0  # then idle_s, not the first-record wait
+
+
+class _EndlessTopic:
+    """A consumer of a topic with ``old`` records per partition written before the read, then a record
+    per poll per unpaused partition written now (live traffic that never lets the read go idle)."""
+
+    def __init__(self, partitions=(0, 1), old=5, **options):
+        import time
+
+        from anomaly import codec
+
+        self.parts, self.old, self.time = partitions, dict.fromkeys(partitions, old), time
+        self.value = codec.encode_reading(codec.Reading("p", 1_790_000_000.0, {"a": 1.0}))
+        self.paused: set[int] = set()
+
+    def partitions_for_topic(self, topic):
+        return set(self.parts)
+
+    def assign(self, tps): ...
+    def seek_to_beginning(self, *tps): ...
+    def close(self, autocommit=False): ...
+
+    def pause(self, *tps):
+        self.paused.update(tp.partition for tp in tps)
+
+    def poll(self, timeout_ms):
+        from types import SimpleNamespace
+
+        from anomaly import kafka_io
+
+        self.time.sleep(0.01)
+        out = {}
+        for p in self.parts:
+            if p in self.paused:
+                continue
+            if self.old[p]:  # the backlog, two records a poll
+                n = min(2, self.old[p])
+                self.old[p] -= n
+                out[kafka_io.TopicPartition("t", p)] = [SimpleNamespace(value=self.value, timestamp=1_000)] * n
+            else:
+                out[kafka_io.TopicPartition("t", p)] = [SimpleNamespace(value=self.value,
+                                                                        timestamp=self.time.time() * 1000)]
+        return out
+
+
+def test_reading_history_stops_once_every_partition_is_read_up_to_now(monkeypatch):
+    """Live traffic never lets the read go idle: each partition is paused at its first record written
+    after the read began, and the read ends when all are (it used to run to read_timeout_s every time)."""
+    import time
+
+    from anomaly import kafka_io, retrain
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", _EndlessTopic)
+    stats: dict[str, int] = {}
+    started = time.monotonic()
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=5.0, timeout_s=20.0, stats=stats))
+    assert time.monotonic() - started < 3.0
+    assert len(got) == 2 * (5 + 1) and "truncated" not in stats  # each partition's backlog and one live record
+
+
+def test_reading_history_cut_by_its_timeout_says_so(monkeypatch):
+    """A topic too long to read within read_timeout_s: what was read is its oldest part (stats say so,
+    and run_cycle skips the cycle rather than train on it)."""
+    from anomaly import kafka_io, retrain
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", lambda **o: _EndlessTopic(old=10**9))
+    stats: dict[str, int] = {}
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=5.0, timeout_s=0.5, stats=stats))
+    assert got and stats["truncated"] == 1
 
 
 def test_labels_land_on_the_slot_the_grid_puts_their_reading_in():
