@@ -143,6 +143,7 @@ class TrailingBars:
         self._ring = np.zeros((max(1, capacity), self.length))
         self._count = np.zeros(max(1, capacity), dtype=np.int64)  # finite scores recorded, ever
         self._newest = np.full(max(1, capacity), -np.inf)  # newest window end (stream time) per entity
+        self._stream = np.full(max(1, capacity), -1, dtype=np.int64)  # the stream (partition) it came on; -1: none
 
     @property
     def entities(self) -> int:
@@ -153,14 +154,17 @@ class TrailingBars:
         self._rows.clear()
         self._count[:] = 0
         self._newest[:] = -np.inf
+        self._stream[:] = -1
 
-    def prune(self, older_than: float) -> int:
+    def prune(self, older_than: float | Mapping[int, float]) -> int:
         """Drop the history of entities whose newest window (``bars``' ``end_ts``) ended before
         ``older_than``, so a fleet whose entities come and go does not grow this without bound.
+        ``older_than`` per stream (``bars``' ``streams``: a partition measured by its own clock, so a
+        lagging one's entities are not taken for silent); an entity of a stream not in it is kept.
         Returns how many were dropped."""
         names = list(self._rows)
         rows = np.fromiter(self._rows.values(), dtype=np.int64, count=len(names))
-        keep = self._newest[rows] >= older_than
+        keep = self._newest[rows] >= _cutoffs(older_than, self._stream[rows])
         dropped = int(np.count_nonzero(~keep))
         if dropped:
             kept = rows[keep]
@@ -168,8 +172,10 @@ class TrailingBars:
             self._ring[: len(kept)] = self._ring[kept]
             self._count[: len(kept)] = self._count[kept]
             self._newest[: len(kept)] = self._newest[kept]
+            self._stream[: len(kept)] = self._stream[kept]
             self._count[len(kept):] = 0
             self._newest[len(kept):] = -np.inf
+            self._stream[len(kept):] = -1
         return dropped
 
     def history(self, entity: str) -> np.ndarray:
@@ -178,12 +184,14 @@ class TrailingBars:
         return np.empty(0) if row is None else self._held(row).copy()
 
     def bars(self, entities: Sequence[str], scores: np.ndarray, base: float | np.ndarray,
-             need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
+             need: np.ndarray | None = None, end_ts: np.ndarray | None = None,
+             streams: np.ndarray | None = None) -> np.ndarray:
         """The bar of every window of a batch (``entities[i]``'s windows in time order), then record
         the batch's finite scores. ``base``: the fitted value, one for all or each window's own (its
         entity's, ``Threshold.values_for``). Windows outside ``need`` (default: all) get ``base``
         without a look at the history: the caller knows their flag does not depend on it. ``end_ts``:
-        each window's stream time, remembered per entity for ``prune``."""
+        each window's stream time, and ``streams`` the stream (partition) it came on, remembered per
+        entity for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         n = len(scores)
         bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (n,)).copy()
@@ -204,6 +212,8 @@ class TrailingBars:
         self._record(rows[finite], rank[finite], scores[finite])
         if end_ts is not None:
             np.maximum.at(self._newest, rows, np.asarray(end_ts, dtype=np.float64))
+        if streams is not None:
+            self._stream[rows] = np.asarray(streams, dtype=np.int64)
         return bars
 
     # --- internals ----------------------------------------------------------------------------
@@ -221,7 +231,9 @@ class TrailingBars:
                 count[: len(self._count)] = self._count
                 newest = np.full(grow, -np.inf)
                 newest[: len(self._newest)] = self._newest
-                self._ring, self._count, self._newest = ring, count, newest
+                stream = np.full(grow, -1, dtype=np.int64)
+                stream[: len(self._stream)] = self._stream
+                self._ring, self._count, self._newest, self._stream = ring, count, newest, stream
         return np.fromiter((table[e] for e in entities), dtype=np.int64, count=len(entities))
 
     def _fill_bars(self, rows: np.ndarray, finite: np.ndarray, rank: np.ndarray, wanted: np.ndarray,
@@ -270,3 +282,12 @@ class TrailingBars:
         rows, rank, scores = rows[keep], rank[keep], scores[keep]
         self._ring[rows, (self._count[rows] + rank) % self.length] = scores
         self._count += per_row
+
+
+def _cutoffs(older_than: float | Mapping[int, float], streams: np.ndarray) -> np.ndarray | float:
+    """``prune``'s cutoff for entities of ``streams``: one for all, or each stream's own (-inf, kept,
+    for a stream without one)."""
+    if not isinstance(older_than, Mapping):
+        return float(older_than)
+    return np.fromiter((older_than.get(int(s), -np.inf) for s in streams.tolist()), dtype=np.float64,
+                       count=len(streams))

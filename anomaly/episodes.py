@@ -100,6 +100,7 @@ class _State:
     below: int = 0
     below_max: float = 0.0
     newest: float = -math.inf  # newest window end (stream time), for pruning
+    stream: int = -1  # the stream (partition) its windows came on, for pruning by that stream's clock
 
     def bar(self, base: float, drop: float) -> float:
         """The bar in force now, without a score (what a non-finite window is shown)."""
@@ -173,29 +174,38 @@ class EpisodeBars:
         """Drop every entity's state (a new model's scores are on another scale)."""
         self._states.clear()
 
-    def prune(self, older_than: float) -> int:
-        """Drop the state of entities whose newest window ended before ``older_than``. Returns how many."""
-        stale = [e for e, s in self._states.items() if s.newest < older_than]
+    def prune(self, older_than: float | Mapping[int, float]) -> int:
+        """Drop the state of entities whose newest window ended before ``older_than`` (one for all, or
+        per stream as ``TrailingBars.prune`` takes it). Returns how many."""
+        if isinstance(older_than, Mapping):
+            stale = [e for e, s in self._states.items() if s.newest < older_than.get(s.stream, -math.inf)]
+        else:
+            stale = [e for e, s in self._states.items() if s.newest < older_than]
         for e in stale:
             del self._states[e]
         return len(stale)
 
     def bars(self, entities: Sequence[str], scores: np.ndarray, base: float | np.ndarray,
-             need: np.ndarray | None = None, end_ts: np.ndarray | None = None) -> np.ndarray:
+             need: np.ndarray | None = None, end_ts: np.ndarray | None = None,
+             streams: np.ndarray | None = None) -> np.ndarray:
         """The bar of every window of a batch (``entities[i]``'s windows in time order), each window then
         taken into its entity's state. ``base``: the fitted value, one for all or each window's own (its
         entity's). ``need`` is accepted for the same call as ``TrailingBars.bars`` and ignored: every
-        window moves an open episode. ``end_ts``: each window's stream time, for ``prune``."""
+        window moves an open episode. ``end_ts``: each window's stream time, and ``streams`` its stream,
+        for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (len(scores),)).copy()
         rule, k = self.rule, self.k
         states = self._states
         ends = None if end_ts is None else np.asarray(end_ts, dtype=np.float64).tolist()
+        ids = None if streams is None else np.asarray(streams, dtype=np.int64).tolist()
         for i, (entity, v, b) in enumerate(zip(entities, scores.tolist(), bars.tolist())):
             state = states.get(entity)
             if state is None:
                 state = states[entity] = _State()
             if ends is not None and ends[i] > state.newest:
                 state.newest = ends[i]
+            if ids is not None:
+                state.stream = ids[i]
             bars[i] = state.step(v, b, rule.drop, rule.settle, k)
         return bars

@@ -469,9 +469,12 @@ class ScoringStep:
         over = scores > (threshold if bars is None else bars)  # NaN: False
         if trailing is not None and bars_model is model:
             bars = trailing.bars(entities, scores, threshold if bars is None else bars,
-                                 None if self.emit_scores else over, ready.end_ts)
+                                 None if self.emit_scores else over, ready.end_ts, ready.partition)
             if self.idle_timeout_s is not None and trailing.entities > self._prune_bars_at:
-                trailing.prune(float(ready.end_ts.max()) - self.idle_timeout_s)
+                # each entity against its own partition's stream time: a partition replaying a backlog
+                # is behind the others, and its entities are not silent
+                clocks = {p: self._store.stream_time(p) for p in range(len(self._stream_keys))}
+                trailing.prune({p: t - self.idle_timeout_s for p, t in clocks.items() if t is not None})
                 self._prune_bars_at = max(PRUNE_BARS_MIN, 2 * trailing.entities)
         if self.emit_scores:
             for i, (entity, end_ts, start_ts, filled) in enumerate(zip(

@@ -262,6 +262,41 @@ def test_the_worker_prunes_histories_of_entities_that_went_silent(monkeypatch: p
     assert len(step.adaptive_history("g5-0")) == 8 and len(step.adaptive_history("g0-0")) == 0
 
 
+def test_prune_measures_each_stream_by_its_own_clock() -> None:
+    from anomaly.episodes import EpisodeBars, EpisodeRule
+
+    for bars in (TrailingBars(AdaptiveRule(rows=4, lag=0)), EpisodeBars(EpisodeRule(drop=2.0, k=3))):
+        bars.bars(["lagging", "idle"], np.ones(2), 1.0, end_ts=np.array([100.0, 100.0]), streams=np.array([0, 1]))
+        bars.bars(["live"], np.ones(1), 1.0, end_ts=np.array([9_000.0]), streams=np.array([1]))
+        bars.bars(["unknown"], np.ones(1), 1.0, end_ts=np.array([0.0]), streams=np.array([7]))
+        # stream 0 (a backlog being replayed) is at 150 by its own clock, stream 1 at 9,000: only "idle",
+        # silent on stream 1 for 8,900 s, goes; a stream without a clock keeps its entities
+        assert bars.prune({0: 150.0 - 3600, 1: 9_000.0 - 3600}) == 1
+        assert bars.entities == 3
+        assert bars.prune(9_000.0 - 3600) == 2 and bars.entities == 1  # one clock for all: the old rule
+
+
+def test_the_worker_keeps_the_history_of_a_lagging_partitions_entities(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Partition 0 replays a backlog at T0 while partition 1 is live 2 h ahead, in the same batches: a's
+    # history must survive the prune (measured by the batch's newest window it was wiped, and a level the
+    # rule had accepted alarmed again).
+    import anomaly.scoring_step as scoring_step
+    from tests.unit.test_scoring_step import reading_record
+
+    monkeypatch.setattr(scoring_step, "PRUNE_BARS_MIN", 2)
+    rule = AdaptiveRule(rows=5, factor=1.5, quantile=0.5, lag=0)
+    step = ScoringStep(FakeModel(window_size=1, adaptive=rule), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=1), idle_timeout_s=3600.0)
+    high = {"temp": 70.0, "pressure": 10.0, "flow": 5.0}  # score 3: above the fitted 1.0
+    step.process([reading_record("a", t, t, 0, values=high) for t in range(20)], now_s=T0)
+    assert len(step.adaptive_history("a")) == 5
+    live = [reading_record(e, 7200 + i, i, 1) for i, e in enumerate(("b", "c"))]
+    out = step.process([reading_record("a", t, t, 0, values=high) for t in range(20, 22)] + live, now_s=T0)
+    assert len(step.adaptive_history("a")) == 5
+    out = step.process([reading_record("a", t, t, 0, values=high) for t in range(22, 26)], now_s=T0)
+    assert out.events == []  # a's level stays accepted
+
+
 def test_offline_bars_are_the_same_computed_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     import anomaly.adaptive as adaptive
 
