@@ -224,6 +224,8 @@ class ScoringStep:
         self._stream_keys: list[tuple[str, int]] = []
         self._store = self._new_store(model)
         self._bars = self._new_bars(model)
+        # the moving bars of the model before the last swap, for batches staged with it that complete after
+        self._retired_bars: tuple[ScoringModel | None, TrailingBars | EpisodeBars | None] = (None, None)
         self._prune_bars_at = PRUNE_BARS_MIN
         self._holds: dict[str, _Hold] = {}  # entity in alert state -> where its run's first window starts
         # Alert state is complete()'s, which may run on another thread than stage() and forget_partitions()
@@ -312,6 +314,7 @@ class ScoringStep:
         else:
             self._store = self._new_store(model)
         self._model = model
+        self._retired_bars = self._bars
         self._bars = self._new_bars(model)
         return kept
 
@@ -325,6 +328,7 @@ class ScoringStep:
             self._revoked.clear()
             self._completed_seq = self._staged_seq
         self._bars = self._new_bars(self._model)
+        self._retired_bars = (None, None)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
         """Drop the window and alert state of entities last seen on these (revoked) partitions; returns
@@ -462,6 +466,10 @@ class ScoringStep:
         # only where they decide something (above the fitted value; every window for the scores topic);
         # every finite score feeds its entity's state.
         bars_model, trailing = self._bars
+        if bars_model is not model:  # staged before a swap: the old model's bars (its scores' scale)
+            bars_model, trailing = self._retired_bars
+        elif self._retired_bars[0] is not None:
+            self._retired_bars = (None, None)  # the new model's batches have begun: the old state can go
         bars: np.ndarray | None = None
         own = getattr(model, "entity_thresholds", None)  # entity -> its own fitted value
         if own:

@@ -10,6 +10,7 @@ import pytest
 
 from anomaly.adaptive import AdaptiveRule, TrailingBars, adaptive_bars, adaptive_flags
 from anomaly.alerts import AlertPolicy
+from anomaly.codec import decode_event
 from anomaly.config import build_settings
 from anomaly.errors import ConfigError
 from anomaly.scoring_step import ScoringStep
@@ -230,6 +231,24 @@ def test_a_batch_staged_for_the_old_model_neither_reads_nor_feeds_the_new_histor
     step.swap_model(FakeModel(window_size=4, adaptive=rule, version="2"))
     step.complete(staged, step.score(staged))
     assert len(step.adaptive_history("a")) == 0
+
+
+def test_a_batch_staged_for_the_old_model_is_held_to_the_old_models_moving_bar() -> None:
+    # a's level 3 is accepted by the rule (bar 1.5 x 3); a batch staged before a swap and completed after
+    # it is still judged by the old model's bar, not by the fitted value alone (which opened an event).
+    from tests.unit.test_scoring_step import reading_record
+
+    rule = AdaptiveRule(rows=5, factor=1.5, quantile=0.5, lag=0)
+    high = {"temp": 70.0, "pressure": 10.0, "flow": 5.0}  # score 3, above the fitted 1.0
+    step = ScoringStep(FakeModel(window_size=1, adaptive=rule), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=2, cooldown_s=0.0))
+    step.process([reading_record("a", t, t, values=high) for t in range(20)], now_s=T0 + 20)
+    staged = step.stage([reading_record("a", t, t, values=high) for t in range(20, 25)], now_s=T0 + 25)
+    step.swap_model(FakeModel(window_size=1, adaptive=rule, version="2"))
+    out = step.complete(staged, step.score(staged))
+    assert [decode_event(v)["status"] for _, v in out.events if decode_event(v)["status"] == "open"] == []
+    assert out.counts["adaptive_held"] == 5
+    assert len(step.adaptive_history("a")) == 0  # the new model's history is untouched
 
 
 def test_prune_drops_silent_entities_and_keeps_the_others_exact() -> None:
