@@ -530,21 +530,31 @@ class ScoringStep:
                     holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]), end_ts_list[i],
                                           end_ts_list[i])
             elif self._alerts.is_active(entity):
-                hold.last_ts = end_ts_list[i]
-            else:
-                del holds[entity]
+                hold.last_ts, hold.through = end_ts_list[i], None
+            elif hold.through is None:
+                # The run is over. Its hold stays until the commit is past the run's readings (the
+                # window that ended it ends at ``through``): a replay from a commit inside the run (held
+                # there by another entity) would rebuild only its tail, and report it again as a new
+                # event with a later start, and so another id.
+                if hold.offset is None or int(ready.partition[i]) != hold.stream:
+                    del holds[entity]
+                else:
+                    hold.through, hold.last_ts = int(ready.end_offset[i]), end_ts_list[i]
         self._apply_holds(out)
         return out
 
     def _apply_holds(self, out: BatchOutput) -> None:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
         (closing open events; a lagging partition is measured by its own clock, not the batch's), release
-        holds older than that, and keep this batch's commits at or before every remaining hold."""
+        holds older than that, and keep this batch's commits at or before every remaining hold. A finished
+        run's hold (``through`` set) pins the commit only while the commit would otherwise fall at or
+        before ``through`` (inside the run); once it is past, the hold is released."""
         holds = self._holds
         if not holds:
             return
         idle = self.idle_timeout_s
         store = self._store
+        finished: list[tuple[str, _Hold]] = []
         for entity, hold in list(holds.items()):
             newest = store.stream_time(hold.stream) if idle is not None else None
             if newest is not None and newest - hold.last_ts > idle:
@@ -558,9 +568,27 @@ class ScoringStep:
             if idle is not None and hold.last_ts - hold.start_ts > idle:
                 hold.offset = None  # a very long event: stop pinning the commit
                 continue
+            if hold.through is not None:
+                finished.append((entity, hold))
+                continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:
                 out.commits[key] = hold.offset
+        # Finished runs, after the live ones: a run pins the commit where it would fall inside it; pinning
+        # only lowers commits, so repeat until no more runs are caught, then release the rest.
+        caught = True
+        while caught and finished:
+            caught = False
+            for entity, hold in list(finished):
+                key = self._stream_keys[hold.stream]
+                if key not in out.commits:  # nothing committed on its partition by this batch: keep it
+                    finished.remove((entity, hold))
+                elif out.commits[key] <= hold.through:
+                    out.commits[key] = min(out.commits[key], hold.offset)
+                    finished.remove((entity, hold))
+                    caught = True
+        for entity, _ in finished:
+            del holds[entity]  # the commit is past its run: a replay sees none of it
 
     def _stream_id(self, topic: str, partition: int) -> int:
         key = (topic, int(partition))
@@ -579,6 +607,7 @@ class _Hold:
     offset: int | None  # oldest reading of that window
     start_ts: float  # end_ts of that window
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
+    through: int | None = None  # a finished run: the offset of the last reading of the window that ended it
 
 
 def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:

@@ -511,6 +511,34 @@ def test_a_restart_inside_an_event_replays_it_under_the_same_id() -> None:
     assert restarted.alert_holds == {}  # the event closed: nothing held any more
 
 
+def test_a_restart_from_a_commit_another_entity_holds_inside_a_finished_event_keeps_its_id() -> None:
+    # A's fault (slots 3-5) opens and closes; B's, from slot 5, is open and holds the commit at its first
+    # window's oldest reading, which lies inside A's finished run. A restart from there used to rebuild
+    # A's tail only and report it as a new event (start 6, another id): a phantom incident.
+    model = FakeModel(window_size=2)
+    records, offset = [], 0
+    for slot in range(12):
+        for entity, hot in (("A", slot in (3, 4, 5)), ("B", slot >= 5)):
+            values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if hot else 0.0))
+            records.append(reading_record(entity, slot, offset, values=values))
+            offset += 1
+    policy = AlertPolicy(min_duration_windows=1, recovery_windows=1, cooldown_s=0.0)
+    first = ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), policy)
+    out = first.process(records, now_s=T0 + 12)
+    ids = {(decode_event(v)["entity"], decode_event(v)["status"]): decode_event(v)["event_id"] for _, v in out.events}
+    assert set(ids) == {("A", "open"), ("A", "closed"), ("B", "open")}
+    committed = out.commits[(TOPIC, 0)]
+    assert committed <= 4  # at A's run's first window (slots 2-3), not at B's (offset 9, inside A's run)
+    again = ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), policy)
+    replayed = again.process([r for r in records if r.offset >= committed], now_s=T0 + 12)
+    assert {(decode_event(v)["entity"], decode_event(v)["status"]): decode_event(v)["event_id"]
+            for _, v in replayed.events} == ids
+    # Once the commit is past A's run (B's event over, both runs behind it), A's hold is released.
+    calm = [reading_record(e, slot, offset + 2 * (slot - 12) + k) for slot in range(12, 20) for k, e in enumerate("AB")]
+    out = first.process(calm, now_s=T0 + 20)
+    assert first.alert_holds == {} and out.commits[(TOPIC, 0)] > 24
+
+
 def test_a_batch_without_windows_keeps_the_hold() -> None:
     step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
     run_batches(step, _fault_records()[:30], size=10)
