@@ -363,6 +363,17 @@ def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], d
 
 # --- worker --------------------------------------------------------------------------------------
 
+def unfollowed_alias(settings) -> str | None:
+    """Why promotions would never reach a worker of ``settings``, or None: it serves an alias that is
+    neither the champion's nor the challenger's (a canary on @challenger is fine)."""
+    w, ml = settings.worker, settings.mlflow
+    if w.model_alias in (ml.champion_alias, ml.challenger_alias):
+        return None
+    return (f"worker.model_alias @{w.model_alias} is neither mlflow.champion_alias (@{ml.champion_alias}) nor "
+            f"challenger_alias (@{ml.challenger_alias}): promotions (train --promote, models promote, the "
+            f"retrain gate) move @{ml.champion_alias}, which this worker does not follow")
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """The long-running scoring daemon (DESIGN.md §3)."""
     from anomaly import tracking
@@ -378,6 +389,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                                                            bootstrap_servers=args.bootstrap_servers))
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     w = settings.worker
+    unfollowed = unfollowed_alias(settings)
+    if unfollowed:
+        log.warning("%s", unfollowed)
     if w.torch_threads:
         import torch
 

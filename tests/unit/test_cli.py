@@ -274,3 +274,13 @@ def test_data_mistakes_are_said_in_the_operators_words(tmp_path, capsys):
         assert main([*argv, *(["--no-register", "--quiet"] if argv[0] == "train" else [])]) == 2, argv
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and "SensorIssue" not in err, (argv, err)
+
+
+def test_a_worker_serving_an_alias_promotions_never_move_is_warned_about() -> None:
+    from anomaly.cli import unfollowed_alias
+    from anomaly.config import build_settings
+
+    assert unfollowed_alias(build_settings({})) is None
+    assert unfollowed_alias(build_settings({"worker": {"model_alias": "challenger"}})) is None  # a canary
+    said = unfollowed_alias(build_settings({"mlflow": {"champion_alias": "prod"}}))
+    assert said and "@champion" in said and "mlflow.champion_alias (@prod)" in said
