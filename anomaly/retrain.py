@@ -49,7 +49,7 @@ from anomaly.codec import BadRecord, Reading
 from anomaly.config import Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
-from anomaly.windowing import exclusion_mask
+from anomaly.windowing import exclusion_mask, windows_touching
 
 log = logging.getLogger(__name__)
 
@@ -533,8 +533,15 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         "shorten the topic's retention", champion_version=champion_version,
                              data=data.facts)
     rows, hold_windows = data.train_rows, sum(len(h) - champion.window_size + 1 for h in data.holdout)
-    if rows < rt.min_rows or hold_windows < 1:
+    # the challenger's windows (its own window size) that touch no gap: what it could train on
+    from anomaly.training import MIN_TRAIN_WINDOWS
+
+    w = settings.model.window_size
+    gaps = data.gaps if data.gaps is not None else np.zeros(len(data.train_values), dtype=bool)
+    train_windows = int(np.count_nonzero(~windows_touching(gaps, w))) if len(gaps) >= w else 0
+    if rows < rt.min_rows or hold_windows < 1 or train_windows < MIN_TRAIN_WINDOWS:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
+                                        f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
                                         f"{max(hold_windows, 0)} hold-out windows (need 1)",
                              champion_version=champion_version, data=data.facts)
     train_values = data.train_values

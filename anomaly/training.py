@@ -140,12 +140,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+MIN_TRAIN_WINDOWS = 4  # fewest windows a model trains on (training and validation together)
+
+
 def split_windows(windows: np.ndarray, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Time-ordered split: the last fraction of windows validates. The last ``W-1`` training windows
     before the split are dropped so no training window shares a row with a validation window."""
     n = len(windows)
-    if n < 4:
-        raise ModelError(f"need at least 4 windows of {windows.shape[1]} readings to train, got {n}: train on more "
+    if n < MIN_TRAIN_WINDOWS:
+        raise ModelError(f"need at least {MIN_TRAIN_WINDOWS} windows of {windows.shape[1]} readings to train, got {n}: train on more "
                          f"rows, or set a smaller model.window_size")
     n_val = max(1, int(round(n * validation_fraction)))
     split = n - n_val

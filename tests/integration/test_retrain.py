@@ -206,6 +206,20 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
     assert result.challenger_version is None and champion_version(settings) == weak
 
 
+def test_too_few_windows_for_the_challenger_is_a_skip_not_a_failure(store, tmp_path):
+    """Enough rows for retrain.min_rows and a hold-out, too few for a challenger with a long window:
+    a skip that says so (it used to fail inside training, reported as a failed retrain)."""
+    root, weak, _ = store
+    base = settings_for(root, min_rows=10)
+    settings = dataclasses.replace(base, model=dataclasses.replace(base.model, window_size=60))
+    give_champion(settings, weak)
+    path = tmp_path / "short.csv"
+    normal_frame(100, seed=4).to_csv(path, index_label="ts")
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status == "skipped" and "training windows of 60 (need 4)" in result.reason, result.reason
+    assert result.challenger_version is None and champion_version(settings) == weak
+
+
 def test_history_read_ends_under_live_traffic(kafka_broker, topic_name):
     """A producer keeps writing while the retrain reads (the input topic of a running plant): the read
     ends once every partition is read up to the records written after it began, not at read_timeout_s."""
