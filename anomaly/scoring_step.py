@@ -228,6 +228,7 @@ class ScoringStep:
         self._retired_bars: tuple[ScoringModel | None, TrailingBars | EpisodeBars | None] = (None, None)
         self._prune_bars_at = PRUNE_BARS_MIN
         self._holds: dict[str, _Hold] = {}  # entity in alert state -> where its run's first window starts
+        self._finished: list[tuple[str, _Hold]] = []  # runs over that opened an event, still pinning (``through``)
         # Alert state is complete()'s, which may run on another thread than stage() and forget_partitions()
         # (the scoring child's finisher): one lock; and a revocation reaches alert state only after every
         # batch staged before it has completed (else a batch in flight would bring the state back).
@@ -314,8 +315,10 @@ class ScoringStep:
         else:
             self._store = self._new_store(model)
         self._model = model
-        self._retired_bars = self._bars
-        self._bars = self._new_bars(model)
+        bars = self._new_bars(model)
+        with self._alert_lock:  # complete() (maybe on another thread) reads and clears the retired pair
+            self._retired_bars = self._bars
+            self._bars = bars
         return kept
 
     def reset(self) -> None:
@@ -325,10 +328,11 @@ class ScoringStep:
         with self._alert_lock:
             self._alerts.forget()
             self._holds.clear()
+            self._finished.clear()
             self._revoked.clear()
             self._completed_seq = self._staged_seq
-        self._bars = self._new_bars(self._model)
-        self._retired_bars = (None, None)
+            self._bars = self._new_bars(self._model)
+            self._retired_bars = (None, None)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
         """Drop the window and alert state of entities last seen on these (revoked) partitions; returns
@@ -348,6 +352,7 @@ class ScoringStep:
             for entity in [e for e, hold in self._holds.items() if hold.stream in revoked]:
                 del self._holds[entity]
                 self._alerts.forget(entity)
+            self._finished = [(e, hold) for e, hold in self._finished if hold.stream not in revoked]
 
     @property
     def alert_holds(self) -> dict[str, tuple[tuple[str, int], int]]:
@@ -520,26 +525,33 @@ class ScoringStep:
                         for j in order]
 
             bar = threshold if bars is None else float(bars[i])
+            opened = False
             for event in self._alerts.update(entity, end_ts_list[i], float(scores[i]), bar, detail, name,
                                              version):
                 out.events.append((entity.encode("utf-8"), encode_event(event)))
+                opened = opened or event["status"] == OPEN
                 counts["events_opened" if event["status"] == OPEN else "events_closed"] += 1
             hold = holds.get(entity)
             if hold is None:
                 if self._alerts.is_active(entity):  # this window started a run: hold at its oldest reading
-                    holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]), end_ts_list[i],
-                                          end_ts_list[i])
+                    hold = holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]),
+                                                 end_ts_list[i], end_ts_list[i], opened=opened)
             elif self._alerts.is_active(entity):
-                hold.last_ts, hold.through = end_ts_list[i], None
-            elif hold.through is None:
-                # The run is over. Its hold stays until the commit is past the run's readings (the
-                # window that ended it ends at ``through``): a replay from a commit inside the run (held
-                # there by another entity) would rebuild only its tail, and report it again as a new
-                # event with a later start, and so another id.
-                if hold.offset is None or int(ready.partition[i]) != hold.stream:
-                    del holds[entity]
-                else:
-                    hold.through, hold.last_ts = int(ready.end_offset[i]), end_ts_list[i]
+                hold.last_ts = end_ts_list[i]
+                hold.opened = hold.opened or opened
+            else:
+                del holds[entity]
+                if hold.opened and hold.offset is not None and hold.through is not None:
+                    # A run that opened an event is over. Its hold stays, apart from the entity's next
+                    # run's, until the commit is past the run's last window above its bar (``through``,
+                    # that window's newest reading): a replay from a commit inside the run (held there by
+                    # another entity) would rebuild only its tail, and report it again as a new event with
+                    # a later start, and so another id.
+                    hold.last_ts = end_ts_list[i]
+                    self._finished.append((entity, hold))
+                hold = None
+            if hold is not None and above[i] and int(ready.partition[i]) == hold.stream:
+                hold.through = int(ready.end_offset[i])
         self._apply_holds(out)
         return out
 
@@ -547,14 +559,13 @@ class ScoringStep:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
         (closing open events; a lagging partition is measured by its own clock, not the batch's), release
         holds older than that, and keep this batch's commits at or before every remaining hold. A finished
-        run's hold (``through`` set) pins the commit only while the commit would otherwise fall at or
-        before ``through`` (inside the run); once it is past, the hold is released."""
-        holds = self._holds
-        if not holds:
+        run's hold (``_finished``) pins the commit only while the commit would otherwise fall at or before
+        its ``through`` (inside the run); once it is past, the hold is released."""
+        holds, finished = self._holds, self._finished
+        if not holds and not finished:
             return
         idle = self.idle_timeout_s
         store = self._store
-        finished: list[tuple[str, _Hold]] = []
         for entity, hold in list(holds.items()):
             newest = store.stream_time(hold.stream) if idle is not None else None
             if newest is not None and newest - hold.last_ts > idle:
@@ -568,27 +579,33 @@ class ScoringStep:
             if idle is not None and hold.last_ts - hold.start_ts > idle:
                 hold.offset = None  # a very long event: stop pinning the commit
                 continue
-            if hold.through is not None:
-                finished.append((entity, hold))
-                continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:
                 out.commits[key] = hold.offset
+        if not finished:
+            return
         # Finished runs, after the live ones: a run pins the commit where it would fall inside it; pinning
-        # only lowers commits, so repeat until no more runs are caught, then release the rest.
+        # only lowers commits, so repeat until no more runs are caught; the rest are released.
+        kept: list[tuple[str, _Hold]] = []
+        waiting: list[tuple[str, _Hold]] = []
+        for entity, hold in finished:
+            newest = store.stream_time(hold.stream) if idle is not None else None
+            if newest is not None and newest - hold.last_ts > idle:
+                continue  # an hour of its partition's stream time since: released
+            key = self._stream_keys[hold.stream]
+            (waiting if key in out.commits else kept).append((entity, hold))  # no commit there: kept as is
         caught = True
-        while caught and finished:
+        while caught and waiting:
             caught = False
-            for entity, hold in list(finished):
+            for item in list(waiting):
+                hold = item[1]
                 key = self._stream_keys[hold.stream]
-                if key not in out.commits:  # nothing committed on its partition by this batch: keep it
-                    finished.remove((entity, hold))
-                elif out.commits[key] <= hold.through:
+                if out.commits[key] <= hold.through:
                     out.commits[key] = min(out.commits[key], hold.offset)
-                    finished.remove((entity, hold))
+                    waiting.remove(item)
+                    kept.append(item)
                     caught = True
-        for entity, _ in finished:
-            del holds[entity]  # the commit is past its run: a replay sees none of it
+        self._finished = kept  # the waiting ones left: the commit is past their run, a replay sees none of it
 
     def _stream_id(self, topic: str, partition: int) -> int:
         key = (topic, int(partition))
@@ -607,7 +624,8 @@ class _Hold:
     offset: int | None  # oldest reading of that window
     start_ts: float  # end_ts of that window
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
-    through: int | None = None  # a finished run: the offset of the last reading of the window that ended it
+    opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
+    through: int | None = None  # the newest reading of the run's last window above its bar (on ``stream``)
 
 
 def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:

@@ -539,6 +539,56 @@ def test_a_restart_from_a_commit_another_entity_holds_inside_a_finished_event_ke
     assert first.alert_holds == {} and out.commits[(TOPIC, 0)] > 24
 
 
+def test_a_restart_from_any_commit_reports_only_the_events_of_the_uninterrupted_run() -> None:
+    # A alarms at slots 3-12 and again at 16-30; B at 10-15, pinning the commit inside A's first run. Each
+    # run has its own hold (a second run used to inherit the first's, and its 20 s "very long event"
+    # release then unpinned the second run midway: a restart reported it under a new id).
+    hot = {"A": set(range(3, 13)) | set(range(16, 31)), "B": set(range(10, 16))}
+    records, offset = [], 0
+    for slot in range(40):
+        for entity in "AB":
+            values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if slot in hot[entity] else 0.0))
+            records.append(reading_record(entity, slot, offset, values=values))
+            offset += 1
+    policy = AlertPolicy(min_duration_windows=1, recovery_windows=1, cooldown_s=0.0)
+
+    def step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0), policy,
+                           idle_timeout_s=20.0)
+
+    first, seen, commits = step(), set(), []
+    for slot in range(40):
+        out = first.process(records[2 * slot:2 * slot + 2], now_s=T0 + 100)
+        seen |= {(decode_event(v)["event_id"], decode_event(v)["start_ts"]) for _, v in out.events}
+        commits.append(out.commits[(TOPIC, 0)])
+    assert len(seen) == 3
+    for slot, committed in enumerate(commits):  # the worker dies after this slot's batch
+        replayed = step().process([r for r in records if r.offset >= committed], now_s=T0 + 100)
+        ids = {(decode_event(v)["event_id"], decode_event(v)["start_ts"]) for _, v in replayed.events}
+        assert ids <= seen, f"restart after slot {slot} from offset {committed}: {ids - seen}"
+    assert commits[-1] > 60 and first.alert_holds == {}  # all over: nothing pinned
+
+
+def test_blips_that_open_no_event_leave_no_hold_behind() -> None:
+    # pump-a blips every 6 slots, never long enough to open an event: nothing to replay, so the commit
+    # stays within a window or so of the stream (a finished run's hold is kept only for an event; each
+    # blip's used to keep the first one's offset, and the commit fell an idle timeout behind).
+    step = ScoringStep(FakeModel(window_size=8, threshold=3.0), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(), idle_timeout_s=100.0)
+    lag, offset = [], 0
+    for slot in range(200):
+        batch = []
+        for entity in ("pump-a", "pump-b"):
+            blip = entity == "pump-a" and slot % 6 == 0 and slot > 0
+            batch.append(reading_record(entity, slot, offset, values=dict(zip(SENSORS, CENTRE),
+                                                                          pressure=1.0 + (40.0 if blip else 0.0))))
+            offset += 1
+        out = step.process(batch, now_s=T0 + 300)
+        assert not out.events
+        lag.append((offset - out.commits[(TOPIC, 0)]) // 2)
+    assert max(lag) <= 10
+
+
 def test_a_batch_without_windows_keeps_the_hold() -> None:
     step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
     run_batches(step, _fault_records()[:30], size=10)
