@@ -345,8 +345,9 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     the read began (record timestamp, producer's or broker's, at or after the start): it is paused then,
     so live traffic does not keep the read going. Stops when every partition is read up to now, after
     ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer), or at
-    ``timeout_s`` in all; then ``stats["truncated"]`` is 1: what was read is the topic's OLDEST part,
-    not its recent history (``run_cycle`` skips such a cycle). Bad records are counted in
+    ``timeout_s`` in all; then, if a partition is still short of its high watermark, ``stats["truncated"]``
+    is 1: what was read is the topic's OLDEST part, not its recent history (``run_cycle`` skips such a
+    cycle). Bad records are counted in
     ``stats["bad"]`` and skipped (the worker dead-letters them).
     """
     from anomaly import codec, kafka_io
@@ -380,10 +381,15 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         while True:
             now = time.monotonic()
             if now >= deadline:
-                stats["truncated"] = 1
-                log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s) with %d of %d partitions "
-                            "read up to now: what was read is the topic's oldest part", topic, timeout_s,
-                            len(current), len(tps))
+                behind = _behind(consumer, [tp for tp in tps if tp.partition not in current])
+                if behind:
+                    stats["truncated"] = 1
+                    log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s) with partitions %s "
+                                "behind their end: what was read is the topic's oldest part", topic, timeout_s,
+                                ",".join(map(str, behind)))
+                else:
+                    log.info("stopped reading %s after %.0f s (retrain.read_timeout_s), every partition at "
+                             "its end as last fetched", topic, timeout_s)
                 break
             if now - last >= allowance or len(current) == len(tps):
                 break
@@ -409,6 +415,18 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
                         yield reading, label
     finally:
         consumer.close(autocommit=False)
+
+
+def _behind(consumer: Any, tps: Sequence[Any]) -> list[int]:
+    """Partitions of ``tps`` whose position is short of the high watermark the last fetch reported (one
+    not known counts as not behind: a producer whose record timestamps lag the clock keeps its partition
+    from being paused, yet it may well be read to its end)."""
+    out = []
+    for tp in tps:
+        high = consumer.highwater(tp)
+        if high is not None and consumer.position(tp) < high:
+            out.append(tp.partition)
+    return out
 
 
 @dataclass(frozen=True)

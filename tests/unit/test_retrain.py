@@ -460,8 +460,10 @@ class _EndlessTopic:
         from anomaly import codec
 
         self.parts, self.old, self.time = partitions, dict.fromkeys(partitions, old), time
+        self.lag_ms = 0.0  # how far the live records' timestamps lag the clock (event time set by a producer)
         self.value = codec.encode_reading(codec.Reading("p", 1_790_000_000.0, {"a": 1.0}))
         self.paused: set[int] = set()
+        self.read = dict.fromkeys(partitions, 0)  # records handed out per partition
 
     def partitions_for_topic(self, topic):
         return set(self.parts)
@@ -470,8 +472,17 @@ class _EndlessTopic:
     def seek_to_beginning(self, *tps): ...
     def close(self, autocommit=False): ...
 
+    def stamp(self) -> float:
+        return self.time.time() * 1000 - self.lag_ms
+
     def pause(self, *tps):
         self.paused.update(tp.partition for tp in tps)
+
+    def highwater(self, tp):  # what the last fetch said: the backlog's end, or the live end
+        return self.read[tp.partition] + self.old[tp.partition]
+
+    def position(self, tp):
+        return self.read[tp.partition]
 
     def poll(self, timeout_ms):
         from types import SimpleNamespace
@@ -488,8 +499,10 @@ class _EndlessTopic:
                 self.old[p] -= n
                 out[kafka_io.TopicPartition("t", p)] = [SimpleNamespace(value=self.value, timestamp=1_000)] * n
             else:
+                n = 1
                 out[kafka_io.TopicPartition("t", p)] = [SimpleNamespace(value=self.value,
-                                                                        timestamp=self.time.time() * 1000)]
+                                                                        timestamp=self.stamp())]
+            self.read[p] += n
         return out
 
 
@@ -517,6 +530,22 @@ def test_reading_history_cut_by_its_timeout_says_so(monkeypatch):
     stats: dict[str, int] = {}
     got = list(retrain.topic_readings("b:9092", "t", idle_s=5.0, timeout_s=0.5, stats=stats))
     assert got and stats["truncated"] == 1
+
+
+def test_reading_history_at_its_end_is_not_truncated_though_timestamps_lag(monkeypatch):
+    """Live records whose timestamps lag the clock (event time set by the producer) never pause their
+    partition, so the read runs to read_timeout_s; at the end of every partition it is not truncated."""
+    from anomaly import kafka_io, retrain
+
+    def lagging(**options):
+        topic = _EndlessTopic()
+        topic.lag_ms = 3_600_000.0
+        return topic
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", lagging)
+    stats: dict[str, int] = {}
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=5.0, timeout_s=0.5, stats=stats))
+    assert len(got) > 2 * 5 and "truncated" not in stats
 
 
 def test_labels_land_on_the_slot_the_grid_puts_their_reading_in():
