@@ -556,7 +556,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
 
     w = settings.model.window_size
     gaps = data.gaps if data.gaps is not None else np.zeros(len(data.train_values), dtype=bool)
-    train_windows = int(np.count_nonzero(~windows_touching(gaps, w))) if len(gaps) >= w else 0
+    train_windows = (int(np.count_nonzero(~windows_touching(gaps, w, settings.training.stride)))
+                     if len(gaps) >= w else 0)
     if rows < rt.min_rows or hold_windows < 1 or train_windows < MIN_TRAIN_WINDOWS:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
                                         f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
