@@ -18,7 +18,7 @@ Metric names (all prefixed ``anomaly_``):
     counters    records_consumed_total, dead_letters_total, windows_scored_total,
                 events_total{status="open"|"closed"}, late_readings_total, duplicate_readings_total,
                 window_resets_total, readings_accepted_total, entities_evicted_total,
-                nonfinite_scores_total, adaptive_held_windows_total, model_swaps_total,
+                nonfinite_scores_total, adaptive_held_windows_total, records_replayed_total, model_swaps_total,
                 model_load_failures_total
     histograms  batch_seconds, end_to_end_seconds
     gauges      model_version{model}, entities, last_commit_timestamp_seconds, last_batch_timestamp_seconds
@@ -57,7 +57,7 @@ END_TO_END_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 COUNT_KEYS: frozenset[str] = frozenset({"consumed", "dead_letters", "windows_scored", "late", "duplicates",
                                         "resets", "events_opened", "events_closed", "accepted", "evicted",
-                                        "nonfinite_scores", "adaptive_held"})
+                                        "nonfinite_scores", "adaptive_held", "replayed"})
 """The keys ``record_batch`` counts; a missing key counts as 0, an unknown one is ignored (with one
 warning: a metrics mismatch must never stop the worker)."""
 
@@ -122,6 +122,9 @@ class WorkerMetrics:
         self.adaptive_held = counter("adaptive_held_windows_total",
                                      "Windows above the fitted threshold held back by their entity's moving bar "
                                      "(adaptive, or the bar an alarm episode settled at).")
+        self.records_replayed = counter("records_replayed_total",
+                                        "Records read again after a swap to a model with other sensors, window "
+                                        "or period, to refill its windows (not counted as consumed again).")
         self.model_swaps = counter("model_swaps_total", "Times a newly promoted model version was swapped in.")
         self.model_load_failures = counter("model_load_failures_total",
                                            "Failed attempts to check the registry or load a model version.")
@@ -146,6 +149,7 @@ class WorkerMetrics:
             "events_opened": self.events.labels(status="open"), "events_closed": self.events.labels(status="closed"),
             "accepted": self.readings_accepted, "evicted": self.entities_evicted,
             "nonfinite_scores": self.nonfinite_scores, "adaptive_held": self.adaptive_held,
+            "replayed": self.records_replayed,
         }
         self._warned_keys: set[str] = set()
         self._health: dict[str, Any] = {"status": "starting", "detail": None, "model_name": None,

@@ -61,7 +61,7 @@ from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, W
 log = logging.getLogger(__name__)
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
-              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held")
+              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held", "replayed")
 # Windows per forward pass in the worker: measured on the 2-core CPU box (W=32, hidden 64), 128-512
 # windows per pass score ≈ 15 % faster per window than 1024 and ≈ 40 % faster than 2048 (cache).
 STREAM_SCORE_BATCH = 512
@@ -195,10 +195,16 @@ class StagedBatch:
 _BYTES_ONLY = frozenset({bytes, type(None)})
 
 
+def window_shape(model: Any) -> tuple[tuple[str, ...], int, float]:
+    """What a model's window buffers are built for: its sensors, window size and sampling period (a
+    ``ScoringModel`` or a ``Detector``, whose period may be unknown: 1 s, as ``DetectorModel`` reads it)."""
+    period = getattr(model, "period_s", None)
+    return tuple(model.sensors), int(model.window_size), float(period) if period else 1.0
+
+
 def _compatible(a: ScoringModel, b: ScoringModel) -> bool:
     """Whether window buffers built for ``a`` are valid input for ``b``."""
-    return (tuple(a.sensors) == tuple(b.sensors) and int(a.window_size) == int(b.window_size)
-            and float(a.period_s) == float(b.period_s))
+    return window_shape(a) == window_shape(b)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -236,6 +242,9 @@ class ScoringStep:
         self._staged_seq = 0
         self._completed_seq = 0
         self._revoked: list[tuple[int, set[int]]] = []  # (staged_seq at the revocation, stream ids)
+        self._next_offset: dict[int, int] = {}  # stream id -> the offset after the last one staged
+        self._replay: _Replay | None = None  # re-reading after a swap the window buffers did not survive
+        self._replay_from: dict[tuple[str, int], int] = {}
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -303,16 +312,36 @@ class ScoringStep:
         bars = self._bars[1]
         return bars.open_entities() if isinstance(bars, EpisodeBars) else []
 
-    def swap_model(self, model: ScoringModel) -> bool:
+    def swap_model(self, model: ScoringModel, replay: bool = False) -> bool:
         """Use ``model`` from the next batch on. Window buffers are kept when its sensors, window size and
         period match the current model's, else they restart empty; open events are kept either way
         (their ids do not depend on the version). The adaptive threshold's history restarts (the new
-        model's scores are on its own scale). Returns whether the window buffers were kept."""
+        model's scores are on its own scale). Returns whether the window buffers were kept.
+
+        ``replay`` (buffers that restart, every batch staged so far completed): the caller seeks each
+        partition in ``replay_from`` back to its offset, and the records read again until the offset
+        where the swap found each partition refill the new buffers only: they are not counted as
+        consumed again (``replayed``), their dead letters were sent already, and a window ending at or
+        before its entity's newest sealed slot at the swap was scored by the old model and is not
+        scored again. So the new model's first windows come at once instead of ``window_size`` slots
+        after the swap, and every slot is in a scored window (as far back as the old buffers reached:
+        ``window_size - 1`` slots of the old model at least)."""
         kept = _compatible(self._model, model)
+        self._replay_from = {}
         if kept:
             self._store.set_fill_values(model.fill_values)  # buffers kept; only future fills change
             self._model_sensors = tuple(model.sensors)
         else:
+            if replay:
+                history_s = (int(model.window_size) - 1) * float(model.period_s)
+                seek, sealed = self._store.replay_plan(history_s)
+                until = {s: self._next_offset[s] for s, offset in seek.items()
+                         if s in self._next_offset and offset < self._next_offset[s]}
+                if until:
+                    self._replay = _Replay(until, sealed)
+                    self._replay_from = {self._stream_keys[s]: seek[s] for s in until}
+                else:
+                    self._replay = None
             self._store = self._new_store(model)
         self._model = model
         bars = self._new_bars(model)
@@ -321,10 +350,22 @@ class ScoringStep:
             self._bars = bars
         return kept
 
+    @property
+    def replay_from(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> offset to seek back to, after ``swap_model(..., replay=True)`` restarted
+        the buffers (empty: nothing to re-read)."""
+        return dict(self._replay_from)
+
+    @property
+    def replaying(self) -> bool:
+        """Whether records before where the last swap found their partition are still to be read again."""
+        return self._replay is not None
+
     def reset(self) -> None:
         """Forget every window buffer, alert state and adaptive history (after a failed batch, before
         seeking back)."""
         self._store.reset()
+        self._replay, self._replay_from = None, {}
         with self._alert_lock:
             self._alerts.forget()
             self._holds.clear()
@@ -339,6 +380,10 @@ class ScoringStep:
         how many entities' windows went. Their new owner replays from the committed offset, which the
         alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
+        if self._replay is not None:  # the new owner reads them from the committed offset
+            self._replay.done(ids)
+            if not self._replay.until:
+                self._replay = None
         with self._alert_lock:
             self._revoked.append((self._staged_seq, set(ids)))
             self._apply_revoked()
@@ -389,7 +434,14 @@ class ScoringStep:
                 top = max(batch.offsets)
                 if top > last.get(stream, -1):
                     last[stream] = top
-        counts["consumed"] = len(raws)
+        for stream, top in last.items():
+            if top >= self._next_offset.get(stream, -1):
+                self._next_offset[stream] = top + 1
+        stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
+        replayed = self._replayed(stream_of, offsets)  # None: no record of this batch is read again
+        n_replayed = 0 if replayed is None else int(np.count_nonzero(replayed))
+        counts["consumed"] = len(raws) - n_replayed
+        counts["replayed"] = n_replayed
         if not _BYTES_ONLY.issuperset(map(type, raws)):
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
                     else str(raw).encode("utf-8") for raw in raws]  # adapters hand over bytes; never crash on a stray str
@@ -400,19 +452,30 @@ class ScoringStep:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])
             for i, reason in decoded.bad:
+                if replayed is not None and replayed[i]:
+                    continue  # sent the first time it was read
                 b = batches[int(run_of[i])]
                 j = i - int(run_start[run_of[i]])
                 out.dead_letters.append((b.keys[j] if b.keys is not None else None, encode_dead_letter(
                     raws[i], b.topic, b.partition, b.offsets[j], reason, now_s)))
                 out.dead_letter_reasons.append(reason)
         counts["dead_letters"] = len(out.dead_letters)
-        stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
         if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition
             where, stamps = zip(*decoded.foreign)
             store.observe(np.asarray(stamps, dtype=np.float64), stream_of[list(where)])
         if len(decoded.index):
-            outcomes = store.add_many(decoded.entities, decoded.ts, decoded.values, stream_of[decoded.index],
-                                      np.asarray(offsets, dtype=np.int64)[decoded.index])
+            index, entities, ts, values = decoded.index, decoded.entities, decoded.ts, decoded.values
+            offsets_of = np.asarray(offsets, dtype=np.int64)
+            if replayed is not None and replayed[index].any():
+                # read again after a swap: into the new buffers first (each partition's older offsets), and
+                # counted already (as accepted, late or duplicate) the first time
+                again = replayed[index]
+                where = np.flatnonzero(again)
+                store.add_many([entities[j] for j in where.tolist()], ts[where], values[where],
+                               stream_of[index[where]], offsets_of[index[where]])
+                where = np.flatnonzero(~again)
+                index, entities, ts, values = index[where], [entities[j] for j in where.tolist()], ts[where], values[where]
+            outcomes = store.add_many(entities, ts, values, stream_of[index], offsets_of[index])
             counts["duplicates"] = outcomes[DUPLICATE]
             counts["late"] = outcomes[LATE]
             counts["resets"] = outcomes[RESET]
@@ -420,6 +483,11 @@ class ScoringStep:
         if self.idle_timeout_s is not None:
             counts["evicted"] = store.evict_idle(math.ceil(self.idle_timeout_s / store.policy.period_s))
         ready = store.ready_batch()
+        if self._replay is not None:
+            ready = self._replay.unscored(ready)
+            self._replay.done([stream for stream, top in last.items() if top + 1 >= self._replay.until.get(stream, 0)])
+            if not self._replay.until:
+                self._replay = None
         for stream, offset in store.commit_offsets(last).items():
             out.commits[self._stream_keys[stream]] = offset
         self._staged_seq += 1
@@ -607,6 +675,16 @@ class ScoringStep:
                     caught = True
         self._finished = kept  # the waiting ones left: the commit is past their run, a replay sees none of it
 
+    def _replayed(self, stream_of: np.ndarray, offsets: Sequence[int]) -> np.ndarray | None:
+        """Per record of a batch, whether it is read again after a swap (``swap_model(replay=True)``)."""
+        replay = self._replay
+        if replay is None or not len(stream_of):
+            return None
+        until = np.fromiter((replay.until.get(s, -1) for s in range(len(self._stream_keys))), dtype=np.int64,
+                            count=len(self._stream_keys))
+        replayed = np.asarray(offsets, dtype=np.int64) < until[stream_of]
+        return replayed if replayed.any() else None
+
     def _stream_id(self, topic: str, partition: int) -> int:
         key = (topic, int(partition))
         stream = self._streams.get(key)
@@ -614,6 +692,34 @@ class ScoringStep:
             stream = self._streams[key] = len(self._stream_keys)
             self._stream_keys.append(key)
         return stream
+
+
+@dataclass
+class _Replay:
+    """Re-reading partitions after a swap the window buffers did not survive (``swap_model(replay=True)``)."""
+
+    until: dict[int, int]  # stream id -> the offset where the swap found it: records before it are read again
+    scored: dict[str, float]  # entity -> end time of its newest sealed slot at the swap (windows scored through it)
+
+    def done(self, streams: Sequence[int]) -> None:
+        for stream in streams:
+            self.until.pop(stream, None)
+        if not self.until:
+            self.scored = {}
+
+    def unscored(self, ready: ReadyBatch) -> ReadyBatch:
+        """``ready`` less the windows the old model scored (ending at or before their entity's ``scored``)."""
+        if not len(ready) or not self.scored:
+            return ready
+        scored = self.scored
+        keep = np.fromiter((scored.get(e, -math.inf) for e in ready.entities), dtype=np.float64,
+                           count=len(ready)) < ready.end_ts
+        if keep.all():
+            return ready
+        where = np.flatnonzero(keep)
+        return ReadyBatch([ready.entities[j] for j in where.tolist()], ready.values[where], ready.end_ts[where],
+                          ready.start_ts[where], ready.partition[where], ready.end_offset[where],
+                          ready.filled[where], ready.start_offset[where])
 
 
 @dataclass

@@ -22,7 +22,7 @@ at stride 4, both processes being busy (its forward pass alone costs about 7 µs
 bare consumer spends on a reading), and the child is ahead at stride 8 and 16.
 
 What crosses the pipe: parent -> child ``("batch", batches, now_s)``, ``("forget", partitions)``,
-``("model", detector, version)`` when the registry alias moved (the parent follows it, so the registry
+``("model", detector, version, replay)`` when the registry alias moved (the parent follows it, so the registry
 client and its connections are never used across the fork; the detector is pickled, between our own
 processes), ``("stop",)``; child -> parent ``("out", BatchOutput, entities)``, ``("swap", Swap)``,
 ``("error", text)`` before it exits on a failed batch. The pipe is FIFO and the child takes one message
@@ -53,11 +53,11 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from anomaly.model_follower import ModelFollower
-from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, ScoringStep
+from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, ScoringStep, window_shape
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,12 @@ class ScoringFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Swap:
-    """A model swap a runner made: the version now serving and whether window state was kept."""
+    """A model swap a runner made: the version now serving, whether window state was kept, and where the
+    worker seeks each partition back to refill the new model's windows (``ScoringStep.swap_model``)."""
 
     version: str
     kept: bool
+    replay_from: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 def refreeze_gc() -> None:
@@ -160,18 +162,40 @@ class ThreadRunner:
         dropped = self.step.forget_partitions(partitions)
         log.info("partitions revoked: %s (%d entities' windows dropped)", sorted(p for _, p in partitions), dropped)
 
-    def follow_model(self) -> list[Swap]:
-        """Between batches: swap in the version the alias moved to, if any."""
+    def follow_model(self, drain: Callable[[], None] | None = None) -> list[Swap]:
+        """Between batches: swap in the version the alias moved to, if any. A version whose window buffers
+        differ (sensors, window or period) is swapped in after ``drain()`` has completed every batch
+        submitted, with the partitions to read again in ``Swap.replay_from`` (no ``drain``: none)."""
         new = self.follower.poll()
-        return [] if new is None else [self.swap(*new)]
+        if new is None:
+            return []
+        model = self.serving(*new)
+        replay = drain is not None and window_shape(model) != window_shape(self.step.model)
+        if replay:
+            drain()
+        return [self._swap(model, replay)]
 
-    def swap(self, detector: Any, version: str) -> Swap:
-        kept = self.step.swap_model(self.serving(detector, version))
+    def shape_of(self, detector: Any, version: str) -> tuple[tuple[str, ...], int, float]:
+        """``window_shape`` of a version (read off the detector, or off the model it serves as)."""
+        try:
+            return window_shape(detector)
+        except AttributeError:
+            return window_shape(self.serving(detector, version))
+
+    def swap(self, detector: Any, version: str, replay: bool = False) -> Swap:
+        return self._swap(self.serving(detector, version), replay)
+
+    def _swap(self, model: ScoringModel, replay: bool) -> Swap:
+        version = model.version
+        kept = self.step.swap_model(model, replay=replay)
+        replay_from = self.step.replay_from
         log.info("now serving %s v%s (window state %s)", self.follower.model_name, version,
-                 "kept" if kept else "restarted: the new model's sensors, window or period differ")
+                 "kept" if kept else "restarted: the new model's sensors, window or period differ"
+                 + ("; re-reading partitions %s from offsets %s to refill its windows"
+                    % ([p for _, p in replay_from], list(replay_from.values())) if replay_from else ""))
         if self.gc_freeze:
             refreeze_gc()
-        return Swap(str(version), kept)
+        return Swap(str(version), kept, replay_from)
 
     def close(self) -> None:
         self._scorer.shutdown(wait=True, cancel_futures=True)
@@ -200,6 +224,7 @@ class ProcessRunner:
         self._exit_status: int | None = None
         self._outputs: deque[tuple[BatchOutput, int]] = deque()
         self._swaps: list[Swap] = []
+        self._shape = window_shape(runner.step.model)  # what the child's buffers are built for
         self._entities = 0
         self._closed = False
         log.info("scoring in child process %d", pid)
@@ -225,14 +250,23 @@ class ProcessRunner:
         if not self._closed:
             self._send(("forget", list(partitions)))
 
-    def follow_model(self) -> list[Swap]:
+    def follow_model(self, drain: Callable[[], None] | None = None) -> list[Swap]:
         """Poll the follower here (the registry client stays in this process); a new version's detector
-        goes to the child, which swaps it in after the batches sent before it. Returns the swaps the child
-        has reported since the last call."""
+        goes to the child, which swaps it in after the batches sent before it. A version whose window
+        buffers differ goes after ``drain()`` has completed every batch sent, and its swap is waited for
+        (the worker seeks back before the next poll; see ``ThreadRunner.follow_model``). Returns the
+        swaps the child has reported since the last call."""
         new = self._runner.follower.poll()
         if new is not None:
-            self._send(("model", *new))
+            shape = self._runner.shape_of(*new)
+            replay = drain is not None and shape != self._shape
+            if replay:
+                drain()
+            self._send(("model", *new, replay))
+            self._shape = shape
             del new
+            while replay and not self._swaps:
+                self._receive()
             if self._runner.gc_freeze:
                 refreeze_gc()  # this process's copy of the previous model (the follower dropped it) may hold cycles
         while self._conn.poll():
@@ -347,7 +381,7 @@ def _child_main(conn, runner: ThreadRunner) -> int:
                     staged = step.stage(batches, now_s=now_s)
                     finisher.submit(finish, staged, step.windows.entities)
                 elif kind == "model":  # between batches: those received before it keep the model they were staged for
-                    finisher.submit(tell, ("swap", runner.swap(message[1], message[2])))
+                    finisher.submit(tell, ("swap", runner.swap(message[1], message[2], message[3])))
                 elif kind == "forget":
                     runner.forget_partitions(message[1])  # staging order: batches received before it are staged
                 elif kind == "stop":

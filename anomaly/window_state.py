@@ -575,6 +575,27 @@ class WindowStore:
             _merge_min(needs, _rows_needs(state, index))
         return needs
 
+    def replay_plan(self, history_s: float) -> tuple[dict[int, int], dict[str, float]]:
+        """What a swap to a model these buffers do not fit (other sensors, window or period) re-reads.
+
+        Returns, per partition, the oldest offset among every entity's unsealed readings and the readings
+        of its grid rows of the last ``history_s`` seconds before its next slot (as far back as the buffer
+        holds: ``window_size - 1`` rows at least), so re-reading the partition from there refills a new
+        model's windows; and, per entity, the time of its newest sealed slot: every window ending there
+        or before it has been handed out by ``ready()`` (call this after ``ready()``)."""
+        rows = max(0, math.ceil(history_s / self.policy.period_s - 1e-9))
+        seek: dict[int, int] = {}
+        sealed: dict[str, float] = {}
+        for name, state in self._entities.items():
+            for _, partition, offset in state.pending.values():
+                if offset < seek.get(partition, offset + 1):
+                    seek[partition] = offset
+            if state.n > 0 and rows > 0:
+                _merge_min(seek, _rows_needs(state, max(state.n - rows, 0)))
+            if state.max_slot is not None:
+                sealed[name] = (state.max_slot - self.policy.grace_slots) * self.policy.period_s
+        return seek, sealed
+
     # --- housekeeping -------------------------------------------------------------------------
     def reset(self, entity: str | None = None) -> None:
         """Forget one entity's state, or every entity's (and every window not yet handed out)."""

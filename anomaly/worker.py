@@ -117,6 +117,7 @@ class Worker:
         self._consumer = None
         self._producer = None
         self._runner: ThreadRunner | ProcessRunner | None = None
+        self._in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
         self.dead_letter_log = DeadLetterLog()
 
     def _serving(self, detector, version: str) -> DetectorModel:
@@ -151,7 +152,7 @@ class Worker:
         else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
             kafka_io.require_topics(o.bootstrap_servers, list(topics), o.client_options)
         last_records = time.monotonic()
-        in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
+        self._in_flight = None
         switch_interval = sys.getswitchinterval()
         try:
             if o.switch_interval_ms:  # the scoring thread gets the GIL back sooner after each torch call
@@ -165,7 +166,7 @@ class Worker:
                                                     listener=kafka_io.rebalance_listener(self.on_revoked,
                                                                                          self.on_assigned))
             while not self.stop_event.is_set():
-                timeout_ms = 0 if in_flight is not None else int(o.poll_timeout_s * 1000)
+                timeout_ms = 0 if self._in_flight is not None else int(o.poll_timeout_s * 1000)
                 polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
                 batches = [PartitionBatch(tp.topic, tp.partition, [r.offset for r in rs], [r.key for r in rs],
                                           [r.value for r in rs]) for tp, rs in polled.items() if rs]
@@ -174,11 +175,9 @@ class Worker:
                     started, now_s = time.perf_counter(), self.clock()
                     # Submitted at once: its forward pass runs while the batch in hand is completed.
                     submitted = (self._runner.submit(batches, now_s), now_s, started)
-                if in_flight is not None:
-                    self._complete(*in_flight)
-                    in_flight = None
+                self._drain()
                 if submitted is not None:
-                    in_flight = submitted
+                    self._in_flight = submitted
                     last_records = time.monotonic()
                     if max_batches is not None and self.stats.batches + 1 >= max_batches:
                         break
@@ -191,9 +190,7 @@ class Worker:
                 self.metrics.set_health("degraded" if trouble else "ok",
                                         assigned_partitions=len(self._consumer.assignment()),
                                         last_batch_ts=self.clock(), detail=trouble)
-            if in_flight is not None:  # stopping: finish the batch in hand (a failure above skips this)
-                self._complete(*in_flight)
-                in_flight = None
+            self._drain()  # stopping: finish the batch in hand (a failure above skips this)
         finally:
             sys.setswitchinterval(switch_interval)
             self._close()
@@ -256,12 +253,26 @@ class Worker:
         if out.dead_letter_reasons:
             self._say_dead_letters(self.dead_letter_log.add(out.dead_letter_reasons, self.clock()))
 
+    def _drain(self) -> None:
+        """Complete the batch in flight, if any."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            self._complete(*in_flight)
+
     def _say_dead_letters(self, line: str | None) -> None:
         if line:
             log.warning("%s (to %s, each with its original bytes)", line, self.options.dlq_topic)
 
     def _follow_model(self) -> None:
-        for swap in self._runner.follow_model():
+        """Swap in a newly promoted version. One whose window buffers differ from the current model's is
+        swapped in with nothing in flight, and the partitions its buffers are rebuilt from are read
+        again from where the old buffers began (``ScoringStep.swap_model``)."""
+        for swap in self._runner.follow_model(self._drain):
+            owned = self._consumer.assignment() if swap.replay_from else set()
+            for tp in owned:
+                offset = swap.replay_from.get((tp.topic, tp.partition))
+                if offset is not None:
+                    self._consumer.seek(tp, offset)
             self.stats.model_swaps += 1
             self.metrics.model_swapped(self.follower.model_name, swap.version)
             self.metrics.set_health(model_version=swap.version)

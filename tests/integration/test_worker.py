@@ -256,6 +256,47 @@ def test_promotion_is_picked_up_between_batches(kafka_broker, champion, topic_na
 
 
 @SCORING
+def test_a_promoted_version_with_a_shorter_window_scores_every_slot_across_the_swap(kafka_broker, champion,
+                                                                                  topic_name, scoring_process):
+    # The champion's windows are 16 readings; the new version's 12: its buffers cannot be kept. The worker
+    # seeks back to where the old buffers began, so the new version's first window ends on the first slot
+    # after the swap (without the seek, 11 slots later: those readings in no scored window).
+    settings, outcome = champion
+    opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    tracking.configure(settings.mlflow.tracking_uri)
+    shorter = dataclasses.replace(settings, model=dataclasses.replace(settings.model, window_size=12),
+                                  training=dataclasses.replace(settings.training, epochs=2))
+    newer = run_training(prepare_training(normal_frame(1500)), shorter, source="synthetic", dataset="synthetic",
+                         register=True, progress=False)
+    worker = Worker(opts, _follower(settings, interval=0.2))
+    thread, result = _run_in_thread(worker, idle_stop_s=8)
+    replay(kafka_broker, opts.input_topic, list(replay_plan(normal_frame(300, seed=21), "pump-e", START_TS)),
+           progress=False)
+    deadline = time.time() + 30
+    while worker.stats.consumed < 300 and time.time() < deadline:  # the swap comes after slot 299
+        time.sleep(0.1)
+    try:
+        registry.promote(settings.mlflow.model_name, newer.version, "champion", reason="test")
+        deadline = time.time() + 30
+        while worker.stats.model_swaps == 0 and time.time() < deadline:
+            time.sleep(0.2)
+        assert worker.stats.model_swaps == 1
+        replay(kafka_broker, opts.input_topic,
+               list(replay_plan(normal_frame(300, seed=22), "pump-e", START_TS + 300)), progress=False)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+    finally:
+        registry.promote(settings.mlflow.model_name, outcome.version, "champion", reason="test done")
+    docs = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    ends = sorted(d["ts"] for d in docs)
+    assert ends == [START_TS + i for i in range(15, 600)], "every slot scored once across the swap"
+    by_version = Counter(d["model"]["version"] for d in docs)
+    assert by_version == {outcome.version: 300 - 15, newer.version: 300}
+    assert worker.metrics.records_replayed._value.get() > 0
+
+
+@SCORING
 def test_two_workers_split_partitions_and_score_every_window_once(kafka_broker, champion, topic_name, scoring_process):
     settings, _ = champion
     opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)

@@ -221,6 +221,77 @@ def test_swap_model_keeps_state_when_compatible_and_resets_otherwise() -> None:
     assert out.counts["windows_scored"] == 0  # 4 slots into a fresh buffer of 5
 
 
+def _scored(outs: list[BatchOutput], version: str) -> list[tuple[str, float, float]]:
+    """(entity, window end, score) of every score record of ``version`` in ``outs``."""
+    docs = [json.loads(v) for out in outs for _, v in out.scores]
+    return sorted((d["entity"], d["ts"], d["score"]) for d in docs if d["model"]["version"] == version)
+
+
+def _reread(records: list[InputRecord], replay_from: dict[tuple[str, int], int], upto: int) -> list[InputRecord]:
+    """What the worker polls after seeking back: each partition's records from its replay offset on (the
+    others from ``upto``, where the swap found them)."""
+    return [r for r in records if r.offset >= replay_from.get((r.topic, r.partition), upto)]
+
+
+def test_a_swap_the_buffers_do_not_survive_re_reads_and_scores_every_window_once() -> None:
+    # v1 scores windows of 4 up to slot 19; v2's windows are 3 long. Seeking back, v2 scores exactly what
+    # it would have scored had it served from the start, from slot 20 on: none twice, no slot left out.
+    entities = {"a": 0, "b": 1, "c": 0}
+    records = stream(entities, range(30), fault=("b", range(21, 24), "temp", 40.0))
+    before = [r for r in records if r.value and json.loads(r.value)["ts"] < T0 + 20]
+    policy = WindowPolicy(window_size=1, period_s=1.0)
+    step = ScoringStep(FakeModel(window_size=4, version="1"), policy, AlertPolicy(), emit_scores=True)
+    first = run_batches(step, before)
+    assert _scored(first, "1")[-1][1] == T0 + 19
+    assert step.swap_model(FakeModel(window_size=3, version="2"), replay=True) is False
+    seek = step.replay_from
+    assert seek == {(TOPIC, 0): 2 * 18, (TOPIC, 1): 18}  # slots 18, 19: the 2 before v2's first window ends
+    again = run_batches(step, _reread(records, seek, 0))
+    oracle = ScoringStep(FakeModel(window_size=3, version="2"), policy, AlertPolicy(), emit_scores=True)
+    want = [w for w in _scored(run_batches(oracle, records), "2") if w[1] >= T0 + 20]
+    assert _scored(again, "2") == want and len(want) == 3 * 10
+    assert sum(o.counts["consumed"] for o in first + again) == len(records)  # each record counted once
+    assert sum(o.counts["replayed"] for o in again) == 3 * 2
+    events = [decode_event(v) for o in again for _, v in o.events]
+    assert [(e["entity"], e["status"]) for e in events] == [("b", "open"), ("b", "closed")]
+    assert not step.replaying  # caught up: an ordinary step again
+
+
+def test_a_replay_sends_no_dead_letter_twice_and_commits_no_further_than_the_new_windows_need() -> None:
+    records = stream({"a": 0}, range(12))
+    records[9] = InputRecord(TOPIC, 0, 9, b"a", b"not json", None)  # slot 9: a dead letter when first read
+    step = step_for(FakeModel(window_size=4, version="1"))
+    first = step.process(records[:11], now_s=T0 + 11)
+    assert len(first.dead_letters) == 1 and first.commits == {(TOPIC, 0): 8}
+    assert step.swap_model(FakeModel(window_size=5, version="2"), replay=True) is False
+    assert step.replay_from == {(TOPIC, 0): 7}  # as far back as v1's buffer reached (10 rows: 7, 8, 10)
+    out = step.process(records[7:], now_s=T0 + 12)
+    assert out.dead_letters == [] and out.counts["replayed"] == 4 and out.counts["consumed"] == 1
+    # v2's first window is slots 7-11 (9 forward-filled), at once; without the replay it would end at 15
+    assert out.counts["windows_scored"] == 1
+    assert out.commits == {(TOPIC, 0): 8}  # the next window of 5 (slots 8-12) starts at offset 8
+
+
+def test_a_revoked_partition_stops_its_replay() -> None:
+    records = stream({"a": 0, "b": 1}, range(10))
+    step = step_for(FakeModel(window_size=4, version="1"))
+    step.process(records, now_s=T0 + 10)
+    step.swap_model(FakeModel(window_size=2, version="2"), replay=True)
+    assert set(step.replay_from) == {(TOPIC, 0), (TOPIC, 1)}
+    step.forget_partitions([(TOPIC, 1)])
+    out = step.process([r for r in records if r.partition == 0 and r.offset >= 9], now_s=T0 + 11)
+    assert out.counts["replayed"] == 1 and not step.replaying
+
+
+def test_a_swap_without_replay_restarts_the_buffers_at_the_swap() -> None:
+    records = stream({"a": 0}, range(20))
+    step = step_for(FakeModel(window_size=4, version="1"))
+    step.process(records[:10], now_s=T0 + 10)
+    assert step.swap_model(FakeModel(window_size=3, version="2")) is False and step.replay_from == {}
+    out = step.process(records[10:], now_s=T0 + 20)
+    assert out.counts["windows_scored"] == 8 and out.counts["replayed"] == 0  # slots 12..19
+
+
 def test_each_entity_is_held_to_its_own_threshold_where_the_model_has_one() -> None:
     # A fleet model: pump-a's own value is 0.5, pump-b's 4.0; pump-c has none and is held to the shared 1.0.
     model = FakeModel(window_size=1, threshold=1.0)

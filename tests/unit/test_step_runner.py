@@ -153,6 +153,35 @@ def test_a_new_version_is_swapped_in_the_child_after_the_batches_sent_before_it(
     assert versions == [{"1"}, {"2"}]
 
 
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_a_version_with_other_windows_is_swapped_in_after_a_drain_with_partitions_to_re_read(where: str) -> None:
+    def serving(detector, version: str) -> FakeModel:  # here the 'detector' is the window size
+        return FakeModel(window_size=int(detector), version=version)
+
+    def scoring_step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0),
+                           AlertPolicy(), emit_scores=True)
+
+    records = stream({"a": 0, "c": 1}, range(30))
+    follower = FakeFollower()
+    runner = ThreadRunner(scoring_step(), follower, serving, gc_freeze=False)
+    if where == "process":
+        runner = ProcessRunner(runner)
+    drained = []
+    try:
+        handle = runner.submit(records[:40], now_s=T0 + 40)  # slots 0-19, in flight at the swap
+        follower.pending = (3, "2")
+        swaps = runner.follow_model(lambda: drained.append(runner.result(handle)))
+        assert len(drained) == 1  # the batch in flight completed before the swap
+        assert swaps == [Swap("2", kept=False, replay_from={(TOPIC, 0): 18, (TOPIC, 1): 18})]
+        again = [r for r in records if r.offset >= 18]  # what the worker polls after seeking back
+        out = runner.result(runner.submit(again, now_s=T0 + 40))
+    finally:
+        runner.close()
+    ends = sorted({json.loads(v)["ts"] - T0 for _, v in out.scores})
+    assert ends == list(range(20, 30)) and out.counts["replayed"] == 4 and out.counts["consumed"] == 20
+
+
 def test_revoked_partitions_are_forgotten_after_the_batches_polled_before() -> None:
     records = stream({"a": 0, "c": 1}, range(12))
     on_0 = [r for r in records if r.partition == 0]
