@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     fleet: dict[str, Any] = {}
     truths: dict[str, Any] | None = None
     if args.data:  # a labelled file's anomalous rows (and retrain.exclude_margin_rows around them) do not train
-        fleet, truths = _labelled_entity_tables(args.data, settings)
+        fleet, truths = _labelled_entity_tables(args.data, settings, d.sensors)
         source, dataset = str(args.data), "custom"
         grid["margin_rows"] = settings.retrain.exclude_margin_rows
     else:
@@ -275,7 +275,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     from anomaly.windowing import rows_from_windows
 
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
-                               max_fill_steps=settings.data.max_fill_steps)
+                               max_fill_steps=settings.data.max_fill_steps, fill_values=detector.fill_values())
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
     gap_windows = prepared.gap_windows(w)
@@ -287,7 +287,8 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     flags = scores > bars
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,
-                        "top_sensor": [detector.sensors[int(i)] if i == i else "" for i in top]})
+                        "top_sensor": [detector.sensors[int(i)] if i == i and score == score else ""
+                                       for i, score in zip(top.tolist(), scores.tolist())]})  # none without a score
     if truth is not None:
         out["label"] = labels_on_grid(frame.index, truth, prepared)
     spans = []
@@ -333,8 +334,9 @@ def _record_evaluation(settings: Any, name: str, version: str, data: str, detect
     return run_id
 
 
-def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A ``--data`` table's readings per entity (entity -> frame, in order of first appearance; one entry
+def _labelled_entity_tables(path: str, settings: Any,
+                            sensors: Any = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A ``--data`` table's readings (only ``sensors``' columns, when given) per entity (entity -> frame, in order of first appearance; one entry
     named by the file when there is no ``data.entity_column``), ground truth (``anomaly``/``changepoint``/
     ``label`` and ``retrain.label_field``) split off; entities are kept apart (the rows of several on one
     grid would each slot keep one of them). Also each entity's ground truth, row for row (bool arrays), or
@@ -346,7 +348,8 @@ def _labelled_entity_tables(path: str, settings: Any) -> tuple[dict[str, Any], d
     from anomaly.retrain import parse_label
 
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
-                              entity_col=settings.data.entity_column)
+                              entity_col=settings.data.entity_column, sensors=sensors or None,
+                              labels=(settings.retrain.label_field,))
     frame, labels = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
     column = tables.truth_column(labels.columns, settings.retrain.label_field)
     truth = None if column is None else np.array([parse_label(v) is True for v in labels[column].to_numpy()])

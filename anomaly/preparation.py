@@ -82,7 +82,8 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
     if not keep:
         said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
-    return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped)
+    return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
+                   _late_rows(grid.missing[keep], fill, True))
 
 
 def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.ndarray, margin_rows: int) -> Prepared:
@@ -103,12 +104,47 @@ def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.n
 
 
 def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float | None = None,
-                    fill: str = "ffill", max_fill_steps: int | None = None) -> Prepared:
-    """Grid and fill data to be scored, keeping exactly the model's sensors."""
+                    fill: str = "ffill", max_fill_steps: int | None = None,
+                    fill_values: Sequence[float] | None = None, late_as_gaps: bool = False) -> Prepared:
+    """Grid and fill data to be scored (or trained on, in a fleet or a retrain), keeping exactly the
+    model's sensors. Before a sensor's first reading, the ``ffill`` and ``linear`` policies back-fill
+    it from that reading; instead, ``fill_values`` (the model's typical value per sensor) stand in there,
+    as the worker and the MLflow model fill it, and ``late_as_gaps`` marks those rows as gaps (training
+    data: not made up from a later reading)."""
     frame = _select(frame, sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
-    return _finish(grid.frame[list(sensors)], grid.missing[list(sensors)], grid.period, [], [])
+    values, missing = grid.frame[list(sensors)], grid.missing[list(sensors)]
+    late = _late_rows(missing, fill, bool(late_as_gaps))
+    if fill_values is not None and fill in _BACK_FILLED:
+        before = _before_first_reading(missing.to_numpy(dtype=bool))
+        if before.any():
+            filled = values.to_numpy(dtype=np.float64, copy=True)
+            filled[before] = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)[before]
+            values = pd.DataFrame(filled, index=values.index, columns=values.columns)
+    return _finish(values, missing, grid.period, [], [], late)
+
+
+def _late_rows(missing: pd.DataFrame, fill: str, wanted: bool) -> np.ndarray | None:
+    """Rows before some sensor's first reading, which the grid back-filled (None: none, or not ``wanted``);
+    says which sensors start late."""
+    if not wanted or fill not in _BACK_FILLED:
+        return None
+    before = _before_first_reading(missing.to_numpy(dtype=bool))
+    if not before.any():
+        return None
+    starts = {str(s): int(n) for s, n in zip(missing.columns, before.sum(axis=0)) if n}
+    log.warning("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
+                "left out of training, not back-filled from a later reading", starts)
+    return before.any(axis=1)
+
+
+_BACK_FILLED = ("ffill", "linear")  # the grid's fill policies that back-fill a sensor's leading gap
+
+
+def _before_first_reading(missing: np.ndarray) -> np.ndarray:
+    """(T, F) cells before their sensor's first observed value."""
+    return np.cumsum(~missing, axis=0) == 0
 
 
 def fill_rows(values: np.ndarray) -> np.ndarray:
@@ -159,12 +195,15 @@ def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
 
 
 def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, issues: list[SensorIssue],
-            dropped: list[str]) -> Prepared:
+            dropped: list[str], late: np.ndarray | None = None) -> Prepared:
     raw = frame.to_numpy(dtype=np.float64)
     gaps = np.isnan(raw).any(axis=1)  # what the grid's fill policy left unfilled
+    if late is not None:  # rows before a sensor's first reading (training: not made up from a later one)
+        gaps = gaps | late
     if gaps.any():
-        log.warning("%d of %d grid rows lie in gaps the fill policy does not bridge; windows touching them are "
-                    "left out", int(gaps.sum()), len(gaps))
+        log.warning("%d of %d grid rows lie in gaps the fill policy does not bridge%s; windows touching them "
+                    "are left out", int(gaps.sum()), len(gaps),
+                    "" if late is None else " or before a sensor's first reading")
     return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
                     missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
                     issues=issues, dropped=dropped, gaps=gaps if gaps.any() else None)
@@ -216,8 +255,8 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         where = [e for e, p in usable.items() if sensor not in p.sensors]
         log.warning("sensor %s: left out for the whole fleet (not fit to train on in %s)", sensor, ", ".join(where))
     common = period_s or float(np.median([p.period_s for p in usable.values()]))
-    grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps)
-             for e in usable}
+    grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
+                                late_as_gaps=True) for e in usable}
     if labels:
         grids = {e: leave_out_labelled(g, frames[e].index, labels[e], margin_rows) if e in labels else g
                  for e, g in grids.items()}

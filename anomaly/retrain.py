@@ -453,7 +453,8 @@ def file_readings(path: str, settings: Settings) -> Iterator[Reading | Labelled]
     from anomaly import tables
 
     d, label_field = settings.data, settings.retrain.label_field
-    frame = tables.read_table(path, timestamp_col=d.timestamp_column, entity_col=d.entity_column)
+    frame = tables.read_table(path, timestamp_col=d.timestamp_column, entity_col=d.entity_column,
+                              labels=(label_field,))
     label_col = tables.truth_column(frame.columns, label_field)
     readings, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, label_field))
     sensors = [c for c in readings.columns if c != tables.ENTITY_COLUMN]
@@ -649,7 +650,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             continue
         raw_labels = frame.pop(LABEL_COLUMN) if LABEL_COLUMN in frame.columns else None
         prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill=settings.data.fill,
-                                   max_fill_steps=settings.data.max_fill_steps)
+                                   max_fill_steps=settings.data.max_fill_steps, late_as_gaps=True)
         values = prepared.values
         gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)
         if raw_labels is not None:

@@ -6,7 +6,8 @@ turning it into the form every other module expects:
 - the index is a ``DatetimeIndex`` named ``"ts"``, always **UTC, tz-aware**. Naive timestamps (no
   offset in the text, as in SKAB and NAB) are taken to be UTC; strings with an offset are converted;
 - every other column is ``float64`` (sensors and label columns alike), except ``"entity"`` when an
-  entity column was named, which holds the entity ids as strings;
+  entity column was named, which holds the entity ids as strings, as written; a column of text alone
+  is left out (with a warning) unless it was named as a sensor;
 - rows keep the file's order: duplicated, late or out-of-order readings are the sampling grid's
   business (``anomaly.grid``), not this module's.
 
@@ -27,6 +28,7 @@ them bad records, and a table should not be refused whole for one of them.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -55,19 +57,22 @@ _CSV_SUFFIXES = (".csv", ".txt", ".tsv")
 
 
 def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col: str | None = None,
-               sensors: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read a wide CSV (``,`` or ``;``, sniffed from the header) or Parquet table (by suffix).
+               sensors: Sequence[str] | None = None, labels: Sequence[str] = ()) -> pd.DataFrame:
+    """Read a wide CSV (``,``, ``;`` or tab, sniffed from the first lines) or Parquet table (by suffix).
 
     Returns a frame indexed by UTC ``DatetimeIndex`` ``"ts"`` whose columns are float64 readings (and
-    label columns, if any; see ``split_labels``), plus ``"entity"`` (str) when ``entity_col`` is given.
-    ``sensors`` restricts the readings to those columns, in that order (label columns present in the
-    file are still kept); without it every column other than the timestamp and entity is converted.
+    label columns, if any; see ``split_labels``), plus ``"entity"`` (str) when ``entity_col`` is given;
+    entity ids are kept as written (``007`` stays ``007``). ``sensors`` restricts the readings to those
+    columns, in that order (label columns present in the file are still kept); without it every other
+    column is converted, and a column of text alone (a site name, a comment) is left out with a warning.
+    Label columns (``LABEL_COLUMNS`` and ``labels``) may also hold true/false/yes/no (1.0/0.0).
 
     Raises ``DataError`` for an unreadable file, a missing or unparseable timestamp column, a missing
-    entity or sensor column, or a sensor column that is not numeric (naming the column).
+    entity or sensor column, a sensor column that is not numeric (naming the column), or a label that is
+    neither a number nor true/false/yes/no.
     """
     path = Path(path)
-    raw = _read_raw(path)
+    raw = _read_raw(path, text_columns=[entity_col] if entity_col is not None else [])
     if raw.shape[1] == 0:
         raise DataError(f"{path}: no columns")
     ts_name = _timestamp_column(raw, path, timestamp_col)
@@ -77,14 +82,19 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     if entity_col is not None and entity_col not in raw.columns:
         raise DataError(f"{path}: no entity column {entity_col!r}; columns are {list(raw.columns)}")
     taken = {c for c in (ts_name, entity_col) if c is not None}
+    label_names = {str(c).lower() for c in (*LABEL_COLUMNS, *labels)}
+    is_label = [c for c in raw.columns if str(c).lower() in label_names and c not in taken]
     if sensors is not None:
         absent = [s for s in sensors if s not in raw.columns]
         if absent:
             raise DataError(f"{path}: sensor column(s) {absent} not found; columns are {list(raw.columns)}")
-        labels = [c for c in raw.columns if _is_label(c) and c not in taken and c not in sensors]
-        value_cols = [*sensors, *labels]
+        value_cols = [*sensors, *(c for c in is_label if c not in sensors)]
     else:
         value_cols = [c for c in raw.columns if c not in taken]
+        text = [c for c in value_cols if c not in is_label and _all_text(raw[c])]
+        if text:
+            log.warning("%s: columns left out, text rather than readings: %s", path, [str(c) for c in text])
+            value_cols = [c for c in value_cols if c not in text]
 
     out: dict[str, object] = {}
     if entity_col is not None:
@@ -96,7 +106,7 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     for col in value_cols:
         if str(col) == ENTITY_COLUMN and entity_col is not None:
             raise DataError(f"{path}: column {col!r} clashes with the entity column's name {ENTITY_COLUMN!r}")
-        out[str(col)] = _numeric(raw[col], path, str(col))
+        out[str(col)] = _label_values(raw[col], path, str(col)) if col in is_label else _numeric(raw[col], path, str(col))
     frame = pd.DataFrame(out, index=index)
     if entity_col is not None:
         frame[ENTITY_COLUMN] = frame[ENTITY_COLUMN].astype(str)
@@ -147,7 +157,8 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
 
 # --- helpers -------------------------------------------------------------------------------------
 
-def _read_raw(path: Path) -> pd.DataFrame:
+def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """The file as pandas reads it; ``text_columns`` (CSV) are read as text, not converted to numbers."""
     if path.is_dir():
         raise DataError(f"{path}: a folder, not a table file (.csv or .parquet)")
     if not path.is_file():
@@ -157,7 +168,8 @@ def _read_raw(path: Path) -> pd.DataFrame:
         if suffix in _PARQUET_SUFFIXES:
             return pd.read_parquet(path)
         if suffix in _CSV_SUFFIXES:
-            return pd.read_csv(path, sep=_sniff_separator(path), engine="c")
+            return pd.read_csv(path, sep=_sniff_separator(path), engine="c",
+                               dtype={c: str for c in text_columns} or None)
     except DataError:
         raise
     except Exception as exc:  # parser errors of several kinds: one message for the operator
@@ -165,12 +177,25 @@ def _read_raw(path: Path) -> pd.DataFrame:
     raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv or .parquet")
 
 
+_SNIFF_LINES = 20  # data lines read, beside the header, to tell the separator
+
+
 def _sniff_separator(path: Path) -> str:
-    """The header line's most frequent of ``,``, ``;`` and tab (``,`` on a tie)."""
-    with path.open("r", encoding="utf-8-sig", errors="replace") as fh:
+    """Of ``,``, ``;`` and tab, the one that splits the header and the first data lines into the same
+    number (> 1) of fields, the most fields if several do (a ``;`` file whose column names hold commas,
+    ``Flow, l/min``, is not comma-separated); failing that, the header's most frequent (``,`` on a tie)."""
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
         header = fh.readline()
+        lines = [header] + [line for line in (fh.readline() for _ in range(_SNIFF_LINES)) if line.strip()]
     if not header.strip():
         raise DataError(f"{path}: empty file (no header line)")
+    even = []
+    for sep in (",", ";", "\t"):
+        widths = {len(row) for row in csv.reader(lines, delimiter=sep)}
+        if len(widths) == 1 and min(widths) > 1:
+            even.append((min(widths), -(",", ";", "\t").index(sep), sep))
+    if even:
+        return max(even)[2]
     return max((",", ";", "\t"), key=header.count)
 
 
@@ -223,6 +248,29 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
 
 def _is_label(col: object) -> bool:
     return str(col).lower() in LABEL_COLUMNS
+
+
+def _all_text(col: pd.Series) -> bool:
+    """Whether a column holds text and no number at all (not readings: a name, a comment)."""
+    if not (ptypes.is_object_dtype(col.dtype) or ptypes.is_string_dtype(col.dtype)):
+        return False
+    present = col.dropna()
+    return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").isna().all())
+
+
+_LABEL_WORDS = {"true": 1.0, "yes": 1.0, "false": 0.0, "no": 0.0, "": np.nan}
+
+
+def _label_values(col: pd.Series, path: Path, name: str) -> np.ndarray:
+    """A ground-truth column as float64: numbers as they are, true/yes 1.0, false/no 0.0, blank NaN."""
+    if ptypes.is_bool_dtype(col.dtype) or ptypes.is_numeric_dtype(col.dtype) or not _any_text(col):
+        return _numeric(col, path, name)
+    words = col.map(lambda v: _LABEL_WORDS.get(v.strip().lower(), v) if isinstance(v, str) else v)
+    return _numeric(words, path, name)
+
+
+def _any_text(col: pd.Series) -> bool:
+    return bool(col.map(lambda v: isinstance(v, str)).any())
 
 
 def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:

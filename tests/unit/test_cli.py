@@ -284,3 +284,25 @@ def test_a_worker_serving_an_alias_promotions_never_move_is_warned_about() -> No
     assert unfollowed_alias(build_settings({"worker": {"model_alias": "challenger"}})) is None  # a canary
     said = unfollowed_alias(build_settings({"mlflow": {"champion_alias": "prod"}}))
     assert said and "@champion" in said and "mlflow.champion_alias (@prod)" in said
+
+
+def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score():
+    import numpy as np
+
+    from anomaly.cli import _score_table
+    from anomaly.config import build_settings
+    from anomaly.detector import fit_detector
+    from anomaly.training import TrainConfig
+    from tests.fixtures import SENSORS, normal_frame
+
+    detector, _, _ = fit_detector(normal_frame(300).to_numpy(), SENSORS, {"window_size": 8, "hidden_size": 8,
+                                                                          "latent_size": 4},
+                                  TrainConfig(epochs=1, batch_size=64, seed=0, device="cpu", progress=False),
+                                  threshold_method="quantile", threshold_params={"q": 0.9}, period_s=1.0)
+    frame = normal_frame(120, seed=3)
+    frame.iloc[50:70] = np.nan  # an outage longer than max_fill_steps: the windows over it get no score
+    frame.iloc[:30, frame.columns.get_loc("flow")] = np.nan  # flow starts late: its typical value stands in
+    table = _score_table(detector, frame, build_settings({"data": {"max_fill_steps": 2}}), "pump").table
+    no_score = table["score"].isna().to_numpy()
+    assert no_score[50:77].all() and not no_score[7:50].any()  # rows 7-29 scored although flow was silent
+    assert (table["top_sensor"][no_score] == "").all() and (table["top_sensor"][~no_score] != "").all()

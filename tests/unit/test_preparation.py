@@ -78,3 +78,35 @@ def test_a_fleets_labels_are_each_entitys_own():
 ])
 def test_the_truth_column_is_the_label_field_else_anomaly_else_label(columns, field, expected):
     assert truth_column(columns, field) == expected
+
+
+def _late_sensor(rows=300, late=100):
+    """normal_frame with its 'flow' sensor silent (NaN) for the first ``late`` rows."""
+    frame = normal_frame(rows)
+    frame.iloc[:late, frame.columns.get_loc("flow")] = np.nan
+    return frame
+
+
+@pytest.mark.parametrize("fill", ["ffill", "linear"])
+def test_rows_before_a_sensor_starts_reporting_do_not_train(fill, caplog):
+    prepared = prepare_training(_late_sensor(), fill=fill)
+    assert prepared.gaps is not None and prepared.gaps[:100].all() and not prepared.gaps[100:].any()
+    assert "{'flow': 100}" in caplog.text
+    # a fleet's entities alike: no back-filled stand-in trains the shared model
+    fleet = prepare_fleet({"a": _late_sensor(), "b": normal_frame(300)}, window_size=10, validation_fraction=0.2,
+                          fill=fill)
+    assert fleet.gaps is not None and int(fleet.gaps.sum()) >= 100
+
+
+def test_scoring_fills_a_sensor_before_its_first_reading_with_the_models_value():
+    from anomaly.preparation import prepare_scoring
+
+    frame = _late_sensor()
+    sensors = list(frame.columns)
+    typical = [0.0] * len(sensors)
+    typical[sensors.index("flow")] = -123.0
+    prepared = prepare_scoring(frame, sensors, fill_values=typical)
+    flow = prepared.values[:, sensors.index("flow")]
+    assert (flow[:100] == -123.0).all() and np.allclose(flow[100:], frame["flow"].to_numpy()[100:])
+    assert prepared.gaps is None  # scored, as the worker scores them
+    assert (prepare_scoring(frame, sensors).values[:100, sensors.index("flow")] == frame["flow"].iloc[100]).all()

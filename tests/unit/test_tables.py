@@ -147,3 +147,40 @@ def test_a_tab_separated_table_reads_like_a_csv(tmp_path):
     path.write_text("ts\tx\ty\n2026-01-01T00:00:00Z\t1\t2\n2026-01-01T00:00:01Z\t3\t4\n")
     frame = read_table(path)
     assert list(frame.columns) == ["x", "y"] and frame["y"].tolist() == [2.0, 4.0]
+
+
+def test_a_column_of_text_alone_is_left_out_and_a_mixed_one_refused(tmp_path, caplog):
+    path = _write(tmp_path, "t.csv", "ts,site,temp,note\n2020-01-01 00:00:00,plant-1,1.5,\n"
+                                     "2020-01-01 00:00:01,plant-1,1.6,checked\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["temp"] and "['site', 'note']" in caplog.text
+    with pytest.raises(DataError, match="'site'.*'plant-1'"):  # named as a sensor: it must be numbers
+        read_table(path, sensors=["site"])
+    mixed = _write(tmp_path, "m.csv", "ts,temp\n2020-01-01 00:00:00,1.5\n2020-01-01 00:00:01,ERR\n")
+    with pytest.raises(DataError, match="'temp'.*'ERR'"):  # readings with a fault code: not left out quietly
+        read_table(mixed)
+
+
+def test_labels_may_be_words_and_the_configured_label_column_is_a_label(tmp_path):
+    path = _write(tmp_path, "l.csv", "ts,x,anomaly,fault\n2020-01-01 00:00:00,1,no,False\n"
+                                     "2020-01-01 00:00:01,2,YES,true\n2020-01-01 00:00:02,3,,no\n")
+    frame = read_table(path, labels=("fault",))
+    np.testing.assert_array_equal(frame["anomaly"], [0.0, 1.0, np.nan])
+    np.testing.assert_array_equal(frame["fault"], [0.0, 1.0, 0.0])
+    bad = _write(tmp_path, "b.csv", "ts,x,anomaly\n2020-01-01 00:00:00,1,maybe\n")
+    with pytest.raises(DataError, match="'anomaly'.*'maybe'"):
+        read_table(bad)
+
+
+def test_entity_ids_are_kept_as_written(tmp_path):
+    path = _write(tmp_path, "ids.csv", "ts,unit,x\n2020-01-01 00:00:00,001,1\n2020-01-01 00:00:00,0007,2\n"
+                                       "2020-01-01 00:00:00,7,3\n2020-01-01 00:00:00,7.0,4\n")
+    frame = read_table(path, entity_col="unit")
+    assert list(frame["entity"]) == ["001", "0007", "7", "7.0"]
+
+
+def test_a_semicolon_table_whose_column_names_hold_commas(tmp_path):
+    path = _write(tmp_path, "s.csv", "ts;Flow, l/min;Temp, C\n2024-01-01 00:00:00;1.5;20\n2024-01-01 00:00:01;1.6;21\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["Flow, l/min", "Temp, C"]
+    np.testing.assert_array_equal(frame["Temp, C"], [20.0, 21.0])
