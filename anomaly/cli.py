@@ -186,6 +186,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.out and Path(args.out).is_dir():
         raise AnomalyError(f"--out {args.out} is a folder: name the CSV file to write")
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise AnomalyError(f"--out {args.out}: no folder {Path(args.out).absolute().parent} to write it in")
     fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
     if args.record and truths is None:
         raise AnomalyError(f"--record needs ground truth: {args.data} has no label column (retrain.label_field "
@@ -994,6 +996,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except AnomalyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path given that cannot be made or written (a folder that is a file, no permission)
+        log.debug("command failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -730,8 +730,9 @@ def example_toml() -> str:
 
 def to_toml(settings: Settings) -> str:
     """``settings`` as a TOML file that ``load_config`` reads back to equal settings (``None`` fields
-    are left out: they are their defaults). ``anomaly up`` hands its effective settings to its child
-    processes this way."""
+    are left out: they are their defaults; so are ``None`` entries of a table such as
+    ``kafka.client_options``). ``anomaly up`` hands its effective settings to its child processes this
+    way. A value TOML cannot hold is a ``ConfigError`` naming the field."""
     out = ["# effective anomaly configuration (generated)", ""]
     for section in dataclasses.fields(Settings):
         values = getattr(settings, section.name)
@@ -739,7 +740,10 @@ def to_toml(settings: Settings) -> str:
         for f in dataclasses.fields(values):
             value = getattr(values, f.name)
             if value is not None:
-                out.append(f"{f.name} = {_toml_value(value)}")
+                try:
+                    out.append(f"{f.name} = {_toml_value(value)}")
+                except TypeError as exc:
+                    raise ConfigError(f"{section.name}.{f.name}", f"cannot be written to a TOML file: {exc}") from None
         out.append("")
     return "\n".join(out)
 
@@ -750,9 +754,18 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return json.dumps(value)  # floats keep their repr (1e-05, 0.25); inf/nan are refused by checks
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return _toml_string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, dict):  # an entry set to null (TOML has none) is left out: the client's default
+        return "{" + ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items()
+                               if v is not None) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes (quote, backslash, control characters as \\uXXXX) are TOML's,
+    but characters beyond the BMP stay themselves (JSON's surrogate pairs are not TOML) and DEL is escaped."""
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise TypeError(f"{text!r} is not valid Unicode (a lone surrogate)")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -19,6 +19,7 @@ from typing import Iterable
 
 MAX_REASONS = 100  # distinct reasons kept between two summaries; the rest are counted as "other reasons"
 SHOWN_REASONS = 3  # reasons named in one line, most frequent first
+SHOWN_NEW = 10  # besides them, kinds never logged before named in one line (first seen first)
 REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can be long)
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
@@ -71,12 +72,16 @@ class DeadLetterLog:
             return None
         span = "" if self._since is None or now_s - self._since < 1.0 else f" in the last {now_s - self._since:.0f} s"
         top = self._counts.most_common(SHOWN_REASONS)
+        named = {kind for kind, _ in top}
+        # and kinds never named before, however rare (news; at most SHOWN_NEW of them in one line)
+        top += [(kind, n) for kind, n in self._counts.items()
+                if kind not in named and kind not in self._logged][:SHOWN_NEW]
         rest = total - sum(n for _, n in top)
         parts = [f"{n} x {self._example[kind]}" + (" (and alike)" if kind in self._alike else "") for kind, n in top]
         if rest:
             parts.append(f"{rest} with other reasons")
-        if len(self._logged) < MAX_REASONS:
-            self._logged.update(kind for kind, _ in top)
+        if len(self._logged) < MAX_REASONS:  # every pending kind has had its line (named, or one of too many)
+            self._logged.update(self._counts)
         self._counts.clear()
         self._example.clear()
         self._alike.clear()

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 from anomaly.config import SchedulerSettings, Settings
 from anomaly.crontab import cron_fields
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
-from anomaly.errors import AnomalyError
+from anomaly.errors import AnomalyError, ConfigError
 from anomaly.scheduler_metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ class FileLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a folder that is a file, no permission: the job store's path is the cause
+            raise ConfigError("scheduler.job_store", f"cannot make the lock file {self.path} beside it: "
+                                                     f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

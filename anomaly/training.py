@@ -124,13 +124,18 @@ class TrainResult:
                 "batch_size_used": self.batch_size}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` means CUDA when available, else CPU; asking for CUDA without it is an error."""
+def resolve_device(name: str, field: str = "training.device") -> torch.device:
+    """``auto`` means CUDA when available, else CPU; asking for CUDA without it, or for a GPU the machine
+    does not have (``cuda:3`` on two), is a ``ConfigError`` naming ``field``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device", f"{name} asked for but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(field, f"{name} asked for but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(field, f"{name} asked for but this machine has {torch.cuda.device_count()} CUDA "
+                                     f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from anomaly.config import Settings, to_toml
+from anomaly.config import ENV_PREFIX, Settings, load_config, to_toml
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
 
@@ -491,7 +491,11 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    """This process's environment for the stack's children, less the ``ANOMALY_<SECTION>__<FIELD>``
+    settings: the children read the effective settings from ``up``'s TOML file, which holds them already,
+    and a variable read again would undo what ``up`` sets on purpose (``worker.max_future_s = -1``, its
+    own scheduler job store)."""
+    env = {k: v for k, v in os.environ.items() if not (k.startswith(ENV_PREFIX) and "__" in k)}
     env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                 "PYTHONUNBUFFERED": "1"})
     env.update(extra or {})
@@ -524,7 +528,10 @@ def run(settings: Settings, options: UpOptions) -> int:
         raise UpError(port_hint(taken))
 
     state = options.state_dir
-    state.mkdir(parents=True, exist_ok=True)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UpError(f"--state-dir {state}: cannot make it: {exc.strerror or exc}") from None
     config_path = state / "anomaly.toml"
     # The fleet replay runs the stream's clock `speed` times faster than the wall clock, on purpose; the
     # scheduler's job store is this session's, beside its logs (not an operator's shared one under mlruns/).
@@ -533,6 +540,7 @@ def run(settings: Settings, options: UpOptions) -> int:
                                                                  job_store=str(state / "scheduler.db")))
     (state / "summary.json").unlink(missing_ok=True)  # a failed session must not leave the last one's
     config_path.write_text(to_toml(settings), encoding="utf-8")
+    load_config(config_path, env={})  # as the children will read it: a field it cannot hold stops us here
     env = child_env()
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
 

@@ -108,7 +108,7 @@ class Worker:
         self.clock = clock
         self.stop_event = threading.Event()
         self.stats = RunStats()
-        self.device = resolve_device(options.device)
+        self.device = resolve_device(options.device, "worker.device")
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
                                 emit_scores=options.scores_topic is not None, max_future_s=options.max_future_s)

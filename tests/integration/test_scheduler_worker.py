@@ -75,6 +75,9 @@ def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_na
 
     thread = threading.Thread(target=run_worker, daemon=True)
     thread.start()
+    # the first stretch scored by the weak champion before the scheduler starts (a busy machine could
+    # otherwise let the retrain promote before the worker has its partitions)
+    assert wait_for(lambda: worker.stats.consumed >= len(first), 60)
     sched = RetrainScheduler(settings.scheduler, {"config": None, "overrides": settings_dict(job_settings)},
                              func=JOB_FUNC)
     sched.start()

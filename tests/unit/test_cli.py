@@ -306,3 +306,14 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score():
     no_score = table["score"].isna().to_numpy()
     assert no_score[50:77].all() and not no_score[7:50].any()  # rows 7-29 scored although flow was silent
     assert (table["top_sensor"][no_score] == "").all() and (table["top_sensor"][~no_score] != "").all()
+
+
+def test_paths_that_cannot_be_made_are_errors_naming_them_not_tracebacks(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["scheduler", "--job-store", str(blocker / "s.db")]) == 2
+    assert "scheduler.job_store: cannot make the lock file" in capsys.readouterr().err
+    data = tmp_path / "d.csv"
+    data.write_text("ts,x\n2020-01-01 00:00:00,1\n")
+    assert main(["score", "--data", str(data), "--out", str(blocker / "s.csv")]) == 2
+    assert "no folder" in capsys.readouterr().err

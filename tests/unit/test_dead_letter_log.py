@@ -43,6 +43,17 @@ def test_many_kinds_are_bounded_and_named_most_frequent_first():
     reasons = ["common"] * 5 + [f"values.s{chr(65 + i % 26)}{chr(65 + i // 26)} is bad" for i in range(MAX_REASONS + 50)]
     line = log.add(reasons + ["x" * 1000], 1.0)  # new kinds: logged at once
     assert line.startswith(f"{len(reasons) + 1} dead letters: 5 x common; 1 x values.sAA is bad")
-    assert line.endswith(f"{len(reasons) + 1 - 7} with other reasons")  # 5 common, sAA, sBA named
+    # 5 common, sAA, sBA (the most frequent) and the next 10 kinds never logged before, sCA .. sLA, named
+    assert "1 x values.sLA is bad; " in line and line.endswith(f"{len(reasons) + 1 - 17} with other reasons")
     log.add(["y" * 1000], 100.0)
     assert len(log.flush(101.0) or "") < REASON_CHARS + 40
+
+
+def test_a_rare_new_kind_is_named_at_once_and_the_summary_keeps_its_interval():
+    log = DeadLetterLog(interval_s=60)
+    common = ["not JSON"] * 50 + ["values.temp is bad"] * 50 + ["sensor set differs"] * 50
+    log.add(common, 0.0)
+    line = log.add(common + ["entity is not a non-empty string"], 10.0)  # a 4th kind: news, though rare
+    assert line is not None and line.endswith("; 1 x entity is not a non-empty string")
+    assert log.add(common + ["entity is not a non-empty string"], 20.0) is None  # known now: waits
+    assert log.add(common, 30.0) is None and log.add(common, 71.0) is not None  # once the interval passed

@@ -60,3 +60,20 @@ def test_cuda_asked_without_cuda_is_a_config_error():
     with pytest.raises(ConfigError):
         train_autoencoder(np.zeros((20, 4, 1), np.float32), ModelConfig(n_features=1, window_size=4),
                           TrainConfig(progress=False, device="cuda"))
+
+
+def test_a_device_the_machine_lacks_is_a_config_error_naming_the_field(monkeypatch):
+    import torch
+
+    from anomaly.errors import ConfigError
+    from anomaly.training import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"worker\.device: cuda asked for but CUDA is not available"):
+        resolve_device("cuda", "worker.device")
+    assert resolve_device("auto").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"training\.device: cuda:3 .* 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")

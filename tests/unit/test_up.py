@@ -182,6 +182,25 @@ def test_settings_survive_the_toml_handed_to_children(tmp_path):
     assert load_config(path, env={}) == settings
 
 
+def test_any_unicode_and_null_client_options_survive_the_toml(tmp_path):
+    settings = load_config(None, env={"ANOMALY_MLFLOW__EXPERIMENT": 'pumps 🚀 "north"\x7f\ttab',
+                                      "ANOMALY_KAFKA__CLIENT_OPTIONS": '{"ssl_cafile": null, "retries": 3}'})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(settings), encoding="utf-8")
+    back = load_config(path, env={})
+    assert back.mlflow.experiment == settings.mlflow.experiment
+    assert back.kafka.client_options == {"retries": 3}  # null: the client's default, as if left out
+
+
+def test_children_read_the_settings_from_ups_file_not_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ANOMALY_WORKER__MAX_FUTURE_S", "600")  # would undo up's -1 in its children
+    monkeypatch.setenv("ANOMALY_DATASETS", "/data")
+    env = up.child_env({"X": "1"})
+    assert "ANOMALY_WORKER__MAX_FUTURE_S" not in env
+    assert env["ANOMALY_DATASETS"] == "/data" and env["X"] == "1"
+    assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+
+
 def test_up_options_are_checked():
     with pytest.raises(up.UpError, match="fleet"):
         up.UpOptions(data_dir=Path("."), fleet=())
