@@ -5,8 +5,10 @@ where crontab's 0 (and 7) is Sunday, and its steps count from Monday. So ``0 3 *
 Sundays) fired on Mondays and ``0 3 * * 1-5`` on Tuesday to Saturday. ``cron_fields`` expands the
 weekday field with crontab's numbering into day names, which mean the same in both.
 
-One difference stays: when both day-of-month and weekday are restricted, crontab runs on days that
-match either, APScheduler on days that match both.
+And when both day-of-month and weekday are restricted (``0 3 1 * mon``), crontab runs on days that
+match either (every 1st and every Monday), APScheduler's one trigger on days that match both (a Monday
+that is a 1st: a few times a year). ``cron_field_sets`` gives two field sets then, one per day rule,
+whose triggers the scheduler ORs.
 """
 
 from __future__ import annotations
@@ -57,3 +59,13 @@ def cron_fields(expression: str) -> dict[str, str]:
     minute, hour, day, month, weekday = parts
     return {"minute": minute, "hour": hour, "day": day, "month": month,
             "day_of_week": "*" if weekday == "*" else weekday_names(weekday)}
+
+
+def cron_field_sets(expression: str) -> list[dict[str, str]]:
+    """``cron_fields``, split in two when both day-of-month and weekday are restricted: one set with the
+    day of the month and any weekday, one with the weekday and any day; a time that matches either
+    set is crontab's time (crontab ORs the two day fields)."""
+    fields = cron_fields(expression)
+    if fields["day"] == "*" or fields["day_of_week"] == "*":
+        return [fields]
+    return [{**fields, "day_of_week": "*"}, {**fields, "day": "*"}]

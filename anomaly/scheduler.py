@@ -43,8 +43,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from apscheduler.triggers.base import BaseTrigger
+
 from anomaly.config import SchedulerSettings, Settings
-from anomaly.crontab import cron_fields
+from anomaly.crontab import cron_field_sets
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError, ConfigError
 from anomaly.scheduler_metrics import SchedulerMetrics
@@ -332,15 +334,45 @@ class DriftMonitor:
 
 # --- the scheduler -------------------------------------------------------------------------------
 
+REPEATED_TIMES = 8  # repeats of one wall-clock time skipped in a row, at most (one per clock set back)
+
+
+class OnceAWallClockTime(BaseTrigger):
+    """A cron trigger that fires once at a wall-clock time the clocks pass twice (the hour repeated when
+    daylight saving ends): APScheduler's cron trigger fires at 02:30 summer time and again at 02:30
+    winter time, crontab once. Picklable (the job store keeps it)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def get_next_fire_time(self, previous_fire_time: Any, now: Any) -> Any:
+        fire = self.inner.get_next_fire_time(previous_fire_time, now)
+        for _ in range(REPEATED_TIMES):  # the repeat skipped as if it had fired (the search starts after the
+            # previous fire time, not at ``now``)
+            if fire is None or previous_fire_time is None \
+                    or fire.replace(tzinfo=None) != previous_fire_time.astimezone(fire.tzinfo).replace(tzinfo=None):
+                return fire
+            fire = self.inner.get_next_fire_time(fire, fire)
+        return fire
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def __repr__(self) -> str:
+        return f"OnceAWallClockTime({self.inner!r})"
+
+
 def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
     """The APScheduler trigger and a fingerprint of it (stored as the job's name)."""
     if s.trigger == "cron":
+        from apscheduler.triggers.combining import OrTrigger
         from apscheduler.triggers.cron import CronTrigger
 
-        # "crontab weekdays" in the fingerprint: jobs stored before weekdays were read as crontab reads them
-        # (from_crontab's 0 = Monday) are replaced, not kept.
-        return (CronTrigger(**cron_fields(s.cron), timezone=s.timezone),
-                f"cron {s.cron} {s.timezone} (crontab weekdays)")
+        # "crontab days" in the fingerprint: jobs stored before the days were read as crontab reads them
+        # (from_crontab's 0 = Monday; a day of the month AND a weekday) are replaced, not kept.
+        triggers = [CronTrigger(**fields, timezone=s.timezone) for fields in cron_field_sets(s.cron)]
+        return (OnceAWallClockTime(triggers[0] if len(triggers) == 1 else OrTrigger(triggers)),
+                f"cron {s.cron} {s.timezone} (crontab days, once at a repeated hour)")
     from apscheduler.triggers.interval import IntervalTrigger
 
     return IntervalTrigger(seconds=s.interval_s, timezone=s.timezone), f"every {s.interval_s:g} s"

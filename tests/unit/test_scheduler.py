@@ -102,7 +102,20 @@ def test_triggers_and_fingerprints():
     interval, fp = trigger_for(build_settings({"scheduler": {"interval_s": 2}}).scheduler)
     assert fp == "every 2 s" and interval.interval.total_seconds() == 2
     cron, fp = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "*/5 * * * *"}}).scheduler)
-    assert fp == "cron */5 * * * * UTC (crontab weekdays)" and "minute='*/5'" in str(cron)
+    assert fp == "cron */5 * * * * UTC (crontab days, once at a repeated hour)" and "minute='*/5'" in str(cron)
+
+
+def test_a_day_of_the_month_and_a_weekday_mean_either_as_in_crontab():
+    # "0 3 1 * mon": every 1st and every Monday (APScheduler's one trigger: only Mondays that are a 1st)
+    from datetime import datetime, timedelta, timezone
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "0 3 1 * mon"}}).scheduler)
+    fired, now = [], datetime(2026, 3, 1, tzinfo=timezone.utc)
+    for _ in range(7):
+        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
+        fired.append(now.strftime("%a %d %b %H:%M"))
+    assert fired == ["Sun 01 Mar 03:00", "Mon 02 Mar 03:00", "Mon 09 Mar 03:00", "Mon 16 Mar 03:00",
+                     "Mon 23 Mar 03:00", "Mon 30 Mar 03:00", "Wed 01 Apr 03:00"]
 
 
 @pytest.mark.parametrize("weekday, days", [
@@ -222,3 +235,18 @@ def test_the_last_run_survives_a_restart(tmp_path):
         assert health["last_success_ts"] is None and health["last_outcome"] is None
     finally:
         third.stop()
+
+
+def test_a_time_the_clocks_pass_twice_fires_once():
+    # daylight saving ends in Berlin on 2026-10-25: 02:30 comes at +02:00 and again at +01:00
+    import pickle
+    from datetime import datetime, timezone
+
+    settings = build_settings({"scheduler": {"trigger": "cron", "cron": "30 2 * * *", "timezone": "Europe/Berlin"}})
+    trigger, _ = trigger_for(settings.scheduler)
+    trigger = pickle.loads(pickle.dumps(trigger))  # as the job store keeps it
+    fired, previous, now = [], None, datetime(2026, 10, 24, 12, tzinfo=timezone.utc)
+    for _ in range(3):
+        previous = now = trigger.get_next_fire_time(previous, now)
+        fired.append(now.isoformat())
+    assert fired == ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00", "2026-10-27T02:30:00+01:00"]
