@@ -32,6 +32,7 @@ from anomaly.errors import ConfigError
 ENV_PREFIX = "ANOMALY_"
 # ANOMALY_* names read by the command line rather than the configuration (no __ in them)
 PLAIN_ENV = ("ANOMALY_DATASETS", "ANOMALY_LOG_LEVEL")
+MAX_INTERVAL_S = 366 * 86400.0  # scheduler.interval_s: longer overflows APScheduler's arithmetic long before
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -283,6 +284,9 @@ class MlflowSettings:
     def check(self) -> None:
         _check_alias("mlflow.champion_alias", self.champion_alias)
         _check_alias("mlflow.challenger_alias", self.challenger_alias)
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:"):
+            # the registry refuses such a name, but only after a whole training run
+            raise ConfigError("mlflow.model_name", f"must be a name without '/' or ':', got {self.model_name!r}")
 
 
 @dataclass(frozen=True)
@@ -428,8 +432,9 @@ class SchedulerSettings:
     def check(self) -> None:
         if self.trigger not in ("interval", "cron"):
             raise ConfigError("scheduler.trigger", f"must be interval or cron, got {self.trigger!r}")
-        if not (math.isfinite(self.interval_s) and self.interval_s > 0):
-            raise ConfigError("scheduler.interval_s", f"must be a finite number > 0, got {self.interval_s}")
+        if not (math.isfinite(self.interval_s) and 0 < self.interval_s <= MAX_INTERVAL_S):
+            raise ConfigError("scheduler.interval_s", f"must be a number > 0 and at most {MAX_INTERVAL_S:g} "
+                                                      f"(a year), got {self.interval_s}")
         try:
             zone = zoneinfo.ZoneInfo(self.timezone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

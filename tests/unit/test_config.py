@@ -53,6 +53,8 @@ def test_env_types_are_parsed():
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092,b:x"}, "kafka.bootstrap_servers"),
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": " , "}, "kafka.bootstrap_servers"),
     ({"ANOMALY_DATA__SENSORS": "a,b", "ANOMALY_RETRAIN__LABEL_FIELD": "a"}, "retrain.label_field"),
+    ({"ANOMALY_MLFLOW__MODEL_NAME": "pumps/north"}, "mlflow.model_name"),  # else refused after training
+    ({"ANOMALY_SCHEDULER__INTERVAL_S": "1e12"}, "scheduler.interval_s"),  # else an OverflowError at start
 ])
 def test_bad_values_name_the_field(env, field):
     with pytest.raises(ConfigError) as err:
