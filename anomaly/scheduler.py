@@ -137,6 +137,19 @@ def retrain_lock_path(job_store: str | Path) -> Path:
     return Path(f"{job_store}.retrain.lock")
 
 
+def registry_lock_path(settings: Settings) -> Path:
+    """The retrain lock of one registered model on this machine (beside the job store's own): a retrain
+    by hand and a scheduler with another job store (``anomaly up``'s is its own) share it."""
+    import hashlib
+    import tempfile
+
+    uri = settings.mlflow.registry_uri or settings.mlflow.tracking_uri
+    if uri.startswith("sqlite:///"):  # a relative file means one file from wherever it is run
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    digest = hashlib.sha256(f"{uri}\n{settings.mlflow.model_name}".encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"anomaly-retrain-{digest}.lock"
+
+
 def last_run_path(job_store: str | Path) -> Path:
     """The last job's outcome and times, beside the job store, so metrics and health survive a restart."""
     return Path(f"{job_store}.last.json")
@@ -149,16 +162,20 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
     Returns the ``RetrainResult``; a busy lock gives status ``skipped``."""
     from anomaly.retrain import RetrainResult, run_cycle
 
-    lock = FileLock(retrain_lock_path(settings.scheduler.job_store), what="retrain")
+    locks = [FileLock(retrain_lock_path(settings.scheduler.job_store), what="retrain"),
+             FileLock(registry_lock_path(settings), what=f"retrain of {settings.mlflow.model_name}")]
+    held: list[FileLock] = []
     try:
-        lock.acquire()
-    except SchedulerLocked as exc:
-        log.warning("retrain skipped: %s", exc)
-        return RetrainResult("skipped", f"a retrain is already running ({exc})")
-    try:
+        for lock in locks:
+            try:
+                held.append(lock.acquire())
+            except SchedulerLocked as exc:
+                log.warning("retrain skipped: %s", exc)
+                return RetrainResult("skipped", f"a retrain is already running ({exc})")
         return run_cycle(settings, **kwargs)
     finally:
-        lock.release()
+        for lock in reversed(held):
+            lock.release()
 
 
 def retrain_job(config: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,

@@ -34,6 +34,30 @@ def test_lock_paths_sit_beside_the_store():
     assert str(retrain_lock_path("mlruns/scheduler.db")) == "mlruns/scheduler.db.retrain.lock"
 
 
+def test_a_retrain_by_hand_waits_for_none_but_skips_while_the_same_model_retrains_under_another_store(tmp_path,
+                                                                                                      monkeypatch):
+    # anomaly up's scheduler keeps its own job store; a retrain by hand (another store) of the same model
+    # must still not run beside its job
+    from anomaly.scheduler import registry_lock_path, run_retrain
+
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    monkeypatch.setattr("anomaly.retrain.run_cycle", lambda settings, **kw: ran.append(settings) or "ran")
+    mine = build_settings({"scheduler": {"job_store": str(tmp_path / "mine.db")},
+                           "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "model_name": "pumps"}})
+    ups = build_settings({"scheduler": {"job_store": str(tmp_path / "up" / "scheduler.db")},
+                          "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db", "model_name": "pumps"}})
+    assert registry_lock_path(mine) == registry_lock_path(ups)  # one registry file, named two ways
+    other = build_settings({"mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "model_name": "fans"}})
+    assert registry_lock_path(other) != registry_lock_path(mine)
+    with FileLock(registry_lock_path(ups), what="retrain"):
+        result = run_retrain(mine)
+    assert result.status == "skipped" and "already running" in result.reason and ran == []
+    assert run_retrain(mine) == "ran" and len(ran) == 1
+    with FileLock(registry_lock_path(mine)) as free, FileLock(f"{tmp_path}/mine.db.retrain.lock") as store:
+        assert free.held and store.held  # both released after the run
+
+
 def test_metrics_count_outcomes():
     now = [100.0]
     m = SchedulerMetrics(clock=lambda: now[0])
