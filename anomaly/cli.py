@@ -70,6 +70,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         from anomaly.registry import check_alias
 
         check_alias(args.alias)  # before the training run, not after it
+    from anomaly import tracking
+
+    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)  # before the training
     d = settings.data
     grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
             "max_missing_fraction": d.max_missing_fraction}
@@ -192,6 +195,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.record and truths is None:
         raise AnomalyError(f"--record needs ground truth: {args.data} has no label column (retrain.label_field "
                            f"{settings.retrain.label_field!r}, 'anomaly' or 'label')")
+    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
@@ -432,6 +436,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from anomaly import registry, tracking
 
     settings = _settings(args)
+    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = args.name or settings.mlflow.model_name
     if args.version and args.action != "promote":

@@ -39,6 +39,28 @@ def configure(tracking_uri: str, registry_uri: str | None = None) -> None:
     mlflow.set_registry_uri(registry_uri or tracking_uri)
 
 
+REACH_TIMEOUT_S = 5.0  # require_reachable: an MLflow server that does not answer /health in this is down
+
+
+def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """A ``RegistryError`` at once when an http(s) tracking or registry server does not answer, instead of
+    the MLflow client's retries (about four minutes) at the first call. For commands a person waits on;
+    the long-running worker and scheduler keep the client's retries. Other stores are not checked."""
+    import urllib.error
+    import urllib.request
+
+    for uri in dict.fromkeys(u for u in uris if u and u.split(":", 1)[0] in ("http", "https")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy in front may not serve /health): let the client speak for it
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RegistryError(f"MLflow server {uri} does not answer ({reason}); is it running? "
+                                f"(mlflow.tracking_uri / --tracking-uri)") from None
+
+
 def artifact_uri(location: str) -> str:
     """A local path becomes an absolute file URI; a URI (s3://, file://, mlflow-artifacts:/...) is kept
     as is. A one-letter scheme is a Windows drive, i.e. a path."""

@@ -69,3 +69,39 @@ def test_code_version_names_the_commit_and_says_when_tracked_files_differ_from_i
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_version(tmp_path) == f"{__version__}+{sha}.dirty"
     assert code_version_string("0.1.0", "", True) == "0.1.0"
+
+
+def test_an_mlflow_server_that_does_not_answer_is_said_at_once():
+    import socket
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import pytest
+
+    from anomaly.errors import RegistryError
+    from anomaly.tracking import require_reachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=rf"MLflow server http://127.0.0.1:{dead} does not answer"):
+        require_reachable(f"http://127.0.0.1:{dead}", None)
+    assert time.monotonic() - started < 5  # not the client's four minutes of retries
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        require_reachable(f"http://127.0.0.1:{server.server_port}", f"http://127.0.0.1:{server.server_port}/x")
+        require_reachable("sqlite:///mlruns/mlflow.db", "file:///tmp/x")  # files are not checked
+    finally:
+        server.shutdown()
