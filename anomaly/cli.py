@@ -188,7 +188,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.out and Path(args.out).is_dir():
-        raise AnomalyError(f"--out {args.out} is a folder: name the CSV file to write")
+        raise AnomalyError(f"--out {args.out} is a folder: name the CSV (or .parquet) file to write")
     if args.out and not Path(args.out).absolute().parent.is_dir():
         raise AnomalyError(f"--out {args.out}: no folder {Path(args.out).absolute().parent} to write it in")
     fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
@@ -230,7 +230,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                     len(unscored), len(scored_entities), detector.window_size, ", ".join(unscored[:10]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
+        if Path(args.out).suffix.lower() in (".parquet", ".pq", ".parq"):
+            table.to_parquet(args.out, index=False)
+        else:
+            table.to_csv(args.out, index=False)
     rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
     summary: dict[str, Any] = {
         "model": name, "version": version, "threshold": detector.threshold.value,
@@ -942,7 +945,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scores (--out) and print the flagged spans with the sensors that drove them.")
     p.add_argument("--data", required=True, help="CSV or Parquet wide table to score")
     p.add_argument("--model-alias", help="alias or version to load (default mlflow.champion_alias)")
-    p.add_argument("--out", help="write row-level scores to this CSV")
+    p.add_argument("--out", help="write row-level scores to this file: CSV, or Parquet for a .parquet name")
     p.add_argument("--record", action="store_true",
                    help="with a labelled file: log the figures against its labels as an MLflow evaluation run "
                         "and as eval.* tags on the model version (shown by `anomaly models list`)")

@@ -220,7 +220,8 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     Each entity is gridded on its own (one common period: ``period_s``, else the median of the
     entities' own) and screened on its own; the sensors kept are those fit to train on in every
     entity (a sensor flat in one pump is reported, with the pump, and left out for all). Entities with
-    fewer than ``2 * window_size`` rows are left out, with a warning. The rows are laid end to end as
+    fewer than ``2 * window_size`` rows, or none fit to train on (every sensor flat: a pump offline all
+    along), are left out, with a warning. The rows are laid end to end as
     every entity's first ``1 - validation_fraction``, then every entity's last part, so the
     time-ordered validation split of training (``training.split_windows``) validates on the recent
     rows of every entity (to within a few windows at the seam), not on the last entity alone. A stand-in row marked as a gap (``gaps``)
@@ -228,21 +229,25 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     if not frames:
         raise DataError("no entity to train on")
     usable: dict[str, Prepared] = {}
+    unfit: dict[str, str] = {}  # entity -> why it cannot train (no usable sensor, a sensor it lacks)
     for entity, frame in frames.items():
         prepared = None
         if len(frame) >= 2 * window_size:
             try:
                 prepared = prepare_training(frame, sensors=sensors, period_s=period_s, fill=fill,
                                             max_fill_steps=max_fill_steps, max_missing_fraction=max_missing_fraction)
-            except DataError as exc:
-                raise DataError(f"entity {entity}: {exc}") from exc
+            except DataError as exc:  # one pump offline all along must not stop the fleet's model
+                unfit[entity] = str(exc)
+                log.warning("entity %s: %s; left out", entity, exc)
+                continue
         rows = len(frame) if prepared is None else len(prepared.values)
         if rows < 2 * window_size:
             log.warning("entity %s: %d rows, fewer than 2 windows of %d; left out", entity, rows, window_size)
         else:
             usable[entity] = prepared
     if not usable:
-        raise DataError(f"no entity has {2 * window_size} rows (two windows of {window_size}) to train on")
+        raise DataError(f"no entity has {2 * window_size} rows (two windows of {window_size}) fit to train on"
+                        + "".join(f"; entity {e}: {why}" for e, why in unfit.items()))
     order = list(next(iter(usable.values())).sensors)
     kept = [s for s in order if all(s in p.sensors for p in usable.values())]
     if not kept:

@@ -52,10 +52,10 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     # The same file with its ground truth: the same flags, the figures against the labels, and with
     # --record an evaluation run and eval.* tags on the version.
     faulty.assign(anomaly=labels.astype(int)).reset_index().to_csv(tmp_path / "labelled.csv", index=False)
-    assert main(["score", "--data", "labelled.csv", "--config", str(config), "--out", "labelled_scores.csv",
+    assert main(["score", "--data", "labelled.csv", "--config", str(config), "--out", "labelled_scores.parquet",
                  "--record"]) == 0
     labelled = json.loads(capsys.readouterr().out)
-    scored = pd.read_csv(tmp_path / "labelled_scores.csv")
+    scored = pd.read_parquet(tmp_path / "labelled_scores.parquet")  # a .parquet name: Parquet, not CSV
     np.testing.assert_array_equal(scored["is_anomaly"].to_numpy(bool), flags)
     np.testing.assert_array_equal(scored["label"].to_numpy(bool), labels)
     figures = labelled["evaluation"]

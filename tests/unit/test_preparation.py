@@ -110,3 +110,12 @@ def test_scoring_fills_a_sensor_before_its_first_reading_with_the_models_value()
     assert (flow[:100] == -123.0).all() and np.allclose(flow[100:], frame["flow"].to_numpy()[100:])
     assert prepared.gaps is None  # scored, as the worker scores them
     assert (prepare_scoring(frame, sensors).values[:100, sensors.index("flow")] == frame["flow"].iloc[100]).all()
+
+
+def test_an_entity_with_no_sensor_fit_to_train_on_is_left_out_of_the_fleet(caplog):
+    offline = normal_frame(300, seed=5) * 0.0 + 1.0  # every sensor constant: a pump switched off all along
+    fleet = prepare_fleet({"a": normal_frame(300, seed=1), "off": offline, "b": normal_frame(300, seed=2)},
+                          window_size=10, validation_fraction=0.2)
+    assert fleet.entities == ["a", "b"] and "entity off: no usable sensor" in caplog.text
+    with pytest.raises(DataError, match="fit to train on; entity off: no usable sensor"):
+        prepare_fleet({"off": offline}, window_size=10, validation_fraction=0.2)
