@@ -243,6 +243,7 @@ class ScoringStep:
         self._completed_seq = 0
         self._revoked: list[tuple[int, set[int]]] = []  # (staged_seq at the revocation, stream ids)
         self._next_offset: dict[int, int] = {}  # stream id -> the offset after the last one staged
+        self._committed: dict[int, int] = {}  # stream id -> the commit of the last batch completed
         self._replay: _Replay | None = None  # re-reading after a swap the window buffers did not survive
         self._replay_from: dict[tuple[str, int], int] = {}
 
@@ -322,10 +323,12 @@ class ScoringStep:
         partition in ``replay_from`` back to its offset, and the records read again until the offset
         where the swap found each partition refill the new buffers only: they are not counted as
         consumed again (``replayed``), their dead letters were sent already, and a window ending at or
-        before its entity's newest sealed slot at the swap was scored by the old model and is not
-        scored again. So the new model's first windows come at once instead of ``window_size`` slots
-        after the swap, and every slot is in a scored window (as far back as the old buffers reached:
-        ``window_size - 1`` slots of the old model at least)."""
+        before the old model's newest window for its entity is not scored again. So the new model
+        scores every window ending after the old one's last (an entity still filling its first window:
+        all of them), whatever the two strides, at once instead of ``window_size`` slots after the swap
+        (as far back as the old buffers reached: ``window_size - 1`` slots of the old model at least).
+        While re-reading, commits stay at or above each partition's commit before the swap. A second
+        swap during a replay keeps what the first has still to re-read."""
         kept = _compatible(self._model, model)
         self._replay_from = {}
         if kept:
@@ -334,12 +337,22 @@ class ScoringStep:
         else:
             if replay:
                 history_s = (int(model.window_size) - 1) * float(model.period_s)
-                seek, sealed = self._store.replay_plan(history_s)
-                until = {s: self._next_offset[s] for s, offset in seek.items()
-                         if s in self._next_offset and offset < self._next_offset[s]}
+                seek, scored = self._store.replay_plan(history_s, float(model.period_s))
+                seek = {s: offset for s, offset in seek.items()
+                        if s in self._next_offset and offset < self._next_offset[s]}
+                until = {s: self._next_offset[s] for s in seek}
+                previous = self._replay
+                if previous is not None:  # a swap during a replay: what the first one has still to re-read stays
+                    for stream, offset in previous.until.items():
+                        until[stream] = max(until.get(stream, offset), offset)
+                    for entity, end in previous.scored.items():
+                        scored[entity] = max(scored.get(entity, end), end)
                 if until:
-                    self._replay = _Replay(until, sealed)
-                    self._replay_from = {self._stream_keys[s]: seek[s] for s in until}
+                    floor = {s: self._committed[s] for s in until if s in self._committed}
+                    if previous is not None:
+                        floor = {**previous.floor, **floor}
+                    self._replay = _Replay(until, scored, floor)
+                    self._replay_from = {self._stream_keys[s]: offset for s, offset in seek.items()}
                 else:
                     self._replay = None
             self._store = self._new_store(model)
@@ -359,7 +372,7 @@ class ScoringStep:
     @property
     def replaying(self) -> bool:
         """Whether records before where the last swap found their partition are still to be read again."""
-        return self._replay is not None
+        return self._replay is not None and bool(self._replay.until)
 
     def reset(self) -> None:
         """Forget every window buffer, alert state and adaptive history (after a failed batch, before
@@ -382,7 +395,9 @@ class ScoringStep:
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
         if self._replay is not None:  # the new owner reads them from the committed offset
             self._replay.done(ids)
-            if not self._replay.until:
+            for stream in ids:
+                self._replay.floor.pop(stream, None)
+            if not self._replay.until and not self._replay.floor:
                 self._replay = None
         with self._alert_lock:
             self._revoked.append((self._staged_seq, set(ids)))
@@ -483,12 +498,21 @@ class ScoringStep:
         if self.idle_timeout_s is not None:
             counts["evicted"] = store.evict_idle(math.ceil(self.idle_timeout_s / store.policy.period_s))
         ready = store.ready_batch()
-        if self._replay is not None:
-            ready = self._replay.unscored(ready)
-            self._replay.done([stream for stream, top in last.items() if top + 1 >= self._replay.until.get(stream, 0)])
-            if not self._replay.until:
+        commits = store.commit_offsets(last)
+        replay = self._replay
+        if replay is not None:
+            ready = replay.unscored(ready)
+            replay.done([stream for stream, top in last.items() if top + 1 >= replay.until.get(stream, 0)])
+            for stream, offset in commits.items():
+                floor = replay.floor.get(stream)
+                if floor is not None:  # not below the commit before the swap, until the new buffers pass it: a
+                    if offset >= floor:  # crash then replays no more than it would have (finished runs' holds
+                        del replay.floor[stream]  # were released against that commit)
+                    else:
+                        commits[stream] = floor
+            if not replay.until and not replay.floor:
                 self._replay = None
-        for stream, offset in store.commit_offsets(last).items():
+        for stream, offset in commits.items():
             out.commits[self._stream_keys[stream]] = offset
         self._staged_seq += 1
         return StagedBatch(out, ready, self._model, now_s, self._staged_seq)
@@ -516,6 +540,8 @@ class ScoringStep:
             out = self._complete(staged, scored)
             self._completed_seq = max(self._completed_seq, staged.seq)
             self._apply_revoked()
+            for key, offset in out.commits.items():
+                self._committed[self._streams[key]] = offset
         return out
 
     def _complete(self, staged: StagedBatch, scored: ModelScores | None) -> BatchOutput:
@@ -678,7 +704,7 @@ class ScoringStep:
     def _replayed(self, stream_of: np.ndarray, offsets: Sequence[int]) -> np.ndarray | None:
         """Per record of a batch, whether it is read again after a swap (``swap_model(replay=True)``)."""
         replay = self._replay
-        if replay is None or not len(stream_of):
+        if replay is None or not replay.until or not len(stream_of):
             return None
         until = np.fromiter((replay.until.get(s, -1) for s in range(len(self._stream_keys))), dtype=np.int64,
                             count=len(self._stream_keys))
@@ -699,7 +725,8 @@ class _Replay:
     """Re-reading partitions after a swap the window buffers did not survive (``swap_model(replay=True)``)."""
 
     until: dict[int, int]  # stream id -> the offset where the swap found it: records before it are read again
-    scored: dict[str, float]  # entity -> end time of its newest sealed slot at the swap (windows scored through it)
+    scored: dict[str, float]  # entity -> end time of the old model's newest window for it (-inf: none)
+    floor: dict[int, int] = field(default_factory=dict)  # stream id -> its commit before the swap
 
     def done(self, streams: Sequence[int]) -> None:
         for stream in streams:
@@ -708,7 +735,7 @@ class _Replay:
             self.scored = {}
 
     def unscored(self, ready: ReadyBatch) -> ReadyBatch:
-        """``ready`` less the windows the old model scored (ending at or before their entity's ``scored``)."""
+        """``ready`` less the windows the old model scored (ending at or before its newest for the entity)."""
         if not len(ready) or not self.scored:
             return ready
         scored = self.scored

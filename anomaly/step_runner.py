@@ -259,14 +259,16 @@ class ProcessRunner:
         new = self._runner.follower.poll()
         if new is not None:
             shape = self._runner.shape_of(*new)
+            new_version = new[1]
             replay = drain is not None and shape != self._shape
             if replay:
                 drain()
             self._send(("model", *new, replay))
             self._shape = shape
             del new
-            while replay and not self._swaps:
-                self._receive()
+            version = str(new_version)
+            while replay and not any(swap.version == version for swap in self._swaps):
+                self._receive()  # this version's swap (an earlier, compatible one's may be waiting too)
             if self._runner.gc_freeze:
                 refreeze_gc()  # this process's copy of the previous model (the follower dropped it) may hold cycles
         while self._conn.poll():

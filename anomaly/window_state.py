@@ -147,7 +147,7 @@ class _Entity:
     """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
 
     __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
-                 "last_partition", "mixed", "needs", "queued_needs")
+                 "last_partition", "mixed", "needs", "queued_needs", "last_end")
 
     def __init__(self, capacity: int, n_sensors: int) -> None:
         # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset).
@@ -165,6 +165,7 @@ class _Entity:
         self.needs: dict[int, int] | None = None  # cached commit needs; None when state changed
         # Oldest offsets of the windows queued and not yet handed out by ready(); None when none are.
         self.queued_needs: dict[int, int] | None = None
+        self.last_end: int | None = None  # slot of the newest window queued (None: none yet)
 
     def holds_reading(self, slot: int) -> bool:
         if slot in self.pending:
@@ -390,6 +391,7 @@ class WindowStore:
         if state.n < w or slot % self.policy.stride != 0:
             return
         lo = state.n - w
+        state.last_end = slot
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
                                   np.array([state.filled[lo:state.n].sum()]),
@@ -433,6 +435,7 @@ class WindowStore:
                 window_off = joined_off[gather]
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
                                       np.full(len(j), partition), offs[j], filled, window_off.min(axis=1)))
+            state.last_end = first_slot + int(j[-1])
             if state.queued_needs is None:  # the first window queued: its rows and every later one
                 state.queued_needs = {}
                 self._queued_by.append(state)
@@ -575,26 +578,32 @@ class WindowStore:
             _merge_min(needs, _rows_needs(state, index))
         return needs
 
-    def replay_plan(self, history_s: float) -> tuple[dict[int, int], dict[str, float]]:
+    def replay_plan(self, history_s: float, step_s: float) -> tuple[dict[int, int], dict[str, float]]:
         """What a swap to a model these buffers do not fit (other sensors, window or period) re-reads.
 
-        Returns, per partition, the oldest offset among every entity's unsealed readings and the readings
-        of its grid rows of the last ``history_s`` seconds before its next slot (as far back as the buffer
-        holds: ``window_size - 1`` rows at least), so re-reading the partition from there refills a new
-        model's windows; and, per entity, the time of its newest sealed slot: every window ending there
-        or before it has been handed out by ``ready()`` (call this after ``ready()``)."""
-        rows = max(0, math.ceil(history_s / self.policy.period_s - 1e-9))
+        Returns, per entity, the time of the end of its newest window handed out (queued) so far (-inf:
+        none yet, e.g. an entity still filling its first window); and, per partition, the oldest offset
+        among every entity's unsealed readings and the readings of its grid rows from ``history_s``
+        before the first slot after that end (``step_s`` later: the new model's period) on (an entity
+        with no window yet: all its rows), as far back as the buffer holds them. Re-reading from there
+        gives a new model whose windows reach ``history_s`` back every window ending after those ends,
+        whatever its stride. Call this after ``ready()``."""
+        period = self.policy.period_s
         seek: dict[int, int] = {}
-        sealed: dict[str, float] = {}
+        scored: dict[str, float] = {}
         for name, state in self._entities.items():
             for _, partition, offset in state.pending.values():
                 if offset < seek.get(partition, offset + 1):
                     seek[partition] = offset
-            if state.n > 0 and rows > 0:
-                _merge_min(seek, _rows_needs(state, max(state.n - rows, 0)))
-            if state.max_slot is not None:
-                sealed[name] = (state.max_slot - self.policy.grace_slots) * self.policy.period_s
-        return seek, sealed
+            if state.last_end is None:
+                scored[name], first = -math.inf, 0
+            else:
+                scored[name] = state.last_end * period
+                oldest = math.floor((state.last_end * period + step_s - history_s) / period + 1e-9)  # its slot
+                first = max(oldest - (state.run_end - state.n + 1), 0)
+            if state.n > 0:
+                _merge_min(seek, _rows_needs(state, first))
+        return seek, scored
 
     # --- housekeeping -------------------------------------------------------------------------
     def reset(self, entity: str | None = None) -> None:

@@ -768,3 +768,69 @@ def test_an_entity_on_two_partitions_holds_each_commit_with_its_own_offsets() ->
     assert step.alert_holds == {"pump": ((TOPIC, 1), 5010)}  # the run's first window ends on P1: P1's own offset
     for out in outputs:
         assert out.commits.get((TOPIC, 1), 5000) >= 5000 and out.commits.get((TOPIC, 0), 0) < 5000
+
+
+def _coverage(outs: list[BatchOutput]) -> tuple[dict[str, set[float]], list[tuple[str, float]]]:
+    """Per entity the slot times in some scored window, and the (entity, end) pairs scored more than once."""
+    covered: dict[str, set[float]] = {}
+    ends = []
+    for out in outs:
+        for _, v in out.scores:
+            d = json.loads(v)
+            covered.setdefault(d["entity"], set()).update(np.arange(d["start_ts"], d["ts"] + 0.5, 1.0).tolist())
+            ends.append((d["entity"], d["ts"]))
+    return covered, [e for e in set(ends) if ends.count(e) > 1]
+
+
+@pytest.mark.parametrize("stride", [1, 8])
+def test_a_replay_scores_what_the_old_model_never_did_whatever_the_strides(stride: int) -> None:
+    # "n" appears 5 slots before the swap (no window of 8 yet); with worker.stride 8 the old model's last
+    # window ends at slot 23 and the new one's (window 4, so stride 4) at multiples of 4: no slot left out
+    records = stream({"a": 0}, range(40))
+    late_comer = [reading_record("n", s, 100 + s, partition=1) for s in range(20, 40)]
+    records = sorted(records + late_comer, key=lambda r: (json.loads(r.value)["ts"], r.partition))
+    step = ScoringStep(FakeModel(window_size=8, version="1"), WindowPolicy(window_size=1, period_s=1.0, stride=stride),
+                       AlertPolicy(), emit_scores=True)
+    before = [r for r in records if json.loads(r.value)["ts"] < T0 + 26]
+    outs = run_batches(step, before)
+    step.swap_model(FakeModel(window_size=4, version="2"), replay=True)
+    after = [r for r in records if r.offset >= step.replay_from.get((r.topic, r.partition), r.offset + 1)
+             or r not in before]
+    outs += run_batches(step, after)
+    covered, twice = _coverage(outs)
+    assert twice == []
+    # from n's first window on (stride 4: the first ends at 24), up to the last window end before 40
+    first, last = (20, 39) if stride == 1 else (21, 36)
+    assert {T0 + s for s in range(first, last + 1)} <= covered["n"]
+    assert {T0 + s for s in range(0 if stride == 1 else 1, last + 1)} <= covered["a"]
+
+
+def test_commits_during_a_replay_stay_at_or_above_the_commit_before_the_swap() -> None:
+    records = stream({"a": 0}, range(40))
+    step = step_for(FakeModel(window_size=4, version="1"))
+    before = step.process(records[:30], now_s=T0 + 30)
+    floor = before.commits[(TOPIC, 0)]
+    step.swap_model(FakeModel(window_size=8, version="2"), replay=True)  # reaches further back than v1 held
+    seek = step.replay_from[(TOPIC, 0)]
+    commits = [step.process(records[i:i + 3], now_s=T0 + 40).commits[(TOPIC, 0)] for i in range(seek, 40, 3)]
+    assert seek < floor and min(commits) >= floor  # a crash now re-reads no more than before the swap
+    assert commits[-1] == 40 - 7  # past the floor: the new buffers' own needs again
+
+
+def test_a_second_swap_during_a_replay_keeps_what_the_first_has_still_to_re_read() -> None:
+    records = stream({"a": 0, "b": 1}, range(35))
+    step = ScoringStep(FakeModel(window_size=6, version="1"), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(), emit_scores=True)
+    outs = run_batches(step, records[:2 * 25])
+    step.swap_model(FakeModel(window_size=4, version="2"), replay=True)
+    position = {tp: offset for tp, offset in step.replay_from.items()}
+    on_0 = [r for r in records[:2 * 25] if r.partition == 0 and r.offset >= position[(TOPIC, 0)]]
+    outs.append(step.process(on_0[:1], now_s=T0 + 40))  # partition 0 re-read a little, partition 1 not yet
+    position[(TOPIC, 0)] = on_0[0].offset + 1
+    step.swap_model(FakeModel(window_size=3, version="3"), replay=True)
+    position.update(step.replay_from)
+    rest = [r for r in records if r.offset >= position[(r.topic, r.partition)]]
+    outs += run_batches(step, rest)
+    covered, twice = _coverage(outs)
+    assert twice == [] and sum(o.counts["consumed"] for o in outs) == len(records)
+    assert all({T0 + s for s in range(35)} <= covered[e] for e in ("a", "b"))

@@ -182,6 +182,28 @@ def test_a_version_with_other_windows_is_swapped_in_after_a_drain_with_partition
     assert ends == list(range(20, 30)) and out.counts["replayed"] == 4 and out.counts["consumed"] == 20
 
 
+def test_the_parent_waits_for_the_replaying_swap_not_for_an_earlier_ones_reply() -> None:
+    import time
+
+    def serving(detector, version: str) -> FakeModel:  # the 'detector' is the window size; v2 loads slowly
+        if version == "2":
+            time.sleep(0.5)
+        return FakeModel(window_size=int(detector), version=version)
+
+    follower = FakeFollower()
+    runner = ProcessRunner(ThreadRunner(step_for(FakeModel(window_size=4, version="1")), follower, serving,
+                                        gc_freeze=False))
+    try:
+        runner.result(runner.submit(stream({"a": 0}, range(20)), now_s=T0 + 20))
+        follower.pending = (4, "2")  # same windows: sent, not waited for
+        swaps = runner.follow_model(lambda: None)
+        follower.pending = (3, "3")  # other windows: the worker must seek before its next poll
+        swaps += runner.follow_model(lambda: None)
+    finally:
+        runner.close()
+    assert swaps == [Swap("2", kept=True), Swap("3", kept=False, replay_from={(TOPIC, 0): 18})]
+
+
 def test_revoked_partitions_are_forgotten_after_the_batches_polled_before() -> None:
     records = stream({"a": 0, "c": 1}, range(12))
     on_0 = [r for r in records if r.partition == 0]
