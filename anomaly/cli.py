@@ -349,19 +349,18 @@ def _labelled_entity_tables(path: str, settings: Any,
     named by the file when there is no ``data.entity_column``), ground truth (``anomaly``/``changepoint``/
     ``label`` and ``retrain.label_field``) split off; entities are kept apart (the rows of several on one
     grid would each slot keep one of them). Also each entity's ground truth, row for row (bool arrays), or
-    None when the file has no label column (``tables.truth_column``). Cells read as ``retrain.parse_label`` reads
+    None when the file has no label column (``tables.truth_column``). Cells read as ``tables.parse_label`` reads
     them; a blank cell is normal."""
     import numpy as np
 
     from anomaly import tables
-    from anomaly.retrain import parse_label
 
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
                               entity_col=settings.data.entity_column, sensors=sensors or None,
                               labels=(settings.retrain.label_field,))
     frame, labels = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
     column = tables.truth_column(labels.columns, settings.retrain.label_field)
-    truth = None if column is None else np.array([parse_label(v) is True for v in labels[column].to_numpy()])
+    truth = None if column is None else np.array([tables.parse_label(v) is True for v in labels[column].to_numpy()])
     if tables.ENTITY_COLUMN not in frame.columns:
         return {str(path): frame}, None if truth is None else {str(path): truth}
     entity_ids = frame.pop(tables.ENTITY_COLUMN).to_numpy()

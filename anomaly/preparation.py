@@ -82,8 +82,9 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
     if not keep:
         said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
+    before = _back_filled(grid.missing[keep], fill)
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
-                   _late_rows(grid.missing[keep], fill, True))
+                   None if before is None else _late_rows(before, keep))
 
 
 def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.ndarray, margin_rows: int) -> Prepared:
@@ -115,36 +116,33 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
     values, missing = grid.frame[list(sensors)], grid.missing[list(sensors)]
-    late = _late_rows(missing, fill, bool(late_as_gaps))
-    if fill_values is not None and fill in _BACK_FILLED:
-        before = _before_first_reading(missing.to_numpy(dtype=bool))
-        if before.any():
-            filled = values.to_numpy(dtype=np.float64, copy=True)
-            filled[before] = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)[before]
-            values = pd.DataFrame(filled, index=values.index, columns=values.columns)
+    before = _back_filled(missing, fill)
+    late = _late_rows(before, missing.columns) if late_as_gaps and before is not None else None
+    if fill_values is not None and before is not None:
+        filled = values.to_numpy(dtype=np.float64, copy=True)
+        filled[before] = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)[before]
+        values = pd.DataFrame(filled, index=values.index, columns=values.columns)
     return _finish(values, missing, grid.period, [], [], late)
-
-
-def _late_rows(missing: pd.DataFrame, fill: str, wanted: bool) -> np.ndarray | None:
-    """Rows before some sensor's first reading, which the grid back-filled (None: none, or not ``wanted``);
-    says which sensors start late."""
-    if not wanted or fill not in _BACK_FILLED:
-        return None
-    before = _before_first_reading(missing.to_numpy(dtype=bool))
-    if not before.any():
-        return None
-    starts = {str(s): int(n) for s, n in zip(missing.columns, before.sum(axis=0)) if n}
-    log.warning("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
-                "left out of training, not back-filled from a later reading", starts)
-    return before.any(axis=1)
 
 
 _BACK_FILLED = ("ffill", "linear")  # the grid's fill policies that back-fill a sensor's leading gap
 
 
-def _before_first_reading(missing: np.ndarray) -> np.ndarray:
-    """(T, F) cells before their sensor's first observed value."""
-    return np.cumsum(~missing, axis=0) == 0
+def _back_filled(missing: pd.DataFrame, fill: str) -> np.ndarray | None:
+    """(T, F) cells before their sensor's first observed value, which ``fill`` back-filled from it (None:
+    none, or a policy that does not back-fill)."""
+    if fill not in _BACK_FILLED:
+        return None
+    before = np.cumsum(~missing.to_numpy(dtype=bool), axis=0) == 0
+    return before if before.any() else None
+
+
+def _late_rows(before: np.ndarray, sensors: Sequence[object]) -> np.ndarray:
+    """Rows before some sensor's first reading (training leaves them out); says which sensors start late."""
+    starts = {str(s): int(n) for s, n in zip(sensors, before.sum(axis=0)) if n}
+    log.warning("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
+                "left out of training, not back-filled from a later reading", starts)
+    return before.any(axis=1)
 
 
 def fill_rows(values: np.ndarray) -> np.ndarray:

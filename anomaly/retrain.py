@@ -49,6 +49,7 @@ from anomaly.codec import BadRecord, Reading
 from anomaly.config import Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
+from anomaly.tables import parse_label  # ground truth of records and table cells alike
 from anomaly.windowing import exclusion_mask, windows_touching
 
 log = logging.getLogger(__name__)
@@ -305,19 +306,6 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
 
 
 # --- reading the input topic ---------------------------------------------------------------------
-
-def parse_label(value: Any) -> bool | None:
-    """Ground truth from a JSON value or a table cell: true/false, a number (non-zero = anomalous), or
-    "1"/"0"/"true"/"false"/"yes"/"no"; None for anything else (missing, NaN, unknown text)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        return None if not math.isfinite(float(value)) else float(value) != 0.0
-    if isinstance(value, str):
-        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(
-            value.strip().lower())
-    return None
-
 
 def record_label(value: bytes | None, label_field: str | None) -> bool | None:
     """The ``label_field`` of a JSON reading's top level (the codec ignores extra fields), or None.

@@ -76,17 +76,18 @@ class FileLock:
     The kernel drops the lock when the process dies, so a crashed scheduler never leaves a stale lock.
     """
 
-    def __init__(self, path: str | Path, what: str = "scheduler") -> None:
-        self.path, self.what = Path(path), what
+    def __init__(self, path: str | Path, what: str = "scheduler", field: str | None = "scheduler.job_store") -> None:
+        """``field``: the setting whose path the lock file's derives from, named when it cannot be made."""
+        self.path, self.what, self.field = Path(path), what, field
         self._fd: int | None = None
 
     def acquire(self) -> "FileLock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a folder that is a file, no permission: the job store's path is the cause
-            raise ConfigError("scheduler.job_store", f"cannot make the lock file {self.path} beside it: "
-                                                     f"{exc.strerror or exc}") from None
+        except OSError as exc:  # a folder that is a file, no permission
+            said = f"cannot make the lock file {self.path}: {exc.strerror or exc}"
+            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -163,7 +164,7 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
     from anomaly.retrain import RetrainResult, run_cycle
 
     locks = [FileLock(retrain_lock_path(settings.scheduler.job_store), what="retrain"),
-             FileLock(registry_lock_path(settings), what=f"retrain of {settings.mlflow.model_name}")]
+             FileLock(registry_lock_path(settings), what=f"retrain of {settings.mlflow.model_name}", field=None)]
     held: list[FileLock] = []
     try:
         for lock in locks:

@@ -394,10 +394,8 @@ class ScoringStep:
         alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
         if self._replay is not None:  # the new owner reads them from the committed offset
-            self._replay.done(ids)
-            for stream in ids:
-                self._replay.floor.pop(stream, None)
-            if not self._replay.until and not self._replay.floor:
+            self._replay.done(ids, floors=True)
+            if self._replay.over:
                 self._replay = None
         with self._alert_lock:
             self._revoked.append((self._staged_seq, set(ids)))
@@ -503,14 +501,8 @@ class ScoringStep:
         if replay is not None:
             ready = replay.unscored(ready)
             replay.done([stream for stream, top in last.items() if top + 1 >= replay.until.get(stream, 0)])
-            for stream, offset in commits.items():
-                floor = replay.floor.get(stream)
-                if floor is not None:  # not below the commit before the swap, until the new buffers pass it: a
-                    if offset >= floor:  # crash then replays no more than it would have (finished runs' holds
-                        del replay.floor[stream]  # were released against that commit)
-                    else:
-                        commits[stream] = floor
-            if not replay.until and not replay.floor:
+            replay.hold(commits)
+            if replay.over:
                 self._replay = None
         for stream, offset in commits.items():
             out.commits[self._stream_keys[stream]] = offset
@@ -728,11 +720,31 @@ class _Replay:
     scored: dict[str, float]  # entity -> end time of the old model's newest window for it (-inf: none)
     floor: dict[int, int] = field(default_factory=dict)  # stream id -> its commit before the swap
 
-    def done(self, streams: Sequence[int]) -> None:
+    @property
+    def over(self) -> bool:
+        """Nothing left to re-read, and every commit past its floor."""
+        return not self.until and not self.floor
+
+    def done(self, streams: Sequence[int], floors: bool = False) -> None:
+        """``streams`` re-read to where the swap found them (with ``floors``: revoked, floors gone too)."""
         for stream in streams:
             self.until.pop(stream, None)
+            if floors:
+                self.floor.pop(stream, None)
         if not self.until:
             self.scored = {}
+
+    def hold(self, commits: dict[int, int]) -> None:
+        """Keep ``commits`` (stream id -> offset) at or above each stream's commit before the swap, until the
+        new buffers' own pass it: a crash then re-reads no more than it would have (the holds of finished
+        alert runs were released against that commit)."""
+        for stream, offset in commits.items():
+            floor = self.floor.get(stream)
+            if floor is not None:
+                if offset >= floor:
+                    del self.floor[stream]
+                else:
+                    commits[stream] = floor
 
     def unscored(self, ready: ReadyBatch) -> ReadyBatch:
         """``ready`` less the windows the old model scored (ending at or before its newest for the entity)."""

@@ -258,15 +258,13 @@ class ProcessRunner:
         swaps the child has reported since the last call."""
         new = self._runner.follower.poll()
         if new is not None:
-            shape = self._runner.shape_of(*new)
-            new_version = new[1]
+            shape, version = self._runner.shape_of(*new), str(new[1])
             replay = drain is not None and shape != self._shape
             if replay:
                 drain()
             self._send(("model", *new, replay))
             self._shape = shape
             del new
-            version = str(new_version)
             while replay and not any(swap.version == version for swap in self._swaps):
                 self._receive()  # this version's swap (an earlier, compatible one's may be waiting too)
             if self._runner.gc_freeze:

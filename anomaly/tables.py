@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -246,10 +247,6 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
     return parsed.rename(INDEX_NAME)
 
 
-def _is_label(col: object) -> bool:
-    return str(col).lower() in LABEL_COLUMNS
-
-
 def _all_text(col: pd.Series) -> bool:
     """Whether a column holds text and no number at all (not readings: a name, a comment)."""
     if not (ptypes.is_object_dtype(col.dtype) or ptypes.is_string_dtype(col.dtype)):
@@ -258,15 +255,32 @@ def _all_text(col: pd.Series) -> bool:
     return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").isna().all())
 
 
-_LABEL_WORDS = {"true": 1.0, "yes": 1.0, "false": 0.0, "no": 0.0, "": np.nan}
+def parse_label(value: Any) -> bool | None:
+    """Ground truth from a JSON value or a table cell: true/false, a number (non-zero = anomalous), or
+    "1"/"0"/"true"/"false"/"yes"/"no"; None for anything else (missing, NaN, unknown text)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return None if not math.isfinite(float(value)) else float(value) != 0.0
+    if isinstance(value, str):
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(
+            value.strip().lower())
+    return None
 
 
 def _label_values(col: pd.Series, path: Path, name: str) -> np.ndarray:
-    """A ground-truth column as float64: numbers as they are, true/yes 1.0, false/no 0.0, blank NaN."""
+    """A ground-truth column as float64: numbers as they are, text as ``parse_label`` reads it (1.0/0.0),
+    blank NaN; other text is refused by ``_numeric``, naming the cell."""
     if ptypes.is_bool_dtype(col.dtype) or ptypes.is_numeric_dtype(col.dtype) or not _any_text(col):
         return _numeric(col, path, name)
-    words = col.map(lambda v: _LABEL_WORDS.get(v.strip().lower(), v) if isinstance(v, str) else v)
-    return _numeric(words, path, name)
+    return _numeric(col.map(lambda v: _label_word(v) if isinstance(v, str) else v), path, name)
+
+
+def _label_word(text: str) -> float | str:
+    if not text.strip():
+        return np.nan
+    label = parse_label(text)
+    return text if label is None else float(label)
 
 
 def _any_text(col: pd.Series) -> bool:

@@ -559,10 +559,7 @@ class WindowStore:
 
     def _needs(self, state: _Entity) -> dict[int, int]:
         """partition -> oldest offset this entity's unsealed slots and next window still need."""
-        needs: dict[int, int] = {}
-        for _, partition, offset in state.pending.values():
-            if offset < needs.get(partition, offset + 1):
-                needs[partition] = offset
+        needs = _pending_needs(state)
         if state.n > 0 and state.max_slot is not None:
             stride = self.policy.stride
             sealed_upto = state.max_slot - self.policy.grace_slots
@@ -592,9 +589,7 @@ class WindowStore:
         seek: dict[int, int] = {}
         scored: dict[str, float] = {}
         for name, state in self._entities.items():
-            for _, partition, offset in state.pending.values():
-                if offset < seek.get(partition, offset + 1):
-                    seek[partition] = offset
+            _merge_min(seek, _pending_needs(state))
             if state.last_end is None:
                 scored[name], first = -math.inf, 0
             else:
@@ -653,6 +648,15 @@ class WindowStore:
                 _merge_min(self._orphan_needs, state.queued_needs)
             del self._entities[name]
         return len(idle)
+
+
+def _pending_needs(state: _Entity) -> dict[int, int]:
+    """partition -> smallest offset among the entity's readings in unsealed slots."""
+    needs: dict[int, int] = {}
+    for _, partition, offset in state.pending.values():
+        if offset < needs.get(partition, offset + 1):
+            needs[partition] = offset
+    return needs
 
 
 def _rows_needs(state: _Entity, lo: int) -> dict[int, int]:

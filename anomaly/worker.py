@@ -266,7 +266,7 @@ class Worker:
     def _follow_model(self) -> None:
         """Swap in a newly promoted version. One whose window buffers differ from the current model's is
         swapped in with nothing in flight, and the partitions its buffers are rebuilt from are read
-        again from where the old buffers began (``ScoringStep.swap_model``)."""
+        again from where its windows after the old model's last need (``ScoringStep.swap_model``)."""
         for swap in self._runner.follow_model(self._drain):
             owned = self._consumer.assignment() if swap.replay_from else set()
             for tp in owned:
