@@ -84,16 +84,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         grid["margin_rows"] = settings.retrain.exclude_margin_rows
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
-        frame, source = _dataset_training_frame(args.dataset, data_dir, args.series)
+        fleet, source = _dataset_training_tables(args.dataset, data_dir, args.series)
         dataset = args.dataset
     if len(fleet) > 1:  # one model shared by the fleet's entities, each gridded on its own
         prepared = prepare_fleet(fleet, settings.model.window_size, settings.training.validation_fraction,
                                  labels=truths, **grid)
-    elif fleet:
+    else:
         (entity, table), = fleet.items()
         prepared = prepare_training(table, labels=None if truths is None else truths[entity], **grid)
-    else:
-        prepared = prepare_training(frame, **grid)
     log.info("training on %d rows x %d sensors from %s (period %.3g s)%s%s", len(prepared.values),
              len(prepared.sensors), source, prepared.period_s,
              f", {len(prepared.entities)} entities" if prepared.entities else "",
@@ -107,29 +105,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_training_frame(dataset: str, data_dir: Path, series_name: str | None):
-    """The normal (training) part of a dataset. SKAB: the first 400 rows (the protocol's normal part, before
-    any fault) of the four experiments `anomaly up` replays (``datasets.SKAB_FLEET``), end to end, unless a
-    series is named; ``anomaly-free`` names SKAB's separate anomaly-free recording, taken at another
-    operating point than the experiments (their flow rate is about 32, its about 125), so a model of it
-    flags every experiment's every row. Otherwise the named (or first) series' training rows."""
+def _dataset_training_tables(dataset: str, data_dir: Path, series_name: str | None) -> tuple[dict[str, Any], str]:
+    """The normal (training) part of a dataset, as entity -> table, and where it came from. SKAB: the
+    first 400 rows (the protocol's normal part, before any fault) of each of the four experiments `anomaly
+    up` replays (``datasets.SKAB_FLEET``), one entity each, as `up` trains (no window joins two
+    experiments, and validation holds every experiment's last rows), unless a series is named;
+    ``anomaly-free`` names SKAB's separate anomaly-free recording, taken at another operating point than
+    the experiments (their flow rate is about 32, its about 125), so a model of it flags every
+    experiment's every row. Otherwise the named (or first) series' training rows."""
     from anomaly import datasets
 
     if dataset == "skab" and series_name == "anomaly-free":
         frame = datasets.load_skab_anomaly_free(data_dir)
-        return frame, f"{data_dir}: SKAB's anomaly-free recording"
+        return {series_name: frame}, f"{data_dir}: SKAB's anomaly-free recording"
     series = datasets.load_dataset(dataset, data_dir)
     if dataset == "skab" and not series_name:
         by_name = {s.name: s for s in series}
         missing = [name for name in datasets.SKAB_FLEET if name not in by_name]
         if missing:
             raise AnomalyError(f"no SKAB series {', '.join(missing)} in {data_dir}; name one with --series")
-        return (datasets.normal_parts_end_to_end([by_name[name] for name in datasets.SKAB_FLEET]),
+        return ({name: by_name[name].train for name in datasets.SKAB_FLEET},
                 f"{data_dir}: the first {series[0].train_rows} rows of {', '.join(datasets.SKAB_FLEET)}")
     chosen = series[0] if not series_name else next((s for s in series if s.name == series_name), None)
     if chosen is None:
         raise AnomalyError(f"no series {series_name!r} in {dataset}; e.g. {', '.join(s.name for s in series[:5])}")
-    return chosen.train, f"{data_dir}:{chosen.name}[:{chosen.train_rows}]"
+    return {chosen.name: chosen.train}, f"{data_dir}:{chosen.name}[:{chosen.train_rows}]"
 
 
 # --- evaluate ------------------------------------------------------------------------------------

@@ -103,33 +103,10 @@ def load_skab(data_dir: str | Path) -> list[LabelledSeries]:
 
 WHERE_DATASETS = "; point --data-dir at the dataset's folder, or set ANOMALY_DATASETS to the folder that holds it"
 
-# The SKAB experiments `anomaly up` replays as its fleet, and whose normal parts `anomaly train --dataset skab`
-# trains on by default: two valve-1 and two valve-2 runs, one operating point (all 34 together make a model
+# The SKAB experiments `anomaly up` replays as its fleet, and whose normal parts (one entity each) `anomaly
+# train --dataset skab` trains on by default: two valve-1 and two valve-2 runs, one operating point (all 34 together make a model
 # too loose to flag valve1/0's fault; SKAB's separate anomaly-free recording is at another operating point).
 SKAB_FLEET: tuple[str, ...] = ("valve1/0", "valve1/1", "valve2/0", "valve2/1")
-
-
-def normal_parts_end_to_end(series: Sequence[LabelledSeries]) -> pd.DataFrame:
-    """Each series' protocol training part (SKAB: the first 400 rows of an experiment, before any fault),
-    laid end to end on one continuous time axis: normal readings for one model of a fleet (pure).
-
-    Only the ``W - 1`` windows that straddle a seam mix two series: a few in over a thousand.
-    """
-    parts, cursor = [], None
-    for item in series:
-        part = item.train
-        if part.empty:
-            continue
-        index = part.index
-        step = pd.Series(index).diff().median() if len(index) > 1 else pd.Timedelta(seconds=1)
-        step = step if isinstance(step, pd.Timedelta) and step > pd.Timedelta(0) else pd.Timedelta(seconds=1)
-        cursor = index[0] if cursor is None else cursor
-        moved = part.set_axis(cursor + (index - index[0]), axis=0)
-        parts.append(moved)
-        cursor = moved.index[-1] + step
-    if not parts:
-        raise DataError("no training rows in these series")
-    return pd.concat(parts)
 
 
 def load_skab_anomaly_free(data_dir: str | Path) -> pd.DataFrame:

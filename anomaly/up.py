@@ -469,20 +469,30 @@ def champion_sensors(model_name: str, version: str) -> tuple[str, ...]:
     return tuple(detector.sensors)
 
 
+def fleet_training_tables(fleet: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """entity -> its series' protocol training part (SKAB: the rows before any fault), for
+    ``prepare_fleet``: each entity gridded and split on its own, so no window joins two experiments and
+    validation holds every entity's recent rows (pure). Entities with no training rows are left out."""
+    return {entity: series.train for entity, series in fleet if not series.train.empty}
+
+
 def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], data_dir: Path) -> str:
     """Train on the fleet's normal readings, register and promote; the new version."""
-    from anomaly.datasets import normal_parts_end_to_end
-    from anomaly.preparation import prepare_training
+    from anomaly.preparation import prepare_fleet
     from anomaly.train_job import run_training
 
-    frame = normal_parts_end_to_end([series for _, series in fleet])
+    tables = fleet_training_tables(fleet)
+    if not tables:
+        raise UpError("no training rows in the fleet's series")
     d = settings.data
-    prepared = prepare_training(frame, sensors=d.sensors, period_s=d.period_s, fill=d.fill,
-                                max_fill_steps=d.max_fill_steps, max_missing_fraction=d.max_missing_fraction)
+    prepared = prepare_fleet(tables, settings.model.window_size, settings.training.validation_fraction,
+                             sensors=d.sensors, period_s=d.period_s, fill=d.fill, max_fill_steps=d.max_fill_steps,
+                             max_missing_fraction=d.max_missing_fraction)
     names = ", ".join(series.name for _, series in fleet)
+    rows = int(len(prepared.values) - (0 if prepared.gaps is None else prepared.gaps.sum()))
     print(f"no champion in the registry yet: training one on the fleet's normal readings (SKAB {names}: "
-          f"{len(prepared.values)} readings x {len(prepared.sensors)} sensors) ...", flush=True)
-    outcome = run_training(prepared, settings, source=f"{data_dir}: first {len(frame) // max(len(fleet), 1)} rows "
+          f"{rows} readings x {len(prepared.sensors)} sensors) ...", flush=True)
+    outcome = run_training(prepared, settings, source=f"{data_dir}: first {rows // max(len(tables), 1)} rows "
                            f"of {names}", dataset="skab", register=True, promote=True, alias="champion",
                            progress=True)
     print(f"trained and promoted {settings.mlflow.model_name} v{outcome.version} "

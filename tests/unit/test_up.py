@@ -87,13 +87,17 @@ def test_ground_truth_marks_events_against_each_round():
     assert manifest["rounds"] == [1000.0, 2000.0] and manifest["entities"]["pump-1"]["series"] == "valve1/0"
 
 
-def test_fleet_training_frame_lays_normal_parts_end_to_end():
-    from anomaly.datasets import normal_parts_end_to_end
+def test_fleet_training_tables_hold_each_entitys_normal_part_for_prepare_fleet():
+    from anomaly.preparation import prepare_fleet
 
-    frame = normal_parts_end_to_end([_series("a"), _series("b")])
-    assert len(frame) == 16  # 8 training rows each, faults (rows 12-14) excluded
-    assert frame.index.is_monotonic_increasing and frame.index.is_unique
-    assert (np.diff(frame.index.as_unit("ns").asi8) == 1_000_000_000).all()  # one continuous 1 s grid
+    empty = LabelledSeries(name="c", frame=_series("c").frame, labels=np.zeros(20, bool), train_rows=0)
+    tables = up.fleet_training_tables([("pump-1", _series("a")), ("pump-2", _series("b")), ("pump-3", empty)])
+    assert list(tables) == ["pump-1", "pump-2"]  # an entity with no training rows is left out
+    assert all(len(t) == 8 for t in tables.values())  # the 8 training rows each, faults (rows 12-14) excluded
+    prepared = prepare_fleet(tables, window_size=2, validation_fraction=0.25)
+    # heads then tails, a stand-in gap row between every two parts: no window joins two entities
+    assert prepared.entities == ["pump-1", "pump-2"] and int(prepared.gaps.sum()) == 3
+    assert set(prepared.entity_tails) == {"pump-1", "pump-2"}  # validation holds both entities' last rows
     assert up.fleet_span_s([("p", _series("a").frame)]) == 20.0
 
 
