@@ -389,7 +389,7 @@ class ScoringStep:
             self._retired_bars = (None, None)
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> int:
-        """Drop the window and alert state of entities last seen on these (revoked) partitions; returns
+        """Drop the window, alert and moving-bar state of entities last seen on these (revoked) partitions; returns
         how many entities' windows went. Their new owner replays from the committed offset, which the
         alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
@@ -403,14 +403,20 @@ class ScoringStep:
         return self._store.forget_partitions(ids)
 
     def _apply_revoked(self) -> None:
-        """Drop the alert state of revoked streams once every batch staged before the revocation has
-        completed (call with ``_alert_lock`` held)."""
+        """Drop the alert state and moving bars of revoked streams once every batch staged before the
+        revocation has completed (call with ``_alert_lock`` held)."""
         while self._revoked and self._revoked[0][0] <= self._completed_seq:
             _, revoked = self._revoked.pop(0)
             for entity in [e for e, hold in self._holds.items() if hold.stream in revoked]:
                 del self._holds[entity]
                 self._alerts.forget(entity)
             self._finished = [(e, hold) for e, hold in self._finished if hold.stream not in revoked]
+            # and their moving bars: a re-read of the run held to a bar its own windows already raised
+            # would open the event later, under another id (and a revoked stream's entities were never
+            # pruned: it has no stream time left)
+            for _, bars in (self._bars, self._retired_bars):
+                if bars is not None and revoked:
+                    bars.prune({stream: math.inf for stream in revoked})
 
     @property
     def alert_holds(self) -> dict[str, tuple[tuple[str, int], int]]:

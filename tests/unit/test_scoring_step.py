@@ -678,6 +678,34 @@ def test_a_revoked_partition_takes_its_alert_state_and_the_new_owner_keeps_the_i
     assert [e[1] for e in carried] == [opened[0][1]] * 2 and carried[-1][0] == "closed"
 
 
+@pytest.mark.parametrize("rule", [{"episodes": EpisodeRule(drop=2.0, k=3)},
+                                  {"adaptive": AdaptiveRule(rows=5, factor=2.0, quantile=0.5, lag=2)}],
+                         ids=["episodes", "adaptive"])
+def test_a_partition_revoked_and_assigned_back_re_reads_its_run_under_the_same_event_id(rule) -> None:
+    # An eager rebalance hands a partition back to the worker that had it, which re-reads from the commit
+    # the alert hold kept (the run's first window). Its moving bars must go with the rest of the
+    # partition's state: a bar its own fault windows had raised opened the event later, under another id,
+    # and the first id was never closed downstream. (Bars of revoked partitions were also never pruned.)
+    records = [reading_record("pump", slot, slot, values=dict(
+        zip(SENSORS, CENTRE), pressure=1.0 + 3 * (0.1 if slot < 20 or slot >= 50 else 1.5 * 1.15 ** (slot - 20))))
+        for slot in range(80)]  # a fault that ramps up from slot 20 to 49
+    policy = AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0)
+
+    def step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=1, threshold=1.0, **rule), WindowPolicy(window_size=1, period_s=1.0),
+                           policy)
+
+    worker = step()
+    outs = run_batches(worker, records[:40], size=5)
+    opened, commit = _events_of(outs), outs[-1].commits[(TOPIC, 0)]
+    assert [(s, ts) for s, _, ts in opened] == [("open", 20)] and commit == 20  # held at the run's first window
+    worker.forget_partitions([(TOPIC, 0)])
+    assert worker._bars[1].entities == 0  # the revoked partition's entity left the moving bars too
+    again = _events_of(run_batches(worker, records[commit:], size=5))  # assigned back: from the commit
+    fresh = _events_of(run_batches(step(), records[commit:], size=5))  # as a new owner would
+    assert again == fresh and [(s, e) for s, e, _ in again] == [("open", opened[0][1]), ("closed", opened[0][1])]
+
+
 def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -> None:
     step = ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
                        AlertPolicy(min_duration_windows=2, recovery_windows=3), idle_timeout_s=60.0)
