@@ -108,11 +108,12 @@ def reference_from_run(version: str, metrics: Mapping[str, float], params: Mappi
     if expected is None or not 0 < expected < 1:
         expected = PSI_FLOOR
     # The threshold is authoritative (it decides alarms); a validation quantile that disagrees with it
-    # (a scaled threshold can sit below p99) or with the quantile before it is left out.
+    # (a scaled threshold can sit below p99), or with the quantile before it, or that shares its cdf (a
+    # validation false-alarm rate of exactly 1 % or 50 %) is left out.
     thr_cdf = 1.0 - expected
     kept: list[tuple[float, float]] = []
     for value, cdf in ((_finite(metrics.get("val_score_p50")), 0.5), (_finite(metrics.get("val_score_p99")), 0.99)):
-        if value is None or (value < threshold) != (cdf < thr_cdf) or value == threshold:
+        if value is None or (value < threshold) != (cdf < thr_cdf) or value == threshold or cdf == thr_cdf:
             continue
         if kept and (value <= kept[-1][0] or cdf <= kept[-1][1]):
             continue

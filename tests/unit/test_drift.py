@@ -51,6 +51,12 @@ def test_reference_falls_back_to_the_policys_nominal_rate_and_drops_disagreeing_
     # A threshold below p99 that claims fewer alarms than 1 %: p99 disagrees with it and is left out.
     odd = reference_from_run("1", {**METRICS, "threshold": 2.0})
     assert odd.values == pytest.approx((math.log(2), 2.0)) and odd.cdf == pytest.approx((0.5, 0.999))
+    # Exactly 1 % (or 50 %) of validation above a threshold just under p99: p99 shares the threshold's
+    # cdf and is left out (it crashed every drift check of that champion).
+    tied = reference_from_run("1", {**METRICS, "threshold": math.log(100) - 1e-6, "val_false_alarm_rate": 0.01})
+    assert tied.values == pytest.approx((math.log(2), math.log(100) - 1e-6)) and tied.cdf == pytest.approx((0.5, 0.99))
+    half = reference_from_run("1", {**METRICS, "threshold": math.log(2) - 1e-6, "val_false_alarm_rate": 0.5})
+    assert half.cdf == pytest.approx((0.5, 0.99)) and half.values[0] == pytest.approx(math.log(2) - 1e-6)
     assert reference_from_run("1", {"val_score_p50": 1.0}) is None  # no threshold: no reference
     assert nominal_alarm_rate({"threshold.method": "quantile", "threshold.q": "0.99"}) == pytest.approx(0.01)
     assert nominal_alarm_rate({"threshold.method": "mean_std"}) is None
