@@ -448,6 +448,29 @@ def test_detector_model_scores_streamed_windows_like_offline_scoring(detector_mo
     np.testing.assert_allclose(streamed[b"pump-a"], offline, rtol=1e-5, atol=1e-7)
 
 
+def test_a_wild_reading_over_a_tiny_scale_scores_huge_not_inf_and_opens_an_event(
+        detector_model: DetectorModel) -> None:
+    # The codec accepts |value| < 1e15 and a fitted scale may be as small as 1e-8: ~1e23 scaled, whose
+    # square is inf in float32, and an inf score was never an event (a stuck sensor raised no alarm).
+    import copy
+    import dataclasses
+
+    detector = copy.copy(detector_model.detector)
+    flow = SENSORS.index("flow")
+    scale = list(detector.scaler.scale)
+    scale[flow] = 1e-8
+    detector.scaler = dataclasses.replace(detector.scaler, scale=tuple(scale))
+    model = DetectorModel(detector, name="pumps", version="1", device="cpu")
+    values = normal_frame(rows=30, seed=5).to_numpy().copy()
+    values[:, flow] = detector.scaler.centre[flow]  # healthy: at the fitted centre
+    values[10:25, flow] = 9.9e14
+    step = ScoringStep(model, WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(min_duration_windows=1))
+    out = step.process(frame_records(values, "pump", 0), now_s=T0 + 40)
+    assert out.counts["dead_letters"] == 0 and out.counts["nonfinite_scores"] == 0
+    events = [decode_event(v) for _, v in out.events]
+    assert [e["status"] for e in events] == ["open"] and events[0]["sensors"][0]["sensor"] == "flow"
+
+
 def test_detector_model_in_bf16_flags_and_ranks_like_float32(detector_model: DetectorModel) -> None:
     bf16 = DetectorModel(detector_model.detector, name="pumps", version="1", device="cpu", precision="bf16")
     assert bf16.precision == "bf16" and detector_model.precision == "fp32"
