@@ -249,8 +249,14 @@ def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
     current = alias_version(name, alias)
     while history and history[-1] == current:
         history.pop()
+    gone: list[str] = []
+    while history and not _version_exists(c, name, history[-1]):
+        gone.append(history.pop())  # deleted since it held the alias: the one before it is next
+    if gone:
+        log.warning("%s: rolling @%s back past deleted version(s) %s", name, alias, ", ".join(f"v{v}" for v in gone))
     if not history:
-        raise RegistryError(f"{name}@{alias}: no earlier version to roll back to")
+        raise RegistryError(f"{name}@{alias}: no earlier version to roll back to"
+                            + (f" (v{', v'.join(gone)} held it, and have been deleted)" if gone else ""))
     target = history.pop()
     try:
         c.set_registered_model_alias(name, alias, target)
@@ -264,6 +270,21 @@ def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
     _record_move_or_warn(name, alias, current, target, f"rollback from v{current}" + (f": {reason}" if reason else ""))
     log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
     return target
+
+
+def _version_exists(c: Any, name: str, version: str) -> bool:
+    """Whether ``name`` version ``version`` is still in the registry (any other failure to tell is an error)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_model_version(name, version)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise RegistryError(f"cannot read {name} v{version}: {exc}") from exc
+    except Exception as exc:
+        raise RegistryError(f"cannot read {name} v{version}: {exc}") from exc
 
 
 def _history(name: str, alias: str) -> list[str]:

@@ -150,6 +150,30 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert registry.rollback("pump") == "2"  # back to the version before the last move
 
 
+def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(settings):
+    # v1, v2, v3 promoted in turn, then v2 deleted: the rollback from v3 goes to v1. It used to try v2 on
+    # every attempt ("not found"), and the emergency path stayed blocked for good.
+    from anomaly.errors import RegistryError
+
+    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
+                         promote=True, progress=False)
+    c = registry.client()
+    source = c.get_model_version("pump", first.version).source
+    for version in ("2", "3"):
+        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
+        registry.promote("pump", version, "champion", reason="test")
+    c.delete_model_version("pump", "2")
+    assert registry.rollback("pump") == "1" and registry.alias_version("pump", "champion") == "1"
+    assert json.loads(c.get_registered_model("pump").tags["champion_history"]) == []
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("pump")
+    registry.promote("pump", "3", "champion")
+    c.delete_model_version("pump", "1")
+    with pytest.raises(RegistryError, match=r"v1 held it, and have been deleted"):
+        registry.rollback("pump")  # nothing left alive: said, and v3 keeps serving
+    assert registry.alias_version("pump", "champion") == "3"
+
+
 def test_unreachable_store_is_a_registry_error(tmp_path):
     from anomaly.errors import RegistryError
 
