@@ -95,20 +95,25 @@ class History:
     Keeps at most ``max_readings`` readings per entity (the latest seen, in arrival order, which is
     offset order within an entity's partition) and drops readings older than ``lookback_s`` before
     the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept;
-    ``sensors`` (when given) keeps only readings that carry every one of them.
+    ``sensors`` (when given) keeps only readings that carry every one of them. ``max_ts`` (when given)
+    leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
+    dead-letters them): one reading stamped years ahead would otherwise put every real one outside the
+    lookback.
     """
 
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
-                 sensors: Iterable[str] | None = None) -> None:
+                 sensors: Iterable[str] | None = None, max_ts: float | None = None) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
         self.entities = frozenset(entities) if entities else None
         self.sensors = tuple(sensors) if sensors else None
+        self.max_ts = max_ts
         self._by_entity: dict[str, deque[tuple[Reading, bool | None]]] = {}
         self.newest_ts = -math.inf
         self.seen = 0  # readings offered
         self.ignored = 0  # readings of other entities / sensor sets
+        self.future = 0  # readings stamped after ``max_ts``
 
     def add(self, reading: Reading, label: bool | None = None) -> bool:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
@@ -116,6 +121,9 @@ class History:
         if (self.entities is not None and reading.entity not in self.entities) or (
                 self.sensors is not None and not all(s in reading.values for s in self.sensors)):
             self.ignored += 1
+            return False
+        if self.max_ts is not None and reading.ts > self.max_ts:
+            self.future += 1
             return False
         self.newest_ts = max(self.newest_ts, reading.ts)
         buf = self._by_entity.get(reading.entity)
@@ -503,6 +511,20 @@ def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_t
     return result
 
 
+def _left_out(history: History, rt: Any, champion: Any) -> str:
+    """What of the readings read did not count, for a skip's reason ('' when all did)."""
+    parts = []
+    if history.ignored:
+        what = f"carry all of the champion's sensors ({', '.join(champion.sensors)})"
+        if rt.entities:
+            what += f" or are of retrain.entities ({', '.join(sorted(rt.entities))})"
+        parts.append(f"{history.ignored} of {history.seen} readings read do not {what}")
+    if history.future:
+        parts.append(f"{history.future} readings are stamped further ahead of the clock than "
+                     f"worker.max_future_s and were left out")
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def _cycle(settings: Settings, source: HistorySource | None, data_transform: DataTransform | None,
            progress: bool, trigger: str) -> RetrainResult:
     from anomaly import registry, tracking
@@ -524,14 +546,17 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         origin = f"kafka:{k.input_topic}"
     else:
         readings, origin = source(), str(getattr(source, "origin", "source"))
-    history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors)
+    ahead = settings.worker.max_future_s
+    history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors,
+                      max_ts=time.time() + ahead if ahead is not None and ahead >= 0 else None)
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)
         else:
             history.add(item)
     data = _prepare(history, champion, settings)
-    data.facts.update({"readings_seen": history.seen, "bad_records": stats.get("bad", 0), "origin": origin,
+    data.facts.update({"readings_seen": history.seen, "readings_ignored": history.ignored,
+                       "readings_future": history.future, "bad_records": stats.get("bad", 0), "origin": origin,
                        "trigger": trigger})
     if stats.get("truncated"):
         return RetrainResult("skipped", f"the input topic was not read to its end within retrain.read_timeout_s "
@@ -550,7 +575,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     if rows < rt.min_rows or hold_windows < 1 or train_windows < MIN_TRAIN_WINDOWS:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
                                         f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
-                                        f"{max(hold_windows, 0)} hold-out windows (need 1)",
+                                        f"{max(hold_windows, 0)} hold-out windows (need 1)" + _left_out(history, rt,
+                                                                                                       champion),
                              champion_version=champion_version, data=data.facts)
     train_values = data.train_values
     if data_transform is not None:

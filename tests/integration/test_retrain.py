@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -278,6 +279,31 @@ def test_a_history_read_cut_by_its_timeout_skips_the_cycle(store, kafka_broker, 
     result = run_cycle(settings)
     assert result.status == "skipped" and "not read to its end" in result.reason, result.reason
     assert result.challenger_version is None and champion_version(settings) == weak
+
+
+def test_a_skip_says_which_readings_did_not_count(store, tmp_path):
+    """Readings without the champion's sensors, or stamped far ahead of the clock, are left out of the
+    history; a skip for too little data says so instead of only "0 training rows"."""
+    from anomaly.codec import Reading
+
+    root, weak, _ = store
+    settings = settings_for(root)
+    give_champion(settings, weak)
+    path = tmp_path / "other.csv"
+    normal_frame(200, seed=4).rename(columns=lambda c: f"other_{c}").to_csv(path, index_label="ts")
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status == "skipped" and "200 of 200 readings read do not carry all of the champion's sensors" \
+        in result.reason, result.reason
+    assert result.data["readings_ignored"] == 200
+    # one reading stamped ten years ahead (worker.max_future_s = 300 by default) no longer pushes every
+    # real one out of the lookback
+    frame = normal_frame(200, seed=4)
+    good = [Reading("pump-1", ts.timestamp() + 0.0, dict(zip(frame.columns, map(float, row))))
+            for ts, row in zip(frame.index, frame.to_numpy())]
+    future = Reading("pump-9", time.time() + 10 * 365 * 86400.0, dict.fromkeys(frame.columns, 1.0))
+    result = run_cycle(settings, source=lambda: iter(good + [future]))
+    assert result.status == "skipped" and "too little clean data: 1" in result.reason, result.reason
+    assert "1 readings are stamped further ahead of the clock" in result.reason and result.data["readings_future"] == 1
 
 
 def test_labelled_file_puts_event_f1_into_the_gate(store, tmp_path):

@@ -52,6 +52,15 @@ def test_history_filters_entities_and_sensor_sets():
     assert h.ignored == 2 and len(h) == 1
 
 
+def test_history_leaves_out_readings_stamped_past_max_ts():
+    # One reading from a device whose clock is years ahead moved the lookback's cut-off past every real one.
+    h = History(max_readings=10, lookback_s=100, max_ts=50.0)
+    assert h.add(reading("pump-1", 10.0)) and h.add(reading("pump-1", 50.0))
+    assert not h.add(reading("pump-9", 10 * 365 * 86400.0))
+    assert h.future == 1 and h.newest_ts == 50.0 and list(h.frames(["a"])) == ["pump-1"]
+    assert History(max_readings=10, lookback_s=100).add(reading("e", 1e12))  # no bound given: kept
+
+
 def test_history_frames_sort_dedupe_and_keep_missing_values():
     h = History(max_readings=10, lookback_s=100)
     h.add(Reading("e", 2.0, {"a": 2.0, "b": None}))
