@@ -528,6 +528,7 @@ def _left_out(history: History, rt: Any, champion: Any) -> str:
 def _cycle(settings: Settings, source: HistorySource | None, data_transform: DataTransform | None,
            progress: bool, trigger: str) -> RetrainResult:
     from anomaly import registry, tracking
+    from anomaly.errors import RegistryError
 
     ml, rt = settings.mlflow, settings.retrain
     tracking.configure(ml.tracking_uri, ml.registry_uri)
@@ -611,26 +612,36 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     if decision.promote and current != champion_version:
         decision = Decision(False, f"@{ml.champion_alias} moved to v{current} during the retrain; not overriding it",
                             decision.relative_improvement)
-    metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision)
     status = "promoted" if decision.promote else "kept"
-    run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, metrics,
-                             decision, status, data.facts)
-    if challenger_version:
-        _tag_version(ml.model_name, challenger_version, {"retrain.decision": status, "retrain.trigger": trigger,
-                                                         "retrain.reason": decision.reason,
-                                                         "retrain.comparison_run_id": run_id,
-                                                         "retrain.compared_with": champion_version})
-        if decision.promote:
-            try:  # checked again at the move itself: a promotion by hand while we logged is not overridden
-                registry.promote(ml.model_name, challenger_version, ml.champion_alias,
-                                 reason=f"retrain gate: {decision.reason}", expected_previous=champion_version)
-            except registry.AliasMoved as exc:
-                decision, status = Decision(False, str(exc), decision.relative_improvement), "kept"
-                _tag_version(ml.model_name, challenger_version, {"retrain.decision": status,
-                                                                 "retrain.reason": decision.reason})
-                registry.client().set_tag(run_id, "decision", status)
-                registry.client().set_tag(run_id, "decision.reason", decision.reason[:5000])
-                log.warning("retrain: %s", exc)
+    if decision.promote and challenger_version:
+        # Moved before the comparison is logged, so the run and the version's tags say what happened.
+        # Checked again at the move itself: a promotion by hand since the check above is not overridden.
+        try:
+            registry.promote(ml.model_name, challenger_version, ml.champion_alias,
+                             reason=f"retrain gate: {decision.reason}", expected_previous=champion_version)
+        except registry.AliasMoved as exc:
+            decision, status = Decision(False, str(exc), decision.relative_improvement), "kept"
+            log.warning("retrain: %s", exc)
+        except RegistryError as exc:
+            decision = Decision(False, f"the gate would promote v{challenger_version} ({decision.reason}), "
+                                       f"but the promotion failed: {exc}", decision.relative_improvement)
+            status = "failed"
+            log.error("retrain: %s", decision.reason)
+    metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision)
+    try:
+        run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, metrics,
+                                 decision, status, data.facts)
+        if challenger_version:
+            _tag_version(ml.model_name, challenger_version, {"retrain.decision": status, "retrain.trigger": trigger,
+                                                             "retrain.reason": decision.reason,
+                                                             "retrain.comparison_run_id": run_id,
+                                                             "retrain.compared_with": champion_version})
+    except Exception as exc:
+        if status != "promoted":
+            raise
+        # the move, which the workers follow, happened: saying the retrain failed would be wrong
+        log.warning("retrain: promoted v%s, but its comparison could not be logged: %s", challenger_version, exc)
+        run_id = ""
     return RetrainResult(status, decision.reason, champion_version=champion_version,
                          challenger_version=challenger_version, comparison_run_id=run_id,
                          metrics=tracking.finite_metrics(metrics), data=data.facts)

@@ -149,25 +149,49 @@ def test_worse_challenger_is_registered_but_not_promoted(store, kafka_broker, no
 def test_a_promotion_by_hand_while_the_gate_logs_is_not_overridden(store, kafka_broker, normal_topic, monkeypatch):
     """The gate would promote (a better challenger than the weak champion), but an operator moves
     @champion to another version after the gate's check: the gate's own promotion re-checks and keeps out."""
-    import anomaly.retrain as retrain_module
-
     root, weak, strong = store
     settings = settings_for(root, kafka_broker, normal_topic)
     give_champion(settings, weak)
-    real = retrain_module._log_comparison
+    real = registry.promote
 
-    def operator_moves_it(*args, **kwargs):
-        run_id = real(*args, **kwargs)
-        registry.promote(NAME, strong, "champion", reason="by hand")
-        return run_id
+    def operator_moves_it_first(name, version, alias="champion", reason="", **kwargs):
+        if reason.startswith("retrain gate"):
+            real(NAME, strong, "champion", reason="by hand")
+        return real(name, version, alias, reason=reason, **kwargs)
 
-    monkeypatch.setattr(retrain_module, "_log_comparison", operator_moves_it)
+    monkeypatch.setattr(registry, "promote", operator_moves_it_first)
     result = run_cycle(settings)
     assert result.status == "kept" and "not moving it" in result.reason, result.reason
     assert champion_version(settings) == strong  # the operator's choice stands
     run = comparison_run(settings, result.comparison_run_id)
     assert run.data.tags["decision"] == "kept"
     assert registry.client().get_model_version(NAME, result.challenger_version).tags["retrain.decision"] == "kept"
+
+
+def test_a_failed_promotion_is_recorded_as_failed_not_promoted(store, kafka_broker, normal_topic, monkeypatch):
+    """The registry fails at the gate's move: the run, the version tag and the result say "failed" (they
+    said "promoted", with v(weak) still serving) and still name the challenger and the comparison run."""
+    from anomaly.errors import RegistryError
+
+    root, weak, _ = store
+    settings = settings_for(root, kafka_broker, normal_topic)
+    give_champion(settings, weak)
+
+    real = registry.promote
+
+    def registry_down(name, version, alias="champion", reason="", **kwargs):
+        if reason.startswith("retrain gate"):
+            raise RegistryError("cannot record the promotion history: database is locked")
+        return real(name, version, alias, reason=reason, **kwargs)  # the challenger's alias at training
+
+    monkeypatch.setattr(registry, "promote", registry_down)
+    result = run_cycle(settings)
+    assert result.status == "failed" and "but the promotion failed: cannot record" in result.reason, result.reason
+    assert champion_version(settings) == weak and result.challenger_version and result.comparison_run_id
+    run = comparison_run(settings, result.comparison_run_id)
+    assert run.data.tags["decision"] == "failed" and run.data.metrics["promoted"] == 0.0
+    assert run.data.tags["mlflow.runName"] == "retrain-compare-failed"
+    assert registry.client().get_model_version(NAME, result.challenger_version).tags["retrain.decision"] == "failed"
 
 
 def test_bad_data_fails_and_leaves_the_champion(store, kafka_broker, normal_topic):
