@@ -445,8 +445,14 @@ class RetrainScheduler:
             self._add_drift_job()
             self.scheduler.resume()
             self.metrics.set_status("ok")
-        except BaseException:
+        except BaseException as exc:
             self._shutdown(wait=False)
+            from sqlalchemy.exc import DatabaseError
+
+            if isinstance(exc, DatabaseError):  # random bytes, a truncated file: not a readable SQLite store
+                raise ConfigError("scheduler.job_store", f"{self.settings.job_store} is not a readable SQLite job "
+                                  f"store ({exc.orig or exc}); move it aside to start with a fresh "
+                                  "schedule") from exc
             raise
 
     def _ensure_job(self) -> None:

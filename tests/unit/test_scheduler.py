@@ -261,6 +261,20 @@ def test_the_last_run_survives_a_restart(tmp_path):
         third.stop()
 
 
+@pytest.mark.parametrize("content", [b"garbage" * 100, b"SQLite format 3\x00garbage"], ids=["random", "truncated"])
+def test_an_unreadable_job_store_is_an_error_naming_the_field(tmp_path, content):
+    from anomaly.config import SchedulerSettings
+    from anomaly.errors import ConfigError
+    from anomaly.scheduler import RetrainScheduler
+
+    store = tmp_path / "s.db"
+    store.write_bytes(content)
+    scheduler = RetrainScheduler(SchedulerSettings(job_store=str(store), metrics_port=-1), {"config": None})
+    with pytest.raises(ConfigError, match=r"scheduler.job_store: .* is not a readable SQLite job store .*move it aside"):
+        scheduler.start()  # a traceback and exit 1 before
+    assert store.read_bytes() == content  # left as it was, for the operator to look at
+
+
 def test_a_time_the_clocks_pass_twice_fires_once():
     # daylight saving ends in Berlin on 2026-10-25: 02:30 comes at +02:00 and again at +01:00
     import pickle
