@@ -422,7 +422,7 @@ class SchedulerSettings:
 
     trigger: str = doc("interval (every interval_s seconds) or cron (the cron expression)", "interval")
     interval_s: float = doc("seconds between retraining runs (trigger = interval)", 86400.0)
-    cron: str = doc("crontab expression, minute hour day month weekday, weekdays as crontab counts them (0 or 7 = Sunday, 1-5 = Monday to Friday); a day of the month and a weekday both given mean either, as in crontab (0 3 1 * mon: every 1st and every Monday); a time the clocks pass twice when daylight saving ends runs once (trigger = cron)", "0 3 * * *")
+    cron: str = doc("crontab expression, minute hour day month weekday, weekdays as crontab counts them (0 or 7 = Sunday, 1-5 = Monday to Friday); a day of the month and a weekday both given mean either, as in crontab (0 3 1 * mon: every 1st and every Monday); a day field starting with * (*/2) restricts nothing, so the other alone decides; a fixed time the clocks pass twice when daylight saving ends runs once, while a job whose minute or hour starts with * runs in both passes, as crontab does (trigger = cron)", "0 3 * * *")
     timezone: str = doc("time zone of the cron expression", "UTC")
     job_store: str = doc("SQLite file of the persistent job store; its lock file sits beside it", "mlruns/scheduler.db")
     misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once", 3600)

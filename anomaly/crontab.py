@@ -64,8 +64,10 @@ def cron_fields(expression: str) -> dict[str, str]:
 def cron_field_sets(expression: str) -> list[dict[str, str]]:
     """``cron_fields``, split in two when both day-of-month and weekday are restricted: one set with the
     day of the month and any weekday, one with the weekday and any day; a time that matches either
-    set is crontab's time (crontab ORs the two day fields)."""
+    set is crontab's time (crontab ORs the two day fields). As crontab tells it, a day field that starts
+    with ``*`` (``*/2``) is not restricted: ``0 3 */2 * mon`` means odd days that are Mondays."""
     fields = cron_fields(expression)
-    if fields["day"] == "*" or fields["day_of_week"] == "*":
+    _, _, day, _, weekday = expression.split()
+    if day.startswith("*") or weekday.startswith("*"):
         return [fields]
     return [{**fields, "day_of_week": "*"}, {**fields, "day": "*"}]

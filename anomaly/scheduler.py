@@ -352,23 +352,26 @@ class DriftMonitor:
 
 # --- the scheduler -------------------------------------------------------------------------------
 
-REPEATED_TIMES = 8  # repeats of one wall-clock time skipped in a row, at most (one per clock set back)
+REPEATED_TIMES = 1440  # second-pass times skipped in a row, at most (a minute-by-minute job over a repeated day)
 
 
 class OnceAWallClockTime(BaseTrigger):
     """A cron trigger that fires once at a wall-clock time the clocks pass twice (the hour repeated when
     daylight saving ends): APScheduler's cron trigger fires at 02:30 summer time and again at 02:30
-    winter time, crontab once. Picklable (the job store keeps it)."""
+    winter time, crontab once. As in crontab (Vixie cron, cronie), a job whose minute or hour field
+    starts with ``*`` (``wildcard``) runs in both passes, as it runs every hour. Picklable (the job
+    store keeps it)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, wildcard: bool = False) -> None:
         self.inner = inner
+        self.wildcard = wildcard
 
     def get_next_fire_time(self, previous_fire_time: Any, now: Any) -> Any:
         fire = self.inner.get_next_fire_time(previous_fire_time, now)
-        for _ in range(REPEATED_TIMES):  # the repeat skipped as if it had fired (the search starts after the
-            # previous fire time, not at ``now``)
-            if fire is None or previous_fire_time is None \
-                    or fire.replace(tzinfo=None) != previous_fire_time.astimezone(fire.tzinfo).replace(tzinfo=None):
+        if getattr(self, "wildcard", False):
+            return fire
+        for _ in range(REPEATED_TIMES):  # the second pass skipped as if it had fired
+            if fire is None or not second_pass(fire):
                 return fire
             fire = self.inner.get_next_fire_time(fire, fire)
         return fire
@@ -380,6 +383,12 @@ class OnceAWallClockTime(BaseTrigger):
         return f"OnceAWallClockTime({self.inner!r})"
 
 
+def second_pass(moment: Any) -> bool:
+    """Whether ``moment`` (zone-aware) is the second time its zone's clocks show its wall-clock time (the
+    hour repeated when daylight saving ends)."""
+    return bool(getattr(moment, "fold", 0)) and moment.replace(fold=0).utcoffset() != moment.utcoffset()
+
+
 def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
     """The APScheduler trigger and a fingerprint of it (stored as the job's name)."""
     if s.trigger == "cron":
@@ -389,8 +398,10 @@ def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
         # "crontab days" in the fingerprint: jobs stored before the days were read as crontab reads them
         # (from_crontab's 0 = Monday; a day of the month AND a weekday) are replaced, not kept.
         triggers = [CronTrigger(**fields, timezone=s.timezone) for fields in cron_field_sets(s.cron)]
-        return (OnceAWallClockTime(triggers[0] if len(triggers) == 1 else OrTrigger(triggers)),
-                f"cron {s.cron} {s.timezone} (crontab days, once at a repeated hour)")
+        minute, hour = s.cron.split()[:2]
+        return (OnceAWallClockTime(triggers[0] if len(triggers) == 1 else OrTrigger(triggers),
+                                   wildcard=minute.startswith("*") or hour.startswith("*")),
+                f"cron {s.cron} {s.timezone} (crontab days, fixed times once in a repeated hour)")
     from apscheduler.triggers.interval import IntervalTrigger
 
     return IntervalTrigger(seconds=s.interval_s, timezone=s.timezone), f"every {s.interval_s:g} s"

@@ -126,7 +126,22 @@ def test_triggers_and_fingerprints():
     interval, fp = trigger_for(build_settings({"scheduler": {"interval_s": 2}}).scheduler)
     assert fp == "every 2 s" and interval.interval.total_seconds() == 2
     cron, fp = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "*/5 * * * *"}}).scheduler)
-    assert fp == "cron */5 * * * * UTC (crontab days, once at a repeated hour)" and "minute='*/5'" in str(cron)
+    assert fp == "cron */5 * * * * UTC (crontab days, fixed times once in a repeated hour)" and "minute='*/5'" in str(cron)
+
+
+@pytest.mark.parametrize("cron, days", [
+    ("0 3 */2 * mon", ["Mon 09 Mar", "Mon 23 Mar", "Mon 13 Apr"]),  # a day field from *: odd days AND Mondays
+    ("0 3 1 * */3", ["Sun 01 Mar", "Wed 01 Apr", "Wed 01 Jul"]),  # the 1st AND a Sunday, Wednesday or Saturday
+])
+def test_a_day_field_starting_with_a_star_restricts_nothing_to_or_with(cron, days):
+    from datetime import datetime, timedelta, timezone
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron}}).scheduler)
+    fired, now = [], datetime(2026, 2, 28, tzinfo=timezone.utc)
+    for _ in range(3):
+        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
+        fired.append(now.strftime("%a %d %b"))
+    assert fired == days
 
 
 def test_a_day_of_the_month_and_a_weekday_mean_either_as_in_crontab():
@@ -288,3 +303,23 @@ def test_a_time_the_clocks_pass_twice_fires_once():
         previous = now = trigger.get_next_fire_time(previous, now)
         fired.append(now.isoformat())
     assert fired == ["2026-10-25T02:30:00+02:00", "2026-10-26T02:30:00+01:00", "2026-10-27T02:30:00+01:00"]
+
+
+@pytest.mark.parametrize("cron, times", [
+    # several fixed times in the repeated hour: each once (the second pass of each was run too)
+    ("0,30 2 * * *", ["25 02:00+0200", "25 02:30+0200", "26 02:00+0100", "26 02:30+0100"]),
+    ("15 1-3 * * *", ["25 01:15+0200", "25 02:15+0200", "25 03:15+0100", "26 01:15+0100"]),
+    # a wildcard minute or hour runs in both passes, as crontab runs its wildcard jobs
+    ("*/30 2 * * *", ["25 02:00+0200", "25 02:30+0200", "25 02:00+0100", "25 02:30+0100"]),
+    ("45 * * * *", ["25 00:45+0200", "25 01:45+0200", "25 02:45+0200", "25 02:45+0100"]),
+])
+def test_fixed_times_in_the_repeated_hour_fire_once_and_wildcards_twice(cron, times):
+    from datetime import datetime, timezone
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron,
+                                                           "timezone": "Europe/Berlin"}}).scheduler)
+    fired, previous, now = [], None, datetime(2026, 10, 24, 22, tzinfo=timezone.utc)  # 00:00 in Berlin
+    for _ in range(4):
+        previous = now = trigger.get_next_fire_time(previous, now)
+        fired.append(now.strftime("%d %H:%M%z"))
+    assert fired == times
