@@ -150,6 +150,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None:
         series = series[: args.limit]
     settings = _settings(args, base=protocols.PROFILES[args.dataset])
+    if not args.no_track:  # before the protocol's training, not after it (then ~4 minutes of client retries)
+        from anomaly import tracking
+
+        tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     bar = _bar(len(series), f"evaluate {args.dataset}", not args.quiet)
     result = protocols.run_protocol(args.dataset, series, settings, progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
     bar.close()

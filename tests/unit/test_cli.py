@@ -90,6 +90,25 @@ def test_evaluate_names_series_the_dataset_does_not_have(capsys):
     assert "valve1/nosuch" in err and "valve1/0" in err.split("named like")[1]
 
 
+def test_evaluate_says_at_once_when_the_tracking_server_does_not_answer(tmp_path, monkeypatch, capsys):
+    # It trained every series first, then spent minutes in the client's retries before failing.
+    import socket
+    import time
+
+    from anomaly import protocols
+    from tests.fixtures import need_dataset
+
+    data = need_dataset("skab")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setattr(protocols, "run_protocol", lambda *a, **k: pytest.fail("trained before the check"))
+    started = time.monotonic()
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(data), "--series", "valve1/0",
+                 "--tracking-uri", f"http://127.0.0.1:{dead}", "--quiet"]) == 2
+    assert "does not answer" in capsys.readouterr().err and time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize("alias, words", [("bad alias", "not usable"), ("latest", "reserved"), ("v2", "reserved")])
 def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path, capsys):
     # The data file does not exist: the alias is refused first, so nothing was trained for nothing.
