@@ -26,6 +26,7 @@ from anomaly.novelty import window_novelty
 from anomaly.transitions import transition_surprise
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import SKAB_SENSORS, LabelledSeries
+from anomaly.errors import AnomalyError, DataError
 from anomaly.train_job import fit_values
 from anomaly.preparation import fill_rows_split, select_sensors
 from anomaly.scaling import fit_scaler
@@ -98,7 +99,10 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     values = fill_rows_split(frame.to_numpy(dtype=np.float64), series.train_rows)  # no test value fills a training row
     sensors = tuple(str(c) for c in frame.columns)
     started = time.perf_counter()
-    detector, fitted, validation_scores = fit_values(values[: series.train_rows], sensors, settings)
+    try:
+        detector, fitted, validation_scores = fit_values(values[: series.train_rows], sensors, settings)
+    except (AnomalyError, ValueError) as exc:  # which of 34 or 58 files it was
+        raise DataError(f"{series.name}: cannot train on its {series.train_rows} training rows: {exc}") from exc
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     scored = detector.score_values(values)

@@ -68,7 +68,7 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     column is converted, and a column of text alone (a site name, a comment) is left out with a warning.
     Label columns (``LABEL_COLUMNS`` and ``labels``) may also hold true/false/yes/no (1.0/0.0).
 
-    Raises ``DataError`` for an unreadable file, a missing or unparseable timestamp column, a missing
+    Raises ``DataError`` for an unreadable file, one without data rows, a missing or unparseable timestamp column, a missing
     entity or sensor column, a sensor column that is not numeric (naming the column), or a label that is
     neither a number nor true/false/yes/no.
     """
@@ -76,6 +76,8 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     raw = _read_raw(path, text_columns=[entity_col] if entity_col is not None else [])
     if raw.shape[1] == 0:
         raise DataError(f"{path}: no columns")
+    if raw.shape[0] == 0:
+        raise DataError(f"{path}: no data rows (a header only)")
     ts_name = _timestamp_column(raw, path, timestamp_col)
     index = _parse_timestamps(raw[ts_name] if ts_name is not None else raw.index.to_series(), path,
                               ts_name or "<index>")

@@ -142,6 +142,23 @@ def test_score_series_names_the_field_when_a_named_sensor_is_missing():
         score_series(_series(np.random.default_rng(1)), _tiny(sensors=["a", "nosuch"]))
 
 
+def test_score_series_names_the_series_it_cannot_train_on():
+    # In a 34- or 58-file run, "need at least 4 windows ... got 0" did not say which file.
+    import dataclasses
+
+    import pytest
+
+    from anomaly.errors import DataError
+    from anomaly.protocols import score_series
+
+    short = dataclasses.replace(_series(np.random.default_rng(2)), name="valve1/3", train_rows=5)
+    with pytest.raises(DataError, match=r"valve1/3: cannot train on its 5 training rows: need at least"):
+        score_series(short, _tiny())
+    empty = dataclasses.replace(short, train_rows=0)
+    with pytest.raises(DataError, match=r"valve1/3: cannot train on its 0 training rows"):
+        score_series(empty, _tiny())  # a ValueError from the scaler before, with a traceback
+
+
 def test_the_skab_profile_leaves_out_the_thermal_sensors():
     from anomaly.datasets import SKAB_SENSORS
     from anomaly.protocols import PROFILES, SKAB_THERMAL, profile_settings

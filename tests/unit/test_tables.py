@@ -58,6 +58,12 @@ def test_non_numeric_sensor_names_file_and_column(tmp_path):
         read_table(path)
 
 
+def test_a_file_with_a_header_only_is_a_data_error_naming_it(tmp_path):
+    path = _write(tmp_path, "empty.csv", "timestamp,temp,pressure\n")
+    with pytest.raises(DataError, match=r"empty\.csv: no data rows"):
+        read_table(path)
+
+
 def test_missing_timestamp_column_is_a_data_error(tmp_path):
     path = _write(tmp_path, "n.csv", "when,x\n1,2\n")
     with pytest.raises(DataError, match="no timestamp column"):
