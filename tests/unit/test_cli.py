@@ -285,7 +285,7 @@ def test_data_mistakes_are_said_in_the_operators_words(tmp_path, capsys):
     (tmp_path / "nots.csv").write_text("when,a\nx,1\n")
     (tmp_path / "top.toml").write_text("window_size = 10\n")
     cases = [(["train", "--data", str(tmp_path)], "a folder, not a table file"),
-             (["train", "--data", str(tmp_path / "header.csv")], "the table has no data rows"),
+             (["train", "--data", str(tmp_path / "header.csv")], "header.csv: no data rows (a header only)"),
              (["train", "--data", str(tmp_path / "flat.csv")], "a: constant"),
              (["train", "--data", str(tmp_path / "nots.csv")], "name it with data.timestamp_column"),
              (["config", "show", "--config", str(tmp_path / "top.toml")], "every setting belongs under its [section]")]
