@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -266,12 +266,30 @@ def labelled_report(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray],
         "f1": point.f1, "far": point.far, "mar": point.mar, **events.to_dict(),
         "labelled_rows": point.tp + point.fn, "flagged_rows": point.tp + point.fp,
         "labelled_events": events.n_true, "detected_events": events.n_detected}
-    if not point.tp + point.fn:  # nothing labelled: no recall to have, not a recall of 0
-        out.update(recall=None, f1=None, mar=None, event_recall=None, event_f1=None)
-    if not point.tp + point.fp:  # nothing flagged: no precision either
-        out.update(precision=None)
-    if not events.n_pred:
-        out.update(event_precision=None)
+    return unmeasured(out, point, events)
+
+
+def unmeasured(metrics: Mapping[str, Any], point: BinaryMetrics | None = None,
+               events: EventMetrics | None = None) -> dict[str, Any]:
+    """``metrics`` with each figure that had nothing to measure set to None, not to a 0 that reads as a
+    result: nothing labelled (no recall to have, not a recall of 0): recall, F1, MAR and their event-wise
+    kin; no normal row: FAR; nothing flagged: precision; no predicted event: event precision. Only keys
+    already in ``metrics`` are touched."""
+    out = dict(metrics)
+    gone: list[str] = []
+    if point is not None:
+        if not point.tp + point.fn:
+            gone += ["recall", "f1", "mar"]
+        if not point.fp + point.tn:
+            gone += ["far"]
+        if not point.tp + point.fp:
+            gone += ["precision"]
+    if events is not None:
+        if not events.n_true:
+            gone += ["event_recall", "event_f1", "mean_delay_s"]
+        if not events.n_pred:
+            gone += ["event_precision"]
+    out.update({k: None for k in gone if k in out})
     return out
 
 

@@ -122,8 +122,10 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
 
 
 def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:
+    """Event-wise figures over ``results``; None for those with nothing to measure."""
     counts = [evaluation.event_metrics(r.labels, r.flags, timestamps=r.timestamps) for r in results]
-    return evaluation.aggregate_events(counts).to_dict()
+    events = evaluation.aggregate_events(counts)
+    return evaluation.unmeasured(events.to_dict(), events=events)
 
 
 def _score_all(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None]) -> list[SeriesResult]:
@@ -138,8 +140,8 @@ def run_skab(series: Sequence[LabelledSeries], settings: Settings, progress: Cal
     started = time.perf_counter()
     results = _score_all(series, settings, progress)
     binary = evaluation.skab_binary_metrics([r.labels for r in results], [r.flags for r in results])
-    metrics = {"f1": binary.f1, "far": binary.far, "mar": binary.mar, **_events(results),
-               "files": len(results), "test_rows": int(sum(len(r.labels) for r in results))}
+    metrics = evaluation.unmeasured({"f1": binary.f1, "far": binary.far, "mar": binary.mar}, binary)
+    metrics.update({**_events(results), "files": len(results), "test_rows": int(sum(len(r.labels) for r in results))})
     return ProtocolResult("skab", metrics, results, time.perf_counter() - started)
 
 
@@ -282,8 +284,9 @@ def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Call
     per_machine_best = [best_f1(r.labels, r.scores)[0] for r in results]
     precision = binary.tp / max(binary.tp + binary.fp, 1)
     recall = binary.tp / max(binary.tp + binary.fn, 1)
-    metrics = {"f1": 2 * precision * recall / max(precision + recall, 1e-12), "precision": precision, "recall": recall,
-               "f1_best_mean": float(np.mean(per_machine_best)), **_events(results), "machines": len(results)}
+    metrics = evaluation.unmeasured({"f1": 2 * precision * recall / max(precision + recall, 1e-12),
+                                     "precision": precision, "recall": recall}, binary)
+    metrics.update({"f1_best_mean": float(np.mean(per_machine_best)), **_events(results), "machines": len(results)})
     return ProtocolResult("smd", metrics, results, time.perf_counter() - started)
 
 

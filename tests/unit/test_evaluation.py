@@ -464,3 +464,29 @@ def test_labelled_report_says_none_where_there_is_nothing_to_divide():
     assert quiet["precision"] is None and quiet["event_precision"] is None
     noisy = labelled_report([np.zeros(5, bool)], [np.array([0, 1, 0, 0, 0], bool)])
     assert noisy["precision"] == 0.0 and noisy["event_precision"] == 0.0 and noisy["far"] == 20.0
+    # every row labelled: no normal row, so no false-alarm rate (it read 0.0, "no false alarms")
+    full = labelled_report([np.ones(5, bool)], [np.array([1, 1, 0, 0, 0], bool)])
+    assert full["far"] is None and full["mar"] == 60.0 and full["recall"] == 0.4
+
+
+def test_protocol_summaries_say_none_where_there_is_nothing_to_measure(monkeypatch):
+    # A NAB file without anomalies or a SKAB file whose test part is empty read event recall 0 and
+    # MAR 0 ("missed all", "missed none"); the summaries now follow labelled_report's rules.
+    import pandas as pd
+
+    from anomaly.protocols import SeriesResult, _events, run_skab
+
+    n = 50
+    quiet = SeriesResult(name="q", timestamps=np.asarray(pd.date_range("2024-01-01", periods=n, freq="1s")),
+                         values=np.zeros((n, 1)), labels=np.zeros(n, bool), scores=np.zeros(n),
+                         flags=np.zeros(n, bool), expected=np.zeros((n, 1)), threshold=1.0, sensors=("a",),
+                         train_seconds=0.0, score_seconds=0.0, windows_scored=n,
+                         validation_scores=np.zeros(3), best_epoch=1)
+    events = _events([quiet])
+    assert events["event_recall"] is None and events["event_f1"] is None and events["event_precision"] is None
+    import anomaly.protocols as protocols
+
+    monkeypatch.setattr(protocols, "_score_all", lambda series, settings, progress: [quiet])
+    summary = run_skab([], None).metrics
+    assert summary["f1"] is None and summary["mar"] is None and summary["far"] == 0.0
+
