@@ -266,7 +266,19 @@ def labelled_report(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray],
         "f1": point.f1, "far": point.far, "mar": point.mar, **events.to_dict(),
         "labelled_rows": point.tp + point.fn, "flagged_rows": point.tp + point.fp,
         "labelled_events": events.n_true, "detected_events": events.n_detected}
-    return unmeasured(out, point, events)
+    out = unmeasured(out, point, events)
+    out["fc1"] = composite_f1(out["precision"], out["event_recall"])
+    return out
+
+
+def composite_f1(point_precision: float | None, event_recall: float | None) -> float | None:
+    """Fc1 (Garg et al. 2021): the harmonic mean of point-wise precision and event-wise recall. Event F1
+    alone rewards flagging everything (every event found, one long correct run: 1.0); Fc1 charges the
+    false rows through precision. None when either is undefined; 0.0 when both are 0."""
+    if point_precision is None or event_recall is None:
+        return None
+    total = point_precision + event_recall
+    return 2.0 * point_precision * event_recall / total if total > 0 else 0.0
 
 
 def unmeasured(metrics: Mapping[str, Any], point: BinaryMetrics | None = None,

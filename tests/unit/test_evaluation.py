@@ -490,3 +490,35 @@ def test_protocol_summaries_say_none_where_there_is_nothing_to_measure(monkeypat
     summary = run_skab([], None).metrics
     assert summary["f1"] is None and summary["mar"] is None and summary["far"] == 0.0
 
+
+
+def test_composite_f1_charges_the_false_rows_event_f1_does_not():
+    from anomaly.evaluation import composite_f1, labelled_report
+
+    assert composite_f1(0.5, 1.0) == pytest.approx(2 / 3) and composite_f1(0.0, 0.0) == 0.0
+    assert composite_f1(None, 1.0) is None and composite_f1(0.5, None) is None
+    truth = np.zeros(100, bool)
+    truth[40:50] = True
+    everything = labelled_report([truth], [np.ones(100, bool)])
+    assert everything["event_f1"] == 1.0 and everything["fc1"] == pytest.approx(2 * 0.1 / 1.1)
+    exact = labelled_report([truth], [truth.copy()])
+    assert exact["event_f1"] == 1.0 and exact["fc1"] == 1.0
+
+
+def test_the_all_anomalous_detector_scores_what_skab_says():
+    import pandas as pd
+
+    from anomaly.datasets import LabelledSeries
+    from anomaly.protocols import all_anomalous
+
+    def series(n, fault):
+        labels = np.zeros(n, bool)
+        labels[fault[0]:fault[1]] = True
+        frame = pd.DataFrame({"a": np.zeros(n)}, index=pd.date_range("2024-01-01", periods=n, freq="1s", tz="UTC"))
+        return LabelledSeries("s", frame, labels, train_rows=10)
+
+    out = all_anomalous([series(30, (20, 25)), series(40, (30, 40))])
+    # test parts: 20 rows (5 labelled) and 30 rows (10 labelled): precision 15/50, recall 1
+    assert out["far"] == 100.0 and out["mar"] == 0.0 and out["f1"] == pytest.approx(2 * 15 / (2 * 15 + 35))
+    assert out["event_f1"] == 1.0 and out["mean_delay_s"] == 0.0
+    assert out["fc1"] == pytest.approx(2 * 0.3 / 1.3)

@@ -266,6 +266,13 @@ def test_benchmark_markdown_says_which_sensors_the_skab_row_reads():
     assert "left out: `Temperature`, `Thermocouple`" in text
     every = {**row, "settings": {**PROFILES["skab"], "data": {"scaler": "robust"}}}
     assert "SKAB's 8 sensors" not in markdown({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": {"skab": every}})
+    # the trivial row, measured on the same test parts, shows what event F1 gives flagging everything
+    trivial = {"f1": 0.698, "far": 100.0, "mar": 0.0, "event_f1": 1.0, "fc1": 0.698, "mean_delay_s": 0.0}
+    text = markdown({"machine": {"device": "cpu", "torch": "2.13.0"},
+                     "results": {"skab": {**row, "fc1": 0.9, "all_anomalous": trivial}}})
+    assert "| All-anomalous (trivial), measured | 0.698 | 100.00 | 0.00 | 1.00 | 0.70 | 0.0 |" in text
+    assert "| All-anomalous (trivial) | 0.698 |" not in text  # the published row gives way to the measured one
+    assert "| 0.70 | 0.90 | 20.0 |" in text  # ours: event F1, Fc1, delay
 
 
 @pytest.mark.parametrize("argv, words", [
