@@ -179,9 +179,21 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cache_key(nab_dir: Path) -> dict:
+    """What the cached per-file signals depend on: the NAB profile, the data folder, the score chain's
+    constants (``protocols.NAB_*``) and the code version (``tracking.code_version``: a commit, or
+    uncommitted changes, may change them)."""
+    from anomaly import protocols, tracking
+
+    constants = {name: getattr(protocols, name) for name in dir(protocols) if name.startswith("NAB_")
+                 and isinstance(getattr(protocols, name), (int, float, str, dict, tuple))}
+    return {"profile": json.loads(json.dumps(PROFILES["nab"])), "data_dir": str(nab_dir.resolve()),
+            "constants": json.loads(json.dumps(constants, default=str)), "code": tracking.code_version()}
+
+
 def cached_files(cache: Path, key: dict) -> list[dict] | None:
-    """The per-file results pickled in ``cache`` when they were made under ``key`` (the NAB profile and the
-    data folder), else None: a cache made under other settings, or before caches recorded theirs, would
+    """The per-file results pickled in ``cache`` when they were made under ``key`` (``cache_key``),
+    else None: a cache made under other settings, or before caches recorded theirs, would
     reproduce old numbers without a word, so it is trained again (and said so)."""
     if not cache.is_file():
         return None
@@ -206,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cache = Path(args.cache)
     nab_dir = Path(args.data_dir) if args.data_dir else default_data_dir("nab")
-    key = {"profile": json.loads(json.dumps(PROFILES["nab"])), "data_dir": str(nab_dir.resolve())}
+    key = cache_key(nab_dir)
     files = cached_files(cache, key)
     if files is not None:  # written by collect under this key: every field is there
         log.info("reusing %s (%d files)", cache, len(files))

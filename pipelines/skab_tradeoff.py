@@ -604,17 +604,24 @@ def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def load_or_run(name: str, raw: dict[str, dict[str, Any]], cache: Path,
-                load_series: Callable[[], Sequence[Any]]) -> dict[str, Any]:
-    """The cached run ``<cache>/<name>.pkl`` when it was made with the same settings, else a fresh one (cached)."""
+                load_series: Callable[[], Sequence[Any]], data_dir: Path | None = None) -> dict[str, Any]:
+    """The cached run ``<cache>/<name>.pkl`` when it was made with the same settings, from the same data
+    folder and code version (``tracking.code_version``), else a fresh one (cached)."""
+    from anomaly import tracking
+
+    origin = {"data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+              "code": tracking.code_version()}
     path = cache / f"{name}.pkl"
     if path.exists():
         with path.open("rb") as fh:
             data = pickle.load(fh)
-        if _same_config(data.get("raw", {}), raw) and all("pre_scores" in f for f in data["files"]):
+        if _same_config(data.get("raw", {}), raw) and all("pre_scores" in f for f in data["files"]) \
+                and data.get("origin") == origin:
             log.info("%s: cached run %s (%.0f s of training)", name, path, data["seconds"])
             return data
-        log.info("%s: %s was made with other settings or an older format; retraining", name, path)
-    data = protocol_run(name, raw, load_series())
+        log.info("%s: %s was made with other settings, data or code (%s), or an older format; retraining", name,
+                 path, data.get("origin"))
+    data = {**protocol_run(name, raw, load_series()), "origin": origin}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pkl.tmp")
     with tmp.open("wb") as fh:
@@ -730,7 +737,7 @@ def run(names: Sequence[str], data_dir: Path, cache: Path, threads: int) -> dict
 
     out: dict[str, dict[str, Any]] = {}
     for name in names:
-        data = load_or_run(name, run_config(RUNS[name], threads), cache, load_series)
+        data = load_or_run(name, run_config(RUNS[name], threads), cache, load_series, data_dir)
         t0 = time.perf_counter()
         df = sweep(data["files"])
         log.info("%s: swept %d settings in %.0f s", name, len(df), time.perf_counter() - t0)

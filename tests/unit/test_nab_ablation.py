@@ -73,3 +73,18 @@ def test_a_cache_is_reused_only_under_the_settings_it_was_made_with(tmp_path):
     assert cached_files(path, {**key, "profile": {"model": {"window_size": 32}}}) is None  # another profile
     path.write_bytes(pickle.dumps([{"name": "a"}]))  # an old cache, which did not say what it was made with
     assert cached_files(path, key) is None
+
+
+def test_the_cache_key_holds_the_score_chains_constants_and_the_code_version(tmp_path, monkeypatch):
+    # A changed protocols.NAB_NOVELTY (or any commit) reused the old signals beside live ones.
+    from anomaly import protocols, tracking
+    from pipelines.nab_ablation import cache_key
+
+    key = cache_key(tmp_path)
+    assert key["constants"]["NAB_NOVELTY"] == {"points": 64, "step": 3} and key["code"] == tracking.code_version()
+    monkeypatch.setattr(protocols, "NAB_NOVELTY", {"points": 32, "step": 3})
+    assert cache_key(tmp_path) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(tracking, "code_version", lambda: "0.1.0+other")
+    assert cache_key(tmp_path) != key
+

@@ -357,3 +357,29 @@ def test_runs_use_every_sensor_unless_they_name_the_profiles_six():
     assert run_config(RUNS["w60"], 1)["data"].get("sensors") is None
     for name in ("six", "six-seed1", "six-seed2"):
         assert run_config(RUNS[name], 1)["data"]["sensors"] == list(SKAB_PROFILE_SENSORS)
+
+
+def test_a_skab_tradeoff_cache_from_another_data_folder_or_code_is_not_reused(tmp_path, monkeypatch):
+    import pickle
+
+    from anomaly import tracking
+    from pipelines import skab_tradeoff
+
+    raw = {"model": {"window_size": 10}}
+    runs = []
+
+    def fresh(name, raw_, series):
+        runs.append(name)
+        return {"name": name, "raw": raw_, "files": [{"pre_scores": []}], "seconds": 1.0,
+                "metrics": {"f1": 0.5, "far": 1.0, "mar": 2.0}}
+
+    monkeypatch.setattr(skab_tradeoff, "protocol_run", fresh)
+    cache = tmp_path / "cache"
+    skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "a")
+    skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "a")
+    assert runs == ["r"]  # the same data and code: reused
+    skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "b")
+    assert runs == ["r", "r"]  # another folder: run again
+    monkeypatch.setattr(tracking, "code_version", lambda: "0.1.0+other")
+    skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "b")
+    assert runs == ["r", "r", "r"] and pickle.loads((cache / "r.pkl").read_bytes())["origin"]["code"] == "0.1.0+other"
