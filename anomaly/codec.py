@@ -35,7 +35,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from operator import itemgetter
@@ -57,6 +57,13 @@ MAX_ABS_VALUE = 1e15
 # (``original_truncated``, ``original_size``); the whole record stays at its source offset.
 DEAD_LETTER_MAX_ORIGINAL = 512 * 1024
 DEAD_LETTER_MAX_UTF8 = 64 * 1024  # ``original_utf8`` (a readable copy) only for originals up to this size
+# The most a whole dead letter (key and value) may take: under the producer's default max_request_size
+# (1 MiB) with room for the record's framing. A record that would not fit keeps less of its original.
+DEAD_LETTER_MAX_BYTES = 1_000_000
+DEAD_LETTER_MAX_KEY = 64 * 1024  # a longer original key is left off the dead letter (``original_key_size``)
+DEAD_LETTER_MAX_REASON = 1024  # characters of a reason (a reason names at most a few sensors anyway)
+MAX_ENTITY_CHARS = 1024  # a longer entity id is a bad record: it is the key of every score and event record
+_NAMES_SHOWN = 10  # sensor names listed in a reason; the rest are counted
 _REPR_LIMIT = 60  # longest quoted bad value in a reason, so dead letters stay readable
 EVENT_ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern at any event volume
 _EVENT_ID_NAMESPACE = "anomaly-event/v1"  # bump only together with a documented id change
@@ -79,9 +86,10 @@ class Reading:
 class BadRecord:
     """A record that is not a valid reading; ``reason`` says why, for people (it goes to the DLQ).
 
-    ``ts``: set only for a well-formed reading of another sensor set than the model's. Its time is
-    real, so it still moves its partition's stream time on (an entity whose every reading is such a
-    record then ages out like a silent one instead of holding its partition's commit for ever)."""
+    ``ts``: set once the record's entity and ``ts`` were read (its values are what is wrong: another
+    sensor set than the model's, a value that is not a number...). Its time is real, so it still moves
+    its partition's stream time on (an entity whose every reading is such a record then ages out like
+    a silent one instead of holding its partition's commit, and its open event, for ever)."""
 
     reason: str
     ts: float | None = field(default=None, compare=False)
@@ -116,6 +124,19 @@ def _short(value: Any) -> str:
         return json.dumps(value)
     text = repr(value)
     return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+
+
+def _name(name: str) -> str:
+    """A sensor name as a reason shows it: cut, like ``_short``, when it is long."""
+    return name if len(name) <= _REPR_LIMIT else name[: _REPR_LIMIT - 3] + "..."
+
+
+def _names(names: Iterable[str]) -> str:
+    """Sorted sensor names for a reason: the first ``_NAMES_SHOWN``, each cut, then how many more."""
+    ordered = sorted(names)
+    shown = [_name(n) for n in ordered[:_NAMES_SHOWN]]
+    more = len(ordered) - len(shown)
+    return f"{shown}" + (f" and {more} more" if more else "")
 
 
 def _describe(value: Any) -> str:
@@ -242,35 +263,39 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
         return BadRecord(f"entity is not a non-empty string: {_describe(entity)}")
     if not _is_unicode(entity):
         return BadRecord(f"entity is not Unicode text (a lone surrogate escape): {_short(entity)}")
+    if len(entity) > MAX_ENTITY_CHARS:
+        return BadRecord(f"entity is longer than {MAX_ENTITY_CHARS} characters ({len(entity)}): {_short(entity)}")
 
     ts = _epoch_seconds(doc["ts"])
     if isinstance(ts, str):
         return BadRecord(ts)
 
+    # From here on the reading's time is known: a bad record still moves its partition's stream time.
     raw_values = doc["values"]
     if not isinstance(raw_values, dict):
-        return BadRecord(f"values is not an object: got {_type_name(raw_values)}")
+        return BadRecord(f"values is not an object: got {_type_name(raw_values)}", ts=ts)
     if not raw_values:
-        return BadRecord("values is empty: no sensor readings")
+        return BadRecord("values is empty: no sensor readings", ts=ts)
     values: dict[str, float | None] = {}
     for name, value in raw_values.items():
         if not name:
-            return BadRecord("values has a sensor with an empty name")
+            return BadRecord("values has a sensor with an empty name", ts=ts)
         if not _is_unicode(name):
             return BadRecord(f"values has a sensor name that is not Unicode text (a lone surrogate escape): "
-                             f"{_short(name)}")
+                             f"{_short(name)}", ts=ts)
         if value is None:
             values[name] = None
             continue
         if isinstance(value, _NonFinite):
-            return BadRecord(f"values.{name} is not finite: {value.token}")
+            return BadRecord(f"values.{_name(name)} is not finite: {value.token}", ts=ts)
         number = _finite_float(value)
         if number is None:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return BadRecord(f"values.{name} is not finite: {_short(value)}")
-            return BadRecord(f"values.{name} is not a number: {_short(value)}")
+                return BadRecord(f"values.{_name(name)} is not finite: {_short(value)}", ts=ts)
+            return BadRecord(f"values.{_name(name)} is not a number: {_short(value)}", ts=ts)
         if abs(number) >= MAX_ABS_VALUE:
-            return BadRecord(f"values.{name} is too large to score (|value| >= {MAX_ABS_VALUE:.0e}): {_short(value)}")
+            return BadRecord(f"values.{_name(name)} is too large to score (|value| >= {MAX_ABS_VALUE:.0e}): "
+                             f"{_short(value)}", ts=ts)
         values[name] = number
 
     if expected_sensors is not None:
@@ -279,9 +304,9 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
         if got != expected:
             parts = []
             if expected - got:
-                parts.append(f"missing {sorted(expected - got)}")
+                parts.append(f"missing {_names(expected - got)}")
             if got - expected:
-                parts.append(f"unknown {sorted(got - expected)}")
+                parts.append(f"unknown {_names(got - expected)}")
             return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}", ts=ts)
 
     return Reading(entity=entity, ts=ts, values=values)
@@ -329,7 +354,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
                     raise TypeError
                 entity, ts, values = fields(loads(raw))  # not JSON, not an object, a field missing: raises
                 if type(entity) is not str or type(values) is not dict or len(values) != f or not entity \
-                        or entity.isspace():
+                        or entity.isspace() or len(entity) > MAX_ENTITY_CHARS:
                     raise TypeError
                 row = row_of(values)  # KeyError: not the model's sensor set
             except Exception:  # decode_reading says why (or accepts it: bytearray, memoryview)
@@ -436,16 +461,23 @@ def encode_reading(reading: Reading) -> bytes:
 # --- dead letters --------------------------------------------------------------------------------
 
 def encode_dead_letter(raw: bytes | None, topic: str, partition: int, offset: int, reason: str,
-                       ts_s: float) -> bytes:
+                       ts_s: float, key_size: int = 0, dropped_key_size: int | None = None) -> bytes:
     """A dead letter: the exact original bytes (base64), where they came from, why, and when (``ts_s``).
 
     ``original_utf8`` is added when the bytes are valid UTF-8 and at most ``DEAD_LETTER_MAX_UTF8`` long,
     so people can read them; consumers must use ``original_b64`` (it is exact, even for bytes that are not
     text). A null value gives nulls. An original longer than ``DEAD_LETTER_MAX_ORIGINAL`` keeps its first
-    that many bytes, with ``original_truncated: true`` and ``original_size`` (so the dead letter fits
-    Kafka's default message size; the whole record is still at its source offset).
+    that many bytes, with ``original_truncated: true`` and ``original_size``; the reason is cut at
+    ``DEAD_LETTER_MAX_REASON`` characters. With the record's key (``key_size`` bytes) the dead letter
+    stays within ``DEAD_LETTER_MAX_BYTES``, under Kafka's default message size: where it would not, the
+    readable copy goes and then the original keeps fewer bytes (a dead letter too large to send failed
+    its batch, and the worker stopped at that record on every restart). ``dropped_key_size``: the
+    original key was longer than ``DEAD_LETTER_MAX_KEY`` and is left off (``original_key_size``). The
+    whole record is still at its source offset.
     """
     original = None if raw is None else bytes(raw)
+    if len(reason) > DEAD_LETTER_MAX_REASON:
+        reason = reason[: DEAD_LETTER_MAX_REASON - 40] + f"... ({len(reason)} characters in all)"
     doc: dict[str, Any] = {
         "reason": _printable(reason),
         "source_topic": topic,
@@ -454,18 +486,31 @@ def encode_dead_letter(raw: bytes | None, topic: str, partition: int, offset: in
         "ts": float(ts_s),
         "original_b64": None,
     }
-    if original is not None:
-        if len(original) > DEAD_LETTER_MAX_ORIGINAL:
+    if dropped_key_size is not None:
+        doc["original_key_size"] = int(dropped_key_size)
+    if original is None:
+        return _dumps_sorted(doc, what="dead letter")
+    keep = min(len(original), DEAD_LETTER_MAX_ORIGINAL)
+    readable = len(original) <= DEAD_LETTER_MAX_UTF8
+    while True:
+        if keep < len(original):
             doc["original_truncated"] = True
             doc["original_size"] = len(original)
-        kept = original[:DEAD_LETTER_MAX_ORIGINAL]
-        doc["original_b64"] = base64.b64encode(kept).decode("ascii")
-        if len(original) <= DEAD_LETTER_MAX_UTF8:
+        doc["original_b64"] = base64.b64encode(original[:keep]).decode("ascii")
+        doc.pop("original_utf8", None)
+        if readable:
             try:
                 doc["original_utf8"] = _printable(original.decode("utf-8"))
             except UnicodeDecodeError:
-                pass
-    return _dumps_sorted(doc, what="dead letter")
+                readable = False
+        out = _dumps_sorted(doc, what="dead letter")
+        over = len(out) + key_size - DEAD_LETTER_MAX_BYTES
+        if over <= 0 or keep == 0:
+            return out
+        if readable:  # the copy for people goes first
+            readable = False
+            continue
+        keep = max(0, keep - (over * 3) // 4 - 4)  # base64: 4 characters for every 3 bytes
 
 
 def decode_dead_letter(raw: bytes) -> dict[str, Any]:

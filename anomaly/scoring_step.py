@@ -19,10 +19,11 @@ Entities silent for ``idle_timeout_s`` of stream time (their partition's newest 
 lose their window buffers, so they stop holding the partition's commit back. Their alert state goes
 too, once their partition's stream time is ``idle_timeout_s`` past their last window: an open event is
 then closed (a ``"closed"`` event at its last window above the threshold), so it does not stay open
-downstream for ever. A reading that is a dead letter only because it carries another sensor set than
-the model's still moves its partition's stream time on (``DecodedBatch.foreign``), though not its
-entity's: an entity whose every reading is such a record (a champion that reads other sensors than the
-fleet sends) ages out like a silent one instead of holding its partition's commit for ever.
+downstream for ever. A reading that is a dead letter for its values (another sensor set than the
+model's, a value that is not a number), its entity and time read, still moves its partition's stream
+time on (``DecodedBatch.foreign``), though not its entity's: an entity whose every reading is such a
+record (a champion that reads other sensors than the fleet sends) ages out like a silent one instead
+of holding its partition's commit for ever.
 
 Alert state and commits. An entity in a run, an open event or a cooldown holds its partition's commit
 at the oldest reading of the window that started the run (``ReadyBatch.start_offset``), so a restart or
@@ -52,7 +53,7 @@ import torch
 from anomaly.adaptive import AdaptiveRule, TrailingBars
 from anomaly.episodes import EpisodeBars, EpisodeRule
 from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
-from anomaly.codec import DecodedBatch, decode_batch, encode_dead_letter, encode_event
+from anomaly.codec import DEAD_LETTER_MAX_KEY, DecodedBatch, decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
@@ -475,8 +476,13 @@ class ScoringStep:
                     continue  # sent the first time it was read
                 b = batches[int(run_of[i])]
                 j = i - int(run_start[run_of[i]])
-                out.dead_letters.append((b.keys[j] if b.keys is not None else None, encode_dead_letter(
-                    raws[i], b.topic, b.partition, b.offsets[j], reason, now_s)))
+                key = b.keys[j] if b.keys is not None else None
+                dropped = None
+                if key is not None and len(key) > DEAD_LETTER_MAX_KEY:  # the dead letter must fit a message
+                    key, dropped = None, len(key)
+                out.dead_letters.append((key, encode_dead_letter(
+                    raws[i], b.topic, b.partition, b.offsets[j], reason, now_s,
+                    key_size=0 if key is None else len(key), dropped_key_size=dropped)))
                 out.dead_letter_reasons.append(reason)
         counts["dead_letters"] = len(out.dead_letters)
         if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition

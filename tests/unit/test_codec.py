@@ -197,16 +197,52 @@ def test_random_bytes_and_mutations_never_raise() -> None:
         assert isinstance(got, BadRecord)
 
 
-def test_only_a_well_formed_reading_of_another_sensor_set_keeps_its_time() -> None:
+def test_a_bad_reading_whose_entity_and_time_were_read_keeps_its_time() -> None:
+    # Its time still moves its partition's stream time: a producer sending "temp": "71.2" for good used
+    # to pin its partition's commit, and its entity's open event, for ever.
     sensors = ["temp", "pressure", "flow"]
     other = decode_reading(reading_json(values={"temp": 1, "rpm": 2}), sensors)
     assert isinstance(other, BadRecord) and other.reason.startswith("sensor set does not match")
     assert other.ts == T0
-    for raw in (reading_json(ts=-1), reading_json(values={"temp": "hot", "pressure": 1, "flow": 1}), b"junk"):
+    for raw in (reading_json(values={"temp": "hot", "pressure": 1, "flow": 1}), reading_json(values={}),
+                reading_json(values=[1, 2])):
+        bad = decode_reading(raw, sensors)
+        assert isinstance(bad, BadRecord) and bad.ts == T0, bad
+    for raw in (reading_json(ts=-1), reading_json(entity=""), b"junk"):  # no time to keep
         bad = decode_reading(raw, sensors)
         assert isinstance(bad, BadRecord) and bad.ts is None
-    batch = decode_batch([reading_json(), reading_json(values={"temp": 1}), b"junk"], sensors)
-    assert [i for i, _ in batch.bad] == [1, 2] and batch.foreign == [(1, T0)]
+    batch = decode_batch([reading_json(), reading_json(values={"temp": 1}), b"junk",
+                          reading_json(values={"temp": "71.2", "pressure": 1, "flow": 1})], sensors)
+    assert [i for i, _ in batch.bad] == [1, 2, 3] and batch.foreign == [(1, T0), (3, T0)]
+
+
+def test_reasons_and_dead_letters_stay_small_whatever_the_record() -> None:
+    # A record under 1 MiB made a dead letter over it (every unknown sensor named in the reason, or a
+    # 600 KB sensor name): the producer refused it, the batch failed, and the worker stopped at that
+    # record on every restart.
+    import json as json_module
+
+    from anomaly.codec import DEAD_LETTER_MAX_BYTES, MAX_ENTITY_CHARS
+
+    sensors = ["temp", "pressure", "flow"]
+    many = reading_json(values={f"sensor_{i:05d}_with_a_long_name": 1.0 for i in range(30_000)})
+    bad = decode_reading(many, sensors)
+    assert isinstance(bad, BadRecord) and "and 29990 more" in bad.reason and len(bad.reason) < 1000
+    long_name = reading_json(values={"x" * 600_000: "text"})
+    bad = decode_reading(long_name, sensors)
+    assert isinstance(bad, BadRecord) and len(bad.reason) < 200 and bad.reason.startswith("values.xxx")
+    huge = decode_reading(reading_json(entity="e" * (MAX_ENTITY_CHARS + 1)), sensors)
+    assert isinstance(huge, BadRecord) and "longer than 1024 characters" in huge.reason
+    assert decode_batch([reading_json(entity="e" * (MAX_ENTITY_CHARS + 1))], sensors).bad[0][1] == huge.reason
+    for raw, key_size in ((many, 0), (b"\x01" * 60_000 + b"x" * 900_000, 0), (b"y" * 300_000, 500_000)):
+        letter = encode_dead_letter(raw, "t", 0, 1, "r" * 5_000_000, T0, key_size=key_size)
+        assert len(letter) + key_size <= DEAD_LETTER_MAX_BYTES
+        doc = decode_dead_letter(letter)
+        assert raw.startswith(doc["original"]) and len(doc["reason"]) <= 1024
+        if len(doc["original"]) < len(raw):
+            assert doc["original_truncated"] and doc["original_size"] == len(raw)
+    assert json_module.loads(encode_dead_letter(b"{}", "t", 0, 1, "r", T0, dropped_key_size=70_000))[
+        "original_key_size"] == 70_000
 
 
 def _batch_as_readings(raws: list, sensors: tuple[str, ...]) -> list[Reading | BadRecord]:
