@@ -505,8 +505,9 @@ class ScoringStep:
             counts["late"] = outcomes[LATE]
             counts["resets"] = outcomes[RESET]
             counts["accepted"] = outcomes[ACCEPTED] + outcomes[RESET]
-        if self.idle_timeout_s is not None:
-            counts["evicted"] = store.evict_idle(math.ceil(self.idle_timeout_s / store.policy.period_s))
+        idle_s = self._idle_s()
+        if idle_s is not None:
+            counts["evicted"] = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
         ready = store.ready_batch()
         commits = store.commit_offsets(last)
         replay = self._replay
@@ -585,7 +586,8 @@ class ScoringStep:
                 # each entity against its own partition's stream time: a partition replaying a backlog
                 # is behind the others, and its entities are not silent
                 clocks = {p: self._store.stream_time(p) for p in range(len(self._stream_keys))}
-                trailing.prune({p: t - self.idle_timeout_s for p, t in clocks.items() if t is not None})
+                idle_s = self._idle_s()
+                trailing.prune({p: t - idle_s for p, t in clocks.items() if t is not None})
                 self._prune_bars_at = max(PRUNE_BARS_MIN, 2 * trailing.entities)
         if self.emit_scores:
             for i, (entity, end_ts, start_ts, filled) in enumerate(zip(
@@ -653,6 +655,17 @@ class ScoringStep:
         self._apply_holds(out)
         return out
 
+    def _idle_s(self) -> float | None:
+        """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the
+        slots the windowing itself may leave between two of an entity's windows (stride, grace, a gap it
+        fills). With an hour alone, a 15-minute grid's entity one slot behind a neighbour lost its alert
+        state between two windows of one fault (an event storm under new ids), and a 30-minute grid's
+        short gap was evicted before it could be filled."""
+        if self.idle_timeout_s is None:
+            return None
+        p = self._store.policy
+        return self.idle_timeout_s + (p.stride + p.grace_slots + p.max_fill_steps + 1) * p.period_s
+
     def _apply_holds(self, out: BatchOutput) -> None:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
         (closing open events; a lagging partition is measured by its own clock, not the batch's), release
@@ -662,7 +675,7 @@ class ScoringStep:
         holds, finished = self._holds, self._finished
         if not holds and not finished:
             return
-        idle = self.idle_timeout_s
+        idle = self._idle_s()
         store = self._store
         for entity, hold in list(holds.items()):
             newest = store.stream_time(hold.stream) if idle is not None else None

@@ -729,6 +729,25 @@ def test_a_partition_revoked_and_assigned_back_re_reads_its_run_under_the_same_e
     assert again == fresh and [(s, e) for s, e, _ in again] == [("open", opened[0][1]), ("closed", opened[0][1])]
 
 
+def test_on_a_slow_grid_an_entity_between_two_of_its_windows_is_not_silent() -> None:
+    # 15-minute readings, stride 4: one window an hour per entity. With a neighbour one slot ahead on its
+    # partition, an hour of stream time passed between two windows of one fault: its alert state expired
+    # and the fault became ten events under new ids.
+    period = 900.0
+    step = ScoringStep(FakeModel(window_size=8, period_s=period, threshold=1.0), WindowPolicy(1, 1.0, stride=4),
+                       AlertPolicy(min_duration_windows=1, recovery_windows=3, cooldown_s=60))
+    offset, events = 0, []
+    for slot in range(60):
+        for entity, at, temp in (("B", slot + 1, 70.0), ("A", slot, 90.0 if slot >= 16 else 70.0)):
+            record = InputRecord(TOPIC, 0, offset, entity.encode(), json.dumps(
+                {"entity": entity, "ts": T0 + at * period, "values": {"temp": temp, "pressure": 1.0, "flow": 5.0}}
+            ).encode(), None)
+            offset += 1
+            out = step.process([record], now_s=T0 + 100 * period)
+            events += [decode_event(v)["status"] for k, v in out.events if k == b"A"]
+    assert events == ["open"]
+
+
 def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -> None:
     step = ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
                        AlertPolicy(min_duration_windows=2, recovery_windows=3), idle_timeout_s=60.0)
