@@ -489,12 +489,12 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
                              sensors=d.sensors, period_s=d.period_s, fill=d.fill, max_fill_steps=d.max_fill_steps,
                              max_missing_fraction=d.max_missing_fraction)
     names = ", ".join(series.name for _, series in fleet)
-    rows = int(len(prepared.values) - (0 if prepared.gaps is None else prepared.gaps.sum()))
+    rows = sorted({len(table) for table in tables.values()})
     print(f"no champion in the registry yet: training one on the fleet's normal readings (SKAB {names}: "
-          f"{rows} readings x {len(prepared.sensors)} sensors) ...", flush=True)
-    outcome = run_training(prepared, settings, source=f"{data_dir}: first {rows // max(len(tables), 1)} rows "
-                           f"of {names}", dataset="skab", register=True, promote=True, alias="champion",
-                           progress=True)
+          f"{sum(len(t) for t in tables.values())} readings x {len(prepared.sensors)} sensors) ...", flush=True)
+    first = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
+    outcome = run_training(prepared, settings, source=f"{data_dir}: first {first} rows of {names}", dataset="skab",
+                           register=True, promote=True, alias="champion", progress=True)
     print(f"trained and promoted {settings.mlflow.model_name} v{outcome.version} "
           f"(best validation loss {outcome.result.best_val_loss:.4g})", flush=True)
     return str(outcome.version)
@@ -549,7 +549,7 @@ def run(settings: Settings, options: UpOptions) -> int:
                                    scheduler=dataclasses.replace(settings.scheduler,
                                                                  job_store=str(state / "scheduler.db")))
     (state / "summary.json").unlink(missing_ok=True)  # a failed session must not leave the last one's
-    config_path.write_text(to_toml(settings), encoding="utf-8")
+    write_private(config_path, to_toml(settings))  # it holds kafka.client_options: SASL passwords too
     load_config(config_path, env={})  # as the children will read it: a field it cannot hold stops us here
     env = child_env()
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
@@ -659,6 +659,14 @@ class _Tally:
             else:
                 self.off_fault += 1
         return text
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600, an existing file's mode too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -924,3 +924,11 @@ if __name__ == "__main__":  # pragma: no cover - a maintenance command
     else:
         print("usage: python -m tests.unit.test_deploy --write", file=sys.stderr)
         sys.exit(2)
+
+
+def test_compose_drops_every_capability_of_ours_and_mlflow():
+    # README "Security" said so for compose too, and compose dropped none.
+    services = compose()["services"]
+    for name in ("worker", "scheduler", "tools", "trainer", "mlflow"):
+        assert services[name].get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in services[name].get("security_opt", []), name

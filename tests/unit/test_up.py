@@ -249,3 +249,14 @@ def test_artifact_locations_with_a_scheme_are_kept():
 
     assert artifact_uri("mlflow-artifacts:/anomaly") == "mlflow-artifacts:/anomaly"
     assert artifact_uri("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_the_effective_config_is_written_for_its_owner_only(tmp_path):
+    # It holds kafka.client_options, SASL passwords included; it was written 0644.
+    import stat
+
+    path = tmp_path / "anomaly.toml"
+    path.write_text("old")
+    path.chmod(0o644)
+    up.write_private(path, 'x = "secret"\n')
+    assert path.read_text() == 'x = "secret"\n' and stat.S_IMODE(path.stat().st_mode) == 0o600
