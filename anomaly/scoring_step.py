@@ -562,7 +562,8 @@ class ScoringStep:
         n = len(ready)
         entities = ready.entities
         counts["windows_scored"] += n
-        out.latencies_s.extend((now_s - ready.end_ts).tolist())
+        # from the time stamped on each window's last reading (its slot's time is up to half a period off)
+        out.latencies_s.extend((now_s - (ready.end_ts if ready.reading_ts is None else ready.reading_ts)).tolist())
         finite = np.isfinite(scores)
         counts["nonfinite_scores"] += int(n - finite.sum())
         # The bar each window is held to: the fitted threshold (the entity's own where the model fitted
@@ -783,7 +784,8 @@ class _Replay:
         where = np.flatnonzero(keep)
         return ReadyBatch([ready.entities[j] for j in where.tolist()], ready.values[where], ready.end_ts[where],
                           ready.start_ts[where], ready.partition[where], ready.end_offset[where],
-                          ready.filled[where], ready.start_offset[where])
+                          ready.filled[where], ready.start_offset[where],
+                          None if ready.reading_ts is None else ready.reading_ts[where])
 
 
 @dataclass

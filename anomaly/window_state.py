@@ -122,6 +122,9 @@ class ReadyBatch:
     filled: np.ndarray  # (N,) cells that were filled rather than read
     start_offset: np.ndarray  # (N,) oldest offset among each window's readings in ``partition`` (a replay of
     # that partition from it rebuilds the window, when the entity's readings all come on one partition)
+    # (N,) epoch s stamped on the reading in each window's last slot (``end_ts`` is its slot's time, up to
+    # half a period away): what end-to-end latency is measured from. None: not known (then ``end_ts``)
+    reading_ts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -130,10 +133,11 @@ class ReadyBatch:
 class _Chunk:
     """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
 
-    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset")
+    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts")
 
     def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
-                 end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray) -> None:
+                 end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray,
+                 reading_ts: np.ndarray) -> None:
         self.entity = entity
         self.values = values  # (k, W, F)
         self.end_slot = end_slot  # (k,)
@@ -141,6 +145,7 @@ class _Chunk:
         self.end_offset = end_offset  # (k,)
         self.filled = filled  # (k,)
         self.start_offset = start_offset  # (k,)
+        self.reading_ts = reading_ts  # (k,) epoch s stamped on the reading that ends each window
 
 
 class _Entity:
@@ -150,8 +155,8 @@ class _Entity:
                  "last_partition", "mixed", "needs", "queued_needs", "last_end")
 
     def __init__(self, capacity: int, n_sensors: int) -> None:
-        # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset).
-        self.pending: dict[int, tuple[list[float | None], int, int]] = {}
+        # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset, ts).
+        self.pending: dict[int, tuple[list[float | None], int, int, float]] = {}
         self.max_slot: int | None = None  # newest slot that holds a reading (sealing is relative to it)
         self.values = np.empty((capacity, n_sensors), dtype=np.float64)  # run rows; row n-1 is slot run_end
         self.filled = np.zeros(capacity, dtype=np.int64)  # filled cells per row
@@ -232,7 +237,7 @@ class WindowStore:
         if state is None:
             state = self._entities[entity] = _Entity(self._capacity, len(self.sensors))
         return self._place(entity, state, slot, [reading.values.get(name) for name in self.sensors], partition,
-                           int(offset))
+                           int(offset), float(reading.ts))
 
     def add_many(self, entities: Sequence[str], ts: np.ndarray, values: np.ndarray, partitions: np.ndarray,
                  offsets: np.ndarray) -> dict[str, int]:
@@ -250,6 +255,7 @@ class WindowStore:
         if n == 0:
             return counts
         slots = self._advance(ts, partitions)
+        stamps = np.asarray(ts, dtype=np.float64)
         values = np.asarray(values, dtype=np.float64)
         partitions = np.asarray(partitions, dtype=np.int64)
         offsets = np.asarray(offsets, dtype=np.int64)
@@ -258,7 +264,7 @@ class WindowStore:
         code = {name: i for i, name in enumerate(names)}
         codes = np.array(list(map(code.__getitem__, entities)), dtype=np.int64)
         order = np.argsort(codes, kind="stable")
-        codes, slots, values = codes[order], slots[order], values[order]
+        codes, slots, values, stamps = codes[order], slots[order], values[order], stamps[order]
         partitions, offsets = partitions[order], offsets[order]
         complete = ~np.isnan(values).any(axis=1)
         bounds = np.flatnonzero(np.diff(codes)) + 1
@@ -272,7 +278,7 @@ class WindowStore:
             breaks.append(n)
         else:
             breaks = None
-        slot_list, part_list, off_list = slots.tolist(), partitions.tolist(), offsets.tolist()
+        slot_list, part_list, off_list, ts_list = slots.tolist(), partitions.tolist(), offsets.tolist(), stamps.tolist()
         complete_list = complete.tolist()
         entities_state = self._entities
         place = self._place
@@ -289,26 +295,26 @@ class WindowStore:
                     end = breaks[bisect_right(breaks, q)]  # the run continues up to the next break
                     if end - q >= _BULK_MIN:
                         self._append_run(entity, state, slot_list[q], values[q:end], partitions[q:end],
-                                         offsets[q:end])
+                                         offsets[q:end], stamps[q:end])
                         counts[ACCEPTED] += end - q
                         q = end
                         continue
                 row = values[q].tolist()
                 if not complete_list[q]:
                     row = [None if v != v else v for v in row]
-                counts[place(entity, state, slot_list[q], row, part_list[q], off_list[q])] += 1
+                counts[place(entity, state, slot_list[q], row, part_list[q], off_list[q], ts_list[q])] += 1
                 q += 1
         return counts
 
     def _place(self, entity: str, state: _Entity, slot: int, row: list[float | None], partition: int,
-               offset: int) -> str:
+               offset: int, ts: float) -> str:
         """``add`` after the slot and the watermark: duplicate, late, or pending then sealed."""
         policy = self.policy
         if state.holds_reading(slot):
             return DUPLICATE
         if state.max_slot is not None and slot <= state.max_slot - policy.grace_slots:
             return LATE
-        state.pending[slot] = (row, partition, offset)
+        state.pending[slot] = (row, partition, offset, ts)
         state.needs = None
         if state.last_partition not in (-1, partition):
             state.mixed = True
@@ -329,7 +335,7 @@ class WindowStore:
         restarted = False
         max_fill = self.policy.max_fill_steps
         for slot in due:
-            row, partition, offset = state.pending.pop(slot)
+            row, partition, offset, ts = state.pending.pop(slot)
             if state.n > 0:
                 gap = slot - state.run_end - 1
                 if gap > max_fill:
@@ -339,7 +345,7 @@ class WindowStore:
                     for _ in range(gap):
                         self._append_fill(state)
             self._append_reading(state, slot, row, partition, offset)
-            self._maybe_queue(entity, state, slot, partition, offset)
+            self._maybe_queue(entity, state, slot, partition, offset, ts)
         # Missing slots after the run are sealed for good: too many of them is a gap we already know.
         if state.n > 0 and upto - state.run_end > max_fill:
             state.n = 0
@@ -386,7 +392,7 @@ class WindowStore:
         if state.queued_needs is not None and offset < state.queued_needs.get(partition, offset + 1):
             state.queued_needs[partition] = offset
 
-    def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int) -> None:
+    def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int, ts: float) -> None:
         w = self._w
         if state.n < w or slot % self.policy.stride != 0:
             return
@@ -395,13 +401,14 @@ class WindowStore:
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
                                   np.array([state.filled[lo:state.n].sum()]),
-                                  np.array([state.off[lo:state.n][state.part[lo:state.n] == partition].min()])))
+                                  np.array([state.off[lo:state.n][state.part[lo:state.n] == partition].min()]),
+                                  np.array([ts])))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
 
     def _append_run(self, entity: str, state: _Entity, first_slot: int, rows: np.ndarray, parts: np.ndarray,
-                    offs: np.ndarray) -> None:
+                    offs: np.ndarray, stamps: np.ndarray) -> None:
         """Append readings on consecutive slots from ``first_slot`` (the slot after the run's end), every
         sensor present, grace 0 (each seals its own slot), queueing the windows they end: ``_place``
         for each in turn, in bulk."""
@@ -434,7 +441,8 @@ class WindowStore:
             else:
                 window_off = joined_off[gather]
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
-                                      np.full(len(j), partition), offs[j], filled, window_off.min(axis=1)))
+                                      np.full(len(j), partition), offs[j], filled, window_off.min(axis=1),
+                                      stamps[j]))
             state.last_end = first_slot + int(j[-1])
             if state.queued_needs is None:  # the first window queued: its rows and every later one
                 state.queued_needs = {}
@@ -495,14 +503,14 @@ class WindowStore:
         w, f, period = self._w, len(self.sensors), self.policy.period_s
         if not chunks:
             empty = np.empty(0, dtype=np.int64)
-            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty, empty)
+            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty, empty, np.empty(0))
         entities: list[str] = []
         for chunk in chunks:
             entities.extend([chunk.entity] * len(chunk.end_slot))
         if len(chunks) == 1:
             c = chunks[0]
             values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
-            start_offset = c.start_offset
+            start_offset, reading_ts = c.start_offset, c.reading_ts
         else:
             values = np.concatenate([c.values for c in chunks])
             end_slot = np.concatenate([c.end_slot for c in chunks])
@@ -510,9 +518,10 @@ class WindowStore:
             end_offset = np.concatenate([c.end_offset for c in chunks])
             filled = np.concatenate([c.filled for c in chunks])
             start_offset = np.concatenate([c.start_offset for c in chunks])
+            reading_ts = np.concatenate([c.reading_ts for c in chunks])
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
-                          start_offset.astype(np.int64))
+                          start_offset.astype(np.int64), np.asarray(reading_ts, dtype=np.float64))
 
     def observe(self, ts: np.ndarray, partitions: np.ndarray) -> None:
         """Move each partition's stream time on to the newest of ``ts`` seen on it, placing no reading:
@@ -653,7 +662,7 @@ class WindowStore:
 def _pending_needs(state: _Entity) -> dict[int, int]:
     """partition -> smallest offset among the entity's readings in unsealed slots."""
     needs: dict[int, int] = {}
-    for _, partition, offset in state.pending.values():
+    for _, partition, offset, _ in state.pending.values():
         if offset < needs.get(partition, offset + 1):
             needs[partition] = offset
     return needs

@@ -52,6 +52,24 @@ def test_in_order_readings_give_every_window_once() -> None:
     assert s.ready() == []  # handed out once
 
 
+@pytest.mark.parametrize("grace", [0, 2])
+def test_each_window_carries_the_time_stamped_on_its_last_reading(grace) -> None:
+    # End-to-end latency is measured from it: from the slot's time it was up to half a period off (a
+    # 60 s grid's readings at +40 s read 5 s early, counted as 0).
+    period = 60.0
+    one = WindowStore(WindowPolicy(window_size=3, period_s=period, grace_slots=grace), ["x"], [FILL])
+    bulk = WindowStore(WindowPolicy(window_size=3, period_s=period, grace_slots=grace), ["x"], [FILL])
+    stamps = [k * period + 20.0 for k in range(40)]  # every reading 20 s after its slot
+    for i, ts in enumerate(stamps):
+        one.add("e", r(ts, float(i)), 0, i)
+    bulk.add_many(["e"] * len(stamps), np.array(stamps), np.arange(len(stamps), dtype=float)[:, None],
+                  np.zeros(len(stamps), dtype=np.int64), np.arange(len(stamps), dtype=np.int64))
+    for s in (one, bulk):
+        ready = s.ready_batch()
+        assert len(ready) == 40 - 2 - grace
+        np.testing.assert_array_equal(ready.reading_ts, ready.end_ts + 20.0)
+
+
 def test_slot_is_the_nearest_grid_point() -> None:
     s = WindowStore(WindowPolicy(window_size=2, period_s=0.5), ["x"], [0.0])
     s.add("e", r(10.26, 1.0), 0, 0)  # slot 21 (10.5 s)
