@@ -313,6 +313,11 @@ class WorkerSettings:
                               "(a clock far ahead would make its entity's later readings late and its neighbours look "
                               "idle); at most 3600, the idle timeout. -1 = off, for streams whose time runs ahead of the "
                               "clock on purpose (a replay sped up; anomaly up turns it off)", 600.0)
+    max_entities: int = doc("most entities whose windows one worker holds (about 2-3 KB each at the default shapes); past "
+                            "it the least recently heard from are evicted, down to 90 %, as silent ones are (their "
+                            "windows restart; counted in anomaly_entities_evicted_total and logged): a producer that "
+                            "sends a new entity id with every reading would otherwise grow the worker without bound "
+                            "for an hour of stream time. Raise it for bigger fleets per worker", 100_000)
     min_duration_windows: int = doc("consecutive windows above threshold before an event opens", 3)
     recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
@@ -355,7 +360,7 @@ class WorkerSettings:
     metrics_port: int = doc("port of the metrics endpoint; 0 = any free port; -1 = off", 9108)
 
     def check(self) -> None:
-        _at_least("worker", self, ("stride", "max_poll_records", "input_partitions", "min_duration_windows",
+        _at_least("worker", self, ("stride", "max_poll_records", "input_partitions", "min_duration_windows", "max_entities",
                                    "recovery_windows", "top_sensors"), 1)
         _at_least("worker", self, ("grace_slots", "max_fill_steps", "torch_threads"), 0)
         if self.poll_timeout_s <= 0 or self.poll_timeout_s > 30:

@@ -219,9 +219,10 @@ class ScoringStep:
 
     def __init__(self, model: ScoringModel, window_policy: WindowPolicy, alert_policy: AlertPolicy,
                  emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S,
-                 max_future_s: float | None = None) -> None:
+                 max_future_s: float | None = None, max_entities: int | None = None) -> None:
         self._model = model
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
+        self.max_entities = max_entities  # most entities held; past it the least recently heard from go
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -508,6 +509,13 @@ class ScoringStep:
         idle_s = self._idle_s()
         if idle_s is not None:
             counts["evicted"] = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
+        if self.max_entities is not None and store.entities > self.max_entities:
+            held = store.entities
+            dropped = store.evict_oldest(int(self.max_entities * 0.9))
+            counts["evicted"] += dropped
+            log.warning("%d entities held, more than worker.max_entities (%d): the %d least recently heard from "
+                        "were evicted (their windows restart); a producer sending a new entity id with every "
+                        "reading, or a fleet bigger than the cap per worker", held, self.max_entities, dropped)
         ready = store.ready_batch()
         commits = store.commit_offsets(last)
         replay = self._replay

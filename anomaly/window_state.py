@@ -47,6 +47,7 @@ Semantics (README quotes this section)
 
 from __future__ import annotations
 
+import heapq
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -649,14 +650,34 @@ class WindowStore:
             newest = self._watermark.get(state.last_partition)
             if state.max_slot is not None and newest is not None and newest - state.max_slot > max_idle_slots:
                 idle.append(name)
-        for name in idle:
+        self._drop(idle)
+        return len(idle)
+
+    def evict_oldest(self, keep: int) -> int:
+        """Drop the entities least recently heard from (most slots behind their partition's newest; the
+        first seen among equals) until ``keep`` are left, as ``evict_idle`` drops them. Returns how many.
+
+        Why: entities are held until an hour of silence; a producer that sends a new entity id with
+        every reading would otherwise grow the store without bound (``worker.max_entities``)."""
+        excess = len(self._entities) - max(int(keep), 0)
+        if excess <= 0:
+            return 0
+        watermark = self._watermark
+        ages = [(watermark.get(state.last_partition, 0) - (state.max_slot if state.max_slot is not None else -10**18),
+                 -i, name) for i, (name, state) in enumerate(self._entities.items())]
+        self._drop([name for _, _, name in heapq.nlargest(excess, ages)])
+        return excess
+
+    def _drop(self, names: Sequence[str]) -> None:
+        """Forget ``names``: their unsealed readings are sealed first, so the windows they end are still
+        queued for ``ready()``, and what queued windows need is kept for the commit."""
+        for name in names:
             state = self._entities[name]
             if state.pending:
                 self._seal(name, state, max(state.pending))
             if state.queued_needs is not None:  # its windows are still queued: keep what they need
                 _merge_min(self._orphan_needs, state.queued_needs)
             del self._entities[name]
-        return len(idle)
 
 
 def _pending_needs(state: _Entity) -> dict[int, int]:

@@ -87,6 +87,7 @@ class WorkerOptions:
     gc_freeze: bool = False  # freeze what was built before the loop (and after a swap) out of the cyclic GC's walks
     scoring_process: bool = False  # run the step in a forked child process (anomaly.step_runner); CPU only
     max_future_s: float | None = None  # readings stamped further ahead of the clock are dead letters; None = off
+    max_entities: int | None = None  # most entities held; past it the least recently heard from go; None = no cap
 
 
 @dataclass
@@ -111,7 +112,8 @@ class Worker:
         self.device = resolve_device(options.device, "worker.device")
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
-                                emit_scores=options.scores_topic is not None, max_future_s=options.max_future_s)
+                                emit_scores=options.scores_topic is not None, max_future_s=options.max_future_s,
+                                max_entities=options.max_entities)
         self.metrics.set_model(follower.model_name, version)
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
         self._consumer = None
@@ -317,4 +319,5 @@ def options_from_settings(settings) -> WorkerOptions:
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
         device=w.device, precision=w.precision, create_topics=w.create_topics,
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
-        scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s)
+        scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s,
+        max_entities=w.max_entities)

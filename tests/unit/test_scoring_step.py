@@ -748,6 +748,14 @@ def test_on_a_slow_grid_an_entity_between_two_of_its_windows_is_not_silent() -> 
     assert events == ["open"]
 
 
+def test_a_producer_sending_a_new_entity_id_with_every_reading_cannot_grow_the_step_past_its_cap(caplog) -> None:
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), max_entities=100)
+    outs = [step.process([reading_record(f"once-{i}-{k}", i, i * 50 + k) for k in range(50)], now_s=T0 + 1000)
+            for i in range(10)]
+    assert step.windows.entities <= 100 and sum(o.counts["evicted"] for o in outs) >= 400
+    assert "more than worker.max_entities (100)" in caplog.text
+
+
 def test_alert_state_of_a_silent_entity_is_expired_and_its_open_event_closed() -> None:
     step = ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
                        AlertPolicy(min_duration_windows=2, recovery_windows=3), idle_timeout_s=60.0)

@@ -170,6 +170,16 @@ def test_entities_are_independent_and_resettable() -> None:
     assert s.entities == 0
 
 
+def test_the_least_recently_heard_from_are_evicted_past_a_cap() -> None:
+    s = store(w=3)
+    for k, name in enumerate(["a", "b", "c", "d"]):
+        s.add(name, r(10 + k, 1.0, name), 0, k)  # a oldest, d newest
+    s.add("a", r(20, 1.0, "a"), 0, 4)  # a heard from again: now the newest
+    s.add("b", r(12, 1.0, "b"), 0, 5)  # b again, same slot (a duplicate): still old
+    assert s.evict_oldest(4) == 0 and s.entities == 4
+    assert s.evict_oldest(2) == 2 and "a" in s and "d" in s and "b" not in s and "c" not in s
+
+
 def test_memory_stays_bounded() -> None:
     s = store(w=4, grace_slots=2)
     for i in range(1000):
