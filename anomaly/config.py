@@ -314,10 +314,12 @@ class WorkerSettings:
                               "idle); at most 3600, the idle timeout. -1 = off, for streams whose time runs ahead of the "
                               "clock on purpose (a replay sped up; anomaly up turns it off)", 600.0)
     max_entities: int = doc("most entities whose windows one worker holds (about 2-3 KB each at the default shapes); past "
-                            "it the least recently heard from are evicted, down to 90 %, as silent ones are (their "
-                            "windows restart; counted in anomaly_entities_evicted_total and logged): a producer that "
-                            "sends a new entity id with every reading would otherwise grow the worker without bound "
-                            "for an hour of stream time. Raise it for bigger fleets per worker", 100_000)
+                            "it those not active (an id heard from once, two slots or more ago; one silent for a "
+                            "window) are evicted, down to 90 %, as silent ones are (counted in "
+                            "anomaly_entities_evicted_total, logged once a minute): a producer that sends a new entity "
+                            "id with every reading would otherwise grow the worker without bound for an hour of stream "
+                            "time. Active entities are never evicted: a fleet bigger than the cap is still scored, with "
+                            "a warning to raise it", 100_000)
     min_duration_windows: int = doc("consecutive windows above threshold before an event opens", 3)
     recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)

@@ -117,7 +117,7 @@ class WorkerMetrics:
         self.duplicate_readings = counter("duplicate_readings_total", "Readings dropped as duplicates.")
         self.window_resets = counter("window_resets_total", "Entity window buffers restarted after a gap.")
         self.readings_accepted = counter("readings_accepted_total", "Readings taken into an entity's window.")
-        self.entities_evicted = counter("entities_evicted_total", "Entities dropped after being silent too long, or least recently heard from past worker.max_entities.")
+        self.entities_evicted = counter("entities_evicted_total", "Entities dropped after being silent too long, or not active past worker.max_entities.")
         self.nonfinite_scores = counter("nonfinite_scores_total", "Windows whose score was NaN or infinite.")
         self.adaptive_held = counter("adaptive_held_windows_total",
                                      "Windows above the fitted threshold held back by their entity's moving bar "

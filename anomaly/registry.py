@@ -247,11 +247,14 @@ def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
     except Exception as exc:
         raise RegistryError(f"cannot read the promotion history of {name}@{alias}: {exc}") from exc
     current = alias_version(name, alias)
-    while history and history[-1] == current:
-        history.pop()
     gone: list[str] = []
-    while history and not _version_exists(c, name, history[-1]):
-        gone.append(history.pop())  # deleted since it held the alias: the one before it is next
+    while history:
+        if history[-1] == current:
+            history.pop()
+        elif not _version_exists(c, name, history[-1]):
+            gone.append(history.pop())  # deleted since it held the alias: the one before it is next
+        else:
+            break
     if gone:
         log.warning("%s: rolling @%s back past deleted version(s) %s", name, alias, ", ".join(f"v{v}" for v in gone))
     if not history:

@@ -12,8 +12,9 @@ It never raises for bad records: each becomes a dead letter carrying the origina
 not a reading, a sensor set that does not match the model's). The record key is not trusted for the
 entity; the reading's ``entity`` field is. A failure of the model itself does raise; the step's state
 is then undefined, so the caller commits nothing and restarts from the committed offsets (or calls
-``reset()`` and seeks back). ``now_s`` is only used for latencies and dead-letter timestamps, so the
-same records always give byte-identical events.
+``reset()`` and seeks back). ``now_s`` is only used for latencies, dead-letter timestamps, refusing
+readings from the future (``max_future_s``) and pacing a log line, so the same records always give
+byte-identical events.
 
 Entities silent for ``idle_timeout_s`` of stream time (their partition's newest reading, not a clock)
 lose their window buffers, so they stop holding the partition's commit back. Their alert state goes
@@ -222,7 +223,8 @@ class ScoringStep:
                  max_future_s: float | None = None, max_entities: int | None = None) -> None:
         self._model = model
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
-        self.max_entities = max_entities  # most entities held; past it the least recently heard from go
+        self.max_entities = max_entities  # most entities held; past it those not active go
+        self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -511,11 +513,16 @@ class ScoringStep:
             counts["evicted"] = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
         if self.max_entities is not None and store.entities > self.max_entities:
             held = store.entities
-            dropped = store.evict_oldest(int(self.max_entities * 0.9))
+            dropped = store.evict_excess(int(self.max_entities * 0.9))
             counts["evicted"] += dropped
-            log.warning("%d entities held, more than worker.max_entities (%d): the %d least recently heard from "
-                        "were evicted (their windows restart); a producer sending a new entity id with every "
-                        "reading, or a fleet bigger than the cap per worker", held, self.max_entities, dropped)
+            if now_s - self._cap_logged_s >= 60.0:  # once a minute at most
+                self._cap_logged_s = now_s
+                log.warning("%d entities held, more than worker.max_entities (%d): %d that were not active (no "
+                            "whole window, or silent for a window) evicted, %d left%s", held, self.max_entities,
+                            dropped, store.entities,
+                            "; the active ones alone are more than the cap: raise it, or add workers"
+                            if store.entities > self.max_entities else
+                            " (a producer sending a new entity id with every reading?)")
         ready = store.ready_batch()
         commits = store.commit_offsets(last)
         replay = self._replay

@@ -8,6 +8,7 @@ import logging
 import math
 import numbers
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -240,6 +241,33 @@ def code_version(checkout: Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         pass  # the commit alone, when only the dirty check failed
     return code_version_string(__version__, sha, dirty)
+
+
+def code_fingerprint(checkout: Path | None = None) -> str:
+    """``code_version``, and for a checkout with uncommitted changes a hash of them (``git diff HEAD``
+    and the Python files git does not track yet): what a cache of results computed by this code is
+    keyed on, so two different sets of uncommitted edits do not share one."""
+    import hashlib
+    import subprocess
+
+    version = code_version(checkout)
+    if not version.endswith(".dirty"):
+        return version
+    here = checkout or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    try:
+        def git(*args: str) -> bytes:
+            return subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, timeout=30,
+                                  cwd=here).stdout
+
+        digest.update(git("diff", "HEAD"))
+        top = Path(git("rev-parse", "--show-toplevel").decode().strip() or here)
+        for name in sorted(git("ls-files", "--others", "--exclude-standard", "--", "*.py").decode().split("\n")):
+            if name:
+                digest.update(name.encode() + b"\0" + (top / name).read_bytes())
+    except (OSError, subprocess.SubprocessError):
+        return f"{version}.{time.time_ns()}"  # cannot tell what changed: a key no cache has
+    return f"{version}.{digest.hexdigest()[:12]}"
 
 
 def code_version_string(version: str, sha: str, dirty: bool) -> str:

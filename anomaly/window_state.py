@@ -653,20 +653,32 @@ class WindowStore:
         self._drop(idle)
         return len(idle)
 
-    def evict_oldest(self, keep: int) -> int:
-        """Drop the entities least recently heard from (most slots behind their partition's newest; the
-        first seen among equals) until ``keep`` are left, as ``evict_idle`` drops them. Returns how many.
+    def evict_excess(self, keep: int) -> int:
+        """Drop entities, down to ``keep`` if it can be done without touching an active one, as
+        ``evict_idle`` drops them; returns how many went. Active: heard from in its partition's newest
+        slot or the one before (plus ``grace_slots``), or holding a whole window of rows and heard from within the last window (plus a stride) of
+        its partition's slots; those are never dropped here (a fleet bigger than the cap is still scored).
+        The rest (an id heard from once, two slots or more ago) go most slots behind first, then those
+        holding the fewest rows, then the first seen.
 
-        Why: entities are held until an hour of silence; a producer that sends a new entity id with
-        every reading would otherwise grow the store without bound (``worker.max_entities``)."""
+        Why: entities are held until an hour of silence; a producer that sends a new entity id with every
+        reading (one row each, never a window) would otherwise grow the store without bound
+        (``worker.max_entities``), while a fleet bigger than the cap must still be scored."""
         excess = len(self._entities) - max(int(keep), 0)
         if excess <= 0:
             return 0
-        watermark = self._watermark
-        ages = [(watermark.get(state.last_partition, 0) - (state.max_slot if state.max_slot is not None else -10**18),
-                 -i, name) for i, (name, state) in enumerate(self._entities.items())]
-        self._drop([name for _, _, name in heapq.nlargest(excess, ages)])
-        return excess
+        watermark, w = self._watermark, self._w
+        recent = w + self.policy.stride
+        fresh = 1 + self.policy.grace_slots  # a slot read over several batches: the one before is fresh too
+        candidates = []
+        for i, (name, state) in enumerate(self._entities.items()):
+            age = watermark.get(state.last_partition, 0) - (state.max_slot if state.max_slot is not None else -10**18)
+            if age <= fresh or (state.n >= w and age <= recent):
+                continue  # active: heard from in the partition's newest slots, or a whole window lately
+            candidates.append((age, -state.n, -i, name))
+        chosen = heapq.nlargest(excess, candidates)
+        self._drop([name for *_, name in chosen])
+        return len(chosen)
 
     def _drop(self, names: Sequence[str]) -> None:
         """Forget ``names``: their unsealed readings are sealed first, so the windows they end are still

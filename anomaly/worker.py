@@ -87,7 +87,7 @@ class WorkerOptions:
     gc_freeze: bool = False  # freeze what was built before the loop (and after a swap) out of the cyclic GC's walks
     scoring_process: bool = False  # run the step in a forked child process (anomaly.step_runner); CPU only
     max_future_s: float | None = None  # readings stamped further ahead of the clock are dead letters; None = off
-    max_entities: int | None = None  # most entities held; past it the least recently heard from go; None = no cap
+    max_entities: int | None = None  # most entities held; past it those not active go; None = no cap
 
 
 @dataclass

@@ -181,14 +181,14 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def cache_key(nab_dir: Path) -> dict:
     """What the cached per-file signals depend on: the NAB profile, the data folder, the score chain's
-    constants (``protocols.NAB_*``) and the code version (``tracking.code_version``: a commit, or
+    constants (``protocols.NAB_*``) and the code version (``tracking.code_fingerprint``: a commit, or
     uncommitted changes, may change them)."""
     from anomaly import protocols, tracking
 
     constants = {name: getattr(protocols, name) for name in dir(protocols) if name.startswith("NAB_")
                  and isinstance(getattr(protocols, name), (int, float, str, dict, tuple))}
     return {"profile": json.loads(json.dumps(PROFILES["nab"])), "data_dir": str(nab_dir.resolve()),
-            "constants": json.loads(json.dumps(constants, default=str)), "code": tracking.code_version()}
+            "constants": json.loads(json.dumps(constants, default=str)), "code": tracking.code_fingerprint()}
 
 
 def cached_files(cache: Path, key: dict) -> list[dict] | None:

@@ -606,11 +606,11 @@ def _same_config(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 def load_or_run(name: str, raw: dict[str, dict[str, Any]], cache: Path,
                 load_series: Callable[[], Sequence[Any]], data_dir: Path | None = None) -> dict[str, Any]:
     """The cached run ``<cache>/<name>.pkl`` when it was made with the same settings, from the same data
-    folder and code version (``tracking.code_version``), else a fresh one (cached)."""
+    folder and code (``tracking.code_fingerprint``: a commit and any uncommitted changes), else a fresh one (cached)."""
     from anomaly import tracking
 
     origin = {"data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
-              "code": tracking.code_version()}
+              "code": tracking.code_fingerprint()}
     path = cache / f"{name}.pkl"
     if path.exists():
         with path.open("rb") as fh:

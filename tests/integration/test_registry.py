@@ -172,6 +172,15 @@ def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(setting
     with pytest.raises(RegistryError, match=r"v1 held it, and have been deleted"):
         registry.rollback("pump")  # nothing left alive: said, and v3 keeps serving
     assert registry.alias_version("pump", "champion") == "3"
+    # The serving version under a deleted one on the stack is passed over too: v3, v4, v3 again by hand
+    # (stack [.., 3, 4]), v4 deleted: "rolled back" from v3 to v3 before.
+    c.create_model_version("pump", source, run_id=first.run_id)  # v4
+    registry.promote("pump", "4", "champion")
+    registry.promote("pump", "3", "champion")
+    c.delete_model_version("pump", "4")
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback("pump")
+    assert registry.alias_version("pump", "champion") == "3"
 
 
 def test_unreachable_store_is_a_registry_error(tmp_path):

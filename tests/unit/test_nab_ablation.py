@@ -81,10 +81,10 @@ def test_the_cache_key_holds_the_score_chains_constants_and_the_code_version(tmp
     from pipelines.nab_ablation import cache_key
 
     key = cache_key(tmp_path)
-    assert key["constants"]["NAB_NOVELTY"] == {"points": 64, "step": 3} and key["code"] == tracking.code_version()
+    assert key["constants"]["NAB_NOVELTY"] == {"points": 64, "step": 3} and key["code"] == tracking.code_fingerprint()
     monkeypatch.setattr(protocols, "NAB_NOVELTY", {"points": 32, "step": 3})
     assert cache_key(tmp_path) != key
     monkeypatch.undo()
-    monkeypatch.setattr(tracking, "code_version", lambda: "0.1.0+other")
+    monkeypatch.setattr(tracking, "code_fingerprint", lambda: "0.1.0+other")
     assert cache_key(tmp_path) != key
 

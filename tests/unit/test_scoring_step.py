@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -727,6 +728,64 @@ def test_a_partition_revoked_and_assigned_back_re_reads_its_run_under_the_same_e
     again = _events_of(run_batches(worker, records[commit:], size=5))  # assigned back: from the commit
     fresh = _events_of(run_batches(step(), records[commit:], size=5))  # as a new owner would
     assert again == fresh and [(s, e) for s, e, _ in again] == [("open", opened[0][1]), ("closed", opened[0][1])]
+
+
+def test_on_a_slow_grid_an_entity_between_two_of_its_windows_is_not_silent() -> None:
+    # 15-minute readings, stride 4: one window an hour per entity. With a neighbour one slot ahead on its
+    # partition, an hour of stream time passed between two windows of one fault: its alert state expired
+    # and the fault became ten events under new ids.
+    period = 900.0
+    step = ScoringStep(FakeModel(window_size=8, period_s=period, threshold=1.0), WindowPolicy(1, 1.0, stride=4),
+                       AlertPolicy(min_duration_windows=1, recovery_windows=3, cooldown_s=60))
+    offset, events = 0, []
+    for slot in range(60):
+        for entity, at, temp in (("B", slot + 1, 70.0), ("A", slot, 90.0 if slot >= 16 else 70.0)):
+            record = InputRecord(TOPIC, 0, offset, entity.encode(), json.dumps(
+                {"entity": entity, "ts": T0 + at * period, "values": {"temp": temp, "pressure": 1.0, "flow": 5.0}}
+            ).encode(), None)
+            offset += 1
+            out = step.process([record], now_s=T0 + 100 * period)
+            events += [decode_event(v)["status"] for k, v in out.events if k == b"A"]
+    assert events == ["open"]
+
+
+def test_a_producer_sending_a_new_entity_id_with_every_reading_cannot_grow_the_step_past_its_cap(caplog) -> None:
+    # 50 pumps report every slot beside 100 new ids a slot, under a cap of 100: the step stays near the cap
+    # and every pump window is still scored (the pumps were evicted every batch at first: nothing scored).
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), emit_scores=True,
+                       max_entities=100)
+    offset, scored, held = 0, Counter(), []
+    for slot in range(40):
+        records = [reading_record(f"pump-{p}", slot, offset + p) for p in range(50)]
+        records += [reading_record(f"once-{slot}-{k}", slot, offset + 50 + k) for k in range(100)]
+        offset += 150
+        out = step.process(records, now_s=T0 + 1000)
+        held.append(step.windows.entities)
+        scored.update(json.loads(v)["entity"] for _, v in out.scores if json.loads(v)["entity"].startswith("pump"))
+    assert max(held) <= 250 and held[-1] <= 250  # at most one batch of new ids above the cap, not 4,050
+    assert all(scored[f"pump-{p}"] == 40 - 3 for p in range(50))  # every window from slot 3 on, once
+    assert "more than worker.max_entities (100)" in caplog.text and caplog.text.count("max_entities") == 1
+
+
+def test_latency_runs_from_the_time_stamped_on_each_windows_last_reading() -> None:
+    # Not from its slot's time, up to half a period away (60 s grid, readings at +40 s: 5 s early, then 0).
+    period = 60.0
+    step = ScoringStep(FakeModel(window_size=2, period_s=period), WindowPolicy(1, 1.0), _policy())
+    records = [InputRecord(TOPIC, 0, i, b"p", json.dumps({"entity": "p", "ts": T0 + i * period + 40.0, "values": {
+        "temp": 70.0, "pressure": 1.0, "flow": 5.0}}).encode(), None) for i in range(5)]
+    out = step.process(records, now_s=T0 + 4 * period + 55.0)
+    # windows end on readings 1..4, stamped at T0 + 60 i + 40
+    assert out.latencies_s == pytest.approx([(4 - i) * period + 15.0 for i in (1, 2, 3, 4)])
+
+
+def test_a_fleet_bigger_than_the_cap_is_still_scored_and_said_so(caplog) -> None:
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), max_entities=100)
+    windows = 0
+    for slot in range(20):
+        out = step.process([reading_record(f"pump-{p}", slot, slot * 150 + p) for p in range(150)], now_s=T0 + 60 * slot)
+        windows += out.counts["windows_scored"]
+    assert windows == 150 * (20 - 3) and step.windows.entities == 150
+    assert "the active ones alone are more than the cap: raise it, or add workers" in caplog.text
 
 
 def test_on_a_slow_grid_an_entity_between_two_of_its_windows_is_not_silent() -> None:

@@ -380,6 +380,6 @@ def test_a_skab_tradeoff_cache_from_another_data_folder_or_code_is_not_reused(tm
     assert runs == ["r"]  # the same data and code: reused
     skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "b")
     assert runs == ["r", "r"]  # another folder: run again
-    monkeypatch.setattr(tracking, "code_version", lambda: "0.1.0+other")
+    monkeypatch.setattr(tracking, "code_fingerprint", lambda: "0.1.0+other")
     skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "b")
     assert runs == ["r", "r", "r"] and pickle.loads((cache / "r.pkl").read_bytes())["origin"]["code"] == "0.1.0+other"

@@ -69,6 +69,19 @@ def test_code_version_names_the_commit_and_says_when_tracked_files_differ_from_i
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_version(tmp_path) == f"{__version__}+{sha}.dirty"
     assert code_version_string("0.1.0", "", True) == "0.1.0"
+    # a cache's key: two different sets of uncommitted edits (and untracked Python files) differ
+    from anomaly.tracking import code_fingerprint
+
+    first = code_fingerprint(tmp_path)
+    assert first.startswith(f"{__version__}+{sha}.dirty.") and code_fingerprint(tmp_path) == first
+    (tmp_path / "a.py").write_text("x = 3\n")
+    second = code_fingerprint(tmp_path)
+    assert second != first
+    (tmp_path / "b.py").write_text("y = 1\n")
+    assert code_fingerprint(tmp_path) != second
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").unlink()
+    assert code_fingerprint(tmp_path) == f"{__version__}+{sha}"  # clean: the commit alone
 
 
 def test_an_mlflow_server_that_does_not_answer_is_said_at_once():

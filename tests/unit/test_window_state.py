@@ -170,14 +170,18 @@ def test_entities_are_independent_and_resettable() -> None:
     assert s.entities == 0
 
 
-def test_the_least_recently_heard_from_are_evicted_past_a_cap() -> None:
+def test_past_a_cap_entities_that_are_not_active_are_evicted_first() -> None:
     s = store(w=3)
-    for k, name in enumerate(["a", "b", "c", "d"]):
-        s.add(name, r(10 + k, 1.0, name), 0, k)  # a oldest, d newest
-    s.add("a", r(20, 1.0, "a"), 0, 4)  # a heard from again: now the newest
-    s.add("b", r(12, 1.0, "b"), 0, 5)  # b again, same slot (a duplicate): still old
-    assert s.evict_oldest(4) == 0 and s.entities == 4
-    assert s.evict_oldest(2) == 2 and "a" in s and "d" in s and "b" not in s and "c" not in s
+    for slot in range(10, 20):  # "a" and "b" report every slot: active
+        feed(s, [slot], "a", first_offset=slot)
+        feed(s, [slot], "b", first_offset=100 + slot)
+    for k, name in enumerate(["x", "y", "z"]):  # one reading each, never a window: x oldest
+        s.add(name, r(15 + k, 1.0, name), 0, 200 + k)
+    s.add("new", r(18, 1.0, "new"), 0, 300)  # heard from one slot ago: still fresh
+    assert s.evict_excess(6) == 0 and s.entities == 6
+    assert s.evict_excess(4) == 2 and {n for n in ("a", "b", "x", "y", "z", "new") if n in s} == {"a", "b", "z", "new"}
+    assert s.evict_excess(1) == 1 and "z" not in s  # the active and the fresh stay, over the cap
+    assert s.entities == 3 and "a" in s and "b" in s and "new" in s
 
 
 def test_memory_stays_bounded() -> None:
