@@ -37,7 +37,7 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
-from anomaly.scoring import cpu_has_native_bf16, cpu_streams, torch_threads
+from anomaly.scoring import MAX_ABS_ERROR, cpu_has_native_bf16, cpu_streams, torch_threads
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,9 @@ def split_windows(windows: np.ndarray, validation_fraction: float) -> tuple[np.n
     n_val = max(1, int(round(n * validation_fraction)))
     split = n - n_val
     gap = min(windows.shape[1] - 1, max(0, split - 2))
+    if split - gap < 1:  # e.g. validation_fraction 0.998: nothing trained, a random network registered
+        raise ModelError(f"training.validation_fraction {validation_fraction:g} leaves no training window of {n} "
+                         f"({n_val} validate): lower it, or train on more rows")
     return windows[: split - gap], windows[split:]
 
 
@@ -223,8 +226,10 @@ def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device:
     with torch.inference_mode(), _autocast(device, mixed_precision):
         for start in range(0, len(data), batch_size):
             batch = data[start:start + batch_size]
-            # float32 batch mean, weighted in float64: the same figures as a per-batch float() would give
-            total += torch.mean((model(batch).float() - batch) ** 2).double() * len(batch)
+            # float32 batch mean, weighted in float64: the same figures as a per-batch float() would give;
+            # the error clamped as scoring clamps it (a wild validation reading: huge, not inf)
+            diff = torch.clamp(model(batch).float() - batch, -MAX_ABS_ERROR, MAX_ABS_ERROR)
+            total += torch.mean(diff * diff).double() * len(batch)
     return float(total) / max(len(data), 1)
 
 
@@ -313,6 +318,9 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
                 stop = True
             if not math.isfinite(train_loss):
                 raise ModelError(f"training diverged at epoch {epoch} (loss {train_loss})")
+            if not math.isfinite(val_loss):  # else no epoch is ever "better" and the untrained weights come back
+                raise ModelError(f"validation loss is {val_loss} at epoch {epoch}: the validation windows hold values "
+                                 "too large to score once scaled; check the data for wild readings, or the scaler")
             if val_loss < best_loss - config.min_delta:
                 best_loss, best_epoch, waited = val_loss, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())

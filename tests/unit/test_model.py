@@ -34,6 +34,29 @@ def test_split_windows_leaves_no_shared_rows():
     assert train[-1, -1, 0] < val[0, 0, 0]  # last training row is before the first validation row
 
 
+def test_a_validation_fraction_that_leaves_no_training_window_is_refused():
+    # 0.998 of 200 windows validated: nothing was trained, a random network registered with loss 0.0
+    windows = make_windows(np.arange(210, dtype=float)[:, None], 11)
+    with pytest.raises(ModelError, match=r"validation_fraction 0.998 leaves no training window of 200"):
+        split_windows(windows, 0.998)
+    train, _ = split_windows(windows, 0.9)
+    assert len(train) >= 1
+
+
+def test_a_wild_validation_reading_does_not_hand_back_the_untrained_network():
+    # One validation reading ~1e25 in scaled units: its squared error was inf in float32, no epoch was
+    # "better" than inf, and training returned the initial weights (then the model could not be saved).
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2)).astype(np.float32)
+    x[380, 0] = 1e25  # in the validation part
+    windows = make_windows(x, 8)
+    cfg = ModelConfig(n_features=2, window_size=8, hidden_size=8, latent_size=4)
+    result = train_autoencoder(windows, cfg, TrainConfig(epochs=2, batch_size=64, patience=5, seed=0, device="cpu",
+                                                         progress=False))
+    # best_epoch 0 meant the initial weights came back
+    assert all(np.isfinite(h.val_loss) for h in result.history) and result.best_epoch >= 1
+
+
 def test_training_learns_a_sine_and_is_reproducible():
     t = np.arange(1500)
     x = np.stack([np.sin(t / 10), np.cos(t / 10)], axis=1).astype(np.float32)
