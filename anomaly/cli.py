@@ -598,8 +598,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     sensors = [s.strip() for s in args.sensors.split(",") if s.strip()] if args.sensors else settings.data.sensors
     if args.sensors is not None and not sensors:
         raise AnomalyError(f"--sensors: no sensor named in {args.sensors!r}")
-    if args.data:
-        frame = replay.frame_from_file(args.data, timestamp_col=settings.data.timestamp_column, sensors=sensors)
+    fleet: dict[str, Any] = {}
+    if args.data:  # as train and score read it: data.entity_column's entities apart, retrain.label_field left out
+        fleet, _ = _labelled_entity_tables(args.data, settings, sensors)
+        frame = next(iter(fleet.values())) if settings.data.entity_column is None else None
         source = str(args.data)
     else:
         if not args.series:
@@ -612,7 +614,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
     kafka = settings.kafka
     bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
     topic = args.topic or kafka.input_topic
-    plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
+    if frame is None:  # each entity of the table under its own id (<id>-<i> with --copies)
+        import pandas as pd
+
+        plan = replay.fleet_plan(fleet, copies=args.copies, offset_rows=args.offset_rows)
+        frame = pd.concat(fleet.values())
+    else:
+        plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
     ahead = replay.seconds_ahead(plan.span_s, len(plan), speed=args.speed, rate_per_s=args.rate)
     limit_s = settings.worker.max_future_s
     if limit_s is not None and limit_s >= 0 and ahead > limit_s:
@@ -620,7 +628,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     "a worker with worker.max_future_s = %g dead-letters those: run it with "
                     "ANOMALY_WORKER__MAX_FUTURE_S=-1 for a sped-up replay, or replay at --speed 1", ahead, limit_s)
     log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s", source, len(frame), frame.shape[1],
-             args.copies, "y" if args.copies == 1 else "ies", topic, bootstrap)
+             len(plan.entities), "y" if len(plan.entities) == 1 else "ies", topic, bootstrap)
     stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
                           client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
     print(json.dumps({"topic": topic, "bootstrap_servers": bootstrap, "source": source, "entities": list(plan.entities),
@@ -648,7 +656,8 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
                                    "--copies makes a fleet <entity>-0..N-1, each delayed by --offset-rows rows.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor "
-                                    "(label columns such as 'anomaly' are not sent)")
+                                    "(label columns such as 'anomaly', and retrain.label_field, are not sent; with "
+                                    "data.entity_column each entity is sent under its own id)")
     src.add_argument("--dataset", choices=DATASETS, help="replay a benchmark series (needs --series)")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
@@ -657,7 +666,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
                                      "column); a reading must carry exactly the sensors of its entity's model, so "
                                      "match the model's (`anomaly models list --json` shows its data.sensors tag)")
     p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
-                                                    "(default pump)")
+                                                    "(default pump; a table with data.entity_column uses its ids)")
     p.add_argument("--copies", type=positive_int, default=1, help="number of entities replaying the series (default 1)")
     p.add_argument("--offset-rows", type=non_negative_int, default=0,
                    help="entity i starts i x this many sampling periods after entity 0 (default 0: in lock-step)")

@@ -91,6 +91,41 @@ class ReplayPlan:
             yield ts, entity, reading
 
 
+class FleetPlan:
+    """Several entities' plans as one stream in time order (``fleet_plan``): iterable and sized, like
+    ``ReplayPlan``."""
+
+    def __init__(self, plans: Sequence[ReplayPlan]) -> None:
+        self._plans = tuple(plans)
+        self.entities = tuple(e for plan in self._plans for e in plan.entities)
+        self.start_ts = min((plan.start_ts for plan in self._plans), default=0.0)
+
+    def __len__(self) -> int:
+        return sum(len(plan) for plan in self._plans)
+
+    @property
+    def span_s(self) -> float:
+        return max((plan.span_s for plan in self._plans), default=0.0)
+
+    def __iter__(self) -> Iterator[tuple[str, Reading]]:
+        return heapq.merge(*self._plans, key=lambda item: item[1].ts)  # stable: equal times in plan order
+
+
+def fleet_plan(frames: Mapping[str, pd.DataFrame], copies: int = 1, offset_rows: int = 0, *,
+               start_ts: float | None = None, clock: Callable[[], float] = time.time) -> FleetPlan:
+    """A table's entities (entity id -> its readings, ``data.entity_column``) replayed together: each
+    under its own id (``<id>-<i>`` with several copies), all on one time axis from their earliest
+    reading, so their recorded timing relative to each other is kept."""
+    frames = {str(k): v for k, v in frames.items() if len(v)}
+    if not frames:
+        raise DataError("nothing to replay: no entity has a row")
+    origin = min(int(f.index.as_unit("ns").asi8.min()) for f in frames.values())
+    start = clock() if start_ts is None else float(start_ts)
+    return FleetPlan([replay_plan(frame, entity, copies, offset_rows, start_ts=start, origin_ns=origin,
+                                  names=[entity] if copies == 1 else None)
+                      for entity, frame in frames.items()])
+
+
 def seconds_ahead(span_s: float, readings: int, *, speed: float | None = None, rate_per_s: float | None = None) -> float:
     """How far ahead of the wall clock the last reading's timestamp will be when it is sent (pure).
 
@@ -107,14 +142,17 @@ def seconds_ahead(span_s: float, readings: int, *, speed: float | None = None, r
 
 
 def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: int = 0, *,
-                start_ts: float | None = None, clock: Callable[[], float] = time.time) -> ReplayPlan:
+                start_ts: float | None = None, clock: Callable[[], float] = time.time,
+                origin_ns: int | None = None, names: Sequence[str] | None = None) -> ReplayPlan:
     """The readings of ``copies`` entities replaying ``frame``, in time order.
 
     ``frame``: indexed by a ``DatetimeIndex`` (naive = UTC), every column a numeric sensor. Entity
     ``i`` is named ``f"{entity}-{i}"`` and is the series delayed by ``i * offset_rows`` sampling
     periods (the median recorded spacing), so copies are not in lock-step. Timestamps start at
     ``start_ts`` (default: ``clock()``, i.e. now) and keep the recorded spacing. NaN and ±inf values
-    become ``None`` (sent as null: missing).
+    become ``None`` (sent as null: missing). ``origin_ns``: the recorded time (epoch ns) that ``start_ts``
+    stands for (default: the frame's earliest row), so several entities' plans keep their recorded timing
+    relative to each other (``fleet_plan``); ``names``: the copies' entity names instead of the stem's.
     """
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
@@ -134,7 +172,7 @@ def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: 
         raise DataError(f"replay sends numeric sensor columns only; not numeric: {not_numeric}")
 
     ns = frame.index.as_unit("ns").asi8
-    offsets_s = (ns - ns.min()) / 1e9  # exact differences first, then seconds: no epoch-sized rounding
+    offsets_s = (ns - (ns.min() if origin_ns is None else origin_ns)) / 1e9  # exact differences, then seconds
     order = np.argsort(ns, kind="stable")
     gaps = np.diff(ns[order]) / 1e9
     gaps = gaps[gaps > 0]
@@ -142,7 +180,10 @@ def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: 
     start = clock() if start_ts is None else float(start_ts)
     if not math.isfinite(start) or start < 0:
         raise ValueError(f"start_ts must be finite epoch seconds, got {start_ts!r}")
-    names = [f"{entity}-{i}" for i in range(copies)]
+    if names is None:
+        names = [f"{entity}-{i}" for i in range(copies)]
+    elif len(names) != copies:
+        raise ValueError(f"{len(names)} names for {copies} copies")
     delays = [i * offset_rows * period_s for i in range(copies)]
     values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
     return ReplayPlan(names, [str(c) for c in frame.columns], values, offsets_s, order, delays, start)

@@ -294,3 +294,32 @@ def test_seconds_ahead_of_the_clock_for_each_pace():
     assert seconds_ahead(1200.0, 1200, rate_per_s=100) == pytest.approx(1188.0)
     assert seconds_ahead(1200.0, 1200, rate_per_s=0.5) == 0.0  # slower than recorded: behind, not ahead
     assert seconds_ahead(1200.0, 1200) == 1200.0  # as fast as possible
+
+
+def test_a_table_with_an_entity_column_is_replayed_entity_by_entity_without_its_labels(tmp_path, monkeypatch):
+    # `replay --data` ignored data.entity_column and retrain.label_field: both assets became one entity
+    # with the id column sent as a sensor, and the label as one more; every reading was a dead letter.
+    import json
+
+    from anomaly import cli, replay as replay_module
+    from anomaly.codec import encode_reading
+
+    table = tmp_path / "fleet.csv"
+    rows = ["ts,asset,temp,fault"]
+    for i in range(3):
+        rows += [f"2026-01-01T00:00:0{i}Z,101,{10 + i},0", f"2026-01-01T00:00:0{i}Z,0202,{50 + i},{int(i == 2)}"]
+    table.write_text("\n".join(rows) + "\n")
+    config = tmp_path / "a.toml"
+    config.write_text('[data]\nentity_column = "asset"\n[retrain]\nlabel_field = "fault"\n')
+    sent = []
+
+    def send_all(bootstrap, topic, plan, **kwargs):  # what replay() would produce: key and value
+        sent.extend((entity.encode(), json.loads(encode_reading(reading))) for entity, reading in plan)
+        return replay_module.ReplayStats(len(sent), 1.0)
+
+    monkeypatch.setattr(replay_module, "replay", send_all)
+    assert cli.main(["replay", "--data", str(table), "--config", str(config), "--quiet"]) == 0
+    assert [k for k, _ in sent] == [b"101", b"0202"] * 3  # ids as written, in time order
+    assert all(set(doc["values"]) == {"temp"} for _, doc in sent)
+    assert [doc["values"]["temp"] for _, doc in sent] == [10, 50, 11, 51, 12, 52]
+    assert sent[0][1]["ts"] == sent[1][1]["ts"] and sent[2][1]["ts"] - sent[0][1]["ts"] == pytest.approx(1.0)
