@@ -163,7 +163,7 @@ def test_up_trains_a_champion_and_catches_the_labelled_faults(stack: Stack):
     entities = {e["entity"] for e in on}
     assert len(entities) >= 2, f"events on labelled faults for {entities} only; elsewhere: {len(off)}\n{stack.output()}"
     assert len(on) >= len(off), f"more events off the labelled faults ({len(off)}) than on them ({len(on)})"
-    text = stack.output()
+    text = stack.out.read_text(errors="replace")  # all of it: output() is only the tail, for messages
     assert "model registry    http://127.0.0.1:" in text and "/#/models/anomaly-detector" in text
     assert "OPEN   pump-" in text, "the console view shows events as they open"
 
@@ -214,4 +214,4 @@ def test_ctrl_c_stops_everything_and_leaves_no_process(stack: Stack):
     assert not left, f"processes left behind: {left}"
     summary = json.loads((stack.state / "summary.json").read_text())
     assert summary["opened_on_labelled_faults"] >= 1
-    assert "stopping" in stack.output()
+    assert "stopping" in stack.out.read_text(errors="replace")
