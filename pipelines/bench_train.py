@@ -58,6 +58,7 @@ log = logging.getLogger("bench_train")
 REF_BATCH = 128  # the reference's batch size, for training and scoring
 REF_LR = 1e-3
 MARKER = "bench-train"  # README section: <!-- bench-train:start --> ... <!-- bench-train:end -->
+GPU_MARKER = "bench-train-gpu"  # figures with a CUDA device: a machine of their own, a section of their own
 
 
 # --- the plain reference ----------------------------------------------------------------------------
@@ -448,11 +449,25 @@ def _x(v: float | None) -> str:
 TARGETS = {"cpu": {"train": 1.5, "score": 1.5}, "cuda": {"train": 5.0, "score": 10.0}}
 
 
+def readme_section(data: dict[str, Any]) -> str:
+    """The README section for these figures: the GPU machine's (with its CPU rows) apart from this one's."""
+    return GPU_MARKER if any(key.endswith("/cuda") for key in data["results"]) else MARKER
+
+
+def _memory_ratio(ref_mb: float | None, ratio: float | None) -> str:
+    """ours / reference for a memory figure; n/a where the reference grew by under 1 MB (a ratio to
+    nothing says nothing)."""
+    return "n/a" if ref_mb is None or ref_mb < 1.0 else _x(ratio)
+
+
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     threads = data["cpu_threads_ours"] or m["torch_threads"]
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
-    lines = ["`python -m pipelines.bench_train --json results/bench_train.json --update-readme` "
+    command = ("`bash deploy/gpu-check.sh run` on the GPU machine, then here `python -m pipelines.bench_train "
+               "--from-json results/bench_train_gpu.json --update-readme`" if readme_section(data) == GPU_MARKER else
+               "`python -m pipelines.bench_train --json results/bench_train.json --update-readme`")
+    lines = [f"{command} "
              f"(about {max(1, round(data['seconds'] / 60))} minute(s) here). Measured on {m['cpu']} ({m['cpu_count']} "
              f"cores){gpu}, torch {m['torch']}, load average {m.get('load_avg', 'n/a')} at the start. The reference is a plain loop written in the benchmark "
              f"(DataLoader over CPU tensors, batch {REF_BATCH}, Adam {REF_LR:g}, float32, torch's default "
@@ -476,10 +491,12 @@ def markdown(data: dict[str, Any]) -> str:
                 ("scoring, windows/s", _f(ref["score_windows_per_s"]), _f(ours["score_windows_per_s"]),
                  _x(ratio["score_windows_per_s"]), _judge(ratio["score_windows_per_s"], t["score"])),
                 ("training peak RSS growth, MB", _f(ref["train_memory"]["rss_growth_mb"]),
-                 _f(ours["train_memory"]["rss_growth_mb"]), _x(ratio["train_rss_growth_mb"]), "")]
+                 _f(ours["train_memory"]["rss_growth_mb"]),
+                 _memory_ratio(ref["train_memory"]["rss_growth_mb"], ratio["train_rss_growth_mb"]), "")]
         if dev == "cuda":
             rows.append(("training peak CUDA memory, MB", _f(ref["train_memory"]["cuda_peak_mb"]),
-                         _f(ours["train_memory"]["cuda_peak_mb"]), _x(ratio["train_cuda_peak_mb"]), ""))
+                         _f(ours["train_memory"]["cuda_peak_mb"]),
+                         _memory_ratio(ref["train_memory"]["cuda_peak_mb"], ratio["train_cuda_peak_mb"]), ""))
         same = r.get("reference_same_threads")
         if same:
             rows.append((f"reference at {same['threads']} thread(s): training / scoring windows/s",
@@ -539,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data_root = Path(args.data_dir) if args.data_dir else default_data_dir("skab").parent
     return report(args, lambda: run(args.sizes.split(","), args.devices.split(","), args.quick, args.cpu_threads,
-                                    args.repeats, data_root), markdown, marker=MARKER)
+                                    args.repeats, data_root), markdown, marker=readme_section)
 
 
 if __name__ == "__main__":

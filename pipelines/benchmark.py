@@ -370,9 +370,10 @@ def update_readme(text: str, readme: Path = Path("README.md"), marker: str = "be
 
 
 def report(args: argparse.Namespace, measure: Callable[[], dict], render: Callable[[dict], str],
-           marker: str = "benchmark") -> int:
+           marker: str | Callable[[dict], str] = "benchmark") -> int:
     """The benchmarks' common ending: the figures from ``--from-json`` or from ``measure()`` (then written
-    to ``--json``), rendered, printed, and with ``--update-readme`` put between the README's ``marker``s."""
+    to ``--json``), rendered, printed, and with ``--update-readme`` put between the README's ``marker``s
+    (``marker`` may be a function of the figures: which section they belong in)."""
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
     else:
@@ -382,7 +383,7 @@ def report(args: argparse.Namespace, measure: Callable[[], dict], render: Callab
     text = render(data)
     print(text)
     if args.update_readme:
-        update_readme(text, marker=marker)
+        update_readme(text, marker=marker(data) if callable(marker) else marker)
     return 0
 
 

@@ -74,3 +74,24 @@ def test_quick_run_renders_into_the_readme_markers(quick):
     assert "old" not in readme and readme.endswith("after\n")
     assert "| SKAB 8×10, CPU | training, windows/s |" in readme
     assert readme.count("<!-- bench-train:start -->") == 1 and "ours / ref" in readme
+
+
+def test_gpu_figures_go_to_their_own_section_and_a_ratio_to_nothing_is_not_shown(quick):
+    import copy
+
+    from pipelines.bench_train import GPU_MARKER, MARKER, markdown, readme_section
+
+    data, _, _ = quick
+    assert readme_section(data) == MARKER
+    gpu = copy.deepcopy(data)
+    gpu["machine"]["gpu"] = "a GPU"
+    r = gpu["results"].pop("smd/cpu")
+    for side, peak in (("reference", 188.0), ("ours", 2783.0)):
+        r[side]["train_memory"].update(rss_growth_mb=0.0 if side == "reference" else 427.0, cuda_peak_mb=peak)
+    r["ratios"].update(train_rss_growth_mb=2135.5, train_cuda_peak_mb=2783.0 / 188.0)
+    gpu["results"]["smd/cuda"] = r
+    assert readme_section(gpu) == GPU_MARKER
+    text = markdown(gpu)
+    assert "deploy/gpu-check.sh run" in text and ", GPU a GPU," in text
+    assert "| training peak RSS growth, MB | 0 | 427 | n/a |" in text and "2135" not in text
+    assert "| training peak CUDA memory, MB | 188 | 2,783 | 14.80× |" in text

@@ -3,6 +3,7 @@ checks the same on CUDA)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -397,3 +398,59 @@ def test_split_cpu_training_is_reproducible_from_its_seed_on_four_threads():
     config = TrainConfig(epochs=2, batch_size=128, device="cpu", progress=False, cpu_threads=4)
     a, b = (train_autoencoder(windows, CFG, config).model.state_dict() for _ in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stride", [1, 3, 16])
+def test_sliding_windows_are_recognised_as_views_of_their_rows(stride):
+    from anomaly.scoring import _rows_under
+
+    values = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    windows = make_windows(values, 16, stride)
+    block, found = _rows_under(windows)
+    assert found == stride
+    assert block.shape == ((len(windows) - 1) * stride + 16, 5) and not block.flags.writeable
+    rebuilt = torch.from_numpy(np.ascontiguousarray(block)).as_strided(windows.shape, (stride * 5, 5, 1))
+    np.testing.assert_array_equal(rebuilt.numpy(), windows)  # the device path rebuilds them this way
+    # A copy is one window after another: its own rows, W apart.
+    assert _rows_under(np.ascontiguousarray(windows))[1] == 16
+
+
+def test_windows_that_are_not_a_sliding_view_are_left_as_they_are():
+    from anomaly.scoring import _rows_under
+
+    values = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    assert _rows_under(make_windows(values, 16, 17)) is None  # gaps between windows: memory not theirs
+    assert _rows_under(make_windows(values, 16)[::-1]) is None  # starts running backwards
+    assert _rows_under(make_windows(values, 16)[:1]) is None  # one window: nothing to gain
+    sensors_apart = np.ascontiguousarray(make_windows(values, 16).transpose(0, 2, 1)).transpose(0, 2, 1)
+    assert _rows_under(sensors_apart) is None  # a window's sensors are not adjacent
+    assert _rows_under(make_windows(values[:, ::2], 16)) is None  # rows with gaps between sensors
+
+
+def test_resident_windows_are_rebuilt_from_their_rows_on_the_device(monkeypatch):
+    import anomaly.scoring as scoring
+
+    values = np.random.default_rng(1).normal(size=(300, 4))  # float64: converted once, as rows
+    cpu = torch.device("cpu")  # the function is the CUDA path's; it runs on any device
+    for windows in (make_windows(values, 20, 2), np.ascontiguousarray(make_windows(values, 20).transpose(0, 2, 1))
+                    .transpose(0, 2, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a read-only view must not warn on its way to torch
+            resident = scoring._resident(windows, cpu)
+        assert resident.dtype == torch.float32 and resident.shape == windows.shape
+        np.testing.assert_array_equal(resident.numpy(), windows.astype(np.float32))
+    monkeypatch.setattr(scoring, "CUDA_RESIDENT_BYTES", 4 * 300 * 4 - 1)  # not even the rows fit
+    assert scoring._resident(make_windows(values, 20), cpu) is None
+
+
+def test_float32_scoring_on_cuda_asks_cudnn_for_ieee_float32_and_puts_the_setting_back():
+    from anomaly.scoring import ieee_float32
+
+    rnn = torch.backends.cudnn.rnn
+    before = rnn.fp32_precision
+    with ieee_float32("cpu"):
+        assert rnn.fp32_precision == before  # nothing to change on CPU
+    with pytest.raises(RuntimeError), ieee_float32("cuda"):  # only flags: no GPU is needed to check them
+        assert rnn.fp32_precision == "ieee"
+        raise RuntimeError("a failed pass")
+    assert rnn.fp32_precision == before
