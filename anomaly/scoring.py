@@ -99,17 +99,22 @@ def ieee_float32(device: torch.device | str):
     """float32 recurrent layers as IEEE float32 on CUDA, restoring torch's setting afterwards. By torch's
     default cuDNN rounds a float32 LSTM's inputs to TF32 (a 10-bit mantissa) on Ampere and newer GPUs:
     measured on an H200, a trained model's float32 scores then moved by up to 0.9 % from the CPU's.
-    The setting is process-wide while it is held. Nothing changes on CPU."""
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if torch.device(device).type != "cuda" or rnn is None or not hasattr(rnn, "fp32_precision"):
+    The setting (torch's ``backends.cudnn.allow_tf32``) is process-wide while it is held. Nothing changes
+    on CPU, nor where the process has set cuDNN's TF32 flags per operator (torch's newer API: mixing the
+    two APIs is an error in torch)."""
+    cudnn = torch.backends.cudnn
+    try:
+        allowed = torch.device(device).type == "cuda" and cudnn.allow_tf32
+    except RuntimeError:  # per-operator flags that differ: the process chose them, leave them be
+        allowed = False
+    if not allowed:
         yield
         return
-    before = rnn.fp32_precision
-    rnn.fp32_precision = "ieee"
+    cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        rnn.fp32_precision = before
+        cudnn.allow_tf32 = True
 
 
 @contextlib.contextmanager

@@ -446,11 +446,24 @@ def test_resident_windows_are_rebuilt_from_their_rows_on_the_device(monkeypatch)
 def test_float32_scoring_on_cuda_asks_cudnn_for_ieee_float32_and_puts_the_setting_back():
     from anomaly.scoring import ieee_float32
 
-    rnn = torch.backends.cudnn.rnn
-    before = rnn.fp32_precision
+    cudnn = torch.backends.cudnn
+    assert cudnn.allow_tf32 and cudnn.rnn.fp32_precision == "tf32"  # torch's default
     with ieee_float32("cpu"):
-        assert rnn.fp32_precision == before  # nothing to change on CPU
-    with pytest.raises(RuntimeError), ieee_float32("cuda"):  # only flags: no GPU is needed to check them
-        assert rnn.fp32_precision == "ieee"
+        assert cudnn.allow_tf32  # nothing to change on CPU
+    with pytest.raises(RuntimeError, match="a failed pass"), ieee_float32("cuda"):  # flags only: no GPU needed
+        assert not cudnn.allow_tf32 and cudnn.rnn.fp32_precision != "tf32"
         raise RuntimeError("a failed pass")
-    assert rnn.fp32_precision == before
+    assert cudnn.allow_tf32 and cudnn.rnn.fp32_precision == "tf32"
+
+
+def test_float32_scoring_leaves_per_operator_tf32_flags_the_process_chose():
+    from anomaly.scoring import ieee_float32
+
+    cudnn = torch.backends.cudnn
+    cudnn.conv.fp32_precision = "ieee"  # torch's newer API, one operator only
+    try:
+        with ieee_float32("cuda"):
+            assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee", "tf32")
+    finally:
+        cudnn.conv.fp32_precision = "tf32"
+    assert cudnn.allow_tf32

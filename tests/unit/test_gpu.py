@@ -51,7 +51,7 @@ def test_fast_scorer_on_cuda_matches_cpu_and_a_per_window_loop():
     for batch_size in (0, 100):
         other = window_scores(model, apart, "cuda", batch_size=batch_size)
         np.testing.assert_allclose(other.scores, on_cpu.scores, rtol=1e-3, atol=1e-6)
-    assert torch.backends.cudnn.rnn.fp32_precision == "tf32"  # float32 scoring put torch's setting back
+    assert torch.backends.cudnn.allow_tf32  # float32 scoring put torch's setting back
     recon = reconstruct(model, windows[:50], "cuda")
     naive = np.stack([model(torch.from_numpy(np.array(w))[None].cuda())[0].detach().cpu().numpy() for w in windows[:50]])
     np.testing.assert_allclose(recon, naive, rtol=1e-3, atol=1e-5)
