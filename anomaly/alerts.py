@@ -22,10 +22,11 @@ Per entity, windows arrive in time order with a score and the threshold in force
   and downstream consumers upsert by ``event_id``, so the event's record simply reopens. A run that
   starts after the cooldown gets a new id.
 - **Peak.** ``peak_score`` is the highest score of the event (a re-opened event keeps its earlier
-  peak if higher); ``sensors`` (the ``top_k`` sensors by share of the reconstruction error, with
-  actual and expected values), ``threshold``, ``peak_ts`` and ``model`` all describe that peak window.
-  ``sensors_detail`` is called only when a window becomes the peak of a run, so windows below the
-  threshold cost one comparison.
+  peak if higher). Scores of two model versions are on two scales, so across a model swap the window
+  that is further over its own bar (``score / threshold``) is the higher (``_outranks``). ``sensors``
+  (the ``top_k`` sensors by share of the reconstruction error, with actual and expected values),
+  ``threshold``, ``peak_ts`` and ``model`` all describe that peak window. ``sensors_detail`` is called
+  only when a window becomes the peak of a run, so windows below the threshold cost one comparison.
 
 State is one small record per entity that is in a run, open, or in cooldown; entities at rest hold
 nothing.
@@ -105,6 +106,18 @@ class _Event:
     peak: _Peak
 
 
+def _outranks(score: float, threshold: float, model_name: str, model_version: str, peak: _Peak) -> bool:
+    """Whether a window scoring ``score`` against ``threshold`` is a higher peak than ``peak``: by score
+    under the same model version, by margin over the bar (``score / threshold``) across two versions,
+    whose scores are on two scales (a smaller-scaled new champion could otherwise never name the
+    sensors of a fault that starts after the swap)."""
+    if peak.score == -math.inf:
+        return True
+    if (model_name, model_version) == (peak.model_name, peak.model_version) or not (threshold > 0 and peak.threshold > 0):
+        return score > peak.score
+    return score / threshold > peak.score / peak.threshold
+
+
 class AlertTracker:
     """Per-entity alert state; ``update`` once per scored window, in time order per entity."""
 
@@ -131,7 +144,7 @@ class AlertTracker:
                 event.below = 0
                 event.windows = event.seen
                 event.last_above_ts = end_ts
-                if score > event.peak.score:
+                if _outranks(score, threshold, model_name, model_version, event.peak):
                     event.peak = _Peak(score, end_ts, threshold, model_name, model_version, sensors_detail())
                 return []
             event.below += 1
@@ -158,7 +171,7 @@ class AlertTracker:
             run = self._runs[entity] = _Run(end_ts, 0, _Peak(-math.inf, end_ts, threshold, model_name,
                                                              model_version, []))
         run.count += 1
-        if score > run.peak.score:
+        if _outranks(score, threshold, model_name, model_version, run.peak):
             run.peak = _Peak(score, end_ts, threshold, model_name, model_version, sensors_detail())
         if run.count < policy.min_duration_windows:
             return []
@@ -168,7 +181,7 @@ class AlertTracker:
             event.below = 0
             event.windows = event.seen
             event.last_above_ts = end_ts
-            if run.peak.score > event.peak.score:
+            if _outranks(run.peak.score, run.peak.threshold, run.peak.model_name, run.peak.model_version, event.peak):
                 event.peak = run.peak
         else:
             event = self._events[entity] = _Event(

@@ -146,3 +146,18 @@ def test_active_entities_are_those_a_quiet_window_can_change() -> None:
     assert tracker.active_entities() == {"hot"}
     tracker.update("hot", 20.0, 0.1, 1.0, detail, "m", "1")  # cooldown over
     assert tracker.active_entities() == set()
+
+
+def test_across_a_model_swap_the_peak_is_the_window_furthest_over_its_own_bar() -> None:
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=1, recovery_windows=2))
+    # Version 3 scores on a scale of tens (bar 10), its successor 4 on a scale of tenths (bar 0.1).
+    tracker.update("pump-1", T0, 20.0, 10.0, lambda: detail("temp"), "pumps", "3")
+    tracker.update("pump-1", T0 + 1, 0.15, 0.1, lambda: detail("pressure"), "pumps", "4")  # 1.5x: not higher
+    assert tracker.open_events()[0]["sensors"][0]["sensor"] == "temp"
+    tracker.update("pump-1", T0 + 2, 2.2, 0.1, lambda: detail("flow"), "pumps", "4")  # 22x its bar: the peak
+    tracker.update("pump-1", T0 + 3, 1.0, 0.1, lambda: detail("flow"), "pumps", "4")  # lower, same version
+    closed = [e for t in (4, 5) for e in tracker.update("pump-1", T0 + t, 0.01, 0.1, detail, "pumps", "4")]
+    assert [e["status"] for e in closed] == ["closed"]
+    event = closed[0]
+    assert (event["peak_score"], event["threshold"], event["peak_ts"]) == (2.2, 0.1, T0 + 2)
+    assert event["model"] == {"name": "pumps", "version": "4"} and event["sensors"][0]["sensor"] == "flow"
