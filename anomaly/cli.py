@@ -333,7 +333,8 @@ def _record_evaluation(settings: Any, name: str, version: str, data: str, detect
         entity, part = max(scored.items(), key=lambda item: int(item[1].table["label"].sum()))
         t = part.table
         run.log_figure(plots.anomaly_overlay(t["ts"].to_numpy(), part.values, detector.sensors,
-                                             t["score"].to_numpy(dtype=np.float64), detector.threshold.value,
+                                             t["score"].to_numpy(dtype=np.float64),
+                                             t["threshold"].to_numpy(dtype=np.float64),
                                              flags=t["is_anomaly"].to_numpy(dtype=bool),
                                              labels=t["label"].to_numpy(dtype=bool), expected=part.expected),
                        f"overlay-{Path(entity).stem}.png")

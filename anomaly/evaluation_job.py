@@ -29,7 +29,8 @@ def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Pa
         shown = [r for r in result.series if r.labels.any()] or result.series
         if shown:
             r = max(shown, key=lambda s: int(s.labels.sum()))
-            run.log_figure(plots.anomaly_overlay(r.timestamps, r.values, r.sensors, r.scores, r.threshold,
+            run.log_figure(plots.anomaly_overlay(r.timestamps, r.values, r.sensors, r.scores,
+                                                 r.threshold if r.bars is None else r.bars,
                                                  flags=r.flags, labels=r.labels, expected=r.expected),
                            f"overlay-{r.name.replace('/', '_')}.png")
             all_scores = np.concatenate([s.scores[np.isfinite(s.scores)] for s in result.series])

@@ -62,11 +62,13 @@ def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np
 
 
 def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequence[str], scores: np.ndarray,
-                    threshold: float, flags: np.ndarray | None = None, labels: np.ndarray | None = None,
+                    threshold: float | np.ndarray, flags: np.ndarray | None = None, labels: np.ndarray | None = None,
                     expected: np.ndarray | None = None, max_sensors: int = 4,
                     order: Sequence[int] | None = None, marker: tuple[Any, str] | None = None) -> Figure:
     """Readings (rows, F) with their reconstructions, and the score with threshold; flagged spans in
     red, labelled anomalies in orange. ``scores``/``flags``/``labels`` are row-aligned (NaN allowed).
+    ``threshold``: one bar, or the bar in force at each row (row-aligned, as a per-entity or moving bar
+    flags them), drawn as a dashed line. A flagged or labelled row is shaded up to the next row.
     ``order``: the sensors (column indices) to draw first, e.g. by their share of the error (default:
     column order); ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line."""
     shown = list(order if order is not None else range(values.shape[1]))[:max_sensors]
@@ -85,7 +87,11 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
     axes[0].legend(loc="upper right", fontsize=7)
     ax = axes[-1]
     ax.plot(x, scores, lw=0.8, color="black")
-    ax.axhline(threshold, color="red", ls="--", lw=0.8)
+    bars = np.asarray(threshold, dtype=np.float64)
+    if bars.ndim == 0:
+        ax.axhline(float(bars), color="red", ls="--", lw=0.8)
+    else:  # NaN where no window has been scored yet: a gap in the line
+        ax.plot(x, bars, color="red", ls="--", lw=0.8, drawstyle="steps-post")
     ax.set_yscale("log")
     ax.set_ylabel("score", fontsize=8)
     _shade(ax, x, labels, "orange")
@@ -124,8 +130,14 @@ def _shade(ax, x: np.ndarray, mask: np.ndarray | None, color: str) -> None:
     if not mask.any():
         return
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    n = len(x)
     for start, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
-        ax.axvspan(x[start], x[end - 1], color=color, alpha=0.25, lw=0)
+        # Row i spans x[i] to x[i + 1]: a run of one row has a width, and the last row takes the step before it.
+        stop = x[end] if end < n else (x[-1] + (x[-1] - x[-2]) if n > 1 else None)
+        if stop is None:
+            ax.axvline(x[start], color=color, alpha=0.5, lw=2)
+        else:
+            ax.axvspan(x[start], stop, color=color, alpha=0.25, lw=0)
 
 
 def close(fig: Figure) -> None:

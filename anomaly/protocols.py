@@ -77,6 +77,7 @@ class SeriesResult:
     windows_scored: int = 0  # windows in that call
     validation_scores: np.ndarray | None = None  # window scores of the training rows' validation split
     best_epoch: int | None = None  # the epoch whose weights were kept (early stopping)
+    bars: np.ndarray | None = None  # (T,) the bar each row's flag was held to (None: ``threshold`` throughout)
 
 
 @dataclass
@@ -113,9 +114,10 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     first = series.train_rows if score_from is None else score_from
     labels = np.zeros(n, bool) if series.labels is None else np.asarray(series.labels, bool)
     thr = detector.threshold.value
+    bars = detector.threshold.series_bars(scores[first:])
     return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
                         labels=labels[first:], scores=scores[first:],
-                        flags=detector.threshold.series_flags(scores[first:]), expected=expected[first:],
+                        flags=scores[first:] > bars, bars=bars, expected=expected[first:],
                         threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
                         windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
                         best_epoch=fitted.best_epoch)
@@ -261,7 +263,7 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
         progress(s.name)
         r = score_series(s, settings, score_from=0)
         calibrated = nab_calibrated(r, s.train_rows)
-        r = replace(r, scores=calibrated, flags=calibrated >= own_level, threshold=own_level)
+        r = replace(r, scores=calibrated, flags=calibrated >= own_level, threshold=own_level, bars=None)
         results.append(r)
         files.append(evaluation.NabFile(name=s.name, scores=calibrated, windows=list(s.meta["windows"])))
     oracle = evaluation.nab_scores(files)
@@ -271,7 +273,8 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
     for s, r in zip(series, results):
         p = s.train_rows
         scored.append(replace(r, timestamps=r.timestamps[p:], values=r.values[p:], labels=r.labels[p:],
-                              scores=r.scores[p:], flags=r.flags[p:], expected=r.expected[p:]))
+                              scores=r.scores[p:], flags=r.flags[p:], expected=r.expected[p:],
+                              bars=None if r.bars is None else r.bars[p:]))
     metrics = {"nab_standard": oracle["nab_standard"], "nab_low_fp": oracle["nab_low_fp"],
                "nab_low_fn": oracle["nab_low_fn"], "nab_standard_own_threshold": own["nab_standard"],
                "nab_low_fp_own_threshold": own["nab_low_fp"], "nab_low_fn_own_threshold": own["nab_low_fn"],

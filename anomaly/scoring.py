@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -94,27 +96,64 @@ def cpu_streams(device: torch.device | str, n_windows: int, batch_size: int) -> 
     return max(1, min(torch.get_num_threads(), n_windows // batch_size))
 
 
+_IEEE_LOCK = threading.Lock()
+_ieee_holders = 0  # passes inside ieee_float32 now, in any thread
+_ieee_restore: Callable[[], None] | None = None  # puts torch's flags back when the last holder leaves
+
+
+def _switch_off_tf32() -> Callable[[], None] | None:
+    """Turn cuDNN's TF32 off for recurrent layers; returns how to undo it, None where it stays as it is."""
+    cudnn = torch.backends.cudnn
+    try:
+        legacy = cudnn.allow_tf32
+    except (AttributeError, RuntimeError):  # no legacy switch, or per-operator flags already differ
+        legacy = None
+    if legacy is True:
+        cudnn.allow_tf32 = False  # conv and RNN alike: no mix of torch's two APIs (torch raises on a mix)
+        return lambda: setattr(cudnn, "allow_tf32", True)
+    rnn = getattr(cudnn, "rnn", None)
+    if legacy is None and getattr(rnn, "fp32_precision", None) == "tf32":  # the newer API, flags set apart
+        rnn.fp32_precision = "ieee"
+        return lambda: setattr(rnn, "fp32_precision", "tf32")
+    return None  # TF32 already off (or chosen at a level above cuDNN's operators: the process's choice)
+
+
 @contextlib.contextmanager
 def ieee_float32(device: torch.device | str):
     """float32 recurrent layers as IEEE float32 on CUDA, restoring torch's setting afterwards. By torch's
     default cuDNN rounds a float32 LSTM's inputs to TF32 (a 10-bit mantissa) on Ampere and newer GPUs:
     measured on an H200, a trained model's float32 scores then moved by up to 0.9 % from the CPU's.
-    The setting (torch's ``backends.cudnn.allow_tf32``) is process-wide while it is held. Nothing changes
-    on CPU, nor where the process has set cuDNN's TF32 flags per operator (torch's newer API: mixing the
-    two APIs is an error in torch)."""
-    cudnn = torch.backends.cudnn
-    try:
-        allowed = torch.device(device).type == "cuda" and cudnn.allow_tf32
-    except RuntimeError:  # per-operator flags that differ: the process chose them, leave them be
-        allowed = False
-    if not allowed:
+    The setting is process-wide: threads share it, the first to enter sets it and the last to leave
+    puts it back. Nothing changes on CPU."""
+    global _ieee_holders, _ieee_restore
+    if torch.device(device).type != "cuda":
         yield
         return
-    cudnn.allow_tf32 = False
+    with _IEEE_LOCK:
+        if _ieee_holders == 0:
+            _ieee_restore = _switch_off_tf32()
+        _ieee_holders += 1
     try:
         yield
     finally:
-        cudnn.allow_tf32 = True
+        with _IEEE_LOCK:
+            _ieee_holders -= 1
+            if _ieee_holders == 0 and _ieee_restore is not None:
+                _ieee_restore()
+                _ieee_restore = None
+
+
+FP16_SAFE_INPUT = 6.0e4  # |scaled reading| fed to a network under CUDA autocast (float16's largest is 65,504)
+
+
+def network_input(batch: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+    """What the network reads. Under CUDA autocast torch's wrapper for cuDNN's LSTM casts its input to
+    float16 whatever dtype was asked (aten/src/ATen/cudnn/AutocastRNN.cpp), so a wild scaled reading
+    would turn inf there and the score NaN (never an alarm): it is clamped to float16's range first.
+    The error is still taken against the reading itself, so it stays huge. Nothing changes elsewhere."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.clamp(batch, -FP16_SAFE_INPUT, FP16_SAFE_INPUT)
+    return batch
 
 
 @contextlib.contextmanager
@@ -149,23 +188,24 @@ def _rows_under(windows: np.ndarray) -> tuple[np.ndarray, int] | None:
 
 
 def _host_tensor(array: np.ndarray) -> torch.Tensor:
-    """A float32 CPU tensor over ``array`` (no copy where it is float32 and C-ordered already)."""
+    """A float32 CPU tensor over ``array`` (no copy where it is float32, C-ordered and writable already:
+    torch warns on a read-only array, and silencing that per call is not thread-safe)."""
     array = np.ascontiguousarray(array, dtype=np.float32)
-    with warnings.catch_warnings():  # a read-only view is fine: the tensor is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def _resident(windows: np.ndarray, device: torch.device) -> torch.Tensor | None:
+def resident_windows(windows: np.ndarray, device: torch.device | str,
+                     max_bytes: int | None = None) -> torch.Tensor | None:
     """All of ``windows`` as one (N, W, F) float32 tensor on ``device``, copied over in one transfer, or
-    None where that would take more than ``CUDA_RESIDENT_BYTES``. Sliding windows go over as their rows
-    (each row once, where the windows repeat it up to W times) and are rebuilt there as a strided view."""
+    None where that would take more than ``max_bytes`` (None: no limit). Sliding windows go over as their
+    rows (each row once, where the windows repeat it up to W times) and are rebuilt there as a strided
+    view: index or slice it, and make a batch contiguous where a kernel needs it."""
     under = _rows_under(windows)
-    if under is not None and 4 * under[0].size <= CUDA_RESIDENT_BYTES:
+    if under is not None and (max_bytes is None or 4 * under[0].size <= max_bytes):
         block, stride = under
         n, w, f = windows.shape
         return _host_tensor(block).to(device).as_strided((n, w, f), (stride * f, f, 1))
-    if 4 * windows.size <= CUDA_RESIDENT_BYTES:
+    if max_bytes is None or 4 * windows.size <= max_bytes:
         return _host_tensor(windows).to(device)
     return None
 
@@ -173,7 +213,7 @@ def _resident(windows: np.ndarray, device: torch.device) -> torch.Tensor | None:
 def _device_batches(windows: np.ndarray, batch_size: int, device: torch.device):
     """Yield (start, (B, W, F) contiguous float32 tensor on ``device``) over ``windows`` (any strides)."""
     n = len(windows)
-    resident = _resident(windows, device) if device.type == "cuda" else None
+    resident = resident_windows(windows, device, CUDA_RESIDENT_BYTES) if device.type == "cuda" else None
     if resident is not None:
         for start in range(0, n, batch_size):
             yield start, resident[start:start + batch_size].contiguous()  # a copy on the device, if a view
@@ -204,7 +244,7 @@ def reconstruct(model: nn.Module, windows: np.ndarray, device: torch.device | st
     out = np.empty(windows.shape, dtype=np.float32)
     with torch.inference_mode(), _autocast(device, precision):
         for start, batch in _device_batches(windows, batch_size, device):
-            out[start:start + len(batch)] = model(batch).float().cpu().numpy()
+            out[start:start + len(batch)] = model(network_input(batch, device, precision)).float().cpu().numpy()
     return out
 
 
@@ -253,7 +293,7 @@ def _score_part(model: nn.Module, windows: np.ndarray, device: torch.device, bat
     errors, last = [], []
     with torch.inference_mode(), _autocast(device, precision):
         for _, batch in _device_batches(windows, batch_size, device):
-            recon = model(batch).float()  # (B, W, F)
+            recon = model(network_input(batch, device, precision)).float()  # (B, W, F)
             diff = torch.clamp(recon - batch, -MAX_ABS_ERROR, MAX_ABS_ERROR)  # a wild reading: huge, not inf
             errors.append(torch.mean(diff * diff, dim=1))  # (B, F), on the device
             last.append(recon[:, -1, :])  # (B, F)

@@ -248,7 +248,8 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     n = len(values)
     scores = rows_from_windows(scored.scores, n, detector.window_size)
     expected = rows_from_windows(scored.expected, n, detector.window_size)
-    flags = detector.threshold.series_flags(scores)
+    bars = detector.threshold.series_bars(scores)
+    flags = scores > bars
     stamps = np.asarray(prepared.timestamps[-tail:])
     # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and
     # about where validation starts when the tail reaches back into training rows.
@@ -256,7 +257,7 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     first_val = len(prepared.values) - tail if prepared.entities else \
         int(len(prepared.values) * (1 - settings.training.validation_fraction)) - (len(prepared.values) - tail)
     marker = (stamps[first_val], " validation") if 0 < first_val < n else None
-    run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, detector.threshold.value,
+    run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, bars,
                                          flags=flags, expected=expected, order=order.tolist(), marker=marker),
                    "validation_overlay.png")
 

@@ -37,7 +37,8 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
-from anomaly.scoring import MAX_ABS_ERROR, cpu_has_native_bf16, cpu_streams, torch_threads
+from anomaly.scoring import (MAX_ABS_ERROR, _rows_under, cpu_has_native_bf16, cpu_streams, ieee_float32,
+                             network_input, resident_windows, torch_threads)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def _loss_backward(model: nn.Module, batch: torch.Tensor, batch_total: int, devi
     """Backward pass of ``batch``'s share of the mean squared error over ``batch_total`` windows (a
     whole batch, or one thread's part of it); that share, detached. Autocast is per thread: entered here."""
     with _autocast(device, bf16):
-        loss = torch.mean((model(batch).float() - batch) ** 2) * (len(batch) / batch_total)
+        recon = model(network_input(batch, device, "bf16" if bf16 else "fp32")).float()
+        loss = torch.mean((recon - batch) ** 2) * (len(batch) / batch_total)
     loss.backward()
     return loss.detach()
 
@@ -194,7 +196,8 @@ def _part_gradients(model: nn.Module, part: torch.Tensor, batch_total: int, devi
     """``part``'s share of the batch loss (detached) and its gradients, returned rather than
     accumulated into ``.grad``, so the caller adds the parts in a fixed order."""
     with _autocast(device, bf16):
-        loss = torch.mean((model(part).float() - part) ** 2) * (len(part) / batch_total)
+        recon = model(network_input(part, device, "bf16" if bf16 else "fp32")).float()
+        loss = torch.mean((recon - part) ** 2) * (len(part) / batch_total)
     params = [p for p in model.parameters() if p.requires_grad]
     return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -219,16 +222,20 @@ def _split_backward(model: nn.Module, batch: torch.Tensor, streams: int, pool: T
 
 def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device,
                   mixed_precision: bool = False) -> float:
-    """Mean squared reconstruction error over ``data`` (already on ``device``); float32 unless
-    ``mixed_precision`` (bf16 autocast). One host sync at the end, none per batch."""
+    """Mean squared reconstruction error over ``data`` (already on ``device``); float32 (IEEE float32 on
+    CUDA too, as scoring: ``ieee_float32``) unless ``mixed_precision`` (bf16 autocast). One host sync
+    at the end, none per batch."""
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
-    with torch.inference_mode(), _autocast(device, mixed_precision):
+    precision = "bf16" if mixed_precision else "fp32"
+    full = contextlib.nullcontext() if mixed_precision else ieee_float32(device)
+    with torch.inference_mode(), _autocast(device, mixed_precision), full:
         for start in range(0, len(data), batch_size):
-            batch = data[start:start + batch_size]
+            batch = data[start:start + batch_size].contiguous()  # a copy where ``data`` is a strided view
             # float32 batch mean, weighted in float64: the same figures as a per-batch float() would give;
             # the error clamped as scoring clamps it (a wild validation reading: huge, not inf)
-            diff = torch.clamp(model(batch).float() - batch, -MAX_ABS_ERROR, MAX_ABS_ERROR)
+            diff = torch.clamp(model(network_input(batch, device, precision)).float() - batch,
+                               -MAX_ABS_ERROR, MAX_ABS_ERROR)
             total += torch.mean(diff * diff).double() * len(batch)
     return float(total) / max(len(data), 1)
 
@@ -240,11 +247,12 @@ def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: Tr
 
     Returns the model with the best validation loss. Raises ``ModelError`` when the data is too small.
     """
-    windows = np.ascontiguousarray(windows, dtype=np.float32)
+    windows = np.asarray(windows)  # sliding windows stay a view: they go to the device as their rows
     if windows.ndim != 3 or windows.shape[1:] != (model_config.window_size, model_config.n_features):
         raise ModelError(f"windows shape {windows.shape} does not match W={model_config.window_size}, "
                          f"F={model_config.n_features}")
-    if not np.isfinite(windows).all():
+    under = _rows_under(windows)
+    if not np.isfinite(windows if under is None else under[0]).all():
         raise ModelError("training windows contain NaN or inf; fill gaps before training")
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -263,8 +271,10 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
          device: torch.device, callbacks: Sequence[TrainCallback],
          progress_desc: str) -> tuple[nn.Module, list[EpochStats], int, float, float]:
     started = time.perf_counter()
-    train = torch.from_numpy(train_np).to(device)  # (N, W, F): the whole set on the device, once
-    val = torch.from_numpy(val_np).to(device)
+    # (N, W, F): the whole set on the device, once; sliding windows as their rows, a strided view there
+    # (W times less memory; a batch gathered from it is contiguous)
+    train = resident_windows(train_np, device)
+    val = resident_windows(val_np, device)
     model = build_model(model_config).to(device)  # .to() re-flattens LSTM weights: the fused cuDNN path
     peak_lr = config.peak_learning_rate
     # fused Adam: one kernel for all parameters on CUDA (same update, different rounding order).

@@ -37,9 +37,19 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$out
   # the unit conftest needs nothing but the package; -p no:cacheprovider: the tree may be read-only
   tests=0  # a failing CUDA test must not cost the benchmark: its status is the script's, at the end
   "$PY" -m pytest -q -rs -p no:cacheprovider tests/unit/test_gpu.py 2>&1 | tee -a "$out/gpu-check.log" || tests=$?
-  devices=cpu
-  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && devices=cpu,cuda
-  "$PY" -m pipelines.bench_train --devices "$devices" --data-dir "$DATA" --json "$out/bench_train_gpu.json" \
+  if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    # a CPU-only run here would be rendered over this machine's own CPU figures in the README
+    echo "gpu-check: torch sees no CUDA device here: no GPU figures to take" | tee -a "$out/gpu-check.log" >&2
+    exit 3
+  fi
+  # What runs the LSTMs under bf16 autocast: torch's autocast wrapper for cuDNN's RNN has cast to
+  # float16 whatever dtype was asked (anomaly.scoring.network_input clamps for that); record which.
+  "$PY" -c "import torch
+lstm = torch.nn.LSTM(8, 32, batch_first=True).cuda()
+with torch.autocast('cuda', dtype=torch.bfloat16):
+    out, _ = lstm(torch.randn(4, 10, 8, device='cuda'))
+print('LSTM output dtype under bf16 autocast on CUDA:', out.dtype)" 2>&1 | tee -a "$out/gpu-check.log"
+  "$PY" -m pipelines.bench_train --devices cpu,cuda --data-dir "$DATA" --json "$out/bench_train_gpu.json" \
       "${@:2}" 2>&1 | tee -a "$out/gpu-check.log"
   [ "$tests" -eq 0 ] || { echo "gpu-check: the CUDA tests failed (exit $tests)" >&2; exit "$tests"; }
   ;;

@@ -48,7 +48,7 @@ from anomaly.preparation import fill_rows
 from anomaly.protocols import PROFILES
 from anomaly.scaling import fit_scaler
 from anomaly.config import WorkerSettings
-from anomaly.scoring import resolve_precision, score_batch_size, window_scores
+from anomaly.scoring import ieee_float32, resolve_precision, score_batch_size, window_scores
 from anomaly.training import (EpochStats, StopTraining, TrainConfig, fast_train_config, split_windows,
                               torch_threads, train_autoencoder)
 from anomaly.windowing import make_windows
@@ -283,7 +283,8 @@ def run_size(size: Size, windows: np.ndarray, device: torch.device, cpu_threads:
             if precision != "fp32":
                 timings["ours_fp32"].append(_timed(lambda: window_scores(ours_model, windows, device), device))
     fp32_scores = window_scores(ours_model, windows, device).scores
-    same_model_ref = plain_scores(ours_model, all_t, device)  # the reference scorer on our model: must agree
+    with ieee_float32(device):  # at the precision of ours in float32 (IEEE on CUDA too): they must agree
+        same_model_ref = plain_scores(ours_model, all_t, device)  # the reference scorer on our model
     agreement = float(np.max(np.abs(fp32_scores - same_model_ref) / np.maximum(np.abs(same_model_ref), 1e-12)))
     shipped = window_scores(ours_model, windows, device, precision=precision).scores
     deviation = np.abs(shipped - fp32_scores) / np.maximum(fp32_scores, 1e-12)
@@ -467,8 +468,11 @@ def markdown(data: dict[str, Any]) -> str:
     command = ("`bash deploy/gpu-check.sh run` on the GPU machine, then here `python -m pipelines.bench_train "
                "--from-json results/bench_train_gpu.json --update-readme`" if readme_section(data) == GPU_MARKER else
                "`python -m pipelines.bench_train --json results/bench_train.json --update-readme`")
-    lines = [f"{command} "
-             f"(about {max(1, round(data['seconds'] / 60))} minute(s) here). Measured on {m['cpu']} ({m['cpu_count']} "
+    where = "on that machine" if readme_section(data) == GPU_MARKER else "here"
+    quick = ("**A `--quick` run (tiny data, few epochs): it checks the plumbing; its figures are not the "
+             "benchmark's.** " if data.get("quick") else "")
+    lines = [f"{quick}{command} "
+             f"(about {max(1, round(data['seconds'] / 60))} minute(s) {where}). Measured on {m['cpu']} ({m['cpu_count']} "
              f"cores){gpu}, torch {m['torch']}, load average {m.get('load_avg', 'n/a')} at the start. The reference is a plain loop written in the benchmark "
              f"(DataLoader over CPU tensors, batch {REF_BATCH}, Adam {REF_LR:g}, float32, torch's default "
              f"{m['torch_threads']} threads); ours is `train_autoencoder` with `fast_train_config` and `window_scores` "

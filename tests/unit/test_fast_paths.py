@@ -409,7 +409,7 @@ def test_sliding_windows_are_recognised_as_views_of_their_rows(stride):
     block, found = _rows_under(windows)
     assert found == stride
     assert block.shape == ((len(windows) - 1) * stride + 16, 5) and not block.flags.writeable
-    rebuilt = torch.from_numpy(np.ascontiguousarray(block)).as_strided(windows.shape, (stride * 5, 5, 1))
+    rebuilt = torch.from_numpy(block.copy()).as_strided(windows.shape, (stride * 5, 5, 1))
     np.testing.assert_array_equal(rebuilt.numpy(), windows)  # the device path rebuilds them this way
     # A copy is one window after another: its own rows, W apart.
     assert _rows_under(np.ascontiguousarray(windows))[1] == 16
@@ -436,11 +436,11 @@ def test_resident_windows_are_rebuilt_from_their_rows_on_the_device(monkeypatch)
                     .transpose(0, 2, 1)):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a read-only view must not warn on its way to torch
-            resident = scoring._resident(windows, cpu)
+            resident = scoring.resident_windows(windows, cpu, scoring.CUDA_RESIDENT_BYTES)
         assert resident.dtype == torch.float32 and resident.shape == windows.shape
         np.testing.assert_array_equal(resident.numpy(), windows.astype(np.float32))
     monkeypatch.setattr(scoring, "CUDA_RESIDENT_BYTES", 4 * 300 * 4 - 1)  # not even the rows fit
-    assert scoring._resident(make_windows(values, 20), cpu) is None
+    assert scoring.resident_windows(make_windows(values, 20), cpu, scoring.CUDA_RESIDENT_BYTES) is None
 
 
 def test_float32_scoring_on_cuda_asks_cudnn_for_ieee_float32_and_puts_the_setting_back():
@@ -456,14 +456,57 @@ def test_float32_scoring_on_cuda_asks_cudnn_for_ieee_float32_and_puts_the_settin
     assert cudnn.allow_tf32 and cudnn.rnn.fp32_precision == "tf32"
 
 
-def test_float32_scoring_leaves_per_operator_tf32_flags_the_process_chose():
+def test_float32_scoring_with_torchs_newer_per_operator_flags_turns_the_rnn_one_off():
     from anomaly.scoring import ieee_float32
 
     cudnn = torch.backends.cudnn
-    cudnn.conv.fp32_precision = "ieee"  # torch's newer API, one operator only
+    cudnn.conv.fp32_precision = "ieee"  # torch's newer API, one operator only: the legacy switch is unreadable
     try:
         with ieee_float32("cuda"):
-            assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee", "tf32")
+            assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee", "ieee")
+        assert (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee", "tf32")
     finally:
         cudnn.conv.fp32_precision = "tf32"
     assert cudnn.allow_tf32
+
+
+def test_the_tf32_switch_is_shared_by_threads_and_put_back_by_the_last_to_leave():
+    import threading
+
+    from anomaly.scoring import ieee_float32
+
+    cudnn = torch.backends.cudnn
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with ieee_float32("cuda"):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with ieee_float32("cuda"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b after a left"] = cudnn.allow_tf32  # still inside b's pass: still off
+        seen["after both"] = cudnn.allow_tf32
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"b after a left": False, "after both": True}
+
+
+def test_a_wild_reading_is_clamped_for_the_network_only_under_cuda_autocast():
+    from anomaly.scoring import FP16_SAFE_INPUT, network_input
+
+    batch = torch.tensor([[[1e9, -1e9, 0.5]]])
+    assert torch.equal(network_input(batch, torch.device("cpu"), "bf16"), batch)  # CPU bf16 keeps float32's range
+    cuda = torch.device("cuda")  # a device object only: nothing is moved
+    assert torch.equal(network_input(batch, cuda, "fp32"), batch)
+    assert network_input(batch, cuda, "bf16").tolist() == [[[FP16_SAFE_INPUT, -FP16_SAFE_INPUT, 0.5]]]
+    assert FP16_SAFE_INPUT < torch.finfo(torch.float16).max

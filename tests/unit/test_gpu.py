@@ -101,3 +101,16 @@ def test_bench_train_quick_on_cuda(tmp_path):
     r = json.loads(out.read_text())["results"]["skab/cuda"]
     assert r["ours"]["train_memory"]["cuda_peak_mb"] > 0 and r["reference"]["train_memory"]["cuda_peak_mb"] > 0
     assert r["ours"]["score_max_rel_diff_vs_reference_scorer"] < 1e-3
+
+
+def test_a_wild_reading_scores_huge_and_finite_at_the_workers_default_precision_on_cuda():
+    from anomaly.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_features=3, window_size=16, hidden_size=32, latent_size=8)).cuda()
+    windows = np.array(_sine_windows(200))
+    windows[50:60, 15, 0] = 1e9  # scaled: far beyond float16's range, which cuDNN's LSTM may be fed in
+    scores = window_scores(model, windows, "cuda", precision="auto").scores
+    assert np.isfinite(scores).all()
+    assert scores[50:60].min() > 1e15 and np.median(scores) < 10
+    assert np.allclose(scores[:50], window_scores(model, windows[:50], "cpu").scores, rtol=0.1, atol=1e-4)

@@ -1,0 +1,49 @@
+"""What the figures draw, checked on the artists (no image comparison)."""
+
+import numpy as np
+import pytest
+
+from anomaly import plots
+
+
+def _spans(ax) -> list[tuple[float, float]]:
+    return [(round(float(p.get_x()), 6), round(float(p.get_width()), 6)) for p in ax.patches]
+
+
+def test_a_flagged_row_is_shaded_up_to_the_next_row_even_alone_and_at_the_end():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    plots._shade(ax, np.arange(10.0), np.array([0, 0, 1, 0, 1, 1, 1, 0, 0, 1]), "red")
+    assert _spans(ax) == [(2.0, 1.0), (4.0, 3.0), (9.0, 1.0)]  # the last row takes the step before it
+    plots.close(fig)
+    fig, ax = plt.subplots()
+    plots._shade(ax, np.array([5.0]), np.array([True]), "red")  # one row, no step to take: a line
+    assert not ax.patches and len(ax.lines) == 1
+    plots.close(fig)
+
+
+def test_timestamps_are_shaded_in_their_own_units():
+    import matplotlib.pyplot as plt
+
+    x = np.array(["2026-01-01T00:00", "2026-01-01T00:10", "2026-01-01T00:20"], dtype="datetime64[ns]")
+    fig, ax = plt.subplots()
+    plots._shade(ax, x, np.array([0, 1, 0]), "red")
+    (start, width), = _spans(ax)
+    assert width == pytest.approx(10 / (24 * 60), abs=1e-6)  # ten minutes, in matplotlib's days
+    plots.close(fig)
+
+
+def test_the_score_panel_draws_the_bar_in_force_at_each_row():
+    scores = np.r_[np.nan, np.linspace(0.1, 2.0, 9)]
+    bars = np.r_[np.nan, np.full(4, 0.5), np.full(5, 1.5)]  # e.g. an episode's bar, risen mid-way
+    fig = plots.anomaly_overlay(np.arange(10.0), np.ones((10, 1)), ["x"], scores, bars, flags=scores > bars)
+    score_ax = fig.axes[-1]
+    dashed = [line for line in score_ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1
+    np.testing.assert_array_equal(dashed[0].get_ydata(), bars)
+    plots.close(fig)
+    fig = plots.anomaly_overlay(np.arange(10.0), np.ones((10, 1)), ["x"], scores, 0.5)  # one bar: a level line
+    (level,) = [line for line in fig.axes[-1].lines if line.get_linestyle() == "--"]
+    assert list(level.get_ydata()) == [0.5, 0.5]
+    plots.close(fig)
