@@ -45,6 +45,8 @@ def _settings(args: argparse.Namespace, base: dict[str, dict[str, Any]] | None =
         overrides.setdefault("mlflow", {})["tracking_uri"] = args.tracking_uri
     if getattr(args, "model_name", None):
         overrides.setdefault("mlflow", {})["model_name"] = args.model_name
+    if getattr(args, "bootstrap_servers", None) is not None:  # checked as the config's value is: an empty one too
+        overrides.setdefault("kafka", {})["bootstrap_servers"] = args.bootstrap_servers
     # A dataset profile is the base; a config file overrides the fields it sets (so a file that only
     # names the MLflow store keeps the profile's model, sensors and threshold), then the environment and
     # the command line (an environment value equal to the default still overrides the profile).
@@ -72,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_alias(args.alias)  # before the training run, not after it
     from anomaly import tracking
 
+    _check_device(settings)
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)  # before the training
     d = settings.data
     grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
@@ -137,6 +140,12 @@ def _dataset_training_tables(dataset: str, data_dir: Path, series_name: str | No
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomaly import datasets, protocols
 
+    settings = _settings(args, base=protocols.PROFILES[args.dataset])  # a bad setting before the data is read
+    _check_device(settings)
+    report_path = Path(args.report or f"results/evaluate-{args.dataset}.md")
+    _check_output("--report", str(report_path), "the Markdown file")
+    if args.json:
+        _check_output("--json", args.json, "the JSON file")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
     series = datasets.load_dataset(args.dataset, data_dir)
     if args.series:
@@ -149,7 +158,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         series = [s for s in series if s.name in wanted]
     if args.limit is not None:
         series = series[: args.limit]
-    settings = _settings(args, base=protocols.PROFILES[args.dataset])
     if not args.no_track:  # before the protocol's training, not after it (then ~4 minutes of client retries)
         from anomaly import tracking
 
@@ -158,8 +166,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = protocols.run_protocol(args.dataset, series, settings, progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
     bar.close()
     report = protocols.markdown_report(result, settings)
-    report_path = Path(args.report or f"results/evaluate-{args.dataset}.md")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(report, encoding="utf-8")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +177,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps(result.summary(), indent=2))
     log.info("report written to %s", report_path)
     return 0
+
+
+def _check_output(flag: str, path: str, what: str, make_parent: bool = True) -> None:
+    """Refuse an output path that cannot be written before the work that fills it (not after it)."""
+    target = Path(path)
+    if target.is_dir():
+        raise AnomalyError(f"{flag} {path} is a folder: name {what} to write")
+    parent = target.absolute().parent
+    if make_parent:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AnomalyError(f"{flag} {path}: cannot make the folder {parent} ({exc.strerror or exc})") from exc
+    if not parent.is_dir():
+        raise AnomalyError(f"{flag} {path}: no folder {parent} to write it in")
+
+
+def _check_device(settings) -> None:
+    """A training device that is not there, refused before any data is read or run opened."""
+    from anomaly.training import resolve_device
+
+    resolve_device(settings.training.device)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -191,14 +219,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.evaluation import labelled_report
 
     settings = _settings(args)
-    if args.out and Path(args.out).is_dir():
-        raise AnomalyError(f"--out {args.out} is a folder: name the CSV (or .parquet) file to write")
-    if args.out and not Path(args.out).absolute().parent.is_dir():
-        raise AnomalyError(f"--out {args.out}: no folder {Path(args.out).absolute().parent} to write it in")
+    if args.out:
+        _check_output("--out", args.out, "the CSV (or .parquet) file", make_parent=False)
     fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
     if args.record and truths is None:
-        raise AnomalyError(f"--record needs ground truth: {args.data} has no label column (retrain.label_field "
-                           f"{settings.retrain.label_field!r}, 'anomaly' or 'label')")
+        names = list(dict.fromkeys([settings.retrain.label_field, "anomaly", "label"]))
+        raise AnomalyError(f"--record needs ground truth: {args.data} has no label column "
+                           f"({' or '.join(repr(n) for n in names)}; retrain.label_field names one)")
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
@@ -397,12 +424,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from anomaly.model_follower import ModelFollower, wait_for_follower
     from anomaly.worker import Worker, options_from_settings
 
-    settings = _settings(args)
-    if args.bootstrap_servers:
-        import dataclasses
-
-        settings = dataclasses.replace(settings, kafka=dataclasses.replace(settings.kafka,
-                                                                           bootstrap_servers=args.bootstrap_servers))
+    settings = _settings(args)  # --bootstrap-servers included, checked as the config's value is
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     w = settings.worker
     unfollowed = unfollowed_alias(settings)
@@ -443,14 +465,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     from anomaly import registry, tracking
 
     settings = _settings(args)
-    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
-    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = args.name or settings.mlflow.model_name
-    if args.version and args.action != "promote":
+    if args.version and args.action != "promote":  # usage first: before the store is reached (or made)
         raise AnomalyError(f"models {args.action} takes no VERSION (got {args.version!r}); "
                            + ("--name narrows the list to one model" if args.action == "list" else
                               "it moves the alias back to the version that held it before; "
                               "`models promote VERSION` pins a given one"))
+    if args.action == "promote" and not args.version:
+        raise AnomalyError("models promote needs a VERSION")
+    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     if args.action == "list":
         # --name (or --model-name / mlflow.model_name when set explicitly) narrows the list to one model.
         explicit = args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
@@ -469,8 +493,6 @@ def cmd_models(args: argparse.Namespace) -> int:
                       f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "
                       f"{evaluated:<13} {v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
     elif args.action == "promote":
-        if not args.version:
-            raise AnomalyError("models promote needs a VERSION")
         alias = args.alias or settings.mlflow.champion_alias
         previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
         print(f"{name}@{alias} -> v{args.version} (was {'v' + previous if previous else 'unset'})")
@@ -517,7 +539,8 @@ def redacted(doc: Any) -> Any:
     if isinstance(doc, list):
         return [redacted(v) for v in doc]
     if isinstance(doc, str):
-        return re.sub(r"(?<=://)([^/:@\s]+):[^/@\s]+@", r"\1:***@", doc)
+        # user:password@host: the password runs to the LAST @ before the host (as URL parsers split it)
+        return re.sub(r"(?<=://)([^/:@\s]+):[^/\s]*@", r"\1:***@", doc)
     return doc
 
 
@@ -613,7 +636,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         frame = replay.frame_from_dataset(args.dataset, data_dir, args.series, sensors=sensors)
         source = f"{args.dataset}:{args.series}"
     kafka = settings.kafka
-    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    bootstrap = kafka.bootstrap_servers  # --bootstrap-servers included (``_settings``)
     topic = args.topic or kafka.input_topic
     if frame is None:  # each entity of the table under its own id (<id>-<i> with --copies)
         import pandas as pd
@@ -724,6 +747,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     settings = _retrain_settings(args)
     if args.data and not Path(args.data).is_file():  # before the champion is fetched, not after
         raise AnomalyError(f"--data {args.data}: no such file")
+    _check_device(settings)
+    from anomaly import tracking
+
+    # a person waits on this one: an MLflow server that does not answer is said now, not after ~4 minutes
+    # of client retries (the scheduled job keeps the retries: a blip there should not cost a cycle)
+    tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     result = run_retrain(settings, progress=not args.quiet, trigger="manual", data_path=args.data)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     return 1 if result.status == "failed" else 0

@@ -21,11 +21,12 @@ import types
 import typing
 import zoneinfo
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
 from anomaly.adaptive import AdaptiveRule
-from anomaly.crontab import cron_fields
+from anomaly.crontab import cron_field_sets
 from anomaly.episodes import EpisodeRule
 from anomaly.errors import ConfigError
 
@@ -88,6 +89,9 @@ def bootstrap_list(servers: str | typing.Sequence[str]) -> list[str]:
     if not clean:
         raise ConfigError("kafka.bootstrap_servers", f"no host:port given: {servers!r}")
     return clean
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a topic name
 
 
 def _check_bootstrap(name: str, servers: str) -> None:
@@ -450,10 +454,14 @@ class SchedulerSettings:
         try:
             from apscheduler.triggers.cron import CronTrigger
 
-            CronTrigger(**cron_fields(self.cron), timezone=zone)
+            triggers = [CronTrigger(**fields, timezone=zone) for fields in cron_field_sets(self.cron)]
         except ValueError as exc:
             raise ConfigError("scheduler.cron", f"is not a crontab expression (minute hour day month weekday): "
                                                 f"{self.cron!r}: {exc}") from None
+        if self.trigger == "cron":  # a date that never comes (0 0 31 2 *): the scheduler would idle for ever
+            now = datetime.now(zone)
+            if all(t.get_next_fire_time(None, now) is None for t in triggers):
+                raise ConfigError("scheduler.cron", f"{self.cron!r} never fires (no such date)")
         if self.misfire_grace_s < 1:
             raise ConfigError("scheduler.misfire_grace_s", f"must be >= 1, got {self.misfire_grace_s}")
         if not -1 <= self.metrics_port <= 65535:
@@ -529,6 +537,9 @@ class Settings:
                   ("kafka.dlq_topic", k.dlq_topic), ("kafka.scores_topic", k.scores_topic)]
         seen: dict[str, str] = {}
         for name, topic in topics:
+            if topic and (not _TOPIC_NAME.fullmatch(topic) or topic in (".", "..")):
+                raise ConfigError(name, f"{topic!r} is not a Kafka topic name (letters, digits, '.', '_' and '-'; at "
+                                        f"most 249 characters; not '.' or '..')")
             if topic and topic in seen:  # e.g. dead letters into the input topic would come back as bad readings for ever
                 raise ConfigError(name, f"must differ from {seen[topic]} (both {topic!r})")
             if topic:

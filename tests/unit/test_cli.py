@@ -336,3 +336,50 @@ def test_paths_that_cannot_be_made_are_errors_naming_them_not_tracebacks(tmp_pat
     data.write_text("ts,x\n2020-01-01 00:00:00,1\n")
     assert main(["score", "--data", str(data), "--out", str(blocker / "s.csv")]) == 2
     assert "no folder" in capsys.readouterr().err
+
+
+def test_a_password_holding_an_at_sign_is_masked_whole(monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_MLFLOW__REGISTRY_URI", "https://user:p@ss@mlflow.example.com/x")
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "ss@" not in out.replace("user:***@mlflow", "") and "https://user:***@mlflow.example.com/x" in out
+
+
+def test_evaluate_refuses_its_output_paths_before_reading_any_data(tmp_path, capsys):
+    # No data folder at all: the path error must come first (it used to come after the whole protocol).
+    missing = tmp_path / "no-data"
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(missing), "--report", str(tmp_path),
+                 "--no-track", "--quiet"]) == 2
+    assert f"--report {tmp_path} is a folder" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(missing), "--json", str(tmp_path),
+                 "--report", str(tmp_path / "r.md"), "--no-track", "--quiet"]) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_evaluate_reads_its_settings_before_the_data(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ANOMALY_MODEL__WINDOW_SIZE", "-5")
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(tmp_path / "no-data"), "--no-track"]) == 2
+    assert "model.window_size" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_training_device_the_machine_lacks_is_refused_before_the_data_is_read(tmp_path, capsys):
+    data = tmp_path / "nope.csv"  # not there: the device is said first
+    assert main(["train", "--data", str(data), "--device", "cuda", "--no-register", "--quiet"]) == 2
+    assert "training.device: cuda asked for but CUDA is not available" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", "skab", "--data-dir", str(tmp_path), "--device", "cuda", "--no-track"]) == 2
+    assert "training.device" in capsys.readouterr().err
+
+
+def test_models_usage_is_checked_before_the_store_is_reached_or_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["models", "promote", "--tracking-uri", "http://127.0.0.1:1"]) == 2  # nothing answers there
+    assert "models promote needs a VERSION" in capsys.readouterr().err
+    assert main(["models", "promote"]) == 2
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("command", [["worker"], ["replay", "--data", "x.csv"]])
+def test_bootstrap_servers_from_the_command_line_are_checked_like_the_configs(command, capsys):
+    assert main([*command, "--bootstrap-servers", "localhost:abc"]) == 2
+    assert "kafka.bootstrap_servers" in capsys.readouterr().err

@@ -197,3 +197,19 @@ def test_another_threshold_method_than_the_profile_s_drops_the_profile_s_thresho
     same.write_text('[threshold]\nmethod = "quantile"\nq = 0.9\n')
     s = load_config(same, env={}, base=PROFILES["skab"])
     assert (s.threshold.q, s.threshold.scale) == (0.9, PROFILES["skab"]["threshold"]["scale"])
+
+
+@pytest.mark.parametrize("topic", ["bad topic!", "a" * 250, ".", "..", "pumps/raw"])
+def test_a_topic_name_kafka_refuses_is_refused_naming_the_field(topic):
+    with pytest.raises(ConfigError, match="kafka.dlq_topic") as err:
+        load_config(env={"ANOMALY_KAFKA__DLQ_TOPIC": topic})
+    assert "not a Kafka topic name" in str(err.value)
+    assert load_config(env={"ANOMALY_KAFKA__DLQ_TOPIC": "plant-1.sensors_dlq"}).kafka.dlq_topic == "plant-1.sensors_dlq"
+
+
+def test_a_cron_schedule_that_never_fires_is_refused():
+    with pytest.raises(ConfigError, match=r"scheduler.cron: '0 0 31 2 \*' never fires"):
+        load_config(env={"ANOMALY_SCHEDULER__TRIGGER": "cron", "ANOMALY_SCHEDULER__CRON": "0 0 31 2 *"})
+    # Leap days come; the 31st of February on a Monday is every Monday of February (crontab ORs the days).
+    for cron in ("0 0 29 2 *", "0 0 31 2 mon"):
+        load_config(env={"ANOMALY_SCHEDULER__TRIGGER": "cron", "ANOMALY_SCHEDULER__CRON": cron})
