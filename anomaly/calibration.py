@@ -25,8 +25,8 @@ def score_z(scores: np.ndarray, short: int = 5, long: int = 500, min_history: in
     s = pd.Series(np.asarray(scores, dtype=np.float64))
     recent = s.rolling(short, min_periods=1).mean()
     past = s.shift(short)  # history ends before the recent stretch begins
-    mean = past.rolling(long, min_periods=min_history).mean()
-    std = past.rolling(long, min_periods=min_history).std()
+    mean = past.rolling(long, min_periods=min(min_history, long)).mean()
+    std = past.rolling(long, min_periods=min(min_history, long)).std()
     floor = np.maximum(1e-3 * mean.abs(), 1e-9)  # a flat history still has a finite spread
     return ((recent - mean) / np.maximum(std, floor)).to_numpy()
 
@@ -45,8 +45,9 @@ def anomaly_likelihood(scores: np.ndarray, short: int = 5, long: int = 500, min_
 
 def _max_before(scores: np.ndarray, rows: int, min_history: int) -> np.ndarray:
     """Per position, the largest of the ``rows`` scores before it (NaNs skipped); NaN where fewer than
-    ``min_history`` of them are scores."""
-    return pd.Series(scores).shift(1).rolling(rows, min_periods=min_history).max().to_numpy()
+    ``min_history`` of them are scores (at most ``rows``: a window shorter than the history asked for
+    asks for all of it)."""
+    return pd.Series(scores).shift(1).rolling(rows, min_periods=min(min_history, rows)).max().to_numpy()
 
 
 def record_ratio(scores: np.ndarray, rows: int, min_history: int = 50) -> np.ndarray:
@@ -63,7 +64,7 @@ def record_ratio(scores: np.ndarray, rows: int, min_history: int = 50) -> np.nda
     before = _max_before(s, rows, min_history)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = s / before
-        out = np.where(before > 0, r / (1.0 + r), np.where(s > 0, 1.0, 0.0))
+        out = np.where(before > 0, np.where(np.isinf(r), 1.0, r / (1.0 + r)), np.where(s > 0, 1.0, 0.0))
     return np.where(np.isnan(before) | np.isnan(s), 0.0, out)
 
 
@@ -96,6 +97,8 @@ def beyond_seen_range_sides(values: np.ndarray, tolerance: float) -> tuple[np.nd
     if tolerance < 0:
         raise ValueError("tolerance >= 0 is required")
     x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return np.zeros(0, bool), np.zeros(0, bool)
     x2 = x.reshape(len(x), -1)
     lo = np.fmin.accumulate(x2, axis=0)  # NaN-skipping running min/max (all-NaN so far stays NaN)
     hi = np.fmax.accumulate(x2, axis=0)

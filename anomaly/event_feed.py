@@ -27,9 +27,9 @@ TOP_SENSORS = 3  # sensors named per line
 
 def _clock(ts: Any) -> str:
     try:
-        return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%H:%M:%S")
+        return datetime.fromtimestamp(float(ts), tz=timezone.utc).strftime("%m-%d %H:%M:%S")  # UTC, with the day
     except (TypeError, ValueError, OverflowError, OSError):
-        return "--:--:--"
+        return "--:-- --:--:--"
 
 
 def _duration(seconds: float) -> str:
@@ -83,8 +83,10 @@ class EventFeed:
     """Follows ``topic`` from the beginning in a daemon thread and calls ``on_line`` per event (with
     ``annotate(event)`` appended in brackets when given).
 
-    Counts events by status (``counts``) and by entity (``entities``). Records that are not event
-    JSON are skipped and logged (the events topic is ours; this is a viewer, not a validator).
+    Counts events by status (``counts``) and opened events by entity (``entities``), each event id once
+    per status: an event re-sent after a worker's restart, or re-opened within its cooldown, is one
+    event (its line is shown again). Records that are not event JSON are skipped and logged (the events
+    topic is ours; this is a viewer, not a validator).
     """
 
     def __init__(self, bootstrap_servers: str, topic: str, on_line: Callable[[str], None] = print,
@@ -99,6 +101,7 @@ class EventFeed:
         self.client_options = dict(client_options or {})
         self.counts: Counter[str] = Counter()
         self.entities: Counter[str] = Counter()
+        self._counted: set[tuple[str, str]] = set()  # (event_id, status) already counted
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -130,9 +133,12 @@ class EventFeed:
         except Exception as exc:  # one odd record must not end the feed (a viewer, not a validator)
             log.warning("event feed: a record on %s is not an event we can show (%s); skipped", self.topic, exc)
             return
-        self.counts[str(event.get("status", "?"))] += 1
-        if event.get("status") == "open":
-            self.entities[str(event.get("entity", "?"))] += 1
+        key = (str(event.get("event_id") or id(event)), str(event["status"]))
+        if key not in self._counted:
+            self._counted.add(key)
+            self.counts[key[1]] += 1
+            if key[1] == "open":
+                self.entities[event["entity"]] += 1
         self.on_line(line + (f"  [{note}]" if note else ""))
 
     def _run(self) -> None:

@@ -111,3 +111,15 @@ def test_record_ratio_needs_history_ignores_nan_and_is_scale_free():
     np.testing.assert_array_equal(record_ratio(s[:300], rows=50, min_history=10), got[:300])
     with pytest.raises(ValueError):
         record_ratio(s, rows=0)
+
+
+def test_edges_short_windows_an_infinite_score_and_no_rows():
+    from anomaly.calibration import beyond_seen_range, record_ratio, score_z
+
+    scores = np.array([0.0, 2.0, 1.0, np.inf, 1.0, 5.0, 0.2])
+    out = record_ratio(scores, rows=3, min_history=50)  # a window shorter than the history asked for
+    assert np.isfinite(out).all() and ((out >= 0) & (out <= 1)).all()
+    assert out[3] == 1.0  # an infinite score is a record, not NaN (NaN is never an alarm)
+    assert len(score_z(np.arange(30.0), short=1, long=20)) == 30
+    for side in (beyond_seen_range(np.empty((0, 2)), 0.05), beyond_seen_range(np.array([]), 0.05)):
+        assert side.shape == (0,) and side.dtype == bool

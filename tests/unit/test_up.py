@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,8 @@ def test_format_event_names_top_sensors_with_actual_and_expected():
     assert "pressure 81% (1.41 vs 1.02)" in line and "flow" in line and "rpm" not in line  # top 3 only
     closed = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 150})
     assert "CLOSED" in closed and "lasted 2.5 min" in closed
+    day = datetime.fromtimestamp(EVENT["start_ts"], tz=timezone.utc).strftime("%m-%d %H:%M:%S")
+    assert line.startswith(day)  # the day too: an event can last days
 
 
 def test_event_feed_counts_and_annotates_and_skips_garbage():
@@ -150,9 +153,11 @@ def test_event_feed_counts_and_annotates_and_skips_garbage():
                 json.dumps([EVENT]).encode(), json.dumps({**EVENT, "status": "closed", "end_ts": "later"}).encode()):
         feed.handle(odd)
     assert feed.counts == {"open": 1, "closed": 1} and feed.entities == {"pump-2": 1} and len(lines) == 2
-    feed.handle(json.dumps(EVENT).encode())  # and the feed goes on
-    assert feed.counts == {"open": 2, "closed": 1} and feed.entities == {"pump-2": 2}
+    feed.handle(json.dumps(EVENT).encode())  # and the feed goes on; the same event again is shown, not counted
+    assert feed.counts == {"open": 1, "closed": 1} and feed.entities == {"pump-2": 1}
     assert len(lines) == 3 and lines[-1].endswith("[note]")
+    feed.handle(json.dumps({**EVENT, "event_id": "another"}).encode())
+    assert feed.counts == {"open": 2, "closed": 1} and feed.entities == {"pump-2": 2}
 
 
 def test_interrupting_start_up_is_a_stop_not_an_error():
