@@ -9,7 +9,8 @@ predict(DataFrame of readings, one column per sensor, rows in time order on the 
 in JSON, before the first full window), ``threshold`` (the bar in force at that row: the fitted value,
 or with an adaptive rule the higher of it and the trailing level, the input's rows being one entity's
 history), ``is_anomaly``, ``top_sensor`` (null where there is no score). A missing cell (NaN, JSON null)
-is filled as the streaming worker fills it: the sensor's previous value, else its typical value.
+is filled as the streaming worker fills it (at its default ``worker.max_fill_steps``): the sensor's previous
+value for up to 5 missing rows in a row, then (and before its first value) its typical value.
 An optional ``entity`` column makes the input a fleet's rows: each entity's rows (in time order) are
 scored as a series of their own and held to that entity's threshold where the model fitted one
 (``Threshold.per_entity``), else the shared one.
@@ -55,13 +56,15 @@ class DetectorModel(PythonModel):
 
 
 ENTITY_COLUMN = "entity"  # as anomaly.tables names it; optional in the logged signature
+SENSOR_FILL_ROWS = 5  # a missing cell takes its sensor's previous value this many rows in a row at most:
+# the worker's default max_fill_steps (anomaly.window_state), which the model does not carry
 
 
 def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One entity's rows (in time order): each row's window score, the bar in force, the top sensor."""
     values = frame[list(det.sensors)].to_numpy(dtype=np.float64)
-    if np.isnan(values).any():  # as the worker does: forward-fill, then the sensor's typical value
-        filled = pd.DataFrame(values).ffill().to_numpy()
+    if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
+        filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
     n = len(values)
     score = np.full(n, np.nan)

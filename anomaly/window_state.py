@@ -21,7 +21,10 @@ Semantics (README quotes this section)
   gap) is dropped (``"late"``): the windows over that slot may already be scored.
 - **Missing sensor.** A ``None`` value is forward-filled from the entity's previous slot, or from
   ``fill_values`` (the model's training centre per sensor) when the entity has no previous slot
-  (its first reading, or the first after a restart).
+  (its first reading, or the first after a restart). A sensor ``None`` in more than
+  ``max_fill_steps`` readings in a row takes its ``fill_values`` value from then on, until it reports
+  again: a sensor that died would otherwise repeat its last value for ever (an event open on it never
+  closing, with an ``actual`` nobody sent; or a normal last value hiding a later fault).
 - **Gaps.** When a slot is sealed with no reading, a run of up to ``max_fill_steps`` missing slots
   is forward-filled with the previous slot's values once the next reading is sealed. A longer run
   restarts the entity's window: its buffer is cleared and the reading that revealed the gap is
@@ -153,7 +156,7 @@ class _Entity:
     """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
 
     __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
-                 "last_partition", "mixed", "needs", "queued_needs", "last_end")
+                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs")
 
     def __init__(self, capacity: int, n_sensors: int) -> None:
         # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset, ts).
@@ -172,6 +175,7 @@ class _Entity:
         # Oldest offsets of the windows queued and not yet handed out by ready(); None when none are.
         self.queued_needs: dict[int, int] | None = None
         self.last_end: int | None = None  # slot of the newest window queued (None: none yet)
+        self.null_runs: list[int] | None = None  # per sensor, readings in a row it was None in (None: all 0)
 
     def holds_reading(self, slot: int) -> bool:
         if slot in self.pending:
@@ -382,7 +386,15 @@ class WindowStore:
         filled = row.count(None)
         if filled:
             previous = (state.values[i - 1] if i > 0 else self._fill).tolist()
-            row = [previous[j] if value is None else value for j, value in enumerate(row)]
+            runs = state.null_runs or [0] * len(row)
+            cap = self.policy.max_fill_steps
+            for j, value in enumerate(row):
+                runs[j] = runs[j] + 1 if value is None else 0
+            row = [value if value is not None else previous[j] if runs[j] <= cap else float(self._fill[j])
+                   for j, value in enumerate(row)]
+            state.null_runs = runs
+        elif state.null_runs is not None:  # every sensor reported: no run of Nones goes on
+            state.null_runs = None
         state.values[i] = row  # one assignment per row: element-wise numpy writes cost more than the list
         state.filled[i] = filled
         state.from_reading[i] = True
@@ -470,6 +482,7 @@ class WindowStore:
             lo = -old
         tail = slice(max(old, 0), held)
         state.values[tail] = rows[lo:]
+        state.null_runs = None  # every sensor present in these rows
         state.filled[tail] = 0
         state.from_reading[tail] = True
         state.part[tail] = parts[lo:]

@@ -80,6 +80,14 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     assert out_gappy["score"].iloc[w - 1:].notna().all()
     np.testing.assert_allclose(out_gappy["score"].to_numpy(dtype=float, na_value=np.nan),
                                pyfunc.predict(ffilled)["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
+    # A sensor missing longer than the worker fills from its last value takes its typical value, as there.
+    dead = faulty[list(first.detector.sensors)].reset_index(drop=True).copy()
+    dead.iloc[200:208, 1] = np.nan
+    by_hand = dead.copy()
+    by_hand.iloc[200:205, 1] = dead.iloc[199, 1]
+    by_hand.iloc[205:208, 1] = first.detector.fill_values()[1]
+    np.testing.assert_allclose(pyfunc.predict(dead)["score"].to_numpy(dtype=float, na_value=np.nan),
+                               pyfunc.predict(by_hand)["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
     # The package travels with the model (a server built from the model's environment can import it).
     local = mlflow.artifacts.download_artifacts("models:/pump@champion")
     assert (Path(local) / "code" / "anomaly" / "detector.py").exists()

@@ -149,6 +149,23 @@ def test_missing_sensor_is_filled_from_previous_slot_or_fill_values() -> None:
     assert window.filled == 4
 
 
+def test_a_sensor_missing_longer_than_max_fill_steps_takes_its_typical_value_until_it_reports() -> None:
+    s = WindowStore(WindowPolicy(window_size=3, period_s=1.0, max_fill_steps=2), ["a", "b"], [10.0, 20.0])
+    b = [7.0, None, None, None, None, 8.0, None]  # b dies after 7.0 (a fault level, say), later comes back
+    for slot, value in enumerate(b):
+        s.add("e", Reading("e", slot, {"a": float(slot), "b": value}), 0, slot)
+    last = {round(w.end_ts): w.values[-1, 1] for w in s.ready()}
+    # 2 readings of its last value, then its typical value (20) until it reports; the run starts again.
+    assert [last[t] for t in range(2, 7)] == [7.0, 20.0, 20.0, 8.0, 8.0]
+    # the bulk path (every sensor present) ends a run as well
+    t = WindowStore(WindowPolicy(window_size=3, period_s=1.0, max_fill_steps=1), ["a", "b"], [10.0, 20.0])
+    for slot, value in enumerate([1.0, None, 2.0, None, None]):
+        t.add("e", Reading("e", slot, {"a": 0.0, "b": value}), 0, slot)
+    t.add_many(["e"] * 2, np.array([5.0, 6.0]), np.array([[0.0, 3.0], [0.0, 4.0]]), np.array([0, 0]), np.array([5, 6]))
+    t.add("e", Reading("e", 7, {"a": 0.0, "b": None}), 0, 7)
+    assert {round(w.end_ts): w.values[-1, 1] for w in t.ready()}[7] == 4.0  # one None after 4.0: its last value
+
+
 def test_stride_scores_slots_aligned_to_the_stride() -> None:
     s = store(w=3, stride=2)
     feed(s, list(range(8)))
