@@ -476,8 +476,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     if args.action == "list":
-        # --name (or --model-name / mlflow.model_name when set explicitly) narrows the list to one model.
-        explicit = args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
+        # --name (or --model-name / mlflow.model_name when set by any layer: the file, the environment)
+        # narrows the list to one model; with none of them set, every model is listed.
+        from anomaly.config import MlflowSettings
+
+        explicit = (args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
+                    or (name if name != MlflowSettings().model_name else None))
         versions = registry.list_versions(explicit or None)
         if args.json:
             print(json.dumps([v.to_dict() for v in versions], indent=2))
@@ -737,7 +741,11 @@ def _retrain_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _retrain_settings(args: argparse.Namespace):
     from anomaly.config import load_config
 
-    return load_config(getattr(args, "config", None), overrides=_retrain_overrides(args))
+    settings = load_config(getattr(args, "config", None), overrides=_retrain_overrides(args))
+    store = settings.scheduler.job_store
+    if Path(store).is_dir():  # retrain takes its lock beside the store: a folder is a mistake for both commands
+        raise ConfigError("scheduler.job_store", f"{store} is a folder: name the SQLite file the schedule is kept in")
+    return settings
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -765,10 +773,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     from anomaly.scheduler import JOB_FUNC, DriftMonitor, RetrainScheduler
 
-    settings = _retrain_settings(args)
+    settings = _retrain_settings(args)  # a folder as the job store refused there
     s = settings.scheduler
-    if Path(s.job_store).is_dir():
-        raise ConfigError("scheduler.job_store", f"{s.job_store} is a folder: name the SQLite file the schedule is kept in")
     if args.job != JOB_FUNC:  # checked now, not as a traceback from inside the job store
         from apscheduler.util import ref_to_obj
 
@@ -1010,7 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list: versions, aliases, metrics, the latest recorded evaluation; promote VERSION: move "
                         "the alias to it; rollback: move the alias back to the version that held it before")
     p.add_argument("version", nargs="?", help="version to promote")
-    p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models)")
+    p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models, unless --name, "
+                   "--model-name or a config file or ANOMALY_MLFLOW__MODEL_NAME names one)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")
     p.add_argument("--reason", help="why, for promote and rollback (kept in the alias's log tag and on the version)")
     p.add_argument("--json", action="store_true", help="list as JSON")

@@ -383,3 +383,8 @@ def test_models_usage_is_checked_before_the_store_is_reached_or_made(tmp_path, m
 def test_bootstrap_servers_from_the_command_line_are_checked_like_the_configs(command, capsys):
     assert main([*command, "--bootstrap-servers", "localhost:abc"]) == 2
     assert "kafka.bootstrap_servers" in capsys.readouterr().err
+
+
+def test_retrain_refuses_a_folder_as_its_job_store_as_the_scheduler_does(tmp_path, capsys):
+    assert main(["retrain", "--job-store", str(tmp_path), "--quiet"]) == 2
+    assert "scheduler.job_store" in capsys.readouterr().err
