@@ -201,8 +201,8 @@ def resident_windows(windows: np.ndarray, device: torch.device | str,
     rows (each row once, where the windows repeat it up to W times) and are rebuilt there as a strided
     view: index or slice it, and make a batch contiguous where a kernel needs it."""
     under = _rows_under(windows)
-    if under is not None and (max_bytes is None or 4 * under[0].size <= max_bytes):
-        block, stride = under
+    if under is not None and under[1] < windows.shape[1] and (max_bytes is None or 4 * under[0].size <= max_bytes):
+        block, stride = under  # overlapping windows (stride < W): their rows are less to send
         n, w, f = windows.shape
         return _host_tensor(block).to(device).as_strided((n, w, f), (stride * f, f, 1))
     if max_bytes is None or 4 * windows.size <= max_bytes:
