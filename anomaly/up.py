@@ -158,15 +158,51 @@ def taken_ports(ports: Mapping[str, int], host: str = HOST) -> list[str]:
 def port_hint(taken: Sequence[str]) -> str:
     return ("ports in use: " + ", ".join(taken) + ". Is another `anomaly up` (or `anomaly broker`, `mlflow ui`, "
             "a worker) running? Stop it, or move ours: --ui-port, ANOMALY_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:PORT, "
-            "ANOMALY_WORKER__METRICS_PORT, ANOMALY_SCHEDULER__METRICS_PORT (0 = any free port).")
+            "ANOMALY_WORKER__METRICS_PORT, ANOMALY_SCHEDULER__METRICS_PORT (0 = any free port), and give a second "
+            "session its own --state-dir.")
+
+
+def clashing_ports(ports: Mapping[str, int]) -> list[str]:
+    """The parts of ``ports`` asked to listen on the same fixed port (0 = any free one: never a clash)."""
+    by_port: dict[int, list[str]] = {}
+    for name, port in ports.items():
+        if port > 0:
+            by_port.setdefault(port, []).append(name)
+    return [f"{' and '.join(names)} (port {port})" for port, names in sorted(by_port.items()) if len(names) > 1]
+
+
+def lock_state(state: Path) -> int:
+    """Hold ``state``'s ``up.lock`` for this session (released when the descriptor closes or the process
+    ends); another session on the same folder is refused: it would overwrite the running one's config,
+    which its scheduler re-reads at every retrain, and its logs."""
+    import fcntl
+
+    path = state / "up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UpError(f"another `anomaly up` (pid {holder}) runs with --state-dir {state}: stop it, or give this one "
+                      f"its own --state-dir (and ports: see --help)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequence[tuple[str, str]], speed: float,
-           state_dir: Path, champion: str, retrain_every_s: float) -> str:
-    """What to look at, printed once everything runs."""
+           state_dir: Path, champion: str, retrain_every_s: float, local_broker: bool = True) -> str:
+    """What to look at, printed once everything runs. ``local_broker``: whether ``up`` started the broker
+    (else the readings go to a Kafka cluster it was pointed at, and the banner says so)."""
     k, w, s = settings.kafka, settings.worker, settings.scheduler
     name = settings.mlflow.model_name
-    lines = ["", "anomaly up: everything runs on this machine; Ctrl-C stops it all", ""]
+    if local_broker:
+        lines = ["", "anomaly up: everything runs on this machine; Ctrl-C stops it all", ""]
+    else:
+        lines = ["", f"anomaly up: Kafka is the cluster at {bootstrap} (not started here: the demo fleet's readings go "
+                     f"to its topic {k.input_topic}, and the worker joins its group {k.group_id}); the rest runs on "
+                     "this machine; Ctrl-C stops what started here", ""]
     if ui:
         lines += [f"  model registry    {models_url(ui, name)}   (all models: {ui}/#/models)",
                   f"  experiments       {ui}/#/experiments"]
@@ -478,6 +514,7 @@ def fleet_training_tables(fleet: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], data_dir: Path) -> str:
     """Train on the fleet's normal readings, register and promote; the new version."""
+    w_alias = settings.worker.model_alias
     from anomaly.preparation import prepare_fleet
     from anomaly.train_job import run_training
 
@@ -494,7 +531,9 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
           f"{sum(len(t) for t in tables.values())} readings x {len(prepared.sensors)} sensors) ...", flush=True)
     first = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
     outcome = run_training(prepared, settings, source=f"{data_dir}: first {first} rows of {names}", dataset="skab",
-                           register=True, promote=True, alias="champion", progress=True)
+                           register=True, promote=True, progress=True,
+                           # the alias the worker serves too, where it is not mlflow.champion_alias
+                           alias=None if w_alias == settings.mlflow.champion_alias else w_alias)
     print(f"trained and promoted {settings.mlflow.model_name} v{outcome.version} "
           f"(best validation loss {outcome.result.best_val_loss:.4g})", flush=True)
     return str(outcome.version)
@@ -522,10 +561,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def run(settings: Settings, options: UpOptions) -> int:
-    """Start the stack, supervise it until Ctrl-C/SIGTERM (or ``run_for_s``), stop it; the exit code."""
-    from anomaly import kafka_io, registry, tracking
-    from anomaly.broker import LocalBroker
-    from anomaly.event_feed import EventFeed
+    """Start the stack, supervise it until Ctrl-C/SIGTERM/SIGHUP (or ``run_for_s``), stop it; the exit code."""
+    from anomaly import tracking
 
     k, w, s, m = settings.kafka, settings.worker, settings.scheduler, settings.mlflow
     fleet = load_fleet(options.data_dir, options.fleet)  # a missing dataset stops us before anything starts
@@ -533,28 +570,50 @@ def run(settings: Settings, options: UpOptions) -> int:
     server_cmd = mlflow_server_command(sys.executable, m.tracking_uri, m.artifact_location, options.ui_port)
     ports = {"Kafka broker": broker_port or 0, "MLflow UI": options.ui_port if server_cmd else 0,
              "worker metrics": w.metrics_port, "scheduler metrics": s.metrics_port}
+    clashes = clashing_ports(ports)
+    if clashes:
+        raise UpError(f"one port for two parts: {', '.join(clashes)}; give each its own (0 = any free port)")
     taken = taken_ports(ports)
     if taken:
         raise UpError(port_hint(taken))
+    if m.tracking_uri.startswith(("http://", "https://")):  # said now, not after ~4 minutes of client retries
+        tracking.require_reachable(m.tracking_uri, m.registry_uri)
 
     state = options.state_dir
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UpError(f"--state-dir {state}: cannot make it: {exc.strerror or exc}") from None
+    lock_fd = lock_state(state)  # before the first write into it
+    try:
+        return _run_locked(settings, options, fleet, state, server_cmd, broker_port)
+    finally:
+        os.close(lock_fd)
+
+
+def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[str, Any]], state: Path,
+                server_cmd: list[str] | None, broker_port: int | None) -> int:
+    """``run`` once the state folder is this session's."""
+    from anomaly import kafka_io, registry, tracking
+    from anomaly.broker import LocalBroker
+    from anomaly.event_feed import EventFeed
+
+    k, w, m = settings.kafka, settings.worker, settings.mlflow
     config_path = state / "anomaly.toml"
     # The fleet replay runs the stream's clock `speed` times faster than the wall clock, on purpose; the
     # scheduler's job store is this session's, beside its logs (not an operator's shared one under mlruns/).
     settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, max_future_s=-1.0),
                                    scheduler=dataclasses.replace(settings.scheduler,
                                                                  job_store=str(state / "scheduler.db")))
-    (state / "summary.json").unlink(missing_ok=True)  # a failed session must not leave the last one's
+    for stale in ("summary.json", "fleet.json"):  # a failed session must not leave the last one's
+        (state / stale).unlink(missing_ok=True)
     write_private(config_path, to_toml(settings))  # it holds kafka.client_options: SASL passwords too
     load_config(config_path, env={})  # as the children will read it: a field it cannot hold stops us here
     env = child_env()
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
 
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (the terminal closed) stops in order too: else the children outlive us
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     broker: LocalBroker | None = None
     children: dict[str, Child] = {}
     feed: EventFeed | None = None
@@ -616,7 +675,7 @@ def run(settings: Settings, options: UpOptions) -> int:
                                    options.loop, k.client_options, on_round=on_round).start()
         print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
                      speed=options.speed, state_dir=state, champion=str(champion),
-                     retrain_every_s=options.retrain_every_s), flush=True)
+                     retrain_every_s=options.retrain_every_s, local_broker=broker is not None), flush=True)
         code = _supervise(children, fleet_replay, broker, options.run_for_s)
     except _Interrupted as exc:
         print(f"\n{exc}: stopping ...", flush=True)
@@ -635,7 +694,10 @@ def run(settings: Settings, options: UpOptions) -> int:
                            "opened_without_fault_label": tally.off_fault, "entities_with_events": sorted(feed.entities),
                            "replay_rounds": fleet_replay.rounds if fleet_replay else 0,
                            "readings_replayed": fleet_replay.sent if fleet_replay else 0}
-                _write_json(state / "summary.json", summary)
+                try:
+                    _write_json(state / "summary.json", summary)
+                except OSError as exc:  # a full disk must not replace the session's own error, or its exit code
+                    print(f"summary.json not written: {exc}", flush=True)
                 print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
                       f"readings replayed: {summary['readings_replayed']} (summary in {state / 'summary.json'})",
                       flush=True)
@@ -687,7 +749,7 @@ def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker:
                 raise UpError(f"{child.name} exited unexpectedly (code {child.proc.returncode if child.proc else '?'})"
                               f"{child.tail()}")
         if broker is not None and not broker.is_running():
-            raise UpError(f"the broker exited unexpectedly; see {broker.log_path}")
+            raise UpError(f"the broker exited unexpectedly; see {broker.log_path}{broker._log_tail()}")
         if fleet_replay.error is not None:
             raise UpError(f"the fleet replay failed: {fleet_replay.error}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -265,3 +266,26 @@ def test_the_effective_config_is_written_for_its_owner_only(tmp_path):
     path.chmod(0o644)
     up.write_private(path, 'x = "secret"\n')
     assert path.read_text() == 'x = "secret"\n' and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_two_parts_asked_for_one_fixed_port_is_a_clash_any_free_port_is_not():
+    assert up.clashing_ports({"MLflow UI": 9108, "worker metrics": 9108, "broker": 0, "scheduler metrics": 0}) == [
+        "MLflow UI and worker metrics (port 9108)"]
+    assert up.clashing_ports({"a": 1, "b": 2, "c": 0, "d": 0}) == []
+
+
+def test_a_second_session_on_one_state_folder_is_refused_until_the_first_ends(tmp_path):
+    fd = up.lock_state(tmp_path)
+    try:
+        with pytest.raises(up.UpError, match=f"pid {os.getpid()}.*--state-dir {tmp_path}"):
+            up.lock_state(tmp_path)
+    finally:
+        os.close(fd)
+    os.close(up.lock_state(tmp_path))  # free again once the first one's descriptor is closed
+
+
+def test_the_banner_says_when_kafka_is_a_cluster_up_did_not_start():
+    text = up.banner(bootstrap="kafka.internal:9092", settings=Settings(), ui=None, fleet=[("pump-1", "valve1/0")],
+                     speed=10, state_dir=Path("mlruns/up"), champion="1", retrain_every_s=900, local_broker=False)
+    assert "everything runs on this machine" not in text
+    assert "Kafka is the cluster at kafka.internal:9092 (not started here" in text and "group anomaly-worker" in text
