@@ -676,11 +676,14 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
                      speed=options.speed, state_dir=state, champion=str(champion),
                      retrain_every_s=options.retrain_every_s, local_broker=broker is not None), flush=True)
-        code = _supervise(children, fleet_replay, broker, options.run_for_s)
+        code = _supervise(children, fleet_replay, broker, options.run_for_s, feed)
     except _Interrupted as exc:
         print(f"\n{exc}: stopping ...", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping ...", flush=True)
+    except UpError as exc:  # said now: the orderly stop can take a minute (the worker drains, the replay flushes)
+        print(f"\n{str(exc).splitlines()[0]}: stopping ... (details below once stopped)", flush=True)
+        raise
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the orderly stop short
             signal.signal(sig, signal.SIG_IGN)
@@ -739,8 +742,10 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker: Any, run_for_s: float | None) -> int:
-    """Watch the stack; return 0 at the deadline, raise ``UpError`` when a part dies."""
+def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker: Any, run_for_s: float | None,
+               feed: Any = None) -> int:
+    """Watch the stack; return 0 at the deadline, raise ``UpError`` when a part dies (the event feed too:
+    a quiet console and a partial summary would pass for a quiet fleet)."""
     deadline = None if run_for_s is None else time.monotonic() + run_for_s
     while deadline is None or time.monotonic() < deadline:
         time.sleep(SUPERVISE_STEP_S)
@@ -752,6 +757,8 @@ def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker:
             raise UpError(f"the broker exited unexpectedly; see {broker.log_path}{broker._log_tail()}")
         if fleet_replay.error is not None:
             raise UpError(f"the fleet replay failed: {fleet_replay.error}")
+        if feed is not None and feed.error is not None:
+            raise UpError(f"the console's event feed stopped: {feed.error}")
     return 0
 
 

@@ -289,3 +289,14 @@ def test_the_banner_says_when_kafka_is_a_cluster_up_did_not_start():
                      speed=10, state_dir=Path("mlruns/up"), champion="1", retrain_every_s=900, local_broker=False)
     assert "everything runs on this machine" not in text
     assert "Kafka is the cluster at kafka.internal:9092 (not started here" in text and "group anomaly-worker" in text
+
+
+def test_supervision_stops_the_session_when_the_console_feed_dies(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(up, "SUPERVISE_STEP_S", 0.01)
+    child = SimpleNamespace(name="worker", alive=lambda: True)
+    replay = SimpleNamespace(error=None)
+    assert up._supervise({"worker": child}, replay, None, 0.05, SimpleNamespace(error=None)) == 0
+    with pytest.raises(up.UpError, match="event feed stopped: NoBrokersAvailable"):
+        up._supervise({"worker": child}, replay, None, 5.0, SimpleNamespace(error=RuntimeError("NoBrokersAvailable")))
