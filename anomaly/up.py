@@ -56,7 +56,8 @@ DEFAULT_RETRAIN_EVERY_S = 900.0  # the scheduler's interval under `up` (the conf
 TOPIC_PARTITIONS = 4
 MLFLOW_READY_S = 120.0  # lean server: healthy in 5-7 s on a quiet machine; slack for loaded ones
 WORKER_READY_S = 90.0
-STOP_GRACE_S = {"worker": 30.0, "scheduler": 30.0, "mlflow": 10.0}
+# The scheduler lets a retrain in progress finish on SIGTERM: killed, its MLflow run would stay RUNNING.
+STOP_GRACE_S = {"worker": 30.0, "scheduler": 180.0, "mlflow": 10.0}
 SUPERVISE_STEP_S = 0.5
 LOG_TAIL_CHARS = 1500
 
@@ -775,6 +776,9 @@ def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed
     for name in ("worker", "scheduler", "mlflow"):
         child = children.get(name)
         if child is not None:
+            if name == "scheduler" and child.alive():
+                print(f"stopping the scheduler (a retrain in progress may finish first: up to "
+                      f"{STOP_GRACE_S[name]:.0f} s)", flush=True)
             code = child.stop(STOP_GRACE_S[name])
             log.info("%s stopped (exit code %s)", name, code)
     if feed is not None:

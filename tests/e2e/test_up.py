@@ -34,7 +34,7 @@ DATASETS = Path(os.environ.get("ANOMALY_DATASETS", ROOT.parent / "shared" / "dat
 ARTIFACTS = ROOT / "results" / "test-artifacts"
 MODEL = "anomaly-detector"
 READY_TIMEOUT_S = 600.0  # training a first model (8 epochs) + a replay round, on a loaded 2-core box
-STOP_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 300.0  # the longest orderly stop: a retrain in progress may finish first
 
 
 def _descendants(pid: int) -> set[int]:
