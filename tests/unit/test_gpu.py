@@ -32,17 +32,21 @@ def _sine_windows(n: int = 3000, w: int = 16) -> np.ndarray:
     return make_windows(x, w)
 
 
-def test_fast_scorer_on_cuda_matches_cpu_and_a_per_window_loop():
+def test_fast_scorer_on_cuda_matches_cpu_and_a_per_window_loop(monkeypatch):
+    import anomaly.scoring as scoring
     from anomaly.model import ModelConfig, build_model
-    from anomaly.scoring import reconstruct
+    from anomaly.scoring import ieee_float32, reconstruct
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_features=3, window_size=16, hidden_size=32, latent_size=8))
     windows = _sine_windows()
     on_cpu = window_scores(model.cpu(), windows, "cpu")
     on_gpu = window_scores(model.cuda(), windows, "cuda")  # batch sized to the GPU, resident windows
-    small = window_scores(model, windows, "cuda", batch_size=100)  # per-batch pinned transfers
-    for fast in (on_gpu, small):
+    small = window_scores(model, windows, "cuda", batch_size=100)  # small batches of the resident rows
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "CUDA_RESIDENT_BYTES", 0)  # too big to hold: per-batch pinned transfers
+        pinned = window_scores(model, windows, "cuda", batch_size=100)
+    for fast in (on_gpu, small, pinned):
         np.testing.assert_allclose(fast.scores, on_cpu.scores, rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(fast.sensor_errors, on_cpu.sensor_errors, rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(fast.last_reconstruction, on_cpu.last_reconstruction, rtol=1e-3, atol=1e-5)
@@ -53,7 +57,9 @@ def test_fast_scorer_on_cuda_matches_cpu_and_a_per_window_loop():
         np.testing.assert_allclose(other.scores, on_cpu.scores, rtol=1e-3, atol=1e-6)
     assert torch.backends.cudnn.allow_tf32  # float32 scoring put torch's setting back
     recon = reconstruct(model, windows[:50], "cuda")
-    naive = np.stack([model(torch.from_numpy(np.array(w))[None].cuda())[0].detach().cpu().numpy() for w in windows[:50]])
+    with ieee_float32("cuda"):  # float32 as the scorer runs it
+        naive = np.stack([model(torch.from_numpy(np.array(w))[None].cuda())[0].detach().cpu().numpy()
+                          for w in windows[:50]])
     np.testing.assert_allclose(recon, naive, rtol=1e-3, atol=1e-5)
     bf16 = window_scores(model, windows, "cuda", precision="bf16").scores
     np.testing.assert_allclose(bf16, on_cpu.scores, rtol=0.1, atol=1e-4)
