@@ -368,6 +368,8 @@ _U_GRID = np.unique(np.concatenate([
     [0.0],                                    # exponential
     np.logspace(-6, 8, 281),                  # 1e-6 .. 1e8 (very heavy tails)
 ]))
+_U_EXTEND_DECADES = 4  # while the best u is the grid's last, the grid goes on by this many decades ...
+_U_EXTEND_MAX = 1e40  # ... up to here: one excess far above the rest (a glitch) puts the optimum past 1e8
 
 
 def _profile_loglik(u: float, y: np.ndarray, y_max: float) -> tuple[float, float, float]:
@@ -401,11 +403,20 @@ def gpd_fit(peaks: np.ndarray) -> tuple[float, float, float]:
     y = np.asarray(peaks, dtype=np.float64)
     y_max = float(y.max())
     if y.size >= 2 and y_max > 0:
-        scores = [_profile_loglik(float(u), y, y_max)[0] for u in _U_GRID]
+        grid = _U_GRID
+        scores = [_profile_loglik(float(u), y, y_max)[0] for u in grid]
         best = int(np.argmax(scores))
+        # The grid is in units of the largest excess; when one excess is ~1e8 times the typical one the
+        # optimum lies beyond it (the fit stopped at the edge: a threshold 168x the MLE's was measured).
+        while best == grid.size - 1 and math.isfinite(scores[best]) and grid[-1] < _U_EXTEND_MAX:
+            more = np.logspace(math.log10(grid[-1]), math.log10(grid[-1]) + _U_EXTEND_DECADES,
+                               20 * _U_EXTEND_DECADES + 1)[1:]
+            grid = np.concatenate([grid, more])
+            scores += [_profile_loglik(float(u), y, y_max)[0] for u in more]
+            best = int(np.argmax(scores))
         if math.isfinite(scores[best]):
-            best_u, best_ll = float(_U_GRID[best]), scores[best]
-            lo, hi = _U_GRID[max(best - 1, 0)], _U_GRID[min(best + 1, _U_GRID.size - 1)]
+            best_u, best_ll = float(grid[best]), scores[best]
+            lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, grid.size - 1)]
             if hi > lo:
                 res = minimize_scalar(lambda u: -_profile_loglik(u, y, y_max)[0], bounds=(lo, hi),
                                       method="bounded", options={"xatol": (hi - lo) * 1e-6})
