@@ -49,8 +49,8 @@ from anomaly.errors import DataError
 MS_THRESHOLD = 1e11  # epoch numbers at or above this are milliseconds: 1e11 s is the year 5138
 MAX_EPOCH_MS = 1e14  # above this a number is probably micro/nanoseconds; refuse instead of guessing
 # Largest |value| scored: the model works in float32 (max ~3.4e38); over the smallest scale a sensor can
-# have (``scaling.SCALE_FLOOR``, 1e-8) it is ~1e23 scaled, and its error is clamped before it is squared
-# (``scoring.MAX_ABS_ERROR``), so its score is huge, never inf.
+# have (``scaling.MIN_SCALE``, 1e-20) it is at most ~2e35 scaled, and its error is clamped before it is
+# squared (``scoring.MAX_ABS_ERROR``), so its score is huge, never inf.
 MAX_ABS_VALUE = 1e15
 # A dead letter keeps at most this many of the original's bytes (base64, ~4/3 of it): with the fields
 # around it the dead letter stays under Kafka's default 1 MiB message limit. Longer originals are cut

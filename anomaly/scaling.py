@@ -14,9 +14,13 @@ import numpy as np
 
 from anomaly.errors import ConfigError
 
-# A constant sensor gets scale 1, not a division by ~zero. The floor is relative to the sensor's level:
-# the standard deviation of a constant 123456.789 comes out of float64 rounding as ~1e-8, not 0.
-SCALE_FLOOR = 1e-8
+# A constant sensor (max == min) gets scale 1, not a division by zero. Below that, a spread under
+# SCALE_FLOOR times the sensor's level is float64 rounding, not variation (scale 1 too). Purely relative:
+# a sensor read in small units (a leakage current of nA in amperes) keeps its own spread, however small.
+SCALE_FLOOR = 1e-12
+# And no scale under this, in any units: a reading the codec accepts (|value| < 1e15) stays inside
+# float32 once scaled (2e15 / 1e-20 = 2e35 < 3.4e38), so a wild reading scores huge, never inf.
+MIN_SCALE = 1e-20
 METHODS = ("standard", "robust", "minmax")
 
 
@@ -82,7 +86,7 @@ def fit_scaler(values: np.ndarray, sensors: list[str] | tuple[str, ...], method:
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: its scale is 1 below
         constant = ~(np.nanmax(values, axis=0) > np.nanmin(values, axis=0))
-    floor = SCALE_FLOOR * np.maximum(1.0, np.abs(centre))
+    floor = np.maximum(SCALE_FLOOR * np.abs(centre), MIN_SCALE)
     scale = np.where(np.isfinite(scale) & (scale > floor) & ~constant, scale, 1.0)
     return Scaler(method=method, sensors=tuple(sensors),
                   centre=tuple(float(v) for v in centre), scale=tuple(float(v) for v in scale))
@@ -95,12 +99,13 @@ def scale_warnings(values: np.ndarray, scaler: Scaler, ratio: float = 0.01) -> l
     back to 1 while the sensor does vary (its variation is then weighted by its units, not its spread).
     ``(sensor, detail)`` each; the scale is kept as fitted, this only says so."""
     values = np.asarray(values, dtype=np.float64)
-    with warnings.catch_warnings():
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column
         std = np.nanstd(values, axis=0)
+        constant = ~(np.nanmax(values, axis=0) > np.nanmin(values, axis=0))  # as fit_scaler tells it
     out = []
-    for sensor, scale, spread in zip(scaler.sensors, scaler.scale, std):
-        if not np.isfinite(spread) or spread <= SCALE_FLOOR:
+    for sensor, scale, spread, flat in zip(scaler.sensors, scaler.scale, std, constant):
+        if flat or not np.isfinite(spread):
             continue  # constant: scale 1 is right
         if scale < ratio * spread:
             out.append((sensor, f"{scaler.method} scale {scale:.3g} is under {ratio:g} x its standard deviation "

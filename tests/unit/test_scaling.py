@@ -72,3 +72,24 @@ def test_scale_warnings_name_a_quantised_sensor_and_a_fallback_scale_but_not_hea
     assert sorted(got) == ["flow", "valve"], got
     assert "under 0.01 x its standard deviation" in got["flow"] and "fell back to 1" in got["valve"]
     assert scale_warnings(values, fit_scaler(values, ["ok", "flow", "valve", "constant"], "standard")) == []
+
+
+def test_a_sensor_read_in_small_units_keeps_its_own_spread():
+    rng = np.random.default_rng(0)
+    leak = 5e-9 + 1e-9 * rng.normal(size=500)  # a leakage current of nA, in amperes
+    scaler = fit_scaler(np.c_[leak, 20 + rng.normal(size=500)], ["leak", "temp"])
+    assert scaler.scale[0] == pytest.approx(leak.std(), rel=1e-9)  # it used to fall back to 1: faults invisible
+    fault = scaler.transform(np.array([[5e-6, 20.0]]))  # x1000
+    assert fault[0, 0] > 1000
+    # still: a constant is scale 1, and so is a spread that is float rounding of the level
+    flat = fit_scaler(np.c_[np.full(50, 123456.789), 123456.789 + np.r_[0.0, 1.5e-11, 0.0] .repeat(17)[:50]], ["a", "b"])
+    assert flat.scale == (1.0, 1.0)
+
+
+def test_the_largest_reading_the_codec_accepts_stays_finite_in_float32_over_the_smallest_scale():
+    from anomaly.codec import MAX_ABS_VALUE
+    from anomaly.scaling import MIN_SCALE
+
+    scaler = fit_scaler(np.c_[np.r_[0.0, 2.2e-20].repeat(10)], ["tiny"])  # std 1.1e-20
+    assert MIN_SCALE < scaler.scale[0] < 2 * MIN_SCALE  # about the smallest scale there is (under it: 1)
+    assert np.isfinite(scaler.transform(np.array([[MAX_ABS_VALUE * 0.999], [-MAX_ABS_VALUE * 0.999]]))).all()
