@@ -21,7 +21,7 @@ implementations of one definition, tested against each other:
 - ``TrailingBars``: the streaming worker's state, every entity's last ``lag + span`` scores in one ring
   array, fed batch by batch.
 
-Non-finite scores are never flagged and never enter the trailing history.
+NaN scores are never flagged (+inf is: above any bar); non-finite scores never enter the trailing history.
 """
 
 from __future__ import annotations

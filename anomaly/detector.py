@@ -2,7 +2,7 @@
 
 On disk a detector is a directory of plain files, so loading never unpickles code:
 
-    model.json      format version, ModelConfig, sensors, sampling period, stride, score settings
+    model.json      format version, kind, ModelConfig, sensors, sampling period
     weights.pt      the network's state_dict (read with ``torch.load(weights_only=True)``)
     scaler.json     per-sensor centre and scale
     threshold.json  the fitted threshold (method, value, parameters)

@@ -21,7 +21,7 @@ alarm itself:
 ``EpisodeRule`` is configured in readings (``k``) and turned into windows for the scoring stride by
 ``in_windows``. Two implementations of one definition, tested against each other: ``episode_bars`` for
 one entity's scores offline, ``EpisodeBars`` in the worker for many entities, fed batch by batch.
-Non-finite scores are never flagged and change nothing.
+NaN scores are never flagged (+inf is: above any bar); non-finite scores change no episode.
 """
 
 from __future__ import annotations

@@ -58,8 +58,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ConfigError(f"model.{name}", f"must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, name, int(value))  # a numpy integer would not go into model.json
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
         if self.cell not in CELLS:
             raise ConfigError("model.cell", f"must be one of {', '.join(CELLS)}; got {self.cell!r}")
         for name in ("bidirectional", "attention"):
@@ -81,6 +83,9 @@ class ModelConfig:
         unknown = set(data) - known
         if unknown:
             raise ConfigError("model", f"unknown fields {sorted(unknown)}")
+        missing = [f.name for f in fields(cls) if f.name in ("n_features", "window_size") and f.name not in data]
+        if missing:
+            raise ConfigError("model", f"a saved model config without {', '.join(missing)}")
         return cls(**data)
 
 

@@ -307,9 +307,10 @@ def sensor_contributions(sensor_errors: np.ndarray) -> np.ndarray:
 
 
 # Largest |scaled reading - reconstruction| squared into an error: in float32 the square of anything
-# above ~1.8e19 is inf, and an inf score is never an alarm. A reading the codec accepts (|value| < 1e15)
-# over a scale down to the scaler's floor (1e-8) is ~1e23 in scaled units; clamped, its error (1e34, and
-# the mean of up to 34,000 of them) stays finite and far above any threshold.
+# above ~1.8e19 is inf (and inf - inf in a window's mean is NaN, never an alarm). A reading the codec
+# accepts (|value| < 1e15) over the smallest scale (``scaling.MIN_SCALE``, 1e-20) is up to ~2e35 in scaled
+# units; clamped, its error (1e34, and the mean of up to 34,000 of them) stays finite and far above any
+# threshold.
 MAX_ABS_ERROR = 1e17
 
 TRACE_CHECK_BATCHES = (3, 17)  # batch sizes a trace must reproduce the model on before it is used

@@ -100,3 +100,17 @@ def test_a_device_the_machine_lacks_is_a_config_error_naming_the_field(monkeypat
     with pytest.raises(ConfigError, match=r"training\.device: cuda:3 .* 2 CUDA device\(s\), cuda:0 to cuda:1"):
         resolve_device("cuda:3")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
+
+
+def test_numpy_sizes_become_plain_ints_and_a_saved_config_without_its_shape_is_a_config_error():
+    import json
+
+    import numpy as np
+
+    from anomaly.errors import ConfigError
+    from anomaly.model import ModelConfig
+
+    cfg = ModelConfig(n_features=np.int64(3), window_size=np.int32(8))
+    assert type(cfg.n_features) is int and json.loads(json.dumps(cfg.to_dict()))["window_size"] == 8
+    with pytest.raises(ConfigError, match="without window_size"):
+        ModelConfig.from_dict({"n_features": 3})
