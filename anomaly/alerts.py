@@ -21,6 +21,14 @@ Per entity, windows arrive in time order with a score and the threshold in force
   far, and later one more ``"closed"``. Why: a flapping sensor is one incident for the people paged,
   and downstream consumers upsert by ``event_id``, so the event's record simply reopens. A run that
   starts after the cooldown gets a new id.
+- **Longest event.** An event reaches at most ``max_event_s`` of stream time (or ``MIN_SPLIT_WINDOWS``
+  of its entity's windows, where that is longer): the first window above that ends ``max_event_s`` or
+  more after the event's ``start_ts``, ``MIN_SPLIT_WINDOWS`` or more windows in, closes it (a
+  ``"closed"`` event with ``continued: true``, ending at the window before) and starts a new run at
+  itself, which opens the anomaly's continuation under a new id as any run does. So every event ends,
+  and the state an open event rests on reaches back at most that far (a restart replays at most that
+  much to re-derive it). A run starting within the cooldown of an event that began that long before it
+  starts afresh too, instead of re-opening that event.
 - **Peak.** ``peak_score`` is the highest score of the event (a re-opened event keeps its earlier
   peak if higher). Scores of two model versions are on two scales, so across a model swap the window
   that is further over its own bar (``score / threshold``) is the higher (``_outranks``). ``sensors``
@@ -46,6 +54,7 @@ from anomaly.errors import ConfigError
 OPEN = "open"
 CLOSED = "closed"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MIN_SPLIT_WINDOWS = 60  # an event spans at least this many of its entity's windows before max_event_s cuts it
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class AlertPolicy:
     recovery_windows: int = 3  # consecutive windows at/below the threshold before it closes
     cooldown_s: float = 60.0  # a run starting within this long after a close re-opens the same event
     top_k: int = 3  # sensors listed in an event
+    max_event_s: float = 3600.0  # stream time after which an open event is closed (continued) and goes on anew
 
     def __post_init__(self) -> None:
         for name in ("min_duration_windows", "recovery_windows", "top_k"):
@@ -63,6 +73,8 @@ class AlertPolicy:
                 raise ConfigError(f"alerts.{name}", f"must be >= 1, got {getattr(self, name)!r}")
         if not (math.isfinite(self.cooldown_s) and self.cooldown_s >= 0):
             raise ConfigError("alerts.cooldown_s", f"must be a finite number >= 0, got {self.cooldown_s!r}")
+        if not (math.isfinite(self.max_event_s) and self.max_event_s > 0):
+            raise ConfigError("alerts.max_event_s", f"must be a finite number > 0, got {self.max_event_s!r}")
 
 
 def rfc3339(ts: float) -> str:
@@ -129,7 +141,9 @@ class AlertTracker:
     def update(self, entity: str, end_ts: float, score: float, threshold: float,
                sensors_detail: Callable[[], list[dict[str, Any]]], model_name: str,
                model_version: str) -> list[dict[str, Any]]:
-        """Feed one scored window; returns the events to emit now (``[]``, one ``open`` or one ``closed``).
+        """Feed one scored window; returns the events to emit now (``[]``, one ``open`` or one ``closed``, or,
+        when an event reaches ``max_event_s`` with ``min_duration_windows`` 1, its ``closed`` and the
+        continuation's ``open``).
 
         ``sensors_detail()`` returns the window's sensors ranked by share of the error, as dicts
         ``{"sensor", "share", "actual", "expected"}``; it is only called when this window becomes a peak.
@@ -140,6 +154,13 @@ class AlertTracker:
 
         if event is not None and event.is_open:
             event.seen += 1
+            if above and self._too_long(event, end_ts):
+                # The longest event: close it, and let the anomaly go on as a new run from this window.
+                event.is_open = False
+                event.closed_ts = end_ts
+                del self._events[entity]
+                return [self._render(entity, event, continued=True)] + self._grow_run(
+                    entity, None, end_ts, score, threshold, sensors_detail, model_name, model_version)
             if above:
                 event.below = 0
                 event.windows = event.seen
@@ -164,10 +185,21 @@ class AlertTracker:
             if event is not None and end_ts - event.closed_ts > policy.cooldown_s:
                 del self._events[entity]
             return []
+        if run is None and event is not None and (end_ts - event.closed_ts > policy.cooldown_s
+                                                  or self._too_long(event, end_ts)):
+            del self._events[entity]  # past its cooldown, or too long ago to re-open: the run starts afresh
+            event = None
+        return self._grow_run(entity, event, end_ts, score, threshold, sensors_detail, model_name, model_version)
+
+    def _grow_run(self, entity: str, event: _Event | None, end_ts: float, score: float, threshold: float,
+                  sensors_detail: Callable[[], list[dict[str, Any]]], model_name: str,
+                  model_version: str) -> list[dict[str, Any]]:
+        """A window above the threshold for an entity with no open event (``event``: one in cooldown,
+        or None): it starts or extends the entity's run, which opens (or re-opens ``event``) once it has
+        lasted ``min_duration_windows``."""
+        policy = self.policy
+        run = self._runs.get(entity)
         if run is None:
-            if event is not None and end_ts - event.closed_ts > policy.cooldown_s:
-                del self._events[entity]
-                event = None
             run = self._runs[entity] = _Run(end_ts, 0, _Peak(-math.inf, end_ts, threshold, model_name,
                                                              model_version, []))
         run.count += 1
@@ -189,6 +221,23 @@ class AlertTracker:
                 seen=run.count, windows=run.count, last_above_ts=end_ts, below=0, closed_ts=math.nan,
                 peak=run.peak)
         return [self._render(entity, event)]
+
+    def _too_long(self, event: _Event, end_ts: float) -> bool:
+        """Whether a window ending at ``end_ts`` is past the longest ``event`` may reach: ``max_event_s`` of
+        stream time and ``MIN_SPLIT_WINDOWS`` of its windows before this one (so that on a slow grid, one
+        window an hour, an event is not cut at every window)."""
+        return end_ts - event.start_ts >= self.policy.max_event_s and event.seen > MIN_SPLIT_WINDOWS
+
+    def anchor_ts(self, entity: str) -> float | None:
+        """The ``end_ts`` of the window the entity's alert state starts from (its event's first window, or
+        its run's when it has no event), None at rest. A replay from that window's oldest reading derives
+        the same state, so it moves on only when the state starts afresh (a new run, or an event that
+        reached ``max_event_s``)."""
+        event = self._events.get(entity)
+        if event is not None:
+            return event.start_ts
+        run = self._runs.get(entity)
+        return None if run is None else run.start_ts
 
     def open_events(self) -> list[dict[str, Any]]:
         """The events open now, as they would be emitted (status ``open``), ordered by entity."""
@@ -229,7 +278,7 @@ class AlertTracker:
         """How many entities hold alert state (in a run, open, or in cooldown)."""
         return len(self._runs.keys() | self._events.keys())
 
-    def _render(self, entity: str, event: _Event) -> dict[str, Any]:
+    def _render(self, entity: str, event: _Event, continued: bool = False) -> dict[str, Any]:
         peak = event.peak
         closed = not event.is_open
         return {
@@ -246,4 +295,5 @@ class AlertTracker:
             "model": {"name": peak.model_name, "version": peak.model_version},
             "sensors": [dict(item) for item in peak.sensors[: self.policy.top_k]],
             "windows": int(event.windows),
+            "continued": continued,
         }

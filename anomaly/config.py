@@ -330,6 +330,10 @@ class WorkerSettings:
     recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
     top_sensors: int = doc("sensors listed in an event, ranked by share of reconstruction error", 3)
+    max_event_s: float = doc("longest event, in stream time (and at least 60 of its entity's windows): an event still "
+                             "above its threshold this long after its start is closed with continued: true, and the "
+                             "anomaly goes on as a new event (its own id) from that window. Bounds how far back a "
+                             "restart re-reads to re-derive an open event's id, so every event gets its closed", 3600.0)
     poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
     max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
@@ -375,6 +379,8 @@ class WorkerSettings:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
         if self.cooldown_s < 0:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
+        if not (math.isfinite(self.max_event_s) and self.max_event_s > 0):
+            raise ConfigError("worker.max_event_s", f"must be a finite number > 0, got {self.max_event_s}")
         if self.model_check_interval_s <= 0:
             raise ConfigError("worker.model_check_interval_s", f"must be > 0, got {self.model_check_interval_s}")
         if self.max_future_s != -1 and not 0 < self.max_future_s <= 3600:

@@ -69,6 +69,8 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
     if status == "CLOSED":
         when = _clock(event.get("end_ts"))
         span = f"lasted {_duration(float(event.get('end_ts', 0) or 0) - float(event.get('start_ts', 0) or 0))}, "
+        if event.get("continued") is True:  # cut at worker.max_event_s: the anomaly goes on as a new event
+            span = f"{span}continues, "
     else:
         when = _clock(event.get("start_ts"))
         span = ""

@@ -31,8 +31,9 @@ at the oldest reading of the window that started the run (``ReadyBatch.start_off
 a rebalance replays from there, rebuilds that window, and re-derives the same ``event_id`` (re-emitting
 ``"open"`` is harmless: downstream upserts by id); without the hold the replay would start inside the
 event and open it again under a new id, leaving the first one open for ever. A hold is released when
-the state ends, and after ``idle_timeout_s`` of stream time (a very long event then accepts a new id
-after a crash rather than pin its partition's commit and replay hours).
+the state ends or starts afresh; an event lasts at most ``AlertPolicy.max_event_s`` (then it is closed,
+``continued``, and the anomaly goes on under a new id from the next window, held there), so no hold
+pins its partition's commit much longer than that.
 
 ``ScoringModel`` is the seam to the network: ``DetectorModel`` wraps a trained ``Detector``; tests use a
 numpy fake. The worker swaps models between batches with ``swap_model``.
@@ -648,24 +649,32 @@ class ScoringStep:
                 opened = opened or event["status"] == OPEN
                 counts["events_opened" if event["status"] == OPEN else "events_closed"] += 1
             hold = holds.get(entity)
-            if hold is None:
-                if self._alerts.is_active(entity):  # this window started a run: hold at its oldest reading
-                    hold = holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]),
-                                                 end_ts_list[i], end_ts_list[i], opened=opened)
-            elif self._alerts.is_active(entity):
-                hold.last_ts = end_ts_list[i]
-                hold.opened = hold.opened or opened
-            else:
+            anchor = self._alerts.anchor_ts(entity)
+            if hold is not None and anchor != hold.start_ts:
+                # The entity's alert state ended, or started afresh at this window (a new run after a
+                # cooldown; an event that reached max_event_s and goes on anew): the old hold is over.
                 del holds[entity]
                 if hold.opened and hold.offset is not None and hold.through is not None:
                     # A run that opened an event is over. Its hold stays, apart from the entity's next
                     # run's, until the commit is past the run's last window above its bar (``through``,
                     # that window's newest reading): a replay from a commit inside the run (held there by
                     # another entity) would rebuild only its tail, and report it again as a new event with
-                    # a later start, and so another id.
+                    # a later start, and so another id. Where the state starts afresh at this window, a
+                    # replay from this window's oldest reading rebuilds that fresh state, so the old hold
+                    # pins only commits before it (else an event going on for hours would chain each
+                    # hour's hold to the one before, and pin its first reading for ever).
                     hold.last_ts = end_ts_list[i]
+                    if anchor is not None and int(ready.partition[i]) == hold.stream:
+                        hold.through = min(hold.through, int(ready.start_offset[i]) - 1)
                     self._finished.append((entity, hold))
                 hold = None
+            if hold is None:
+                if anchor is not None:  # this window started a run: hold at its oldest reading
+                    hold = holds[entity] = _Hold(int(ready.partition[i]), int(ready.start_offset[i]),
+                                                 end_ts_list[i], end_ts_list[i], opened=opened)
+            else:
+                hold.last_ts = end_ts_list[i]
+                hold.opened = hold.opened or opened
             if hold is not None and above[i] and int(ready.partition[i]) == hold.stream:
                 hold.through = int(ready.end_offset[i])
         self._apply_holds(out)
@@ -702,9 +711,6 @@ class ScoringStep:
                     out.counts["events_closed"] += 1
                 continue
             if hold.offset is None:
-                continue
-            if idle is not None and hold.last_ts - hold.start_ts > idle:
-                hold.offset = None  # a very long event: stop pinning the commit
                 continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:

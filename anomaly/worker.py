@@ -315,7 +315,7 @@ def options_from_settings(settings) -> WorkerOptions:
         window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=w.stride, grace_slots=w.grace_slots,
                                    max_fill_steps=w.max_fill_steps),
         alert_policy=AlertPolicy(min_duration_windows=w.min_duration_windows, recovery_windows=w.recovery_windows,
-                                 cooldown_s=w.cooldown_s, top_k=w.top_sensors),
+                                 cooldown_s=w.cooldown_s, top_k=w.top_sensors, max_event_s=w.max_event_s),
         poll_timeout_s=w.poll_timeout_s, max_poll_records=w.max_poll_records, input_partitions=w.input_partitions,
         device=w.device, precision=w.precision, create_topics=w.create_topics,
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,

@@ -664,6 +664,48 @@ def test_a_restart_from_any_commit_reports_only_the_events_of_the_uninterrupted_
     assert commits[-1] > 60 and first.alert_holds == {}  # all over: nothing pinned
 
 
+def test_a_fault_longer_than_max_event_s_gets_every_event_closed_whenever_the_worker_dies() -> None:
+    # A's fault lasts 290 slots, events at most 100 s; B's short one (slots 150-169) pins the commit inside
+    # A's second event. An event open past the idle timeout used to release its hold: a restart after
+    # that opened the fault's continuation under a new id, and the first id never got its ``closed``. Now
+    # the event is cut (closed, continued) and its continuation holds the commit from its own first window.
+    hot = {"A": set(range(20, 310)), "B": set(range(150, 170))}
+    records, offset = [], 0
+    for slot in range(360):
+        for entity in "AB":
+            values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if slot in hot[entity] else 0.0))
+            records.append(reading_record(entity, slot, offset, values=values))
+            offset += 1
+    policy = AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0.0, max_event_s=100.0)
+
+    def step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0), policy,
+                           idle_timeout_s=50.0)
+
+    def events(outs: list[BatchOutput]) -> list[dict[str, Any]]:
+        return [decode_event(v) for out in outs for _, v in out.events]
+
+    first = step()
+    outs = [first.process(records[2 * slot:2 * slot + 2], now_s=T0 + 1000) for slot in range(360)]
+    continuous = events(outs)
+    a = [(e["status"], e["continued"], e["start_ts"] - T0) for e in continuous if e["entity"] == "A"]
+    # (W 4: the first window above ends at slot 21, with two hot readings)
+    assert a == [("open", False, 21), ("closed", True, 21), ("open", False, 121), ("closed", True, 121),
+                 ("open", False, 221), ("closed", False, 221)]
+    seen = {e["event_id"] for e in continuous}
+    lag = []
+    for slot, out in enumerate(outs):  # the worker dies after this slot's batch, and restarts from its commit
+        committed = out.commits[(TOPIC, 0)]
+        lag.append(slot - committed // 2)
+        before = events(outs[:slot + 1])
+        replayed = events([step().process([r for r in records if r.offset >= committed], now_s=T0 + 1000)])
+        assert {e["event_id"] for e in replayed} <= seen, f"restart after slot {slot}: a new id"
+        closed = {e["event_id"] for e in before + replayed if e["status"] == "closed"}
+        assert {e["event_id"] for e in before if e["status"] == "open"} <= closed, f"restart after slot {slot}"
+    # The commit stays within about one event (100 s) and a window of the stream, never at A's first reading.
+    assert max(lag) <= 105 and lag[-1] <= 5, max(lag)
+
+
 def test_blips_that_open_no_event_leave_no_hold_behind() -> None:
     # pump-a blips every 6 slots, never long enough to open an event: nothing to replay, so the commit
     # stays within a window or so of the stream (a finished run's hold is kept only for an event; each

@@ -135,7 +135,9 @@ def test_format_event_names_top_sensors_with_actual_and_expected():
     assert "OPEN" in line and "pump-2" in line and "model v3" in line
     assert "pressure 81% (1.41 vs 1.02)" in line and "flow" in line and "rpm" not in line  # top 3 only
     closed = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 150})
-    assert "CLOSED" in closed and "lasted 2.5 min" in closed
+    assert "CLOSED" in closed and "lasted 2.5 min" in closed and "continues" not in closed
+    cut = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 3599, "continued": True})
+    assert "lasted 60.0 min, continues, peak" in cut  # cut at worker.max_event_s: a new event follows
     day = datetime.fromtimestamp(EVENT["start_ts"], tz=timezone.utc).strftime("%m-%d %H:%M:%S")
     assert line.startswith(day)  # the day too: an event can last days
 
