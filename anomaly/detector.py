@@ -161,9 +161,12 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
     scaler = fit_scaler(train_values if gaps is None else train_values[~gaps], list(sensors), scaler_method)
     config = ModelConfig(n_features=len(sensors), **model_params)
     windows = make_windows(scaler.transform(train_values), config.window_size, stride)
+    starts = np.arange(len(windows), dtype=np.int64) * stride  # each window's first row
     if gaps is not None:
-        windows = windows[~windows_touching(gaps, config.window_size, stride)]
+        kept = ~windows_touching(gaps, config.window_size, stride)
+        windows, starts = windows[kept], starts[kept]
     result = train_autoencoder(windows, config, train_config, callbacks, progress_desc)
+    result.val_start_row = int(starts[len(starts) - result.n_val_windows])
     val_scores = window_scores(result.model, result.val_windows).scores
     threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))
     detector = Detector(model=result.model, scaler=scaler, threshold=threshold, period_s=period_s)

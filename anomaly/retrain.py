@@ -565,19 +565,23 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         "its oldest part, not the recent history; raise read_timeout_s or "
                                         "shorten the topic's retention", champion_version=champion_version,
                              data=data.facts)
-    rows, hold_windows = data.train_rows, sum(len(h) - champion.window_size + 1 for h in data.holdout)
+    # The hold-out compares both models on windows ending on the same rows, those the longer window reaches
+    # (``_holdout``): a segment shorter than it gives no window to compare, so the cycle skips before it
+    # trains a challenger that nothing could judge.
+    w = settings.model.window_size
+    compared = max(champion.window_size, w)
+    rows, hold_windows = data.train_rows, sum(max(0, len(h) - compared + 1) for h in data.holdout)
     # the challenger's windows (its own window size) that touch no gap: what it could train on
     from anomaly.training import MIN_TRAIN_WINDOWS
 
-    w = settings.model.window_size
     gaps = data.gaps if data.gaps is not None else np.zeros(len(data.train_values), dtype=bool)
     train_windows = (int(np.count_nonzero(~windows_touching(gaps, w, settings.training.stride)))
                      if len(gaps) >= w else 0)
     if rows < rt.min_rows or hold_windows < 1 or train_windows < MIN_TRAIN_WINDOWS:
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
                                         f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
-                                        f"{max(hold_windows, 0)} hold-out windows (need 1)" + _left_out(history, rt,
-                                                                                                       champion),
+                                        f"{hold_windows} hold-out windows of {compared} (need 1)"
+                                        + _left_out(history, rt, champion),
                              champion_version=champion_version, data=data.facts)
     train_values = data.train_values
     if data_transform is not None:
@@ -599,8 +603,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     window = max(champion.window_size, challenger.window_size)  # both on windows ending on the same rows
     champ = _holdout(champion, data.holdout, unit, window, data.holdout_entities)
     chall = _holdout(challenger, data.holdout, unit, window, data.holdout_entities)
-    champ_events = _events(champion, data.labelled_tails, data.tail_entities)
-    chall_events = _events(challenger, data.labelled_tails, data.tail_entities)
+    champ_events = _events(champion, data.labelled_tails, data.tail_entities, window)
+    chall_events = _events(challenger, data.labelled_tails, data.tail_entities, window)
     labelled = champ_events is not None and champ_events.n_true > 0
     if not labelled:
         champ_events = chall_events = None
@@ -615,7 +619,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     status = "promoted" if decision.promote else "kept"
     if decision.promote and challenger_version:
         # Moved before the comparison is logged, so the run and the version's tags say what happened.
-        # Checked again at the move itself: a promotion by hand since the check above is not overridden.
+        # Checked again at the move itself, under the alias's lock: a promotion by hand since the check
+        # above is not overridden, and one during the move waits for it (registry.alias_lock).
         try:
             registry.promote(ml.model_name, challenger_version, ml.champion_alias,
                              reason=f"retrain gate: {decision.reason}", expected_previous=champion_version)
@@ -771,20 +776,26 @@ def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float
 
 
 def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
-            entities: Sequence[str] = ()) -> EventMetrics | None:
+            entities: Sequence[str] = (), window: int | None = None) -> EventMetrics | None:
     """Event-wise metrics of ``detector``'s window flags (a flagged window marks its last row, as in
     the worker, before alert shaping) against the labels of each labelled hold-out tail (``entities``:
-    each tail's entity, held to its own threshold where the model has one)."""
+    each tail's entity, held to its own threshold where the model has one). Flags and labels count
+    from row ``window - 1`` of each tail (``window``: the longer of the two models' windows), as in
+    ``_holdout``: a fault in the first rows, which only the shorter window reaches, would count for
+    one model alone."""
     if not tails:
         return None
+    window = max(window or 0, detector.window_size)
     counts = []
     for k, (values, labels) in enumerate(tails):
+        if len(values) < window:
+            continue
         scored = detector.score_values(values)
         threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
         predicted = np.zeros(len(values), dtype=bool)
         predicted[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores)]] = True
-        counts.append(event_metrics(labels, predicted))
-    return aggregate_events(counts)
+        counts.append(event_metrics(np.asarray(labels)[window - 1:], predicted[window - 1:]))
+    return aggregate_events(counts) if counts else None
 
 
 def _comparison_metrics(champ: HoldoutMetrics, chall: HoldoutMetrics, champ_events: EventMetrics | None,

@@ -101,16 +101,20 @@ def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = T
     detector, result, val_scores = fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s,
                                               callbacks=callbacks, progress=progress, progress_desc=progress_desc,
                                               gaps=prepared.gaps)
-    detector.threshold = entity_thresholds(detector, prepared, settings)
+    detector.threshold = entity_thresholds(detector, prepared, settings, result.val_start_row)
     return detector, result, val_scores
 
 
-def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings) -> Threshold:
+def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings,
+                      val_start_row: int | None = None) -> Threshold:
     """``detector``'s threshold with per-entity values: the threshold's policy fitted on each entity's
-    validation rows (``Prepared.entity_tails``; windows touching a gap left out), times
-    ``threshold.scale``, for entities with at least ``threshold.per_entity_min_windows`` windows there.
-    Unchanged for one series or with the setting at 0. With a moving bar (adaptive or episodes) an
-    entity's own value is the base its bar rises from, as the shared one is for the others."""
+    validation rows (``Prepared.entity_tails``; windows touching a gap left out, and windows starting
+    before ``val_start_row``, the first validation window's row (``TrainResult.val_start_row``): the
+    network trained on those, where the time-ordered split fell inside the entities' validation
+    parts), times ``threshold.scale``, for entities with at least ``threshold.per_entity_min_windows``
+    windows there. Unchanged for one series or with the setting at 0. With a moving bar (adaptive or
+    episodes) an entity's own value is the base its bar rises from, as the shared one is for the
+    others."""
     th, threshold = settings.threshold, detector.threshold
     if not prepared.entity_tails or th.per_entity_min_windows == 0:
         return threshold
@@ -122,8 +126,10 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
             if b - a < w:
                 continue
             scores = np.asarray(detector.score_values(prepared.values[a:b]).scores, dtype=np.float64)
+            keep = np.arange(a, a + len(scores)) >= (val_start_row or 0)  # window i starts on row a + i
             if prepared.gaps is not None:
-                scores = scores[~windows_touching(prepared.gaps[a:b], w)]
+                keep &= ~windows_touching(prepared.gaps[a:b], w)
+            scores = scores[keep]
             parts.append(scores)
         if parts:
             errors[entity] = np.concatenate(parts)

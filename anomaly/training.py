@@ -116,6 +116,7 @@ class TrainResult:
     n_val_windows: int
     val_windows: np.ndarray = field(repr=False)  # (Nv, W, F) scaled, for threshold fitting
     batch_size: int = 0  # windows per step actually used (training.fast may raise the configured one)
+    val_start_row: int | None = None  # row of the training values the first validation window starts on (fit_detector)
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,

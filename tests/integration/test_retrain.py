@@ -245,6 +245,22 @@ def test_too_few_windows_for_the_challenger_is_a_skip_not_a_failure(store, tmp_p
     assert result.challenger_version is None and champion_version(settings) == weak
 
 
+def test_a_hold_out_too_short_for_the_challengers_window_is_a_skip_before_training(store, tmp_path):
+    """The hold-out compares both models on windows the longer window reaches. A recent clean stretch
+    shorter than the challenger's window (32 here, the champion's 8) gave 0 windows to compare: the cycle
+    trained and registered a challenger anyway, and kept the champion "as challenger scores are not
+    finite". Now it is a skip, before any training, that says why."""
+    root, weak, _ = store
+    base = settings_for(root, holdout_fraction=0.015)
+    settings = dataclasses.replace(base, model=dataclasses.replace(base.model, window_size=32))
+    give_champion(settings, weak)
+    path = tmp_path / "history.csv"
+    normal_frame(1500, seed=3).to_csv(path, index_label="ts")
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status == "skipped" and "0 hold-out windows of 32 (need 1)" in result.reason, result.reason
+    assert result.challenger_version is None and champion_version(settings) == weak
+
+
 def test_history_read_ends_under_live_traffic(kafka_broker, topic_name):
     """A producer keeps writing while the retrain reads (the input topic of a running plant): the read
     ends once every partition is read up to the records written after it began, not at read_timeout_s."""

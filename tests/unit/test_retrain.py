@@ -425,6 +425,77 @@ def test_the_hold_out_holds_each_entity_to_its_own_threshold():
     assert _events(model, [tail], ["loud"]).recall == 0.0
 
 
+def test_labelled_events_of_models_of_different_window_sizes_count_on_the_same_rows():
+    """A fault in a tail's first rows is reached by the shorter window alone: it counted for that model
+    only (event F1 0.44 against 0.22 for two equally good models), and with max_event_f1_decrease 0 that
+    alone could block a challenger. Flags and labels now count from the longer window's first end row."""
+    from types import SimpleNamespace
+
+    from anomaly.retrain import _events
+
+    def detector(w: int):  # flags every window whose last row is labelled: a perfect detector of its rows
+        def score_values(values):
+            end_rows = np.arange(w - 1, len(values))
+            return SimpleNamespace(scores=values[end_rows, 0].astype(float), end_rows=end_rows)
+        threshold = SimpleNamespace(series_flags=lambda scores: scores > 0.5)
+        threshold.for_entity = lambda entity: threshold
+        return SimpleNamespace(window_size=w, score_values=score_values, threshold=threshold)
+
+    labels = np.zeros(240, dtype=bool)
+    labels[12:21] = labels[200:220] = True
+    tail = (labels[:, None].astype(float), labels)
+    short, long_ = detector(8), detector(32)
+    assert _events(short, [tail]).n_true == 2  # on its own rows the short window reaches the first fault
+    a, b = _events(short, [tail], window=32), _events(long_, [tail], window=32)
+    assert a.n_true == b.n_true == 1 and a.recall == b.recall == 1.0 and a.f1 == b.f1
+    assert _events(long_, [(tail[0][:20], tail[1][:20])], window=32) is None  # no tail reaches a window
+
+
+def test_per_entity_thresholds_leave_out_windows_the_network_trained_on():
+    """The time-ordered split of training falls where the window count puts it, which can lie inside
+    the first entity's validation rows (seams and gaps cost windows): its own threshold was fitted on
+    windows the network had trained on, so it came out too low. Windows starting before the first
+    validation window's row are left out."""
+    from types import SimpleNamespace
+
+    from anomaly.config import build_settings
+    from anomaly.train_job import entity_thresholds
+    from anomaly.thresholds import Threshold
+
+    values = np.zeros((400, 1))
+    values[100:150, 0] = 0.1  # a's first 50 validation rows: trained on (low errors)
+    values[150:200, 0] = 5.0  # the rest of a's: validation proper
+    values[200:400, 0] = 5.0  # b's
+
+    def score_values(v):  # windows of 1: the score is the row's value
+        return SimpleNamespace(scores=v[:, 0].astype(float))
+
+    detector = SimpleNamespace(window_size=1, score_values=score_values, threshold=Threshold("quantile", 1.0))
+    prepared = SimpleNamespace(entity_tails={"a": [(100, 200)], "b": [(200, 400)]}, values=values, gaps=None)
+    settings = build_settings({"threshold": {"method": "quantile", "q": 0.5, "per_entity_min_windows": 10}})
+    leaky = entity_thresholds(detector, prepared, settings).per_entity
+    assert leaky["a"] < 5.0 and leaky["b"] == 5.0  # a: the median of its rows, half of them trained on
+    own = entity_thresholds(detector, prepared, settings, val_start_row=150).per_entity
+    assert own == {"a": 5.0, "b": 5.0}
+
+
+def test_fit_detector_reports_the_row_its_validation_windows_start_on():
+    from anomaly.detector import fit_detector
+    from tests.fixtures import normal_frame
+    from anomaly.training import TrainConfig
+
+    values = normal_frame(300, seed=5).to_numpy()
+    gaps = np.zeros(len(values), dtype=bool)
+    gaps[[100, 260]] = True
+    detector, result, _ = fit_detector(values, list(normal_frame(1).columns), {"window_size": 8, "hidden_size": 8,
+                                       "latent_size": 2}, TrainConfig(epochs=1, batch_size=64, device="cpu"),
+                                       threshold_method="quantile", gaps=gaps)
+    scaled = detector.scaler.transform(values)
+    first = result.val_windows[0]
+    assert np.allclose(first, scaled[result.val_start_row:result.val_start_row + 8])
+    assert not gaps[result.val_start_row:result.val_start_row + 8].any()
+
+
 def test_reading_history_waits_longer_for_the_first_record_than_between_records(monkeypatch):
     """A first fetch slower than retrain.read_idle_s (connections, offset lookups on a loaded box) is
     not taken for an empty topic; after the first record the idle allowance is read_idle_s again."""
