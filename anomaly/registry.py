@@ -10,10 +10,15 @@ one before), so the registry's UI tells who held it when. With ``tracking.py`` t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -148,6 +153,44 @@ def _not_found(exc: Exception) -> bool:
     return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc))
 
 
+ALIAS_LOCK_WAIT_S = 30.0  # longest wait for another process's move of the same alias
+
+
+@contextlib.contextmanager
+def alias_lock(name: str, alias: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` for moves of ``name@alias`` in this registry (a file in the temp folder,
+    keyed by tracking URI, model and alias) while reading the alias and moving it. MLflow has no
+    compare-and-set for aliases: without it, a promotion by hand landing between the retrain gate's check
+    and its move was overridden, and dropped from the rollback stack. It serialises the processes of
+    one host (a scheduler, ``anomaly models``, ``anomaly up``); moves from two hosts in the same instant
+    can still interleave."""
+    import mlflow
+
+    key = json.dumps([mlflow.get_tracking_uri(), name, alias])
+    path = Path(tempfile.gettempdir()) / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise RegistryError(f"cannot make the alias lock file {path}: {exc.strerror or exc}") from None
+    try:
+        deadline = time.monotonic() + ALIAS_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(f"another process has been moving {name}@{alias} for "
+                                        f"{ALIAS_LOCK_WAIT_S:g} s (lock {path}); not moved") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 class AliasMoved(RegistryError):
     """``promote(expected_previous=...)`` found the alias on another version: someone moved it meanwhile."""
 
@@ -168,6 +211,11 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
         c.get_model_version(name, str(version))
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
+    with alias_lock(name, alias):  # the check and the move as one, for this host's processes
+        return _promote(c, name, str(version), alias, reason, expected_previous)
+
+
+def _promote(c: Any, name: str, version: str, alias: str, reason: str, expected_previous: Any) -> str | None:
     previous = alias_version(name, alias)
     if expected_previous is not _ANY and previous != (None if expected_previous is None else str(expected_previous)):
         raise AliasMoved(f"{name}@{alias} is on v{previous} now, not v{expected_previous}: not moving it to v{version}")
@@ -241,6 +289,11 @@ def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
 def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
     """Give ``alias`` back to the version that held it before the last promotion; returns it.
     ``reason`` (why, as the operator put it) goes into the alias's log beside the version rolled from."""
+    with alias_lock(name, alias):
+        return _rollback(name, alias, reason)
+
+
+def _rollback(name: str, alias: str, reason: str) -> str:
     try:
         c = client()
         history = _history(name, alias)

@@ -191,6 +191,40 @@ def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(setting
     assert registry.alias_version("pump", "champion") == "3"
 
 
+def test_a_promotion_by_hand_during_the_gates_move_waits_and_is_not_overridden(settings, monkeypatch):
+    # The retrain gate moves @champion only if it still holds the version it compared with (v1). An
+    # operator's `models promote 3` that landed between that check and the move was overridden by it:
+    # @champion ended on v2 and v3 was not on the rollback stack. Now the hand promotion waits for the
+    # gate's move (a lock per registry, model and alias), then wins.
+    import threading
+
+    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
+                         promote=True, progress=False)
+    c = registry.client()
+    source = c.get_model_version("pump", first.version).source
+    for version in ("2", "3"):
+        c.create_model_version("pump", source, run_id=first.run_id)
+    real_history, operator = registry._history, []
+
+    def history_then_operator(name, alias):  # the gate has checked @champion is v1; the operator acts now
+        if not operator:
+            thread = threading.Thread(target=registry.promote, args=("pump", "3", "champion", "by hand"))
+            operator.append(thread)
+            thread.start()
+            thread.join(1.0)
+            assert thread.is_alive(), "the hand promotion went ahead in the middle of the gate's move"
+        return real_history(name, alias)
+
+    monkeypatch.setattr(registry, "_history", history_then_operator)
+    assert registry.promote("pump", "2", "champion", "retrain gate", expected_previous="1") == "1"
+    operator[0].join(30)
+    assert registry.alias_version("pump", "champion") == "3"
+    assert json.loads(c.get_registered_model("pump").tags["champion_history"]) == ["1", "2"]
+    moves = json.loads(c.get_registered_model("pump").tags["champion_log"])
+    assert [(m["from"], m["to"], m["reason"]) for m in moves[-2:]] == [("1", "2", "retrain gate"), ("2", "3", "by hand")]
+    assert registry.rollback("pump") == "2"  # the stack holds every version that served
+
+
 def test_unreachable_store_is_a_registry_error(tmp_path):
     from anomaly.errors import RegistryError
 
