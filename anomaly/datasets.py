@@ -180,7 +180,8 @@ def load_nab(data_dir: str | Path) -> list[LabelledSeries]:
 
 
 def _nab_rows(index: pd.DatetimeIndex, windows: list[list[str]], path: Path, windows_path: Path) -> list[tuple[int, int]]:
-    """Window timestamps to inclusive row ranges; every bound must be a row's exact timestamp."""
+    """Window timestamps to inclusive row ranges; every bound must be a row's exact timestamp (its first
+    row where a timestamp repeats, as NAB's ``timestamps.index``: the window ends at that row)."""
     ns = index.as_unit("ns").asi8
     out: list[tuple[int, int]] = []
     for window in windows:
@@ -195,7 +196,7 @@ def _nab_rows(index: pd.DatetimeIndex, windows: list[list[str]], path: Path, win
         if starts.size == 0 or ends.size == 0:
             bad = window[0] if starts.size == 0 else window[1]
             raise DataError(f"{windows_path}: window bound {bad} matches no row of {path} (column 'timestamp')")
-        start, end = int(starts[0]), int(ends[-1])
+        start, end = int(starts[0]), int(ends[0])
         if end < start:
             raise DataError(f"{windows_path}: window {window!r} ends (row {end}) before it starts (row {start}) in {path}")
         out.append((start, end))

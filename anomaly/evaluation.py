@@ -85,8 +85,9 @@ def _elapsed_seconds(timestamps: Any, n_rows: int) -> np.ndarray:
 class BinaryMetrics:
     """SKAB's outlier-detection metric over all files. Counts are summed over files (micro).
 
-    ``f1``, ``far`` and ``mar`` are unrounded (SKAB rounds them to 2 decimals for display only);
-    ``far`` and ``mar`` are percentages.
+    ``f1``, ``far`` and ``mar`` are unrounded; SKAB's ``chp_score`` returns them rounded to 2 decimals
+    (F1 0.70 where this gives 0.6984), which is what its leaderboard lists, so ``round(x, 2)`` gives
+    SKAB's figure. ``far`` and ``mar`` are percentages.
     """
 
     tp: int
@@ -284,21 +285,22 @@ def composite_f1(point_precision: float | None, event_recall: float | None) -> f
 def unmeasured(metrics: Mapping[str, Any], point: BinaryMetrics | None = None,
                events: EventMetrics | None = None) -> dict[str, Any]:
     """``metrics`` with each figure that had nothing to measure set to None, not to a 0 that reads as a
-    result: nothing labelled (no recall to have, not a recall of 0): recall, F1, MAR and their event-wise
-    kin; no normal row: FAR; nothing flagged: precision; no predicted event: event precision. Only keys
-    already in ``metrics`` are touched."""
+    result: nothing labelled (no recall to have, not a recall of 0): recall, MAR and their event-wise
+    kin, and F1 unless something was flagged (then every flag is a false alarm and F1 is 0, as SKAB's
+    ``chp_score`` gives it); no normal row: FAR; nothing flagged: precision; no predicted event: event
+    precision. Only keys already in ``metrics`` are touched."""
     out = dict(metrics)
     gone: list[str] = []
     if point is not None:
         if not point.tp + point.fn:
-            gone += ["recall", "f1", "mar"]
+            gone += ["recall", "mar"] + ([] if point.fp else ["f1"])
         if not point.fp + point.tn:
             gone += ["far"]
         if not point.tp + point.fp:
             gone += ["precision"]
     if events is not None:
         if not events.n_true:
-            gone += ["event_recall", "event_f1", "mean_delay_s"]
+            gone += ["event_recall", "mean_delay_s"] + ([] if events.n_pred else ["event_f1"])
         if not events.n_pred:
             gone += ["event_precision"]
     out.update({k: None for k in gone if k in out})
@@ -539,15 +541,32 @@ def nab_optimize(files: Iterable[NabFile], profile: NabProfile) -> tuple[float, 
     return best_threshold, _raw_at(rows, best_threshold, profile)
 
 
-def nab_normalized(raw: float, n_windows: int, profile: NabProfile) -> float:
+def nab_normalized(raw: float, n_windows: int, profile: NabProfile, null_raw: float | None = None) -> float:
     """NAB's final score (``runner.normalize``): ``100·(raw − S_null)/(S_perfect − S_null)`` with
-    ``S_perfect = A_TP·n_windows`` and ``S_null = −A_FN·n_windows`` (the null detector's raw score).
-    Perfect detection gives 100, detecting nothing gives 0, and many false positives go negative."""
+    ``S_perfect = A_TP·n_windows`` (every labelled window) and ``S_null`` the null detector's raw score
+    (``nab_null_raw``; by default ``−A_FN·n_windows``, what it is on any corpus where detecting nothing
+    beats flagging every row, NAB's own included). Perfect detection gives 100, the null detector 0, and
+    many false positives go negative."""
     if n_windows <= 0:
         raise ValueError(f"the NAB score needs at least one labelled window, got {n_windows}")
     perfect = profile.a_tp * n_windows
-    null = -profile.a_fn * n_windows
+    null = -profile.a_fn * n_windows if null_raw is None else float(null_raw)
+    if perfect <= null:
+        raise ValueError(f"the null detector scores {null:g}, as much as a perfect one ({perfect:g}): "
+                         "the NAB score is undefined")
     return 100.0 * (raw - null) / (perfect - null)
+
+
+NAB_NULL_SCORE = 0.5  # what NAB's null detector gives every row (``detectors/null/null_detector.py``)
+
+
+def nab_null_raw(files: Iterable[NabFile], profile: NabProfile) -> float:
+    """The raw score of NAB's null detector on these files: every row scored 0.5, at its own best
+    threshold (so the better of flagging nothing and flagging every scored row), as NAB's
+    ``runner.normalize`` takes it from the null detector's optimised results. On a file that is mostly
+    window, flagging every row beats flagging nothing."""
+    nulls = [NabFile(f.name, np.full(len(f.scores), NAB_NULL_SCORE), f.windows) for f in files]
+    return nab_optimize(nulls, profile)[1]
 
 
 def nab_scores(files: Iterable[NabFile], threshold: float | None = None) -> dict[str, float | int | None]:
@@ -558,18 +577,22 @@ def nab_scores(files: Iterable[NabFile], threshold: float | None = None) -> dict
 
     Keys: ``nab_standard``, ``nab_low_fp``, ``nab_low_fn`` (normalised; ``None`` when no file has a
     scored window, where the NAB score is undefined), ``<key>_threshold`` (the threshold used),
-    ``<key>_raw`` (the raw score) and ``nab_windows`` (windows counted in the normalisation).
+    ``<key>_raw`` (the raw score) and ``nab_windows`` (labelled windows, as the normalisation counts
+    them). The null detector's score is computed on these files (``nab_null_raw``).
     """
     files = list(files)
     out: dict[str, float | int | None] = {}
-    n_windows = nab_window_count(files)
+    scored_windows = nab_window_count(files)
+    n_windows = sum(len(f.windows) for f in files)  # S_perfect counts every labelled window, as NAB's does
     for name, key in NAB_SCORE_KEYS.items():
         profile = NAB_PROFILES[name]
         if threshold is None:
             used, raw = nab_optimize(files, profile)
         else:
             used, raw = float(threshold), nab_raw_score(files, threshold, profile)
-        out[key] = nab_normalized(raw, n_windows, profile) if n_windows else None
+        null = nab_null_raw(files, profile) if scored_windows else None
+        defined = null is not None and profile.a_tp * n_windows > null  # else no score separates the two
+        out[key] = nab_normalized(raw, n_windows, profile, null) if defined else None
         out[f"{key}_threshold"] = used
         out[f"{key}_raw"] = raw
     out["nab_windows"] = n_windows

@@ -89,6 +89,21 @@ def test_nab_window_off_the_rows_is_a_data_error(tmp_path):
         load_nab(tmp_path)
 
 
+def test_a_nab_window_ending_on_a_repeated_timestamp_ends_at_its_first_row(tmp_path):
+    # NAB's sweeper finds a window's right edge with timestamps.index (the first row with that time) and
+    # leaves the window there; the loader took the last such row, so a detection on the repeat counted
+    # as a true positive (standard raw +0.21) where NAB counts a false one (-1.03).
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    rows = [f"2020-01-01 00:{min(m, 20) if m < 21 else m - 1:02d}:00,{m}" for m in range(41)]  # 20 and 21 repeat
+    (tmp_path / "data" / "cat" / "f.csv").write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    (tmp_path / "labels" / "combined_windows.json").write_text(
+        '{"cat/f.csv": [["2020-01-01 00:15:00.000000", "2020-01-01 00:20:00.000000"]]}')
+    (s,) = load_nab(tmp_path)
+    assert s.frame.index[20] == s.frame.index[21] and s.meta["windows"] == [(15, 20)]
+    assert not s.labels[21]
+
+
 def test_smd_one_machine():
     (s,) = load_smd(_need("smd"), machines=["machine-1-2"])
     assert s.name == "machine-1-2"

@@ -32,6 +32,7 @@ from anomaly.evaluation import (
     nab_windows_to_rows,
     point_adjusted_f1,
     skab_binary_metrics,
+    unmeasured,
 )
 
 STANDARD = NAB_PROFILES["standard"]
@@ -522,3 +523,31 @@ def test_the_all_anomalous_detector_scores_what_skab_says():
     assert out["far"] == 100.0 and out["mar"] == 0.0 and out["f1"] == pytest.approx(2 * 15 / (2 * 15 + 35))
     assert out["event_f1"] == 1.0 and out["mean_delay_s"] == 0.0
     assert out["fc1"] == pytest.approx(2 * 0.3 / 1.3)
+
+
+def test_the_nab_null_score_is_the_null_detectors_own_on_the_files_scored():
+    # NAB normalises by the null detector's optimised score (every row 0.5), not by -A_FN per window. On a
+    # file that is mostly window, flagging every row beats flagging nothing: one file of 20 rows, window
+    # rows 5..14, one detection at row 14. NAB gives 0.0 / 33.59 / 0.0; assuming -A_FN per window gave
+    # 71.7 / 62.41 / 81.13.
+    scores = np.zeros(20)
+    scores[14] = 1.0
+    out = nab_scores([NabFile("f", scores, [(5, 14)])])
+    assert out["nab_standard"] == pytest.approx(0.0, abs=1e-9)
+    assert out["nab_low_fp"] == pytest.approx(33.5865, abs=1e-3)
+    assert out["nab_low_fn"] == pytest.approx(0.0, abs=1e-9)
+    # Where detecting nothing is the null detector's best (NAB's corpus), nothing changes.
+    assert nab_normalized(46.634, 116, STANDARD, null_raw=-116.0) == nab_normalized(46.634, 116, STANDARD)
+
+
+def test_nothing_labelled_but_something_flagged_is_an_f1_of_zero_not_unmeasured():
+    # SKAB's chp_score: F1 = TP / (TP + (FN + FP) / 2) = 0 with a false alarm and no anomalous row; only
+    # MAR (and recall) have nothing to measure.
+    point = skab_binary_metrics([np.zeros(5, dtype=bool)], [np.array([0, 1, 0, 0, 0], dtype=bool)])
+    out = unmeasured({"f1": point.f1, "far": point.far, "mar": point.mar, "recall": 0.0}, point)
+    assert out == {"f1": 0.0, "far": 20.0, "mar": None, "recall": None}
+    quiet = skab_binary_metrics([np.zeros(5, dtype=bool)], [np.zeros(5, dtype=bool)])
+    assert unmeasured({"f1": quiet.f1}, quiet) == {"f1": None}  # nothing labelled, nothing flagged
+    events = aggregate_events([event_metrics(np.zeros(10, dtype=bool), np.eye(10, dtype=bool)[3])])
+    assert unmeasured({"event_f1": events.f1, "event_recall": events.recall}, events=events) == {
+        "event_f1": 0.0, "event_recall": None}
