@@ -21,14 +21,16 @@ Per entity, windows arrive in time order with a score and the threshold in force
   far, and later one more ``"closed"``. Why: a flapping sensor is one incident for the people paged,
   and downstream consumers upsert by ``event_id``, so the event's record simply reopens. A run that
   starts after the cooldown gets a new id.
-- **Longest event.** An event reaches at most ``max_event_s`` of stream time (or ``MIN_SPLIT_WINDOWS``
-  of its entity's windows, where that is longer): the first window above that ends ``max_event_s`` or
-  more after the event's ``start_ts``, ``MIN_SPLIT_WINDOWS`` or more windows in, closes it (a
-  ``"closed"`` event with ``continued: true``, ending at the window before) and starts a new run at
-  itself, which opens the anomaly's continuation under a new id as any run does. So every event ends,
-  and the state an open event rests on reaches back at most that far (a restart replays at most that
-  much to re-derive it). A run starting within the cooldown of an event that began that long before it
-  starts afresh too, instead of re-opening that event.
+- **Stream-time periods.** Alert state never spans a boundary of the stream-time grid of
+  ``max_event_s`` (epoch-aligned: with an hour, the top of every hour; widened to ``MIN_SPLIT_WINDOWS``
+  of the entity's window spacing, ``spacing_s``, where that is longer, so a slow grid does not cut at
+  every window). An entity's first window past a boundary starts its state afresh: an open event is
+  closed there (a ``"closed"`` event ending at its last window above, with ``continued: true`` when
+  this window is above too: the anomaly goes on), a run or a cooldown is dropped, and this window is
+  handled as for an entity at rest (an anomaly going on opens its continuation under a new id once
+  it has lasted ``min_duration_windows``). Because every entity starts afresh at the same stream times,
+  the state an open event rests on reaches back at most one period and a window, for every entity of
+  a partition at once: a restart replays at most that much to re-derive every id.
 - **Peak.** ``peak_score`` is the highest score of the event (a re-opened event keeps its earlier
   peak if higher). Scores of two model versions are on two scales, so across a model swap the window
   that is further over its own bar (``score / threshold``) is the higher (``_outranks``). ``sensors``
@@ -54,7 +56,7 @@ from anomaly.errors import ConfigError
 OPEN = "open"
 CLOSED = "closed"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MIN_SPLIT_WINDOWS = 60  # an event spans at least this many of its entity's windows before max_event_s cuts it
+MIN_SPLIT_WINDOWS = 60  # the grid's period is at least this many window spacings (``AlertTracker.spacing_s``)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class AlertPolicy:
     recovery_windows: int = 3  # consecutive windows at/below the threshold before it closes
     cooldown_s: float = 60.0  # a run starting within this long after a close re-opens the same event
     top_k: int = 3  # sensors listed in an event
-    max_event_s: float = 3600.0  # stream time after which an open event is closed (continued) and goes on anew
+    max_event_s: float = 3600.0  # period of the stream-time grid whose boundaries alert state never spans
 
     def __post_init__(self) -> None:
         for name in ("min_duration_windows", "recovery_windows", "top_k"):
@@ -133,16 +135,24 @@ def _outranks(score: float, threshold: float, model_name: str, model_version: st
 class AlertTracker:
     """Per-entity alert state; ``update`` once per scored window, in time order per entity."""
 
-    def __init__(self, policy: AlertPolicy) -> None:
+    def __init__(self, policy: AlertPolicy, spacing_s: float = 0.0) -> None:
         self.policy = policy
+        self.spacing_s = spacing_s  # stream seconds between two of an entity's windows (stride x period)
         self._runs: dict[str, _Run] = {}
         self._events: dict[str, _Event] = {}
+
+    def period_s(self) -> float:
+        """The period of the stream-time grid: ``max_event_s``, or ``MIN_SPLIT_WINDOWS`` window spacings."""
+        return max(self.policy.max_event_s, MIN_SPLIT_WINDOWS * self.spacing_s)
+
+    def _period(self, ts: float) -> int:
+        return math.floor(ts / self.period_s())
 
     def update(self, entity: str, end_ts: float, score: float, threshold: float,
                sensors_detail: Callable[[], list[dict[str, Any]]], model_name: str,
                model_version: str) -> list[dict[str, Any]]:
         """Feed one scored window; returns the events to emit now (``[]``, one ``open`` or one ``closed``, or,
-        when an event reaches ``max_event_s`` with ``min_duration_windows`` 1, its ``closed`` and the
+        at a boundary of the grid with ``min_duration_windows`` 1, the cut event's ``closed`` and its
         continuation's ``open``).
 
         ``sensors_detail()`` returns the window's sensors ranked by share of the error, as dicts
@@ -151,16 +161,23 @@ class AlertTracker:
         policy = self.policy
         above = score > threshold
         event = self._events.get(entity)
+        anchor = self.anchor_ts(entity)
+        if anchor is not None and self._period(anchor) != self._period(end_ts):
+            # The first window past a boundary of the grid: the entity's state starts afresh here.
+            self._runs.pop(entity, None)
+            self._events.pop(entity, None)
+            cut: list[dict[str, Any]] = []
+            if event is not None and event.is_open:
+                event.is_open = False
+                event.closed_ts = end_ts
+                cut.append(self._render(entity, event, continued=above))
+            if not above:
+                return cut
+            return cut + self._grow_run(entity, None, end_ts, score, threshold, sensors_detail, model_name,
+                                        model_version)
 
         if event is not None and event.is_open:
             event.seen += 1
-            if above and self._too_long(event, end_ts):
-                # The longest event: close it, and let the anomaly go on as a new run from this window.
-                event.is_open = False
-                event.closed_ts = end_ts
-                del self._events[entity]
-                return [self._render(entity, event, continued=True)] + self._grow_run(
-                    entity, None, end_ts, score, threshold, sensors_detail, model_name, model_version)
             if above:
                 event.below = 0
                 event.windows = event.seen
@@ -185,9 +202,8 @@ class AlertTracker:
             if event is not None and end_ts - event.closed_ts > policy.cooldown_s:
                 del self._events[entity]
             return []
-        if run is None and event is not None and (end_ts - event.closed_ts > policy.cooldown_s
-                                                  or self._too_long(event, end_ts)):
-            del self._events[entity]  # past its cooldown, or too long ago to re-open: the run starts afresh
+        if run is None and event is not None and end_ts - event.closed_ts > policy.cooldown_s:
+            del self._events[entity]  # past its cooldown: the run starts afresh
             event = None
         return self._grow_run(entity, event, end_ts, score, threshold, sensors_detail, model_name, model_version)
 
@@ -222,17 +238,11 @@ class AlertTracker:
                 peak=run.peak)
         return [self._render(entity, event)]
 
-    def _too_long(self, event: _Event, end_ts: float) -> bool:
-        """Whether a window ending at ``end_ts`` is past the longest ``event`` may reach: ``max_event_s`` of
-        stream time and ``MIN_SPLIT_WINDOWS`` of its windows before this one (so that on a slow grid, one
-        window an hour, an event is not cut at every window)."""
-        return end_ts - event.start_ts >= self.policy.max_event_s and event.seen > MIN_SPLIT_WINDOWS
-
     def anchor_ts(self, entity: str) -> float | None:
         """The ``end_ts`` of the window the entity's alert state starts from (its event's first window, or
         its run's when it has no event), None at rest. A replay from that window's oldest reading derives
-        the same state, so it moves on only when the state starts afresh (a new run, or an event that
-        reached ``max_event_s``)."""
+        the same state, so it moves on only when the state starts afresh (a new run, or the first window
+        past a boundary of the grid)."""
         event = self._events.get(entity)
         if event is not None:
             return event.start_ts

@@ -330,10 +330,11 @@ class WorkerSettings:
     recovery_windows: int = doc("consecutive windows at or below threshold before an event closes", 3)
     cooldown_s: float = doc("a new crossing within this many seconds of a close re-opens the same event", 60.0)
     top_sensors: int = doc("sensors listed in an event, ranked by share of reconstruction error", 3)
-    max_event_s: float = doc("longest event, in stream time (and at least 60 of its entity's windows): an event still "
-                             "above its threshold this long after its start is closed with continued: true, and the "
-                             "anomaly goes on as a new event (its own id) from that window. Bounds how far back a "
-                             "restart re-reads to re-derive an open event's id, so every event gets its closed", 3600.0)
+    max_event_s: float = doc("period of the stream-time grid alert state never spans (epoch-aligned: 3600 = the top of "
+                             "every hour; at least 60 of an entity's window spacings): at each boundary an open event "
+                             "is closed (continued: true while the anomaly goes on, which then opens a new event with "
+                             "its own id). Bounds how far back a restart re-reads to re-derive every open event's id, "
+                             "so every event gets its closed", 3600.0)
     poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
     max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)

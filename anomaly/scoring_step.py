@@ -31,9 +31,10 @@ at the oldest reading of the window that started the run (``ReadyBatch.start_off
 a rebalance replays from there, rebuilds that window, and re-derives the same ``event_id`` (re-emitting
 ``"open"`` is harmless: downstream upserts by id); without the hold the replay would start inside the
 event and open it again under a new id, leaving the first one open for ever. A hold is released when
-the state ends or starts afresh; an event lasts at most ``AlertPolicy.max_event_s`` (then it is closed,
-``continued``, and the anomaly goes on under a new id from the next window, held there), so no hold
-pins its partition's commit much longer than that.
+the state ends or starts afresh. Alert state never spans a boundary of the stream-time grid of
+``AlertPolicy.max_event_s`` (an open event is cut there, ``continued``, and the anomaly goes on under a
+new id): every entity starts afresh at the same stream times, so holds cannot chain from one entity's
+run to another's across boundaries, and no hold pins its partition's commit much longer than a period.
 
 ``ScoringModel`` is the seam to the network: ``DetectorModel`` wraps a trained ``Detector``; tests use a
 numpy fake. The worker swaps models between batches with ``swap_model``.
@@ -287,6 +288,7 @@ class ScoringStep:
             raise ModelError(f"model {model.name} v{model.version}: {len(model.fill_values)} fill values "
                              f"for {len(model.sensors)} sensors")
         self._model_sensors = tuple(model.sensors)
+        self._alerts.spacing_s = policy.stride * policy.period_s  # the alert grid spans >= 60 windows
         return WindowStore(policy, model.sensors, model.fill_values)
 
     def _new_bars(self, model: ScoringModel) -> tuple[ScoringModel, TrailingBars | EpisodeBars | None]:
@@ -652,20 +654,16 @@ class ScoringStep:
             anchor = self._alerts.anchor_ts(entity)
             if hold is not None and anchor != hold.start_ts:
                 # The entity's alert state ended, or started afresh at this window (a new run after a
-                # cooldown; an event that reached max_event_s and goes on anew): the old hold is over.
+                # cooldown; the first window past a boundary of the alert grid): the old hold is over.
                 del holds[entity]
                 if hold.opened and hold.offset is not None and hold.through is not None:
                     # A run that opened an event is over. Its hold stays, apart from the entity's next
-                    # run's, until the commit is past the run's last window above its bar (``through``,
-                    # that window's newest reading): a replay from a commit inside the run (held there by
-                    # another entity) would rebuild only its tail, and report it again as a new event with
-                    # a later start, and so another id. Where the state starts afresh at this window, a
-                    # replay from this window's oldest reading rebuilds that fresh state, so the old hold
-                    # pins only commits before it (else an event going on for hours would chain each
-                    # hour's hold to the one before, and pin its first reading for ever).
+                    # run's, while the commit would fall at or before the oldest reading of the run's last
+                    # window above its bar (``through``): a replay from there (held by another entity)
+                    # would rebuild that window without the run's start, and report the tail as a new
+                    # event, under another id. A replay from any later offset rebuilds none of the run's
+                    # windows above (its first window ends past them), so nothing of the run is reported.
                     hold.last_ts = end_ts_list[i]
-                    if anchor is not None and int(ready.partition[i]) == hold.stream:
-                        hold.through = min(hold.through, int(ready.start_offset[i]) - 1)
                     self._finished.append((entity, hold))
                 hold = None
             if hold is None:
@@ -676,7 +674,7 @@ class ScoringStep:
                 hold.last_ts = end_ts_list[i]
                 hold.opened = hold.opened or opened
             if hold is not None and above[i] and int(ready.partition[i]) == hold.stream:
-                hold.through = int(ready.end_offset[i])
+                hold.through = int(ready.start_offset[i])
         self._apply_holds(out)
         return out
 
@@ -721,11 +719,8 @@ class ScoringStep:
         # only lowers commits, so repeat until no more runs are caught; the rest are released.
         kept: list[tuple[str, _Hold]] = []
         waiting: list[tuple[str, _Hold]] = []
-        for entity, hold in finished:
-            newest = store.stream_time(hold.stream) if idle is not None else None
-            if newest is not None and newest - hold.last_ts > idle:
-                continue  # an hour of its partition's stream time since: released
-            key = self._stream_keys[hold.stream]
+        for entity, hold in finished:  # (never released by age: one released while it pins lets a replay
+            key = self._stream_keys[hold.stream]  # start inside its run; the alert grid bounds how long that is)
             (waiting if key in out.commits else kept).append((entity, hold))  # no commit there: kept as is
         caught = True
         while caught and waiting:
@@ -818,7 +813,7 @@ class _Hold:
     start_ts: float  # end_ts of that window
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
     opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
-    through: int | None = None  # the newest reading of the run's last window above its bar (on ``stream``)
+    through: int | None = None  # the oldest reading of the run's last window above its bar (on ``stream``)
 
 
 def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:

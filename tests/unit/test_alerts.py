@@ -164,11 +164,11 @@ def test_across_a_model_swap_the_peak_is_the_window_furthest_over_its_own_bar() 
     assert event["model"] == {"name": "pumps", "version": "4"} and event["sensors"][0]["sensor"] == "flow"
 
 
-def test_an_event_reaching_max_event_s_is_closed_continued_and_goes_on_under_a_new_id() -> None:
-    # A fault above the bar for 250 windows (one a second), events at most 100 s long: the first event
-    # closes at the window before second 100 of it with ``continued: true``; the anomaly goes on as a
-    # new event starting at that window (its own run, its own id). Before, an event stayed open as
-    # long as the fault, and a restart an hour in left its id open for ever.
+def test_an_event_is_cut_at_each_boundary_of_the_stream_time_grid_and_goes_on_under_a_new_id() -> None:
+    # A fault above the bar for 250 windows (one a second), a grid of 100 s (T0 is on it): the event is
+    # closed at the first window past each boundary with ``continued: true``, ending at its last window
+    # above, and the anomaly goes on as a new event from that window (its own run, its own id). Before,
+    # an event stayed open as long as the fault, and a restart an hour in left its id open for ever.
     tracker = AlertTracker(AlertPolicy(min_duration_windows=3, recovery_windows=3, max_event_s=100.0))
     events = run(tracker, [0.1] * 5 + [5.0] * 250 + [0.1] * 5)
     assert [(e["status"], e["continued"]) for e in events] == [
@@ -176,36 +176,47 @@ def test_an_event_reaching_max_event_s_is_closed_continued_and_goes_on_under_a_n
     first, second, third = events[0]["event_id"], events[2]["event_id"], events[4]["event_id"]
     assert len({first, second, third}) == 3
     assert events[1]["event_id"] == first and events[3]["event_id"] == second and events[5]["event_id"] == third
-    assert events[1]["start_ts"] == T0 + 5 and events[1]["end_ts"] == T0 + 104  # the window before the cut
-    assert events[2]["start_ts"] == T0 + 105 == events[3]["end_ts"] - 99  # the continuation starts at the cut
-    assert second == event_id("pump-1", "pumps", T0 + 105)
-    assert events[4]["start_ts"] == T0 + 205 and events[5]["end_ts"] == T0 + 254 and tracker.open_events() == []
+    assert events[1]["start_ts"] == T0 + 5 and events[1]["end_ts"] == T0 + 99  # the window before the boundary
+    assert events[2]["start_ts"] == T0 + 100 == events[3]["end_ts"] - 99  # the continuation starts on it
+    assert second == event_id("pump-1", "pumps", T0 + 100)
+    assert events[4]["start_ts"] == T0 + 200 and events[5]["end_ts"] == T0 + 254 and tracker.open_events() == []
 
 
-def test_max_event_s_cuts_an_event_only_after_sixty_of_its_windows() -> None:
-    # One window an hour (a slow grid): an hour-long limit would cut the event at every window.
-    tracker = AlertTracker(AlertPolicy(min_duration_windows=1, recovery_windows=1, max_event_s=3600.0))
+def test_the_grid_spans_at_least_sixty_windows() -> None:
+    # One window an hour (a slow grid): an hour-long grid would cut the event at every window; with the
+    # entity's window spacing known it spans 60 of them.
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=1, recovery_windows=1, max_event_s=3600.0),
+                           spacing_s=3600.0)
+    assert tracker.period_s() == 216_000.0
+    t0 = 216_000.0 * 8000  # on the grid
     events: list[dict[str, Any]] = []
     for i in range(70):
-        events += tracker.update("pump-1", T0 + 3600.0 * i, 5.0, THRESHOLD, detail, "pumps", "3")
+        events += tracker.update("pump-1", t0 + 3600.0 * i, 5.0, THRESHOLD, detail, "pumps", "3")
+    # With min_duration 1 the window past the boundary closes the old event and opens the new one.
     assert [(e["status"], e["continued"]) for e in events] == [("open", False), ("closed", True), ("open", False)]
-    # With min_duration 1 the cut window closes the old event and opens the new one in one update.
-    assert events[1]["windows"] == 60 and events[2]["start_ts"] == T0 + 3600.0 * 60
+    assert events[1]["windows"] == 60 and events[2]["start_ts"] == t0 + 3600.0 * 60
 
 
-def test_a_run_in_the_cooldown_of_an_event_older_than_max_event_s_starts_a_new_event() -> None:
-    policy = AlertPolicy(min_duration_windows=1, recovery_windows=1, cooldown_s=30.0, max_event_s=100.0)
+def test_no_alert_state_crosses_a_boundary() -> None:
+    policy = AlertPolicy(min_duration_windows=2, recovery_windows=2, cooldown_s=30.0, max_event_s=100.0)
+    # An event recovering at the boundary is closed there, not continued: the anomaly is ending.
     tracker = AlertTracker(policy)
-    events = run(tracker, [5.0] * 99 + [0.1] + [5.0] * 3 + [0.1] * 40)
-    # Closed at 99 (end 98). The run at 100 starts within the cooldown, but 100 s and 100 windows after
-    # the event began: it opens a new event instead of re-opening that one.
+    events = run(tracker, [0.1] * 90 + [5.0] * 9 + [0.1] * 10)
+    assert [(e["status"], e["continued"], e["end_ts"]) for e in events] == [
+        ("open", False, None), ("closed", False, T0 + 98)]
+    # A run inside the cooldown of an event from the period before starts a new event instead of re-opening it.
+    tracker = AlertTracker(policy)
+    events = run(tracker, [0.1] * 90 + [5.0] * 5 + [0.1] * 10 + [5.0] * 3 + [0.1] * 5)
     assert [e["status"] for e in events] == ["open", "closed", "open", "closed"]
-    assert events[0]["event_id"] != events[2]["event_id"] and events[2]["start_ts"] == T0 + 100
-    assert not any(e["continued"] for e in events)  # closed by recovery, not cut
-    # Younger than max_event_s, the same run re-opens the same event (the cooldown's rule).
+    assert events[0]["event_id"] != events[2]["event_id"] and events[2]["start_ts"] == T0 + 105
+    # Within one period the same run re-opens the same event (the cooldown's rule).
     tracker = AlertTracker(policy)
-    events = run(tracker, [5.0] * 70 + [0.1] + [5.0] * 3 + [0.1] * 40)
+    events = run(tracker, [0.1] * 10 + [5.0] * 5 + [0.1] * 10 + [5.0] * 3 + [0.1] * 5)
     assert [e["event_id"] for e in events] == [events[0]["event_id"]] * 4
+    # A run that had not yet opened an event starts again from the boundary.
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=3, max_event_s=100.0))
+    assert run(tracker, [0.1] * 98 + [5.0] * 4 + [0.1] * 5) == []  # 98-99, then 100-101: two runs of 2
+    assert [e["start_ts"] for e in run(tracker, [5.0] * 3, t0=T0 + 200)] == [T0 + 200]
 
 
 def test_max_event_s_must_be_positive_and_finite() -> None:

@@ -664,46 +664,68 @@ def test_a_restart_from_any_commit_reports_only_the_events_of_the_uninterrupted_
     assert commits[-1] > 60 and first.alert_holds == {}  # all over: nothing pinned
 
 
-def test_a_fault_longer_than_max_event_s_gets_every_event_closed_whenever_the_worker_dies() -> None:
-    # A's fault lasts 290 slots, events at most 100 s; B's short one (slots 150-169) pins the commit inside
-    # A's second event. An event open past the idle timeout used to release its hold: a restart after
-    # that opened the fault's continuation under a new id, and the first id never got its ``closed``. Now
-    # the event is cut (closed, continued) and its continuation holds the commit from its own first window.
-    hot = {"A": set(range(20, 310)), "B": set(range(150, 170))}
+@pytest.mark.parametrize("hot, window, grid, min_duration, slots", [
+    # A's fault 290 slots, B's short one inside A's second period: B pins the commit inside A's event.
+    ({"A": range(20, 310), "B": range(150, 170)}, 4, 100.0, 3, 360),
+    # Two long faults that start apart (a review's counterexample): with cuts per event, A's and B's
+    # holds chained across cuts, the commit stayed at A's first reading, and once that hold aged out a
+    # restart reported A's tail under a new id (43 of 160 restarts).
+    ({"A": range(0, 130), "B": range(30, 130)}, 1, 60.0, 1, 160),
+    ({"A": range(0, 250), "B": range(30, 250), "C": range(70, 120)}, 4, 60.0, 3, 280),
+])
+def test_long_faults_get_every_event_closed_whenever_the_worker_dies(hot, window, grid, min_duration, slots) -> None:
+    # Events are cut at each boundary of a stream-time grid (closed, continued) and go on under new ids.
+    # An event open past the idle timeout used to release its hold: a restart after that opened the
+    # fault's continuation under a new id, and the first id never got its ``closed``.
+    entities = sorted(hot)
     records, offset = [], 0
-    for slot in range(360):
-        for entity in "AB":
+    for slot in range(slots):
+        for entity in entities:
             values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if slot in hot[entity] else 0.0))
             records.append(reading_record(entity, slot, offset, values=values))
             offset += 1
-    policy = AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0.0, max_event_s=100.0)
+    policy = AlertPolicy(min_duration_windows=min_duration, recovery_windows=min_duration, cooldown_s=0.0,
+                         max_event_s=grid)
 
     def step() -> ScoringStep:
-        return ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0), policy,
-                           idle_timeout_s=50.0)
+        return ScoringStep(FakeModel(window_size=window), WindowPolicy(window_size=1, period_s=1.0), policy,
+                           idle_timeout_s=20.0)
 
     def events(outs: list[BatchOutput]) -> list[dict[str, Any]]:
         return [decode_event(v) for out in outs for _, v in out.events]
 
+    n = len(entities)
     first = step()
-    outs = [first.process(records[2 * slot:2 * slot + 2], now_s=T0 + 1000) for slot in range(360)]
+    outs = [first.process(records[n * slot:n * slot + n], now_s=T0 + 1000) for slot in range(slots)]
     continuous = events(outs)
-    a = [(e["status"], e["continued"], e["start_ts"] - T0) for e in continuous if e["entity"] == "A"]
-    # (W 4: the first window above ends at slot 21, with two hot readings)
-    assert a == [("open", False, 21), ("closed", True, 21), ("open", False, 121), ("closed", True, 121),
-                 ("open", False, 221), ("closed", False, 221)]
+    cut = [e for e in continuous if e["continued"]]
+    assert cut and all((e["end_ts"] - T0 + 1) % grid == 0 for e in cut)  # cut at the grid's boundaries
     seen = {e["event_id"] for e in continuous}
     lag = []
     for slot, out in enumerate(outs):  # the worker dies after this slot's batch, and restarts from its commit
         committed = out.commits[(TOPIC, 0)]
-        lag.append(slot - committed // 2)
+        lag.append(slot - committed // n)
         before = events(outs[:slot + 1])
         replayed = events([step().process([r for r in records if r.offset >= committed], now_s=T0 + 1000)])
         assert {e["event_id"] for e in replayed} <= seen, f"restart after slot {slot}: a new id"
         closed = {e["event_id"] for e in before + replayed if e["status"] == "closed"}
         assert {e["event_id"] for e in before if e["status"] == "open"} <= closed, f"restart after slot {slot}"
-    # The commit stays within about one event (100 s) and a window of the stream, never at A's first reading.
-    assert max(lag) <= 105 and lag[-1] <= 5, max(lag)
+    # The commit stays within about one period and a window of the stream, never at the first reading.
+    assert max(lag) <= grid + window + 2 and lag[-1] <= window + 2, max(lag)
+
+
+def test_a_fault_on_a_grid_cut_keeps_its_events_as_one_chain() -> None:
+    hot = set(range(20, 310))
+    records = [reading_record("A", slot, slot, values=dict(zip(SENSORS, CENTRE), pressure=1.0 + 9.0 * (slot in hot)))
+               for slot in range(360)]
+    step = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0),
+                       AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0.0, max_event_s=100.0))
+    events = [decode_event(v) for out in run_batches(step, records) for _, v in out.events]
+    # (W 4: the first window above ends at slot 21, with two hot readings; T0 is on the 100 s grid)
+    assert [(e["status"], e["continued"], e["start_ts"] - T0, e["end_ts"] and e["end_ts"] - T0) for e in events] == [
+        ("open", False, 21, None), ("closed", True, 21, 99), ("open", False, 100, None), ("closed", True, 100, 199),
+        ("open", False, 200, None), ("closed", True, 200, 299), ("open", False, 300, None),
+        ("closed", False, 300, 311)]
 
 
 def test_blips_that_open_no_event_leave_no_hold_behind() -> None:
