@@ -719,8 +719,10 @@ class ScoringStep:
         # only lowers commits, so repeat until no more runs are caught; the rest are released.
         kept: list[tuple[str, _Hold]] = []
         waiting: list[tuple[str, _Hold]] = []
-        for entity, hold in finished:  # (never released by age: one released while it pins lets a replay
-            key = self._stream_keys[hold.stream]  # start inside its run; the alert grid bounds how long that is)
+        # (Never released by age: one released while it still pins would let a replay start inside its run;
+        # the alert grid bounds how long a run can be caught.)
+        for entity, hold in finished:
+            key = self._stream_keys[hold.stream]
             (waiting if key in out.commits else kept).append((entity, hold))  # no commit there: kept as is
         caught = True
         while caught and waiting:
