@@ -338,6 +338,22 @@ def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicParti
             for (topic, partition), offset in commits.items()}
 
 
+def commit(consumer: Any, commits: Mapping[tuple[str, int], int]) -> bool:
+    """Commit ``{(topic, partition): next offset}``; False, with a warning, where the group is rebalancing
+    (``RebalanceInProgressError``, ``CommitFailedError``: kafka-python runs the revocation inside a poll
+    and leaves the group mid-rebalance while the worker completes the batch in hand). The batch's outputs
+    are delivered by then, so skipping its commit is safe: a partition that stays with this worker is
+    committed with its next batch, and one that moves is re-read by its new owner from the last commit
+    (outputs repeated under the same ids, none lost). Any other error raises."""
+    try:
+        consumer.commit(offsets_to_commit(commits))
+    except (kafka_errors.RebalanceInProgressError, kafka_errors.CommitFailedError) as exc:
+        log.warning("commit of %d partition(s) skipped: the consumer group is rebalancing (%s); their "
+                    "next owner re-reads from the last commit", len(commits), type(exc).__name__)
+        return False
+    return True
+
+
 def rebalance_listener(on_revoked: Callable[[Any], None], on_assigned: Callable[[Any], None]) -> ConsumerRebalanceListener:
     """A ConsumerRebalanceListener calling plain functions (so callers need not import kafka)."""
 

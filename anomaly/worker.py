@@ -233,8 +233,7 @@ class Worker:
             # re-reads a revoked partition from its committed offset (see the module docstring).
             owned = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
             commits = {tp: offset for tp, offset in commits.items() if tp in owned}
-        if commits:
-            self._consumer.commit(kafka_io.offsets_to_commit(commits))
+        if commits and kafka_io.commit(self._consumer, commits):  # (skipped while the group rebalances)
             self.metrics.set_last_commit()
         counts = out.counts
         # End to end = reading timestamp -> outputs delivered and committed: the step measured up to the
