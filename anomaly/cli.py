@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -438,14 +440,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     port = None
     if w.metrics_port >= 0:
         port = metrics.start_http(w.metrics_host, w.metrics_port)  # up first: /healthz says "starting" while waiting
+    # SIGTERM/SIGINT while waiting for a first model (forever on Kubernetes before the first training)
+    # stop the wait and exit 0, as they stop the worker; they used to kill it (143) or raise (130).
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         follower = wait_for_follower(
             lambda: ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
                                   on_failure=lambda reason: metrics.model_load_failed()),
-            w.wait_for_model_s, on_wait=lambda reason: metrics.set_health("starting", detail=reason))
+            w.wait_for_model_s, on_wait=lambda reason: metrics.set_health("starting", detail=reason),
+            sleep=stopping.wait, stopped=stopping.is_set)
     except BaseException:
         metrics.stop_http()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if follower is None or stopping.is_set():
+        metrics.stop_http()
+        log.info("worker: stopped while waiting for a model")
+        return 0
     worker = Worker(options_from_settings(settings), follower, metrics)
     worker.install_signal_handlers()
     log.info("worker: %s@%s v%s, %s -> %s (group %s)%s", settings.mlflow.model_name, w.model_alias, follower.version,

@@ -184,10 +184,12 @@ class ModelFollower:
 
 def wait_for_follower(make: Callable[[], "ModelFollower"], timeout_s: float, *, retry_s: float = 5.0,
                       clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                      on_wait: Callable[[str], None] | None = None) -> "ModelFollower":
+                      on_wait: Callable[[str], None] | None = None,
+                      stopped: Callable[[], bool] = lambda: False) -> "ModelFollower | None":
     """``make()``, retried every ``retry_s`` while it raises ``RegistryError`` (no version behind the
     alias yet, or the registry unreachable), for up to ``timeout_s`` seconds (-1: forever; 0: once).
-    ``on_wait(reason)`` is told of each failed try (health "starting"). The last error is raised."""
+    ``on_wait(reason)`` is told of each failed try (health "starting"). The last error is raised. None
+    once ``stopped()`` (SIGTERM while waiting: nothing to finish)."""
     deadline = None if timeout_s < 0 else clock() + timeout_s
     while True:
         try:
@@ -199,3 +201,5 @@ def wait_for_follower(make: Callable[[], "ModelFollower"], timeout_s: float, *, 
             if on_wait is not None:
                 on_wait(str(exc))
             sleep(retry_s)
+            if stopped():
+                return None

@@ -167,3 +167,47 @@ def test_wait_for_follower_gives_up_at_its_deadline_and_zero_means_once():
     with pytest.raises(RegistryError):
         wait_for_follower(make, 0, retry_s=5, clock=lambda: now[0], sleep=lambda s: None)
     assert len(calls) == 1
+
+
+def test_waiting_for_a_first_model_ends_when_stopped():
+    from anomaly.errors import RegistryError
+    from anomaly.model_follower import wait_for_follower
+
+    tries = []
+
+    def make():
+        tries.append(1)
+        raise RegistryError("points to no version")
+
+    got = wait_for_follower(make, -1, retry_s=5, sleep=lambda s: None, stopped=lambda: len(tries) >= 3)
+    assert got is None and len(tries) == 3  # forever (-1), until stopped
+
+
+def test_sigterm_while_the_worker_waits_for_a_first_model_exits_0(tmp_path):
+    # worker.wait_for_model_s = -1 (Kubernetes before the first training): SIGTERM used to kill the process
+    # (exit 143, the default action) because the worker's handlers came only after the wait.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "ANOMALY_MLFLOW__TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "ANOMALY_WORKER__WAIT_FOR_MODEL_S": "-1", "ANOMALY_WORKER__METRICS_PORT": "-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "worker"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "waiting for a model" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert "waiting for a model" in output, output
+    assert proc.returncode == 0, output
+    assert "stopped while waiting for a model" in output
