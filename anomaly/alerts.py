@@ -262,10 +262,6 @@ class AlertTracker:
             self._runs.pop(entity, None)
             self._events.pop(entity, None)
 
-    def is_active(self, entity: str) -> bool:
-        """Whether ``entity`` holds alert state (in a run, open, or in cooldown)."""
-        return entity in self._runs or entity in self._events
-
     def expire(self, entity: str) -> list[dict[str, Any]]:
         """Drop ``entity``'s alert state (it went silent); an open event is closed first, at its last
         window above the threshold, and that ``"closed"`` event is returned, so it does not stay open

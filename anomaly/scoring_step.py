@@ -427,9 +427,8 @@ class ScoringStep:
 
     @property
     def alert_holds(self) -> dict[str, tuple[tuple[str, int], int]]:
-        """Entity -> ((topic, partition), offset) of the commits its alert state holds (released ones
-        left out)."""
-        return {e: (self._stream_keys[h.stream], h.offset) for e, h in self._holds.items() if h.offset is not None}
+        """Entity -> ((topic, partition), offset) of the commits its alert state holds."""
+        return {e: (self._stream_keys[h.stream], h.offset) for e, h in self._holds.items()}
 
     # --- the batch ----------------------------------------------------------------------------
     def process(self, records: Sequence[InputRecord] | Sequence[PartitionBatch], now_s: float) -> BatchOutput:
@@ -656,7 +655,7 @@ class ScoringStep:
                 # The entity's alert state ended, or started afresh at this window (a new run after a
                 # cooldown; the first window past a boundary of the alert grid): the old hold is over.
                 del holds[entity]
-                if hold.opened and hold.offset is not None and hold.through is not None:
+                if hold.opened and hold.through is not None:
                     # A run that opened an event is over. Its hold stays, apart from the entity's next
                     # run's, while the commit would fall at or before the oldest reading of the run's last
                     # window above its bar (``through``): a replay from there (held by another entity)
@@ -707,8 +706,6 @@ class ScoringStep:
                 for event in self._alerts.expire(entity):
                     out.events.append((entity.encode("utf-8"), encode_event(event)))
                     out.counts["events_closed"] += 1
-                continue
-            if hold.offset is None:
                 continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:
@@ -808,10 +805,10 @@ class _Replay:
 
 @dataclass
 class _Hold:
-    """Where an entity's alert state holds its partition's commit (``offset`` None: released)."""
+    """Where an entity's alert state holds its partition's commit."""
 
     stream: int  # the store's id of the (topic, partition) of the run's first window
-    offset: int | None  # oldest reading of that window
+    offset: int  # oldest reading of that window
     start_ts: float  # end_ts of that window
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
     opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
