@@ -234,15 +234,21 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
 def test_too_few_windows_for_the_challenger_is_a_skip_not_a_failure(store, tmp_path):
     """Enough rows for retrain.min_rows and a hold-out, too few for a challenger with a long window:
     a skip that says so (it used to fail inside training, reported as a failed retrain)."""
-    root, weak, _ = store
-    base = settings_for(root, min_rows=10)
-    settings = dataclasses.replace(base, model=dataclasses.replace(base.model, window_size=60))
-    give_champion(settings, weak)
-    path = tmp_path / "short.csv"
-    normal_frame(100, seed=4).to_csv(path, index_label="ts")
-    result = run_cycle(settings, data_path=str(path))
+    result, settings, weak = _cycle_with_window(store, tmp_path, 60, normal_frame(100, seed=4), min_rows=10)
     assert result.status == "skipped" and "training windows of 60 (need 4)" in result.reason, result.reason
     assert result.challenger_version is None and champion_version(settings) == weak
+
+
+def _cycle_with_window(store, tmp_path, window: int, history, **retrain):
+    """One retrain cycle of a challenger of ``window`` rows over ``history`` (a file), the weak champion
+    serving: (result, settings, the champion's version)."""
+    root, weak, _ = store
+    base = settings_for(root, **retrain)
+    settings = dataclasses.replace(base, model=dataclasses.replace(base.model, window_size=window))
+    give_champion(settings, weak)
+    path = tmp_path / "history.csv"
+    history.to_csv(path, index_label="ts")
+    return run_cycle(settings, data_path=str(path)), settings, weak
 
 
 def test_a_hold_out_too_short_for_the_challengers_window_is_a_skip_before_training(store, tmp_path):
@@ -250,13 +256,8 @@ def test_a_hold_out_too_short_for_the_challengers_window_is_a_skip_before_traini
     shorter than the challenger's window (32 here, the champion's 8) gave 0 windows to compare: the cycle
     trained and registered a challenger anyway, and kept the champion "as challenger scores are not
     finite". Now it is a skip, before any training, that says why."""
-    root, weak, _ = store
-    base = settings_for(root, holdout_fraction=0.015)
-    settings = dataclasses.replace(base, model=dataclasses.replace(base.model, window_size=32))
-    give_champion(settings, weak)
-    path = tmp_path / "history.csv"
-    normal_frame(1500, seed=3).to_csv(path, index_label="ts")
-    result = run_cycle(settings, data_path=str(path))
+    result, settings, weak = _cycle_with_window(store, tmp_path, 32, normal_frame(1500, seed=3),
+                                                holdout_fraction=0.015)
     assert result.status == "skipped" and "0 hold-out windows of 32 (need 1)" in result.reason, result.reason
     assert result.challenger_version is None and champion_version(settings) == weak
 
