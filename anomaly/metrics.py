@@ -62,7 +62,7 @@ COUNT_KEYS: frozenset[str] = frozenset({"consumed", "dead_letters", "windows_sco
 warning: a metrics mismatch must never stop the worker)."""
 
 HEALTH_STATUSES: frozenset[str] = frozenset({"ok", "degraded", "starting", "stopping"})
-_HEALTHY = frozenset({"ok", "degraded"})  # answered with HTTP 200; the others with 503
+_HEALTHY = frozenset({"ok", "degraded"})  # answered with HTTP 200; the others (and "stalled") with 503
 
 HTTP_POLL_INTERVAL_S = 0.2  # stop_http returns within this; five idle wake-ups a second cost nothing
 HTTP_JOIN_TIMEOUT_S = 5.0  # stop_http waits this long for the server thread; it is a daemon anyway
@@ -104,6 +104,7 @@ class WorkerMetrics:
         self._clock = clock
         self._lock = threading.Lock()
         self._http = HttpEndpoint(self)
+        self._stall_s = 0.0
         r = self.registry
 
         def counter(name: str, doc: str, labels: Iterable[str] = ()) -> Counter:
@@ -211,6 +212,12 @@ class WorkerMetrics:
         with self._lock:
             self._health["last_commit_ts"] = now
 
+    def set_stall_limit(self, stall_s: float) -> None:
+        """While ok or degraded, ``/healthz`` reports ``stalled`` (503) once no loop round has finished
+        (``last_batch_ts``) for more than ``stall_s`` seconds; 0 = never."""
+        with self._lock:
+            self._stall_s = float(stall_s)
+
     def set_health(self, status: str | None = None, *, detail: str | None = None, model_name: str | None = None,
                    model_version: str | int | None = None, assigned_partitions: int | None = None,
                    last_batch_ts: float | None = None) -> None:
@@ -236,14 +243,22 @@ class WorkerMetrics:
     # --- what is served ---------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """The ``/healthz`` document."""
+        """The ``/healthz`` document. A loop that has not finished a round within the stall limit
+        (``set_stall_limit``) is ``stalled``, whatever it last reported: stuck in a batch, a delivery or a call
+        that does not return, so only a restart helps."""
         with self._lock:
             h = dict(self._health)
+            stall_s = self._stall_s
         now = self._clock()
         last = h["last_batch_ts"]
-        return {"status": h["status"], "detail": h["detail"],
+        age = None if last is None else max(0.0, now - last)
+        status, detail = h["status"], h["detail"]
+        if status in _HEALTHY and stall_s > 0 and age is not None and age > stall_s:
+            status, detail = "stalled", (f"no loop round has finished for {age:.0f} s (worker.stall_s {stall_s:g}): "
+                                         "stuck in a batch, a delivery or a registry call")
+        return {"status": status, "detail": detail,
                 "model": {"name": h["model_name"], "version": h["model_version"]},
-                "last_batch_ts": last, "last_batch_age_s": None if last is None else max(0.0, now - last),
+                "last_batch_ts": last, "last_batch_age_s": age,
                 "last_commit_ts": h["last_commit_ts"], "assigned_partitions": h["assigned_partitions"]}
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
@@ -271,7 +286,7 @@ class HttpEndpoint:
     """``GET /metrics`` and ``GET /healthz`` of ``target`` from a stdlib HTTP server in a daemon thread.
 
     ``target`` has ``exposition(accept) -> (body, content type)`` and ``health() -> dict`` whose
-    ``status`` is one of ``HEALTH_STATUSES``: 200 for ok/degraded, 503 for starting/stopping. Serves the
+    ``status`` is one of ``HEALTH_STATUSES`` (or ``stalled``): 200 for ok/degraded, 503 for the others. Serves the
     worker's ``WorkerMetrics`` and the scheduler's ``SchedulerMetrics``."""
 
     def __init__(self, target: Any) -> None:

@@ -205,7 +205,10 @@ class ProcessRunner:
     """The step in a forked child process; the Kafka loop and the model follower stay in this one (see
     the module docstring)."""
 
-    def __init__(self, runner: ThreadRunner) -> None:
+    def __init__(self, runner: ThreadRunner, stall_s: float = 0.0) -> None:
+        """``stall_s``: a child that has not answered in this many seconds while an answer is awaited (a
+        batch's outputs, a swap) is stuck (stopped, deadlocked): it is killed and the wait raises
+        ``ScoringFailed``; 0 = wait for ever."""
         self._conn, child_conn = multiprocessing.Pipe(duplex=True)
         # os.fork, not multiprocessing.Process: its bootstrap closes sys.stdin, which deadlocks when another
         # thread of ours is blocked reading it (the lock is copied taken); the child touches nothing but
@@ -221,6 +224,8 @@ class ProcessRunner:
         child_conn.close()
         self._runner = runner
         self._pid = pid
+        self._stall_s = float(stall_s)
+        self._gone = False  # the child died, failed or was killed: nothing more can be sent to it
         self._exit_status: int | None = None
         self._outputs: deque[tuple[BatchOutput, int]] = deque()
         self._swaps: list[Swap] = []
@@ -247,8 +252,16 @@ class ProcessRunner:
         return self._entities
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> None:
-        if not self._closed:
+        """Tell the child; a child already gone has nothing to forget. This runs inside kafka-python's
+        rebalance callback (also when the consumer closes after a failure), where raising would replace
+        the failure with "User rebalance callback throws an error": the next batch reports the child's
+        death instead."""
+        if self._closed or self._gone:
+            return
+        try:
             self._send(("forget", list(partitions)))
+        except ScoringFailed as exc:
+            log.warning("revoked partitions not forwarded: %s", exc)
 
     def follow_model(self, drain: Callable[[], None] | None = None) -> list[Swap]:
         """Poll the follower here (the registry client stays in this process); a new version's detector
@@ -306,12 +319,22 @@ class ProcessRunner:
         try:
             self._conn.send(message)
         except OSError as exc:
+            self._gone = True
             raise ScoringFailed(f"scoring process is gone ({self._describe_exit()}): {exc}") from exc
 
     def _receive(self) -> None:
+        if self._gone:
+            raise ScoringFailed(f"scoring process is gone ({self._describe_exit()})")
         try:
+            if self._stall_s > 0 and not self._conn.poll(self._stall_s):
+                self._gone = True
+                os.kill(self._pid, signal.SIGKILL)
+                self._wait(5)
+                raise ScoringFailed(f"scoring process {self._pid} has not answered in {self._stall_s:g} s "
+                                    "(worker.stall_s): stuck, killed it")
             message = self._conn.recv()
         except (EOFError, OSError) as exc:
+            self._gone = True
             raise ScoringFailed(f"scoring process died ({self._describe_exit()})") from exc
         kind = message[0]
         if kind == "out":
@@ -319,6 +342,7 @@ class ProcessRunner:
         elif kind == "swap":
             self._swaps.append(message[1])
         elif kind == "error":
+            self._gone = True
             raise ScoringFailed(f"scoring process failed: {message[1]}")
         else:  # pragma: no cover - a protocol bug
             raise ScoringFailed(f"unexpected message from the scoring process: {kind!r}")

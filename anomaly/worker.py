@@ -88,6 +88,7 @@ class WorkerOptions:
     scoring_process: bool = False  # run the step in a forked child process (anomaly.step_runner); CPU only
     max_future_s: float | None = None  # readings stamped further ahead of the clock are dead letters; None = off
     max_entities: int | None = None  # most entities held; past it those not active go; None = no cap
+    stall_s: float = 0.0  # a loop round unfinished this long: /healthz "stalled", a silent scoring child killed; 0 = never
 
 
 @dataclass
@@ -116,6 +117,7 @@ class Worker:
                                 max_entities=options.max_entities)
         self.metrics.set_model(follower.model_name, version)
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
+        self.metrics.set_stall_limit(options.stall_s)
         self._consumer = None
         self._producer = None
         self._runner: ThreadRunner | ProcessRunner | None = None
@@ -156,6 +158,7 @@ class Worker:
         last_records = time.monotonic()
         self._in_flight = None
         switch_interval = sys.getswitchinterval()
+        failing = False
         try:
             if o.switch_interval_ms:  # the scoring thread gets the GIL back sooner after each torch call
                 sys.setswitchinterval(o.switch_interval_ms / 1000.0)
@@ -193,9 +196,19 @@ class Worker:
                                         assigned_partitions=len(self._consumer.assignment()),
                                         last_batch_ts=self.clock(), detail=trouble)
             self._drain()  # stopping: finish the batch in hand (a failure above skips this)
+        except BaseException:
+            failing = True
+            raise
         finally:
             sys.setswitchinterval(switch_interval)
-            self._close()
+            try:
+                self._close()
+            except Exception:
+                if not failing:
+                    raise
+                # The failure in flight is the one to report (a dead scoring child, say), not what closing
+                # the clients around it raised afterwards.
+                log.exception("closing the worker after a failure failed too")
             if o.gc_freeze:
                 gc.unfreeze()  # back to the collector's oldest generation, as before the run
         return self.stats
@@ -211,7 +224,7 @@ class Worker:
         if cpus < 2:
             log.info("scoring in this process: %.3g CPU to use, a child process would only share it", cpus)
             return runner
-        return ProcessRunner(runner)
+        return ProcessRunner(runner, stall_s=self.options.stall_s)
 
     # --- one batch ---------------------------------------------------------------------------
     def _complete(self, handle: Any, now_s: float, started: float) -> None:
@@ -319,4 +332,4 @@ def options_from_settings(settings) -> WorkerOptions:
         device=w.device, precision=w.precision, create_topics=w.create_topics,
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
         scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s,
-        max_entities=w.max_entities)
+        max_entities=w.max_entities, stall_s=w.stall_s)

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -377,6 +378,40 @@ def test_a_busy_worker_survives_a_second_worker_joining_its_group(kafka_broker, 
             thread.join(60)
     for _, result in runs:
         assert "error" not in result, result.get("error")
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="a scoring child needs two CPUs to use")
+@pytest.mark.parametrize("signum, reported", [(signal.SIGKILL, r"scoring process (died|is gone) \(killed by SIGKILL\)"),
+                                              (signal.SIGSTOP, r"has not answered in 3 s \(worker.stall_s\)")],
+                         ids=["killed", "stopped"])
+def test_a_scoring_child_that_dies_or_hangs_fails_the_worker_with_its_own_reason(kafka_broker, champion, topic_name,
+                                                                                  signum, reported):
+    # Before, a dead child's worker ended on kafka-python's "User rebalance callback throws an error" (the
+    # revocation at close tried to reach the child), and a stopped or deadlocked one hung the worker for
+    # ever with /healthz still 200.
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name, scores=False, scoring_process=True, stall_s=3.0)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    plan = replay_plan(normal_frame(400, seed=5), "pump-a", START_TS)
+    replay(kafka_broker, opts.input_topic, plan[:200], progress=False)
+    worker = Worker(opts, _follower(settings))
+    thread, result = _run_in_thread(worker)
+    deadline = time.time() + 60
+    while time.time() < deadline and worker.stats.consumed < 200 and "error" not in result:
+        time.sleep(0.1)
+    assert worker.stats.consumed == 200, result.get("error")
+    child = worker._runner.pid
+    os.kill(child, signum)
+    replay(kafka_broker, opts.input_topic, plan[200:], progress=False)  # a batch the child must answer
+    thread.join(60)
+    if thread.is_alive():
+        worker.stop()
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the worker did not fail")
+    assert type(result.get("error")).__name__ == "ScoringFailed", repr(result.get("error"))
+    assert re.search(reported, str(result["error"])), str(result["error"])
+    assert not _running(child)
+    assert worker.metrics.health()["status"] == "stopping"
 
 
 @pytest.mark.slow

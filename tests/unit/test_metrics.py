@@ -140,6 +140,27 @@ def test_health_document(metrics):
         metrics.set_health("fine")
 
 
+def test_a_loop_that_has_not_finished_a_round_within_the_stall_limit_is_stalled():
+    now = [1000.0]
+    metrics = WorkerMetrics(clock=lambda: now[0])
+    metrics.set_stall_limit(300)
+    metrics.set_health("degraded", detail="registry unreachable", last_batch_ts=1000.0)
+    now[0] = 1300.0
+    assert metrics.health()["status"] == "degraded"  # at the limit: not yet
+    now[0] = 1301.0
+    doc = metrics.health()
+    assert doc["status"] == "stalled" and doc["last_batch_age_s"] == 301.0
+    assert "301 s (worker.stall_s 300)" in doc["detail"]
+    metrics.set_health("ok", last_batch_ts=1301.0)  # a round finishes: healthy again
+    assert metrics.health()["status"] == "ok"
+    now[0] = 9999.0
+    metrics.set_health("stopping", detail="stopped")
+    assert metrics.health()["status"] == "stopping"  # only a running loop stalls
+    metrics.set_stall_limit(0)
+    metrics.set_health("ok")
+    assert metrics.health()["status"] == "ok"  # 0: never
+
+
 def test_http_serves_metrics_and_health_on_an_ephemeral_port(metrics):
     port = metrics.start_http("127.0.0.1", 0)
     assert port > 0 and metrics.http_port == port
@@ -159,6 +180,10 @@ def test_http_serves_metrics_and_health_on_an_ephemeral_port(metrics):
     code, _, body = get(f"{base}/healthz")
     doc = json.loads(body)
     assert code == 200 and doc["model"] == {"name": "pump", "version": "7"} and doc["assigned_partitions"] == 2
+    metrics.set_stall_limit(30)
+    metrics.set_health(last_batch_ts=1_000.0 - 60)  # the loop's last round finished a minute ago (clock: 1000)
+    code, _, body = get(f"{base}/healthz")
+    assert code == 503 and json.loads(body)["status"] == "stalled"
 
     assert get(f"{base}/nope")[0] == 404
     with pytest.raises(AnomalyError, match="already running"):

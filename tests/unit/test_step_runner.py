@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 
@@ -44,8 +46,8 @@ def fake_serving(detector, version: str) -> FakeModel:
     return FakeModel(window_size=4, threshold=float(detector), version=version)
 
 
-def process_runner(step: ScoringStep, follower: FakeFollower | None = None) -> ProcessRunner:
-    return ProcessRunner(ThreadRunner(step, follower or FakeFollower(), fake_serving, gc_freeze=False))
+def process_runner(step: ScoringStep, follower: FakeFollower | None = None, stall_s: float = 0.0) -> ProcessRunner:
+    return ProcessRunner(ThreadRunner(step, follower or FakeFollower(), fake_serving, gc_freeze=False), stall_s=stall_s)
 
 
 def batches_of(records, size: int = 7):
@@ -124,6 +126,39 @@ def test_a_child_that_dies_fails_the_batch_in_hand() -> None:
             runner.result()
     finally:
         runner.close()
+
+
+def test_revoking_partitions_of_a_dead_child_leaves_the_report_of_its_death_to_the_batch() -> None:
+    # kafka-python runs the revocation inside poll and inside the consumer's close; raising there would
+    # replace the child's death with "User rebalance callback throws an error".
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    try:
+        os.kill(runner.pid, 9)
+        assert runner._wait(10)
+        runner.forget_partitions([(TOPIC, 0)])  # does not raise
+        with pytest.raises(ScoringFailed, match="SIGKILL"):
+            runner.submit(fault_stream()[:30], now_s=T0)
+            runner.result()
+        runner.forget_partitions([(TOPIC, 1)])  # nor once the death is known
+    finally:
+        runner.close()
+
+
+def test_a_child_that_stops_answering_is_killed_after_the_stall_limit() -> None:
+    runner = process_runner(step_for(FakeModel(window_size=4)), stall_s=1.5)
+    try:
+        runner.submit(fault_stream()[:12], now_s=T0)
+        assert runner.result().counts["consumed"] == 12  # answering: no limit reached
+        os.kill(runner.pid, signal.SIGSTOP)  # what a deadlock looks like from the parent
+        runner.submit(fault_stream()[12:30], now_s=T0)
+        started = time.monotonic()
+        with pytest.raises(ScoringFailed, match=r"has not answered in 1.5 s \(worker.stall_s\)"):
+            runner.result()
+        waited = time.monotonic() - started
+    finally:
+        runner.close()
+    assert 1.4 < waited < 10
+    assert os.WIFSIGNALED(runner._exit_status) and os.WTERMSIG(runner._exit_status) == signal.SIGKILL
 
 
 def test_a_new_version_is_swapped_in_the_child_after_the_batches_sent_before_it() -> None:
