@@ -256,13 +256,14 @@ def code_fingerprint(checkout: Path | None = None) -> str:
     here = checkout or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     try:
-        def git(*args: str) -> bytes:
+        def git(*args: str, cwd: Path = here) -> bytes:
             return subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, timeout=30,
-                                  cwd=here).stdout
+                                  cwd=cwd).stdout
 
         digest.update(git("diff", "HEAD"))
         top = Path(git("rev-parse", "--show-toplevel").decode().strip() or here)
-        for name in sorted(git("ls-files", "--others", "--exclude-standard", "--", "*.py").decode().split("\n")):
+        # From the top: names relative to it, and the whole checkout's new files (not only this folder's).
+        for name in sorted(git("ls-files", "--others", "--exclude-standard", "--", "*.py", cwd=top).decode().split("\n")):
             if name:
                 digest.update(name.encode() + b"\0" + (top / name).read_bytes())
     except (OSError, subprocess.SubprocessError):

@@ -78,7 +78,15 @@ def test_code_version_names_the_commit_and_says_when_tracked_files_differ_from_i
     second = code_fingerprint(tmp_path)
     assert second != first
     (tmp_path / "b.py").write_text("y = 1\n")
-    assert code_fingerprint(tmp_path) != second
+    third = code_fingerprint(tmp_path)
+    assert third != second and code_fingerprint(tmp_path) == third
+    # Asked from a sub-folder (the package's own, as by default): git names new files relative to it,
+    # which were read from the top and not found, so the key was a fresh timestamp on every call.
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "c.py").write_text("z = 1\n")
+    fourth = code_fingerprint(tmp_path / "pkg")
+    assert fourth != third and code_fingerprint(tmp_path / "pkg") == fourth == code_fingerprint(tmp_path)
+    (tmp_path / "pkg" / "c.py").unlink()
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "b.py").unlink()
     assert code_fingerprint(tmp_path) == f"{__version__}+{sha}"  # clean: the commit alone
