@@ -11,11 +11,9 @@ one before), so the registry's UI tells who held it when. With ``tracking.py`` t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,7 +26,8 @@ import pandas as pd
 
 from anomaly.detector import Detector
 from anomaly.config import alias_problem
-from anomaly.errors import RegistryError
+from anomaly.errors import AnomalyError, RegistryError
+from anomaly.locks import FileLock, Locked
 
 log = logging.getLogger(__name__)
 
@@ -168,27 +167,18 @@ def alias_lock(name: str, alias: str) -> Iterator[None]:
 
     key = json.dumps([mlflow.get_tracking_uri(), name, alias])
     path = Path(tempfile.gettempdir()) / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    lock = FileLock(path, what=f"move of {name}@{alias}", field=None, mode=0o666)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise RegistryError(f"cannot make the alias lock file {path}: {exc.strerror or exc}") from None
+        lock.acquire(wait_s=ALIAS_LOCK_WAIT_S)
+    except Locked as exc:
+        raise RegistryError(f"another process (pid {exc.pid if exc.pid is not None else '?'}) has been moving "
+                            f"{name}@{alias} for {ALIAS_LOCK_WAIT_S:g} s (lock {path}); not moved") from None
+    except AnomalyError as exc:
+        raise RegistryError(str(exc)) from None  # the lock file cannot be made
     try:
-        deadline = time.monotonic() + ALIAS_LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise RegistryError(f"another process has been moving {name}@{alias} for "
-                                        f"{ALIAS_LOCK_WAIT_S:g} s (lock {path}); not moved") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 class AliasMoved(RegistryError):

@@ -33,11 +33,8 @@ Must not: decide anything about retraining (``anomaly.retrain`` does) or about d
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -49,6 +46,7 @@ from anomaly.config import SchedulerSettings, Settings
 from anomaly.crontab import cron_field_sets
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError, ConfigError
+from anomaly.locks import FileLock, Locked
 from anomaly.scheduler_metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
@@ -60,74 +58,9 @@ DRIFT_JOB_ID = "anomaly-drift-check"  # in the memory store: its state (the scor
 DRIFT_READ_TIMEOUT_S = 60.0  # longest a drift check spends reading, whatever the record bound
 
 
-class SchedulerLocked(AnomalyError):
-    """Another process holds the lock (another scheduler, or a retrain in progress)."""
-
-    def __init__(self, path: Path, pid: int | None, what: str = "scheduler") -> None:
-        self.path, self.pid = path, pid
-        super().__init__(f"another {what} holds {path} (pid {pid if pid is not None else '?'}); exiting")
-
-
 # --- locks ---------------------------------------------------------------------------------------
 
-class FileLock:
-    """An exclusive, non-blocking ``flock`` on ``path`` holding the owner's pid.
-
-    The kernel drops the lock when the process dies, so a crashed scheduler never leaves a stale lock.
-    """
-
-    def __init__(self, path: str | Path, what: str = "scheduler", field: str | None = "scheduler.job_store") -> None:
-        """``field``: the setting whose path the lock file's derives from, named when it cannot be made."""
-        self.path, self.what, self.field = Path(path), what, field
-        self._fd: int | None = None
-
-    def acquire(self) -> "FileLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a folder that is a file, no permission
-            said = f"cannot make the lock file {self.path}: {exc.strerror or exc}"
-            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            pid = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise SchedulerLocked(self.path, pid, self.what) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            try:
-                os.ftruncate(self._fd, 0)
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> "FileLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
+SchedulerLocked = Locked  # the name this module's callers and tests know
 
 
 def lock_path(job_store: str | Path) -> Path:

@@ -1,0 +1,95 @@
+"""Exclusive file locks between processes of one host: an ``flock`` on a file holding the owner's pid.
+
+The kernel drops the lock when its process dies, so a crash never leaves a stale lock. Used for the
+one scheduler per job store, the one retrain at a time (``anomaly.scheduler``) and the moves of one
+registry alias (``anomaly.registry.alias_lock``). Nothing here knows what it guards.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from anomaly.errors import AnomalyError, ConfigError
+
+RETRY_S = 0.05  # how often a waiting ``acquire`` tries again
+
+
+class Locked(AnomalyError):
+    """Another process holds the lock (another scheduler, a retrain in progress, an alias being moved)."""
+
+    def __init__(self, path: Path, pid: int | None, what: str = "scheduler") -> None:
+        self.path, self.pid = path, pid
+        super().__init__(f"another {what} holds {path} (pid {pid if pid is not None else '?'}); exiting")
+
+
+class FileLock:
+    """An exclusive ``flock`` on ``path`` holding the owner's pid; ``acquire`` fails at once or after a wait."""
+
+    def __init__(self, path: str | Path, what: str = "scheduler", field: str | None = "scheduler.job_store",
+                 mode: int = 0o644) -> None:
+        """``what`` names the holder in ``Locked``'s message; ``field``: the setting the lock file's path
+        derives from, named when the file cannot be made (None: an ``AnomalyError``); ``mode``: of a new
+        lock file (0o666 for one in a folder every user shares)."""
+        self.path, self.what, self.field, self.mode = Path(path), what, field, mode
+        self._fd: int | None = None
+
+    def acquire(self, wait_s: float = 0.0) -> "FileLock":
+        """Take the lock, trying again for up to ``wait_s`` seconds while another process holds it;
+        ``Locked`` if it is still held then."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+        except OSError as exc:  # a folder that is a file, no permission
+            said = f"cannot make the lock file {self.path}: {exc.strerror or exc}"
+            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    pid = _read_pid(fd)
+                    os.close(fd)
+                    raise Locked(self.path, pid, self.what) from None
+                time.sleep(RETRY_S)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
