@@ -600,7 +600,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                            extra_tags=tags, run_name="retrain-challenger", progress=progress)
     challenger, challenger_version = outcome.detector, outcome.version
     unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
-    window = max(champion.window_size, challenger.window_size)  # both on windows ending on the same rows
+    window = compared  # both on windows ending on the same rows (the challenger's window is the settings' w)
     champ = _holdout(champion, data.holdout, unit, window, data.holdout_entities)
     chall = _holdout(challenger, data.holdout, unit, window, data.holdout_entities)
     champ_events = _events(champion, data.labelled_tails, data.tail_entities, window)
