@@ -21,6 +21,12 @@ from anomaly.errors import AnomalyError, ConfigError, DataError
 log = logging.getLogger("anomaly")
 
 DATASETS = ("skab", "nab", "smd")
+EXIT_STALLED = 70  # `anomaly worker` found stuck by its watchdog (worker.stall_s); EX_SOFTWARE
+# The worker checks the registry between batches: MLflow's defaults (120 s timeout, 7 retries with
+# backoff) held the loop 247 s on a refused connection, and ~20 min on a silent one; these give up
+# within seconds (2.2 s refused), and the worker serves on as degraded. Unless the environment sets them.
+WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                      "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def default_data_dir(dataset: str) -> Path:
@@ -419,14 +425,30 @@ def unfollowed_alias(settings) -> str | None:
             f"retrain gate) move @{ml.champion_alias}, which this worker does not follow")
 
 
+def exit_stuck(scoring_pid: int | None, detail: str) -> None:
+    """A stuck worker's end (``StallWatchdog``): say why, kill its scoring child, leave at once with
+    ``EXIT_STALLED``; the stuck thread cannot be joined. Nothing of the batch in hand was committed."""
+    log.error("worker stuck: %s; exiting with code %d for its supervisor to restart it (nothing of the batch in "
+              "hand was committed)", detail, EXIT_STALLED)
+    if scoring_pid is not None:
+        try:
+            os.kill(scoring_pid, signal.SIGKILL)
+        except OSError:
+            pass
+    logging.shutdown()
+    os._exit(EXIT_STALLED)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     """The long-running scoring daemon (DESIGN.md §3)."""
     from anomaly import tracking
     from anomaly.metrics import WorkerMetrics
     from anomaly.model_follower import ModelFollower, wait_for_follower
-    from anomaly.worker import Worker, options_from_settings
+    from anomaly.worker import StallWatchdog, Worker, options_from_settings
 
     settings = _settings(args)  # --bootstrap-servers included, checked as the config's value is
+    for name, value in WORKER_MLFLOW_HTTP.items():
+        os.environ.setdefault(name, value)  # what the operator's environment sets wins
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     w = settings.worker
     unfollowed = unfollowed_alias(settings)
@@ -465,9 +487,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("worker: %s@%s v%s, %s -> %s (group %s)%s", settings.mlflow.model_name, w.model_alias, follower.version,
              settings.kafka.input_topic, settings.kafka.events_topic, settings.kafka.group_id,
              f", metrics on http://{w.metrics_host}:{port}/metrics" if port else "")
+    watchdog = StallWatchdog(metrics.health, lambda detail: exit_stuck(worker.scoring_pid, detail)).start() \
+        if w.stall_s > 0 else None
     try:
         stats = worker.run(max_batches=args.max_batches, idle_stop_s=args.idle_stop_s)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         metrics.stop_http()
     log.info("worker stopped: %s", stats)
     return 0

@@ -337,10 +337,11 @@ class WorkerSettings:
                              "so every event gets its closed", 3600.0)
     poll_timeout_s: float = doc("longest wait for records per poll (short, so signals are noticed)", 1.0)
     stall_s: float = doc("a loop round (poll, score, deliver, commit) still unfinished after this many seconds is a "
-                         "stuck worker: /healthz answers 503 with status stalled (so a liveness probe restarts it), "
-                         "and a scoring child process (worker.scoring_process) that has not answered in this long is "
-                         "killed and the worker exits non-zero for its supervisor to restart. At least 30 (a broker "
-                         "that cannot take a batch's outputs fails it after 30 s with its own error); 0 = never", 300.0)
+                         "stuck worker: /healthz answers 503 with status stalled, and `anomaly worker` kills its "
+                         "scoring child and exits with code 70 for its supervisor to restart it (nothing of the "
+                         "batch in hand is committed). At least 120: a producer waits up to 60 s for the broker's "
+                         "metadata and 30 s for a flush, and a registry check gives up within about 35 s, each "
+                         "failing with its own error first; 0 = never", 300.0)
     max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
     create_topics: bool = doc("create missing input/events/dead-letter/scores topics at start (needs Create permission); "
@@ -383,8 +384,8 @@ class WorkerSettings:
         _at_least("worker", self, ("grace_slots", "max_fill_steps", "torch_threads"), 0)
         if self.poll_timeout_s <= 0 or self.poll_timeout_s > 30:
             raise ConfigError("worker.poll_timeout_s", f"must be in (0, 30], got {self.poll_timeout_s}")
-        if self.stall_s != 0 and not (math.isfinite(self.stall_s) and self.stall_s >= 30):
-            raise ConfigError("worker.stall_s", f"must be >= 30 seconds or 0 (never), got {self.stall_s}")
+        if self.stall_s != 0 and not (math.isfinite(self.stall_s) and self.stall_s >= 120):
+            raise ConfigError("worker.stall_s", f"must be >= 120 seconds or 0 (never), got {self.stall_s}")
         if self.cooldown_s < 0:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
         if not (math.isfinite(self.max_event_s) and self.max_event_s > 0):

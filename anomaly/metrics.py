@@ -5,9 +5,9 @@ several workers in one process never collide on the global registry), the metric
 and a small HTTP server (stdlib ``http.server`` in a daemon thread) that serves
 
 - ``GET /metrics``  the Prometheus text exposition (OpenMetrics when the scraper asks for it);
-- ``GET /healthz``  JSON ``{"status": "ok" | "degraded" | "starting" | "stopping", "model": {...},
+- ``GET /healthz``  JSON ``{"status": "ok" | "degraded" | "starting" | "stalled" | "stopping", "model": {...},
   "last_batch_ts": ..., "last_batch_age_s": ..., "assigned_partitions": N, ...}`` with HTTP 200 for
-  ``ok`` and ``degraded`` (the process works, keep it) and 503 otherwise (not ready, or draining).
+  ``ok`` and ``degraded`` (the process works, keep it) and 503 otherwise (not ready, stuck, or draining).
 
 Must not: decide anything about the worker. The worker tells it what happened (``record_batch``,
 ``set_model``, ``model_swapped``, ``set_health`` ...); this module only counts and serves. It is the

@@ -195,6 +195,8 @@ class Worker:
                 self.metrics.set_health("degraded" if trouble else "ok",
                                         assigned_partitions=len(self._consumer.assignment()),
                                         last_batch_ts=self.clock(), detail=trouble)
+            if self.stop_event.is_set():
+                self.metrics.set_health("stopping", detail="finishing the batch in hand")
             self._drain()  # stopping: finish the batch in hand (a failure above skips this)
         except BaseException:
             failing = True
@@ -212,6 +214,11 @@ class Worker:
             if o.gc_freeze:
                 gc.unfreeze()  # back to the collector's oldest generation, as before the run
         return self.stats
+
+    @property
+    def scoring_pid(self) -> int | None:
+        """The forked scoring child's pid, when the step runs in one."""
+        return self._runner.pid if isinstance(self._runner, ProcessRunner) else None
 
     def _make_runner(self) -> ThreadRunner | ProcessRunner:
         runner = ThreadRunner(self.step, self.follower, self._serving, self.options.gc_freeze)
@@ -316,6 +323,37 @@ class Worker:
         """Newly assigned partitions start from their committed offsets (the consumer fetches them; this
         callback runs on the client's IO thread and must not block), so windows refill from data."""
         log.info("partitions assigned: %s", sorted(p.partition for p in partitions))
+
+
+class StallWatchdog:
+    """Watches a worker's health from a daemon thread and calls ``on_stall(detail)`` once, the first time it
+    reads ``stalled`` (no loop round finished within ``worker.stall_s``; ``WorkerMetrics.health``).
+
+    The loop cannot notice that it is stuck: a forward pass, a send to a scoring child that stopped
+    reading, or a call that never returns hold it. The ``anomaly worker`` command's ``on_stall`` kills
+    the scoring child and exits the process, so any supervisor restarts it (Docker's restart policy acts
+    on exits, not on a failing healthcheck). Nothing is lost: offsets are committed only after delivery."""
+
+    def __init__(self, health: Callable[[], Mapping[str, Any]], on_stall: Callable[[str], None],
+                 check_every_s: float = 5.0) -> None:
+        self._health, self._on_stall, self._every = health, on_stall, check_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="anomaly-stall-watchdog", daemon=True)
+
+    def start(self) -> "StallWatchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._every + 1)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._every):
+            doc = self._health()
+            if doc.get("status") == "stalled":
+                self._on_stall(str(doc.get("detail")))
+                return
 
 
 def options_from_settings(settings) -> WorkerOptions:

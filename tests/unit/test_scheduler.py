@@ -202,7 +202,7 @@ def test_settings_round_trip_through_the_job_store_dict():
     ({"training": {"learning_rate": float("nan")}}, "training.learning_rate"),
     ({"drift": {"psi_threshold": float("inf")}}, "drift.psi_threshold"),
     ({"worker": {"poll_timeout_s": float("nan")}}, "worker.poll_timeout_s"),
-    ({"worker": {"stall_s": 10}}, "worker.stall_s"),
+    ({"worker": {"stall_s": 60}}, "worker.stall_s"),
     ({"worker": {"stall_s": float("nan")}}, "worker.stall_s"),
     ({"training": {"weight_decay": -1.0}}, "training.weight_decay"),
     ({"training": {"seed": -5}}, "training.seed"),
