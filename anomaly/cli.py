@@ -669,7 +669,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     fleet: dict[str, Any] = {}
     if args.data:  # as train and score read it: data.entity_column's entities apart, retrain.label_field left out
         fleet, _ = _labelled_entity_tables(args.data, settings, sensors)
-        frame = next(iter(fleet.values())) if settings.data.entity_column is None else None
+        # a table without an entity column comes back as one entry named by the file: sent as --entity
+        frame = fleet[str(args.data)] if list(fleet) == [str(args.data)] else None
         source = str(args.data)
     else:
         if not args.series:
@@ -725,7 +726,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor "
                                     "(label columns such as 'anomaly', and retrain.label_field, are not sent; with "
-                                    "data.entity_column each entity is sent under its own id)")
+                                    "data.entity_column, or a column named 'entity', each entity is sent under its own id)")
     src.add_argument("--dataset", choices=DATASETS, help="replay a benchmark series (needs --series)")
     p.add_argument("--data-dir", help="dataset directory (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--series", help="dataset series to replay, whole (e.g. valve1/0, machine-1-2)")
@@ -734,7 +735,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
                                      "column); a reading must carry exactly the sensors of its entity's model, so "
                                      "match the model's (`anomaly models list --json` shows its data.sensors tag)")
     p.add_argument("--entity", default="pump", help="entity name stem: entities are <entity>-0 .. <entity>-N-1 "
-                                                    "(default pump; a table with data.entity_column uses its ids)")
+                                                    "(default pump; a table with entities uses its ids)")
     p.add_argument("--copies", type=positive_int, default=1, help="number of entities replaying the series (default 1)")
     p.add_argument("--offset-rows", type=non_negative_int, default=0,
                    help="entity i starts i x this many sampling periods after entity 0 (default 0: in lock-step)")
@@ -994,7 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dataset, log the run to MLflow and register a model version.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="CSV or Parquet wide table: a timestamp column and one column per sensor; "
-                                    "with data.entity_column set and several entities in it, one model shared by "
+                                    "with data.entity_column set (or a column named 'entity') and several entities in it, one model shared by "
                                     "the fleet (each entity gridded on its own, validated on every entity's "
                                     "recent rows); a label column (retrain.label_field, 'anomaly' or 'label') keeps "
                                     "the labelled rows and retrain.exclude_margin_rows around them out of training")

@@ -113,7 +113,7 @@ class DataSettings:
     scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
     sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)
     timestamp_column: str | None = doc("timestamp column of input tables; empty = auto-detect", None)
-    entity_column: str | None = doc("entity id column of input tables; empty = one entity. With several entities in a file, train fits one model shared by them and score scores each entity on its own (README Commands)", None)
+    entity_column: str | None = doc("entity id column of input tables; empty = a column named entity if the table has one, else one entity. With several entities in a file, train fits one model shared by them and score scores each entity on its own (README Commands)", None)
 
     def check(self) -> None:
         if self.period_s is not None and self.period_s <= 0:

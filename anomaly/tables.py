@@ -63,7 +63,8 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
 
     Returns a frame indexed by UTC ``DatetimeIndex`` ``"ts"`` whose columns are float64 readings (and
     label columns, if any; see ``split_labels``), plus ``"entity"`` (str) when ``entity_col`` is given;
-    entity ids are kept as written (``007`` stays ``007``). ``sensors`` restricts the readings to those
+    entity ids are kept as written (``007`` stays ``007``); a column named ``entity`` is the entity column
+    when ``entity_col`` is not given. ``sensors`` restricts the readings to those
     columns, in that order (label columns present in the file are still kept); without it every other
     column is converted, and a column of text alone (a site name, a comment) is left out with a warning.
     Label columns (``LABEL_COLUMNS`` and ``labels``) may also hold true/false/yes/no (1.0/0.0).
@@ -73,7 +74,12 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     neither a number nor true/false/yes/no.
     """
     path = Path(path)
-    raw = _read_raw(path, text_columns=[entity_col] if entity_col is not None else [])
+    raw = _read_raw(path, text_columns=[entity_col if entity_col is not None else ENTITY_COLUMN])
+    if entity_col is None and ENTITY_COLUMN in raw.columns and ENTITY_COLUMN not in (timestamp_col, *(sensors or ())):
+        # A fleet file without data.entity_column: its entities' rows on one grid would overwrite each
+        # other slot by slot (a numeric id would even be read as a sensor). Read as the model's pyfunc does.
+        entity_col = ENTITY_COLUMN
+        log.info("%s: column %r read as the entity column (data.entity_column)", path, ENTITY_COLUMN)
     if raw.shape[1] == 0:
         raise DataError(f"{path}: no columns")
     if raw.shape[0] == 0:

@@ -182,6 +182,10 @@ def test_tables_are_split_by_entity_keeping_labels_out(tmp_path, monkeypatch, ca
     monkeypatch.delenv("ANOMALY_DATA__ENTITY_COLUMN")
     plain = _labelled_entity_tables(str(path), load_config())[0]
     assert list(plain) == [str(path)] and list(plain[str(path)]) == ["machine", "temp"]  # no label as a sensor
+    named = tmp_path / "named.csv"  # a column named 'entity' needs no setting (train, score and replay read it so)
+    named.write_text(path.read_text().replace("machine", "entity"))
+    fleet = _labelled_entity_tables(str(named), load_config())[0]
+    assert list(fleet) == ["2", "1"] and fleet["2"]["temp"].tolist() == [40, 42]
 
 
 def test_replay_refuses_sensors_the_table_lacks(tmp_path, capsys):

@@ -185,6 +185,21 @@ def test_entity_ids_are_kept_as_written(tmp_path):
     assert list(frame["entity"]) == ["001", "0007", "7", "7.0"]
 
 
+def test_a_column_named_entity_is_the_entity_column_unless_another_is_named(tmp_path):
+    # Before, a fleet file without data.entity_column put its entities on one grid, where each slot kept
+    # one of them (a text id was left out with a warning; a numeric one was read as a sensor).
+    path = _write(tmp_path, "fleet.csv", "ts,entity,x\n2020-01-01 00:00:00,1,1\n2020-01-01 00:00:00,2,5\n"
+                                         "2020-01-01 00:00:01,1,2\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["entity", "x"] and list(frame["entity"]) == ["1", "2", "1"]
+    text = _write(tmp_path, "named.csv", "ts,entity,x\n2020-01-01 00:00:00,pump-1,1\n2020-01-01 00:00:00,pump-2,5\n")
+    assert list(read_table(text)["entity"]) == ["pump-1", "pump-2"]
+    other = _write(tmp_path, "other.csv", "ts,unit,entity\n2020-01-01 00:00:00,a,1\n2020-01-01 00:00:00,b,2\n")
+    with pytest.raises(DataError, match="clashes with the entity column"):
+        read_table(other, entity_col="unit")  # a named entity column wins; 'entity' is then a clash, as before
+    assert list(read_table(other, sensors=["entity"])["entity"]) == [1.0, 2.0]  # asked for as a sensor: one
+
+
 def test_a_semicolon_table_whose_column_names_hold_commas(tmp_path):
     path = _write(tmp_path, "s.csv", "ts;Flow, l/min;Temp, C\n2024-01-01 00:00:00;1.5;20\n2024-01-01 00:00:01;1.6;21\n")
     frame = read_table(path)
