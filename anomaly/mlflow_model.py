@@ -63,6 +63,9 @@ SENSOR_FILL_ROWS = 5  # a missing cell takes its sensor's previous value this ma
 def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One entity's rows (in time order): each row's window score, the bar in force, the top sensor."""
     values = frame[list(det.sensors)].to_numpy(dtype=np.float64)
+    # ±inf is a missing reading, as `anomaly score` reads it (the worker dead-letters it); scored as a value
+    # it gave scores of 1e32 and flagged every window holding it.
+    values = np.where(np.isinf(values), np.nan, values)
     if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
         filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)

@@ -88,6 +88,11 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     by_hand.iloc[205:208, 1] = first.detector.fill_values()[1]
     np.testing.assert_allclose(pyfunc.predict(dead)["score"].to_numpy(dtype=float, na_value=np.nan),
                                pyfunc.predict(by_hand)["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
+    # ±inf is a missing reading there too (before, scored as a value: 4e32 and every window holding it flagged).
+    infinite = gappy.copy()
+    infinite.iloc[100, 1] = np.inf
+    np.testing.assert_allclose(pyfunc.predict(infinite)["score"].to_numpy(dtype=float, na_value=np.nan),
+                               out_gappy["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
     # The package travels with the model (a server built from the model's environment can import it).
     local = mlflow.artifacts.download_artifacts("models:/pump@champion")
     assert (Path(local) / "code" / "anomaly" / "detector.py").exists()
