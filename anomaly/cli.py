@@ -308,6 +308,23 @@ class _ScoredTable:
     expected: Any
 
 
+SAMPLING_TOLERANCE = 0.25  # a file's median spacing this far (relative) from the model's period is said
+
+
+def sampling_mismatch(index: Any, period_s: float | None) -> float | None:
+    """The median spacing of ``index``'s timestamps (seconds) when it differs from ``period_s`` by more
+    than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two distinct timestamps)."""
+    import numpy as np
+
+    if not period_s:
+        return None
+    stamps = np.unique(np.asarray((index - index.min()).total_seconds(), dtype=np.float64))
+    if len(stamps) < 2:
+        return None
+    spacing = float(np.median(np.diff(stamps)))
+    return spacing if abs(spacing - period_s) > SAMPLING_TOLERANCE * period_s else None
+
+
 def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: Any = None) -> _ScoredTable:
     """One entity's readings scored: row-level scores (``ts``, ``score``, ``threshold``, ``is_anomaly``,
     ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
@@ -322,6 +339,12 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     from anomaly.preparation import labels_on_grid
     from anomaly.windowing import rows_from_windows
 
+    spacing = sampling_mismatch(frame.index, detector.period_s)
+    if spacing is not None:
+        log.warning("%sreadings are %g s apart (median) where the model's grid is %g s: %s",
+                    f"{entity}: ", spacing, detector.period_s,
+                    "slots between readings are filled, not read" if spacing > detector.period_s
+                    else "several readings fall on one slot and only one of them is scored")
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.data.max_fill_steps, fill_values=detector.fill_values())
     scored = detector.score_values(prepared.values)

@@ -309,7 +309,9 @@ def test_a_worker_serving_an_alias_promotions_never_move_is_warned_about() -> No
     assert said and "@champion" in said and "mlflow.champion_alias (@prod)" in said
 
 
-def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score():
+def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
+    import logging
+
     import numpy as np
 
     from anomaly.cli import _score_table
@@ -329,6 +331,26 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score():
     no_score = table["score"].isna().to_numpy()
     assert no_score[50:77].all() and not no_score[7:50].any()  # rows 7-29 scored although flow was silent
     assert (table["top_sensor"][no_score] == "").all() and (table["top_sensor"][~no_score] != "").all()
+    assert "apart (median)" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="anomaly.cli"):
+        _score_table(detector, frame.iloc[::2], build_settings({}), "pump")
+    assert "pump: readings are 2 s apart (median) where the model's grid is 1 s: slots between readings are " \
+           "filled, not read" in caplog.text
+
+
+def test_a_file_sampled_otherwise_than_the_model_is_said():
+    # A 2 s file on a 1 s model was scored with every other slot filled, and a 0.5 s one with half its
+    # readings dropped, without a word (`_score_table` says it: test_scored_rows_name_a_top_sensor...).
+    import pandas as pd
+
+    from anomaly.cli import sampling_mismatch
+
+    index = pd.date_range("2026-01-01", periods=50, freq="2s", tz="UTC")
+    assert sampling_mismatch(index, 1.0) == 2.0 and sampling_mismatch(index, 4.0) == 2.0
+    assert sampling_mismatch(index, 2.0) is None and sampling_mismatch(index, 2.4) is None  # within 25 %
+    assert sampling_mismatch(index[:1], 1.0) is None and sampling_mismatch(index, None) is None
+    jittered = index + pd.to_timedelta([0.1 * (i % 3) for i in range(50)], unit="s")
+    assert sampling_mismatch(jittered.sort_values(), 2.0) is None
 
 
 def test_paths_that_cannot_be_made_are_errors_naming_them_not_tracebacks(tmp_path, capsys):
