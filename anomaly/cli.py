@@ -345,6 +345,10 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                     f"{entity}: ", spacing, detector.period_s,
                     "slots between readings are filled, not read" if spacing > detector.period_s
                     else "several readings fall on one slot and only one of them is scored")
+    repeated = int(frame.index.duplicated().sum())
+    if repeated:
+        log.warning("%s: %d reading%s repeat an earlier one's timestamp: on the grid the later values win, where "
+                    "the streaming worker keeps the first", entity, repeated, "" if repeated == 1 else "s")
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.data.max_fill_steps, fill_values=detector.fill_values())
     scored = detector.score_values(prepared.values)

@@ -313,6 +313,7 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
     import logging
 
     import numpy as np
+    import pandas as pd
 
     from anomaly.cli import _score_table
     from anomaly.config import build_settings
@@ -336,6 +337,10 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
         _score_table(detector, frame.iloc[::2], build_settings({}), "pump")
     assert "pump: readings are 2 s apart (median) where the model's grid is 1 s: slots between readings are " \
            "filled, not read" in caplog.text
+    assert "repeat an earlier" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="anomaly.cli"):
+        _score_table(detector, pd.concat([frame, frame.iloc[[50, 60]]]), build_settings({}), "pump")
+    assert "pump: 2 readings repeat an earlier one's timestamp: on the grid the later values win" in caplog.text
 
 
 def test_a_file_sampled_otherwise_than_the_model_is_said():
