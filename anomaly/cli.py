@@ -238,6 +238,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
+    if any(s not in frame.columns for frame in fleet.values() for s in detector.sensors):
+        # Read again for the model's sensors: a column of text alone was left out as "not readings", and
+        # the error would say the sensor is not in the file; this names the cell (or the file) instead.
+        _labelled_entity_tables(args.data, settings, list(detector.sensors))
     several = len(fleet) > 1
     scored_entities: dict[str, _ScoredTable] = {}
     spans = []

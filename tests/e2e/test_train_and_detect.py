@@ -85,6 +85,12 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     faulty.iloc[:5].reset_index().to_csv(tmp_path / "short.csv", index=False)
     assert main(["score", "--data", "short.csv", "--config", str(config)]) == 2
     assert "no row could be scored: a score needs 20 readings" in capsys.readouterr().err
+    # A sensor column of text alone is named with its first cell (it was said to be absent from the file)
+    offline = faulty.iloc[:50].reset_index()
+    offline[offline.columns[1]] = "offline"
+    offline.to_csv(tmp_path / "offline.csv", index=False)
+    assert main(["score", "--data", "offline.csv", "--config", str(config)]) == 2
+    assert f"column '{offline.columns[1]}' is not numeric (e.g. 'offline' at data row" in capsys.readouterr().err
 
     assert main(["models", "list", "--config", str(config), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
