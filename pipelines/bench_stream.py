@@ -389,13 +389,11 @@ def _bench_worker_class():
             self._collect = collect_latency
             self._hook = on_assigned_hook
             self._last: list[float] | None = None  # the latencies of the batch being completed
-            self.scoring_pid: int | None = None  # the scoring child's, when the step runs in one
             self.scoring_kb: dict[str, int | None] = {}  # its VmHWM and Pss, read when the target is reached
             self.main_pss_kb: int | None = None
 
         def _make_runner(self):
-            runner = super()._make_runner()
-            self.scoring_pid = getattr(runner, "pid", None)
+            runner = super()._make_runner()  # (the scoring child's pid: Worker.scoring_pid)
             submit, result = runner.submit, runner.result
 
             def timed_submit(batches, now_s):
