@@ -318,14 +318,14 @@ SAMPLING_TOLERANCE = 0.25  # a file's median spacing this far (relative) from th
 def sampling_mismatch(index: Any, period_s: float | None) -> float | None:
     """The median spacing of ``index``'s timestamps (seconds) when it differs from ``period_s`` by more
     than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two distinct timestamps)."""
-    import numpy as np
+    from anomaly.grid import infer_period
 
     if not period_s:
         return None
-    stamps = np.unique(np.asarray((index - index.min()).total_seconds(), dtype=np.float64))
-    if len(stamps) < 2:
+    try:
+        spacing = infer_period(index).total_seconds()
+    except DataError:  # fewer than two distinct timestamps: nothing to compare
         return None
-    spacing = float(np.median(np.diff(stamps)))
     return spacing if abs(spacing - period_s) > SAMPLING_TOLERANCE * period_s else None
 
 
