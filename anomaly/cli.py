@@ -863,7 +863,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     port = None
     try:
-        sched.start()  # another scheduler on this store: SchedulerLocked, exit 2
+        sched.start()  # another scheduler on this store: Locked, exit 2
         if s.metrics_port >= 0:
             port = sched.metrics.start_http(s.metrics_host, s.metrics_port)
         log.info("scheduler: %s, store %s, next run %s%s", f"cron {s.cron}" if s.trigger == "cron"

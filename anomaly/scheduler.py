@@ -8,9 +8,9 @@
 - On start the stored job is kept when its function and trigger are unchanged (so a restart keeps
   its next run time and a missed run runs once); a changed trigger replaces it
   (``replace_existing=True``).
-- Exactly one scheduler: ``SchedulerLock`` takes an exclusive ``flock`` on ``<job_store>.lock`` for
+- Exactly one scheduler: a ``FileLock`` (``anomaly.locks``) takes an exclusive ``flock`` on ``<job_store>.lock`` for
   the scheduler's lifetime; a second scheduler on the same store exits with
-  "another scheduler holds <lockfile> (pid N); exiting" (``SchedulerLocked``, exit code 2). APScheduler
+  "another scheduler holds <lockfile> (pid N); exiting" (``Locked``, exit code 2). APScheduler
   itself would let two processes sharing a store both run every job (DESIGN §5).
 - Never two retrains at once, even with ``anomaly retrain`` by hand: ``run_retrain`` (the path both
   take) holds ``<job_store>.retrain.lock`` while it runs; a busy lock is a logged skip.
@@ -58,10 +58,7 @@ DRIFT_JOB_ID = "anomaly-drift-check"  # in the memory store: its state (the scor
 DRIFT_READ_TIMEOUT_S = 60.0  # longest a drift check spends reading, whatever the record bound
 
 
-# --- locks ---------------------------------------------------------------------------------------
-
-SchedulerLocked = Locked  # the name this module's callers and tests know
-
+# --- locks (anomaly.locks) -----------------------------------------------------------------------
 
 def lock_path(job_store: str | Path) -> Path:
     return Path(f"{job_store}.lock")
@@ -103,7 +100,7 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
         for lock in locks:
             try:
                 held.append(lock.acquire())
-            except SchedulerLocked as exc:
+            except Locked as exc:
                 log.warning("retrain skipped: %s", exc)
                 return RetrainResult("skipped", f"a retrain is already running ({exc})")
         return run_cycle(settings, **kwargs)
@@ -361,7 +358,7 @@ class RetrainScheduler:
         self.last_assessment: Assessment | None = None
 
     def start(self) -> None:
-        """Take the lock (``SchedulerLocked`` if another scheduler has it), open the store, make sure the
+        """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
         job is there, and start running it."""
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
                                         EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from anomaly.config import build_settings
-from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, SchedulerLocked, settings_dict
+from anomaly.locks import Locked
+from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, settings_dict
 from tests.fixtures import mlflow_store, wait_for
 
 pytestmark = pytest.mark.integration
@@ -140,7 +141,7 @@ def test_a_second_scheduler_on_the_same_store_refuses_to_start(tmp_path):
     first = RetrainScheduler(settings, {"path": str(out)}, func=STUB)
     first.start()
     try:
-        with pytest.raises(SchedulerLocked):
+        with pytest.raises(Locked):
             RetrainScheduler(settings, {"path": str(out)}, func=STUB).start()
         proc = subprocess.run([sys.executable, "-m", "anomaly.cli", "scheduler", "--job-store", settings.job_store,
                                "--metrics-port", "-1", "--job", STUB, "--run-for-s", "5"],

@@ -9,7 +9,8 @@ import pytest
 
 from anomaly.config import Settings, build_settings
 from anomaly.errors import ConfigError
-from anomaly.scheduler import FileLock, SchedulerLocked, lock_path, retrain_lock_path, settings_dict, trigger_for
+from anomaly.locks import FileLock, Locked
+from anomaly.scheduler import lock_path, retrain_lock_path, settings_dict, trigger_for
 from anomaly.scheduler_metrics import SchedulerMetrics
 
 
@@ -18,7 +19,7 @@ def test_file_lock_is_exclusive_and_names_the_holder(tmp_path):
     first = FileLock(path).acquire()
     try:
         assert path.read_text().strip() == str(os.getpid())
-        with pytest.raises(SchedulerLocked) as info:
+        with pytest.raises(Locked) as info:
             FileLock(path).acquire()
         assert str(info.value) == f"another scheduler holds {path} (pid {os.getpid()}); exiting"
         assert info.value.pid == os.getpid()
