@@ -140,11 +140,17 @@ def test_health_document(metrics):
         metrics.set_health("fine")
 
 
-def test_a_loop_that_has_not_finished_a_round_within_the_stall_limit_is_stalled():
+def stalling_metrics(status: str, stall_s: float, detail: str | None = None) -> tuple[WorkerMetrics, list[float]]:
+    """Metrics on a hand-moved clock (``now[0]``, from 1000 s) whose last loop round ended at 1000 s."""
     now = [1000.0]
     metrics = WorkerMetrics(clock=lambda: now[0])
-    metrics.set_stall_limit(300)
-    metrics.set_health("degraded", detail="registry unreachable", last_batch_ts=1000.0)
+    metrics.set_stall_limit(stall_s)
+    metrics.set_health(status, detail=detail, last_batch_ts=1000.0)
+    return metrics, now
+
+
+def test_a_loop_that_has_not_finished_a_round_within_the_stall_limit_is_stalled():
+    metrics, now = stalling_metrics("degraded", 300, detail="registry unreachable")
     now[0] = 1300.0
     assert metrics.health()["status"] == "degraded"  # at the limit: not yet
     now[0] = 1301.0

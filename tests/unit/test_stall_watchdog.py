@@ -9,15 +9,12 @@ import textwrap
 import threading
 
 from anomaly.cli import EXIT_STALLED
-from anomaly.metrics import WorkerMetrics
 from anomaly.worker import StallWatchdog
+from tests.unit.test_metrics import stalling_metrics
 
 
 def test_the_watchdog_fires_once_when_the_health_turns_stalled():
-    now = [1000.0]
-    metrics = WorkerMetrics(clock=lambda: now[0])
-    metrics.set_stall_limit(120)
-    metrics.set_health("ok", last_batch_ts=1000.0)
+    metrics, now = stalling_metrics("ok", 120)
     fired: list[str] = []
     done = threading.Event()
     watchdog = StallWatchdog(metrics.health, lambda detail: (fired.append(detail), done.set()),
@@ -32,10 +29,7 @@ def test_the_watchdog_fires_once_when_the_health_turns_stalled():
 
 
 def test_a_stopping_worker_is_not_stalled_however_long_it_drains():
-    now = [1000.0]
-    metrics = WorkerMetrics(clock=lambda: now[0])
-    metrics.set_stall_limit(120)
-    metrics.set_health("stopping", detail="finishing the batch in hand", last_batch_ts=1000.0)
+    metrics, now = stalling_metrics("stopping", 120, detail="finishing the batch in hand")
     now[0] = 5000.0
     fired: list[str] = []
     watchdog = StallWatchdog(metrics.health, fired.append, check_every_s=0.02).start()
