@@ -37,6 +37,7 @@ offsets where they were (their new owner re-reads from there: more re-delivery, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import signal
@@ -299,20 +300,19 @@ class Worker:
             self.metrics.set_health(model_version=swap.version)
 
     def _close(self) -> None:
-        """Final flush and close, then the runner. Commits were made per batch, after delivery."""
-        self._say_dead_letters(self.dead_letter_log.flush(self.clock()))
-        try:
-            if self._producer is not None:
-                try:
-                    self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
-                finally:
-                    self._producer.close(timeout=5)
-            if self._consumer is not None:
-                self._consumer.close(autocommit=False)
-        finally:
+        """Final flush and close: producer, consumer, then the runner, and health says "stopped". Every
+        step runs even when one before it raises (the scoring child is never left behind); the last
+        error raised is re-raised. Commits were made per batch, after delivery."""
+        with contextlib.ExitStack() as later:  # its callbacks run last-registered first
+            later.callback(self.metrics.set_health, "stopping", detail="stopped")
             if self._runner is not None:
-                self._runner.close()
-        self.metrics.set_health("stopping", detail="stopped")
+                later.callback(self._runner.close)
+            if self._consumer is not None:
+                later.callback(self._consumer.close, autocommit=False)
+            if self._producer is not None:
+                later.callback(self._producer.close, timeout=5)
+                later.callback(self._producer.flush, timeout=DELIVERY_TIMEOUT_S)
+            self._say_dead_letters(self.dead_letter_log.flush(self.clock()))
 
     # --- rebalance ---------------------------------------------------------------------------
     def on_revoked(self, partitions) -> None:

@@ -1,0 +1,126 @@
+"""How ``Worker.run`` ends: every client and the scoring runner are closed even when closing one of them
+fails, and a failure in the loop is the error reported, not what closing raised after it. Fake Kafka
+clients and a fake runner (the real ones are in tests/integration/test_worker.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections import namedtuple
+
+import pytest
+
+from anomaly import kafka_io
+from anomaly.alerts import AlertPolicy
+from anomaly.step_runner import ScoringFailed
+from anomaly.window_state import WindowPolicy
+from anomaly.worker import Worker, WorkerOptions
+from tests.unit.test_scoring_step import FakeModel
+
+TopicPartition = namedtuple("TopicPartition", "topic partition")
+Record = namedtuple("Record", "offset key value")
+
+
+class Closable:
+    """Records ``close`` (and ``flush``) calls; raises ``fail_on``'s error from that method."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail_on = fail_on
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        if name == self.fail_on:
+            raise RuntimeError(f"{type(self).__name__}.{name} failed")
+
+    def close(self, **_: object) -> None:
+        self._call("close")
+
+
+class FakeProducer(Closable):
+    def flush(self, **_: object) -> None:
+        self._call("flush")
+
+
+class FakeConsumer(Closable):
+    """Hands out one record, then nothing."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        super().__init__(fail_on)
+        self.records = {TopicPartition("readings", 0): [Record(0, b"a", b"{}")]}
+
+    def poll(self, **_: object):
+        polled, self.records = self.records, {}
+        return polled
+
+    def assignment(self):
+        return {TopicPartition("readings", 0)}
+
+
+class FakeRunner(Closable):
+    """A runner whose scoring child has died: every result raises."""
+
+    def submit(self, batches, now_s):
+        return object()
+
+    def result(self, handle=None):
+        raise ScoringFailed("scoring process died (killed by SIGKILL)")
+
+    def follow_model(self, drain):
+        return []
+
+
+class FakeFollower:
+    model_name, trouble = "pumps", None
+
+    def current(self):
+        return 1.0, "1"
+
+
+class FakeKafkaWorker(Worker):
+    def __init__(self, runner: FakeRunner, producer: FakeProducer, consumer: FakeConsumer) -> None:
+        options = WorkerOptions("127.0.0.1:1", "readings", "events", "dlq", None, "g", {},
+                                WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(), device="cpu")
+        super().__init__(options, FakeFollower())
+        self._fakes = runner, producer, consumer
+
+    def _serving(self, detector, version):
+        return FakeModel(window_size=4, threshold=float(detector), version=version)
+
+    def _make_runner(self):
+        return self._fakes[0]
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch):
+    runner, producer, consumer = FakeRunner(), FakeProducer(), FakeConsumer()
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(kafka_io, "make_consumer", lambda *a, **k: consumer)
+    return runner, producer, consumer
+
+
+def test_a_failed_batch_is_reported_even_when_closing_fails_too(clients, caplog) -> None:
+    runner, producer, consumer = clients
+    producer.fail_on = "close"
+    worker = FakeKafkaWorker(runner, producer, consumer)
+    with caplog.at_level(logging.ERROR, logger="anomaly.worker"), pytest.raises(ScoringFailed, match="died"):
+        worker.run()
+    assert "closing the worker after a failure failed too" in caplog.text
+    assert "FakeProducer.close failed" in caplog.text
+    assert consumer.calls == ["close"] and runner.calls == ["close"]  # closed after the producer's failure
+    assert worker.metrics.health()["status"] == "stopping"
+
+
+@pytest.mark.parametrize("failing", ["producer flush", "consumer close"])
+def test_a_failure_while_closing_closes_the_rest_and_is_raised(clients, failing: str) -> None:
+    runner, producer, consumer = clients
+    which, method = failing.split()
+    {"producer": producer, "consumer": consumer}[which].fail_on = method
+    worker = FakeKafkaWorker(runner, producer, consumer)
+    worker.stop()  # stopped before the first poll: nothing in flight, only the closing runs
+    with pytest.raises(RuntimeError, match=f"{method} failed"):
+        worker.run()
+    assert producer.calls == ["flush", "close"]
+    assert consumer.calls == ["close"]
+    assert runner.calls == ["close"]  # the scoring child is never left behind
+    assert worker.metrics.health()["status"] == "stopping"
