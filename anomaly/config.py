@@ -108,7 +108,8 @@ class DataSettings:
 
     period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data", None)
     fill: str = doc("gap filling on the grid: ffill, linear, zero or none", "ffill")
-    max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit", None)
+    max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit when training and evaluating, "
+                                      "worker.max_fill_steps when `anomaly score` scores a file (as the worker would)", None)
     max_missing_fraction: float = doc("sensors missing more than this fraction of training slots are dropped", 0.5)
     scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
     sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)

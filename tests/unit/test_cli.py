@@ -332,6 +332,12 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
     no_score = table["score"].isna().to_numpy()
     assert no_score[50:77].all() and not no_score[7:50].any()  # rows 7-29 scored although flow was silent
     assert (table["top_sensor"][no_score] == "").all() and (table["top_sensor"][~no_score] != "").all()
+    # data.max_fill_steps unset: the worker's (5 slots), as the stream of this file would be scored
+    assert build_settings({}).worker.max_fill_steps == 5
+    assert _score_table(detector, frame, build_settings({}), "pump").table["score"].isna().to_numpy()[50:77].all()
+    short = normal_frame(120, seed=3)
+    short.iloc[50:55] = np.nan  # a gap of 5 slots is bridged, as the worker bridges it
+    assert not _score_table(detector, short, build_settings({}), "pump").table["score"].isna().to_numpy()[7:].any()
     assert "apart (median)" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="anomaly.cli"):
         _score_table(detector, frame.iloc[::2], build_settings({}), "pump")
