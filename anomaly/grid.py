@@ -201,11 +201,11 @@ def _fill(dense: np.ndarray, missing: np.ndarray, fill: str, max_fill_steps: int
     else:  # linear: interior by position (= time on a regular grid), edges held
         out = frame.interpolate(method="linear", limit_area="inside").ffill().bfill().to_numpy(copy=True)
     if max_fill_steps is not None:
-        out[missing & (_run_lengths(missing) > max_fill_steps)] = np.nan
+        out[missing & (run_lengths(missing) > max_fill_steps)] = np.nan
     return out
 
 
-def _run_lengths(mask: np.ndarray) -> np.ndarray:
+def run_lengths(mask: np.ndarray) -> np.ndarray:
     """For each True cell, the length of the run of consecutive True cells (down its column) it is
     in; 0 elsewhere."""
     out = np.zeros(mask.shape, dtype=np.int64)

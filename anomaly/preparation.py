@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
-from anomaly.grid import SensorIssue, sensor_quality, to_grid, usable_sensors
+from anomaly.grid import SensorIssue, run_lengths, sensor_quality, to_grid, usable_sensors
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -111,18 +111,44 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
     model's sensors. Before a sensor's first reading, the ``ffill`` and ``linear`` policies back-fill
     it from that reading; instead, ``fill_values`` (the model's typical value per sensor) stand in there,
     as the worker and the MLflow model fill it, and ``late_as_gaps`` marks those rows as gaps (training
-    data: not made up from a later reading)."""
+    data: not made up from a later reading).
+
+    With ``fill_values`` and ``max_fill_steps`` (scoring, not ``late_as_gaps``), a sensor silent for
+    longer than ``max_fill_steps`` slots while others report is filled as the worker fills it: its last
+    value for ``max_fill_steps`` slots, then its typical value. Only slots without any reading, in a run
+    longer than ``max_fill_steps``, stay gaps (the worker restarts its window after such an outage)."""
     frame = _select(frame, sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
     values, missing = grid.frame[list(sensors)], grid.missing[list(sensors)]
     before = _back_filled(missing, fill)
     late = _late_rows(before, missing.columns) if late_as_gaps and before is not None else None
-    if fill_values is not None and before is not None:
+    if fill_values is not None and (before is not None or (max_fill_steps is not None and not late_as_gaps
+                                                           and fill in _BACK_FILLED)):
         filled = values.to_numpy(dtype=np.float64, copy=True)
-        filled[before] = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)[before]
+        typical = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)
+        if before is not None:
+            filled[before] = typical[before]
+        if max_fill_steps is not None and not late_as_gaps and fill in _BACK_FILLED:
+            _fill_silent_sensors(filled, missing.to_numpy(dtype=bool), typical, max_fill_steps)
         values = pd.DataFrame(filled, index=values.index, columns=values.columns)
     return _finish(values, missing, grid.period, [], [], late)
+
+
+def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.ndarray, max_fill_steps: int) -> None:
+    """In place: cells the grid left unfilled (a sensor's run of missing slots longer than
+    ``max_fill_steps``) in slots where some sensor reported take the sensor's last value for
+    ``max_fill_steps`` slots, then ``typical``, as the streaming worker fills a silent sensor."""
+    left = np.isnan(filled)
+    if not left.any():
+        return
+    no_reading = missing.all(axis=1)
+    outage = no_reading & (run_lengths(no_reading[:, None])[:, 0] > max_fill_steps)
+    patch = left & ~outage[:, None]
+    if not patch.any():
+        return
+    held = pd.DataFrame(np.where(missing, np.nan, filled)).ffill(limit=max_fill_steps).to_numpy()
+    filled[patch] = np.where(np.isnan(held), typical, held)[patch]
 
 
 _BACK_FILLED = ("ffill", "linear")  # the grid's fill policies that back-fill a sensor's leading gap

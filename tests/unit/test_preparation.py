@@ -112,6 +112,28 @@ def test_scoring_fills_a_sensor_before_its_first_reading_with_the_models_value()
     assert (prepare_scoring(frame, sensors).values[:100, sensors.index("flow")] == frame["flow"].iloc[100]).all()
 
 
+def test_scoring_fills_a_silent_sensor_as_the_worker_and_leaves_only_outages_unscored():
+    from anomaly.preparation import prepare_scoring
+
+    frame = normal_frame(200)
+    sensors = list(frame.columns)
+    typical = [0.0] * len(sensors)
+    flow = sensors.index("flow")
+    typical[flow] = -123.0
+    frame.iloc[60:80, flow] = np.nan  # flow silent for 20 slots while the others report
+    frame = frame.drop(frame.index[120:140])  # 20 slots without any reading: an outage
+    frame = frame.drop(frame.index[150:153])  # 3 slots without any reading: bridged
+    prepared = prepare_scoring(frame, sensors, max_fill_steps=5, fill_values=typical)
+    values = prepared.values[:, flow]
+    assert (values[60:65] == frame["flow"].iloc[59]).all()  # its last value for max_fill_steps slots
+    assert (values[65:80] == -123.0).all()  # then its typical one, as the worker fills it
+    expected = np.zeros(len(prepared.values), dtype=bool)
+    expected[120:140] = True  # only the outage longer than max_fill_steps is a gap
+    np.testing.assert_array_equal(prepared.gaps, expected)
+    # training data (no model's values): a sensor's long silence stays a gap, never made up
+    assert prepare_scoring(frame, sensors, max_fill_steps=5).gaps[60:80].all()
+
+
 def test_an_entity_with_no_sensor_fit_to_train_on_is_left_out_of_the_fleet(caplog):
     offline = normal_frame(300, seed=5) * 0.0 + 1.0  # every sensor constant: a pump switched off all along
     fleet = prepare_fleet({"a": normal_frame(300, seed=1), "off": offline, "b": normal_frame(300, seed=2)},
