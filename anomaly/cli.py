@@ -349,10 +349,13 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                     f"{entity}: ", spacing, detector.period_s,
                     "slots between readings are filled, not read" if spacing > detector.period_s
                     else "several readings fall on one slot and only one of them is scored")
-    repeated = int(frame.index.duplicated().sum())
-    if repeated:
-        log.warning("%s: %d reading%s repeat an earlier one's timestamp: on the grid the later values win, where "
-                    "the streaming worker keeps the first", entity, repeated, "" if repeated == 1 else "s")
+    repeated = frame.index.duplicated(keep="first")
+    if repeated.any():
+        log.warning("%s: %d reading%s repeat an earlier one's timestamp and %s left out: the first is scored, as "
+                    "the streaming worker keeps it", entity, int(repeated.sum()), *(("", "is") if repeated.sum() == 1
+                                                                                 else ("s", "are")))
+    labelled_at = frame.index  # ground truth keeps every reading: a slot is anomalous if any labelled one fell on it
+    frame = frame[~repeated]
     max_fill_steps = settings.data.max_fill_steps  # unset: the worker's, so a file scores as its stream would
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.worker.max_fill_steps if max_fill_steps is None
@@ -371,7 +374,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                         "top_sensor": [detector.sensors[int(i)] if i == i and score == score else ""
                                        for i, score in zip(top.tolist(), scores.tolist())]})  # none without a score
     if truth is not None:
-        out["label"] = labels_on_grid(frame.index, truth, prepared)
+        out["label"] = labels_on_grid(labelled_at, truth, prepared)
     spans = []
     for start, end in label_events(flags):
         in_span = (scored.end_rows >= start) & (scored.end_rows < end)
