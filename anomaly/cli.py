@@ -356,10 +356,9 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                                                                                  else ("s", "are")))
     labelled_at = frame.index  # ground truth keeps every reading: a slot is anomalous if any labelled one fell on it
     frame = frame[~repeated]
-    max_fill_steps = settings.data.max_fill_steps  # unset: the worker's, so a file scores as its stream would
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
-                               max_fill_steps=settings.worker.max_fill_steps if max_fill_steps is None
-                               else max_fill_steps, fill_values=detector.fill_values())
+                               max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
+                               fill_values=detector.fill_values())
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
     gap_windows = prepared.gap_windows(w)

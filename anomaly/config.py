@@ -109,7 +109,8 @@ class DataSettings:
     period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data", None)
     fill: str = doc("gap filling on the grid: ffill, linear, zero or none", "ffill")
     max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit when training and evaluating, "
-                                      "worker.max_fill_steps when `anomaly score` scores a file (as the worker would)", None)
+                                      "worker.max_fill_steps when `anomaly score` scores a file and when retraining reads "
+                                      "the stream's history (as the worker would)", None)
     max_missing_fraction: float = doc("sensors missing more than this fraction of training slots are dropped", 0.5)
     scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
     sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)
@@ -534,6 +535,13 @@ class Settings:
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     drift: DriftSettings = field(default_factory=DriftSettings)
+
+    @property
+    def stream_max_fill_steps(self) -> int:
+        """The fill limit for data read as the worker reads it (``anomaly score`` on a file, retraining on
+        the stream's history): ``data.max_fill_steps`` when set, else ``worker.max_fill_steps``."""
+        steps = self.data.max_fill_steps
+        return self.worker.max_fill_steps if steps is None else steps
 
     def check(self) -> None:
         """Rules every field obeys (numbers finite, names not empty), per-section rules, then the rules

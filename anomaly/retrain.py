@@ -680,7 +680,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             continue
         raw_labels = frame.pop(LABEL_COLUMN) if LABEL_COLUMN in frame.columns else None
         prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill=settings.data.fill,
-                                   max_fill_steps=settings.data.max_fill_steps, late_as_gaps=True)
+                                   max_fill_steps=settings.stream_max_fill_steps, late_as_gaps=True)
         values = prepared.values
         gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)
         if raw_labels is not None:

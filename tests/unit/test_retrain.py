@@ -286,30 +286,56 @@ def test_split_rows_cuts_the_last_fraction_of_rows_across_segments():
     assert split_rows([], 0.2, 1) == ([], [])
 
 
+class QuietChampion:
+    """What _prepare asks of the champion, flagging nothing, so every row is clean."""
+
+    sensors, window_size, period_s = ("a", "b"), 5, 60.0
+
+    def score_values(self, values):
+        from types import SimpleNamespace
+
+        n = len(values) - self.window_size + 1
+        return SimpleNamespace(scores=np.zeros(n), end_rows=np.arange(self.window_size - 1, len(values)))
+
+    class threshold:
+        @staticmethod
+        def series_flags(scores):
+            return np.zeros(len(scores), dtype=bool)
+
+        @classmethod
+        def for_entity(cls, entity):
+            return cls
+
+
+@pytest.mark.parametrize("data_steps, excluded", [(None, 100), (3, 100), (200, 0)])
+def test_a_retrain_leaves_out_an_outage_the_worker_would_not_bridge(data_steps, excluded):
+    """An outage of 100 slots in the stream's history: with data.max_fill_steps unset the worker's limit
+    (5) applies, so the outage neither trains nor holds out (it used to be forward-filled into 100 rows
+    of a flat line the challenger learnt as normal); a data.max_fill_steps that bridges it is obeyed."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    h = History(max_readings=10_000, lookback_s=1e9)
+    for i in [*range(600), *range(700, 1300)]:
+        h.add(reading("pump-a", 60.0 * i, a=float(i % 7), b=float(i)))
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 0},
+                               "data": {"max_fill_steps": data_steps}, "worker": {"max_fill_steps": 5}})
+    assert settings.stream_max_fill_steps == (5 if data_steps is None else data_steps)
+    data = _prepare(h, QuietChampion(), settings)
+    assert data.facts["rows"] == 1300
+    assert data.facts["train_rows"] + data.facts["holdout_rows"] == 1300 - excluded
+    if excluded:  # the outage's stand-in rows are left out: no row of the filled flat line trains
+        b = data.train_values[:, 1][~data.gaps]
+        assert (b == 599).sum() <= 1
+
+
 def test_every_entity_contributes_validation_rows_to_a_retrain():
     """train_job validates on the last fraction of the concatenated rows: each entity's recent rows must
     be there, not only the alphabetically last entity's (whose rows used to be the whole validation set)."""
     from anomaly.config import build_settings
     from anomaly.retrain import _prepare
 
-    class Champion:  # what _prepare asks of the champion: no flags, so every row is clean
-        sensors, window_size, period_s = ("a", "b"), 5, 60.0
-
-        def score_values(self, values):
-            from types import SimpleNamespace
-
-            n = len(values) - self.window_size + 1
-            return SimpleNamespace(scores=np.zeros(n), end_rows=np.arange(self.window_size - 1, len(values)))
-
-        class threshold:
-            @staticmethod
-            def series_flags(scores):
-                return np.zeros(len(scores), dtype=bool)
-
-            @classmethod
-            def for_entity(cls, entity):
-                return cls
-
+    Champion = QuietChampion
     h = History(max_readings=10_000, lookback_s=1e9)
     for i in range(500):
         h.add(reading("pump-a", 60.0 * i, a=1.0, b=float(i)))
