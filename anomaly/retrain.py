@@ -340,11 +340,13 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     the same on Apache Kafka. A partition is read up to now once one of its records was written after
     the read began (record timestamp, producer's or broker's, at or after the start): it is paused then,
     so live traffic does not keep the read going. Stops when every partition is read up to now, after
-    ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer), or at
-    ``timeout_s`` in all; then, if a partition is still short of its high watermark, ``stats["truncated"]``
-    is 1: what was read is the topic's OLDEST part, not its recent history (``run_cycle`` skips such a
-    cycle). Bad records are counted in
-    ``stats["bad"]`` and skipped (the worker dead-letters them).
+    ``idle_s`` without a record (``FIRST_RECORD_WAIT_S`` before the first, if longer) unless a partition
+    is known to hold more (its position short of the high watermark of the last fetch, or no fetch of it
+    answered yet: a stalled fetch does not end the read), or at ``timeout_s`` in all; then, if a
+    partition is still short of its high watermark or its end is unknown, ``stats["truncated"]`` is 1:
+    what was read is the topic's OLDEST part, not its recent history (``run_cycle`` skips such a cycle).
+    A topic without partitions (it does not exist) sets ``stats["no_topic"]``. Bad records are counted
+    in ``stats["bad"]`` and skipped (the worker dead-letters them).
     """
     from anomaly import codec, kafka_io
 
@@ -363,6 +365,7 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
             partitions = consumer.partitions_for_topic(topic)
         if not partitions:
             log.warning("topic %s has no partitions (does it exist?)", topic)
+            stats["no_topic"] = 1
             return
         tps = [kafka_io.TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
@@ -374,6 +377,7 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         # the idle allowance on a loaded box or a far cluster: a retrain that stopped then would skip
         # for "too little data" with a full topic.
         allowance = max(idle_s, FIRST_RECORD_WAIT_S)
+        waiting = False  # idle, yet a partition is known to hold more: reading on until the deadline
         while True:
             now = time.monotonic()
             if now >= deadline:
@@ -381,14 +385,23 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
                 if behind:
                     stats["truncated"] = 1
                     log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s) with partitions %s "
-                                "behind their end: what was read is the topic's oldest part", topic, timeout_s,
-                                ",".join(map(str, behind)))
+                                "behind their end or not fetched: what was read is the topic's oldest part",
+                                topic, timeout_s, ",".join(map(str, behind)))
                 else:
                     log.info("stopped reading %s after %.0f s (retrain.read_timeout_s), every partition at "
                              "its end as last fetched", topic, timeout_s)
                 break
-            if now - last >= allowance or len(current) == len(tps):
+            if len(current) == len(tps):
                 break
+            if now - last >= allowance:
+                behind = _behind(consumer, [tp for tp in tps if tp.partition not in current])
+                if not behind:
+                    break
+                if not waiting:
+                    waiting = True
+                    log.warning("no record of %s for %.0f s, yet partitions %s are behind their end or not "
+                                "fetched: reading on until retrain.read_timeout_s", topic, now - last,
+                                ",".join(map(str, behind)))
             batch = consumer.poll(timeout_ms=int(min(_POLL_STEP_MS, idle_s * 1000)) or 1)
             for tp, records in batch.items():
                 if records:
@@ -414,13 +427,14 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
 
 
 def _behind(consumer: Any, tps: Sequence[Any]) -> list[int]:
-    """Partitions of ``tps`` whose position is short of the high watermark the last fetch reported (one
-    not known counts as not behind: a producer whose record timestamps lag the clock keeps its partition
-    from being paused, yet it may well be read to its end)."""
+    """Partitions of ``tps`` whose position is short of the high watermark the last fetch reported, or
+    whose high watermark is not known (no fetch of it answered: a leader that does not respond may hold
+    the whole recent history). One read to its known end is not behind, though not paused: a producer
+    whose record timestamps lag the clock keeps its partition from being paused."""
     out = []
     for tp in tps:
         high = consumer.highwater(tp)
-        if high is not None and consumer.position(tp) < high:
+        if high is None or consumer.position(tp) < high:
             out.append(tp.partition)
     return out
 
@@ -559,6 +573,10 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     data.facts.update({"readings_seen": history.seen, "readings_ignored": history.ignored,
                        "readings_future": history.future, "bad_records": stats.get("bad", 0), "origin": origin,
                        "trigger": trigger})
+    if stats.get("no_topic"):
+        return RetrainResult("skipped", f"the input topic {settings.kafka.input_topic!r} has no partitions on "
+                                        f"{settings.kafka.bootstrap_servers} (does it exist? kafka.input_topic "
+                                        "names it)", champion_version=champion_version, data=data.facts)
     if stats.get("truncated"):
         return RetrainResult("skipped", f"the input topic was not read to its end within retrain.read_timeout_s "
                                         f"({rt.read_timeout_s:g} s, {history.seen} readings): what was read is "

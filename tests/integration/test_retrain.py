@@ -231,6 +231,17 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
     assert result.challenger_version is None and champion_version(settings) == weak
 
 
+def test_a_missing_input_topic_is_a_skip_that_names_it(store, kafka_broker, topic_name):
+    """The topic was never created (a typo in kafka.input_topic): the skip names it, on the real broker
+    (it used to read as "too little clean data")."""
+    root, weak, _ = store
+    settings = settings_for(root, kafka_broker, topic_name, read_idle_s=0.2)
+    give_champion(settings, weak)
+    result = run_cycle(settings)
+    assert result.status == "skipped" and repr(topic_name) in result.reason and "no partitions" in result.reason
+    assert result.challenger_version is None and champion_version(settings) == weak
+
+
 def test_too_few_windows_for_the_challenger_is_a_skip_not_a_failure(store, tmp_path):
     """Enough rows for retrain.min_rows and a hold-out, too few for a challenger with a long window:
     a skip that says so (it used to fail inside training, reported as a failed retrain)."""

@@ -544,6 +544,12 @@ def test_reading_history_waits_longer_for_the_first_record_than_between_records(
         def seek_to_beginning(self, *tps): ...
         def close(self, autocommit=False): ...
 
+        def highwater(self, tp):  # the first fetch answered: the topic's end is known
+            return 3 if self.served else 0
+
+        def position(self, tp):
+            return 3 if self.served else 0
+
         def poll(self, timeout_ms):
             time.sleep(timeout_ms / 1000)
             if not self.served and time.monotonic() - started > 0.6:  # 3 x the idle allowance below
@@ -660,3 +666,73 @@ def test_labels_land_on_the_slot_the_grid_puts_their_reading_in():
 
     out = label_rows(np.array([5.0, 7.0, 8.0]), np.array([True, True, False]), 0.0, 2.0, 6)
     assert np.flatnonzero(out).tolist() == [3, 4]
+
+
+class _StallingTopic:
+    """Partition 0 holds 1,000 old records (high watermark 1,000): 100 are served, then its fetches
+    stall; partition 1 answers no fetch at all (its high watermark is not known) when ``dead_leader``."""
+
+    def __init__(self, dead_leader=False, **options):
+        from anomaly import codec
+
+        self.read, self.dead_leader = 0, dead_leader
+        self.value = codec.encode_reading(codec.Reading("p", 1_790_000_000.0, {"a": 1.0}))
+
+    def partitions_for_topic(self, topic):
+        return {0, 1} if self.dead_leader else {0}
+
+    def assign(self, tps): ...
+    def seek_to_beginning(self, *tps): ...
+    def close(self, autocommit=False): ...
+    def pause(self, *tps): ...
+
+    def highwater(self, tp):
+        return 1_000 if tp.partition == 0 else None
+
+    def position(self, tp):
+        return self.read if tp.partition == 0 else 0
+
+    def poll(self, timeout_ms):
+        import time
+        from types import SimpleNamespace
+
+        from anomaly import kafka_io
+
+        time.sleep(0.01)
+        if self.read >= 100:
+            return {}
+        self.read += 50
+        return {kafka_io.TopicPartition("t", 0): [SimpleNamespace(value=self.value, timestamp=1_000)] * 50}
+
+
+@pytest.mark.parametrize("dead_leader", [False, True])
+def test_reading_history_that_goes_idle_short_of_the_end_says_so(monkeypatch, dead_leader):
+    """A fetch that stalls longer than read_idle_s with the partition known to hold more (or a partition
+    never fetched) does not end the read as if the topic were read: it reads on to read_timeout_s, then
+    says what was read is the topic's oldest part (the idle stop used to count as complete, and a
+    retrain trained on the oldest 100 of 1,000 readings)."""
+    import time
+
+    from anomaly import kafka_io, retrain
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", lambda **o: _StallingTopic(dead_leader=dead_leader))
+    stats: dict[str, int] = {}
+    started = time.monotonic()
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=0.1, timeout_s=0.8, stats=stats))
+    assert len(got) == 100 and stats["truncated"] == 1
+    assert time.monotonic() - started >= 0.8  # read on past the idle allowance, up to the timeout
+
+
+def test_a_retrain_on_a_missing_input_topic_says_so(monkeypatch):
+    """No partitions: the topic does not exist. The skip names it (it used to say "too little clean data")."""
+    from anomaly import kafka_io, retrain
+
+    class NoTopic:
+        def __init__(self, **options): ...
+        def partitions_for_topic(self, topic): return None
+        def close(self, autocommit=False): ...
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", NoTopic)
+    stats: dict[str, int] = {}
+    assert list(retrain.topic_readings("b:9092", "t", idle_s=0.01, timeout_s=0.05, stats=stats)) == []
+    assert stats["no_topic"] == 1
