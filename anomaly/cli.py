@@ -847,6 +847,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     import signal
     import time
 
+    from anomaly.locks import Locked
     from anomaly.scheduler import JOB_FUNC, DriftMonitor, RetrainScheduler
 
     settings = _retrain_settings(args)  # a folder as the job store refused there
@@ -867,7 +868,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     port = None
     try:
-        sched.start()  # another scheduler on this store: Locked, exit 2
+        try:
+            sched.start()
+        except Locked as exc:  # another scheduler on this store: exit 2
+            raise AnomalyError(f"{exc}; exiting") from None
         if s.metrics_port >= 0:
             port = sched.metrics.start_http(s.metrics_host, s.metrics_port)
         log.info("scheduler: %s, store %s, next run %s%s", f"cron {s.cron}" if s.trigger == "cron"

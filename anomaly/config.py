@@ -65,6 +65,15 @@ def _check_device(name: str, device: str) -> None:
 _ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
+def canonical_store_uri(uri: str) -> str:
+    """An MLflow store URI as one string per store: a relative ``sqlite:///`` path is made absolute (it
+    names one file from wherever it is run), so locks keyed on the store agree however it is named."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 def alias_problem(alias: str) -> str | None:
     """Why the MLflow registry would refuse ``alias`` as an alias, or None: letters, digits, ``_`` and
     ``-`` only, and ``latest`` and ``v<number>`` already mean versions."""

@@ -24,7 +24,7 @@ class Locked(AnomalyError):
 
     def __init__(self, path: Path, pid: int | None, what: str = "scheduler") -> None:
         self.path, self.pid = path, pid
-        super().__init__(f"another {what} holds {path} (pid {pid if pid is not None else '?'}); exiting")
+        super().__init__(f"another {what} holds {path} (pid {pid if pid is not None else '?'})")
 
 
 class FileLock:

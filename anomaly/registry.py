@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.detector import Detector
-from anomaly.config import alias_problem
+from anomaly.config import alias_problem, canonical_store_uri
 from anomaly.errors import AnomalyError, RegistryError
 from anomaly.locks import FileLock, Locked
 
@@ -158,14 +158,14 @@ ALIAS_LOCK_WAIT_S = 30.0  # longest wait for another process's move of the same 
 @contextlib.contextmanager
 def alias_lock(name: str, alias: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` for moves of ``name@alias`` in this registry (a file in the temp folder,
-    keyed by tracking URI, model and alias) while reading the alias and moving it. MLflow has no
+    keyed by registry URI, relative paths resolved, model and alias) while reading the alias and moving it. MLflow has no
     compare-and-set for aliases: without it, a promotion by hand landing between the retrain gate's check
     and its move was overridden, and dropped from the rollback stack. It serialises the processes of
     one host (a scheduler, ``anomaly models``, ``anomaly up``); moves from two hosts in the same instant
     can still interleave."""
     import mlflow
 
-    key = json.dumps([mlflow.get_tracking_uri(), name, alias])
+    key = json.dumps([canonical_store_uri(mlflow.get_registry_uri()), name, alias])
     path = Path(tempfile.gettempdir()) / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
     lock = FileLock(path, what=f"move of {name}@{alias}", field=None, mode=0o666)
     try:

@@ -42,7 +42,7 @@ from typing import Any, Mapping
 
 from apscheduler.triggers.base import BaseTrigger
 
-from anomaly.config import SchedulerSettings, Settings
+from anomaly.config import SchedulerSettings, Settings, canonical_store_uri
 from anomaly.crontab import cron_field_sets
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError, ConfigError
@@ -74,9 +74,7 @@ def registry_lock_path(settings: Settings) -> Path:
     import hashlib
     import tempfile
 
-    uri = settings.mlflow.registry_uri or settings.mlflow.tracking_uri
-    if uri.startswith("sqlite:///"):  # a relative file means one file from wherever it is run
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    uri = canonical_store_uri(settings.mlflow.registry_uri or settings.mlflow.tracking_uri)
     digest = hashlib.sha256(f"{uri}\n{settings.mlflow.model_name}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"anomaly-retrain-{digest}.lock"
 

@@ -21,7 +21,7 @@ def test_file_lock_is_exclusive_and_names_the_holder(tmp_path):
         assert path.read_text().strip() == str(os.getpid())
         with pytest.raises(Locked) as info:
             FileLock(path).acquire()
-        assert str(info.value) == f"another scheduler holds {path} (pid {os.getpid()}); exiting"
+        assert str(info.value) == f"another scheduler holds {path} (pid {os.getpid()})"
         assert info.value.pid == os.getpid()
     finally:
         first.release()
@@ -54,6 +54,7 @@ def test_a_retrain_by_hand_waits_for_none_but_skips_while_the_same_model_retrain
     with FileLock(registry_lock_path(ups), what="retrain"):
         result = run_retrain(mine)
     assert result.status == "skipped" and "already running" in result.reason and ran == []
+    assert "exiting" not in result.reason  # a skipped retrain does not exit anything
     assert run_retrain(mine) == "ran" and len(ran) == 1
     with FileLock(registry_lock_path(mine)) as free, FileLock(f"{tmp_path}/mine.db.retrain.lock") as store:
         assert free.held and store.held  # both released after the run
@@ -326,3 +327,30 @@ def test_fixed_times_in_the_repeated_hour_fire_once_and_wildcards_twice(cron, ti
         previous = now = trigger.get_next_fire_time(previous, now)
         fired.append(now.strftime("%d %H:%M%z"))
     assert fired == times
+
+
+def test_an_alias_lock_is_one_lock_however_the_registry_file_is_named(tmp_path, monkeypatch):
+    """A relative and an absolute sqlite URI of one file guard the same alias moves (the lock was keyed
+    on the raw tracking URI, so a scheduler run from the project folder and `anomaly models promote` with
+    the absolute path could move one alias at once)."""
+    import mlflow
+
+    from anomaly import registry
+    from anomaly.errors import RegistryError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(registry, "ALIAS_LOCK_WAIT_S", 0.1)
+    try:
+        mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+        mlflow.set_registry_uri("sqlite:///mlruns/mlflow.db")
+        with registry.alias_lock("pumps", "champion"):
+            mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+            mlflow.set_registry_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+            with pytest.raises(RegistryError, match="has been moving pumps@champion"):
+                with registry.alias_lock("pumps", "champion"):
+                    pass
+            with registry.alias_lock("pumps", "challenger"):  # another alias: its own lock
+                pass
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
