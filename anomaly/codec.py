@@ -261,8 +261,9 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     entity = doc["entity"]
     if not isinstance(entity, str) or not entity.strip():
         return BadRecord(f"entity is not a non-empty string: {_describe(entity)}")
-    if not _is_unicode(entity):
-        return BadRecord(f"entity is not Unicode text (a lone surrogate escape): {_short(entity)}")
+    problem = _name_problem(entity)
+    if problem:
+        return BadRecord(f"entity {problem}: {_short(entity)}")
     if len(entity) > MAX_ENTITY_CHARS:
         return BadRecord(f"entity is longer than {MAX_ENTITY_CHARS} characters ({len(entity)}): {_short(entity)}")
 
@@ -280,9 +281,9 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     for name, value in raw_values.items():
         if not name:
             return BadRecord("values has a sensor with an empty name", ts=ts)
-        if not _is_unicode(name):
-            return BadRecord(f"values has a sensor name that is not Unicode text (a lone surrogate escape): "
-                             f"{_short(name)}", ts=ts)
+        problem = _name_problem(name)
+        if problem:
+            return BadRecord(f"values has a sensor name that {problem}: {_short(name)}", ts=ts)
         if value is None:
             values[name] = None
             continue
@@ -354,7 +355,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
                     raise TypeError
                 entity, ts, values = fields(loads(raw))  # not JSON, not an object, a field missing: raises
                 if type(entity) is not str or type(values) is not dict or len(values) != f or not entity \
-                        or entity.isspace() or len(entity) > MAX_ENTITY_CHARS:
+                        or entity.isspace() or len(entity) > MAX_ENTITY_CHARS or not entity.isprintable():
                     raise TypeError
                 row = row_of(values)  # KeyError: not the model's sensor set
             except Exception:  # decode_reading says why (or accepts it: bytearray, memoryview)
@@ -559,6 +560,24 @@ def _is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators: in an entity or sensor
+# name they would forge or break log lines, metrics and reasons wherever the name is shown.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _name_problem(text: str) -> str | None:
+    """Why ``text`` cannot name an entity or a sensor (None: it can): a lone surrogate escape (not
+    writable as UTF-8), or a control or line-break character. Printable text, the usual case, is
+    passed by one call."""
+    if text.isprintable():
+        return None
+    if not _is_unicode(text):
+        return "is not Unicode text (a lone surrogate escape)"
+    if _CONTROL.search(text):
+        return "has a control or line-break character"
+    return None
 
 
 def _printable(text: str) -> str:

@@ -151,6 +151,12 @@ BAD = [
     (reading_json(values={"temp": -2e20}), ["values.temp is too large to score"]),
     (b'{"entity": "\\ud800", "ts": 1, "values": {"temp": 1}}', ["entity is not Unicode text", "'\\ud800'"]),
     (b'{"entity": "p", "ts": 1, "values": {"t\\udc00": 1}}', ["sensor name that is not Unicode text"]),
+    # a name that would forge a log line or move the terminal cursor: refused, shown escaped
+    (reading_json(values={"temp\nERROR forged": "x"}), ["sensor name that has a control or line-break",
+                                                        "'temp\\nERROR forged'"]),
+    (reading_json(values={"\x1b[2Jtemp": 1.0}), ["sensor name that has a control", "'\\x1b[2Jtemp'"]),
+    (reading_json(entity="pump\r\n1"), ["entity has a control or line-break character", "'pump\\r\\n1'"]),
+    (reading_json(entity="pump\u20281"), ["entity has a control or line-break character"]),
 ]
 
 
@@ -161,6 +167,13 @@ def test_bad_records_give_a_clear_reason(raw: bytes, words: list[str]) -> None:
     for word in words:
         assert word in got.reason, (word, got.reason)
     assert len(got.reason) < 300  # readable in a dead-letter viewer
+
+
+def test_names_that_are_printable_or_merely_unusual_are_kept() -> None:
+    """Spaces, non-ASCII letters and a no-break space are names; only controls and line breaks are not."""
+    got = decode_reading(reading_json(entity="Pumpe Süd 1", values={"temp\u00a0°C": 1.0, "ﾎﾟﾝﾌﾟ": 2.0}))
+    assert not isinstance(got, BadRecord), got
+    assert got.entity == "Pumpe Süd 1" and set(got.values) == {"temp\u00a0°C", "ﾎﾟﾝﾌﾟ"}
 
 
 def test_sensor_set_mismatch_names_missing_and_unknown() -> None:
