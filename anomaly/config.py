@@ -464,7 +464,7 @@ class SchedulerSettings:
     cron: str = doc("crontab expression, minute hour day month weekday, weekdays as crontab counts them (0 or 7 = Sunday, 1-5 = Monday to Friday); a day of the month and a weekday both given mean either, as in crontab (0 3 1 * mon: every 1st and every Monday); a day field starting with * (*/2) restricts nothing, so the other alone decides; a fixed time the clocks pass twice when daylight saving ends runs once, while a job whose minute or hour starts with * runs in both passes, as crontab does (trigger = cron)", "0 3 * * *")
     timezone: str = doc("time zone of the cron expression", "UTC")
     job_store: str = doc("SQLite file of the persistent job store; its lock file sits beside it", "mlruns/scheduler.db")
-    misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once", 3600)
+    misfire_grace_s: int = doc("a run missed by at most this many seconds (e.g. while stopped) still runs, once; at most 366 days", 3600)
     metrics_host: str = doc("address of the scheduler's Prometheus /metrics and /healthz endpoint", "127.0.0.1")
     metrics_port: int = doc("port of the scheduler's metrics endpoint; 0 = any free port; -1 = off", 9109)
 
@@ -490,8 +490,9 @@ class SchedulerSettings:
             now = datetime.now(zone)
             if all(t.get_next_fire_time(None, now) is None for t in triggers):
                 raise ConfigError("scheduler.cron", f"{self.cron!r} never fires (no such date)")
-        if self.misfire_grace_s < 1:
-            raise ConfigError("scheduler.misfire_grace_s", f"must be >= 1, got {self.misfire_grace_s}")
+        if not 1 <= self.misfire_grace_s <= MAX_INTERVAL_S:
+            raise ConfigError("scheduler.misfire_grace_s", f"must be >= 1 and at most {MAX_INTERVAL_S:g} (366 days), "
+                                                           f"got {self.misfire_grace_s}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError("scheduler.metrics_port", f"must be -1..65535, got {self.metrics_port}")
 
@@ -501,19 +502,22 @@ class DriftSettings:
     """Early retraining on score drift: the scheduler compares the champion's recent live scores (the worker's scores topic, kafka.scores_topic) with its validation scores and retrains early when they move beyond the bounds."""
 
     enabled: bool = doc("run the drift check in the scheduler; needs kafka.scores_topic set here and in the workers (off by default: the scheduler then reads every per-window score)", False)
-    check_interval_s: float = doc("seconds between drift checks", 300.0)
+    check_interval_s: float = doc("seconds between drift checks; at most 366 days", 300.0)
     window: int = doc("most recent live scores of the champion compared with its validation scores", 5000)
     min_samples: int = doc("fewest live scores of the champion needed for a verdict; fewer = no verdict", 1000)
     psi_threshold: float = doc("drift when the population stability index of live vs validation scores reaches this (0.1 small, 0.25 large shift)", 0.25)
     max_alarm_rate: float = doc("drift when the fraction of live scores above the threshold exceeds this (1 = never)", 0.05)
     cooldown_s: float = doc("no drift-triggered retrain within this many seconds of the last retrain or trigger", 21600.0)
-    group_id: str = doc("consumer group whose committed offsets on the scores topic mark what the check has read", "anomaly-drift")
+    group_id: str = doc("consumer group whose committed offsets on the scores topic mark what the check has read; not kafka.group_id", "anomaly-drift")
     max_records_per_check: int = doc("most score records read per check (bounds the time and memory of a check)", 200000)
     read_idle_s: float = doc("a check stops reading after this many seconds without a new score record", 1.0)
 
     def check(self) -> None:
         _at_least("drift", self, ("window", "min_samples", "max_records_per_check"), 1)
         _positive("drift", self, ("check_interval_s", "psi_threshold", "read_idle_s"))
+        if self.check_interval_s > MAX_INTERVAL_S:
+            raise ConfigError("drift.check_interval_s", f"must be at most {MAX_INTERVAL_S:g} (366 days), "
+                                                        f"got {self.check_interval_s:g}")
         if self.min_samples > self.window:
             raise ConfigError("drift.min_samples", f"must be <= drift.window ({self.window}), got {self.min_samples}")
         if not 0 < self.max_alarm_rate <= 1:
@@ -526,6 +530,8 @@ class DriftSettings:
 
 # Names that must not be empty strings (a field that may be empty says so and is typed ``str | None``).
 _NON_EMPTY = {"kafka": ("bootstrap_servers", "input_topic", "events_topic", "dlq_topic", "group_id"),
+              "worker": ("metrics_host",), "scheduler": ("metrics_host",),  # "" would bind every address
+              "drift": ("group_id",),
               "mlflow": ("tracking_uri", "artifact_location", "experiment", "model_name", "champion_alias",
                          "challenger_alias")}
 
@@ -591,6 +597,10 @@ class Settings:
         if self.drift.enabled and not self.kafka.scores_topic:
             raise ConfigError("drift.enabled", "needs kafka.scores_topic: the drift check reads the worker's "
                               "per-window scores (set it for the workers too)")
+        if self.drift.enabled and self.drift.group_id == self.kafka.group_id:
+            raise ConfigError("drift.group_id", f"must differ from kafka.group_id (both {self.kafka.group_id!r}): "
+                                                "the drift check commits its place on the scores topic in its own "
+                                                "group, which the workers' group would refuse while they run")
 
 
 # --- loading -------------------------------------------------------------------------------------

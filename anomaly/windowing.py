@@ -75,8 +75,10 @@ def exclusion_mask(n_rows: int, flagged_end_rows: np.ndarray | list[int], window
     drop = np.zeros(n_rows + 1, dtype=np.int64)
     ends = np.asarray(flagged_end_rows, dtype=np.int64)
     if len(ends) and n_rows:
-        starts = np.clip(ends - window_size + 1 - margin_rows, 0, n_rows)
-        stops = np.clip(ends + 1 + margin_rows, 0, n_rows)
+        # a margin or window past the series reaches its ends either way; clipped first, no int64 overflow
+        margin, width = min(int(margin_rows), n_rows), min(int(window_size), n_rows + 1)
+        starts = np.clip(ends - width + 1 - margin, 0, n_rows)
+        stops = np.clip(ends + 1 + margin, 0, n_rows)
         np.add.at(drop, starts, 1)
         np.add.at(drop, stops, -1)
     return np.cumsum(drop[:n_rows]) > 0

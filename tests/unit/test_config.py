@@ -55,6 +55,13 @@ def test_env_types_are_parsed():
     ({"ANOMALY_DATA__SENSORS": "a,b", "ANOMALY_RETRAIN__LABEL_FIELD": "a"}, "retrain.label_field"),
     ({"ANOMALY_MLFLOW__MODEL_NAME": "pumps/north"}, "mlflow.model_name"),  # else refused after training
     ({"ANOMALY_SCHEDULER__INTERVAL_S": "1e12"}, "scheduler.interval_s"),  # else an OverflowError at start
+    ({"ANOMALY_DRIFT__CHECK_INTERVAL_S": "1e12"}, "drift.check_interval_s"),  # else an OverflowError at start
+    ({"ANOMALY_SCHEDULER__MISFIRE_GRACE_S": "100000000000"}, "scheduler.misfire_grace_s"),  # else every run errs
+    ({"ANOMALY_WORKER__METRICS_HOST": " "}, "worker.metrics_host"),  # "" would bind every address
+    ({"ANOMALY_SCHEDULER__METRICS_HOST": " "}, "scheduler.metrics_host"),
+    ({"ANOMALY_DRIFT__GROUP_ID": " "}, "drift.group_id"),
+    ({"ANOMALY_DRIFT__ENABLED": "true", "ANOMALY_KAFKA__SCORES_TOPIC": "scores",
+      "ANOMALY_DRIFT__GROUP_ID": "anomaly-worker", "ANOMALY_KAFKA__GROUP_ID": "anomaly-worker"}, "drift.group_id"),
 ])
 def test_bad_values_name_the_field(env, field):
     with pytest.raises(ConfigError) as err:

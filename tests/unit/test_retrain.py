@@ -97,6 +97,12 @@ def test_exclusion_mask_clips_and_merges_overlaps():
     assert exclusion_mask(0, [], 3, 1).shape == (0,)
 
 
+def test_exclusion_mask_with_a_margin_past_int64_drops_everything():
+    """A margin of 2**63 - 1 (retrain.exclude_margin_rows) wrapped around in int64 and dropped nothing."""
+    assert exclusion_mask(50, [20], 4, 2**63 - 1).all()
+    assert exclusion_mask(50, [20], 2**63 - 1, 0)[:21].all() and not exclusion_mask(50, [20], 2**63 - 1, 0)[21:].any()
+
+
 def test_split_segments_holds_out_the_most_recent_clean_rows():
     keep = np.ones(100, bool)
     train, hold = split_segments(keep, 0.2, min_len=5)
