@@ -193,6 +193,11 @@ def _rfc3339_seconds(text: str) -> float | str:
         moment = datetime(year, month, day, hour, minute, 59 if leap else second, tzinfo=tz)
     except ValueError as exc:
         return f"ts is not a valid date/time: {_short(text)} ({exc})"
+    if leap:  # only the last second of a UTC month's last day (RFC 3339 5.7), whatever the offset
+        utc = moment.astimezone(timezone.utc)
+        if (utc.hour, utc.minute) != (23, 59) or (utc + timedelta(days=1)).day != 1:
+            return f"ts is not a valid date/time: {_short(text)} (second 60, a leap second, only at 23:59:60 UTC " \
+                   f"on a month's last day)"
     seconds = moment.timestamp() + (1.0 if leap else 0.0)
     if fraction:
         seconds += float(fraction)

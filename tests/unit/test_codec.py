@@ -68,6 +68,18 @@ def test_rfc3339_without_fraction_and_leap_second() -> None:
     assert decode_reading(reading_json(ts="1970-01-01T00:00:10Z")).ts == 10.0
     assert decode_reading(reading_json(ts="2016-12-31T23:59:60Z")).ts == datetime(
         2017, 1, 1, tzinfo=timezone.utc).timestamp()
+    # the same leap second written in another offset (RFC 3339's example: 15:59:60-08:00)
+    assert decode_reading(reading_json(ts="1990-12-31T15:59:60-08:00")).ts == datetime(
+        1991, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert decode_reading(reading_json(ts="2015-06-30T23:59:60.5Z")).ts == datetime(
+        2015, 7, 1, tzinfo=timezone.utc).timestamp() + 0.5
+
+
+@pytest.mark.parametrize("ts", ["2026-11-21T10:00:60Z", "2026-11-20T23:59:60Z", "1990-12-31T23:59:60-08:00"])
+def test_a_second_60_anywhere_but_a_months_last_utc_second_is_refused(ts: str) -> None:
+    """It used to be accepted at any minute, as the next minute's first second."""
+    got = decode_reading(reading_json(ts=ts))
+    assert isinstance(got, BadRecord) and "leap second" in got.reason and ts in got.reason
 
 
 def test_nulls_are_missing_values_and_ints_become_floats() -> None:
