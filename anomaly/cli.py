@@ -229,6 +229,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.out:
         _check_output("--out", args.out, "the CSV (or .parquet) file", make_parent=False)
+        from anomaly.tables import table_suffix_problem
+
+        problem = table_suffix_problem(args.out)
+        if problem:
+            raise AnomalyError(f"--out {args.out}: {problem}")
     fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
     if args.record and truths is None:
         names = list(dict.fromkeys([settings.retrain.label_field, "anomaly", "label"]))
@@ -272,11 +277,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         log.warning("no row scored for %d of %d entities (fewer than %d readings without a gap): %s",
                     len(unscored), len(scored_entities), detector.window_size, ", ".join(unscored[:10]))
     if args.out:
+        from anomaly.tables import write_columns
+
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        if Path(args.out).suffix.lower() in (".parquet", ".pq", ".parq"):
-            table.to_parquet(args.out, index=False)
-        else:
-            table.to_csv(args.out, index=False)
+        write_columns(table, args.out)
     rule, episodes = detector.threshold.adaptive, detector.threshold.episodes
     summary: dict[str, Any] = {
         "model": name, "version": version, "threshold": detector.threshold.value,
@@ -1073,7 +1077,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scores (--out) and print the flagged spans with the sensors that drove them.")
     p.add_argument("--data", required=True, help="CSV or Parquet wide table to score")
     p.add_argument("--model-alias", help="alias or version to load (default mlflow.champion_alias)")
-    p.add_argument("--out", help="write row-level scores to this file: CSV, or Parquet for a .parquet name")
+    p.add_argument("--out", help="write row-level scores to this file: .csv, .tsv or .parquet")
     p.add_argument("--record", action="store_true",
                    help="with a labelled file: log the figures against its labels as an MLflow evaluation run "
                         "and as eval.* tags on the model version (shown by `anomaly models list`)")

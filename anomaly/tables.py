@@ -141,6 +141,29 @@ def truth_column(columns: Sequence[object], label_field: str) -> object | None:
     return next((by_name[n.lower()] for n in (label_field, "anomaly", "label") if n.lower() in by_name), None)
 
 
+def write_columns(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write ``frame``'s columns (not its index) as CSV or Parquet by ``path``'s suffix, as
+    ``read_table`` reads them: ``.tsv`` tab-separated, ``.csv``/``.txt`` comma-separated; ``DataError``
+    for any other suffix (check with ``table_suffix_problem`` before the work that fills it)."""
+    path = Path(path)
+    problem = table_suffix_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    suffix = path.suffix.lower()
+    if suffix in _PARQUET_SUFFIXES:
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
+
+
+def table_suffix_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot name a table file to write (None: it can), by its suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix in _PARQUET_SUFFIXES or suffix in _CSV_SUFFIXES:
+        return None
+    return f"unknown table format {Path(path).suffix or '(no suffix)'!r}; use .csv, .tsv or .parquet"
+
+
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
     """Write ``frame`` (indexed by a ``DatetimeIndex``) as CSV (``,``) or Parquet, by suffix, in a form
     ``read_table`` reads back unchanged: the index becomes a ``"ts"`` column, in UTC (a naive index is

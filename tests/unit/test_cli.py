@@ -123,6 +123,9 @@ def test_commands_refuse_arguments_they_would_ignore(tmp_path, capsys):
     assert "--series picks a dataset's data" in capsys.readouterr().err
     assert main(["score", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["score", "--data", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "s.xlsx")]) == 2
+    assert "unknown table format '.xlsx'; use .csv, .tsv or .parquet" in capsys.readouterr().err  # was CSV inside
+    assert not (tmp_path / "s.xlsx").exists()
     for action in ("list", "rollback"):
         assert main(["models", action, "3", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
         assert f"models {action} takes no VERSION" in capsys.readouterr().err

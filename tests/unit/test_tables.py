@@ -205,3 +205,28 @@ def test_a_semicolon_table_whose_column_names_hold_commas(tmp_path):
     frame = read_table(path)
     assert list(frame.columns) == ["Flow, l/min", "Temp, C"]
     np.testing.assert_array_equal(frame["Temp, C"], [20.0, 21.0])
+
+
+@pytest.mark.parametrize("name, sep", [("s.csv", ","), ("s.tsv", "\t"), ("s.parquet", None)])
+def test_write_columns_writes_what_its_suffix_says(tmp_path, name, sep):
+    """A .tsv is tab-separated (it was comma-separated under a .tsv name); what is written reads back."""
+    from anomaly.tables import write_columns
+
+    frame = pd.DataFrame({"ts": ["2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z"], "score": [0.5, 1.5]})
+    path = tmp_path / name
+    write_columns(frame, path)
+    if sep is None:
+        assert pd.read_parquet(path).equals(frame)
+    else:
+        assert path.read_text().splitlines()[0] == sep.join(["ts", "score"])
+        assert pd.read_csv(path, sep=sep).equals(frame)
+
+
+def test_write_columns_refuses_a_suffix_it_cannot_write(tmp_path):
+    from anomaly.tables import table_suffix_problem, write_columns
+
+    assert table_suffix_problem("out.XLSX") == "unknown table format '.XLSX'; use .csv, .tsv or .parquet"
+    assert "(no suffix)" in table_suffix_problem("scores")
+    with pytest.raises(DataError, match="unknown table format"):
+        write_columns(pd.DataFrame({"a": [1]}), tmp_path / "x.xlsx")
+    assert not (tmp_path / "x.xlsx").exists()
