@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from anomaly.errors import RegistryError
+from anomaly.errors import ConfigError, RegistryError
 from anomaly.training import EpochStats
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,20 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def configure(tracking_uri: str, registry_uri: str | None = None) -> None:
-    """Point mlflow at the store; a local SQLite file gets its folder created first."""
+def configure(tracking_uri: str, registry_uri: str | None = None, create: bool = True) -> None:
+    """Point mlflow at the store; a local SQLite file gets its folder created first. ``create=False``
+    (commands that only read the store: ``models``, ``score``): a SQLite file that does not exist is a
+    ``ConfigError`` naming the field, not a new empty store (a typo in the URI listed no models, exit 0)."""
     _quiet_mlflow()
     import mlflow
 
-    for uri in (tracking_uri, registry_uri):
+    for field, uri in (("mlflow.tracking_uri", tracking_uri), ("mlflow.registry_uri", registry_uri)):
         if uri and uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(uri[len("sqlite:///"):])
+            if not create and not path.is_file():
+                raise ConfigError(field, f"no MLflow store at {path}: the file does not exist (nothing was trained "
+                                         f"there; check the URI, or train a model first)")
+            path.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri or tracking_uri)
 

@@ -431,3 +431,17 @@ def test_bootstrap_servers_from_the_command_line_are_checked_like_the_configs(co
 def test_retrain_refuses_a_folder_as_its_job_store_as_the_scheduler_does(tmp_path, capsys):
     assert main(["retrain", "--job-store", str(tmp_path), "--quiet"]) == 2
     assert "scheduler.job_store" in capsys.readouterr().err
+
+
+def test_reading_commands_refuse_a_store_file_that_does_not_exist(tmp_path, capsys):
+    """`models list` on a mistyped sqlite URI made an empty store there and listed nothing, exit 0;
+    `score` made one before failing on the missing model. Now both name the field and make nothing."""
+    typo = tmp_path / "mlrnus" / "mlflow.db"
+    assert main(["models", "list", "--tracking-uri", f"sqlite:///{typo}"]) == 2
+    err = capsys.readouterr().err
+    assert f"mlflow.tracking_uri: no MLflow store at {typo}: the file does not exist" in err
+    data = tmp_path / "d.csv"
+    data.write_text("ts,x\n2020-01-01 00:00:00,1\n2020-01-01 00:00:01,2\n")
+    assert main(["score", "--data", str(data), "--tracking-uri", f"sqlite:///{typo}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not typo.parent.exists()
