@@ -139,7 +139,7 @@ class History:
         return sum(len(b) for b in self._by_entity.values())
 
     def frames(self, sensors: Sequence[str]) -> dict[str, pd.DataFrame]:
-        """Per entity: a frame indexed by UTC time (sorted, duplicate ``ts`` keep the last reading),
+        """Per entity: a frame indexed by UTC time (sorted, a repeated ``ts`` keeps its first reading),
         one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
         An entity with at least one labelled reading also gets ``LABEL_COLUMN`` (1.0 anomalous, 0.0
         normal; a reading without a label counts as normal)."""
@@ -155,8 +155,11 @@ class History:
                             dtype=np.float64).reshape(len(kept), len(sensors))
             frame = pd.DataFrame(data, index=pd.DatetimeIndex(index, name="ts"), columns=list(sensors))
             if any(lab is not None for _, lab in pairs):
-                frame[LABEL_COLUMN] = np.array([1.0 if lab else 0.0 for _, lab in pairs])
-            frame = frame[~frame.index.duplicated(keep="last")].sort_index()
+                labels = pd.Series([1.0 if lab else 0.0 for _, lab in pairs], index=frame.index)
+                # a label on any reading of a repeated ts marks it, as `anomaly score` counts them
+                frame[LABEL_COLUMN] = labels.groupby(level=0).transform("max").to_numpy()
+            # a repeated ts keeps the first reading, as the worker does (a later one is a late duplicate)
+            frame = frame[~frame.index.duplicated(keep="first")].sort_index()
             out[entity] = frame
         return out
 

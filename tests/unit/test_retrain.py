@@ -65,9 +65,9 @@ def test_history_frames_sort_dedupe_and_keep_missing_values():
     h = History(max_readings=10, lookback_s=100)
     h.add(Reading("e", 2.0, {"a": 2.0, "b": None}))
     h.add(Reading("e", 1.0, {"a": 1.0, "b": 1.0}))
-    h.add(Reading("e", 2.0, {"a": 2.5, "b": 2.5}))  # duplicate ts: the last one wins
+    h.add(Reading("e", 2.0, {"a": 2.5, "b": 2.5}))  # repeated ts: the first one is kept, as the worker keeps it
     frame = h.frames(["a", "b"])["e"]
-    assert frame["a"].tolist() == [1.0, 2.5]
+    assert frame["a"].tolist() == [1.0, 2.0]
     assert str(frame.index.tz) == "UTC"
     h2 = History(max_readings=10, lookback_s=100)
     h2.add(Reading("e", 1.0, {"a": 1.0, "b": None}))
@@ -263,6 +263,10 @@ def test_history_adds_a_label_column_for_labelled_entities():
     frames = h.frames(["a", "b"])
     assert frames["e"][LABEL_COLUMN].tolist() == [0.0, 1.0, 0.0]
     assert LABEL_COLUMN not in frames["f"]
+    h.add(reading("e", 3.0, a=9.0), label=True)  # a repeat of ts 3 labelled anomalous: its slot is marked
+    h.add(reading("e", 2.0), label=False)  # a normal repeat does not unmark one
+    frame = h.frames(["a", "b"])["e"]
+    assert frame[LABEL_COLUMN].tolist() == [0.0, 1.0, 1.0] and frame["a"].iloc[2] != 9.0
 
 
 def test_file_readings_carry_the_label_column(tmp_path):
