@@ -106,6 +106,9 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a to
 def _check_bootstrap(name: str, servers: str) -> None:
     """host or host:port items (``bootstrap_list``; a host without a port means Kafka's 9092)."""
     for server in bootstrap_list(servers):
+        if any(ch.isspace() for ch in server):
+            raise ConfigError(name, f"{server!r} in {servers!r}: a host:port holds no space (separate servers "
+                                    f"with commas)")
         host, sep, port = server.rpartition(":")
         if sep and host and not host.endswith(":") and not (port.isdigit() and 0 < int(port) <= 65535):
             raise ConfigError(name, f"{server!r} in {servers!r}: the port must be a number 1..65535")
@@ -569,6 +572,8 @@ class Settings:
                     raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {item}")
                 if f.name in _NON_EMPTY.get(section.name, ()) and not item.strip():
                     raise ConfigError(f"{section.name}.{f.name}", "must not be empty")
+                if isinstance(item, list) and any(isinstance(x, str) and not x.strip() for x in item):
+                    raise ConfigError(f"{section.name}.{f.name}", f"holds a blank name: {item!r}")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if hasattr(value, "check"):

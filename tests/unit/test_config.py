@@ -2,7 +2,7 @@ import tomllib
 
 import pytest
 
-from anomaly.config import Settings, example_toml, load_config, reference_markdown
+from anomaly.config import Settings, build_settings, example_toml, load_config, reference_markdown
 from anomaly.errors import ConfigError
 
 
@@ -60,6 +60,7 @@ def test_env_types_are_parsed():
     ({"ANOMALY_WORKER__METRICS_HOST": " "}, "worker.metrics_host"),  # "" would bind every address
     ({"ANOMALY_SCHEDULER__METRICS_HOST": " "}, "scheduler.metrics_host"),
     ({"ANOMALY_DRIFT__GROUP_ID": " "}, "drift.group_id"),
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092 b:9092"}, "kafka.bootstrap_servers"),  # a space, not a comma
     ({"ANOMALY_DRIFT__ENABLED": "true", "ANOMALY_KAFKA__SCORES_TOPIC": "scores",
       "ANOMALY_DRIFT__GROUP_ID": "anomaly-worker", "ANOMALY_KAFKA__GROUP_ID": "anomaly-worker"}, "drift.group_id"),
 ])
@@ -220,3 +221,11 @@ def test_a_cron_schedule_that_never_fires_is_refused():
     # Leap days come; the 31st of February on a Monday is every Monday of February (crontab ORs the days).
     for cron in ("0 0 29 2 *", "0 0 31 2 mon"):
         load_config(env={"ANOMALY_SCHEDULER__TRIGGER": "cron", "ANOMALY_SCHEDULER__CRON": cron})
+
+
+@pytest.mark.parametrize("section, field", [("data", "sensors"), ("retrain", "entities")])
+def test_a_blank_name_in_a_list_is_refused(section, field):
+    """A blank sensor or entity (a stray comma in TOML, " ") matched nothing and was silently kept."""
+    with pytest.raises(ConfigError) as err:
+        build_settings({section: {field: ["pump-1", " "]}})
+    assert err.value.field == f"{section}.{field}" and "blank name" in str(err.value)
