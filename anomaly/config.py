@@ -706,7 +706,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        # unset: "" anywhere; also "none"/"null" from the environment (a TOML string "none" is a name, not unset)
+        unset = ("", "none", "null") if isinstance(value, _EnvString) else ("",)
+        if value is None or (isinstance(value, str) and value.strip().lower() in unset):
             return None
         return _coerce(name, non_none[0], value)
     from_env = isinstance(value, _EnvString)

@@ -229,3 +229,14 @@ def test_a_blank_name_in_a_list_is_refused(section, field):
     with pytest.raises(ConfigError) as err:
         build_settings({section: {field: ["pump-1", " "]}})
     assert err.value.field == f"{section}.{field}" and "blank name" in str(err.value)
+
+
+def test_none_unsets_an_optional_field_from_the_environment_but_names_a_column_in_the_file(tmp_path):
+    """A TOML string "none" is a name (it used to unset the field silently); the environment, which has
+    no null, still unsets with empty, none or null."""
+    path = tmp_path / "c.toml"
+    path.write_text('[data]\nentity_column = "none"\ntimestamp_column = ""\n')
+    s = load_config(path, env={})
+    assert s.data.entity_column == "none" and s.data.timestamp_column is None
+    for word in ("", "none", "NULL"):
+        assert load_config(path, env={"ANOMALY_DATA__ENTITY_COLUMN": word}).data.entity_column is None
