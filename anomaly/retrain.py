@@ -381,10 +381,14 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         # for "too little data" with a full topic.
         allowance = max(idle_s, FIRST_RECORD_WAIT_S)
         waiting = False  # idle, yet a partition is known to hold more: reading on until the deadline
+
+        def pending() -> list[Any]:  # partitions not yet read up to a record written after the start
+            return [tp for tp in tps if tp.partition not in current]
+
         while True:
             now = time.monotonic()
             if now >= deadline:
-                behind = _behind(consumer, [tp for tp in tps if tp.partition not in current])
+                behind = _behind(consumer, pending())
                 if behind:
                     stats["truncated"] = 1
                     log.warning("stopped reading %s after %.0f s (retrain.read_timeout_s) with partitions %s "
@@ -397,7 +401,7 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
             if len(current) == len(tps):
                 break
             if now - last >= allowance:
-                behind = _behind(consumer, [tp for tp in tps if tp.partition not in current])
+                behind = _behind(consumer, pending())
                 if not behind:
                     break
                 if not waiting:
