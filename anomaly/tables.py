@@ -146,10 +146,7 @@ def write_columns(frame: pd.DataFrame, path: str | Path) -> None:
     ``read_table`` reads them: ``.tsv`` tab-separated, ``.csv``/``.txt`` comma-separated; ``DataError``
     for any other suffix (check with ``table_suffix_problem`` before the work that fills it)."""
     path = Path(path)
-    problem = table_suffix_problem(path)
-    if problem:
-        raise DataError(f"{path}: {problem}")
-    suffix = path.suffix.lower()
+    suffix = _writable_suffix(path)
     if suffix in _PARQUET_SUFFIXES:
         frame.to_parquet(path, index=False)
     else:
@@ -164,11 +161,21 @@ def table_suffix_problem(path: str | Path) -> str | None:
     return f"unknown table format {Path(path).suffix or '(no suffix)'!r}; use .csv, .tsv or .parquet"
 
 
+def _writable_suffix(path: Path) -> str:
+    """``path``'s suffix, lower case; ``DataError`` with ``table_suffix_problem``'s reason when no table
+    format has it."""
+    problem = table_suffix_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    return path.suffix.lower()
+
+
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write ``frame`` (indexed by a ``DatetimeIndex``) as CSV (``,``) or Parquet, by suffix, in a form
-    ``read_table`` reads back unchanged: the index becomes a ``"ts"`` column, in UTC (a naive index is
-    taken as UTC); CSV timestamps are RFC 3339 with microseconds and ``Z``."""
+    """Write ``frame`` (indexed by a ``DatetimeIndex``) as CSV or Parquet, by suffix as ``write_columns``
+    (``.tsv`` tab-separated), in a form ``read_table`` reads back unchanged: the index becomes a ``"ts"``
+    column, in UTC (a naive index is taken as UTC); CSV timestamps are RFC 3339 with microseconds and ``Z``."""
     path = Path(path)
+    suffix = _writable_suffix(path)
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise DataError(f"{path}: write_table needs a DatetimeIndex, got {type(frame.index).__name__}")
     index = frame.index.tz_localize("UTC") if frame.index.tz is None else frame.index.tz_convert("UTC")
@@ -176,15 +183,12 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
         raise DataError(f"{path}: column {INDEX_NAME!r} clashes with the timestamp column written from the index")
     out = frame.copy()
     out.index = index
-    suffix = path.suffix.lower()
     if suffix in _PARQUET_SUFFIXES:
         out.index.name = INDEX_NAME
         out.reset_index().to_parquet(path, index=False)
-    elif suffix in _CSV_SUFFIXES:
-        out.index = pd.Index(index.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), name=INDEX_NAME)
-        out.to_csv(path, index=True)
     else:
-        raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv or .parquet")
+        out.index = pd.Index(index.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), name=INDEX_NAME)
+        out.to_csv(path, index=True, sep="\t" if suffix == ".tsv" else ",")
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -206,7 +210,7 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
         raise
     except Exception as exc:  # parser errors of several kinds: one message for the operator
         raise DataError(f"{path}: cannot read table: {exc}") from exc
-    raise DataError(f"{path}: unknown table format {path.suffix!r}; use .csv or .parquet")
+    raise DataError(f"{path}: {table_suffix_problem(path)}")
 
 
 _SNIFF_LINES = 20  # data lines read, beside the header, to tell the separator

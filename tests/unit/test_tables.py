@@ -230,3 +230,20 @@ def test_write_columns_refuses_a_suffix_it_cannot_write(tmp_path):
     with pytest.raises(DataError, match="unknown table format"):
         write_columns(pd.DataFrame({"a": [1]}), tmp_path / "x.xlsx")
     assert not (tmp_path / "x.xlsx").exists()
+
+
+def test_write_table_and_read_table_share_the_suffix_rule(tmp_path):
+    # write_table wrote commas into a .tsv and refused .xlsx only after copying the frame; read_table named
+    # only .csv and .parquet though it reads .tsv too
+    frame = pd.DataFrame({"x": [1.5, 2.5]}, index=pd.date_range("2024-01-01", periods=2, freq="s", tz="UTC"))
+    path = tmp_path / "out.tsv"
+    write_table(frame, path)
+    assert path.read_text().splitlines()[0] == "ts\tx"
+    back = read_table(path)
+    assert list(back["x"]) == [1.5, 2.5] and list(back.index) == list(frame.index)
+    message = "unknown table format '.xlsx'; use .csv, .tsv or .parquet"
+    with pytest.raises(DataError, match=message):
+        write_table(frame, tmp_path / "out.xlsx")
+    assert not (tmp_path / "out.xlsx").exists()
+    with pytest.raises(DataError, match=message):
+        read_table(_write(tmp_path, "in.xlsx", "a"))
