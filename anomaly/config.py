@@ -532,6 +532,8 @@ class DriftSettings:
 
 
 # Names that must not be empty strings (a field that may be empty says so and is typed ``str | None``).
+_INT64_MAX = 2**63 - 1  # the largest integer a setting may hold: numpy, torch and the clock take int64
+
 _NON_EMPTY = {"kafka": ("bootstrap_servers", "input_topic", "events_topic", "dlq_topic", "group_id"),
               "worker": ("metrics_host",), "scheduler": ("metrics_host",),  # "" would bind every address
               "drift": ("group_id",),
@@ -570,6 +572,9 @@ class Settings:
                 item = getattr(value, f.name)
                 if isinstance(item, float) and not math.isfinite(item):
                     raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {item}")
+                if isinstance(item, int) and abs(item) > _INT64_MAX:  # numpy, torch and time calls overflow
+                    raise ConfigError(f"{section.name}.{f.name}", f"out of range: must fit in 64 bits (|value| "
+                                      f"<= {_INT64_MAX}), got an integer of {item.bit_length()} bits")
                 if f.name in _NON_EMPTY.get(section.name, ()) and not item.strip():
                     raise ConfigError(f"{section.name}.{f.name}", "must not be empty")
                 if isinstance(item, list) and any(isinstance(x, str) and not x.strip() for x in item):
@@ -630,7 +635,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError("config", f"{path} is a directory, not a TOML file") from None
         except UnicodeDecodeError as exc:
             raise ConfigError("config", f"{path} is not UTF-8 text: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
+        except ValueError as exc:  # TOMLDecodeError, and int()'s digit limit on a number of over 4300 digits
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         for section, values in loaded.items():
             if not isinstance(values, dict):
@@ -725,10 +730,14 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             try:
                 return int(value)
             except ValueError:
-                pass
+                if value.strip().lstrip("+-").isdigit():  # over int()'s 4300-digit limit
+                    raise ConfigError(name, f"out of range: must fit in 64 bits (|value| <= {_INT64_MAX}), "
+                                            f"got {len(value.strip())} characters of digits") from None
         raise ConfigError(name, f"must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, int) and abs(value) > _INT64_MAX:  # float() of a 400-digit int: OverflowError
+                raise ConfigError(name, f"must be a finite number, got an integer of {value.bit_length()} bits")
             return float(value)
         if from_env:
             try:

@@ -240,3 +240,24 @@ def test_none_unsets_an_optional_field_from_the_environment_but_names_a_column_i
     assert s.data.entity_column == "none" and s.data.timestamp_column is None
     for word in ("", "none", "NULL"):
         assert load_config(path, env={"ANOMALY_DATA__ENTITY_COLUMN": word}).data.entity_column is None
+
+
+def test_an_integer_beyond_64_bits_is_refused_naming_the_field(tmp_path):
+    # a huge TOML integer for a float field raised OverflowError (a traceback); for an int field it was
+    # accepted and overflowed later in numpy/torch; over 4300 digits int() itself refuses it
+    path = tmp_path / "big.toml"
+    path.write_text("[threshold]\nk = 1" + "0" * 400 + "\n")
+    with pytest.raises(ConfigError, match=r"threshold\.k: must be a finite number, got an integer of 1329 bits"):
+        load_config(path, env={})
+    path.write_text("[model]\nwindow_size = 1" + "0" * 30 + "\n")
+    with pytest.raises(ConfigError, match=r"model\.window_size: out of range: must fit in 64 bits"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match=r"model\.window_size: out of range: must fit in 64 bits"):
+        load_config(env={"ANOMALY_MODEL__WINDOW_SIZE": "-1" + "0" * 30})
+    with pytest.raises(ConfigError, match=r"model\.window_size: out of range: .* got 5001 characters of digits"):
+        load_config(env={"ANOMALY_MODEL__WINDOW_SIZE": "1" + "0" * 5000})
+    path.write_text("[model]\nwindow_size = 1" + "0" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML: Exceeds the limit"):
+        load_config(path, env={})
+    path.write_text(f"[model]\nwindow_size = 12\n[retrain]\nmin_rows = {2**63 - 1}\n")
+    assert load_config(path, env={}).retrain.min_rows == 2**63 - 1  # the largest 64-bit value is still a value
