@@ -267,7 +267,13 @@ class DriftGate:
         self.cooldown_s = float(cooldown_s)
         self.last_trigger: float | None = None
         self.last_retrain_end: float | None = None
-        self.retrain_running = False
+        # Started minus ended, not a flag: the scheduler hears a fast run's end before its start (two threads),
+        # and a flag set last would block drift triggers until the next retrain long enough to clear it.
+        self._running = 0
+
+    @property
+    def retrain_running(self) -> bool:
+        return self._running > 0
 
     def blocked(self, now: float) -> str | None:
         """Why a trigger is not allowed at ``now``, or None when it is."""
@@ -282,8 +288,13 @@ class DriftGate:
         self.last_trigger = now
 
     def retrain_started(self) -> None:
-        self.retrain_running = True
+        self._running += 1
 
     def retrain_finished(self, now: float) -> None:
-        self.retrain_running = False
+        """A retrain ran (whatever its outcome): the cooldown starts at ``now``."""
+        self._running -= 1
         self.last_retrain_end = now
+
+    def retrain_missed(self) -> None:
+        """A started run was missed (past its misfire grace): it ends without running, so no cooldown."""
+        self._running -= 1

@@ -519,7 +519,9 @@ class RetrainScheduler:
         elif code == EVENT_JOB_MISSED:
             log.warning("scheduler: job %s missed its run at %s (over misfire_grace_s=%s); skipped",
                         event.job_id, event.scheduled_run_time, self.settings.misfire_grace_s)
-            self.metrics.job_missed()
+            self.metrics.job_missed()  # a missed run ends its submission: nothing runs any more
+            if self.drift is not None:
+                self.drift.gate.retrain_missed()
         elif code == EVENT_JOB_MAX_INSTANCES:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
         if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR):

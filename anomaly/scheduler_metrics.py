@@ -87,7 +87,7 @@ class SchedulerMetrics:
                                    registry=r)
         self.drift_last_check_ts = Gauge(f"{PREFIX}_drift_last_check_timestamp_seconds",
                                          "Epoch seconds of the last drift check.", registry=r)
-        # Submitted minus finished. A fast job's "finished" event can arrive before its "submitted"
+        # Submitted minus finished or missed. A fast job's "finished" event can arrive before its "submitted"
         # event (they come from two threads), so this may dip below 0 for a moment.
         self._pending = 0
 
@@ -126,7 +126,11 @@ class SchedulerMetrics:
                 "last_outcome": self._last_outcome}
 
     def job_missed(self) -> None:
+        """A submitted run was missed (past its misfire grace): with ``coalesce`` it ends so, in place of
+        ``job_finished`` (the job is not running any more)."""
         self.missed.inc()
+        self._pending -= 1
+        self.running.set(1 if self._pending > 0 else 0)
 
     def drift_checked(self, result: str, samples: int, psi: float | None = None, alarm_rate: float | None = None,
                       expected_alarm_rate: float | None = None, records: int = 0) -> None:

@@ -116,6 +116,9 @@ def test_a_run_missed_beyond_the_grace_time_is_skipped_and_counted(tmp_path):
     try:
         assert wait_for(lambda: sched.metrics.value("anomaly_scheduler_jobs_missed_total") == 1, 5)
         assert runs(out) == 0
+        # the missed run ended its submission: not "running" for ever (it stayed 1, a false RetrainStuck alert)
+        assert sched.metrics.value("anomaly_scheduler_job_running") == 0
+        assert sched.metrics.health()["job_running"] is False
     finally:
         sched.stop()
 

@@ -141,6 +141,19 @@ def test_gate_cooldown_and_running_retrain():
     assert gate.blocked(600.0) is None
 
 
+def test_gate_hears_a_fast_runs_end_before_its_start_and_a_missed_run_ends_without_cooldown():
+    # the scheduler gets EXECUTED before SUBMITTED for a quick skip; a flag set last blocked drift for a day
+    gate = DriftGate(cooldown_s=0)
+    gate.retrain_finished(10.0)
+    gate.retrain_started()
+    assert gate.blocked(20.0) is None
+    gate = DriftGate(cooldown_s=100)
+    gate.retrain_started()
+    assert gate.blocked(0.0) == "a retrain is running"
+    gate.retrain_missed()  # SUBMITTED then MISSED: nothing ran, nothing cools down
+    assert gate.blocked(1.0) is None
+
+
 # --- configuration -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, field", [

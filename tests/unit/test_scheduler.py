@@ -74,8 +74,11 @@ def test_metrics_count_outcomes():
     assert m.value("anomaly_scheduler_job_running") == 0
     m.job_started()
     m.job_finished("failed")
-    m.job_missed()
-    assert m.value("anomaly_scheduler_jobs_started_total") == 3
+    m.job_started()
+    assert m.value("anomaly_scheduler_job_running") == 1
+    m.job_missed()  # a submitted run missed past its grace ends so: it stayed "running" for ever
+    assert m.value("anomaly_scheduler_job_running") == 0 and m.health()["job_running"] is False
+    assert m.value("anomaly_scheduler_jobs_started_total") == 4
     assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "promoted"}) == 1
     assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "failed"}) == 1
     assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "kept"}) == 0
