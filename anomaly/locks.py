@@ -43,7 +43,7 @@ class FileLock:
         ``Locked`` if it is still held then."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+            fd = self._open()
         except OSError as exc:  # a folder that is a file, no permission
             said = f"cannot make the lock file {self.path}: {exc.strerror or exc}"
             raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
@@ -61,11 +61,34 @@ class FileLock:
                     os.close(fd)
                     raise Locked(self.path, pid, self.what) from None
                 time.sleep(RETRY_S)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        except OSError as exc:  # disk full, I/O error: let go, or the lock stays held for this process's life
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            said = f"cannot write the lock file {self.path}: {exc.strerror or exc}"
+            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
         self._fd = fd
         return self
+
+    def _open(self) -> int:
+        """The lock file, opened for writing; made with ``mode`` (whatever the umask) if it is new. An
+        existing file is opened without ``O_CREAT``, which a sticky shared folder (``/tmp`` with
+        ``fs.protected_regular``) refuses for another user's file."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.mode)
+        except FileExistsError:
+            try:
+                return os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:  # removed in between: make it
+                return os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+        try:
+            os.fchmod(fd, self.mode)  # the umask took bits off (0o666 came out 0o644: no second user)
+        except OSError:
+            pass
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -51,3 +51,37 @@ def test_a_holder_that_dies_leaves_no_stale_lock(tmp_path):
     holder.join(10)
     with FileLock(path) as lock:
         assert lock.held
+
+
+def test_a_lock_that_cannot_write_its_pid_lets_go(tmp_path, monkeypatch):
+    # disk full after the flock: the descriptor stayed open and held the lock for the process's life, so
+    # every later retrain was skipped as "already running"
+    from anomaly.errors import ConfigError
+
+    path = tmp_path / "x.lock"
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(ConfigError, match="cannot write the lock file .*No space left on device"):
+        FileLock(path, what="test").acquire()
+    monkeypatch.setattr(os, "write", real_write)
+    with FileLock(path, what="test") as lock:
+        assert lock.held
+
+
+def test_a_shared_lock_file_is_made_with_its_mode_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with FileLock(tmp_path / "shared.lock", what="test", mode=0o666):
+            pass
+        with FileLock(tmp_path / "own.lock", what="test"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.lock").stat().st_mode & 0o777 == 0o666  # was 0o644: a second user was refused
+    assert (tmp_path / "own.lock").stat().st_mode & 0o777 == 0o644
+    with FileLock(tmp_path / "shared.lock", what="test", mode=0o666) as lock:  # an existing file opens too
+        assert lock.held
