@@ -76,11 +76,12 @@ def canonical_store_uri(uri: str) -> str:
 
 def alias_problem(alias: str) -> str | None:
     """Why the MLflow registry would refuse ``alias`` as an alias, or None: letters, digits, ``_`` and
-    ``-`` only, and ``latest`` and ``v<number>`` already mean versions."""
+    ``-`` only, and ``latest``, ``v<number>`` and a bare number already mean versions (a bare number is a
+    version to ``anomaly score --model-alias``, so ``@1`` on version 2 scored version 1)."""
     if not _ALIAS.fullmatch(alias or ""):
         return f"alias {alias!r} is not usable: letters, digits, '_' and '-' only"
-    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
-        return f"alias {alias!r} is reserved: 'latest' and 'v<number>' name versions"
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]?\d+", alias):
+        return f"alias {alias!r} is reserved: 'latest', 'v<number>' and numbers name versions"
     return None
 
 

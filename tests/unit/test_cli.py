@@ -109,7 +109,8 @@ def test_evaluate_says_at_once_when_the_tracking_server_does_not_answer(tmp_path
     assert "does not answer" in capsys.readouterr().err and time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("alias, words", [("bad alias", "not usable"), ("latest", "reserved"), ("v2", "reserved")])
+@pytest.mark.parametrize("alias, words", [("bad alias", "not usable"), ("latest", "reserved"), ("v2", "reserved"),
+                                          ("1", "reserved")])  # score --model-alias 1 loads version 1
 def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path, capsys):
     # The data file does not exist: the alias is refused first, so nothing was trained for nothing.
     assert main(["train", "--data", str(tmp_path / "nope.csv"), "--alias", alias, "--quiet"]) == 2

@@ -46,6 +46,7 @@ def test_env_types_are_parsed():
     ({"ANOMALY_MLFLOW__CHAMPION_ALIAS": "v3"}, "mlflow.champion_alias"),  # the registry's rules, before training
     ({"ANOMALY_MLFLOW__CHALLENGER_ALIAS": "my alias!"}, "mlflow.challenger_alias"),
     ({"ANOMALY_WORKER__MODEL_ALIAS": "latest"}, "worker.model_alias"),
+    ({"ANOMALY_MLFLOW__CHAMPION_ALIAS": "2"}, "mlflow.champion_alias"),  # a number names a version to score
     ({"ANOMALY_DATA__SENSORS": "a,b,a"}, "data.sensors"),
     ({"ANOMALY_DATA__TIMESTAMP_COLUMN": "t", "ANOMALY_DATA__ENTITY_COLUMN": "t"}, "data.entity_column"),
     ({"ANOMALY_DATA__SENSORS": "a,pump", "ANOMALY_DATA__ENTITY_COLUMN": "pump"}, "data.entity_column"),
