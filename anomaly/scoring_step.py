@@ -227,6 +227,7 @@ class ScoringStep:
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
         self.max_entities = max_entities  # most entities held; past it those not active go
         self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
+        self._behind_logged_s = -math.inf  # when entities sending far behind their partition were last named
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -512,7 +513,10 @@ class ScoringStep:
             counts["accepted"] = outcomes[ACCEPTED] + outcomes[RESET]
         idle_s = self._idle_s()
         if idle_s is not None:
-            counts["evicted"] = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
+            evicted = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
+            counts["evicted"] = len(evicted)
+            if evicted and decoded.entities:
+                self._warn_behind(evicted, decoded.entities, idle_s, now_s)
         if self.max_entities is not None and store.entities > self.max_entities:
             held = store.entities
             dropped = store.evict_excess(int(self.max_entities * 0.9))
@@ -676,6 +680,19 @@ class ScoringStep:
                 hold.through = int(ready.start_offset[i])
         self._apply_holds(out)
         return out
+
+    def _warn_behind(self, evicted: Sequence[str], heard: Sequence[str], idle_s: float, now_s: float) -> None:
+        """Say (once a minute at most) which entities were evicted as idle in the batch that brought their
+        readings: they send, but stamped so far behind their partition's newest reading (a clock running
+        late, local time sent as UTC) that each reading is evicted as it comes and never makes a window."""
+        behind = sorted(set(evicted).intersection(heard))
+        if not behind or now_s - self._behind_logged_s < 60.0:
+            return
+        self._behind_logged_s = now_s
+        log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's newest "
+                    "are evicted as idle as they come and not scored (a clock running late, or local time sent as "
+                    "UTC?): %s", len(behind), idle_s, ", ".join(repr(name) for name in behind[:10])
+                    + (f" and {len(behind) - 10} more" if len(behind) > 10 else ""))
 
     def _idle_s(self) -> float | None:
         """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the

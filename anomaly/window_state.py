@@ -649,10 +649,10 @@ class WindowStore:
             self._watermark.pop(partition, None)
         return len(names)
 
-    def evict_idle(self, max_idle_slots: int) -> int:
+    def evict_idle(self, max_idle_slots: int) -> list[str]:
         """Drop entities whose newest reading is more than ``max_idle_slots`` slots behind the newest
         slot seen in its partition; their unsealed readings are sealed first, so the windows they end
-        are still queued for ``ready()``. Returns how many entities were dropped.
+        are still queued for ``ready()``. Returns the entities dropped.
 
         Why: an entity that stopped sending would otherwise pin its partition's commit offset and
         keep its buffer for ever. Stream time (the partition's newest slot), not a clock, decides, so
@@ -664,7 +664,7 @@ class WindowStore:
             if state.max_slot is not None and newest is not None and newest - state.max_slot > max_idle_slots:
                 idle.append(name)
         self._drop(idle)
-        return len(idle)
+        return idle
 
     def evict_excess(self, keep: int) -> int:
         """Drop entities, down to ``keep`` if it can be done without touching an active one, as

@@ -1016,3 +1016,19 @@ def test_a_second_swap_during_a_replay_keeps_what_the_first_has_still_to_re_read
     covered, twice = _coverage(outs)
     assert twice == [] and sum(o.counts["consumed"] for o in outs) == len(records)
     assert all({T0 + s for s in range(35)} <= covered[e] for e in ("a", "b"))
+
+
+def test_an_entity_sending_far_behind_its_partition_is_named_not_silently_dropped(caplog) -> None:
+    # a clock 2 h late (local time sent as UTC): each reading is evicted as idle in the batch that brings
+    # it, so the entity is never scored; before, only the evicted count moved
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), emit_scores=True)
+    offset, scored, evicted = 0, Counter(), 0
+    for slot in range(7300, 7400):
+        out = step.process([reading_record("good", slot, offset), reading_record("late", slot - 7200, offset + 1)],
+                           now_s=T0 + slot)
+        offset += 2
+        scored.update(json.loads(v)["entity"] for _, v in out.scores)
+        evicted += out.counts["evicted"]
+    assert scored["late"] == 0 and scored["good"] == 100 - 3 and evicted == 100
+    warned = [r.getMessage() for r in caplog.records if "behind their partition" in r.getMessage()]
+    assert len(warned) == 2 and "'late'" in warned[0] and "'good'" not in warned[0]  # once a minute of now_s

@@ -216,7 +216,7 @@ def test_evict_idle_drops_silent_entities_and_releases_their_commit() -> None:
     feed(s, list(range(2, 30)), entity="busy", first_offset=2)
     s.ready()
     assert s.commit_offsets({0: 29})[0] == 0  # "quiet" pins the partition
-    assert s.evict_idle(max_idle_slots=10) == 1
+    assert s.evict_idle(max_idle_slots=10) == ["quiet"]
     assert "quiet" not in s
     assert ends(s.ready()) == [1.0]  # its unsealed slot was sealed and scored before it was dropped
     assert s.commit_offsets({0: 29})[0] == 28  # busy: slot 28 (needed) and unsealed slot 29
