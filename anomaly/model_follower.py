@@ -152,11 +152,7 @@ class ModelFollower:
         try:
             detector, loaded = self._loader(self.model_name, version)
         except Exception as exc:
-            count = 1 if bad is None else bad.count + 1
-            backoff = min(MAX_BACKOFF_S, max(self.check_interval_s, MIN_BACKOFF_S) * 2 ** count)
-            self._bad[version] = _Failure(count, self._clock() + backoff, str(exc))
-            self._fail(f"{self.ref} moved to v{version}, which failed to load (attempt {count}, next in "
-                       f"{backoff:.0f} s): {exc}; keeping v{self.version}")
+            self._mark_bad(version, "failed to load", str(exc))
             return None
         self._bad.pop(version, None)
         self._trouble = None
@@ -165,6 +161,25 @@ class ModelFollower:
         self.swaps += 1
         log.info("%s moved v%s -> v%s; new model loaded", self.ref, previous, loaded)
         return self._current
+
+    def unusable(self, version: str, reason: str, keep: tuple[Detector, str]) -> None:
+        """The caller could not serve ``version``, which ``poll`` just returned (building it on the worker's
+        device failed: CUDA out of memory, say): ``keep`` (what ``current()`` gave before that poll, the
+        model still serving) is current again, and ``version`` is tried again after the backoff a failed
+        load gets. (The follower keeps no reference to a swapped-out model itself: it would stay in memory.)"""
+        if self._current[1] != str(version):
+            raise ValueError(f"v{version} is not the version poll() just returned (v{self._current[1]})")
+        self._current = (keep[0], str(keep[1]))
+        self.swaps -= 1
+        self._mark_bad(str(version), "cannot be served", reason)
+
+    def _mark_bad(self, version: str, what: str, reason: str) -> None:
+        bad = self._bad.get(version)
+        count = 1 if bad is None else bad.count + 1
+        backoff = min(MAX_BACKOFF_S, max(self.check_interval_s, MIN_BACKOFF_S) * 2 ** count)
+        self._bad[version] = _Failure(count, self._clock() + backoff, reason)
+        self._fail(f"{self.ref} moved to v{version}, which {what} (attempt {count}, next in "
+                   f"{backoff:.0f} s): {reason}; keeping v{self.version}")
 
     def _fail(self, reason: str, once: bool = False) -> None:
         """Count a failure and log it (an unresolvable alias is logged as a warning once per outage)."""

@@ -166,10 +166,15 @@ class ThreadRunner:
         """Between batches: swap in the version the alias moved to, if any. A version whose window buffers
         differ (sensors, window or period) is swapped in after ``drain()`` has completed every batch
         submitted, with the partitions to read again in ``Swap.replay_from`` (no ``drain``: none)."""
+        keep = self.follower.current()
         new = self.follower.poll()
         if new is None:
             return []
-        model = self.serving(*new)
+        try:
+            model = self.serving(*new)
+        except Exception as exc:  # CUDA out of memory, say: the model in hand serves on (the worker exited)
+            self.follower.unusable(str(new[1]), f"{type(exc).__name__}: {exc}", keep)
+            return []
         replay = drain is not None and window_shape(model) != window_shape(self.step.model)
         if replay:
             drain()

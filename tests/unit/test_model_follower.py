@@ -211,3 +211,43 @@ def test_sigterm_while_the_worker_waits_for_a_first_model_exits_0(tmp_path):
     assert "waiting for a model" in output, output
     assert proc.returncode == 0, output
     assert "stopped while waiting for a model" in output
+
+
+def test_a_version_that_loads_but_cannot_be_served_keeps_the_model_in_hand():
+    # building the served model (moving it to the worker's device) raised out of follow_model: the worker
+    # exited, and came back to the same version at start (a crash loop); now the current model serves on
+    from anomaly.alerts import AlertPolicy
+    from anomaly.scoring_step import ScoringStep
+    from anomaly.step_runner import ThreadRunner
+    from anomaly.window_state import WindowPolicy
+    from tests.unit.test_scoring_step import FakeModel
+
+    reg, clock = FakeRegistry(), Clock()
+    reasons: list[str] = []
+    f = follower(reg, clock, on_failure=reasons.append)
+
+    def serving(detector, version):
+        if version == "2":
+            raise RuntimeError("CUDA out of memory")
+        return FakeModel(window_size=4, version=version)
+
+    step = ScoringStep(serving(*f.current()), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy())
+    runner = ThreadRunner(step, f, serving, gc_freeze=False)
+    try:
+        reg.alias = "2"
+        clock.now += 30
+        assert runner.follow_model() == []
+        assert step.model.version == "1" and f.current() == ("detector-v1", "1") and f.swaps == 0
+        assert "v2, which cannot be served (attempt 1, next in 60 s): RuntimeError: CUDA out of memory" in reasons[0]
+        assert "cannot be served" in f.trouble
+        loads = len(reg.loads)
+        clock.now += 30
+        assert runner.follow_model() == [] and len(reg.loads) == loads  # backing off: not loaded again yet
+        clock.now += 30
+        assert runner.follow_model() == [] and reg.loads[loads:] == ["2"] and len(reasons) == 2  # tried again
+        reg.alias = "3"
+        clock.now += 30
+        assert [s.version for s in runner.follow_model()] == ["3"] and step.model.version == "3"
+        assert f.current() == ("detector-v3", "3") and f.trouble is None
+    finally:
+        runner.close()

@@ -31,6 +31,9 @@ class FakeFollower:
     def __init__(self) -> None:
         self.pending: tuple[object, str] | None = None
 
+    def current(self):
+        return 1.0, "1"
+
     def poll(self):
         new, self.pending = self.pending, None
         return new
