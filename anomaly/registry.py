@@ -346,14 +346,14 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
     the run that produced it."""
     try:
         c = client()
-        names = [name] if name else [m.name for m in c.search_registered_models()]
+        names = [name] if name else [m.name for m in _every_page(c.search_registered_models)]
         out: list[VersionInfo] = []
         for model_name in names:
             model = c.get_registered_model(model_name)
             aliases_by_version: dict[str, list[str]] = {}
             for alias, version in (model.aliases or {}).items():
                 aliases_by_version.setdefault(str(version), []).append(alias)
-            for mv in c.search_model_versions(f"name='{model_name}'"):
+            for mv in _every_page(c.search_model_versions, filter_string=f"name='{model_name}'"):
                 metrics: dict[str, float] = {}
                 if mv.run_id:
                     try:
@@ -367,6 +367,18 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         return out
     except Exception as exc:
         raise RegistryError(f"cannot list registered models: {exc}") from exc
+
+
+def _every_page(search: Any, **kwargs: Any) -> Iterator[Any]:
+    """Every result of an MLflow ``search_*`` call, page after page (one page held 100 models: a registry
+    with more listed only the first 100)."""
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detector, str]:

@@ -346,3 +346,16 @@ def test_a_threshold_on_few_validation_windows_is_said(settings, caplog):
         outcome = run_training(prepared, settings, source="synthetic", register=False, progress=False)
     assert outcome.metrics["val_windows"] < 100
     assert any("rests on only" in r.getMessage() and "validation windows" in r.getMessage() for r in caplog.records)
+
+
+def test_models_list_reads_every_page_of_a_big_registry(settings):
+    # MLflow hands registered models over 100 a page: the 101st and later were not listed
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    names = [f"pump-{i:03d}" for i in range(105)]
+    for name in names:
+        c.create_registered_model(name)
+    c.create_model_version("pump-104", "file:///nowhere", run_id=None)
+    listed = registry.list_versions()
+    assert [(v.name, v.version) for v in listed] == [("pump-104", "1")]
+    assert sorted(m.name for m in registry._every_page(c.search_registered_models)) == names
