@@ -532,9 +532,10 @@ class DriftSettings:
             raise ConfigError("drift.group_id", "must not be empty")
 
 
-# Names that must not be empty strings (a field that may be empty says so and is typed ``str | None``).
 _INT64_MAX = 2**63 - 1  # the largest integer a setting may hold: numpy, torch and the clock take int64
+_OUT_OF_RANGE = f"out of range: must fit in 64 bits (|value| <= {_INT64_MAX})"
 
+# Names that must not be empty strings (a field that may be empty says so and is typed ``str | None``).
 _NON_EMPTY = {"kafka": ("bootstrap_servers", "input_topic", "events_topic", "dlq_topic", "group_id"),
               "worker": ("metrics_host",), "scheduler": ("metrics_host",),  # "" would bind every address
               "drift": ("group_id",),
@@ -574,8 +575,8 @@ class Settings:
                 if isinstance(item, float) and not math.isfinite(item):
                     raise ConfigError(f"{section.name}.{f.name}", f"must be a finite number, got {item}")
                 if isinstance(item, int) and abs(item) > _INT64_MAX:  # numpy, torch and time calls overflow
-                    raise ConfigError(f"{section.name}.{f.name}", f"out of range: must fit in 64 bits (|value| "
-                                      f"<= {_INT64_MAX}), got an integer of {item.bit_length()} bits")
+                    raise ConfigError(f"{section.name}.{f.name}",
+                                      f"{_OUT_OF_RANGE}, got an integer of {item.bit_length()} bits")
                 if f.name in _NON_EMPTY.get(section.name, ()) and not item.strip():
                     raise ConfigError(f"{section.name}.{f.name}", "must not be empty")
                 if isinstance(item, list) and any(isinstance(x, str) and not x.strip() for x in item):
@@ -732,8 +733,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 return int(value)
             except ValueError:
                 if value.strip().lstrip("+-").isdigit():  # over int()'s 4300-digit limit
-                    raise ConfigError(name, f"out of range: must fit in 64 bits (|value| <= {_INT64_MAX}), "
-                                            f"got {len(value.strip())} characters of digits") from None
+                    raise ConfigError(name, f"{_OUT_OF_RANGE}, got {len(value.strip())} characters of digits"
+                                      ) from None
         raise ConfigError(name, f"must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -45,8 +45,7 @@ class FileLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = self._open()
         except OSError as exc:  # a folder that is a file, no permission
-            said = f"cannot make the lock file {self.path}: {exc.strerror or exc}"
-            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
+            raise self._error(f"cannot make the lock file {self.path}: {exc.strerror or exc}") from None
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -68,10 +67,13 @@ class FileLock:
         except OSError as exc:  # disk full, I/O error: let go, or the lock stays held for this process's life
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            said = f"cannot write the lock file {self.path}: {exc.strerror or exc}"
-            raise (ConfigError(self.field, said) if self.field else AnomalyError(said)) from None
+            raise self._error(f"cannot write the lock file {self.path}: {exc.strerror or exc}") from None
         self._fd = fd
         return self
+
+    def _error(self, said: str) -> AnomalyError:
+        """The lock file's trouble, naming the setting its path derives from when there is one."""
+        return ConfigError(self.field, said) if self.field else AnomalyError(said)
 
     def _open(self) -> int:
         """The lock file, opened for writing; made with ``mode`` (whatever the umask) if it is new. An
