@@ -685,8 +685,10 @@ class ScoringStep:
         """Say (once a minute at most) which entities were evicted as idle in the batch that brought their
         readings: they send, but stamped so far behind their partition's newest reading (a clock running
         late, local time sent as UTC) that each reading is evicted as it comes and never makes a window."""
+        if now_s - self._behind_logged_s < 60.0:  # paced first: the batch's names are not looked at between
+            return
         behind = sorted(set(evicted).intersection(heard))
-        if not behind or now_s - self._behind_logged_s < 60.0:
+        if not behind:
             return
         self._behind_logged_s = now_s
         log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's newest "
