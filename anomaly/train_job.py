@@ -205,7 +205,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         run.log_metrics(metrics)
         run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
         run.log_dict(detector.threshold.to_dict(), "threshold.json")
-        _log_figures(run, detector, result, val_scores, prepared, settings)
+        _log_figures(run, detector, result, val_scores, prepared)
         model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
         version = None
         promoted = False
@@ -237,7 +237,7 @@ def version_description(detector: Detector, result: TrainResult, dataset: str, s
 
 
 def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val_scores: np.ndarray,
-                 prepared: Prepared, settings: Settings) -> None:
+                 prepared: Prepared) -> None:
     run.log_figure(plots.loss_curves([h.train_loss for h in result.history], [h.val_loss for h in result.history],
                                      result.best_epoch), "loss_curves.png")
     run.log_figure(plots.error_distribution(val_scores, detector.threshold.value, method=detector.threshold.method),
@@ -260,8 +260,7 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and
     # about where validation starts when the tail reaches back into training rows.
     order = np.argsort(-np.asarray(scored.sensor_errors, dtype=np.float64).mean(axis=0), kind="stable")
-    first_val = len(prepared.values) - tail if prepared.entities else \
-        int(len(prepared.values) * (1 - settings.training.validation_fraction)) - (len(prepared.values) - tail)
+    first_val = (result.val_start_row or 0) - (len(prepared.values) - tail)  # rows left out (labelled, gaps) count
     marker = (stamps[first_val], " validation") if 0 < first_val < n else None
     run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, bars,
                                          flags=flags, expected=expected, order=order.tolist(), marker=marker),

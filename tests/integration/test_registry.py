@@ -359,3 +359,22 @@ def test_models_list_reads_every_page_of_a_big_registry(settings):
     listed = registry.list_versions()
     assert [(v.name, v.version) for v in listed] == [("pump-104", "1")]
     assert sorted(m.name for m in registry._every_page(c.search_registered_models)) == names
+
+
+def test_the_overlay_marks_where_validation_starts_when_labelled_rows_are_left_out(settings, monkeypatch):
+    # The last 200 of 500 readings are labelled anomalous and left out: validation ends at row 299, so it
+    # starts well before 80 % of the series (row 400, where the marker was put from the fraction alone).
+    from anomaly import plots
+
+    markers = []
+    overlay = plots.anomaly_overlay
+    monkeypatch.setattr(plots, "anomaly_overlay",
+                        lambda stamps, *a, **kw: markers.append(kw.get("marker")) or overlay(stamps, *a, **kw))
+    labels = np.zeros(500, dtype=bool)
+    labels[300:] = True
+    prepared = prepare_training(normal_frame(500), labels=labels)
+    out = run_training(prepared, settings, source="synthetic", register=False, progress=False)
+    start = out.result.val_start_row
+    assert start < 300
+    assert len(markers) == 1 and markers[0] is not None
+    assert markers[0][0] == prepared.timestamps[start]
