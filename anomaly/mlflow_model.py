@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from anomaly.codec import MAX_ABS_VALUE
+
 
 class DetectorModel(PythonModel):
     def load_context(self, context) -> None:
@@ -63,9 +65,11 @@ SENSOR_FILL_ROWS = 5  # a missing cell takes its sensor's previous value this ma
 def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One entity's rows (in time order): each row's window score, the bar in force, the top sensor."""
     values = frame[list(det.sensors)].to_numpy(dtype=np.float64)
-    # ±inf is a missing reading, as `anomaly score` reads it (the worker dead-letters it); scored as a value
-    # it gave scores of 1e32 and flagged every window holding it.
-    values = np.where(np.isinf(values), np.nan, values)
+    # ±inf, or a number too large to score (|value| >= 1e15, ``codec.MAX_ABS_VALUE``), is a missing reading,
+    # as `anomaly score` reads it (the worker dead-letters it); scored as a value, inf gave scores of 1e32
+    # and flagged every window holding it, and 1e39 in two sensors a NaN score (never flagged).
+    with np.errstate(invalid="ignore"):
+        values = np.where(np.abs(values) >= MAX_ABS_VALUE, np.nan, values)
     if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
         filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
@@ -75,7 +79,8 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
     if n >= det.window_size:
         scored = det.score_values(values)
         score[scored.end_rows] = scored.scores
-        top[scored.end_rows] = [det.sensors[j] for j in scored.sensor_errors.argmax(axis=1)]
+        top[scored.end_rows] = [det.sensors[j] if np.isfinite(v) else None  # no score, no sensor to blame
+                                for j, v in zip(scored.sensor_errors.argmax(axis=1), scored.scores)]
     return score, threshold.series_bars(score), top  # the bar: fitted, moved by an adaptive or episode rule
 
 

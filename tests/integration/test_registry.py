@@ -93,6 +93,15 @@ def test_register_load_promote_rollback(settings, monkeypatch):
     infinite.iloc[100, 1] = np.inf
     np.testing.assert_allclose(pyfunc.predict(infinite)["score"].to_numpy(dtype=float, na_value=np.nan),
                                out_gappy["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
+    # So is a number too large to score (1e39 in two sensors gave NaN scores, never flagged, each blaming
+    # a sensor that read normally).
+    wild, blank = gappy.copy(), gappy.copy()
+    wild.iloc[150, [0, 2]] = [1e39, -1e15]
+    blank.iloc[150, [0, 2]] = np.nan
+    out_wild = pyfunc.predict(wild)
+    assert out_wild["score"].iloc[w - 1:].notna().all() and out_wild["top_sensor"].iloc[w - 1:].notna().all()
+    np.testing.assert_allclose(out_wild["score"].to_numpy(dtype=float, na_value=np.nan),
+                               pyfunc.predict(blank)["score"].to_numpy(dtype=float, na_value=np.nan), rtol=1e-6)
     # The package travels with the model (a server built from the model's environment can import it).
     local = mlflow.artifacts.download_artifacts("models:/pump@champion")
     assert (Path(local) / "code" / "anomaly" / "detector.py").exists()

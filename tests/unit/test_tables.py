@@ -99,6 +99,20 @@ def test_empty_values_are_nan_and_inf_is_missing(tmp_path):
     assert frame["y"].iloc[1] == 3.0
 
 
+def test_values_too_large_to_score_are_missing_and_counted(tmp_path, caplog):
+    # The worker dead-letters |value| >= 1e15 (float32 scoring); a file's such cell is a missing reading,
+    # as inf is (1.8e308, a common "invalid" marker, gave NaN scores: never an alarm).
+    path = _write(tmp_path, "w.csv", "ts,x,y\n2020-01-01 00:00:00,1.7976931348623157e308,9.99e14\n"
+                                     "2020-01-01 00:00:01,-1e15,-inf\n2020-01-01 00:00:02,2,3\n")
+    with caplog.at_level("WARNING", logger="anomaly.tables"):
+        frame = read_table(path)
+    assert frame["x"].isna().tolist() == [True, True, False] and frame["y"].isna().tolist() == [False, True, False]
+    assert frame["y"].iloc[0] == 9.99e14
+    said = [r.getMessage() for r in caplog.records]
+    assert any("'x': 2 infinite or out-of-range" in m for m in said)
+    assert any("'y': 1 infinite or out-of-range" in m for m in said)
+
+
 def test_rows_keep_file_order(tmp_path):
     path = _write(tmp_path, "o.csv", "ts,x\n2020-01-01 00:00:02,2\n2020-01-01 00:00:01,1\n2020-01-01 00:00:02,3\n")
     frame = read_table(path)
