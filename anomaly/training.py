@@ -16,8 +16,9 @@ On CPU with several torch threads each batch is split into parts whose forward a
 run side by side, one thread each (``anomaly.scoring.cpu_streams``: as many parts as threads, as long
 as the configured batch gives each at least ``MIN_STREAM_WINDOWS`` windows; never an empty part);
 the parts' gradients, weighted by their share of the batch, are added in part order, so the
-sum does not depend on which thread finishes first. Only rounding differs from one pass over the batch. Dropout draws from the shared generator in whichever order the
-threads reach it, so a model with dropout is not bit-reproducible from its seed on this path.
+sum does not depend on which thread finishes first. Only rounding differs from one pass over the batch.
+Dropout would draw from torch's one shared generator in whichever order the threads reach it, so a model
+with dropout trains on one stream (its passes still use every thread): the same seed, the same model.
 """
 
 from __future__ import annotations
@@ -287,7 +288,9 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
 
     history: list[EpochStats] = []
     best_loss, best_epoch, best_state, waited, step = math.inf, 0, copy.deepcopy(model.state_dict()), 0, 0
-    streams = cpu_streams(device, config.batch_size, MIN_STREAM_WINDOWS)
+    # Parts side by side would draw dropout masks in thread order: a model with dropout runs one stream,
+    # so its seed reproduces it (see the module docstring).
+    streams = 1 if model_config.dropout > 0 else cpu_streams(device, config.batch_size, MIN_STREAM_WINDOWS)
     pool = ThreadPoolExecutor(streams, thread_name_prefix="anomaly-train-cpu") if streams > 1 else None
     bar = _progress(config.epochs, progress_desc, config.progress)
     try:
