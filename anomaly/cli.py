@@ -202,11 +202,14 @@ def _check_output(flag: str, path: str, what: str, make_parent: bool = True) -> 
         raise AnomalyError(f"{flag} {path}: no folder {parent} to write it in")
 
 
-def _check_device(settings) -> None:
-    """A training device that is not there, refused before any data is read or run opened."""
+def _check_device(settings, worker: bool = False) -> None:
+    """A training device (and with ``worker``, the worker's) that is not there, refused before any data is
+    read, run opened or service started."""
     from anomaly.training import resolve_device
 
     resolve_device(settings.training.device)
+    if worker:
+        resolve_device(settings.worker.device, "worker.device")
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -942,6 +945,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     # SKAB's tuned profile is the base (the fleet is SKAB pumps); --config and ANOMALY_* override its fields.
     settings = _settings(args, base=PROFILES["skab"])
+    _check_device(settings, worker=True)  # not after the broker and the UI are up (or, with a champion, never)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("skab")
     fleet = tuple(s.strip() for s in args.fleet.split(",") if s.strip()) if args.fleet else up.DEFAULT_FLEET
     options = up.UpOptions(data_dir=data_dir, fleet=fleet, speed=args.speed, loop=not args.once,

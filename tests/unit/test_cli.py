@@ -415,6 +415,21 @@ def test_a_training_device_the_machine_lacks_is_refused_before_the_data_is_read(
     assert "training.device" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_up_refuses_a_device_the_machine_lacks_before_anything_starts(tmp_path, capsys, monkeypatch):
+    from anomaly import up
+
+    started = []
+    monkeypatch.setattr(up, "run", lambda *a, **kw: started.append(a) or 0)
+    state = ["--state-dir", str(tmp_path / "state"), "--data-dir", str(tmp_path)]
+    assert main(["up", "--device", "cuda", *state]) == 2  # with a champion it ran, and every retrain failed
+    assert "training.device: cuda asked for but CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALY_WORKER__DEVICE", "cuda:1")
+    assert main(["up", *state]) == 2
+    assert "worker.device: cuda:1 asked for but CUDA is not available" in capsys.readouterr().err
+    assert started == []
+
+
 def test_models_usage_is_checked_before_the_store_is_reached_or_made(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["models", "promote", "--tracking-uri", "http://127.0.0.1:1"]) == 2  # nothing answers there
