@@ -71,9 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A dataset trains with its profile (as `evaluate` scores it and `anomaly up` trains it); a file with
     # the defaults. --config, ANOMALY_* and the flags override the fields they set.
     settings = _settings(args, base=protocols.PROFILES[args.dataset] if args.dataset else None)
-    if args.data and (args.series or args.data_dir):
-        raise AnomalyError(f"{'--series' if args.series else '--data-dir'} picks a dataset's data; with --data FILE "
-                           f"the file is the data: drop one")
+    _file_or_dataset(args)
     if args.no_register and (args.promote or args.alias):
         raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
     if args.alias:
@@ -200,6 +198,13 @@ def _check_output(flag: str, path: str, what: str, make_parent: bool = True) -> 
             raise AnomalyError(f"{flag} {path}: cannot make the folder {parent} ({exc.strerror or exc})") from exc
     if not parent.is_dir():
         raise AnomalyError(f"{flag} {path}: no folder {parent} to write it in")
+
+
+def _file_or_dataset(args: argparse.Namespace) -> None:
+    """--series and --data-dir pick a dataset's data: with --data FILE they would be ignored."""
+    if args.data and (args.series or args.data_dir):
+        raise AnomalyError(f"{'--series' if args.series else '--data-dir'} picks a dataset's data; with --data FILE "
+                           f"the file is the data: drop one")
 
 
 def _check_device(settings, worker: bool = False) -> None:
@@ -708,6 +713,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     sensors = [s.strip() for s in args.sensors.split(",") if s.strip()] if args.sensors else settings.data.sensors
     if args.sensors is not None and not sensors:
         raise AnomalyError(f"--sensors: no sensor named in {args.sensors!r}")
+    if not args.entity.strip():
+        raise AnomalyError(f"--entity: an entity name stem must not be empty, got {args.entity!r}")
+    _file_or_dataset(args)
     fleet: dict[str, Any] = {}
     if args.data:  # as train and score read it: data.entity_column's entities apart, retrain.label_field left out
         fleet, _ = _labelled_entity_tables(args.data, settings, sensors)
@@ -732,14 +740,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
         frame = pd.concat(fleet.values())
     else:
         plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
-    ahead = replay.seconds_ahead(plan.span_s, len(plan), speed=args.speed, rate_per_s=args.rate)
+    sent = len(plan) if args.limit is None else min(len(plan), args.limit)  # what --limit lets go out
+    span_s = plan.span_s if sent == len(plan) else replay.first_readings_span_s(plan, sent, plan.start_ts)
+    ahead = replay.seconds_ahead(span_s, sent, speed=args.speed, rate_per_s=args.rate)
     limit_s = settings.worker.max_future_s
     if limit_s is not None and limit_s >= 0 and ahead > limit_s:
         log.warning("this replay stamps readings up to %.0f s ahead of the clock (recorded spacing, sent faster); "
                     "a worker with worker.max_future_s = %g dead-letters those: run it with "
                     "ANOMALY_WORKER__MAX_FUTURE_S=-1 for a sped-up replay, or replay at --speed 1", ahead, limit_s)
-    log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s", source, len(frame), frame.shape[1],
-             len(plan.entities), "y" if len(plan.entities) == 1 else "ies", topic, bootstrap)
+    log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s%s", source, len(frame), frame.shape[1],
+             len(plan.entities), "y" if len(plan.entities) == 1 else "ies", topic, bootstrap,
+             f" (the first {sent} of {len(plan)} readings: --limit)" if sent < len(plan) else "")
     stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
                           client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
     print(json.dumps({"topic": topic, "bootstrap_servers": bootstrap, "source": source, "entities": list(plan.entities),

@@ -202,6 +202,12 @@ def test_replay_refuses_sensors_the_table_lacks(tmp_path, capsys):
     assert "['nosuch'] not found" in capsys.readouterr().err
     assert main([*base, "--sensors", " , "]) != 0
     assert "--sensors: no sensor named" in capsys.readouterr().err
+    assert main([*base, "--entity", " "]) == 2  # was a ValueError traceback, exit 1
+    assert "--entity: an entity name stem must not be empty" in capsys.readouterr().err
+    assert main([*base, "--series", "valve1/0"]) == 2  # a dataset's flags beside a file: ignored before
+    assert "--series picks a dataset's data" in capsys.readouterr().err
+    assert main([*base, "--data-dir", str(tmp_path)]) == 2
+    assert "--data-dir picks a dataset's data" in capsys.readouterr().err
 
 
 def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_path, monkeypatch, caplog):
@@ -221,6 +227,15 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
     with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
         main(["replay", "--data", str(table), "--speed", "1", "--bootstrap-servers", "127.0.0.1:1"])
     assert "ahead of the clock" not in caplog.text
+    caplog.clear()
+    # --limit 10 sends 9 s of readings: nothing to warn of (the whole file's 1079 s was said before)
+    with caplog.at_level(logging.INFO, logger="anomaly"), pytest.raises(SystemExit):
+        main(["replay", "--data", str(table), "--speed", "10", "--limit", "10", "--bootstrap-servers", "127.0.0.1:1"])
+    assert "ahead of the clock" not in caplog.text and "the first 10 of 1200 readings" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
+        main(["replay", "--data", str(table), "--speed", "10", "--limit", "1000", "--bootstrap-servers", "127.0.0.1:1"])
+    assert "up to 899 s ahead of the clock" in caplog.text  # 999 s of readings sent in 99.9 s
 
 
 def test_datasets_are_found_beside_the_checkout_from_any_folder(tmp_path, monkeypatch):

@@ -79,6 +79,15 @@ def test_irregular_spacing_kept_and_delay_uses_median_period():
     assert p1 == pytest.approx([1, 2, 3.5, 4.5])  # median spacing is 1 s
 
 
+def test_the_span_of_a_limited_replay_is_that_of_the_readings_it_sends():
+    from anomaly.replay import first_readings_span_s
+
+    plan = replay_plan(frame(5), "p", copies=2, offset_rows=1, start_ts=START)  # p-1 two seconds behind p-0
+    assert plan.span_s == 10.0
+    assert [first_readings_span_s(plan, n, plan.start_ts) for n in (0, 1, 2, 3, 4, 10, 99)] == \
+        [0.0, 0.0, 2.0, 2.0, 4.0, 10.0, 10.0]
+
+
 def test_every_planned_reading_encodes_as_contract_json():
     from anomaly.codec import encode_reading
 
