@@ -155,10 +155,14 @@ class LocalBroker:
             fd, name = tempfile.mkstemp(prefix=f"anomaly-broker-{self.port}-", suffix=".log")
             os.close(fd)
             self._log_path = Path(name)
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, NO_COLOR="1")  # plain text in the log file
         try:
-            with open(self._log_path, "ab") as out:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self._log_path, "ab")
+        except OSError as exc:  # a folder, a path under a file, no permission: the log, not the binary
+            raise BrokerError(f"cannot write the broker's log {self._log_path}: {exc.strerror or exc}") from exc
+        try:
+            with out:
                 self._proc = subprocess.Popen(
                     command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                     # Own session: a Ctrl-C in the terminal reaches us, and we stop the broker in order.

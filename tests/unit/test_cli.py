@@ -80,6 +80,19 @@ def test_bad_numeric_arguments_are_usage_errors(argv, words, capsys):
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_a_broker_log_that_cannot_be_written_is_said_as_such(tmp_path, capsys):
+    # It was "cannot run .../tansu: Is a directory", as if the binary were broken, or a bare "File exists".
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "file").write_text("")
+    for log_path in (tmp_path, tmp_path / "file" / "broker.log"):
+        assert main(["broker", "--port", port, "--log", str(log_path)]) == 2
+        assert f"cannot write the broker's log {log_path}" in capsys.readouterr().err
+
+
 def test_evaluate_names_series_the_dataset_does_not_have(capsys):
     from tests.fixtures import need_dataset
 
