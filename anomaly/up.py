@@ -59,6 +59,8 @@ WORKER_READY_S = 90.0
 # The scheduler lets a retrain in progress finish on SIGTERM: killed, its MLflow run would stay RUNNING.
 STOP_GRACE_S = {"worker": 30.0, "scheduler": 180.0, "mlflow": 10.0}
 SUPERVISE_STEP_S = 0.5
+REPLAY_STOP_S = 70.0  # the fleet replay's stop: its flush of queued readings (replay.FLUSH_TIMEOUT_S) and close
+REPLAY_STOP_BROKER_GONE_S = 2.0  # ... when the broker is gone: nothing can be delivered, so it is not waited out
 LOG_TAIL_CHARS = 1500
 
 
@@ -433,7 +435,7 @@ class FleetReplay:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 70.0) -> None:
+    def stop(self, timeout_s: float = REPLAY_STOP_S) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
 
@@ -469,7 +471,10 @@ class FleetReplay:
             pass
         except Exception as exc:
             self.error = exc
-            log.error("fleet replay failed: %s", exc)
+            if self._stop.is_set():  # the stack is stopping (a dead broker makes the last flush fail)
+                log.info("fleet replay ended while stopping: %s", exc)
+            else:
+                log.error("fleet replay failed: %s", exc)
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -772,7 +777,13 @@ def _start(children: dict[str, Child], child: Child) -> None:
 def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any) -> None:
     """Stop in dependency order: readings first, then the worker (drains and commits), the rest after."""
     if fleet_replay is not None:
-        fleet_replay.stop()
+        if broker is not None and not broker.is_running():
+            # The replay's flush would wait 60 s for a broker that is gone, with kafka-python logging every
+            # failed reconnect meanwhile: its thread (a daemon) is left to end with the process.
+            logging.getLogger("kafka").setLevel(logging.CRITICAL)
+            fleet_replay.stop(REPLAY_STOP_BROKER_GONE_S)
+        else:
+            fleet_replay.stop()
     for name in ("worker", "scheduler", "mlflow"):
         child = children.get(name)
         if child is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -302,3 +303,69 @@ def test_supervision_stops_the_session_when_the_console_feed_dies(monkeypatch):
     assert up._supervise({"worker": child}, replay, None, 0.05, SimpleNamespace(error=None)) == 0
     with pytest.raises(up.UpError, match="event feed stopped: NoBrokersAvailable"):
         up._supervise({"worker": child}, replay, None, 5.0, SimpleNamespace(error=RuntimeError("NoBrokersAvailable")))
+
+
+class _Broker:
+    def __init__(self, running: bool) -> None:
+        self.running, self.stopped = running, False
+
+    def is_running(self) -> bool:
+        return self.running
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_stop_after_the_broker_died_does_not_wait_out_the_replays_flush(monkeypatch, caplog):
+    """The replay's last flush waits 60 s for a broker that is gone (and kafka-python logs every failed
+    reconnect meanwhile): `up` took 70 s to stop. Its thread is left to end with the process."""
+    import logging
+    import threading
+
+    from anomaly import replay
+    from anomaly.errors import TopicError
+
+    flushing, release = threading.Event(), threading.Event()
+
+    def stuck_flush(*args, **kwargs):  # sends, then waits on the flush as a dead broker makes it wait
+        flushing.set()
+        release.wait(30)
+        raise TopicError("readings not confirmed within 60 s")
+
+    monkeypatch.setattr(replay, "replay", stuck_flush)
+    kafka_logger = logging.getLogger("kafka")
+    monkeypatch.setattr(kafka_logger, "level", kafka_logger.level)  # put back after the test
+    frames = [("pump-0", _series("s").frame)]
+    fleet = up.FleetReplay("127.0.0.1:1", "readings", frames, speed=10.0, loop=False, client_options={}).start()
+    assert flushing.wait(10)
+    broker = _Broker(running=False)
+    with caplog.at_level(logging.INFO, logger="anomaly.up"):
+        up._stop_all({}, fleet, None, broker)
+        assert fleet.alive() and broker.stopped  # not waited for
+        assert kafka_logger.level == logging.CRITICAL  # the dead broker's reconnect errors are not shown
+        release.set()
+        fleet._thread.join(10)
+    assert not fleet.alive()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "fleet replay" in r.getMessage()]
+    assert said == [(logging.INFO, "fleet replay ended while stopping: readings not confirmed within 60 s")]
+
+
+def test_a_stop_with_the_broker_running_lets_the_replay_flush(monkeypatch):
+    import threading
+
+    from anomaly import replay
+
+    flushing, flushed = threading.Event(), []
+
+    def slow_flush(*args, **kwargs):
+        flushing.set()
+        time.sleep(0.5)
+        flushed.append(True)
+        return replay.ReplayStats(sent=0, seconds=0.5)
+
+    monkeypatch.setattr(replay, "replay", slow_flush)
+    fleet = up.FleetReplay("127.0.0.1:1", "readings", [("pump-0", _series("s").frame)], speed=10.0, loop=False,
+                           client_options={}).start()
+    assert flushing.wait(10)
+    up._stop_all({}, fleet, None, _Broker(running=True))
+    assert flushed == [True] and not fleet.alive()
