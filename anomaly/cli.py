@@ -751,8 +751,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s%s", source, len(frame), frame.shape[1],
              len(plan.entities), "y" if len(plan.entities) == 1 else "ies", topic, bootstrap,
              f" (the first {sent} of {len(plan)} readings: --limit)" if sent < len(plan) else "")
-    stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
-                          client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
+    import signal
+
+    def terminated(*_: Any) -> None:  # as Ctrl-C: the readings queued so far are flushed, then exit 130
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated)  # it killed the replay with its queue unsent (143)
+    try:
+        stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
+                              client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps({"topic": topic, "bootstrap_servers": bootstrap, "source": source, "entities": list(plan.entities),
                       "sent": stats.sent, "seconds": round(stats.seconds, 3),
                       "rate_per_s": round(stats.rate_per_s, 1) if stats.seconds > 0 else None}, indent=2))

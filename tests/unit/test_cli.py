@@ -251,6 +251,48 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
     assert "up to 899 s ahead of the clock" in caplog.text  # 999 s of readings sent in 99.9 s
 
 
+def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatch, capsys):
+    # SIGTERM killed it outright (exit 143), the readings queued in the producer never sent; it now stops
+    # as Ctrl-C does: flushed, "interrupted", exit 130, and SIGTERM's handler is put back.
+    import os
+    import signal
+
+    from anomaly import replay
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent, self.flushed = 0, False
+
+        def send(self, topic, value=None, key=None):
+            self.sent += 1
+            if self.sent == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return None
+
+        def flush(self, timeout=None):
+            self.flushed = True
+
+        def close(self, timeout=None):
+            pass
+
+    producer = Producer()
+    real = replay.replay
+    monkeypatch.setattr(replay, "replay",
+                        lambda *a, **k: real(*a, **k, producer_factory=lambda bootstrap, options: producer))
+    table = tmp_path / "t.csv"
+    table.write_text("ts,a\n" + "\n".join(f"2026-01-01T00:00:{s:02d}Z,{s}" for s in range(60)) + "\n")
+    unhandled = []  # what SIGTERM does outside the replay here (not kill the test session)
+    guard = lambda *_: unhandled.append(True)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        assert main(["replay", "--data", str(table), "--quiet", "--bootstrap-servers", "127.0.0.1:1"]) == 130
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert producer.flushed and 5 <= producer.sent < 60 and not unhandled
+    assert "interrupted" in capsys.readouterr().err
+
+
 def test_datasets_are_found_beside_the_checkout_from_any_folder(tmp_path, monkeypatch):
     import anomaly.cli as cli
 
