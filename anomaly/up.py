@@ -483,10 +483,9 @@ def load_fleet(data_dir: Path, fleet: Sequence[str]) -> list[tuple[str, Any]]:
     """``[(entity, LabelledSeries)]`` for the fleet; a missing dataset or series is a ``DataError`` that says where."""
     from anomaly import datasets
 
-    try:  # load_skab takes the dataset folder or its data/ folder
-        by_name = {s.name: s for s in datasets.load_skab(data_dir)}
-    except DataError as exc:
-        raise DataError(f"{exc}: pass --data-dir or set ANOMALY_DATASETS to the folder holding skab/") from None
+    # load_skab takes the dataset folder or its data/ folder; a folder that is neither is said with where
+    # datasets are looked for (--data-dir, ANOMALY_DATASETS): said once, not twice
+    by_name = {s.name: s for s in datasets.load_skab(data_dir)}
     missing = [name for name in fleet if name not in by_name]
     if missing:
         raise DataError(f"no SKAB series {', '.join(missing)} in {data_dir}; e.g. {', '.join(sorted(by_name)[:6])}")

@@ -222,8 +222,10 @@ def test_up_options_are_checked():
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match="not a SKAB folder.*pass --data-dir or set ANOMALY_DATASETS"):
+    with pytest.raises(DataError, match="not a SKAB folder.*point --data-dir at the dataset's folder, or set "
+                                        "ANOMALY_DATASETS") as error:
         up.load_fleet(tmp_path, ["valve1/0"])
+    assert str(error.value).count("ANOMALY_DATASETS") == 1  # the advice was given twice
 
 
 def test_the_fleet_loads_from_the_skab_folder_or_its_data_folder():
