@@ -137,7 +137,7 @@ def load_nab(data_dir: str | Path) -> list[LabelledSeries]:
     ``frame``: one column ``"value"``; ``labels``: rows inside any window; ``train_rows``: the
     probationary period ``min(floor(0.15 N), 750)``; ``meta``: ``windows`` (list of inclusive
     ``(start_row, end_row)``), ``probation_rows``, ``category``, ``path``. A window bound must equal a
-    row's timestamp; with duplicated timestamps the start takes the first such row, the end the last.
+    row's timestamp; with duplicated timestamps both bounds take the first such row (NAB's ``timestamps.index``).
     """
     base = Path(data_dir)
     data_root, windows_path = base / "data", base / "labels" / "combined_windows.json"

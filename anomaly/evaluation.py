@@ -55,7 +55,18 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _elapsed_seconds(timestamps: Any, n_rows: int) -> np.ndarray:
-    """Seconds since the first row, as float64, from datetime64 / DatetimeIndex / numeric epoch seconds."""
+    """Seconds since the first row, as float64, from datetime64 / DatetimeIndex / numeric epoch seconds, as
+    the stream has seen time pass: a row stamped before an earlier one (a late reading; one NAB file has
+    such rows) counts at the latest time seen so far, so no delay is negative. A missing time (NaT, NaN)
+    is a ``ValueError`` naming its row (every delay would be NaN)."""
+    secs = _seconds_since_first(timestamps, n_rows)
+    missing = np.flatnonzero(np.isnan(secs))
+    if len(missing):
+        raise ValueError(f"timestamps: row {int(missing[0])} has no time (NaT or NaN)")
+    return np.maximum.accumulate(secs) if len(secs) else secs
+
+
+def _seconds_since_first(timestamps: Any, n_rows: int) -> np.ndarray:
     if getattr(timestamps, "tz", None) is not None:  # a tz-aware DatetimeIndex: its UTC instants, no warning
         timestamps = timestamps.tz_convert("UTC").tz_localize(None)
     arr = np.asarray(timestamps)

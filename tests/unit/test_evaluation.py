@@ -127,6 +127,19 @@ def test_event_delay_in_seconds_from_timestamps():
     assert event_metrics(y_true, y_pred, timestamps=np.array([0.0, 5.0, 7.5, 12.5, 20.0])).delays == [7.5]
 
 
+def test_a_late_stamped_row_gives_no_negative_delay_and_a_missing_time_is_refused():
+    y_true = np.array([0, 0, 1, 1, 1, 0])
+    y_pred = np.array([0, 0, 0, 1, 0, 0])  # event rows 2..4, first flagged at row 3
+    stamps = pd.date_range("2020-01-01", periods=6, freq="10s", tz="UTC")
+    assert event_metrics(y_true, y_pred, stamps).delays == [10.0]
+    # row 3 stamped before row 2 (a late reading): it happened, as the stream saw it, at row 2's time
+    assert event_metrics(y_true, y_pred, stamps[[0, 1, 3, 2, 4, 5]]).delays == [0.0]  # was -10 s
+    with pytest.raises(ValueError, match="row 0 has no time"):  # every delay was NaN, and the JSON invalid
+        event_metrics(y_true, y_pred, pd.DatetimeIndex([pd.NaT, *stamps[1:]]))
+    with pytest.raises(ValueError, match="row 4 has no time"):
+        event_metrics(y_true, y_pred, np.array([0.0, 1, 2, 3, np.nan, 5]))
+
+
 def test_one_prediction_spanning_two_events_and_one_starting_early():
     # pred (0,3) overlaps both (0,1) and (2,3): one correct prediction, both detected with delay 0
     c = event_metrics(np.array([1, 0, 1]), np.array([1, 1, 1]))
