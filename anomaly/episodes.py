@@ -12,7 +12,11 @@ alarm itself:
   of the episode's scores so far) divided by ``drop``, and never under the fitted threshold: a fault
   that stays up stays flagged however long it lasts;
 - ``k`` windows in a row at or under that bar end the episode, so it ends when the fault's scores fall
-  to 1/``drop`` of its level even if the asset has not come all the way back; the bar is then
+  to 1/``drop`` of its level even if the asset has not come all the way back. While such a run lasts the
+  level stays where it was when the run began (its windows are held aside); a window above the bar
+  breaks the run and the held windows join the level with it. (Counted in at once, a run's own scores
+  pulled the level down under them before ``k`` came: after a short fault an asset settled between the
+  fitted threshold and 1/``drop`` of the fault stayed in the episode, alarmed, for good.) The bar is then
   ``settle`` × the highest of those ``k`` scores (at least the fitted threshold): the level an asset
   settles at after a fault (a rig still warm, a refitted valve) is not alarmed again, a rise above it
   is. The settled bar holds until the model changes (a new model's scores are on its own scale, so
@@ -91,7 +95,8 @@ class EpisodeRule:
 @dataclass
 class _State:
     """One entity's episode state: the settled bar, and while an episode is open its log-sum, length
-    and the run of windows at or under its bar (how many, their highest score)."""
+    and the run of windows at or under its bar (how many, their highest score, their log-sum: held
+    aside until a window above the bar breaks the run)."""
 
     settled: float = 0.0
     open: bool = False
@@ -99,6 +104,7 @@ class _State:
     n: int = 0
     below: int = 0
     below_max: float = 0.0
+    below_log_sum: float = 0.0
     newest: float = -math.inf  # newest window end (stream time), for pruning
     stream: int = -1  # the stream (partition) its windows came on, for pruning by that stream's clock
 
@@ -115,17 +121,20 @@ class _State:
             return bar
         if not self.open:
             if score > bar:
-                self.open, self.log_sum, self.n, self.below = True, math.log(max(score, _TINY)), 1, 0
+                self.open, self.log_sum, self.n = True, math.log(max(score, _TINY)), 1
+                self.below, self.below_log_sum = 0, 0.0
             return bar
-        if score > bar:
-            self.below = 0
-        else:
-            self.below_max = score if self.below == 0 else max(self.below_max, score)
-            self.below += 1
-        self.log_sum += math.log(max(score, _TINY))
-        self.n += 1
+        if score > bar:  # the run under the bar (if any) is broken: its windows join the level, then this one
+            self.log_sum += self.below_log_sum + math.log(max(score, _TINY))
+            self.n += self.below + 1
+            self.below, self.below_log_sum = 0, 0.0
+            return bar
+        self.below_max = score if self.below == 0 else max(self.below_max, score)
+        self.below_log_sum += math.log(max(score, _TINY))
+        self.below += 1
         if self.below >= k:
             self.open, self.settled = False, settle * self.below_max
+            self.below, self.below_log_sum = 0, 0.0
         return bar
 
 

@@ -23,20 +23,39 @@ from tests.unit.test_scoring_step import FakeModel, stream, T0
 
 def test_bars_by_hand() -> None:
     """Base 2. 4 opens (bar 2); inside, the bar is the geometric mean of the episode's scores so far / 2,
-    at least 2: 4 -> 2, sqrt(4*16)=8 -> 4, (4*16*16)^(1/3)=10.08 -> 5.04, (4*16*16*2)^(1/4)=6.73 -> 3.36;
-    2 and 1 are at or under it (k = 2): the episode ends and the bar becomes 3 x 2 (the highest of the
-    two) = 6. 2.5 and 3.5 are under it; 7 opens the next episode (bar 6), whose bar is then 7 / 2, which 4
-    is above. A NaN is shown the bar in force."""
+    at least 2: 4 -> 2, sqrt(4*16)=8 -> 4, (4*16*16)^(1/3)=10.08 -> 5.04; 2 is under it and begins a run,
+    whose windows are held aside (the bar stays 5.04, not (4*16*16*2)^(1/4)/2 = 3.36); 1 is under it too
+    (k = 2): the episode ends and the bar becomes 3 x 2 (the highest of the two) = 6. 2.5 and 3.5 are
+    under it; 7 opens the next episode (bar 6), whose bar is then 7 / 2, which 4 is above. A NaN is shown
+    the bar in force."""
     rule = EpisodeRule(drop=2.0, settle=3.0, k=2)
     x = np.array([1, 4, 16, 16, 2, 1, 2.5, 3.5, np.nan, 7, 4], dtype=float)
     bars = episode_bars(x, 2.0, rule)
     level3 = (4 * 16 * 16) ** (1 / 3) / 2
-    level4 = (4 * 16 * 16 * 2) ** (1 / 4) / 2
-    np.testing.assert_allclose(bars, [2, 2, 2, 4, level3, level4, 6, 6, 6, 6, 3.5])
+    np.testing.assert_allclose(bars, [2, 2, 2, 4, level3, level3, 6, 6, 6, 6, 3.5])
+    # A run broken by a window above the bar: its windows join the level with that window.
+    y = np.array([4, 16, 16, 2, 40, 3], dtype=float)
+    level5 = (4 * 16 * 16 * 2 * 40) ** (1 / 5) / 2
+    np.testing.assert_allclose(episode_bars(y, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=3)),
+                               [2, 2, 4, level3, level3, level5])
     assert episode_flags(x, 2.0, rule).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]
     # no rule, or an off one: the base alone
     assert episode_bars(x, 2.0, None).tolist() == [2.0] * 11
     assert episode_bars(x, 2.0, EpisodeRule()).tolist() == [2.0] * 11  # drop 0: off
+
+
+def test_an_asset_settled_under_a_short_faults_level_ends_the_episode() -> None:
+    """A fault at 10 for 30 windows, then the asset settles at 2 (over the fitted 1, under 10 / 3). The
+    run at 2 held the level down under it before k came (counted in at once, 14 windows in the bar fell
+    under 2) and 1,986 of the 2,000 windows after the fault were alarmed, the episode never ending. Now it
+    ends after k and the settled bar (1.5 x 2) holds; the fault is flagged throughout, and a rise above
+    the settled bar alarms again."""
+    x = np.r_[np.full(30, 10.0), np.full(2000, 2.0), np.full(20, 4.0)]
+    rule = EpisodeRule(drop=3.0, settle=1.5, k=60)
+    flags = episode_flags(x, 1.0, rule)
+    assert flags[:30].all() and not flags[30:2030].any() and flags[2030:].all()
+    streamed = EpisodeBars(rule)
+    np.testing.assert_array_equal(streamed.bars(["pump"] * len(x), x, 1.0), episode_bars(x, 1.0, rule))
 
 
 def test_an_episode_opened_by_noise_ends_with_it() -> None:
