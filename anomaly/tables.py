@@ -205,8 +205,9 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
         if suffix in _PARQUET_SUFFIXES:
             return pd.read_parquet(path)
         if suffix in _CSV_SUFFIXES:
-            return pd.read_csv(path, sep=_sniff_separator(path), engine="c",
-                               dtype={c: str for c in text_columns} or None)
+            sep = _sniff_separator(path)
+            _refuse_repeated_names(path, sep)
+            return pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text_columns} or None)
     except DataError:
         raise
     except Exception as exc:  # parser errors of several kinds: one message for the operator
@@ -234,6 +235,18 @@ def _sniff_separator(path: Path) -> str:
     if even:
         return max(even)[2]
     return max((",", ";", "\t"), key=header.count)
+
+
+def _refuse_repeated_names(path: Path, sep: str) -> None:
+    """A header naming a column twice is a ``DataError`` (pandas would read the second ``a`` as a sensor
+    ``a.1`` of its own, without a word)."""
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
+        names = next(csv.reader([fh.readline()], delimiter=sep), [])
+    seen: set[str] = set()
+    repeated = sorted({n for n in names if n.strip() and (n in seen or seen.add(n))})  # blank: "Unnamed: i"
+    if repeated:
+        raise DataError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; "
+                        "give each column its own name")
 
 
 def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str | None:

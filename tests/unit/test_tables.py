@@ -113,6 +113,13 @@ def test_values_too_large_to_score_are_missing_and_counted(tmp_path, caplog):
     assert any("'y': 1 infinite or out-of-range" in m for m in said)
 
 
+def test_a_column_named_twice_is_refused(tmp_path):
+    # pandas read the second as a sensor "a.1" of its own
+    path = _write(tmp_path, "d.csv", "ts;a;b;a\n2020-01-01 00:00:00;1;2;3\n2020-01-01 00:00:01;1;2;3\n")
+    with pytest.raises(DataError, match="names 'a' more than once"):
+        read_table(path)
+
+
 def test_rows_keep_file_order(tmp_path):
     path = _write(tmp_path, "o.csv", "ts,x\n2020-01-01 00:00:02,2\n2020-01-01 00:00:01,1\n2020-01-01 00:00:02,3\n")
     frame = read_table(path)
