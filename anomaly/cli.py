@@ -706,6 +706,8 @@ def _local_port(bootstrap_servers: str) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Stream a table or a dataset series into the input topic, as a fleet of live sensors."""
+    import signal
+
     from anomaly import protocols, replay
 
     # A dataset series is sent with the sensors its profile reads (what `train --dataset` trains on).
@@ -751,8 +753,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     log.info("replaying %s: %d rows x %d sensors as %d entit%s to %s on %s%s", source, len(frame), frame.shape[1],
              len(plan.entities), "y" if len(plan.entities) == 1 else "ies", topic, bootstrap,
              f" (the first {sent} of {len(plan)} readings: --limit)" if sent < len(plan) else "")
-    import signal
-
     def terminated(*_: Any) -> None:  # as Ctrl-C: the readings queued so far are flushed, then exit 130
         raise KeyboardInterrupt
 
