@@ -251,7 +251,9 @@ class LocalBroker:
         if self._log_path is None or not self._log_path.exists():
             return ""
         text = self._log_path.read_bytes()[-_LOG_TAIL_CHARS:].decode("utf-8", "replace").strip()
-        return f"\n--- broker log {self._log_path} (tail) ---\n{text}" if text else ""
+        # a temporary log is deleted at stop (which a failed start runs): its path would point at nothing
+        where = "output" if self._own_log else f"log {self._log_path}"
+        return f"\n--- broker {where} (tail) ---\n{text}" if text else ""
 
 
 def _cleanup(proc: subprocess.Popen[bytes], grace_s: float, own_log: Path | None) -> None:
