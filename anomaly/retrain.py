@@ -34,6 +34,7 @@ Kafka is reached through ``anomaly.kafka_io``, MLflow through ``registry``/``tra
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -292,8 +293,10 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
     """
     if not math.isfinite(challenger.mean_error):
         return Decision(False, "challenger scores are not finite", -math.inf)
-    if not math.isfinite(champion.mean_error) or champion.mean_error <= 0:
-        improvement = math.inf if math.isfinite(challenger.mean_error) else 0.0
+    if not math.isfinite(champion.mean_error):
+        improvement = math.inf  # any finite challenger is better
+    elif champion.mean_error <= 0:  # a perfect champion: only as perfect a challenger matches it, none beats it
+        improvement = 0.0 if challenger.mean_error <= champion.mean_error else -math.inf
     else:
         improvement = (champion.mean_error - challenger.mean_error) / champion.mean_error
     far_delta = challenger.false_alarm_rate - champion.false_alarm_rate
@@ -320,8 +323,9 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
 
 def record_label(value: bytes | None, label_field: str | None) -> bool | None:
     """The ``label_field`` of a JSON reading's top level (the codec ignores extra fields), or None.
-    The bytes are searched first, so unlabelled streams pay no second parse."""
-    if not value or not label_field or f'"{label_field}"'.encode() not in value:
+    The bytes are searched first (for the name as UTF-8 and as JSON's ``\\u`` escapes write it), so
+    unlabelled streams pay no second parse."""
+    if not value or not label_field or not any(needle in value for needle in _label_needles(label_field)):
         return None
     import json
 
@@ -330,6 +334,15 @@ def record_label(value: bytes | None, label_field: str | None) -> bool | None:
     except ValueError:
         return None
     return parse_label(doc.get(label_field)) if isinstance(doc, dict) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _label_needles(label_field: str) -> tuple[bytes, ...]:
+    """The label field's name as it may stand in a record's bytes: raw UTF-8, and ASCII-escaped (Python's
+    ``json.dumps`` writes ``störung`` as ``st\\u00f6rung``)."""
+    import json
+
+    return tuple({f'"{label_field}"'.encode(), json.dumps(label_field).encode()})
 
 
 def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s: float,
@@ -538,7 +551,7 @@ def _left_out(history: History, rt: Any, champion: Any) -> str:
     if history.ignored:
         what = f"carry all of the champion's sensors ({', '.join(champion.sensors)})"
         if rt.entities:
-            what += f" or are of retrain.entities ({', '.join(sorted(rt.entities))})"
+            what += f" or are not of retrain.entities ({', '.join(sorted(rt.entities))})"
         parts.append(f"{history.ignored} of {history.seen} readings read do not {what}")
     if history.future:
         parts.append(f"{history.future} readings are stamped further ahead of the clock than "

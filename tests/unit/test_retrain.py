@@ -140,6 +140,9 @@ def metrics(err: float, far: float) -> HoldoutMetrics:
     (metrics(1.0, 0.01), metrics(0.50, 0.011), True, "better"),  # within the tolerance
     (metrics(1.0, 0.01), metrics(1.20, 0.0), False, "not better enough"),
     (metrics(1.0, 0.01), metrics(math.inf, 0.0), False, "not finite"),
+    (metrics(math.inf, 0.01), metrics(5.0, 0.01), True, "better"),  # any finite challenger beats a broken champion
+    (metrics(0.0, 0.01), metrics(5.0, 0.01), False, "not better enough"),  # promoted as "+inf%" before
+    (metrics(0.0, 0.01), metrics(0.0, 0.01), False, "not better enough"),
 ])
 def test_decide(champ, chall, promote, why):
     d = decide(champ, chall, min_improvement=0.05, max_false_alarm_increase=0.001)
@@ -242,6 +245,12 @@ def test_parse_and_record_labels():
     assert record_label(b'{"entity": "e", "ts": 1, "values": {}, "anomaly": 1}', "anomaly") is True
     assert record_label(b'{"entity": "e", "ts": 1, "values": {}}', "anomaly") is None
     assert record_label(b'{"entity": "e", "ts": 1, "values": {}, "label": 0}', "label") is False
+    # A name beyond ASCII, as raw UTF-8 or as json.dumps escapes it by default (ignored before: no label)
+    import json
+
+    record = {"entity": "e", "ts": 1, "values": {}, "störung": 1}
+    assert record_label(json.dumps(record).encode(), "störung") is True
+    assert record_label(json.dumps(record, ensure_ascii=False).encode(), "störung") is True
 
 
 def test_label_rows_place_labels_on_the_nearest_slot():
@@ -746,3 +755,17 @@ def test_a_retrain_on_a_missing_input_topic_says_so(monkeypatch):
     stats: dict[str, int] = {}
     assert list(retrain.topic_readings("b:9092", "t", idle_s=0.01, timeout_s=0.05, stats=stats)) == []
     assert stats["no_topic"] == 1
+
+
+def test_a_skips_reason_says_readings_of_other_entities_are_not_of_retrain_entities():
+    from types import SimpleNamespace
+
+    from anomaly.codec import Reading
+    from anomaly.retrain import History, _left_out
+
+    history = History(1000, 1e9, entities=["pump-1"], sensors=("a", "b"))
+    history.add(Reading("pump-1", 0.0, {"a": 1.0}))  # lacks b
+    history.add(Reading("pump-2", 1.0, {"a": 1.0, "b": 2.0}))  # another entity
+    said = _left_out(history, SimpleNamespace(entities=["pump-1"]), SimpleNamespace(sensors=("a", "b")))
+    assert "2 of 2 readings read do not carry all of the champion's sensors (a, b) or are not of " \
+           "retrain.entities (pump-1)" in said  # "or are of retrain.entities" said the opposite
