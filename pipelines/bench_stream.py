@@ -296,12 +296,14 @@ def load_topic(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) 
     return len(messages) / seconds
 
 
-def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeout_s: float) -> dict[str, Any]:
-    """A bare consumer in its own group (the worker's consumer options and ``max_poll_records``): poll
-    and JSON-decode every value with ``orjson.loads``, the worker's decoder, until ``n`` are read."""
+def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeout_s: float,
+                client_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A bare consumer in its own group (the worker's consumer options, ``--client-options`` included, and
+    ``max_poll_records``): poll and JSON-decode every value with ``orjson.loads``, the worker's decoder,
+    until ``n`` are read."""
     from anomaly import kafka_io
 
-    consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw", [topic])
+    consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw", [topic], client_options)
     count, first, deadline = 0, None, time.monotonic() + timeout_s
     loads = orjson.loads  # the worker's decoder (anomaly.codec.decode_batch): the same on both sides
     # What this process built so far (torch, MLflow, the fitted model) is frozen out of the cyclic
@@ -632,7 +634,7 @@ def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: flo
     warm_up(detector)
     rounds = []
     for r in range(n_rounds):  # alternate, so a change in the machine's load hits both alike
-        raw = raw_consume(bootstrap, topic, n, settings.worker.max_poll_records, timeout)
+        raw = raw_consume(bootstrap, topic, n, settings.worker.max_poll_records, timeout, tuning.client_options)
         log.info("round %d: raw consumer %.0f msg/s", r + 1, raw["msgs_per_s"])
         worker = make_bench_worker(detector, bootstrap, topic, f"{topic}.worker.{r}", tuning, target=n)
         run_worker(worker, timeout)

@@ -26,6 +26,7 @@ told apart. Timings on a shared machine are noisy: run it twice.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -81,10 +82,12 @@ class PlainAutoencoder(nn.Module):
 
 
 def plain_val_loss(model: nn.Module, val: torch.Tensor, device: torch.device) -> float:
-    """Mean squared error over a CPU tensor of windows, batch by batch (the reference's validation)."""
+    """Mean squared error over a CPU tensor of windows, batch by batch (the reference's validation), in
+    IEEE float32 as ours is measured (``ieee_float32``: on CUDA cuDNN's TF32 default would otherwise set
+    the target in another precision than the one ours is held to)."""
     model.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), ieee_float32(device):
         for (batch,) in DataLoader(TensorDataset(val), batch_size=REF_BATCH):
             batch = batch.to(device)
             total += float(torch.mean((model(batch) - batch) ** 2)) * len(batch)
@@ -95,12 +98,15 @@ def plain_val_loss(model: nn.Module, val: torch.Tensor, device: torch.device) ->
 def plain_train(train: torch.Tensor, val: torch.Tensor, dims: ModelConfig, device: torch.device, epochs: int,
                 on_epoch: Callable[[int, float, float, float], None] = lambda *a: None,
                 seed: int = 0) -> nn.Module:
-    """The reference loop; ``on_epoch(epoch, train_seconds, val_loss, elapsed_s)`` after each epoch."""
+    """The reference loop; ``on_epoch(epoch, train_seconds, val_loss, elapsed_s)`` after each epoch. Returns
+    the model at its best epoch's weights (as ours keeps early stopping's best): the target is that
+    epoch's loss, and the "val loss" row compares it with ours."""
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = PlainAutoencoder(dims.n_features, dims.hidden_size, dims.latent_size).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=REF_LR)
     loader = DataLoader(TensorDataset(train), batch_size=REF_BATCH, shuffle=True)
+    best_loss, best_state = math.inf, None
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -114,6 +120,10 @@ def plain_train(train: torch.Tensor, val: torch.Tensor, dims: ModelConfig, devic
         train_seconds = time.perf_counter() - t0
         val_loss = plain_val_loss(model, val, device)
         on_epoch(epoch, train_seconds, val_loss, time.perf_counter() - started)
+        if val_loss < best_loss:
+            best_loss, best_state = val_loss, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model
 
 

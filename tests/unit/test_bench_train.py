@@ -95,3 +95,28 @@ def test_gpu_figures_go_to_their_own_section_and_a_ratio_to_nothing_is_not_shown
     assert "deploy/gpu-check.sh run" in text and ", GPU a GPU," in text
     assert "| training peak RSS growth, MB | 0 | 427 | n/a |" in text and "2135" not in text
     assert "| training peak CUDA memory, MB | 188 | 2,783 | 14.80× |" in text
+
+
+def test_the_reference_loop_returns_its_best_epochs_model():
+    # Its "val loss" row was its last epoch's model against our best one; the target is its best epoch's.
+    import numpy as np
+    import torch
+
+    import pipelines.bench_train as bench
+    from anomaly.model import ModelConfig
+
+    rng = np.random.default_rng(0)
+    x = np.cumsum(rng.normal(size=(600, 4)), axis=0).astype(np.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    windows = torch.from_numpy(np.lib.stride_tricks.sliding_window_view(x, 8, axis=0).transpose(0, 2, 1).copy())
+    train, val = windows[:450], windows[450:]
+    losses = []
+    original = bench.REF_LR
+    bench.REF_LR = 0.3  # a loss that wanders: the last epoch is not the best
+    try:
+        model = bench.plain_train(train, val, ModelConfig(n_features=4, window_size=8, hidden_size=16, latent_size=4),
+                                  torch.device("cpu"), 5, on_epoch=lambda e, ts, vl, el: losses.append(vl))
+    finally:
+        bench.REF_LR = original
+    assert losses[-1] != min(losses)  # the case the test is about
+    assert bench.plain_val_loss(model, val, torch.device("cpu")) == pytest.approx(min(losses), rel=1e-6)
