@@ -69,6 +69,12 @@ EVENT_ID_HEX_CHARS = 32  # 128 bits of sha256: collisions are not a concern at a
 _EVENT_ID_NAMESPACE = "anomaly-event/v1"  # bump only together with a documented id change
 
 
+def too_large_to_score(values: np.ndarray) -> np.ndarray:
+    """Where ``|value| >= MAX_ABS_VALUE``, ±inf included (NaN, a missing reading, never): the readings the
+    worker dead-letters, and that tables and the pyfunc read as missing."""
+    return np.abs(values) >= MAX_ABS_VALUE
+
+
 @dataclass(frozen=True)
 class Reading:
     """One decoded sensor reading.
@@ -408,7 +414,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
     numeric = np.ones(n, dtype=bool) if texts is None else ~np.array(texts, dtype=bool).reshape(n)
     millis = numeric & (ts_arr >= MS_THRESHOLD)
     refused = (numeric & (~np.isfinite(ts_arr) | (ts_arr < 0) | (ts_arr >= MAX_EPOCH_MS))) \
-        | (np.abs(val_arr) >= MAX_ABS_VALUE).any(axis=1)  # inf too; NaN (null) compares False
+        | too_large_to_score(val_arr).any(axis=1)
     if millis.any():
         ts_arr = np.where(millis, ts_arr / 1000.0, ts_arr)
     if refused.any():

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from anomaly.codec import MAX_ABS_VALUE
+from anomaly.codec import too_large_to_score
 
 
 class DetectorModel(PythonModel):
@@ -68,8 +68,7 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
     # ±inf, or a number too large to score (|value| >= 1e15, ``codec.MAX_ABS_VALUE``), is a missing reading,
     # as `anomaly score` reads it (the worker dead-letters it); scored as a value, inf gave scores of 1e32
     # and flagged every window holding it, and 1e39 in two sensors a NaN score (never flagged).
-    with np.errstate(invalid="ignore"):
-        values = np.where(np.abs(values) >= MAX_ABS_VALUE, np.nan, values)
+    values = np.where(too_large_to_score(values), np.nan, values)
     if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
         filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from pandas.api import types as ptypes
 
-from anomaly.codec import MAX_ABS_VALUE
+from anomaly.codec import MAX_ABS_VALUE, too_large_to_score
 from anomaly.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -349,8 +349,7 @@ def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})")
         values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
-    with np.errstate(invalid="ignore"):
-        wild = np.abs(values) >= MAX_ABS_VALUE  # ±inf, or too large to score (the worker dead-letters both)
+    wild = too_large_to_score(values)  # ±inf, or too large to score (the worker dead-letters both)
     if wild.any():
         log.warning("%s: column %r: %d infinite or out-of-range (|value| >= %g) value(s) treated as missing",
                     path, name, int(wild.sum()), MAX_ABS_VALUE)
