@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -205,8 +206,8 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
         if suffix in _PARQUET_SUFFIXES:
             return pd.read_parquet(path)
         if suffix in _CSV_SUFFIXES:
-            sep = _sniff_separator(path)
-            _refuse_repeated_names(path, sep)
+            sep, names = _csv_layout(path)
+            _refuse_repeated_names(path, names)
             return pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text_columns} or None)
     except DataError:
         raise
@@ -218,10 +219,11 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
 _SNIFF_LINES = 20  # data lines read, beside the header, to tell the separator
 
 
-def _sniff_separator(path: Path) -> str:
-    """Of ``,``, ``;`` and tab, the one that splits the header and the first data lines into the same
-    number (> 1) of fields, the most fields if several do (a ``;`` file whose column names hold commas,
-    ``Flow, l/min``, is not comma-separated); failing that, the header's most frequent (``,`` on a tie)."""
+def _csv_layout(path: Path) -> tuple[str, list[str]]:
+    """The separator and the header's names. The separator: of ``,``, ``;`` and tab, the one that splits
+    the header and the first data lines into the same number (> 1) of fields, the most fields if several
+    do (a ``;`` file whose column names hold commas, ``Flow, l/min``, is not comma-separated); failing
+    that, the header's most frequent (``,`` on a tie)."""
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
         header = fh.readline()
         lines = [header] + [line for line in (fh.readline() for _ in range(_SNIFF_LINES)) if line.strip()]
@@ -232,18 +234,14 @@ def _sniff_separator(path: Path) -> str:
         widths = {len(row) for row in csv.reader(lines, delimiter=sep)}
         if len(widths) == 1 and min(widths) > 1:
             even.append((min(widths), -(",", ";", "\t").index(sep), sep))
-    if even:
-        return max(even)[2]
-    return max((",", ";", "\t"), key=header.count)
+    sep = max(even)[2] if even else max((",", ";", "\t"), key=header.count)
+    return sep, next(csv.reader([header], delimiter=sep), [])
 
 
-def _refuse_repeated_names(path: Path, sep: str) -> None:
+def _refuse_repeated_names(path: Path, names: Sequence[str]) -> None:
     """A header naming a column twice is a ``DataError`` (pandas would read the second ``a`` as a sensor
     ``a.1`` of its own, without a word)."""
-    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
-        names = next(csv.reader([fh.readline()], delimiter=sep), [])
-    seen: set[str] = set()
-    repeated = sorted({n for n in names if n.strip() and (n in seen or seen.add(n))})  # blank: "Unnamed: i"
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1 and n.strip())  # blank: "Unnamed: i"
     if repeated:
         raise DataError(f"{path}: the header names {', '.join(map(repr, repeated))} more than once; "
                         "give each column its own name")
