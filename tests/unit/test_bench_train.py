@@ -104,11 +104,12 @@ def test_the_reference_loop_returns_its_best_epochs_model():
 
     import pipelines.bench_train as bench
     from anomaly.model import ModelConfig
+    from anomaly.windowing import make_windows
 
     rng = np.random.default_rng(0)
     x = np.cumsum(rng.normal(size=(600, 4)), axis=0).astype(np.float32)
     x = (x - x.mean(0)) / x.std(0)
-    windows = torch.from_numpy(np.lib.stride_tricks.sliding_window_view(x, 8, axis=0).transpose(0, 2, 1).copy())
+    windows = torch.from_numpy(make_windows(x, 8).copy())
     train, val = windows[:450], windows[450:]
     losses = []
     original = bench.REF_LR

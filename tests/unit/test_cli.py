@@ -82,11 +82,9 @@ def test_bad_numeric_arguments_are_usage_errors(argv, words, capsys):
 
 def test_a_broker_log_that_cannot_be_written_is_said_as_such(tmp_path, capsys):
     # It was "cannot run .../tansu: Is a directory", as if the binary were broken, or a bare "File exists".
-    import socket
+    from anomaly.broker import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     (tmp_path / "file").write_text("")
     for log_path in (tmp_path, tmp_path / "file" / "broker.log"):
         assert main(["broker", "--port", port, "--log", str(log_path)]) == 2
