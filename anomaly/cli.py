@@ -743,7 +743,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
     sent = len(plan) if args.limit is None else min(len(plan), args.limit)  # what --limit lets go out
-    span_s = plan.span_s if sent == len(plan) else replay.first_readings_span_s(plan, sent, plan.start_ts)
+    span_s = plan.span_s if sent == len(plan) else replay.first_readings_span_s(plan, sent)
     ahead = replay.seconds_ahead(span_s, sent, speed=args.speed, rate_per_s=args.rate)
     limit_s = settings.worker.max_future_s
     if limit_s is not None and limit_s >= 0 and ahead > limit_s:

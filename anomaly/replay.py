@@ -126,13 +126,13 @@ def fleet_plan(frames: Mapping[str, pd.DataFrame], copies: int = 1, offset_rows:
                       for entity, frame in frames.items()])
 
 
-def first_readings_span_s(plan: Iterable[tuple[str, Reading]], n: int, start_ts: float) -> float:
-    """Seconds from ``start_ts`` (the plan's first reading) to the ``n``-th reading: the span a replay
-    stopped after ``n`` readings (``--limit``) covers."""
+def first_readings_span_s(plan: ReplayPlan | FleetPlan, n: int) -> float:
+    """Seconds from the plan's first reading (its ``start_ts``) to its ``n``-th: the span a replay stopped
+    after ``n`` readings (``--limit``) covers."""
     last = None
     for _, last in itertools.islice(plan, max(0, n)):
         pass
-    return 0.0 if last is None else max(0.0, last.ts - start_ts)
+    return 0.0 if last is None else max(0.0, last.ts - plan.start_ts)
 
 
 def seconds_ahead(span_s: float, readings: int, *, speed: float | None = None, rate_per_s: float | None = None) -> float:

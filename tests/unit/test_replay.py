@@ -84,7 +84,7 @@ def test_the_span_of_a_limited_replay_is_that_of_the_readings_it_sends():
 
     plan = replay_plan(frame(5), "p", copies=2, offset_rows=1, start_ts=START)  # p-1 two seconds behind p-0
     assert plan.span_s == 10.0
-    assert [first_readings_span_s(plan, n, plan.start_ts) for n in (0, 1, 2, 3, 4, 10, 99)] == \
+    assert [first_readings_span_s(plan, n) for n in (0, 1, 2, 3, 4, 10, 99)] == \
         [0.0, 0.0, 2.0, 2.0, 4.0, 10.0, 10.0]
 
 
