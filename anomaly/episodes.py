@@ -133,8 +133,7 @@ class _State:
         self.below_log_sum += math.log(max(score, _TINY))
         self.below += 1
         if self.below >= k:
-            self.open, self.settled = False, settle * self.below_max
-            self.below, self.below_log_sum = 0, 0.0
+            self.open, self.settled = False, settle * self.below_max  # the run is reset when one opens
         return bar
 
 
