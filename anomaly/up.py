@@ -22,6 +22,7 @@ tested; ``run`` is the I/O, tested end to end in a subprocess (tests/e2e/test_up
 from __future__ import annotations
 
 import dataclasses
+import errno
 import heapq
 import logging
 import os
@@ -143,18 +144,23 @@ def models_url(base: str, model_name: str) -> str:
     return f"{base}/#/models/{quote(model_name, safe='')}"
 
 
-def taken_ports(ports: Mapping[str, int], host: str = HOST) -> list[str]:
-    """``"what (port N)"`` for each port something already listens on."""
+def taken_ports(ports: Mapping[str, int], hosts: Mapping[str, str] | None = None) -> list[str]:
+    """``"what (port N)"`` for each port something already listens on, each tried on the address its part
+    will bind (``hosts``, 127.0.0.1 for a part not named there; ``"what (port N on HOST)"`` for another)."""
     taken = []
     for what, port in ports.items():
         if port <= 0:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        host = (hosts or {}).get(what, HOST)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
-            except OSError:
-                taken.append(f"{what} (port {port})")
+            except OSError as exc:  # only "in use": an address not of this machine is the part's own error
+                if exc.errno != errno.EADDRINUSE:
+                    continue
+                taken.append(f"{what} (port {port})" if host == HOST else f"{what} (port {port} on {host})")
     return taken
 
 
@@ -578,7 +584,7 @@ def run(settings: Settings, options: UpOptions) -> int:
     clashes = clashing_ports(ports)
     if clashes:
         raise UpError(f"one port for two parts: {', '.join(clashes)}; give each its own (0 = any free port)")
-    taken = taken_ports(ports)
+    taken = taken_ports(ports, hosts={"worker metrics": w.metrics_host, "scheduler metrics": s.metrics_host})
     if taken:
         raise UpError(port_hint(taken))
     if m.tracking_uri.startswith(("http://", "https://")):  # said now, not after ~4 minutes of client retries

@@ -69,6 +69,19 @@ def test_taken_ports_names_what_is_in_the_way():
     assert "--ui-port" in up.port_hint(taken)
 
 
+def test_taken_ports_checks_each_part_on_the_address_it_will_bind():
+    """A metrics endpoint set to listen on another address is checked there (127.0.0.1 was free)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        assert up.taken_ports({"worker metrics": busy}) == []  # nothing on 127.0.0.1
+        taken = up.taken_ports({"worker metrics": busy}, hosts={"worker metrics": "127.0.0.2"})
+    assert taken == [f"worker metrics (port {busy} on 127.0.0.2)"]
+    # an address this machine lacks is not "in use": the part says so itself when it binds
+    assert up.taken_ports({"worker metrics": busy}, hosts={"worker metrics": "192.0.2.1"}) == []
+
+
 def test_labelled_intervals_are_runs_of_labelled_rows():
     index = pd.date_range("2026-01-01", periods=8, freq="2s")
     labels = np.array([0, 1, 1, 0, 0, 1, 1, 1], bool)
