@@ -263,12 +263,15 @@ class _Producer(Protocol):
 def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate_per_s: float | None = None,
            speed: float | None = None, client_options: Mapping[str, Any] | None = None, limit: int | None = None,
            progress: bool = True, clock: _Clock = time, *,
-           producer_factory: Callable[..., _Producer] = kafka_io.make_producer) -> ReplayStats:
+           producer_factory: Callable[..., _Producer] = kafka_io.make_producer,
+           on_delivered: Callable[[], None] | None = None) -> ReplayStats:
     """Produce ``plan`` to ``topic`` paced by ``send_times``; flush; the readings delivered and seconds.
 
     Keys are entity ids (UTF-8), values ``codec.encode_reading``. ``limit`` stops after that many
     readings. ``clock`` provides ``monotonic()`` and ``sleep()`` (the ``time`` module; a fake in
     tests), ``producer_factory(bootstrap, client_options)`` the producer (``kafka_io.make_producer``).
+    ``on_delivered()`` is called (on the producer's thread) for each reading the broker confirms, also
+    for those confirmed by the flush of an interrupted or failed replay.
     Raises ``TopicError`` when the broker cannot be reached or a reading is not delivered. On an
     interrupt (Ctrl-C) what was sent so far is flushed before the interrupt propagates.
     """
@@ -306,6 +309,8 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
                 raise TopicError(f"cannot produce to {topic!r} on {bootstrap}: {exc}") from exc
             if hasattr(future, "add_errback"):
                 future.add_errback(errors.append)
+            if on_delivered is not None and hasattr(future, "add_callback"):
+                future.add_callback(lambda _metadata: on_delivered())
             queued += 1
             bar.update(1)
     except BaseException:

@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -432,7 +432,8 @@ class FleetReplay:
         self.on_round = on_round  # called with each round's stream start (epoch seconds)
         self.bootstrap, self.topic, self.frames = bootstrap, topic, list(frames)
         self.speed, self.loop, self.client_options = speed, loop, dict(client_options)
-        self.rounds, self.sent = 0, 0
+        self.rounds, self.delivered = 0, 0  # readings the broker confirmed, over all rounds
+        self._count_lock = threading.Lock()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-replay", daemon=True)
@@ -448,11 +449,10 @@ class FleetReplay:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _counted(self, stream: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
-        """``stream``, counting each reading into ``sent`` as the replay takes it to send."""
-        for item in stream:
-            self.sent += 1
-            yield item
+    def _count_delivered(self) -> None:
+        """One reading confirmed by the broker (called on the producer's thread)."""
+        with self._count_lock:
+            self.delivered += 1
 
     def _run(self) -> None:
         from anomaly.replay import replay
@@ -466,10 +466,11 @@ class FleetReplay:
                 next_start = start + fleet_span_s(self.frames)
                 if self.on_round is not None:
                     self.on_round(start)
-                stream = self._counted(fleet_stream(self.frames, start_ts=start))
+                stream = fleet_stream(self.frames, start_ts=start)
                 self.rounds += 1  # rounds begun: the one a stop cuts short counts too
                 stats = replay(self.bootstrap, self.topic, stream, speed=self.speed,
-                               client_options=self.client_options, progress=False, clock=_StoppableClock(self._stop))
+                               client_options=self.client_options, progress=False, clock=_StoppableClock(self._stop),
+                               on_delivered=self._count_delivered)
                 log.info("fleet replay round %d done: %d readings", self.rounds, stats.sent)
                 if not self.loop:
                     break
@@ -707,13 +708,13 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                 summary = {"events": dict(feed.counts), "opened_on_labelled_faults": tally.on_fault,
                            "opened_without_fault_label": tally.off_fault, "entities_with_events": sorted(feed.entities),
                            "replay_rounds": fleet_replay.rounds if fleet_replay else 0,
-                           "readings_replayed": fleet_replay.sent if fleet_replay else 0}
+                           "readings_replayed": fleet_replay.delivered if fleet_replay else 0}
                 try:
                     _write_json(state / "summary.json", summary)
                 except OSError as exc:  # a full disk must not replace the session's own error, or its exit code
                     print(f"summary.json not written: {exc}", flush=True)
                 print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
-                      f"readings replayed: {summary['readings_replayed']} (summary in {state / 'summary.json'})",
+                      f"readings replayed (confirmed by the broker): {summary['readings_replayed']} (summary in {state / 'summary.json'})",
                       flush=True)
     return code
 

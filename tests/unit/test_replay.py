@@ -175,6 +175,11 @@ class FakeFuture:
             fn(self.error)
         return self
 
+    def add_callback(self, fn):
+        if self.error is None:
+            fn("record metadata")
+        return self
+
 
 class FakeProducer:
     def __init__(self, fail_every: int = 0) -> None:
@@ -272,6 +277,15 @@ def test_interrupt_flushes_what_was_queued_and_propagates():
         replay("b:9092", "t", plan(), progress=False, clock=FakeClock(),
                producer_factory=lambda bootstrap, options: producer)
     assert len(producer.sent) == 3 and producer.flushed and producer.closed
+
+
+def test_on_delivered_counts_what_the_broker_confirms_not_what_was_sent():
+    delivered = []
+    producer = FakeProducer(fail_every=3)
+    with pytest.raises(TopicError, match="2 of 7 readings were not delivered"):
+        replay("b:9092", "t", replay_plan(frame(7), "p", start_ts=START), progress=False, clock=FakeClock(),
+               producer_factory=lambda bootstrap, options: producer, on_delivered=lambda: delivered.append(1))
+    assert len(producer.sent) == 7 and len(delivered) == 5
 
 
 def test_select_sensors_sends_exactly_the_named_ones_in_order():
