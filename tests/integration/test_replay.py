@@ -22,9 +22,11 @@ def test_fleet_replay_reads_back_keyed_ordered_and_spaced_as_recorded(kafka_brok
     ensure_topics(kafka_broker, {topic_name: 2})
     plan = replay_plan(frame, "pump", copies=3, offset_rows=4, start_ts=START)
 
-    stats = replay(kafka_broker, topic_name, plan, rate_per_s=2000, progress=False)
+    confirmed: list[int] = []
+    stats = replay(kafka_broker, topic_name, plan, rate_per_s=2000, progress=False,
+                   on_delivered=lambda: confirmed.append(1))
 
-    assert stats.sent == 120 and stats.seconds > 0
+    assert stats.sent == 120 and stats.seconds > 0 and len(confirmed) == 120
     records = read_all(kafka_broker, topic_name, timeout_s=15, idle_s=1.0)
     assert len(records) == 120
     by_entity: dict[str, list[tuple[int, int, Reading]]] = {}
