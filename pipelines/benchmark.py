@@ -149,8 +149,9 @@ def _cost(row: dict | None) -> tuple[str, str]:
     return f"{row['train_seconds']:.0f}", "n/a" if wps is None else f"{wps:,.0f}"
 
 
-def variants_markdown(data: dict) -> str:
-    """One table: a row per variant, accuracy on each dataset with its training seconds and scoring speed."""
+def variants_markdown(data: dict, json_path: Path | str = "results/variants.json") -> str:
+    """One table: a row per variant, accuracy on each dataset with its training seconds and scoring speed;
+    the caption's command writes ``json_path``."""
     p, r = data["protocol"], data["results"]
     caps = []
     for name in p["datasets"]:  # what each dataset's protocol covered, from the rows themselves
@@ -177,7 +178,7 @@ def variants_markdown(data: dict) -> str:
         command.append(f"--limit {p['limit']}")
     if p.get("seed") is not None:
         command.append(f"--seed {p['seed']}")
-    command.append(f"--threads {p['torch_threads']} --json results/variants.json --update-readme")
+    command.append(f"--threads {p['torch_threads']} --json {json_path} --update-readme")
     lines = [f"Every variant under one protocol: each dataset's profile (`PROFILES` in `anomaly/protocols.py`) "
              f"with the variant's `[model]` overrides; {'; '.join(caps)}; one training seed ({p.get('seed', 0)}); "
              f"{p['torch_threads']} torch thread(s) on {data['machine']['device'].upper()} "
@@ -445,10 +446,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_json:
             data = json.loads(Path(args.from_json).read_text())
         else:
+            if out_path.exists() and not args.resume:  # the first pair's write would replace a whole earlier run
+                parser.error(f"{out_path} holds an earlier variants run: --resume continues it; to start over, "
+                             "remove it or give another --json")
             data = run_variants(names, args.datasets.split(","), max_epochs=args.max_epochs,
                                 smd_machines=args.smd_machines, limit=args.limit, out_path=out_path, resume=args.resume,
                                 seed=args.seed)
-        text = variants_markdown(data)
+        text = variants_markdown(data, json_path=args.from_json or out_path)
         print(text)
         if args.update_readme:
             update_readme(text, marker="variants")

@@ -299,3 +299,29 @@ def test_benchmark_costs_do_not_overwrite_the_accuracy_results(tmp_path, monkeyp
     assert benchmark.main(["--costs"]) == 0
     assert (tmp_path / "results" / "variant_costs.json").exists()
     assert not (tmp_path / "results" / "benchmark.json").exists()
+
+
+def test_benchmark_variants_refuse_to_overwrite_an_earlier_run_without_resume(tmp_path, monkeypatch, capsys):
+    from pipelines import benchmark
+
+    earlier = tmp_path / "variants.json"
+    earlier.write_text('{"results": {"default": {"skab": {"f1": 0.8}}}}\n')
+    monkeypatch.setattr(benchmark, "run_variants", lambda *a, **k: pytest.fail("must not run"))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--variants", "lstm", "--json", str(earlier)])
+    assert exit_.value.code == 2 and "--resume continues it" in capsys.readouterr().err
+    assert json.loads(earlier.read_text()) == {"results": {"default": {"skab": {"f1": 0.8}}}}
+
+
+def test_benchmark_variants_caption_names_the_json_the_run_wrote(tmp_path, monkeypatch, capsys):
+    from pipelines import benchmark
+
+    data = {"machine": {"device": "cpu", "torch": "2.13.0"}, "variants": {"lstm": {}},
+            "protocol": {"datasets": ["skab"], "max_epochs": 2, "smd_machines": None, "limit": None,
+                         "torch_threads": 1},
+            "results": {"lstm": {"skab": {"f1": 0.8, "far": 11.0, "mar": 24.0, "event_f1": 0.5,
+                                              "train_seconds": 3.0, "windows_per_s": 100.0, "series": ["a"]}}}}
+    monkeypatch.setattr(benchmark, "run_variants", lambda *a, **k: data)
+    out = tmp_path / "mine.json"
+    assert benchmark.main(["--variants", "lstm", "--datasets", "skab", "--json", str(out)]) == 0
+    assert f"--json {out} --update-readme" in capsys.readouterr().out
