@@ -96,19 +96,23 @@ class History:
     Keeps at most ``max_readings`` readings per entity (the latest seen, in arrival order, which is
     offset order within an entity's partition) and drops readings older than ``lookback_s`` before
     the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept;
-    ``sensors`` (when given) keeps only readings that carry every one of them. ``max_ts`` (when given)
+    ``sensors`` (when given) keeps only readings that carry exactly those (the worker dead-letters a
+    reading with any other sensor set, so a model is not retrained on readings it never scored), or,
+    with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more. ``max_ts`` (when given)
     leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
     dead-letters them): one reading stamped years ahead would otherwise put every real one outside the
     lookback.
     """
 
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
-                 sensors: Iterable[str] | None = None, max_ts: float | None = None) -> None:
+                 sensors: Iterable[str] | None = None, max_ts: float | None = None, exact_sensors: bool = True) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
         self.entities = frozenset(entities) if entities else None
         self.sensors = tuple(sensors) if sensors else None
+        self._sensor_set = frozenset(self.sensors) if self.sensors else None
+        self.exact_sensors = exact_sensors
         self.max_ts = max_ts
         self._by_entity: dict[str, deque[tuple[Reading, bool | None]]] = {}
         self.newest_ts = -math.inf
@@ -120,7 +124,7 @@ class History:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
         self.seen += 1
         if (self.entities is not None and reading.entity not in self.entities) or (
-                self.sensors is not None and not all(s in reading.values for s in self.sensors)):
+                self._sensor_set is not None and not self._carries(reading)):
             self.ignored += 1
             return False
         if self.max_ts is not None and reading.ts > self.max_ts:
@@ -135,6 +139,10 @@ class History:
         while buf and buf[0][0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
             buf.popleft()
         return reading.ts >= cutoff
+
+    def _carries(self, reading: Reading) -> bool:
+        keys = reading.values.keys()
+        return keys == self._sensor_set if self.exact_sensors else keys >= self._sensor_set  # type: ignore[operator]
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_entity.values())
@@ -549,7 +557,8 @@ def _left_out(history: History, rt: Any, champion: Any) -> str:
     """What of the readings read did not count, for a skip's reason ('' when all did)."""
     parts = []
     if history.ignored:
-        what = f"carry all of the champion's sensors ({', '.join(champion.sensors)})"
+        what = (f"carry exactly the champion's sensors ({', '.join(champion.sensors)}: the worker dead-letters "
+                "others)" if history.exact_sensors else f"carry all of the champion's sensors ({', '.join(champion.sensors)})")
         if rt.entities:
             what += f" or are not of retrain.entities ({', '.join(sorted(rt.entities))})"
         parts.append(f"{history.ignored} of {history.seen} readings read do not {what}")
@@ -583,7 +592,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         readings, origin = source(), str(getattr(source, "origin", "source"))
     ahead = settings.worker.max_future_s
     history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors,
-                      max_ts=time.time() + ahead if ahead is not None and ahead >= 0 else None)
+                      max_ts=time.time() + ahead if ahead is not None and ahead >= 0 else None,
+                      exact_sensors=source is None)  # a file's other columns are not the champion's: not read
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)

@@ -231,6 +231,23 @@ def test_too_little_data_is_a_skip(store, kafka_broker, topic_name):
     assert result.challenger_version is None and champion_version(settings) == weak
 
 
+def test_readings_from_the_topic_with_a_sensor_more_than_the_champion_reads_are_not_trained_on(
+        store, kafka_broker, topic_name):
+    """The worker dead-letters a reading whose sensor set is not its model's, extra sensors included:
+    retraining on the topic leaves them out as well (it kept them, and trained on readings never scored)."""
+    root, weak, _ = store
+    frame = normal_frame(300, seed=4)
+    frame["added_later"] = 1.0
+    replay.replay(kafka_broker, topic_name, replay.replay_plan(frame, "pump", start_ts=1_790_000_000.0),
+                  progress=False)
+    settings = settings_for(root, kafka_broker, topic_name)
+    give_champion(settings, weak)
+    result = run_cycle(settings)
+    assert result.status == "skipped" and "300 of 300 readings read do not carry exactly the champion's sensors" \
+        in result.reason, result.reason
+    assert result.data["readings_ignored"] == 300 and champion_version(settings) == weak
+
+
 def test_a_missing_input_topic_is_a_skip_that_names_it(store, kafka_broker, topic_name):
     """The topic was never created (a typo in kafka.input_topic): the skip names it, on the real broker
     (it used to read as "too little clean data")."""

@@ -49,7 +49,13 @@ def test_history_filters_entities_and_sensor_sets():
     assert h.add(reading("pump-1", 1.0))
     assert not h.add(reading("pump-2", 1.0))
     assert not h.add(Reading("pump-1", 2.0, {"a": 1.0}))  # lacks sensor b
-    assert h.ignored == 2 and len(h) == 1
+    # one more than the model reads: the worker dead-letters it, so it is not trained on either
+    assert not h.add(Reading("pump-1", 3.0, {"a": 1.0, "b": 2.0, "c": 3.0}))
+    assert h.add(Reading("pump-1", 4.0, {"b": 2.0, "a": None}))  # exactly a and b (a missing, in another order)
+    assert h.ignored == 3 and len(h) == 2
+    table = History(max_readings=10, lookback_s=100, sensors=["a", "b"], exact_sensors=False)  # a file's rows
+    assert table.add(Reading("pump-1", 3.0, {"a": 1.0, "b": 2.0, "c": 3.0}))  # its other columns are not read
+    assert not table.add(Reading("pump-1", 4.0, {"a": 1.0}))
 
 
 def test_history_leaves_out_readings_stamped_past_max_ts():
@@ -767,5 +773,6 @@ def test_a_skips_reason_says_readings_of_other_entities_are_not_of_retrain_entit
     history.add(Reading("pump-1", 0.0, {"a": 1.0}))  # lacks b
     history.add(Reading("pump-2", 1.0, {"a": 1.0, "b": 2.0}))  # another entity
     said = _left_out(history, SimpleNamespace(entities=["pump-1"]), SimpleNamespace(sensors=("a", "b")))
-    assert "2 of 2 readings read do not carry all of the champion's sensors (a, b) or are not of " \
+    assert "2 of 2 readings read do not carry exactly the champion's sensors (a, b: the worker dead-letters " \
+           "others) or are not of " \
            "retrain.entities (pump-1)" in said  # "or are of retrain.entities" said the opposite
