@@ -347,10 +347,11 @@ def _ratios(ref: dict[str, Any], ours: dict[str, Any], device: torch.device) -> 
 
 
 def _reference_at_threads(train_t, val_t, all_t, dims, device, threads, repeats, ours_tp, ours_score_tp) -> dict[str, Any]:
-    """The reference's throughput at our thread count (two epochs; scoring best of ``repeats``)."""
+    """The reference's throughput at our thread count (three epochs, the first left out as warm-up by
+    ``_throughput``; scoring best of ``repeats``)."""
     with torch_threads(threads):
         seconds: list[float] = []
-        model = plain_train(train_t, val_t, dims, device, 2, on_epoch=lambda e, ts, vl, el: seconds.append(ts))
+        model = plain_train(train_t, val_t, dims, device, 3, on_epoch=lambda e, ts, vl, el: seconds.append(ts))
         score_s = min(_timed(lambda: plain_scores(model, all_t, device), device) for _ in range(repeats))
     train_tp = _throughput(len(train_t), seconds)
     score_tp = len(all_t) / score_s

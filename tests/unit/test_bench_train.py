@@ -121,3 +121,22 @@ def test_the_reference_loop_returns_its_best_epochs_model():
         bench.REF_LR = original
     assert losses[-1] != min(losses)  # the case the test is about
     assert bench.plain_val_loss(model, val, torch.device("cpu")) == pytest.approx(min(losses), rel=1e-6)
+
+
+def test_the_reference_at_our_thread_count_leaves_its_warm_up_epoch_out(monkeypatch):
+    """Its throughput was two epochs, the first (allocator and kernel set-up) counted in."""
+    import torch
+
+    import pipelines.bench_train as bench
+
+    def fake_train(train, val, dims, device, epochs, on_epoch=lambda *a: None, seed=0):
+        for epoch, seconds in enumerate([9.0, 1.0, 1.0, 1.0][:epochs]):  # a slow first epoch, then 1 s each
+            on_epoch(epoch, seconds, 0.1, 0.0)
+        return torch.nn.Identity()
+
+    monkeypatch.setattr(bench, "plain_train", fake_train)
+    monkeypatch.setattr(bench, "plain_scores", lambda model, windows, device: None)
+    train = torch.zeros(100, 4, 2)
+    out = bench._reference_at_threads(train, train, train, None, torch.device("cpu"), 1, 1, 200.0, 1.0)
+    assert out["train_windows_per_s"] == pytest.approx(100.0)  # 100 windows a second once warm
+    assert out["ratios"]["train_windows_per_s"] == pytest.approx(2.0)
