@@ -187,6 +187,12 @@ def _rfc3339_seconds(text: str) -> float | str:
         return f"ts is not an RFC 3339 timestamp with an offset: {_short(text)}"
     year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
     fraction, zulu, sign, off_h, off_m = match.group(7, 8, 9, 10, 11)
+    # Out of range whatever the offset, said before any date arithmetic: a leap second's check at the
+    # calendar's ends (9999-12-31T23:59:60Z) stepped past year 9999 and raised OverflowError.
+    if year < 1969:
+        return f"ts is before 1970: {_short(text)}"
+    if year > 5138:
+        return f"ts is after the year 5138: {_short(text)}"
     leap = second == 60  # RFC 3339 allows a leap second; datetime does not
     try:
         if zulu:
@@ -211,7 +217,15 @@ def _rfc3339_seconds(text: str) -> float | str:
 
 
 def _epoch_seconds(ts: Any) -> float | str:
-    """``ts`` (RFC 3339 string or epoch s/ms number) as epoch seconds, or the reason it is bad."""
+    """``ts`` (RFC 3339 string or epoch s/ms number) as epoch seconds, or the reason it is bad. Never
+    raises: a ts this code did not foresee is one bad record, not a batch that fails at every restart."""
+    try:
+        return _epoch_seconds_unguarded(ts)
+    except Exception as exc:
+        return f"ts cannot be read: {_short(ts)} ({type(exc).__name__}: {str(exc)[:_REPR_LIMIT]})"
+
+
+def _epoch_seconds_unguarded(ts: Any) -> float | str:
     if isinstance(ts, str):
         seconds = _rfc3339_seconds(ts)
         if isinstance(seconds, float) and seconds < 0:
@@ -246,6 +260,13 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     entity's model was trained on it); the reason names the missing and the unknown ones.
     Unknown extra top-level fields are ignored; JSON duplicate keys keep the last value, as json does.
     """
+    try:
+        return _decode_reading(raw, expected_sensors)
+    except Exception as exc:  # an input this code did not foresee: one dead letter, not a failed batch
+        return BadRecord(f"cannot decode: {type(exc).__name__}: {str(exc)[:_REPR_LIMIT]}")
+
+
+def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None) -> Reading | BadRecord:
     if raw is None:
         return BadRecord("empty record: the value is null (a tombstone), not a reading")
     if not isinstance(raw, (bytes, bytearray, memoryview)):

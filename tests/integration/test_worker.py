@@ -155,13 +155,16 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     settings, _ = champion
     opts = _options(kafka_broker, topic_name, scoring_process=scoring_process)
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
-    good = list(replay_plan(normal_frame(60, seed=5), "pump-c", start_ts=START_TS))
+    good = list(replay_plan(normal_frame(80, seed=5), "pump-c", start_ts=START_TS))
     bad = [b"not json", b"\xff\xfe", b'{"entity": "pump-c", "ts": 1790000000}',
            b'{"entity": "pump-c", "ts": "yesterday", "values": {"temp": 1, "pressure": 1, "flow": 1}}',
            b'{"entity": "pump-c", "ts": 1790000001, "values": {"temp": "hot", "pressure": 1, "flow": 1}}',
            b'{"entity": "pump-c", "ts": 1790000002, "values": {"temp": NaN, "pressure": 1, "flow": 1}}',
            b'{"entity": "pump-c", "ts": 1790000003, "values": {"temp": 1, "pressure": 1, "vibration": 1}}',
-           b'[1, 2, 3]']
+           b'[1, 2, 3]',
+           # a leap second at the calendar's end: the decoder raised OverflowError, the batch failed
+           # uncommitted, and the worker crashed on it at every restart
+           b'{"entity": "pump-c", "ts": "9999-12-31T23:59:60Z", "values": {"temp": 1, "pressure": 1, "flow": 1}}']
     producer = kafka_io.make_producer(kafka_broker)
     for i, (entity, reading) in enumerate(good):
         producer.send(opts.input_topic, key=entity.encode(), value=codec.encode_reading(reading))
@@ -173,18 +176,18 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     with caplog.at_level(logging.WARNING, logger="anomaly.worker"):
         stats = worker.run(idle_stop_s=4)
     dead = [codec.decode_dead_letter(r.value) for r in kafka_io.read_all(kafka_broker, opts.dlq_topic, timeout_s=30, idle_s=2)]
-    assert len(dead) == 8 == stats.dead_letters
+    assert len(dead) == 9 == stats.dead_letters
     # The log says why, not only how many: the first dead letter at once, the rest when the worker stops
     # (within a minute of the first, so summed up then), each reason counted.
     said = [r.getMessage() for r in caplog.records if "dead letter" in r.getMessage() and "batch:" not in r.getMessage()]
     assert said and "x not JSON" in said[0], said
-    assert sum(int(line.split(" ", 1)[0]) for line in said) == 8
+    assert sum(int(line.split(" ", 1)[0]) for line in said) == 9
     assert "x not UTF-8: invalid byte 0xff" in " ".join(said) and opts.dlq_topic in said[0], said
     originals = {d["original"] for d in dead}
     assert b"not json" in originals and b"\xff\xfe" in originals
     assert all(d["reason"] and d["source_topic"] == opts.input_topic and d["source_offset"] >= 0 for d in dead)
     scores = _scores_by_entity(kafka_broker, opts.scores_topic)
-    assert len(scores["pump-c"]) == 60 - 16 + 1  # every good reading scored, the worker kept going
+    assert len(scores["pump-c"]) == 80 - 16 + 1  # every good reading scored, the worker kept going
 
 
 def test_an_entity_sending_other_sensors_ages_out_closing_its_event_and_freeing_the_commit(kafka_broker, champion,

@@ -82,6 +82,35 @@ def test_a_second_60_anywhere_but_a_months_last_utc_second_is_refused(ts: str) -
     assert isinstance(got, BadRecord) and "leap second" in got.reason and ts in got.reason
 
 
+@pytest.mark.parametrize("ts, why", [
+    ("9999-12-31T23:59:60Z", "after the year 5138"), ("9999-12-31T23:59:60-01:00", "after the year 5138"),
+    ("0001-01-01T00:59:60+01:00", "before 1970"), ("0001-01-01T00:30:00+01:00", "before 1970")])
+def test_a_leap_second_at_the_end_of_the_calendar_is_a_bad_record_not_a_crash(ts: str, why: str) -> None:
+    """Its check stepped past year 9999 (or before year 1) and raised OverflowError: the batch failed,
+    nothing was committed, and the worker crashed on the same record at every restart."""
+    raw = reading_json(ts=ts)
+    got = decode_reading(raw)
+    assert isinstance(got, BadRecord) and why in got.reason and ts in got.reason
+    batch = decode_batch([reading_json(ts=1_700_000_000), raw], ("temp", "pressure", "flow"))
+    assert len(batch.entities) == 1 and [i for i, _ in batch.bad] == [1] and why in batch.bad[0][1]
+
+
+def test_an_unforeseen_error_while_decoding_is_one_bad_record(monkeypatch) -> None:
+    """Defence in depth: whatever raises inside the decoder dead-letters that record only."""
+    from anomaly import codec
+
+    def broken(text):
+        raise OverflowError("date value out of range")
+
+    monkeypatch.setattr(codec, "_rfc3339_seconds", broken)
+    raw = reading_json(ts="2026-11-21T10:00:00Z")
+    got = decode_reading(raw)
+    assert isinstance(got, BadRecord) and "OverflowError: date value out of range" in got.reason
+    batch = decode_batch([reading_json(ts=1_700_000_000), raw], ("temp", "pressure", "flow"))
+    assert len(batch.entities) == 1 and [i for i, _ in batch.bad] == [1]
+    assert "OverflowError" in batch.bad[0][1]
+
+
 def test_nulls_are_missing_values_and_ints_become_floats() -> None:
     got = decode_reading(reading_json(values={"a": None, "b": 3, "c": -0.5}))
     assert isinstance(got, Reading)
