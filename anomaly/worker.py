@@ -14,9 +14,11 @@ Guarantees (DESIGN.md §3):
 - SIGTERM/SIGINT: stop polling, finish the batch in hand, flush, commit, exit 0.
 - The model is swapped only between batches, following the registry alias; window state is kept
   when the new model is compatible. A registry that cannot be reached leaves the current model.
-- On a rebalance, the window state of revoked partitions is dropped; assigned partitions resume from
-  their committed offsets (which never pass an open window's oldest reading), so windows are rebuilt
-  from data rather than guessed.
+- On a rebalance, the window state of partitions this worker loses is dropped; partitions newly
+  assigned resume from their committed offsets (which never pass an open window's oldest reading), so
+  windows are rebuilt from data rather than guessed. A partition kept through the rebalance keeps its
+  state: kafka-python's eager protocol revokes every partition, then gives back the kept ones at the
+  position they had (not the committed offset), so their windows could not be rebuilt from data.
 
 Where the step runs (``anomaly.step_runner``). With ``scoring_process`` (the default, on CPU with two
 or more CPUs to use) the whole step runs in a child process forked at start: this process polls, hands
@@ -45,7 +47,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -123,6 +125,7 @@ class Worker:
         self._producer = None
         self._runner: ThreadRunner | ProcessRunner | None = None
         self._in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
+        self._revoked: set[tuple[str, int]] = set()  # revoked since the last assignment (on_assigned decides)
         self.dead_letter_log = DeadLetterLog()
 
     def _serving(self, detector, version: str) -> DetectorModel:
@@ -316,13 +319,29 @@ class Worker:
 
     # --- rebalance ---------------------------------------------------------------------------
     def on_revoked(self, partitions) -> None:
-        if self._runner is not None:
-            self._runner.forget_partitions([(tp.topic, tp.partition) for tp in partitions])
+        """Noted, not yet forgotten: the eager protocol revokes every partition at each rebalance, and
+        ``on_assigned`` gives back the kept ones at their fetch position, which only their state fits."""
+        self._revoked.update((tp.topic, tp.partition) for tp in partitions)
 
     def on_assigned(self, partitions) -> None:
-        """Newly assigned partitions start from their committed offsets (the consumer fetches them; this
-        callback runs on the client's IO thread and must not block), so windows refill from data."""
-        log.info("partitions assigned: %s", sorted(p.partition for p in partitions))
+        """The partitions revoked and not given back lose their window state; newly assigned ones start
+        from their committed offsets (the consumer fetches them; this callback runs on the client's IO
+        thread and must not block), so windows refill from data."""
+        assigned = {(tp.topic, tp.partition) for tp in partitions}
+        lost, kept = lost_and_kept(self._revoked, assigned)
+        self._revoked.clear()
+        if lost and self._runner is not None:
+            self._runner.forget_partitions(lost)
+        log.info("partitions assigned: %s%s", sorted(p for _, p in assigned),
+                 f" (kept through the rebalance, windows and all: {sorted(p for _, p in kept)})" if kept else "")
+
+
+def lost_and_kept(revoked: Iterable[tuple[str, int]], assigned: Iterable[tuple[str, int]]
+                  ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Of the partitions revoked in a rebalance, those not assigned again (their state goes) and those
+    assigned again (kept, state and fetch position both), each sorted (pure)."""
+    revoked, assigned = set(revoked), set(assigned)
+    return sorted(revoked - assigned), sorted(revoked & assigned)
 
 
 class StallWatchdog:
