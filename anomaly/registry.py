@@ -353,7 +353,9 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
             aliases_by_version: dict[str, list[str]] = {}
             for alias, version in (model.aliases or {}).items():
                 aliases_by_version.setdefault(str(version), []).append(alias)
-            for mv in _every_page(c.search_model_versions, filter_string=f"name='{model_name}'"):
+            name_filter = version_filter(model_name)
+            versions = _every_page(c.search_model_versions, filter_string=name_filter or "")
+            for mv in (v for v in versions if name_filter or v.name == model_name):
                 metrics: dict[str, float] = {}
                 if mv.run_id:
                     try:
@@ -367,6 +369,17 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         return out
     except Exception as exc:
         raise RegistryError(f"cannot list registered models: {exc}") from exc
+
+
+def version_filter(name: str) -> str | None:
+    """An MLflow search filter for the versions of model ``name``, quoted so the name's own quotes do not
+    end it (``name='o'brien'`` broke every listing of the registry); None for a name holding both kinds,
+    which no filter string matches (MLflow has no escape): search all and keep the name's (pure)."""
+    if "'" not in name:
+        return f"name='{name}'"
+    if '"' not in name:
+        return f'name="{name}"'
+    return None
 
 
 def _every_page(search: Any, **kwargs: Any) -> Iterator[Any]:

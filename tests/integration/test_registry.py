@@ -370,6 +370,22 @@ def test_models_list_reads_every_page_of_a_big_registry(settings):
     assert sorted(m.name for m in registry._every_page(c.search_registered_models)) == names
 
 
+def test_models_list_reads_models_whose_names_hold_quotes(settings):
+    """One model named with a ' broke every listing of the registry (its filter string ended early)."""
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    names = ["o'brien", 'say"hi', "both'\"", "back\\slash", "pump"]
+    for name in names:
+        c.create_registered_model(name)
+        c.create_model_version(name, "file:///nowhere", run_id=None)
+    c.create_model_version("pump", "file:///nowhere", run_id=None)
+    assert sorted((v.name, v.version) for v in registry.list_versions()) == sorted(
+        [(n, "1") for n in names] + [("pump", "2")])
+    for name in names:
+        assert {v.name for v in registry.list_versions(name)} == {name}
+    assert registry.version_filter("o'brien") == 'name="o\'brien"' and registry.version_filter("both'\"") is None
+
+
 def test_the_overlay_marks_where_validation_starts_when_labelled_rows_are_left_out(settings, monkeypatch):
     # The last 200 of 500 readings are labelled anomalous and left out: validation ends at row 299, so it
     # starts well before 80 % of the series (row 400, where the marker was put from the fraction alone).
