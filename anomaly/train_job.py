@@ -213,11 +213,11 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
             version = registry.register(model_uri, ml.model_name, tags=data_tags,
                                         description=version_description(detector, result, dataset, source,
                                                                         start, end, len(prepared.values)))
-            if alias:
+            if alias and not (promote and alias == ml.champion_alias):
                 registry.promote(ml.model_name, version, alias, reason="set at training")
             if promote:
                 registry.promote(ml.model_name, version, ml.champion_alias, reason="promoted at training (--promote)")
-                promoted = True
+            promoted = promote or alias == ml.champion_alias  # --alias champion promotes too
         log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
                  detector.threshold.value, detector.threshold.method,
                  f"{ml.model_name} v{version}" if version else "no")

@@ -370,6 +370,20 @@ def test_models_list_reads_every_page_of_a_big_registry(settings):
     assert sorted(m.name for m in registry._every_page(c.search_registered_models)) == names
 
 
+def test_train_with_alias_champion_says_it_promoted(settings):
+    """``--alias champion`` moves @champion as --promote does; its outcome said "promoted": false."""
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    c.create_registered_model("pump")
+    c.create_model_version("pump", "file:///nowhere", run_id=None)
+    c.set_registered_model_alias("pump", "champion", "1")
+    outcome = run_training(prepare_training(normal_frame(400)), settings, source="synthetic", alias="champion",
+                           progress=False)
+    assert outcome.version == "2" and outcome.promoted
+    assert registry.alias_version("pump", "champion") == "2"
+    assert registry._history("pump", "champion") == ["1"]  # rollback goes back to the one it replaced
+
+
 def test_models_list_reads_models_whose_names_hold_quotes(settings):
     """One model named with a ' broke every listing of the registry (its filter string ended early)."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
