@@ -313,8 +313,9 @@ def _rollback(name: str, alias: str, reason: str) -> str:
     except Exception as exc:
         log.warning("%s: rolled @%s back to v%s, but its promotion history could not be written: %s",
                     name, alias, target, exc)
-    _record_move_or_warn(name, alias, current, target, f"rollback from v{current}" + (f": {reason}" if reason else ""))
-    log.info("%s: rolled @%s back from v%s to v%s", name, alias, current, target)
+    rolled_from = f"from v{current}" if current is not None else f"(@{alias} was unset)"
+    _record_move_or_warn(name, alias, current, target, f"rollback {rolled_from}" + (f": {reason}" if reason else ""))
+    log.info("%s: rolled @%s back %s to v%s", name, alias, rolled_from, target)
     return target
 
 

@@ -384,6 +384,21 @@ def test_train_with_alias_champion_says_it_promoted(settings):
     assert registry._history("pump", "champion") == ["1"]  # rollback goes back to the one it replaced
 
 
+def test_a_rollback_with_the_alias_unset_says_so(settings):
+    """The version holding @champion was deleted (MLflow drops the alias with it): the log said "rollback from vNone"."""
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    c.create_registered_model("pump")
+    for _ in range(3):
+        c.create_model_version("pump", "file:///nowhere", run_id=None)
+    registry.promote("pump", "1")
+    registry.promote("pump", "2")
+    c.delete_registered_model_alias("pump", "champion")
+    assert registry.rollback("pump") == "1"
+    log = json.loads(c.get_registered_model("pump").tags["champion_log"])
+    assert log[-1]["from"] is None and log[-1]["to"] == "1" and log[-1]["reason"] == "rollback (@champion was unset)"
+
+
 def test_models_list_reads_models_whose_names_hold_quotes(settings):
     """One model named with a ' broke every listing of the registry (its filter string ended early)."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
