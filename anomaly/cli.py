@@ -621,7 +621,7 @@ _SECRET_KEY = ("password", "secret", "token", "credential", "private_key", "ssl_
 def redacted(doc: Any) -> Any:
     """``doc`` (settings as plain data) with secrets masked, for printing: values of keys that name a
     password, secret, token or key (e.g. ``kafka.client_options.sasl_plain_password``), and the password
-    in a URI's user info (``postgresql://user:***@host/db``)."""
+    in a URI's user info (``postgresql://user:***@host/db``) and in a ``password=`` parameter."""
     import re
 
     if isinstance(doc, dict):
@@ -630,8 +630,10 @@ def redacted(doc: Any) -> Any:
     if isinstance(doc, list):
         return [redacted(v) for v in doc]
     if isinstance(doc, str):
-        # user:password@host: the password runs to the LAST @ before the host (as URL parsers split it)
-        return re.sub(r"(?<=://)([^/:@\s]+):[^/\s]*@", r"\1:***@", doc)
+        # user:password@host: the password runs to the LAST @ (one may hold @, and SQLAlchemy takes a / in
+        # it too); a path holding an @ is masked with it, which printing can afford
+        doc = re.sub(r"(?<=://)([^/:@\s]+):\S*@", r"\1:***@", doc)
+        return re.sub(r"(?i)((?:^|[?&;\s])password=)[^&;\s]*", r"\1***", doc)  # libpq's ?password= and key=value
     return doc
 
 

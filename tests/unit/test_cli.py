@@ -457,6 +457,18 @@ def test_a_password_holding_an_at_sign_is_masked_whole(monkeypatch, capsys):
     assert "ss@" not in out.replace("user:***@mlflow", "") and "https://user:***@mlflow.example.com/x" in out
 
 
+@pytest.mark.parametrize("uri, shown", [
+    ("postgresql://anomaly:s3cr/et@db:5432/mlflow", "postgresql://anomaly:***@db:5432/mlflow"),  # SQLAlchemy takes a /
+    ("postgresql://db/mlflow?user=a&password=s3cr/et", "postgresql://db/mlflow?user=a&password=***"),  # libpq's form
+    ("postgresql://db/mlflow?password=s3cr/et&sslmode=require", "postgresql://db/mlflow?password=***&sslmode=require"),
+])
+def test_config_show_masks_every_spelling_of_a_store_password(uri, shown, monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", uri)
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr" not in out and shown in out
+
+
 def test_evaluate_refuses_its_output_paths_before_reading_any_data(tmp_path, capsys):
     # No data folder at all: the path error must come first (it used to come after the whole protocol).
     missing = tmp_path / "no-data"
