@@ -299,6 +299,7 @@ class MlflowSettings:
     model_name: str = doc("registered model name (one per asset type)", "anomaly-detector")
     champion_alias: str = doc("alias of the served model version", "champion")
     challenger_alias: str = doc("alias of the candidate model version", "challenger")
+    lock_dir: str | None = doc("folder of the lock files that serialise moves of an alias (promote, rollback, the retrain gate) and the retrains of a model; every process that moves this registry's aliases must see the same folder (containers: a volume they all mount, as deploy/compose.yaml does). Empty = the temp folder, shared by the processes of one host or container", None)
 
     def check(self) -> None:
         _check_alias("mlflow.champion_alias", self.champion_alias)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.detector import Detector
+from anomaly import tracking
 from anomaly.config import alias_problem, canonical_store_uri
 from anomaly.errors import AnomalyError, RegistryError
 from anomaly.locks import FileLock, Locked
@@ -166,8 +167,8 @@ def alias_lock(name: str, alias: str) -> Iterator[None]:
     import mlflow
 
     key = json.dumps([canonical_store_uri(mlflow.get_registry_uri()), name, alias])
-    path = Path(tempfile.gettempdir()) / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
-    lock = FileLock(path, what=f"move of {name}@{alias}", field=None, mode=0o666)
+    path = tracking.lock_dir() / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    lock = FileLock(path, what=f"move of {name}@{alias}", field="mlflow.lock_dir", mode=0o666)
     try:
         lock.acquire(wait_s=ALIAS_LOCK_WAIT_S)
     except Locked as exc:

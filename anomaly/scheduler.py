@@ -76,7 +76,7 @@ def registry_lock_path(settings: Settings) -> Path:
 
     uri = canonical_store_uri(settings.mlflow.registry_uri or settings.mlflow.tracking_uri)
     digest = hashlib.sha256(f"{uri}\n{settings.mlflow.model_name}".encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"anomaly-retrain-{digest}.lock"
+    return Path(settings.mlflow.lock_dir or tempfile.gettempdir()) / f"anomaly-retrain-{digest}.lock"
 
 
 def last_run_path(job_store: str | Path) -> Path:
@@ -92,7 +92,9 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
     from anomaly.retrain import RetrainResult, run_cycle
 
     locks = [FileLock(retrain_lock_path(settings.scheduler.job_store), what="retrain"),
-             FileLock(registry_lock_path(settings), what=f"retrain of {settings.mlflow.model_name}", field=None)]
+             # 0o666, as the alias locks: in a folder every user shares, the first user's 0o644 shut out the rest
+             FileLock(registry_lock_path(settings), what=f"retrain of {settings.mlflow.model_name}",
+                      field="mlflow.lock_dir", mode=0o666)]
     held: list[FileLock] = []
     try:
         for lock in locks:
@@ -230,7 +232,7 @@ class DriftMonitor:
             return self._resolver(ml.model_name, ml.champion_alias)
         from anomaly import registry, tracking
 
-        tracking.configure(ml.tracking_uri, ml.registry_uri)
+        tracking.configure(ml.tracking_uri, ml.registry_uri, lock_dir=ml.lock_dir)
         return registry.alias_version(ml.model_name, ml.champion_alias)
 
     def _reference(self, version: str) -> Reference | None:

@@ -28,10 +28,24 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def configure(tracking_uri: str, registry_uri: str | None = None, create: bool = True) -> None:
+_lock_dir: Path | None = None  # configure's lock_dir: where registry.alias_lock's files go
+
+
+def lock_dir() -> Path:
+    """The folder of the registry's lock files (``mlflow.lock_dir``; unset: the temp folder)."""
+    import tempfile
+
+    return _lock_dir if _lock_dir is not None else Path(tempfile.gettempdir())
+
+
+def configure(tracking_uri: str, registry_uri: str | None = None, create: bool = True,
+              lock_dir: str | None = None) -> None:
     """Point mlflow at the store; a local SQLite file gets its folder created first. ``create=False``
     (commands that only read the store: ``models``, ``score``): a SQLite file that does not exist is a
-    ``ConfigError`` naming the field, not a new empty store (a typo in the URI listed no models, exit 0)."""
+    ``ConfigError`` naming the field, not a new empty store (a typo in the URI listed no models, exit 0).
+    ``lock_dir``: ``mlflow.lock_dir``, the folder of the alias locks (None: the temp folder)."""
+    global _lock_dir
+    _lock_dir = Path(lock_dir) if lock_dir else None
     _quiet_mlflow()
     import mlflow
 

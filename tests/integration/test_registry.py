@@ -399,6 +399,21 @@ def test_a_rollback_with_the_alias_unset_says_so(settings):
     assert log[-1]["from"] is None and log[-1]["to"] == "1" and log[-1]["reason"] == "rollback (@champion was unset)"
 
 
+def test_alias_moves_lock_in_mlflow_lock_dir(settings, tmp_path):
+    """Processes in separate containers share no temp folder: their alias moves lock in a shared folder."""
+    shared = tmp_path / "locks"
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri, lock_dir=str(shared))
+    try:
+        c = registry.client()
+        c.create_registered_model("pump")
+        c.create_model_version("pump", "file:///nowhere", run_id=None)
+        registry.promote("pump", "1")
+        assert [p.name[:13] for p in shared.iterdir()] == ["anomaly-alias"]
+    finally:
+        tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    assert tracking.lock_dir() != shared  # configure without it: the temp folder again
+
+
 def test_models_list_reads_models_whose_names_hold_quotes(settings):
     """One model named with a ' broke every listing of the registry (its filter string ended early)."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)

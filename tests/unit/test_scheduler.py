@@ -60,6 +60,27 @@ def test_a_retrain_by_hand_waits_for_none_but_skips_while_the_same_model_retrain
         assert free.held and store.held  # both released after the run
 
 
+def test_the_retrain_lock_of_a_model_sits_in_mlflow_lock_dir_and_opens_to_every_user(tmp_path, monkeypatch):
+    """In the shared temp folder it was made 0o644: a second user's retrain then failed (not skipped)."""
+    import os
+    import stat
+
+    from anomaly.scheduler import registry_lock_path, run_retrain
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("anomaly.retrain.run_cycle", lambda settings, **kw: "ran")
+    shared = tmp_path / "locks"
+    settings = build_settings({"scheduler": {"job_store": str(tmp_path / "jobs.db")},
+                               "mlflow": {"model_name": "pumps", "lock_dir": str(shared)}})
+    assert registry_lock_path(settings).parent == shared
+    old = os.umask(0o022)
+    try:
+        assert run_retrain(settings) == "ran"
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(registry_lock_path(settings).stat().st_mode) == 0o666
+
+
 def test_metrics_count_outcomes():
     now = [100.0]
     m = SchedulerMetrics(clock=lambda: now[0])
