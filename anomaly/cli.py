@@ -565,10 +565,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         # --name (or --model-name / mlflow.model_name when set by any layer: the file, the environment)
         # narrows the list to one model; with none of them set, every model is listed.
-        from anomaly.config import MlflowSettings
+        import tomllib
 
+        in_file = False
+        if getattr(args, "config", None):  # read already (load_config refused a bad one): does it name a model?
+            with open(args.config, "rb") as fh:
+                in_file = "model_name" in (tomllib.load(fh).get("mlflow") or {})
         explicit = (args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
-                    or (name if name != MlflowSettings().model_name else None))
+                    or (name if in_file else None))
         versions = registry.list_versions(explicit or None)
         if args.json:
             print(json.dumps([v.to_dict() for v in versions], indent=2))

@@ -414,6 +414,24 @@ def test_alias_moves_lock_in_mlflow_lock_dir(settings, tmp_path):
     assert tracking.lock_dir() != shared  # configure without it: the temp folder again
 
 
+def test_models_list_with_a_config_file_naming_the_default_model_lists_that_model_only(settings, tmp_path, capsys):
+    """A file naming mlflow.model_name narrows the list, as --help says, also when the name is the default one."""
+    from anomaly.cli import main
+
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    for name in ("anomaly-detector", "other-asset"):
+        c.create_registered_model(name)
+        c.create_model_version(name, "file:///nowhere", run_id=None)
+    config = tmp_path / "a.toml"
+    config.write_text(f'[mlflow]\ntracking_uri = "{settings.mlflow.tracking_uri}"\nmodel_name = "anomaly-detector"\n')
+    assert main(["models", "list", "--config", str(config), "--json"]) == 0
+    assert [v["name"] for v in json.loads(capsys.readouterr().out)] == ["anomaly-detector"]
+    config.write_text(f'[mlflow]\ntracking_uri = "{settings.mlflow.tracking_uri}"\n')  # names none: every model
+    assert main(["models", "list", "--config", str(config), "--json"]) == 0
+    assert sorted(v["name"] for v in json.loads(capsys.readouterr().out)) == ["anomaly-detector", "other-asset"]
+
+
 def test_models_list_reads_models_whose_names_hold_quotes(settings):
     """One model named with a ' broke every listing of the registry (its filter string ended early)."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
