@@ -31,6 +31,21 @@ def _quiet_mlflow() -> None:
 _lock_dir: Path | None = None  # configure's lock_dir: where registry.alias_lock's files go
 
 
+_said_unread: set[tuple[str, str]] = set()
+
+
+def _say_mlflow_variables_unread(tracking_uri: str, registry_uri: str | None) -> None:
+    """Warn (once per value) when MLflow's own MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI name another store
+    than the configuration: they are not read here, and a store set that way was passed over in silence."""
+    for variable, field, configured in (("MLFLOW_TRACKING_URI", "tracking_uri", tracking_uri),
+                                        ("MLFLOW_REGISTRY_URI", "registry_uri", registry_uri or tracking_uri)):
+        value = os.environ.get(variable)
+        if value and value != configured and (variable, value) not in _said_unread:
+            _said_unread.add((variable, value))
+            log.warning("%s=%s is not read: the store is mlflow.%s (%s); set ANOMALY_MLFLOW__%s (or --config) "
+                        "to use another", variable, value, field, configured, field.upper())
+
+
 def lock_dir() -> Path:
     """The folder of the registry's lock files (``mlflow.lock_dir``; unset: the temp folder)."""
     import tempfile
@@ -46,6 +61,7 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
     ``lock_dir``: ``mlflow.lock_dir``, the folder of the alias locks (None: the temp folder)."""
     global _lock_dir
     _lock_dir = Path(lock_dir) if lock_dir else None
+    _say_mlflow_variables_unread(tracking_uri, registry_uri)
     _quiet_mlflow()
     import mlflow
 

@@ -126,3 +126,24 @@ def test_an_mlflow_server_that_does_not_answer_is_said_at_once():
         require_reachable("sqlite:///mlruns/mlflow.db", "file:///tmp/x")  # files are not checked
     finally:
         server.shutdown()
+
+
+def test_mlflows_own_store_variables_are_said_to_be_unread(tmp_path, monkeypatch, caplog):
+    """MLFLOW_TRACKING_URI naming another store was passed over in silence (train made a new local store)."""
+    import logging
+
+    from anomaly import tracking
+
+    monkeypatch.setattr(tracking, "_said_unread", set())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with caplog.at_level(logging.WARNING, logger="anomaly.tracking"):
+        tracking.configure(uri)
+        tracking.configure(uri)  # said once
+    said = [r.getMessage() for r in caplog.records if "is not read" in r.getMessage()]
+    assert said == [f"MLFLOW_TRACKING_URI=http://mlflow.example:5000 is not read: the store is mlflow.tracking_uri "
+                    f"({uri}); set ANOMALY_MLFLOW__TRACKING_URI (or --config) to use another"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the same store: nothing to say
+    caplog.clear()
+    tracking.configure(uri)
+    assert not caplog.records
