@@ -590,7 +590,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.action == "promote":
         alias = args.alias or settings.mlflow.champion_alias
         previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
-        print(f"{name}@{alias} -> v{args.version} (was {'v' + previous if previous else 'unset'})")
+        shown = registry.version_number(args.version) or args.version
+        print(f"{name}@{alias} -> v{shown} (was {'v' + previous if previous else 'unset'})")
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias
         version = registry.rollback(name, alias, reason=args.reason or "")

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -121,6 +122,13 @@ def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
 
 
 
+def version_number(text: Any) -> str | None:
+    """``text`` as a registry version number (``"7"``, ``"07"``, ``"v7"`` -> ``"7"``), or None when it names
+    none (an alias). "07" was recorded as another version than "7" in the alias's history and log."""
+    match = re.fullmatch(r"\s*[vV]?(\d+)\s*", str(text))
+    return str(int(match.group(1))) if match else None
+
+
 def check_alias(alias: str) -> str:
     """``alias`` if the registry takes it as an alias, else ``RegistryError`` saying why (checked before
     a training run, so a bad ``--alias`` does not fail after the work is done); rules in
@@ -197,9 +205,10 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
     one holds it now, ``AliasMoved`` and nothing changes (the retrain gate: a promotion by hand while it
     compared is not overridden)."""
     check_alias(alias)
+    version = version_number(version) or str(version)
     try:
         c = client()
-        c.get_model_version(name, str(version))
+        c.get_model_version(name, version)
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
     with alias_lock(name, alias):  # the check and the move as one, for this host's processes
@@ -400,7 +409,7 @@ def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detect
     """Download ``models:/name@alias`` (or ``/version``) and load its detector; returns it and the version."""
     import mlflow
 
-    version = alias_or_version if str(alias_or_version).isdigit() else alias_version(name, alias_or_version)
+    version = version_number(alias_or_version) or alias_version(name, alias_or_version)
     if version is None:
         raise RegistryError(f"{name} has no version with alias @{alias_or_version}")
     try:

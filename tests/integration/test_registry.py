@@ -432,6 +432,20 @@ def test_models_list_with_a_config_file_naming_the_default_model_lists_that_mode
     assert sorted(v["name"] for v in json.loads(capsys.readouterr().out)) == ["anomaly-detector", "other-asset"]
 
 
+def test_a_version_is_one_however_it_is_written(settings):
+    """`models promote 01` moved the alias to v1 but logged "01": promoting v1 again was not a no-op."""
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    c.create_registered_model("pump")
+    c.create_model_version("pump", "file:///nowhere", run_id=None)
+    assert registry.promote("pump", "01") is None
+    assert registry.promote("pump", "v1") == "1"  # already there: nothing moved, nothing stacked
+    assert registry._history("pump", "champion") == []
+    log = json.loads(c.get_registered_model("pump").tags["champion_log"])
+    assert [entry["to"] for entry in log] == ["1"]
+    assert registry.version_number(" v07 ") == "7" and registry.version_number("champion") is None
+
+
 def test_models_list_reads_models_whose_names_hold_quotes(settings):
     """One model named with a ' broke every listing of the registry (its filter string ended early)."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
