@@ -32,15 +32,19 @@ _lock_dir: Path | None = None  # configure's lock_dir: where registry.alias_lock
 
 
 _said_unread: set[tuple[str, str]] = set()
+_set_by_us: dict[str, str] = {}  # variable -> the URI configure gave mlflow, which writes it into os.environ
 
 
 def _say_mlflow_variables_unread(tracking_uri: str, registry_uri: str | None) -> None:
     """Warn (once per value) when MLflow's own MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI name another store
-    than the configuration: they are not read here, and a store set that way was passed over in silence."""
+    than the configuration: they are not read here, and a store set that way was passed over in silence.
+    (``mlflow.set_tracking_uri`` itself sets them: a value an earlier ``configure`` left is not the user's.)"""
     for variable, field, configured in (("MLFLOW_TRACKING_URI", "tracking_uri", tracking_uri),
                                         ("MLFLOW_REGISTRY_URI", "registry_uri", registry_uri or tracking_uri)):
         value = os.environ.get(variable)
-        if value and value != configured and (variable, value) not in _said_unread:
+        said_by_us = _set_by_us.get(variable) == value
+        _set_by_us[variable] = configured
+        if value and value != configured and not said_by_us and (variable, value) not in _said_unread:
             _said_unread.add((variable, value))
             log.warning("%s=%s is not read: the store is mlflow.%s (%s); set ANOMALY_MLFLOW__%s (or --config) "
                         "to use another", variable, value, field, configured, field.upper())

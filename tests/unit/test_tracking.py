@@ -135,7 +135,9 @@ def test_mlflows_own_store_variables_are_said_to_be_unread(tmp_path, monkeypatch
     from anomaly import tracking
 
     monkeypatch.setattr(tracking, "_said_unread", set())
+    monkeypatch.setattr(tracking, "_set_by_us", {})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with caplog.at_level(logging.WARNING, logger="anomaly.tracking"):
         tracking.configure(uri)
@@ -146,4 +148,6 @@ def test_mlflows_own_store_variables_are_said_to_be_unread(tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the same store: nothing to say
     caplog.clear()
     tracking.configure(uri)
+    other = f"sqlite:///{tmp_path / 'other.db'}"  # a second store in one process: mlflow's own setting of the
+    tracking.configure(other)  # variables for the first is not the user's
     assert not caplog.records
