@@ -452,7 +452,7 @@ class RetrainSettings:
         if not 0 <= self.max_false_alarm_increase <= 1:
             raise ConfigError("retrain.max_false_alarm_increase",
                               f"must be in [0, 1], got {self.max_false_alarm_increase}")
-        if not self.label_field:
+        if not self.label_field.strip():  # "  " names no field a reading or a file would have
             raise ConfigError("retrain.label_field", "must not be empty")
         if not 0 < self.min_event_f1_improvement <= 1:
             raise ConfigError("retrain.min_event_f1_improvement", f"must be in (0, 1], got {self.min_event_f1_improvement}")

@@ -262,3 +262,10 @@ def test_an_integer_beyond_64_bits_is_refused_naming_the_field(tmp_path):
         load_config(path, env={})
     path.write_text(f"[model]\nwindow_size = 12\n[retrain]\nmin_rows = {2**63 - 1}\n")
     assert load_config(path, env={}).retrain.min_rows == 2**63 - 1  # the largest 64-bit value is still a value
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_a_blank_label_field_is_refused_naming_it(value):
+    with pytest.raises(ConfigError) as err:
+        build_settings({"retrain": {"label_field": value}})
+    assert err.value.field == "retrain.label_field"
