@@ -21,7 +21,7 @@ MAX_REASONS = 100  # distinct reasons kept between two summaries; the rest are c
 SHOWN_REASONS = 3  # reasons named in one line, most frequent first
 SHOWN_NEW = 10  # besides them, kinds never logged before named in one line (first seen first)
 REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can be long)
-_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+_NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:e[-+]?\d+)?")  # hex too: "invalid byte 0xff" / "0xfe"
 
 
 def reason_kind(reason: str) -> str:

@@ -36,6 +36,15 @@ def test_reasons_that_differ_only_in_numbers_are_one_kind():
                     "30 x sensor set does not match the entity's model: unknown ['Temperature']")
 
 
+def test_bytes_written_in_hex_are_numbers_too():
+    """Every byte value was a kind of its own: a stream of binary garbage logged a line per new byte."""
+    assert reason_kind("not UTF-8: invalid byte 0xff at position 3") == \
+        reason_kind("not UTF-8: invalid byte 0xFE at position 12")
+    log = DeadLetterLog(interval_s=60)
+    assert log.add(["not UTF-8: invalid byte 0xff at position 0"], 0.0) is not None
+    assert log.add(["not UTF-8: invalid byte 0xfe at position 0"], 1.0) is None  # known kind: waits
+
+
 def test_many_kinds_are_bounded_and_named_most_frequent_first():
     log = DeadLetterLog(interval_s=60)
     log.add(["first"], 0.0)
