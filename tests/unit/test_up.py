@@ -389,34 +389,9 @@ def test_a_stop_with_the_broker_running_lets_the_replay_flush(monkeypatch):
 def test_the_fleet_replay_counts_readings_the_broker_confirmed(monkeypatch):
     """summary.json's readings_replayed: confirmed deliveries, not readings taken to send."""
     from anomaly import replay
+    from tests.unit.test_replay import FakeProducer
 
-    class Future:
-        def __init__(self, ok):
-            self.ok = ok
-
-        def add_errback(self, fn):
-            if not self.ok:
-                fn(RuntimeError("not delivered"))
-
-        def add_callback(self, fn):
-            if self.ok:
-                fn("metadata")
-
-    class Producer:
-        def __init__(self):
-            self.sent = 0
-
-        def send(self, topic, value=None, key=None):
-            self.sent += 1
-            return Future(ok=self.sent <= 4)  # the broker confirms the first four, then goes away
-
-        def flush(self, timeout=None):
-            pass
-
-        def close(self, timeout=None):
-            pass
-
-    producer = Producer()
+    producer = FakeProducer(fail_every=2)  # the broker confirms every other reading
     real = replay.replay
     monkeypatch.setattr(replay, "replay",
                         lambda *a, **k: real(*a, **k, producer_factory=lambda bootstrap, options: producer))
@@ -424,5 +399,5 @@ def test_the_fleet_replay_counts_readings_the_broker_confirmed(monkeypatch):
     fleet = up.FleetReplay("127.0.0.1:1", "readings", [("pump-0", frame)], speed=1e9, loop=False,
                            client_options={}).start()
     fleet._thread.join(10)
-    assert producer.sent == 10 and fleet.delivered == 4
-    assert fleet.error is not None and "6 of 10 readings were not delivered" in str(fleet.error)
+    assert len(producer.sent) == 10 and fleet.delivered == 5
+    assert fleet.error is not None and "5 of 10 readings were not delivered" in str(fleet.error)
