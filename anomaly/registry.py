@@ -25,8 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from anomaly.detector import Detector
 from anomaly import tracking
+from anomaly.detector import Detector
 from anomaly.config import alias_problem, canonical_store_uri
 from anomaly.errors import AnomalyError, RegistryError
 from anomaly.locks import FileLock, Locked
@@ -166,12 +166,13 @@ ALIAS_LOCK_WAIT_S = 30.0  # longest wait for another process's move of the same 
 
 @contextlib.contextmanager
 def alias_lock(name: str, alias: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` for moves of ``name@alias`` in this registry (a file in the temp folder,
-    keyed by registry URI, relative paths resolved, model and alias) while reading the alias and moving it. MLflow has no
-    compare-and-set for aliases: without it, a promotion by hand landing between the retrain gate's check
-    and its move was overridden, and dropped from the rollback stack. It serialises the processes of
-    one host (a scheduler, ``anomaly models``, ``anomaly up``); moves from two hosts in the same instant
-    can still interleave."""
+    """Hold an exclusive ``flock`` for moves of ``name@alias`` in this registry (a file in ``mlflow.lock_dir``,
+    by default the temp folder, keyed by registry URI, relative paths resolved, model and alias) while
+    reading the alias and moving it. MLflow has no compare-and-set for aliases: without it, a promotion by
+    hand landing between the retrain gate's check and its move was overridden, and dropped from the
+    rollback stack. It serialises the processes that share that folder (a scheduler, ``anomaly models``,
+    ``anomaly up``; containers through a shared volume); moves from two hosts in the same instant can
+    still interleave."""
     import mlflow
 
     key = json.dumps([canonical_store_uri(mlflow.get_registry_uri()), name, alias])
@@ -211,7 +212,7 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
         c.get_model_version(name, version)
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
-    with alias_lock(name, alias):  # the check and the move as one, for this host's processes
+    with alias_lock(name, alias):  # the check and the move as one, for the processes sharing mlflow.lock_dir
         return _promote(c, name, str(version), alias, reason, expected_previous)
 
 

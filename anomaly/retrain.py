@@ -98,14 +98,15 @@ class History:
     the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept;
     ``sensors`` (when given) keeps only readings that carry exactly those (the worker dead-letters a
     reading with any other sensor set, so a model is not retrained on readings it never scored), or,
-    with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more. ``max_ts`` (when given)
-    leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
+    with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more.
+    ``max_ts`` (when given) leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
     dead-letters them): one reading stamped years ahead would otherwise put every real one outside the
     lookback.
     """
 
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
-                 sensors: Iterable[str] | None = None, max_ts: float | None = None, exact_sensors: bool = True) -> None:
+                 sensors: Iterable[str] | None = None, max_ts: float | None = None,
+                 exact_sensors: bool = True) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
@@ -557,8 +558,9 @@ def _left_out(history: History, rt: Any, champion: Any) -> str:
     """What of the readings read did not count, for a skip's reason ('' when all did)."""
     parts = []
     if history.ignored:
-        what = (f"carry exactly the champion's sensors ({', '.join(champion.sensors)}: the worker dead-letters "
-                "others)" if history.exact_sensors else f"carry all of the champion's sensors ({', '.join(champion.sensors)})")
+        sensors = ", ".join(champion.sensors)
+        what = (f"carry exactly the champion's sensors ({sensors}: the worker dead-letters others)"
+                if history.exact_sensors else f"carry all of the champion's sensors ({sensors})")
         if rt.entities:
             what += f" or are not of retrain.entities ({', '.join(sorted(rt.entities))})"
         parts.append(f"{history.ignored} of {history.seen} readings read do not {what}")
