@@ -143,6 +143,7 @@ class ScoreReader:
         self.bootstrap_servers, self.topic, self.group_id = bootstrap_servers, topic, group_id
         self.client_options = dict(client_options or {})
         self._consumer: Any = None
+        self._interrupted = threading.Event()
 
     def read(self, max_records: int, idle_s: float, timeout_s: float = DRIFT_READ_TIMEOUT_S) -> list[bytes]:
         """Values of up to ``max_records`` new records; stops after ``idle_s`` without one. ``[]`` while
@@ -164,7 +165,7 @@ class ScoreReader:
         values: list[bytes] = []
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()
-        while len(values) < max_records:
+        while len(values) < max_records and not self._interrupted.is_set():
             now = time.monotonic()
             if now >= deadline or now - last >= idle_s:
                 break
@@ -177,6 +178,10 @@ class ScoreReader:
         if values:
             consumer.commit()
         return values
+
+    def interrupt(self) -> None:
+        """End a read in progress within one poll (the scheduler is stopping); thread safe."""
+        self._interrupted.set()
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -276,6 +281,12 @@ class DriftMonitor:
         log.log(level, "drift check: %s (%s; %d new score records)", result.verdict, result.reason, len(values))
         return result
 
+    def interrupt(self) -> None:
+        """Cut a read in progress short (a reader without ``interrupt`` finishes its read)."""
+        interrupt = getattr(self.reader, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
+
     def close(self) -> None:
         self.reader.close()
 
@@ -356,6 +367,8 @@ class RetrainScheduler:
         self.drift_interval_s = drift_interval_s or (drift.settings.drift.check_interval_s if drift else None)
         self.pass_trigger = (func == JOB_FUNC) if pass_trigger is None else pass_trigger
         self.last_assessment: Assessment | None = None
+        self._stopping = threading.Event()
+        self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -431,6 +444,13 @@ class RetrainScheduler:
     def _drift_check(self) -> None:
         """The drift job: one check; on drift (gate permitting) the retrain job runs now."""
         assert self.drift is not None
+        with self._drift_busy:
+            self._drift_check_locked()
+
+    def _drift_check_locked(self) -> None:
+        assert self.drift is not None
+        if self._stopping.is_set():
+            return
         try:
             result = self.drift.check()
         except Exception as exc:  # a broker or registry hiccup must not stop the checks
@@ -439,6 +459,9 @@ class RetrainScheduler:
             return
         self.last_assessment = result
         if result is None or not result.drifted:
+            return
+        if self._stopping.is_set():
+            log.info("drift detected while stopping: no retrain now (%s)", result.reason)
             return
         blocked = self.drift.gate.blocked(time.monotonic())
         if blocked:
@@ -526,10 +549,11 @@ class RetrainScheduler:
                 self.drift.gate.retrain_missed()
         elif code == EVENT_JOB_MAX_INSTANCES:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
-        if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR):
-            # These come on the executor's thread, as the job ends. APScheduler's shutdown holds its job-store
-            # lock while it waits for that thread, so reading the store here would deadlock a stop that comes
-            # while a job runs (a SIGTERM mid-retrain hung): read it on a helper thread instead.
+        if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR, EVENT_JOB_MISSED):
+            # These come on the executor's thread, as the job ends (a missed run: as the executor finds it
+            # too late). APScheduler's shutdown holds its job-store lock while it waits for that thread, so
+            # reading the store here would deadlock a stop that comes while a job runs (a SIGTERM
+            # mid-retrain hung): read it on a helper thread instead.
             threading.Thread(target=self._update_next_run_quietly, name="scheduler-next-run", daemon=True).start()
         else:  # on the scheduler's own thread, which holds that (re-entrant) lock already
             self._update_next_run_quietly()
@@ -567,8 +591,17 @@ class RetrainScheduler:
     def _shutdown(self, wait: bool) -> None:
         with self._lock_guard:
             self.metrics.set_status("stopping")
+            self._stopping.set()
             try:
                 if self.scheduler is not None and self.scheduler.running:
+                    if wait and self.drift is not None:
+                        # A check that triggers moves the retrain job in the store, under APScheduler's store
+                        # lock, which its shutdown holds while it waits for the check's thread: a stop during
+                        # a drifting check hung. So the check is cut short and waited for first (it then
+                        # triggers nothing: _stopping is set).
+                        self.drift.interrupt()
+                        with self._drift_busy:
+                            pass
                     self.scheduler.shutdown(wait=wait)
             finally:
                 self.scheduler = None

@@ -242,3 +242,46 @@ def test_unchanged_scores_are_not_drift_when_validation_had_no_alarm():
     live = rng.choice(val, size=5000)
     verdict = assess(live, ref, DriftBounds(psi_threshold=0.25, max_alarm_rate=0.05, min_samples=1000))
     assert verdict.verdict == "ok", verdict
+
+
+def test_a_stop_during_a_drifting_check_returns_and_triggers_no_retrain(tmp_path):
+    """SIGTERM while a check that will find drift is reading: its trigger moved the retrain job under
+    APScheduler's store lock, which shutdown holds while it waits for the check's thread (a deadlock)."""
+    import threading
+
+    from anomaly.config import load_config
+    from anomaly.drift import Reference
+    from anomaly.scheduler import DriftMonitor, RetrainScheduler
+
+    settings = load_config(None, env={}, overrides={
+        "scheduler": {"job_store": str(tmp_path / "s.db"), "interval_s": 86400},
+        "kafka": {"scores_topic": "scores"}, "drift": {"enabled": True, "window": 100, "min_samples": 10}})
+    reading, release = threading.Event(), threading.Event()
+
+    class SlowReader:
+        interrupted = False
+
+        def read(self, max_records, idle_s, timeout_s=60.0):
+            reading.set()
+            release.wait(30)  # a check reading its batch (up to 60 s)
+            return [json.dumps({"score": 9.0, "model": {"name": "m", "version": "1"}}).encode()] * 100
+
+        def interrupt(self):
+            self.interrupted = True
+            release.set()
+
+        def close(self):
+            pass
+
+    reader = SlowReader()
+    monitor = DriftMonitor(settings, reader=reader, resolver=lambda name, alias: "1",
+                           reference_for=lambda name, version: Reference("1", (1.0,), (0.99,), 1.0, 0.01))
+    scheduler = RetrainScheduler(settings.scheduler, {}, func="time:time", drift=monitor, drift_interval_s=0.2)
+    scheduler.start()
+    assert reading.wait(10)
+    stopping = threading.Thread(target=scheduler.stop, kwargs={"wait": True}, daemon=True)
+    stopping.start()
+    stopping.join(15)
+    assert not stopping.is_alive(), "stop() hung"
+    assert reader.interrupted  # the read was cut short, not waited out
+    assert scheduler.metrics.value("anomaly_scheduler_drift_triggers_total") == 0
