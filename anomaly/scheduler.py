@@ -367,6 +367,7 @@ class RetrainScheduler:
         self.drift_interval_s = drift_interval_s or (drift.settings.drift.check_interval_s if drift else None)
         self.pass_trigger = (func == JOB_FUNC) if pass_trigger is None else pass_trigger
         self.last_assessment: Assessment | None = None
+        self._drift_trigger_ts: float | None = None  # wall clock of the last drift trigger (kept over restarts)
         self._stopping = threading.Event()
         self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
 
@@ -468,6 +469,8 @@ class RetrainScheduler:
             log.info("drift detected, no retrain now: %s", blocked)
             return
         self.drift.gate.triggered(time.monotonic())
+        self._drift_trigger_ts = time.time()
+        self._save_last_run()  # before the run: a retrain that kills the process must not lose the cooldown
         self.metrics.drift_triggered()
         self.trigger_now(f"drift: {result.reason}")
 
@@ -490,7 +493,10 @@ class RetrainScheduler:
         path = last_run_path(self.settings.job_store)
         try:
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(self.metrics.last_run()), encoding="utf-8")
+            last = self.metrics.last_run()
+            if self._drift_trigger_ts is not None:
+                last["drift_trigger_ts"] = self._drift_trigger_ts
+            tmp.write_text(json.dumps(last), encoding="utf-8")
             tmp.replace(path)
         except OSError as exc:  # bookkeeping: never let it disturb the scheduler
             log.warning("scheduler: could not save the last run to %s: %s", path, exc)
@@ -506,6 +512,22 @@ class RetrainScheduler:
             return
         if isinstance(last, dict):
             self.metrics.restore(last)
+            self._restore_cooldown(last)
+
+    def _restore_cooldown(self, last: Mapping[str, Any]) -> None:
+        """The drift gate's cooldown over a restart: the last trigger and the last retrain's end (wall clock,
+        as saved) on this process's monotonic clock. Without it a restarted scheduler (one killed by its own
+        retrain, say) retrained on the first drifting check, with no drift.cooldown_s between."""
+        trigger, ended = last.get("drift_trigger_ts"), last.get("last_run_ts")
+        if isinstance(trigger, (int, float)) and trigger > 0:
+            self._drift_trigger_ts = float(trigger)
+        if self.drift is None:
+            return
+        offset = time.time() - time.monotonic()  # a saved wall time minus this is the same moment, monotonic
+        if isinstance(trigger, (int, float)) and trigger > 0:
+            self.drift.gate.last_trigger = float(trigger) - offset
+        if isinstance(ended, (int, float)) and ended > 0:
+            self.drift.gate.last_retrain_end = float(ended) - offset
 
     def _on_event(self, event: Any) -> None:
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
