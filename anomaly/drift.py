@@ -177,6 +177,18 @@ class Assessment:
         return asdict(self)
 
 
+ALARM_RATE_SE = 3.0  # standard errors above a model's expected alarm rate that the live rate may reach unflagged
+
+
+def alarm_bound(max_alarm_rate: float, expected: float, n: int) -> float:
+    """The alarm rate above which ``n`` live scores drift: ``max_alarm_rate``, or, for a model whose own
+    validation rate reaches it (a quantile threshold at q <= 0.95, a scale under 1), that rate plus
+    ``ALARM_RATE_SE`` binomial standard errors. An unchanged model of rate 0.07 was "drifted" at every
+    check against 0.05, and retrained every cooldown for ever (its challenger fitted alike) (pure)."""
+    e = min(max(float(expected), 0.0), 1.0)
+    return max(float(max_alarm_rate), e + ALARM_RATE_SE * math.sqrt(e * (1.0 - e) / max(n, 1)))
+
+
 def assess(scores: Iterable[float], reference: Reference, bounds: DriftBounds) -> Assessment:
     """Compare live scores (finite ones only) with the reference: drift when PSI reaches
     ``psi_threshold`` or the alarm rate exceeds ``max_alarm_rate``; no verdict under ``min_samples``."""
@@ -188,13 +200,16 @@ def assess(scores: Iterable[float], reference: Reference, bounds: DriftBounds) -
                           n, version=reference.version, expected_alarm_rate=reference.expected_alarm_rate)
     value = psi(bin_proportions(arr, reference), reference.expected)
     alarm_rate = float(np.count_nonzero(arr > reference.threshold) / n)
+    bound = alarm_bound(bounds.max_alarm_rate, reference.expected_alarm_rate, n)
+    said_bound = f"{bound:g}" if bound == bounds.max_alarm_rate else \
+        f"{bound:.4f}: the expected rate and {ALARM_RATE_SE:g} standard errors, above drift.max_alarm_rate"
     facts = (f"PSI {value:.3f} (bound {bounds.psi_threshold:g}), alarm rate {alarm_rate:.4f} "
-             f"(bound {bounds.max_alarm_rate:g}, expected {reference.expected_alarm_rate:.4f}) over {n} scores "
+             f"(bound {said_bound}, expected {reference.expected_alarm_rate:.4f}) over {n} scores "
              f"of v{reference.version}")
     drifted = []
     if value >= bounds.psi_threshold:
         drifted.append("score distribution moved")
-    if alarm_rate > bounds.max_alarm_rate:
+    if alarm_rate > bound:
         drifted.append("alarm rate too high")
     verdict = "drift" if drifted else "ok"
     reason = f"{' and '.join(drifted)}: {facts}" if drifted else facts

@@ -285,3 +285,64 @@ def test_a_stop_during_a_drifting_check_returns_and_triggers_no_retrain(tmp_path
     assert not stopping.is_alive(), "stop() hung"
     assert reader.interrupted  # the read was cut short, not waited out
     assert scheduler.metrics.value("anomaly_scheduler_drift_triggers_total") == 0
+
+
+def test_the_drift_cooldown_holds_over_a_scheduler_restart(tmp_path):
+    """The gate lived in memory only: a scheduler restarted after a drift retrain (one its retrain got killed,
+    say) retrained again at its first drifting check, with no drift.cooldown_s between."""
+    import time
+
+    from anomaly.config import load_config
+    from anomaly.drift import Reference
+    from anomaly.scheduler import DriftMonitor, RetrainScheduler, last_run_path
+
+    settings = load_config(None, env={}, overrides={
+        "scheduler": {"job_store": str(tmp_path / "s.db"), "interval_s": 86400},
+        "kafka": {"scores_topic": "scores"},
+        "drift": {"enabled": True, "window": 100, "min_samples": 10, "cooldown_s": 3600}})
+    drifting = [json.dumps({"score": 9.0, "model": {"name": "m", "version": "1"}}).encode()] * 100
+
+    def scheduler_with(reader):
+        monitor = DriftMonitor(settings, reader=reader, resolver=lambda name, alias: "1",
+                               reference_for=lambda name, version: Reference("1", (1.0,), (0.99,), 1.0, 0.01))
+        return RetrainScheduler(settings.scheduler, {}, func="time:time", drift=monitor, drift_interval_s=0.2)
+
+    first = scheduler_with(ListReader([drifting]))
+    first.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and first.metrics.value("anomaly_scheduler_drift_triggers_total") < 1:
+        time.sleep(0.05)
+    first.stop(wait=True)
+    assert first.metrics.value("anomaly_scheduler_drift_triggers_total") == 1
+    assert json.loads(last_run_path(settings.scheduler.job_store).read_text())["drift_trigger_ts"] > 0
+
+    second = scheduler_with(ListReader([drifting] * 5))  # drift again, at once
+    second.start()
+    try:
+        assert "cooldown: last drift trigger" in second.drift.gate.blocked(time.monotonic())
+        time.sleep(1.0)  # a few checks: each finds drift, none may trigger
+        assert second.metrics.value("anomaly_scheduler_drift_triggers_total") == 0
+    finally:
+        second.stop(wait=True)
+
+
+def test_a_model_whose_own_alarm_rate_reaches_the_bound_is_not_drifted_while_unchanged():
+    """A quantile threshold at q = 0.93 alarms on 7 % of validation windows: against max_alarm_rate 0.05 every
+    check of the unchanged model said "alarm rate too high", and it was retrained every cooldown."""
+    from anomaly.drift import alarm_bound
+
+    rng = np.random.default_rng(5)
+    val = rng.gamma(2.0, 1.0, size=4000)
+    threshold = float(np.quantile(val, 0.93))
+    metrics = {"threshold": threshold, "val_false_alarm_rate": float(np.mean(val > threshold)),
+               "val_score_p50": float(np.median(val)), "val_score_p99": float(np.quantile(val, 0.99)),
+               "val_windows": float(len(val))}
+    ref = reference_from_run("7", metrics, {"threshold.method": "quantile", "threshold.q": "0.93"})
+    bounds = DriftBounds(psi_threshold=0.25, max_alarm_rate=0.05, min_samples=1000)
+    same = assess(rng.gamma(2.0, 1.0, size=5000), ref, bounds)
+    assert same.verdict == "ok", same.reason
+    assert "above drift.max_alarm_rate" in same.reason
+    worse = assess(np.r_[rng.gamma(2.0, 1.0, size=4250), np.full(750, threshold * 2)], ref, bounds)  # +15 %
+    assert worse.drifted and "alarm rate too high" in worse.reason
+    assert alarm_bound(0.05, 0.01, 2000) == 0.05  # a model well under the bound keeps it
+    assert alarm_bound(0.05, 0.07, 5000) == pytest.approx(0.07 + 3 * math.sqrt(0.07 * 0.93 / 5000))
