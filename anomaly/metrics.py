@@ -96,12 +96,15 @@ class WorkerMetrics:
     """The metrics and health state of one worker, with their own registry and HTTP server.
 
     Thread-safe: the worker updates it from its loop while the HTTP thread reads it.
-    ``clock`` gives wall-clock epoch seconds (for ``last_batch_ts`` and ages in ``/healthz``).
+    ``clock`` gives wall-clock epoch seconds (for timestamps in ``/healthz``), ``monotonic`` the clock a loop
+    round's age is measured on (a step of the wall clock, NTP's or a resumed VM's, is no stall).
     """
 
-    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self._clock = clock
+        self._clock, self._monotonic = clock, monotonic
+        self._round_at: float | None = None  # ``monotonic`` when the last loop round ended
         self._lock = threading.Lock()
         self._http = HttpEndpoint(self)
         self._stall_s = 0.0
@@ -180,6 +183,7 @@ class WorkerMetrics:
         self.last_batch_ts.set(now)
         with self._lock:
             self._health["last_batch_ts"] = now
+            self._round_at = self._monotonic()
 
     def set_model(self, name: str, version: str | int) -> None:
         """The model in use (at start); the version gauge is labelled with the model's name."""
@@ -239,6 +243,8 @@ class WorkerMetrics:
                 h["assigned_partitions"] = int(assigned_partitions)
             if last_batch_ts is not None:
                 h["last_batch_ts"] = float(last_batch_ts)
+                # on the monotonic clock, as long ago as the wall-clock stamp says (``now``: no time)
+                self._round_at = self._monotonic() - max(0.0, self._clock() - float(last_batch_ts))
 
     # --- what is served ---------------------------------------------------------------------------
 
@@ -248,10 +254,9 @@ class WorkerMetrics:
         that does not return, so only a restart helps."""
         with self._lock:
             h = dict(self._health)
-            stall_s = self._stall_s
-        now = self._clock()
+            stall_s, round_at = self._stall_s, self._round_at
         last = h["last_batch_ts"]
-        age = None if last is None else max(0.0, now - last)
+        age = None if round_at is None else max(0.0, self._monotonic() - round_at)
         status, detail = h["status"], h["detail"]
         if status in _HEALTHY and stall_s > 0 and age is not None and age > stall_s:
             status, detail = "stalled", (f"no loop round has finished for {age:.0f} s (worker.stall_s {stall_s:g}): "

@@ -33,7 +33,7 @@ def get(url: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def metrics():
-    m = WorkerMetrics(clock=lambda: 1_000.0)
+    m = WorkerMetrics(clock=lambda: 1_000.0, monotonic=lambda: 50.0)  # time stands still
     yield m
     m.stop_http()
 
@@ -143,7 +143,7 @@ def test_health_document(metrics):
 def stalling_metrics(status: str, stall_s: float, detail: str | None = None) -> tuple[WorkerMetrics, list[float]]:
     """Metrics on a hand-moved clock (``now[0]``, from 1000 s) whose last loop round ended at 1000 s."""
     now = [1000.0]
-    metrics = WorkerMetrics(clock=lambda: now[0])
+    metrics = WorkerMetrics(clock=lambda: now[0], monotonic=lambda: now[0])
     metrics.set_stall_limit(stall_s)
     metrics.set_health(status, detail=detail, last_batch_ts=1000.0)
     return metrics, now
@@ -165,6 +165,21 @@ def test_a_loop_that_has_not_finished_a_round_within_the_stall_limit_is_stalled(
     metrics.set_stall_limit(0)
     metrics.set_health("ok")
     assert metrics.health()["status"] == "ok"  # 0: never
+
+
+def test_a_step_of_the_wall_clock_is_no_stall():
+    """The age was wall-clock: an NTP step or a resumed VM made a healthy worker 'stalled', and the watchdog
+    killed it."""
+    wall, steady = [1000.0], [50.0]
+    metrics = WorkerMetrics(clock=lambda: wall[0], monotonic=lambda: steady[0])
+    metrics.set_stall_limit(300)
+    metrics.set_health("ok", last_batch_ts=wall[0])
+    wall[0] += 3600  # the wall clock jumps an hour; 2 s pass
+    steady[0] += 2
+    doc = metrics.health()
+    assert doc["status"] == "ok" and doc["last_batch_age_s"] == 2.0
+    steady[0] += 400  # a real stall
+    assert metrics.health()["status"] == "stalled"
 
 
 def test_http_serves_metrics_and_health_on_an_ephemeral_port(metrics):
