@@ -343,6 +343,12 @@ def _handler_for(metrics: Any) -> type[BaseHTTPRequestHandler]:
         timeout = 10  # seconds an idle connection may hold its thread (scrapes and probes are quick)
         server_version = "anomaly-metrics"
 
+        head = False  # a HEAD request: GET's status and headers, no body (HEAD-based monitors got 501)
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's naming
+            self.head = True
+            self.do_GET()
+
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
@@ -360,7 +366,8 @@ def _handler_for(metrics: Any) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not self.head:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
             log.debug("metrics http: " + format, *args)  # scrapes every few seconds: not for INFO

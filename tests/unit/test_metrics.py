@@ -211,6 +211,20 @@ def test_http_serves_metrics_and_health_on_an_ephemeral_port(metrics):
         metrics.start_http("127.0.0.1", 0)
 
 
+def test_head_requests_get_the_status_and_headers_without_a_body(metrics):
+    """HEAD-based monitors got 501 (no do_HEAD)."""
+    port = metrics.start_http("127.0.0.1", 0)
+    metrics.set_health("ok", last_batch_ts=1_000.0)
+    for path, code in (("/healthz", 200), ("/metrics", 200), ("/nope", 404)):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                status, length, body = response.status, int(response.headers["Content-Length"]), response.read()
+        except urllib.error.HTTPError as exc:
+            status, length, body = exc.code, int(exc.headers["Content-Length"]), exc.read()
+        assert (status, body) == (code, b"") and length > 0, path
+
+
 def test_port_in_use_is_a_clear_error_and_stop_releases_it(metrics):
     port = metrics.start_http("127.0.0.1", 0)
     other = WorkerMetrics()
