@@ -156,12 +156,13 @@ class ScoreReader:
             options.update(enable_auto_commit=False, allow_auto_create_topics=False)
             self._consumer = kafka_io.KafkaConsumer(**options)
         consumer = self._consumer
-        if not consumer.assignment():
-            partitions = consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                consumer.topics()  # refresh metadata: the topic may appear by the next check
-                return []
-            consumer.assign([kafka_io.TopicPartition(self.topic, p) for p in sorted(partitions)])
+        partitions = consumer.partitions_for_topic(self.topic)
+        assigned = {tp.partition for tp in consumer.assignment()}
+        if not partitions and not assigned:
+            consumer.topics()  # refresh metadata: the topic may appear by the next check
+            return []
+        if partitions and set(partitions) - assigned:  # partitions added to the topic since: read them too
+            consumer.assign([kafka_io.TopicPartition(self.topic, p) for p in sorted(set(partitions) | assigned)])
         values: list[bytes] = []
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()

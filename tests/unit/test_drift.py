@@ -346,3 +346,46 @@ def test_a_model_whose_own_alarm_rate_reaches_the_bound_is_not_drifted_while_unc
     assert worse.drifted and "alarm rate too high" in worse.reason
     assert alarm_bound(0.05, 0.01, 2000) == 0.05  # a model well under the bound keeps it
     assert alarm_bound(0.05, 0.07, 5000) == pytest.approx(0.07 + 3 * math.sqrt(0.07 * 0.93 / 5000))
+
+
+def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
+    """It took the partition list once: partitions added later were never read until a restart."""
+    from collections import namedtuple
+
+    from anomaly import kafka_io
+    from anomaly.scheduler import ScoreReader
+
+    TP = namedtuple("TP", "topic partition")
+
+    class Consumer:
+        partitions = {0, 1}
+
+        def __init__(self, **options):
+            self.assigned: list = []
+
+        def partitions_for_topic(self, topic):
+            return set(self.partitions)
+
+        def assignment(self):
+            return set(self.assigned)
+
+        def assign(self, tps):
+            self.assigned = list(tps)
+
+        def poll(self, timeout_ms, max_records):
+            return {}
+
+        def commit(self):
+            pass
+
+        def topics(self):
+            return set()
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(kafka_io, "TopicPartition", TP)
+    reader = ScoreReader("b:9092", "scores", "drift")
+    assert reader.read(10, idle_s=0.01) == []
+    assert sorted(tp.partition for tp in reader._consumer.assignment()) == [0, 1]
+    Consumer.partitions = {0, 1, 2, 3}  # kafka-topics.sh --alter --partitions 4
+    reader.read(10, idle_s=0.01)
+    assert sorted(tp.partition for tp in reader._consumer.assignment()) == [0, 1, 2, 3]
