@@ -354,8 +354,11 @@ def commit(consumer: Any, commits: Mapping[tuple[str, int], int]) -> bool:
     return True
 
 
-def rebalance_listener(on_revoked: Callable[[Any], None], on_assigned: Callable[[Any], None]) -> ConsumerRebalanceListener:
-    """A ConsumerRebalanceListener calling plain functions (so callers need not import kafka)."""
+def rebalance_listener(on_revoked: Callable[[Any], None], on_assigned: Callable[[Any], None],
+                       on_lost: Callable[[Any], None] | None = None) -> ConsumerRebalanceListener:
+    """A ConsumerRebalanceListener calling plain functions (so callers need not import kafka). ``on_lost``:
+    partitions taken by an eviction from the group (session timeout, a poll too late, an unknown member
+    id), whose fetch positions the client drops; ``on_revoked`` when not given, as kafka-python does."""
 
     class _Listener(ConsumerRebalanceListener):
         def on_partitions_revoked(self, revoked) -> None:
@@ -363,5 +366,8 @@ def rebalance_listener(on_revoked: Callable[[Any], None], on_assigned: Callable[
 
         def on_partitions_assigned(self, assigned) -> None:
             on_assigned(assigned)
+
+        def on_partitions_lost(self, lost) -> None:
+            (on_lost or on_revoked)(lost)
 
     return _Listener()

@@ -18,7 +18,8 @@ Guarantees (DESIGN.md §3):
   assigned resume from their committed offsets (which never pass an open window's oldest reading), so
   windows are rebuilt from data rather than guessed. A partition kept through the rebalance keeps its
   state: kafka-python's eager protocol revokes every partition, then gives back the kept ones at the
-  position they had (not the committed offset), so their windows could not be rebuilt from data.
+  position they had (not the committed offset), so their windows could not be rebuilt from data. An
+  eviction from the group (``on_lost``) drops the positions too, so it drops the state at once.
 
 Where the step runs (``anomaly.step_runner``). With ``scoring_process`` (the default, on CPU with two
 or more CPUs to use) the whole step runs in a child process forked at start: this process polls, hands
@@ -172,8 +173,8 @@ class Worker:
             self._runner = self._make_runner()
             self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
             self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
-                                                    listener=kafka_io.rebalance_listener(self.on_revoked,
-                                                                                         self.on_assigned))
+                                                    listener=kafka_io.rebalance_listener(
+                                                        self.on_revoked, self.on_assigned, self.on_lost))
             while not self.stop_event.is_set():
                 timeout_ms = 0 if self._in_flight is not None else int(o.poll_timeout_s * 1000)
                 polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
@@ -322,6 +323,15 @@ class Worker:
         """Noted, not yet forgotten: the eager protocol revokes every partition at each rebalance, and
         ``on_assigned`` gives back the kept ones at their fetch position, which only their state fits."""
         self._revoked.update((tp.topic, tp.partition) for tp in partitions)
+
+    def on_lost(self, partitions) -> None:
+        """Evicted from the group (session timeout, a poll too late): the client drops these partitions'
+        positions, so one handed back is read again from its commit (maybe after another member moved it
+        on): forgotten now, whatever the next assignment."""
+        lost = sorted((tp.topic, tp.partition) for tp in partitions)
+        self._revoked.difference_update(lost)
+        if lost and self._runner is not None:
+            self._runner.forget_partitions(lost)
 
     def on_assigned(self, partitions) -> None:
         """The partitions revoked and not given back lose their window state; newly assigned ones start
