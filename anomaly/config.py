@@ -511,7 +511,7 @@ class DriftSettings:
     window: int = doc("most recent live scores of the champion compared with its validation scores", 5000)
     min_samples: int = doc("fewest live scores of the champion needed for a verdict; fewer = no verdict", 1000)
     psi_threshold: float = doc("drift when the population stability index of live vs validation scores reaches this (0.1 small, 0.25 large shift)", 0.25)
-    max_alarm_rate: float = doc("drift when the fraction of live scores above the threshold exceeds this (1 = never), or, for a model whose own validation rate reaches it, that rate plus 3 standard errors", 0.05)
+    max_alarm_rate: float = doc("drift when the fraction of live scores above the threshold exceeds this (1 = never), or the model's own validation rate plus 3 standard errors where that is higher", 0.05)
     cooldown_s: float = doc("no drift-triggered retrain within this many seconds of the last retrain or trigger", 21600.0)
     group_id: str = doc("consumer group whose committed offsets on the scores topic mark what the check has read; not kafka.group_id", "anomaly-drift")
     max_records_per_check: int = doc("most score records read per check (bounds the time and memory of a check)", 200000)

@@ -181,10 +181,11 @@ ALARM_RATE_SE = 3.0  # standard errors above a model's expected alarm rate that 
 
 
 def alarm_bound(max_alarm_rate: float, expected: float, n: int) -> float:
-    """The alarm rate above which ``n`` live scores drift: ``max_alarm_rate``, or, for a model whose own
-    validation rate reaches it (a quantile threshold at q <= 0.95, a scale under 1), that rate plus
-    ``ALARM_RATE_SE`` binomial standard errors. An unchanged model of rate 0.07 was "drifted" at every
-    check against 0.05, and retrained every cooldown for ever (its challenger fitted alike) (pure)."""
+    """The alarm rate above which ``n`` live scores drift: ``max_alarm_rate``, or the model's own validation
+    rate plus ``ALARM_RATE_SE`` binomial standard errors where that is higher (a quantile threshold at
+    q <= 0.95, a scale under 1; a rate just under the bound, whose noise alone would cross it). An
+    unchanged model of rate 0.07 was "drifted" at every check against 0.05, and retrained every cooldown
+    for ever (its challenger fitted alike) (pure)."""
     e = min(max(float(expected), 0.0), 1.0)
     return max(float(max_alarm_rate), e + ALARM_RATE_SE * math.sqrt(e * (1.0 - e) / max(n, 1)))
 

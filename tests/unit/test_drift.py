@@ -345,6 +345,7 @@ def test_a_model_whose_own_alarm_rate_reaches_the_bound_is_not_drifted_while_unc
     worse = assess(np.r_[rng.gamma(2.0, 1.0, size=4250), np.full(750, threshold * 2)], ref, bounds)  # +15 %
     assert worse.drifted and "alarm rate too high" in worse.reason
     assert alarm_bound(0.05, 0.01, 2000) == 0.05  # a model well under the bound keeps it
+    assert alarm_bound(0.05, 0.045, 1000) == pytest.approx(0.045 + 3 * math.sqrt(0.045 * 0.955 / 1000))  # noise
     assert alarm_bound(0.05, 0.07, 5000) == pytest.approx(0.07 + 3 * math.sqrt(0.07 * 0.93 / 5000))
 
 
