@@ -69,8 +69,9 @@ def retrain_lock_path(job_store: str | Path) -> Path:
 
 
 def registry_lock_path(settings: Settings) -> Path:
-    """The retrain lock of one registered model on this machine (beside the job store's own): a retrain
-    by hand and a scheduler with another job store (``anomaly up``'s is its own) share it."""
+    """The retrain lock of one registered model (in ``mlflow.lock_dir``, by default the temp folder; beside
+    the job store's own): a retrain by hand and a scheduler with another job store (``anomaly up``'s is its
+    own) share it."""
     import hashlib
     import tempfile
 
@@ -185,6 +186,7 @@ class ScoreReader:
         self._interrupted.set()
 
     def close(self) -> None:
+        self._interrupted.clear()  # a reader opened again reads again
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
@@ -371,6 +373,7 @@ class RetrainScheduler:
         self._drift_trigger_ts: float | None = None  # wall clock of the last drift trigger (kept over restarts)
         self._stopping = threading.Event()
         self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
+        self._trigger_guard = threading.Lock()  # a trigger and the stop flag: a stop comes before or after it
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -383,6 +386,7 @@ class RetrainScheduler:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.lock.acquire()
+        self._stopping.clear()  # a scheduler started again after a stop checks drift again
         try:
             store = Path(self.settings.job_store)
             store.parent.mkdir(parents=True, exist_ok=True)
@@ -462,18 +466,19 @@ class RetrainScheduler:
         self.last_assessment = result
         if result is None or not result.drifted:
             return
-        if self._stopping.is_set():
-            log.info("drift detected while stopping: no retrain now (%s)", result.reason)
-            return
-        blocked = self.drift.gate.blocked(time.monotonic())
-        if blocked:
-            log.info("drift detected, no retrain now: %s", blocked)
-            return
-        self.drift.gate.triggered(time.monotonic())
-        self._drift_trigger_ts = time.time()
-        self._save_last_run()  # before the run: a retrain that kills the process must not lose the cooldown
-        self.metrics.drift_triggered()
-        self.trigger_now(f"drift: {result.reason}")
+        with self._trigger_guard:
+            if self._stopping.is_set():
+                log.info("drift detected while stopping: no retrain now (%s)", result.reason)
+                return
+            blocked = self.drift.gate.blocked(time.monotonic())
+            if blocked:
+                log.info("drift detected, no retrain now: %s", blocked)
+                return
+            self.drift.gate.triggered(time.monotonic())
+            self._drift_trigger_ts = time.time()
+            self._save_last_run()  # before the run: a retrain that kills the process must not lose the cooldown
+            self.metrics.drift_triggered()
+            self.trigger_now(f"drift: {result.reason}")
 
     def trigger_now(self, reason: str) -> None:
         """Run the stored retrain job now (recorded as ``trigger=reason``); its schedule continues from it."""
@@ -519,16 +524,18 @@ class RetrainScheduler:
         """The drift gate's cooldown over a restart: the last trigger and the last retrain's end (wall clock,
         as saved) on this process's monotonic clock. Without it a restarted scheduler (one killed by its own
         retrain, say) retrained on the first drifting check, with no drift.cooldown_s between."""
-        trigger, ended = last.get("drift_trigger_ts"), last.get("last_run_ts")
-        if isinstance(trigger, (int, float)) and trigger > 0:
-            self._drift_trigger_ts = float(trigger)
+        now = time.time()  # a time saved while the clock ran ahead must not stretch the cooldown past it
+        trigger, ended = (min(float(v), now) if isinstance(v, (int, float)) else None
+                          for v in (last.get("drift_trigger_ts"), last.get("last_run_ts")))
+        if trigger is not None and trigger > 0:
+            self._drift_trigger_ts = trigger
         if self.drift is None:
             return
-        offset = time.time() - time.monotonic()  # a saved wall time minus this is the same moment, monotonic
-        if isinstance(trigger, (int, float)) and trigger > 0:
-            self.drift.gate.last_trigger = float(trigger) - offset
-        if isinstance(ended, (int, float)) and ended > 0:
-            self.drift.gate.last_retrain_end = float(ended) - offset
+        offset = now - time.monotonic()  # a saved wall time minus this is the same moment, monotonic
+        if trigger is not None and trigger > 0:
+            self.drift.gate.last_trigger = trigger - offset
+        if ended is not None and ended > 0:
+            self.drift.gate.last_retrain_end = ended - offset
 
     def _on_event(self, event: Any) -> None:
         from apscheduler.events import (EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES,
@@ -614,7 +621,8 @@ class RetrainScheduler:
     def _shutdown(self, wait: bool) -> None:
         with self._lock_guard:
             self.metrics.set_status("stopping")
-            self._stopping.set()
+            with self._trigger_guard:  # a trigger under way completes first; none starts after
+                self._stopping.set()
             try:
                 if self.scheduler is not None and self.scheduler.running:
                     if wait and self.drift is not None:

@@ -390,3 +390,25 @@ def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
     Consumer.partitions = {0, 1, 2, 3}  # kafka-topics.sh --alter --partitions 4
     reader.read(10, idle_s=0.01)
     assert sorted(tp.partition for tp in reader._consumer.assignment()) == [0, 1, 2, 3]
+
+
+def test_a_trigger_time_saved_ahead_of_the_clock_does_not_stretch_the_cooldown(tmp_path):
+    import time
+
+    from anomaly.config import load_config
+    from anomaly.drift import Reference
+    from anomaly.scheduler import DriftMonitor, RetrainScheduler, last_run_path
+
+    settings = load_config(None, env={}, overrides={
+        "scheduler": {"job_store": str(tmp_path / "s.db"), "interval_s": 86400},
+        "kafka": {"scores_topic": "scores"}, "drift": {"enabled": True, "cooldown_s": 3600}})
+    last_run_path(settings.scheduler.job_store).write_text(json.dumps({"drift_trigger_ts": time.time() + 5000}))
+    monitor = DriftMonitor(settings, reader=ListReader([]), resolver=lambda name, alias: "1",
+                           reference_for=lambda name, version: Reference("1", (1.0,), (0.99,), 1.0, 0.01))
+    scheduler = RetrainScheduler(settings.scheduler, {}, func="time:time", drift=monitor, drift_interval_s=3600)
+    scheduler.start()
+    try:
+        assert monitor.gate.last_trigger <= time.monotonic()  # at most now: the cooldown runs from now, no longer
+        assert "cooldown: last drift trigger 0 s ago" in monitor.gate.blocked(time.monotonic())
+    finally:
+        scheduler.stop()
