@@ -639,8 +639,9 @@ def redacted(doc: Any) -> Any:
     if isinstance(doc, str):
         # user:password@host: the password runs to the LAST @ (one may hold @, and SQLAlchemy takes a / in
         # it too); a path holding an @ is masked with it, which printing can afford
-        doc = re.sub(r"(?<=://)([^/:@\s]+):\S*@", r"\1:***@", doc)
-        return re.sub(r"(?i)((?:^|[?&;\s])password=)[^&;\s]*", r"\1***", doc)  # libpq's ?password= and key=value
+        doc = re.sub(r"(?<=://)([^/:@\s]*):\S*@", r"\1:***@", doc)  # an empty user too (postgresql://:pw@db)
+        # libpq's ?password= / sslpassword= and key=value strings, a quoted value whole ('my secret')
+        return re.sub(r"(?i)((?:^|[?&;\s])\w*password\s*=\s*)('[^']*'|\"[^\"]*\"|[^&;\s]*)", r"\1***", doc)
     return doc
 
 

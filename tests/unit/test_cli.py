@@ -461,6 +461,9 @@ def test_a_password_holding_an_at_sign_is_masked_whole(monkeypatch, capsys):
     ("postgresql://anomaly:s3cr/et@db:5432/mlflow", "postgresql://anomaly:***@db:5432/mlflow"),  # SQLAlchemy takes a /
     ("postgresql://db/mlflow?user=a&password=s3cr/et", "postgresql://db/mlflow?user=a&password=***"),  # libpq's form
     ("postgresql://db/mlflow?password=s3cr/et&sslmode=require", "postgresql://db/mlflow?password=***&sslmode=require"),
+    ("postgresql://:s3cret@db/mlflow", "postgresql://:***@db/mlflow"),  # no user name
+    ("host=db password='my s3cret' dbname=mlflow", "host=db password=*** dbname=mlflow"),  # quoted, with a space
+    ("postgresql://db/mlflow?sslpassword=s3cret", "postgresql://db/mlflow?sslpassword=***"),
 ])
 def test_config_show_masks_every_spelling_of_a_store_password(uri, shown, monkeypatch, capsys):
     monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", uri)
