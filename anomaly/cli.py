@@ -573,8 +573,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         if getattr(args, "config", None):  # read already (load_config refused a bad one): does it name a model?
             with open(args.config, "rb") as fh:
                 in_file = "model_name" in (tomllib.load(fh).get("mlflow") or {})
-        explicit = (args.name or getattr(args, "model_name", None) or os.environ.get("ANOMALY_MLFLOW__MODEL_NAME")
-                    or (name if in_file else None))
+        in_env = any(k.startswith("ANOMALY_") and k[len("ANOMALY_"):].lower() == "mlflow__model_name" and v
+                     for k, v in os.environ.items())  # as load_config reads it: the field's part in any case
+        explicit = args.name or getattr(args, "model_name", None) or (name if in_file or in_env else None)
         versions = registry.list_versions(explicit or None)
         if args.json:
             print(json.dumps([v.to_dict() for v in versions], indent=2))

@@ -221,6 +221,8 @@ def _epoch_seconds(ts: Any) -> float | str:
     raises: a ts this code did not foresee is one bad record, not a batch that fails at every restart."""
     try:
         return _epoch_seconds_unguarded(ts)
+    except MemoryError:  # the process's trouble, not the record's
+        raise
     except Exception as exc:
         return f"ts cannot be read: {_short(ts)} ({type(exc).__name__}: {str(exc)[:_REPR_LIMIT]})"
 
@@ -262,6 +264,8 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) 
     """
     try:
         return _decode_reading(raw, expected_sensors)
+    except MemoryError:  # the process's trouble, not the record's: a good reading must not be dead-lettered
+        raise
     except Exception as exc:  # an input this code did not foresee: one dead letter, not a failed batch
         return BadRecord(f"cannot decode: {type(exc).__name__}: {str(exc)[:_REPR_LIMIT]}")
 

@@ -347,7 +347,10 @@ def _handler_for(metrics: Any) -> type[BaseHTTPRequestHandler]:
 
         def do_HEAD(self) -> None:  # noqa: N802 - the stdlib's naming
             self.head = True
-            self.do_GET()
+            try:
+                self.do_GET()
+            finally:
+                self.head = False  # the next request on a kept-alive connection may be a GET
 
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
             path = self.path.split("?", 1)[0]

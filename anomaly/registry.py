@@ -125,7 +125,7 @@ def register(model_uri: str, name: str, tags: Mapping[str, Any] | None = None,
 def version_number(text: Any) -> str | None:
     """``text`` as a registry version number (``"7"``, ``"07"``, ``"v7"`` -> ``"7"``), or None when it names
     none (an alias). "07" was recorded as another version than "7" in the alias's history and log."""
-    match = re.fullmatch(r"\s*[vV]?(\d+)\s*", str(text))
+    match = re.fullmatch(r"\s*[vV]?([0-9]+)\s*", str(text))
     return str(int(match.group(1))) if match else None
 
 

@@ -444,6 +444,7 @@ def test_a_version_is_one_however_it_is_written(settings):
     log = json.loads(c.get_registered_model("pump").tags["champion_log"])
     assert [entry["to"] for entry in log] == ["1"]
     assert registry.version_number(" v07 ") == "7" and registry.version_number("champion") is None
+    assert registry.version_number("\u0663") is None  # an Arabic-Indic three is no version number
 
 
 def test_models_list_reads_models_whose_names_hold_quotes(settings):

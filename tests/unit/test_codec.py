@@ -110,6 +110,13 @@ def test_an_unforeseen_error_while_decoding_is_one_bad_record(monkeypatch) -> No
     assert len(batch.entities) == 1 and [i for i, _ in batch.bad] == [1]
     assert "OverflowError" in batch.bad[0][1]
 
+    def no_memory(text):
+        raise MemoryError
+
+    monkeypatch.setattr(codec, "_rfc3339_seconds", no_memory)  # the process's trouble: not a dead letter
+    with pytest.raises(MemoryError):
+        decode_reading(raw)
+
 
 def test_nulls_are_missing_values_and_ints_become_floats() -> None:
     got = decode_reading(reading_json(values={"a": None, "b": 3, "c": -0.5}))
