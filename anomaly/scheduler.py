@@ -374,6 +374,7 @@ class RetrainScheduler:
         self._stopping = threading.Event()
         self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
         self._trigger_guard = threading.Lock()  # a trigger and the stop flag: a stop comes before or after it
+        self._save_guard = threading.Lock()  # last.json is written from the drift thread and the executor's
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -497,6 +498,10 @@ class RetrainScheduler:
 
     def _save_last_run(self) -> None:
         path = last_run_path(self.settings.job_store)
+        with self._save_guard:
+            self._write_last_run(path)
+
+    def _write_last_run(self, path: Path) -> None:
         try:
             tmp = path.with_name(path.name + ".tmp")
             last = self.metrics.last_run()
