@@ -164,6 +164,15 @@ class ScoreReader:
             return []
         if partitions and set(partitions) - assigned:  # partitions added to the topic since: read them too
             consumer.assign([kafka_io.TopicPartition(self.topic, p) for p in sorted(set(partitions) | assigned)])
+        try:
+            return self._read(consumer, max_records, idle_s, timeout_s)
+        except Exception:
+            # The consumer's positions moved past records now lost with this read: a fresh consumer starts
+            # from the group's commit, so the next check reads them (they were skipped until a restart).
+            self._drop_consumer()
+            raise
+
+    def _read(self, consumer: Any, max_records: int, idle_s: float, timeout_s: float) -> list[bytes]:
         values: list[bytes] = []
         deadline = time.monotonic() + timeout_s
         last = time.monotonic()
@@ -180,6 +189,14 @@ class ScoreReader:
         if values:
             consumer.commit()
         return values
+
+    def _drop_consumer(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        try:
+            if consumer is not None:
+                consumer.close(autocommit=False)
+        except Exception:
+            log.debug("closing the drift reader's consumer after a failed read failed", exc_info=True)
 
     def interrupt(self) -> None:
         """End a read in progress within one poll (the scheduler is stopping); thread safe."""

@@ -412,3 +412,50 @@ def test_a_trigger_time_saved_ahead_of_the_clock_does_not_stretch_the_cooldown(t
         assert "cooldown: last drift trigger 0 s ago" in monitor.gate.blocked(time.monotonic())
     finally:
         scheduler.stop()
+
+
+def test_a_failed_score_read_starts_the_next_one_from_the_groups_commit(monkeypatch):
+    """Positions had moved past the records of a read that then failed: those scores were skipped until a
+    restart. The consumer is dropped, so the next read starts again from the commit."""
+    from collections import namedtuple
+
+    from anomaly import kafka_io
+    from anomaly.scheduler import ScoreReader
+
+    TP = namedtuple("TP", "topic partition")
+    Record = namedtuple("Record", "value")
+    made = []
+
+    class Consumer:
+        def __init__(self, **options):
+            self.assigned, self.closed, self.polls = [], False, 0
+            made.append(self)
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assignment(self):
+            return set(self.assigned)
+
+        def assign(self, tps):
+            self.assigned = list(tps)
+
+        def poll(self, timeout_ms, max_records):
+            self.polls += 1
+            if len(made) == 1 and self.polls == 2:
+                raise RuntimeError("the broker went away mid-read")
+            return {TP("scores", 0): [Record(b"s")]} if self.polls == 1 else {}
+
+        def commit(self):
+            pass
+
+        def close(self, autocommit=False):
+            self.closed = True
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(kafka_io, "TopicPartition", TP)
+    reader = ScoreReader("b:9092", "scores", "drift")
+    with pytest.raises(RuntimeError):
+        reader.read(10, idle_s=0.05)
+    assert made[0].closed and reader._consumer is None
+    assert reader.read(10, idle_s=0.05) == [b"s"] and len(made) == 2  # read again, from the commit
