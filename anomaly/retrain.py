@@ -111,8 +111,7 @@ class History:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
         self.entities = frozenset(entities) if entities else None
-        self.sensors = tuple(sensors) if sensors else None
-        self._sensor_set = frozenset(self.sensors) if self.sensors else None
+        self.sensors = frozenset(sensors) if sensors else None
         self.exact_sensors = exact_sensors
         self.max_ts = max_ts
         self._by_entity: dict[str, deque[tuple[Reading, bool | None]]] = {}
@@ -125,7 +124,7 @@ class History:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
         self.seen += 1
         if (self.entities is not None and reading.entity not in self.entities) or (
-                self._sensor_set is not None and not self._carries(reading)):
+                self.sensors is not None and not self._carries(reading)):
             self.ignored += 1
             return False
         if self.max_ts is not None and reading.ts > self.max_ts:
@@ -143,7 +142,7 @@ class History:
 
     def _carries(self, reading: Reading) -> bool:
         keys = reading.values.keys()
-        return keys == self._sensor_set if self.exact_sensors else keys >= self._sensor_set  # type: ignore[operator]
+        return keys == self.sensors if self.exact_sensors else keys >= self.sensors  # type: ignore[operator]
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_entity.values())

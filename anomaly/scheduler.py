@@ -196,7 +196,7 @@ class ScoreReader:
             if consumer is not None:
                 consumer.close(autocommit=False)
         except Exception:
-            log.debug("closing the drift reader's consumer after a failed read failed", exc_info=True)
+            log.debug("closing the drift reader's consumer failed", exc_info=True)
 
     def interrupt(self) -> None:
         """End a read in progress within one poll (the scheduler is stopping); thread safe."""
@@ -204,11 +204,7 @@ class ScoreReader:
 
     def close(self) -> None:
         self._interrupted.clear()  # a reader opened again reads again
-        if self._consumer is not None:
-            try:
-                self._consumer.close(autocommit=False)
-            finally:
-                self._consumer = None
+        self._drop_consumer()
 
 
 def reference_for_version(model_name: str, version: str) -> Reference | None:
@@ -515,17 +511,14 @@ class RetrainScheduler:
 
     def _save_last_run(self) -> None:
         path = last_run_path(self.settings.job_store)
-        with self._save_guard:
-            self._write_last_run(path)
-
-    def _write_last_run(self, path: Path) -> None:
         try:
-            tmp = path.with_name(path.name + ".tmp")
-            last = self.metrics.last_run()
-            if self._drift_trigger_ts is not None:
-                last["drift_trigger_ts"] = self._drift_trigger_ts
-            tmp.write_text(json.dumps(last), encoding="utf-8")
-            tmp.replace(path)
+            with self._save_guard:
+                tmp = path.with_name(path.name + ".tmp")
+                last = self.metrics.last_run()
+                if self._drift_trigger_ts is not None:
+                    last["drift_trigger_ts"] = self._drift_trigger_ts
+                tmp.write_text(json.dumps(last), encoding="utf-8")
+                tmp.replace(path)
         except OSError as exc:  # bookkeeping: never let it disturb the scheduler
             log.warning("scheduler: could not save the last run to %s: %s", path, exc)
 
