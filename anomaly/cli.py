@@ -248,8 +248,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         raise AnomalyError(f"--record needs ground truth: {args.data} has no label column "
                            f"({' or '.join(repr(n) for n in names)}; retrain.label_field names one)")
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
-    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri, create=False,
-                       lock_dir=settings.mlflow.lock_dir)
+    tracking.configure_from(settings.mlflow, create=False)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
     if any(s not in frame.columns for frame in fleet.values() for s in detector.sensors):
@@ -497,7 +496,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)  # --bootstrap-servers included, checked as the config's value is
     for name, value in WORKER_MLFLOW_HTTP.items():
         os.environ.setdefault(name, value)  # what the operator's environment sets wins
-    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri, lock_dir=settings.mlflow.lock_dir)
+    tracking.configure_from(settings.mlflow)
     w = settings.worker
     unfollowed = unfollowed_alias(settings)
     if unfollowed:
@@ -562,8 +561,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "promote" and not args.version:
         raise AnomalyError("models promote needs a VERSION")
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
-    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri, create=False,
-                       lock_dir=settings.mlflow.lock_dir)
+    tracking.configure_from(settings.mlflow, create=False)
     if args.action == "list":
         # --name (or --model-name / mlflow.model_name when set by any layer: the file, the environment)
         # narrows the list to one model; with none of them set, every model is listed.

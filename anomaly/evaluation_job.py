@@ -16,7 +16,7 @@ from anomaly.protocols import ProtocolResult
 def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Path | None = None,
                      source: str = "") -> str:
     ml = settings.mlflow
-    tracking.configure(ml.tracking_uri, ml.registry_uri, lock_dir=ml.lock_dir)
+    tracking.configure_from(ml)
     tags = {"kind": "evaluation", "dataset": result.dataset, "data.source": source,
             "code_version": tracking.code_version()}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"evaluate-{result.dataset}", tags=tags) as run:

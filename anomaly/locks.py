@@ -27,6 +27,14 @@ class Locked(AnomalyError):
         super().__init__(f"another {what} holds {path} (pid {pid if pid is not None else '?'})")
 
 
+def lock_folder(setting: str | None) -> Path:
+    """The folder of the registry's lock files (alias moves, a model's retrains) for an ``mlflow.lock_dir``
+    value; unset: the temp folder."""
+    import tempfile
+
+    return Path(setting or tempfile.gettempdir())
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path`` holding the owner's pid; ``acquire`` fails at once or after a wait."""
 

@@ -575,7 +575,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     from anomaly.errors import RegistryError
 
     ml, rt = settings.mlflow, settings.retrain
-    tracking.configure(ml.tracking_uri, ml.registry_uri, lock_dir=ml.lock_dir)
+    tracking.configure_from(ml)
     _check_registry()  # an unreachable store is a failure, not "no champion"
     champion_version = registry.alias_version(ml.model_name, ml.champion_alias)
     if champion_version is None:

@@ -46,7 +46,7 @@ from anomaly.config import SchedulerSettings, Settings, canonical_store_uri
 from anomaly.crontab import cron_field_sets
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
 from anomaly.errors import AnomalyError, ConfigError
-from anomaly.locks import FileLock, Locked
+from anomaly.locks import FileLock, Locked, lock_folder
 from anomaly.scheduler_metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,10 @@ def registry_lock_path(settings: Settings) -> Path:
     the job store's own): a retrain by hand and a scheduler with another job store (``anomaly up``'s is its
     own) share it."""
     import hashlib
-    import tempfile
 
     uri = canonical_store_uri(settings.mlflow.registry_uri or settings.mlflow.tracking_uri)
     digest = hashlib.sha256(f"{uri}\n{settings.mlflow.model_name}".encode()).hexdigest()[:16]
-    return Path(settings.mlflow.lock_dir or tempfile.gettempdir()) / f"anomaly-retrain-{digest}.lock"
+    return lock_folder(settings.mlflow.lock_dir) / f"anomaly-retrain-{digest}.lock"
 
 
 def last_run_path(job_store: str | Path) -> Path:
@@ -253,7 +252,7 @@ class DriftMonitor:
             return self._resolver(ml.model_name, ml.champion_alias)
         from anomaly import registry, tracking
 
-        tracking.configure(ml.tracking_uri, ml.registry_uri, lock_dir=ml.lock_dir)
+        tracking.configure_from(ml)
         return registry.alias_version(ml.model_name, ml.champion_alias)
 
     def _reference(self, version: str) -> Reference | None:

@@ -28,7 +28,7 @@ def _quiet_mlflow() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-_lock_dir: Path | None = None  # configure's lock_dir: where registry.alias_lock's files go
+_lock_dir: str | None = None  # configure's lock_dir (mlflow.lock_dir): where registry.alias_lock's files go
 
 
 _said_unread: set[tuple[str, str]] = set()
@@ -51,10 +51,15 @@ def _say_mlflow_variables_unread(tracking_uri: str, registry_uri: str | None) ->
 
 
 def lock_dir() -> Path:
-    """The folder of the registry's lock files (``mlflow.lock_dir``; unset: the temp folder)."""
-    import tempfile
+    """The lock folder ``configure`` was given (``locks.lock_folder``)."""
+    from anomaly.locks import lock_folder
 
-    return _lock_dir if _lock_dir is not None else Path(tempfile.gettempdir())
+    return lock_folder(_lock_dir)
+
+
+def configure_from(ml: Any, create: bool = True) -> None:
+    """``configure`` with an ``[mlflow]`` section's store URIs and lock folder (``MlflowSettings``)."""
+    configure(ml.tracking_uri, ml.registry_uri, create=create, lock_dir=ml.lock_dir)
 
 
 def configure(tracking_uri: str, registry_uri: str | None = None, create: bool = True,
@@ -64,7 +69,7 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
     ``ConfigError`` naming the field, not a new empty store (a typo in the URI listed no models, exit 0).
     ``lock_dir``: ``mlflow.lock_dir``, the folder of the alias locks (None: the temp folder)."""
     global _lock_dir
-    _lock_dir = Path(lock_dir) if lock_dir else None
+    _lock_dir = lock_dir or None
     _say_mlflow_variables_unread(tracking_uri, registry_uri)
     _quiet_mlflow()
     import mlflow

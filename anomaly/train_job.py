@@ -152,7 +152,7 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     """Train, log everything to MLflow, register a version; ``promote`` moves ``@champion`` to it,
     ``alias`` sets another alias (e.g. ``challenger``) instead."""
     ml = settings.mlflow
-    tracking.configure(ml.tracking_uri, ml.registry_uri, lock_dir=ml.lock_dir)
+    tracking.configure_from(ml)
     start, end = prepared.timestamps.min(), prepared.timestamps.max()  # a retrain's rows are per entity, not in time order
     data_tags = {"dataset": dataset, "data.source": source, "data.start": start.isoformat(),
                  "data.end": end.isoformat(), "data.rows": len(prepared.values), "code_version": tracking.code_version(),

@@ -649,7 +649,7 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         ui = ui_base(m.tracking_uri, options.ui_port)
         # Open (and on first use create) the store here, before the server: two processes creating
         # one fresh SQLite schema at once collide in its migrations.
-        tracking.configure(m.tracking_uri, m.registry_uri, lock_dir=m.lock_dir)
+        tracking.configure_from(m)
         champion = registry.alias_version(m.model_name, w.model_alias)
         if server_cmd is not None:
             _start(children, Child("mlflow", server_cmd, state / "mlflow.log",
