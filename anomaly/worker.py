@@ -330,8 +330,7 @@ class Worker:
         on): forgotten now, whatever the next assignment."""
         lost = sorted((tp.topic, tp.partition) for tp in partitions)
         self._revoked.difference_update(lost)
-        if lost and self._runner is not None:
-            self._runner.forget_partitions(lost)
+        self._forget(lost)
 
     def on_assigned(self, partitions) -> None:
         """The partitions revoked and not given back lose their window state; newly assigned ones start
@@ -340,10 +339,15 @@ class Worker:
         assigned = {(tp.topic, tp.partition) for tp in partitions}
         lost, kept = lost_and_kept(self._revoked, assigned)
         self._revoked.clear()
-        if lost and self._runner is not None:
-            self._runner.forget_partitions(lost)
+        self._forget(lost)
         log.info("partitions assigned: %s%s", sorted(p for _, p in assigned),
                  f" (kept through the rebalance, windows and all: {sorted(p for _, p in kept)})" if kept else "")
+
+
+    def _forget(self, partitions: list[tuple[str, int]]) -> None:
+        """Drop the window, alert and bar state of ``partitions`` (the runner's ``forget_partitions``)."""
+        if partitions and self._runner is not None:
+            self._runner.forget_partitions(partitions)
 
 
 def lost_and_kept(revoked: Iterable[tuple[str, int]], assigned: Iterable[tuple[str, int]]
