@@ -8,7 +8,9 @@ never see each other's records on the shared broker.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -16,6 +18,24 @@ import pytest
 
 from anomaly.broker import BrokerError, LocalBroker, tansu_binary
 from tests.fixtures import missing_requirement
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's temp files (the registry's lock files above all: one per model name, and the tests
+    make hundreds) in a folder of the session's own, for this process and the commands it starts, not the
+    machine's temp folder; pytest keeps the last three sessions' folders and removes older ones."""
+    folder = str(tmp_path_factory.mktemp("tmp"))
+    before_env, before_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before_dir
+        if before_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before_env
 
 
 @pytest.fixture(scope="session")
