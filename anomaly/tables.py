@@ -6,8 +6,9 @@ turning it into the form every other module expects:
 - the index is a ``DatetimeIndex`` named ``"ts"``, always **UTC, tz-aware**. Naive timestamps (no
   offset in the text, as in SKAB and NAB) are taken to be UTC; strings with an offset are converted;
 - every other column is ``float64`` (sensors and label columns alike), except ``"entity"`` when an
-  entity column was named, which holds the entity ids as strings, as written; a column of text alone
-  is left out (with a warning) unless it was named as a sensor;
+  entity column was named, which holds the entity ids as strings, as written; a column of text alone,
+  of times, or with a blank CSV header (pandas' row numbers) is left out (with a warning) unless it was
+  named as a sensor; numbers with a decimal comma or thousands separator are refused, not left out;
 - rows keep the file's order: duplicated, late or out-of-order readings are the sampling grid's
   business (``anomaly.grid``), not this module's.
 
@@ -19,8 +20,10 @@ Timestamps may be:
   ``YYYY-MM-DD hh:mm:ss[.ffffff]``;
 - numbers: epoch **seconds** or **milliseconds**, decided once per column by magnitude: if the
   largest absolute value is at least ``1e11`` the column is milliseconds (``1e11`` s would be the year
-  5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept.
-- already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC.
+  5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept, to the microsecond.
+  Eight-digit whole numbers that read as dates (``20240131``) are refused, not read as 1970 seconds;
+- already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC. A Parquet
+  file's ``DatetimeIndex`` is its time, before any column; an index may be named like a column.
 
 Infinite readings are treated as missing (NaN) with a logged warning; the stream contract calls
 them bad records, and a table should not be refused whole for one of them.
@@ -102,10 +105,14 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
         value_cols = [*sensors, *(c for c in is_label if c not in sensors)]
     else:
         value_cols = [c for c in raw.columns if c not in taken]
-        text = [c for c in value_cols if c not in is_label and _all_text(raw[c])]
+        unnamed = [c for c in value_cols if c in raw.attrs.get(_BLANK_NAMES, ())]
+        if unnamed:
+            log.warning("%s: columns with no name in the header left out (row numbers written by pandas' to_csv?): "
+                        "%s; name them in data.sensors to read them", path, [str(c) for c in unnamed])
+        text = [c for c in value_cols if c not in is_label and c not in unnamed and _not_readings(raw[c], path, str(c))]
         if text:
-            log.warning("%s: columns left out, text rather than readings: %s", path, [str(c) for c in text])
-            value_cols = [c for c in value_cols if c not in text]
+            log.warning("%s: columns left out, text or times rather than readings: %s", path, [str(c) for c in text])
+        value_cols = [c for c in value_cols if c not in text and c not in unnamed]
 
     out: dict[str, object] = {}
     if entity_col is not None:
@@ -208,13 +215,18 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
         if suffix in _CSV_SUFFIXES:
             sep, names = _csv_layout(path)
             _refuse_repeated_names(path, names)
-            return pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text_columns} or None)
+            raw = pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text_columns} or None)
+            raw.attrs[_BLANK_NAMES] = [c for i, c in enumerate(raw.columns)
+                                       if i < len(names) and not names[i].strip() and str(c).startswith("Unnamed: ")]
+            return raw
     except DataError:
         raise
     except Exception as exc:  # parser errors of several kinds: one message for the operator
         raise DataError(f"{path}: cannot read table: {exc}") from exc
     raise DataError(f"{path}: {table_suffix_problem(path)}")
 
+
+_BLANK_NAMES = "anomaly.blank_names"  # raw.attrs key: CSV columns with a blank header (pandas: "Unnamed: i")
 
 _SNIFF_LINES = 20  # data lines read, beside the header, to tell the separator
 
@@ -248,19 +260,26 @@ def _refuse_repeated_names(path: Path, names: Sequence[str]) -> None:
 
 
 def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str | None:
-    """The timestamp column's name; ``None`` means "use the frame's DatetimeIndex" (Parquet)."""
+    """The timestamp column's name; ``None`` means "use the frame's index" (Parquet): a ``DatetimeIndex``
+    is the table's time whatever its columns are called, and an index is found by its name as a column is."""
+    index_name = None if isinstance(raw.index, pd.RangeIndex) or raw.index.name is None else str(raw.index.name)
     if named is not None:
-        if named not in raw.columns:
-            raise DataError(f"{path}: no timestamp column {named!r}; columns are {list(raw.columns)}")
-        return named
+        if named in raw.columns:
+            return named
+        if index_name == named:
+            return None
+        raise DataError(f"{path}: no timestamp column {named!r}; columns are {list(raw.columns)}"
+                        + (f" (index: {index_name!r})" if index_name is not None else ""))
+    if isinstance(raw.index, pd.DatetimeIndex):  # written as the frame's index: pandas' own way to say "the time"
+        return None
+    if index_name is not None and index_name.lower() in TIMESTAMP_CANDIDATES:
+        return None
     for cand in TIMESTAMP_CANDIDATES:
         if cand in raw.columns:
             return cand
         spelled = [c for c in raw.columns if str(c).lower() == cand]
         if spelled:
             return spelled[0]
-    if isinstance(raw.index, pd.DatetimeIndex):
-        return None
     raise DataError(f"{path}: no timestamp column found (tried {', '.join(TIMESTAMP_CANDIDATES)}); "
                     f"columns are {list(raw.columns)}; name it with data.timestamp_column")
 
@@ -276,11 +295,16 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
         values = col.to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
         unit = "ms" if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD else "s"
+        if unit == "s" and _yyyymmdd(finite):
+            raise DataError(f"{where}: numbers like {int(finite[0])} look like YYYYMMDD dates, not epoch seconds "
+                            "(1970); write them as dates (2024-01-31) or RFC 3339")
         if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD * 1000:  # the year 5138 in ms
             raise DataError(f"{where}: epoch numbers up to {np.abs(finite).max():.6g} are neither seconds nor "
                             "milliseconds (micro- or nanoseconds?); write them as seconds, milliseconds or RFC 3339")
         try:
-            parsed = pd.DatetimeIndex(pd.to_datetime(values, unit=unit, utc=True))
+            # to whole microseconds: 1700000000.1 s is 1700000000.0999999 as a float
+            micros = np.round(values * (1e6 if unit == "s" else 1e3))
+            parsed = pd.DatetimeIndex(pd.to_datetime(micros, unit="us", utc=True))
         except (ValueError, OverflowError) as exc:
             raise DataError(f"{where}: epoch {unit} out of range: {exc}") from exc
     else:
@@ -294,12 +318,39 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
     return parsed.rename(INDEX_NAME)
 
 
-def _all_text(col: pd.Series) -> bool:
-    """Whether a column holds text and no number at all (not readings: a name, a comment)."""
+def _yyyymmdd(finite: np.ndarray) -> bool:
+    """Whether epoch "seconds" are all eight-digit whole numbers that read as dates (20240131): 1970-04 to
+    1973-03 as seconds, where no real table starts."""
+    if not finite.size or finite.min() < 1e7 or finite.max() >= 1e8 or (finite != np.floor(finite)).any():
+        return False
+    text = pd.Series(finite.astype(np.int64).astype(str))
+    return bool(pd.to_datetime(text, format="%Y%m%d", errors="coerce").notna().all())
+
+
+def _not_readings(col: pd.Series, path: Path, name: str) -> bool:
+    """Whether a column holds no reading at all: text alone (a name, a comment) or times. Numbers
+    written with a decimal comma (or a thousands separator) are refused, naming the column."""
+    if ptypes.is_datetime64_any_dtype(col.dtype):
+        return True
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(object)
     if not (ptypes.is_object_dtype(col.dtype) or ptypes.is_string_dtype(col.dtype)):
         return False
     present = col.dropna()
-    return len(present) > 0 and bool(pd.to_numeric(present, errors="coerce").isna().all())
+    if not len(present) or not pd.to_numeric(present, errors="coerce").isna().all():
+        return False
+    if _comma_numbers(present).notna().all():
+        raise DataError(f"{path}: column {name!r} {_COMMA_HINT} (e.g. {present.iloc[0]!r}); write a decimal point "
+                        "and no separator")
+    return True
+
+
+_COMMA_HINT = "holds numbers written with a decimal comma or thousands separator"
+
+
+def _comma_numbers(cells: pd.Series) -> pd.Series:
+    """Text cells read with ``,`` as the decimal point (NaN where that is no number either)."""
+    return pd.to_numeric(cells.astype(str).str.replace(",", ".", regex=False), errors="coerce")
 
 
 def parse_label(value: Any) -> bool | None:
@@ -345,7 +396,9 @@ def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
         bad = coerced.isna() & col.notna()
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})")
+            comma = isinstance(col.iloc[row], str) and bool(_comma_numbers(col.iloc[row:row + 1]).notna().all())
+            raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})"
+                            + (f"; it {_COMMA_HINT}" if comma else ""))
         values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
     wild = too_large_to_score(values)  # ±inf, or too large to score (the worker dead-letters both)
     if wild.any():

@@ -268,3 +268,57 @@ def test_write_table_and_read_table_share_the_suffix_rule(tmp_path):
     assert not (tmp_path / "out.xlsx").exists()
     with pytest.raises(DataError, match=message):
         read_table(_write(tmp_path, "in.xlsx", "a"))
+
+
+# --- tables as other tools write them (audit of session 29) ----------------------------------------
+
+def test_a_parquet_files_datetime_index_is_its_time_even_beside_a_date_column(tmp_path):
+    """The index pandas wrote (``df.to_parquet()`` of a frame indexed by time) used to lose to a ``date``
+    column: three days of one-minute readings became three rows; naming the index was refused."""
+    ts = pd.date_range("2024-01-01", periods=6, freq="min", name="ts")
+    raw = pd.DataFrame({"date": ts.normalize(), "temp": np.arange(6.0)}, index=ts)
+    path = tmp_path / "indexed.parquet"
+    raw.to_parquet(path)
+    frame = read_table(path)
+    assert list(frame.index) == list(ts.tz_localize("UTC"))
+    assert list(frame.columns) == ["temp"]  # the date column is a time, not a reading: left out
+    assert list(read_table(path, timestamp_col="ts").index) == list(ts.tz_localize("UTC"))
+    assert list(read_table(path, timestamp_col="date").index) == list(ts.normalize().tz_localize("UTC"))
+
+
+def test_the_row_number_column_of_a_pandas_csv_is_left_out(tmp_path, caplog):
+    """``DataFrame.to_csv()`` writes the row numbers under a blank header: they were trained as a sensor."""
+    path = _write(tmp_path, "p.csv", ",ts,temp\n0,2020-01-01 00:00:00,1.5\n1,2020-01-01 00:00:01,1.6\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["temp"] and "no name in the header" in caplog.text
+
+
+@pytest.mark.parametrize("cells", [["5,12", "5,25"], ["1,234", "1,250"]])
+def test_numbers_with_a_decimal_comma_or_thousands_separator_are_refused_not_left_out(tmp_path, cells):
+    """A ``;`` file with ``5,12`` (a decimal comma) lost the sensor as "text" and trained on the others."""
+    path = _write(tmp_path, "euro.csv", "ts;flow;volt\n" + "".join(
+        f"2020-01-01 00:00:0{i};{c};230\n" for i, c in enumerate(cells)))
+    with pytest.raises(DataError, match=r"euro\.csv.*'flow'.*decimal comma or thousands separator"):
+        read_table(path)
+
+
+def test_fractional_epoch_seconds_keep_their_microseconds(tmp_path):
+    path = _write(tmp_path, "e.csv", "timestamp,x\n1700000000.1,1\n1700000000.2,2\n1700000000.3,3\n")
+    frame = read_table(path)
+    assert list(frame.index) == [pd.Timestamp("2023-11-14 22:13:20.1", tz="UTC") + pd.Timedelta(milliseconds=100 * i)
+                                 for i in range(3)]
+
+
+def test_a_categorical_text_column_of_a_parquet_file_is_left_out_like_text(tmp_path):
+    raw = pd.DataFrame({"ts": pd.date_range("2024-01-01", periods=2, freq="s"),
+                        "site": pd.Categorical(["x", "x"]), "temp": [1.0, 2.0]})
+    path = tmp_path / "c.parquet"
+    raw.to_parquet(path, index=False)
+    assert list(read_table(path).columns) == ["temp"]
+
+
+def test_yyyymmdd_numbers_are_not_read_as_epoch_seconds(tmp_path):
+    """``20240101`` as epoch seconds is 1970-08-21: daily data became one-second data in 1970."""
+    path = _write(tmp_path, "d.csv", "date,x\n20240101,1\n20240102,2\n")
+    with pytest.raises(DataError, match="YYYYMMDD"):
+        read_table(path)
