@@ -352,7 +352,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
-    from anomaly.preparation import labels_on_grid
+    from anomaly.preparation import first_readings, labels_on_grid
     from anomaly.windowing import rows_from_windows
 
     spacing = sampling_mismatch(frame.index, detector.period_s)
@@ -361,13 +361,8 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                     f"{entity}: ", spacing, detector.period_s,
                     "slots between readings are filled, not read" if spacing > detector.period_s
                     else "several readings fall on one slot and only one of them is scored")
-    repeated = frame.index.duplicated(keep="first")
-    if repeated.any():
-        log.warning("%s: %d reading%s repeat an earlier one's timestamp and %s left out: the first is scored, as "
-                    "the streaming worker keeps it", entity, int(repeated.sum()), *(("", "is") if repeated.sum() == 1
-                                                                                 else ("s", "are")))
     labelled_at = frame.index  # ground truth keeps every reading: a slot is anomalous if any labelled one fell on it
-    frame = frame[~repeated]
+    frame = first_readings(frame, entity, doing="scored")
     prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
                                fill_values=detector.fill_values())

@@ -70,7 +70,7 @@ def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, 
 
 def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period_s: float | None, fill: str,
                       max_fill_steps: int | None, max_missing_fraction: float) -> Prepared:
-    frame = _select(frame, sensors)
+    frame = _select(first_readings(frame), sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
     issues = sensor_quality(grid.frame, grid.missing, max_missing_fraction=max_missing_fraction)
@@ -85,6 +85,27 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
     before = _back_filled(grid.missing[keep], fill)
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
                    None if before is None else _late_rows(before, keep))
+
+
+MANY_REPEATS = 0.1  # a share of readings repeating a timestamp that suggests several assets in one series
+
+
+def first_readings(frame: pd.DataFrame, who: str = "", doing: str = "trained on") -> pd.DataFrame:
+    """``frame`` without the readings that repeat an earlier one's timestamp: the first is kept, as the
+    streaming worker keeps it (a later one is a duplicate). Says how many were left out (``who``: whose
+    readings; ``doing``: what is done with the first), and, when they are many, that the table may hold
+    several assets under one series (no ``data.entity_column``)."""
+    repeated = frame.index.duplicated(keep="first")
+    n = int(repeated.sum())
+    if not n:
+        return frame
+    many = n > MANY_REPEATS * len(frame)
+    log.warning("%s%d reading%s an earlier one's timestamp and %s left out: the first is %s, as the streaming "
+                "worker keeps it%s", f"{who}: " if who else "", n, "s repeat" if n > 1 else " repeats",
+                "are" if n > 1 else "is", doing,
+                "; so many repeats suggest several assets' readings in one series: name their column with "
+                "data.entity_column" if many else "")
+    return frame[~repeated]
 
 
 def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.ndarray, margin_rows: int) -> Prepared:
@@ -252,6 +273,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     sits between every two parts, so no window spans two entities or an entity's two parts."""
     if not frames:
         raise DataError("no entity to train on")
+    given, frames = frames, {e: first_readings(f, f"entity {e}") for e, f in frames.items()}
     usable: dict[str, Prepared] = {}
     unfit: dict[str, str] = {}  # entity -> why it cannot train (no usable sensor, a sensor it lacks)
     for entity, frame in frames.items():
@@ -287,7 +309,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
                                 late_as_gaps=True) for e in usable}
     if labels:
-        grids = {e: leave_out_labelled(g, frames[e].index, labels[e], margin_rows) if e in labels else g
+        grids = {e: leave_out_labelled(g, given[e].index, labels[e], margin_rows) if e in labels else g
                  for e, g in grids.items()}
     heads, tails = [], []
     for entity, grid in grids.items():

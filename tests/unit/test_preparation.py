@@ -141,3 +141,29 @@ def test_an_entity_with_no_sensor_fit_to_train_on_is_left_out_of_the_fleet(caplo
     assert fleet.entities == ["a", "b"] and "entity off: no usable sensor" in caplog.text
     with pytest.raises(DataError, match="fit to train on; entity off: no usable sensor"):
         prepare_fleet({"off": offline}, window_size=10, validation_fraction=0.2)
+
+
+def _repeated(rows: int = 40) -> pd.DataFrame:
+    ts = pd.date_range("2024-01-01", periods=rows, freq="s", tz="UTC")
+    frame = pd.DataFrame({"a": np.sin(np.arange(rows) / 3.0), "b": np.cos(np.arange(rows) / 5.0)}, index=ts)
+    copy = frame.iloc[[3]].copy()
+    copy["a"] = 99.0  # a second reading stamped as row 3
+    return pd.concat([frame.iloc[:4], copy, frame.iloc[4:]])
+
+
+def test_a_repeated_timestamp_trains_on_the_first_reading_as_the_worker_keeps_it(caplog):
+    """Training kept the last of two readings stamped alike (the grid's "last wins"), while score, retrain
+    and the worker keep the first; and it said nothing, though many repeats mean several assets in one series."""
+    frame = _repeated()
+    prepared = prepare_training(frame)
+    assert prepared.values[3, 0] == pytest.approx(frame["a"].iloc[3])
+    assert "1 reading repeats an earlier one's timestamp" in caplog.text
+    fleet = prepare_fleet({"p1": frame, "p2": _repeated()}, window_size=5, validation_fraction=0.2)
+    assert 99.0 not in fleet.values
+
+
+def test_many_repeated_timestamps_point_at_an_entity_column(caplog):
+    ts = pd.date_range("2024-01-01", periods=30, freq="s", tz="UTC")
+    two_assets = pd.DataFrame({"a": np.r_[np.arange(30.0), np.arange(30.0) * 2]}, index=ts.append(ts))
+    prepare_training(two_assets)
+    assert "data.entity_column" in caplog.text
