@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         fleet, truths = _labelled_entity_tables(args.data, settings, d.sensors)
         source, dataset = str(args.data), "custom"
         grid["margin_rows"] = settings.retrain.exclude_margin_rows
+        grid["outage_steps"] = settings.worker.max_fill_steps  # the worker restarts its window after longer
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
         fleet, source = _dataset_training_tables(args.dataset, data_dir, args.series)

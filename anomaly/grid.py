@@ -132,7 +132,9 @@ def sensor_quality(frame: pd.DataFrame, missing: pd.DataFrame | None = None, *, 
     """Sensors not fit to train on, judged on their **observed** values only (``missing`` True or NaN
     excluded), in column order; a sensor may have two issues (mostly missing and constant).
 
-    - ``"mostly_missing"``: missing fraction above ``max_missing_fraction``, or nothing observed;
+    - ``"mostly_missing"``: missing fraction above ``max_missing_fraction``, or nothing observed; the
+      fraction is of the rows where some sensor was observed (an outage of the whole table, a plant
+      stopped overnight, is no sensor's fault);
     - ``"constant"``: exactly one distinct observed value;
     - ``"flat"``: not constant, but std / max|value| below ``flat_rel_std`` (scale-free; the largest
       magnitude is used rather than the mean so that a signal centred on 0 is not called flat).
@@ -145,17 +147,18 @@ def sensor_quality(frame: pd.DataFrame, missing: pd.DataFrame | None = None, *, 
             raise DataError(f"sensor_quality: missing mask shape {missing.shape} differs from the frame's {frame.shape}")
         absent |= missing.to_numpy(dtype=bool)
     issues: list[SensorIssue] = []
-    n = len(frame)
+    n = int((~absent.all(axis=1)).sum()) if frame.shape[1] else len(frame)  # rows where some sensor reported
     for j, sensor in enumerate(frame.columns):
         name = str(sensor)
         observed = values[~absent[:, j], j]
         n_missing = n - observed.size
         if observed.size == 0:
-            issues.append(SensorIssue(name, "mostly_missing", f"no observed value in {n} rows"))
+            issues.append(SensorIssue(name, "mostly_missing", f"no observed value in {len(frame)} rows"))
             continue
         if n_missing / n > max_missing_fraction:
             issues.append(SensorIssue(name, "mostly_missing",
-                                      f"{n_missing} of {n} rows missing ({n_missing / n:.1%} > {max_missing_fraction:.1%})"))
+                                      f"{n_missing} of the {n} rows with a reading missing ({n_missing / n:.1%} > "
+                                      f"{max_missing_fraction:.1%})"))
         lo, hi = observed.min(), observed.max()
         if lo == hi:
             issues.append(SensorIssue(name, "constant", f"always {lo:g} ({observed.size} observed rows)"))

@@ -60,16 +60,18 @@ class Prepared:
 def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, period_s: float | None = None,
                      fill: str = "ffill", max_fill_steps: int | None = None,
                      max_missing_fraction: float = 0.5, labels: np.ndarray | None = None,
-                     margin_rows: int = 0) -> Prepared:
+                     margin_rows: int = 0, outage_steps: int | None = None) -> Prepared:
     """Grid, fill and screen training data; the sensors kept are those fit to train on. ``labels``
     (ground truth, row for row with ``frame``): the grid rows of anomalous readings, and ``margin_rows``
-    on each side, are left out of training (``leave_out_labelled``)."""
-    prepared = _prepare_training(frame, sensors, period_s, fill, max_fill_steps, max_missing_fraction)
+    on each side, are left out of training (``leave_out_labelled``). ``outage_steps``: a run of more than
+    this many slots in which no sensor reported is a gap, whatever ``max_fill_steps`` (the worker restarts
+    its window after such an outage; training on it filled would learn a flat line as normal)."""
+    prepared = _prepare_training(frame, sensors, period_s, fill, max_fill_steps, max_missing_fraction, outage_steps)
     return prepared if labels is None else leave_out_labelled(prepared, frame.index, labels, margin_rows)
 
 
 def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period_s: float | None, fill: str,
-                      max_fill_steps: int | None, max_missing_fraction: float) -> Prepared:
+                      max_fill_steps: int | None, max_missing_fraction: float, outage_steps: int | None) -> Prepared:
     frame = _select(first_readings(frame), sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
@@ -84,7 +86,24 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
     before = _back_filled(grid.missing[keep], fill)
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
-                   None if before is None else _late_rows(before, keep))
+                   _either(None if before is None else _late_rows(before, keep), _outages(grid.missing, outage_steps)))
+
+
+def _outages(missing: pd.DataFrame, steps: int | None) -> np.ndarray | None:
+    """(T,) rows in a run of more than ``steps`` slots in which no sensor reported (None: none, or no ``steps``)."""
+    if steps is None or missing.shape[1] == 0:
+        return None
+    silent = missing.to_numpy(dtype=bool).all(axis=1)
+    outage = silent & (run_lengths(silent[:, None])[:, 0] > steps)
+    if not outage.any():
+        return None
+    log.warning("%d grid rows lie in outages (more than %d slots in a row with no reading from any sensor); windows "
+                "touching them are left out, as the worker restarts its window after one", int(outage.sum()), steps)
+    return outage
+
+
+def _either(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return a if b is None else b if a is None else a | b
 
 
 MANY_REPEATS = 0.1  # a share of readings repeating a timestamp that suggests several assets in one series
@@ -127,7 +146,8 @@ def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.n
 
 def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float | None = None,
                     fill: str = "ffill", max_fill_steps: int | None = None,
-                    fill_values: Sequence[float] | None = None, late_as_gaps: bool = False) -> Prepared:
+                    fill_values: Sequence[float] | None = None, late_as_gaps: bool = False,
+                    outage_steps: int | None = None) -> Prepared:
     """Grid and fill data to be scored (or trained on, in a fleet or a retrain), keeping exactly the
     model's sensors. Before a sensor's first reading, the ``ffill`` and ``linear`` policies back-fill
     it from that reading; instead, ``fill_values`` (the model's typical value per sensor) stand in there,
@@ -137,7 +157,8 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
     With ``fill_values`` and ``max_fill_steps`` (scoring, not ``late_as_gaps``), a sensor silent for
     longer than ``max_fill_steps`` slots while others report is filled as the worker fills it: its last
     value for ``max_fill_steps`` slots, then its typical value. Only slots without any reading, in a run
-    longer than ``max_fill_steps``, stay gaps (the worker restarts its window after such an outage)."""
+    longer than ``max_fill_steps``, stay gaps (the worker restarts its window after such an outage), and so
+    do runs of more than ``outage_steps`` such slots (``prepare_training``)."""
     frame = _select(frame, sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
@@ -153,7 +174,7 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
         if max_fill_steps is not None and not late_as_gaps and fill in _BACK_FILLED:
             _fill_silent_sensors(filled, missing.to_numpy(dtype=bool), typical, max_fill_steps)
         values = pd.DataFrame(filled, index=values.index, columns=values.columns)
-    return _finish(values, missing, grid.period, [], [], late)
+    return _finish(values, missing, grid.period, [], [], _either(late, _outages(missing, outage_steps)))
 
 
 def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.ndarray, max_fill_steps: int) -> None:
@@ -241,14 +262,16 @@ def _select(frame: pd.DataFrame, sensors: Sequence[str] | None) -> pd.DataFrame:
 
 def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, issues: list[SensorIssue],
             dropped: list[str], late: np.ndarray | None = None) -> Prepared:
+    """``late``: rows that are gaps though filled (before a sensor's first reading, in an outage: training
+    does not make them up)."""
     raw = frame.to_numpy(dtype=np.float64)
     gaps = np.isnan(raw).any(axis=1)  # what the grid's fill policy left unfilled
-    if late is not None:  # rows before a sensor's first reading (training: not made up from a later one)
+    if late is not None:
         gaps = gaps | late
     if gaps.any():
         log.warning("%d of %d grid rows lie in gaps the fill policy does not bridge%s; windows touching them "
                     "are left out", int(gaps.sum()), len(gaps),
-                    "" if late is None else " or before a sensor's first reading")
+                    "" if late is None else ", an outage, or before a sensor's first reading")
     return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
                     missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
                     issues=issues, dropped=dropped, gaps=gaps if gaps.any() else None)
@@ -257,7 +280,8 @@ def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, is
 def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validation_fraction: float,
                   sensors: Sequence[str] | None = None, period_s: float | None = None, fill: str = "ffill",
                   max_fill_steps: int | None = None, max_missing_fraction: float = 0.5,
-                  labels: Mapping[str, np.ndarray] | None = None, margin_rows: int = 0) -> Prepared:
+                  labels: Mapping[str, np.ndarray] | None = None, margin_rows: int = 0,
+                  outage_steps: int | None = None) -> Prepared:
     """One model's training data from several entities' tables (entity -> readings): a model shared by
     a fleet of one asset type. ``labels`` (entity -> ground truth, row for row with its table): each
     entity's anomalous rows, and ``margin_rows`` on each side, are left out (``leave_out_labelled``).
@@ -281,7 +305,8 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         if len(frame) >= 2 * window_size:
             try:
                 prepared = prepare_training(frame, sensors=sensors, period_s=period_s, fill=fill,
-                                            max_fill_steps=max_fill_steps, max_missing_fraction=max_missing_fraction)
+                                            max_fill_steps=max_fill_steps, max_missing_fraction=max_missing_fraction,
+                                            outage_steps=outage_steps)
             except DataError as exc:  # one pump offline all along must not stop the fleet's model
                 unfit[entity] = str(exc)
                 log.warning("entity %s: %s; left out", entity, exc)
@@ -307,7 +332,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         log.warning("sensor %s: left out for the whole fleet (not fit to train on in %s)", sensor, ", ".join(where))
     common = period_s or float(np.median([p.period_s for p in usable.values()]))
     grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
-                                late_as_gaps=True) for e in usable}
+                                late_as_gaps=True, outage_steps=outage_steps) for e in usable}
     if labels:
         grids = {e: leave_out_labelled(g, given[e].index, labels[e], margin_rows) if e in labels else g
                  for e, g in grids.items()}

@@ -167,3 +167,17 @@ def test_many_repeated_timestamps_point_at_an_entity_column(caplog):
     two_assets = pd.DataFrame({"a": np.r_[np.arange(30.0), np.arange(30.0) * 2]}, index=ts.append(ts))
     prepare_training(two_assets)
     assert "data.entity_column" in caplog.text
+
+
+def test_an_outage_longer_than_outage_steps_does_not_train_as_a_flat_line():
+    """Filled by the policy, a stoppage of every sensor trained as hours of flat line; the worker restarts
+    its window after one, so those windows never exist in the stream."""
+    ts = pd.DatetimeIndex(pd.to_datetime(list(range(0, 300)) + list(range(1300, 1600)), unit="s", utc=True))
+    frame = pd.DataFrame({"a": np.sin(np.arange(600) / 3.0), "b": np.cos(np.arange(600) / 4.0)}, index=ts)
+    filled = prepare_training(frame)  # no limit: the outage is filled
+    assert filled.gaps is None and len(filled.values) == 1600
+    prepared = prepare_training(frame, outage_steps=5)
+    assert prepared.gaps is not None and prepared.gaps[300:1300].all() and not prepared.gaps[:300].any()
+    assert not prepared.gaps[1300:].any()
+    fleet = prepare_fleet({"p1": frame, "p2": frame}, window_size=10, validation_fraction=0.2, outage_steps=5)
+    assert fleet.gaps is not None and fleet.gaps.sum() >= 2 * 1000
