@@ -147,12 +147,14 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
                  train_config: TrainConfig, threshold_method: str = "pot",
                  threshold_params: dict[str, Any] | None = None, scaler_method: str = "standard",
                  stride: int = 1, callbacks: Sequence[TrainCallback] = (), period_s: float | None = None,
-                 progress_desc: str = "training", gaps: np.ndarray | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
+                 progress_desc: str = "training", gaps: np.ndarray | None = None,
+                 val_from_row: int | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit scaler, network and threshold on gap-free training readings (T, F) in original units.
 
     ``model_params`` are the ModelConfig fields other than ``n_features`` (``window_size`` required).
     ``gaps`` (T,) bool marks rows that only stand in for a gap (``Prepared.gaps``): the scaler ignores
-    them and no window touching one trains or validates.
+    them and no window touching one trains or validates. ``val_from_row``: the windows starting there or
+    later validate (a fleet's recent parts), instead of the last ``validation_fraction`` of them.
     Returns the detector, the training result and the validation window scores the threshold was
     fitted on.
     """
@@ -165,7 +167,8 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
     if gaps is not None:
         kept = ~windows_touching(gaps, config.window_size, stride)
         windows, starts = windows[kept], starts[kept]
-    result = train_autoencoder(windows, config, train_config, callbacks, progress_desc)
+    result = train_autoencoder(windows, config, train_config, callbacks, progress_desc, starts=starts,
+                               val_from_row=val_from_row)
     result.val_start_row = int(starts[len(starts) - result.n_val_windows])
     val_scores = window_scores(result.model, result.val_windows).scores
     threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))

@@ -291,9 +291,10 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     entity (a sensor flat in one pump is reported, with the pump, and left out for all). Entities with
     fewer than ``2 * window_size`` rows, or none fit to train on (every sensor flat: a pump offline all
     along), are left out, with a warning. The rows are laid end to end as
-    every entity's first ``1 - validation_fraction``, then every entity's last part, so the
-    time-ordered validation split of training (``training.split_windows``) validates on the recent
-    rows of every entity (to within a few windows at the seam), not on the last entity alone. A stand-in row marked as a gap (``gaps``)
+    every entity's first ``1 - validation_fraction``, then every entity's last part, and training
+    validates on exactly those last parts (``entity_tails``; ``train_job.validation_row``): each entity
+    trains on its older rows and validates on its recent ones, not the last entities on nothing but
+    validation. A stand-in row marked as a gap (``gaps``)
     sits between every two parts, so no window spans two entities or an entity's two parts."""
     if not frames:
         raise DataError("no entity to train on")

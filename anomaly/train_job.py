@@ -65,10 +65,10 @@ def sensors_tag(sensors: Sequence[str]) -> str:
 
 def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: float | None = None, callbacks=(),
                progress: bool = False, progress_desc: str = "training",
-               gaps: np.ndarray | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
+               gaps: np.ndarray | None = None, val_from_row: int | None = None) -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit a detector on gap-free readings (T, F) with the settings' data, model, training and
     threshold sections (``threshold.scale`` applied); ``gaps`` (T,) marks stand-in rows no window may
-    touch (``Prepared.gaps``)."""
+    touch (``Prepared.gaps``); ``val_from_row``: where validation starts (``fit_detector``)."""
     th = settings.threshold
     config = train_config(settings, progress)
     if settings.training.fast:
@@ -81,7 +81,7 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
         values, sensors, settings.model.model_params(), config,
         threshold_method=th.method, threshold_params=th.policy_params(), scaler_method=settings.data.scaler,
         stride=settings.training.stride, callbacks=callbacks, period_s=period_s, progress_desc=progress_desc,
-        gaps=gaps)
+        gaps=gaps, val_from_row=val_from_row)
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
@@ -94,13 +94,21 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     return detector, result, val_scores
 
 
+def validation_row(prepared: Prepared) -> int | None:
+    """Where a fleet's validation starts: the first row of its entities' recent parts (``entity_tails``),
+    laid after every entity's training part, so each entity trains on its own older rows and validates
+    on its recent ones; None for one series (the last ``validation_fraction`` of its windows)."""
+    spans = [a for parts in prepared.entity_tails.values() for a, _ in parts]
+    return min(spans) if spans else None
+
+
 def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = True,
         progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit a detector on prepared data (see ``fit_values``); for a fleet, with each entity's own
     threshold where it has enough validation windows (``entity_thresholds``)."""
     detector, result, val_scores = fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s,
                                               callbacks=callbacks, progress=progress, progress_desc=progress_desc,
-                                              gaps=prepared.gaps)
+                                              gaps=prepared.gaps, val_from_row=validation_row(prepared))
     detector.threshold = entity_thresholds(detector, prepared, settings, result.val_start_row)
     return detector, result, val_scores
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import random
 import time
@@ -40,6 +41,8 @@ from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
 from anomaly.scoring import (MAX_ABS_ERROR, _rows_under, cpu_has_native_bf16, cpu_streams, ieee_float32,
                              network_input, resident_windows, torch_threads)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,20 +154,35 @@ def seed_everything(seed: int) -> None:
 MIN_TRAIN_WINDOWS = 4  # fewest windows a model trains on (training and validation together)
 
 
-def split_windows(windows: np.ndarray, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Time-ordered split: the last fraction of windows validates. The last ``W-1`` training windows
-    before the split are dropped so no training window shares a row with a validation window."""
+def split_windows(windows: np.ndarray, validation_fraction: float, starts: np.ndarray | None = None,
+                  val_from_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Time-ordered split: the last fraction of windows validates, or, with ``val_from_row``, every window
+    starting at or after that row (a fleet's: where its entities' recent parts begin). Training windows
+    that share a row with the first validation window are dropped (where that would leave fewer than two,
+    two are kept, with a warning). ``starts``: each window's first row, ascending (default: one row apart)."""
     n = len(windows)
     if n < MIN_TRAIN_WINDOWS:
         raise ModelError(f"need at least {MIN_TRAIN_WINDOWS} windows of {windows.shape[1]} readings to train, got {n}: train on more "
                          f"rows, or set a smaller model.window_size")
-    n_val = max(1, int(round(n * validation_fraction)))
-    split = n - n_val
-    gap = min(windows.shape[1] - 1, max(0, split - 2))
-    if split - gap < 1:  # e.g. validation_fraction 0.998: nothing trained, a random network registered
+    starts = np.arange(n, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+    if val_from_row is not None:
+        split = int(np.searchsorted(starts, val_from_row, side="left"))
+        n_val = n - split
+        if n_val < 1:
+            raise ModelError(f"no training window starts at or after row {val_from_row}: nothing to validate on")
+    else:
+        n_val = max(1, int(round(n * validation_fraction)))
+        split = n - n_val
+    disjoint = int(np.searchsorted(starts, starts[split] - windows.shape[1] + 1, side="left"))  # ends before it
+    n_train = min(split, max(disjoint, 2))
+    if n_train < 1:  # e.g. validation_fraction 0.998: nothing trained, a random network registered
         raise ModelError(f"training.validation_fraction {validation_fraction:g} leaves no training window of {n} "
                          f"({n_val} validate): lower it, or train on more rows")
-    return windows[: split - gap], windows[split:]
+    if n_train > disjoint:
+        log.warning("only %d windows before validation: %d of them share rows with the validation windows (the "
+                    "threshold is fitted partly on rows the model trained on); train on more rows", split,
+                    n_train - disjoint)
+    return windows[:n_train], windows[split:]
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -244,8 +262,10 @@ def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device:
 
 def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: TrainConfig,
                       callbacks: Sequence[TrainCallback] = (),
-                      progress_desc: str = "training") -> TrainResult:
-    """Train on scaled windows (N, W, F) with a time-ordered validation split and early stopping.
+                      progress_desc: str = "training", starts: np.ndarray | None = None,
+                      val_from_row: int | None = None) -> TrainResult:
+    """Train on scaled windows (N, W, F) with a time-ordered validation split (``split_windows``, with
+    ``starts`` and ``val_from_row``) and early stopping.
 
     Returns the model with the best validation loss. Raises ``ModelError`` when the data is too small.
     """
@@ -258,7 +278,7 @@ def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: Tr
         raise ModelError("training windows contain NaN or inf; fill gaps before training")
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    train_np, val_np = split_windows(windows, config.validation_fraction)
+    train_np, val_np = split_windows(windows, config.validation_fraction, starts, val_from_row)
     with torch_threads(config.cpu_threads if device.type == "cpu" else 0):
         model, history, best_epoch, best_loss, started = _fit(train_np, val_np, model_config, config, device,
                                                               callbacks, progress_desc)

@@ -114,3 +114,45 @@ def test_numpy_sizes_become_plain_ints_and_a_saved_config_without_its_shape_is_a
     assert type(cfg.n_features) is int and json.loads(json.dumps(cfg.to_dict()))["window_size"] == 8
     with pytest.raises(ConfigError, match="without window_size"):
         ModelConfig.from_dict({"n_features": 3})
+
+
+def test_at_a_stride_only_the_windows_sharing_rows_with_validation_are_dropped():
+    """W-1 windows were dropped before the split whatever the stride: at stride 25 of W=50, 49 windows
+    (1,225 rows) where one was needed; about 60 % of the training windows were thrown away."""
+    stride, w = 25, 50
+    windows = make_windows(np.arange(5000, dtype=float)[:, None], w, stride)
+    starts = np.arange(len(windows)) * stride
+    train, val = split_windows(windows, 0.2, starts=starts)
+    assert train[-1, -1, 0] < val[0, 0, 0]  # no shared row
+    assert val[0, 0, 0] - train[-1, -1, 0] <= stride  # and no more dropped than must be
+    assert len(train) + len(val) >= len(windows) - 1
+
+
+def test_a_fleets_validation_starts_where_its_tails_start():
+    """``val_from_row``: every window from that row validates, every one before it that ends before it
+    trains. By fraction, the split took the last entities' training rows too (an entity trained on nothing)."""
+    windows = make_windows(np.arange(300, dtype=float)[:, None], 10)
+    train, val = split_windows(windows, 0.5, val_from_row=250)
+    assert val[0, 0, 0] == 250 and len(val) == len(windows) - 250
+    assert train[-1, -1, 0] == 249 and len(train) == 241
+
+
+def test_a_fleet_trains_on_every_entity_and_validates_on_their_recent_rows():
+    from anomaly.detector import fit_detector
+    from anomaly.preparation import prepare_fleet
+    from tests.fixtures import normal_frame
+
+    frames = {f"pump-{i}": normal_frame(200, seed=i) for i in range(12)}
+    prepared = prepare_fleet(frames, window_size=10, validation_fraction=0.2)
+    first_tail = min(a for spans in prepared.entity_tails.values() for a, _ in spans)
+    config = TrainConfig(epochs=1, patience=1, device="cpu", progress=False, validation_fraction=0.2)
+    _, result, _ = fit_detector(prepared.values, prepared.sensors, {"window_size": 10, "hidden_size": 4, "latent_size": 2},
+                                config, threshold_method="quantile", threshold_params={"q": 0.9}, gaps=prepared.gaps,
+                                val_from_row=first_tail)
+    assert result.val_start_row == first_tail
+
+
+def test_too_few_windows_for_a_disjoint_split_keep_two_and_say_so(caplog):
+    windows = make_windows(np.arange(11, dtype=float)[:, None], 8)  # 4 windows
+    train, val = split_windows(windows, 0.2)
+    assert len(train) == 2 and len(val) == 1 and "share rows with the validation windows" in caplog.text
