@@ -48,7 +48,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -194,6 +194,9 @@ class StagedBatch:
     model: ScoringModel  # the model the windows were built for (a swap applies to the next batch)
     now_s: float
     seq: int = 0  # staging order (``ScoringStep`` applies revocations to alert state after the batches before them)
+    # stream id -> its stream time once this batch was placed: what its completion measures silence by (the
+    # store's own may be a later batch's already, staged ahead: a backlog would make an entity look silent)
+    clocks: dict[int, float] = field(default_factory=dict)
 
 
 _BYTES_ONLY = frozenset({bytes, type(None)})
@@ -541,7 +544,8 @@ class ScoringStep:
         for stream, offset in commits.items():
             out.commits[self._stream_keys[stream]] = offset
         self._staged_seq += 1
-        return StagedBatch(out, ready, self._model, now_s, self._staged_seq)
+        clocks = {p: t for p in range(len(self._stream_keys)) if (t := store.stream_time(p)) is not None}
+        return StagedBatch(out, ready, self._model, now_s, self._staged_seq, clocks)
 
     def score(self, staged: StagedBatch) -> ModelScores | None:
         """The one forward pass of a staged batch (no state of the step is touched: the worker may run
@@ -574,7 +578,7 @@ class ScoringStep:
         out = staged.out
         ready = staged.windows
         if scored is None:
-            self._apply_holds(out)
+            self._apply_holds(out, staged.clocks)
             return out
         model, now_s = staged.model, staged.now_s
         scores, errors, expected = scored.scores, scored.errors, scored.expected
@@ -607,9 +611,8 @@ class ScoringStep:
             if self.idle_timeout_s is not None and trailing.entities > self._prune_bars_at:
                 # each entity against its own partition's stream time: a partition replaying a backlog
                 # is behind the others, and its entities are not silent
-                clocks = {p: self._store.stream_time(p) for p in range(len(self._stream_keys))}
                 idle_s = self._idle_s()
-                trailing.prune({p: t - idle_s for p, t in clocks.items() if t is not None})
+                trailing.prune({p: t - idle_s for p, t in staged.clocks.items()})
                 self._prune_bars_at = max(PRUNE_BARS_MIN, 2 * trailing.entities)
         if self.emit_scores:
             for i, (entity, end_ts, start_ts, filled) in enumerate(zip(
@@ -629,7 +632,7 @@ class ScoringStep:
         if above.any():
             involved |= {entities[i] for i in np.flatnonzero(above).tolist()}
         if not involved:
-            self._apply_holds(out)
+            self._apply_holds(out, staged.clocks)
             return out
         values, end_ts_list = ready.values, ready.end_ts.tolist()
         holds = self._holds
@@ -678,7 +681,7 @@ class ScoringStep:
                 hold.opened = hold.opened or opened
             if hold is not None and above[i] and int(ready.partition[i]) == hold.stream:
                 hold.through = int(ready.start_offset[i])
-        self._apply_holds(out)
+        self._apply_holds(out, staged.clocks)
         return out
 
     def _warn_behind(self, evicted: Sequence[str], heard: Sequence[str], idle_s: float, now_s: float) -> None:
@@ -707,9 +710,10 @@ class ScoringStep:
         p = self._store.policy
         return self.idle_timeout_s + (p.stride + p.grace_slots + p.max_fill_steps + 1) * p.period_s
 
-    def _apply_holds(self, out: BatchOutput) -> None:
+    def _apply_holds(self, out: BatchOutput, clocks: Mapping[int, float]) -> None:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
-        (closing open events; a lagging partition is measured by its own clock, not the batch's), release
+        as the batch left it (``clocks``; closing open events; a lagging partition is measured by its own
+        clock, not the batch's), release
         holds older than that, and keep this batch's commits at or before every remaining hold. A finished
         run's hold (``_finished``) pins the commit only while the commit would otherwise fall at or before
         its ``through`` (inside the run); once it is past, the hold is released."""
@@ -717,9 +721,8 @@ class ScoringStep:
         if not holds and not finished:
             return
         idle = self._idle_s()
-        store = self._store
         for entity, hold in list(holds.items()):
-            newest = store.stream_time(hold.stream) if idle is not None else None
+            newest = clocks.get(hold.stream) if idle is not None else None
             if newest is not None and newest - hold.last_ts > idle:
                 del holds[entity]
                 for event in self._alerts.expire(entity):

@@ -1032,3 +1032,34 @@ def test_an_entity_sending_far_behind_its_partition_is_named_not_silently_droppe
     assert scored["late"] == 0 and scored["good"] == 100 - 3 and evicted == 100
     warned = [r.getMessage() for r in caplog.records if "behind their partition" in r.getMessage()]
     assert len(warned) == 2 and "'late'" in warned[0] and "'good'" not in warned[0]  # once a minute of now_s
+
+
+def _overlapped(step: ScoringStep, chunks: list[list[InputRecord]], now_s: float) -> list[BatchOutput]:
+    """The worker's order: batch i+1 staged before batch i completes."""
+    outs, in_flight = [], None
+    for chunk in chunks:
+        staged = step.stage(chunk, now_s=now_s)
+        if in_flight is not None:
+            outs.append(step.complete(in_flight, step.score(in_flight)))
+        in_flight = staged
+    outs.append(step.complete(in_flight, step.score(in_flight)))
+    return outs
+
+
+def test_a_backlog_staged_ahead_does_not_close_an_event_mid_fault() -> None:
+    """A poll covering more than the idle timeout of stream time (5,000 readings at 1 s: over an hour)
+    made an entity in its fault look silent when completing the batch before it: its event was closed,
+    its commit hold dropped, and the rest of the fault opened a second event under a new id."""
+    records = stream({"q": 0}, range(400), fault=("q", range(50, 350), "pressure", 5.0))
+    chunks = [records[i:i + 100] for i in range(0, len(records), 100)]
+
+    def new_step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0),
+                           AlertPolicy(max_event_s=10**9), idle_timeout_s=30.0)
+
+    step = new_step()
+    sequential = [step.process(chunk, now_s=T0 + 1000) for chunk in chunks]
+    overlapped = _overlapped(new_step(), chunks, T0 + 1000)
+    events = [decode_event(v) for o in overlapped for _, v in o.events]
+    assert [e["status"] for e in events] == ["open", "closed"]
+    assert [(o.events, o.commits) for o in sequential] == [(o.events, o.commits) for o in overlapped]
