@@ -497,6 +497,15 @@ class ScoringStep:
         if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition
             where, stamps = zip(*decoded.foreign)
             store.observe(np.asarray(stamps, dtype=np.float64), stream_of[list(where)])
+        idle_s = self._idle_s()
+        behind: list[str] = []  # entities of readings stamped so far behind their partition that they are late
+        if len(decoded.index) and idle_s is not None:
+            late = _behind(decoded.ts, stream_of[decoded.index], store, idle_s + store.policy.period_s)
+            if late is not None:
+                behind = [decoded.entities[j] for j in np.flatnonzero(late).tolist()]
+                keep = np.flatnonzero(~late)
+                decoded = replace(decoded, index=decoded.index[keep], entities=[decoded.entities[j] for j in keep.tolist()],
+                                  ts=decoded.ts[keep], values=decoded.values[keep])
         if len(decoded.index):
             index, entities, ts, values = decoded.index, decoded.entities, decoded.ts, decoded.values
             offsets_of = np.asarray(offsets, dtype=np.int64)
@@ -514,12 +523,12 @@ class ScoringStep:
             counts["late"] = outcomes[LATE]
             counts["resets"] = outcomes[RESET]
             counts["accepted"] = outcomes[ACCEPTED] + outcomes[RESET]
-        idle_s = self._idle_s()
+        counts["late"] += len(behind)
         if idle_s is not None:
             evicted = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
             counts["evicted"] = len(evicted)
-            if evicted and decoded.entities:
-                self._warn_behind(evicted, decoded.entities, idle_s, now_s)
+            if behind or (evicted and decoded.entities):
+                self._warn_behind(set(behind).union(set(evicted).intersection(decoded.entities)), idle_s, now_s)
         if self.max_entities is not None and store.entities > self.max_entities:
             held = store.entities
             dropped = store.evict_excess(int(self.max_entities * 0.9))
@@ -684,18 +693,16 @@ class ScoringStep:
         self._apply_holds(out, staged.clocks)
         return out
 
-    def _warn_behind(self, evicted: Sequence[str], heard: Sequence[str], idle_s: float, now_s: float) -> None:
-        """Say (once a minute at most) which entities were evicted as idle in the batch that brought their
-        readings: they send, but stamped so far behind their partition's newest reading (a clock running
-        late, local time sent as UTC) that each reading is evicted as it comes and never makes a window."""
-        if now_s - self._behind_logged_s < 60.0:  # paced first: the batch's names are not looked at between
+    def _warn_behind(self, names: set[str], idle_s: float, now_s: float) -> None:
+        """Say (once a minute at most) which entities send readings stamped so far behind their partition's
+        newest reading (a clock running late, local time sent as UTC) that each is late as it comes (or its
+        entity evicted as idle in the batch that brought it) and never makes a window."""
+        if now_s - self._behind_logged_s < 60.0 or not names:
             return
-        behind = sorted(set(evicted).intersection(heard))
-        if not behind:
-            return
+        behind = sorted(names)
         self._behind_logged_s = now_s
         log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's newest "
-                    "are evicted as idle as they come and not scored (a clock running late, or local time sent as "
+                    "are late as they come and not scored (a clock running late, or local time sent as "
                     "UTC?): %s", len(behind), idle_s, ", ".join(repr(name) for name in behind[:10])
                     + (f" and {len(behind) - 10} more" if len(behind) > 10 else ""))
 
@@ -835,6 +842,24 @@ class _Hold:
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
     opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
     through: int | None = None  # the oldest reading of the run's last window above its bar (on ``stream``)
+
+
+def _behind(ts: np.ndarray, streams: np.ndarray, store: WindowStore, limit_s: float) -> np.ndarray | None:
+    """(n,) readings stamped more than ``limit_s`` behind their partition's newest reading as they arrive
+    (the partition's stream time before the batch, then the batch's readings before them): their entity
+    would be evicted as idle, but a poll bringing a window of them would have scored it first. None: none."""
+    out: np.ndarray | None = None
+    for stream in np.unique(streams).tolist():
+        where = np.flatnonzero(streams == stream)
+        stamps = ts[where]
+        before = store.stream_time(int(stream))
+        newest = np.maximum.accumulate(np.r_[-np.inf if before is None else before, stamps])[:-1]
+        late = newest - stamps > limit_s
+        if late.any():
+            if out is None:
+                out = np.zeros(len(ts), dtype=bool)
+            out[where[late]] = True
+    return out
 
 
 def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> DecodedBatch:

@@ -1022,14 +1022,15 @@ def test_an_entity_sending_far_behind_its_partition_is_named_not_silently_droppe
     # a clock 2 h late (local time sent as UTC): each reading is evicted as idle in the batch that brings
     # it, so the entity is never scored; before, only the evicted count moved
     step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy(), emit_scores=True)
-    offset, scored, evicted = 0, Counter(), 0
+    offset, scored, evicted, late = 0, Counter(), 0, 0
     for slot in range(7300, 7400):
         out = step.process([reading_record("good", slot, offset), reading_record("late", slot - 7200, offset + 1)],
                            now_s=T0 + slot)
         offset += 2
         scored.update(json.loads(v)["entity"] for _, v in out.scores)
         evicted += out.counts["evicted"]
-    assert scored["late"] == 0 and scored["good"] == 100 - 3 and evicted == 100
+        late += out.counts["late"]
+    assert scored["late"] == 0 and scored["good"] == 100 - 3 and (evicted, late) == (0, 100)  # late as they come
     warned = [r.getMessage() for r in caplog.records if "behind their partition" in r.getMessage()]
     assert len(warned) == 2 and "'late'" in warned[0] and "'good'" not in warned[0]  # once a minute of now_s
 
@@ -1063,3 +1064,25 @@ def test_a_backlog_staged_ahead_does_not_close_an_event_mid_fault() -> None:
     events = [decode_event(v) for o in overlapped for _, v in o.events]
     assert [e["status"] for e in events] == ["open", "closed"]
     assert [(o.events, o.commits) for o in sequential] == [(o.events, o.commits) for o in overlapped]
+
+
+def test_an_entity_stamping_far_behind_its_partition_is_never_scored(caplog) -> None:
+    """Local time sent as UTC (3 h behind the partition's newest): a poll bringing a window's worth of its
+    readings scored them before the entity was evicted, so a fault opened an event, closed it at once, and
+    opened another under a new id at every poll. Its readings are late as they come, and said so."""
+    step = step_for(FakeModel(window_size=4))
+    offset, outs = 0, []
+    for b in range(3):
+        batch = []
+        for k in range(20):
+            slot = b * 20 + k
+            batch.append(reading_record("pump-a", 10800 + slot, offset))
+            faulty = dict(zip(SENSORS, CENTRE))
+            faulty["pressure"] += 5.0
+            batch.append(reading_record("pump-b", slot, offset + 1, values=faulty))
+            offset += 2
+        outs.append(step.process(batch, now_s=T0 + 10900))
+    assert [decode_event(v) for o in outs for _, v in o.events] == []
+    assert sum(o.counts["late"] for o in outs) == 60
+    assert all(o.counts["windows_scored"] > 0 for o in outs[1:])  # pump-a is scored
+    assert "'pump-b'" in caplog.text and "behind their partition's newest" in caplog.text
