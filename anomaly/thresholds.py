@@ -256,6 +256,9 @@ class MeanStdThreshold:
 class PotThreshold:
     """Peaks over threshold with a Generalized Pareto tail (SPOT, Siffer et al. 2017).
 
+    Errors more than ``GROSS_MADS`` robust standard deviations above the median (a glitch's windows)
+    are left out of the fit first, counted in ``params["screened"]``.
+
     Fallbacks, both to the empirical ``1 − risk`` quantile (the largest error when there are fewer than
     ``1 / risk`` of them), recorded in ``params["fallback"]``:
     fewer than ``min_peaks`` errors strictly above ``t`` (too little tail to fit), or
@@ -278,6 +281,7 @@ class PotThreshold:
 
     def fit(self, errors: np.ndarray) -> Threshold:
         e = _as_errors(errors)
+        e, screened, cut = _screen_gross(e)
         n = e.size
         t = float(np.quantile(e, self.init_quantile))
         peaks = e[e > t] - t
@@ -296,7 +300,29 @@ class PotThreshold:
             value = t + gpd_excess_quantile(gamma, sigma, ratio)
         if self.risk < 1.0 - self.init_quantile:
             value = max(value, t)  # guard only: the formula already gives > t when ratio < 1 and σ > 0
+        if screened:
+            params.update(screened=float(screened), screened_above=cut)
         return Threshold(self.name, value, params)
+
+
+GROSS_MADS = 100.0  # an error this many robust standard deviations (1.4826 MAD) above the median is a glitch's
+
+
+def _screen_gross(e: np.ndarray) -> tuple[np.ndarray, int, float]:
+    """``e`` without the errors more than ``GROSS_MADS`` robust standard deviations above its median (the
+    windows of one wild reading in the validation rows: a tail fitted through them put the threshold
+    thousands of times higher, a model that never alarms), how many went and the cut. All of ``e`` when
+    none goes, when its spread is zero, or when too few would be left to fit."""
+    median = float(np.median(e))
+    spread = 1.4826 * float(np.median(np.abs(e - median)))
+    if spread <= 0.0 or not math.isfinite(spread):
+        return e, 0, math.inf
+    cut = median + GROSS_MADS * spread
+    keep = e <= cut
+    n_out = int(e.size - np.count_nonzero(keep))
+    if not n_out or n_out * 2 > e.size:
+        return e, 0, math.inf
+    return e[keep], n_out, cut
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (QuantileThreshold, MeanStdThreshold, PotThreshold)}

@@ -378,3 +378,24 @@ def test_one_excess_far_above_the_rest_still_gets_the_maximum_likelihood_tail(gl
     c, _, scale = st.genpareto.fit(y, floc=0)
     ours, theirs = st.genpareto.logpdf(y, gamma, 0, sigma).sum(), st.genpareto.logpdf(y, c, 0, scale).sum()
     assert ours >= theirs - 0.5  # the fit stopped at its grid's edge, far below the optimum (e.g. 1305 vs 1396)
+
+
+def test_pot_leaves_out_a_glitchs_windows_far_above_every_other_error():
+    """One wild validation reading touches W windows; the tail fit took them for the tail and put the
+    threshold 13,000 times higher (a model that never alarms)."""
+    rng = np.random.default_rng(0)
+    errors = rng.gamma(2.0, 0.05, 2000)
+    clean = fit_threshold(errors, "pot", risk=1e-3, init_quantile=0.95)
+    for wild in (10.0, 1e3, 1e6):
+        glitched = errors.copy()
+        glitched[1000:1010] = wild
+        fitted = fit_threshold(glitched, "pot", risk=1e-3, init_quantile=0.95)
+        assert fitted.value == pytest.approx(clean.value, rel=0.1)
+        assert fitted.params["screened"] == 10.0
+    assert "screened" not in clean.params  # an ordinary tail is fitted whole
+
+
+def test_pot_keeps_a_heavy_but_ordinary_tail():
+    rng = np.random.default_rng(1)
+    errors = rng.lognormal(0.0, 1.0, 5000)
+    assert "screened" not in fit_threshold(errors, "pot", risk=1e-3, init_quantile=0.95).params
