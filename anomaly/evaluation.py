@@ -286,7 +286,10 @@ def labelled_report(y_true: Sequence[np.ndarray], y_pred: Sequence[np.ndarray],
 def composite_f1(point_precision: float | None, event_recall: float | None) -> float | None:
     """Fc1 (Garg et al. 2021): the harmonic mean of point-wise precision and event-wise recall. Event F1
     alone rewards flagging everything (every event found, one long correct run: 1.0); Fc1 charges the
-    false rows through precision. None when either is undefined; 0.0 when both are 0."""
+    false rows through precision. None when either is undefined, except with nothing flagged (no precision)
+    and no event found: 0.0, as F1 and event F1 are; 0.0 when both are 0."""
+    if point_precision is None and event_recall == 0.0:
+        return 0.0
     if point_precision is None or event_recall is None:
         return None
     total = point_precision + event_recall

@@ -14,6 +14,7 @@ Every dataset also gets event-wise precision/recall/F1 and mean detection delay.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -283,13 +284,20 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
 
 
 def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """Point-wise F1 at the best threshold over all scores (oracle; for published-table comparison)."""
-    s = np.nan_to_num(scores, nan=-np.inf)
+    """Point-wise F1 at the best threshold over all scores (oracle; for published-table comparison). A row
+    without a score (NaN) is never flagged: labelled, it is missed at every threshold. (0.0, inf) when no
+    row has a score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    scored = np.isfinite(scores)
+    s = scores[scored]
+    if not s.size:
+        return 0.0, math.inf
     order = np.argsort(-s, kind="stable")
-    y = labels[order].astype(np.int64)
+    y = labels[scored][order].astype(np.int64)
     tp = np.cumsum(y)
     fp = np.cumsum(1 - y)
-    fn = y.sum() - tp
+    fn = int(labels.sum()) - tp
     f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
     # Only cut between distinct scores.
     distinct = np.r_[s[order][1:] != s[order][:-1], True]

@@ -354,6 +354,8 @@ def threshold_options(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, bool)
     scored = np.isfinite(s)
+    if not scored.any():  # nothing can be flagged: the one option is to flag nothing
+        return np.zeros(1, dtype=np.int64), np.array([int(y.sum())], dtype=np.int64)
     order = np.argsort(-s[scored], kind="stable")
     ranked, hits = s[scored][order], y[scored][order]
     last = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # the last row of each run of equal scores

@@ -511,6 +511,9 @@ def test_composite_f1_charges_the_false_rows_event_f1_does_not():
 
     assert composite_f1(0.5, 1.0) == pytest.approx(2 / 3) and composite_f1(0.0, 0.0) == 0.0
     assert composite_f1(None, 1.0) is None and composite_f1(0.5, None) is None
+    # nothing flagged (no precision) and events labelled: Fc1 0, as F1 and event F1 are (it was None,
+    # so a detector that flags nothing lost its Fc1 in MLflow and read n/a, not the worst score)
+    assert composite_f1(None, 0.0) == 0.0
     truth = np.zeros(100, bool)
     truth[40:50] = True
     everything = labelled_report([truth], [np.ones(100, bool)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from anomaly.protocols import (NAB_OWN_LEVEL, NAB_REPEAT_ROWS, SeriesResult, last_step_errors, nab_calibrate,
                                nab_calibrated, nab_novelty, nab_transitions)
@@ -181,3 +182,12 @@ def test_markdown_report_names_the_sensors_read():
     row = next(line for line in report.splitlines() if line.startswith("| s |"))
     assert re.fullmatch(r"\| s \| 100 \| 0 \| \d+ \| [^|]+ \| 2 \| [\d.]+ \|", row), row  # two sensors of three
     assert "sensors=['b', 'a']" in report
+
+
+def test_best_f1_never_flags_an_unscored_row():
+    """NaN became -inf, still a cut: flagging the unscored row too gave 1.0 where 0.667 is the best."""
+    from anomaly.protocols import best_f1
+
+    f1, _ = best_f1(np.array([True, True]), np.array([np.nan, 0.5]))
+    assert f1 == pytest.approx(2 / 3)
+    assert best_f1(np.array([True, False]), np.array([np.nan, np.nan]))[0] == 0.0

@@ -383,3 +383,10 @@ def test_a_skab_tradeoff_cache_from_another_data_folder_or_code_is_not_reused(tm
     monkeypatch.setattr(tracking, "code_fingerprint", lambda: "0.1.0+other")
     skab_tradeoff.load_or_run("r", raw, cache, lambda: [], tmp_path / "b")
     assert runs == ["r", "r", "r"] and pickle.loads((cache / "r.pkl").read_bytes())["origin"]["code"] == "0.1.0+other"
+
+
+def test_a_file_with_no_finite_score_has_one_option_flag_nothing():
+    from pipelines.skab_tradeoff import threshold_options
+
+    fp, fn = threshold_options(np.array([np.nan, np.nan]), np.array([True, False]))
+    assert fp.tolist() == [0] and fn.tolist() == [1]
