@@ -164,13 +164,16 @@ def fit_detector(train_values: np.ndarray, sensors: Sequence[str], model_params:
     config = ModelConfig(n_features=len(sensors), **model_params)
     windows = make_windows(scaler.transform(train_values), config.window_size, stride)
     starts = np.arange(len(windows), dtype=np.int64) * stride  # each window's first row
-    if gaps is not None:
-        kept = ~windows_touching(gaps, config.window_size, stride)
-        windows, starts = windows[kept], starts[kept]
+    # the windows touching a gap neither train nor validate (selected there, not here: ``windows[kept]``
+    # would copy the sliding view, W times the memory of its rows)
+    kept = None if gaps is None else ~windows_touching(gaps, config.window_size, stride)
     result = train_autoencoder(windows, config, train_config, callbacks, progress_desc, starts=starts,
-                               val_from_row=val_from_row)
-    result.val_start_row = int(starts[len(starts) - result.n_val_windows])
+                               val_from_row=val_from_row, kept=kept)
+    kept_starts = starts if kept is None else starts[kept]
+    result.val_start_row = int(kept_starts[len(kept_starts) - result.n_val_windows])
     val_scores = window_scores(result.model, result.val_windows).scores
+    if result.val_index is not None:
+        val_scores = val_scores[result.val_index]
     threshold = fit_threshold(val_scores, threshold_method, **(threshold_params or {}))
     detector = Detector(model=result.model, scaler=scaler, threshold=threshold, period_s=period_s)
     return detector, result, val_scores

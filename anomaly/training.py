@@ -118,9 +118,11 @@ class TrainResult:
     seconds: float
     n_train_windows: int
     n_val_windows: int
-    val_windows: np.ndarray = field(repr=False)  # (Nv, W, F) scaled, for threshold fitting
+    # (Nv, W, F) scaled, for threshold fitting; with ``val_index``, a span of windows of which those are validation
+    val_windows: np.ndarray = field(repr=False)
     batch_size: int = 0  # windows per step actually used (training.fast may raise the configured one)
     val_start_row: int | None = None  # row of the training values the first validation window starts on (fit_detector)
+    val_index: np.ndarray | None = None  # the validation windows' positions in ``val_windows`` (None: all of them)
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
@@ -160,9 +162,16 @@ def split_windows(windows: np.ndarray, validation_fraction: float, starts: np.nd
     starting at or after that row (a fleet's: where its entities' recent parts begin). Training windows
     that share a row with the first validation window are dropped (where that would leave fewer than two,
     two are kept, with a warning). ``starts``: each window's first row, ascending (default: one row apart)."""
-    n = len(windows)
+    n_train, split = split_counts(len(windows), windows.shape[1], validation_fraction, starts, val_from_row)
+    return windows[:n_train], windows[split:]
+
+
+def split_counts(n: int, w: int, validation_fraction: float, starts: np.ndarray | None = None,
+                 val_from_row: int | None = None) -> tuple[int, int]:
+    """``split_windows`` of ``n`` windows of ``w`` rows as counts: the first ``n_train`` train, those from
+    ``split`` on validate."""
     if n < MIN_TRAIN_WINDOWS:
-        raise ModelError(f"need at least {MIN_TRAIN_WINDOWS} windows of {windows.shape[1]} readings to train, got {n}: train on more "
+        raise ModelError(f"need at least {MIN_TRAIN_WINDOWS} windows of {w} readings to train, got {n}: train on more "
                          f"rows, or set a smaller model.window_size")
     starts = np.arange(n, dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
     if val_from_row is not None:
@@ -173,7 +182,7 @@ def split_windows(windows: np.ndarray, validation_fraction: float, starts: np.nd
     else:
         n_val = max(1, int(round(n * validation_fraction)))
         split = n - n_val
-    disjoint = int(np.searchsorted(starts, starts[split] - windows.shape[1] + 1, side="left"))  # ends before it
+    disjoint = int(np.searchsorted(starts, starts[split] - w + 1, side="left"))  # ends before it
     n_train = min(split, max(disjoint, 2))
     if n_train < 1:  # e.g. validation_fraction 0.998: nothing trained, a random network registered
         raise ModelError(f"training.validation_fraction {validation_fraction:g} leaves no training window of {n} "
@@ -182,7 +191,7 @@ def split_windows(windows: np.ndarray, validation_fraction: float, starts: np.nd
         log.warning("only %d windows before validation: %d of them share rows with the validation windows (the "
                     "threshold is fitted partly on rows the model trained on); train on more rows", split,
                     n_train - disjoint)
-    return windows[:n_train], windows[split:]
+    return n_train, split
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -241,31 +250,35 @@ def _split_backward(model: nn.Module, batch: torch.Tensor, streams: int, pool: T
 
 
 def evaluate_loss(model: nn.Module, data: torch.Tensor, batch_size: int, device: torch.device,
-                  mixed_precision: bool = False) -> float:
-    """Mean squared reconstruction error over ``data`` (already on ``device``); float32 (IEEE float32 on
-    CUDA too, as scoring: ``ieee_float32``) unless ``mixed_precision`` (bf16 autocast). One host sync
-    at the end, none per batch."""
+                  mixed_precision: bool = False, index: torch.Tensor | None = None) -> float:
+    """Mean squared reconstruction error over ``data`` (already on ``device``; with ``index``, over those
+    of its windows); float32 (IEEE float32 on CUDA too, as scoring: ``ieee_float32``) unless
+    ``mixed_precision`` (bf16 autocast). One host sync at the end, none per batch."""
+    n = len(data) if index is None else len(index)
     model.eval()
     total = torch.zeros((), device=device, dtype=torch.float64)
     precision = "bf16" if mixed_precision else "fp32"
     full = contextlib.nullcontext() if mixed_precision else ieee_float32(device)
     with torch.inference_mode(), _autocast(device, mixed_precision), full:
-        for start in range(0, len(data), batch_size):
-            batch = data[start:start + batch_size].contiguous()  # a copy where ``data`` is a strided view
+        for start in range(0, n, batch_size):
+            # a copy where ``data`` is a strided view
+            batch = (data[start:start + batch_size] if index is None else data[index[start:start + batch_size]]).contiguous()
             # float32 batch mean, weighted in float64: the same figures as a per-batch float() would give;
             # the error clamped as scoring clamps it (a wild validation reading: huge, not inf)
             diff = torch.clamp(model(network_input(batch, device, precision)).float() - batch,
                                -MAX_ABS_ERROR, MAX_ABS_ERROR)
             total += torch.mean(diff * diff).double() * len(batch)
-    return float(total) / max(len(data), 1)
+    return float(total) / max(n, 1)
 
 
 def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: TrainConfig,
                       callbacks: Sequence[TrainCallback] = (),
                       progress_desc: str = "training", starts: np.ndarray | None = None,
-                      val_from_row: int | None = None) -> TrainResult:
+                      val_from_row: int | None = None, kept: np.ndarray | None = None) -> TrainResult:
     """Train on scaled windows (N, W, F) with a time-ordered validation split (``split_windows``, with
-    ``starts`` and ``val_from_row``) and early stopping.
+    ``starts`` and ``val_from_row``) and early stopping. ``kept`` (N,) bool: the windows that may train
+    or validate (the others touch a gap); the windows stay a view of their rows, and training gathers
+    the kept ones (a boolean selection would copy them: W times the memory of the rows).
 
     Returns the model with the best validation loss. Raises ``ModelError`` when the data is too small.
     """
@@ -278,25 +291,51 @@ def train_autoencoder(windows: np.ndarray, model_config: ModelConfig, config: Tr
         raise ModelError("training windows contain NaN or inf; fill gaps before training")
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    train_np, val_np = split_windows(windows, config.validation_fraction, starts, val_from_row)
+    train_np, val_np, train_sel, val_sel = _split(windows, config.validation_fraction, starts, val_from_row, kept)
     with torch_threads(config.cpu_threads if device.type == "cpu" else 0):
         model, history, best_epoch, best_loss, started = _fit(train_np, val_np, model_config, config, device,
-                                                              callbacks, progress_desc)
+                                                              callbacks, progress_desc, train_sel, val_sel)
     model = model.cpu().eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_val_loss=best_loss,
                        device=str(device), seconds=time.perf_counter() - started,
-                       n_train_windows=len(train_np), n_val_windows=len(val_np), val_windows=val_np,
-                       batch_size=config.batch_size)
+                       n_train_windows=len(train_np) if train_sel is None else len(train_sel),
+                       n_val_windows=len(val_np) if val_sel is None else len(val_sel), val_windows=val_np,
+                       batch_size=config.batch_size, val_index=val_sel)
+
+
+def _split(windows: np.ndarray, validation_fraction: float, starts: np.ndarray | None, val_from_row: int | None,
+           kept: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(training span, validation span, the training windows' positions in their span, the validation
+    windows'): spans are slices of ``windows`` (views stay views); a position array is None where the
+    span is all of them."""
+    if kept is None or np.all(kept):
+        train, val = split_windows(windows, validation_fraction, starts, val_from_row)
+        return train, val, None, None
+    idx = np.flatnonzero(kept)
+    all_starts = np.arange(len(windows), dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
+    n_train, split = split_counts(len(idx), windows.shape[1], validation_fraction, all_starts[idx], val_from_row)
+
+    def span(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        first, last = int(chosen[0]), int(chosen[-1])
+        return windows[first:last + 1], None if last - first + 1 == len(chosen) else chosen - first
+
+    (train, train_sel), (val, val_sel) = span(idx[:n_train]), span(idx[split:])
+    return train, val, train_sel, val_sel
 
 
 def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, config: TrainConfig,
-         device: torch.device, callbacks: Sequence[TrainCallback],
-         progress_desc: str) -> tuple[nn.Module, list[EpochStats], int, float, float]:
+         device: torch.device, callbacks: Sequence[TrainCallback], progress_desc: str,
+         train_sel: np.ndarray | None = None,
+         val_sel: np.ndarray | None = None) -> tuple[nn.Module, list[EpochStats], int, float, float]:
     started = time.perf_counter()
     # (N, W, F): the whole set on the device, once; sliding windows as their rows, a strided view there
-    # (W times less memory; a batch gathered from it is contiguous)
+    # (W times less memory; a batch gathered from it is contiguous). ``*_sel``: the windows of the span
+    # that train (validate); the others touch a gap.
     train = resident_windows(train_np, device)
     val = resident_windows(val_np, device)
+    train_index = None if train_sel is None else torch.as_tensor(train_sel, dtype=torch.long, device=device)
+    val_index = None if val_sel is None else torch.as_tensor(val_sel, dtype=torch.long, device=device)
+    n_train = len(train) if train_index is None else len(train_index)
     model = build_model(model_config).to(device)  # .to() re-flattens LSTM weights: the fused cuDNN path
     peak_lr = config.peak_learning_rate
     # fused Adam: one kernel for all parameters on CUDA (same update, different rounding order).
@@ -317,10 +356,12 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
         for epoch in range(1, config.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            order = torch.randperm(len(train), device=device, generator=generator)
+            order = torch.randperm(n_train, device=device, generator=generator)
+            if train_index is not None:
+                order = train_index[order]
             running, seen = torch.zeros((), device=device), 0
             with torch_threads(1 if pool else 0):
-                for start in range(0, len(train), config.batch_size):
+                for start in range(0, n_train, config.batch_size):
                     if step < config.warmup_steps:
                         for group in optimiser.param_groups:
                             group["lr"] = peak_lr * (step + 1) / config.warmup_steps
@@ -338,7 +379,7 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
                     step += 1
             train_loss = float(running) / max(seen, 1)  # the epoch's one sync
             train_seconds = time.perf_counter() - t0
-            val_loss = evaluate_loss(model, val, config.batch_size * 4, device)
+            val_loss = evaluate_loss(model, val, config.batch_size * 4, device, index=val_index)
             if cuda:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0

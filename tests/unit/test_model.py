@@ -156,3 +156,29 @@ def test_too_few_windows_for_a_disjoint_split_keep_two_and_say_so(caplog):
     windows = make_windows(np.arange(11, dtype=float)[:, None], 8)  # 4 windows
     train, val = split_windows(windows, 0.2)
     assert len(train) == 2 and len(val) == 1 and "share rows with the validation windows" in caplog.text
+
+
+def test_windows_touching_a_gap_are_left_out_without_copying_the_windows():
+    """A boolean selection of the sliding windows copied them whole (W times the rows' memory: about 15 GB
+    at SMD's scale with one gap row); the kept ones are gathered as they train, to the same weights."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2)).astype(np.float32)
+    cfg = ModelConfig(n_features=2, window_size=8, hidden_size=8, latent_size=2)
+    train = TrainConfig(epochs=2, batch_size=32, device="cpu", progress=False, seed=3)
+    windows = make_windows(x, 8)
+    kept = np.ones(len(windows), dtype=bool)
+    kept[100:108] = kept[300:308] = False  # two gap rows' windows
+    gathered = train_autoencoder(windows, cfg, train, kept=kept)
+    assert np.shares_memory(gathered.val_windows, x)  # a view, not a copy
+    copied = train_autoencoder(windows[kept], cfg, train, starts=np.flatnonzero(kept))
+    assert gathered.n_val_windows == copied.n_val_windows and gathered.n_train_windows == copied.n_train_windows
+    assert gathered.best_val_loss == copied.best_val_loss
+    for name, value in copied.model.state_dict().items():
+        assert torch.equal(value, gathered.model.state_dict()[name])
+    val = gathered.val_windows if gathered.val_index is None else gathered.val_windows[gathered.val_index]
+    assert np.array_equal(val, copied.val_windows)
+    kept[380:388] = False  # a gap among the validation windows too
+    gathered, copied = train_autoencoder(windows, cfg, train, kept=kept), train_autoencoder(
+        windows[kept], cfg, train, starts=np.flatnonzero(kept))
+    assert gathered.val_index is not None and gathered.best_val_loss == copied.best_val_loss
+    assert np.array_equal(gathered.val_windows[gathered.val_index], copied.val_windows)
