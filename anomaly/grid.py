@@ -58,19 +58,38 @@ class SensorIssue:
     detail: str  # human-readable numbers behind the verdict
 
 
-def infer_period(index: pd.DatetimeIndex) -> pd.Timedelta:
-    """The median of the positive gaps between sorted timestamps (duplicates do not count).
+INTERLEAVED_RATIO = 4  # every sensor's own period this many times the rows' spacing: rows per sensor, not per time
+
+
+def infer_period(index: pd.DatetimeIndex, frame: pd.DataFrame | None = None) -> pd.Timedelta:
+    """The median of the positive gaps between sorted timestamps (duplicates do not count). With
+    ``frame`` (readings at ``index``) whose rows do not each hold every sensor, when even the fastest
+    sensor's own period (the median gap between the rows holding it) is more than
+    ``INTERLEAVED_RATIO`` times that: the fastest sensor's period (a historian's export, one row per
+    sensor reading a few ms apart, is not sampled every few ms).
 
     Raises ``DataError`` with fewer than two rows or no two distinct timestamps.
     """
     if len(index) < 2:
         raise DataError(f"cannot infer a sampling period from {len(index)} row(s); need at least 2")
-    ns = np.sort(_ns(pd.DatetimeIndex(index)))
-    gaps = np.diff(ns)
-    gaps = gaps[gaps > 0]
-    if gaps.size == 0:
+    ns = _ns(pd.DatetimeIndex(index))
+    overall = _median_gap(ns)
+    if overall is None:
         raise DataError(f"cannot infer a sampling period: all {len(index)} timestamps are equal")
-    return pd.Timedelta(int(np.median(gaps)), unit="ns")
+    if frame is not None and frame.shape[1] > 1:
+        observed = ~np.isnan(frame.to_numpy(dtype=np.float64))
+        if not observed.all():
+            own = [g for j in range(observed.shape[1]) if (g := _median_gap(ns[observed[:, j]])) is not None]
+            if own and min(own) > INTERLEAVED_RATIO * overall:
+                return pd.Timedelta(min(own), unit="ns")
+    return pd.Timedelta(overall, unit="ns")
+
+
+def _median_gap(ns: np.ndarray) -> int | None:
+    """The median positive gap between ``ns`` (int64 nanoseconds, any order); None with none."""
+    gaps = np.diff(np.sort(ns))
+    gaps = gaps[gaps > 0]
+    return int(np.median(gaps)) if gaps.size else None
 
 
 def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str = "ffill",
@@ -95,7 +114,7 @@ def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str =
         raise DataError("to_grid: missing timestamp (NaT) in the index")
     _check_numeric(frame)
     if period is None:
-        period = infer_period(frame.index)
+        period = infer_period(frame.index, frame)
     period = pd.Timedelta(period)
     if period <= pd.Timedelta(0):
         raise ConfigError("data.period_s", f"sampling period must be positive, got {period}")
