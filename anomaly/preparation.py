@@ -287,7 +287,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     entity's anomalous rows, and ``margin_rows`` on each side, are left out (``leave_out_labelled``).
 
     Each entity is gridded on its own (one common period: ``period_s``, else the median of the
-    entities' own) and screened on its own; the sensors kept are those fit to train on in every
+    entities' own, the lower of the middle two; entities sampled more than 25 % off it are named) and screened on its own; the sensors kept are those fit to train on in every
     entity (a sensor flat in one pump is reported, with the pump, and left out for all). Entities with
     fewer than ``2 * window_size`` rows, or none fit to train on (every sensor flat: a pump offline all
     along), are left out, with a warning. The rows are laid end to end as
@@ -331,7 +331,7 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     for sensor in dropped:
         where = [e for e, p in usable.items() if sensor not in p.sensors]
         log.warning("sensor %s: left out for the whole fleet (not fit to train on in %s)", sensor, ", ".join(where))
-    common = period_s or float(np.median([p.period_s for p in usable.values()]))
+    common = period_s or _fleet_period({e: p.period_s for e, p in usable.items()})
     grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
                                 late_as_gaps=True, outage_steps=outage_steps) for e in usable}
     if labels:
@@ -367,6 +367,19 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
                     missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
                     gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails,
                     labelled_out=sum(g.labelled_out for g in grids.values()))
+
+
+def _fleet_period(periods: Mapping[str, float]) -> float:
+    """The period of a fleet's grid: its entities' median period, the lower of the middle two (one of
+    theirs: two pumps at 1 s and 10 s do not share a grid of 5.5 s); says which entities are sampled
+    more than 25 % off it (their slots are filled, or their readings several to a slot)."""
+    ordered = sorted(periods.values())
+    common = float(ordered[(len(ordered) - 1) // 2])
+    off = {e: p for e, p in periods.items() if abs(p - common) > 0.25 * common}
+    if off:
+        log.warning("fleet: the shared grid is %g s, but %s", common, "; ".join(
+            f"entity {e} is sampled every {p:g} s" for e, p in off.items()) + " (set data.period_s, or train them apart)")
+    return common
 
 
 def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,

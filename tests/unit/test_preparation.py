@@ -181,3 +181,14 @@ def test_an_outage_longer_than_outage_steps_does_not_train_as_a_flat_line():
     assert not prepared.gaps[1300:].any()
     fleet = prepare_fleet({"p1": frame, "p2": frame}, window_size=10, validation_fraction=0.2, outage_steps=5)
     assert fleet.gaps is not None and fleet.gaps.sum() >= 2 * 1000
+
+
+def test_a_fleets_period_is_one_of_its_entities_and_the_others_are_named(caplog):
+    """Two pumps at 1 s and 10 s shared a 5.5 s grid, which neither is sampled on, and nothing was said."""
+    fast = pd.DataFrame({"a": np.sin(np.arange(600) / 7.0), "b": np.cos(np.arange(600) / 9.0)},
+                        index=pd.date_range("2024-01-01", periods=600, freq="1s", tz="UTC"))
+    slow = pd.DataFrame({"a": np.sin(np.arange(600) / 7.0), "b": np.cos(np.arange(600) / 9.0)},
+                        index=pd.date_range("2024-01-01", periods=600, freq="10s", tz="UTC"))
+    fleet = prepare_fleet({"fast": fast, "slow": slow}, window_size=10, validation_fraction=0.2)
+    assert fleet.period_s == 1.0
+    assert "slow" in caplog.text and "sampled every 10 s" in caplog.text
