@@ -231,6 +231,7 @@ class ScoringStep:
         self.max_entities = max_entities  # most entities held; past it those not active go
         self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
         self._behind_logged_s = -math.inf  # when entities sending far behind their partition were last named
+        self._unaligned_logged_s = -math.inf  # when entities whose readings miss the stride slots were last named
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -524,6 +525,9 @@ class ScoringStep:
             counts["resets"] = outcomes[RESET]
             counts["accepted"] = outcomes[ACCEPTED] + outcomes[RESET]
         counts["late"] += len(behind)
+        unaligned = store.take_unaligned()
+        if unaligned:
+            self._warn_unaligned(unaligned, now_s)
         if idle_s is not None:
             evicted = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
             counts["evicted"] = len(evicted)
@@ -705,6 +709,20 @@ class ScoringStep:
                     "are late as they come and not scored (a clock running late, or local time sent as "
                     "UTC?): %s", len(behind), idle_s, ", ".join(repr(name) for name in behind[:10])
                     + (f" and {len(behind) - 10} more" if len(behind) > 10 else ""))
+
+    def _warn_unaligned(self, names: Sequence[str], now_s: float) -> None:
+        """Say (once a minute at most) which entities' readings keep missing the slots that end a window
+        (``slot % worker.stride == 0``): sampled more slowly than the model's period, at another phase."""
+        if now_s - self._unaligned_logged_s < 60.0:
+            return
+        self._unaligned_logged_s = now_s
+        named = sorted(set(names))
+        p = self._store.policy
+        log.warning("%d entities send readings that keep missing the slots that end a window (every %d-th slot of "
+                    "the model's %g s grid: worker.stride) and are not scored; they are sampled more slowly than "
+                    "the model's period (set worker.stride = 1, or train a model on their own period): %s",
+                    len(named), p.stride, p.period_s, ", ".join(repr(n) for n in named[:10])
+                    + (f" and {len(named) - 10} more" if len(named) > 10 else ""))
 
     def _idle_s(self) -> float | None:
         """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the

@@ -156,7 +156,7 @@ class _Entity:
     """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
 
     __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
-                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs")
+                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs", "unaligned")
 
     def __init__(self, capacity: int, n_sensors: int) -> None:
         # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset, ts).
@@ -176,6 +176,7 @@ class _Entity:
         self.queued_needs: dict[int, int] | None = None
         self.last_end: int | None = None  # slot of the newest window queued (None: none yet)
         self.null_runs: list[int] | None = None  # per sensor, readings in a row it was None in (None: all 0)
+        self.unaligned = 0  # readings in a row, a window's worth held, none on a stride slot (``unaligned``)
 
     def holds_reading(self, slot: int) -> bool:
         if slot in self.pending:
@@ -211,6 +212,15 @@ class WindowStore:
         self._queued_by: list[_Entity] = []  # entities whose queued_needs are set
         self._orphan_needs: dict[int, int] = {}  # queued needs of entities evicted before ready()
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
+        # entities whose readings keep missing the stride slots (2 x stride readings in a row with a window's
+        # worth held and no window): sampled more slowly than the model's period at another phase, they are
+        # never scored. Named once per such run; the caller takes them (``take_unaligned``).
+        self.unaligned: list[str] = []
+
+    def take_unaligned(self) -> list[str]:
+        """The entities named in ``unaligned`` since the last call (and forget them)."""
+        names, self.unaligned = self.unaligned, []
+        return names
 
     # --- inspection ---------------------------------------------------------------------------
     @property
@@ -406,9 +416,16 @@ class WindowStore:
             state.queued_needs[partition] = offset
 
     def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int, ts: float) -> None:
-        w = self._w
-        if state.n < w or slot % self.policy.stride != 0:
+        w, stride = self._w, self.policy.stride
+        if state.n < w:
+            state.unaligned = 0
             return
+        if slot % stride != 0:
+            state.unaligned += 1
+            if state.unaligned == 2 * stride:
+                self.unaligned.append(entity)
+            return
+        state.unaligned = 0
         lo = state.n - w
         state.last_end = slot
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
@@ -457,6 +474,7 @@ class WindowStore:
                                       np.full(len(j), partition), offs[j], filled, window_off.min(axis=1),
                                       stamps[j]))
             state.last_end = first_slot + int(j[-1])
+            state.unaligned = 0
             if state.queued_needs is None:  # the first window queued: its rows and every later one
                 state.queued_needs = {}
                 self._queued_by.append(state)

@@ -1086,3 +1086,19 @@ def test_an_entity_stamping_far_behind_its_partition_is_never_scored(caplog) -> 
     assert sum(o.counts["late"] for o in outs) == 60
     assert all(o.counts["windows_scored"] > 0 for o in outs[1:])  # pump-a is scored
     assert "'pump-b'" in caplog.text and "behind their partition's newest" in caplog.text
+
+
+def test_an_entity_whose_readings_never_fall_on_a_stride_slot_is_named(caplog) -> None:
+    """At stride 4 only slots with slot % 4 == 0 end a window; a device read every 2 s at an odd phase
+    on a 1 s model never has a reading there: all its readings were "accepted", no window was ever
+    scored, and nothing said so."""
+    step = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0, stride=4), AlertPolicy())
+    records = [reading_record("odd", 2 * k + 1, k) for k in range(60)]
+    outs = [step.process(records[i:i + 10], now_s=T0 + 200) for i in range(0, 60, 10)]
+    assert sum(o.counts["windows_scored"] for o in outs) == 0
+    assert "'odd'" in caplog.text and "worker.stride" in caplog.text
+    caplog.clear()
+    even = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0, stride=4), AlertPolicy())
+    outs = [even.process([reading_record("even", 2 * k, k) for k in range(i, i + 10)], now_s=T0 + 200)
+            for i in range(0, 60, 10)]
+    assert sum(o.counts["windows_scored"] for o in outs) > 0 and "worker.stride" not in caplog.text
