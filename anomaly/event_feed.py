@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -81,6 +81,9 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
     return f"{head} {body}{tail}"
 
 
+COUNTED_MAX = 100_000  # events the feed remembers having counted (it runs as long as `anomaly up` does)
+
+
 class EventFeed:
     """Follows ``topic`` from the beginning in a daemon thread and calls ``on_line`` per event (with
     ``annotate(event)`` appended in brackets when given).
@@ -103,7 +106,8 @@ class EventFeed:
         self.client_options = dict(client_options or {})
         self.counts: Counter[str] = Counter()
         self.entities: Counter[str] = Counter()
-        self._counted: set[tuple[str, str]] = set()  # (event_id, status) already counted
+        # (event_id, status) already counted, the newest COUNTED_MAX of them (a re-delivered copy comes soon)
+        self._counted: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -137,7 +141,9 @@ class EventFeed:
             return
         key = (str(event.get("event_id") or id(event)), str(event["status"]))
         if key not in self._counted:
-            self._counted.add(key)
+            self._counted[key] = None
+            if len(self._counted) > COUNTED_MAX:
+                self._counted.popitem(last=False)
             self.counts[key[1]] += 1
             if key[1] == "open":
                 self.entities[event["entity"]] += 1

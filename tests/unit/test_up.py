@@ -401,3 +401,16 @@ def test_the_fleet_replay_counts_readings_the_broker_confirmed(monkeypatch):
     fleet._thread.join(10)
     assert len(producer.sent) == 10 and fleet.delivered == 5
     assert fleet.error is not None and "5 of 10 readings were not delivered" in str(fleet.error)
+
+
+def test_the_event_feed_remembers_a_bounded_number_of_events(monkeypatch):
+    """Every (event_id, status) was kept for the life of `anomaly up`: a set that only grew."""
+    import anomaly.event_feed as event_feed
+
+    monkeypatch.setattr(event_feed, "COUNTED_MAX", 50)
+    feed = EventFeed("127.0.0.1:1", "t", on_line=lambda line: None)
+    for i in range(200):
+        feed.handle(json.dumps({**EVENT, "event_id": f"e{i}"}).encode())
+    assert feed.counts == {"open": 200} and len(feed._counted) <= 50
+    feed.handle(json.dumps({**EVENT, "event_id": "e199"}).encode())  # a recent one again: not counted twice
+    assert feed.counts == {"open": 200}
