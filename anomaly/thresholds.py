@@ -256,8 +256,9 @@ class MeanStdThreshold:
 class PotThreshold:
     """Peaks over threshold with a Generalized Pareto tail (SPOT, Siffer et al. 2017).
 
-    Errors more than ``GROSS_MADS`` robust standard deviations above the median (a glitch's windows)
-    are left out of the fit first, counted in ``params["screened"]``.
+    A glitch's errors (more than ``GROSS_MADS`` robust standard deviations above the median and more
+    than ``GROSS_GAP`` times every error below them) are left out of the fit first, counted in
+    ``params["screened"]``.
 
     Fallbacks, both to the empirical ``1 − risk`` quantile (the largest error when there are fewer than
     ``1 / risk`` of them), recorded in ``params["fallback"]``:
@@ -305,24 +306,31 @@ class PotThreshold:
         return Threshold(self.name, value, params)
 
 
-GROSS_MADS = 100.0  # an error this many robust standard deviations (1.4826 MAD) above the median is a glitch's
+GROSS_MADS = 100.0  # an error this many robust standard deviations (1.4826 MAD) above the median ...
+GROSS_GAP = 10.0  # ... and this many times every error below it is a glitch's, not the tail's
 
 
 def _screen_gross(e: np.ndarray) -> tuple[np.ndarray, int, float]:
-    """``e`` without the errors more than ``GROSS_MADS`` robust standard deviations above its median (the
-    windows of one wild reading in the validation rows: a tail fitted through them put the threshold
-    thousands of times higher, a model that never alarms), how many went and the cut. All of ``e`` when
-    none goes, when its spread is zero, or when too few would be left to fit."""
+    """``e`` without a glitch's errors (the windows of one wild reading in the validation rows: a tail
+    fitted through them put the threshold thousands of times higher, a model that never alarms), how
+    many went and the cut. A glitch's errors stand apart: all more than ``GROSS_MADS`` robust standard
+    deviations above the median, and more than ``GROSS_GAP`` times every other error (a heavy tail rises
+    without such a gap, and keeps every error). All of ``e`` when none goes, when its spread is zero, or
+    when too few would be left to fit."""
     median = float(np.median(e))
     spread = 1.4826 * float(np.median(np.abs(e - median)))
     if spread <= 0.0 or not math.isfinite(spread):
         return e, 0, math.inf
-    cut = median + GROSS_MADS * spread
-    keep = e <= cut
-    n_out = int(e.size - np.count_nonzero(keep))
-    if not n_out or n_out * 2 > e.size:
+    top = np.sort(e[e > median + GROSS_MADS * spread])[::-1]  # the candidates, largest first
+    if not top.size or top.size * 2 > e.size:
         return e, 0, math.inf
-    return e[keep], n_out, cut
+    below = np.r_[top[1:], e[e <= median + GROSS_MADS * spread].max(initial=0.0)]  # each one's next lower error
+    gaps = np.flatnonzero(top > GROSS_GAP * below)
+    if not gaps.size:
+        return e, 0, math.inf
+    n_out = int(gaps[-1]) + 1  # everything above the lowest such gap
+    cut = float(below[gaps[-1]])
+    return e[e <= cut], n_out, cut
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (QuantileThreshold, MeanStdThreshold, PotThreshold)}
