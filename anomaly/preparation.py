@@ -110,21 +110,29 @@ MANY_REPEATS = 0.1  # a share of readings repeating a timestamp that suggests se
 
 
 def first_readings(frame: pd.DataFrame, who: str = "", doing: str = "trained on") -> pd.DataFrame:
-    """``frame`` without the readings that repeat an earlier one's timestamp: the first is kept, as the
-    streaming worker keeps it (a later one is a duplicate). Says how many were left out (``who``: whose
-    readings; ``doing``: what is done with the first), and, when they are many, that the table may hold
-    several assets under one series (no ``data.entity_column``)."""
-    repeated = frame.index.duplicated(keep="first")
+    """``frame`` with one row per timestamp: each sensor's first value at it, as the streaming worker keeps
+    the first reading of a slot (a later one is a duplicate). Rows stamped alike that give different
+    sensors (a sensor per row) are one reading, merged; a row giving a sensor an earlier row at its
+    timestamp gave repeats that reading: left out, and said (``who``: whose readings; ``doing``: what is
+    done with the first), with, when they are many, a word that the table may hold several assets under
+    one series (no ``data.entity_column``)."""
+    alike = frame.index.duplicated(keep=False)
+    if not alike.any():
+        return frame
+    given = frame[alike].notna()
+    repeated = ((given.groupby(level=0, sort=False).cumsum() > 1) & given).any(axis=1)
+    merged = frame.groupby(level=0, sort=False).first()  # each column's first value at each timestamp
+    merged.index.name = frame.index.name
     n = int(repeated.sum())
     if not n:
-        return frame
+        return merged
     many = n > MANY_REPEATS * len(frame)
     log.warning("%s%d reading%s an earlier one's timestamp and %s left out: the first is %s, as the streaming "
                 "worker keeps it%s", f"{who}: " if who else "", n, "s repeat" if n > 1 else " repeats",
                 "are" if n > 1 else "is", doing,
                 "; so many repeats suggest several assets' readings in one series: name their column with "
                 "data.entity_column" if many else "")
-    return frame[~repeated]
+    return merged
 
 
 def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.ndarray, margin_rows: int) -> Prepared:

@@ -417,9 +417,9 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
            "filled, not read" in caplog.text
     assert "repeat an earlier" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="anomaly.cli"):
-        _score_table(detector, pd.concat([frame, frame.iloc[[50, 60]]]), build_settings({}), "pump")
+        _score_table(detector, pd.concat([frame, frame.iloc[[40, 45]]]), build_settings({}), "pump")
     assert "pump: 2 readings repeat an earlier one's timestamp and are left out: the first is scored" in caplog.text
-    changed = frame.iloc[[50, 60]] + 1000.0  # a later reading of the same timestamp, far off: the first is scored
+    changed = frame.iloc[[40, 45]] + 1000.0  # a later reading of the same timestamp, far off: the first is scored
     assert _score_table(detector, pd.concat([frame, changed]), build_settings({}), "pump").table["score"].equals(
         _score_table(detector, frame, build_settings({}), "pump").table["score"])
 

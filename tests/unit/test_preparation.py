@@ -192,3 +192,17 @@ def test_a_fleets_period_is_one_of_its_entities_and_the_others_are_named(caplog)
     fleet = prepare_fleet({"fast": fast, "slow": slow}, window_size=10, validation_fraction=0.2)
     assert fleet.period_s == 1.0
     assert "slow" in caplog.text and "sampled every 10 s" in caplog.text
+
+
+def test_sensors_on_rows_of_their_own_at_one_timestamp_are_merged_not_dropped(caplog):
+    """A reading written a sensor per row, the rows stamped alike: keeping the first row kept sensor a
+    alone and dropped b and c as "no observed value", with a hint at data.entity_column."""
+    ts = pd.date_range("2024-01-01", periods=200, freq="s", tz="UTC")
+    rows = []
+    for j, name in enumerate("abc"):
+        rows.append(pd.DataFrame({s: (np.sin(np.arange(200) / (3.0 + j)) if s == name else np.nan) for s in "abc"},
+                                 index=ts))
+    frame = pd.concat(rows).sort_index(kind="stable")
+    prepared = prepare_training(frame)
+    assert prepared.sensors == ["a", "b", "c"] and len(prepared.values) == 200
+    assert "repeat" not in caplog.text  # nothing was left out: each sensor's value is its reading's
