@@ -328,15 +328,17 @@ class _ScoredTable:
 SAMPLING_TOLERANCE = 0.25  # a file's median spacing this far (relative) from the model's period is said
 
 
-def sampling_mismatch(index: Any, period_s: float | None) -> float | None:
-    """The median spacing of ``index``'s timestamps (seconds) when it differs from ``period_s`` by more
-    than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two distinct timestamps)."""
+def sampling_mismatch(index: Any, period_s: float | None, frame: Any = None) -> float | None:
+    """The sampling period of readings at ``index`` (``grid.infer_period``, of their sensor columns
+    ``frame`` where given: a sensor per row is read as the grid reads it) when it differs from
+    ``period_s`` by more than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two
+    distinct timestamps)."""
     from anomaly.grid import infer_period
 
     if not period_s:
         return None
     try:
-        spacing = infer_period(index).total_seconds()
+        spacing = infer_period(index, frame).total_seconds()
     except DataError:  # fewer than two distinct timestamps: nothing to compare
         return None
     return spacing if abs(spacing - period_s) > SAMPLING_TOLERANCE * period_s else None
@@ -356,7 +358,8 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     from anomaly.preparation import first_readings, labels_on_grid
     from anomaly.windowing import rows_from_windows
 
-    spacing = sampling_mismatch(frame.index, detector.period_s)
+    spacing = sampling_mismatch(frame.index, detector.period_s,
+                                frame[[s for s in detector.sensors if s in frame.columns]])
     if spacing is not None:
         log.warning("%sreadings are %g s apart (median) where the model's grid is %g s: %s",
                     f"{entity}: ", spacing, detector.period_s,

@@ -427,6 +427,7 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
 def test_a_file_sampled_otherwise_than_the_model_is_said():
     # A 2 s file on a 1 s model was scored with every other slot filled, and a 0.5 s one with half its
     # readings dropped, without a word (`_score_table` says it: test_scored_rows_name_a_top_sensor...).
+    import numpy as np
     import pandas as pd
 
     from anomaly.cli import sampling_mismatch
@@ -437,6 +438,10 @@ def test_a_file_sampled_otherwise_than_the_model_is_said():
     assert sampling_mismatch(index[:1], 1.0) is None and sampling_mismatch(index, None) is None
     jittered = index + pd.to_timedelta([0.1 * (i % 3) for i in range(50)], unit="s")
     assert sampling_mismatch(jittered.sort_values(), 2.0) is None
+    # a sensor per row, 3 ms apart, every 2 s: sampled every 2 s, as training's grid reads it (not 3 ms)
+    rows = index.append(index + pd.Timedelta(milliseconds=3)).sort_values()
+    cells = pd.DataFrame({"a": [1.0, np.nan] * 50, "b": [np.nan, 2.0] * 50}, index=rows)
+    assert sampling_mismatch(rows, 2.0, cells) is None and sampling_mismatch(rows, 2.0) is not None
 
 
 def test_paths_that_cannot_be_made_are_errors_naming_them_not_tracebacks(tmp_path, capsys):
