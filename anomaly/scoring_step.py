@@ -232,6 +232,7 @@ class ScoringStep:
         self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
         self._behind_logged_s = -math.inf  # when entities sending far behind their partition were last named
         self._unaligned_logged_s = -math.inf  # when entities whose readings miss the stride slots were last named
+        self._unaligned: set[str] = set()  # such entities heard of since (named at the next warning)
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -711,12 +712,15 @@ class ScoringStep:
                     + (f" and {len(behind) - 10} more" if len(behind) > 10 else ""))
 
     def _warn_unaligned(self, names: Sequence[str], now_s: float) -> None:
-        """Say (once a minute at most) which entities' readings keep missing the slots that end a window
-        (``slot % worker.stride == 0``): sampled more slowly than the model's period, at another phase."""
+        """Say (once a minute at most, naming every one heard of since the last time) which entities'
+        readings keep missing the slots that end a window (``slot % worker.stride == 0``): sampled more
+        slowly than the model's period, at another phase."""
+        if len(self._unaligned) < UNALIGNED_NAMES_MAX:
+            self._unaligned.update(names)
         if now_s - self._unaligned_logged_s < 60.0:
             return
         self._unaligned_logged_s = now_s
-        named = sorted(set(names))
+        named, self._unaligned = sorted(self._unaligned), set()
         p = self._store.policy
         log.warning("%d entities send readings that keep missing the slots that end a window (every %d-th slot of "
                     "the model's %g s grid: worker.stride) and are not scored; they are sampled more slowly than "
@@ -860,6 +864,9 @@ class _Hold:
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
     opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
     through: int | None = None  # the oldest reading of the run's last window above its bar (on ``stream``)
+
+
+UNALIGNED_NAMES_MAX = 10_000  # entities missing the stride slots kept for the next warning
 
 
 def _behind(ts: np.ndarray, streams: np.ndarray, store: WindowStore, limit_s: float) -> np.ndarray | None:

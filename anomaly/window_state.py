@@ -214,7 +214,7 @@ class WindowStore:
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
         # entities whose readings keep missing the stride slots (2 x stride readings in a row with a window's
         # worth held and no window): sampled more slowly than the model's period at another phase, they are
-        # never scored. Named once per such run; the caller takes them (``take_unaligned``).
+        # never scored. Named again after as many more readings; the caller takes them (``take_unaligned``).
         self.unaligned: list[str] = []
 
     def take_unaligned(self) -> list[str]:
@@ -422,8 +422,9 @@ class WindowStore:
             return
         if slot % stride != 0:
             state.unaligned += 1
-            if state.unaligned == 2 * stride:
+            if state.unaligned >= 2 * stride:  # named again after as many more, while it lasts
                 self.unaligned.append(entity)
+                state.unaligned = 0
             return
         state.unaligned = 0
         lo = state.n - w

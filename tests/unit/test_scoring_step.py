@@ -1102,3 +1102,18 @@ def test_an_entity_whose_readings_never_fall_on_a_stride_slot_is_named(caplog) -
     outs = [even.process([reading_record("even", 2 * k, k) for k in range(i, i + 10)], now_s=T0 + 200)
             for i in range(0, 60, 10)]
     assert sum(o.counts["windows_scored"] for o in outs) > 0 and "worker.stride" not in caplog.text
+
+
+def test_entities_missing_the_stride_slots_are_named_every_minute_while_it_lasts(caplog) -> None:
+    """A name that came in the minute after a warning was lost, and an entity was named only once."""
+    step = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0, stride=4), AlertPolicy())
+    offset = 0
+    for second in range(0, 300, 10):
+        batch = []
+        for name, phase in (("odd-a", 1), ("odd-b", 3)):
+            for k in range(second, second + 10, 2):
+                batch.append(reading_record(name, k + phase, offset))
+                offset += 1
+        step.process(batch, now_s=T0 + second)
+    warned = [r.getMessage() for r in caplog.records if "worker.stride" in r.getMessage()]
+    assert len(warned) >= 4 and all("'odd-a'" in w and "'odd-b'" in w for w in warned[1:])
