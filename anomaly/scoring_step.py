@@ -504,7 +504,8 @@ class ScoringStep:
         if len(decoded.index) and idle_s is not None:
             late = _behind(decoded.ts, stream_of[decoded.index], store, idle_s + store.policy.period_s)
             if late is not None:
-                behind = [decoded.entities[j] for j in np.flatnonzero(late).tolist()]
+                fresh = late if replayed is None else late & ~replayed[decoded.index]  # counted the first time
+                behind = [decoded.entities[j] for j in np.flatnonzero(fresh).tolist()]
                 keep = np.flatnonzero(~late)
                 decoded = replace(decoded, index=decoded.index[keep], entities=[decoded.entities[j] for j in keep.tolist()],
                                   ts=decoded.ts[keep], values=decoded.values[keep])
@@ -873,11 +874,18 @@ def _behind(ts: np.ndarray, streams: np.ndarray, store: WindowStore, limit_s: fl
     """(n,) readings stamped more than ``limit_s`` behind their partition's newest reading as they arrive
     (the partition's stream time before the batch, then the batch's readings before them): their entity
     would be evicted as idle, but a poll bringing a window of them would have scored it first. None: none."""
+    if not len(ts):
+        return None
+    ids = np.unique(streams).tolist()
+    clocks = [t for p in ids if (t := store.stream_time(int(p))) is not None]
+    if ts.min() >= max([float(ts.max()), *clocks]) - limit_s:  # no reading that far behind any newest: the usual poll
+        return None
     out: np.ndarray | None = None
-    for stream in np.unique(streams).tolist():
-        where = np.flatnonzero(streams == stream)
+    order = np.argsort(streams, kind="stable")  # each partition's readings together, in arrival order
+    bounds = np.flatnonzero(np.diff(streams[order])) + 1
+    for where in np.split(order, bounds):
         stamps = ts[where]
-        before = store.stream_time(int(stream))
+        before = store.stream_time(int(streams[where[0]]))
         newest = np.maximum.accumulate(np.r_[-np.inf if before is None else before, stamps])[:-1]
         late = newest - stamps > limit_s
         if late.any():

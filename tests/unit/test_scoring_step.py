@@ -1117,3 +1117,17 @@ def test_entities_missing_the_stride_slots_are_named_every_minute_while_it_lasts
         step.process(batch, now_s=T0 + second)
     warned = [r.getMessage() for r in caplog.records if "worker.stride" in r.getMessage()]
     assert len(warned) >= 4 and all("'odd-a'" in w and "'odd-b'" in w for w in warned[1:])
+
+
+def test_readings_read_again_after_a_swap_are_not_counted_late_twice() -> None:
+    step = step_for(FakeModel(window_size=4))
+    records, offset = [], 0
+    for i in range(40):
+        records += [reading_record("good", 7300 + i, offset), reading_record("late", 100 + i, offset + 1)]
+        offset += 2
+    first = sum(step.process(records[i:i + 10], now_s=T0 + 7400).counts["late"] for i in range(0, 80, 10))
+    step.swap_model(FakeModel(window_size=6, version="2"), replay=True)
+    again = records[next(iter(step.replay_from.values())):]
+    outs = [step.process(again[i:i + 10], now_s=T0 + 7400) for i in range(0, len(again), 10)]
+    assert first == 40 and sum(o.counts["replayed"] for o in outs) == len(again) > 0
+    assert sum(o.counts["late"] for o in outs) == 0  # counted the first time they were read
