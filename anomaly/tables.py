@@ -21,7 +21,8 @@ Timestamps may be:
 - numbers: epoch **seconds** or **milliseconds**, decided once per column by magnitude: if the
   largest absolute value is at least ``1e11`` the column is milliseconds (``1e11`` s would be the year
   5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept, to the microsecond.
-  Eight-digit whole numbers that read as dates (``20240131``) are refused, not read as 1970 seconds;
+  Whole numbers that read as dates (``20240131``, ``20240131123000``) are refused, not read as 1970
+  seconds or 2611 milliseconds;
 - already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC. A Parquet
   file's ``DatetimeIndex`` is its time, before any column; an index may be named like a column.
 
@@ -295,9 +296,10 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
         values = col.to_numpy(dtype=np.float64)
         finite = values[np.isfinite(values)]
         unit = "ms" if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD else "s"
-        if unit == "s" and _yyyymmdd(finite):
-            raise DataError(f"{where}: numbers like {int(finite[0])} look like YYYYMMDD dates, not epoch seconds "
-                            "(1970); write them as dates (2024-01-31) or RFC 3339")
+        if _yyyymmdd(finite):
+            raise DataError(f"{where}: numbers like {int(finite[0])} look like YYYYMMDD[hhmmss] dates, not epoch "
+                            f"{'seconds (1970)' if unit == 's' else 'milliseconds'}; write them as dates "
+                            "(2024-01-31 12:30:00) or RFC 3339")
         if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD * 1000:  # the year 5138 in ms
             raise DataError(f"{where}: epoch numbers up to {np.abs(finite).max():.6g} are neither seconds nor "
                             "milliseconds (micro- or nanoseconds?); write them as seconds, milliseconds or RFC 3339")
@@ -319,12 +321,16 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
 
 
 def _yyyymmdd(finite: np.ndarray) -> bool:
-    """Whether epoch "seconds" are all eight-digit whole numbers that read as dates (20240131): 1970-04 to
-    1973-03 as seconds, where no real table starts."""
-    if not finite.size or finite.min() < 1e7 or finite.max() >= 1e8 or (finite != np.floor(finite)).any():
+    """Whether epoch numbers are all whole numbers of eight digits that read as dates (20240131: 1970-04
+    to 1973-03 as seconds, where no real table starts) or of fourteen that read as date and time
+    (20240131123000: after 2286 as milliseconds)."""
+    if not finite.size or (finite != np.floor(finite)).any():
         return False
-    text = pd.Series(finite.astype(np.int64).astype(str))
-    return bool(pd.to_datetime(text, format="%Y%m%d", errors="coerce").notna().all())
+    for low, layout in ((1e7, "%Y%m%d"), (1e13, "%Y%m%d%H%M%S")):
+        if finite.min() >= low and finite.max() < low * 10:
+            text = pd.Series(finite.astype(np.int64).astype(str))
+            return bool(pd.to_datetime(text, format=layout, errors="coerce").notna().all())
+    return False
 
 
 def _not_readings(col: pd.Series, path: Path, name: str) -> bool:
@@ -349,8 +355,12 @@ _COMMA_HINT = "holds numbers written with a decimal comma or thousands separator
 
 
 def _comma_numbers(cells: pd.Series) -> pd.Series:
-    """Text cells read with ``,`` as the decimal point (NaN where that is no number either)."""
-    return pd.to_numeric(cells.astype(str).str.replace(",", ".", regex=False), errors="coerce")
+    """Text cells read as numbers written with a decimal comma (``5,12``; ``1.013,2`` with ``.`` grouping
+    thousands) or with ``,`` grouping thousands (``1,234,567``); NaN where neither reads."""
+    text = cells.astype(str)
+    european = pd.to_numeric(text.str.replace(".", "", regex=False).str.replace(",", ".", regex=False), errors="coerce")
+    grouped = pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce")
+    return european.where(european.notna(), grouped)
 
 
 def parse_label(value: Any) -> bool | None:

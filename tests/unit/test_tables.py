@@ -322,3 +322,17 @@ def test_yyyymmdd_numbers_are_not_read_as_epoch_seconds(tmp_path):
     path = _write(tmp_path, "d.csv", "date,x\n20240101,1\n20240102,2\n")
     with pytest.raises(DataError, match="YYYYMMDD"):
         read_table(path)
+
+
+@pytest.mark.parametrize("cells", [["1.013,2", "1.014,5"], ["1,234,567", "1,234,999"]])
+def test_european_and_grouped_numbers_are_refused_too(tmp_path, cells):
+    path = _write(tmp_path, "eu.csv", "ts;pressure;volt\n" + "".join(
+        f"2020-01-01 00:00:0{i};{c};230\n" for i, c in enumerate(cells)))
+    with pytest.raises(DataError, match=r"'pressure'.*decimal comma or thousands separator"):
+        read_table(path)
+
+
+def test_yyyymmddhhmmss_numbers_are_not_read_as_epoch_milliseconds(tmp_path):
+    path = _write(tmp_path, "d.csv", "date,x\n20240131123000,1\n20240131123001,2\n")
+    with pytest.raises(DataError, match="YYYYMMDD"):
+        read_table(path)
