@@ -84,14 +84,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)  # before the training
     d = settings.data
     grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
-            "max_missing_fraction": d.max_missing_fraction}
+            "max_missing_fraction": d.max_missing_fraction,
+            "outage_steps": settings.worker.max_fill_steps}  # the worker restarts its window after longer
     fleet: dict[str, Any] = {}
     truths: dict[str, Any] | None = None
     if args.data:  # a labelled file's anomalous rows (and retrain.exclude_margin_rows around them) do not train
         fleet, truths = _labelled_entity_tables(args.data, settings, d.sensors)
         source, dataset = str(args.data), "custom"
         grid["margin_rows"] = settings.retrain.exclude_margin_rows
-        grid["outage_steps"] = settings.worker.max_fill_steps  # the worker restarts its window after longer
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(args.dataset)
         fleet, source = _dataset_training_tables(args.dataset, data_dir, args.series)

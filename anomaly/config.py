@@ -122,11 +122,13 @@ class DataSettings:
     period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data", None)
     fill: str = doc("gap filling on the grid: ffill, linear, zero or none", "ffill")
     max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit when training and evaluating "
-                                      "(but `train --data` leaves a file's outages out: more than worker.max_fill_steps slots in a "
+                                      "(but training leaves a table's outages out: more than worker.max_fill_steps slots in a "
                                       "row with no reading from any sensor), "
                                       "worker.max_fill_steps when `anomaly score` scores a file and when retraining reads "
                                       "the stream's history (as the worker would)", None)
-    max_missing_fraction: float = doc("sensors missing more than this fraction of training slots are dropped", 0.5)
+    max_missing_fraction: float = doc("sensors missing more than this fraction of the training slots where some sensor "
+                                      "reported are dropped (an outage of every sensor is no sensor's fault; with one "
+                                      "sensor, only a sensor never observed)", 0.5)
     scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
     sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)
     timestamp_column: str | None = doc("timestamp column of input tables; empty = auto-detect", None)

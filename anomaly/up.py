@@ -536,7 +536,7 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
     d = settings.data
     prepared = prepare_fleet(tables, settings.model.window_size, settings.training.validation_fraction,
                              sensors=d.sensors, period_s=d.period_s, fill=d.fill, max_fill_steps=d.max_fill_steps,
-                             max_missing_fraction=d.max_missing_fraction)
+                             max_missing_fraction=d.max_missing_fraction, outage_steps=settings.worker.max_fill_steps)
     names = ", ".join(series.name for _, series in fleet)
     rows = sorted({len(table) for table in tables.values()})
     print(f"no champion in the registry yet: training one on the fleet's normal readings (SKAB {names}: "

@@ -75,7 +75,7 @@ def run(dataset: str, data_dir: Path, min_windows: int, progress: bool = True) -
     frames = {s.name: s.frame.iloc[: s.train_rows] for s in series}
     prepared = prepare_fleet(frames, settings.model.window_size, settings.training.validation_fraction,
                              sensors=d.sensors, period_s=d.period_s, fill=d.fill, max_fill_steps=d.max_fill_steps,
-                             max_missing_fraction=d.max_missing_fraction)
+                             max_missing_fraction=d.max_missing_fraction, outage_steps=settings.worker.max_fill_steps)
     started = time.perf_counter()
     detector, result, _ = fit(prepared, settings, progress=progress, progress_desc=f"{dataset} fleet")
     train_seconds = time.perf_counter() - started
