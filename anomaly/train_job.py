@@ -84,8 +84,8 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
         gaps=gaps, val_from_row=val_from_row)
     screened = detector.threshold.params.get("screened")
     if screened:
-        log.warning("%d validation windows scored more than %.4g (100 robust standard deviations above the median "
-                    "error: a glitch in the validation rows?) were left out of the threshold's tail fit",
+        log.warning("%d validation windows scored more than %.4g (over 100 robust standard deviations above the median "
+                    "error and 10 times every other: a glitch in the validation rows?) were left out of the threshold's tail fit",
                     int(screened), detector.threshold.params["screened_above"])
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
