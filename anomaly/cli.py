@@ -349,7 +349,8 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
     flagged spans with the sensors that drove each; held to the entity's own threshold where the model
     has one. A grid slot is anomalous when a labelled reading falls on it (the nearest slot, as
-    ``preparation.labels_on_grid`` places it); a slot no reading fell on counts as normal."""
+    ``preparation.labels_on_grid`` places it); a slot no reading fell on counts as normal, unless it lies
+    between two anomalous ones (inside a labelled fault)."""
     import numpy as np
     import pandas as pd
 

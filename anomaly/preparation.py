@@ -393,13 +393,24 @@ def _fleet_period(periods: Mapping[str, float]) -> float:
 def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,
                n_rows: int) -> np.ndarray:
     """Ground truth on the grid: a slot is anomalous when a labelled reading falls on it (nearest
-    slot, as the worker places readings). ``reading_ts`` and ``grid_start`` in epoch seconds."""
+    slot, as the worker places readings), and so is a slot no reading fell on between two anomalous
+    ones (a gap inside a labelled fault is the fault's: it does not split it in two). ``reading_ts``
+    and ``grid_start`` in epoch seconds."""
     out = np.zeros(n_rows, dtype=bool)
     if n_rows == 0:
         return out
-    ts = np.asarray(reading_ts, dtype=np.float64)[np.asarray(labels, dtype=bool)]
-    slots = np.floor((ts - grid_start) / period_s + 0.5).astype(np.int64)  # halves up, as the grids round
-    out[slots[(slots >= 0) & (slots < n_rows)]] = True
+    labels = np.asarray(labels, dtype=bool)
+    slots = np.floor((np.asarray(reading_ts, dtype=np.float64) - grid_start) / period_s + 0.5).astype(np.int64)
+    inside = (slots >= 0) & (slots < n_rows)  # halves up, as the grids round
+    out[slots[inside & labels]] = True
+    read = np.zeros(n_rows, dtype=bool)
+    read[slots[inside]] = True
+    if out.any() and not read.all():
+        at = np.arange(n_rows)
+        last = np.maximum.accumulate(np.where(read, at, -1))  # the slot of the latest reading at or before
+        following = np.minimum.accumulate(np.where(read, at, n_rows)[::-1])[::-1]  # the next one at or after
+        between = ~read & (last >= 0) & (following < n_rows)
+        out[between] = out[last[between]] & out[np.minimum(following[between], n_rows - 1)]
     return out
 
 

@@ -776,3 +776,14 @@ def test_a_skips_reason_says_readings_of_other_entities_are_not_of_retrain_entit
     assert "2 of 2 readings read do not carry exactly the champion's sensors (a, b: the worker dead-letters " \
            "others) or are not of " \
            "retrain.entities (pump-1)" in said  # "or are of retrain.entities" said the opposite
+
+
+def test_a_slot_no_reading_fell_on_inside_a_labelled_fault_is_labelled():
+    """Readings 2 s apart on a 1 s grid: the empty slots inside one labelled fault counted as normal, so
+    `score` reported one fault as many labelled events (SKAB valve1/1: 20 instead of 1)."""
+    from anomaly.preparation import label_rows
+
+    ts = np.arange(100.0, 120.0, 2.0)  # slots 0, 2, ..., 18
+    labels = (ts >= 104.0) & (ts <= 110.0)  # slots 4-10
+    out = label_rows(ts, labels, grid_start=100.0, period_s=1.0, n_rows=20)
+    assert np.flatnonzero(out).tolist() == list(range(4, 11))  # 5, 7, 9 inside; 3 and 11 outside
