@@ -21,8 +21,8 @@ Timestamps may be:
 - numbers: epoch **seconds** or **milliseconds**, decided once per column by magnitude: if the
   largest absolute value is at least ``1e11`` the column is milliseconds (``1e11`` s would be the year
   5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept, to the microsecond.
-  Whole numbers that read as dates (``20240131``, ``20240131123000``) are refused, not read as 1970
-  seconds or 2611 milliseconds;
+  Whole numbers that read as dates (``20240131``, ``202401311230``, ``20240131123000``) are refused,
+  not read as 1970 seconds or 1976 or 2611 milliseconds;
 - already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC. A Parquet
   file's ``DatetimeIndex`` is its time, before any column; an index may be named like a column.
 
@@ -322,11 +322,11 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
 
 def _yyyymmdd(finite: np.ndarray) -> bool:
     """Whether epoch numbers are all whole numbers of eight digits that read as dates (20240131: 1970-04
-    to 1973-03 as seconds, where no real table starts) or of fourteen that read as date and time
-    (20240131123000: after 2286 as milliseconds)."""
+    to 1973-03 as seconds, where no real table starts), or of twelve or fourteen that read as date and
+    time (202401311230: 1973-1976 as milliseconds; 20240131123000: after 2286)."""
     if not finite.size or (finite != np.floor(finite)).any():
         return False
-    for low, layout in ((1e7, "%Y%m%d"), (1e13, "%Y%m%d%H%M%S")):
+    for low, layout in ((1e7, "%Y%m%d"), (1e11, "%Y%m%d%H%M"), (1e13, "%Y%m%d%H%M%S")):
         if finite.min() >= low and finite.max() < low * 10:
             text = pd.Series(finite.astype(np.int64).astype(str))
             return bool(pd.to_datetime(text, format=layout, errors="coerce").notna().all())

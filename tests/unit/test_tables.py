@@ -332,7 +332,8 @@ def test_european_and_grouped_numbers_are_refused_too(tmp_path, cells):
         read_table(path)
 
 
-def test_yyyymmddhhmmss_numbers_are_not_read_as_epoch_milliseconds(tmp_path):
-    path = _write(tmp_path, "d.csv", "date,x\n20240131123000,1\n20240131123001,2\n")
+@pytest.mark.parametrize("stamps", [("20240131123000", "20240131123001"), ("202401311230", "202401311231")])
+def test_yyyymmddhhmm_numbers_are_not_read_as_epoch_milliseconds(tmp_path, stamps):
+    path = _write(tmp_path, "d.csv", f"date,x\n{stamps[0]},1\n{stamps[1]},2\n")
     with pytest.raises(DataError, match="YYYYMMDD"):
         read_table(path)
