@@ -170,7 +170,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     bar = _bar(len(series), f"evaluate {args.dataset}", not args.quiet)
-    result = protocols.run_protocol(args.dataset, series, settings, progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
+    begun: list[str] = []
+
+    def progress(name: str) -> None:  # told as a series begins: the one before it is done
+        if begun:
+            bar.update(1)
+        begun.append(name)
+        bar.set_postfix_str(name)
+
+    result = protocols.run_protocol(args.dataset, series, settings, progress=progress)
+    if begun:
+        bar.update(1)
     bar.close()
     report = protocols.markdown_report(result, settings)
     report_path.write_text(report, encoding="utf-8")

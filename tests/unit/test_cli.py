@@ -120,6 +120,43 @@ def test_evaluate_says_at_once_when_the_tracking_server_does_not_answer(tmp_path
     assert "does not answer" in capsys.readouterr().err and time.monotonic() - started < 10
 
 
+def test_evaluates_bar_counts_a_series_when_it_is_done_not_when_it_begins(tmp_path, monkeypatch):
+    """The bar stood at 1/1 (100 %) before the one series had trained."""
+    import anomaly.cli as cli
+    from anomaly import protocols
+    from tests.fixtures import need_dataset
+
+    data = need_dataset("skab")
+    seen: list[tuple[str, int]] = []
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+        def set_postfix_str(self, text):
+            pass
+
+        def close(self):
+            seen.append(("closed", self.n))
+
+    bar = Bar()
+    monkeypatch.setattr(cli, "_bar", lambda *a, **k: bar)
+
+    def protocol(dataset, series, settings, progress):
+        for s in series:
+            progress(s.name)
+            seen.append((s.name, bar.n))  # training and scoring of s happen here
+        raise SystemExit(0)
+
+    monkeypatch.setattr(protocols, "run_protocol", protocol)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--dataset", "skab", "--data-dir", str(data), "--series", "valve1/0,valve1/1",
+              "--no-track", "--quiet", "--report", str(tmp_path / "r.md")])
+    assert seen == [("valve1/0", 0), ("valve1/1", 1)]
+
+
 @pytest.mark.parametrize("alias, words", [("bad alias", "not usable"), ("latest", "reserved"), ("v2", "reserved"),
                                           ("1", "reserved")])  # score --model-alias 1 loads version 1
 def test_train_refuses_an_unusable_alias_before_training(alias, words, tmp_path, capsys):
