@@ -366,7 +366,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
-    from anomaly.preparation import first_readings, labels_on_grid
+    from anomaly.preparation import about, first_readings, labels_on_grid
     from anomaly.windowing import rows_from_windows
 
     spacing = sampling_mismatch(frame.index, detector.period_s,
@@ -378,9 +378,10 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
                     else "several readings fall on one slot and only one of them is scored")
     labelled_at = frame.index  # ground truth keeps every reading: a slot is anomalous if any labelled one fell on it
     frame = first_readings(frame, entity, doing="scored")
-    prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
-                               max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
-                               fill_values=detector.fill_values())
+    with about(entity):
+        prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
+                                   max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
+                                   fill_values=detector.fill_values())
     scored = detector.score_values(prepared.values)
     n, w = len(prepared.values), detector.window_size
     gap_windows = prepared.gap_windows(w)

@@ -6,8 +6,11 @@ instead of being trained on silently; the report travels with the run (MLflow) a
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import contextvars
 import dataclasses
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -19,6 +22,26 @@ from anomaly.grid import SensorIssue, run_lengths, sensor_quality, to_grid, usab
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
+
+# Whose data the warnings below are about ("entity pump-1"), and whether they are said at all (a fleet's
+# second pass over an entity would say them again): set by ``about``.
+_ABOUT: contextvars.ContextVar[tuple[str, bool]] = contextvars.ContextVar("preparation_about", default=("", False))
+
+
+@contextlib.contextmanager
+def about(who: str, quiet: bool = False) -> Iterator[None]:
+    """Within it, this module's warnings about the data name ``who`` (``quiet``: are not said)."""
+    token = _ABOUT.set((who, quiet))
+    try:
+        yield
+    finally:
+        _ABOUT.reset(token)
+
+
+def _warn(message: str, *args: object) -> None:
+    who, quiet = _ABOUT.get()
+    if not quiet:
+        log.warning("%s" + message, f"{who}: " if who else "", *args)
 
 
 @dataclass
@@ -79,7 +102,7 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
     keep = usable_sensors(grid.frame, issues)
     dropped = [s for s in grid.frame.columns if s not in keep]
     for issue in issues:
-        log.warning("sensor %s: %s (%s)%s", issue.sensor, issue.kind, issue.detail,
+        _warn("sensor %s: %s (%s)%s", issue.sensor, issue.kind, issue.detail,
                     " - left out" if issue.sensor in dropped else "")
     if not keep:
         said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
@@ -97,7 +120,7 @@ def _outages(missing: pd.DataFrame, steps: int | None) -> np.ndarray | None:
     outage = silent & (run_lengths(silent[:, None])[:, 0] > steps)
     if not outage.any():
         return None
-    log.warning("%d grid rows lie in outages (more than %d slots in a row with no reading from any sensor); windows "
+    _warn("%d grid rows lie in outages (more than %d slots in a row with no reading from any sensor); windows "
                 "touching them are left out, as the worker restarts its window after one", int(outage.sum()), steps)
     return outage
 
@@ -216,7 +239,7 @@ def _back_filled(missing: pd.DataFrame, fill: str) -> np.ndarray | None:
 def _late_rows(before: np.ndarray, sensors: Sequence[object]) -> np.ndarray:
     """Rows before some sensor's first reading (training leaves them out); says which sensors start late."""
     starts = {str(s): int(n) for s, n in zip(sensors, before.sum(axis=0)) if n}
-    log.warning("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
+    _warn("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
                 "left out of training, not back-filled from a later reading", starts)
     return before.any(axis=1)
 
@@ -277,7 +300,7 @@ def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, is
     if late is not None:
         gaps = gaps | late
     if gaps.any():
-        log.warning("%d of %d grid rows lie in gaps the fill policy does not bridge%s; windows touching them "
+        _warn("%d of %d grid rows lie in gaps the fill policy does not bridge%s; windows touching them "
                     "are left out", int(gaps.sum()), len(gaps),
                     "" if late is None else ", an outage, or before a sensor's first reading")
     return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
@@ -313,9 +336,10 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         prepared = None
         if len(frame) >= 2 * window_size:
             try:
-                prepared = prepare_training(frame, sensors=sensors, period_s=period_s, fill=fill,
-                                            max_fill_steps=max_fill_steps, max_missing_fraction=max_missing_fraction,
-                                            outage_steps=outage_steps)
+                with about(f"entity {entity}"):
+                    prepared = prepare_training(frame, sensors=sensors, period_s=period_s, fill=fill,
+                                                max_fill_steps=max_fill_steps,
+                                                max_missing_fraction=max_missing_fraction, outage_steps=outage_steps)
             except DataError as exc:  # one pump offline all along must not stop the fleet's model
                 unfit[entity] = str(exc)
                 log.warning("entity %s: %s; left out", entity, exc)
@@ -340,8 +364,11 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         where = [e for e, p in usable.items() if sensor not in p.sensors]
         log.warning("sensor %s: left out for the whole fleet (not fit to train on in %s)", sensor, ", ".join(where))
     common = period_s or _fleet_period({e: p.period_s for e, p in usable.items()})
-    grids = {e: prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
-                                late_as_gaps=True, outage_steps=outage_steps) for e in usable}
+    grids = {}
+    for e in usable:
+        with about(f"entity {e}", quiet=True):  # its gaps were said as it was screened
+            grids[e] = prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
+                                       late_as_gaps=True, outage_steps=outage_steps)
     if labels:
         grids = {e: leave_out_labelled(g, given[e].index, labels[e], margin_rows) if e in labels else g
                  for e, g in grids.items()}

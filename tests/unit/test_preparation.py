@@ -206,3 +206,15 @@ def test_sensors_on_rows_of_their_own_at_one_timestamp_are_merged_not_dropped(ca
     prepared = prepare_training(frame)
     assert prepared.sensors == ["a", "b", "c"] and len(prepared.values) == 200
     assert "repeat" not in caplog.text  # nothing was left out: each sensor's value is its reading's
+
+
+def test_a_fleets_warnings_name_their_entity_once(caplog):
+    """Each gap warning of a fleet came twice (screening, then gridding) and named no entity."""
+    frames = {}
+    for name in ("p1", "p2"):
+        frame = normal_frame(300, seed=len(name))
+        frame.iloc[100:120] = np.nan  # an outage longer than max_fill_steps
+        frames[name] = frame
+    prepare_fleet(frames, window_size=10, validation_fraction=0.2, max_fill_steps=3)
+    said = [r.getMessage() for r in caplog.records if "lie in gaps" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("entity p1: ") and said[1].startswith("entity p2: ")
