@@ -407,8 +407,10 @@ def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             comma = isinstance(col.iloc[row], str) and bool(_comma_numbers(col.iloc[row:row + 1]).notna().all())
+            ids = not comma and bad.sum() * 2 >= col.notna().sum()  # half text or more: names, not faulty readings
             raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})"
-                            + (f"; it {_COMMA_HINT}" if comma else ""))
+                            + (f"; it {_COMMA_HINT}" if comma else "")
+                            + ("; if it names assets, name it with data.entity_column" if ids else ""))
         values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)
     wild = too_large_to_score(values)  # ±inf, or too large to score (the worker dead-letters both)
     if wild.any():

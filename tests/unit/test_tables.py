@@ -337,3 +337,11 @@ def test_yyyymmddhhmm_numbers_are_not_read_as_epoch_milliseconds(tmp_path, stamp
     path = _write(tmp_path, "d.csv", f"date,x\n{stamps[0]},1\n{stamps[1]},2\n")
     with pytest.raises(DataError, match="YYYYMMDD"):
         read_table(path)
+
+
+def test_a_column_of_asset_ids_points_at_the_entity_column(tmp_path):
+    """Ids like pump-1 beside 007 made the column look mixed: "not numeric", with no word of data.entity_column."""
+    path = _write(tmp_path, "fleet.csv", "ts,asset,temp\n2020-01-01 00:00:00,pump-1,1\n2020-01-01 00:00:00,007,2\n"
+                                         "2020-01-01 00:00:01,pump-1,3\n2020-01-01 00:00:01,007,4\n")
+    with pytest.raises(DataError, match=r"'asset' is not numeric.*data\.entity_column"):
+        read_table(path)
