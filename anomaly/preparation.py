@@ -203,12 +203,13 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
         if before is not None:
             filled[before] = typical[before]
         if max_fill_steps is not None and not late_as_gaps and fill in _BACK_FILLED:
-            _fill_silent_sensors(filled, missing.to_numpy(dtype=bool), typical, max_fill_steps)
+            _fill_silent_sensors(filled, missing.to_numpy(dtype=bool), typical, max_fill_steps, list(missing.columns))
         values = pd.DataFrame(filled, index=values.index, columns=values.columns)
     return _finish(values, missing, grid.period, [], [], _either(late, _outages(missing, outage_steps)))
 
 
-def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.ndarray, max_fill_steps: int) -> None:
+def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.ndarray, max_fill_steps: int,
+                         sensors: Sequence[object] = ()) -> None:
     """In place: cells the grid left unfilled (a sensor's run of missing slots longer than
     ``max_fill_steps``) in slots where some sensor reported take the sensor's last value for
     ``max_fill_steps`` slots, then ``typical``, as the streaming worker fills a silent sensor."""
@@ -222,6 +223,11 @@ def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.nd
         return
     held = pd.DataFrame(np.where(missing, np.nan, filled)).ffill(limit=max_fill_steps).to_numpy()
     filled[patch] = np.where(np.isnan(held), typical, held)[patch]
+    stood_in = (patch & np.isnan(held)).sum(axis=0)
+    if stood_in.any():
+        _warn("sensors silent for more than %d slots while others report, their typical value standing in (as the "
+              "worker fills them; scores there rest on made-up values): %s", max_fill_steps,
+              {str(name): int(n) for name, n in zip(sensors, stood_in) if n})
 
 
 _BACK_FILLED = ("ffill", "linear")  # the grid's fill policies that back-fill a sensor's leading gap

@@ -112,7 +112,7 @@ def test_scoring_fills_a_sensor_before_its_first_reading_with_the_models_value()
     assert (prepare_scoring(frame, sensors).values[:100, sensors.index("flow")] == frame["flow"].iloc[100]).all()
 
 
-def test_scoring_fills_a_silent_sensor_as_the_worker_and_leaves_only_outages_unscored():
+def test_scoring_fills_a_silent_sensor_as_the_worker_and_leaves_only_outages_unscored(caplog):
     from anomaly.preparation import prepare_scoring
 
     frame = normal_frame(200)
@@ -127,6 +127,7 @@ def test_scoring_fills_a_silent_sensor_as_the_worker_and_leaves_only_outages_uns
     values = prepared.values[:, flow]
     assert (values[60:65] == frame["flow"].iloc[59]).all()  # its last value for max_fill_steps slots
     assert (values[65:80] == -123.0).all()  # then its typical one, as the worker fills it
+    assert "typical value standing in" in caplog.text and "'flow': 15" in caplog.text  # and said (it was silent)
     expected = np.zeros(len(prepared.values), dtype=bool)
     expected[120:140] = True  # only the outage longer than max_fill_steps is a gap
     np.testing.assert_array_equal(prepared.gaps, expected)
