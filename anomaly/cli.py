@@ -335,25 +335,6 @@ class _ScoredTable:
     expected: Any
 
 
-SAMPLING_TOLERANCE = 0.25  # a file's median spacing this far (relative) from the model's period is said
-
-
-def sampling_mismatch(index: Any, period_s: float | None, frame: Any = None) -> float | None:
-    """The sampling period of readings at ``index`` (``grid.infer_period``, of their sensor columns
-    ``frame`` where given: a sensor per row is read as the grid reads it) when it differs from
-    ``period_s`` by more than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two
-    distinct timestamps)."""
-    from anomaly.grid import infer_period
-
-    if not period_s:
-        return None
-    try:
-        spacing = infer_period(index, frame).total_seconds()
-    except DataError:  # fewer than two distinct timestamps: nothing to compare
-        return None
-    return spacing if abs(spacing - period_s) > SAMPLING_TOLERANCE * period_s else None
-
-
 def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: Any = None) -> _ScoredTable:
     """One entity's readings scored: row-level scores (``ts``, ``score``, ``threshold``, ``is_anomaly``,
     ``top_sensor``, and ``label`` when ``truth`` holds the frame's ground truth row for row) and the
@@ -366,6 +347,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
 
     from anomaly.evaluation import label_events
     from anomaly.preparation import prepare_scoring
+    from anomaly.grid import sampling_mismatch
     from anomaly.preparation import about, first_readings, labels_on_grid
     from anomaly.windowing import rows_from_windows
 

@@ -240,3 +240,19 @@ def run_lengths(mask: np.ndarray) -> np.ndarray:
         run = np.cumsum(edges[:-1] == 1) - 1  # index of the latest run started at or before each row
         out[:, j] = np.where(col, (ends - starts)[np.maximum(run, 0)], 0)
     return out
+
+
+SAMPLING_TOLERANCE = 0.25  # readings' median spacing this far (relative) from a grid's period is said
+
+
+def sampling_mismatch(index: pd.DatetimeIndex, period_s: float | None, frame: pd.DataFrame | None = None) -> float | None:
+    """The sampling period of readings at ``index`` (``infer_period``, of their sensor columns ``frame``
+    where given: a sensor per row is read as the grid reads it) when it differs from ``period_s`` by
+    more than ``SAMPLING_TOLERANCE`` of it, else None (also with fewer than two distinct timestamps)."""
+    if not period_s:
+        return None
+    try:
+        spacing = infer_period(index, frame).total_seconds()
+    except DataError:  # fewer than two distinct timestamps: nothing to compare
+        return None
+    return spacing if abs(spacing - period_s) > SAMPLING_TOLERANCE * period_s else None

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
-from anomaly.grid import SensorIssue, run_lengths, sensor_quality, to_grid, usable_sensors
+from anomaly.grid import SensorIssue, run_lengths, sampling_mismatch, sensor_quality, to_grid, usable_sensors
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
                       max_fill_steps: int | None, max_missing_fraction: float, outage_steps: int | None) -> Prepared:
     frame = _select(first_readings(frame), sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
+    spacing = sampling_mismatch(frame.index, period_s, frame)
+    if spacing is not None:
+        _warn("readings are %g s apart (median) where data.period_s is %g s: %s", spacing, period_s,
+              "slots between readings are filled, not read" if spacing > period_s
+              else "several readings fall on one slot and only one of them trains")
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
     issues = sensor_quality(grid.frame, grid.missing, max_missing_fraction=max_missing_fraction)
     keep = usable_sensors(grid.frame, issues)

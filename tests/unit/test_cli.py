@@ -467,7 +467,7 @@ def test_a_file_sampled_otherwise_than_the_model_is_said():
     import numpy as np
     import pandas as pd
 
-    from anomaly.cli import sampling_mismatch
+    from anomaly.grid import sampling_mismatch
 
     index = pd.date_range("2026-01-01", periods=50, freq="2s", tz="UTC")
     assert sampling_mismatch(index, 1.0) == 2.0 and sampling_mismatch(index, 4.0) == 2.0

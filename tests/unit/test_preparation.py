@@ -219,3 +219,13 @@ def test_a_fleets_warnings_name_their_entity_once(caplog):
     prepare_fleet(frames, window_size=10, validation_fraction=0.2, max_fill_steps=3)
     said = [r.getMessage() for r in caplog.records if "lie in gaps" in r.getMessage()]
     assert len(said) == 2 and said[0].startswith("entity p1: ") and said[1].startswith("entity p2: ")
+
+
+def test_training_on_a_grid_finer_than_the_readings_says_so(caplog):
+    """data.period_s = 0.1 on 1 s readings failed with "need at least 4 windows ... set a smaller
+    model.window_size", with no word of the grid."""
+    prepare_training(normal_frame(100), period_s=0.1, max_fill_steps=20)
+    assert "readings are 1 s apart (median) where data.period_s is 0.1 s" in caplog.text
+    caplog.clear()
+    prepare_training(normal_frame(100), period_s=1.0)
+    assert "apart (median)" not in caplog.text
