@@ -197,7 +197,8 @@ class TrainingSettings:
     stride: int = doc("rows between consecutive training windows", 1)
     seed: int = doc("random seed (python, numpy, torch)", 0)
     device: str = doc("auto (CUDA when present), cpu, cuda or cuda:N", "auto")
-    mixed_precision: bool = doc("bf16 autocast when training on CUDA", True)
+    mixed_precision: bool = doc("bf16 autocast when training on CUDA (cuDNN runs the LSTM itself in float16 "
+                                "there, so the loss is scaled: torch.amp.GradScaler)", True)
     fast: bool = doc("fast path: a larger batch (up to 1024; on CPU also batch x window x hidden <= 2^18, so 512 for "
                      "the default network and 128 for W 32 / hidden 64; never more than an eighth of the training "
                      "windows) with a sqrt learning-rate rule and warm-up, bf16 where native; much faster, results "

@@ -210,14 +210,22 @@ MIN_STREAM_WINDOWS = 32  # fewest windows in one thread's part of a CPU training
 
 
 def _loss_backward(model: nn.Module, batch: torch.Tensor, batch_total: int, device: torch.device,
-                   bf16: bool) -> torch.Tensor:
+                   bf16: bool, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Backward pass of ``batch``'s share of the mean squared error over ``batch_total`` windows (a
-    whole batch, or one thread's part of it); that share, detached. Autocast is per thread: entered here."""
+    whole batch, or one thread's part of it); that share, detached. Autocast is per thread: entered here.
+    ``scaler``: the loss is scaled before the backward pass (``grad_scaler``)."""
     with _autocast(device, bf16):
         recon = model(network_input(batch, device, "bf16" if bf16 else "fp32")).float()
         loss = torch.mean((recon - batch) ** 2) * (len(batch) / batch_total)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return loss.detach()
+
+
+def grad_scaler(device: torch.device, bf16: bool) -> torch.amp.GradScaler:
+    """The loss scaler of a training step: on under CUDA autocast, where the cuDNN LSTM runs in float16
+    whatever dtype autocast was given (aten/src/ATen/cudnn/AutocastRNN.cpp; ``scoring.network_input``),
+    so small gradients would underflow to 0 unscaled; off elsewhere (a pass-through: the same step)."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and bf16)
 
 
 def _part_gradients(model: nn.Module, part: torch.Tensor, batch_total: int, device: torch.device,
@@ -349,7 +357,9 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
     best_loss, best_epoch, best_state, waited, step = math.inf, 0, copy.deepcopy(model.state_dict()), 0, 0
     # Parts side by side would draw dropout masks in thread order: a model with dropout runs one stream,
     # so its seed reproduces it (see the module docstring).
-    streams = 1 if model_config.dropout > 0 else cpu_streams(device, config.batch_size, MIN_STREAM_WINDOWS)
+    scaler = grad_scaler(device, bf16)
+    streams = 1 if model_config.dropout > 0 or scaler.is_enabled() else cpu_streams(device, config.batch_size,
+                                                                                     MIN_STREAM_WINDOWS)
     pool = ThreadPoolExecutor(streams, thread_name_prefix="anomaly-train-cpu") if streams > 1 else None
     bar = _progress(config.epochs, progress_desc, config.progress)
     try:
@@ -370,10 +380,12 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
                     if pool:
                         loss = _split_backward(model, batch, streams, pool, device, bf16)
                     else:
-                        loss = _loss_backward(model, batch, len(batch), device, bf16)
+                        loss = _loss_backward(model, batch, len(batch), device, bf16, scaler)
                     if config.grad_clip > 0:
+                        scaler.unscale_(optimiser)  # clip the true gradients (a no-op when the scaler is off)
                         nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimiser.step()
+                    scaler.step(optimiser)  # skipped where a scaled gradient overflowed (the scale then drops)
+                    scaler.update()
                     running += loss * len(batch)  # stays on the device: no sync per batch
                     seen += len(batch)
                     step += 1

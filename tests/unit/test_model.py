@@ -182,3 +182,20 @@ def test_windows_touching_a_gap_are_left_out_without_copying_the_windows():
         windows[kept], cfg, train, starts=np.flatnonzero(kept))
     assert gathered.val_index is not None and gathered.best_val_loss == copied.best_val_loss
     assert np.array_equal(gathered.val_windows[gathered.val_index], copied.val_windows)
+
+
+def test_a_scaled_loss_trains_to_the_same_weights(monkeypatch):
+    """Under CUDA autocast the LSTM runs in float16 and its gradients are scaled (``grad_scaler``); the
+    scaling is by powers of two and undone before clipping and stepping, so in float32 it changes
+    nothing. Forced on here, on CPU, to check the plumbing (unscaled before the clip, stepped by the scaler)."""
+    import anomaly.training as training
+
+    rng = np.random.default_rng(0)
+    windows = make_windows(rng.normal(size=(300, 2)).astype(np.float32), 8)
+    cfg = ModelConfig(n_features=2, window_size=8, hidden_size=8, latent_size=2)
+    train = TrainConfig(epochs=2, batch_size=32, device="cpu", progress=False, seed=1, grad_clip=0.05)
+    plain = train_autoencoder(windows, cfg, train)
+    monkeypatch.setattr(training, "grad_scaler", lambda device, bf16: torch.amp.GradScaler("cpu", enabled=True))
+    scaled = train_autoencoder(windows, cfg, train)
+    for name, value in plain.model.state_dict().items():
+        assert torch.allclose(value, scaled.model.state_dict()[name], atol=1e-6), name
