@@ -496,19 +496,20 @@ class ScoringStep:
                     key_size=0 if key is None else len(key), dropped_key_size=dropped)))
                 out.dead_letter_reasons.append(reason)
         counts["dead_letters"] = len(out.dead_letters)
+        idle_s = self._idle_s()
+        behind: list[str] = []  # entities of readings stamped so far behind their partition that they are late
+        late = None
+        if len(decoded.index) and idle_s is not None:  # before the foreign stamps move the clocks: in arrival order
+            late = _behind(decoded, stream_of, store, idle_s + store.policy.period_s)
         if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition
             where, stamps = zip(*decoded.foreign)
             store.observe(np.asarray(stamps, dtype=np.float64), stream_of[list(where)])
-        idle_s = self._idle_s()
-        behind: list[str] = []  # entities of readings stamped so far behind their partition that they are late
-        if len(decoded.index) and idle_s is not None:
-            late = _behind(decoded.ts, stream_of[decoded.index], store, idle_s + store.policy.period_s)
-            if late is not None:
-                fresh = late if replayed is None else late & ~replayed[decoded.index]  # counted the first time
-                behind = [decoded.entities[j] for j in np.flatnonzero(fresh).tolist()]
-                keep = np.flatnonzero(~late)
-                decoded = replace(decoded, index=decoded.index[keep], entities=[decoded.entities[j] for j in keep.tolist()],
-                                  ts=decoded.ts[keep], values=decoded.values[keep])
+        if late is not None:
+            fresh = late if replayed is None else late & ~replayed[decoded.index]  # counted the first time
+            behind = [decoded.entities[j] for j in np.flatnonzero(fresh).tolist()]
+            keep = np.flatnonzero(~late)
+            decoded = replace(decoded, index=decoded.index[keep], entities=[decoded.entities[j] for j in keep.tolist()],
+                              ts=decoded.ts[keep], values=decoded.values[keep])
         if len(decoded.index):
             index, entities, ts, values = decoded.index, decoded.entities, decoded.ts, decoded.values
             offsets_of = np.asarray(offsets, dtype=np.int64)
@@ -870,27 +871,35 @@ class _Hold:
 UNALIGNED_NAMES_MAX = 10_000  # entities missing the stride slots kept for the next warning
 
 
-def _behind(ts: np.ndarray, streams: np.ndarray, store: WindowStore, limit_s: float) -> np.ndarray | None:
-    """(n,) readings stamped more than ``limit_s`` behind their partition's newest reading as they arrive
-    (the partition's stream time before the batch, then the batch's readings before them): their entity
-    would be evicted as idle, but a poll bringing a window of them would have scored it first. None: none."""
-    if not len(ts):
+def _behind(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, limit_s: float) -> np.ndarray | None:
+    """(n,) of ``decoded``'s readings, those stamped more than ``limit_s`` behind their partition's newest
+    as they arrive (the partition's stream time before the batch, then the batch's readings before them,
+    those of another sensor set too, which count as stream time): their entity would be evicted as idle,
+    but a poll bringing a window of them would have scored it first. None: none."""
+    n = len(decoded.index)
+    if not n:
         return None
+    positions, ts = decoded.index, decoded.ts
+    if decoded.foreign:
+        where, stamps = zip(*decoded.foreign)
+        positions = np.r_[positions, np.asarray(where, dtype=np.int64)]
+        ts = np.r_[ts, np.asarray(stamps, dtype=np.float64)]
+    streams = stream_of[positions]
     ids = np.unique(streams).tolist()
     clocks = [t for p in ids if (t := store.stream_time(int(p))) is not None]
-    if ts.min() >= max([float(ts.max()), *clocks]) - limit_s:  # no reading that far behind any newest: the usual poll
+    if decoded.ts.min() >= max([float(ts.max()), *clocks]) - limit_s:  # none that far behind: the usual poll
         return None
     out: np.ndarray | None = None
-    order = np.argsort(streams, kind="stable")  # each partition's readings together, in arrival order
+    order = np.lexsort((positions, streams))  # each partition's readings together, in arrival order
     bounds = np.flatnonzero(np.diff(streams[order])) + 1
     for where in np.split(order, bounds):
         stamps = ts[where]
         before = store.stream_time(int(streams[where[0]]))
         newest = np.maximum.accumulate(np.r_[-np.inf if before is None else before, stamps])[:-1]
-        late = newest - stamps > limit_s
+        late = (newest - stamps > limit_s) & (where < n)  # only the readings are judged
         if late.any():
             if out is None:
-                out = np.zeros(len(ts), dtype=bool)
+                out = np.zeros(n, dtype=bool)
             out[where[late]] = True
     return out
 

@@ -1131,3 +1131,22 @@ def test_readings_read_again_after_a_swap_are_not_counted_late_twice() -> None:
     outs = [step.process(again[i:i + 10], now_s=T0 + 7400) for i in range(0, len(again), 10)]
     assert first == 40 and sum(o.counts["replayed"] for o in outs) == len(again) > 0
     assert sum(o.counts["late"] for o in outs) == 0  # counted the first time they were read
+
+
+def test_readings_before_another_sensor_sets_later_stamps_in_one_poll_are_not_behind() -> None:
+    """A poll held a pump's readings, then its readings of another sensor set stamped 100 minutes later
+    (dead letters whose time counts): their stamps moved the clock before the readings were judged, and
+    every reading was dropped as far behind (no event; the worker's integration test caught it)."""
+    step = step_for(FakeModel(window_size=4))
+    batch = []
+    for slot in range(60):
+        values = dict(zip(SENSORS, CENTRE))
+        if slot >= 30:
+            values["pressure"] += 5.0
+        batch.append(reading_record("pump", slot, slot, values=values))
+    for k in range(1, 11):
+        raw = encode_reading(Reading("pump", T0 + 60 + 600 * k, {"a": 1.0, "b": 1.0}))
+        batch.append(InputRecord(TOPIC, 0, 59 + k, b"pump", raw, None))
+    out = step.process(batch, now_s=T0 + 7000)
+    assert out.counts["late"] == 0 and out.counts["dead_letters"] == 10
+    assert [decode_event(v)["status"] for _, v in out.events][:1] == ["open"]
