@@ -357,10 +357,12 @@ _COMMA_HINT = "holds numbers written with a decimal comma or thousands separator
 def _comma_numbers(cells: pd.Series) -> pd.Series:
     """Text cells read as numbers written with a decimal comma (``5,12``; ``1.013,2`` with ``.`` grouping
     thousands) or with ``,`` grouping thousands (``1,234,567``); NaN where neither reads."""
-    text = cells.astype(str)
-    european = pd.to_numeric(text.str.replace(".", "", regex=False).str.replace(",", ".", regex=False), errors="coerce")
-    grouped = pd.to_numeric(text.str.replace(",", "", regex=False), errors="coerce")
-    return european.where(european.notna(), grouped)
+    text = cells.astype(str).str.strip()
+    european = text.where(text.str.fullmatch(r"[-+]?(\d{1,3}(\.\d{3})+|\d+),\d+"))
+    grouped = text.where(text.str.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?"))
+    european = pd.to_numeric(european.str.replace(".", "", regex=False).str.replace(",", ".", regex=False),
+                             errors="coerce")
+    return european.where(european.notna(), pd.to_numeric(grouped.str.replace(",", "", regex=False), errors="coerce"))
 
 
 def parse_label(value: Any) -> bool | None:
@@ -380,8 +382,8 @@ def _label_values(col: pd.Series, path: Path, name: str) -> np.ndarray:
     """A ground-truth column as float64: numbers as they are, text as ``parse_label`` reads it (1.0/0.0),
     blank NaN; other text is refused by ``_numeric``, naming the cell."""
     if ptypes.is_bool_dtype(col.dtype) or ptypes.is_numeric_dtype(col.dtype) or not _any_text(col):
-        return _numeric(col, path, name)
-    return _numeric(col.map(lambda v: _label_word(v) if isinstance(v, str) else v), path, name)
+        return _numeric(col, path, name, ids_hint=False)
+    return _numeric(col.map(lambda v: _label_word(v) if isinstance(v, str) else v), path, name, ids_hint=False)
 
 
 def _label_word(text: str) -> float | str:
@@ -395,8 +397,9 @@ def _any_text(col: pd.Series) -> bool:
     return bool(col.map(lambda v: isinstance(v, str)).any())
 
 
-def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
-    """``col`` as float64, or ``DataError`` naming the column and its first non-number."""
+def _numeric(col: pd.Series, path: Path, name: str, ids_hint: bool = True) -> np.ndarray:
+    """``col`` as float64, or ``DataError`` naming the column and its first non-number (``ids_hint``: and,
+    for a column half text or more, that asset ids go in the entity column; not for ground truth)."""
     if ptypes.is_bool_dtype(col.dtype) or ptypes.is_numeric_dtype(col.dtype):
         values = col.to_numpy(dtype=np.float64, na_value=np.nan)
     else:
@@ -407,7 +410,7 @@ def _numeric(col: pd.Series, path: Path, name: str) -> np.ndarray:
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             comma = isinstance(col.iloc[row], str) and bool(_comma_numbers(col.iloc[row:row + 1]).notna().all())
-            ids = not comma and bad.sum() * 2 >= col.notna().sum()  # half text or more: names, not faulty readings
+            ids = ids_hint and not comma and bad.sum() * 2 >= col.notna().sum()  # half text or more: names, not faulty readings
             raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})"
                             + (f"; it {_COMMA_HINT}" if comma else "")
                             + ("; if it names assets, name it with data.entity_column" if ids else ""))

@@ -345,3 +345,19 @@ def test_a_column_of_asset_ids_points_at_the_entity_column(tmp_path):
                                          "2020-01-01 00:00:01,pump-1,3\n2020-01-01 00:00:01,007,4\n")
     with pytest.raises(DataError, match=r"'asset' is not numeric.*data\.entity_column"):
         read_table(path)
+
+
+def test_addresses_versions_and_dotted_dates_are_text_not_comma_numbers(tmp_path, caplog):
+    """Stripping every dot made 10.0.0.1, 1.2.3 and 31.01.2024 read as numbers with a decimal comma:
+    the whole file was refused where the column used to be left out as text."""
+    path = _write(tmp_path, "t.csv", "ts,ip,firmware,date_de,temp\n"
+                                     "2020-01-01 00:00:00,10.0.0.1,1.2.3,31.01.2024,1.5\n"
+                                     "2020-01-01 00:00:01,10.0.0.2,1.2.4,01.02.2024,1.6\n")
+    assert list(read_table(path).columns) == ["temp"]
+
+
+def test_a_label_column_of_words_is_not_taken_for_asset_ids(tmp_path):
+    path = _write(tmp_path, "l.csv", "ts,x,label\n2020-01-01 00:00:00,1,normal\n2020-01-01 00:00:01,2,fault\n")
+    with pytest.raises(DataError, match="'label'") as err:
+        read_table(path)
+    assert "entity_column" not in str(err.value)
