@@ -429,11 +429,12 @@ def _fleet_period(periods: Mapping[str, float]) -> float:
 
 
 def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, period_s: float,
-               n_rows: int) -> np.ndarray:
+               n_rows: int, gaps: np.ndarray | None = None) -> np.ndarray:
     """Ground truth on the grid: a slot is anomalous when a labelled reading falls on it (nearest
     slot, as the worker places readings), and so is a slot no reading fell on between two anomalous
-    ones (a gap inside a labelled fault is the fault's: it does not split it in two). ``reading_ts``
-    and ``grid_start`` in epoch seconds."""
+    ones (a gap inside a labelled fault is the fault's: it does not split it in two), unless ``gaps``
+    (T,) marks it as a gap the grid does not bridge (an outage: unscored, it is no part of an event).
+    ``reading_ts`` and ``grid_start`` in epoch seconds."""
     out = np.zeros(n_rows, dtype=bool)
     if n_rows == 0:
         return out
@@ -448,6 +449,8 @@ def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, pe
         last = np.maximum.accumulate(np.where(read, at, -1))  # the slot of the latest reading at or before
         following = np.minimum.accumulate(np.where(read, at, n_rows)[::-1])[::-1]  # the next one at or after
         between = ~read & (last >= 0) & (following < n_rows)
+        if gaps is not None:
+            between &= ~np.asarray(gaps, dtype=bool)
         out[between] = out[last[between]] & out[np.minimum(following[between], n_rows - 1)]
     return out
 
@@ -459,7 +462,7 @@ def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Prepar
     if n == 0:
         return np.zeros(0, dtype=bool)
     return label_rows(epoch_seconds(index), np.asarray(labels, dtype=bool), prepared.timestamps[0].timestamp(),
-                      float(prepared.period_s), n)
+                      float(prepared.period_s), n, prepared.gaps)
 
 
 def epoch_seconds(index: pd.DatetimeIndex) -> np.ndarray:

@@ -787,3 +787,14 @@ def test_a_slot_no_reading_fell_on_inside_a_labelled_fault_is_labelled():
     labels = (ts >= 104.0) & (ts <= 110.0)  # slots 4-10
     out = label_rows(ts, labels, grid_start=100.0, period_s=1.0, n_rows=20)
     assert np.flatnonzero(out).tolist() == list(range(4, 11))  # 5, 7, 9 inside; 3 and 11 outside
+
+
+def test_an_outage_between_two_labelled_faults_is_not_labelled():
+    """Two faults either side of a 1000 s outage became one labelled event with 1000 unscorable rows."""
+    from anomaly.preparation import label_rows
+
+    ts = np.r_[np.arange(100.0, 110.0), np.arange(1110.0, 1120.0)]
+    gaps = np.zeros(1020, dtype=bool)
+    gaps[10:1010] = True
+    out = label_rows(ts, np.ones(20, dtype=bool), grid_start=100.0, period_s=1.0, n_rows=1020, gaps=gaps)
+    assert out.sum() == 20 and not out[10:1010].any()
