@@ -207,6 +207,10 @@ def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float
         typical = np.broadcast_to(np.asarray(fill_values, dtype=np.float64), filled.shape)
         if before is not None:
             filled[before] = typical[before]
+            if not late_as_gaps:
+                _warn("sensors silent from the start, their typical value standing in until their first reading "
+                      "(as the worker fills them; scores there rest on made-up values), slots: %s",
+                      {str(name): int(k) for name, k in zip(missing.columns, before.sum(axis=0)) if k})
         if max_fill_steps is not None and not late_as_gaps and fill in _BACK_FILLED:
             _fill_silent_sensors(filled, missing.to_numpy(dtype=bool), typical, max_fill_steps, list(missing.columns))
         values = pd.DataFrame(filled, index=values.index, columns=values.columns)
@@ -377,7 +381,8 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     common = period_s or _fleet_period({e: p.period_s for e, p in usable.items()})
     grids = {}
     for e in usable:
-        with about(f"entity {e}", quiet=True):  # its gaps were said as it was screened
+        # its gaps were said as it was screened, on its own period: again where the shared one differs
+        with about(f"entity {e}", quiet=usable[e].period_s == common):
             grids[e] = prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
                                        late_as_gaps=True, outage_steps=outage_steps)
     if labels:

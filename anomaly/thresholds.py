@@ -314,9 +314,11 @@ def _screen_gross(e: np.ndarray) -> tuple[np.ndarray, int, float]:
     """``e`` without a glitch's errors (the windows of one wild reading in the validation rows: a tail
     fitted through them put the threshold thousands of times higher, a model that never alarms), how
     many went and the cut. A glitch's errors stand apart: all more than ``GROSS_MADS`` robust standard
-    deviations above the median, and more than ``GROSS_GAP`` times every other error (a heavy tail rises
-    without such a gap, and keeps every error). All of ``e`` when none goes, when its spread is zero, or
-    when too few would be left to fit."""
+    deviations above the median, and more than ``GROSS_GAP`` times every other error (a heavy tail mostly
+    rises without such a gap; a Pareto tail of index 1-1.5 has one at its top now and then, 4-11 % of
+    draws of 5,000, and loses those errors). A glitch whose windows taper off smoothly has no such gap
+    and is fitted whole, as before. All of ``e`` when none goes, when its spread is zero, or when too few
+    would be left to fit."""
     median = float(np.median(e))
     spread = 1.4826 * float(np.median(np.abs(e - median)))
     if spread <= 0.0 or not math.isfinite(spread):

@@ -229,3 +229,21 @@ def test_training_on_a_grid_finer_than_the_readings_says_so(caplog):
     caplog.clear()
     prepare_training(normal_frame(100), period_s=1.0)
     assert "apart (median)" not in caplog.text
+
+
+def test_scoring_says_which_sensors_are_silent_from_the_start(caplog):
+    from anomaly.preparation import prepare_scoring
+
+    frame = normal_frame(100)
+    frame.iloc[:40, 0] = np.nan
+    prepare_scoring(frame, list(frame.columns), max_fill_steps=5, fill_values=[0.0, 0.0, 0.0])
+    assert "silent from the start" in caplog.text and f"'{frame.columns[0]}': 40" in caplog.text
+
+
+def test_a_fleet_entity_on_another_period_than_the_shared_grid_has_its_gaps_said(caplog):
+    fast = [normal_frame(600, seed=i) for i in (1, 2)]
+    slow = normal_frame(600, seed=3)
+    slow.index = pd.date_range("2026-01-01", periods=600, freq="5s", tz="UTC", name="ts")
+    prepare_fleet({"e1": fast[0], "e2": fast[1], "e3": slow}, window_size=10, validation_fraction=0.2,
+                  max_fill_steps=2)
+    assert any(r.getMessage().startswith("entity e3: ") and "lie in gaps" in r.getMessage() for r in caplog.records)
