@@ -346,21 +346,14 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
     import pandas as pd
 
     from anomaly.evaluation import label_events
-    from anomaly.preparation import prepare_scoring
-    from anomaly.grid import sampling_mismatch
-    from anomaly.preparation import about, first_readings, labels_on_grid
+    from anomaly.preparation import about, first_readings, labels_on_grid, prepare_scoring, say_spacing
     from anomaly.windowing import rows_from_windows
 
-    spacing = sampling_mismatch(frame.index, detector.period_s,
-                                frame[[s for s in detector.sensors if s in frame.columns]])
-    if spacing is not None:
-        log.warning("%sreadings are %g s apart (median) where the model's grid is %g s: %s",
-                    f"{entity}: ", spacing, detector.period_s,
-                    "slots between readings are filled, not read" if spacing > detector.period_s
-                    else "several readings fall on one slot and only one of them is scored")
     labelled_at = frame.index  # ground truth keeps every reading: a slot is anomalous if any labelled one fell on it
-    frame = first_readings(frame, entity, doing="scored")
     with about(entity):
+        say_spacing(frame[[s for s in detector.sensors if s in frame.columns]], detector.period_s,
+                    "the model's grid", "is scored")
+        frame = first_readings(frame, doing="scored")
         prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                    max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
                                    fill_values=detector.fill_values())

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
-from anomaly.grid import SensorIssue, run_lengths, sampling_mismatch, sensor_quality, to_grid, usable_sensors
+from anomaly.grid import (SAMPLING_TOLERANCE, SensorIssue, run_lengths, sampling_mismatch, sensor_quality, to_grid,
+                          usable_sensors)
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -97,24 +98,30 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
                       max_fill_steps: int | None, max_missing_fraction: float, outage_steps: int | None) -> Prepared:
     frame = _select(first_readings(frame), sensors)
     period = pd.Timedelta(seconds=period_s) if period_s else None
-    spacing = sampling_mismatch(frame.index, period_s, frame)
-    if spacing is not None:
-        _warn("readings are %g s apart (median) where data.period_s is %g s: %s", spacing, period_s,
-              "slots between readings are filled, not read" if spacing > period_s
-              else "several readings fall on one slot and only one of them trains")
+    say_spacing(frame, period_s, "data.period_s", "trains")
     grid = to_grid(frame, period=period, fill=fill, max_fill_steps=max_fill_steps)
     issues = sensor_quality(grid.frame, grid.missing, max_missing_fraction=max_missing_fraction)
     keep = usable_sensors(grid.frame, issues)
     dropped = [s for s in grid.frame.columns if s not in keep]
     for issue in issues:
         _warn("sensor %s: %s (%s)%s", issue.sensor, issue.kind, issue.detail,
-                    " - left out" if issue.sensor in dropped else "")
+              " - left out" if issue.sensor in dropped else "")
     if not keep:
         said = "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues)
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
     before = _back_filled(grid.missing[keep], fill)
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
                    _either(None if before is None else _late_rows(before, keep), _outages(grid.missing, outage_steps)))
+
+
+def say_spacing(frame: pd.DataFrame, period_s: float | None, grid: str, doing: str) -> None:
+    """Warn where ``frame``'s readings (its sensor columns) are spaced more than ``SAMPLING_TOLERANCE`` off
+    the grid's ``period_s`` (``grid`` names it; ``doing``: what happens to the one reading of a slot)."""
+    spacing = sampling_mismatch(frame.index, period_s, frame)
+    if spacing is not None:
+        _warn("readings are %g s apart (median) where %s is %g s: %s", spacing, grid, period_s,
+              "slots between readings are filled, not read" if spacing > period_s
+              else f"several readings fall on one slot and only one of them {doing}")
 
 
 def _outages(missing: pd.DataFrame, steps: int | None) -> np.ndarray | None:
@@ -126,7 +133,7 @@ def _outages(missing: pd.DataFrame, steps: int | None) -> np.ndarray | None:
     if not outage.any():
         return None
     _warn("%d grid rows lie in outages (more than %d slots in a row with no reading from any sensor); windows "
-                "touching them are left out, as the worker restarts its window after one", int(outage.sum()), steps)
+          "touching them are left out, as the worker restarts its window after one", int(outage.sum()), steps)
     return outage
 
 
@@ -137,13 +144,13 @@ def _either(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
 MANY_REPEATS = 0.1  # a share of readings repeating a timestamp that suggests several assets in one series
 
 
-def first_readings(frame: pd.DataFrame, who: str = "", doing: str = "trained on") -> pd.DataFrame:
+def first_readings(frame: pd.DataFrame, doing: str = "trained on") -> pd.DataFrame:
     """``frame`` with one row per timestamp: each sensor's first value at it, as the streaming worker keeps
     the first reading of a slot (a later one is a duplicate). Rows stamped alike that give different
     sensors (a sensor per row) are one reading, merged; a row giving a sensor an earlier row at its
-    timestamp gave repeats that reading: left out, and said (``who``: whose readings; ``doing``: what is
-    done with the first), with, when they are many, a word that the table may hold several assets under
-    one series (no ``data.entity_column``)."""
+    timestamp gave repeats that reading: left out, and said (``doing``: what is done with the first),
+    with, when they are many, a word that the table may hold several assets under one series (no
+    ``data.entity_column``)."""
     alike = frame.index.duplicated(keep=False)
     if not alike.any():
         return frame
@@ -155,11 +162,10 @@ def first_readings(frame: pd.DataFrame, who: str = "", doing: str = "trained on"
     if not n:
         return merged
     many = n > MANY_REPEATS * len(frame)
-    log.warning("%s%d reading%s an earlier one's timestamp and %s left out: the first is %s, as the streaming "
-                "worker keeps it%s", f"{who}: " if who else "", n, "s repeat" if n > 1 else " repeats",
-                "are" if n > 1 else "is", doing,
-                "; so many repeats suggest several assets' readings in one series: name their column with "
-                "data.entity_column" if many else "")
+    _warn("%d reading%s an earlier one's timestamp and %s left out: the first is %s, as the streaming worker "
+          "keeps it%s", n, "s repeat" if n > 1 else " repeats", "are" if n > 1 else "is", doing,
+          "; so many repeats suggest several assets' readings in one series: name their column with "
+          "data.entity_column" if many else "")
     return merged
 
 
@@ -255,7 +261,7 @@ def _late_rows(before: np.ndarray, sensors: Sequence[object]) -> np.ndarray:
     """Rows before some sensor's first reading (training leaves them out); says which sensors start late."""
     starts = {str(s): int(n) for s, n in zip(sensors, before.sum(axis=0)) if n}
     _warn("sensors that start reporting late (grid rows before each one's first reading): %s; those rows are "
-                "left out of training, not back-filled from a later reading", starts)
+          "left out of training, not back-filled from a later reading", starts)
     return before.any(axis=1)
 
 
@@ -316,8 +322,8 @@ def _finish(frame: pd.DataFrame, missing: pd.DataFrame, period: pd.Timedelta, is
         gaps = gaps | late
     if gaps.any():
         _warn("%d of %d grid rows lie in gaps the fill policy does not bridge%s; windows touching them "
-                    "are left out", int(gaps.sum()), len(gaps),
-                    "" if late is None else ", an outage, or before a sensor's first reading")
+              "are left out", int(gaps.sum()), len(gaps),
+              "" if late is None else ", an outage, or before a sensor's first reading")
     return Prepared(timestamps=pd.DatetimeIndex(frame.index), values=fill_rows(raw), sensors=list(frame.columns),
                     missing=missing.to_numpy(dtype=bool), period_s=float(period.total_seconds()),
                     issues=issues, dropped=dropped, gaps=gaps if gaps.any() else None)
@@ -344,7 +350,10 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     sits between every two parts, so no window spans two entities or an entity's two parts."""
     if not frames:
         raise DataError("no entity to train on")
-    given, frames = frames, {e: first_readings(f, f"entity {e}") for e, f in frames.items()}
+    given, frames = frames, {}
+    for e, f in given.items():
+        with about(f"entity {e}"):
+            frames[e] = first_readings(f)
     usable: dict[str, Prepared] = {}
     unfit: dict[str, str] = {}  # entity -> why it cannot train (no usable sensor, a sensor it lacks)
     for entity, frame in frames.items():
@@ -426,7 +435,7 @@ def _fleet_period(periods: Mapping[str, float]) -> float:
     more than 25 % off it (their slots are filled, or their readings several to a slot)."""
     ordered = sorted(periods.values())
     common = float(ordered[(len(ordered) - 1) // 2])
-    off = {e: p for e, p in periods.items() if abs(p - common) > 0.25 * common}
+    off = {e: p for e, p in periods.items() if abs(p - common) > SAMPLING_TOLERANCE * common}
     if off:
         log.warning("fleet: the shared grid is %g s, but %s", common, "; ".join(
             f"entity {e} is sampled every {p:g} s" for e, p in off.items()) + " (set data.period_s, or train them apart)")
@@ -456,7 +465,7 @@ def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, pe
         between = ~read & (last >= 0) & (following < n_rows)
         if gaps is not None:
             between &= ~np.asarray(gaps, dtype=bool)
-        out[between] = out[last[between]] & out[np.minimum(following[between], n_rows - 1)]
+        out[between] = out[last[between]] & out[following[between]]
     return out
 
 
