@@ -323,10 +323,11 @@ def _screen_gross(e: np.ndarray) -> tuple[np.ndarray, int, float]:
     spread = 1.4826 * float(np.median(np.abs(e - median)))
     if spread <= 0.0 or not math.isfinite(spread):
         return e, 0, math.inf
-    top = np.sort(e[e > median + GROSS_MADS * spread])[::-1]  # the candidates, largest first
+    far = e > median + GROSS_MADS * spread
+    top = np.sort(e[far])[::-1]  # the candidates, largest first
     if not top.size or top.size * 2 > e.size:
         return e, 0, math.inf
-    below = np.r_[top[1:], e[e <= median + GROSS_MADS * spread].max(initial=0.0)]  # each one's next lower error
+    below = np.r_[top[1:], e[~far].max(initial=0.0)]  # each one's next lower error
     gaps = np.flatnonzero(top > GROSS_GAP * below)
     if not gaps.size:
         return e, 0, math.inf

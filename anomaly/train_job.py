@@ -19,7 +19,7 @@ from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
 from anomaly.scaling import scale_warnings
-from anomaly.thresholds import Threshold, fit_entity_values
+from anomaly.thresholds import GROSS_GAP, GROSS_MADS, Threshold, fit_entity_values
 from anomaly.windowing import rows_from_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
         gaps=gaps, val_from_row=val_from_row)
     screened = detector.threshold.params.get("screened")
     if screened:
-        log.warning("%d validation windows scored more than %.4g (over 100 robust standard deviations above the median "
-                    "error and 10 times every other: a glitch in the validation rows?) were left out of the threshold's tail fit",
-                    int(screened), detector.threshold.params["screened_above"])
+        log.warning("%d validation windows scored more than %.4g (over %g robust standard deviations above the median "
+                    "error and %g times every other: a glitch in the validation rows?) were left out of the threshold's "
+                    "tail fit", int(screened), detector.threshold.params["screened_above"], GROSS_MADS, GROSS_GAP)
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
