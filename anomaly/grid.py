@@ -166,7 +166,7 @@ def sensor_quality(frame: pd.DataFrame, missing: pd.DataFrame | None = None, *, 
             raise DataError(f"sensor_quality: missing mask shape {missing.shape} differs from the frame's {frame.shape}")
         absent |= missing.to_numpy(dtype=bool)
     issues: list[SensorIssue] = []
-    n = int((~absent.all(axis=1)).sum()) if frame.shape[1] else len(frame)  # rows where some sensor reported
+    n = int((~absent.all(axis=1)).sum())  # rows where some sensor reported
     for j, sensor in enumerate(frame.columns):
         name = str(sensor)
         observed = values[~absent[:, j], j]

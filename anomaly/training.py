@@ -316,10 +316,7 @@ def _split(windows: np.ndarray, validation_fraction: float, starts: np.ndarray |
     """(training span, validation span, the training windows' positions in their span, the validation
     windows'): spans are slices of ``windows`` (views stay views); a position array is None where the
     span is all of them."""
-    if kept is None or np.all(kept):
-        train, val = split_windows(windows, validation_fraction, starts, val_from_row)
-        return train, val, None, None
-    idx = np.flatnonzero(kept)
+    idx = np.arange(len(windows)) if kept is None else np.flatnonzero(kept)
     all_starts = np.arange(len(windows), dtype=np.int64) if starts is None else np.asarray(starts, dtype=np.int64)
     n_train, split = split_counts(len(idx), windows.shape[1], validation_fraction, all_starts[idx], val_from_row)
 
