@@ -48,11 +48,13 @@ def _num(value: Any) -> str:
         return "?"
 
 
-def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
+def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS, reopened: bool = False) -> str:
     """One console line for an anomaly event (the events topic's JSON, README "message formats").
 
     ``OPEN  ``/``CLOSED`` with the entity, the stream time, the peak score against the threshold,
     the model version and the top sensors with their share and actual vs expected values.
+    ``reopened``: an open event seen closed before (a crossing within the cooldown re-opened it) is
+    ``REOPEN`` (its time is still the start of the event).
     """
     status = str(event.get("status", "?")).upper()
     entity = str(event.get("entity", "?"))
@@ -72,6 +74,8 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS) -> str:
         if event.get("continued") is True:  # cut at worker.max_event_s: the anomaly goes on as a new event
             span = f"{span}continues, "
     else:
+        if reopened and status == "OPEN":
+            status = "REOPEN"
         when = _clock(event.get("start_ts"))
         span = ""
     head = f"{when}  {status:<6} {entity:<10}"
@@ -133,13 +137,14 @@ class EventFeed:
                 or event.get("status") not in ("open", "closed"):
             log.warning("event feed: a record on %s is not an event (no entity or status); skipped", self.topic)
             return
+        event_id = str(event.get("event_id") or id(event))
         try:
-            line = format_event(event)
+            line = format_event(event, reopened=(event_id, "closed") in self._counted)
             note = self.annotate(event) if self.annotate is not None else ""
         except Exception as exc:  # one odd record must not end the feed (a viewer, not a validator)
             log.warning("event feed: a record on %s is not an event we can show (%s); skipped", self.topic, exc)
             return
-        key = (str(event.get("event_id") or id(event)), str(event["status"]))
+        key = (event_id, str(event["status"]))
         if key not in self._counted:
             self._counted[key] = None
             if len(self._counted) > COUNTED_MAX:

@@ -156,6 +156,22 @@ def test_format_event_names_top_sensors_with_actual_and_expected():
     assert line.startswith(day)  # the day too: an event can last days
 
 
+def test_event_feed_says_when_an_event_is_reopened_within_its_cooldown():
+    # A crossing within worker.cooldown_s of a close re-opens the same event id: the feed said OPEN at the
+    # first opening's time again, read as a new fault that started in the past.
+    lines = []
+    feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append)
+    feed.handle(json.dumps(EVENT).encode())
+    feed.handle(json.dumps({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 20}).encode())
+    feed.handle(json.dumps({**EVENT, "windows": 9}).encode())
+    day = datetime.fromtimestamp(EVENT["start_ts"], tz=timezone.utc).strftime("%m-%d %H:%M:%S")
+    assert lines[0].startswith(f"{day}  OPEN   pump-2")
+    assert lines[2].startswith(f"{day}  REOPEN pump-2") and "9 windows" in lines[2]
+    assert feed.counts == {"open": 1, "closed": 1}  # still one event
+    feed.handle(json.dumps({**EVENT, "event_id": "another"}).encode())
+    assert lines[-1].startswith(f"{day}  OPEN ")  # an event never closed is no re-opening
+
+
 def test_event_feed_counts_and_annotates_and_skips_garbage():
     lines = []
     feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append, annotate=lambda e: "note")
