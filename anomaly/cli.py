@@ -702,6 +702,7 @@ def _local_port(bootstrap_servers: str) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     """Stream a table or a dataset series into the input topic, as a fleet of live sensors."""
     import signal
+    import time
 
     from anomaly import protocols, replay
 
@@ -733,13 +734,27 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if frame is None:  # each entity of the table under its own id (<id>-<i> with --copies)
         import pandas as pd
 
-        plan = replay.fleet_plan(fleet, copies=args.copies, offset_rows=args.offset_rows)
+        def build(start_ts: float | None) -> Any:
+            return replay.fleet_plan(fleet, copies=args.copies, offset_rows=args.offset_rows, start_ts=start_ts)
         frame = pd.concat(fleet.values())
     else:
-        plan = replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows)
+        def build(start_ts: float | None) -> Any:
+            return replay.replay_plan(frame, args.entity, copies=args.copies, offset_rows=args.offset_rows,
+                                      start_ts=start_ts)
+    plan = build(None)
+    # An earlier replay sent faster than recorded left stamps ahead of the clock on the topic: continue after
+    # them, or a worker drops this replay's readings as late.
+    resume = replay.resume_ts(bootstrap, topic, plan.period_s, client_options=kafka.client_options)
+    late_by = 0.0  # how far this replay's first stamp is ahead of the clock
+    if resume is not None:
+        late_by = max(0.0, resume - time.time())
+        log.info("%s already holds readings stamped up to %.0f s ahead of the clock (an earlier replay sent faster "
+                 "than recorded): this replay's stamps continue from there, or a worker would drop them as late",
+                 topic, late_by - plan.period_s)
+        plan = build(resume)
     sent = len(plan) if args.limit is None else min(len(plan), args.limit)  # what --limit lets go out
     span_s = plan.span_s if sent == len(plan) else replay.first_readings_span_s(plan, sent)
-    ahead = replay.seconds_ahead(span_s, sent, speed=args.speed, rate_per_s=args.rate)
+    ahead = replay.seconds_ahead(span_s, sent, speed=args.speed, rate_per_s=args.rate) + late_by
     limit_s = settings.worker.max_future_s
     if limit_s is not None and limit_s >= 0 and ahead > limit_s:
         log.warning("this replay stamps readings up to %.0f s ahead of the clock (recorded spacing, sent faster); "

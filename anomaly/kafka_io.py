@@ -3,16 +3,17 @@
 Owns: the option defaults every client gets (and why), building ``KafkaConsumer`` / ``KafkaProducer`` /
 ``KafkaAdminClient`` from plain typed arguments plus a pass-through ``client_options`` mapping (TLS,
 SASL or any other kafka-python option from the configuration), idempotent topic creation, waiting
-for a group assignment, and two read-only helpers for tests and lag: ``committed_offsets`` and
-``read_all``.
+for a group assignment, and read-only helpers for tests, lag and replays: ``committed_offsets``,
+``read_all`` and ``read_tail``.
 
 Must not: decide anything about messages. Values and keys cross this seam as raw ``bytes``;
 ``anomaly.codec`` turns them into readings, events and dead letters (kafka-python's serializer
 callables are deprecated and hide errors inside the client). This module and ``anomaly.broker`` are
 the only ones that import ``kafka``.
 
-Code to Kafka's semantics, not Tansu's quirks (DESIGN §5): nothing here uses ``end_offsets``,
-seek-to-end or timestamp seeks, which the local broker gets wrong.
+Code to Kafka's semantics, not Tansu's quirks (DESIGN §5): nothing here uses timestamp seeks, and
+``end_offsets`` (which the local broker reports as its last batch's base offset + 1) only in
+``read_tail``, which reads from well before it and so gets the newest records from either.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
     "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
-    "make_consumer", "make_producer", "producer_options", "read_all", "wait_for_assignment",
+    "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "wait_for_assignment",
 ]
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -330,6 +331,49 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         consumer.close(autocommit=False)
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
+
+
+def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int = 64, timeout_s: float = 10.0,
+              idle_s: float = 0.5, client_options: Mapping[str, Any] | None = None) -> list[ConsumerRecord]:
+    """The newest records of each partition of ``topic`` (about ``records`` of each, from that many
+    before its end offset; on Tansu, whose end offset is its last batch's base + 1, the last batch and
+    the ``records - 1`` before its base), without a consumer group, sorted by partition/offset.
+
+    Stops when no new record came for ``idle_s`` (or at ``timeout_s`` in all). A topic that does not
+    exist gives ``[]`` (it is not created); a broker that cannot be reached is a ``TopicError``.
+    """
+    options = consumer_options(bootstrap_servers, None, client_options=client_options)
+    options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
+    deadline = time.monotonic() + timeout_s
+    found: list[ConsumerRecord] = []
+    consumer = _connect("a consumer", bootstrap_servers, KafkaConsumer, options)
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        first, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        wanted = [tp for tp in tps if end[tp] > first[tp]]
+        if not wanted:
+            return []
+        consumer.assign(wanted)
+        for tp in wanted:
+            consumer.seek(tp, max(first[tp], end[tp] - max(int(records), 1)))
+        last_record_at = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= deadline or now - last_record_at >= idle_s:
+                break
+            step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
+            for part in consumer.poll(timeout_ms=step_ms).values():
+                if part:
+                    found.extend(part)
+                    last_record_at = time.monotonic()
+    finally:
+        consumer.close(autocommit=False)
+    found.sort(key=lambda record: (record.partition, record.offset))
+    return found
 
 
 def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicPartition, OffsetAndMetadata]:

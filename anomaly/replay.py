@@ -55,8 +55,10 @@ class ReplayPlan:
     """
 
     def __init__(self, entities: Sequence[str], sensors: Sequence[str], values: np.ndarray, offsets_s: np.ndarray,
-                 order: np.ndarray, delays_s: Sequence[float], start_ts: float) -> None:
+                 order: np.ndarray, delays_s: Sequence[float], start_ts: float,
+                 period_s: float = DEFAULT_PERIOD_S) -> None:
         self.entities = tuple(entities)
+        self.period_s = float(period_s)  # the recording's median spacing
         self.sensors = tuple(sensors)
         self._values = values  # (T, F) float64, rows in file order
         self._offsets_s = offsets_s  # (T,) seconds since the earliest row, file order
@@ -99,6 +101,7 @@ class FleetPlan:
         self._plans = tuple(plans)
         self.entities = tuple(e for plan in self._plans for e in plan.entities)
         self.start_ts = min((plan.start_ts for plan in self._plans), default=0.0)
+        self.period_s = max((plan.period_s for plan in self._plans), default=DEFAULT_PERIOD_S)
 
     def __len__(self) -> int:
         return sum(len(plan) for plan in self._plans)
@@ -195,7 +198,35 @@ def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: 
         raise ValueError(f"{len(names)} names for {copies} copies")
     delays = [i * offset_rows * period_s for i in range(copies)]
     values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
-    return ReplayPlan(names, [str(c) for c in frame.columns], values, offsets_s, order, delays, start)
+    return ReplayPlan(names, [str(c) for c in frame.columns], values, offsets_s, order, delays, start, period_s)
+
+
+def newest_stamp(values: Iterable[bytes | None]) -> float | None:
+    """The newest ``ts`` among input records' bytes (pure): readings, and dead letters whose ``ts`` was
+    read; None when none has one."""
+    newest = None
+    for value in values:
+        if value is None:
+            continue
+        ts = codec.decode_reading(value).ts
+        if ts is not None and (newest is None or ts > newest):
+            newest = float(ts)
+    return newest
+
+
+def resume_ts(bootstrap: str, topic: str, period_s: float, client_options: Mapping[str, Any] | None = None,
+              clock: Callable[[], float] = time.time) -> float | None:
+    """Where a replay into ``topic`` must start its stamps when not now: one ``period_s`` after the newest
+    reading already on the topic, when that is later than now (an earlier replay sent faster than its
+    recording stamped ahead of the clock); None when now is fine (or the topic holds no reading).
+
+    Why: a worker drops a reading stamped well behind its partition's newest (or its entity's newest
+    slot) as late, so a second sped-up replay stamped from now would go almost all unscored."""
+    newest = newest_stamp(record.value for record in kafka_io.read_tail(bootstrap, topic,
+                                                                        client_options=client_options))
+    if newest is None or newest + period_s <= clock():
+        return None
+    return newest + period_s
 
 
 # --- pacing (pure) -------------------------------------------------------------------------------

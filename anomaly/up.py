@@ -349,10 +349,18 @@ def fleet_span_s(frames: Sequence[tuple[str, Any]]) -> float:
     for _, frame in frames:
         index = frame.index
         if len(index) > 1:
-            gaps = (index[1:] - index[:-1]).total_seconds()
-            period = float(min(g for g in gaps if g > 0)) if (gaps > 0).any() else 1.0
-            span = max(span, (index[-1] - index[0]).total_seconds() + period)
+            span = max(span, (index[-1] - index[0]).total_seconds() + _spacing_s(index))
     return span or 1.0
+
+
+def fleet_period_s(frames: Sequence[tuple[str, Any]]) -> float:
+    """The longest of the fleet's recorded sampling periods (their smallest spacing; 1 s without one)."""
+    return max((_spacing_s(frame.index) for _, frame in frames if len(frame.index) > 1), default=1.0)
+
+
+def _spacing_s(index: Any) -> float:
+    gaps = (index[1:] - index[:-1]).total_seconds()
+    return float(min(g for g in gaps if g > 0)) if (gaps > 0).any() else 1.0
 
 
 class GroundTruth:
@@ -428,8 +436,9 @@ class FleetReplay:
     """Replays the fleet into the input topic in a thread, again and again while ``loop``."""
 
     def __init__(self, bootstrap: str, topic: str, frames: Sequence[tuple[str, Any]], speed: float, loop: bool,
-                 client_options: Mapping[str, Any], on_round: Any = None) -> None:
+                 client_options: Mapping[str, Any], on_round: Any = None, not_before: float = 0.0) -> None:
         self.on_round = on_round  # called with each round's stream start (epoch seconds)
+        self.not_before = not_before  # the first round's stamps start no earlier (the topic's newest + a period)
         self.bootstrap, self.topic, self.frames = bootstrap, topic, list(frames)
         self.speed, self.loop, self.client_options = speed, loop, dict(client_options)
         self.rounds, self.delivered = 0, 0  # readings the broker confirmed, over all rounds
@@ -458,7 +467,7 @@ class FleetReplay:
         from anomaly.replay import replay
 
         try:
-            next_start = 0.0
+            next_start = self.not_before
             while not self._stop.is_set():
                 # Each round continues the stream's clock: a round starting "now" would be behind the
                 # last one at any speed-up, and its readings would all be late.
@@ -683,8 +692,13 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                          on_line=(lambda line: print(line, flush=True)) if options.console else (lambda line: None),
                          from_end=broker is None,  # a broker we did not start holds earlier sessions' events
                          ).start()
+        not_before = 0.0
+        if broker is None:  # a broker we did not start may hold an earlier session's readings, stamped ahead
+            from anomaly.replay import resume_ts
+
+            not_before = resume_ts(bootstrap, k.input_topic, fleet_period_s(frames), k.client_options) or 0.0
         fleet_replay = FleetReplay(bootstrap, k.input_topic, frames, options.speed,
-                                   options.loop, k.client_options, on_round=on_round).start()
+                                   options.loop, k.client_options, on_round=on_round, not_before=not_before).start()
         print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
                      speed=options.speed, state_dir=state, champion=str(champion),
                      retrain_every_s=options.retrain_every_s, local_broker=broker is not None), flush=True)

@@ -268,6 +268,7 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
     table.write_text("ts,a,b\n" + rows + "\n")  # 1,200 s of readings
     sent = []
     monkeypatch.setattr(replay, "replay", lambda *a, **k: sent.append(a) or (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(replay, "resume_ts", lambda *a, **k: None)  # the topic holds nothing ahead of the clock
     with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
         main(["replay", "--data", str(table), "--speed", "10", "--bootstrap-servers", "127.0.0.1:1"])
     assert sent and "up to 1079 s ahead of the clock" in caplog.text and "ANOMALY_WORKER__MAX_FUTURE_S=-1" in caplog.text
@@ -284,6 +285,23 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
     with caplog.at_level(logging.WARNING, logger="anomaly"), pytest.raises(SystemExit):
         main(["replay", "--data", str(table), "--speed", "10", "--limit", "1000", "--bootstrap-servers", "127.0.0.1:1"])
     assert "up to 899 s ahead of the clock" in caplog.text  # 999 s of readings sent in 99.9 s
+    # The topic holds an earlier sped-up replay's readings, up to 600 s ahead: this one continues after them
+    # (a worker would drop readings stamped behind them as late), and so runs further ahead still.
+    import time
+
+    newest = time.time() + 600
+    monkeypatch.setattr(replay, "resume_ts", lambda bootstrap, topic, period_s, **k: newest + period_s)
+    caplog.clear()
+    sent.clear()
+    with caplog.at_level(logging.INFO, logger="anomaly"), pytest.raises(SystemExit):
+        main(["replay", "--data", str(table), "--speed", "10", "--bootstrap-servers", "127.0.0.1:1"])
+    first = next(iter(sent[0][2]))[1]
+    assert first.ts == pytest.approx(newest + 1.0, abs=1e-6)
+    import re
+
+    # (less the seconds the command took to get there)
+    assert re.search(r"already holds readings stamped up to (600|599|598) s ahead", caplog.text)
+    assert re.search(r"up to (1680|1679|1678) s ahead of the clock", caplog.text)  # 601 s more than the file's 1079
 
 
 def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatch, capsys):
@@ -312,6 +330,7 @@ def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatc
 
     producer = Producer()
     real = replay.replay
+    monkeypatch.setattr(replay, "resume_ts", lambda *a, **k: None)
     monkeypatch.setattr(replay, "replay",
                         lambda *a, **k: real(*a, **k, producer_factory=lambda bootstrap, options: producer))
     table = tmp_path / "t.csv"

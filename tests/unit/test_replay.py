@@ -10,7 +10,7 @@ import pytest
 
 from anomaly.codec import decode_reading
 from anomaly.errors import DataError, TopicError
-from anomaly.replay import frame_from_file, replay, replay_plan, send_times
+from anomaly.replay import frame_from_file, newest_stamp, replay, replay_plan, send_times
 
 START = 1_800_000_000.0
 
@@ -341,8 +341,25 @@ def test_a_table_with_an_entity_column_is_replayed_entity_by_entity_without_its_
         return replay_module.ReplayStats(len(sent), 1.0)
 
     monkeypatch.setattr(replay_module, "replay", send_all)
+    monkeypatch.setattr(replay_module, "resume_ts", lambda *args, **kwargs: None)  # (an empty topic)
     assert cli.main(["replay", "--data", str(table), "--config", str(config), "--quiet"]) == 0
     assert [k for k, _ in sent] == [b"101", b"0202"] * 3  # ids as written, in time order
     assert all(set(doc["values"]) == {"temp"} for _, doc in sent)
     assert [doc["values"]["temp"] for _, doc in sent] == [10, 50, 11, 51, 12, 52]
     assert sent[0][1]["ts"] == sent[1][1]["ts"] and sent[2][1]["ts"] - sent[0][1]["ts"] == pytest.approx(1.0)
+
+
+def test_newest_stamp_reads_readings_and_dead_letters_whose_ts_was_read() -> None:
+    # Where a replay continues when the topic already holds stamps ahead of the clock (resume_ts).
+    good = b'{"entity": "a", "ts": 1800000010.5, "values": {"x": 1.0}}'
+    older = b'{"entity": "b", "ts": 1800000003, "values": {"x": 1.0}}'
+    bad_values = b'{"entity": "c", "ts": 1800000020, "values": {"x": "hot"}}'  # a dead letter, its time real
+    assert newest_stamp([older, None, b"not json", good]) == 1800000010.5
+    assert newest_stamp([good, bad_values]) == 1800000020.0
+    assert newest_stamp([None, b"{}", b'{"entity": "a", "values": {}}']) is None
+    assert newest_stamp([]) is None
+
+
+def test_a_plan_knows_its_recorded_spacing() -> None:
+    frame = pd.DataFrame({"x": np.arange(5.0)}, index=pd.date_range("2026-01-01", periods=5, freq="10s"))
+    assert replay_plan(frame, "e", start_ts=0.0).period_s == 10.0

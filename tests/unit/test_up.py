@@ -115,6 +115,8 @@ def test_fleet_training_tables_hold_each_entitys_normal_part_for_prepare_fleet()
     assert prepared.entities == ["pump-1", "pump-2"] and int(prepared.gaps.sum()) == 3
     assert set(prepared.entity_tails) == {"pump-1", "pump-2"}  # validation holds both entities' last rows
     assert up.fleet_span_s([("p", _series("a").frame)]) == 20.0
+    slow = _series("a").frame.iloc[::5]  # every 5 s
+    assert up.fleet_period_s([("p", _series("a").frame), ("q", slow)]) == 5.0  # a round's next start, at least
 
 
 def test_fleet_frames_carry_exactly_the_serving_models_sensors():
