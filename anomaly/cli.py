@@ -1168,8 +1168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is a log (a worker loads a model at start and at every promotion).
     if getattr(args, "quiet", False) or args.func in (cmd_worker, cmd_scheduler):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # One-shot commands (train, retrain, evaluate, score, models, config) stop on SIGTERM as on Ctrl-C, so
+    # an MLflow run in progress ends KILLED, not RUNNING for ever (`docker stop`, a Kubernetes deadline and
+    # `timeout` send SIGTERM); the daemons, replay and up handle it themselves.
+    terminate = (args.func not in (cmd_worker, cmd_scheduler, cmd_up, cmd_broker, cmd_replay)
+                 and threading.current_thread() is threading.main_thread())  # (signals: the main thread only)
+    previous = signal.signal(signal.SIGTERM, _terminated) if terminate else None
     try:
         return int(args.func(args) or 0)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1180,6 +1189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if terminate and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM in a one-shot command: unwinds as Ctrl-C does (runs end KILLED), exits 143."""
+
+
+def _terminated(*_: Any) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -605,3 +605,36 @@ def test_reading_commands_refuse_a_store_file_that_does_not_exist(tmp_path, caps
     assert main(["score", "--data", str(data), "--tracking-uri", f"sqlite:///{typo}"]) == 2
     assert "no MLflow store at" in capsys.readouterr().err
     assert not typo.parent.exists()
+
+
+def test_a_one_shot_command_stopped_by_sigterm_unwinds_as_ctrl_c_and_exits_143(monkeypatch, capsys):
+    # SIGTERM (docker stop, a Kubernetes Job's deadline, `timeout`) killed `anomaly train` outright: its
+    # MLflow run stayed RUNNING for ever. It now unwinds as Ctrl-C does (tracking.Run ends it KILLED).
+    import os
+    import signal
+    import time
+
+    from anomaly import cli
+
+    unwound = []
+
+    def long_job(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:  # what tracking.Run.__exit__ sees: KILLED
+            unwound.append("KILLED")
+            raise
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_config", long_job)
+    guard = lambda *_: None  # noqa: E731
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        started = time.monotonic()
+        assert cli.main(["config", "show"]) == 143
+        assert time.monotonic() - started < 4 and unwound == ["KILLED"]
+        assert signal.getsignal(signal.SIGTERM) is guard  # put back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "terminated" in capsys.readouterr().err
