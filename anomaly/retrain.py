@@ -234,7 +234,7 @@ def split_rows(segments: Sequence[tuple[int, int]], tail_fraction: float,
 
 @dataclass(frozen=True)
 class HoldoutMetrics:
-    """How one model does on the hold-out (clean, normal data)."""
+    """How one model does on the hold-out: alarms over all of its stretch, errors where neither model alarms."""
 
     mean_error: float  # mean window score (reconstruction error), in the comparison's common unit
     false_alarm_rate: float  # fraction of hold-out windows above the model's own threshold
@@ -525,6 +525,10 @@ class _Data:
     entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     # (T,) bool: the stand-in rows between two parts of ``train_values`` (no window may touch one); None: none
     gaps: np.ndarray | None = None
+    # Each entity's rows from the hold-out cut on, anomalies and all (outages out), and their entities: both
+    # models' alarm rates are measured there (``_compare``)
+    recent: list[np.ndarray] = field(default_factory=list)
+    recent_entities: list[str] = field(default_factory=list)
 
     @property
     def train_rows(self) -> int:
@@ -615,7 +619,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         "shorten the topic's retention", champion_version=champion_version,
                              data=data.facts)
     # The hold-out compares both models on windows ending on the same rows, those the longer window reaches
-    # (``_holdout``): a segment shorter than it gives no window to compare, so the cycle skips before it
+    # (``_compare``): a segment shorter than it gives no window to compare, so the cycle skips before it
     # trains a challenger that nothing could judge.
     w = settings.model.window_size
     compared = max(champion.window_size, w)
@@ -650,8 +654,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     challenger, challenger_version = outcome.detector, outcome.version
     unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
     window = compared  # both on windows ending on the same rows (the challenger's window is the settings' w)
-    champ = _holdout(champion, data.holdout, unit, window, data.holdout_entities)
-    chall = _holdout(challenger, data.holdout, unit, window, data.holdout_entities)
+    champ, chall = _compare(champion, challenger, data, unit, window)
     champ_events = _events(champion, data.labelled_tails, data.tail_entities, window)
     chall_events = _events(challenger, data.labelled_tails, data.tail_entities, window)
     labelled = champ_events is not None and champ_events.n_true > 0
@@ -719,6 +722,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     holdout_entities: list[str] = []
     tails: list[tuple[np.ndarray, np.ndarray]] = []
     tail_entities: list[str] = []
+    recent: list[np.ndarray] = []
+    recent_entities: list[str] = []
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
@@ -753,6 +758,11 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         holdout.extend(values[a:b] for a, b in hold_segs)
         holdout_entities.extend([entity] * len(hold_segs))
         cut = holdout_cut(~drop, rt.holdout_fraction)
+        if cut is not None:  # the same stretch of time as the hold-out, nothing dropped but outages
+            for a, b in runs(~gaps[cut:]):
+                if b - a >= w:
+                    recent.append(values[cut + a:cut + b])
+                    recent_entities.append(entity)
         if raw_labels is not None and cut is not None and len(values) - cut >= w:
             tails.append((values[cut:], labels[cut:]))
             tail_entities.append(entity)
@@ -797,31 +807,66 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         gaps = np.zeros(len(values), dtype=bool)
         gaps[seams] = True
     return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities,
-                 entity_tails, gaps)
+                 entity_tails, gaps, recent, recent_entities)
 
 
-def _holdout(detector: Any, segments: Sequence[np.ndarray], unit: Sequence[float],
-             window: int | None = None, entities: Sequence[str] = ()) -> HoldoutMetrics:
-    """Hold-out metrics of ``detector``: false alarms in its own units against its own threshold (with
-    its adaptive rule, if any, each segment one series), errors in the common ``unit`` (a scaler's
-    per-sensor scale). Only windows ending at row ``window - 1`` or later of a segment count (``window``:
-    the longer of the two models' windows), so two models of different window sizes are compared on
-    windows ending on the same rows. ``entities``: each segment's entity, held to its own threshold
-    where the model has one."""
-    window = max(window or 0, detector.window_size)
-    own, bars, common = [], [], []
+def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float],
+             window: int) -> tuple[HoldoutMetrics, HoldoutMetrics]:
+    """Both models' hold-out metrics on the same windows: each one's false-alarm rate (its alarms at
+    its own threshold, in its own units) over every window of the hold-out's stretch of time
+    (``data.recent``: anomalies and all, outages out), and its mean and p99 error in the common
+    ``unit`` over the hold-out's windows (``data.holdout``: what the champion did not flag) that the
+    challenger does not flag either. Only windows ending at row ``window - 1`` or later of a segment
+    count (``window``: the longer of the two models' windows), so two models of different window sizes
+    are compared on windows ending on the same rows.
+
+    Why: on the champion-clean hold-out alone the champion's false-alarm rate was 0 by construction and
+    its worst windows were left out of its error, while the challenger's were not: a challenger as good
+    as the champion was measured worse, and one with a quantile threshold (alarming on its top 1 % by
+    design) was never promoted."""
+    window = max(window, champion.window_size, challenger.window_size)
+    models = (champion, challenger)
+    recent = _joint(models, data.recent, data.recent_entities, unit, window)
+    held = _joint(models, data.holdout, data.holdout_entities, unit, window)
+    if held is None:
+        empty = holdout_metrics(np.empty(0), 0.0)
+        return empty, empty
+    flagged = np.zeros(len(held[0][0]), dtype=bool)
+    for scores, bars, _ in held:
+        with np.errstate(invalid="ignore"):
+            flagged |= ~(scores <= bars)  # above its bar, or not finite
+    result = []
+    for k, (scores, bars, common) in enumerate(held):
+        every = holdout_metrics(*(recent[k] if recent is not None else held[k]))
+        normal = holdout_metrics(scores[~flagged], bars[~flagged], common[~flagged]) if (~flagged).any() \
+            else holdout_metrics(scores, bars, common)
+        result.append(HoldoutMetrics(normal.mean_error, every.false_alarm_rate, normal.p99_error, every.windows))
+    return result[0], result[1]
+
+
+def _joint(models: Sequence[Any], segments: Sequence[np.ndarray], entities: Sequence[str], unit: Sequence[float],
+           window: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """Per model, over the windows of ``segments`` ending at row ``window - 1`` or later (the same rows
+    for every model): its scores, the bar in force at each (its own threshold, each entity's where it
+    has one, its adaptive rule with each segment one series) and its errors in the common ``unit``.
+    A window a model did not score is NaN (non-finite: counted as an alarm). None: no such window."""
+    parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in models]
     for k, seg in enumerate(segments):
-        if len(seg) >= window:
-            scored = detector.score_values(seg)
+        if len(seg) < window:
+            continue
+        for model, out in zip(models, parts):
+            scored = model.score_values(seg)
+            rows = np.asarray(scored.end_rows)
+            threshold = model.threshold.for_entity(entities[k]) if entities else model.threshold
             scores = np.asarray(scored.scores, dtype=np.float64)
-            keep = np.asarray(scored.end_rows) >= window - 1
-            own.append(scores[keep])
-            threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
-            bars.append(np.broadcast_to(threshold.series_bars(scores), scores.shape)[keep])
-            common.append(common_unit_errors(scored.sensor_errors, detector.scaler.scale, unit)[keep])
-    if not own:
-        return holdout_metrics(np.empty(0), detector.threshold.value)
-    return holdout_metrics(np.concatenate(own), np.concatenate(bars), np.concatenate(common))
+            full = np.full((3, len(seg)), np.nan)  # by end row
+            full[0, rows] = scores
+            full[1, rows] = np.broadcast_to(threshold.series_bars(scores), scores.shape)
+            full[2, rows] = common_unit_errors(scored.sensor_errors, model.scaler.scale, unit)
+            out.append((full[0, window - 1:], full[1, window - 1:], full[2, window - 1:]))
+    if not parts[0]:
+        return None
+    return [tuple(np.concatenate([p[i] for p in model_parts]) for i in range(3)) for model_parts in parts]
 
 
 def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -830,7 +875,7 @@ def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
     the worker, before alert shaping) against the labels of each labelled hold-out tail (``entities``:
     each tail's entity, held to its own threshold where the model has one). Flags and labels count
     from row ``window - 1`` of each tail (``window``: the longer of the two models' windows), as in
-    ``_holdout``: a fault in the first rows, which only the shorter window reaches, would count for
+    ``_compare``: a fault in the first rows, which only the shorter window reaches, would count for
     one model alone."""
     if not tails:
         return None
