@@ -226,7 +226,7 @@ def _promote(c: Any, name: str, version: str, alias: str, reason: str, expected_
     # which rollback skips; the other way round, a failed write would leave the alias moved and the
     # stack without the version a rollback should return to.
     try:
-        history = _history(name, alias)
+        history = _history(name, alias, previous)
         if previous is not None:
             history.append(previous)
             c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history[-50:]))
@@ -297,10 +297,10 @@ def rollback(name: str, alias: str = "champion", reason: str = "") -> str:
 def _rollback(name: str, alias: str, reason: str) -> str:
     try:
         c = client()
-        history = _history(name, alias)
+        current = alias_version(name, alias)
+        history = _history(name, alias, current)
     except Exception as exc:
         raise RegistryError(f"cannot read the promotion history of {name}@{alias}: {exc}") from exc
-    current = alias_version(name, alias)
     gone: list[str] = []
     while history:
         if history[-1] == current:
@@ -345,12 +345,32 @@ def _version_exists(c: Any, name: str, version: str) -> bool:
         raise RegistryError(f"cannot read {name} v{version}: {exc}") from exc
 
 
-def _history(name: str, alias: str) -> list[str]:
-    tags = client().get_registered_model(name).tags
+def _history(name: str, alias: str, current: str | None) -> list[str]:
+    """The versions that held ``alias`` before, oldest first, given that ``current`` holds it now.
+
+    The stack is written by ``promote`` and ``rollback``; a move made elsewhere (the MLflow UI, the
+    client) is not on it, so when another version than the last holder those recorded (the ``to`` of the
+    alias's log) holds it now, that holder held it just before: it goes on top (a rollback after a move
+    in the UI went to the version before that holder, skipping it). With the alias unset (its version
+    deleted, or the alias removed) the stack is as written. A tag that is not a list reads empty."""
+    tags = client().get_registered_model(name).tags or {}
     try:
-        return [str(v) for v in json.loads(tags.get(HISTORY_TAG.format(alias=alias), "[]"))]
+        stack = json.loads(tags.get(HISTORY_TAG.format(alias=alias), "[]"))
     except json.JSONDecodeError:
-        return []
+        stack = []
+    if not isinstance(stack, list):
+        log.warning("%s: the %s tag is not a list of versions; read as empty", name, HISTORY_TAG.format(alias=alias))
+        stack = []
+    history = [str(v) for v in stack]
+    try:
+        moves = json.loads(tags.get(LOG_TAG.format(alias=alias), "[]"))
+        last = str(moves[-1]["to"]) if isinstance(moves, list) and moves and isinstance(moves[-1], dict) \
+            and moves[-1].get("to") is not None else None
+    except (json.JSONDecodeError, KeyError):
+        last = None
+    if current is not None and last is not None and last != current and (not history or history[-1] != last):
+        history.append(last)
+    return history
 
 
 def list_versions(name: str | None = None) -> list[VersionInfo]:

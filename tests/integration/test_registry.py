@@ -205,6 +205,29 @@ def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(setting
     assert registry.alias_version("pump", "champion") == "3"
 
 
+def test_a_rollback_after_the_alias_was_moved_in_the_mlflow_ui_returns_to_the_version_it_moved_from(settings):
+    # v1 then v2 promoted by the tool, then an operator moves @champion to v3 in the MLflow UI: the
+    # rollback went to v1 (the stack only knew the tool's moves), skipping v2, which served just before.
+    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
+                         promote=True, progress=False)
+    c = registry.client()
+    source = c.get_model_version("pump", first.version).source
+    for version in ("2", "3", "4"):
+        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
+    registry.promote("pump", "2", "champion")
+    c.set_registered_model_alias("pump", "champion", "3")  # in the UI
+    assert registry.rollback("pump", reason="v3 is bad") == "2"
+    assert registry.rollback("pump") == "1"
+    # a promotion after a move in the UI keeps both on the stack: back to v3, then to v2
+    registry.promote("pump", "2", "champion")
+    c.set_registered_model_alias("pump", "champion", "3")
+    registry.promote("pump", "4", "champion")
+    assert registry.rollback("pump") == "3" and registry.rollback("pump") == "2"
+    # a history tag edited into something that is not a list reads as empty instead of blocking promotions
+    c.set_registered_model_tag("pump", "champion_history", "5")
+    assert registry.promote("pump", "4", "champion") == "2"
+
+
 def test_a_promotion_by_hand_during_the_gates_move_waits_and_is_not_overridden(settings, monkeypatch):
     # The retrain gate moves @champion only if it still holds the version it compared with (v1). An
     # operator's `models promote 3` that landed between that check and the move was overridden by it:
@@ -220,14 +243,14 @@ def test_a_promotion_by_hand_during_the_gates_move_waits_and_is_not_overridden(s
         c.create_model_version("pump", source, run_id=first.run_id)
     real_history, operator = registry._history, []
 
-    def history_then_operator(name, alias):  # the gate has checked @champion is v1; the operator acts now
+    def history_then_operator(name, alias, current):  # the gate has checked @champion is v1; the operator acts now
         if not operator:
             thread = threading.Thread(target=registry.promote, args=("pump", "3", "champion", "by hand"))
             operator.append(thread)
             thread.start()
             thread.join(1.0)
             assert thread.is_alive(), "the hand promotion went ahead in the middle of the gate's move"
-        return real_history(name, alias)
+        return real_history(name, alias, current)
 
     monkeypatch.setattr(registry, "_history", history_then_operator)
     assert registry.promote("pump", "2", "champion", "retrain gate", expected_previous="1") == "1"
@@ -381,7 +404,7 @@ def test_train_with_alias_champion_says_it_promoted(settings):
                            progress=False)
     assert outcome.version == "2" and outcome.promoted
     assert registry.alias_version("pump", "champion") == "2"
-    assert registry._history("pump", "champion") == ["1"]  # rollback goes back to the one it replaced
+    assert registry._history("pump", "champion", "2") == ["1"]  # rollback goes back to the one it replaced
 
 
 def test_a_rollback_with_the_alias_unset_says_so(settings):
@@ -440,7 +463,7 @@ def test_a_version_is_one_however_it_is_written(settings):
     c.create_model_version("pump", "file:///nowhere", run_id=None)
     assert registry.promote("pump", "01") is None
     assert registry.promote("pump", "v1") == "1"  # already there: nothing moved, nothing stacked
-    assert registry._history("pump", "champion") == []
+    assert registry._history("pump", "champion", "1") == []
     log = json.loads(c.get_registered_model("pump").tags["champion_log"])
     assert [entry["to"] for entry in log] == ["1"]
     assert registry.version_number(" v07 ") == "7" and registry.version_number("champion") is None
