@@ -70,7 +70,8 @@ def canonical_store_uri(uri: str) -> str:
     names one file from wherever it is run), so locks keyed on the store agree however it is named."""
     prefix = "sqlite:///"
     if uri.startswith(prefix):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+        path, sep, query = uri[len(prefix):].partition("?")  # SQLAlchemy's options (?timeout=30) stay
+        return prefix + str(Path(path).resolve()) + sep + query
     return uri
 
 

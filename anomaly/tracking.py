@@ -76,7 +76,7 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
 
     for field, uri in (("mlflow.tracking_uri", tracking_uri), ("mlflow.registry_uri", registry_uri)):
         if uri and uri.startswith("sqlite:///"):
-            path = Path(uri[len("sqlite:///"):])
+            path = Path(uri[len("sqlite:///"):].partition("?")[0])  # SQLAlchemy's options (?timeout=30) aside
             if not create and not path.is_file():
                 raise ConfigError(field, f"no MLflow store at {path}: the file does not exist (nothing was trained "
                                          f"there; check the URI, or train a model first)")
@@ -123,10 +123,21 @@ def ensure_experiment(name: str, artifact_location: str) -> str:
     """The experiment's id, creating it (with its artifact root) when it does not exist."""
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     try:
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
-            exp_id = mlflow.create_experiment(name, artifact_location=artifact_uri(artifact_location))
+            try:
+                exp_id = mlflow.create_experiment(name, artifact_location=artifact_uri(artifact_location))
+            except MlflowException as exc:
+                # another process created it since the look-up (two first runs on a new store at once)
+                exp = mlflow.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+                log.info("experiment %r was created by another process meanwhile (%s); using it", name,
+                         exc.error_code)
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
         mlflow.set_experiment(experiment_id=exp_id)

@@ -115,7 +115,7 @@ def local_port(bootstrap_servers: str) -> int | None:
 
 def sqlite_file(uri: str) -> Path | None:
     """The file behind a ``sqlite:///`` URI (relative to the working directory), else None."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def mlflow_server_command(python: str, tracking_uri: str, artifact_root: str, port: int) -> list[str] | None:

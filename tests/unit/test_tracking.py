@@ -151,3 +151,40 @@ def test_mlflows_own_store_variables_are_said_to_be_unread(tmp_path, monkeypatch
     other = f"sqlite:///{tmp_path / 'other.db'}"  # a second store in one process: mlflow's own setting of the
     tracking.configure(other)  # variables for the first is not the user's
     assert not caplog.records
+
+
+def test_an_experiment_created_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    # Two first runs on a new store at once: both looked the experiment up (none), both created it, and
+    # the second failed on the store's unique name ("RegistryError: cannot open experiment ... already
+    # exists"). Against a real SQLite store, the look-up made to miss once, as the loser of that race sees it.
+    import mlflow
+
+    from anomaly import tracking
+
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    winner = mlflow.create_experiment("anomaly", artifact_location=(tmp_path / "art").as_uri())
+    real, calls = mlflow.get_experiment_by_name, []
+
+    def late_lookup(name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", late_lookup)
+    assert tracking.ensure_experiment("anomaly", str(tmp_path / "art")) == winner
+    assert len(calls) == 2
+
+
+def test_a_sqlite_uri_with_sqlalchemy_options_names_its_file(tmp_path):
+    # MLflow reads sqlite:////path/mlflow.db?timeout=30; the read-only commands looked for a file named
+    # "mlflow.db?timeout=30" and refused the store.
+    import mlflow
+
+    from anomaly import tracking
+    from anomaly.config import canonical_store_uri
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.configure(uri)
+    mlflow.search_experiments()  # the store made
+    tracking.configure(uri + "?timeout=30", create=False)  # it exists: no error
+    assert canonical_store_uri("sqlite:///rel/m.db?timeout=30").endswith("/rel/m.db?timeout=30")
+    assert canonical_store_uri("sqlite:///rel/m.db?timeout=30").startswith("sqlite:////")
