@@ -151,7 +151,7 @@ class History:
         """Per entity: a frame indexed by UTC time (sorted, a repeated ``ts`` keeps its first reading),
         one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
         An entity with at least one labelled reading also gets ``LABEL_COLUMN`` (1.0 anomalous, 0.0
-        normal; a reading without a label counts as normal)."""
+        normal, NaN for a reading without a label)."""
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
         for entity in sorted(self._by_entity):
@@ -164,7 +164,8 @@ class History:
                             dtype=np.float64).reshape(len(kept), len(sensors))
             frame = pd.DataFrame(data, index=pd.DatetimeIndex(index, name="ts"), columns=list(sensors))
             if any(lab is not None for _, lab in pairs):
-                labels = pd.Series([1.0 if lab else 0.0 for _, lab in pairs], index=frame.index)
+                labels = pd.Series([np.nan if lab is None else 1.0 if lab else 0.0 for _, lab in pairs],
+                                   index=frame.index)
                 # a label on any reading of a repeated ts marks it, as `anomaly score` counts them
                 frame[LABEL_COLUMN] = labels.groupby(level=0).transform("max").to_numpy()
             # a repeated ts keeps the first reading, as the worker does (a later one is a late duplicate)
@@ -737,16 +738,24 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
                                    max_fill_steps=settings.stream_max_fill_steps, late_as_gaps=True)
         values = prepared.values
         gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)
-        if raw_labels is not None:
-            labels = labels_on_grid(frame.index, raw_labels.to_numpy() > 0, prepared)
+        truth = raw_labels.to_numpy(dtype=np.float64) if raw_labels is not None else None
+        unlabelled = None  # grid rows no labelled reading speaks for (None: every row has its truth)
+        if truth is not None:
+            labels = labels_on_grid(frame.index, truth > 0, prepared)
             drop = exclusion_mask(len(values), np.flatnonzero(labels), 1, rt.exclude_margin_rows)
             facts["labelled_entities"] += 1
             facts["labelled_rows"] += int(labels.sum())
+            if np.isnan(truth).any():  # some readings carry no label: the champion's opinion stands there
+                unlabelled = ~labels_on_grid(frame.index, ~np.isnan(truth), prepared)
         else:
+            drop = np.zeros(len(values), dtype=bool)
+            unlabelled = np.ones(len(values), dtype=bool)
+        if unlabelled is not None and unlabelled.any():
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
             flagged = scored.end_rows[champion.threshold.for_entity(entity).series_flags(scored.scores)]
-            drop = exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
+            flagged = flagged[unlabelled[flagged]]  # a window ending on a labelled row: its truth decided
+            drop |= exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
         drop = drop | gaps  # stand-ins for outages the fill policy does not bridge: neither train nor hold out
         train_segs, hold_segs = split_segments(~drop, rt.holdout_fraction, w)
@@ -763,7 +772,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
                 if b - a >= w:
                     recent.append(values[cut + a:cut + b])
                     recent_entities.append(entity)
-        if raw_labels is not None and cut is not None and len(values) - cut >= w:
+        if truth is not None and unlabelled is None and cut is not None and len(values) - cut >= w:
             tails.append((values[cut:], labels[cut:]))
             tail_entities.append(entity)
         facts["entities"].append(entity)

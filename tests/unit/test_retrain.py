@@ -273,10 +273,10 @@ def test_history_adds_a_label_column_for_labelled_entities():
     h = History(max_readings=10, lookback_s=100)
     h.add(reading("e", 1.0), label=False)
     h.add(reading("e", 2.0), label=True)
-    h.add(reading("e", 3.0))  # unlabelled reading of a labelled entity: normal
+    h.add(reading("e", 3.0))  # unlabelled reading of a labelled entity: no truth (NaN)
     h.add(reading("f", 1.0))
     frames = h.frames(["a", "b"])
-    assert frames["e"][LABEL_COLUMN].tolist() == [0.0, 1.0, 0.0]
+    assert frames["e"][LABEL_COLUMN].tolist()[:2] == [0.0, 1.0] and np.isnan(frames["e"][LABEL_COLUMN].iloc[2])
     assert LABEL_COLUMN not in frames["f"]
     h.add(reading("e", 3.0, a=9.0), label=True)  # a repeat of ts 3 labelled anomalous: its slot is marked
     h.add(reading("e", 2.0), label=False)  # a normal repeat does not unmark one
@@ -850,3 +850,40 @@ def test_the_gate_measures_both_models_on_windows_neither_chose():
     same, twin = _compare(champion, detector(0, 1.0, bar), data, (1.0, 1.0), w)
     assert same == twin and same.false_alarm_rate > 0.004
     assert not decide(same, twin, rt.min_improvement, rt.max_false_alarm_increase).promote
+
+
+def test_readings_without_a_label_keep_the_champions_opinion_beside_labelled_ones():
+    # One reading carrying retrain.label_field made the entity "labelled": every unlabelled reading counted
+    # as normal truth, so a fault the champion flags (300 rows) trained the challenger as normal.
+    from types import SimpleNamespace
+
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    w, n = 5, 3000
+    a = np.random.default_rng(0).standard_normal(n)
+    a[1500:1650] += 8.0  # a fault the champion flags
+
+    def score_values(values):
+        s = np.convolve(np.asarray(values)[:, 0] ** 2, np.ones(w) / w, mode="valid")
+        return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
+
+    threshold = SimpleNamespace(value=4.0, series_flags=lambda s: np.asarray(s) > 4.0)
+    threshold.for_entity = lambda entity: threshold
+    champion = SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
+                               threshold=threshold)
+    settings = build_settings({})
+    for labelled in ({}, {10: False}, {1600: True}):
+        h = History(max_readings=10**6, lookback_s=1e12)
+        for i in range(n):
+            h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": 0.0}), labelled.get(i))
+        data = _prepare(h, champion, settings)
+        trained = data.train_values[:, 0][~data.gaps] if data.gaps is not None else data.train_values[:, 0]
+        assert int((trained > 5).sum()) == 0, labelled  # the fault stays out of training
+        assert data.facts["flagged_windows"] > 100
+        assert data.labelled_tails == []  # no event comparison on a tail whose truth is partial
+    # every reading labelled: the truth decides alone (an explicit "normal" everywhere keeps the fault in)
+    h = History(max_readings=10**6, lookback_s=1e12)
+    for i in range(n):
+        h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": 0.0}), False)
+    assert _prepare(h, champion, settings).facts["flagged_windows"] == 0
