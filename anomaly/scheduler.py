@@ -508,7 +508,9 @@ class RetrainScheduler:
         if job is not None and job.next_run_time is not None:
             self.metrics.set_next_run(job.next_run_time.timestamp())
 
-    def _save_last_run(self) -> None:
+    def _save_last_run(self, running_since: float | None = None) -> None:
+        """Write the last run's outcome and times (``last.json``); ``running_since``: a run started then
+        and has not ended (a restart that finds it there counts it as interrupted)."""
         path = last_run_path(self.settings.job_store)
         try:
             with self._save_guard:
@@ -516,6 +518,8 @@ class RetrainScheduler:
                 last = self.metrics.last_run()
                 if self._drift_trigger_ts is not None:
                     last["drift_trigger_ts"] = self._drift_trigger_ts
+                if running_since is not None:
+                    last["running_since"] = running_since
                 tmp.write_text(json.dumps(last), encoding="utf-8")
                 tmp.replace(path)
         except OSError as exc:  # bookkeeping: never let it disturb the scheduler
@@ -533,6 +537,14 @@ class RetrainScheduler:
         if isinstance(last, dict):
             self.metrics.restore(last)
             self._restore_cooldown(last)
+            started = last.get("running_since")
+            if isinstance(started, (int, float)) and not isinstance(started, bool) and started > 0:
+                # APScheduler moved the job's next run on when it started this one; nothing else says it died
+                log.error("scheduler: the retrain started at %s never finished (its process was killed: out of "
+                          "memory, or a stop's grace ran out); counted as an error",
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)))
+                self.metrics.interrupted(float(started))
+                self._save_last_run()
 
     def _restore_cooldown(self, last: Mapping[str, Any]) -> None:
         """The drift gate's cooldown over a restart: the last trigger and the last retrain's end (wall clock,
@@ -568,6 +580,7 @@ class RetrainScheduler:
             self._restore_job_kwargs()
             log.info("scheduler: job %s started (scheduled for %s)", event.job_id, _first(event.scheduled_run_times))
             self.metrics.job_started()
+            self._save_last_run(running_since=time.time())
         elif code == EVENT_JOB_EXECUTED:
             retval = event.retval if isinstance(event.retval, dict) else {}
             status, reason = str(retval.get("status", "ok")), retval.get("reason", "")

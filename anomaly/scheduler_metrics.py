@@ -119,6 +119,14 @@ class SchedulerMetrics:
         if last.get("last_outcome") in OUTCOMES:
             self._last_outcome = last["last_outcome"]
 
+    def interrupted(self, started_ts: float) -> None:
+        """A run that started at ``started_ts`` (epoch s) and never ended: its process was killed (out of
+        memory, SIGKILL after a stop's grace). Counted as an ``error`` that ran then (after a restart,
+        whose counters start from zero)."""
+        self.finished.labels(outcome="error").inc()
+        self._last_outcome = "error"
+        self.last_run_ts.set(max(float(started_ts), self.value(f"{PREFIX}_last_run_timestamp_seconds") or 0.0))
+
     def last_run(self) -> dict[str, Any]:
         """The last run's outcome and times, for ``restore`` after a restart."""
         return {"last_run_ts": self.value(f"{PREFIX}_last_run_timestamp_seconds"),

@@ -203,3 +203,38 @@ def test_a_stop_while_a_job_runs_waits_for_it_and_returns(tmp_path):
     stopper.join(20)
     assert not stopper.is_alive(), "stop() never returned: the job's end deadlocked the shutdown"
     assert sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "skipped"}) == 1
+
+
+def test_a_run_whose_process_was_killed_is_counted_as_an_error_after_the_restart(tmp_path):
+    # APScheduler moves the job's next run on as it starts one; a retrain killed mid-run (out of memory,
+    # SIGKILL after a stop's grace) left no trace: not failed, not missed, and "overdue" never fired when no
+    # run had ever ended. The scheduler now marks a run as running when it starts it.
+    import json
+    import shutil
+
+    from anomaly.scheduler import last_run_path
+
+    base = str(tmp_path / "job")
+    settings = sched_settings(tmp_path, interval_s=1)
+    sched = RetrainScheduler(settings, {"path": base}, func="tests.integration.test_scheduler:blocking_job")
+    sched.start()
+    try:
+        assert wait_for(lambda: Path(base + ".started").exists(), 30), "the job never started"
+        last = json.loads(last_run_path(settings.job_store).read_text())
+        assert last["running_since"] > time.time() - 60
+        killed = tmp_path / "at-the-kill.json"  # what a killed process leaves behind
+        shutil.copy(last_run_path(settings.job_store), killed)
+    finally:
+        Path(base + ".release").touch()
+        sched.stop()
+    assert "running_since" not in json.loads(last_run_path(settings.job_store).read_text())  # ended: cleared
+    shutil.copy(killed, last_run_path(settings.job_store))
+    again = RetrainScheduler(sched_settings(tmp_path, interval_s=3600), {"path": base}, func=STUB)
+    again.start()
+    try:
+        health = again.metrics.health()
+        assert health["last_outcome"] == "error" and health["last_run_ts"] == pytest.approx(last["running_since"], abs=1e-3)
+        assert again.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) == 1
+        assert "running_since" not in json.loads(last_run_path(settings.job_store).read_text())  # said once
+    finally:
+        again.stop()
