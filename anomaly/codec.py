@@ -255,6 +255,18 @@ def _reject_constant(token: str) -> _NonFinite:
     return _NonFinite(token)
 
 
+def entity_problem(entity: Any) -> str | None:
+    """Why ``entity`` is not a usable entity id (the reason a reading carrying it is a dead letter), or None."""
+    if not isinstance(entity, str) or not entity.strip():
+        return f"entity is not a non-empty string: {_describe(entity)}"
+    problem = _name_problem(entity)
+    if problem:
+        return f"entity {problem}: {_short(entity)}"
+    if len(entity) > MAX_ENTITY_CHARS:
+        return f"entity is longer than {MAX_ENTITY_CHARS} characters ({len(entity)}): {_short(entity)}"
+    return None
+
+
 def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) -> Reading | BadRecord:
     """One input record's bytes as a ``Reading``, or a ``BadRecord`` saying why not. Never raises.
 
@@ -295,13 +307,9 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None) -> Rea
         return BadRecord(f"missing field{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
 
     entity = doc["entity"]
-    if not isinstance(entity, str) or not entity.strip():
-        return BadRecord(f"entity is not a non-empty string: {_describe(entity)}")
-    problem = _name_problem(entity)
+    problem = entity_problem(entity)
     if problem:
-        return BadRecord(f"entity {problem}: {_short(entity)}")
-    if len(entity) > MAX_ENTITY_CHARS:
-        return BadRecord(f"entity is longer than {MAX_ENTITY_CHARS} characters ({len(entity)}): {_short(entity)}")
+        return BadRecord(problem)
 
     ts = _epoch_seconds(doc["ts"])
     if isinstance(ts, str):

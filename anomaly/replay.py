@@ -171,7 +171,7 @@ def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: 
     if offset_rows < 0:
         raise ValueError(f"offset_rows must be >= 0, got {offset_rows}")
     if not entity or not str(entity).strip():
-        raise ValueError("entity must be a non-empty name")
+        raise DataError(f"cannot replay an entity with an empty or blank id: {str(entity)!r}")
     if not isinstance(frame.index, pd.DatetimeIndex):
         raise DataError(f"replay needs a frame indexed by timestamps, got a {type(frame.index).__name__}")
     if len(frame) == 0 or frame.shape[1] == 0:
@@ -196,6 +196,10 @@ def replay_plan(frame: pd.DataFrame, entity: str, copies: int = 1, offset_rows: 
         names = [f"{entity}-{i}" for i in range(copies)]
     elif len(names) != copies:
         raise ValueError(f"{len(names)} names for {copies} copies")
+    for name in names:  # a worker would dead-letter every reading of it: say so before sending any
+        problem = codec.entity_problem(name)
+        if problem:
+            raise DataError(f"cannot replay entity {name[:80]!r}: {problem}")
     delays = [i * offset_rows * period_s for i in range(copies)]
     values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
     return ReplayPlan(names, [str(c) for c in frame.columns], values, offsets_s, order, delays, start, period_s)

@@ -99,7 +99,11 @@ def test_every_planned_reading_encodes_as_contract_json():
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"copies": 0}, ValueError), ({"offset_rows": -1}, ValueError), ({"entity": " "}, ValueError),
+    ({"copies": 0}, ValueError), ({"offset_rows": -1}, ValueError),
+    # ids a worker dead-letters: refused before sending (a blank id in a table's entity column crashed
+    # `anomaly replay` with a traceback; a 1100-character one went out as 100 % dead letters)
+    ({"entity": " "}, DataError), ({"entity": "x" * 1100, "copies": 1, "names": ["x" * 1100]}, DataError),
+    ({"entity": "p", "copies": 1, "names": ["a\u0000b"]}, DataError),
 ])
 def test_bad_plan_arguments(kwargs, error):
     args = {"entity": "p", **kwargs}
