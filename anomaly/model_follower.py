@@ -83,8 +83,10 @@ class ModelFollower:
         except Exception as exc:  # the registry adapter raises what mlflow raises
             raise RegistryError(f"cannot resolve {self.ref}: {exc}") from exc
         if version is None:
-            raise RegistryError(f"{self.ref} points to no version (or the registry cannot be reached): "
-                                f"promote one with `anomaly models promote VERSION`")
+            raise RegistryError(f"{self.ref} points to no version (or the registry cannot be reached) in the "
+                                f"registry at {_registry_uri()}: promote one with `anomaly models promote VERSION` "
+                                f"(or check mlflow.tracking_uri: a relative sqlite path is read from the folder "
+                                f"the worker runs in)")
         try:
             detector, loaded = self._loader(model_name, version)
         except Exception as exc:
@@ -218,3 +220,15 @@ def wait_for_follower(make: Callable[[], "ModelFollower"], timeout_s: float, *, 
             sleep(retry_s)
             if stopped():
                 return None
+
+
+def _registry_uri() -> str:
+    """The registry URI in use, a relative ``sqlite:///`` path made absolute (where it was looked for)."""
+    try:
+        import mlflow
+
+        from anomaly.config import canonical_store_uri
+
+        return canonical_store_uri(mlflow.get_registry_uri())
+    except Exception:  # only for a message
+        return "(unknown)"

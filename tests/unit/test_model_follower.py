@@ -65,9 +65,15 @@ def test_a_rollback_is_followed_too():
     assert f.poll() == ("detector-v4", "4")
 
 
-def test_nothing_to_load_at_start_is_a_registry_error():
-    with pytest.raises(RegistryError, match="points to no version"):
+def test_nothing_to_load_at_start_is_a_registry_error(tmp_path, monkeypatch):
+    import mlflow
+
+    # where it looked: a worker started from another folder read a relative sqlite path there (an empty store)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: "sqlite:///mlruns/mlflow.db")
+    with pytest.raises(RegistryError, match="points to no version") as info:
         follower(FakeRegistry(alias=None), Clock())
+    assert f"registry at sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db" in str(info.value)
     with pytest.raises(RegistryError, match="cannot load pump v1"):
         follower(FakeRegistry(broken={"1"}), Clock())
     reg = FakeRegistry()
