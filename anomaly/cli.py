@@ -505,18 +505,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
                                   on_failure=lambda reason: metrics.model_load_failed()),
             w.wait_for_model_s, on_wait=lambda reason: metrics.set_health("starting", detail=reason),
             sleep=stopping.wait, stopped=stopping.is_set)
+        # the wait's handlers stay until the worker's own are in (a SIGTERM while the worker was being built,
+        # connecting to the broker, killed it with 143 instead of a clean exit 0)
+        worker = None if follower is None or stopping.is_set() else Worker(options_from_settings(settings),
+                                                                            follower, metrics)
     except BaseException:
         metrics.stop_http()
         raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if follower is None or stopping.is_set():
+    if worker is not None:
+        worker.install_signal_handlers()
+    if worker is None or stopping.is_set():
         metrics.stop_http()
-        log.info("worker: stopped while waiting for a model")
+        log.info("worker: stopped %s", "while waiting for a model" if worker is None else "while starting")
         return 0
-    worker = Worker(options_from_settings(settings), follower, metrics)
-    worker.install_signal_handlers()
     log.info("worker: %s@%s v%s, %s -> %s (group %s)%s", settings.mlflow.model_name, w.model_alias, follower.version,
              settings.kafka.input_topic, settings.kafka.events_topic, settings.kafka.group_id,
              f", metrics on http://{w.metrics_host}:{port}/metrics" if port else "")

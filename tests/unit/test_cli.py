@@ -638,3 +638,43 @@ def test_a_one_shot_command_stopped_by_sigterm_unwinds_as_ctrl_c_and_exits_143(m
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "terminated" in capsys.readouterr().err
+
+
+def test_a_worker_stopped_while_it_is_being_built_exits_0(tmp_path, monkeypatch, caplog):
+    # The wait's SIGTERM handler was put back before the worker was built, and the worker's own came after:
+    # a SIGTERM in between (building connects nothing, but traces the model) killed it with 143, not exit 0.
+    import logging
+    import os
+    import signal
+
+    from anomaly import model_follower, worker
+
+    class Follower:
+        model_name, version = "pump", "1"
+
+    class Worker:
+        ran = False
+
+        def __init__(self, *args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)  # the operator stops it now
+
+        def install_signal_handlers(self):
+            pass
+
+        def run(self, **kwargs):
+            Worker.ran = True
+
+    monkeypatch.setattr(model_follower, "wait_for_follower", lambda *a, **k: Follower())
+    monkeypatch.setattr(worker, "Worker", Worker)
+    config = tmp_path / "a.toml"
+    config.write_text(f'[mlflow]\ntracking_uri = "sqlite:///{tmp_path}/mlflow.db"\n[worker]\nmetrics_port = -1\n')
+    unhandled = []
+    guard = lambda *_: unhandled.append(True)  # noqa: E731
+    before = signal.signal(signal.SIGTERM, guard)
+    try:
+        with caplog.at_level(logging.INFO, logger="anomaly"):
+            assert main(["worker", "--config", str(config)]) == 0
+        assert signal.getsignal(signal.SIGTERM) is guard
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not Worker.ran and not unhandled and "worker: stopped while starting" in caplog.text
