@@ -304,7 +304,6 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
     options = consumer_options(bootstrap_servers, None, client_options=client_options)
     options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
     deadline = time.monotonic() + timeout_s
-    records: list[ConsumerRecord] = []
     consumer = KafkaConsumer(**options)
     try:
         partitions = consumer.partitions_for_topic(topic)
@@ -316,19 +315,26 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        last_record_at = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline or now - last_record_at >= idle_s:
-                break
-            step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
-            batch = consumer.poll(timeout_ms=step_ms)
-            for part in batch.values():
-                if part:
-                    records.extend(part)
-                    last_record_at = time.monotonic()
+        records = _poll_until_idle(consumer, deadline, idle_s)
     finally:
         consumer.close(autocommit=False)
+    return records
+
+
+def _poll_until_idle(consumer: Any, deadline: float, idle_s: float) -> list[ConsumerRecord]:
+    """What ``consumer`` polls until no new record came for ``idle_s`` (or the monotonic ``deadline``),
+    sorted by partition/offset."""
+    records: list[ConsumerRecord] = []
+    last_record_at = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now >= deadline or now - last_record_at >= idle_s:
+            break
+        step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
+        for part in consumer.poll(timeout_ms=step_ms).values():
+            if part:
+                records.extend(part)
+                last_record_at = time.monotonic()
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
 
@@ -345,7 +351,6 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
     options = consumer_options(bootstrap_servers, None, client_options=client_options)
     options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
     deadline = time.monotonic() + timeout_s
-    found: list[ConsumerRecord] = []
     consumer = _connect("a consumer", bootstrap_servers, KafkaConsumer, options)
     try:
         partitions = consumer.partitions_for_topic(topic)
@@ -360,20 +365,9 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
         consumer.assign(wanted)
         for tp in wanted:
             consumer.seek(tp, max(first[tp], end[tp] - max(int(records), 1)))
-        last_record_at = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline or now - last_record_at >= idle_s:
-                break
-            step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
-            for part in consumer.poll(timeout_ms=step_ms).values():
-                if part:
-                    found.extend(part)
-                    last_record_at = time.monotonic()
+        return _poll_until_idle(consumer, deadline, idle_s)
     finally:
         consumer.close(autocommit=False)
-    found.sort(key=lambda record: (record.partition, record.offset))
-    return found
 
 
 def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicPartition, OffsetAndMetadata]:
