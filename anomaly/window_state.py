@@ -6,17 +6,9 @@ never reads a clock (stream time is the readings' own ``ts``), a socket or a fil
 
 Semantics (README quotes this section)
 --------------------------------------
-- **Grid.** A reading's slot is its entity's nearest grid point, on one of two grids fixed by the
-  entity's first reading: the multiples of the model's sampling period ``period_s`` (slot
-  ``floor(ts / period_s + 0.5)``, halves up), or, for an entity whose first reading lies between a
-  quarter and three quarters of a period past a multiple, the grid half a period off them (slot
-  ``floor(ts / period_s)``, time ``(slot + 0.5) * period_s``). A device stamping near the middle of
-  the period (readings at :05, :15 ... for a 10 s model) with some jitter would otherwise fall now on
-  one slot, now on the next, two readings colliding in one slot (one dropped as a duplicate) and the
-  next slot filled; every entity keeps a quarter of a period of jitter either way. Window times are
-  slot times, not the raw reading times, so the same readings always give the same windows. The grid
-  is chosen again when the entity's state is dropped (evicted, revoked, a restart), from its next
-  reading: a device whose stamps keep their phase keeps its grid.
+- **Grid.** A reading's slot is ``floor(ts / period_s + 0.5)``: the nearest multiple of the model's
+  sampling period (halves round up). Window times are slot times (``slot * period_s``), not the raw
+  reading times, so the same readings always give the same windows.
 - **Sealed.** A slot is sealed once the entity has a reading at least ``grace_slots`` slots later
   (with ``grace_slots = 0`` a reading seals its own slot at once). Sealing is final: what a sealed
   slot holds never changes.
@@ -106,12 +98,6 @@ class WindowPolicy:
         """The grid slot of epoch seconds ``ts``: the nearest multiple of ``period_s``, halves up."""
         return math.floor(ts / self.period_s + 0.5)
 
-    def half_grid(self, ts: float) -> bool:
-        """Whether an entity whose first reading is stamped ``ts`` takes the grid half a period off the
-        multiples of ``period_s``: ``ts`` lies a quarter to three quarters of a period past one."""
-        phase = ts / self.period_s
-        return 0.25 <= phase - math.floor(phase) < 0.75
-
 
 @dataclass(frozen=True)
 class ReadyWindow:
@@ -119,7 +105,7 @@ class ReadyWindow:
 
     entity: str
     values: np.ndarray  # (W, F) the W slots ending at end_ts, sensors in the store's order
-    end_ts: float  # epoch s of the last slot (its grid time: module docstring)
+    end_ts: float  # epoch s of the last slot (slot * period_s)
     start_ts: float  # epoch s of the first slot
     partition: int  # partition of the reading in the last slot
     end_offset: int  # offset of the reading in the last slot
@@ -151,14 +137,12 @@ class ReadyBatch:
 class _Chunk:
     """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
 
-    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts",
-                 "shift")
+    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts")
 
     def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
                  end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray,
-                 reading_ts: np.ndarray, shift: float) -> None:
+                 reading_ts: np.ndarray) -> None:
         self.entity = entity
-        self.shift = shift  # the entity's grid: 0.0 (multiples of the period) or 0.5 (half a period off)
         self.values = values  # (k, W, F)
         self.end_slot = end_slot  # (k,)
         self.partition = partition  # (k,)
@@ -172,11 +156,9 @@ class _Entity:
     """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
 
     __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
-                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs", "unaligned", "shift")
+                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs", "unaligned")
 
-    def __init__(self, capacity: int, n_sensors: int, shift: float) -> None:
-        # The entity's grid (module docstring): slot s is at (s + shift) * period_s, shift 0.0 or 0.5.
-        self.shift = shift
+    def __init__(self, capacity: int, n_sensors: int) -> None:
         # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset, ts).
         self.pending: dict[int, tuple[list[float | None], int, int, float]] = {}
         self.max_slot: int | None = None  # newest slot that holds a reading (sealing is relative to it)
@@ -263,20 +245,14 @@ class WindowStore:
         Sensors are read in the store's order; a sensor absent from ``reading.values`` is missing
         (``None``), and sensors the store does not know are ignored (callers validate sensor sets).
         """
-        policy = self.policy
-        slot = policy.slot(reading.ts)
+        slot = self.policy.slot(reading.ts)
         if slot > self._watermark.get(partition, slot - 1):
             self._watermark[partition] = slot
         state = self._entities.get(entity)
         if state is None:
-            state = self._entities[entity] = self._new_entity(reading.ts)
-        if state.shift:
-            slot = math.floor(reading.ts / policy.period_s)
+            state = self._entities[entity] = _Entity(self._capacity, len(self.sensors))
         return self._place(entity, state, slot, [reading.values.get(name) for name in self.sensors], partition,
                            int(offset), float(reading.ts))
-
-    def _new_entity(self, ts: float) -> _Entity:
-        return _Entity(self._capacity, len(self.sensors), 0.5 if self.policy.half_grid(ts) else 0.0)
 
     def add_many(self, entities: Sequence[str], ts: np.ndarray, values: np.ndarray, partitions: np.ndarray,
                  offsets: np.ndarray) -> dict[str, int]:
@@ -309,16 +285,6 @@ class WindowStore:
         bounds = np.flatnonzero(np.diff(codes)) + 1
         group_starts = [0, *bounds.tolist()]
         group_ends = [*bounds.tolist(), n]
-        entities_state = self._entities
-        states = []
-        for a, b in zip(group_starts, group_ends):  # each entity's state (a new one's grid from its first reading)
-            entity = names[int(codes[a])]
-            state = entities_state.get(entity)
-            if state is None:
-                state = entities_state[entity] = self._new_entity(float(stamps[a]))
-            if state.shift:  # the grid half a period off the multiples
-                slots[a:b] = np.floor(stamps[a:b] / self.policy.period_s)
-            states.append((entity, state))
         # Where a bulk run must stop: a new entity, a slot that is not the next one, a missing sensor,
         # another partition.
         if self.policy.grace_slots == 0:  # with grace, readings wait in pending slots: one by one
@@ -329,8 +295,13 @@ class WindowStore:
             breaks = None
         slot_list, part_list, off_list, ts_list = slots.tolist(), partitions.tolist(), offsets.tolist(), stamps.tolist()
         complete_list = complete.tolist()
+        entities_state = self._entities
         place = self._place
-        for (a, b), (entity, state) in zip(zip(group_starts, group_ends), states):
+        for g, (a, b) in enumerate(zip(group_starts, group_ends)):
+            entity = names[int(codes[a])] if g else names[int(codes[0])]
+            state = entities_state.get(entity)
+            if state is None:
+                state = entities_state[entity] = _Entity(self._capacity, len(self.sensors))
             q = a
             while q < b:
                 if (breaks is not None and b - q >= _BULK_MIN and state.n > 0 and complete_list[q]
@@ -462,7 +433,7 @@ class WindowStore:
                                   np.array([partition]), np.array([offset]),
                                   np.array([state.filled[lo:state.n].sum()]),
                                   np.array([state.off[lo:state.n][state.part[lo:state.n] == partition].min()]),
-                                  np.array([ts]), state.shift))
+                                  np.array([ts])))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
@@ -502,7 +473,7 @@ class WindowStore:
                 window_off = joined_off[gather]
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
                                       np.full(len(j), partition), offs[j], filled, window_off.min(axis=1),
-                                      stamps[j], state.shift))
+                                      stamps[j]))
             state.last_end = first_slot + int(j[-1])
             state.unaligned = 0
             if state.queued_needs is None:  # the first window queued: its rows and every later one
@@ -573,7 +544,6 @@ class WindowStore:
             c = chunks[0]
             values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
             start_offset, reading_ts = c.start_offset, c.reading_ts
-            shift = c.shift
         else:
             values = np.concatenate([c.values for c in chunks])
             end_slot = np.concatenate([c.end_slot for c in chunks])
@@ -582,9 +552,7 @@ class WindowStore:
             filled = np.concatenate([c.filled for c in chunks])
             start_offset = np.concatenate([c.start_offset for c in chunks])
             reading_ts = np.concatenate([c.reading_ts for c in chunks])
-            shift = (np.concatenate([np.full(len(c.end_slot), c.shift) for c in chunks])
-                     if any(c.shift for c in chunks) else 0.0)
-        return ReadyBatch(entities, values, (end_slot + shift) * period, (end_slot - w + 1 + shift) * period,
+        return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
                           start_offset.astype(np.int64), np.asarray(reading_ts, dtype=np.float64))
 
@@ -667,8 +635,8 @@ class WindowStore:
             if state.last_end is None:
                 scored[name], first = -math.inf, 0
             else:
-                scored[name] = (state.last_end + state.shift) * period
-                oldest = math.floor((scored[name] + step_s - history_s) / period - state.shift + 1e-9)  # its slot
+                scored[name] = state.last_end * period
+                oldest = math.floor((state.last_end * period + step_s - history_s) / period + 1e-9)  # its slot
                 first = max(oldest - (state.run_end - state.n + 1), 0)
             if state.n > 0:
                 _merge_min(seek, _rows_needs(state, first))
