@@ -387,6 +387,11 @@ class RetrainScheduler:
         self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
         self._trigger_guard = threading.Lock()  # a trigger and the stop flag: a stop comes before or after it
         self._save_guard = threading.Lock()  # last.json is written from the drift thread and the executor's
+        # retrain runs begun (SUBMITTED) and ended (EXECUTED, ERROR, MISSED): the events come on two threads and a
+        # quick run's end can come before its start, so a run is marked running in last.json only while more
+        # have begun than ended
+        self._runs_begun = self._runs_ended = 0
+        self._runs_guard = threading.Lock()
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -580,7 +585,10 @@ class RetrainScheduler:
             self._restore_job_kwargs()
             log.info("scheduler: job %s started (scheduled for %s)", event.job_id, _first(event.scheduled_run_times))
             self.metrics.job_started()
-            self._save_last_run(running_since=time.time())
+            with self._runs_guard:
+                self._runs_begun += 1
+                if self._runs_begun > self._runs_ended:
+                    self._save_last_run(running_since=time.time())
         elif code == EVENT_JOB_EXECUTED:
             retval = event.retval if isinstance(event.retval, dict) else {}
             status, reason = str(retval.get("status", "ok")), retval.get("reason", "")
@@ -592,12 +600,10 @@ class RetrainScheduler:
             seconds = retval.get("seconds")
             self.metrics.job_finished(outcome, seconds if isinstance(seconds, (int, float)) else None)
             self._retrain_finished()
-            self._save_last_run()
         elif code == EVENT_JOB_ERROR:
             log.error("scheduler: job %s raised %r", event.job_id, event.exception)
             self.metrics.job_finished("error")
             self._retrain_finished()
-            self._save_last_run()
         elif code == EVENT_JOB_MISSED:
             log.warning("scheduler: job %s missed its run at %s (over misfire_grace_s=%s); skipped",
                         event.job_id, event.scheduled_run_time, self.settings.misfire_grace_s)
@@ -607,6 +613,9 @@ class RetrainScheduler:
         elif code == EVENT_JOB_MAX_INSTANCES:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
         if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR, EVENT_JOB_MISSED):
+            with self._runs_guard:  # saved without the running mark its start left (a missed run's too)
+                self._runs_ended += 1
+                self._save_last_run()
             # These come on the executor's thread, as the job ends (a missed run: as the executor finds it
             # too late). APScheduler's shutdown holds its job-store lock while it waits for that thread, so
             # reading the store here would deadlock a stop that comes while a job runs (a SIGTERM

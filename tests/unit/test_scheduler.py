@@ -378,3 +378,42 @@ def test_an_alias_lock_is_one_lock_however_the_registry_file_is_named(tmp_path, 
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+
+
+def test_the_running_mark_is_cleared_by_a_missed_run_and_not_left_by_a_start_that_comes_after_its_end(tmp_path):
+    # APScheduler sends SUBMITTED then MISSED for a run found too late, and a quick run's EXECUTED (the
+    # executor's thread) can come before its SUBMITTED (the scheduler's): either left "running_since" in
+    # last.json, and the next restart counted a run that never died as killed (an error).
+    import json
+    from types import SimpleNamespace
+
+    from apscheduler.events import EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, EVENT_JOB_SUBMITTED
+
+    from anomaly.config import SchedulerSettings
+    from anomaly.scheduler import JOB_ID, RetrainScheduler, last_run_path
+
+    settings = SchedulerSettings(job_store=str(tmp_path / "s.db"), metrics_port=-1)
+    scheduler = RetrainScheduler(settings, {"config": None})
+    scheduler.start()
+
+    def event(code):
+        return SimpleNamespace(code=code, job_id=JOB_ID, scheduled_run_times=[], scheduled_run_time=None,
+                               retval={"status": "skipped", "reason": "test"}, exception=None)
+
+    def mark():
+        return "running_since" in json.loads(last_run_path(settings.job_store).read_text())
+
+    try:
+        scheduler._on_event(event(EVENT_JOB_SUBMITTED))
+        assert mark()
+        scheduler._on_event(event(EVENT_JOB_MISSED))
+        assert not mark()
+        scheduler._on_event(event(EVENT_JOB_EXECUTED))  # a quick run's end first ...
+        scheduler._on_event(event(EVENT_JOB_SUBMITTED))  # ... then its start
+        assert not mark()
+        scheduler._on_event(event(EVENT_JOB_SUBMITTED))  # the next run, in order
+        assert mark()
+        scheduler._on_event(event(EVENT_JOB_EXECUTED))
+        assert not mark()
+    finally:
+        scheduler.stop()
