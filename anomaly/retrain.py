@@ -526,8 +526,8 @@ class _Data:
     entity_tails: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     # (T,) bool: the stand-in rows between two parts of ``train_values`` (no window may touch one); None: none
     gaps: np.ndarray | None = None
-    # Each entity's rows from the hold-out cut on, anomalies and all (outages out), and their entities: both
-    # models' alarm rates are measured there (``_compare``)
+    # Each entity's rows from the hold-out cut on, what the champion flagged included (outages and labelled
+    # anomalies out), and their entities: both models' alarm rates are measured there (``_compare``)
     recent: list[np.ndarray] = field(default_factory=list)
     recent_entities: list[str] = field(default_factory=list)
 
@@ -743,6 +743,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         if truth is not None:
             labels = labels_on_grid(frame.index, truth > 0, prepared)
             drop = exclusion_mask(len(values), np.flatnonzero(labels), 1, rt.exclude_margin_rows)
+            known_faults = drop.copy()  # labelled anomalies and their margin: no false alarm can be raised there
             facts["labelled_entities"] += 1
             facts["labelled_rows"] += int(labels.sum())
             if np.isnan(truth).any():  # some readings carry no label: the champion's opinion stands there
@@ -750,6 +751,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         else:
             drop = np.zeros(len(values), dtype=bool)
             unlabelled = np.ones(len(values), dtype=bool)
+            known_faults = np.zeros(len(values), dtype=bool)
         if unlabelled is not None and unlabelled.any():
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
@@ -767,8 +769,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         holdout.extend(values[a:b] for a, b in hold_segs)
         holdout_entities.extend([entity] * len(hold_segs))
         cut = holdout_cut(~drop, rt.holdout_fraction)
-        if cut is not None:  # the same stretch of time as the hold-out, nothing dropped but outages
-            for a, b in runs(~gaps[cut:]):
+        if cut is not None:  # the same stretch of time as the hold-out, only outages and labelled faults out
+            for a, b in runs(~(gaps | known_faults)[cut:]):
                 if b - a >= w:
                     recent.append(values[cut + a:cut + b])
                     recent_entities.append(entity)
@@ -823,9 +825,9 @@ def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float
              window: int) -> tuple[HoldoutMetrics, HoldoutMetrics]:
     """Both models' hold-out metrics on the same windows: each one's false-alarm rate (its alarms at
     its own threshold, in its own units) over every window of the hold-out's stretch of time
-    (``data.recent``: anomalies and all, outages out), and its mean and p99 error in the common
-    ``unit`` over the hold-out's windows (``data.holdout``: what the champion did not flag) that the
-    challenger does not flag either. Only windows ending at row ``window - 1`` or later of a segment
+    (``data.recent``: what the champion flagged included; outages and labelled anomalies out), and
+    its mean and p99 error in the common ``unit`` over the hold-out's windows (``data.holdout``: what
+    the champion did not flag) that the challenger does not flag either. Only windows ending at row ``window - 1`` or later of a segment
     count (``window``: the longer of the two models' windows), so two models of different window sizes
     are compared on windows ending on the same rows.
 

@@ -887,3 +887,32 @@ def test_readings_without_a_label_keep_the_champions_opinion_beside_labelled_one
     for i in range(n):
         h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": 0.0}), False)
     assert _prepare(h, champion, settings).facts["flagged_windows"] == 0
+
+
+def test_alarms_on_labelled_faults_are_not_false_alarms_in_the_gate():
+    # The gate's alarm rates run over the hold-out's whole stretch of time, the champion's flags included;
+    # labelled faults are not normal time, so alarms there must not count as false (a challenger that
+    # caught a labelled fault the champion missed would have been refused for "more false alarms").
+    from types import SimpleNamespace
+
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    w, n = 5, 2000
+    a = np.random.default_rng(0).standard_normal(n) * 0.1
+    a[1900:1950] += 8.0  # a labelled fault inside the hold-out's stretch
+
+    def score_values(values):
+        s = np.convolve(np.asarray(values)[:, 0] ** 2, np.ones(w) / w, mode="valid")
+        return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
+
+    threshold = SimpleNamespace(value=4.0, series_flags=lambda s: np.asarray(s) > 4.0)
+    threshold.for_entity = lambda entity: threshold
+    champion = SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
+                               threshold=threshold)
+    h = History(max_readings=10**6, lookback_s=1e12)
+    for i in range(n):
+        h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": 0.0}), 1900 <= i < 1950)
+    data = _prepare(h, champion, build_settings({}))
+    recent = np.concatenate(data.recent)
+    assert len(recent) > 300 and recent[:, 0].max() < 5  # the fault (and its margin) left out
