@@ -812,8 +812,6 @@ def test_the_gate_measures_both_models_on_windows_neither_chose():
     # With quantile thresholds (each model alarms on its top 1 % of normal windows) a challenger 20 % better
     # was refused for "more false alarms" (0.0111 vs 0.0000). Both are now measured on the same windows:
     # alarm rates over the hold-out's whole stretch of time, errors over hold-out windows neither flags.
-    from types import SimpleNamespace
-
     from anomaly.config import build_settings
     from anomaly.retrain import _compare, _prepare
 
@@ -822,24 +820,14 @@ def test_the_gate_measures_both_models_on_windows_neither_chose():
     a, b = rng.standard_normal(n), rng.standard_normal(n)  # two alike noise sensors
     null = (np.random.default_rng(1).standard_normal((400_000, w)) ** 2).mean(axis=1)
 
-    def detector(col: int, gain: float, bar: float):  # scores gain x mean square of one sensor over the window
-        def score_values(values):
-            s = gain * np.convolve(np.asarray(values, dtype=float)[:, col] ** 2, np.ones(w) / w, mode="valid")
-            return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
-        threshold = SimpleNamespace(value=bar, series_flags=lambda s: np.asarray(s) > bar,
-                                    series_bars=lambda s: np.full(len(s), bar))
-        threshold.for_entity = lambda entity: threshold
-        return SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
-                               threshold=threshold, scaler=SimpleNamespace(scale=(1.0, 1.0)))
-
     settings = build_settings({})
     history = History(max_readings=100_000, lookback_s=1e12)
     for i in range(n):
         history.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": float(b[i])}))
     bar = float(np.quantile(null, 0.99))
-    champion = detector(0, 1.0, bar)
+    champion = square_detector(w, bar=bar)
     data = _prepare(history, champion, settings)
-    champ, chall = _compare(champion, detector(1, 0.8, 0.8 * bar), data, (1.0, 1.0), w)
+    champ, chall = _compare(champion, square_detector(w, col=1, gain=0.8, bar=0.8 * bar), data, (1.0, 1.0), w)
     assert champ.windows == chall.windows > 0.19 * n
     assert 0.004 < champ.false_alarm_rate < 0.02 and 0.004 < chall.false_alarm_rate < 0.02  # both about 1 %
     assert chall.mean_error < 0.9 * champ.mean_error
@@ -847,7 +835,7 @@ def test_the_gate_measures_both_models_on_windows_neither_chose():
     assert decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase).promote
     # the champion's twin is measured exactly as the champion (on the champion-clean hold-out alone its false
     # alarms were 0 and the twin's, on the same rows, too: the measure was the champion's choice of rows)
-    same, twin = _compare(champion, detector(0, 1.0, bar), data, (1.0, 1.0), w)
+    same, twin = _compare(champion, square_detector(w, bar=bar), data, (1.0, 1.0), w)
     assert same == twin and same.false_alarm_rate > 0.004
     assert not decide(same, twin, rt.min_improvement, rt.max_false_alarm_increase).promote
 
@@ -855,23 +843,13 @@ def test_the_gate_measures_both_models_on_windows_neither_chose():
 def test_readings_without_a_label_keep_the_champions_opinion_beside_labelled_ones():
     # One reading carrying retrain.label_field made the entity "labelled": every unlabelled reading counted
     # as normal truth, so a fault the champion flags (300 rows) trained the challenger as normal.
-    from types import SimpleNamespace
-
     from anomaly.config import build_settings
     from anomaly.retrain import _prepare
 
     w, n = 5, 3000
     a = np.random.default_rng(0).standard_normal(n)
     a[1500:1650] += 8.0  # a fault the champion flags
-
-    def score_values(values):
-        s = np.convolve(np.asarray(values)[:, 0] ** 2, np.ones(w) / w, mode="valid")
-        return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
-
-    threshold = SimpleNamespace(value=4.0, series_flags=lambda s: np.asarray(s) > 4.0)
-    threshold.for_entity = lambda entity: threshold
-    champion = SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
-                               threshold=threshold)
+    champion = square_detector(w)
     settings = build_settings({})
     for labelled in ({}, {10: False}, {1600: True}):
         h = History(max_readings=10**6, lookback_s=1e12)
@@ -893,26 +871,32 @@ def test_alarms_on_labelled_faults_are_not_false_alarms_in_the_gate():
     # The gate's alarm rates run over the hold-out's whole stretch of time, the champion's flags included;
     # labelled faults are not normal time, so alarms there must not count as false (a challenger that
     # caught a labelled fault the champion missed would have been refused for "more false alarms").
-    from types import SimpleNamespace
-
     from anomaly.config import build_settings
     from anomaly.retrain import _prepare
 
     w, n = 5, 2000
     a = np.random.default_rng(0).standard_normal(n) * 0.1
     a[1900:1950] += 8.0  # a labelled fault inside the hold-out's stretch
-
-    def score_values(values):
-        s = np.convolve(np.asarray(values)[:, 0] ** 2, np.ones(w) / w, mode="valid")
-        return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
-
-    threshold = SimpleNamespace(value=4.0, series_flags=lambda s: np.asarray(s) > 4.0)
-    threshold.for_entity = lambda entity: threshold
-    champion = SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
-                               threshold=threshold)
+    champion = square_detector(w)
     h = History(max_readings=10**6, lookback_s=1e12)
     for i in range(n):
         h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": 0.0}), 1900 <= i < 1950)
     data = _prepare(h, champion, build_settings({}))
     recent = np.concatenate(data.recent)
     assert len(recent) > 300 and recent[:, 0].max() < 5  # the fault (and its margin) left out
+
+
+def square_detector(w: int, col: int = 0, gain: float = 1.0, bar: float = 4.0):
+    """A stub model on sensors a, b: a window's score is ``gain`` x the mean square of sensor ``col`` over
+    its ``w`` rows; its threshold a fixed ``bar``."""
+    from types import SimpleNamespace
+
+    def score_values(values):
+        s = gain * np.convolve(np.asarray(values, dtype=float)[:, col] ** 2, np.ones(w) / w, mode="valid")
+        return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
+
+    threshold = SimpleNamespace(value=bar, series_flags=lambda s: np.asarray(s) > bar,
+                                series_bars=lambda s: np.full(len(s), bar))
+    threshold.for_entity = lambda entity: threshold
+    return SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
+                           threshold=threshold, scaler=SimpleNamespace(scale=(1.0, 1.0)))
