@@ -220,6 +220,12 @@ def test_a_run_whose_process_was_killed_is_counted_as_an_error_after_the_restart
     sched.start()
     try:
         assert wait_for(lambda: Path(base + ".started").exists(), 30), "the job never started"
+
+        def marked() -> bool:  # the start is told (SUBMITTED) on the scheduler's thread, as the job runs
+            path = last_run_path(settings.job_store)
+            return path.exists() and "running_since" in json.loads(path.read_text())
+
+        assert wait_for(marked, 10), "no running mark while the job runs"
         last = json.loads(last_run_path(settings.job_store).read_text())
         assert last["running_since"] > time.time() - 60
         killed = tmp_path / "at-the-kill.json"  # what a killed process leaves behind
