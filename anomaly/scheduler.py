@@ -387,10 +387,9 @@ class RetrainScheduler:
         self._drift_busy = threading.Lock()  # held by a drift check, so a stop can wait for it (see _shutdown)
         self._trigger_guard = threading.Lock()  # a trigger and the stop flag: a stop comes before or after it
         self._save_guard = threading.Lock()  # last.json is written from the drift thread and the executor's
-        # retrain runs begun (SUBMITTED) and ended (EXECUTED, ERROR, MISSED): the events come on two threads and a
-        # quick run's end can come before its start, so a run is marked running in last.json only while more
-        # have begun than ended
-        self._runs_begun = self._runs_ended = 0
+        # A run's start (SUBMITTED) and end (EXECUTED, ERROR, MISSED) come on two threads, a quick run's end
+        # sometimes first: the running mark in last.json is written, or cleared, under this lock, from the
+        # metrics' count of runs started and not ended (``job_running``)
         self._runs_guard = threading.Lock()
 
     def start(self) -> None:
@@ -584,10 +583,9 @@ class RetrainScheduler:
                 self.drift.gate.retrain_started()
             self._restore_job_kwargs()
             log.info("scheduler: job %s started (scheduled for %s)", event.job_id, _first(event.scheduled_run_times))
-            self.metrics.job_started()
             with self._runs_guard:
-                self._runs_begun += 1
-                if self._runs_begun > self._runs_ended:
+                self.metrics.job_started()
+                if self.metrics.job_running:
                     self._save_last_run(running_since=time.time())
         elif code == EVENT_JOB_EXECUTED:
             retval = event.retval if isinstance(event.retval, dict) else {}
@@ -614,7 +612,6 @@ class RetrainScheduler:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
         if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR, EVENT_JOB_MISSED):
             with self._runs_guard:  # saved without the running mark its start left (a missed run's too)
-                self._runs_ended += 1
                 self._save_last_run()
             # These come on the executor's thread, as the job ends (a missed run: as the executor finds it
             # too late). APScheduler's shutdown holds its job-store lock while it waits for that thread, so

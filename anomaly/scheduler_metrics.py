@@ -96,6 +96,11 @@ class SchedulerMetrics:
         self._pending += 1
         self.running.set(1 if self._pending > 0 else 0)
 
+    @property
+    def job_running(self) -> bool:
+        """Whether more runs have started than ended (a quick run's end may be told before its start)."""
+        return self._pending > 0
+
     def job_finished(self, outcome: str, duration_s: float | None = None) -> None:
         """``duration_s``: the job's own measure of its wall time, when it reports one."""
         now = self._clock()
