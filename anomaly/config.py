@@ -65,14 +65,23 @@ def _check_device(name: str, device: str) -> None:
 _ALIAS = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The file behind a ``sqlite:///`` URI (relative to the working directory; SQLAlchemy's options, such
+    as ``?timeout=30``, aside), else None."""
+    return Path(uri[len(SQLITE_PREFIX):].partition("?")[0]) if uri.startswith(SQLITE_PREFIX) else None
+
+
 def canonical_store_uri(uri: str) -> str:
     """An MLflow store URI as one string per store: a relative ``sqlite:///`` path is made absolute (it
     names one file from wherever it is run), so locks keyed on the store agree however it is named."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix):
-        path, sep, query = uri[len(prefix):].partition("?")  # SQLAlchemy's options (?timeout=30) stay
-        return prefix + str(Path(path).resolve()) + sep + query
-    return uri
+    path = sqlite_file(uri)
+    if path is None:
+        return uri
+    _, sep, query = uri.partition("?")  # SQLAlchemy's options stay
+    return SQLITE_PREFIX + str(path.resolve()) + sep + query
 
 
 def alias_problem(alias: str) -> str | None:

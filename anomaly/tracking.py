@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from anomaly.config import sqlite_file
 from anomaly.errors import ConfigError, RegistryError
 from anomaly.training import EpochStats
 
@@ -75,8 +76,8 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
     import mlflow
 
     for field, uri in (("mlflow.tracking_uri", tracking_uri), ("mlflow.registry_uri", registry_uri)):
-        if uri and uri.startswith("sqlite:///"):
-            path = Path(uri[len("sqlite:///"):].partition("?")[0])  # SQLAlchemy's options (?timeout=30) aside
+        path = sqlite_file(uri) if uri else None
+        if path is not None:
             if not create and not path.is_file():
                 raise ConfigError(field, f"no MLflow store at {path}: the file does not exist (nothing was trained "
                                          f"there; check the URI, or train a model first)")

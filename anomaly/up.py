@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from anomaly.config import ENV_PREFIX, Settings, load_config, to_toml
+from anomaly.config import ENV_PREFIX, Settings, load_config, sqlite_file, to_toml
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
 
@@ -111,11 +111,6 @@ def local_port(bootstrap_servers: str) -> int | None:
     if host in (HOST, "localhost") and port.isdigit():
         return int(port)
     return None
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URI (relative to the working directory), else None."""
-    return Path(uri[len("sqlite:///"):].partition("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def mlflow_server_command(python: str, tracking_uri: str, artifact_root: str, port: int) -> list[str] | None:
