@@ -827,9 +827,11 @@ def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float
     its own threshold, in its own units) over every window of the hold-out's stretch of time
     (``data.recent``: what the champion flagged included; outages and labelled anomalies out), and
     its mean and p99 error in the common ``unit`` over the hold-out's windows (``data.holdout``: what
-    the champion did not flag) that the challenger does not flag either. Only windows ending at row ``window - 1`` or later of a segment
-    count (``window``: the longer of the two models' windows), so two models of different window sizes
-    are compared on windows ending on the same rows.
+    the champion did not flag) that the challenger does not flag either. Only windows ending at row
+    ``window - 1`` or later of a segment count (``window``: the longer of the two models' windows), so
+    two models of different window sizes are compared on windows ending on the same rows. Every
+    hold-out segment lies inside one of ``data.recent`` (the hold-out is that stretch less what the
+    champion flagged), so a hold-out window has a stretch to count alarms over.
 
     Why: on the champion-clean hold-out alone the champion's false-alarm rate was 0 by construction and
     its worst windows were left out of its error, while the challenger's were not: a challenger as good
@@ -839,7 +841,7 @@ def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float
     models = (champion, challenger)
     recent = _joint(models, data.recent, data.recent_entities, unit, window)
     held = _joint(models, data.holdout, data.holdout_entities, unit, window)
-    if held is None:
+    if held is None or recent is None:  # (recent is None only where held is)
         empty = holdout_metrics(np.empty(0), 0.0)
         return empty, empty
     flagged = np.zeros(len(held[0][0]), dtype=bool)
@@ -848,7 +850,7 @@ def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float
             flagged |= ~(scores <= bars)  # above its bar, or not finite
     result = []
     for k, (scores, bars, common) in enumerate(held):
-        every = holdout_metrics(*(recent[k] if recent is not None else held[k]))
+        every = holdout_metrics(*recent[k])
         normal = holdout_metrics(scores[~flagged], bars[~flagged], common[~flagged]) if (~flagged).any() \
             else holdout_metrics(scores, bars, common)
         result.append(HoldoutMetrics(normal.mean_error, every.false_alarm_rate, normal.p99_error, every.windows))
