@@ -293,18 +293,29 @@ def committed_offsets(bootstrap_servers: str | Sequence[str], group_id: str, top
     return offsets
 
 
+def _reader(bootstrap_servers: str | Sequence[str], timeout_s: float,
+            client_options: Mapping[str, Any] | None) -> KafkaConsumer:
+    """A consumer in no group, committing nothing, creating no topic, that gives up bootstrapping
+    within ``timeout_s`` (kafka-python waits 30 s) unless ``client_options`` asks for less; a broker
+    that cannot be reached is a ``TopicError``."""
+    options = consumer_options(bootstrap_servers, None, client_options=client_options)
+    options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
+    options["bootstrap_timeout_ms"] = min(int(options.get("bootstrap_timeout_ms", 30_000)),
+                                          max(int(timeout_s * 1000), 1))
+    return _connect("a consumer", bootstrap_servers, KafkaConsumer, options)
+
+
 def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: float = 10.0, idle_s: float = 1.0,
              client_options: Mapping[str, Any] | None = None) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, without a consumer group, sorted by partition/offset.
 
     Stops when no new record came for ``idle_s`` (or at ``timeout_s`` in all). It does not ask the
     broker where the end is: Tansu's end offsets are wrong (DESIGN §5). A topic that does not appear
-    within ``timeout_s`` gives ``[]``; the topic is never created by reading it.
+    within ``timeout_s`` gives ``[]``; the topic is never created by reading it. A broker that cannot be
+    reached within ``timeout_s`` is a ``TopicError``.
     """
-    options = consumer_options(bootstrap_servers, None, client_options=client_options)
-    options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
     deadline = time.monotonic() + timeout_s
-    consumer = KafkaConsumer(**options)
+    consumer = _reader(bootstrap_servers, timeout_s, client_options)
     try:
         partitions = consumer.partitions_for_topic(topic)
         while not partitions and time.monotonic() < deadline:
@@ -346,12 +357,11 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
     the ``records - 1`` before its base), without a consumer group, sorted by partition/offset.
 
     Stops when no new record came for ``idle_s`` (or at ``timeout_s`` in all). A topic that does not
-    exist gives ``[]`` (it is not created); a broker that cannot be reached is a ``TopicError``.
+    exist gives ``[]`` (it is not created); a broker that cannot be reached within ``timeout_s`` is a
+    ``TopicError``.
     """
-    options = consumer_options(bootstrap_servers, None, client_options=client_options)
-    options.update(group_id=None, enable_auto_commit=False, **_NO_AUTO_CREATE)
     deadline = time.monotonic() + timeout_s
-    consumer = _connect("a consumer", bootstrap_servers, KafkaConsumer, options)
+    consumer = _reader(bootstrap_servers, timeout_s, client_options)
     try:
         partitions = consumer.partitions_for_topic(topic)
         if not partitions:
