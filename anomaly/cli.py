@@ -924,12 +924,28 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
+        if sched.metrics.job_running:
+            log.info("scheduler: stopping once the retrain in progress ends (SIGTERM or Ctrl-C again to "
+                     "abandon it; the next start counts it as an error)")
+        for sig in handlers:
+            signal.signal(sig, _abandon_run)
         sched.stop(wait=True)
         sched.metrics.stop_http()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     log.info("scheduler stopped")
     return 0
+
+
+def _abandon_run(signum: int, frame: Any) -> None:
+    """A second SIGTERM/SIGINT while the scheduler stops (it waits for a retrain run, or a drift check
+    stuck in MLflow's HTTP retries): exit now, 128 + the signal. A run dies with the process; its running
+    mark in last.json makes the next start count it as an error, and the store's lock goes with the
+    process."""
+    log.warning("scheduler: %s while stopping: exiting now, without waiting for the retrain or drift check "
+                "in progress", signal.Signals(signum).name)
+    logging.shutdown()
+    os._exit(128 + signum)
 
 
 def _add_retrain_parsers(sub: Any, common: Any) -> None:

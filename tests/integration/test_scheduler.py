@@ -244,3 +244,41 @@ def test_a_run_whose_process_was_killed_is_counted_as_an_error_after_the_restart
         assert "running_since" not in json.loads(last_run_path(settings.job_store).read_text())  # said once
     finally:
         again.stop()
+
+
+def blocking_job_at_env() -> dict:
+    """``blocking_job`` at the path in $ANOMALY_TEST_JOB (the command passes no arguments to a --job)."""
+    return blocking_job(os.environ["ANOMALY_TEST_JOB"])
+
+
+def test_a_second_sigterm_while_the_command_waits_for_its_run_exits_at_once(tmp_path):
+    import json
+    import signal
+
+    from anomaly.scheduler import last_run_path
+
+    base = str(tmp_path / "job")
+    store = str(tmp_path / "scheduler.db")
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "scheduler", "--job-store", store,
+                             "--metrics-port", "-1", "--interval-s", "1",
+                             "--job", "tests.integration.test_scheduler:blocking_job_at_env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ANOMALY_TEST_JOB": base})
+    try:
+        assert wait_for(lambda: Path(base + ".started").exists(), 30), "the job never started"
+        assert wait_for(lambda: last_run_path(store).exists()
+                        and "running_since" in json.loads(last_run_path(store).read_text()), 10)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert proc.poll() is None  # the first one waits for the run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        Path(base + ".release").touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopping once the retrain in progress ends" in err
+    assert "SIGTERM while stopping: exiting now" in err
+    assert "running_since" in json.loads(last_run_path(store).read_text())  # the next start counts it
