@@ -225,10 +225,8 @@ def wait_for_follower(make: Callable[[], "ModelFollower"], timeout_s: float, *, 
 def _registry_uri() -> str:
     """The registry URI in use, a relative ``sqlite:///`` path made absolute (where it was looked for)."""
     try:
-        import mlflow
+        from anomaly import tracking
 
-        from anomaly.config import canonical_store_uri
-
-        return canonical_store_uri(mlflow.get_registry_uri())
+        return tracking.registry_uri()
     except Exception:  # only for a message
         return "(unknown)"

@@ -86,6 +86,15 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
     mlflow.set_registry_uri(registry_uri or tracking_uri)
 
 
+def registry_uri() -> str:
+    """The registry URI mlflow uses now, a relative ``sqlite:///`` path made absolute (where it looks)."""
+    import mlflow
+
+    from anomaly.config import canonical_store_uri
+
+    return canonical_store_uri(mlflow.get_registry_uri())
+
+
 REACH_TIMEOUT_S = 5.0  # require_reachable: an MLflow server that does not answer /health in this is down
 
 
