@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from anomaly import datasets, protocols
-from anomaly.cli import default_data_dir
+from anomaly.cli import default_data_dir, positive_int
 from anomaly.config import Settings, TrainingSettings, build_settings
 
 log = logging.getLogger("benchmark")
@@ -51,7 +51,7 @@ def run(names: list[str], limit: int | None) -> dict:
            "results": {}}
     for name in names:
         series = datasets.load_dataset(name, default_data_dir(name))
-        if limit:
+        if limit is not None:
             series = series[:limit]
         log.info("%s: %d series", name, len(series))
         started = time.perf_counter()
@@ -122,9 +122,9 @@ def run_variants(names: list[str], datasets_: list[str], *, max_epochs: int | No
     data["variants"].update({n: VARIANTS[n] for n in names})
     for name in datasets_:  # dataset-major: a cut-short run still compares every variant on the first datasets
         series = datasets.load_dataset(name, default_data_dir(name))
-        if name == "smd" and smd_machines:
+        if name == "smd" and smd_machines is not None:
             series = series[:smd_machines]
-        if limit:
+        if limit is not None:
             series = series[:limit]
         for variant in names:
             if name in data["results"].get(variant, {}):
@@ -414,12 +414,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="skab,nab,smd", help="comma-separated: skab, nab, smd")
     parser.add_argument("--json", default="results/benchmark.json", help="where to write the figures")
-    parser.add_argument("--limit", type=int, help="only the first N series of each dataset (a quick look)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N series of each dataset (a quick look)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's benchmark section")
     parser.add_argument("--from-json", help="do not run; render the README section from this results file")
     parser.add_argument("--variants", help=f"compare model variants instead: 'all' or comma-separated of {', '.join(VARIANTS)}")
-    parser.add_argument("--max-epochs", type=int, help="variants: cap every profile's epochs at N")
-    parser.add_argument("--smd-machines", type=int, help="variants: only the first N SMD machines")
+    parser.add_argument("--max-epochs", type=positive_int, help="variants: cap every profile's epochs at N")
+    parser.add_argument("--smd-machines", type=positive_int, help="variants: only the first N SMD machines")
     parser.add_argument("--costs", action="store_true",
                         help="only time each variant's training step and scoring on the profiles' shapes (no data)")
     parser.add_argument("--seed", type=int, help="variants: training seed for every model (default: the profiles')")

@@ -325,3 +325,32 @@ def test_benchmark_variants_caption_names_the_json_the_run_wrote(tmp_path, monke
     out = tmp_path / "mine.json"
     assert benchmark.main(["--variants", "lstm", "--datasets", "skab", "--json", str(out)]) == 0
     assert f"--json {out} --update-readme" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--max-epochs", "--smd-machines"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_benchmark_counts_must_be_positive(flag, value, monkeypatch, capsys):
+    # --limit 0 ran the whole corpus and --limit -1 all but the last series ("only the first N")
+    from pipelines import benchmark
+
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: pytest.fail("must not run"))
+    monkeypatch.setattr(benchmark, "run_variants", lambda *a, **k: pytest.fail("must not run"))
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--variants", "lstm", flag, value])
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_benchmark_limit_takes_the_first_series(monkeypatch):
+    from pipelines import benchmark
+
+    class Ran(Exception):
+        pass
+
+    def protocol(name, series, progress):
+        raise Ran(list(series))
+
+    monkeypatch.setattr(benchmark.datasets, "load_dataset", lambda name, data_dir: ["a", "b", "c"])
+    monkeypatch.setattr(benchmark.protocols, "run_protocol", protocol)
+    with pytest.raises(Ran) as ran:
+        benchmark.run(["skab"], 2)
+    assert ran.value.args[0] == ["a", "b"]
