@@ -93,8 +93,11 @@ def load_skab(data_dir: str | Path) -> list[LabelledSeries]:
             _require_columns(frame, path, (*SKAB_SENSORS, "anomaly", "changepoint"))
             anomaly = _binary(frame["anomaly"].to_numpy(), path, "anomaly")
             changepoint = _binary(frame["changepoint"].to_numpy(), path, "changepoint")
+            if len(frame) <= SKAB_TRAIN_ROWS:  # SKAB trains on the first 400 rows and scores the rest
+                raise DataError(f"{path}: {len(frame)} rows; the SKAB protocol trains on the first "
+                                f"{SKAB_TRAIN_ROWS} and scores the rest, so a file needs more")
             series.append(LabelledSeries(name=f"{group}/{path.stem}", frame=frame[list(SKAB_SENSORS)].copy(),
-                                         labels=anomaly, train_rows=min(SKAB_TRAIN_ROWS, len(frame)),
+                                         labels=anomaly, train_rows=SKAB_TRAIN_ROWS,
                                          meta={"changepoint": changepoint, "path": str(path)}))
     if not series:
         raise DataError(f"{root}: no SKAB files; expected {', '.join(f'{g}/*.csv' for g in SKAB_GROUPS)}")
@@ -199,6 +202,10 @@ def _nab_rows(index: pd.DatetimeIndex, windows: list[list[str]], path: Path, win
         start, end = int(starts[0]), int(ends[0])
         if end < start:
             raise DataError(f"{windows_path}: window {window!r} ends (row {end}) before it starts (row {start}) in {path}")
+        if out and start <= out[-1][1]:  # NAB's scorer takes each window as one anomaly: they may not overlap
+            raise DataError(f"{windows_path}: {path.parent.name}/{path.name}: window {window!r} (rows {start}-{end}) "
+                            f"starts at or before the previous window's end (row {out[-1][1]}); windows must be "
+                            "in time order and disjoint")
         out.append((start, end))
     return out
 

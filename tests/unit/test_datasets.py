@@ -1,12 +1,13 @@
 """Loaders against the real files in shared/datasets (numbers "checked" in its README)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from anomaly.datasets import LabelledSeries, load_dataset, load_nab, load_skab, load_skab_anomaly_free, load_smd
+from anomaly.datasets import SKAB_GROUPS, SKAB_SENSORS, LabelledSeries, load_dataset, load_nab, load_skab, load_skab_anomaly_free, load_smd
 from anomaly.errors import DataError
 from tests.fixtures import need_dataset
 
@@ -87,6 +88,33 @@ def test_nab_window_off_the_rows_is_a_data_error(tmp_path):
         '{"cat/f.csv": [["2020-01-01 00:00:00.000000", "2020-01-01 00:04:00.000000"]]}')
     with pytest.raises(DataError, match="00:04:00"):
         load_nab(tmp_path)
+
+
+@pytest.mark.parametrize("second", [["2020-01-01 00:05:00.000000", "2020-01-01 00:12:00.000000"],  # overlaps
+                                    ["2020-01-01 00:01:00.000000", "2020-01-01 00:03:00.000000"]])  # before it
+def test_nab_windows_out_of_order_or_overlapping_are_a_data_error(tmp_path, second):
+    # they were taken as the union of labels, then refused by the scorer with a traceback after every
+    # file had been trained
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    rows = [f"2020-01-01 00:{m:02d}:00,{m}" for m in range(20)]
+    (tmp_path / "data" / "cat" / "f.csv").write_text("timestamp,value\n" + "\n".join(rows) + "\n")
+    first = ["2020-01-01 00:04:00.000000", "2020-01-01 00:08:00.000000"]
+    (tmp_path / "labels" / "combined_windows.json").write_text(json.dumps({"cat/f.csv": [first, second]}))
+    with pytest.raises(DataError, match="cat/f.csv: window .* starts at or before the previous window's end"):
+        load_nab(tmp_path)
+
+
+def test_a_skab_file_without_rows_after_the_training_part_is_a_data_error(tmp_path):
+    # it was trained, scored on no rows and counted as a file, its labelled rows dropped without a word
+    for group in SKAB_GROUPS:
+        (tmp_path / "data" / group).mkdir(parents=True)
+    folder = tmp_path / "data" / "valve1"
+    stamps = pd.date_range("2020-01-01", periods=400, freq="1s").strftime("%Y-%m-%d %H:%M:%S")
+    frame = pd.DataFrame({"datetime": stamps, **{c: 1.0 for c in SKAB_SENSORS}, "anomaly": 0.0, "changepoint": 0.0})
+    frame.to_csv(folder / "0.csv", sep=";", index=False)
+    with pytest.raises(DataError, match="400 rows; the SKAB protocol trains on the first 400"):
+        load_skab(tmp_path)
 
 
 def test_a_nab_window_ending_on_a_repeated_timestamp_ends_at_its_first_row(tmp_path):
