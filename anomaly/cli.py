@@ -791,7 +791,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--port", type=port_number, help="port on 127.0.0.1 (default: the port of kafka.bootstrap_servers when "
                                             "that is this machine, else 9092); a port in use exits with code 2")
     p.add_argument("--log", help="append the broker's own output to this file (default: a temporary file, deleted)")
-    common(p)
+    common(p, tracking=False, model=False)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("replay", help="stream a CSV/Parquet file or a dataset series into the input topic",
@@ -822,7 +822,7 @@ def _add_streaming_parsers(sub: Any, common: Any) -> None:
     p.add_argument("--topic", help="topic to send to (default kafka.input_topic)")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default kafka.bootstrap_servers)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    common(p)
+    common(p, tracking=False, model=False)
     p.set_defaults(func=cmd_replay)
 
 # --- streaming: broker and replay (end) ---------------------------------------------------------
@@ -1082,10 +1082,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DEBUG, INFO, WARNING or ERROR (default INFO; env ANOMALY_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, *, tracking: bool = True, model: bool = True) -> None:
+        """--config, and the MLflow overrides where the command uses them (an inert flag misleads)."""
         p.add_argument("--config", help="TOML configuration file (ANOMALY_* environment variables override it)")
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri)")
-        p.add_argument("--model-name", help="registered model name (overrides mlflow.model_name)")
+        if tracking:
+            p.add_argument("--tracking-uri", help="MLflow tracking URI (overrides mlflow.tracking_uri)")
+        if model:
+            p.add_argument("--model-name", help="registered model name (overrides mlflow.model_name)")
 
     p = sub.add_parser("train", help="train a detector, log it to MLflow and register it",
                        description="Train the LSTM autoencoder on normal data from a CSV/Parquet file or a "
@@ -1123,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="override training.device")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    common(p)
+    common(p, model=False)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score a CSV/Parquet file with a registered model",

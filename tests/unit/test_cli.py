@@ -678,3 +678,13 @@ def test_a_worker_stopped_while_it_is_being_built_exits_0(tmp_path, monkeypatch,
     finally:
         signal.signal(signal.SIGTERM, before)
     assert not Worker.ran and not unhandled and "worker: stopped while starting" in caplog.text
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--dataset", "skab", "--model-name", "m"],
+                                     ["replay", "--dataset", "skab", "--tracking-uri", "sqlite:///x.db"],
+                                     ["broker", "--model-name", "m"]])
+def test_mlflow_flags_a_command_does_not_use_are_refused(command, capsys):
+    # evaluate registers nothing, replay and the broker touch no MLflow store: the flags did nothing
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
