@@ -13,6 +13,17 @@ from anomaly.config import Settings
 from anomaly.protocols import ProtocolResult
 
 
+DISTRIBUTION_SCORES = 200_000  # the score-distribution figure draws at most this many
+
+
+def spread_sample(values: np.ndarray, most: int) -> np.ndarray:
+    """At most ``most`` of ``values``, evenly spaced over all of them (every series of a corpus has its
+    share; the first ``most`` were only the first series')."""
+    if len(values) <= most:
+        return values
+    return values[np.linspace(0, len(values) - 1, most).round().astype(np.int64)]
+
+
 def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Path | None = None,
                      source: str = "") -> str:
     ml = settings.mlflow
@@ -34,6 +45,7 @@ def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Pa
                                                  flags=r.flags, labels=r.labels, expected=r.expected),
                            f"overlay-{r.name.replace('/', '_')}.png")
             all_scores = np.concatenate([s.scores[np.isfinite(s.scores)] for s in result.series])
-            run.log_figure(plots.error_distribution(all_scores[:200000], float(np.median([s.threshold for s in result.series]))),
+            run.log_figure(plots.error_distribution(spread_sample(all_scores, DISTRIBUTION_SCORES),
+                                                    float(np.median([s.threshold for s in result.series]))),
                            "score_distribution.png")
         return run.run_id or ""

@@ -567,3 +567,13 @@ def test_nothing_labelled_but_something_flagged_is_an_f1_of_zero_not_unmeasured(
     events = aggregate_events([event_metrics(np.zeros(10, dtype=bool), np.eye(10, dtype=bool)[3])])
     assert unmeasured({"event_f1": events.f1, "event_recall": events.recall}, events=events) == {
         "event_f1": 0.0, "event_recall": None}
+
+
+def test_the_score_distribution_sample_spans_every_series():
+    from anomaly.evaluation_job import spread_sample
+
+    values = np.concatenate([np.zeros(900), np.ones(100)])  # a long first series, a short last one
+    sample = spread_sample(values, 100)
+    assert len(sample) == 100 and sample[0] == 0 and sample[-1] == 1 and 5 <= sample.sum() <= 15
+    small = np.arange(5.0)
+    assert spread_sample(small, 100) is small
