@@ -739,7 +739,7 @@ class ScoringStep:
         if self.idle_timeout_s is None:
             return None
         p = self._store.policy
-        return self.idle_timeout_s + (p.stride + p.grace_slots + p.max_fill_steps + 1) * p.period_s
+        return self.idle_timeout_s + (p.stride + p.seal_lag + p.max_fill_steps + 1) * p.period_s
 
     def _apply_holds(self, out: BatchOutput, clocks: Mapping[int, float]) -> None:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time

@@ -9,9 +9,10 @@ Semantics (README quotes this section)
 - **Grid.** A reading's slot is ``floor(ts / period_s + 0.5)``: the nearest multiple of the model's
   sampling period (halves round up). Window times are slot times (``slot * period_s``), not the raw
   reading times, so the same readings always give the same windows.
-- **Sealed.** A slot is sealed once the entity has a reading at least ``grace_slots`` slots later
-  (with ``grace_slots = 0`` a reading seals its own slot at once). Sealing is final: what a sealed
-  slot holds never changes.
+- **Sealed.** A slot is sealed once the entity has a reading more than ``grace_slots`` slots later
+  (with ``grace_slots = 0`` a reading seals its own slot at once): a reading up to ``grace_slots``
+  slots behind the entity's newest is still placed. Sealing is final: what a sealed slot holds
+  never changes.
 - **In order / out of order within grace.** A reading for an unsealed slot is placed in its slot
   (``"accepted"``), whatever order it arrived in.
 - **Duplicate.** A reading for a slot that already holds a reading is dropped, the first one is kept
@@ -44,7 +45,7 @@ Semantics (README quotes this section)
   Known approximation: a sensor that is ``None`` across the restart point is filled from
   ``fill_values`` in the rebuilt buffer instead of from a reading older than the committed offset.
 - **Memory.** Per entity: at most ``window_size - 1 + max(8, window_size // 4)`` grid rows and the
-  readings of the ``grace_slots`` unsealed slots. ``evict_idle`` drops entities that stopped sending (they would
+  readings of its unsealed slots (``grace_slots + 1`` with grace). ``evict_idle`` drops entities that stopped sending (they would
   otherwise hold their partition's commit back for ever), ``reset`` drops state on demand.
 """
 
@@ -93,6 +94,14 @@ class WindowPolicy:
             raise ConfigError("window.grace_slots", f"must be >= 0, got {self.grace_slots!r}")
         if int(self.max_fill_steps) < 0:
             raise ConfigError("window.max_fill_steps", f"must be >= 0, got {self.max_fill_steps!r}")
+
+    @property
+    def seal_lag(self) -> int:
+        """How many slots behind an entity's newest the sealed ones end: 0 without grace (a reading seals
+        its own slot: a second reading there is a duplicate), else ``grace_slots + 1``, so the slot
+        ``grace_slots`` behind the newest still takes a reading."""
+        grace = int(self.grace_slots)
+        return grace + 1 if grace > 0 else 0
 
     def slot(self, ts: float) -> int:
         """The grid slot of epoch seconds ``ts``: the nearest multiple of ``period_s``, halves up."""
@@ -327,7 +336,7 @@ class WindowStore:
         policy = self.policy
         if state.holds_reading(slot):
             return DUPLICATE
-        if state.max_slot is not None and slot <= state.max_slot - policy.grace_slots:
+        if state.max_slot is not None and slot <= state.max_slot - policy.seal_lag:
             return LATE
         state.pending[slot] = (row, partition, offset, ts)
         state.needs = None
@@ -336,7 +345,7 @@ class WindowStore:
         state.last_partition = partition
         if state.max_slot is None or slot > state.max_slot:
             state.max_slot = slot
-        if self._seal(entity, state, state.max_slot - policy.grace_slots):
+        if self._seal(entity, state, state.max_slot - policy.seal_lag):
             return RESET
         return ACCEPTED
 
@@ -604,7 +613,7 @@ class WindowStore:
         needs = _pending_needs(state)
         if state.n > 0 and state.max_slot is not None:
             stride = self.policy.stride
-            sealed_upto = state.max_slot - self.policy.grace_slots
+            sealed_upto = state.max_slot - self.policy.seal_lag
             next_end = (sealed_upto // stride + 1) * stride  # first slot that can still end a window
             first_needed = next_end - self._w + 1
             run_start = state.run_end - state.n + 1

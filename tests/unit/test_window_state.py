@@ -66,7 +66,7 @@ def test_each_window_carries_the_time_stamped_on_its_last_reading(grace) -> None
                   np.zeros(len(stamps), dtype=np.int64), np.arange(len(stamps), dtype=np.int64))
     for s in (one, bulk):
         ready = s.ready_batch()
-        assert len(ready) == 40 - 2 - grace
+        assert len(ready) == 40 - 2 - (grace + 1 if grace else 0)  # the newest grace + 1 slots unsealed
         np.testing.assert_array_equal(ready.reading_ts, ready.end_ts + 20.0)
 
 
@@ -93,8 +93,8 @@ def test_duplicate_keeps_the_first_reading() -> None:
 
 
 def test_out_of_order_within_grace_is_placed_in_its_slot() -> None:
-    s = store(w=3, grace_slots=2)
-    assert feed(s, [0, 2, 1, 3]) == ["accepted"] * 4
+    s = store(w=3, grace_slots=1)
+    assert feed(s, [0, 2, 1, 3]) == ["accepted"] * 4  # slot 1: one slot behind the newest, within grace
     assert s.ready() == []  # max slot 3 seals slots <= 1 only
     feed(s, [4], first_offset=4)  # seals slot 2
     [window] = s.ready()
@@ -102,11 +102,24 @@ def test_out_of_order_within_grace_is_placed_in_its_slot() -> None:
     assert window.end_offset == 1  # the reading of slot 2 was the second one consumed
 
 
+def test_a_reading_grace_slots_behind_the_newest_is_placed() -> None:
+    # grace_slots = 1 took no reading one slot behind (sealed at once, as with 0): it only added latency
+    s = store(w=3, grace_slots=1)
+    feed(s, [0, 1, 3])
+    assert s.add("e", r(2, 2.0), 0, 3) == "accepted"
+    feed(s, [4], first_offset=4)  # seals 2
+    [window] = s.ready()
+    assert (window.end_ts, col(window), window.filled) == (2.0, [0.0, 1.0, 2.0], 0)
+    s3 = store(w=3, grace_slots=3)
+    feed(s3, [0, 1, 5])
+    assert [s3.add("e", r(slot, float(slot)), 0, 3 + i) for i, slot in enumerate([2, 3, 4])] == ["accepted"] * 3
+
+
 def test_late_beyond_grace_is_dropped() -> None:
     s = store(w=3, grace_slots=1)
-    feed(s, [0, 1, 3])  # seals 0..2; slot 2 is sealed with no reading
-    assert s.add("e", r(2, 2.0), 0, 3) == "late"
-    feed(s, [4], first_offset=4)  # seals 3: slot 2 is forward-filled from slot 1
+    feed(s, [0, 1, 3, 4])  # seals 0..2; slot 2 is sealed with no reading
+    assert s.add("e", r(2, 2.0), 0, 4) == "late"
+    feed(s, [5], first_offset=5)  # seals 3: slot 2 is forward-filled from slot 1
     windows = s.ready()
     assert ends(windows) == [3.0]
     assert col(windows[0]) == [1.0, 1.0, 3.0] and windows[0].filled == 1
@@ -130,7 +143,7 @@ def test_long_gap_restarts_the_window() -> None:
 
 
 def test_long_gap_seen_through_sealed_empty_slots_restarts_with_grace() -> None:
-    s = store(w=2, grace_slots=3, max_fill_steps=1)
+    s = store(w=2, grace_slots=2, max_fill_steps=1)
     assert feed(s, [0, 1]) == ["accepted"] * 2
     # slot 6 seals slots <= 3: slots 2 and 3 are sealed and empty, a gap of 2 > 1
     assert s.add("e", r(6, 6.0), 0, 2) == "reset"
@@ -202,7 +215,7 @@ def test_past_a_cap_entities_that_are_not_active_are_evicted_first() -> None:
 
 
 def test_memory_stays_bounded() -> None:
-    s = store(w=4, grace_slots=2)
+    s = store(w=4, grace_slots=1)  # the newest 2 slots unsealed
     for i in range(1000):
         s.add("e", r(i, float(i)), 0, i)
     state = s._entities["e"]
@@ -219,7 +232,7 @@ def test_evict_idle_drops_silent_entities_and_releases_their_commit() -> None:
     assert s.evict_idle(max_idle_slots=10) == ["quiet"]
     assert "quiet" not in s
     assert ends(s.ready()) == [1.0]  # its unsealed slot was sealed and scored before it was dropped
-    assert s.commit_offsets({0: 29})[0] == 28  # busy: slot 28 (needed) and unsealed slot 29
+    assert s.commit_offsets({0: 29})[0] == 27  # busy: slots 27 (needed) and 28, 29 (unsealed)
 
 
 def test_bad_policy_is_a_config_error() -> None:
@@ -260,13 +273,13 @@ def test_commit_offsets_over_two_partitions_and_several_entities() -> None:
 
 def test_commit_offsets_keep_unsealed_slots_and_fill_sources() -> None:
     s = store(w=3, grace_slots=1, max_fill_steps=2)
-    feed(s, [0, 1, 4, 5])  # offsets 0, 1, 2, 3: slots 2, 3 filled from slot 1 (offset 1)
+    feed(s, [0, 1, 4, 5, 6])  # offsets 0 .. 4: slots 2, 3 filled from slot 1 (offset 1); 5, 6 unsealed
     s.ready()  # window ending at 4: slots 2, 3, 4
     # next window ends at 5 and needs slots 3 (filled from offset 1), 4 (offset 2), 5 (unsealed, offset 3)
-    assert s.commit_offsets({0: 3}) == {0: 1}
-    feed(s, [6, 7], first_offset=4)
+    assert s.commit_offsets({0: 4}) == {0: 1}
+    feed(s, [7, 8], first_offset=5)
     s.ready()
-    assert s.commit_offsets({0: 5}) == {0: 3}  # next window ends at 7: slots 5 (3), 6 (4), 7 (unsealed, 5)
+    assert s.commit_offsets({0: 6}) == {0: 3}  # next window ends at 7: slots 5 (3), 6 (4), 7 (unsealed, 5)
 
 
 def test_commit_offsets_with_stride_and_window_of_one() -> None:
