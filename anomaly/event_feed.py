@@ -112,6 +112,9 @@ class EventFeed:
         self.entities: Counter[str] = Counter()
         # (event_id, status) already counted, the newest COUNTED_MAX of them (a re-delivered copy comes soon)
         self._counted: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # event_id -> its first open message, the newest COUNTED_MAX: a copy of it re-sent after a worker's
+        # restart is that opening shown again, not a re-opening
+        self._first_open: OrderedDict[str, dict] = OrderedDict()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -139,7 +142,8 @@ class EventFeed:
             return
         event_id = str(event.get("event_id") or id(event))
         try:
-            line = format_event(event, reopened=(event_id, "closed") in self._counted)
+            reopened = (event_id, "closed") in self._counted and event != self._first_open.get(event_id)
+            line = format_event(event, reopened=reopened)
             note = self.annotate(event) if self.annotate is not None else ""
         except Exception as exc:  # one odd record must not end the feed (a viewer, not a validator)
             log.warning("event feed: a record on %s is not an event we can show (%s); skipped", self.topic, exc)
@@ -152,6 +156,9 @@ class EventFeed:
             self.counts[key[1]] += 1
             if key[1] == "open":
                 self.entities[event["entity"]] += 1
+                self._first_open[event_id] = event
+                if len(self._first_open) > COUNTED_MAX:
+                    self._first_open.popitem(last=False)
         self.on_line(line + (f"  [{note}]" if note else ""))
 
     def _run(self) -> None:

@@ -174,6 +174,17 @@ def test_event_feed_says_when_an_event_is_reopened_within_its_cooldown():
     assert lines[-1].startswith(f"{day}  OPEN ")  # an event never closed is no re-opening
 
 
+def test_event_feed_shows_an_opening_re_sent_after_a_restart_as_the_opening():
+    # a worker restarting from its commit re-sends a finished run's messages, byte for byte: not a re-opening
+    lines = []
+    feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append)
+    closed = {**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 20}
+    for event in (EVENT, closed, EVENT, closed, {**EVENT, "windows": 9}):
+        feed.handle(json.dumps(event).encode())
+    assert [line.split()[2] for line in lines] == ["OPEN", "CLOSED", "OPEN", "CLOSED", "REOPEN"]
+    assert feed.counts == {"open": 1, "closed": 1}
+
+
 def test_event_feed_counts_and_annotates_and_skips_garbage():
     lines = []
     feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append, annotate=lambda e: "note")
