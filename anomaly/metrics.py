@@ -21,7 +21,8 @@ Metric names (all prefixed ``anomaly_``):
                 nonfinite_scores_total, adaptive_held_windows_total, records_replayed_total, model_swaps_total,
                 model_load_failures_total
     histograms  batch_seconds, end_to_end_seconds
-    gauges      model_version{model}, entities, last_commit_timestamp_seconds, last_batch_timestamp_seconds
+    gauges      model_version{model}, entities, last_commit_timestamp_seconds, last_batch_timestamp_seconds,
+                last_poll_timestamp_seconds
 """
 
 from __future__ import annotations
@@ -144,6 +145,9 @@ class WorkerMetrics:
                                     "Epoch seconds of the last successful offset commit.", registry=r)
         self.last_batch_ts = Gauge(f"{PREFIX}_last_batch_timestamp_seconds",
                                    "Epoch seconds at which the last micro-batch finished.", registry=r)
+        self.last_poll_ts = Gauge(f"{PREFIX}_last_poll_timestamp_seconds",
+                                  "Epoch seconds of the poll loop's last round, with records or without (an idle "
+                                  "worker's stays fresh; a hung batch's does not).", registry=r)
 
         # count key -> counter; labelling both event statuses here also makes a scrape show 0 before any event
         self._counters: dict[str, Any] = {
@@ -243,6 +247,7 @@ class WorkerMetrics:
                 h["assigned_partitions"] = int(assigned_partitions)
             if last_batch_ts is not None:
                 h["last_batch_ts"] = float(last_batch_ts)
+                self.last_poll_ts.set(float(last_batch_ts))
                 # on the monotonic clock, as long ago as the wall-clock stamp says (``now``: no time)
                 self._round_at = self._monotonic() - max(0.0, self._clock() - float(last_batch_ts))
 

@@ -235,3 +235,13 @@ def test_port_in_use_is_a_clear_error_and_stop_releases_it(metrics):
     assert metrics.http_port is None
     assert other.start_http("127.0.0.1", port) == port
     other.stop_http()
+
+
+def test_every_round_of_the_poll_loop_moves_the_poll_gauge_not_the_batch_one(metrics):
+    # an idle worker (quiet partitions) commits nothing: the not-committing alert tells it from a hung
+    # one by this gauge, which only a turning loop keeps fresh
+    metrics.set_health("ok", assigned_partitions=2, last_batch_ts=1_500.0)
+    assert value(metrics, "anomaly_last_poll_timestamp_seconds") == 1_500.0
+    assert value(metrics, "anomaly_last_batch_timestamp_seconds") == 0.0
+    metrics.set_health("degraded")  # no round: the gauge keeps its time
+    assert value(metrics, "anomaly_last_poll_timestamp_seconds") == 1_500.0
