@@ -258,12 +258,9 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
     ``<alias>_until``, and one more entry in the model's ``<alias>_log`` (the latest ``LOG_ENTRIES``)."""
     c = client()
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if previous is not None and previous != version:
-        c.set_model_version_tag(name, previous, f"{alias}_until", now)
-    c.set_model_version_tag(name, version, f"{alias}_since", now)
-    c.set_model_version_tag(name, version, f"{alias}_reason", reason[:TAG_VALUE_CHARS])
-    if f"{alias}_until" in (c.get_model_version(name, version).tags or {}):
-        c.delete_model_version_tag(name, version, f"{alias}_until")
+    # The log first: ``_history`` reads its last holder to notice moves made in the MLflow UI, so a log
+    # left behind by a failed tag write read this move as one (a second rollback went back to the
+    # version rolled from).
     tags = c.get_registered_model(name).tags
     try:
         moves = list(json.loads(tags.get(LOG_TAG.format(alias=alias), "[]")))
@@ -275,6 +272,12 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
         moves = moves[1:]
         text = json.dumps(moves)
     c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), text)
+    if previous is not None and previous != version:
+        c.set_model_version_tag(name, previous, f"{alias}_until", now)
+    c.set_model_version_tag(name, version, f"{alias}_since", now)
+    c.set_model_version_tag(name, version, f"{alias}_reason", reason[:TAG_VALUE_CHARS])
+    if f"{alias}_until" in (c.get_model_version(name, version).tags or {}):
+        c.delete_model_version_tag(name, version, f"{alias}_until")
 
 
 def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:

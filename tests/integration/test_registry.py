@@ -228,6 +228,28 @@ def test_a_rollback_after_the_alias_was_moved_in_the_mlflow_ui_returns_to_the_ve
     assert registry.promote("pump", "4", "champion") == "2"
 
 
+def test_a_rollback_whose_version_tags_could_not_be_written_is_not_undone_by_the_next(settings, monkeypatch):
+    # v1 -> v2 -> v3 promoted; a rollback to v2 whose tag writes failed left the log's last holder at v3,
+    # read as a move in the UI: the next rollback went back to v3, the version rolled away from.
+    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
+                         promote=True, progress=False)
+    c = registry.client()
+    source = c.get_model_version("pump", first.version).source
+    for version in ("2", "3"):
+        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
+        registry.promote("pump", version, "champion")
+    failing = type(c)
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(failing, "set_model_version_tag", refuse)
+    assert registry.rollback("pump", reason="v3 is bad") == "2"  # warned: tags not written
+    monkeypatch.undo()
+    assert registry.alias_version("pump", "champion") == "2"
+    assert registry.rollback("pump") == "1"
+
+
 def test_a_promotion_by_hand_during_the_gates_move_waits_and_is_not_overridden(settings, monkeypatch):
     # The retrain gate moves @champion only if it still holds the version it compared with (v1). An
     # operator's `models promote 3` that landed between that check and the move was overridden by it:
