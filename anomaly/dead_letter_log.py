@@ -5,8 +5,10 @@ where an operator looks first. A producer that sends a sensor the model does not
 reading to the dead-letter topic, and "batch: 4 records, 0 windows, 0 events, 4 dead letters" does not
 say why. So dead letters of a kind not logged before are logged at once, with their reasons, and the
 rest are summed up per kind at most once every ``interval_s`` (the last ones when the worker stops). A
-kind is a reason with its numbers taken out ("ts is 604 s ahead ..." and "ts is 605 s ahead ..." are one
-kind, shown by its first example), so a stream of slightly different reasons does not hide another.
+kind is what a reason says before the bad value it quotes, with its numbers and sensor names taken out
+("ts is 604 s ahead ..." and "ts is 605 s ahead ..." are one kind, as are "values.temp is not a number:
+'abc'" and "values.flow is not a number: 'n/a'"; each kind is shown by its first example), so a stream of
+reasons that differ only in what they quote neither hides another kind nor uses up the table of kinds.
 
 Pure: the caller passes the clock and writes the lines.
 """
@@ -24,9 +26,15 @@ REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can 
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:e[-+]?\d+)?")  # hex too: "invalid byte 0xff" / "0xfe"
 
 
+_SENSOR = re.compile(r"\bvalues\.\S+")  # "values.<sensor> is not a number": the sensor named by the producer
+
+
 def reason_kind(reason: str) -> str:
-    """``reason`` with its numbers replaced by ``#``: what dead letters of one kind have in common."""
-    return _NUMBER.sub("#", reason)
+    """What dead letters of one kind have in common: ``reason`` up to its first ``": "`` (after it comes
+    the bad value or the detail: "not UTF-8: invalid byte 0xff ...", "... is not a number: 'abc'"), its
+    numbers replaced by ``#`` and a sensor named as ``values.<name>`` by ``values.*``."""
+    head = reason.split(": ", 1)[0]
+    return _SENSOR.sub("values.*", _NUMBER.sub("#", head))
 
 
 class DeadLetterLog:

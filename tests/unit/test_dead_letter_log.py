@@ -49,11 +49,11 @@ def test_many_kinds_are_bounded_and_named_most_frequent_first():
     log = DeadLetterLog(interval_s=60)
     log.add(["first"], 0.0)
     # "common" is kept (seen before the table filled); the kinds past MAX_REASONS distinct ones are "other".
-    reasons = ["common"] * 5 + [f"values.s{chr(65 + i % 26)}{chr(65 + i // 26)} is bad" for i in range(MAX_REASONS + 50)]
+    reasons = ["common"] * 5 + [f"s{chr(65 + i % 26)}{chr(65 + i // 26)} is bad" for i in range(MAX_REASONS + 50)]
     line = log.add(reasons + ["x" * 1000], 1.0)  # new kinds: logged at once
-    assert line.startswith(f"{len(reasons) + 1} dead letters: 5 x common; 1 x values.sAA is bad")
+    assert line.startswith(f"{len(reasons) + 1} dead letters: 5 x common; 1 x sAA is bad")
     # 5 common, sAA, sBA (the most frequent) and the next 10 kinds never logged before, sCA .. sLA, named
-    assert "1 x values.sLA is bad; " in line and line.endswith(f"{len(reasons) + 1 - 17} with other reasons")
+    assert "1 x sLA is bad; " in line and line.endswith(f"{len(reasons) + 1 - 17} with other reasons")
     log.add(["y" * 1000], 100.0)
     assert len(log.flush(101.0) or "") < REASON_CHARS + 40
 
@@ -66,3 +66,17 @@ def test_a_rare_new_kind_is_named_at_once_and_the_summary_keeps_its_interval():
     assert line is not None and line.endswith("; 1 x entity is not a non-empty string")
     assert log.add(common + ["entity is not a non-empty string"], 20.0) is None  # known now: waits
     assert log.add(common, 30.0) is None and log.add(common, 71.0) is not None  # once the interval passed
+
+
+def test_reasons_that_differ_in_the_value_they_quote_are_one_kind():
+    # each quoted value was a kind of its own: 100 of them filled the table for good, and a kind seen after
+    # that (binary garbage) was neither logged at once nor named, but summed into "other reasons"
+    assert reason_kind("values.temp is not a number: 'abc'") == reason_kind("values.flow is not a number: 'n/a'")
+    assert reason_kind("ts is not a valid date/time: 'yesterday' (no)") == \
+        reason_kind("ts is not a valid date/time: 'soon' (no)")
+    assert reason_kind("values.temp is not a number: 'abc'") != reason_kind("values.temp is not finite: inf")
+    log = DeadLetterLog(interval_s=60)
+    quoted = [f"values.s{i} is not a number: '{chr(97 + i % 26) * (1 + i // 26)}'" for i in range(150)]
+    assert log.add(quoted, 0.0) == "150 dead letters: 150 x values.s0 is not a number: 'a' (and alike)"
+    line = log.add(["not UTF-8: invalid byte 0xff at position 3"], 1.0)
+    assert line == "1 dead letter: 1 x not UTF-8: invalid byte 0xff at position 3"  # new: at once, by name
