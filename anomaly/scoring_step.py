@@ -479,6 +479,10 @@ class ScoringStep:
         decoded = decode_batch(raws, self._model_sensors)
         if self.max_future_s is not None:
             decoded = _refuse_future(decoded, now_s, self.max_future_s)
+        else:  # off (a sped-up replay): still no leap that would stall the partition
+            idle_s = self._idle_s()
+            decoded = _refuse_leaps(decoded, stream_of, store, now_s,
+                                    (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s)
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])
@@ -916,6 +920,61 @@ def _refuse_future(decoded: DecodedBatch, now_s: float, max_future_s: float) -> 
     keep = np.flatnonzero(~ahead)
     bad = decoded.bad + [(int(decoded.index[j]), f"ts is {decoded.ts[j] - now_s:.0f} s ahead of the worker's clock "
                           f"(more than worker.max_future_s = {max_future_s:g})") for j in np.flatnonzero(ahead)]
+    return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
+                        decoded.values[keep], sorted(bad), foreign)
+
+
+LEAP_S = 3600.0  # with idle eviction off, how far a reading may leap ahead (see _refuse_leaps)
+
+
+def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, now_s: float,
+                  limit_s: float) -> DecodedBatch:
+    """``decoded`` without the lone leaps, for ``worker.max_future_s`` off: a reading stamped more than
+    ``limit_s`` ahead of both ``now_s`` and the newest reading of its partition before it (its stream
+    time, then the batch's readings in arrival order), after which the partition's readings in the batch
+    go on from the old time (one of them more than ``limit_s`` behind it), goes to the bad records. One
+    reading stamped years ahead (a producer's bug) became its partition's stream time: every later
+    reading there late, its commit pinned, a restart no help. A sped-up replay's stamps run ahead of the
+    clock, and jump where its recording has a gap, but go on from where they jumped: kept. A leap that
+    is its partition's last reading in the batch cannot be told from a jump: kept. Readings of another
+    sensor set that leap are left out of the stream time (dead letters either way)."""
+    positions, ts = decoded.index, decoded.ts
+    n = len(positions)
+    if decoded.foreign:
+        where, stamps = zip(*decoded.foreign)
+        positions = np.r_[positions, np.asarray(where, dtype=np.int64)]
+        ts = np.r_[ts, np.asarray(stamps, dtype=np.float64)]
+    if len(ts) < 2 or float(ts.max()) <= now_s + limit_s:  # the usual poll: nothing that far ahead
+        return decoded
+    streams = stream_of[positions]
+    order = np.lexsort((positions, streams))  # each partition's readings together, in arrival order
+    leaps = np.zeros(len(ts), dtype=bool)
+    newest_before = np.full(len(ts), now_s)
+    for part in np.split(order, np.flatnonzero(np.diff(streams[order])) + 1):
+        stamps = ts[part]
+        # the lowest stamp after each reading: whether the partition goes on from before a leap
+        after = np.r_[np.minimum.accumulate(stamps[::-1])[::-1][1:], np.inf]
+        before = store.stream_time(int(streams[part[0]]))
+        start = now_s if before is None else max(now_s, before)
+        reach = np.maximum.accumulate(np.r_[start, stamps])[:-1]
+        if not ((stamps > reach + limit_s) & (after < stamps - limit_s)).any():
+            continue  # no lone leap, even past those that rose with it: the usual sped-up poll
+        newest = start
+        for k, t, low in zip(part.tolist(), stamps.tolist(), after.tolist()):
+            newest_before[k] = newest
+            if t > newest + limit_s and low < t - limit_s:  # a leap, and the stream goes on from before it
+                leaps[k] = True
+            elif t > newest:
+                newest = t
+    if not leaps.any():
+        return decoded
+    bad = list(decoded.bad) + [
+        (int(positions[k]), f"ts is {ts[k] - now_s:.0f} s ahead of the worker's clock and {ts[k] - newest_before[k]:.0f} s "
+                            f"ahead of its partition's newest reading, which the readings after it go on from (more "
+                            f"than {limit_s:.0f} s; worker.max_future_s is off): it would make them all late")
+        for k in np.flatnonzero(leaps[:n]).tolist()]
+    keep = np.flatnonzero(~leaps[:n])
+    foreign = [item for item, leap in zip(decoded.foreign, leaps[n:].tolist()) if not leap]
     return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
                         decoded.values[keep], sorted(bad), foreign)
 

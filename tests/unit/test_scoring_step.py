@@ -570,6 +570,29 @@ def test_a_reading_far_ahead_of_the_clock_is_a_dead_letter_and_its_partition_kee
     assert off.process([poison], now_s=T0).counts["dead_letters"] == 0
 
 
+def test_with_max_future_off_a_lone_leap_is_a_dead_letter_and_a_replays_jump_is_kept() -> None:
+    # anomaly up turns max_future_s off for its sped-up replay. One reading stamped in the year 4822 then
+    # became its partition's stream time: every later reading late, the commit pinned, a restart no help.
+    step = step_for(FakeModel(window_size=4))  # max_future_s off
+    step.process(stream({"a": 0, "b": 0}, range(10)), now_s=T0 + 10)
+    poison = reading_record("a", 90_000_000_000 - int(T0), 20)
+    after = [reading_record(e, slot, 21 + 2 * (slot - 10) + i) for slot in range(10, 30) for i, e in enumerate("ab")]
+    out = step.process([poison, *after[:10]], now_s=T0 + 12)
+    assert out.counts["dead_letters"] == 1 and out.counts["late"] == 0
+    letter = decode_dead_letter(out.dead_letters[0][1])
+    assert letter["source_offset"] == 20 and "worker.max_future_s is off" in letter["reason"]
+    out = step.process(after[10:], now_s=T0 + 30)
+    assert out.counts["late"] == 0 and out.counts["windows_scored"] == 30  # every reading ends a window
+    assert out.commits[(TOPIC, 0)] > 20  # the commit moves past the dead letter
+    # A sped-up replay, hours ahead of the clock, over a recording with a 3-hour gap: every reading kept.
+    replay = step_for(FakeModel(window_size=4))
+    slots = [5 * 3600 + k for k in range(20)] + [8 * 3600 + 20 + k for k in range(20)]
+    records = [reading_record("r", slot, i) for i, slot in enumerate(slots)]
+    outs = [replay.process(records[i:i + 7], now_s=T0) for i in range(0, len(records), 7)]
+    assert sum(o.counts["dead_letters"] for o in outs) == 0 and sum(o.counts["late"] for o in outs) == 0
+    assert sum(o.counts["windows_scored"] for o in outs) == 17 + 17  # windows of 4; the gap restarts them
+
+
 # --- alert state and commits ---------------------------------------------------------------------
 
 def _fault_records() -> list[InputRecord]:
