@@ -240,8 +240,10 @@ def _epoch_seconds_unguarded(ts: Any) -> float | str:
     if isinstance(ts, bool) or not isinstance(ts, (int, float)):
         return f"ts is neither an RFC 3339 string nor epoch seconds/milliseconds: {_describe(ts)}"
     number = _finite_float(ts)
-    if number is None:
-        return f"ts is not finite: {_short(ts)}"
+    if number is None:  # a literal beyond a float (1e400, 400 digits): finite as written, too large
+        if isinstance(ts, float) and math.isnan(ts):
+            return f"ts is not finite: {_short(ts)}"
+        number = math.inf if ts > 0 else -math.inf
     if number < 0:
         return f"ts is negative (before 1970): {_short(ts)}"
     if number < MS_THRESHOLD:
@@ -335,9 +337,11 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None) -> Rea
             return BadRecord(f"values.{_name(name)} is not finite: {value.token}", ts=ts)
         number = _finite_float(value)
         if number is None:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and math.isnan(value):
                 return BadRecord(f"values.{_name(name)} is not finite: {_short(value)}", ts=ts)
-            return BadRecord(f"values.{_name(name)} is not a number: {_short(value)}", ts=ts)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return BadRecord(f"values.{_name(name)} is not a number: {_short(value)}", ts=ts)
+            number = math.inf  # a literal beyond a float (1e400, 400 digits): finite as written, too large
         if abs(number) >= MAX_ABS_VALUE:
             return BadRecord(f"values.{_name(name)} is too large to score (|value| >= {MAX_ABS_VALUE:.0e}): "
                              f"{_short(value)}", ts=ts)

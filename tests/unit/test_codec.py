@@ -187,10 +187,12 @@ BAD = [
     (b'{"entity": "p", "ts": 1, "values": {"temp": NaN}}', ["values.temp is not finite: NaN"]),
     (b'{"entity": "p", "ts": 1, "values": {"temp": Infinity}}', ["values.temp is not finite: Infinity"]),
     (b'{"entity": "p", "ts": 1, "values": {"temp": -Infinity}}', ["values.temp is not finite: -Infinity"]),
-    (b'{"entity": "p", "ts": 1, "values": {"temp": 1e999}}', ["values.temp is not finite: inf"]),
-    (b'{"entity": "p", "ts": 1, "values": {"temp": 1' + b"0" * 400 + b"}}", ["values.temp is not finite"]),
+    # beyond a float (1e999, 400 digits) is finite as written: too large, not "not finite"
+    (b'{"entity": "p", "ts": 1, "values": {"temp": 1e999}}', ["values.temp is too large to score", "inf"]),
+    (b'{"entity": "p", "ts": 1, "values": {"temp": -1' + b"0" * 400 + b"}}", ["values.temp is too large to score"]),
     (b'{"entity": "p", "ts": NaN, "values": {"temp": 1}}', ["ts is not finite: NaN"]),
-    (b'{"entity": "p", "ts": 1e999, "values": {"temp": 1}}', ["ts is not finite"]),
+    (b'{"entity": "p", "ts": 1e999, "values": {"temp": 1}}', ["ts is too large for epoch seconds"]),
+    (b'{"entity": "p", "ts": -1' + b"0" * 400 + b', "values": {"temp": 1}}', ["ts is negative"]),
     (b'{"entity": "p", "ts": 1, "values": {"temp": 1' + b"0" * 5000 + b"}}", ["not usable JSON"]),
     (b"[" * 100_000 + b"]" * 100_000, ["JSON"]),  # absurd nesting
     (b"\xef\xbb\xbf" + reading_json(), ["not JSON"]),  # a UTF-8 byte-order mark
@@ -464,3 +466,4 @@ def test_event_ids_are_deterministic_and_distinct() -> None:
     assert first not in others and len(others) == 5
     with pytest.raises(DataError):
         event_id("pump-7", "pumps", float("nan"))
+
