@@ -27,6 +27,18 @@ def settings(tmp_path):
     })
 
 
+def champion_and_copies(settings, copies: int):
+    """A small model trained and promoted (v1), then ``copies`` more versions of it (v2 ..); the first
+    training result, a registry client and the model's source."""
+    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
+                         promote=True, progress=False)
+    c = registry.client()
+    source = c.get_model_version("pump", first.version).source
+    for version in range(2, 2 + copies):
+        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == str(version)
+    return first, c, source
+
+
 def test_register_load_promote_rollback(settings, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     prepared = prepare_training(normal_frame(1200))
@@ -177,12 +189,8 @@ def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(setting
     # every attempt ("not found"), and the emergency path stayed blocked for good.
     from anomaly.errors import RegistryError
 
-    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
-                         promote=True, progress=False)
-    c = registry.client()
-    source = c.get_model_version("pump", first.version).source
+    first, c, source = champion_and_copies(settings, 2)
     for version in ("2", "3"):
-        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
         registry.promote("pump", version, "champion", reason="test")
     c.delete_model_version("pump", "2")
     assert registry.rollback("pump") == "1" and registry.alias_version("pump", "champion") == "1"
@@ -208,12 +216,8 @@ def test_a_rollback_goes_past_versions_deleted_since_they_held_the_alias(setting
 def test_a_rollback_after_the_alias_was_moved_in_the_mlflow_ui_returns_to_the_version_it_moved_from(settings):
     # v1 then v2 promoted by the tool, then an operator moves @champion to v3 in the MLflow UI: the
     # rollback went to v1 (the stack only knew the tool's moves), skipping v2, which served just before.
-    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
-                         promote=True, progress=False)
+    champion_and_copies(settings, 3)
     c = registry.client()
-    source = c.get_model_version("pump", first.version).source
-    for version in ("2", "3", "4"):
-        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
     registry.promote("pump", "2", "champion")
     c.set_registered_model_alias("pump", "champion", "3")  # in the UI
     assert registry.rollback("pump", reason="v3 is bad") == "2"
@@ -231,12 +235,8 @@ def test_a_rollback_after_the_alias_was_moved_in_the_mlflow_ui_returns_to_the_ve
 def test_a_rollback_whose_version_tags_could_not_be_written_is_not_undone_by_the_next(settings, monkeypatch):
     # v1 -> v2 -> v3 promoted; a rollback to v2 whose tag writes failed left the log's last holder at v3,
     # read as a move in the UI: the next rollback went back to v3, the version rolled away from.
-    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
-                         promote=True, progress=False)
-    c = registry.client()
-    source = c.get_model_version("pump", first.version).source
+    _, c, _ = champion_and_copies(settings, 2)
     for version in ("2", "3"):
-        assert str(c.create_model_version("pump", source, run_id=first.run_id).version) == version
         registry.promote("pump", version, "champion")
     failing = type(c)
 
@@ -257,12 +257,7 @@ def test_a_promotion_by_hand_during_the_gates_move_waits_and_is_not_overridden(s
     # gate's move (a lock per registry, model and alias), then wins.
     import threading
 
-    first = run_training(prepare_training(normal_frame(600)), settings, source="synthetic", dataset="synthetic",
-                         promote=True, progress=False)
-    c = registry.client()
-    source = c.get_model_version("pump", first.version).source
-    for version in ("2", "3"):
-        c.create_model_version("pump", source, run_id=first.run_id)
+    _, c, _ = champion_and_copies(settings, 2)
     real_history, operator = registry._history, []
 
     def history_then_operator(name, alias, current):  # the gate has checked @champion is v1; the operator acts now
