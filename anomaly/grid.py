@@ -9,8 +9,10 @@ Rules, in the order ``to_grid`` applies them:
 2. **Snapping.** Each reading goes to the nearest slot; a reading exactly half-way between two
    slots goes to the later one.
 3. **Collisions** (duplicates, jitter, late/out-of-order readings landing in one slot): per sensor,
-   **the last observed value wins**, "last" meaning the latest timestamp and, among equal
-   timestamps, the later row. A NaN (a sensor that reported nothing) never overwrites a value.
+   **the first observed value wins**, "first" meaning the earliest timestamp and, among equal
+   timestamps, the earlier row, as the streaming worker keeps a slot's first reading and drops the
+   rest as duplicates (a model trained on the last of each slot was served the first). A NaN (a
+   sensor that reported nothing) never stands in for a value.
 4. **Missing mask.** A slot/sensor with no observed value is ``missing``. The mask is taken before
    filling, so it stays True for values that were filled as well as for those still NaN.
 5. **Filling** (``fill``): ``"ffill"`` holds the last observed value, and a *leading* gap (before the
@@ -128,9 +130,9 @@ def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str =
         raise DataError(f"to_grid: {n_slots} slots of {period} x {frame.shape[1]} sensors between "
                         f"{frame.index.min()} and {frame.index.max()}; check for stray timestamps or a wrong period")
 
-    order = np.lexsort((np.arange(len(ns)), ns))  # by time, then by row: the last one wins
+    order = np.lexsort((np.arange(len(ns)), ns))  # by time, then by row: the first one wins
     values = pd.DataFrame(frame.to_numpy(dtype=np.float64)[order], columns=frame.columns)
-    per_slot = values.groupby(slots[order], sort=True).last()  # last non-NaN per column
+    per_slot = values.groupby(slots[order], sort=True).first()  # first non-NaN per column
     dense = np.full((n_slots, frame.shape[1]), np.nan)
     dense[per_slot.index.to_numpy()] = per_slot.to_numpy(dtype=np.float64)
 

@@ -68,15 +68,16 @@ def test_jitter_snaps_to_nearest_slot_and_half_way_goes_later():
     np.testing.assert_array_equal(g.frame["x"], [10, 11, 12, 13])
 
 
-def test_duplicates_and_out_of_order_last_reading_wins():
+def test_duplicates_and_out_of_order_first_reading_wins():
+    # as the streaming worker keeps a slot's first reading (training kept the last: not what it serves)
     # rows: t=2 (a=1), t=0 (a=5), t=2 (a=2, later row, same time), t=0.9 (a=7, lands in slot 1)
     frame = _frame([2, 0, 2, 0.9], a=[1, 5, 2, 7])
     g = to_grid(frame, period=pd.Timedelta(seconds=1), fill="none")
-    np.testing.assert_array_equal(g.frame["a"], [5, 7, 2])
-    # in one slot the latest timestamp wins, whatever the row order
+    np.testing.assert_array_equal(g.frame["a"], [5, 7, 1])
+    # in one slot the earliest timestamp wins, whatever the row order
     frame = _frame([1.1, 0.9], a=[1, 2])
     g = to_grid(frame, period=pd.Timedelta(seconds=1))
-    np.testing.assert_array_equal(g.frame["a"], [1])  # one slot; t=1.1 is later than t=0.9
+    np.testing.assert_array_equal(g.frame["a"], [2])  # one slot; t=0.9 is earlier than t=1.1
 
 
 def test_nan_does_not_overwrite_an_observed_value_in_a_slot():
