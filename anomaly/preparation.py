@@ -151,6 +151,8 @@ def first_readings(frame: pd.DataFrame, doing: str = "trained on") -> pd.DataFra
     timestamp gave repeats that reading: left out, and said (``doing``: what is done with the first),
     with, when they are many, a word that the table may hold several assets under one series (no
     ``data.entity_column``)."""
+    if frame.index.hasnans:  # grouping would drop those rows without a word (to_grid refuses them)
+        raise DataError(f"missing timestamp (NaT) in {int(frame.index.isna().sum())} row(s)")
     alike = frame.index.duplicated(keep=False)
     if not alike.any():
         return frame

@@ -247,3 +247,14 @@ def test_a_fleet_entity_on_another_period_than_the_shared_grid_has_its_gaps_said
     prepare_fleet({"e1": fast[0], "e2": fast[1], "e3": slow}, window_size=10, validation_fraction=0.2,
                   max_fill_steps=2)
     assert any(r.getMessage().startswith("entity e3: ") and "lie in gaps" in r.getMessage() for r in caplog.records)
+
+
+def test_a_missing_timestamp_is_an_error_even_beside_a_repeated_one():
+    # without a repeat it was refused; with one, merging the repeats dropped the NaT row without a word
+    index = pd.DatetimeIndex(["2026-01-01 00:00:00", "2026-01-01 00:00:01", "2026-01-01 00:00:01", None,
+                              "2026-01-01 00:00:02", "2026-01-01 00:00:03"], name="ts")
+    frame = pd.DataFrame({"a": [1.0, 2.0, 2.5, 3.0, 4.0, 5.0], "b": [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]}, index=index)
+    with pytest.raises(DataError, match="missing timestamp"):
+        prepare_training(frame)
+    with pytest.raises(DataError, match="missing timestamp"):
+        prepare_training(frame[~frame.index.duplicated(keep="last")])
