@@ -91,7 +91,35 @@ def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, 
     this many slots in which no sensor reported is a gap, whatever ``max_fill_steps`` (the worker restarts
     its window after such an outage; training on it filled would learn a flat line as normal)."""
     prepared = _prepare_training(frame, sensors, period_s, fill, max_fill_steps, max_missing_fraction, outage_steps)
-    return prepared if labels is None else leave_out_labelled(prepared, frame.index, labels, margin_rows)
+    if labels is not None:
+        prepared = leave_out_labelled(prepared, frame.index, labels, margin_rows)
+    return screen_kept_rows(prepared)
+
+
+def screen_kept_rows(prepared: Prepared) -> Prepared:
+    """``prepared`` without the sensors that are constant or flat on the rows that train (outside
+    ``gaps``), reported and dropped as the first screening drops them. A sensor that moves only in a
+    labelled fault, an outage or before the others' first readings passed the screening of every row,
+    then trained constant: scale 1, its error in raw units swamping (or vanishing beside) the others'."""
+    if prepared.gaps is None or not prepared.gaps.any():
+        return prepared
+    kept = ~prepared.gaps
+    frame = pd.DataFrame(prepared.values[kept], columns=prepared.sensors)
+    missing = pd.DataFrame(prepared.missing[kept], columns=prepared.sensors)
+    issues = [SensorIssue(i.sensor, i.kind, f"{i.detail} on the rows that train")
+              for i in sensor_quality(frame, missing) if i.kind in ("constant", "flat")]
+    if not issues:
+        return prepared
+    bad = {i.sensor for i in issues}
+    for issue in issues:
+        _warn("sensor %s: %s (%s) - left out", issue.sensor, issue.kind, issue.detail)
+    keep = [j for j, name in enumerate(prepared.sensors) if name not in bad]
+    if not keep:
+        raise DataError("no usable sensor on the rows that train (outside labelled faults, outages and gaps): "
+                        + "; ".join(f"{i.sensor}: {i.kind} ({i.detail})" for i in issues))
+    return dataclasses.replace(prepared, values=prepared.values[:, keep], missing=prepared.missing[:, keep],
+                               sensors=[prepared.sensors[j] for j in keep], issues=[*prepared.issues, *issues],
+                               dropped=[*prepared.dropped, *(s for s in prepared.sensors if s in bad)])
 
 
 def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period_s: float | None, fill: str,
@@ -425,10 +453,12 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
     all_gaps = np.concatenate(gaps)
     timestamps = stamps[0].append(stamps[1:]) if len(stamps) > 1 else stamps[0]
     log.info("fleet: %d entities (%s), %d sensors, period %.3g s", len(grids), ", ".join(grids), len(kept), common)
-    return Prepared(timestamps=pd.DatetimeIndex(timestamps), values=np.concatenate(values), sensors=kept,
-                    missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
-                    gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails,
-                    labelled_out=sum(g.labelled_out for g in grids.values()))
+    # a sensor that moves only in the labelled faults trains constant across the fleet: dropped for all
+    return screen_kept_rows(Prepared(
+        timestamps=pd.DatetimeIndex(timestamps), values=np.concatenate(values), sensors=kept,
+        missing=np.concatenate(missing), period_s=common, issues=issues, dropped=dropped,
+        gaps=all_gaps if all_gaps.any() else None, entities=list(grids), entity_tails=entity_tails,
+        labelled_out=sum(g.labelled_out for g in grids.values())))
 
 
 def _fleet_period(periods: Mapping[str, float]) -> float:

@@ -258,3 +258,22 @@ def test_a_missing_timestamp_is_an_error_even_beside_a_repeated_one():
         prepare_training(frame)
     with pytest.raises(DataError, match="missing timestamp"):
         prepare_training(frame[~frame.index.duplicated(keep="last")])
+
+
+def test_a_sensor_that_moves_only_in_labelled_faults_is_reported_and_left_out():
+    # it passed the screening of every row, then trained constant (scale 1, errors in raw units)
+    rng = np.random.default_rng(0)
+    index = pd.date_range("2024-01-01", periods=400, freq="1s", name="ts")
+    labels = np.zeros(400, dtype=bool)
+    labels[300:340] = True
+    valve = np.where(labels, 1.0, 0.0)
+    frame = pd.DataFrame({"ok": rng.normal(size=400), "valve": valve, "other": rng.normal(size=400)}, index=index)
+    prepared = prepare_training(frame, labels=labels, margin_rows=2)
+    assert prepared.sensors == ["ok", "other"] and prepared.dropped == ["valve"]
+    assert [(i.sensor, i.kind) for i in prepared.issues] == [("valve", "constant")]
+    assert "on the rows that train" in prepared.issues[0].detail
+    fleet = prepare_fleet({"p1": frame, "p2": frame.copy()}, window_size=8, validation_fraction=0.2,
+                          labels={"p1": labels, "p2": labels}, margin_rows=2)
+    assert fleet.sensors == ["ok", "other"] and "valve" in fleet.dropped
+    with pytest.raises(DataError, match="no usable sensor on the rows that train"):
+        prepare_training(frame[["valve"]].assign(v2=valve * 3), labels=labels)
