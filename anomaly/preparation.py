@@ -139,7 +139,7 @@ def _prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None, period
         raise DataError(f"no usable sensor: every column is constant, flat or mostly missing - {said}")
     before = _back_filled(grid.missing[keep], fill)
     return _finish(grid.frame[keep], grid.missing[keep], grid.period, issues, dropped,
-                   _either(None if before is None else _late_rows(before, keep), _outages(grid.missing, outage_steps)))
+                   _either(None if before is None else _late_rows(before, keep), _outages(grid.missing[keep], outage_steps)))
 
 
 def say_spacing(frame: pd.DataFrame, period_s: float | None, grid: str, doing: str) -> None:
@@ -213,7 +213,8 @@ def leave_out_labelled(prepared: Prepared, index: pd.DatetimeIndex, labels: np.n
     if gaps.all():
         raise DataError(f"every one of the {len(gaps)} rows is labelled anomalous, within {margin_rows} rows of "
                         f"such a row, or in a gap: no normal data to train on")
-    return dataclasses.replace(prepared, gaps=gaps, labelled_out=prepared.labelled_out + int(out.sum()))
+    newly = out if prepared.gaps is None else out & ~prepared.gaps  # rows a gap held out already are not counted
+    return dataclasses.replace(prepared, gaps=gaps, labelled_out=prepared.labelled_out + int(newly.sum()))
 
 
 def prepare_scoring(frame: pd.DataFrame, sensors: Sequence[str], period_s: float | None = None,

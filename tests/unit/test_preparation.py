@@ -277,3 +277,29 @@ def test_a_sensor_that_moves_only_in_labelled_faults_is_reported_and_left_out():
     assert fleet.sensors == ["ok", "other"] and "valve" in fleet.dropped
     with pytest.raises(DataError, match="no usable sensor on the rows that train"):
         prepare_training(frame[["valve"]].assign(v2=valve * 3), labels=labels)
+
+
+def test_an_outage_of_every_kept_sensor_is_one_though_a_dropped_sensor_reports_through_it():
+    # the outage test read the dropped sensors too: a constant one reporting on hid the outage, and
+    # training learnt the filled-in flat line as normal
+    rng = np.random.default_rng(1)
+    index = pd.date_range("2024-01-01", periods=300, freq="1s", name="ts")
+    a, b = rng.normal(size=300), rng.normal(size=300)
+    a[100:140] = np.nan
+    b[100:140] = np.nan
+    frame = pd.DataFrame({"a": a, "b": b, "stuck": 5.0}, index=index)
+    prepared = prepare_training(frame, max_fill_steps=100, outage_steps=10)
+    assert prepared.dropped == ["stuck"] and prepared.gaps is not None
+    assert prepared.gaps[100:140].all() and prepared.gaps.sum() == 40
+
+
+def test_labelled_rows_already_in_a_gap_are_not_counted_as_left_out_by_the_labels():
+    index = pd.date_range("2024-01-01", periods=200, freq="1s", name="ts")
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(200, 2))
+    values[50:70] = np.nan  # a 20-slot outage, beyond max_fill_steps: a gap
+    frame = pd.DataFrame(values, index=index, columns=["a", "b"])
+    labels = np.zeros(200, dtype=bool)
+    labels[60:80] = True  # half in the gap
+    prepared = prepare_training(frame, max_fill_steps=5, labels=labels)
+    assert prepared.labelled_out == 10
