@@ -78,9 +78,10 @@ Caveats
   a producer's linger is latency the worker never sees, so it is kept out of the measurement.
 - Latencies are measured after a model warm-up in the child (a long-running worker is warm); the
   first windows of the run are included.
-- On Tansu the consumer's ``fetch_max_wait_ms`` (kafka-python default 500) shows up in the latency
-  of a caught-up worker (measured: p50 136 -> 33 ms at 1,000/s with 10 ms), which Apache Kafka does not
-  do (it answers a fetch as soon as ``fetch_min_bytes`` are there); ``--client-options`` tries it.
+- On Tansu the consumer's ``fetch_max_wait_ms`` shows up in the latency of a caught-up worker (Tansu
+  answers a fetch only after it, Apache Kafka as soon as ``fetch_min_bytes`` are there): kafka-python's
+  500 ms default gave p50 136 ms at 1,000/s, so the consumers run with 50 ms (``kafka_io.CONSUMER_DEFAULTS``;
+  33 ms p50); ``--client-options`` tries other values.
 """
 
 from __future__ import annotations
@@ -297,13 +298,14 @@ def load_topic(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) 
 
 
 def raw_consume(bootstrap: str, topic: str, n: int, max_poll_records: int, timeout_s: float,
-                client_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A bare consumer in its own group (the worker's consumer options, ``--client-options`` included, and
-    ``max_poll_records``): poll and JSON-decode every value with ``orjson.loads``, the worker's decoder,
-    until ``n`` are read."""
+                client_options: dict[str, Any] | None = None, round_: int = 0) -> dict[str, Any]:
+    """A bare consumer in a group of its own for the round (the worker's consumer options,
+    ``--client-options`` included, and ``max_poll_records``): poll and JSON-decode every value with
+    ``orjson.loads``, the worker's decoder, until ``n`` are read. A new group each round, as the worker's:
+    with auto-commit turned on by ``--client-options`` a shared one began round 2 at the end."""
     from anomaly import kafka_io
 
-    consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw", [topic], client_options)
+    consumer = kafka_io.make_consumer(bootstrap, f"{topic}.raw.{round_}", [topic], client_options)
     count, first, deadline = 0, None, time.monotonic() + timeout_s
     loads = orjson.loads  # the worker's decoder (anomaly.codec.decode_batch): the same on both sides
     # What this process built so far (torch, MLflow, the fitted model) is frozen out of the cyclic
@@ -634,7 +636,7 @@ def phase_throughput(bootstrap: str, detector, n: int, fleet: int, period_s: flo
     warm_up(detector)
     rounds = []
     for r in range(n_rounds):  # alternate, so a change in the machine's load hits both alike
-        raw = raw_consume(bootstrap, topic, n, settings.worker.max_poll_records, timeout, tuning.client_options)
+        raw = raw_consume(bootstrap, topic, n, settings.worker.max_poll_records, timeout, tuning.client_options, r)
         log.info("round %d: raw consumer %.0f msg/s", r + 1, raw["msgs_per_s"])
         worker = make_bench_worker(detector, bootstrap, topic, f"{topic}.worker.{r}", tuning, target=n)
         run_worker(worker, timeout)
