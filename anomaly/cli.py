@@ -611,7 +611,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_SECRET_KEY = ("password", "secret", "token", "credential", "private_key", "ssl_key")
+_SECRET_KEY = ("password", "secret", "token", "credential", "apikey", "passphrase")
+
+
+def _secret_key(key: Any) -> bool:
+    """Whether a settings key names a secret: a password, secret, token or credential, or a key
+    (``api_key``, ``private_key``, ``ssl_key``: a name that is or ends in ``key``)."""
+    if not isinstance(key, str):
+        return False
+    k = key.lower()
+    return any(word in k for word in _SECRET_KEY) or k == "key" or k.endswith(("_key", "-key"))
 
 
 def redacted(doc: Any) -> Any:
@@ -621,8 +630,7 @@ def redacted(doc: Any) -> Any:
     import re
 
     if isinstance(doc, dict):
-        return {k: "***" if isinstance(k, str) and any(word in k.lower() for word in _SECRET_KEY) and v
-                else redacted(v) for k, v in doc.items()}
+        return {k: "***" if _secret_key(k) and v else redacted(v) for k, v in doc.items()}
     if isinstance(doc, list):
         return [redacted(v) for v in doc]
     if isinstance(doc, str):

@@ -203,6 +203,16 @@ def test_config_show_masks_secrets(monkeypatch, capsys):
     assert '"sasl_plain_username": "u"' in out and "postgresql://bob:***@db:5432/mlflow" in out
 
 
+def test_a_key_that_is_or_ends_in_key_is_masked():
+    # the docstring said keys naming a key are masked; only private_key and ssl_key were
+    from anomaly.cli import redacted
+
+    doc = {"api_key": "k1", "ssl_key": "k2", "Key": "k3", "x-api-key": "k4", "apikey": "k5",
+           "ssl_keyfile": "/etc/kafka/client.key", "key_count": 3, "monkey": "m"}
+    assert redacted(doc) == {"api_key": "***", "ssl_key": "***", "Key": "***", "x-api-key": "***", "apikey": "***",
+                             "ssl_keyfile": "/etc/kafka/client.key", "key_count": 3, "monkey": "m"}
+
+
 def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("ANOMALY_LOG_LEVEL", "bogus")
     with pytest.raises(SystemExit) as exit_:
