@@ -236,6 +236,12 @@ def _bar(total: int, desc: str, enabled: bool):
 
 # --- score ---------------------------------------------------------------------------------------
 
+def _no_ground_truth(data: str, settings: Any) -> None:
+    names = list(dict.fromkeys([settings.retrain.label_field, "anomaly", "label"]))
+    raise AnomalyError(f"--record needs ground truth: {data} has no label column "
+                       f"({' or '.join(repr(n) for n in names)}; retrain.label_field names one)")
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score a file with a registered model; write row-level scores and print the flagged spans, and
     where the file is labelled, the figures against its labels (``--record``: onto the model version)."""
@@ -253,16 +259,23 @@ def cmd_score(args: argparse.Namespace) -> int:
         problem = table_suffix_problem(args.out)
         if problem:
             raise AnomalyError(f"--out {args.out}: {problem}")
-    fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
-    if args.record and truths is None:
-        names = list(dict.fromkeys([settings.retrain.label_field, "anomaly", "label"]))
-        raise AnomalyError(f"--record needs ground truth: {args.data} has no label column "
-                           f"({' or '.join(repr(n) for n in names)}; retrain.label_field names one)")
+    try:
+        fleet, truths = _labelled_entity_tables(args.data, settings)  # a bad file is said before the model is fetched
+    except DataError:
+        if settings.data.sensors or not Path(args.data).is_file():
+            raise
+        fleet = truths = None  # a bad cell in a column the model may not read: read again for its sensors
+    if args.record and fleet is not None and truths is None:
+        _no_ground_truth(args.data, settings)
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure_from(settings.mlflow, create=False)
     name = settings.mlflow.model_name
     detector, version = registry.load_detector(name, args.model_alias or settings.mlflow.champion_alias)
-    if any(s not in frame.columns for frame in fleet.values() for s in detector.sensors):
+    if fleet is None:
+        fleet, truths = _labelled_entity_tables(args.data, settings, list(detector.sensors))
+        if args.record and truths is None:
+            _no_ground_truth(args.data, settings)
+    elif any(s not in frame.columns for frame in fleet.values() for s in detector.sensors):
         # Read again for the model's sensors: a column of text alone was left out as "not readings", and
         # the error would say the sensor is not in the file; this names the cell (or the file) instead.
         _labelled_entity_tables(args.data, settings, list(detector.sensors))
