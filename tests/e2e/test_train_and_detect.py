@@ -92,7 +92,7 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     assert main(["score", "--data", "offline.csv", "--config", str(config)]) == 2
     assert f"column '{offline.columns[1]}' is not numeric (e.g. 'offline' at data row" in capsys.readouterr().err
     # A column the model does not read is no reason to refuse the file (its bad cell was)
-    extra = faulty.iloc[:50].reset_index().assign(note=["1.5"] * 49 + ["n/a"])
+    extra = faulty.iloc[:50].reset_index().assign(note=["1.5"] * 49 + ["oops"])
     extra.to_csv(tmp_path / "extra.csv", index=False)
     assert main(["score", "--data", "extra.csv", "--config", str(config)]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["scored_rows"] == 50 - 20 + 1
