@@ -164,6 +164,9 @@ class DataSettings:
                                                     f"{self.entity_column!r})")
         if self.sensors and self.entity_column in self.sensors:
             raise ConfigError("data.entity_column", f"{self.entity_column!r} is also in data.sensors")
+        if self.sensors and self.timestamp_column in self.sensors:
+            raise ConfigError("data.timestamp_column", f"{self.timestamp_column!r} is also in data.sensors: the "
+                                                       "timestamp column is never a sensor")
 
 
 @dataclass(frozen=True)
@@ -624,6 +627,13 @@ class Settings:
         if self.data.sensors and self.retrain.label_field in self.data.sensors:
             raise ConfigError("retrain.label_field", f"{self.retrain.label_field!r} is also in data.sensors: a "
                                                      "ground-truth column is never a sensor")
+        from anomaly.tables import LABEL_COLUMNS
+
+        labels = {name.lower() for name in (*LABEL_COLUMNS, self.retrain.label_field)}
+        named = [s for s in self.data.sensors or () if s.lower() in labels]
+        if named:  # tables read those columns (any case) as ground truth, never as readings
+            raise ConfigError("data.sensors", f"{', '.join(map(repr, named))}: a column of that name is read as "
+                                              f"ground truth ({', '.join(sorted(labels))}, any case), never as a sensor")
         if self.drift.enabled and not self.kafka.scores_topic:
             raise ConfigError("drift.enabled", "needs kafka.scores_topic: the drift check reads the worker's "
                               "per-window scores (set it for the workers too)")

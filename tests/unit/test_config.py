@@ -269,3 +269,14 @@ def test_a_blank_label_field_is_refused_naming_it(value):
     with pytest.raises(ConfigError) as err:
         build_settings({"retrain": {"label_field": value}})
     assert err.value.field == "retrain.label_field"
+
+
+@pytest.mark.parametrize("env, field", [
+    ({"ANOMALY_DATA__SENSORS": "a,Label"}, "data.sensors"),  # tables read it as ground truth: never a sensor
+    ({"ANOMALY_DATA__SENSORS": "a,changepoint"}, "data.sensors"),
+    ({"ANOMALY_DATA__SENSORS": "a,ts", "ANOMALY_DATA__TIMESTAMP_COLUMN": "ts"}, "data.timestamp_column"),
+])
+def test_a_sensor_named_like_a_label_or_the_timestamp_column_is_refused(env, field):
+    # each was accepted, then said "not in the data" or "not numeric ... name it with data.entity_column"
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(env=env)
