@@ -568,12 +568,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         # --name (or --model-name / mlflow.model_name when set by any layer: the file, the environment)
         # narrows the list to one model; with none of them set, every model is listed.
-        import tomllib
+        from anomaly.config import read_toml
 
         in_file = False
         if getattr(args, "config", None):  # read already (load_config refused a bad one): does it name a model?
-            with open(args.config, "rb") as fh:
-                in_file = "model_name" in (tomllib.load(fh).get("mlflow") or {})
+            in_file = "model_name" in (read_toml(args.config).get("mlflow") or {})
         in_env = any(k.startswith("ANOMALY_") and k[len("ANOMALY_"):].lower() == "mlflow__model_name" and v
                      for k, v in os.environ.items())  # as load_config reads it: the field's part in any case
         explicit = args.name or getattr(args, "model_name", None) or (name if in_file or in_env else None)

@@ -645,6 +645,12 @@ class Settings:
 
 # --- loading -------------------------------------------------------------------------------------
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; a UTF-8 byte-order mark first (Windows editors write one) is skipped, where
+    ``tomllib`` called the file invalid at line 1, column 1."""
+    return tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Mapping[str, Any]] | None = None,
                 base: Mapping[str, Mapping[str, Any]] | None = None) -> Settings:
@@ -657,8 +663,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     if path is not None:
         path = Path(path)
         try:
-            with path.open("rb") as fh:
-                loaded = tomllib.load(fh)
+            loaded = read_toml(path)
         except FileNotFoundError:
             raise ConfigError("config", f"file not found: {path}") from None
         except IsADirectoryError:

@@ -280,3 +280,10 @@ def test_a_sensor_named_like_a_label_or_the_timestamp_column_is_refused(env, fie
     # each was accepted, then said "not in the data" or "not numeric ... name it with data.entity_column"
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(env=env)
+
+
+def test_a_toml_file_with_a_byte_order_mark_is_read(tmp_path):
+    # Windows editors write one: it was "not valid TOML: Invalid statement (at line 1, column 1)"
+    path = tmp_path / "bom.toml"
+    path.write_bytes("\ufeff[model]\nwindow_size = 12\n".encode("utf-8"))
+    assert load_config(path, env={}).model.window_size == 12
