@@ -239,6 +239,8 @@ def _csv_layout(path: Path) -> tuple[str, list[str]]:
     that, the header's most frequent (``,`` on a tie)."""
     with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
         header = fh.readline()
+        while header and not header.strip():  # blank lines before the header: pandas skips them too
+            header = fh.readline()
         lines = [header] + [line for line in (fh.readline() for _ in range(_SNIFF_LINES)) if line.strip()]
     if not header.strip():
         raise DataError(f"{path}: empty file (no header line)")

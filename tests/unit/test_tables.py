@@ -354,3 +354,15 @@ def test_a_label_column_of_words_is_not_taken_for_asset_ids(tmp_path):
     with pytest.raises(DataError, match="'label'") as err:
         read_table(path)
     assert "entity_column" not in str(err.value)
+
+
+def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path):
+    # the layout sniffer took the first line for the header: "empty file (no header line)"
+    path = tmp_path / "blank.csv"
+    path.write_text("\n\n  \ntimestamp;a;b\n2024-01-01 00:00:00;1;2\n2024-01-01 00:00:01;3;4\n")
+    frame = read_table(path)
+    assert list(frame.columns) == ["a", "b"] and frame["b"].tolist() == [2.0, 4.0]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty file"):
+        read_table(empty)
