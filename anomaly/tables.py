@@ -315,11 +315,31 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
         try:
             parsed = pd.DatetimeIndex(pd.to_datetime(col, utc=True, format="ISO8601"))
         except (ValueError, TypeError) as exc:
-            raise DataError(f"{where}: not RFC 3339 / 'YYYY-MM-DD hh:mm:ss' timestamps: {exc}") from exc
+            raise DataError(f"{where}: {_bad_timestamp(col) or exc}") from exc
     if parsed.isna().any():
         row = int(np.flatnonzero(parsed.isna())[0])
         raise DataError(f"{where}: missing timestamp at data row {row}")
     return parsed.rename(INDEX_NAME)
+
+
+def _bad_timestamp(col: pd.Series) -> str | None:
+    """Which cell of ``col`` is not a timestamp, said as a person would fix it (pandas' own message
+    advises ``format=`` arguments no command takes, and may quote a good cell); None: none found alone."""
+    numbers = pd.to_numeric(col, errors="coerce")
+    if numbers.notna().sum() * 2 > col.notna().sum():  # mostly numbers: epoch seconds or milliseconds
+        for row, (cell, number) in enumerate(zip(col.tolist(), numbers.tolist())):
+            if pd.notna(cell) and math.isnan(number):
+                return f"cell {str(cell)[:60]!r} at data row {row} is not a number, in a column of epoch numbers"
+    try:
+        coerced = pd.to_datetime(col, utc=True, format="ISO8601", errors="coerce")
+    except (ValueError, TypeError):
+        return None
+    bad = np.flatnonzero(coerced.isna().to_numpy() & col.notna().to_numpy())
+    if not bad.size:
+        return None
+    row = int(bad[0])
+    return (f"cell {str(col.iloc[row])[:60]!r} at data row {row} is not an RFC 3339 or 'YYYY-MM-DD hh:mm:ss' "
+            "timestamp (a column of epoch seconds or milliseconds must hold numbers only)")
 
 
 def _yyyymmdd(finite: np.ndarray) -> bool:

@@ -366,3 +366,14 @@ def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path
     empty.write_text("\n\n")
     with pytest.raises(DataError, match="empty file"):
         read_table(empty)
+
+
+@pytest.mark.parametrize("cells, bad", [(["2024-01-01 00:00:00", "01/01/2024 00:00:01"], "'01/01/2024 00:00:01' at data row 1"),
+                                        (["1700000000", "1700000001", "soon"], "'soon' at data row 2")])
+def test_a_bad_timestamp_cell_is_named(tmp_path, cells, bad):
+    # pandas' message advised format= arguments no command takes, and could quote a good cell
+    path = tmp_path / "t.csv"
+    path.write_text("timestamp,a\n" + "".join(f"{c},{i}\n" for i, c in enumerate(cells)))
+    with pytest.raises(DataError, match=bad) as raised:
+        read_table(path)
+    assert "format=" not in str(raised.value)
