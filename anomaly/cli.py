@@ -82,6 +82,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _check_device(settings)
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)  # before the training
+    if args.promote or args.alias:  # the alias moves under a lock: a folder without one failed after training
+        from anomaly.locks import lock_folder, require_folder
+
+        require_folder(lock_folder(settings.mlflow.lock_dir), "mlflow.lock_dir")
     d = settings.data
     grid = {"sensors": d.sensors, "period_s": d.period_s, "fill": d.fill, "max_fill_steps": d.max_fill_steps,
             "max_missing_fraction": d.max_missing_fraction,

@@ -35,6 +35,19 @@ def lock_folder(setting: str | None) -> Path:
     return Path(setting or tempfile.gettempdir())
 
 
+def require_folder(folder: str | Path, field: str) -> Path:
+    """``folder``, made if missing; a ``ConfigError`` naming ``field`` where lock files cannot be made there
+    (checked before work whose end takes a lock: a training registered, then not promoted)."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(field, f"cannot make the folder {path} for lock files: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(field, f"cannot make lock files in {path}: not writable by this user")
+    return path
+
+
 class FileLock:
     """An exclusive ``flock`` on ``path`` holding the owner's pid; ``acquire`` fails at once or after a wait."""
 

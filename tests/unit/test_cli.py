@@ -698,3 +698,18 @@ def test_mlflow_flags_a_command_does_not_use_are_refused(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(command)
     assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_train_with_promote_refuses_an_unusable_lock_folder_before_training(tmp_path, monkeypatch, capsys):
+    # the version was trained and registered, then the promotion failed on the lock file
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ANOMALY_MLFLOW__LOCK_DIR", str(blocker / "locks"))
+    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    import anomaly.train_job as train_job
+
+    monkeypatch.setattr(train_job, "run_training", lambda *a, **k: pytest.fail("must not train"))
+    data = tmp_path / "d.csv"
+    data.write_text("timestamp,a\n2024-01-01 00:00:00,1\n")
+    assert main(["train", "--data", str(data), "--promote"]) == 2
+    assert "mlflow.lock_dir" in capsys.readouterr().err
