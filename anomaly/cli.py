@@ -1162,6 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", action="store_true",
                    help="with a labelled file: log the figures against its labels as an MLflow evaluation run "
                         "and as eval.* tags on the model version (shown by `anomaly models list`)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (MLflow's, as the model downloads)")
     common(p)
     p.set_defaults(func=cmd_score)
 

@@ -395,6 +395,16 @@ def test_the_daemons_log_without_mlflow_progress_bars(tmp_path, monkeypatch):
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
 
 
+def test_score_quiet_turns_mlflows_download_bar_off(tmp_path, monkeypatch):
+    # score had no --quiet: MLflow's "Downloading artifacts" bar wrote a line per file of the model
+    import os
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "x")
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    main(["score", "--data", str(tmp_path / "none.csv"), "--quiet"])  # fails: no file, after the set-up
+    assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+
+
 def test_a_config_file_overrides_a_dataset_profile_field_by_field(tmp_path, monkeypatch):
     """``train --dataset skab --config f.toml`` keeps the SKAB profile's sensors, shape and threshold for
     every field the file does not set (a file naming only the MLflow store must not swap the profile
