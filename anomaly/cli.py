@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _file_or_dataset(args)
     if args.no_register and (args.promote or args.alias):
         raise AnomalyError("--promote and --alias act on the registered version; drop them or --no-register")
-    if args.alias:
+    if args.alias is not None:  # "" too: it fell back to no alias without a word
         from anomaly.registry import check_alias
 
         check_alias(args.alias)  # before the training run, not after it
@@ -256,6 +256,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.evaluation import labelled_report
 
     settings = _settings(args)
+    if args.model_alias is not None and not args.model_alias.strip():  # it fell back to @champion without a word
+        raise AnomalyError("--model-alias: empty; name an alias or a version (default mlflow.champion_alias)")
     if args.out:
         _check_output("--out", args.out, "the CSV (or .parquet) file", make_parent=False)
         from anomaly.tables import table_suffix_problem
@@ -567,6 +569,11 @@ def cmd_models(args: argparse.Namespace) -> int:
                               "`models promote VERSION` pins a given one"))
     if args.action == "promote" and not args.version:
         raise AnomalyError("models promote needs a VERSION")
+    inert = ([f for f, v in (("--alias", args.alias), ("--reason", args.reason)) if v is not None]
+             if args.action == "list" else ["--json"] if args.json else [])
+    if inert:  # taken and ignored, they misled
+        raise AnomalyError(f"models {args.action} does not take {' or '.join(inert)}"
+                           + ("; list shows every alias" if args.action == "list" else "; --json is for list"))
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure_from(settings.mlflow, create=False)
     if args.action == "list":
@@ -615,6 +622,11 @@ def _fmt(value: Any) -> str:
 def cmd_config(args: argparse.Namespace) -> int:
     from anomaly.config import example_toml, reference_markdown
 
+    given = [flag for flag, value in (("--config", args.config), ("--tracking-uri", args.tracking_uri),
+                                      ("--model-name", args.model_name)) if value is not None]
+    if args.action != "show" and given:  # the example and the reference are the defaults: a flag did nothing
+        raise AnomalyError(f"config {args.action} shows the defaults; it does not take {', '.join(given)} "
+                           "(`config show` shows the effective settings)")
     if args.action == "example":
         print(example_toml())
     elif args.action == "reference":

@@ -723,3 +723,22 @@ def test_train_with_promote_refuses_an_unusable_lock_folder_before_training(tmp_
     data.write_text("timestamp,a\n2024-01-01 00:00:00,1\n")
     assert main(["train", "--data", str(data), "--promote"]) == 2
     assert "mlflow.lock_dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, said", [
+    (["models", "list", "--alias", "champion"], "models list does not take --alias"),
+    (["models", "list", "--reason", "why"], "does not take --reason"),
+    (["models", "rollback", "--json"], "models rollback does not take --json"),
+    (["config", "example", "--config", "/nonexistent.toml"], "config example shows the defaults"),
+    (["config", "reference", "--model-name", "m"], "does not take --model-name"),
+    (["train", "--data", "x.csv", "--alias", ""], "alias '' is not usable"),
+    (["score", "--data", "x.csv", "--model-alias", " "], "--model-alias: empty"),
+])
+def test_flags_a_command_would_ignore_are_refused(command, said, tmp_path, monkeypatch, capsys):
+    # each was taken and ignored: an alias that moved nothing, a config file never read (exit 0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "x.csv").write_text("timestamp,a\n2024-01-01 00:00:00,1\n")
+    assert main(command) == 2
+    assert said in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any store was made
