@@ -14,6 +14,7 @@ import pandas as pd
 
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings
+from anomaly.errors import ModelError
 from anomaly.detector import Detector, fit_detector
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
@@ -111,9 +112,19 @@ def fit(prepared: Prepared, settings: Settings, callbacks=(), progress: bool = T
         progress_desc: str = "training") -> tuple[Detector, TrainResult, np.ndarray]:
     """Fit a detector on prepared data (see ``fit_values``); for a fleet, with each entity's own
     threshold where it has enough validation windows (``entity_thresholds``)."""
-    detector, result, val_scores = fit_values(prepared.values, prepared.sensors, settings, period_s=prepared.period_s,
-                                              callbacks=callbacks, progress=progress, progress_desc=progress_desc,
-                                              gaps=prepared.gaps, val_from_row=validation_row(prepared))
+    try:
+        detector, result, val_scores = fit_values(prepared.values, prepared.sensors, settings,
+                                                  period_s=prepared.period_s, callbacks=callbacks, progress=progress,
+                                                  progress_desc=progress_desc, gaps=prepared.gaps,
+                                                  val_from_row=validation_row(prepared))
+    except (MemoryError, RuntimeError) as exc:  # torch's "can't allocate memory", CUDA's out of memory
+        if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
+            raise
+        m, t = settings.model, settings.training
+        raise ModelError(f"the model does not fit in memory (model.hidden_size {m.hidden_size}, model.latent_size "
+                         f"{m.latent_size}, model.num_layers {m.num_layers}, model.window_size {m.window_size}, "
+                         f"training.batch_size {t.batch_size}, {len(prepared.sensors)} sensors, device "
+                         f"{t.device}): make it smaller ({str(exc).splitlines()[0][:200]})") from None
     detector.threshold = entity_thresholds(detector, prepared, settings, result.val_start_row)
     return detector, result, val_scores
 
