@@ -603,6 +603,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                       f"{evaluated:<13} {v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
     elif args.action == "promote":
         alias = args.alias or settings.mlflow.champion_alias
+        known = (settings.mlflow.champion_alias, settings.mlflow.challenger_alias)
+        if alias not in known and registry.alias_version(name, alias) is None:  # aliases are case-sensitive
+            log.warning("%s has no alias @%s yet: it is made now. The workers follow @%s (mlflow.champion_alias)%s",
+                        name, alias, settings.mlflow.champion_alias,
+                        f"; did you mean @{next(k for k in known if k.lower() == alias.lower())}?"
+                        if alias.lower() in {k.lower() for k in known} else "")
         previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
         shown = registry.version_number(args.version) or args.version
         print(f"{name}@{alias} -> v{shown} (was {'v' + previous if previous else 'unset'})")

@@ -21,7 +21,7 @@ def local_mlflow(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("ANOMALY_MLFLOW__ARTIFACT_LOCATION", str(tmp_path / "mlruns" / "artifacts"))
 
 
-def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
+def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys, caplog):
     local_mlflow(tmp_path, monkeypatch)
     config = tmp_path / "small.toml"
     config.write_text("[model]\nwindow_size = 20\nhidden_size = 24\nlatent_size = 8\n"
@@ -102,6 +102,10 @@ def test_train_then_flag_injected_fault(tmp_path, monkeypatch, capsys):
     assert listed[0]["aliases"] == ["champion"] and listed[0]["tags"]["eval.event_f1"] == f"{figures['event_f1']:.4g}"
     assert main(["models", "list", "--config", str(config)]) == 0
     assert f"{figures['f1']:.4g}/{figures['event_f1']:.4g}" in capsys.readouterr().out
+    # aliases are case-sensitive: a new one made by a slip of the shift key is said
+    assert main(["models", "promote", "1", "--alias", "Champion", "--config", str(config)]) == 0
+    assert "did you mean @champion?" in caplog.text
+    capsys.readouterr()
 
 
 def test_a_labelled_training_file_does_not_learn_its_anomalies(tmp_path, monkeypatch, capsys):
