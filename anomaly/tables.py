@@ -215,11 +215,13 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
             return pd.read_parquet(path)
         if suffix in _CSV_SUFFIXES:
             sep, names = _csv_layout(path)
-            _refuse_repeated_names(path, names)
-            raw = pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text_columns} or None)
+            _refuse_repeated_names(path, [n.strip() for n in names])
+            text = {n for n in names if n.strip() in set(text_columns)}
+            raw = pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text} or None)
             raw.attrs[_BLANK_NAMES] = [c for i, c in enumerate(raw.columns)
                                        if i < len(names) and not names[i].strip() and str(c).startswith("Unnamed: ")]
-            return raw
+            # "timestamp, a, b": names as written, without the spaces around them (data.sensors = ["a"])
+            return raw.rename(columns={c: c.strip() for c in raw.columns if isinstance(c, str) and c != c.strip()})
     except DataError:
         raise
     except Exception as exc:  # parser errors of several kinds: one message for the operator

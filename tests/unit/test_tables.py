@@ -377,3 +377,15 @@ def test_a_bad_timestamp_cell_is_named(tmp_path, cells, bad):
     with pytest.raises(DataError, match=bad) as raised:
         read_table(path)
     assert "format=" not in str(raised.value)
+
+
+def test_spaces_around_header_names_are_not_part_of_them(tmp_path):
+    # "timestamp, a, b" named the sensors " a" and " b": data.sensors = ["a"] was "not found"
+    path = tmp_path / "spaced.csv"
+    path.write_text("timestamp, a , b\n2024-01-01 00:00:00, 1, 2\n2024-01-01 00:00:01, 3, 4\n")
+    frame = read_table(path, sensors=["a"])
+    assert list(frame.columns) == ["a"] and frame["a"].tolist() == [1.0, 3.0]
+    clash = tmp_path / "clash.csv"
+    clash.write_text("timestamp,a, a\n2024-01-01 00:00:00,1,2\n")
+    with pytest.raises(DataError, match="more than once"):
+        read_table(clash)
