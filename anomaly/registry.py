@@ -154,6 +154,20 @@ def alias_version(name: str, alias: str) -> str | None:
         raise RegistryError(f"cannot read {name}@{alias} from the model registry: {exc}") from exc
 
 
+def _model_exists(name: str) -> bool:
+    """Whether the registry holds a model called ``name`` (any failure to tell counts as yes: the caller's
+    own message then stands)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        return not _not_found(exc)
+    except Exception:
+        return True
+
+
 def _not_found(exc: Exception) -> bool:
     """Whether an MLflow error says a model or alias does not exist (the stores report a missing alias as
     INVALID_PARAMETER_VALUE "... not found", which is also the code of an unusable URI)."""
@@ -435,6 +449,14 @@ def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detect
 
     version = version_number(alias_or_version) or alias_version(name, alias_or_version)
     if version is None:
+        if not _model_exists(name):
+            try:
+                known = sorted(m.name for m in client().search_registered_models(max_results=10))
+            except Exception:
+                known = []
+            raise RegistryError(f"no registered model {name!r} (mlflow.model_name / --model-name)"
+                                + (f"; the registry holds {', '.join(known[:10])}" if known else
+                                   "; the registry holds none: train one first"))
         raise RegistryError(f"{name} has no version with alias @{alias_or_version}")
     try:
         with tempfile.TemporaryDirectory() as tmp:

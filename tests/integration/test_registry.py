@@ -424,6 +424,17 @@ def test_train_with_alias_champion_says_it_promoted(settings):
     assert registry._history("pump", "champion", "2") == ["1"]  # rollback goes back to the one it replaced
 
 
+def test_loading_a_model_the_registry_does_not_hold_says_so_and_names_those_it_holds(settings):
+    # "pump-x has no version with alias @champion" read as if pump-x existed without a champion
+    from anomaly.errors import RegistryError
+
+    champion_and_copies(settings, 0)
+    with pytest.raises(RegistryError, match=r"no registered model 'pump-x' .*the registry holds pump$"):
+        registry.load_detector("pump-x", "champion")
+    with pytest.raises(RegistryError, match="pump has no version with alias @nope"):
+        registry.load_detector("pump", "nope")
+
+
 def test_a_rollback_with_the_alias_unset_says_so(settings):
     """The version holding @champion was deleted (MLflow drops the alias with it): the log said "rollback from vNone"."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
