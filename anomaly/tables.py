@@ -212,7 +212,9 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in _PARQUET_SUFFIXES:
-            return pd.read_parquet(path)
+            raw = pd.read_parquet(path)
+            # a frame saved with a (ts, entity) index: its levels are columns here (they went unseen)
+            return raw.reset_index() if isinstance(raw.index, pd.MultiIndex) else raw
         if suffix in _CSV_SUFFIXES:
             sep, names = _csv_layout(path)
             _refuse_repeated_names(path, [n.strip() for n in names])

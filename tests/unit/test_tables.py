@@ -389,3 +389,14 @@ def test_spaces_around_header_names_are_not_part_of_them(tmp_path):
     clash.write_text("timestamp,a, a\n2024-01-01 00:00:00,1,2\n")
     with pytest.raises(DataError, match="more than once"):
         read_table(clash)
+
+
+def test_a_parquet_frame_indexed_by_time_and_entity_is_read(tmp_path):
+    # "no timestamp column found; columns are ['a']": the index's levels went unseen
+    stamps = pd.date_range("2024-01-01", periods=3, freq="1s", tz="UTC")
+    frame = pd.DataFrame({"ts": list(stamps) * 2, "entity": ["p1"] * 3 + ["p2"] * 3, "a": range(6)})
+    path = tmp_path / "multi.parquet"
+    frame.set_index(["ts", "entity"]).to_parquet(path)
+    read = read_table(path, entity_col="entity")
+    assert sorted(read.columns) == ["a", "entity"] and len(read) == 6
+    assert read.index[0] == stamps[0] and set(read["entity"]) == {"p1", "p2"}
