@@ -467,3 +467,15 @@ def test_event_ids_are_deterministic_and_distinct() -> None:
     with pytest.raises(DataError):
         event_id("pump-7", "pumps", float("nan"))
 
+
+
+def test_a_dead_letter_of_control_characters_has_no_readable_copy():
+    # each is six bytes as JSON (\u0000): 64 KiB of them made a dead letter of about 470 KB
+    from anomaly.codec import encode_dead_letter
+
+    nuls = b"\x00" * 65536
+    letter = encode_dead_letter(nuls, "sensors", 0, 7, "not JSON", 1.0)
+    doc = decode_dead_letter(letter)
+    assert "original_utf8" not in doc and doc["original"] == nuls and len(letter) < 100_000
+    text = b'{"entity": "pump-1",\n\t"ts": "soon"}'
+    assert decode_dead_letter(encode_dead_letter(text, "sensors", 0, 8, "bad ts", 1.0))["original_utf8"] == text.decode()
