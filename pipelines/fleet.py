@@ -100,6 +100,19 @@ def run(dataset: str, data_dir: Path, min_windows: int, progress: bool = True) -
             "shared": flag_metrics(labels, shared, scores, stamps), "own": flag_metrics(labels, own, scores, stamps)}
 
 
+def comparable_row(row: dict[str, Any] | None, series: int, where: Path) -> dict[str, Any] | None:
+    """The benchmark's per-series row when it covers as many series as this run (a ``--limit`` benchmark
+    covers fewer: printed as "the benchmark table's row" it compared different corpora); else None, said."""
+    if row is None:
+        return None
+    covered = row.get("machines", row.get("files"))
+    if covered is not None and int(covered) != series:
+        log.warning("%s covers %s series, this run %d: its per-series row is not shown beside these", where,
+                    covered, series)
+        return None
+    return row
+
+
 def table(out: dict[str, Any], per_series_model: dict[str, Any] | None) -> str:
     """The figures as a Markdown table, with the per-series protocol's row when given."""
     lines = ["| model | threshold | F1 | precision | recall | best F1 (*oracle*, mean) | event F1 |",
@@ -144,9 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bench = Path("results/benchmark.json")
-    per_series = None
-    if bench.is_file():
-        per_series = json.loads(bench.read_text()).get("results", {}).get(args.dataset)
+    per_series = comparable_row(json.loads(bench.read_text()).get("results", {}).get(args.dataset)
+                                if bench.is_file() else None, len(out["series"]), bench)
     print(table(out, per_series))
     print(f"\n{len(out['series'])} series, {len(out['sensors'])} sensors ({len(out['dropped_sensors'])} left out: not "
           f"fit to train on in every series), trained in {out['train_seconds']} s; shared threshold "

@@ -29,3 +29,15 @@ def test_the_table_lists_own_then_shared_then_the_per_series_row() -> None:
     assert lines[3].startswith("| one for the fleet | shared | 0.050 |")
     assert lines[4].startswith("| one per series (the benchmark table's row) | its own | 0.300 |")
     assert len(table({"own": row, "shared": row}, None).splitlines()) == 4
+
+
+def test_the_benchmarks_row_is_shown_only_for_the_same_number_of_series(caplog) -> None:
+    # a --limit benchmark's row was printed as "the benchmark table's row" beside a run over every machine
+    from pathlib import Path
+
+    from pipelines.fleet import comparable_row
+
+    row = {"f1": 0.3, "machines": 2}
+    assert comparable_row(row, 2, Path("b.json")) is row
+    assert comparable_row(row, 6, Path("b.json")) is None and "covers 2 series, this run 6" in caplog.text
+    assert comparable_row(None, 6, Path("b.json")) is None
