@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
     "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
-    "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "wait_for_assignment",
+    "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
+    "wait_for_assignment",
 ]
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
@@ -378,6 +379,23 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
         return _poll_until_idle(consumer, deadline, idle_s)
     finally:
         consumer.close(autocommit=False)
+
+
+def joining(consumer: Any) -> bool:
+    """Whether ``consumer`` is not (yet, or no longer) a stable member of its group: between a JoinGroup
+    and the assignment. Reads kafka-python's coordinator state (``_coordinator.state``, of the pinned
+    3.0.12); False where a client has none (a fake, another version): then nothing is renewed."""
+    from kafka.structs import MemberState
+
+    state = getattr(getattr(consumer, "_coordinator", None), "state", None)
+    return state in (MemberState.UNJOINED, MemberState.REBALANCING)
+
+
+def stuck_join_s(client_options: Mapping[str, Any] | None = None) -> float:
+    """How long a join may go unanswered before the consumer is taken as stuck: a rebalance may wait
+    ``max_poll_interval_ms`` for the slowest member (kafka-python's 300 s unless set), plus a minute."""
+    options = {**CONSUMER_DEFAULTS, **(client_options or {})}
+    return float(options.get("max_poll_interval_ms", 300_000)) / 1000 + 60.0
 
 
 def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicPartition, OffsetAndMetadata]:

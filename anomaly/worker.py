@@ -150,6 +150,36 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def _new_consumer(self) -> Any:
+        o = self.options
+        return kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
+                                      listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned,
+                                                                           self.on_lost))
+
+    def _renew_a_stuck_consumer(self, joining_since: float | None) -> float | None:
+        """With no partitions: a consumer that has been joining its group for longer than a rebalance may
+        take (``max_poll_interval_ms``, plus a minute) is closed and made again; returns since when it has
+        been joining (None: it is a stable member, with nothing to do: more workers than partitions).
+        kafka-python awaits a JoinGroup answer for ever: once the local broker left one unanswered and the
+        worker polled on without partitions (seen in a test run, a fresh member then joined at once). It
+        holds no partition, so there is nothing to commit or hand over."""
+        if not kafka_io.joining(self._consumer):
+            return None
+        now = time.monotonic()
+        if joining_since is None:
+            return now
+        limit_s = kafka_io.stuck_join_s(self.options.client_options)
+        if now - joining_since <= limit_s:
+            return joining_since
+        log.warning("the consumer has been joining group %s for %.0f s with no answer; making a new one",
+                    self.options.group_id, now - joining_since)
+        try:
+            self._consumer.close(autocommit=False)
+        except Exception:
+            log.debug("closing the stuck consumer failed", exc_info=True)
+        self._consumer = self._new_consumer()
+        return None
+
     def run(self, max_batches: int | None = None, idle_stop_s: float | None = None) -> RunStats:
         """Consume until stopped (or ``max_batches`` non-empty batches / ``idle_stop_s`` without
         records, for tests and benchmarks). Raises on a failed batch, having committed nothing of it."""
@@ -172,9 +202,8 @@ class Worker:
             # The runner first: a child is forked before the Kafka clients start their threads.
             self._runner = self._make_runner()
             self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
-            self._consumer = kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
-                                                    listener=kafka_io.rebalance_listener(
-                                                        self.on_revoked, self.on_assigned, self.on_lost))
+            self._consumer = self._new_consumer()
+            joining_since: float | None = None  # since when the consumer has no partitions and is not a stable member
             while not self.stop_event.is_set():
                 timeout_ms = 0 if self._in_flight is not None else int(o.poll_timeout_s * 1000)
                 polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=o.max_poll_records)
@@ -193,8 +222,11 @@ class Worker:
                         break
                 elif not self._consumer.assignment():
                     last_records = time.monotonic()  # idle time counts only once partitions are ours
+                    joining_since = self._renew_a_stuck_consumer(joining_since)
                 elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
                     break
+                if self._consumer.assignment():
+                    joining_since = None
                 self._follow_model()
                 trouble = self.follower.trouble  # the model serves on, but its alias cannot be followed
                 self.metrics.set_health("degraded" if trouble else "ok",

@@ -124,3 +124,65 @@ def test_a_failure_while_closing_closes_the_rest_and_is_raised(clients, failing:
     assert consumer.calls == ["close"]
     assert runner.calls == ["close"]  # the scoring child is never left behind
     assert worker.metrics.health()["status"] == "stopping"
+
+
+class StuckConsumer(FakeConsumer):
+    """A member whose JoinGroup is never answered: no partitions, its coordinator rebalancing for ever."""
+
+    def __init__(self, worker_stop, polls: int) -> None:
+        super().__init__()
+        self.records = {}
+        self._coordinator = type("Coordinator", (), {"state": "<rebalancing>"})()
+        self.stop, self.polls = worker_stop, polls
+
+    def poll(self, **_: object):
+        self.polls -= 1
+        if self.polls <= 0:
+            self.stop()
+        return {}
+
+    def assignment(self):
+        return set()
+
+
+def test_a_consumer_whose_join_goes_unanswered_is_made_again(monkeypatch, caplog) -> None:
+    # kafka-python awaits a JoinGroup answer for ever: once Tansu left one unanswered, the worker polled on
+    # without partitions, and a test waiting for it to go idle never ended
+    runner, producer = FakeRunner(), FakeProducer()
+    made: list[StuckConsumer] = []
+    worker = FakeKafkaWorker(runner, producer, FakeConsumer())
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    def consumer(*a, **k):
+        made.append(StuckConsumer(worker.stop, 4 if not made else 3))
+        if len(made) > 1:
+            made[-1]._coordinator.state = "<stable>"  # the new member joins
+        return made[-1]
+
+    monkeypatch.setattr(kafka_io, "make_consumer", consumer)
+    monkeypatch.setattr(kafka_io, "stuck_join_s", lambda client_options=None: 0.0)
+    with caplog.at_level(logging.WARNING, logger="anomaly.worker"):
+        worker.run()
+    assert len(made) == 2 and made[0].calls == ["close"]  # the stuck one closed, a new one made
+    assert "has been joining group g" in caplog.text
+
+
+def test_a_stable_member_without_partitions_is_left_alone(monkeypatch) -> None:
+    # more workers than partitions: a stable member with nothing assigned must not rejoin (every rejoin
+    # rebalances the whole group)
+    runner, producer = FakeRunner(), FakeProducer()
+    made: list[StuckConsumer] = []
+    worker = FakeKafkaWorker(runner, producer, FakeConsumer())
+
+    def stable(*a, **k):
+        consumer = StuckConsumer(worker.stop, 6)
+        consumer._coordinator.state = "<stable>"
+        made.append(consumer)
+        return consumer
+
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(kafka_io, "make_consumer", stable)
+    monkeypatch.setattr(kafka_io, "stuck_join_s", lambda client_options=None: 0.0)
+    worker.run()
+    assert len(made) == 1
