@@ -27,7 +27,7 @@ import pandas as pd
 
 from anomaly import tracking
 from anomaly.detector import Detector
-from anomaly.config import alias_problem, canonical_store_uri
+from anomaly.config import alias_problem
 from anomaly.errors import AnomalyError, RegistryError
 from anomaly.locks import FileLock, Locked
 
@@ -187,9 +187,7 @@ def alias_lock(name: str, alias: str) -> Iterator[None]:
     rollback stack. It serialises the processes that share that folder (a scheduler, ``anomaly models``,
     ``anomaly up``; containers through a shared volume); moves from two hosts in the same instant can
     still interleave."""
-    import mlflow
-
-    key = json.dumps([canonical_store_uri(mlflow.get_registry_uri()), name, alias])
+    key = json.dumps([tracking.registry_uri(), name, alias])
     path = tracking.lock_dir() / f"anomaly-alias-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
     lock = FileLock(path, what=f"move of {name}@{alias}", field="mlflow.lock_dir", mode=0o666)
     try:
@@ -455,7 +453,7 @@ def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detect
             except Exception:
                 known = []
             raise RegistryError(f"no registered model {name!r} (mlflow.model_name / --model-name)"
-                                + (f"; the registry holds {', '.join(known[:10])}" if known else
+                                + (f"; the registry holds {', '.join(known)}" if known else
                                    "; the registry holds none: train one first"))
         raise RegistryError(f"{name} has no version with alias @{alias_or_version}")
     try:

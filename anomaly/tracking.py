@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from anomaly.config import sqlite_file
+from anomaly.config import canonical_store_uri, sqlite_file
 from anomaly.errors import ConfigError, RegistryError
 from anomaly.training import EpochStats
 
@@ -89,8 +89,6 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
 def registry_uri() -> str:
     """The registry URI mlflow uses now, a relative ``sqlite:///`` path made absolute (where it looks)."""
     import mlflow
-
-    from anomaly.config import canonical_store_uri
 
     return canonical_store_uri(mlflow.get_registry_uri())
 
