@@ -506,8 +506,8 @@ class ScoringStep:
         if len(decoded.index) and idle_s is not None:  # before the foreign stamps move the clocks: in arrival order
             late = _behind(decoded, stream_of, store, idle_s + store.policy.period_s)
         if decoded.foreign:  # another sensor set: dead letters, but their time passes on their partition
-            where, stamps = zip(*decoded.foreign)
-            store.observe(np.asarray(stamps, dtype=np.float64), stream_of[list(where)])
+            where, stamps = _foreign_stamps(decoded)
+            store.observe(stamps, stream_of[where])
         if late is not None:
             fresh = late if replayed is None else late & ~replayed[decoded.index]  # counted the first time
             behind = [decoded.entities[j] for j in np.flatnonzero(fresh).tolist()]
@@ -875,6 +875,27 @@ class _Hold:
 UNALIGNED_NAMES_MAX = 10_000  # entities missing the stride slots kept for the next warning
 
 
+def _foreign_stamps(decoded: DecodedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The input positions and stamps of ``decoded``'s readings of another sensor set (dead letters whose
+    time still counts as their partition's stream time)."""
+    if not decoded.foreign:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+    where, stamps = zip(*decoded.foreign)
+    return np.asarray(where, dtype=np.int64), np.asarray(stamps, dtype=np.float64)
+
+
+def _all_stamps(decoded: DecodedBatch) -> tuple[np.ndarray, np.ndarray]:
+    """Input positions and stamps of ``decoded``'s readings, then of its readings of another sensor set."""
+    where, stamps = _foreign_stamps(decoded)
+    return np.r_[decoded.index, where], np.r_[decoded.ts, stamps]
+
+
+def _by_partition(positions: np.ndarray, streams: np.ndarray) -> list[np.ndarray]:
+    """Indices into ``positions``, one array per partition (``streams``), each in arrival order."""
+    order = np.lexsort((positions, streams))
+    return np.split(order, np.flatnonzero(np.diff(streams[order])) + 1)
+
+
 def _behind(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, limit_s: float) -> np.ndarray | None:
     """(n,) of ``decoded``'s readings, those stamped more than ``limit_s`` behind their partition's newest
     as they arrive (the partition's stream time before the batch, then the batch's readings before them,
@@ -883,20 +904,14 @@ def _behind(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, li
     n = len(decoded.index)
     if not n:
         return None
-    positions, ts = decoded.index, decoded.ts
-    if decoded.foreign:
-        where, stamps = zip(*decoded.foreign)
-        positions = np.r_[positions, np.asarray(where, dtype=np.int64)]
-        ts = np.r_[ts, np.asarray(stamps, dtype=np.float64)]
+    positions, ts = _all_stamps(decoded)
     streams = stream_of[positions]
     ids = np.unique(streams).tolist()
     clocks = [t for p in ids if (t := store.stream_time(int(p))) is not None]
     if decoded.ts.min() >= max([float(ts.max()), *clocks]) - limit_s:  # none that far behind: the usual poll
         return None
     out: np.ndarray | None = None
-    order = np.lexsort((positions, streams))  # each partition's readings together, in arrival order
-    bounds = np.flatnonzero(np.diff(streams[order])) + 1
-    for where in np.split(order, bounds):
+    for where in _by_partition(positions, streams):
         stamps = ts[where]
         before = store.stream_time(int(streams[where[0]]))
         newest = np.maximum.accumulate(np.r_[-np.inf if before is None else before, stamps])[:-1]
@@ -938,19 +953,14 @@ def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowSto
     clock, and jump where its recording has a gap, but go on from where they jumped: kept. A leap that
     is its partition's last reading in the batch cannot be told from a jump: kept. Readings of another
     sensor set that leap are left out of the stream time (dead letters either way)."""
-    positions, ts = decoded.index, decoded.ts
-    n = len(positions)
-    if decoded.foreign:
-        where, stamps = zip(*decoded.foreign)
-        positions = np.r_[positions, np.asarray(where, dtype=np.int64)]
-        ts = np.r_[ts, np.asarray(stamps, dtype=np.float64)]
+    n = len(decoded.index)
+    positions, ts = _all_stamps(decoded)
     if len(ts) < 2 or float(ts.max()) <= now_s + limit_s:  # the usual poll: nothing that far ahead
         return decoded
     streams = stream_of[positions]
-    order = np.lexsort((positions, streams))  # each partition's readings together, in arrival order
     leaps = np.zeros(len(ts), dtype=bool)
     newest_before = np.full(len(ts), now_s)
-    for part in np.split(order, np.flatnonzero(np.diff(streams[order])) + 1):
+    for part in _by_partition(positions, streams):
         stamps = ts[part]
         # the lowest stamp after each reading: whether the partition goes on from before a leap
         after = np.r_[np.minimum.accumulate(stamps[::-1])[::-1][1:], np.inf]
