@@ -215,22 +215,22 @@ class Worker:
                     # Submitted at once: its forward pass runs while the batch in hand is completed.
                     submitted = (self._runner.submit(batches, now_s), now_s, started)
                 self._drain()
+                assigned = self._consumer.assignment()  # (changed by a rebalance inside the poll only)
+                if assigned:
+                    joining_since = None
                 if submitted is not None:
                     self._in_flight = submitted
                     last_records = time.monotonic()
                     if max_batches is not None and self.stats.batches + 1 >= max_batches:
                         break
-                elif not self._consumer.assignment():
+                elif not assigned:
                     last_records = time.monotonic()  # idle time counts only once partitions are ours
                     joining_since = self._renew_a_stuck_consumer(joining_since)
                 elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
                     break
-                if self._consumer.assignment():
-                    joining_since = None
                 self._follow_model()
                 trouble = self.follower.trouble  # the model serves on, but its alias cannot be followed
-                self.metrics.set_health("degraded" if trouble else "ok",
-                                        assigned_partitions=len(self._consumer.assignment()),
+                self.metrics.set_health("degraded" if trouble else "ok", assigned_partitions=len(assigned),
                                         last_batch_ts=self.clock(), detail=trouble)
             if self.stop_event.is_set():
                 self.metrics.set_health("stopping", detail="finishing the batch in hand")
