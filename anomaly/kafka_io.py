@@ -28,7 +28,7 @@ import kafka.errors as kafka_errors
 from kafka import (ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer,
                    TopicPartition)
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from anomaly.config import bootstrap_list
 from anomaly.errors import ConfigError, TopicError
@@ -385,8 +385,6 @@ def joining(consumer: Any) -> bool:
     """Whether ``consumer`` is not (yet, or no longer) a stable member of its group: between a JoinGroup
     and the assignment. Reads kafka-python's coordinator state (``_coordinator.state``, of the pinned
     3.0.12); False where a client has none (a fake, another version): then nothing is renewed."""
-    from kafka.structs import MemberState
-
     state = getattr(getattr(consumer, "_coordinator", None), "state", None)
     return state in (MemberState.UNJOINED, MemberState.REBALANCING)
 

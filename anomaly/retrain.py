@@ -743,7 +743,6 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         if truth is not None:
             labels = labels_on_grid(frame.index, truth > 0, prepared)
             drop = exclusion_mask(len(values), np.flatnonzero(labels), 1, rt.exclude_margin_rows)
-            known_faults = drop.copy()  # labelled anomalies and their margin: no false alarm can be raised there
             facts["labelled_entities"] += 1
             facts["labelled_rows"] += int(labels.sum())
             if np.isnan(truth).any():  # some readings carry no label: the champion's opinion stands there
@@ -751,7 +750,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         else:
             drop = np.zeros(len(values), dtype=bool)
             unlabelled = np.ones(len(values), dtype=bool)
-            known_faults = np.zeros(len(values), dtype=bool)
+        known_faults = drop.copy()  # labelled anomalies and their margin: no false alarm can be raised there
         if unlabelled is not None and unlabelled.any():
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)

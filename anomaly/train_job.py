@@ -14,8 +14,8 @@ import pandas as pd
 
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings
-from anomaly.errors import ModelError
 from anomaly.detector import Detector, fit_detector
+from anomaly.errors import ModelError
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
