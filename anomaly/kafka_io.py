@@ -310,8 +310,9 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
              client_options: Mapping[str, Any] | None = None) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, without a consumer group, sorted by partition/offset.
 
-    Stops when no new record came for ``idle_s`` (or at ``timeout_s`` in all). It does not ask the
-    broker where the end is: Tansu's end offsets are wrong (DESIGN §5). A topic that does not appear
+    Reads at least up to the end offsets the broker gave when it began, then stops when no new record
+    came for ``idle_s`` (or at ``timeout_s`` in all). It does not take the end offsets for the last
+    record: Tansu's are its last batch's base + 1 (DESIGN §5). A topic that does not appear
     within ``timeout_s`` gives ``[]``; the topic is never created by reading it. A broker that cannot be
     reached within ``timeout_s`` is a ``TopicError``.
     """
@@ -327,25 +328,37 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        records = _poll_until_idle(consumer, deadline, idle_s)
+        first, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]})
     finally:
         consumer.close(autocommit=False)
     return records
 
 
-def _poll_until_idle(consumer: Any, deadline: float, idle_s: float) -> list[ConsumerRecord]:
+def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
+                     ends: Mapping[TopicPartition, int]) -> list[ConsumerRecord]:
     """What ``consumer`` polls until no new record came for ``idle_s`` (or the monotonic ``deadline``),
-    sorted by partition/offset."""
+    sorted by partition/offset.
+
+    The idle clock starts only once the consumer's position on every partition of ``ends`` has
+    reached its end offset there (read before polling), so a broker slow to answer the first fetch
+    does not pass for an empty topic; after that, ``idle_s`` only waits for records written since.
+    """
     records: list[ConsumerRecord] = []
+    behind = dict(ends)
     last_record_at = time.monotonic()
     while True:
         now = time.monotonic()
-        if now >= deadline or now - last_record_at >= idle_s:
+        if now >= deadline or (not behind and now - last_record_at >= idle_s):
             break
         step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
         for part in consumer.poll(timeout_ms=step_ms).values():
             if part:
                 records.extend(part)
+                last_record_at = time.monotonic()
+        if behind:
+            behind = {tp: end for tp, end in behind.items() if (consumer.position(tp, timeout_ms=0) or 0) < end}
+            if not behind:
                 last_record_at = time.monotonic()
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
@@ -376,7 +389,7 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
         consumer.assign(wanted)
         for tp in wanted:
             consumer.seek(tp, max(first[tp], end[tp] - max(int(records), 1)))
-        return _poll_until_idle(consumer, deadline, idle_s)
+        return _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in wanted})
     finally:
         consumer.close(autocommit=False)
 

@@ -1,7 +1,11 @@
 """The group-less reading helpers keep their deadline even when no broker answers."""
 from __future__ import annotations
 
+import time
+from collections import namedtuple
+
 import pytest
+from kafka import TopicPartition
 from kafka import errors as kafka_errors
 
 from anomaly import kafka_io
@@ -34,3 +38,64 @@ def test_a_shorter_bootstrap_timeout_from_client_options_is_kept(reader, unreach
         reader("127.0.0.1:1", "t", timeout_s=10, client_options={"bootstrap_timeout_ms": 200})
     assert unreachable[0]["bootstrap_timeout_ms"] == 200
     assert unreachable[0]["group_id"] is None and unreachable[0]["allow_auto_create_topics"] is False
+
+
+class _SlowBroker:
+    """A group-less consumer over one partition holding ``count`` records whose first fetches come
+    back empty for ``silent_s`` (a loaded broker), then all records at once."""
+
+    def __init__(self, count: int, silent_s: float) -> None:
+        self.tp = TopicPartition("t", 0)
+        self.count, self.ready_at, self.next = count, time.monotonic() + silent_s, 0
+        self.closed = False
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, tps):
+        pass
+
+    def seek_to_beginning(self, *tps):
+        self.next = 0
+
+    def seek(self, tp, offset):
+        self.next = offset
+
+    def beginning_offsets(self, tps):
+        return {tp: 0 for tp in tps}
+
+    def end_offsets(self, tps):
+        return {tp: self.count for tp in tps}
+
+    def poll(self, timeout_ms):
+        if time.monotonic() < self.ready_at or self.next >= self.count:
+            time.sleep(timeout_ms / 1000)
+            return {}
+        batch = [ConsumerRecord("t", 0, offset) for offset in range(self.next, self.count)]
+        self.next = self.count
+        return {self.tp: batch}
+
+    def position(self, tp, timeout_ms=None):
+        return self.next
+
+    def close(self, autocommit=True):
+        self.closed = True
+
+
+ConsumerRecord = namedtuple("ConsumerRecord", "topic partition offset")
+
+
+@pytest.mark.parametrize("reader", [kafka_io.read_all, kafka_io.read_tail])
+def test_a_first_fetch_slower_than_idle_s_does_not_pass_for_an_empty_topic(reader, monkeypatch):
+    broker = _SlowBroker(count=5, silent_s=0.6)
+    monkeypatch.setattr(kafka_io, "_reader", lambda *args: broker)
+    records = reader("127.0.0.1:9092", "t", timeout_s=5, idle_s=0.2)
+    assert [record.offset for record in records] == [0, 1, 2, 3, 4] and broker.closed
+
+
+def test_an_idle_topic_still_ends_the_read_after_idle_s(monkeypatch):
+    broker = _SlowBroker(count=0, silent_s=0)
+    monkeypatch.setattr(kafka_io, "_reader", lambda *args: broker)
+    started = time.monotonic()
+    assert kafka_io.read_all("127.0.0.1:9092", "t", timeout_s=5, idle_s=0.2) == []
+    assert time.monotonic() - started < 2
