@@ -270,7 +270,7 @@ def _smd_matrix(path: Path) -> np.ndarray:
         raise DataError(f"{path}: not a headerless table of numbers: {exc}") from exc
     if frame.isna().to_numpy().any():
         row, col = (int(v[0]) for v in np.nonzero(frame.isna().to_numpy()))
-        raise DataError(f"{path}: empty value at row {row}, column {col}")
+        raise DataError(f"{path}: empty value at line {row + 1}, column {col + 1}")
     return frame.to_numpy()
 
 
@@ -317,5 +317,5 @@ def _binary(values: np.ndarray, path: Path, column: str) -> np.ndarray:
     bad = ~np.isin(values, (0.0, 1.0))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: column {column!r} must be 0 or 1, got {values[row]!r} at data row {row}")
+        raise DataError(f"{path}: column {column!r} must be 0 or 1, got {float(values[row])!r} at data row {row + 1}")
     return values == 1.0

@@ -120,7 +120,7 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
         entity = raw[entity_col]
         if entity.isna().any():
             row = int(np.flatnonzero(entity.isna().to_numpy())[0])
-            raise DataError(f"{path}: column {entity_col!r}: empty entity id at data row {row}")
+            raise DataError(f"{path}: column {entity_col!r}: empty entity id at data row {row + 1}")
         out[ENTITY_COLUMN] = entity.astype(str).to_numpy()
     for col in value_cols:
         if str(col) == ENTITY_COLUMN and entity_col is not None:
@@ -322,7 +322,7 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
             raise DataError(f"{where}: {_bad_timestamp(col) or exc}") from exc
     if parsed.isna().any():
         row = int(np.flatnonzero(parsed.isna())[0])
-        raise DataError(f"{where}: missing timestamp at data row {row}")
+        raise DataError(f"{where}: missing timestamp at data row {row + 1}")
     return parsed.rename(INDEX_NAME)
 
 
@@ -333,7 +333,7 @@ def _bad_timestamp(col: pd.Series) -> str | None:
     if numbers.notna().sum() * 2 > col.notna().sum():  # mostly numbers: epoch seconds or milliseconds
         for row, (cell, number) in enumerate(zip(col.tolist(), numbers.tolist())):
             if pd.notna(cell) and math.isnan(number):
-                return f"cell {str(cell)[:60]!r} at data row {row} is not a number, in a column of epoch numbers"
+                return f"cell {str(cell)[:60]!r} at data row {row + 1} is not a number, in a column of epoch numbers"
     try:
         coerced = pd.to_datetime(col, utc=True, format="ISO8601", errors="coerce")
     except (ValueError, TypeError):
@@ -342,7 +342,7 @@ def _bad_timestamp(col: pd.Series) -> str | None:
     if not bad.size:
         return None
     row = int(bad[0])
-    return (f"cell {str(col.iloc[row])[:60]!r} at data row {row} is not an RFC 3339 or 'YYYY-MM-DD hh:mm:ss' "
+    return (f"cell {str(col.iloc[row])[:60]!r} at data row {row + 1} is not an RFC 3339 or 'YYYY-MM-DD hh:mm:ss' "
             "timestamp (a column of epoch seconds or milliseconds must hold numbers only)")
 
 
@@ -437,7 +437,7 @@ def _numeric(col: pd.Series, path: Path, name: str, ids_hint: bool = True) -> np
             row = int(np.flatnonzero(bad.to_numpy())[0])
             comma = isinstance(col.iloc[row], str) and bool(_comma_numbers(col.iloc[row:row + 1]).notna().all())
             ids = ids_hint and not comma and bad.sum() * 2 >= col.notna().sum()  # half text or more: names, not faulty readings
-            raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row})"
+            raise DataError(f"{path}: column {name!r} is not numeric (e.g. {col.iloc[row]!r} at data row {row + 1})"
                             + (f"; it {_COMMA_HINT}" if comma else "")
                             + ("; if it names assets, name it with data.entity_column" if ids else ""))
         values = coerced.to_numpy(dtype=np.float64, na_value=np.nan)

@@ -167,3 +167,16 @@ def test_series_train_test_split():
     assert len(s.train) == 2 and len(s.test) == 3
     np.testing.assert_array_equal(s.test_labels, [True, False, True])
     assert LabelledSeries("y", s.frame, None).test_labels is None
+
+
+def test_smd_bad_cells_are_named_by_line_and_column_counted_from_1(tmp_path):
+    for part in ("train", "test", "test_label"):
+        (tmp_path / part).mkdir()
+    (tmp_path / "train" / "machine-1-1.txt").write_text("1,2\n3,\n5,6\n")
+    (tmp_path / "test" / "machine-1-1.txt").write_text("1,2\n3,4\n5,6\n")
+    (tmp_path / "test_label" / "machine-1-1.txt").write_text("0\n0\n2\n")
+    with pytest.raises(DataError, match="empty value at line 2, column 2"):
+        load_smd(tmp_path)
+    (tmp_path / "train" / "machine-1-1.txt").write_text("1,2\n3,4\n5,6\n")
+    with pytest.raises(DataError, match="must be 0 or 1, got 2.0 at data row 3"):
+        load_smd(tmp_path)

@@ -368,8 +368,8 @@ def test_blank_lines_before_the_header_are_skipped_as_pandas_skips_them(tmp_path
         read_table(empty)
 
 
-@pytest.mark.parametrize("cells, bad", [(["2024-01-01 00:00:00", "01/01/2024 00:00:01"], "'01/01/2024 00:00:01' at data row 1"),
-                                        (["1700000000", "1700000001", "soon"], "'soon' at data row 2")])
+@pytest.mark.parametrize("cells, bad", [(["2024-01-01 00:00:00", "01/01/2024 00:00:01"], "'01/01/2024 00:00:01' at data row 2"),
+                                        (["1700000000", "1700000001", "soon"], "'soon' at data row 3")])
 def test_a_bad_timestamp_cell_is_named(tmp_path, cells, bad):
     # pandas' message advised format= arguments no command takes, and could quote a good cell
     path = tmp_path / "t.csv"
@@ -400,3 +400,11 @@ def test_a_parquet_frame_indexed_by_time_and_entity_is_read(tmp_path):
     read = read_table(path, entity_col="entity")
     assert sorted(read.columns) == ["a", "entity"] and len(read) == 6
     assert read.index[0] == stamps[0] and set(read["entity"]) == {"p1", "p2"}
+
+
+def test_data_rows_are_counted_from_1_the_first_under_the_header(tmp_path):
+    """A person opening the file counts the first row under the header as row 1."""
+    with pytest.raises(DataError, match=r"'oops' at data row 1\)"):
+        read_table(_write(tmp_path, "a.csv", "ts,temp\n1700000000,oops\n1700000001,2\n"))
+    with pytest.raises(DataError, match="empty entity id at data row 2"):
+        read_table(_write(tmp_path, "b.csv", "ts,entity,temp\n1700000000,p1,1\n1700000001,,2\n"), entity_col="entity")
