@@ -19,8 +19,10 @@ from matplotlib.figure import Figure  # noqa: E402
 def loss_curves(train_loss: Sequence[float], val_loss: Sequence[float], best_epoch: int | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
     epochs = np.arange(1, len(train_loss) + 1)
-    ax.plot(epochs, train_loss, label="train")
-    ax.plot(epochs, val_loss, label="validation")
+    marker = "o" if len(epochs) <= 30 else None  # a one-epoch run is a point: without a marker, nothing shows
+    ax.plot(epochs, train_loss, label="train", marker=marker, markersize=3)
+    ax.plot(epochs, val_loss, label="validation", marker=marker, markersize=3)
+    ax.set_xlim(0.5, max(len(epochs), 1) + 0.5)
     if best_epoch:
         ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
     ax.set_yscale("log")
@@ -34,7 +36,12 @@ def loss_curves(train_loss: Sequence[float], val_loss: Sequence[float], best_epo
 
 
 def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np.ndarray | None = None,
-                       method: str = "") -> Figure:
+                       method: str = "", *, names: tuple[str, str] = ("validation (normal)", "scored data"),
+                       xlabel: str = "window anomaly score", title: str = "Reconstruction error distribution") -> Figure:
+    """Histograms of ``val_scores`` (and ``test_scores``) on log-spaced bins, each bar the fraction of
+    its group's scores in that bin (not a density: on log bins a density shrinks the high bins, where
+    the threshold and the anomalies are, to nothing), with the threshold as a red line. ``names``: the
+    two groups' legend entries."""
     fig, ax = plt.subplots(figsize=(7, 4))
     val_scores = np.asarray(val_scores, dtype=np.float64)
     val_scores = val_scores[np.isfinite(val_scores)]
@@ -47,15 +54,15 @@ def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np
     top = all_scores.max() if len(all_scores) else lo
     hi = max(top, threshold if np.isfinite(threshold) else top, lo * 10) * 1.05  # never at or under lo
     bins = np.logspace(np.log10(lo), np.log10(hi), 60)
-    if len(val_scores):
-        ax.hist(np.clip(val_scores, lo, None), bins=bins, alpha=0.7, label="validation (normal)", density=True)
-    if test_scores is not None and len(test_scores):
-        ax.hist(np.clip(test_scores, lo, None), bins=bins, alpha=0.5, label="scored data", density=True)
+    for scores, name, alpha in ((val_scores, names[0], 0.7), (test_scores, names[1], 0.5)):
+        if scores is not None and len(scores):
+            ax.hist(np.clip(scores, lo, None), bins=bins, alpha=alpha, label=f"{name}: {len(scores):,}",
+                    weights=np.full(len(scores), 1.0 / len(scores)))
     ax.axvline(threshold, color="red", label=f"threshold {threshold:.4g} {method}".strip())
     ax.set_xscale("log")
-    ax.set_xlabel("window anomaly score")
-    ax.set_ylabel("density")
-    ax.set_title("Reconstruction error distribution")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of windows in the bin")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     return fig

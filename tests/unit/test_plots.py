@@ -47,3 +47,24 @@ def test_the_score_panel_draws_the_bar_in_force_at_each_row():
     (level,) = [line for line in fig.axes[-1].lines if line.get_linestyle() == "--"]
     assert list(level.get_ydata()) == [0.5, 0.5]
     plots.close(fig)
+
+
+def test_the_error_distribution_draws_each_bin_as_a_fraction_of_its_group():
+    """Half the windows at 0.5, half at 2000: both bars equally tall (a density on log bins drew the
+    high half, where the threshold is, 4,000 times lower)."""
+    scores = np.r_[np.full(500, 0.5), np.full(500, 2000.0)]
+    fig = plots.error_distribution(scores, 3000.0, test_scores=np.full(10, 2000.0))
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches if p.get_height() > 0]
+    assert sorted(round(h, 6) for h in heights) == [0.5, 0.5, 1.0]  # validation's two bins; the 10 scored in one
+    assert ax.get_ylabel() == "fraction of windows in the bin"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["validation (normal): 1,000", "scored data: 10"]
+    plots.close(fig)
+
+
+def test_a_one_epoch_loss_curve_shows_its_points_on_whole_epochs():
+    fig = plots.loss_curves([0.5], [0.6], best_epoch=1)
+    ax = fig.axes[0]
+    assert all(line.get_marker() == "o" for line in ax.lines[:2])
+    assert ax.get_xlim() == (0.5, 1.5)
+    plots.close(fig)
