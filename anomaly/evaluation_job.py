@@ -1,19 +1,35 @@
 """Logs an evaluation (``anomaly evaluate`` or the benchmark) to MLflow: its metrics, the Markdown
-report, and an overlay figure of the series with the most labelled anomalies."""
+report, an overlay figure of the series with the most labelled anomalies, and the test scores (as a
+share of their threshold) of rows labelled normal and anomalous."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from anomaly import plots, tracking
 from anomaly.config import Settings
-from anomaly.protocols import ProtocolResult
+from anomaly.protocols import ProtocolResult, SeriesResult
 
 
 DISTRIBUTION_SCORES = 200_000  # the score-distribution figure draws at most this many
+
+
+def relative_scores(series: Sequence[SeriesResult]) -> tuple[np.ndarray, np.ndarray]:
+    """Each scored test row's score over the bar its flag was held to (1: the bar; each series has its
+    own model, so raw scores of two series are not on one scale), split by its label: (normal, labelled)."""
+    normal, labelled = [np.empty(0)], [np.empty(0)]
+    for s in series:
+        bars = np.full(len(s.scores), s.threshold) if s.bars is None else np.asarray(s.bars, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.asarray(s.scores, dtype=np.float64) / bars
+        kept = np.isfinite(ratio) & (bars > 0)
+        normal.append(ratio[kept & ~s.labels])
+        labelled.append(ratio[kept & s.labels])
+    return np.concatenate(normal), np.concatenate(labelled)
 
 
 def spread_sample(values: np.ndarray, most: int) -> np.ndarray:
@@ -44,8 +60,10 @@ def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Pa
                                                  r.threshold if r.bars is None else r.bars,
                                                  flags=r.flags, labels=r.labels, expected=r.expected),
                            f"overlay-{r.name.replace('/', '_')}.png")
-            all_scores = np.concatenate([s.scores[np.isfinite(s.scores)] for s in result.series])
-            run.log_figure(plots.error_distribution(spread_sample(all_scores, DISTRIBUTION_SCORES),
-                                                    float(np.median([s.threshold for s in result.series]))),
-                           "score_distribution.png")
+            normal, labelled = relative_scores(result.series)
+            run.log_figure(plots.error_distribution(
+                spread_sample(normal, DISTRIBUTION_SCORES), 1.0, spread_sample(labelled, DISTRIBUTION_SCORES),
+                "(each series' own)", names=("rows labelled normal", "rows labelled anomalous"),
+                xlabel="score / its series' threshold (above 1: flagged)",
+                title="Test scores against their threshold"), "score_distribution.png")
         return run.run_id or ""

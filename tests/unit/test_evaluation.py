@@ -577,3 +577,21 @@ def test_the_score_distribution_sample_spans_every_series():
     assert len(sample) == 100 and sample[0] == 0 and sample[-1] == 1 and 5 <= sample.sum() <= 15
     small = np.arange(5.0)
     assert spread_sample(small, 100) is small
+
+
+def test_the_score_distribution_puts_each_series_on_its_own_bar_and_splits_rows_by_label():
+    """Two series with models ten times apart: as a share of their own bar, the labelled rows sit above
+    1 and the rest below (raw scores pooled under one median bar mixed them, all called validation)."""
+    from anomaly.evaluation_job import relative_scores
+    from anomaly.protocols import SeriesResult
+
+    def series(scale, bars=None):
+        scores = scale * np.array([np.nan, 0.5, 0.5, 2.0, 3.0])
+        return SeriesResult(name="s", timestamps=np.arange(5.0), values=np.zeros((5, 1)),
+                            labels=np.array([False, False, False, True, True]), scores=scores,
+                            flags=scores > scale, expected=np.zeros((5, 1)), threshold=scale, sensors=("x",),
+                            train_seconds=0.0, bars=bars)
+
+    normal, labelled = relative_scores([series(1.0), series(10.0), series(10.0, bars=np.full(5, 20.0))])
+    np.testing.assert_allclose(normal, [0.5, 0.5, 0.5, 0.5, 0.25, 0.25])
+    np.testing.assert_allclose(labelled, [2.0, 3.0, 2.0, 3.0, 1.0, 1.5])
