@@ -5,6 +5,8 @@ writes nothing (the tracking adapter logs them to MLflow).
 
 from __future__ import annotations
 
+import textwrap
+import warnings
 from typing import Any, Sequence
 
 import matplotlib
@@ -77,7 +79,10 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
     ``threshold``: one bar, or the bar in force at each row (row-aligned, as a per-entity or moving bar
     flags them), drawn as a dashed line. A flagged or labelled row is shaded up to the next row.
     ``order``: the sensors (column indices) to draw first, e.g. by their share of the error (default:
-    column order); ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line."""
+    the largest error first where ``expected`` is given, see ``error_order``; else column order);
+    ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line."""
+    if order is None and expected is not None:
+        order = error_order(values, expected, flags)
     shown = list(order if order is not None else range(values.shape[1]))[:max_sensors]
     k = len(shown)
     fig, axes = plt.subplots(k + 1, 1, figsize=(10, 1.8 * (k + 1)), sharex=True)
@@ -88,7 +93,7 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
         ax.plot(x, values[:, i], lw=0.8, label="actual")
         if expected is not None:
             ax.plot(x, expected[:, i], lw=0.8, alpha=0.8, label="expected")
-        ax.set_ylabel(str(sensors[i])[:18], fontsize=8)
+        ax.set_ylabel(_label(str(sensors[i])), fontsize=8)
         _shade(ax, x, labels, "orange")
         _shade(ax, x, flags, "red")
     axes[0].legend(loc="upper right", fontsize=7)
@@ -109,10 +114,37 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
         axes[0].annotate(marker[1], (marker[0], 1.0), xycoords=("data", "axes fraction"), fontsize=7,
                          ha="left", va="bottom", color="grey")
     keys = ["red: flagged"] + (["orange: labelled"] if labels is not None else [])
-    more = f"; the {k} of {values.shape[1]} sensors with the largest error" if order is not None and k < values.shape[1] else ""
+    more = (f"; the {k} of {values.shape[1]} sensors with the largest error" if order is not None else
+            f"; the first {k} of {values.shape[1]} sensors") if k < values.shape[1] else ""
     fig.suptitle(f"Readings, reconstruction and anomaly score ({', '.join(keys)}{more})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def error_order(values: np.ndarray, expected: np.ndarray, flags: np.ndarray | None = None) -> list[int]:
+    """Sensors (column indices) by how badly they are reconstructed, worst first: the mean squared gap
+    between reading and reconstruction in units of the sensor's own spread, over the flagged rows (all
+    rows where none is flagged). A sensor with no gap to measure comes last; ties keep column order."""
+    values, expected = np.asarray(values, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if values.ndim != 2 or values.shape != expected.shape or not values.size:
+        return list(range(values.shape[1] if values.ndim == 2 else 0))
+    rows = np.ones(len(values), dtype=bool)
+    if flags is not None:
+        flagged = np.nan_to_num(np.asarray(flags, dtype=np.float64), nan=0.0) != 0
+        if flagged.any():
+            rows = flagged
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: measured as no gap, below
+        spread = np.nanstd(values, axis=0)
+        spread = np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+        error = np.nanmean(((values[rows] - expected[rows]) / spread) ** 2, axis=0)
+    return np.argsort(-np.nan_to_num(error, nan=-1.0), kind="stable").tolist()
+
+
+def _label(name: str, width: int = 14) -> str:
+    """A sensor name on at most two lines of about ``width`` characters (an axis label has little room)."""
+    lines = textwrap.wrap(name, width) or [name]
+    return "\n".join(lines[:2]) + ("…" if len(lines) > 2 else "")
 
 
 def comparison_bars(metrics: dict[str, dict[str, float]], title: str) -> Figure:

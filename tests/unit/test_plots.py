@@ -68,3 +68,32 @@ def test_a_one_epoch_loss_curve_shows_its_points_on_whole_epochs():
     assert all(line.get_marker() == "o" for line in ax.lines[:2])
     assert ax.get_xlim() == (0.5, 1.5)
     plots.close(fig)
+
+
+def test_an_overlay_with_reconstructions_draws_the_worst_reconstructed_sensors_first_and_says_so():
+    """``score --record`` and ``evaluate`` pass no order: the sensor behind the alarms was left out
+    when it was not among the first four columns."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(50, 6)) * [1, 1, 1, 1, 100, 1]  # sensor 4 on a wide scale, well reconstructed
+    expected = values.copy()
+    expected[:, 5] += 3.0  # sensor 5 badly reconstructed throughout
+    expected[40:, 3] += 50.0  # sensor 3 far off where the rows are flagged
+    flags = np.r_[np.zeros(40, bool), np.ones(10, bool)]
+    assert plots.error_order(values, expected, flags)[:2] == [3, 5]
+    assert plots.error_order(values, expected)[:2] == [3, 5]
+    fig = plots.anomaly_overlay(np.arange(50.0), values, ["a", "b", "c", "d", "e", "Volume Flow RateRMS"],
+                                np.arange(50.0), 5.0, flags=flags, expected=expected)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels[:2] == ["d", "Volume Flow\nRateRMS"] and len(labels) == 5
+    assert "the 4 of 6 sensors with the largest error" in fig._suptitle.get_text()
+    plots.close(fig)
+    fig = plots.anomaly_overlay(np.arange(50.0), values, list("abcdef"), np.arange(50.0), 5.0)  # nothing to rank by
+    assert [ax.get_ylabel() for ax in fig.axes] == ["a", "b", "c", "d", "score"]
+    assert "the first 4 of 6 sensors" in fig._suptitle.get_text()
+    plots.close(fig)
+
+
+def test_error_order_copes_with_nan_and_constant_sensors():
+    values = np.c_[np.ones(10), np.full(10, np.nan), np.arange(10.0)]
+    expected = np.c_[np.full(10, 2.0), np.zeros(10), np.arange(10.0) + 0.5]
+    assert plots.error_order(values, expected) == [0, 2, 1]  # the all-NaN sensor has no gap to measure: last
