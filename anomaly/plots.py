@@ -147,17 +147,29 @@ def _label(name: str, width: int = 14) -> str:
     return "\n".join(lines[:2]) + ("…" if len(lines) > 2 else "")
 
 
-def comparison_bars(metrics: dict[str, dict[str, float]], title: str) -> Figure:
-    """Grouped bars: ``metrics[model][metric]`` (used to compare champion and challenger)."""
+def comparison_bars(metrics: dict[str, dict[str, float]], title: str,
+                    limits: dict[str, tuple[float, str]] | None = None) -> Figure:
+    """``metrics[model][metric]`` (used to compare champion and challenger): one panel a metric, each
+    on its own scale (a false-alarm rate beside an error in the thousands drew as nothing), its bars
+    labelled with their values. ``limits[metric]``: (value, text), a dashed line, e.g. the gate's bar."""
     models = list(metrics)
     names = sorted({m for v in metrics.values() for m in v})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(len(models), 1)
-    for i, model in enumerate(models):
-        ax.bar(np.arange(len(names)) + i * width, [metrics[model].get(n, np.nan) for n in names], width, label=model)
-    ax.set_xticks(np.arange(len(names)) + width * (len(models) - 1) / 2, names, rotation=20, fontsize=8)
-    ax.set_title(title)
-    ax.legend()
+    limits = limits or {}
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(2.6 * max(len(names), 1) + 1, 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, name in zip(axes[0], names):
+        heights = [metrics[model].get(name, np.nan) for model in models]
+        bars = ax.bar(np.arange(len(models)), heights, 0.7, color=[colors[i % len(colors)] for i in range(len(models))])
+        ax.bar_label(bars, labels=[f"{h:.4g}" if np.isfinite(h) else "n/a" for h in heights], fontsize=7)
+        if name in limits and np.isfinite(limits[name][0]):
+            ax.axhline(limits[name][0], color="grey", ls="--", lw=0.9, label=limits[name][1])
+            ax.legend(fontsize=6, loc="lower center")
+        ax.set_xticks(np.arange(len(models)), models, fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.margins(y=0.15)
+    for ax in axes[0][len(names):]:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.codec import BadRecord, Reading
-from anomaly.config import Settings
+from anomaly.config import RetrainSettings, Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
 from anomaly.tables import parse_label  # ground truth of records and table cells alike
@@ -917,6 +917,20 @@ def _comparison_metrics(champ: HoldoutMetrics, chall: HoldoutMetrics, champ_even
     return out
 
 
+def gate_limits(metrics: Mapping[str, float], rt: RetrainSettings) -> dict[str, tuple[float, str]]:
+    """The bars ``decide`` holds the challenger to, from the champion's hold-out figures, for the
+    comparison plot: (value, text) for the metrics that have one."""
+    limits: dict[str, tuple[float, str]] = {}
+    error, far, f1 = (metrics.get(f"champion.{k}") for k in ("mean_error", "false_alarm_rate", "event_f1"))
+    if error is not None and math.isfinite(error) and error > 0:
+        limits["mean_error"] = (error * (1 - rt.min_improvement), f"better at or below ({rt.min_improvement:+.0%})")
+    if far is not None and math.isfinite(far):
+        limits["false_alarm_rate"] = (far + rt.max_false_alarm_increase, "allowed up to")
+    if f1 is not None and math.isfinite(f1):
+        limits["event_f1"] = (f1 - rt.max_event_f1_decrease, "allowed down to")
+    return limits
+
+
 def _log_comparison(settings: Settings, champion_version: str, challenger_version: str | None,
                     challenger_run_id: str, metrics: Mapping[str, float], decision: Decision,
                     status: str, facts: Mapping[str, Any]) -> str:
@@ -940,7 +954,8 @@ def _log_comparison(settings: Settings, champion_version: str, challenger_versio
         shown = ("mean_error", "false_alarm_rate", "p99_error", "event_f1")
         bars = {f"{side} v{version}": {k: metrics[f"{side}.{k}"] for k in shown if f"{side}.{k}" in metrics}
                 for side, version in (("champion", champion_version), ("challenger", challenger_version))}
-        run.log_figure(plots.comparison_bars(bars, f"hold-out comparison: {status}"), "comparison.png")
+        run.log_figure(plots.comparison_bars(bars, f"hold-out comparison: {status}", gate_limits(metrics, rt)),
+                       "comparison.png")
         run.log_dict({"decision": status, "reason": decision.reason, "metrics": dict(metrics),
                       "data": dict(facts)}, "comparison.json")
         return run.run_id or ""

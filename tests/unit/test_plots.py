@@ -97,3 +97,30 @@ def test_error_order_copes_with_nan_and_constant_sensors():
     values = np.c_[np.ones(10), np.full(10, np.nan), np.arange(10.0)]
     expected = np.c_[np.full(10, 2.0), np.zeros(10), np.arange(10.0) + 0.5]
     assert plots.error_order(values, expected) == [0, 2, 1]  # the all-NaN sensor has no gap to measure: last
+
+
+def test_the_comparison_draws_each_metric_on_its_own_scale_with_values_and_the_gate():
+    metrics = {"champion v1": {"mean_error": 5000.0, "false_alarm_rate": 0.163},
+               "challenger v2": {"mean_error": 4000.0, "false_alarm_rate": 0.252}}
+    fig = plots.comparison_bars(metrics, "hold-out comparison: kept", {"false_alarm_rate": (0.168, "allowed up to")})
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert set(panels) == {"mean_error", "false_alarm_rate"}
+    far = panels["false_alarm_rate"]
+    assert [round(p.get_height(), 3) for p in far.patches] == [0.163, 0.252]
+    assert far.get_ylim()[1] < 1  # its own scale: the rates are not flattened under the errors
+    assert [t.get_text() for t in far.texts] == ["0.163", "0.252"]
+    (gate,) = [line for line in far.lines if line.get_linestyle() == "--"]
+    assert list(gate.get_ydata()) == [0.168, 0.168]
+    plots.close(fig)
+
+
+def test_the_gate_limits_are_the_bars_decide_holds_the_challenger_to():
+    from anomaly.config import RetrainSettings
+    from anomaly.retrain import gate_limits
+
+    rt = RetrainSettings(min_improvement=0.1, max_false_alarm_increase=0.005, max_event_f1_decrease=0.02)
+    limits = gate_limits({"champion.mean_error": 5000.0, "champion.false_alarm_rate": 0.163,
+                          "champion.event_f1": 0.5, "challenger.mean_error": 1.0}, rt)
+    assert limits["mean_error"][0] == pytest.approx(4500.0) and limits["false_alarm_rate"][0] == pytest.approx(0.168)
+    assert limits["event_f1"][0] == pytest.approx(0.48)
+    assert gate_limits({}, rt) == {}
