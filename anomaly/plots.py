@@ -73,14 +73,16 @@ def error_distribution(val_scores: np.ndarray, threshold: float, test_scores: np
 def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequence[str], scores: np.ndarray,
                     threshold: float | np.ndarray, flags: np.ndarray | None = None, labels: np.ndarray | None = None,
                     expected: np.ndarray | None = None, max_sensors: int = 4,
-                    order: Sequence[int] | None = None, marker: tuple[Any, str] | None = None) -> Figure:
+                    order: Sequence[int] | None = None, marker: tuple[Any, str] | None = None,
+                    subject: str | None = None) -> Figure:
     """Readings (rows, F) with their reconstructions, and the score with threshold; flagged spans in
     red, labelled anomalies in orange. ``scores``/``flags``/``labels`` are row-aligned (NaN allowed).
     ``threshold``: one bar, or the bar in force at each row (row-aligned, as a per-entity or moving bar
     flags them), drawn as a dashed line. A flagged or labelled row is shaded up to the next row.
     ``order``: the sensors (column indices) to draw first, e.g. by their share of the error (default:
     the largest error first where ``expected`` is given, see ``error_order``; else column order);
-    ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line."""
+    ``max_sensors`` of them are drawn. ``marker``: (x, text), a dashed vertical line. ``subject``: whose
+    rows these are (an entity of a fleet), named in the title."""
     if order is None and expected is not None:
         order = error_order(values, expected, flags)
     shown = list(order if order is not None else range(values.shape[1]))[:max_sensors]
@@ -116,7 +118,8 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
     keys = ["red: flagged"] + (["orange: labelled"] if labels is not None else [])
     more = (f"; the {k} of {values.shape[1]} sensors with the largest error" if order is not None else
             f"; the first {k} of {values.shape[1]} sensors") if k < values.shape[1] else ""
-    fig.suptitle(f"Readings, reconstruction and anomaly score ({', '.join(keys)}{more})", fontsize=9)
+    whose = f"{subject}: r" if subject else "R"
+    fig.suptitle(f"{whose}eadings, reconstruction and anomaly score ({', '.join(keys)}{more})", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -278,7 +278,10 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     n = len(values)
     scores = rows_from_windows(scored.scores, n, detector.window_size)
     expected = rows_from_windows(scored.expected, n, detector.window_size)
-    bars = detector.threshold.series_bars(scores)
+    # A fleet's last rows are its last entity's: held to that entity's own threshold, as the worker holds it.
+    entity = (max(prepared.entity_tails, key=lambda e: prepared.entity_tails[e][-1][1])
+              if prepared.entities and prepared.entity_tails else None)
+    bars = (detector.threshold.for_entity(entity) if entity is not None else detector.threshold).series_bars(scores)
     flags = scores > bars
     stamps = np.asarray(prepared.timestamps[-tail:])
     # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and
@@ -287,7 +290,7 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     first_val = (result.val_start_row or 0) - (len(prepared.values) - tail)  # rows left out (labelled, gaps) count
     marker = (stamps[first_val], " validation") if 0 < first_val < n else None
     run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, bars,
-                                         flags=flags, expected=expected, order=order.tolist(), marker=marker),
-                   "validation_overlay.png")
+                                         flags=flags, expected=expected, order=order.tolist(), marker=marker,
+                                         subject=entity), "validation_overlay.png")
 
 

@@ -1173,3 +1173,39 @@ def test_readings_before_another_sensor_sets_later_stamps_in_one_poll_are_not_be
     out = step.process(batch, now_s=T0 + 7000)
     assert out.counts["late"] == 0 and out.counts["dead_letters"] == 10
     assert [decode_event(v)["status"] for _, v in out.events][:1] == ["open"]
+
+
+def test_a_fleet_models_validation_overlay_holds_its_last_entity_to_that_entitys_own_threshold(
+        detector_model: DetectorModel) -> None:
+    """The overlay shows the last entity's validation rows; it drew the shared bar, while the worker,
+    ``score`` and the pyfunc hold that entity to its own."""
+    from anomaly import plots
+    from anomaly.preparation import prepare_fleet
+    from anomaly.train_job import _log_figures
+    from types import SimpleNamespace
+
+    from anomaly.training import EpochStats
+
+    detector = detector_model.detector
+    prepared = prepare_fleet({"a": normal_frame(400, seed=3), "b": normal_frame(400, seed=4)},
+                             window_size=detector.window_size, validation_fraction=0.5)
+    last = max(prepared.entity_tails, key=lambda e: prepared.entity_tails[e][-1][1])
+    figures: dict[str, object] = {}
+
+    class Run:
+        def log_figure(self, fig, name):
+            figures[name] = fig
+
+    fitted = detector.threshold
+    try:
+        detector.threshold = fitted.with_per_entity({last: fitted.value * 7, "other": fitted.value / 7})
+        result = SimpleNamespace(history=[EpochStats(1, 0.5, 0.6, 1.0, 100.0)], best_epoch=1, val_start_row=None)
+        _log_figures(Run(), detector, result, np.ones(10), prepared)
+    finally:
+        detector.threshold = fitted
+    fig = figures["validation_overlay.png"]
+    (bar,) = [line for line in fig.axes[-1].lines if line.get_linestyle() == "--"]
+    assert np.nanmax(bar.get_ydata()) == pytest.approx(fitted.value * 7)
+    assert fig._suptitle.get_text().startswith(f"{last}: readings")
+    for f in figures.values():
+        plots.close(f)
