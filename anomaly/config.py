@@ -391,7 +391,8 @@ class WorkerSettings:
     device: str = doc("scoring device: auto (CUDA when present), cpu, cuda", "auto")
     precision: str = doc("forward-pass precision: auto (bf16 on CUDA and on CPUs with native bf16, e.g. AVX512-BF16; "
                          "float32 elsewhere), fp32, bf16. bf16 moves scores by about 0.01-0.05 % of their value (median), up to about "
-                         "2 % for single windows", "auto")
+                         "2 % for single windows. bf16 on a CPU without AVX-512 (no oneDNN bf16 LSTM there) scores in float32, "
+                         "with a warning", "auto")
     torch_threads: int = doc("CPU threads for scoring; 0 = torch's default (one per core). 1 is fastest when the broker and Kafka clients share the cores", 1)
     trace_model: bool = doc("on CPU, score through a TorchScript trace of the model (one call per forward pass "
                             "instead of one per torch operation), used only if it reproduces the model exactly on "

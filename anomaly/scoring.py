@@ -14,6 +14,7 @@ view stays a view) and the (N, W, F) reconstruction is never materialised.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import warnings
@@ -62,14 +63,37 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU runs an LSTM under bf16 autocast at all: oneDNN emulates bf16 where it has no
+    native kernels on AVX-512 CPUs, but has no bf16 LSTM for AVX2-only ones (it raises "could not
+    create a primitive descriptor"). Probed once, on a two-step LSTM."""
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            nn.LSTM(2, 4, batch_first=True)(torch.zeros(1, 2, 2))
+        return True
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_cpu_bf16(what: str) -> None:
+    log.warning("%s: this CPU cannot run the LSTM in bf16 (oneDNN has no bf16 LSTM without AVX-512): "
+                "float32 instead", what)
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``fp32`` or ``bf16`` for a forward pass on ``device``: ``auto`` is bf16 on CUDA and on CPUs with
-    native bf16 (scores then move by about 0.01 % of their value), float32 elsewhere."""
+    native bf16 (scores then move by about 0.01 % of their value), float32 elsewhere. ``bf16`` asked on a
+    CPU that cannot run it (``cpu_runs_bf16``) is float32, with a warning, not a failing forward pass."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    kind = torch.device(device).type
+    if precision == "bf16" and kind == "cpu" and not cpu_runs_bf16():
+        _warn_no_cpu_bf16("precision bf16")
+        return "fp32"
     if precision != "auto":
         return precision
-    kind = torch.device(device).type
     return "bf16" if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else "fp32"
 
 

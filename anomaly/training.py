@@ -39,8 +39,8 @@ from torch import nn
 
 from anomaly.errors import ConfigError, ModelError
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
-from anomaly.scoring import (MAX_ABS_ERROR, _rows_under, cpu_has_native_bf16, cpu_streams, ieee_float32,
-                             network_input, resident_windows, torch_threads)
+from anomaly.scoring import (MAX_ABS_ERROR, _rows_under, _warn_no_cpu_bf16, cpu_has_native_bf16, cpu_runs_bf16,
+                             cpu_streams, ieee_float32, network_input, resident_windows, torch_threads)
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,14 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
-    """Whether training on ``device`` runs under bf16 autocast."""
-    return config.mixed_precision if device.type == "cuda" else config.cpu_bf16
+    """Whether training on ``device`` runs under bf16 autocast (on a CPU that cannot run the LSTM in
+    bf16, ``cpu_runs_bf16``, not: float32, with a warning)."""
+    if device.type == "cuda":
+        return config.mixed_precision
+    if config.cpu_bf16 and not cpu_runs_bf16():
+        _warn_no_cpu_bf16("training cpu_bf16")
+        return False
+    return config.cpu_bf16
 
 
 MIN_STREAM_WINDOWS = 32  # fewest windows in one thread's part of a CPU training batch

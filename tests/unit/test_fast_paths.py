@@ -14,8 +14,8 @@ from anomaly.errors import ConfigError
 from anomaly.model import ModelConfig, build_model
 from anomaly.scoring import (CPU_BATCH_RANGE, cpu_streams, reconstruct, reconstruction_errors, resolve_precision,
                              score_batch_size, window_scores)
-from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, fast_train_config,
-                              torch_threads, train_autoencoder)
+from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, cpu_runs_bf16,
+                              fast_train_config, torch_threads, train_autoencoder)
 from anomaly.windowing import make_windows
 
 
@@ -232,7 +232,8 @@ def test_training_fast_setting_reaches_the_trainer(monkeypatch):
 
 
 def test_scoring_precision_auto_is_bf16_only_where_it_is_native():
-    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == ("bf16" if cpu_runs_bf16() else "fp32")
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("auto", "cuda") == "bf16"
     with pytest.raises(ValueError, match="precision"):
@@ -520,3 +521,32 @@ def test_a_wild_reading_is_clamped_for_the_network_only_under_cuda_autocast():
     assert torch.equal(network_input(batch, cuda, "fp32"), batch)
     assert network_input(batch, cuda, "bf16").tolist() == [[[FP16_SAFE_INPUT, -FP16_SAFE_INPUT, 0.5]]]
     assert FP16_SAFE_INPUT < torch.finfo(torch.float16).max
+
+
+def test_bf16_asked_of_a_cpu_that_cannot_run_the_lstm_in_it_is_float32_with_a_warning(monkeypatch, caplog):
+    """On an AVX2-only CPU oneDNN has no bf16 LSTM: ``worker.precision = "bf16"`` failed every forward
+    pass ("could not create a primitive descriptor"), as did training with ``cpu_bf16``."""
+    from anomaly import scoring, training
+
+    monkeypatch.setattr(scoring, "cpu_runs_bf16", lambda: False)
+    monkeypatch.setattr(training, "cpu_runs_bf16", lambda: False)
+    scoring._warn_no_cpu_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="anomaly.scoring"):
+        assert resolve_precision("bf16", "cpu") == "fp32" and resolve_precision("bf16", "cuda") == "bf16"
+        assert resolve_precision("bf16", "cpu") == "fp32"
+        assert not training.uses_bf16(TrainConfig(cpu_bf16=True), torch.device("cpu"))
+        assert training.uses_bf16(TrainConfig(mixed_precision=True), torch.device("cuda"))
+    warned = [r.getMessage() for r in caplog.records if "cannot run the LSTM in bf16" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("precision bf16") and warned[1].startswith("training cpu_bf16")
+    scoring._warn_no_cpu_bf16.cache_clear()
+
+
+def test_the_bf16_probe_says_what_a_bf16_forward_pass_does_here():
+    model = _model()
+    windows = make_windows(_series(), 12, 1)
+    if cpu_runs_bf16():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.tensor(windows[:4]))
+    else:
+        with pytest.raises(RuntimeError), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.tensor(windows[:4]))
