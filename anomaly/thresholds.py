@@ -285,7 +285,7 @@ class PotThreshold:
         e, screened, cut = _screen_gross(e)
         n = e.size
         t = float(np.quantile(e, self.init_quantile))
-        peaks = e[e > t] - t
+        peaks = np.sort(e[e > t] - t)  # in one order whatever the errors': the fit's sums round alike (order-free)
         n_peaks = peaks.size
         params = {"risk": self.risk, "init_quantile": self.init_quantile, "min_peaks": float(self.min_peaks),
                   "t": t, "n": float(n), "n_peaks": float(n_peaks)}
