@@ -566,7 +566,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         raise AnomalyError(f"models {args.action} takes no VERSION (got {args.version!r}); "
                            + ("--name narrows the list to one model" if args.action == "list" else
                               "it moves the alias back to the version that held it before; "
-                              "`models promote VERSION` pins a given one"))
+                              "`models promote VERSION` pins a given one" if args.action == "rollback" else
+                              "it removes --alias from whichever version holds it"))
     if args.action == "promote" and not args.version:
         raise AnomalyError("models promote needs a VERSION")
     inert = ([f for f, v in (("--alias", args.alias), ("--reason", args.reason)) if v is not None]
@@ -605,8 +606,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         alias = args.alias or settings.mlflow.champion_alias
         known = (settings.mlflow.champion_alias, settings.mlflow.challenger_alias)
         if alias not in known and registry.alias_version(name, alias) is None:  # aliases are case-sensitive
-            log.warning("%s has no alias @%s yet: it is made now. The workers follow @%s (mlflow.champion_alias)%s",
-                        name, alias, settings.mlflow.champion_alias,
+            log.warning("%s has no alias @%s yet: it is made now (`models unalias --alias %s` removes it). The "
+                        "workers follow @%s (mlflow.champion_alias)%s", name, alias, alias, settings.mlflow.champion_alias,
                         f"; did you mean @{next(k for k in known if k.lower() == alias.lower())}?"
                         if alias.lower() in {k.lower() for k in known} else "")
         previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
@@ -616,6 +617,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         alias = args.alias or settings.mlflow.champion_alias
         version = registry.rollback(name, alias, reason=args.reason or "")
         print(f"{name}@{alias} rolled back to v{version}")
+    elif args.action == "unalias":
+        if not args.alias:
+            raise AnomalyError("models unalias needs --alias (the alias to remove)")
+        if args.alias == settings.mlflow.champion_alias:
+            raise AnomalyError(f"@{args.alias} is the alias the workers serve (mlflow.champion_alias): it is not "
+                               "removed; `models promote VERSION` or `models rollback` moves it")
+        version = registry.remove_alias(name, args.alias, reason=args.reason or "")
+        print(f"{name}@{args.alias} removed (it was on v{version})")
     return 0
 
 
@@ -1196,14 +1205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered models, promote a version, roll back",
                        description="Registered models and versions with their aliases and metrics; move @champion.")
-    p.add_argument("action", choices=("list", "promote", "rollback"),
+    p.add_argument("action", choices=("list", "promote", "rollback", "unalias"),
                    help="list: versions, aliases, metrics, the latest recorded evaluation; promote VERSION: move "
-                        "the alias to it; rollback: move the alias back to the version that held it before")
+                        "the alias to it; rollback: move the alias back to the version that held it before; "
+                        "unalias --alias A: remove alias A (a mistyped one; not the served champion alias)")
     p.add_argument("version", nargs="?", help="version to promote")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models, unless --name, "
                    "--model-name or a config file or ANOMALY_MLFLOW__MODEL_NAME names one)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")
-    p.add_argument("--reason", help="why, for promote and rollback (kept in the alias's log tag and on the version)")
+    p.add_argument("--reason", help="why, for promote, rollback and unalias (kept in the alias's log tag and on the version)")
     p.add_argument("--json", action="store_true", help="list as JSON")
     common(p)
     p.set_defaults(func=cmd_models)

@@ -292,6 +292,37 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
         c.delete_model_version_tag(name, version, f"{alias}_until")
 
 
+def remove_alias(name: str, alias: str, reason: str = "") -> str:
+    """Take ``alias`` off the version holding it (a mistyped alias, one no longer used); returns that
+    version. Logged as a move to none (``<alias>_log``, the version's ``<alias>_until``); its rollback
+    stack goes with it. No version holds it: a ``RegistryError``."""
+    check_alias(alias)
+    with alias_lock(name, alias):
+        previous = alias_version(name, alias)
+        if previous is None:
+            raise RegistryError(f"{name} has no alias @{alias}: nothing to remove")
+        c = client()
+        try:
+            c.delete_registered_model_alias(name, alias)
+        except Exception as exc:
+            raise RegistryError(f"cannot remove {name}@{alias}: {exc}") from exc
+        try:
+            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            tags = c.get_registered_model(name).tags
+            if HISTORY_TAG.format(alias=alias) in tags:
+                c.delete_registered_model_tag(name, HISTORY_TAG.format(alias=alias))
+            moves = json.loads(tags.get(LOG_TAG.format(alias=alias), "[]"))
+            moves = (list(moves) + [{"at": now, "from": previous, "to": None,
+                                     "reason": (reason or "alias removed")[:200]}])[-LOG_ENTRIES:]
+            c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), json.dumps(moves)[:TAG_VALUE_CHARS])
+            c.set_model_version_tag(name, previous, f"{alias}_until", now)
+        except Exception as exc:
+            log.warning("%s: @%s removed from v%s, but its log and version tags could not be written: %s",
+                        name, alias, previous, exc)
+    log.info("%s: alias @%s removed from v%s %s", name, alias, previous, reason)
+    return previous
+
+
 def tag_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
     """Set ``tags`` on ``name`` version ``version`` (values as text, cut to what every store takes)."""
     try:

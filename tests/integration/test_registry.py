@@ -531,3 +531,29 @@ def test_the_overlay_marks_where_validation_starts_when_labelled_rows_are_left_o
     assert start < 300
     assert len(markers) == 1 and markers[0] is not None
     assert markers[0][0] == prepared.timestamps[start]
+
+
+def test_a_mistyped_alias_can_be_removed_and_the_served_alias_cannot(settings, tmp_path, capsys, caplog):
+    """``models promote 2 --alias Champion`` made @Champion (with a warning) and no command took it off."""
+    from anomaly.cli import main
+
+    tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+    c = registry.client()
+    c.create_registered_model("pump")
+    for _ in range(2):
+        c.create_model_version("pump", "file:///nowhere", run_id=None)
+    registry.promote("pump", "1")
+    common = ["--tracking-uri", settings.mlflow.tracking_uri, "--name", "pump"]
+    assert main(["models", "promote", "2", "--alias", "Champion", *common]) == 0
+    assert "models unalias --alias Champion" in caplog.text and registry.alias_version("pump", "Champion") == "2"
+    assert main(["models", "unalias", "--alias", "Champion", "--reason", "typo", *common]) == 0
+    assert "pump@Champion removed (it was on v2)" in capsys.readouterr().out
+    assert registry.alias_version("pump", "Champion") is None and registry.alias_version("pump", "champion") == "1"
+    moves = json.loads(c.get_registered_model("pump").tags["Champion_log"])
+    assert moves[-1]["from"] == "2" and moves[-1]["to"] is None and moves[-1]["reason"] == "typo"
+    assert "Champion_until" in c.get_model_version("pump", "2").tags
+    assert main(["models", "unalias", "--alias", "Champion", *common]) == 2  # gone: says so
+    assert "pump has no alias @Champion: nothing to remove" in capsys.readouterr().err
+    assert main(["models", "unalias", "--alias", "champion", *common]) == 2  # the served alias stays
+    assert main(["models", "unalias", *common]) == 2
+    assert registry.alias_version("pump", "champion") == "1"
