@@ -92,6 +92,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
     _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _abandon_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """``_die_with_parent`` with SIGUSR1: a scheduler stops at once, abandoning a retrain in progress
+    (SIGTERM would let it finish, for minutes, with the broker and MLflow gone)."""
+    _PRCTL(1, signal.SIGUSR1)
+
+
 try:  # resolved before any fork: the pre-exec hook must not import or load anything
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 except (OSError, AttributeError):  # pragma: no cover - unusual libc

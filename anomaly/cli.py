@@ -956,8 +956,16 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
     drift = DriftMonitor(settings) if settings.drift.enabled else None
     sched = RetrainScheduler(s, kwargs, func=args.job, drift=drift)
+    _ABANDONED_BY[0] = None
     stop = StopFlag()
+    now = StopFlag()  # SIGUSR1: stop, abandoning a retrain in progress (`anomaly up` has it sent if it dies)
+
+    def stop_now(signum: int, frame: Any) -> None:
+        stop(signum, frame)
+        now(signum, frame)
+
     handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, stop_now)
     port = None
     try:
         try:
@@ -975,28 +983,48 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
             if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
-        if sched.metrics.job_running:
-            log.info("scheduler: stopping once the retrain in progress ends (SIGTERM or Ctrl-C again to "
-                     "abandon it; the next start counts it as an error)")
         for sig in handlers:
             signal.signal(sig, _abandon_run)
+        if now.is_set:
+            _abandon_run(signal.SIGUSR1, None)
+        elif sched.metrics.job_running:
+            log.info("scheduler: stopping once the retrain in progress ends (SIGTERM or Ctrl-C again, or "
+                     "SIGUSR1, abandons it: its MLflow run ends KILLED)")
         sched.stop(wait=True)
         sched.metrics.stop_http()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     log.info("scheduler stopped")
-    return 0
+    return 0 if _ABANDONED_BY[0] is None else 128 + _ABANDONED_BY[0]
+
+
+ABANDON_WAIT_S = 5.0  # after a stop-now signal: the retrain's training is given this long to end its run
+_ABANDONED_BY: list[int | None] = [None]  # the signal that asked the scheduler to abandon its retrain
 
 
 def _abandon_run(signum: int, frame: Any) -> None:
     """A second SIGTERM/SIGINT while the scheduler stops (it waits for a retrain run, or a drift check
-    stuck in MLflow's HTTP retries): exit now, 128 + the signal. A run dies with the process; its running
-    mark in last.json makes the next start count it as an error, and the store's lock goes with the
-    process."""
-    log.warning("scheduler: %s while stopping: exiting now, without waiting for the retrain or drift check "
-                "in progress", signal.Signals(signum).name)
+    stuck in MLflow's HTTP retries), or SIGUSR1: training in progress stops at its next batch (its MLflow
+    run ends KILLED, the job counts as ``abandoned``) and the scheduler exits with 128 + the signal;
+    what does not end within ``ABANDON_WAIT_S`` (a retrain reading its topic, a call to MLflow) dies with
+    the process, its running mark in last.json counted as an error at the next start."""
+    if _ABANDONED_BY[0] is not None:
+        return
+    _ABANDONED_BY[0] = signum
+    log.warning("scheduler: %s while stopping: abandoning the retrain or drift check in progress; exiting "
+                "within %g s", signal.Signals(signum).name, ABANDON_WAIT_S)
+    training = sys.modules.get("anomaly.training")  # not imported: no training to stop (and no torch import here)
+    if training is not None:
+        training.abandon_training()
+    timer = threading.Timer(ABANDON_WAIT_S, _exit_now, (128 + signum,))
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_now(code: int) -> None:
+    log.warning("scheduler: exiting now, without waiting for the retrain or drift check in progress")
     logging.shutdown()
-    os._exit(128 + signum)
+    os._exit(code)
 
 
 def _add_retrain_parsers(sub: Any, common: Any) -> None:

@@ -46,3 +46,10 @@ class BrokerError(AnomalyError):
 
 class TopicError(AnomalyError):
     """A Kafka topic could not be created or described."""
+
+
+class TrainingAbandoned(KeyboardInterrupt):
+    """Training stopped at its next batch because the process is stopping now
+    (``training.abandon_training``: a scheduler told twice to stop). A ``KeyboardInterrupt``, not an
+    ``AnomalyError``: the MLflow run ends KILLED, not FAILED, and no ``except Exception`` takes it for a
+    failure of the data or the model."""

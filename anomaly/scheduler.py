@@ -45,7 +45,7 @@ from apscheduler.triggers.base import BaseTrigger
 from anomaly.config import SchedulerSettings, Settings, canonical_store_uri
 from anomaly.crontab import cron_field_sets
 from anomaly.drift import Assessment, DriftBounds, DriftGate, Reference, ScoreWindow, parse_score_record
-from anomaly.errors import AnomalyError, ConfigError
+from anomaly.errors import AnomalyError, ConfigError, TrainingAbandoned
 from anomaly.locks import FileLock, Locked, lock_folder
 from anomaly.scheduler_metrics import SchedulerMetrics
 
@@ -599,8 +599,13 @@ class RetrainScheduler:
             self.metrics.job_finished(outcome, seconds if isinstance(seconds, (int, float)) else None)
             self._retrain_finished()
         elif code == EVENT_JOB_ERROR:
-            log.error("scheduler: job %s raised %r", event.job_id, event.exception)
-            self.metrics.job_finished("error")
+            if isinstance(event.exception, TrainingAbandoned):  # told to stop now: not a failure of the run
+                log.warning("scheduler: job %s abandoned (%s); its MLflow run ends KILLED", event.job_id,
+                            event.exception)
+                self.metrics.job_finished("abandoned")
+            else:
+                log.error("scheduler: job %s raised %r", event.job_id, event.exception)
+                self.metrics.job_finished("error")
             self._retrain_finished()
         elif code == EVENT_JOB_MISSED:
             log.warning("scheduler: job %s missed its run at %s (over misfire_grace_s=%s); skipped",

@@ -8,7 +8,7 @@ scheduler tells it what happened.
 Metric names (all prefixed ``anomaly_scheduler_``):
 
     counters  jobs_started_total,
-              jobs_finished_total{outcome="promoted"|"kept"|"skipped"|"failed"|"error"|"ok"},
+              jobs_finished_total{outcome="promoted"|"kept"|"skipped"|"failed"|"error"|"abandoned"|"ok"},
               jobs_missed_total
     gauges    job_running, last_run_timestamp_seconds, last_success_timestamp_seconds,
               last_run_duration_seconds, next_run_timestamp_seconds
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "anomaly_scheduler"
 # A retrain's status; "error": the job raised; "ok": a job that returns no retrain result finished.
-OUTCOMES = ("promoted", "kept", "skipped", "failed", "error", "ok")
+OUTCOMES = ("promoted", "kept", "skipped", "failed", "error", "abandoned", "ok")
 DRIFT_RESULTS = ("drift", "ok", "insufficient", "no_reference", "error")
 
 
@@ -109,7 +109,7 @@ class SchedulerMetrics:
         self._last_outcome = outcome if outcome in OUTCOMES else "error"
         self.running.set(1 if self._pending > 0 else 0)
         self.last_run_ts.set(now)
-        if outcome not in ("failed", "error"):
+        if outcome not in ("failed", "error", "abandoned"):
             self.last_success_ts.set(now)
         if duration_s is not None:
             self.last_duration.set(max(float(duration_s), 0.0))

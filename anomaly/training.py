@@ -28,6 +28,7 @@ import copy
 import logging
 import math
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomaly.errors import ConfigError, ModelError
+from anomaly.errors import ConfigError, ModelError, TrainingAbandoned
 from anomaly.model import LSTMAutoencoder, ModelConfig, build_model
 from anomaly.scoring import (MAX_ABS_ERROR, _rows_under, _warn_no_cpu_bf16, cpu_has_native_bf16, cpu_runs_bf16,
                              cpu_streams, ieee_float32, network_input, resident_windows, torch_threads)
@@ -102,6 +103,15 @@ class EpochStats:
 class StopTraining(Exception):
     """Raised by a callback's ``on_epoch_end`` to end training after that epoch (a target reached,
     a time budget spent); the best weights so far are returned as usual."""
+
+
+_ABANDONED = threading.Event()
+
+
+def abandon_training() -> None:
+    """Make every training in this process, running or to come, stop at its next batch with
+    ``TrainingAbandoned``: for a process on its way out (it is not undone)."""
+    _ABANDONED.set()
 
 
 class TrainCallback(Protocol):
@@ -375,6 +385,8 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
             running, seen = torch.zeros((), device=device), 0
             with torch_threads(1 if pool else 0):
                 for start in range(0, n_train, config.batch_size):
+                    if _ABANDONED.is_set():
+                        raise TrainingAbandoned(f"training abandoned at epoch {epoch}: the process is stopping")
                     if step < config.warmup_steps:
                         for group in optimiser.param_groups:
                             group["lr"] = peak_lr * (step + 1) / config.warmup_steps

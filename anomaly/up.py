@@ -34,7 +34,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ MLFLOW_READY_S = 120.0  # lean server: healthy in 5-7 s on a quiet machine; slac
 WORKER_READY_S = 90.0
 # The scheduler lets a retrain in progress finish on SIGTERM: killed, its MLflow run would stay RUNNING.
 STOP_GRACE_S = {"worker": 30.0, "scheduler": 180.0, "mlflow": 10.0}
+SCHEDULER_ABANDON_S = 15.0  # after its grace (or a second Ctrl-C): the scheduler abandons its retrain, in this long
 SUPERVISE_STEP_S = 0.5
 REPLAY_STOP_S = 70.0  # the fleet replay's stop: its flush of queued readings (replay.FLUSH_TIMEOUT_S) and close
 REPLAY_STOP_BROKER_GONE_S = 2.0  # ... when the broker is gone: nothing can be delivered, so it is not waited out
@@ -233,18 +234,24 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
 class Child:
     """A child process in its own session (its own process group), output to a log file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
+                 abandon_s: float = 0.0) -> None:
+        """``abandon_s`` > 0: a child that takes a second SIGTERM (and the SIGUSR1 it gets if this process
+        dies) as "stop now" (the scheduler abandons its retrain): ``stop`` sends it one and waits this long
+        before SIGKILL."""
         self.name, self.argv, self.log_path, self.env = name, list(argv), log_path, dict(env)
+        self.abandon_s = abandon_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Child":
-        from anomaly.broker import _PRCTL, _die_with_parent
+        from anomaly.broker import _PRCTL, _abandon_with_parent, _die_with_parent
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        on_parent_death = _abandon_with_parent if self.abandon_s > 0 else _die_with_parent
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env, start_new_session=True,
-                                         preexec_fn=_die_with_parent if _PRCTL is not None else None)
+                                         preexec_fn=on_parent_death if _PRCTL is not None else None)
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
         return self
 
@@ -255,22 +262,38 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, grace_s: float) -> int | None:
-        """SIGTERM the whole process group, wait ``grace_s``, then SIGKILL it; the exit code."""
+    def stop(self, grace_s: float, hurry: Callable[[], bool] | None = None) -> int | None:
+        """SIGTERM the whole process group and wait ``grace_s`` (or until ``hurry()``: a second Ctrl-C);
+        a child with ``abandon_s`` then gets a second SIGTERM and that long; then SIGKILL. The exit code."""
         if self.proc is None:
             return None
         pgid = self.proc.pid  # start_new_session: the child leads its own group
         code = self.proc.poll()
         if code is None:
             _killpg(pgid, signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s (pid %d) did not stop within %.0f s; killing it", self.name, pgid, grace_s)
+            code = self._wait(grace_s, hurry)
+            if code is None and self.abandon_s > 0:
+                log.warning("%s (pid %d) still stopping: told to stop now", self.name, pgid)
+                _killpg(pgid, signal.SIGTERM)
+                code = self._wait(self.abandon_s)
+            if code is None:
+                log.warning("%s (pid %d) did not stop within %.0f s; killing it", self.name, pgid,
+                            grace_s + self.abandon_s)
                 _killpg(pgid, signal.SIGKILL)
                 code = self.proc.wait()
         _killpg(pgid, signal.SIGKILL)  # anything the child left in its group (e.g. server workers)
         return code
+
+    def _wait(self, seconds: float, hurry: Callable[[], bool] | None = None) -> int | None:
+        """The exit code once the child exits within ``seconds``; None if it has not (or ``hurry()``)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return self.proc.wait(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (hurry is not None and hurry()):
+                    return None
 
     def tail(self) -> str:
         try:
@@ -672,7 +695,7 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                                state / "worker.log", env))
         _start(children, Child("scheduler", [*python_cli, "scheduler", "--config", str(config_path),
                                              "--interval-s", f"{options.retrain_every_s:g}"],
-                               state / "scheduler.log", env))
+                               state / "scheduler.log", env, abandon_s=SCHEDULER_ABANDON_S))
         if w.metrics_port > 0:
             wait_http(f"http://{w.metrics_host}:{w.metrics_port}/healthz", children["worker"], WORKER_READY_S,
                       "the worker")
@@ -706,10 +729,11 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         print(f"\n{str(exc).splitlines()[0]}: stopping ... (details below once stopped)", flush=True)
         raise
     finally:
-        for sig in previous:  # a second Ctrl-C must not cut the orderly stop short
-            signal.signal(sig, signal.SIG_IGN)
+        hurry = _Hurry()
+        for sig in previous:  # a second Ctrl-C does not cut the orderly stop short: it abandons a retrain only
+            signal.signal(sig, hurry)
         try:
-            _stop_all(children, fleet_replay, feed, broker)
+            _stop_all(children, fleet_replay, feed, broker, lambda: hurry.is_set)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -789,7 +813,19 @@ def _start(children: dict[str, Child], child: Child) -> None:
     child.start()
 
 
-def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any) -> None:
+class _Hurry:
+    """A second Ctrl-C (SIGINT/SIGTERM) while ``up`` stops: set, not raised (the worker's drain, the
+    replay's flush go on); the scheduler, waiting for a retrain, is then told to abandon it."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.is_set = True
+
+
+def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any,
+              hurry: Callable[[], bool] | None = None) -> None:
     """Stop in dependency order: readings first, then the worker (drains and commits), the rest after."""
     if fleet_replay is not None:
         if broker is not None and not broker.is_running():
@@ -804,8 +840,8 @@ def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed
         if child is not None:
             if name == "scheduler" and child.alive():
                 print(f"stopping the scheduler (a retrain in progress may finish first: up to "
-                      f"{STOP_GRACE_S[name]:.0f} s)", flush=True)
-            code = child.stop(STOP_GRACE_S[name])
+                      f"{STOP_GRACE_S[name]:.0f} s; Ctrl-C again abandons it)", flush=True)
+            code = child.stop(STOP_GRACE_S[name], hurry if name == "scheduler" else None)
             log.info("%s stopped (exit code %s)", name, code)
     if feed is not None:
         feed.stop()

@@ -280,5 +280,70 @@ def test_a_second_sigterm_while_the_command_waits_for_its_run_exits_at_once(tmp_
             proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopping once the retrain in progress ends" in err
-    assert "SIGTERM while stopping: exiting now" in err
-    assert "running_since" in json.loads(last_run_path(store).read_text())  # the next start counts it
+    assert "SIGTERM while stopping: abandoning the retrain" in err and "exiting now, without waiting" in err
+    assert "running_since" in json.loads(last_run_path(store).read_text())  # not a training: the next start counts it
+
+
+def training_job_at_env() -> dict:
+    """Trains a small model for ever inside an MLflow run of the store at $ANOMALY_TEST_MLFLOW, once it
+    has written its run id to $ANOMALY_TEST_JOB.started."""
+    import numpy as np
+
+    from anomaly import tracking
+    from anomaly.model import ModelConfig
+    from anomaly.training import TrainConfig, train_autoencoder
+
+    tracking.configure(os.environ["ANOMALY_TEST_MLFLOW"])
+    windows = np.random.default_rng(0).normal(size=(512, 8, 2)).astype(np.float32)
+    with tracking.Run("abandon", os.environ["ANOMALY_TEST_ARTIFACTS"], run_name="forever") as run:
+        Path(os.environ["ANOMALY_TEST_JOB"] + ".started").write_text(run.run_id or "")
+        train_autoencoder(windows, ModelConfig(n_features=2, window_size=8, hidden_size=8, latent_size=4),
+                          TrainConfig(epochs=1_000_000, patience=1_000_000, device="cpu",
+                                      progress=False))
+    return {"status": "promoted"}
+
+
+@pytest.mark.parametrize("how", ["second SIGTERM", "SIGUSR1"])
+def test_a_retrain_told_to_stop_now_ends_its_run_killed_and_the_scheduler_counts_it_abandoned(tmp_path, how):
+    """`anomaly up` gave a retrain 180 s, then SIGKILLed the scheduler: its MLflow run stayed RUNNING
+    for ever and the next start counted an error. Training now stops at its next batch."""
+    import json
+    import signal
+
+    import mlflow
+
+    from anomaly.scheduler import last_run_path
+
+    base = str(tmp_path / "job")
+    store = str(tmp_path / "scheduler.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "scheduler", "--job-store", store,
+                             "--metrics-port", "-1", "--interval-s", "1",
+                             "--job", "tests.integration.test_scheduler:training_job_at_env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ANOMALY_TEST_JOB": base,
+                                 "ANOMALY_TEST_MLFLOW": uri, "ANOMALY_TEST_ARTIFACTS": str(tmp_path / "artifacts")})
+    try:
+        assert wait_for(lambda: Path(base + ".started").exists() and Path(base + ".started").read_text(), 60), \
+            "the job never started"
+        time.sleep(1.0)  # training under way
+        if how == "SIGUSR1":
+            proc.send_signal(signal.SIGUSR1)
+        else:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert proc.poll() is None  # the first one waits for the run
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    signum = signal.SIGUSR1 if how == "SIGUSR1" else signal.SIGTERM
+    assert proc.returncode == 128 + signum, err
+    assert "abandoned (training abandoned at epoch" in err and "exiting now" not in err
+    last = json.loads(last_run_path(store).read_text())
+    assert "running_since" not in last and last["last_outcome"] == "abandoned"
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(Path(base + ".started").read_text())
+    assert run.info.status == "KILLED"

@@ -550,3 +550,21 @@ def test_the_bf16_probe_says_what_a_bf16_forward_pass_does_here():
     else:
         with pytest.raises(RuntimeError), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             model(torch.tensor(windows[:4]))
+
+
+def test_abandoned_training_stops_at_its_next_batch_as_a_keyboard_interrupt():
+    from anomaly import training
+    from anomaly.errors import TrainingAbandoned
+
+    class AbandonAfterFirstEpoch:
+        def on_epoch_end(self, stats):
+            training.abandon_training()
+
+    config = TrainConfig(epochs=50, batch_size=64, patience=50, device="cpu", progress=False)
+    try:
+        with pytest.raises(TrainingAbandoned, match="training abandoned at epoch 2") as caught:
+            train_autoencoder(_sine_windows(), CFG, config, callbacks=[AbandonAfterFirstEpoch()])
+        assert isinstance(caught.value, KeyboardInterrupt) and not isinstance(caught.value, Exception)
+    finally:
+        training._ABANDONED.clear()
+    assert len(train_autoencoder(_sine_windows(), CFG, replace(config, epochs=2)).history) == 2

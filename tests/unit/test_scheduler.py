@@ -417,3 +417,18 @@ def test_the_running_mark_is_cleared_by_a_missed_run_and_not_left_by_a_start_tha
         assert not mark()
     finally:
         scheduler.stop()
+
+
+def test_an_abandoned_run_is_counted_as_such_neither_a_success_nor_a_failure():
+    now = [100.0]
+    m = SchedulerMetrics(clock=lambda: now[0])
+    m.set_status("ok")
+    m.job_started()
+    m.job_finished("kept")
+    now[0] = 200.0
+    m.job_started()
+    m.job_finished("abandoned")
+    assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "abandoned"}) == 1
+    assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) == 0
+    assert m.value("anomaly_scheduler_last_success_timestamp_seconds") == 100.0
+    assert m.health()["status"] == "ok" and m.health()["last_outcome"] == "abandoned"

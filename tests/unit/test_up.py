@@ -19,7 +19,7 @@ from anomaly.config import Settings, load_config, to_toml
 from anomaly.datasets import LabelledSeries
 from anomaly.errors import DataError
 from anomaly.event_feed import EventFeed, format_event
-from tests.fixtures import need_dataset
+from tests.fixtures import need_dataset, wait_for
 
 EVENT = {"event_id": "e1", "entity": "pump-2", "status": "open", "start_ts": 1795255392.0, "end_ts": None,
          "peak_score": 4.21, "threshold": 0.93, "windows": 3, "model": {"name": "m", "version": "3"},
@@ -443,3 +443,77 @@ def test_the_event_feed_remembers_a_bounded_number_of_events(monkeypatch):
     assert feed.counts == {"open": 200} and len(feed._counted) <= 50
     feed.handle(json.dumps({**EVENT, "event_id": "e199"}).encode())  # a recent one again: not counted twice
     assert feed.counts == {"open": 200}
+
+
+_STOPPABLE = """
+import pathlib, signal, sys, time
+out, seen = pathlib.Path(sys.argv[1]), []
+def handler(signum, frame):
+    seen.append(signal.Signals(signum).name)
+    out.write_text(" ".join(seen))
+    if signum == signal.SIGUSR1 or len(seen) >= 2:  # as the scheduler: the first SIGTERM waits, the next stops now
+        sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, handler)
+signal.signal(signal.SIGUSR1, handler)
+out.write_text("ready")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _stoppable(tmp_path: Path, abandon_s: float) -> tuple[up.Child, Path]:
+    import sys
+
+    script, out = tmp_path / "child.py", tmp_path / "seen.txt"
+    script.write_text(_STOPPABLE)
+    child = up.Child("scheduler", [sys.executable, str(script), str(out)], tmp_path / "child.log", dict(os.environ),
+                     abandon_s=abandon_s).start()
+    assert wait_for(lambda: out.exists(), 20)
+    return child, out
+
+
+def test_a_second_ctrl_c_tells_the_scheduler_to_stop_now_instead_of_waiting_out_its_grace(tmp_path):
+    """A retrain outlasting the 180 s grace was SIGKILLed, its MLflow run left RUNNING; a second Ctrl-C
+    was ignored."""
+    import signal
+    import threading
+
+    child, out = _stoppable(tmp_path, abandon_s=10)
+    started = time.monotonic()
+    hurry = threading.Event()
+    threading.Timer(1.0, hurry.set).start()  # the second Ctrl-C, a second into the stop
+    assert child.stop(180, hurry.is_set) == 128 + signal.SIGTERM
+    assert out.read_text() == "SIGTERM SIGTERM" and time.monotonic() - started < 30
+
+
+def test_a_scheduler_past_its_grace_is_told_to_stop_now_before_it_is_killed(tmp_path):
+    import signal
+
+    child, out = _stoppable(tmp_path, abandon_s=10)
+    assert child.stop(0.5) == 128 + signal.SIGTERM and out.read_text() == "SIGTERM SIGTERM"
+    (tmp_path / "plain").mkdir()
+    plain, out = _stoppable(tmp_path / "plain", abandon_s=0)
+    assert plain.stop(0.5) == -signal.SIGKILL and out.read_text() == "SIGTERM"  # no second chance: killed
+
+
+def test_a_scheduler_outliving_up_is_told_to_stop_now(tmp_path):
+    """``kill -9`` of ``anomaly up``: the scheduler got SIGTERM, waited for its retrain with the broker
+    gone, and held its metrics port against the next start."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "seen.txt"
+    (tmp_path / "child.py").write_text(_STOPPABLE)
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import os, sys, time; from anomaly import up; "
+                               f"up.Child('scheduler', [sys.executable, {str(tmp_path / 'child.py')!r}, {str(out)!r}], "
+                               f"up.Path({str(tmp_path / 'child.log')!r}), dict(os.environ), abandon_s=5).start(); "
+                               "time.sleep(600)"], cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert wait_for(lambda: out.exists() and out.read_text() == "ready", 30)
+        parent.kill()
+        parent.wait()
+        assert wait_for(lambda: out.read_text() == "SIGUSR1", 10), out.read_text()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
