@@ -214,7 +214,9 @@ class Worker:
                     started, now_s = time.perf_counter(), self.clock()
                     # Submitted at once: its forward pass runs while the batch in hand is completed.
                     submitted = (self._runner.submit(batches, now_s), now_s, started)
-                self._drain()
+                if self._in_flight is not None:
+                    self._drain()
+                    last_records = time.monotonic()  # idle_stop_s: from the end of the work in hand, not its start
                 assigned = self._consumer.assignment()  # (changed by a rebalance inside the poll only)
                 if assigned:
                     joining_since = None
@@ -228,7 +230,9 @@ class Worker:
                     joining_since = self._renew_a_stuck_consumer(joining_since)
                 elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
                     break
+                following = time.monotonic()
                 self._follow_model()
+                last_records += time.monotonic() - following  # loading a promoted model is not idle time
                 trouble = self.follower.trouble  # the model serves on, but its alias cannot be followed
                 self.metrics.set_health("degraded" if trouble else "ok", assigned_partitions=len(assigned),
                                         last_batch_ts=self.clock(), detail=trouble)

@@ -186,3 +186,28 @@ def test_a_stable_member_without_partitions_is_left_alone(monkeypatch) -> None:
     monkeypatch.setattr(kafka_io, "stuck_join_s", lambda client_options=None: 0.0)
     worker.run()
     assert len(made) == 1
+
+
+def test_idle_stop_counts_no_time_spent_loading_a_promoted_model(clients) -> None:
+    """``idle_stop_s`` is time without records; a model load of 1 s counted as idle stopped the worker
+    right after it, with the readings sent meanwhile never read."""
+    import dataclasses
+    import time
+
+    runner, producer, consumer = clients
+    consumer.records = {}
+    polls = []
+    consumer.poll = lambda **_: polls.append(time.monotonic()) or {}
+    loads = []
+
+    def follow_model(drain):
+        if not loads:
+            time.sleep(1.0)  # the promoted version loads
+        loads.append(1)
+        return []
+
+    runner.follow_model = follow_model
+    worker = FakeKafkaWorker(runner, producer, consumer)
+    worker.options = dataclasses.replace(worker.options, poll_timeout_s=0.05)
+    worker.run(idle_stop_s=0.5)
+    assert polls[-1] - polls[1] >= 0.4  # polled on for about idle_stop_s after the load, not stopped at once
