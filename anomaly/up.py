@@ -56,8 +56,9 @@ DEFAULT_SPEED = 10.0  # recorded spacing sped up 10x: a SKAB experiment replays 
 DEFAULT_RETRAIN_EVERY_S = 900.0  # the scheduler's interval under `up` (the config's default is a day)
 TOPIC_PARTITIONS = 4
 MLFLOW_READY_S = 120.0  # lean server: healthy in 5-7 s on a quiet machine; slack for loaded ones
-WORKER_READY_S = 90.0
-# The scheduler lets a retrain in progress finish on SIGTERM: killed, its MLflow run would stay RUNNING.
+WORKER_READY_S = 240.0  # the worker imports torch and mlflow beside the scheduler doing the same: over 60 s seen
+# The scheduler lets a retrain in progress finish on SIGTERM; past its grace it is told to abandon it
+# (SCHEDULER_ABANDON_S), so its MLflow run ends KILLED, not RUNNING for ever.
 STOP_GRACE_S = {"worker": 30.0, "scheduler": 180.0, "mlflow": 10.0}
 SCHEDULER_ABANDON_S = 15.0  # after its grace (or a second Ctrl-C): the scheduler abandons its retrain, in this long
 SUPERVISE_STEP_S = 0.5

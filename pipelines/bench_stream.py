@@ -116,6 +116,7 @@ START_TS = 1_790_000_000.0  # stream time of the pre-loaded topics (fixed, so ru
 MODEL_NAME = "bench"
 RESULT_PREFIX = "RESULT "
 ASSIGNED_LINE = "ASSIGNED"
+ASSIGN_WAIT_S = 180.0  # a child imports torch, then joins the group: 3 s on a quiet box, 17 s seen on a loaded one
 PARTITIONS = 4
 RATIO_TARGET = 0.8
 LATENCY_BUDGET_MS = 100.0  # plus one stride (stride × period)
@@ -692,7 +693,7 @@ def phase_latency(bootstrap: str, detector_dir: str, fleet: int, rate: float, du
     drain_s = 60 + offered / 200
     child = Child(bootstrap, topic, detector_dir, -1, timeout_s=duration + drain_s, latency=True, tuning=tuning)
     try:
-        child.wait_assigned(60)
+        child.wait_assigned(ASSIGN_WAIT_S)
         time.sleep(0.5)  # let it fetch its (empty) committed offsets and start fetching
         names = [f"pump-{e:05d}" for e in range(fleet)]
         keys = [n.encode() for n in names]
@@ -752,7 +753,7 @@ def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: i
         rate = load_topic(bootstrap, topic, fleet_messages(count, n, period_s, values))
         child = Child(bootstrap, topic, detector_dir, n, timeout_s=120 + n / 200, tuning=tuning)
         try:
-            child.wait_assigned(60)
+            child.wait_assigned(ASSIGN_WAIT_S)
             result = child.finish(timeout_s=150 + n / 200)
         finally:
             child.kill()

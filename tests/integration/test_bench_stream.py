@@ -32,7 +32,7 @@ def quick_result(tmp_path_factory):
         missing_requirement(f"the benchmark needs the local broker: {exc}")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     done = subprocess.run([sys.executable, "-m", "pipelines.bench_stream", "--quick", "--decompose", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
 

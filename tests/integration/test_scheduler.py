@@ -169,7 +169,7 @@ def test_the_real_retrain_job_runs_from_the_store(tmp_path):
     sched.start()
     try:
         assert wait_for(lambda: (sched.metrics.value("anomaly_scheduler_jobs_finished_total",
-                                                     {"outcome": "skipped"}) or 0) >= 1, 45)
+                                                     {"outcome": "skipped"}) or 0) >= 1, 180)
     finally:
         sched.stop()
     assert sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) == 0

@@ -86,7 +86,7 @@ def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_na
         assert wait_for(lambda: (sched.metrics.value("anomaly_scheduler_jobs_started_total") or 0) >= 1, 20)
         sched.scheduler.pause_job(JOB_ID)
         assert wait_for(lambda: sum(sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": o}) or 0
-                                    for o in ("promoted", "kept", "skipped", "failed", "error")) >= 1, 60)
+                                    for o in ("promoted", "kept", "skipped", "failed", "error")) >= 1, 240)
     finally:
         sched.stop()
     assert sched.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "promoted"}) == 1

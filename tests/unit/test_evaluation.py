@@ -407,9 +407,9 @@ def test_nab_optimize_is_fast_at_nab_size():
     for j in range(58):
         n = 6303
         files.append(NabFile(f"f{j}", rng.random(n), [(2000, 2299), (4500, 4799)]))
-    started = time.perf_counter()
+    started = time.process_time()  # this process's CPU time: a loaded box does not stretch it
     out = nab_scores(files)
-    assert time.perf_counter() - started < 4.0
+    assert time.process_time() - started < 4.0
     assert out["nab_windows"] == 116
     assert out["nab_standard"] >= 0.0  # the oracle can always fall back to detecting nothing
 

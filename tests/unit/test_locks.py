@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 
 import pytest
@@ -11,15 +12,18 @@ import pytest
 from anomaly.locks import FileLock, Locked
 
 
-def _hold(path: str, seconds: float, ready) -> None:
+def _hold(path: str, seconds: float, ready, release) -> None:
     with FileLock(path, what="test"):
         ready.set()
-        time.sleep(seconds)
+        release.wait(seconds)
 
 
 def _holder(path, seconds: float):
-    ready = multiprocessing.get_context("fork").Event()
-    process = multiprocessing.get_context("fork").Process(target=_hold, args=(str(path), seconds, ready))
+    """A process holding the lock at ``path`` for ``seconds``, or until its ``release`` event is set."""
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    process = context.Process(target=_hold, args=(str(path), seconds, ready, release))
+    process.release = release
     process.start()
     assert ready.wait(10)
     return process
@@ -28,14 +32,16 @@ def _holder(path, seconds: float):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a holder")
 def test_a_waiting_acquire_gets_the_lock_once_its_holder_lets_go(tmp_path):
     path = tmp_path / "x.lock"
-    holder = _holder(path, 0.6)
+    holder = _holder(path, 60)
     try:
         with pytest.raises(Locked) as info:
             FileLock(path, what="move of pump@champion").acquire(wait_s=0.2)
         assert info.value.pid == holder.pid and "another move of pump@champion holds" in str(info.value)
-        started = time.monotonic()
-        lock = FileLock(path).acquire(wait_s=10)
-        assert 0.1 < time.monotonic() - started < 5  # it waited for the holder, then took it
+        released = []
+        timer = threading.Timer(0.5, lambda: (released.append(time.monotonic()), holder.release.set()))
+        timer.start()
+        lock = FileLock(path).acquire(wait_s=60)
+        assert released and time.monotonic() >= released[0]  # it waited for the holder to let go, then took it
         assert lock.held and path.read_text() == f"{os.getpid()}\n"
         lock.release()
         assert not lock.held and path.read_text() == ""
