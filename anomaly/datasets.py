@@ -128,7 +128,8 @@ def _skab_root(data_dir: str | Path) -> Path:
     for root in (base / "data", base):
         if all((root / g).is_dir() for g in SKAB_GROUPS):
             return root
-    raise DataError(f"{base}: not a SKAB folder; expected {base}/data/{{{','.join(SKAB_GROUPS)}}}/*.csv "
+    what = "not a SKAB folder" if base.is_dir() else "no such folder"
+    raise DataError(f"{base}: {what}; expected {base}/data/{{{','.join(SKAB_GROUPS)}}}/*.csv "
                     f"(or those folders directly in {base}){WHERE_DATASETS}")
 
 

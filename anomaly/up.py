@@ -612,7 +612,8 @@ def run(settings: Settings, options: UpOptions) -> int:
              "worker metrics": w.metrics_port, "scheduler metrics": s.metrics_port}
     clashes = clashing_ports(ports)
     if clashes:
-        raise UpError(f"one port for two parts: {', '.join(clashes)}; give each its own (0 = any free port)")
+        raise UpError(f"one port for two parts: {', '.join(clashes)}; give each its own (the metrics ports also "
+                      "take 0: any free port)")
     taken = taken_ports(ports, hosts={"worker metrics": w.metrics_host, "scheduler metrics": s.metrics_host})
     if taken:
         raise UpError(port_hint(taken))
@@ -672,8 +673,10 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                 kafka_log.setLevel(level)
             bootstrap = broker.bootstrap
             print(f"broker: Tansu on {bootstrap} (memory storage)", flush=True)
-        kafka_io.ensure_topics(bootstrap, {t: TOPIC_PARTITIONS for t in (k.input_topic, k.events_topic, k.dlq_topic,
-                                                                          k.scores_topic) if t}, k.client_options)
+        # the dead-letter topic with one partition, as the worker makes it (it warned of 4 where 1 was asked)
+        kafka_io.ensure_topics(bootstrap, {**{t: TOPIC_PARTITIONS for t in (k.input_topic, k.events_topic,
+                                                                            k.scores_topic) if t}, k.dlq_topic: 1},
+                               k.client_options)
         ui = ui_base(m.tracking_uri, options.ui_port)
         # Open (and on first use create) the store here, before the server: two processes creating
         # one fresh SQLite schema at once collide in its migrations.

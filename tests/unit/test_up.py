@@ -517,3 +517,20 @@ def test_a_scheduler_outliving_up_is_told_to_stop_now(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_dataset_folder_that_does_not_exist_is_said_so(tmp_path):
+    """A fresh clone not beside shared/: "not a SKAB folder" read as if the folder held something else."""
+    with pytest.raises(DataError, match=r"skab: no such folder; expected .*point --data-dir"):
+        up.load_fleet(tmp_path / "skab", ["valve1/0"])
+
+
+def test_clashing_ports_advise_0_only_where_it_is_taken(tmp_path, monkeypatch, capsys):
+    """`--ui-port 9092` was told "(0 = any free port)", which --ui-port refuses."""
+    skab = need_dataset("skab", "data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["up", "--data-dir", str(skab), "--state-dir", str(tmp_path / "s"), "--fleet", "valve1/0",
+                 "--ui-port", "9092"]) == 2
+    err = capsys.readouterr().err
+    assert "one port for two parts" in err and "the metrics ports also take 0" in err
+    assert "(0 = any free port)" not in err
