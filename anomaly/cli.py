@@ -1261,6 +1261,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _SlowTaskNotes(logging.Filter):
+    """Drops kafka-python's "Task ... ran for 1.2 s (>0.100s threshold). It is blocking the event loop"
+    (a note for its own developers, logged as a warning whenever a loaded machine is slow: it filled the
+    console of `up` and the worker's log); the selector's other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "It is blocking the event loop" not in record.getMessage()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1268,9 +1277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    selector = logging.getLogger("kafka.net.selector")
+    if not any(isinstance(f, _SlowTaskNotes) for f in selector.filters):
+        selector.addFilter(_SlowTaskNotes())
     # MLflow's own "Downloading artifacts" bars: off with --quiet, and always in the daemons, whose output
-    # is a log (a worker loads a model at start and at every promotion).
-    if getattr(args, "quiet", False) or args.func in (cmd_worker, cmd_scheduler):
+    # is a log (a worker loads a model at start and at every promotion), and under `up`, whose console
+    # prints the events.
+    if getattr(args, "quiet", False) or args.func in (cmd_worker, cmd_scheduler, cmd_up):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # One-shot commands (train, retrain, evaluate, score, models, config) stop on SIGTERM as on Ctrl-C, so
     # an MLflow run in progress ends KILLED, not RUNNING for ever (`docker stop`, a Kubernetes deadline and

@@ -742,3 +742,16 @@ def test_flags_a_command_would_ignore_are_refused(command, said, tmp_path, monke
     assert main(command) == 2
     assert said in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()  # refused before any store was made
+
+
+def test_kafka_pythons_slow_task_notes_are_dropped_and_its_other_warnings_kept(caplog, capsys):
+    import logging
+
+    assert main(["config", "example"]) == 0
+    selector = logging.getLogger("kafka.net.selector")
+    with caplog.at_level(logging.WARNING):
+        selector.warning("Task <kafka.net.selector.Task object> ran for 1.244s (>0.100s threshold). It is blocking "
+                         "the event loop -- likely a tight sync loop inside a coroutine.")
+        selector.warning("Wakeup socket returned empty. Rebuilding.")
+    assert "blocking the event loop" not in caplog.text and "Wakeup socket returned empty" in caplog.text
+    assert main(["config", "example"]) == 0 and len(selector.filters) == 1  # one filter however often main runs
