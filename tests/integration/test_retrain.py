@@ -20,7 +20,7 @@ from anomaly.config import build_settings
 from anomaly.preparation import prepare_training
 from anomaly.retrain import run_cycle
 from anomaly.train_job import run_training
-from tests.fixtures import mlflow_store, normal_frame, with_fault
+from tests.fixtures import mlflow_store, normal_frame, wait_for, with_fault
 
 pytestmark = pytest.mark.integration
 
@@ -303,22 +303,22 @@ def test_history_read_ends_under_live_traffic(kafka_broker, topic_name):
     replay.replay(kafka_broker, topic_name, replay.replay_plan(frame, "pump", start_ts=1_790_000_000.0),
                   progress=False)
     stop = threading.Event()
+    sent = [0]
 
     def live() -> None:
         producer = kafka_io.make_producer(kafka_broker)
-        i = 0
         while not stop.is_set():
-            reading = codec.Reading("pump", 1_800_000_000.0 + i, {"temp": 70.0, "pressure": 1.0, "flow": 5.0})
+            reading = codec.Reading("pump", 1_800_000_000.0 + sent[0], {"temp": 70.0, "pressure": 1.0, "flow": 5.0})
             producer.send(topic_name, key=b"pump", value=codec.encode_reading(reading))
             producer.flush()
-            i += 1
+            sent[0] += 1
             time.sleep(0.02)
         producer.close()
 
     writer = threading.Thread(target=live, daemon=True)
     writer.start()
     try:
-        time.sleep(1.0)  # live records on the topic before the read starts
+        assert wait_for(lambda: sent[0] >= 10, 60)  # live records on the topic before the read starts
         stats: dict[str, int] = {}
         started = time.monotonic()
         got = list(topic_readings(kafka_broker, topic_name, idle_s=3.0, timeout_s=40.0, stats=stats))
