@@ -168,6 +168,26 @@ def port_hint(taken: Sequence[str]) -> str:
             "session its own --state-dir.")
 
 
+def with_free_metrics_ports(settings: Settings) -> Settings:
+    """``settings`` with a metrics port of 0 ("any free port") made a free port now, so the banner can
+    give its address and ``up`` can wait for the worker's health (the child would pick one nobody knew)."""
+    w, s = settings.worker, settings.scheduler
+    if w.metrics_port == 0:
+        w = dataclasses.replace(w, metrics_port=_free_port(w.metrics_host))
+    if s.metrics_port == 0:
+        s = dataclasses.replace(s, metrics_port=_free_port(s.metrics_host, avoid=w.metrics_port))
+    return dataclasses.replace(settings, worker=w, scheduler=s)
+
+
+def _free_port(host: str, avoid: int = -1) -> int:
+    while True:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port != avoid:
+            return port
+
+
 def clashing_ports(ports: Mapping[str, int]) -> list[str]:
     """The parts of ``ports`` asked to listen on the same fixed port (0 = any free one: never a clash)."""
     by_port: dict[int, list[str]] = {}
@@ -617,6 +637,7 @@ def run(settings: Settings, options: UpOptions) -> int:
     taken = taken_ports(ports, hosts={"worker metrics": w.metrics_host, "scheduler metrics": s.metrics_host})
     if taken:
         raise UpError(port_hint(taken))
+    settings = with_free_metrics_ports(settings)
     if m.tracking_uri.startswith(("http://", "https://")):  # said now, not after ~4 minutes of client retries
         tracking.require_reachable(m.tracking_uri, m.registry_uri)
 

@@ -534,3 +534,18 @@ def test_clashing_ports_advise_0_only_where_it_is_taken(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "one port for two parts" in err and "the metrics ports also take 0" in err
     assert "(0 = any free port)" not in err
+
+
+def test_metrics_ports_of_0_become_free_ports_the_banner_can_give():
+    """Set to 0 as the port-in-use advice says, the ports were the children's secret: no metrics or health
+    line in the banner, and no wait for the worker's health."""
+    from anomaly.config import build_settings
+
+    settings = up.with_free_metrics_ports(build_settings({"worker": {"metrics_port": 0}, "scheduler": {"metrics_port": 0}}))
+    w, s = settings.worker.metrics_port, settings.scheduler.metrics_port
+    assert w > 0 and s > 0 and w != s
+    text = up.banner(bootstrap="127.0.0.1:9092", settings=settings, ui=None, fleet=[("pump-1", "valve1/0")], speed=10,
+                     state_dir=Path("mlruns/up"), champion="1", retrain_every_s=900, local_broker=True)
+    assert f":{w}/healthz" in text and f":{s}/healthz" in text
+    off = up.with_free_metrics_ports(build_settings({"worker": {"metrics_port": -1}, "scheduler": {"metrics_port": 9109}}))
+    assert (off.worker.metrics_port, off.scheduler.metrics_port) == (-1, 9109)
