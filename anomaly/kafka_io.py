@@ -357,11 +357,17 @@ def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
                 records.extend(part)
                 last_record_at = time.monotonic()
         if behind:
-            behind = {tp: end for tp, end in behind.items() if (consumer.position(tp, timeout_ms=0) or 0) < end}
+            behind = still_behind(consumer, behind)
             if not behind:
                 last_record_at = time.monotonic()
     records.sort(key=lambda record: (record.partition, record.offset))
     return records
+
+
+def still_behind(consumer: Any, ends: Mapping[Any, int]) -> dict[Any, int]:
+    """The partitions of ``ends`` (partition -> an end offset read earlier) whose position ``consumer``
+    has not brought to it yet (a position not known yet counts as behind); asks nothing of the broker."""
+    return {tp: end for tp, end in ends.items() if (consumer.position(tp, timeout_ms=0) or 0) < end}
 
 
 def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int = 64, timeout_s: float = 10.0,

@@ -376,6 +376,12 @@ def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
         def poll(self, timeout_ms, max_records):
             return {}
 
+        def end_offsets(self, tps):
+            return {tp: 0 for tp in tps}
+
+        def position(self, tp, timeout_ms=None):
+            return 0
+
         def commit(self):
             pass
 
@@ -446,6 +452,12 @@ def test_a_failed_score_read_starts_the_next_one_from_the_groups_commit(monkeypa
                 raise RuntimeError("the broker went away mid-read")
             return {TP("scores", 0): [Record(b"s")]} if self.polls == 1 else {}
 
+        def end_offsets(self, tps):
+            return {tp: 0 for tp in tps}
+
+        def position(self, tp, timeout_ms=None):
+            return 0
+
         def commit(self):
             pass
 
@@ -459,3 +471,49 @@ def test_a_failed_score_read_starts_the_next_one_from_the_groups_commit(monkeypa
         reader.read(10, idle_s=0.05)
     assert made[0].closed and reader._consumer is None
     assert reader.read(10, idle_s=0.05) == [b"s"] and len(made) == 2  # read again, from the commit
+
+
+def test_a_score_read_whose_first_fetch_is_slow_waits_for_the_scores_already_there(monkeypatch):
+    """The idle clock started before the first fetch: on a loaded box a check found "nothing new" in a
+    topic holding scores (read at the next check instead)."""
+    import time
+    from collections import namedtuple
+
+    from anomaly import kafka_io
+    from anomaly.scheduler import ScoreReader
+
+    TP = namedtuple("TP", "topic partition")
+    Record = namedtuple("Record", "value")
+
+    class SlowConsumer:
+        def __init__(self, **options):
+            self.assigned, self.next, self.ready_at = [], 0, time.monotonic() + 0.5
+
+        def partitions_for_topic(self, topic):
+            return {0}
+
+        def assignment(self):
+            return set(self.assigned)
+
+        def assign(self, tps):
+            self.assigned = list(tps)
+
+        def end_offsets(self, tps):
+            return {tp: 3 for tp in tps}
+
+        def position(self, tp, timeout_ms=None):
+            return self.next
+
+        def poll(self, timeout_ms, max_records):
+            if time.monotonic() < self.ready_at or self.next:
+                time.sleep(timeout_ms / 1000)
+                return {}
+            self.next = 3
+            return {TP("scores", 0): [Record(b"a"), Record(b"b"), Record(b"c")]}
+
+        def commit(self):
+            pass
+
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", SlowConsumer)
+    monkeypatch.setattr(kafka_io, "TopicPartition", TP)
+    assert ScoreReader("b:9092", "scores", "drift").read(10, idle_s=0.1) == [b"a", b"b", b"c"]
