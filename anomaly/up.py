@@ -587,8 +587,9 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
                              max_missing_fraction=d.max_missing_fraction, outage_steps=settings.worker.max_fill_steps)
     names = ", ".join(series.name for _, series in fleet)
     rows = sorted({len(table) for table in tables.values()})
-    print(f"no champion in the registry yet: training one on the fleet's normal readings (SKAB {names}: "
-          f"{sum(len(t) for t in tables.values())} readings x {len(prepared.sensors)} sensors) ...", flush=True)
+    print(f"no champion in the registry at {settings.mlflow.tracking_uri} yet: training one on the fleet's normal "
+          f"readings (SKAB {names}: {sum(len(t) for t in tables.values())} readings x {len(prepared.sensors)} "
+          "sensors) ...", flush=True)
     first = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"
     outcome = run_training(prepared, settings, source=f"{data_dir}: first {first} rows of {names}", dataset="skab",
                            register=True, promote=True, progress=True,
@@ -706,6 +707,8 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         if server_cmd is not None:
             _start(children, Child("mlflow", server_cmd, state / "mlflow.log",
                                    child_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})))
+            if champion is None and ui:  # a first training takes minutes: its run can be watched meanwhile
+                print(f"MLflow UI: {ui} (starting; the training run shows there as it goes)", flush=True)
         if champion is None:
             champion = train_first_champion(settings, fleet, options.data_dir)
         else:
