@@ -69,6 +69,19 @@ def free_port(host: str = HOST) -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, host: str = HOST) -> list[int]:
+    """``count`` distinct ports on ``host`` that nothing listens on right now: held open together while
+    the OS picks them (``free_port`` called twice may give the same port twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def _check_port_free(host: str, port: int) -> None:
     """Raise ``BrokerError`` when ``host:port`` is taken (Tansu itself exits 0 and only logs it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from anomaly import kafka_io
-from anomaly.broker import free_port
+from anomaly.broker import free_ports
 from tests.fixtures import missing_requirement
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -81,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     if not (DATASETS / "skab" / "data").is_dir():
         missing_requirement(f"SKAB not found under {DATASETS}")
     tmp = tmp_path_factory.mktemp("up")
-    ports = {name: free_port() for name in ("broker", "ui", "worker", "scheduler")}
+    ports = dict(zip(("broker", "ui", "worker", "scheduler"), free_ports(4)))  # four distinct ones
     tracking_uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
     env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", MLFLOW_DISABLE_TELEMETRY="true",
                ANOMALY_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{ports['broker']}",

@@ -549,3 +549,11 @@ def test_metrics_ports_of_0_become_free_ports_the_banner_can_give():
     assert f":{w}/healthz" in text and f":{s}/healthz" in text
     off = up.with_free_metrics_ports(build_settings({"worker": {"metrics_port": -1}, "scheduler": {"metrics_port": 9109}}))
     assert (off.worker.metrics_port, off.scheduler.metrics_port) == (-1, 9109)
+
+
+def test_free_ports_are_distinct():
+    """The end-to-end test took four ports one by one; two alike gave "one port for two parts" at once."""
+    from anomaly.broker import free_ports
+
+    ports = free_ports(32)
+    assert len(set(ports)) == 32 and all(port > 0 for port in ports)
