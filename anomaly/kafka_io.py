@@ -328,7 +328,8 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        first, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        wait_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        first, end = consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
         records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]})
     finally:
         consumer.close(autocommit=False)
@@ -388,7 +389,8 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
             return []
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        first, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+        wait_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        first, end = consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
         wanted = [tp for tp in tps if end[tp] > first[tp]]
         if not wanted:
             return []

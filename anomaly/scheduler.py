@@ -179,7 +179,12 @@ class ScoreReader:
         # The idle clock starts once the read is where the topic ended as it began: a slow first fetch
         # does not pass for a topic with nothing new (the check would find nothing to judge, this time).
         tps = list(consumer.assignment())
-        behind = kafka_io.still_behind(consumer, consumer.end_offsets(tps) if tps else {})
+        try:
+            ends = consumer.end_offsets(tps, timeout_ms=int(min(timeout_s, 10.0) * 1000)) if tps else {}
+        except Exception as exc:  # not known: the idle clock starts at once, as it did
+            log.debug("drift: the scores topic's end offsets could not be read: %s", exc)
+            ends = {}
+        behind = kafka_io.still_behind(consumer, ends)
         last = time.monotonic()
         while len(values) < max_records and not self._interrupted.is_set():
             now = time.monotonic()

@@ -376,7 +376,7 @@ def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
         def poll(self, timeout_ms, max_records):
             return {}
 
-        def end_offsets(self, tps):
+        def end_offsets(self, tps, timeout_ms=None):
             return {tp: 0 for tp in tps}
 
         def position(self, tp, timeout_ms=None):
@@ -452,7 +452,7 @@ def test_a_failed_score_read_starts_the_next_one_from_the_groups_commit(monkeypa
                 raise RuntimeError("the broker went away mid-read")
             return {TP("scores", 0): [Record(b"s")]} if self.polls == 1 else {}
 
-        def end_offsets(self, tps):
+        def end_offsets(self, tps, timeout_ms=None):
             return {tp: 0 for tp in tps}
 
         def position(self, tp, timeout_ms=None):
@@ -498,7 +498,7 @@ def test_a_score_read_whose_first_fetch_is_slow_waits_for_the_scores_already_the
         def assign(self, tps):
             self.assigned = list(tps)
 
-        def end_offsets(self, tps):
+        def end_offsets(self, tps, timeout_ms=None):
             return {tp: 3 for tp in tps}
 
         def position(self, tp, timeout_ms=None):

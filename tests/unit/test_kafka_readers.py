@@ -61,10 +61,10 @@ class _SlowBroker:
     def seek(self, tp, offset):
         self.next = offset
 
-    def beginning_offsets(self, tps):
+    def beginning_offsets(self, tps, timeout_ms=None):
         return {tp: 0 for tp in tps}
 
-    def end_offsets(self, tps):
+    def end_offsets(self, tps, timeout_ms=None):
         return {tp: self.count for tp in tps}
 
     def poll(self, timeout_ms):
