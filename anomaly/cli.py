@@ -1048,7 +1048,9 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
 
     p = sub.add_parser("scheduler", help="run the retraining scheduler (exactly one per deployment)",
                        description="Run retraining on an interval or cron schedule kept in a SQLite job store, "
-                                   "until SIGTERM/SIGINT. A second scheduler on the same store exits with code 2. "
+                                   "until SIGTERM/SIGINT (a retrain in progress finishes first; a second signal, or "
+                                   "SIGUSR1, abandons it: its MLflow run ends KILLED, exit 128 + the signal). A "
+                                   "second scheduler on the same store exits with code 2. "
                                    "With drift.enabled (and kafka.scores_topic), a retrain also runs early when the "
                                    "champion's live scores drift from its validation scores.")
     trig = p.add_mutually_exclusive_group()
@@ -1094,7 +1096,8 @@ def _add_up_parser(sub: Any, common: Any) -> None:
                                    "profile) if the registry has none, the scoring worker, the "
                                    "retraining scheduler, and a replay of real SKAB water-pump experiments (with "
                                    "their faults) as a fleet; prints events as they open and close. Ctrl-C stops "
-                                   "every part cleanly; a second `anomaly up` reuses the registry.")
+                                   "every part cleanly (a retrain in progress finishes first, up to 180 s; Ctrl-C "
+                                   "again abandons it); a second `anomaly up` reuses the registry.")
     p.add_argument("--data-dir", help="SKAB directory (default $ANOMALY_DATASETS/skab or ../shared/datasets/skab)")
     p.add_argument("--fleet", help=f"comma-separated SKAB series, one entity each (default {','.join(up.DEFAULT_FLEET)})")
     p.add_argument("--speed", type=positive_float, default=up.DEFAULT_SPEED,
