@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from anomaly.errors import AnomalyError, ConfigError, DataError
+from anomaly.stop_flag import StopFlag
 
 log = logging.getLogger("anomaly")
 
@@ -690,30 +691,6 @@ def redacted(doc: Any) -> Any:
 BROKER_WATCH_S = 0.5  # how often the foreground broker command checks that its child still runs
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 DEFAULT_BROKER_PORT = 9092  # Kafka's customary port
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM (install it with ``signal.signal``), polled by a foreground loop.
-
-    A plain attribute, not a ``threading.Event``: Python runs a signal handler in the main thread
-    between two bytecodes, and ``Event.set()`` there deadlocks when it interrupts the main thread inside
-    ``Event.wait()`` at a moment it holds the Event's lock (not reentrant). Rare, likelier on a loaded
-    machine; seen as ``anomaly broker`` not exiting on SIGTERM. ``wait`` sleeps instead (a signal wakes
-    the handler at once; the loop notices within ``seconds``)."""
-
-    def __init__(self) -> None:
-        self.is_set = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.is_set = True
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless already set; whether it is set."""
-        import time
-
-        if not self.is_set:
-            time.sleep(seconds)
-        return self.is_set
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from urllib.parse import quote
 from anomaly.config import ENV_PREFIX, Settings, load_config, sqlite_file, to_toml
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
+from anomaly.stop_flag import StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +172,17 @@ def port_hint(taken: Sequence[str]) -> str:
 def with_free_metrics_ports(settings: Settings) -> Settings:
     """``settings`` with a metrics port of 0 ("any free port") made a free port now, so the banner can
     give its address and ``up`` can wait for the worker's health (the child would pick one nobody knew)."""
+    from anomaly.broker import free_port
+
     w, s = settings.worker, settings.scheduler
     if w.metrics_port == 0:
-        w = dataclasses.replace(w, metrics_port=_free_port(w.metrics_host))
+        w = dataclasses.replace(w, metrics_port=free_port(w.metrics_host))
     if s.metrics_port == 0:
-        s = dataclasses.replace(s, metrics_port=_free_port(s.metrics_host, avoid=w.metrics_port))
+        port = free_port(s.metrics_host)
+        while port == w.metrics_port:  # two picks apart may give one port twice
+            port = free_port(s.metrics_host)
+        s = dataclasses.replace(s, metrics_port=port)
     return dataclasses.replace(settings, worker=w, scheduler=s)
-
-
-def _free_port(host: str, avoid: int = -1) -> int:
-    while True:
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            port = int(probe.getsockname()[1])
-        if port != avoid:
-            return port
 
 
 def clashing_ports(ports: Mapping[str, int]) -> list[str]:
@@ -757,8 +754,8 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         print(f"\n{str(exc).splitlines()[0]}: stopping ... (details below once stopped)", flush=True)
         raise
     finally:
-        hurry = _Hurry()
-        for sig in previous:  # a second Ctrl-C does not cut the orderly stop short: it abandons a retrain only
+        hurry = StopFlag()  # a second Ctrl-C does not cut the orderly stop short: it abandons a retrain only
+        for sig in previous:
             signal.signal(sig, hurry)
         try:
             _stop_all(children, fleet_replay, feed, broker, lambda: hurry.is_set)
@@ -839,17 +836,6 @@ def _start(children: dict[str, Child], child: Child) -> None:
     """Register ``child`` before starting it, so a Ctrl-C that lands in between still stops it in order."""
     children[child.name] = child
     child.start()
-
-
-class _Hurry:
-    """A second Ctrl-C (SIGINT/SIGTERM) while ``up`` stops: set, not raised (the worker's drain, the
-    replay's flush go on); the scheduler, waiting for a retrain, is then told to abandon it."""
-
-    def __init__(self) -> None:
-        self.is_set = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        self.is_set = True
 
 
 def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any,

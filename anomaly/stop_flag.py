@@ -1,0 +1,28 @@
+"""A flag a signal handler sets and a foreground loop polls (the CLI's daemons, ``anomaly up``'s stop)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (install it with ``signal.signal``), polled by a foreground loop.
+
+    A plain attribute, not a ``threading.Event``: Python runs a signal handler in the main thread
+    between two bytecodes, and ``Event.set()`` there deadlocks when it interrupts the main thread inside
+    ``Event.wait()`` at a moment it holds the Event's lock (not reentrant). Rare, likelier on a loaded
+    machine; seen as ``anomaly broker`` not exiting on SIGTERM. ``wait`` sleeps instead (a signal wakes
+    the handler at once; the loop notices within ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.is_set = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless already set; whether it is set."""
+        if not self.is_set:
+            time.sleep(seconds)
+        return self.is_set
