@@ -328,12 +328,18 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        wait_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-        first, end = consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
+        first, end = _offsets(consumer, tps, deadline)
         records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]})
     finally:
         consumer.close(autocommit=False)
     return records
+
+
+def _offsets(consumer: Any, tps: Sequence[TopicPartition], deadline: float) -> tuple[dict, dict]:
+    """The beginning and end offsets of ``tps``, asked within the monotonic ``deadline`` (kafka-python
+    would wait its request timeout)."""
+    wait_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    return consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
 
 
 def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
@@ -389,8 +395,7 @@ def read_tail(bootstrap_servers: str | Sequence[str], topic: str, records: int =
             return []
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(tps)
-        wait_ms = max(int((deadline - time.monotonic()) * 1000), 1)
-        first, end = consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
+        first, end = _offsets(consumer, tps, deadline)
         wanted = [tp for tp in tps if end[tp] > first[tp]]
         if not wanted:
             return []
