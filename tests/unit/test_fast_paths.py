@@ -241,6 +241,8 @@ def test_scoring_precision_auto_is_bf16_only_where_it_is_native():
 
 
 def test_bf16_and_auto_scoring_stay_within_a_tight_tolerance_of_float32():
+    if not cpu_runs_bf16():  # both would score in float32 here: the comparison would hold by construction
+        pytest.skip("this CPU cannot run the LSTM in bf16 (the float32 fallback: test_bf16_asked_of_a_cpu...)")
     windows = make_windows(_series(), 12, 1)
     model = _model()
     fp32 = window_scores(model, windows, "cpu", batch_size=0, precision="fp32")
