@@ -349,6 +349,42 @@ def test_a_model_whose_own_alarm_rate_reaches_the_bound_is_not_drifted_while_unc
     assert alarm_bound(0.05, 0.07, 5000) == pytest.approx(0.07 + 3 * math.sqrt(0.07 * 0.93 / 5000))
 
 
+class ScoresConsumer:
+    """A fake group consumer of the scores topic for ``ScoreReader``: partition 0, nothing to read, an
+    empty topic (end offset 0); tests override what they need."""
+
+    def __init__(self, **options):
+        self.assigned: list = []
+        self.closed = False
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assignment(self):
+        return set(self.assigned)
+
+    def assign(self, tps):
+        self.assigned = list(tps)
+
+    def poll(self, timeout_ms, max_records):
+        return {}
+
+    def end_offsets(self, tps, timeout_ms=None):
+        return {tp: 0 for tp in tps}
+
+    def position(self, tp, timeout_ms=None):
+        return 0
+
+    def commit(self):
+        pass
+
+    def topics(self):
+        return set()
+
+    def close(self, autocommit=False):
+        self.closed = True
+
+
 def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
     """It took the partition list once: partitions added later were never read until a restart."""
     from collections import namedtuple
@@ -358,35 +394,11 @@ def test_the_score_reader_reads_partitions_added_to_the_topic(monkeypatch):
 
     TP = namedtuple("TP", "topic partition")
 
-    class Consumer:
+    class Consumer(ScoresConsumer):
         partitions = {0, 1}
-
-        def __init__(self, **options):
-            self.assigned: list = []
 
         def partitions_for_topic(self, topic):
             return set(self.partitions)
-
-        def assignment(self):
-            return set(self.assigned)
-
-        def assign(self, tps):
-            self.assigned = list(tps)
-
-        def poll(self, timeout_ms, max_records):
-            return {}
-
-        def end_offsets(self, tps, timeout_ms=None):
-            return {tp: 0 for tp in tps}
-
-        def position(self, tp, timeout_ms=None):
-            return 0
-
-        def commit(self):
-            pass
-
-        def topics(self):
-            return set()
 
     monkeypatch.setattr(kafka_io, "KafkaConsumer", Consumer)
     monkeypatch.setattr(kafka_io, "TopicPartition", TP)
@@ -432,37 +444,17 @@ def test_a_failed_score_read_starts_the_next_one_from_the_groups_commit(monkeypa
     Record = namedtuple("Record", "value")
     made = []
 
-    class Consumer:
+    class Consumer(ScoresConsumer):
         def __init__(self, **options):
-            self.assigned, self.closed, self.polls = [], False, 0
+            super().__init__()
+            self.polls = 0
             made.append(self)
-
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assignment(self):
-            return set(self.assigned)
-
-        def assign(self, tps):
-            self.assigned = list(tps)
 
         def poll(self, timeout_ms, max_records):
             self.polls += 1
             if len(made) == 1 and self.polls == 2:
                 raise RuntimeError("the broker went away mid-read")
             return {TP("scores", 0): [Record(b"s")]} if self.polls == 1 else {}
-
-        def end_offsets(self, tps, timeout_ms=None):
-            return {tp: 0 for tp in tps}
-
-        def position(self, tp, timeout_ms=None):
-            return 0
-
-        def commit(self):
-            pass
-
-        def close(self, autocommit=False):
-            self.closed = True
 
     monkeypatch.setattr(kafka_io, "KafkaConsumer", Consumer)
     monkeypatch.setattr(kafka_io, "TopicPartition", TP)
@@ -485,18 +477,10 @@ def test_a_score_read_whose_first_fetch_is_slow_waits_for_the_scores_already_the
     TP = namedtuple("TP", "topic partition")
     Record = namedtuple("Record", "value")
 
-    class SlowConsumer:
+    class SlowConsumer(ScoresConsumer):
         def __init__(self, **options):
-            self.assigned, self.next, self.ready_at = [], 0, time.monotonic() + 0.5
-
-        def partitions_for_topic(self, topic):
-            return {0}
-
-        def assignment(self):
-            return set(self.assigned)
-
-        def assign(self, tps):
-            self.assigned = list(tps)
+            super().__init__()
+            self.next, self.ready_at = 0, time.monotonic() + 0.5
 
         def end_offsets(self, tps, timeout_ms=None):
             return {tp: 3 for tp in tps}
@@ -510,9 +494,6 @@ def test_a_score_read_whose_first_fetch_is_slow_waits_for_the_scores_already_the
                 return {}
             self.next = 3
             return {TP("scores", 0): [Record(b"a"), Record(b"b"), Record(b"c")]}
-
-        def commit(self):
-            pass
 
     monkeypatch.setattr(kafka_io, "KafkaConsumer", SlowConsumer)
     monkeypatch.setattr(kafka_io, "TopicPartition", TP)
