@@ -284,6 +284,9 @@ def common_unit_errors(sensor_errors: np.ndarray, scale: Sequence[float], refere
     return (np.asarray(sensor_errors, dtype=np.float64) * factor).mean(axis=1)
 
 
+TOLERANCE = 1e-12  # the gate's float slack: +0.005 computed as 0.025 - 0.02 is 0.005000000000000001
+
+
 def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement: float,
            max_false_alarm_increase: float, *, champion_events: EventMetrics | None = None,
            challenger_events: EventMetrics | None = None, min_event_f1_improvement: float = 0.05,
@@ -317,13 +320,14 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
     if labelled:
         facts += (f"; event F1 {challenger_events.f1:.3f} vs {champion_events.f1:.3f} "  # type: ignore[union-attr]
                   f"(better at >= +{min_event_f1_improvement:.3f}, -{max_event_f1_decrease:.3f} allowed)")
-    better_error = improvement >= min_improvement
-    better_f1 = labelled and f1_delta >= min_event_f1_improvement - 1e-12
+    # each bound includes its own value; TOLERANCE absorbs the rounding of the subtractions that reach it
+    better_error = improvement >= min_improvement - TOLERANCE
+    better_f1 = labelled and f1_delta >= min_event_f1_improvement - TOLERANCE
     if not (better_error or better_f1):
         return Decision(False, f"not better enough: {facts}", improvement)
-    if far_delta > max_false_alarm_increase:
+    if far_delta > max_false_alarm_increase + TOLERANCE:
         return Decision(False, f"more false alarms: {facts}", improvement)
-    if labelled and f1_delta < -max_event_f1_decrease - 1e-12:
+    if labelled and f1_delta < -max_event_f1_decrease - TOLERANCE:
         return Decision(False, f"worse event F1: {facts}", improvement)
     return Decision(True, f"better ({'error' if better_error else 'event F1'}): {facts}", improvement)
 

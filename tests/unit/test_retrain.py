@@ -157,6 +157,19 @@ def test_decide(champ, chall, promote, why):
     assert why in d.reason
 
 
+def test_decide_bounds_hold_at_exactly_their_value():
+    """"At most" and "at least" include the bound itself, though the rates' subtraction lands a hair past it:
+    20 then 25 alarms in 1,000 windows is +0.005 (0.025 - 0.02 = 0.005000000000000001 in floats)."""
+    champ, chall = metrics(1.0, 20 / 1000), metrics(0.5, 25 / 1000)
+    assert chall.false_alarm_rate - champ.false_alarm_rate > 0.005  # the float the gate compares
+    d = decide(champ, chall, min_improvement=0.05, max_false_alarm_increase=0.005)
+    assert d.promote, d.reason
+    assert not decide(champ, metrics(0.5, 26 / 1000), 0.05, 0.005).promote  # one alarm more is past it
+    champ, chall = metrics(0.3, 0.0), metrics(0.3 - 0.3 * 0.1, 0.0)  # exactly 10 % lower, in floats a hair under
+    assert (champ.mean_error - chall.mean_error) / champ.mean_error < 0.1
+    assert decide(champ, chall, 0.1, 0.0).promote
+
+
 def test_decide_reports_the_relative_improvement():
     d = decide(metrics(2.0, 0.0), metrics(1.0, 0.0), 0.1, 0.0)
     assert d.relative_improvement == pytest.approx(0.5)
