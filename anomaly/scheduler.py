@@ -37,6 +37,7 @@ import json
 import logging
 import threading
 import time
+from datetime import timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -327,24 +328,56 @@ REPEATED_TIMES = 1440  # second-pass times skipped in a row, at most (a minute-b
 
 
 class OnceAWallClockTime(BaseTrigger):
-    """A cron trigger that fires once at a wall-clock time the clocks pass twice (the hour repeated when
-    daylight saving ends): APScheduler's cron trigger fires at 02:30 summer time and again at 02:30
-    winter time, crontab once. As in crontab (Vixie cron, cronie), a job whose minute or hour field
-    starts with ``*`` (``wildcard``) runs in both passes, as it runs every hour. Picklable (the job
-    store keeps it)."""
+    """A cron trigger with crontab's meaning on the days the clocks change.
 
-    def __init__(self, inner: Any, wildcard: bool = False) -> None:
+    - A wall-clock time the clocks pass twice (the hour repeated when daylight saving ends) fires once:
+      APScheduler's cron trigger fires at 02:30 summer time and again at 02:30 winter time, crontab once.
+      As in crontab (Vixie cron, cronie), a job whose minute or hour field starts with ``*``
+      (``wildcard``) runs in both passes, as it runs every hour.
+    - No day is lost when the clocks go forward: APScheduler (3.11) steps its fields by adding wall-clock
+      differences to the real time, so after a spring change midnight in Berlin came out as 01:00, did
+      not match, and ``0 0 * * *`` skipped a day (``0 0 1 * *`` a month). ``wall`` is the same trigger
+      read on the wall clock (its fields in UTC, which never changes); its next time, put in ``zone``, is
+      taken where it comes first. A time the clocks skip (02:30 on the spring day) fires just after the
+      change (03:30 summer time), as crontab runs it.
+
+    Picklable (the job store keeps it)."""
+
+    def __init__(self, inner: Any, wildcard: bool = False, wall: Any = None, zone: Any = None) -> None:
         self.inner = inner
         self.wildcard = wildcard
+        self.wall, self.zone = wall, zone
 
     def get_next_fire_time(self, previous_fire_time: Any, now: Any) -> Any:
         fire = self.inner.get_next_fire_time(previous_fire_time, now)
-        if getattr(self, "wildcard", False):
-            return fire
-        for _ in range(REPEATED_TIMES):  # the second pass skipped as if it had fired
-            if fire is None or not second_pass(fire):
-                return fire
-            fire = self.inner.get_next_fire_time(fire, fire)
+        if not getattr(self, "wildcard", False):
+            for _ in range(REPEATED_TIMES):  # the second pass skipped as if it had fired
+                if fire is None or not second_pass(fire):
+                    break
+                fire = self.inner.get_next_fire_time(fire, fire)
+        wall = self._on_the_wall_clock(previous_fire_time, now)
+        if wall is not None and (fire is None or wall < fire):
+            return wall
+        zone = getattr(self, "zone", None)
+        # APScheduler's time in a skipped hour reads 02:30+01:00; the same moment as the clocks show it: 03:30+02:00
+        return fire if fire is None or zone is None else fire.astimezone(timezone.utc).astimezone(zone)
+
+    def _on_the_wall_clock(self, previous_fire_time: Any, now: Any) -> Any:
+        """The next time by ``wall`` (None without one, or where it lands at or before the previous fire:
+        a wall time of the first pass, asked from the second)."""
+        wall, zone = getattr(self, "wall", None), getattr(self, "zone", None)
+        if wall is None or zone is None:
+            return None
+
+        def on_wall(moment: Any) -> Any:
+            return None if moment is None else moment.astimezone(zone).replace(tzinfo=timezone.utc)
+
+        found = wall.get_next_fire_time(on_wall(previous_fire_time), on_wall(now))
+        if found is None:
+            return None
+        fire = found.replace(tzinfo=zone).astimezone(timezone.utc).astimezone(zone)  # a skipped time: just after
+        if previous_fire_time is not None and fire <= previous_fire_time:
+            return None
         return fire
 
     def __str__(self) -> str:
@@ -368,11 +401,16 @@ def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
 
         # "crontab days" in the fingerprint: jobs stored before the days were read as crontab reads them
         # (from_crontab's 0 = Monday; a day of the month AND a weekday) are replaced, not kept.
-        triggers = [CronTrigger(**fields, timezone=s.timezone) for fields in cron_field_sets(s.cron)]
+        field_sets = cron_field_sets(s.cron)
+        triggers = [CronTrigger(**fields, timezone=s.timezone) for fields in field_sets]
+        on_wall = [CronTrigger(**fields, timezone="UTC") for fields in field_sets]
         minute, hour = s.cron.split()[:2]
         return (OnceAWallClockTime(triggers[0] if len(triggers) == 1 else OrTrigger(triggers),
-                                   wildcard=minute.startswith("*") or hour.startswith("*")),
-                f"cron {s.cron} {s.timezone} (crontab days, fixed times once in a repeated hour)")
+                                   wildcard=minute.startswith("*") or hour.startswith("*"),
+                                   wall=on_wall[0] if len(on_wall) == 1 else OrTrigger(on_wall),
+                                   zone=triggers[0].timezone),
+                f"cron {s.cron} {s.timezone} (crontab days, fixed times once in a repeated hour, "
+                "no day lost when the clocks go forward)")
     from apscheduler.triggers.interval import IntervalTrigger
 
     return IntervalTrigger(seconds=s.interval_s, timezone=s.timezone), f"every {s.interval_s:g} s"

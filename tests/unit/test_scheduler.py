@@ -152,7 +152,8 @@ def test_triggers_and_fingerprints():
     interval, fp = trigger_for(build_settings({"scheduler": {"interval_s": 2}}).scheduler)
     assert fp == "every 2 s" and interval.interval.total_seconds() == 2
     cron, fp = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "*/5 * * * *"}}).scheduler)
-    assert fp == "cron */5 * * * * UTC (crontab days, fixed times once in a repeated hour)" and "minute='*/5'" in str(cron)
+    assert fp == ("cron */5 * * * * UTC (crontab days, fixed times once in a repeated hour, no day lost when the "
+                  "clocks go forward)") and "minute='*/5'" in str(cron)
 
 
 @pytest.mark.parametrize("cron, days", [
@@ -351,6 +352,36 @@ def test_fixed_times_in_the_repeated_hour_fire_once_and_wildcards_twice(cron, ti
         previous = now = trigger.get_next_fire_time(previous, now)
         fired.append(now.strftime("%d %H:%M%z"))
     assert fired == times
+
+
+def _fired(cron: str, zone: str, start: str, count: int) -> list[str]:
+    import pickle
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron, "timezone": zone}}).scheduler)
+    trigger = pickle.loads(pickle.dumps(trigger))  # as the job store keeps it
+    fired, previous, now = [], None, datetime.fromisoformat(start).replace(tzinfo=ZoneInfo(zone))
+    for _ in range(count):
+        previous = trigger.get_next_fire_time(previous, now)
+        now = previous + timedelta(seconds=2)  # as APScheduler asks: the last run time, now just after it
+        fired.append(previous.strftime("%m-%d %H:%M%z"))
+    return fired
+
+
+@pytest.mark.parametrize("cron, zone, start, times", [
+    # the clocks go forward at 02:00 on 2024-03-31 in Berlin: APScheduler's own trigger went from 03-31 to 04-02
+    ("0 0 * * *", "Europe/Berlin", "2024-03-30 12:00", ["03-31 00:00+0100", "04-01 00:00+0200", "04-02 00:00+0200"]),
+    ("0 0 * * mon", "Europe/Berlin", "2024-03-20 12:00", ["03-25 00:00+0100", "04-01 00:00+0200", "04-08 00:00+0200"]),
+    ("0 0 1 * *", "Europe/Berlin", "2024-02-15 12:00", ["03-01 00:00+0100", "04-01 00:00+0200", "05-01 00:00+0200"]),
+    ("45 0 * * 1-5", "America/New_York", "2024-03-08 12:00", ["03-11 00:45-0400", "03-12 00:45-0400", "03-13 00:45-0400"]),
+    # a time the clocks skip runs just after the change, as crontab runs it
+    ("30 2 * * *", "Europe/Berlin", "2024-03-30 12:00", ["03-31 03:30+0200", "04-01 02:30+0200", "04-02 02:30+0200"]),
+    # in Santiago the clocks go from 00:00 to 01:00 on 2024-09-08: midnight that day is 01:00
+    ("0 0 * * *", "America/Santiago", "2024-09-06 12:00", ["09-07 00:00-0400", "09-08 01:00-0300", "09-09 00:00-0300"]),
+])
+def test_no_day_is_lost_when_the_clocks_go_forward(cron, zone, start, times):
+    assert _fired(cron, zone, start, 3) == times
 
 
 def test_an_alias_lock_is_one_lock_however_the_registry_file_is_named(tmp_path, monkeypatch):
