@@ -3,7 +3,9 @@
 APScheduler's ``CronTrigger.from_crontab`` reads the weekday field its own way: 0 is Monday there,
 where crontab's 0 (and 7) is Sunday, and its steps count from Monday. So ``0 3 * * 0`` (crontab:
 Sundays) fired on Mondays and ``0 3 * * 1-5`` on Tuesday to Saturday. ``cron_fields`` expands the
-weekday field with crontab's numbering into day names, which mean the same in both.
+weekday field with crontab's numbering into day names, which mean the same in both. Month names become
+numbers (APScheduler drops a step after a name), and a step wider than its range is its first value
+(APScheduler refused it; crontab runs the first value).
 
 And when both day-of-month and weekday are restricted (``0 3 1 * mon``), crontab runs on days that
 match either (every 1st and every Monday), APScheduler's one trigger on days that match both (a Monday
@@ -14,6 +16,8 @@ whose triggers the scheduler ORs.
 from __future__ import annotations
 
 CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 (and 7) = Sunday
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+FIELD_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12)}
 
 
 def _day_number(token: str) -> int:
@@ -50,6 +54,38 @@ def weekday_names(field: str) -> str:
     return ",".join(CRONTAB_DAYS[d] for d in sorted(days))
 
 
+def crontab_steps(field: str, low: int, high: int) -> str:
+    """A minute, hour, day or month field with crontab's steps, as APScheduler reads them: a step wider
+    than its range (``10-12/4``, ``30/3`` of the days, ``*/60`` of the minutes) is its first value alone, as
+    crontab (cronie) runs it, where APScheduler refused it ("step value is higher than the total range")."""
+    items = []
+    for item in field.split(","):
+        base, slash, step = item.partition("/")
+        first, _, last = base.partition("-")
+        if slash and step.isdigit() and (base == "*" or first.isdigit() and (not last or last.isdigit())):
+            start = low if base == "*" else int(first)
+            end = high if base == "*" or not last else int(last)
+            if low <= start <= end <= high and int(step) > end - start:
+                item = str(start)
+        items.append(item)
+    return ",".join(items)
+
+
+def month_numbers(field: str) -> str:
+    """A month field with its names (``jan``-``dec``, any case) as numbers: APScheduler reads ``jan-dec/3``
+    as ``jan-dec``, a step after a name dropped without a word (monthly, not every third month)."""
+    out, word = [], ""
+    for char in field + " ":
+        if char.isalpha():
+            word += char
+            continue
+        if word:
+            out.append(str(MONTHS.index(word.lower()) + 1) if word.lower() in MONTHS else word)
+            word = ""
+        out.append(char)
+    return "".join(out).rstrip(" ")
+
+
 def cron_fields(expression: str) -> dict[str, str]:
     """``minute hour day month weekday`` as keyword arguments of APScheduler's ``CronTrigger``,
     the weekday with crontab's meaning. Raises ``ValueError`` naming what is wrong."""
@@ -57,7 +93,8 @@ def cron_fields(expression: str) -> dict[str, str]:
     if len(parts) != 5:
         raise ValueError(f"needs 5 fields (minute hour day month weekday), got {expression!r}")
     minute, hour, day, month, weekday = parts
-    return {"minute": minute, "hour": hour, "day": day, "month": month,
+    fields = {"minute": minute, "hour": hour, "day": day, "month": month_numbers(month)}
+    return {**{name: crontab_steps(value, *FIELD_RANGES[name]) for name, value in fields.items()},
             "day_of_week": "*" if weekday == "*" else weekday_names(weekday)}
 
 

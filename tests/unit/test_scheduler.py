@@ -171,6 +171,27 @@ def test_a_day_field_starting_with_a_star_restricts_nothing_to_or_with(cron, day
     assert fired == days
 
 
+@pytest.mark.parametrize("cron, times", [
+    # a step after a month name: APScheduler dropped it (monthly; "jan/3" yearly)
+    ("0 3 1 jan-dec/3 *", ["01 Jan 03:00", "01 Apr 03:00", "01 Jul 03:00", "01 Oct 03:00"]),
+    ("0 3 1 jan/3 *", ["01 Jan 03:00", "01 Apr 03:00", "01 Jul 03:00", "01 Oct 03:00"]),
+    ("0 3 1 Feb,AUG *", ["01 Feb 03:00", "01 Aug 03:00", "01 Feb 03:00", "01 Aug 03:00"]),
+    # a step wider than its range is its first value, as crontab runs it (APScheduler refused these)
+    ("0 3 10-12/4 1 *", ["10 Jan 03:00", "10 Jan 03:00", "10 Jan 03:00", "10 Jan 03:00"]),
+    ("0 3 30/3 1,2,3 *", ["30 Jan 03:00", "30 Mar 03:00", "30 Jan 03:00", "30 Mar 03:00"]),
+    ("*/60 0 1 1 *", ["01 Jan 00:00", "01 Jan 00:00", "01 Jan 00:00", "01 Jan 00:00"]),
+])
+def test_cron_months_and_steps_mean_what_crontab_means(cron, times):
+    from datetime import datetime, timedelta, timezone
+
+    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron}}).scheduler)
+    fired, now = [], datetime(2026, 12, 31, tzinfo=timezone.utc)
+    for _ in range(4):
+        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
+        fired.append(now.strftime("%d %b %H:%M"))
+    assert fired == times
+
+
 def test_a_day_of_the_month_and_a_weekday_mean_either_as_in_crontab():
     # "0 3 1 * mon": every 1st and every Monday (APScheduler's one trigger: only Mondays that are a 1st)
     from datetime import datetime, timedelta, timezone
