@@ -184,8 +184,7 @@ class Worker:
         """Consume until stopped (or ``max_batches`` non-empty batches / ``idle_stop_s`` without
         records, for tests and benchmarks). Raises on a failed batch, having committed nothing of it."""
         o = self.options
-        topics = {o.input_topic: o.input_partitions, o.events_topic: o.input_partitions,
-                  o.dlq_topic: 1, **({o.scores_topic: o.input_partitions} if o.scores_topic else {})}
+        topics = topic_partitions(o)
         if o.create_topics:
             kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
         else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
@@ -392,6 +391,13 @@ def lost_and_kept(revoked: Iterable[tuple[str, int]], assigned: Iterable[tuple[s
     assigned again (kept, state and fetch position both), each sorted (pure)."""
     revoked, assigned = set(revoked), set(assigned)
     return sorted(revoked - assigned), sorted(revoked & assigned)
+
+
+def topic_partitions(o: WorkerOptions) -> dict[str, int]:
+    """The topics the worker needs, with the partitions it creates them with: the input's count for the
+    events and scores (keyed by entity as the input is), one for the dead letters (rare; order kept)."""
+    return {o.input_topic: o.input_partitions, o.events_topic: o.input_partitions, o.dlq_topic: 1,
+            **({o.scores_topic: o.input_partitions} if o.scores_topic else {})}
 
 
 class StallWatchdog:

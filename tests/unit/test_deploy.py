@@ -337,6 +337,13 @@ def kafka_init_topics(doc: dict[str, Any]) -> dict[str, dict[str, int]]:
     return topics
 
 
+def _asked_partitions(settings: Settings) -> dict[str, int]:
+    """The partitions the worker asks of each topic at start (a topic made with others: a warning each time)."""
+    from anomaly.worker import options_from_settings, topic_partitions
+
+    return topic_partitions(options_from_settings(settings))
+
+
 def compose_problems(doc: dict[str, Any], prom: dict[str, Any]) -> list[str]:
     problems: list[str] = []
     services = doc["services"]
@@ -377,6 +384,8 @@ def compose_problems(doc: dict[str, Any], prom: dict[str, Any]) -> list[str]:
         problems.append(f"compose kafka-init creates {sorted(topics)}, the configuration names {sorted(wanted)}")
     elif topics[w.kafka.input_topic]["partitions"] < _replicas(worker):
         problems.append("compose: fewer input partitions than workers leaves workers idle")
+    elif (asked := _asked_partitions(w)) != {name: t["partitions"] for name, t in topics.items()}:
+        problems.append(f"compose kafka-init's partitions differ from the worker's (it warns at each start): {asked}")
     elif topics[w.kafka.input_topic]["retention_ms"] < w.retrain.lookback_s * 1000:
         problems.append("compose: input topic retention is shorter than retrain.lookback_s")
 
@@ -617,6 +626,8 @@ def k8s_problems(docs: list[dict[str, Any]], secret_keys: dict[str, set[str]]) -
         problems.append(f"k8s kafka/strimzi.yaml: topics {sorted(topics)}, the configuration names {sorted(wanted)}")
     elif topics[w.kafka.input_topic]["partitions"] < worker["spec"]["replicas"]:
         problems.append("k8s: fewer input partitions than worker replicas")
+    elif (asked := _asked_partitions(w)) != {name: t["partitions"] for name, t in topics.items()}:
+        problems.append(f"k8s kafka/strimzi.yaml's partitions differ from the worker's (it warns at each start): {asked}")
     elif int(topics[w.kafka.input_topic]["config"]["retention.ms"]) < w.retrain.lookback_s * 1000:
         problems.append("k8s: input topic retention is shorter than retrain.lookback_s")
     user = next((d for d in docs if d["kind"] == "KafkaUser"), None)
@@ -932,3 +943,18 @@ def test_compose_drops_every_capability_of_ours_and_mlflow():
     for name in ("worker", "scheduler", "tools", "trainer", "mlflow"):
         assert services[name].get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in services[name].get("security_opt", []), name
+
+
+def test_the_kafka_ca_instruction_names_every_service_that_lists_its_own_volumes():
+    """anomaly.env.example says where to mount the Kafka CA file. A service that lists its own volumes
+    replaces x-anomaly-service's (a merge key does not add lists): the instruction named only the shared
+    list, so the scheduler, tools and trainer had no CA file and failed the TLS handshake."""
+    raw = compose()
+    shared = raw["x-anomaly-service"]
+    text = (DEPLOY / "anomaly.env.example").read_text(encoding="utf-8")
+    instruction = text[text.index("The CA file must be in the containers"):text.index("# ANOMALY_KAFKA__CLIENT_OPTIONS=")]
+    ours = {name: service for name, service in raw["services"].items() if service.get("env_file") == shared["env_file"]}
+    assert {"worker", "scheduler", "tools", "trainer"} <= set(ours)
+    for name, service in ours.items():
+        if service.get("volumes") != shared["volumes"]:
+            assert name in instruction, f"{name} lists its own volumes: the CA instruction must name it"
