@@ -425,6 +425,11 @@ def prepare_fleet(frames: Mapping[str, pd.DataFrame], window_size: int, validati
         with about(f"entity {e}", quiet=usable[e].period_s == common):
             grids[e] = prepare_scoring(frames[e], kept, period_s=common, fill=fill, max_fill_steps=max_fill_steps,
                                        late_as_gaps=True, outage_steps=outage_steps)
+    for e, grid in list(grids.items()):  # rows counted on its own period: fewer where the shared one is longer
+        if len(grid.values) < 2 * window_size:
+            log.warning("entity %s: %d rows on the shared grid of %g s, fewer than 2 windows of %d; left out",
+                        e, len(grid.values), common, window_size)
+            del grids[e]  # (not all: the shared period is one of the entities' own)
     if labels:
         grids = {e: leave_out_labelled(g, given[e].index, labels[e], margin_rows) if e in labels else g
                  for e, g in grids.items()}

@@ -195,6 +195,19 @@ def test_a_fleets_period_is_one_of_its_entities_and_the_others_are_named(caplog)
     assert "slow" in caplog.text and "sampled every 10 s" in caplog.text
 
 
+def test_a_fleet_entity_too_short_on_the_shared_grid_is_left_out(caplog):
+    """50 readings at 1 s are 6 rows on a 10 s shared grid: counted on its own period (50 >= 2 windows of
+    10) it was kept, and the fleet's rows came out negative ("negative dimensions are not allowed")."""
+    def pump(period: str, n: int) -> pd.DataFrame:
+        return pd.DataFrame({"a": np.sin(np.arange(n) / 7.0), "b": np.cos(np.arange(n) / 9.0)},
+                            index=pd.date_range("2024-01-01", periods=n, freq=period, tz="UTC"))
+
+    fleet = prepare_fleet({"A": pump("1s", 50), "B": pump("10s", 300), "C": pump("10s", 300)},
+                          window_size=10, validation_fraction=0.2)
+    assert fleet.period_s == 10.0 and sorted(fleet.entity_tails) == ["B", "C"]
+    assert "entity A: 6 rows on the shared grid of 10 s, fewer than 2 windows of 10; left out" in caplog.text
+
+
 def test_sensors_on_rows_of_their_own_at_one_timestamp_are_merged_not_dropped(caplog):
     """A reading written a sensor per row, the rows stamped alike: keeping the first row kept sensor a
     alone and dropped b and c as "no observed value", with a hint at data.entity_column."""
