@@ -487,11 +487,17 @@ def label_rows(reading_ts: np.ndarray, labels: np.ndarray, grid_start: float, pe
     ones (a gap inside a labelled fault is the fault's: it does not split it in two), unless ``gaps``
     (T,) marks it as a gap the grid does not bridge (an outage: unscored, it is no part of an event).
     ``reading_ts`` and ``grid_start`` in epoch seconds."""
+    slots = np.floor((np.asarray(reading_ts, dtype=np.float64) - grid_start) / period_s + 0.5).astype(np.int64)
+    return labels_in_slots(slots, labels, n_rows, gaps)
+
+
+def labels_in_slots(slots: np.ndarray, labels: np.ndarray, n_rows: int, gaps: np.ndarray | None = None) -> np.ndarray:
+    """``label_rows`` of readings already placed: ``slots`` (int, one per reading) their grid rows."""
     out = np.zeros(n_rows, dtype=bool)
     if n_rows == 0:
         return out
     labels = np.asarray(labels, dtype=bool)
-    slots = np.floor((np.asarray(reading_ts, dtype=np.float64) - grid_start) / period_s + 0.5).astype(np.int64)
+    slots = np.asarray(slots, dtype=np.int64)
     inside = (slots >= 0) & (slots < n_rows)  # halves up, as the grids round
     out[slots[inside & labels]] = True
     read = np.zeros(n_rows, dtype=bool)
@@ -513,8 +519,12 @@ def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Prepar
     n = len(prepared.values)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    return label_rows(epoch_seconds(index), np.asarray(labels, dtype=bool), prepared.timestamps[0].timestamp(),
-                      float(prepared.period_s), n, prepared.gaps)
+    # in whole nanoseconds, as ``to_grid`` placed them: in float seconds a reading half-way between two
+    # slots (2.1 s on a 0.2 s grid: 10.499999...) went to the earlier one, its value to the later one
+    p = int(round(float(prepared.period_s) * 1e9))
+    origin = int(pd.DatetimeIndex(prepared.timestamps[:1]).as_unit("ns").asi8[0])
+    slots = (index.as_unit("ns").asi8 - origin + p // 2) // p
+    return labels_in_slots(slots, np.asarray(labels, dtype=bool), n, prepared.gaps)
 
 
 def epoch_seconds(index: pd.DatetimeIndex) -> np.ndarray:

@@ -45,6 +45,29 @@ def test_a_label_between_grid_slots_lands_on_the_nearest_one():
     assert np.flatnonzero(prepared.gaps).tolist() == [40]
 
 
+@pytest.mark.parametrize("period_ms", [100, 200, 500])
+def test_a_label_half_way_between_slots_lands_where_its_reading_does(period_ms):
+    """A reading exactly half-way goes to the later slot, its value and its label alike: the labels were
+    placed in float seconds (2.1 s / 0.2 s = 10.4999...) and went to the earlier slot, so the anomalous
+    reading was trained on and a normal one left out."""
+    from anomaly.grid import to_grid
+    from anomaly.preparation import labels_on_grid, prepare_scoring
+
+    step = pd.Timedelta(milliseconds=period_ms)
+    index = pd.DatetimeIndex([pd.Timestamp("2024-01-01", tz="UTC") + k * step for k in range(40)]
+                             + [pd.Timestamp("2024-01-01", tz="UTC") + 40 * step + k * step + step / 2
+                                for k in range(40)]).rename("ts")
+    frame = pd.DataFrame({"a": np.arange(80.0), "b": np.sin(np.arange(80.0))}, index=index)
+    grid = to_grid(frame, period=step)
+    prepared = prepare_scoring(frame, ["a", "b"], period_s=period_ms / 1000)
+    for k in range(40, 80):
+        labels = np.zeros(80, dtype=bool)
+        labels[k] = True
+        observed = ~grid.missing["a"].to_numpy()
+        slot = int(np.flatnonzero(observed & (grid.frame["a"].to_numpy() == float(k)))[0])  # where its value went
+        assert np.flatnonzero(labels_on_grid(index, labels, prepared)).tolist() == [slot], k
+
+
 def test_no_labelled_row_changes_nothing_and_all_labelled_is_refused():
     frame = normal_frame(100)
     assert prepare_training(frame, labels=np.zeros(100, bool), margin_rows=8).gaps is None
