@@ -64,7 +64,8 @@ INTERLEAVED_RATIO = 4  # every sensor's own period this many times the rows' spa
 
 
 def infer_period(index: pd.DatetimeIndex, frame: pd.DataFrame | None = None) -> pd.Timedelta:
-    """The median of the positive gaps between sorted timestamps (duplicates do not count). With
+    """The median of the positive gaps between sorted timestamps (duplicates do not count; of an even
+    count, the lower of the middle two, a gap the data has). With
     ``frame`` (readings at ``index``) whose rows do not each hold every sensor, when even the fastest
     sensor's own period (the median gap between the rows holding it) is more than
     ``INTERLEAVED_RATIO`` times that: the fastest sensor's period (a historian's export, one row per
@@ -88,10 +89,12 @@ def infer_period(index: pd.DatetimeIndex, frame: pd.DataFrame | None = None) -> 
 
 
 def _median_gap(ns: np.ndarray) -> int | None:
-    """The median positive gap between ``ns`` (int64 nanoseconds, any order); None with none."""
+    """The median positive gap between ``ns`` (int64 nanoseconds, any order), the lower of the middle
+    two: a gap the data has (100 rows 1 s apart, then 101 2 s apart, are not sampled every 1.5 s, a grid
+    on which a third of the readings collide); None with none."""
     gaps = np.diff(np.sort(ns))
     gaps = gaps[gaps > 0]
-    return int(np.median(gaps)) if gaps.size else None
+    return int(np.partition(gaps, (gaps.size - 1) // 2)[(gaps.size - 1) // 2]) if gaps.size else None
 
 
 def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str = "ffill",
