@@ -961,21 +961,9 @@ def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowSto
     leaps = np.zeros(len(ts), dtype=bool)
     newest_before = np.full(len(ts), now_s)
     for part in _by_partition(positions, streams):
-        stamps = ts[part]
-        # the lowest stamp after each reading: whether the partition goes on from before a leap
-        after = np.r_[np.minimum.accumulate(stamps[::-1])[::-1][1:], np.inf]
         before = store.stream_time(int(streams[part[0]]))
-        start = now_s if before is None else max(now_s, before)
-        reach = np.maximum.accumulate(np.r_[start, stamps])[:-1]
-        if not ((stamps > reach + limit_s) & (after < stamps - limit_s)).any():
-            continue  # no lone leap, even past those that rose with it: the usual sped-up poll
-        newest = start
-        for k, t, low in zip(part.tolist(), stamps.tolist(), after.tolist()):
-            newest_before[k] = newest
-            if t > newest + limit_s and low < t - limit_s:  # a leap, and the stream goes on from before it
-                leaps[k] = True
-            elif t > newest:
-                newest = t
+        leaps[part], newest_before[part] = lone_leaps(ts[part], now_s if before is None else max(now_s, before),
+                                                      limit_s)
     if not leaps.any():
         return decoded
     bad = list(decoded.bad) + [
@@ -987,6 +975,29 @@ def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowSto
     foreign = [item for item, leap in zip(decoded.foreign, leaps[n:].tolist()) if not leap]
     return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
                         decoded.values[keep], sorted(bad), foreign)
+
+
+def lone_leaps(stamps: np.ndarray, start: float, limit_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Which of one partition's ``stamps`` (in arrival order, after a stream time ``start``) are lone
+    leaps: more than ``limit_s`` past the newest stamp before them (``start`` included), with a later
+    stamp more than ``limit_s`` behind them (the partition goes on from before the leap). Also the newest
+    stamp before each (leaps not counted). Pure; see ``_refuse_leaps``."""
+    stamps = np.asarray(stamps, dtype=np.float64)
+    leaps = np.zeros(len(stamps), dtype=bool)
+    newest_before = np.full(len(stamps), float(start))
+    # the lowest stamp after each reading: whether the partition goes on from before a leap
+    after = np.r_[np.minimum.accumulate(stamps[::-1])[::-1][1:], np.inf]
+    reach = np.maximum.accumulate(np.r_[start, stamps])[:-1]
+    if not ((stamps > reach + limit_s) & (after < stamps - limit_s)).any():
+        return leaps, newest_before  # no lone leap, even past those that rose with it: the usual sped-up poll
+    newest = float(start)
+    for k, (t, low) in enumerate(zip(stamps.tolist(), after.tolist())):
+        newest_before[k] = newest
+        if t > newest + limit_s and low < t - limit_s:  # a leap, and the stream goes on from before it
+            leaps[k] = True
+        elif t > newest:
+            newest = t
+    return leaps, newest_before
 
 
 def _as_partition_batches(records: Sequence[InputRecord] | Sequence[PartitionBatch]) -> list[PartitionBatch]:
