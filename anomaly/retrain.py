@@ -360,7 +360,7 @@ def _label_needles(label_field: str) -> tuple[bytes, ...]:
 
 def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s: float,
                    client_options: Mapping[str, Any] | None = None, stats: dict[str, int] | None = None,
-                   label_field: str | None = None) -> Iterator[Reading | Labelled]:
+                   label_field: str | None = None, leap_s: float | None = None) -> Iterator[Reading | Labelled]:
     """Every decodable reading of ``topic`` from the beginning, streamed (nothing is held here); a
     reading whose JSON carries ``label_field`` comes as ``(reading, label)``.
 
@@ -375,7 +375,11 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     partition is still short of its high watermark or its end is unknown, ``stats["truncated"]`` is 1:
     what was read is the topic's OLDEST part, not its recent history (``run_cycle`` skips such a cycle).
     A topic without partitions (it does not exist) sets ``stats["no_topic"]``. Bad records are counted
-    in ``stats["bad"]`` and skipped (the worker dead-letters them).
+    in ``stats["bad"]`` and skipped (the worker dead-letters them). With ``leap_s`` (``worker.max_future_s``
+    off), a lone leap is left out as the worker dead-letters it (``scoring_step.lone_leaps``: a reading
+    more than ``leap_s`` past the clock and its partition's newest, after which the partition goes on from
+    before it), counted in ``stats["leaps"]``: one reading stamped years ahead would otherwise put every
+    real one outside ``retrain.lookback_s``.
     """
     from anomaly import codec, kafka_io
 
@@ -407,6 +411,17 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
         # for "too little data" with a full topic.
         allowance = max(idle_s, FIRST_RECORD_WAIT_S)
         waiting = False  # idle, yet a partition is known to hold more: reading on until the deadline
+        newest: dict[int, float] = {}  # per partition, its newest reading's ts (with leap_s)
+        held: dict[int, list[tuple[Any, Reading]]] = {}  # per partition, a last reading that leapt, until more come
+
+        def emit(pairs: list[tuple[Any, Reading]]) -> Iterator[Reading | Labelled]:
+            for record, reading in pairs:
+                label = record_label(record.value, label_field)
+                if label is None:
+                    yield reading
+                else:
+                    stats["labelled"] = stats.get("labelled", 0) + 1
+                    yield reading, label
 
         def pending() -> list[Any]:  # partitions not yet read up to a record written after the start
             return [tp for tp in tps if tp.partition not in current]
@@ -443,20 +458,51 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
                     if records[-1].timestamp >= start_ms and tp.partition not in current:
                         current.add(tp.partition)
                         consumer.pause(tp)
+                decoded = []
                 for record in records:
                     stats["records"] += 1
                     reading = codec.decode_reading(record.value)
                     if isinstance(reading, BadRecord):
                         stats["bad"] += 1
-                        continue
-                    label = record_label(record.value, label_field)
-                    if label is None:
-                        yield reading
                     else:
-                        stats["labelled"] = stats.get("labelled", 0) + 1
-                        yield reading, label
+                        decoded.append((record, reading))
+                if leap_s is not None:
+                    decoded = _without_leaps(held.pop(tp.partition, []) + decoded, tp.partition, newest, held,
+                                             leap_s, stats)
+                yield from emit(decoded)
+        for pairs in held.values():  # a leap with nothing after it cannot be told from a jump: kept, as the worker keeps it
+            yield from emit(pairs)
     finally:
         consumer.close(autocommit=False)
+
+
+def _without_leaps(pairs: list[tuple[Any, Reading]], partition: int, newest: dict[int, float],
+                   held: dict[int, list[tuple[Any, Reading]]], leap_s: float, stats: dict[str, int]
+                   ) -> list[tuple[Any, Reading]]:
+    """One partition's decoded records of a poll (a reading held from its last poll first) without the
+    lone leaps (``scoring_step.lone_leaps``, from the clock or the partition's ``newest``, which this
+    moves on). A last reading that leaps is ``held`` for the partition's next records: they tell whether
+    it is a lone leap or a replay's jump they go on from."""
+    from anomaly.scoring_step import lone_leaps
+
+    if not pairs:
+        return pairs
+    start = max(time.time(), newest.get(partition, -math.inf))
+    stamps = np.array([reading.ts for _, reading in pairs], dtype=np.float64)
+    leaps, newest_before = lone_leaps(stamps, start, leap_s)
+    if leaps.any():
+        stats["leaps"] = stats.get("leaps", 0) + int(leaps.sum())
+        log.warning("left out %d reading(s) of partition %d stamped more than %.0f s ahead of the clock and the "
+                    "partition's newest reading, which the readings after them go on from (the worker "
+                    "dead-letters them; worker.max_future_s is off)", int(leaps.sum()), partition, leap_s)
+        keep = ~leaps
+        pairs, stamps, newest_before = [p for p, k in zip(pairs, keep.tolist()) if k], stamps[keep], newest_before[keep]
+    if len(stamps) and stamps[-1] > max(newest_before[-1], start) + leap_s:
+        held[partition] = [pairs[-1]]
+        pairs, stamps = pairs[:-1], stamps[:-1]
+    if len(stamps):
+        newest[partition] = max(newest.get(partition, -math.inf), float(stamps.max()))
+    return pairs
 
 
 def _behind(consumer: Any, tps: Sequence[Any]) -> list[int]:
@@ -562,7 +608,7 @@ def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_t
     return result
 
 
-def _left_out(history: History, rt: Any, champion: Any) -> str:
+def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
     """What of the readings read did not count, for a skip's reason ('' when all did)."""
     parts = []
     if history.ignored:
@@ -575,6 +621,9 @@ def _left_out(history: History, rt: Any, champion: Any) -> str:
     if history.future:
         parts.append(f"{history.future} readings are stamped further ahead of the clock than "
                      f"worker.max_future_s and were left out")
+    if leaps:
+        parts.append(f"{leaps} readings leapt far ahead of their partition, which went on from before them, and "
+                     f"were left out (as the worker dead-letters them)")
     return "; " + "; ".join(parts) if parts else ""
 
 
@@ -592,17 +641,20 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         "train one first (anomaly train --promote)")
     champion, champion_version = registry.load_detector(ml.model_name, champion_version)
     stats: dict[str, int] = {}
+    ahead = settings.worker.max_future_s
+    clock_bound = ahead is not None and ahead >= 0
     if source is None:
+        from anomaly.scoring_step import LEAP_S
+
         k = settings.kafka
         readings: Iterable[Reading | Labelled] = topic_readings(
             k.bootstrap_servers, k.input_topic, rt.read_idle_s, rt.read_timeout_s, k.client_options, stats,
-            label_field=rt.label_field)
+            label_field=rt.label_field, leap_s=None if clock_bound else LEAP_S)  # without a clock bound: as the worker
         origin = f"kafka:{k.input_topic}"
     else:
         readings, origin = source(), str(getattr(source, "origin", "source"))
-    ahead = settings.worker.max_future_s
     history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors,
-                      max_ts=time.time() + ahead if ahead is not None and ahead >= 0 else None,
+                      max_ts=time.time() + ahead if clock_bound else None,
                       exact_sensors=source is None)  # a file's other columns are not the champion's: not read
     for item in readings:
         if isinstance(item, tuple):
@@ -611,7 +663,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
             history.add(item)
     data = _prepare(history, champion, settings)
     data.facts.update({"readings_seen": history.seen, "readings_ignored": history.ignored,
-                       "readings_future": history.future, "bad_records": stats.get("bad", 0), "origin": origin,
+                       "readings_future": history.future + stats.get("leaps", 0), "bad_records": stats.get("bad", 0),
+                       "origin": origin,
                        "trigger": trigger})
     if stats.get("no_topic"):
         return RetrainResult("skipped", f"the input topic {settings.kafka.input_topic!r} has no partitions on "
@@ -639,7 +692,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         return RetrainResult("skipped", f"too little clean data: {rows} training rows (need {rt.min_rows}), "
                                         f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
                                         f"{hold_windows} hold-out windows of {compared} (need 1)"
-                                        + _left_out(history, rt, champion),
+                                        + _left_out(history, rt, champion, stats.get("leaps", 0)),
                              champion_version=champion_version, data=data.facts)
     train_values = data.train_values
     if data_transform is not None:

@@ -913,3 +913,83 @@ def square_detector(w: int, col: int = 0, gain: float = 1.0, bar: float = 4.0):
     threshold.for_entity = lambda entity: threshold
     return SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
                            threshold=threshold, scaler=SimpleNamespace(scale=(1.0, 1.0)))
+
+
+class _BatchedTopic:
+    """A consumer of one partition handing out ``batches`` (lists of reading timestamps) a poll each,
+    all written before the read began."""
+
+    batches: list[list[float]] = []
+
+    def __init__(self, **options):
+        self.left = [list(b) for b in self.batches]
+        self.read = 0
+
+    def partitions_for_topic(self, topic):
+        return {0}
+
+    def assign(self, tps): ...
+    def seek_to_beginning(self, *tps): ...
+    def close(self, autocommit=False): ...
+    def pause(self, *tps): ...
+
+    def highwater(self, tp):
+        return self.read + sum(len(b) for b in self.left)
+
+    def position(self, tp):
+        return self.read
+
+    def poll(self, timeout_ms):
+        from types import SimpleNamespace
+
+        from anomaly import codec, kafka_io
+
+        if not self.left:
+            return {}
+        stamps = self.left.pop(0)
+        self.read += len(stamps)
+        return {kafka_io.TopicPartition("t", 0): [
+            SimpleNamespace(value=codec.encode_reading(Reading("p", ts, {"a": 1.0})), timestamp=1_000) for ts in stamps]}
+
+
+@pytest.mark.parametrize("where", ["inside a poll", "last of a poll"])
+def test_reading_history_without_a_clock_bound_leaves_out_a_lone_leap(monkeypatch, where):
+    """worker.max_future_s off (anomaly up): one reading stamped ten years ahead, the partition going on
+    from before it, is a dead letter to the worker; the retrain read it, and it put every real reading
+    outside retrain.lookback_s, each cycle skipped for "too little clean data"."""
+    import time
+
+    from anomaly import kafka_io, retrain
+
+    now = time.time()
+    past = [now - 1000.0 + k for k in range(30)]
+    poison = now + 10 * 365 * 86400.0
+    _BatchedTopic.batches = ([past[:10] + [poison] + past[10:20], past[20:]] if where == "inside a poll"
+                             else [past[:10] + [poison], past[10:20], past[20:]])
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", _BatchedTopic)
+    stats: dict[str, int] = {}
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=0.05, timeout_s=5.0, stats=stats, leap_s=3600.0))
+    assert [r.ts for r in got] == past and stats["leaps"] == 1
+    history = History(1000, 7 * 86400.0, sensors=["a"])
+    for reading in got:
+        history.add(reading)
+    assert len(history.frames(["a"])["p"]) == 30
+    # without leap_s (a clock bound instead), the read hands over every reading, as before
+    assert len(list(retrain.topic_readings("b:9092", "t", idle_s=0.05, timeout_s=5.0))) == 31
+
+
+def test_reading_history_without_a_clock_bound_keeps_a_replays_jump(monkeypatch):
+    """A sped-up replay runs hours ahead of the clock and jumps where its recording has a gap; the
+    readings after the jump go on from it: nothing is left out, wherever the jump falls in a poll."""
+    import time
+
+    from anomaly import kafka_io, retrain
+
+    now = time.time()
+    before = [now + 5 * 3600.0 + k for k in range(10)]
+    after = [now + 9 * 3600.0 + k for k in range(10)]
+    _BatchedTopic.batches = [before + after[:1], after[1:5], after[5:]]
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", _BatchedTopic)
+    stats: dict[str, int] = {}
+    got = list(retrain.topic_readings("b:9092", "t", idle_s=0.05, timeout_s=5.0, stats=stats, leap_s=3600.0))
+    assert [r.ts for r in got] == before + after and "leaps" not in stats
