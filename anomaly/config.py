@@ -449,7 +449,7 @@ class RetrainSettings:
 
     entities: list[str] | None = doc("entities whose history trains the challenger; empty = every entity whose readings carry the model's sensors", None)
     max_readings: int = doc("most recent readings kept per entity while reading the input topic (bounds memory)", 50000)
-    lookback_s: float = doc("history window in seconds, measured on the readings' own ts back from the newest one (readings stamped more than worker.max_future_s ahead of the clock are left out)", 7 * 86400.0)
+    lookback_s: float = doc("history window in seconds, measured on the readings' own ts back from the newest one (readings stamped more than worker.max_future_s ahead of the clock are left out; with it off, a lone reading stamped far ahead of its partition, which goes on from before it, as the worker dead-letters it)", 7 * 86400.0)
     min_rows: int = doc("fewest clean rows (after anomaly exclusion) needed to retrain; fewer, or fewer than 4 gap-free windows of model.window_size to train on, or no hold-out window = a logged skip", 500)
     read_idle_s: float = doc("stop reading the input topic after this many seconds without a new record (before the first: at least 10 s, for the first fetch), unless a partition is known to hold more (then it reads on until read_timeout_s); a partition written to while it is read ends at its first record written after the read began", 2.0)
     read_timeout_s: float = doc("longest time spent reading the input topic; a read it stops short of a partition's end holds the topic's oldest part, and the cycle is skipped (raise it, or shorten the topic's retention)", 300.0)
