@@ -131,14 +131,16 @@ class History:
             self.future += 1
             return False
         self.newest_ts = max(self.newest_ts, reading.ts)
+        cutoff = self.newest_ts - self.lookback_s
+        if reading.ts < cutoff:  # late and already outside the lookback: it must not push a kept one out
+            return False
         buf = self._by_entity.get(reading.entity)
         if buf is None:
             buf = self._by_entity[reading.entity] = deque(maxlen=self.max_readings)
         buf.append((reading, label))
-        cutoff = self.newest_ts - self.lookback_s
         while buf and buf[0][0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
             buf.popleft()
-        return reading.ts >= cutoff
+        return True
 
     def _carries(self, reading: Reading) -> bool:
         keys = reading.values.keys()

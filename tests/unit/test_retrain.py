@@ -44,6 +44,16 @@ def test_history_lookback_is_measured_on_the_readings_own_ts():
     assert list(h.frames(["a"])) == ["f"]
 
 
+def test_history_a_late_reading_outside_the_lookback_takes_no_slot():
+    """At max_readings, a late reading already outside the lookback pushed a valid one out of the deque,
+    and was then filtered out itself: the entity had one reading fewer than it should."""
+    h = History(max_readings=3, lookback_s=10.0)
+    for ts in (100.0, 101.0, 102.0):
+        assert h.add(Reading("e", ts, {"a": ts}))
+    assert not h.add(Reading("e", 50.0, {"a": 50.0}))
+    assert h.frames(["a"])["e"].index.map(lambda t: t.timestamp()).tolist() == [100.0, 101.0, 102.0]
+
+
 def test_history_filters_entities_and_sensor_sets():
     h = History(max_readings=10, lookback_s=100, entities=["pump-1"], sensors=["a", "b"])
     assert h.add(reading("pump-1", 1.0))
