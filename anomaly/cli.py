@@ -1250,9 +1250,33 @@ class _SlowTaskNotes(logging.Filter):
         return "It is blocking the event loop" not in record.getMessage()
 
 
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """dest -> how the command line names it (``--model-alias``, or a positional's name), over every
+    subcommand."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names.update(_option_names(sub))
+        elif action.dest != argparse.SUPPRESS:
+            names.setdefault(action.dest, max(action.option_strings, key=len) if action.option_strings else action.dest)
+    return names
+
+
+def _refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty or blank text option is an error naming it, as the same value in the config or an
+    ``ANOMALY_*`` variable is: ``--alias ""`` (an unset shell variable) fell back on the default, and
+    ``models promote 2 --alias ""`` moved @champion."""
+    names = _option_names(parser)
+    for dest, value in vars(args).items():
+        if isinstance(value, str) and not value.strip():
+            parser.error(f"argument {names.get(dest, dest)}: must not be empty")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _refuse_empty(parser, args)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
