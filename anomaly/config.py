@@ -117,9 +117,9 @@ _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Kafka accepts as a to
 def _check_bootstrap(name: str, servers: str) -> None:
     """host or host:port items (``bootstrap_list``; a host without a port means Kafka's 9092)."""
     for server in bootstrap_list(servers):
-        if any(ch.isspace() for ch in server):
-            raise ConfigError(name, f"{server!r} in {servers!r}: a host:port holds no space (separate servers "
-                                    f"with commas)")
+        if any(ch.isspace() or ch == ";" for ch in server):
+            raise ConfigError(name, f"{server!r} in {servers!r}: a host:port holds no space or semicolon "
+                                    f"(separate servers with commas)")
         host, sep, port = server.rpartition(":")
         if sep and host and not host.endswith(":") and not (port.isdigit() and 0 < int(port) <= 65535):
             raise ConfigError(name, f"{server!r} in {servers!r}: the port must be a number 1..65535")
@@ -783,6 +783,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(name, f"must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
+            if value != value.strip():  # "sqlite:///mlruns/mlflow.db " made a second store, named like the first
+                raise ConfigError(name, f"starts or ends with a space or line break: {value!r} (a trailing "
+                                        "newline of a file or secret?)")
             return str(value)
         raise ConfigError(name, f"must be a string, got {value!r}")
     if origin is list:

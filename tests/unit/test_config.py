@@ -62,6 +62,12 @@ def test_env_types_are_parsed():
     ({"ANOMALY_SCHEDULER__METRICS_HOST": " "}, "scheduler.metrics_host"),
     ({"ANOMALY_DRIFT__GROUP_ID": " "}, "drift.group_id"),
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092 b:9092"}, "kafka.bootstrap_servers"),  # a space, not a comma
+    ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": "a:9092;b:9093"}, "kafka.bootstrap_servers"),  # was one host "a:9092;b"
+    # a space or newline at either end (a secret's trailing newline): a second store "mlflow.db ", a model
+    # "anomaly-detector " that `score` could not find and named exactly like the one it looked for
+    ({"ANOMALY_MLFLOW__TRACKING_URI": "sqlite:///mlruns/mlflow.db "}, "mlflow.tracking_uri"),
+    ({"ANOMALY_MLFLOW__MODEL_NAME": "anomaly-detector\n"}, "mlflow.model_name"),
+    ({"ANOMALY_KAFKA__INPUT_TOPIC": " sensors"}, "kafka.input_topic"),
     ({"ANOMALY_DRIFT__ENABLED": "true", "ANOMALY_KAFKA__SCORES_TOPIC": "scores",
       "ANOMALY_DRIFT__GROUP_ID": "anomaly-worker", "ANOMALY_KAFKA__GROUP_ID": "anomaly-worker"}, "drift.group_id"),
 ])
