@@ -19,6 +19,7 @@ Code to Kafka's semantics, not Tansu's quirks (DESIGN §5): nothing here uses ti
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -80,12 +81,15 @@ _CLIENT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType({
 })
 
 
+TLS_FILE_OPTIONS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")
+
+
 def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``client_options`` that a ``kind`` client accepts.
 
     One mapping is handed to every client (config: ``kafka.client_options``), so an option that only
     another kind of client knows (``linger_ms`` for a consumer) is left out for this one; an option no
-    kafka-python client knows is a typo and raises ``ConfigError``.
+    kafka-python client knows is a typo and raises ``ConfigError``, as does a TLS file that is not there.
     """
     if not client_options:
         return {}
@@ -93,6 +97,11 @@ def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[s
     unknown = sorted(str(key) for key in client_options if key not in known)
     if unknown:
         raise ConfigError("kafka.client_options", f"unknown kafka-python option(s): {', '.join(unknown)}")
+    for key in TLS_FILE_OPTIONS:  # else the handshake fails, said only as "cannot connect ... reachable?"
+        path = client_options.get(key)
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            why = "cannot be read" if os.path.isfile(path) else "is not a file here"
+            raise ConfigError(f"kafka.client_options.{key}", f"{path} {why} (mount it at that path, or fix it)")
     accepted = _CLIENT_KEYS[kind]
     skipped = sorted(key for key in client_options if key not in accepted)
     if skipped:

@@ -99,3 +99,20 @@ def test_an_idle_topic_still_ends_the_read_after_idle_s(monkeypatch):
     started = time.monotonic()
     assert kafka_io.read_all("127.0.0.1:9092", "t", timeout_s=5, idle_s=0.2) == []
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("key", ["ssl_cafile", "ssl_certfile"])
+def test_a_tls_file_that_is_not_there_is_a_config_error_naming_it(key, tmp_path):
+    """A CA file not mounted in the container: the handshake failed and the error asked whether the broker
+    was running and reachable, the file named only in a warning before it."""
+    from anomaly.errors import ConfigError
+
+    missing = str(tmp_path / "kafka-ca.crt")
+    options = {"security_protocol": "SSL", key: missing}
+    for build in (lambda: kafka_io.consumer_options("b:9092", None, client_options=options),
+                  lambda: kafka_io.producer_options("b:9092", client_options=options),
+                  lambda: kafka_io.admin_options("b:9092", client_options=options)):
+        with pytest.raises(ConfigError, match=f"kafka.client_options.{key}: {missing} is not a file here"):
+            build()
+    (tmp_path / "kafka-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert kafka_io.consumer_options("b:9092", None, client_options=options)[key] == missing
