@@ -164,12 +164,13 @@ class EventFeed:
     def _run(self) -> None:
         from kafka import KafkaConsumer, TopicPartition
 
-        from anomaly.kafka_io import consumer_options
+        from anomaly.kafka_io import check_tls_files, consumer_options
 
         options = consumer_options(self.bootstrap_servers, None, client_options=self.client_options)
         options.update(group_id=None, enable_auto_commit=False)
         consumer = None
         try:
+            check_tls_files(options)
             consumer = KafkaConsumer(**options)
             partitions = None
             while not self._stop.is_set() and not partitions:

@@ -84,12 +84,22 @@ _CLIENT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType({
 TLS_FILE_OPTIONS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")
 
 
+def check_tls_files(options: Mapping[str, Any]) -> None:
+    """``ConfigError`` naming a TLS file of a client's ``options`` that is not there or cannot be read:
+    kafka-python fails the handshake, and the error asked whether the broker was reachable."""
+    for key in TLS_FILE_OPTIONS:
+        path = options.get(key)
+        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+            why = "cannot be read" if os.path.isfile(path) else "is not a file here"
+            raise ConfigError(f"kafka.client_options.{key}", f"{path} {why} (mount it at that path, or fix it)")
+
+
 def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``client_options`` that a ``kind`` client accepts.
 
     One mapping is handed to every client (config: ``kafka.client_options``), so an option that only
     another kind of client knows (``linger_ms`` for a consumer) is left out for this one; an option no
-    kafka-python client knows is a typo and raises ``ConfigError``, as does a TLS file that is not there.
+    kafka-python client knows is a typo and raises ``ConfigError``.
     """
     if not client_options:
         return {}
@@ -97,11 +107,6 @@ def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[s
     unknown = sorted(str(key) for key in client_options if key not in known)
     if unknown:
         raise ConfigError("kafka.client_options", f"unknown kafka-python option(s): {', '.join(unknown)}")
-    for key in TLS_FILE_OPTIONS:  # else the handshake fails, said only as "cannot connect ... reachable?"
-        path = client_options.get(key)
-        if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            why = "cannot be read" if os.path.isfile(path) else "is not a file here"
-            raise ConfigError(f"kafka.client_options.{key}", f"{path} {why} (mount it at that path, or fix it)")
     accepted = _CLIENT_KEYS[kind]
     skipped = sorted(key for key in client_options if key not in accepted)
     if skipped:
@@ -187,6 +192,7 @@ def make_admin(bootstrap_servers: str | Sequence[str],
 def _connect(what: str, bootstrap_servers: str | Sequence[str], factory: Any, options: Mapping[str, Any]) -> Any:
     """``factory(**options)``; a broker that cannot be reached is a ``TopicError`` saying so (kafka-python
     raises a bootstrap timeout, with a traceback the operator has no use for)."""
+    check_tls_files(options)
     try:
         return factory(**options)
     except (kafka_errors.KafkaTimeoutError, kafka_errors.KafkaConnectionError,

@@ -391,6 +391,7 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
     stats.setdefault("records", 0)
     stats.setdefault("bad", 0)
     deadline = time.monotonic() + timeout_s
+    kafka_io.check_tls_files(options)
     consumer = kafka_io.KafkaConsumer(**options)
     try:
         partitions = consumer.partitions_for_topic(topic)

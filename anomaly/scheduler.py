@@ -155,6 +155,7 @@ class ScoreReader:
             options = kafka_io.consumer_options(self.bootstrap_servers, self.group_id,
                                                 client_options=self.client_options)
             options.update(enable_auto_commit=False, allow_auto_create_topics=False)
+            kafka_io.check_tls_files(options)
             self._consumer = kafka_io.KafkaConsumer(**options)
         consumer = self._consumer
         partitions = consumer.partitions_for_topic(self.topic)

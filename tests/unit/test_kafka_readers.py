@@ -102,17 +102,23 @@ def test_an_idle_topic_still_ends_the_read_after_idle_s(monkeypatch):
 
 
 @pytest.mark.parametrize("key", ["ssl_cafile", "ssl_certfile"])
-def test_a_tls_file_that_is_not_there_is_a_config_error_naming_it(key, tmp_path):
+def test_a_tls_file_that_is_not_there_is_a_config_error_naming_it(key, tmp_path, monkeypatch):
     """A CA file not mounted in the container: the handshake failed and the error asked whether the broker
-    was running and reachable, the file named only in a warning before it."""
+    was running and reachable, the file named only in a warning before it. Now no client is made."""
+    from anomaly import retrain
     from anomaly.errors import ConfigError
 
+    made = []
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", lambda **options: made.append(options))
+    monkeypatch.setattr(kafka_io, "KafkaProducer", lambda **options: made.append(options))
     missing = str(tmp_path / "kafka-ca.crt")
     options = {"security_protocol": "SSL", key: missing}
-    for build in (lambda: kafka_io.consumer_options("b:9092", None, client_options=options),
-                  lambda: kafka_io.producer_options("b:9092", client_options=options),
-                  lambda: kafka_io.admin_options("b:9092", client_options=options)):
+    for connect in (lambda: kafka_io.make_producer("b:9092", options),
+                    lambda: kafka_io.make_consumer("b:9092", "g", ["t"], options),
+                    lambda: list(retrain.topic_readings("b:9092", "t", 0.1, 1.0, options))):
         with pytest.raises(ConfigError, match=f"kafka.client_options.{key}: {missing} is not a file here"):
-            build()
+            connect()
+    assert made == []
     (tmp_path / "kafka-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
-    assert kafka_io.consumer_options("b:9092", None, client_options=options)[key] == missing
+    kafka_io.make_producer("b:9092", options)
+    assert made[0][key] == missing
