@@ -899,7 +899,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
     settings = _retrain_settings(args)
     if args.data and not Path(args.data).is_file():  # before the champion is fetched, not after
-        raise AnomalyError(f"--data {args.data}: no such file")
+        raise AnomalyError(f"--data {args.data}: " + ("a folder, not a table file (.csv or .parquet)"
+                                                      if Path(args.data).is_dir() else "no such file"))
     _check_device(settings)
     from anomaly import tracking
 

@@ -244,6 +244,8 @@ def test_an_unknown_log_level_is_a_usage_error(monkeypatch, capsys):
 def test_retrain_checks_its_data_file_first(tmp_path, capsys):
     assert main(["retrain", "--data", str(tmp_path / "nope.csv"), "--quiet"]) == 2
     assert "nope.csv: no such file" in capsys.readouterr().err
+    assert main(["retrain", "--data", str(tmp_path), "--quiet"]) == 2  # as train and score say it
+    assert f"--data {tmp_path}: a folder, not a table file" in capsys.readouterr().err
 
 
 def test_tables_are_split_by_entity_keeping_labels_out(tmp_path, monkeypatch, capsys):
