@@ -78,6 +78,9 @@ def configure(tracking_uri: str, registry_uri: str | None = None, create: bool =
     for field, uri in (("mlflow.tracking_uri", tracking_uri), ("mlflow.registry_uri", registry_uri)):
         path = sqlite_file(uri) if uri else None
         if path is not None:
+            if path.is_dir():
+                raise ConfigError(field, f"{path} is a folder: name the store's SQLite file in it "
+                                         f"(e.g. sqlite:///{(path / 'mlflow.db').as_posix()})")
             if not create and not path.is_file():
                 raise ConfigError(field, f"no MLflow store at {path}: the file does not exist (nothing was trained "
                                          f"there; check the URI, or train a model first)")

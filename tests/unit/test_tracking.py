@@ -188,3 +188,15 @@ def test_a_sqlite_uri_with_sqlalchemy_options_names_its_file(tmp_path):
     tracking.configure(uri + "?timeout=30", create=False)  # it exists: no error
     assert canonical_store_uri("sqlite:///rel/m.db?timeout=30").endswith("/rel/m.db?timeout=30")
     assert canonical_store_uri("sqlite:///rel/m.db?timeout=30").startswith("sqlite:////")
+
+
+def test_a_sqlite_uri_naming_a_folder_says_so(tmp_path):
+    """sqlite:////tmp: the read-only commands said "the file does not exist", the others failed in MLflow."""
+    import pytest
+
+    from anomaly import tracking
+    from anomaly.errors import ConfigError
+
+    for create in (True, False):
+        with pytest.raises(ConfigError, match=f"mlflow.tracking_uri: {tmp_path} is a folder: name the store's SQLite file"):
+            tracking.configure(f"sqlite:///{tmp_path}", create=create)
