@@ -674,6 +674,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
         except ValueError as exc:  # TOMLDecodeError, and int()'s digit limit on a number of over 4300 digits
             raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
         for section, values in loaded.items():
+            if isinstance(values, list) and values and all(isinstance(v, dict) for v in values):
+                raise ConfigError(section, f"[[{section}]] is an array of tables; a section is written "
+                                           f"[{section}], once")
             if not isinstance(values, dict):
                 raise ConfigError(section, f"top-level key: every setting belongs under its [section] (e.g. "
                                            f"[model] window_size = 10); known sections: "

@@ -99,6 +99,9 @@ def test_missing_file_and_bad_toml(tmp_path):
     bad.write_text("[model\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+    bad.write_text("[[model]]\nhidden_size = 8\n")  # was "model: top-level key: every setting belongs under ..."
+    with pytest.raises(ConfigError, match=r"model: \[\[model\]\] is an array of tables; a section is written \[model\]"):
+        load_config(bad, env={})
 
 
 def test_example_parses_back_to_defaults(tmp_path):
