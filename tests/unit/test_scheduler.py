@@ -161,14 +161,19 @@ def test_triggers_and_fingerprints():
     ("0 3 1 * */3", ["Sun 01 Mar", "Wed 01 Apr", "Wed 01 Jul"]),  # the 1st AND a Sunday, Wednesday or Saturday
 ])
 def test_a_day_field_starting_with_a_star_restricts_nothing_to_or_with(cron, days):
+    assert _next_times(cron, (2026, 2, 28), 3, "%a %d %b") == days
+
+
+def _next_times(cron: str, start: tuple[int, int, int], count: int, shown: str) -> list[str]:
+    """The next ``count`` times of ``cron`` (UTC) from midnight of ``start``, as ``shown`` (strftime)."""
     from datetime import datetime, timedelta, timezone
 
     trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron}}).scheduler)
-    fired, now = [], datetime(2026, 2, 28, tzinfo=timezone.utc)
-    for _ in range(3):
+    fired, now = [], datetime(*start, tzinfo=timezone.utc)
+    for _ in range(count):
         now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
-        fired.append(now.strftime("%a %d %b"))
-    assert fired == days
+        fired.append(now.strftime(shown))
+    return fired
 
 
 @pytest.mark.parametrize("cron, times", [
@@ -182,27 +187,14 @@ def test_a_day_field_starting_with_a_star_restricts_nothing_to_or_with(cron, day
     ("*/60 0 1 1 *", ["01 Jan 00:00", "01 Jan 00:00", "01 Jan 00:00", "01 Jan 00:00"]),
 ])
 def test_cron_months_and_steps_mean_what_crontab_means(cron, times):
-    from datetime import datetime, timedelta, timezone
-
-    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": cron}}).scheduler)
-    fired, now = [], datetime(2026, 12, 31, tzinfo=timezone.utc)
-    for _ in range(4):
-        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
-        fired.append(now.strftime("%d %b %H:%M"))
-    assert fired == times
+    assert _next_times(cron, (2026, 12, 31), 4, "%d %b %H:%M") == times
 
 
 def test_a_day_of_the_month_and_a_weekday_mean_either_as_in_crontab():
     # "0 3 1 * mon": every 1st and every Monday (APScheduler's one trigger: only Mondays that are a 1st)
-    from datetime import datetime, timedelta, timezone
-
-    trigger, _ = trigger_for(build_settings({"scheduler": {"trigger": "cron", "cron": "0 3 1 * mon"}}).scheduler)
-    fired, now = [], datetime(2026, 3, 1, tzinfo=timezone.utc)
-    for _ in range(7):
-        now = trigger.get_next_fire_time(None, now + timedelta(seconds=1))
-        fired.append(now.strftime("%a %d %b %H:%M"))
-    assert fired == ["Sun 01 Mar 03:00", "Mon 02 Mar 03:00", "Mon 09 Mar 03:00", "Mon 16 Mar 03:00",
-                     "Mon 23 Mar 03:00", "Mon 30 Mar 03:00", "Wed 01 Apr 03:00"]
+    assert _next_times("0 3 1 * mon", (2026, 3, 1), 7, "%a %d %b %H:%M") == [
+        "Sun 01 Mar 03:00", "Mon 02 Mar 03:00", "Mon 09 Mar 03:00", "Mon 16 Mar 03:00",
+        "Mon 23 Mar 03:00", "Mon 30 Mar 03:00", "Wed 01 Apr 03:00"]
 
 
 @pytest.mark.parametrize("weekday, days", [
