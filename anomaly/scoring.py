@@ -67,9 +67,11 @@ def cpu_has_native_bf16() -> bool:
 def cpu_runs_bf16() -> bool:
     """Whether this CPU runs an LSTM under bf16 autocast at all: oneDNN emulates bf16 where it has no
     native kernels on AVX-512 CPUs, but has no bf16 LSTM for AVX2-only ones (it raises "could not
-    create a primitive descriptor"). Probed once, on a two-step LSTM."""
+    create a primitive descriptor"). Probed once, on a two-step LSTM, whose weights are drawn from a
+    generator of its own: from torch's global one, the first training of a process (which probes) drew
+    other dropout masks than every later one with the same seed."""
     try:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             nn.LSTM(2, 4, batch_first=True)(torch.zeros(1, 2, 2))
         return True
     except RuntimeError:

@@ -413,6 +413,18 @@ def test_a_model_with_dropout_is_reproducible_from_its_seed_on_several_threads()
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
+def test_probing_the_cpu_for_bf16_draws_nothing_from_torchs_generator():
+    """The probe ran at the first training of a process with cpu_bf16 (after the model was made, before
+    its dropout masks): its LSTM's weights came from torch's generator, so that first training drew other
+    masks than every later one of the same seed."""
+    cpu_runs_bf16.cache_clear()
+    torch.manual_seed(5)
+    cpu_runs_bf16()
+    after_probe = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_probe, torch.rand(3))
+
+
 @pytest.mark.parametrize("stride", [1, 3, 16])
 def test_sliding_windows_are_recognised_as_views_of_their_rows(stride):
     from anomaly.scoring import _rows_under
