@@ -298,7 +298,13 @@ class PotThreshold:
         else:
             gamma, sigma, how = gpd_fit(peaks)
             params.update(fallback=FALLBACK_NONE, gamma=gamma, sigma=sigma, gpd_fit=how)
-            value = t + gpd_excess_quantile(gamma, sigma, ratio)
+            try:
+                value = t + gpd_excess_quantile(gamma, sigma, ratio)
+            except OverflowError:  # a heavy tail (γ 15) and a tiny risk (1e-30): past any float
+                value = math.inf
+            if not math.isfinite(value):
+                raise ValueError(f"the POT threshold for threshold.risk {self.risk:g} lies beyond any float on "
+                                 f"this tail (shape γ {gamma:.3g}); a larger risk places it")
         if self.risk < 1.0 - self.init_quantile:
             value = max(value, t)  # guard only: the formula already gives > t when ratio < 1 and σ > 0
         if screened:

@@ -175,6 +175,16 @@ def test_pot_few_peaks_falls_back_to_empirical_quantile():
     assert th.params["fallback"] == FALLBACK_FEW_PEAKS and th.value == np.quantile(many, 0.999)
 
 
+def test_pot_past_any_float_is_a_value_error_naming_the_entity():
+    """A heavy tail (γ about 15) and a tiny but allowed risk: math.expm1 overflowed, an OverflowError that
+    the per-entity fit (which names the entity of a ValueError) let through unnamed."""
+    errors = np.r_[np.random.default_rng(0).chisquare(3, 2000) / 3, 5 * 10.0 ** np.arange(1, 21)]
+    with pytest.raises(ValueError, match="POT threshold for threshold.risk 1e-30 lies beyond any float"):
+        fit_threshold(errors, "pot", risk=1e-30, init_quantile=0.98)
+    with pytest.raises(ValueError, match="pump-2"):
+        fit_thresholds_per_entity({"pump-1": errors[:2000], "pump-2": errors}, "pot", risk=1e-30, init_quantile=0.98)
+
+
 def test_pot_constant_errors_have_no_tail():
     th = PotThreshold().fit(np.full(1000, 0.5))
     assert th.params["fallback"] == FALLBACK_FEW_PEAKS and th.params["n_peaks"] == 0.0
