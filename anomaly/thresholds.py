@@ -439,9 +439,11 @@ def gpd_fit(peaks: np.ndarray) -> tuple[float, float, float]:
 
     Maximum likelihood by Grimshaw's reduction to one variable θ = γ/σ (as SPOT does): the profile
     likelihood is scanned on a fixed grid, then refined between the best point's neighbours, so the
-    fit is deterministic and finds the global optimum rather than a local root. Restricted to
-    γ >= −1. If that fails, method of moments; if that fails too (e.g. all excesses equal),
-    exponential.
+    fit is deterministic and finds the global optimum of that curve rather than a local root, among
+    γ >= −1. The boundary γ = −1 itself (a uniform tail ending at the largest excess, σ = its value)
+    is not a candidate, though its likelihood can be higher on a flat tail: its 1 − risk quantile lies
+    below the largest excess, so the threshold would flag validation windows. If that fails, method of
+    moments; if that fails too (e.g. all excesses equal), exponential.
     """
     y = np.asarray(peaks, dtype=np.float64)
     y_max = float(y.max())
