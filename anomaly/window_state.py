@@ -7,7 +7,8 @@ never reads a clock (stream time is the readings' own ``ts``), a socket or a fil
 Semantics (README quotes this section)
 --------------------------------------
 - **Grid.** A reading's slot is ``floor(ts / period_s + 0.5)``: the nearest multiple of the model's
-  sampling period (halves round up). Window times are slot times (``slot * period_s``), not the raw
+  sampling period (halves round up; reckoned in whole microseconds for a period of whole microseconds,
+  so an exact half is one in every case: ``grid_slots``). Window times are slot times (``slot * period_s``), not the raw
   reading times, so the same readings always give the same windows.
 - **Sealed.** A slot is sealed once the entity has a reading more than ``grace_slots`` slots later
   (with ``grace_slots = 0`` a reading seals its own slot at once): a reading up to ``grace_slots``
@@ -51,6 +52,7 @@ Semantics (README quotes this section)
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from bisect import bisect_right
@@ -71,6 +73,28 @@ RESET: AddOutcome = "reset"
 
 _MIN_SPARE_ROWS = 8  # rows appended between compactions (at least): each compaction copies W-1 rows
 _BULK_MIN = 4  # an entity's run of consecutive readings shorter than this is placed one by one (cheaper)
+
+
+def grid_slots(ts: np.ndarray, period_s: float) -> np.ndarray:
+    """The grid slots (int64) of epoch seconds ``ts``: the nearest multiple of ``period_s``, halves up.
+
+    A period of whole microseconds (0.1 s, 1 s, 2.5 ms) places them in whole microseconds: in floats a
+    reading exactly half-way (x.x50 s on a 0.1 s grid: 17000000000.499998...) went down, one in five
+    of them, onto the slot before it, and was dropped there as a duplicate. Another period (1/3 s) is
+    placed in floats."""
+    p = whole_us(period_s)
+    if p:
+        return (np.rint(ts * 1e6).astype(np.int64) + p // 2) // p
+    return np.floor(ts / period_s + 0.5).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def whole_us(period_s: float) -> int | None:
+    """``period_s`` in microseconds when it is a whole number of them (else None)."""
+    period_us = period_s * 1e6
+    if period_us >= 1.0 and abs(period_us - round(period_us)) <= 1e-9 * period_us:
+        return int(round(period_us))
+    return None
 
 
 @dataclass(frozen=True)
@@ -105,7 +129,8 @@ class WindowPolicy:
 
     def slot(self, ts: float) -> int:
         """The grid slot of epoch seconds ``ts``: the nearest multiple of ``period_s``, halves up."""
-        return math.floor(ts / self.period_s + 0.5)
+        p = whole_us(self.period_s)
+        return (round(ts * 1e6) + p // 2) // p if p else math.floor(ts / self.period_s + 0.5)
 
 
 @dataclass(frozen=True)
@@ -576,7 +601,7 @@ class WindowStore:
 
     def _advance(self, ts: np.ndarray, partitions: np.ndarray) -> np.ndarray:
         """Each reading's slot (as ``slot()``), after moving every partition's watermark to its newest."""
-        slots = np.floor(np.asarray(ts, dtype=np.float64) / self.policy.period_s + 0.5).astype(np.int64)
+        slots = grid_slots(np.asarray(ts, dtype=np.float64), self.policy.period_s)
         partitions = np.asarray(partitions, dtype=np.int64)
         for partition in np.unique(partitions).tolist():
             newest = int(slots[partitions == partition].max())

@@ -39,6 +39,34 @@ def col(window: ReadyWindow) -> list[float]:
 
 # --- placing readings -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("period_s, after_ms", [(0.1, 50), (0.2, 100), (0.5, 250), (0.001, 0.5)])
+def test_a_reading_exactly_half_way_goes_to_the_later_slot_every_time(period_s, after_ms):
+    """In floats x.x50 s / 0.1 s fell just under the half for one reading in five, which went to the
+    slot before it and was dropped there as a duplicate (its own slot forward-filled)."""
+    from anomaly.window_state import grid_slots
+
+    policy = WindowPolicy(window_size=4, period_s=period_s)
+    first = 1_700_000_000_000  # ms: readings of a 10 Hz source, stamped in ms as JSON carries them
+    step_ms = round(period_s * 1000, 6)
+    ts = np.array([(first + k * step_ms + after_ms) / 1000 for k in range(1000)])
+    want = np.arange(1000) + round(first / 1000 / period_s) + 1
+    assert grid_slots(ts, period_s).tolist() == want.tolist()
+    assert [policy.slot(float(t)) for t in ts] == want.tolist()
+    s = WindowStore(policy, ["x"], [FILL])
+    outcomes = Counter(s.add("e", r(float(t), 1.0), 0, k) for k, t in enumerate(ts))
+    assert outcomes == {"accepted": 1000}
+    bulk = WindowStore(policy, ["x"], [FILL])
+    bulk.add_many(["e"] * 1000, ts, np.ones((1000, 1)), np.zeros(1000, dtype=np.int64), np.arange(1000))
+    assert [w.end_ts for w in bulk.ready()] == [w.end_ts for w in s.ready()]
+
+
+def test_a_period_of_no_whole_microseconds_is_placed_in_floats():
+    from anomaly.window_state import grid_slots
+
+    third = 1 / 3
+    ts = np.array([1_700_000_000.0 + k * third for k in range(30)])
+    assert grid_slots(ts, third).tolist() == np.floor(ts / third + 0.5).astype(np.int64).tolist()
+
 def test_in_order_readings_give_every_window_once() -> None:
     s = store(w=3)
     assert feed(s, [0, 1, 2, 3, 4], partition=2, first_offset=10) == ["accepted"] * 5
