@@ -820,17 +820,18 @@ class _Replay:
 
     @property
     def over(self) -> bool:
-        """Nothing left to re-read, and every commit past its floor."""
-        return not self.until and not self.floor
+        """Nothing left to re-read, every commit past its floor, and every entity's new windows past the old
+        model's newest."""
+        return not self.until and not self.floor and not self.scored
 
     def done(self, streams: Sequence[int], floors: bool = False) -> None:
-        """``streams`` re-read to where the swap found them (with ``floors``: revoked, floors gone too)."""
+        """``streams`` re-read to where the swap found them (with ``floors``: revoked, floors gone too).
+        ``scored`` stays: with grace, a window of the new grid ending before the old newest may be sealed
+        only after the re-read is over (it was scored a second time, and broke the entity's alert run)."""
         for stream in streams:
             self.until.pop(stream, None)
             if floors:
                 self.floor.pop(stream, None)
-        if not self.until:
-            self.scored = {}
 
     def hold(self, commits: dict[int, int]) -> None:
         """Keep ``commits`` (stream id -> offset) at or above each stream's commit before the swap, until the
@@ -849,8 +850,10 @@ class _Replay:
         if not len(ready) or not self.scored:
             return ready
         scored = self.scored
-        keep = np.fromiter((scored.get(e, -math.inf) for e in ready.entities), dtype=np.float64,
-                           count=len(ready)) < ready.end_ts
+        marks = np.fromiter((scored.get(e, -math.inf) for e in ready.entities), dtype=np.float64, count=len(ready))
+        keep = marks < ready.end_ts
+        for j in np.flatnonzero(keep & np.isfinite(marks)).tolist():  # past the old newest: the new model's now
+            scored.pop(ready.entities[j], None)  # (an entity's windows come out in time order)
         if keep.all():
             return ready
         where = np.flatnonzero(keep)

@@ -273,6 +273,42 @@ def test_a_replay_sends_no_dead_letter_twice_and_commits_no_further_than_the_new
     assert out.commits == {(TOPIC, 0): 8}  # the next window of 5 (slots 8-12) starts at offset 8
 
 
+def test_a_swap_to_a_coarser_grid_with_grace_scores_no_window_twice() -> None:
+    """v1 scores every 1 s (W 8), v2 every 2 s (W 4), grace 2. A's readings run hot from 28 s; B's sparse
+    ones pull the re-read back. The re-read ended before v2's window ending at 28 s was sealed, so it came
+    out after v1's 29 s one, was scored again (its 28 s reading a duplicate of 27 s's slot), broke A's run,
+    and the event opened two windows late, from 30 s, under another event id."""
+    recs, offset = [], 0
+    for slot in range(60):
+        values = dict(zip(SENSORS, CENTRE), pressure=1.0 + 90.0 * (slot >= 28))
+        recs.append(reading_record("A", slot, offset, values=values))
+        offset += 1
+        if slot >= 20 and slot % 4 == 0:
+            recs.append(reading_record("B", slot, offset))
+            offset += 1
+    cut = next(i for i, rec in enumerate(recs) if rec.offset == 36)  # after A's reading at 31 s
+    step = ScoringStep(FakeModel(window_size=8, period_s=1.0, version="1"), WindowPolicy(1, 1.0, grace_slots=2),
+                       AlertPolicy(min_duration_windows=3, recovery_windows=3, cooldown_s=0), emit_scores=True)
+    seen: list[tuple[str, float]] = []
+    opened: list[float] = []
+
+    def take(out: BatchOutput) -> None:
+        seen.extend((d["model"]["version"], d["ts"] - T0) for d in (json.loads(v) for _, v in out.scores)
+                    if d["entity"] == "A")
+        opened.extend(e["start_ts"] - T0 for e in (decode_event(v) for _, v in out.events) if e["status"] == "open")
+
+    take(step.process(recs[:cut], now_s=T0 + 100))
+    newest_v1 = max(ts for version, ts in seen if version == "1")
+    step.swap_model(FakeModel(window_size=4, period_s=2.0, version="2"), replay=True)
+    start = step.replay_from[(TOPIC, 0)]
+    for part in (recs[start:cut], recs[cut:]):  # the re-read, then what comes after, three records a poll
+        for i in range(0, len(part), 3):
+            take(step.process(part[i:i + 3], now_s=T0 + 100))
+    assert newest_v1 == 29.0
+    assert [ts for version, ts in seen if version == "2"][:3] == [30.0, 32.0, 34.0]  # none at or before 29 s
+    assert opened == [28.0]  # v2's 30 s window goes on with v1's run: it opens the event at its 3rd window
+
+
 def test_a_revoked_partition_stops_its_replay() -> None:
     records = stream({"a": 0, "b": 1}, range(10))
     step = step_for(FakeModel(window_size=4, version="1"))
