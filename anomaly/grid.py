@@ -97,6 +97,12 @@ def _median_gap(ns: np.ndarray) -> int | None:
     return int(np.partition(gaps, (gaps.size - 1) // 2)[(gaps.size - 1) // 2]) if gaps.size else None
 
 
+def nearest_slots(ns: np.ndarray, origin: int, period_ns: int) -> np.ndarray:
+    """The slot of each of ``ns`` (int64 nanoseconds) on the grid of ``period_ns`` from ``origin``: the
+    nearest one, exactly half-way the later one (whole nanoseconds: no float rounds a half down)."""
+    return (ns - origin + period_ns // 2) // period_ns
+
+
 def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str = "ffill",
             max_fill_steps: int | None = None) -> GridResult:
     """Put ``frame``'s readings on a regular grid of ``period`` (default: ``infer_period``) and fill
@@ -127,7 +133,7 @@ def to_grid(frame: pd.DataFrame, period: pd.Timedelta | None = None, fill: str =
     ns = _ns(frame.index)
     p = int(period / pd.Timedelta(1, unit="ns"))
     origin = int(ns.min())
-    slots = (ns - origin + p // 2) // p  # nearest slot; exactly half-way goes to the later one
+    slots = nearest_slots(ns, origin, p)
     n_slots = int(slots.max()) + 1
     if n_slots > MAX_GRID_SLOTS or n_slots * max(frame.shape[1], 1) > MAX_GRID_CELLS:
         raise DataError(f"to_grid: {n_slots} slots of {period} x {frame.shape[1]} sensors between "

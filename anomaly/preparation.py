@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
-from anomaly.grid import (SAMPLING_TOLERANCE, SensorIssue, run_lengths, sampling_mismatch, sensor_quality, to_grid,
-                          usable_sensors)
+from anomaly.grid import (SAMPLING_TOLERANCE, SensorIssue, nearest_slots, run_lengths, sampling_mismatch, sensor_quality,
+                          to_grid, usable_sensors)
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -523,7 +523,7 @@ def labels_on_grid(index: pd.DatetimeIndex, labels: np.ndarray, prepared: Prepar
     # slots (2.1 s on a 0.2 s grid: 10.499999...) went to the earlier one, its value to the later one
     p = int(round(float(prepared.period_s) * 1e9))
     origin = int(pd.DatetimeIndex(prepared.timestamps[:1]).as_unit("ns").asi8[0])
-    slots = (index.as_unit("ns").asi8 - origin + p // 2) // p
+    slots = nearest_slots(index.as_unit("ns").asi8, origin, p)
     return labels_in_slots(slots, np.asarray(labels, dtype=bool), n, prepared.gaps)
 
 
