@@ -63,9 +63,11 @@ def test_a_reading_exactly_half_way_goes_to_the_later_slot_every_time(period_s, 
 def test_a_period_of_no_whole_microseconds_is_placed_in_floats():
     from anomaly.window_state import grid_slots
 
+    # 1/3 s is 333,333.33 us: rounded to whole microseconds, slot k would sit k/3 us early, ~1,700 s off at
+    # today's epoch slots (5.1e9). Each reading must land on its own slot, 5,100,000,000 + k.
     third = 1 / 3
     ts = np.array([1_700_000_000.0 + k * third for k in range(30)])
-    assert grid_slots(ts, third).tolist() == np.floor(ts / third + 0.5).astype(np.int64).tolist()
+    assert grid_slots(ts, third).tolist() == [5_100_000_000 + k for k in range(30)]
 
 def test_in_order_readings_give_every_window_once() -> None:
     s = store(w=3)
