@@ -15,6 +15,8 @@ whose triggers the scheduler ORs.
 
 from __future__ import annotations
 
+import re
+
 CRONTAB_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")  # crontab numbering: 0 (and 7) = Sunday
 MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 FIELD_RANGES = {"minute": (0, 59), "hour": (0, 23), "day": (1, 31), "month": (1, 12)}
@@ -74,16 +76,11 @@ def crontab_steps(field: str, low: int, high: int) -> str:
 def month_numbers(field: str) -> str:
     """A month field with its names (``jan``-``dec``, any case) as numbers: APScheduler reads ``jan-dec/3``
     as ``jan-dec``, a step after a name dropped without a word (monthly, not every third month)."""
-    out, word = [], ""
-    for char in field + " ":
-        if char.isalpha():
-            word += char
-            continue
-        if word:
-            out.append(str(MONTHS.index(word.lower()) + 1) if word.lower() in MONTHS else word)
-            word = ""
-        out.append(char)
-    return "".join(out).rstrip(" ")
+    def number(name: re.Match[str]) -> str:
+        word = name.group().lower()
+        return str(MONTHS.index(word) + 1) if word in MONTHS else name.group()
+
+    return re.sub(r"[A-Za-z]+", number, field)
 
 
 def cron_fields(expression: str) -> dict[str, str]:
