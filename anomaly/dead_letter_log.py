@@ -26,7 +26,9 @@ REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can 
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:e[-+]?\d+)?")  # hex too: "invalid byte 0xff" / "0xfe"
 
 
-_SENSOR = re.compile(r"\bvalues\.\S+")  # "values.<sensor> is not a number": the sensor named by the producer
+# "values.<sensor> is not a number" / "is not finite" / "is too large ...": the sensor named by the producer,
+# spaces and all ("Volume Flow RateRMS")
+_SENSOR = re.compile(r"\bvalues\..*?(?= is (?:not|too) )")
 
 
 def reason_kind(reason: str) -> str:

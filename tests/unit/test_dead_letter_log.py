@@ -80,3 +80,19 @@ def test_reasons_that_differ_in_the_value_they_quote_are_one_kind():
     assert log.add(quoted, 0.0) == "150 dead letters: 150 x values.s0 is not a number: 'a' (and alike)"
     line = log.add(["not UTF-8: invalid byte 0xff at position 3"], 1.0)
     assert line == "1 dead letter: 1 x not UTF-8: invalid byte 0xff at position 3"  # new: at once, by name
+
+
+def test_a_sensor_name_with_spaces_is_left_out_of_the_kind_whole():
+    # SKAB's "Volume Flow RateRMS": only "values.Volume" was replaced, so each spaced name was a kind of its
+    # own, and 100 of them filled the table for good
+    kinds = {reason_kind(f"values.{name} is not a number: 'n/a'")
+             for name in ("Current", "Volume Flow RateRMS", "Inlet Temp", "a b c d")}
+    assert kinds == {"values.* is not a number"}
+    assert reason_kind("values.Inlet Temp is not finite: NaN") == "values.* is not finite"
+    assert reason_kind("values.Inlet Temp is too large to score (|value| >= 1e+15): 2e+20") == \
+        "values.* is too large to score (|value| >= #)"
+    assert reason_kind("values is empty") == "values is empty"
+    log = DeadLetterLog(interval_s=60)
+    log.add([f"values.sensor {i} is not a number: 'n/a'" for i in range(150)], 0.0)
+    line = log.add(["not UTF-8: invalid byte 0xff at position 3"], 1.0)
+    assert line == "1 dead letter: 1 x not UTF-8: invalid byte 0xff at position 3"
