@@ -475,7 +475,8 @@ class ScoringStep:
         counts["replayed"] = n_replayed
         if not _BYTES_ONLY.issuperset(map(type, raws)):
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
-                    else str(raw).encode("utf-8") for raw in raws]  # adapters hand over bytes; never crash on a stray str
+                    else str(raw).encode("utf-8", "surrogatepass")  # a lone surrogate: "not UTF-8"
+                    for raw in raws]  # adapters hand over bytes; never crash on a stray str
         decoded = decode_batch(raws, self._model_sensors)
         if self.max_future_s is not None:
             decoded = _refuse_future(decoded, now_s, self.max_future_s)

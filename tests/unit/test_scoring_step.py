@@ -144,6 +144,18 @@ def test_every_bad_record_kind_is_a_dead_letter_with_the_original_bytes() -> Non
     assert model.calls == [] and out.events == []
 
 
+def test_a_stray_str_value_is_a_dead_letter_even_with_a_lone_surrogate() -> None:
+    """Kafka hands over bytes; another adapter may hand over a str. One that cannot be UTF-8 (a lone surrogate)
+    raised out of ``process`` and failed the whole batch."""
+    model = FakeModel()
+    step = step_for(model)
+    raws = ["not json", '{"entity": "\ud800"}']
+    out = step.process([InputRecord("in", 0, i, b"k", raw, None) for i, raw in enumerate(raws)], now_s=T0)
+    reasons = [decode_dead_letter(letter)["reason"] for _, letter in out.dead_letters]
+    assert out.counts["dead_letters"] == 2 and "not JSON" in reasons[0] and "not UTF-8" in reasons[1], reasons
+    assert out.commits == {("in", 0): 2}
+
+
 def test_entity_field_wins_over_the_record_key() -> None:
     step = ScoringStep(FakeModel(window_size=2), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(),
                        emit_scores=True)
