@@ -219,6 +219,28 @@ def test_bad_records_give_a_clear_reason(raw: bytes, words: list[str]) -> None:
     assert len(got.reason) < 300  # readable in a dead-letter viewer
 
 
+def test_how_deep_an_ignored_field_may_nest_does_not_depend_on_the_path_or_the_callers_stack() -> None:
+    """orjson (the batch's fast path) nests to 1,024 levels; json.loads to the recursion limit less the caller's
+    own stack. A reading nested 1,000 deep was scored by the worker and refused by ``decode_reading``, and a
+    record off the fast path (a no-break space in its entity) flipped with the depth of the caller's stack."""
+    def record(depth: int, entity: str = "pump-7") -> bytes:
+        return (b'{"entity": ' + json.dumps(entity).encode() + b', "ts": 1700000000, "values": {"temp": 1.5},'
+                b' "meta": ' + b"[" * depth + b"]" * depth + b"}")
+
+    def deeper(frames: int, fn, *args):  # called from a caller's stack ``frames`` frames deep
+        return fn(*args) if frames == 0 else deeper(frames - 1, fn, *args)
+
+    for raw in (record(1000), record(960, "Pumpe\u00a0Süd")):
+        for frames in (0, 100):
+            got = deeper(frames, decode_reading, raw, ["temp"])
+            assert isinstance(got, Reading) and got.values == {"temp": 1.5}, (frames, got)
+            assert deeper(frames, decode_batch, [raw], ["temp"]).bad == [], frames
+    too_deep = record(5000)
+    got = decode_reading(too_deep, ["temp"])
+    assert isinstance(got, BadRecord) and "JSON" in got.reason
+    assert [reason for _, reason in decode_batch([too_deep], ["temp"]).bad] == [got.reason]
+
+
 def test_names_that_are_printable_or_merely_unusual_are_kept() -> None:
     """Spaces, non-ASCII letters and a no-break space are names; only controls and line breaks are not."""
     got = decode_reading(reading_json(entity="Pumpe Süd 1", values={"temp\u00a0°C": 1.0, "ﾎﾟﾝﾌﾟ": 2.0}))
