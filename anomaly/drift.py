@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+MIN_RATE = 1e-12  # the least expected alarm rate kept: 1 - it is still under 1.0 in a float
 PSI_FLOOR = 1e-4  # an empty bin would make ln(o/e) infinite; the usual PSI smoothing
 
 
@@ -59,7 +60,7 @@ class Reference:
             raise ValueError(f"reference values must ascend strictly: {self.values}")
         if any(not 0 < c < 1 for c in self.cdf) or any(b <= a for a, b in zip(self.cdf, self.cdf[1:])):
             raise ValueError(f"reference cdf must ascend strictly inside (0, 1): {self.cdf}")
-        if not math.isfinite(self.threshold) or not 0 <= self.expected_alarm_rate < 1:
+        if not math.isfinite(self.threshold) or not 0 <= self.expected_alarm_rate <= 1:
             raise ValueError(f"bad threshold {self.threshold} or expected alarm rate {self.expected_alarm_rate}")
 
     @property
@@ -96,7 +97,14 @@ def reference_from_run(version: str, metrics: Mapping[str, float], params: Mappi
         return None
     val_far = _finite(metrics.get("val_false_alarm_rate"))
     n_val = _finite(metrics.get("val_windows"))
-    if val_far is not None and val_far > 0:
+    below = None  # the mass below the threshold, where it is not 1 - expected
+    if val_far is not None and val_far >= 1:
+        # Every validation window above the threshold (a threshold.scale far under 1): all alarm, and the
+        # mass below it is under 1 / (n + 1), the mirror of the case below (it was PSI_FLOOR above it, and
+        # live scores drawn as in validation were "drift" at every check).
+        expected = 1.0
+        below = 1.0 / (n_val + 1.0) if n_val is not None and n_val >= 1 else PSI_FLOOR
+    elif val_far is not None and val_far > 0:
         expected = val_far
     elif val_far is not None:
         # No validation window was above the threshold (e.g. a scaled one): the mass above it is below
@@ -105,12 +113,13 @@ def reference_from_run(version: str, metrics: Mapping[str, float], params: Mappi
         expected = 1.0 / (n_val + 1.0) if n_val is not None and n_val >= 1 else PSI_FLOOR
     else:
         expected = nominal_alarm_rate(params or {})  # a run that did not record its validation rate
-    if expected is None or not 0 < expected < 1:
+    if expected is None or not 0 < expected <= 1:
         expected = PSI_FLOOR
+    expected = max(expected, MIN_RATE)  # a pot risk of 1e-17: 1 - risk is 1.0, no cdf inside (0, 1)
     # The threshold is authoritative (it decides alarms); a validation quantile that disagrees with it
     # (a scaled threshold can sit below p99), or with the quantile before it, or that shares its cdf (a
     # validation false-alarm rate of exactly 1 % or 50 %) is left out.
-    thr_cdf = 1.0 - expected
+    thr_cdf = 1.0 - expected if below is None else below
     kept: list[tuple[float, float]] = []
     for value, cdf in ((_finite(metrics.get("val_score_p50")), 0.5), (_finite(metrics.get("val_score_p99")), 0.99)):
         if value is None or (value < threshold) != (cdf < thr_cdf) or value == threshold or cdf == thr_cdf:

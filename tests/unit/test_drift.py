@@ -62,6 +62,24 @@ def test_reference_falls_back_to_the_policys_nominal_rate_and_drops_disagreeing_
     assert nominal_alarm_rate({"threshold.method": "mean_std"}) is None
 
 
+def test_reference_at_the_ends_of_the_alarm_rate():
+    # Every validation window above the threshold (a threshold.scale far under 1): the expected rate was
+    # replaced by 1e-4, the opposite end, and live scores drawn as in validation were "drift" at every check.
+    every = {"threshold": 1.0, "val_false_alarm_rate": 1.0, "val_windows": 499.0, "val_score_p50": 2.0,
+             "val_score_p99": 3.0}
+    ref = reference_from_run("7", every, {"threshold.method": "quantile", "threshold.q": "0.99"})
+    assert ref.expected_alarm_rate == 1.0 and ref.cdf[0] == pytest.approx(1 / 500)
+    live = np.random.default_rng(0).uniform(1.004, 3.0, 5000)  # as validation: all above 1, median 2, p99 3
+    assert assess(live, ref, DriftBounds()).verdict == "ok"
+    no_count = reference_from_run("7", {k: v for k, v in every.items() if k != "val_windows"})
+    assert no_count.expected_alarm_rate == 1.0 and no_count.cdf[0] == PSI_FLOOR
+    # A run without the validation rate and a pot risk of 1e-17 (accepted by the policy): 1 - risk is 1.0,
+    # and building the reference raised at every drift check of that version.
+    no_rate = {k: v for k, v in METRICS.items() if k != "val_false_alarm_rate"}
+    tiny = reference_from_run("1", no_rate, {"threshold.method": "pot", "threshold.risk": "1e-17"})
+    assert 0 < tiny.expected_alarm_rate < 1e-6 and tiny.cdf[-1] < 1
+
+
 def test_reference_refuses_inconsistent_points():
     with pytest.raises(ValueError):
         Reference("1", (2.0, 1.0), (0.5, 0.9), 2.0, 0.1)
