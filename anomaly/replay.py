@@ -42,6 +42,7 @@ from anomaly.errors import ConfigError, DataError, TopicError
 log = logging.getLogger(__name__)
 
 MIN_SLEEP_S = 0.001  # shorter waits cost more than they save: we are ahead by less than a sleep's jitter
+MAX_SLEEP_S = 86_400.0  # a longer wait is slept a day at a time: time.sleep overflows past ~9e9 s (--rate 1e-10)
 FLUSH_TIMEOUT_S = 60.0  # the producer's own delivery timeout is 120 s; a stuck broker fails the replay sooner
 DEFAULT_PERIOD_S = 1.0  # spacing assumed for a copy's delay when the recording has < 2 distinct timestamps
 
@@ -295,6 +296,15 @@ class _Producer(Protocol):
     def close(self, timeout: float | None = ...) -> None: ...
 
 
+def _close(producer: _Producer) -> None:
+    """Close ``producer``, saying (not raising) why it failed: kafka-python's close flushes first, and with
+    the broker gone that times out again, which replaced the error (or Ctrl-C) that stopped the replay."""
+    try:
+        producer.close(timeout=5)
+    except Exception as exc:
+        log.warning("closing the producer failed: %s", exc)
+
+
 def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate_per_s: float | None = None,
            speed: float | None = None, client_options: Mapping[str, Any] | None = None, limit: int | None = None,
            progress: bool = True, clock: _Clock = time, *,
@@ -335,8 +345,9 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
     try:
         for (entity, reading), due in zip(for_items, send_offsets):
             wait = due - (clock.monotonic() - started)
-            if wait >= MIN_SLEEP_S:
-                clock.sleep(wait)
+            while wait >= MIN_SLEEP_S:
+                clock.sleep(min(wait, MAX_SLEEP_S))
+                wait = due - (clock.monotonic() - started)
             key, value = entity.encode("utf-8"), codec.encode_reading(reading)
             try:
                 future = producer.send(topic, key=key, value=value)
@@ -355,7 +366,7 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
             producer.flush(timeout=FLUSH_TIMEOUT_S)
         except Exception as exc:
             log.warning("flushing %d queued readings after an error failed: %s", queued, exc)
-        producer.close(timeout=5)
+        _close(producer)
         raise
     bar.close()
     try:
@@ -363,7 +374,7 @@ def replay(bootstrap: str, topic: str, plan: Iterable[tuple[str, Reading]], rate
     except Exception as exc:  # kafka-python raises KafkaTimeoutError when the broker does not confirm in time
         raise TopicError(f"readings not confirmed by {bootstrap} within {FLUSH_TIMEOUT_S:.0f} s: {exc}") from exc
     finally:
-        producer.close(timeout=5)
+        _close(producer)
     seconds = clock.monotonic() - started
     if errors:
         raise TopicError(f"{len(errors)} of {queued} readings were not delivered to {topic!r}: {errors[0]!r}")

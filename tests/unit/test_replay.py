@@ -10,7 +10,7 @@ import pytest
 
 from anomaly.codec import decode_reading
 from anomaly.errors import DataError, TopicError
-from anomaly.replay import frame_from_file, newest_stamp, replay, replay_plan, send_times
+from anomaly.replay import MAX_SLEEP_S, frame_from_file, newest_stamp, replay, replay_plan, send_times
 
 START = 1_800_000_000.0
 
@@ -241,6 +241,45 @@ def test_undelivered_readings_fail_the_replay():
         replay("b:9092", "t", plan, progress=False, clock=FakeClock(),
                producer_factory=lambda bootstrap, options: producer)
     assert producer.flushed and producer.closed
+
+
+class GoneBroker(FakeProducer):
+    """kafka-python's producer once the broker is gone: flush times out, and close (which flushes) too."""
+
+    def flush(self, timeout=None):
+        raise RuntimeError("KafkaTimeoutError: Timeout waiting for future")
+
+    def close(self, timeout=None):
+        self.closed = True
+        raise RuntimeError("KafkaTimeoutError: Timeout waiting for future")
+
+
+def test_a_failing_close_does_not_hide_why_the_replay_stopped():
+    # close's own timeout replaced the TopicError (a traceback and exit 1, not "error: ..." and exit 2)
+    producer = GoneBroker()
+    with pytest.raises(TopicError, match="readings not confirmed by b:9092"):
+        replay("b:9092", "t", replay_plan(frame(3), "p", start_ts=START), progress=False, clock=FakeClock(),
+               producer_factory=lambda bootstrap, options: producer)
+    assert producer.closed
+
+    class Interrupted(FakeClock):  # Ctrl-C during a wait: still KeyboardInterrupt (exit 130), not close's error
+        def sleep(self, seconds: float) -> None:
+            raise KeyboardInterrupt
+
+    producer = GoneBroker()
+    with pytest.raises(KeyboardInterrupt):
+        replay("b:9092", "t", replay_plan(frame(3), "p", start_ts=START), rate_per_s=1.0, progress=False,
+               clock=Interrupted(), producer_factory=lambda bootstrap, options: producer)
+    assert producer.closed
+
+
+def test_a_wait_longer_than_a_sleep_can_take_is_slept_in_parts():
+    # --rate 1e-10 (or one reading stamped decades ahead at --speed 1): time.sleep(1e10) raised OverflowError
+    producer, clock = FakeProducer(), FakeClock()
+    replay("b:9092", "t", replay_plan(frame(2), "p", start_ts=START), rate_per_s=1e-10, progress=False,
+           clock=clock, producer_factory=lambda bootstrap, options: producer)
+    assert len(producer.sent) == 2 and max(clock.sleeps) <= MAX_SLEEP_S
+    assert sum(clock.sleeps) == pytest.approx(1e10)
 
 
 def test_unreachable_broker_is_a_topic_error():
