@@ -747,11 +747,11 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                      retrain_every_s=options.retrain_every_s, local_broker=broker is not None), flush=True)
         code = _supervise(children, fleet_replay, broker, options.run_for_s, feed)
     except _Interrupted as exc:
-        print(f"\n{exc}: stopping ...", flush=True)
+        _say(f"\n{exc}: stopping ...")
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping ...", flush=True)
+        _say("\ninterrupted: stopping ...")
     except UpError as exc:  # said now: the orderly stop can take a minute (the worker drains, the replay flushes)
-        print(f"\n{str(exc).splitlines()[0]}: stopping ... (details below once stopped)", flush=True)
+        _say(f"\n{str(exc).splitlines()[0]}: stopping ... (details below once stopped)")
         raise
     finally:
         hurry = StopFlag()  # a second Ctrl-C does not cut the orderly stop short: it abandons a retrain only
@@ -770,10 +770,10 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
                 try:
                     _write_json(state / "summary.json", summary)
                 except OSError as exc:  # a full disk must not replace the session's own error, or its exit code
-                    print(f"summary.json not written: {exc}", flush=True)
-                print(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
-                      f"readings replayed (confirmed by the broker): {summary['readings_replayed']} (summary in {state / 'summary.json'})",
-                      flush=True)
+                    _say(f"summary.json not written: {exc}")
+                _say(f"stopped. events opened: {tally.on_fault} on labelled faults, {tally.off_fault} elsewhere; "
+                     f"readings replayed (confirmed by the broker): {summary['readings_replayed']} "
+                     f"(summary in {state / 'summary.json'})")
     return code
 
 
@@ -841,23 +841,49 @@ def _start(children: dict[str, Child], child: Child) -> None:
 def _stop_all(children: dict[str, Child], fleet_replay: FleetReplay | None, feed: Any, broker: Any,
               hurry: Callable[[], bool] | None = None) -> None:
     """Stop in dependency order: readings first, then the worker (drains and commits), the rest after."""
+    failed: list[Exception] = []  # a part that fails to stop does not keep the rest running: said at the end
+
+    def stop(name: str, part: Callable[[], Any]) -> None:
+        try:
+            part()
+        except Exception as exc:
+            log.error("stopping %s failed: %s", name, exc)
+            failed.append(exc)
+
     if fleet_replay is not None:
         if broker is not None and not broker.is_running():
             # The replay's flush would wait 60 s for a broker that is gone, with kafka-python logging every
             # failed reconnect meanwhile: its thread (a daemon) is left to end with the process.
             logging.getLogger("kafka").setLevel(logging.CRITICAL)
-            fleet_replay.stop(REPLAY_STOP_BROKER_GONE_S)
+            stop("the fleet replay", lambda: fleet_replay.stop(REPLAY_STOP_BROKER_GONE_S))
         else:
-            fleet_replay.stop()
+            stop("the fleet replay", fleet_replay.stop)
     for name in ("worker", "scheduler", "mlflow"):
         child = children.get(name)
         if child is not None:
-            if name == "scheduler" and child.alive():
-                print(f"stopping the scheduler (a retrain in progress may finish first: up to "
-                      f"{STOP_GRACE_S[name]:.0f} s; Ctrl-C again abandons it)", flush=True)
-            code = child.stop(STOP_GRACE_S[name], hurry if name == "scheduler" else None)
-            log.info("%s stopped (exit code %s)", name, code)
+            def stop_child(name: str = name, child: Child = child) -> None:
+                if name == "scheduler" and child.alive():
+                    _say(f"stopping the scheduler (a retrain in progress may finish first: up to "
+                         f"{STOP_GRACE_S[name]:.0f} s; Ctrl-C again abandons it)")
+                code = child.stop(STOP_GRACE_S[name], hurry if name == "scheduler" else None)
+                log.info("%s stopped (exit code %s)", name, code)
+
+            stop(name, stop_child)
     if feed is not None:
-        feed.stop()
+        stop("the event feed", feed.stop)
     if broker is not None:
-        broker.stop()
+        stop("the broker", broker.stop)
+    if failed:
+        raise failed[0]
+
+
+def _say(text: str) -> None:
+    """Print ``text`` on the console. A console that is gone (the terminal closed: EIO; a ``| tee`` that the
+    same Ctrl-C ended: EPIPE) must not cut the orderly stop short: the rest goes to /dev/null."""
+    try:
+        print(text, flush=True)
+    except OSError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # not a file (io.UnsupportedOperation is both)
+            pass

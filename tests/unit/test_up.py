@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -392,6 +394,49 @@ def test_a_stop_after_the_broker_died_does_not_wait_out_the_replays_flush(monkey
     assert not fleet.alive()
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "fleet replay" in r.getMessage()]
     assert said == [(logging.INFO, "fleet replay ended while stopping: readings not confirmed within 60 s")]
+
+
+class _GoneConsole(io.TextIOBase):
+    """A console that is gone: the terminal closed (EIO), or a `| tee` ended by the same Ctrl-C (EPIPE)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class _Child:
+    def __init__(self, fail: bool = False) -> None:
+        self.stopped, self.fail = False, fail
+
+    def alive(self) -> bool:
+        return not self.stopped
+
+    def stop(self, grace_s: float, hurry=None) -> int:
+        self.stopped = True
+        if self.fail:
+            raise OSError("cannot signal it")
+        return 0
+
+
+def test_a_console_that_is_gone_does_not_cut_the_orderly_stop_short(monkeypatch):
+    # the scheduler's "stopping ..." line raised, and the scheduler, MLflow and the broker were left to die
+    # with the process (a retrain abandoned), and `up` exited 1 with a traceback
+    monkeypatch.setattr(sys, "stdout", _GoneConsole())
+    children = {name: _Child() for name in ("worker", "scheduler", "mlflow")}
+    broker = _Broker(running=True)
+    up._stop_all(children, None, None, broker, lambda: False)
+    assert all(child.stopped for child in children.values()) and broker.stopped
+    up._say("stopped.")  # said to a console that is gone: nothing raised
+
+
+def test_a_part_that_fails_to_stop_does_not_keep_the_rest_running():
+    children = {"worker": _Child(fail=True), "scheduler": _Child(), "mlflow": _Child()}
+    broker = _Broker(running=True)
+    with pytest.raises(OSError, match="cannot signal it"):
+        up._stop_all(children, None, None, broker, lambda: False)
+    assert all(child.stopped for child in children.values()) and broker.stopped
 
 
 def test_a_stop_with_the_broker_running_lets_the_replay_flush(monkeypatch):
