@@ -694,7 +694,7 @@ DEFAULT_BROKER_PORT = 9092  # Kafka's customary port
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    """Run the local Tansu broker in the foreground until Ctrl-C or SIGTERM."""
+    """Run the local Tansu broker in the foreground until Ctrl-C, SIGTERM or SIGHUP (its terminal closed)."""
     import signal
 
     from anomaly.broker import LocalBroker
@@ -704,7 +704,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else _local_port(settings.kafka.bootstrap_servers)
     broker = LocalBroker(port, log_path=args.log)
     stop = StopFlag()
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         broker.start()  # a port in use is a BrokerError: exit 2 with the reason
         print(broker.bootstrap, flush=True)

@@ -124,10 +124,14 @@ def test_broker_command_on_a_port_in_use_exits_2(kafka_broker: str, capsys) -> N
     assert f"port {port}" in capsys.readouterr().err
 
 
-def test_broker_command_runs_until_sigterm(tmp_path) -> None:
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_broker_command_runs_until_sigterm_or_its_terminal_closes(sig: str) -> None:
+    # SIGHUP (the terminal closed) killed it outright: tansu died with it, but its temporary log was left behind
+    import glob
     import signal
     import subprocess
     import sys
+    import tempfile
 
     from anomaly.broker import BrokerError, free_port, tansu_binary
 
@@ -136,13 +140,14 @@ def test_broker_command_runs_until_sigterm(tmp_path) -> None:
     except BrokerError as exc:
         missing_requirement(f"the broker command needs the local broker: {exc}")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "broker", "--port", str(port), "--log",
-                             str(tmp_path / "tansu.log")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "anomaly.cli", "broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == f"127.0.0.1:{port}"  # printed once it answers
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         assert proc.wait(timeout=15) == 0
+        assert glob.glob(f"{tempfile.gettempdir()}/anomaly-broker-{port}-*.log") == []
     finally:
         if proc.poll() is None:
             proc.kill()
