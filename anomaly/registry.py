@@ -221,7 +221,9 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
     version = version_number(version) or str(version)
     try:
         c = client()
-        c.get_model_version(name, version)
+        # the number as MLflow reads it ("+2" is v2 to its int()): the history and log hold that, else a
+        # "+2" in the log read as a move made in the UI and every rollback "returned" to v2
+        version = str(c.get_model_version(name, version).version)
     except Exception as exc:
         raise RegistryError(f"{name} has no version {version}: {exc}") from exc
     with alias_lock(name, alias):  # the check and the move as one, for the processes sharing mlflow.lock_dir
@@ -269,21 +271,36 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
     ``<alias>_reason`` (its ``<alias>_until`` from an earlier spell removed), the previous holder's
     ``<alias>_until``, and one more entry in the model's ``<alias>_log`` (the latest ``LOG_ENTRIES``)."""
     c = client()
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     # The log first: ``_history`` reads its last holder to notice moves made in the MLflow UI, so a log
     # left behind by a failed tag write read this move as one (a second rollback went back to the
     # version rolled from).
-    tags = c.get_registered_model(name).tags
+    _log_move(c, name, alias, previous, version, reason)
+    _stamp_holders(c, name, alias, previous, version, reason)
+
+
+def _log_move(c: Any, name: str, alias: str, previous: str | None, version: str | None, reason: str) -> str | None:
+    """Add a move of ``alias`` (to ``version``; None: removed) to the model's ``<alias>_log``, the latest
+    ``LOG_ENTRIES`` that fit in a tag (the oldest dropped whole: a cut one is not JSON, and the next
+    move started the log over); returns the log's text before (None: there was none)."""
+    before = (c.get_registered_model(name).tags or {}).get(LOG_TAG.format(alias=alias))
     try:
-        moves = list(json.loads(tags.get(LOG_TAG.format(alias=alias), "[]")))
-    except json.JSONDecodeError:
+        moves = list(json.loads(before or "[]"))
+    except (json.JSONDecodeError, TypeError):
         moves = []
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     moves = (moves + [{"at": now, "from": previous, "to": version, "reason": reason[:200]}])[-LOG_ENTRIES:]
     text = json.dumps(moves)
     while len(text) > TAG_VALUE_CHARS and len(moves) > 1:
         moves = moves[1:]
         text = json.dumps(moves)
     c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), text)
+    return before
+
+
+def _stamp_holders(c: Any, name: str, alias: str, previous: str | None, version: str, reason: str) -> None:
+    """The version tags of a move: the new holder's ``<alias>_since``/``_reason`` (an earlier spell's
+    ``_until`` removed), the previous holder's ``<alias>_until``."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if previous is not None and previous != version:
         c.set_model_version_tag(name, previous, f"{alias}_until", now)
     c.set_model_version_tag(name, version, f"{alias}_since", now)
@@ -307,15 +324,12 @@ def remove_alias(name: str, alias: str, reason: str = "") -> str:
         except Exception as exc:
             raise RegistryError(f"cannot remove {name}@{alias}: {exc}") from exc
         try:
-            now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             tags = c.get_registered_model(name).tags
             if HISTORY_TAG.format(alias=alias) in tags:
                 c.delete_registered_model_tag(name, HISTORY_TAG.format(alias=alias))
-            moves = json.loads(tags.get(LOG_TAG.format(alias=alias), "[]"))
-            moves = (list(moves) + [{"at": now, "from": previous, "to": None,
-                                     "reason": (reason or "alias removed")[:200]}])[-LOG_ENTRIES:]
-            c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), json.dumps(moves)[:TAG_VALUE_CHARS])
-            c.set_model_version_tag(name, previous, f"{alias}_until", now)
+            _log_move(c, name, alias, previous, None, reason or "alias removed")
+            c.set_model_version_tag(name, previous, f"{alias}_until",
+                                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         except Exception as exc:
             log.warning("%s: @%s removed from v%s, but its log and version tags could not be written: %s",
                         name, alias, previous, exc)
@@ -361,17 +375,35 @@ def _rollback(name: str, alias: str, reason: str) -> str:
         raise RegistryError(f"{name}@{alias}: no earlier version to roll back to"
                             + (f" (v{', v'.join(gone)} held it, and have been deleted)" if gone else ""))
     target = history.pop()
+    rolled_from = f"from v{current}" if current is not None else f"(@{alias} was unset)"
+    why = f"rollback {rolled_from}" + (f": {reason}" if reason else "")
+    # The log before the move: a log left at the version rolled from (a failed write after the move) read
+    # as a move made in the UI, and the next rollback went back to that version. A failed write moves nothing.
+    try:
+        log_before = _log_move(c, name, alias, current, target, why)
+    except Exception as exc:
+        raise RegistryError(f"cannot record the rollback in {name}'s {LOG_TAG.format(alias=alias)} tag; "
+                            f"@{alias} not moved: {exc}") from exc
     try:
         c.set_registered_model_alias(name, alias, target)
     except Exception as exc:
+        try:  # the log says what happened: this move did not
+            if log_before is None:
+                c.delete_registered_model_tag(name, LOG_TAG.format(alias=alias))
+            else:
+                c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), log_before)
+        except Exception as undo:
+            log.warning("%s: the log of @%s names a rollback to v%s that did not happen: %s", name, alias, target, undo)
         raise RegistryError(f"cannot set {name}@{alias} -> v{target}: {exc}") from exc
     try:  # popped only once the alias is back (a failure here leaves v{target} on top: skipped next time)
         c.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(history))
     except Exception as exc:
         log.warning("%s: rolled @%s back to v%s, but its promotion history could not be written: %s",
                     name, alias, target, exc)
-    rolled_from = f"from v{current}" if current is not None else f"(@{alias} was unset)"
-    _record_move_or_warn(name, alias, current, target, f"rollback {rolled_from}" + (f": {reason}" if reason else ""))
+    try:
+        _stamp_holders(c, name, alias, current, target, why)
+    except Exception as exc:
+        log.warning("%s: @%s moved to v%s, but its version tags could not be written: %s", name, alias, target, exc)
     log.info("%s: rolled @%s back %s to v%s", name, alias, rolled_from, target)
     return target
 

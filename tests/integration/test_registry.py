@@ -483,6 +483,69 @@ def test_models_list_with_a_config_file_naming_the_default_model_lists_that_mode
     assert sorted(v["name"] for v in json.loads(capsys.readouterr().out)) == ["anomaly-detector", "other-asset"]
 
 
+def test_a_rollback_whose_log_could_not_be_written_is_not_undone_by_the_next(settings, monkeypatch):
+    # v1 -> v2 -> v3; a rollback to v2 whose log write failed ("database is locked") left the log's last
+    # holder at v3, read as a move in the UI: the next rollback went back to v3, the version rolled from.
+    # The log is now written before the alias moves: a failed write moves nothing, and says so.
+    from mlflow import MlflowClient
+
+    from anomaly.errors import RegistryError
+
+    _, c, _ = champion_and_copies(settings, 2)
+    for version in ("2", "3"):
+        registry.promote("pump", version, "champion")
+    real = MlflowClient.set_registered_model_tag
+
+    def refuse_log(self, name, tag, value):
+        if tag == "champion_log":
+            raise RuntimeError("database is locked")
+        return real(self, name, tag, value)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", refuse_log)
+    with pytest.raises(RegistryError, match="not moved: database is locked"):
+        registry.rollback("pump")
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", real)
+    assert registry.alias_version("pump", "champion") == "3"
+    assert registry.rollback("pump") == "2" and registry.rollback("pump") == "1"
+    # An alias move that fails after the log was written takes its entry back out of the log.
+    registry.promote("pump", "2", "champion")
+    before = c.get_registered_model("pump").tags["champion_log"]
+
+    def refuse_move(self, *args):
+        raise RuntimeError("registry went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse_move)
+    with pytest.raises(RegistryError, match="registry went away"):
+        registry.rollback("pump")
+    monkeypatch.undo()
+    assert c.get_registered_model("pump").tags["champion_log"] == before
+    assert registry.alias_version("pump", "champion") == "2" and registry.rollback("pump") == "1"
+
+
+def test_a_version_written_as_mlflow_reads_it_is_logged_as_its_number(settings):
+    # `models promote +2` moved the alias to v2 (MLflow reads the number with int()) and logged "+2":
+    # read as a move in the UI, it went on the stack, and every rollback "returned" to v2 for good.
+    _, c, _ = champion_and_copies(settings, 1)
+    for written in ("+2", "\u0662"):  # an Arabic-Indic two
+        registry.promote("pump", "1", "champion")
+        assert registry.promote("pump", written, "champion") == "1"
+        assert registry.alias_version("pump", "champion") == "2"
+        assert json.loads(c.get_registered_model("pump").tags["champion_log"])[-1]["to"] == "2"
+        assert registry.rollback("pump") == "1"
+
+
+def test_removing_an_alias_keeps_its_log_whole_json(settings):
+    # the log was cut at 5,000 characters mid-string; the next move could not read it and started it over
+    _, c, _ = champion_and_copies(settings, 1)
+    for i in range(20):
+        registry.promote("pump", str(1 + i % 2), "challenger", reason="x" * 200)
+    registry.remove_alias("pump", "challenger", reason="z" * 200)
+    log = json.loads(c.get_registered_model("pump").tags["challenger_log"])
+    assert log[-1]["to"] is None and log[-1]["reason"] == "z" * 200 and len(log) >= 10
+    registry.promote("pump", "1", "challenger", reason="again")
+    assert len(json.loads(c.get_registered_model("pump").tags["challenger_log"])) >= 10
+
+
 def test_a_version_is_one_however_it_is_written(settings):
     """`models promote 01` moved the alias to v1 but logged "01": promoting v1 again was not a no-op."""
     tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
