@@ -322,9 +322,10 @@ class MlflowSettings:
     def check(self) -> None:
         _check_alias("mlflow.champion_alias", self.champion_alias)
         _check_alias("mlflow.challenger_alias", self.challenger_alias)
-        if not self.model_name.strip() or any(c in self.model_name for c in "/:"):
-            # the registry refuses such a name, but only after a whole training run
-            raise ConfigError("mlflow.model_name", f"must be a name without '/' or ':', got {self.model_name!r}")
+        if not self.model_name.strip() or any(c in self.model_name for c in "/:?"):
+            # the registry refuses "/" and ":", but only after a whole training run; "?" it takes, and a
+            # load by models:/ (parsed as a URL) cut the name there: trained, registered, never served
+            raise ConfigError("mlflow.model_name", f"must be a name without '/', ':' or '?', got {self.model_name!r}")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ def test_env_types_are_parsed():
     ({"ANOMALY_KAFKA__BOOTSTRAP_SERVERS": " , "}, "kafka.bootstrap_servers"),
     ({"ANOMALY_DATA__SENSORS": "a,b", "ANOMALY_RETRAIN__LABEL_FIELD": "a"}, "retrain.label_field"),
     ({"ANOMALY_MLFLOW__MODEL_NAME": "pumps/north"}, "mlflow.model_name"),  # else refused after training
+    # loads split at "?" (models:/ is parsed as a URL): it trained and registered, and could never be served
+    ({"ANOMALY_MLFLOW__MODEL_NAME": "pump?line-2"}, "mlflow.model_name"),
     ({"ANOMALY_SCHEDULER__INTERVAL_S": "1e12"}, "scheduler.interval_s"),  # else an OverflowError at start
     ({"ANOMALY_DRIFT__CHECK_INTERVAL_S": "1e12"}, "drift.check_interval_s"),  # else an OverflowError at start
     ({"ANOMALY_SCHEDULER__MISFIRE_GRACE_S": "100000000000"}, "scheduler.misfire_grace_s"),  # else every run errs
