@@ -764,6 +764,10 @@ class ScoringStep:
                 for event in self._alerts.expire(entity):
                     out.events.append((entity.encode("utf-8"), encode_event(event)))
                     out.counts["events_closed"] += 1
+                if hold.opened and hold.through is not None:
+                    # a run that opened an event, over: held as any finished run is (dropped, a replay
+                    # from a commit another entity holds inside it reported its tail under a new id)
+                    finished.append((entity, hold))
                 continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:

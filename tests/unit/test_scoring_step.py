@@ -739,6 +739,40 @@ def test_a_restart_from_any_commit_reports_only_the_events_of_the_uninterrupted_
     assert commits[-1] > 60 and first.alert_holds == {}  # all over: nothing pinned
 
 
+def test_a_restart_inside_an_event_closed_by_idle_expiry_reports_no_new_id() -> None:
+    # X alarms at slots 10-14 and goes silent for good: its event is closed when it has been idle 20 s.
+    # Y's long event (12-69) pins the commit inside X's run. The expired run's hold was dropped, not kept
+    # as a finished run's is: a restart rebuilt X's tail alone and reported it under a new id.
+    hot = {"X": set(range(10, 15)), "Y": set(range(12, 70))}
+    records, offset, batches = [], 0, []
+    for slot in range(90):
+        batch = []
+        for entity in ("X", "Y") if slot < 15 else ("Y",):
+            values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if slot in hot[entity] else 0.0))
+            batch.append(reading_record(entity, slot, offset, values=values))
+            offset += 1
+        records += batch
+        batches.append(batch)
+    policy = AlertPolicy(min_duration_windows=1, recovery_windows=1, cooldown_s=0.0, max_event_s=3600.0)
+
+    def step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0), policy,
+                           idle_timeout_s=20.0)
+
+    first = step()
+    outs = [first.process(batch, now_s=T0 + 1000) for batch in batches]
+    continuous = [decode_event(v) for out in outs for _, v in out.events]
+    assert [(e["entity"], e["status"]) for e in continuous] == [("X", "open"), ("Y", "open"), ("X", "closed"),
+                                                                 ("Y", "closed")]
+    seen = {e["event_id"] for e in continuous}
+    for slot, out in enumerate(outs):  # the worker dies after this slot's batch
+        committed = out.commits[(TOPIC, 0)]
+        replayed = step().process([r for r in records if r.offset >= committed], now_s=T0 + 1000)
+        ids = {decode_event(v)["event_id"] for _, v in replayed.events}
+        assert ids <= seen, f"restart after slot {slot} from offset {committed}: a new id"
+    assert outs[-1].commits[(TOPIC, 0)] > 90 and first.alert_holds == {}  # all over: nothing pinned
+
+
 @pytest.mark.parametrize("hot, window, grid, min_duration, slots", [
     # A's fault 290 slots, B's short one inside A's second period: B pins the commit inside A's event.
     ({"A": range(20, 310), "B": range(150, 170)}, 4, 100.0, 3, 360),
