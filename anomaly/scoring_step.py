@@ -658,6 +658,7 @@ class ScoringStep:
         values, end_ts_list = ready.values, ready.end_ts.tolist()
         holds = self._holds
         top_k = self.alert_policy.top_k
+        idle_s = self._idle_s()
         for i, entity in enumerate(entities):
             if entity not in involved or not finite[i]:  # a non-finite score is never an event
                 continue
@@ -670,6 +671,10 @@ class ScoringStep:
                          "actual": _finite_or_none(actual[j]), "expected": _finite_or_none(expected[i, j])}
                         for j in order]
 
+            if idle_s is not None and entity in holds and end_ts_list[i] - holds[entity].last_ts > idle_s:
+                # silent past the idle timeout before this window: expired first, as a batch that ended
+                # in the silence would have (else the same records gave other events in other batches)
+                self._expire(entity, out)
             bar = threshold if bars is None else float(bars[i])
             opened = False
             for event in self._alerts.update(entity, end_ts_list[i], float(scores[i]), bar, detail, name,
@@ -746,6 +751,17 @@ class ScoringStep:
         p = self._store.policy
         return self.idle_timeout_s + (p.stride + p.seal_lag + p.max_fill_steps + 1) * p.period_s
 
+    def _expire(self, entity: str, out: BatchOutput) -> None:
+        """``entity`` has been silent past the idle timeout: close its open event, end its hold."""
+        hold = self._holds.pop(entity)
+        for event in self._alerts.expire(entity):
+            out.events.append((entity.encode("utf-8"), encode_event(event)))
+            out.counts["events_closed"] += 1
+        if hold.opened and hold.through is not None:
+            # a run that opened an event, over: held as any finished run is (dropped, a replay from a
+            # commit another entity holds inside it reported its tail under a new id)
+            self._finished.append((entity, hold))
+
     def _apply_holds(self, out: BatchOutput, clocks: Mapping[int, float]) -> None:
         """Expire the alert state of entities silent for ``idle_timeout_s`` of their partition's stream time
         as the batch left it (``clocks``; closing open events; a lagging partition is measured by its own
@@ -760,14 +776,7 @@ class ScoringStep:
         for entity, hold in list(holds.items()):
             newest = clocks.get(hold.stream) if idle is not None else None
             if newest is not None and newest - hold.last_ts > idle:
-                del holds[entity]
-                for event in self._alerts.expire(entity):
-                    out.events.append((entity.encode("utf-8"), encode_event(event)))
-                    out.counts["events_closed"] += 1
-                if hold.opened and hold.through is not None:
-                    # a run that opened an event, over: held as any finished run is (dropped, a replay
-                    # from a commit another entity holds inside it reported its tail under a new id)
-                    finished.append((entity, hold))
+                self._expire(entity, out)
                 continue
             key = self._stream_keys[hold.stream]
             if key in out.commits and hold.offset < out.commits[key]:

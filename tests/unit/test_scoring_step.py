@@ -773,6 +773,32 @@ def test_a_restart_inside_an_event_closed_by_idle_expiry_reports_no_new_id() -> 
     assert outs[-1].commits[(TOPIC, 0)] > 90 and first.alert_holds == {}  # all over: nothing pinned
 
 
+def test_an_entity_back_after_the_idle_timeout_gets_the_same_events_however_the_batches_fall() -> None:
+    # X alarms at 0-4, is silent, and alarms again at 40-44; Y reads every slot. Idle expiry was checked
+    # only at a batch's end: read one slot at a time, the first event closed in the silence and a second
+    # opened at 40; read at once, the first event went on to 44 (one event, another close).
+    records, offset = [], 0
+    for slot in range(60):
+        readings = [("Y", False)] + ([("X", slot < 5 or 40 <= slot < 45)] if slot < 5 or slot >= 40 else [])
+        for entity, hot in readings:
+            values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if hot else 0.0))
+            records.append(reading_record(entity, slot, offset, values=values))
+            offset += 1
+
+    def events(size: int) -> list[tuple[Any, ...]]:
+        step = ScoringStep(FakeModel(window_size=1), WindowPolicy(window_size=1, period_s=1.0),
+                           AlertPolicy(min_duration_windows=1, recovery_windows=3, cooldown_s=0.0),
+                           idle_timeout_s=20.0)
+        outs = [step.process(records[i:i + size], now_s=T0 + 1000) for i in range(0, len(records), size)]
+        return [(e["entity"], e["status"], e["event_id"], e["start_ts"] - T0, e["end_ts"] and e["end_ts"] - T0)
+                for out in outs for _, v in out.events for e in [decode_event(v)]]
+
+    one_by_one = events(1)
+    assert [(e[0], e[1], e[3]) for e in one_by_one] == [("X", "open", 0), ("X", "closed", 0),
+                                                        ("X", "open", 40), ("X", "closed", 40)]
+    assert events(500) == events(7) == one_by_one
+
+
 @pytest.mark.parametrize("hot, window, grid, min_duration, slots", [
     # A's fault 290 slots, B's short one inside A's second period: B pins the commit inside A's event.
     ({"A": range(20, 310), "B": range(150, 170)}, 4, 100.0, 3, 360),
