@@ -505,11 +505,11 @@ def markdown(data: dict[str, Any]) -> str:
                  _x(ratio["val_loss"]), "quality kept" if ratio["val_loss"] <= 1.05 else "**worse**"),
                 ("scoring, windows/s", _f(ref["score_windows_per_s"]), _f(ours["score_windows_per_s"]),
                  _x(ratio["score_windows_per_s"]), _judge(ratio["score_windows_per_s"], t["score"])),
-                ("training peak RSS growth, MB", _f(ref["train_memory"]["rss_growth_mb"]),
+                ("training peak RSS growth, MiB", _f(ref["train_memory"]["rss_growth_mb"]),
                  _f(ours["train_memory"]["rss_growth_mb"]),
                  _memory_ratio(ref["train_memory"]["rss_growth_mb"], ratio["train_rss_growth_mb"]), "")]
         if dev == "cuda":
-            rows.append(("training peak CUDA memory, MB", _f(ref["train_memory"]["cuda_peak_mb"]),
+            rows.append(("training peak CUDA memory, MiB", _f(ref["train_memory"]["cuda_peak_mb"]),
                          _f(ours["train_memory"]["cuda_peak_mb"]),
                          _memory_ratio(ref["train_memory"]["cuda_peak_mb"], ratio["train_cuda_peak_mb"]), ""))
         same = r.get("reference_same_threads")

@@ -93,8 +93,8 @@ def test_gpu_figures_go_to_their_own_section_and_a_ratio_to_nothing_is_not_shown
     assert readme_section(gpu) == GPU_MARKER
     text = markdown(gpu)
     assert "deploy/gpu-check.sh run" in text and ", GPU a GPU," in text
-    assert "| training peak RSS growth, MB | 0 | 427 | n/a |" in text and "2135" not in text
-    assert "| training peak CUDA memory, MB | 188 | 2,783 | 14.80× |" in text
+    assert "| training peak RSS growth, MiB | 0 | 427 | n/a |" in text and "2135" not in text
+    assert "| training peak CUDA memory, MiB | 188 | 2,783 | 14.80× |" in text
 
 
 def test_the_reference_loop_returns_its_best_epochs_model():
