@@ -219,7 +219,16 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
             sep, names = _csv_layout(path)
             _refuse_repeated_names(path, [n.strip() for n in names])
             text = {n for n in names if n.strip() in set(text_columns)}
-            raw = pd.read_csv(path, sep=sep, engine="c", dtype={c: str for c in text} or None)
+            dtype = {c: str for c in text} or None
+            raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype)
+            if not isinstance(raw.index, pd.RangeIndex):
+                # Data lines with a field more than the header: pandas made the first column the index
+                # and moved every name one column left (a's readings read as the times, and nothing said).
+                if len(raw.columns) and raw.iloc[:, -1].isna().all():  # a separator ending every line
+                    raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype, index_col=False)
+                else:
+                    raise DataError(f"{path}: the data lines have more fields than the header's {len(names)} "
+                                    f"names; name every column in the header")
             raw.attrs[_BLANK_NAMES] = [c for i, c in enumerate(raw.columns)
                                        if i < len(names) and not names[i].strip() and str(c).startswith("Unnamed: ")]
             # "timestamp, a, b": names as written, without the spaces around them (data.sensors = ["a"])

@@ -408,3 +408,23 @@ def test_data_rows_are_counted_from_1_the_first_under_the_header(tmp_path):
         read_table(_write(tmp_path, "a.csv", "ts,temp\n1700000000,oops\n1700000001,2\n"))
     with pytest.raises(DataError, match="empty entity id at data row 2"):
         read_table(_write(tmp_path, "b.csv", "ts,entity,temp\n1700000000,p1,1\n1700000001,,2\n"), entity_col="entity")
+
+
+@pytest.mark.parametrize("sep", [",", ";"])
+def test_a_separator_ending_every_data_line_does_not_shift_the_columns(tmp_path, sep):
+    # logger and spreadsheet exports end each line with a separator the header lacks: pandas made the first
+    # column the index and moved every name one left (a's readings read as 1970 times, b's as a), silently
+    path = tmp_path / "trailing.csv"
+    path.write_text(f"ts{sep}a{sep}b\n" + "".join(f"2024-01-01 00:00:0{i}{sep}{10 + i}{sep}{20 + i}{sep}\n"
+                                                  for i in range(3)))
+    frame = read_table(path)
+    assert list(frame.columns) == ["a", "b"]
+    assert frame["a"].tolist() == [10, 11, 12] and frame["b"].tolist() == [20, 21, 22]
+    assert str(frame.index[0]).startswith("2024-01-01 00:00:00")
+
+
+def test_data_lines_with_a_value_the_header_does_not_name_are_refused(tmp_path):
+    path = tmp_path / "extra.csv"
+    path.write_text("ts,a,b\n" + "".join(f"2024-01-01 00:00:0{i},{10 + i},{20 + i},9\n" for i in range(3)))
+    with pytest.raises(DataError, match="more fields than the header's 3 names"):
+        read_table(path)
