@@ -206,13 +206,18 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+TAG_CHARS = 5000  # a run tag's value is cut to this: what every MLflow store takes
+
+
 class Run:
     """An MLflow run as a context manager; ``log_*`` write to it. Failure marks the run FAILED."""
 
     def __init__(self, experiment: str, artifact_location: str, run_name: str | None = None,
                  tags: Mapping[str, Any] | None = None) -> None:
         self.experiment, self.artifact_location = experiment, artifact_location
-        self.run_name, self.tags = run_name, {k: str(v) for k, v in (tags or {}).items()}
+        # cut as set_tags cuts: start_run does not check a tag's length, and Postgres's varchar(8000) refused
+        # a fleet retrain's entity list (every retrain of 700 pumps failed to start its run)
+        self.run_name, self.tags = run_name, {k: str(v)[:TAG_CHARS] for k, v in (tags or {}).items()}
         self.run_id: str | None = None
 
     def __enter__(self) -> "Run":
@@ -249,7 +254,7 @@ class Run:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         import mlflow
 
-        mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+        mlflow.set_tags({k: str(v)[:TAG_CHARS] for k, v in tags.items()})
 
     def log_dict(self, data: Any, name: str) -> None:
         import mlflow

@@ -200,3 +200,13 @@ def test_a_sqlite_uri_naming_a_folder_says_so(tmp_path):
     for create in (True, False):
         with pytest.raises(ConfigError, match=f"mlflow.tracking_uri: {tmp_path} is a folder: name the store's SQLite file"):
             tracking.configure(f"sqlite:///{tmp_path}", create=create)
+
+
+def test_a_runs_tags_are_cut_to_what_every_store_takes_from_the_start(tmp_path):
+    # a fleet retrain's retrain.entities (700 pumps: 8,800 characters) went to start_run uncut; MLflow checks
+    # no length there, and Postgres's varchar(8000) refused it: every retrain failed to start its run
+    from anomaly.tracking import TAG_CHARS, Run
+
+    run = Run("e", str(tmp_path), tags={"retrain.entities": ",".join(f"pump-{i:05d}" for i in range(700)),
+                                        "short": 7})
+    assert len(run.tags["retrain.entities"]) == TAG_CHARS == 5000 and run.tags["short"] == "7"
