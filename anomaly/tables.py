@@ -213,8 +213,10 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
     try:
         if suffix in _PARQUET_SUFFIXES:
             raw = pd.read_parquet(path)
-            # a frame saved with a (ts, entity) index: its levels are columns here (they went unseen)
-            return raw.reset_index() if isinstance(raw.index, pd.MultiIndex) else raw
+            # a frame saved with a (ts, entity) index, or with its entity ids as the index: those are columns
+            # here (they went unseen: a fleet read as one series, its entities overwriting each other)
+            named = raw.index.name is not None and not isinstance(raw.index, pd.DatetimeIndex)
+            return raw.reset_index() if isinstance(raw.index, pd.MultiIndex) or named else raw
         if suffix in _CSV_SUFFIXES:
             sep, names = _csv_layout(path)
             _refuse_repeated_names(path, [n.strip() for n in names])

@@ -428,3 +428,12 @@ def test_data_lines_with_a_value_the_header_does_not_name_are_refused(tmp_path):
     path.write_text("ts,a,b\n" + "".join(f"2024-01-01 00:00:0{i},{10 + i},{20 + i},9\n" for i in range(3)))
     with pytest.raises(DataError, match="more fields than the header's 3 names"):
         read_table(path)
+
+
+def test_a_parquet_fleet_saved_with_its_entities_as_the_index_keeps_them(tmp_path):
+    ts = pd.date_range("2024-01-01", periods=3, freq="s", tz="UTC")
+    frame = pd.DataFrame({"ts": list(ts) * 2, "entity": ["p1"] * 3 + ["p2"] * 3, "a": [1.0, 2, 3, 100, 200, 300]})
+    path = tmp_path / "fleet.parquet"
+    frame.set_index("entity").to_parquet(path)
+    got = read_table(path, entity_col="entity")
+    assert sorted(got["entity"].unique()) == ["p1", "p2"] and got["a"].tolist() == [1.0, 2, 3, 100, 200, 300]
