@@ -17,6 +17,11 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def render(readme: str) -> str:
+    """``readme`` with the reference between its markers renewed; ValueError when they are not there in
+    order (without the end marker everything after the start was cut off the README, and without both
+    a second reference was appended to it)."""
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(END) < readme.index(START):
+        raise ValueError(f"the README needs {START} and, after it, {END}, once each")
     head, _, rest = readme.partition(START)
     _, _, tail = rest.partition(END)
     return f"{head}{START}\n{reference_markdown()}\n{END}{tail}"
@@ -30,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = Path(args.readme)
     current = path.read_text(encoding="utf-8")
-    wanted = render(current)
+    try:
+        wanted = render(current)
+    except ValueError as exc:
+        print(f"{path}: {exc}; nothing written", file=sys.stderr)
+        return 2
     if args.check:
         if current != wanted:
             print(f"{path} is stale: run python -m pipelines.docs", file=sys.stderr)
