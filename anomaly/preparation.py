@@ -97,7 +97,7 @@ def prepare_training(frame: pd.DataFrame, sensors: Sequence[str] | None = None, 
 
 
 def screen_kept_rows(prepared: Prepared) -> Prepared:
-    """``prepared`` without the sensors that are constant or flat on the rows that train (outside
+    """``prepared`` without the sensors that are constant, flat or never observed on the rows that train (outside
     ``gaps``), reported and dropped as the first screening drops them. A sensor that moves only in a
     labelled fault, an outage or before the others' first readings passed the screening of every row,
     then trained constant: scale 1, its error in raw units swamping (or vanishing beside) the others'."""
@@ -106,8 +106,11 @@ def screen_kept_rows(prepared: Prepared) -> Prepared:
     kept = ~prepared.gaps
     frame = pd.DataFrame(prepared.values[kept], columns=prepared.sensors)
     missing = pd.DataFrame(prepared.missing[kept], columns=prepared.sensors)
+    # (max_missing_fraction 1: "mostly missing" only where nothing was observed on these rows, a sensor that
+    # reports only in a labelled fault: it would train on its held value alone)
     issues = [SensorIssue(i.sensor, i.kind, f"{i.detail} on the rows that train")
-              for i in sensor_quality(frame, missing) if i.kind in ("constant", "flat")]
+              for i in sensor_quality(frame, missing, max_missing_fraction=1.0)
+              if i.kind in ("constant", "flat", "mostly_missing")]
     if not issues:
         return prepared
     bad = {i.sensor for i in issues}

@@ -339,3 +339,20 @@ def test_labelled_rows_already_in_a_gap_are_not_counted_as_left_out_by_the_label
     labels[60:80] = True  # half in the gap
     prepared = prepare_training(frame, max_fill_steps=5, labels=labels)
     assert prepared.labelled_out == 10
+
+
+def test_a_sensor_with_no_reading_on_the_rows_that_train_is_left_out():
+    # b reports only inside the labelled fault: on the rows that train it is its held value alone, and it
+    # was kept (scale 1, error in raw units), as "nothing observed" was not one of the second screening's
+    rng = np.random.default_rng(0)
+    n = 400
+    index = pd.date_range("2024-01-01", periods=n, freq="s", tz="UTC", name="ts")
+    b = np.full(n, np.nan)
+    b[100:340] = rng.normal(50, 5, size=240)
+    labels = np.zeros(n, bool)
+    labels[100:340] = True
+    prepared = prepare_training(pd.DataFrame({"a": rng.normal(size=n), "b": b}, index=index), period_s=1.0,
+                                labels=labels)
+    assert prepared.sensors == ["a"] and "b" in prepared.dropped
+    assert any(i.sensor == "b" and i.kind == "mostly_missing" and "rows that train" in i.detail
+               for i in prepared.issues)
