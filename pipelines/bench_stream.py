@@ -768,7 +768,7 @@ def phase_memory(bootstrap: str, detector_dir: str, counts: list[int], window: i
                               "scoring_peak_mb": _mb(result["scoring_vmhwm_kb"]),
                               "pss_at_end_mb": _mb((result["main_pss_kb"] or 0) + (result["scoring_pss_kb"] or 0)
                                                    if result["scoring_pss_kb"] else None)}
-        log.info("memory: %d entities -> peak %.1f MB (baseline %.1f MB)", count, peaks[str(count)],
+        log.info("memory: %d entities -> peak %.1f MiB (baseline %.1f MiB)", count, peaks[str(count)],
                  baselines[str(count)])
     out["peak_rss_mb"] = peaks
     out["rss_baseline_mb"] = baselines
@@ -814,8 +814,8 @@ def report(r: dict[str, Any]) -> str:
         lines.append(f"  {'worker, no model':<28}{f(d.get('worker_none_msgs_per_s')):>12} msg/s"
                      f"     ratio {f(d.get('ratio_none'), '{:.2f}')}")
     for count, peak in r.get("peak_rss_mb", {}).items():
-        lines.append(f"  {'peak RSS, ' + f(int(count)) + ' entities':<28}{peak:>12.1f} MB"
-                     f"     (baseline {r['rss_baseline_mb'][count]:.1f} MB)")
+        lines.append(f"  {'peak RSS, ' + f(int(count)) + ' entities':<28}{peak:>12.1f} MiB"
+                     f"     (baseline {r['rss_baseline_mb'][count]:.1f} MiB)")
     lines.append(f"  total {r['seconds']:.0f} s")
     return "\n".join(lines)
 
