@@ -413,11 +413,11 @@ def _fit(train_np: np.ndarray, val_np: np.ndarray, model_config: ModelConfig, co
             stats = EpochStats(epoch, train_loss, val_loss, seconds, seen / max(seconds, 1e-9), train_seconds)
             history.append(stats)
             stop = False
-            try:
-                for cb in callbacks:
+            for cb in callbacks:  # every one sees the epoch, whichever asks to stop (a logger after a stopper)
+                try:
                     cb.on_epoch_end(stats)
-            except StopTraining:
-                stop = True
+                except StopTraining:
+                    stop = True
             if not math.isfinite(train_loss):
                 raise ModelError(f"training diverged at epoch {epoch} (loss {train_loss})")
             if not math.isfinite(val_loss):  # else no epoch is ever "better" and the untrained weights come back

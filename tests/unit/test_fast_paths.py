@@ -197,11 +197,11 @@ def test_a_callback_can_stop_training_and_the_best_weights_come_back():
             if stats.epoch >= self.n:
                 raise StopTraining
 
-    stop = StopAfter(2)
+    stop, logger = StopAfter(2), StopAfter(99)  # a logger after the stopper still sees the last epoch
     result = train_autoencoder(windows, CFG, TrainConfig(epochs=10, patience=10, device="cpu", progress=False,
                                                          cpu_threads=1),
-                               callbacks=[stop])
-    assert stop.calls == 2 and len(result.history) == 2
+                               callbacks=[stop, logger])
+    assert stop.calls == 2 and len(result.history) == 2 and logger.calls == 2
     assert result.best_val_loss == min(h.val_loss for h in result.history)
 
 
