@@ -45,6 +45,17 @@ from anomaly.errors import AnomalyError
 
 log = logging.getLogger(__name__)
 
+
+def encode(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """``registry`` in the format the ``Accept`` header asks for: ``(body, content type)``. A header that
+    prometheus_client cannot read (``version=abc``: a TypeError there, an empty reply and a traceback on
+    stderr) gets the plain text format, as a header asking for none does."""
+    try:
+        encoder, content_type = choose_encoder(accept)
+    except Exception:
+        encoder, content_type = choose_encoder("")
+    return encoder(registry), content_type
+
 PREFIX = "anomaly"
 
 # One micro-batch is decode + a batched forward pass + produce/flush/commit: milliseconds when idle,
@@ -273,8 +284,7 @@ class WorkerMetrics:
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics in the format the ``Accept`` header asks for: ``(body, content type)``."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return encode(self.registry, accept)
 
     def start_http(self, host: str = "0.0.0.0", port: int = 0) -> int:
         """Serve ``/metrics`` and ``/healthz`` on ``host:port`` from a daemon thread; the port actually

@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.exposition import choose_encoder
 
-from anomaly.metrics import HEALTH_STATUSES, HttpEndpoint
+from anomaly.metrics import HEALTH_STATUSES, HttpEndpoint, encode
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +191,7 @@ class SchedulerMetrics:
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics in the format the ``Accept`` header asks for: ``(body, content type)``."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        return encode(self.registry, accept)
 
     def start_http(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve ``/metrics`` and ``/healthz`` in a daemon thread; the port it listens on."""

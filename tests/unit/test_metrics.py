@@ -245,3 +245,13 @@ def test_every_round_of_the_poll_loop_moves_the_poll_gauge_not_the_batch_one(met
     assert value(metrics, "anomaly_last_batch_timestamp_seconds") == 0.0
     metrics.set_health("degraded")  # no round: the gauge keeps its time
     assert value(metrics, "anomaly_last_poll_timestamp_seconds") == 1_500.0
+
+
+def test_an_accept_header_prometheus_client_cannot_read_gets_the_plain_text_format(metrics):
+    # "version=abc" raised a TypeError in the handler: an empty reply, and a traceback on stderr
+    port = metrics.start_http("127.0.0.1", 0)
+    for accept in ("application/openmetrics-text; version=abc", "text/plain;version=x.y"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
+            assert b"anomaly_" in response.read()
