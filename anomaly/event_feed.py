@@ -10,6 +10,7 @@ with the top sensors. ``format_event`` is pure; ``EventFeed`` is the Kafka adapt
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -109,6 +110,7 @@ class EventFeed:
         self.annotate = annotate  # an extra note per event (``anomaly up``: does SKAB label a fault there?)
         self.client_options = dict(client_options or {})
         self.counts: Counter[str] = Counter()
+        self._anonymous = itertools.count()
         self.entities: Counter[str] = Counter()
         # (event_id, status) already counted, the newest COUNTED_MAX of them (a re-delivered copy comes soon)
         self._counted: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -140,7 +142,9 @@ class EventFeed:
                 or event.get("status") not in ("open", "closed"):
             log.warning("event feed: a record on %s is not an event (no entity or status); skipped", self.topic)
             return
-        event_id = str(event.get("event_id") or id(event))
+        # no id (not the worker's record): one of its own (a dict's id() is reused once it is freed, and
+        # other events then counted as one, or showed as re-opened)
+        event_id = str(event.get("event_id") or f"(no id) {next(self._anonymous)}")
         try:
             reopened = (event_id, "closed") in self._counted and event != self._first_open.get(event_id)
             line = format_event(event, reopened=reopened)

@@ -187,6 +187,19 @@ def test_event_feed_shows_an_opening_re_sent_after_a_restart_as_the_opening():
     assert feed.counts == {"open": 1, "closed": 1}
 
 
+def test_event_feed_counts_each_event_without_an_id_as_its_own():
+    # the stand-in id was the dict's id(), reused once a dict is freed: 5 closes counted as 1, and an opening
+    # shown as REOPEN
+    lines = []
+    feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append)
+    anonymous = {k: v for k, v in EVENT.items() if k != "event_id"}
+    for _ in range(5):
+        feed.handle(json.dumps({**anonymous, "status": "closed"}).encode())
+        feed.handle(json.dumps(anonymous).encode())
+    assert feed.counts == {"open": 5, "closed": 5}
+    assert not any("REOPEN" in line for line in lines)
+
+
 def test_event_feed_counts_and_annotates_and_skips_garbage():
     lines = []
     feed = EventFeed("127.0.0.1:1", "t", on_line=lines.append, annotate=lambda e: "note")
