@@ -30,6 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -302,6 +304,19 @@ class WorkerMetrics:
         return self._http.port
 
 
+class _Server(ThreadingHTTPServer):
+    """The endpoint's server: IPv4 or IPv6 as its host is (``address_family`` set per host: "::" was refused),
+    and a request that fails says so in the log, not as a traceback on stderr (a probe that gives up and
+    resets the connection: a line at debug level)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("metrics endpoint: %s dropped the connection: %s", client_address, exc)
+        else:
+            log.warning("metrics endpoint: a request from %s failed: %r", client_address, exc)
+
+
 class HttpEndpoint:
     """``GET /metrics`` and ``GET /healthz`` of ``target`` from a stdlib HTTP server in a daemon thread.
 
@@ -318,7 +333,9 @@ class HttpEndpoint:
         if self._server is not None:
             raise AnomalyError(f"metrics server already running on port {self._server.server_address[1]}")
         try:
-            server = ThreadingHTTPServer((host, int(port)), _handler_for(self.target))
+            family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            server = type("_Server", (_Server,), {"address_family": family})((host, int(port)),
+                                                                               _handler_for(self.target))
         except OSError as exc:
             raise AnomalyError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         server.daemon_threads = True  # a slow scraper must not hold the process's exit

@@ -255,3 +255,22 @@ def test_an_accept_header_prometheus_client_cannot_read_gets_the_plain_text_form
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200 and response.headers["Content-Type"].startswith("text/plain")
             assert b"anomaly_" in response.read()
+
+
+def test_the_endpoint_serves_on_an_ipv6_host(metrics):
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        port = metrics.start_http("::1", 0)
+    except AnomalyError as exc:
+        if "Cannot assign" in str(exc) or "not available" in str(exc):
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        raise
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=5) as response:
+            status = response.status
+    except urllib.error.HTTPError as err:  # 503 while starting: answered all the same
+        status = err.code
+    assert status in (200, 503)
