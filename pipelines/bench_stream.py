@@ -107,6 +107,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from anomaly.cli import non_negative_int
+
 from anomaly.synthetic import pump_values
 
 log = logging.getLogger("bench_stream")
@@ -913,7 +915,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-profile", choices=("default", "skab", "nab", "smd"), default="default",
                    help="network shape of the benchmark's detector: the [model] defaults (W 10, hidden 32, latent "
                         "8), or a dataset profile's (skab: W 10, hidden 32, latent 8; smd: W 32, hidden 64, latent 16)")
-    p.add_argument("--adaptive-rows", type=int, default=0, help="the detector's threshold adapts to each entity's "
+    p.add_argument("--adaptive-rows", type=non_negative_int, default=0, help="the detector's threshold adapts to each entity's "
                                                                 "last N readings' scores ([threshold] adaptive_rows; "
                                                                 "default 0: a fixed threshold, the shipped default)")
     p.add_argument("--in-process", action="store_true", help="experiment: worker.scoring_process = false (decode, "

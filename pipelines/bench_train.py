@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from anomaly import datasets
-from anomaly.cli import default_data_dir
+from anomaly.cli import default_data_dir, non_negative_int, positive_int
 from anomaly.model import ModelConfig
 from anomaly.preparation import fill_rows
 from anomaly.protocols import PROFILES
@@ -552,15 +552,25 @@ def _judge(ratio: float | None, target: float) -> str:
     return f"≥ {target:g}× — {'met' if ratio >= target else '**not met**'}"
 
 
+def _names(*known: str):
+    """An argparse type: a comma-separated list of ``known`` names (an unknown one failed after the work)."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names or any(n not in known for n in names):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(known)}, got {text!r}")
+        return names
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="results/bench_train.json", help="where to write the figures")
-    parser.add_argument("--sizes", default="skab,smd", help="comma-separated: skab, smd")
-    parser.add_argument("--devices", default="cpu,cuda", help="comma-separated: cpu, cuda (skipped without CUDA)")
-    parser.add_argument("--cpu-threads", type=int, default=0,
+    parser.add_argument("--sizes", type=_names("skab", "smd"), default="skab,smd", help="comma-separated: skab, smd")
+    parser.add_argument("--devices", type=_names("cpu", "cuda"), default="cpu,cuda", help="comma-separated: cpu, cuda (skipped without CUDA)")
+    parser.add_argument("--cpu-threads", type=non_negative_int, default=0,
                         help="torch threads for ours on CPU (default 0 = torch's default, the reference's count)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved scoring passes; the best counts")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="interleaved scoring passes; the best counts")
     parser.add_argument("--quick", action="store_true", help="tiny data and few epochs: checks the plumbing only")
     parser.add_argument("--data-dir", help="the datasets folder (default $ANOMALY_DATASETS or ../shared/datasets)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's bench-train section")
@@ -570,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.benchmark import report
 
     data_root = Path(args.data_dir) if args.data_dir else default_data_dir("skab").parent
-    return report(args, lambda: run(args.sizes.split(","), args.devices.split(","), args.quick, args.cpu_threads,
+    return report(args, lambda: run(args.sizes, args.devices, args.quick, args.cpu_threads,
                                     args.repeats, data_root), markdown, marker=readme_section)
 
 

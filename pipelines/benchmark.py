@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--costs", action="store_true",
                         help="only time each variant's training step and scoring on the profiles' shapes (no data)")
     parser.add_argument("--seed", type=int, help="variants: training seed for every model (default: the profiles')")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--resume", action="store_true", help="variants: keep the pairs already in --json, run the rest")
     args = parser.parse_args(argv)
     _check_modes(parser, args)

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from anomaly.cli import non_negative_int
+
 log = logging.getLogger("pipelines.fleet")
 
 DATASETS = ("smd",)  # the ones whose series are entities of one asset type (SKAB's files are runs of one rig)
@@ -135,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="the dataset's folder (default $ANOMALY_DATASETS/<name> or "
                                            "../shared/datasets/<name>)")
     parser.add_argument("--json", help="write the figures here")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--min-windows", type=int, default=200,
                         help="threshold.per_entity_min_windows: fewest validation windows for a series' own threshold")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -64,7 +64,7 @@ from anomaly.adaptive import PARAM_KEYS as ADAPTIVE_KEYS
 from anomaly.adaptive import AdaptiveRule, adaptive_flags
 from anomaly.episodes import PARAM_KEYS as EPISODE_KEYS
 from anomaly.episodes import EpisodeRule, episode_flags
-from anomaly.cli import default_data_dir
+from anomaly.cli import default_data_dir, non_negative_int
 from anomaly.protocols import PROFILES, SKAB_PROFILE_SENSORS
 
 log = logging.getLogger("skab_tradeoff")
@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="results/skab_tradeoff",
                         help="where protocol runs are pickled (and reused) and the Pareto CSVs go")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (training.cpu_threads); 0 = torch's own")
+    parser.add_argument("--threads", type=non_negative_int, default=1, help="torch threads (training.cpu_threads); 0 = torch's own")
     args = parser.parse_args(argv)
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]

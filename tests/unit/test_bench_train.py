@@ -140,3 +140,18 @@ def test_the_reference_at_our_thread_count_leaves_its_warm_up_epoch_out(monkeypa
     out = bench._reference_at_threads(train, train, train, None, torch.device("cpu"), 1, 1, 200.0, 1.0)
     assert out["train_windows_per_s"] == pytest.approx(100.0)  # 100 windows a second once warm
     assert out["ratios"]["train_windows_per_s"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("pipelines.bench_train", ["--sizes", "foo"]), ("pipelines.bench_train", ["--repeats", "0"]),
+    ("pipelines.bench_train", ["--devices", "tpu"]), ("pipelines.benchmark", ["--threads", "-1"]),
+    ("pipelines.fleet", ["--threads", "-1"]), ("pipelines.bench_stream", ["--adaptive-rows", "-1"]),
+    ("pipelines.skab_tradeoff", ["--threads", "-1"]),
+])
+def test_a_bad_option_of_a_benchmark_is_a_usage_error_before_any_work(module, argv, capsys):
+    # they were tracebacks: torch's RuntimeError, a KeyError, min() of nothing after all the training
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(argv)
+    assert exit_.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
