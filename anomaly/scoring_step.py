@@ -691,7 +691,8 @@ class ScoringStep:
                 if hold.opened and hold.through is not None:
                     # A run that opened an event is over. Its hold stays, apart from the entity's next
                     # run's, while the commit would fall at or before the oldest reading of the run's last
-                    # window above its bar (``through``): a replay from there (held by another entity)
+                    # window above its bar (``through``; or its newest placed out of order, which a replay
+                    # from between them tears apart): a replay from there (held by another entity)
                     # would rebuild that window without the run's start, and report the tail as a new
                     # event, under another id. A replay from any later offset rebuilds none of the run's
                     # windows above (its first window ends past them), so nothing of the run is reported.
@@ -706,7 +707,10 @@ class ScoringStep:
                 hold.last_ts = end_ts_list[i]
                 hold.opened = hold.opened or opened
             if hold is not None and above[i] and int(ready.partition[i]) == hold.stream:
-                hold.through = int(ready.start_offset[i])
+                # past its oldest reading when one of its readings lies past a later slot's (placed out of
+                # order within grace): a replay from between them filled that slot from it, and rebuilt the
+                # run's tail as another window above, under a new id
+                hold.through = int((ready.start_offset if ready.through_offset is None else ready.through_offset)[i])
         self._apply_holds(out, staged.clocks)
         return out
 
@@ -874,7 +878,8 @@ class _Replay:
         return ReadyBatch([ready.entities[j] for j in where.tolist()], ready.values[where], ready.end_ts[where],
                           ready.start_ts[where], ready.partition[where], ready.end_offset[where],
                           ready.filled[where], ready.start_offset[where],
-                          None if ready.reading_ts is None else ready.reading_ts[where])
+                          None if ready.reading_ts is None else ready.reading_ts[where],
+                          None if ready.through_offset is None else ready.through_offset[where])
 
 
 @dataclass
@@ -886,7 +891,7 @@ class _Hold:
     start_ts: float  # end_ts of that window
     last_ts: float  # end_ts of the entity's newest scored window while in alert state
     opened: bool = False  # the run opened an event (a run that never did leaves nothing to replay)
-    through: int | None = None  # the oldest reading of the run's last window above its bar (on ``stream``)
+    through: int | None = None  # the run's last window above its bar: ``ReadyBatch.through_offset`` (on ``stream``)
 
 
 UNALIGNED_NAMES_MAX = 10_000  # entities missing the stride slots kept for the next warning

@@ -163,19 +163,37 @@ class ReadyBatch:
     # (N,) epoch s stamped on the reading in each window's last slot (``end_ts`` is its slot's time, up to
     # half a period away): what end-to-end latency is measured from. None: not known (then ``end_ts``)
     reading_ts: np.ndarray | None = None
+    # (N,) the offset a replay of ``partition`` must start after to rebuild none of each window: its oldest
+    # reading's, or where a reading of it lies past a later slot's (placed out of order within grace), the
+    # newest such one's (a replay from between them fills the later slot from it). None: not known
+    through_offset: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.entities)
 
 
+def _replay_offsets(off: np.ndarray, mine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per window (rows of ``off``: its readings' offsets, oldest slot first; ``mine``: those on the window's
+    partition, None: all): the oldest offset, and the offset a replay must start after to rebuild none of it
+    (the oldest, or the newest reading that lies past a later slot's: placed out of order within grace)."""
+    big = np.iinfo(np.int64).max
+    o = off.astype(np.int64) if mine is None else np.where(mine, off, big).astype(np.int64)
+    oldest = o.min(axis=1)
+    later = np.minimum.accumulate(o[:, ::-1], axis=1)[:, ::-1]  # the least offset from each slot on
+    later = np.concatenate([later[:, 1:], np.full((len(o), 1), big)], axis=1)  # ... from the next slot on
+    torn = (o > later) if mine is None else (mine & (o > later))
+    return oldest, np.maximum(oldest, np.where(torn, o, -1).max(axis=1, initial=-1))
+
+
 class _Chunk:
     """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
 
-    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts")
+    __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts",
+                 "through_offset")
 
     def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
                  end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray,
-                 reading_ts: np.ndarray) -> None:
+                 reading_ts: np.ndarray, through_offset: np.ndarray) -> None:
         self.entity = entity
         self.values = values  # (k, W, F)
         self.end_slot = end_slot  # (k,)
@@ -184,6 +202,7 @@ class _Chunk:
         self.filled = filled  # (k,)
         self.start_offset = start_offset  # (k,)
         self.reading_ts = reading_ts  # (k,) epoch s stamped on the reading that ends each window
+        self.through_offset = through_offset  # (k,)
 
 
 class _Entity:
@@ -463,11 +482,10 @@ class WindowStore:
         state.unaligned = 0
         lo = state.n - w
         state.last_end = slot
+        oldest, through = _replay_offsets(state.off[lo:state.n][None], (state.part[lo:state.n] == partition)[None])
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
-                                  np.array([state.filled[lo:state.n].sum()]),
-                                  np.array([state.off[lo:state.n][state.part[lo:state.n] == partition].min()]),
-                                  np.array([ts])))
+                                  np.array([state.filled[lo:state.n].sum()]), oldest, np.array([ts]), through))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
@@ -502,12 +520,12 @@ class WindowStore:
             joined_off = np.concatenate([state.off[n - h:n], offs])
             if state.mixed:  # only this partition's rows: another partition's offsets mean nothing here
                 joined_part = np.concatenate([state.part[n - h:n], parts])
-                window_off = np.where(joined_part[gather] == partition, joined_off[gather], np.iinfo(np.int64).max)
+                mine = joined_part[gather] == partition
             else:
-                window_off = joined_off[gather]
+                mine = None
+            oldest, through = _replay_offsets(joined_off[gather], mine)
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
-                                      np.full(len(j), partition), offs[j], filled, window_off.min(axis=1),
-                                      stamps[j]))
+                                      np.full(len(j), partition), offs[j], filled, oldest, stamps[j], through))
             state.last_end = first_slot + int(j[-1])
             state.unaligned = 0
             if state.queued_needs is None:  # the first window queued: its rows and every later one
@@ -570,14 +588,15 @@ class WindowStore:
         w, f, period = self._w, len(self.sensors), self.policy.period_s
         if not chunks:
             empty = np.empty(0, dtype=np.int64)
-            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty, empty, np.empty(0))
+            return ReadyBatch([], np.empty((0, w, f)), np.empty(0), np.empty(0), empty, empty, empty, empty, np.empty(0),
+                              empty)
         entities: list[str] = []
         for chunk in chunks:
             entities.extend([chunk.entity] * len(chunk.end_slot))
         if len(chunks) == 1:
             c = chunks[0]
             values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
-            start_offset, reading_ts = c.start_offset, c.reading_ts
+            start_offset, reading_ts, through_offset = c.start_offset, c.reading_ts, c.through_offset
         else:
             values = np.concatenate([c.values for c in chunks])
             end_slot = np.concatenate([c.end_slot for c in chunks])
@@ -586,9 +605,11 @@ class WindowStore:
             filled = np.concatenate([c.filled for c in chunks])
             start_offset = np.concatenate([c.start_offset for c in chunks])
             reading_ts = np.concatenate([c.reading_ts for c in chunks])
+            through_offset = np.concatenate([c.through_offset for c in chunks])
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
-                          start_offset.astype(np.int64), np.asarray(reading_ts, dtype=np.float64))
+                          start_offset.astype(np.int64), np.asarray(reading_ts, dtype=np.float64),
+                          through_offset.astype(np.int64))
 
     def observe(self, ts: np.ndarray, partitions: np.ndarray) -> None:
         """Move each partition's stream time on to the newest of ``ts`` seen on it, placing no reading:

@@ -799,6 +799,42 @@ def test_an_entity_back_after_the_idle_timeout_gets_the_same_events_however_the_
     assert events(500) == events(7) == one_by_one
 
 
+def test_a_reading_placed_out_of_order_keeps_a_finished_runs_hold_until_the_commit_is_past_it() -> None:
+    # grace 1: A's slot 8 (offset 7) comes before its hot slot 7 (offset 9); B's fault, from offset 8, pins the
+    # commit there. A's finished run was released once the commit passed the OLDEST reading of its last window
+    # above (7): a restart from 8 read slot 7 without slot 8, filled slot 8 from it, and reported a window
+    # ending at 9 as a new event under another id. The hold now lasts until the commit passes the newest (9).
+    records: list[InputRecord] = []
+
+    def add(entity: str, slot: int, hot: bool) -> None:
+        values = dict(zip(SENSORS, CENTRE), pressure=1.0 + (9.0 if hot else 0.0))
+        records.append(reading_record(entity, slot, len(records), values=values))
+
+    for slot in range(7):
+        add("A", slot, slot in (5, 6))
+    add("A", 8, False)
+    add("B", 7, True)
+    add("A", 7, True)
+    for slot in range(8, 40):
+        add("B", slot, True)
+        if slot >= 9:
+            add("A", slot, False)
+
+    def step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=2), WindowPolicy(1, 1.0, grace_slots=1),
+                           AlertPolicy(min_duration_windows=1, recovery_windows=1, cooldown_s=0.0))
+
+    first = step()
+    outs = [first.process(records[i:i + 5], now_s=T0 + 100) for i in range(0, len(records), 5)]
+    seen = {decode_event(v)["event_id"] for out in outs for _, v in out.events}
+    for k, out in enumerate(outs):  # the worker dies after batch k
+        committed = out.commits[(TOPIC, 0)]
+        again = step()
+        replayed = [again.process(records[i:i + 5], now_s=T0 + 100) for i in range(committed, len(records), 5)]
+        ids = {decode_event(v)["event_id"] for out in replayed for _, v in out.events}
+        assert ids <= seen, f"restart after batch {k} from offset {committed}: a new id"
+
+
 @pytest.mark.parametrize("hot, window, grid, min_duration, slots", [
     # A's fault 290 slots, B's short one inside A's second period: B pins the commit inside A's event.
     ({"A": range(20, 310), "B": range(150, 170)}, 4, 100.0, 3, 360),
