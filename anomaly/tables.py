@@ -222,12 +222,16 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
             _refuse_repeated_names(path, [n.strip() for n in names])
             text = {n for n in names if n.strip() in set(text_columns)}
             dtype = {c: str for c in text} or None
-            raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype)
+            # an entity id is missing only when its cell is empty: "NA" (North America), "None" and "null" are
+            # ids, which pandas' default missing-value strings turned into "empty entity id" errors
+            na = {n: ([""] if n in text else list(_NA_STRINGS)) for n in names} if text else None
+            raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype, keep_default_na=not text, na_values=na)
             if not isinstance(raw.index, pd.RangeIndex):
                 # Data lines with a field more than the header: pandas made the first column the index
                 # and moved every name one column left (a's readings read as the times, and nothing said).
                 if len(raw.columns) and raw.iloc[:, -1].isna().all():  # a separator ending every line
-                    raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype, index_col=False)
+                    raw = pd.read_csv(path, sep=sep, engine="c", dtype=dtype, index_col=False,
+                                      keep_default_na=not text, na_values=na)
                 else:
                     raise DataError(f"{path}: the data lines have more fields than the header's {len(names)} "
                                     f"names; name every column in the header")
@@ -242,6 +246,11 @@ def _read_raw(path: Path, text_columns: Sequence[str] = ()) -> pd.DataFrame:
     raise DataError(f"{path}: {table_suffix_problem(path)}")
 
 
+try:  # the strings pandas reads as missing by default ("", "NA", "NaN", "null", "n/a", ...)
+    from pandas._libs.parsers import STR_NA_VALUES as _NA_STRINGS
+except ImportError:  # pragma: no cover - a pandas without it
+    _NA_STRINGS = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                   "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
 _BLANK_NAMES = "anomaly.blank_names"  # raw.attrs key: CSV columns with a blank header (pandas: "Unnamed: i")
 
 _SNIFF_LINES = 20  # data lines read, beside the header, to tell the separator

@@ -437,3 +437,14 @@ def test_a_parquet_fleet_saved_with_its_entities_as_the_index_keeps_them(tmp_pat
     frame.set_index("entity").to_parquet(path)
     got = read_table(path, entity_col="entity")
     assert sorted(got["entity"].unique()) == ["p1", "p2"] and got["a"].tolist() == [1.0, 2, 3, 100, 200, 300]
+
+
+def test_entity_ids_pandas_would_read_as_missing_are_ids(tmp_path):
+    # "NA" (North America), "None", "null": pandas' default missing-value strings made them "empty entity id"
+    path = tmp_path / "regions.csv"
+    path.write_text("ts,region,a\n" + "".join(f"2024-01-01 00:00:0{i},{region},{i}\n"
+                                              for i, region in enumerate(["EU", "NA", "None", "null"])) +
+                    "2024-01-01 00:00:05,EU,NA\n")
+    frame = read_table(path, entity_col="region")
+    assert frame["entity"].tolist() == ["EU", "NA", "None", "null", "EU"]
+    assert frame["a"].iloc[:4].tolist() == [0, 1, 2, 3] and np.isnan(frame["a"].iloc[4])  # a value's "NA": missing
