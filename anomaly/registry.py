@@ -37,7 +37,7 @@ PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 HISTORY_TAG = "{alias}_history"  # registered-model tag: JSON list of versions that held the alias (rollback's stack)
 LOG_TAG = "{alias}_log"  # registered-model tag: JSON list of the alias's latest moves, each {at, from, to, reason}
 LOG_ENTRIES = 20  # moves kept in the log tag (and fewer where they would not fit a tag value)
-TAG_VALUE_CHARS = 5000  # what every MLflow store takes in a tag value
+TAG_VALUE_CHARS = tracking.TAG_CHARS  # what every MLflow store takes in a tag value (one figure for runs and versions)
 MODEL_DESCRIPTION = (
     "Anomaly detector for one asset type: an LSTM autoencoder over windows of sensor readings; a window "
     "whose reconstruction error is above its threshold is anomalous. Versions are trained by `anomaly train` "
@@ -278,6 +278,11 @@ def _record_move(name: str, alias: str, previous: str | None, version: str, reas
     _stamp_holders(c, name, alias, previous, version, reason)
 
 
+def _utc_now() -> str:
+    """Now, as the alias's log and version tags write it (RFC 3339, UTC, whole seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def _log_move(c: Any, name: str, alias: str, previous: str | None, version: str | None, reason: str) -> str | None:
     """Add a move of ``alias`` (to ``version``; None: removed) to the model's ``<alias>_log``, the latest
     ``LOG_ENTRIES`` that fit in a tag (the oldest dropped whole: a cut one is not JSON, and the next
@@ -287,7 +292,7 @@ def _log_move(c: Any, name: str, alias: str, previous: str | None, version: str 
         moves = list(json.loads(before or "[]"))
     except (json.JSONDecodeError, TypeError):
         moves = []
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = _utc_now()
     moves = (moves + [{"at": now, "from": previous, "to": version, "reason": reason[:200]}])[-LOG_ENTRIES:]
     text = json.dumps(moves)
     while len(text) > TAG_VALUE_CHARS and len(moves) > 1:
@@ -300,7 +305,7 @@ def _log_move(c: Any, name: str, alias: str, previous: str | None, version: str 
 def _stamp_holders(c: Any, name: str, alias: str, previous: str | None, version: str, reason: str) -> None:
     """The version tags of a move: the new holder's ``<alias>_since``/``_reason`` (an earlier spell's
     ``_until`` removed), the previous holder's ``<alias>_until``."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = _utc_now()
     if previous is not None and previous != version:
         c.set_model_version_tag(name, previous, f"{alias}_until", now)
     c.set_model_version_tag(name, version, f"{alias}_since", now)
@@ -328,8 +333,7 @@ def remove_alias(name: str, alias: str, reason: str = "") -> str:
             if HISTORY_TAG.format(alias=alias) in tags:
                 c.delete_registered_model_tag(name, HISTORY_TAG.format(alias=alias))
             _log_move(c, name, alias, previous, None, reason or "alias removed")
-            c.set_model_version_tag(name, previous, f"{alias}_until",
-                                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            c.set_model_version_tag(name, previous, f"{alias}_until", _utc_now())
         except Exception as exc:
             log.warning("%s: @%s removed from v%s, but its log and version tags could not be written: %s",
                         name, alias, previous, exc)
