@@ -384,7 +384,7 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
         scored.scores[gap_windows] = np.nan
     scores = rows_from_windows(scored.scores, n, w)
     # the fitted value (the entity's own, if fitted), moved by the model's adaptive or episode rule if any
-    bars = detector.threshold.for_entity(entity).series_bars(scores)
+    bars = detector.threshold.for_entity(entity).series_bars(scores, window_size=w)
     flags = scores > bars
     top = rows_from_windows(scored.sensor_errors.argmax(axis=1).astype(float), n, w)
     out = pd.DataFrame({"ts": prepared.timestamps, "score": scores, "threshold": bars, "is_anomaly": flags,

@@ -17,13 +17,16 @@ alarm itself:
   breaks the run and the held windows join the level with it. (Counted in at once, a run's own scores
   pulled the level down under them before ``k`` came: after a short fault an asset settled between the
   fitted threshold and 1/``drop`` of the fault stayed in the episode, alarmed, for good.) The bar is then
-  ``settle`` × the highest of those ``k`` scores (at least the fitted threshold): the level an asset
-  settles at after a fault (a rig still warm, a refitted valve) is not alarmed again, a rise above it
-  is. The settled bar holds until the model changes (a new model's scores are on its own scale, so
+  ``settle`` × the highest of those ``k`` scores (at least the fitted threshold) that hold no reading of
+  the last window above the bar: a run's first windows still hold the fault's last readings, their
+  scores falling step by step, and measured with them the settled bar was a fraction of the fault's own
+  size (a later, smaller fault went unflagged). So the level an asset settles at after a fault (a rig
+  still warm, a refitted valve) is not alarmed again, a rise above it is. Where ``k`` is too short for
+  a window clear of the fault, the run's last window alone sets it. The settled bar holds until the model changes (a new model's scores are on its own scale, so
   every entity starts afresh).
 
 ``EpisodeRule`` is configured in readings (``k``) and turned into windows for the scoring stride by
-``in_windows``. Two implementations of one definition, tested against each other: ``episode_bars`` for
+``in_windows``; ``overlap`` says how many windows after one still share a reading with it. Two implementations of one definition, tested against each other: ``episode_bars`` for
 one entity's scores offline, ``EpisodeBars`` in the worker for many entities, fed batch by batch.
 NaN scores are never flagged (+inf is: above any bar); non-finite scores change no episode.
 """
@@ -71,6 +74,13 @@ class EpisodeRule:
             raise ValueError(f"stride must be >= 1, got {stride}")
         return max(1, -(-self.k // stride))
 
+    def overlap(self, window_size: int, stride: int = 1) -> int:
+        """How many windows after a window (``window_size`` readings, ``stride`` readings apart) still
+        share a reading with it: those a run's settled level leaves out."""
+        if stride < 1 or window_size < 1:
+            raise ValueError(f"window_size and stride must be >= 1, got {window_size}, {stride}")
+        return -(-int(window_size) // stride) - 1
+
     def describe(self) -> str:
         """One line for people (tags, listings): ``episodes: end 15 readings under level/2, settle x3``."""
         if not self.enabled:
@@ -95,8 +105,8 @@ class EpisodeRule:
 @dataclass
 class _State:
     """One entity's episode state: the settled bar, and while an episode is open its log-sum, length
-    and the run of windows at or under its bar (how many, their highest score, their log-sum: held
-    aside until a window above the bar breaks the run)."""
+    and the run of windows at or under its bar (how many, the highest score of those clear of the last
+    window above, their log-sum: held aside until a window above the bar breaks the run)."""
 
     settled: float = 0.0
     open: bool = False
@@ -114,8 +124,10 @@ class _State:
             return max(base, math.exp(self.log_sum / self.n) / drop)
         return max(base, self.settled)
 
-    def step(self, score: float, base: float, drop: float, settle: float, k: int) -> float:
-        """The bar in force for ``score``, then the state after it (a non-finite score changes nothing)."""
+    def step(self, score: float, base: float, drop: float, settle: float, k: int, skip: int) -> float:
+        """The bar in force for ``score``, then the state after it (a non-finite score changes nothing).
+        ``skip``: a run's first windows that still hold a reading of the window above before it, left
+        out of the settled level (but the run's last window always counts)."""
         bar = self.bar(base, drop)
         if not math.isfinite(score):
             return bar
@@ -129,7 +141,9 @@ class _State:
             self.n += self.below + 1
             self.below, self.below_log_sum = 0, 0.0
             return bar
-        self.below_max = score if self.below == 0 else max(self.below_max, score)
+        first = min(skip, k - 1)  # the run's first window clear of the fault (or its last)
+        if self.below >= first:
+            self.below_max = score if self.below == first else max(self.below_max, score)
         self.below_log_sum += math.log(max(score, _TINY))
         self.below += 1
         if self.below >= k:
@@ -137,24 +151,26 @@ class _State:
         return bar
 
 
-def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1) -> np.ndarray:
-    """The bar in force at each of one entity's windows (time order): ``base`` (or the settled bar) at
-    rest, the open episode's level / ``drop`` (at least ``base``) inside one. A non-finite score is shown
-    the bar in force and changes nothing. Causal."""
+def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1, *,
+                 window_size: int) -> np.ndarray:
+    """The bar in force at each of one entity's windows (time order; ``window_size`` readings each,
+    ``stride`` apart): ``base`` (or the settled bar) at rest, the open episode's level / ``drop`` (at
+    least ``base``) inside one. A non-finite score is shown the bar in force and changes nothing. Causal."""
     x = np.asarray(scores, dtype=np.float64).ravel()
     bars = np.full(x.shape, float(base))
     if rule is None or not rule.enabled:
         return bars
-    state, k = _State(), rule.in_windows(stride)
+    state, k, skip = _State(), rule.in_windows(stride), rule.overlap(window_size, stride)
     for i, v in enumerate(x.tolist()):
-        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k)
+        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k, skip)
     return bars
 
 
-def episode_flags(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1) -> np.ndarray:
+def episode_flags(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1, *,
+                  window_size: int) -> np.ndarray:
     """Boolean flags of one entity's windows: score above its bar (NaN: never)."""
     x = np.asarray(scores, dtype=np.float64).ravel()
-    return x > episode_bars(x, base, rule, stride)
+    return x > episode_bars(x, base, rule, stride, window_size=window_size)
 
 
 class EpisodeBars:
@@ -163,11 +179,12 @@ class EpisodeBars:
     entity's state in time order, so ``bars`` looks at each window once; an entity at rest costs a
     dictionary lookup and a comparison a window."""
 
-    def __init__(self, rule: EpisodeRule, stride: int = 1) -> None:
+    def __init__(self, rule: EpisodeRule, stride: int = 1, *, window_size: int) -> None:
         if not rule.enabled:
             raise ValueError("EpisodeBars needs an enabled rule (drop > 0)")
         self.rule = rule
         self.k = rule.in_windows(stride)
+        self.skip = rule.overlap(window_size, stride)
         self._states: dict[str, _State] = {}
 
     @property
@@ -203,7 +220,7 @@ class EpisodeBars:
         for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (len(scores),)).copy()
-        rule, k = self.rule, self.k
+        rule, k, skip = self.rule, self.k, self.skip
         states = self._states
         ends = None if end_ts is None else np.asarray(end_ts, dtype=np.float64).tolist()
         ids = None if streams is None else np.asarray(streams, dtype=np.int64).tolist()
@@ -215,5 +232,5 @@ class EpisodeBars:
                 state.newest = ends[i]
             if ids is not None:
                 state.stream = ids[i]
-            bars[i] = state.step(v, b, rule.drop, rule.settle, k)
+            bars[i] = state.step(v, b, rule.drop, rule.settle, k, skip)
         return bars

@@ -80,7 +80,7 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
         score[scored.end_rows] = scored.scores
         top[scored.end_rows] = [det.sensors[j] if np.isfinite(v) else None  # no score, no sensor to blame
                                 for j, v in zip(scored.sensor_errors.argmax(axis=1), scored.scores)]
-    return score, threshold.series_bars(score), top  # the bar: fitted, moved by an adaptive or episode rule
+    return score, threshold.series_bars(score, window_size=det.window_size), top  # the bar: fitted, moved by an adaptive or episode rule
 
 
 mlflow.models.set_model(DetectorModel())

@@ -115,7 +115,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     first = series.train_rows if score_from is None else score_from
     labels = np.zeros(n, bool) if series.labels is None else np.asarray(series.labels, bool)
     thr = detector.threshold.value
-    bars = detector.threshold.series_bars(scores[first:])
+    bars = detector.threshold.series_bars(scores[first:], window_size=w)
     return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
                         labels=labels[first:], scores=scores[first:],
                         flags=scores[first:] > bars, bars=bars, expected=expected[first:],

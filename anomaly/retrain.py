@@ -814,7 +814,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         if unlabelled is not None and unlabelled.any():
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
-            flagged = scored.end_rows[champion.threshold.for_entity(entity).series_flags(scored.scores)]
+            flagged = scored.end_rows[champion.threshold.for_entity(entity).series_flags(
+                scored.scores, window_size=champion.window_size)]
             flagged = flagged[unlabelled[flagged]]  # a window ending on a labelled row: its truth decided
             drop |= exclusion_mask(len(values), flagged, w, rt.exclude_margin_rows)
             facts["flagged_windows"] += len(flagged)
@@ -933,7 +934,7 @@ def _joint(models: Sequence[Any], segments: Sequence[np.ndarray], entities: Sequ
             scores = np.asarray(scored.scores, dtype=np.float64)
             full = np.full((3, len(seg)), np.nan)  # by end row
             full[0, rows] = scores
-            full[1, rows] = np.broadcast_to(threshold.series_bars(scores), scores.shape)
+            full[1, rows] = np.broadcast_to(threshold.series_bars(scores, window_size=model.window_size), scores.shape)
             full[2, rows] = common_unit_errors(scored.sensor_errors, model.scaler.scale, unit)
             out.append((full[0, window - 1:], full[1, window - 1:], full[2, window - 1:]))
     if not parts[0]:
@@ -959,7 +960,8 @@ def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
         scored = detector.score_values(values)
         threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
         predicted = np.zeros(len(values), dtype=bool)
-        predicted[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores)]] = True
+        predicted[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores,
+                                                                     window_size=detector.window_size)]] = True
         counts.append(event_metrics(np.asarray(labels)[window - 1:], predicted[window - 1:]))
     return aggregate_events(counts) if counts else None
 

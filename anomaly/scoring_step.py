@@ -303,7 +303,8 @@ class ScoringStep:
         model (completing after a swap) never reads or feeds it."""
         episodes = getattr(model, "episodes", None)
         if episodes is not None and episodes.enabled:
-            return model, EpisodeBars(episodes, min(self._base_policy.stride, int(model.window_size)))
+            return model, EpisodeBars(episodes, min(self._base_policy.stride, int(model.window_size)),
+                                      window_size=int(model.window_size))
         rule = getattr(model, "adaptive", None)
         enabled = rule is not None and rule.enabled
         return model, (TrailingBars(rule, min(self._base_policy.stride, int(model.window_size))) if enabled else None)

@@ -145,20 +145,21 @@ class Threshold:
         rule = self.episodes or self.adaptive
         return "off" if rule is None else rule.describe()
 
-    def series_bars(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
-        """The bar in force at each window of ONE entity's scores in time order: the fitted value, moved
+    def series_bars(self, scores: np.ndarray, stride: int = 1, *, window_size: int) -> np.ndarray:
+        """The bar in force at each window of ONE entity's scores in time order (windows of
+        ``window_size`` readings, ``stride`` apart): the fitted value, moved
         by the alarm-episode rule (``episode_bars``) or the adaptive rule (``adaptive_bars``) if one is
         stored (at most one is: ``ThresholdSettings`` refuses both)."""
         episodes = self.episodes
         if episodes is not None:
-            return episode_bars(scores, self.value, episodes, stride)
+            return episode_bars(scores, self.value, episodes, stride, window_size=window_size)
         return adaptive_bars(scores, self.value, self.adaptive, stride)
 
-    def series_flags(self, scores: np.ndarray, stride: int = 1) -> np.ndarray:
+    def series_flags(self, scores: np.ndarray, stride: int = 1, *, window_size: int) -> np.ndarray:
         """Flags of ONE entity's window scores in time order: above the bar in force (``series_bars``;
         causal). NaN: never flagged."""
         x = np.asarray(scores, dtype=np.float64)
-        return x > self.series_bars(x, stride)
+        return x > self.series_bars(x, stride, window_size=window_size)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe types only; ``Threshold.from_dict(t.to_dict()) == t``."""

@@ -281,7 +281,8 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
     # A fleet's last rows are its last entity's: held to that entity's own threshold, as the worker holds it.
     entity = (max(prepared.entity_tails, key=lambda e: prepared.entity_tails[e][-1][1])
               if prepared.entities and prepared.entity_tails else None)
-    bars = (detector.threshold.for_entity(entity) if entity is not None else detector.threshold).series_bars(scores)
+    bars = (detector.threshold.for_entity(entity) if entity is not None else detector.threshold).series_bars(
+        scores, window_size=detector.window_size)
     flags = scores > bars
     stamps = np.asarray(prepared.timestamps[-tail:])
     # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and

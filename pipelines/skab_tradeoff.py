@@ -252,8 +252,8 @@ def episode_grid(files: Sequence[Mapping[str, Any]], fitted_scale: float = 1.0,
     rows = []
     for setting in grid:
         scale, drop, settle, k = setting
-        flags = [rule_flags("episodes", f["scores"], rescaled(f["threshold"], scale, fitted_scale), setting)
-                 for f in files]
+        flags = [rule_flags("episodes", f["scores"], rescaled(f["threshold"], scale, fitted_scale), setting,
+                            f["window"]) for f in files]
         m = evaluation.skab_binary_metrics(labels, flags)
         rows.append({"scale": scale, "drop": drop, "settle": settle, "k": k, "f1": m.f1, "far": m.far, "mar": m.mar})
     return pd.DataFrame(rows)
@@ -267,7 +267,8 @@ def episode_warm(files: Sequence[Mapping[str, Any]], setting: Mapping[str, Any],
     flags = []
     for f in files:
         both, first = with_history(f, history)
-        flags.append(rule_flags("episodes", both, rescaled(f["threshold"], chosen[0], fitted_scale), chosen)[first:])
+        flags.append(rule_flags("episodes", both, rescaled(f["threshold"], chosen[0], fitted_scale), chosen,
+                                f["window"])[first:])
     m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
     return {"history": history, "f1": m.f1, "far": m.far, "mar": m.mar}
 
@@ -296,14 +297,14 @@ HOLDOUT_KINDS: dict[str, tuple[str, ...]] = {"adaptive": ("scale", "rows", "fact
                                              "episodes": ("scale", "drop", "settle", "k")}
 
 
-def rule_flags(kind: str, scores: np.ndarray, base: float, setting: tuple) -> np.ndarray:
+def rule_flags(kind: str, scores: np.ndarray, base: float, setting: tuple, window_size: int) -> np.ndarray:
     """One file's flags under a ``HOLDOUT_KINDS`` rule at ``setting`` (named as there; its scale is already
-    in ``base``)."""
+    in ``base``); ``scores``: one per row, each its window's (``window_size`` rows) ending there."""
     if kind == "adaptive":
         _, rows, factor, lag = setting
         return adaptive_crossings(scores, base, rows, factor, 0.5, lag)
     _, drop, settle, k = setting
-    return episode_flags(scores, base, EpisodeRule(drop, settle, k))
+    return episode_flags(scores, base, EpisodeRule(drop, settle, k), window_size=window_size)
 
 
 def group_holdout(files: Sequence[Mapping[str, Any]], grid: Sequence[tuple] = ADAPTIVE_GRID,
@@ -322,7 +323,7 @@ def group_holdout(files: Sequence[Mapping[str, Any]], grid: Sequence[tuple] = AD
     def flags(i: int, setting: tuple) -> np.ndarray:
         if (i, setting) not in cache:
             base = rescaled(files[i]["threshold"], setting[0], fitted_scale)
-            cache[(i, setting)] = rule_flags(kind, files[i]["scores"], base, setting)
+            cache[(i, setting)] = rule_flags(kind, files[i]["scores"], base, setting, files[i]["window"])
         return cache[(i, setting)]
 
     def metrics(idx: Sequence[int], setting: tuple) -> evaluation.BinaryMetrics:
@@ -588,7 +589,8 @@ def protocol_run(name: str, raw: dict[str, dict[str, Any]], series: Sequence[Any
         r = score_series(s, settings, score_from=0)  # every row; the test part is split off below
         t = s.train_rows
         files.append({"name": s.name, "scores": r.scores[t:], "labels": r.labels[t:], "pre_scores": r.scores[:t],
-                      "val": r.validation_scores, "threshold": r.threshold, "best_epoch": r.best_epoch})
+                      "val": r.validation_scores, "threshold": r.threshold, "best_epoch": r.best_epoch,
+                      "window": settings.model.window_size})
     seconds = time.perf_counter() - started
     flags = [np.nan_to_num(f["scores"], nan=-np.inf) > f["threshold"] for f in files]
     m = evaluation.skab_binary_metrics([f["labels"] for f in files], flags)
@@ -617,7 +619,7 @@ def load_or_run(name: str, raw: dict[str, dict[str, Any]], cache: Path,
     if path.exists():
         with path.open("rb") as fh:
             data = pickle.load(fh)
-        if _same_config(data.get("raw", {}), raw) and all("pre_scores" in f for f in data["files"]) \
+        if _same_config(data.get("raw", {}), raw) and all("pre_scores" in f and "window" in f for f in data["files"]) \
                 and data.get("origin") == origin:
             log.info("%s: cached run %s (%.0f s of training)", name, path, data["seconds"])
             return data

@@ -315,8 +315,8 @@ def _pyfunc_bars(loaded, frame):
 
     out = mlflow.pyfunc.load_model("models:/pump@champion").predict(frame[list(loaded.sensors)].reset_index(drop=True))
     scores = out["score"].to_numpy(dtype=float, na_value=np.nan)
-    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores), rtol=1e-12)
-    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores)).all()
+    np.testing.assert_allclose(out["threshold"].to_numpy(), loaded.threshold.series_bars(scores, window_size=loaded.window_size), rtol=1e-12)
+    assert (out["is_anomaly"].to_numpy() == loaded.threshold.series_flags(scores, window_size=loaded.window_size)).all()
     return out, scores
 
 

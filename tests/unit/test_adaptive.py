@@ -148,11 +148,11 @@ def test_rule_is_stored_with_the_threshold_as_floats() -> None:
     assert again == stored and again.adaptive == rule
     assert stored.with_adaptive(None) == plain and stored.with_adaptive(AdaptiveRule(rows=0)) == plain
     scores = np.r_[np.full(600, 1.0), np.full(50, 10.0), np.full(600, 5.0)]
-    flags = stored.series_flags(scores)
+    flags = stored.series_flags(scores, window_size=10)
     assert flags[600:650].all()  # the fault: the trailing median is still 1
     # the changed level alarms until it is over half the trailing 480 rows (190 more rows, + the lag 30)
     assert flags[650:].sum() == 220 and not flags[870:].any() and (scores[650:] > 1.5).all()
-    assert plain.series_flags(scores).sum() == 650
+    assert plain.series_flags(scores, window_size=10).sum() == 650
 
 
 @pytest.mark.parametrize("field,value", [("adaptive_rows", -1), ("adaptive_factor", 0.0),
@@ -284,7 +284,7 @@ def test_the_worker_prunes_histories_of_entities_that_went_silent(monkeypatch: p
 def test_prune_measures_each_stream_by_its_own_clock() -> None:
     from anomaly.episodes import EpisodeBars, EpisodeRule
 
-    for bars in (TrailingBars(AdaptiveRule(rows=4, lag=0)), EpisodeBars(EpisodeRule(drop=2.0, k=3))):
+    for bars in (TrailingBars(AdaptiveRule(rows=4, lag=0)), EpisodeBars(EpisodeRule(drop=2.0, k=3), window_size=1)):
         bars.bars(["lagging", "idle"], np.ones(2), 1.0, end_ts=np.array([100.0, 100.0]), streams=np.array([0, 1]))
         bars.bars(["live"], np.ones(1), 1.0, end_ts=np.array([9_000.0]), streams=np.array([1]))
         bars.bars(["unknown"], np.ones(1), 1.0, end_ts=np.array([0.0]), streams=np.array([7]))

@@ -30,18 +30,18 @@ def test_bars_by_hand() -> None:
     the bar in force."""
     rule = EpisodeRule(drop=2.0, settle=3.0, k=2)
     x = np.array([1, 4, 16, 16, 2, 1, 2.5, 3.5, np.nan, 7, 4], dtype=float)
-    bars = episode_bars(x, 2.0, rule)
+    bars = episode_bars(x, 2.0, rule, window_size=1)
     level3 = (4 * 16 * 16) ** (1 / 3) / 2
     np.testing.assert_allclose(bars, [2, 2, 2, 4, level3, level3, 6, 6, 6, 6, 3.5])
     # A run broken by a window above the bar: its windows join the level with that window.
     y = np.array([4, 16, 16, 2, 40, 3], dtype=float)
     level5 = (4 * 16 * 16 * 2 * 40) ** (1 / 5) / 2
-    np.testing.assert_allclose(episode_bars(y, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=3)),
+    np.testing.assert_allclose(episode_bars(y, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=3), window_size=1),
                                [2, 2, 4, level3, level3, level5])
-    assert episode_flags(x, 2.0, rule).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]
+    assert episode_flags(x, 2.0, rule, window_size=1).astype(int).tolist() == [0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1]
     # no rule, or an off one: the base alone
-    assert episode_bars(x, 2.0, None).tolist() == [2.0] * 11
-    assert episode_bars(x, 2.0, EpisodeRule()).tolist() == [2.0] * 11  # drop 0: off
+    assert episode_bars(x, 2.0, None, window_size=1).tolist() == [2.0] * 11
+    assert episode_bars(x, 2.0, EpisodeRule(), window_size=1).tolist() == [2.0] * 11  # drop 0: off
 
 
 def test_an_asset_settled_under_a_short_faults_level_ends_the_episode() -> None:
@@ -52,10 +52,58 @@ def test_an_asset_settled_under_a_short_faults_level_ends_the_episode() -> None:
     the settled bar alarms again."""
     x = np.r_[np.full(30, 10.0), np.full(2000, 2.0), np.full(20, 4.0)]
     rule = EpisodeRule(drop=3.0, settle=1.5, k=60)
-    flags = episode_flags(x, 1.0, rule)
+    flags = episode_flags(x, 1.0, rule, window_size=1)
     assert flags[:30].all() and not flags[30:2030].any() and flags[2030:].all()
-    streamed = EpisodeBars(rule)
-    np.testing.assert_array_equal(streamed.bars(["pump"] * len(x), x, 1.0), episode_bars(x, 1.0, rule))
+    streamed = EpisodeBars(rule, window_size=1)
+    np.testing.assert_array_equal(streamed.bars(["pump"] * len(x), x, 1.0), episode_bars(x, 1.0, rule, window_size=1))
+
+
+def _window_scores(x: np.ndarray, w: int, stride: int = 1) -> np.ndarray:
+    """Each window's score as a perfect model of normal gives it: the mean squared reading of the window."""
+    return np.array([np.mean(x[i:i + w] ** 2) for i in range(0, len(x) - w + 1, stride)])
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_the_settled_bar_leaves_out_windows_still_holding_the_fault(stride: int) -> None:
+    """A fault at +8 for 100 readings, the asset then fully back, and a second, smaller fault (+3.5) 900
+    readings later, windows of 10. The windows after the fault's last window still hold its last readings
+    (scores falling step by step: 6.4 ... 0.6 over normal); counted in, they set the settled bar at 1.5 x
+    about 13.6, 8 x the fitted threshold, and the second fault (about 13, five times the threshold) went
+    unflagged. Measured on the windows clear of the fault, the bar is back at the fitted threshold."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=3000) * 0.3
+    x[1002:1102] += 8.0  # (ending where a window at stride 4 still holds two of its readings)
+    x[2000:2100] += 3.5
+    scores = _window_scores(x, 10, stride)
+    ends = np.arange(len(scores)) * stride + 9  # the reading each window ends on
+    rule = EpisodeRule(drop=3.0, settle=1.5, k=60)
+    base = 2.5
+    bars = episode_bars(scores, base, rule, stride, window_size=10)
+    flags = scores > bars
+    fault2 = (ends >= 2009) & (ends < 2100)  # windows wholly inside the second fault
+    assert flags[(ends >= 1002) & (ends < 1102)].all() and flags[fault2].all()
+    assert bars[(ends >= 1500) & (ends < 2000)].max() == base  # settled at the asset's own level, under the base
+    assert not flags[(ends >= 1200) & (ends < 2000)].any()
+    streamed = EpisodeBars(rule, stride, window_size=10)
+    np.testing.assert_array_equal(streamed.bars(["pump"] * len(scores), scores, base), bars)
+
+
+def test_a_run_too_short_to_clear_the_fault_settles_on_its_last_window() -> None:
+    """k (3 windows) is shorter than the overlap (windows of 10 at stride 1: 9): the run's last window
+    alone sets the settled bar, not its first (which holds 9 of the fault's readings)."""
+    x = np.array([1, 50, 50, 4, 3, 2, 1, 1], dtype=float)
+    rule = EpisodeRule(drop=2.0, settle=3.0, k=3)
+    bars = episode_bars(x, 2.0, rule, window_size=10)
+    assert bars[-2:].tolist() == [6.0, 6.0]  # 3 x 2 (the run 4, 3, 2's last), not 3 x 4
+    assert episode_bars(x, 2.0, rule, window_size=1)[-2:].tolist() == [12.0, 12.0]  # windows of one reading: 3 x 4
+
+
+def test_overlap_in_windows() -> None:
+    rule = EpisodeRule(drop=2.0)
+    assert [rule.overlap(10, s) for s in (1, 2, 3, 4, 9, 10, 16)] == [9, 4, 3, 2, 1, 0, 0]
+    assert rule.overlap(1) == 0
+    with pytest.raises(ValueError):
+        rule.overlap(0)
 
 
 def test_an_episode_opened_by_noise_ends_with_it() -> None:
@@ -63,7 +111,7 @@ def test_an_episode_opened_by_noise_ends_with_it() -> None:
     opened (its level near the threshold) ends after k windows of ordinary noise under it."""
     rng = np.random.default_rng(0)
     x = rng.gamma(4.0, size=3000) / 4.0  # mean 1, an occasional score above 2.5
-    bars = episode_bars(x, 2.5, EpisodeRule(drop=3.0, settle=1.5, k=10))
+    bars = episode_bars(x, 2.5, EpisodeRule(drop=3.0, settle=1.5, k=10), window_size=1)
     flags = x > bars
     assert (bars >= 2.5).all()
     assert flags.mean() < 2 * (x > 2.5).mean()  # about the threshold's own rate, not an endless episode
@@ -74,7 +122,7 @@ def test_a_long_fault_stays_flagged_and_the_level_after_it_is_quiet() -> None:
     is flagged to its end, the settled level not, a later rise above settle x that level again. The
     adaptive rule, by contrast, accepts the fault once it fills its span."""
     x = np.r_[np.ones(100), np.full(2000, 20.0), np.full(300, 1.5), np.full(50, 6.0)]
-    flags = episode_flags(x, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=5))
+    flags = episode_flags(x, 2.0, EpisodeRule(drop=2.0, settle=3.0, k=5), window_size=1)
     assert not flags[:100].any() and flags[100:2100].all()
     assert not flags[2100:2400].any()  # at or under the episode's bar: not flagged (it ends 5 windows in)
     assert flags[2400:].all()  # 6 > 3 x 1.5: a new rise
@@ -88,8 +136,8 @@ def test_no_warm_up() -> None:
     fault = np.r_[rng.gamma(2.0, size=400) * 10, rng.gamma(2.0, size=200)]
     rule = EpisodeRule(drop=2.0, settle=3.0, k=10)
     quiet = rng.gamma(2.0, size=5000) * 0.1
-    short = episode_flags(np.r_[quiet[:10], fault], 2.0, rule)[10:]
-    long = episode_flags(np.r_[quiet, fault], 2.0, rule)[5000:]
+    short = episode_flags(np.r_[quiet[:10], fault], 2.0, rule, window_size=1)[10:]
+    long = episode_flags(np.r_[quiet, fault], 2.0, rule, window_size=1)[5000:]
     np.testing.assert_array_equal(short, long)
 
 
@@ -100,7 +148,7 @@ def test_bars_are_causal() -> None:
     rule = EpisodeRule(drop=1.5, settle=2.0, k=5)
     changed = x.copy()
     changed[350:] = rng.gamma(2.0, size=250) * 20
-    a, b = episode_bars(x, 3.0, rule), episode_bars(changed, 3.0, rule)
+    a, b = episode_bars(x, 3.0, rule, window_size=1), episode_bars(changed, 3.0, rule, window_size=1)
     assert np.array_equal(a[:351], b[:351])  # row 350's bar depends on rows before it only
     assert not np.array_equal(a, b)
 
@@ -110,13 +158,13 @@ def test_episode_bars_equal_the_offline_bars_batch_by_batch(stride: int) -> None
     rng = np.random.default_rng(stride)
     rule = EpisodeRule(drop=2.0, settle=2.5, k=12)
     series = _faulty_series(rng)
-    streaming = EpisodeBars(rule, stride)
+    streaming = EpisodeBars(rule, stride, window_size=10)  # 9 windows at stride 1, 2 at stride 4 left out
     got: dict[str, list[float]] = {e: [] for e in series}
     for entities, scores in _batches(rng, series):
         for e, bar in zip(entities, streaming.bars(entities, scores, 2.0, need=scores > 6.0)):
             got[e].append(bar)
     for entity, x in series.items():
-        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, 2.0, rule, stride))
+        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, 2.0, rule, stride, window_size=10))
     assert streaming.entities == 4
     streaming.forget()
     assert streaming.entities == 0 and streaming.open_entities() == []
@@ -127,13 +175,13 @@ def test_episode_bars_take_each_entitys_own_base() -> None:
     rule = EpisodeRule(drop=2.0, settle=2.5, k=12)
     series = _faulty_series(rng)
     base = dict(zip(series, (0.5, 2.0, 9.0, 40.0)))
-    streaming = EpisodeBars(rule)
+    streaming = EpisodeBars(rule, window_size=6)
     got: dict[str, list[float]] = {e: [] for e in series}
     for entities, scores in _batches(rng, series):
         for e, bar in zip(entities, streaming.bars(entities, scores, np.array([base[e] for e in entities]))):
             got[e].append(bar)
     for entity, x in series.items():
-        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, base[entity], rule))
+        np.testing.assert_array_equal(np.asarray(got[entity]), episode_bars(x, base[entity], rule, window_size=6))
     assert len({float(np.min(v)) for v in got.values()}) == 4
 
 
@@ -148,7 +196,7 @@ def test_rule_in_windows_params_and_checks() -> None:
         with pytest.raises(ValueError):
             EpisodeRule(**bad)
     with pytest.raises(ValueError):
-        EpisodeBars(EpisodeRule())
+        EpisodeBars(EpisodeRule(), window_size=1)
     with pytest.raises(ValueError):
         rule.in_windows(0)
 
@@ -161,8 +209,8 @@ def test_rule_is_stored_with_the_threshold_as_floats() -> None:
     assert back.episodes == rule and back.adaptive is None
     assert back.describe_rule() == rule.describe() and Threshold("quantile", 2.0).describe_rule() == "off"
     x = np.array([1, 4, 16, 16, 2, 1, 2.5, 3.5], dtype=float)
-    np.testing.assert_array_equal(back.series_bars(x), episode_bars(x, 2.0, rule))
-    assert back.series_flags(x).tolist() == episode_flags(x, 2.0, rule).tolist()
+    np.testing.assert_array_equal(back.series_bars(x, window_size=1), episode_bars(x, 2.0, rule, window_size=1))
+    assert back.series_flags(x, window_size=1).tolist() == episode_flags(x, 2.0, rule, window_size=1).tolist()
     assert back.with_episodes(None).params == {"q": 0.95}
 
 

@@ -347,7 +347,7 @@ class QuietChampion:
 
     class threshold:
         @staticmethod
-        def series_flags(scores):
+        def series_flags(scores, window_size):
             return np.zeros(len(scores), dtype=bool)
 
         @classmethod
@@ -428,7 +428,7 @@ def test_no_training_window_of_a_retrain_joins_two_clean_stretches():
 
         class threshold:
             @staticmethod
-            def series_flags(scores):
+            def series_flags(scores, window_size):
                 return scores > 0.5
 
             @classmethod
@@ -465,7 +465,7 @@ def test_models_of_different_window_sizes_are_compared_on_windows_ending_on_the_
             return SimpleNamespace(scores=np.ones(n), sensor_errors=np.ones((n, 1)),
                                    end_rows=np.arange(w - 1, len(values)))
         return SimpleNamespace(window_size=w, score_values=score_values, scaler=SimpleNamespace(scale=(1.0,)),
-                               threshold=SimpleNamespace(value=2.0, series_bars=lambda s: np.full(len(s), 2.0)))
+                               threshold=SimpleNamespace(value=2.0, series_bars=lambda s, window_size: np.full(len(s), 2.0)))
 
     segments = [np.zeros((n, 1)) for n in (12, 25, 29, 40)]
     champion, challenger = detector(10), detector(30)
@@ -517,7 +517,7 @@ def test_labelled_events_of_models_of_different_window_sizes_count_on_the_same_r
         def score_values(values):
             end_rows = np.arange(w - 1, len(values))
             return SimpleNamespace(scores=values[end_rows, 0].astype(float), end_rows=end_rows)
-        threshold = SimpleNamespace(series_flags=lambda scores: scores > 0.5)
+        threshold = SimpleNamespace(series_flags=lambda scores, window_size: scores > 0.5)
         threshold.for_entity = lambda entity: threshold
         return SimpleNamespace(window_size=w, score_values=score_values, threshold=threshold)
 
@@ -918,8 +918,8 @@ def square_detector(w: int, col: int = 0, gain: float = 1.0, bar: float = 4.0):
         s = gain * np.convolve(np.asarray(values, dtype=float)[:, col] ** 2, np.ones(w) / w, mode="valid")
         return SimpleNamespace(scores=s, end_rows=np.arange(w - 1, len(values)), sensor_errors=np.c_[s, s])
 
-    threshold = SimpleNamespace(value=bar, series_flags=lambda s: np.asarray(s) > bar,
-                                series_bars=lambda s: np.full(len(s), bar))
+    threshold = SimpleNamespace(value=bar, series_flags=lambda s, window_size: np.asarray(s) > bar,
+                                series_bars=lambda s, window_size: np.full(len(s), bar))
     threshold.for_entity = lambda entity: threshold
     return SimpleNamespace(sensors=("a", "b"), window_size=w, period_s=60.0, score_values=score_values,
                            threshold=threshold, scaler=SimpleNamespace(scale=(1.0, 1.0)))

@@ -221,7 +221,7 @@ def test_group_holdout_chooses_without_the_held_out_group():
         labels = np.zeros(800, bool)
         scores[600:620], labels[600:620] = anomaly, True
         scores[700:710] = burst
-        return {"name": name, "scores": scores, "labels": labels, "threshold": 1.5}
+        return {"name": name, "scores": scores, "labels": labels, "threshold": 1.5, "window": 10}
 
     # group a: faint anomalies (2.5), no bursts -> factor 2 catches them, factor 3 misses them
     # group b: strong anomalies (5), bursts at 2.5 -> factor 3 keeps the bursts quiet, factor 2 does not
@@ -247,7 +247,7 @@ def test_group_holdout_rescales_the_fitted_threshold():
     assert rescaled(3.0, 1.5, 1.5) == 3.0 and rescaled(3.0, 1.0, 1.5) == pytest.approx(2.0)
     scores, labels = np.ones(400), np.zeros(400, bool)
     scores[300:320], labels[300:320] = 3.0, True
-    files = [{"name": f"{g}/0", "scores": scores, "labels": labels, "threshold": 3.0} for g in ("a", "b")]
+    files = [{"name": f"{g}/0", "scores": scores, "labels": labels, "threshold": 3.0, "window": 10} for g in ("a", "b")]
     low = group_holdout(files, grid=[(1.0, 120, 2.0, 30)], target={"far": 100.0, "mar": 100.0}, fitted_scale=1.5)
     high = group_holdout(files, grid=[(2.0, 120, 2.0, 30)], target={"far": 100.0, "mar": 100.0}, fitted_scale=1.5)
     assert low["pooled"]["mar"] == pytest.approx(0.0) and high["pooled"]["mar"] == pytest.approx(100.0)
@@ -337,12 +337,14 @@ def test_episode_grid_scores_every_setting_through_the_shipped_rule():
         scores[100:160] += 15.0
         scores[160:] += 3.0  # the rig settles higher after the fault
         labels[100:160] = True
-        files.append({"scores": scores, "labels": labels, "threshold": 6.0, "pre_scores": rng.gamma(2.0, size=50)})
+        files.append({"scores": scores, "labels": labels, "threshold": 6.0, "pre_scores": rng.gamma(2.0, size=50),
+                      "window": 4})
     grid = [(1.0, 2.0, 2.0, 5), (2.0, 1.5, 3.0, 10)]
     df = episode_grid(files, fitted_scale=2.0, grid=grid)
     assert len(df) == 2
     for (scale, drop, settle, k), row in zip(grid, df.itertuples()):
-        flags = [episode_flags(f["scores"], 6.0 * scale / 2.0, EpisodeRule(drop, settle, k)) for f in files]
+        flags = [episode_flags(f["scores"], 6.0 * scale / 2.0, EpisodeRule(drop, settle, k), window_size=4)
+                 for f in files]
         m = skab_binary_metrics([f["labels"] for f in files], flags)
         assert (row.f1, row.far, row.mar) == pytest.approx((m.f1, m.far, m.mar))
     warm = episode_warm(files, df.iloc[1], fitted_scale=2.0, history=50)
@@ -370,7 +372,7 @@ def test_a_skab_tradeoff_cache_from_another_data_folder_or_code_is_not_reused(tm
 
     def fresh(name, raw_, series):
         runs.append(name)
-        return {"name": name, "raw": raw_, "files": [{"pre_scores": []}], "seconds": 1.0,
+        return {"name": name, "raw": raw_, "files": [{"pre_scores": [], "window": 10}], "seconds": 1.0,
                 "metrics": {"f1": 0.5, "far": 1.0, "mar": 2.0}}
 
     monkeypatch.setattr(skab_tradeoff, "protocol_run", fresh)
