@@ -48,6 +48,7 @@ class _Failure:
     count: int
     retry_at: float
     error: str
+    what: str = "failed to load"  # or "cannot be served"
 
 
 class ModelFollower:
@@ -148,8 +149,11 @@ class ModelFollower:
 
         bad = self._bad.get(version)
         if bad is not None and now < bad.retry_at:
-            log.debug("%s -> v%s failed to load %d time(s); next try in %.0f s", self.ref, version, bad.count,
-                      bad.retry_at - now)
+            # Not served, and not tried again yet: still trouble (the alias may have left it and come back,
+            # which cleared it), but no new failure to count.
+            self._trouble = (f"{self.ref} is at v{version}, which {bad.what} ({bad.count} time(s); next try in "
+                             f"{bad.retry_at - now:.0f} s): {bad.error}; keeping v{self.version}")
+            log.debug("%s", self._trouble)
             return None
         try:
             detector, loaded = self._loader(self.model_name, version)
@@ -178,8 +182,9 @@ class ModelFollower:
     def _mark_bad(self, version: str, what: str, reason: str) -> None:
         bad = self._bad.get(version)
         count = 1 if bad is None else bad.count + 1
-        backoff = min(MAX_BACKOFF_S, max(self.check_interval_s, MIN_BACKOFF_S) * 2 ** count)
-        self._bad[version] = _Failure(count, self._clock() + backoff, reason)
+        # (the exponent bounded: 2.0 ** 1023 overflows a float, after 10.7 days of tries at the cap)
+        backoff = min(MAX_BACKOFF_S, max(self.check_interval_s, MIN_BACKOFF_S) * 2.0 ** min(count, 64))
+        self._bad[version] = _Failure(count, self._clock() + backoff, reason, what)
         self._fail(f"{self.ref} moved to v{version}, which {what} (attempt {count}, next in "
                    f"{backoff:.0f} s): {reason}; keeping v{self.version}")
 

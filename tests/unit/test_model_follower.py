@@ -106,6 +106,41 @@ def test_broken_version_keeps_current_and_is_retried_with_backoff():
     assert f.poll() == ("detector-v3", "3") and f.trouble is None
 
 
+def test_a_version_broken_for_weeks_keeps_its_backoff_at_the_cap():
+    """A champion that never loads, retried at the cap for weeks: the back-off's doubling overflowed a
+    float after 1,023 tries (10.7 days at 900 s), poll() raised and the worker died (and, the alias still
+    on the broken version, could not start again)."""
+    reg, clock = FakeRegistry(broken={"2"}), Clock()
+    f = follower(reg, clock, interval=30.0)
+    reg.alias = "2"
+    for _ in range(1500):
+        clock.now += MAX_BACKOFF_S
+        assert f.poll() is None
+    assert f.current() == ("detector-v1", "1") and f.failures == 1500
+    assert "attempt 1500, next in 900 s" in f.trouble
+
+
+def test_the_alias_back_on_a_version_in_backoff_is_trouble_again():
+    """v2 fails, the alias goes back to v1 (trouble clears), then onto v2 again inside its back-off: the
+    worker still serves v1, so health must say why (it said ok until the back-off ran out), without
+    counting a new failure (no load was tried)."""
+    reg, clock = FakeRegistry(broken={"2"}), Clock()
+    f = follower(reg, clock, interval=30.0)
+    reg.alias = "2"
+    clock.now += 30
+    assert f.poll() is None and f.trouble is not None and f.failures == 1
+    clock.now += 60
+    assert f.poll() is None and f.failures == 2  # tried again after 60 s; the next try is 120 s on
+    reg.alias = "1"
+    clock.now += 30
+    assert f.poll() is None and f.trouble is None
+    reg.alias = "2"
+    clock.now += 30
+    assert f.poll() is None and reg.loads == ["1", "2", "2"]  # inside the back-off: not loaded again
+    assert "v2, which failed to load" in f.trouble and "keeping v1" in f.trouble
+    assert f.failures == 2
+
+
 def test_registry_outage_keeps_current_and_warns_once(caplog):
     reg, clock = FakeRegistry(), Clock()
     f = follower(reg, clock, interval=10)
