@@ -19,6 +19,7 @@ Code to Kafka's semantics, not Tansu's quirks (DESIGN §5): nothing here uses ti
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +30,7 @@ import kafka.errors as kafka_errors
 from kafka import (ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer,
                    TopicPartition)
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.net.sasl import SASL_MECHANISMS as _SASL_MECHANISMS
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from anomaly.config import bootstrap_list
@@ -83,6 +85,46 @@ _CLIENT_KEYS: Mapping[str, frozenset[str]] = MappingProxyType({
 
 TLS_FILE_OPTIONS = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile")
 
+_DEFAULTS: Mapping[str, Any] = MappingProxyType({
+    **KafkaAdminClient.DEFAULT_CONFIG, **KafkaProducer.DEFAULT_CONFIG, **KafkaConsumer.DEFAULT_CONFIG})
+
+# The values kafka-python takes for its named options: it checks none of security_protocol's (anything but
+# exactly SSL or SASL_SSL is plaintext: "sasl_ssl" connected unencrypted and unauthenticated).
+_CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType({
+    "security_protocol": ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    "sasl_mechanism": (None, *sorted(_SASL_MECHANISMS)),
+    "compression_type": tuple(KafkaProducer._COMPRESSORS),
+    "acks": (0, 1, -1, "all"),
+    "auto_offset_reset": ("earliest", "latest", "smallest", "largest"),
+    "isolation_level": ("read_uncommitted", "read_committed"),
+})
+
+
+def check_client_option_values(client_options: Mapping[str, Any]) -> None:
+    """``ConfigError`` naming an option of ``client_options`` whose value kafka-python cannot use: one not
+    among its choices (``_CHOICES``), or of another type than its default (a number, a boolean, a
+    string). A number given as a string ("30000", from a Secret written by hand) failed with a
+    ``TypeError`` traceback from inside the client."""
+    for key, value in client_options.items():
+        field = f"kafka.client_options.{key}"
+        if key in _CHOICES:
+            if not any(value == c and type(value) is type(c) for c in _CHOICES[key]):
+                choices = ", ".join("null" if c is None else repr(c) for c in _CHOICES[key])
+                raise ConfigError(field, f"must be one of {choices} (exactly; case matters), got {value!r}")
+            continue
+        default = _DEFAULTS.get(key)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+            kind = "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            continue  # no default to go by (None: a path, a name, a list of options)
+        if not ok:
+            raise ConfigError(field, f"must be {kind} (kafka-python's default is {default!r}), got {value!r}")
+
 
 def check_tls_files(options: Mapping[str, Any]) -> None:
     """``ConfigError`` naming a TLS file of a client's ``options`` that is not there or cannot be read:
@@ -107,6 +149,7 @@ def _pass_through(kind: str, client_options: Mapping[str, Any] | None) -> dict[s
     unknown = sorted(str(key) for key in client_options if key not in known)
     if unknown:
         raise ConfigError("kafka.client_options", f"unknown kafka-python option(s): {', '.join(unknown)}")
+    check_client_option_values(client_options)
     accepted = _CLIENT_KEYS[kind]
     skipped = sorted(key for key in client_options if key not in accepted)
     if skipped:
@@ -195,6 +238,11 @@ def _connect(what: str, bootstrap_servers: str | Sequence[str], factory: Any, op
     check_tls_files(options)
     try:
         return factory(**options)
+    except (TypeError, ValueError, AssertionError, kafka_errors.KafkaConfigurationError) as exc:
+        # what check_client_option_values cannot see: options that do not go together (SASL without a
+        # mechanism), a value kafka-python refuses; the field, not a traceback from inside the client
+        raise ConfigError("kafka.client_options", f"kafka-python cannot make {what} with these options: "
+                          f"{type(exc).__name__}: {exc}") from exc
     except (kafka_errors.KafkaTimeoutError, kafka_errors.KafkaConnectionError,
             kafka_errors.MetadataEmptyBrokerList) as exc:
         servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)

@@ -122,3 +122,47 @@ def test_a_tls_file_that_is_not_there_is_a_config_error_naming_it(key, tmp_path,
     (tmp_path / "kafka-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     kafka_io.make_producer("b:9092", options)
     assert made[0][key] == missing
+
+
+@pytest.mark.parametrize("options, field, says", [
+    ({"request_timeout_ms": "30000"}, "request_timeout_ms", "must be a number"),  # a Secret written by hand
+    ({"security_protocol": "sasl_ssl"}, "security_protocol", "must be one of .*case matters"),  # was plaintext, no SASL
+    ({"sasl_mechanism": "scram-sha-512"}, "sasl_mechanism", "must be one of"),
+    ({"acks": "1"}, "acks", "must be one of 0, 1, -1, 'all'"),
+    ({"enable_idempotence": 1}, "enable_idempotence", "must be true or false"),
+    ({"compression_type": "brotli"}, "compression_type", "must be one of"),
+    ({"request_timeout_ms": float("nan")}, "request_timeout_ms", "must be a number"),
+])
+def test_a_client_option_value_kafka_python_cannot_use_is_a_config_error_naming_it(options, field, says, monkeypatch):
+    """kafka-python checks none of these: a number as a string failed with a TypeError traceback inside
+    the client, and a security_protocol other than exactly SSL or SASL_SSL silently meant plaintext with
+    no SASL. Now no client is made, and the error names the option."""
+    from anomaly.errors import ConfigError
+
+    made = []
+    monkeypatch.setattr(kafka_io, "KafkaProducer", lambda **kw: made.append(kw))
+    monkeypatch.setattr(kafka_io, "KafkaConsumer", lambda **kw: made.append(kw))
+    for connect in (lambda: kafka_io.make_producer("b:9092", options),
+                    lambda: kafka_io.make_consumer("b:9092", "g", ["t"], options)):
+        with pytest.raises(ConfigError, match=f"kafka.client_options.{field}: {says}"):
+            connect()
+    assert made == []
+
+
+def test_client_option_values_kafka_python_takes_pass():
+    good = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "u",
+            "sasl_plain_password": "p", "acks": "all", "retries": 5, "consumer_timeout_ms": 1000,
+            "enable_idempotence": False, "compression_type": None, "request_timeout_ms": 40000.0,
+            "ssl_cafile": "/etc/ca.crt", "client_id": "worker-1", "auto_offset_reset": "earliest"}
+    kafka_io.check_client_option_values(good)
+
+
+def test_options_kafka_python_refuses_together_are_a_config_error(monkeypatch):
+    from anomaly.errors import ConfigError
+
+    def refuse(**kw):
+        raise AssertionError("sasl_mechanism required when security_protocol is SASL_SSL")
+
+    monkeypatch.setattr(kafka_io, "KafkaProducer", refuse)
+    with pytest.raises(ConfigError, match="kafka.client_options: kafka-python cannot make a producer .*AssertionError"):
+        kafka_io.make_producer("b:9092", {"security_protocol": "SASL_SSL"})
