@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from anomaly.config import ENV_PREFIX, Settings, load_config, sqlite_file, to_toml
+from anomaly.config import ENV_PREFIX, MAX_INTERVAL_S, Settings, load_config, sqlite_file, to_toml
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
 from anomaly.stop_flag import StopFlag
@@ -92,8 +92,9 @@ class UpOptions:
             raise UpError("the fleet is empty: name at least one SKAB series (e.g. --fleet valve1/0)")
         if not self.speed > 0:
             raise UpError(f"--speed must be > 0, got {self.speed}")
-        if not self.retrain_every_s > 0:
-            raise UpError(f"--retrain-every-s must be > 0, got {self.retrain_every_s}")
+        if not 0 < self.retrain_every_s <= MAX_INTERVAL_S:  # the scheduler's own bound, checked before any work
+            raise UpError(f"--retrain-every-s must be > 0 and at most {MAX_INTERVAL_S:.0f} (a year, "
+                          f"scheduler.interval_s's bound), got {self.retrain_every_s}")
         if not 0 < self.ui_port < 65536:
             raise UpError(f"--ui-port must be 1..65535, got {self.ui_port}")
 
@@ -231,7 +232,7 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
                   f"  experiments       {ui}/#/experiments"]
     else:
         lines.append(f"  tracking store    {settings.mlflow.tracking_uri} (start `mlflow ui` on it to browse)")
-    lines.append(f"  serving           {name} v{champion} (@{w.model_alias}); retrain every {retrain_every_s:g} s")
+    lines.append(f"  serving           {name} v{champion} (@{w.model_alias}); retrain every {retrain_every_s:.15g} s")
     if w.metrics_port > 0:
         lines.append(f"  worker metrics    http://{w.metrics_host}:{w.metrics_port}/metrics   "
                      f"health: http://{w.metrics_host}:{w.metrics_port}/healthz")
@@ -719,7 +720,7 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         _start(children, Child("worker", [*python_cli, "worker", "--config", str(config_path)],
                                state / "worker.log", env))
         _start(children, Child("scheduler", [*python_cli, "scheduler", "--config", str(config_path),
-                                             "--interval-s", f"{options.retrain_every_s:g}"],
+                                             "--interval-s", repr(float(options.retrain_every_s))],
                                state / "scheduler.log", env, abandon_s=SCHEDULER_ABANDON_S))
         if w.metrics_port > 0:
             wait_http(f"http://{w.metrics_host}:{w.metrics_port}/healthz", children["worker"], WORKER_READY_S,

@@ -146,6 +146,9 @@ def test_banner_says_where_to_look():
     assert "http://127.0.0.1:5000/#/models/anomaly-detector" in text
     assert "http://127.0.0.1:9108/metrics" in text and "/healthz" in text
     assert "sensors (readings)" in text and "anomalies (events)" in text and "v4" in text
+    text = up.banner(bootstrap="127.0.0.1:9092", settings=Settings(), ui=None, fleet=[("pump-1", "valve1/0")],
+                     speed=10, state_dir=Path("mlruns/up"), champion="4", retrain_every_s=1234567)
+    assert "retrain every 1234567 s" in text  # not 1.23457e+06 (six digits: 3 s off)
 
 
 def test_format_event_names_top_sensors_with_actual_and_expected():
@@ -276,6 +279,10 @@ def test_up_options_are_checked():
         up.UpOptions(data_dir=Path("."), fleet=())
     with pytest.raises(up.UpError, match="speed"):
         up.UpOptions(data_dir=Path("."), speed=0)
+    # past the scheduler's bound: refused here, not after the stack had trained and promoted a champion
+    with pytest.raises(up.UpError, match="--retrain-every-s must be > 0 and at most 31622400"):
+        up.UpOptions(data_dir=Path("."), retrain_every_s=1e9)
+    assert up.UpOptions(data_dir=Path("."), retrain_every_s=31622400).retrain_every_s == 31622400
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
