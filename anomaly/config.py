@@ -878,8 +878,10 @@ def to_toml(settings: Settings) -> str:
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):  # TOML's own spelling (JSON's Infinity is not TOML)
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (int, float)):
-        return json.dumps(value)  # floats keep their repr (1e-05, 0.25); inf/nan are refused by checks
+        return json.dumps(value)  # floats keep their repr (1e-05, 0.25); top-level inf/nan are refused by checks
     if isinstance(value, str):
         return _toml_string(value)
     if isinstance(value, (list, tuple)):

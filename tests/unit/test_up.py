@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -253,6 +254,18 @@ def test_settings_survive_the_toml_handed_to_children(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text(to_toml(settings))
     assert load_config(path, env={}) == settings
+
+
+def test_non_finite_client_options_survive_the_toml(tmp_path):
+    """kafka-python's own default for retries is inf: written as JSON's Infinity it was not TOML, and up
+    stopped reading its own file back with an error that named no field. TOML has inf and nan."""
+    settings = load_config(None, env={"ANOMALY_KAFKA__CLIENT_OPTIONS": '{"retries": Infinity, "x": -Infinity}'})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(settings), encoding="utf-8")
+    assert load_config(path, env={}).kafka.client_options == {"retries": math.inf, "x": -math.inf}
+    settings = load_config(None, env={"ANOMALY_KAFKA__CLIENT_OPTIONS": '{"request_timeout_ms": NaN}'})
+    path.write_text(to_toml(settings), encoding="utf-8")
+    assert math.isnan(load_config(path, env={}).kafka.client_options["request_timeout_ms"])  # the client refuses it
 
 
 def test_any_unicode_and_null_client_options_survive_the_toml(tmp_path):
