@@ -54,7 +54,9 @@ class SchedulerMetrics:
         self._status = "starting"  # "ok" once the scheduler runs, "stopping" once it stops (set_status)
         self._last_outcome: str | None = None
         r = self.registry
-        self.started = Counter(f"{PREFIX}_jobs_started_total", "Retraining jobs started.", registry=r)
+        self.started = Counter(f"{PREFIX}_jobs_started_total",
+                               "Retraining runs due and handed to the executor (one then found past misfire_grace_s "
+                               "counts in jobs_missed_total too: started = finished + missed + running).", registry=r)
         self.finished = Counter(f"{PREFIX}_jobs_finished_total", "Retraining jobs finished, by outcome.",
                                 labelnames=("outcome",), registry=r)
         self.missed = Counter(f"{PREFIX}_jobs_missed_total",
