@@ -266,29 +266,39 @@ def _log_figures(run: tracking.Run, detector: Detector, result: TrainResult, val
                                      result.best_epoch), "loss_curves.png")
     run.log_figure(plots.error_distribution(val_scores, detector.threshold.value, method=detector.threshold.method),
                    "error_distribution.png")
-    # Overlay on the validation tail of the training series: what "normal" reconstruction looks like. For a
-    # fleet, the last entity's validation rows alone (after the last stand-in row between two parts).
-    tail = min(len(prepared.values), max(detector.window_size * 20, 2000))
-    if prepared.entities and prepared.gaps is not None:
-        after = len(prepared.values) - 1 - int(np.flatnonzero(prepared.gaps)[-1])
-        if after >= 2 * detector.window_size:
-            tail = min(tail, after)
-    values = prepared.values[-tail:]
+    # Overlay on the validation tail of the training series: what "normal" reconstruction looks like.
+    w = detector.window_size
+    most = max(w * 20, 2000)  # rows shown at most
+    end = len(prepared.values)
+    start = max(0, end - most)
+    entity = None
+    if prepared.entities and prepared.entity_tails:
+        # A fleet: its last entity's own validation rows alone (after a gap in them, a labelled stretch or an
+        # outage, where enough rows follow it), held to that entity's own threshold as the worker holds it.
+        # Cut only after the last gap of all, a gap at the very end showed the last 2,000 rows: the other
+        # entities' rows among them, drawn against this one's bar under its name.
+        entity = max(prepared.entity_tails, key=lambda e: prepared.entity_tails[e][-1][1])
+        a, end = prepared.entity_tails[entity][-1]
+        start = max(a, end - most)
+        inside = np.flatnonzero(prepared.gaps[start:end]) if prepared.gaps is not None else np.empty(0, int)
+        if len(inside) and end - (start + int(inside[-1]) + 1) >= 2 * w:
+            start += int(inside[-1]) + 1
+        if end - start < w:
+            log.info("validation overlay left out: %s has %d validation rows, under a window", entity, end - start)
+            return
+    values = prepared.values[start:end]
     scored = detector.score_values(values)
     n = len(values)
-    scores = rows_from_windows(scored.scores, n, detector.window_size)
-    expected = rows_from_windows(scored.expected, n, detector.window_size)
-    # A fleet's last rows are its last entity's: held to that entity's own threshold, as the worker holds it.
-    entity = (max(prepared.entity_tails, key=lambda e: prepared.entity_tails[e][-1][1])
-              if prepared.entities and prepared.entity_tails else None)
+    scores = rows_from_windows(scored.scores, n, w)
+    expected = rows_from_windows(scored.expected, n, w)
     bars = (detector.threshold.for_entity(entity) if entity is not None else detector.threshold).series_bars(
-        scores, window_size=detector.window_size)
+        scores, window_size=w)
     flags = scores > bars
-    stamps = np.asarray(prepared.timestamps[-tail:])
+    stamps = np.asarray(prepared.timestamps[start:end])
     # The sensors that carry the most error first (the one a bad model gets wrong is the one to see), and
     # about where validation starts when the tail reaches back into training rows.
     order = np.argsort(-np.asarray(scored.sensor_errors, dtype=np.float64).mean(axis=0), kind="stable")
-    first_val = (result.val_start_row or 0) - (len(prepared.values) - tail)  # rows left out (labelled, gaps) count
+    first_val = (result.val_start_row or 0) - start  # rows left out (labelled, gaps) count
     marker = (stamps[first_val], " validation") if 0 < first_val < n else None
     run.log_figure(plots.anomaly_overlay(stamps, values, detector.sensors, scores, bars,
                                          flags=flags, expected=expected, order=order.tolist(), marker=marker,

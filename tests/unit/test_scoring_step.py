@@ -1323,6 +1323,43 @@ def test_readings_before_another_sensor_sets_later_stamps_in_one_poll_are_not_be
     assert [decode_event(v)["status"] for _, v in out.events][:1] == ["open"]
 
 
+def test_a_fleet_models_validation_overlay_shows_its_last_entitys_rows_alone(detector_model: DetectorModel,
+                                                                            monkeypatch) -> None:
+    """The last entity's final readings labelled (a gap, with its margin, at the very end): the cut after
+    the last gap left too few rows, and the overlay fell back to the last 2,000 rows, the other entity's
+    training and validation rows among them, drawn against the last one's threshold under its name."""
+    from anomaly import plots
+    from anomaly.preparation import prepare_fleet
+    from anomaly.train_job import _log_figures
+    from types import SimpleNamespace
+
+    from anomaly.training import EpochStats
+
+    detector = detector_model.detector
+    frames = {"a": normal_frame(1500, seed=3), "b": normal_frame(1500, seed=4)}
+    labels = {"a": np.zeros(1500, bool), "b": np.r_[np.zeros(1497, bool), np.ones(3, bool)]}
+    prepared = prepare_fleet(frames, window_size=detector.window_size, validation_fraction=0.2, labels=labels)
+    a, b = prepared.entity_tails["b"][-1]
+    shown: dict[str, object] = {}
+
+    def overlay(stamps, values, sensors, scores, bars, **kw):
+        shown.update(stamps=np.asarray(stamps), rows=len(values), subject=kw.get("subject"))
+        return None
+
+    monkeypatch.setattr(plots, "anomaly_overlay", overlay)
+
+    class Run:
+        def log_figure(self, fig, name):
+            pass
+
+    result = SimpleNamespace(history=[EpochStats(1, 0.5, 0.6, 1.0, 100.0)], best_epoch=1, val_start_row=None)
+    _log_figures(Run(), detector, result, np.ones(10), prepared)
+    assert shown["subject"] == "b"
+    own = set(np.asarray(prepared.timestamps[a:b]).tolist())
+    assert 2 * detector.window_size <= shown["rows"] <= b - a
+    assert set(shown["stamps"].tolist()) <= own  # none of a's rows, nor b's training rows
+
+
 def test_a_fleet_models_validation_overlay_holds_its_last_entity_to_that_entitys_own_threshold(
         detector_model: DetectorModel) -> None:
     """The overlay shows the last entity's validation rows; it drew the shared bar, while the worker,
