@@ -65,7 +65,8 @@ class SchedulerMetrics:
         self.last_run_ts = Gauge(f"{PREFIX}_last_run_timestamp_seconds", "Epoch seconds the last job finished.",
                                  registry=r)
         self.last_success_ts = Gauge(f"{PREFIX}_last_success_timestamp_seconds",
-                                     "Epoch seconds the last job finished promoted, kept, skipped or ok (not failed, error or abandoned).", registry=r)
+                                     "Epoch seconds the last job finished promoted, kept, skipped or ok "
+                                     "(not failed, error or abandoned).", registry=r)
         self.last_duration = Gauge(f"{PREFIX}_last_run_duration_seconds", "Wall time of the last job.", registry=r)
         self.next_run_ts = Gauge(f"{PREFIX}_next_run_timestamp_seconds", "Epoch seconds of the next scheduled run.",
                                  registry=r)
