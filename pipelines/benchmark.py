@@ -48,7 +48,7 @@ NAB_PUBLISHED = [("ARTime", 74.9, 65.1, 80.4), ("Numenta HTM", 70.5, 62.6, 75.2)
 def run(names: list[str], limit: int | None) -> dict:
     out = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
                        "device": "cuda" if torch.cuda.is_available() else "cpu", "cpu": platform.processor() or platform.machine()},
-           "results": {}}
+           "results": {}, "limit": limit}
     for name in names:
         series = datasets.load_dataset(name, default_data_dir(name))
         if limit is not None:
@@ -394,6 +394,9 @@ VARIANT_ONLY = ("max_epochs", "smd_machines", "seed", "resume")  # flags that me
 NOT_WITH_COSTS = ("limit", "update_readme", "from_json", "variants", *VARIANT_ONLY)
 
 
+DATASETS = ("skab", "nab", "smd")  # what the README's benchmark section holds, every one of them
+
+
 def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse flags the chosen mode would ignore (silently running something else than asked)."""
     given = [name for name in NOT_WITH_COSTS if getattr(args, name) not in (None, False)]
@@ -407,6 +410,10 @@ def _check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.limit is not None and args.update_readme and not args.variants:
         parser.error("--limit with --update-readme would put a partial run under the full corpus's caption; "
                      "write it with --json and look at it instead")
+    if args.update_readme and not args.variants and not args.from_json \
+            and set(args.datasets.split(",")) != set(DATASETS):
+        parser.error(f"--update-readme rewrites the whole section, every dataset's table: --datasets "
+                     f"{args.datasets} would drop the others'; run all of {','.join(DATASETS)}, or write --json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,7 +464,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.update_readme:
             update_readme(text, marker="variants")
         return 0
+    if args.from_json and args.update_readme:
+        unfit = unpublishable(json.loads(Path(args.from_json).read_text()))
+        if unfit:
+            parser.error(f"--from-json {args.from_json} with --update-readme: {unfit}")
     return report(args, lambda: run(args.datasets.split(","), args.limit), markdown)
+
+
+def unpublishable(data: dict) -> str | None:
+    """Why a results file cannot be the README's benchmark section (None: it can): a run of some of the
+    datasets (the section would lose the others' tables), or of the first N series only (``--limit``)."""
+    missing = [name for name in DATASETS if name not in data.get("results", {})]
+    if missing:
+        return f"it holds no {', '.join(missing)} results (the section would lose their tables)"
+    if data.get("limit") is not None:
+        return f"it is a --limit {data['limit']} run (a partial run under the full corpus's caption)"
+    return None
 
 
 if __name__ == "__main__":

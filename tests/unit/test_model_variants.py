@@ -290,6 +290,42 @@ def test_benchmark_refuses_flags_its_mode_would_ignore(argv, words, capsys):
     assert exit_.value.code == 2 and words in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("results, limit, words", [
+    ({"skab": {}}, None, "holds no nab, smd results"),
+    ({"skab": {}, "nab": {}, "smd": {}}, 3, "a --limit 3 run"),
+])
+def test_benchmark_readme_is_not_rewritten_from_a_partial_results_file(results, limit, words, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A SKAB-only run rendered into the README wiped the NAB and SMD tables; a --limit run's file went in
+    under the full corpus's caption."""
+    from pipelines.benchmark import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark:start -->\nfull tables\n<!-- benchmark:end -->\n")
+    monkeypatch.chdir(tmp_path)
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"machine": {"device": "cpu", "torch": "2.13.0"}, "results": results,
+                                   "limit": limit}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--from-json", str(partial), "--update-readme"])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+    assert "full tables" in readme.read_text()
+
+
+def test_benchmark_refuses_to_rewrite_the_readme_from_some_datasets(tmp_path, monkeypatch, capsys):
+    from pipelines import benchmark
+
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- benchmark:start -->\nfull tables\n<!-- benchmark:end -->\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(benchmark, "run", lambda names, limit: {  # (not run: the refusal comes first)
+        "machine": {"device": "cpu", "torch": "2.13.0"}, "results": {}, "limit": None})
+    with pytest.raises(SystemExit) as exit_:
+        benchmark.main(["--datasets", "skab", "--update-readme", "--json", str(tmp_path / "b.json")])
+    assert exit_.value.code == 2 and "--datasets skab would drop the others'" in capsys.readouterr().err
+    assert "full tables" in readme.read_text()
+
+
 def test_benchmark_costs_do_not_overwrite_the_accuracy_results(tmp_path, monkeypatch):
     from pipelines import benchmark
 
