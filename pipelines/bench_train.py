@@ -462,7 +462,12 @@ TARGETS = {"cpu": {"train": 1.5, "score": 1.5}, "cuda": {"train": 5.0, "score": 
 
 
 def readme_section(data: dict[str, Any]) -> str:
-    """The README section for these figures: the GPU machine's (with its CPU rows) apart from this one's."""
+    """The README section for these figures: the GPU machine's (with its CPU rows) apart from this one's.
+    Figures with no rows at all (``--devices cuda`` without CUDA) go nowhere: they would empty the
+    section this machine's rows are in."""
+    if not data["results"]:
+        raise SystemExit(f"nothing measured ({', '.join(data.get('not_measured', [])) or 'no sizes'}): "
+                         "the README is left as it is")
     return GPU_MARKER if any(key.endswith("/cuda") for key in data["results"]) else MARKER
 
 

@@ -155,3 +155,19 @@ def test_a_bad_option_of_a_benchmark_is_a_usage_error_before_any_work(module, ar
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(argv)
     assert exit_.value.code == 2 and f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_a_run_that_measured_nothing_leaves_the_readme_as_it_is(tmp_path, monkeypatch):
+    """--devices cuda on a machine without CUDA measures nothing: --update-readme wrote an empty table into
+    this machine's section, over its CPU rows."""
+    import torch
+
+    from pipelines import bench_train
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"<!-- {bench_train.MARKER}:start -->\nCPU rows\n<!-- {bench_train.MARKER}:end -->\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match=r"nothing measured \(cuda \(no CUDA device\)\)"):
+        bench_train.main(["--devices", "cuda", "--update-readme", "--json", str(tmp_path / "b.json")])
+    assert "CPU rows" in readme.read_text()
