@@ -347,9 +347,10 @@ class WorkerSettings:
 
     stride: int = doc("score a window every stride-th slot per entity (1 = every reading); 4 = a quarter of the forward passes for a few slots more detection delay (README, Streaming worker); at most the model's window size (a model with a shorter window is scored every window_size slots, with a warning)", 4)
     grace_slots: int = doc("how many sampling slots late a reading may arrive and still be placed in order", 0)
-    max_fill_steps: int = doc("missing slots forward-filled inside a window; a longer gap restarts the entity's window. "
-                              "Also how many readings in a row a null sensor takes its last value, then its typical "
-                              "one until it reports again", 5)
+    max_fill_steps: int = doc("missing slots forward-filled inside a window (a reading with every sensor null is none); "
+                              "a longer gap restarts the entity's window. Also how many slots in a row (slots with no "
+                              "reading counted) a null sensor takes its last value, then its typical one until it "
+                              "reports again", 5)
     max_future_s: float = doc("a reading stamped more than this many seconds ahead of the worker's clock is a dead letter "
                               "(a clock far ahead would make its entity's later readings late and its neighbours look "
                               "idle); at most 3600, the idle timeout. -1 = off, for streams whose time runs ahead of the "

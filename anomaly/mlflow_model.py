@@ -10,7 +10,9 @@ in JSON, before the first full window), ``threshold`` (the bar in force at that 
 or with an adaptive rule the higher of it and the trailing level, the input's rows being one entity's
 history), ``is_anomaly``, ``top_sensor`` (null where there is no score). A missing cell (NaN, JSON null)
 is filled as the streaming worker fills it (at its default ``worker.max_fill_steps``): the sensor's previous
-value for up to 5 missing rows in a row, then (and before its first value) its typical value.
+value for up to 5 missing rows in a row, then (and before its first value) its typical value. A row with
+every sensor missing is no reading: more than 5 of them in a row are an outage, and the windows over one
+get no score (the worker restarts its window there, and `anomaly score` puts such a file on its grid so).
 An optional ``entity`` column makes the input a fleet's rows: each entity's rows (in time order) are
 scored as a series of their own and held to that entity's threshold where the model fitted one
 (``Threshold.per_entity``), else the shared one.
@@ -24,6 +26,8 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from anomaly.codec import too_large_to_score
+from anomaly.grid import run_lengths
+from anomaly.windowing import windows_touching
 
 
 class DetectorModel(PythonModel):
@@ -69,6 +73,10 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
     # as `anomaly score` reads it (the worker dead-letters it); scored as a value, inf gave scores of 1e32
     # and flagged every window holding it, and 1e39 in two sensors a NaN score (never flagged).
     values = np.where(too_large_to_score(values), np.nan, values)
+    # A row with no sensor at all is no reading (the worker's "empty"): more than 5 in a row are an outage,
+    # and no window over one is scored, as `anomaly score` and the worker (a restarted window) give none.
+    no_reading = np.isnan(values).all(axis=1) if len(det.sensors) else np.zeros(len(values), dtype=bool)
+    outage = no_reading & (run_lengths(no_reading[:, None])[:, 0] > SENSOR_FILL_ROWS)
     if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
         filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)
@@ -77,9 +85,12 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
     top = np.full(n, None, dtype=object)
     if n >= det.window_size:
         scored = det.score_values(values)
-        score[scored.end_rows] = scored.scores
+        scores = np.asarray(scored.scores, dtype=np.float64).copy()
+        if outage.any():
+            scores[windows_touching(outage, det.window_size)] = np.nan
+        score[scored.end_rows] = scores
         top[scored.end_rows] = [det.sensors[j] if np.isfinite(v) else None  # no score, no sensor to blame
-                                for j, v in zip(scored.sensor_errors.argmax(axis=1), scored.scores)]
+                                for j, v in zip(scored.sensor_errors.argmax(axis=1), scores)]
     return score, threshold.series_bars(score, window_size=det.window_size), top  # the bar: fitted, moved by an adaptive or episode rule
 
 

@@ -60,12 +60,12 @@ from anomaly.codec import DEAD_LETTER_MAX_KEY, DecodedBatch, decode_batch, encod
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
-from anomaly.window_state import ACCEPTED, DUPLICATE, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
+from anomaly.window_state import ACCEPTED, DUPLICATE, EMPTY, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
 log = logging.getLogger(__name__)
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
-              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held", "replayed")
+              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held", "replayed", "empty")
 # Windows per forward pass in the worker: measured on the 2-core CPU box (W=32, hidden 64), 128-512
 # windows per pass score ≈ 15 % faster per window than 1024 and ≈ 40 % faster than 2048 (cache).
 STREAM_SCORE_BATCH = 512
@@ -533,6 +533,7 @@ class ScoringStep:
             counts["late"] = outcomes[LATE]
             counts["resets"] = outcomes[RESET]
             counts["accepted"] = outcomes[ACCEPTED] + outcomes[RESET]
+            counts["empty"] = outcomes[EMPTY]
         counts["late"] += len(behind)
         unaligned = store.take_unaligned()
         if unaligned:

@@ -24,7 +24,8 @@ Semantics (README quotes this section)
 - **Missing sensor.** A ``None`` value is forward-filled from the entity's previous slot, or from
   ``fill_values`` (the model's training centre per sensor) when the entity has no previous slot
   (its first reading, or the first after a restart). A sensor ``None`` in more than
-  ``max_fill_steps`` readings in a row takes its ``fill_values`` value from then on, until it reports
+  ``max_fill_steps`` slots in a row (a gap slot, with no reading, counts for every sensor, as a file's
+  grid counts it) takes its ``fill_values`` value from then on, until it reports
   again: a sensor that died would otherwise repeat its last value for ever (an event open on it never
   closing, with an ``actual`` nobody sent; or a normal last value hiding a later fault).
 - **Gaps.** When a slot is sealed with no reading, a run of up to ``max_fill_steps`` missing slots
@@ -65,11 +66,12 @@ import numpy as np
 from anomaly.codec import Reading
 from anomaly.errors import ConfigError
 
-AddOutcome = Literal["accepted", "duplicate", "late", "reset"]
+AddOutcome = Literal["accepted", "duplicate", "late", "reset", "empty"]
 ACCEPTED: AddOutcome = "accepted"
 DUPLICATE: AddOutcome = "duplicate"
 LATE: AddOutcome = "late"
 RESET: AddOutcome = "reset"
+EMPTY: AddOutcome = "empty"  # every sensor None: no reading (its slot is missing), as a file's blank row is
 
 _MIN_SPARE_ROWS = 8  # rows appended between compactions (at least): each compaction copies W-1 rows
 _BULK_MIN = 4  # an entity's run of consecutive readings shorter than this is placed one by one (cheaper)
@@ -228,7 +230,7 @@ class _Entity:
         # Oldest offsets of the windows queued and not yet handed out by ready(); None when none are.
         self.queued_needs: dict[int, int] | None = None
         self.last_end: int | None = None  # slot of the newest window queued (None: none yet)
-        self.null_runs: list[int] | None = None  # per sensor, readings in a row it was None in (None: all 0)
+        self.null_runs: list[int] | None = None  # per sensor, slots in a row it was None or unread (None: all 0)
         self.unaligned = 0  # readings in a row, a window's worth held, none on a stride slot (``unaligned``)
 
     def holds_reading(self, slot: int) -> bool:
@@ -293,19 +295,23 @@ class WindowStore:
 
     # --- readings in --------------------------------------------------------------------------
     def add(self, entity: str, reading: Reading, partition: int, offset: int) -> str:
-        """Place one reading; returns ``"accepted"``, ``"duplicate"``, ``"late"`` or ``"reset"``.
+        """Place one reading; returns ``"accepted"``, ``"duplicate"``, ``"late"``, ``"reset"`` or ``"empty"``.
 
         Sensors are read in the store's order; a sensor absent from ``reading.values`` is missing
-        (``None``), and sensors the store does not know are ignored (callers validate sensor sets).
+        (``None``), and sensors the store does not know are ignored (callers validate sensor sets). A
+        reading with every sensor missing is no reading (``"empty"``): its time passes on its partition,
+        and its slot stays missing (filled or a gap, as a file's blank row is on the grid).
         """
         slot = self.policy.slot(reading.ts)
         if slot > self._watermark.get(partition, slot - 1):
             self._watermark[partition] = slot
+        row = [reading.values.get(name) for name in self.sensors]
+        if all(v is None for v in row):
+            return EMPTY
         state = self._entities.get(entity)
         if state is None:
             state = self._entities[entity] = _Entity(self._capacity, len(self.sensors))
-        return self._place(entity, state, slot, [reading.values.get(name) for name in self.sensors], partition,
-                           int(offset), float(reading.ts))
+        return self._place(entity, state, slot, row, partition, int(offset), float(reading.ts))
 
     def add_many(self, entities: Sequence[str], ts: np.ndarray, values: np.ndarray, partitions: np.ndarray,
                  offsets: np.ndarray) -> dict[str, int]:
@@ -318,7 +324,7 @@ class WindowStore:
         with every sensor present, is appended in bulk (numpy slices, no per-reading Python), which
         is the common case of a healthy stream. The rest go through ``add``'s logic one by one.
         """
-        counts = dict.fromkeys((ACCEPTED, DUPLICATE, LATE, RESET), 0)
+        counts = dict.fromkeys((ACCEPTED, DUPLICATE, LATE, RESET, EMPTY), 0)
         n = len(entities)
         if n == 0:
             return counts
@@ -335,6 +341,7 @@ class WindowStore:
         codes, slots, values, stamps = codes[order], slots[order], values[order], stamps[order]
         partitions, offsets = partitions[order], offsets[order]
         complete = ~np.isnan(values).any(axis=1)
+        empty = np.isnan(values).all(axis=1)  # no sensor at all: no reading (``add``'s "empty")
         bounds = np.flatnonzero(np.diff(codes)) + 1
         group_starts = [0, *bounds.tolist()]
         group_ends = [*bounds.tolist(), n]
@@ -348,10 +355,14 @@ class WindowStore:
             breaks = None
         slot_list, part_list, off_list, ts_list = slots.tolist(), partitions.tolist(), offsets.tolist(), stamps.tolist()
         complete_list = complete.tolist()
+        empty_list = empty.tolist() if empty.any() else None
         entities_state = self._entities
         place = self._place
         for g, (a, b) in enumerate(zip(group_starts, group_ends)):
             entity = names[int(codes[a])] if g else names[int(codes[0])]
+            if empty_list is not None and all(empty_list[a:b]):
+                counts[EMPTY] += b - a  # (no state for an entity that has sent nothing)
+                continue
             state = entities_state.get(entity)
             if state is None:
                 state = entities_state[entity] = _Entity(self._capacity, len(self.sensors))
@@ -367,6 +378,10 @@ class WindowStore:
                         counts[ACCEPTED] += end - q
                         q = end
                         continue
+                if empty_list is not None and empty_list[q]:
+                    counts[EMPTY] += 1
+                    q += 1
+                    continue
                 row = values[q].tolist()
                 if not complete_list[q]:
                     row = [None if v != v else v for v in row]
@@ -431,10 +446,21 @@ class WindowStore:
         state.n = keep
 
     def _append_fill(self, state: _Entity) -> None:
-        """Append a gap slot: a copy of the previous row, every cell counted as filled."""
+        """Append a gap slot: a copy of the previous row, every cell counted as filled. A slot with no
+        reading is a missing slot of every sensor: each one's run of missing slots goes on through it (a
+        sensor past ``max_fill_steps`` takes its ``fill_values`` value), as a file's grid counts them; counted
+        in readings, a sensor null on both sides of a gap kept its last value for the gap's slots longer
+        than ``anomaly score`` gave it on the same readings."""
         self._make_room(state)
         i = state.n
-        state.values[i] = state.values[i - 1]
+        runs = [r + 1 for r in state.null_runs] if state.null_runs is not None else [1] * len(self.sensors)
+        state.null_runs = runs
+        cap = self.policy.max_fill_steps
+        if max(runs) > cap:
+            previous = state.values[i - 1].tolist()
+            state.values[i] = [previous[j] if r <= cap else float(self._fill[j]) for j, r in enumerate(runs)]
+        else:
+            state.values[i] = state.values[i - 1]
         state.filled[i] = len(self.sensors)
         state.from_reading[i] = False
         state.part[i] = state.part[i - 1]  # the reading this copy came from

@@ -186,10 +186,10 @@ def test_missing_sensor_is_filled_from_previous_slot_or_fill_values() -> None:
     s = WindowStore(WindowPolicy(window_size=3, period_s=1.0), ["a", "b"], [10.0, 20.0])
     s.add("e", Reading("e", 0, {"a": 1.0, "b": None}), 0, 0)  # b: no previous slot -> fill value 20
     s.add("e", Reading("e", 1, {"a": None, "b": 5.0}), 0, 1)  # a: previous slot's 1.0
-    s.add("e", Reading("e", 2, {"a": None, "b": None}), 0, 2)
+    s.add("e", Reading("e", 2, {"a": None, "b": 6.0}), 0, 2)
     [window] = s.ready()
-    np.testing.assert_array_equal(window.values, [[1.0, 20.0], [1.0, 5.0], [1.0, 5.0]])
-    assert window.filled == 4
+    np.testing.assert_array_equal(window.values, [[1.0, 20.0], [1.0, 5.0], [1.0, 6.0]])
+    assert window.filled == 3
 
 
 def test_a_sensor_missing_longer_than_max_fill_steps_takes_its_typical_value_until_it_reports() -> None:
@@ -207,6 +207,51 @@ def test_a_sensor_missing_longer_than_max_fill_steps_takes_its_typical_value_unt
     t.add_many(["e"] * 2, np.array([5.0, 6.0]), np.array([[0.0, 3.0], [0.0, 4.0]]), np.array([0, 0]), np.array([5, 6]))
     t.add("e", Reading("e", 7, {"a": 0.0, "b": None}), 0, 7)
     assert {round(w.end_ts): w.values[-1, 1] for w in t.ready()}[7] == 4.0  # one None after 4.0: its last value
+
+
+def test_a_gap_slot_counts_in_every_sensors_run_of_missing_slots_as_a_files_grid_counts_it() -> None:
+    """b None in slots 2-3, no reading in 4-5, None again in 6-7 (max_fill_steps 3): slots 2-4 hold its last
+    value, 5 on its typical one, as `anomaly score` fills the same readings (preparation's slots). Counted
+    in readings the gap did not count, and b kept 7.0 up to slot 7: the worker scored other values."""
+    from anomaly.preparation import prepare_scoring
+    import pandas as pd
+
+    s = WindowStore(WindowPolicy(window_size=2, period_s=1.0, max_fill_steps=3), ["a", "b"], [10.0, 20.0])
+    rows = {0: 7.0, 1: 7.0, 2: None, 3: None, 6: None, 7: None, 8: 9.0}
+    for slot, value in rows.items():
+        s.add("e", Reading("e", slot, {"a": float(slot), "b": value}), 0, slot)
+    windows = {round(w.end_ts): w.values for w in s.ready()}
+    assert windows[7][:, 1].tolist() == [20.0, 20.0]  # slots 6, 7: past 3 missing slots (2, 3, 4)
+    assert windows[3][:, 1].tolist() == [7.0, 7.0]
+    assert windows[6][:, 1].tolist() == [20.0, 20.0]  # slot 5, a gap slot, already past the cap
+    frame = pd.DataFrame({"a": [float(t) for t in rows], "b": [np.nan if v is None else v for v in rows.values()]},
+                         index=pd.to_datetime(list(rows), unit="s", utc=True))
+    prepared = prepare_scoring(frame, ["a", "b"], period_s=1.0, fill="ffill", max_fill_steps=3, fill_values=[10.0, 20.0])
+    assert prepared.values[:, 1].tolist() == [7.0, 7.0, 7.0, 7.0, 7.0, 20.0, 20.0, 20.0, 9.0]
+
+
+def test_a_reading_with_every_sensor_null_is_no_reading() -> None:
+    """Its slot is missing: a short run of them is a filled gap (no window ends on it), a long one restarts
+    the window, as a file's blank rows are on its grid; an entity that sent only such readings holds no
+    state. The one-by-one path and add_many agree."""
+    def fresh() -> WindowStore:
+        return WindowStore(WindowPolicy(window_size=3, period_s=1.0, max_fill_steps=2), ["a", "b"], [10.0, 20.0])
+
+    rows = [(1.0, 2.0)] * 4 + [(None, None)] * 2 + [(1.0, 2.0)] * 3 + [(None, None)] * 3 + [(1.0, 2.0)] * 4
+    one = fresh()
+    outcomes = [one.add("e", Reading("e", t, {"a": a, "b": b}), 0, t) for t, (a, b) in enumerate(rows)]
+    assert outcomes.count("empty") == 5 and outcomes.count("reset") == 1  # the 3-slot run restarted the window
+    assert one.add("ghost", Reading("ghost", 20, {"a": None, "b": None}), 0, 20) == "empty"
+    assert one.entities == 1
+    ends_one = ends(one.ready())
+    assert ends_one == [2.0, 3.0, 6.0, 7.0, 8.0, 14.0, 15.0]  # none on 4-5 (filled); none until 3 slots after 12
+    many = fresh()
+    values = np.array([[np.nan if v is None else v for v in row] for row in rows])
+    counts = many.add_many(["e"] * len(rows), np.arange(len(rows), dtype=float), values, np.zeros(len(rows), int),
+                           np.arange(len(rows)))
+    assert counts["empty"] == 5 and counts["reset"] == 1
+    assert many.add_many(["ghost"], np.array([20.0]), np.full((1, 2), np.nan), np.zeros(1, int), np.array([20]))["empty"] == 1
+    assert many.entities == 1 and ends(many.ready()) == ends_one
 
 
 def test_stride_scores_slots_aligned_to_the_stride() -> None:
