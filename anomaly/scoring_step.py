@@ -257,6 +257,7 @@ class ScoringStep:
         self._next_offset: dict[int, int] = {}  # stream id -> the offset after the last one staged
         self._committed: dict[int, int] = {}  # stream id -> the commit of the last batch completed
         self._replay: _Replay | None = None  # re-reading after a swap the window buffers did not survive
+        self._replay_prune = False  # partitions revoked since: the replay's marks of entities gone to be dropped
         self._replay_from: dict[tuple[str, int], int] = {}
 
     # --- model --------------------------------------------------------------------------------
@@ -409,6 +410,7 @@ class ScoringStep:
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
         if self._replay is not None:  # the new owner reads them from the committed offset
             self._replay.done(ids, floors=True)
+            self._replay_prune = True
             if self._replay.over:
                 self._replay = None
         with self._alert_lock:
@@ -560,8 +562,14 @@ class ScoringStep:
         replay = self._replay
         if replay is not None:
             ready = replay.unscored(ready)
+            rereading = bool(replay.until)
             replay.done([stream for stream, top in last.items() if top + 1 >= replay.until.get(stream, 0)])
             replay.hold(commits)
+            if replay.scored and not replay.until and (rereading or counts.get("evicted") or self._replay_prune):
+                # the re-read just ended, or entities left the store (silent, over the cap, revoked): the marks of
+                # those it does not hold go (they were kept for ever, and the replay never ended)
+                replay.keep_only(store)
+                self._replay_prune = False
             if replay.over:
                 self._replay = None
         for stream, offset in commits.items():
@@ -865,6 +873,12 @@ class _Replay:
                 else:
                     commits[stream] = floor
 
+    def keep_only(self, held: Any) -> None:
+        """Drop the marks of entities ``held`` (the window store) holds no more: evicted or revoked, their
+        windows, if they come back, end after the old model's newest."""
+        for entity in [e for e in self.scored if e not in held]:
+            del self.scored[entity]
+
     def unscored(self, ready: ReadyBatch) -> ReadyBatch:
         """``ready`` less the windows the old model scored (ending at or before its newest for the entity)."""
         if not len(ready) or not self.scored:
@@ -872,7 +886,7 @@ class _Replay:
         scored = self.scored
         marks = np.fromiter((scored.get(e, -math.inf) for e in ready.entities), dtype=np.float64, count=len(ready))
         keep = marks < ready.end_ts
-        for j in np.flatnonzero(keep & np.isfinite(marks)).tolist():  # past the old newest: the new model's now
+        for j in np.flatnonzero(keep).tolist():  # past the old newest (or none): the new model's from now on
             scored.pop(ready.entities[j], None)  # (an entity's windows come out in time order)
         if keep.all():
             return ready

@@ -285,6 +285,32 @@ def test_a_replay_sends_no_dead_letter_twice_and_commits_no_further_than_the_new
     assert out.commits == {(TOPIC, 0): 8}  # the next window of 5 (slots 8-12) starts at offset 8
 
 
+def test_a_replay_ends_though_some_entities_never_come_back_or_had_no_window_at_the_swap() -> None:
+    """At a swap that restarts the buffers, "young" (2 readings: no window of the old model yet) goes on,
+    "gone" stops for good. Their marks were never dropped: the replay never ended (``replaying`` aside, its
+    set of marks carried into every later swap and grew with each, a worker's memory for good)."""
+    step = ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(),
+                       idle_timeout_s=60.0)
+    records, offset = [], 0
+    for slot in range(20):
+        for entity in ("a", "gone") + (("young",) if slot >= 18 else ()):
+            records.append(reading_record(entity, slot, offset))
+            offset += 1
+    step.process(records, now_s=T0 + 20)
+    assert step.swap_model(FakeModel(window_size=5, version="2"), replay=True) is False
+    assert step._replay is not None and set(step._replay.scored) >= {"a", "gone", "young"}
+    back = min(step.replay_from.values())
+    later = [r for r in records if r.offset >= back]
+    for slot in range(20, 200):  # "gone" silent: evicted after its idle minute
+        for entity in ("a", "young"):
+            later.append(reading_record(entity, slot, offset))
+            offset += 1
+    for k in range(0, len(later), 50):
+        step.process(later[k:k + 50], now_s=T0 + 200)
+    assert "gone" not in step.windows
+    assert step._replay is None  # over: every mark dropped, by a window past it or by the entity leaving
+
+
 def test_a_swap_to_a_coarser_grid_with_grace_scores_no_window_twice() -> None:
     """v1 scores every 1 s (W 8), v2 every 2 s (W 4), grace 2. A's readings run hot from 28 s; B's sparse
     ones pull the re-read back. The re-read ended before v2's window ending at 28 s was sealed, so it came
