@@ -274,6 +274,8 @@ class DriftMonitor:
 
     def _reference(self, version: str) -> Reference | None:
         if version not in self._references:  # a version's training run never changes: once per version
+            if len(self._references) >= 8:  # the champion's, and a few it was rolled from: not one per promotion
+                del self._references[next(iter(self._references))]
             self._references[version] = self._reference_for(self.settings.mlflow.model_name, version)
         return self._references[version]
 

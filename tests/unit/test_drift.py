@@ -234,6 +234,25 @@ def test_drift_monitor_checks_the_champions_scores_and_exports_the_statistic():
     assert reader.closed
 
 
+def test_drift_monitor_keeps_a_few_versions_references_not_one_per_promotion():
+    """One reference per champion version the checks had seen, kept for good: a scheduler promoting daily
+    for years grew it without end. A version's reference is read once while it is champion."""
+    from anomaly.scheduler import DriftMonitor
+
+    settings = build_settings({"kafka": {"scores_topic": "scores"}, "drift": {"enabled": True}})
+    champion = ["1"]
+    read: list[str] = []
+    monitor = DriftMonitor(settings, SchedulerMetrics(), reader=ListReader([]),
+                           resolver=lambda name, alias: champion[0],
+                           reference_for=lambda name, version: read.append(version) or reference())
+    for v in range(1, 101):
+        champion[0] = str(v)
+        monitor.check()
+        monitor.check()
+    assert read == [str(v) for v in range(1, 101)]  # once per version
+    assert len(monitor._references) <= 8
+
+
 def test_drift_monitor_without_a_reference_gives_no_verdict():
     from anomaly.scheduler import DriftMonitor
 
