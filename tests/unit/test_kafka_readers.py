@@ -153,7 +153,8 @@ def test_client_option_values_kafka_python_takes_pass():
     good = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "u",
             "sasl_plain_password": "p", "acks": "all", "retries": 5, "consumer_timeout_ms": 1000,
             "enable_idempotence": False, "compression_type": None, "request_timeout_ms": 40000.0,
-            "ssl_cafile": "/etc/ca.crt", "client_id": "worker-1", "auto_offset_reset": "earliest"}
+            "ssl_cafile": "/etc/ca.crt", "client_id": "worker-1", "auto_offset_reset": "earliest",
+            "bootstrap_servers": ["kafka-0:9093", "kafka-1:9093"]}
     kafka_io.check_client_option_values(good)
 
 
