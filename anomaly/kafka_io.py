@@ -31,6 +31,7 @@ from kafka import (ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, K
                    TopicPartition)
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.net.sasl import SASL_MECHANISMS as _SASL_MECHANISMS
+from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from anomaly.config import bootstrap_list
@@ -95,8 +96,29 @@ _CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType({
     "sasl_mechanism": (None, *sorted(_SASL_MECHANISMS)),
     "compression_type": tuple(KafkaProducer._COMPRESSORS),
     "acks": (0, 1, -1, "all"),
-    "auto_offset_reset": ("earliest", "latest", "smallest", "largest"),
-    "isolation_level": ("read_uncommitted", "read_committed"),
+})
+
+
+def _offset_reset_ok(value: Any) -> bool:
+    """kafka-python's own reading: ``earliest``, ``latest`` or ``none`` in any case (``none``: fail where the
+    group has no committed offset), or the old ``smallest`` / ``largest``."""
+    return isinstance(value, str) and (value in ("smallest", "largest")
+                                       or value.upper() in ("EARLIEST", "LATEST", "NONE"))
+
+
+def _isolation_ok(value: Any) -> bool:
+    """As kafka-python reads it (its enum's name in any case, ``-`` for ``_``, or its number)."""
+    try:
+        IsolationLevel.build_from(value)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return not isinstance(value, bool)
+
+
+# Options whose values kafka-python reads more loosely than a list of choices: checked as it reads them.
+_READERS: Mapping[str, tuple[Callable[[Any], bool], str]] = MappingProxyType({
+    "auto_offset_reset": (_offset_reset_ok, "earliest, latest or none"),
+    "isolation_level": (_isolation_ok, "read_uncommitted or read_committed"),
 })
 
 
@@ -107,6 +129,11 @@ def check_client_option_values(client_options: Mapping[str, Any]) -> None:
     ``TypeError`` traceback from inside the client."""
     for key, value in client_options.items():
         field = f"kafka.client_options.{key}"
+        if key in _READERS:
+            ok_value, says = _READERS[key]
+            if not ok_value(value):
+                raise ConfigError(field, f"must be {says}, got {value!r}")
+            continue
         if key in _CHOICES:
             if not any(value == c and type(value) is type(c) for c in _CHOICES[key]):
                 choices = ", ".join("null" if c is None else repr(c) for c in _CHOICES[key])

@@ -131,6 +131,8 @@ def test_a_tls_file_that_is_not_there_is_a_config_error_naming_it(key, tmp_path,
     ({"acks": "1"}, "acks", "must be one of 0, 1, -1, 'all'"),
     ({"enable_idempotence": 1}, "enable_idempotence", "must be true or false"),
     ({"compression_type": "brotli"}, "compression_type", "must be one of"),
+    ({"auto_offset_reset": "oldest"}, "auto_offset_reset", "must be earliest, latest or none"),
+    ({"isolation_level": "serializable"}, "isolation_level", "must be read_uncommitted or read_committed"),
     ({"request_timeout_ms": float("nan")}, "request_timeout_ms", "must be a number"),
 ])
 def test_a_client_option_value_kafka_python_cannot_use_is_a_config_error_naming_it(options, field, says, monkeypatch):
@@ -156,6 +158,10 @@ def test_client_option_values_kafka_python_takes_pass():
             "ssl_cafile": "/etc/ca.crt", "client_id": "worker-1", "auto_offset_reset": "earliest",
             "bootstrap_servers": ["kafka-0:9093", "kafka-1:9093"]}
     kafka_io.check_client_option_values(good)
+    # read as kafka-python reads them: "none" (fail without a committed offset), any case, the enum's number
+    for loose in ({"auto_offset_reset": "none"}, {"auto_offset_reset": "EARLIEST"}, {"auto_offset_reset": "largest"},
+                  {"isolation_level": "READ_COMMITTED"}, {"isolation_level": 1}, {"isolation_level": "read-committed"}):
+        kafka_io.check_client_option_values(loose)
 
 
 def test_options_kafka_python_refuses_together_are_a_config_error(monkeypatch):
