@@ -307,6 +307,7 @@ class WindowStore:
             self._watermark[partition] = slot
         row = [reading.values.get(name) for name in self.sensors]
         if all(v is None for v in row):
+            self._pass_empty(entity, slot)
             return EMPTY
         state = self._entities.get(entity)
         if state is None:
@@ -362,6 +363,8 @@ class WindowStore:
             entity = names[int(codes[a])] if g else names[int(codes[0])]
             if empty_list is not None and all(empty_list[a:b]):
                 counts[EMPTY] += b - a  # (no state for an entity that has sent nothing)
+                for q in range(a, b):
+                    self._pass_empty(entity, slot_list[q])
                 continue
             state = entities_state.get(entity)
             if state is None:
@@ -380,6 +383,7 @@ class WindowStore:
                         continue
                 if empty_list is not None and empty_list[q]:
                     counts[EMPTY] += 1
+                    self._pass_empty(entity, slot_list[q])
                     q += 1
                     continue
                 row = values[q].tolist()
@@ -388,6 +392,15 @@ class WindowStore:
                 counts[place(entity, state, slot_list[q], row, part_list[q], off_list[q], ts_list[q])] += 1
                 q += 1
         return counts
+
+    def _pass_empty(self, entity: str, slot: int) -> None:
+        """An empty reading (every sensor None) of an entity the store holds: its slot stays missing, but its
+        time passes as a reading's would, sealing the readings ``grace_slots`` behind it (else an entity whose
+        sensors all went null kept its last readings, and their windows, pending until the idle timeout)."""
+        state = self._entities.get(entity)
+        if state is not None and (state.max_slot is None or slot > state.max_slot):
+            state.max_slot = slot
+            self._seal(entity, state, slot - self.policy.seal_lag)
 
     def _place(self, entity: str, state: _Entity, slot: int, row: list[float | None], partition: int,
                offset: int, ts: float) -> str:
