@@ -238,6 +238,13 @@ def _fill(dense: np.ndarray, missing: np.ndarray, fill: str, max_fill_steps: int
     return out
 
 
+def outage_rows(no_reading: np.ndarray, steps: int) -> np.ndarray:
+    """(T,) rows in a run of more than ``steps`` rows in a row with no reading (``no_reading`` (T,) bool):
+    where the worker restarts an entity's window, and no window over one is scored."""
+    no_reading = np.asarray(no_reading, dtype=bool)
+    return no_reading & (run_lengths(no_reading[:, None])[:, 0] > steps)
+
+
 def run_lengths(mask: np.ndarray) -> np.ndarray:
     """For each True cell, the length of the run of consecutive True cells (down its column) it is
     in; 0 elsewhere."""

@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from anomaly.codec import too_large_to_score
-from anomaly.grid import run_lengths
+from anomaly.grid import outage_rows
 from anomaly.windowing import windows_touching
 
 
@@ -76,7 +76,7 @@ def _score_rows(det, frame: pd.DataFrame, threshold) -> tuple[np.ndarray, np.nda
     # A row with no sensor at all is no reading (the worker's "empty"): more than 5 in a row are an outage,
     # and no window over one is scored, as `anomaly score` and the worker (a restarted window) give none.
     no_reading = np.isnan(values).all(axis=1) if len(det.sensors) else np.zeros(len(values), dtype=bool)
-    outage = no_reading & (run_lengths(no_reading[:, None])[:, 0] > SENSOR_FILL_ROWS)
+    outage = outage_rows(no_reading, SENSOR_FILL_ROWS)
     if np.isnan(values).any():  # as the worker does: forward-fill (so far), then the sensor's typical value
         filled = pd.DataFrame(values).ffill(limit=SENSOR_FILL_ROWS).to_numpy()
         values = np.where(np.isnan(filled), np.asarray(det.fill_values()), filled)

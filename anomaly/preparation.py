@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
-from anomaly.grid import (SAMPLING_TOLERANCE, SensorIssue, nearest_slots, run_lengths, sampling_mismatch, sensor_quality,
+from anomaly.grid import (SAMPLING_TOLERANCE, SensorIssue, nearest_slots, outage_rows, sampling_mismatch, sensor_quality,
                           to_grid, usable_sensors)
 from anomaly.windowing import exclusion_mask, n_windows, windows_touching
 
@@ -160,7 +160,7 @@ def _outages(missing: pd.DataFrame, steps: int | None) -> np.ndarray | None:
     if steps is None or missing.shape[1] == 0:
         return None
     silent = missing.to_numpy(dtype=bool).all(axis=1)
-    outage = silent & (run_lengths(silent[:, None])[:, 0] > steps)
+    outage = outage_rows(silent, steps)
     if not outage.any():
         return None
     _warn("%d grid rows lie in outages (more than %d slots in a row with no reading from any sensor); windows "
@@ -266,7 +266,7 @@ def _fill_silent_sensors(filled: np.ndarray, missing: np.ndarray, typical: np.nd
     if not left.any():
         return
     no_reading = missing.all(axis=1)
-    outage = no_reading & (run_lengths(no_reading[:, None])[:, 0] > max_fill_steps)
+    outage = outage_rows(no_reading, max_fill_steps)
     patch = left & ~outage[:, None]
     if not patch.any():
         return
