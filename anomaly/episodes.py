@@ -22,12 +22,13 @@ alarm itself:
   scores falling step by step, and measured with them the settled bar was a fraction of the fault's own
   size (a later, smaller fault went unflagged). So the level an asset settles at after a fault (a rig
   still warm, a refitted valve) is not alarmed again, a rise above it is. Where ``k`` is too short for
-  a window clear of the fault, the run's last window alone sets it. The settled bar holds until the model changes (a new model's scores are on its own scale, so
-  every entity starts afresh).
+  a window clear of the fault, the run's last window alone sets it. The settled bar holds until the
+  model changes (a new model's scores are on its own scale, so every entity starts afresh).
 
 ``EpisodeRule`` is configured in readings (``k``) and turned into windows for the scoring stride by
-``in_windows``; ``overlap`` says how many windows after one still share a reading with it. Two implementations of one definition, tested against each other: ``episode_bars`` for
-one entity's scores offline, ``EpisodeBars`` in the worker for many entities, fed batch by batch.
+``in_windows``; ``overlap`` says how many windows after one still share a reading with it. Two
+implementations of one definition, tested against each other: ``episode_bars`` for one entity's scores
+offline, ``EpisodeBars`` in the worker for many entities, fed batch by batch.
 NaN scores are never flagged (+inf is: above any bar); non-finite scores change no episode.
 """
 
@@ -124,10 +125,9 @@ class _State:
             return max(base, math.exp(self.log_sum / self.n) / drop)
         return max(base, self.settled)
 
-    def step(self, score: float, base: float, drop: float, settle: float, k: int, skip: int) -> float:
+    def step(self, score: float, base: float, drop: float, settle: float, k: int, first: int) -> float:
         """The bar in force for ``score``, then the state after it (a non-finite score changes nothing).
-        ``skip``: a run's first windows that still hold a reading of the window above before it, left
-        out of the settled level (but the run's last window always counts)."""
+        ``first``: the run's first window that counts for the settled level (``_first_clear``)."""
         bar = self.bar(base, drop)
         if not math.isfinite(score):
             return bar
@@ -141,7 +141,6 @@ class _State:
             self.n += self.below + 1
             self.below, self.below_log_sum = 0, 0.0
             return bar
-        first = min(skip, k - 1)  # the run's first window clear of the fault (or its last)
         if self.below >= first:
             self.below_max = score if self.below == first else max(self.below_max, score)
         self.below_log_sum += math.log(max(score, _TINY))
@@ -149,6 +148,12 @@ class _State:
         if self.below >= k:
             self.open, self.settled = False, settle * self.below_max  # the run is reset when one opens
         return bar
+
+
+def _first_clear(k: int, skip: int) -> int:
+    """The first of a run's ``k`` windows that holds no reading of the window above before it (``skip``
+    windows still do), or the run's last where none is clear."""
+    return min(skip, k - 1)
 
 
 def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stride: int = 1, *,
@@ -160,9 +165,10 @@ def episode_bars(scores: np.ndarray, base: float, rule: EpisodeRule | None, stri
     bars = np.full(x.shape, float(base))
     if rule is None or not rule.enabled:
         return bars
-    state, k, skip = _State(), rule.in_windows(stride), rule.overlap(window_size, stride)
+    state, k = _State(), rule.in_windows(stride)
+    first = _first_clear(k, rule.overlap(window_size, stride))
     for i, v in enumerate(x.tolist()):
-        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k, skip)
+        bars[i] = state.step(v, float(base), rule.drop, rule.settle, k, first)
     return bars
 
 
@@ -184,7 +190,7 @@ class EpisodeBars:
             raise ValueError("EpisodeBars needs an enabled rule (drop > 0)")
         self.rule = rule
         self.k = rule.in_windows(stride)
-        self.skip = rule.overlap(window_size, stride)
+        self.first = _first_clear(self.k, rule.overlap(window_size, stride))
         self._states: dict[str, _State] = {}
 
     @property
@@ -220,7 +226,7 @@ class EpisodeBars:
         for ``prune``."""
         scores = np.asarray(scores, dtype=np.float64)
         bars = np.broadcast_to(np.asarray(base, dtype=np.float64), (len(scores),)).copy()
-        rule, k, skip = self.rule, self.k, self.skip
+        rule, k, first = self.rule, self.k, self.first
         states = self._states
         ends = None if end_ts is None else np.asarray(end_ts, dtype=np.float64).tolist()
         ids = None if streams is None else np.asarray(streams, dtype=np.int64).tolist()
@@ -232,5 +238,5 @@ class EpisodeBars:
                 state.newest = ends[i]
             if ids is not None:
                 state.stream = ids[i]
-            bars[i] = state.step(v, b, rule.drop, rule.settle, k, skip)
+            bars[i] = state.step(v, b, rule.drop, rule.settle, k, first)
         return bars
