@@ -311,6 +311,10 @@ class _Server(ThreadingHTTPServer):
     and a request that fails says so in the log, not as a traceback on stderr (a probe that gives up and
     resets the connection: a line at debug level)."""
 
+    def __init__(self, address: tuple[str, int], handler: Any, family: int) -> None:
+        self.address_family = family  # read by the base class as it makes the socket
+        super().__init__(address, handler)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
         if isinstance(exc, ConnectionError):
@@ -336,8 +340,7 @@ class HttpEndpoint:
             raise AnomalyError(f"metrics server already running on port {self._server.server_address[1]}")
         try:
             family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-            server = type("_Server", (_Server,), {"address_family": family})((host, int(port)),
-                                                                               _handler_for(self.target))
+            server = _Server((host, int(port)), _handler_for(self.target), family)
         except OSError as exc:
             raise AnomalyError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         server.daemon_threads = True  # a slow scraper must not hold the process's exit
