@@ -139,13 +139,13 @@ def check_client_option_values(client_options: Mapping[str, Any]) -> None:
                 choices = ", ".join("null" if c is None else repr(c) for c in _CHOICES[key])
                 raise ConfigError(field, f"must be one of {choices} (exactly; case matters), got {value!r}")
             continue
-        default = _DEFAULTS.get(key)
         if key == "bootstrap_servers":  # kafka-python takes "host:port" or a list of them
             ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and value
                                             and all(isinstance(v, str) for v in value))
             if not ok:
                 raise ConfigError(field, f"must be a host:port string or a list of them, got {value!r}")
             continue
+        default = _DEFAULTS.get(key)
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "true or false"
         elif isinstance(default, (int, float)):
