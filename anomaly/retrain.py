@@ -161,7 +161,10 @@ class History:
             kept = [r for r, _ in pairs]
             if not kept:
                 continue
-            index = pd.to_datetime(np.array([r.ts for r in kept], dtype=np.float64), unit="s", utc=True)
+            # whole microseconds, as the worker and the tables round them (through floats to ns, a reading
+            # half-way between two slots could land on either)
+            micros = np.round(np.array([r.ts for r in kept], dtype=np.float64) * 1e6).astype(np.int64)
+            index = pd.to_datetime(micros, unit="us", utc=True)
             data = np.array([[np.nan if r.values.get(s) is None else r.values[s] for s in sensors] for r in kept],
                             dtype=np.float64).reshape(len(kept), len(sensors))
             frame = pd.DataFrame(data, index=pd.DatetimeIndex(index, name="ts"), columns=list(sensors))

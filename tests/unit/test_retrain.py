@@ -90,6 +90,18 @@ def test_history_frames_sort_dedupe_and_keep_missing_values():
     assert math.isnan(h2.frames(["a", "b"])["e"]["b"].iloc[0])
 
 
+def test_history_frames_stamp_whole_microseconds_as_the_worker_rounds_them():
+    # 1700000000.05 s through a float-to-ns conversion is ...049999952 ns: a reading half-way between two
+    # 0.1 s slots went to the earlier one in the retrain grid and to the later one in the worker's
+    t0 = 1_700_000_000.0
+    h = History(max_readings=100, lookback_s=1e6)
+    for k in range(40):
+        h.add(Reading("e", float(f"{t0 + 0.05 * k:.2f}"), {"a": float(k)}))
+    index = h.frames(["a"])["e"].index.as_unit("ns").asi8
+    assert (index % 1000 == 0).all()
+    assert index[1] - index[0] == 50_000_000
+
+
 def test_history_refuses_bad_bounds():
     with pytest.raises(ValueError):
         History(max_readings=0, lookback_s=1)
