@@ -797,7 +797,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
             log.info("retrain: %s has only %d readings; left out", entity, len(frame))
             continue
         raw_labels = frame.pop(LABEL_COLUMN) if LABEL_COLUMN in frame.columns else None
-        prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill=settings.data.fill,
+        # filled as the worker fills a null (the last value, up to its limit), whatever data.fill says for files
+        prepared = prepare_scoring(frame, champion.sensors, period_s=champion.period_s, fill="ffill",
                                    max_fill_steps=settings.stream_max_fill_steps, late_as_gaps=True)
         values = prepared.values
         gaps = prepared.gaps if prepared.gaps is not None else np.zeros(len(values), dtype=bool)

@@ -389,6 +389,25 @@ def test_a_retrain_leaves_out_an_outage_the_worker_would_not_bridge(data_steps, 
         assert (b == 599).sum() <= 1
 
 
+@pytest.mark.parametrize("fill", ["ffill", "zero", "linear"])
+def test_a_retrain_fills_a_short_null_as_the_worker_does_whatever_data_fill(fill):
+    """The worker carries a sensor's last value over a null (up to its fill limit), whatever data.fill
+    says (that policy is for files): the challenger, its threshold and the hold-out see the same values."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    h = History(max_readings=10_000, lookback_s=1e9)
+    for i in range(1000):
+        h.add(Reading("pump", 60.0 * i, {"a": None if i % 10 == 5 else 100.0 + i % 3, "b": float(i)}))
+    data = _prepare(h, QuietChampion(), build_settings({"data": {"fill": fill},
+                                                        "retrain": {"exclude_margin_rows": 0}}))
+    a, b = data.train_values[:, 0], data.train_values[:, 1]  # b: the reading's number
+    nulls = b % 10 == 5
+    assert nulls.sum() > 50
+    assert (a[nulls] == 100.0 + (b[nulls] - 1) % 3).all()  # the value before (not 0, not interpolated)
+    assert (a[~nulls] == 100.0 + b[~nulls] % 3).all()
+
+
 def test_every_entity_contributes_validation_rows_to_a_retrain():
     """train_job validates on the last fraction of the concatenated rows: each entity's recent rows must
     be there, not only the alphabetically last entity's (whose rows used to be the whole validation set)."""
