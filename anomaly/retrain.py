@@ -614,6 +614,16 @@ def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_t
     return result
 
 
+def entities_losing_own_threshold(own: Mapping[str, float] | Iterable[str], fitted: Mapping[str, Any] | Iterable[str],
+                                  chosen: Sequence[str] | None) -> list[str]:
+    """The entities the champion holds to thresholds of their own (``own``) that a challenger would not
+    fit again: not among ``fitted`` (the entities with validation rows in the history), and among ``chosen`` (``retrain.entities``) when that is set (empty: every entity), since
+    leaving an entity out of it says the challenger may go without it. Sorted. Pure."""
+    fitted = set(fitted)  # one alone: the shared threshold, fitted on its validation rows, is its own
+    wanted = set(own) if not chosen else set(own) & set(chosen)
+    return sorted(wanted - fitted)
+
+
 def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
     """What of the readings read did not count, for a skip's reason ('' when all did)."""
     parts = []
@@ -699,6 +709,15 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         f"{train_windows} training windows of {w} (need {MIN_TRAIN_WINDOWS}), "
                                         f"{hold_windows} hold-out windows of {compared} (need 1)"
                                         + _left_out(history, rt, champion, stats.get("leaps", 0)),
+                             champion_version=champion_version, data=data.facts)
+    unjudged = entities_losing_own_threshold(champion.threshold.per_entity, data.entity_tails, rt.entities)
+    if unjudged:
+        names = ", ".join(unjudged[:10]) + (f" and {len(unjudged) - 10} more" if len(unjudged) > 10 else "")
+        return RetrainResult("skipped", f"the champion holds {len(unjudged)} entities to thresholds of their own "
+                                        f"({names}) that the history has too few clean readings of to fit again "
+                                        f"(offline longer than retrain.lookback_s?): a challenger would hold them "
+                                        f"to the threshold fitted on the others, and the gate could not judge it "
+                                        f"on them. An asset gone for good: leave it out of retrain.entities",
                              champion_version=champion_version, data=data.facts)
     train_values = data.train_values
     if data_transform is not None:

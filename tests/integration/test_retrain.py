@@ -430,3 +430,37 @@ def test_a_fleet_retrain_gives_the_challenger_each_entity_s_own_threshold(store,
     own = challenger.threshold.per_entity
     assert sorted(own) == ["loud", "quiet"] and own["loud"] > own["quiet"], (own, result.data)  # measured 0.457, 0.396
     assert challenger.threshold.value != own["loud"] and challenger.threshold.value != own["quiet"]
+
+
+def test_a_fleet_champion_s_pump_missing_from_the_history_is_a_skip_not_a_shared_threshold(store, tmp_path):
+    """A fleet champion holds each pump to its own threshold; a history without the loud pump (offline
+    longer than the lookback) fits a challenger whose only threshold is the quiet pump's: it held the
+    loud pump's normal readings to it (false-alarm rate 1.000 measured) and the gate, judging only the
+    pumps in the hold-out, promoted it. Now a skip that names the pump; leaving the pump out of
+    retrain.entities says the challenger may go without it."""
+    import pandas as pd
+
+    from anomaly.preparation import prepare_fleet
+
+    root, weak, _ = store
+    base = settings_for(root, epochs=1)
+    settings = dataclasses.replace(base, data=dataclasses.replace(base.data, entity_column="pump"),
+                                   threshold=dataclasses.replace(base.threshold, per_entity_min_windows=50))
+    quiet, loud = normal_frame(2000, seed=6), normal_frame(2000, seed=7)
+    loud[["temp", "pressure", "flow"]] += np.random.default_rng(7).normal(0, 0.3, (2000, 3))
+    fleet = run_training(prepare_fleet({"quiet": quiet.iloc[:1000], "loud": loud.iloc[:1000]}, 8,
+                                       settings.training.validation_fraction),
+                         settings, source="synthetic", dataset="synthetic", promote=True, progress=False)
+    try:
+        assert sorted(fleet.detector.threshold.per_entity) == ["loud", "quiet"]
+        path = tmp_path / "only_quiet.csv"
+        quiet.iloc[1000:].assign(pump="quiet").reset_index().to_csv(path, index=False)
+        result = run_cycle(settings, data_path=str(path))
+        assert result.status == "skipped" and not result.challenger_version, result
+        assert "(loud)" in result.reason and "retrain.entities" in result.reason, result.reason
+        assert champion_version(settings) == fleet.version
+        chosen = dataclasses.replace(settings, retrain=dataclasses.replace(settings.retrain, entities=["quiet"]))
+        result = run_cycle(chosen, data_path=str(path))
+        assert result.status in ("promoted", "kept") and result.challenger_version, result
+    finally:
+        give_champion(settings, weak)

@@ -408,6 +408,18 @@ def test_a_retrain_fills_a_short_null_as_the_worker_does_whatever_data_fill(fill
     assert (a[~nulls] == 100.0 + b[~nulls] % 3).all()
 
 
+def test_entities_losing_own_threshold():
+    from anomaly.retrain import entities_losing_own_threshold as losing
+
+    own = {"loud": 2.4, "quiet": 1.1, "spare": 1.5}
+    assert losing(own, {"loud": [], "quiet": [], "spare": []}, None) == []
+    assert losing(own, {"loud": [], "quiet": []}, None) == ["spare"]  # offline longer than the lookback
+    assert losing(own, {"quiet": []}, None) == ["loud", "spare"]  # one alone: the shared one is fitted on it
+    assert losing(own, {"loud": [], "quiet": []}, ["loud", "quiet"]) == []  # left out of retrain.entities
+    assert losing(own, {"loud": [], "quiet": []}, []) == ["spare"]  # empty: every entity
+    assert losing({}, {"quiet": []}, None) == []  # a single-series champion
+
+
 def test_every_entity_contributes_validation_rows_to_a_retrain():
     """train_job validates on the last fraction of the concatenated rows: each entity's recent rows must
     be there, not only the alphabetically last entity's (whose rows used to be the whole validation set)."""
