@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from anomaly.errors import AnomalyError, ConfigError, DataError
+from anomaly.redaction import masked, redacted
 from anomaly.stop_flag import StopFlag
 
 log = logging.getLogger("anomaly")
@@ -655,37 +656,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-_SECRET_KEY = ("password", "secret", "token", "credential", "apikey", "passphrase")
-
-
-def _secret_key(key: Any) -> bool:
-    """Whether a settings key names a secret: a password, secret, token or credential, or a key
-    (``api_key``, ``private_key``, ``ssl_key``: a name that is or ends in ``key``)."""
-    if not isinstance(key, str):
-        return False
-    k = key.lower()
-    return any(word in k for word in _SECRET_KEY) or k == "key" or k.endswith(("_key", "-key"))
-
-
-def redacted(doc: Any) -> Any:
-    """``doc`` (settings as plain data) with secrets masked, for printing: values of keys that name a
-    password, secret, token or key (e.g. ``kafka.client_options.sasl_plain_password``), and the password
-    in a URI's user info (``postgresql://user:***@host/db``) and in a ``password=`` parameter."""
-    import re
-
-    if isinstance(doc, dict):
-        return {k: "***" if _secret_key(k) and v else redacted(v) for k, v in doc.items()}
-    if isinstance(doc, list):
-        return [redacted(v) for v in doc]
-    if isinstance(doc, str):
-        # user:password@host: the password runs to the LAST @ (one may hold @, and SQLAlchemy takes a / in
-        # it too); a path holding an @ is masked with it, which printing can afford
-        doc = re.sub(r"(?<=://)([^/:@\s]*):\S*@", r"\1:***@", doc)  # an empty user too (postgresql://:pw@db)
-        # libpq's ?password= / sslpassword= and key=value strings, a quoted value whole ('my secret')
-        return re.sub(r"(?i)((?:^|[?&;\s])\w*password\s*=\s*)('[^']*'|\"[^\"]*\"|[^&;\s]*)", r"\1***", doc)
-    return doc
-
-
 # --- streaming: broker and replay (begin) -------------------------------------------------------
 
 BROKER_WATCH_S = 0.5  # how often the foreground broker command checks that its child still runs
@@ -1251,6 +1221,18 @@ class _SlowTaskNotes(logging.Filter):
         return "It is blocking the event loop" not in record.getMessage()
 
 
+class _MaskedSecrets(logging.Filter):
+    """Masks the passwords of the URIs a log line quotes (``redaction.masked``): an error of MLflow names
+    its tracking URI, user info included, and the worker logs it on every retry."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        safe = masked(text)
+        if safe != text:
+            record.msg, record.args = safe, None
+        return True
+
+
 def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     """dest -> how the command line names it (``--model-alias``, or a positional's name), over every
     subcommand."""
@@ -1282,6 +1264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "urllib3", "kafka", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskedSecrets) for f in handler.filters):
+            handler.addFilter(_MaskedSecrets())
     selector = logging.getLogger("kafka.net.selector")
     if not any(isinstance(f, _SlowTaskNotes) for f in selector.filters):
         selector.addFilter(_SlowTaskNotes())

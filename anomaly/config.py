@@ -812,8 +812,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 raise ConfigError(name, "must be a JSON object when set from the environment") from None
-        if not isinstance(value, dict):
-            raise ConfigError(name, f"must be a table/object, got {value!r}")
+        if not isinstance(value, dict):  # its type only: client_options hold passwords
+            twice = isinstance(value, str) and value.lstrip().startswith("{")
+            raise ConfigError(name, f"must be a table/object, got a {type(value).__name__}"
+                                    + (" (a JSON object encoded twice?)" if twice else ""))
         return dict(value)
     raise ConfigError(name, f"unsupported type {hint}")  # pragma: no cover - a programming error
 

@@ -11,9 +11,15 @@
 
 from __future__ import annotations
 
+from anomaly.redaction import masked
+
 
 class AnomalyError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose. Its text has the passwords of the
+    URIs it quotes masked (``redaction.masked``): it is printed, logged and shown on ``/healthz``."""
+
+    def __str__(self) -> str:
+        return masked(super().__str__())
 
 
 class ConfigError(AnomalyError):
@@ -24,7 +30,7 @@ class ConfigError(AnomalyError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
-        self.message = message
+        self.message = masked(message)
         super().__init__(f"{field}: {message}")
 
 

@@ -44,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 from anomaly.errors import AnomalyError
+from anomaly.redaction import masked
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ class WorkerMetrics:
         ``detail``, which is cleared whenever ``status`` is given without one (a stale reason would lie)."""
         if status is not None and status not in HEALTH_STATUSES:
             raise ValueError(f"health status must be one of {sorted(HEALTH_STATUSES)}, got {status!r}")
+        if detail is not None:
+            detail = masked(detail)  # it may quote the tracking URI, whose user info may hold a password
         with self._lock:
             h = self._health
             if status is not None:

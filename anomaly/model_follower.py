@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from anomaly import registry
 from anomaly.detector import Detector
 from anomaly.errors import RegistryError
+from anomaly.redaction import masked
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +152,8 @@ class ModelFollower:
         if bad is not None and now < bad.retry_at:
             # Not served, and not tried again yet: still trouble (the alias may have left it and come back,
             # which cleared it), but no new failure to count.
-            self._trouble = (f"{self.ref} is at v{version}, which {bad.what} ({bad.count} time(s); next try in "
-                             f"{bad.retry_at - now:.0f} s): {bad.error}; keeping v{self.version}")
+            self._trouble = masked(f"{self.ref} is at v{version}, which {bad.what} ({bad.count} time(s); next try "
+                                   f"in {bad.retry_at - now:.0f} s): {bad.error}; keeping v{self.version}")
             log.debug("%s", self._trouble)
             return None
         try:
@@ -190,6 +191,7 @@ class ModelFollower:
 
     def _fail(self, reason: str, once: bool = False) -> None:
         """Count a failure and log it (an unresolvable alias is logged as a warning once per outage)."""
+        reason = masked(reason)  # mlflow's errors quote the tracking URI, user info included
         self.failures += 1
         self._trouble = reason
         if once and self._unresolved:

@@ -103,12 +103,23 @@ def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> 
     """A ``RegistryError`` at once when an http(s) tracking or registry server does not answer, instead of
     the MLflow client's retries (about four minutes) at the first call. For commands a person waits on;
     the long-running worker and scheduler keep the client's retries. Other stores are not checked."""
+    import base64
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     for uri in dict.fromkeys(u for u in uris if u and u.split(":", 1)[0] in ("http", "https")):
+        # user info (http://user:pw@host, which MLflow sends as basic auth): urllib takes it for a host name
+        parts = urllib.parse.urlsplit(uri.rstrip("/"))
+        host = parts.netloc.rpartition("@")[2]
+        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)) + "/health")
+        if "@" in parts.netloc:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            request.add_header("Authorization", f"Basic {token}")
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            with urllib.request.urlopen(request, timeout=timeout_s):
                 pass
         except urllib.error.HTTPError:
             pass  # it answers (a proxy in front may not serve /health): let the client speak for it

@@ -43,6 +43,7 @@ from urllib.parse import quote
 from anomaly.config import ENV_PREFIX, MAX_INTERVAL_S, Settings, load_config, sqlite_file, to_toml
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
+from anomaly.redaction import masked
 from anomaly.stop_flag import StopFlag
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
                  + f", at {speed:g}x recorded speed")
     lines.append(f"  logs              {state_dir}/ (broker, mlflow, worker, scheduler)")
     lines += ["", "events (stream time, UTC):"]
-    return "\n".join(lines)
+    return masked("\n".join(lines))  # a tracking URI's password, if it holds one, is not printed
 
 
 # --- children ------------------------------------------------------------------------------------
@@ -585,7 +586,7 @@ def train_first_champion(settings: Settings, fleet: Sequence[tuple[str, Any]], d
                              max_missing_fraction=d.max_missing_fraction, outage_steps=settings.worker.max_fill_steps)
     names = ", ".join(series.name for _, series in fleet)
     rows = sorted({len(table) for table in tables.values()})
-    print(f"no champion in the registry at {settings.mlflow.tracking_uri} yet: training one on the fleet's normal "
+    print(f"no champion in the registry at {masked(settings.mlflow.tracking_uri)} yet: training one on the fleet's normal "
           f"readings (SKAB {names}: {sum(len(t) for t in tables.values())} readings x {len(prepared.sensors)} "
           "sensors) ...", flush=True)
     first = str(rows[0]) if len(rows) == 1 else f"{rows[0]}-{rows[-1]}"

@@ -1,0 +1,106 @@
+"""Secrets are not printed: URIs' passwords and secret parameters masked in messages, errors, logs,
+/healthz and the tracking-server check (which must still work with user info in the URI)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from anomaly.errors import ConfigError, RegistryError
+from anomaly.redaction import masked
+
+SECRET = "S3cretPw"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("cannot reach http://alice:S3cretPw@mlflow:5000/api", "cannot reach http://alice:***@mlflow:5000/api"),
+    ("store 'postgresql://alice:S3cretPw@db/mlflow\n'", "store 'postgresql://alice:***@db/mlflow\n'"),
+    ("postgresql://:S3cretPw@db/x", "postgresql://:***@db/x"),
+    ("host=db password='S3cretPw x' user=a", "host=db password=*** user=a"),
+    ("https://acct.blob/c?sv=1&sig=S3cretPw&se=2", "https://acct.blob/c?sv=1&sig=***&se=2"),
+    ("http://h/x?token=S3cretPw", "http://h/x?token=***"),
+    ("a plain message, k = 3", "a plain message, k = 3"),
+    ("pump@site 3 readings", "pump@site 3 readings"),
+])
+def test_masked(text, shown):
+    assert masked(text) == shown
+
+
+def test_errors_of_the_package_mask_the_uris_they_quote():
+    err = RegistryError(f"cannot open experiment at http://alice:{SECRET}@mlflow:5000: refused")
+    assert SECRET not in str(err) and "http://alice:***@mlflow:5000" in str(err)
+    bad = ConfigError("mlflow.tracking_uri", f"starts or ends with a space: 'postgresql://a:{SECRET}@db\\n'")
+    assert SECRET not in str(bad) and SECRET not in bad.message and bad.field == "mlflow.tracking_uri"
+
+
+def test_client_options_given_as_text_are_refused_without_their_values():
+    from anomaly.config import build_settings
+
+    with pytest.raises(ConfigError) as err:
+        build_settings({"kafka": {"client_options": f'{{"sasl_plain_password": "{SECRET}"}}'}})
+    assert SECRET not in str(err.value) and "encoded twice" in str(err.value) and err.value.field == "kafka.client_options"
+
+
+def test_health_detail_masks_the_tracking_uri():
+    from anomaly.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.set_health("starting", detail=f"cannot check pump@champion: API request to http://a:{SECRET}@m/api failed")
+    assert SECRET not in str(metrics.health())
+
+
+def test_the_follower_s_trouble_masks_mlflow_s_error():
+    from anomaly.model_follower import ModelFollower
+
+    state = {"down": False}
+
+    def resolve(name, alias):
+        if state["down"]:
+            raise ConnectionError(f"API request to http://alice:{SECRET}@mlflow/api/2.0 failed")
+        return "1"
+
+    follower = ModelFollower("pump", "champion", 0.0, lambda name, v: (f"det-{v}", v), resolver=resolve,
+                             clock=lambda: 100.0)
+    state["down"] = True
+    assert follower.poll() is None
+    assert follower.trouble and SECRET not in follower.trouble and "alice:***@mlflow" in follower.trouble
+
+
+def test_log_lines_are_masked_by_the_command_s_handlers():
+    from anomaly.cli import _MaskedSecrets
+
+    record = logging.LogRecord("anomaly", logging.WARNING, __file__, 1, "%s=%s is not read", (
+        "MLFLOW_TRACKING_URI", f"http://bob:{SECRET}@mlflow:5000"), None)
+    assert _MaskedSecrets().filter(record)
+    assert record.getMessage() == "MLFLOW_TRACKING_URI=http://bob:***@mlflow:5000 is not read"
+
+
+def test_a_tracking_server_with_user_info_is_reached_with_basic_auth_and_its_password_not_shown():
+    from anomaly.tracking import require_reachable
+
+    seen: list[str | None] = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        require_reachable(f"http://alice:{SECRET}@127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()]
+    with pytest.raises(RegistryError) as err:  # the server is gone
+        require_reachable(f"http://alice:{SECRET}@127.0.0.1:{server.server_port}")
+    assert SECRET not in str(err.value) and "does not answer" in str(err.value)
