@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,19 @@ class FileLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.mode)
         except FileExistsError:
             try:
-                return os.open(self.path, os.O_RDWR)
+                # not through a symbolic link: one planted at the predictable name in a shared /tmp would
+                # have the lock truncate and write whatever file it points to
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
             except FileNotFoundError:  # removed in between: make it
-                return os.open(self.path, os.O_RDWR | os.O_CREAT, self.mode)
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.mode)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OSError(exc.errno, "a symbolic link; a lock file must be a plain file") from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device
+                os.close(fd)
+                raise OSError(errno.EINVAL, "not a plain file; a lock file must be one")
+            return fd
         try:
             os.fchmod(fd, self.mode)  # the umask took bits off (0o666 came out 0o644: no second user)
         except OSError:

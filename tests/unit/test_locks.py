@@ -91,3 +91,25 @@ def test_a_shared_lock_file_is_made_with_its_mode_whatever_the_umask(tmp_path):
     assert (tmp_path / "own.lock").stat().st_mode & 0o777 == 0o644
     with FileLock(tmp_path / "shared.lock", what="test", mode=0o666) as lock:  # an existing file opens too
         assert lock.held
+
+
+def test_a_lock_does_not_write_through_a_planted_symbolic_link_or_into_a_fifo(tmp_path):
+    """The lock's name is predictable and its folder is /tmp by default: a link planted there had the
+    lock truncate the file it pointed to and write a pid into it."""
+    from anomaly.errors import AnomalyError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "model.lock"
+    link.symlink_to(victim)
+    with pytest.raises(AnomalyError, match="symbolic link"):
+        FileLock(link).acquire()
+    assert victim.read_text() == "precious\n"
+    fifo = tmp_path / "fifo.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(AnomalyError, match="not a plain file"):
+        FileLock(fifo).acquire()
+    with FileLock(tmp_path / "plain.lock"):  # a plain file, new or existing, still locks
+        pass
+    with FileLock(tmp_path / "plain.lock"):
+        pass
