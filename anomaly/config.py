@@ -356,7 +356,8 @@ class WorkerSettings:
                               "idle); at most 3600, the idle timeout. -1 = off, for streams whose time runs ahead of the "
                               "clock on purpose (a replay sped up; anomaly up turns it off); off, a reading stamped more than the idle timeout "
                               "ahead of the clock and of its partition's newest, which the partition's next readings do not "
-                              "follow, is still a dead letter", 600.0)
+                              "follow, is still a dead letter (one that ends its poll waits, its commit held, for the "
+                              "partition's next readings)", 600.0)
     max_entities: int = doc("most entities whose windows one worker holds (about 2-3 KB each at the default shapes); past "
                             "it those not active (an id heard from once, two slots or more ago; one silent for a "
                             "window) are evicted, down to 90 %, as silent ones are (counted in "

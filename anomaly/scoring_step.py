@@ -259,6 +259,9 @@ class ScoringStep:
         self._replay: _Replay | None = None  # re-reading after a swap the window buffers did not survive
         self._replay_prune = False  # partitions revoked since: the replay's marks of entities gone to be dropped
         self._replay_from: dict[tuple[str, int], int] = {}
+        # stream id -> (offset, key, value) of a reading held back: its partition's last, leaping far ahead
+        # with worker.max_future_s off; judged with the partition's next readings (_refuse_leaps)
+        self._held: dict[int, tuple[int, bytes | None, Any]] = {}
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -394,6 +397,7 @@ class ScoringStep:
         seeking back)."""
         self._store.reset()
         self._replay, self._replay_from = None, {}
+        self._held.clear()  # the caller seeks back to the commits, which held readings kept at or before them
         with self._alert_lock:
             self._alerts.forget()
             self._holds.clear()
@@ -408,6 +412,8 @@ class ScoringStep:
         how many entities' windows went. Their new owner replays from the committed offset, which the
         alert holds kept at each run's first window, and carries their events on under the same ids."""
         ids = [self._streams[tp] for tp in partitions if tp in self._streams]
+        for stream in ids:  # its commit stayed at or before it: the new owner reads it
+            self._held.pop(stream, None)
         if self._replay is not None:  # the new owner reads them from the committed offset
             self._replay.done(ids, floors=True)
             self._replay_prune = True
@@ -452,6 +458,9 @@ class ScoringStep:
         ``score`` then ``complete`` finish it; the worker may stage the next batch before completing
         this one (the windows are copies and the commit positions are this batch's)."""
         batches = _as_partition_batches(records)
+        again: set[int] = set()  # input positions of held readings judged again (not consumed again)
+        if self._held:
+            batches, again = self._with_held(batches)
         store = self._store
         out = BatchOutput()
         counts = out.counts
@@ -473,8 +482,11 @@ class ScoringStep:
                 self._next_offset[stream] = top + 1
         stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
         replayed = self._replayed(stream_of, offsets)  # None: no record of this batch is read again
+        if replayed is not None and again:  # a held reading was never judged: its dead letter is not sent yet
+            replayed[list(again)] = False
+            replayed = replayed if replayed.any() else None
         n_replayed = 0 if replayed is None else int(np.count_nonzero(replayed))
-        counts["consumed"] = len(raws) - n_replayed
+        counts["consumed"] = len(raws) - n_replayed - len(again)
         counts["replayed"] = n_replayed
         if not _BYTES_ONLY.issuperset(map(type, raws)):
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
@@ -485,8 +497,11 @@ class ScoringStep:
             decoded = _refuse_future(decoded, now_s, self.max_future_s)
         else:  # off (a sped-up replay): still no leap that would stall the partition
             idle_s = self._idle_s()
-            decoded = _refuse_leaps(decoded, stream_of, store, now_s,
-                                    (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s)
+            decoded, trailing = _refuse_leaps(decoded, stream_of, store, now_s,
+                                              (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s)
+            for i in trailing:  # judged with the partition's next readings; its commit stays at it
+                b, j = _record_at(batches, i)
+                self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i])
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])
@@ -573,7 +588,8 @@ class ScoringStep:
             if replay.over:
                 self._replay = None
         for stream, offset in commits.items():
-            out.commits[self._stream_keys[stream]] = offset
+            held = self._held.get(stream)
+            out.commits[self._stream_keys[stream]] = offset if held is None else min(offset, held[0])
         self._staged_seq += 1
         clocks = {p: t for p in range(len(self._stream_keys)) if (t := store.stream_time(p)) is not None}
         return StagedBatch(out, ready, self._model, now_s, self._staged_seq, clocks)
@@ -819,6 +835,35 @@ class ScoringStep:
                     caught = True
         self._finished = kept  # the waiting ones left: the commit is past their run, a replay sees none of it
 
+    def _with_held(self, batches: list[PartitionBatch]) -> tuple[list[PartitionBatch], set[int]]:
+        """``batches`` with each held reading put back in front of its partition's first run where the
+        batch brings that partition (else it stays held), and the input positions of the held readings
+        judged now: those put back, and one read again after a seek back (judged where it is, not put in
+        twice). Neither is consumed again, and neither was judged before (not ``replayed``)."""
+        runs: dict[int, list[int]] = {}
+        for k, b in enumerate(batches):
+            runs.setdefault(self._stream_id(b.topic, b.partition), []).append(k)
+        out = list(batches)
+        judged: dict[int, int] = {}  # run -> the offset of the held reading judged in it
+        for stream in [s for s in self._held if s in runs]:
+            offset, key, value = self._held.pop(stream)
+            where = [k for k in runs[stream] if offset in out[k].offsets]
+            if where:  # read again (a seek back): judged there
+                judged[where[0]] = offset
+                continue
+            k = runs[stream][0]
+            b = out[k]
+            keys = None if b.keys is None and key is None else [key, *(b.keys or [None] * len(b.values))]
+            out[k] = PartitionBatch(b.topic, b.partition, [offset, *b.offsets], keys, [value, *b.values])
+            judged[k] = offset
+        again: set[int] = set()
+        position = 0
+        for k, b in enumerate(out):
+            if k in judged:
+                again.add(position + b.offsets.index(judged[k]))
+            position += len(b.values)
+        return out, again
+
     def _replayed(self, stream_of: np.ndarray, offsets: Sequence[int]) -> np.ndarray | None:
         """Per record of a batch, whether it is read again after a swap (``swap_model(replay=True)``)."""
         replay = self._replay
@@ -981,38 +1026,57 @@ LEAP_S = 3600.0  # with idle eviction off, how far a reading may leap ahead (see
 
 
 def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, now_s: float,
-                  limit_s: float) -> DecodedBatch:
+                  limit_s: float) -> tuple[DecodedBatch, list[int]]:
     """``decoded`` without the lone leaps, for ``worker.max_future_s`` off: a reading stamped more than
     ``limit_s`` ahead of both ``now_s`` and the newest reading of its partition before it (its stream
     time, then the batch's readings in arrival order), after which the partition's readings in the batch
     go on from the old time (one of them more than ``limit_s`` behind it), goes to the bad records. One
     reading stamped years ahead (a producer's bug) became its partition's stream time: every later
     reading there late, its commit pinned, a restart no help. A sped-up replay's stamps run ahead of the
-    clock, and jump where its recording has a gap, but go on from where they jumped: kept. A leap that
-    is its partition's last reading in the batch cannot be told from a jump: kept. Readings of another
-    sensor set that leap are left out of the stream time (dead letters either way)."""
+    clock, and jump where its recording has a gap, but go on from where they jumped: kept. Readings of
+    another sensor set that leap are left out of the stream time (dead letters either way).
+
+    A leap that is its partition's last stamp in the batch cannot be told from a jump yet: it is left
+    out too, and its input position returned, for the caller to hold back and judge with the
+    partition's next readings (a leap kept as the stream time made every later reading late until a
+    restart). One of another sensor set is only left out of the stream time."""
     n = len(decoded.index)
     positions, ts = _all_stamps(decoded)
-    if len(ts) < 2 or float(ts.max()) <= now_s + limit_s:  # the usual poll: nothing that far ahead
-        return decoded
+    if not len(ts) or float(ts.max()) <= now_s + limit_s:  # the usual poll: nothing that far ahead
+        return decoded, []
     streams = stream_of[positions]
     leaps = np.zeros(len(ts), dtype=bool)
     newest_before = np.full(len(ts), now_s)
+    trailing = np.zeros(len(ts), dtype=bool)
     for part in _by_partition(positions, streams):
         before = store.stream_time(int(streams[part[0]]))
-        leaps[part], newest_before[part] = lone_leaps(ts[part], now_s if before is None else max(now_s, before),
-                                                      limit_s)
-    if not leaps.any():
-        return decoded
+        start = now_s if before is None else max(now_s, before)
+        leaps[part], newest_before[part] = lone_leaps(ts[part], start, limit_s)
+        last, earlier = part[-1], part[:-1][~leaps[part[:-1]]]
+        if ts[last] > max(start, float(ts[earlier].max()) if len(earlier) else start) + limit_s:
+            trailing[last] = not leaps[last]
+    if not leaps.any() and not trailing.any():
+        return decoded, []
     bad = list(decoded.bad) + [
         (int(positions[k]), f"ts is {ts[k] - now_s:.0f} s ahead of the worker's clock and {ts[k] - newest_before[k]:.0f} s "
                             f"ahead of its partition's newest reading, which the readings after it go on from (more "
                             f"than {limit_s:.0f} s; worker.max_future_s is off): it would make them all late")
         for k in np.flatnonzero(leaps[:n]).tolist()]
-    keep = np.flatnonzero(~leaps[:n])
-    foreign = [item for item, leap in zip(decoded.foreign, leaps[n:].tolist()) if not leap]
+    held = [int(positions[k]) for k in np.flatnonzero(trailing[:n]).tolist()]
+    keep = np.flatnonzero(~(leaps[:n] | trailing[:n]))
+    out = leaps[n:] | trailing[n:]
+    foreign = [item for item, leap in zip(decoded.foreign, out.tolist()) if not leap]
     return DecodedBatch(decoded.index[keep], [decoded.entities[j] for j in keep], decoded.ts[keep],
-                        decoded.values[keep], sorted(bad), foreign)
+                        decoded.values[keep], sorted(bad), foreign), held
+
+
+def _record_at(batches: Sequence[PartitionBatch], position: int) -> tuple[PartitionBatch, int]:
+    """The run holding a batch's input ``position``, and the position within it."""
+    for b in batches:
+        if position < len(b.values):
+            return b, position
+        position -= len(b.values)
+    raise IndexError(position)
 
 
 def lone_leaps(stamps: np.ndarray, start: float, limit_s: float) -> tuple[np.ndarray, np.ndarray]:

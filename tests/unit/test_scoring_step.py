@@ -671,6 +671,74 @@ def test_with_max_future_off_a_lone_leap_is_a_dead_letter_and_a_replays_jump_is_
     assert sum(o.counts["windows_scored"] for o in outs) == 17 + 17  # windows of 4; the gap restarts them
 
 
+def test_with_max_future_off_a_leap_that_ends_its_poll_is_held_and_judged_with_the_next_readings() -> None:
+    # A leap arriving last in its partition's poll (the usual case for a slow stream: one reading per poll)
+    # was kept as the stream time: every later reading of the partition counted late, nothing scored,
+    # until a restart. Now it waits, its commit held at it, for the partition's next readings.
+    step = step_for(FakeModel(window_size=4))  # max_future_s off
+    step.process(stream({"a": 0, "b": 0}, range(10)), now_s=T0 + 10)
+    poison = reading_record("a", 90_000_000_000 - int(T0), 20)
+    out = step.process([poison], now_s=T0 + 11)
+    assert out.counts["dead_letters"] == 0 and out.counts["consumed"] == 1 and out.counts["accepted"] == 0
+    assert out.commits[(TOPIC, 0)] <= 20  # not past the held reading
+    after = [reading_record(e, slot, 21 + 2 * (slot - 10) + i) for slot in range(10, 30) for i, e in enumerate("ab")]
+    outs = [step.process(after[i:i + 10], now_s=T0 + 12 + i) for i in range(0, 40, 10)]
+    assert [o.counts["late"] for o in outs] == [0, 0, 0, 0]
+    assert outs[0].counts["dead_letters"] == 1 and outs[0].counts["consumed"] == 10  # not counted twice
+    letter = decode_dead_letter(outs[0].dead_letters[0][1])
+    assert letter["source_offset"] == 20 and letter["original"] == poison.value
+    assert "worker.max_future_s is off" in letter["reason"]
+    assert sum(o.counts["windows_scored"] for o in outs) == 40 and outs[-1].commits[(TOPIC, 0)] > 20
+    # A replay's jump over a recording gap, alone in its poll: held one poll, then kept with what follows.
+    replay = step_for(FakeModel(window_size=4))
+    slots = [5 * 3600 + k for k in range(10)] + [8 * 3600 + 10 + k for k in range(10)]
+    records = [reading_record("r", slot, i) for i, slot in enumerate(slots)]
+    outs = [replay.process(records[:10], now_s=T0), replay.process(records[10:11], now_s=T0),
+            replay.process(records[11:], now_s=T0)]
+    assert outs[1].counts["accepted"] == 0 and outs[1].commits[(TOPIC, 0)] <= 10
+    assert [o.counts["dead_letters"] for o in outs] == [0, 0, 0] and sum(o.counts["late"] for o in outs) == 0
+    assert sum(o.counts["accepted"] for o in outs) == 20 and sum(o.counts["consumed"] for o in outs) == 20
+    assert sum(o.counts["windows_scored"] for o in outs) == 7 + 7  # windows of 4; the gap restarts them
+
+
+def test_a_held_leap_waits_for_its_own_partition_and_goes_with_a_reset_or_revocation() -> None:
+    step = step_for(FakeModel(window_size=4))
+    step.process(stream({"a": 0, "b": 1}, range(10)), now_s=T0 + 10)
+    out = step.process([reading_record("a", 90_000_000_000 - int(T0), 10)], now_s=T0 + 11)
+    assert out.commits[(TOPIC, 0)] <= 10
+    # partition 1 goes on; partition 0 brings nothing: its reading stays held
+    out = step.process([reading_record("b", slot, slot, partition=1) for slot in range(10, 14)], now_s=T0 + 12)
+    assert out.counts["windows_scored"] == 4 and (TOPIC, 0) not in out.commits
+    out = step.process([reading_record("a", 10, 11)], now_s=T0 + 13)  # goes on from before the leap
+    assert out.counts["dead_letters"] == 1 and out.counts["accepted"] == 1 and out.counts["late"] == 0
+    # held, then the partition revoked (its new owner reads from the commit, at or before it): let go
+    step.process([reading_record("a", 90_000_000_000 - int(T0), 12)], now_s=T0 + 14)
+    step.forget_partitions([(TOPIC, 0)])
+    out = step.process([reading_record("a", 11, 13)], now_s=T0 + 15)
+    assert out.counts["dead_letters"] == 0 and out.counts["consumed"] == 1
+    # held, then a reset (a failed batch; the worker seeks back to the commits): let go, read again
+    step.process([reading_record("a", 90_000_000_000 - int(T0), 14)], now_s=T0 + 16)
+    step.reset()
+    out = step.process([reading_record("a", 90_000_000_000 - int(T0), 14), reading_record("a", 12, 15)],
+                       now_s=T0 + 17)
+    assert out.counts["dead_letters"] == 1 and out.counts["consumed"] == 2
+
+
+def test_a_held_leap_read_again_after_a_swap_is_judged_once_and_its_dead_letter_sent() -> None:
+    step = step_for(FakeModel(window_size=4, version="1"))
+    records = stream({"a": 0}, range(10))
+    step.process(records, now_s=T0 + 10)
+    poison = reading_record("a", 90_000_000_000 - int(T0), 10)
+    assert step.process([poison], now_s=T0 + 11).counts["dead_letters"] == 0  # held
+    assert step.swap_model(FakeModel(window_size=3, version="2"), replay=True) is False
+    seek = step.replay_from[(TOPIC, 0)]
+    assert seek < 10  # the re-read brings the held reading again: not put in twice, not taken for replayed
+    again = [r for r in [*records, poison] if r.offset >= seek] + [reading_record("a", 10, 11)]
+    out = step.process(again, now_s=T0 + 12)
+    assert out.counts["dead_letters"] == 1 and decode_dead_letter(out.dead_letters[0][1])["source_offset"] == 10
+    assert out.counts["consumed"] == 1 and out.counts["late"] == 0  # only the new reading is new
+
+
 # --- alert state and commits ---------------------------------------------------------------------
 
 def _fault_records() -> list[InputRecord]:
