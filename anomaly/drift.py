@@ -246,7 +246,7 @@ def parse_score_record(value: bytes | None) -> LiveScore | None:
         model = doc["model"]
         score = doc["score"]
         version = str(model["version"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
     return LiveScore(version, _finite(score))
 

@@ -135,7 +135,7 @@ class EventFeed:
         """Decode one record value and show it (the thread calls this; tests may too)."""
         try:
             event = json.loads(value)
-        except (TypeError, ValueError, UnicodeDecodeError):  # TypeError: a tombstone (no value)
+        except (TypeError, ValueError, RecursionError):  # TypeError: a tombstone; RecursionError: nested too deep
             log.warning("event feed: a record on %s is not JSON; skipped", self.topic)
             return
         if not isinstance(event, dict) or not isinstance(event.get("entity"), str) or not event["entity"] \

@@ -349,7 +349,7 @@ def record_label(value: bytes | None, label_field: str | None) -> bool | None:
 
     try:
         doc = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep: the worker dead-letters it
         return None
     return parse_label(doc.get(label_field)) if isinstance(doc, dict) else None
 

@@ -1046,3 +1046,12 @@ def test_reading_history_without_a_clock_bound_keeps_a_replays_jump(monkeypatch)
     stats: dict[str, int] = {}
     got = list(retrain.topic_readings("b:9092", "t", idle_s=0.05, timeout_s=5.0, stats=stats, leap_s=3600.0))
     assert [r.ts for r in got] == before + after and "leaps" not in stats
+
+
+def test_a_reading_nested_too_deep_has_no_label_and_does_not_stop_the_read():
+    from anomaly.drift import parse_score_record
+    from anomaly.retrain import record_label
+
+    nested = b'{"anomaly": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # json: RecursionError
+    assert record_label(nested, "anomaly") is None
+    assert parse_score_record(b'{"score": 1, "model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None

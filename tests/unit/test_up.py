@@ -213,7 +213,8 @@ def test_event_feed_counts_and_annotates_and_skips_garbage():
     assert feed.counts == {"open": 1, "closed": 1} and feed.entities == {"pump-2": 1}
     assert len(lines) == 2 and lines[0].endswith("[note]")
     # Records that are JSON but not events we can show are skipped too: they used to end the feed's thread.
-    for odd in (None, json.dumps({**EVENT, "entity": None}).encode(), json.dumps({**EVENT, "entity": [1]}).encode(),
+    nested = b'{"entity": "p", "status": "open", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # RecursionError
+    for odd in (None, nested, json.dumps({**EVENT, "entity": None}).encode(), json.dumps({**EVENT, "entity": [1]}).encode(),
                 json.dumps({**EVENT, "entity": ""}).encode(), json.dumps({**EVENT, "status": "maybe"}).encode(),
                 json.dumps([EVENT]).encode(), json.dumps({**EVENT, "status": "closed", "end_ts": "later"}).encode()):
         feed.handle(odd)
