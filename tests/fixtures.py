@@ -40,6 +40,13 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.
     return predicate()
 
 
+# The worker's consumer options in the broker tests. kafka-python waits max_poll_interval_ms + 5 s for a
+# JoinGroup answer (300 s unless set) and the worker renews a join stuck for that long plus a minute:
+# one unanswered join cost five minutes of a test run. A minute bounds it (a test worker never spends
+# that long between polls).
+WORKER_CLIENT_OPTIONS = {"max_poll_interval_ms": 60_000}
+
+
 def mlflow_store(root: Path | str, model_name: str) -> dict[str, str]:
     """The ``[mlflow]`` section of a test's own SQLite tracking store and artifact folder under ``root``."""
     root = Path(root)

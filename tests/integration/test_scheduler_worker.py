@@ -20,7 +20,7 @@ from anomaly.scheduler import JOB_FUNC, JOB_ID, RetrainScheduler, settings_dict
 from anomaly.train_job import run_training
 from anomaly.window_state import WindowPolicy
 from anomaly.worker import Worker, WorkerOptions
-from tests.fixtures import mlflow_store, normal_frame, wait_for
+from tests.fixtures import WORKER_CLIENT_OPTIONS, mlflow_store, normal_frame, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_na
 
     opts = WorkerOptions(bootstrap_servers=kafka_broker, input_topic=f"{prefix}.in", events_topic=f"{prefix}.events",
                          dlq_topic=f"{prefix}.dlq", scores_topic=f"{prefix}.scores", group_id=f"{prefix}.group",
-                         client_options={}, window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=1),
+                         client_options=dict(WORKER_CLIENT_OPTIONS), window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=1),
                          alert_policy=AlertPolicy(min_duration_windows=3, recovery_windows=5, cooldown_s=30),
                          poll_timeout_s=0.5, input_partitions=4, device="cpu")
     kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
@@ -103,6 +103,7 @@ def test_worker_serves_the_version_the_scheduler_promotes(kafka_broker, topic_na
     assert wait_for(lambda: worker.stats.consumed >= total, 30)
     worker.stop()
     thread.join(30)
+    assert not thread.is_alive(), "the worker did not stop within 30 s"
     assert "error" not in outcome, outcome.get("error")
     docs = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
     ends = sorted(d["ts"] for d in docs)
