@@ -156,7 +156,7 @@ class AlertTracker:
         continuation's ``open``).
 
         ``sensors_detail()`` returns the window's sensors ranked by share of the error, as dicts
-        ``{"sensor", "share", "actual", "expected"}``; it is only called when this window becomes a peak.
+        ``{"sensor", "share", "actual", "expected", "filled"}``; it is only called when this window becomes a peak.
         """
         policy = self.policy
         above = score > threshold

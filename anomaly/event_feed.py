@@ -68,7 +68,8 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS, reopened: boo
             continue
         share = item.get("share")
         share_txt = f" {100 * float(share):.0f}%" if isinstance(share, (int, float)) else ""
-        named.append(f"{item.get('sensor', '?')}{share_txt} ({_num(item.get('actual'))} vs {_num(item.get('expected'))})")
+        actual = "null" if item.get("filled") is True else _num(item.get("actual"))  # the sensor sent no value
+        named.append(f"{item.get('sensor', '?')}{share_txt} ({actual} vs {_num(item.get('expected'))})")
     if status == "CLOSED":
         when = _clock(event.get("end_ts"))
         span = f"lasted {_duration(float(event.get('end_ts', 0) or 0) - float(event.get('start_ts', 0) or 0))}, "

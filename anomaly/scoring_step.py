@@ -681,7 +681,7 @@ class ScoringStep:
         if not involved:
             self._apply_holds(out, staged.clocks)
             return out
-        values, end_ts_list = ready.values, ready.end_ts.tolist()
+        values, end_ts_list, last_missing = ready.values, ready.end_ts.tolist(), ready.last_missing
         holds = self._holds
         top_k = self.alert_policy.top_k
         idle_s = self._idle_s()
@@ -693,8 +693,12 @@ class ScoringStep:
                 shares = sensor_contributions(errors[i:i + 1])[0]
                 order = np.argsort(-shares, kind="stable")[:top_k]
                 actual = values[i, -1]
+                # a sensor null in the window's last reading: its value there is carried over (or typical),
+                # not read; it is said (filled), not shown as a reading
+                null = last_missing[i].tolist() if last_missing is not None else [False] * len(sensors)
                 return [{"sensor": sensors[j], "share": _finite_or_none(shares[j]),
-                         "actual": _finite_or_none(actual[j]), "expected": _finite_or_none(expected[i, j])}
+                         "actual": None if null[j] else _finite_or_none(actual[j]),
+                         "expected": _finite_or_none(expected[i, j]), "filled": null[j]}
                         for j in order]
 
             if idle_s is not None and entity in holds and end_ts_list[i] - holds[entity].last_ts > idle_s:
@@ -940,7 +944,8 @@ class _Replay:
                           ready.start_ts[where], ready.partition[where], ready.end_offset[where],
                           ready.filled[where], ready.start_offset[where],
                           None if ready.reading_ts is None else ready.reading_ts[where],
-                          None if ready.through_offset is None else ready.through_offset[where])
+                          None if ready.through_offset is None else ready.through_offset[where],
+                          None if ready.last_missing is None else ready.last_missing[where])
 
 
 @dataclass

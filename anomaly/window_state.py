@@ -44,8 +44,10 @@ Semantics (README quotes this section)
   out by ``ready()``, and, for the next window still to come, the readings in its slots that are
   already sealed — including the reading a filled slot was copied from. With no such reading it is
   ``last_offset + 1``. Replaying from there rebuilds every window that is not yet scored (DESIGN §3).
-  Known approximation: a sensor that is ``None`` across the restart point is filled from
-  ``fill_values`` in the rebuilt buffer instead of from a reading older than the committed offset.
+  A sensor ``None`` in a reading, carried over from the last reading that had it (within
+  ``max_fill_steps``), makes that older reading needed too (a row's ``src``): a replay from after it
+  filled the sensor from ``fill_values`` instead, the window scored otherwise, and an event open across
+  the restart came back under another id with the first never closed.
 - **Memory.** Per entity: at most ``window_size - 1 + max(8, window_size // 4)`` grid rows and the
   readings of its unsealed slots (``grace_slots + 1`` with grace). ``evict_idle`` drops entities that stopped sending (they would
   otherwise hold their partition's commit back for ever), ``reset`` drops state on demand.
@@ -169,6 +171,9 @@ class ReadyBatch:
     # reading's, or where a reading of it lies past a later slot's (placed out of order within grace), the
     # newest such one's (a replay from between them fills the later slot from it). None: not known
     through_offset: np.ndarray | None = None
+    # (N, F) bool: the sensors null in the reading each window ends on (their last value there is carried
+    # over or typical, not read). None: every window's last reading had every sensor
+    last_missing: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -191,11 +196,11 @@ class _Chunk:
     """Consecutive queued windows of one entity (one from ``_place``, many from ``_append_run``)."""
 
     __slots__ = ("entity", "values", "end_slot", "partition", "end_offset", "filled", "start_offset", "reading_ts",
-                 "through_offset")
+                 "through_offset", "last_missing")
 
     def __init__(self, entity: str, values: np.ndarray, end_slot: np.ndarray, partition: np.ndarray,
                  end_offset: np.ndarray, filled: np.ndarray, start_offset: np.ndarray,
-                 reading_ts: np.ndarray, through_offset: np.ndarray) -> None:
+                 reading_ts: np.ndarray, through_offset: np.ndarray, last_missing: np.ndarray | None = None) -> None:
         self.entity = entity
         self.values = values  # (k, W, F)
         self.end_slot = end_slot  # (k,)
@@ -205,13 +210,15 @@ class _Chunk:
         self.start_offset = start_offset  # (k,)
         self.reading_ts = reading_ts  # (k,) epoch s stamped on the reading that ends each window
         self.through_offset = through_offset  # (k,)
+        self.last_missing = last_missing  # (k, F) bool, the sensors null in each window's last reading; None: none
 
 
 class _Entity:
     """One entity's buffer: a contiguous run of sealed grid rows plus the readings of unsealed slots."""
 
-    __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "n", "run_end",
-                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs", "unaligned")
+    __slots__ = ("pending", "max_slot", "values", "filled", "from_reading", "part", "off", "src", "n", "run_end",
+                 "last_partition", "mixed", "needs", "queued_needs", "last_end", "null_runs", "unaligned", "full",
+                 "partial", "carried")
 
     def __init__(self, capacity: int, n_sensors: int) -> None:
         # Readings of slots not yet sealed: slot -> (values with None for missing, partition, offset, ts).
@@ -222,6 +229,14 @@ class _Entity:
         self.from_reading = np.zeros(capacity, dtype=bool)  # row holds a reading (not a filled gap slot)
         self.part = np.zeros(capacity, dtype=np.int64)  # partition of the reading each row came from
         self.off = np.zeros(capacity, dtype=np.int64)  # offset of the reading each row came from
+        # oldest offset a row's values come from, on its partition: its reading's, or that of an older reading
+        # a sensor None in it was carried over from (<= off)
+        self.src = np.zeros(capacity, dtype=np.int64)
+        # (partition, offset) of the newest reading of the run with every sensor, and per sensor present in a
+        # reading since, that reading's: where a None sensor's carried value comes from (None: no reading)
+        self.full: tuple[int, int] | None = None
+        self.partial: dict[int, tuple[int, int]] | None = None
+        self.carried = -1  # slot of the newest row whose src is older than its reading (-1: none)
         self.n = 0  # rows in the run
         self.run_end = 0  # slot of row n-1 (meaningful when n > 0)
         self.last_partition = -1  # partition of the newest reading (-1: none yet)
@@ -441,7 +456,7 @@ class WindowStore:
                     for _ in range(gap):
                         self._append_fill(state)
             self._append_reading(state, slot, row, partition, offset)
-            self._maybe_queue(entity, state, slot, partition, offset, ts)
+            self._maybe_queue(entity, state, slot, partition, offset, ts, row)
         # Missing slots after the run are sealed for good: too many of them is a gap we already know.
         if state.n > 0 and upto - state.run_end > max_fill:
             state.n = 0
@@ -454,7 +469,7 @@ class WindowStore:
         if state.n < self._capacity:
             return
         keep, n = self._keep, state.n
-        for array in (state.values, state.filled, state.from_reading, state.part, state.off):
+        for array in (state.values, state.filled, state.from_reading, state.part, state.off, state.src):
             array[:keep] = array[n - keep:n]
         state.n = keep
 
@@ -478,36 +493,59 @@ class WindowStore:
         state.from_reading[i] = False
         state.part[i] = state.part[i - 1]  # the reading this copy came from
         state.off[i] = state.off[i - 1]
+        state.src[i] = state.src[i - 1]
         state.n += 1
         state.run_end += 1
+        if state.carried == state.run_end - 1:  # a copy of a row that carries a sensor from before it
+            state.carried = state.run_end
 
     def _append_reading(self, state: _Entity, slot: int, row: list[float | None], partition: int,
                         offset: int) -> None:
         self._make_room(state)
         i = state.n
         filled = row.count(None)
+        src = offset
+        if i == 0:  # a new run: nothing carried over from before it
+            state.full = state.partial = None
         if filled:
             previous = (state.values[i - 1] if i > 0 else self._fill).tolist()
             runs = state.null_runs or [0] * len(row)
             cap = self.policy.max_fill_steps
+            full, partial = state.full, state.partial
+            if partial is None:
+                partial = state.partial = {}
+            here = (partition, offset)
             for j, value in enumerate(row):
-                runs[j] = runs[j] + 1 if value is None else 0
+                if value is None:
+                    runs[j] += 1
+                    at = partial.get(j, full)  # the reading its carried value comes from
+                    if i > 0 and runs[j] <= cap and at is not None and at[0] == partition and at[1] < src:
+                        src = at[1]
+                else:
+                    runs[j] = 0
+                    partial[j] = here
             row = [value if value is not None else previous[j] if runs[j] <= cap else float(self._fill[j])
                    for j, value in enumerate(row)]
             state.null_runs = runs
-        elif state.null_runs is not None:  # every sensor reported: no run of Nones goes on
-            state.null_runs = None
+        else:
+            state.full, state.partial = (partition, offset), None
+            if state.null_runs is not None:  # every sensor reported: no run of Nones goes on
+                state.null_runs = None
         state.values[i] = row  # one assignment per row: element-wise numpy writes cost more than the list
         state.filled[i] = filled
         state.from_reading[i] = True
         state.part[i] = partition
         state.off[i] = offset
+        state.src[i] = src
+        if src < offset:
+            state.carried = slot
         state.n += 1
         state.run_end = slot
-        if state.queued_needs is not None and offset < state.queued_needs.get(partition, offset + 1):
-            state.queued_needs[partition] = offset
+        if state.queued_needs is not None and src < state.queued_needs.get(partition, src + 1):
+            state.queued_needs[partition] = src
 
-    def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int, ts: float) -> None:
+    def _maybe_queue(self, entity: str, state: _Entity, slot: int, partition: int, offset: int, ts: float,
+                     row: list[float | None]) -> None:
         w, stride = self._w, self.policy.stride
         if state.n < w:
             state.unaligned = 0
@@ -521,10 +559,15 @@ class WindowStore:
         state.unaligned = 0
         lo = state.n - w
         state.last_end = slot
-        oldest, through = _replay_offsets(state.off[lo:state.n][None], (state.part[lo:state.n] == partition)[None])
+        mine = state.part[lo:state.n] == partition
+        oldest, through = _replay_offsets(state.off[lo:state.n][None], mine[None])
+        if state.carried > slot - w:  # a row of the window carries a sensor from an older reading
+            oldest = np.minimum(oldest, np.where(mine, state.src[lo:state.n], oldest[0]).min(keepdims=True))
+        missing = np.array([[value is None for value in row]]) if None in row else None  # row: as read
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
                                   np.array([partition]), np.array([offset]),
-                                  np.array([state.filled[lo:state.n].sum()]), oldest, np.array([ts]), through))
+                                  np.array([state.filled[lo:state.n].sum()]), oldest, np.array([ts]), through,
+                                  missing))
         if state.queued_needs is None:  # later windows' rows are these plus rows appended after (tracked there)
             state.queued_needs = _rows_needs(state, lo)
             self._queued_by.append(state)
@@ -563,6 +606,9 @@ class WindowStore:
             else:
                 mine = None
             oldest, through = _replay_offsets(joined_off[gather], mine)
+            if (state.src[n - h:n] < state.off[n - h:n]).any():  # a held row carries a sensor from before it
+                src = np.concatenate([state.src[n - h:n], offs])[gather]
+                oldest = np.minimum(oldest, (src if mine is None else np.where(mine, src, oldest[:, None])).min(axis=1))
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
                                       np.full(len(j), partition), offs[j], filled, oldest, stamps[j], through))
             state.last_end = first_slot + int(j[-1])
@@ -585,7 +631,7 @@ class WindowStore:
         held = total if total <= cap else keep + (total - cap - 1) % (cap - keep) + 1
         old = held - m  # rows kept from those held before (<= 0: only new rows)
         if old > 0:
-            for array in (state.values, state.filled, state.from_reading, state.part, state.off):
+            for array in (state.values, state.filled, state.from_reading, state.part, state.off, state.src):
                 array[:old] = array[n - old:n]
             lo = 0
         else:
@@ -597,6 +643,8 @@ class WindowStore:
         state.from_reading[tail] = True
         state.part[tail] = parts[lo:]
         state.off[tail] = offs[lo:]
+        state.src[tail] = offs[lo:]
+        state.full, state.partial = (partition, int(offs[-1])), None
         state.n = held
         state.run_end = state.max_slot = first_slot + m - 1
         state.last_partition = partition
@@ -632,6 +680,14 @@ class WindowStore:
         entities: list[str] = []
         for chunk in chunks:
             entities.extend([chunk.entity] * len(chunk.end_slot))
+        last_missing = None
+        if any(c.last_missing is not None for c in chunks):  # a window's last reading had a null sensor
+            last_missing = np.zeros((len(entities), f), dtype=bool)
+            row = 0
+            for c in chunks:
+                if c.last_missing is not None:
+                    last_missing[row:row + len(c.end_slot)] = c.last_missing
+                row += len(c.end_slot)
         if len(chunks) == 1:
             c = chunks[0]
             values, end_slot, partition, end_offset, filled = c.values, c.end_slot, c.partition, c.end_offset, c.filled
@@ -648,7 +704,7 @@ class WindowStore:
         return ReadyBatch(entities, values, end_slot * period, (end_slot - w + 1) * period,
                           partition.astype(np.int64), end_offset.astype(np.int64), filled.astype(np.int64),
                           start_offset.astype(np.int64), np.asarray(reading_ts, dtype=np.float64),
-                          through_offset.astype(np.int64))
+                          through_offset.astype(np.int64), last_missing)
 
     def observe(self, ts: np.ndarray, partitions: np.ndarray) -> None:
         """Move each partition's stream time on to the newest of ``ts`` seen on it, placing no reading:
@@ -831,7 +887,7 @@ def _rows_needs(state: _Entity, lo: int) -> dict[int, int]:
     """partition -> smallest source offset among the entity's rows ``lo`` .. end."""
     if lo >= state.n:
         return {}
-    offsets = state.off[lo:state.n].tolist()
+    offsets = state.src[lo:state.n].tolist()  # a row's reading's offset, or an older one it carries a sensor of
     if not state.mixed:  # the usual case: one entity, one partition
         return {state.last_partition: min(offsets)}
     out: dict[int, int] = {}

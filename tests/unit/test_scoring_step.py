@@ -775,6 +775,51 @@ def test_a_restart_inside_an_event_replays_it_under_the_same_id() -> None:
     assert restarted.alert_holds == {}  # the event closed: nothing held any more
 
 
+def test_a_restart_inside_an_event_whose_first_window_carries_a_null_sensor_keeps_its_id() -> None:
+    # pressure is null from slot 17 on: the run's first window carries its last value (1.9, slot 16)
+    # forward. The commit held at the window's oldest reading only: a replay from there filled pressure
+    # with its typical value, the window scored otherwise, the run began at another window, and the
+    # event came back under another id, the first never closed.
+    records = []
+    for slot in range(60):
+        values = dict(zip(SENSORS, CENTRE), pressure=1.9 if slot < 17 else None if slot < 45 else 1.0)
+        if 20 <= slot < 35:
+            values["temp"] += 5.0
+        records.append(reading_record("pump", slot, slot, values=values))
+    policy = WindowPolicy(window_size=1, period_s=1.0)
+    continuous = _events_of(run_batches(ScoringStep(FakeModel(4), policy, _policy()), records, size=10))
+    assert [status for status, _, _ in continuous] == ["open", "closed"]
+    step = ScoringStep(FakeModel(4), policy, _policy())
+    before = run_batches(step, records[:30], size=10)  # delivered and committed, then the worker dies
+    committed = before[-1].commits[(TOPIC, 0)]
+    assert _events_of(before) == continuous[:1] and committed <= 16  # the reading pressure's value came from
+    replayed = _events_of(run_batches(ScoringStep(FakeModel(4), policy, _policy()), records[committed:], size=10))
+    assert replayed == continuous
+
+
+def test_a_sensor_null_in_the_reading_an_event_s_peak_window_ends_on_is_said_filled_not_shown_as_read() -> None:
+    # pressure null from slot 17 on, in every reading of the fault (temp +5, slots 20..34): its `actual`
+    # used to be the carried-over 1.9, then (past max_fill_steps) its typical value, beside `expected`
+    records = []
+    for slot in range(60):
+        values = dict(zip(SENSORS, CENTRE), pressure=1.9 if slot < 17 else None if slot < 45 else 1.0)
+        if 20 <= slot < 35:
+            values["temp"] += 5.0
+        records.append(reading_record("pump", slot, slot, values=values))
+    step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
+    events = [decode_event(v) for out in run_batches(step, records, size=10) for _, v in out.events]
+    assert [e["status"] for e in events] == ["open", "closed"]
+    for event in events:
+        by_name = {s["sensor"]: s for s in event["sensors"]}
+        assert by_name["pressure"]["actual"] is None and by_name["pressure"]["filled"] is True
+        assert by_name["temp"]["actual"] == 75.0 and by_name["temp"]["filled"] is False
+    # the bulk path (every sensor in every reading): nothing filled
+    clean = [decode_event(v) for out in run_batches(ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0),
+                                                                _policy()), _fault_records(), size=10)
+             for _, v in out.events]
+    assert clean and all(s["filled"] is False and s["actual"] is not None for e in clean for s in e["sensors"])
+
+
 def test_a_restart_from_a_commit_another_entity_holds_inside_a_finished_event_keeps_its_id() -> None:
     # A's fault (slots 3-5) opens and closes; B's, from slot 5, is open and holds the commit at its first
     # window's oldest reading, which lies inside A's finished run. A restart from there used to rebuild

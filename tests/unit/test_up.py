@@ -156,6 +156,8 @@ def test_format_event_names_top_sensors_with_actual_and_expected():
     line = format_event(EVENT)
     assert "OPEN" in line and "pump-2" in line and "model v3" in line
     assert "pressure 81% (1.41 vs 1.02)" in line and "flow" in line and "rpm" not in line  # top 3 only
+    null = {**EVENT, "sensors": [{**EVENT["sensors"][0], "actual": None, "filled": True}]}
+    assert "pressure 81% (null vs 1.02)" in format_event(null)  # the sensor sent no value there
     closed = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 150})
     assert "CLOSED" in closed and "lasted 2.5 min" in closed and "continues" not in closed
     cut = format_event({**EVENT, "status": "closed", "end_ts": EVENT["start_ts"] + 3599, "continued": True})
