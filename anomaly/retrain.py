@@ -34,6 +34,7 @@ Kafka is reached through ``anomaly.kafka_io``, MLflow through ``registry``/``tra
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -678,6 +679,18 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         else:
             history.add(item)
     data = _prepare(history, champion, settings)
+    trained_to = (getattr(champion, "meta", None) or {}).get("data_end")
+    if trained_to and "holdout_start" in data.facts:
+        # A hold-out inside the champion's own training data (a retrain on the file it was trained on, or on
+        # recent readings it was trained on): the champion early-stopped and fitted its threshold there, the
+        # challenger did not, so the gate leans to the champion. Said, not refused.
+        try:
+            overlaps = bool(pd.Timestamp(data.facts["holdout_start"]) <= pd.Timestamp(trained_to))
+        except (ValueError, TypeError):  # a champion's meta not written by this package: not said
+            pass
+        else:
+            data.facts["champion_data_end"] = str(trained_to)
+            data.facts["holdout_overlaps_champion_data"] = overlaps
     data.facts.update({"readings_seen": history.seen, "readings_ignored": history.ignored,
                        "readings_future": history.future + stats.get("leaps", 0), "bad_records": stats.get("bad", 0),
                        "origin": origin,
@@ -810,7 +823,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
-    starts, ends = [], []
+    starts, ends, hold_starts, hold_ends = [], [], [], []
     for entity, frame in history.frames(champion.sensors).items():
         if len(frame) < w:
             log.info("retrain: %s has only %d readings; left out", entity, len(frame))
@@ -868,8 +881,13 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
         facts["period_s"] = facts["period_s"] or prepared.period_s
         starts.append(prepared.timestamps[0])
         ends.append(prepared.timestamps[-1])
+        if hold_segs:  # where the hold-out lies (a dead sensor's outage pushes it back from the newest readings)
+            hold_starts.append(prepared.timestamps[hold_segs[0][0]])
+            hold_ends.append(prepared.timestamps[hold_segs[-1][1] - 1])
     if starts:
         facts["history_start"], facts["history_end"] = min(starts).isoformat(), max(ends).isoformat()
+    if hold_starts:
+        facts["holdout_start"], facts["holdout_end"] = min(hold_starts).isoformat(), max(hold_ends).isoformat()
     facts["entities"] = ",".join(facts["entities"])
     # The parts (entities, the clean stretches between flagged ones) laid end to end with a stand-in row
     # marked as a gap between every two, as prepare_fleet does: no window joins two of them (a window
@@ -1027,14 +1045,12 @@ def _log_comparison(settings: Settings, champion_version: str, challenger_versio
             "champion.version": champion_version, "challenger.version": challenger_version or "",
             "challenger.run_id": challenger_run_id, "model_name": ml.model_name,
             "trigger": str(facts.get("trigger", "manual"))[:5000],
-            "comparison.unit": f"champion v{champion_version} scaler"}
+            "comparison.unit": f"champion v{champion_version} scaler", "code_version": tracking.code_version(),
+            **{f"data.{k}": str(facts[k]) for k in ("history_start", "history_end", "holdout_start", "holdout_end",
+                                                     "champion_data_end", "holdout_overlaps_champion_data")
+               if k in facts}}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"retrain-compare-{status}", tags=tags) as run:
-        run.log_params({"retrain.min_improvement": rt.min_improvement,
-                        "retrain.max_false_alarm_increase": rt.max_false_alarm_increase,
-                        "retrain.holdout_fraction": rt.holdout_fraction,
-                        "retrain.exclude_margin_rows": rt.exclude_margin_rows,
-                        "retrain.min_event_f1_improvement": rt.min_event_f1_improvement,
-                        "retrain.max_event_f1_decrease": rt.max_event_f1_decrease})
+        run.log_params(tracking.flat_params("retrain", dataclasses.asdict(rt)))  # every setting of the cycle
         run.log_metrics(tracking.finite_metrics(metrics))
         shown = ("mean_error", "false_alarm_rate", "p99_error", "event_f1")
         bars = {f"{side} v{version}": {k: metrics[f"{side}.{k}"] for k in shown if f"{side}.{k}" in metrics}

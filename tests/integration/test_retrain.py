@@ -120,6 +120,11 @@ def test_anomaly_retrain_promotes_a_better_challenger(store, kafka_broker, norma
     run = comparison_run(settings, result["comparison_run_id"])
     assert run.data.tags["decision"] == "promoted"
     assert "champion.mean_error" in run.data.metrics and "challenger.false_alarm_rate" in run.data.metrics
+    # what ran, on which stretch: every retrain setting, the code, where the hold-out lies
+    assert run.data.params["retrain.lookback_s"] == "604800.0" and run.data.tags["code_version"]
+    tags = run.data.tags
+    assert tags["data.history_start"] < tags["data.holdout_start"] < tags["data.holdout_end"] <= tags["data.history_end"]
+    assert tags["data.holdout_overlaps_champion_data"] == "False"  # the champion trained on January's data
     version = registry.client().get_model_version(NAME, result["challenger_version"])
     assert version.tags["retrain.decision"] == "promoted"
     assert version.tags["retrain.champion_version"] == weak  # what it was trained against, and on what data
@@ -277,6 +282,17 @@ def _cycle_with_window(store, tmp_path, window: int, history, **retrain):
     path = tmp_path / "history.csv"
     history.to_csv(path, index_label="ts")
     return run_cycle(settings, data_path=str(path)), settings, weak
+
+
+def test_a_hold_out_inside_the_champion_s_training_data_is_said(store, tmp_path):
+    """A retrain on the champion's own training file: the hold-out is data the champion early-stopped and
+    fitted its threshold on, which leans the gate its way. The cycle says so (tags and result)."""
+    result, settings, weak = _cycle_with_window(store, tmp_path, 8, normal_frame(800, seed=1), min_rows=100)
+    assert result.data["holdout_overlaps_champion_data"] is True, result.data
+    assert result.data["holdout_start"] <= result.data["champion_data_end"], result.data
+    version = registry.client().get_model_version(NAME, result.challenger_version)
+    assert version.tags["retrain.holdout_overlaps_champion_data"] == "True"
+    give_champion(settings, weak)
 
 
 def test_a_hold_out_too_short_for_the_challengers_window_is_a_skip_before_training(store, tmp_path):
