@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from datetime import timezone
@@ -474,6 +475,10 @@ class RetrainScheduler:
             self.scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
                                         | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
             self.scheduler.start(paused=True)
+            try:  # the stored job's kwargs (a --tracking-uri given by hand) may hold a password
+                os.chmod(store, 0o600)
+            except OSError:  # not ours to change (another user's store we may write): as it is
+                pass
             self._ensure_job()
             self._add_drift_job()
             self.scheduler.resume()

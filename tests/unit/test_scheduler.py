@@ -278,6 +278,7 @@ def test_a_restart_applies_a_changed_misfire_grace_to_the_kept_job(tmp_path):
             scheduler.stop()
     assert [grace for grace, _ in seen] == [3600, 10]
     assert seen[0][1] == seen[1][1]  # the same job, kept: its stored next run time too
+    assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600  # its job's kwargs may hold a tracking URI's password
 
 
 def test_the_last_run_survives_a_restart(tmp_path):
