@@ -129,7 +129,7 @@ def _check_bootstrap(name: str, servers: str) -> None:
 class DataSettings:
     """How raw readings become model input."""
 
-    period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data", None)
+    period_s: float | None = doc("sampling period of the grid in seconds; empty = the median gap of the training data (stamps with jitter: the mean gap, rounded as coarsely as keeps the grid within a tenth of a period of them)", None)
     fill: str = doc("gap filling on the grid: ffill, linear, zero or none", "ffill")
     max_fill_steps: int | None = doc("longest run of missing grid slots that is filled; empty = no limit when training and evaluating "
                                       "(but training leaves a table's outages out: more than worker.max_fill_steps slots in a "
