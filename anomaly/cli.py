@@ -451,7 +451,7 @@ def _labelled_entity_tables(path: str, settings: Any,
 
     frame = tables.read_table(path, timestamp_col=settings.data.timestamp_column,
                               entity_col=settings.data.entity_column, sensors=sensors or None,
-                              labels=(settings.retrain.label_field,))
+                              labels=(settings.retrain.label_field,), timezone=settings.data.timezone)
     frame, labels = tables.split_labels(frame, (*tables.LABEL_COLUMNS, settings.retrain.label_field))
     column = tables.truth_column(labels.columns, settings.retrain.label_field)
     truth = None if column is None else np.array([tables.parse_label(v) is True for v in labels[column].to_numpy()])

@@ -142,6 +142,7 @@ class DataSettings:
     scaler: str = doc("per-sensor scaling fitted on training data: standard, robust or minmax", "standard")
     sensors: list[str] | None = doc("sensor columns to use; empty = every numeric column", None)
     timestamp_column: str | None = doc("timestamp column of input tables; empty = auto-detect", None)
+    timezone: str | None = doc("IANA time zone (Europe/Berlin) of input tables' timestamps written without an offset (a logger on local time): read in it, a repeated hour where clocks go back kept in order, then turned to UTC; empty = such timestamps are UTC. Timestamps with an offset or Z, and epoch numbers, are exact either way", None)
     entity_column: str | None = doc("entity id column of input tables; empty = a column named entity if the table has one, else one entity. With several entities in a file, train fits one model shared by them and score scores each entity on its own (README Commands)", None)
 
     def check(self) -> None:
@@ -151,6 +152,14 @@ class DataSettings:
             raise ConfigError("data.fill", f"must be one of ffill, linear, zero, none; got {self.fill!r}")
         if self.max_fill_steps is not None and self.max_fill_steps < 0:
             raise ConfigError("data.max_fill_steps", f"must be >= 0, got {self.max_fill_steps}")
+        if self.timezone is not None:
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(self.timezone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ConfigError("data.timezone", f"{self.timezone!r} is not an IANA time zone (Europe/Berlin, "
+                                                   "America/Chicago, UTC)") from None
         if not 0 < self.max_missing_fraction <= 1:
             raise ConfigError("data.max_missing_fraction", f"must be in (0, 1], got {self.max_missing_fraction}")
         if self.scaler not in ("standard", "robust", "minmax"):

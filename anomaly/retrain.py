@@ -550,7 +550,7 @@ def file_readings(path: str, settings: Settings) -> Iterator[Reading | Labelled]
 
     d, label_field = settings.data, settings.retrain.label_field
     frame = tables.read_table(path, timestamp_col=d.timestamp_column, entity_col=d.entity_column,
-                              labels=(label_field,))
+                              labels=(label_field,), timezone=d.timezone)
     label_col = tables.truth_column(frame.columns, label_field)
     readings, _ = tables.split_labels(frame, (*tables.LABEL_COLUMNS, label_field))
     sensors = [c for c in readings.columns if c != tables.ENTITY_COLUMN]

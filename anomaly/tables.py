@@ -64,7 +64,8 @@ _CSV_SUFFIXES = (".csv", ".txt", ".tsv")
 
 
 def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col: str | None = None,
-               sensors: Sequence[str] | None = None, labels: Sequence[str] = ()) -> pd.DataFrame:
+               sensors: Sequence[str] | None = None, labels: Sequence[str] = (),
+               timezone: str | None = None) -> pd.DataFrame:
     """Read a wide CSV (``,``, ``;`` or tab, sniffed from the first lines) or Parquet table (by suffix).
 
     Returns a frame indexed by UTC ``DatetimeIndex`` ``"ts"`` whose columns are float64 readings (and
@@ -74,6 +75,7 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
     columns, in that order (label columns present in the file are still kept); without it every other
     column is converted, and a column of text alone (a site name, a comment) is left out with a warning.
     Label columns (``LABEL_COLUMNS`` and ``labels``) may also hold true/false/yes/no (1.0/0.0).
+    ``timezone`` (IANA): where timestamps are written without an offset, the zone they are local time of.
 
     Raises ``DataError`` for an unreadable file, one without data rows, a missing or unparseable timestamp column, a missing
     entity or sensor column, a sensor column that is not numeric (naming the column), or a label that is
@@ -92,7 +94,7 @@ def read_table(path: str | Path, *, timestamp_col: str | None = None, entity_col
         raise DataError(f"{path}: no data rows (a header only)")
     ts_name = _timestamp_column(raw, path, timestamp_col)
     index = _parse_timestamps(raw[ts_name] if ts_name is not None else raw.index.to_series(), path,
-                              ts_name or "<index>")
+                              ts_name or "<index>", timezone)
 
     if entity_col is not None and entity_col not in raw.columns:
         raise DataError(f"{path}: no entity column {entity_col!r}; columns are {list(raw.columns)}")
@@ -311,8 +313,12 @@ def _timestamp_column(raw: pd.DataFrame, path: Path, named: str | None) -> str |
                     f"columns are {list(raw.columns)}; name it with data.timestamp_column")
 
 
-def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex:
+def _parse_timestamps(col: pd.Series, path: Path, name: str, timezone: str | None = None) -> pd.DatetimeIndex:
     where = f"{path}: timestamp column {name!r}"
+    if timezone is not None and not ptypes.is_numeric_dtype(col.dtype) and not ptypes.is_bool_dtype(col.dtype):
+        local = _local_timestamps(col, where, timezone)
+        if local is not None:
+            return local.rename(INDEX_NAME)
     if ptypes.is_datetime64_any_dtype(col.dtype):
         parsed = pd.DatetimeIndex(col)
         parsed = parsed.tz_localize("UTC") if parsed.tz is None else parsed.tz_convert("UTC")
@@ -344,6 +350,31 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str) -> pd.DatetimeIndex
         row = int(np.flatnonzero(parsed.isna())[0])
         raise DataError(f"{where}: missing timestamp at data row {row + 1}")
     return parsed.rename(INDEX_NAME)
+
+
+def _local_timestamps(col: pd.Series, where: str, timezone: str) -> pd.DatetimeIndex | None:
+    """``col``'s timestamps read as local time of ``timezone``, in UTC, when none carries an offset (None
+    otherwise: those with one are exact). A repeated hour where clocks go back is told apart by the
+    order of the rows (pandas' ``ambiguous="infer"``); a time in the hour skipped where they go forward
+    is an error naming it, as is a repeated hour the order cannot settle."""
+    if ptypes.is_datetime64_any_dtype(col.dtype):
+        parsed = pd.DatetimeIndex(col)
+    else:
+        try:
+            parsed = pd.DatetimeIndex(pd.to_datetime(col, format="ISO8601"))
+        except (ValueError, TypeError):  # mixed offsets, or not timestamps: the UTC reading says which
+            return None
+    if parsed.tz is not None:
+        return None
+    try:
+        return parsed.tz_localize(timezone, ambiguous="infer", nonexistent="raise").tz_convert("UTC")
+    except ValueError as exc:  # pandas says which time, and advises arguments no command takes
+        said = str(exc).split(". Try", 1)[0]
+        if "nonexistent" in said:
+            raise DataError(f"{where}: {said} in {timezone} (clocks went forward there): is it local time of "
+                            "data.timezone?") from None
+        raise DataError(f"{where}: {said} (a repeated hour where clocks went back in {timezone}, which the "
+                        "rows' order cannot settle): sort the table by time, or write offsets (+01:00)") from None
 
 
 def _bad_timestamp(col: pd.Series) -> str | None:

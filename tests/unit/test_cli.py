@@ -776,3 +776,18 @@ def test_kafka_pythons_slow_task_notes_are_dropped_and_its_other_warnings_kept(c
         selector.warning("Wakeup socket returned empty. Rebuilding.")
     assert "blocking the event loop" not in caplog.text and "Wakeup socket returned empty" in caplog.text
     assert main(["config", "example"]) == 0 and len(selector.filters) == 1  # one filter however often main runs
+
+
+def test_commands_read_tables_in_data_timezone(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from anomaly.cli import _labelled_entity_tables
+    from anomaly.config import load_config
+
+    path = tmp_path / "local.csv"
+    path.write_text("ts,temp\n2024-10-27 02:30:00,1\n2024-10-27 02:30:00,2\n2024-10-27 03:00:00,3\n")
+    monkeypatch.setenv("ANOMALY_DATA__TIMEZONE", "Europe/Berlin")
+    fleet = _labelled_entity_tables(str(path), load_config())[0]
+    (frame,) = fleet.values()
+    assert frame.index.tolist() == [pd.Timestamp("2024-10-27T00:30:00Z"), pd.Timestamp("2024-10-27T01:30:00Z"),
+                                    pd.Timestamp("2024-10-27T02:00:00Z")]  # the repeated hour, both passes

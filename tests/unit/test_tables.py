@@ -448,3 +448,39 @@ def test_entity_ids_pandas_would_read_as_missing_are_ids(tmp_path):
     frame = read_table(path, entity_col="region")
     assert frame["entity"].tolist() == ["EU", "NA", "None", "null", "EU"]
     assert frame["a"].iloc[:4].tolist() == [0, 1, 2, 3] and np.isnan(frame["a"].iloc[4])  # a value's "NA": missing
+
+
+@pytest.mark.parametrize("start", ["2024-10-27 00:00", "2024-03-31 00:00"], ids=["clocks-back", "clocks-forward"])
+def test_a_local_time_logger_s_file_is_read_in_data_timezone_across_a_dst_change(tmp_path, start):
+    """Naive timestamps are UTC unless data.timezone names their zone: a Berlin logger's file where clocks
+    went back had 24 readings on 20 distinct stamps (the repeated hour's second pass dropped), and one
+    where they went forward a made-up hour-long outage."""
+    true = pd.date_range(pd.Timestamp(start, tz="Europe/Berlin"), periods=24, freq="15min")
+    path = tmp_path / "logger.csv"
+    pd.DataFrame({"ts": true.tz_localize(None).strftime("%Y-%m-%d %H:%M:%S"),  # as the logger writes them
+                  "a": np.arange(24.0)}).to_csv(path, index=False)
+    frame = read_table(path, timezone="Europe/Berlin")
+    assert list(frame.index) == list(true.tz_convert("UTC"))  # every reading at its true instant, in order
+    assert np.diff(frame.index.as_unit("ns").asi8).tolist() == [15 * 60 * 10**9] * 23  # no hole, no repeat
+    naive = read_table(path)  # without the setting: read as UTC, as before
+    assert naive.index.nunique() == (20 if "10-27" in start else 24)
+
+
+def test_data_timezone_leaves_stamps_with_an_offset_and_names_an_impossible_local_time(tmp_path):
+    path = tmp_path / "offsets.csv"
+    path.write_text("ts,a\n2024-10-27T02:30:00+02:00,1\n2024-10-27T02:30:00+01:00,2\n")
+    assert read_table(path, timezone="America/Chicago").index.tolist() == [
+        pd.Timestamp("2024-10-27T00:30:00Z"), pd.Timestamp("2024-10-27T01:30:00Z")]
+    path.write_text("ts,a\n2024-03-31 01:45:00,1\n2024-03-31 02:30:00,2\n")  # 02:30 did not happen in Berlin
+    with pytest.raises(DataError, match=r"2024-03-31 02:30:00 is a nonexistent time.*Europe/Berlin"):
+        read_table(path, timezone="Europe/Berlin")
+
+
+def test_data_timezone_must_be_an_iana_zone():
+    from anomaly.config import build_settings
+    from anomaly.errors import ConfigError
+
+    assert build_settings({"data": {"timezone": "Europe/Berlin"}}).data.timezone == "Europe/Berlin"
+    with pytest.raises(ConfigError) as err:
+        build_settings({"data": {"timezone": "Mars/Olympus"}})
+    assert err.value.field == "data.timezone" and "IANA" in str(err.value)
