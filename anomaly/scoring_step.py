@@ -259,9 +259,10 @@ class ScoringStep:
         self._replay: _Replay | None = None  # re-reading after a swap the window buffers did not survive
         self._replay_prune = False  # partitions revoked since: the replay's marks of entities gone to be dropped
         self._replay_from: dict[tuple[str, int], int] = {}
-        # stream id -> (offset, key, value) of a reading held back: its partition's last, leaping far ahead
-        # with worker.max_future_s off; judged with the partition's next readings (_refuse_leaps)
-        self._held: dict[int, tuple[int, bytes | None, Any]] = {}
+        # stream id -> (offset, key, value, judged) of a reading held back: its partition's last, leaping far
+        # ahead with worker.max_future_s off; judged with the partition's next readings (_refuse_leaps).
+        # judged: it was read again after a swap (its dead letter, if any, was sent the first time)
+        self._held: dict[int, tuple[int, bytes | None, Any, bool]] = {}
 
     # --- model --------------------------------------------------------------------------------
     @property
@@ -458,7 +459,7 @@ class ScoringStep:
         ``score`` then ``complete`` finish it; the worker may stage the next batch before completing
         this one (the windows are copies and the commit positions are this batch's)."""
         batches = _as_partition_batches(records)
-        again: set[int] = set()  # input positions of held readings judged again (not consumed again)
+        again: dict[int, bool] = {}  # input position of each held reading judged now -> judged before
         if self._held:
             batches, again = self._with_held(batches)
         store = self._store
@@ -482,11 +483,14 @@ class ScoringStep:
                 self._next_offset[stream] = top + 1
         stream_of = np.repeat(np.asarray(streams, dtype=np.int64), [len(b.values) for b in batches])
         replayed = self._replayed(stream_of, offsets)  # None: no record of this batch is read again
-        if replayed is not None and again:  # a held reading was never judged: its dead letter is not sent yet
-            replayed[list(again)] = False
+        if again:  # a held reading: counted when first read; read again after a swap as it was then
+            if replayed is None:
+                replayed = np.zeros(len(raws), dtype=bool)
+            for i, before in again.items():
+                replayed[i] = before
             replayed = replayed if replayed.any() else None
         n_replayed = 0 if replayed is None else int(np.count_nonzero(replayed))
-        counts["consumed"] = len(raws) - n_replayed - len(again)
+        counts["consumed"] = len(raws) - n_replayed - sum(1 for before in again.values() if not before)
         counts["replayed"] = n_replayed
         if not _BYTES_ONLY.issuperset(map(type, raws)):
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
@@ -501,7 +505,8 @@ class ScoringStep:
                                               (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s)
             for i in trailing:  # judged with the partition's next readings; its commit stays at it
                 b, j = _record_at(batches, i)
-                self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i])
+                self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i],
+                                                 replayed is not None and bool(replayed[i]))
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])
@@ -839,32 +844,38 @@ class ScoringStep:
                     caught = True
         self._finished = kept  # the waiting ones left: the commit is past their run, a replay sees none of it
 
-    def _with_held(self, batches: list[PartitionBatch]) -> tuple[list[PartitionBatch], set[int]]:
+    def _with_held(self, batches: list[PartitionBatch]) -> tuple[list[PartitionBatch], dict[int, bool]]:
         """``batches`` with each held reading put back in front of its partition's first run where the
-        batch brings that partition (else it stays held), and the input positions of the held readings
-        judged now: those put back, and one read again after a seek back (judged where it is, not put in
-        twice). Neither is consumed again, and neither was judged before (not ``replayed``)."""
+        batch brings that partition from past it (else it stays held: a seek back is re-reading older
+        records, which it must not come before), and the input positions of the held readings judged now,
+        each with whether it was judged before (read again after a swap): those put back, and one read
+        again after a seek back (judged where it is, not put in twice)."""
         runs: dict[int, list[int]] = {}
         for k, b in enumerate(batches):
             runs.setdefault(self._stream_id(b.topic, b.partition), []).append(k)
         out = list(batches)
-        judged: dict[int, int] = {}  # run -> the offset of the held reading judged in it
+        judged: dict[int, tuple[int, bool]] = {}  # run -> (the offset of the held reading judged in it, before)
         for stream in [s for s in self._held if s in runs]:
-            offset, key, value = self._held.pop(stream)
+            offset, key, value, before = self._held[stream]
             where = [k for k in runs[stream] if offset in out[k].offsets]
             if where:  # read again (a seek back): judged there
-                judged[where[0]] = offset
+                del self._held[stream]
+                judged[where[0]] = (offset, before)
                 continue
+            if min(min(out[k].offsets) for k in runs[stream]) < offset:
+                continue  # older records read again first: held until the re-read reaches it
+            del self._held[stream]
             k = runs[stream][0]
             b = out[k]
             keys = None if b.keys is None and key is None else [key, *(b.keys or [None] * len(b.values))]
             out[k] = PartitionBatch(b.topic, b.partition, [offset, *b.offsets], keys, [value, *b.values])
-            judged[k] = offset
-        again: set[int] = set()
+            judged[k] = (offset, before)
+        again: dict[int, bool] = {}
         position = 0
         for k, b in enumerate(out):
             if k in judged:
-                again.add(position + b.offsets.index(judged[k]))
+                offset, before = judged[k]
+                again[position + b.offsets.index(offset)] = before
             position += len(b.values)
         return out, again
 

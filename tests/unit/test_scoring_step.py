@@ -739,6 +739,35 @@ def test_a_held_leap_read_again_after_a_swap_is_judged_once_and_its_dead_letter_
     assert out.counts["consumed"] == 1 and out.counts["late"] == 0  # only the new reading is new
 
 
+def test_a_held_jump_waits_for_a_swap_s_re_read_to_reach_it_and_a_judged_leap_is_not_dead_lettered_twice() -> None:
+    # A replay's jump, held, then a swap whose re-read comes back in polls that end before it: it was put
+    # in front of the older records, taken for a lone leap and dead-lettered, then read again and kept.
+    step = step_for(FakeModel(window_size=4, version="1"))
+    records = stream({"a": 0}, range(10))
+    step.process(records, now_s=T0 + 10)
+    jump = [reading_record("a", 8 * 3600 + k, 10 + k) for k in range(5)]  # going on from the jump
+    assert step.process(jump[:1], now_s=T0 + 11).counts["accepted"] == 0  # held
+    step.swap_model(FakeModel(window_size=3, version="2"), replay=True)
+    seek = step.replay_from[(TOPIC, 0)]
+    first = step.process([r for r in records if r.offset >= seek], now_s=T0 + 12)  # the re-read, up to 9
+    assert first.dead_letters == [] and first.commits[(TOPIC, 0)] <= 10
+    then = step.process(jump, now_s=T0 + 13)
+    assert then.dead_letters == [] and then.counts["accepted"] == 5 and then.counts["consumed"] == 4
+    # A lone leap dead-lettered before a swap, whose re-read ends on it: held again, and judged as read again
+    step = step_for(FakeModel(window_size=4, version="1"))
+    step.process(records, now_s=T0 + 10)
+    poison = reading_record("a", 90_000_000_000 - int(T0), 10)
+    after = [reading_record("a", 10 + k, 11 + k) for k in range(4)]
+    step.process([poison], now_s=T0 + 11)
+    assert len(step.process(after[:1], now_s=T0 + 12).dead_letters) == 1
+    step.swap_model(FakeModel(window_size=3, version="2"), replay=True)
+    seek = step.replay_from[(TOPIC, 0)]
+    every = [*records, poison, *after]
+    outs = [step.process([r for r in every if seek <= r.offset <= 10], now_s=T0 + 13),
+            step.process([r for r in every if r.offset >= 11], now_s=T0 + 14)]
+    assert [len(o.dead_letters) for o in outs] == [0, 0]  # sent the first time it was read
+
+
 # --- alert state and commits ---------------------------------------------------------------------
 
 def _fault_records() -> list[InputRecord]:
