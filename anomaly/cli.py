@@ -1226,10 +1226,15 @@ class _MaskedSecrets(logging.Filter):
     its tracking URI, user info included, and the worker logs it on every retry."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed call: logging's own handling reports it, as without this filter
+            return True
         safe = masked(text)
         if safe != text:
             record.msg, record.args = safe, None
+        if record.exc_info and not record.exc_text:  # a traceback quotes the error's text too
+            record.exc_text = masked(logging.Formatter().formatException(record.exc_info))
         return True
 
 

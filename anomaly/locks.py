@@ -114,9 +114,13 @@ class FileLock:
                 if exc.errno == errno.ELOOP:
                     raise OSError(exc.errno, "a symbolic link; a lock file must be a plain file") from None
                 raise
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO, a device
                 os.close(fd)
                 raise OSError(errno.EINVAL, "not a plain file; a lock file must be one")
+            if info.st_nlink > 1:  # a hard link planted at the name: writing the pid would write the other file
+                os.close(fd)
+                raise OSError(errno.EMLINK, "a file with other names (a hard link); a lock file must have one")
             return fd
         try:
             os.fchmod(fd, self.mode)  # the umask took bits off (0o666 came out 0o644: no second user)

@@ -18,7 +18,7 @@ _SECRET_KEY = ("password", "secret", "token", "credential", "apikey", "passphras
 _USERINFO = re.compile(r"(?<=://)([^/:@\s'\"]*):[^\s'\"]*@")
 # ?password= / sslpassword= / &token= / &sig= (a signed URL's signature) and key=value strings (libpq's),
 # a quoted value whole ('my secret')
-_PARAMETER = re.compile(r"(?i)((?:^|[?&;\s])\w*(?:password|passwd|secret|token|sig|signature|api_?key)\s*=\s*)"
+_PARAMETER = re.compile(r"(?i)((?:^|[?&;\s])[\w-]*(?:password|passwd|secret|token|sig|signature|api_?key)\s*=\s*)"
                         r"('[^']*'|\"[^\"]*\"|[^&;\s'\"]*)")
 
 

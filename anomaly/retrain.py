@@ -51,6 +51,7 @@ from anomaly.codec import BadRecord, Reading
 from anomaly.config import RetrainSettings, Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
+from anomaly.redaction import masked
 from anomaly.tables import parse_label  # ground truth of records and table cells alike
 from anomaly.windowing import exclusion_mask, windows_touching
 
@@ -608,7 +609,8 @@ def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_t
         result = _cycle(settings, source, data_transform, progress, trigger)
     except Exception as exc:  # the scheduler must survive anything; the champion was not touched
         log.exception("retrain failed; the champion keeps serving")
-        result = RetrainResult("failed", f"{type(exc).__name__}: {exc}")
+        # an MLflow error quotes the tracking URI, user info included: printed by anomaly retrain, logged, tagged
+        result = RetrainResult("failed", masked(f"{type(exc).__name__}: {exc}"))
     result.seconds = round(time.monotonic() - started, 3)
     result.data.setdefault("trigger", trigger)
     log.info("retrain (%s) %s: %s", trigger, result.status, result.reason)

@@ -109,16 +109,16 @@ def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> 
     import urllib.request
 
     for uri in dict.fromkeys(u for u in uris if u and u.split(":", 1)[0] in ("http", "https")):
-        # user info (http://user:pw@host, which MLflow sends as basic auth): urllib takes it for a host name
-        parts = urllib.parse.urlsplit(uri.rstrip("/"))
-        host = parts.netloc.rpartition("@")[2]
-        request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)) + "/health")
-        if "@" in parts.netloc:
-            user = urllib.parse.unquote(parts.username or "")
-            password = urllib.parse.unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            request.add_header("Authorization", f"Basic {token}")
         try:
+            # user info (http://user:pw@host, which MLflow sends as basic auth): urllib takes it for a host
+            parts = urllib.parse.urlsplit(uri.rstrip("/"))
+            host = parts.netloc.rpartition("@")[2]
+            request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)) + "/health")
+            if "@" in parts.netloc:
+                user = urllib.parse.unquote(parts.username or "")
+                password = urllib.parse.unquote(parts.password or "")
+                token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+                request.add_header("Authorization", f"Basic {token}")
             with urllib.request.urlopen(request, timeout=timeout_s):
                 pass
         except urllib.error.HTTPError:

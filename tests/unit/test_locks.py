@@ -109,6 +109,12 @@ def test_a_lock_does_not_write_through_a_planted_symbolic_link_or_into_a_fifo(tm
     os.mkfifo(fifo)
     with pytest.raises(AnomalyError, match="not a plain file"):
         FileLock(fifo).acquire()
+    other = tmp_path / "other.txt"
+    other.write_text("precious\n")
+    os.link(other, tmp_path / "hard.lock")
+    with pytest.raises(AnomalyError, match="hard link"):
+        FileLock(tmp_path / "hard.lock").acquire()
+    assert other.read_text() == "precious\n"
     with FileLock(tmp_path / "plain.lock"):  # a plain file, new or existing, still locks
         pass
     with FileLock(tmp_path / "plain.lock"):

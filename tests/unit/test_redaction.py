@@ -23,6 +23,8 @@ SECRET = "S3cretPw"
     ("host=db password='S3cretPw x' user=a", "host=db password=*** user=a"),
     ("https://acct.blob/c?sv=1&sig=S3cretPw&se=2", "https://acct.blob/c?sv=1&sig=***&se=2"),
     ("http://h/x?token=S3cretPw", "http://h/x?token=***"),
+    ("https://b.s3/k?X-Amz-Security-Token=S3cretPw&X-Amz-Signature=S3cretPw",
+     "https://b.s3/k?X-Amz-Security-Token=***&X-Amz-Signature=***"),
     ("a plain message, k = 3", "a plain message, k = 3"),
     ("pump@site 3 readings", "pump@site 3 readings"),
 ])
@@ -79,6 +81,33 @@ def test_log_lines_are_masked_by_the_command_s_handlers():
     assert record.getMessage() == "MLFLOW_TRACKING_URI=http://bob:***@mlflow:5000 is not read"
 
 
+def test_the_log_filter_masks_tracebacks_and_leaves_a_malformed_call_to_logging():
+    from anomaly.cli import _MaskedSecrets
+
+    try:
+        raise ConnectionError(f"API request to http://alice:{SECRET}@mlflow/api failed")
+    except ConnectionError:
+        import sys
+
+        record = logging.LogRecord("anomaly", logging.ERROR, __file__, 1, "retrain failed", (), sys.exc_info())
+    assert _MaskedSecrets().filter(record)
+    assert SECRET not in logging.Formatter().format(record) and "alice:***@mlflow" in record.exc_text
+    bad = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s and %s", ("one",), None)
+    assert _MaskedSecrets().filter(bad)  # no TypeError into the caller: logging reports it as before
+
+
+def test_a_failed_retrain_s_reason_masks_the_tracking_uri(monkeypatch):
+    from anomaly import retrain
+    from anomaly.config import build_settings
+
+    def boom(*args, **kwargs):
+        raise ConnectionError(f"API request to http://alice:{SECRET}@mlflow/api/2.0 failed")
+
+    monkeypatch.setattr(retrain, "_cycle", boom)
+    result = retrain.run_cycle(build_settings({}))
+    assert result.status == "failed" and SECRET not in result.reason and "alice:***@mlflow" in result.reason
+
+
 def test_a_tracking_server_with_user_info_is_reached_with_basic_auth_and_its_password_not_shown():
     from anomaly.tracking import require_reachable
 
@@ -104,3 +133,5 @@ def test_a_tracking_server_with_user_info_is_reached_with_basic_auth_and_its_pas
     with pytest.raises(RegistryError) as err:  # the server is gone
         require_reachable(f"http://alice:{SECRET}@127.0.0.1:{server.server_port}")
     assert SECRET not in str(err.value) and "does not answer" in str(err.value)
+    with pytest.raises(RegistryError):  # not a bare ValueError
+        require_reachable("http://[::1")
