@@ -762,6 +762,17 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                       champion_events=champ_events, challenger_events=chall_events,
                       min_event_f1_improvement=rt.min_event_f1_improvement,
                       max_event_f1_decrease=rt.max_event_f1_decrease)
+    # Fitted again in the end? An entity with validation rows but fewer windows there than
+    # threshold.per_entity_min_windows gets no threshold of its own (one alone: the shared one is its own).
+    refitted = set(challenger.threshold.per_entity) | (set(data.entity_tails) if len(data.entity_tails) == 1 else set())
+    unjudged = entities_losing_own_threshold(champion.threshold.per_entity, refitted, rt.entities)
+    if unjudged:  # said whatever the gate found: it judged only what the hold-out holds
+        names = ", ".join(unjudged[:10]) + (f" and {len(unjudged) - 10} more" if len(unjudged) > 10 else "")
+        decision = Decision(False, f"the challenger holds {len(unjudged)} entities the champion holds to thresholds "
+                                   f"of their own ({names}) to the shared one: too few of their windows in the "
+                                   f"history's validation part (threshold.per_entity_min_windows = "
+                                   f"{settings.threshold.per_entity_min_windows}); {decision.reason}",
+                            decision.relative_improvement)
     current = registry.alias_version(ml.model_name, ml.champion_alias)
     if decision.promote and current != champion_version:
         decision = Decision(False, f"@{ml.champion_alias} moved to v{current} during the retrain; not overriding it",

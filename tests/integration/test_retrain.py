@@ -478,5 +478,14 @@ def test_a_fleet_champion_s_pump_missing_from_the_history_is_a_skip_not_a_shared
         chosen = dataclasses.replace(settings, retrain=dataclasses.replace(settings.retrain, entities=["quiet"]))
         result = run_cycle(chosen, data_path=str(path))
         assert result.status in ("promoted", "kept") and result.challenger_version, result
+        give_champion(settings, fleet.version)
+        # the loud pump back, but with too few readings for a threshold of its own: trained, not promoted
+        both = tmp_path / "loud_barely.csv"
+        pd.concat([quiet.iloc[1000:].assign(pump="quiet").reset_index(),
+                   loud.iloc[1000:1200].assign(pump="loud").reset_index()]).to_csv(both, index=False)
+        result = run_cycle(settings, data_path=str(both))
+        assert result.challenger_version and result.status == "kept", result
+        assert "(loud) to the shared one" in result.reason and "per_entity_min_windows" in result.reason, result.reason
+        assert champion_version(settings) == fleet.version
     finally:
         give_champion(settings, weak)
