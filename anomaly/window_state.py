@@ -47,7 +47,9 @@ Semantics (README quotes this section)
   A sensor ``None`` in a reading, carried over from the last reading that had it (within
   ``max_fill_steps``), makes that older reading needed too (a row's ``src``): a replay from after it
   filled the sensor from ``fill_values`` instead, the window scored otherwise, and an event open across
-  the restart came back under another id with the first never closed.
+  the restart came back under another id with the first never closed. Not covered: a value carried from
+  a reading on another partition (an entity whose readings come on more than one, a producer keying it
+  oddly), which a replay may still fill from ``fill_values``.
 - **Memory.** Per entity: at most ``window_size - 1 + max(8, window_size // 4)`` grid rows and the
   readings of its unsealed slots (``grace_slots + 1`` with grace). ``evict_idle`` drops entities that stopped sending (they would
   otherwise hold their partition's commit back for ever), ``reset`` drops state on demand.
