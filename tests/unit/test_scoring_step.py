@@ -804,17 +804,24 @@ def test_a_restart_inside_an_event_replays_it_under_the_same_id() -> None:
     assert restarted.alert_holds == {}  # the event closed: nothing held any more
 
 
-def test_a_restart_inside_an_event_whose_first_window_carries_a_null_sensor_keeps_its_id() -> None:
-    # pressure is null from slot 17 on: the run's first window carries its last value (1.9, slot 16)
-    # forward. The commit held at the window's oldest reading only: a replay from there filled pressure
-    # with its typical value, the window scored otherwise, the run began at another window, and the
-    # event came back under another id, the first never closed.
+def _null_pressure_fault_records() -> list[InputRecord]:
+    """pump, offsets = slots 0..59: pressure 1.9 up to slot 16, null from 17 to 44, then 1.0; temp +5 on
+    slots 20..34 (the fault)."""
     records = []
     for slot in range(60):
         values = dict(zip(SENSORS, CENTRE), pressure=1.9 if slot < 17 else None if slot < 45 else 1.0)
         if 20 <= slot < 35:
             values["temp"] += 5.0
         records.append(reading_record("pump", slot, slot, values=values))
+    return records
+
+
+def test_a_restart_inside_an_event_whose_first_window_carries_a_null_sensor_keeps_its_id() -> None:
+    # pressure is null from slot 17 on: the run's first window carries its last value (1.9, slot 16)
+    # forward. The commit held at the window's oldest reading only: a replay from there filled pressure
+    # with its typical value, the window scored otherwise, the run began at another window, and the
+    # event came back under another id, the first never closed.
+    records = _null_pressure_fault_records()
     policy = WindowPolicy(window_size=1, period_s=1.0)
     continuous = _events_of(run_batches(ScoringStep(FakeModel(4), policy, _policy()), records, size=10))
     assert [status for status, _, _ in continuous] == ["open", "closed"]
@@ -829,12 +836,7 @@ def test_a_restart_inside_an_event_whose_first_window_carries_a_null_sensor_keep
 def test_a_sensor_null_in_the_reading_an_event_s_peak_window_ends_on_is_said_filled_not_shown_as_read() -> None:
     # pressure null from slot 17 on, in every reading of the fault (temp +5, slots 20..34): its `actual`
     # used to be the carried-over 1.9, then (past max_fill_steps) its typical value, beside `expected`
-    records = []
-    for slot in range(60):
-        values = dict(zip(SENSORS, CENTRE), pressure=1.9 if slot < 17 else None if slot < 45 else 1.0)
-        if 20 <= slot < 35:
-            values["temp"] += 5.0
-        records.append(reading_record("pump", slot, slot, values=values))
+    records = _null_pressure_fault_records()
     step = ScoringStep(FakeModel(4), WindowPolicy(window_size=1, period_s=1.0), _policy())
     events = [decode_event(v) for out in run_batches(step, records, size=10) for _, v in out.events]
     assert [e["status"] for e in events] == ["open", "closed"]

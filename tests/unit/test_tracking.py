@@ -93,6 +93,7 @@ def test_code_version_names_the_commit_and_says_when_tracked_files_differ_from_i
 
 
 def test_an_mlflow_server_that_does_not_answer_is_said_at_once():
+    import base64
     import socket
     import threading
     import time
@@ -111,8 +112,11 @@ def test_an_mlflow_server_that_does_not_answer_is_said_at_once():
         require_reachable(f"http://127.0.0.1:{dead}", None)
     assert time.monotonic() - started < 5  # not the client's four minutes of retries
 
+    seen: list[str | None] = []
+
     class Health(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
             self.send_response(200 if self.path == "/health" else 404)
             self.end_headers()
 
@@ -124,6 +128,10 @@ def test_an_mlflow_server_that_does_not_answer_is_said_at_once():
     try:
         require_reachable(f"http://127.0.0.1:{server.server_port}", f"http://127.0.0.1:{server.server_port}/x")
         require_reachable("sqlite:///mlruns/mlflow.db", "file:///tmp/x")  # files are not checked
+        # user info, which MLflow sends as basic auth (urllib took it for a host name: "not known")
+        del seen[:]
+        require_reachable(f"http://alice:pw%40x@127.0.0.1:{server.server_port}/")
+        assert seen == ["Basic " + base64.b64encode(b"alice:pw@x").decode()]
     finally:
         server.shutdown()
 
