@@ -502,7 +502,8 @@ class ScoringStep:
         else:  # off (a sped-up replay): still no leap that would stall the partition
             idle_s = self._idle_s()
             decoded, trailing = _refuse_leaps(decoded, stream_of, store, now_s,
-                                              (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s)
+                                              (idle_s if idle_s is not None else LEAP_S) + store.policy.period_s,
+                                              holding=set(self._held))
             for i in trailing:  # judged with the partition's next readings; its commit stays at it
                 b, j = _record_at(batches, i)
                 self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i],
@@ -1042,7 +1043,7 @@ LEAP_S = 3600.0  # with idle eviction off, how far a reading may leap ahead (see
 
 
 def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowStore, now_s: float,
-                  limit_s: float) -> tuple[DecodedBatch, list[int]]:
+                  limit_s: float, holding: set[int] = frozenset()) -> tuple[DecodedBatch, list[int]]:
     """``decoded`` without the lone leaps, for ``worker.max_future_s`` off: a reading stamped more than
     ``limit_s`` ahead of both ``now_s`` and the newest reading of its partition before it (its stream
     time, then the batch's readings in arrival order), after which the partition's readings in the batch
@@ -1055,7 +1056,8 @@ def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowSto
     A leap that is its partition's last stamp in the batch cannot be told from a jump yet: it is left
     out too, and its input position returned, for the caller to hold back and judge with the
     partition's next readings (a leap kept as the stream time made every later reading late until a
-    restart). One of another sensor set is only left out of the stream time."""
+    restart). One of another sensor set is only left out of the stream time. Not on a partition in
+    ``holding`` (one held already waits there for a re-read to reach it: the batch's are older records)."""
     n = len(decoded.index)
     positions, ts = _all_stamps(decoded)
     if not len(ts) or float(ts.max()) <= now_s + limit_s:  # the usual poll: nothing that far ahead
@@ -1069,6 +1071,8 @@ def _refuse_leaps(decoded: DecodedBatch, stream_of: np.ndarray, store: WindowSto
         start = now_s if before is None else max(now_s, before)
         leaps[part], newest_before[part] = lone_leaps(ts[part], start, limit_s)
         last, earlier = part[-1], part[:-1][~leaps[part[:-1]]]
+        if int(streams[last]) in holding:
+            continue
         if ts[last] > max(start, float(ts[earlier].max()) if len(earlier) else start) + limit_s:
             trailing[last] = not leaps[last]
     if not leaps.any() and not trailing.any():

@@ -768,6 +768,22 @@ def test_a_held_jump_waits_for_a_swap_s_re_read_to_reach_it_and_a_judged_leap_is
     assert [len(o.dead_letters) for o in outs] == [0, 0]  # sent the first time it was read
 
 
+def test_a_held_jump_is_not_replaced_by_a_re_read_record_that_ends_its_poll() -> None:
+    # a sped-up replay hours ahead of the clock: after a swap the new buffers know no stream time, so a
+    # re-read record alone in its poll looked like a leap of its own and took the held one's place
+    step = step_for(FakeModel(window_size=4, version="1"))
+    records = [reading_record("r", 5 * 3600 + k, k) for k in range(10)]
+    step.process(records, now_s=T0)
+    jump = [reading_record("r", 8 * 3600 + k, 10 + k) for k in range(5)]
+    assert step.process(jump[:1], now_s=T0).counts["accepted"] == 0  # held
+    step.swap_model(FakeModel(window_size=3, version="2"), replay=True)
+    seek = step.replay_from[(TOPIC, 0)]
+    outs = [step.process([r], now_s=T0) for r in records[seek:]]  # the re-read, one record a poll
+    assert all(o.commits[(TOPIC, 0)] <= 10 for o in outs)  # the held jump still pins its partition
+    last = step.process(jump, now_s=T0)
+    assert last.dead_letters == [] and last.counts["accepted"] == 5 and last.commits[(TOPIC, 0)] > 10
+
+
 # --- alert state and commits ---------------------------------------------------------------------
 
 def _fault_records() -> list[InputRecord]:
