@@ -620,11 +620,18 @@ def run_cycle(settings: Settings, *, source: HistorySource | None = None, data_t
 def entities_losing_own_threshold(own: Mapping[str, float] | Iterable[str], fitted: Mapping[str, Any] | Iterable[str],
                                   chosen: Sequence[str] | None) -> list[str]:
     """The entities the champion holds to thresholds of their own (``own``) that a challenger would not
-    fit again: not among ``fitted`` (the entities with validation rows in the history), and among ``chosen`` (``retrain.entities``) when that is set (empty: every entity), since
-    leaving an entity out of it says the challenger may go without it. Sorted. Pure."""
+    fit again: not among ``fitted`` (the entities with validation rows in the history, or with a
+    threshold of their own in the trained challenger), and among ``chosen`` (``retrain.entities``) when
+    that is set (empty: every entity), since leaving an entity out of it says the challenger may go
+    without it. Sorted. Pure."""
     fitted = set(fitted)  # one alone: the shared threshold, fitted on its validation rows, is its own
     wanted = set(own) if not chosen else set(own) & set(chosen)
     return sorted(wanted - fitted)
+
+
+def _some(names: Sequence[str], shown: int = 10) -> str:
+    """The first ``shown`` of ``names``, and how many more, for a reason."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
@@ -727,9 +734,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                              champion_version=champion_version, data=data.facts)
     unjudged = entities_losing_own_threshold(champion.threshold.per_entity, data.entity_tails, rt.entities)
     if unjudged:
-        names = ", ".join(unjudged[:10]) + (f" and {len(unjudged) - 10} more" if len(unjudged) > 10 else "")
         return RetrainResult("skipped", f"the champion holds {len(unjudged)} entities to thresholds of their own "
-                                        f"({names}) that the history has too few clean readings of to fit again "
+                                        f"({_some(unjudged)}) that the history has too few clean readings of to fit again "
                                         f"(offline longer than retrain.lookback_s?): a challenger would hold them "
                                         f"to the threshold fitted on the others, and the gate could not judge it "
                                         f"on them. An asset gone for good: leave it out of retrain.entities",
@@ -767,9 +773,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     refitted = set(challenger.threshold.per_entity) | (set(data.entity_tails) if len(data.entity_tails) == 1 else set())
     unjudged = entities_losing_own_threshold(champion.threshold.per_entity, refitted, rt.entities)
     if unjudged:  # said whatever the gate found: it judged only what the hold-out holds
-        names = ", ".join(unjudged[:10]) + (f" and {len(unjudged) - 10} more" if len(unjudged) > 10 else "")
         decision = Decision(False, f"the challenger holds {len(unjudged)} entities the champion holds to thresholds "
-                                   f"of their own ({names}) to the shared one: too few of their windows in the "
+                                   f"of their own ({_some(unjudged)}) to the shared one: too few of their windows in the "
                                    f"history's validation part (threshold.per_entity_min_windows = "
                                    f"{settings.threshold.per_entity_min_windows}); {decision.reason}",
                             decision.relative_improvement)
