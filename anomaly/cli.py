@@ -378,7 +378,8 @@ def _score_table(detector: Any, frame: Any, settings: Any, entity: str, truth: A
         prepared = prepare_scoring(frame, detector.sensors, period_s=detector.period_s, fill=settings.data.fill,
                                    max_fill_steps=settings.stream_max_fill_steps,  # a file scores as its stream would
                                    fill_values=detector.fill_values())
-    scored = detector.score_values(prepared.values)
+    # a sensor null in the file at a window's last row is said filled (actual null), as the worker's events say it
+    scored = detector.score_values(prepared.values, missing=prepared.missing)
     n, w = len(prepared.values), detector.window_size
     gap_windows = prepared.gap_windows(w)
     if gap_windows.any():  # a window over an outage the fill policy does not bridge gets no score

@@ -14,7 +14,7 @@ Pure logic plus local-file save/load; no Kafka, no MLflow.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,13 +47,20 @@ class ScoredSeries:
     actual: np.ndarray  # (N, F) reading at each window's last row (original units)
     expected: np.ndarray  # (N, F) reconstruction of that reading (original units)
     flags: np.ndarray  # (N,) bool: score above the threshold
+    # (N, F) bool: the sensor was not read at the window's last row (``actual`` there is a filled stand-in);
+    # None: every one was read
+    last_missing: np.ndarray | None = None
 
     def top_sensors(self, i: int, sensors: Sequence[str], k: int = 3) -> list[dict[str, Any]]:
-        """The ``k`` sensors with the largest share of window ``i``'s error, with actual vs expected."""
+        """The ``k`` sensors with the largest share of window ``i``'s error, with actual vs expected; a
+        sensor not read at the window's last row has ``"actual": None, "filled": True`` (as the worker's
+        events say it), not its filled value shown as if read."""
         shares = sensor_contributions(self.sensor_errors[i:i + 1])[0]
         order = np.argsort(-shares, kind="stable")[:k]
-        return [{"sensor": sensors[j], "share": float(shares[j]), "actual": float(self.actual[i, j]),
-                 "expected": float(self.expected[i, j])} for j in order]
+        null = [False] * len(sensors) if self.last_missing is None else self.last_missing[i].tolist()
+        return [{"sensor": sensors[j], "share": float(shares[j]),
+                 "actual": None if null[j] else float(self.actual[i, j]),
+                 "expected": float(self.expected[i, j]), "filled": bool(null[j])} for j in order]
 
 
 @dataclass
@@ -84,16 +91,18 @@ class Detector:
         return self.config.window_size
 
     def score_values(self, values: np.ndarray, stride: int = 1, device: str | torch.device = "cpu",
-                     batch_size: int = SCORE_BATCH) -> ScoredSeries:
+                     batch_size: int = SCORE_BATCH, missing: np.ndarray | None = None) -> ScoredSeries:
         """Score every window of a (T, F) array of readings in original units, columns in
-        ``self.sensors`` order, without gaps (fill them first)."""
+        ``self.sensors`` order, without gaps (fill them first). ``missing`` (T, F) bool: the cells that
+        were filled, not read (``Prepared.missing``); each window's last row of it is ``last_missing``."""
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or values.shape[1] != len(self.sensors):
             raise ModelError(f"expected (rows, {len(self.sensors)}) readings, got shape {values.shape}")
         scaled = self.scaler.transform(values)
         windows = make_windows(scaled, self.window_size, stride)
         ends = window_end_rows(len(values), self.window_size, stride)
-        return self.score_windows(windows, values[ends], ends, device, batch_size)
+        scored = self.score_windows(windows, values[ends], ends, device, batch_size)
+        return scored if missing is None else replace(scored, last_missing=np.asarray(missing, dtype=bool)[ends])
 
     def score_windows(self, windows: np.ndarray, actual: np.ndarray, end_rows: np.ndarray,
                       device: str | torch.device = "cpu", batch_size: int = SCORE_BATCH,

@@ -523,6 +523,39 @@ def test_scored_rows_name_a_top_sensor_only_where_they_have_a_score(caplog):
         _score_table(detector, frame, build_settings({}), "pump").table["score"])
 
 
+def test_a_spans_sensor_null_in_the_file_at_its_peak_row_is_said_filled_not_shown_as_read():
+    # `anomaly score` showed the value the grid carried over (or the typical one) as a sensor's `actual` at
+    # the peak window's last row, where the file had none: say it as the worker's events do (actual null,
+    # filled true), and a sensor read there keeps its reading with filled false.
+    import numpy as np
+
+    from anomaly.cli import _score_table
+    from anomaly.config import build_settings
+    from anomaly.detector import fit_detector
+    from anomaly.training import TrainConfig
+    from tests.fixtures import SENSORS, normal_frame
+
+    detector, _, _ = fit_detector(normal_frame(300).to_numpy(), SENSORS, {"window_size": 8, "hidden_size": 8,
+                                                                          "latent_size": 4},
+                                  TrainConfig(epochs=1, batch_size=64, seed=0, device="cpu", progress=False),
+                                  threshold_method="quantile", threshold_params={"q": 0.9}, period_s=1.0)
+    frame = normal_frame(120, seed=3)
+    pressure = frame.columns.get_loc("pressure")
+    frame.iloc[60:66, pressure] += 5.0  # a pressure fault, then pressure silent (carried over, within max_fill_steps)
+    frame.iloc[66:70, pressure] = np.nan
+    part = _score_table(detector, frame, build_settings({}), "pump")
+    ts = part.table["ts"].astype(str).tolist()
+    span = next(s for s in part.spans if ts.index(s["start"]) <= 67 <= ts.index(s["end"]))
+    start, end = ts.index(span["start"]), ts.index(span["end"]) + 1
+    peak_row = start + int(np.argmax(part.table["score"].to_numpy()[start:end]))  # the row its peak window ends on
+    by_sensor = {item["sensor"]: item for item in span["sensors"]}
+    assert 66 <= peak_row < 70, peak_row  # the peak window ends where pressure was null in the file
+    assert by_sensor["pressure"]["actual"] is None and by_sensor["pressure"]["filled"] is True
+    assert by_sensor["pressure"]["expected"] is not None
+    assert by_sensor["temp"]["filled"] is False  # read there: its reading, as before
+    assert by_sensor["temp"]["actual"] == frame.iloc[peak_row, frame.columns.get_loc("temp")]
+
+
 def test_a_file_sampled_otherwise_than_the_model_is_said():
     # A 2 s file on a 1 s model was scored with every other slot filled, and a 0.5 s one with half its
     # readings dropped, without a word (`_score_table` says it: test_scored_rows_name_a_top_sensor...).
