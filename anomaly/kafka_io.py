@@ -65,6 +65,10 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # An event or dead letter counts as delivered only when every in-sync replica has it (DESIGN §3).
     "acks": "all",
+    # Said, not left to kafka-python's default: it turned idempotence off without a word for acks 1,
+    # retries 0 or more than 5 requests in flight, and a retried batch could then land after the next
+    # one (an entity's `closed` before its `open`) or twice. Asked for, it refuses those instead.
+    "enable_idempotence": True,
     # Measured (DESIGN §5): 20 ms linger and 256 KiB batches lift kafka-python from ≈ 18k to ≈ 33k msg/s.
     "linger_ms": 20,
     "batch_size": 256 * 1024,
@@ -195,7 +199,8 @@ def consumer_options(bootstrap_servers: str | Sequence[str], group_id: str | Non
                      client_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """kafka-python ``KafkaConsumer`` kwargs: our defaults, the typed arguments, then ``client_options``.
 
-    ``client_options`` wins over everything (TLS, SASL, timeouts, even ``enable_auto_commit``).
+    ``client_options`` wins over everything (TLS, SASL, timeouts) but ``enable_auto_commit`` for a group:
+    true there is a ``ConfigError`` (the service commits after delivering).
     """
     options: dict[str, Any] = {"bootstrap_servers": bootstrap_list(bootstrap_servers), "group_id": group_id,
                                **CONSUMER_DEFAULTS}
@@ -204,6 +209,10 @@ def consumer_options(bootstrap_servers: str | Sequence[str], group_id: str | Non
     if max_poll_records is not None:
         options["max_poll_records"] = int(max_poll_records)
     options.update(_pass_through("consumer", client_options))
+    if group_id is not None and options.get("enable_auto_commit"):
+        raise ConfigError("kafka.client_options.enable_auto_commit",
+                          "must be false: a group's offsets are committed by the service, each once the outputs of its "
+                          "reading are delivered (at-least-once); auto-commit commits what was polled, before")
     return options
 
 
@@ -214,7 +223,34 @@ def producer_options(bootstrap_servers: str | Sequence[str], *, client_id: str |
     if client_id is not None:
         options["client_id"] = client_id
     options.update(_pass_through("producer", client_options))
+    _refuse_unsafe_delivery(options)
     return options
+
+
+def _refuse_unsafe_delivery(options: Mapping[str, Any]) -> None:
+    """A ``ConfigError`` naming the producer option that would lose outputs or reorder them (DESIGN §3: an
+    input offset is committed once the outputs of its reading are delivered; an entity's events in order)."""
+    field = "kafka.client_options."
+    if str(options.get("acks")) in ("0", "1"):
+        raise ConfigError(field + "acks", f"must be 'all' (or -1), got {options['acks']!r}: a reading's offset is "
+                                          "committed once its outputs are acknowledged, and 0 or 1 acknowledges "
+                                          "what a broker failure can still lose")
+    if options.get("transactional_id") is not None:
+        raise ConfigError(field + "transactional_id", "is not used: the service writes no transactions (its "
+                                                      "outputs are idempotent by event id), and every send would fail")
+    in_flight = options.get("max_in_flight_requests_per_connection", 5)
+    if not options.get("enable_idempotence", True):
+        if in_flight != 1:
+            raise ConfigError(field + "enable_idempotence", "false needs max_in_flight_requests_per_connection = 1 "
+                                                            f"(got {in_flight}): a retried batch could land after the "
+                                                            "next one, an entity's closed event before its open")
+        return
+    if options.get("retries") == 0:
+        raise ConfigError(field + "retries", "must not be 0 with idempotence (the default): set enable_idempotence "
+                                             "= false and max_in_flight_requests_per_connection = 1 to do without")
+    if isinstance(in_flight, int) and in_flight > 5:
+        raise ConfigError(field + "max_in_flight_requests_per_connection",
+                          f"at most 5 with idempotence (the default), got {in_flight}")
 
 
 def admin_options(bootstrap_servers: str | Sequence[str], *,

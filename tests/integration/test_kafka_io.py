@@ -181,12 +181,12 @@ def test_defaults_are_the_documented_ones() -> None:
 
 def test_client_options_override_and_are_routed_per_client() -> None:
     shared = {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "linger_ms": 5,
-              "max_poll_records": 50, "enable_auto_commit": True}
+              "max_poll_records": 50, "fetch_max_wait_ms": 100}
     consumer = consumer_options("k:9092", "g", client_options=shared)
     producer = producer_options("k:9092", client_options=shared)
     admin = kafka_io.admin_options("k:9092", client_options=shared)
     assert consumer["security_protocol"] == producer["security_protocol"] == admin["security_protocol"] == "SASL_SSL"
-    assert consumer["enable_auto_commit"] is True and consumer["max_poll_records"] == 50
+    assert consumer["fetch_max_wait_ms"] == 100 and consumer["max_poll_records"] == 50
     assert "linger_ms" not in consumer and producer["linger_ms"] == 5
     assert "max_poll_records" not in producer and "linger_ms" not in admin
     with pytest.raises(ConfigError, match="kafka.client_options.*lingr_ms"):
@@ -196,17 +196,17 @@ def test_client_options_override_and_are_routed_per_client() -> None:
 
 
 def test_client_options_reach_real_clients(kafka_broker: str, topic_name: str) -> None:
-    options = {"client_id": "anomaly-test", "linger_ms": 0, "acks": 1,
+    options = {"client_id": "anomaly-test", "linger_ms": 0, "request_timeout_ms": 20000,
                "session_timeout_ms": 10000, "heartbeat_interval_ms": 3000}
     producer = make_producer(kafka_broker, options)
     consumer = make_consumer(kafka_broker, f"{topic_name}-g", [topic_name], options)
     try:
-        assert (producer.config["client_id"], producer.config["linger_ms"], producer.config["acks"]) == (
-            "anomaly-test", 0, 1)
+        assert (producer.config["client_id"], producer.config["linger_ms"], producer.config["request_timeout_ms"],
+                producer.config["enable_idempotence"]) == ("anomaly-test", 0, 20000, True)
         assert producer.config["batch_size"] == 256 * 1024  # a default that was not overridden
         assert (consumer.config["client_id"], consumer.config["session_timeout_ms"]) == ("anomaly-test", 10000)
         assert consumer.config["enable_auto_commit"] is False
-        producer.send(topic_name, key=b"k", value=b"v").get(timeout=10)  # works with acks=1 too
+        producer.send(topic_name, key=b"k", value=b"v").get(timeout=10)  # the local broker takes idempotence
     finally:
         producer.close()
         consumer.close(autocommit=False)

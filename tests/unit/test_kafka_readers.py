@@ -9,7 +9,7 @@ from kafka import TopicPartition
 from kafka import errors as kafka_errors
 
 from anomaly import kafka_io
-from anomaly.errors import TopicError
+from anomaly.errors import ConfigError, TopicError
 
 
 @pytest.fixture
@@ -173,3 +173,33 @@ def test_options_kafka_python_refuses_together_are_a_config_error(monkeypatch):
     monkeypatch.setattr(kafka_io, "KafkaProducer", refuse)
     with pytest.raises(ConfigError, match="kafka.client_options: kafka-python cannot make a producer .*AssertionError"):
         kafka_io.make_producer("b:9092", {"security_protocol": "SASL_SSL"})
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"acks": 0}, "acks"), ({"acks": 1}, "acks"), ({"acks": "1"}, "acks"), ({"retries": 0}, "retries"),
+    ({"max_in_flight_requests_per_connection": 10}, "max_in_flight_requests_per_connection"),
+    ({"enable_idempotence": False}, "enable_idempotence"),
+    ({"transactional_id": "anomaly"}, "transactional_id"),
+])
+def test_producer_options_that_lose_or_reorder_outputs_are_a_config_error_naming_them(options, field, monkeypatch):
+    # kafka-python turned idempotence off without a word for acks 1, retries 0 or in-flight above 5, and
+    # took acks 0 (a made-up success): offsets were committed past events a broker failure lost, and a
+    # retried batch could put an entity's closed before its open
+    made = []
+    monkeypatch.setattr(kafka_io, "KafkaProducer", lambda **kw: made.append(kw))
+    with pytest.raises(ConfigError, match=f"kafka.client_options.{field}"):
+        kafka_io.make_producer("b:9092", options)
+    assert made == []
+
+
+def test_producer_defaults_ask_for_idempotence_and_one_request_in_flight_may_do_without():
+    assert kafka_io.producer_options("b:9092")["enable_idempotence"] is True
+    options = kafka_io.producer_options("b:9092", client_options={"enable_idempotence": False,
+                                                                  "max_in_flight_requests_per_connection": 1})
+    assert options["enable_idempotence"] is False  # a cluster without IdempotentWrite: order kept by one in flight
+
+
+def test_a_group_consumer_refuses_auto_commit():
+    with pytest.raises(ConfigError, match="kafka.client_options.enable_auto_commit"):
+        kafka_io.consumer_options("b:9092", "anomaly-worker", client_options={"enable_auto_commit": True})
+    assert kafka_io.consumer_options("b:9092", None, client_options={"enable_auto_commit": True})  # no group: nothing
