@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import heapq
 import math
 import time
 from collections import deque
@@ -108,7 +109,7 @@ class History:
 
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
                  sensors: Iterable[str] | None = None, max_ts: float | None = None,
-                 exact_sensors: bool = True) -> None:
+                 exact_sensors: bool = True, max_entities: int | None = None, window: int = 1) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
@@ -121,6 +122,13 @@ class History:
         self.seen = 0  # readings offered
         self.ignored = 0  # readings of other entities / sensor sets
         self.future = 0  # readings stamped after ``max_ts``
+        # with no ``entities`` list: past ``max_entities`` held, those with the fewest readings in the lookback go
+        # (then the longest silent, then the first seen) down to 90 % of it; ``window``: readings that can train
+        self.max_entities = None if self.entities is not None else max_entities
+        self.window = int(window)
+        self.evicted_entities = 0
+        self.evicted_readings = 0
+        self.evicted_windowed = 0  # of them, entities that held a window's worth of readings
 
     def add(self, reading: Reading, label: bool | None = None) -> bool:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
@@ -138,11 +146,37 @@ class History:
             return False
         buf = self._by_entity.get(reading.entity)
         if buf is None:
+            if self.max_entities is not None and len(self._by_entity) >= self.max_entities:
+                self._evict(cutoff)
             buf = self._by_entity[reading.entity] = deque(maxlen=self.max_readings)
         buf.append((reading, label))
         while buf and buf[0][0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
             buf.popleft()
         return True
+
+    def _evict(self, cutoff: float) -> None:
+        """Down to 90 % of ``max_entities``: the entities with the fewest readings in the lookback first (a
+        junk id's one), then the longest silent, then the first seen (dicts keep insertion order)."""
+        keep = max(int(self.max_entities * 0.9), 1) - 1  # room for the entity about to come in
+        excess = len(self._by_entity) - keep
+        if excess <= 0:
+            return
+
+        def key(item: tuple[int, tuple[str, deque]]) -> tuple[int, float, int]:
+            order, (_, buf) = item
+            live = len(buf) if buf and buf[-1][0].ts >= cutoff else 0
+            return live, buf[-1][0].ts if buf else -math.inf, order
+
+        gone = heapq.nsmallest(excess, enumerate(self._by_entity.items()), key=key)
+        for _, (entity, buf) in gone:
+            del self._by_entity[entity]
+            self.evicted_entities += 1
+            self.evicted_readings += len(buf)
+            self.evicted_windowed += len(buf) >= self.window and bool(buf) and buf[-1][0].ts >= cutoff
+        if self.evicted_entities == len(gone):  # once a read: the count goes into the cycle's facts
+            log.warning("the retrain's read holds more than retrain.max_entities (%d) entities: those with the "
+                        "fewest readings let go (a producer sending a new entity id with every reading?)",
+                        self.max_entities)
 
     def _carries(self, reading: Reading) -> bool:
         keys = reading.values.keys()
@@ -681,7 +715,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         readings, origin = source(), str(getattr(source, "origin", "source"))
     history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors,
                       max_ts=time.time() + ahead if clock_bound else None,
-                      exact_sensors=source is None)  # a file's other columns are not the champion's: not read
+                      exact_sensors=source is None,  # a file's other columns are not the champion's: not read
+                      max_entities=rt.max_entities, window=champion.window_size)
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)
@@ -700,6 +735,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         else:
             data.facts["champion_data_end"] = str(trained_to)
             data.facts["holdout_overlaps_champion_data"] = overlaps
+    if history.evicted_entities:
+        data.facts.update({"entities_evicted": history.evicted_entities, "readings_evicted": history.evicted_readings})
     data.facts.update({"readings_seen": history.seen, "readings_ignored": history.ignored,
                        "readings_future": history.future + stats.get("leaps", 0), "bad_records": stats.get("bad", 0),
                        "origin": origin,
@@ -714,6 +751,12 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                         "its oldest part, not the recent history; raise read_timeout_s or "
                                         "shorten the topic's retention", champion_version=champion_version,
                              data=data.facts)
+    if history.evicted_windowed:
+        return RetrainResult("skipped", f"more than retrain.max_entities ({rt.max_entities}) entities hold readings: "
+                                        f"{history.evicted_windowed} with a window's worth of them had to be let go "
+                                        f"(of {history.evicted_entities}), so a challenger would train on part of "
+                                        "the fleet: raise it, or name the fleet in retrain.entities",
+                             champion_version=champion_version, data=data.facts)
     # The hold-out compares both models on windows ending on the same rows, those the longer window reaches
     # (``_compare``): a segment shorter than it gives no window to compare, so the cycle skips before it
     # trains a challenger that nothing could judge.

@@ -489,3 +489,21 @@ def test_a_fleet_champion_s_pump_missing_from_the_history_is_a_skip_not_a_shared
         assert champion_version(settings) == fleet.version
     finally:
         give_champion(settings, weak)
+
+
+def test_a_read_holding_more_entities_than_retrain_max_entities_skips_when_a_real_one_had_to_go(store, tmp_path):
+    """More pumps with a window's worth of readings than retrain.max_entities: the read keeps memory bounded
+    by letting the ones with the fewest readings go, and a challenger trained on part of the fleet is not
+    what anyone asked for: a skip that says so."""
+    import pandas as pd
+
+    root, weak, _ = store
+    base = settings_for(root, max_entities=3, min_rows=100)
+    settings = dataclasses.replace(base, data=dataclasses.replace(base.data, entity_column="pump"))
+    give_champion(settings, weak)
+    path = tmp_path / "fleet.csv"
+    pd.concat([normal_frame(200, seed=10 + i).assign(pump=f"pump-{i}").reset_index() for i in range(5)]).to_csv(
+        path, index=False)
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status == "skipped" and "retrain.max_entities (3)" in result.reason, result.reason
+    assert result.data["entities_evicted"] >= 2 and not result.challenger_version

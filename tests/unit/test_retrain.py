@@ -1055,3 +1055,29 @@ def test_a_reading_nested_too_deep_has_no_label_and_does_not_stop_the_read():
     nested = b'{"anomaly": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # json: RecursionError
     assert record_label(nested, "anomaly") is None
     assert parse_score_record(b'{"score": 1, "model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None
+
+
+def test_history_holds_at_most_max_entities_and_lets_those_with_the_fewest_readings_go_first():
+    # a producer sending a new entity id with every reading grew the retrain's read without end
+    h = History(max_readings=1000, lookback_s=1e9, max_entities=10, window=5)
+    for t in range(50):
+        for entity in ("pump-1", "pump-2"):
+            h.add(reading(entity, float(t), a=1.0, b=2.0))
+    for i in range(1000):
+        h.add(reading(f"junk-{i}", 50.0 + i * 1e-3, a=1.0, b=2.0))
+    frames = h.frames(["a", "b"])
+    assert len(frames) <= 10 and {"pump-1", "pump-2"} <= set(frames) and len(frames["pump-1"]) == 50
+    assert h.evicted_entities >= 990 and h.evicted_readings == h.evicted_entities and h.evicted_windowed == 0
+    listed = History(max_readings=1000, lookback_s=1e9, entities=[f"junk-{i}" for i in range(20)], max_entities=10)
+    for i in range(20):
+        listed.add(reading(f"junk-{i}", float(i), a=1.0, b=2.0))
+    assert len(listed.frames(["a", "b"])) == 20  # a retrain.entities list is the bound: no cap
+
+
+def test_retrain_max_entities_is_checked():
+    from anomaly.config import build_settings
+    from anomaly.errors import ConfigError
+
+    assert build_settings({}).retrain.max_entities == 100_000
+    with pytest.raises(ConfigError, match="retrain.max_entities"):
+        build_settings({"retrain": {"max_entities": 0}})
