@@ -1179,7 +1179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "delivery. Follows the registry alias; SIGTERM/SIGINT drain and exit 0.")
     p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     p.add_argument("--max-batches", type=positive_int, help="stop after this many non-empty batches (tests, benchmarks)")
-    p.add_argument("--idle-stop-s", type=positive_float, help="stop after this many seconds without records (batch jobs, tests)")
+    p.add_argument("--idle-stop-s", type=positive_float, help="stop after this many seconds without records, counted once partitions are assigned or, after it has read, also without partitions (batch jobs, tests)")
     common(p)
     p.set_defaults(func=cmd_worker)
 

@@ -225,8 +225,13 @@ class Worker:
                     if max_batches is not None and self.stats.batches + 1 >= max_batches:
                         break
                 elif not assigned:
-                    last_records = time.monotonic()  # idle time counts only once partitions are ours
                     joining_since = self._renew_a_stuck_consumer(joining_since)
+                    if idle_stop_s is None or not self.stats.consumed:
+                        last_records = time.monotonic()  # idle time counts only once partitions are ours
+                    elif time.monotonic() - last_records > idle_stop_s:
+                        # ... or were: a worker that read its input and then lost its partitions to a
+                        # rebalance waited for the group to settle again (minutes on the local broker)
+                        break
                 elif idle_stop_s is not None and time.monotonic() - last_records > idle_stop_s:
                     break
                 following = time.monotonic()

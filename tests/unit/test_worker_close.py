@@ -211,3 +211,54 @@ def test_idle_stop_counts_no_time_spent_loading_a_promoted_model(clients) -> Non
     worker.options = dataclasses.replace(worker.options, poll_timeout_s=0.05)
     worker.run(idle_stop_s=0.5)
     assert polls[-1] - polls[1] >= 0.4  # polled on for about idle_stop_s after the load, not stopped at once
+
+
+class ReadThenLost(FakeConsumer):
+    """Hands out one record, then loses its partitions (a rebalance it waits in for ever)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls = 0
+
+    def poll(self, **_: object):
+        self.polls += 1
+        return super().poll()
+
+    def assignment(self):
+        return {TopicPartition("readings", 0)} if self.polls <= 1 else set()
+
+    def commit(self, *a, **k) -> None:
+        pass
+
+
+class ScoringRunner(FakeRunner):
+    entities = 1
+
+    def result(self, handle=None):
+        from anomaly.scoring_step import BatchOutput
+
+        return BatchOutput(counts={"consumed": 1})
+
+
+def test_idle_stop_counts_once_the_worker_has_read_even_without_partitions(monkeypatch) -> None:
+    """A test's worker that read its input and then lost its partitions to a rebalance did not count idle
+    time while it waited for the group to settle again: on the local broker that took minutes (a CI run's
+    first worker test: 13 min). One that has read nothing yet still waits for partitions."""
+    import time
+
+    runner, producer, consumer = ScoringRunner(), FakeProducer(), ReadThenLost()
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(kafka_io, "make_consumer", lambda *a, **k: consumer)
+    monkeypatch.setattr(kafka_io, "joining", lambda c: False)  # a stable member left with nothing
+    worker = FakeKafkaWorker(runner, producer, consumer)
+    import threading
+
+    guard = threading.Timer(10.0, worker.stop)  # without the fix it polled on for ever: stopped, then failed
+    guard.start()
+    started = time.monotonic()
+    try:
+        stats = worker.run(idle_stop_s=0.3)
+    finally:
+        guard.cancel()
+    assert stats.consumed == 1 and time.monotonic() - started < 5 and consumer.polls > 2
