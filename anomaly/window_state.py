@@ -608,7 +608,7 @@ class WindowStore:
             else:
                 mine = None
             oldest, through = _replay_offsets(joined_off[gather], mine)
-            if (state.src[n - h:n] < state.off[n - h:n]).any():  # a held row carries a sensor from before it
+            if state.carried >= first_slot - h:  # a held row carries a sensor from an older reading
                 src = np.concatenate([state.src[n - h:n], offs])[gather]
                 oldest = np.minimum(oldest, (src if mine is None else np.where(mine, src, oldest[:, None])).min(axis=1))
             self._queue.append(_Chunk(entity, joined[gather], first_slot + j,
