@@ -4,7 +4,8 @@ Owns: the option defaults every client gets (and why), building ``KafkaConsumer`
 ``KafkaAdminClient`` from plain typed arguments plus a pass-through ``client_options`` mapping (TLS,
 SASL or any other kafka-python option from the configuration), idempotent topic creation, waiting
 for a group assignment, and read-only helpers for tests, lag and replays: ``committed_offsets``,
-``read_all`` and ``read_tail``.
+``read_all`` and ``read_tail``; and one fix to kafka-python 3.0.12 itself (a group join answered
+between two polls was thrown away: ``_keep_finished_joins``).
 
 Must not: decide anything about messages. Values and keys cross this seam as raw ``bytes``;
 ``anomaly.codec`` turns them into readings, events and dead letters (kafka-python's serializer
@@ -18,6 +19,8 @@ Code to Kafka's semantics, not Tansu's quirks (DESIGN §5): nothing here uses ti
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -381,6 +384,72 @@ def _partition_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, i
 
 
 # --- consumers -----------------------------------------------------------------------------------
+
+class _FinishedJoin:
+    """A group join that finished while no ``poll`` was waiting for it, shown to kafka-python as still in
+    flight so that its ``join_group_async`` takes the answer (see ``_keep_finished_joins``)."""
+
+    __slots__ = ("_task",)
+    is_done = False
+
+    def __init__(self, task: Any) -> None:
+        self._task = task
+
+    def add_callback(self, f: Any, *args: Any, **kwargs: Any) -> _FinishedJoin:
+        self._task.add_callback(f, *args, **kwargs)  # a finished future calls it at once
+        return self
+
+    def add_errback(self, f: Any, *args: Any, **kwargs: Any) -> _FinishedJoin:
+        self._task.add_errback(f, *args, **kwargs)
+        return self
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+
+def _keep_finished_joins() -> bool:
+    """Make kafka-python 3.0.12 take the answer of a group join that finished between two polls; whether
+    its code needed it (and so was changed).
+
+    Its ``join_group_async`` keeps a join attempt in flight across polls (a ``poll`` shorter than the
+    join gives up waiting, the next one waits again), but starts a new attempt in place of one that has
+    finished: a join answered while the consumer was not inside ``poll`` (scoring a batch, or between
+    two short polls) was thrown away and a new JoinGroup sent. When the broker holds each join longer
+    than a poll (Tansu ≈ 3 s, Kafka's group.initial.rebalance.delay.ms 3 s for a new group, a rebalance
+    waiting for its members), the answers kept landing between polls: a test worker went two minutes
+    without partitions, and a member re-sending JoinGroup restarts its group's rebalance. The finished
+    attempt is handed back as one in flight, so the waiting code takes its answer (or its error) as it
+    does for an attempt it waited for."""
+    from kafka.coordinator.base import BaseCoordinator
+
+    join = BaseCoordinator.join_group_async
+    if getattr(join, "keeps_finished_joins", False):
+        return True
+    try:
+        source = inspect.getsource(join)
+    except (OSError, TypeError):
+        return False
+    if "self._join_task is None or self._join_task.is_done" not in source:
+        return False  # another kafka-python: its own code stands
+
+    @functools.wraps(join)
+    async def join_group_async(self: Any, timeout_ms: Any = None) -> Any:
+        task = self._join_task
+        if task is not None and task.is_done:
+            self._join_task = _FinishedJoin(task)
+        try:
+            return await join(self, timeout_ms)
+        finally:
+            if isinstance(self._join_task, _FinishedJoin):  # not taken (no rejoin needed after all): dropped,
+                self._join_task = None  # as kafka-python did, rather than answering a later join with it
+
+    join_group_async.keeps_finished_joins = True  # type: ignore[attr-defined]
+    BaseCoordinator.join_group_async = join_group_async  # type: ignore[method-assign]
+    return True
+
+
+KEEPS_FINISHED_JOINS = _keep_finished_joins()
+
 
 def wait_for_assignment(consumer: KafkaConsumer, timeout_s: float) -> set[TopicPartition]:
     """Poll until the group gives ``consumer`` partitions; the assignment. ``TimeoutError`` if it does not.

@@ -160,9 +160,10 @@ class Worker:
         """With no partitions: a consumer that has been joining its group for longer than a rebalance may
         take (``max_poll_interval_ms``, plus a minute) is closed and made again; returns since when it has
         been joining (None: it is a stable member, with nothing to do: more workers than partitions).
-        kafka-python awaits a JoinGroup answer for ever: once the local broker left one unanswered and the
-        worker polled on without partitions (seen in a test run, a fresh member then joined at once). It
-        holds no partition, so there is nothing to commit or hand over."""
+        A safety net for a join that gets no answer (kafka-python would wait for it as long as the worker
+        polls). What first showed it in test runs was kafka-python throwing away answers that came between
+        two polls (mended in ``kafka_io._keep_finished_joins``). It holds no partition, so there is
+        nothing to commit or hand over."""
         if not kafka_io.joining(self._consumer):
             return None
         now = time.monotonic()

@@ -41,9 +41,10 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.
 
 
 # The worker's consumer options in the broker tests. kafka-python waits max_poll_interval_ms + 5 s for a
-# JoinGroup answer (300 s unless set) and the worker renews a join stuck for that long plus a minute:
-# one unanswered join cost five minutes of a test run. A minute bounds it (a test worker never spends
-# that long between polls).
+# JoinGroup answer (300 s unless set) and the worker renews a join stuck for that long plus a minute.
+# Joins that seemed unanswered (minutes of a test run) were answered and thrown away by kafka-python
+# (mended: kafka_io._keep_finished_joins); a minute still bounds a join that truly goes unanswered (a test
+# worker never spends that long between polls).
 WORKER_CLIENT_OPTIONS = {"max_poll_interval_ms": 60_000}
 
 

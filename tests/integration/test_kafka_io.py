@@ -136,6 +136,27 @@ def test_wait_for_assignment_times_out_clearly_and_can_be_retried(kafka_broker: 
         consumer.close(autocommit=False)
 
 
+def test_a_join_answered_between_polls_is_taken_not_sent_again(kafka_broker: str, topic_name: str) -> None:
+    """kafka-python 3.0.12 threw away a join answered while its consumer was not inside ``poll`` and sent
+    a new one: a consumer busy longer than the join between short polls (a worker scoring a batch) never
+    got its partitions. Here each pause outlasts the broker's ≈ 3 s join, so every answer lands between
+    polls; the second poll must take it."""
+    assert kafka_io.KEEPS_FINISHED_JOINS
+    ensure_topics(kafka_broker, {topic_name: 2})
+    consumer = make_consumer(kafka_broker, f"{topic_name}-g", [topic_name])
+    try:
+        polls = 0
+        while not consumer.assignment() and polls < 4:
+            if polls:
+                time.sleep(4.0)
+            consumer.poll(timeout_ms=100)
+            polls += 1
+        assert consumer.assignment() == {TopicPartition(topic_name, 0), TopicPartition(topic_name, 1)}
+        assert polls == 2  # the first sent the join, the second took its answer
+    finally:
+        consumer.close(autocommit=False)
+
+
 # --- topics --------------------------------------------------------------------------------------
 
 def test_require_topics_checks_without_creating(kafka_broker: str, topic_name: str) -> None:
