@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.redaction import masked, redacted
-from anomaly.stop_flag import StopFlag
+from anomaly.stop_flag import STOP_SIGNALS, StopFlag
 
 log = logging.getLogger("anomaly")
 
@@ -517,10 +517,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     port = None
     if w.metrics_port >= 0:
         port = metrics.start_http(w.metrics_host, w.metrics_port)  # up first: /healthz says "starting" while waiting
-    # SIGTERM/SIGINT while waiting for a first model (forever on Kubernetes before the first training)
+    # SIGTERM/SIGINT/SIGHUP while waiting for a first model (forever on Kubernetes before the first training)
     # stop the wait and exit 0, as they stop the worker; they used to kill it (143) or raise (130).
     stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in STOP_SIGNALS}
     try:
         follower = wait_for_follower(
             lambda: ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
@@ -675,7 +675,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else _local_port(settings.kafka.bootstrap_servers)
     broker = LocalBroker(port, log_path=args.log)
     stop = StopFlag()
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    handlers = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         broker.start()  # a port in use is a BrokerError: exit 2 with the reason
         print(broker.bootstrap, flush=True)
@@ -769,12 +769,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     def terminated(*_: Any) -> None:  # as Ctrl-C: the readings queued so far are flushed, then exit 130
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminated)  # it killed the replay with its queue unsent (143)
+    # SIGTERM and SIGHUP killed the replay with its queue unsent (143, 129)
+    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
                               client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps({"topic": topic, "bootstrap_servers": bootstrap, "source": source, "entities": list(plan.entities),
                       "sent": stats.sent, "seconds": round(stats.seconds, 3),
                       "rate_per_s": round(stats.rate_per_s, 1) if stats.seconds > 0 else None}, indent=2))
@@ -884,7 +886,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    """The retraining scheduler in the foreground until SIGTERM/SIGINT (or --run-for-s)."""
+    """The retraining scheduler in the foreground until SIGTERM/SIGINT/SIGHUP (or --run-for-s)."""
     import signal
     import time
 
@@ -913,7 +915,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         stop(signum, frame)
         now(signum, frame)
 
-    handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, stop_now)
     port = None
     try:
@@ -997,7 +999,7 @@ def _add_retrain_parsers(sub: Any, common: Any) -> None:
 
     p = sub.add_parser("scheduler", help="run the retraining scheduler (exactly one per deployment)",
                        description="Run retraining on an interval or cron schedule kept in a SQLite job store, "
-                                   "until SIGTERM/SIGINT (a retrain in progress finishes first; a second signal, or "
+                                   "until SIGTERM/SIGINT/SIGHUP (a retrain in progress finishes first; a second signal, or "
                                    "SIGUSR1, abandons it: its MLflow run ends KILLED, exit 128 + the signal). A "
                                    "second scheduler on the same store exits with code 2. "
                                    "With drift.enabled (and kafka.scores_topic), a retrain also runs early when the "
@@ -1176,7 +1178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run the streaming scoring worker (Kafka in, anomaly events out)",
                        description="Consume sensor readings, score every ready window of every entity in one "
                                    "batched pass per poll, emit anomaly events and dead letters, commit after "
-                                   "delivery. Follows the registry alias; SIGTERM/SIGINT drain and exit 0.")
+                                   "delivery. Follows the registry alias; SIGTERM/SIGINT/SIGHUP drain and exit 0.")
     p.add_argument("--bootstrap-servers", help="override kafka.bootstrap_servers")
     p.add_argument("--max-batches", type=positive_int, help="stop after this many non-empty batches (tests, benchmarks)")
     p.add_argument("--idle-stop-s", type=positive_float, help="stop after this many seconds without records, counted once partitions are assigned or, after it has read, also without partitions (batch jobs, tests)")
@@ -1281,17 +1283,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # prints the events.
     if getattr(args, "quiet", False) or args.func in (cmd_worker, cmd_scheduler, cmd_up):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # One-shot commands (train, retrain, evaluate, score, models, config) stop on SIGTERM as on Ctrl-C, so
-    # an MLflow run in progress ends KILLED, not RUNNING for ever (`docker stop`, a Kubernetes deadline and
-    # `timeout` send SIGTERM); the daemons, replay and up handle it themselves.
-    terminate = (args.func not in (cmd_worker, cmd_scheduler, cmd_up, cmd_broker, cmd_replay)
-                 and threading.current_thread() is threading.main_thread())  # (signals: the main thread only)
-    previous = signal.signal(signal.SIGTERM, _terminated) if terminate else None
+    # One-shot commands (train, retrain, evaluate, score, models, config) stop on SIGTERM or SIGHUP as on
+    # Ctrl-C, so an MLflow run in progress ends KILLED, not RUNNING for ever (`docker stop`, a Kubernetes
+    # deadline and `timeout` send SIGTERM; a closed terminal SIGHUP). The daemons, replay and up put their
+    # own handlers in once started; until then they stop the same way. In a container without an init the
+    # command is PID 1, which the kernel spares from any signal it has no handler for: a worker told to
+    # stop in its first seconds (importing torch, loading its model) went on until the grace period's
+    # SIGKILL.
+    terminate = threading.current_thread() is threading.main_thread()  # (signals: the main thread only)
+    previous = {sig: signal.signal(sig, _terminated) for sig in _ONE_SHOT_STOPS} if terminate else {}
     try:
         return int(args.func(args) or 0)
-    except _Terminated:
-        print("terminated", file=sys.stderr)
-        return 143
+    except _Terminated as exc:
+        print("hung up" if exc.signum == signal.SIGHUP else "terminated", file=sys.stderr)
+        return 128 + exc.signum
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1303,16 +1308,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if terminate and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# SIGHUP too: a closed terminal or a dropped SSH session killed `anomaly train` outright (its run RUNNING)
+_ONE_SHOT_STOPS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM in a one-shot command: unwinds as Ctrl-C does (runs end KILLED), exits 143."""
+    """SIGTERM or SIGHUP in a one-shot command: unwinds as Ctrl-C does (runs end KILLED), exits 128 + the
+    signal's number (143, 129)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
 
 
-def _terminated(*_: Any) -> None:
-    raise _Terminated
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

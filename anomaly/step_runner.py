@@ -58,6 +58,7 @@ from typing import Any
 
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, ScoringStep, window_shape
+from anomaly.stop_flag import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +369,8 @@ def _child_main(conn, runner: ThreadRunner) -> int:
     outputs go back as soon as they are ready. ``complete`` touches only the alert state, which staging
     does not (``ScoringStep``). Every message to the parent goes through that one thread, in order.
     Returns the exit code: 0 when told to stop or the parent is gone, 1 after a failure."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:  # sent to the group, they are the parent's to act on: it stops this child in order
+        signal.signal(sig, signal.SIG_IGN)
     step = runner.step
     finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomaly-finish")
     failure: list[str] = []

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
+
+# What stops a daemon in order (finish the work in hand): Ctrl-C, SIGTERM (docker stop, Kubernetes), and
+# SIGHUP (its terminal closed, an SSH session dropped), which killed a worker or scheduler outright.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopFlag:

@@ -44,7 +44,7 @@ from anomaly.config import ENV_PREFIX, MAX_INTERVAL_S, Settings, load_config, sq
 from anomaly.datasets import SKAB_FLEET
 from anomaly.errors import AnomalyError, DataError
 from anomaly.redaction import masked
-from anomaly.stop_flag import StopFlag
+from anomaly.stop_flag import STOP_SIGNALS, StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -611,9 +611,10 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class _Interrupted(BaseException):
-    """Ctrl-C/SIGTERM during start-up. A BaseException, so start-up code that catches ``Exception`` (MLflow's,
-    the registry adapter's) cannot turn a stop into an error."""
+class _Interrupted(KeyboardInterrupt):
+    """Ctrl-C/SIGTERM/SIGHUP during start-up. Not an ``Exception``, so start-up code that catches those
+    (MLflow's, the registry adapter's) cannot turn a stop into an error; a ``KeyboardInterrupt``, so the
+    first champion's training run, stopped, ends KILLED (it ended FAILED)."""
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -675,7 +676,7 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
     python_cli = [sys.executable, "-m", "anomaly.cli", "--log-level", options.log_level]
 
     # SIGHUP (the terminal closed) stops in order too: else the children outlive us
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     broker: LocalBroker | None = None
     children: dict[str, Child] = {}
     feed: EventFeed | None = None

@@ -59,6 +59,7 @@ from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import DetectorModel, PartitionBatch, ScoringStep
 from anomaly.step_runner import ProcessRunner, ThreadRunner, usable_cpus
+from anomaly.stop_flag import STOP_SIGNALS
 from anomaly.training import resolve_device
 from anomaly.window_state import WindowPolicy
 
@@ -139,13 +140,13 @@ class Worker:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT ask the loop to stop after the batch in hand (main thread only)."""
+        """SIGTERM/SIGINT/SIGHUP ask the loop to stop after the batch in hand (main thread only)."""
         def handler(signum, frame) -> None:
             log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
             self.stop_event.set()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -374,17 +374,21 @@ def test_a_run_stopped_by_ctrl_c_is_killed_and_one_that_raised_failed(tmp_path):
 
     store = mlflow_store(tmp_path, "runs")
     tracking.configure(store["tracking_uri"])
+    from anomaly.up import _Interrupted
+
     ids = {}
-    for name, exc in (("killed", KeyboardInterrupt), ("failed", ValueError), ("finished", None)):
+    # `up` stopped while it trained its first champion: that run ended FAILED
+    for name, exc in (("killed", KeyboardInterrupt), ("failed", ValueError), ("finished", None),
+                      ("up stopped", _Interrupted("SIGTERM"))):
         try:
             with tracking.Run("status-check", store["artifact_location"], run_name=name) as run:
                 ids[name] = run.run_id
                 if exc is not None:
                     raise exc
-        except (KeyboardInterrupt, ValueError):
+        except (KeyboardInterrupt, ValueError, _Interrupted):
             pass
     statuses = {name: mlflow.get_run(run_id).info.status for name, run_id in ids.items()}
-    assert statuses == {"killed": "KILLED", "failed": "FAILED", "finished": "FINISHED"}
+    assert statuses == {"killed": "KILLED", "failed": "FAILED", "finished": "FINISHED", "up stopped": "KILLED"}
 
 
 def test_a_threshold_on_few_validation_windows_is_said(settings, caplog):

@@ -337,11 +337,15 @@ def test_a_sped_up_replay_warns_that_a_default_worker_would_dead_letter_it(tmp_p
     assert re.search(r"up to (1680|1679|1678) s ahead of the clock", caplog.text)  # 601 s more than the file's 1079
 
 
-def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatch, capsys):
-    # SIGTERM killed it outright (exit 143), the readings queued in the producer never sent; it now stops
-    # as Ctrl-C does: flushed, "interrupted", exit 130, and SIGTERM's handler is put back.
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatch, capsys, signame):
+    # SIGTERM (and SIGHUP: its terminal closed) killed it outright (exit 143, 129), the readings queued in
+    # the producer never sent; it now stops as Ctrl-C does: flushed, "interrupted", exit 130, and the
+    # signal's handler is put back.
     import os
     import signal
+
+    sig = getattr(signal, signame)
 
     from anomaly import replay
 
@@ -352,7 +356,7 @@ def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatc
         def send(self, topic, value=None, key=None):
             self.sent += 1
             if self.sent == 5:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), sig)
             return None
 
         def flush(self, timeout=None):
@@ -368,14 +372,14 @@ def test_a_replay_stopped_by_sigterm_flushes_what_it_queued(tmp_path, monkeypatc
                         lambda *a, **k: real(*a, **k, producer_factory=lambda bootstrap, options: producer))
     table = tmp_path / "t.csv"
     table.write_text("ts,a\n" + "\n".join(f"2026-01-01T00:00:{s:02d}Z,{s}" for s in range(60)) + "\n")
-    unhandled = []  # what SIGTERM does outside the replay here (not kill the test session)
+    unhandled = []  # what the signal does outside the replay here (not kill the test session)
     guard = lambda *_: unhandled.append(True)  # noqa: E731
-    before = signal.signal(signal.SIGTERM, guard)
+    before = signal.signal(sig, guard)
     try:
         assert main(["replay", "--data", str(table), "--quiet", "--bootstrap-servers", "127.0.0.1:1"]) == 130
-        assert signal.getsignal(signal.SIGTERM) is guard
+        assert signal.getsignal(sig) is guard
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(sig, before)
     assert producer.flushed and 5 <= producer.sent < 60 and not unhandled
     assert "interrupted" in capsys.readouterr().err
 
@@ -683,20 +687,24 @@ def test_reading_commands_refuse_a_store_file_that_does_not_exist(tmp_path, caps
     assert not typo.parent.exists()
 
 
-def test_a_one_shot_command_stopped_by_sigterm_unwinds_as_ctrl_c_and_exits_143(monkeypatch, capsys):
+@pytest.mark.parametrize("signame,code,says", [("SIGTERM", 143, "terminated"), ("SIGHUP", 129, "hung up")])
+def test_a_one_shot_command_stopped_by_sigterm_unwinds_as_ctrl_c_and_exits_143(monkeypatch, capsys, signame,
+                                                                                 code, says):
     # SIGTERM (docker stop, a Kubernetes Job's deadline, `timeout`) killed `anomaly train` outright: its
     # MLflow run stayed RUNNING for ever. It now unwinds as Ctrl-C does (tracking.Run ends it KILLED).
+    # SIGHUP too (its terminal closed, an SSH session dropped): exit 129.
     import os
     import signal
     import time
 
     from anomaly import cli
 
+    sig = getattr(signal, signame)
     unwound = []
 
     def long_job(args):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             time.sleep(5)
         except KeyboardInterrupt:  # what tracking.Run.__exit__ sees: KILLED
             unwound.append("KILLED")
@@ -705,12 +713,41 @@ def test_a_one_shot_command_stopped_by_sigterm_unwinds_as_ctrl_c_and_exits_143(m
 
     monkeypatch.setattr(cli, "cmd_config", long_job)
     guard = lambda *_: None  # noqa: E731
+    before = signal.signal(sig, guard)
+    try:
+        started = time.monotonic()
+        assert cli.main(["config", "show"]) == code
+        assert time.monotonic() - started < 4 and unwound == ["KILLED"]
+        assert signal.getsignal(sig) is guard  # put back
+    finally:
+        signal.signal(sig, before)
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["worker"], ["scheduler"]])
+def test_a_daemon_stopped_before_its_own_handlers_are_in_exits_at_once(monkeypatch, capsys, command):
+    # In a container without an init the command is PID 1, and the kernel drops a signal PID 1 has no
+    # handler for: a worker sent SIGTERM while it imported torch went on consuming until SIGKILL. The
+    # daemons' start now stops on SIGTERM as the one-shot commands do (exit 143).
+    import os
+    import signal
+    import time
+
+    from anomaly import cli
+
+    def starting(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, f"cmd_{command[0]}", starting)
+    guard = lambda *_: None  # noqa: E731  (as PID 1 with no handler: the signal goes nowhere)
     before = signal.signal(signal.SIGTERM, guard)
     try:
         started = time.monotonic()
-        assert cli.main(["config", "show"]) == 143
-        assert time.monotonic() - started < 4 and unwound == ["KILLED"]
-        assert signal.getsignal(signal.SIGTERM) is guard  # put back
+        assert cli.main(command) == 143
+        assert time.monotonic() - started < 4
+        assert signal.getsignal(signal.SIGTERM) is guard
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "terminated" in capsys.readouterr().err

@@ -131,6 +131,25 @@ def test_a_child_that_dies_fails_the_batch_in_hand() -> None:
         runner.close()
 
 
+def test_the_child_leaves_the_stop_signals_to_its_parent() -> None:
+    # Sent to the process group (Ctrl-C, a closed terminal, `kill -TERM -pgid`), they are the worker's to act
+    # on: it finishes the batch in hand with the child, then stops it. SIGHUP killed the child outright.
+    import signal
+
+    records = fault_stream()
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    try:
+        runner.submit(records[:20], now_s=T0 + 1000)
+        runner.result()  # the child is in its loop
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            os.kill(runner.pid, sig)
+        runner.submit(records[20:], now_s=T0 + 1000)
+        assert runner.result().commits  # it went on scoring
+    finally:
+        runner.close()
+    assert exit_code(runner) == 0
+
+
 def test_revoking_partitions_of_a_dead_child_leaves_the_report_of_its_death_to_the_batch() -> None:
     # kafka-python runs the revocation inside poll and inside the consumer's close; raising there would
     # replace the child's death with "User rebalance callback throws an error".
