@@ -933,6 +933,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            if sched.failure is not None:  # nothing would be scheduled again: a restart reopens the store
+                raise AnomalyError(f"the scheduling thread stopped ({sched.failure}); exiting for a restart "
+                                   f"(check that {s.job_store} can be written)")
     finally:
         for sig in handlers:
             signal.signal(sig, _abandon_run)

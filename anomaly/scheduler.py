@@ -448,6 +448,7 @@ class RetrainScheduler:
         # sometimes first: the running mark in last.json is written, or cleared, under this lock, from the
         # metrics' count of runs started and not ended (``job_running``)
         self._runs_guard = threading.Lock()
+        self.failure: str | None = None  # why the scheduling thread ended, had it to (``_watch_main_loop``)
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -472,6 +473,7 @@ class RetrainScheduler:
                 job_defaults={"coalesce": True, "max_instances": 1,
                               "misfire_grace_time": self.settings.misfire_grace_s},
                 timezone=self.settings.timezone)
+            self._watch_main_loop(self.scheduler)
             self.scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
                                         | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
             self.scheduler.start(paused=True)
@@ -492,6 +494,24 @@ class RetrainScheduler:
                                   f"store ({exc.orig or exc}); move it aside to start with a fresh "
                                   "schedule") from exc
             raise
+
+    def _watch_main_loop(self, scheduler: Any) -> None:
+        """Note why APScheduler's scheduling thread ended, should it end by an error. It does not catch one
+        writing its store after a run (a full or read-only volume): the thread died, the process lived on,
+        scheduled nothing more and said ok. ``failure`` says it; ``anomaly scheduler`` then exits non-zero
+        for its supervisor to restart it. (``_main_loop`` of the pinned APScheduler 3.11.3: the thread's
+        target, read when it starts.)"""
+        loop = scheduler._main_loop
+        self.failure = None
+
+        def main_loop() -> None:
+            try:
+                loop()
+            except BaseException as exc:
+                self.failure = f"{type(exc).__name__}: {exc}"
+                log.error("scheduler: the scheduling thread stopped: %s", self.failure, exc_info=True)
+
+        scheduler._main_loop = main_loop
 
     def _ensure_job(self) -> None:
         trigger, fingerprint = trigger_for(self.settings)

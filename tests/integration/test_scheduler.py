@@ -34,6 +34,14 @@ def stub_job(path: str = "") -> dict:
     return {"status": "skipped", "reason": "stub"}
 
 
+ARMED: list[bool] = []  # set by arming_job: the job store's writes then fail (see the test using it)
+
+
+def arming_job() -> dict:
+    ARMED.append(True)
+    return {"status": "skipped", "reason": "stub"}
+
+
 def runs(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -155,6 +163,36 @@ def test_a_second_scheduler_on_the_same_store_refuses_to_start(tmp_path):
         assert first.scheduler.running and first.lock.held  # the first one is untouched
     finally:
         first.stop()
+
+
+def test_a_job_store_that_cannot_be_written_after_a_run_stops_the_command(tmp_path, monkeypatch, capsys):
+    # APScheduler's thread died on an error writing its store after a run (a full or read-only volume): the
+    # process lived on, scheduled nothing more, and /healthz said ok. It now exits 2 saying why.
+    import sqlite3
+
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from sqlalchemy.exc import OperationalError
+
+    from anomaly.cli import main
+
+    real = SQLAlchemyJobStore.update_job
+
+    def update_job(self, job):
+        if ARMED:
+            raise OperationalError("UPDATE apscheduler_jobs", {},
+                                   sqlite3.OperationalError("attempt to write a readonly database"))
+        return real(self, job)
+
+    monkeypatch.setattr(SQLAlchemyJobStore, "update_job", update_job)
+    ARMED.clear()
+    started = time.monotonic()
+    code = main(["scheduler", "--job-store", str(tmp_path / "scheduler.db"), "--metrics-port", "-1",
+                 "--interval-s", "1", "--job", "tests.integration.test_scheduler:arming_job", "--run-for-s", "60"])
+    assert ARMED, "the job never ran"
+    assert code == 2 and time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert "the scheduling thread stopped (OperationalError" in err and "exiting for a restart" in err
+    assert "readonly database" in err
 
 
 def test_the_real_retrain_job_runs_from_the_store(tmp_path):
