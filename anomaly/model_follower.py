@@ -21,6 +21,7 @@ only through ``anomaly.registry`` (``alias_version``, ``load_detector``), inject
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ DEFAULT_CHECK_INTERVAL_S = 30.0  # a promotion is live within half a minute; one
 # artifacts are immutable, so a broken version stays broken, but an artifact-store blip heals.
 MAX_BACKOFF_S = 900.0
 MIN_BACKOFF_S = 1.0  # the back-off's unit when check_interval_s is 0 (tests, or checking every batch)
+# How long ``poll`` waits for the registry's answer before leaving the check to finish on its own thread:
+# a registry that hangs (an MLflow server stopped mid-request) held the worker's loop ≈ 33 s a check (the
+# client's timeout and retries), its batches ≈ one a minute, though the model in hand serves on.
+CHECK_WAIT_S = 1.0
 
 Loader = Callable[[str, str], tuple[Detector, str]]
 Resolver = Callable[[str, str], str | None]
@@ -50,6 +55,30 @@ class _Failure:
     retry_at: float
     error: str
     what: str = "failed to load"  # or "cannot be served"
+
+
+class _Check:
+    """One look at where the alias points, on its own (daemon) thread: the version, or what it raised."""
+
+    def __init__(self, resolver: Resolver, model_name: str, alias: str, started: float) -> None:
+        self.started = started
+        self.version: str | None = None
+        self.error: Exception | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(resolver, model_name, alias), name="anomaly-alias-check",
+                         daemon=True).start()
+
+    def _run(self, resolver: Resolver, model_name: str, alias: str) -> None:
+        try:
+            self.version = resolver(model_name, alias)
+        except Exception as exc:  # the registry adapter raises what mlflow raises
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Whether it has answered, waiting up to ``seconds``."""
+        return self._done.wait(seconds)
 
 
 class ModelFollower:
@@ -68,7 +97,7 @@ class ModelFollower:
     def __init__(self, model_name: str, alias: str = "champion", check_interval_s: float = DEFAULT_CHECK_INTERVAL_S,
                  loader: Loader = registry.load_detector, *, resolver: Resolver = registry.alias_version,
                  clock: Callable[[], float] = time.monotonic,
-                 on_failure: Callable[[str], None] | None = None) -> None:
+                 on_failure: Callable[[str], None] | None = None, check_wait_s: float = CHECK_WAIT_S) -> None:
         if check_interval_s < 0:
             raise ValueError(f"check_interval_s must be >= 0, got {check_interval_s}")
         self.model_name, self.alias = model_name, alias
@@ -79,6 +108,8 @@ class ModelFollower:
         self._bad: dict[str, _Failure] = {}
         self._unresolved = False  # the last check could not resolve the alias (logged once per outage)
         self._trouble: str | None = None  # why the last check failed; None once the alias is followed again
+        self._check_wait_s = float(check_wait_s)
+        self._check: _Check | None = None  # a check of the alias still waiting for the registry
 
         try:
             version = self._resolver(model_name, alias)
@@ -119,22 +150,36 @@ class ModelFollower:
     def poll(self) -> tuple[Detector, str] | None:
         """A newly promoted model and its version when the alias moved since the last load; else ``None``.
 
-        Cheap between checks (no registry call before ``check_interval_s`` has passed). Never raises
-        for registry or load problems: they are logged and counted, and the current model stays.
-        A load runs here, on the caller's thread (a download plus ``torch.load``: well under a second
-        for our models from a local store, seconds from a remote one; far below Kafka's 300 s
-        ``max_poll_interval_ms``). Whether the new model fits the window state (same sensors, window
-        size) is the caller's decision.
+        Cheap between checks (no registry call before ``check_interval_s`` has passed since the last
+        answer). Never raises for registry or load problems: they are logged and counted, and the current
+        model stays. The check runs on its own thread, waited for up to ``check_wait_s``: a registry
+        slower than that is left to answer by a later ``poll``, which only looks (a hung one no longer
+        holds the caller).
+        A load runs here, on the caller's thread, once the registry has just answered (a download plus
+        ``torch.load``: well under a second for our models from a local store, seconds from a remote
+        one; far below Kafka's 300 s ``max_poll_interval_ms``). Whether the new model fits the window
+        state (same sensors, window size) is the caller's decision.
         """
         now = self._clock()
-        if now < self._next_check:
+        wait_s = 0.0  # a check already under way: only whether it has answered, no waiting
+        if self._check is None:
+            if now < self._next_check:
+                return None
+            self._check, wait_s = _Check(self._resolver, self.model_name, self.alias, now), self._check_wait_s
+        check = self._check
+        if not check.wait(wait_s):
+            waited = self._clock() - check.started
+            self._trouble = masked(f"{self.ref}: the registry at {_registry_uri()} has not answered a check "
+                                   f"for {waited:.0f} s; keeping v{self.version}")
+            log.debug("%s", self._trouble)
             return None
-        self._next_check = now + self.check_interval_s
+        self._check = None
+        now = self._clock()
+        self._next_check = now + self.check_interval_s  # from the answer: a slow registry is not asked back to back
 
-        try:
-            version = self._resolver(self.model_name, self.alias)
-        except Exception as exc:
-            self._fail(f"cannot check {self.ref}: {exc}; keeping v{self.version}", once=True)
+        version = check.version
+        if check.error is not None:
+            self._fail(f"cannot check {self.ref}: {check.error}; keeping v{self.version}", once=True)
             return None
         if version is None:
             self._fail(f"{self.ref} resolves to no version (alias removed, or registry unreachable); "

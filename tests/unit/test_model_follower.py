@@ -292,3 +292,40 @@ def test_a_version_that_loads_but_cannot_be_served_keeps_the_model_in_hand():
         assert f.current() == ("detector-v3", "3") and f.trouble is None
     finally:
         runner.close()
+
+
+def test_a_registry_that_hangs_does_not_hold_the_caller():
+    # An MLflow server stopped mid-request held every check ≈ 33 s (the client's timeout and retries): the
+    # worker's loop, which polls between batches, completed about one batch a minute. The check now runs
+    # on its own thread, waited for briefly once; later polls only look whether it has answered.
+    import threading
+    import time
+
+    reg, clock = FakeRegistry(), Clock()
+    answer = threading.Event()
+    f = follower(reg, clock, interval=30.0, check_wait_s=0.2)
+    hanging = reg.resolve
+
+    def slow(name, alias):
+        answer.wait(20)
+        return hanging(name, alias)
+
+    f._resolver = slow
+    reg.alias = "2"
+    clock.now += 30
+    started = time.monotonic()
+    assert f.poll() is None
+    assert "has not answered a check" in f.trouble and f.version == "1"
+    for _ in range(20):  # the worker's next rounds: no waiting at all
+        assert f.poll() is None
+    assert time.monotonic() - started < 1.5
+    assert reg.resolves == 1  # one check at a time, none started while it hangs
+    answer.set()
+    deadline = time.monotonic() + 5
+    swapped = None
+    while swapped is None and time.monotonic() < deadline:
+        swapped = f.poll()
+        time.sleep(0.01)
+    assert swapped == ("detector-v2", "2") and f.trouble is None
+    clock.now += 29
+    assert f.poll() is None and reg.resolves == 2  # the interval counts from the answer
