@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
     "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
-    "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
+    "coordinator_lost", "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
     "wait_for_assignment",
 ]
 
@@ -614,6 +614,15 @@ def joining(consumer: Any) -> bool:
     3.0.12); False where a client has none (a fake, another version): then nothing is renewed."""
     state = getattr(getattr(consumer, "_coordinator", None), "state", None)
     return state in (MemberState.UNJOINED, MemberState.REBALANCING)
+
+
+def coordinator_lost(consumer: Any) -> bool:
+    """Whether ``consumer`` knows no coordinator for its group: kafka-python forgets it when the broker
+    cannot be reached (and before the first lookup). Reads ``_coordinator.coordinator_id`` of the pinned
+    3.0.12 without touching the connection; False where a client has none (a fake, a consumer in no group)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return coordinator is not None and getattr(coordinator, "group_id", None) is not None \
+        and getattr(coordinator, "coordinator_id", 0) is None
 
 
 def stuck_join_s(client_options: Mapping[str, Any] | None = None) -> float:

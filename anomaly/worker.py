@@ -65,6 +65,9 @@ from anomaly.window_state import WindowPolicy
 
 log = logging.getLogger(__name__)
 
+# The consumer may know no group coordinator for this long (its first lookup, a coordinator moving to
+# another broker) before /healthz says the broker cannot be reached.
+BROKER_LOST_AFTER_S = 15.0
 DELIVERY_TIMEOUT_S = 30.0  # a broker that cannot take our outputs in this long fails the batch (nothing committed)
 
 
@@ -115,6 +118,8 @@ class Worker:
         self.clock = clock
         self.stop_event = threading.Event()
         self.stats = RunStats()
+        self._broker_lost_since: float | None = None  # since when the consumer knows no group coordinator
+        self._broker_lost_said = False  # that outage logged
         self.device = resolve_device(options.device, "worker.device")
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
@@ -156,6 +161,28 @@ class Worker:
         return kafka_io.make_consumer(o.bootstrap_servers, o.group_id, [o.input_topic], o.client_options,
                                       listener=kafka_io.rebalance_listener(self.on_revoked, self.on_assigned,
                                                                            self.on_lost))
+
+    def _broker_trouble(self) -> str | None:
+        """What ``/healthz`` says while the consumer has known no group coordinator for longer than
+        ``BROKER_LOST_AFTER_S`` (the broker down or unreachable: kafka-python retries quietly, the loop
+        goes on idling, and health said ok for as long as the outage lasted); logged when it starts and ends."""
+        now = time.monotonic()
+        if not kafka_io.coordinator_lost(self._consumer):
+            if self._broker_lost_said:
+                log.info("the Kafka group coordinator is known again (after %.0f s)", now - self._broker_lost_since)
+            self._broker_lost_since, self._broker_lost_said = None, False
+            return None
+        if self._broker_lost_since is None:
+            self._broker_lost_since = now
+        lost_s = now - self._broker_lost_since
+        if lost_s <= BROKER_LOST_AFTER_S:
+            return None
+        trouble = (f"no Kafka group coordinator for {lost_s:.0f} s: the broker at {self.options.bootstrap_servers} "
+                   "cannot be reached (kafka-python retries; nothing is read meanwhile)")
+        if not self._broker_lost_said:
+            log.warning("%s", trouble)
+            self._broker_lost_said = True
+        return trouble
 
     def _renew_a_stuck_consumer(self, joining_since: float | None) -> float | None:
         """With no partitions: a consumer that has been joining its group for longer than a rebalance may
@@ -239,7 +266,8 @@ class Worker:
                 following = time.monotonic()
                 self._follow_model()
                 last_records += time.monotonic() - following  # loading a promoted model is not idle time
-                trouble = self.follower.trouble  # the model serves on, but its alias cannot be followed
+                # the model serves on, but its alias cannot be followed; or the broker cannot be reached
+                trouble = "; ".join(t for t in (self._broker_trouble(), self.follower.trouble) if t) or None
                 self.metrics.set_health("degraded" if trouble else "ok", assigned_partitions=len(assigned),
                                         last_batch_ts=self.clock(), detail=trouble)
             if self.stop_event.is_set():

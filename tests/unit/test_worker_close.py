@@ -262,3 +262,46 @@ def test_idle_stop_counts_once_the_worker_has_read_even_without_partitions(monke
     finally:
         guard.cancel()
     assert stats.consumed == 1 and time.monotonic() - started < 5 and consumer.polls > 2
+
+class CutOffConsumer(FakeConsumer):
+    """A stable member whose broker goes away for ``lost`` polls: kafka-python forgets the group coordinator."""
+
+    def __init__(self, worker, lost: int, after: int) -> None:
+        super().__init__()
+        self.records = {}
+        self._coordinator = type("Coordinator", (), {"group_id": "g", "coordinator_id": 0, "state": "<stable>"})()
+        self.worker, self.lost, self.after, self.polls = worker, lost, after, 0
+        self.health: list[dict] = []
+
+    def poll(self, **_: object):
+        import time
+
+        self.health.append(self.worker.metrics.health())  # what the round before said
+        self.polls += 1
+        self._coordinator.coordinator_id = None if self.polls <= self.lost else 0
+        if self.polls >= self.lost + self.after:
+            self.worker.stop()
+        time.sleep(0.02)
+        return {}
+
+
+def test_a_broker_that_cannot_be_reached_is_said_in_health_and_the_log(monkeypatch, caplog) -> None:
+    # kafka-python retries quietly: a worker whose broker was down for minutes answered /healthz "ok"
+    from anomaly import worker as worker_module
+
+    runner, producer = FakeRunner(), FakeProducer()
+    worker = FakeKafkaWorker(runner, producer, FakeConsumer())
+    consumer = CutOffConsumer(worker, lost=15, after=3)
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(kafka_io, "make_consumer", lambda *a, **k: consumer)
+    monkeypatch.setattr(worker_module, "BROKER_LOST_AFTER_S", 0.1)
+    with caplog.at_level(logging.INFO, logger="anomaly.worker"):
+        worker.run()
+    said = [(h["status"], h.get("detail")) for h in consumer.health[1:]]
+    assert said[0] == ("ok", None)  # a moment without a coordinator (a lookup) is no outage
+    lost = [detail for status, detail in said if status == "degraded"]
+    assert lost and all("cannot be reached" in d and "127.0.0.1:1" in d for d in lost)
+    assert said[-1] == ("ok", None)  # back once the coordinator is known again
+    assert caplog.text.count("no Kafka group coordinator for") == 1  # logged once per outage
+    assert "the Kafka group coordinator is known again" in caplog.text
