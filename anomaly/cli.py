@@ -519,17 +519,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
         port = metrics.start_http(w.metrics_host, w.metrics_port)  # up first: /healthz says "starting" while waiting
     # SIGTERM/SIGINT/SIGHUP while waiting for a first model (forever on Kubernetes before the first training)
     # stop the wait and exit 0, as they stop the worker; they used to kill it (143) or raise (130).
-    stopping = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in STOP_SIGNALS}
+    # (a StopFlag, not a threading.Event: Event.set() in the handler deadlocked when the signal came while
+    # the wait's Event.wait() held the Event's lock; a test's worker hung so, 2 in ~20 runs)
+    stopping = StopFlag()
+    previous = {sig: signal.signal(sig, stopping) for sig in STOP_SIGNALS}
     try:
         follower = wait_for_follower(
             lambda: ModelFollower(settings.mlflow.model_name, w.model_alias, check_interval_s=w.model_check_interval_s,
                                   on_failure=lambda reason: metrics.model_load_failed()),
             w.wait_for_model_s, on_wait=lambda reason: metrics.set_health("starting", detail=reason),
-            sleep=stopping.wait, stopped=stopping.is_set)
+            sleep=stopping.wait, stopped=lambda: stopping.is_set)
         # the wait's handlers stay until the worker's own are in (a SIGTERM while the worker was being built,
         # connecting to the broker, killed it with 143 instead of a clean exit 0)
-        worker = None if follower is None or stopping.is_set() else Worker(options_from_settings(settings),
+        worker = None if follower is None or stopping.is_set else Worker(options_from_settings(settings),
                                                                             follower, metrics)
     except BaseException:
         metrics.stop_http()
@@ -539,7 +541,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     if worker is not None:
         worker.install_signal_handlers()
-    if worker is None or stopping.is_set():
+    if worker is None or stopping.is_set:
         metrics.stop_http()
         log.info("worker: stopped %s", "while waiting for a model" if worker is None else "while starting")
         return 0

@@ -9,6 +9,7 @@ from typing import Any
 # What stops a daemon in order (finish the work in hand): Ctrl-C, SIGTERM (docker stop, Kubernetes), and
 # SIGHUP (its terminal closed, an SSH session dropped), which killed a worker or scheduler outright.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+NAP_S = 0.2  # StopFlag.wait's longest sleep between two looks at the flag
 
 
 class StopFlag:
@@ -27,7 +28,12 @@ class StopFlag:
         self.is_set = True
 
     def wait(self, seconds: float) -> bool:
-        """Sleep ``seconds`` unless already set; whether it is set."""
-        if not self.is_set:
-            time.sleep(seconds)
+        """Sleep up to ``seconds``, in naps of at most ``NAP_S`` so that a flag set meanwhile ends it soon
+        (a sleep resumes after a signal's handler); whether it is set."""
+        deadline = time.monotonic() + seconds
+        while not self.is_set:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, NAP_S))
         return self.is_set

@@ -41,6 +41,21 @@ def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
 
 
+def test_a_stop_flag_set_during_a_long_wait_ends_it_soon() -> None:
+    # the worker waiting for a first model sleeps 5 s between looks at the registry: a SIGTERM meanwhile
+    # (its handler sets the flag; the sleep resumes after it) was seen only when the sleep ended
+    import signal
+    import threading
+    import time
+
+    from anomaly.cli import StopFlag
+
+    stop = StopFlag()
+    threading.Timer(0.1, stop, args=(signal.SIGTERM, None)).start()
+    started = time.monotonic()
+    assert stop.wait(10.0) is True and time.monotonic() - started < 1.0
+
+
 def test_stop_flag_is_set_by_its_signal() -> None:
     """The foreground commands' SIGTERM/SIGINT handler (a plain flag, not a threading.Event: see
     ``StopFlag``): unset, ``wait`` sleeps and says False; set, it returns True at once."""
