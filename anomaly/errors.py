@@ -54,6 +54,11 @@ class TopicError(AnomalyError):
     """A Kafka topic could not be created or described."""
 
 
+class DeliveryError(AnomalyError):
+    """Outputs (events, dead letters, scores) the broker did not take in time: nothing of their batch is
+    committed, and the worker exits for a restart to read the batch again."""
+
+
 class TrainingAbandoned(KeyboardInterrupt):
     """Training stopped at its next batch because the process is stopping now
     (``training.abandon_training``: a scheduler told twice to stop). A ``KeyboardInterrupt``, not an

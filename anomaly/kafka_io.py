@@ -38,14 +38,14 @@ from kafka.protocol.consumer.offsets import IsolationLevel
 from kafka.structs import MemberState, OffsetAndMetadata
 
 from anomaly.config import bootstrap_list
-from anomaly.errors import ConfigError, TopicError
+from anomaly.errors import ConfigError, DeliveryError, TopicError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
     "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
-    "coordinator_lost", "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
+    "coordinator_lost", "deliver", "delivery_timeout_s", "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
     "wait_for_assignment",
 ]
 
@@ -630,6 +630,32 @@ def stuck_join_s(client_options: Mapping[str, Any] | None = None) -> float:
     ``max_poll_interval_ms`` for the slowest member (kafka-python's 300 s unless set), plus a minute."""
     options = {**CONSUMER_DEFAULTS, **(client_options or {})}
     return float(options.get("max_poll_interval_ms", 300_000)) / 1000 + 60.0
+
+
+def delivery_timeout_s(client_options: Mapping[str, Any] | None = None) -> float:
+    """How long a batch's outputs may take to be delivered: the producer's own ``delivery_timeout_ms``
+    (kafka-python's 120 s unless set; it retries within it), plus 5 s for the last answer to come back.
+    The worker gave up after 30 s, and a broker away for 45 s ended it with a traceback though the
+    producer would have delivered when the broker came back."""
+    options = {**KafkaProducer.DEFAULT_CONFIG, **PRODUCER_DEFAULTS, **_pass_through("producer", client_options)}
+    return float(options.get("delivery_timeout_ms", 120_000)) / 1000 + 5.0
+
+
+def deliver(producer: Any, sends: Sequence[Any], timeout_s: float, *, bootstrap_servers: str | Sequence[str],
+            topics: Iterable[str]) -> None:
+    """Flush ``producer`` and check every send's future; ``DeliveryError`` naming the topics, the broker
+    and the cause when any was not delivered within ``timeout_s`` (kafka-python's own error said only
+    "Timeout waiting for future", from inside the client)."""
+    try:
+        producer.flush(timeout=timeout_s)
+        for future in sends:
+            future.get(timeout=timeout_s)
+    except kafka_errors.KafkaError as exc:
+        servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
+        raise DeliveryError(
+            f"outputs to {', '.join(sorted(set(topics)))} were not delivered to the broker at {servers} within "
+            f"{timeout_s:.0f} s ({type(exc).__name__}: {exc}); nothing of their batch is committed, and a "
+            "restart reads it again") from exc
 
 
 def offsets_to_commit(commits: Mapping[tuple[str, int], int]) -> dict[TopicPartition, OffsetAndMetadata]:

@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 # The consumer may know no group coordinator for this long (its first lookup, a coordinator moving to
 # another broker) before /healthz says the broker cannot be reached.
 BROKER_LOST_AFTER_S = 15.0
-DELIVERY_TIMEOUT_S = 30.0  # a broker that cannot take our outputs in this long fails the batch (nothing committed)
+# Closing flushes what is left (each batch's outputs were delivered before its commit; nothing, usually):
+# within a Kubernetes grace period even when the broker is gone.
+CLOSE_FLUSH_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class Worker:
         self.stats = RunStats()
         self._broker_lost_since: float | None = None  # since when the consumer knows no group coordinator
         self._broker_lost_said = False  # that outage logged
+        # a broker that cannot take our outputs in this long fails the batch (nothing committed)
+        self._delivery_timeout_s = kafka_io.delivery_timeout_s(options.client_options)
         self.device = resolve_device(options.device, "worker.device")
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
@@ -319,9 +323,9 @@ class Worker:
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
             sends += [self._producer.send(o.scores_topic, key=k, value=v) for k, v in out.scores]
-        self._producer.flush(timeout=DELIVERY_TIMEOUT_S)
-        for future in sends:
-            future.get(timeout=DELIVERY_TIMEOUT_S)  # raises if any output was not delivered: nothing is committed
+        # raises if any output was not delivered: nothing is committed
+        kafka_io.deliver(self._producer, sends, self._delivery_timeout_s, bootstrap_servers=o.bootstrap_servers,
+                         topics=[t for t in (o.events_topic, o.dlq_topic, o.scores_topic) if t])
         commits = out.commits
         if commits:
             # Only partitions still ours: after a rebalance inside the last poll, the new owner
@@ -385,7 +389,7 @@ class Worker:
                 later.callback(self._consumer.close, autocommit=False)
             if self._producer is not None:
                 later.callback(self._producer.close, timeout=5)
-                later.callback(self._producer.flush, timeout=DELIVERY_TIMEOUT_S)
+                later.callback(self._producer.flush, timeout=CLOSE_FLUSH_S)
             self._say_dead_letters(self.dead_letter_log.flush(self.clock()))
 
     # --- rebalance ---------------------------------------------------------------------------
