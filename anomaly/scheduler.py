@@ -474,6 +474,7 @@ class RetrainScheduler:
                               "misfire_grace_time": self.settings.misfire_grace_s},
                 timezone=self.settings.timezone)
             self._watch_main_loop(self.scheduler)
+            logging.getLogger("apscheduler.scheduler").addFilter(self._late_submission)
             self.scheduler.add_listener(self._on_event, EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR
                                         | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
             self.scheduler.start(paused=True)
@@ -494,6 +495,16 @@ class RetrainScheduler:
                                   f"store ({exc.orig or exc}); move it aside to start with a fresh "
                                   "schedule") from exc
             raise
+
+    def _late_submission(self, record: logging.LogRecord) -> bool:
+        """A filter on APScheduler's log: a run that fell due while the shutdown waited for the one in progress
+        is handed to the executors already shut down, which APScheduler logs as an ERROR with a traceback
+        ("cannot schedule new futures after shutdown") at every such stop. Said as what it is instead."""
+        if (self._stopping.is_set() and record.getMessage().startswith("Error submitting job")
+                and record.exc_info and isinstance(record.exc_info[1], RuntimeError)):
+            log.info("scheduler: a run fell due while stopping; not started (the next start runs a missed one)")
+            return False
+        return True
 
     def _watch_main_loop(self, scheduler: Any) -> None:
         """Note why APScheduler's scheduling thread ended, should it end by an error. It does not catch one
@@ -755,6 +766,7 @@ class RetrainScheduler:
                     self.scheduler.shutdown(wait=wait)
             finally:
                 self.scheduler = None
+                logging.getLogger("apscheduler.scheduler").removeFilter(self._late_submission)
                 if self.drift is not None:
                     try:
                         self.drift.close()
