@@ -416,8 +416,8 @@ def _child_main(conn, runner: ThreadRunner) -> int:
                     runner.forget_partitions(message[1])  # staging order: batches received before it are staged
                 elif kind == "stop":
                     break
-    except (EOFError, BrokenPipeError):
-        pass  # the parent is gone: nothing to report to
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent is gone (reset: it died with our answers unread): nothing to report to
     except BaseException:  # staging failed (a model error, not bad data): same as a failed batch
         finisher.shutdown(wait=True)  # the batches staged before it go back first, in order
         if not failure:

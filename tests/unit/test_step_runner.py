@@ -285,6 +285,23 @@ def test_the_child_exits_when_the_parent_end_closes() -> None:
     runner._closed = True
 
 
+def test_the_child_exits_quietly_when_the_parent_dies_with_its_answers_unread(capfd) -> None:
+    # a worker killed (SIGKILL, OOM) with the child's outputs still in the pipe: the child's read got
+    # ECONNRESET, not EOF, and it logged "scoring process failed" with a traceback and exited 1
+    import time
+
+    records = fault_stream()
+    runner = process_runner(step_for(FakeModel(window_size=4)))
+    for batch in batches_of(records):
+        runner.submit(batch, now_s=T0 + 1000)
+    time.sleep(0.5)  # the child answers; nobody reads
+    runner._conn.close()  # what the parent's death does to the pipe
+    code = exit_code(runner)
+    runner._closed = True
+    assert "scoring process failed" not in capfd.readouterr().err
+    assert code == 0
+
+
 def test_a_real_detector_travels_to_the_child_and_scores_like_in_process() -> None:
     train = normal_frame(rows=300, seed=2).to_numpy()
     params = {"window_size": 8, "hidden_size": 8, "latent_size": 4}
