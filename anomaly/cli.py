@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from anomaly.errors import AnomalyError, ConfigError, DataError
 from anomaly.redaction import masked, redacted
-from anomaly.stop_flag import STOP_SIGNALS, StopFlag
+from anomaly.stop_flag import STOP_SIGNALS, TERMINATING_SIGNALS, StopFlag
 
 log = logging.getLogger("anomaly")
 
@@ -772,7 +772,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     # SIGTERM and SIGHUP killed the replay with its queue unsent (143, 129)
-    previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, terminated) for sig in TERMINATING_SIGNALS}
     try:
         stats = replay.replay(bootstrap, topic, plan, rate_per_s=args.rate, speed=args.speed,
                               client_options=kafka.client_options, limit=args.limit, progress=not args.quiet)
@@ -1317,8 +1317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, handler)
 
 
-# SIGHUP too: a closed terminal or a dropped SSH session killed `anomaly train` outright (its run RUNNING)
-_ONE_SHOT_STOPS = (signal.SIGTERM, signal.SIGHUP)
+# SIGHUP too (unless ignored from the start, under nohup): a closed terminal or a dropped SSH session killed
+# `anomaly train` outright (its run RUNNING)
+_ONE_SHOT_STOPS = TERMINATING_SIGNALS
 
 
 class _Terminated(KeyboardInterrupt):

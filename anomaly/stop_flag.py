@@ -6,9 +6,13 @@ import signal
 import time
 from typing import Any
 
-# What stops a daemon in order (finish the work in hand): Ctrl-C, SIGTERM (docker stop, Kubernetes), and
-# SIGHUP (its terminal closed, an SSH session dropped), which killed a worker or scheduler outright.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What stops a command in order (finish the work in hand): Ctrl-C, SIGTERM (docker stop, Kubernetes), and
+# SIGHUP (its terminal closed, an SSH session dropped), which killed a worker or scheduler outright; but
+# not SIGHUP where the command was started with it ignored (`nohup anomaly worker &`: that is what the
+# user asked for). Read once, at import, before any handler of ours is in.
+HUP_IGNORED = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (() if HUP_IGNORED else (signal.SIGHUP,))
+TERMINATING_SIGNALS = tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)  # (Ctrl-C: KeyboardInterrupt)
 NAP_S = 0.2  # StopFlag.wait's longest sleep between two looks at the flag
 
 

@@ -41,6 +41,29 @@ def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     assert "nope.csv" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("nohup,code", [(False, 129), (True, 0)])
+def test_sighup_stops_a_command_unless_it_was_started_with_it_ignored(nohup, code) -> None:
+    # `nohup anomaly train &` starts it with SIGHUP ignored so that a dropped session does not stop it:
+    # a SIGHUP handler of ours must not undo that
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import os, signal, sys, time\n"
+              "from anomaly import cli\n"
+              "def job(args):\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n"
+              "    time.sleep(1)\n"
+              "    return 0\n"
+              "cli.cmd_config = job\n"
+              "sys.exit(cli.main(['config', 'show']))\n")
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2], preexec_fn=ignore)
+    assert proc.returncode == code, proc.stderr
+
+
 def test_a_stop_flag_set_during_a_long_wait_ends_it_soon() -> None:
     # the worker waiting for a first model sleeps 5 s between looks at the registry: a SIGTERM meanwhile
     # (its handler sets the flag; the sleep resumes after it) was seen only when the sleep ended
