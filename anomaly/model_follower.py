@@ -42,6 +42,8 @@ MIN_BACKOFF_S = 1.0  # the back-off's unit when check_interval_s is 0 (tests, or
 # a registry that hangs (an MLflow server stopped mid-request) held the worker's loop ≈ 33 s a check (the
 # client's timeout and retries), its batches ≈ one a minute, though the model in hand serves on.
 CHECK_WAIT_S = 1.0
+# A check unanswered this long is trouble (/healthz degraded): a registry a little slower than the wait is not.
+SLOW_CHECK_S = 10.0
 
 Loader = Callable[[str, str], tuple[Detector, str]]
 Resolver = Callable[[str, str], str | None]
@@ -169,9 +171,10 @@ class ModelFollower:
         check = self._check
         if not check.wait(wait_s):
             waited = self._clock() - check.started
-            self._trouble = masked(f"{self.ref}: the registry at {_registry_uri()} has not answered a check "
-                                   f"for {waited:.0f} s; keeping v{self.version}")
-            log.debug("%s", self._trouble)
+            if waited >= SLOW_CHECK_S:
+                self._trouble = masked(f"{self.ref}: the registry at {_registry_uri()} has not answered a check "
+                                       f"for {waited:.0f} s; keeping v{self.version}")
+                log.debug("%s", self._trouble)
             return None
         self._check = None
         now = self._clock()
