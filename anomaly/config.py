@@ -389,8 +389,8 @@ class WorkerSettings:
                          "scoring child and exits with code 70 for its supervisor to restart it (nothing of the "
                          "batch in hand is committed). At least 120: a producer waits up to 60 s for the broker's "
                          "metadata, and a batch's outputs get the producer's delivery_timeout_ms (120 s unless "
-                         "kafka.client_options sets it) + 5 s, each failing with its own error first (the "
-                         "default 300 leaves them time; a registry check no longer holds the loop); 0 = never", 300.0)
+                         "kafka.client_options sets it) + 5 s but at most stall_s - 15, each failing with its own "
+                         "error first; 0 = never", 300.0)
     max_poll_records: int = doc("most records per micro-batch (a caught-up worker gets what arrived; a backlog is worked through in batches this big)", 5000)
     input_partitions: int = doc("partitions for the input topic when the worker creates it", 4)
     create_topics: bool = doc("create missing input/events/dead-letter/scores topics at start (needs Create permission); "

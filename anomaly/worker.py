@@ -71,6 +71,8 @@ BROKER_LOST_AFTER_S = 15.0
 # Closing flushes what is left (each batch's outputs were delivered before its commit; nothing, usually):
 # within a Kubernetes grace period even when the broker is gone.
 CLOSE_FLUSH_S = 30.0
+# What a delivery leaves of worker.stall_s for the rest of its loop round (poll, scoring, commit).
+STALL_MARGIN_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -122,8 +124,11 @@ class Worker:
         self.stats = RunStats()
         self._broker_lost_since: float | None = None  # since when the consumer knows no group coordinator
         self._broker_lost_said = False  # that outage logged
-        # a broker that cannot take our outputs in this long fails the batch (nothing committed)
+        # a broker that cannot take our outputs in this long fails the batch (nothing committed); within the
+        # stall limit, so that the delivery fails with its own error before the watchdog calls the loop stuck
         self._delivery_timeout_s = kafka_io.delivery_timeout_s(options.client_options)
+        if options.stall_s > 0:
+            self._delivery_timeout_s = min(self._delivery_timeout_s, max(options.stall_s - STALL_MARGIN_S, 1.0))
         self.device = resolve_device(options.device, "worker.device")
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,

@@ -305,3 +305,20 @@ def test_a_broker_that_cannot_be_reached_is_said_in_health_and_the_log(monkeypat
     assert said[-1] == ("ok", None)  # back once the coordinator is known again
     assert caplog.text.count("no Kafka group coordinator for") == 1  # logged once per outage
     assert "the Kafka group coordinator is known again" in caplog.text
+
+
+@pytest.mark.parametrize("stall_s,client_options,expected", [
+    (300.0, {}, 125.0),  # the producer's own 120 s + 5
+    (120.0, {}, 105.0),  # within the stall limit: the delivery fails with its own error first
+    (300.0, {"delivery_timeout_ms": 600_000}, 285.0),
+    (0.0, {"delivery_timeout_ms": 600_000}, 605.0),  # no watchdog
+])
+def test_a_delivery_gives_up_before_the_watchdog_would(stall_s, client_options, expected) -> None:
+    options = WorkerOptions("127.0.0.1:1", "readings", "events", "dlq", None, "g", client_options,
+                            WindowPolicy(window_size=1, period_s=1.0), AlertPolicy(), device="cpu", stall_s=stall_s)
+
+    class Sized(FakeKafkaWorker):
+        def __init__(self) -> None:
+            Worker.__init__(self, options, FakeFollower())
+
+    assert Sized()._delivery_timeout_s == expected
