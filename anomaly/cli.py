@@ -946,6 +946,10 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         elif sched.metrics.job_running:
             log.info("scheduler: stopping once the retrain in progress ends (SIGTERM or Ctrl-C again, or "
                      "SIGUSR1, abandons it: its MLflow run ends KILLED)")
+        elif sched.failure is not None:  # APScheduler hands a run over before it writes the store: one may
+            # have started unseen (its start event went with the thread)
+            log.warning("scheduler: stopping once a retrain the scheduling thread started just before it stopped "
+                        "ends, if it started one (SIGTERM or Ctrl-C abandons it: its MLflow run ends KILLED)")
         sched.stop(wait=True)
         sched.metrics.stop_http()
         for sig, handler in handlers.items():
