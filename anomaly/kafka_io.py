@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
     "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
-    "coordinator_lost", "deliver", "delivery_timeout_s", "joining", "make_consumer", "make_producer", "producer_options", "read_all", "read_tail", "stuck_join_s",
-    "wait_for_assignment",
+    "coordinator_lost", "deliver", "delivery_timeout_s", "joining", "make_consumer", "make_producer",
+    "producer_options", "read_all", "read_tail", "stuck_join_s", "wait_for_assignment",
 ]
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
