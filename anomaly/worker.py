@@ -71,6 +71,8 @@ BROKER_LOST_AFTER_S = 15.0
 # Closing flushes what is left (each batch's outputs were delivered before its commit; nothing, usually):
 # within a Kubernetes grace period even when the broker is gone.
 CLOSE_FLUSH_S = 30.0
+# A join without partitions this long is trouble (/healthz degraded): joins take ≈ 3 s, rebalances seconds.
+JOIN_TROUBLE_S = 60.0
 # What a delivery leaves of worker.stall_s for the rest of its loop round (poll, scoring, commit).
 STALL_MARGIN_S = 15.0
 
@@ -111,6 +113,18 @@ class RunStats:
     events: int = 0
     dead_letters: int = 0
     model_swaps: int = 0
+
+
+def _join_trouble(joining_since: float | None, options: WorkerOptions) -> str | None:
+    """What ``/healthz`` says of a consumer joining its group, without partitions, for longer than
+    ``JOIN_TROUBLE_S`` (a group that does not settle: on the local Tansu broker, one whose next leader left
+    mid-rebalance never does); it said ok, with no partitions, until the stuck-join renewal minutes later."""
+    if joining_since is None:
+        return None
+    joining_s = time.monotonic() - joining_since
+    if joining_s <= JOIN_TROUBLE_S:
+        return None
+    return f"joining group {options.group_id} for {joining_s:.0f} s without partitions (the group does not settle)"
 
 
 class Worker:
@@ -276,7 +290,8 @@ class Worker:
                 self._follow_model()
                 last_records += time.monotonic() - following  # loading a promoted model is not idle time
                 # the model serves on, but its alias cannot be followed; or the broker cannot be reached
-                trouble = "; ".join(t for t in (self._broker_trouble(), self.follower.trouble) if t) or None
+                trouble = "; ".join(t for t in (self._broker_trouble(), _join_trouble(joining_since, self.options),
+                                                self.follower.trouble) if t) or None
                 self.metrics.set_health("degraded" if trouble else "ok", assigned_partitions=len(assigned),
                                         last_batch_ts=self.clock(), detail=trouble)
             if self.stop_event.is_set():

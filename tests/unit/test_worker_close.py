@@ -322,3 +322,32 @@ def test_a_delivery_gives_up_before_the_watchdog_would(stall_s, client_options, 
             Worker.__init__(self, options, FakeFollower())
 
     assert Sized()._delivery_timeout_s == expected
+
+
+def test_a_group_that_does_not_settle_is_said_in_health(monkeypatch) -> None:
+    # On Tansu a group whose next leader left mid-rebalance never settles: the worker joined on and on with
+    # no partitions, and /healthz said ok until the stuck-join renewal six minutes later
+    import time
+
+    from anomaly import worker as worker_module
+
+    runner, producer = FakeRunner(), FakeProducer()
+    worker = FakeKafkaWorker(runner, producer, FakeConsumer())
+    health: list[dict] = []
+
+    class Joining(StuckConsumer):
+        def poll(self, **kwargs: object):
+            health.append(worker.metrics.health())
+            time.sleep(0.02)
+            return super().poll(**kwargs)
+
+    consumer = Joining(worker.stop, 15)
+    consumer._coordinator.state = kafka_io.MemberState.REBALANCING
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *a, **k: producer)
+    monkeypatch.setattr(kafka_io, "make_consumer", lambda *a, **k: consumer)
+    monkeypatch.setattr(worker_module, "JOIN_TROUBLE_S", 0.1)
+    worker.run()
+    said = [(h["status"], h.get("detail")) for h in health[1:]]
+    assert said[0] == ("ok", None)  # joining for a moment is what joining is
+    assert said[-1][0] == "degraded" and "joining group g for" in said[-1][1] and "without partitions" in said[-1][1]
