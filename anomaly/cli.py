@@ -1300,7 +1300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stop in its first seconds (importing torch, loading its model) went on until the grace period's
     # SIGKILL.
     terminate = threading.current_thread() is threading.main_thread()  # (signals: the main thread only)
-    previous = {sig: signal.signal(sig, _terminated) for sig in _ONE_SHOT_STOPS} if terminate else {}
+    previous = {sig: signal.signal(sig, _terminated) for sig in TERMINATING_SIGNALS} if terminate else {}
     try:
         return int(args.func(args) or 0)
     except _Terminated as exc:
@@ -1319,11 +1319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# SIGHUP too (unless ignored from the start, under nohup): a closed terminal or a dropped SSH session killed
-# `anomaly train` outright (its run RUNNING)
-_ONE_SHOT_STOPS = TERMINATING_SIGNALS
 
 
 class _Terminated(KeyboardInterrupt):
