@@ -10,9 +10,10 @@ Rules, in the order ``to_grid`` applies them:
    slots goes to the later one.
 3. **Collisions** (duplicates, jitter, late/out-of-order readings landing in one slot): per sensor,
    **the first observed value wins**, "first" meaning the earliest timestamp and, among equal
-   timestamps, the earlier row, as the streaming worker keeps a slot's first reading and drops the
-   rest as duplicates (a model trained on the last of each slot was served the first). A NaN (a
-   sensor that reported nothing) never stands in for a value.
+   timestamps, the earlier row, as the streaming worker keeps each sensor's first value in a slot (a
+   reading's later parts are merged while the slot is open, the rest dropped as duplicates; a model
+   trained on the last of each slot was served the first). A NaN (a sensor that reported nothing)
+   never stands in for a value.
 4. **Missing mask.** A slot/sensor with no observed value is ``missing``. The mask is taken before
    filling, so it stays True for values that were filled as well as for those still NaN.
 5. **Filling** (``fill``): ``"ffill"`` holds the last observed value, and a *leading* gap (before the

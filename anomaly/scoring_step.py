@@ -46,7 +46,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -230,9 +230,9 @@ class ScoringStep:
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
         self.max_entities = max_entities  # most entities held; past it those not active go
         self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
-        self._behind_logged_s = -math.inf  # when entities sending far behind their partition were last named
-        self._unaligned_logged_s = -math.inf  # when entities whose readings miss the stride slots were last named
-        self._unaligned: set[str] = set()  # such entities heard of since (named at the next warning)
+        self._behind = _Roll()  # entities sending far behind their partition's newest reading
+        self._unaligned = _Roll()  # entities whose readings miss the stride slots
+        self._split = _Roll()  # entities whose readings' parts (sensors sent one message each) came too late
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -561,6 +561,9 @@ class ScoringStep:
         unaligned = store.take_unaligned()
         if unaligned:
             self._warn_unaligned(unaligned, now_s)
+        split = store.take_split()
+        if split:
+            self._warn_split(split, now_s)
         if idle_s is not None:
             evicted = store.evict_idle(math.ceil(idle_s / store.policy.period_s))
             counts["evicted"] = len(evicted)
@@ -754,31 +757,36 @@ class ScoringStep:
         """Say (once a minute at most) which entities send readings stamped so far behind their partition's
         newest reading (a clock running late, local time sent as UTC) that each is late as it comes (or its
         entity evicted as idle in the batch that brought it) and never makes a window."""
-        if now_s - self._behind_logged_s < 60.0 or not names:
-            return
-        behind = sorted(names)
-        self._behind_logged_s = now_s
-        log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's newest "
-                    "are late as they come and not scored (a clock running late, or local time sent as "
-                    "UTC?): %s", len(behind), idle_s, ", ".join(repr(name) for name in behind[:10])
-                    + (f" and {len(behind) - 10} more" if len(behind) > 10 else ""))
+        behind = self._behind.due(names, now_s)
+        if behind:
+            log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's "
+                        "newest are late as they come and not scored (a clock running late, or local time sent as "
+                        "UTC?): %s", len(behind), idle_s, _named(behind))
 
     def _warn_unaligned(self, names: Sequence[str], now_s: float) -> None:
         """Say (once a minute at most, naming every one heard of since the last time) which entities'
         readings keep missing the slots that end a window (``slot % worker.stride == 0``): sampled more
         slowly than the model's period, at another phase."""
-        if len(self._unaligned) < UNALIGNED_NAMES_MAX:
-            self._unaligned.update(names)
-        if now_s - self._unaligned_logged_s < 60.0:
-            return
-        self._unaligned_logged_s = now_s
-        named, self._unaligned = sorted(self._unaligned), set()
-        p = self._store.policy
-        log.warning("%d entities send readings that keep missing the slots that end a window (every %d-th slot of "
-                    "the model's %g s grid: worker.stride) and are not scored; they are sampled more slowly than "
-                    "the model's period (set worker.stride = 1, or train a model on their own period): %s",
-                    len(named), p.stride, p.period_s, ", ".join(repr(n) for n in named[:10])
-                    + (f" and {len(named) - 10} more" if len(named) > 10 else ""))
+        named = self._unaligned.due(names, now_s)
+        if named:
+            p = self._store.policy
+            log.warning("%d entities send readings that keep missing the slots that end a window (every %d-th slot "
+                        "of the model's %g s grid: worker.stride) and are not scored; they are sampled more slowly "
+                        "than the model's period (set worker.stride = 1, or train a model on their own period): %s",
+                        len(named), p.stride, p.period_s, _named(named))
+
+    def _warn_split(self, names: Sequence[str], now_s: float) -> None:
+        """Say (once a minute at most, naming every one heard of since the last time) which entities send a
+        slot's sensors in more than one reading with parts coming after the slot was sealed: those parts are
+        dropped as duplicates, and their sensors carried over or filled."""
+        named = self._split.due(names, now_s)
+        if named:
+            grace = self._store.policy.grace_slots
+            log.warning("%d entities send a slot's sensors in more than one reading, and parts came after the slot "
+                        "was sealed (worker.grace_slots = %d): they were dropped as duplicates and their sensors "
+                        "filled. Send each slot's sensors in one reading, or set worker.grace_slots to %s so the "
+                        "parts are merged: %s", len(named), grace, "1 or more" if grace == 0 else "more",
+                        _named(named))
 
     def _idle_s(self) -> float | None:
         """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the
@@ -972,7 +980,31 @@ class _Hold:
     through: int | None = None  # the run's last window above its bar: ``ReadyBatch.through_offset`` (on ``stream``)
 
 
-UNALIGNED_NAMES_MAX = 10_000  # entities missing the stride slots kept for the next warning
+ROLL_NAMES_MAX = 10_000  # entities kept for the next warning that names them
+
+
+class _Roll:
+    """Entities to name in a warning logged once a minute at most: every one heard of since the last one."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._logged_s = -math.inf
+        self._names: set[str] = set()
+
+    def due(self, names: Iterable[str], now_s: float) -> list[str]:
+        """Note ``names`` (up to ``ROLL_NAMES_MAX`` kept); the names to log now, sorted (empty: not due yet)."""
+        if len(self._names) < ROLL_NAMES_MAX:
+            self._names.update(names)
+        if not self._names or now_s - self._logged_s < self.every_s:
+            return []
+        self._logged_s = now_s
+        named, self._names = sorted(self._names), set()
+        return named
+
+
+def _named(names: Sequence[str], most: int = 10) -> str:
+    """``names`` quoted, the first ``most`` of them and how many more."""
+    return ", ".join(repr(name) for name in names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _foreign_stamps(decoded: DecodedBatch) -> tuple[np.ndarray, np.ndarray]:

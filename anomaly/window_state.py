@@ -19,6 +19,12 @@ Semantics (README quotes this section)
 - **Duplicate.** A reading for a slot that already holds a reading is dropped, the first one is kept
   (``"duplicate"``). This is checked before lateness, so a re-delivered copy of a recent reading
   counts as a duplicate, not as late.
+- **Parts of a reading.** A reading for an unsealed slot whose reading lacks (``None``) a sensor this
+  one has, from the same partition, is merged into it (``"accepted"``): each sensor keeps its first
+  value, as the file grid does (a producer sending a slot's sensors one message each). The slot keeps
+  the first part's offset, so a replay from it reads the later parts again. A part for a sealed slot is
+  a duplicate, and its entity is named in ``split`` (``take_split``): with ``grace_slots = 0`` every
+  part after the first comes too late, and ``grace_slots >= 1`` lets them be merged.
 - **Late.** A reading for a sealed slot that holds no reading (it was filled, or is an unfilled
   gap) is dropped (``"late"``): the windows over that slot may already be scored.
 - **Missing sensor.** A ``None`` value is forward-filled from the entity's previous slot, or from
@@ -288,6 +294,15 @@ class WindowStore:
         # worth held and no window): sampled more slowly than the model's period at another phase, they are
         # never scored. Named again after as many more readings; the caller takes them (``take_unaligned``).
         self.unaligned: list[str] = []
+        # entities that sent part of a reading (a sensor its slot's reading lacked) for a slot already sealed: the
+        # part was dropped as a duplicate (sensors sent one message each, with too little grace to merge them)
+        self.split: dict[str, None] = {}
+
+    def take_split(self) -> list[str]:
+        """The entities named in ``split`` since the last call (and forget them)."""
+        names = list(self.split)
+        self.split.clear()
+        return names
 
     def take_unaligned(self) -> list[str]:
         """The entities named in ``unaligned`` since the last call (and forget them)."""
@@ -424,6 +439,16 @@ class WindowStore:
         """``add`` after the slot and the watermark: duplicate, late, or pending then sealed."""
         policy = self.policy
         if state.holds_reading(slot):
+            held = state.pending.get(slot)
+            if held is None:
+                if self._splits_sealed(state, slot, row):
+                    self.split[entity] = None
+            elif held[1] == partition and any(a is None and b is not None for a, b in zip(held[0], row)):
+                # another part of the slot's reading (a producer sending its sensors one message each): each
+                # sensor's first value, as the grid keeps offline; the first part's offset is the slot's (a
+                # replay of the partition from it reads the later part again)
+                state.pending[slot] = ([b if a is None else a for a, b in zip(held[0], row)], *held[1:])
+                return ACCEPTED
             return DUPLICATE
         if state.max_slot is not None and slot <= state.max_slot - policy.seal_lag:
             return LATE
@@ -437,6 +462,17 @@ class WindowStore:
         if self._seal(entity, state, state.max_slot - policy.seal_lag):
             return RESET
         return ACCEPTED
+
+    @staticmethod
+    def _splits_sealed(state: _Entity, slot: int, row: list[float | None]) -> bool:
+        """Whether ``row``, for a sealed slot, has a sensor the reading there lacked (known for the newest
+        sealed slot, where the parts of a reading sent sensor by sensor land): a part that came too late."""
+        i = state.n - 1
+        if i < 0 or slot != state.run_end or not state.from_reading[i] or not state.filled[i]:
+            return False
+        here = (int(state.part[i]), int(state.off[i]))
+        partial = state.partial or {}
+        return any(value is not None and partial.get(j, state.full) != here for j, value in enumerate(row))
 
     def _seal(self, entity: str, state: _Entity, upto: int) -> bool:
         """Move every pending reading at or before slot ``upto`` into the run, filling gaps and

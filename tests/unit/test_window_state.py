@@ -569,3 +569,67 @@ def test_a_window_knows_the_oldest_offset_a_replay_must_start_from_to_rebuild_it
     bulk.add_many(["e"] * 5, np.array([0.0, 1.0, 3.0, 4.0, 5.0]), np.zeros((5, 1)), np.zeros(5, dtype=np.int64),
                   np.arange(20, 25))
     assert [(w.end_offset, w.start_offset) for w in bulk.ready()] == [(22, 20), (23, 21), (24, 21)]
+
+
+# --- a slot's sensors sent in more than one reading ----------------------------------------------
+def two(grace: int = 1, w: int = 2) -> WindowStore:
+    return WindowStore(WindowPolicy(window_size=w, period_s=1.0, grace_slots=grace), ["a", "b"], [10.0, 20.0])
+
+
+def ab(ts: float, a: float | None, b: float | None) -> Reading:
+    return Reading("e", ts, {"a": a, "b": b})
+
+
+def test_parts_of_one_slot_are_merged_while_it_is_unsealed_first_value_per_sensor_winning() -> None:
+    s = two(grace=1)
+    assert s.add("e", ab(0, 1.0, None), 0, 0) == "accepted"
+    assert s.add("e", ab(0, None, 2.0), 0, 1) == "accepted"  # brings b: merged into slot 0, not dropped
+    assert s.add("e", ab(0, 9.0, 9.0), 0, 2) == "duplicate"  # nothing new: the first of each sensor stays
+    assert s.add("e", ab(1, 3.0, None), 0, 3) == "accepted"
+    assert s.add("e", ab(1.1, 8.0, 4.0), 0, 4) == "accepted"  # b merged; a stays 3.0 (the grid's rule too)
+    assert s.commit_offsets({0: 4}) == {0: 0}  # slot 0's reading, first of its parts, is still needed
+    s.add("e", ab(2, 5.0, 6.0), 0, 5)
+    s.add("e", ab(3, 5.0, 6.0), 0, 6)  # seals slot 1
+    [window] = s.ready()
+    np.testing.assert_array_equal(window.values, [[1.0, 2.0], [3.0, 4.0]])
+    assert window.filled == 0  # every cell was read
+    assert (window.end_offset, window.start_offset) == (3, 0)
+    assert s.take_split() == []  # nothing was lost: no warning due
+
+
+def test_parts_on_another_partition_are_not_merged() -> None:
+    """A replay of the first part's partition would not bring the other part back: the window would differ."""
+    s = two(grace=1)
+    s.add("e", ab(0, 1.0, None), 0, 0)
+    assert s.add("e", ab(0, None, 2.0), 1, 0) == "duplicate"
+
+
+def test_a_part_for_a_sealed_slot_is_a_duplicate_and_names_its_entity_once_a_copy_is_not_named() -> None:
+    s = two(grace=0)
+    assert s.add("e", ab(0, 1.0, None), 0, 0) == "accepted"  # without grace a reading seals its own slot
+    assert s.add("e", ab(0, 1.0, None), 0, 1) == "duplicate"  # a re-delivered copy: nothing new
+    assert s.take_split() == []
+    assert s.add("e", ab(0, None, 2.0), 0, 2) == "duplicate"  # b came too late to be merged
+    assert s.add("e", ab(0, None, 2.0), 0, 3) == "duplicate"
+    assert s.take_split() == ["e"]
+    assert s.take_split() == []
+    s.add("e", ab(1, 3.0, 4.0), 0, 4)
+    [window] = s.ready()
+    np.testing.assert_array_equal(window.values, [[1.0, 20.0], [3.0, 4.0]])  # b of slot 0 was never read
+
+
+def test_bulk_placing_merges_parts_as_one_by_one_does() -> None:
+    rows = [(0, 1.0, np.nan), (0, np.nan, 2.0), (1, 3.0, np.nan), (1, np.nan, 4.0), (2, 5.0, 6.0), (3, 7.0, 8.0),
+            (4, 9.0, np.nan), (4, np.nan, 1.0), (5, 2.0, 3.0), (6, 4.0, 5.0)]
+    one, bulk = two(grace=1), two(grace=1)
+    for i, (ts, a, b) in enumerate(rows):
+        one.add("e", ab(ts, None if a != a else a, None if b != b else b), 0, i)
+    counts = bulk.add_many(["e"] * len(rows), np.array([t for t, _, _ in rows], dtype=float),
+                           np.array([[a, b] for _, a, b in rows]), np.zeros(len(rows), dtype=np.int64),
+                           np.arange(len(rows)))
+    assert counts["accepted"] == len(rows)
+    want, got = one.ready(), bulk.ready()
+    assert len(want) == len(got) == 4
+    for x, y in zip(want, got):
+        np.testing.assert_array_equal(x.values, y.values)
+        assert x.filled == y.filled == 0
