@@ -24,6 +24,7 @@ import inspect
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
@@ -43,8 +44,9 @@ from anomaly.errors import ConfigError, DeliveryError, TopicError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "ConsumerRecord", "TopicError", "TopicPartition",
-    "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
+    "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "Abandoned", "ConsumerRecord", "TopicError", "TopicPartition",
+    "admin_options", "committed_offsets", "unless_stopped", "consumer_options", "ensure_topics", "make_admin",
+    "require_topics",
     "coordinator_lost", "deliver", "delivery_timeout_s", "joining", "make_consumer", "make_producer",
     "producer_options", "read_all", "read_tail", "stuck_join_s", "wait_for_assignment",
 ]
@@ -320,6 +322,49 @@ def _connect(what: str, bootstrap_servers: str | Sequence[str], factory: Any, op
         servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
         raise TopicError(f"cannot connect {what} to {servers}: {exc} (is the broker running and reachable? "
                          "`anomaly broker` starts a local one; kafka.bootstrap_servers sets where)") from exc
+
+
+class Abandoned(Exception):
+    """``unless_stopped`` gave up waiting: its stop was asked first."""
+
+
+def unless_stopped(stop: threading.Event, call: Callable[..., Any], *args: Any, poll_s: float = 0.1,
+                   **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` (connecting to the broker) run on a helper thread and waited for until it
+    returns or until ``stop`` is set (``Abandoned``; a client it makes after that is closed by its thread).
+    Its error is re-raised. kafka-python retries an unreachable broker inside a client's constructor for
+    ``bootstrap_timeout_ms`` (30 s by default), which nothing else cuts short: a worker told to stop then took
+    ~28 s and exited 2 with a connection error, and a scheduler whose drift check was connecting ~31 s."""
+    guard = threading.Lock()
+    done = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def make() -> None:
+        try:
+            client, error = call(*args, **kwargs), None
+        except Exception as exc:
+            client, error = None, exc
+        with guard:
+            if outcome.get("abandoned"):
+                if callable(getattr(client, "close", None)):
+                    try:
+                        client.close()
+                    except Exception:
+                        log.debug("closing a client made after its wait was abandoned failed", exc_info=True)
+                return
+            outcome.update(client=client, error=error)
+            done.set()
+
+    threading.Thread(target=make, name="kafka-connect", daemon=True).start()
+    while not done.wait(poll_s):
+        if stop.is_set():
+            with guard:
+                if not done.is_set():
+                    outcome["abandoned"] = True
+                    raise Abandoned("stopped while connecting to the broker")
+    if outcome["error"] is not None:
+        raise outcome["error"]
+    return outcome["client"]
 
 
 # --- topics --------------------------------------------------------------------------------------

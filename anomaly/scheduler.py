@@ -157,7 +157,8 @@ class ScoreReader:
                                                 client_options=self.client_options)
             options.update(enable_auto_commit=False, allow_auto_create_topics=False)
             kafka_io.check_tls_files(options)
-            self._consumer = kafka_io.KafkaConsumer(**options)
+            # on a helper thread: a stop (``interrupt``) waits no longer for kafka-python's bootstrap retries
+            self._consumer = kafka_io.unless_stopped(self._interrupted, kafka_io.KafkaConsumer, **options)
         consumer = self._consumer
         partitions = consumer.partitions_for_topic(self.topic)
         assigned = {tp.partition for tp in consumer.assignment()}
@@ -569,6 +570,11 @@ class RetrainScheduler:
         try:
             result = self.drift.check()
         except Exception as exc:  # a broker or registry hiccup must not stop the checks
+            from anomaly.kafka_io import Abandoned
+
+            if isinstance(exc, Abandoned) and self._stopping.is_set():
+                log.info("drift check: %s", exc)
+                return
             log.warning("drift check failed: %s: %s", type(exc).__name__, exc)
             self.metrics.drift_checked("error", len(self.drift.window))
             return

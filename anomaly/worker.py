@@ -237,10 +237,20 @@ class Worker:
         records, for tests and benchmarks). Raises on a failed batch, having committed nothing of it."""
         o = self.options
         topics = topic_partitions(o)
-        if o.create_topics:
-            kafka_io.ensure_topics(o.bootstrap_servers, topics, o.client_options)
-        else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
-            kafka_io.require_topics(o.bootstrap_servers, list(topics), o.client_options)
+        # The broker calls of the start-up run until done or until a stop (``unless_stopped``): kafka-python
+        # retries an unreachable broker for bootstrap_timeout_ms, and a worker told to stop meanwhile took
+        # ~28 s, past most supervisors' grace period, and exited 2 with a connection error.
+        try:
+            if o.create_topics:
+                kafka_io.unless_stopped(self.stop_event, kafka_io.ensure_topics, o.bootstrap_servers, topics,
+                                        o.client_options)
+            else:  # an ACL'd cluster: the topics are an operator's; check they are there, create nothing
+                kafka_io.unless_stopped(self.stop_event, kafka_io.require_topics, o.bootstrap_servers, list(topics),
+                                        o.client_options)
+        except kafka_io.Abandoned:
+            log.info("stopped while connecting to the broker")
+            self.metrics.set_health("stopping", detail="stopped")
+            return self.stats
         last_records = time.monotonic()
         self._in_flight = None
         switch_interval = sys.getswitchinterval()
@@ -252,8 +262,9 @@ class Worker:
                 gc.freeze()  # see step_runner.refreeze_gc; before a fork, so both processes share what it froze
             # The runner first: a child is forked before the Kafka clients start their threads.
             self._runner = self._make_runner()
-            self._producer = kafka_io.make_producer(o.bootstrap_servers, o.client_options)
-            self._consumer = self._new_consumer()
+            self._producer = kafka_io.unless_stopped(self.stop_event, kafka_io.make_producer, o.bootstrap_servers,
+                                                     o.client_options)
+            self._consumer = kafka_io.unless_stopped(self.stop_event, self._new_consumer)
             joining_since: float | None = None  # since when the consumer has no partitions and is not a stable member
             while not self.stop_event.is_set():
                 timeout_ms = 0 if self._in_flight is not None else int(o.poll_timeout_s * 1000)
@@ -297,6 +308,8 @@ class Worker:
             if self.stop_event.is_set():
                 self.metrics.set_health("stopping", detail="finishing the batch in hand")
             self._drain()  # stopping: finish the batch in hand (a failure above skips this)
+        except kafka_io.Abandoned:  # nothing read yet: the clients made so far and the runner are closed below
+            log.info("stopped while connecting to the broker")
         except BaseException:
             failing = True
             raise

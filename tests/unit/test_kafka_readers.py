@@ -203,3 +203,74 @@ def test_a_group_consumer_refuses_auto_commit():
     with pytest.raises(ConfigError, match="kafka.client_options.enable_auto_commit"):
         kafka_io.consumer_options("b:9092", "anomaly-worker", client_options={"enable_auto_commit": True})
     assert kafka_io.consumer_options("b:9092", None, client_options={"enable_auto_commit": True})  # no group: nothing
+
+
+# --- unless_stopped: a client's bootstrap that a stop does not wait for ------------------------------
+class Blocking:
+    """A client factory that blocks until released, then makes a client that records its close."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        import threading
+
+        self.release, self.fail, self.made = threading.Event(), fail, []
+
+    def __call__(self, **options):
+        self.release.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        client = type("Client", (), {"closed": False, "options": options,
+                                     "close": lambda self: setattr(self, "closed", True)})()
+        self.made.append(client)
+        return client
+
+
+def test_unless_stopped_returns_the_client_or_raises_its_error() -> None:
+    import threading
+
+    factory = Blocking()
+    factory.release.set()
+    client = kafka_io.unless_stopped(threading.Event(), factory, bootstrap_servers="b:9092")
+    assert client.options == {"bootstrap_servers": "b:9092"} and not client.closed
+    failing = Blocking(fail=kafka_errors.KafkaTimeoutError("Unable to bootstrap"))
+    failing.release.set()
+    with pytest.raises(kafka_errors.KafkaTimeoutError, match="bootstrap"):
+        kafka_io.unless_stopped(threading.Event(), failing)
+
+
+def test_unless_stopped_gives_up_at_the_stop_and_closes_a_client_made_after() -> None:
+    import threading
+
+    factory, stop = Blocking(), threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(kafka_io.Abandoned):
+        kafka_io.unless_stopped(stop, factory)  # before, the caller waited for the bootstrap's end
+    assert factory.made == []
+    factory.release.set()  # the bootstrap ends after all: nobody takes the client, so its thread closes it
+    deadline = time.monotonic() + 5
+    while not factory.made or not factory.made[0].closed:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_drift_reader_stops_connecting_to_an_unreachable_broker_when_interrupted() -> None:
+    # the scheduler's stop interrupts the drift check: it waited ~30 s for kafka-python's bootstrap to fail
+    import threading
+
+    from anomaly.scheduler import ScoreReader
+
+    reader = ScoreReader("127.0.0.1:1", "scores", "drift", {"bootstrap_timeout_ms": 20_000})
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(reader.read(10, idle_s=0.1))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    time.sleep(1.0)
+    reader.interrupt()
+    thread.join(10)  # well inside the 20 s the bootstrap would take
+    assert not thread.is_alive() and isinstance(outcome[0], kafka_io.Abandoned)
+    reader.close()

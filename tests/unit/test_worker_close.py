@@ -4,6 +4,7 @@ clients and a fake runner (the real ones are in tests/integration/test_worker.py
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import namedtuple
 
@@ -351,3 +352,49 @@ def test_a_group_that_does_not_settle_is_said_in_health(monkeypatch) -> None:
     said = [(h["status"], h.get("detail")) for h in health[1:]]
     assert said[0] == ("ok", None)  # joining for a moment is what joining is
     assert said[-1][0] == "degraded" and "joining group g for" in said[-1][1] and "without partitions" in said[-1][1]
+
+
+# --- a stop while connecting to a broker that cannot be reached --------------------------------------
+@pytest.fixture
+def stop_handlers_restored():
+    import signal
+
+    from anomaly.stop_flag import STOP_SIGNALS
+
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def _sigterm_in(seconds: float):
+    import os
+    import signal
+    import threading
+
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("while_making", ["topics", "producer"])
+def test_a_stop_signal_while_connecting_to_an_unreachable_broker_stops_the_worker_cleanly(
+        while_making: str, monkeypatch: pytest.MonkeyPatch, stop_handlers_restored, caplog) -> None:
+    # kafka-python retries an unreachable bootstrap server for bootstrap_timeout_ms (30 s by default): the
+    # worker went on waiting after SIGTERM, then exited 2 with a connection error (~28 s, past most grace periods)
+    runner = FakeRunner()
+    worker = FakeKafkaWorker(runner, FakeProducer(), FakeConsumer())
+    worker.options = dataclasses.replace(worker.options, client_options={"bootstrap_timeout_ms": 20_000})
+    if while_making == "producer":
+        monkeypatch.setattr(kafka_io, "ensure_topics", lambda *a, **k: None)
+    worker.install_signal_handlers()
+    timer = _sigterm_in(1.5)
+    try:
+        with caplog.at_level(logging.INFO, logger="anomaly.worker"):
+            stats = worker.run()  # real clients, to 127.0.0.1:1 where nothing listens
+    finally:
+        timer.cancel()
+    assert stats.batches == 0 and worker.stop_event.is_set()
+    assert "stopped while connecting to the broker" in caplog.text
+    assert runner.calls == (["close"] if while_making == "producer" else [])  # the runner is made after the topics
+    assert worker.metrics.health()["status"] == "stopping"
