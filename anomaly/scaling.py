@@ -92,22 +92,69 @@ def fit_scaler(values: np.ndarray, sensors: list[str] | tuple[str, ...], method:
                   centre=tuple(float(v) for v in centre), scale=tuple(float(v) for v in scale))
 
 
+# A reading more than EXTREME_SPREADS typical spreads (IQR / 1.349) from its sensor's median is extreme; when
+# such readings are a handful (EXTREME_FEW, or EXTREME_FRACTION of the rows: a sentinel value, a glitch; not a
+# quantised sensor's other level, nor a spiky metric's spikes, 0.4-0.8 % of SMD's m08) and the standard or
+# min-max scale is over WIDE_SCALE times what the rest would give, they set it
+EXTREME_SPREADS = 100.0
+EXTREME_FEW = 5
+EXTREME_FRACTION = 0.001
+WIDE_SCALE = 10.0
+
+
+def _extremes(column: np.ndarray, median: float, typical: float) -> tuple[int, np.ndarray]:
+    """How many of ``column``'s readings are extreme, and the others, when they are few (a sentinel value, a
+    glitch); ``(0, column)`` otherwise (none, or so many that they are the sensor's own: a quantised one)."""
+    column = column[np.isfinite(column)]
+    if not typical > 0:
+        return 0, column
+    extreme = np.abs(column - median) > EXTREME_SPREADS * typical
+    n = int(extreme.sum())
+    if n == 0 or n > max(EXTREME_FEW, EXTREME_FRACTION * column.size):
+        return 0, column
+    return n, column[~extreme]
+
+
+def _set_by_extremes(n: int, rest: np.ndarray, method: str, scale: float, median: float) -> str | None:
+    """What to say when ``n`` extreme readings set a standard or min-max ``scale`` (``rest``: the other
+    readings; None: they did not)."""
+    if method == "robust" or n == 0:
+        return None
+    without = float(np.std(rest)) if method == "standard" else float(np.ptp(rest))
+    if not scale > WIDE_SCALE * without > 0:
+        return None
+    return (f"{method} scale {scale:.3g} was set by {n} extreme reading(s), more than {EXTREME_SPREADS:g} typical "
+            f"spreads from its median {median:.6g} (a sentinel value or glitch?); without them it is {without:.3g}. "
+            "A fault of this sensor will barely move its scaled error: remove those rows, or set data.scaler = robust")
+
+
 def scale_warnings(values: np.ndarray, scaler: Scaler, ratio: float = 0.01) -> list[tuple[str, str]]:
     """Sensors whose fitted scale misstates how they vary in ``values`` (the training rows): a robust or
     min-max scale under ``ratio`` of the standard deviation (a quantised sensor whose quartiles coincide
-    while it still jumps: its jumps become huge scaled errors and can swamp the rest), or one that fell
-    back to 1 while the sensor does vary (its variation is then weighted by its units, not its spread).
-    ``(sensor, detail)`` each; the scale is kept as fitted, this only says so."""
+    while it still jumps: its jumps become huge scaled errors and can swamp the rest), one that fell
+    back to 1 while the sensor does vary (its variation is then weighted by its units, not its spread),
+    or a standard or min-max scale set by a few extreme readings (``WIDE_SCALE``: one sentinel value or
+    glitch in the training rows, and the sensor's normal variation, and a fault of it, barely move its
+    scaled error: the model is blind to it). ``(sensor, detail)`` each; the scale is kept as fitted, this
+    only says so."""
     values = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column
         std = np.nanstd(values, axis=0)
         constant = ~(np.nanmax(values, axis=0) > np.nanmin(values, axis=0))  # as fit_scaler tells it
+        q25, median, q75 = np.nanpercentile(values, [25, 50, 75], axis=0)
+    typical = (q75 - q25) / 1.349  # the standard deviation of a normal sensor, whatever its outliers
     out = []
-    for sensor, scale, spread, flat in zip(scaler.sensors, scaler.scale, std, constant):
+    for j, (sensor, scale, spread, flat) in enumerate(zip(scaler.sensors, scaler.scale, std, constant)):
         if flat or not np.isfinite(spread):
             continue  # constant: scale 1 is right
-        if scale < ratio * spread:
+        n_extreme, rest = _extremes(values[:, j], median[j], typical[j])
+        wide = _set_by_extremes(n_extreme, rest, scaler.method, scale, median[j])
+        if n_extreme:
+            spread = float(np.std(rest))  # a glitch's jumps are not the sensor's own
+        if wide:
+            out.append((sensor, wide))
+        elif scale < ratio * spread:
             out.append((sensor, f"{scaler.method} scale {scale:.3g} is under {ratio:g} x its standard deviation "
                                 f"{spread:.3g}: its jumps become large scaled errors"))
         elif scale == 1.0 and not 0.1 <= spread <= 10.0:

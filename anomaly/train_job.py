@@ -20,7 +20,7 @@ from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
 from anomaly.scaling import scale_warnings
-from anomaly.thresholds import GROSS_GAP, GROSS_MADS, Threshold, fit_entity_values
+from anomaly.thresholds import GROSS_GAP, GROSS_MADS, Threshold, fit_entity_values, no_spread
 from anomaly.windowing import rows_from_windows, windows_touching
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,13 @@ def fit_values(values: np.ndarray, sensors, settings: Settings, *, period_s: flo
     if screened:
         log.warning("%d validation windows scored more than %.4g (over %g robust standard deviations above the median "
                     "error and %g times every other: a glitch in the validation rows?) were left out of the threshold's "
-                    "tail fit", int(screened), detector.threshold.params["screened_above"], GROSS_MADS, GROSS_GAP)
+                    "fit", int(screened), detector.threshold.params["screened_above"], GROSS_MADS, GROSS_GAP)
+    if len(val_scores) and no_spread(val_scores):
+        log.warning("the validation windows score alike (fewer than 1 %% of %d above their median %.4g): the "
+                    "validation rows (the last %.0f %% of the data) look like a machine at standby, and the threshold "
+                    "(%.4g) is that one score, so normal running will alarm. Train on data whose last part is normal "
+                    "running", len(val_scores), float(np.median(val_scores)), 100 * settings.training.validation_fraction,
+                    detector.threshold.value)
     if th.scale != 1.0:
         detector.threshold = type(detector.threshold)(detector.threshold.method, detector.threshold.value * th.scale,
                                                       {**detector.threshold.params, "scale": th.scale})
@@ -157,6 +163,12 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
             parts.append(scores)
         if parts:
             errors[entity] = np.concatenate(parts)
+    alike = sorted(entity for entity, e in errors.items() if no_spread(e[np.isfinite(e)]))
+    if alike:  # its own threshold would be that one score: held to the shared one, which running data set
+        log.warning("%d entities' validation windows score alike (a machine at standby?) and are held to the shared "
+                    "threshold instead of their own: %s", len(alike), ", ".join(repr(entity) for entity in alike[:10])
+                    + (f" and {len(alike) - 10} more" if len(alike) > 10 else ""))
+        errors = {entity: e for entity, e in errors.items() if entity not in alike}
     values = fit_entity_values(errors, th.method, th.policy_params(), th.scale, th.per_entity_min_windows)
     if values:
         spread = np.array(list(values.values())) / threshold.value

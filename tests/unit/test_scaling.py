@@ -93,3 +93,21 @@ def test_the_largest_reading_the_codec_accepts_stays_finite_in_float32_over_the_
     scaler = fit_scaler(np.c_[np.r_[0.0, 2.2e-20].repeat(10)], ["tiny"])  # std 1.1e-20
     assert MIN_SCALE < scaler.scale[0] < 2 * MIN_SCALE  # about the smallest scale there is (under it: 1)
     assert np.isfinite(scaler.transform(np.array([[MAX_ABS_VALUE * 0.999], [-MAX_ABS_VALUE * 0.999]]))).all()
+
+
+@pytest.mark.parametrize("method", ["standard", "minmax"])
+def test_scale_warnings_name_a_scale_set_by_one_sentinel_reading(method):
+    # one reading of 1e6 (a sentinel, a glitch) among pressures of ~1 bar: the standard scale 1.8e4, and a
+    # fault of +0.4 bar moved the scaled error by nothing: 0 % of its windows flagged, and nothing said
+    from anomaly.scaling import scale_warnings
+
+    rng = np.random.default_rng(0)
+    pressure, temp = 1.0 + 0.07 * rng.normal(size=1500), 70 + rng.normal(size=1500)
+    pressure[700] = 1e6
+    values = np.c_[pressure, temp]
+    got = dict(scale_warnings(values, fit_scaler(values, ["pressure", "temp"], method)))
+    assert list(got) == ["pressure"] and "set by 1 extreme reading(s)" in got["pressure"]
+    assert "data.scaler = robust" in got["pressure"]
+    assert scale_warnings(values, fit_scaler(values, ["pressure", "temp"], "robust")) == []  # the IQR ignores it
+    values[700, 0] = 1.0
+    assert scale_warnings(values, fit_scaler(values, ["pressure", "temp"], method)) == []

@@ -405,6 +405,32 @@ def test_pot_leaves_out_a_glitchs_windows_far_above_every_other_error():
     assert "screened" not in clean.params  # an ordinary tail is fitted whole
 
 
+@pytest.mark.parametrize("method, params", [("quantile", {"q": 0.99}), ("mean_std", {"k": 3.0})])
+def test_quantile_and_mean_std_leave_out_a_glitchs_windows_as_pot_does(method, params):
+    """The windows of one wild validation reading are 1 % of 1,000: the 0.99 quantile landed on them, and
+    mean + 3 std was pulled up to them (1e6 times too high: a model that never alarms)."""
+    rng = np.random.default_rng(0)
+    errors = rng.gamma(2.0, 0.05, 1000)
+    clean = fit_threshold(errors, method, **params)
+    for wild in (10.0, 1e3, 1e6):
+        glitched = errors.copy()
+        glitched[500:510] = wild
+        fitted = fit_threshold(glitched, method, **params)
+        assert fitted.value == pytest.approx(clean.value, rel=0.1), wild
+        assert fitted.params["screened"] == 10.0 and fitted.params["screened_above"] < 1.0
+        assert fitted.params["n"] == 990.0
+    assert "screened" not in clean.params
+
+
+def test_no_spread_tells_a_standby_stretch_from_ordinary_errors():
+    rng = np.random.default_rng(0)
+    running = rng.gamma(2.0, 0.05, 1000)
+    assert thresholds.no_spread(np.full(800, 0.0067))  # every window alike
+    assert thresholds.no_spread(np.r_[np.full(995, 0.0067), running[:5]])  # 5 of 1,000 above the median
+    assert not thresholds.no_spread(running)
+    assert not thresholds.no_spread(np.r_[np.full(500, 0.0067), running[:500] + 0.01])  # half standby, half running
+
+
 def test_pot_keeps_a_heavy_but_ordinary_tail():
     rng = np.random.default_rng(1)
     errors = rng.lognormal(0.0, 1.0, 5000)

@@ -29,3 +29,17 @@ def test_other_runtime_errors_are_not_taken_for_memory(monkeypatch):
     monkeypatch.setattr(train_job, "fit_values", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         train_job.fit(prepare_training(normal_frame(200)), build_settings({}), progress=False)
+
+
+def test_a_validation_stretch_that_scores_every_window_alike_is_said(caplog):
+    # the last 20 % of the data a machine on standby (readings frozen at their typical values): every
+    # validation window scores alike, the threshold is that one score, and normal running alarms at once
+    frame = normal_frame(1200, seed=0)
+    frame.iloc[900:] = frame.iloc[:900].mean().to_numpy()
+    settings = build_settings({"model": {"window_size": 8, "hidden_size": 8, "latent_size": 2},
+                               "training": {"epochs": 1, "device": "cpu"}})
+    detector, _, val_scores = train_job.fit(prepare_training(frame), settings, progress=False)
+    assert "the validation windows score alike" in caplog.text and "last 20 % of the data" in caplog.text
+    caplog.clear()
+    train_job.fit(prepare_training(normal_frame(1200, seed=0)), settings, progress=False)
+    assert "score alike" not in caplog.text
