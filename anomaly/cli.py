@@ -887,6 +887,16 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 1 if result.status == "failed" else 0
 
 
+def _end_dead_retrain_runs(settings: Any, started: float) -> None:
+    """End FAILED the MLflow runs a killed retrain left RUNNING (the scheduler found it on its restart)."""
+    from anomaly.retrain import end_dead_runs
+
+    ended = end_dead_runs(settings, started)
+    if ended:
+        log.warning("scheduler: ended %d MLflow run(s) the killed retrain left running as FAILED: %s", len(ended),
+                    ", ".join(ended))
+
+
 def cmd_scheduler(args: argparse.Namespace) -> int:
     """The retraining scheduler in the foreground until SIGTERM/SIGINT/SIGHUP (or --run-for-s)."""
     import signal
@@ -908,7 +918,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     config = str(Path(args.config).resolve()) if args.config else None
     kwargs = {"config": config, "overrides": _retrain_overrides(args)} if args.job == JOB_FUNC else {}
     drift = DriftMonitor(settings) if settings.drift.enabled else None
-    sched = RetrainScheduler(s, kwargs, func=args.job, drift=drift)
+    sched = RetrainScheduler(s, kwargs, func=args.job, drift=drift,
+                             on_dead_run=(lambda started: _end_dead_retrain_runs(settings, started))
+                             if args.job == JOB_FUNC else None)
     _ABANDONED_BY[0] = None
     stop = StopFlag()
     now = StopFlag()  # SIGUSR1: stop, abandoning a retrain in progress (`anomaly up` has it sent if it dies)

@@ -1095,6 +1095,24 @@ def gate_limits(metrics: Mapping[str, float], rt: RetrainSettings) -> dict[str, 
     return limits
 
 
+def end_dead_runs(settings: Settings, started_ts: float) -> list[str]:
+    """The MLflow runs that a scheduled retrain started at ``started_ts`` (epoch s) left RUNNING when its
+    process was killed, ended FAILED (tag ``anomaly.ended`` says why); their ids. A manual retrain's runs
+    (trigger ``manual``) are left alone: one may be running now, elsewhere."""
+    from anomaly import tracking
+
+    tracking.configure_from(settings.mlflow)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_ts))
+    return tracking.end_dead_runs(
+        settings.mlflow.experiment, started_ts - DEAD_RUN_MARGIN_S, {"retrain": "true"},
+        f"its process was killed: the scheduler, restarted, found that the retrain it started at {when} never "
+        "finished (out of memory, or SIGKILL after a stop's grace)",
+        unless=lambda tags: tags.get("retrain.trigger", tags.get("trigger")) == "manual")
+
+
+DEAD_RUN_MARGIN_S = 5.0  # a scheduled retrain's runs start after its job does: this much clock skew allowed
+
+
 def _log_comparison(settings: Settings, champion_version: str, challenger_version: str | None,
                     challenger_run_id: str, metrics: Mapping[str, float], decision: Decision,
                     status: str, facts: Mapping[str, Any]) -> str:

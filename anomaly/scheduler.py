@@ -40,7 +40,7 @@ import threading
 import time
 from datetime import timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from apscheduler.triggers.base import BaseTrigger
 
@@ -421,15 +421,22 @@ def trigger_for(s: SchedulerSettings) -> tuple[Any, str]:
     return IntervalTrigger(seconds=s.interval_s, timezone=s.timezone), f"every {s.interval_s:g} s"
 
 
+DEAD_RUN_JOIN_S = 10.0  # a stop waits this long at most for the killed run's leftovers to be ended
+
+
 class RetrainScheduler:
     """Holds the lock, the APScheduler instance and the metrics. ``start`` / ``stop``, or ``run``."""
 
     def __init__(self, settings: SchedulerSettings, job_kwargs: Mapping[str, Any], *, func: str = JOB_FUNC,
                  metrics: SchedulerMetrics | None = None, drift: DriftMonitor | None = None,
-                 drift_interval_s: float | None = None, pass_trigger: bool | None = None) -> None:
+                 drift_interval_s: float | None = None, pass_trigger: bool | None = None,
+                 on_dead_run: Callable[[float], None] | None = None) -> None:
         """``drift`` (with ``drift_interval_s``, default its settings' ``check_interval_s``) adds the drift
-        check; ``pass_trigger`` (default: ``func`` is the real job) hands the job a ``trigger`` argument."""
+        check; ``pass_trigger`` (default: ``func`` is the real job) hands the job a ``trigger`` argument;
+        ``on_dead_run(started_ts)`` is called, on a thread of its own, when ``start`` finds that a run started
+        then never ended (its process killed): to end what it left behind (its MLflow runs)."""
         self.settings, self.job_kwargs, self.func = settings, dict(job_kwargs), func
+        self.on_dead_run = on_dead_run
         self.metrics = metrics if metrics is not None else SchedulerMetrics()
         self.lock = FileLock(lock_path(settings.job_store))
         self.scheduler: Any = None
@@ -450,6 +457,10 @@ class RetrainScheduler:
         # metrics' count of runs started and not ended (``job_running``)
         self._runs_guard = threading.Lock()
         self.failure: str | None = None  # why the scheduling thread ended, had it to (``_watch_main_loop``)
+        # a killed run's start whose leftovers ``on_dead_run`` has not yet ended (kept in last.json till it has)
+        self._dead_since: float | None = None
+        self._dead_run_thread: threading.Thread | None = None
+        self._running_mark: float | None = None  # when the run in progress started (last.json's running_since)
 
     def start(self) -> None:
         """Take the lock (``Locked`` if another scheduler has it), open the store, make sure the
@@ -620,6 +631,8 @@ class RetrainScheduler:
                 last = self.metrics.last_run()
                 if self._drift_trigger_ts is not None:
                     last["drift_trigger_ts"] = self._drift_trigger_ts
+                if self._dead_since is not None:
+                    last["dead_since"] = self._dead_since
                 if running_since is not None:
                     last["running_since"] = running_since
                 tmp.write_text(json.dumps(last), encoding="utf-8")
@@ -646,7 +659,29 @@ class RetrainScheduler:
                           "memory, or a stop's grace ran out); counted as an error",
                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)))
                 self.metrics.interrupted(float(started))
+                if self.on_dead_run is not None:
+                    self._dead_since = float(started)
                 self._save_last_run()
+            dead = last.get("dead_since")  # one a start before this could not end (MLflow down): again
+            if self.on_dead_run is not None and self._dead_since is None and isinstance(dead, (int, float)) \
+                    and not isinstance(dead, bool) and dead > 0:
+                self._dead_since = float(dead)
+            if self._dead_since is not None:  # MLflow may be slow or down: the schedule does not wait for it
+                self._dead_run_thread = threading.Thread(target=self._end_dead_run, args=(self._dead_since,),
+                                                         name="scheduler-dead-run", daemon=True)
+                self._dead_run_thread.start()
+
+    def _end_dead_run(self, started: float) -> None:
+        """``on_dead_run(started)``; once it has succeeded, last.json forgets the dead run."""
+        try:
+            self.on_dead_run(started)
+        except Exception as exc:  # bookkeeping: never let it disturb the scheduler; the next start tries again
+            log.warning("scheduler: could not end what the killed retrain left behind (tried again at the next "
+                        "start): %s: %s", type(exc).__name__, exc)
+            return
+        self._dead_since = None
+        with self._runs_guard:  # the running mark, if a run is on, stays as the executor's events left it
+            self._save_last_run(running_since=self._running_mark)
 
     def _restore_cooldown(self, last: Mapping[str, Any]) -> None:
         """The drift gate's cooldown over a restart: the last trigger and the last retrain's end (wall clock,
@@ -684,7 +719,8 @@ class RetrainScheduler:
             with self._runs_guard:
                 self.metrics.job_started()
                 if self.metrics.job_running:
-                    self._save_last_run(running_since=time.time())
+                    self._running_mark = time.time()
+                    self._save_last_run(running_since=self._running_mark)
         elif code == EVENT_JOB_EXECUTED:
             retval = event.retval if isinstance(event.retval, dict) else {}
             status, reason = str(retval.get("status", "ok")), retval.get("reason", "")
@@ -715,6 +751,7 @@ class RetrainScheduler:
             log.warning("scheduler: job %s still running; this run is skipped", event.job_id)
         if code in (EVENT_JOB_EXECUTED, EVENT_JOB_ERROR, EVENT_JOB_MISSED):
             with self._runs_guard:  # saved without the running mark its start left (a missed run's too)
+                self._running_mark = None
                 self._save_last_run()
             # These come on the executor's thread, as the job ends (a missed run: as the executor finds it
             # too late). APScheduler's shutdown holds its job-store lock while it waits for that thread, so
@@ -773,6 +810,8 @@ class RetrainScheduler:
             finally:
                 self.scheduler = None
                 logging.getLogger("apscheduler.scheduler").removeFilter(self._late_submission)
+                if self._dead_run_thread is not None:  # a little while to end a dead run's leftovers; else next start
+                    self._dead_run_thread.join(DEAD_RUN_JOIN_S)
                 if self.drift is not None:
                     try:
                         self.drift.close()

@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -301,6 +301,30 @@ class Run:
         import mlflow
 
         mlflow.log_artifact(str(path))
+
+
+def end_dead_runs(experiment: str, started_from_s: float, tags: Mapping[str, str], reason: str,
+                  unless: Callable[[Mapping[str, str]], bool] = lambda tags: False) -> list[str]:
+    """Mark FAILED, with the tag ``anomaly.ended`` = ``reason``, the runs of ``experiment`` still RUNNING that
+    started at ``started_from_s`` (epoch s) or later and carry ``tags``, but not those whose tags ``unless``
+    picks; their ids. For runs whose process was killed (SIGKILL, out of memory): nothing else ends them, and
+    the UI shows them running for ever."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    where = [f"attributes.status = 'RUNNING'", f"attributes.start_time >= {int(started_from_s * 1000)}"]
+    where += [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    ended = []
+    for run in client.search_runs([found.experiment_id], filter_string=" and ".join(where), max_results=100):
+        if unless(run.data.tags):
+            continue
+        client.set_tag(run.info.run_id, "anomaly.ended", reason[:TAG_CHARS])
+        client.set_terminated(run.info.run_id, status="FAILED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def code_version(checkout: Path | None = None) -> str:

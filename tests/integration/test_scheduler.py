@@ -392,3 +392,95 @@ def test_a_retrain_told_to_stop_now_ends_its_run_killed_and_the_scheduler_counts
     mlflow.set_tracking_uri(uri)
     run = mlflow.get_run(Path(base + ".started").read_text())
     assert run.info.status == "KILLED"
+
+
+def _running_run(client, experiment_id: str, start_s: float | None = None, **tags: str) -> str:
+    """A run left RUNNING, as a process killed inside it leaves it."""
+    start = None if start_s is None else int(start_s * 1000)
+    return client.create_run(experiment_id, start_time=start, tags=tags).info.run_id
+
+
+def test_the_runs_a_killed_scheduled_retrain_left_running_are_ended_failed(tmp_path):
+    # a retrain killed by SIGKILL or out of memory left its MLflow runs RUNNING for ever (the UI shows them
+    # running); its scheduler, restarted, knew it had died and said so, but left them
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from anomaly import tracking
+    from anomaly.retrain import end_dead_runs
+
+    settings = build_settings({"mlflow": mlflow_store(tmp_path, "pump")})
+    tracking.configure_from(settings.mlflow)
+    experiment = tracking.ensure_experiment(settings.mlflow.experiment, settings.mlflow.artifact_location)
+    client = MlflowClient()
+    started = time.time()
+    before = _running_run(client, experiment, started - 60, retrain="true", **{"retrain.trigger": "schedule"})
+    challenger = _running_run(client, experiment, retrain="true", **{"retrain.trigger": "drift: psi 0.4"})
+    compare = _running_run(client, experiment, retrain="true", trigger="schedule", kind="retrain-comparison")
+    manual = _running_run(client, experiment, retrain="true", **{"retrain.trigger": "manual"})
+    training = _running_run(client, experiment)  # an `anomaly train`: not the retrain's
+    done = _running_run(client, experiment, retrain="true", **{"retrain.trigger": "schedule"})
+    client.set_terminated(done, "FINISHED")
+    assert sorted(end_dead_runs(settings, started)) == sorted([challenger, compare])
+    status = {run: client.get_run(run).info.status for run in (before, challenger, compare, manual, training, done)}
+    assert status == {before: "RUNNING", challenger: "FAILED", compare: "FAILED", manual: "RUNNING",
+                      training: "RUNNING", done: "FINISHED"}  # before: another process's, a minute earlier
+    assert "its process was killed" in client.get_run(challenger).data.tags["anomaly.ended"]
+    assert end_dead_runs(settings, started) == []  # once
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_restarted_scheduler_ends_its_killed_retrains_runs(tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from anomaly import tracking
+    from anomaly.scheduler import last_run_path
+
+    ml = mlflow_store(tmp_path, "pump")
+    settings = build_settings({"mlflow": ml})
+    tracking.configure_from(settings.mlflow)
+    experiment = tracking.ensure_experiment(settings.mlflow.experiment, settings.mlflow.artifact_location)
+    client = MlflowClient()
+    started = time.time()
+    left = _running_run(client, experiment, retrain="true", **{"retrain.trigger": "schedule"})
+    store = tmp_path / "scheduler.db"
+    last_run_path(str(store)).write_text(json.dumps({"running_since": started}))  # what the killed one left
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ANOMALY_MLFLOW__TRACKING_URI": ml["tracking_uri"],
+           "ANOMALY_MLFLOW__ARTIFACT_LOCATION": ml["artifact_location"], "ANOMALY_MLFLOW__MODEL_NAME": "pump"}
+    done = subprocess.run([sys.executable, "-m", "anomaly.cli", "scheduler", "--job-store", str(store),
+                           "--metrics-port", "-1", "--interval-s", "3600", "--run-for-s", "4"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "never finished" in done.stderr
+    assert f"ended 1 MLflow run(s) the killed retrain left running as FAILED: {left}" in done.stderr
+    assert client.get_run(left).info.status == "FAILED"
+
+
+def test_a_dead_runs_leftovers_that_could_not_be_ended_are_tried_again_at_the_next_start(tmp_path, caplog):
+    import json
+
+    from anomaly.scheduler import last_run_path
+
+    settings = sched_settings(tmp_path, interval_s=3600)
+    started = time.time() - 30
+    last_run_path(settings.job_store).write_text(json.dumps({"running_since": started}))
+    calls: list[float] = []
+
+    def mlflow_down(when: float) -> None:
+        calls.append(when)
+        raise ConnectionError("tracking server unreachable")
+
+    first = RetrainScheduler(settings, {}, func=STUB, on_dead_run=mlflow_down)
+    first.start()
+    first.stop()
+    assert calls == [started] and "tried again at the next start" in caplog.text
+    last = json.loads(last_run_path(settings.job_store).read_text())
+    assert "running_since" not in last and last["dead_since"] == started  # counted once, its leftovers kept
+    second = RetrainScheduler(settings, {}, func=STUB, on_dead_run=calls.append)
+    second.start()
+    second.stop()
+    assert calls == [started, started]
+    assert "dead_since" not in json.loads(last_run_path(settings.job_store).read_text())  # ended: forgotten
+    assert second.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) in (None, 0)
