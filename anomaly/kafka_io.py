@@ -45,10 +45,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CONSUMER_DEFAULTS", "PRODUCER_DEFAULTS", "Abandoned", "ConsumerRecord", "TopicError", "TopicPartition",
-    "admin_options", "committed_offsets", "unless_stopped", "consumer_options", "ensure_topics", "make_admin",
-    "require_topics",
+    "admin_options", "committed_offsets", "consumer_options", "ensure_topics", "make_admin", "require_topics",
     "coordinator_lost", "deliver", "delivery_timeout_s", "joining", "make_consumer", "make_producer",
-    "producer_options", "read_all", "read_tail", "stuck_join_s", "wait_for_assignment",
+    "producer_options", "read_all", "read_tail", "stuck_join_s", "unless_stopped", "wait_for_assignment",
 ]
 
 CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
