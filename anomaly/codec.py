@@ -269,22 +269,25 @@ def entity_problem(entity: Any) -> str | None:
     return None
 
 
-def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None) -> Reading | BadRecord:
+def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None, *,
+                   partial: bool = False) -> Reading | BadRecord:
     """One input record's bytes as a ``Reading``, or a ``BadRecord`` saying why not. Never raises.
 
     ``expected_sensors``: when given, the reading's sensor names must be exactly this set (the
-    entity's model was trained on it); the reason names the missing and the unknown ones.
+    entity's model was trained on it); the reason names the missing and the unknown ones. With
+    ``partial``, some of them will do (the absent ones are missing, as ``null`` is: a producer sending
+    a slot's sensors one message each); an unknown one is still refused.
     Unknown extra top-level fields are ignored; JSON duplicate keys keep the last value, as json does.
     """
     try:
-        return _decode_reading(raw, expected_sensors)
+        return _decode_reading(raw, expected_sensors, partial)
     except MemoryError:  # the process's trouble, not the record's: a good reading must not be dead-lettered
         raise
     except Exception as exc:  # an input this code did not foresee: one dead letter, not a failed batch
         return BadRecord(f"cannot decode: {type(exc).__name__}: {str(exc)[:_REPR_LIMIT]}")
 
 
-def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None) -> Reading | BadRecord:
+def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partial: bool) -> Reading | BadRecord:
     if raw is None:
         return BadRecord("empty record: the value is null (a tombstone), not a reading")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -355,13 +358,14 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None) -> Rea
     if expected_sensors is not None:
         expected = set(expected_sensors)
         got = set(values)
-        if got != expected:
+        if got != expected and not (partial and got <= expected):
             parts = []
-            if expected - got:
+            if expected - got and not partial:
                 parts.append(f"missing {_names(expected - got)}")
             if got - expected:
                 parts.append(f"unknown {_names(got - expected)}")
-            return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}", ts=ts)
+            hint = "" if partial or not got <= expected else " (worker.partial_readings = true accepts a reading of some)"
+            return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}{hint}", ts=ts)
 
     return Reading(entity=entity, ts=ts, values=values)
 
@@ -384,8 +388,9 @@ _NUMBER_TYPES = frozenset({float, int})  # exact types: bool is not a number her
 _VALUE_TYPES = frozenset({float, int, type(None)})
 
 
-def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> DecodedBatch:
-    """Decode many records at once; the same outcome per record as ``decode_reading(raw, sensors)``.
+def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str], *, partial: bool = False) -> DecodedBatch:
+    """Decode many records at once; the same outcome per record as ``decode_reading(raw, sensors,
+    partial=partial)`` (a reading with some of the sensors takes the slower way).
 
     Good readings come back as arrays (values in ``sensors`` order, NaN where the reading had null);
     bad ones as ``(position, reason)``. Never raises for bad input.
@@ -472,7 +477,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str]) -> Decode
         expected = frozenset(sensors)
         extra_index, extra_entities, extra_ts, extra_values = [], [], [], []
         for i in sorted(slow):
-            reading = decode_reading(raws[i], expected)  # type: ignore[arg-type]
+            reading = decode_reading(raws[i], expected, partial=partial)  # type: ignore[arg-type]
             if isinstance(reading, BadRecord):
                 bad.append((i, reading.reason))
                 if reading.ts is not None:

@@ -225,8 +225,10 @@ class ScoringStep:
 
     def __init__(self, model: ScoringModel, window_policy: WindowPolicy, alert_policy: AlertPolicy,
                  emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S,
-                 max_future_s: float | None = None, max_entities: int | None = None) -> None:
+                 max_future_s: float | None = None, max_entities: int | None = None,
+                 partial_readings: bool = False) -> None:
         self._model = model
+        self.partial_readings = partial_readings  # a reading may carry some of the model's sensors (the rest missing)
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
         self.max_entities = max_entities  # most entities held; past it those not active go
         self._cap_logged_s = -math.inf  # when the cap's warning was last logged (now_s)
@@ -496,7 +498,7 @@ class ScoringStep:
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
                     else str(raw).encode("utf-8", "surrogatepass")  # a lone surrogate: "not UTF-8"
                     for raw in raws]  # adapters hand over bytes; never crash on a stray str
-        decoded = decode_batch(raws, self._model_sensors)
+        decoded = decode_batch(raws, self._model_sensors, partial=self.partial_readings)
         if self.max_future_s is not None:
             decoded = _refuse_future(decoded, now_s, self.max_future_s)
         else:  # off (a sped-up replay): still no leap that would stall the partition

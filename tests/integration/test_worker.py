@@ -210,6 +210,31 @@ def test_bad_records_go_to_the_dead_letter_topic(kafka_broker, champion, topic_n
     assert len(scores["pump-c"]) == 80 - 16 + 1  # every good reading scored, the worker kept going
 
 
+def test_readings_sent_sensor_by_sensor_are_merged_into_whole_windows(kafka_broker, champion, topic_name):
+    # a gateway publishing each sensor in a message of its own: dead letters by the contract before
+    # (worker.partial_readings off), or, with nulls for the rest, each slot's first message kept and the
+    # other sensors forward-filled for ever after
+    settings, _ = champion
+    opts = dataclasses.replace(_options(kafka_broker, topic_name, partial_readings=True),
+                               window_policy=WindowPolicy(window_size=2, period_s=1.0, stride=1, grace_slots=1))
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    producer = kafka_io.make_producer(kafka_broker)
+    rows = 60
+    for _, reading in replay_plan(normal_frame(rows, seed=7), "pump-s", start_ts=START_TS):
+        for name, value in reading.values.items():
+            part = dataclasses.replace(reading, values={name: value})
+            producer.send(opts.input_topic, key=b"pump-s", value=codec.encode_reading(part))
+    producer.flush()
+    producer.close()
+    stats = Worker(opts, _follower(settings)).run(idle_stop_s=4)
+    assert stats.dead_letters == 0 and stats.consumed == 3 * rows
+    scores = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    window = settings.model.window_size
+    # every window whose slots are sealed: grace 1 seals the slot two behind the newest, so the last two wait
+    assert len(scores) == rows - window + 1 - 2
+    assert all(s["filled"] == 0 for s in scores)  # every cell read, none carried over
+
+
 def test_an_entity_sending_other_sensors_ages_out_closing_its_event_and_freeing_the_commit(kafka_broker, champion,
                                                                                             topic_name):
     # A fault opens an event; then the pump's readings carry another sensor set than the champion reads

@@ -501,3 +501,21 @@ def test_a_dead_letter_of_control_characters_has_no_readable_copy():
     assert "original_utf8" not in doc and doc["original"] == nuls and len(letter) < 100_000
     text = b'{"entity": "pump-1",\n\t"ts": "soon"}'
     assert decode_dead_letter(encode_dead_letter(text, "sensors", 0, 8, "bad ts", 1.0))["original_utf8"] == text.decode()
+
+
+def test_a_reading_with_some_of_the_models_sensors_is_refused_unless_partial_readings_are_on():
+    from anomaly.codec import BadRecord, decode_batch, decode_reading
+
+    raw = b'{"entity": "p", "ts": 1790000000, "values": {"temp": 71.2}}'
+    strict = decode_reading(raw, {"temp", "pressure"})
+    assert isinstance(strict, BadRecord) and "missing ['pressure']" in strict.reason
+    reading = decode_reading(raw, {"temp", "pressure"}, partial=True)
+    assert reading.values == {"temp": 71.2}  # pressure: absent, so missing
+    unknown = decode_reading(b'{"entity": "p", "ts": 1790000000, "values": {"tmp": 71.2}}', {"temp", "pressure"},
+                             partial=True)
+    assert isinstance(unknown, BadRecord) and "unknown ['tmp']" in unknown.reason and "missing" not in unknown.reason
+    whole = b'{"entity": "p", "ts": 1790000001, "values": {"temp": 70.0, "pressure": 1.0}}'
+    batch = decode_batch([raw, whole, b"{}"], ["temp", "pressure"], partial=True)
+    assert batch.index.tolist() == [0, 1] and [i for i, _ in batch.bad] == [2]
+    np.testing.assert_array_equal(batch.values, [[71.2, np.nan], [70.0, 1.0]])
+    assert [i for i, _ in decode_batch([raw, whole], ["temp", "pressure"]).bad] == [0]

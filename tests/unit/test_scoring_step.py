@@ -1675,3 +1675,27 @@ def test_a_restart_from_the_commit_rebuilds_merged_slots_as_they_were() -> None:
         after = scored(run_batches(fresh(), records[committed:], size=4))
         assert {**scored(before), **after} == continuous, cut
         assert set(after) >= set(continuous) - set(scored(before)), cut
+
+
+def _sensor_by_sensor_alone(slots: range) -> list[InputRecord]:
+    """Each sensor in a message of its own, the others absent (not null): what most gateways send."""
+    records, offset = [], 0
+    for slot in slots:
+        for name, value in zip(SENSORS, CENTRE):
+            records.append(reading_record("p", slot, offset, values={name: value + 0.01 * slot}))
+            offset += 1
+    return records
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_readings_of_one_sensor_each_are_dead_letters_unless_partial_readings_are_on(partial) -> None:
+    step = ScoringStep(FakeModel(2), WindowPolicy(window_size=2, period_s=1.0, grace_slots=1), _policy(),
+                       emit_scores=True, partial_readings=partial)
+    outs = run_batches(step, _sensor_by_sensor_alone(range(20)), size=6)
+    dead = [decode_dead_letter(v) for o in outs for _, v in o.dead_letters]
+    scores = [json.loads(v) for o in outs for _, v in o.scores]
+    if partial:  # merged in their slots: every window of read values
+        assert dead == [] and len(scores) >= 17 and all(s["filled"] == 0 for s in scores)
+    else:
+        assert len(dead) == 60 and scores == []
+        assert "worker.partial_readings = true accepts" in dead[0]["reason"]
