@@ -606,7 +606,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 evaluated = f"{v.tags['eval.f1']}/{v.tags.get('eval.event_f1', '')}" if "eval.f1" in v.tags else ""
                 print(f"{v.name:<24} {v.version:>4} {','.join('@' + a for a in v.aliases):<22} {v.created:<20} "
                       f"{_fmt(v.metrics.get('threshold')):>10} {_fmt(v.metrics.get('best_val_loss')):>10}  "
-                      f"{evaluated:<13} {v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'off')}")
+                      f"{evaluated:<13} {v.tags.get('dataset', ''):<12} {v.tags.get('threshold.adaptive', 'not recorded')}")
     elif args.action == "promote":
         alias = args.alias or settings.mlflow.champion_alias
         known = (settings.mlflow.champion_alias, settings.mlflow.challenger_alias)

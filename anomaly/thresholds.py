@@ -145,17 +145,21 @@ class Threshold:
         rule = self.episodes or self.adaptive
         return "off" if rule is None else rule.describe()
 
-    def series_bars(self, scores: np.ndarray, stride: int = 1, *, window_size: int) -> np.ndarray:
+    def series_bars(self, scores: np.ndarray, stride: int = 1, *, window_size: int | None = None) -> np.ndarray:
         """The bar in force at each window of ONE entity's scores in time order (windows of
         ``window_size`` readings, ``stride`` apart): the fitted value, moved
         by the alarm-episode rule (``episode_bars``) or the adaptive rule (``adaptive_bars``) if one is
-        stored (at most one is: ``ThresholdSettings`` refuses both)."""
+        stored (at most one is: ``ThresholdSettings`` refuses both).
+
+        ``window_size`` None: the registered pyfunc of a version from before it was asked for (its own copy of
+        ``anomaly/mlflow_model.py`` calls ``series_bars(score)``: a TypeError on every predict once the
+        package was upgraded); an episode rule then settles as it did then, on windows of one reading."""
         episodes = self.episodes
         if episodes is not None:
-            return episode_bars(scores, self.value, episodes, stride, window_size=window_size)
+            return episode_bars(scores, self.value, episodes, stride, window_size=window_size or 1)
         return adaptive_bars(scores, self.value, self.adaptive, stride)
 
-    def series_flags(self, scores: np.ndarray, stride: int = 1, *, window_size: int) -> np.ndarray:
+    def series_flags(self, scores: np.ndarray, stride: int = 1, *, window_size: int | None = None) -> np.ndarray:
         """Flags of ONE entity's window scores in time order: above the bar in force (``series_bars``;
         causal). NaN: never flagged."""
         x = np.asarray(scores, dtype=np.float64)

@@ -485,6 +485,11 @@ def test_models_list_with_a_config_file_naming_the_default_model_lists_that_mode
     config.write_text(f'[mlflow]\ntracking_uri = "{settings.mlflow.tracking_uri}"\n')  # names none: every model
     assert main(["models", "list", "--config", str(config), "--json"]) == 0
     assert sorted(v["name"] for v in json.loads(capsys.readouterr().out)) == ["anomaly-detector", "other-asset"]
+    # a version without the threshold.adaptive tag (registered by hand, or by a release from before it, whose
+    # stored rule may well move the bar) was listed with the rule "off"
+    assert main(["models", "list", "--config", str(config)]) == 0
+    listed = capsys.readouterr().out.splitlines()[1:]
+    assert len(listed) == 2 and all(line.endswith("not recorded") for line in listed)
 
 
 def test_a_rollback_whose_log_could_not_be_written_is_not_undone_by_the_next(settings, monkeypatch):
