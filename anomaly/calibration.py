@@ -22,13 +22,38 @@ def score_z(scores: np.ndarray, short: int = 5, long: int = 500, min_history: in
     ``min_history`` past scores exist). NaN inputs are ignored in the statistics."""
     if short < 1 or long < 2 or min_history < 2:
         raise ValueError("short >= 1, long >= 2 and min_history >= 2 are required")
-    s = pd.Series(np.asarray(scores, dtype=np.float64))
-    recent = s.rolling(short, min_periods=1).mean()
-    past = s.shift(short)  # history ends before the recent stretch begins
-    mean = past.rolling(long, min_periods=min(min_history, long)).mean()
-    std = past.rolling(long, min_periods=min(min_history, long)).std()
-    floor = np.maximum(1e-3 * mean.abs(), 1e-9)  # a flat history still has a finite spread
-    return ((recent - mean) / np.maximum(std, floor)).to_numpy()
+    s = np.asarray(scores, dtype=np.float64)
+    recent, _ = _trailing_mean_std(s, short, 1)
+    past = np.concatenate([np.full(min(short, len(s)), np.nan), s[:max(len(s) - short, 0)]])  # before the recent ones
+    mean, std = _trailing_mean_std(past, long, min(min_history, long))
+    floor = np.maximum(1e-3 * np.abs(mean), 1e-9)  # a flat history still has a finite spread
+    return (recent - mean) / np.maximum(std, floor)
+
+
+def _trailing_mean_std(x: np.ndarray, rows: int, min_count: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, the mean and standard deviation (ddof 1) of the last ``rows`` values of ``x`` up to it
+    (NaNs skipped; NaN where fewer than ``min_count`` are numbers), each window summed afresh. pandas'
+    rolling sums add and take away as the window moves: a score of 2.5e33 that left the window long before
+    left its rounding behind, and every later normal score's z was off by several (likelihood > 0.8 on
+    1400 of 1400 normal rows)."""
+    n = len(x)
+    mean, std = np.full(n, np.nan), np.full(n, np.nan)
+    if n == 0:
+        return mean, std
+    padded = np.concatenate([np.full(rows - 1, np.nan), x])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, rows)  # (n, rows), a view
+    for a in range(0, n, chunk):
+        w = windows[a:a + chunk]
+        present = ~np.isnan(w)
+        count = present.sum(axis=1)
+        ok = count >= max(min_count, 1)
+        total = np.where(present, w, 0.0).sum(axis=1)
+        m = np.divide(total, count, out=np.full(len(w), np.nan), where=count > 0)
+        dev = np.where(present, w - m[:, None], 0.0)
+        var = np.divide((dev * dev).sum(axis=1), count - 1, out=np.full(len(w), np.nan), where=count > 1)
+        mean[a:a + chunk] = np.where(ok, m, np.nan)
+        std[a:a + chunk] = np.where(ok, np.sqrt(var), np.nan)
+    return mean, std
 
 
 def z_to_unit(z: np.ndarray) -> np.ndarray:

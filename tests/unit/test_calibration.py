@@ -123,3 +123,30 @@ def test_edges_short_windows_an_infinite_score_and_no_rows():
     assert len(score_z(np.arange(30.0), short=1, long=20)) == 30
     for side in (beyond_seen_range(np.empty((0, 2)), 0.05), beyond_seen_range(np.array([]), 0.05)):
         assert side.shape == (0,) and side.dtype == bool
+
+
+def test_a_huge_score_leaves_no_trace_once_it_has_left_the_history():
+    # pandas' rolling sums add and take away: ten scores of 2.5e33 left their rounding behind, and normal
+    # scores a thousand rows later had |z| ~ 4-6 (likelihood > 0.8 on every one of 1400 normal rows)
+    import pandas as pd
+
+    from anomaly.calibration import anomaly_likelihood, score_z
+
+    rng = np.random.default_rng(0)
+    s = 1.0 + 0.1 * rng.standard_normal(3000)
+    clean = score_z(s, 5, 500, 50)
+    past = pd.Series(s).shift(5)  # the clean series: the same as the rolling statistics give
+    want = ((pd.Series(s).rolling(5, min_periods=1).mean() - past.rolling(500, min_periods=50).mean())
+            / past.rolling(500, min_periods=50).std()).to_numpy()
+    np.testing.assert_allclose(clean, want, rtol=1e-9, equal_nan=True)
+    s[1000:1010] = 2.5e33
+    later = slice(1600, 3000)  # the spike left the 500 rows of history at row 1515
+    np.testing.assert_allclose(score_z(s, 5, 500, 50)[later], clean[later], rtol=1e-9)
+    assert (anomaly_likelihood(s)[later] > 0.8).sum() <= 2
+
+
+def test_score_z_of_a_series_shorter_than_its_windows():
+    from anomaly.calibration import score_z
+
+    assert np.isnan(score_z(np.array([1.0, 2.0, 3.0]), short=5, long=10, min_history=2)).all()
+    assert score_z(np.array([]), 5, 10, 2).shape == (0,)
