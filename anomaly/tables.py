@@ -21,8 +21,10 @@ Timestamps may be:
 - numbers: epoch **seconds** or **milliseconds**, decided once per column by magnitude: if the
   largest absolute value is at least ``1e11`` the column is milliseconds (``1e11`` s would be the year
   5138, ``1e11`` ms is March 1973), otherwise seconds. Fractions are kept, to the microsecond.
-  Whole numbers that read as dates (``20240131``, ``202401311230``, ``20240131123000``) are refused,
-  not read as 1970 seconds or 1976 or 2611 milliseconds;
+  Whole numbers that read as dates (``20240131``, ``202401311230``, ``20240131123000``) or years
+  (``2019``, ``2020``) are refused, not read as 1970 seconds or 1976 or 2611 milliseconds; numbers
+  that look like spreadsheet serial dates (``45000.25``: days since 1899-12-30) are read as seconds,
+  with a warning (a fast logger's elapsed seconds can look the same);
 - already datetimes (Parquet): naive ones are taken as UTC, aware ones converted to UTC. A Parquet
   file's ``DatetimeIndex`` is its time, before any column; an index may be named like a column.
 
@@ -332,6 +334,14 @@ def _parse_timestamps(col: pd.Series, path: Path, name: str, timezone: str | Non
             raise DataError(f"{where}: numbers like {int(finite[0])} look like YYYYMMDD[hhmmss] dates, not epoch "
                             f"{'seconds (1970)' if unit == 's' else 'milliseconds'}; write them as dates "
                             "(2024-01-31 12:30:00) or RFC 3339")
+        if _years(finite):
+            raise DataError(f"{where}: numbers like {int(finite[0])} look like years, not epoch seconds (the first "
+                            "half hour of 1970); write the times as dates (2024-01-31 12:30:00) or RFC 3339")
+        if _spreadsheet_days(finite):
+            log.warning("%s: numbers like %.6g with steps under 1 look like spreadsheet serial dates (days since "
+                        "1899-12-30), which are read here as epoch seconds of 1 January 1970, a day's readings "
+                        "about a second apart; write the times as dates (2024-01-31 12:30:00) or RFC 3339",
+                        where, finite[0])
         if finite.size and np.abs(finite).max() >= EPOCH_MS_THRESHOLD * 1000:  # the year 5138 in ms
             raise DataError(f"{where}: epoch numbers up to {np.abs(finite).max():.6g} are neither seconds nor "
                             "milliseconds (micro- or nanoseconds?); write them as seconds, milliseconds or RFC 3339")
@@ -408,6 +418,25 @@ def _yyyymmdd(finite: np.ndarray) -> bool:
             text = pd.Series(finite.astype(np.int64).astype(str))
             return bool(pd.to_datetime(text, format=layout, errors="coerce").notna().all())
     return False
+
+
+def _years(finite: np.ndarray) -> bool:
+    """Whether epoch numbers are all whole numbers from 1900 to 2100, several of them: years (as seconds,
+    half an hour of 1970-01-01, where no real table lies)."""
+    return bool(finite.size > 1 and (finite == np.floor(finite)).all() and finite.min() >= 1900
+                and finite.max() <= 2100 and np.unique(finite).size > 1)
+
+
+def _spreadsheet_days(finite: np.ndarray) -> bool:
+    """Whether epoch numbers look like spreadsheet serial dates: all from 20000 to 80000 (1954 to 2119 as days
+    since 1899-12-30; 5.5 to 22 hours into 1970 as seconds), not all whole, the median step under 1 (under
+    a day as dates; as seconds, readings faster than once a second, which a file starting that early in
+    1970 rarely holds). Said, not refused: elapsed seconds of a fast logger can look the same."""
+    if finite.size < 3 or finite.min() < 20000 or finite.max() > 80000 or (finite == np.floor(finite)).all():
+        return False
+    steps = np.diff(np.sort(finite))
+    steps = steps[steps > 0]
+    return bool(steps.size and np.median(steps) < 1.0)
 
 
 def _not_readings(col: pd.Series, path: Path, name: str) -> bool:

@@ -484,3 +484,22 @@ def test_data_timezone_must_be_an_iana_zone():
     with pytest.raises(ConfigError) as err:
         build_settings({"data": {"timezone": "Mars/Olympus"}})
     assert err.value.field == "data.timezone" and "IANA" in str(err.value)
+
+
+def test_years_as_timestamps_are_refused_and_spreadsheet_days_said(tmp_path, caplog):
+    # a column of years, or Excel's serial dates, read as epoch seconds: a table of 1970-01-01, its
+    # readings a second apart (or less), trained on and scored as if so, and nothing said
+    from anomaly.tables import read_table
+
+    years = tmp_path / "years.csv"
+    years.write_text("date,temp\n2019,1.0\n2020,2.0\n2021,3.0\n")
+    with pytest.raises(DataError, match="numbers like 2019 look like years"):
+        read_table(years)
+    days = tmp_path / "excel.csv"
+    days.write_text("time,temp\n" + "".join(f"{45000 + i / 1440:.6f},{i}\n" for i in range(20)))
+    frame = read_table(days)
+    assert len(frame) == 20 and "look like spreadsheet serial dates" in caplog.text
+    caplog.clear()
+    elapsed = tmp_path / "elapsed.csv"  # elapsed seconds from 0, whole: read as they are, nothing said
+    elapsed.write_text("time,temp\n" + "".join(f"{i},{i}\n" for i in range(0, 3000, 100)))
+    assert len(read_table(elapsed)) == 30 and "spreadsheet" not in caplog.text
