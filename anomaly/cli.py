@@ -1328,9 +1328,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        said = _mlflow_error(exc)
+        if said is None:
+            raise
+        log.debug("command failed", exc_info=True)
+        print(f"error: MLflow: {said}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _mlflow_error(exc: BaseException) -> str | None:
+    """An MLflow client error's message, cut to a few lines (None: ``exc`` is not one). The tracking server
+    going away mid-command (its retries spent) ended `anomaly train` in 250 lines of chained tracebacks."""
+    errors = sys.modules.get("mlflow.exceptions")
+    if errors is None or not isinstance(exc, errors.MlflowException):
+        return None
+    text = str(getattr(exc, "message", None) or exc)
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 class _Terminated(KeyboardInterrupt):

@@ -528,12 +528,34 @@ def load_detector(name: str, alias_or_version: str = "champion") -> tuple[Detect
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
             candidates = list(Path(path).rglob("model.json"))
             if not candidates:
-                raise RegistryError(f"models:/{name}/{version} holds no detector artifact")
+                raise RegistryError(f"models:/{name}/{version} holds no detector artifact{_stored_at(name, version)}")
             return Detector.load(candidates[0].parent), str(version)
     except RegistryError:
         raise
     except Exception as exc:
-        raise RegistryError(f"cannot load models:/{name}/{version}: {exc}") from exc
+        raise RegistryError(f"cannot load models:/{name}/{version}: {exc}{_stored_at(name, version)}") from exc
+
+
+def _stored_at(name: str, version: str) -> str:
+    """Where a version's files are (its source URI), for an error that could not read them: a path on the
+    machine that trained it is out of reach of every other machine (``mlflow.artifact_location``)."""
+    try:
+        c = client()
+        source = str(c.get_model_version(name, str(version)).source or "")
+        if source.startswith("models:/m-"):  # MLflow 3: a logged model, whose files are at its artifact location
+            source = str(c.get_logged_model(source[len("models:/"):]).artifact_location or "")
+    except Exception:
+        return ""
+    if not source:
+        return ""
+    import mlflow
+
+    remote = mlflow.get_tracking_uri().split(":", 1)[0] in ("http", "https")  # a server: other machines read
+    local = remote and (source.startswith("file:") or (source.startswith("/") and not source.startswith("//")))
+    return (f" (its files are at {source}" + (", a path on the machine that registered it: set "
+                                              "mlflow.artifact_location to a store every machine reaches, e.g. "
+                                              "mlflow-artifacts:/<experiment> with a tracking server" if local else "")
+            + ")")
 
 
 def input_example(detector: Detector, values: np.ndarray, rows: int | None = None) -> pd.DataFrame:

@@ -162,10 +162,43 @@ def ensure_experiment(name: str, artifact_location: str) -> str:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
+            _say_other_artifact_root(name, exp.artifact_location, artifact_location)
         mlflow.set_experiment(experiment_id=exp_id)
-        return exp_id
+        root = exp.artifact_location if exp is not None else mlflow.get_experiment(exp_id).artifact_location
     except Exception as exc:  # mlflow raises many types; the caller needs one
         raise RegistryError(f"cannot open experiment {name!r} at {mlflow.get_tracking_uri()}: {exc}") from exc
+    _say_local_artifacts(name, mlflow.get_tracking_uri(), root)
+    return exp_id
+
+
+_said_artifacts: set[tuple[str, str]] = set()  # (experiment, what) said once per process
+
+
+def _say_local_artifacts(name: str, tracking_uri: str, root: str | None) -> None:
+    """Warn (once per experiment) when a tracking server's experiment keeps its artifacts on this machine's
+    disk: runs and versions are recorded on the server, their files here, and a worker, scheduler or
+    `anomaly score` on another machine cannot load the model ("holds no detector artifact")."""
+    if tracking_uri.split(":", 1)[0] not in ("http", "https") or not (root or "").startswith("file:"):
+        return
+    if (name, "local") not in _said_artifacts:
+        _said_artifacts.add((name, "local"))
+        log.warning("experiment %r of the MLflow server %s keeps its artifacts (the models' files) at %s, a path on "
+                    "this machine: a worker or scheduler elsewhere cannot load its models. Unless that path is "
+                    "shared by every machine, set mlflow.artifact_location = \"mlflow-artifacts:/%s\" (through the "
+                    "server) or a shared store (s3://...) and use a new mlflow.experiment", name, tracking_uri, root,
+                    name)
+
+
+def _say_other_artifact_root(name: str, root: str | None, setting: str) -> None:
+    """Say (once per experiment) that an existing experiment keeps the artifact root it was created with when
+    ``mlflow.artifact_location`` names another: MLflow fixes it at creation, and a changed setting was
+    silently ignored."""
+    wanted = setting if len(setting.split(":", 1)[0]) > 1 and ":" in setting else Path(setting).resolve().as_uri()
+    if root is None or root.rstrip("/") == wanted.rstrip("/") or (name, "other") in _said_artifacts:
+        return
+    _said_artifacts.add((name, "other"))
+    log.warning("experiment %r keeps the artifact location it was created with, %s; mlflow.artifact_location (%s) "
+                "applies to new experiments only: set mlflow.experiment to a new name to use it", name, root, setting)
 
 
 class MlflowEpochLogger:
@@ -248,7 +281,13 @@ class Run:
             status = "KILLED"  # stopped by a person or a signal, not a failure of the run
         else:
             status = "FAILED"
-        mlflow.end_run(status=status)
+        if exc_type is None:
+            mlflow.end_run(status=status)
+            return
+        try:  # the error in flight is the one to report (a server gone away: ending the run fails too)
+            mlflow.end_run(status=status)
+        except Exception as end_exc:
+            log.warning("the MLflow run %s could not be ended %s: %s", self.run_id, status, end_exc)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         import mlflow

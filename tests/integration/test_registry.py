@@ -629,3 +629,16 @@ def test_a_mistyped_alias_can_be_removed_and_the_served_alias_cannot(settings, t
     assert main(["models", "unalias", "--alias", "champion", *common]) == 2  # the served alias stays
     assert main(["models", "unalias", *common]) == 2
     assert registry.alias_version("pump", "champion") == "1"
+
+
+def test_a_version_whose_files_cannot_be_read_says_where_they_are(settings):
+    # a version trained with artifacts on another machine's disk (a tracking server, artifact_location left a
+    # local path) failed to load elsewhere with "holds no detector artifact" and no word of where they were
+    import shutil
+
+    from anomaly.errors import RegistryError
+
+    champion_and_copies(settings, 0)
+    shutil.rmtree(settings.mlflow.artifact_location)  # out of this machine's reach
+    with pytest.raises(RegistryError, match=r"models:/pump/1.*\(its files are at file://.*artifacts.*\)"):
+        registry.load_detector("pump", "champion")

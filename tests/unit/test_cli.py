@@ -899,3 +899,26 @@ def test_commands_read_tables_in_data_timezone(tmp_path, monkeypatch):
     (frame,) = fleet.values()
     assert frame.index.tolist() == [pd.Timestamp("2024-10-27T00:30:00Z"), pd.Timestamp("2024-10-27T01:30:00Z"),
                                     pd.Timestamp("2024-10-27T02:00:00Z")]  # the repeated hour, both passes
+
+
+def test_an_mlflow_error_mid_command_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    # the tracking server going away mid-command (its retries spent): `anomaly train` ended in 250 lines of
+    # chained tracebacks, exit 1
+    from mlflow.exceptions import MlflowException
+
+    from anomaly import registry
+
+    def gone(*args, **kwargs):
+        raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/registered-models/search failed "
+                              "with exception HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded")
+
+    monkeypatch.setattr(registry, "list_versions", gone)
+    from anomaly import tracking
+
+    store = tmp_path / "mlflow.db"
+    tracking.configure(f"sqlite:///{store}")
+    tracking.ensure_experiment("anomaly", str(tmp_path / "art"))  # a store that exists
+    assert main(["models", "list", "--tracking-uri", f"sqlite:///{store}"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: MLflow: API request to http://mlflow:5000") and \
+        "Traceback" not in err

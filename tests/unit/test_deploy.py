@@ -400,13 +400,13 @@ def compose_problems(doc: dict[str, Any], prom: dict[str, Any]) -> list[str]:
     except (KeyError, ValueError):
         problems.append("compose kafka: CLUSTER_ID must be 16 bytes in URL-safe base64")
 
-    # MLflow: tracking URI and artifact location point at the mlflow service's port, which it answers.
+    # MLflow: the tracking URI points at the mlflow service's port, which it answers; artifacts go through it.
     mlflow_args = [interpolate(str(a)) for a in services["mlflow"]["command"]]
     port = mlflow_args[mlflow_args.index("--port") + 1] if "--port" in mlflow_args else "5000"
-    for uri in (w.mlflow.tracking_uri, w.mlflow.artifact_location):
-        parsed = urlparse(uri)
-        if parsed.hostname not in services or str(parsed.port) != port:
-            problems.append(f"compose: {uri} is not the mlflow service on port {port}")
+    parsed = urlparse(w.mlflow.tracking_uri)
+    if parsed.hostname not in services or str(parsed.port) != port:
+        problems.append(f"compose: {w.mlflow.tracking_uri} is not the mlflow service on port {port}")
+    problems += _proxied_artifacts("compose", w.mlflow.artifact_location)
     if "--serve-artifacts" not in mlflow_args:
         problems.append("compose mlflow: --serve-artifacts missing (clients upload through the server)")
     if "--allowed-hosts" in mlflow_args:
@@ -488,6 +488,18 @@ def _pod_labels(doc: dict[str, Any]) -> dict[str, str]:
     if doc.get("kind") == "CronJob":
         return doc["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels", {})
     return doc["spec"]["template"]["metadata"].get("labels", {})
+
+
+def _proxied_artifacts(where: str, location: str) -> list[str]:
+    """Problems of an artifact location meant to go through the tracking server (--serve-artifacts): an
+    ``mlflow-artifacts:/path`` URI without a host. With one (``mlflow-artifacts://mlflow:5000/...``) MLflow
+    3.17's server refuses to create the experiment, since its host policy trusts only its own
+    --default-artifact-root: the stack's first training failed."""
+    parsed = urlparse(location)
+    if parsed.scheme != "mlflow-artifacts" or parsed.netloc or not parsed.path.strip("/"):
+        return [f"{where}: artifact_location {location} is not mlflow-artifacts:/<path> (no host): the server "
+                "refuses a host, and a path of the client's own is out of the other services' reach"]
+    return []
 
 
 def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
@@ -604,12 +616,12 @@ def k8s_problems(docs: list[dict[str, Any]], secret_keys: dict[str, set[str]]) -
             if not any(_port_number(c, target) for d in pods for c in _pod_spec(d)["containers"]):
                 problems.append(f"k8s Service/{svc['metadata']['name']}: targetPort {target} is no container port")
 
-    # MLflow: the configuration's URIs are the mlflow Service's name and port.
+    # MLflow: the tracking URI is the mlflow Service's name and port; artifacts go through it.
     mlflow_svc = _find(docs, "Service", "mlflow")
-    for uri in (w.mlflow.tracking_uri, w.mlflow.artifact_location):
-        parsed = urlparse(uri)
-        if mlflow_svc is None or parsed.hostname != "mlflow" or parsed.port not in [p["port"] for p in mlflow_svc["spec"]["ports"]]:
-            problems.append(f"k8s: {uri} is not the mlflow Service")
+    parsed = urlparse(w.mlflow.tracking_uri)
+    if mlflow_svc is None or parsed.hostname != "mlflow" or parsed.port not in [p["port"] for p in mlflow_svc["spec"]["ports"]]:
+        problems.append(f"k8s: {w.mlflow.tracking_uri} is not the mlflow Service")
+    problems += _proxied_artifacts("k8s", w.mlflow.artifact_location)
 
     # Training: the CUDA image with a GPU.
     for doc in docs:

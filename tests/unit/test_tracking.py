@@ -218,3 +218,58 @@ def test_a_runs_tags_are_cut_to_what_every_store_takes_from_the_start(tmp_path):
     run = Run("e", str(tmp_path), tags={"retrain.entities": ",".join(f"pump-{i:05d}" for i in range(700)),
                                         "short": 7})
     assert len(run.tags["retrain.entities"]) == TAG_CHARS == 5000 and run.tags["short"] == "7"
+
+
+# --- an MLflow tracking server and where the artifacts go ------------------------------------------------
+def test_a_servers_experiment_with_artifacts_on_this_machine_is_said_once(caplog):
+    # with mlflow.tracking_uri at a server and the default artifact_location (a local path), runs and versions
+    # were recorded on the server and their files here: a worker elsewhere could not load the model
+    from anomaly import tracking
+
+    tracking._said_artifacts.clear()
+    tracking._say_local_artifacts("anomaly", "http://mlflow:5000", "file:///srv/anomaly/mlruns/artifacts")
+    tracking._say_local_artifacts("anomaly", "http://mlflow:5000", "file:///srv/anomaly/mlruns/artifacts")
+    warned = [r.getMessage() for r in caplog.records if "a path on this machine" in r.getMessage()]
+    assert len(warned) == 1 and 'mlflow.artifact_location = "mlflow-artifacts:/anomaly"' in warned[0]
+    caplog.clear()
+    tracking._say_local_artifacts("other", "http://mlflow:5000", "mlflow-artifacts:/other")  # through the server
+    tracking._say_local_artifacts("other", "sqlite:///mlruns/mlflow.db", "file:///srv/mlruns/artifacts")  # all here
+    assert "a path on this machine" not in caplog.text
+
+
+def test_an_experiments_artifact_root_set_at_creation_is_said_when_the_setting_differs(tmp_path, caplog):
+    # MLflow fixes an experiment's artifact root when it creates it: a changed mlflow.artifact_location was
+    # silently ignored for it (the fix for the warning above did not stick)
+    import mlflow
+
+    from anomaly import tracking
+
+    tracking._said_artifacts.clear()
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db")
+    tracking.ensure_experiment("anomaly", str(tmp_path / "first"))
+    tracking.ensure_experiment("anomaly", str(tmp_path / "first"))
+    assert "applies to new experiments only" not in caplog.text
+    tracking.ensure_experiment("anomaly", "mlflow-artifacts:/anomaly")
+    assert "keeps the artifact location it was created with" in caplog.text and "first" in caplog.text
+    mlflow.set_tracking_uri(None)
+
+
+def test_a_run_whose_end_fails_while_an_error_is_in_flight_reports_that_error(tmp_path, monkeypatch, caplog):
+    import mlflow
+    import pytest
+
+    from anomaly import tracking
+
+    tracking.configure(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def server_gone(status="FINISHED"):
+        raise ConnectionError("tracking server gone")
+
+    with pytest.raises(ValueError, match="the training's own error"):
+        with tracking.Run("anomaly", str(tmp_path / "art")):
+            monkeypatch.setattr(mlflow, "end_run", server_gone)
+            raise ValueError("the training's own error")
+    assert "could not be ended FAILED: tracking server gone" in caplog.text
+    monkeypatch.undo()
+    mlflow.end_run()
+    mlflow.set_tracking_uri(None)
