@@ -225,7 +225,11 @@ def promote(name: str, version: str, alias: str = "champion", reason: str = "",
         # "+2" in the log read as a move made in the UI and every rollback "returned" to v2
         version = str(c.get_model_version(name, version).version)
     except Exception as exc:
-        raise RegistryError(f"{name} has no version {version}: {exc}") from exc
+        if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{name} has no version {version}: {exc}") from exc
+        # not an answer about the version: a store that cannot be read, a URL that is no MLflow server
+        raise RegistryError(f"cannot read {name} v{version} from the registry at {tracking.registry_uri()}: "
+                            f"{str(exc)[:300]}") from exc
     with alias_lock(name, alias):  # the check and the move as one, for the processes sharing mlflow.lock_dir
         return _promote(c, name, str(version), alias, reason, expected_previous)
 

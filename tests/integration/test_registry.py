@@ -642,3 +642,27 @@ def test_a_version_whose_files_cannot_be_read_says_where_they_are(settings):
     shutil.rmtree(settings.mlflow.artifact_location)  # out of this machine's reach
     with pytest.raises(RegistryError, match=r"models:/pump/1.*\(its files are at file://.*artifacts.*\)"):
         registry.load_detector("pump", "champion")
+
+
+def test_a_missing_version_and_a_url_that_is_no_mlflow_server_are_told_apart(settings, tmp_path):
+    # a promotion against a plain web server (a wrong port) said "anomaly-detector has no version 2: ... 404
+    # ... <!DOCTYPE HTML>", as if the registry had answered
+    import http.server
+    import threading
+
+    from anomaly.errors import RegistryError
+
+    champion_and_copies(settings, 0)
+    with pytest.raises(RegistryError, match=r"^pump has no version 7: "):
+        registry.promote("pump", "7", "champion", "test")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        tracking.configure(f"http://127.0.0.1:{server.server_port}")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        with pytest.raises(RegistryError, match=rf"^cannot read pump v2 from the registry at http://127.0.0.1:"):
+            registry.promote("pump", "2", "champion", "test")
+    finally:
+        os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        server.shutdown()
+        tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
