@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -663,9 +664,9 @@ class RetrainScheduler:
                     self._dead_since = float(started)
                 self._save_last_run()
             dead = last.get("dead_since")  # one a start before this could not end (MLflow down): again
-            if self.on_dead_run is not None and self._dead_since is None and isinstance(dead, (int, float)) \
-                    and not isinstance(dead, bool) and dead > 0:
-                self._dead_since = float(dead)
+            if self.on_dead_run is not None and isinstance(dead, (int, float)) and not isinstance(dead, bool) \
+                    and dead > 0:  # (with a run killed since, from the older one's start: both runs' leftovers)
+                self._dead_since = min(float(dead), self._dead_since or math.inf)
             if self._dead_since is not None:  # MLflow may be slow or down: the schedule does not wait for it
                 self._dead_run_thread = threading.Thread(target=self._end_dead_run, args=(self._dead_since,),
                                                          name="scheduler-dead-run", daemon=True)

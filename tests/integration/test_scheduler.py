@@ -484,3 +484,20 @@ def test_a_dead_runs_leftovers_that_could_not_be_ended_are_tried_again_at_the_ne
     assert calls == [started, started]
     assert "dead_since" not in json.loads(last_run_path(settings.job_store).read_text())  # ended: forgotten
     assert second.metrics.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) in (None, 0)
+
+
+def test_a_run_killed_while_an_older_ones_leftovers_wait_ends_both(tmp_path):
+    import json
+
+    from anomaly.scheduler import last_run_path
+
+    settings = sched_settings(tmp_path, interval_s=3600)
+    older, newer = time.time() - 600, time.time() - 30
+    last_run_path(settings.job_store).write_text(json.dumps({"dead_since": older, "running_since": newer}))
+    calls: list[float] = []
+    sched = RetrainScheduler(settings, {}, func=STUB, on_dead_run=calls.append)
+    sched.start()
+    sched.stop()
+    assert calls == [older]  # runs started from the older one's start on: both retrains' leftovers
+    last = json.loads(last_run_path(settings.job_store).read_text())
+    assert "dead_since" not in last and "running_since" not in last
