@@ -318,9 +318,13 @@ def _connect(what: str, bootstrap_servers: str | Sequence[str], factory: Any, op
                           f"{type(exc).__name__}: {exc}") from exc
     except (kafka_errors.KafkaTimeoutError, kafka_errors.KafkaConnectionError,
             kafka_errors.MetadataEmptyBrokerList) as exc:
-        servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
-        raise TopicError(f"cannot connect {what} to {servers}: {exc} (is the broker running and reachable? "
+        raise TopicError(f"cannot connect {what} to {_servers(bootstrap_servers)}: {exc} (is the broker running and reachable? "
                          "`anomaly broker` starts a local one; kafka.bootstrap_servers sets where)") from exc
+
+
+def _servers(bootstrap_servers: str | Sequence[str]) -> str:
+    """``bootstrap_servers`` as a message shows them: ``host:port,host:port``."""
+    return bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
 
 
 class Abandoned(Exception):
@@ -695,9 +699,9 @@ def deliver(producer: Any, sends: Sequence[Any], timeout_s: float, *, bootstrap_
         for future in sends:
             future.get(timeout=timeout_s)
     except kafka_errors.KafkaError as exc:
-        servers = bootstrap_servers if isinstance(bootstrap_servers, str) else ",".join(bootstrap_servers)
         raise DeliveryError(
-            f"outputs to {', '.join(sorted(set(topics)))} were not delivered to the broker at {servers} within "
+            f"outputs to {', '.join(sorted(set(topics)))} were not delivered to the broker at "
+            f"{_servers(bootstrap_servers)} within "
             f"{timeout_s:.0f} s ({type(exc).__name__}: {exc}); nothing of their batch is committed, and a "
             "restart reads it again") from exc
 

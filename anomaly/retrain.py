@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.codec import BadRecord, Reading
+from anomaly.listing import some
 from anomaly.config import RetrainSettings, Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
@@ -663,11 +664,6 @@ def entities_losing_own_threshold(own: Mapping[str, float] | Iterable[str], fitt
     return sorted(wanted - fitted)
 
 
-def _some(names: Sequence[str], shown: int = 10) -> str:
-    """The first ``shown`` of ``names``, and how many more, for a reason."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
     """What of the readings read did not count, for a skip's reason ('' when all did)."""
     parts = []
@@ -778,7 +774,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     unjudged = entities_losing_own_threshold(champion.threshold.per_entity, data.entity_tails, rt.entities)
     if unjudged:
         return RetrainResult("skipped", f"the champion holds {len(unjudged)} entities to thresholds of their own "
-                                        f"({_some(unjudged)}) that the history has too few clean readings of to fit again "
+                                        f"({some(unjudged)}) that the history has too few clean readings of to fit again "
                                         f"(offline longer than retrain.lookback_s?): a challenger would hold them "
                                         f"to the threshold fitted on the others, and the gate could not judge it "
                                         f"on them. An asset gone for good: leave it out of retrain.entities",
@@ -817,7 +813,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     unjudged = entities_losing_own_threshold(champion.threshold.per_entity, refitted, rt.entities)
     if unjudged:  # said whatever the gate found: it judged only what the hold-out holds
         decision = Decision(False, f"the challenger holds {len(unjudged)} entities the champion holds to thresholds "
-                                   f"of their own ({_some(unjudged)}) to the shared one: too few of their windows in the "
+                                   f"of their own ({some(unjudged)}) to the shared one: too few of their windows in the "
                                    f"history's validation part (threshold.per_entity_min_windows = "
                                    f"{settings.threshold.per_entity_min_windows}); {decision.reason}",
                             decision.relative_improvement)

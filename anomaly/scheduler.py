@@ -653,20 +653,19 @@ class RetrainScheduler:
         if isinstance(last, dict):
             self.metrics.restore(last)
             self._restore_cooldown(last)
-            started = last.get("running_since")
-            if isinstance(started, (int, float)) and not isinstance(started, bool) and started > 0:
+            started = _saved_time(last, "running_since")
+            if started is not None:
                 # APScheduler moved the job's next run on when it started this one; nothing else says it died
                 log.error("scheduler: the retrain started at %s never finished (its process was killed: out of "
                           "memory, or a stop's grace ran out); counted as an error",
                           time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)))
-                self.metrics.interrupted(float(started))
+                self.metrics.interrupted(started)
                 if self.on_dead_run is not None:
-                    self._dead_since = float(started)
+                    self._dead_since = started
                 self._save_last_run()
-            dead = last.get("dead_since")  # one a start before this could not end (MLflow down): again
-            if self.on_dead_run is not None and isinstance(dead, (int, float)) and not isinstance(dead, bool) \
-                    and dead > 0:  # (with a run killed since, from the older one's start: both runs' leftovers)
-                self._dead_since = min(float(dead), self._dead_since or math.inf)
+            dead = _saved_time(last, "dead_since")  # one a start before this could not end (MLflow down): again
+            if self.on_dead_run is not None and dead is not None:  # (a run killed since too: from the older start)
+                self._dead_since = min(dead, self._dead_since or math.inf)
             if self._dead_since is not None:  # MLflow may be slow or down: the schedule does not wait for it
                 self._dead_run_thread = threading.Thread(target=self._end_dead_run, args=(self._dead_since,),
                                                          name="scheduler-dead-run", daemon=True)
@@ -830,6 +829,12 @@ class RetrainScheduler:
                     break
         finally:
             self.stop(wait=True)
+
+
+def _saved_time(last: Mapping[str, Any], key: str) -> float | None:
+    """``last[key]`` when it is an epoch time (a positive number, not a bool), else None."""
+    value = last.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def _first(items: Any) -> Any:

@@ -59,6 +59,7 @@ from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import DEAD_LETTER_MAX_KEY, DecodedBatch, decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
 from anomaly.errors import ModelError
+from anomaly.listing import some
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
 from anomaly.window_state import ACCEPTED, DUPLICATE, EMPTY, LATE, RESET, ReadyBatch, WindowPolicy, WindowStore
 
@@ -763,7 +764,7 @@ class ScoringStep:
         if behind:
             log.warning("%d entities sending readings more than %.0f s of stream time behind their partition's "
                         "newest are late as they come and not scored (a clock running late, or local time sent as "
-                        "UTC?): %s", len(behind), idle_s, _named(behind))
+                        "UTC?): %s", len(behind), idle_s, some(behind, quoted=True))
 
     def _warn_unaligned(self, names: Sequence[str], now_s: float) -> None:
         """Say (once a minute at most, naming every one heard of since the last time) which entities'
@@ -775,7 +776,7 @@ class ScoringStep:
             log.warning("%d entities send readings that keep missing the slots that end a window (every %d-th slot "
                         "of the model's %g s grid: worker.stride) and are not scored; they are sampled more slowly "
                         "than the model's period (set worker.stride = 1, or train a model on their own period): %s",
-                        len(named), p.stride, p.period_s, _named(named))
+                        len(named), p.stride, p.period_s, some(named, quoted=True))
 
     def _warn_split(self, names: Sequence[str], now_s: float) -> None:
         """Say (once a minute at most, naming every one heard of since the last time) which entities send a
@@ -788,7 +789,7 @@ class ScoringStep:
                         "was sealed (worker.grace_slots = %d): they were dropped as duplicates and their sensors "
                         "filled. Send each slot's sensors in one reading, or set worker.grace_slots to %s so the "
                         "parts are merged: %s", len(named), grace, "1 or more" if grace == 0 else "more",
-                        _named(named))
+                        some(named, quoted=True))
 
     def _idle_s(self) -> float | None:
         """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the
@@ -1002,11 +1003,6 @@ class _Roll:
         self._logged_s = now_s
         named, self._names = sorted(self._names), set()
         return named
-
-
-def _named(names: Sequence[str], most: int = 10) -> str:
-    """``names`` quoted, the first ``most`` of them and how many more."""
-    return ", ".join(repr(name) for name in names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _foreign_stamps(decoded: DecodedBatch) -> tuple[np.ndarray, np.ndarray]:

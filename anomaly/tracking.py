@@ -130,15 +130,19 @@ def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> 
 
 
 def artifact_uri(location: str) -> str:
-    """A local path becomes an absolute file URI; a URI (s3://, file://, mlflow-artifacts:/...) is kept
-    as is. A one-letter scheme is a Windows drive, i.e. a path."""
+    """A local path becomes an absolute file URI (its folder made); a URI (s3://, file://,
+    mlflow-artifacts:/...) is kept as is. A one-letter scheme is a Windows drive, i.e. a path."""
+    uri = _as_uri(location)
+    if uri != location:
+        Path(location).resolve().mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def _as_uri(location: str) -> str:
+    """``artifact_uri`` without making the folder."""
     from urllib.parse import urlparse
 
-    if len(urlparse(location).scheme) > 1:
-        return location
-    path = Path(location).resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path.as_uri()
+    return location if len(urlparse(location).scheme) > 1 else Path(location).resolve().as_uri()
 
 
 def ensure_experiment(name: str, artifact_location: str) -> str:
@@ -193,8 +197,7 @@ def _say_other_artifact_root(name: str, root: str | None, setting: str) -> None:
     """Say (once per experiment) that an existing experiment keeps the artifact root it was created with when
     ``mlflow.artifact_location`` names another: MLflow fixes it at creation, and a changed setting was
     silently ignored."""
-    wanted = setting if len(setting.split(":", 1)[0]) > 1 and ":" in setting else Path(setting).resolve().as_uri()
-    if root is None or root.rstrip("/") == wanted.rstrip("/") or (name, "other") in _said_artifacts:
+    if root is None or root.rstrip("/") == _as_uri(setting).rstrip("/") or (name, "other") in _said_artifacts:
         return
     _said_artifacts.add((name, "other"))
     log.warning("experiment %r keeps the artifact location it was created with, %s; mlflow.artifact_location (%s) "

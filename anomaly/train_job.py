@@ -16,6 +16,7 @@ from anomaly import plots, registry, tracking
 from anomaly.config import Settings
 from anomaly.detector import Detector, fit_detector
 from anomaly.errors import ModelError
+from anomaly.listing import some
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
 from anomaly.training import TrainConfig, TrainResult
@@ -166,8 +167,7 @@ def entity_thresholds(detector: Detector, prepared: Prepared, settings: Settings
     alike = sorted(entity for entity, e in errors.items() if no_spread(e[np.isfinite(e)]))
     if alike:  # its own threshold would be that one score: held to the shared one, which running data set
         log.warning("%d entities' validation windows score alike (a machine at standby?) and are held to the shared "
-                    "threshold instead of their own: %s", len(alike), ", ".join(repr(entity) for entity in alike[:10])
-                    + (f" and {len(alike) - 10} more" if len(alike) > 10 else ""))
+                    "threshold instead of their own: %s", len(alike), some(alike, quoted=True))
         errors = {entity: e for entity, e in errors.items() if entity not in alike}
     values = fit_entity_values(errors, th.method, th.policy_params(), th.scale, th.per_entity_min_windows)
     if values:

@@ -574,28 +574,35 @@ def test_labelled_events_of_models_of_different_window_sizes_count_on_the_same_r
     assert _events(long_, [(tail[0][:20], tail[1][:20])], window=32) is None  # no tail reaches a window
 
 
+def _rows_as_windows(values, shared: float, entity_tails, threshold: dict):
+    """What ``entity_thresholds`` reads, for windows of one row whose score is the row's value: a detector
+    with the ``shared`` quantile threshold, a fleet's prepared rows, settings with ``threshold``."""
+    from types import SimpleNamespace
+
+    from anomaly.config import build_settings
+    from anomaly.thresholds import Threshold
+
+    def score_values(v):
+        return SimpleNamespace(scores=v[:, 0].astype(float))
+
+    detector = SimpleNamespace(window_size=1, score_values=score_values, threshold=Threshold("quantile", shared))
+    prepared = SimpleNamespace(entity_tails=entity_tails, values=values, gaps=None)
+    return detector, prepared, build_settings({"threshold": {"method": "quantile", **threshold}})
+
+
 def test_per_entity_thresholds_leave_out_windows_the_network_trained_on():
     """The time-ordered split of training falls where the window count puts it, which can lie inside
     the first entity's validation rows (seams and gaps cost windows): its own threshold was fitted on
     windows the network had trained on, so it came out too low. Windows starting before the first
     validation window's row are left out."""
-    from types import SimpleNamespace
-
-    from anomaly.config import build_settings
     from anomaly.train_job import entity_thresholds
-    from anomaly.thresholds import Threshold
 
     values = np.zeros((400, 1))
     values[100:150, 0] = 0.1  # a's first 50 validation rows: trained on (low errors)
     values[150:200, 0] = 5.0 + np.linspace(-0.01, 0.01, 50)  # the rest of a's: validation proper
     values[200:400, 0] = 5.0 + np.linspace(-0.01, 0.01, 200)  # b's
-
-    def score_values(v):  # windows of 1: the score is the row's value
-        return SimpleNamespace(scores=v[:, 0].astype(float))
-
-    detector = SimpleNamespace(window_size=1, score_values=score_values, threshold=Threshold("quantile", 1.0))
-    prepared = SimpleNamespace(entity_tails={"a": [(100, 200)], "b": [(200, 400)]}, values=values, gaps=None)
-    settings = build_settings({"threshold": {"method": "quantile", "q": 0.5, "per_entity_min_windows": 10}})
+    detector, prepared, settings = _rows_as_windows(values, 1.0, {"a": [(100, 200)], "b": [(200, 400)]},
+                                                    {"q": 0.5, "per_entity_min_windows": 10})
     leaky = entity_thresholds(detector, prepared, settings).per_entity
     assert leaky["a"] < 4.0 and leaky["b"] == pytest.approx(5.0)  # a: the median of its rows, half trained on
     own = entity_thresholds(detector, prepared, settings, val_start_row=150).per_entity
@@ -605,21 +612,12 @@ def test_per_entity_thresholds_leave_out_windows_the_network_trained_on():
 def test_an_entity_whose_validation_windows_score_alike_is_held_to_the_shared_threshold(caplog):
     """A pump on standby through its validation rows scores every window alike: its own threshold was that
     one score, and every window of its normal running afterwards alarmed."""
-    from types import SimpleNamespace
-
-    from anomaly.config import build_settings
     from anomaly.train_job import entity_thresholds
-    from anomaly.thresholds import Threshold
 
     rng = np.random.default_rng(0)
     values = np.r_[rng.gamma(2.0, 0.05, 300), np.full(300, 0.0067)][:, None]  # a running, b on standby
-
-    def score_values(v):  # windows of 1: the score is the row's value
-        return SimpleNamespace(scores=v[:, 0].astype(float))
-
-    detector = SimpleNamespace(window_size=1, score_values=score_values, threshold=Threshold("quantile", 0.3))
-    prepared = SimpleNamespace(entity_tails={"a": [(0, 300)], "b": [(300, 600)]}, values=values, gaps=None)
-    settings = build_settings({"threshold": {"method": "quantile", "q": 0.99, "per_entity_min_windows": 10}})
+    detector, prepared, settings = _rows_as_windows(values, 0.3, {"a": [(0, 300)], "b": [(300, 600)]},
+                                                    {"q": 0.99, "per_entity_min_windows": 10})
     own = entity_thresholds(detector, prepared, settings).per_entity
     assert set(own) == {"a"} and own["a"] > 0.2  # b: the shared 0.3, not 0.0067
     assert "1 entities' validation windows score alike" in caplog.text and "'b'" in caplog.text
