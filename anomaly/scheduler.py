@@ -662,10 +662,11 @@ class RetrainScheduler:
                 self.metrics.interrupted(started)
                 if self.on_dead_run is not None:
                     self._dead_since = started
-                self._save_last_run()
             dead = _saved_time(last, "dead_since")  # one a start before this could not end (MLflow down): again
             if self.on_dead_run is not None and dead is not None:  # (a run killed since too: from the older start)
                 self._dead_since = min(dead, self._dead_since or math.inf)
+            if started is not None:  # said once; saved with the older dead run's start, should this one not end
+                self._save_last_run()
             if self._dead_since is not None:  # MLflow may be slow or down: the schedule does not wait for it
                 self._dead_run_thread = threading.Thread(target=self._end_dead_run, args=(self._dead_since,),
                                                          name="scheduler-dead-run", daemon=True)

@@ -494,6 +494,14 @@ def test_a_run_killed_while_an_older_ones_leftovers_wait_ends_both(tmp_path):
     settings = sched_settings(tmp_path, interval_s=3600)
     older, newer = time.time() - 600, time.time() - 30
     last_run_path(settings.job_store).write_text(json.dumps({"dead_since": older, "running_since": newer}))
+    def mlflow_down(when: float) -> None:
+        raise ConnectionError("tracking server unreachable")
+
+    first = RetrainScheduler(settings, {}, func=STUB, on_dead_run=mlflow_down)
+    first.start()
+    first.stop()
+    # not ended: kept from the older start (the newer one alone was saved, and the older runs never ended)
+    assert json.loads(last_run_path(settings.job_store).read_text())["dead_since"] == older
     calls: list[float] = []
     sched = RetrainScheduler(settings, {}, func=STUB, on_dead_run=calls.append)
     sched.start()
