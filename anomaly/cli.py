@@ -637,6 +637,95 @@ def _fmt(value: Any) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
+# --- feedback ------------------------------------------------------------------------------------
+
+def _time_arg(flag: str, text: str) -> float:
+    """``--start``/``--end``: RFC 3339 or epoch seconds/milliseconds, as a reading's ``ts``."""
+    from anomaly.codec import epoch_seconds_of
+
+    try:
+        value: Any = float(text)
+    except ValueError:
+        value = text
+    seconds = epoch_seconds_of(value)
+    if isinstance(seconds, str):
+        raise AnomalyError(f"{flag}: {seconds.replace('ts ', '', 1)} (RFC 3339 with an offset, e.g. "
+                           f"2026-11-21T10:00:00Z, or epoch seconds)")
+    return seconds
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """Give a verdict on an event or a period, take one back, or list those in force."""
+    import getpass
+    import time
+
+    from anomaly import feedback, feedback_topic
+
+    settings = _settings(args)
+    k = settings.kafka
+    if not k.feedback_topic:
+        raise ConfigError("kafka.feedback_topic", "is off (empty): verdicts have nowhere to go")
+    period = [flag for flag, value in (("--entity", args.entity), ("--start", args.start), ("--end", args.end))
+              if value is not None]
+    if args.action == "list":
+        inert = [f for f, v in (("EVENT_ID", args.event_id), ("--start", args.start), ("--end", args.end),
+                                ("--note", args.note), ("--by", args.by)) if v is not None]
+        if inert:
+            raise AnomalyError(f"feedback list does not take {', '.join(inert)} (--entity narrows it)")
+        given, _ = feedback_topic.read_verdicts(k.bootstrap_servers, k.feedback_topic, k.client_options)
+        shown = feedback_topic.in_force(given, args.entity)
+        if args.json:
+            print(json.dumps([v.to_dict() for v in shown], indent=2, ensure_ascii=False))
+        elif not shown:
+            print(f"no verdicts in force on {k.feedback_topic}" + (f" for {args.entity}" if args.entity else ""))
+        else:
+            print(f"{'entity':<20} {'verdict':<8} {'start (UTC)':<20} {'end (UTC)':<20} {'event':<14} "
+                  f"{'by':<10} note")
+            for v in shown:
+                print(f"{v.entity:<20} {v.verdict:<8} {_utc(v.start_ts):<20} {_utc(v.end_ts):<20} "
+                      f"{(v.event_id or '-')[:12]:<14} {v.by:<10} {v.note}")
+        return 0
+    if args.json:
+        raise AnomalyError("--json is for feedback list")
+    if args.event_id and period and period != ["--end"]:
+        raise AnomalyError(f"feedback {args.action} takes an EVENT_ID or --entity, --start and --end, not both "
+                           f"(got {', '.join(period)}; --end alone gives an open event its end)")
+    if not args.event_id and len(period) < 3:
+        raise AnomalyError(f"feedback {args.action} needs an EVENT_ID (from the events topic, "
+                           f"{k.events_topic}), or --entity, --start and --end for a period without one")
+    event_id = args.event_id
+    if event_id:
+        event = feedback_topic.find_event(k.bootstrap_servers, k.events_topic, event_id, k.client_options)
+        if event is None:
+            raise AnomalyError(f"no event {event_id} on {k.events_topic} at {k.bootstrap_servers} (mistyped, or gone "
+                               "with the topic's retention?): give --entity, --start and --end for its period")
+        entity, start, end = feedback.event_period(event)
+        if args.end is not None:
+            end = _time_arg("--end", args.end)
+        if end is None:
+            raise AnomalyError(f"event {event_id} of {entity} is still open (no end yet): give --end, or wait "
+                               "for it to close")
+    else:
+        entity, start, end = args.entity, _time_arg("--start", args.start), _time_arg("--end", args.end)
+    verdict = {"normal": "normal", "anomaly": "anomaly", "withdraw": "withdrawn"}[args.action]
+    try:
+        by = args.by if args.by is not None else getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container's numeric user)
+        by = ""
+    given = feedback.make_verdict(entity, start, end, verdict, event_id=event_id, note=args.note or "", by=by,
+                                  ts=time.time())
+    feedback_topic.send(k.bootstrap_servers, k.feedback_topic, given, k.client_options,
+                        create=settings.worker.create_topics)
+    print(json.dumps(given.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _utc(ts: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 # --- config --------------------------------------------------------------------------------------
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -1220,6 +1309,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="list as JSON")
     common(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("feedback", help="say whether an event was a false alarm or a fault (the retrain learns "
+                                        "from it); list the verdicts",
+                       description="An operator's verdict on an anomaly event, or on a period of an entity, sent "
+                                   "to kafka.feedback_topic. The next retrain trains on what is called normal, "
+                                   "though the champion flags it (so a false alarm does not come back after every "
+                                   "retrain), and keeps out what is called an anomaly, though the champion missed "
+                                   "it. A later verdict on the same event or period replaces the earlier one.")
+    p.add_argument("action", choices=("normal", "anomaly", "withdraw", "list"),
+                   help="normal: a false alarm, the asset was fine; anomaly: a real fault; withdraw: take the "
+                        "verdict on this event or period back; list: the verdicts in force")
+    p.add_argument("event_id", nargs="?", metavar="EVENT_ID",
+                   help="the event's event_id (from the events topic); its entity, start and end are looked up")
+    p.add_argument("--entity", help="a period without an event: the entity (with --start and --end); "
+                                    "list: this entity's verdicts only")
+    p.add_argument("--start", help="the period's first reading time: RFC 3339 (2026-11-21T10:00:00Z) or epoch seconds")
+    p.add_argument("--end", help="the period's last reading time (with an EVENT_ID: the end of an event still open)")
+    p.add_argument("--note", help="what it was (kept with the verdict, e.g. 'new impeller fitted')")
+    p.add_argument("--by", help="who says so (default: the login name)")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default kafka.bootstrap_servers)")
+    common(p, tracking=False, model=False)
+    p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("config", help="show the effective configuration, an example file, or the reference",
                        description="show: the effective settings after file and environment; example: a TOML "

@@ -216,6 +216,12 @@ def _rfc3339_seconds(text: str) -> float | str:
     return seconds
 
 
+def epoch_seconds_of(ts: Any) -> float | str:
+    """A reading's ``ts`` (RFC 3339 string or epoch s/ms number) as epoch seconds, or the reason it is bad,
+    as the input topic's contract reads it (for other places that take a time the same way)."""
+    return _epoch_seconds(ts)
+
+
 def _epoch_seconds(ts: Any) -> float | str:
     """``ts`` (RFC 3339 string or epoch s/ms number) as epoch seconds, or the reason it is bad. Never
     raises: a ts this code did not foresee is one bad record, not a batch that fails at every restart."""

@@ -346,6 +346,7 @@ class KafkaSettings:
     events_topic: str = doc("topic anomaly events are written to", "anomalies")
     dlq_topic: str = doc("dead-letter topic for malformed readings", "sensors.dlq")
     scores_topic: str | None = doc("optional per-window scores topic; empty = off", None)
+    feedback_topic: str | None = doc("topic of operators' verdicts on events and periods (`anomaly feedback`): the retrain trains on what they call normal, though the champion flags it, and keeps out what they call an anomaly; keep its retention at least retrain.lookback_s; empty = off", "anomalies.feedback")
     group_id: str = doc("consumer group of the scoring workers", "anomaly-worker")
     client_options: dict[str, Any] = doc("extra kafka-python options passed through to every client (TLS, SASL, ...)", factory=dict)
 
@@ -624,7 +625,8 @@ class Settings:
                 value.check()
         k = self.kafka
         topics = [("kafka.input_topic", k.input_topic), ("kafka.events_topic", k.events_topic),
-                  ("kafka.dlq_topic", k.dlq_topic), ("kafka.scores_topic", k.scores_topic)]
+                  ("kafka.dlq_topic", k.dlq_topic), ("kafka.scores_topic", k.scores_topic),
+                  ("kafka.feedback_topic", k.feedback_topic)]
         seen: dict[str, str] = {}
         for name, topic in topics:
             if topic and (not _TOPIC_NAME.fullmatch(topic) or topic in (".", "..")):

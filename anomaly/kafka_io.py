@@ -556,20 +556,23 @@ def _reader(bootstrap_servers: str | Sequence[str], timeout_s: float,
 
 
 def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: float = 10.0, idle_s: float = 1.0,
-             client_options: Mapping[str, Any] | None = None) -> list[ConsumerRecord]:
+             client_options: Mapping[str, Any] | None = None, topic_wait_s: float | None = None
+             ) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, without a consumer group, sorted by partition/offset.
 
     Reads at least up to the end offsets the broker gave when it began, then stops when no new record
     came for ``idle_s`` (or at ``timeout_s`` in all). It does not take the end offsets for the last
     record: Tansu's are its last batch's base + 1 (DESIGN §5). A topic that does not appear
-    within ``timeout_s`` gives ``[]``; the topic is never created by reading it. A broker that cannot be
-    reached within ``timeout_s`` is a ``TopicError``.
+    within ``timeout_s`` (or ``topic_wait_s``, when given: a topic that may well not exist) gives ``[]``;
+    the topic is never created by reading it. A broker that cannot be reached within ``timeout_s`` is a
+    ``TopicError``.
     """
     deadline = time.monotonic() + timeout_s
     consumer = _reader(bootstrap_servers, timeout_s, client_options)
     try:
         partitions = consumer.partitions_for_topic(topic)
-        while not partitions and time.monotonic() < deadline:
+        appear_by = deadline if topic_wait_s is None else min(deadline, time.monotonic() + topic_wait_s)
+        while not partitions and time.monotonic() < appear_by:
             time.sleep(_POLL_STEP_MS / 1000)
             partitions = consumer.partitions_for_topic(topic)
         if not partitions:

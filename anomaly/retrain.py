@@ -6,7 +6,9 @@
              window plus ``retrain.exclude_margin_rows`` rows on each side (anomalies must not
              become "normal"); an entity whose readings carry ground truth (``retrain.label_field``,
              in the topic's JSON or a ``--data`` file's column) drops its labelled rows plus the
-             margin instead: the truth replaces the champion's opinion;
+             margin instead: the truth replaces the champion's opinion; operators' verdicts on events
+             and periods (``kafka.feedback_topic``, ``anomaly.feedback``) label the readings they cover
+             the same way (``normal``: trained on, though the champion flagged it);
     split    the most recent ``retrain.holdout_fraction`` of each entity's clean rows is the hold-out,
              the rest trains;
     train    a challenger with the same job as ``anomaly train`` (``train_job.run_training``), tagged
@@ -52,6 +54,8 @@ from anomaly.codec import BadRecord, Reading
 from anomaly.listing import some
 from anomaly.config import RetrainSettings, Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
+from anomaly import feedback
+from anomaly.feedback import Period
 from anomaly.preparation import epoch_seconds, labels_on_grid
 from anomaly.redaction import masked
 from anomaly.tables import parse_label  # ground truth of records and table cells alike
@@ -130,6 +134,7 @@ class History:
         self.evicted_entities = 0
         self.evicted_readings = 0
         self.evicted_windowed = 0  # of them, entities that held a window's worth of readings
+        self.verdict_readings = {"normal": 0, "anomaly": 0}  # readings operators' verdicts labelled (``frames``)
 
     def add(self, reading: Reading, label: bool | None = None) -> bool:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
@@ -186,15 +191,29 @@ class History:
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_entity.values())
 
-    def frames(self, sensors: Sequence[str]) -> dict[str, pd.DataFrame]:
+    def frames(self, sensors: Sequence[str], verdicts: Mapping[str, Sequence[Period]] | None = None
+               ) -> dict[str, pd.DataFrame]:
         """Per entity: a frame indexed by UTC time (sorted, a repeated ``ts`` keeps its first reading),
         one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
         An entity with at least one labelled reading also gets ``LABEL_COLUMN`` (1.0 anomalous, 0.0
-        normal, NaN for a reading without a label)."""
+        normal, NaN for a reading without a label). ``verdicts`` (entity -> operators' periods,
+        ``feedback.periods``) label the readings they cover that carry no label of their own; how many
+        of each kind they labelled is left in ``verdict_readings``."""
+        from anomaly.feedback import labels_at
+
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
+        self.verdict_readings = {"normal": 0, "anomaly": 0}
         for entity in sorted(self._by_entity):
             pairs = [(r, lab) for r, lab in self._by_entity[entity] if r.ts >= cutoff]
+            if verdicts and verdicts.get(entity) and pairs:
+                said = labels_at(np.array([r.ts for r, _ in pairs], dtype=np.float64), verdicts[entity])
+                labelled = [(r, lab if lab is not None or np.isnan(v) else bool(v))
+                            for (r, lab), v in zip(pairs, said.tolist())]
+                for (_, before), (_, after) in zip(pairs, labelled):
+                    if before is None and after is not None:
+                        self.verdict_readings["anomaly" if after else "normal"] += 1
+                pairs = labelled
             kept = [r for r, _ in pairs]
             if not kept:
                 continue
@@ -718,7 +737,10 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
             history.add(*item)
         else:
             history.add(item)
-    data = _prepare(history, champion, settings)
+    given = _verdicts(settings) if source is None and not stats.get("no_topic") else []
+    data = _prepare(history, champion, settings, feedback.periods(given) if given else None)
+    if given:
+        data.facts.update({f"verdicts_{kind}": n for kind, n in feedback.counts(given).items()})
     trained_to = (getattr(champion, "meta", None) or {}).get("data_end")
     if trained_to and "holdout_start" in data.facts:
         # A hold-out inside the champion's own training data (a retrain on the file it was trained on, or on
@@ -857,11 +879,27 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                          metrics=tracking.finite_metrics(metrics), data=data.facts)
 
 
-def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
+def _verdicts(settings: Settings) -> list[feedback.Verdict]:
+    """The operators' verdicts in force on ``kafka.feedback_topic`` (none when it is off or does not exist)."""
+    from anomaly import feedback_topic
+
+    k = settings.kafka
+    if not k.feedback_topic:
+        return []
+    given, _ = feedback_topic.read_verdicts(k.bootstrap_servers, k.feedback_topic, k.client_options)
+    in_force = feedback.latest(given)
+    if in_force:
+        log.info("retrain: %s from %s label the readings they cover", feedback.summary(in_force), k.feedback_topic)
+    return in_force
+
+
+def _prepare(history: History, champion: Any, settings: Settings,
+             verdicts: Mapping[str, Sequence[Period]] | None = None) -> _Data:
     """Grid each entity's history on the champion's period, drop what the champion flags (or, for a
     labelled entity, what is labelled) plus the margin, and split the clean rows into training values
     and hold-out segments; a labelled entity's whole tail from the hold-out cut on (anomalies
-    included) is kept with its labels for the event-wise comparison."""
+    included) is kept with its labels for the event-wise comparison. ``verdicts``: operators' periods
+    per entity (``History.frames``)."""
     from anomaly.preparation import prepare_scoring
 
     rt, w = settings.retrain, champion.window_size
@@ -881,7 +919,7 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
     starts, ends, hold_starts, hold_ends = [], [], [], []
-    for entity, frame in history.frames(champion.sensors).items():
+    for entity, frame in history.frames(champion.sensors, verdicts).items():
         if len(frame) < w:
             log.info("retrain: %s has only %d readings; left out", entity, len(frame))
             continue
@@ -946,6 +984,8 @@ def _prepare(history: History, champion: Any, settings: Settings) -> _Data:
     if hold_starts:
         facts["holdout_start"], facts["holdout_end"] = min(hold_starts).isoformat(), max(hold_ends).isoformat()
     facts["entities"] = ",".join(facts["entities"])
+    if verdicts:
+        facts.update({f"verdict_{kind}_readings": n for kind, n in history.verdict_readings.items()})
     # The parts (entities, the clean stretches between flagged ones) laid end to end with a stand-in row
     # marked as a gap between every two, as prepare_fleet does: no window joins two of them (a window
     # across a seam scores far above any real one, and would set the challenger's threshold).

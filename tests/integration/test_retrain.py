@@ -507,3 +507,68 @@ def test_a_read_holding_more_entities_than_retrain_max_entities_skips_when_a_rea
     result = run_cycle(settings, data_path=str(path))
     assert result.status == "skipped" and "retrain.max_entities (3)" in result.reason, result.reason
     assert result.data["entities_evicted"] >= 2 and not result.challenger_version
+
+
+def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
+        store, kafka_broker, normal_topic, capsys, monkeypatch):
+    """The weak champion flags the fault in the middle of the topic (rows 600-659), so every retrain left
+    it out. An operator calls that event normal (`anomaly feedback normal EVENT_ID`, looked up on the
+    events topic) and a stretch the champion does not flag a fault (`--entity --start --end`): the next
+    cycle reads both from the feedback topic and labels the readings they cover, trains on the first and
+    keeps the second out. `feedback list` shows the verdicts in force; `withdraw` takes one back."""
+    from anomaly import codec, kafka_io
+    from anomaly.cli import main
+
+    root, weak, _ = store
+    suffix = np.random.default_rng().integers(1 << 30)
+    events_topic, feedback_topic = f"events-{suffix}", f"feedback-{suffix}"
+    base = settings_for(root, kafka_broker, normal_topic)
+    settings = dataclasses.replace(base, kafka=dataclasses.replace(base.kafka, feedback_topic=feedback_topic,
+                                                                   events_topic=events_topic))
+    give_champion(settings, weak)
+    before = run_cycle(settings)  # no verdicts yet (the feedback topic does not exist)
+    assert before.status in ("promoted", "kept"), before.reason
+    assert before.data["flagged_windows"] > 0 and "verdicts_normal" not in before.data
+
+    t0 = 1_790_000_000.0
+    event = {"event_id": codec.event_id("pump-0", NAME, t0 + 600), "entity": "pump-0", "status": "closed",
+             "start_ts": t0 + 600, "end_ts": t0 + 659, "peak_score": 3.0, "threshold": 1.0,
+             "model": {"name": NAME, "version": weak}}
+    producer = kafka_io.make_producer(kafka_broker)
+    producer.send(events_topic, key=b"pump-0", value=codec.encode_event({**event, "status": "open", "end_ts": None}))
+    producer.send(events_topic, key=b"pump-0", value=codec.encode_event(event))
+    producer.flush(10)
+    producer.close()
+    for name, value in (("BOOTSTRAP_SERVERS", kafka_broker), ("EVENTS_TOPIC", events_topic),
+                        ("FEEDBACK_TOPIC", feedback_topic)):
+        monkeypatch.setenv(f"ANOMALY_KAFKA__{name}", value)
+    capsys.readouterr()
+    assert main(["feedback", "normal", event["event_id"], "--note", "new operating point", "--by", "op"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert (given["entity"], given["start_ts"], given["end_ts"], given["verdict"]) == ("pump-0", t0 + 600, t0 + 659,
+                                                                                      "normal")
+    assert main(["feedback", "anomaly", "--entity", "pump-0", "--start", "2026-09-21T14:16:40Z",
+                 "--end", str(t0 + 219)]) == 0  # 2026-09-21T14:16:40Z = t0 + 200
+    fault = json.loads(capsys.readouterr().out)
+    assert (fault["start_ts"], fault["end_ts"], fault["event_id"]) == (t0 + 200, t0 + 219, None)
+    assert main(["feedback", "list", "--json"]) == 0
+    assert [v["verdict"] for v in json.loads(capsys.readouterr().out)] == ["normal", "anomaly"]
+
+    give_champion(settings, weak)
+    after = run_cycle(settings)
+    assert after.status in ("promoted", "kept"), after.reason
+    assert after.data["verdicts_normal"] == 1 and after.data["verdicts_anomaly"] == 1
+    assert after.data["verdict_normal_readings"] == 60 and after.data["verdict_anomaly_readings"] == 20
+    assert after.data["flagged_windows"] < before.data["flagged_windows"]  # the fault's windows are normal now
+    assert after.data["labelled_rows"] == 20
+
+    assert main(["feedback", "withdraw", "--entity", "pump-0", "--start", str(t0 + 200), "--end", str(t0 + 219)]) == 0
+    capsys.readouterr()
+    assert main(["feedback", "list", "--entity", "pump-0"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and "normal" in listed[1] and "new operating point" in listed[1]
+    # a mistyped event id is said, and nothing is sent
+    assert main(["feedback", "normal", "nosuchevent"]) == 2
+    assert f"error: no event nosuchevent on {events_topic}" in capsys.readouterr().err
+    assert main(["feedback", "list", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1

@@ -922,3 +922,24 @@ def test_an_mlflow_error_mid_command_is_one_line_not_a_traceback(tmp_path, monke
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: MLflow: API request to http://mlflow:5000") and \
         "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["feedback", "normal"], "feedback normal needs an EVENT_ID"),
+    (["feedback", "anomaly", "--entity", "pump-7", "--start", "0"], "or --entity, --start and --end"),
+    (["feedback", "normal", "e1", "--entity", "pump-7"], "not both (got --entity"),
+    (["feedback", "list", "e1"], "feedback list does not take EVENT_ID"),
+    (["feedback", "normal", "e1", "--json"], "--json is for feedback list"),
+    (["feedback", "anomaly", "--entity", "pump-7", "--start", "yesterday", "--end", "0"], "--start: "),
+    (["feedback", "anomaly", "--entity", "pump-7", "--start", "10", "--end", "5"], "end_ts (5.0) is before start_ts"),
+    (["feedback", "anomaly", "--entity", "pump\n7", "--start", "1", "--end", "5"], "entity"),
+])
+def test_feedback_usage_and_bad_verdicts_are_said_before_the_broker_is_reached(argv, says, capsys):
+    assert main([*argv, "--bootstrap-servers", "127.0.0.1:1"]) == 2  # nothing answers there
+    assert says in capsys.readouterr().err
+
+
+def test_feedback_with_the_feedback_topic_off_names_the_field(monkeypatch, capsys):
+    monkeypatch.setenv("ANOMALY_KAFKA__FEEDBACK_TOPIC", "")
+    assert main(["feedback", "list"]) == 2
+    assert "kafka.feedback_topic" in capsys.readouterr().err

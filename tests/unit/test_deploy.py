@@ -338,10 +338,21 @@ def kafka_init_topics(doc: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 
 def _asked_partitions(settings: Settings) -> dict[str, int]:
-    """The partitions the worker asks of each topic at start (a topic made with others: a warning each time)."""
+    """The partitions the worker asks of each topic at start (a topic made with others: a warning each time),
+    and `anomaly feedback` of the feedback topic."""
+    from anomaly import feedback_topic
     from anomaly.worker import options_from_settings, topic_partitions
 
-    return topic_partitions(options_from_settings(settings))
+    asked = topic_partitions(options_from_settings(settings))
+    if settings.kafka.feedback_topic:
+        asked[settings.kafka.feedback_topic] = feedback_topic.PARTITIONS
+    return asked
+
+
+def _wanted_topics(settings: Settings) -> set[str]:
+    """Every topic the configuration names."""
+    k = settings.kafka
+    return {k.input_topic, k.events_topic, k.dlq_topic} | ({k.scores_topic, k.feedback_topic} - {None})
 
 
 def compose_problems(doc: dict[str, Any], prom: dict[str, Any]) -> list[str]:
@@ -379,7 +390,7 @@ def compose_problems(doc: dict[str, Any], prom: dict[str, Any]) -> list[str]:
     if _replicas(scheduler) != 1:
         problems.append("compose scheduler: exactly one scheduler (replicas 1)")
     topics = kafka_init_topics(doc)
-    wanted = {w.kafka.input_topic, w.kafka.events_topic, w.kafka.dlq_topic} | ({w.kafka.scores_topic} - {None})
+    wanted = _wanted_topics(w)
     if set(topics) != wanted:
         problems.append(f"compose kafka-init creates {sorted(topics)}, the configuration names {sorted(wanted)}")
     elif topics[w.kafka.input_topic]["partitions"] < _replicas(worker):
@@ -633,7 +644,7 @@ def k8s_problems(docs: list[dict[str, Any]], secret_keys: dict[str, set[str]]) -
 
     # Strimzi topics and user: the configuration's names, enough partitions, enough retention.
     topics = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "KafkaTopic"}
-    wanted = {w.kafka.input_topic, w.kafka.events_topic, w.kafka.dlq_topic} | ({w.kafka.scores_topic} - {None})
+    wanted = _wanted_topics(w)
     if set(topics) != wanted:
         problems.append(f"k8s kafka/strimzi.yaml: topics {sorted(topics)}, the configuration names {sorted(wanted)}")
     elif topics[w.kafka.input_topic]["partitions"] < worker["spec"]["replicas"]:

@@ -1,0 +1,86 @@
+"""Operators' verdicts on Kafka: sending one, reading them all back, finding the event one is about.
+
+The pure side (the message, which verdict is in force, what it labels) is ``anomaly.feedback``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from anomaly import feedback, kafka_io
+from anomaly.codec import decode_event
+from anomaly.errors import DataError, DeliveryError
+from anomaly.listing import some
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 120.0  # longest read of the feedback or events topic
+IDLE_S = 1.0  # a read ends this long after the last record (once at the end offsets it began with)
+TOPIC_WAIT_S = 1.0  # a feedback topic nobody has written to yet does not exist (one metadata answer says so)
+SEND_TIMEOUT_S = 30.0
+PARTITIONS = 1  # verdicts are few; one partition keeps them in the order they were given
+
+
+def read_verdicts(bootstrap_servers: str, topic: str, client_options: Mapping[str, Any] | None = None, *,
+                  timeout_s: float = READ_TIMEOUT_S) -> tuple[list[feedback.Verdict], list[str]]:
+    """Every verdict on ``topic`` in topic order (no topic: none), and why each record that is none was
+    left out (logged). ``TopicError`` when the broker cannot be reached."""
+    records = kafka_io.read_all(bootstrap_servers, topic, timeout_s=timeout_s, idle_s=IDLE_S,
+                                client_options=client_options, topic_wait_s=TOPIC_WAIT_S)
+    verdicts: list[feedback.Verdict] = []
+    bad: list[str] = []
+    for record in records:
+        verdict = feedback.decode(record.value)
+        if isinstance(verdict, str):
+            bad.append(f"partition {record.partition} offset {record.offset}: {verdict}")
+        else:
+            verdicts.append(verdict)
+    if bad:
+        log.warning("%d record(s) of %s are not verdicts and were left out: %s", len(bad), topic, some(bad, 3))
+    return verdicts, bad
+
+
+def find_event(bootstrap_servers: str, events_topic: str, event_id: str,
+               client_options: Mapping[str, Any] | None = None, *,
+               timeout_s: float = READ_TIMEOUT_S) -> Mapping[str, Any] | None:
+    """The event ``event_id`` on ``events_topic`` (``feedback.find_event``: its closed record if it has
+    one), or None."""
+    def events() -> Any:
+        for record in kafka_io.read_all(bootstrap_servers, events_topic, timeout_s=timeout_s, idle_s=IDLE_S,
+                                        client_options=client_options, topic_wait_s=TOPIC_WAIT_S):
+            if record.value is None or event_id.encode() not in record.value:
+                continue
+            try:
+                yield decode_event(record.value)
+            except DataError:
+                continue
+
+    return feedback.find_event(events(), event_id)
+
+
+def send(bootstrap_servers: str, topic: str, verdict: feedback.Verdict,
+         client_options: Mapping[str, Any] | None = None, *, create: bool = True,
+         timeout_s: float = SEND_TIMEOUT_S) -> None:
+    """Send one verdict (keyed by its ``feedback_id``), the topic created first when missing and
+    ``create`` (else it must exist); ``DeliveryError`` if the broker did not take it."""
+    if create:
+        kafka_io.ensure_topics(bootstrap_servers, {topic: PARTITIONS}, client_options)
+    else:
+        kafka_io.require_topics(bootstrap_servers, [topic], client_options)
+    producer = kafka_io.make_producer(bootstrap_servers, client_options)
+    try:
+        future = producer.send(topic, key=verdict.feedback_id.encode("utf-8"), value=feedback.encode(verdict))
+        producer.flush(timeout=timeout_s)
+        future.get(timeout=timeout_s)
+    except kafka_io.kafka_errors.KafkaError as exc:
+        raise DeliveryError(f"the verdict was not delivered to {topic} on {bootstrap_servers} within "
+                            f"{timeout_s:.0f} s ({type(exc).__name__}: {exc}); nothing was recorded") from exc
+    finally:
+        producer.close(timeout=5)
+
+
+def in_force(verdicts: Sequence[feedback.Verdict], entity: str | None = None) -> list[feedback.Verdict]:
+    """The verdicts in force (``feedback.latest``), of ``entity`` only when given."""
+    return [v for v in feedback.latest(verdicts) if entity is None or v.entity == entity]

@@ -1,0 +1,164 @@
+"""Operators' verdicts (pure): the message both ways, which verdict is in force, what each labels, the
+event a verdict is about; and what the retrain's history and data preparation make of them."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from anomaly import feedback
+from anomaly.codec import Reading
+from anomaly.errors import DataError
+from anomaly.retrain import LABEL_COLUMN, History
+
+
+def test_a_verdict_goes_out_and_comes_back_the_same():
+    v = feedback.make_verdict("pump-7", 100.0, 160.0, "normal", event_id="5f0c", note="new impeller ✓", by="alice",
+                              ts=200.0)
+    assert v.feedback_id == "5f0c"  # an event's verdict is keyed by the event
+    raw = feedback.encode(v)
+    assert json.loads(raw)["verdict"] == "normal" and "✓" in raw.decode("utf-8")
+    assert feedback.decode(raw) == v
+    assert feedback.encode(feedback.decode(raw)) == raw  # sorted keys: the same verdict, the same bytes
+
+
+def test_a_period_s_verdict_has_the_period_s_id():
+    a = feedback.make_verdict("pump-7", 100, 160, "anomaly")
+    assert a.event_id is None and a.feedback_id == feedback.period_id("pump-7", 100.0, 160.0)
+    assert feedback.make_verdict("pump-7", 100, 160, "withdrawn").feedback_id == a.feedback_id  # it can be taken back
+    assert feedback.make_verdict("pump-8", 100, 160, "anomaly").feedback_id != a.feedback_id
+    assert feedback.make_verdict("pump-7", 100, 161, "anomaly").feedback_id != a.feedback_id
+
+
+@pytest.mark.parametrize("fields, says", [
+    (("", 1.0, 2.0, "normal"), "entity"),
+    (("pump\n7", 1.0, 2.0, "normal"), "entity"),
+    (("pump-7", 2.0, 1.0, "normal"), "before start_ts"),
+    (("pump-7", math.nan, 1.0, "normal"), "start_ts"),
+    (("pump-7", 1.0, True, "normal"), "end_ts"),
+    (("pump-7", 1.0, 2.0, "false alarm"), "verdict must be one of normal, anomaly, withdrawn"),
+])
+def test_a_verdict_that_makes_no_sense_is_refused_saying_why(fields, says):
+    with pytest.raises(DataError, match=says):
+        feedback.make_verdict(*fields)
+    with pytest.raises(DataError, match="note is longer than 1024"):
+        feedback.make_verdict("pump-7", 1.0, 2.0, "normal", note="x" * 1025)
+
+
+@pytest.mark.parametrize("raw, says", [
+    (None, "tombstone"), (b"\xff", "not UTF-8 JSON"), (b"[1]", "not a JSON object"),
+    (b'{"entity": "p", "start_ts": 1, "end_ts": 2, "verdict": "normal"}', "missing feedback_id"),
+    (b'{"feedback_id": "x", "entity": "p", "start_ts": 1, "end_ts": 2, "verdict": "maybe"}', "verdict must be"),
+    (b'{"feedback_id": "x", "entity": "p", "start_ts": 1, "end_ts": 2, "verdict": "normal", "ts": "now"}', "ts is not"),
+])
+def test_a_record_that_is_no_verdict_decodes_to_the_reason(raw, says):
+    out = feedback.decode(raw)
+    assert isinstance(out, str) and says in out
+
+
+def test_the_last_verdict_on_an_event_or_period_is_the_one_in_force():
+    first = feedback.make_verdict("pump-7", 100, 160, "anomaly", event_id="e1")
+    changed = feedback.make_verdict("pump-7", 100, 160, "normal", event_id="e1", note="it was the new impeller")
+    other = feedback.make_verdict("pump-8", 10, 20, "anomaly")
+    withdrawn = feedback.make_verdict("pump-8", 10, 20, "withdrawn")
+    assert feedback.latest([first, other, changed]) == [other, changed]
+    assert feedback.latest([first, other, changed, withdrawn]) == [changed]
+    again = feedback.make_verdict("pump-8", 10, 20, "anomaly", note="after all")
+    assert feedback.latest([other, withdrawn, again]) == [again]  # given again after being taken back
+    assert feedback.periods([first, other, changed, withdrawn]) == {"pump-7": [(100.0, 160.0, False)]}
+    assert feedback.counts(feedback.latest([first, other])) == {"normal": 0, "anomaly": 2}
+    assert feedback.summary(feedback.latest([first, other, changed])) == "2 verdicts (1 normal, 1 anomaly)"
+
+
+def test_labels_at_marks_the_readings_each_period_covers_and_an_anomaly_wins_an_overlap():
+    ts = np.arange(0.0, 10.0)
+    out = feedback.labels_at(ts, [(5.0, 8.0, True), (2.0, 6.0, False)])
+    assert np.isnan(out[[0, 1, 9]]).all()
+    assert out[2:5].tolist() == [0.0, 0.0, 0.0]  # normal, both ends inclusive
+    assert out[5:9].tolist() == [1.0, 1.0, 1.0, 1.0]  # the overlap (5, 6) is an anomaly
+    assert np.isnan(feedback.labels_at(ts, [])).all()
+
+
+def test_find_event_prefers_the_event_s_closed_record():
+    opened = {"event_id": "e1", "status": "open", "entity": "p", "start_ts": 10.0, "end_ts": None}
+    closed = {**opened, "status": "closed", "end_ts": 40.0}
+    other = {**closed, "event_id": "e2"}
+    assert feedback.find_event([opened, other, closed], "e1") == closed
+    assert feedback.find_event([closed, opened], "e1") == closed  # a re-delivered open after its close
+    assert feedback.find_event([opened], "e1") == opened
+    assert feedback.find_event([other], "e1") is None
+    assert feedback.event_period(closed) == ("p", 10.0, 40.0)
+    assert feedback.event_period(opened) == ("p", 10.0, None)
+    with pytest.raises(DataError, match="no entity or start_ts"):
+        feedback.event_period({"event_id": "e3"})
+
+
+def reading(entity, ts, **values):
+    return Reading(entity, ts, values or {"a": 1.0, "b": 2.0})
+
+
+def test_history_labels_the_readings_a_verdict_covers_unless_they_carry_their_own():
+    h = History(max_readings=100, lookback_s=1000)
+    for t in range(10):
+        h.add(reading("e", float(t)), label=True if t == 3 else None)
+        h.add(reading("f", float(t)))
+    periods = {"e": [(2.0, 4.0, False)], "f": [(7.0, 20.0, True)], "gone": [(0.0, 9.0, True)]}
+    frames = h.frames(["a", "b"], periods)
+    e = frames["e"][LABEL_COLUMN].tolist()
+    assert np.isnan(e[:2]).all() and e[2:5] == [0.0, 1.0, 0.0] and np.isnan(e[5:]).all()  # its own label wins at 3
+    f = frames["f"][LABEL_COLUMN].tolist()
+    assert np.isnan(f[:7]).all() and f[7:] == [1.0, 1.0, 1.0]
+    assert h.verdict_readings == {"normal": 2, "anomaly": 3}
+    assert LABEL_COLUMN not in h.frames(["a", "b"])["f"]  # no verdicts, no labels
+    assert h.verdict_readings == {"normal": 0, "anomaly": 0}
+
+
+class FlaggingChampion:
+    """What _prepare asks of the champion: flags every window ending on a row where ``a`` is above 5."""
+
+    sensors, window_size, period_s = ("a", "b"), 5, 60.0
+
+    def score_values(self, values):
+        end_rows = np.arange(self.window_size - 1, len(values))
+        return SimpleNamespace(scores=values[end_rows, 0], end_rows=end_rows)
+
+    class threshold:
+        @staticmethod
+        def series_flags(scores, window_size):
+            return np.asarray(scores) > 5.0
+
+        @classmethod
+        def for_entity(cls, entity):
+            return cls
+
+
+def test_a_normal_verdict_puts_what_the_champion_flagged_into_training_and_an_anomaly_one_keeps_rows_out():
+    """Rows 400-459 run at a new level the champion flags: left out of training, every retrain (so the
+    false alarm came back after each one). With an operator's `normal` verdict on them they train; an
+    `anomaly` verdict on rows 100-119, which the champion does not flag, keeps them and the margin out."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    def history():
+        h = History(max_readings=10_000, lookback_s=1e9)
+        for i in range(1000):
+            h.add(reading("pump", 60.0 * i, a=9.0 if 400 <= i < 460 else float(i % 3), b=float(i)))
+        return h
+
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 4}})
+    before = _prepare(history(), FlaggingChampion(), settings)
+    trained = set(before.train_values[:, 1][~before.gaps if before.gaps is not None else slice(None)])
+    assert not trained & set(range(396, 464)) and before.facts["flagged_windows"] == 60
+
+    verdicts = {"pump": [(60.0 * 400, 60.0 * 459, False), (60.0 * 100, 60.0 * 119, True)]}
+    after = _prepare(history(), FlaggingChampion(), settings, verdicts)
+    trained = set(after.train_values[:, 1][~after.gaps if after.gaps is not None else slice(None)])
+    assert set(range(400, 460)) <= trained  # the new normal trains
+    assert not trained & set(range(96, 124))  # the fault and its margin do not
+    assert after.facts["flagged_windows"] == 0
+    assert after.facts["verdict_normal_readings"] == 60 and after.facts["verdict_anomaly_readings"] == 20
+    assert after.facts["labelled_rows"] == 20
