@@ -1357,6 +1357,27 @@ class _SlowTaskNotes(logging.Filter):
         return "It is blocking the event loop" not in record.getMessage()
 
 
+class _OffsetResets(logging.Filter):
+    """kafka-python's fetcher at INFO, of which only what says that a consumer's position moved pass:
+    "Fetch offset N is out of range", raised to a warning with what it means, and the "Resetting offset
+    for partition P to offset N" after it (also said when a new group starts). The CLI keeps the kafka
+    loggers at WARNING, so a reset that skipped records (retention deleted them before they were
+    read, or the topic was deleted and made again) left no trace in any log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text.startswith("Fetch offset") and "out of range" in text:
+            record.msg, record.args = (f"{text}: the position is not in the partition any more (retention deleted "
+                                       "records before they were read, or the topic was deleted and made "
+                                       "again); the consumer resets to auto_offset_reset ('earliest' here unless "
+                                       "kafka.client_options sets it), and records it skips are not scored"), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        return text.startswith("Resetting offset for partition")
+
+
 class _MaskedSecrets(logging.Filter):
     """Masks the passwords of the URIs a log line quotes (``redaction.masked``): an error of MLflow names
     its tracking URI, user info included, and the worker logs it on every retry."""
@@ -1411,6 +1432,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     selector = logging.getLogger("kafka.net.selector")
     if not any(isinstance(f, _SlowTaskNotes) for f in selector.filters):
         selector.addFilter(_SlowTaskNotes())
+    fetcher = logging.getLogger("kafka.consumer.fetcher")
+    fetcher.setLevel(logging.INFO)
+    if not any(isinstance(f, _OffsetResets) for f in fetcher.filters):
+        fetcher.addFilter(_OffsetResets())
     # MLflow's own "Downloading artifacts" bars: off with --quiet, and always in the daemons, whose output
     # is a log (a worker loads a model at start and at every promotion), and under `up`, whose console
     # prints the events.

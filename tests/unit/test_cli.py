@@ -886,6 +886,27 @@ def test_kafka_pythons_slow_task_notes_are_dropped_and_its_other_warnings_kept(c
     assert main(["config", "example"]) == 0 and len(selector.filters) == 1  # one filter however often main runs
 
 
+def test_a_consumer_s_offset_reset_is_logged_as_a_warning_saying_what_it_skipped(caplog):
+    """kafka-python says at INFO that a fetch offset is out of range (retention deleted what was not read
+    yet, or the topic was made again) and that it reset the position: the CLI kept the kafka loggers at
+    WARNING, so the skip left no trace. Now the first is a warning that says so, the second passes at INFO,
+    and the fetcher's other INFO lines stay out."""
+    import logging
+
+    assert main(["config", "example"]) == 0
+    fetcher = logging.getLogger("kafka.consumer.fetcher")
+    with caplog.at_level(logging.INFO):
+        fetcher.info("Fetch offset %s is out of range for topic-partition %s", 300, "sensors-0")
+        fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-0", 0)
+        fetcher.info("Adding fetch request for partition %s at offset %d", "sensors-0", 0)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "kafka.consumer.fetcher"]
+    assert said[0][0] == "WARNING" and said[0][1].startswith("Fetch offset 300 is out of range for topic-partition "
+                                                             "sensors-0: the position is not in the partition")
+    assert "records it skips are not scored" in said[0][1]
+    assert said[1:] == [("INFO", "Resetting offset for partition sensors-0 to offset 0.")]
+    assert main(["config", "example"]) == 0 and len(fetcher.filters) == 1
+
+
 def test_commands_read_tables_in_data_timezone(tmp_path, monkeypatch):
     import pandas as pd
 

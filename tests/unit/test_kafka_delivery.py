@@ -45,6 +45,17 @@ def test_an_output_not_delivered_says_where_and_that_nothing_is_committed() -> N
     assert "KafkaTimeoutError: Timeout waiting for future" in said and "nothing of their batch is committed" in said
 
 
+def test_an_output_the_broker_refused_is_said_as_a_refusal_not_as_a_wait() -> None:
+    # a broker restarted with its memory lost refuses the producer's id at once; the message said
+    # "within 125 s", and sent the reader looking for a slow broker
+    sends = [Future(kafka_errors.UnknownProducerIdError("the broker does not know this producer"))]
+    with pytest.raises(DeliveryError) as caught:
+        kafka_io.deliver(Producer(), sends, 125.0, bootstrap_servers="kafka:9092", topics=["anomalies"])
+    said = str(caught.value)
+    assert "were not delivered to the broker at kafka:9092 (refused after 0.0 s) (UnknownProducerIdError" in said
+    assert "within 125 s" not in said
+
+
 def test_the_time_limit_follows_the_producers_own() -> None:
     # The worker gave up after 30 s, inside the producer's own 120 s of retries: a broker away for 45 s
     # ended it, though the producer would have delivered when the broker came back.
