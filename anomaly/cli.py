@@ -1321,7 +1321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="normal: a false alarm, the asset was fine; anomaly: a real fault; withdraw: take the "
                         "verdict on this event or period back; list: the verdicts in force")
     p.add_argument("event_id", nargs="?", metavar="EVENT_ID",
-                   help="the event's event_id (from the events topic); its entity, start and end are looked up")
+                   help="the event's event_id (from the events topic), or its first 8 characters as `anomaly up` "
+                        "prints them; its entity, start and end are looked up")
     p.add_argument("--entity", help="a period without an event: the entity (with --start and --end); "
                                     "list: this entity's verdicts only")
     p.add_argument("--start", help="the period's first reading time: RFC 3339 (2026-11-21T10:00:00Z) or epoch seconds")

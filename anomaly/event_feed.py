@@ -53,7 +53,8 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS, reopened: boo
     """One console line for an anomaly event (the events topic's JSON, README "message formats").
 
     ``OPEN  ``/``CLOSED`` with the entity, the stream time, the peak score against the threshold,
-    the model version and the top sensors with their share and actual vs expected values.
+    the model version, the start of the event's id (what `anomaly feedback` takes) and the top sensors with
+    their share and actual vs expected values.
     ``reopened``: an open event seen closed before (a crossing within the cooldown re-opened it) is
     ``REOPEN`` (its time is still the start of the event).
     """
@@ -82,7 +83,8 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS, reopened: boo
         span = ""
     head = f"{when}  {status:<6} {entity:<10}"
     body = (f"{span}peak {_num(event.get('peak_score'))} > {_num(event.get('threshold'))}, "
-            f"{event.get('windows', '?')} windows, model v{version}")
+            f"{event.get('windows', '?')} windows, model v{version}"
+            + (f", id {event['event_id'][:8]}" if isinstance(event.get("event_id"), str) else ""))
     tail = f"  top: {', '.join(named)}" if named else ""
     return f"{head} {body}{tail}"
 

@@ -164,16 +164,28 @@ def labels_at(ts: np.ndarray, entity_periods: Sequence[Period]) -> np.ndarray:
     return out
 
 
+MIN_ID_PREFIX = 6  # the shortest start of an event id that `anomaly feedback` looks up (`up` shows 8)
+
+
 def find_event(events: Iterable[Mapping[str, Any]], event_id: str) -> Mapping[str, Any] | None:
     """The event ``event_id`` among decoded event records (topic order): its last ``closed`` record, else
-    its last one (still open)."""
-    found: Mapping[str, Any] | None = None
+    its last one (still open). ``event_id`` may be the id's start (at least ``MIN_ID_PREFIX``
+    characters, as `anomaly up` shows ids) when one event's id starts so; ``DataError`` when several do."""
+    found: dict[str, Mapping[str, Any]] = {}
+    prefix = len(event_id) >= MIN_ID_PREFIX
     for event in events:
-        if event.get("event_id") != event_id:
+        eid = event.get("event_id")
+        if not isinstance(eid, str) or not (eid == event_id or (prefix and eid.startswith(event_id))):
             continue
-        if found is None or found.get("status") != "closed" or event.get("status") == "closed":
-            found = event
-    return found
+        last = found.get(eid)
+        if last is None or last.get("status") != "closed" or event.get("status") == "closed":
+            found[eid] = event
+    if event_id in found:
+        return found[event_id]
+    if len(found) > 1:
+        raise DataError(f"{len(found)} events have ids starting with {event_id}: "
+                        f"{', '.join(sorted(found)[:5])}{' ...' if len(found) > 5 else ''}; give more of it")
+    return next(iter(found.values()), None)
 
 
 def event_period(event: Mapping[str, Any]) -> tuple[str, float, float | None]:

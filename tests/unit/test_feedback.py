@@ -91,6 +91,7 @@ def test_find_event_prefers_the_event_s_closed_record():
     assert feedback.find_event([closed, opened], "e1") == closed  # a re-delivered open after its close
     assert feedback.find_event([opened], "e1") == opened
     assert feedback.find_event([other], "e1") is None
+    assert feedback.find_event([opened], "e") is None  # too short a start to look up
     assert feedback.event_period(closed) == ("p", 10.0, 40.0)
     assert feedback.event_period(opened) == ("p", 10.0, None)
     with pytest.raises(DataError, match="no entity or start_ts"):
@@ -162,3 +163,14 @@ def test_a_normal_verdict_puts_what_the_champion_flagged_into_training_and_an_an
     assert after.facts["flagged_windows"] == 0
     assert after.facts["verdict_normal_readings"] == 60 and after.facts["verdict_anomaly_readings"] == 20
     assert after.facts["labelled_rows"] == 20
+
+
+def test_find_event_takes_the_start_of_an_id_as_up_shows_it_and_refuses_an_ambiguous_one():
+    a = {"event_id": "5f0c3a1b9d2e", "status": "closed", "entity": "p", "start_ts": 1.0, "end_ts": 2.0}
+    b = {**a, "event_id": "5f0c3a77aa00"}
+    assert feedback.find_event([a, b], "5f0c3a1b") == a
+    assert feedback.find_event([a, b], "5f0c3a1b9d2e") == a
+    with pytest.raises(DataError, match="2 events have ids starting with 5f0c3a: 5f0c3a1b9d2e, 5f0c3a77aa00"):
+        feedback.find_event([a, b], "5f0c3a")
+    exact = {**a, "event_id": "5f0c3a"}  # an id that is also the start of others: itself
+    assert feedback.find_event([a, exact, b], "5f0c3a") == exact

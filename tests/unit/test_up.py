@@ -154,7 +154,9 @@ def test_banner_says_where_to_look():
 
 def test_format_event_names_top_sensors_with_actual_and_expected():
     line = format_event(EVENT)
-    assert "OPEN" in line and "pump-2" in line and "model v3" in line
+    assert "OPEN" in line and "pump-2" in line and "model v3, id e1  top:" in line
+    long_id = format_event({**EVENT, "event_id": "5f0c3a1b9d2e4f60718293a4b5c6d7e8"})
+    assert "model v3, id 5f0c3a1b  top:" in long_id  # what `anomaly feedback` takes
     assert "pressure 81% (1.41 vs 1.02)" in line and "flow" in line and "rpm" not in line  # top 3 only
     null = {**EVENT, "sensors": [{**EVENT["sensors"][0], "actual": None, "filled": True}]}
     assert "pressure 81% (null vs 1.02)" in format_event(null)  # the sensor sent no value there
