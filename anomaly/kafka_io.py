@@ -64,6 +64,11 @@ CONSUMER_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     # as fetch_min_bytes arrive): the 500 ms default became the worker's latency floor; 50 ms keeps
     # idle polling cheap and latency low (measured: p50 136 -> 33 ms at 1,000 readings/s).
     "fetch_max_wait_ms": 50,
+    # A consumer never makes the topic it reads: the worker makes or checks its topics at start with the
+    # partitions it is set up for. kafka-python's default (true) let a cluster with auto-creation on (the
+    # broker default) re-make a deleted input topic with the broker's default partition count, and the
+    # drift check make the scores topic before the workers did.
+    "allow_auto_create_topics": False,
 })
 
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({

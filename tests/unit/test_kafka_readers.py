@@ -274,3 +274,12 @@ def test_the_drift_reader_stops_connecting_to_an_unreachable_broker_when_interru
     thread.join(10)  # well inside the 20 s the bootstrap would take
     assert not thread.is_alive() and isinstance(outcome[0], kafka_io.Abandoned)
     reader.close()
+
+
+def test_no_consumer_makes_the_topic_it_reads_unless_told_to():
+    """A cluster with auto-creation on (the broker default) re-made a deleted input topic with its default
+    partition count when the worker's consumer asked for it; the drift check made the scores topic."""
+    assert kafka_io.consumer_options("k:9092", "anomaly-worker")["allow_auto_create_topics"] is False
+    assert kafka_io.consumer_options("k:9092", None)["allow_auto_create_topics"] is False
+    told = kafka_io.consumer_options("k:9092", "g", client_options={"allow_auto_create_topics": True})
+    assert told["allow_auto_create_topics"] is True
