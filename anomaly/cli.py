@@ -1375,8 +1375,8 @@ class _OffsetResets(logging.Filter):
                                        "again); the consumer resets to auto_offset_reset ('earliest' here unless "
                                        "kafka.client_options sets it), and records it skips are not scored"), None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            return True
-        return text.startswith("Resetting offset for partition")
+            return logging.getLogger().isEnabledFor(logging.WARNING)
+        return text.startswith("Resetting offset for partition") and logging.getLogger().isEnabledFor(record.levelno)
 
 
 class _MaskedSecrets(logging.Filter):
@@ -1434,7 +1434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not any(isinstance(f, _SlowTaskNotes) for f in selector.filters):
         selector.addFilter(_SlowTaskNotes())
     fetcher = logging.getLogger("kafka.consumer.fetcher")
-    fetcher.setLevel(logging.INFO)
+    chosen = logging.getLogger().getEffectiveLevel()  # --log-level
+    fetcher.setLevel(logging.INFO if chosen <= logging.WARNING else chosen)  # INFO: the lines the filter raises
     if not any(isinstance(f, _OffsetResets) for f in fetcher.filters):
         fetcher.addFilter(_OffsetResets())
     # MLflow's own "Downloading artifacts" bars: off with --quiet, and always in the daemons, whose output

@@ -905,6 +905,22 @@ def test_a_consumer_s_offset_reset_is_logged_as_a_warning_saying_what_it_skipped
     assert "records it skips are not scored" in said[0][1]
     assert said[1:] == [("INFO", "Resetting offset for partition sensors-0 to offset 0.")]
     assert main(["config", "example"]) == 0 and len(fetcher.filters) == 1
+    caplog.clear()  # --log-level WARNING: the warning, not the INFO line after it
+    assert main(["--log-level", "WARNING", "config", "example"]) == 0
+    fetcher.info("Fetch offset %s is out of range for topic-partition %s", 300, "sensors-0")
+    fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-0", 0)
+    assert [r.levelname for r in caplog.records if r.name == "kafka.consumer.fetcher"] == ["WARNING"]
+    caplog.clear()  # --log-level ERROR: neither (set here: basicConfig leaves pytest's root logger as it is)
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        assert main(["--log-level", "ERROR", "config", "example"]) == 0
+        fetcher.info("Fetch offset %s is out of range for topic-partition %s", 300, "sensors-0")
+    finally:
+        root.setLevel(before)
+        fetcher.setLevel(logging.INFO)
+    assert not [r for r in caplog.records if r.name == "kafka.consumer.fetcher"]
 
 
 def test_commands_read_tables_in_data_timezone(tmp_path, monkeypatch):
