@@ -234,6 +234,7 @@ class LiveScore:
 
     model_version: str
     score: float | None  # None: the window scored NaN/inf
+    model_name: str | None = None  # the registered model that scored it (None: a record that does not say)
 
 
 def parse_score_record(value: bytes | None) -> LiveScore | None:
@@ -246,21 +247,27 @@ def parse_score_record(value: bytes | None) -> LiveScore | None:
         model = doc["model"]
         score = doc["score"]
         version = str(model["version"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        name = model.get("name")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    return LiveScore(version, _finite(score))
+    return LiveScore(version, _finite(score), name if isinstance(name, str) else None)
 
 
 class ScoreWindow:
     """The latest ``size`` finite scores of one model version; scores of another version start it over
-    when that version is the one being watched (``watch``)."""
+    when that version is the one being watched (``watch``). With ``model_name``, only that registered
+    model's scores count: two asset types' workers may share one scores topic, and their models' version
+    numbers match (both start at v1), so the other type's scores counted as this one's (a fault on a
+    turbine read as drift of the pumps' model, and its retrain's cooldown hid the pumps' own drift)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, model_name: str | None = None) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.version: str | None = None
+        self.model_name = model_name
         self._scores: deque[float] = deque(maxlen=size)
         self.other_versions = 0  # records of versions not watched (older champions, lagging workers)
+        self.other_models = 0  # records of other registered models (another asset type's workers)
 
     def watch(self, version: str) -> None:
         """Keep scores of ``version`` from now on (a different version than before clears the window)."""
@@ -269,7 +276,9 @@ class ScoreWindow:
             self._scores.clear()
 
     def add(self, record: LiveScore) -> None:
-        if record.model_version != self.version:
+        if self.model_name is not None and record.model_name is not None and record.model_name != self.model_name:
+            self.other_models += 1
+        elif record.model_version != self.version:
             self.other_versions += 1
         elif record.score is not None:
             self._scores.append(record.score)

@@ -256,7 +256,7 @@ class DriftMonitor:
         self.metrics = metrics if metrics is not None else SchedulerMetrics()
         self.bounds = DriftBounds(psi_threshold=d.psi_threshold, max_alarm_rate=d.max_alarm_rate,
                                   min_samples=d.min_samples)
-        self.window = ScoreWindow(d.window)
+        self.window = ScoreWindow(d.window, model_name=settings.mlflow.model_name)
         self.gate = DriftGate(d.cooldown_s)
         self.reader = reader if reader is not None else ScoreReader(k.bootstrap_servers, k.scores_topic, d.group_id,
                                                                    k.client_options)

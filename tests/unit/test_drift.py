@@ -127,8 +127,10 @@ def test_assess_needs_min_samples_and_ignores_non_finite_scores():
 def test_parse_score_record():
     doc = {"entity": "p", "ts": 1.0, "start_ts": 0.0, "score": 0.5, "threshold": 1.0, "anomalous": False,
            "filled": 0, "model": {"name": "pump", "version": "7"}}
-    assert parse_score_record(json.dumps(doc).encode()) == LiveScore("7", 0.5)
-    assert parse_score_record(json.dumps({**doc, "score": None}).encode()) == LiveScore("7", None)
+    assert parse_score_record(json.dumps(doc).encode()) == LiveScore("7", 0.5, "pump")
+    assert parse_score_record(json.dumps({**doc, "score": None}).encode()) == LiveScore("7", None, "pump")
+    assert parse_score_record(json.dumps({**doc, "model": {"version": 7}}).encode()) == LiveScore("7", 0.5)
+    assert parse_score_record(json.dumps({**doc, "model": "pump"}).encode()) is None
     for bad in (b"", None, b"not json", b"[1]", json.dumps({"score": 1}).encode()):
         assert parse_score_record(bad) is None
 
@@ -145,6 +147,17 @@ def test_score_window_keeps_the_watched_versions_latest_scores():
     assert len(w) == 3  # same version: kept
     w.watch("2")
     assert len(w) == 0  # a promotion starts over
+
+
+def test_score_window_of_a_model_leaves_out_another_asset_type_s_scores_of_the_same_version():
+    """Two asset types' workers writing one scores topic: both models start at v1, and the turbines'
+    scores counted as the pumps' (a turbine fault read as the pumps' model drifting)."""
+    w = ScoreWindow(10, model_name="pumps")
+    w.watch("1")
+    w.add(LiveScore("1", 1.0, "pumps"))
+    w.add(LiveScore("1", 50.0, "turbines"))
+    w.add(LiveScore("1", 2.0))  # a record that names no model: counted, as before
+    assert w.scores().tolist() == [1.0, 2.0] and w.other_models == 1 and w.other_versions == 0
 
 
 def test_gate_cooldown_and_running_retrain():
@@ -204,8 +217,24 @@ class ListReader:
         self.closed = True
 
 
-def score_records(scores, version="3"):
-    return [json.dumps({"score": float(s), "model": {"name": "pump", "version": version}}).encode() for s in scores]
+def score_records(scores, version="3", name="anomaly-detector"):  # (mlflow.model_name's default)
+    return [json.dumps({"score": float(s), "model": {"name": name, "version": version}}).encode() for s in scores]
+
+
+def test_the_drift_check_reads_its_own_model_s_scores_only():
+    """Another asset type's workers write the same scores topic, their model at the same version: a fault
+    of theirs (scores far above) is not this model's drift."""
+    from anomaly.scheduler import DriftMonitor
+
+    settings = build_settings({"kafka": {"scores_topic": "scores"}, "mlflow": {"model_name": "pumps"},
+                               "drift": {"enabled": True, "window": 2000, "min_samples": 1000}})
+    rng = np.random.default_rng(1)
+    reader = ListReader([score_records(rng.exponential(1.0, 1200), name="pumps")
+                         + score_records([1e6] * 600, name="turbines")])
+    monitor = DriftMonitor(settings, SchedulerMetrics(), reader=reader, resolver=lambda name, alias: "3",
+                           reference_for=lambda name, version: reference())
+    result = monitor.check()
+    assert result.verdict == "ok" and result.samples == 1200 and monitor.window.other_models == 600
 
 
 def test_drift_monitor_checks_the_champions_scores_and_exports_the_statistic():
@@ -337,7 +366,7 @@ def test_the_drift_cooldown_holds_over_a_scheduler_restart(tmp_path):
         "scheduler": {"job_store": str(tmp_path / "s.db"), "interval_s": 86400},
         "kafka": {"scores_topic": "scores"},
         "drift": {"enabled": True, "window": 100, "min_samples": 10, "cooldown_s": 3600}})
-    drifting = [json.dumps({"score": 9.0, "model": {"name": "m", "version": "1"}}).encode()] * 100
+    drifting = [json.dumps({"score": 9.0, "model": {"name": "anomaly-detector", "version": "1"}}).encode()] * 100
 
     def scheduler_with(reader):
         monitor = DriftMonitor(settings, reader=reader, resolver=lambda name, alias: "1",
