@@ -812,7 +812,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                         period_s=float(champion.period_s or data.facts["period_s"]),
                         entities=list(data.entity_tails) if len(data.entity_tails) > 1 else [],
                         entity_tails=data.entity_tails if len(data.entity_tails) > 1 else {})
-    tags = {"retrain": "true", "retrain.champion_version": champion_version, "retrain.origin": origin,
+    tags = {"retrain": "true", "model_name": ml.model_name, "retrain.champion_version": champion_version,
+            "retrain.origin": origin,
             **{f"retrain.{k}": v for k, v in data.facts.items() if k != "origin"}}
     outcome = run_training(prepared, settings, source=origin, dataset="retrain", alias=ml.challenger_alias,
                            extra_tags=tags, run_name="retrain-challenger", progress=progress)
@@ -1134,16 +1135,20 @@ def gate_limits(metrics: Mapping[str, float], rt: RetrainSettings) -> dict[str, 
 def end_dead_runs(settings: Settings, started_ts: float) -> list[str]:
     """The MLflow runs that a scheduled retrain started at ``started_ts`` (epoch s) left RUNNING when its
     process was killed, ended FAILED (tag ``anomaly.ended`` says why); their ids. A manual retrain's runs
-    (trigger ``manual``) are left alone: one may be running now, elsewhere."""
+    (trigger ``manual``) are left alone: one may be running now, elsewhere; so are another registered
+    model's (tag ``model_name``: another asset type's scheduler, sharing the experiment, retraining now).
+    A run without the tag (written before it was) is taken as this model's."""
     from anomaly import tracking
 
     tracking.configure_from(settings.mlflow)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_ts))
+    name = settings.mlflow.model_name
     return tracking.end_dead_runs(
         settings.mlflow.experiment, started_ts - DEAD_RUN_MARGIN_S, {"retrain": "true"},
         f"its process was killed: the scheduler, restarted, found that the retrain it started at {when} never "
         "finished (out of memory, or SIGKILL after a stop's grace)",
-        unless=lambda tags: tags.get("retrain.trigger", tags.get("trigger")) == "manual")
+        unless=lambda tags: (tags.get("retrain.trigger", tags.get("trigger")) == "manual"
+                             or tags.get("model_name", name) != name))
 
 
 DEAD_RUN_MARGIN_S = 5.0  # a scheduled retrain's runs start after its job does: this much clock skew allowed

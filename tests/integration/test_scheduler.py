@@ -421,10 +421,16 @@ def test_the_runs_a_killed_scheduled_retrain_left_running_are_ended_failed(tmp_p
     training = _running_run(client, experiment)  # an `anomaly train`: not the retrain's
     done = _running_run(client, experiment, retrain="true", **{"retrain.trigger": "schedule"})
     client.set_terminated(done, "FINISHED")
-    assert sorted(end_dead_runs(settings, started)) == sorted([challenger, compare])
-    status = {run: client.get_run(run).info.status for run in (before, challenger, compare, manual, training, done)}
+    # another asset type's scheduler, sharing the experiment, retraining now: its runs are not ours to end
+    turbines = _running_run(client, experiment, retrain="true", model_name="turbines",
+                            **{"retrain.trigger": "schedule"})
+    ours = _running_run(client, experiment, retrain="true", model_name="pump", **{"retrain.trigger": "schedule"})
+    assert sorted(end_dead_runs(settings, started)) == sorted([challenger, compare, ours])
+    status = {run: client.get_run(run).info.status
+              for run in (before, challenger, compare, manual, training, done, turbines, ours)}
     assert status == {before: "RUNNING", challenger: "FAILED", compare: "FAILED", manual: "RUNNING",
-                      training: "RUNNING", done: "FINISHED"}  # before: another process's, a minute earlier
+                      training: "RUNNING", done: "FINISHED", turbines: "RUNNING", ours: "FAILED"}
+    # before: another process's, a minute earlier
     assert "its process was killed" in client.get_run(challenger).data.tags["anomaly.ended"]
     assert end_dead_runs(settings, started) == []  # once
     mlflow.set_tracking_uri(None)
