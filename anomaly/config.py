@@ -357,6 +357,7 @@ class WorkerSettings:
 
     stride: int = doc("score a window every stride-th slot per entity (1 = every reading); 4 = a quarter of the forward passes for a few slots more detection delay (README, Streaming worker); at most the model's window size (a model with a shorter window is scored every window_size slots, with a warning)", 4)
     grace_slots: int = doc("how many sampling slots late a reading may arrive and still be placed in order", 0)
+    entities: list[str] | None = doc("the entities this worker serves, as glob patterns on the entity id (fnmatch: * ? [...]; e.g. [\"pump-*\"]); the records of others are skipped, not dead-lettered, counted in anomaly_readings_skipped_total, and the retrain reads only these from the topic: several asset types on one input topic, each type's workers in a kafka.group_id of their own (README \"Several asset types\"); empty = every entity", None)
     partial_readings: bool = doc("accept readings that carry only some of the model's sensors, the absent ones missing as null is (a producer sending a slot's sensors one message each; with grace_slots >= 1 the parts of a slot are merged); off: such a reading is a dead letter (its sensor set differs from the model's). An unknown sensor is a dead letter either way", False)
     max_fill_steps: int = doc("missing slots forward-filled inside a window (a reading with every sensor null is none); "
                               "a longer gap restarts the entity's window. Also how many slots in a row (slots with no "

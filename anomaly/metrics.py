@@ -72,7 +72,7 @@ END_TO_END_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 COUNT_KEYS: frozenset[str] = frozenset({"consumed", "dead_letters", "windows_scored", "late", "duplicates",
                                         "resets", "events_opened", "events_closed", "accepted", "evicted",
-                                        "nonfinite_scores", "adaptive_held", "replayed", "empty"})
+                                        "nonfinite_scores", "adaptive_held", "replayed", "empty", "skipped"})
 """The keys ``record_batch`` counts; a missing key counts as 0, an unknown one is ignored (with one
 warning: a metrics mismatch must never stop the worker)."""
 
@@ -137,6 +137,8 @@ class WorkerMetrics:
         self.empty_readings = counter("empty_readings_total",
                                       "Readings with every sensor null: no reading, their slots missing.")
         self.window_resets = counter("window_resets_total", "Entity window buffers restarted after a gap.")
+        self.readings_skipped = counter("readings_skipped_total",
+                                        "Records of entities this worker does not serve (worker.entities): skipped.")
         self.readings_accepted = counter("readings_accepted_total", "Readings taken into an entity's window.")
         self.entities_evicted = counter("entities_evicted_total", "Entities dropped after being silent too long, or not active past worker.max_entities.")
         self.nonfinite_scores = counter("nonfinite_scores_total", "Windows whose score was NaN or infinite.")
@@ -173,7 +175,7 @@ class WorkerMetrics:
             "events_opened": self.events.labels(status="open"), "events_closed": self.events.labels(status="closed"),
             "accepted": self.readings_accepted, "evicted": self.entities_evicted,
             "nonfinite_scores": self.nonfinite_scores, "adaptive_held": self.adaptive_held,
-            "replayed": self.records_replayed, "empty": self.empty_readings,
+            "replayed": self.records_replayed, "empty": self.empty_readings, "skipped": self.readings_skipped,
         }
         self._warned_keys: set[str] = set()
         self._health: dict[str, Any] = {"status": "starting", "detail": None, "model_name": None,

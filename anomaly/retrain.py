@@ -55,6 +55,7 @@ from anomaly.listing import some
 from anomaly.config import RetrainSettings, Settings
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly import feedback
+from anomaly.entity_filter import EntityFilter
 from anomaly.feedback import Period
 from anomaly.preparation import epoch_seconds, labels_on_grid
 from anomaly.redaction import masked
@@ -103,7 +104,7 @@ class History:
 
     Keeps at most ``max_readings`` readings per entity (the latest seen, in arrival order, which is
     offset order within an entity's partition) and drops readings older than ``lookback_s`` before
-    the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept;
+    the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept, and so does ``served`` (a predicate: ``worker.entities``);
     ``sensors`` (when given) keeps only readings that carry exactly those (the worker dead-letters a
     reading with any other sensor set, so a model is not retrained on readings it never scored), or,
     with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more.
@@ -114,11 +115,13 @@ class History:
 
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
                  sensors: Iterable[str] | None = None, max_ts: float | None = None,
-                 exact_sensors: bool = True, max_entities: int | None = None, window: int = 1) -> None:
+                 exact_sensors: bool = True, max_entities: int | None = None, window: int = 1,
+                 served: Callable[[str], bool] | None = None) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
         self.entities = frozenset(entities) if entities else None
+        self.served = served  # worker.entities: the entities the workers serve (another asset type's: ignored)
         self.sensors = frozenset(sensors) if sensors else None
         self.exact_sensors = exact_sensors
         self.max_ts = max_ts
@@ -140,6 +143,7 @@ class History:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
         self.seen += 1
         if (self.entities is not None and reading.entity not in self.entities) or (
+                self.served is not None and not self.served(reading.entity)) or (
                 self.sensors is not None and not self._carries(reading)):
             self.ignored += 1
             return False
@@ -731,7 +735,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     history = History(rt.max_readings, rt.lookback_s, rt.entities, champion.sensors,
                       max_ts=time.time() + ahead if clock_bound else None,
                       exact_sensors=source is None,  # a file's other columns are not the champion's: not read
-                      max_entities=rt.max_entities, window=champion.window_size)
+                      max_entities=rt.max_entities, window=champion.window_size,
+                      served=EntityFilter(settings.worker.entities) if settings.worker.entities else None)
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)

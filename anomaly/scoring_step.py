@@ -58,6 +58,7 @@ from anomaly.episodes import EpisodeBars, EpisodeRule
 from anomaly.alerts import OPEN, AlertPolicy, AlertTracker
 from anomaly.codec import DEAD_LETTER_MAX_KEY, DecodedBatch, decode_batch, encode_dead_letter, encode_event
 from anomaly.detector import Detector
+from anomaly.entity_filter import EntityFilter, only_served
 from anomaly.errors import ModelError
 from anomaly.listing import some
 from anomaly.scoring import resolve_precision, sensor_contributions, traced_for_scoring
@@ -66,7 +67,8 @@ from anomaly.window_state import ACCEPTED, DUPLICATE, EMPTY, LATE, RESET, ReadyB
 log = logging.getLogger(__name__)
 
 COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates", "resets", "events_opened",
-              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held", "replayed", "empty")
+              "events_closed", "accepted", "evicted", "nonfinite_scores", "adaptive_held", "replayed", "empty",
+              "skipped")
 # Windows per forward pass in the worker: measured on the 2-core CPU box (W=32, hidden 64), 128-512
 # windows per pass score ≈ 15 % faster per window than 1024 and ≈ 40 % faster than 2048 (cache).
 STREAM_SCORE_BATCH = 512
@@ -227,8 +229,10 @@ class ScoringStep:
     def __init__(self, model: ScoringModel, window_policy: WindowPolicy, alert_policy: AlertPolicy,
                  emit_scores: bool = False, idle_timeout_s: float | None = IDLE_TIMEOUT_S,
                  max_future_s: float | None = None, max_entities: int | None = None,
-                 partial_readings: bool = False) -> None:
+                 partial_readings: bool = False, entities: Sequence[str] | None = None) -> None:
         self._model = model
+        # worker.entities: the entities served; another's readings are skipped (None: every entity)
+        self._served = EntityFilter(entities) if entities else None
         self.partial_readings = partial_readings  # a reading may carry some of the model's sensors (the rest missing)
         self.max_future_s = max_future_s  # readings stamped further ahead of now_s are dead letters; None = off
         self.max_entities = max_entities  # most entities held; past it those not active go
@@ -511,6 +515,10 @@ class ScoringStep:
                 b, j = _record_at(batches, i)
                 self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i],
                                                  replayed is not None and bool(replayed[i]))
+        if self._served is not None:  # another asset type's readings (a shared input topic): not ours to score
+            keys = [key for b in batches for key in (b.keys if b.keys is not None else [None] * len(b.values))]
+            decoded, skipped = only_served(decoded, keys, self._served)
+            counts["skipped"] = len(skipped) if replayed is None else int((~replayed[skipped]).sum())
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
             run_start = np.cumsum([0] + [len(b.values) for b in batches])

@@ -103,6 +103,7 @@ class WorkerOptions:
     max_future_s: float | None = None  # readings stamped further ahead of the clock are dead letters; None = off
     max_entities: int | None = None  # most entities held; past it those not active go; None = no cap
     partial_readings: bool = False  # a reading may carry some of the model's sensors (the others missing)
+    entities: tuple[str, ...] | None = None  # glob patterns of the entities served; others skipped; None = all
     stall_s: float = 0.0  # a loop round unfinished this long: /healthz "stalled", a silent scoring child killed; 0 = never
 
 
@@ -148,7 +149,8 @@ class Worker:
         detector, version = follower.current()
         self.step = ScoringStep(self._serving(detector, version), options.window_policy, options.alert_policy,
                                 emit_scores=options.scores_topic is not None, max_future_s=options.max_future_s,
-                                max_entities=options.max_entities, partial_readings=options.partial_readings)
+                                max_entities=options.max_entities, partial_readings=options.partial_readings,
+                                entities=options.entities)
         self.metrics.set_model(follower.model_name, version)
         self.metrics.set_health("starting", model_name=follower.model_name, model_version=version)
         self.metrics.set_stall_limit(options.stall_s)
@@ -518,4 +520,5 @@ def options_from_settings(settings) -> WorkerOptions:
         device=w.device, precision=w.precision, create_topics=w.create_topics,
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
         scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s,
-        max_entities=w.max_entities, stall_s=w.stall_s, partial_readings=w.partial_readings)
+        max_entities=w.max_entities, stall_s=w.stall_s, partial_readings=w.partial_readings,
+        entities=tuple(w.entities) if w.entities else None)

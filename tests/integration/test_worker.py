@@ -235,6 +235,33 @@ def test_readings_sent_sensor_by_sensor_are_merged_into_whole_windows(kafka_brok
     assert all(s["filled"] == 0 for s in scores)  # every cell read, none carried over
 
 
+def test_a_worker_serving_one_asset_type_skips_the_other_s_readings_on_a_shared_topic(kafka_broker, champion,
+                                                                                         topic_name):
+    # pumps and turbines published into one topic (one gateway): a pumps worker dead-lettered every turbine
+    # reading. With worker.entities = ["pump-*"] it scores its pumps and skips the turbines, bad records too,
+    # and its group's commit reaches the end of the topic.
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name, entities=("pump-*",))
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 2})
+    rows = 60
+    producer = kafka_io.make_producer(kafka_broker)
+    for entity, reading in _fleet_plan(normal_frame(rows, seed=8), "pump", copies=2, start_ts=START_TS):
+        producer.send(opts.input_topic, key=entity.encode(), value=codec.encode_reading(reading))
+    for i in range(rows):
+        turbine = codec.Reading("turbine-1", START_TS + i, {"rpm": 3000.0, "vibration": 0.1})
+        producer.send(opts.input_topic, key=b"turbine-1", value=codec.encode_reading(turbine))
+    producer.send(opts.input_topic, key=b"turbine-1", value=b"the turbines' own bad record")
+    producer.flush()
+    producer.close()
+    worker = Worker(opts, _follower(settings))
+    stats = worker.run(idle_stop_s=4)
+    assert stats.consumed == 3 * rows + 1 and stats.dead_letters == 0
+    assert worker.metrics.readings_skipped._value.get() == rows + 1
+    scores = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.scores_topic, timeout_s=30, idle_s=2)]
+    assert {s["entity"] for s in scores} == {"pump-0", "pump-1"}
+    assert len(scores) == 2 * (rows - settings.model.window_size + 1)
+
+
 def test_an_entity_sending_other_sensors_ages_out_closing_its_event_and_freeing_the_commit(kafka_broker, champion,
                                                                                             topic_name):
     # A fault opens an event; then the pump's readings carry another sensor set than the champion reads
