@@ -371,6 +371,9 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partia
             if got - expected:
                 parts.append(f"unknown {_names(got - expected)}")
             hint = "" if partial or not got <= expected else " (worker.partial_readings = true accepts a reading of some)"
+            if not got & expected:  # not one sensor in common: most likely another asset type's reading
+                hint = (" (no sensor in common: another asset type's reading? each type's workers need a "
+                        "kafka.group_id of their own, and an input topic of their own or worker.entities)")
             return BadRecord(f"sensor set does not match the entity's model: {'; '.join(parts)}{hint}", ts=ts)
 
     return Reading(entity=entity, ts=ts, values=values)

@@ -282,6 +282,19 @@ def test_random_bytes_and_mutations_never_raise() -> None:
         assert isinstance(got, BadRecord)
 
 
+def test_a_reading_with_no_sensor_in_common_is_said_to_be_perhaps_another_asset_type_s() -> None:
+    # two asset types in one consumer group, or on one input topic: every reading of the other type is a
+    # dead letter, and its reason said only "sensor set does not match"
+    sensors = ["temp", "pressure", "flow"]
+    turbine = decode_reading(reading_json(values={"rpm": 3000, "vibration": 0.1}), sensors)
+    assert isinstance(turbine, BadRecord) and "no sensor in common: another asset type's reading?" in turbine.reason
+    assert "kafka.group_id" in turbine.reason and "worker.entities" in turbine.reason
+    batch = decode_batch([reading_json(values={"rpm": 3000, "vibration": 0.1})], sensors)
+    assert "another asset type" in batch.bad[0][1]
+    one_more = decode_reading(reading_json(values={"temp": 1, "pressure": 1, "flow": 1, "rpm": 2}), sensors)
+    assert isinstance(one_more, BadRecord) and "asset type" not in one_more.reason  # a sensor added: not that
+
+
 def test_a_bad_reading_whose_entity_and_time_were_read_keeps_its_time() -> None:
     # Its time still moves its partition's stream time: a producer sending "temp": "71.2" for good used
     # to pin its partition's commit, and its entity's open event, for ever.
