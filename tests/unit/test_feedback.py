@@ -174,3 +174,16 @@ def test_find_event_takes_the_start_of_an_id_as_up_shows_it_and_refuses_an_ambig
         feedback.find_event([a, b], "5f0c3a")
     exact = {**a, "event_id": "5f0c3a"}  # an id that is also the start of others: itself
     assert feedback.find_event([a, exact, b], "5f0c3a") == exact
+
+
+def test_the_feedback_demo_s_table_shows_each_model_and_a_retrain_that_made_none():
+    from pipelines.feedback_demo import table
+
+    scores = {"other/9": {"far": 98.84, "mar": 0.0, "f1": 0.5223}, "valve1/0": {"far": 0.128, "mar": 92.86, "f1": 0.133}}
+    text = table({"champion": {"version": "1", "scores": scores},
+                  "without_verdicts": {"status": "skipped", "reason": "too little clean data"},
+                  "with_verdicts": {"version": "3", "status": "kept", "scores": scores}})
+    lines = text.splitlines()
+    assert lines[2] == "| champion (valves only) v1 | none | 98.8 | 0.0 | 0.522 | 0.1 | 92.9 | 0.133 |"
+    assert "skipped: too little clean data" in lines[3]
+    assert lines[4].startswith("| challenger, with verdicts v3 | its normal stretches | 98.8")
