@@ -699,6 +699,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         if event is None:
             raise AnomalyError(f"no event {event_id} on {k.events_topic} at {k.bootstrap_servers} (mistyped, or gone "
                                "with the topic's retention?): give --entity, --start and --end for its period")
+        event_id = str(event.get("event_id") or event_id)  # the whole id, where the start of it was given
         entity, start, end = feedback.event_period(event)
         if args.end is not None:
             end = _time_arg("--end", args.end)

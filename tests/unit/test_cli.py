@@ -980,3 +980,23 @@ def test_feedback_with_the_feedback_topic_off_names_the_field(monkeypatch, capsy
     monkeypatch.setenv("ANOMALY_KAFKA__FEEDBACK_TOPIC", "")
     assert main(["feedback", "list"]) == 2
     assert "kafka.feedback_topic" in capsys.readouterr().err
+
+
+def test_feedback_on_an_open_event_needs_an_end_and_takes_one(monkeypatch, capsys):
+    """The event is looked up (here: a stand-in for the events topic); one still open has no end to give."""
+    import json
+
+    from anomaly import feedback_topic
+
+    opened = {"event_id": "5f0c3a1b9d2e", "entity": "pump-7", "status": "open", "start_ts": 100.0, "end_ts": None}
+    sent = []
+    monkeypatch.setattr(feedback_topic, "find_event", lambda *a, **k: opened)
+    monkeypatch.setattr(feedback_topic, "send", lambda bootstrap, topic, verdict, *a, **k: sent.append((topic, verdict)))
+    assert main(["feedback", "normal", "5f0c3a1b"]) == 2
+    assert "event 5f0c3a1b9d2e of pump-7 is still open (no end yet): give --end" in capsys.readouterr().err
+    assert sent == []
+    assert main(["feedback", "anomaly", "5f0c3a1b", "--end", "1970-01-01T00:03:20Z", "--note", "bearing"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert (given["entity"], given["start_ts"], given["end_ts"], given["verdict"]) == ("pump-7", 100.0, 200.0, "anomaly")
+    assert given["feedback_id"] == given["event_id"] == "5f0c3a1b9d2e"  # the whole id, from the event
+    assert sent[0][0] == "anomalies.feedback" and sent[0][1].note == "bearing"
