@@ -696,13 +696,21 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     event_id = args.event_id
     if event_id:
         event = feedback_topic.find_event(k.bootstrap_servers, k.events_topic, event_id, k.client_options)
+        if event is None:  # gone with the events topic's retention: a verdict on it still knows its period
+            given, _ = feedback_topic.read_verdicts(k.bootstrap_servers, k.feedback_topic, k.client_options)
+            event = feedback.find_event(({"event_id": v.event_id, "entity": v.entity, "status": "closed",
+                                          "start_ts": v.start_ts, "end_ts": v.end_ts}
+                                         for v in feedback.latest(given) if v.event_id), event_id)
         if event is None:
-            raise AnomalyError(f"no event {event_id} on {k.events_topic} at {k.bootstrap_servers} (mistyped, or gone "
-                               "with the topic's retention?): give --entity, --start and --end for its period")
+            raise AnomalyError(f"no event {event_id} on {k.events_topic} at {k.bootstrap_servers}, nor a verdict on "
+                               f"one in {k.feedback_topic} (mistyped, or gone with the topic's retention?): give "
+                               "--entity, --start and --end for its period")
         event_id = str(event.get("event_id") or event_id)  # the whole id, where the start of it was given
         entity, start, end = feedback.event_period(event)
         if args.end is not None:
             end = _time_arg("--end", args.end)
+        if end is None and args.action == "withdraw":  # an event's verdict is keyed by its id: no end needed
+            end = start
         if end is None:
             raise AnomalyError(f"event {event_id} of {entity} is still open (no end yet): give --end, or wait "
                                "for it to close")

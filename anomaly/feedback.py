@@ -79,6 +79,12 @@ def make_verdict(entity: str, start_ts: float, end_ts: float, verdict: str, *, e
     return Verdict(fid, entity, float(start_ts), float(end_ts), verdict, event_id, note, by, float(ts))
 
 
+def withdrawn(feedback_id: str) -> Verdict:
+    """What a tombstone (a record with a key and no value: compaction's delete) on the feedback topic says:
+    the verdict of ``feedback_id`` is taken back (kept until the log cleaner removes it, it would hold)."""
+    return Verdict(feedback_id, "", 0.0, 0.0, "withdrawn")
+
+
 def verdict_problem(entity: Any, start_ts: Any, end_ts: Any, verdict: Any, event_id: Any = None, note: Any = "",
                     by: Any = "") -> str | None:
     """Why these fields make no verdict, or None."""
@@ -145,11 +151,16 @@ def latest(verdicts: Iterable[Verdict]) -> list[Verdict]:
     return [v for v in last.values() if v.verdict != "withdrawn"]
 
 
-def periods(verdicts: Iterable[Verdict]) -> dict[str, list[Period]]:
-    """Per entity, the periods of the verdicts in force (``latest`` first): (start, end, is_anomaly)."""
+def periods(verdicts: Iterable[Verdict], pad_s: float = 0.0) -> dict[str, list[Period]]:
+    """Per entity, the periods of the verdicts in force (``latest`` first): (start, end, is_anomaly), each
+    widened by ``pad_s`` on both sides. An event's start and end are slot times, and a reading may be
+    stamped up to half a period off its slot; a worker scoring every ``stride``-th window opened the event
+    up to ``stride - 1`` slots after the first window the retrain (scoring every one) flags, and closed it
+    as many before the last: unpadded, those windows stayed flagged and dropped the event's rows with
+    their margin (``retrain._cycle`` pads by ``(worker.stride - 0.5)`` periods)."""
     out: dict[str, list[Period]] = {}
     for v in latest(verdicts):
-        out.setdefault(v.entity, []).append((v.start_ts, v.end_ts, v.verdict == "anomaly"))
+        out.setdefault(v.entity, []).append((v.start_ts - pad_s, v.end_ts + pad_s, v.verdict == "anomaly"))
     return out
 
 
@@ -168,18 +179,18 @@ MIN_ID_PREFIX = 6  # the shortest start of an event id that `anomaly feedback` l
 
 
 def find_event(events: Iterable[Mapping[str, Any]], event_id: str) -> Mapping[str, Any] | None:
-    """The event ``event_id`` among decoded event records (topic order): its last ``closed`` record, else
-    its last one (still open). ``event_id`` may be the id's start (at least ``MIN_ID_PREFIX``
-    characters, as `anomaly up` shows ids) when one event's id starts so; ``DataError`` when several do."""
+    """The event ``event_id`` among decoded event records (topic order: one event's records share a key,
+    so a partition): its last record, ``closed`` with its end, or ``open`` (still open, or re-opened within
+    its cooldown after a close: the earlier end is no longer its end). ``event_id`` may be the id's start
+    (at least ``MIN_ID_PREFIX`` characters, as `anomaly up` shows ids) when one event's id starts so;
+    ``DataError`` when several do."""
     found: dict[str, Mapping[str, Any]] = {}
     prefix = len(event_id) >= MIN_ID_PREFIX
     for event in events:
         eid = event.get("event_id")
         if not isinstance(eid, str) or not (eid == event_id or (prefix and eid.startswith(event_id))):
             continue
-        last = found.get(eid)
-        if last is None or last.get("status") != "closed" or event.get("status") == "closed":
-            found[eid] = event
+        found[eid] = event
     if event_id in found:
         return found[event_id]
     if len(found) > 1:

@@ -6,6 +6,7 @@ The pure side (the message, which verdict is in force, what it labels) is ``anom
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,9 @@ def read_verdicts(bootstrap_servers: str, topic: str, client_options: Mapping[st
     verdicts: list[feedback.Verdict] = []
     bad: list[str] = []
     for record in records:
+        if record.value is None and record.key:  # a tombstone (compaction's delete) takes its key's verdict back
+            verdicts.append(feedback.withdrawn(bytes(record.key).decode("utf-8", "replace")))
+            continue
         verdict = feedback.decode(record.value)
         if isinstance(verdict, str):
             bad.append(f"partition {record.partition} offset {record.offset}: {verdict}")
@@ -70,13 +74,16 @@ def send(bootstrap_servers: str, topic: str, verdict: feedback.Verdict,
     else:
         kafka_io.require_topics(bootstrap_servers, [topic], client_options)
     producer = kafka_io.make_producer(bootstrap_servers, client_options)
+    started = time.monotonic()
     try:
         future = producer.send(topic, key=verdict.feedback_id.encode("utf-8"), value=feedback.encode(verdict))
         producer.flush(timeout=timeout_s)
         future.get(timeout=timeout_s)
     except kafka_io.kafka_errors.KafkaError as exc:
-        raise DeliveryError(f"the verdict was not delivered to {topic} on {bootstrap_servers} within "
-                            f"{timeout_s:.0f} s ({type(exc).__name__}: {exc}); nothing was recorded") from exc
+        when = (f"within {timeout_s:.0f} s" if isinstance(exc, kafka_io.kafka_errors.KafkaTimeoutError)
+                else f"(refused after {time.monotonic() - started:.1f} s)")
+        raise DeliveryError(f"the verdict was not delivered to {topic} on {bootstrap_servers} {when} "
+                            f"({type(exc).__name__}: {exc}); nothing was recorded") from exc
     finally:
         producer.close(timeout=5)
 

@@ -736,14 +736,17 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                       max_ts=time.time() + ahead if clock_bound else None,
                       exact_sensors=source is None,  # a file's other columns are not the champion's: not read
                       max_entities=rt.max_entities, window=champion.window_size,
-                      served=EntityFilter(settings.worker.entities) if settings.worker.entities else None)
+                      # the workers' entities, on the topic they read (a file's entities are the file's)
+                      served=EntityFilter(settings.worker.entities) if settings.worker.entities and source is None
+                      else None)
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)
         else:
             history.add(item)
     given = _verdicts(settings) if source is None and not stats.get("no_topic") else []
-    data = _prepare(history, champion, settings, feedback.periods(given) if given else None)
+    pad_s = (max(settings.worker.stride, 1) - 0.5) * float(champion.period_s or 0.0)
+    data = _prepare(history, champion, settings, feedback.periods(given, pad_s) if given else None)
     if given:
         data.facts.update({f"verdicts_{kind}": n for kind, n in feedback.counts(given).items()})
     trained_to = (getattr(champion, "meta", None) or {}).get("data_end")

@@ -295,6 +295,21 @@ def test_a_hold_out_inside_the_champion_s_training_data_is_said(store, tmp_path)
     give_champion(settings, weak)
 
 
+def test_a_retrain_on_a_file_reads_its_rows_whatever_worker_entities_says(store, tmp_path):
+    """worker.entities names the entities the workers serve on the topic; a file's entity is the file's
+    name (no entity column), which the patterns do not match: every row was ignored, a skip."""
+    root, weak, _ = store
+    base = settings_for(root, min_rows=100)
+    settings = dataclasses.replace(base, worker=dataclasses.replace(base.worker, entities=["pump-*"]))
+    give_champion(settings, weak)
+    path = tmp_path / "history.csv"
+    normal_frame(800, seed=5).to_csv(path, index_label="ts")
+    result = run_cycle(settings, data_path=str(path))
+    assert result.status in ("promoted", "kept"), result.reason
+    assert result.data["readings_ignored"] == 0 and result.data["rows"] == 800
+    give_champion(settings, weak)
+
+
 def test_a_hold_out_too_short_for_the_challengers_window_is_a_skip_before_training(store, tmp_path):
     """The hold-out compares both models on windows the longer window reaches. A recent clean stretch
     shorter than the challenger's window (32 here, the champion's 8) gave 0 windows to compare: the cycle
@@ -558,9 +573,11 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     after = run_cycle(settings)
     assert after.status in ("promoted", "kept"), after.reason
     assert after.data["verdicts_normal"] == 1 and after.data["verdicts_anomaly"] == 1
-    assert after.data["verdict_normal_readings"] == 60 and after.data["verdict_anomaly_readings"] == 20
+    # each period widened by 3.5 s (worker.stride 4 less half a period: readings off their slot, windows the
+    # worker's stride left out around the event)
+    assert after.data["verdict_normal_readings"] == 66 and after.data["verdict_anomaly_readings"] == 26
     assert after.data["flagged_windows"] < before.data["flagged_windows"]  # the fault's windows are normal now
-    assert after.data["labelled_rows"] == 20
+    assert after.data["labelled_rows"] == 26
 
     assert main(["feedback", "withdraw", "--entity", "pump-0", "--start", str(t0 + 200), "--end", str(t0 + 219)]) == 0
     capsys.readouterr()

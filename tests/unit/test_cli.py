@@ -1000,3 +1000,26 @@ def test_feedback_on_an_open_event_needs_an_end_and_takes_one(monkeypatch, capsy
     assert (given["entity"], given["start_ts"], given["end_ts"], given["verdict"]) == ("pump-7", 100.0, 200.0, "anomaly")
     assert given["feedback_id"] == given["event_id"] == "5f0c3a1b9d2e"  # the whole id, from the event
     assert sent[0][0] == "anomalies.feedback" and sent[0][1].note == "bearing"
+    assert main(["feedback", "withdraw", "5f0c3a1b"]) == 0  # taken back by id: the open event needs no end
+    assert sent[1][1].feedback_id == "5f0c3a1b9d2e" and sent[1][1].verdict == "withdrawn"
+
+
+def test_a_verdict_on_an_event_gone_from_the_events_topic_is_found_on_the_feedback_topic(monkeypatch, capsys):
+    """The events topic's retention took the event: withdrawing its verdict by id still works (a period
+    verdict made instead has another id, and the first stayed in force)."""
+    import json
+
+    from anomaly import feedback, feedback_topic
+
+    given = feedback.make_verdict("pump-7", 100.0, 160.0, "normal", event_id="5f0c3a1b9d2e")
+    sent = []
+    monkeypatch.setattr(feedback_topic, "find_event", lambda *a, **k: None)
+    monkeypatch.setattr(feedback_topic, "read_verdicts", lambda *a, **k: ([given], []))
+    monkeypatch.setattr(feedback_topic, "send", lambda bootstrap, topic, verdict, *a, **k: sent.append(verdict))
+    assert main(["feedback", "withdraw", "5f0c3a1b"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["feedback_id"] == given.feedback_id and out["verdict"] == "withdrawn"
+    assert feedback.latest([given, *sent]) == []
+    monkeypatch.setattr(feedback_topic, "read_verdicts", lambda *a, **k: ([], []))
+    assert main(["feedback", "withdraw", "5f0c3a1b"]) == 2
+    assert "nor a verdict on one in anomalies.feedback" in capsys.readouterr().err

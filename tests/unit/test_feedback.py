@@ -74,6 +74,26 @@ def test_the_last_verdict_on_an_event_or_period_is_the_one_in_force():
     assert feedback.summary(feedback.latest([first, other, changed])) == "2 verdicts (1 normal, 1 anomaly)"
 
 
+def test_periods_are_widened_by_the_padding_asked():
+    v = feedback.make_verdict("pump-7", 100.0, 160.0, "normal")
+    assert feedback.periods([v], pad_s=3.5) == {"pump-7": [(96.5, 163.5, False)]}
+
+
+def test_a_tombstone_on_the_feedback_topic_takes_its_key_s_verdict_back(monkeypatch):
+    """Compaction's delete: a record with the verdict's key and no value. It held until the log cleaner ran."""
+    from anomaly import feedback_topic, kafka_io
+
+    given = feedback.make_verdict("pump-7", 100.0, 160.0, "normal", event_id="e1")
+    other = feedback.make_verdict("pump-8", 1.0, 2.0, "anomaly")
+    records = [SimpleNamespace(partition=0, offset=0, key=b"e1", value=feedback.encode(given)),
+               SimpleNamespace(partition=0, offset=1, key=other.feedback_id.encode(), value=feedback.encode(other)),
+               SimpleNamespace(partition=0, offset=2, key=b"e1", value=None),
+               SimpleNamespace(partition=0, offset=3, key=None, value=None)]  # no key: nothing to take back
+    monkeypatch.setattr(kafka_io, "read_all", lambda *a, **k: records)
+    verdicts, bad = feedback_topic.read_verdicts("k:9092", "anomalies.feedback")
+    assert feedback.latest(verdicts) == [other] and len(bad) == 1 and "tombstone" in bad[0]
+
+
 def test_labels_at_marks_the_readings_each_period_covers_and_an_anomaly_wins_an_overlap():
     ts = np.arange(0.0, 10.0)
     out = feedback.labels_at(ts, [(5.0, 8.0, True), (2.0, 6.0, False)])
@@ -88,7 +108,9 @@ def test_find_event_prefers_the_event_s_closed_record():
     closed = {**opened, "status": "closed", "end_ts": 40.0}
     other = {**closed, "event_id": "e2"}
     assert feedback.find_event([opened, other, closed], "e1") == closed
-    assert feedback.find_event([closed, opened], "e1") == closed  # a re-delivered open after its close
+    assert feedback.find_event([opened, closed, opened, closed], "e1") == closed  # re-delivered after a restart
+    # re-opened within its cooldown after the close (the same id): open again, its earlier end is not its end
+    assert feedback.find_event([opened, closed, opened], "e1") == opened
     assert feedback.find_event([opened], "e1") == opened
     assert feedback.find_event([other], "e1") is None
     assert feedback.find_event([opened], "e") is None  # too short a start to look up
@@ -187,3 +209,24 @@ def test_the_feedback_demo_s_table_shows_each_model_and_a_retrain_that_made_none
     assert lines[2] == "| champion (valves only) v1 | none | 98.8 | 0.0 | 0.522 | 0.1 | 92.9 | 0.133 |"
     assert "skipped: too little clean data" in lines[3]
     assert lines[4].startswith("| challenger, with verdicts v3 | its normal stretches | 98.8")
+
+
+def test_readings_stamped_off_their_slot_at_an_event_s_edges_are_covered_by_the_widened_period():
+    """An event's start and end are slot times; a reading stamped up to half a period early is still its
+    slot's. Unwidened, the first reading escaped the verdict, its window stayed flagged and dropped the
+    event's rows with their margin."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    def history():
+        h = History(max_readings=10_000, lookback_s=1e9)
+        for i in range(1000):
+            h.add(reading("pump", 60.0 * i - 24.0, a=9.0 if 400 <= i < 460 else float(i % 3), b=float(i)))
+        return h
+
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 4}})
+    event = feedback.make_verdict("pump", 60.0 * 400, 60.0 * 459, "normal")
+    tight = _prepare(history(), FlaggingChampion(), settings, feedback.periods([event]))
+    assert tight.facts["flagged_windows"] >= 1 and tight.facts["rows_excluded"] > 0
+    widened = _prepare(history(), FlaggingChampion(), settings, feedback.periods([event], pad_s=0.5 * 60.0))
+    assert widened.facts["flagged_windows"] == 0 and widened.facts["rows_excluded"] == 0
