@@ -209,14 +209,13 @@ def event_period(event: Mapping[str, Any]) -> tuple[str, float, float | None]:
     return entity, float(start), None if end is None else float(end)
 
 
-def summary(verdicts: Sequence[Verdict]) -> str:
-    """'3 verdicts (2 normal, 1 anomaly)'."""
-    normal = sum(v.verdict == "normal" for v in verdicts)
-    return (f"{len(verdicts)} verdict{'s' if len(verdicts) != 1 else ''} "
-            f"({normal} normal, {len(verdicts) - normal} anomaly)")
-
-
 def counts(verdicts: Sequence[Verdict]) -> Mapping[str, int]:
     """How many verdicts in force of each kind."""
     return {"normal": sum(v.verdict == "normal" for v in verdicts),
             "anomaly": sum(v.verdict == "anomaly" for v in verdicts)}
+
+
+def summary(verdicts: Sequence[Verdict]) -> str:
+    """'3 verdicts (2 normal, 1 anomaly)'."""
+    n = counts(verdicts)
+    return f"{len(verdicts)} verdict{'s' if len(verdicts) != 1 else ''} ({n['normal']} normal, {n['anomaly']} anomaly)"

@@ -50,13 +50,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from anomaly import feedback
 from anomaly.codec import BadRecord, Reading
 from anomaly.listing import some
 from anomaly.config import RetrainSettings, Settings
-from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
-from anomaly import feedback
 from anomaly.entity_filter import EntityFilter
-from anomaly.feedback import Period
+from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
 from anomaly.preparation import epoch_seconds, labels_on_grid
 from anomaly.redaction import masked
 from anomaly.tables import parse_label  # ground truth of records and table cells alike
@@ -104,7 +103,8 @@ class History:
 
     Keeps at most ``max_readings`` readings per entity (the latest seen, in arrival order, which is
     offset order within an entity's partition) and drops readings older than ``lookback_s`` before
-    the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept, and so does ``served`` (a predicate: ``worker.entities``);
+    the newest ``ts`` seen so far. ``entities`` (when given) limits which entities are kept, and so does
+    ``served`` (a predicate: ``worker.entities``);
     ``sensors`` (when given) keeps only readings that carry exactly those (the worker dead-letters a
     reading with any other sensor set, so a model is not retrained on readings it never scored), or,
     with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more.
@@ -195,7 +195,7 @@ class History:
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_entity.values())
 
-    def frames(self, sensors: Sequence[str], verdicts: Mapping[str, Sequence[Period]] | None = None
+    def frames(self, sensors: Sequence[str], verdicts: Mapping[str, Sequence[feedback.Period]] | None = None
                ) -> dict[str, pd.DataFrame]:
         """Per entity: a frame indexed by UTC time (sorted, a repeated ``ts`` keeps its first reading),
         one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
@@ -203,15 +203,13 @@ class History:
         normal, NaN for a reading without a label). ``verdicts`` (entity -> operators' periods,
         ``feedback.periods``) label the readings they cover that carry no label of their own; how many
         of each kind they labelled is left in ``verdict_readings``."""
-        from anomaly.feedback import labels_at
-
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
         self.verdict_readings = {"normal": 0, "anomaly": 0}
         for entity in sorted(self._by_entity):
             pairs = [(r, lab) for r, lab in self._by_entity[entity] if r.ts >= cutoff]
             if verdicts and verdicts.get(entity) and pairs:
-                said = labels_at(np.array([r.ts for r, _ in pairs], dtype=np.float64), verdicts[entity])
+                said = feedback.labels_at(np.array([r.ts for r, _ in pairs], dtype=np.float64), verdicts[entity])
                 labelled = [(r, lab if lab is not None or np.isnan(v) else bool(v))
                             for (r, lab), v in zip(pairs, said.tolist())]
                 for (_, before), (_, after) in zip(pairs, labelled):
@@ -903,7 +901,7 @@ def _verdicts(settings: Settings) -> list[feedback.Verdict]:
 
 
 def _prepare(history: History, champion: Any, settings: Settings,
-             verdicts: Mapping[str, Sequence[Period]] | None = None) -> _Data:
+             verdicts: Mapping[str, Sequence[feedback.Period]] | None = None) -> _Data:
     """Grid each entity's history on the champion's period, drop what the champion flags (or, for a
     labelled entity, what is labelled) plus the margin, and split the clean rows into training values
     and hold-out segments; a labelled entity's whole tail from the hold-out cut on (anomalies
