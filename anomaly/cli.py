@@ -679,11 +679,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         elif not shown:
             print(f"no verdicts in force on {k.feedback_topic}" + (f" for {args.entity}" if args.entity else ""))
         else:
-            print(f"{'entity':<20} {'verdict':<8} {'start (UTC)':<20} {'end (UTC)':<20} {'event':<14} "
+            print(f"{'entity':<20} {'verdict':<8} {'start (UTC)':<20} {'end (UTC)':<20} {'event':<9} "
                   f"{'by':<10} note")
-            for v in shown:
+            for v in shown:  # an event's id as `anomaly up` prints it
                 print(f"{v.entity:<20} {v.verdict:<8} {_utc(v.start_ts):<20} {_utc(v.end_ts):<20} "
-                      f"{(v.event_id or '-')[:12]:<14} {v.by:<10} {v.note}")
+                      f"{(v.event_id or '-')[:8]:<9} {v.by:<10} {v.note}")
         return 0
     if args.json:
         raise AnomalyError("--json is for feedback list")
@@ -702,9 +702,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
                                           "start_ts": v.start_ts, "end_ts": v.end_ts}
                                          for v in feedback.latest(given) if v.event_id), event_id)
         if event is None:
+            short = (f"; an id is matched by its first {feedback.MIN_ID_PREFIX} characters or more"
+                     if len(event_id) < feedback.MIN_ID_PREFIX else "")
             raise AnomalyError(f"no event {event_id} on {k.events_topic} at {k.bootstrap_servers}, nor a verdict on "
-                               f"one in {k.feedback_topic} (mistyped, or gone with the topic's retention?): give "
-                               "--entity, --start and --end for its period")
+                               f"one in {k.feedback_topic} (mistyped, or gone with the topic's retention?{short}): "
+                               "give --entity, --start and --end for its period")
         event_id = str(event.get("event_id") or event_id)  # the whole id, where the start of it was given
         entity, start, end = feedback.event_period(event)
         if args.end is not None:
@@ -725,6 +727,8 @@ def cmd_feedback(args: argparse.Namespace) -> int:
                                   ts=time.time())
     feedback_topic.send(k.bootstrap_servers, k.feedback_topic, given, k.client_options,
                         create=settings.worker.create_topics)
+    log.info("%s %s of %s, %s to %s UTC, sent to %s: the next retrain reads it", given.verdict,
+             f"on event {event_id}" if event_id else "on the period", entity, _utc(start), _utc(end), k.feedback_topic)
     print(json.dumps(given.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
@@ -1368,24 +1372,38 @@ class _SlowTaskNotes(logging.Filter):
 
 
 class _OffsetResets(logging.Filter):
-    """kafka-python's fetcher at INFO, of which only what says that a consumer's position moved pass:
-    "Fetch offset N is out of range", raised to a warning with what it means, and the "Resetting offset
-    for partition P to offset N" after it (also said when a new group starts). The CLI keeps the kafka
-    loggers at WARNING, so a reset that skipped records (retention deleted them before they were
-    read, or the topic was deleted and made again) left no trace in any log."""
+    """kafka-python's fetcher at INFO, of which only what says that a consumer's position jumped passes:
+    "Fetch offset N is out of range for topic-partition P", raised to a warning with what it means, and
+    the "Resetting offset for partition P to offset N" that follows it for P (a reset without one before
+    it, as every reader starting a partition from its beginning says, stays out). The CLI keeps the kafka
+    loggers at WARNING, so a reset that skipped records (retention deleted them before they were read, or
+    the topic was deleted and made again) left no trace in any log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._out_of_range: set[str] = set()  # partitions said out of range, until their reset is said
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
             return True
         text = record.getMessage()
+        args = record.args if isinstance(record.args, tuple) else ()
+        if text.startswith("Resetting offset for partition"):
+            partition = str(args[0]) if args else None
+            if partition not in self._out_of_range:
+                return False
+            self._out_of_range.discard(partition)
+            return logging.getLogger().isEnabledFor(record.levelno)
         if text.startswith("Fetch offset") and "out of range" in text:
+            if len(args) >= 2 and len(self._out_of_range) < 10_000:
+                self._out_of_range.add(str(args[1]))
             record.msg, record.args = (f"{text}: the position is not in the partition any more (retention deleted "
                                        "records before they were read, or the topic was deleted and made "
                                        "again); the consumer resets to auto_offset_reset ('earliest' here unless "
                                        "kafka.client_options sets it), and records it skips are not scored"), None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             return logging.getLogger().isEnabledFor(logging.WARNING)
-        return text.startswith("Resetting offset for partition") and logging.getLogger().isEnabledFor(record.levelno)
+        return False
 
 
 class _MaskedSecrets(logging.Filter):

@@ -1174,7 +1174,9 @@ def _log_comparison(settings: Settings, champion_version: str, challenger_versio
             "comparison.unit": f"champion v{champion_version} scaler", "code_version": tracking.code_version(),
             **{f"data.{k}": str(facts[k]) for k in ("history_start", "history_end", "holdout_start", "holdout_end",
                                                      "champion_data_end", "holdout_overlaps_champion_data")
-               if k in facts}}
+               if k in facts},
+            # the operators' verdicts the cycle used, as on the challenger
+            **{f"retrain.{k}": str(v) for k, v in facts.items() if k.startswith(("verdicts_", "verdict_"))}}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"retrain-compare-{status}", tags=tags) as run:
         run.log_params(tracking.flat_params("retrain", dataclasses.asdict(rt)))  # every setting of the cycle
         run.log_metrics(tracking.finite_metrics(metrics))

@@ -241,7 +241,11 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
         lines.append(f"  scheduler metrics http://{s.metrics_host}:{s.metrics_port}/metrics   "
                      f"health: http://{s.metrics_host}:{s.metrics_port}/healthz")
     lines.append(f"  Kafka             {bootstrap}   topics: {k.input_topic} (readings), {k.events_topic} (events), "
-                 f"{k.dlq_topic} (dead letters)" + (f", {k.scores_topic} (scores)" if k.scores_topic else ""))
+                 f"{k.dlq_topic} (dead letters)" + (f", {k.scores_topic} (scores)" if k.scores_topic else "")
+                 + (f", {k.feedback_topic} (verdicts)" if k.feedback_topic else ""))
+    if k.feedback_topic:
+        lines.append("  verdicts          anomaly feedback normal ID (a false alarm) | anomaly ID (a fault), ID from an "
+                     "event line below; the next retrain learns from them")
     lines.append("  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)
                  + f", at {speed:g}x recorded speed")
     lines.append(f"  logs              {state_dir}/ (broker, mlflow, worker, scheduler)")

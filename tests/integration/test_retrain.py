@@ -578,6 +578,8 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     assert after.data["verdict_normal_readings"] == 66 and after.data["verdict_anomaly_readings"] == 26
     assert after.data["flagged_windows"] < before.data["flagged_windows"]  # the fault's windows are normal now
     assert after.data["labelled_rows"] == 26
+    compared = comparison_run(settings, after.comparison_run_id).data.tags  # as on the challenger
+    assert compared["retrain.verdicts_normal"] == "1" and compared["retrain.verdict_anomaly_readings"] == "26"
 
     assert main(["feedback", "withdraw", "--entity", "pump-0", "--start", str(t0 + 200), "--end", str(t0 + 219)]) == 0
     capsys.readouterr()

@@ -905,11 +905,17 @@ def test_a_consumer_s_offset_reset_is_logged_as_a_warning_saying_what_it_skipped
     assert "records it skips are not scored" in said[0][1]
     assert said[1:] == [("INFO", "Resetting offset for partition sensors-0 to offset 0.")]
     assert main(["config", "example"]) == 0 and len(fetcher.filters) == 1
+    caplog.clear()  # a reader starting from the beginning resets every partition: noise, not news
+    with caplog.at_level(logging.INFO):
+        fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-1", 0)
+        fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-0", 0)  # said once already
+    assert not [r for r in caplog.records if r.name == "kafka.consumer.fetcher"]
     caplog.clear()  # --log-level WARNING: the warning, not the INFO line after it
     assert main(["--log-level", "WARNING", "config", "example"]) == 0
     fetcher.info("Fetch offset %s is out of range for topic-partition %s", 300, "sensors-0")
     fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-0", 0)
     assert [r.levelname for r in caplog.records if r.name == "kafka.consumer.fetcher"] == ["WARNING"]
+    fetcher.info("Resetting offset for partition %s to offset %s.", "sensors-0", 0)  # (clears its mark)
     caplog.clear()  # --log-level ERROR: neither (set here: basicConfig leaves pytest's root logger as it is)
     root = logging.getLogger()
     before = root.level
@@ -1023,3 +1029,5 @@ def test_a_verdict_on_an_event_gone_from_the_events_topic_is_found_on_the_feedba
     monkeypatch.setattr(feedback_topic, "read_verdicts", lambda *a, **k: ([], []))
     assert main(["feedback", "withdraw", "5f0c3a1b"]) == 2
     assert "nor a verdict on one in anomalies.feedback" in capsys.readouterr().err
+    assert main(["feedback", "withdraw", "5f0c"]) == 2  # too short a start to be looked up: said
+    assert "an id is matched by its first 6 characters or more" in capsys.readouterr().err

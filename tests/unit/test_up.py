@@ -147,6 +147,7 @@ def test_banner_says_where_to_look():
     assert "http://127.0.0.1:5000/#/models/anomaly-detector" in text
     assert "http://127.0.0.1:9108/metrics" in text and "/healthz" in text
     assert "sensors (readings)" in text and "anomalies (events)" in text and "v4" in text
+    assert "anomalies.feedback (verdicts)" in text and "anomaly feedback normal ID" in text
     text = up.banner(bootstrap="127.0.0.1:9092", settings=Settings(), ui=None, fleet=[("pump-1", "valve1/0")],
                      speed=10, state_dir=Path("mlruns/up"), champion="4", retrain_every_s=1234567)
     assert "retrain every 1234567 s" in text  # not 1.23457e+06 (six digits: 3 s off)
