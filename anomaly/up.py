@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import heapq
+import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -752,7 +754,10 @@ def _run_locked(settings: Settings, options: UpOptions, fleet: Sequence[tuple[st
         print(banner(bootstrap=bootstrap, settings=settings, ui=ui, fleet=fleet_entities(options.fleet),
                      speed=options.speed, state_dir=state, champion=str(champion),
                      retrain_every_s=options.retrain_every_s, local_broker=broker is not None), flush=True)
-        code = _supervise(children, fleet_replay, broker, options.run_for_s, feed)
+        from anomaly.scheduler import last_run_path
+
+        code = _supervise(children, fleet_replay, broker, options.run_for_s, feed,
+                          last_run=last_run_path(state / "scheduler.db"), scheduler_log=state / "scheduler.log")
     except _Interrupted as exc:
         _say(f"\n{exc}: stopping ...")
     except KeyboardInterrupt:
@@ -812,20 +817,48 @@ def write_private(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    import json
-
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
+def retrain_line(last: Mapping[str, Any], seen_ts: float | None, log_path: Path) -> str | None:
+    """The console line for the scheduler's last retrain (its ``last.json``) when it finished after
+    ``seen_ts``, else None: promotions showed on the console only as event lines whose model version
+    changed, and what the retrain did only in the scheduler's log."""
+    ts, outcome = last.get("last_run_ts"), last.get("last_outcome")
+    if not isinstance(ts, (int, float)) or not isinstance(outcome, str) or (seen_ts is not None and ts <= seen_ts):
+        return None
+    when = time.strftime("%H:%M:%S", time.localtime(ts))
+    return f"retrain at {when} (local time): {outcome}; why, and the verdicts it read: {log_path}"
+
+
+def _read_last(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not written yet, or written as it is read
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _supervise(children: Mapping[str, Child], fleet_replay: FleetReplay, broker: Any, run_for_s: float | None,
-               feed: Any = None) -> int:
+               feed: Any = None, last_run: Path | None = None, scheduler_log: Path | None = None) -> int:
     """Watch the stack; return 0 at the deadline, raise ``UpError`` when a part dies (the event feed too:
-    a quiet console and a partial summary would pass for a quiet fleet)."""
+    a quiet console and a partial summary would pass for a quiet fleet). Each retrain the scheduler
+    finishes (``last_run``: its ``last.json``) gets a console line."""
     deadline = None if run_for_s is None else time.monotonic() + run_for_s
+    seen = _read_last(last_run).get("last_run_ts")  # an earlier session's last run: not news
+    seen = seen if isinstance(seen, (int, float)) else -math.inf
     while deadline is None or time.monotonic() < deadline:
         time.sleep(SUPERVISE_STEP_S)
+        if last_run is not None:
+            last = _read_last(last_run)
+            line = retrain_line(last, seen, scheduler_log or last_run)
+            if line is not None:
+                seen = last["last_run_ts"]
+                _say(line)
         for child in children.values():
             if not child.alive():
                 raise UpError(f"{child.name} exited unexpectedly (code {child.proc.returncode if child.proc else '?'})"

@@ -641,3 +641,18 @@ def test_free_ports_are_distinct():
 
     ports = free_ports(32)
     assert len(set(ports)) == 32 and all(port > 0 for port in ports)
+
+
+def test_each_retrain_the_scheduler_finishes_gets_a_console_line(tmp_path):
+    # a promotion showed on the console only as event lines whose model version changed
+    log_path = tmp_path / "scheduler.log"
+    last = {"last_run_ts": 1796628276.0, "last_success_ts": 1796628276.0, "last_outcome": "promoted"}
+    line = up.retrain_line(last, None, log_path)
+    assert line.startswith("retrain at ") and "promoted" in line and str(log_path) in line
+    assert up.retrain_line(last, 1796628276.0, log_path) is None  # seen already
+    assert up.retrain_line({"last_run_ts": 1.0}, None, log_path) is None  # no outcome yet (a run marked running)
+    assert up.retrain_line({}, None, log_path) is None
+    path = tmp_path / "scheduler.db.last.json"
+    assert up._read_last(path) == {} and up._read_last(None) == {}
+    path.write_text("{not json")
+    assert up._read_last(path) == {}
