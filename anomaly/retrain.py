@@ -869,7 +869,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision)
     try:
         run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, metrics,
-                                 decision, status, data.facts)
+                                 decision, status, data.facts, verdicts=given)
         if challenger_version:
             _tag_version(ml.model_name, challenger_version, {"retrain.decision": status, "retrain.trigger": trigger,
                                                              "retrain.reason": decision.reason,
@@ -1162,8 +1162,10 @@ DEAD_RUN_MARGIN_S = 5.0  # a scheduled retrain's runs start after its job does: 
 
 def _log_comparison(settings: Settings, champion_version: str, challenger_version: str | None,
                     challenger_run_id: str, metrics: Mapping[str, float], decision: Decision,
-                    status: str, facts: Mapping[str, Any]) -> str:
-    """An MLflow run holding both sides, the decision (tag ``decision``) and a comparison plot."""
+                    status: str, facts: Mapping[str, Any], verdicts: Sequence[feedback.Verdict] = ()) -> str:
+    """An MLflow run holding both sides, the decision (tag ``decision``) and a comparison plot; with
+    ``verdicts``, the operators' verdicts the cycle used (``verdicts.json``: who said what, of which
+    period), so a data scientist sees what shaped the challenger."""
     from anomaly import plots, tracking
 
     ml, rt = settings.mlflow, settings.retrain
@@ -1187,6 +1189,8 @@ def _log_comparison(settings: Settings, champion_version: str, challenger_versio
                        "comparison.png")
         run.log_dict({"decision": status, "reason": decision.reason, "metrics": dict(metrics),
                       "data": dict(facts)}, "comparison.json")
+        if verdicts:
+            run.log_dict({"verdicts": [v.to_dict() for v in verdicts]}, "verdicts.json")
         return run.run_id or ""
 
 

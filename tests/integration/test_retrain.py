@@ -580,6 +580,11 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     assert after.data["labelled_rows"] == 26
     compared = comparison_run(settings, after.comparison_run_id).data.tags  # as on the challenger
     assert compared["retrain.verdicts_normal"] == "1" and compared["retrain.verdict_anomaly_readings"] == "26"
+    import mlflow  # which verdicts, by whom: an artifact of the comparison run
+
+    said = mlflow.artifacts.load_dict(f"runs:/{after.comparison_run_id}/verdicts.json")["verdicts"]
+    assert [(v["verdict"], v["by"], v["note"]) for v in said] == [("normal", "op", "new operating point"),
+                                                                  ("anomaly", said[1]["by"], "")]
 
     assert main(["feedback", "withdraw", "--entity", "pump-0", "--start", str(t0 + 200), "--end", str(t0 + 219)]) == 0
     capsys.readouterr()
