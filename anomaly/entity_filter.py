@@ -9,6 +9,7 @@ dead-letter alert fired for good). The retrain reads the same entities from the 
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import re
 from collections.abc import Sequence
 
@@ -52,16 +53,14 @@ def only_served(decoded: DecodedBatch, keys: Sequence[bytes | None], served: Ent
     stamps stay in ``foreign`` (stream time still passes on their partition, as it does for a reading of
     another sensor set)."""
     skipped: list[int] = []
-    keep = np.ones(len(decoded.index), dtype=bool)
-    for j, entity in enumerate(decoded.entities):
-        if not served(entity):
-            keep[j] = False
-    foreign = list(decoded.foreign)
+    keep = np.fromiter(map(served, decoded.entities), dtype=bool, count=len(decoded.entities))
+    foreign = decoded.foreign
     if not keep.all():
         gone = np.flatnonzero(~keep)
-        skipped.extend(decoded.index[gone].tolist())
-        foreign.extend(zip(decoded.index[gone].tolist(), decoded.ts[gone].tolist()))
-        foreign.sort()
+        positions = decoded.index[gone].tolist()  # ascending, as ``foreign``'s: merged, not sorted again
+        skipped.extend(positions)
+        extra = list(zip(positions, decoded.ts[gone].tolist()))
+        foreign = list(heapq.merge(foreign, extra)) if foreign else extra
     bad = []
     for i, reason in decoded.bad:
         key = keys[i] if i < len(keys) else None
