@@ -265,6 +265,7 @@ class DriftMonitor:
         self._references: dict[str, Reference | None] = {}
         self._records_seen = 0
         self._warned_empty = False
+        self._warned_shared = False  # another model's scores seen in the topic: said once
 
     def _champion_version(self) -> str | None:
         ml = self.settings.mlflow
@@ -299,6 +300,13 @@ class DriftMonitor:
         if len(values) >= d.max_records_per_check:
             log.warning("drift: read the bound of %d score records in one check; the check is behind the "
                         "workers (raise drift.max_records_per_check or check more often)", d.max_records_per_check)
+        if self.window.other_models and not self._warned_shared:
+            self._warned_shared = True
+            log.warning("drift: the scores topic %s also holds other models' scores (%d so far; another asset type's "
+                        "workers): this check counts %s's only, but a check of another model in the same consumer "
+                        "group (drift.group_id = %s) splits the records with this one: give each model's scheduler "
+                        "its own drift.group_id (README \"Several asset types\")", self.settings.kafka.scores_topic,
+                        self.window.other_models, ml.model_name, d.group_id)
         if self._records_seen == 0 and not self._warned_empty:
             log.warning("drift: no records in the scores topic %s yet; is kafka.scores_topic set for the workers?",
                         self.settings.kafka.scores_topic)

@@ -4,6 +4,7 @@ gate; and the scheduler's drift check with an injected reader and registry. No b
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -221,7 +222,7 @@ def score_records(scores, version="3", name="anomaly-detector"):  # (mlflow.mode
     return [json.dumps({"score": float(s), "model": {"name": name, "version": version}}).encode() for s in scores]
 
 
-def test_the_drift_check_reads_its_own_model_s_scores_only():
+def test_the_drift_check_reads_its_own_model_s_scores_only(caplog):
     """Another asset type's workers write the same scores topic, their model at the same version: a fault
     of theirs (scores far above) is not this model's drift."""
     from anomaly.scheduler import DriftMonitor
@@ -233,8 +234,12 @@ def test_the_drift_check_reads_its_own_model_s_scores_only():
                          + score_records([1e6] * 600, name="turbines")])
     monitor = DriftMonitor(settings, SchedulerMetrics(), reader=reader, resolver=lambda name, alias: "3",
                            reference_for=lambda name, version: reference())
-    result = monitor.check()
+    with caplog.at_level(logging.WARNING, logger="anomaly.scheduler"):
+        result = monitor.check()
+        monitor.check()  # said once
     assert result.verdict == "ok" and result.samples == 1200 and monitor.window.other_models == 600
+    said = [r.getMessage() for r in caplog.records if "other models' scores" in r.getMessage()]
+    assert len(said) == 1 and "its own drift.group_id" in said[0] and "anomaly-drift" in said[0]
 
 
 def test_drift_monitor_checks_the_champions_scores_and_exports_the_statistic():
