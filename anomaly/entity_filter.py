@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -43,15 +43,15 @@ class EntityFilter:
         return f"EntityFilter({list(self.patterns)!r})"
 
 
-def only_served(decoded: DecodedBatch, keys: Sequence[bytes | None], served: EntityFilter
+def only_served(decoded: DecodedBatch, key_of: Callable[[int], bytes | None], served: EntityFilter
                 ) -> tuple[DecodedBatch, list[int]]:
     """``decoded`` without the records of entities ``served`` leaves out, and their input positions.
 
     A good reading is judged by its entity; a bad record by its Kafka key (the entity id, by the input
-    contract), so another type's malformed record is its own workers' dead letter, not this one's; a bad
-    record without a key, or whose key is not UTF-8, stays a dead letter here. The skipped readings'
-    stamps stay in ``foreign`` (stream time still passes on their partition, as it does for a reading of
-    another sensor set)."""
+    contract: ``key_of(position)``, asked of bad records only), so another type's malformed record is its
+    own workers' dead letter, not this one's; a bad record without a key, or whose key is not UTF-8, stays
+    a dead letter here. The skipped readings' stamps stay in ``foreign`` (stream time still passes on their
+    partition, as it does for a reading of another sensor set)."""
     skipped: list[int] = []
     keep = np.fromiter(map(served, decoded.entities), dtype=bool, count=len(decoded.entities))
     foreign = decoded.foreign
@@ -63,7 +63,7 @@ def only_served(decoded: DecodedBatch, keys: Sequence[bytes | None], served: Ent
         foreign = list(heapq.merge(foreign, extra)) if foreign else extra
     bad = []
     for i, reason in decoded.bad:
-        key = keys[i] if i < len(keys) else None
+        key = key_of(i)
         if key is not None:
             try:
                 entity = bytes(key).decode("utf-8")

@@ -516,8 +516,7 @@ class ScoringStep:
                 self._held[int(stream_of[i])] = (b.offsets[j], b.keys[j] if b.keys is not None else None, raws[i],
                                                  replayed is not None and bool(replayed[i]))
         if self._served is not None:  # another asset type's readings (a shared input topic): not ours to score
-            keys = [key for b in batches for key in (b.keys if b.keys is not None else [None] * len(b.values))]
-            decoded, skipped = only_served(decoded, keys, self._served)
+            decoded, skipped = only_served(decoded, lambda i: _key_at(batches, i), self._served)
             counts["skipped"] = len(skipped) if replayed is None else int((~replayed[skipped]).sum())
         if decoded.bad:
             run_of = np.repeat(np.arange(len(batches)), [len(b.values) for b in batches])
@@ -1135,6 +1134,12 @@ def _record_at(batches: Sequence[PartitionBatch], position: int) -> tuple[Partit
             return b, position
         position -= len(b.values)
     raise IndexError(position)
+
+
+def _key_at(batches: Sequence[PartitionBatch], position: int) -> bytes | None:
+    """The key of the record at a batch's input ``position`` (None: a record without one)."""
+    b, j = _record_at(batches, position)
+    return b.keys[j] if b.keys is not None else None
 
 
 def lone_leaps(stamps: np.ndarray, start: float, limit_s: float) -> tuple[np.ndarray, np.ndarray]:

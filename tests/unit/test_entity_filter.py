@@ -64,7 +64,7 @@ def test_only_served_keeps_a_keyless_or_undecodable_keyed_bad_record():
 
     raws = [b"bad", b"bad", b"bad"]
     decoded = decode_batch(raws, list(SENSORS))
-    out, skipped = only_served(decoded, [None, b"\xff\xfe", b"turbine-1"], EntityFilter(["pump-*"]))
+    out, skipped = only_served(decoded, [None, b"\xff\xfe", b"turbine-1"].__getitem__, EntityFilter(["pump-*"]))
     assert [i for i, _ in out.bad] == [0, 1] and skipped == [2]
 
 
