@@ -554,7 +554,7 @@ def _stored_at(name: str, version: str) -> str:
         return ""
     import mlflow
 
-    remote = mlflow.get_tracking_uri().split(":", 1)[0] in ("http", "https")  # a server: other machines read
+    remote = tracking.is_server(mlflow.get_tracking_uri())  # a server: other machines read
     local = remote and (source.startswith("file:") or (source.startswith("/") and not source.startswith("//")))
     return (f" (its files are at {source}" + (", a path on the machine that registered it: set "
                                               "mlflow.artifact_location to a store every machine reaches, e.g. "

@@ -99,6 +99,11 @@ def registry_uri() -> str:
 REACH_TIMEOUT_S = 5.0  # require_reachable: an MLflow server that does not answer /health in this is down
 
 
+def is_server(uri: str | None) -> bool:
+    """Whether a tracking or registry URI is an MLflow server (http or https), not a store on this machine."""
+    return uri is not None and uri.split(":", 1)[0] in ("http", "https")
+
+
 def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> None:
     """A ``RegistryError`` at once when an http(s) tracking or registry server does not answer, instead of
     the MLflow client's retries (about four minutes) at the first call. For commands a person waits on;
@@ -108,7 +113,7 @@ def require_reachable(*uris: str | None, timeout_s: float = REACH_TIMEOUT_S) -> 
     import urllib.parse
     import urllib.request
 
-    for uri in dict.fromkeys(u for u in uris if u and u.split(":", 1)[0] in ("http", "https")):
+    for uri in dict.fromkeys(u for u in uris if is_server(u)):
         try:
             # user info (http://user:pw@host, which MLflow sends as basic auth): urllib takes it for a host
             parts = urllib.parse.urlsplit(uri.rstrip("/"))
@@ -182,7 +187,7 @@ def _say_local_artifacts(name: str, tracking_uri: str, root: str | None) -> None
     """Warn (once per experiment) when a tracking server's experiment keeps its artifacts on this machine's
     disk: runs and versions are recorded on the server, their files here, and a worker, scheduler or
     `anomaly score` on another machine cannot load the model ("holds no detector artifact")."""
-    if tracking_uri.split(":", 1)[0] not in ("http", "https") or not (root or "").startswith("file:"):
+    if not is_server(tracking_uri) or not (root or "").startswith("file:"):
         return
     if (name, "local") not in _said_artifacts:
         _said_artifacts.add((name, "local"))
