@@ -49,8 +49,8 @@ def read_verdicts(bootstrap_servers: str, topic: str, client_options: Mapping[st
 def find_event(bootstrap_servers: str, events_topic: str, event_id: str,
                client_options: Mapping[str, Any] | None = None, *,
                timeout_s: float = READ_TIMEOUT_S) -> Mapping[str, Any] | None:
-    """The event ``event_id`` on ``events_topic`` (``feedback.find_event``: its closed record if it has
-    one), or None."""
+    """The event ``event_id`` (or the start of its id) on ``events_topic``: its last record
+    (``feedback.find_event``), or None."""
     def events() -> Any:
         for record in kafka_io.read_all(bootstrap_servers, events_topic, timeout_s=timeout_s, idle_s=IDLE_S,
                                         client_options=client_options, topic_wait_s=TOPIC_WAIT_S):

@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 
 log = logging.getLogger("pipelines.feedback_demo")
 
@@ -52,15 +50,18 @@ def _anomaly(env: dict[str, str], *args: str, check: bool = True, timeout: float
     return done.stdout
 
 
-def _labels(data_dir: Path, series: str) -> np.ndarray:
-    return pd.read_csv(data_dir / "data" / f"{series}.csv", sep=";")["anomaly"].to_numpy().astype(bool)
+def skab_series(data_dir: Path) -> dict[str, Any]:
+    """SKAB's labelled series by name (``datasets.load_skab``: labels per row, the file in ``meta["path"]``)."""
+    from anomaly.datasets import load_skab
+
+    return {s.name: s for s in load_skab(data_dir)}
 
 
 def _json_tail(text: str) -> dict[str, Any]:
     return json.loads(text[text.index("{"):]) if "{" in text else {}
 
 
-def give_verdicts(env: dict[str, str], data_dir: Path, window: int) -> dict[str, int]:
+def give_verdicts(env: dict[str, str], skab: dict[str, Any], window: int) -> dict[str, int]:
     """The operator's verdicts (module docstring, step 2), sent with `anomaly feedback`; how many of each."""
     from anomaly import kafka_io
     from anomaly.codec import decode_event, epoch_seconds_of
@@ -80,14 +81,14 @@ def give_verdicts(env: dict[str, str], data_dir: Path, window: int) -> dict[str,
         entity = event["entity"]
         if event["status"] != "closed" or entity == "other9-0":
             continue
-        labels = _labels(data_dir, SERIES[entity.rsplit("-", 1)[0]])
+        labels = skab[SERIES[entity.rsplit("-", 1)[0]]].labels
         a = int(round(event["start_ts"] - first[entity])) - (window - 1)
         b = int(round(event["end_ts"] - first[entity]))
         verdict = "anomaly" if labels[max(a, 0):b + 1].any() else "normal"
         _anomaly(env, "feedback", verdict, event["event_id"][:8], "--by", "demo",
                  "--note", f"SKAB labels rows {max(a, 0)}-{b} of {SERIES[entity.rsplit('-', 1)[0]]}")
         given[verdict] += 1
-    labels = _labels(data_dir, "other/9")
+    labels = skab["other/9"].labels
     t0 = first["other9-0"]
     edges = [0, *(i for i in range(1, len(labels)) if labels[i] != labels[i - 1]), len(labels)]
     for a, b in zip(edges, edges[1:]):
@@ -98,10 +99,10 @@ def give_verdicts(env: dict[str, str], data_dir: Path, window: int) -> dict[str,
     return given
 
 
-def score(env: dict[str, str], data_dir: Path, version: str) -> dict[str, dict[str, Any]]:
+def score(env: dict[str, str], skab: dict[str, Any], version: str) -> dict[str, dict[str, Any]]:
     out = {}
     for series in SCORED:
-        doc = _json_tail(_anomaly(env, "score", "--data", str(data_dir / "data" / f"{series}.csv"),
+        doc = _json_tail(_anomaly(env, "score", "--data", skab[series].meta["path"],
                                   "--model-alias", version, "--quiet"))
         ev = doc.get("evaluation", {})
         out[series] = {k: ev.get(k) for k in ("far", "mar", "f1")}
@@ -112,6 +113,7 @@ def run(data_dir: Path, state: Path) -> dict[str, Any]:
     from anomaly.broker import LocalBroker
     from anomaly.protocols import PROFILES
 
+    skab = skab_series(data_dir)
     env = {**os.environ, "ANOMALY_MLFLOW__TRACKING_URI": f"sqlite:///{state}/mlflow.db",
            "ANOMALY_MLFLOW__ARTIFACT_LOCATION": str(state / "artifacts"), "ANOMALY_MLFLOW__LOCK_DIR": str(state / "locks"),
            "ANOMALY_SCHEDULER__JOB_STORE": str(state / "scheduler.db"), "ANOMALY_WORKER__MAX_FUTURE_S": "-1",
@@ -134,11 +136,11 @@ def run(data_dir: Path, state: Path) -> dict[str, Any]:
         without = _json_tail(_anomaly(env, "retrain", "--quiet", check=False))
         _anomaly(env, "models", "promote", str(champion), "--reason", "demo: back to the first champion")
         log.info("the operator's verdicts")
-        given = give_verdicts(env, data_dir, int(PROFILES["skab"]["model"]["window_size"]))
+        given = give_verdicts(env, skab, int(PROFILES["skab"]["model"]["window_size"]))
         log.info("retrain with verdicts: %s", given)
         with_verdicts = _json_tail(_anomaly(env, "retrain", "--quiet", check=False))
         results: dict[str, Any] = {"verdicts_given": given, "champion": {"version": champion,
-                                                                           "scores": score(env, data_dir, champion)}}
+                                                                           "scores": score(env, skab, champion)}}
         for name, outcome in (("without_verdicts", without), ("with_verdicts", with_verdicts)):
             keys = ("rows", "rows_excluded", "flagged_windows", "train_rows", "labelled_rows", "verdicts_normal",
                     "verdicts_anomaly", "verdict_normal_readings", "verdict_anomaly_readings")
@@ -147,7 +149,7 @@ def run(data_dir: Path, state: Path) -> dict[str, Any]:
                                      "metrics": outcome.get("metrics")}
             if outcome.get("challenger_version"):
                 entry["version"] = outcome["challenger_version"]
-                entry["scores"] = score(env, data_dir, outcome["challenger_version"])
+                entry["scores"] = score(env, skab, outcome["challenger_version"])
             results[name] = entry
     results["seconds"] = round(time.monotonic() - started, 1)
     return results
