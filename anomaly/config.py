@@ -477,6 +477,8 @@ class RetrainSettings:
     label_field: str = doc("field of an input reading (or column of a --data file, else its anomaly or label column) holding ground truth, 1/true = anomalous; when present, labelled rows are kept out of training (retrain and train --data) and event F1 enters the gate", "anomaly")
     min_event_f1_improvement: float = doc("with labels: a challenger whose hold-out event F1 is higher by at least this also counts as better", 0.05)
     max_event_f1_decrease: float = doc("with labels: promote only if the challenger's hold-out event F1 is lower than the champion's by at most this", 0.0)
+    min_false_alarm_reduction: float = doc("with readings labelled normal (operators' verdicts, label_field) in the hold-out's stretch and periods labelled an anomaly in the history: a challenger alarming on fewer of the windows labelled normal, by at least this fraction of the champion's rate, also counts as better", 0.5)
+    max_found_decrease: float = doc("with periods labelled an anomaly (operators' verdicts, label_field) in the history: promote only if the share of them the challenger alarms on is lower than the champion's by at most this", 0.0)
 
     def check(self) -> None:
         _at_least("retrain", self, ("max_readings", "max_entities", "min_rows"), 1)
@@ -496,6 +498,11 @@ class RetrainSettings:
             raise ConfigError("retrain.min_event_f1_improvement", f"must be in (0, 1], got {self.min_event_f1_improvement}")
         if not 0 <= self.max_event_f1_decrease <= 1:
             raise ConfigError("retrain.max_event_f1_decrease", f"must be in [0, 1], got {self.max_event_f1_decrease}")
+        if not 0 < self.min_false_alarm_reduction <= 1:
+            raise ConfigError("retrain.min_false_alarm_reduction",
+                              f"must be in (0, 1], got {self.min_false_alarm_reduction}")
+        if not 0 <= self.max_found_decrease <= 1:
+            raise ConfigError("retrain.max_found_decrease", f"must be in [0, 1], got {self.max_found_decrease}")
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,12 @@
              window flags over the whole labelled hold-out tail (anomalies included);
     decide   ``decide``: keep unless the challenger is better (mean error lower by
              ``retrain.min_improvement``, relative, or, with labelled events in the hold-out,
-             event F1 higher by ``retrain.min_event_f1_improvement``), its false-alarm rate is not
-             higher by more than ``retrain.max_false_alarm_increase`` and its event F1 is not lower
-             by more than ``retrain.max_event_f1_decrease``; log both sides, the decision and a plot
+             event F1 higher by ``retrain.min_event_f1_improvement``, or, with periods labelled an
+             anomaly in the history, false alarms on the windows labelled normal fewer by
+             ``retrain.min_false_alarm_reduction``), its false-alarm rate is not higher by more than
+             ``retrain.max_false_alarm_increase``, its event F1 is not lower by more than
+             ``retrain.max_event_f1_decrease`` and its share of the periods labelled an anomaly found
+             not by more than ``retrain.max_found_decrease``; log both sides, the decision and a plot
              in an MLflow run (tags ``decision=promoted|kept``, ``trigger``) and tag the challenger.
 
 Any failure returns a ``RetrainResult`` with status ``failed`` (the champion alias is moved last, so
@@ -311,6 +314,25 @@ class HoldoutMetrics:
 
 
 @dataclass(frozen=True)
+class LabelledMetrics:
+    """How one model does on readings labelled by operators' verdicts or ``retrain.label_field``: its
+    alarms on the windows of the hold-out's stretch that end on a reading labelled normal (the champion's
+    alarms there are the false alarms operators said they are), and how many of the history's periods
+    labelled an anomaly it alarms on at all (a window ending inside one above its threshold)."""
+
+    false_alarm_rate: float  # of the windows ending on a reading labelled normal; NaN: no such window
+    normal_windows: int
+    found_rate: float  # of the periods labelled an anomaly; NaN: no such period
+    anomaly_periods: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"labelled_normal_false_alarm_rate": self.false_alarm_rate,
+                "labelled_normal_windows": float(self.normal_windows),
+                "labelled_anomalies_found": self.found_rate,
+                "labelled_anomaly_periods": float(self.anomaly_periods)}
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
@@ -353,7 +375,9 @@ TOLERANCE = 1e-12  # the gate's float slack: +0.005 computed as 0.025 - 0.02 is 
 def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement: float,
            max_false_alarm_increase: float, *, champion_events: EventMetrics | None = None,
            challenger_events: EventMetrics | None = None, min_event_f1_improvement: float = 0.05,
-           max_event_f1_decrease: float = 0.0) -> Decision:
+           max_event_f1_decrease: float = 0.0, champion_labelled: LabelledMetrics | None = None,
+           challenger_labelled: LabelledMetrics | None = None, min_false_alarm_reduction: float = 0.5,
+           max_found_decrease: float = 0.0) -> Decision:
     """The promotion rule.
 
     Without labels: promote iff the challenger's mean error is lower by at least ``min_improvement``
@@ -365,6 +389,14 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
     (absolute); and besides the false-alarm bound, the challenger's event F1 may be lower than the
     champion's by at most ``max_event_f1_decrease``: a model that reconstructs better but finds fewer
     of the labelled anomalies is not promoted.
+
+    With labelled readings (``LabelledMetrics`` of both: operators' verdicts, or the label field): where
+    the history holds periods labelled an anomaly, the challenger must alarm on a share of them lower
+    than the champion's by at most ``max_found_decrease``; and there, alarming on fewer of the hold-out's
+    windows labelled normal, by at least ``min_false_alarm_reduction`` of the champion's rate (relative),
+    also counts as better. A challenger that learnt an operating point operators called normal
+    reconstructs in coarser units, so its mean error alone never showed it better; fewer false alarms
+    alone would also favour a model that alarms on nothing, which the labelled anomalies rule out.
     """
     if not math.isfinite(challenger.mean_error):
         return Decision(False, "challenger scores are not finite", -math.inf)
@@ -384,15 +416,33 @@ def decide(champion: HoldoutMetrics, challenger: HoldoutMetrics, min_improvement
         facts += (f"; event F1 {challenger_events.f1:.3f} vs {champion_events.f1:.3f} "  # type: ignore[union-attr]
                   f"(better at >= +{min_event_f1_improvement:.3f}, -{max_event_f1_decrease:.3f} allowed)")
     # each bound includes its own value; TOLERANCE absorbs the rounding of the subtractions that reach it
+    champ_lab, chall_lab = champion_labelled, challenger_labelled
+    periods = champ_lab is not None and chall_lab is not None and champ_lab.anomaly_periods > 0
+    found_delta = chall_lab.found_rate - champ_lab.found_rate if periods else 0.0  # type: ignore[union-attr]
+    fewer_false = False
+    if (champ_lab is not None and chall_lab is not None and champ_lab.normal_windows > 0
+            and champ_lab.false_alarm_rate > 0):
+        reduction = (champ_lab.false_alarm_rate - chall_lab.false_alarm_rate) / champ_lab.false_alarm_rate
+        fewer_false = periods and reduction >= min_false_alarm_reduction - TOLERANCE
+        facts += (f"; false alarms on readings labelled normal {chall_lab.false_alarm_rate:.4f} vs "
+                  f"{champ_lab.false_alarm_rate:.4f} ({-reduction:+.1%}, better at <= {-min_false_alarm_reduction:+.1%}"
+                  + ("" if periods else ", only where the history holds periods labelled an anomaly to show the "
+                                        "challenger still finds them") + ")")
+    if periods:
+        facts += (f"; labelled anomaly periods found {chall_lab.found_rate:.3f} vs {champ_lab.found_rate:.3f} "  # type: ignore[union-attr]
+                  f"of {champ_lab.anomaly_periods} (-{max_found_decrease:.3f} allowed)")  # type: ignore[union-attr]
     better_error = improvement >= min_improvement - TOLERANCE
     better_f1 = labelled and f1_delta >= min_event_f1_improvement - TOLERANCE
-    if not (better_error or better_f1):
+    if not (better_error or better_f1 or fewer_false):
         return Decision(False, f"not better enough: {facts}", improvement)
     if far_delta > max_false_alarm_increase + TOLERANCE:
         return Decision(False, f"more false alarms: {facts}", improvement)
     if labelled and f1_delta < -max_event_f1_decrease - TOLERANCE:
         return Decision(False, f"worse event F1: {facts}", improvement)
-    return Decision(True, f"better ({'error' if better_error else 'event F1'}): {facts}", improvement)
+    if periods and found_delta < -max_found_decrease - TOLERANCE:
+        return Decision(False, f"finds fewer labelled anomalies: {facts}", improvement)
+    why = "error" if better_error else "event F1" if better_f1 else "fewer false alarms on readings labelled normal"
+    return Decision(True, f"better ({why}): {facts}", improvement)
 
 
 # --- reading the input topic ---------------------------------------------------------------------
@@ -644,6 +694,10 @@ class _Data:
     # anomalies out), and their entities: both models' alarm rates are measured there (``_compare``)
     recent: list[np.ndarray] = field(default_factory=list)
     recent_entities: list[str] = field(default_factory=list)
+    # per segment of ``recent``: its rows labelled normal (an operator's verdict, the label field)
+    recent_normal: list[np.ndarray] = field(default_factory=list)
+    # (values, rows labelled an anomaly, entity) of each entity with such rows, its whole history
+    labelled_anomalies: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
 
     @property
     def train_rows(self) -> int:
@@ -832,10 +886,13 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     labelled = champ_events is not None and champ_events.n_true > 0
     if not labelled:
         champ_events = chall_events = None
+    champ_lab, chall_lab = _labelled((champion, challenger), data, unit, window) or (None, None)
     decision = decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase,
                       champion_events=champ_events, challenger_events=chall_events,
                       min_event_f1_improvement=rt.min_event_f1_improvement,
-                      max_event_f1_decrease=rt.max_event_f1_decrease)
+                      max_event_f1_decrease=rt.max_event_f1_decrease, champion_labelled=champ_lab,
+                      challenger_labelled=chall_lab, min_false_alarm_reduction=rt.min_false_alarm_reduction,
+                      max_found_decrease=rt.max_found_decrease)
     # Fitted again in the end? An entity with validation rows but fewer windows there than
     # threshold.per_entity_min_windows gets no threshold of its own (one alone: the shared one is its own).
     refitted = set(challenger.threshold.per_entity) | (set(data.entity_tails) if len(data.entity_tails) == 1 else set())
@@ -866,7 +923,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                                        f"but the promotion failed: {exc}", decision.relative_improvement)
             status = "failed"
             log.error("retrain: %s", decision.reason)
-    metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision)
+    metrics = _comparison_metrics(champ, chall, champ_events, chall_events, decision, champ_lab, chall_lab)
     try:
         run_id = _log_comparison(settings, champion_version, challenger_version, outcome.run_id, metrics,
                                  decision, status, data.facts, verdicts=given)
@@ -922,6 +979,8 @@ def _prepare(history: History, champion: Any, settings: Settings,
     tail_entities: list[str] = []
     recent: list[np.ndarray] = []
     recent_entities: list[str] = []
+    recent_normal: list[np.ndarray] = []
+    labelled_anomalies: list[tuple[np.ndarray, np.ndarray, str]] = []
     facts: dict[str, Any] = {"entities": [], "rows": 0, "rows_excluded": 0, "flagged_windows": 0,
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
@@ -949,6 +1008,11 @@ def _prepare(history: History, champion: Any, settings: Settings,
             drop = np.zeros(len(values), dtype=bool)
             unlabelled = np.ones(len(values), dtype=bool)
         known_faults = drop.copy()  # labelled anomalies and their margin: no false alarm can be raised there
+        called_normal = np.zeros(len(values), dtype=bool)  # rows whose readings are labelled normal
+        if truth is not None:
+            called_normal = ~labels if unlabelled is None else ~labels & ~unlabelled
+            if labels.any():
+                labelled_anomalies.append((values, labels, entity))
         if unlabelled is not None and unlabelled.any():
             scored = champion.score_values(values)
             # what the champion alarmed on (a level its adaptive rule accepted as the new normal is kept)
@@ -972,6 +1036,7 @@ def _prepare(history: History, champion: Any, settings: Settings,
                 if b - a >= w:
                     recent.append(values[cut + a:cut + b])
                     recent_entities.append(entity)
+                    recent_normal.append(called_normal[cut + a:cut + b])
         if truth is not None and unlabelled is None and cut is not None and len(values) - cut >= w:
             tails.append((values[cut:], labels[cut:]))
             tail_entities.append(entity)
@@ -1023,7 +1088,7 @@ def _prepare(history: History, champion: Any, settings: Settings,
         gaps = np.zeros(len(values), dtype=bool)
         gaps[seams] = True
     return _Data(values, pd.DatetimeIndex(times), holdout, facts, tails, holdout_entities, tail_entities,
-                 entity_tails, gaps, recent, recent_entities)
+                 entity_tails, gaps, recent, recent_entities, recent_normal, labelled_anomalies)
 
 
 def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float],
@@ -1087,6 +1152,46 @@ def _joint(models: Sequence[Any], segments: Sequence[np.ndarray], entities: Sequ
     return [tuple(np.concatenate([p[i] for p in model_parts]) for i in range(3)) for model_parts in parts]
 
 
+def _labelled(models: Sequence[Any], data: "_Data", unit: Sequence[float], window: int
+              ) -> list[LabelledMetrics] | None:
+    """Each model's ``LabelledMetrics``: its alarms on the windows of the hold-out's stretch
+    (``data.recent``) ending on a reading labelled normal, and the share of the periods labelled an
+    anomaly in each entity's history (runs of labelled rows) with at least one window ending inside them
+    above its threshold (each entity's where it has one). Both models count windows ending at row
+    ``window - 1`` or later (the longer of their windows) of a segment, as in ``_compare``. Neither was
+    trained on those periods: the retrain leaves them out, with their margin. None: no such window and
+    no such period."""
+    window = max(window, *(m.window_size for m in models))
+    picked = [k for k, mask in enumerate(data.recent_normal) if len(mask) >= window and mask[window - 1:].any()]
+    normal = [(math.nan, 0)] * len(models)
+    joint = _joint(models, [data.recent[k] for k in picked], [data.recent_entities[k] for k in picked], unit,
+                   window) if picked else None
+    if joint is not None:
+        ends = np.concatenate([data.recent_normal[k][window - 1:] for k in picked])
+        normal = []
+        for scores, bars, _ in joint:
+            with np.errstate(invalid="ignore"):
+                alarms = ~(scores[ends] <= bars[ends])  # above its bar, or not scored/not finite
+            normal.append((float(alarms.mean()), int(ends.sum())))
+    found, periods = [0] * len(models), 0
+    for values, labels, entity in data.labelled_anomalies:
+        judged = [(a, b) for a, b in runs(labels) if b >= window]  # a window of both ends inside it
+        if not judged:
+            continue
+        periods += len(judged)
+        for i, model in enumerate(models):
+            scored = model.score_values(values)
+            threshold = model.threshold.for_entity(entity)
+            flagged = np.zeros(len(values), dtype=bool)
+            flagged[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores,
+                                                                       window_size=model.window_size)]] = True
+            found[i] += sum(bool(flagged[max(a, window - 1):b].any()) for a, b in judged)
+    if joint is None and not periods:
+        return None
+    return [LabelledMetrics(rate, n, found[i] / periods if periods else math.nan, periods)
+            for i, (rate, n) in enumerate(normal)]
+
+
 def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
             entities: Sequence[str] = (), window: int | None = None) -> EventMetrics | None:
     """Event-wise metrics of ``detector``'s window flags (a flagged window marks its last row, as in
@@ -1112,7 +1217,9 @@ def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
 
 
 def _comparison_metrics(champ: HoldoutMetrics, chall: HoldoutMetrics, champ_events: EventMetrics | None,
-                        chall_events: EventMetrics | None, decision: Decision) -> dict[str, float]:
+                        chall_events: EventMetrics | None, decision: Decision,
+                        champ_labelled: LabelledMetrics | None = None,
+                        chall_labelled: LabelledMetrics | None = None) -> dict[str, float]:
     out: dict[str, float] = {**{f"champion.{k}": v for k, v in champ.to_dict().items()},
                              **{f"challenger.{k}": v for k, v in chall.to_dict().items()},
                              "relative_improvement": decision.relative_improvement,
@@ -1121,6 +1228,9 @@ def _comparison_metrics(champ: HoldoutMetrics, chall: HoldoutMetrics, champ_even
         if ev is not None:
             out.update({f"{side}.event_precision": ev.precision, f"{side}.event_recall": ev.recall,
                         f"{side}.event_f1": ev.f1, f"{side}.labelled_events": float(ev.n_true)})
+    for side, lab in (("champion", champ_labelled), ("challenger", chall_labelled)):
+        if lab is not None:
+            out.update({f"{side}.{k}": v for k, v in lab.to_dict().items()})
     return out
 
 
@@ -1135,6 +1245,13 @@ def gate_limits(metrics: Mapping[str, float], rt: RetrainSettings) -> dict[str, 
         limits["false_alarm_rate"] = (far + rt.max_false_alarm_increase, "allowed up to")
     if f1 is not None and math.isfinite(f1):
         limits["event_f1"] = (f1 - rt.max_event_f1_decrease, "allowed down to")
+    normal_far, found = (metrics.get(f"champion.{k}") for k in ("labelled_normal_false_alarm_rate",
+                                                                "labelled_anomalies_found"))
+    if normal_far is not None and math.isfinite(normal_far) and normal_far > 0:
+        limits["labelled_normal_false_alarm_rate"] = (normal_far * (1 - rt.min_false_alarm_reduction),
+                                                      f"better at or below (-{rt.min_false_alarm_reduction:.0%})")
+    if found is not None and math.isfinite(found):
+        limits["labelled_anomalies_found"] = (found - rt.max_found_decrease, "allowed down to")
     return limits
 
 
@@ -1182,7 +1299,8 @@ def _log_comparison(settings: Settings, champion_version: str, challenger_versio
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"retrain-compare-{status}", tags=tags) as run:
         run.log_params(tracking.flat_params("retrain", dataclasses.asdict(rt)))  # every setting of the cycle
         run.log_metrics(tracking.finite_metrics(metrics))
-        shown = ("mean_error", "false_alarm_rate", "p99_error", "event_f1")
+        shown = ("mean_error", "false_alarm_rate", "p99_error", "event_f1", "labelled_normal_false_alarm_rate",
+                 "labelled_anomalies_found")
         bars = {f"{side} v{version}": {k: metrics[f"{side}.{k}"] for k in shown if f"{side}.{k}" in metrics}
                 for side, version in (("champion", champion_version), ("challenger", challenger_version))}
         run.log_figure(plots.comparison_bars(bars, f"hold-out comparison: {status}", gate_limits(metrics, rt)),

@@ -578,6 +578,9 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     assert after.data["verdict_normal_readings"] == 66 and after.data["verdict_anomaly_readings"] == 26
     assert after.data["flagged_windows"] < before.data["flagged_windows"]  # the fault's windows are normal now
     assert after.data["labelled_rows"] == 26
+    # the gate checks both models on the period called an anomaly (the retrain left it out of training)
+    assert after.metrics["champion.labelled_anomaly_periods"] == after.metrics["challenger.labelled_anomaly_periods"] == 1
+    assert "labelled anomaly periods found" in after.reason
     compared = comparison_run(settings, after.comparison_run_id).data.tags  # as on the challenger
     assert compared["retrain.verdicts_normal"] == "1" and compared["retrain.verdict_anomaly_readings"] == "26"
     import mlflow  # which verdicts, by whom: an artifact of the comparison run

@@ -245,6 +245,93 @@ def test_decide_with_labels_still_bounds_false_alarms_and_tolerates_a_set_f1_dec
     assert decide(metrics(1.0, 0.0), metrics(0.8, 0.0), 0.05, 0.0, champion_events=events(0.9)).promote
 
 
+# --- with readings labelled by operators' verdicts: fewer false alarms on them ------------------
+
+def labelled(normal_far: float, found: float, periods: int = 3, normal_windows: int = 150):
+    from anomaly.retrain import LabelledMetrics
+
+    return LabelledMetrics(normal_far, normal_windows, found, periods)
+
+
+@pytest.mark.parametrize("chall_err, champ_lab, chall_lab, promote, why", [
+    # a challenger that learnt an operating point called normal: coarser (mean error 3x), alarms gone there
+    (3.0, labelled(1.0, 1.0), labelled(0.03, 1.0), True, "better (fewer false alarms on readings labelled normal)"),
+    (3.0, labelled(1.0, 1.0), labelled(0.03, 2 / 3), False, "finds fewer labelled anomalies"),
+    (3.0, labelled(1.0, 1.0), labelled(0.6, 1.0), False, "not better enough"),  # 40 % fewer, 50 % needed
+    (3.0, labelled(1.0, 1.0), labelled(0.5, 1.0), True, "better (fewer"),  # exactly the bound
+    # no period labelled an anomaly: nothing shows it still finds faults, so fewer alarms do not count
+    (3.0, labelled(1.0, math.nan, 0), labelled(0.0, math.nan, 0), False, "only where the history holds periods"),
+    # better by error, but it misses a fault operators confirmed: kept all the same
+    (0.5, labelled(0.1, 1.0), labelled(0.1, 2 / 3), False, "finds fewer labelled anomalies"),
+    (0.5, labelled(math.nan, 1.0, normal_windows=0), labelled(math.nan, 1.0, normal_windows=0), True,
+     "better (error)"),  # no window labelled normal: the found guard alone
+])
+def test_decide_with_labelled_readings(chall_err, champ_lab, chall_lab, promote, why):
+    d = decide(metrics(1.0, 0.3), metrics(chall_err, 0.01), min_improvement=0.05, max_false_alarm_increase=0.005,
+               champion_labelled=champ_lab, challenger_labelled=chall_lab)
+    assert d.promote is promote, d.reason
+    assert why in d.reason
+
+
+def test_decide_with_labelled_readings_tolerates_a_set_loss_and_still_bounds_all_false_alarms():
+    lost_one = decide(metrics(1.0, 0.3), metrics(3.0, 0.01), 0.05, 0.005, champion_labelled=labelled(1.0, 1.0),
+                      challenger_labelled=labelled(0.03, 2 / 3), max_found_decrease=0.34)
+    assert lost_one.promote, lost_one.reason
+    louder = decide(metrics(1.0, 0.01), metrics(3.0, 0.2), 0.05, 0.005, champion_labelled=labelled(1.0, 1.0),
+                    challenger_labelled=labelled(0.03, 1.0))
+    assert not louder.promote and "more false alarms" in louder.reason
+
+
+def _shifted_history(fault_label: bool):
+    """pump-1, 3,000 readings of noise on a, b; rows 2,400-2,799 at another operating level (a + 3, which a
+    square_detector with bar 4 alarms on), labelled normal as an operator's verdict labels them; a fault
+    at rows 1,000-1,049 (a + 8), labelled an anomaly when ``fault_label``."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(3000), rng.standard_normal(3000)
+    a[2400:2800] += 3.0
+    a[1000:1050] += 8.0
+    h = History(max_readings=10**6, lookback_s=1e12)
+    for i in range(3000):
+        label = False if 2400 <= i < 2800 else True if fault_label and 1000 <= i < 1050 else None
+        h.add(Reading("pump-1", 60.0 * i, {"a": float(a[i]), "b": float(b[i])}), label)
+    return h
+
+
+def test_the_gate_promotes_a_challenger_that_learnt_what_operators_called_normal_and_still_finds_the_fault():
+    from anomaly.config import build_settings
+    from anomaly.retrain import _compare, _labelled, _prepare
+
+    w, settings = 5, build_settings({})
+    rt = settings.retrain
+    champion = square_detector(w, bar=4.0)  # alarms on the new level and on the fault
+    learnt = square_detector(w, bar=30.0)  # the new level (mean square ~10) is normal to it; the fault (~64) not
+    deaf = square_detector(w, bar=1000.0)  # alarms on nothing
+    data = _prepare(_shifted_history(fault_label=True), champion, settings)
+    assert len(data.labelled_anomalies) == 1 and data.recent_normal and any(m.any() for m in data.recent_normal)
+
+    def gate(challenger):
+        champ, chall = _compare(champion, challenger, data, (1.0, 1.0), w)
+        champ_lab, chall_lab = _labelled((champion, challenger), data, (1.0, 1.0), w)
+        return champ_lab, chall_lab, decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase,
+                                            champion_labelled=champ_lab, challenger_labelled=chall_lab,
+                                            min_false_alarm_reduction=rt.min_false_alarm_reduction,
+                                            max_found_decrease=rt.max_found_decrease)
+
+    champ_lab, chall_lab, d = gate(learnt)
+    assert champ_lab.false_alarm_rate > 0.9 and champ_lab.normal_windows >= 390  # its alarms on the verdict's rows
+    assert chall_lab.false_alarm_rate == 0.0 and chall_lab.found_rate == champ_lab.found_rate == 1.0
+    assert champ_lab.anomaly_periods == 1
+    assert d.promote and "fewer false alarms on readings labelled normal" in d.reason, d.reason
+    _, deaf_lab, d = gate(deaf)
+    assert deaf_lab.found_rate == 0.0
+    assert not d.promote and "finds fewer labelled anomalies" in d.reason, d.reason
+    # the fault not labelled: nothing shows the challenger still finds faults; kept
+    data = _prepare(_shifted_history(fault_label=False), champion, settings)
+    assert data.labelled_anomalies == []
+    _, _, d = gate(learnt)
+    assert not d.promote and "only where the history holds periods labelled an anomaly" in d.reason, d.reason
+
+
 # --- the common unit of the error comparison -----------------------------------------------------
 
 def test_common_unit_errors_convert_by_the_squared_scale_ratio():
