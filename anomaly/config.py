@@ -464,7 +464,7 @@ class RetrainSettings:
     """Scheduled retraining: which history, how anomalies are kept out, and the promotion gate."""
 
     entities: list[str] | None = doc("entities whose history trains the challenger; empty = every entity whose readings carry the model's sensors", None)
-    max_readings: int = doc("most recent readings kept per entity while reading the input topic (bounds memory: about 0.7 KB per reading of 3 sensors, 1.3 KB of 10)", 50000)
+    max_readings: int = doc("most recent readings kept per entity while reading the input topic (bounds memory: about 40 bytes per reading of 3 sensors held, 95 at the peak as the cycle lays them out as tables; 100 and 210 of 10 sensors: 2,000 entities of 3 sensors at 50,000 readings need about 9 GiB at the peak)", 50000)
     max_entities: int = doc("most entities whose readings the read of the input topic holds, with retrain.entities empty (a producer sending a new entity id with every reading made it grow without end: 413 MiB for 300,000 ids measured); past it those with the fewest readings go first, and the cycle is a skip if one of them held a window's worth", 100000)
     lookback_s: float = doc("history window in seconds, measured on the readings' own ts back from the newest one (readings stamped more than worker.max_future_s ahead of the clock are left out; with it off, a lone reading stamped far ahead of its partition, which goes on from before it, as the worker dead-letters it)", 7 * 86400.0)
     min_rows: int = doc("fewest clean rows (after anomaly exclusion) needed to retrain; fewer, or fewer than 4 gap-free windows of model.window_size to train on, or no hold-out window = a logged skip", 500)

@@ -45,7 +45,7 @@ import logging
 import heapq
 import math
 import time
-from collections import deque
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -101,6 +101,73 @@ class RetrainResult:
 
 # --- history (pure) ------------------------------------------------------------------------------
 
+_COMPACT_AT = 4096  # readings let go at the left of a buffer before its arrays are shifted down
+
+
+class _Buffer:
+    """One entity's readings in arrival order, compact: each ``ts`` and value a double in a flat array
+    (NaN for a value left null), each label a byte (-1 none, 0 normal, 1 anomaly): 8 x (1 + sensors) + 1
+    bytes a reading, where ``Reading`` objects held 763 (a 2,000-asset fleet at ``max_readings``
+    50,000 would have needed 71 GiB). ``columns``: the sensors kept, in order; None (a ``History`` not
+    told its sensors): each reading's values dict is kept instead. At most ``maxlen`` readings (the
+    latest); those let go at the left are dropped from the arrays in bulk."""
+
+    __slots__ = ("ts", "labels", "values", "columns", "maxlen", "start")
+
+    def __init__(self, maxlen: int, columns: tuple[str, ...] | None) -> None:
+        self.ts, self.labels = array("d"), array("b")
+        self.values: array | list[Mapping[str, Any]] = array("d") if columns is not None else []
+        self.columns, self.maxlen, self.start = columns, maxlen, 0
+
+    def __len__(self) -> int:
+        return len(self.ts) - self.start
+
+    @property
+    def last_ts(self) -> float:
+        return self.ts[-1] if len(self) else -math.inf
+
+    def append(self, reading: Reading, label: bool | None) -> None:
+        self.ts.append(reading.ts)
+        self.labels.append(-1 if label is None else int(bool(label)))
+        if self.columns is None:
+            self.values.append(reading.values)  # type: ignore[arg-type]
+        else:
+            got = reading.values
+            self.values.extend([math.nan if got.get(c) is None else got[c] for c in self.columns])  # type: ignore[arg-type]
+        if len(self) > self.maxlen:
+            self.start += 1
+        self._compact()
+
+    def prune(self, cutoff: float) -> None:
+        """Let go of the readings at the left stamped before ``cutoff`` (up to the first one that is not)."""
+        while self.start < len(self.ts) and self.ts[self.start] < cutoff:
+            self.start += 1
+        self._compact()
+
+    def _compact(self) -> None:
+        k = self.start
+        if k >= _COMPACT_AT and 2 * k >= len(self.ts):
+            del self.ts[:k]
+            del self.labels[:k]
+            del self.values[:k * len(self.columns) if self.columns is not None else k]
+            self.start = 0
+
+    def readings(self, cutoff: float) -> tuple[np.ndarray, np.ndarray | list[Mapping[str, Any]], np.ndarray]:
+        """Those stamped at ``cutoff`` or later: their ``ts``, values ((n, len(columns)) doubles, or the
+        values dicts) and labels (NaN none, 0.0 normal, 1.0 anomaly)."""
+        ts = np.array(self.ts[self.start:], dtype=np.float64)
+        keep = ts >= cutoff
+        labels = np.array(self.labels[self.start:], dtype=np.float64)
+        labels[labels < 0] = np.nan
+        if self.columns is None:
+            values: np.ndarray | list[Mapping[str, Any]] = [v for v, k in zip(self.values[self.start:], keep) if k]
+        else:
+            width = len(self.columns)
+            flat = np.array(self.values[self.start * width:], dtype=np.float64)
+            values = flat.reshape(len(ts), width)[keep]
+        return ts[keep], values, labels[keep]
+
+
 class History:
     """Recent readings per entity, bounded in memory while a topic streams through.
 
@@ -126,9 +193,10 @@ class History:
         self.entities = frozenset(entities) if entities else None
         self.served = served  # worker.entities: the entities the workers serve (another asset type's: ignored)
         self.sensors = frozenset(sensors) if sensors else None
+        self._columns = tuple(sorted(self.sensors)) if self.sensors is not None else None  # as each buffer keeps them
         self.exact_sensors = exact_sensors
         self.max_ts = max_ts
-        self._by_entity: dict[str, deque[tuple[Reading, bool | None]]] = {}
+        self._by_entity: dict[str, _Buffer] = {}
         self.newest_ts = -math.inf
         self.seen = 0  # readings offered
         self.ignored = 0  # readings of other entities / sensor sets
@@ -161,10 +229,9 @@ class History:
         if buf is None:
             if self.max_entities is not None and len(self._by_entity) >= self.max_entities:
                 self._evict(cutoff)
-            buf = self._by_entity[reading.entity] = deque(maxlen=self.max_readings)
-        buf.append((reading, label))
-        while buf and buf[0][0].ts < cutoff:  # cheap pruning at the left; ``frames`` filters exactly
-            buf.popleft()
+            buf = self._by_entity[reading.entity] = _Buffer(self.max_readings, self._columns)
+        buf.append(reading, label)
+        buf.prune(cutoff)  # cheap pruning at the left; ``frames`` filters exactly
         return True
 
     def _evict(self, cutoff: float) -> None:
@@ -175,17 +242,17 @@ class History:
         if excess <= 0:
             return
 
-        def key(item: tuple[int, tuple[str, deque]]) -> tuple[int, float, int]:
+        def key(item: tuple[int, tuple[str, _Buffer]]) -> tuple[int, float, int]:
             order, (_, buf) = item
-            live = len(buf) if buf and buf[-1][0].ts >= cutoff else 0
-            return live, buf[-1][0].ts if buf else -math.inf, order
+            live = len(buf) if buf.last_ts >= cutoff else 0
+            return live, buf.last_ts, order
 
         gone = heapq.nsmallest(excess, enumerate(self._by_entity.items()), key=key)
         for _, (entity, buf) in gone:
             del self._by_entity[entity]
             self.evicted_entities += 1
             self.evicted_readings += len(buf)
-            self.evicted_windowed += len(buf) >= self.window and bool(buf) and buf[-1][0].ts >= cutoff
+            self.evicted_windowed += len(buf) >= self.window and bool(len(buf)) and buf.last_ts >= cutoff
         if self.evicted_entities == len(gone):  # once a read: the count goes into the cycle's facts
             log.warning("the retrain's read holds more than retrain.max_entities (%d) entities: those with the "
                         "fewest readings let go (a producer sending a new entity id with every reading?)",
@@ -210,30 +277,32 @@ class History:
         out: dict[str, pd.DataFrame] = {}
         self.verdict_readings = {"normal": 0, "anomaly": 0}
         for entity in sorted(self._by_entity):
-            pairs = [(r, lab) for r, lab in self._by_entity[entity] if r.ts >= cutoff]
-            if verdicts and verdicts.get(entity) and pairs:
-                said = feedback.labels_at(np.array([r.ts for r, _ in pairs], dtype=np.float64), verdicts[entity])
-                labelled = [(r, lab if lab is not None or np.isnan(v) else bool(v))
-                            for (r, lab), v in zip(pairs, said.tolist())]
-                for (_, before), (_, after) in zip(pairs, labelled):
-                    if before is None and after is not None:
-                        self.verdict_readings["anomaly" if after else "normal"] += 1
-                pairs = labelled
-            kept = [r for r, _ in pairs]
-            if not kept:
+            ts, values, labels = self._by_entity[entity].readings(cutoff)
+            if not len(ts):
                 continue
+            if verdicts and verdicts.get(entity):
+                said = feedback.labels_at(ts, verdicts[entity])
+                newly = np.isnan(labels) & ~np.isnan(said)  # a reading's own label stands
+                labels[newly] = said[newly]
+                self.verdict_readings["anomaly"] += int(np.count_nonzero(labels[newly] > 0))
+                self.verdict_readings["normal"] += int(np.count_nonzero(labels[newly] == 0))
             # whole microseconds, as the worker and the tables round them (through floats to ns, a reading
             # half-way between two slots could land on either)
-            micros = np.round(np.array([r.ts for r in kept], dtype=np.float64) * 1e6).astype(np.int64)
+            micros = np.round(ts * 1e6).astype(np.int64)
             index = pd.to_datetime(micros, unit="us", utc=True)
-            data = np.array([[np.nan if r.values.get(s) is None else r.values[s] for s in sensors] for r in kept],
-                            dtype=np.float64).reshape(len(kept), len(sensors))
+            if isinstance(values, np.ndarray):
+                where = {c: k for k, c in enumerate(self._columns or ())}
+                data = np.full((len(ts), len(sensors)), np.nan)
+                for k, sensor in enumerate(sensors):
+                    if sensor in where:
+                        data[:, k] = values[:, where[sensor]]
+            else:
+                data = np.array([[np.nan if v.get(s) is None else v[s] for s in sensors] for v in values],
+                                dtype=np.float64).reshape(len(ts), len(sensors))
             frame = pd.DataFrame(data, index=pd.DatetimeIndex(index, name="ts"), columns=list(sensors))
-            if any(lab is not None for _, lab in pairs):
-                labels = pd.Series([np.nan if lab is None else 1.0 if lab else 0.0 for _, lab in pairs],
-                                   index=frame.index)
+            if not np.isnan(labels).all():
                 # a label on any reading of a repeated ts marks it, as `anomaly score` counts them
-                frame[LABEL_COLUMN] = labels.groupby(level=0).transform("max").to_numpy()
+                frame[LABEL_COLUMN] = pd.Series(labels, index=frame.index).groupby(level=0).transform("max").to_numpy()
             # a repeated ts keeps the first reading, as the worker does (a later one is a late duplicate)
             frame = frame[~frame.index.duplicated(keep="first")].sort_index()
             out[entity] = frame
