@@ -844,23 +844,28 @@ class ScoringStep:
         # Finished runs, after the live ones: a run pins the commit where it would fall inside it; pinning
         # only lowers commits, so repeat until no more runs are caught; the rest are released.
         kept: list[tuple[str, _Hold]] = []
-        waiting: list[tuple[str, _Hold]] = []
+        waiting: dict[Any, list[tuple[str, _Hold]]] = {}
         # (Never released by age: one released while it still pins would let a replay start inside its run;
         # the alert grid bounds how long a run can be caught.)
         for entity, hold in finished:
             key = self._stream_keys[hold.stream]
-            (waiting if key in out.commits else kept).append((entity, hold))  # no commit there: kept as is
-        caught = True
-        while caught and waiting:
-            caught = False
-            for item in list(waiting):
-                hold = item[1]
-                key = self._stream_keys[hold.stream]
-                if out.commits[key] <= hold.through:
-                    out.commits[key] = min(out.commits[key], hold.offset)
-                    waiting.remove(item)
-                    kept.append(item)
-                    caught = True
+            if key in out.commits:
+                waiting.setdefault(key, []).append((entity, hold))
+            else:
+                kept.append((entity, hold))  # no commit there: kept as is
+        # Per stream, the runs reaching furthest first: each one the commit falls inside lowers it, and the
+        # first it passes ends the stream's catch (the rest end earlier still). What repeating over them all
+        # until none is caught gives, in one sorted pass: that was quadratic in the runs, 58 ms a batch
+        # with 20,000 entities' runs held after a fleet-wide alarm.
+        for key, runs_ in waiting.items():
+            runs_.sort(key=lambda item: item[1].through, reverse=True)
+            commit = out.commits[key]
+            for item in runs_:
+                if commit > item[1].through:
+                    break
+                commit = min(commit, item[1].offset)
+                kept.append(item)
+            out.commits[key] = commit
         self._finished = kept  # the waiting ones left: the commit is past their run, a replay sees none of it
 
     def _with_held(self, batches: list[PartitionBatch]) -> tuple[list[PartitionBatch], dict[int, bool]]:
