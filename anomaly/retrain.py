@@ -273,6 +273,9 @@ class History:
         normal, NaN for a reading without a label). ``verdicts`` (entity -> operators' periods,
         ``feedback.periods``) label the readings they cover that carry no label of their own; how many
         of each kind they labelled is left in ``verdict_readings``."""
+        if self._columns is not None and not set(sensors) <= set(self._columns):
+            raise ValueError(f"the history keeps only the sensors it was given ({', '.join(self._columns)}), "
+                             f"not {', '.join(sorted(set(sensors) - set(self._columns)))}")
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
         self.verdict_readings = {"normal": 0, "anomaly": 0}
@@ -292,10 +295,7 @@ class History:
             index = pd.to_datetime(micros, unit="us", utc=True)
             if isinstance(values, np.ndarray):
                 where = {c: k for k, c in enumerate(self._columns or ())}
-                data = np.full((len(ts), len(sensors)), np.nan)
-                for k, sensor in enumerate(sensors):
-                    if sensor in where:
-                        data[:, k] = values[:, where[sensor]]
+                data = values[:, [where[sensor] for sensor in sensors]]
             else:
                 data = np.array([[np.nan if v.get(s) is None else v[s] for s in sensors] for v in values],
                                 dtype=np.float64).reshape(len(ts), len(sensors))
@@ -1316,7 +1316,9 @@ def gate_limits(metrics: Mapping[str, float], rt: RetrainSettings) -> dict[str, 
         limits["event_f1"] = (f1 - rt.max_event_f1_decrease, "allowed down to")
     normal_far, found = (metrics.get(f"champion.{k}") for k in ("labelled_normal_false_alarm_rate",
                                                                 "labelled_anomalies_found"))
-    if normal_far is not None and math.isfinite(normal_far) and normal_far > 0:
+    # fewer false alarms on readings labelled normal count only beside periods labelled an anomaly
+    if normal_far is not None and math.isfinite(normal_far) and normal_far > 0 and found is not None \
+            and math.isfinite(found):
         limits["labelled_normal_false_alarm_rate"] = (normal_far * (1 - rt.min_false_alarm_reduction),
                                                       f"better at or below (-{rt.min_false_alarm_reduction:.0%})")
     if found is not None and math.isfinite(found):

@@ -291,6 +291,7 @@ class WindowStore:
         self._orphan_needs: dict[int, int] = {}  # queued needs of entities evicted before ready()
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
         self._arrivals = 0  # entity states created so far (a new one may be idle or inactive from the start)
+        self._moves = 0  # entities moved to another partition, runs restarted: idle or inactive without time passing
         # What the last scan of evict_idle / evict_excess saw (the watermarks, arrivals, its argument, and for
         # evict_excess whether it left candidates): while nothing of it moved, a scan finds what it found.
         self._idle_scanned: tuple | None = None
@@ -463,6 +464,7 @@ class WindowStore:
         state.needs = None
         if state.last_partition not in (-1, partition):
             state.mixed = True
+            self._moves += 1  # measured against another partition's newest slot now: idle or inactive at once?
         state.last_partition = partition
         if state.max_slot is None or slot > state.max_slot:
             state.max_slot = slot
@@ -508,6 +510,8 @@ class WindowStore:
             restarted = True
         if due or restarted:
             state.needs = None
+        if restarted:
+            self._moves += 1  # a whole window's rows gone: inactive, if not heard from in the newest slots
         return restarted
 
     def _make_room(self, state: _Entity) -> None:
@@ -692,6 +696,8 @@ class WindowStore:
         state.full, state.partial = (partition, int(offs[-1])), None
         state.n = held
         state.run_end = state.max_slot = first_slot + m - 1
+        if state.last_partition not in (-1, partition):
+            self._moves += 1
         state.last_partition = partition
         state.needs = None
 
@@ -872,11 +878,11 @@ class WindowStore:
         keep its buffer for ever. Stream time (the partition's newest slot), not a clock, decides, so
         a backlog being replayed does not evict everyone.
 
-        An entity's newest slot only moves on, so none becomes idle until a partition's newest slot moves
-        or a new entity comes in: until then the scan (every entity, every batch: 1.5 ms a batch with
-        20,000 held) is skipped.
+        An entity's newest slot only moves on, so none becomes idle until a partition's newest slot moves,
+        a new entity comes in or one moves to another partition (``_moves``): until then the scan (every
+        entity, every batch: 1.5 ms a batch with 20,000 held) is skipped.
         """
-        seen = (tuple(self._watermark.items()), self._arrivals, max_idle_slots)
+        seen = (tuple(self._watermark.items()), self._arrivals, self._moves, max_idle_slots)
         if seen == self._idle_scanned:
             return []
         self._idle_scanned = seen
@@ -900,13 +906,14 @@ class WindowStore:
         reading (one row each, never a window) would otherwise grow the store without bound
         (``worker.max_entities``), while a fleet bigger than the cap must still be scored.
 
-        An entity turns inactive only as its partition's newest slot moves on, and one that comes in is
-        active: while neither moved and the last scan dropped every entity that was not active, a scan
-        would find none (a fleet over the cap that is all active was scanned every batch: 2 ms with 20,000)."""
+        An entity turns inactive as its partition's newest slot moves on, as it moves to another partition
+        or as its run restarts after a gap (``_moves``); one that comes in may be inactive: while none of
+        that happened and the last scan dropped every entity that was not active, a scan would find none
+        (a fleet over the cap that is all active was scanned every batch: 2 ms with 20,000)."""
         excess = len(self._entities) - max(int(keep), 0)
         if excess <= 0:
             return 0
-        seen = (tuple(self._watermark.items()), self._arrivals)
+        seen = (tuple(self._watermark.items()), self._arrivals, self._moves)
         if self._excess_scanned == (seen, False):
             return 0
         watermark, w = self._watermark, self._w
@@ -920,7 +927,8 @@ class WindowStore:
             candidates.append((age, -state.n, -i, name))
         chosen = heapq.nlargest(excess, candidates)
         self._drop([name for *_, name in chosen])
-        self._excess_scanned = ((tuple(self._watermark.items()), self._arrivals), len(candidates) > len(chosen))
+        self._excess_scanned = ((tuple(self._watermark.items()), self._arrivals, self._moves),
+                                len(candidates) > len(chosen))
         return len(chosen)
 
     def _drop(self, names: Sequence[str]) -> None:

@@ -41,11 +41,15 @@ def test_history_keeps_its_readings_compact_through_many_shifts(sensors):
         r = Reading("e", float(t), {"a": float(t), "b": None if t % 3 else -float(t)})
         h.add(r, None if t % 5 else bool(t % 10))
     assert len(h) == 5000
-    frame = h.frames(["b", "a", "c"])["e"]
+    frame = h.frames(["b", "a"] if sensors else ["b", "a", "c"])["e"]
     assert frame["a"].tolist() == [float(t) for t in range(15_000, 20_000)]
     assert np.array_equal(frame["b"].to_numpy(), [np.nan if t % 3 else -float(t) for t in range(15_000, 20_000)],
                           equal_nan=True)
-    assert frame["c"].isna().all()  # a sensor no reading carries
+    if sensors:  # it kept only the sensors it was given: asked for another, it says so
+        with pytest.raises(ValueError, match="keeps only the sensors it was given"):
+            h.frames(["a", "c"])
+    else:
+        assert frame["c"].isna().all()  # a sensor no reading carries
     assert np.array_equal(frame[LABEL_COLUMN].to_numpy(), [np.nan if t % 5 else float(bool(t % 10))
                                                       for t in range(15_000, 20_000)], equal_nan=True)
 

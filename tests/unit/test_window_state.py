@@ -355,6 +355,28 @@ def test_eviction_scans_skipped_while_nothing_moved_still_find_what_a_scan_would
     assert s.evict_excess(1) == 0 and s.entities == 2  # only the active left, over the cap: nothing to drop
 
 
+def test_eviction_scans_see_an_entity_that_moves_partition_or_restarts_its_run() -> None:
+    # Neither moves a partition's newest slot nor brings an entity in, yet both can make one idle or
+    # inactive at once: the skipped scans missed them until the next slot.
+    s = WindowStore(WindowPolicy(window_size=3, period_s=1.0), ["x"], [0.0])
+    for k in range(100):
+        s.add("busy", Reading("busy", float(k), {"x": 1.0}), 1, k)  # partition 1 at slot 99
+    for k in range(40, 50):
+        s.add("m", Reading("m", float(k), {"x": 1.0}), 0, 1000 + k)  # partition 0 at slot 49
+    assert s.evict_idle(10) == []
+    s.add("m", Reading("m", 50.0, {"x": 1.0}), 1, 2000)  # its next reading comes through partition 1: 49 behind
+    assert s.evict_idle(10) == ["m"]
+
+    s = WindowStore(WindowPolicy(window_size=3, period_s=1.0, max_fill_steps=0), ["x"], [0.0])
+    for k in range(20):
+        s.add("a", Reading("a", float(k), {"x": 1.0}), 0, k)  # partition 0 at slot 19
+    for k in range(11, 16):
+        s.add("b", Reading("b", float(k), {"x": 1.0}), 0, 100 + k)  # a window's rows, 4 slots behind: active
+    assert s.evict_excess(1) == 0
+    s.add("b", Reading("b", 17.0, {"x": 1.0}), 0, 200)  # slot 16 missed, no fill allowed: its run restarts
+    assert s.evict_excess(1) == 1 and "b" not in s
+
+
 def test_bad_policy_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         WindowPolicy(window_size=0, period_s=1.0)
