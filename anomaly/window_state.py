@@ -187,6 +187,25 @@ class ReadyBatch:
         return len(self.entities)
 
 
+def _replay_offsets_one(off: Sequence[int], part: Sequence[int] | None, partition: int) -> tuple[int, int]:
+    """``_replay_offsets`` of one window (``off``: its readings' offsets, oldest slot first; ``part``: their
+    partitions, None: all on ``partition``), in plain Python: a window queued a reading at a time (a fleet
+    of thousands, about one reading of each entity a poll) spent more in numpy's calls than in the work."""
+    least = through = -1
+    for i in range(len(off) - 1, -1, -1):  # newest slot first: ``least`` is the least offset after slot i
+        if part is not None and part[i] != partition:
+            continue  # another partition's offsets mean nothing here
+        o = off[i]
+        if least < 0 or o < least:
+            least = o
+        elif o > least and o > through:  # past a later slot's reading: placed out of order within grace
+            through = o
+    if least < 0:
+        big = int(np.iinfo(np.int64).max)
+        return big, big
+    return least, max(least, through)
+
+
 def _replay_offsets(off: np.ndarray, mine: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Per window (rows of ``off``: its readings' offsets, oldest slot first; ``mine``: those on the window's
     partition, None: all): the oldest offset, and the offset a replay must start after to rebuild none of it
@@ -608,9 +627,11 @@ class WindowStore:
         state.unaligned = 0
         lo = state.n - w
         state.last_end = slot
-        mine = state.part[lo:state.n] == partition
-        oldest, through = _replay_offsets(state.off[lo:state.n][None], mine[None])
+        first, last = _replay_offsets_one(state.off[lo:state.n].tolist(),
+                                          state.part[lo:state.n].tolist() if state.mixed else None, partition)
+        oldest, through = np.array([first], dtype=np.int64), np.array([last], dtype=np.int64)
         if state.carried > slot - w:  # a row of the window carries a sensor from an older reading
+            mine = state.part[lo:state.n] == partition
             oldest = np.minimum(oldest, np.where(mine, state.src[lo:state.n], oldest[0]).min(keepdims=True))
         missing = np.array([[value is None for value in row]]) if None in row else None  # row: as read
         self._queue.append(_Chunk(entity, state.values[lo:state.n][None].copy(), np.array([slot]),
