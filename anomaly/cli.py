@@ -113,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
              f", {len(prepared.entities)} entities" if prepared.entities else "",
              f", {prepared.labelled_out} labelled rows (with their margin) left out" if prepared.labelled_out else "")
     outcome = run_training(prepared, settings, source=source, dataset=dataset, register=not args.no_register,
-                           promote=args.promote, alias=args.alias, progress=not args.quiet)
+                           promote=args.promote, alias=args.alias, progress=not args.quiet,
+                           keep_dir=settings.mlflow.keep_dir or None)
     print(json.dumps({"run_id": outcome.run_id, "model": settings.mlflow.model_name, "version": outcome.version,
                       "promoted": outcome.promoted, "threshold": outcome.detector.threshold.value,
                       "best_val_loss": outcome.result.best_val_loss, "epochs": len(outcome.result.history),
@@ -567,7 +568,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     name = args.name or settings.mlflow.model_name
-    if args.version and args.action != "promote":  # usage first: before the store is reached (or made)
+    if args.version and args.action not in ("promote", "register"):  # usage first: before the store is reached
         raise AnomalyError(f"models {args.action} takes no VERSION (got {args.version!r}); "
                            + ("--name narrows the list to one model" if args.action == "list" else
                               "it moves the alias back to the version that held it before; "
@@ -575,6 +576,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                               "it removes --alias from whichever version holds it"))
     if args.action == "promote" and not args.version:
         raise AnomalyError("models promote needs a VERSION")
+    if args.action == "register" and not args.version:
+        raise AnomalyError("models register needs the FOLDER a failed `anomaly train` kept its model in "
+                           f"(under mlflow.keep_dir, {settings.mlflow.keep_dir or 'not set'})")
     inert = ([f for f, v in (("--alias", args.alias), ("--reason", args.reason)) if v is not None]
              if args.action == "list" else ["--json"] if args.json else [])
     if inert:  # taken and ignored, they misled
@@ -618,6 +622,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         previous = registry.promote(name, args.version, alias, reason=args.reason or "promoted by hand")
         shown = registry.version_number(args.version) or args.version
         print(f"{name}@{alias} -> v{shown} (was {'v' + previous if previous else 'unset'})")
+    elif args.action == "register":
+        from anomaly.train_job import register_kept
+
+        if args.alias is not None:
+            registry.check_alias(args.alias)
+        version, run_id = register_kept(args.version, dataclasses.replace(
+            settings, mlflow=dataclasses.replace(settings.mlflow, model_name=name)), alias=args.alias)
+        print(f"{name} v{version} registered from {args.version} (run {run_id}); the folder is removed")
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias
         version = registry.rollback(name, alias, reason=args.reason or "")
@@ -1308,13 +1320,15 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("models", help="list registered models, promote a version, roll back",
+    p = sub.add_parser("models", help="list registered models, promote a version, roll back, register a kept one",
                        description="Registered models and versions with their aliases and metrics; move @champion.")
-    p.add_argument("action", choices=("list", "promote", "rollback", "unalias"),
+    p.add_argument("action", choices=("list", "promote", "rollback", "unalias", "register"),
                    help="list: versions, aliases, metrics, the latest recorded evaluation; promote VERSION: move "
                         "the alias to it; rollback: move the alias back to the version that held it before; "
-                        "unalias --alias A: remove alias A (a mistyped one; not the served champion alias)")
-    p.add_argument("version", nargs="?", help="version to promote")
+                        "unalias --alias A: remove alias A (a mistyped one; not the served champion alias); "
+                        "register FOLDER: register a model `anomaly train` kept when the registry did not answer "
+                        "(mlflow.keep_dir), with the alias asked of that training unless --alias")
+    p.add_argument("version", nargs="?", help="version to promote; for register, the kept model's folder")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models, unless --name, "
                    "--model-name or a config file or ANOMALY_MLFLOW__MODEL_NAME names one)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")

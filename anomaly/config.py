@@ -326,6 +326,7 @@ class MlflowSettings:
     model_name: str = doc("registered model name (one per asset type)", "anomaly-detector")
     champion_alias: str = doc("alias of the served model version", "champion")
     challenger_alias: str = doc("alias of the candidate model version", "challenger")
+    keep_dir: str | None = doc("folder where `anomaly train` keeps each model it trains until the registry has it: a tracking server gone during the run leaves the model there, and `anomaly models register FOLDER` registers it later; empty = not kept", "mlruns/unregistered")
     lock_dir: str | None = doc("folder of the lock files that serialise moves of an alias (promote, rollback, the retrain gate) and the retrains of a model; every process that moves this registry's aliases must see the same folder (containers: a volume they all mount, as deploy/compose.yaml does). Empty = the temp folder, shared by the processes of one host or container", None)
 
     def check(self) -> None:

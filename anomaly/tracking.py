@@ -17,6 +17,7 @@ import numpy as np
 
 from anomaly.config import canonical_store_uri, sqlite_file
 from anomaly.errors import ConfigError, RegistryError
+from anomaly.redaction import masked
 from anomaly.training import EpochStats
 
 log = logging.getLogger(__name__)
@@ -210,16 +211,27 @@ def _say_other_artifact_root(name: str, root: str | None, setting: str) -> None:
 
 
 class MlflowEpochLogger:
-    """Training callback: logs losses and speed per epoch to the active run."""
+    """Training callback: logs losses and speed per epoch to the active run. A tracking server that stops
+    answering stops the logging, with a warning, not the training: the epochs' figures are in the run up to
+    there, and the trained model is what matters (``train_job.run_training`` keeps it when the registry
+    cannot take it)."""
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
+        self.failed: str | None = None  # why the logging stopped
 
     def on_epoch_end(self, stats: EpochStats) -> None:
         import mlflow
 
-        mlflow.log_metrics({f"{self.prefix}train_loss": stats.train_loss, f"{self.prefix}val_loss": stats.val_loss,
-                            f"{self.prefix}windows_per_s": stats.windows_per_s}, step=stats.epoch)
+        if self.failed is not None:
+            return
+        try:
+            mlflow.log_metrics({f"{self.prefix}train_loss": stats.train_loss, f"{self.prefix}val_loss": stats.val_loss,
+                                f"{self.prefix}windows_per_s": stats.windows_per_s}, step=stats.epoch)
+        except Exception as exc:
+            self.failed = str(exc)
+            log.warning("epoch %d's losses could not be logged to MLflow (%s): training goes on, epochs are no "
+                        "longer logged", stats.epoch, masked(str(exc))[:300])
 
 
 def flat_params(prefix: str, values: Mapping[str, Any]) -> dict[str, str]:

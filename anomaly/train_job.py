@@ -5,8 +5,12 @@ figures -> a registered model version (optionally promoted to ``@champion``).
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +19,7 @@ import pandas as pd
 from anomaly import plots, registry, tracking
 from anomaly.config import Settings
 from anomaly.detector import Detector, fit_detector
-from anomaly.errors import ModelError
+from anomaly.errors import ModelError, RegistryError
 from anomaly.listing import some
 from anomaly.model import ModelConfig
 from anomaly.preparation import Prepared
@@ -184,9 +188,14 @@ FEW_VALIDATION_WINDOWS = 100  # fewer, and a fitted threshold is mostly chance: 
 def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset: str = "custom",
                  register: bool = True, promote: bool = False, alias: str | None = None,
                  extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
-                 progress: bool = True) -> TrainOutcome:
+                 progress: bool = True, keep_dir: str | Path | None = None) -> TrainOutcome:
     """Train, log everything to MLflow, register a version; ``promote`` moves ``@champion`` to it,
-    ``alias`` sets another alias (e.g. ``challenger``) instead."""
+    ``alias`` sets another alias (e.g. ``challenger``) instead.
+
+    ``keep_dir``: the trained model is kept in a folder under it (``keep_trained``) as soon as it is
+    fitted, and removed once it is registered: a tracking server gone during the run (its retries took
+    8 minutes, then the model was lost with the run) leaves it there, and the error names the folder,
+    which ``register_kept`` (``anomaly models register DIR``) registers later."""
     ml = settings.mlflow
     tracking.configure_from(ml)
     start, end = prepared.timestamps.min(), prepared.timestamps.max()  # a retrain's rows are per entity, not in time order
@@ -215,49 +224,132 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         run.log_input(prepared.values, prepared.sensors, name=f"{dataset}: {len(prepared.values)} rows", source=source)
         detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
                                            progress=progress)
-        if len(val_scores) < FEW_VALIDATION_WINDOWS:
-            log.warning("the threshold (%s) rests on only %d validation windows (%d rows, window %d): train on "
-                        "more data before promoting this model", settings.threshold.method, len(val_scores),
-                        len(prepared.values), settings.model.window_size)
-        fitted_on = prepared.values if prepared.gaps is None else prepared.values[~prepared.gaps]
-        scale_issues = scale_warnings(fitted_on, detector.scaler)
-        for sensor, detail in scale_issues:
-            log.warning("sensor %s: %s", sensor, detail)
-        if scale_issues:
-            run.set_tags({"data.scale_warnings": ", ".join(sensor for sensor, _ in scale_issues)})
-            run.log_dict([{"sensor": sensor, "detail": detail} for sensor, detail in scale_issues],
-                         "scale_warnings.json")
-        detector.meta = {"dataset": dataset, "source": source, "data_start": start.isoformat(),
-                         "data_end": end.isoformat(), "rows": len(prepared.values), "run_id": run.run_id,
-                         "dropped_sensors": prepared.dropped, **result.summary()}
-        metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
-                   "batch_size_used": float(result.batch_size),
-                   "threshold": detector.threshold.value, "train_seconds": result.seconds,
-                   "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
-                   "val_windows": float(len(val_scores)),
-                   "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
-        if detector.threshold.per_entity:
-            metrics["per_entity_thresholds"] = float(len(detector.threshold.per_entity))
-        run.log_metrics(metrics)
-        run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
+        kept = None
+        if keep_dir is not None:
+            detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
+            kept = keep_trained(keep_dir, detector, registry.input_example(detector, prepared.values), {
+                "dataset": dataset, "source": source, "run_id": run.run_id, "tags": data_tags,
+                "description": version_description(detector, result, dataset, source, start, end,
+                                                   len(prepared.values)),
+                "alias": ml.champion_alias if promote else alias})
+        try:
+            return _log_and_register(run, settings, prepared, detector, result, val_scores, dataset, source, start,
+                                     end, data_tags, register, promote, alias, kept)
+        except Exception as exc:
+            if kept is None:
+                raise
+            raise RegistryError(f"{exc}; the trained model is kept in {kept}: `anomaly models register {kept}` "
+                                f"registers it once the registry answers") from exc
+
+
+def _meta(dataset: str, source: str, start: pd.Timestamp, end: pd.Timestamp, rows: int, run_id: str | None,
+          prepared: Prepared, result: TrainResult) -> dict[str, Any]:
+    return {"dataset": dataset, "source": source, "data_start": start.isoformat(), "data_end": end.isoformat(),
+            "rows": rows, "run_id": run_id, "dropped_sensors": prepared.dropped, **result.summary()}
+
+
+KEPT_INFO = "registration.json"  # beside a kept model's files: what registering it needs
+KEPT_EXAMPLE = "input_example.json"
+
+
+def keep_trained(keep_dir: str | Path, detector: Detector, example: pd.DataFrame, info: Mapping[str, Any]) -> Path:
+    """``detector`` saved in a new folder under ``keep_dir`` (``<dataset>-<UTC time>``), with its input
+    example and ``info`` (dataset, source, run id, the version's tags, description and alias): what
+    ``register_kept`` needs to register it as the training run would have."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = Path(keep_dir) / f"{info.get('dataset', 'model')}-{stamp}"
+    n = 1
+    while folder.exists():
+        n += 1
+        folder = Path(keep_dir) / f"{info.get('dataset', 'model')}-{stamp}-{n}"
+    detector.save(folder)
+    (folder / KEPT_EXAMPLE).write_text(example.to_json(orient="split"))
+    (folder / KEPT_INFO).write_text(json.dumps({k: v for k, v in info.items()}, indent=2, default=str))
+    return folder
+
+
+def register_kept(folder: str | Path, settings: Settings, alias: str | None = None) -> tuple[str, str]:
+    """Register a model ``keep_trained`` kept (a training whose registry went away): logged in a new run
+    (tag ``kept_from_run``: the run it was trained in), registered with the version tags and description it
+    would have had, and given ``alias`` (else the one asked of the training: ``--promote``, ``--alias``).
+    The folder is removed once registered. Returns (version, run id)."""
+    folder = Path(folder)
+    if not (folder / KEPT_INFO).is_file():
+        raise ModelError(f"{folder} holds no model kept by `anomaly train` (no {KEPT_INFO})")
+    detector = Detector.load(folder)
+    info = json.loads((folder / KEPT_INFO).read_text())
+    example = pd.read_json(folder / KEPT_EXAMPLE, orient="split") if (folder / KEPT_EXAMPLE).is_file() else None
+    ml = settings.mlflow
+    tracking.configure_from(ml)
+    alias = alias or info.get("alias") or None
+    tags = {str(k): v for k, v in (info.get("tags") or {}).items()}
+    run_tags = {"kind": "train", "kept_from_run": str(info.get("run_id") or ""), **tags,
+                "mlflow.note.content": f"registered from {folder}, kept when the registry did not answer at the end "
+                                       f"of training run {info.get('run_id')}"}
+    with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"register-kept-{info.get('dataset', 'model')}",
+                      tags=run_tags) as run:
         run.log_dict(detector.threshold.to_dict(), "threshold.json")
-        _log_figures(run, detector, result, val_scores, prepared)
-        model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
-        version = None
-        promoted = False
-        if register:
-            version = registry.register(model_uri, ml.model_name, tags=data_tags,
-                                        description=version_description(detector, result, dataset, source,
-                                                                        start, end, len(prepared.values)))
-            if alias and not (promote and alias == ml.champion_alias):
-                registry.promote(ml.model_name, version, alias, reason="set at training")
-            if promote:
-                registry.promote(ml.model_name, version, ml.champion_alias, reason="promoted at training (--promote)")
-            promoted = promote or alias == ml.champion_alias  # --alias champion promotes too
-        log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
-                 detector.threshold.value, detector.threshold.method,
-                 f"{ml.model_name} v{version}" if version else "no")
-        return TrainOutcome(detector, result, run.run_id or "", model_uri, version, promoted, metrics)
+        run.log_metrics({"threshold": detector.threshold.value,
+                         **{k: v for k, v in detector.meta.items() if k in ("best_val_loss", "best_epoch")
+                            and isinstance(v, (int, float))}})
+        model_uri = registry.log_detector(detector, example)
+        version = registry.register(model_uri, ml.model_name, tags=tags, description=str(info.get("description", "")))
+        if alias:
+            registry.promote(ml.model_name, version, alias, reason=f"registered from a kept folder ({folder.name})")
+        run_id = run.run_id or ""
+    shutil.rmtree(folder, ignore_errors=True)
+    return str(version), run_id
+
+
+def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared, detector: Detector,
+                      result: TrainResult, val_scores: np.ndarray, dataset: str, source: str, start: pd.Timestamp,
+                      end: pd.Timestamp, data_tags: Mapping[str, Any], register: bool, promote: bool,
+                      alias: str | None, kept: Path | None) -> TrainOutcome:
+    """What ``run_training`` does with a fitted detector: log it, its figures and metrics, and register it."""
+    ml = settings.mlflow
+    if len(val_scores) < FEW_VALIDATION_WINDOWS:
+        log.warning("the threshold (%s) rests on only %d validation windows (%d rows, window %d): train on "
+                    "more data before promoting this model", settings.threshold.method, len(val_scores),
+                    len(prepared.values), settings.model.window_size)
+    fitted_on = prepared.values if prepared.gaps is None else prepared.values[~prepared.gaps]
+    scale_issues = scale_warnings(fitted_on, detector.scaler)
+    for sensor, detail in scale_issues:
+        log.warning("sensor %s: %s", sensor, detail)
+    if scale_issues:
+        run.set_tags({"data.scale_warnings": ", ".join(sensor for sensor, _ in scale_issues)})
+        run.log_dict([{"sensor": sensor, "detail": detail} for sensor, detail in scale_issues],
+                     "scale_warnings.json")
+    detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
+    metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+               "batch_size_used": float(result.batch_size),
+               "threshold": detector.threshold.value, "train_seconds": result.seconds,
+               "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
+               "val_windows": float(len(val_scores)),
+               "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
+    if detector.threshold.per_entity:
+        metrics["per_entity_thresholds"] = float(len(detector.threshold.per_entity))
+    run.log_metrics(metrics)
+    run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
+    run.log_dict(detector.threshold.to_dict(), "threshold.json")
+    _log_figures(run, detector, result, val_scores, prepared)
+    model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
+    version = None
+    promoted = False
+    if register:
+        version = registry.register(model_uri, ml.model_name, tags=data_tags,
+                                    description=version_description(detector, result, dataset, source,
+                                                                    start, end, len(prepared.values)))
+        if alias and not (promote and alias == ml.champion_alias):
+            registry.promote(ml.model_name, version, alias, reason="set at training")
+        if promote:
+            registry.promote(ml.model_name, version, ml.champion_alias, reason="promoted at training (--promote)")
+        promoted = promote or alias == ml.champion_alias  # --alias champion promotes too
+    log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
+             detector.threshold.value, detector.threshold.method,
+             f"{ml.model_name} v{version}" if version else "no")
+    if kept is not None:
+        shutil.rmtree(kept, ignore_errors=True)  # registered (or logged, --no-register): not needed any more
+    return TrainOutcome(detector, result, run.run_id or "", model_uri, version, promoted, metrics)
 
 
 def version_description(detector: Detector, result: TrainResult, dataset: str, source: str,

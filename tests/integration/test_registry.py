@@ -666,3 +666,144 @@ def test_a_missing_version_and_a_url_that_is_no_mlflow_server_are_told_apart(set
         os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
         server.shutdown()
         tracking.configure(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
+
+
+def test_a_model_the_registry_did_not_take_is_kept_and_registered_later(settings, tmp_path, monkeypatch, caplog):
+    # A tracking server gone at the end of a training run lost the trained model with the run (after 8
+    # minutes of the client's retries). It is kept from the moment it is fitted, the error names the folder,
+    # and `anomaly models register FOLDER` registers it as the training would have, alias included.
+    from anomaly.cli import main
+    from anomaly.errors import RegistryError
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    prepared = prepare_training(normal_frame(1200))
+    keep = tmp_path / "unregistered"
+    real_register = registry.register
+
+    def gone(*args, **kwargs):
+        raise RegistryError("cannot reach the model registry: Connection refused")
+
+    monkeypatch.setattr(registry, "register", gone)
+    with pytest.raises(RegistryError) as err:
+        run_training(prepared, settings, source="synthetic", dataset="synthetic", promote=True, progress=False,
+                     keep_dir=keep)
+    (folder,) = keep.iterdir()
+    assert f"the trained model is kept in {folder}" in str(err.value)
+    assert f"anomaly models register {folder}" in str(err.value)
+    monkeypatch.setattr(registry, "register", real_register)
+    assert list(registry.client().search_model_versions("name='pump'")) == []  # nothing registered
+
+    from anomaly.detector import Detector
+
+    kept = Detector.load(folder)
+    values = with_fault(normal_frame(400), start=200, length=60)[0].to_numpy()
+    env = {f"ANOMALY_MLFLOW__{k.upper()}": str(v) for k, v in settings.mlflow.__dict__.items()
+           if v is not None and k in ("tracking_uri", "artifact_location", "experiment", "model_name", "lock_dir")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["models", "register", str(folder)]) == 0
+    assert not folder.exists()  # registered: the folder goes
+    loaded, version = registry.load_detector("pump", "champion")  # --promote was asked of the training
+    assert version == "1"
+    assert np.array_equal(loaded.score_values(values).scores, kept.score_values(values).scores)
+    v = registry.client().get_model_version("pump", "1")
+    assert v.tags["dataset"] == "synthetic" and "threshold" in v.description
+    import mlflow
+
+    run = mlflow.get_run(registry.client().get_model_version("pump", "1").run_id)
+    assert run.data.tags["kept_from_run"] and run.data.tags["kind"] == "train"
+    # a successful training leaves nothing behind
+    run_training(prepared, settings, source="synthetic", dataset="synthetic", progress=False, keep_dir=keep)
+    assert list(keep.iterdir()) == []
+    assert main(["models", "register", str(tmp_path / "nothing")]) == 2
+
+
+
+def _mlflow_server(db: Path, artifacts: Path, port: int):
+    """A real `mlflow server` over a SQLite file, answering /health; the process."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from anomaly import up
+
+    proc = subprocess.Popen(up.mlflow_server_command(sys.executable, f"sqlite:///{db}", str(artifacts), port),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            assert proc.poll() is None, "the MLflow server exited during start"
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the MLflow server did not answer within 90 s")
+
+
+def _stop(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def test_a_tracking_server_killed_mid_training_leaves_the_model_kept_and_registered_once_it_is_back(
+        tmp_path, monkeypatch):
+    # The whole story against a real tracking server: it dies after the second epoch; the training goes on
+    # (the epochs are no longer logged), the model is kept, the error names the folder; the server comes
+    # back on the same store, and `anomaly models register FOLDER` puts the model in the registry.
+    import socket
+
+    from anomaly.cli import main
+    from anomaly.errors import RegistryError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db, artifacts, keep = tmp_path / "mlflow.db", tmp_path / "artifacts", tmp_path / "unregistered"
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+                        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}.items():
+        monkeypatch.setenv(name, value)  # a refused server fails at once, not after the client's retries
+    uri = f"http://127.0.0.1:{port}"
+    settings = build_settings({"mlflow": {"tracking_uri": uri, "artifact_location": str(artifacts),
+                                          "model_name": "pump", "lock_dir": str(tmp_path / "locks")},
+                               "model": {"window_size": 16, "hidden_size": 16, "latent_size": 4},
+                               "training": {"epochs": 4, "batch_size": 64, "device": "cpu", "patience": 10},
+                               "threshold": {"method": "pot", "risk": 0.01, "init_quantile": 0.9}})
+    server = _mlflow_server(db, artifacts, port)
+    epochs = []
+    original = tracking.MlflowEpochLogger.on_epoch_end
+
+    def then_die(self, stats):
+        original(self, stats)
+        epochs.append(stats.epoch)
+        if stats.epoch == 2:
+            _stop(server)
+
+    monkeypatch.setattr(tracking.MlflowEpochLogger, "on_epoch_end", then_die)
+    try:
+        with pytest.raises(RegistryError, match="the trained model is kept in"):
+            run_training(prepare_training(normal_frame(1200)), settings, source="synthetic", dataset="synthetic",
+                         alias="challenger", progress=False, keep_dir=keep)
+        assert epochs == [1, 2, 3, 4]  # trained to the end
+        (folder,) = keep.iterdir()
+        server = _mlflow_server(db, artifacts, port)  # back, on the same store
+        monkeypatch.setenv("ANOMALY_MLFLOW__TRACKING_URI", uri)
+        monkeypatch.setenv("ANOMALY_MLFLOW__ARTIFACT_LOCATION", str(artifacts))
+        monkeypatch.setenv("ANOMALY_MLFLOW__MODEL_NAME", "pump")
+        monkeypatch.setenv("ANOMALY_MLFLOW__LOCK_DIR", str(tmp_path / "locks"))
+        assert main(["models", "register", str(folder)]) == 0
+        assert not folder.exists()
+        tracking.configure_from(settings.mlflow)
+        assert registry.alias_version("pump", "challenger") == "1"  # the alias asked of the training
+        import mlflow
+
+        trained_in = mlflow.get_run(registry.client().get_model_version("pump", "1").run_id).data.tags["kept_from_run"]
+        history = mlflow.MlflowClient().get_metric_history(trained_in, "val_loss")
+        assert [m.step for m in history] == [1, 2]  # the epochs logged before the server went
+    finally:
+        _stop(server)

@@ -273,3 +273,25 @@ def test_a_run_whose_end_fails_while_an_error_is_in_flight_reports_that_error(tm
     monkeypatch.undo()
     mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+def test_a_tracking_server_that_stops_answering_mid_training_stops_the_epoch_logging_not_the_training(
+        monkeypatch, caplog):
+    import mlflow
+
+    from anomaly.tracking import MlflowEpochLogger
+    from anomaly.training import EpochStats
+
+    calls = []
+
+    def refused(*args, **kwargs):
+        calls.append(1)
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(mlflow, "log_metrics", refused)
+    logger = MlflowEpochLogger()
+    with caplog.at_level("WARNING"):
+        for epoch in range(1, 4):
+            logger.on_epoch_end(EpochStats(epoch=epoch, train_loss=1.0, val_loss=1.0, seconds=1.0, windows_per_s=10.0))
+    assert len(calls) == 1 and logger.failed == "Connection refused"  # tried once, then left alone
+    assert sum("training goes on" in r.message for r in caplog.records) == 1
