@@ -227,11 +227,15 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
         kept = None
         if keep_dir is not None:
             detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
-            kept = keep_trained(keep_dir, detector, registry.input_example(detector, prepared.values), {
-                "dataset": dataset, "source": source, "run_id": run.run_id, "tags": data_tags,
-                "description": version_description(detector, result, dataset, source, start, end,
-                                                   len(prepared.values)),
-                "alias": ml.champion_alias if promote else alias})
+            try:
+                kept = keep_trained(keep_dir, detector, registry.input_example(detector, prepared.values), {
+                    "dataset": dataset, "source": source, "run_id": run.run_id, "tags": data_tags,
+                    "description": version_description(detector, result, dataset, source, start, end,
+                                                       len(prepared.values)),
+                    "alias": ml.champion_alias if promote else alias})
+            except OSError as exc:  # a read-only folder: the training is not lost for it, only the spare copy
+                log.warning("the trained model could not be kept in mlflow.keep_dir (%s): %s; registering it "
+                            "without a copy", keep_dir, exc)
         try:
             return _log_and_register(run, settings, prepared, detector, result, val_scores, dataset, source, start,
                                      end, data_tags, register, promote, alias, kept)

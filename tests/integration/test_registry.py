@@ -715,6 +715,12 @@ def test_a_model_the_registry_did_not_take_is_kept_and_registered_later(settings
     # a successful training leaves nothing behind
     run_training(prepared, settings, source="synthetic", dataset="synthetic", progress=False, keep_dir=keep)
     assert list(keep.iterdir()) == []
+    # a folder it cannot write to costs the spare copy, not the training
+    (tmp_path / "a-file").write_text("")
+    with caplog.at_level("WARNING"):
+        out = run_training(prepared, settings, source="synthetic", dataset="synthetic", progress=False,
+                           keep_dir=tmp_path / "a-file" / "below")
+    assert out.version == "3" and any("could not be kept" in r.message for r in caplog.records)
     assert main(["models", "register", str(tmp_path / "nothing")]) == 2
 
 
