@@ -623,12 +623,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         shown = registry.version_number(args.version) or args.version
         print(f"{name}@{alias} -> v{shown} (was {'v' + previous if previous else 'unset'})")
     elif args.action == "register":
+        from anomaly.locks import lock_folder, require_folder
         from anomaly.train_job import register_kept
 
         if args.alias is not None:
             registry.check_alias(args.alias)
+        # the alias moves under a lock: a folder without one failed after the version was registered
+        require_folder(lock_folder(settings.mlflow.lock_dir), "mlflow.lock_dir")
         version, run_id = register_kept(args.version, dataclasses.replace(
-            settings, mlflow=dataclasses.replace(settings.mlflow, model_name=name)), alias=args.alias)
+            settings, mlflow=dataclasses.replace(settings.mlflow, model_name=name)), alias=args.alias,
+            reason=args.reason)
         print(f"{name} v{version} registered from {args.version} (run {run_id}); the folder is removed")
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias

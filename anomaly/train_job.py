@@ -213,37 +213,57 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
     run_tags = {"kind": "train", "mlflow.note.content":
                 f"LSTM autoencoder trained on {dataset} data ({what}): {len(prepared.values)} rows of "
                 f"{len(prepared.sensors)} sensors, {start.isoformat()} .. {end.isoformat()}.", **data_tags}
+    params = {**tracking.flat_params("model", asdict(settings.model)),
+              **tracking.flat_params("training", asdict(settings.training)),
+              **tracking.flat_params("threshold", asdict(settings.threshold)),
+              **tracking.flat_params("data", {k: v for k, v in asdict(settings.data).items()}),
+              "data.n_sensors": str(len(prepared.sensors))}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=run_name or f"train-{dataset}",
                       tags=run_tags) as run:
-        run.log_params({**tracking.flat_params("model", asdict(settings.model)),
-                        **tracking.flat_params("training", asdict(settings.training)),
-                        **tracking.flat_params("threshold", asdict(settings.threshold)),
-                        **tracking.flat_params("data", {k: v for k, v in asdict(settings.data).items()}),
-                        "data.n_sensors": str(len(prepared.sensors))})
+        run.log_params(params)
         run.log_dict(prepared.report(), "data_report.json")
         run.log_input(prepared.values, prepared.sensors, name=f"{dataset}: {len(prepared.values)} rows", source=source)
         detector, result, val_scores = fit(prepared, settings, callbacks=[tracking.MlflowEpochLogger()],
                                            progress=progress)
+        detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
+        metrics = _metrics(detector, result, val_scores)
         kept = None
         if keep_dir is not None:
-            detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
+            aliases = ([alias] if alias else []) + ([ml.champion_alias] if promote and alias != ml.champion_alias
+                                                    else [])
             try:
                 kept = keep_trained(keep_dir, detector, registry.input_example(detector, prepared.values), {
                     "dataset": dataset, "source": source, "run_id": run.run_id, "tags": data_tags,
                     "description": version_description(detector, result, dataset, source, start, end,
                                                        len(prepared.values)),
-                    "alias": ml.champion_alias if promote else alias})
+                    "aliases": aliases if register else [], "register": register, "metrics": metrics,
+                    "params": params})
             except OSError as exc:  # a read-only folder: the training is not lost for it, only the spare copy
                 log.warning("the trained model could not be kept in mlflow.keep_dir (%s): %s; registering it "
                             "without a copy", keep_dir, exc)
         try:
-            return _log_and_register(run, settings, prepared, detector, result, val_scores, dataset, source, start,
-                                     end, data_tags, register, promote, alias, kept)
+            return _log_and_register(run, settings, prepared, detector, result, val_scores, metrics, dataset,
+                                     source, start, end, data_tags, register, promote, alias, kept)
         except Exception as exc:
-            if kept is None:
+            if kept is None or not kept.exists():  # registered already: the error says what is left to do
                 raise
+            what = ("registers it once the registry answers" if register else
+                    "registers it, should you want it after all (it was trained with --no-register)")
             raise RegistryError(f"{exc}; the trained model is kept in {kept}: `anomaly models register {kept}` "
-                                f"registers it once the registry answers") from exc
+                                f"{what}") from exc
+
+
+def _metrics(detector: Detector, result: TrainResult, val_scores: np.ndarray) -> dict[str, float]:
+    """The training run's metrics (the drift reference of a version is read from its run's ``val_*``)."""
+    metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
+               "batch_size_used": float(result.batch_size),
+               "threshold": detector.threshold.value, "train_seconds": result.seconds,
+               "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
+               "val_windows": float(len(val_scores)),
+               "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
+    if detector.threshold.per_entity:
+        metrics["per_entity_thresholds"] = float(len(detector.threshold.per_entity))
+    return metrics
 
 
 def _meta(dataset: str, source: str, start: pd.Timestamp, end: pd.Timestamp, rows: int, run_id: str | None,
@@ -261,54 +281,74 @@ def keep_trained(keep_dir: str | Path, detector: Detector, example: pd.DataFrame
     example and ``info`` (dataset, source, run id, the version's tags, description and alias): what
     ``register_kept`` needs to register it as the training run would have."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder = Path(keep_dir) / f"{info.get('dataset', 'model')}-{stamp}"
+    Path(keep_dir).mkdir(parents=True, exist_ok=True)
     n = 1
-    while folder.exists():
-        n += 1
-        folder = Path(keep_dir) / f"{info.get('dataset', 'model')}-{stamp}-{n}"
+    while True:  # a folder of its own, made here: two trainings in the same second do not share one
+        folder = Path(keep_dir) / (f"{info.get('dataset', 'model')}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            n += 1
     detector.save(folder)
-    (folder / KEPT_EXAMPLE).write_text(example.to_json(orient="split"))
-    (folder / KEPT_INFO).write_text(json.dumps({k: v for k, v in info.items()}, indent=2, default=str))
+    # plain doubles, as the sensors are: read back by pandas' JSON reader, whole numbers turned into ints
+    # and the signature logged from them refused the model's own float input
+    (folder / KEPT_EXAMPLE).write_text(json.dumps({"columns": [str(c) for c in example.columns],
+                                                   "data": np.asarray(example, dtype=np.float64).tolist()}))
+    (folder / KEPT_INFO).write_text(json.dumps(dict(info), indent=2, default=str))
     return folder
 
 
-def register_kept(folder: str | Path, settings: Settings, alias: str | None = None) -> tuple[str, str]:
+def register_kept(folder: str | Path, settings: Settings, alias: str | None = None,
+                  reason: str | None = None) -> tuple[str, str]:
     """Register a model ``keep_trained`` kept (a training whose registry went away): logged in a new run
-    (tag ``kept_from_run``: the run it was trained in), registered with the version tags and description it
-    would have had, and given ``alias`` (else the one asked of the training: ``--promote``, ``--alias``).
-    The folder is removed once registered. Returns (version, run id)."""
+    (tag ``kept_from_run``: the run it was trained in; the training's parameters and metrics, so its
+    drift reference is the one the training would have logged), registered with the version tags and
+    description it would have had, and given ``alias`` (else the aliases asked of the training:
+    ``--promote``, ``--alias``). The folder is removed as soon as the version is registered (an alias
+    move that fails then says which version to promote). Returns (version, run id)."""
     folder = Path(folder)
     if not (folder / KEPT_INFO).is_file():
         raise ModelError(f"{folder} holds no model kept by `anomaly train` (no {KEPT_INFO})")
+    if not (folder / KEPT_EXAMPLE).is_file():
+        raise ModelError(f"{folder} is incomplete: no {KEPT_EXAMPLE} (the input example logged beside the model)")
     detector = Detector.load(folder)
     info = json.loads((folder / KEPT_INFO).read_text())
-    example = pd.read_json(folder / KEPT_EXAMPLE, orient="split") if (folder / KEPT_EXAMPLE).is_file() else None
+    doc = json.loads((folder / KEPT_EXAMPLE).read_text())
+    example = pd.DataFrame(np.asarray(doc["data"], dtype=np.float64).reshape(-1, len(doc["columns"])),
+                           columns=doc["columns"])
     ml = settings.mlflow
     tracking.configure_from(ml)
-    alias = alias or info.get("alias") or None
+    aliases = [alias] if alias else [a for a in info.get("aliases") or [] if a]
     tags = {str(k): v for k, v in (info.get("tags") or {}).items()}
     run_tags = {"kind": "train", "kept_from_run": str(info.get("run_id") or ""), **tags,
                 "mlflow.note.content": f"registered from {folder}, kept when the registry did not answer at the end "
                                        f"of training run {info.get('run_id')}"}
     with tracking.Run(ml.experiment, ml.artifact_location, run_name=f"register-kept-{info.get('dataset', 'model')}",
                       tags=run_tags) as run:
+        if info.get("params"):
+            run.log_params(info["params"])
+        run.log_metrics(info.get("metrics") or {"threshold": detector.threshold.value})
         run.log_dict(detector.threshold.to_dict(), "threshold.json")
-        run.log_metrics({"threshold": detector.threshold.value,
-                         **{k: v for k, v in detector.meta.items() if k in ("best_val_loss", "best_epoch")
-                            and isinstance(v, (int, float))}})
         model_uri = registry.log_detector(detector, example)
-        version = registry.register(model_uri, ml.model_name, tags=tags, description=str(info.get("description", "")))
-        if alias:
-            registry.promote(ml.model_name, version, alias, reason=f"registered from a kept folder ({folder.name})")
-        run_id = run.run_id or ""
-    shutil.rmtree(folder, ignore_errors=True)
-    return str(version), run_id
+        version = str(registry.register(model_uri, ml.model_name, tags=tags,
+                                        description=str(info.get("description", ""))))
+        shutil.rmtree(folder, ignore_errors=True)  # in the registry: a second `models register` must not add it again
+        for name in aliases:
+            try:
+                registry.promote(ml.model_name, version, name,
+                                 reason=reason or f"registered from a kept folder ({folder.name})")
+            except Exception as exc:
+                raise RegistryError(f"registered {ml.model_name} v{version} from {folder} (the folder is removed), "
+                                    f"but moving @{name} failed: {exc}; `anomaly models promote {version} --alias "
+                                    f"{name}` moves it") from exc
+        return version, run.run_id or ""
 
 
 def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared, detector: Detector,
-                      result: TrainResult, val_scores: np.ndarray, dataset: str, source: str, start: pd.Timestamp,
-                      end: pd.Timestamp, data_tags: Mapping[str, Any], register: bool, promote: bool,
-                      alias: str | None, kept: Path | None) -> TrainOutcome:
+                      result: TrainResult, val_scores: np.ndarray, metrics: dict[str, float], dataset: str,
+                      source: str, start: pd.Timestamp, end: pd.Timestamp, data_tags: Mapping[str, Any],
+                      register: bool, promote: bool, alias: str | None, kept: Path | None) -> TrainOutcome:
     """What ``run_training`` does with a fitted detector: log it, its figures and metrics, and register it."""
     ml = settings.mlflow
     if len(val_scores) < FEW_VALIDATION_WINDOWS:
@@ -323,15 +363,6 @@ def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared,
         run.set_tags({"data.scale_warnings": ", ".join(sensor for sensor, _ in scale_issues)})
         run.log_dict([{"sensor": sensor, "detail": detail} for sensor, detail in scale_issues],
                      "scale_warnings.json")
-    detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
-    metrics = {"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch,
-               "batch_size_used": float(result.batch_size),
-               "threshold": detector.threshold.value, "train_seconds": result.seconds,
-               "val_false_alarm_rate": float(np.mean(val_scores > detector.threshold.value)),
-               "val_windows": float(len(val_scores)),
-               "val_score_p50": float(np.median(val_scores)), "val_score_p99": float(np.quantile(val_scores, 0.99))}
-    if detector.threshold.per_entity:
-        metrics["per_entity_thresholds"] = float(len(detector.threshold.per_entity))
     run.log_metrics(metrics)
     run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
     run.log_dict(detector.threshold.to_dict(), "threshold.json")
@@ -343,10 +374,16 @@ def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared,
         version = registry.register(model_uri, ml.model_name, tags=data_tags,
                                     description=version_description(detector, result, dataset, source,
                                                                     start, end, len(prepared.values)))
-        if alias and not (promote and alias == ml.champion_alias):
-            registry.promote(ml.model_name, version, alias, reason="set at training")
-        if promote:
-            registry.promote(ml.model_name, version, ml.champion_alias, reason="promoted at training (--promote)")
+        if kept is not None:  # in the registry: `models register` must not add it a second time
+            shutil.rmtree(kept, ignore_errors=True)
+        moves = ([(alias, "set at training")] if alias and not (promote and alias == ml.champion_alias) else []) + (
+            [(ml.champion_alias, "promoted at training (--promote)")] if promote else [])
+        for name, why in moves:
+            try:
+                registry.promote(ml.model_name, version, name, reason=why)
+            except Exception as exc:
+                raise RegistryError(f"registered {ml.model_name} v{version}, but moving @{name} failed: {exc}; "
+                                    f"`anomaly models promote {version} --alias {name}` moves it") from exc
         promoted = promote or alias == ml.champion_alias  # --alias champion promotes too
     log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
              detector.threshold.value, detector.threshold.method,

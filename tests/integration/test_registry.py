@@ -712,6 +712,28 @@ def test_a_model_the_registry_did_not_take_is_kept_and_registered_later(settings
 
     run = mlflow.get_run(registry.client().get_model_version("pump", "1").run_id)
     assert run.data.tags["kept_from_run"] and run.data.tags["kind"] == "train"
+    # the training's metrics and parameters: a version's drift reference is read from its run's val_* figures
+    assert {"val_score_p50", "val_score_p99", "val_false_alarm_rate", "val_windows"} <= set(run.data.metrics)
+    assert run.data.params["threshold.method"] == "pot"
+    # the input example as the sensors are, doubles (read back by pandas, whole numbers became ints and the
+    # signature refused the model's own float input)
+    from mlflow.models import get_model_info
+
+    info = get_model_info("models:/pump/1")
+    assert {i["type"] for i in info.signature.inputs.to_dict() if i["name"] in loaded.sensors} == {"double"}
+    # registered, then an alias move fails: the folder goes with the registration (a second `models register`
+    # added the model again), and the error says which version to promote
+    def refused(*args, **kwargs):
+        raise RegistryError("cannot make the lock file")
+
+    monkeypatch.setattr(registry, "promote", refused)
+    with pytest.raises(RegistryError, match=r"registered pump v2, but moving @challenger failed.*"
+                                            r"`anomaly models promote 2 --alias challenger`"):
+        run_training(prepared, settings, source="synthetic", dataset="synthetic", alias="challenger", progress=False,
+                     keep_dir=keep)
+    assert list(keep.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     # a successful training leaves nothing behind
     run_training(prepared, settings, source="synthetic", dataset="synthetic", progress=False, keep_dir=keep)
     assert list(keep.iterdir()) == []
@@ -720,7 +742,7 @@ def test_a_model_the_registry_did_not_take_is_kept_and_registered_later(settings
     with caplog.at_level("WARNING"):
         out = run_training(prepared, settings, source="synthetic", dataset="synthetic", progress=False,
                            keep_dir=tmp_path / "a-file" / "below")
-    assert out.version == "3" and any("could not be kept" in r.message for r in caplog.records)
+    assert out.version == "4" and any("could not be kept" in r.message for r in caplog.records)
     assert main(["models", "register", str(tmp_path / "nothing")]) == 2
 
 
