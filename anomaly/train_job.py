@@ -278,8 +278,8 @@ KEPT_EXAMPLE = "input_example.json"
 
 def keep_trained(keep_dir: str | Path, detector: Detector, example: pd.DataFrame, info: Mapping[str, Any]) -> Path:
     """``detector`` saved in a new folder under ``keep_dir`` (``<dataset>-<UTC time>``), with its input
-    example and ``info`` (dataset, source, run id, the version's tags, description and alias): what
-    ``register_kept`` needs to register it as the training run would have."""
+    example and ``info`` (dataset, source, run id, the version's tags, description and aliases, the run's
+    parameters and metrics): what ``register_kept`` needs to register it as the training run would have."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     Path(keep_dir).mkdir(parents=True, exist_ok=True)
     n = 1
