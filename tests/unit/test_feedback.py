@@ -209,6 +209,10 @@ def test_the_feedback_demo_s_table_shows_each_model_and_a_retrain_that_made_none
     assert lines[2] == "| champion (valves only) v1 | none | 98.8 | 0.0 | 0.522 | 0.1 | 92.9 | 0.133 |"
     assert "skipped: too little clean data" in lines[3]
     assert lines[4].startswith("| challenger, with verdicts v3 | its normal stretches | 98.8")
+    assert len(lines) == 5  # no fourth retrain: no row for it
+    text = table({"champion": {"version": "1", "scores": scores}, "with_verdicts": {"version": "3", "scores": scores},
+                  "missed_period_accepted": {"version": "4", "status": "promoted", "scores": scores}})
+    assert text.splitlines()[5].startswith("| challenger, with verdicts, a missed period accepted v4 | its normal")
 
 
 def test_readings_stamped_off_their_slot_at_an_event_s_edges_are_covered_by_the_widened_period():
