@@ -949,13 +949,17 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
     challenger, challenger_version = outcome.detector, outcome.version
     unit = champion.scaler.scale  # the common unit of the error comparison: the champion's scaler
     window = compared  # both on windows ending on the same rows (the challenger's window is the settings' w)
-    champ, chall = _compare(champion, challenger, data, unit, window)
+    # the hold-out's stretch, scored once by both: their alarm rates there (_compare), and on its readings
+    # labelled normal (_labelled)
+    recent = _joint((champion, challenger), data.recent, data.recent_entities, unit,
+                    max(window, champion.window_size, challenger.window_size))
+    champ, chall = _compare(champion, challenger, data, unit, window, recent=recent)
     champ_events = _events(champion, data.labelled_tails, data.tail_entities, window)
     chall_events = _events(challenger, data.labelled_tails, data.tail_entities, window)
     labelled = champ_events is not None and champ_events.n_true > 0
     if not labelled:
         champ_events = chall_events = None
-    champ_lab, chall_lab = _labelled((champion, challenger), data, unit, window) or (None, None)
+    champ_lab, chall_lab = _labelled((champion, challenger), data, unit, window, recent=recent) or (None, None)
     decision = decide(champ, chall, rt.min_improvement, rt.max_false_alarm_increase,
                       champion_events=champ_events, challenger_events=chall_events,
                       min_event_f1_improvement=rt.min_event_f1_improvement,
@@ -1160,8 +1164,9 @@ def _prepare(history: History, champion: Any, settings: Settings,
                  entity_tails, gaps, recent, recent_entities, recent_normal, labelled_anomalies)
 
 
-def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float],
-             window: int) -> tuple[HoldoutMetrics, HoldoutMetrics]:
+def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float], window: int,
+             recent: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+             ) -> tuple[HoldoutMetrics, HoldoutMetrics]:
     """Both models' hold-out metrics on the same windows: each one's false-alarm rate (its alarms at
     its own threshold, in its own units) over every window of the hold-out's stretch of time
     (``data.recent``: what the champion flagged included; outages and labelled anomalies out), and
@@ -1175,10 +1180,13 @@ def _compare(champion: Any, challenger: Any, data: "_Data", unit: Sequence[float
     Why: on the champion-clean hold-out alone the champion's false-alarm rate was 0 by construction and
     its worst windows were left out of its error, while the challenger's were not: a challenger as good
     as the champion was measured worse, and one with a quantile threshold (alarming on its top 1 % by
-    design) was never promoted."""
+    design) was never promoted.
+
+    ``recent``: ``_joint`` of both over ``data.recent`` at the longer window, when the caller has it."""
     window = max(window, champion.window_size, challenger.window_size)
     models = (champion, challenger)
-    recent = _joint(models, data.recent, data.recent_entities, unit, window)
+    if recent is None:
+        recent = _joint(models, data.recent, data.recent_entities, unit, window)
     held = _joint(models, data.holdout, data.holdout_entities, unit, window)
     if held is None or recent is None:  # (recent is None only where held is)
         empty = holdout_metrics(np.empty(0), 0.0)
@@ -1221,24 +1229,27 @@ def _joint(models: Sequence[Any], segments: Sequence[np.ndarray], entities: Sequ
     return [tuple(np.concatenate([p[i] for p in model_parts]) for i in range(3)) for model_parts in parts]
 
 
-def _labelled(models: Sequence[Any], data: "_Data", unit: Sequence[float], window: int
-              ) -> list[LabelledMetrics] | None:
+def _labelled(models: Sequence[Any], data: "_Data", unit: Sequence[float], window: int,
+              recent: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None) -> list[LabelledMetrics] | None:
     """Each model's ``LabelledMetrics``: its alarms on the windows of the hold-out's stretch
     (``data.recent``) ending on a reading labelled normal, and the share of the periods labelled an
     anomaly in each entity's history (runs of labelled rows) with at least one window ending inside them
     above its threshold (each entity's where it has one). Both models count windows ending at row
     ``window - 1`` or later (the longer of their windows) of a segment, as in ``_compare``. Neither was
     trained on those periods: the retrain leaves them out, with their margin. None: no such window and
-    no such period."""
+    no such period. ``recent``: ``_joint`` of the models over ``data.recent`` at the longer window, when
+    the caller has it (``_compare`` scores the same)."""
     window = max(window, *(m.window_size for m in models))
-    picked = [k for k, mask in enumerate(data.recent_normal) if len(mask) >= window and mask[window - 1:].any()]
+    # the rows of _joint's windows: each segment's from row window - 1 on, segments shorter than a window out
+    normal_rows = [mask[window - 1:] for mask in data.recent_normal if len(mask) >= window]
+    ends = np.concatenate(normal_rows) if normal_rows else np.zeros(0, dtype=bool)
     normal = [(math.nan, 0)] * len(models)
-    joint = _joint(models, [data.recent[k] for k in picked], [data.recent_entities[k] for k in picked], unit,
-                   window) if picked else None
-    if joint is not None:
-        ends = np.concatenate([data.recent_normal[k][window - 1:] for k in picked])
+    labelled_normal = bool(ends.any())
+    if labelled_normal:
+        if recent is None:
+            recent = _joint(models, data.recent, data.recent_entities, unit, window)
         normal = []
-        for scores, bars, _ in joint:
+        for scores, bars, _ in recent:  # type: ignore[union-attr]
             with np.errstate(invalid="ignore"):
                 alarms = ~(scores[ends] <= bars[ends])  # above its bar, or not scored/not finite
             normal.append((float(alarms.mean()), int(ends.sum())))
@@ -1249,16 +1260,21 @@ def _labelled(models: Sequence[Any], data: "_Data", unit: Sequence[float], windo
             continue
         periods += len(judged)
         for i, model in enumerate(models):
-            scored = model.score_values(values)
-            threshold = model.threshold.for_entity(entity)
-            flagged = np.zeros(len(values), dtype=bool)
-            flagged[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores,
-                                                                       window_size=model.window_size)]] = True
+            flagged = _flagged_rows(model, values, model.threshold.for_entity(entity))
             found[i] += sum(bool(flagged[max(a, window - 1):b].any()) for a, b in judged)
-    if joint is None and not periods:
+    if not labelled_normal and not periods:
         return None
     return [LabelledMetrics(rate, n, found[i] / periods if periods else math.nan, periods)
             for i, (rate, n) in enumerate(normal)]
+
+
+def _flagged_rows(model: Any, values: np.ndarray, threshold: Any) -> np.ndarray:
+    """(len(values),) bool: the rows a window of ``model`` over ``values`` flagged at ``threshold`` ends on
+    (a flagged window marks its last row, as in the worker, before alert shaping)."""
+    scored = model.score_values(values)
+    flagged = np.zeros(len(values), dtype=bool)
+    flagged[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores, window_size=model.window_size)]] = True
+    return flagged
 
 
 def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -1276,11 +1292,8 @@ def _events(detector: Any, tails: Sequence[tuple[np.ndarray, np.ndarray]],
     for k, (values, labels) in enumerate(tails):
         if len(values) < window:
             continue
-        scored = detector.score_values(values)
         threshold = detector.threshold.for_entity(entities[k]) if entities else detector.threshold
-        predicted = np.zeros(len(values), dtype=bool)
-        predicted[np.asarray(scored.end_rows)[threshold.series_flags(scored.scores,
-                                                                     window_size=detector.window_size)]] = True
+        predicted = _flagged_rows(detector, values, threshold)
         counts.append(event_metrics(np.asarray(labels)[window - 1:], predicted[window - 1:]))
     return aggregate_events(counts) if counts else None
 
