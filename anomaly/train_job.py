@@ -227,12 +227,13 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                                            progress=progress)
         detector.meta = _meta(dataset, source, start, end, len(prepared.values), run.run_id, prepared, result)
         metrics = _metrics(detector, result, val_scores)
+        example = registry.input_example(detector, prepared.values)
         kept = None
         if keep_dir is not None:
             aliases = ([alias] if alias else []) + ([ml.champion_alias] if promote and alias != ml.champion_alias
                                                     else [])
             try:
-                kept = keep_trained(keep_dir, detector, registry.input_example(detector, prepared.values), {
+                kept = keep_trained(keep_dir, detector, example, {
                     "dataset": dataset, "source": source, "run_id": run.run_id, "tags": data_tags,
                     "description": version_description(detector, result, dataset, source, start, end,
                                                        len(prepared.values)),
@@ -242,8 +243,8 @@ def run_training(prepared: Prepared, settings: Settings, *, source: str, dataset
                 log.warning("the trained model could not be kept in mlflow.keep_dir (%s): %s; registering it "
                             "without a copy", keep_dir, exc)
         try:
-            return _log_and_register(run, settings, prepared, detector, result, val_scores, metrics, dataset,
-                                     source, start, end, data_tags, register, promote, alias, kept)
+            return _log_and_register(run, settings, prepared, detector, result, val_scores, metrics, example,
+                                     dataset, source, start, end, data_tags, register, promote, alias, kept)
         except Exception as exc:
             if kept is None or not kept.exists():  # registered already: the error says what is left to do
                 raise
@@ -334,21 +335,28 @@ def register_kept(folder: str | Path, settings: Settings, alias: str | None = No
         version = str(registry.register(model_uri, ml.model_name, tags=tags,
                                         description=str(info.get("description", ""))))
         shutil.rmtree(folder, ignore_errors=True)  # in the registry: a second `models register` must not add it again
-        for name in aliases:
-            try:
-                registry.promote(ml.model_name, version, name,
-                                 reason=reason or f"registered from a kept folder ({folder.name})")
-            except Exception as exc:
-                raise RegistryError(f"registered {ml.model_name} v{version} from {folder} (the folder is removed), "
-                                    f"but moving @{name} failed: {exc}; `anomaly models promote {version} --alias "
-                                    f"{name}` moves it") from exc
+        _move_aliases(ml.model_name, version,
+                      [(name, reason or f"registered from a kept folder ({folder.name})") for name in aliases],
+                      where=f" from {folder} (the folder is removed)")
         return version, run.run_id or ""
 
 
+def _move_aliases(model_name: str, version: str, moves: Sequence[tuple[str, str]], where: str = "") -> None:
+    """Move each (alias, reason) of ``moves`` to ``version``, just registered: a move that fails says so and
+    which version to promote by hand (the version stays registered)."""
+    for name, why in moves:
+        try:
+            registry.promote(model_name, version, name, reason=why)
+        except Exception as exc:
+            raise RegistryError(f"registered {model_name} v{version}{where}, but moving @{name} failed: {exc}; "
+                                f"`anomaly models promote {version} --alias {name}` moves it") from exc
+
+
 def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared, detector: Detector,
-                      result: TrainResult, val_scores: np.ndarray, metrics: dict[str, float], dataset: str,
-                      source: str, start: pd.Timestamp, end: pd.Timestamp, data_tags: Mapping[str, Any],
-                      register: bool, promote: bool, alias: str | None, kept: Path | None) -> TrainOutcome:
+                      result: TrainResult, val_scores: np.ndarray, metrics: dict[str, float],
+                      example: pd.DataFrame, dataset: str, source: str, start: pd.Timestamp, end: pd.Timestamp,
+                      data_tags: Mapping[str, Any], register: bool, promote: bool, alias: str | None,
+                      kept: Path | None) -> TrainOutcome:
     """What ``run_training`` does with a fitted detector: log it, its figures and metrics, and register it."""
     ml = settings.mlflow
     if len(val_scores) < FEW_VALIDATION_WINDOWS:
@@ -367,7 +375,7 @@ def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared,
     run.set_tags({"threshold.method": detector.threshold.method, "device": result.device})
     run.log_dict(detector.threshold.to_dict(), "threshold.json")
     _log_figures(run, detector, result, val_scores, prepared)
-    model_uri = registry.log_detector(detector, registry.input_example(detector, prepared.values))
+    model_uri = registry.log_detector(detector, example)
     version = None
     promoted = False
     if register:
@@ -376,14 +384,9 @@ def _log_and_register(run: tracking.Run, settings: Settings, prepared: Prepared,
                                                                     start, end, len(prepared.values)))
         if kept is not None:  # in the registry: `models register` must not add it a second time
             shutil.rmtree(kept, ignore_errors=True)
-        moves = ([(alias, "set at training")] if alias and not (promote and alias == ml.champion_alias) else []) + (
-            [(ml.champion_alias, "promoted at training (--promote)")] if promote else [])
-        for name, why in moves:
-            try:
-                registry.promote(ml.model_name, version, name, reason=why)
-            except Exception as exc:
-                raise RegistryError(f"registered {ml.model_name} v{version}, but moving @{name} failed: {exc}; "
-                                    f"`anomaly models promote {version} --alias {name}` moves it") from exc
+        _move_aliases(ml.model_name, version,
+                      ([(alias, "set at training")] if alias and not (promote and alias == ml.champion_alias)
+                       else []) + ([(ml.champion_alias, "promoted at training (--promote)")] if promote else []))
         promoted = promote or alias == ml.champion_alias  # --alias champion promotes too
     log.info("run %s: val loss %.4g, threshold %.4g (%s), registered %s", run.run_id, result.best_val_loss,
              detector.threshold.value, detector.threshold.method,
