@@ -890,6 +890,11 @@ class WindowStore:
             self._watermark.pop(partition, None)
         return len(names)
 
+    def _scan_key(self) -> tuple:
+        """What an eviction scan's finding depends on besides time: each partition's newest slot, the
+        entities come in and those moved (``evict_idle``, ``evict_excess``)."""
+        return tuple(self._watermark.items()), self._arrivals, self._moves
+
     def evict_idle(self, max_idle_slots: int) -> list[str]:
         """Drop entities whose newest reading is more than ``max_idle_slots`` slots behind the newest
         slot seen in its partition; their unsealed readings are sealed first, so the windows they end
@@ -903,7 +908,7 @@ class WindowStore:
         a new entity comes in or one moves to another partition (``_moves``): until then the scan (every
         entity, every batch: 1.5 ms a batch with 20,000 held) is skipped.
         """
-        seen = (tuple(self._watermark.items()), self._arrivals, self._moves, max_idle_slots)
+        seen = (self._scan_key(), max_idle_slots)
         if seen == self._idle_scanned:
             return []
         self._idle_scanned = seen
@@ -934,8 +939,7 @@ class WindowStore:
         excess = len(self._entities) - max(int(keep), 0)
         if excess <= 0:
             return 0
-        seen = (tuple(self._watermark.items()), self._arrivals, self._moves)
-        if self._excess_scanned == (seen, False):
+        if self._excess_scanned == (self._scan_key(), False):
             return 0
         watermark, w = self._watermark, self._w
         recent = w + self.policy.stride
@@ -948,8 +952,7 @@ class WindowStore:
             candidates.append((age, -state.n, -i, name))
         chosen = heapq.nlargest(excess, candidates)
         self._drop([name for *_, name in chosen])
-        self._excess_scanned = ((tuple(self._watermark.items()), self._arrivals, self._moves),
-                                len(candidates) > len(chosen))
+        self._excess_scanned = (self._scan_key(), len(candidates) > len(chosen))  # as the drops left it
         return len(chosen)
 
     def _drop(self, names: Sequence[str]) -> None:
