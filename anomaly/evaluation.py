@@ -650,3 +650,107 @@ def nab_windows_to_rows(timestamps: Any, windows_ts: Iterable[Sequence[Any]]) ->
             raise ValueError(f"window {window!r} ends before it starts")
         rows.append((start, end))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Attribution: which sensors an alarm names, against the sensors labelled responsible
+# --------------------------------------------------------------------------------------------------
+
+
+ATTRIBUTION_PS = (100, 150)
+
+
+def interpretation_matrix(segments: Iterable[tuple[int, int, Sequence[int]]], n_rows: int, n_cols: int,
+                          offset: int = 0) -> np.ndarray:
+    """(n_rows, n_cols) bool: the sensors labelled responsible at each row, from ``(start, end, columns)``
+    segments (``end`` EXCLUSIVE, 0-based columns, as ``datasets.load_smd`` gives SMD's
+    ``interpretation_label``) shifted by ``-offset`` rows; rows named by two segments get the union, and
+    segment rows outside ``0..n_rows-1`` are dropped."""
+    truth = np.zeros((n_rows, n_cols), dtype=bool)
+    for start, end, columns in segments:
+        a, b = max(0, start - offset), min(n_rows, end - offset)
+        if a < b:
+            truth[a:b, list(columns)] = True
+    return truth
+
+
+@dataclass(frozen=True)
+class AttributionCounts:
+    """Per-row attribution figures of one series, summed (``aggregate_attribution`` divides): over the
+    rows with a labelled sensor, and over those of them the detector flagged."""
+
+    rows: int
+    hits: dict[int, float]  # P -> sum over rows of HitRate@P%
+    ndcg: dict[int, float]  # P -> sum over rows of NDCG@P%
+    flagged_rows: int = 0
+    flagged_hits: dict[int, float] = field(default_factory=dict)
+
+
+def attribution_counts(sensor_scores: np.ndarray, truth: np.ndarray, flags: np.ndarray | None = None,
+                       ps: Sequence[int] = ATTRIBUTION_PS) -> AttributionCounts:
+    """HitRate@P% and NDCG@P% (Su et al. 2019, OmniAnomaly; computed as TranAD's ``diagnosis.py`` does)
+    of ranking each row's sensors by ``sensor_scores`` (T, F; larger = more to blame), against ``truth``
+    (T, F bool, ``interpretation_matrix``), at every row with at least one sensor labelled.
+
+    - The top ``k = round(P% × |labelled|)`` sensors are taken (Python's rounding, half to even: 1
+      labelled sensor gives 2 at 150 %, 3 give 4), at most F; ties rank the lower column first.
+    - HitRate@P% of a row: the share of its labelled sensors among those k.
+    - NDCG@P% of a row: binary relevance, DCG of the top k (1/log2(rank+1) for each labelled sensor among
+      them) over the DCG of the labelled sensors ranked first.
+    - A row with a non-finite score (no window ends there) ranks nothing: 0 for both.
+    ``flags`` (T,) bool: also sums HitRate over the labelled rows the detector flagged (what an alarm's
+    event would have named)."""
+    scores = np.asarray(sensor_scores, dtype=np.float64)
+    truth = np.asarray(truth, dtype=bool)
+    if scores.shape != truth.shape or scores.ndim != 2:
+        raise ValueError(f"sensor scores {scores.shape} and labelled sensors {truth.shape} must be the same (T, F)")
+    if any(p <= 0 for p in ps):
+        raise ValueError(f"P must be positive, got {list(ps)}")
+    rows = np.flatnonzero(truth.any(axis=1))
+    s, g = scores[rows], truth[rows]
+    n_cols = scores.shape[1]
+    ranked = np.isfinite(s).all(axis=1)
+    order = np.argsort(-np.where(np.isfinite(s), s, 0.0), axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n_cols)[None, :].repeat(len(rows), axis=0), axis=1)
+    n_true = g.sum(axis=1)
+    gain = 1.0 / np.log2(np.arange(n_cols) + 2.0)  # rank 0 -> 1, rank 1 -> 1/log2(3), ...
+    ideal = np.r_[0.0, np.cumsum(gain)]  # ideal[m]: DCG of m relevant sensors ranked first
+    picked = flags is not None
+    if picked:
+        flags = _as_bool(flags, "flags")
+        if len(flags) != len(scores):
+            raise ValueError(f"{len(flags)} flags but {len(scores)} rows of sensor scores")
+        flagged = flags[rows]
+    hits: dict[int, float] = {}
+    ndcg: dict[int, float] = {}
+    flagged_hits: dict[int, float] = {}
+    for p in ps:
+        k = np.minimum(np.array([round(p * int(n) / 100) for n in n_true], dtype=np.int64), n_cols)
+        top = g & (rank < k[:, None])
+        hit = np.where(ranked, top.sum(axis=1) / n_true, 0.0)
+        dcg = np.where(top, gain[rank], 0.0).sum(axis=1)
+        best = ideal[np.minimum(k, n_true)]
+        ndcg_rows = np.where(ranked & (best > 0), dcg / np.where(best > 0, best, 1.0), 0.0)
+        hits[p], ndcg[p] = float(hit.sum()), float(ndcg_rows.sum())
+        if picked:
+            flagged_hits[p] = float(hit[flagged].sum())
+    return AttributionCounts(rows=len(rows), hits=hits, ndcg=ndcg,
+                             flagged_rows=int(flagged.sum()) if picked else 0, flagged_hits=flagged_hits)
+
+
+def aggregate_attribution(counts: Iterable[AttributionCounts], ps: Sequence[int] = ATTRIBUTION_PS) -> dict[str, Any]:
+    """Pool ``attribution_counts`` over series (a mean over every labelled row, as TranAD's per-row mean):
+    ``hit_rate_<P>``, ``ndcg_<P>``, ``hit_rate_<P>_flagged`` (over the labelled rows flagged), None where no
+    row counts, and the row counts ``attribution_rows``, ``attribution_flagged_rows``."""
+    counts = list(counts)
+    rows = sum(c.rows for c in counts)
+    flagged = sum(c.flagged_rows for c in counts)
+    out: dict[str, Any] = {}
+    for p in ps:
+        out[f"hit_rate_{p}"] = sum(c.hits[p] for c in counts) / rows if rows else None
+        out[f"ndcg_{p}"] = sum(c.ndcg[p] for c in counts) / rows if rows else None
+    for p in ps:
+        out[f"hit_rate_{p}_flagged"] = sum(c.flagged_hits.get(p, 0.0) for c in counts) / flagged if flagged else None
+    out["attribution_rows"], out["attribution_flagged_rows"] = rows, flagged
+    return out

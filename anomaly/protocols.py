@@ -79,6 +79,7 @@ class SeriesResult:
     validation_scores: np.ndarray | None = None  # window scores of the training rows' validation split
     best_epoch: int | None = None  # the epoch whose weights were kept (early stopping)
     bars: np.ndarray | None = None  # (T,) the bar each row's flag was held to (None: ``threshold`` throughout)
+    sensor_errors: np.ndarray | None = None  # (T, F) per-sensor error of the window ending at each row (scaled units)
 
 
 @dataclass
@@ -112,6 +113,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     n, w = len(values), detector.window_size
     scores = rows_from_windows(scored.scores, n, w)
     expected = rows_from_windows(scored.expected, n, w)
+    sensor_errors = rows_from_windows(scored.sensor_errors, n, w)
     first = series.train_rows if score_from is None else score_from
     labels = np.zeros(n, bool) if series.labels is None else np.asarray(series.labels, bool)
     thr = detector.threshold.value
@@ -121,7 +123,7 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
                         flags=scores[first:] > bars, bars=bars, expected=expected[first:],
                         threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
                         windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
-                        best_epoch=fitted.best_epoch)
+                        best_epoch=fitted.best_epoch, sensor_errors=sensor_errors[first:])
 
 
 def _events(results: Sequence[SeriesResult]) -> dict[str, Any]:
@@ -306,6 +308,26 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     return float(f1[i]), float(s[order][i])
 
 
+def attribution(series: Sequence[LabelledSeries], results: Sequence[SeriesResult]) -> dict[str, Any]:
+    """How well each flagged row's sensors, ranked by their share of the error (what an event lists),
+    name the sensors labelled responsible (SMD's ``interpretation_label``): HitRate@P% and NDCG@P% over
+    every labelled row, and HitRate over the labelled rows flagged (``evaluation.attribution_counts``).
+    Empty when no series carries such labels."""
+    counts = []
+    for s, r in zip(series, results):
+        segments = s.meta.get("interpretation") or []
+        if not segments or r.sensor_errors is None:
+            continue
+        first = len(s.frame) - len(r.labels)  # the full-frame row of r's first row
+        columns = [str(c) for c in s.frame.columns]
+        truth = evaluation.interpretation_matrix(segments, len(r.labels), len(columns), offset=first)
+        # a labelled sensor the model does not read (data.sensors) ranks last: it can never be named
+        scores = np.full((len(r.labels), len(columns)), -1.0)
+        scores[:, [columns.index(name) for name in r.sensors]] = r.sensor_errors
+        counts.append(evaluation.attribution_counts(scores, truth, flags=r.flags))
+    return evaluation.aggregate_attribution(counts) if counts else {}
+
+
 def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:
     started = time.perf_counter()
     results = _score_all(series, settings, progress)
@@ -317,6 +339,7 @@ def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Call
                                      "precision": precision, "recall": recall}, binary)
     metrics.update({"f1_best_mean": float(np.mean(per_machine_best)), **_events(results), "machines": len(results)})
     metrics["fc1"] = evaluation.composite_f1(metrics["precision"], metrics["event_recall"])
+    metrics.update(attribution(series, results))
     return ProtocolResult("smd", metrics, results, time.perf_counter() - started)
 
 

@@ -595,3 +595,95 @@ def test_the_score_distribution_puts_each_series_on_its_own_bar_and_splits_rows_
     normal, labelled = relative_scores([series(1.0), series(10.0), series(10.0, bars=np.full(5, 20.0))])
     np.testing.assert_allclose(normal, [0.5, 0.5, 0.5, 0.5, 0.25, 0.25])
     np.testing.assert_allclose(labelled, [2.0, 3.0, 2.0, 3.0, 1.0, 1.5])
+
+
+# ---------------------------------------------------------------- attribution (HitRate@P%, NDCG@P%)
+
+from anomaly.evaluation import aggregate_attribution, attribution_counts, interpretation_matrix  # noqa: E402
+
+
+def _one_row(scores, labelled, ps=(100, 150)):
+    truth = np.zeros((1, len(scores)), bool)
+    truth[0, labelled] = True
+    return attribution_counts(np.array([scores], float), truth, ps=ps)
+
+
+def test_attribution_both_labelled_sensors_ranked_first_score_one():
+    c = _one_row([0.1, 0.9, 0.5, 0.2], [1, 2])
+    assert c.rows == 1 and c.hits == {100: 1.0, 150: 1.0}
+    assert c.ndcg[100] == pytest.approx(1.0) and c.ndcg[150] == pytest.approx(1.0)
+
+
+def test_attribution_labelled_sensor_ranked_last_scores_zero():
+    c = _one_row([0.1, 0.9, 0.5, 0.2], [0])
+    assert c.hits == {100: 0.0, 150: 0.0} and c.ndcg == {100: 0.0, 150: 0.0}
+
+
+def test_attribution_hand_computed_partial_hit():
+    # ranks: col1 0, col2 1, col3 2, col0 3; labelled {2, 3}
+    c = _one_row([0.1, 0.9, 0.5, 0.2], [2, 3])
+    assert c.hits[100] == pytest.approx(0.5)  # k = 2: col1, col2
+    assert c.hits[150] == pytest.approx(1.0)  # k = 3: col1, col2, col3
+    ideal = 1 + 1 / math.log2(3)
+    assert c.ndcg[100] == pytest.approx((1 / math.log2(3)) / ideal)  # 0.3869
+    assert c.ndcg[150] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / ideal)  # 0.6934
+
+
+def test_attribution_top_k_rounds_half_to_even_as_tranad():
+    # one labelled sensor at 150 %: round(1.5) = 2 sensors taken (floor would take 1 and miss)
+    assert _one_row([6, 5, 4, 3, 2, 1], [1], ps=(150,)).hits[150] == 1.0
+    # three labelled sensors at 150 %: round(4.5) = 4 taken (ceil would take 5 and find all three)
+    assert _one_row([6, 5, 4, 3, 2, 1], [1, 2, 4], ps=(150,)).hits[150] == pytest.approx(2 / 3)
+
+
+def test_attribution_ties_rank_the_lower_column_first():
+    assert _one_row([0.5, 0.5, 0.1], [1], ps=(100,)).hits[100] == 0.0
+    assert _one_row([0.5, 0.5, 0.1], [0], ps=(100,)).hits[100] == 1.0
+
+
+def test_attribution_row_without_a_score_is_a_miss_and_unlabelled_rows_do_not_count():
+    scores = np.array([[np.nan, 1.0, 0.0], [0.0, 1.0, 0.0], [5.0, 0.0, 0.0]])
+    truth = np.array([[0, 1, 0], [0, 1, 0], [0, 0, 0]], bool)
+    c = attribution_counts(scores, truth, ps=(100,))
+    assert c.rows == 2 and c.hits[100] == 1.0 and c.ndcg[100] == 1.0
+
+
+def test_attribution_matches_sklearn_ndcg_without_ties():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    scores = rng.random((200, 12))
+    truth = rng.random((200, 12)) < 0.2
+    truth[:, 0] |= ~truth.any(axis=1)
+    c = attribution_counts(scores, truth, ps=(100, 150))
+    for p in (100, 150):
+        want = np.mean([sklearn_metrics.ndcg_score(t[None].astype(int), s[None], k=round(p * int(t.sum()) / 100))
+                        for s, t in zip(scores, truth)])
+        assert c.ndcg[p] / c.rows == pytest.approx(want)
+        hit = np.mean([len(set(np.argsort(-s)[:round(p * int(t.sum()) / 100)]) & set(np.flatnonzero(t))) / t.sum()
+                       for s, t in zip(scores, truth)])
+        assert c.hits[p] / c.rows == pytest.approx(hit)
+
+
+def test_attribution_flagged_rows_counted_apart_and_pooled_per_row():
+    scores = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    truth = np.array([[1, 0], [1, 0], [0, 0]], bool)
+    a = attribution_counts(scores, truth, flags=np.array([True, False, True]), ps=(100,))
+    assert (a.rows, a.hits[100], a.flagged_rows, a.flagged_hits[100]) == (2, 1.0, 1, 1.0)
+    b = attribution_counts(np.array([[0.0, 1.0]]), np.array([[1, 0]], bool), flags=np.array([True]), ps=(100,))
+    out = aggregate_attribution([a, b], ps=(100,))
+    assert out["hit_rate_100"] == pytest.approx(1 / 3)  # 1 hit over 3 labelled rows
+    assert out["hit_rate_100_flagged"] == pytest.approx(1 / 2)  # 1 hit over 2 flagged labelled rows
+    assert (out["attribution_rows"], out["attribution_flagged_rows"]) == (3, 2)
+    assert aggregate_attribution([], ps=(100,))["hit_rate_100"] is None
+
+
+def test_attribution_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same"):
+        attribution_counts(np.zeros((3, 2)), np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="flags"):
+        attribution_counts(np.zeros((3, 2)), np.ones((3, 2), bool), flags=np.ones(2, bool))
+
+
+def test_interpretation_matrix_shifts_clips_and_unites_segments():
+    m = interpretation_matrix([(10, 13, [0]), (12, 14, [2]), (3, 11, [1])], n_rows=4, n_cols=3, offset=10)
+    assert m.tolist() == [[True, True, False], [True, False, False], [True, False, True], [False, False, True]]

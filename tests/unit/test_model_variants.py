@@ -390,3 +390,18 @@ def test_benchmark_limit_takes_the_first_series(monkeypatch):
     with pytest.raises(Ran) as ran:
         benchmark.run(["skab"], 2)
     assert ran.value.args[0] == ["a", "b"]
+
+
+def test_benchmark_markdown_shows_smd_attribution_only_where_measured():
+    from pipelines.benchmark import markdown
+
+    row = {"f1": 0.3, "precision": 0.2, "recall": 0.5, "f1_best_mean": 0.5, "event_f1": 0.3, "machines": 6,
+           "seconds": 100.0}
+    machine = {"device": "cpu", "torch": "2.13.0"}
+    assert "HitRate" not in markdown({"machine": machine, "results": {"smd": row}})  # a results file from before
+    measured = {**row, "hit_rate_100": 0.613, "hit_rate_150": 0.776, "ndcg_100": 0.6, "ndcg_150": 0.7,
+                "hit_rate_100_flagged": 0.72, "hit_rate_150_flagged": 0.8, "attribution_rows": 8273,
+                "attribution_flagged_rows": 4006}
+    text = markdown({"machine": machine, "results": {"smd": measured}})
+    assert "| **anomaly (ours)** | **0.61** | **0.78** | 0.60 | 0.70 | 0.72 (4006 rows) |" in text
+    assert "8273 labelled rows" in text and "| TranAD (machine-1-1; Tuli et al. 2022) | 0.50 |" in text

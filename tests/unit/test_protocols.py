@@ -191,3 +191,35 @@ def test_best_f1_never_flags_an_unscored_row():
     f1, _ = best_f1(np.array([True, True]), np.array([np.nan, 0.5]))
     assert f1 == pytest.approx(2 / 3)
     assert best_f1(np.array([True, False]), np.array([np.nan, np.nan]))[0] == 0.0
+
+
+def _faulted(rng: np.random.Generator, n: int = 400) -> "LabelledSeries":
+    """Three smooth sensors; in the test rows 300..319 sensor ``b`` jumps, labelled as the one to blame."""
+    import pandas as pd
+
+    from anomaly.datasets import LabelledSeries
+
+    t = np.arange(n)
+    frame = pd.DataFrame({"a": np.sin(t / 7), "b": np.cos(t / 5), "c": np.sin(t / 11)}, index=pd.date_range(
+        "2024-01-01", periods=n, freq="1s", tz="UTC", name="ts")) + rng.normal(0, 0.02, (n, 3))
+    frame.iloc[300:320, 1] += 4.0
+    labels = np.zeros(n, bool)
+    labels[300:320] = True
+    return LabelledSeries("s", frame, labels, train_rows=250, meta={"interpretation": [(300, 320, [1])]})
+
+
+def test_attribution_names_the_sensor_labelled_responsible():
+    from anomaly.protocols import attribution, score_series
+
+    series = _faulted(np.random.default_rng(4))
+    every = score_series(series, _tiny())
+    assert every.sensor_errors.shape == (150, 3)
+    got = attribution([series], [every])
+    assert got["attribution_rows"] == 20 and got["attribution_flagged_rows"] > 10
+    assert got["hit_rate_100"] > 0.9 and got["hit_rate_100_flagged"] > 0.9 and got["ndcg_100"] > 0.9
+    # a model that does not read the labelled sensor can never name it (the rows still count)
+    blind = score_series(series, _tiny(sensors=["c", "a"]))
+    got = attribution([series], [blind])
+    assert got["attribution_rows"] == 20 and got["hit_rate_150"] == 0.0
+    # no series with labelled sensors: nothing to report
+    assert attribution([_series(np.random.default_rng(0))], [every]) == {}
