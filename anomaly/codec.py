@@ -276,24 +276,27 @@ def entity_problem(entity: Any) -> str | None:
 
 
 def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None, *,
-                   partial: bool = False) -> Reading | BadRecord:
+                   partial: bool = False, ignored: Collection[str] = ()) -> Reading | BadRecord:
     """One input record's bytes as a ``Reading``, or a ``BadRecord`` saying why not. Never raises.
 
     ``expected_sensors``: when given, the reading's sensor names must be exactly this set (the
     entity's model was trained on it); the reason names the missing and the unknown ones. With
     ``partial``, some of them will do (the absent ones are missing, as ``null`` is: a producer sending
-    a slot's sensors one message each); an unknown one is still refused.
+    a slot's sensors one message each); an unknown one is still refused. ``ignored``: sensors a reading
+    may also carry, left out of it unread and unchecked (those the model's training left out: constant,
+    flat or mostly missing in its data, ``Detector.ignored_sensors``).
     Unknown extra top-level fields are ignored; JSON duplicate keys keep the last value, as json does.
     """
     try:
-        return _decode_reading(raw, expected_sensors, partial)
+        return _decode_reading(raw, expected_sensors, partial, ignored)
     except MemoryError:  # the process's trouble, not the record's: a good reading must not be dead-lettered
         raise
     except Exception as exc:  # an input this code did not foresee: one dead letter, not a failed batch
         return BadRecord(f"cannot decode: {type(exc).__name__}: {str(exc)[:_REPR_LIMIT]}")
 
 
-def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partial: bool) -> Reading | BadRecord:
+def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partial: bool,
+                    ignored: Collection[str] = ()) -> Reading | BadRecord:
     if raw is None:
         return BadRecord("empty record: the value is null (a tombstone), not a reading")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -337,8 +340,12 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partia
         return BadRecord(f"values is not an object: got {_type_name(raw_values)}", ts=ts)
     if not raw_values:
         return BadRecord("values is empty: no sensor readings", ts=ts)
+    if ignored and raw_values.keys() <= set(ignored):
+        return BadRecord(f"values holds only sensors the model does not read ({_names(raw_values.keys())})", ts=ts)
     values: dict[str, float | None] = {}
     for name, value in raw_values.items():
+        if name in ignored:
+            continue
         if not name:
             return BadRecord("values has a sensor with an empty name", ts=ts)
         problem = _name_problem(name)
@@ -397,15 +404,18 @@ _NUMBER_TYPES = frozenset({float, int})  # exact types: bool is not a number her
 _VALUE_TYPES = frozenset({float, int, type(None)})
 
 
-def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str], *, partial: bool = False) -> DecodedBatch:
+def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str], *, partial: bool = False,
+                 ignored: Collection[str] = ()) -> DecodedBatch:
     """Decode many records at once; the same outcome per record as ``decode_reading(raw, sensors,
-    partial=partial)`` (a reading with some of the sensors takes the slower way).
+    partial=partial, ignored=ignored)`` (a reading with some of the sensors takes the slower way).
 
     Good readings come back as arrays (values in ``sensors`` order, NaN where the reading had null);
     bad ones as ``(position, reason)``. Never raises for bad input.
     """
     sensors = tuple(sensors)
     f = len(sensors)
+    ignored = frozenset(ignored) - set(sensors)
+    wanted = frozenset(sensors)
     index: list[int] = []
     entities: list[str] = []
     stamps: list[Any] = []
@@ -421,8 +431,10 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str], *, partia
                 if type(raw) is not bytes:
                     raise TypeError
                 entity, ts, values = fields(loads(raw))  # not JSON, not an object, a field missing: raises
-                if type(entity) is not str or type(values) is not dict or len(values) != f or not entity \
+                if type(entity) is not str or type(values) is not dict or not entity \
                         or entity.isspace() or len(entity) > MAX_ENTITY_CHARS or not entity.isprintable():
+                    raise TypeError
+                if len(values) != f and not (ignored and values.keys() - wanted <= ignored):
                     raise TypeError
                 row = row_of(values)  # KeyError: not the model's sensor set
             except Exception:  # decode_reading says why (or accepts it: bytearray, memoryview)
@@ -486,7 +498,7 @@ def decode_batch(raws: Sequence[bytes | None], sensors: Sequence[str], *, partia
         expected = frozenset(sensors)
         extra_index, extra_entities, extra_ts, extra_values = [], [], [], []
         for i in sorted(slow):
-            reading = decode_reading(raws[i], expected, partial=partial)  # type: ignore[arg-type]
+            reading = decode_reading(raws[i], expected, partial=partial, ignored=ignored)  # type: ignore[arg-type]
             if isinstance(reading, BadRecord):
                 bad.append((i, reading.reason))
                 if reading.ts is not None:

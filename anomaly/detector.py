@@ -79,6 +79,12 @@ class Detector:
     def sensors(self) -> tuple[str, ...]:
         return self.scaler.sensors
 
+    @property
+    def ignored_sensors(self) -> tuple[str, ...]:
+        """Sensors its training left out (constant, flat or mostly missing in the training data:
+        ``meta["dropped_sensors"]``): readings may still carry them, and they are not read."""
+        return tuple(str(s) for s in self.meta.get("dropped_sensors") or () if s not in self.sensors)
+
     def fill_values(self) -> tuple[float, ...]:
         """Per sensor, in original units, the value that stands in for a missing reading with no earlier
         one: "typical" for the scaler (the centre of a standard/robust one, the middle of a minmax one,

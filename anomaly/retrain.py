@@ -177,7 +177,9 @@ class History:
     ``served`` (a predicate: ``worker.entities``);
     ``sensors`` (when given) keeps only readings that carry exactly those (the worker dead-letters a
     reading with any other sensor set, so a model is not retrained on readings it never scored), or,
-    with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more.
+    with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more;
+    ``ignored_sensors``: sensors a reading may carry besides them, not read (those the champion's training
+    left out, ``Detector.ignored_sensors``, as the worker leaves them out).
     ``max_ts`` (when given) leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
     dead-letters them): one reading stamped years ahead would otherwise put every real one outside the
     lookback.
@@ -186,7 +188,7 @@ class History:
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
                  sensors: Iterable[str] | None = None, max_ts: float | None = None,
                  exact_sensors: bool = True, max_entities: int | None = None, window: int = 1,
-                 served: Callable[[str], bool] | None = None) -> None:
+                 served: Callable[[str], bool] | None = None, ignored_sensors: Iterable[str] = ()) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
@@ -195,6 +197,7 @@ class History:
         self.sensors = frozenset(sensors) if sensors else None
         self._columns = tuple(sorted(self.sensors)) if self.sensors is not None else None  # as each buffer keeps them
         self.exact_sensors = exact_sensors
+        self.ignored_sensors = frozenset(ignored_sensors) - (self.sensors or frozenset())
         self.max_ts = max_ts
         self._by_entity: dict[str, _Buffer] = {}
         self.newest_ts = -math.inf
@@ -260,6 +263,8 @@ class History:
 
     def _carries(self, reading: Reading) -> bool:
         keys = reading.values.keys()
+        if self.ignored_sensors and self.exact_sensors:
+            keys = keys - self.ignored_sensors
         return keys == self.sensors if self.exact_sensors else keys >= self.sensors  # type: ignore[operator]
 
     def __len__(self) -> int:
@@ -813,6 +818,8 @@ def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
     parts = []
     if history.ignored:
         sensors = ", ".join(champion.sensors)
+        if history.ignored_sensors:
+            sensors += f", besides {', '.join(sorted(history.ignored_sensors))}, which it does not read"
         what = (f"carry exactly the champion's sensors ({sensors}: the worker dead-letters others)"
                 if history.exact_sensors else f"carry all of the champion's sensors ({sensors})")
         if rt.entities:
@@ -859,7 +866,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                       max_entities=rt.max_entities, window=champion.window_size,
                       # the workers' entities, on the topic they read (a file's entities are the file's)
                       served=EntityFilter(settings.worker.entities) if settings.worker.entities and source is None
-                      else None)
+                      else None, ignored_sensors=getattr(champion, "ignored_sensors", ()))
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)
@@ -938,6 +945,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
 
     prepared = Prepared(timestamps=data.train_timestamps, values=train_values, sensors=list(champion.sensors),
                         missing=np.zeros(train_values.shape, dtype=bool), gaps=data.gaps,
+                        dropped=list(getattr(champion, "ignored_sensors", ())),  # still not read by the challenger
                         period_s=float(champion.period_s or data.facts["period_s"]),
                         entities=list(data.entity_tails) if len(data.entity_tails) > 1 else [],
                         entity_tails=data.entity_tails if len(data.entity_tails) > 1 else {})

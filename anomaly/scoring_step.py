@@ -86,7 +86,8 @@ class ScoringModel(Protocol):
     rule (``anomaly.adaptive``), or None; a model may also carry ``episodes``, the threshold's
     alarm-episode rule (``anomaly.episodes``), or None. Neither: a fixed threshold. A model may also
     carry ``entity_thresholds`` (entity -> its own fitted value; the others are held to ``threshold``),
-    the base a moving bar rises from."""
+    the base a moving bar rises from, and ``ignored_sensors``: sensors a reading may carry besides
+    ``sensors``, not read (those its training left out)."""
 
     name: str
     version: str
@@ -113,6 +114,7 @@ class DetectorModel:
         self.batch_size = batch_size
         self.precision = resolve_precision(precision, device)  # fp32 or bf16, fixed for this model's life
         self.sensors: tuple[str, ...] = tuple(detector.sensors)
+        self.ignored_sensors: tuple[str, ...] = detector.ignored_sensors
         self.window_size: int = int(detector.window_size)
         # A model saved without a period was trained on rows: one row per second is the convention.
         self.period_s: float = float(detector.period_s) if detector.period_s else 1.0
@@ -306,6 +308,7 @@ class ScoringStep:
             raise ModelError(f"model {model.name} v{model.version}: {len(model.fill_values)} fill values "
                              f"for {len(model.sensors)} sensors")
         self._model_sensors = tuple(model.sensors)
+        self._ignored_sensors = tuple(getattr(model, "ignored_sensors", ()))
         self._alerts.spacing_s = policy.stride * policy.period_s  # the alert grid spans >= 60 windows
         return WindowStore(policy, model.sensors, model.fill_values)
 
@@ -360,6 +363,7 @@ class ScoringStep:
         if kept:
             self._store.set_fill_values(model.fill_values)  # buffers kept; only future fills change
             self._model_sensors = tuple(model.sensors)
+            self._ignored_sensors = tuple(getattr(model, "ignored_sensors", ()))
         else:
             if replay:
                 history_s = (int(model.window_size) - 1) * float(model.period_s)
@@ -503,7 +507,7 @@ class ScoringStep:
             raws = [raw if raw is None or isinstance(raw, (bytes, bytearray, memoryview))
                     else str(raw).encode("utf-8", "surrogatepass")  # a lone surrogate: "not UTF-8"
                     for raw in raws]  # adapters hand over bytes; never crash on a stray str
-        decoded = decode_batch(raws, self._model_sensors, partial=self.partial_readings)
+        decoded = decode_batch(raws, self._model_sensors, partial=self.partial_readings, ignored=self._ignored_sensors)
         if self.max_future_s is not None:
             decoded = _refuse_future(decoded, now_s, self.max_future_s)
         else:  # off (a sped-up replay): still no leap that would stall the partition

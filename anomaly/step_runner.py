@@ -54,7 +54,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, ScoringStep, window_shape
@@ -193,7 +193,16 @@ class ThreadRunner:
 
     def _swap(self, model: ScoringModel, replay: bool) -> Swap:
         version = model.version
+        before = self.step.model
         kept = self.step.swap_model(model, replay=replay)
+        change = sensor_change(before.sensors, model.sensors)
+        if change:
+            ignored = getattr(model, "ignored_sensors", ())
+            read_past = [s for s in before.sensors if s in ignored]
+            log.warning("%s v%s reads other sensors than v%s did (%s): readings of another sensor set than its %s "
+                        "go to the dead-letter topic from now on%s", self.follower.model_name, version, before.version,
+                        change, ", ".join(model.sensors),
+                        f" ({', '.join(read_past)}: left out by its training, read past)" if read_past else "")
         replay_from = self.step.replay_from
         log.info("now serving %s v%s (window state %s)", self.follower.model_name, version,
                  "kept" if kept else "restarted: the new model's sensors, window or period differ"
@@ -205,6 +214,13 @@ class ThreadRunner:
 
     def close(self) -> None:
         self._scorer.shutdown(wait=True, cancel_futures=True)
+
+
+def sensor_change(before: Sequence[str], after: Sequence[str]) -> str:
+    """How a model's sensor set differs from the one before it (``+added -removed``; '' for none)."""
+    added = [s for s in after if s not in set(before)]
+    removed = [s for s in before if s not in set(after)]
+    return " ".join([*(f"+{s}" for s in added), *(f"-{s}" for s in removed)])
 
 
 class ProcessRunner:

@@ -599,3 +599,28 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     assert f"error: no event nosuchevent on {events_topic}" in capsys.readouterr().err
     assert main(["feedback", "list", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
+
+
+def test_a_sensor_the_champions_training_left_out_is_read_past_and_stays_left_out(store, kafka_broker):
+    """The champion trained where flow was constant, so flow was left out (and said); the producers still
+    send it. The retrain ignored every reading ("do not carry exactly the champion's sensors") and skipped
+    forever; now it reads past flow, as the worker does, and the challenger leaves it out too."""
+    root, weak, _ = store
+    frame = normal_frame(800, seed=4)
+    frame["flow"] = 5.0
+    prepared = prepare_training(frame)
+    assert prepared.sensors == ["temp", "pressure"] and prepared.dropped == ["flow"]
+    run_training(prepared, settings_for(root, epochs=1), source="synthetic", dataset="synthetic", promote=True,
+                 progress=False)
+    topic = f"retrain-left-out-{np.random.default_rng().integers(1 << 30)}"
+    replay.replay(kafka_broker, topic, replay.replay_plan(normal_frame(ROWS, seed=5), "pump",
+                                                          start_ts=1_790_000_000.0), progress=False)
+    settings = settings_for(root, kafka_broker, topic, epochs=1)
+    try:
+        result = run_cycle(settings)
+        assert result.status in ("promoted", "kept"), result.reason
+        assert result.data["readings_ignored"] == 0 and result.data["readings_seen"] == ROWS
+        challenger, _ = registry.load_detector(NAME, result.challenger_version)
+        assert challenger.sensors == ("temp", "pressure") and challenger.ignored_sensors == ("flow",)
+    finally:
+        give_champion(settings, weak)

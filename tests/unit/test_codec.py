@@ -343,9 +343,9 @@ def test_reasons_and_dead_letters_stay_small_whatever_the_record() -> None:
         "original_key_size"] == 70_000
 
 
-def _batch_as_readings(raws: list, sensors: tuple[str, ...]) -> list[Reading | BadRecord]:
+def _batch_as_readings(raws: list, sensors: tuple[str, ...], ignored: tuple[str, ...] = ()) -> list[Reading | BadRecord]:
     """``decode_batch``'s outcome, one ``Reading``/``BadRecord`` per input, for comparison."""
-    got = decode_batch(raws, sensors)
+    got = decode_batch(raws, sensors, ignored=ignored)
     out: list[Reading | BadRecord | None] = [None] * len(raws)
     stamps = dict(got.foreign)
     assert len(stamps) == len(got.foreign) and sorted(stamps) == [i for i, _ in got.foreign]
@@ -397,6 +397,32 @@ def test_decode_batch_agrees_with_decode_reading_record_by_record() -> None:
     # A batch of only good records, and an empty batch.
     assert _batch_as_readings([good] * 3, sensors) == [decode_reading(good, sensors)] * 3
     assert decode_batch([], sensors).values.shape == (0, 3)
+
+
+def test_sensors_the_model_left_out_are_read_past_not_dead_lettered() -> None:
+    """A sensor its training left out (constant in the training data) still comes in every reading: it is
+    dropped unread, whatever its value, in both decoders; any other extra sensor is still refused."""
+    sensors, ignored = ("temp", "pressure"), ("flow",)
+    carried = reading_json(values={"temp": 1.5, "pressure": 2, "flow": 5})
+    reading = decode_reading(carried, sensors, ignored=ignored)
+    assert isinstance(reading, Reading) and reading.values == {"temp": 1.5, "pressure": 2.0}
+    assert isinstance(decode_reading(carried, sensors), BadRecord)  # without: "unknown ['flow']", as before
+    odd = reading_json(values={"temp": 1, "pressure": 2, "flow": "stuck"})  # not checked: not read
+    assert isinstance(decode_reading(odd, sensors, ignored=ignored), Reading)
+    other = reading_json(values={"temp": 1, "pressure": 2, "flow": 5, "rpm": 3})
+    assert "unknown ['rpm']" in decode_reading(other, sensors, ignored=ignored).reason
+    only = reading_json(values={"flow": 5})
+    assert "only sensors the model does not read (['flow'])" in decode_reading(only, sensors, ignored=ignored).reason
+    missing = reading_json(values={"temp": 1, "flow": 5})
+    assert "missing ['pressure']" in decode_reading(missing, sensors, ignored=ignored).reason
+    assert isinstance(decode_reading(missing, sensors, ignored=ignored, partial=True), Reading)
+    assert isinstance(decode_reading(reading_json(values={"temp": 1, "pressure": 2}), sensors, ignored=ignored),
+                      Reading)  # a reading without it is as good
+    raws = [carried, odd, other, only, missing, reading_json(values={"temp": 1, "pressure": 2}),
+            reading_json(values={"pressure": 2, "temp": 1, "flow": None}), b"{}"]
+    assert _batch_as_readings(raws, sensors, ignored) == [decode_reading(r, sensors, ignored=ignored) for r in raws]
+    fast = decode_batch([carried] * 3, sensors, ignored=ignored)  # the fast path reads past it too
+    assert fast.values.tolist() == [[1.5, 2.0]] * 3 and not fast.bad
 
 
 # --- encoding readings ---------------------------------------------------------------------------

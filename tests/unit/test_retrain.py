@@ -108,6 +108,18 @@ def test_history_filters_entities_and_sensor_sets():
     assert not table.add(Reading("pump-1", 4.0, {"a": 1.0}))
 
 
+def test_history_reads_past_the_sensors_the_champion_leaves_out():
+    """A sensor the champion's training left out still comes in every reading; the worker reads past it
+    (``Detector.ignored_sensors``), so the retrain's history keeps those readings too, unread."""
+    h = History(max_readings=10, lookback_s=100, sensors=["a", "b"], ignored_sensors=["c", "a"])
+    assert h.ignored_sensors == {"c"}  # a sensor it reads is never left out
+    assert h.add(Reading("p", 1.0, {"a": 1.0, "b": 2.0, "c": 3.0}))
+    assert h.add(Reading("p", 2.0, {"a": 1.5, "b": 2.5}))  # without it: as good
+    assert not h.add(Reading("p", 3.0, {"a": 1.0, "b": 2.0, "d": 3.0}))  # another sensor: the worker refuses it
+    assert not h.add(Reading("p", 4.0, {"a": 1.0, "c": 3.0}))  # lacks b
+    assert h.frames(["a", "b"])["p"].to_numpy().tolist() == [[1.0, 2.0], [1.5, 2.5]]
+
+
 def test_history_leaves_out_readings_stamped_past_max_ts():
     # One reading from a device whose clock is years ahead moved the lookback's cut-off past every real one.
     h = History(max_readings=10, lookback_s=100, max_ts=50.0)

@@ -1739,3 +1739,28 @@ def test_finished_runs_pin_the_commit_as_repeating_until_none_is_caught_would() 
         expected_commits, expected_kept = by_fixpoint(commits, runs)
         assert out.commits == expected_commits
         assert {e for e, _ in step._finished} == expected_kept
+
+
+def test_a_sensor_the_models_training_left_out_is_read_past_not_dead_lettered() -> None:
+    """`anomaly train` leaves out a sensor constant in its data (here flow) and says so; the producers keep
+    sending it. The worker used to dead-letter every reading for it ("unknown ['flow']") once that model
+    was promoted: the whole fleet went unscored."""
+    train = normal_frame(rows=300, seed=2)[["temp", "pressure"]].to_numpy()
+    detector, _, _ = fit_detector(
+        train, ("temp", "pressure"), {"window_size": 4, "hidden_size": 8, "latent_size": 2},
+        TrainConfig(epochs=1, batch_size=64, patience=2, seed=0, device="cpu", progress=False),
+        threshold_method="quantile", threshold_params={"q": 0.99}, period_s=1.0)
+    detector.meta = {"dropped_sensors": ["flow"]}  # as train_job writes it
+    model = DetectorModel(detector, name="pumps", version="2", device="cpu")
+    assert model.sensors == ("temp", "pressure") and model.ignored_sensors == ("flow",)
+    step = step_for(model)
+    outs = run_batches(step, stream({"p1": 0, "p2": 1}, range(20)))  # readings carry temp, pressure and flow
+    assert sum(o.counts["dead_letters"] for o in outs) == 0
+    assert sum(o.counts["windows_scored"] for o in outs) == 2 * (20 - 3)
+    # a sensor it never heard of is still a dead letter, naming it
+    rpm = reading_record("p1", 30, 100, values={"temp": 70.0, "pressure": 1.0, "flow": 5.0, "rpm": 3.0})
+    out = step.process([rpm], now_s=T0 + 1000)
+    assert out.counts["dead_letters"] == 1 and "unknown ['rpm']" in decode_dead_letter(out.dead_letters[0][1])["reason"]
+    step.swap_model(FakeModel(window_size=4))  # a model without such a list (v1 reads all three): nothing is left out
+    out = step.process([reading_record("p1", 31, 101)], now_s=T0 + 1000)
+    assert out.counts["dead_letters"] == 0

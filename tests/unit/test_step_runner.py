@@ -347,3 +347,46 @@ def test_a_real_detector_travels_to_the_child_and_scores_like_in_process() -> No
 ])
 def test_cpu_budget_is_the_affinity_capped_by_the_cgroup_quota(affinity, cpu_max, expected) -> None:
     assert cpu_budget(affinity, cpu_max) == expected
+
+
+def test_sensor_change_says_what_was_added_and_removed() -> None:
+    from anomaly.step_runner import sensor_change
+
+    assert sensor_change(("temp", "pressure", "flow"), ("pressure", "temp", "flow")) == ""
+    assert sensor_change(("temp", "pressure", "flow"), ("temp", "pressure", "rpm")) == "+rpm -flow"
+
+
+def test_a_swap_to_a_model_of_other_sensors_is_a_warning_naming_them(caplog) -> None:
+    """The swap was an INFO line saying the window state restarted; readings of the old set go to the
+    dead-letter topic from then on, so the operator is told which sensors changed."""
+    def serving(detector, version: str) -> FakeModel:  # the 'detector' is the sensors
+        model = FakeModel(window_size=4, version=version, sensors=detector)
+        model.ignored_sensors = ("flow",) if version == "4" else ()
+        return model
+
+    step = ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy())
+    follower = FakeFollower()
+    runner = ThreadRunner(step, follower, serving, gc_freeze=False)
+    try:
+        follower.pending = (SENSORS, "2")
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
+        assert not caplog.records  # the same sensors: nothing to warn of
+        follower.pending = (("temp", "pressure"), "3")
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
+        follower.pending = (SENSORS, "1b")
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
+        follower.pending = (("temp", "pressure"), "4")  # its training left flow out: readings carrying it are read
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
+    finally:
+        runner.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "pumps v3 reads other sensors than v2 did (-flow): readings of another sensor set than its temp, pressure "
+        "go to the dead-letter topic from now on",
+        "pumps v1b reads other sensors than v3 did (+flow): readings of another sensor set than its temp, pressure, "
+        "flow go to the dead-letter topic from now on",
+        "pumps v4 reads other sensors than v1b did (-flow): readings of another sensor set than its temp, pressure "
+        "go to the dead-letter topic from now on (flow: left out by its training, read past)"]
