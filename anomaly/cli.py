@@ -1287,7 +1287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="run a dataset's evaluation protocol and report its metrics",
                        description="Train on each series' normal part, score the rest, and compute the dataset's "
-                                   "published metrics (SKAB F1/FAR/MAR, NAB score) plus event-wise P/R/F1 and delay.")
+                                   "published metrics (SKAB F1/FAR/MAR, NAB score) plus event-wise P/R/F1 and delay; on SMD "
+                                   "also which sensors the events would name against its interpretation_label "
+                                   "(HitRate@100/150%, NDCG@100/150%).")
     p.add_argument("--dataset", choices=DATASETS, required=True, help="which protocol and layout: skab, nab or smd")
     p.add_argument("--data-dir", help="directory with the dataset's layout (default $ANOMALY_DATASETS/<name> or ../shared/datasets/<name>)")
     p.add_argument("--json", help="write the figures as one JSON object to this file")

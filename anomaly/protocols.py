@@ -28,7 +28,9 @@ from anomaly.transitions import transition_surprise
 from anomaly.config import Settings, build_settings
 from anomaly.datasets import SKAB_SENSORS, LabelledSeries
 from anomaly.errors import AnomalyError, DataError
+from anomaly.detector import Detector
 from anomaly.train_job import fit_values
+from anomaly.training import TrainResult
 from anomaly.preparation import fill_rows_split, select_sensors
 from anomaly.scaling import fit_scaler
 from anomaly.windowing import rows_from_windows
@@ -93,11 +95,21 @@ class ProtocolResult:
         return {"dataset": self.dataset, **self.metrics, "seconds": round(self.seconds, 1)}
 
 
-def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
-    """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
-    (default: the first test row). Windows may reach back into training rows: a stream has that past.
-    Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
-    starts there, as a worker's would when the model is deployed."""
+@dataclass
+class FittedSeries:
+    """A series' detector, fitted on its training rows, and the readings it reads (gap-filled)."""
+
+    detector: Detector
+    values: np.ndarray  # (T, F) every row, the sensors read, filled (no test value fills a training row)
+    sensors: tuple[str, ...]
+    fitted: TrainResult
+    validation_scores: np.ndarray
+    train_seconds: float
+
+
+def fit_series(series: LabelledSeries, settings: Settings) -> FittedSeries:
+    """Fit a detector on ``series``' training rows (the sensors ``data.sensors`` names, in that order);
+    a series it cannot train on raises ``DataError`` naming it."""
     frame = select_sensors(series.frame, settings.data.sensors, source=f"{series.name} (data.sensors)")
     values = fill_rows_split(frame.to_numpy(dtype=np.float64), series.train_rows)  # no test value fills a training row
     sensors = tuple(str(c) for c in frame.columns)
@@ -106,7 +118,16 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
         detector, fitted, validation_scores = fit_values(values[: series.train_rows], sensors, settings)
     except (AnomalyError, ValueError) as exc:  # which of 34 or 58 files it was
         raise DataError(f"{series.name}: cannot train on its {series.train_rows} training rows: {exc}") from exc
-    train_seconds = time.perf_counter() - started
+    return FittedSeries(detector, values, sensors, fitted, np.asarray(validation_scores), time.perf_counter() - started)
+
+
+def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
+    """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
+    (default: the first test row). Windows may reach back into training rows: a stream has that past.
+    Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
+    starts there, as a worker's would when the model is deployed."""
+    fit = fit_series(series, settings)
+    detector, values, sensors, fitted = fit.detector, fit.values, fit.sensors, fit.fitted
     started = time.perf_counter()
     scored = detector.score_values(values)
     score_seconds = time.perf_counter() - started
@@ -121,8 +142,8 @@ def score_series(series: LabelledSeries, settings: Settings, score_from: int | N
     return SeriesResult(name=series.name, timestamps=np.asarray(series.frame.index)[first:], values=values[first:],
                         labels=labels[first:], scores=scores[first:],
                         flags=scores[first:] > bars, bars=bars, expected=expected[first:],
-                        threshold=thr, sensors=sensors, train_seconds=train_seconds, score_seconds=score_seconds,
-                        windows_scored=len(scored.scores), validation_scores=np.asarray(validation_scores),
+                        threshold=thr, sensors=sensors, train_seconds=fit.train_seconds, score_seconds=score_seconds,
+                        windows_scored=len(scored.scores), validation_scores=fit.validation_scores,
                         best_epoch=fitted.best_epoch, sensor_errors=sensor_errors[first:])
 
 

@@ -1,0 +1,129 @@
+"""SMD: which way of ranking a row's sensors best names the sensors labelled responsible.
+
+    python -m pipelines.attribution [--data-dir DIR] [--machines machine-1-2,...] [--json OUT]
+
+Trains the SMD protocol's model for each machine once (``protocols.fit_series`` with the SMD profile,
+on ``train``) and ranks each test row's sensors several ways, scored with SMD's
+``interpretation_label`` by HitRate@P% and NDCG@P% (``evaluation.attribution_counts``, pooled over
+every labelled row of every machine, as ``anomaly evaluate --dataset smd`` reports them), so the rows
+differ only in the ranking:
+
+- **window error** (shipped): each sensor's mean squared reconstruction error over the window ending at
+  the row, in scaled units; events rank sensors by their share of it;
+- **newest step**: the squared error of the row itself (the window's last step) only;
+- **over validation mean**: the window error divided by that sensor's mean window error on the
+  validation rows (the last ``training.validation_fraction`` of ``train``): each sensor against its own
+  usual error, so a sensor the model always reconstructs poorly stops crowding the others out;
+- **validation z-score**: (window error - validation mean) / validation standard deviation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from anomaly import evaluation
+from anomaly.cli import default_data_dir
+from anomaly.datasets import LabelledSeries, load_smd
+from anomaly.protocols import FittedSeries, fit_series, profile_settings
+from anomaly.windowing import rows_from_windows
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-12
+
+
+def _window(rows: dict[str, np.ndarray]) -> np.ndarray:
+    return rows["errors"]
+
+
+def _newest(rows: dict[str, np.ndarray]) -> np.ndarray:
+    return rows["newest"]
+
+
+def _over_mean(rows: dict[str, np.ndarray]) -> np.ndarray:
+    return rows["errors"] / (rows["val_mean"] + _EPS)
+
+
+def _z(rows: dict[str, np.ndarray]) -> np.ndarray:
+    return (rows["errors"] - rows["val_mean"]) / (rows["val_std"] + _EPS)
+
+
+RANKINGS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
+    "window error (shipped)": _window, "newest step": _newest, "over validation mean": _over_mean,
+    "validation z-score": _z}
+
+
+def signals(series: LabelledSeries, fit: FittedSeries, validation_fraction: float) -> dict[str, np.ndarray]:
+    """The test rows' per-sensor window errors and newest-step errors (scaled units), the flags, the
+    labelled sensors, and each sensor's validation mean and standard deviation of its window error."""
+    detector, values, first = fit.detector, fit.values, series.train_rows
+    n, w = len(values), detector.window_size
+    scored = detector.score_values(values)
+    scale = detector.scaler
+    newest = (scale.transform(scored.actual).astype(np.float64) - scale.transform(scored.expected)) ** 2
+    training = detector.score_values(values[:first]).sensor_errors
+    validation = training[int(len(training) * (1 - validation_fraction)):]
+    scores = rows_from_windows(scored.scores, n, w)[first:]
+    columns = [str(c) for c in series.frame.columns]
+    if list(fit.sensors) != columns:
+        raise ValueError(f"{series.name}: the ablation ranks every sensor; the profile reads {len(fit.sensors)}")
+    return {"errors": rows_from_windows(scored.sensor_errors, n, w)[first:], "newest": rows_from_windows(newest, n, w)[first:],
+            "flags": scores > detector.threshold.series_bars(scores, window_size=w),
+            "truth": evaluation.interpretation_matrix(series.meta.get("interpretation") or [], n - first, len(columns),
+                                                      offset=first),
+            "val_mean": validation.mean(axis=0), "val_std": validation.std(axis=0)}
+
+
+def evaluate(machines: list[dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """Each ranking's pooled HitRate@P%, NDCG@P% and flagged-rows HitRate over ``machines``' signals."""
+    return {name: evaluation.aggregate_attribution(
+        evaluation.attribution_counts(rank(m), m["truth"], flags=m["flags"]) for m in machines)
+        for name, rank in RANKINGS.items()}
+
+
+def markdown(rows: dict[str, dict[str, Any]]) -> str:
+    first = next(iter(rows.values()))
+    lines = [f"{first['attribution_rows']} labelled rows ({first['attribution_flagged_rows']} of them flagged)", "",
+             "| ranking | HitRate@100% | HitRate@150% | NDCG@100% | NDCG@150% | HitRate@100%, flagged rows |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['hit_rate_100']:.3f} | {r['hit_rate_150']:.3f} | {r['ndcg_100']:.3f} | "
+                     f"{r['ndcg_150']:.3f} | {r['hit_rate_100_flagged']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.attribution", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help="the SMD folder (default $ANOMALY_DATASETS/smd or ../shared/datasets/smd)")
+    parser.add_argument("--machines", help="comma-separated machines (default: every one with an interpretation_label)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    smd_dir = Path(args.data_dir) if args.data_dir else default_data_dir("smd")
+    series = [s for s in load_smd(smd_dir, args.machines.split(",") if args.machines else None)
+              if s.meta.get("interpretation")]
+    if not series:
+        parser.error(f"{smd_dir}: no machine with an interpretation_label file")
+    settings = profile_settings("smd")
+    machines = []
+    for s in series:
+        started = time.perf_counter()
+        machines.append(signals(s, fit_series(s, settings), settings.training.validation_fraction))
+        log.info("%s: trained and scored in %.0f s", s.name, time.perf_counter() - started)
+    rows = evaluate(machines)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
