@@ -179,7 +179,10 @@ class History:
     reading with any other sensor set, so a model is not retrained on readings it never scored), or,
     with ``exact_sensors=False`` (a table's rows, not a stream), every one of them and maybe more;
     ``ignored_sensors``: sensors a reading may carry besides them, not read (those the champion's training
-    left out, ``Detector.ignored_sensors``, as the worker leaves them out).
+    left out, ``Detector.ignored_sensors``, as the worker leaves them out). ``partial``
+    (``worker.partial_readings``): a reading of some of them will do, as the worker scores it (the others
+    missing, as null is), and readings stamped alike are merged in ``frames`` (each sensor's first value),
+    as a producer sending a slot's sensors one message each means them.
     ``max_ts`` (when given) leaves out readings stamped after it (the clock plus ``worker.max_future_s``, as the worker
     dead-letters them): one reading stamped years ahead would otherwise put every real one outside the
     lookback.
@@ -188,7 +191,8 @@ class History:
     def __init__(self, max_readings: int, lookback_s: float, entities: Iterable[str] | None = None,
                  sensors: Iterable[str] | None = None, max_ts: float | None = None,
                  exact_sensors: bool = True, max_entities: int | None = None, window: int = 1,
-                 served: Callable[[str], bool] | None = None, ignored_sensors: Iterable[str] = ()) -> None:
+                 served: Callable[[str], bool] | None = None, ignored_sensors: Iterable[str] = (),
+                 partial: bool = False) -> None:
         if max_readings < 1 or lookback_s <= 0:
             raise ValueError(f"max_readings must be >= 1 and lookback_s > 0, got {max_readings}, {lookback_s}")
         self.max_readings, self.lookback_s = int(max_readings), float(lookback_s)
@@ -198,6 +202,7 @@ class History:
         self._columns = tuple(sorted(self.sensors)) if self.sensors is not None else None  # as each buffer keeps them
         self.exact_sensors = exact_sensors
         self.ignored_sensors = frozenset(ignored_sensors) - (self.sensors or frozenset())
+        self.partial = bool(partial)
         self.max_ts = max_ts
         self._by_entity: dict[str, _Buffer] = {}
         self.newest_ts = -math.inf
@@ -265,6 +270,8 @@ class History:
         keys = reading.values.keys()
         if self.ignored_sensors and self.exact_sensors:
             keys = keys - self.ignored_sensors
+        if self.partial and self.exact_sensors:
+            return bool(keys) and keys <= self.sensors  # type: ignore[operator]
         return keys == self.sensors if self.exact_sensors else keys >= self.sensors  # type: ignore[operator]
 
     def __len__(self) -> int:
@@ -308,8 +315,10 @@ class History:
             if not np.isnan(labels).all():
                 # a label on any reading of a repeated ts marks it, as `anomaly score` counts them
                 frame[LABEL_COLUMN] = pd.Series(labels, index=frame.index).groupby(level=0).transform("max").to_numpy()
-            # a repeated ts keeps the first reading, as the worker does (a later one is a late duplicate)
-            frame = frame[~frame.index.duplicated(keep="first")].sort_index()
+            if self.partial:  # a slot's sensors sent one message each: one reading, each sensor's first value
+                frame = frame.groupby(level=0, sort=True).first()
+            else:  # a repeated ts keeps the first reading, as the worker does (a later one is a late duplicate)
+                frame = frame[~frame.index.duplicated(keep="first")].sort_index()
             out[entity] = frame
         return out
 
@@ -821,6 +830,8 @@ def _left_out(history: History, rt: Any, champion: Any, leaps: int = 0) -> str:
         if history.ignored_sensors:
             sensors += f", besides {', '.join(sorted(history.ignored_sensors))}, which it does not read"
         what = (f"carry exactly the champion's sensors ({sensors}: the worker dead-letters others)"
+                if history.exact_sensors and not history.partial else
+                f"carry some of the champion's sensors and no other ({sensors}: the worker dead-letters others)"
                 if history.exact_sensors else f"carry all of the champion's sensors ({sensors})")
         if rt.entities:
             what += f" or are not of retrain.entities ({', '.join(sorted(rt.entities))})"
@@ -866,7 +877,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                       max_entities=rt.max_entities, window=champion.window_size,
                       # the workers' entities, on the topic they read (a file's entities are the file's)
                       served=EntityFilter(settings.worker.entities) if settings.worker.entities and source is None
-                      else None, ignored_sensors=getattr(champion, "ignored_sensors", ()))
+                      else None, ignored_sensors=getattr(champion, "ignored_sensors", ()),
+                      partial=settings.worker.partial_readings and source is None)
     for item in readings:
         if isinstance(item, tuple):
             history.add(*item)

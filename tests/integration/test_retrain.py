@@ -624,3 +624,34 @@ def test_a_sensor_the_champions_training_left_out_is_read_past_and_stays_left_ou
         assert challenger.sensors == ("temp", "pressure") and challenger.ignored_sensors == ("flow",)
     finally:
         give_champion(settings, weak)
+
+
+def test_with_partial_readings_a_producer_sending_one_sensor_a_message_is_retrained_on(store, kafka_broker):
+    """worker.partial_readings: the worker scores a slot sent one sensor a message; the retrain refused
+    every such reading and skipped ("do not carry exactly the champion's sensors: the worker dead-letters
+    others", which it did not)."""
+    from anomaly.codec import Reading, encode_reading
+    from anomaly.kafka_io import make_producer
+
+    root, weak, _ = store
+    give_champion(settings_for(root), weak)
+    topic = f"retrain-partial-{np.random.default_rng().integers(1 << 30)}"
+    frame = normal_frame(ROWS, seed=6)
+    producer = make_producer(kafka_broker)
+    try:
+        for i, (ts, row) in enumerate(frame.iterrows()):
+            stamp = 1_790_000_000.0 + i
+            for sensor, value in row.items():
+                producer.send(topic, key=b"pump-0", value=encode_reading(Reading("pump-0", stamp, {sensor: float(value)})))
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    settings = settings_for(root, kafka_broker, topic, epochs=1)
+    strict = run_cycle(settings)
+    assert strict.status == "skipped" and "carry exactly the champion's sensors" in strict.reason
+    settings = dataclasses.replace(settings, worker=dataclasses.replace(settings.worker, partial_readings=True))
+    result = run_cycle(settings)
+    assert result.status in ("promoted", "kept"), result.reason
+    assert result.data["readings_ignored"] == 0 and result.data["readings_seen"] == 3 * ROWS
+    assert result.data["train_rows"] >= 300
+    give_champion(settings, weak)

@@ -120,6 +120,22 @@ def test_history_reads_past_the_sensors_the_champion_leaves_out():
     assert h.frames(["a", "b"])["p"].to_numpy().tolist() == [[1.0, 2.0], [1.5, 2.5]]
 
 
+def test_history_with_partial_readings_keeps_what_the_worker_scores_and_merges_a_slots_parts():
+    """With worker.partial_readings the worker scores a reading of some sensors (a producer sending a slot's
+    sensors one message each); the history refused every one of them, and the retrain skipped for ever
+    saying the worker dead-letters them."""
+    h = History(max_readings=10, lookback_s=100, sensors=["a", "b"], partial=True)
+    assert h.add(Reading("p", 1.0, {"a": 1.0})) and h.add(Reading("p", 1.0, {"b": 2.0}))
+    assert h.add(Reading("p", 2.0, {"b": 2.5, "a": 1.5})) and h.add(Reading("p", 3.0, {"b": 3.0}))
+    assert h.add(Reading("p", 3.0, {"b": 9.0}))  # a later copy of a sensor already read for that slot
+    assert not h.add(Reading("p", 4.0, {"a": 1.0, "c": 3.0}))  # another sensor: the worker refuses it
+    frame = h.frames(["a", "b"])["p"]
+    assert frame.index.name == "ts" and len(frame) == 3
+    assert np.array_equal(frame.to_numpy(), [[1.0, 2.0], [1.5, 2.5], [np.nan, 3.0]], equal_nan=True)
+    strict = History(max_readings=10, lookback_s=100, sensors=["a", "b"])
+    assert not strict.add(Reading("p", 1.0, {"a": 1.0}))
+
+
 def test_history_leaves_out_readings_stamped_past_max_ts():
     # One reading from a device whose clock is years ahead moved the lookback's cut-off past every real one.
     h = History(max_readings=10, lookback_s=100, max_ts=50.0)
