@@ -21,8 +21,8 @@ Metric names (all prefixed ``anomaly_``):
                 nonfinite_scores_total, adaptive_held_windows_total, records_replayed_total, model_swaps_total,
                 model_load_failures_total
     histograms  batch_seconds, end_to_end_seconds
-    gauges      model_version{model}, entities, last_commit_timestamp_seconds, last_batch_timestamp_seconds,
-                last_poll_timestamp_seconds
+    gauges      model_version{model}, entities, silent_sensors, last_commit_timestamp_seconds,
+                last_batch_timestamp_seconds, last_poll_timestamp_seconds
 """
 
 from __future__ import annotations
@@ -159,6 +159,10 @@ class WorkerMetrics:
         self.model_version = Gauge(f"{PREFIX}_model_version", "Registry version of the model in use.",
                                    labelnames=("model",), registry=r)
         self.entities = Gauge(f"{PREFIX}_entities", "Entities with window state in this worker.", registry=r)
+        self.silent_sensors = Gauge(f"{PREFIX}_silent_sensors",
+                                    "Sensors (entity and sensor) that sent no value in more than worker.max_fill_steps "
+                                    "slots in a row, scored on their typical value (checked once a minute).",
+                                    registry=r)
         self.last_commit_ts = Gauge(f"{PREFIX}_last_commit_timestamp_seconds",
                                     "Epoch seconds of the last successful offset commit.", registry=r)
         self.last_batch_ts = Gauge(f"{PREFIX}_last_batch_timestamp_seconds",
@@ -230,6 +234,9 @@ class WorkerMetrics:
 
     def set_entities(self, count: int) -> None:
         self.entities.set(count)
+
+    def set_silent_sensors(self, count: int) -> None:
+        self.silent_sensors.set(count)
 
     def set_last_commit(self, ts_s: float | None = None) -> None:
         """An offset commit succeeded at ``ts_s`` (default: now)."""

@@ -72,6 +72,7 @@ COUNT_KEYS = ("consumed", "dead_letters", "windows_scored", "late", "duplicates"
 # Windows per forward pass in the worker: measured on the 2-core CPU box (W=32, hidden 64), 128-512
 # windows per pass score ≈ 15 % faster per window than 1024 and ≈ 40 % faster than 2048 (cache).
 STREAM_SCORE_BATCH = 512
+SILENT_CHECK_S = 60.0  # how often (the worker's clock) the step looks for sensors scored on their typical value
 IDLE_TIMEOUT_S = 3600.0  # stream time after which a silent entity is dropped: it would pin its partition's commit
 # The adaptive threshold's histories are pruned of entities silent for ``idle_timeout_s`` once they number
 # more than this, or twice as many as after the last pruning (amortised: a fleet that churns stays bounded).
@@ -179,6 +180,9 @@ class BatchOutput:
     commits: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
     latencies_s: list[float] = field(default_factory=list)  # now_s - end_ts per scored window
+    # sensors (entity, sensor) scored on their typical value, past worker.max_fill_steps slots without a value;
+    # None: not checked in this batch (``SILENT_CHECK_S``)
+    silent_sensors: int | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,8 @@ class ScoringStep:
         self._behind = _Roll()  # entities sending far behind their partition's newest reading
         self._unaligned = _Roll()  # entities whose readings miss the stride slots
         self._split = _Roll()  # entities whose readings' parts (sensors sent one message each) came too late
+        self._silent: dict[str, tuple[str, ...]] = {}  # entity -> its sensors on their typical value, as last checked
+        self._silent_checked_s = -math.inf
         self._base_policy = window_policy
         self.alert_policy = alert_policy
         self.emit_scores = emit_scores
@@ -309,6 +315,7 @@ class ScoringStep:
                              f"for {len(model.sensors)} sensors")
         self._model_sensors = tuple(model.sensors)
         self._ignored_sensors = tuple(getattr(model, "ignored_sensors", ()))
+        self._silent, self._silent_checked_s = {}, -math.inf  # new buffers: checked again at the next batch
         self._alerts.spacing_s = policy.stride * policy.period_s  # the alert grid spans >= 60 windows
         return WindowStore(policy, model.sensors, model.fill_values)
 
@@ -595,6 +602,9 @@ class ScoringStep:
                             "; the active ones alone are more than the cap: raise it, or add workers"
                             if store.entities > self.max_entities else
                             " (a producer sending a new entity id with every reading?)")
+        if now_s - self._silent_checked_s >= SILENT_CHECK_S:
+            self._silent_checked_s = now_s
+            out.silent_sensors = self._check_silent(store.silent_sensors())
         ready = store.ready_batch()
         commits = store.commit_offsets(last)
         replay = self._replay
@@ -801,6 +811,27 @@ class ScoringStep:
                         "filled. Send each slot's sensors in one reading, or set worker.grace_slots to %s so the "
                         "parts are merged: %s", len(named), grace, "1 or more" if grace == 0 else "more",
                         some(named, quoted=True))
+
+    def _check_silent(self, silent: dict[str, tuple[str, ...]]) -> int:
+        """Say which sensors went silent since the last check (a warning) and how many came back (info);
+        returns how many (entity, sensor) pairs are silent now. A sensor that stops sending (unplugged, dead)
+        is scored on its typical value for as long as it is silent: its entity looks more normal than it may
+        be, and nothing else says so."""
+        before, self._silent = self._silent, silent
+        new = {e: tuple(s for s in sensors if s not in before.get(e, ())) for e, sensors in silent.items()}
+        new = {e: sensors for e, sensors in new.items() if sensors}
+        back = sum(len(set(sensors) - set(silent.get(e, ()))) for e, sensors in before.items())
+        if new:
+            cap = self._store.policy.max_fill_steps
+            log.warning("%d sensors of %d entities sent no value (null or absent) in more than worker.max_fill_steps "
+                        "(%d) slots in a row: each is scored on its typical value (the model's training centre) "
+                        "until it reports again, so its entity looks more normal than it may be: %s",
+                        sum(map(len, new.values())), len(new), cap,
+                        _entities_sensors(new))
+        if back:
+            log.info("%d sensors that had gone silent report again, or their entity left this worker; %d still "
+                     "silent", back, sum(map(len, silent.values())))
+        return sum(map(len, silent.values()))
 
     def _idle_s(self) -> float | None:
         """Stream seconds of silence after which an entity counts as gone: ``idle_timeout_s``, plus the
@@ -1019,6 +1050,13 @@ class _Roll:
         self._logged_s = now_s
         named, self._names = sorted(self._names), set()
         return named
+
+
+def _entities_sensors(named: Mapping[str, Sequence[str]], shown: int = 10) -> str:
+    """``pump-1: flow; pump-7: temp, flow`` for the first ``shown`` entities (sorted), then how many more."""
+    items = sorted(named.items())
+    text = "; ".join(f"{entity}: {', '.join(sensors)}" for entity, sensors in items[:shown])
+    return text + (f"; and {len(items) - shown} more entities" if len(items) > shown else "")
 
 
 def _foreign_stamps(decoded: DecodedBatch) -> tuple[np.ndarray, np.ndarray]:

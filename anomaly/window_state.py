@@ -895,6 +895,18 @@ class WindowStore:
         entities come in and those moved (``evict_idle``, ``evict_excess``)."""
         return tuple(self._watermark.items()), self._arrivals, self._moves
 
+    def silent_sensors(self) -> dict[str, tuple[str, ...]]:
+        """Per entity held, its sensors None or unread in more than ``max_fill_steps`` slots in a row: each
+        is scored on its ``fill_values`` value (typical), not on anything it sent (a sensor unplugged or
+        dead). One pass over the entities held; cheap for those with every sensor reporting."""
+        cap = self.policy.max_fill_steps
+        out: dict[str, tuple[str, ...]] = {}
+        for name, state in self._entities.items():
+            runs = state.null_runs
+            if runs is not None and max(runs) > cap:
+                out[name] = tuple(sensor for sensor, run in zip(self.sensors, runs) if run > cap)
+        return out
+
     def evict_idle(self, max_idle_slots: int) -> list[str]:
         """Drop entities whose newest reading is more than ``max_idle_slots`` slots behind the newest
         slot seen in its partition; their unsealed readings are sealed first, so the windows they end

@@ -376,6 +376,8 @@ class Worker:
         batch_s = time.perf_counter() - started
         self.metrics.record_batch(counts, batch_s, np.asarray(out.latencies_s, dtype=np.float64) + batch_s)
         self.metrics.set_entities(self._runner.entities)
+        if out.silent_sensors is not None:  # checked once a minute
+            self.metrics.set_silent_sensors(out.silent_sensors)
         s = self.stats
         s.batches += 1
         s.consumed += counts.get("consumed", 0)

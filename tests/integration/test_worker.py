@@ -734,3 +734,27 @@ def test_a_fleet_champion_holds_each_pump_to_its_own_threshold(kafka_broker, fle
     opened = [e for e in events if e["status"] == "open"]
     assert "quiet" in {e["entity"] for e in opened}
     assert all(e["threshold"] == pytest.approx(own[e["entity"]] if e["entity"] in own else shared) for e in opened)
+
+
+def test_a_sensor_that_stops_sending_is_counted_for_the_gauge_and_named_in_the_log(kafka_broker, champion,
+                                                                                   topic_name, monkeypatch, caplog):
+    # an unplugged flow sensor (null from slot 20 on) was scored on its typical value for ever, silently
+    from anomaly import scoring_step
+
+    monkeypatch.setattr(scoring_step, "SILENT_CHECK_S", 0.0)  # every batch (once a minute otherwise)
+    settings, _ = champion
+    opts = _options(kafka_broker, topic_name)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 1})
+    producer = kafka_io.make_producer(kafka_broker)
+    for i, (_, reading) in enumerate(replay_plan(normal_frame(60, seed=9), "pump-u", start_ts=START_TS)):
+        if i >= 20:
+            reading = dataclasses.replace(reading, values={**reading.values, "flow": None})
+        producer.send(opts.input_topic, key=b"pump-u", value=codec.encode_reading(reading))
+    producer.flush()
+    producer.close()
+    worker = Worker(opts, _follower(settings))
+    with caplog.at_level("WARNING", logger="anomaly.scoring_step"):
+        stats = worker.run(idle_stop_s=4)
+    assert stats.consumed == 60 and stats.dead_letters == 0
+    assert worker.metrics.silent_sensors._value.get() == 1
+    assert any(r.getMessage().endswith("pump-u: flow") for r in caplog.records)

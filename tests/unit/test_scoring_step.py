@@ -1764,3 +1764,28 @@ def test_a_sensor_the_models_training_left_out_is_read_past_not_dead_lettered() 
     step.swap_model(FakeModel(window_size=4))  # a model without such a list (v1 reads all three): nothing is left out
     out = step.process([reading_record("p1", 31, 101)], now_s=T0 + 1000)
     assert out.counts["dead_letters"] == 0
+
+
+def test_a_sensor_gone_silent_is_named_once_and_counted_for_the_gauge(caplog) -> None:
+    """A sensor that stops sending (null, or absent with partial readings) is scored on its typical value
+    after worker.max_fill_steps slots; nothing said so, and the asset scored lower (looked healthier)."""
+    step = ScoringStep(FakeModel(window_size=4), WindowPolicy(window_size=1, period_s=1.0, max_fill_steps=3),
+                       AlertPolicy())
+    values = dict(zip(SENSORS, CENTRE))
+    dead = {**values, "flow": None}
+    records = [reading_record(e, slot, slot, p, values if e == "p2" or slot < 10 else dead)
+               for slot in range(30) for e, p in (("p1", 0), ("p2", 1))]
+    with caplog.at_level("INFO", logger="anomaly.scoring_step"):
+        first = step.process(records[:20], now_s=T0)  # slots 0-9: every sensor reports
+        assert first.silent_sensors == 0
+        assert step.process(records[20:40], now_s=T0 + 30).silent_sensors is None  # checked once a minute
+        out = step.process(records[40:], now_s=T0 + 60)  # p1's flow null in slots 10-29
+        assert out.silent_sensors == 1
+        assert step.process([], now_s=T0 + 120).silent_sensors == 1  # still silent: counted, not said again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1 sensors of 1 entities sent no value" in warnings[0]
+    assert warnings[0].endswith("so its entity looks more normal than it may be: p1: flow")
+    back = [reading_record("p1", slot, slot, 0) for slot in range(30, 33)]
+    with caplog.at_level("INFO", logger="anomaly.scoring_step"):
+        assert step.process(back, now_s=T0 + 180).silent_sensors == 0
+    assert "1 sensors that had gone silent report again" in caplog.records[-1].getMessage()

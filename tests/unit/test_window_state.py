@@ -699,3 +699,22 @@ def test_one_windows_replay_offsets_in_plain_python_match_the_stacked_ones() -> 
         mine = None if part is None else np.array([[p == 0 for p in part]])
         oldest, through = _replay_offsets(np.array([off]), mine)
         assert _replay_offsets_one(off, part, 0) == (int(oldest[0]), int(through[0])), (off, part)
+
+
+def test_silent_sensors_are_those_past_max_fill_steps_on_their_typical_value() -> None:
+    s = WindowStore(WindowPolicy(window_size=3, period_s=1.0, max_fill_steps=2), ["x", "y"], [FILL, 7.0])
+    for slot in range(3):
+        s.add("e", Reading("e", slot, {"x": 1.0, "y": 1.0}), 0, slot)
+        s.add("f", Reading("f", slot, {"x": 1.0, "y": 1.0}), 0, 100 + slot)
+    for slot in range(3, 6):  # y null in 3 slots in a row, past max_fill_steps (2): on its typical value
+        s.add("e", Reading("e", slot, {"x": 1.0, "y": None}), 0, slot)
+        s.add("f", Reading("f", slot, {"x": 1.0, "y": None if slot < 5 else 2.0}), 0, 100 + slot)  # two: carried
+    s.add("e", Reading("e", 6, {"x": 1.0, "y": None}), 0, 6)  # seals slot 5
+    s.add("f", Reading("f", 6, {"x": 1.0, "y": 2.0}), 0, 106)
+    assert s.silent_sensors() == {"e": ("y",)}
+    last = {w.entity: w for w in s.ready()}
+    assert last["e"].values[-1].tolist() == [1.0, 7.0]  # its typical value stands in
+    assert last["f"].values[-1].tolist() == [1.0, 2.0]
+    s.add("e", Reading("e", 7, {"x": 1.0, "y": 3.0}), 0, 7)
+    s.add("e", Reading("e", 8, {"x": 1.0, "y": 3.0}), 0, 8)  # seals slot 7: y reported again
+    assert s.silent_sensors() == {}
