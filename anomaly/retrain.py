@@ -101,7 +101,8 @@ class RetrainResult:
 
 # --- history (pure) ------------------------------------------------------------------------------
 
-_COMPACT_AT = 4096  # readings let go at the left of a buffer before its arrays are shifted down
+_COMPACT_AT = 4096
+OTHER_SETS_KEPT = 10_000  # entities whose readings of another sensor set are remembered (``sensor_set_changes``)  # readings let go at the left of a buffer before its arrays are shifted down
 
 
 class _Buffer:
@@ -203,6 +204,8 @@ class History:
         self.exact_sensors = exact_sensors
         self.ignored_sensors = frozenset(ignored_sensors) - (self.sensors or frozenset())
         self.partial = bool(partial)
+        # entity -> (ts, sensors) of its newest reading of another sensor set (a stream's; bounded)
+        self._other_sets: dict[str, tuple[float, frozenset[str]]] = {}
         self.max_ts = max_ts
         self._by_entity: dict[str, _Buffer] = {}
         self.newest_ts = -math.inf
@@ -222,9 +225,15 @@ class History:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
         self.seen += 1
         if (self.entities is not None and reading.entity not in self.entities) or (
-                self.served is not None and not self.served(reading.entity)) or (
-                self.sensors is not None and not self._carries(reading)):
+                self.served is not None and not self.served(reading.entity)):
             self.ignored += 1
+            return False
+        if self.sensors is not None and not self._carries(reading):
+            self.ignored += 1
+            if self.exact_sensors:
+                seen = self._other_sets.get(reading.entity)
+                if (seen is None and len(self._other_sets) < OTHER_SETS_KEPT) or (seen is not None and reading.ts >= seen[0]):
+                    self._other_sets[reading.entity] = (reading.ts, frozenset(reading.values))
             return False
         if self.max_ts is not None and reading.ts > self.max_ts:
             self.future += 1
@@ -265,6 +274,21 @@ class History:
             log.warning("the retrain's read holds more than retrain.max_entities (%d) entities: those with the "
                         "fewest readings let go (a producer sending a new entity id with every reading?)",
                         self.max_entities)
+
+    def sensor_set_changes(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Entities whose newest reading (a stream's) carries another sensor set than the one read, newer
+        than every reading of theirs kept: entity -> (sensors added, sensors missing), sorted. What their
+        producers send now the worker dead-letters, and the retrain cannot follow (it keeps the champion's
+        sensors)."""
+        out = {}
+        for entity, (ts, keys) in sorted(self._other_sets.items()):
+            buf = self._by_entity.get(entity)
+            if buf is not None and buf.last_ts > ts:
+                continue  # back on the model's sensors since
+            added = sorted(keys - (self.sensors or frozenset()) - self.ignored_sensors)
+            missing = [] if self.partial else sorted((self.sensors or frozenset()) - keys)
+            out[entity] = (added, missing)
+        return out
 
     def _carries(self, reading: Reading) -> bool:
         keys = reading.values.keys()
@@ -884,9 +908,19 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
             history.add(*item)
         else:
             history.add(item)
+    changes = history.sensor_set_changes()
+    if changes:
+        said = [f"{entity} ({' '.join([*(f'+{s}' for s in added), *(f'-{s}' for s in missing)])})"
+                for entity, (added, missing) in changes.items()]
+        log.warning("%d entities send another sensor set than the champion's (%s) since their last reading of it: "
+                    "the worker dead-letters those readings and a retrain keeps the champion's sensors, so it "
+                    "cannot follow them; train a model on their new set (anomaly train --data) and promote it: %s",
+                    len(changes), ", ".join(champion.sensors), some(said))
     given = _verdicts(settings) if source is None and not stats.get("no_topic") else []
     pad_s = (max(settings.worker.stride, 1) - 0.5) * float(champion.period_s or 0.0)
     data = _prepare(history, champion, settings, feedback.periods(given, pad_s) if given else None)
+    if changes:
+        data.facts["sensor_set_changed"] = some(said, 20)
     if given:
         data.facts.update({f"verdicts_{kind}": n for kind, n in feedback.counts(given).items()})
     trained_to = (getattr(champion, "meta", None) or {}).get("data_end")

@@ -655,3 +655,25 @@ def test_with_partial_readings_a_producer_sending_one_sensor_a_message_is_retrai
     assert result.data["readings_ignored"] == 0 and result.data["readings_seen"] == 3 * ROWS
     assert result.data["train_rows"] >= 300
     give_champion(settings, weak)
+
+
+def test_a_fleet_moving_to_another_sensor_set_is_said_not_silently_trained_around(store, kafka_broker, caplog):
+    """A firmware update adds a vibration sensor to pump-0 at 60 % of the history: the worker dead-letters
+    its readings from then on, and the retrain trained on the older ones and said nothing for up to
+    retrain.lookback_s; now its log and the version's tags name the entity and the change."""
+    root, weak, _ = store
+    give_champion(settings_for(root), weak)
+    topic = f"retrain-new-set-{np.random.default_rng().integers(1 << 30)}"
+    plan = replay.replay_plan(normal_frame(ROWS, seed=7), "pump", start_ts=1_790_000_000.0)
+    plan = [(e, r if i < 0.6 * ROWS else dataclasses.replace(r, values={**r.values, "vibration": 0.1}))
+            for i, (e, r) in enumerate(plan)]
+    replay.replay(kafka_broker, topic, plan, progress=False)
+    settings = settings_for(root, kafka_broker, topic, epochs=1)
+    with caplog.at_level("WARNING", logger="anomaly.retrain"):
+        result = run_cycle(settings)
+    assert result.data["sensor_set_changed"] == "pump-0 (+vibration)"
+    assert any("1 entities send another sensor set than the champion's" in r.getMessage() for r in caplog.records)
+    assert result.challenger_version, result.reason  # trained on the 900 readings of the old set, and tagged
+    version = registry.client().get_model_version(NAME, result.challenger_version)
+    assert version.tags["retrain.sensor_set_changed"] == "pump-0 (+vibration)"
+    give_champion(settings, weak)

@@ -136,6 +136,23 @@ def test_history_with_partial_readings_keeps_what_the_worker_scores_and_merges_a
     assert not strict.add(Reading("p", 1.0, {"a": 1.0}))
 
 
+def test_history_names_the_entities_whose_producers_moved_to_another_sensor_set():
+    h = History(max_readings=10, lookback_s=100, sensors=["a", "b"], ignored_sensors=["z"])
+    for ts in (1.0, 2.0):
+        h.add(Reading("p1", ts, {"a": 1.0, "b": 2.0}))
+        h.add(Reading("p2", ts, {"a": 1.0, "b": 2.0}))
+        h.add(Reading("p3", ts, {"a": 1.0, "b": 2.0}))
+    h.add(Reading("p1", 3.0, {"a": 1.0, "b": 2.0, "v": 3.0, "z": 0.0}))  # firmware: a new sensor (z is read past)
+    h.add(Reading("p1", 4.0, {"a": 1.0, "b": 2.0, "v": 3.0}))
+    h.add(Reading("p2", 3.0, {"a": 1.0}))  # one stray reading of another set, then back to a and b
+    h.add(Reading("p2", 4.0, {"a": 1.0, "b": 2.0}))
+    h.add(Reading("p4", 4.0, {"a": 1.0, "c": 2.0}))  # never sent a and b: renamed b -> c
+    assert h.sensor_set_changes() == {"p1": (["v"], []), "p4": (["c"], ["b"])}
+    table = History(max_readings=10, lookback_s=100, sensors=["a"], exact_sensors=False)  # a file's columns
+    table.add(Reading("p", 1.0, {"b": 1.0}))
+    assert table.sensor_set_changes() == {}
+
+
 def test_history_leaves_out_readings_stamped_past_max_ts():
     # One reading from a device whose clock is years ahead moved the lookback's cut-off past every real one.
     h = History(max_readings=10, lookback_s=100, max_ts=50.0)
