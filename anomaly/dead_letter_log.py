@@ -22,6 +22,8 @@ from typing import Iterable
 MAX_REASONS = 100  # distinct reasons kept between two summaries; the rest are counted as "other reasons"
 SHOWN_REASONS = 3  # reasons named in one line, most frequent first
 SHOWN_NEW = 10  # besides them, kinds never logged before named in one line (first seen first)
+SHOWN_KEYS = 3  # record keys (entity ids, by the input contract) named per kind in one line
+KEY_CHARS = 60  # a key longer than this is cut
 REASON_CHARS = 300  # a reason longer than this is cut (a bad record's text can be long)
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+(?:\.\d+)?(?:e[-+]?\d+)?")  # hex too: "invalid byte 0xff" / "0xfe"
 
@@ -47,20 +49,34 @@ class DeadLetterLog:
         self._counts: Counter[str] = Counter()  # kind -> dead letters
         self._example: dict[str, str] = {}  # kind -> its first reason since the last line
         self._alike: set[str] = set()  # kinds with more than one reason since the last line
+        self._keys: dict[str, list[str]] = {}  # kind -> the first SHOWN_KEYS distinct record keys since the last line
+        self._more_keys: set[str] = set()  # kinds with more distinct keys than those
         self._logged: set[str] = set()  # kinds named in a line already (bounded by MAX_REASONS)
         self._other = 0
         self._since: float | None = None  # when the pending counts began
         self._last: float | None = None  # when a line was last returned
 
-    def add(self, reasons: Iterable[str], now_s: float) -> str | None:
+    def add(self, reasons: Iterable[str], now_s: float, keys: Iterable[str | None] | None = None) -> str | None:
+        """Count ``reasons`` (one per dead letter); ``keys``: each one's record key (the entity id, by the input
+        contract; None: none), named in the line beside its kind (which asset of a fleet sends them)."""
         new_kind = False
+        keys = iter(keys) if keys is not None else None
         for reason in reasons:
+            key = next(keys, None) if keys is not None else None
             reason = reason if len(reason) <= REASON_CHARS else reason[: REASON_CHARS - 1] + "…"
             kind = reason_kind(reason)
             if kind in self._counts or len(self._counts) < MAX_REASONS:
                 self._counts[kind] += 1
                 if self._example.setdefault(kind, reason) != reason:
                     self._alike.add(kind)
+                if key is not None:
+                    named = self._keys.setdefault(kind, [])
+                    key = key if len(key) <= KEY_CHARS else key[: KEY_CHARS - 1] + "…"
+                    if key not in named:
+                        if len(named) < SHOWN_KEYS:
+                            named.append(key)
+                        else:
+                            self._more_keys.add(kind)
                 new_kind = new_kind or (kind not in self._logged and len(self._logged) < MAX_REASONS)
             else:
                 self._other += 1
@@ -87,7 +103,8 @@ class DeadLetterLog:
         top += [(kind, n) for kind, n in self._counts.items()
                 if kind not in named and kind not in self._logged][:SHOWN_NEW]
         rest = total - sum(n for _, n in top)
-        parts = [f"{n} x {self._example[kind]}" + (" (and alike)" if kind in self._alike else "") for kind, n in top]
+        parts = [f"{n} x {self._example[kind]}" + (" (and alike)" if kind in self._alike else "") + self._keyed(kind)
+                 for kind, n in top]
         if rest:
             parts.append(f"{rest} with other reasons")
         if len(self._logged) < MAX_REASONS:  # every pending kind has had its line (named, or one of too many)
@@ -95,7 +112,15 @@ class DeadLetterLog:
         self._counts.clear()
         self._example.clear()
         self._alike.clear()
+        self._keys.clear()
+        self._more_keys.clear()
         self._other = 0
         self._since = None
         self._last = now_s
         return f"{total} dead letter{'s' if total != 1 else ''}{span}: " + "; ".join(parts)
+
+    def _keyed(self, kind: str) -> str:
+        named = self._keys.get(kind)
+        if not named:
+            return ""
+        return f" [keys {', '.join(map(repr, named))}{' and others' if kind in self._more_keys else ''}]"

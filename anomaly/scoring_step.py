@@ -176,6 +176,7 @@ class BatchOutput:
     events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, encode_event(...))
     dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (original key, dead letter)
     dead_letter_reasons: list[str] = field(default_factory=list)  # the reason of each dead letter, in order
+    dead_letter_keys: list[str | None] = field(default_factory=list)  # its record's key as text (the entity id), or None
     scores: list[tuple[bytes, bytes]] = field(default_factory=list)  # (entity, score record), when enabled
     commits: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) -> next offset
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
@@ -538,6 +539,7 @@ class ScoringStep:
                 b = batches[int(run_of[i])]
                 j = i - int(run_start[run_of[i]])
                 key = b.keys[j] if b.keys is not None else None
+                out.dead_letter_keys.append(_key_text(key))
                 dropped = None
                 if key is not None and len(key) > DEAD_LETTER_MAX_KEY:  # the dead letter must fit a message
                     key, dropped = None, len(key)
@@ -1050,6 +1052,11 @@ class _Roll:
         self._logged_s = now_s
         named, self._names = sorted(self._names), set()
         return named
+
+
+def _key_text(key: bytes | None) -> str | None:
+    """A record key as text for the log (the entity id, by the input contract; its first 256 bytes), None if absent."""
+    return None if key is None else bytes(key[:256]).decode("utf-8", errors="replace")
 
 
 def _entities_sensors(named: Mapping[str, Sequence[str]], shown: int = 10) -> str:

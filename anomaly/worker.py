@@ -389,7 +389,7 @@ class Worker:
                     "%d dead letters", counts.get("consumed", 0), counts.get("windows_scored", 0), len(out.events),
                     len(out.dead_letters))
         if out.dead_letter_reasons:
-            self._say_dead_letters(self.dead_letter_log.add(out.dead_letter_reasons, self.clock()))
+            self._say_dead_letters(self.dead_letter_log.add(out.dead_letter_reasons, self.clock(), out.dead_letter_keys))
 
     def _drain(self) -> None:
         """Complete the batch in flight, if any."""

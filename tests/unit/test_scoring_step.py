@@ -1789,3 +1789,14 @@ def test_a_sensor_gone_silent_is_named_once_and_counted_for_the_gauge(caplog) ->
     with caplog.at_level("INFO", logger="anomaly.scoring_step"):
         assert step.process(back, now_s=T0 + 180).silent_sensors == 0
     assert "1 sensors that had gone silent report again" in caplog.records[-1].getMessage()
+
+
+def test_each_dead_letter_reason_comes_with_its_records_key_for_the_log() -> None:
+    step = step_for(FakeModel())
+    records = [reading_record("p1", 0, 0, values={"temp": 1.0, "pressure": 1.0, "flow": 1.0, "rpm": 2.0}),
+               InputRecord(TOPIC, 0, 1, None, b"not json", None),
+               reading_record("p2", 0, 2),
+               InputRecord(TOPIC, 0, 3, b"\xff\xfe", b"{}", None)]
+    out = step.process(records, now_s=T0 + 1000)
+    assert len(out.dead_letter_reasons) == 3 and out.dead_letter_keys == ["p1", None, "\ufffd\ufffd"]
+    assert "unknown ['rpm']" in out.dead_letter_reasons[0]
