@@ -695,10 +695,10 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         elif not shown:
             print(f"no verdicts in force on {k.feedback_topic}" + (f" for {args.entity}" if args.entity else ""))
         else:
-            print(f"{'entity':<20} {'verdict':<8} {'start (UTC)':<20} {'end (UTC)':<20} {'event':<9} "
+            print(f"{'entity':<20} {'verdict':<11} {'start (UTC)':<20} {'end (UTC)':<20} {'event':<9} "
                   f"{'by':<10} note")
             for v in shown:  # an event's id as `anomaly up` prints it
-                print(f"{v.entity:<20} {v.verdict:<8} {_utc(v.start_ts):<20} {_utc(v.end_ts):<20} "
+                print(f"{v.entity:<20} {v.verdict:<11} {_utc(v.start_ts):<20} {_utc(v.end_ts):<20} "
                       f"{(v.event_id or '-')[:8]:<9} {v.by:<10} {v.note}")
         return 0
     if args.json:
@@ -734,7 +734,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
                                "for it to close")
     else:
         entity, start, end = args.entity, _time_arg("--start", args.start), _time_arg("--end", args.end)
-    verdict = {"normal": "normal", "anomaly": "anomaly", "withdraw": "withdrawn"}[args.action]
+    verdict = {"normal": "normal", "anomaly": "anomaly", "maintenance": "maintenance", "withdraw": "withdrawn"}[args.action]
     try:
         by = args.by if args.by is not None else getpass.getuser()
     except (KeyError, OSError):  # no login name (a container's numeric user)
@@ -743,8 +743,10 @@ def cmd_feedback(args: argparse.Namespace) -> int:
                                   ts=time.time())
     feedback_topic.send(k.bootstrap_servers, k.feedback_topic, given, k.client_options,
                         create=settings.worker.create_topics)
-    log.info("%s %s of %s, %s to %s UTC, sent to %s: the next retrain reads it", given.verdict,
-             f"on event {event_id}" if event_id else "on the period", entity, _utc(start), _utc(end), k.feedback_topic)
+    log.info("%s %s of %s, %s to %s UTC, sent to %s: %s", given.verdict,
+             f"on event {event_id}" if event_id else "on the period", entity, _utc(start), _utc(end), k.feedback_topic,
+             "workers raise no event starting in it from their next read of it (worker.maintenance_poll_s), and the "
+             "next retrain leaves its readings out" if verdict == "maintenance" else "the next retrain reads it")
     print(json.dumps(given.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
@@ -1344,15 +1346,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("feedback", help="say whether an event was a false alarm or a fault (the retrain learns "
-                                        "from it); list the verdicts",
+                                        "from it), or put an entity in maintenance; list the verdicts",
                        description="An operator's verdict on an anomaly event, or on a period of an entity, sent "
                                    "to kafka.feedback_topic. The next retrain trains on what is called normal, "
                                    "though the champion flags it (so a false alarm does not come back after every "
                                    "retrain), and keeps out what is called an anomaly, though the champion missed "
-                                   "it. A later verdict on the same event or period replaces the earlier one.")
-    p.add_argument("action", choices=("normal", "anomaly", "withdraw", "list"),
-                   help="normal: a false alarm, the asset was fine; anomaly: a real fault; withdraw: take the "
-                        "verdict on this event or period back; list: the verdicts in force")
+                                   "it. maintenance: a period of planned work on an entity (its end may lie ahead): "
+                                   "the workers raise no event that starts in it, and the retrain leaves its readings "
+                                   "out. A later verdict on the same event or period replaces the earlier one.")
+    p.add_argument("action", choices=("normal", "anomaly", "maintenance", "withdraw", "list"),
+                   help="normal: a false alarm, the asset was fine; anomaly: a real fault; maintenance: planned work, "
+                        "no events and no training there; withdraw: take the verdict on this event or period back; "
+                        "list: the verdicts in force")
     p.add_argument("event_id", nargs="?", metavar="EVENT_ID",
                    help="the event's event_id (from the events topic), or its first 8 characters as `anomaly up` "
                         "prints them; its entity, start and end are looked up")

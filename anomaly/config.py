@@ -402,6 +402,9 @@ class WorkerSettings:
                               "(clusters where an operator owns the topics)", True)
     model_alias: str = doc("registry alias the worker serves and follows", "champion")
     model_check_interval_s: float = doc("how often the registry alias is checked for a new version", 15.0)
+    maintenance_poll_s: float = doc("how often the worker re-reads kafka.feedback_topic for maintenance periods "
+                                    "(`anomaly feedback maintenance`): an event that starts in its entity's period is "
+                                    "not raised (its readings are still scored). 0 = off", 60.0)
     wait_for_model_s: float = doc("at start, when the alias points to no loadable version yet, keep retrying this long "
                                   "(health: starting) instead of exiting; -1 = forever (e.g. on Kubernetes before "
                                   "the first training job)", 0.0)
@@ -444,6 +447,8 @@ class WorkerSettings:
             raise ConfigError("worker.cooldown_s", f"must be >= 0, got {self.cooldown_s}")
         if not (math.isfinite(self.max_event_s) and self.max_event_s > 0):
             raise ConfigError("worker.max_event_s", f"must be a finite number > 0, got {self.max_event_s}")
+        if not (math.isfinite(self.maintenance_poll_s) and self.maintenance_poll_s >= 0):
+            raise ConfigError("worker.maintenance_poll_s", f"must be >= 0 seconds (0 = off), got {self.maintenance_poll_s}")
         if self.model_check_interval_s <= 0:
             raise ConfigError("worker.model_check_interval_s", f"must be > 0, got {self.model_check_interval_s}")
         if self.max_future_s != -1 and not 0 < self.max_future_s <= 3600:

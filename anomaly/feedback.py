@@ -16,6 +16,10 @@ labelled reading is, though the champion did not flag them. A reading's own labe
 (``retrain.label_field``) wins over a verdict; where a ``normal`` and an ``anomaly`` verdict overlap,
 ``anomaly`` wins.
 
+``maintenance`` names a period of an entity (planned work, a stop, a calibration; it may end in the future)
+whose readings are neither normal nor a fault: the worker raises no event that starts in it
+(``maintenance.Muter``), and the retrain leaves its readings out of training and of the comparison.
+
 The message (UTF-8 JSON, sorted keys), key = ``feedback_id``::
 
     {"feedback_id": "5f0c…", "event_id": "5f0c…", "entity": "pump-7", "start_ts": 1795255392.0,
@@ -36,7 +40,7 @@ import numpy as np
 from anomaly.codec import entity_problem
 from anomaly.errors import DataError
 
-VERDICTS = ("normal", "anomaly", "withdrawn")
+VERDICTS = ("normal", "anomaly", "maintenance", "withdrawn")
 MAX_NOTE_CHARS = 1024
 MAX_BY_CHARS = 256
 _ID_NAMESPACE = "anomaly.feedback.v1"
@@ -160,8 +164,28 @@ def periods(verdicts: Iterable[Verdict], pad_s: float = 0.0) -> dict[str, list[P
     their margin (``retrain._cycle`` pads by ``(worker.stride - 0.5)`` periods)."""
     out: dict[str, list[Period]] = {}
     for v in latest(verdicts):
-        out.setdefault(v.entity, []).append((v.start_ts - pad_s, v.end_ts + pad_s, v.verdict == "anomaly"))
+        if v.verdict != "maintenance":
+            out.setdefault(v.entity, []).append((v.start_ts - pad_s, v.end_ts + pad_s, v.verdict == "anomaly"))
     return out
+
+
+def maintenance(verdicts: Iterable[Verdict], pad_s: float = 0.0) -> dict[str, list[tuple[float, float]]]:
+    """Per entity, the ``maintenance`` periods in force (``latest``): (start, end), inclusive, each widened
+    by ``pad_s`` on both sides, sorted."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for v in latest(verdicts):
+        if v.verdict == "maintenance":
+            out.setdefault(v.entity, []).append((v.start_ts - pad_s, v.end_ts + pad_s))
+    return {entity: sorted(spans) for entity, spans in out.items()}
+
+
+def within(ts: np.ndarray, spans: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Which of ``ts`` (epoch seconds) lie in one of ``spans`` (start, end, inclusive)."""
+    ts = np.asarray(ts, dtype=np.float64)
+    inside = np.zeros(len(ts), dtype=bool)
+    for start, end in spans:
+        inside |= (ts >= start) & (ts <= end)
+    return inside
 
 
 def labels_at(ts: np.ndarray, entity_periods: Sequence[Period]) -> np.ndarray:
@@ -212,10 +236,13 @@ def event_period(event: Mapping[str, Any]) -> tuple[str, float, float | None]:
 def counts(verdicts: Sequence[Verdict]) -> Mapping[str, int]:
     """How many verdicts in force of each kind."""
     return {"normal": sum(v.verdict == "normal" for v in verdicts),
-            "anomaly": sum(v.verdict == "anomaly" for v in verdicts)}
+            "anomaly": sum(v.verdict == "anomaly" for v in verdicts),
+            "maintenance": sum(v.verdict == "maintenance" for v in verdicts)}
 
 
 def summary(verdicts: Sequence[Verdict]) -> str:
-    """'3 verdicts (2 normal, 1 anomaly)'."""
+    """'3 verdicts (2 normal, 1 anomaly)', and ', 1 maintenance' where there are such."""
     n = counts(verdicts)
-    return f"{len(verdicts)} verdict{'s' if len(verdicts) != 1 else ''} ({n['normal']} normal, {n['anomaly']} anomaly)"
+    more = f", {n['maintenance']} maintenance" if n["maintenance"] else ""
+    return (f"{len(verdicts)} verdict{'s' if len(verdicts) != 1 else ''} ({n['normal']} normal, {n['anomaly']} "
+            f"anomaly{more})")

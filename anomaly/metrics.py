@@ -17,7 +17,7 @@ Metric names (all prefixed ``anomaly_``):
 
     counters    records_consumed_total, dead_letters_total, windows_scored_total,
                 events_total{status="open"|"closed"}, late_readings_total, duplicate_readings_total,
-                window_resets_total, readings_accepted_total, entities_evicted_total,
+                window_resets_total, readings_accepted_total, entities_evicted_total, events_muted_total,
                 nonfinite_scores_total, adaptive_held_windows_total, records_replayed_total, model_swaps_total,
                 model_load_failures_total
     histograms  batch_seconds, end_to_end_seconds
@@ -149,6 +149,9 @@ class WorkerMetrics:
                                         "Records read again after a swap to a model with other sensors, window "
                                         "or period, to refill its windows (not counted as consumed again).")
         self.model_swaps = counter("model_swaps_total", "Times a newly promoted model version was swapped in.")
+        self.events_muted = counter("events_muted_total",
+                                    "Event records held back: their events started during their entity's maintenance "
+                                    "(anomaly feedback maintenance).")
         self.model_load_failures = counter("model_load_failures_total",
                                            "Failed attempts to check the registry or load a model version.")
         self.batch_seconds = Histogram(f"{PREFIX}_batch_seconds", "Wall time of one micro-batch, poll to commit.",

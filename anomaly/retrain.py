@@ -220,6 +220,7 @@ class History:
         self.evicted_readings = 0
         self.evicted_windowed = 0  # of them, entities that held a window's worth of readings
         self.verdict_readings = {"normal": 0, "anomaly": 0}  # readings operators' verdicts labelled (``frames``)
+        self.maintenance_readings = 0  # readings left out for their entity's maintenance (``frames``)
 
     def add(self, reading: Reading, label: bool | None = None) -> bool:
         """Offer one reading (with its ground truth, if known); True if it was kept (for now)."""
@@ -301,22 +302,32 @@ class History:
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_entity.values())
 
-    def frames(self, sensors: Sequence[str], verdicts: Mapping[str, Sequence[feedback.Period]] | None = None
-               ) -> dict[str, pd.DataFrame]:
+    def frames(self, sensors: Sequence[str], verdicts: Mapping[str, Sequence[feedback.Period]] | None = None,
+               maintenance: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> dict[str, pd.DataFrame]:
         """Per entity: a frame indexed by UTC time (sorted, a repeated ``ts`` keeps its first reading),
         one column per sensor (missing values NaN), only readings within ``lookback_s`` of the newest.
         An entity with at least one labelled reading also gets ``LABEL_COLUMN`` (1.0 anomalous, 0.0
         normal, NaN for a reading without a label). ``verdicts`` (entity -> operators' periods,
         ``feedback.periods``) label the readings they cover that carry no label of their own; how many
-        of each kind they labelled is left in ``verdict_readings``."""
+        of each kind they labelled is left in ``verdict_readings``. ``maintenance`` (entity -> its periods,
+        ``feedback.maintenance``): readings in them are left out (neither normal nor a fault: their slots
+        are gaps), counted in ``maintenance_readings``."""
         if self._columns is not None and not set(sensors) <= set(self._columns):
             raise ValueError(f"the history keeps only the sensors it was given ({', '.join(self._columns)}), "
                              f"not {', '.join(sorted(set(sensors) - set(self._columns)))}")
         cutoff = self.newest_ts - self.lookback_s
         out: dict[str, pd.DataFrame] = {}
         self.verdict_readings = {"normal": 0, "anomaly": 0}
+        self.maintenance_readings = 0
         for entity in sorted(self._by_entity):
             ts, values, labels = self._by_entity[entity].readings(cutoff)
+            if maintenance and maintenance.get(entity):
+                out_of = feedback.within(ts, maintenance[entity])
+                if out_of.any():
+                    self.maintenance_readings += int(out_of.sum())
+                    keep = ~out_of
+                    ts, labels = ts[keep], labels[keep]
+                    values = values[keep] if isinstance(values, np.ndarray) else [v for v, k in zip(values, keep) if k]
             if not len(ts):
                 continue
             if verdicts and verdicts.get(entity):
@@ -918,7 +929,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
                     len(changes), ", ".join(champion.sensors), some(said))
     given = _verdicts(settings) if source is None and not stats.get("no_topic") else []
     pad_s = (max(settings.worker.stride, 1) - 0.5) * float(champion.period_s or 0.0)
-    data = _prepare(history, champion, settings, feedback.periods(given, pad_s) if given else None)
+    data = _prepare(history, champion, settings, feedback.periods(given, pad_s) if given else None,
+                    feedback.maintenance(given, pad_s) if given else None)
     if changes:
         data.facts["sensor_set_changed"] = some(said, 20)
     if given:
@@ -1085,12 +1097,13 @@ def _verdicts(settings: Settings) -> list[feedback.Verdict]:
 
 
 def _prepare(history: History, champion: Any, settings: Settings,
-             verdicts: Mapping[str, Sequence[feedback.Period]] | None = None) -> _Data:
+             verdicts: Mapping[str, Sequence[feedback.Period]] | None = None,
+             maintenance: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> _Data:
     """Grid each entity's history on the champion's period, drop what the champion flags (or, for a
     labelled entity, what is labelled) plus the margin, and split the clean rows into training values
     and hold-out segments; a labelled entity's whole tail from the hold-out cut on (anomalies
     included) is kept with its labels for the event-wise comparison. ``verdicts``: operators' periods
-    per entity (``History.frames``)."""
+    per entity, ``maintenance``: their maintenance periods, left out (``History.frames``)."""
     from anomaly.preparation import prepare_scoring
 
     rt, w = settings.retrain, champion.window_size
@@ -1112,7 +1125,7 @@ def _prepare(history: History, champion: Any, settings: Settings,
                              "labelled_entities": 0, "labelled_rows": 0, "train_rows": 0, "holdout_rows": 0,
                              "period_s": champion.period_s}
     starts, ends, hold_starts, hold_ends = [], [], [], []
-    for entity, frame in history.frames(champion.sensors, verdicts).items():
+    for entity, frame in history.frames(champion.sensors, verdicts, maintenance).items():
         if len(frame) < w:
             log.info("retrain: %s has only %d readings; left out", entity, len(frame))
             continue
@@ -1185,6 +1198,8 @@ def _prepare(history: History, champion: Any, settings: Settings,
     facts["entities"] = ",".join(facts["entities"])
     if verdicts:
         facts.update({f"verdict_{kind}_readings": n for kind, n in history.verdict_readings.items()})
+    if maintenance:
+        facts["verdict_maintenance_readings"] = history.maintenance_readings
     # The parts (entities, the clean stretches between flagged ones) laid end to end with a stand-in row
     # marked as a gap between every two, as prepare_fleet does: no window joins two of them (a window
     # across a seam scores far above any real one, and would set the challenger's threshold).

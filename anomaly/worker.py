@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 import threading
@@ -55,6 +56,8 @@ import numpy as np
 from anomaly import kafka_io
 from anomaly.alerts import AlertPolicy
 from anomaly.dead_letter_log import DeadLetterLog
+from anomaly.listing import some
+from anomaly.maintenance import MaintenanceWatch, Muter, reader
 from anomaly.metrics import WorkerMetrics
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import DetectorModel, PartitionBatch, ScoringStep
@@ -105,6 +108,8 @@ class WorkerOptions:
     partial_readings: bool = False  # a reading may carry some of the model's sensors (the others missing)
     entities: tuple[str, ...] | None = None  # glob patterns of the entities served; others skipped; None = all
     stall_s: float = 0.0  # a loop round unfinished this long: /healthz "stalled", a silent scoring child killed; 0 = never
+    feedback_topic: str | None = None  # where maintenance periods are read from (anomaly feedback maintenance)
+    maintenance_poll_s: float = 0.0  # how often they are re-read; 0 = off: every event is raised
 
 
 @dataclass
@@ -160,6 +165,10 @@ class Worker:
         self._in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
         self._revoked: set[tuple[str, int]] = set()  # revoked since the last assignment (on_assigned decides)
         self.dead_letter_log = DeadLetterLog()
+        self.muter = Muter()  # events that start in their entity's maintenance are held back
+        self._maintenance: MaintenanceWatch | None = None
+        self._muted_said_s = -math.inf
+        self._muted_since: list[str] = []  # entities of the events muted since the last line
 
     def _serving(self, detector, version: str) -> DetectorModel:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
@@ -265,6 +274,9 @@ class Worker:
                 gc.freeze()  # see step_runner.refreeze_gc; before a fork, so both processes share what it froze
             # The runner first: a child is forked before the Kafka clients start their threads.
             self._runner = self._make_runner()
+            if o.feedback_topic and o.maintenance_poll_s > 0:  # (a thread of its own: after the fork)
+                self._maintenance = MaintenanceWatch(reader(o.bootstrap_servers, o.feedback_topic, o.client_options),
+                                                     self.muter.update, o.maintenance_poll_s).start()
             self._producer = kafka_io.unless_stopped(self.stop_event, kafka_io.make_producer, o.bootstrap_servers,
                                                      o.client_options)
             self._consumer = kafka_io.unless_stopped(self.stop_event, self._new_consumer)
@@ -355,7 +367,10 @@ class Worker:
         delivery failed."""
         o = self.options
         out = self._runner.result(handle)
-        sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in out.events]
+        events, muted = self.muter.keep(out.events)
+        if muted:
+            self._say_muted(muted)
+        sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in events]
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
             sends += [self._producer.send(o.scores_topic, key=k, value=v) for k, v in out.scores]
@@ -382,7 +397,7 @@ class Worker:
         s.batches += 1
         s.consumed += counts.get("consumed", 0)
         s.windows_scored += counts.get("windows_scored", 0)
-        s.events += len(out.events)
+        s.events += len(events)
         s.dead_letters += len(out.dead_letters)
         if out.events or out.dead_letters:  # a batch of dead letters alone: the dead-letter log below speaks
             log.log(logging.INFO if out.events else logging.DEBUG, "batch: %d records, %d windows, %d events, "
@@ -396,6 +411,17 @@ class Worker:
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             self._complete(*in_flight)
+
+    def _say_muted(self, entities: list[str]) -> None:
+        """Count event records held back for maintenance; say so once a minute, naming the entities."""
+        self.metrics.events_muted.inc(len(entities))
+        self._muted_since.extend(entities)
+        now = time.monotonic()
+        if now - self._muted_said_s >= 60.0:
+            self._muted_said_s = now
+            log.info("%d event records held back: their events started during their entity's maintenance (%s)",
+                     len(self._muted_since), some(sorted(set(self._muted_since))))
+            self._muted_since = []
 
     def _say_dead_letters(self, line: str | None) -> None:
         if line:
@@ -423,6 +449,8 @@ class Worker:
             later.callback(self.metrics.set_health, "stopping", detail="stopped")
             if self._runner is not None:
                 later.callback(self._runner.close)
+            if self._maintenance is not None:
+                later.callback(self._maintenance.stop)
             if self._consumer is not None:
                 later.callback(self._consumer.close, autocommit=False)
             if self._producer is not None:
@@ -523,4 +551,5 @@ def options_from_settings(settings) -> WorkerOptions:
         switch_interval_ms=w.switch_interval_ms, trace_model=w.trace_model, gc_freeze=w.gc_freeze,
         scoring_process=w.scoring_process, max_future_s=None if w.max_future_s == -1 else w.max_future_s,
         max_entities=w.max_entities, stall_s=w.stall_s, partial_readings=w.partial_readings,
-        entities=tuple(w.entities) if w.entities else None)
+        entities=tuple(w.entities) if w.entities else None, feedback_topic=k.feedback_topic or None,
+        maintenance_poll_s=w.maintenance_poll_s)

@@ -599,6 +599,14 @@ def test_operators_verdicts_given_with_anomaly_feedback_steer_the_next_retrain(
     assert f"error: no event nosuchevent on {events_topic}" in capsys.readouterr().err
     assert main(["feedback", "list", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
+    # a maintenance period: its readings are left out of training and of the comparison, and label nothing
+    assert main(["feedback", "maintenance", "--entity", "pump-0", "--start", str(t0 + 1000),
+                 "--end", str(t0 + 1099), "--note", "seal swap"]) == 0
+    capsys.readouterr()
+    give_champion(settings, weak)
+    serviced = run_cycle(settings)
+    assert serviced.data["verdicts_maintenance"] == 1 and serviced.data["labelled_rows"] == 0
+    assert serviced.data["verdict_maintenance_readings"] == 106  # 100 readings, the period widened by 3.5 s a side
 
 
 def test_a_sensor_the_champions_training_left_out_is_read_past_and_stays_left_out(store, kafka_broker):

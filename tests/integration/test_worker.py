@@ -758,3 +758,27 @@ def test_a_sensor_that_stops_sending_is_counted_for_the_gauge_and_named_in_the_l
     assert stats.consumed == 60 and stats.dead_letters == 0
     assert worker.metrics.silent_sensors._value.get() == 1
     assert any(r.getMessage().endswith("pump-u: flow") for r in caplog.records)
+
+
+def test_no_event_is_raised_for_an_entity_in_maintenance(kafka_broker, champion, topic_name, monkeypatch, capsys):
+    """`anomaly feedback maintenance` puts pump-a in maintenance across its fault: the worker scores it but
+    raises no event for it (pump-b's readings go on as before); the hold-back is counted."""
+    from anomaly.cli import main
+
+    settings, _ = champion
+    feedback_topic = f"{topic_name}.feedback"
+    for name, value in (("KAFKA__BOOTSTRAP_SERVERS", kafka_broker), ("KAFKA__FEEDBACK_TOPIC", feedback_topic)):
+        monkeypatch.setenv(f"ANOMALY_{name}", value)
+    assert main(["feedback", "maintenance", "--entity", "pump-a", "--start", str(START_TS + 350),
+                 "--end", str(START_TS + 650), "--note", "bearing swap", "--by", "op"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "maintenance"
+    opts = _options(kafka_broker, topic_name, feedback_topic=feedback_topic, maintenance_poll_s=1.0)
+    kafka_io.ensure_topics(kafka_broker, {opts.input_topic: 4})
+    _, plan, _ = _fleet()
+    replay(kafka_broker, opts.input_topic, plan, progress=False)
+    worker = Worker(opts, _follower(settings))
+    stats = worker.run(idle_stop_s=4)
+    assert stats.consumed == len(plan) and stats.windows_scored > 0
+    events = [json.loads(r.value) for r in kafka_io.read_all(kafka_broker, opts.events_topic, timeout_s=30, idle_s=2)]
+    assert [e for e in events if e["entity"] == "pump-a"] == [] and stats.events == len(events)
+    assert worker.metrics.events_muted._value.get() >= 2  # the fault's event: its open and its close

@@ -40,7 +40,7 @@ def test_a_period_s_verdict_has_the_period_s_id():
     (("pump-7", 2.0, 1.0, "normal"), "before start_ts"),
     (("pump-7", math.nan, 1.0, "normal"), "start_ts"),
     (("pump-7", 1.0, True, "normal"), "end_ts"),
-    (("pump-7", 1.0, 2.0, "false alarm"), "verdict must be one of normal, anomaly, withdrawn"),
+    (("pump-7", 1.0, 2.0, "false alarm"), "verdict must be one of normal, anomaly, maintenance, withdrawn"),
 ])
 def test_a_verdict_that_makes_no_sense_is_refused_saying_why(fields, says):
     with pytest.raises(DataError, match=says):
@@ -70,7 +70,7 @@ def test_the_last_verdict_on_an_event_or_period_is_the_one_in_force():
     again = feedback.make_verdict("pump-8", 10, 20, "anomaly", note="after all")
     assert feedback.latest([other, withdrawn, again]) == [again]  # given again after being taken back
     assert feedback.periods([first, other, changed, withdrawn]) == {"pump-7": [(100.0, 160.0, False)]}
-    assert feedback.counts(feedback.latest([first, other])) == {"normal": 0, "anomaly": 2}
+    assert feedback.counts(feedback.latest([first, other])) == {"normal": 0, "anomaly": 2, "maintenance": 0}
     assert feedback.summary(feedback.latest([first, other, changed])) == "2 verdicts (1 normal, 1 anomaly)"
 
 
@@ -234,3 +234,33 @@ def test_readings_stamped_off_their_slot_at_an_event_s_edges_are_covered_by_the_
     assert tight.facts["flagged_windows"] >= 1 and tight.facts["rows_excluded"] > 0
     widened = _prepare(history(), FlaggingChampion(), settings, feedback.periods([event], pad_s=0.5 * 60.0))
     assert widened.facts["flagged_windows"] == 0 and widened.facts["rows_excluded"] == 0
+
+
+def test_maintenance_periods_are_their_own_kind_not_labels():
+    given = [feedback.make_verdict("pump-7", 100.0, 200.0, "maintenance", note="bearing swap"),
+             feedback.make_verdict("pump-7", 50.0, 60.0, "normal"),
+             feedback.make_verdict("pump-7", 300.0, 400.0, "maintenance")]
+    assert feedback.periods(given) == {"pump-7": [(50.0, 60.0, False)]}  # no label from maintenance
+    assert feedback.maintenance(given, pad_s=1.0) == {"pump-7": [(99.0, 201.0), (299.0, 401.0)]}
+    assert feedback.maintenance([*given, feedback.withdrawn(given[0].feedback_id)]) == {"pump-7": [(300.0, 400.0)]}
+    assert feedback.within(np.array([99.0, 100.0, 250.0, 400.0]), [(100.0, 200.0), (300.0, 400.0)]).tolist() == [
+        False, True, False, True]
+    assert feedback.summary(feedback.latest(given)) == "3 verdicts (1 normal, 0 anomaly, 2 maintenance)"
+    assert feedback.decode(feedback.encode(given[0])) == given[0]
+
+
+def test_maintenance_readings_are_left_out_of_training_and_of_the_comparison():
+    """Readings taken during maintenance (a pump stopped, sensors being swapped) are neither normal nor a
+    fault: an `anomaly` verdict kept them out of training but made the gate count them as a period to find."""
+    from anomaly.config import build_settings
+    from anomaly.retrain import _prepare
+
+    h = History(max_readings=10_000, lookback_s=1e9)
+    for i in range(1000):
+        h.add(reading("pump", 60.0 * i, a=9.0 if 400 <= i < 460 else float(i % 3), b=float(i)))
+    settings = build_settings({"retrain": {"holdout_fraction": 0.2, "exclude_margin_rows": 4}})
+    data = _prepare(h, FlaggingChampion(), settings, None, {"pump": [(60.0 * 400, 60.0 * 459)]})
+    trained = set(data.train_values[:, 1][~data.gaps if data.gaps is not None else slice(None)])
+    assert not trained & set(range(400, 460)) and len(trained) > 700
+    assert data.facts["flagged_windows"] == 0  # not there to flag: no margin lost around it either
+    assert data.facts["verdict_maintenance_readings"] == 60 and data.facts["labelled_rows"] == 0

@@ -1,0 +1,67 @@
+"""``anomaly.maintenance``: which event records a worker holds back for an entity in maintenance."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from anomaly.maintenance import MaintenanceWatch, Muter
+
+
+def event(eid: str, entity: str, start: float, status: str = "open") -> dict:
+    return {"event_id": eid, "entity": entity, "start_ts": start, "status": status}
+
+
+def encoded(*events: dict) -> list[tuple[bytes, bytes]]:
+    return [(e["entity"].encode(), json.dumps(e).encode()) for e in events]
+
+
+def test_an_event_starting_in_maintenance_is_held_back_whole_and_others_go_out():
+    m = Muter()
+    m.update({"pump-7": [(100.0, 200.0)]})
+    kept, muted = m.keep(encoded(event("a", "pump-7", 150.0), event("b", "pump-8", 150.0),
+                                 event("c", "pump-7", 90.0), event("d", "pump-7", 250.0)))
+    assert [json.loads(v)["event_id"] for _, v in kept] == ["b", "c", "d"] and muted == ["pump-7"]
+    kept, muted = m.keep(encoded(event("a", "pump-7", 150.0, "closed"), event("c", "pump-7", 90.0, "closed")))
+    assert [json.loads(v)["event_id"] for _, v in kept] == ["c"]  # begun before it: closes as it opened
+    assert m.muted == 2
+
+
+def test_the_decision_holds_for_an_event_s_life_whatever_the_periods_do_meanwhile():
+    m = Muter()
+    m.update({"pump-7": [(100.0, 200.0)]})
+    assert m.mutes(event("a", "pump-7", 150.0))
+    assert not m.mutes(event("b", "pump-7", 50.0))
+    m.update({"pump-7": [(0.0, 1000.0)]})  # a period given while b is open: b still closes
+    assert not m.mutes(event("b", "pump-7", 50.0, "closed"))
+    m.update({})  # withdrawn while a is open: its close stays held back, as its open was
+    assert m.mutes(event("a", "pump-7", 150.0, "closed"))
+    m.update({"pump-7": [(100.0, 200.0)]})
+    assert m.mutes(event("z", "pump-7", 150.0, "closed"))  # after a restart: judged by its start
+
+
+def test_without_maintenance_every_event_goes_out_untouched():
+    m = Muter()
+    events = encoded(event("a", "pump-7", 150.0)) + [(b"k", b"not json")]
+    assert m.keep(events) == (events, [])
+    m.update({"pump-7": [(100.0, 200.0)]})
+    assert m.keep([(b"k", b"not json")]) == ([(b"k", b"not json")], [])  # not ours to judge: sent
+
+
+def test_the_watch_keeps_the_periods_it_knows_through_a_failed_read(caplog):
+    got = []
+    answers = [{"pump-7": [(1.0, 2.0)]}, ConnectionError("broker down"), ConnectionError("still"), {}]
+
+    def read():
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    watch = MaintenanceWatch(read, got.append, every_s=60)
+    with caplog.at_level(logging.INFO, logger="anomaly.maintenance"):
+        assert watch.refresh() and not watch.refresh() and not watch.refresh() and watch.refresh()
+    assert got == [{"pump-7": [(1.0, 2.0)]}, {}] and watch.reads == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "cannot read the maintenance periods (broker down)" in said[0]
+    assert said[1] == "maintenance periods read again"
