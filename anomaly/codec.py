@@ -284,7 +284,8 @@ def decode_reading(raw: bytes, expected_sensors: Collection[str] | None = None, 
     ``partial``, some of them will do (the absent ones are missing, as ``null`` is: a producer sending
     a slot's sensors one message each); an unknown one is still refused. ``ignored``: sensors a reading
     may also carry, left out of it unread and unchecked (those the model's training left out: constant,
-    flat or mostly missing in its data, ``Detector.ignored_sensors``).
+    flat or mostly missing in its data, ``Detector.ignored_sensors``); one that carries nothing else is
+    refused, or with ``partial`` is a reading of no sensor (a part of a slot sent a sensor a message).
     Unknown extra top-level fields are ignored; JSON duplicate keys keep the last value, as json does.
     """
     try:
@@ -341,6 +342,8 @@ def _decode_reading(raw: bytes, expected_sensors: Collection[str] | None, partia
     if not raw_values:
         return BadRecord("values is empty: no sensor readings", ts=ts)
     if ignored and raw_values.keys() <= set(ignored):
+        if partial:  # a part of a slot sent one sensor a message: this sensor's part, read past (no sensor of it)
+            return Reading(entity=entity, ts=ts, values={})
         return BadRecord(f"values holds only sensors the model does not read ({_names(raw_values.keys())})", ts=ts)
     values: dict[str, float | None] = {}
     for name, value in raw_values.items():

@@ -10,3 +10,8 @@ def some(names: Sequence[str], shown: int = 10, *, quoted: bool = False) -> str:
     entity id with spaces or commas stays one), and how many more."""
     head = [repr(name) if quoted else name for name in names[:shown]]
     return ", ".join(head) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def added_removed(added: Sequence[str], removed: Sequence[str]) -> str:
+    """``+rpm -flow``: sensors added, then those removed ('' for none)."""
+    return " ".join([*(f"+{s}" for s in added), *(f"-{s}" for s in removed)])

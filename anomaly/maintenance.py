@@ -5,9 +5,10 @@ An operator puts an entity in maintenance with ``anomaly feedback maintenance --
 readings are still scored (and on the scores topic, when enabled), but an event that *starts* inside one
 of its maintenance periods is muted: none of its records (open, closed) goes to the events topic. An
 event that began before the period keeps going and closes as it would: its open record was sent. The
-decision is taken once per event, at its first record this worker sees (``Muter.mutes``), so a period
-given or withdrawn while an event is open does not leave an opened event without its close, or a close
-without its open; after a restart an event's records are judged by its start.
+decision is taken once per event, at its open record (``Muter.mutes``), so a period given or withdrawn while
+an event is open does not leave an opened event without its close; a close whose open this worker did not
+see (a restart, a partition moved to it) is sent. An event that starts in a period and goes on past its
+end is raised at the worker's next ``worker.max_event_s`` cut (its continuation is a new event).
 
 ``MaintenanceWatch`` reads the feedback topic as the worker starts, then again every
 ``worker.maintenance_poll_s`` in a thread of its own (the poll loop never waits on it) and hands the periods in force to the ``Muter``. The retrain leaves
@@ -28,11 +29,16 @@ Spans = Mapping[str, Sequence[tuple[float, float]]]
 
 
 class Muter:
-    """Which event records to hold back: those of events that start in their entity's maintenance."""
+    """Which event records to hold back: those of events that start in their entity's maintenance.
 
-    def __init__(self) -> None:
+    ``max_age_s``: an event seen open whose close has not come this long after its start (its entity's
+    partition moved to another worker, say) is forgotten; a worker cuts every event at
+    ``worker.max_event_s``, so a live one is never older."""
+
+    def __init__(self, max_age_s: float = 7200.0) -> None:
         self._spans: dict[str, tuple[tuple[float, float], ...]] = {}
-        self._open: dict[str, bool] = {}  # event id -> muted, for events seen open and not yet closed
+        self._open: dict[str, tuple[bool, float]] = {}  # event id -> (held back, start), seen open, not yet closed
+        self.max_age_s = float(max_age_s)
         self.muted = 0  # event records held back so far
 
     def update(self, spans: Spans) -> None:
@@ -48,25 +54,33 @@ class Muter:
         return any(start <= ts <= end for start, end in self._spans.get(entity, ()))
 
     def mutes(self, event: Mapping[str, Any]) -> bool:
-        """Whether ``event`` (a decoded event record) is held back; counts it."""
+        """Whether ``event`` (a decoded event record) is held back; counts it. An event's first record
+        decides for all of its records: an ``open`` one by its start, a ``closed`` one whose open this worker
+        did not see (a restart, a partition moved) is sent (a close without its open is harmless downstream,
+        an open without its close is an alarm that never ends)."""
         eid = event.get("event_id")
-        decided = self._open.get(eid) if isinstance(eid, str) else None
-        if decided is None:
-            entity, start = event.get("entity"), event.get("start_ts")
-            decided = (isinstance(entity, str) and isinstance(start, (int, float)) and not isinstance(start, bool)
-                       and self.in_maintenance(entity, float(start)))
+        closed = event.get("status") == "closed"
+        seen = None
         if isinstance(eid, str):
-            if event.get("status") == "closed":
-                self._open.pop(eid, None)
-            else:
-                self._open[eid] = decided
+            seen = self._open.pop(eid, None) if closed else self._open.get(eid)
+        if seen is not None:
+            decided = seen[0]
+        elif closed:
+            decided = False
+        else:
+            entity, start = event.get("entity"), event.get("start_ts")
+            known = isinstance(entity, str) and isinstance(start, (int, float)) and not isinstance(start, bool)
+            decided = known and self.in_maintenance(entity, float(start))
+            if isinstance(eid, str):
+                self._open[eid] = (decided, float(start) if known else 0.0)
         self.muted += decided
         return decided
 
-    def keep(self, events: Sequence[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], list[str]]:
-        """``events`` (key, encoded record) without the muted ones, and the entities of those muted."""
-        if not self._spans and not self._open:
-            return list(events), []
+    def keep(self, events: Sequence[tuple[bytes, bytes]], now_s: float | None = None
+             ) -> tuple[list[tuple[bytes, bytes]], list[tuple[str, str]]]:
+        """``events`` (key, encoded record) without the muted ones, and the (entity, status) of those muted.
+        Every event record is looked at, periods in force or not: an open let through before a period was
+        given must not have its close held back."""
         kept, muted = [], []
         for key, value in events:
             try:
@@ -75,9 +89,11 @@ class Muter:
                 kept.append((key, value))
                 continue
             if isinstance(event, dict) and self.mutes(event):
-                muted.append(str(event.get("entity")))
+                muted.append((str(event.get("entity")), str(event.get("status"))))
             else:
                 kept.append((key, value))
+        if now_s is not None and len(self._open) > 1000:
+            self._open = {eid: seen for eid, seen in self._open.items() if now_s - seen[1] <= self.max_age_s}
         return kept, muted
 
 

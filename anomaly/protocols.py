@@ -330,9 +330,9 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
 
 
 def attribution(series: Sequence[LabelledSeries], results: Sequence[SeriesResult]) -> dict[str, Any]:
-    """How well each flagged row's sensors, ranked by their share of the error (what an event lists),
-    name the sensors labelled responsible (SMD's ``interpretation_label``): HitRate@P% and NDCG@P% over
-    every labelled row, and HitRate over the labelled rows flagged (``evaluation.attribution_counts``).
+    """How well each row's sensors, ranked by their share of the error (what an event lists), name the
+    sensors labelled responsible (SMD's ``interpretation_label``): HitRate@P% and NDCG@P% over every
+    labelled row, and HitRate over the labelled rows flagged (``evaluation.attribution_counts``).
     Empty when no series carries such labels."""
     counts = []
     for s, r in zip(series, results):

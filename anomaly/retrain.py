@@ -46,7 +46,7 @@ import heapq
 import math
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ import pandas as pd
 
 from anomaly import feedback
 from anomaly.codec import BadRecord, Reading
-from anomaly.listing import some
+from anomaly.listing import added_removed, some
 from anomaly.config import RetrainSettings, Settings
 from anomaly.entity_filter import EntityFilter
 from anomaly.evaluation import EventMetrics, aggregate_events, event_metrics
@@ -101,8 +101,8 @@ class RetrainResult:
 
 # --- history (pure) ------------------------------------------------------------------------------
 
-_COMPACT_AT = 4096
-OTHER_SETS_KEPT = 10_000  # entities whose readings of another sensor set are remembered (``sensor_set_changes``)  # readings let go at the left of a buffer before its arrays are shifted down
+_COMPACT_AT = 4096  # readings let go at the left of a buffer before its arrays are shifted down
+OTHER_SETS_KEPT = 10_000  # entities whose readings of another sensor set are remembered (``sensor_set_changes``)
 
 
 class _Buffer:
@@ -230,8 +230,11 @@ class History:
             self.ignored += 1
             return False
         if self.sensors is not None and not self._carries(reading):
+            if self.partial and not reading.values.keys() - self.ignored_sensors:
+                return False  # a part of a slot carrying only a sensor read past: nothing of it to keep
             self.ignored += 1
-            if self.exact_sensors:
+            if self.exact_sensors and (self.max_ts is None or reading.ts <= self.max_ts) \
+                    and reading.ts >= self.newest_ts - self.lookback_s:
                 seen = self._other_sets.get(reading.entity)
                 if (seen is None and len(self._other_sets) < OTHER_SETS_KEPT) or (seen is not None and reading.ts >= seen[0]):
                     self._other_sets[reading.entity] = (reading.ts, frozenset(reading.values))
@@ -282,13 +285,15 @@ class History:
         producers send now the worker dead-letters, and the retrain cannot follow (it keeps the champion's
         sensors)."""
         out = {}
+        cutoff = self.newest_ts - self.lookback_s
         for entity, (ts, keys) in sorted(self._other_sets.items()):
             buf = self._by_entity.get(entity)
-            if buf is not None and buf.last_ts > ts:
-                continue  # back on the model's sensors since
+            if ts < cutoff or (buf is not None and buf.last_ts >= ts):
+                continue  # gone with the lookback, or back on the model's sensors since (or beside it)
             added = sorted(keys - (self.sensors or frozenset()) - self.ignored_sensors)
             missing = [] if self.partial else sorted((self.sensors or frozenset()) - keys)
-            out[entity] = (added, missing)
+            if added or missing:
+                out[entity] = (added, missing)
         return out
 
     def _carries(self, reading: Reading) -> bool:
@@ -591,9 +596,12 @@ def _label_needles(label_field: str) -> tuple[bytes, ...]:
 
 def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s: float,
                    client_options: Mapping[str, Any] | None = None, stats: dict[str, int] | None = None,
-                   label_field: str | None = None, leap_s: float | None = None) -> Iterator[Reading | Labelled]:
+                   label_field: str | None = None, leap_s: float | None = None,
+                   ignored: Collection[str] = (), partial: bool = False) -> Iterator[Reading | Labelled]:
     """Every decodable reading of ``topic`` from the beginning, streamed (nothing is held here); a
-    reading whose JSON carries ``label_field`` comes as ``(reading, label)``.
+    reading whose JSON carries ``label_field`` comes as ``(reading, label)``; ``ignored``: sensors read past
+    unread and unchecked, as the worker reads past them (``Detector.ignored_sensors``: a dead sensor's
+    ``NaN`` or text must not cost the reading).
 
     No consumer group (assign + seek_to_beginning), nothing committed, the topic is never created.
     It does not ask the broker where the end is (Tansu's end offsets are wrong, DESIGN §5), so it works
@@ -693,7 +701,7 @@ def topic_readings(bootstrap_servers: str, topic: str, idle_s: float, timeout_s:
                 decoded = []
                 for record in records:
                     stats["records"] += 1
-                    reading = codec.decode_reading(record.value)
+                    reading = codec.decode_reading(record.value, ignored=ignored, partial=partial)
                     if isinstance(reading, BadRecord):
                         stats["bad"] += 1
                     else:
@@ -902,7 +910,8 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
         k = settings.kafka
         readings: Iterable[Reading | Labelled] = topic_readings(
             k.bootstrap_servers, k.input_topic, rt.read_idle_s, rt.read_timeout_s, k.client_options, stats,
-            label_field=rt.label_field, leap_s=None if clock_bound else LEAP_S)  # without a clock bound: as the worker
+            label_field=rt.label_field, leap_s=None if clock_bound else LEAP_S,  # without a clock bound: as the worker
+            ignored=getattr(champion, "ignored_sensors", ()), partial=settings.worker.partial_readings)
         origin = f"kafka:{k.input_topic}"
     else:
         readings, origin = source(), str(getattr(source, "origin", "source"))
@@ -921,8 +930,7 @@ def _cycle(settings: Settings, source: HistorySource | None, data_transform: Dat
             history.add(item)
     changes = history.sensor_set_changes()
     if changes:
-        said = [f"{entity} ({' '.join([*(f'+{s}' for s in added), *(f'-{s}' for s in missing)])})"
-                for entity, (added, missing) in changes.items()]
+        said = [f"{entity} ({added_removed(added, missing)})" for entity, (added, missing) in changes.items()]
         log.warning("%d entities send another sensor set than the champion's (%s) since their last reading of it: "
                     "the worker dead-letters those readings and a retrain keeps the champion's sensors, so it "
                     "cannot follow them; train a model on their new set (anomaly train --data) and promote it: %s",

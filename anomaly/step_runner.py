@@ -54,8 +54,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
+from anomaly.listing import added_removed
 from anomaly.model_follower import ModelFollower
 from anomaly.scoring_step import BatchOutput, PartitionBatch, ScoringModel, ScoringStep, window_shape
 from anomaly.stop_flag import STOP_SIGNALS
@@ -196,13 +197,19 @@ class ThreadRunner:
         before = self.step.model
         kept = self.step.swap_model(model, replay=replay)
         change = sensor_change(before.sensors, model.sensors)
-        if change:
-            ignored = getattr(model, "ignored_sensors", ())
+        ignored = getattr(model, "ignored_sensors", ())
+        no_longer = [s for s in getattr(before, "ignored_sensors", ()) if s not in ignored and s not in model.sensors]
+        if change or no_longer:
             read_past = [s for s in before.sensors if s in ignored]
-            log.warning("%s v%s reads other sensors than v%s did (%s): readings of another sensor set than its %s "
-                        "go to the dead-letter topic from now on%s", self.follower.model_name, version, before.version,
-                        change, ", ".join(model.sensors),
-                        f" ({', '.join(read_past)}: left out by its training, read past)" if read_past else "")
+            said = [f"reads other sensors than v{before.version} did ({change}): readings of another sensor set than "
+                    f"its {', '.join(model.sensors)} go to the dead-letter topic from now on"] if change else []
+            if read_past:
+                said.append(f"except that they may still carry {', '.join(read_past)}, which its training left out "
+                            "(read past)")
+            if no_longer:
+                said.append(f"readings carrying {', '.join(no_longer)} (which v{before.version}'s training had left out "
+                            "and it read past) are dead letters now")
+            log.warning("%s v%s: %s", self.follower.model_name, version, "; ".join(said))
         replay_from = self.step.replay_from
         log.info("now serving %s v%s (window state %s)", self.follower.model_name, version,
                  "kept" if kept else "restarted: the new model's sensors, window or period differ"
@@ -218,9 +225,7 @@ class ThreadRunner:
 
 def sensor_change(before: Sequence[str], after: Sequence[str]) -> str:
     """How a model's sensor set differs from the one before it (``+added -removed``; '' for none)."""
-    added = [s for s in after if s not in set(before)]
-    removed = [s for s in before if s not in set(after)]
-    return " ".join([*(f"+{s}" for s in added), *(f"-{s}" for s in removed)])
+    return added_removed([s for s in after if s not in set(before)], [s for s in before if s not in set(after)])
 
 
 class ProcessRunner:

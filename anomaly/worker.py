@@ -165,7 +165,7 @@ class Worker:
         self._in_flight: tuple[Any, float, float] | None = None  # (runner handle, now_s, started)
         self._revoked: set[tuple[str, int]] = set()  # revoked since the last assignment (on_assigned decides)
         self.dead_letter_log = DeadLetterLog()
-        self.muter = Muter()  # events that start in their entity's maintenance are held back
+        self.muter = Muter(max_age_s=2 * options.alert_policy.max_event_s)  # events starting in maintenance: held back
         self._maintenance: MaintenanceWatch | None = None
         self._muted_said_s = -math.inf
         self._muted_since: list[str] = []  # entities of the events muted since the last line
@@ -367,9 +367,11 @@ class Worker:
         delivery failed."""
         o = self.options
         out = self._runner.result(handle)
-        events, muted = self.muter.keep(out.events)
-        if muted:
-            self._say_muted(muted)
+        events, muted = self.muter.keep(out.events, self.clock())
+        if muted:  # not raised: not counted as events either (AnomalyEventStorm in a fleet-wide stop)
+            for key, status in (("events_opened", "open"), ("events_closed", "closed")):
+                out.counts[key] = out.counts.get(key, 0) - sum(1 for _, s in muted if s == status)
+            self._say_muted([entity for entity, _ in muted])
         sends = [self._producer.send(o.events_topic, key=k, value=v) for k, v in events]
         sends += [self._producer.send(o.dlq_topic, key=k, value=v) for k, v in out.dead_letters]
         if o.scores_topic:
@@ -399,9 +401,9 @@ class Worker:
         s.windows_scored += counts.get("windows_scored", 0)
         s.events += len(events)
         s.dead_letters += len(out.dead_letters)
-        if out.events or out.dead_letters:  # a batch of dead letters alone: the dead-letter log below speaks
-            log.log(logging.INFO if out.events else logging.DEBUG, "batch: %d records, %d windows, %d events, "
-                    "%d dead letters", counts.get("consumed", 0), counts.get("windows_scored", 0), len(out.events),
+        if events or out.dead_letters:  # a batch of dead letters alone: the dead-letter log below speaks
+            log.log(logging.INFO if events else logging.DEBUG, "batch: %d records, %d windows, %d events, "
+                    "%d dead letters", counts.get("consumed", 0), counts.get("windows_scored", 0), len(events),
                     len(out.dead_letters))
         if out.dead_letter_reasons:
             self._say_dead_letters(self.dead_letter_log.add(out.dead_letter_reasons, self.clock(), out.dead_letter_keys))
@@ -412,12 +414,13 @@ class Worker:
         if in_flight is not None:
             self._complete(*in_flight)
 
-    def _say_muted(self, entities: list[str]) -> None:
-        """Count event records held back for maintenance; say so once a minute, naming the entities."""
+    def _say_muted(self, entities: list[str], final: bool = False) -> None:
+        """Count event records held back for maintenance; say so once a minute (and when the worker stops),
+        naming the entities."""
         self.metrics.events_muted.inc(len(entities))
         self._muted_since.extend(entities)
         now = time.monotonic()
-        if now - self._muted_said_s >= 60.0:
+        if self._muted_since and (final or now - self._muted_said_s >= 60.0):
             self._muted_said_s = now
             log.info("%d event records held back: their events started during their entity's maintenance (%s)",
                      len(self._muted_since), some(sorted(set(self._muted_since))))
@@ -457,6 +460,7 @@ class Worker:
                 later.callback(self._producer.close, timeout=5)
                 later.callback(self._producer.flush, timeout=CLOSE_FLUSH_S)
             self._say_dead_letters(self.dead_letter_log.flush(self.clock()))
+            self._say_muted([], final=True)
 
     # --- rebalance ---------------------------------------------------------------------------
     def on_revoked(self, partitions) -> None:

@@ -93,9 +93,12 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = [f"{first['attribution_rows']} labelled rows ({first['attribution_flagged_rows']} of them flagged)", "",
              "| ranking | HitRate@100% | HitRate@150% | NDCG@100% | NDCG@150% | HitRate@100%, flagged rows |",
              "| --- | --- | --- | --- | --- | --- |"]
+    def f(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['hit_rate_100']:.3f} | {r['hit_rate_150']:.3f} | {r['ndcg_100']:.3f} | "
-                     f"{r['ndcg_150']:.3f} | {r['hit_rate_100_flagged']:.3f} |")
+        lines.append(f"| {name} | {f(r['hit_rate_100'])} | {f(r['hit_rate_150'])} | {f(r['ndcg_100'])} | "
+                     f"{f(r['ndcg_150'])} | {f(r['hit_rate_100_flagged'])} |")
     return "\n".join(lines)
 
 

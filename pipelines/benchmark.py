@@ -365,7 +365,7 @@ def markdown(data: dict) -> str:
 
 # TranAD's diagnosis table (Tuli et al., PVLDB 15(6) 2022), its own code's protocol: machine-1-1 only, every
 # labelled row, k = round(P% x labelled).
-ATTRIBUTION_PUBLISHED = [("TranAD (machine-1-1; Tuli et al. 2022)", "0.50", "0.64", "0.49", "0.62")]
+ATTRIBUTION_PUBLISHED = [("TranAD (machine-1-1; Tuli et al. 2022, as quoted, unchecked)", "0.50", "0.64", "0.49", "0.62")]
 
 
 def attribution_markdown(s: dict) -> list[str]:

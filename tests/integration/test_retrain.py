@@ -623,11 +623,21 @@ def test_a_sensor_the_champions_training_left_out_is_read_past_and_stays_left_ou
     topic = f"retrain-left-out-{np.random.default_rng().integers(1 << 30)}"
     replay.replay(kafka_broker, topic, replay.replay_plan(normal_frame(ROWS, seed=5), "pump",
                                                           start_ts=1_790_000_000.0), progress=False)
+    from anomaly.kafka_io import make_producer
+
+    producer = make_producer(kafka_broker)  # then the stuck sensor reads "n/a": the worker reads past it too
+    for i in range(100):
+        producer.send(topic, key=b"pump-0", value=json.dumps({"entity": "pump-0", "ts": 1_790_000_000.0 + ROWS + i,
+                                                              "values": {"temp": 70.0, "pressure": 1.0,
+                                                                         "flow": "n/a"}}).encode())
+    producer.flush(timeout=30)
+    producer.close()
     settings = settings_for(root, kafka_broker, topic, epochs=1)
     try:
         result = run_cycle(settings)
         assert result.status in ("promoted", "kept"), result.reason
-        assert result.data["readings_ignored"] == 0 and result.data["readings_seen"] == ROWS
+        assert result.data["readings_ignored"] == 0 and result.data["readings_seen"] == ROWS + 100
+        assert result.data["bad_records"] == 0
         challenger, _ = registry.load_detector(NAME, result.challenger_version)
         assert challenger.sensors == ("temp", "pressure") and challenger.ignored_sensors == ("flow",)
     finally:

@@ -412,6 +412,7 @@ def test_sensors_the_model_left_out_are_read_past_not_dead_lettered() -> None:
     other = reading_json(values={"temp": 1, "pressure": 2, "flow": 5, "rpm": 3})
     assert "unknown ['rpm']" in decode_reading(other, sensors, ignored=ignored).reason
     only = reading_json(values={"flow": 5})
+    only_ts = decode_reading(carried).ts
     assert "only sensors the model does not read (['flow'])" in decode_reading(only, sensors, ignored=ignored).reason
     missing = reading_json(values={"temp": 1, "flow": 5})
     assert "missing ['pressure']" in decode_reading(missing, sensors, ignored=ignored).reason
@@ -423,6 +424,11 @@ def test_sensors_the_model_left_out_are_read_past_not_dead_lettered() -> None:
     assert _batch_as_readings(raws, sensors, ignored) == [decode_reading(r, sensors, ignored=ignored) for r in raws]
     fast = decode_batch([carried] * 3, sensors, ignored=ignored)  # the fast path reads past it too
     assert fast.values.tolist() == [[1.5, 2.0]] * 3 and not fast.bad
+    # a slot sent one sensor a message (partial readings): the part of the left-out sensor is a reading of none
+    # (an empty reading, its slot's other parts merged as ever), not 1 dead letter in F + 1
+    assert decode_reading(only, sensors, ignored=ignored, partial=True) == Reading("pump-7", only_ts, {})
+    parts = decode_batch([only, reading_json(values={"temp": 1})], sensors, ignored=ignored, partial=True)
+    assert not parts.bad and np.isnan(parts.values[0]).all() and parts.values[1].tolist()[0] == 1.0
 
 
 # --- encoding readings ---------------------------------------------------------------------------

@@ -134,6 +134,12 @@ def test_history_with_partial_readings_keeps_what_the_worker_scores_and_merges_a
     assert np.array_equal(frame.to_numpy(), [[1.0, 2.0], [1.5, 2.5], [np.nan, 3.0]], equal_nan=True)
     strict = History(max_readings=10, lookback_s=100, sensors=["a", "b"])
     assert not strict.add(Reading("p", 1.0, {"a": 1.0}))
+    # the part of a sensor the champion's training left out (decoded as a reading of none): not a sensor set
+    # of its own, not counted as left out
+    read_past = History(max_readings=10, lookback_s=100, sensors=["a", "b"], partial=True, ignored_sensors=["z"])
+    assert read_past.add(Reading("p", 1.0, {"a": 1.0})) and not read_past.add(Reading("p", 1.0, {}))
+    assert not read_past.add(Reading("p", 2.0, {"z": 3.0}))
+    assert read_past.ignored == 0 and read_past.sensor_set_changes() == {}
 
 
 def test_history_names_the_entities_whose_producers_moved_to_another_sensor_set():
@@ -148,6 +154,14 @@ def test_history_names_the_entities_whose_producers_moved_to_another_sensor_set(
     h.add(Reading("p2", 4.0, {"a": 1.0, "b": 2.0}))
     h.add(Reading("p4", 4.0, {"a": 1.0, "c": 2.0}))  # never sent a and b: renamed b -> c
     assert h.sensor_set_changes() == {"p1": (["v"], []), "p4": (["c"], ["b"])}
+    h.add(Reading("p4", 4.0, {"a": 1.0, "b": 2.0}))  # a reading of the model's set stamped alike: back on it
+    h.add(Reading("p6", 1e9, {"a": 1.0, "b": 2.0}))  # moves the lookback past every reading before it
+    h.add(Reading("p5", 1e9, {"a": 1.0, "c": 2.0}))
+    assert h.sensor_set_changes() == {"p5": (["c"], ["b"])}
+    bounded = History(max_readings=10, lookback_s=100, sensors=["a"], max_ts=50.0)
+    bounded.add(Reading("p", 10.0, {"a": 1.0}))
+    bounded.add(Reading("p", 1e9, {"b": 1.0}))  # stamped years ahead: left out, not a change of set
+    assert bounded.sensor_set_changes() == {}
     table = History(max_readings=10, lookback_s=100, sensors=["a"], exact_sensors=False)  # a file's columns
     table.add(Reading("p", 1.0, {"b": 1.0}))
     assert table.sensor_set_changes() == {}

@@ -361,7 +361,7 @@ def test_a_swap_to_a_model_of_other_sensors_is_a_warning_naming_them(caplog) -> 
     dead-letter topic from then on, so the operator is told which sensors changed."""
     def serving(detector, version: str) -> FakeModel:  # the 'detector' is the sensors
         model = FakeModel(window_size=4, version=version, sensors=detector)
-        model.ignored_sensors = ("flow",) if version == "4" else ()
+        model.ignored_sensors = ("flow",) if version in ("4", "4b") else ()
         return model
 
     step = ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0), AlertPolicy())
@@ -381,12 +381,20 @@ def test_a_swap_to_a_model_of_other_sensors_is_a_warning_naming_them(caplog) -> 
         follower.pending = (("temp", "pressure"), "4")  # its training left flow out: readings carrying it are read
         with caplog.at_level("WARNING", logger="anomaly.step_runner"):
             runner.follow_model()
+        follower.pending = (("temp", "pressure"), "4b")
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
+        follower.pending = (("temp", "pressure"), "5")  # the same sensors, flow no longer read past
+        with caplog.at_level("WARNING", logger="anomaly.step_runner"):
+            runner.follow_model()
     finally:
         runner.close()
     assert [r.getMessage() for r in caplog.records] == [
-        "pumps v3 reads other sensors than v2 did (-flow): readings of another sensor set than its temp, pressure "
+        "pumps v3: reads other sensors than v2 did (-flow): readings of another sensor set than its temp, pressure "
         "go to the dead-letter topic from now on",
-        "pumps v1b reads other sensors than v3 did (+flow): readings of another sensor set than its temp, pressure, "
+        "pumps v1b: reads other sensors than v3 did (+flow): readings of another sensor set than its temp, pressure, "
         "flow go to the dead-letter topic from now on",
-        "pumps v4 reads other sensors than v1b did (-flow): readings of another sensor set than its temp, pressure "
-        "go to the dead-letter topic from now on (flow: left out by its training, read past)"]
+        "pumps v4: reads other sensors than v1b did (-flow): readings of another sensor set than its temp, pressure "
+        "go to the dead-letter topic from now on; except that they may still carry flow, which its training left "
+        "out (read past)",
+        "pumps v5: readings carrying flow (which v4b's training had left out and it read past) are dead letters now"]
