@@ -93,6 +93,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     lines = [f"{first['attribution_rows']} labelled rows ({first['attribution_flagged_rows']} of them flagged)", "",
              "| ranking | HitRate@100% | HitRate@150% | NDCG@100% | NDCG@150% | HitRate@100%, flagged rows |",
              "| --- | --- | --- | --- | --- | --- |"]
+
     def f(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
