@@ -31,6 +31,11 @@ Per entity, windows arrive in time order with a score and the threshold in force
   it has lasted ``min_duration_windows``). Because every entity starts afresh at the same stream times,
   the state an open event rests on reaches back at most one period and a window, for every entity of
   a partition at once: a restart replays at most that much to re-derive every id.
+- **Maintenance.** The end of an entity's maintenance period (``maintenance``: entity -> its periods,
+  set by the worker from ``anomaly feedback maintenance``) is a boundary too, for a state anchored in
+  the period: an anomaly that began during the work (whose events the worker holds back) and goes on
+  after it is closed at the first window past its end and continues as a new event, which the worker
+  raises (an hour could pass before the grid's next boundary).
 - **Peak.** ``peak_score`` is the highest score of the event (a re-opened event keeps its earlier
   peak if higher). Scores of two model versions are on two scales, so across a model swap the window
   that is further over its own bar (``score / threshold``) is the higher (``_outranks``). ``sensors``
@@ -140,6 +145,7 @@ class AlertTracker:
         self.spacing_s = spacing_s  # stream seconds between two of an entity's windows (stride x period)
         self._runs: dict[str, _Run] = {}
         self._events: dict[str, _Event] = {}
+        self.maintenance: dict[str, tuple[tuple[float, float], ...]] = {}  # entity -> its periods (start, end)
 
     def period_s(self) -> float:
         """The period of the stream-time grid: ``max_event_s``, or ``MIN_SPLIT_WINDOWS`` window spacings."""
@@ -162,7 +168,9 @@ class AlertTracker:
         above = score > threshold
         event = self._events.get(entity)
         anchor = self.anchor_ts(entity)
-        if anchor is not None and self._period(anchor) != self._period(end_ts):
+        if anchor is not None and (self._period(anchor) != self._period(end_ts) or (
+                entity in self.maintenance and any(start <= anchor <= end < end_ts
+                                                   for start, end in self.maintenance[entity]))):
             # The first window past a boundary of the grid: the entity's state starts afresh here.
             self._runs.pop(entity, None)
             self._events.pop(entity, None)

@@ -7,8 +7,9 @@ of its maintenance periods is muted: none of its records (open, closed) goes to 
 event that began before the period keeps going and closes as it would: its open record was sent. The
 decision is taken once per event, at its open record (``Muter.mutes``), so a period given or withdrawn while
 an event is open does not leave an opened event without its close; a close whose open this worker did not
-see (a restart, a partition moved to it) is sent. An event that starts in a period and goes on past its
-end is raised at the worker's next ``worker.max_event_s`` cut (its continuation is a new event).
+see (a restart, a partition moved to it) is sent. An anomaly that starts in a period and goes on past
+its end is cut there by the scoring step (``AlertTracker.maintenance``, the periods passed on by the
+worker) and goes on as a new event, which is raised.
 
 ``MaintenanceWatch`` reads the feedback topic as the worker starts, then again every
 ``worker.maintenance_poll_s`` in a thread of its own (the poll loop never waits on it) and hands the periods in force to the ``Muter``. The retrain leaves
@@ -40,10 +41,17 @@ class Muter:
         self._open: dict[str, tuple[bool, float]] = {}  # event id -> (held back, start), seen open, not yet closed
         self.max_age_s = float(max_age_s)
         self.muted = 0  # event records held back so far
+        self.version = 0  # how many times the periods were updated (the worker passes them on when it moves)
 
     def update(self, spans: Spans) -> None:
         """The maintenance periods in force now (entity -> (start, end) epoch seconds, inclusive)."""
         self._spans = {entity: tuple(periods) for entity, periods in spans.items() if periods}
+        self.version += 1
+
+    @property
+    def spans(self) -> dict[str, tuple[tuple[float, float], ...]]:
+        """The maintenance periods in force."""
+        return self._spans
 
     @property
     def entities(self) -> int:

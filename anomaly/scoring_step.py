@@ -814,6 +814,11 @@ class ScoringStep:
                         "parts are merged: %s", len(named), grace, "1 or more" if grace == 0 else "more",
                         some(named, quoted=True))
 
+    def set_maintenance(self, spans: Mapping[str, Sequence[tuple[float, float]]]) -> None:
+        """The maintenance periods in force (entity -> (start, end)): an alert state anchored in one starts
+        afresh at its end (``AlertTracker.maintenance``), so what goes on after the work is a new event."""
+        self._alerts.maintenance = {entity: tuple(periods) for entity, periods in spans.items() if periods}
+
     def _check_silent(self, silent: dict[str, tuple[str, ...]]) -> int:
         """Say which sensors went silent since the last check (a warning) and how many came back (info);
         returns how many (entity, sensor) pairs are silent now. A sensor that stops sending (unplugged, dead)

@@ -160,6 +160,10 @@ class ThreadRunner:
     def entities(self) -> int:
         return self.step.windows.entities
 
+    def set_maintenance(self, spans: Any) -> None:
+        """Between batches: the maintenance periods in force (``ScoringStep.set_maintenance``)."""
+        self.step.set_maintenance(spans)
+
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> None:
         dropped = self.step.forget_partitions(partitions)
         log.info("partitions revoked: %s (%d entities' windows dropped)", sorted(p for _, p in partitions), dropped)
@@ -277,6 +281,10 @@ class ProcessRunner:
     @property
     def entities(self) -> int:
         return self._entities
+
+    def set_maintenance(self, spans: Any) -> None:
+        """Tell the child (it applies them before the batches sent after them)."""
+        self._send(("maintenance", {entity: list(periods) for entity, periods in spans.items()}))
 
     def forget_partitions(self, partitions: Sequence[tuple[str, int]]) -> None:
         """Tell the child; a child already gone has nothing to forget. This runs inside kafka-python's
@@ -435,6 +443,8 @@ def _child_main(conn, runner: ThreadRunner) -> int:
                     finisher.submit(tell, ("swap", runner.swap(message[1], message[2], message[3])))
                 elif kind == "forget":
                     runner.forget_partitions(message[1])  # staging order: batches received before it are staged
+                elif kind == "maintenance":
+                    runner.set_maintenance(message[1])
                 elif kind == "stop":
                     break
     except (EOFError, BrokenPipeError, ConnectionResetError):

@@ -169,6 +169,7 @@ class Worker:
         self._maintenance: MaintenanceWatch | None = None
         self._muted_said_s = -math.inf
         self._muted_since: list[str] = []  # entities of the events muted since the last line
+        self._maintenance_sent = 0  # the Muter's version last passed to the step
 
     def _serving(self, detector, version: str) -> DetectorModel:
         """``detector`` as the scoring step's model, on this worker's device and precision."""
@@ -287,6 +288,9 @@ class Worker:
                 batches = [PartitionBatch(tp.topic, tp.partition, [r.offset for r in rs], [r.key for r in rs],
                                           [r.value for r in rs]) for tp, rs in polled.items() if rs]
                 submitted = None
+                if self.muter.version != self._maintenance_sent:  # new periods: to the step before the next batch
+                    self._maintenance_sent = self.muter.version
+                    self._runner.set_maintenance(self.muter.spans)
                 if batches:
                     started, now_s = time.perf_counter(), self.clock()
                     # Submitted at once: its forward pass runs while the batch in hand is completed.

@@ -223,3 +223,18 @@ def test_max_event_s_must_be_positive_and_finite() -> None:
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ConfigError, match="max_event_s"):
             AlertPolicy(max_event_s=bad)
+
+
+def test_an_anomaly_that_began_in_maintenance_and_goes_on_after_it_is_a_new_event_at_its_end() -> None:
+    """The worker holds back an event that starts in its entity's maintenance; one that went on after the
+    work (a seal fitted wrong) was held back with it until the grid's next boundary, up to an hour."""
+    tracker = AlertTracker(AlertPolicy(min_duration_windows=3, recovery_windows=3, max_event_s=3600.0))
+    tracker.maintenance = {"pump-1": ((T0 + 0.0, T0 + 40.0),), "pump-2": ((T0 + 0.0, T0 + 40.0),),
+                           "pump-3": ((T0 + 10.0, T0 + 40.0),)}
+    events = run(tracker, [0.1] * 5 + [5.0] * 60 + [0.1] * 5)  # above from T0 + 5 to T0 + 64
+    assert [(e["status"], e["continued"], e["start_ts"]) for e in events] == [
+        ("open", False, T0 + 5), ("closed", True, T0 + 5), ("open", False, T0 + 41), ("closed", False, T0 + 41)]
+    assert events[1]["end_ts"] == T0 + 40  # the last window of the work
+    # an anomaly that began before the period (at T0 + 1) is not cut at its end; one that ends in it is not either
+    assert [e["status"] for e in run(tracker, [0.1] * 1 + [5.0] * 60 + [0.1] * 5, entity="pump-3")] == ["open", "closed"]
+    assert [e["start_ts"] for e in run(tracker, [5.0] * 10 + [0.1] * 60, entity="pump-2", t0=T0 + 20)] == [T0 + 20] * 2

@@ -398,3 +398,27 @@ def test_a_swap_to_a_model_of_other_sensors_is_a_warning_naming_them(caplog) -> 
         "go to the dead-letter topic from now on; except that they may still carry flow, which its training left "
         "out (read past)",
         "pumps v5: readings carrying flow (which v4b's training had left out and it read past) are dead letters now"]
+
+
+def test_maintenance_periods_reach_the_child_before_the_batches_sent_after_them() -> None:
+    def scoring_step() -> ScoringStep:
+        return ScoringStep(FakeModel(window_size=4, version="1"), WindowPolicy(window_size=1, period_s=1.0),
+                           AlertPolicy(min_duration_windows=2, recovery_windows=2))
+
+    records = fault_stream()  # b's flow is off in slots 20-27
+    spans = {"b": [(T0 + 15.0, T0 + 23.0)]}  # the work ends while the fault goes on
+    local = scoring_step()
+    local.set_maintenance(spans)
+    expected = [local.process(records[:60], now_s=T0 + 1000), local.process(records[60:], now_s=T0 + 1000)]
+    opened = [json.loads(v)["start_ts"] - T0 for out in expected for _, v in out.events
+              if json.loads(v)["status"] == "open"]
+    assert len(opened) == 2 and opened[1] > 23  # cut at the end of the work: the rest is an event of its own
+    runner = process_runner(scoring_step())
+    try:
+        runner.set_maintenance(spans)
+        runner.submit(records[:60], now_s=T0 + 1000)
+        runner.submit(records[60:], now_s=T0 + 1000)
+        got = [runner.result(), runner.result()]
+    finally:
+        runner.close()
+    assert got == expected
