@@ -13,6 +13,7 @@ import numpy as np
 from anomaly import plots, tracking
 from anomaly.config import Settings
 from anomaly.protocols import ProtocolResult, SeriesResult
+from anomaly.scoring import sensor_contributions
 
 
 DISTRIBUTION_SCORES = 200_000  # the score-distribution figure draws at most this many
@@ -60,6 +61,10 @@ def track_evaluation(result: ProtocolResult, settings: Settings, report_path: Pa
                                                  r.threshold if r.bars is None else r.bars,
                                                  flags=r.flags, labels=r.labels, expected=r.expected),
                            f"overlay-{r.name.replace('/', '_')}.png")
+            if r.sensor_errors is not None:
+                run.log_figure(plots.contribution_map(r.timestamps, sensor_contributions(r.sensor_errors), r.sensors,
+                                                      flags=r.flags, blamed=r.blamed, subject=r.name),
+                               f"contributions-{r.name.replace('/', '_')}.png")
             normal, labelled = relative_scores(result.series)
             run.log_figure(plots.error_distribution(
                 spread_sample(normal, DISTRIBUTION_SCORES), 1.0, spread_sample(labelled, DISTRIBUTION_SCORES),

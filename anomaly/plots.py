@@ -1,5 +1,5 @@
 """Figures people would rather look at than read: loss curves, the error distribution with its
-threshold, and a reading/score overlay with flagged and labelled spans. Returns matplotlib figures;
+threshold, a reading/score overlay with flagged and labelled spans, and which sensors drove the error. Returns matplotlib figures;
 writes nothing (the tracking adapter logs them to MLflow).
 """
 
@@ -122,6 +122,53 @@ def anomaly_overlay(timestamps: np.ndarray, values: np.ndarray, sensors: Sequenc
     whose = f"{subject}: r" if subject else "R"
     fig.suptitle(f"{whose}eadings, reconstruction and anomaly score ({', '.join(keys)}{more})", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def contribution_map(timestamps: np.ndarray, shares: np.ndarray, sensors: Sequence[str],
+                     flags: np.ndarray | None = None, blamed: np.ndarray | None = None, max_sensors: int = 20,
+                     subject: str | None = None) -> Figure:
+    """Which sensors drove the error, row by row: each sensor's share of its window's reconstruction error
+    (rows, F; what an event lists) as a heat map, the flagged rows in a red strip above it, and, where the
+    data says which sensors were to blame (``blamed``, rows x F bool: SMD's ``interpretation_label``), black
+    marks on those cells. The ``max_sensors`` sensors shown are those with the largest share over the
+    flagged rows (all rows where none is), and every blamed one, in that order."""
+    shares = np.asarray(shares, dtype=np.float64)
+    x = np.asarray(timestamps)
+    n, f = shares.shape
+    flagged = None if flags is None else np.nan_to_num(np.asarray(flags, dtype=np.float64), nan=0.0) != 0
+    rows = flagged if flagged is not None and flagged.any() else np.ones(n, dtype=bool)
+    weight = np.nansum(shares[rows], axis=0)
+    if blamed is not None:
+        weight = weight + np.where(np.asarray(blamed, dtype=bool).any(axis=0), np.inf, 0.0)  # blamed ones first
+    shown = np.argsort(-weight, kind="stable")[:max_sensors].tolist()
+    fig, (strip, ax) = plt.subplots(2, 1, figsize=(10, 1.2 + 0.22 * len(shown)), sharex=True,
+                                    gridspec_kw={"height_ratios": [1, max(len(shown), 1) / 2]})
+    strip.set_yticks([])
+    strip.set_ylabel("flagged", fontsize=7, rotation=0, ha="right", va="center")
+    strip.plot(x, np.zeros(n), lw=0)  # sets the x range (and units) for the shading
+    _shade(strip, x, flagged, "red")
+    xs = np.asarray(ax.convert_xunits(list(x)), dtype=np.float64) if n else np.zeros(0)
+    step = float(np.median(np.diff(xs))) if n > 1 else 1.0
+    image = ax.imshow(shares[:, shown].T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0,
+                      vmax=1.0, extent=(xs[0] - step / 2, xs[-1] + step / 2, len(shown) - 0.5, -0.5) if n else None)
+    ax.set_yticks(range(len(shown)), [_label(str(sensors[i]), 20) for i in shown], fontsize=6)
+    if blamed is not None:
+        cells = np.asarray(blamed, dtype=bool)[:, shown]
+        r, c = np.nonzero(cells)
+        if len(r) > 4000:  # a mark every few rows is as plain, and draws in a fraction of the time
+            keep = np.linspace(0, len(r) - 1, 4000).round().astype(np.int64)
+            r, c = r[keep], c[keep]
+        ax.scatter(xs[r], c, s=2, marker="s", color="black", linewidths=0, label="labelled to blame")
+        if len(r):
+            ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    fig.colorbar(image, ax=[strip, ax], fraction=0.03, pad=0.01, label="share of the error")
+    if np.issubdtype(x.dtype, np.datetime64):
+        fig.autofmt_xdate()  # dates slanted: they overlapped
+    whose = f"{subject}: w" if subject else "W"
+    more = f" (the {len(shown)} of {f} with the largest share{', the blamed ones first' if blamed is not None else ''})" \
+        if len(shown) < f else ""
+    fig.suptitle(f"{whose}hich sensors drove each window's error{more}", fontsize=9)
     return fig
 
 

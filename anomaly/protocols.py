@@ -82,6 +82,7 @@ class SeriesResult:
     best_epoch: int | None = None  # the epoch whose weights were kept (early stopping)
     bars: np.ndarray | None = None  # (T,) the bar each row's flag was held to (None: ``threshold`` throughout)
     sensor_errors: np.ndarray | None = None  # (T, F) per-sensor error of the window ending at each row (scaled units)
+    blamed: np.ndarray | None = None  # (T, F) bool: the sensors labelled to blame at each row (SMD), None: not labelled
 
 
 @dataclass
@@ -298,7 +299,8 @@ def run_nab(series: Sequence[LabelledSeries], settings: Settings, progress: Call
         p = s.train_rows
         scored.append(replace(r, timestamps=r.timestamps[p:], values=r.values[p:], labels=r.labels[p:],
                               scores=r.scores[p:], flags=r.flags[p:], expected=r.expected[p:],
-                              bars=None if r.bars is None else r.bars[p:]))
+                              bars=None if r.bars is None else r.bars[p:],
+                              sensor_errors=None if r.sensor_errors is None else r.sensor_errors[p:]))
     metrics = {"nab_standard": oracle["nab_standard"], "nab_low_fp": oracle["nab_low_fp"],
                "nab_low_fn": oracle["nab_low_fn"], "nab_standard_own_threshold": own["nab_standard"],
                "nab_low_fp_own_threshold": own["nab_low_fp"], "nab_low_fn_own_threshold": own["nab_low_fn"],
@@ -343,9 +345,11 @@ def attribution(series: Sequence[LabelledSeries], results: Sequence[SeriesResult
         columns = [str(c) for c in s.frame.columns]
         truth = evaluation.interpretation_matrix(segments, len(r.labels), len(columns), offset=first)
         # a labelled sensor the model does not read (data.sensors) ranks last: it can never be named
+        read = [columns.index(name) for name in r.sensors]
         scores = np.full((len(r.labels), len(columns)), -1.0)
-        scores[:, [columns.index(name) for name in r.sensors]] = r.sensor_errors
+        scores[:, read] = r.sensor_errors
         counts.append(evaluation.attribution_counts(scores, truth, flags=r.flags))
+        r.blamed = truth[:, read]  # for the contribution map (evaluation_job)
     return evaluation.aggregate_attribution(counts) if counts else {}
 
 

@@ -53,6 +53,7 @@ def test_evaluate_skab_copy_writes_figures_and_report(small_skab, tmp_path, monk
     assert len(runs) == 1 and runs.iloc[0]["metrics.f1"] == pytest.approx(figures["f1"])
     plotted = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.iloc[0]["run_id"], "plots")}
     assert "plots/score_distribution.png" in plotted and any(p.startswith("plots/overlay-") for p in plotted)
+    assert any(p.startswith("plots/contributions-") for p in plotted)  # which sensors drove the error
 
 
 @pytest.fixture()

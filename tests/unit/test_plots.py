@@ -136,3 +136,25 @@ def test_the_gate_limits_are_the_bars_decide_holds_the_challenger_to():
     assert limits["mean_error"][0] == pytest.approx(4500.0) and limits["false_alarm_rate"][0] == pytest.approx(0.168)
     assert limits["event_f1"][0] == pytest.approx(0.48)
     assert gate_limits({}, rt) == {}
+
+
+def test_the_contribution_map_shows_the_blamed_sensors_first_then_those_with_the_largest_share():
+    n, f = 300, 30
+    shares = np.full((n, f), 1.0 / f)
+    shares[100:150, 5] = 0.9  # sensor 5 drives the flagged stretch
+    flags = np.zeros(n, dtype=bool)
+    flags[100:150] = True
+    blamed = np.zeros((n, f), dtype=bool)
+    blamed[100:150, 12] = True  # the label blames 12
+    names = [f"m{i:02d}" for i in range(f)]
+    fig = plots.contribution_map(np.arange(n, dtype=float), shares, names, flags=flags, blamed=blamed, max_sensors=8)
+    strip, heat = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in heat.get_yticklabels()][:2] == ["m12", "m05"] and len(heat.get_yticklabels()) == 8
+    marks = heat.collections[0].get_offsets()
+    assert len(marks) == 50 and set(np.asarray(marks)[:, 1].tolist()) == {0.0}  # on m12's row, at its 50 rows
+    assert len(strip.collections) == 1  # the flagged stretch, one shaded run
+    assert "the 8 of 30 with the largest share, the blamed ones first" in fig._suptitle.get_text()
+    plots.close(fig)
+    plain = plots.contribution_map(np.arange(n, dtype=float), shares, names)  # no flags, no labels
+    assert [t.get_text() for t in plain.axes[1].get_yticklabels()][0] == "m05" and not plain.axes[1].collections
+    plots.close(plain)

@@ -217,6 +217,7 @@ def test_attribution_names_the_sensor_labelled_responsible():
     got = attribution([series], [every])
     assert got["attribution_rows"] == 20 and got["attribution_flagged_rows"] > 10
     assert got["hit_rate_100"] > 0.9 and got["hit_rate_100_flagged"] > 0.9 and got["ndcg_100"] > 0.9
+    assert every.blamed.shape == (150, 3) and every.blamed.sum() == 20 and every.blamed[50:70, 1].all()  # for the map
     # a model that does not read the labelled sensor can never name it (the rows still count)
     blind = score_series(series, _tiny(sensors=["c", "a"]))
     got = attribution([series], [blind])
