@@ -124,10 +124,15 @@ def fit_series(series: LabelledSeries, settings: Settings) -> FittedSeries:
 
 def score_series(series: LabelledSeries, settings: Settings, score_from: int | None = None) -> SeriesResult:
     """Fit on ``series``' training rows, score every window, return the rows from ``score_from``
+    (default: the first test row); ``fit_series`` then ``score_fitted``."""
+    return score_fitted(series, fit_series(series, settings), score_from)
+
+
+def score_fitted(series: LabelledSeries, fit: FittedSeries, score_from: int | None = None) -> SeriesResult:
+    """Score every window of ``series`` with its fitted detector, return the rows from ``score_from``
     (default: the first test row). Windows may reach back into training rows: a stream has that past.
     Flags are the threshold's ``series_flags`` over the returned rows, so an adaptive rule's history
     starts there, as a worker's would when the model is deployed."""
-    fit = fit_series(series, settings)
     detector, values, sensors, fitted = fit.detector, fit.values, fit.sensors, fit.fitted
     started = time.perf_counter()
     scored = detector.score_values(values)
@@ -338,19 +343,26 @@ def attribution(series: Sequence[LabelledSeries], results: Sequence[SeriesResult
     Empty when no series carries such labels."""
     counts = []
     for s, r in zip(series, results):
-        segments = s.meta.get("interpretation") or []
-        if not segments or r.sensor_errors is None:
+        truth = blamed(s, r)
+        if truth is None or r.sensor_errors is None:
             continue
-        first = len(s.frame) - len(r.labels)  # the full-frame row of r's first row
-        columns = [str(c) for c in s.frame.columns]
-        truth = evaluation.interpretation_matrix(segments, len(r.labels), len(columns), offset=first)
         # a labelled sensor the model does not read (data.sensors) ranks last: it can never be named
-        read = [columns.index(name) for name in r.sensors]
-        scores = np.full((len(r.labels), len(columns)), -1.0)
+        read = [[str(c) for c in s.frame.columns].index(name) for name in r.sensors]
+        scores = np.full(truth.shape, -1.0)
         scores[:, read] = r.sensor_errors
         counts.append(evaluation.attribution_counts(scores, truth, flags=r.flags))
         r.blamed = truth[:, read]  # for the contribution map (evaluation_job)
     return evaluation.aggregate_attribution(counts) if counts else {}
+
+
+def blamed(series: LabelledSeries, result: SeriesResult) -> np.ndarray | None:
+    """(rows of ``result``, every column of ``series.frame``) bool: the sensors SMD's ``interpretation_label``
+    blames at each of ``result``'s rows (its last rows of the series); None where the series has none."""
+    segments = series.meta.get("interpretation") or []
+    if not segments:
+        return None
+    first = len(series.frame) - len(result.labels)  # the full-frame row of result's first row
+    return evaluation.interpretation_matrix(segments, len(result.labels), len(series.frame.columns), offset=first)
 
 
 def run_smd(series: Sequence[LabelledSeries], settings: Settings, progress: Callable[[str], None] = lambda s: None) -> ProtocolResult:

@@ -31,8 +31,7 @@ import numpy as np
 from anomaly import evaluation
 from anomaly.cli import default_data_dir
 from anomaly.datasets import LabelledSeries, load_smd
-from anomaly.protocols import FittedSeries, fit_series, profile_settings
-from anomaly.windowing import rows_from_windows
+from anomaly.protocols import FittedSeries, blamed, fit_series, profile_settings, score_fitted
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +61,19 @@ RANKINGS: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]] = {
 
 def signals(series: LabelledSeries, fit: FittedSeries, validation_fraction: float) -> dict[str, np.ndarray]:
     """The test rows' per-sensor window errors and newest-step errors (scaled units), the flags, the
-    labelled sensors, and each sensor's validation mean and standard deviation of its window error."""
-    detector, values, first = fit.detector, fit.values, series.train_rows
-    n, w = len(values), detector.window_size
-    scored = detector.score_values(values)
-    scale = detector.scaler
-    newest = (scale.transform(scored.actual).astype(np.float64) - scale.transform(scored.expected)) ** 2
-    training = detector.score_values(values[:first]).sensor_errors
-    validation = training[int(len(training) * (1 - validation_fraction)):]
-    scores = rows_from_windows(scored.scores, n, w)[first:]
-    columns = [str(c) for c in series.frame.columns]
-    if list(fit.sensors) != columns:
+    labelled sensors (the protocol's: ``protocols.score_fitted``, ``protocols.blamed``), and each sensor's
+    validation mean and standard deviation of its window error."""
+    if list(fit.sensors) != [str(c) for c in series.frame.columns]:
         raise ValueError(f"{series.name}: the ablation ranks every sensor; the profile reads {len(fit.sensors)}")
-    return {"errors": rows_from_windows(scored.sensor_errors, n, w)[first:], "newest": rows_from_windows(newest, n, w)[first:],
-            "flags": scores > detector.threshold.series_bars(scores, window_size=w),
-            "truth": evaluation.interpretation_matrix(series.meta.get("interpretation") or [], n - first, len(columns),
-                                                      offset=first),
+    result = score_fitted(series, fit)
+    scale = fit.detector.scaler
+    # the reading and its reconstruction at the last step of the window ending on each row (NaN: none ends there)
+    newest = (scale.transform(result.values).astype(np.float64) - scale.transform(result.expected)) ** 2
+    training = fit.detector.score_values(fit.values[:series.train_rows]).sensor_errors
+    validation = training[int(len(training) * (1 - validation_fraction)):]
+    truth = blamed(series, result)
+    return {"errors": result.sensor_errors, "newest": newest, "flags": result.flags,
+            "truth": truth if truth is not None else np.zeros(result.sensor_errors.shape, dtype=bool),
             "val_mean": validation.mean(axis=0), "val_std": validation.std(axis=0)}
 
 
