@@ -44,9 +44,12 @@ class Muter:
         self.version = 0  # how many times the periods were updated (the worker passes them on when it moves)
 
     def update(self, spans: Spans) -> None:
-        """The maintenance periods in force now (entity -> (start, end) epoch seconds, inclusive)."""
-        self._spans = {entity: tuple(periods) for entity, periods in spans.items() if periods}
-        self.version += 1
+        """The maintenance periods in force now (entity -> (start, end) epoch seconds, inclusive); ``version``
+        moves only when they change (the worker passes them on to its scoring step then)."""
+        spans = {entity: tuple(map(tuple, periods)) for entity, periods in spans.items() if periods}
+        if spans != self._spans:
+            self._spans = spans
+            self.version += 1
 
     @property
     def spans(self) -> dict[str, tuple[tuple[float, float], ...]]:

@@ -83,3 +83,15 @@ def test_the_watch_keeps_the_periods_it_knows_through_a_failed_read(caplog):
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and "cannot read the maintenance periods (broker down)" in said[0]
     assert said[1] == "maintenance periods read again"
+
+
+def test_the_version_moves_only_when_the_periods_change():
+    """The worker passes the periods on to its scoring step (a message to the child) when the version moves;
+    a re-read every minute that finds the same periods sent them again each time."""
+    m = Muter()
+    m.update({"pump-7": [(100.0, 200.0)]})
+    assert m.version == 1
+    m.update({"pump-7": [(100.0, 200.0)], "pump-8": []})
+    assert m.version == 1
+    m.update({"pump-7": [(100.0, 250.0)]})
+    assert m.version == 2 and m.spans == {"pump-7": ((100.0, 250.0),)}
