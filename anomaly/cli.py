@@ -734,7 +734,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
                                "for it to close")
     else:
         entity, start, end = args.entity, _time_arg("--start", args.start), _time_arg("--end", args.end)
-    verdict = {"normal": "normal", "anomaly": "anomaly", "maintenance": "maintenance", "withdraw": "withdrawn"}[args.action]
+    verdict = "withdrawn" if args.action == "withdraw" else args.action  # normal, anomaly, maintenance
     try:
         by = args.by if args.by is not None else getpass.getuser()
     except (KeyError, OSError):  # no login name (a container's numeric user)
