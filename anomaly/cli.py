@@ -573,17 +573,29 @@ def cmd_models(args: argparse.Namespace) -> int:
                            + ("--name narrows the list to one model" if args.action == "list" else
                               "it moves the alias back to the version that held it before; "
                               "`models promote VERSION` pins a given one" if args.action == "rollback" else
-                              "it removes --alias from whichever version holds it"))
+                              "it deletes the versions its rules give up; --dry-run names them" if args.action == "prune"
+                              else "it removes --alias from whichever version holds it"))
     if args.action == "promote" and not args.version:
         raise AnomalyError("models promote needs a VERSION")
     if args.action == "register" and not args.version:
         raise AnomalyError("models register needs the FOLDER a failed `anomaly train` kept its model in "
                            f"(under mlflow.keep_dir, {settings.mlflow.keep_dir or 'not set'})")
     inert = ([f for f, v in (("--alias", args.alias), ("--reason", args.reason)) if v is not None]
-             if args.action == "list" else ["--json"] if args.json else [])
+             if args.action in ("list", "prune") else ["--json"] if args.json else [])
+    if args.action == "prune" and args.json:
+        inert.append("--json")
+    if args.action != "prune":
+        inert += [f for f, v in (("--keep", args.keep), ("--dry-run", args.dry_run or None)) if v is not None]
     if inert:  # taken and ignored, they misled
         raise AnomalyError(f"models {args.action} does not take {' or '.join(inert)}"
-                           + ("; list shows every alias" if args.action == "list" else "; --json is for list"))
+                           + ("; --keep and --dry-run are for prune" if {"--keep", "--dry-run"} & set(inert) else
+                              "; list shows every alias" if args.action == "list" else "; --json is for list"))
+    if args.action == "prune":
+        keep = settings.retrain.keep_challengers if args.keep is None else args.keep
+        if keep < 0:
+            raise ConfigError("retrain.keep_challengers" if args.keep is None else "--keep",
+                              f"is {keep}: pruning is off" + (" (give --keep N)" if args.keep is None else
+                                                              "; give how many refused challengers to keep, >= 0"))
     tracking.require_reachable(settings.mlflow.tracking_uri, settings.mlflow.registry_uri)
     tracking.configure_from(settings.mlflow, create=False)
     if args.action == "list":
@@ -634,6 +646,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             settings, mlflow=dataclasses.replace(settings.mlflow, model_name=name)), alias=args.alias,
             reason=args.reason)
         print(f"{name} v{version} registered from {args.version} (run {run_id}); the folder is removed")
+    elif args.action == "prune":
+        _prune(settings, name, keep, args.dry_run)
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias
         version = registry.rollback(name, alias, reason=args.reason or "")
@@ -647,6 +661,37 @@ def cmd_models(args: argparse.Namespace) -> int:
         version = registry.remove_alias(name, args.alias, reason=args.reason or "")
         print(f"{name}@{args.alias} removed (it was on v{version})")
     return 0
+
+
+def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> None:
+    """``models prune``: under the model's retrain lock (never beside a retrain, which prunes when it ends)."""
+    from anomaly import registry
+    from anomaly.listing import some
+    from anomaly.locks import FileLock, Locked
+    from anomaly.scheduler import registry_lock_path
+
+    lock = FileLock(registry_lock_path(dataclasses.replace(settings, mlflow=dataclasses.replace(
+        settings.mlflow, model_name=name))), what=f"retrain of {name}", field="mlflow.lock_dir", mode=0o666)
+    try:
+        lock.acquire()
+    except Locked as exc:
+        raise AnomalyError(f"a retrain of {name} is running ({exc}); it prunes when it ends, or prune after it") from None
+    try:
+        pruned = registry.prune(name, keep, settings.mlflow.champion_alias, settings.mlflow.challenger_alias,
+                                dry_run=dry_run)
+    finally:
+        lock.release()
+    plan = pruned.plan
+    kept = ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()) or "none"
+    if dry_run:
+        print(f"{name}: would delete {len(plan.delete)} version(s)" + (f": {some([f'v{v}' for v in plan.delete])}"
+                                                                         if plan.delete else "") + f"; keeps {kept}")
+        return
+    print(f"{name}: deleted {len(pruned.deleted)} version(s)" + (f": {some([f'v{v}' for v in pruned.deleted])}"
+                                                                  if pruned.deleted else "") + f"; kept {kept}"
+          + ("; run `mlflow gc` against the tracking store to free their files" if pruned.deleted else ""))
+    for version, why in pruned.skipped.items():
+        print(f"  v{version} left: {why}")
 
 
 def _fmt(value: Any) -> str:
@@ -1330,18 +1375,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered models, promote a version, roll back, register a kept one",
                        description="Registered models and versions with their aliases and metrics; move @champion.")
-    p.add_argument("action", choices=("list", "promote", "rollback", "unalias", "register"),
+    p.add_argument("action", choices=("list", "promote", "rollback", "unalias", "register", "prune"),
                    help="list: versions, aliases, metrics, the latest recorded evaluation; promote VERSION: move "
                         "the alias to it; rollback: move the alias back to the version that held it before; "
                         "unalias --alias A: remove alias A (a mistyped one; not the served champion alias); "
                         "register FOLDER: register a model `anomaly train` kept when the registry did not answer "
-                        "(mlflow.keep_dir), with the alias asked of that training unless --alias")
+                        "(mlflow.keep_dir), with the alias asked of that training unless --alias; prune: delete "
+                        "the retrain's refused challengers beyond the newest --keep (as each retrain does; "
+                        "never a version holding an alias, pinned by the tag keep=true, trained by hand, or "
+                        "that served as champion)")
     p.add_argument("version", nargs="?", help="version to promote; for register, the kept model's folder")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models, unless --name, "
                    "--model-name or a config file or ANOMALY_MLFLOW__MODEL_NAME names one)")
     p.add_argument("--alias", help="alias to move (default mlflow.champion_alias)")
     p.add_argument("--reason", help="why, for promote, rollback and unalias (kept in the alias's log tag and on the version)")
     p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--keep", type=int, help="prune: refused challengers kept, the newest (default "
+                   "retrain.keep_challengers)")
+    p.add_argument("--dry-run", action="store_true", help="prune: say what would be deleted, delete nothing")
     common(p)
     p.set_defaults(func=cmd_models)
 

@@ -485,6 +485,7 @@ class RetrainSettings:
     max_event_f1_decrease: float = doc("with labels: promote only if the challenger's hold-out event F1 is lower than the champion's by at most this", 0.0)
     min_false_alarm_reduction: float = doc("with readings labelled normal (operators' verdicts, label_field) in the hold-out's stretch and periods labelled an anomaly in the history: a challenger alarming on fewer of the windows labelled normal, by at least this fraction of the champion's rate, also counts as better", 0.5)
     max_found_decrease: float = doc("with periods labelled an anomaly (operators' verdicts, label_field) in the history: promote only if the share of them the challenger alarms on is lower than the champion's by at most this", 0.0)
+    keep_challengers: int = doc("challengers the gate did not promote that stay registered, the newest; after each cycle that registers one, older ones are deleted from the registry with their logged models (`mlflow gc` frees the files; their runs stay). Never deleted: a version holding an alias, pinned by the version tag keep=true, not made by a retrain, or that held the champion alias or is on a rollback stack. `anomaly models prune` does the same by hand. -1 = keep every one", 20)
 
     def check(self) -> None:
         _at_least("retrain", self, ("max_readings", "max_entities", "min_rows"), 1)
@@ -509,6 +510,8 @@ class RetrainSettings:
                               f"must be in (0, 1], got {self.min_false_alarm_reduction}")
         if not 0 <= self.max_found_decrease <= 1:
             raise ConfigError("retrain.max_found_decrease", f"must be in [0, 1], got {self.max_found_decrease}")
+        if self.keep_challengers < -1:
+            raise ConfigError("retrain.keep_challengers", f"must be >= 0, or -1 (keep every one); got {self.keep_challengers}")
 
 
 @dataclass(frozen=True)

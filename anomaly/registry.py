@@ -25,10 +25,11 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from anomaly import tracking
+from anomaly import retention, tracking
 from anomaly.detector import Detector
 from anomaly.config import alias_problem
 from anomaly.errors import AnomalyError, RegistryError
+from anomaly.listing import some
 from anomaly.locks import FileLock, Locked
 
 log = logging.getLogger(__name__)
@@ -487,6 +488,82 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         return out
     except Exception as exc:
         raise RegistryError(f"cannot list registered models: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What ``prune`` did: the plan, the versions deleted, and those it left with why (a failure, or a
+    change since the plan: an alias set, a pin)."""
+
+    plan: retention.Plan
+    deleted: tuple[str, ...]
+    skipped: Mapping[str, str]
+
+
+def prune(name: str, keep: int, champion_alias: str = "champion", challenger_alias: str = "challenger",
+          dry_run: bool = False) -> Pruned:
+    """Delete the versions of ``name`` that ``retention.plan`` gives up (the retrain's refused challengers
+    beyond the newest ``keep``), and each one's logged model (its files go with ``mlflow gc``) unless a
+    version kept shares it. Each version is read again just before it goes: one given an alias or a pin
+    meanwhile stays. Runs under the champion alias's lock, so no ``models promote`` by this tool lands
+    between. ``dry_run``: the plan only. A failure to delete one is logged and the rest go on."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c = client()
+        model = c.get_registered_model(name)
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        name_filter = version_filter(name)
+        found = [v for v in _every_page(c.search_model_versions, filter_string=name_filter or "")
+                 if name_filter or v.name == name]
+    except Exception as exc:
+        raise RegistryError(f"cannot list the versions of {name!r}: {exc}") from exc
+    versions = [retention.Version(str(v.version), tuple(sorted(aliases.get(str(v.version), []))), dict(v.tags or {}))
+                for v in found]
+    plan = retention.plan(versions, keep, challenger_alias,
+                          retention.rollback_versions(model.tags or {}, challenger_alias))
+    if dry_run or not plan.delete:
+        return Pruned(plan, (), {})
+    source = {str(v.version): str(v.source or "") for v in found}
+    gone = set(plan.delete)
+    shared = {source[v] for v in source if v not in gone}
+    deleted: list[str] = []
+    skipped: dict[str, str] = {}
+    with alias_lock(name, champion_alias):
+        for version in plan.delete:
+            try:
+                now = c.get_model_version(name, version)
+            except MlflowException as exc:
+                skipped[version] = "deleted already" if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else str(exc)
+                continue
+            except Exception as exc:
+                skipped[version] = str(exc)
+                continue
+            holders = [a for a, v in (c.get_registered_model(name).aliases or {}).items() if str(v) == version]
+            why = retention.protected(retention.Version(version, tuple(holders), dict(now.tags or {})),
+                                      challenger_alias)
+            if why is not None:
+                skipped[version] = f"kept: {why} since the plan"
+                continue
+            try:
+                c.delete_model_version(name, version)
+            except Exception as exc:
+                skipped[version] = f"not deleted: {exc}"
+                log.warning("%s: cannot delete v%s: %s", name, version, exc)
+                continue
+            deleted.append(version)
+            model_id = source[version][len("models:/"):] if source[version].startswith("models:/m-") else ""
+            if model_id and source[version] not in shared:
+                try:
+                    c.delete_logged_model(model_id)
+                except Exception as exc:  # the version is gone; its files stay until deleted by hand
+                    log.warning("%s: v%s deleted, but its logged model %s could not be: %s", name, version, model_id, exc)
+    if deleted:
+        log.info("%s: deleted %d version(s) no alias, pin or rollback needs: %s (kept %s)", name, len(deleted),
+                 some([f"v{v}" for v in deleted]), ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()))
+    return Pruned(plan, tuple(deleted), skipped)
 
 
 def version_filter(name: str) -> str | None:

@@ -106,10 +106,31 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
             except Locked as exc:
                 log.warning("retrain skipped: %s", exc)
                 return RetrainResult("skipped", f"a retrain is already running ({exc})")
-        return run_cycle(settings, **kwargs)
+        result = run_cycle(settings, **kwargs)
+        prune_after(settings, result)
+        return result
     finally:
         for lock in reversed(held):
             lock.release()
+
+
+def prune_after(settings: Settings, result: Any) -> None:
+    """After a cycle that registered a challenger, the refused challengers beyond
+    ``retrain.keep_challengers`` leave the registry (``registry.prune``); how many goes into the result's
+    data (``versions_pruned``). A failure is a warning: the cycle's outcome stands."""
+    from anomaly import registry
+
+    keep = settings.retrain.keep_challengers
+    if keep < 0 or not result.challenger_version:
+        return
+    try:
+        pruned = registry.prune(settings.mlflow.model_name, keep, settings.mlflow.champion_alias,
+                                settings.mlflow.challenger_alias)
+    except Exception as exc:
+        log.warning("retrain: the refused challengers beyond retrain.keep_challengers = %d could not be deleted: %s",
+                    keep, exc)
+        return
+    result.data["versions_pruned"] = len(pruned.deleted)
 
 
 def retrain_job(config: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,

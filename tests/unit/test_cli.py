@@ -700,6 +700,28 @@ def test_models_usage_is_checked_before_the_store_is_reached_or_made(tmp_path, m
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_models_prune_usage_is_checked_before_the_store_is_reached_or_made(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    down = ["--tracking-uri", "http://127.0.0.1:1"]  # nothing answers there
+    assert main(["models", "prune", "--keep", "-2", *down]) == 2
+    assert "--keep: is -2: pruning is off; give how many refused challengers to keep" in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALY_RETRAIN__KEEP_CHALLENGERS", "-1")
+    assert main(["models", "prune", *down]) == 2
+    assert "retrain.keep_challengers: is -1: pruning is off (give --keep N)" in capsys.readouterr().err
+    assert main(["models", "list", "--keep", "3", *down]) == 2
+    assert "models list does not take --keep; --keep and --dry-run are for prune" in capsys.readouterr().err
+    assert main(["models", "rollback", "--dry-run", *down]) == 2
+    assert "--keep and --dry-run are for prune" in capsys.readouterr().err
+    assert main(["models", "prune", "--json", "--keep", "1", *down]) == 2
+    assert "models prune does not take --json; --json is for list" in capsys.readouterr().err
+    assert main(["models", "prune", "3", "--keep", "1", *down]) == 2
+    assert "--dry-run names them" in capsys.readouterr().err
+    monkeypatch.setenv("ANOMALY_RETRAIN__KEEP_CHALLENGERS", "-2")
+    assert main(["models", "list", *down]) == 2
+    assert "retrain.keep_challengers" in capsys.readouterr().err
+    assert not (tmp_path / "mlruns").exists()
+
+
 @pytest.mark.parametrize("command", [["worker"], ["replay", "--data", "x.csv"]])
 def test_bootstrap_servers_from_the_command_line_are_checked_like_the_configs(command, capsys):
     assert main([*command, "--bootstrap-servers", "localhost:abc"]) == 2

@@ -43,7 +43,10 @@ def test_a_retrain_by_hand_waits_for_none_but_skips_while_the_same_model_retrain
 
     monkeypatch.chdir(tmp_path)
     ran = []
-    monkeypatch.setattr("anomaly.retrain.run_cycle", lambda settings, **kw: ran.append(settings) or "ran")
+    from anomaly.retrain import RetrainResult
+
+    monkeypatch.setattr("anomaly.retrain.run_cycle",
+                        lambda settings, **kw: ran.append(settings) or RetrainResult("skipped", "ran"))
     mine = build_settings({"scheduler": {"job_store": str(tmp_path / "mine.db")},
                            "mlflow": {"tracking_uri": "sqlite:///mlruns/mlflow.db", "model_name": "pumps"}})
     ups = build_settings({"scheduler": {"job_store": str(tmp_path / "up" / "scheduler.db")},
@@ -55,7 +58,7 @@ def test_a_retrain_by_hand_waits_for_none_but_skips_while_the_same_model_retrain
         result = run_retrain(mine)
     assert result.status == "skipped" and "already running" in result.reason and ran == []
     assert "exiting" not in result.reason  # a skipped retrain does not exit anything
-    assert run_retrain(mine) == "ran" and len(ran) == 1
+    assert run_retrain(mine).reason == "ran" and len(ran) == 1
     with FileLock(registry_lock_path(mine)) as free, FileLock(f"{tmp_path}/mine.db.retrain.lock") as store:
         assert free.held and store.held  # both released after the run
 
@@ -68,14 +71,16 @@ def test_the_retrain_lock_of_a_model_sits_in_mlflow_lock_dir_and_opens_to_every_
     from anomaly.scheduler import registry_lock_path, run_retrain
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("anomaly.retrain.run_cycle", lambda settings, **kw: "ran")
+    from anomaly.retrain import RetrainResult
+
+    monkeypatch.setattr("anomaly.retrain.run_cycle", lambda settings, **kw: RetrainResult("skipped", "ran"))
     shared = tmp_path / "locks"
     settings = build_settings({"scheduler": {"job_store": str(tmp_path / "jobs.db")},
                                "mlflow": {"model_name": "pumps", "lock_dir": str(shared)}})
     assert registry_lock_path(settings).parent == shared
     old = os.umask(0o022)
     try:
-        assert run_retrain(settings) == "ran"
+        assert run_retrain(settings).reason == "ran"
     finally:
         os.umask(old)
     assert stat.S_IMODE(registry_lock_path(settings).stat().st_mode) == 0o666
@@ -477,3 +482,38 @@ def test_an_abandoned_run_is_counted_as_such_neither_a_success_nor_a_failure():
     assert m.value("anomaly_scheduler_jobs_finished_total", {"outcome": "error"}) == 0
     assert m.value("anomaly_scheduler_last_success_timestamp_seconds") == 100.0
     assert m.health()["status"] == "ok" and m.health()["last_outcome"] == "abandoned"
+
+
+def test_after_a_cycle_that_registered_a_challenger_the_registry_is_pruned_and_a_failure_is_only_said(
+        monkeypatch, caplog):
+    from anomaly import registry
+    from anomaly.retention import Plan
+    from anomaly.retrain import RetrainResult
+    from anomaly.scheduler import prune_after
+
+    calls = []
+
+    def prune(name, keep, champion_alias, challenger_alias, dry_run=False):
+        calls.append((name, keep, champion_alias, challenger_alias))
+        return registry.Pruned(Plan(("2", "3"), {}), ("2", "3"), {})
+
+    monkeypatch.setattr(registry, "prune", prune)
+    settings = build_settings({"retrain": {"keep_challengers": 4}, "mlflow": {"model_name": "pump"}})
+    skipped = RetrainResult("skipped", "too little data")
+    prune_after(settings, skipped)  # registered nothing: nothing to prune
+    assert calls == [] and "versions_pruned" not in skipped.data
+    kept = RetrainResult("kept", "worse", champion_version="1", challenger_version="5")
+    prune_after(settings, kept)
+    assert calls == [("pump", 4, "champion", "challenger")] and kept.data["versions_pruned"] == 2
+    prune_after(build_settings({"retrain": {"keep_challengers": -1}}), kept)  # off
+    assert len(calls) == 1
+
+    def down(*args, **kwargs):
+        raise registry.RegistryError("the registry does not answer")
+
+    monkeypatch.setattr(registry, "prune", down)
+    promoted = RetrainResult("promoted", "better", champion_version="1", challenger_version="6")
+    with caplog.at_level("WARNING", logger="anomaly.scheduler"):
+        prune_after(settings, promoted)
+    assert promoted.status == "promoted" and "versions_pruned" not in promoted.data
+    assert "could not be deleted: the registry does not answer" in caplog.text

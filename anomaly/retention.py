@@ -1,0 +1,119 @@
+"""Which registered versions a registry keeps: the retrain's refused challengers pile up, one a cycle.
+
+A scheduled retrain registers a challenger every cycle (daily by default), and the gate refuses most
+of them: after a year, the model's page in the registry lists hundreds of versions nobody will serve,
+each with its files (about 1.7 MB). ``plan`` says which of them go. Only a version a retrain made (tag
+``retrain=true``) that the rollback never needs goes; in this order, a version is kept when it
+
+1. holds an alias (``@champion``, ``@challenger``, any a person set);
+2. is pinned: its tag ``keep`` is true (set in the MLflow UI, or with ``mlflow``'s client);
+3. was not made by a retrain (``anomaly train``, ``models register``: a person's, deleted by a person);
+4. served: it held an alias other than the challenger's once (its ``<alias>_since`` tag: ``@champion``,
+   or another alias workers follow, ``worker.model_alias``), or it is on such an alias's rollback stack
+   (the ``<alias>_history`` tag): events name the version that raised them, and ``models rollback`` goes
+   back to it. The challenger alias moves to every new challenger: having held it is no reason;
+5. is among the newest ``keep`` of the versions left after 1-4 (the latest refused challengers, for a
+   data scientist to look at);
+
+and every other one is deleted. Pure: the registry's I/O is ``registry.prune``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+PIN_TAG = "keep"  # a version tag: true pins it
+MADE_BY_RETRAIN_TAG = "retrain"  # set to "true" on every challenger a retrain registers
+TRUE = frozenset({"true", "1", "yes", "on"})
+
+
+@dataclass(frozen=True)
+class Version:
+    """What ``plan`` reads of a registered version."""
+
+    version: str
+    aliases: tuple[str, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``delete``: the versions to delete, oldest first; ``kept``: every other version and why."""
+
+    delete: tuple[str, ...]
+    kept: Mapping[str, str]
+
+    def kept_counts(self) -> dict[str, int]:
+        """How many versions are kept for each reason (``newest 20`` and the like), most first."""
+        counts: dict[str, int] = {}
+        for why in self.kept.values():
+            reason = why.split(":")[0]
+            counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def pinned(tags: Mapping[str, str]) -> bool:
+    """Whether the version's ``keep`` tag is true (any case; ``false`` or anything else is not a pin)."""
+    return str(tags.get(PIN_TAG, "")).strip().lower() in TRUE
+
+
+def protected(v: Version, challenger_alias: str = "challenger", rollback: Iterable[str] = ()) -> str | None:
+    """Why ``v`` is kept whatever its age (rules 1-4 of the module docstring), or None."""
+    if v.aliases:
+        return "holds an alias: " + ", ".join(f"@{a}" for a in v.aliases)
+    if pinned(v.tags):
+        return f"pinned: tag {PIN_TAG}={v.tags[PIN_TAG]}"
+    if str(v.tags.get(MADE_BY_RETRAIN_TAG, "")).lower() != "true":
+        return "not made by a retrain"
+    held = sorted(key[:-len("_since")] for key in v.tags
+                  if key.endswith("_since") and key != f"{challenger_alias}_since")
+    if held:
+        return "served: held " + ", ".join(f"@{a}" for a in held)
+    if v.version in set(rollback):
+        return "served: on a rollback stack"
+    return None
+
+
+def plan(versions: Sequence[Version], keep: int, challenger_alias: str = "challenger",
+         rollback: Iterable[str] = ()) -> Plan:
+    """Which of ``versions`` (of one registered model, in any order) to delete, keeping the newest ``keep``
+    of those no rule protects. ``rollback``: the versions on the model's alias history tags."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    stack = {str(v) for v in rollback}
+    kept: dict[str, str] = {}
+    candidates: list[str] = []
+    for v in sorted(versions, key=lambda v: -_number(v.version)):  # newest first
+        why = protected(v, challenger_alias, stack)
+        if why is not None:
+            kept[v.version] = why
+        elif len(candidates) < keep:
+            kept[v.version] = f"newest {keep}: not promoted, among the latest"
+            candidates.append(v.version)
+        else:
+            candidates.append(v.version)
+    delete = tuple(sorted((c for c in candidates if c not in kept), key=_number))
+    return Plan(delete, kept)
+
+
+def rollback_versions(model_tags: Mapping[str, str], challenger_alias: str = "challenger") -> set[str]:
+    """The versions on the registered model's rollback stacks: every ``<alias>_history`` tag but the
+    challenger alias's (a JSON list of versions, as ``registry.promote`` writes it; one that is not is
+    read as empty)."""
+    out: set[str] = set()
+    for key, value in model_tags.items():
+        if not key.endswith("_history") or key == f"{challenger_alias}_history":
+            continue
+        try:
+            stack = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(stack, list):
+            out.update(str(v) for v in stack)
+    return out
+
+
+def _number(version: str) -> int:
+    return int(version)  # a registry's versions are numbers
