@@ -15,6 +15,16 @@ differ only in the ranking:
   validation rows (the last ``training.validation_fraction`` of ``train``): each sensor against its own
   usual error, so a sensor the model always reconstructs poorly stops crowding the others out;
 - **validation z-score**: (window error - validation mean) / validation standard deviation.
+
+Then per event, as a worker names them: each run of flagged rows at least ``worker.min_duration_windows``
+long (shorter ones never open an event) that overlaps labelled rows is one row, its truth the sensors
+labelled anywhere in the run, and its sensors ranked four ways (``EVENT_RANKINGS``):
+
+- **at open**: the window errors of the highest-scoring of the run's first ``min_duration_windows``
+  windows (what the event's ``open`` record names);
+- **peak window** (shipped): those of the run's highest-scoring window (what its ``close`` record names);
+- **whole event, mean share**: each sensor's share of its window's error, averaged over the run's windows;
+- **whole event, summed error**: each sensor's window error summed over the run's windows.
 """
 
 from __future__ import annotations
@@ -72,9 +82,49 @@ def signals(series: LabelledSeries, fit: FittedSeries, validation_fraction: floa
     training = fit.detector.score_values(fit.values[:series.train_rows]).sensor_errors
     validation = training[int(len(training) * (1 - validation_fraction)):]
     truth = blamed(series, result)
-    return {"errors": result.sensor_errors, "newest": newest, "flags": result.flags,
+    return {"errors": result.sensor_errors, "newest": newest, "flags": result.flags, "scores": result.scores,
             "truth": truth if truth is not None else np.zeros(result.sensor_errors.shape, dtype=bool),
             "val_mean": validation.mean(axis=0), "val_std": validation.std(axis=0)}
+
+
+def _at_open(errors: np.ndarray, scores: np.ndarray, opened: int) -> np.ndarray:
+    return errors[int(np.argmax(scores[:opened]))]
+
+
+def _peak(errors: np.ndarray, scores: np.ndarray, opened: int) -> np.ndarray:
+    return errors[int(np.argmax(scores))]
+
+
+def _mean_share(errors: np.ndarray, scores: np.ndarray, opened: int) -> np.ndarray:
+    return (errors / np.maximum(errors.sum(axis=1, keepdims=True), _EPS)).mean(axis=0)
+
+
+def _summed(errors: np.ndarray, scores: np.ndarray, opened: int) -> np.ndarray:
+    return errors.sum(axis=0)
+
+
+EVENT_RANKINGS: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    "at open": _at_open, "peak window (shipped)": _peak, "whole event, mean share": _mean_share,
+    "whole event, summed error": _summed}
+
+
+def event_rows(m: dict[str, np.ndarray], min_duration: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per ranking, the (events, F) sensor scores and truth of the machine's events (module docstring):
+    runs of ``m["flags"]`` at least ``min_duration`` rows long that hold a labelled sensor."""
+    starts, ends = evaluation.true_runs(m["flags"])
+    chosen = [(a, b) for a, b in zip(starts, ends) if b - a >= min_duration and m["truth"][a:b].any()]
+    n_cols = m["truth"].shape[1]
+    truth = np.array([m["truth"][a:b].any(axis=0) for a, b in chosen], dtype=bool).reshape(-1, n_cols)
+    return {name: (np.array([rank(m["errors"][a:b], m["scores"][a:b], min_duration) for a, b in chosen],
+                            dtype=np.float64).reshape(-1, n_cols), truth)
+            for name, rank in EVENT_RANKINGS.items()}
+
+
+def evaluate_events(machines: list[dict[str, np.ndarray]], min_duration: int) -> dict[str, dict[str, Any]]:
+    """Each event ranking's HitRate@P% and NDCG@P%, a mean over every event holding a labelled sensor."""
+    rows = [event_rows(m, min_duration) for m in machines]
+    return {name: evaluation.aggregate_attribution(evaluation.attribution_counts(*r[name]) for r in rows)
+            for name in EVENT_RANKINGS}
 
 
 def evaluate(machines: list[dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
@@ -84,19 +134,28 @@ def evaluate(machines: list[dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]
         for name, rank in RANKINGS.items()}
 
 
+_COLUMNS = {"hit_rate_100": "HitRate@100%", "hit_rate_150": "HitRate@150%", "ndcg_100": "NDCG@100%",
+            "ndcg_150": "NDCG@150%", "hit_rate_100_flagged": "HitRate@100%, flagged rows"}
+
+
+def _table(title: str, rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
+    lines = [title, "", "| ranking | " + " | ".join(_COLUMNS[k] for k in keys) + " |",
+             "| --- |" + " --- |" * len(keys)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join("n/a" if r[k] is None else f"{r[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
     first = next(iter(rows.values()))
-    lines = [f"{first['attribution_rows']} labelled rows ({first['attribution_flagged_rows']} of them flagged)", "",
-             "| ranking | HitRate@100% | HitRate@150% | NDCG@100% | NDCG@150% | HitRate@100%, flagged rows |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    return _table(f"{first['attribution_rows']} labelled rows ({first['attribution_flagged_rows']} of them flagged)",
+                  rows, list(_COLUMNS))
 
-    def f(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
 
-    for name, r in rows.items():
-        lines.append(f"| {name} | {f(r['hit_rate_100'])} | {f(r['hit_rate_150'])} | {f(r['ndcg_100'])} | "
-                     f"{f(r['ndcg_150'])} | {f(r['hit_rate_100_flagged'])} |")
-    return "\n".join(lines)
+def markdown_events(rows: dict[str, dict[str, Any]], min_duration: int) -> str:
+    first = next(iter(rows.values()))
+    return _table(f"{first['attribution_rows']} events (runs of at least {min_duration} flagged rows) holding a "
+                  "labelled sensor", rows, list(_COLUMNS)[:4])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         machines.append(signals(s, fit_series(s, settings), settings.training.validation_fraction))
         log.info("%s: trained and scored in %.0f s", s.name, time.perf_counter() - started)
     rows = evaluate(machines)
-    print(markdown(rows))
+    min_duration = settings.worker.min_duration_windows
+    events = evaluate_events(machines, min_duration)
+    print(markdown(rows) + "\n\nPer event:\n\n" + markdown_events(events, min_duration))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"rows": rows, "events": events}, indent=2) + "\n", encoding="utf-8")
     return 0
 
 
