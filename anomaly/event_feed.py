@@ -33,7 +33,7 @@ def _clock(ts: Any) -> str:
         return "--:-- --:--:--"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0.0, float(seconds))
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -73,7 +73,7 @@ def format_event(event: Mapping[str, Any], top: int = TOP_SENSORS, reopened: boo
         named.append(f"{item.get('sensor', '?')}{share_txt} ({actual} vs {_num(item.get('expected'))})")
     if status == "CLOSED":
         when = _clock(event.get("end_ts"))
-        span = f"lasted {_duration(float(event.get('end_ts', 0) or 0) - float(event.get('start_ts', 0) or 0))}, "
+        span = f"lasted {duration(float(event.get('end_ts', 0) or 0) - float(event.get('start_ts', 0) or 0))}, "
         if event.get("continued") is True:  # cut at worker.max_event_s: the anomaly goes on as a new event
             span = f"{span}continues, "
     else:

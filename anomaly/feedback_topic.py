@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from anomaly import feedback, kafka_io
@@ -46,22 +46,42 @@ def read_verdicts(bootstrap_servers: str, topic: str, client_options: Mapping[st
     return verdicts, bad
 
 
+def read_events(bootstrap_servers: str, events_topic: str, client_options: Mapping[str, Any] | None = None, *,
+                timeout_s: float = READ_TIMEOUT_S, containing: str | None = None,
+                on_event: Callable[[dict[str, Any], float | None], None] | None = None
+                ) -> list[tuple[dict[str, Any], float | None]]:
+    """Every event record on ``events_topic`` (no topic: none), decoded, each with when it was written (its
+    Kafka timestamp in epoch seconds; None where the broker gave none); only those whose bytes hold
+    ``containing`` when given. Records that are not event JSON are passed over. Each partition's records
+    come in offset order (one event's records share a key, so a partition). ``on_event``: each goes to it
+    as it is read instead, and none is kept (``anomaly events`` folds a topic of millions this way)."""
+    out: list[tuple[dict[str, Any], float | None]] = []
+    take = on_event or (lambda event, written_s: out.append((event, written_s)))
+    needle = containing.encode() if containing is not None else None
+
+    def records(batch: list[Any]) -> None:
+        for record in batch:
+            if record.value is None or (needle is not None and needle not in record.value):
+                continue
+            try:
+                event = decode_event(record.value)
+            except DataError:
+                continue
+            stamp = getattr(record, "timestamp", None)
+            take(event, stamp / 1000.0 if isinstance(stamp, int) and stamp >= 0 else None)
+
+    kafka_io.read_all(bootstrap_servers, events_topic, timeout_s=timeout_s, idle_s=IDLE_S,
+                      client_options=client_options, topic_wait_s=TOPIC_WAIT_S, on_records=records)
+    return out
+
+
 def find_event(bootstrap_servers: str, events_topic: str, event_id: str,
                client_options: Mapping[str, Any] | None = None, *,
                timeout_s: float = READ_TIMEOUT_S) -> Mapping[str, Any] | None:
     """The event ``event_id`` (or the start of its id) on ``events_topic``: its last record
     (``feedback.find_event``), or None."""
-    def events() -> Any:
-        for record in kafka_io.read_all(bootstrap_servers, events_topic, timeout_s=timeout_s, idle_s=IDLE_S,
-                                        client_options=client_options, topic_wait_s=TOPIC_WAIT_S):
-            if record.value is None or event_id.encode() not in record.value:
-                continue
-            try:
-                yield decode_event(record.value)
-            except DataError:
-                continue
-
-    return feedback.find_event(events(), event_id)
+    events = read_events(bootstrap_servers, events_topic, client_options, timeout_s=timeout_s, containing=event_id)
+    return feedback.find_event((event for event, _ in events), event_id)
 
 
 def send(bootstrap_servers: str, topic: str, verdict: feedback.Verdict,

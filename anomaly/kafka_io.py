@@ -561,9 +561,11 @@ def _reader(bootstrap_servers: str | Sequence[str], timeout_s: float,
 
 
 def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: float = 10.0, idle_s: float = 1.0,
-             client_options: Mapping[str, Any] | None = None, topic_wait_s: float | None = None
-             ) -> list[ConsumerRecord]:
+             client_options: Mapping[str, Any] | None = None, topic_wait_s: float | None = None,
+             on_records: Callable[[list[ConsumerRecord]], None] | None = None) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, without a consumer group, sorted by partition/offset.
+    ``on_records``: each polled batch goes to it instead (each partition's records in offset order, the
+    partitions interleaved), and none is kept: a reader that folds them holds no copy of the topic.
 
     Reads at least up to the end offsets the broker gave when it began, then stops when no new record
     came for ``idle_s`` (or at ``timeout_s`` in all). It does not take the end offsets for the last
@@ -586,7 +588,8 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         first, end = _offsets(consumer, tps, deadline)
-        records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]})
+        records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]},
+                                   on_records)
     finally:
         consumer.close(autocommit=False)
     return records
@@ -599,8 +602,8 @@ def _offsets(consumer: Any, tps: Sequence[TopicPartition], deadline: float) -> t
     return consumer.beginning_offsets(tps, timeout_ms=wait_ms), consumer.end_offsets(tps, timeout_ms=wait_ms)
 
 
-def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
-                     ends: Mapping[TopicPartition, int]) -> list[ConsumerRecord]:
+def _poll_until_idle(consumer: Any, deadline: float, idle_s: float, ends: Mapping[TopicPartition, int],
+                     on_records: Callable[[list[ConsumerRecord]], None] | None = None) -> list[ConsumerRecord]:
     """What ``consumer`` polls until no new record came for ``idle_s`` (or the monotonic ``deadline``),
     sorted by partition/offset.
 
@@ -609,6 +612,7 @@ def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
     does not pass for an empty topic; after that, ``idle_s`` only waits for records written since.
     """
     records: list[ConsumerRecord] = []
+    take = records.extend if on_records is None else on_records
     behind = dict(ends)
     last_record_at = time.monotonic()
     while True:
@@ -618,7 +622,7 @@ def _poll_until_idle(consumer: Any, deadline: float, idle_s: float,
         step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
         for part in consumer.poll(timeout_ms=step_ms).values():
             if part:
-                records.extend(part)
+                take(part)
                 last_record_at = time.monotonic()
         if behind:
             behind = still_behind(consumer, behind)

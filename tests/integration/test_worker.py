@@ -793,3 +793,19 @@ def test_no_event_is_raised_for_an_entity_in_maintenance(kafka_broker, champion,
     assert worker.metrics.events_muted._value.get() == 2  # pump-a's event in the work: its open and its close
     # held back, so not counted as raised (AnomalyEventStorm in a fleet-wide stop)
     assert worker.metrics.events.labels(status="open")._value.get() == 2
+    # `anomaly events` lists both as they stand, with the verdict an operator then gives on pump-b's
+    monkeypatch.setenv("ANOMALY_KAFKA__EVENTS_TOPIC", opts.events_topic)
+    b_id = opened["pump-b"]["event_id"]
+    assert main(["feedback", "anomaly", b_id[:8], "--by", "op", "--note", "pressure leak"]) == 0
+    capsys.readouterr()
+    assert main(["events"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(" CLOSED " in text for text in lines), lines
+    b = next(text for text in lines if "pump-b" in text)
+    assert f"id {b_id[:8]}" in b and b.endswith("[anomaly by op: pressure leak]"), b
+    assert main(["events", "--entity", "pump-a", "--json"]) == 0
+    [a] = json.loads(capsys.readouterr().out)
+    assert a["status"] == "closed" and a["start_ts"] == opened["pump-a"]["start_ts"] and a["verdict"] is None
+    assert a["written_ts"] > 0 and a["stale"] is False  # its close was written just now
+    assert main(["events", "--open"]) == 0
+    assert capsys.readouterr().out.startswith("no open events on ")

@@ -722,6 +722,14 @@ def test_models_prune_usage_is_checked_before_the_store_is_reached_or_made(tmp_p
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_events_usage_is_checked_before_the_broker_is_reached(capsys):
+    down = ["--bootstrap-servers", "127.0.0.1:1"]  # nothing answers there
+    assert main(["events", "--limit", "-1", *down]) == 2
+    assert "--limit must be >= 0 (0 lists every event), got -1" in capsys.readouterr().err
+    assert main(["events", "--since", "yesterday", *down]) == 2
+    assert "--since: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["worker"], ["replay", "--data", "x.csv"]])
 def test_bootstrap_servers_from_the_command_line_are_checked_like_the_configs(command, capsys):
     assert main([*command, "--bootstrap-servers", "localhost:abc"]) == 2
