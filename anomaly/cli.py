@@ -589,7 +589,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     if inert:  # taken and ignored, they misled
         raise AnomalyError(f"models {args.action} does not take {' or '.join(inert)}"
                            + ("; --keep and --dry-run are for prune" if {"--keep", "--dry-run"} & set(inert) else
-                              "; list shows every alias" if args.action == "list" else "; --json is for list"))
+                              "; list shows every alias" if args.action == "list" else
+                              "; it moves no alias" if args.action == "prune" and "--json" not in inert else
+                              "; --json is for list"))
     if args.action == "prune":
         keep = settings.retrain.keep_challengers if args.keep is None else args.keep
         if keep < 0:
@@ -647,7 +649,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             reason=args.reason)
         print(f"{name} v{version} registered from {args.version} (run {run_id}); the folder is removed")
     elif args.action == "prune":
-        _prune(settings, name, keep, args.dry_run)
+        return _prune(settings, name, keep, args.dry_run)
     elif args.action == "rollback":
         alias = args.alias or settings.mlflow.champion_alias
         version = registry.rollback(name, alias, reason=args.reason or "")
@@ -663,35 +665,39 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> None:
-    """``models prune``: under the model's retrain lock (never beside a retrain, which prunes when it ends)."""
+def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> int:
+    """``models prune``: under the model's retrain lock (never beside a retrain, which prunes when it ends;
+    a dry run reads only, and takes none). 1 when an error left a version."""
     from anomaly import registry
     from anomaly.listing import some
     from anomaly.locks import FileLock, Locked
-    from anomaly.scheduler import registry_lock_path
+    from anomaly.scheduler import registry_lock_path, unserved_alias
 
+    if dry_run:
+        plan = registry.prune(name, keep, unserved_alias(settings), dry_run=True).plan
+        kept = ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()) or "none"
+        print(f"{name}: would delete {len(plan.delete)} version(s)" + (f": {some([f'v{v}' for v in plan.delete])}"
+                                                                         if plan.delete else "") + f"; keeps {kept}")
+        return 0
     lock = FileLock(registry_lock_path(dataclasses.replace(settings, mlflow=dataclasses.replace(
-        settings.mlflow, model_name=name))), what=f"retrain of {name}", field="mlflow.lock_dir", mode=0o666)
+        settings.mlflow, model_name=name))), what=f"prune of {name}", field="mlflow.lock_dir", mode=0o666)
     try:
         lock.acquire()
     except Locked as exc:
         raise AnomalyError(f"a retrain of {name} is running ({exc}); it prunes when it ends, or prune after it") from None
     try:
-        pruned = registry.prune(name, keep, settings.mlflow.champion_alias, settings.mlflow.challenger_alias,
-                                dry_run=dry_run)
+        pruned = registry.prune(name, keep, unserved_alias(settings))
     finally:
         lock.release()
-    plan = pruned.plan
-    kept = ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()) or "none"
-    if dry_run:
-        print(f"{name}: would delete {len(plan.delete)} version(s)" + (f": {some([f'v{v}' for v in plan.delete])}"
-                                                                         if plan.delete else "") + f"; keeps {kept}")
-        return
+    kept = ", ".join(f"{n} {why}" for why, n in pruned.plan.kept_counts().items()) or "none"
     print(f"{name}: deleted {len(pruned.deleted)} version(s)" + (f": {some([f'v{v}' for v in pruned.deleted])}"
-                                                                  if pruned.deleted else "") + f"; kept {kept}"
-          + ("; run `mlflow gc` against the tracking store to free their files" if pruned.deleted else ""))
+                                                                  if pruned.deleted else "") + f"; kept {kept}")
     for version, why in pruned.skipped.items():
         print(f"  v{version} left: {why}")
+    if pruned.logged_models:
+        print(f"  their logged models are deleted; `mlflow gc --backend-store-uri <the tracking store's database> "
+              f"--logged-model-ids {','.join(pruned.logged_models)}` frees their files")
+    return 1 if pruned.failed else 0
 
 
 def _fmt(value: Any) -> str:
@@ -1416,9 +1422,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unalias --alias A: remove alias A (a mistyped one; not the served champion alias); "
                         "register FOLDER: register a model `anomaly train` kept when the registry did not answer "
                         "(mlflow.keep_dir), with the alias asked of that training unless --alias; prune: delete "
-                        "the retrain's refused challengers beyond the newest --keep (as each retrain does; "
-                        "never a version holding an alias, pinned by the tag keep=true, trained by hand, or "
-                        "that served as champion)")
+                        "the versions a retrain made beyond the newest --keep that nothing needs (as each "
+                        "retrain does; never one holding an alias, pinned by the tag keep=true, trained by "
+                        "hand, that served, or copied into another model: README, Old challengers)")
     p.add_argument("version", nargs="?", help="version to promote; for register, the kept model's folder")
     p.add_argument("--name", help="registered model (default mlflow.model_name; list: all models, unless --name, "
                    "--model-name or a config file or ANOMALY_MLFLOW__MODEL_NAME names one)")

@@ -292,18 +292,24 @@ def _log_move(c: Any, name: str, alias: str, previous: str | None, version: str 
     """Add a move of ``alias`` (to ``version``; None: removed) to the model's ``<alias>_log``, the latest
     ``LOG_ENTRIES`` that fit in a tag (the oldest dropped whole: a cut one is not JSON, and the next
     move started the log over); returns the log's text before (None: there was none)."""
-    before = (c.get_registered_model(name).tags or {}).get(LOG_TAG.format(alias=alias))
+    return _append_log(c, name, LOG_TAG.format(alias=alias),
+                       {"at": _utc_now(), "from": previous, "to": version, "reason": reason[:200]})
+
+
+def _append_log(c: Any, name: str, key: str, entry: Mapping[str, Any]) -> str | None:
+    """Add ``entry`` to the model's tag ``key``, a JSON list of the latest ``LOG_ENTRIES`` that fit in a
+    tag (the oldest dropped whole: a cut one is not JSON); returns the tag's text before (None: none)."""
+    before = (c.get_registered_model(name).tags or {}).get(key)
     try:
-        moves = list(json.loads(before or "[]"))
+        entries = list(json.loads(before or "[]"))
     except (json.JSONDecodeError, TypeError):
-        moves = []
-    now = _utc_now()
-    moves = (moves + [{"at": now, "from": previous, "to": version, "reason": reason[:200]}])[-LOG_ENTRIES:]
-    text = json.dumps(moves)
-    while len(text) > TAG_VALUE_CHARS and len(moves) > 1:
-        moves = moves[1:]
-        text = json.dumps(moves)
-    c.set_registered_model_tag(name, LOG_TAG.format(alias=alias), text)
+        entries = []
+    entries = (entries + [dict(entry)])[-LOG_ENTRIES:]
+    text = json.dumps(entries)
+    while len(text) > TAG_VALUE_CHARS and len(entries) > 1:
+        entries = entries[1:]
+        text = json.dumps(entries)
+    c.set_registered_model_tag(name, key, text)
     return before
 
 
@@ -490,25 +496,35 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         raise RegistryError(f"cannot list registered models: {exc}") from exc
 
 
+PRUNED_LOG_TAG = "pruned_log"  # registered-model tag: JSON list of the latest prunes, each {at, deleted, keep}
+
+
 @dataclass(frozen=True)
 class Pruned:
-    """What ``prune`` did: the plan, the versions deleted, and those it left with why (a failure, or a
-    change since the plan: an alias set, a pin)."""
+    """What ``prune`` did: the plan, the versions deleted, those it left with why (an error, or a change
+    since the plan: an alias set, a pin), and the logged models deleted with the versions (their files go
+    with ``mlflow gc --logged-model-ids``)."""
 
     plan: retention.Plan
     deleted: tuple[str, ...]
     skipped: Mapping[str, str]
+    logged_models: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """The versions left by an error (not by a change since the plan)."""
+        return {v: why for v, why in self.skipped.items() if why.startswith("not deleted")}
 
 
-def prune(name: str, keep: int, champion_alias: str = "champion", challenger_alias: str = "challenger",
-          dry_run: bool = False) -> Pruned:
+def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry_run: bool = False) -> Pruned:
     """Delete the versions of ``name`` that ``retention.plan`` gives up (the retrain's refused challengers
-    beyond the newest ``keep``), and each one's logged model (its files go with ``mlflow gc``) unless a
-    version kept shares it. Each version is read again just before it goes: one given an alias or a pin
-    meanwhile stays. Runs under the champion alias's lock, so no ``models promote`` by this tool lands
-    between. ``dry_run``: the plan only. A failure to delete one is logged and the rest go on."""
-    from mlflow.exceptions import MlflowException
-
+    beyond the newest ``keep``; ``challenger_alias`` None: workers follow it, and having held it is having
+    served), then each deleted version's logged model that no live version of any registered model still
+    uses (its files go with ``mlflow gc``). Each version is read again just before it goes, under the lock
+    of every alias the model holds (so no move by this tool lands between): one given an alias, a pin or
+    a place in an alias's history since the plan stays, and so does one another version was copied from
+    (its source). The versions deleted are logged in the model's ``pruned_log`` tag. ``dry_run``: the
+    plan only. An error on one version is logged, and the rest go on."""
     try:
         c = client()
         model = c.get_registered_model(name)
@@ -522,48 +538,87 @@ def prune(name: str, keep: int, champion_alias: str = "champion", challenger_ali
         raise RegistryError(f"cannot list the versions of {name!r}: {exc}") from exc
     versions = [retention.Version(str(v.version), tuple(sorted(aliases.get(str(v.version), []))), dict(v.tags or {}))
                 for v in found]
-    plan = retention.plan(versions, keep, challenger_alias,
-                          retention.rollback_versions(model.tags or {}, challenger_alias))
+    plan = retention.plan(versions, keep, challenger_alias, retention.served_versions(model.tags or {}, challenger_alias))
     if dry_run or not plan.delete:
         return Pruned(plan, (), {})
-    source = {str(v.version): str(v.source or "") for v in found}
-    gone = set(plan.delete)
-    shared = {source[v] for v in source if v not in gone}
+    sources = {str(v.version): (str(v.source or ""), getattr(v, "model_id", None)) for v in found}
     deleted: list[str] = []
     skipped: dict[str, str] = {}
-    with alias_lock(name, champion_alias):
-        for version in plan.delete:
-            try:
-                now = c.get_model_version(name, version)
-            except MlflowException as exc:
-                skipped[version] = "deleted already" if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else str(exc)
-                continue
-            except Exception as exc:
-                skipped[version] = str(exc)
-                continue
-            holders = [a for a, v in (c.get_registered_model(name).aliases or {}).items() if str(v) == version]
-            why = retention.protected(retention.Version(version, tuple(holders), dict(now.tags or {})),
-                                      challenger_alias)
-            if why is not None:
-                skipped[version] = f"kept: {why} since the plan"
-                continue
-            try:
-                c.delete_model_version(name, version)
-            except Exception as exc:
-                skipped[version] = f"not deleted: {exc}"
-                log.warning("%s: cannot delete v%s: %s", name, version, exc)
-                continue
+    for version in plan.delete:
+        try:
+            why = _prune_one(c, name, version, challenger_alias)
+        except Exception as exc:
+            why = f"not deleted: {exc}"
+            log.warning("%s: cannot delete v%s: %s", name, version, exc)
+        if why is None:
             deleted.append(version)
-            model_id = source[version][len("models:/"):] if source[version].startswith("models:/m-") else ""
-            if model_id and source[version] not in shared:
-                try:
-                    c.delete_logged_model(model_id)
-                except Exception as exc:  # the version is gone; its files stay until deleted by hand
-                    log.warning("%s: v%s deleted, but its logged model %s could not be: %s", name, version, model_id, exc)
+        else:
+            skipped[version] = why
+    logged = _delete_logged_models(c, name, [sources[v] for v in deleted])
     if deleted:
         log.info("%s: deleted %d version(s) no alias, pin or rollback needs: %s (kept %s)", name, len(deleted),
                  some([f"v{v}" for v in deleted]), ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()))
-    return Pruned(plan, tuple(deleted), skipped)
+        try:
+            _append_log(c, name, PRUNED_LOG_TAG, {"at": _utc_now(), "deleted": deleted[-200:], "keep": keep})
+        except Exception as exc:
+            log.warning("%s: deleted %s, but the %s tag could not say so: %s", name, some([f"v{v}" for v in deleted]),
+                        PRUNED_LOG_TAG, exc)
+    return Pruned(plan, tuple(deleted), skipped, tuple(logged))
+
+
+def _prune_one(c: Any, name: str, version: str, challenger_alias: str | None) -> str | None:
+    """Delete ``name`` v``version`` unless what protects a version now protects it: None, or why it stays."""
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.ExitStack() as locks:
+        for alias in sorted(c.get_registered_model(name).aliases or {}):  # one order: no two processes cross
+            locks.enter_context(alias_lock(name, alias))
+        try:
+            now = c.get_model_version(name, version)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "deleted already"
+            raise
+        model = c.get_registered_model(name)
+        holders = tuple(a for a, v in (model.aliases or {}).items() if str(v) == version)
+        why = retention.protected(retention.Version(version, holders, dict(now.tags or {})), challenger_alias,
+                                  retention.served_versions(model.tags or {}, challenger_alias))
+        if why is not None:
+            return f"kept since the plan: {why}"
+        copies = _users(c, f"models:/{name}/{version}")
+        if copies is None or copies:
+            return "kept: " + (f"the source of {some(copies)}" if copies else
+                               "its name holds both kinds of quote, and copies of it cannot be searched for")
+        c.delete_model_version(name, version)
+    return None
+
+
+def _users(c: Any, source: str) -> list[str] | None:
+    """The live versions (of any registered model) whose source is ``source``, as ``name vN``; None when
+    no filter can say (a source holding both kinds of quote)."""
+    quote = "'" if "'" not in source else '"' if '"' not in source else None
+    if quote is None:
+        return None
+    return [f"{v.name} v{v.version}" for v in _every_page(c.search_model_versions,
+                                                          filter_string=f"source_path={quote}{source}{quote}")]
+
+
+def _delete_logged_models(c: Any, name: str, sources: list[tuple[str, str | None]]) -> list[str]:
+    """Delete the logged models of the deleted versions (``sources``: each one's source and model id) that
+    no live version of any registered model uses (its source, or a copy's); returns their ids."""
+    ids = {model_id or source[len("models:/"):] for source, model_id in sources
+           if model_id or source.startswith("models:/m-")}
+    out = []
+    for model_id in sorted(ids):
+        try:
+            users = _users(c, f"models:/{model_id}")
+            if users is None or users:
+                continue
+            c.delete_logged_model(model_id)
+            out.append(model_id)
+        except Exception as exc:  # its version is gone; its files stay until deleted by hand
+            log.warning("%s: the logged model %s of a deleted version could not be deleted: %s", name, model_id, exc)
+    return out
 
 
 def version_filter(name: str) -> str | None:

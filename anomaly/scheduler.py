@@ -117,20 +117,32 @@ def run_retrain(settings: Settings, **kwargs: Any) -> Any:
 def prune_after(settings: Settings, result: Any) -> None:
     """After a cycle that registered a challenger, the refused challengers beyond
     ``retrain.keep_challengers`` leave the registry (``registry.prune``); how many goes into the result's
-    data (``versions_pruned``). A failure is a warning: the cycle's outcome stands."""
+    data (``versions_pruned``; ``versions_left``: those an error left). A failure is a warning: the
+    cycle's outcome stands."""
     from anomaly import registry
 
     keep = settings.retrain.keep_challengers
     if keep < 0 or not result.challenger_version:
         return
     try:
-        pruned = registry.prune(settings.mlflow.model_name, keep, settings.mlflow.champion_alias,
-                                settings.mlflow.challenger_alias)
+        pruned = registry.prune(settings.mlflow.model_name, keep, unserved_alias(settings))
     except Exception as exc:
         log.warning("retrain: the refused challengers beyond retrain.keep_challengers = %d could not be deleted: %s",
                     keep, exc)
         return
     result.data["versions_pruned"] = len(pruned.deleted)
+    if pruned.failed:
+        result.data["versions_left"] = len(pruned.failed)
+    for version, why in pruned.skipped.items():
+        log.log(logging.WARNING if version in pruned.failed else logging.INFO, "retrain: %s v%s left: %s",
+                settings.mlflow.model_name, version, why)
+
+
+def unserved_alias(settings: Settings) -> str | None:
+    """The alias whose holders did not serve for it (``retention``): the challenger's, unless workers
+    follow it (``worker.model_alias``, a canary fleet): then None, and having held it is having served."""
+    challenger = settings.mlflow.challenger_alias
+    return None if settings.worker.model_alias == challenger else challenger
 
 
 def retrain_job(config: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None,

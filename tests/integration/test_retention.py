@@ -4,6 +4,7 @@ or was trained by hand stays, and ``mlflow gc`` then frees the deleted versions'
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -102,3 +103,67 @@ def test_refused_challengers_beyond_keep_leave_the_registry_and_the_rest_stays(t
     assert files(tmp_path / "artifacts" / "models" / logged_model_id(c, "3")) > 0
     assert registry.load_detector(NAME, "champion")[1] == "1"  # the champion still loads
     tracking.configure(tracking_uri)
+
+
+def test_what_another_model_uses_a_failed_delete_and_a_champion_moved_in_the_ui_are_kept(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """v2's logged model is registered in another model too, v3 was copied into another, v5 shares v4's
+    logged model and its delete fails, v6 held @champion by a move in the MLflow UI (no tag of ours) and
+    was rolled back from: the prune deletes v2 and v4 and no logged model anyone uses, says v5 failed
+    (exit 1), and the next prune takes v5 and then v4's logged model."""
+    from mlflow import MlflowClient
+
+    from anomaly.cli import main
+    from anomaly.locks import FileLock
+    from anomaly.scheduler import registry_lock_path
+
+    settings = settings_for(tmp_path, epochs=1)
+    prepared = prepare_training(normal_frame(300, seed=2))
+    assert run_training(prepared, settings, source="s", dataset="s", promote=True, progress=False).version == "1"
+    for _ in range(3):  # v2, v3, v4: challengers a retrain made, each with its own logged model
+        run_training(prepared, settings, source="s", dataset="s", extra_tags={"retrain": "true"}, progress=False)
+    c = registry.client()
+    v4_model = logged_model_id(c, "4")
+    c.create_model_version(NAME, f"models:/{v4_model}", tags={"retrain": "true"})  # v5, on v4's files
+    v2_model = logged_model_id(c, "2")
+    registry.register(f"models:/{v2_model}", "pump-prod")
+    c.copy_model_version(f"models:/{NAME}/3", "pump-copy")
+    run_training(prepared, settings, source="s", dataset="s", extra_tags={"retrain": "true"}, progress=False)  # v6
+    run_training(prepared, settings, source="s", dataset="s", alias="challenger", extra_tags={"retrain": "true"},
+                 progress=False)  # v7
+    c.set_registered_model_alias(NAME, "champion", "6")  # in the MLflow UI: no tag of ours on v6
+    assert registry.rollback(NAME, reason="v6 floods pump-3") == "1"
+
+    down = MlflowClient.delete_model_version
+
+    def fail_v5(self, name, version):
+        if (name, str(version)) == (NAME, "5"):
+            raise RuntimeError("simulated 503 from the tracking server")
+        return down(self, name, version)
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", fail_v5)
+    uri = ["--tracking-uri", settings.mlflow.tracking_uri, "--model-name", NAME]
+    capsys.readouterr()
+    with FileLock(registry_lock_path(settings)):  # a retrain of the model runs: not beside it
+        assert main(["models", "prune", "--keep", "0", *uri]) == 2
+    assert "a retrain of pump is running" in capsys.readouterr().err
+    assert main(["models", "prune", "--keep", "0", *uri]) == 1
+    said = capsys.readouterr().out
+    assert "deleted 2 version(s): v2, v4" in said, said
+    assert "v3 left: kept: the source of pump-copy v1" in said and "v5 left: not deleted: simulated 503" in said
+    assert [v for v in map(str, range(1, 8)) if exists(c, v)] == ["1", "3", "5", "6", "7"]
+    assert logged_model_alive(c, v2_model) and logged_model_alive(c, v4_model)  # pump-prod's, and v5's
+    assert registry.load_detector("pump-prod", "1")[1] == "1" and registry.load_detector("pump-copy", "1")[1] == "1"
+    plan = registry.prune(NAME, 0, dry_run=True).plan
+    assert plan.delete == ("3", "5")  # the plan does not look for copies; the delete of each does
+    assert plan.kept["6"] == "served: held @champion"
+
+    monkeypatch.setattr(MlflowClient, "delete_model_version", down)
+    assert main(["models", "prune", "--keep", "0", *uri]) == 0
+    said = capsys.readouterr().out
+    assert "deleted 1 version(s): v5" in said and "v3 left: kept: the source of pump-copy v1" in said, said
+    assert f"--logged-model-ids {v4_model}" in said
+    assert not logged_model_alive(c, v4_model)  # no live version uses it now
+    log = json.loads(c.get_registered_model(NAME).tags["pruned_log"])
+    assert [entry["deleted"] for entry in log] == [["2", "4"], ["5"]]
+    tracking.configure(settings.mlflow.tracking_uri)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from anomaly.retention import Version, plan, pinned, rollback_versions
+from anomaly.retention import Version, plan, pinned, served_versions
 
 R = {"retrain": "true"}  # a version a retrain registered
 
@@ -38,25 +38,30 @@ def test_versions_a_rule_protects_are_kept_whatever_their_age_and_do_not_count_t
         Version("8", ("challenger",), dict(R)),
         Version("9", (), dict(R, retrain="false")),
     ]
-    p = plan(versions, keep=1, rollback=["5"])
+    p = plan(versions, keep=1, served=["5"])
     assert p.delete == ("6",)  # 7 is the newest unprotected one
     assert p.kept["1"] == "not made by a retrain" and p.kept["9"] == "not made by a retrain"
     assert p.kept["2"] == "holds an alias: @champion" and p.kept["8"] == "holds an alias: @challenger"
     assert p.kept["3"] == "served: held @champion"
     assert p.kept["4"] == "pinned: tag keep=True"
-    assert p.kept["5"] == "served: on a rollback stack"
+    assert p.kept["5"] == "served: named in an alias's history"
     assert p.kept["7"].startswith("newest 1")
     assert set(p.kept) | set(p.delete) == {v.version for v in versions}
 
 
 def test_having_held_any_alias_but_the_challengers_is_having_served():
     """The challenger alias moves to every new challenger: each refused one held it. Any other alias (the
-    champion's, one a second fleet's workers follow) serves."""
+    champion's, one a second fleet's workers follow) serves; so does the challenger's when workers follow
+    it (a canary fleet: None)."""
     prod = Version("1", (), dict(R, prod_since="2026-11-01T00:00:00Z"))
-    was_challenger = Version("2", (), dict(R, challenger_since="2026-11-01T00:00:00Z"))
-    p = plan([prod, was_challenger], keep=0)
-    assert p.delete == ("2",) and p.kept["1"] == "served: held @prod"
+    was_challenger = Version("2", (), dict(R, challenger_since="2026-11-01T00:00:00Z",
+                                           challenger_until="2026-11-02T00:00:00Z"))
+    rolled_from = Version("3", (), dict(R, champion_until="2026-11-03T00:00:00Z"))  # moved to in the UI: no _since
+    p = plan([prod, was_challenger, rolled_from], keep=0)
+    assert p.delete == ("2",) and p.kept["1"] == "served: held @prod" and p.kept["3"] == "served: held @champion"
     assert plan([was_challenger], keep=0, challenger_alias="candidate").delete == ()
+    assert plan([was_challenger], keep=0, challenger_alias=None).kept["2"] == "served: held @challenger"
+    assert plan([Version("4", (), dict(R, _since="x"))], keep=0).delete == ("4",)  # no alias named
 
 
 def test_versions_are_ordered_as_numbers_not_as_text():
@@ -69,11 +74,16 @@ def test_pins_read_true_in_any_case_and_nothing_else():
     assert not pinned({"keep": "false"}) and not pinned({"keep": ""}) and not pinned({})
 
 
-def test_the_rollback_stacks_are_every_history_tag_but_the_challengers_read_as_a_list():
-    tags = {"champion_history": json.dumps(["1", 3]), "prod_history": '["7"]', "champion_log": '[{"to": "9"}]',
-            "broken_history": "not json", "dict_history": '{"a": 1}', "challenger_history": '["2", "4"]'}
-    assert rollback_versions(tags) == {"1", "3", "7"}
-    assert rollback_versions(tags, challenger_alias="prod") == {"1", "2", "3", "4"}
+def test_the_versions_served_are_every_history_and_every_logged_move_but_the_challengers():
+    """The log names a holder that a move in the MLflow UI put there (it stamped nothing), once this tool
+    moved the alias on from it."""
+    tags = {"champion_history": json.dumps(["1", 3]), "prod_history": '["7"]',
+            "champion_log": json.dumps([{"from": None, "to": "1"}, {"from": "9", "to": "10"}, "junk"]),
+            "broken_history": "not json", "dict_history": '{"a": 1}', "challenger_history": '["2", "4"]',
+            "challenger_log": json.dumps([{"from": "2", "to": "5"}]), "pruned_log": json.dumps([{"deleted": ["6"]}])}
+    assert served_versions(tags) == {"1", "3", "7", "9", "10"}
+    assert served_versions(tags, challenger_alias="prod") == {"1", "2", "3", "4", "5", "9", "10"}
+    assert served_versions(tags, challenger_alias=None) == {"1", "2", "3", "4", "5", "7", "9", "10"}
 
 
 def test_kept_counts_group_the_reasons():

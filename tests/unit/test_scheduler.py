@@ -493,9 +493,9 @@ def test_after_a_cycle_that_registered_a_challenger_the_registry_is_pruned_and_a
 
     calls = []
 
-    def prune(name, keep, champion_alias, challenger_alias, dry_run=False):
-        calls.append((name, keep, champion_alias, challenger_alias))
-        return registry.Pruned(Plan(("2", "3"), {}), ("2", "3"), {})
+    def prune(name, keep, challenger_alias, dry_run=False):
+        calls.append((name, keep, challenger_alias))
+        return registry.Pruned(Plan(("2", "3", "4"), {}), ("2", "3"), {"4": "not deleted: 503"})
 
     monkeypatch.setattr(registry, "prune", prune)
     settings = build_settings({"retrain": {"keep_challengers": 4}, "mlflow": {"model_name": "pump"}})
@@ -504,9 +504,14 @@ def test_after_a_cycle_that_registered_a_challenger_the_registry_is_pruned_and_a
     assert calls == [] and "versions_pruned" not in skipped.data
     kept = RetrainResult("kept", "worse", champion_version="1", challenger_version="5")
     prune_after(settings, kept)
-    assert calls == [("pump", 4, "champion", "challenger")] and kept.data["versions_pruned"] == 2
+    assert calls == [("pump", 4, "challenger")] and kept.data["versions_pruned"] == 2
+    assert kept.data["versions_left"] == 1
+    canary = build_settings({"retrain": {"keep_challengers": 4}, "mlflow": {"model_name": "pump"},
+                             "worker": {"model_alias": "challenger"}})
+    prune_after(canary, kept)  # the workers serve @challenger: having held it is having served
+    assert calls[-1] == ("pump", 4, None)
     prune_after(build_settings({"retrain": {"keep_challengers": -1}}), kept)  # off
-    assert len(calls) == 1
+    assert len(calls) == 2
 
     def down(*args, **kwargs):
         raise registry.RegistryError("the registry does not answer")
