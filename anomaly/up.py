@@ -247,7 +247,7 @@ def banner(*, bootstrap: str, settings: Settings, ui: str | None, fleet: Sequenc
                  + (f", {k.feedback_topic} (verdicts)" if k.feedback_topic else ""))
     if k.feedback_topic:
         lines.append("  verdicts          anomaly feedback normal ID (a false alarm) | anomaly ID (a fault), ID from an "
-                     "event line below; the next retrain learns from them")
+                     "event line below or `anomaly events` (each with its verdict); the next retrain learns from them")
     lines.append("  fleet             " + ", ".join(f"{e} = SKAB {series}" for e, series in fleet)
                  + f", at {speed:g}x recorded speed")
     lines.append(f"  logs              {state_dir}/ (broker, mlflow, worker, scheduler)")
