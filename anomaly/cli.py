@@ -810,30 +810,35 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     if args.limit < 0:
         raise AnomalyError(f"--limit must be >= 0 (0 lists every event), got {args.limit}")
+    if not args.timeout > 0:
+        raise AnomalyError(f"--timeout must be > 0 seconds, got {args.timeout}")
     since = _time_arg("--since", args.since) if args.since is not None else None
     settings = _settings(args)
     k = settings.kafka
-    folder = event_list.Folder()  # folded as read: the topic's records are not held
-    feedback_topic.read_events(k.bootstrap_servers, k.events_topic, k.client_options, on_event=folder.add)
+    folder = event_list.Folder(args.entity)  # folded as read: the topic's records are not held
+    feedback_topic.read_events(k.bootstrap_servers, k.events_topic, k.client_options, on_event=folder.add,
+                               timeout_s=args.timeout, strict=True)
     folded = folder.events
     in_force = (feedback_topic.in_force(feedback_topic.read_verdicts(k.bootstrap_servers, k.feedback_topic,
                                                                      k.client_options)[0])
                 if k.feedback_topic else [])
     now = time.time()
-    shown = event_list.select(folded, in_force, now_s=now, stale_after_s=settings.worker.max_event_s,
-                              entity=args.entity, since_s=since, open_only=args.open, limit=args.limit)
+    matched = event_list.select(folded, in_force, now_s=now, stale_after_s=settings.worker.max_event_s,
+                                entity=args.entity, since_s=since, open_only=args.open)
+    shown = matched[-args.limit:] if args.limit else matched
     if args.json:
         print(json.dumps([item.to_dict() for item in shown], indent=2, ensure_ascii=False))
         return 0
     if not shown:
         which = " ".join(w for w in ("open" if args.open else "", "events", f"of {args.entity}" if args.entity else "",
                                      f"since {_utc(since)} UTC" if since is not None else "") if w)
-        print(f"no {which} on {k.events_topic} ({len(folded)} in all)")
+        print(f"no {which} on {k.events_topic}" + (f" ({len(folded)} in all)" if folded else
+                                                   " (none written yet, or a mistyped kafka.events_topic)"))
         return 0
     for item in shown:
         print(event_list.line(item, now, top=settings.worker.top_sensors))
-    if args.limit and len(shown) == args.limit:
-        print(f"(the newest {args.limit}; --limit 0 lists every one, --since narrows by time)")
+    if len(shown) < len(matched):
+        print(f"(the newest {len(shown)} of {len(matched)}; --limit 0 lists every one, --since narrows by time)")
     return 0
 
 
@@ -1468,16 +1473,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The anomaly events on kafka.events_topic, one line each as it stands now (closed "
                                    "with its end and how long it lasted, or open), oldest first: entity, peak score "
                                    "against the threshold, model version, the start of its id (what `anomaly "
-                                   "feedback` takes) and the sensors that drove it; then the verdict in force on it "
-                                   "(kafka.feedback_topic: given on the event, or on a period of its entity that "
-                                   "overlaps it), or 'stale' for an open event with no record for longer than "
-                                   "worker.max_event_s (its worker died while it was open).")
+                                   "feedback` takes) and the sensors that drove it; then the verdicts in force on it "
+                                   "(kafka.feedback_topic: given on the event, or on periods of its entity that "
+                                   "overlap it), or 'no record for ...' for an open event with no record for longer "
+                                   "than worker.max_event_s (its entity went silent mid-event, its model's alert "
+                                   "grid is longer, or its worker died while it was open).")
     p.add_argument("--entity", help="this entity's events only")
     p.add_argument("--since", help="events still going at or after this time (open, or ending then or later): "
                                    "RFC 3339 (2026-11-21T10:00:00Z) or epoch seconds")
     p.add_argument("--open", action="store_true", help="open events only")
-    p.add_argument("--limit", type=int, default=20, help="the newest N events by start (default 20; 0 = every one)")
-    p.add_argument("--json", action="store_true", help="each event's last record as JSON, with verdict, stale, "
+    p.add_argument("--limit", type=int, default=20, help="the newest N events by start (default 20; 0 = every one; "
+                                                           "--json too)")
+    p.add_argument("--timeout", type=float, default=120.0, help="longest read of the events topic in seconds (default "
+                                                                "120); a read it cuts short is an error, not a part "
+                                                                "of the topic shown as the whole")
+    p.add_argument("--json", action="store_true", help="each event's last record as JSON, with verdicts, stale, "
                                                       "reopened and written_ts")
     p.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default kafka.bootstrap_servers)")
     common(p, tracking=False, model=False)

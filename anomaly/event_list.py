@@ -4,8 +4,9 @@ An operator giving a verdict (`anomaly feedback normal EVENT_ID`) needed the eve
 listed them outside `anomaly up`'s console: the events topic held them as open and closed records of
 JSON. ``fold`` keeps each event's last record (its state now: closed with its end, or open), ``select``
 narrows them (an entity, a time, the open ones, the newest N) and joins the verdict in force on each
-(``verdict_for``), and ``line`` renders them as `anomaly up` does, with the verdict, or a note that an
-open event has had no record for longer than ``worker.max_event_s`` (stale: README, "message formats").
+(``verdicts_for``), and ``line`` renders them as `anomaly up` does, with the verdicts, or a note that an
+open event has had no record for longer than ``worker.max_event_s`` (its entity went silent mid-event, its
+model's alert grid is longer, or its worker died while it was open: README, "message formats").
 Pure: reading the topics is ``feedback_topic.read_events``.
 """
 
@@ -32,31 +33,39 @@ class Folded:
 
 @dataclass(frozen=True)
 class Listed:
-    """One event as listed: its fold, the verdict in force on it, and whether it is stale."""
+    """One event as listed: its fold, the verdicts in force on it (in the order given), and whether it is
+    stale (open, and no record for longer than ``worker.max_event_s``)."""
 
     folded: Folded
-    verdict: Verdict | None
+    verdicts: tuple[Verdict, ...]
     stale: bool
 
     def to_dict(self) -> dict[str, Any]:
-        """The event's last record, with ``verdict`` (the verdict's fields, or null), ``stale``,
-        ``reopened`` and ``written_ts`` (when the record was written) added."""
-        return {**self.folded.event, "verdict": None if self.verdict is None else self.verdict.to_dict(),
+        """The event's last record, with ``verdicts`` (each verdict's fields), ``stale``, ``reopened`` and
+        ``written_ts`` (when the record was written) added."""
+        return {**self.folded.event, "verdicts": [v.to_dict() for v in self.verdicts],
                 "stale": self.stale, "reopened": self.folded.reopened, "written_ts": self.folded.written_s}
 
 
 class Folder:
     """Each event's last record by id, as records are read (``add``: topic order within a partition, where
-    one event's records are); ``events`` holds them. Records without a string ``event_id`` are passed over."""
+    one event's records are); ``events`` holds them, of ``entity`` only when given (the others are not
+    kept: about 4 KB an event). Records without a string ``event_id`` are passed over, and so is a record
+    written before the one held (an event whose records went to two partitions, the topic's partitions
+    added while it was open)."""
 
-    def __init__(self) -> None:
+    def __init__(self, entity: str | None = None) -> None:
         self.events: dict[str, Folded] = {}
+        self.entity = entity
 
     def add(self, event: Mapping[str, Any], written_s: float | None) -> None:
         eid = event.get("event_id")
-        if not isinstance(eid, str):
+        if not isinstance(eid, str) or (self.entity is not None and event.get("entity") != self.entity):
             return
         before = self.events.get(eid)
+        if before is not None and written_s is not None and before.written_s is not None \
+                and written_s < before.written_s:
+            return
         reopened = before is not None and (before.reopened or before.event.get("status") == "closed") \
             and event.get("status") == "open"
         self.events[eid] = Folded(event, written_s, reopened)
@@ -83,28 +92,23 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def verdict_for(event: Mapping[str, Any], in_force: Sequence[Verdict]) -> Verdict | None:
-    """The verdict in force on ``event``: one given on it (by its id), else one on a period of its entity
-    that overlaps it (the latest given, of those: ``in_force`` is in the order they were given)."""
+def verdicts_for(event: Mapping[str, Any], in_force: Sequence[Verdict]) -> tuple[Verdict, ...]:
+    """The verdicts in force on ``event``, in the order given: the one given on it (by its id) and those on
+    periods of its entity that overlap it. The retrain applies them all to the readings each covers
+    (``anomaly`` over ``normal``; ``maintenance`` leaves them out)."""
     eid = event.get("event_id")
-    for v in reversed(in_force):
-        if v.event_id is not None and v.event_id == eid:
-            return v
     start, end = _span(event)
-    if start is None:
-        return None
-    for v in reversed(in_force):
-        if v.event_id is None and v.entity == event.get("entity") and v.start_ts <= end and v.end_ts >= start:
-            return v
-    return None
+    return tuple(v for v in in_force
+                 if (v.event_id is not None and v.event_id == eid)
+                 or (v.event_id is None and start is not None and v.entity == event.get("entity")
+                     and v.start_ts <= end and v.end_ts >= start))
 
 
 def select(folded: Mapping[str, Folded], in_force: Sequence[Verdict], *, now_s: float, stale_after_s: float,
-           entity: str | None = None, since_s: float | None = None, open_only: bool = False,
-           limit: int = 20) -> list[Listed]:
-    """The events to list, oldest first: of ``entity``; still going at or after ``since_s`` (open, or
-    ending then or later); only the open ones; the newest ``limit`` by start (0: every one). An open
-    event whose last record was written more than ``stale_after_s`` before ``now_s`` is stale."""
+           entity: str | None = None, since_s: float | None = None, open_only: bool = False) -> list[Listed]:
+    """The events to list, oldest first by start (stream time): of ``entity``; still going at or after
+    ``since_s`` (open, or ending then or later, in stream time); only the open ones. An open event whose
+    last record was written more than ``stale_after_s`` before ``now_s`` (wall clock) is stale."""
     chosen: list[Folded] = []
     for f in folded.values():
         start, end = _span(f.event)
@@ -116,22 +120,20 @@ def select(folded: Mapping[str, Folded], in_force: Sequence[Verdict], *, now_s: 
             continue
         chosen.append(f)
     chosen.sort(key=lambda f: (_span(f.event)[0], str(f.event.get("event_id"))))
-    if limit > 0:
-        chosen = chosen[-limit:]
-    return [Listed(f, verdict_for(f.event, in_force),
+    return [Listed(f, verdicts_for(f.event, in_force),
                    f.event.get("status") == "open" and f.written_s is not None and now_s - f.written_s > stale_after_s)
             for f in chosen]
 
 
 def line(listed: Listed, now_s: float, top: int = 3) -> str:
-    """``format_event``'s line (as `anomaly up` prints it), then the verdict in force, or that it is stale."""
+    """``format_event``'s line (as `anomaly up` prints it), then the verdicts in force, or that an open
+    event has had no record for long."""
     f = listed.folded
     text = format_event(f.event, top=top, reopened=f.reopened)
     notes = []
     if listed.stale and f.written_s is not None:
-        notes.append(f"stale: no record for {duration(now_s - f.written_s)}")
-    v = listed.verdict
-    if v is not None:
+        notes.append(f"no record for {duration(now_s - f.written_s)}")
+    for v in listed.verdicts:
         said = f"{v.verdict}" + (" (period)" if v.event_id is None else "") + (f" by {v.by}" if v.by else "")
         notes.append(said + (f": {v.note}" if v.note else ""))
     return text + (f"  [{'; '.join(notes)}]" if notes else "")

@@ -562,10 +562,13 @@ def _reader(bootstrap_servers: str | Sequence[str], timeout_s: float,
 
 def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: float = 10.0, idle_s: float = 1.0,
              client_options: Mapping[str, Any] | None = None, topic_wait_s: float | None = None,
-             on_records: Callable[[list[ConsumerRecord]], None] | None = None) -> list[ConsumerRecord]:
+             on_records: Callable[[list[ConsumerRecord]], None] | None = None, strict: bool = False
+             ) -> list[ConsumerRecord]:
     """Every record of ``topic`` from the beginning, without a consumer group, sorted by partition/offset.
     ``on_records``: each polled batch goes to it instead (each partition's records in offset order, the
     partitions interleaved), and none is kept: a reader that folds them holds no copy of the topic.
+    ``strict``: a read that ``timeout_s`` stops before every partition's end offset (as the broker gave
+    it when the read began) is a ``TopicError`` saying so, not a part of the topic passed off as all of it.
 
     Reads at least up to the end offsets the broker gave when it began, then stops when no new record
     came for ``idle_s`` (or at ``timeout_s`` in all). It does not take the end offsets for the last
@@ -589,7 +592,7 @@ def read_all(bootstrap_servers: str | Sequence[str], topic: str, timeout_s: floa
         consumer.seek_to_beginning(*tps)
         first, end = _offsets(consumer, tps, deadline)
         records = _poll_until_idle(consumer, deadline, idle_s, {tp: end[tp] for tp in tps if end[tp] > first[tp]},
-                                   on_records)
+                                   on_records, strict=f"{topic} ({timeout_s:g} s)" if strict else None)
     finally:
         consumer.close(autocommit=False)
     return records
@@ -603,13 +606,16 @@ def _offsets(consumer: Any, tps: Sequence[TopicPartition], deadline: float) -> t
 
 
 def _poll_until_idle(consumer: Any, deadline: float, idle_s: float, ends: Mapping[TopicPartition, int],
-                     on_records: Callable[[list[ConsumerRecord]], None] | None = None) -> list[ConsumerRecord]:
+                     on_records: Callable[[list[ConsumerRecord]], None] | None = None,
+                     strict: str | None = None) -> list[ConsumerRecord]:
     """What ``consumer`` polls until no new record came for ``idle_s`` (or the monotonic ``deadline``),
     sorted by partition/offset.
 
     The idle clock starts only once the consumer's position on every partition of ``ends`` has
     reached its end offset there (read before polling), so a broker slow to answer the first fetch
     does not pass for an empty topic; after that, ``idle_s`` only waits for records written since.
+    ``strict`` (what is read, for the message): the deadline reached with a partition short of its end
+    offset is a ``TopicError``.
     """
     records: list[ConsumerRecord] = []
     take = records.extend if on_records is None else on_records
@@ -618,6 +624,9 @@ def _poll_until_idle(consumer: Any, deadline: float, idle_s: float, ends: Mappin
     while True:
         now = time.monotonic()
         if now >= deadline or (not behind and now - last_record_at >= idle_s):
+            if strict is not None and behind and now >= deadline:
+                raise TopicError(f"the read of {strict} stopped at its time limit with {len(behind)} partition(s) "
+                                 f"not read to their end (partitions {sorted(tp.partition for tp in behind)})")
             break
         step_ms = int(min(_POLL_STEP_MS, (deadline - now) * 1000, idle_s * 1000)) or 1
         for part in consumer.poll(timeout_ms=step_ms).values():

@@ -72,6 +72,28 @@ def test_produced_readings_read_back_intact(kafka_broker: str, topic_name: str) 
         assert ts == sorted(ts)
 
 
+def test_read_all_hands_batches_over_in_partition_order_and_a_strict_read_cut_short_says_so(
+        kafka_broker: str, topic_name: str, monkeypatch) -> None:
+    assert ensure_topics(kafka_broker, {topic_name: 2}) == {topic_name: 2}
+    sent = readings(200)
+    produce(kafka_broker, topic_name, sent)
+    batches: list[list] = []
+    assert read_all(kafka_broker, topic_name, timeout_s=15, idle_s=1.0, on_records=batches.append, strict=True) == []
+    got = [r for batch in batches for r in batch]
+    assert len(got) == len(sent)  # handed over, none kept
+    for partition in {r.partition for r in got}:
+        offsets = [r.offset for r in got if r.partition == partition]
+        assert offsets == sorted(offsets)
+    # a read whose time runs out before the partitions' ends: strict says so instead of passing a part off
+    monkeypatch.setattr(kafka_io, "_POLL_STEP_MS", 1)
+    real_poll = kafka_io.KafkaConsumer.poll
+    monkeypatch.setattr(kafka_io.KafkaConsumer, "poll", lambda self, timeout_ms=0, **kw: (time.sleep(0.2), {})[1])
+    with pytest.raises(TopicError, match="stopped at its time limit with 2 partition"):
+        read_all(kafka_broker, topic_name, timeout_s=3, idle_s=0.5, strict=True)
+    assert read_all(kafka_broker, topic_name, timeout_s=3, idle_s=0.5) == []  # not strict: what it read
+    monkeypatch.setattr(kafka_io.KafkaConsumer, "poll", real_poll)
+
+
 def test_read_all_of_a_missing_topic_is_empty_and_does_not_create_it(kafka_broker: str, topic_name: str) -> None:
     assert read_all(kafka_broker, topic_name, timeout_s=1.0, idle_s=0.2) == []
     with make_admin(kafka_broker) as admin:

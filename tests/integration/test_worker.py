@@ -805,7 +805,7 @@ def test_no_event_is_raised_for_an_entity_in_maintenance(kafka_broker, champion,
     assert f"id {b_id[:8]}" in b and b.endswith("[anomaly by op: pressure leak]"), b
     assert main(["events", "--entity", "pump-a", "--json"]) == 0
     [a] = json.loads(capsys.readouterr().out)
-    assert a["status"] == "closed" and a["start_ts"] == opened["pump-a"]["start_ts"] and a["verdict"] is None
-    assert a["written_ts"] > 0 and a["stale"] is False  # its close was written just now
+    assert a["status"] == "closed" and a["start_ts"] == opened["pump-a"]["start_ts"] and a["verdicts"] == []
+    assert abs(a["written_ts"] - time.time()) < 600 and a["stale"] is False  # its close was written just now
     assert main(["events", "--open"]) == 0
     assert capsys.readouterr().out.startswith("no open events on ")

@@ -1,6 +1,6 @@
 """`anomaly events`' pure side (anomaly.event_list): folding records, choosing, joining verdicts, lines."""
 
-from anomaly.event_list import Folded, fold, line, select, verdict_for
+from anomaly.event_list import Folded, Folder, fold, line, select, verdicts_for
 from anomaly.feedback import make_verdict
 
 T0 = 1_795_255_392.0
@@ -22,6 +22,14 @@ def test_fold_keeps_each_events_last_record_and_notices_a_reopen():
     a = folded["a" * 16]
     assert a.event["status"] == "open" and a.written_s == 4.0 and a.reopened
     assert not folded["b" * 16].reopened
+    # an event whose records went to two partitions (partitions added while it was open): the record
+    # written last holds, whichever partition was read first
+    late = fold([(ev("c" * 16, "closed", T0, T0 + 60), 9.0), (ev("c" * 16, "open", T0), 8.0)])
+    assert late["c" * 16].event["status"] == "closed" and not late["c" * 16].reopened
+    only = Folder("fan-1")
+    for event, written_s in records + [(ev("d" * 16, "open", T0, entity="fan-1"), 1.0)]:
+        only.add(event, written_s)
+    assert list(only.events) == ["d" * 16]  # another entity's events are not kept
 
 
 def test_select_narrows_by_entity_time_status_and_keeps_the_newest_oldest_first():
@@ -31,8 +39,6 @@ def test_select_narrows_by_entity_time_status_and_keeps_the_newest_oldest_first(
     ids = lambda listed: [item.folded.event["event_id"] for item in listed]  # noqa: E731
     every = dict(now_s=T0, stale_after_s=3600.0)
     assert ids(select(folded, [], **every)) == ["e1", "e2", "e3", "e4"]  # a record without a start is left out
-    assert ids(select(folded, [], **every, limit=2)) == ["e3", "e4"]
-    assert ids(select(folded, [], **every, limit=0)) == ["e1", "e2", "e3", "e4"]
     assert ids(select(folded, [], **every, entity="fan-1")) == ["e2"]
     assert ids(select(folded, [], **every, since_s=T0 + 110)) == ["e2", "e3", "e4"]  # e2 ends then; e3 is open
     assert ids(select(folded, [], **every, since_s=T0 + 111)) == ["e3", "e4"]
@@ -45,21 +51,20 @@ def test_an_open_event_without_a_record_for_longer_than_max_event_s_is_stale():
     listed = {item.folded.event["event_id"]: item for item in select(folded, [], now_s=4700.0, stale_after_s=3600.0)}
     assert listed["old"].stale and not listed["new"].stale
     assert not listed["shut"].stale and not listed["nots"].stale  # closed, and no record time known
-    assert "[stale: no record for 61.7 min]" in line(listed["old"], now_s=4700.0)
+    assert "[no record for 61.7 min]" in line(listed["old"], now_s=4700.0)
 
 
-def test_the_verdict_on_an_event_is_the_one_given_on_it_else_a_period_of_its_entity_that_overlaps_it():
+def test_the_verdicts_on_an_event_are_the_one_given_on_it_and_the_periods_of_its_entity_that_overlap_it():
+    """All of them, in the order given: the retrain applies each to the readings it covers."""
     e = ev("e1", "closed", T0, T0 + 60)
     on_it = make_verdict("pump-7", T0, T0 + 60, "normal", event_id="e1", note="new impeller", by="alice")
     period = make_verdict("pump-7", T0 + 50, T0 + 500, "maintenance", by="bob")
     other_entity = make_verdict("fan-1", T0, T0 + 60, "anomaly")
     before = make_verdict("pump-7", T0 - 100, T0 - 1, "anomaly")
-    assert verdict_for(e, [period, on_it, other_entity]) == on_it  # given on it wins over a period
-    assert verdict_for(e, [period, other_entity, before]) == period
-    assert verdict_for(e, [other_entity, before]) is None
-    later = make_verdict("pump-7", T0 + 10, T0 + 20, "anomaly")
-    assert verdict_for(e, [period, later]) == later  # the latest given of the periods
-    assert verdict_for(ev("e9", "open", T0 + 400), [period]) == period  # an open one reaches on
+    other_event = make_verdict("pump-7", T0, T0 + 60, "anomaly", event_id="e2")
+    assert verdicts_for(e, [period, on_it, other_entity, before, other_event]) == (period, on_it)
+    assert verdicts_for(e, [other_entity, before]) == ()
+    assert verdicts_for(ev("e9", "open", T0 + 400), [period]) == (period,)  # an open one reaches on
 
 
 def test_a_line_is_the_consoles_with_the_verdict_and_json_carries_it():
@@ -71,8 +76,30 @@ def test_a_line_is_the_consoles_with_the_verdict_and_json_carries_it():
     assert "pressure 81% (1.41 vs 1.02)" in text
     assert text.endswith("[normal by alice: new impeller]")
     period = make_verdict("pump-7", T0, T0 + 150, "anomaly")
-    [item] = select({e["event_id"]: Folded(e, 5.0)}, [period], now_s=10.0, stale_after_s=3600.0)
-    assert line(item, now_s=10.0).endswith("[anomaly (period)]")
+    [item] = select({e["event_id"]: Folded(e, 5.0)}, [v, period], now_s=10.0, stale_after_s=3600.0)
+    assert line(item, now_s=10.0).endswith("[normal by alice: new impeller; anomaly (period)]")
     d = item.to_dict()
-    assert d["verdict"]["verdict"] == "anomaly" and d["stale"] is False and d["written_ts"] == 5.0
+    assert [x["verdict"] for x in d["verdicts"]] == ["normal", "anomaly"] and d["stale"] is False
+    assert d["written_ts"] == 5.0
     assert d["event_id"] == e["event_id"] and d["reopened"] is False
+
+
+def test_read_events_gives_each_records_kafka_time_in_seconds_and_passes_over_what_is_not_an_event(monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from anomaly import feedback_topic, kafka_io
+
+    def read_all(bootstrap_servers, topic, **kwargs):
+        kwargs["on_records"]([SimpleNamespace(value=json.dumps(ev("a1", "open", T0)).encode(), timestamp=1_795_255_400_250),
+                              SimpleNamespace(value=b"not json", timestamp=1),
+                              SimpleNamespace(value=None, timestamp=2),
+                              SimpleNamespace(value=json.dumps(ev("a2", "open", T0)).encode(), timestamp=-1)])
+        assert kwargs["strict"] is True
+        return []
+
+    monkeypatch.setattr(kafka_io, "read_all", read_all)
+    got = []
+    feedback_topic.read_events("x:1", "anomalies", on_event=lambda event, written: got.append((event["event_id"], written)),
+                               strict=True)
+    assert got == [("a1", 1_795_255_400.25), ("a2", None)]
