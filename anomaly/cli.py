@@ -815,7 +815,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     since = _time_arg("--since", args.since) if args.since is not None else None
     settings = _settings(args)
     k = settings.kafka
-    folder = event_list.Folder(args.entity)  # folded as read: the topic's records are not held
+    folder = event_list.Folder(args.entity)  # folded as read: of the topic, each event's last record is held
     feedback_topic.read_events(k.bootstrap_servers, k.events_topic, k.client_options, on_event=folder.add,
                                timeout_s=args.timeout, strict=True)
     folded = folder.events

@@ -17,18 +17,36 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from anomaly.codec import decode_event
 from anomaly.event_feed import duration, format_event
 from anomaly.feedback import Verdict
 
 
 @dataclass(frozen=True)
 class Folded:
-    """An event's last record, when it was written (epoch seconds, the Kafka record's timestamp; None if
-    unknown) and whether it was closed before it was open again (re-opened within its cooldown)."""
+    """An event's last record (decoded, or its bytes, decoded again when shown: a decoded record held
+    about 4 KB, its bytes a quarter of that), when it was written (epoch seconds, the Kafka record's
+    timestamp; None if unknown), whether it was closed before it was open again (re-opened within its
+    cooldown), and what choosing it reads: its status, entity, start and end (inf while open)."""
 
-    event: Mapping[str, Any]
+    record: Mapping[str, Any] | bytes
     written_s: float | None
-    reopened: bool = False
+    reopened: bool
+    status: Any
+    entity: Any
+    start_ts: float | None
+    end_ts: float
+
+    @classmethod
+    def of(cls, event: Mapping[str, Any], written_s: float | None, reopened: bool = False,
+           raw: bytes | None = None) -> "Folded":
+        start, end = _span(event)
+        return cls(event if raw is None else raw, written_s, reopened, event.get("status"), event.get("entity"),
+                   start, end)
+
+    @property
+    def event(self) -> Mapping[str, Any]:
+        return decode_event(self.record) if isinstance(self.record, bytes) else self.record
 
 
 @dataclass(frozen=True)
@@ -50,7 +68,7 @@ class Listed:
 class Folder:
     """Each event's last record by id, as records are read (``add``: topic order within a partition, where
     one event's records are); ``events`` holds them, of ``entity`` only when given (the others are not
-    kept: about 4 KB an event). Records without a string ``event_id`` are passed over, and so is a record
+    kept). Records without a string ``event_id`` are passed over, and so is a record
     written before the one held (an event whose records went to two partitions, the topic's partitions
     added while it was open)."""
 
@@ -58,7 +76,8 @@ class Folder:
         self.events: dict[str, Folded] = {}
         self.entity = entity
 
-    def add(self, event: Mapping[str, Any], written_s: float | None) -> None:
+    def add(self, event: Mapping[str, Any], written_s: float | None, raw: bytes | None = None) -> None:
+        """Fold in one record (``raw``: its bytes, held instead of the decoded ``event``)."""
         eid = event.get("event_id")
         if not isinstance(eid, str) or (self.entity is not None and event.get("entity") != self.entity):
             return
@@ -66,9 +85,9 @@ class Folder:
         if before is not None and written_s is not None and before.written_s is not None \
                 and written_s < before.written_s:
             return
-        reopened = before is not None and (before.reopened or before.event.get("status") == "closed") \
+        reopened = before is not None and (before.reopened or before.status == "closed") \
             and event.get("status") == "open"
-        self.events[eid] = Folded(event, written_s, reopened)
+        self.events[eid] = Folded.of(event, written_s, reopened, raw)
 
 
 def fold(records: Iterable[tuple[Mapping[str, Any], float | None]]) -> dict[str, Folded]:
@@ -109,20 +128,19 @@ def select(folded: Mapping[str, Folded], in_force: Sequence[Verdict], *, now_s: 
     """The events to list, oldest first by start (stream time): of ``entity``; still going at or after
     ``since_s`` (open, or ending then or later, in stream time); only the open ones. An open event whose
     last record was written more than ``stale_after_s`` before ``now_s`` (wall clock) is stale."""
-    chosen: list[Folded] = []
-    for f in folded.values():
-        start, end = _span(f.event)
-        if start is None or (entity is not None and f.event.get("entity") != entity):
+    chosen: list[tuple[float, str, Folded]] = []
+    for eid, f in folded.items():
+        if f.start_ts is None or (entity is not None and f.entity != entity):
             continue
-        if since_s is not None and end < since_s:
+        if since_s is not None and f.end_ts < since_s:
             continue
-        if open_only and f.event.get("status") != "open":
+        if open_only and f.status != "open":
             continue
-        chosen.append(f)
-    chosen.sort(key=lambda f: (_span(f.event)[0], str(f.event.get("event_id"))))
+        chosen.append((f.start_ts, eid, f))
+    chosen.sort(key=lambda item: item[:2])
     return [Listed(f, verdicts_for(f.event, in_force),
-                   f.event.get("status") == "open" and f.written_s is not None and now_s - f.written_s > stale_after_s)
-            for f in chosen]
+                   f.status == "open" and f.written_s is not None and now_s - f.written_s > stale_after_s)
+            for _, _, f in chosen]
 
 
 def line(listed: Listed, now_s: float, top: int = 3) -> str:

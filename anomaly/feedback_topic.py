@@ -48,16 +48,16 @@ def read_verdicts(bootstrap_servers: str, topic: str, client_options: Mapping[st
 
 def read_events(bootstrap_servers: str, events_topic: str, client_options: Mapping[str, Any] | None = None, *,
                 timeout_s: float = READ_TIMEOUT_S, containing: str | None = None,
-                on_event: Callable[[dict[str, Any], float | None], None] | None = None, strict: bool = False
+                on_event: Callable[[dict[str, Any], float | None, bytes], None] | None = None, strict: bool = False
                 ) -> list[tuple[dict[str, Any], float | None]]:
     """Every event record on ``events_topic`` (no topic: none), decoded, each with when it was written (its
     Kafka timestamp in epoch seconds; None where the broker gave none); only those whose bytes hold
     ``containing`` when given. Records that are not event JSON are passed over. Each partition's records
     come in offset order (one event's records share a key, so a partition). ``on_event``: each goes to it
-    as it is read instead, and none is kept (``anomaly events`` folds the topic this way). ``strict``: a
+    as it is read instead, with its bytes, and none is kept (``anomaly events`` folds the topic this way). ``strict``: a
     read that ``timeout_s`` cuts short is a ``TopicError`` (``kafka_io.read_all``)."""
     out: list[tuple[dict[str, Any], float | None]] = []
-    take = on_event or (lambda event, written_s: out.append((event, written_s)))
+    take = on_event or (lambda event, written_s, raw: out.append((event, written_s)))
     needle = containing.encode() if containing is not None else None
 
     def records(batch: list[Any]) -> None:
@@ -69,7 +69,7 @@ def read_events(bootstrap_servers: str, events_topic: str, client_options: Mappi
             except DataError:
                 continue
             stamp = getattr(record, "timestamp", None)
-            take(event, stamp / 1000.0 if isinstance(stamp, int) and stamp >= 0 else None)
+            take(event, stamp / 1000.0 if isinstance(stamp, int) and stamp >= 0 else None, bytes(record.value))
 
     kafka_io.read_all(bootstrap_servers, events_topic, timeout_s=timeout_s, idle_s=IDLE_S,
                       client_options=client_options, topic_wait_s=TOPIC_WAIT_S, on_records=records, strict=strict)

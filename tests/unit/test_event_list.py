@@ -1,5 +1,7 @@
 """`anomaly events`' pure side (anomaly.event_list): folding records, choosing, joining verdicts, lines."""
 
+import json
+
 from anomaly.event_list import Folded, Folder, fold, line, select, verdicts_for
 from anomaly.feedback import make_verdict
 
@@ -30,6 +32,11 @@ def test_fold_keeps_each_events_last_record_and_notices_a_reopen():
     for event, written_s in records + [(ev("d" * 16, "open", T0, entity="fan-1"), 1.0)]:
         only.add(event, written_s)
     assert list(only.events) == ["d" * 16]  # another entity's events are not kept
+    held = Folder()
+    record = json.dumps(ev("e" * 16, "closed", T0, T0 + 60)).encode()
+    held.add(json.loads(record), 1.0, record)  # the bytes are held, and decoded when shown
+    f = held.events["e" * 16]
+    assert f.record == record and f.event == json.loads(record) and (f.status, f.start_ts, f.end_ts) == ("closed", T0, T0 + 60)
 
 
 def test_select_narrows_by_entity_time_status_and_keeps_the_newest_oldest_first():
@@ -70,13 +77,13 @@ def test_the_verdicts_on_an_event_are_the_one_given_on_it_and_the_periods_of_its
 def test_a_line_is_the_consoles_with_the_verdict_and_json_carries_it():
     e = ev("5f0c3a1b2c3d4e5f", "closed", T0, T0 + 150)
     v = make_verdict("pump-7", T0, T0 + 150, "normal", event_id=e["event_id"], note="new impeller", by="alice")
-    [item] = select({e["event_id"]: Folded(e, 5.0)}, [v], now_s=10.0, stale_after_s=3600.0)
+    [item] = select({e["event_id"]: Folded.of(e, 5.0)}, [v], now_s=10.0, stale_after_s=3600.0)
     text = line(item, now_s=10.0)
     assert "CLOSED pump-7" in text and "lasted 2.5 min" in text and "id 5f0c3a1b" in text
     assert "pressure 81% (1.41 vs 1.02)" in text
     assert text.endswith("[normal by alice: new impeller]")
     period = make_verdict("pump-7", T0, T0 + 150, "anomaly")
-    [item] = select({e["event_id"]: Folded(e, 5.0)}, [v, period], now_s=10.0, stale_after_s=3600.0)
+    [item] = select({e["event_id"]: Folded.of(e, 5.0)}, [v, period], now_s=10.0, stale_after_s=3600.0)
     assert line(item, now_s=10.0).endswith("[normal by alice: new impeller; anomaly (period)]")
     d = item.to_dict()
     assert [x["verdict"] for x in d["verdicts"]] == ["normal", "anomaly"] and d["stale"] is False
@@ -100,6 +107,6 @@ def test_read_events_gives_each_records_kafka_time_in_seconds_and_passes_over_wh
 
     monkeypatch.setattr(kafka_io, "read_all", read_all)
     got = []
-    feedback_topic.read_events("x:1", "anomalies", on_event=lambda event, written: got.append((event["event_id"], written)),
-                               strict=True)
-    assert got == [("a1", 1_795_255_400.25), ("a2", None)]
+    feedback_topic.read_events("x:1", "anomalies", strict=True,
+                               on_event=lambda event, written, raw: got.append((event["event_id"], written, raw[:14])))
+    assert got == [("a1", 1_795_255_400.25, b'{"event_id": "'), ("a2", None, b'{"event_id": "')]
