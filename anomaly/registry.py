@@ -496,7 +496,7 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         raise RegistryError(f"cannot list registered models: {exc}") from exc
 
 
-PRUNED_LOG_TAG = "pruned_log"  # registered-model tag: JSON list of the latest prunes, each {at, deleted, keep}
+PRUNED_LOG_TAG = "pruned_log"  # registered-model tag: JSON list of the latest prunes, {at, deleted, keep[, left]}
 
 
 @dataclass(frozen=True)
@@ -524,7 +524,8 @@ def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry
     of every alias the model holds (so no move by this tool lands between): one given an alias, a pin or
     a place in an alias's history since the plan stays, and so does one another version was copied from
     (its source). The versions deleted are logged in the model's ``pruned_log`` tag. ``dry_run``: the
-    plan only. An error on one version is logged, and the rest go on."""
+    plan only. An error on one version is logged, and the rest go on; a logged model whose delete failed
+    is named in the log (``logged_models_left``), and the next prune tries it again."""
     try:
         c = client()
         model = c.get_registered_model(name)
@@ -539,7 +540,8 @@ def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry
     versions = [retention.Version(str(v.version), tuple(sorted(aliases.get(str(v.version), []))), dict(v.tags or {}))
                 for v in found]
     plan = retention.plan(versions, keep, challenger_alias, retention.served_versions(model.tags or {}, challenger_alias))
-    if dry_run or not plan.delete:
+    left = [] if dry_run else _logged_models_left((model.tags or {}).get(PRUNED_LOG_TAG))
+    if dry_run or not (plan.delete or left):
         return Pruned(plan, (), {})
     sources = {str(v.version): (str(v.source or ""), getattr(v, "model_id", None)) for v in found}
     deleted: list[str] = []
@@ -554,12 +556,15 @@ def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry
             deleted.append(version)
         else:
             skipped[version] = why
-    logged = _delete_logged_models(c, name, [sources[v] for v in deleted])
-    if deleted:
+    logged, failed = _delete_logged_models(c, name, [sources[v] for v in deleted] + [("", m) for m in left])
+    if deleted or logged or failed:
         log.info("%s: deleted %d version(s) no alias, pin or rollback needs: %s (kept %s)", name, len(deleted),
                  some([f"v{v}" for v in deleted]), ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()))
+        entry: dict[str, Any] = {"at": _utc_now(), "deleted": deleted[-200:], "keep": keep}
+        if failed:
+            entry["logged_models_left"] = failed[-50:]
         try:
-            _append_log(c, name, PRUNED_LOG_TAG, {"at": _utc_now(), "deleted": deleted[-200:], "keep": keep})
+            _append_log(c, name, PRUNED_LOG_TAG, entry)
         except Exception as exc:
             log.warning("%s: deleted %s, but the %s tag could not say so: %s", name, some([f"v{v}" for v in deleted]),
                         PRUNED_LOG_TAG, exc)
@@ -603,22 +608,44 @@ def _users(c: Any, source: str) -> list[str] | None:
                                                           filter_string=f"source_path={quote}{source}{quote}")]
 
 
-def _delete_logged_models(c: Any, name: str, sources: list[tuple[str, str | None]]) -> list[str]:
+def _delete_logged_models(c: Any, name: str, sources: list[tuple[str, str | None]]) -> tuple[list[str], list[str]]:
     """Delete the logged models of the deleted versions (``sources``: each one's source and model id) that
-    no live version of any registered model uses (its source, or a copy's); returns their ids."""
+    no live version of any registered model uses (its source, or a copy's) and that are not deleted
+    already; returns the ids deleted and those whose delete failed."""
+    from mlflow.exceptions import MlflowException
+
     ids = {model_id or source[len("models:/"):] for source, model_id in sources
            if model_id or source.startswith("models:/m-")}
-    out = []
+    out: list[str] = []
+    failed: list[str] = []
     for model_id in sorted(ids):
         try:
             users = _users(c, f"models:/{model_id}")
             if users is None or users:
                 continue
+            try:
+                c.get_logged_model(model_id)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    continue  # deleted already (a retry of one an earlier prune left)
+                raise
             c.delete_logged_model(model_id)
             out.append(model_id)
-        except Exception as exc:  # its version is gone; its files stay until deleted by hand
-            log.warning("%s: the logged model %s of a deleted version could not be deleted: %s", name, model_id, exc)
-    return out
+        except Exception as exc:  # its version is gone: the next prune tries again (the log names it)
+            failed.append(model_id)
+            log.warning("%s: the logged model %s of a deleted version could not be deleted (the next prune tries "
+                        "again): %s", name, model_id, exc)
+    return out, failed
+
+
+def _logged_models_left(text: str | None) -> list[str]:
+    """The logged models the prunes in the ``pruned_log`` tag ``text`` failed to delete."""
+    try:
+        entries = json.loads(text or "[]")
+    except (TypeError, ValueError):
+        return []
+    return sorted({str(m) for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict)
+                   for m in (e.get("logged_models_left") or []) if isinstance(m, str)})
 
 
 def version_filter(name: str) -> str | None:

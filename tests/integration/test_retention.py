@@ -159,11 +159,24 @@ def test_what_another_model_uses_a_failed_delete_and_a_champion_moved_in_the_ui_
     assert plan.kept["6"] == "served: held @champion"
 
     monkeypatch.setattr(MlflowClient, "delete_model_version", down)
+    logged_down = MlflowClient.delete_logged_model
+
+    def fail_logged(self, model_id):
+        raise RuntimeError("simulated 503 from the tracking server")
+
+    monkeypatch.setattr(MlflowClient, "delete_logged_model", fail_logged)
     assert main(["models", "prune", "--keep", "0", *uri]) == 0
     said = capsys.readouterr().out
     assert "deleted 1 version(s): v5" in said and "v3 left: kept: the source of pump-copy v1" in said, said
-    assert f"--logged-model-ids {v4_model}" in said
+    assert logged_model_alive(c, v4_model)  # its delete failed: the log names it, and the next prune tries again
+    monkeypatch.setattr(MlflowClient, "delete_logged_model", logged_down)
+    assert main(["models", "prune", "--keep", "0", *uri]) == 0
+    said = capsys.readouterr().out
+    assert "deleted 0 version(s)" in said and f"--logged-model-ids {v4_model}" in said, said
     assert not logged_model_alive(c, v4_model)  # no live version uses it now
     log = json.loads(c.get_registered_model(NAME).tags["pruned_log"])
-    assert [entry["deleted"] for entry in log] == [["2", "4"], ["5"]]
+    assert [entry["deleted"] for entry in log] == [["2", "4"], ["5"], []]
+    assert log[1]["logged_models_left"] == [v4_model] and "logged_models_left" not in log[2]
+    assert main(["models", "prune", "--keep", "0", *uri]) == 0  # nothing left to do: nothing logged
+    assert len(json.loads(c.get_registered_model(NAME).tags["pruned_log"])) == 3
     tracking.configure(settings.mlflow.tracking_uri)
