@@ -696,7 +696,8 @@ def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> int:
         print(f"  v{version} left: {why}")
     if pruned.logged_models:
         print(f"  their logged models are deleted; `mlflow gc --backend-store-uri <the tracking store's database> "
-              f"--logged-model-ids {','.join(pruned.logged_models)}` frees their files")
+              f"--logged-model-ids {','.join(pruned.logged_models)}` frees their files (and purges the runs "
+              "deleted in the store, as every gc does)")
     return 1 if pruned.failed else 0
 
 
