@@ -610,25 +610,32 @@ def _users(c: Any, source: str) -> list[str] | None:
 
 def _delete_logged_models(c: Any, name: str, sources: list[tuple[str, str | None]]) -> tuple[list[str], list[str]]:
     """Delete the logged models of the deleted versions (``sources``: each one's source and model id) that
-    no live version of any registered model uses (its source, or a copy's) and that are not deleted
-    already; returns the ids deleted and those whose delete failed."""
+    no live version of any registered model uses (as its source, or through where its files are: one
+    registered from the logged model's folder, a copy of a copy) and that are not deleted already;
+    returns the ids deleted and those whose delete failed."""
     from mlflow.exceptions import MlflowException
 
     ids = {model_id or source[len("models:/"):] for source, model_id in sources
            if model_id or source.startswith("models:/m-")}
     out: list[str] = []
     failed: list[str] = []
+    locations: list[str] | None = None  # where every live version's files are (read once, if needed)
     for model_id in sorted(ids):
         try:
             users = _users(c, f"models:/{model_id}")
             if users is None or users:
                 continue
             try:
-                c.get_logged_model(model_id)
+                where = str(c.get_logged_model(model_id).artifact_location or "").rstrip("/")
             except MlflowException as exc:
                 if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                     continue  # deleted already (a retry of one an earlier prune left)
                 raise
+            if locations is None:  # a version registered from the files' location, or a copy of a copy
+                locations = [str(c.get_model_version_download_uri(v.name, v.version) or "").rstrip("/")
+                             for v in _every_page(c.search_model_versions, filter_string="")]
+            if not where or any(loc == where or loc.startswith(where + "/") for loc in locations):
+                continue
             c.delete_logged_model(model_id)
             out.append(model_id)
         except Exception as exc:  # its version is gone: the next prune tries again (the log names it)

@@ -179,4 +179,13 @@ def test_what_another_model_uses_a_failed_delete_and_a_champion_moved_in_the_ui_
     assert log[1]["logged_models_left"] == [v4_model] and "logged_models_left" not in log[2]
     assert main(["models", "prune", "--keep", "0", *uri]) == 0  # nothing left to do: nothing logged
     assert len(json.loads(c.get_registered_model(NAME).tags["pruned_log"])) == 3
+    # a version of another model registered from a logged model's folder (its source names no model)
+    v8 = run_training(prepared, settings, source="s", dataset="s", extra_tags={"retrain": "true"}, progress=False)
+    v8_model = logged_model_id(c, v8.version)
+    c.create_registered_model("pump-loc")
+    c.create_model_version("pump-loc", c.get_logged_model(v8_model).artifact_location)
+    assert main(["models", "prune", "--keep", "0", *uri]) == 0
+    assert f"deleted 1 version(s): v{v8.version}" in capsys.readouterr().out
+    assert logged_model_alive(c, v8_model)  # pump-loc v1 reads its files
+    assert registry.load_detector("pump-loc", "1")[1] == "1"
     tracking.configure(settings.mlflow.tracking_uri)
