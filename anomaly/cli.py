@@ -675,7 +675,7 @@ def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> int:
 
     if dry_run:
         plan = registry.prune(name, keep, unserved_alias(settings), dry_run=True).plan
-        kept = ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()) or "none"
+        kept = plan.kept_text()
         print(f"{name}: would delete {len(plan.delete)} version(s)" + (f": {some([f'v{v}' for v in plan.delete])}"
                                                                          if plan.delete else "") + f"; keeps {kept}")
         return 0
@@ -689,7 +689,7 @@ def _prune(settings: Any, name: str, keep: int, dry_run: bool) -> int:
         pruned = registry.prune(name, keep, unserved_alias(settings))
     finally:
         lock.release()
-    kept = ", ".join(f"{n} {why}" for why, n in pruned.plan.kept_counts().items()) or "none"
+    kept = pruned.plan.kept_text()
     print(f"{name}: deleted {len(pruned.deleted)} version(s)" + (f": {some([f'v{v}' for v in pruned.deleted])}"
                                                                   if pruned.deleted else "") + f"; kept {kept}")
     for version, why in pruned.skipped.items():

@@ -474,13 +474,8 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
         names = [name] if name else [m.name for m in _every_page(c.search_registered_models)]
         out: list[VersionInfo] = []
         for model_name in names:
-            model = c.get_registered_model(model_name)
-            aliases_by_version: dict[str, list[str]] = {}
-            for alias, version in (model.aliases or {}).items():
-                aliases_by_version.setdefault(str(version), []).append(alias)
-            name_filter = version_filter(model_name)
-            versions = _every_page(c.search_model_versions, filter_string=name_filter or "")
-            for mv in (v for v in versions if name_filter or v.name == model_name):
+            _, aliases_by_version, versions = _model_versions(c, model_name)
+            for mv in versions:
                 metrics: dict[str, float] = {}
                 if mv.run_id:
                     try:
@@ -488,7 +483,7 @@ def list_versions(name: str | None = None) -> list[VersionInfo]:
                     except Exception:  # a deleted run leaves the version listable
                         metrics = {}
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mv.creation_timestamp / 1000))
-                out.append(VersionInfo(model_name, str(mv.version), tuple(sorted(aliases_by_version.get(str(mv.version), []))),
+                out.append(VersionInfo(model_name, str(mv.version), aliases_by_version.get(str(mv.version), ()),
                                        mv.run_id, created, dict(mv.tags or {}), metrics))
         out.sort(key=lambda v: (v.name, -int(v.version)))
         return out
@@ -528,17 +523,10 @@ def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry
     is named in the log (``logged_models_left``), and the next prune tries it again."""
     try:
         c = client()
-        model = c.get_registered_model(name)
-        aliases: dict[str, list[str]] = {}
-        for alias, version in (model.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        name_filter = version_filter(name)
-        found = [v for v in _every_page(c.search_model_versions, filter_string=name_filter or "")
-                 if name_filter or v.name == name]
+        model, aliases, found = _model_versions(c, name)
     except Exception as exc:
         raise RegistryError(f"cannot list the versions of {name!r}: {exc}") from exc
-    versions = [retention.Version(str(v.version), tuple(sorted(aliases.get(str(v.version), []))), dict(v.tags or {}))
-                for v in found]
+    versions = [retention.Version(str(v.version), aliases.get(str(v.version), ()), dict(v.tags or {})) for v in found]
     plan = retention.plan(versions, keep, challenger_alias, retention.served_versions(model.tags or {}, challenger_alias))
     left = [] if dry_run else _logged_models_left((model.tags or {}).get(PRUNED_LOG_TAG))
     if dry_run or not (plan.delete or left):
@@ -559,7 +547,7 @@ def prune(name: str, keep: int, challenger_alias: str | None = "challenger", dry
     logged, failed = _delete_logged_models(c, name, [sources[v] for v in deleted] + [("", m) for m in left])
     if deleted or logged or failed:
         log.info("%s: deleted %d version(s) no alias, pin or rollback needs: %s (kept %s)", name, len(deleted),
-                 some([f"v{v}" for v in deleted]), ", ".join(f"{n} {why}" for why, n in plan.kept_counts().items()))
+                 some([f"v{v}" for v in deleted]), plan.kept_text())
         entry: dict[str, Any] = {"at": _utc_now(), "deleted": deleted[-200:], "keep": keep}
         if failed:
             entry["logged_models_left"] = failed[-50:]
@@ -653,6 +641,19 @@ def _logged_models_left(text: str | None) -> list[str]:
         return []
     return sorted({str(m) for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict)
                    for m in (e.get("logged_models_left") or []) if isinstance(m, str)})
+
+
+def _model_versions(c: Any, name: str) -> tuple[Any, dict[str, tuple[str, ...]], list[Any]]:
+    """Registered model ``name``, the aliases each of its versions holds (sorted), and its versions (every
+    page; a name no filter can hold is searched for among all)."""
+    model = c.get_registered_model(name)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    name_filter = version_filter(name)
+    versions = [v for v in _every_page(c.search_model_versions, filter_string=name_filter or "")
+                if name_filter or v.name == name]
+    return model, {v: tuple(sorted(a)) for v, a in aliases.items()}, versions
 
 
 def version_filter(name: str) -> str | None:

@@ -57,6 +57,10 @@ class Plan:
             counts[reason] = counts.get(reason, 0) + 1
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
+    def kept_text(self) -> str:
+        """``20 newest 20, 3 holds an alias``: the counts of ``kept_counts`` as one line ('none': none kept)."""
+        return ", ".join(f"{n} {why}" for why, n in self.kept_counts().items()) or "none"
+
 
 def pinned(tags: Mapping[str, str]) -> bool:
     """Whether the version's ``keep`` tag is true (any case; ``false`` or anything else is not a pin)."""
