@@ -10,6 +10,7 @@ import pytest
 
 from anomaly.codec import Reading
 from anomaly.errors import ConfigError
+from anomaly import window_state
 from anomaly.window_state import ReadyWindow, WindowPolicy, WindowStore
 
 FILL = 100.0  # fill value of sensor "x": easy to spot in expected arrays
@@ -718,3 +719,76 @@ def test_silent_sensors_are_those_past_max_fill_steps_on_their_typical_value() -
     s.add("e", Reading("e", 7, {"x": 1.0, "y": 3.0}), 0, 7)
     s.add("e", Reading("e", 8, {"x": 1.0, "y": 3.0}), 0, 8)  # seals slot 7: y reported again
     assert s.silent_sensors() == {}
+
+
+def _fresh_commits(s: WindowStore, last: dict[int, int]) -> dict[int, int]:
+    """The commit offsets of the module docstring, worked out afresh from every entity held (no cache)."""
+    needed: dict[int, int] = {}
+
+    def merge(other: dict[int, int]) -> None:
+        for partition, offset in other.items():
+            needed[partition] = min(needed.get(partition, offset), offset)
+
+    for state in s._entities.values():
+        merge(s._needs(state))
+        if state.queued_needs is not None:
+            merge(state.queued_needs)
+    merge(s._orphan_needs)
+    return {p: min(needed.get(p, o + 1), o + 1) for p, o in last.items()}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_commit_offsets_are_those_of_a_fresh_walk_of_every_entity(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """commit_offsets keeps what each entity needs between batches (only the entities a batch touched are
+    worked out again, in heaps or by a walk): on streams with runs, gaps, duplicates, disorder, empty and
+    partial readings, mixed partitions, evictions, resets and revoked partitions, it gives what a walk of
+    every entity, worked out afresh, gives."""
+    rng = random.Random(seed)
+    # heaps from the first entity (seeds 0, 3, ...), walks only (1, 4, ...), or now one now the other
+    monkeypatch.setattr(window_state, "_HEAP_MIN_ENTITIES", [0, 10**9, 0][seed % 3])
+    monkeypatch.setattr(window_state, "_HEAP_MIN_RATIO", [0, 0, rng.choice([1, 2, 4])][seed % 3])
+    monkeypatch.setattr(window_state, "_HEAP_SLACK", rng.choice([0, 5, 1024]))  # dead entries: rebuilt often
+    policy = WindowPolicy(window_size=rng.choice([1, 2, 4, 7]), period_s=1.0, stride=rng.choice([1, 2, 3]),
+                          grace_slots=rng.choice([0, 0, 1, 2]), max_fill_steps=rng.randint(0, 3))
+    sensors = ["x", "y"]
+    s = WindowStore(policy, sensors, [5.0, 6.0])
+    names = [f"e{i}" for i in range(rng.choice([3, 12, 40]))]
+    slots = {e: rng.randint(0, 3) for e in names}
+    offsets = {0: 0, 1: 0, 2: 0}
+    checked = 0
+    for _ in range(rng.randint(20, 60)):
+        batch = []
+        for _ in range(rng.randint(1, 60)):
+            e = rng.choice(names[:3]) if rng.random() < 0.5 else rng.choice(names)
+            u = rng.random()
+            slots[e] += 1 if u < 0.8 else (0 if u < 0.85 else (-rng.randint(1, 3) if u < 0.92 else rng.randint(2, 6)))
+            partition = names.index(e) % 3 if rng.random() < 0.95 else rng.randint(0, 2)
+            v = rng.random()
+            values = ([np.nan, np.nan] if v < 0.04 else
+                      [float(rng.randint(0, 9)), np.nan if v < 0.15 else float(rng.randint(0, 9))])
+            batch.append((partition, offsets[partition], e, float(slots[e]) + rng.uniform(-0.2, 0.2), values))
+            offsets[partition] += 1
+        if rng.random() < 0.5:
+            s.add_many([e for _, _, e, _, _ in batch], np.array([ts for *_, ts, _ in batch]),
+                       np.array([v for *_, v in batch]), np.array([p for p, *_ in batch]),
+                       np.array([o for _, o, *_ in batch]))
+        else:
+            for p, o, e, ts, v in batch:
+                s.add(e, Reading(e, ts, {k: x for k, x in zip(sensors, v) if x == x}), p, o)
+        u = rng.random()
+        if u < 0.1:
+            s.evict_idle(rng.randint(1, 6))
+        elif u < 0.15:
+            s.evict_excess(rng.randint(0, len(names)))
+        elif u < 0.2:
+            s.reset(rng.choice(names))
+        elif u < 0.23:
+            s.forget_partitions([rng.randint(0, 2)])
+        elif u < 0.25:
+            s.reset()
+        if rng.random() < 0.7:
+            s.ready_batch()
+        last = {p: o - 1 for p, o in offsets.items() if o > 0}
+        assert s.commit_offsets(last) == _fresh_commits(s, last)
+        checked += 1
+    assert checked >= 20
