@@ -440,11 +440,17 @@ class WindowStore:
                     self._pass_empty(entity, slot_list[q])
                 continue
             state = entities_state.get(entity)
-            if state is None:
-                state = entities_state[entity] = self._changed[entity] = _Entity(self._capacity, len(self.sensors))
-                self._arrivals += 1
             q = a
             while q < b:
+                if empty_list is not None and empty_list[q]:
+                    counts[EMPTY] += 1
+                    self._pass_empty(entity, slot_list[q])  # (nothing, for an entity not held: as ``add``)
+                    q += 1
+                    continue
+                if state is None:  # its first reading with a sensor: held from now on
+                    state = entities_state[entity] = self._changed[entity] = _Entity(self._capacity,
+                                                                                     len(self.sensors))
+                    self._arrivals += 1
                 if (breaks is not None and b - q >= _BULK_MIN and state.n > 0 and complete_list[q]
                         and slot_list[q] == state.run_end + 1 and not state.pending
                         and state.max_slot == state.run_end):
@@ -455,11 +461,6 @@ class WindowStore:
                         counts[ACCEPTED] += end - q
                         q = end
                         continue
-                if empty_list is not None and empty_list[q]:
-                    counts[EMPTY] += 1
-                    self._pass_empty(entity, slot_list[q])
-                    q += 1
-                    continue
                 row = values[q].tolist()
                 if not complete_list[q]:
                     row = [None if v != v else v for v in row]

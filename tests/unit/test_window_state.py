@@ -565,6 +565,8 @@ def test_add_many_is_add_one_by_one(seed: int) -> None:
         slots[e] += 1 if r < 0.85 else (0 if r < 0.9 else (-rng.randint(1, 3) if r < 0.95 else rng.randint(2, 6)))
         partition = {"a": 0, "b": 1}.get(e, 2) if rng.random() < 0.97 else rng.randint(0, 2)
         values = [float(rng.randint(0, 9)), None if rng.random() < 0.05 else float(rng.randint(0, 9))]
+        if rng.random() < 0.03:
+            values = [None, None]  # an empty reading: no reading (its entity not held for it alone)
         records.append((partition, offsets[partition], e, slots[e] * policy.period_s + rng.uniform(-0.2, 0.2)
                         * policy.period_s, values))
         offsets[partition] += 1
@@ -792,3 +794,15 @@ def test_commit_offsets_are_those_of_a_fresh_walk_of_every_entity(seed: int, mon
         assert s.commit_offsets(last) == _fresh_commits(s, last)
         checked += 1
     assert checked >= 20
+
+
+def test_add_many_holds_no_state_for_an_entity_until_its_first_reading_with_a_sensor() -> None:
+    """An empty reading (every sensor null) of an entity not held is no reading (``add`` keeps no state for
+    it): its time must not pass for the entity, or a real reading at an earlier slot in the same batch would
+    be dropped as late, and the commit would move past it."""
+    one, many = store(w=2), store(w=2)
+    assert [one.add("e", Reading("e", 5.0, {}), 0, 0), one.add("e", r(3.0, 1.0), 0, 1)] == ["empty", "accepted"]
+    counts = many.add_many(["e", "e"], np.array([5.0, 3.0]), np.array([[np.nan], [1.0]]), np.array([0, 0]),
+                           np.array([0, 1]))
+    assert counts["empty"] == 1 and counts["accepted"] == 1 and counts["late"] == 0
+    assert one.commit_offsets({0: 1}) == many.commit_offsets({0: 1}) == {0: 1}
