@@ -86,10 +86,15 @@ EMPTY: AddOutcome = "empty"  # every sensor None: no reading (its slot is missin
 _MIN_SPARE_ROWS = 8  # rows appended between compactions (at least): each compaction copies W-1 rows
 _BULK_MIN = 4  # an entity's run of consecutive readings shorter than this is placed one by one (cheaper)
 # commit_offsets keeps what entities need in heaps with this many held at least, and this many times the entities
-# changed since its last call: a walk of all costs less below (measured, 500-reading batches, 3 sensors, W=10)
+# changed since its last call: a walk of all costs less below (measured, 500-reading batches, 3 sensors, W=10).
+# It builds them after that many calls in a row that would use them (a build costs about two walks), and drops
+# them for walks when more than 1 / _HEAP_DROP_RATIO of the entities held changed (so that calls about the line
+# do not build them again and again).
 _HEAP_MIN_ENTITIES = 2048
 _HEAP_MIN_RATIO = 8
-_HEAP_SLACK = 1024  # dead heap entries (beyond one per entity held) that make commit_offsets build them again
+_HEAP_DROP_RATIO = 4
+_HEAP_AFTER = 3
+_HEAP_SLACK = 1024  # heap entries beyond twice those of the last build that make commit_offsets build them again
 
 
 def grid_slots(ts: np.ndarray, period_s: float) -> np.ndarray:
@@ -321,6 +326,8 @@ class WindowStore:
         # that pushed it under that token (others are dropped as they reach the top, or all at a rebuild).
         self._heaps: dict[int, list[tuple[int, int, str]]] | None = None  # None: not kept (``commit_offsets``)
         self._heaped = 0  # entries in the heaps, live or not
+        self._built = 0  # entries in the heaps when they were last built (all live then)
+        self._heap_calls = 0  # commit_offsets calls in a row, without heaps, that would have used them
         self._tokens = 0  # tokens given out so far
         self._changed: dict[str, _Entity] = {}  # entities whose needs were dropped (None) since the last commit
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
@@ -836,14 +843,21 @@ class WindowStore:
         entities, changed = self._entities, self._changed
         needed: dict[int, int] = {}
         heaps = self._heaps
-        if len(entities) < _HEAP_MIN_ENTITIES or len(entities) < _HEAP_MIN_RATIO * len(changed):
+        held, touched = len(entities), len(changed)
+        if heaps is not None:
+            walk = held < _HEAP_MIN_ENTITIES or held < _HEAP_DROP_RATIO * touched
+        else:
+            use = held >= _HEAP_MIN_ENTITIES and held >= _HEAP_MIN_RATIO * touched
+            self._heap_calls = self._heap_calls + 1 if use else 0
+            walk = self._heap_calls < _HEAP_AFTER
+        if walk:
             for state in entities.values():
                 needs = state.needs
                 if needs is None:
                     needs = state.needs = self._needs(state)
                 _merge_min(needed, needs)
             self._heaps = heaps = None  # built again from every entity when the heaps are next used
-        elif heaps is None or self._heaped > 2 * len(entities) + _HEAP_SLACK:  # none yet, or mostly dead entries
+        elif heaps is None or self._heaped > 2 * self._built + _HEAP_SLACK:  # none yet, or mostly dead entries
             heaps = self._build_heaps()
         else:
             needs_of, tokens = self._needs, self._tokens
@@ -902,7 +916,8 @@ class WindowStore:
             heapq.heapify(heap)
         self._tokens = tokens
         self._heaps = heaps
-        self._heaped = sum(map(len, heaps.values()))
+        self._heaped = self._built = sum(map(len, heaps.values()))
+        self._heap_calls = 0
         return heaps
 
     def _needs(self, state: _Entity) -> dict[int, int]:
@@ -958,7 +973,7 @@ class WindowStore:
             self._orphan_needs.clear()
             self._watermark.clear()
             self._heaps = None
-            self._heaped = 0
+            self._heaped = self._built = self._heap_calls = 0
             self._changed.clear()
             return
         state = self._entities.pop(entity, None)

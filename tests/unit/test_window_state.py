@@ -746,9 +746,12 @@ def test_commit_offsets_are_those_of_a_fresh_walk_of_every_entity(seed: int, mon
     partial readings, mixed partitions, evictions, resets and revoked partitions, it gives what a walk of
     every entity, worked out afresh, gives."""
     rng = random.Random(seed)
-    # heaps from the first entity (seeds 0, 3, ...), walks only (1, 4, ...), or now one now the other
+    # heaps from the first call (seeds 0, 3, ...), walks only (1, 4, ...), or now one now the other
+    ratio = rng.choice([1, 2, 4])
     monkeypatch.setattr(window_state, "_HEAP_MIN_ENTITIES", [0, 10**9, 0][seed % 3])
-    monkeypatch.setattr(window_state, "_HEAP_MIN_RATIO", [0, 0, rng.choice([1, 2, 4])][seed % 3])
+    monkeypatch.setattr(window_state, "_HEAP_MIN_RATIO", [0, 0, ratio][seed % 3])
+    monkeypatch.setattr(window_state, "_HEAP_DROP_RATIO", [0, 0, rng.choice([ratio, ratio / 2])][seed % 3])
+    monkeypatch.setattr(window_state, "_HEAP_AFTER", [1, 1, rng.choice([1, 2])][seed % 3])
     monkeypatch.setattr(window_state, "_HEAP_SLACK", rng.choice([0, 5, 1024]))  # dead entries: rebuilt often
     policy = WindowPolicy(window_size=rng.choice([1, 2, 4, 7]), period_s=1.0, stride=rng.choice([1, 2, 3]),
                           grace_slots=rng.choice([0, 0, 1, 2]), max_fill_steps=rng.randint(0, 3))
@@ -806,3 +809,39 @@ def test_add_many_holds_no_state_for_an_entity_until_its_first_reading_with_a_se
                            np.array([0, 1]))
     assert counts["empty"] == 1 and counts["accepted"] == 1 and counts["late"] == 0
     assert one.commit_offsets({0: 1}) == many.commit_offsets({0: 1}) == {0: 1}
+
+
+def test_commit_heaps_are_not_built_again_and_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entities whose readings come on several partitions (a producer not keying by entity) need several
+    entries each: the heaps are still built once, not at every call (a build costs about two walks); and
+    calls that go back and forth about the walk's line do not build them each time either."""
+    builds = []
+    build = WindowStore._build_heaps
+    monkeypatch.setattr(WindowStore, "_build_heaps", lambda self: builds.append(1) or build(self))
+    s = WindowStore(WindowPolicy(window_size=4, period_s=1.0), ["x"], [0.0])
+    n, offset = 3000, 0
+    for slot in range(6):  # every entity's readings spread over 4 partitions
+        names = [f"e{e}" for e in range(n)]
+        s.add_many(names, np.full(n, float(slot)), np.ones((n, 1)), (np.arange(n) + slot) % 4,
+                   np.arange(offset, offset + n))
+        offset += n
+    s.ready_batch()
+    last = {p: offset for p in range(4)}
+    s.commit_offsets(last)
+    for k in range(30):  # 50 entities a batch, on their next slot
+        names = [f"e{(50 * k + e) % n}" for e in range(50)]
+        s.add_many(names, np.full(50, 6.0 + (50 * k) // n), np.ones((50, 1)), np.arange(50) % 4,
+                   np.arange(offset, offset + 50))
+        offset += 50
+        s.ready_batch()
+        assert s.commit_offsets(last) == _fresh_commits(s, last)
+    assert len(builds) == 1 and s._heaps is not None
+    for k in range(10):  # now 1,000 entities changed a batch (a walk would do), now 50 (heaps would)
+        count = 1000 if k % 2 else 50
+        names = [f"e{e}" for e in range(count)]
+        s.add_many(names, np.full(count, 7.0 + k), np.ones((count, 1)), np.arange(count) % 4,
+                   np.arange(offset, offset + count))
+        offset += count
+        s.ready_batch()
+        assert s.commit_offsets(last) == _fresh_commits(s, last)
+    assert len(builds) == 1
