@@ -17,7 +17,7 @@ def ev(eid, status, start, end=None, entity="pump-7", **extra):
 
 def test_fold_keeps_each_events_last_record_and_notices_a_reopen():
     records = [(ev("a" * 16, "open", T0), 1.0), (ev("b" * 16, "open", T0 + 5), 2.0),
-               (ev("a" * 16, "closed", T0, T0 + 60), 3.0), (ev("a" * 16, "open", T0), 4.0),
+               (ev("a" * 16, "closed", T0, T0 + 60), 3.0), (ev("a" * 16, "open", T0, windows=20), 4.0),
                ({"no": "id"}, 5.0), ({"event_id": 7}, 6.0)]
     folded = fold(records)
     assert set(folded) == {"a" * 16, "b" * 16}
@@ -37,6 +37,28 @@ def test_fold_keeps_each_events_last_record_and_notices_a_reopen():
     held.add(json.loads(record), 1.0, record)  # the bytes are held, and decoded when shown
     f = held.events["e" * 16]
     assert f.record == record and f.event == json.loads(record) and (f.status, f.start_ts, f.end_ts) == ("closed", T0, T0 + 60)
+
+
+def test_a_record_sent_again_by_a_restarted_workers_replay_leaves_the_event_as_it_was():
+    """A worker that restarts re-reads from its committed offsets and sends the same records again (an event's
+    records are the same bytes every time): a closed event whose open record comes again is still closed,
+    not re-opened; a real re-open (a crossing within the cooldown: more windows) still shows."""
+    first, close = ev("a" * 16, "open", T0), ev("a" * 16, "closed", T0, T0 + 60)
+    again = ev("a" * 16, "open", T0, windows=20)
+    for raw in (False, True):
+        folder = Folder()
+
+        def add(event, written_s):
+            folder.add(event, written_s, json.dumps(event, sort_keys=True).encode() if raw else None)
+
+        for written_s, event in enumerate([first, close, first, close, first]):  # replayed twice, cut the 2nd time
+            add(event, float(written_s))
+        a = folder.events["a" * 16]
+        assert a.status == "closed" and not a.reopened and a.written_s == 1.0
+        add(again, 5.0)
+        assert folder.events["a" * 16].status == "open" and folder.events["a" * 16].reopened
+        add(first, 6.0)  # a replay from before the re-open: the re-open stands until its own record
+        assert folder.events["a" * 16].reopened and folder.events["a" * 16].written_s == 5.0
 
 
 def test_select_narrows_by_entity_time_status_and_keeps_the_newest_oldest_first():
