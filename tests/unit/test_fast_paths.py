@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from anomaly import scoring
 from anomaly.errors import ConfigError
 from anomaly.model import ModelConfig, build_model
-from anomaly.scoring import (CPU_BATCH_RANGE, cpu_streams, reconstruct, reconstruction_errors, resolve_precision,
-                             score_batch_size, window_scores)
+from anomaly.scoring import (CPU_BATCH_RANGE, cpu_streams, padded_batch, reconstruct, reconstruction_errors,
+                             resolve_precision, score_batch_size, window_scores)
 from anomaly.training import (FAST_MIN_STEPS, StopTraining, TrainConfig, cpu_has_native_bf16, cpu_runs_bf16,
                               fast_train_config, torch_threads, train_autoencoder)
 from anomaly.windowing import make_windows
@@ -53,6 +54,51 @@ def test_fast_scorer_matches_a_naive_per_window_loop(batch_size):
     np.testing.assert_allclose(fast.sensor_errors, errors, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fast.last_reconstruction, last, rtol=1e-5, atol=1e-6)
     assert fast.scores.shape == (len(windows),) and fast.sensor_errors.shape == (len(windows), 3)
+
+
+def test_padded_batch_sizes():
+    assert [padded_batch(n, 512) for n in (0, 1, 2, 3, 5, 33, 64, 65, 129, 500, 512)] == \
+        [0, 1, 2, 4, 8, 64, 64, 128, 192, 512, 512]
+    assert {padded_batch(n, 512) for n in range(1, 513)} == {1, 2, 4, 8, 16, 32, 64, *range(128, 513, 64)}
+    assert padded_batch(70, 100) == 100 and padded_batch(100, 100) == 100  # never past the batch size asked
+    assert padded_batch(3000, 10_000) == 3008
+
+
+class _Shapes(torch.nn.Module):
+    """A model that notes the batch size of every forward pass."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_forward_passes_run_at_few_batch_sizes_with_the_same_scores(precision, monkeypatch):
+    """A worker's batches come in every size: each distinct one cost oneDNN a cached primitive for good (its
+    scoring process grew for a day). Passes run padded to one of 14 sizes up to 512, and every window's
+    score is what the unpadded pass gives it, to the bit."""
+    model = _Shapes(_model())
+    windows = make_windows(_series(700), 12)
+    for n in (1, 3, 37, 64, 65, 300, 511, 600, 689):
+        model.sizes.clear()
+        fast = window_scores(model, windows[:n], "cpu", batch_size=512, precision=precision)
+        assert set(model.sizes) <= {1, 2, 4, 8, 16, 32, 64, *range(128, 513, 64)}, (n, model.sizes)
+        whole = reconstruct(model, windows[:n], "cpu", batch_size=512, precision=precision)
+        assert whole.shape == (n, 12, 3)
+        with monkeypatch.context() as m:
+            m.setattr(scoring, "padded_batch", lambda n, batch_size: n)
+            model.sizes.clear()
+            plain = window_scores(model, windows[:n], "cpu", batch_size=512, precision=precision)
+            assert model.sizes == [min(512, n - start) for start in range(0, n, 512)]  # (padding off, really)
+            plain_whole = reconstruct(model.inner, windows[:n], "cpu", batch_size=512, precision=precision)
+        np.testing.assert_array_equal(fast.scores, plain.scores)
+        np.testing.assert_array_equal(fast.sensor_errors, plain.sensor_errors)
+        np.testing.assert_array_equal(fast.last_reconstruction, plain.last_reconstruction)
+        np.testing.assert_array_equal(whole, plain_whole)
 
 
 def test_scorer_agrees_with_full_reconstruction_and_does_not_touch_input():
