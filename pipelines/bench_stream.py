@@ -117,6 +117,7 @@ SENSORS = ("temp", "pressure", "flow")
 START_TS = 1_790_000_000.0  # stream time of the pre-loaded topics (fixed, so runs are comparable)
 MODEL_NAME = "bench"
 RESULT_PREFIX = "RESULT "
+SAMPLE_PREFIX = "SAMPLE "  # a serving child's periodic figures (``--sample-s``), one JSON object per line
 ASSIGNED_LINE = "ASSIGNED"
 ASSIGN_WAIT_S = 180.0  # a child imports torch, then joins the group: 3 s on a quiet box, 17 s seen on a loaded one
 PARTITIONS = 4
@@ -521,6 +522,8 @@ def serve_worker(args: argparse.Namespace) -> int:
         threading.Thread(target=read_target, daemon=True).start()
     warm_up(detector)
     baseline_kb, hwm_before_kb = _rss_kb(), _rss_kb("VmHWM")  # everything imported, built and warm
+    if args.sample_s:
+        threading.Thread(target=print_samples, args=(worker, args.sample_s), daemon=True).start()
     run_worker(worker, args.timeout)
     s = worker.stats
     result = {"consumed": s.consumed, "windows_scored": s.windows_scored, "events": s.events,
@@ -539,22 +542,44 @@ def serve_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_sample(worker, started: float) -> dict[str, Any]:
+    """What a serving child says of itself now: seconds since ``started``, work done, entities held, and the
+    resident memory of the worker's process and of its scoring child (kB; None: none, or gone)."""
+    s = worker.stats
+    runner = getattr(worker, "_runner", None)
+    pid = worker.scoring_pid
+    return {"t": time.monotonic() - started, "consumed": s.consumed, "windows_scored": s.windows_scored,
+            "events": s.events, "dead_letters": s.dead_letters,
+            "entities": runner.entities if runner is not None else 0,
+            "rss_kb": _rss_kb(), "scoring_rss_kb": _rss_kb(pid=pid) if pid is not None else None}
+
+
+def print_samples(worker, every_s: float) -> None:
+    """``SAMPLE {json}`` on stdout every ``every_s`` seconds until the worker is done (a daemon thread)."""
+    started = time.monotonic()
+    while worker.done_at is None:
+        print(SAMPLE_PREFIX + json.dumps(worker_sample(worker, started)), flush=True)
+        time.sleep(every_s)
+
+
 class Child:
     """A ``--serve-worker`` child process. Its peak RSS is the VmHWM it reads itself just before it exits:
     ``ru_maxrss`` from ``os.wait4`` / ``RUSAGE_CHILDREN`` would not do, because Linux carries the
     high-water mark of the pre-exec address space (a copy of this ~0.5 GB process) into the child's
-    rusage, so every child would report at least this process's RSS."""
+    rusage, so every child would report at least this process's RSS. With ``sample_s`` the child also says
+    every ``sample_s`` seconds what it has done and holds and its memory (``samples``; ``worker_sample``)."""
 
     def __init__(self, bootstrap: str, topic: str, detector_dir: str, expect: int, timeout_s: float,
-                 latency: bool = False, tuning: Tuning = Tuning()) -> None:
+                 latency: bool = False, tuning: Tuning = Tuning(), sample_s: float = 0.0) -> None:
         self.log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "pipelines.bench_stream", "--serve-worker", "--bootstrap", bootstrap,
                "--topic", topic, "--group", f"{topic}.worker", "--detector-dir", detector_dir,
                "--expect", str(expect), "--timeout", str(timeout_s)] + (["--latency"] if latency else [])
-        cmd += tuning.child_args()
+        cmd += tuning.child_args() + (["--sample-s", str(sample_s)] if sample_s else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      cwd=Path(__file__).resolve().parent.parent)
         self.result: dict[str, Any] | None = None
+        self.samples: list[dict[str, Any]] = []  # its SAMPLE lines (``sample_s``), as they came
         self.maxrss_kb: int | None = None
 
     def wait_assigned(self, timeout_s: float) -> None:
@@ -567,6 +592,8 @@ class Child:
                     found.set()
                 elif line.startswith(RESULT_PREFIX):
                     self.result = json.loads(line[len(RESULT_PREFIX):])
+                elif line.startswith(SAMPLE_PREFIX):
+                    self.samples.append(json.loads(line[len(SAMPLE_PREFIX):]))
 
         self._reader = threading.Thread(target=reader, daemon=True)
         self._reader.start()
@@ -932,6 +959,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expect", type=int, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=300.0, help=argparse.SUPPRESS)
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sample-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("messages", "rate", "duration", "fleet", "epochs", "rounds", "torch_threads"):
         value = getattr(args, name)
