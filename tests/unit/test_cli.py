@@ -1061,3 +1061,20 @@ def test_a_verdict_on_an_event_gone_from_the_events_topic_is_found_on_the_feedba
     assert "nor a verdict on one in anomalies.feedback" in capsys.readouterr().err
     assert main(["feedback", "withdraw", "5f0c"]) == 2  # too short a start to be looked up: said
     assert "an id is matched by its first 6 characters or more" in capsys.readouterr().err
+
+
+def test_every_command_caps_onednns_primitive_cache_unless_told(monkeypatch, capsys):
+    """A scheduler retraining in one process met new input shapes every cycle and kept oneDNN's primitive
+    for each (up to 1,024): main caps the cache where the environment does not set it already."""
+    import os
+
+    from anomaly.cli import ONEDNN_CACHE_CAPACITY
+
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "x")  # so that teardown restores what was there
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("ANOMALY_MODEL__WINDOW_SIZE", "one")  # config show fails at its config, after the set-up
+    assert main(["config", "show"]) == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY) == "128"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert main(["config", "show"]) == 2
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"  # an operator's own setting stands
