@@ -10,6 +10,8 @@ every stream hour 10 % of the entity ids are replaced by new ones (assets swappe
 entities go through a fault. ``--quick``: 3 minutes, 100 entities at 1,000 readings/s and a 60 s period
 (600 times faster: 30 hours of stream time).
 
+Not exercised: adaptive thresholds (off by default), model swaps, the scores topic, maintenance periods.
+
 Method
 ------
 One local broker (Tansu, memory storage), a detector of the default shape fitted briefly on synthetic
@@ -128,18 +130,24 @@ def slope_per_hour(t_s: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.asarray(t_s, dtype=float), np.asarray(values, dtype=float), 1)[0]) * HOUR_S
 
 
-def growth(samples: list[dict[str, Any]], key: str, from_t: float, speedup: float) -> dict[str, Any]:
-    """How ``key`` (kB) moved over the samples at or after ``from_t`` s: first, last and peak (MB), the
-    slope in MB per wall hour and per stream day, and last - first (MB). None where no sample has it."""
-    points = [(s["t"], s[key] / 1024) for s in samples if s["t"] >= from_t and s.get(key) is not None]
+def growth(samples: list[dict[str, Any]], key: str, from_t: float, stream_s_per_reading: float) -> dict[str, Any]:
+    """How ``key`` (kB) moved over the samples at or after ``from_t`` s: first, last and peak (MB), last -
+    first (MB), and least-squares slopes in MB per hour of wall time, per day of the stream time the worker
+    had reached (its readings consumed times ``stream_s_per_reading``, the period over the fleet: right even
+    when it lags the producer) and per 1,000 of its batches (growth per poll: the soak's polls are fewer and
+    larger than a caught-up worker's over the same stream time). None where no sample has it."""
+    points = [s for s in samples if s["t"] >= from_t and s.get(key) is not None]
     if not points:
         return {"first_mb": None, "last_mb": None, "peak_mb": None, "mb_per_hour": None, "mb_per_stream_day": None,
-                "change_mb": None, "samples": 0}
-    t, mb = [p[0] for p in points], [p[1] for p in points]
-    per_hour = slope_per_hour(t, mb)
+                "mb_per_1000_batches": None, "change_mb": None, "samples": 0}
+    mb = [p[key] / 1024 for p in points]
+    per_hour = slope_per_hour([p["t"] for p in points], mb)
+    per_stream_hour = slope_per_hour([p["consumed"] * stream_s_per_reading for p in points], mb)
+    per_batch_hour = slope_per_hour([p.get("batches", 0) * HOUR_S / 1000 for p in points], mb)  # "hour" = 1000
     return {"first_mb": round(mb[0], 1), "last_mb": round(mb[-1], 1), "peak_mb": round(max(mb), 1),
-            "mb_per_hour": round(per_hour, 2), "mb_per_stream_day": round(per_hour * 24 / speedup, 2),
-            "change_mb": round(mb[-1] - mb[0], 1), "samples": len(points)}
+            "mb_per_hour": round(per_hour, 2), "mb_per_stream_day": round(per_stream_hour * 24, 2),
+            "mb_per_1000_batches": round(per_batch_hour, 3), "change_mb": round(mb[-1] - mb[0], 1),
+            "samples": len(points)}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -150,7 +158,8 @@ def report(r: dict[str, Any]) -> str:
              f"{r['achieved_rate']:,.0f} readings/s ({r['speedup']:.0f}x the clock) for {r['wall_s'] / 60:.1f} min: "
              f"{r['stream_hours']:.1f} h of stream time",
              f"  readings {r['sent']:,}, windows scored {r['windows_scored']:,}, events {r['events']:,}, "
-             f"dead letters {r['dead_letters']:,}; ids retired {r['ids_retired']:,}, faults {r['faults']:,}",
+             f"dead letters {r['dead_letters']:,}; ids retired {r['ids_retired']:,}, evicted {r['evicted'] or 0:,}, "
+             f"faults {r['faults']:,}",
              "",
              f"  {'wall min':>8} {'stream h':>8} {'consumed':>11} {'entities':>8} {'worker MB':>10} {'scoring MB':>10}"]
     for s in r["timeline"]:
@@ -163,7 +172,8 @@ def report(r: dict[str, Any]) -> str:
     for name, g in (("worker", r["worker_rss"]), ("scoring child", r["scoring_rss"])):
         if g["samples"]:
             lines.append(f"  {name:<14} {g['first_mb']:>8.1f} -> {g['last_mb']:>8.1f} MB (peak {g['peak_mb']:.1f}): "
-                         f"{g['mb_per_hour']:+.2f} MB per hour, {g['mb_per_stream_day']:+.2f} MB per stream day")
+                         f"{g['mb_per_hour']:+.2f} MB per hour, {g['mb_per_stream_day']:+.2f} MB per stream day, "
+                         f"{g['mb_per_1000_batches']:+.3f} MB per 1,000 batches")
     lines.append(f"  entities held: {r['entities_min_steady']:,} to {r['entities_max_steady']:,} "
                  f"(fleet {r['fleet']:,}, plus the ids retired within the last hour of stream time, until evicted)")
     return "\n".join(lines)
@@ -244,9 +254,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sent": sent, "consumed": result["consumed"], "windows_scored": result["windows_scored"],
             "events": result["events"], "dead_letters": result["dead_letters"], "ids_retired": fleet.replaced,
             "faults": fleet.faulted, "churn_per_hour": args.churn, "faults_per_hour": args.faults,
-            "steady_from_s": steady_from,
-            "worker_rss": growth(samples, "rss_kb", steady_from, period * (sent / wall) / fleet_size),
-            "scoring_rss": growth(samples, "scoring_rss_kb", steady_from, period * (sent / wall) / fleet_size),
+            "steady_from_s": steady_from, "evicted": result.get("evicted"), "batches": (samples or [{}])[-1].get("batches"),
+            "worker_rss": growth(samples, "rss_kb", steady_from, period / fleet_size),
+            "scoring_rss": growth(samples, "scoring_rss_kb", steady_from, period / fleet_size),
             "entities_min_steady": min((s["entities"] for s in steady), default=0),
             "entities_max_steady": max((s["entities"] for s in steady), default=0),
             "timeline": timeline(samples), "samples": samples}

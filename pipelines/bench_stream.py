@@ -118,6 +118,14 @@ START_TS = 1_790_000_000.0  # stream time of the pre-loaded topics (fixed, so ru
 MODEL_NAME = "bench"
 RESULT_PREFIX = "RESULT "
 SAMPLE_PREFIX = "SAMPLE "  # a serving child's periodic figures (``--sample-s``), one JSON object per line
+_SAY_LOCK = threading.Lock()  # a serving child's lines come from three threads: one whole line at a time
+
+
+def say(line: str) -> None:
+    """One line on stdout, whole (never glued to another thread's), flushed."""
+    with _SAY_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 ASSIGNED_LINE = "ASSIGNED"
 ASSIGN_WAIT_S = 180.0  # a child imports torch, then joins the group: 3 s on a quiet box, 17 s seen on a loaded one
 PARTITIONS = 4
@@ -508,7 +516,7 @@ def serve_worker(args: argparse.Namespace) -> int:
     detector = Detector.load(args.detector_dir)
 
     def assigned() -> None:
-        print(ASSIGNED_LINE, flush=True)
+        say(ASSIGNED_LINE)
 
     target = args.expect if args.expect >= 0 else None  # -1: the parent writes it to stdin when known
     worker = make_bench_worker(detector, args.bootstrap, args.topic, args.group, tuning, target=target,
@@ -529,7 +537,7 @@ def serve_worker(args: argparse.Namespace) -> int:
     result = {"consumed": s.consumed, "windows_scored": s.windows_scored, "events": s.events,
               "dead_letters": s.dead_letters, "entities": worker.entities_at_end,
               "late": worker.counts["late"], "duplicates": worker.counts["duplicates"],
-              "resets": worker.counts["resets"],
+              "resets": worker.counts["resets"], "evicted": worker.counts["evicted"],
               "msgs_per_s": s.consumed / (worker.done_at - worker.first_batch_at),
               "baseline_rss_kb": baseline_kb, "hwm_before_run_kb": hwm_before_kb, "vmhwm_kb": _rss_kb("VmHWM"),
               "scoring_vmhwm_kb": worker.scoring_kb.get("vmhwm"), "scoring_pss_kb": worker.scoring_kb.get("pss"),
@@ -538,7 +546,7 @@ def serve_worker(args: argparse.Namespace) -> int:
               "latency_ms": percentiles_ms(worker.latency_full),
               "latency_at_batch_start_ms": percentiles_ms(worker.latency_step),
               "latency_windows": len(worker.latency_full)}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    say(RESULT_PREFIX + json.dumps(result))
     return 0
 
 
@@ -549,7 +557,7 @@ def worker_sample(worker, started: float) -> dict[str, Any]:
     runner = getattr(worker, "_runner", None)
     pid = worker.scoring_pid
     return {"t": time.monotonic() - started, "consumed": s.consumed, "windows_scored": s.windows_scored,
-            "events": s.events, "dead_letters": s.dead_letters,
+            "events": s.events, "dead_letters": s.dead_letters, "batches": s.batches,
             "entities": runner.entities if runner is not None else 0,
             "rss_kb": _rss_kb(), "scoring_rss_kb": _rss_kb(pid=pid) if pid is not None else None}
 
@@ -558,7 +566,7 @@ def print_samples(worker, every_s: float) -> None:
     """``SAMPLE {json}`` on stdout every ``every_s`` seconds until the worker is done (a daemon thread)."""
     started = time.monotonic()
     while worker.done_at is None:
-        print(SAMPLE_PREFIX + json.dumps(worker_sample(worker, started)), flush=True)
+        say(SAMPLE_PREFIX + json.dumps(worker_sample(worker, started)))
         time.sleep(every_s)
 
 
@@ -588,12 +596,15 @@ class Child:
 
         def reader() -> None:
             for line in self.proc.stdout:  # type: ignore[union-attr]
-                if line.strip() == ASSIGNED_LINE:
-                    found.set()
-                elif line.startswith(RESULT_PREFIX):
-                    self.result = json.loads(line[len(RESULT_PREFIX):])
-                elif line.startswith(SAMPLE_PREFIX):
-                    self.samples.append(json.loads(line[len(SAMPLE_PREFIX):]))
+                try:
+                    if line.strip() == ASSIGNED_LINE:
+                        found.set()
+                    elif line.startswith(RESULT_PREFIX):
+                        self.result = json.loads(line[len(RESULT_PREFIX):])
+                    elif line.startswith(SAMPLE_PREFIX):
+                        self.samples.append(json.loads(line[len(SAMPLE_PREFIX):]))
+                except ValueError:  # not one of our lines after all (a library's output): read on
+                    log.warning("worker child: a line that is not what it says: %.200s", line)
 
         self._reader = threading.Thread(target=reader, daemon=True)
         self._reader.start()
@@ -961,6 +972,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sample-s", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sample_s < 0:
+        p.error("--sample-s must be >= 0")
     for name in ("messages", "rate", "duration", "fleet", "epochs", "rounds", "torch_threads"):
         value = getattr(args, name)
         if value is not None and value <= 0:

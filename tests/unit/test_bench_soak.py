@@ -63,12 +63,16 @@ def test_slope_and_growth() -> None:
     t = [0.0, 1800.0, 3600.0]
     assert slope_per_hour(t, [100.0, 101.0, 102.0]) == pytest.approx(2.0)
     assert math.isnan(slope_per_hour([5.0], [1.0]))
-    samples = [{"t": 0.0, "rss_kb": 50 * 1024}, {"t": 1800.0, "rss_kb": 100 * 1024},
-               {"t": 3600.0, "rss_kb": 101 * 1024}, {"t": 5400.0, "rss_kb": 103 * 1024, "scoring_rss_kb": None}]
-    g = growth(samples, "rss_kb", 1800.0, speedup=24.0)
+    # 48 stream hours a wall hour: 1,000 readings of a 100-entity fleet at a 60 s period are 10 stream minutes
+    samples = [{"t": 0.0, "consumed": 0, "batches": 0, "rss_kb": 50 * 1024},
+               {"t": 1800.0, "consumed": 144_000, "batches": 500, "rss_kb": 100 * 1024},
+               {"t": 3600.0, "consumed": 288_000, "batches": 1000, "rss_kb": 101 * 1024},
+               {"t": 5400.0, "consumed": 432_000, "batches": 1500, "rss_kb": 103 * 1024, "scoring_rss_kb": None}]
+    g = growth(samples, "rss_kb", 1800.0, stream_s_per_reading=60.0 / 100)
     assert g["first_mb"] == 100.0 and g["last_mb"] == 103.0 and g["peak_mb"] == 103.0 and g["samples"] == 3
     assert g["change_mb"] == 3.0 and g["mb_per_hour"] == pytest.approx(3.0)
-    assert g["mb_per_stream_day"] == pytest.approx(3.0)  # 24 stream hours pass in one hour of wall time
+    assert g["mb_per_stream_day"] == pytest.approx(1.5)  # 3 MB a wall hour, in which 48 stream hours pass
+    assert g["mb_per_1000_batches"] == pytest.approx(3.0)
     assert growth(samples, "scoring_rss_kb", 0.0, 1.0)["samples"] == 0
 
 
@@ -82,12 +86,14 @@ def test_timeline_spreads_its_rows_and_keeps_the_last() -> None:
 def test_report_names_the_figures() -> None:
     sample = {"t": 60.0, "consumed": 6000, "entities": 110, "rss_kb": 371 * 1024, "scoring_rss_kb": 261 * 1024}
     g = {"first_mb": 371.0, "last_mb": 372.0, "peak_mb": 372.0, "mb_per_hour": 1.0, "mb_per_stream_day": 0.04,
-         "change_mb": 1.0, "samples": 10}
+         "mb_per_1000_batches": 0.5, "change_mb": 1.0, "samples": 10}
     text = report({"fleet": 100, "stream_period_s": 60.0, "achieved_rate": 1000.0, "speedup": 600.0, "wall_s": 60.0,
                    "stream_hours": 10.0, "sent": 60000, "windows_scored": 14000, "events": 50, "dead_letters": 0,
-                   "ids_retired": 90, "faults": 20, "timeline": [sample], "steady_from_s": 30.0, "worker_rss": g,
+                   "ids_retired": 90, "evicted": 80, "faults": 20, "timeline": [sample], "steady_from_s": 30.0, "worker_rss": g,
                    "scoring_rss": {**g, "samples": 0}, "entities_min_steady": 110, "entities_max_steady": 120})
     assert "+1.00 MB per hour" in text and "600x the clock" in text and "110 to 120" in text
+    assert "evicted 80" in text and "+0.500 MB per 1,000 batches" in text
+    assert "     1.0      1.0 " in text  # 60 s of wall time; 6,000 readings of 100 entities a minute apart: 1 h
     assert "scoring child" not in text  # no samples of it: no line
 
 
