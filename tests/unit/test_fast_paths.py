@@ -628,3 +628,20 @@ def test_abandoned_training_stops_at_its_next_batch_as_a_keyboard_interrupt():
     finally:
         training._ABANDONED.clear()
     assert len(train_autoencoder(_sine_windows(), CFG, replace(config, epochs=2)).history) == 2
+
+
+def test_parallel_passes_are_padded_too(monkeypatch):
+    """With two torch threads the batches are scored in two one-thread passes side by side: each padded,
+    the scores those of the unpadded passes."""
+    model = _Shapes(_model())
+    windows = make_windows(_series(400), 12)[:301]
+    with torch_threads(2):
+        assert cpu_streams("cpu", 301, 64) == 2
+        fast = window_scores(model, windows, "cpu", batch_size=64)
+        assert set(model.sizes) == {64}  # 4 full batches and one of 45, padded
+        assert len(model.sizes) == 5
+        with monkeypatch.context() as m:
+            m.setattr(scoring, "padded_batch", lambda n, batch_size: n)
+            plain = window_scores(model.inner, windows, "cpu", batch_size=64)
+    np.testing.assert_array_equal(fast.scores, plain.scores)
+    np.testing.assert_array_equal(fast.last_reconstruction, plain.last_reconstruction)
