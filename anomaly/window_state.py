@@ -278,7 +278,9 @@ class _Entity:
         self.run_end = 0  # slot of row n-1 (meaningful when n > 0)
         self.last_partition = -1  # partition of the newest reading (-1: none yet)
         self.mixed = False  # readings came from more than one partition (a producer keyed it oddly)
-        self.needs: dict[int, int] | None = None  # cached commit needs; None when state changed
+        # partition -> oldest offset it needs for the commit, as last worked out (again at the next commit_offsets
+        # while the entity is in the store's ``_changed``)
+        self.needs: dict[int, int] = {}
         self.pushed: dict[int, int] = {}  # the needs in the store's commit heaps, under ``token`` (-1: none)
         self.token = -1
         # Oldest offsets of the windows queued and not yet handed out by ready(); None when none are.
@@ -329,7 +331,8 @@ class WindowStore:
         self._built = 0  # entries in the heaps when they were last built (all live then)
         self._heap_calls = 0  # commit_offsets calls in a row, without heaps, that would have used them
         self._tokens = 0  # tokens given out so far
-        self._changed: dict[str, _Entity] = {}  # entities whose needs were dropped (None) since the last commit
+        # entities whose commit needs may have moved since the last commit_offsets (it works them out again)
+        self._changed: dict[str, _Entity] = {}
         self._watermark: dict[int, int] = {}  # partition -> newest slot seen in it (evict_idle)
         self._arrivals = 0  # entity states created so far (a new one may be idle or inactive from the start)
         self._moves = 0  # entities moved to another partition, runs restarted: idle or inactive without time passing
@@ -482,8 +485,7 @@ class WindowStore:
         state = self._entities.get(entity)
         if state is not None and (state.max_slot is None or slot > state.max_slot):
             state.max_slot = slot
-            state.needs = None  # its next window's first slot moves with the newest slot
-            self._changed[entity] = state
+            self._changed[entity] = state  # its next window's first slot moves with the newest slot
             self._seal(entity, state, slot - self.policy.seal_lag)
 
     def _place(self, entity: str, state: _Entity, slot: int, row: list[float | None], partition: int,
@@ -505,7 +507,6 @@ class WindowStore:
         if state.max_slot is not None and slot <= state.max_slot - policy.seal_lag:
             return LATE
         state.pending[slot] = (row, partition, offset, ts)
-        state.needs = None
         self._changed[entity] = state
         if state.last_partition not in (-1, partition):
             state.mixed = True
@@ -554,7 +555,6 @@ class WindowStore:
             state.n = 0
             restarted = True
         if due or restarted:
-            state.needs = None
             self._changed[entity] = state
         if restarted:
             self._moves += 1  # a whole window's rows gone: inactive, if not heard from in the newest slots
@@ -747,7 +747,6 @@ class WindowStore:
         if state.last_partition not in (-1, partition):
             self._moves += 1
         state.last_partition = partition
-        state.needs = None
         self._changed[entity] = state
 
     # --- windows out --------------------------------------------------------------------------
@@ -841,6 +840,9 @@ class WindowStore:
         cost 13 ms a batch with 50,000 held, more than placing the batch); with most of them changed, a walk
         of every entity costs less than keeping the heaps, and is what is done."""
         entities, changed = self._entities, self._changed
+        for name, state in changed.items():  # worked out again, once, whichever way the minimum is then taken
+            if entities.get(name) is state:  # (one dropped since needs nothing)
+                state.needs = self._needs(state)
         needed: dict[int, int] = {}
         heaps = self._heaps
         held, touched = len(entities), len(changed)
@@ -852,30 +854,21 @@ class WindowStore:
             walk = self._heap_calls < _HEAP_AFTER
         if walk:
             for state in entities.values():
-                needs = state.needs
-                if needs is None:
-                    needs = state.needs = self._needs(state)
-                _merge_min(needed, needs)
+                _merge_min(needed, state.needs)
             self._heaps = heaps = None  # built again from every entity when the heaps are next used
         elif heaps is None or self._heaped > 2 * self._built + _HEAP_SLACK:  # none yet, or mostly dead entries
             heaps = self._build_heaps()
         else:
-            needs_of, tokens = self._needs, self._tokens
+            tokens = self._tokens
             for name, state in changed.items():
-                if entities.get(name) is not state:
-                    continue  # dropped since (its entries die with it)
                 needs = state.needs
-                if needs is None:
-                    needs = state.needs = needs_of(state)
-                if needs != state.pushed:  # a new token: the entity's older entries are dead
-                    tokens += 1
-                    state.token, state.pushed = tokens, needs
-                    for partition, offset in needs.items():
-                        heap = heaps.get(partition)
-                        if heap is None:
-                            heap = heaps[partition] = []
-                        heapq.heappush(heap, (offset, tokens, name))
-                    self._heaped += len(needs)
+                if entities.get(name) is not state or needs == state.pushed:
+                    continue  # dropped since (its entries die with it), or needing what its entries say
+                tokens += 1  # a new token: the entity's older entries are dead
+                state.token, state.pushed = tokens, needs
+                for partition, offset in needs.items():
+                    heapq.heappush(heaps.setdefault(partition, []), (offset, tokens, name))
+                self._heaped += len(needs)
             self._tokens = tokens
         changed.clear()
         for state in self._queued_by:  # windows queued, not yet handed out (windows of entities dropped too)
@@ -902,16 +895,10 @@ class WindowStore:
         heaps: dict[int, list[tuple[int, int, str]]] = {}
         tokens = self._tokens
         for name, state in self._entities.items():
-            needs = state.needs
-            if needs is None:
-                needs = state.needs = self._needs(state)
             tokens += 1
-            state.token, state.pushed = tokens, needs
-            for partition, offset in needs.items():
-                heap = heaps.get(partition)
-                if heap is None:
-                    heap = heaps[partition] = []
-                heap.append((offset, tokens, name))
+            state.token, state.pushed = tokens, state.needs
+            for partition, offset in state.needs.items():
+                heaps.setdefault(partition, []).append((offset, tokens, name))
         for heap in heaps.values():
             heapq.heapify(heap)
         self._tokens = tokens
