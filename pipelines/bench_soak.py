@@ -40,7 +40,6 @@ are on the grid, not the clock); the achieved rate is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import random
@@ -200,7 +199,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rate = args.rate or profile["rate"]
     period = args.stream_period or profile["stream_period"]
     tick_s = fleet_size / rate  # wall seconds per tick (each id once)
-    speedup = period / tick_s
     ticks = max(1, round(duration / tick_s))
     hour_ticks = max(1, round(HOUR_S / period))
     fleet = Fleet(fleet_size, hour_ticks, args.churn, args.faults, fault_ticks=args.fault_slots, seed=args.seed)
@@ -299,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(report(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        from pipelines.bench_stream import write_json
+
+        write_json(args.json, result)
     return 0
 
 

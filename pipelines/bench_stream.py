@@ -119,13 +119,6 @@ MODEL_NAME = "bench"
 RESULT_PREFIX = "RESULT "
 SAMPLE_PREFIX = "SAMPLE "  # a serving child's periodic figures (``--sample-s``), one JSON object per line
 _SAY_LOCK = threading.Lock()  # a serving child's lines come from three threads: one whole line at a time
-
-
-def say(line: str) -> None:
-    """One line on stdout, whole (never glued to another thread's), flushed."""
-    with _SAY_LOCK:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 ASSIGNED_LINE = "ASSIGNED"
 ASSIGN_WAIT_S = 180.0  # a child imports torch, then joins the group: 3 s on a quiet box, 17 s seen on a loaded one
 PARTITIONS = 4
@@ -503,6 +496,13 @@ def _rss_kb(field: str = "VmRSS", pid: int | None = None, file: str = "status") 
 
 
 # --- the child: one worker in its own process ------------------------------------------------------
+
+def say(line: str) -> None:
+    """One line on stdout, whole (never glued to another thread's), flushed."""
+    with _SAY_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 
 def serve_worker(args: argparse.Namespace) -> int:
     """Internal mode (``--serve-worker``): one BenchWorker on ``--topic``; prints ``ASSIGNED`` when it
@@ -999,10 +999,15 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     print(report(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(args.json, result)
     return 0
+
+
+def write_json(path: str | Path, result: dict[str, Any]) -> None:
+    """A benchmark's results as one JSON object (keys sorted), its folder made if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
